@@ -1,0 +1,193 @@
+//! The transaction boundary of a pooled backend: give the client back, park,
+//! and attach the next client when the pooler sends its socket.
+//!
+//! fd layout: `MyProcPort->sock` is the fd the server talks to its client on.
+//! At login it is the Unix socket to the pooler. At the first park we keep a
+//! duplicate of it, the *control* fd. Attaching dup2()s the client's socket
+//! onto `sock`; releasing dup2()s the control fd back, so `sock` always names a
+//! live socket and the server never notices the switch.
+use super::session;
+use crate::pg::glue::{self, ParkEvent, ParkWaitSet};
+use nextgres_core::control::{self, Attach};
+use nextgres_core::proto::frame::parse_message;
+use std::cell::RefCell;
+use std::os::fd::{BorrowedFd, RawFd};
+
+struct Parking {
+    control: RawFd,
+    wait: ParkWaitSet,
+    /// Client currently attached (id the pooler gave it).
+    attached: Option<u64>,
+    /// Bytes read from the control socket not yet consumed.
+    inbuf: Vec<u8>,
+}
+
+thread_local! {
+    static STATE: RefCell<Option<Parking>> = const { RefCell::new(None) };
+}
+
+/// Called from the flush wrapper after ReadyForQuery(I) reached the client.
+pub fn transaction_boundary() {
+    // Pipelined input already read from this client stays with this backend:
+    // it belongs to the client's next message and must not be split.
+    if !glue::recv_buffer_empty() {
+        return;
+    }
+    STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        let p = s.get_or_insert_with(|| {
+            // First boundary: the login's ReadyForQuery went to the pooler.
+            let sock = glue::port_sock();
+            let control = nix::fcntl::fcntl(sock, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(sock + 1))
+                .unwrap_or_else(|e| fatal(&format!("could not duplicate the control socket: {e}")));
+            Parking { control, wait: ParkWaitSet::new(control), attached: None, inbuf: Vec::new() }
+        });
+        if let Some(client) = p.attached.take() {
+            release(p, client);
+        }
+        park(p);
+    });
+}
+
+/// Put the control socket back in place of the client's and tell the pooler.
+fn release(p: &mut Parking, client: u64) {
+    let sock = glue::port_sock();
+    if let Err(e) = nix::unistd::dup2(p.control, sock) {
+        fatal(&format!("could not release the client socket: {e}"));
+    }
+    let mut msg = Vec::with_capacity(16);
+    control::write_released(&mut msg, client);
+    write_all(p.control, &msg);
+}
+
+fn park(p: &mut Parking) {
+    let timer_was_on = glue::idle_session_timer_suspend();
+    glue::report_parked();
+    loop {
+        if let Some(attach) = next_attach(p) {
+            attach_client(p, attach, timer_was_on);
+            return;
+        }
+        match p.wait.wait(-1) {
+            ParkEvent::PostmasterDeath => unsafe { pgrx::pg_sys::proc_exit(1) },
+            ParkEvent::Latch => glue::park_service_interrupts(),
+            ParkEvent::Control | ParkEvent::Timeout => {}
+        }
+    }
+}
+
+/// Reads what the control socket has. Returns a complete ATTACH (with its fd)
+/// when one arrived. EOF means the pooler is gone: a parked backend has no
+/// client and no purpose, so it exits quietly.
+fn next_attach(p: &mut Parking) -> Option<(Attach, RawFd)> {
+    let mut buf = [0u8; 8192];
+    let mut fds = [-1 as RawFd; 1];
+    let (n, nfds) = match recv_with_fd(p.control, &mut buf, &mut fds) {
+        Ok(r) => r,
+        Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => return None,
+        Err(_) => (0, 0),
+    };
+    if n == 0 {
+        unsafe { pgrx::pg_sys::proc_exit(0) };
+    }
+    p.inbuf.extend_from_slice(&buf[..n]);
+    if nfds == 0 {
+        // fd arrives with the first byte of the message; keep reading the rest.
+        return None;
+    }
+    let fd = fds[0];
+    // The rest of a large message may still be in flight: wait for it.
+    loop {
+        match parse_message(&p.inbuf, 1 << 20) {
+            Ok(Some((m, used))) if m.tag == control::ATTACH => {
+                let a = control::parse_attach(m.body).unwrap_or_else(|e| fatal(&e.message));
+                p.inbuf.drain(..used);
+                return Some((a, fd));
+            }
+            Ok(Some(_)) | Err(_) => fatal("unexpected message on the control socket"),
+            Ok(None) => {
+                let _ = nix::poll::poll(
+                    &mut [nix::poll::PollFd::new(
+                        unsafe { BorrowedFd::borrow_raw(p.control) },
+                        nix::poll::PollFlags::POLLIN,
+                    )],
+                    nix::poll::PollTimeout::from(1000u16),
+                );
+                match nix::sys::socket::recv(p.control, &mut buf, nix::sys::socket::MsgFlags::empty()) {
+                    Ok(0) => unsafe { pgrx::pg_sys::proc_exit(0) },
+                    Ok(n) => p.inbuf.extend_from_slice(&buf[..n]),
+                    Err(_) => {}
+                }
+            }
+        }
+    }
+}
+
+fn attach_client(p: &mut Parking, (a, fd): (Attach, RawFd), timer_was_on: bool) {
+    let sock = glue::port_sock();
+    if let Err(e) = nix::unistd::dup2(fd, sock) {
+        fatal(&format!("could not attach the client socket: {e}"));
+    }
+    let _ = nix::unistd::close(fd);
+    glue::rebuild_febe_wait_set();
+    // A cancel aimed at the previous client may have landed after its
+    // transaction ended; it must not hit this one.
+    glue::clear_stale_cancel();
+    if a.addr.len() <= std::mem::size_of::<libc::sockaddr_storage>() && !a.addr.is_empty() {
+        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        unsafe { std::ptr::copy_nonoverlapping(a.addr.as_ptr(), (&mut ss as *mut libc::sockaddr_storage).cast(), a.addr.len()) };
+        glue::set_client_addr(&ss, a.addr.len() as u32);
+    }
+    if a.flags & control::FLAG_NEW_CLIENT != 0 {
+        session::switch_to(&a.settings);
+    }
+    if timer_was_on {
+        glue::idle_session_timer_resume();
+    }
+    p.attached = Some(a.client_id);
+}
+
+fn recv_with_fd(fd: RawFd, buf: &mut [u8], fds: &mut [RawFd; 1]) -> nix::Result<(usize, usize)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let mut cmsg = nix::cmsg_space!([RawFd; 1]);
+    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let mut nfds = 0;
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(r) = c {
+            for f in r {
+                if nfds == 0 {
+                    fds[0] = f;
+                    nfds = 1;
+                } else {
+                    let _ = nix::unistd::close(f);
+                }
+            }
+        }
+    }
+    Ok((msg.bytes, nfds))
+}
+
+fn write_all(fd: RawFd, mut data: &[u8]) {
+    while !data.is_empty() {
+        match nix::unistd::write(unsafe { BorrowedFd::borrow_raw(fd) }, data) {
+            Ok(n) => data = &data[n..],
+            Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => {
+                let _ = nix::poll::poll(
+                    &mut [nix::poll::PollFd::new(unsafe { BorrowedFd::borrow_raw(fd) }, nix::poll::PollFlags::POLLOUT)],
+                    nix::poll::PollTimeout::from(1000u16),
+                );
+            }
+            Err(_) => unsafe { pgrx::pg_sys::proc_exit(0) },
+        }
+    }
+}
+
+fn fatal(msg: &str) -> ! {
+    pgrx::ereport!(
+        pgrx::PgLogLevel::FATAL,
+        pgrx::PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+        format!("nextgres: {msg}")
+    );
+    unreachable!()
+}

@@ -1,0 +1,232 @@
+//! SCRAM-SHA-256 (RFC 5802 / RFC 7677) the way PostgreSQL uses it: the
+//! username in client-first is ignored (the startup packet's user counts),
+//! no channel binding (the pooler has no TLS), and the only mechanism
+//! offered is `SCRAM-SHA-256`.
+//!
+//! This module holds the shared primitives and the error type; the
+//! exchanges live in [`server`] and [`client`], message syntax in `attr`.
+
+mod attr;
+pub mod client;
+pub mod server;
+pub mod zeroize;
+
+#[cfg(test)]
+mod robustness;
+
+pub use client::{ClientCredential, ScramClient};
+pub use server::ScramServer;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+use std::borrow::Cow;
+use std::fmt;
+use zeroize::Key32;
+
+/// The SASL mechanism name.
+pub const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
+/// Salt length the server uses for new secrets.
+pub const DEFAULT_SALT_LEN: usize = 16;
+/// The server's default `scram_sha_256_iterations`.
+pub const DEFAULT_ITERATIONS: u32 = 4096;
+
+/// Why a SCRAM exchange failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScramError {
+    /// Syntax or state error; the string is the detail.
+    Malformed(String),
+    /// The proof did not verify (server side: wrong password; client side:
+    /// the server's signature was wrong).
+    BadProof,
+    /// The nonce in client-final (or server-first) does not extend ours.
+    NonceMismatch,
+    /// Channel-binding flag or data not acceptable; the string is the message.
+    ChannelBinding(String),
+}
+
+impl ScramError {
+    pub(crate) fn malformed(detail: impl Into<String>) -> Self {
+        ScramError::Malformed(detail.into())
+    }
+
+    /// SQLSTATE the server would report.
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            ScramError::BadProof => "28P01",
+            _ => "08P01",
+        }
+    }
+
+    /// Primary message the server would report. For `BadProof` the caller
+    /// should say `password authentication failed for user "<name>"`.
+    pub fn message(&self) -> String {
+        match self {
+            ScramError::Malformed(_) => "malformed SCRAM message".to_string(),
+            ScramError::BadProof => "password authentication failed".to_string(),
+            ScramError::NonceMismatch => "invalid SCRAM response".to_string(),
+            ScramError::ChannelBinding(m) => m.clone(),
+        }
+    }
+
+    /// Detail line, where the server gives one.
+    pub fn detail(&self) -> Option<String> {
+        match self {
+            ScramError::Malformed(d) => Some(d.clone()),
+            ScramError::NonceMismatch => Some("Nonce does not match.".to_string()),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for ScramError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message())?;
+        if let Some(d) = self.detail() {
+            write!(f, ": {d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ScramError {}
+
+pub(crate) fn b64_encode(b: &[u8]) -> String {
+    STANDARD.encode(b)
+}
+
+pub(crate) fn b64_decode(s: impl AsRef<[u8]>) -> Option<Vec<u8>> {
+    STANDARD.decode(s).ok()
+}
+
+pub(crate) fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+/// HMAC-SHA-256 over the concatenation of `parts`.
+pub(crate) fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    // HMAC accepts keys of any length, so this cannot fail.
+    let Ok(mut m) = <Hmac<Sha256> as Mac>::new_from_slice(key) else {
+        unreachable!("HMAC takes any key length")
+    };
+    for p in parts {
+        m.update(p);
+    }
+    m.finalize().into_bytes().into()
+}
+
+/// SASLprep as the server and libpq apply it: if the password cannot be
+/// prepared (prohibited or unassigned characters) the raw bytes are used,
+/// so such passwords keep working instead of being locked out.
+pub(crate) fn prep_password(password: &str) -> Cow<'_, str> {
+    stringprep::saslprep(password).unwrap_or(Cow::Borrowed(password))
+}
+
+/// SaltedPassword = Hi(SASLprep(password), salt, i).
+pub(crate) fn salted_password(password: &str, salt: &[u8], iterations: u32) -> Key32 {
+    let prepped = prep_password(password);
+    let mut out = Key32::default();
+    pbkdf2::pbkdf2_hmac::<Sha256>(prepped.as_bytes(), salt, iterations.max(1), &mut out.0);
+    if let Cow::Owned(s) = prepped {
+        zeroize::wipe_string(s);
+    }
+    out
+}
+
+pub(crate) fn client_key(salted: &[u8; 32]) -> [u8; 32] {
+    hmac(salted, &[b"Client Key"])
+}
+
+pub(crate) fn server_key(salted: &[u8; 32]) -> [u8; 32] {
+    hmac(salted, &[b"Server Key"])
+}
+
+pub(crate) fn xor32(a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    for (o, (x, y)) in out.iter_mut().zip(a.iter().zip(b)) {
+        *o = x ^ y;
+    }
+    out
+}
+
+/// Builds a secret string like the server's:
+/// `SCRAM-SHA-256$iter:salt$StoredKey:ServerKey`. Iterations below 1 are
+/// treated as 1.
+pub fn build_scram_secret(password: &str, salt: &[u8], iterations: u32) -> String {
+    let iterations = iterations.max(1);
+    let salted = salted_password(password, salt, iterations);
+    crate::auth::ScramSecret {
+        iterations,
+        salt: salt.to_vec(),
+        stored_key: sha256(&client_key(&salted.0)),
+        server_key: server_key(&salted.0),
+    }
+    .encode()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_reporting() {
+        let m = ScramError::malformed("The message is empty.");
+        assert_eq!(m.sqlstate(), "08P01");
+        assert_eq!(m.message(), "malformed SCRAM message");
+        assert_eq!(m.detail().as_deref(), Some("The message is empty."));
+        assert_eq!(
+            m.to_string(),
+            "malformed SCRAM message: The message is empty."
+        );
+        assert_eq!(ScramError::BadProof.sqlstate(), "28P01");
+        assert_eq!(ScramError::NonceMismatch.sqlstate(), "08P01");
+        assert_eq!(
+            ScramError::NonceMismatch.message(),
+            "invalid SCRAM response"
+        );
+        let cb = ScramError::ChannelBinding("x".into());
+        assert_eq!(
+            (cb.sqlstate(), cb.message(), cb.detail()),
+            ("08P01", "x".into(), None)
+        );
+    }
+
+    #[test]
+    fn primitives_match_rfc_7677() {
+        let salt = b64_decode("W22ZaJ0SNY7soEsUEjb6gQ==").unwrap();
+        let salted = salted_password("pencil", &salt, 4096);
+        assert_eq!(
+            b64_encode(&sha256(&client_key(&salted.0))),
+            "WG5d8oPm3OtcPnkdi4Uo7BkeZkBFzpcXkuLmtbsT4qY="
+        );
+        assert_eq!(
+            b64_encode(&server_key(&salted.0)),
+            "wfPLwcE6nTWhTAmQ7tl2KeoiWGPlZqQxSrmfPwDl2dU="
+        );
+    }
+
+    #[test]
+    fn hmac_rfc_4231_case_2() {
+        let mac = hmac(b"Jefe", &[b"what do ya want ", b"for nothing?"]);
+        let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
+    fn zero_iterations_do_not_panic() {
+        let s = build_scram_secret("pw", b"salt", 0);
+        assert!(s.starts_with("SCRAM-SHA-256$1:"));
+    }
+
+    #[test]
+    fn prep() {
+        assert_eq!(prep_password("abc"), "abc");
+        assert_eq!(prep_password("a\u{a0}b"), "a b");
+        assert_eq!(prep_password("a\u{7}b"), "a\u{7}b");
+        assert_eq!(prep_password("\u{ad}x"), "x"); // soft hyphen maps to nothing
+    }
+}

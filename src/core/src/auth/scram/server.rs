@@ -1,0 +1,488 @@
+//! Server side of SCRAM-SHA-256, used when a client logs in to the pooler.
+//!
+//! Besides the proof check it recovers the client's ClientKey
+//! (`ClientProof XOR ClientSignature`), which lets the pooler later log in
+//! to the real server as that client without ever knowing the password.
+
+use super::attr::{check_whole, is_printable, Cursor};
+use super::zeroize::{wipe, Key32};
+use super::{
+    b64_decode, b64_encode, hmac, sha256, xor32, ScramError, DEFAULT_ITERATIONS, DEFAULT_SALT_LEN,
+};
+use crate::auth::ct::ct_eq;
+use crate::auth::ScramSecret;
+use std::sync::OnceLock;
+
+enum State {
+    /// Waiting for client-first-message.
+    Start,
+    /// server-first sent; waiting for client-final-message.
+    SentFirst,
+    /// Finished, successfully or not; no more messages accepted.
+    Done,
+}
+
+/// One SCRAM-SHA-256 exchange with one client.
+pub struct ScramServer {
+    iterations: u32,
+    salt: Vec<u8>,
+    stored_key: Key32,
+    server_key: Key32,
+    /// Mock exchanges look normal but can never succeed.
+    doomed: bool,
+    server_nonce: String,
+    state: State,
+    /// GS2 flag the client sent (`n` or `y`).
+    cbind_flag: u8,
+    client_nonce: Vec<u8>,
+    client_first_bare: Vec<u8>,
+    server_first: Vec<u8>,
+}
+
+impl std::fmt::Debug for ScramServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScramServer").finish_non_exhaustive()
+    }
+}
+
+/// Per-process random key for [`ScramServer::new_mock`].
+fn process_mock_key() -> &'static [u8; 32] {
+    static KEY: OnceLock<[u8; 32]> = OnceLock::new();
+    KEY.get_or_init(|| {
+        let mut k = [0u8; 32];
+        if getrandom::getrandom(&mut k).is_err() {
+            // std's hasher keys come from the OS as well; good enough for salts.
+            use std::hash::{BuildHasher, Hasher};
+            for (i, chunk) in k.chunks_mut(8).enumerate() {
+                let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+                h.write_usize(i);
+                chunk.copy_from_slice(&h.finish().to_le_bytes());
+            }
+        }
+        k
+    })
+}
+
+impl ScramServer {
+    /// Starts an exchange for a role with a SCRAM secret. The server nonce
+    /// is the base64 of `server_nonce_raw`, which should be at least 18
+    /// random bytes (the server's own choice); the crate draws no randomness.
+    pub fn new(secret: ScramSecret, server_nonce_raw: &[u8]) -> Self {
+        Self::build(secret, b64_encode(server_nonce_raw), false)
+    }
+
+    /// Like [`new`](Self::new) with a literal nonce string (must be SCRAM
+    /// `printable`), for test vectors and interop checks.
+    pub fn with_nonce_str(secret: ScramSecret, server_nonce: &str) -> Result<Self, ScramError> {
+        if server_nonce.is_empty() || !is_printable(server_nonce.as_bytes()) {
+            return Err(ScramError::malformed("server nonce is not printable"));
+        }
+        Ok(Self::build(secret, server_nonce.to_string(), false))
+    }
+
+    /// A mock exchange for a role that does not exist or has no SCRAM
+    /// secret: it hands out a plausible salt and always ends in `BadProof`,
+    /// so clients cannot probe which roles exist. The salt is derived from
+    /// the user name and a per-process random key, so it is stable only for
+    /// this process's lifetime; see [`new_mock_keyed`](Self::new_mock_keyed).
+    pub fn new_mock(user: &str, server_nonce_raw: &[u8]) -> Self {
+        Self::new_mock_keyed(
+            user,
+            process_mock_key(),
+            DEFAULT_ITERATIONS,
+            server_nonce_raw,
+        )
+    }
+
+    /// A mock exchange whose salt is derived from `mock_key` (a secret that
+    /// is stable across processes and restarts, e.g. the server's mock
+    /// authentication nonce) so repeated probes of the same user always see
+    /// the same salt, just as for a real role. `iterations` should match
+    /// what real secrets use.
+    pub fn new_mock_keyed(
+        user: &str,
+        mock_key: &[u8],
+        iterations: u32,
+        server_nonce_raw: &[u8],
+    ) -> Self {
+        let salt = hmac(mock_key, &[b"nextgres mock salt\0", user.as_bytes()]);
+        let stored_key = hmac(mock_key, &[b"nextgres mock key\0", user.as_bytes()]);
+        let secret = ScramSecret {
+            iterations: iterations.max(1),
+            salt: salt[..DEFAULT_SALT_LEN].to_vec(),
+            stored_key,
+            server_key: stored_key,
+        };
+        Self::build(secret, b64_encode(server_nonce_raw), true)
+    }
+
+    fn build(mut secret: ScramSecret, server_nonce: String, doomed: bool) -> Self {
+        let (stored_key, server_key) = (Key32(secret.stored_key), Key32(secret.server_key));
+        // The caller's copy was moved in; wipe it so only the Key32s remain.
+        wipe(&mut secret.stored_key);
+        wipe(&mut secret.server_key);
+        ScramServer {
+            iterations: secret.iterations.max(1),
+            salt: std::mem::take(&mut secret.salt),
+            stored_key,
+            server_key,
+            doomed,
+            server_nonce,
+            state: State::Start,
+            cbind_flag: b'n',
+            client_nonce: Vec::new(),
+            client_first_bare: Vec::new(),
+            server_first: Vec::new(),
+        }
+    }
+
+    /// Handles the client-first-message (SASLInitialResponse data) and
+    /// returns the server-first-message.
+    pub fn client_first(&mut self, data: &[u8]) -> Result<Vec<u8>, ScramError> {
+        if !matches!(self.state, State::Start) {
+            self.state = State::Done;
+            return Err(ScramError::malformed("unexpected client-first-message"));
+        }
+        self.state = State::Done; // until we succeed
+        check_whole(data)?;
+        self.read_client_first(data)?;
+        let mut out = b"r=".to_vec();
+        out.extend_from_slice(&self.client_nonce);
+        out.extend_from_slice(self.server_nonce.as_bytes());
+        out.extend_from_slice(
+            format!(",s={},i={}", b64_encode(&self.salt), self.iterations).as_bytes(),
+        );
+        self.server_first = out.clone();
+        self.state = State::SentFirst;
+        Ok(out)
+    }
+
+    fn read_client_first(&mut self, data: &[u8]) -> Result<(), ScramError> {
+        // gs2-header: cbind-flag "," [authzid] ","
+        match data[0] {
+            b'n' | b'y' => self.cbind_flag = data[0],
+            b'p' => {
+                return Err(ScramError::ChannelBinding(
+                    "malformed SCRAM message: the client selected SCRAM-SHA-256 without channel \
+                     binding, but the SCRAM message includes channel binding data"
+                        .to_string(),
+                ))
+            }
+            c => {
+                return Err(ScramError::malformed(format!(
+                    "Unexpected channel-binding flag \"{}\".",
+                    c.escape_ascii()
+                )))
+            }
+        }
+        if data.get(1) != Some(&b',') {
+            return Err(ScramError::malformed(
+                "Comma expected after the channel-binding flag.",
+            ));
+        }
+        match data.get(2) {
+            Some(b'a') => {
+                return Err(ScramError::malformed(
+                    "client uses authorization identity, but it is not supported",
+                ))
+            }
+            Some(b',') => {}
+            _ => {
+                return Err(ScramError::malformed(
+                    "Comma expected after the authorization identity.",
+                ))
+            }
+        }
+        let bare_start = 3;
+        let mut c = Cursor::new(data, bare_start);
+        if c.peek() == Some(b'm') {
+            return Err(ScramError::malformed(
+                "client requires an unsupported SCRAM extension",
+            ));
+        }
+        // The user name is ignored: the startup packet's user is the one that counts.
+        c.expect(b'n')?;
+        let nonce = c.expect(b'r')?;
+        if nonce.is_empty() || !is_printable(nonce) {
+            return Err(ScramError::malformed(
+                "non-printable characters in SCRAM nonce",
+            ));
+        }
+        while !c.at_end() {
+            c.any()?; // extensions are allowed and ignored
+        }
+        self.client_nonce = nonce.to_vec();
+        self.client_first_bare = data[bare_start..].to_vec();
+        Ok(())
+    }
+
+    /// Handles the client-final-message. On success returns the
+    /// server-final-message (`v=...`) and the client's ClientKey.
+    pub fn client_final(&mut self, data: &[u8]) -> Result<(Vec<u8>, [u8; 32]), ScramError> {
+        if !matches!(self.state, State::SentFirst) {
+            self.state = State::Done;
+            return Err(ScramError::malformed("unexpected client-final-message"));
+        }
+        self.state = State::Done;
+        check_whole(data)?;
+
+        let mut c = Cursor::new(data, 0);
+        let cbind = c.expect(b'c')?;
+        // Without channel binding the data is just the gs2 header echoed back.
+        let expected: &[u8] = if self.cbind_flag == b'y' {
+            b"eSws"
+        } else {
+            b"biws"
+        };
+        if cbind != expected {
+            return Err(ScramError::ChannelBinding(
+                "unexpected SCRAM channel-binding attribute in client-final-message".to_string(),
+            ));
+        }
+        let nonce = c.expect(b'r')?;
+        // Skip extensions until the proof; the proof's comma ends the signed part.
+        let (proof, without_proof_end) = loop {
+            let start = c.pos();
+            let (attr, value) = c.any()?;
+            if attr == b'p' {
+                break (value, start.saturating_sub(1));
+            }
+        };
+        let proof: [u8; 32] = b64_decode(proof)
+            .and_then(|p| p.try_into().ok())
+            .ok_or_else(|| ScramError::malformed("Malformed proof in client-final-message."))?;
+        if !c.at_end() {
+            return Err(ScramError::malformed(
+                "Garbage found at the end of client-final-message.",
+            ));
+        }
+
+        let mut full_nonce = self.client_nonce.clone();
+        full_nonce.extend_from_slice(self.server_nonce.as_bytes());
+        if nonce != full_nonce.as_slice() {
+            return Err(ScramError::NonceMismatch);
+        }
+
+        let auth_message = [
+            self.client_first_bare.as_slice(),
+            b",",
+            &self.server_first,
+            b",",
+            &data[..without_proof_end],
+        ];
+        let signature = hmac(&self.stored_key.0, &auth_message);
+        let client_key = Key32(xor32(&proof, &signature));
+        // Mock exchanges do the same work so timing does not give them away.
+        let ok = ct_eq(&sha256(&client_key.0), &self.stored_key.0) & !self.doomed;
+        if !ok {
+            return Err(ScramError::BadProof);
+        }
+        let server_signature = hmac(&self.server_key.0, &auth_message);
+        let mut out = b"v=".to_vec();
+        out.extend_from_slice(b64_encode(&server_signature).as_bytes());
+        Ok((out, client_key.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{parse_stored_secret, StoredSecret};
+
+    const RFC_SECRET: &str = "SCRAM-SHA-256$4096:W22ZaJ0SNY7soEsUEjb6gQ==$WG5d8oPm3OtcPnkdi4Uo7BkeZkBFzpcXkuLmtbsT4qY=:wfPLwcE6nTWhTAmQ7tl2KeoiWGPlZqQxSrmfPwDl2dU=";
+    const RFC_CLIENT_FIRST: &[u8] = b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO";
+    const RFC_SERVER_FIRST: &[u8] =
+        b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096";
+    const RFC_CLIENT_FINAL: &[u8] = b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=";
+    const RFC_SERVER_FINAL: &[u8] = b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=";
+
+    pub(crate) fn rfc_secret() -> ScramSecret {
+        match parse_stored_secret(RFC_SECRET) {
+            StoredSecret::Scram(s) => s,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn rfc_server() -> ScramServer {
+        ScramServer::with_nonce_str(rfc_secret(), "%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0").unwrap()
+    }
+
+    #[test]
+    fn rfc_7677_exchange() {
+        let mut s = rfc_server();
+        assert_eq!(s.client_first(RFC_CLIENT_FIRST).unwrap(), RFC_SERVER_FIRST);
+        let (fin, client_key) = s.client_final(RFC_CLIENT_FINAL).unwrap();
+        assert_eq!(fin, RFC_SERVER_FINAL);
+        // The recovered key is the one derived from the password.
+        assert_eq!(
+            Some(client_key),
+            crate::auth::client_key_from_password(&rfc_secret(), "pencil")
+        );
+        // The exchange is over.
+        assert!(s.client_final(RFC_CLIENT_FINAL).is_err());
+    }
+
+    #[test]
+    fn wrong_proof() {
+        let mut s = rfc_server();
+        s.client_first(RFC_CLIENT_FIRST).unwrap();
+        let bad = b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=AHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=";
+        assert_eq!(s.client_final(bad).unwrap_err(), ScramError::BadProof);
+    }
+
+    #[test]
+    fn wrong_nonce() {
+        let mut s = rfc_server();
+        s.client_first(RFC_CLIENT_FIRST).unwrap();
+        let bad = b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIljXH,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=";
+        assert_eq!(s.client_final(bad).unwrap_err(), ScramError::NonceMismatch);
+        let mut s = rfc_server();
+        s.client_first(RFC_CLIENT_FIRST).unwrap();
+        let short = b"c=biws,r=rOprNGfwEbeRWgbNEkqO,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=";
+        assert_eq!(
+            s.client_final(short).unwrap_err(),
+            ScramError::NonceMismatch
+        );
+    }
+
+    #[test]
+    fn username_is_ignored_and_extensions_skipped() {
+        let mut s = ScramServer::new(rfc_secret(), &[7; 18]);
+        let first = s.client_first(b"n,,n=,r=abc,x=ext").unwrap();
+        let expected = format!(
+            "r=abc{},s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096",
+            b64_encode(&[7; 18])
+        );
+        assert_eq!(first, expected.as_bytes());
+    }
+
+    #[test]
+    fn y_flag_accepted_p_rejected() {
+        let mut s = ScramServer::new(rfc_secret(), &[1; 18]);
+        assert!(s.client_first(b"y,,n=,r=abc").is_ok());
+        // The final message must then echo "y,,", not "n,,".
+        let nonce = format!("abc{}", b64_encode(&[1; 18]));
+        let msg = format!("c=biws,r={nonce},p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=");
+        assert!(matches!(
+            s.client_final(msg.as_bytes()),
+            Err(ScramError::ChannelBinding(_))
+        ));
+
+        let mut s = ScramServer::new(rfc_secret(), &[1; 18]);
+        let e = s
+            .client_first(b"p=tls-server-end-point,,n=,r=abc")
+            .unwrap_err();
+        assert!(matches!(e, ScramError::ChannelBinding(_)));
+    }
+
+    #[test]
+    fn malformed_client_first() {
+        for bad in [
+            &b""[..],
+            b"n",
+            b"n,",
+            b"n,,",
+            b"x,,n=,r=abc",
+            b"n;,n=,r=abc",
+            b"n,a=admin,n=,r=abc",
+            b"n,x,n=,r=abc",
+            b"n,,m=ext,n=,r=abc",
+            b"n,,r=abc",
+            b"n,,n=,r=",
+            b"n,,n=,r=a b",
+            b"n,,n=,r=abc\0",
+            b"n,,n=,r=abc,1=x",
+            b"n,,n=,x=abc",
+        ] {
+            let mut s = ScramServer::new(rfc_secret(), &[1; 18]);
+            let e = s.client_first(bad).unwrap_err();
+            assert_eq!(e.sqlstate(), "08P01", "{}", bad.escape_ascii());
+        }
+    }
+
+    #[test]
+    fn malformed_client_final() {
+        let nonce = "rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0";
+        let proof = "dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=";
+        for bad in [
+            String::new(),
+            format!("r={nonce},p={proof}"),
+            format!("c=biws,p={proof}"),
+            format!("c=biws,r={nonce}"),
+            format!("c=biws,r={nonce},"),
+            format!("c=biws,r={nonce},p=short"),
+            format!("c=biws,r={nonce},p=!!!!"),
+            format!("c=biws,r={nonce},p={proof},x=trailing"),
+            format!("c=biws,r={nonce},p={proof}\0"),
+            format!("c=bad,r={nonce},p={proof}"),
+        ] {
+            let mut s = rfc_server();
+            s.client_first(RFC_CLIENT_FIRST).unwrap();
+            let e = s.client_final(bad.as_bytes()).unwrap_err();
+            assert_ne!(e, ScramError::BadProof, "{bad}");
+        }
+        // An extension before the proof is fine (and signed).
+        let mut s = rfc_server();
+        s.client_first(RFC_CLIENT_FIRST).unwrap();
+        let ext = format!("c=biws,r={nonce},x=1,p={proof}");
+        assert_eq!(
+            s.client_final(ext.as_bytes()).unwrap_err(),
+            ScramError::BadProof
+        );
+    }
+
+    #[test]
+    fn state_machine() {
+        let mut s = rfc_server();
+        assert!(matches!(
+            s.client_final(RFC_CLIENT_FINAL),
+            Err(ScramError::Malformed(_))
+        ));
+        // a failed exchange stays failed
+        assert!(s.client_first(RFC_CLIENT_FIRST).is_err());
+        let mut s = rfc_server();
+        s.client_first(RFC_CLIENT_FIRST).unwrap();
+        assert!(s.client_first(RFC_CLIENT_FIRST).is_err());
+        assert!(s.client_final(RFC_CLIENT_FINAL).is_err());
+    }
+
+    #[test]
+    fn mock_is_plausible_and_always_fails() {
+        let mut a = ScramServer::new_mock("ghost", &[3; 18]);
+        let first = a.client_first(b"n,,n=,r=abc").unwrap();
+        let text = String::from_utf8(first.clone()).unwrap();
+        assert!(text.starts_with(&format!("r=abc{},s=", b64_encode(&[3; 18]))));
+        assert!(text.ends_with(",i=4096"));
+        // The salt is 16 bytes, like a real one, and stable for the user.
+        let salt = text.split(",s=").nth(1).unwrap().split(',').next().unwrap();
+        assert_eq!(b64_decode(salt).unwrap().len(), 16);
+        let mut b = ScramServer::new_mock("ghost", &[3; 18]);
+        assert_eq!(b.client_first(b"n,,n=,r=abc").unwrap(), first);
+        let mut c = ScramServer::new_mock("other", &[3; 18]);
+        assert_ne!(c.client_first(b"n,,n=,r=abc").unwrap(), first);
+
+        let nonce = format!("abc{}", b64_encode(&[3; 18]));
+        let msg = format!("c=biws,r={nonce},p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=");
+        assert_eq!(
+            a.client_final(msg.as_bytes()).unwrap_err(),
+            ScramError::BadProof
+        );
+    }
+
+    #[test]
+    fn mock_keyed_is_deterministic() {
+        let one = |key: &[u8]| {
+            let mut m = ScramServer::new_mock_keyed("ghost", key, 10000, &[3; 18]);
+            m.client_first(b"n,,n=,r=abc").unwrap()
+        };
+        assert_eq!(one(b"k1"), one(b"k1"));
+        assert_ne!(one(b"k1"), one(b"k2"));
+        assert!(String::from_utf8(one(b"k1")).unwrap().ends_with(",i=10000"));
+    }
+
+    #[test]
+    fn bad_nonce_str() {
+        assert!(ScramServer::with_nonce_str(rfc_secret(), "").is_err());
+        assert!(ScramServer::with_nonce_str(rfc_secret(), "a,b").is_err());
+    }
+}

@@ -1,0 +1,254 @@
+//! Role secrets as stored in `pg_authid.rolpassword`, and checking a
+//! cleartext password against them.
+//!
+//! Classification follows the server: a well-formed SCRAM secret or
+//! "md5" + 32 lowercase hex digits; anything else is a plaintext password.
+
+use super::ct::ct_eq;
+use super::md5::md5_password_hash;
+use super::scram::{b64_decode, b64_encode, client_key, salted_password, server_key, sha256};
+use std::fmt;
+
+/// A parsed SCRAM-SHA-256 secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ScramSecret {
+    /// PBKDF2 iteration count (>= 1).
+    pub iterations: u32,
+    /// Salt bytes.
+    pub salt: Vec<u8>,
+    /// H(ClientKey).
+    pub stored_key: [u8; 32],
+    /// HMAC(SaltedPassword, "Server Key").
+    pub server_key: [u8; 32],
+}
+
+impl ScramSecret {
+    /// Formats like pg_authid: `SCRAM-SHA-256$iter:salt$StoredKey:ServerKey`.
+    pub fn encode(&self) -> String {
+        format!(
+            "SCRAM-SHA-256${}:{}${}:{}",
+            self.iterations,
+            b64_encode(&self.salt),
+            b64_encode(&self.stored_key),
+            b64_encode(&self.server_key)
+        )
+    }
+}
+
+// Keys stay out of logs.
+impl fmt::Debug for ScramSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ScramSecret")
+            .field("iterations", &self.iterations)
+            .field("salt_len", &self.salt.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a role's rolpassword holds.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoredSecret {
+    /// SCRAM-SHA-256 verifier.
+    Scram(ScramSecret),
+    /// md5(password || user), decoded from hex.
+    Md5([u8; 16]),
+    /// Plaintext password (legacy; the server never creates these today).
+    Plain(String),
+}
+
+impl fmt::Debug for StoredSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoredSecret::Scram(s) => f.debug_tuple("Scram").field(s).finish(),
+            StoredSecret::Md5(_) => f.write_str("Md5(..)"),
+            StoredSecret::Plain(_) => f.write_str("Plain(..)"),
+        }
+    }
+}
+
+fn key32(b64: &str) -> Option<[u8; 32]> {
+    b64_decode(b64)?.try_into().ok()
+}
+
+/// Parses `SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>`.
+fn parse_scram(s: &str) -> Option<ScramSecret> {
+    let rest = s.strip_prefix("SCRAM-SHA-256$")?;
+    let (iter_salt, keys) = rest.split_once('$')?;
+    let (iter, salt) = iter_salt.split_once(':')?;
+    let (stored, server) = keys.split_once(':')?;
+    if !iter.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let iterations: u32 = iter.parse().ok().filter(|&i| i >= 1)?;
+    let salt = b64_decode(salt).filter(|s| !s.is_empty())?;
+    Some(ScramSecret {
+        iterations,
+        salt,
+        stored_key: key32(stored)?,
+        server_key: key32(server)?,
+    })
+}
+
+fn parse_md5(s: &str) -> Option<[u8; 16]> {
+    let hex = s.strip_prefix("md5")?.as_bytes();
+    if hex.len() != 32 {
+        return None;
+    }
+    let nibble = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; 16];
+    for (o, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        *o = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+    }
+    Some(out)
+}
+
+/// Classifies and decodes a rolpassword value.
+pub fn parse_stored_secret(s: &str) -> StoredSecret {
+    if let Some(h) = parse_md5(s) {
+        StoredSecret::Md5(h)
+    } else if let Some(sc) = parse_scram(s) {
+        StoredSecret::Scram(sc)
+    } else {
+        StoredSecret::Plain(s.to_string())
+    }
+}
+
+/// Recovers the SCRAM ClientKey from a cleartext password, if the password
+/// matches the secret. With it the pooler can later log in to the server via
+/// SCRAM on the client's behalf.
+pub fn client_key_from_password(secret: &ScramSecret, password: &str) -> Option<[u8; 32]> {
+    let salted = salted_password(password, &secret.salt, secret.iterations);
+    let ck = client_key(&salted.0);
+    let ok =
+        ct_eq(&sha256(&ck), &secret.stored_key) & ct_eq(&server_key(&salted.0), &secret.server_key);
+    ok.then_some(ck)
+}
+
+/// Checks a cleartext password (the `password` auth method) against a
+/// stored secret, in constant time. An empty password never matches: the
+/// server refuses empty passwords too.
+pub fn verify_password(secret: &StoredSecret, user: &str, password: &str) -> bool {
+    if password.is_empty() {
+        return false;
+    }
+    match secret {
+        StoredSecret::Scram(s) => client_key_from_password(s, password).is_some(),
+        StoredSecret::Md5(h) => ct_eq(&md5_password_hash(password, user), h),
+        // Comparing digests hides the stored password's length as well.
+        StoredSecret::Plain(p) => ct_eq(&sha256(p.as_bytes()), &sha256(password.as_bytes())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::md5::to_hex;
+    use crate::auth::scram::build_scram_secret;
+
+    // RFC 7677's user: password "pencil", salt W22ZaJ0SNY7soEsUEjb6gQ==, 4096 iterations.
+    const RFC_SECRET: &str = "SCRAM-SHA-256$4096:W22ZaJ0SNY7soEsUEjb6gQ==$WG5d8oPm3OtcPnkdi4Uo7BkeZkBFzpcXkuLmtbsT4qY=:wfPLwcE6nTWhTAmQ7tl2KeoiWGPlZqQxSrmfPwDl2dU=";
+
+    fn rfc() -> ScramSecret {
+        match parse_stored_secret(RFC_SECRET) {
+            StoredSecret::Scram(s) => s,
+            other => panic!("not scram: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn build_matches_known_secret() {
+        let salt = b64_decode("W22ZaJ0SNY7soEsUEjb6gQ==").unwrap();
+        assert_eq!(build_scram_secret("pencil", &salt, 4096), RFC_SECRET);
+        assert_eq!(rfc().encode(), RFC_SECRET);
+        assert_eq!(rfc().iterations, 4096);
+    }
+
+    #[test]
+    fn scram_password_check() {
+        let s = StoredSecret::Scram(rfc());
+        assert!(verify_password(&s, "user", "pencil"));
+        assert!(verify_password(&s, "anyone", "pencil")); // user is not part of SCRAM
+        assert!(!verify_password(&s, "user", "pencil2"));
+        assert!(!verify_password(&s, "user", ""));
+        assert!(client_key_from_password(&rfc(), "pencil").is_some());
+        assert!(client_key_from_password(&rfc(), "Pencil").is_none());
+    }
+
+    #[test]
+    fn scram_saslprep_applied() {
+        // U+00A0 (no-break space) maps to a plain space under SASLprep.
+        let secret = build_scram_secret("a b", b"saltsalt", 16);
+        let s = parse_stored_secret(&secret);
+        assert!(verify_password(&s, "u", "a\u{a0}b"));
+        // Prohibited input (a control char) falls back to the raw bytes.
+        let raw = build_scram_secret("a\u{7}b", b"saltsalt", 16);
+        assert!(verify_password(&parse_stored_secret(&raw), "u", "a\u{7}b"));
+        assert!(!verify_password(&parse_stored_secret(&raw), "u", "ab"));
+    }
+
+    #[test]
+    fn md5_check() {
+        let stored = format!("md5{}", to_hex(&md5_password_hash("secret", "postgres")));
+        let s = parse_stored_secret(&stored);
+        assert!(matches!(s, StoredSecret::Md5(_)));
+        assert!(verify_password(&s, "postgres", "secret"));
+        assert!(!verify_password(&s, "other", "secret"));
+        assert!(!verify_password(&s, "postgres", "Secret"));
+    }
+
+    #[test]
+    fn plain_check() {
+        let s = parse_stored_secret("hunter2");
+        assert_eq!(s, StoredSecret::Plain("hunter2".into()));
+        assert!(verify_password(&s, "u", "hunter2"));
+        assert!(!verify_password(&s, "u", "hunter"));
+        assert!(!verify_password(
+            &StoredSecret::Plain(String::new()),
+            "u",
+            ""
+        ));
+    }
+
+    #[test]
+    fn classification_edge_cases() {
+        let plain = |s: &str| matches!(parse_stored_secret(s), StoredSecret::Plain(_));
+        assert!(plain("md5"));
+        assert!(plain("md5ABCDEF0123456789abcdef0123456789")); // uppercase hex
+        assert!(plain("md50123456789abcdef0123456789abcde")); // 31 digits
+        assert!(plain("md50123456789abcdef0123456789abcdef0")); // 33 digits
+        assert!(plain("md50123456789abcdef0123456789abcdeg"));
+        assert!(!plain("md50123456789abcdef0123456789abcdef"));
+        let keys = "WG5d8oPm3OtcPnkdi4Uo7BkeZkBFzpcXkuLmtbsT4qY=:wfPLwcE6nTWhTAmQ7tl2KeoiWGPlZqQxSrmfPwDl2dU=";
+        assert!(!plain(&format!("SCRAM-SHA-256$4096:c2FsdA==${keys}")));
+        for bad in [
+            format!("SCRAM-SHA-256$0:c2FsdA==${keys}"),
+            format!("SCRAM-SHA-256$-1:c2FsdA==${keys}"),
+            format!("SCRAM-SHA-256$+5:c2FsdA==${keys}"),
+            format!("SCRAM-SHA-256$99999999999:c2FsdA==${keys}"),
+            format!("SCRAM-SHA-256$x:c2FsdA==${keys}"),
+            format!("SCRAM-SHA-256$4096:${keys}"),
+            format!("SCRAM-SHA-256$4096:!!!${keys}"),
+            format!("SCRAM-SHA-256$4096c2FsdA==${keys}"),
+            "SCRAM-SHA-256$4096:c2FsdA==$c2FsdA==:c2FsdA==".to_string(),
+            "SCRAM-SHA-256$4096:c2FsdA==".to_string(),
+            format!("SCRAM-SHA-1$4096:c2FsdA==${keys}"),
+            String::new(),
+        ] {
+            assert!(plain(&bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn debug_redacts() {
+        let dbg = format!("{:?}", parse_stored_secret(RFC_SECRET));
+        assert!(!dbg.contains("WG5d"));
+        assert_eq!(
+            format!("{:?}", StoredSecret::Plain("pw".into())),
+            "Plain(..)"
+        );
+    }
+}

@@ -1,0 +1,15 @@
+//! nextgres-core: the parts of the nextgres pooler that need no PostgreSQL
+//! symbols, so they can be unit tested (and fuzzed) as plain Rust.
+//!
+//! * [`proto`]: PostgreSQL frontend/backend protocol v3 parsing and building.
+//! * [`auth`]: password secrets, md5 and SCRAM-SHA-256 (server and client).
+//!
+//! Every parser takes untrusted bytes and returns `Result`; nothing here
+//! panics on input.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod auth;
+pub mod proto;
+pub mod control;
+pub mod pool;

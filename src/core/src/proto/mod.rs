@@ -1,0 +1,23 @@
+//! PostgreSQL wire protocol v3: startup packets, message framing, message
+//! builders and the few backend messages the pooler parses during login.
+//!
+//! Submodules hold one concern each; everything is re-exported here so
+//! callers can write `proto::parse_startup` or `proto::startup::parse_startup`.
+
+pub mod backend;
+pub mod build;
+pub mod error;
+pub mod frame;
+pub mod startup;
+
+pub use backend::{
+    parse_auth_request, parse_backend_key_data, parse_negotiate_protocol_version,
+    parse_parameter_status, parse_ready_for_query, parse_sasl_initial_response, AuthRequest,
+};
+pub use build::*;
+pub use error::{parse_error_fields, ErrorFields, ProtoError};
+pub use frame::{parse_message, read_cstr, Message};
+pub use startup::{
+    parse_options, parse_startup, StartupRequest, CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE,
+    MAX_STARTUP_PACKET, PROTOCOL_3_0, SSL_REQUEST_CODE,
+};

@@ -1,0 +1,563 @@
+//! Startup-phase packets (no tag byte; i32 length then i32 code) and the
+//! `options` startup parameter.
+//!
+//! The checks and messages follow what the PostgreSQL server reports for the
+//! same input, so a client sees no difference between the pooler and the
+//! server it fronts.
+
+use super::error::{
+    ProtoError, FEATURE_NOT_SUPPORTED, INVALID_AUTHORIZATION_SPECIFICATION, SYNTAX_ERROR,
+};
+use super::frame::be_i32;
+
+/// Protocol version 3.0 as sent in a StartupMessage.
+pub const PROTOCOL_3_0: i32 = 196608;
+/// Code of an SSLRequest.
+pub const SSL_REQUEST_CODE: i32 = 80877103;
+/// Code of a GSSENCRequest.
+pub const GSSENC_REQUEST_CODE: i32 = 80877104;
+/// Code of a CancelRequest.
+pub const CANCEL_REQUEST_CODE: i32 = 80877102;
+/// Largest startup packet body the server accepts (its length word excluded).
+pub const MAX_STARTUP_PACKET: usize = 10_000;
+
+/// One decoded startup-phase packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartupRequest {
+    /// A StartupMessage for protocol 3.x.
+    Startup {
+        /// Always 3.
+        major: u16,
+        /// Requested minor version; > 0 must be answered with NegotiateProtocolVersion.
+        minor: u16,
+        /// Parameters in packet order (duplicates collapsed, last value wins),
+        /// including `user`, `database`, `options` and any `_pq_.` ones.
+        params: Vec<(String, String)>,
+    },
+    /// SSLRequest.
+    SslRequest,
+    /// GSSENCRequest.
+    GssEncRequest,
+    /// CancelRequest.
+    Cancel {
+        /// Backend process id the client was given.
+        pid: i32,
+        /// Cancel key the client was given.
+        key: i32,
+    },
+}
+
+impl StartupRequest {
+    /// Value of a startup parameter, if this is a StartupMessage that has it.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        match self {
+            StartupRequest::Startup { params, .. } => params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str()),
+            _ => None,
+        }
+    }
+}
+
+fn bad_length() -> ProtoError {
+    ProtoError::violation("invalid length of startup packet")
+}
+
+fn bad_layout() -> ProtoError {
+    ProtoError::violation("invalid startup packet layout: expected terminator as last byte")
+}
+
+/// Parses one startup-phase packet from the front of `buf`.
+///
+/// `Ok(None)` means more bytes are needed; `Ok(Some((req, consumed)))` on
+/// success. The length word is checked as soon as it is readable, as the
+/// server does: a length below 8 or a body (length minus the length word)
+/// above [`MAX_STARTUP_PACKET`] is rejected.
+pub fn parse_startup(buf: &[u8]) -> Result<Option<(StartupRequest, usize)>, ProtoError> {
+    let Some(len) = be_i32(buf, 0) else {
+        return Ok(None);
+    };
+    let len = usize::try_from(len).map_err(|_| bad_length())?;
+    if len < 8 || len - 4 > MAX_STARTUP_PACKET {
+        return Err(bad_length());
+    }
+    let Some(packet) = buf.get(..len) else {
+        return Ok(None);
+    };
+    let body = &packet[4..];
+    let code = be_i32(body, 0).ok_or_else(bad_length)?;
+    let req = match code {
+        CANCEL_REQUEST_CODE => {
+            // The server insists on the exact size for cancel requests.
+            if body.len() != 12 {
+                return Err(bad_length());
+            }
+            let pid = be_i32(body, 4).ok_or_else(bad_length)?;
+            let key = be_i32(body, 8).ok_or_else(bad_length)?;
+            StartupRequest::Cancel { pid, key }
+        }
+        // Extra bytes after these codes are read and ignored, as by the server.
+        SSL_REQUEST_CODE => StartupRequest::SslRequest,
+        GSSENC_REQUEST_CODE => StartupRequest::GssEncRequest,
+        _ => parse_startup_message(code, body)?,
+    };
+    Ok(Some((req, len)))
+}
+
+/// Decodes a StartupMessage body (starting at the version word).
+fn parse_startup_message(code: i32, body: &[u8]) -> Result<StartupRequest, ProtoError> {
+    // Reinterpret as unsigned so a negative code reports as a huge major.
+    let code = code as u32;
+    let (major, minor) = ((code >> 16) as u16, (code & 0xffff) as u16);
+    if major != 3 {
+        return Err(ProtoError::new(
+            FEATURE_NOT_SUPPORTED,
+            format!("unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0"),
+        ));
+    }
+
+    // name\0value\0 ... \0 ; the first empty name is the terminator, which
+    // must be the packet's last byte.
+    let mut params: Vec<(String, String)> = Vec::new();
+    let mut off = 4;
+    let mut terminated = false;
+    while off < body.len() {
+        if body[off] == 0 {
+            terminated = off == body.len() - 1;
+            break;
+        }
+        let (name, next) = cstr_bytes(body, off).ok_or_else(bad_layout)?;
+        let (value, next) = cstr_bytes(body, next).ok_or_else(bad_layout)?;
+        off = next;
+        let name = utf8(name)?;
+        let value = utf8(value)?;
+        match params.iter_mut().find(|(k, _)| *k == name) {
+            Some(slot) => slot.1 = value,
+            None => params.push((name, value)),
+        }
+    }
+    if !terminated {
+        return Err(bad_layout());
+    }
+    if !params.iter().any(|(k, v)| k == "user" && !v.is_empty()) {
+        return Err(ProtoError::new(
+            INVALID_AUTHORIZATION_SPECIFICATION,
+            "no PostgreSQL user name specified in startup packet",
+        ));
+    }
+    Ok(StartupRequest::Startup {
+        major,
+        minor,
+        params,
+    })
+}
+
+/// NUL-terminated byte string at `off` and the offset after it.
+fn cstr_bytes(body: &[u8], off: usize) -> Option<(&[u8], usize)> {
+    let rest = body.get(off..)?;
+    let len = rest.iter().position(|&b| b == 0)?;
+    Some((&rest[..len], off + len + 1))
+}
+
+fn utf8(b: &[u8]) -> Result<String, ProtoError> {
+    String::from_utf8(b.to_vec())
+        .map_err(|_| ProtoError::violation("invalid startup packet: parameter is not valid UTF-8"))
+}
+
+/// Splits `options` like the server: words separated by (C locale)
+/// whitespace, a backslash makes the next character literal.
+fn split_options(options: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut chars = options.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|&c| is_c_space(c)) {
+            chars.next();
+        }
+        if chars.peek().is_none() {
+            return out;
+        }
+        let mut word = String::new();
+        let mut escaped = false;
+        while let Some(&c) = chars.peek() {
+            if is_c_space(c) && !escaped {
+                break;
+            }
+            chars.next();
+            if !escaped && c == '\\' {
+                escaped = true;
+            } else {
+                escaped = false;
+                word.push(c);
+            }
+        }
+        out.push(word);
+    }
+}
+
+/// `isspace()` in the C locale.
+fn is_c_space(c: char) -> bool {
+    matches!(c, ' ' | '\t' | '\n' | '\x0b' | '\x0c' | '\r')
+}
+
+fn invalid_argument(arg: &str) -> ProtoError {
+    ProtoError::new(
+        SYNTAX_ERROR,
+        format!("invalid command-line argument for server process: {arg}"),
+    )
+    .with_hint("Try \"postgres --help\" for more information.")
+}
+
+/// Splits `name=value` like the server: dashes in the name become
+/// underscores (so `--work-mem=1MB` sets `work_mem`).
+fn split_long_option(arg: &str) -> Option<(String, String)> {
+    let (name, value) = arg.split_once('=')?;
+    Some((name.replace('-', "_"), value.to_string()))
+}
+
+/// Interprets the `options` startup parameter: `-c name=value`,
+/// `-cname=value` and `--name=value` become (name, value) pairs, in order.
+/// Any other switch or stray word is rejected with the server's message.
+pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, ProtoError> {
+    let args = split_options(options);
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let arg = &args[i];
+        let (optarg, flag) = if arg == "--" {
+            // End of switches: anything after it is a stray argument.
+            return match args.get(i + 1) {
+                Some(a) => Err(invalid_argument(a)),
+                None => Ok(out),
+            };
+        } else if let Some(rest) = arg.strip_prefix("--") {
+            (rest.to_string(), "--")
+        } else if arg == "-c" {
+            i += 1;
+            match args.get(i) {
+                Some(next) => (next.clone(), "-c "),
+                None => return Err(invalid_argument(arg)),
+            }
+        } else if let Some(rest) = arg.strip_prefix("-c") {
+            (rest.to_string(), "-c ")
+        } else {
+            return Err(invalid_argument(arg));
+        };
+        match split_long_option(&optarg) {
+            Some(pair) => out.push(pair),
+            None => {
+                return Err(ProtoError::new(
+                    SYNTAX_ERROR,
+                    format!("{flag}{optarg} requires a value"),
+                ))
+            }
+        }
+        i += 1;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packet(code: i32, payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&((payload.len() + 8) as i32).to_be_bytes());
+        v.extend_from_slice(&code.to_be_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    fn startup(pairs: &[(&str, &str)]) -> Vec<u8> {
+        let mut p = Vec::new();
+        for (k, v) in pairs {
+            p.extend_from_slice(k.as_bytes());
+            p.push(0);
+            p.extend_from_slice(v.as_bytes());
+            p.push(0);
+        }
+        p.push(0);
+        packet(PROTOCOL_3_0, &p)
+    }
+
+    #[test]
+    fn normal_startup() {
+        let buf = startup(&[
+            ("user", "alice"),
+            ("database", "db"),
+            ("application_name", "psql"),
+        ]);
+        let (req, n) = parse_startup(&buf).unwrap().unwrap();
+        assert_eq!(n, buf.len());
+        assert_eq!(req.param("user"), Some("alice"));
+        assert_eq!(req.param("nope"), None);
+        assert_eq!(
+            req,
+            StartupRequest::Startup {
+                major: 3,
+                minor: 0,
+                params: vec![
+                    ("user".into(), "alice".into()),
+                    ("database".into(), "db".into()),
+                    ("application_name".into(), "psql".into()),
+                ],
+            }
+        );
+    }
+
+    #[test]
+    fn consumes_only_its_packet() {
+        let mut buf = startup(&[("user", "a")]);
+        let len = buf.len();
+        buf.extend_from_slice(b"more");
+        assert_eq!(parse_startup(&buf).unwrap().unwrap().1, len);
+    }
+
+    #[test]
+    fn truncated_needs_more() {
+        let buf = startup(&[("user", "alice")]);
+        for cut in 0..buf.len() {
+            assert_eq!(parse_startup(&buf[..cut]).unwrap(), None, "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn bad_lengths() {
+        for len in [-1i32, i32::MIN, 0, 4, 7, 10_005, i32::MAX] {
+            let e = parse_startup(&len.to_be_bytes()).unwrap_err();
+            assert_eq!(e.sqlstate, "08P01");
+            assert_eq!(e.message, "invalid length of startup packet");
+        }
+        // the largest allowed body is MAX_STARTUP_PACKET bytes
+        assert_eq!(parse_startup(&10_004i32.to_be_bytes()).unwrap(), None);
+    }
+
+    #[test]
+    fn oversized_full_packet() {
+        let big = "x".repeat(MAX_STARTUP_PACKET);
+        let buf = startup(&[("user", "a"), ("application_name", &big)]);
+        assert_eq!(
+            parse_startup(&buf).unwrap_err().message,
+            "invalid length of startup packet"
+        );
+    }
+
+    #[test]
+    fn wrong_protocol() {
+        for (code, text) in [
+            (0x0002_0000, "2.0"),
+            (0x0004_0000, "4.0"),
+            (0x0001_0005, "1.5"),
+            (-1, "65535.65535"),
+        ] {
+            let e = parse_startup(&packet(code, b"user\0a\0\0")).unwrap_err();
+            assert_eq!(e.sqlstate, "0A000");
+            assert_eq!(
+                e.message,
+                format!("unsupported frontend protocol {text}: server supports 3.0 to 3.0")
+            );
+        }
+    }
+
+    #[test]
+    fn newer_minor_is_reported() {
+        let buf = packet(0x0003_0002, b"user\0a\0_pq_.foo\0bar\0\0");
+        let (req, _) = parse_startup(&buf).unwrap().unwrap();
+        match req {
+            StartupRequest::Startup {
+                major,
+                minor,
+                params,
+            } => {
+                assert_eq!((major, minor), (3, 2));
+                assert_eq!(params[1], ("_pq_.foo".to_string(), "bar".to_string()));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn layout_errors() {
+        let layout = "invalid startup packet layout: expected terminator as last byte";
+        for payload in [
+            &b""[..],           // no terminator at all
+            b"user\0a\0",       // missing final terminator
+            b"user\0a",         // value unterminated
+            b"user",            // name unterminated
+            b"user\0",          // value missing
+            b"user\0a\0\0junk", // bytes after terminator
+            b"user\0a\0\0\0",   // double terminator
+        ] {
+            let e = parse_startup(&packet(PROTOCOL_3_0, payload)).unwrap_err();
+            assert_eq!(e.sqlstate, "08P01", "{payload:?}");
+            assert_eq!(e.message, layout, "{payload:?}");
+        }
+    }
+
+    #[test]
+    fn missing_or_empty_user() {
+        for pairs in [&[("database", "x")][..], &[("user", "")], &[]] {
+            let e = parse_startup(&startup(pairs)).unwrap_err();
+            assert_eq!(e.sqlstate, "28000");
+            assert_eq!(
+                e.message,
+                "no PostgreSQL user name specified in startup packet"
+            );
+        }
+        // an empty user overridden by a later non-empty one is fine
+        assert!(parse_startup(&startup(&[("user", ""), ("user", "b")])).is_ok());
+    }
+
+    #[test]
+    fn duplicates_keep_last() {
+        let buf = startup(&[("user", "a"), ("database", "x"), ("user", "b")]);
+        let (req, _) = parse_startup(&buf).unwrap().unwrap();
+        assert_eq!(req.param("user"), Some("b"));
+        match req {
+            StartupRequest::Startup { params, .. } => assert_eq!(params.len(), 2),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn non_utf8() {
+        for payload in [&b"user\0\xff\0\0"[..], b"\xc3\0a\0user\0a\0\0"] {
+            let e = parse_startup(&packet(PROTOCOL_3_0, payload)).unwrap_err();
+            assert_eq!(e.sqlstate, "08P01");
+            assert!(e.message.starts_with("invalid startup packet"));
+        }
+    }
+
+    #[test]
+    fn special_requests() {
+        assert_eq!(
+            parse_startup(&packet(SSL_REQUEST_CODE, b"")).unwrap(),
+            Some((StartupRequest::SslRequest, 8))
+        );
+        assert_eq!(
+            parse_startup(&packet(GSSENC_REQUEST_CODE, b"")).unwrap(),
+            Some((StartupRequest::GssEncRequest, 8))
+        );
+        let mut p = Vec::new();
+        p.extend_from_slice(&1234i32.to_be_bytes());
+        p.extend_from_slice(&(-5i32).to_be_bytes());
+        assert_eq!(
+            parse_startup(&packet(CANCEL_REQUEST_CODE, &p)).unwrap(),
+            Some((StartupRequest::Cancel { pid: 1234, key: -5 }, 16))
+        );
+        // cancel of the wrong size
+        assert!(parse_startup(&packet(CANCEL_REQUEST_CODE, &p[..4])).is_err());
+        p.push(0);
+        assert!(parse_startup(&packet(CANCEL_REQUEST_CODE, &p)).is_err());
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut seed = 0x1234_5678_u32;
+        for _ in 0..20_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            let n = (seed % 40) as usize;
+            let mut b: Vec<u8> = (0..n)
+                .map(|i| (seed.rotate_left(i as u32) & 0xff) as u8)
+                .collect();
+            if n >= 8 {
+                b[..4].copy_from_slice(&(n as i32).to_be_bytes());
+                if seed & 1 == 0 {
+                    b[4..8].copy_from_slice(&PROTOCOL_3_0.to_be_bytes());
+                }
+            }
+            let _ = parse_startup(&b);
+        }
+    }
+
+    #[test]
+    fn options_basic() {
+        assert_eq!(
+            parse_options("-c a=b --c=d -cfoo=bar").unwrap(),
+            vec![
+                ("a".to_string(), "b".to_string()),
+                ("c".to_string(), "d".to_string()),
+                ("foo".to_string(), "bar".to_string()),
+            ]
+        );
+        assert_eq!(parse_options("").unwrap(), vec![]);
+        assert_eq!(parse_options("  \t\n ").unwrap(), vec![]);
+    }
+
+    #[test]
+    fn options_escapes_and_dashes() {
+        assert_eq!(
+            parse_options(r"-c search_path=a\ b").unwrap(),
+            vec![("search_path".to_string(), "a b".to_string())]
+        );
+        assert_eq!(
+            parse_options(r"--work-mem=1MB -c x=a\\b\").unwrap(),
+            vec![
+                ("work_mem".to_string(), "1MB".to_string()),
+                ("x".to_string(), r"a\b".to_string())
+            ]
+        );
+        // only the name has dashes mapped; value keeps '=' after the first
+        assert_eq!(
+            parse_options("-c a-b=c-d=e").unwrap(),
+            vec![("a_b".to_string(), "c-d=e".to_string())]
+        );
+        assert_eq!(
+            parse_options("-c a=").unwrap(),
+            vec![("a".to_string(), String::new())]
+        );
+    }
+
+    #[test]
+    fn options_errors() {
+        let e = parse_options("-B 100").unwrap_err();
+        assert_eq!(e.sqlstate, "42601");
+        assert_eq!(
+            e.message,
+            "invalid command-line argument for server process: -B"
+        );
+        assert_eq!(
+            e.hint.as_deref(),
+            Some("Try \"postgres --help\" for more information.")
+        );
+        assert!(parse_options("foo").is_err());
+        assert!(parse_options("-c").is_err());
+        assert!(parse_options("-c a=b stray").is_err());
+        assert!(parse_options("-- x").is_err());
+        assert_eq!(parse_options("-c a=b --").unwrap().len(), 1);
+        assert_eq!(
+            parse_options("-c novalue").unwrap_err().message,
+            "-c novalue requires a value"
+        );
+        assert_eq!(
+            parse_options("--novalue").unwrap_err().message,
+            "--novalue requires a value"
+        );
+    }
+
+    #[test]
+    fn options_never_panic() {
+        let pieces = [
+            "-c", "--", "-", "a=b", "=", "\\", "\\ ", " ", "\t", "é", "x", "-cq=", "--a-b=c",
+        ];
+        let mut x = 88172645463325252u64;
+        for _ in 0..5000 {
+            let mut s = String::new();
+            for _ in 0..(x % 8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                s.push_str(pieces[(x % pieces.len() as u64) as usize]);
+            }
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if let Ok(pairs) = parse_options(&s) {
+                assert!(pairs.iter().all(|(k, _)| !k.contains('-')), "{s:?}");
+            }
+        }
+    }
+}

@@ -1,0 +1,35 @@
+//! nextgres: a connection pooler inside PostgreSQL.
+//!
+//! Where code runs:
+//! * `_PG_init` in the postmaster (`settings`, `shmem`, `postmaster`): GUCs,
+//!   shared memory, the pooler's listen sockets, hooks every backend inherits.
+//! * the pooler background worker (`pooler`): accept, authenticate, pool.
+//! * pooled backends (`backend`): release the client at ReadyForQuery(I),
+//!   park, attach the next client's socket.
+//! * `pg`: thin wrappers over PostgreSQL internals (and `glue.c`).
+//! * `nextgres_core` (src/core): the pure protocol, auth and pool logic.
+use pgrx::prelude::*;
+
+mod backend;
+mod pg;
+mod pooler;
+mod postmaster;
+mod settings;
+mod shmem;
+mod sql;
+
+pgrx::pg_module_magic!();
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    settings::define();
+    if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        // Loaded by CREATE EXTENSION or a SQL call without preloading: the SQL
+        // functions then report that the pooler is not running.
+        return;
+    }
+    shmem::request();
+    postmaster::listen::take_port();
+    backend::install();
+    pooler::register();
+}

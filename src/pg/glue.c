@@ -1,0 +1,594 @@
+/*
+ * glue.c: the few places where nextgres needs PostgreSQL structs or macros that
+ * pgrx 0.18 does not bind (Port, HbaLine, PQcommMethods internals, the
+ * backend-status write protocol) and where version differences live.
+ *
+ * Rules: every function here is thin, is compiled against the server headers of
+ * the PostgreSQL it will run in (so struct layouts always match, whatever
+ * USE_OPENSSL/ENABLE_GSS say), and never lets an ereport(ERROR) escape into Rust
+ * frames: errors are caught with PG_TRY and returned as data.
+ */
+#define _GNU_SOURCE				/* struct ucred */
+#include "postgres.h"
+
+#include <sys/socket.h>
+
+#include "access/heapam.h"
+#include "access/table.h"
+#include "access/tableam.h"
+#include "access/xact.h"
+#include "catalog/pg_authid.h"
+#include "catalog/pg_database.h"
+#include "commands/dbcommands.h"
+#include "commands/discard.h"
+#include "common/ip.h"
+#include "libpq/crypt.h"
+#include "libpq/hba.h"
+#include "libpq/libpq.h"
+#include "libpq/libpq-be.h"
+#include "miscadmin.h"
+#include "nodes/parsenodes.h"
+#include "pgstat.h"
+#include "port/atomics.h"
+#include "storage/latch.h"
+#include "storage/lwlock.h"
+#include "storage/proc.h"
+#include "tcop/tcopprot.h"
+#include "utils/acl.h"
+#include "utils/backend_status.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/ps_status.h"
+#include "utils/syscache.h"
+#include "utils/timeout.h"
+
+#if PG_VERSION_NUM >= 180000
+#include "storage/waiteventset.h"
+#endif
+
+/* ------------------------------------------------------------------------
+ * Version differences (keep them all here).
+ * ------------------------------------------------------------------------ */
+
+static bool
+recv_buffer_has_data(void)
+{
+#if PG_VERSION_NUM >= 180000
+	return pq_buffer_remaining_data() > 0;
+#else
+	return pq_buffer_has_data();
+#endif
+}
+
+static WaitEventSet *
+create_session_wait_set(int nevents)
+{
+#if PG_VERSION_NUM >= 170000
+	return CreateWaitEventSet(NULL, nevents);	/* NULL owner: session lifetime */
+#else
+	return CreateWaitEventSet(TopMemoryContext, nevents);
+#endif
+}
+
+static bool
+database_connect_allowed(Oid dboid, Oid roleid)
+{
+#if PG_VERSION_NUM >= 160000
+	return object_aclcheck(DatabaseRelationId, dboid, roleid, ACL_CONNECT) == ACLCHECK_OK;
+#else
+	return pg_database_aclcheck(dboid, roleid, ACL_CONNECT) == ACLCHECK_OK;
+#endif
+}
+
+int
+ng_server_version_num(void)
+{
+	return PG_VERSION_NUM;
+}
+
+/* Error capture shared by the guarded entry points. */
+typedef struct NgError
+{
+	char		sqlstate[6];
+	char		message[512];
+} NgError;
+
+static void
+capture_error(MemoryContext cxt, NgError *err)
+{
+	ErrorData  *ed;
+
+	MemoryContextSwitchTo(cxt);
+	ed = CopyErrorData();
+	FlushErrorState();
+	strlcpy(err->sqlstate, unpack_sql_state(ed->sqlerrcode), sizeof(err->sqlstate));
+	strlcpy(err->message, ed->message ? ed->message : "unknown error", sizeof(err->message));
+	FreeErrorData(ed);
+}
+
+/* ------------------------------------------------------------------------
+ * Pooled backends: the client socket, the FE/BE wait set, client address.
+ * ------------------------------------------------------------------------ */
+
+int
+ng_port_sock(void)
+{
+	return MyProcPort ? MyProcPort->sock : -1;
+}
+
+bool
+ng_recv_buffer_empty(void)
+{
+	return !recv_buffer_has_data();
+}
+
+/*
+ * epoll follows file descriptions, not fd numbers: after dup2() put another
+ * socket under MyProcPort->sock the old registration is stale.  Rebuild the
+ * set exactly as pq_init() does (socket, latch, postmaster death).
+ */
+void
+ng_rebuild_febe_wait_set(void)
+{
+	if (FeBeWaitSet)
+		FreeWaitEventSet(FeBeWaitSet);
+	FeBeWaitSet = create_session_wait_set(FeBeWaitSetNEvents);
+	AddWaitEventToSet(FeBeWaitSet, WL_SOCKET_WRITEABLE, MyProcPort->sock, NULL, NULL);
+	AddWaitEventToSet(FeBeWaitSet, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
+	AddWaitEventToSet(FeBeWaitSet, WL_POSTMASTER_DEATH, PGINVALID_SOCKET, NULL, NULL);
+}
+
+/* A wait set for parking: control socket readable, latch, postmaster death. */
+void *
+ng_park_wait_set_create(int control_fd)
+{
+	WaitEventSet *set = create_session_wait_set(3);
+
+	AddWaitEventToSet(set, WL_SOCKET_READABLE, control_fd, NULL, NULL);
+	AddWaitEventToSet(set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
+	AddWaitEventToSet(set, WL_POSTMASTER_DEATH, PGINVALID_SOCKET, NULL, NULL);
+	return set;
+}
+
+/* Returns 1 control socket readable, 2 latch set, 3 postmaster death, 0 timeout. */
+int
+ng_park_wait(void *set, long timeout_ms)
+{
+	WaitEvent	ev;
+	int			n = WaitEventSetWait((WaitEventSet *) set, timeout_ms, &ev, 1, PG_WAIT_CLIENT);
+
+	if (n == 0)
+		return 0;
+	if (ev.events & WL_POSTMASTER_DEATH)
+		return 3;
+	if (ev.events & WL_LATCH_SET)
+		return 2;
+	return 1;
+}
+
+/*
+ * While parked the backend has no client: a cancel must not raise an ERROR
+ * (its ErrorResponse would go to the pooler) and catch-up interrupts must be
+ * served, since nobody reads the socket to do it.  Terminate and shutdown still
+ * go through CHECK_FOR_INTERRUPTS (FATAL, which exits).
+ */
+void
+ng_park_service_interrupts(void)
+{
+	ResetLatch(MyLatch);
+	QueryCancelPending = false;
+	if (catchupInterruptPending)
+		ProcessCatchupInterrupt();
+	CHECK_FOR_INTERRUPTS();
+	QueryCancelPending = false;
+}
+
+void
+ng_clear_stale_cancel(void)
+{
+	QueryCancelPending = false;
+}
+
+bool
+ng_idle_session_timer_suspend(void)
+{
+	if (get_timeout_active(IDLE_SESSION_TIMEOUT))
+	{
+		disable_timeout(IDLE_SESSION_TIMEOUT, false);
+		return true;
+	}
+	return false;
+}
+
+void
+ng_idle_session_timer_resume(void)
+{
+	if (IdleSessionTimeout > 0)
+		enable_timeout_after(IDLE_SESSION_TIMEOUT, IdleSessionTimeout);
+}
+
+/*
+ * Make inet_client_addr(), log_line_prefix %h/%r and
+ * pg_stat_activity.client_addr show the real client.  The pooler sends the
+ * address with the fd, so no getpeername() here.
+ */
+static char *remote_host_buf = NULL;
+static char *remote_port_buf = NULL;
+
+void
+ng_set_client_addr(const struct sockaddr_storage *addr, socklen_t salen)
+{
+	char		host[NI_MAXHOST];
+	char		serv[NI_MAXSERV];
+	volatile PgBackendStatus *be = MyBEEntry;
+
+	memcpy(&MyProcPort->raddr.addr, addr, salen);
+	MyProcPort->raddr.salen = salen;
+
+	host[0] = serv[0] = '\0';
+	pg_getnameinfo_all(&MyProcPort->raddr.addr, salen, host, sizeof(host),
+					   serv, sizeof(serv), NI_NUMERICHOST | NI_NUMERICSERV);
+	/*
+	 * The server strdup()s these at login; point them once at buffers of our
+	 * own and overwrite those on every attach (no allocation per client).
+	 */
+	if (remote_host_buf == NULL)
+	{
+		remote_host_buf = MemoryContextAllocZero(TopMemoryContext, NI_MAXHOST);
+		remote_port_buf = MemoryContextAllocZero(TopMemoryContext, NI_MAXSERV);
+	}
+	strlcpy(remote_host_buf, host, NI_MAXHOST);
+	strlcpy(remote_port_buf, serv, NI_MAXSERV);
+	MyProcPort->remote_host = remote_host_buf;
+	MyProcPort->remote_port = remote_port_buf;
+	MyProcPort->remote_hostname = NULL;
+
+	if (be)
+	{
+		PGSTAT_BEGIN_WRITE_ACTIVITY(be);
+		memcpy((void *) &be->st_clientaddr, &MyProcPort->raddr, sizeof(SockAddr));
+		be->st_clienthostname[0] = '\0';
+		PGSTAT_END_WRITE_ACTIVITY(be);
+	}
+}
+
+void
+ng_report_parked(void)
+{
+	pgstat_report_activity(STATE_IDLE, "<nextgres: parked>");
+	set_ps_display("parked");
+}
+
+/*
+ * The pooled-backend marker is a startup option; take it out of the list so it
+ * never becomes a setting anybody can SHOW.  Returns false when absent.
+ */
+bool
+ng_port_take_option(void *p, const char *name, char *buf, size_t buflen)
+{
+	Port	   *port = (Port *) p;
+	int			i = 0;
+	ListCell   *lc;
+
+	foreach(lc, port->guc_options)
+	{
+		if (i % 2 == 0 && strcmp((char *) lfirst(lc), name) == 0)
+		{
+			strlcpy(buf, (char *) list_nth(port->guc_options, i + 1), buflen);
+			port->guc_options = list_delete_nth_cell(port->guc_options, i + 1);
+			port->guc_options = list_delete_nth_cell(port->guc_options, i);
+			return true;
+		}
+		i++;
+	}
+	return false;
+}
+
+/* Pid of the Unix-socket peer (SO_PEERCRED), or -1 for TCP / failure. */
+int
+ng_port_peer_pid(void *p)
+{
+	Port	   *port = (Port *) p;
+	struct ucred cred;
+	socklen_t	len = sizeof(cred);
+
+	if (port->raddr.addr.ss_family != AF_UNIX)
+		return -1;
+	if (getsockopt(port->sock, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0)
+		return -1;
+	return cred.pid;
+}
+
+/*
+ * Switch the session to a new client: optionally DISCARD ALL, then apply its
+ * settings as a startup packet would (source "client").  Runs in its own
+ * transaction, between two client transactions.
+ */
+bool
+ng_session_switch(bool discard, int nsettings, const char *const *names,
+				  const char *const *values, NgError *err)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile bool ok = true;
+
+	PG_TRY();
+	{
+		StartTransactionCommand();
+		if (discard)
+		{
+			DiscardStmt stmt;
+
+			memset(&stmt, 0, sizeof(stmt));
+			stmt.type = T_DiscardStmt;
+			stmt.target = DISCARD_ALL;
+			DiscardCommand(&stmt, true);
+		}
+		for (int i = 0; i < nsettings; i++)
+			(void) set_config_option(names[i], values[i],
+									 superuser() ? PGC_SU_BACKEND : PGC_BACKEND,
+									 PGC_S_CLIENT, GUC_ACTION_SET, true, WARNING, false);
+		CommitTransactionCommand();
+	}
+	PG_CATCH();
+	{
+		capture_error(cxt, err);
+		AbortCurrentTransaction();
+		ok = false;
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+	return ok;
+}
+
+/* ------------------------------------------------------------------------
+ * Pooler: the server's own pg_hba.conf and pg_authid.
+ * ------------------------------------------------------------------------ */
+
+#define NG_AUTH_ERROR			(-1)
+#define NG_AUTH_IMPLICIT_REJECT	0
+#define NG_AUTH_REJECT			1
+#define NG_AUTH_TRUST			2
+#define NG_AUTH_PASSWORD		3
+#define NG_AUTH_MD5				4
+#define NG_AUTH_SCRAM			5
+#define NG_AUTH_OTHER			6
+
+/*
+ * The postmaster's parsed hba is gone in a background worker (its context is
+ * deleted at worker start), so keep our own PostmasterContext and reload into
+ * it; load_hba() allocates there.
+ */
+bool
+ng_load_hba(NgError *err)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile bool ok = false;
+
+	if (PostmasterContext == NULL)
+	{
+		/*
+		 * hba.c remembers the postmaster's parsed_hba_context/ident context
+		 * and deletes it on the next load.  In a background worker that
+		 * context died with PostmasterContext and its header sits on the
+		 * small-context freelist, so the next small context created reuses
+		 * it, and load_hba() would then delete its own fresh result.  Drain
+		 * that freelist (at most MAX_FREE_CONTEXTS = 100 entries) into
+		 * contexts we never touch again; the stale pointers then name live,
+		 * empty contexts whose deletion is harmless.
+		 */
+		for (int i = 0; i < 100; i++)
+			(void) AllocSetContextCreate(TopMemoryContext, "nextgres hba guard",
+										 ALLOCSET_SMALL_SIZES);
+		PostmasterContext = AllocSetContextCreate(TopMemoryContext, "nextgres hba",
+												  ALLOCSET_DEFAULT_SIZES);
+	}
+	PG_TRY();
+	{
+		ok = load_hba();
+		if (ok)
+			(void) load_ident();
+		else
+		{
+			strlcpy(err->sqlstate, "F0000", sizeof(err->sqlstate));
+			strlcpy(err->message, "could not load pg_hba.conf", sizeof(err->message));
+		}
+	}
+	PG_CATCH();
+	{
+		capture_error(cxt, err);
+		ok = false;
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+	return ok;
+}
+
+typedef struct NgLoginInfo
+{
+	int			hba_method;
+	int			hba_line;
+	char		hba_method_name[32];
+	bool		role_exists;
+	Oid			role_oid;
+	bool		role_canlogin;
+	bool		role_super;
+	int			role_connlimit;
+	bool		has_secret;
+	char		secret[1024];
+	char		secret_detail[256];
+	bool		db_exists;
+	Oid			db_oid;
+	bool		db_allowconn;
+	int			db_connlimit;
+	bool		db_can_connect;
+} NgLoginInfo;
+
+static int
+map_auth_method(UserAuth m)
+{
+	switch (m)
+	{
+		case uaImplicitReject:
+			return NG_AUTH_IMPLICIT_REJECT;
+		case uaReject:
+			return NG_AUTH_REJECT;
+		case uaTrust:
+			return NG_AUTH_TRUST;
+		case uaPassword:
+			return NG_AUTH_PASSWORD;
+		case uaMD5:
+			return NG_AUTH_MD5;
+		case uaSCRAM:
+			return NG_AUTH_SCRAM;
+		default:
+			return NG_AUTH_OTHER;
+	}
+}
+
+/*
+ * Everything the pooler needs to decide a login, in one short transaction:
+ * the hba line that matches the client's real address, the role (with its
+ * secret, VALID UNTIL honoured) and the database with CONNECT privilege.
+ */
+bool
+ng_login_lookup(const char *database, const char *user,
+				const struct sockaddr_storage *addr, socklen_t salen,
+				NgLoginInfo *out, NgError *err)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile bool ok = true;
+
+	memset(out, 0, sizeof(*out));
+	PG_TRY();
+	{
+		Port	   *port;
+		HeapTuple	tup;
+		const char *logdetail = NULL;
+		char	   *secret;
+
+		StartTransactionCommand();
+
+		port = (Port *) palloc0(sizeof(Port));
+		port->sock = PGINVALID_SOCKET;
+		memcpy(&port->raddr.addr, addr, salen);
+		port->raddr.salen = salen;
+		port->database_name = pstrdup(database);
+		port->user_name = pstrdup(user);
+		hba_getauthmethod(port);
+		out->hba_method = map_auth_method(port->hba->auth_method);
+		out->hba_line = port->hba->linenumber;
+		strlcpy(out->hba_method_name, hba_authname(port->hba->auth_method),
+				sizeof(out->hba_method_name));
+
+		tup = SearchSysCache1(AUTHNAME, PointerGetDatum(user));
+		if (HeapTupleIsValid(tup))
+		{
+			Form_pg_authid r = (Form_pg_authid) GETSTRUCT(tup);
+
+			out->role_exists = true;
+			out->role_oid = r->oid;
+			out->role_canlogin = r->rolcanlogin;
+			out->role_super = r->rolsuper;
+			out->role_connlimit = r->rolconnlimit;
+			ReleaseSysCache(tup);
+		}
+		secret = get_role_password(user, &logdetail);
+		if (secret)
+		{
+			out->has_secret = true;
+			strlcpy(out->secret, secret, sizeof(out->secret));
+			explicit_bzero(secret, strlen(secret));
+			pfree(secret);
+		}
+		else if (logdetail)
+			strlcpy(out->secret_detail, logdetail, sizeof(out->secret_detail));
+
+		/*
+		 * A heap scan, not get_database_oid(): its index scan needs pg_class,
+		 * which a process attached to no database cannot read until some
+		 * backend has written the shared relcache init file.
+		 */
+		{
+			Relation	rel = table_open(DatabaseRelationId, AccessShareLock);
+			TableScanDesc scan = table_beginscan_catalog(rel, 0, NULL);
+
+			while ((tup = heap_getnext(scan, ForwardScanDirection)) != NULL)
+			{
+				Form_pg_database d = (Form_pg_database) GETSTRUCT(tup);
+
+				if (strcmp(NameStr(d->datname), database) != 0)
+					continue;
+				out->db_exists = true;
+				out->db_oid = d->oid;
+				out->db_allowconn = d->datallowconn;
+				out->db_connlimit = d->datconnlimit;
+				break;
+			}
+			table_endscan(scan);
+			table_close(rel, AccessShareLock);
+		}
+		if (out->db_exists)
+			out->db_can_connect = out->role_exists &&
+				(out->role_super || database_connect_allowed(out->db_oid, out->role_oid));
+		CommitTransactionCommand();
+	}
+	PG_CATCH();
+	{
+		capture_error(cxt, err);
+		AbortCurrentTransaction();
+		ok = false;
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+	return ok;
+}
+
+/* Serve procsignal barriers and die/reload requests in the pooler's loop. */
+void
+ng_pooler_check_interrupts(void)
+{
+	ResetLatch(MyLatch);
+	QueryCancelPending = false; /* SIGINT means nothing to the pooler */
+	CHECK_FOR_INTERRUPTS();
+}
+
+void *
+ng_pooler_wait_set_create(int epoll_fd)
+{
+	WaitEventSet *set = create_session_wait_set(3);
+
+	AddWaitEventToSet(set, WL_SOCKET_READABLE, epoll_fd, NULL, NULL);
+	AddWaitEventToSet(set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
+	AddWaitEventToSet(set, WL_POSTMASTER_DEATH, PGINVALID_SOCKET, NULL, NULL);
+	return set;
+}
+
+/* Returns a bitmask: 1 sockets ready, 2 latch, 4 postmaster death. */
+int
+ng_pooler_wait(void *set, long timeout_ms)
+{
+	WaitEvent	ev[3];
+	int			n = WaitEventSetWait((WaitEventSet *) set, timeout_ms, ev, 3, PG_WAIT_EXTENSION);
+	int			mask = 0;
+
+	for (int i = 0; i < n; i++)
+	{
+		if (ev[i].events & WL_POSTMASTER_DEATH)
+			mask |= 4;
+		else if (ev[i].events & WL_LATCH_SET)
+			mask |= 2;
+		else
+			mask |= 1;
+	}
+	return mask;
+}
+
+/* AddinShmemInitLock is a macro over MainLWLockArray; expose it as calls. */
+void
+ng_addin_shmem_lock(bool acquire)
+{
+	if (acquire)
+		LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	else
+		LWLockRelease(AddinShmemInitLock);
+}

@@ -1,0 +1,287 @@
+//! Rust side of `glue.c`. Each C function catches its own errors, so calling it
+//! never longjmps through Rust frames.
+use std::ffi::{c_char, c_int, c_long, c_void, CStr, CString};
+
+#[repr(C)]
+pub struct NgError {
+    pub sqlstate: [c_char; 6],
+    pub message: [c_char; 512],
+}
+
+impl NgError {
+    pub fn new() -> Self {
+        NgError { sqlstate: [0; 6], message: [0; 512] }
+    }
+    pub fn sqlstate(&self) -> String {
+        cstr_field(&self.sqlstate)
+    }
+    pub fn message(&self) -> String {
+        cstr_field(&self.message)
+    }
+}
+
+/// Auth methods as the glue maps them from the server's `UserAuth`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HbaMethod {
+    ImplicitReject,
+    Reject,
+    Trust,
+    Password,
+    Md5,
+    Scram,
+    Other,
+}
+
+#[repr(C)]
+pub struct NgLoginInfo {
+    pub hba_method: c_int,
+    pub hba_line: c_int,
+    pub hba_method_name: [c_char; 32],
+    pub role_exists: bool,
+    pub role_oid: u32,
+    pub role_canlogin: bool,
+    pub role_super: bool,
+    pub role_connlimit: c_int,
+    pub has_secret: bool,
+    pub secret: [c_char; 1024],
+    pub secret_detail: [c_char; 256],
+    pub db_exists: bool,
+    pub db_oid: u32,
+    pub db_allowconn: bool,
+    pub db_connlimit: c_int,
+    pub db_can_connect: bool,
+}
+
+impl NgLoginInfo {
+    pub fn method(&self) -> HbaMethod {
+        match self.hba_method {
+            0 => HbaMethod::ImplicitReject,
+            1 => HbaMethod::Reject,
+            2 => HbaMethod::Trust,
+            3 => HbaMethod::Password,
+            4 => HbaMethod::Md5,
+            5 => HbaMethod::Scram,
+            _ => HbaMethod::Other,
+        }
+    }
+    pub fn method_name(&self) -> String {
+        cstr_field(&self.hba_method_name)
+    }
+    /// The stored secret; the buffer is wiped on drop.
+    pub fn secret(&self) -> Option<String> {
+        self.has_secret.then(|| cstr_field(&self.secret))
+    }
+    pub fn secret_detail(&self) -> String {
+        cstr_field(&self.secret_detail)
+    }
+}
+
+impl Drop for NgLoginInfo {
+    fn drop(&mut self) {
+        for b in self.secret.iter_mut() {
+            // volatile so the wipe is not optimised away
+            unsafe { std::ptr::write_volatile(b, 0) };
+        }
+    }
+}
+
+fn cstr_field(f: &[c_char]) -> String {
+    let bytes: Vec<u8> = f.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+extern "C" {
+    fn ng_server_version_num() -> c_int;
+    fn ng_port_sock() -> c_int;
+    fn ng_recv_buffer_empty() -> bool;
+    fn ng_rebuild_febe_wait_set();
+    fn ng_park_wait_set_create(control_fd: c_int) -> *mut c_void;
+    fn ng_park_wait(set: *mut c_void, timeout_ms: c_long) -> c_int;
+    fn ng_park_service_interrupts();
+    fn ng_clear_stale_cancel();
+    fn ng_idle_session_timer_suspend() -> bool;
+    fn ng_idle_session_timer_resume();
+    fn ng_set_client_addr(addr: *const libc::sockaddr_storage, len: libc::socklen_t);
+    fn ng_report_parked();
+    fn ng_port_take_option(port: *mut c_void, name: *const c_char, buf: *mut c_char, len: usize) -> bool;
+    fn ng_port_peer_pid(port: *mut c_void) -> c_int;
+    fn ng_session_switch(
+        discard: bool,
+        n: c_int,
+        names: *const *const c_char,
+        values: *const *const c_char,
+        err: *mut NgError,
+    ) -> bool;
+    fn ng_load_hba(err: *mut NgError) -> bool;
+    fn ng_login_lookup(
+        database: *const c_char,
+        user: *const c_char,
+        addr: *const libc::sockaddr_storage,
+        len: libc::socklen_t,
+        out: *mut NgLoginInfo,
+        err: *mut NgError,
+    ) -> bool;
+    fn ng_pooler_check_interrupts();
+    fn ng_pooler_wait_set_create(epoll_fd: c_int) -> *mut c_void;
+    fn ng_pooler_wait(set: *mut c_void, timeout_ms: c_long) -> c_int;
+}
+
+pub fn server_version_num() -> i32 {
+    unsafe { ng_server_version_num() }
+}
+
+// ---- pooled backends -------------------------------------------------------
+
+/// `MyProcPort->sock`: the fd the server reads and writes the client on.
+pub fn port_sock() -> i32 {
+    unsafe { ng_port_sock() }
+}
+
+/// True when libpq's receive buffer holds no unread (pipelined) input.
+pub fn recv_buffer_empty() -> bool {
+    unsafe { ng_recv_buffer_empty() }
+}
+
+/// Must follow every dup2() onto `MyProcPort->sock` (epoll tracks descriptions).
+pub fn rebuild_febe_wait_set() {
+    unsafe { ng_rebuild_febe_wait_set() }
+}
+
+pub struct ParkWaitSet(*mut c_void);
+
+pub enum ParkEvent {
+    Timeout,
+    Control,
+    Latch,
+    PostmasterDeath,
+}
+
+impl ParkWaitSet {
+    pub fn new(control_fd: i32) -> Self {
+        ParkWaitSet(unsafe { ng_park_wait_set_create(control_fd) })
+    }
+    pub fn wait(&self, timeout_ms: i64) -> ParkEvent {
+        match unsafe { ng_park_wait(self.0, timeout_ms as c_long) } {
+            1 => ParkEvent::Control,
+            2 => ParkEvent::Latch,
+            3 => ParkEvent::PostmasterDeath,
+            _ => ParkEvent::Timeout,
+        }
+    }
+}
+
+pub fn park_service_interrupts() {
+    unsafe { ng_park_service_interrupts() }
+}
+
+pub fn clear_stale_cancel() {
+    unsafe { ng_clear_stale_cancel() }
+}
+
+pub fn idle_session_timer_suspend() -> bool {
+    unsafe { ng_idle_session_timer_suspend() }
+}
+
+pub fn idle_session_timer_resume() {
+    unsafe { ng_idle_session_timer_resume() }
+}
+
+pub fn set_client_addr(addr: &libc::sockaddr_storage, len: u32) {
+    unsafe { ng_set_client_addr(addr, len as libc::socklen_t) }
+}
+
+pub fn report_parked() {
+    unsafe { ng_report_parked() }
+}
+
+/// Removes startup option `name` from the Port and returns its value.
+///
+/// # Safety
+/// `port` must be the `Port *` handed to ClientAuthentication_hook.
+pub unsafe fn port_take_option(port: *mut c_void, name: &CStr) -> Option<String> {
+    let mut buf = [0 as c_char; 128];
+    if ng_port_take_option(port, name.as_ptr(), buf.as_mut_ptr(), buf.len()) {
+        Some(cstr_field(&buf))
+    } else {
+        None
+    }
+}
+
+/// # Safety
+/// `port` must be a live `Port *`.
+pub unsafe fn port_peer_pid(port: *mut c_void) -> i32 {
+    ng_port_peer_pid(port)
+}
+
+/// DISCARD ALL (optionally) and apply settings with source "client".
+pub fn session_switch(discard: bool, settings: &[(String, String)]) -> Result<(), NgError> {
+    let names: Vec<CString> = settings.iter().map(|(n, _)| cstring(n)).collect();
+    let values: Vec<CString> = settings.iter().map(|(_, v)| cstring(v)).collect();
+    let np: Vec<*const c_char> = names.iter().map(|c| c.as_ptr()).collect();
+    let vp: Vec<*const c_char> = values.iter().map(|c| c.as_ptr()).collect();
+    let mut err = NgError::new();
+    let ok = unsafe { ng_session_switch(discard, np.len() as c_int, np.as_ptr(), vp.as_ptr(), &mut err) };
+    if ok {
+        Ok(())
+    } else {
+        Err(err)
+    }
+}
+
+// ---- pooler -----------------------------------------------------------------
+
+pub fn load_hba() -> Result<(), NgError> {
+    let mut err = NgError::new();
+    if unsafe { ng_load_hba(&mut err) } {
+        Ok(())
+    } else {
+        Err(err)
+    }
+}
+
+pub fn login_lookup(
+    database: &str,
+    user: &str,
+    addr: &libc::sockaddr_storage,
+    len: u32,
+) -> Result<Box<NgLoginInfo>, NgError> {
+    // Boxed: large, and wiped on drop.
+    let mut info: Box<NgLoginInfo> = Box::new(unsafe { std::mem::zeroed() });
+    let mut err = NgError::new();
+    let (d, u) = (cstring(database), cstring(user));
+    let ok = unsafe { ng_login_lookup(d.as_ptr(), u.as_ptr(), addr, len as libc::socklen_t, &mut *info, &mut err) };
+    if ok {
+        Ok(info)
+    } else {
+        Err(err)
+    }
+}
+
+pub fn pooler_check_interrupts() {
+    unsafe { ng_pooler_check_interrupts() }
+}
+
+/// The pooler's own epoll fd, watched by a PostgreSQL WaitEventSet together
+/// with the latch and postmaster death.
+pub struct PoolerWaitSet(*mut c_void);
+
+pub struct PoolerWake {
+    pub sockets: bool,
+    pub latch: bool,
+    pub postmaster_death: bool,
+}
+
+impl PoolerWaitSet {
+    pub fn new(epoll_fd: i32) -> Self {
+        PoolerWaitSet(unsafe { ng_pooler_wait_set_create(epoll_fd) })
+    }
+    pub fn wait(&self, timeout_ms: i64) -> PoolerWake {
+        let m = unsafe { ng_pooler_wait(self.0, timeout_ms as c_long) };
+        PoolerWake { sockets: m & 1 != 0, latch: m & 2 != 0, postmaster_death: m & 4 != 0 }
+    }
+}
+
+/// Interior NULs cannot come from the wire (parsers reject them), but never panic.
+pub fn cstring(s: &str) -> CString {
+    CString::new(s.replace('\0', "")).unwrap_or_default()
+}

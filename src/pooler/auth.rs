@@ -1,0 +1,307 @@
+//! Client authentication in the pooler, by the server's own rules: the hba
+//! line for the client's real address, database and role decides the method;
+//! pg_authid holds the secret (VALID UNTIL honoured). Supported: trust,
+//! reject, password, md5, scram-sha-256. A successful exchange also yields
+//! what the pool needs to log backends in as that role.
+use super::client::Phase;
+use super::worker::Pooler;
+use crate::pg::glue::{self, HbaMethod, NgLoginInfo};
+use nextgres_core::auth::{self, ScramServer, StoredSecret};
+use nextgres_core::pool::Credential;
+use nextgres_core::proto::{self, ErrorFields};
+
+enum State {
+    Cleartext,
+    Md5 { salt: [u8; 4] },
+    SaslInitial(Box<ScramServer>),
+    SaslFinal(Box<ScramServer>),
+}
+
+pub struct AuthSession {
+    pub info: Box<NgLoginInfo>,
+    state: State,
+}
+
+/// The result of one authentication step.
+pub enum Step {
+    /// Send these bytes and wait for the client's next message.
+    Continue(Vec<u8>),
+    /// Authenticated; send these bytes (may be empty) first.
+    Done(Vec<u8>, Option<Credential>),
+    Fail(ErrorFields),
+}
+
+fn fatal(sqlstate: &str, message: String) -> ErrorFields {
+    ErrorFields { severity: "FATAL".into(), sqlstate: sqlstate.into(), message, detail: None, hint: None }
+}
+
+fn random<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    crate::pg::shmem::strong_random(&mut b);
+    b
+}
+
+impl AuthSession {
+    fn secret(&self) -> StoredSecret {
+        match self.info.secret() {
+            Some(s) => auth::parse_stored_secret(&s),
+            None => StoredSecret::Plain(String::new()),
+        }
+    }
+
+    fn password_failed(&self, user: &str) -> Step {
+        let detail = self.info.secret_detail();
+        log::info!(
+            "password authentication failed for user \"{user}\"{}; connection matched pg_hba.conf line {}",
+            if detail.is_empty() { String::new() } else { format!(" ({detail})") },
+            self.info.hba_line
+        );
+        Step::Fail(fatal("28P01", format!("password authentication failed for user \"{user}\"")))
+    }
+
+    /// Trust-authenticated clients still give the pool an md5 credential when
+    /// pg_authid holds one: that hash is itself what md5 logins prove.
+    fn stored_md5_credential(&self) -> Option<Credential> {
+        match self.secret() {
+            StoredSecret::Md5(h) => Some(Credential::Md5(h)),
+            _ => None,
+        }
+    }
+
+    fn start_scram(&mut self, user: &str, mock_key: &[u8; 32]) -> Step {
+        let server = match self.secret() {
+            StoredSecret::Scram(s) => ScramServer::new(s, &random::<18>()),
+            // No usable SCRAM secret: run a mock exchange that fails at the
+            // end, so a probe cannot tell which roles exist.
+            _ => ScramServer::new_mock_keyed(user, mock_key, 4096, &random::<18>()),
+        };
+        self.state = State::SaslInitial(Box::new(server));
+        let mut out = Vec::new();
+        proto::auth_sasl(&mut out, &[auth::SCRAM_SHA_256]);
+        Step::Continue(out)
+    }
+
+    /// Begins the exchange the hba line asks for.
+    pub fn start(info: Box<NgLoginInfo>, user: &str, database: &str, host: &str, mock_key: &[u8; 32]) -> (Self, Step) {
+        let mut s = AuthSession { info, state: State::Cleartext };
+        let step = match s.info.method() {
+            HbaMethod::ImplicitReject => {
+                log::info!("no pg_hba.conf entry for host \"{host}\", user \"{user}\", database \"{database}\"");
+                Step::Fail(fatal(
+                    "28000",
+                    format!("no pg_hba.conf entry for host \"{host}\", user \"{user}\", database \"{database}\", no encryption"),
+                ))
+            }
+            HbaMethod::Reject => Step::Fail(fatal(
+                "28000",
+                format!("pg_hba.conf rejects connection for host \"{host}\", user \"{user}\", database \"{database}\", no encryption"),
+            )),
+            HbaMethod::Trust => Step::Done(Vec::new(), s.stored_md5_credential()),
+            HbaMethod::Password => {
+                let mut out = Vec::new();
+                proto::auth_cleartext(&mut out);
+                Step::Continue(out)
+            }
+            HbaMethod::Md5 => {
+                // As the server: md5 lines use SCRAM for roles with a SCRAM secret.
+                if matches!(s.secret(), StoredSecret::Scram(_)) {
+                    s.start_scram(user, mock_key)
+                } else {
+                    let salt = random::<4>();
+                    s.state = State::Md5 { salt };
+                    let mut out = Vec::new();
+                    proto::auth_md5(&mut out, salt);
+                    Step::Continue(out)
+                }
+            }
+            HbaMethod::Scram => s.start_scram(user, mock_key),
+            HbaMethod::Other => {
+                let mut f = fatal(
+                    "28000",
+                    format!("authentication method \"{}\" is not supported by nextgres", s.info.method_name()),
+                );
+                f.hint = Some(format!(
+                    "pg_hba.conf line {} applies to this connection; nextgres authenticates with scram-sha-256, md5, password, trust or reject.",
+                    s.info.hba_line
+                ));
+                Step::Fail(f)
+            }
+        };
+        (s, step)
+    }
+
+    /// Handles one client message during the exchange.
+    pub fn on_message(&mut self, user: &str, tag: u8, body: &[u8]) -> Step {
+        if tag != b'p' {
+            return Step::Fail(fatal("08P01", format!("expected password response, got message type {tag}")));
+        }
+        match std::mem::replace(&mut self.state, State::Cleartext) {
+            State::Cleartext => {
+                let pw = match proto::read_cstr(body, 0) {
+                    Ok((p, _)) => p.to_string(),
+                    Err(e) => return Step::Fail(e.to_fields("FATAL")),
+                };
+                let secret = self.secret();
+                let ok = self.info.has_secret && auth::verify_password(&secret, user, &pw);
+                let cred = match (&secret, ok) {
+                    (StoredSecret::Scram(sc), true) => auth::client_key_from_password(sc, &pw)
+                        .map(|ck| Credential::Scram { client_key: ck, server_key: sc.server_key }),
+                    (StoredSecret::Md5(h), true) => Some(Credential::Md5(*h)),
+                    _ => None,
+                };
+                auth::scram::zeroize::wipe_string(pw);
+                if ok {
+                    Step::Done(Vec::new(), cred)
+                } else {
+                    self.password_failed(user)
+                }
+            }
+            State::Md5 { salt } => {
+                let resp = match proto::read_cstr(body, 0) {
+                    Ok((p, _)) => p.to_string(),
+                    Err(e) => return Step::Fail(e.to_fields("FATAL")),
+                };
+                match self.secret() {
+                    StoredSecret::Md5(h) if self.info.has_secret && auth::verify_md5_response(&h, salt, &resp) => {
+                        Step::Done(Vec::new(), Some(Credential::Md5(h)))
+                    }
+                    _ => self.password_failed(user),
+                }
+            }
+            State::SaslInitial(mut server) => {
+                let (mech, data) = match proto::parse_sasl_initial_response(body) {
+                    Ok(x) => x,
+                    Err(e) => return Step::Fail(e.to_fields("FATAL")),
+                };
+                if mech != auth::SCRAM_SHA_256 {
+                    return Step::Fail(fatal("08P01", "client selected an invalid SASL authentication mechanism".into()));
+                }
+                match server.client_first(data) {
+                    Ok(first) => {
+                        let mut out = Vec::new();
+                        proto::auth_sasl_continue(&mut out, &first);
+                        self.state = State::SaslFinal(server);
+                        Step::Continue(out)
+                    }
+                    Err(e) => Step::Fail(scram_error(&e)),
+                }
+            }
+            State::SaslFinal(mut server) => match server.client_final(body) {
+                Ok((fin, client_key)) => {
+                    let server_key = match self.secret() {
+                        StoredSecret::Scram(s) => s.server_key,
+                        _ => return self.password_failed(user),
+                    };
+                    let mut out = Vec::new();
+                    proto::auth_sasl_final(&mut out, &fin);
+                    Step::Done(out, Some(Credential::Scram { client_key, server_key }))
+                }
+                Err(auth::ScramError::BadProof) => self.password_failed(user),
+                Err(e) => Step::Fail(scram_error(&e)),
+            },
+        }
+    }
+}
+
+fn scram_error(e: &auth::ScramError) -> ErrorFields {
+    let mut f = fatal(e.sqlstate(), e.message());
+    f.detail = e.detail();
+    f
+}
+
+impl Pooler {
+    pub fn client_begin_auth(&mut self, key: usize) {
+        let Some(c) = self.client(key) else { return };
+        let raw = c.raw_addr();
+        let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        unsafe { std::ptr::copy_nonoverlapping(raw.as_ptr(), (&mut storage as *mut libc::sockaddr_storage).cast(), raw.len()) };
+        let (user, database, host) = (c.user.clone(), c.database.clone(), c.addr.ip().to_string());
+        let info = match glue::login_lookup(&database, &user, &storage, raw.len() as u32) {
+            Ok(i) => i,
+            Err(e) => {
+                log::warn!("authentication lookup failed: {}", e.message());
+                return self.client_fatal(key, "XX000", &format!("nextgres: {}", e.message()), None);
+            }
+        };
+        let mock_key = self.mock_key;
+        let (session, step) = AuthSession::start(info, &user, &database, &host, &mock_key);
+        if let Some(c) = self.client(key) {
+            c.phase = Phase::Auth(Box::new(session));
+        }
+        self.client_auth_step(key, step);
+    }
+
+    pub fn client_auth_input(&mut self, key: usize) {
+        loop {
+            let Some(c) = self.client(key) else { return };
+            let msg = match c.read_message() {
+                Ok(Some(m)) => m,
+                Ok(None) => return,
+                Err(_) => return self.client_close(key), // EOF mid-auth: libpq asking for a password
+            };
+            let user = c.user.clone();
+            let Phase::Auth(session) = &mut c.phase else { return };
+            let step = session.on_message(&user, msg.0, &msg.1);
+            let done = !matches!(step, Step::Continue(_));
+            self.client_auth_step(key, step);
+            if done {
+                return;
+            }
+        }
+    }
+
+    fn client_auth_step(&mut self, key: usize, step: Step) {
+        match step {
+            Step::Continue(out) => {
+                if let Some(c) = self.client(key) {
+                    c.send(&out);
+                }
+            }
+            Step::Fail(f) => self.client_fatal_fields(key, &f),
+            Step::Done(out, cred) => {
+                let Some(c) = self.client(key) else { return };
+                let Phase::Auth(session) = std::mem::replace(&mut c.phase, Phase::Startup) else { return };
+                let mut bytes = out;
+                proto::auth_ok(&mut bytes);
+                c.send(&bytes);
+                let (user, database) = (c.user.clone(), c.database.clone());
+                if let Err(f) = self.login_checks(&session.info, &user, &database) {
+                    return self.client_fatal_fields(key, &f);
+                }
+                drop(session); // wipes the secret
+                self.client_join_pool(key, cred);
+            }
+        }
+    }
+
+    /// What InitPostgres would refuse after authentication, with its words.
+    fn login_checks(&self, info: &NgLoginInfo, user: &str, database: &str) -> Result<(), ErrorFields> {
+        if !info.role_exists {
+            return Err(fatal("28000", format!("role \"{user}\" does not exist")));
+        }
+        if !info.role_canlogin {
+            return Err(fatal("28000", format!("role \"{user}\" is not permitted to log in")));
+        }
+        let (role_clients, db_clients) = self.pools.iter().fold((0, 0), |(r, d), (_, p)| {
+            (r + if p.role == user { p.clients } else { 0 }, d + if p.database == database { p.clients } else { 0 })
+        });
+        if !info.role_super && info.role_connlimit >= 0 && role_clients + 1 > info.role_connlimit as usize {
+            return Err(fatal("53300", format!("too many connections for role \"{user}\"")));
+        }
+        if !info.db_exists {
+            return Err(fatal("3D000", format!("database \"{database}\" does not exist")));
+        }
+        if !info.db_allowconn {
+            return Err(fatal("55000", format!("database \"{database}\" is not currently accepting connections")));
+        }
+        if !info.db_can_connect {
+            let mut f = fatal("42501", format!("permission denied for database \"{database}\""));
+            f.detail = Some("User does not have CONNECT privilege.".into());
+            return Err(f);
+        }
+        if !info.role_super && info.db_connlimit >= 0 && db_clients + 1 > info.db_connlimit as usize {
+            return Err(fatal("53300", format!("too many connections for database \"{database}\"")));
+        }
+        Ok(())
+    }
+}

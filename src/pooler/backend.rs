@@ -1,0 +1,339 @@
+//! Pooled backends as the pooler sees them: the pool login (the pooler is a
+//! client of the server's Unix socket, logging in as the client's role with
+//! the pool's credential) and afterwards the control socket of a parked or
+//! attached backend.
+use super::conn::{self, Conn, READ};
+use super::worker::Pooler;
+use crate::shmem::BackendState;
+use nextgres_core::auth::{self, ClientCredential, ScramClient};
+use nextgres_core::control;
+use nextgres_core::pool::Credential;
+use nextgres_core::proto::{self, backend::AuthRequest, ErrorFields};
+use nix::sys::epoll::EpollFlags;
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Instant;
+
+pub enum BPhase {
+    Login,
+    Parked { since: Instant },
+    Attached { client: usize },
+}
+
+pub struct Backend {
+    pub stream: UnixStream,
+    pub pool: usize,
+    pub row: usize,
+    pub phase: BPhase,
+    pub inbuf: Vec<u8>,
+    pub pid: i32,
+    pub last_client: u64,
+    /// Session mode: reserved for this client while it is connected.
+    pub pinned_to: Option<usize>,
+    pub params: Vec<(String, String)>,
+    scram: Option<(ScramClient, [u8; 32])>,
+    pub xacts: i64,
+}
+
+fn login_error(sqlstate: &str, message: String, hint: Option<&str>) -> ErrorFields {
+    ErrorFields { severity: "FATAL".into(), sqlstate: sqlstate.into(), message, detail: None, hint: hint.map(Into::into) }
+}
+
+const HBA_HINT: &str = "nextgres logs pooled backends in through the server's Unix socket as the client's role. \
+Add a pg_hba.conf line such as \"local all all scram-sha-256\" (or trust) above any \"peer\" line for local connections, then reload.";
+
+impl Pooler {
+    pub fn backend(&mut self, key: usize) -> Option<&mut Backend> {
+        match self.conns.get_mut(key) {
+            Some(Conn::Backend(b)) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// Starts one pool login. Failures are reported to the pool's clients.
+    pub fn backend_start(&mut self, pool: usize) {
+        let Some(p) = self.pools.get(pool) else { return };
+        let (database, role, prow) = (p.database.clone(), p.role.clone(), p.row);
+        let stream = match UnixStream::connect(&self.server_socket) {
+            Ok(s) => s,
+            Err(e) => {
+                let f = login_error("08006", format!("nextgres: could not connect to the server socket {}: {e}", self.server_socket.display()), None);
+                return self.pool_login_failed(pool, f);
+            }
+        };
+        let Some(row) = self.backend_row_alloc(prow) else {
+            let f = login_error("53300", "sorry, too many clients already".into(), Some("The nextgres backend table is full (max_connections)."));
+            return self.pool_login_failed(pool, f);
+        };
+        let mut out = Vec::new();
+        let token_opt = crate::backend::TOKEN_OPTION.to_str().unwrap_or_default();
+        proto::startup_message(&mut out, &[("user", &role), ("database", &database), (token_opt, &self.token_hex)]);
+        let mut stream = stream;
+        // A fresh Unix socket takes a few hundred bytes without blocking.
+        if stream.write_all(&out).is_err() || stream.set_nonblocking(true).is_err() {
+            self.backend_row_free(row);
+            let f = login_error("08006", "nextgres: could not send the pool login".into(), None);
+            return self.pool_login_failed(pool, f);
+        }
+        let b = Backend {
+            stream,
+            pool,
+            row,
+            phase: BPhase::Login,
+            inbuf: Vec::new(),
+            pid: 0,
+            last_client: 0,
+            pinned_to: None,
+            params: Vec::new(),
+            scram: None,
+            xacts: 0,
+        };
+        let entry = self.conns.vacant_entry();
+        conn::add(&self.epoll, &b.stream, entry.key(), READ);
+        entry.insert(Conn::Backend(Box::new(b)));
+        if let Some(p) = self.pools.get_mut(pool) {
+            p.backends += 1;
+            p.starting += 1;
+        }
+        self.sync_pool(pool);
+    }
+
+    pub fn backend_event(&mut self, key: usize, ev: EpollFlags) {
+        let Some(b) = self.backend(key) else { return };
+        let mut eof = ev.contains(EpollFlags::EPOLLERR);
+        let mut buf = [0u8; 4096];
+        loop {
+            match b.stream.read(&mut buf) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => b.inbuf.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    eof = true;
+                    break;
+                }
+            }
+        }
+        loop {
+            let Some(b) = self.backend(key) else { return };
+            let (tag, body) = match proto::parse_message(&b.inbuf, 1 << 20) {
+                Ok(Some((m, used))) => {
+                    let r = (m.tag, m.body.to_vec());
+                    b.inbuf.drain(..used);
+                    r
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    log::warn!("backend {}: {}", b.pid, e.message);
+                    return self.backend_gone(key, None);
+                }
+            };
+            if !self.backend_message(key, tag, &body) {
+                return;
+            }
+        }
+        if eof {
+            self.backend_gone(key, None);
+        }
+    }
+
+    /// Returns false when the backend was removed.
+    fn backend_message(&mut self, key: usize, tag: u8, body: &[u8]) -> bool {
+        let Some(b) = self.backend(key) else { return false };
+        match (&b.phase, tag) {
+            (BPhase::Login, b'R') => return self.backend_auth_request(key, body),
+            (BPhase::Login, b'S') => {
+                if let Ok((n, v)) = proto::parse_parameter_status(body) {
+                    b.params.push((n.to_string(), v.to_string()));
+                }
+            }
+            (BPhase::Login, b'K') => {
+                if let Ok((pid, _)) = proto::parse_backend_key_data(body) {
+                    b.pid = pid;
+                    let row = b.row;
+                    self.backend_row_update(row, |r| r.pid = pid);
+                }
+            }
+            (BPhase::Login, b'Z') => {
+                self.backend_logged_in(key);
+            }
+            (BPhase::Login, b'E') => {
+                let f = proto::parse_error_fields(body).unwrap_or_default();
+                self.backend_gone(key, Some(f));
+                return false;
+            }
+            (BPhase::Attached { .. }, control::RELEASED) => {
+                let id = control::parse_released(body).unwrap_or(0);
+                self.backend_released(key, id);
+            }
+            (_, b'E') => {
+                // A parked or attached backend being terminated says why
+                // before its EOF.
+                let f = proto::parse_error_fields(body).unwrap_or_default();
+                log::debug!("backend {}: {} {}", b.pid, f.sqlstate, f.message);
+            }
+            (_, b'N') | (_, b'v') => {}
+            (_, t) => {
+                log::warn!("backend {}: unexpected message type {} on the control socket", b.pid, t);
+                self.backend_gone(key, None);
+                return false;
+            }
+        }
+        true
+    }
+
+    fn backend_auth_request(&mut self, key: usize, body: &[u8]) -> bool {
+        let Some(b) = self.backend(key) else { return false };
+        let pool = b.pool;
+        let cred = self.pools.get(pool).and_then(|p| p.credential.clone());
+        let Some(b) = self.backend(key) else { return false };
+        let req = match proto::parse_auth_request(body) {
+            Ok(r) => r,
+            Err(e) => {
+                self.backend_gone(key, Some(e.to_fields("FATAL")));
+                return false;
+            }
+        };
+        let mut out = Vec::new();
+        let refused = |what: &str| login_error("28000", format!("nextgres: the pool login was asked for {what}, which nextgres cannot answer for this role"), Some(HBA_HINT));
+        let failure = match (req, cred) {
+            (AuthRequest::Ok, _) => None,
+            (AuthRequest::Md5 { salt }, Some(Credential::Md5(h))) => {
+                proto::password_message(&mut out, &auth::md5_client_response_from_hash(&h, salt));
+                None
+            }
+            (AuthRequest::Sasl { mechanisms }, Some(Credential::Scram { client_key, server_key }))
+                if mechanisms.contains(&auth::SCRAM_SHA_256) =>
+            {
+                let mut nonce = [0u8; 18];
+                crate::pg::shmem::strong_random(&mut nonce);
+                let mut client = ScramClient::new(ClientCredential::ClientKey(client_key), &nonce);
+                proto::sasl_initial_response(&mut out, auth::SCRAM_SHA_256, &client.client_first());
+                b.scram = Some((client, server_key));
+                None
+            }
+            (AuthRequest::SaslContinue(data), _) => match b.scram.as_mut().map(|(c, _)| c.server_first(data)) {
+                Some(Ok(fin)) => {
+                    proto::sasl_response(&mut out, &fin);
+                    None
+                }
+                _ => Some(login_error("28000", "nextgres: SCRAM exchange with the server failed".into(), None)),
+            },
+            (AuthRequest::SaslFinal(data), _) => match b.scram.take().map(|(mut c, sk)| c.server_final(data, Some(&sk))) {
+                Some(Ok(())) => None,
+                _ => Some(login_error("28000", "nextgres: the server's SCRAM signature did not verify".into(), None)),
+            },
+            (AuthRequest::Md5 { .. }, _) => Some(refused("an md5 password")),
+            (AuthRequest::Sasl { .. }, _) => Some(refused("a SCRAM password (no client of this role has authenticated with a password since the pooler started)")),
+            (AuthRequest::Cleartext, _) => Some(refused("a cleartext password")),
+            (AuthRequest::Other(code), _) => Some(refused(&format!("authentication request {code}"))),
+        };
+        if let Some(f) = failure {
+            self.backend_gone(key, Some(f));
+            return false;
+        }
+        if !out.is_empty() && b.stream.write_all(&out).is_err() {
+            self.backend_gone(key, None);
+            return false;
+        }
+        true
+    }
+
+    fn backend_logged_in(&mut self, key: usize) {
+        let Some(b) = self.backend(key) else { return };
+        let (pool, row, params) = (b.pool, b.row, std::mem::take(&mut b.params));
+        b.phase = BPhase::Parked { since: Instant::now() };
+        self.backend_row_update(row, |r| {
+            r.state = BackendState::Parked;
+            r.since = crate::pg::shmem::now();
+        });
+        if let Some(p) = self.pools.get_mut(pool) {
+            p.starting = p.starting.saturating_sub(1);
+            p.last_login_error = None;
+            if p.params.is_none() {
+                p.params = Some(params);
+            }
+        }
+        self.pool_params_known(pool);
+        self.backend_available(key);
+    }
+
+    /// The backend is gone (EOF) or its login failed. Whatever client it
+    /// served mid-transaction loses its connection, as with a direct backend.
+    pub fn backend_gone(&mut self, key: usize, login_failure: Option<ErrorFields>) {
+        let Some(Conn::Backend(b)) = self.conns.try_remove(key) else { return };
+        conn::remove(&self.epoll, &b.stream);
+        self.backend_row_free(b.row);
+        let pool = b.pool;
+        if let Some(p) = self.pools.get_mut(pool) {
+            p.backends = p.backends.saturating_sub(1);
+            p.parked.retain(|&k| k != key);
+            if matches!(b.phase, BPhase::Login) {
+                p.starting = p.starting.saturating_sub(1);
+            }
+        }
+        if let Some(ck) = b.pinned_to {
+            if let Some(c) = self.client(ck) {
+                c.pinned = None;
+            }
+        }
+        match b.phase {
+            BPhase::Attached { client } => {
+                // The backend wrote its own FATAL (if any) to the client.
+                if let Some(c) = self.client(client) {
+                    c.phase = super::client::Phase::Closing;
+                    c.outbuf.clear();
+                }
+                self.client_close(client);
+            }
+            BPhase::Login => {
+                if let Some(f) = login_failure {
+                    self.pool_login_failed(pool, f);
+                }
+            }
+            BPhase::Parked { .. } => {}
+        }
+        self.pool_maybe_grow(pool);
+        self.sync_pool(pool);
+    }
+
+    /// A pool login failed. If the pool has no backend at all, the clients
+    /// waiting on it get the error (with the pg_hba.conf fix when it is an
+    /// authentication failure); otherwise they wait for the live backends.
+    pub fn pool_login_failed(&mut self, pool: usize, mut f: ErrorFields) {
+        if matches!(f.sqlstate.as_str(), "28000" | "28P01") && f.hint.is_none() {
+            f.hint = Some(HBA_HINT.into());
+        }
+        let Some(p) = self.pools.get_mut(pool) else { return };
+        log::warn!(
+            "pool login for role \"{}\" to database \"{}\" failed: {} {}",
+            p.role, p.database, f.sqlstate, f.message
+        );
+        p.last_login_error = Some((f.clone(), Instant::now()));
+        if p.backends > 0 {
+            return;
+        }
+        let victims: Vec<usize> = p.waiting.drain(..).chain(p.login_pending.drain(..)).collect();
+        for ck in victims {
+            self.client_fatal_fields(ck, &f);
+        }
+        self.sync_pool(pool);
+    }
+
+    /// Session mode: the client left; its backend serves the next one.
+    pub fn backend_unpin(&mut self, key: usize) {
+        let Some(b) = self.backend(key) else { return };
+        b.pinned_to = None;
+        if matches!(b.phase, BPhase::Parked { .. }) {
+            self.backend_available(key);
+        }
+    }
+
+    /// Closing the control socket makes a parked backend exit.
+    pub fn backend_close(&mut self, key: usize) {
+        self.backend_gone(key, None);
+    }
+}

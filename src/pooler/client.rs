@@ -1,0 +1,463 @@
+//! Client connections: the startup phase (SSLRequest, GSSENCRequest,
+//! CancelRequest, StartupMessage), then idle clients whose next message is
+//! left unread in the socket for the backend that will serve it.
+use super::auth::AuthSession;
+use super::conn::{self, Conn, HANGUP, READ};
+use super::worker::Pooler;
+use crate::shmem::ClientState;
+use nextgres_core::proto::{self, ErrorFields, ProtoError, StartupRequest};
+use nix::sys::epoll::EpollFlags;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+
+/// Largest message accepted during authentication (the server's limit).
+pub const MAX_AUTH_MESSAGE: usize = 65535;
+
+pub enum Phase {
+    Startup,
+    Auth(Box<AuthSession>),
+    /// Authenticated; waiting for the pool's first backend to learn the
+    /// session values (ParameterStatus) it will report.
+    LoginPending { since: Instant },
+    Idle,
+    Waiting { since: Instant },
+    Attached { backend: usize },
+    /// Sending a final error, then closing.
+    Closing,
+}
+
+pub struct Client {
+    pub stream: TcpStream,
+    pub addr: SocketAddr,
+    pub row: usize,
+    pub id: u64,
+    pub phase: Phase,
+    pub inbuf: Vec<u8>,
+    pub outbuf: Vec<u8>,
+    pub registered: Option<EpollFlags>,
+    pub user: String,
+    pub database: String,
+    /// Startup parameters and `-c` options that are settings, in order.
+    pub settings: Vec<(String, String)>,
+    pub pool: Option<usize>,
+    pub cancel: Option<(i32, i32)>,
+    pub last_backend: Option<usize>,
+    /// Session mode: the backend reserved for this client.
+    pub pinned: Option<usize>,
+    pub session_mode: bool,
+    pub xacts: i64,
+    pub started: Instant,
+}
+
+impl Client {
+    pub fn new(stream: TcpStream, addr: SocketAddr, row: usize, id: u64) -> Client {
+        Client {
+            stream,
+            addr,
+            row,
+            id,
+            phase: Phase::Startup,
+            inbuf: Vec::new(),
+            outbuf: Vec::new(),
+            registered: None,
+            user: String::new(),
+            database: String::new(),
+            settings: Vec::new(),
+            pool: None,
+            cancel: None,
+            last_backend: None,
+            pinned: None,
+            session_mode: false,
+            xacts: 0,
+            started: Instant::now(),
+        }
+    }
+
+    /// The raw sockaddr of the client, sent to backends with its socket.
+    pub fn raw_addr(&self) -> Vec<u8> {
+        use nix::sys::socket::{SockaddrIn, SockaddrIn6, SockaddrLike};
+        match self.addr {
+            SocketAddr::V4(a) => {
+                let s = SockaddrIn::from(a);
+                unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), std::mem::size_of::<libc::sockaddr_in>()) }.to_vec()
+            }
+            SocketAddr::V6(a) => {
+                let s = SockaddrIn6::from(a);
+                unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), std::mem::size_of::<libc::sockaddr_in6>()) }.to_vec()
+            }
+        }
+    }
+
+    fn interest(&self) -> Option<EpollFlags> {
+        let out = if self.outbuf.is_empty() { EpollFlags::empty() } else { EpollFlags::EPOLLOUT };
+        match self.phase {
+            Phase::Startup | Phase::Auth(_) | Phase::Idle => Some(READ | out),
+            Phase::LoginPending { .. } | Phase::Waiting { .. } => Some(HANGUP | out),
+            Phase::Closing => Some(HANGUP | EpollFlags::EPOLLOUT),
+            Phase::Attached { .. } => None,
+        }
+    }
+
+    /// Reads until `inbuf` holds `want` bytes, never more: bytes past the
+    /// current message belong to whoever handles the next one.
+    /// Ok(true) = complete, Ok(false) = need more, Err = EOF or error.
+    fn fill(&mut self, want: usize) -> std::io::Result<bool> {
+        while self.inbuf.len() < want {
+            let mut buf = vec![0u8; want - self.inbuf.len()];
+            match self.stream.read(&mut buf) {
+                Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+                Ok(n) => self.inbuf.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Reads one complete regular message (tag, length, body) exactly.
+    pub fn read_message(&mut self) -> Result<Option<(u8, Vec<u8>)>, ProtoError> {
+        let eof = || ProtoError::violation("unexpected EOF on client connection");
+        if !self.fill(5).map_err(|_| eof())? {
+            return Ok(None);
+        }
+        let len = i32::from_be_bytes([self.inbuf[1], self.inbuf[2], self.inbuf[3], self.inbuf[4]]);
+        if len < 4 || len as usize > MAX_AUTH_MESSAGE {
+            return Err(ProtoError::violation(format!("invalid message length {len}")));
+        }
+        if !self.fill(1 + len as usize).map_err(|_| eof())? {
+            return Ok(None);
+        }
+        let tag = self.inbuf[0];
+        let body = self.inbuf[5..].to_vec();
+        self.inbuf.clear();
+        Ok(Some((tag, body)))
+    }
+
+    /// Queues bytes and writes what the socket takes now.
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.outbuf.extend_from_slice(bytes);
+        self.flush();
+    }
+
+    /// Returns false when the connection is broken.
+    pub fn flush(&mut self) -> bool {
+        while !self.outbuf.is_empty() {
+            match self.stream.write(&self.outbuf) {
+                Ok(n) => {
+                    self.outbuf.drain(..n);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+}
+
+fn fatal_fields(sqlstate: &str, message: &str, hint: Option<&str>) -> ErrorFields {
+    ErrorFields {
+        severity: "FATAL".into(),
+        sqlstate: sqlstate.into(),
+        message: message.into(),
+        detail: None,
+        hint: hint.map(str::to_string),
+    }
+}
+
+impl Pooler {
+    pub fn client(&mut self, key: usize) -> Option<&mut Client> {
+        match self.conns.get_mut(key) {
+            Some(Conn::Client(c)) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// Brings the epoll registration in line with the client's phase.
+    pub fn client_rearm(&mut self, key: usize) {
+        let epoll = &self.epoll;
+        let Some(Conn::Client(c)) = self.conns.get_mut(key) else { return };
+        let want = c.interest();
+        match (c.registered, want) {
+            (None, Some(w)) => conn::add(epoll, &c.stream, key, w),
+            (Some(_), None) => conn::remove(epoll, &c.stream),
+            (Some(r), Some(w)) if r != w => conn::modify(epoll, &c.stream, key, w),
+            _ => {}
+        }
+        c.registered = want;
+    }
+
+    pub fn client_event(&mut self, key: usize, ev: EpollFlags) {
+        let Some(c) = self.client(key) else { return };
+        if ev.contains(EpollFlags::EPOLLOUT) && !c.flush() {
+            return self.client_close(key);
+        }
+        let hangup = ev.intersects(EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR | EpollFlags::EPOLLRDHUP);
+        match &c.phase {
+            Phase::Closing => {
+                if c.outbuf.is_empty() || hangup {
+                    return self.client_close(key);
+                }
+            }
+            Phase::Startup => self.client_startup(key),
+            Phase::Auth(_) => self.client_auth_input(key),
+            Phase::Idle => self.client_idle_input(key),
+            Phase::LoginPending { .. } | Phase::Waiting { .. } => {
+                if hangup {
+                    return self.client_close(key);
+                }
+            }
+            Phase::Attached { .. } => {}
+        }
+        self.client_rearm(key);
+    }
+
+    fn client_startup(&mut self, key: usize) {
+        loop {
+            let Some(c) = self.client(key) else { return };
+            // Exact reads: the length first, then the rest of the packet.
+            match c.fill(4) {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(_) => return self.client_close(key),
+            }
+            let len = i32::from_be_bytes([c.inbuf[0], c.inbuf[1], c.inbuf[2], c.inbuf[3]]);
+            if !(8..=(proto::startup::MAX_STARTUP_PACKET as i32 + 4)).contains(&len) {
+                // The server logs and closes without a reply for bad lengths.
+                log::info!("invalid length of startup packet from {}", c.addr);
+                return self.client_close(key);
+            }
+            match c.fill(len as usize) {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(_) => return self.client_close(key),
+            }
+            let parsed = proto::parse_startup(&c.inbuf);
+            c.inbuf.clear();
+            match parsed {
+                Ok(Some((StartupRequest::SslRequest, _))) | Ok(Some((StartupRequest::GssEncRequest, _))) => {
+                    // No TLS or GSS encryption yet: 'N' lets sslmode=prefer
+                    // and gssencmode=prefer clients go on unencrypted.
+                    c.send(b"N");
+                    continue;
+                }
+                Ok(Some((StartupRequest::Cancel { pid, key: secret }, _))) => {
+                    self.cancel_request(pid, secret);
+                    return self.client_close(key);
+                }
+                Ok(Some((StartupRequest::Startup { minor, params, .. }, _))) => {
+                    return self.client_startup_message(key, minor, params);
+                }
+                Ok(None) => return,
+                Err(e) => return self.client_fatal(key, e.sqlstate, &e.message, e.hint.as_deref()),
+            }
+        }
+    }
+
+    fn client_startup_message(&mut self, key: usize, minor: u16, params: Vec<(String, String)>) {
+        let mut settings = Vec::new();
+        let (mut user, mut database) = (String::new(), String::new());
+        let mut unrecognized = Vec::new();
+        for (k, v) in params {
+            match k.as_str() {
+                "user" => user = v,
+                "database" => database = v,
+                "replication" => {
+                    if !matches!(v.to_ascii_lowercase().as_str(), "false" | "off" | "no" | "0") {
+                        return self.client_fatal(
+                            key,
+                            "0A000",
+                            "nextgres does not pool replication connections",
+                            Some("Connect replication clients to the server's Unix socket, or run the pooler on a side port (nextgres.port) so the server keeps its own TCP port."),
+                        );
+                    }
+                }
+                "options" => match proto::parse_options(&v) {
+                    Ok(opts) => settings.extend(opts),
+                    Err(e) => return self.client_fatal(key, e.sqlstate, &e.message, e.hint.as_deref()),
+                },
+                k if k.starts_with("_pq_.") => unrecognized.push(k.to_string()),
+                _ => settings.push((k, v)),
+            }
+        }
+        if user.is_empty() {
+            return self.client_fatal(key, "28000", "no PostgreSQL user name specified in startup packet", None);
+        }
+        if database.is_empty() {
+            database = user.clone();
+        }
+        if let Err(e) = check_setting_names(&settings) {
+            return self.client_fatal(key, e.sqlstate, &e.message, e.hint.as_deref());
+        }
+        let Some(c) = self.client(key) else { return };
+        if minor > 0 || !unrecognized.is_empty() {
+            let mut out = Vec::new();
+            let names: Vec<&str> = unrecognized.iter().map(String::as_str).collect();
+            proto::negotiate_protocol_version(&mut out, 0, &names);
+            c.send(&out);
+        }
+        c.user = user;
+        c.database = database;
+        c.settings = settings;
+        let row = c.row;
+        let (u, d) = (c.user.clone(), c.database.clone());
+        self.client_row_update(row, |r| {
+            crate::shmem::set_name(&mut r.role, &u);
+            crate::shmem::set_name(&mut r.database, &d);
+        });
+        self.client_begin_auth(key);
+    }
+
+    fn client_idle_input(&mut self, key: usize) {
+        let Some(c) = self.client(key) else { return };
+        let mut peek = [0u8; 5];
+        let n = match nix::sys::socket::recv(c.stream.as_raw_fd(), &mut peek, nix::sys::socket::MsgFlags::MSG_PEEK) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => return,
+            Err(_) => return self.client_close(key),
+        };
+        if n == 0 {
+            return self.client_close(key);
+        }
+        if n == 5 && peek == [b'X', 0, 0, 0, 4] {
+            return self.client_close(key); // Terminate while idle: no backend needed
+        }
+        self.client_needs_backend(key);
+    }
+
+    /// Sends a FATAL error and closes once it is written.
+    pub fn client_fatal(&mut self, key: usize, sqlstate: &str, message: &str, hint: Option<&str>) {
+        self.client_fatal_fields(key, &fatal_fields(sqlstate, message, hint));
+    }
+
+    pub fn client_fatal_fields(&mut self, key: usize, f: &ErrorFields) {
+        let Some(c) = self.client(key) else { return };
+        let mut out = Vec::new();
+        proto::error_response(&mut out, f);
+        c.send(&out);
+        let done = c.outbuf.is_empty();
+        if matches!(c.phase, Phase::Attached { .. }) {
+            return; // never write into a socket a backend is using
+        }
+        self.client_detach_from_pool(key);
+        let Some(c) = self.client(key) else { return };
+        c.phase = Phase::Closing;
+        if done {
+            self.client_close(key);
+        } else {
+            self.client_rearm(key);
+        }
+    }
+
+    /// Used at shutdown: clients not inside a transaction get a FATAL.
+    pub fn client_fatal_if_not_attached(&mut self, key: usize, sqlstate: &str, message: &str) {
+        if let Some(c) = self.client(key) {
+            if !matches!(c.phase, Phase::Attached { .. }) {
+                let mut out = Vec::new();
+                proto::error_response(&mut out, &fatal_fields(sqlstate, message, None));
+                c.send(&out);
+            }
+        }
+    }
+
+    /// Takes the client out of its pool's queues and counts.
+    fn client_detach_from_pool(&mut self, key: usize) {
+        let Some(c) = self.client(key) else { return };
+        let Some(pool) = c.pool.take() else { return };
+        let pinned = c.pinned.take();
+        let was_waiting = matches!(c.phase, Phase::Waiting { .. });
+        if let Some(p) = self.pools.get_mut(pool) {
+            p.clients = p.clients.saturating_sub(1);
+            if was_waiting {
+                p.waiting.retain(|&k| k != key);
+            }
+            p.login_pending.retain(|&k| k != key);
+        }
+        if let Some(b) = pinned {
+            self.backend_unpin(b);
+        }
+        self.sync_pool(pool);
+    }
+
+    pub fn client_close(&mut self, key: usize) {
+        if !matches!(self.conns.get(key), Some(Conn::Client(_))) {
+            return;
+        }
+        self.client_detach_from_pool(key);
+        let Some(Conn::Client(c)) = self.conns.try_remove(key) else { return };
+        if c.registered.is_some() {
+            conn::remove(&self.epoll, &c.stream);
+        }
+        if let Some((pid, _)) = c.cancel {
+            self.cancel_keys.remove(&pid);
+        }
+        self.client_row_free(c.row);
+        self.clients -= 1;
+    }
+
+    pub fn client_set_state(&self, key: usize, state: ClientState, backend_pid: i32) {
+        if let Some(Conn::Client(c)) = self.conns.get(key) {
+            let xacts = c.xacts;
+            let pool = c.pool.and_then(|p| self.pools.get(p)).map(|p| p.row as i32).unwrap_or(-1);
+            self.client_row_update(c.row, |r| {
+                r.state = state;
+                r.backend_pid = backend_pid;
+                r.xacts = xacts;
+                r.pool = pool;
+            });
+        }
+    }
+
+    /// CancelRequest: only a client attached to a backend right now has a
+    /// running query; signal that backend as the postmaster would (SIGINT).
+    fn cancel_request(&mut self, pid: i32, secret: i32) {
+        let Some(&ck) = self.cancel_keys.get(&pid) else { return };
+        let Some(c) = self.client(ck) else { return };
+        if c.cancel != Some((pid, secret)) {
+            return;
+        }
+        if let Phase::Attached { backend } = c.phase {
+            if let Some(b) = self.backend(backend) {
+                if b.pid > 0 {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(b.pid), nix::sys::signal::Signal::SIGINT);
+                }
+            }
+        }
+    }
+
+    /// Hands out a cancel key unique among connected clients.
+    pub fn new_cancel_key(&mut self, key: usize) -> (i32, i32) {
+        let mut pid = self.next_cancel_pid;
+        while self.cancel_keys.contains_key(&pid) {
+            pid = if pid >= i32::MAX - 1 { 1 } else { pid + 1 };
+        }
+        self.next_cancel_pid = if pid >= i32::MAX - 1 { 1 } else { pid + 1 };
+        let mut k = [0u8; 4];
+        crate::pg::shmem::strong_random(&mut k);
+        self.cancel_keys.insert(pid, key);
+        (pid, i32::from_ne_bytes(k))
+    }
+}
+
+/// Settings from the startup packet must name real parameters, as the server
+/// demands (custom `prefix.name` placeholders excepted).
+fn check_setting_names(settings: &[(String, String)]) -> Result<(), ProtoError> {
+    for (name, _) in settings {
+        let c = crate::pg::glue::cstring(name);
+        let known = !unsafe { pgrx::pg_sys::GetConfigOption(c.as_ptr(), true, false) }.is_null();
+        if known {
+            continue;
+        }
+        if name.to_ascii_lowercase().starts_with("nextgres.") {
+            return Err(ProtoError::new("42602", format!("invalid configuration parameter name \"{name}\""))
+                .with_hint("\"nextgres\" is a reserved prefix."));
+        }
+        if !name.contains('.') {
+            return Err(ProtoError::new("42704", format!("unrecognized configuration parameter \"{name}\"")));
+        }
+    }
+    Ok(())
+}

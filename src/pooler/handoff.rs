@@ -1,0 +1,252 @@
+//! Matching clients with backends and passing the client's socket.
+//!
+//! A client's socket goes to a parked backend when the client sends a
+//! message; the backend gives it back at ReadyForQuery(I) (RELEASED) and the
+//! pooler watches it again. In session mode the client keeps the backend
+//! reserved between transactions.
+use super::backend::BPhase;
+use super::client::Phase;
+use super::conn::Conn;
+use super::worker::Pooler;
+use crate::settings::{PoolMode, POOL_MODE, POOL_SIZE};
+use crate::shmem::{BackendState, ClientState};
+use nextgres_core::control::{self, Attach};
+use nextgres_core::pool::{Credential, Pool};
+use nextgres_core::proto;
+use sendfd::SendWithFd;
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+
+impl Pooler {
+    /// After authentication: join the (database, role) pool, then finish the
+    /// login once the pool knows its session values.
+    pub fn client_join_pool(&mut self, key: usize, cred: Option<Credential>) {
+        let Some(c) = self.client(key) else { return };
+        let name = (c.database.clone(), c.user.clone());
+        let pool = match self.pool_by_name.get(&name) {
+            Some(&p) => p,
+            None => {
+                let Some(row) = self.pool_row_alloc(&name.0, &name.1) else {
+                    return self.client_fatal(
+                        key,
+                        "53300",
+                        "nextgres: too many pools",
+                        Some("Each (database, role) pair needs a pool; raise nextgres.max_pools."),
+                    );
+                };
+                let p = self.pools.insert(Pool::new(&name.0, &name.1, row));
+                self.pool_by_name.insert(name, p);
+                p
+            }
+        };
+        let session_mode = POOL_MODE.get() == PoolMode::Session;
+        let known = {
+            let p = &mut self.pools[pool];
+            if cred.is_some() {
+                p.credential = cred;
+            }
+            p.clients += 1;
+            p.params.is_some()
+        };
+        let Some(c) = self.client(key) else { return };
+        c.pool = Some(pool);
+        c.session_mode = session_mode;
+        if known {
+            self.client_login_complete(key);
+        } else {
+            c.phase = Phase::LoginPending { since: Instant::now() };
+            self.pools[pool].login_pending.push(key);
+            self.client_rearm(key);
+            self.pool_maybe_grow(pool);
+        }
+        self.sync_pool(pool);
+    }
+
+    /// ParameterStatus (the pool's fresh-session values, overridden by the
+    /// client's own startup settings), BackendKeyData, ReadyForQuery.
+    fn client_login_complete(&mut self, key: usize) {
+        let Some(c) = self.client(key) else { return };
+        let Some(pool) = c.pool else { return };
+        let params = self.pools[pool].params.clone().unwrap_or_default();
+        let (pid, secret) = self.new_cancel_key(key);
+        let Some(c) = self.client(key) else { return };
+        let mut out = Vec::new();
+        for (name, value) in &params {
+            let own = c.settings.iter().rev().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v);
+            proto::parameter_status(&mut out, name, own.unwrap_or(value));
+        }
+        proto::backend_key_data(&mut out, pid, secret);
+        proto::ready_for_query(&mut out, b'I');
+        c.cancel = Some((pid, secret));
+        c.phase = Phase::Idle;
+        c.send(&out);
+        self.client_set_state(key, ClientState::Idle, 0);
+        self.client_rearm(key);
+    }
+
+    /// The pool's first backend reported its session values.
+    pub fn pool_params_known(&mut self, pool: usize) {
+        let pending = std::mem::take(&mut self.pools[pool].login_pending);
+        for k in pending {
+            self.client_login_complete(k);
+        }
+    }
+
+    /// An idle client sent something: give it a backend or queue it.
+    pub fn client_needs_backend(&mut self, key: usize) {
+        let Some(c) = self.client(key) else { return };
+        let Some(pool) = c.pool else { return };
+        let (pinned, last, waited) = (c.pinned, c.last_backend, None);
+        if let Some(b) = pinned {
+            // Session mode: only this backend may serve the client.
+            if matches!(self.backend(b).map(|b| &b.phase), Some(BPhase::Parked { .. })) {
+                return self.handoff(key, b, waited);
+            }
+        } else if let Some(b) = self.pools[pool].take_parked(last) {
+            return self.handoff(key, b, waited);
+        }
+        let Some(c) = self.client(key) else { return };
+        c.phase = Phase::Waiting { since: Instant::now() };
+        self.pools[pool].waiting.push_back(key);
+        self.client_set_state(key, ClientState::Waiting, 0);
+        self.client_rearm(key);
+        self.pool_maybe_grow(pool);
+        self.sync_pool(pool);
+    }
+
+    /// A backend is parked and unreserved: serve the oldest waiting client.
+    pub fn backend_available(&mut self, key: usize) {
+        let Some(b) = self.backend(key) else { return };
+        let pool = b.pool;
+        if b.pinned_to.is_some() {
+            return;
+        }
+        while let Some(ck) = self.pools[pool].waiting.pop_front() {
+            if let Some(c) = self.client(ck) {
+                if let Phase::Waiting { since } = c.phase {
+                    if c.pinned.is_none() {
+                        return self.handoff(ck, key, Some(since));
+                    }
+                }
+            }
+        }
+        self.pools[pool].parked.push(key);
+        self.sync_pool(pool);
+    }
+
+    /// Starts pool logins while clients wait that no starting backend serves.
+    pub fn pool_maybe_grow(&mut self, pool: usize) {
+        let size = POOL_SIZE.get().max(1) as usize;
+        while self.pools.get(pool).is_some_and(|p| p.wants_backend(size) && recent_failure_expired(p)) {
+            let before = self.pools[pool].backends;
+            self.backend_start(pool);
+            if self.pools.get(pool).is_none_or(|p| p.backends == before) {
+                break; // the login could not even start
+            }
+        }
+    }
+
+    fn handoff(&mut self, ck: usize, bk: usize, waited_since: Option<Instant>) {
+        let (client_id, addr, settings, fd, row, pool) = {
+            let Some(Conn::Client(c)) = self.conns.get(ck) else { return };
+            (c.id, c.raw_addr(), c.settings.clone(), c.stream.as_raw_fd(), c.row, c.pool)
+        };
+        let Some(b) = self.backend(bk) else { return };
+        let new_client = b.last_client != client_id;
+        let mut msg = Vec::with_capacity(64);
+        control::write_attach(
+            &mut msg,
+            &Attach {
+                client_id,
+                flags: if new_client { control::FLAG_NEW_CLIENT } else { 0 },
+                addr,
+                settings: if new_client { settings } else { Vec::new() },
+            },
+        );
+        let sent = send_all_with_fd(&b.stream, &msg, fd);
+        if !sent {
+            // The backend died while parked; put the client back in line.
+            self.backend_gone(bk, None);
+            if let Some(c) = self.client(ck) {
+                c.phase = Phase::Idle;
+            }
+            return self.client_needs_backend(ck);
+        }
+        let session_mode = self.client(ck).is_some_and(|c| c.session_mode);
+        let Some(b) = self.backend(bk) else { return };
+        b.phase = BPhase::Attached { client: ck };
+        b.last_client = client_id;
+        if session_mode {
+            b.pinned_to = Some(ck);
+        }
+        let (bpid, brow) = (b.pid, b.row);
+        let Some(c) = self.client(ck) else { return };
+        c.phase = Phase::Attached { backend: bk };
+        c.last_backend = Some(bk);
+        if session_mode {
+            c.pinned = Some(bk);
+        }
+        self.client_rearm(ck);
+        self.client_set_state(ck, ClientState::Active, bpid);
+        self.backend_row_update(brow, |r| {
+            r.state = BackendState::Attached;
+            r.client_row = row as i32;
+        });
+        if let (Some(since), Some(p)) = (waited_since, pool) {
+            self.pools[p].record_wait(since);
+        }
+        if let Some(p) = pool {
+            self.sync_pool(p);
+        }
+    }
+
+    /// RELEASED: the backend flushed ReadyForQuery(I) and gave the socket back.
+    pub fn backend_released(&mut self, bk: usize, client_id: u64) {
+        let Some(b) = self.backend(bk) else { return };
+        let BPhase::Attached { client: ck } = b.phase else { return };
+        b.phase = BPhase::Parked { since: Instant::now() };
+        b.xacts += 1;
+        let (brow, bx, pool) = (b.row, b.xacts, b.pool);
+        self.backend_row_update(brow, |r| {
+            r.state = BackendState::Parked;
+            r.client_row = -1;
+            r.xacts = bx;
+        });
+        self.pools[pool].xacts += 1;
+        if let Some(c) = self.client(ck) {
+            if c.id == client_id {
+                c.xacts += 1;
+                c.phase = Phase::Idle;
+                self.client_set_state(ck, ClientState::Idle, 0);
+                self.client_rearm(ck);
+            }
+        }
+        self.backend_available(bk);
+        self.sync_pool(pool);
+    }
+}
+
+/// After a failed pool login, wait a moment before the next attempt so a
+/// misconfigured pg_hba.conf does not become a login storm.
+fn recent_failure_expired(p: &Pool) -> bool {
+    p.last_login_error.as_ref().is_none_or(|(_, at)| at.elapsed().as_millis() > 1000 || p.backends > 0)
+}
+
+/// Sends an ATTACH with the client's fd. Control messages are small and the
+/// socket is idle, so a short blocking retry is enough for partial sends.
+fn send_all_with_fd(stream: &std::os::unix::net::UnixStream, msg: &[u8], fd: i32) -> bool {
+    let mut sent = match stream.send_with_fd(msg, &[fd]) {
+        Ok(n) => n,
+        Err(_) => return false,
+    };
+    while sent < msg.len() {
+        match std::io::Write::write(&mut &*stream, &msg[sent..]) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::Interrupted => {
+                std::thread::yield_now()
+            }
+            Err(_) => return false,
+        }
+    }
+    true
+}

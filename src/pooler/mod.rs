@@ -1,0 +1,23 @@
+//! The pooler: a background worker with one epoll loop over the listen
+//! sockets, client connections and pooled backends' control sockets.
+//!
+//! * `listener`: accept, client limit.
+//! * `client`: startup packet, SSL/GSS refusal, cancel, idle clients.
+//! * `auth`: the server's hba decision and the password exchanges.
+//! * `backend`: pool logins through the Unix socket, parked/attached backends.
+//! * pools themselves (queues, limits) are pure logic in `nextgres_core::pool`.
+//! * `handoff`: passing a client's socket to a backend.
+//! * `janitor`: periodic upkeep (timeouts).
+//! * `stats`: the shared tables the SQL functions read.
+mod auth;
+mod backend;
+mod client;
+mod conn;
+mod handoff;
+mod janitor;
+mod listener;
+
+mod stats;
+mod worker;
+
+pub use worker::register;

@@ -1,0 +1,120 @@
+//! Keeping the shared tables (what `nextgres.pools()`, `clients()` and
+//! `backends()` show) in step with the pooler's own state. Rows are allocated
+//! from free lists owned by the pooler, the only writer.
+use super::worker::Pooler;
+use crate::shmem::{self, BackendState, ClientState, Tables};
+
+pub struct Rows {
+    free_pools: Vec<usize>,
+    free_clients: Vec<usize>,
+    free_backends: Vec<usize>,
+}
+
+impl Rows {
+    pub fn new(t: &Tables) -> Rows {
+        let (p, c, b) = t.capacities();
+        Rows {
+            free_pools: (0..p).rev().collect(),
+            free_clients: (0..c).rev().collect(),
+            free_backends: (0..b).rev().collect(),
+        }
+    }
+
+    /// A restarted pooler starts from empty tables.
+    pub fn reset_all(&self, t: &Tables) {
+        t.write(|p, c, b| {
+            p.iter_mut().for_each(|r| r.in_use = false);
+            c.iter_mut().for_each(|r| r.in_use = false);
+            b.iter_mut().for_each(|r| r.in_use = false);
+        });
+    }
+}
+
+impl Pooler {
+    pub fn pool_row_alloc(&mut self, database: &str, role: &str) -> Option<usize> {
+        let row = self.rows.free_pools.pop()?;
+        self.tables.write(|p, _, _| {
+            let r = &mut p[row];
+            *r = unsafe { std::mem::zeroed() };
+            r.in_use = true;
+            shmem::set_name(&mut r.database, database);
+            shmem::set_name(&mut r.role, role);
+        });
+        Some(row)
+    }
+
+    pub fn pool_row_free(&mut self, row: usize) {
+        self.tables.write(|p, _, _| p[row].in_use = false);
+        self.rows.free_pools.push(row);
+    }
+
+    /// Recomputes a pool's row from the pool's queues.
+    pub fn sync_pool(&self, pool: usize) {
+        let Some(p) = self.pools.get(pool) else { return };
+        let attached = p.backends.saturating_sub(p.parked.len() + p.starting);
+        let waiting = p.waiting.len();
+        let pending = p.login_pending.len();
+        self.tables.write(|rows, _, _| {
+            let r = &mut rows[p.row];
+            r.clients_waiting = waiting as i32;
+            r.clients_active = attached as i32;
+            r.clients_idle = p.clients.saturating_sub(waiting + attached + pending) as i32;
+            r.backends_parked = p.parked.len() as i32;
+            r.backends_attached = attached as i32;
+            r.backends_starting = p.starting as i32;
+            r.xacts = p.xacts;
+            r.waits = p.waits;
+            r.wait_us = p.wait_us;
+            r.max_wait_us = p.max_wait_us;
+        });
+    }
+
+    pub fn client_row_alloc(&mut self, addr: &str, port: i32) -> Option<usize> {
+        let row = self.rows.free_clients.pop()?;
+        let now = crate::pg::shmem::now();
+        self.tables.write(|_, c, _| {
+            let r = &mut c[row];
+            *r = unsafe { std::mem::zeroed() };
+            r.in_use = true;
+            shmem::set_name(&mut r.addr, addr);
+            r.port = port;
+            r.pool = -1;
+            r.state = ClientState::Login;
+            r.connected_at = now;
+        });
+        Some(row)
+    }
+
+    pub fn client_row_free(&mut self, row: usize) {
+        self.tables.write(|_, c, _| c[row].in_use = false);
+        self.rows.free_clients.push(row);
+    }
+
+    pub fn client_row_update(&self, row: usize, f: impl FnOnce(&mut shmem::ClientRow)) {
+        self.tables.write(|_, c, _| f(&mut c[row]));
+    }
+
+    pub fn backend_row_alloc(&mut self, pool_row: usize) -> Option<usize> {
+        let row = self.rows.free_backends.pop()?;
+        let now = crate::pg::shmem::now();
+        self.tables.write(|_, _, b| {
+            let r = &mut b[row];
+            *r = unsafe { std::mem::zeroed() };
+            r.in_use = true;
+            r.pool = pool_row as i32;
+            r.state = BackendState::Starting;
+            r.client_row = -1;
+            r.since = now;
+        });
+        Some(row)
+    }
+
+    pub fn backend_row_free(&mut self, row: usize) {
+        self.tables.write(|_, _, b| b[row].in_use = false);
+        self.rows.free_backends.push(row);
+    }
+
+    pub fn backend_row_update(&self, row: usize, f: impl FnOnce(&mut shmem::BackendRow)) {
+        self.tables.write(|_, _, b| f(&mut b[row]));
+    }
+}

@@ -1,0 +1,198 @@
+//! Registration and the main loop of the pooler worker.
+use super::conn::{self, Conn};
+use nextgres_core::pool::Pool;
+use crate::pg::glue::{self, PoolerWaitSet};
+use crate::{postmaster, shmem};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollTimeout};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::pg_sys;
+use slab::Slab;
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Postmaster: register the pooler. It restarts a second after it dies; its
+/// listen sockets stay open in the postmaster meanwhile.
+pub fn register() {
+    BackgroundWorkerBuilder::new("nextgres pooler")
+        .set_type("nextgres pooler")
+        .set_library("nextgres")
+        .set_function("nextgres_pooler_main")
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::ConsistentState)
+        .set_restart_time(Some(Duration::from_secs(1)))
+        .load();
+}
+
+#[pgrx::pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn nextgres_pooler_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    // Shared catalogs only (pg_authid, pg_database, pg_auth_members): the
+    // pooler belongs to no database.
+    BackgroundWorker::connect_worker_to_spi(None, None);
+    crate::pg::logger::init();
+    let mut pooler = Pooler::new();
+    pooler.run();
+}
+
+/// All pooler state. Modules add behaviour in their own `impl Pooler` blocks.
+pub struct Pooler {
+    pub epoll: Epoll,
+    pub conns: Slab<Conn>,
+    pub pools: Slab<Pool>,
+    pub pool_by_name: HashMap<(String, String), usize>,
+    /// Client-facing cancel pid -> client conn key.
+    pub cancel_keys: HashMap<i32, usize>,
+    pub next_client_id: u64,
+    pub next_cancel_pid: i32,
+    pub token_hex: String,
+    pub server_socket: PathBuf,
+    pub tables: shmem::Tables,
+    pub rows: super::stats::Rows,
+    pub clients: usize,
+    pub mock_key: [u8; 32],
+    pub shutting_down: bool,
+    pub last_janitor: Option<std::time::Instant>,
+}
+
+impl Pooler {
+    fn new() -> Pooler {
+        let tables = shmem::tables().expect("nextgres shared memory (shared_preload_libraries)");
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).expect("epoll_create");
+        let mut conns = Slab::with_capacity(1024);
+        for fd in postmaster::listen::listeners() {
+            // dup: the postmaster's copy must outlive this process so the
+            // backlog survives a pooler restart.
+            let dup = nix::unistd::dup(fd).expect("dup listen socket");
+            let owned = unsafe { OwnedFd::from_raw_fd(dup) };
+            let entry = conns.vacant_entry();
+            conn::add(&epoll, &owned, entry.key(), conn::READ);
+            entry.insert(Conn::Listener(owned));
+        }
+        if let Err(e) = glue::load_hba() {
+            log::warn!("could not load pg_hba.conf: {}", e.message());
+        }
+        let mut mock_key = [0u8; 32];
+        let nonce = unsafe { pg_sys::GetMockAuthenticationNonce() };
+        if !nonce.is_null() {
+            let n = unsafe { std::slice::from_raw_parts(nonce.cast::<u8>(), 32) };
+            mock_key.copy_from_slice(n);
+        }
+        let token_hex = crate::backend::token_hex(&tables.header().token);
+        let rows = super::stats::Rows::new(&tables);
+        let mut seed = [0u8; 4];
+        crate::pg::shmem::strong_random(&mut seed);
+        let p = Pooler {
+            epoll,
+            conns,
+            pools: Slab::new(),
+            pool_by_name: HashMap::new(),
+            cancel_keys: HashMap::new(),
+            next_client_id: 1,
+            next_cancel_pid: (u32::from_ne_bytes(seed) % 1_000_000_000) as i32 + 1,
+            token_hex,
+            server_socket: server_socket_path(),
+            tables,
+            rows,
+            clients: 0,
+            mock_key,
+            shutting_down: false,
+            last_janitor: None,
+        };
+        p.rows.reset_all(&p.tables);
+        p.tables.set_pooler(unsafe { pg_sys::MyProcPid }, postmaster::listen::port());
+        log::info!(
+            "pooler ready on port {} (pool logins via {})",
+            postmaster::listen::port(),
+            p.server_socket.display()
+        );
+        p
+    }
+
+    fn run(&mut self) -> ! {
+        let waitset = PoolerWaitSet::new(self.epoll.0.as_raw_fd());
+        let mut events = vec![EpollEvent::empty(); 256];
+        loop {
+            let wake = waitset.wait(super::janitor::TICK_MS);
+            if wake.postmaster_death {
+                unsafe { pg_sys::proc_exit(1) }
+            }
+            if wake.latch {
+                glue::pooler_check_interrupts();
+                if BackgroundWorker::sigterm_received() {
+                    self.shutdown();
+                }
+                if BackgroundWorker::sighup_received() {
+                    self.reload();
+                }
+            }
+            loop {
+                let n = match self.epoll.wait(&mut events, EpollTimeout::ZERO) {
+                    Ok(n) => n,
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => {
+                        log::warn!("epoll_wait: {e}");
+                        break;
+                    }
+                };
+                for ev in &events[..n] {
+                    self.dispatch(ev.data() as usize, ev.events());
+                }
+                if n < events.len() {
+                    break;
+                }
+            }
+            self.janitor();
+        }
+    }
+
+    fn dispatch(&mut self, key: usize, ev: nix::sys::epoll::EpollFlags) {
+        match self.conns.get(key) {
+            Some(Conn::Listener(_)) => self.accept(key),
+            Some(Conn::Client(_)) => self.client_event(key, ev),
+            Some(Conn::Backend(_)) => self.backend_event(key, ev),
+            None => {}
+        }
+    }
+
+    fn reload(&mut self) {
+        unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        match glue::load_hba() {
+            Ok(()) => log::info!("reloaded pg_hba.conf and settings"),
+            Err(e) => log::warn!("pg_hba.conf not reloaded, keeping the previous rules: {}", e.message()),
+        }
+    }
+
+    /// SIGTERM (server shutdown or pg_terminate_backend on the pooler): tell
+    /// clients not in a transaction, then exit. Backends attached to a client
+    /// finish on their own; the postmaster stops them in a shutdown.
+    fn shutdown(&mut self) -> ! {
+        self.shutting_down = true;
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for k in keys {
+            self.client_fatal_if_not_attached(
+                k,
+                "57P01",
+                "terminating connection due to administrator command",
+            );
+        }
+        self.tables.set_pooler(0, postmaster::listen::port());
+        log::info!("pooler shutting down");
+        // Exit code 1: a pooler stopped by pg_terminate_backend is restarted.
+        unsafe { pg_sys::proc_exit(1) }
+    }
+}
+
+/// The server's own Unix socket: first of unix_socket_directories, same port.
+fn server_socket_path() -> PathBuf {
+    let dirs = unsafe { pg_sys::Unix_socket_directories };
+    let dirs = if dirs.is_null() {
+        "/tmp".to_string()
+    } else {
+        unsafe { std::ffi::CStr::from_ptr(dirs) }.to_string_lossy().into_owned()
+    };
+    let dir = dirs.split(',').map(str::trim).find(|d| !d.is_empty() && !d.starts_with('@')).unwrap_or("/tmp");
+    PathBuf::from(dir).join(format!(".s.PGSQL.{}", unsafe { pg_sys::PostPortNumber }))
+}

@@ -1,0 +1,129 @@
+//! The pooler's listen sockets, opened in the postmaster.
+//!
+//! `_PG_init` of a preloaded library runs before the postmaster opens its own
+//! listen sockets, and the postmaster does not use SO_REUSEPORT, so whoever
+//! binds first owns the port. By default nextgres binds the server's
+//! `listen_addresses`:`port` and clears `listen_addresses`, so the server keeps
+//! only its Unix socket. Because the postmaster holds these sockets and the
+//! pooler inherits them, a pooler restart refuses no connection attempt: they
+//! wait in the backlog.
+use crate::settings;
+use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
+use pgrx::pg_sys;
+use std::ffi::CStr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::os::fd::{IntoRawFd, RawFd};
+
+/// Listen fds, inherited by every child of the postmaster.
+static mut LISTENERS: Vec<RawFd> = Vec::new();
+/// Where the pooler listens, for logs and SQL.
+static mut PORT: i32 = 0;
+
+pub fn listeners() -> Vec<RawFd> {
+    unsafe { (*std::ptr::addr_of!(LISTENERS)).clone() }
+}
+
+pub fn port() -> i32 {
+    unsafe { PORT }
+}
+
+/// Backends have no use for the pooler's sockets; closing them also means a
+/// dying server does not keep the port open through stray children.
+pub fn close_inherited() {
+    unsafe {
+        for fd in (*std::ptr::addr_of_mut!(LISTENERS)).drain(..) {
+            let _ = nix::unistd::close(fd);
+        }
+    }
+}
+
+fn guc_str(p: *const std::ffi::c_char) -> String {
+    if p.is_null() {
+        String::new()
+    } else {
+        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    }
+}
+
+/// Resolves a listen_addresses-style list into socket addresses.
+fn resolve(list: &str, port: u16) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if item == "*" {
+            out.push(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port));
+            out.push(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port));
+        } else if let Ok(ip) = item.parse::<IpAddr>() {
+            out.push(SocketAddr::new(ip, port));
+        } else {
+            match (item, port).to_socket_addrs() {
+                Ok(addrs) => out.extend(addrs),
+                Err(e) => log_warning(&format!("could not resolve listen address \"{item}\": {e}")),
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn log_warning(msg: &str) {
+    pgrx::warning!("nextgres: {msg}");
+}
+
+fn bind_one(addr: SocketAddr) -> nix::Result<RawFd> {
+    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)?;
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    if addr.is_ipv6() {
+        socket::setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+    }
+    socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrStorage::from(addr))?;
+    socket::listen(&fd, socket::Backlog::new(4096).unwrap_or(socket::Backlog::MAXCONN))?;
+    Ok(fd.into_raw_fd())
+}
+
+/// Postmaster, `_PG_init`: bind the pooler's sockets (taking over the
+/// server's TCP port unless `nextgres.port` names another one).
+pub fn take_port() {
+    let server_port = unsafe { pg_sys::PostPortNumber };
+    let server_addrs = guc_str(unsafe { pg_sys::ListenAddresses });
+    let own = settings::LISTEN_ADDRESSES.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
+    let nport = settings::PORT.get();
+    let takeover = nport == 0 || nport == server_port;
+    let port = if takeover { server_port } else { nport };
+    let addrs = if own.trim().is_empty() { server_addrs.clone() } else { own };
+
+    let mut fds = Vec::new();
+    for a in resolve(&addrs, port as u16) {
+        match bind_one(a) {
+            Ok(fd) => fds.push(fd),
+            Err(e) => {
+                // Same stance as the server: a configured address that cannot
+                // be bound is logged; no address at all is fatal.
+                log_warning(&format!("could not listen on {a}: {e}"));
+            }
+        }
+    }
+    if fds.is_empty() && !addrs.trim().is_empty() {
+        pgrx::error!("nextgres: could not listen on any of \"{addrs}\" port {port}");
+    }
+    if takeover {
+        unsafe {
+            pg_sys::SetConfigOption(
+                c"listen_addresses".as_ptr(),
+                c"".as_ptr(),
+                pg_sys::GucContext::PGC_POSTMASTER,
+                pg_sys::GucSource::PGC_S_OVERRIDE,
+            );
+        }
+        pgrx::log!(
+            "nextgres: pooler owns TCP port {port} on \"{addrs}\"; the server keeps only its Unix socket (listen_addresses cleared)"
+        );
+    } else {
+        pgrx::log!("nextgres: pooler listens on side port {port} on \"{addrs}\"; the server keeps its own TCP listeners");
+    }
+    unsafe {
+        LISTENERS = fds;
+        PORT = port;
+    }
+}

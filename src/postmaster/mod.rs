@@ -1,0 +1,2 @@
+//! Code that runs in the postmaster, from `_PG_init`.
+pub mod listen;

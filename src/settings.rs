@@ -1,0 +1,110 @@
+//! Every `nextgres.*` setting, in one place. Names follow PgBouncer's where a
+//! PgBouncer user would look for them.
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::CString;
+
+/// TCP port the pooler listens on. 0 (default): the server's own `port`, which
+/// the pooler then owns (the server keeps only its Unix socket). Any other
+/// value: a side port, and the server keeps its TCP listeners.
+pub static PORT: GucSetting<i32> = GucSetting::<i32>::new(0);
+/// Addresses the pooler listens on; empty (default): the server's `listen_addresses`.
+pub static LISTEN_ADDRESSES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// Backends per (database, role) pool.
+pub static POOL_SIZE: GucSetting<i32> = GucSetting::<i32>::new(8);
+/// Client connections the pooler accepts in all (sizes shared memory).
+pub static MAX_CLIENT_CONN: GucSetting<i32> = GucSetting::<i32>::new(10000);
+/// Distinct (database, role) pools (sizes shared memory).
+pub static MAX_POOLS: GucSetting<i32> = GucSetting::<i32>::new(256);
+pub static POOL_MODE: GucSetting<PoolMode> = GucSetting::<PoolMode>::new(PoolMode::Transaction);
+/// Seconds a client may wait for a free backend (0: forever).
+pub static QUERY_WAIT_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(120);
+/// Seconds a parked backend may stay unused before it is closed (0: never).
+pub static IDLE_BACKEND_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(600);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, pgrx::PostgresGucEnum)]
+pub enum PoolMode {
+    #[name = c"transaction"]
+    Transaction,
+    #[name = c"session"]
+    Session,
+}
+
+pub fn define() {
+    GucRegistry::define_int_guc(
+        c"nextgres.port",
+        c"TCP port of the pooler.",
+        c"0 takes over the server's own port; another value listens on a side port and leaves the server's TCP listeners alone.",
+        &PORT,
+        0,
+        65535,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"nextgres.listen_addresses",
+        c"Addresses the pooler listens on.",
+        c"Empty means the server's listen_addresses.",
+        &LISTEN_ADDRESSES,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"nextgres.pool_size",
+        c"Backends per (database, role) pool.",
+        c"",
+        &POOL_SIZE,
+        1,
+        10000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"nextgres.max_client_conn",
+        c"Maximum number of client connections the pooler accepts.",
+        c"",
+        &MAX_CLIENT_CONN,
+        1,
+        1_000_000,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"nextgres.max_pools",
+        c"Maximum number of distinct (database, role) pools.",
+        c"",
+        &MAX_POOLS,
+        1,
+        100_000,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_enum_guc(
+        c"nextgres.pool_mode",
+        c"transaction: a backend serves a client for one transaction; session: for the whole connection.",
+        c"",
+        &POOL_MODE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"nextgres.query_wait_timeout",
+        c"Seconds a client may wait for a free backend; 0 waits forever.",
+        c"",
+        &QUERY_WAIT_TIMEOUT,
+        0,
+        i32::MAX / 1000,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"nextgres.idle_backend_timeout",
+        c"Seconds an unused parked backend is kept; 0 keeps it forever.",
+        c"",
+        &IDLE_BACKEND_TIMEOUT,
+        0,
+        i32::MAX / 1000,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"nextgres".as_ptr()) };
+}

@@ -1,0 +1,213 @@
+//! Shared tables the SQL functions read: pools, clients and backends. Only the
+//! pooler writes them (under the nextgres LWLock); the pooler's per-boot
+//! identity (pid + token) lives in the header for pooled-backend logins.
+//!
+//! Nothing secret is stored here except the per-boot token, which SQL never shows.
+use crate::pg::shmem::{self as raw, Guard};
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+pub const NAME_LEN: usize = 64;
+pub const ADDR_LEN: usize = 48;
+pub const TOKEN_LEN: usize = 32;
+
+#[repr(C)]
+pub struct Header {
+    pub pooler_pid: AtomicI32,
+    pub token: [u8; TOKEN_LEN],
+    pub port: i32,
+    pub pools_cap: u32,
+    pub clients_cap: u32,
+    pub backends_cap: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PoolRow {
+    pub in_use: bool,
+    pub database: [u8; NAME_LEN],
+    pub role: [u8; NAME_LEN],
+    pub clients_idle: i32,
+    pub clients_active: i32,
+    pub clients_waiting: i32,
+    pub backends_parked: i32,
+    pub backends_attached: i32,
+    pub backends_starting: i32,
+    pub xacts: i64,
+    pub waits: i64,
+    pub wait_us: i64,
+    pub max_wait_us: i64,
+}
+
+#[repr(u8)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ClientState {
+    Login = 0,
+    Idle = 1,
+    Waiting = 2,
+    Active = 3,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ClientRow {
+    pub in_use: bool,
+    pub addr: [u8; ADDR_LEN],
+    pub port: i32,
+    pub pool: i32,
+    pub database: [u8; NAME_LEN],
+    pub role: [u8; NAME_LEN],
+    pub state: ClientState,
+    pub backend_pid: i32,
+    pub connected_at: i64,
+    pub xacts: i64,
+}
+
+#[repr(u8)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum BackendState {
+    Starting = 0,
+    Parked = 1,
+    Attached = 2,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct BackendRow {
+    pub in_use: bool,
+    pub pid: i32,
+    pub pool: i32,
+    pub state: BackendState,
+    pub client_row: i32,
+    pub xacts: i64,
+    pub since: i64,
+}
+
+fn caps() -> (usize, usize, usize) {
+    let pools = crate::settings::MAX_POOLS.get() as usize;
+    let clients = crate::settings::MAX_CLIENT_CONN.get() as usize;
+    let backends = unsafe { pgrx::pg_sys::MaxConnections } as usize + 16;
+    (pools, clients, backends)
+}
+
+fn align(n: usize) -> usize {
+    (n + 15) & !15
+}
+
+fn layout() -> (usize, usize, usize, usize) {
+    let (p, c, b) = caps();
+    let pools_off = align(size_of::<Header>());
+    let clients_off = pools_off + align(p * size_of::<PoolRow>());
+    let backends_off = clients_off + align(c * size_of::<ClientRow>());
+    let total = backends_off + align(b * size_of::<BackendRow>());
+    (pools_off, clients_off, backends_off, total)
+}
+
+/// Postmaster: reserve the segment.
+pub fn request() {
+    raw::request(layout().3, init);
+}
+
+fn init(base: *mut c_void, found: bool) {
+    if found {
+        return;
+    }
+    let (p, c, b) = caps();
+    unsafe {
+        std::ptr::write_bytes(base.cast::<u8>(), 0, layout().3);
+        let h = &mut *base.cast::<Header>();
+        h.pools_cap = p as u32;
+        h.clients_cap = c as u32;
+        h.backends_cap = b as u32;
+        // A fresh token per shared-memory lifetime (server start, crash restart).
+        if !raw::strong_random(&mut h.token) {
+            pgrx::error!("nextgres: could not generate a random token");
+        }
+    }
+}
+
+/// The shared tables, or None when nextgres was not in shared_preload_libraries.
+pub struct Tables {
+    base: *mut u8,
+}
+
+pub fn tables() -> Option<Tables> {
+    let base = raw::base();
+    (!base.is_null()).then(|| Tables { base: base.cast() })
+}
+
+impl Tables {
+    pub fn header(&self) -> &Header {
+        unsafe { &*self.base.cast::<Header>() }
+    }
+    /// The pooler sets its pid and port once it serves; 0 when no pooler runs.
+    pub fn set_pooler(&self, pid: i32, port: i32) {
+        let h = unsafe { &mut *self.base.cast::<Header>() };
+        h.port = port;
+        h.pooler_pid.store(pid, Ordering::SeqCst);
+    }
+    pub fn pooler_pid(&self) -> i32 {
+        self.header().pooler_pid.load(Ordering::SeqCst)
+    }
+
+    fn slice<T>(&self, off: usize, len: usize) -> &mut [T] {
+        unsafe { std::slice::from_raw_parts_mut(self.base.add(off).cast::<T>(), len) }
+    }
+    fn pools_raw(&self) -> &mut [PoolRow] {
+        let h = self.header();
+        self.slice(layout().0, h.pools_cap as usize)
+    }
+    fn clients_raw(&self) -> &mut [ClientRow] {
+        let h = self.header();
+        self.slice(layout().1, h.clients_cap as usize)
+    }
+    fn backends_raw(&self) -> &mut [BackendRow] {
+        let h = self.header();
+        self.slice(layout().2, h.backends_cap as usize)
+    }
+
+    pub fn capacities(&self) -> (usize, usize, usize) {
+        let h = self.header();
+        (h.pools_cap as usize, h.clients_cap as usize, h.backends_cap as usize)
+    }
+
+    /// Writer side (pooler only): mutate rows under the exclusive lock.
+    pub fn write<R>(&self, f: impl FnOnce(&mut [PoolRow], &mut [ClientRow], &mut [BackendRow]) -> R) -> R {
+        let _g = Guard::exclusive();
+        f(self.pools_raw(), self.clients_raw(), self.backends_raw())
+    }
+
+    /// Reader side: consistent copies of the rows in use.
+    pub fn snapshot(&self) -> (Vec<PoolRow>, Vec<ClientRow>, Vec<BackendRow>) {
+        let _g = Guard::shared();
+        (
+            self.pools_raw().iter().filter(|r| r.in_use).copied().collect(),
+            self.clients_raw().iter().filter(|r| r.in_use).copied().collect(),
+            self.backends_raw().iter().filter(|r| r.in_use).copied().collect(),
+        )
+    }
+    pub fn pool_names(&self) -> Vec<(String, String)> {
+        let _g = Guard::shared();
+        self.pools_raw().iter().map(|r| (name(&r.database), name(&r.role))).collect()
+    }
+}
+
+/// Copies a string into a fixed NUL-terminated field (truncating).
+pub fn set_name(field: &mut [u8], s: &str) {
+    field.fill(0);
+    let n = s.len().min(field.len() - 1);
+    field[..n].copy_from_slice(&s.as_bytes()[..n]);
+}
+
+pub fn name(field: &[u8]) -> String {
+    let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
+    String::from_utf8_lossy(&field[..end]).into_owned()
+}
+
+impl Tables {
+    /// All client rows by index (for joining backends to their clients).
+    pub fn snapshot_clients_by_row(&self) -> Vec<ClientRow> {
+        let _g = Guard::shared();
+        self.clients_raw().to_vec()
+    }
+}

@@ -1,0 +1,149 @@
+//! SQL functions in schema `nextgres` over the shared tables. Views and
+//! privileges (pg_monitor) are in sql/nextgres.sql.
+use crate::shmem::{self, BackendState, ClientState};
+use pgrx::prelude::*;
+
+fn tables() -> shmem::Tables {
+    match shmem::tables() {
+        Some(t) => t,
+        None => {
+            pgrx::ereport!(
+                ERROR,
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "nextgres is not loaded",
+                "Add nextgres to shared_preload_libraries and restart the server."
+            );
+        }
+    }
+}
+
+fn ts(t: i64) -> Option<TimestampWithTimeZone> {
+    (t != 0).then(|| unsafe { TimestampWithTimeZone::from_datum(pgrx::pg_sys::Datum::from(t), false) }).flatten()
+}
+
+/// One row per (database, role) pool.
+#[pg_extern(name = "pools_fn")]
+fn pools() -> TableIterator<
+    'static,
+    (
+        name!(database, String),
+        name!(role, String),
+        name!(clients_idle, i32),
+        name!(clients_active, i32),
+        name!(clients_waiting, i32),
+        name!(backends_parked, i32),
+        name!(backends_attached, i32),
+        name!(backends_starting, i32),
+        name!(transactions, i64),
+        name!(waits, i64),
+        name!(wait_time_ms, f64),
+        name!(max_wait_ms, f64),
+    ),
+> {
+    let (pools, _, _) = tables().snapshot();
+    TableIterator::new(pools.into_iter().map(|p| {
+        (
+            shmem::name(&p.database),
+            shmem::name(&p.role),
+            p.clients_idle,
+            p.clients_active,
+            p.clients_waiting,
+            p.backends_parked,
+            p.backends_attached,
+            p.backends_starting,
+            p.xacts,
+            p.waits,
+            p.wait_us as f64 / 1000.0,
+            p.max_wait_us as f64 / 1000.0,
+        )
+    }))
+}
+
+fn client_state(s: ClientState) -> &'static str {
+    match s {
+        ClientState::Login => "login",
+        ClientState::Idle => "idle",
+        ClientState::Waiting => "waiting",
+        ClientState::Active => "active",
+    }
+}
+
+/// One row per client connection of the pooler.
+#[pg_extern(name = "clients_fn")]
+fn clients() -> TableIterator<
+    'static,
+    (
+        name!(client_addr, String),
+        name!(client_port, i32),
+        name!(database, String),
+        name!(role, String),
+        name!(state, String),
+        name!(backend_pid, Option<i32>),
+        name!(connected_since, Option<TimestampWithTimeZone>),
+        name!(transactions, i64),
+    ),
+> {
+    let (_, clients, _) = tables().snapshot();
+    TableIterator::new(clients.into_iter().map(|c| {
+        (
+            shmem::name(&c.addr),
+            c.port,
+            shmem::name(&c.database),
+            shmem::name(&c.role),
+            client_state(c.state).to_string(),
+            (c.backend_pid != 0).then_some(c.backend_pid),
+            ts(c.connected_at),
+            c.xacts,
+        )
+    }))
+}
+
+/// One row per pooled backend.
+#[pg_extern(name = "backends_fn")]
+fn backends() -> TableIterator<
+    'static,
+    (
+        name!(pid, i32),
+        name!(database, String),
+        name!(role, String),
+        name!(state, String),
+        name!(client_addr, Option<String>),
+        name!(client_port, Option<i32>),
+        name!(transactions, i64),
+        name!(state_since, Option<TimestampWithTimeZone>),
+    ),
+> {
+    let t = tables();
+    let (_, _, backends) = t.snapshot();
+    let names = t.pool_names();
+    let clients = t.snapshot_clients_by_row();
+    TableIterator::new(backends.into_iter().map(move |b| {
+        let (db, role) = names.get(b.pool as usize).cloned().unwrap_or_default();
+        let client = (b.client_row >= 0).then(|| clients.get(b.client_row as usize).copied()).flatten().filter(|c| c.in_use);
+        (
+            b.pid,
+            db,
+            role,
+            match b.state {
+                BackendState::Starting => "starting",
+                BackendState::Parked => "parked",
+                BackendState::Attached => "attached",
+            }
+            .to_string(),
+            client.map(|c| shmem::name(&c.addr)),
+            client.map(|c| c.port),
+            b.xacts,
+            ts(b.since),
+        )
+    }))
+}
+
+/// Where the pooler listens and whether it runs.
+#[pg_extern]
+fn status() -> TableIterator<'static, (name!(pooler_pid, Option<i32>), name!(port, i32))> {
+    let t = tables();
+    let pid = t.pooler_pid();
+    TableIterator::once(((pid != 0).then_some(pid), t.header().port))
+}
+
+extension_sql_file!("../sql/nextgres.sql", name = "views", finalize);
