@@ -30,7 +30,7 @@ thread_local! {
 pub fn transaction_boundary() {
     // Pipelined input already read from this client stays with this backend:
     // it belongs to the client's next message and must not be split.
-    if !glue::recv_buffer_empty() {
+    if !glue::recv_buffer_empty() && !(glue::consume_buffered_terminate() && glue::recv_buffer_empty()) {
         return;
     }
     STATE.with(|s| {

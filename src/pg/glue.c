@@ -80,12 +80,6 @@ database_connect_allowed(Oid dboid, Oid roleid)
 #endif
 }
 
-int
-ng_server_version_num(void)
-{
-	return PG_VERSION_NUM;
-}
-
 /* Error capture shared by the guarded entry points. */
 typedef struct NgError
 {
@@ -120,6 +114,32 @@ bool
 ng_recv_buffer_empty(void)
 {
 	return !recv_buffer_has_data();
+}
+
+/*
+ * A client that ends with Sync+Terminate in one packet leaves the Terminate
+ * buffered at ReadyForQuery.  It is leaving: consume the message so the
+ * backend can release the socket (the pooler sees the EOF) instead of
+ * exiting on it.  Returns true if a Terminate was consumed.
+ */
+bool
+ng_consume_buffered_terminate(void)
+{
+	StringInfoData buf;
+	int			c;
+
+	pq_startmsgread();
+	c = pq_peekbyte();
+	if (c != 'X')
+	{
+		pq_endmsgread();
+		return false;
+	}
+	(void) pq_getbyte();
+	initStringInfo(&buf);
+	(void) pq_getmessage(&buf, 4);
+	pfree(buf.data);
+	return true;
 }
 
 /*

@@ -12,9 +12,6 @@ impl NgError {
     pub fn new() -> Self {
         NgError { sqlstate: [0; 6], message: [0; 512] }
     }
-    pub fn sqlstate(&self) -> String {
-        cstr_field(&self.sqlstate)
-    }
     pub fn message(&self) -> String {
         cstr_field(&self.message)
     }
@@ -91,9 +88,9 @@ fn cstr_field(f: &[c_char]) -> String {
 }
 
 extern "C" {
-    fn ng_server_version_num() -> c_int;
     fn ng_port_sock() -> c_int;
     fn ng_recv_buffer_empty() -> bool;
+    fn ng_consume_buffered_terminate() -> bool;
     fn ng_rebuild_febe_wait_set();
     fn ng_park_wait_set_create(control_fd: c_int) -> *mut c_void;
     fn ng_park_wait(set: *mut c_void, timeout_ms: c_long) -> c_int;
@@ -126,10 +123,6 @@ extern "C" {
     fn ng_pooler_wait(set: *mut c_void, timeout_ms: c_long) -> c_int;
 }
 
-pub fn server_version_num() -> i32 {
-    unsafe { ng_server_version_num() }
-}
-
 // ---- pooled backends -------------------------------------------------------
 
 /// `MyProcPort->sock`: the fd the server reads and writes the client on.
@@ -140,6 +133,11 @@ pub fn port_sock() -> i32 {
 /// True when libpq's receive buffer holds no unread (pipelined) input.
 pub fn recv_buffer_empty() -> bool {
     unsafe { ng_recv_buffer_empty() }
+}
+
+/// Consumes a buffered Terminate (client leaving); true if there was one.
+pub fn consume_buffered_terminate() -> bool {
+    unsafe { ng_consume_buffered_terminate() }
 }
 
 /// Must follow every dup2() onto `MyProcPort->sock` (epoll tracks descriptions).
@@ -266,7 +264,6 @@ pub fn pooler_check_interrupts() {
 pub struct PoolerWaitSet(*mut c_void);
 
 pub struct PoolerWake {
-    pub sockets: bool,
     pub latch: bool,
     pub postmaster_death: bool,
 }
@@ -277,7 +274,7 @@ impl PoolerWaitSet {
     }
     pub fn wait(&self, timeout_ms: i64) -> PoolerWake {
         let m = unsafe { ng_pooler_wait(self.0, timeout_ms as c_long) };
-        PoolerWake { sockets: m & 1 != 0, latch: m & 2 != 0, postmaster_death: m & 4 != 0 }
+        PoolerWake { latch: m & 2 != 0, postmaster_death: m & 4 != 0 }
     }
 }
 

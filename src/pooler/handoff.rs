@@ -188,9 +188,11 @@ impl Pooler {
         }
         self.client_rearm(ck);
         self.client_set_state(ck, ClientState::Active, bpid);
+        let now = crate::pg::shmem::now();
         self.backend_row_update(brow, |r| {
             r.state = BackendState::Attached;
             r.client_row = row as i32;
+            r.since = now;
         });
         if let (Some(since), Some(p)) = (waited_since, pool) {
             self.pools[p].record_wait(since);
@@ -207,10 +209,12 @@ impl Pooler {
         b.phase = BPhase::Parked { since: Instant::now() };
         b.xacts += 1;
         let (brow, bx, pool) = (b.row, b.xacts, b.pool);
+        let now = crate::pg::shmem::now();
         self.backend_row_update(brow, |r| {
             r.state = BackendState::Parked;
             r.client_row = -1;
             r.xacts = bx;
+            r.since = now;
         });
         self.pools[pool].xacts += 1;
         if let Some(c) = self.client(ck) {

@@ -17,6 +17,7 @@ impl Pooler {
             return;
         }
         self.last_janitor = Some(now);
+        self.watch_smart_shutdown();
         let wait_limit = secs(QUERY_WAIT_TIMEOUT.get());
         let idle_limit = secs(IDLE_BACKEND_TIMEOUT.get());
         let auth_limit = secs(unsafe { pgrx::pg_sys::AuthenticationTimeout });
@@ -66,6 +67,43 @@ impl Pooler {
             self.backend_close(k);
         }
     }
+}
+
+impl Pooler {
+    /// A smart shutdown waits for client backends to end, and parked
+    /// backends would never end on their own. The postmaster announces it in
+    /// postmaster.pid; from then on nobody new is admitted and a pool whose
+    /// last client left closes its backends.
+    fn watch_smart_shutdown(&mut self) {
+        if !self.stopping && postmaster_stopping() {
+            log::info!("server is shutting down: admitting no new clients, closing pools as their clients leave");
+            self.stopping = true;
+        }
+        if !self.stopping {
+            return;
+        }
+        let idle: Vec<usize> = self
+            .conns
+            .iter()
+            .filter_map(|(k, c)| match c {
+                Conn::Backend(b) if matches!(b.phase, BPhase::Parked { .. } | BPhase::Login) => {
+                    self.pools.get(b.pool).is_some_and(|p| p.clients == 0).then_some(k)
+                }
+                _ => None,
+            })
+            .collect();
+        for k in idle {
+            self.backend_close(k);
+        }
+    }
+}
+
+/// Status line of postmaster.pid (the server's cwd is its data directory).
+fn postmaster_stopping() -> bool {
+    std::fs::read_to_string("postmaster.pid")
+        .ok()
+        .and_then(|s| s.lines().nth(7).map(|l| l.trim() == "stopping"))
+        .unwrap_or(false)
 }
 
 fn secs(s: i32) -> Option<Duration> {

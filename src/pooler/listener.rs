@@ -37,6 +37,21 @@ impl Pooler {
         let Ok(addr) = stream.peer_addr() else { return };
         let _ = stream.set_nodelay(true);
         let _ = nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::KeepAlive, &true);
+        if self.stopping {
+            let mut out = Vec::new();
+            proto::error_response(
+                &mut out,
+                &ErrorFields {
+                    severity: "FATAL".into(),
+                    sqlstate: "57P03".into(),
+                    message: "the database system is shutting down".into(),
+                    detail: None,
+                    hint: None,
+                },
+            );
+            let _ = stream.write(&out);
+            return;
+        }
         let max = crate::settings::MAX_CLIENT_CONN.get() as usize;
         let row = if self.clients < max { self.client_row_alloc(&addr.ip().to_string(), addr.port() as i32) } else { None };
         let Some(row) = row else {

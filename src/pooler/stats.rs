@@ -43,11 +43,6 @@ impl Pooler {
         Some(row)
     }
 
-    pub fn pool_row_free(&mut self, row: usize) {
-        self.tables.write(|p, _, _| p[row].in_use = false);
-        self.rows.free_pools.push(row);
-    }
-
     /// Recomputes a pool's row from the pool's queues.
     pub fn sync_pool(&self, pool: usize) {
         let Some(p) = self.pools.get(pool) else { return };

@@ -53,7 +53,8 @@ pub struct Pooler {
     pub rows: super::stats::Rows,
     pub clients: usize,
     pub mock_key: [u8; 32],
-    pub shutting_down: bool,
+    /// Smart shutdown in progress: admit nobody, let pools drain.
+    pub stopping: bool,
     pub last_janitor: Option<std::time::Instant>,
 }
 
@@ -98,7 +99,7 @@ impl Pooler {
             rows,
             clients: 0,
             mock_key,
-            shutting_down: false,
+            stopping: false,
             last_janitor: None,
         };
         p.rows.reset_all(&p.tables);
@@ -169,7 +170,6 @@ impl Pooler {
     /// clients not in a transaction, then exit. Backends attached to a client
     /// finish on their own; the postmaster stops them in a shutdown.
     fn shutdown(&mut self) -> ! {
-        self.shutting_down = true;
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for k in keys {
             self.client_fatal_if_not_attached(
