@@ -39,6 +39,7 @@
 #include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/ps_status.h"
+#include "utils/relcache.h"
 #include "utils/syscache.h"
 #include "utils/timeout.h"
 
@@ -611,4 +612,20 @@ ng_addin_shmem_lock(bool acquire)
 		LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
 	else
 		LWLockRelease(AddinShmemInitLock);
+}
+
+/*
+ * A process attached to no database never runs RelationCacheInitializePhase3,
+ * so shared-catalog index entries loaded from global/pg_internal.init stay
+ * incomplete ("missing support function ... pg_database_oid_index"), yet
+ * loading that file marks criticalSharedRelcachesBuilt and makes the catalog
+ * caches use those indexes.  Clearing the flag puts the pooler back in the
+ * state of a server whose init file does not exist yet: the authentication
+ * caches (pg_authid, pg_auth_members, pg_database) use heap scans, which are
+ * correct and, for these small shared catalogs, cheap.
+ */
+void
+ng_pooler_catalog_heap_scans(void)
+{
+	criticalSharedRelcachesBuilt = false;
 }

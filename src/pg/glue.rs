@@ -119,6 +119,7 @@ extern "C" {
         err: *mut NgError,
     ) -> bool;
     fn ng_pooler_check_interrupts();
+    fn ng_pooler_catalog_heap_scans();
     fn ng_pooler_wait_set_create(epoll_fd: c_int) -> *mut c_void;
     fn ng_pooler_wait(set: *mut c_void, timeout_ms: c_long) -> c_int;
 }
@@ -253,6 +254,11 @@ pub fn login_lookup(
     } else {
         Err(err)
     }
+}
+
+/// See glue.c: catalog lookups in a process attached to no database.
+pub fn pooler_catalog_heap_scans() {
+    unsafe { ng_pooler_catalog_heap_scans() }
 }
 
 pub fn pooler_check_interrupts() {

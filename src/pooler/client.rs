@@ -387,10 +387,12 @@ impl Pooler {
             return;
         }
         self.client_detach_from_pool(key);
-        let Some(Conn::Client(c)) = self.conns.try_remove(key) else { return };
+        let Some(Conn::Client(mut c)) = self.conns.try_remove(key) else { return };
         if c.registered.is_some() {
             conn::remove(&self.epoll, &c.stream);
         }
+        c.flush();
+        linger_close(&mut c.stream);
         if let Some((pid, _)) = c.cancel {
             self.cancel_keys.remove(&pid);
         }
@@ -439,6 +441,21 @@ impl Pooler {
         crate::pg::shmem::strong_random(&mut k);
         self.cancel_keys.insert(pid, key);
         (pid, i32::from_ne_bytes(k))
+    }
+}
+
+/// Closing a socket with unread input makes the kernel send a reset, which
+/// can overtake a FATAL we just wrote (the client then sees "connection
+/// reset" instead of our error). Send FIN first, then discard what the
+/// client had sent (its query that never ran).
+fn linger_close(stream: &mut TcpStream) {
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut scratch = [0u8; 8192];
+    for _ in 0..8 {
+        match stream.read(&mut scratch) {
+            Ok(n) if n > 0 => continue,
+            _ => break,
+        }
     }
 }
 

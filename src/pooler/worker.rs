@@ -32,6 +32,7 @@ pub extern "C-unwind" fn nextgres_pooler_main(_arg: pg_sys::Datum) {
     // Shared catalogs only (pg_authid, pg_database, pg_auth_members): the
     // pooler belongs to no database.
     BackgroundWorker::connect_worker_to_spi(None, None);
+    glue::pooler_catalog_heap_scans();
     crate::pg::logger::init();
     let mut pooler = Pooler::new();
     pooler.run();
