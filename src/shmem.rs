@@ -81,6 +81,8 @@ pub struct BackendRow {
     pub client_row: i32,
     pub xacts: i64,
     pub since: i64,
+    /// Why the backend keeps its client (crate::pg::session::Pin); written by the backend.
+    pub pin: u8,
 }
 
 fn caps() -> (usize, usize, usize) {
@@ -209,5 +211,16 @@ impl Tables {
     pub fn snapshot_clients_by_row(&self) -> Vec<ClientRow> {
         let _g = Guard::shared();
         self.clients_raw().to_vec()
+    }
+}
+
+/// A pooled backend records why it keeps its client (0: it does not). The
+/// backend writes only this field of its own row, found by pid.
+pub fn report_pin(pin: u8) {
+    let Some(t) = tables() else { return };
+    let pid = unsafe { pgrx::pg_sys::MyProcPid };
+    let _g = Guard::exclusive();
+    if let Some(r) = t.backends_raw().iter_mut().find(|r| r.in_use && r.pid == pid) {
+        r.pin = pin;
     }
 }

@@ -111,6 +111,7 @@ fn backends() -> TableIterator<
         name!(client_port, Option<i32>),
         name!(transactions, i64),
         name!(state_since, Option<TimestampWithTimeZone>),
+        name!(pinned_by, Option<String>),
     ),
 > {
     let t = tables();
@@ -134,8 +135,20 @@ fn backends() -> TableIterator<
             client.map(|c| c.port),
             b.xacts,
             ts(b.since),
+            pin_name(b.pin),
         )
     }))
+}
+
+/// Why a backend keeps its client between transactions.
+fn pin_name(pin: u8) -> Option<String> {
+    match pin {
+        1 => Some("temporary table".into()),
+        2 => Some("WITH HOLD cursor".into()),
+        3 => Some("LISTEN".into()),
+        4 => Some("session-level lock".into()),
+        _ => None,
+    }
 }
 
 /// Where the pooler listens and whether it runs.

@@ -29,8 +29,13 @@ pub fn install() {
 }
 
 unsafe extern "C" fn putmessage(msgtype: c_char, s: *const c_char, len: usize) -> c_int {
-    if msgtype as u8 == b'Z' && len == 1 && super::is_pooled() {
-        PENDING_READY.with(|p| p.set(Some(*s as u8)));
+    if super::is_pooled() {
+        match msgtype as u8 {
+            b'Z' if len == 1 => PENDING_READY.with(|p| p.set(Some(*s as u8))),
+            // ParseComplete / CloseComplete: named statements may have changed.
+            b'1' | b'3' => crate::pg::session::note_statement_messages(),
+            _ => {}
+        }
     }
     (original().putmessage.expect("putmessage"))(msgtype, s, len)
 }

@@ -14,6 +14,7 @@ mod session;
 pub fn install() {
     comm::install();
     login::install();
+    crate::pg::session::install_hooks();
 }
 
 /// True once this backend proved at login that the pooler started it.

@@ -8,7 +8,8 @@
 //! live socket and the server never notices the switch.
 use super::session;
 use crate::pg::glue::{self, ParkEvent, ParkWaitSet};
-use nextgres_core::control::{self, Attach};
+use crate::pg::session::{self as sess, Pin};
+use nextgres_core::control::{self, Attach, Released};
 use nextgres_core::proto::frame::parse_message;
 use std::cell::RefCell;
 use std::os::fd::{BorrowedFd, RawFd};
@@ -20,6 +21,8 @@ struct Parking {
     attached: Option<u64>,
     /// Bytes read from the control socket not yet consumed.
     inbuf: Vec<u8>,
+    /// Pin last written to shared memory.
+    pin: Pin,
 }
 
 thread_local! {
@@ -40,9 +43,20 @@ pub fn transaction_boundary() {
             let sock = glue::port_sock();
             let control = nix::fcntl::fcntl(sock, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(sock + 1))
                 .unwrap_or_else(|e| fatal(&format!("could not duplicate the control socket: {e}")));
-            Parking { control, wait: ParkWaitSet::new(control), attached: None, inbuf: Vec::new() }
+            Parking { control, wait: ParkWaitSet::new(control), attached: None, inbuf: Vec::new(), pin: Pin::None }
         });
-        if let Some(client) = p.attached.take() {
+        if let Some(client) = p.attached {
+            // State that cannot move keeps the client here, attached, as on
+            // a direct connection (LISTEN notifications keep arriving).
+            let pin = sess::pin_reason();
+            if pin != p.pin {
+                p.pin = pin;
+                crate::shmem::report_pin(pin as u8);
+            }
+            if pin != Pin::None {
+                return;
+            }
+            p.attached = None;
             release(p, client);
         }
         park(p);
@@ -55,8 +69,13 @@ fn release(p: &mut Parking, client: u64) {
     if let Err(e) = nix::unistd::dup2(p.control, sock) {
         fatal(&format!("could not release the client socket: {e}"));
     }
-    let mut msg = Vec::with_capacity(16);
-    control::write_released(&mut msg, client);
+    let released = Released {
+        client_id: client,
+        settings: sess::take_session_settings(),
+        statements: sess::take_statements(),
+    };
+    let mut msg = Vec::with_capacity(64);
+    control::write_released(&mut msg, &released);
     write_all(p.control, &msg);
 }
 
@@ -139,7 +158,7 @@ fn attach_client(p: &mut Parking, (a, fd): (Attach, RawFd), timer_was_on: bool) 
         glue::set_client_addr(&ss, a.addr.len() as u32);
     }
     if a.flags & control::FLAG_NEW_CLIENT != 0 {
-        session::switch_to(&a.settings);
+        session::switch_to(&a.settings, &a.image);
     }
     if timer_was_on {
         glue::idle_session_timer_resume();

@@ -1,24 +1,31 @@
 //! Switching a pooled backend's session from one client to the next.
 //!
-//! The previous client's session state must vanish (DISCARD ALL) and the new
-//! client's startup settings must be in force. Startup settings are applied
-//! with source "client", as a startup packet would, so RESET returns to them;
-//! because DISCARD ALL does not undo client-sourced values, every setting a
-//! previous client supplied is first put back to this backend's own value
-//! from its login (remembered the first time any client touched it).
+//! The previous client's session must vanish (DISCARD ALL) and the new
+//! client's must appear as it left it on its last backend: its startup
+//! settings (source "client", so RESET returns to them), then what it changed
+//! with SET or set_config() (source "session"), then its named prepared
+//! statements under its own names. DISCARD ALL does not undo client-sourced
+//! values, so every setting a previous client supplied at startup is first
+//! put back to this backend's own value from its login, remembered the first
+//! time any client touched it (right after a DISCARD, so it is the login's).
 use crate::pg::glue;
+use crate::pg::session as s;
+use nextgres_core::control::SessionImage;
 use std::cell::RefCell;
 use std::collections::HashMap;
 
 thread_local! {
-    /// Setting name (lower case) -> value before any client changed it.
+    /// Setting name (lower case) -> (name, value this backend logged in with).
     static BASELINE: RefCell<HashMap<String, (String, String)>> = RefCell::new(HashMap::new());
 }
 
-pub fn switch_to(settings: &[(String, String)]) {
-    let apply = BASELINE.with(|b| {
+pub fn switch_to(startup: &[(String, String)], image: &SessionImage) {
+    if let Err(e) = s::switch_begin(true) {
+        fatal(&e.message());
+    }
+    let restore = BASELINE.with(|b| {
         let mut b = b.borrow_mut();
-        for (name, _) in settings {
+        for (name, _) in startup {
             let key = name.to_ascii_lowercase();
             if !b.contains_key(&key) {
                 if let Some(v) = current_value(name) {
@@ -26,22 +33,35 @@ pub fn switch_to(settings: &[(String, String)]) {
                 }
             }
         }
-        let mut apply: Vec<(String, String)> = b
-            .iter()
-            .filter(|(k, _)| !settings.iter().any(|(n, _)| n.eq_ignore_ascii_case(k)))
+        b.iter()
+            .filter(|(k, _)| !startup.iter().any(|(n, _)| n.eq_ignore_ascii_case(k)))
             .map(|(_, (n, v))| (n.clone(), v.clone()))
-            .collect();
-        apply.extend(settings.iter().cloned());
-        apply
+            .collect::<Vec<_>>()
     });
-    if let Err(e) = glue::session_switch(true, &apply) {
-        // Never run a client on a half-switched session.
-        pgrx::ereport!(
-            pgrx::PgLogLevel::FATAL,
-            pgrx::PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-            format!("nextgres: could not prepare the session for a new client: {}", e.message())
-        );
+    for (n, v) in restore.iter().chain(startup) {
+        s::switch_setting(n, v, true);
     }
+    for (n, v) in &image.settings {
+        s::switch_setting(n, v, false);
+    }
+    for st in &image.statements {
+        if let Err(e) = s::switch_statement(st) {
+            log::info!("prepared statement \"{}\" could not be re-created: {}", st.name, e.message());
+        }
+    }
+    if let Err(e) = s::switch_end() {
+        fatal(&e.message());
+    }
+}
+
+/// Never run a client on a half-switched session.
+fn fatal(msg: &str) -> ! {
+    pgrx::ereport!(
+        pgrx::PgLogLevel::FATAL,
+        pgrx::PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+        format!("nextgres: could not prepare the session for a new client: {msg}")
+    );
+    unreachable!()
 }
 
 fn current_value(name: &str) -> Option<String> {

@@ -320,47 +320,6 @@ ng_port_peer_pid(void *p)
 	return cred.pid;
 }
 
-/*
- * Switch the session to a new client: optionally DISCARD ALL, then apply its
- * settings as a startup packet would (source "client").  Runs in its own
- * transaction, between two client transactions.
- */
-bool
-ng_session_switch(bool discard, int nsettings, const char *const *names,
-				  const char *const *values, NgError *err)
-{
-	MemoryContext cxt = CurrentMemoryContext;
-	volatile bool ok = true;
-
-	PG_TRY();
-	{
-		StartTransactionCommand();
-		if (discard)
-		{
-			DiscardStmt stmt;
-
-			memset(&stmt, 0, sizeof(stmt));
-			stmt.type = T_DiscardStmt;
-			stmt.target = DISCARD_ALL;
-			DiscardCommand(&stmt, true);
-		}
-		for (int i = 0; i < nsettings; i++)
-			(void) set_config_option(names[i], values[i],
-									 superuser() ? PGC_SU_BACKEND : PGC_BACKEND,
-									 PGC_S_CLIENT, GUC_ACTION_SET, true, WARNING, false);
-		CommitTransactionCommand();
-	}
-	PG_CATCH();
-	{
-		capture_error(cxt, err);
-		AbortCurrentTransaction();
-		ok = false;
-	}
-	PG_END_TRY();
-	MemoryContextSwitchTo(cxt);
-	return ok;
-}
-
 /* ------------------------------------------------------------------------
  * Pooler: the server's own pg_hba.conf and pg_authid.
  * ------------------------------------------------------------------------ */

@@ -102,13 +102,6 @@ extern "C" {
     fn ng_report_parked();
     fn ng_port_take_option(port: *mut c_void, name: *const c_char, buf: *mut c_char, len: usize) -> bool;
     fn ng_port_peer_pid(port: *mut c_void) -> c_int;
-    fn ng_session_switch(
-        discard: bool,
-        n: c_int,
-        names: *const *const c_char,
-        values: *const *const c_char,
-        err: *mut NgError,
-    ) -> bool;
     fn ng_load_hba(err: *mut NgError) -> bool;
     fn ng_login_lookup(
         database: *const c_char,
@@ -210,21 +203,6 @@ pub unsafe fn port_take_option(port: *mut c_void, name: &CStr) -> Option<String>
 /// `port` must be a live `Port *`.
 pub unsafe fn port_peer_pid(port: *mut c_void) -> i32 {
     ng_port_peer_pid(port)
-}
-
-/// DISCARD ALL (optionally) and apply settings with source "client".
-pub fn session_switch(discard: bool, settings: &[(String, String)]) -> Result<(), NgError> {
-    let names: Vec<CString> = settings.iter().map(|(n, _)| cstring(n)).collect();
-    let values: Vec<CString> = settings.iter().map(|(_, v)| cstring(v)).collect();
-    let np: Vec<*const c_char> = names.iter().map(|c| c.as_ptr()).collect();
-    let vp: Vec<*const c_char> = values.iter().map(|c| c.as_ptr()).collect();
-    let mut err = NgError::new();
-    let ok = unsafe { ng_session_switch(discard, np.len() as c_int, np.as_ptr(), vp.as_ptr(), &mut err) };
-    if ok {
-        Ok(())
-    } else {
-        Err(err)
-    }
 }
 
 // ---- pooler -----------------------------------------------------------------

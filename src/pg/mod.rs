@@ -6,4 +6,5 @@
 pub mod comm;
 pub mod glue;
 pub mod logger;
+pub mod session;
 pub mod shmem;

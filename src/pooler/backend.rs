@@ -165,10 +165,14 @@ impl Pooler {
                 self.backend_gone(key, Some(f));
                 return false;
             }
-            (BPhase::Attached { .. }, control::RELEASED) => {
-                let id = control::parse_released(body).unwrap_or(0);
-                self.backend_released(key, id);
-            }
+            (BPhase::Attached { .. }, control::RELEASED) => match control::parse_released(body) {
+                Ok(r) => self.backend_released(key, r),
+                Err(e) => {
+                    log::warn!("backend {}: {}", b.pid, e.message);
+                    self.backend_gone(key, None);
+                    return false;
+                }
+            },
             (_, b'E') => {
                 // A parked or attached backend being terminated says why
                 // before its EOF.

@@ -41,6 +41,9 @@ pub struct Client {
     pub database: String,
     /// Startup parameters and `-c` options that are settings, in order.
     pub settings: Vec<(String, String)>,
+    /// What the client changed in its session (SET, prepared statements),
+    /// carried to whichever backend serves it next.
+    pub image: nextgres_core::control::SessionImage,
     pub pool: Option<usize>,
     pub cancel: Option<(i32, i32)>,
     pub last_backend: Option<usize>,
@@ -65,6 +68,7 @@ impl Client {
             user: String::new(),
             database: String::new(),
             settings: Vec::new(),
+            image: Default::default(),
             pool: None,
             cancel: None,
             last_backend: None,

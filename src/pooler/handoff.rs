@@ -10,7 +10,7 @@ use super::conn::Conn;
 use super::worker::Pooler;
 use crate::settings::{PoolMode, POOL_MODE, POOL_SIZE};
 use crate::shmem::{BackendState, ClientState};
-use nextgres_core::control::{self, Attach};
+use nextgres_core::control::{self, Attach, Released};
 use nextgres_core::pool::{Credential, Pool};
 use nextgres_core::proto;
 use sendfd::SendWithFd;
@@ -147,22 +147,23 @@ impl Pooler {
     }
 
     fn handoff(&mut self, ck: usize, bk: usize, waited_since: Option<Instant>) {
-        let (client_id, addr, settings, fd, row, pool) = {
-            let Some(Conn::Client(c)) = self.conns.get(ck) else { return };
-            (c.id, c.raw_addr(), c.settings.clone(), c.stream.as_raw_fd(), c.row, c.pool)
-        };
-        let Some(b) = self.backend(bk) else { return };
+        let Some(Conn::Client(c)) = self.conns.get(ck) else { return };
+        let (client_id, fd, row, pool) = (c.id, c.stream.as_raw_fd(), c.row, c.pool);
+        let Some(Conn::Backend(b)) = self.conns.get(bk) else { return };
         let new_client = b.last_client != client_id;
-        let mut msg = Vec::with_capacity(64);
+        // A backend that served this client last still holds its session.
+        let mut msg = Vec::with_capacity(128);
         control::write_attach(
             &mut msg,
             &Attach {
                 client_id,
                 flags: if new_client { control::FLAG_NEW_CLIENT } else { 0 },
-                addr,
-                settings: if new_client { settings } else { Vec::new() },
+                addr: c.raw_addr(),
+                settings: if new_client { c.settings.clone() } else { Vec::new() },
+                image: if new_client { c.image.clone() } else { Default::default() },
             },
         );
+        let Some(b) = self.backend(bk) else { return };
         let sent = send_all_with_fd(&b.stream, &msg, fd);
         if !sent {
             // The backend died while parked; put the client back in line.
@@ -203,7 +204,8 @@ impl Pooler {
     }
 
     /// RELEASED: the backend flushed ReadyForQuery(I) and gave the socket back.
-    pub fn backend_released(&mut self, bk: usize, client_id: u64) {
+    pub fn backend_released(&mut self, bk: usize, r: Released) {
+        let client_id = r.client_id;
         let Some(b) = self.backend(bk) else { return };
         let BPhase::Attached { client: ck } = b.phase else { return };
         b.phase = BPhase::Parked { since: Instant::now() };
@@ -219,6 +221,12 @@ impl Pooler {
         self.pools[pool].xacts += 1;
         if let Some(c) = self.client(ck) {
             if c.id == client_id {
+                if let Some(settings) = r.settings {
+                    c.image.settings = settings;
+                }
+                if let Some(statements) = r.statements {
+                    c.image.statements = statements;
+                }
                 c.xacts += 1;
                 c.phase = Phase::Idle;
                 self.client_set_state(ck, ClientState::Idle, 0);

@@ -7,10 +7,14 @@
 //!
 //! pooler -> backend  `ATTACH`, with the client socket attached (SCM_RIGHTS):
 //!     u64 client id, u8 flags, u16 address length, address bytes
-//!     (a `sockaddr_storage` prefix), u16 setting count, (name\0 value\0)*
-//! backend -> pooler  `RELEASED`: u64 client id. Sent after the backend has
-//!     flushed ReadyForQuery(I) to the client and put its control socket back
-//!     in place of the client's.
+//!     (a `sockaddr_storage` prefix), startup settings, then the client's
+//!     session image (SET settings, prepared statements) when it is new here.
+//! backend -> pooler  `RELEASED`: u64 client id, u8 flags, then the parts of
+//!     the session image that changed in this transaction. Sent after the
+//!     backend has flushed ReadyForQuery(I) to the client and put its control
+//!     socket back in place of the client's.
+//!
+//! Lists are u32 counts followed by their items; strings are NUL-terminated.
 #![allow(missing_docs)] // field-level docs would only repeat the module docs
 use crate::proto::error::ProtoError;
 use crate::proto::frame::read_cstr;
@@ -23,12 +27,46 @@ pub const FLAG_NEW_CLIENT: u8 = 1;
 
 pub const MAX_ADDR: usize = 128;
 
+/// RELEASED carries the client's session-level settings.
+pub const IMAGE_SETTINGS: u8 = 1;
+/// RELEASED carries the client's prepared statements.
+pub const IMAGE_STATEMENTS: u8 = 2;
+
+/// A named prepared statement, as needed to create it again elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Statement {
+    pub name: String,
+    /// Protocol-level: the Parse message's query. SQL-level: the PREPARE command.
+    pub text: String,
+    /// Created by SQL PREPARE (else by a protocol Parse message).
+    pub from_sql: bool,
+    pub param_types: Vec<u32>,
+}
+
+/// What a client carries from backend to backend in transaction mode.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionImage {
+    /// Settings changed with SET/set_config (source "session"), in order.
+    pub settings: Vec<(String, String)>,
+    pub statements: Vec<Statement>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attach {
     pub client_id: u64,
     pub flags: u8,
     pub addr: Vec<u8>,
+    /// Startup-packet settings (source "client").
     pub settings: Vec<(String, String)>,
+    pub image: SessionImage,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Released {
+    pub client_id: u64,
+    /// Present when they changed during the transaction.
+    pub settings: Option<Vec<(String, String)>>,
+    pub statements: Option<Vec<Statement>>,
 }
 
 fn frame(out: &mut Vec<u8>, tag: u8, body: impl FnOnce(&mut Vec<u8>)) {
@@ -40,6 +78,32 @@ fn frame(out: &mut Vec<u8>, tag: u8, body: impl FnOnce(&mut Vec<u8>)) {
     out[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
 }
 
+fn put_str(o: &mut Vec<u8>, s: &str) {
+    o.extend_from_slice(s.as_bytes());
+    o.push(0);
+}
+
+fn put_pairs(o: &mut Vec<u8>, pairs: &[(String, String)]) {
+    o.extend_from_slice(&(pairs.len() as u32).to_be_bytes());
+    for (n, v) in pairs {
+        put_str(o, n);
+        put_str(o, v);
+    }
+}
+
+fn put_statements(o: &mut Vec<u8>, stmts: &[Statement]) {
+    o.extend_from_slice(&(stmts.len() as u32).to_be_bytes());
+    for st in stmts {
+        put_str(o, &st.name);
+        put_str(o, &st.text);
+        o.push(u8::from(st.from_sql));
+        o.extend_from_slice(&(st.param_types.len() as u32).to_be_bytes());
+        for t in &st.param_types {
+            o.extend_from_slice(&t.to_be_bytes());
+        }
+    }
+}
+
 pub fn write_attach(out: &mut Vec<u8>, a: &Attach) {
     frame(out, ATTACH, |o| {
         o.extend_from_slice(&a.client_id.to_be_bytes());
@@ -47,64 +111,139 @@ pub fn write_attach(out: &mut Vec<u8>, a: &Attach) {
         let addr = &a.addr[..a.addr.len().min(MAX_ADDR)];
         o.extend_from_slice(&(addr.len() as u16).to_be_bytes());
         o.extend_from_slice(addr);
-        o.extend_from_slice(&(a.settings.len() as u16).to_be_bytes());
-        for (n, v) in &a.settings {
-            o.extend_from_slice(n.as_bytes());
-            o.push(0);
-            o.extend_from_slice(v.as_bytes());
-            o.push(0);
-        }
+        put_pairs(o, &a.settings);
+        put_pairs(o, &a.image.settings);
+        put_statements(o, &a.image.statements);
     });
 }
 
-pub fn write_released(out: &mut Vec<u8>, client_id: u64) {
-    frame(out, RELEASED, |o| o.extend_from_slice(&client_id.to_be_bytes()));
+pub fn write_released(out: &mut Vec<u8>, r: &Released) {
+    frame(out, RELEASED, |o| {
+        o.extend_from_slice(&r.client_id.to_be_bytes());
+        let flags = if r.settings.is_some() { IMAGE_SETTINGS } else { 0 }
+            | if r.statements.is_some() { IMAGE_STATEMENTS } else { 0 };
+        o.push(flags);
+        if let Some(s) = &r.settings {
+            put_pairs(o, s);
+        }
+        if let Some(s) = &r.statements {
+            put_statements(o, s);
+        }
+    });
 }
 
 fn bad(what: &str) -> ProtoError {
     ProtoError::violation(format!("malformed nextgres control message: {what}"))
 }
 
-fn take<'a>(body: &'a [u8], off: &mut usize, n: usize) -> Result<&'a [u8], ProtoError> {
-    let end = off.checked_add(n).filter(|&e| e <= body.len()).ok_or_else(|| bad("truncated"))?;
-    let s = &body[*off..end];
-    *off = end;
-    Ok(s)
+/// A cursor over a message body; every read is bounds-checked.
+struct Reader<'a> {
+    body: &'a [u8],
+    off: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtoError> {
+        let end = self.off.checked_add(n).filter(|&e| e <= self.body.len()).ok_or_else(|| bad("truncated"))?;
+        let s = &self.body[self.off..end];
+        self.off = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, ProtoError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, ProtoError> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, ProtoError> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, ProtoError> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_be_bytes(a))
+    }
+    fn str(&mut self) -> Result<String, ProtoError> {
+        let (s, next) = read_cstr(self.body, self.off)?;
+        self.off = next;
+        Ok(s.to_string())
+    }
+    /// A count that cannot exceed what the remaining bytes could hold.
+    fn count(&mut self, min_item: usize) -> Result<usize, ProtoError> {
+        let n = self.u32()? as usize;
+        if n.saturating_mul(min_item) > self.body.len() - self.off {
+            return Err(bad("count exceeds message"));
+        }
+        Ok(n)
+    }
+    fn pairs(&mut self) -> Result<Vec<(String, String)>, ProtoError> {
+        let n = self.count(2)?;
+        (0..n).map(|_| Ok((self.str()?, self.str()?))).collect()
+    }
+    fn statements(&mut self) -> Result<Vec<Statement>, ProtoError> {
+        let n = self.count(7)?;
+        (0..n)
+            .map(|_| {
+                let name = self.str()?;
+                let text = self.str()?;
+                let from_sql = self.u8()? != 0;
+                let np = self.count(4)?;
+                let param_types = (0..np).map(|_| self.u32()).collect::<Result<_, _>>()?;
+                Ok(Statement { name, text, from_sql, param_types })
+            })
+            .collect()
+    }
+    fn end(&self) -> Result<(), ProtoError> {
+        if self.off != self.body.len() {
+            return Err(bad("trailing bytes"));
+        }
+        Ok(())
+    }
 }
 
 /// Parses the body (after tag and length) of an ATTACH message.
 pub fn parse_attach(body: &[u8]) -> Result<Attach, ProtoError> {
-    let mut off = 0;
-    let client_id = u64::from_be_bytes(take(body, &mut off, 8)?.try_into().unwrap_or_default());
-    let flags = take(body, &mut off, 1)?[0];
-    let alen = u16::from_be_bytes([take(body, &mut off, 1)?[0], take(body, &mut off, 1)?[0]]) as usize;
+    let mut r = Reader { body, off: 0 };
+    let client_id = r.u64()?;
+    let flags = r.u8()?;
+    let alen = r.u16()? as usize;
     if alen > MAX_ADDR {
         return Err(bad("address too long"));
     }
-    let addr = take(body, &mut off, alen)?.to_vec();
-    let n = u16::from_be_bytes([take(body, &mut off, 1)?[0], take(body, &mut off, 1)?[0]]) as usize;
-    let mut settings = Vec::with_capacity(n.min(64));
-    for _ in 0..n {
-        let (name, next) = read_cstr(body, off)?;
-        let (value, next) = read_cstr(body, next)?;
-        settings.push((name.to_string(), value.to_string()));
-        off = next;
-    }
-    if off != body.len() {
-        return Err(bad("trailing bytes"));
-    }
-    Ok(Attach { client_id, flags, addr, settings })
+    let addr = r.take(alen)?.to_vec();
+    let settings = r.pairs()?;
+    let image = SessionImage { settings: r.pairs()?, statements: r.statements()? };
+    r.end()?;
+    Ok(Attach { client_id, flags, addr, settings, image })
 }
 
-pub fn parse_released(body: &[u8]) -> Result<u64, ProtoError> {
-    let b: [u8; 8] = body.try_into().map_err(|_| bad("RELEASED length"))?;
-    Ok(u64::from_be_bytes(b))
+pub fn parse_released(body: &[u8]) -> Result<Released, ProtoError> {
+    let mut r = Reader { body, off: 0 };
+    let client_id = r.u64()?;
+    let flags = r.u8()?;
+    let settings = if flags & IMAGE_SETTINGS != 0 { Some(r.pairs()?) } else { None };
+    let statements = if flags & IMAGE_STATEMENTS != 0 { Some(r.statements()?) } else { None };
+    r.end()?;
+    Ok(Released { client_id, settings, statements })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::proto::frame::parse_message;
+
+    fn image() -> SessionImage {
+        SessionImage {
+            settings: vec![("search_path".into(), "a, b".into()), ("myapp.user".into(), "42".into())],
+            statements: vec![
+                Statement { name: "P_0".into(), text: "SELECT $1::int".into(), from_sql: false, param_types: vec![23] },
+                Statement { name: "q".into(), text: "PREPARE q AS SELECT 1".into(), from_sql: true, param_types: vec![] },
+            ],
+        }
+    }
 
     #[test]
     fn attach_round_trip() {
@@ -113,6 +252,7 @@ mod tests {
             flags: FLAG_NEW_CLIENT,
             addr: vec![2, 0, 1, 2, 127, 0, 0, 1],
             settings: vec![("application_name".into(), "app".into()), ("TimeZone".into(), "UTC".into())],
+            image: image(),
         };
         let mut out = Vec::new();
         write_attach(&mut out, &a);
@@ -124,21 +264,40 @@ mod tests {
 
     #[test]
     fn released_round_trip() {
-        let mut out = Vec::new();
-        write_released(&mut out, u64::MAX - 1);
-        let (m, _) = parse_message(&out, 64).unwrap().unwrap();
-        assert_eq!(m.tag, RELEASED);
-        assert_eq!(parse_released(m.body).unwrap(), u64::MAX - 1);
+        for r in [
+            Released { client_id: u64::MAX - 1, settings: None, statements: None },
+            Released { client_id: 7, settings: Some(image().settings), statements: None },
+            Released { client_id: 7, settings: Some(vec![]), statements: Some(image().statements) },
+        ] {
+            let mut out = Vec::new();
+            write_released(&mut out, &r);
+            let (m, _) = parse_message(&out, 1 << 20).unwrap().unwrap();
+            assert_eq!(m.tag, RELEASED);
+            assert_eq!(parse_released(m.body).unwrap(), r);
+        }
     }
 
     #[test]
-    fn truncated_attach_is_an_error_not_a_panic() {
+    fn truncated_or_garbage_is_an_error_not_a_panic() {
         let mut out = Vec::new();
-        write_attach(&mut out, &Attach { client_id: 1, flags: 0, addr: vec![1; 16], settings: vec![("a".into(), "b".into())] });
+        write_attach(
+            &mut out,
+            &Attach { client_id: 1, flags: 0, addr: vec![1; 16], settings: vec![("a".into(), "b".into())], image: image() },
+        );
         let body = &out[5..];
         for cut in 0..body.len() {
             assert!(parse_attach(&body[..cut]).is_err(), "cut at {cut}");
         }
-        assert!(parse_released(&[1, 2, 3]).is_err());
+        let mut rel = Vec::new();
+        write_released(&mut rel, &Released { client_id: 1, settings: Some(image().settings), statements: Some(image().statements) });
+        let body = &rel[5..];
+        for cut in 0..body.len() {
+            assert!(parse_released(&body[..cut]).is_err(), "cut at {cut}");
+        }
+        // A huge count must not allocate or loop: it is bounded by the bytes left.
+        let mut evil = vec![0u8; 9];
+        evil[8] = IMAGE_SETTINGS;
+        evil.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(parse_released(&evil).is_err());
     }
 }

@@ -1,0 +1,687 @@
+/*
+ * session.c: what a pooled backend knows about its client's session, so the
+ * session can follow the client to another backend (settings, prepared
+ * statements) or must keep the client here (state that cannot move).
+ *
+ * Same rules as glue.c: compiled against the target server's headers, thin,
+ * and no ereport(ERROR) escapes into Rust (PG_TRY everywhere it can throw).
+ */
+#include "postgres.h"
+
+#include "access/genam.h"
+#include "access/stratnum.h"
+#include "access/table.h"
+#include "access/xact.h"
+#include "catalog/namespace.h"
+#include "catalog/objectaccess.h"
+#include "catalog/pg_class.h"
+#include "commands/discard.h"
+#include "commands/prepare.h"
+#include "executor/executor.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "lib/stringinfo.h"
+#include "miscadmin.h"
+#include "nodes/parsenodes.h"
+#include "parser/parse_node.h"
+#include "parser/parser.h"
+#include "port/pg_bswap.h"
+#include "storage/lock.h"
+#include "storage/proc.h"
+#include "tcop/tcopprot.h"
+#include "tcop/utility.h"
+#include "utils/builtins.h"
+#include "utils/fmgroids.h"
+#include "utils/guc.h"
+#include "utils/guc_tables.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/plancache.h"
+#include "utils/portal.h"
+#include "utils/tuplestore.h"
+
+typedef struct NgError
+{
+	char		sqlstate[6];
+	char		message[512];
+} NgError;
+
+static void
+capture(MemoryContext cxt, NgError *err)
+{
+	ErrorData  *ed;
+
+	MemoryContextSwitchTo(cxt);
+	ed = CopyErrorData();
+	FlushErrorState();
+	strlcpy(err->sqlstate, unpack_sql_state(ed->sqlerrcode), sizeof(err->sqlstate));
+	strlcpy(err->message, ed->message ? ed->message : "unknown error", sizeof(err->message));
+	FreeErrorData(ed);
+}
+
+/* ------------------------------------------------------------------------
+ * Version differences.
+ * ------------------------------------------------------------------------ */
+
+static struct config_generic **
+guc_array(int *n)
+{
+#if PG_VERSION_NUM >= 160000
+	return get_guc_variables(n);	/* palloc'd, sorted */
+#else
+	*n = GetNumConfigOptions();
+	return get_guc_variables();
+#endif
+}
+
+static bool
+holds_session_locks(void)
+{
+	/* Outside a transaction a backend holds only session-level locks. */
+	for (int i = 0; i < NUM_LOCK_PARTITIONS; i++)
+	{
+#if PG_VERSION_NUM >= 160000
+		if (!dlist_is_empty(&MyProc->myProcLocks[i]))
+			return true;
+#else
+		if (!SHMQueueEmpty(&MyProc->myProcLocks[i]))
+			return true;
+#endif
+	}
+	return false;
+}
+
+/* ------------------------------------------------------------------------
+ * Tracking what the client did, so a release only looks when needed.
+ * ------------------------------------------------------------------------ */
+
+static ProcessUtility_hook_type prev_utility = NULL;
+static object_access_hook_type prev_object_access = NULL;
+static needs_fmgr_hook_type prev_needs_fmgr = NULL;
+static fmgr_hook_type prev_fmgr = NULL;
+
+static bool settings_dirty = false;
+static bool statements_dirty = false;
+static List *holdable_cursors = NIL;	/* names, TopMemoryContext */
+static List *listen_channels = NIL;	/* names, TopMemoryContext */
+typedef enum
+{
+	TEMP_NONE, TEMP_PRESENT, TEMP_MAYBE_GONE
+} TempState;
+static TempState temp_state = TEMP_NONE;
+
+static void
+note_discard(DiscardMode mode)
+{
+	if (mode == DISCARD_ALL || mode == DISCARD_PLANS)
+		statements_dirty = true;
+	if (mode == DISCARD_ALL)
+	{
+		settings_dirty = true;
+		list_free_deep(listen_channels);
+		listen_channels = NIL;
+	}
+	if ((mode == DISCARD_ALL || mode == DISCARD_TEMP) && temp_state == TEMP_PRESENT)
+		temp_state = TEMP_MAYBE_GONE;
+}
+
+static void
+ng_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
+		   ProcessUtilityContext context, ParamListInfo params,
+		   QueryEnvironment *queryEnv, DestReceiver *dest, QueryCompletion *qc)
+{
+	Node	   *n = pstmt->utilityStmt;
+
+	switch (nodeTag(n))
+	{
+		case T_VariableSetStmt:
+			settings_dirty = true;
+			break;
+		case T_PrepareStmt:
+		case T_DeallocateStmt:
+			statements_dirty = true;
+			break;
+		case T_DiscardStmt:
+			note_discard(((DiscardStmt *) n)->target);
+			break;
+		case T_ListenStmt:
+			{
+				MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+				listen_channels = lappend(listen_channels,
+										  pstrdup(((ListenStmt *) n)->conditionname));
+				MemoryContextSwitchTo(old);
+			}
+			break;
+		case T_UnlistenStmt:
+			{
+				const char *ch = ((UnlistenStmt *) n)->conditionname;
+				ListCell   *lc;
+
+				if (ch == NULL)
+				{
+					list_free_deep(listen_channels);
+					listen_channels = NIL;
+					break;
+				}
+				foreach(lc, listen_channels)
+				{
+					if (strcmp((char *) lfirst(lc), ch) == 0)
+						listen_channels = foreach_delete_current(listen_channels, lc);
+				}
+			}
+			break;
+		case T_DeclareCursorStmt:
+			if (((DeclareCursorStmt *) n)->options & CURSOR_OPT_HOLD)
+			{
+				MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+				holdable_cursors = lappend(holdable_cursors,
+										   pstrdup(((DeclareCursorStmt *) n)->portalname));
+				MemoryContextSwitchTo(old);
+			}
+			break;
+		default:
+			break;
+	}
+	if (prev_utility)
+		prev_utility(pstmt, queryString, readOnlyTree, context, params, queryEnv, dest, qc);
+	else
+		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context, params, queryEnv, dest, qc);
+}
+
+static void
+ng_object_access(ObjectAccessType access, Oid classId, Oid objectId, int subId, void *arg)
+{
+	if (prev_object_access)
+		prev_object_access(access, classId, objectId, subId, arg);
+	if (classId != RelationRelationId || subId != 0)
+		return;
+	if (access == OAT_POST_CREATE)
+	{
+		Oid			nsp = get_rel_namespace(objectId);
+
+		if (OidIsValid(nsp) && isAnyTempNamespace(nsp))
+			temp_state = TEMP_PRESENT;
+	}
+	else if (access == OAT_DROP && temp_state == TEMP_PRESENT)
+		temp_state = TEMP_MAYBE_GONE;
+}
+
+/* set_config(name, value, false) changes a session setting without SET. */
+static bool
+ng_needs_fmgr(Oid fn_oid)
+{
+	if (fn_oid == F_SET_CONFIG)
+		return true;
+	return prev_needs_fmgr ? prev_needs_fmgr(fn_oid) : false;
+}
+
+static void
+ng_fmgr(FmgrHookEventType event, FmgrInfo *flinfo, Datum *private)
+{
+	if (flinfo->fn_oid == F_SET_CONFIG)
+		settings_dirty = true;
+	if (prev_fmgr)
+		prev_fmgr(event, flinfo, private);
+}
+
+static void
+ng_xact_callback(XactEvent event, void *arg)
+{
+	/* An aborted CREATE TEMP TABLE leaves no table behind. */
+	if ((event == XACT_EVENT_ABORT) && temp_state == TEMP_PRESENT)
+		temp_state = TEMP_MAYBE_GONE;
+}
+
+/* Postmaster: install the trackers every backend inherits. */
+void
+ng_install_session_hooks(void)
+{
+	prev_utility = ProcessUtility_hook;
+	ProcessUtility_hook = ng_utility;
+	prev_object_access = object_access_hook;
+	object_access_hook = ng_object_access;
+	prev_needs_fmgr = needs_fmgr_hook;
+	needs_fmgr_hook = ng_needs_fmgr;
+	prev_fmgr = fmgr_hook;
+	fmgr_hook = ng_fmgr;
+	RegisterXactCallback(ng_xact_callback, NULL);
+}
+
+/* Protocol Parse/Close seen by the output layer. */
+void
+ng_note_statement_messages(void)
+{
+	statements_dirty = true;
+}
+
+/* ------------------------------------------------------------------------
+ * Pins: state that cannot move to another backend.
+ * ------------------------------------------------------------------------ */
+
+#define NG_PIN_NONE				0
+#define NG_PIN_TEMP				1
+#define NG_PIN_CURSOR			2
+#define NG_PIN_LISTEN			3
+#define NG_PIN_LOCK				4
+
+static bool
+temp_relations_exist(void)
+{
+	Oid			tempns,
+				toastns;
+	bool		found = false;
+	Relation	rel;
+	ScanKeyData key;
+	SysScanDesc scan;
+
+	GetTempNamespaceState(&tempns, &toastns);
+	if (!OidIsValid(tempns))
+		return false;
+	ScanKeyInit(&key, Anum_pg_class_relnamespace, BTEqualStrategyNumber,
+				F_OIDEQ, ObjectIdGetDatum(tempns));
+	rel = table_open(RelationRelationId, AccessShareLock);
+	scan = systable_beginscan(rel, InvalidOid, false, NULL, 1, &key);
+	found = HeapTupleIsValid(systable_getnext(scan));
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
+	return found;
+}
+
+/*
+ * Called at ReadyForQuery(I), outside any transaction.  Returns the reason
+ * the client must stay on this backend, or NG_PIN_NONE.
+ */
+int
+ng_pin_reason(void)
+{
+	ListCell   *lc;
+
+	/*
+	 * Conservative: a LISTEN in a transaction that later aborted still pins
+	 * until UNLISTEN or the client leaves (a cost, never a leak).
+	 */
+	if (listen_channels != NIL)
+		return NG_PIN_LISTEN;
+	foreach(lc, holdable_cursors)
+	{
+		if (PortalIsValid(GetPortalByName((char *) lfirst(lc))))
+			return NG_PIN_CURSOR;
+	}
+	list_free_deep(holdable_cursors);
+	holdable_cursors = NIL;
+	if (holds_session_locks())
+		return NG_PIN_LOCK;
+	if (temp_state == TEMP_MAYBE_GONE)
+	{
+		MemoryContext cxt = CurrentMemoryContext;
+
+		PG_TRY();
+		{
+			StartTransactionCommand();
+			temp_state = temp_relations_exist() ? TEMP_PRESENT : TEMP_NONE;
+			CommitTransactionCommand();
+		}
+		PG_CATCH();
+		{
+			MemoryContextSwitchTo(cxt);
+			FlushErrorState();
+			AbortCurrentTransaction();
+			temp_state = TEMP_PRESENT; /* when in doubt, stay */
+		}
+		PG_END_TRY();
+		MemoryContextSwitchTo(cxt);
+	}
+	if (temp_state == TEMP_PRESENT)
+		return NG_PIN_TEMP;
+	return NG_PIN_NONE;
+}
+
+/* ------------------------------------------------------------------------
+ * The session image: settings and prepared statements.
+ * ------------------------------------------------------------------------ */
+
+static void
+put_str(StringInfo out, const char *s)
+{
+	appendBinaryStringInfo(out, s, strlen(s) + 1);
+}
+
+/*
+ * Settings the client changed with SET or set_config() (source "session"),
+ * as name\0value\0 pairs, session_authorization and role first so the others
+ * apply under the right identity.  NULL when nothing changed since the last
+ * call.  transaction_* settings only live within a transaction.
+ */
+char *
+ng_take_session_settings(int *len, bool force)
+{
+	struct config_generic **vars;
+	int			n;
+	StringInfoData out;
+
+	if (!settings_dirty && !force)
+		return NULL;
+	settings_dirty = false;
+	initStringInfo(&out);
+	vars = guc_array(&n);
+	for (int pass = 0; pass < 2; pass++)
+	{
+		for (int i = 0; i < n; i++)
+		{
+			struct config_generic *g = vars[i];
+			bool		identity = strcmp(g->name, "session_authorization") == 0 ||
+				strcmp(g->name, "role") == 0;
+			const char *v;
+
+			if (g->source != PGC_S_SESSION || identity != (pass == 0))
+				continue;
+			if (strncmp(g->name, "transaction_", 12) == 0)
+				continue;
+			v = GetConfigOption(g->name, true, false);
+			put_str(&out, g->name);
+			put_str(&out, v ? v : "");
+		}
+	}
+#if PG_VERSION_NUM >= 160000
+	pfree(vars);
+#endif
+	*len = out.len;
+	return out.data;
+}
+
+/*
+ * Cheap signature of the saved plans: SaveCachedPlan() moves a named
+ * statement's context under CacheMemoryContext and DropCachedPlan() deletes
+ * it, so the list head and length change; unnamed statements never get
+ * there.  Relcache churn may change it too, which only costs a scan.
+ */
+static uintptr_t last_cache_signature = 0;
+
+static uintptr_t
+cache_signature(void)
+{
+	uintptr_t	sig = (uintptr_t) CacheMemoryContext->firstchild;
+	int			count = 0;
+
+	for (MemoryContext c = CacheMemoryContext->firstchild; c != NULL; c = c->nextchild)
+		count++;
+	return sig ^ ((uintptr_t) count << 48) ^ (uintptr_t) count;
+}
+
+static void
+put_statement(StringInfo out, PreparedStatement *ps)
+{
+	CachedPlanSource *src = ps->plansource;
+	const char *text = src->query_string;
+	uint32		np = pg_hton32((uint32) src->num_params);
+
+	put_str(out, ps->stmt_name);
+	if (ps->from_sql && src->raw_parse_tree)
+	{
+		/* Only the PREPARE command itself, not its neighbours in the string. */
+		int			loc = src->raw_parse_tree->stmt_location;
+		int			len = src->raw_parse_tree->stmt_len;
+		int			total = (int) strlen(text);
+
+		if (loc < 0 || loc > total)
+			loc = 0;
+		if (len <= 0 || loc + len > total)
+			len = total - loc;
+		appendBinaryStringInfo(out, text + loc, len);
+		appendStringInfoChar(out, '\0');
+	}
+	else
+		put_str(out, text);
+	appendStringInfoChar(out, ps->from_sql ? 1 : 0);
+	appendBinaryStringInfo(out, (char *) &np, 4);
+	for (int i = 0; i < src->num_params; i++)
+	{
+		uint32		t = pg_hton32(src->param_types[i]);
+
+		appendBinaryStringInfo(out, (char *) &t, 4);
+	}
+}
+
+/*
+ * The client's named prepared statements in the control-channel format
+ * (u32 count, then name\0 text\0 from_sql u8 nparams u32 types u32*).  NULL
+ * when they cannot have changed.  The only iterator over the server's
+ * prepared-statement table is pg_prepared_statement(), called directly.
+ */
+char *
+ng_take_statements(int *len, bool force)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	StringInfoData out;
+	volatile bool ok = true;
+	uintptr_t	sig;
+
+	if (!statements_dirty && !force)
+		return NULL;
+	statements_dirty = false;
+	sig = cache_signature();
+	if (sig == last_cache_signature && !force)
+		return NULL;
+	last_cache_signature = sig;
+
+	initStringInfo(&out);
+	appendBinaryStringInfo(&out, "\0\0\0\0", 4);
+	PG_TRY();
+	{
+		LOCAL_FCINFO(fcinfo, 0);
+		FmgrInfo	flinfo;
+		ReturnSetInfo rsinfo;
+		TupleTableSlot *slot;
+		uint32		count = 0;
+
+		StartTransactionCommand();
+		fmgr_info(F_PG_PREPARED_STATEMENT, &flinfo);
+		memset(&rsinfo, 0, sizeof(rsinfo));
+		rsinfo.type = T_ReturnSetInfo;
+		rsinfo.econtext = CreateStandaloneExprContext();
+		rsinfo.allowedModes = SFRM_Materialize;
+		InitFunctionCallInfoData(*fcinfo, &flinfo, 0, InvalidOid, NULL, (Node *) &rsinfo);
+		(void) FunctionCallInvoke(fcinfo);
+		if (rsinfo.setResult)
+		{
+			slot = MakeSingleTupleTableSlot(rsinfo.setDesc, &TTSOpsMinimalTuple);
+			while (tuplestore_gettupleslot(rsinfo.setResult, true, false, slot))
+			{
+				bool		isnull;
+				Datum		d = slot_getattr(slot, 1, &isnull);
+				PreparedStatement *ps;
+
+				if (isnull)
+					continue;
+				ps = FetchPreparedStatement(TextDatumGetCString(d), false);
+				if (ps)
+				{
+					put_statement(&out, ps);
+					count++;
+				}
+			}
+			ExecDropSingleTupleTableSlot(slot);
+			tuplestore_end(rsinfo.setResult);
+		}
+		FreeExprContext(rsinfo.econtext, true);
+		CommitTransactionCommand();
+		count = pg_hton32(count);
+		memcpy(out.data, &count, 4);
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		FlushErrorState();
+		AbortCurrentTransaction();
+		ok = false;
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+	if (!ok)
+	{
+		pfree(out.data);
+		return NULL;
+	}
+	*len = out.len;
+	return out.data;
+}
+
+void
+ng_free(void *p)
+{
+	if (p)
+		pfree(p);
+}
+
+/* ------------------------------------------------------------------------
+ * Restoring a client's session on this backend.
+ * ------------------------------------------------------------------------ */
+
+/* Starts the switch: its own transaction, optionally DISCARD ALL first. */
+bool
+ng_switch_begin(bool discard, NgError *err)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile bool ok = true;
+
+	PG_TRY();
+	{
+		StartTransactionCommand();
+		if (discard)
+		{
+			DiscardStmt stmt;
+
+			memset(&stmt, 0, sizeof(stmt));
+			stmt.type = T_DiscardStmt;
+			stmt.target = DISCARD_ALL;
+			DiscardCommand(&stmt, true);
+		}
+	}
+	PG_CATCH();
+	{
+		capture(cxt, err);
+		AbortCurrentTransaction();
+		ok = false;
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+	/* The trackers describe the new client from here on. */
+	settings_dirty = statements_dirty = false;
+	list_free_deep(listen_channels);
+	listen_channels = NIL;
+	temp_state = TEMP_NONE;
+	list_free_deep(holdable_cursors);
+	holdable_cursors = NIL;
+	last_cache_signature = 0;
+	return ok;
+}
+
+/*
+ * One setting, as the startup packet (source "client") or SET (source
+ * "session") would make it.  A bad value warns, as it would for the client.
+ */
+void
+ng_switch_setting(const char *name, const char *value, bool from_startup)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	bool		su = superuser();
+
+	PG_TRY();
+	{
+		(void) set_config_option(name, value,
+								 from_startup ? (su ? PGC_SU_BACKEND : PGC_BACKEND)
+								 : (su ? PGC_SUSET : PGC_USERSET),
+								 from_startup ? PGC_S_CLIENT : PGC_S_SESSION,
+								 GUC_ACTION_SET, true, WARNING, false);
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		FlushErrorState();
+	}
+	PG_END_TRY();
+}
+
+/*
+ * Re-creates one prepared statement under the client's name, in a
+ * subtransaction so a statement that no longer plans (a dropped table) is
+ * skipped without spoiling the others; the client then gets the error it
+ * would get on a direct connection when it uses it... or "does not exist".
+ */
+bool
+ng_switch_statement(const char *name, const char *text, bool from_sql,
+					int nparams, const Oid *params, NgError *err)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	volatile bool ok = true;
+
+	BeginInternalSubTransaction(NULL);
+	PG_TRY();
+	{
+		List	   *raw = raw_parser(text, RAW_PARSE_DEFAULT);
+
+		if (list_length(raw) == 1)
+		{
+			RawStmt    *rs = linitial_node(RawStmt, raw);
+
+			if (from_sql && IsA(rs->stmt, PrepareStmt))
+			{
+				ParseState *pstate = make_parsestate(NULL);
+
+				pstate->p_sourcetext = text;
+				PrepareQuery(pstate, (PrepareStmt *) rs->stmt, rs->stmt_location, rs->stmt_len);
+			}
+			else if (!from_sql)
+			{
+				CachedPlanSource *psrc;
+				List	   *qt;
+				Oid		   *types = palloc(sizeof(Oid) * Max(nparams, 1));
+
+				memcpy(types, params, sizeof(Oid) * nparams);
+				psrc = CreateCachedPlan(rs, text, CreateCommandTag(rs->stmt));
+				qt = pg_analyze_and_rewrite_fixedparams(rs, text, types, nparams, NULL);
+				CompleteCachedPlan(psrc, qt, NULL, types, nparams, NULL, NULL,
+								   CURSOR_OPT_PARALLEL_OK, true);
+				StorePreparedStatement(name, psrc, false);
+			}
+		}
+		ReleaseCurrentSubTransaction();
+	}
+	PG_CATCH();
+	{
+		capture(cxt, err);
+		RollbackAndReleaseCurrentSubTransaction();
+		ok = false;
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+	CurrentResourceOwner = owner;
+	return ok;
+}
+
+bool
+ng_switch_end(NgError *err)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile bool ok = true;
+
+	PG_TRY();
+	{
+		CommitTransactionCommand();
+	}
+	PG_CATCH();
+	{
+		capture(cxt, err);
+		AbortCurrentTransaction();
+		ok = false;
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+	/* Restoring is not the client's doing: nothing to report at release. */
+	settings_dirty = statements_dirty = false;
+	last_cache_signature = cache_signature();
+	return ok;
+}

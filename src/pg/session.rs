@@ -1,0 +1,133 @@
+//! Rust side of `session.c`: the client's session image and pins.
+use super::glue::{cstring, NgError};
+use nextgres_core::control::{Statement};
+use std::ffi::{c_char, c_int};
+
+extern "C" {
+    fn ng_install_session_hooks();
+    fn ng_note_statement_messages();
+    fn ng_pin_reason() -> c_int;
+    fn ng_take_session_settings(len: *mut c_int, force: bool) -> *mut c_char;
+    fn ng_take_statements(len: *mut c_int, force: bool) -> *mut c_char;
+    fn ng_free(p: *mut c_char);
+    fn ng_switch_begin(discard: bool, err: *mut NgError) -> bool;
+    fn ng_switch_setting(name: *const c_char, value: *const c_char, from_startup: bool);
+    fn ng_switch_statement(
+        name: *const c_char,
+        text: *const c_char,
+        from_sql: bool,
+        nparams: c_int,
+        params: *const u32,
+        err: *mut NgError,
+    ) -> bool;
+    fn ng_switch_end(err: *mut NgError) -> bool;
+}
+
+/// Why a client must stay on its backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Pin {
+    None = 0,
+    TempTable = 1,
+    HoldCursor = 2,
+    Listen = 3,
+    AdvisoryLock = 4,
+}
+
+/// Postmaster: utility/object-access/fmgr hooks that note session changes.
+pub fn install_hooks() {
+    unsafe { ng_install_session_hooks() }
+}
+
+pub fn note_statement_messages() {
+    unsafe { ng_note_statement_messages() }
+}
+
+pub fn pin_reason() -> Pin {
+    match unsafe { ng_pin_reason() } {
+        1 => Pin::TempTable,
+        2 => Pin::HoldCursor,
+        3 => Pin::Listen,
+        4 => Pin::AdvisoryLock,
+        _ => Pin::None,
+    }
+}
+
+fn take(f: unsafe extern "C" fn(*mut c_int, bool) -> *mut c_char) -> Option<Vec<u8>> {
+    let mut len: c_int = 0;
+    let p = unsafe { f(&mut len, false) };
+    if p.is_null() {
+        return None;
+    }
+    let v = unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len as usize) }.to_vec();
+    unsafe { ng_free(p) };
+    Some(v)
+}
+
+/// SET/set_config settings, if they may have changed since the last call.
+pub fn take_session_settings() -> Option<Vec<(String, String)>> {
+    let raw = take(ng_take_session_settings)?;
+    let mut out = Vec::new();
+    let mut parts = raw.split(|&b| b == 0);
+    while let (Some(n), Some(v)) = (parts.next(), parts.next()) {
+        if n.is_empty() {
+            break;
+        }
+        out.push((String::from_utf8_lossy(n).into_owned(), String::from_utf8_lossy(v).into_owned()));
+    }
+    Some(out)
+}
+
+/// Named prepared statements, if they may have changed since the last call.
+pub fn take_statements() -> Option<Vec<Statement>> {
+    let raw = take(ng_take_statements)?;
+    // Same layout as the control channel's statement list.
+    let mut body = Vec::with_capacity(raw.len() + 9);
+    body.extend_from_slice(&0u64.to_be_bytes());
+    body.push(nextgres_core::control::IMAGE_STATEMENTS);
+    body.extend_from_slice(&raw);
+    nextgres_core::control::parse_released(&body).ok().and_then(|r| r.statements)
+}
+
+pub fn switch_begin(discard: bool) -> Result<(), NgError> {
+    let mut err = NgError::new();
+    if unsafe { ng_switch_begin(discard, &mut err) } {
+        Ok(())
+    } else {
+        Err(err)
+    }
+}
+
+pub fn switch_setting(name: &str, value: &str, from_startup: bool) {
+    let (n, v) = (cstring(name), cstring(value));
+    unsafe { ng_switch_setting(n.as_ptr(), v.as_ptr(), from_startup) }
+}
+
+pub fn switch_statement(st: &Statement) -> Result<(), NgError> {
+    let (n, t) = (cstring(&st.name), cstring(&st.text));
+    let mut err = NgError::new();
+    let ok = unsafe {
+        ng_switch_statement(
+            n.as_ptr(),
+            t.as_ptr(),
+            st.from_sql,
+            st.param_types.len() as c_int,
+            st.param_types.as_ptr(),
+            &mut err,
+        )
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(err)
+    }
+}
+
+pub fn switch_end() -> Result<(), NgError> {
+    let mut err = NgError::new();
+    if unsafe { ng_switch_end(&mut err) } {
+        Ok(())
+    } else {
+        Err(err)
+    }
+}
