@@ -27,6 +27,7 @@ fn pg_config_path() -> PathBuf {
 
 fn main() {
     println!("cargo:rerun-if-changed=src/pg/glue.c");
+    println!("cargo:rerun-if-changed=src/pg/session.c");
     println!("cargo:rerun-if-env-changed=PGRX_PG_CONFIG_PATH");
     let pg_config = pg_config_path();
     let out = Command::new(&pg_config)
@@ -36,6 +37,7 @@ fn main() {
     let include = String::from_utf8(out.stdout).expect("utf8").trim().to_string();
     cc::Build::new()
         .file("src/pg/glue.c")
+        .file("src/pg/session.c")
         .include(&include)
         .flag_if_supported("-Wno-unused-parameter")
         .flag_if_supported("-Wno-missing-field-initializers")
