@@ -42,6 +42,9 @@ fn main() {
         .flag_if_supported("-Wno-unused-parameter")
         .flag_if_supported("-Wno-missing-field-initializers")
         .flag_if_supported("-Wno-sign-compare")
+        // An undeclared function is a missing #include, never something to link by luck.
+        .flag_if_supported("-Werror=implicit-function-declaration")
+        .flag_if_supported("-Werror=int-conversion")
         .warnings(true)
         .compile("nextgres_glue");
 }

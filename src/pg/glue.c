@@ -86,6 +86,8 @@ typedef struct NgError
 {
 	char		sqlstate[6];
 	char		message[512];
+	char		detail[512];
+	char		hint[512];
 } NgError;
 
 static void
@@ -98,6 +100,8 @@ capture_error(MemoryContext cxt, NgError *err)
 	FlushErrorState();
 	strlcpy(err->sqlstate, unpack_sql_state(ed->sqlerrcode), sizeof(err->sqlstate));
 	strlcpy(err->message, ed->message ? ed->message : "unknown error", sizeof(err->message));
+	strlcpy(err->detail, ed->detail ? ed->detail : "", sizeof(err->detail));
+	strlcpy(err->hint, ed->hint ? ed->hint : "", sizeof(err->hint));
 	FreeErrorData(ed);
 }
 

@@ -6,11 +6,24 @@ use std::ffi::{c_char, c_int, c_long, c_void, CStr, CString};
 pub struct NgError {
     pub sqlstate: [c_char; 6],
     pub message: [c_char; 512],
+    pub detail: [c_char; 512],
+    pub hint: [c_char; 512],
 }
 
 impl NgError {
     pub fn new() -> Self {
-        NgError { sqlstate: [0; 6], message: [0; 512] }
+        NgError { sqlstate: [0; 6], message: [0; 512], detail: [0; 512], hint: [0; 512] }
+    }
+    /// As a FATAL ErrorResponse for the client.
+    pub fn to_fatal(&self) -> nextgres_core::proto::ErrorFields {
+        let opt = |f: &[c_char]| Some(cstr_field(f)).filter(|s| !s.is_empty());
+        nextgres_core::proto::ErrorFields {
+            severity: "FATAL".into(),
+            sqlstate: cstr_field(&self.sqlstate),
+            message: cstr_field(&self.message),
+            detail: opt(&self.detail),
+            hint: opt(&self.hint),
+        }
     }
     pub fn message(&self) -> String {
         cstr_field(&self.message)
@@ -112,6 +125,7 @@ extern "C" {
         err: *mut NgError,
     ) -> bool;
     fn ng_pooler_check_interrupts();
+    fn ng_validate_setting(name: *const c_char, value: *const c_char, roleid: u32, superuser: bool, err: *mut NgError) -> bool;
     fn ng_pooler_catalog_heap_scans();
     fn ng_pooler_wait_set_create(epoll_fd: c_int) -> *mut c_void;
     fn ng_pooler_wait(set: *mut c_void, timeout_ms: c_long) -> c_int;
@@ -237,6 +251,17 @@ pub fn login_lookup(
 /// See glue.c: catalog lookups in a process attached to no database.
 pub fn pooler_catalog_heap_scans() {
     unsafe { ng_pooler_catalog_heap_scans() }
+}
+
+/// A startup setting checked as the server checks it at connection start.
+pub fn validate_setting(name: &str, value: &str, roleid: u32, superuser: bool) -> Result<(), NgError> {
+    let (n, v) = (cstring(name), cstring(value));
+    let mut err = NgError::new();
+    if unsafe { ng_validate_setting(n.as_ptr(), v.as_ptr(), roleid, superuser, &mut err) } {
+        Ok(())
+    } else {
+        Err(err)
+    }
 }
 
 pub fn pooler_check_interrupts() {

@@ -14,6 +14,7 @@
 #include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/objectaccess.h"
+#include "catalog/pg_authid.h"
 #include "catalog/pg_class.h"
 #include "commands/discard.h"
 #include "commands/prepare.h"
@@ -30,6 +31,7 @@
 #include "storage/proc.h"
 #include "tcop/tcopprot.h"
 #include "tcop/utility.h"
+#include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
 #include "utils/guc.h"
@@ -38,12 +40,15 @@
 #include "utils/memutils.h"
 #include "utils/plancache.h"
 #include "utils/portal.h"
+#include "utils/rel.h"
 #include "utils/tuplestore.h"
 
 typedef struct NgError
 {
 	char		sqlstate[6];
 	char		message[512];
+	char		detail[512];
+	char		hint[512];
 } NgError;
 
 static void
@@ -56,6 +61,8 @@ capture(MemoryContext cxt, NgError *err)
 	FlushErrorState();
 	strlcpy(err->sqlstate, unpack_sql_state(ed->sqlerrcode), sizeof(err->sqlstate));
 	strlcpy(err->message, ed->message ? ed->message : "unknown error", sizeof(err->message));
+	strlcpy(err->detail, ed->detail ? ed->detail : "", sizeof(err->detail));
+	strlcpy(err->hint, ed->hint ? ed->hint : "", sizeof(err->hint));
 	FreeErrorData(ed);
 }
 
@@ -683,5 +690,70 @@ ng_switch_end(NgError *err)
 	/* Restoring is not the client's doing: nothing to report at release. */
 	settings_dirty = statements_dirty = false;
 	last_cache_signature = cache_signature();
+	return ok;
+}
+
+/* ------------------------------------------------------------------------
+ * Checking a client's startup settings in the pooler.
+ * ------------------------------------------------------------------------ */
+
+static struct config_generic *
+lookup_guc(const char *name)
+{
+	int			n;
+	struct config_generic **vars = guc_array(&n);
+	struct config_generic *found = NULL;
+
+	for (int i = 0; i < n && !found; i++)
+		if (pg_strcasecmp(vars[i]->name, name) == 0)
+			found = vars[i];
+#if PG_VERSION_NUM >= 160000
+	pfree(vars);
+#endif
+	return found;
+}
+
+/*
+ * Checks a startup setting as the server applies it at connection start
+ * (context backend or superuser-backend, source client) without applying it,
+ * so the client gets the same SQLSTATE, message, detail and hint as a direct
+ * connection's FATAL.
+ */
+bool
+ng_validate_setting(const char *name, const char *value, Oid roleid, bool superuser, NgError *err)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile bool ok = true;
+
+	PG_TRY();
+	{
+		struct config_generic *g;
+		GucContext	ctx = superuser ? PGC_SU_BACKEND : PGC_BACKEND;
+
+		StartTransactionCommand();
+		g = lookup_guc(name);
+		/*
+		 * Superuser-only settings: the server would consult GRANT SET ON
+		 * PARAMETER (pg_parameter_acl), which a process attached to no
+		 * database cannot read (opening it is FATAL).  Refuse as the server
+		 * does for roles without the grant; a granted role can still SET it
+		 * in its session, where its backend checks the grant.
+		 */
+		if (g && !superuser && (g->context == PGC_SUSET || g->context == PGC_SU_BACKEND))
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("permission denied to set parameter \"%s\"", name)));
+		(void) set_config_option(name, value, ctx, PGC_S_CLIENT, GUC_ACTION_SET,
+								 false, ERROR, false);
+		CommitTransactionCommand();
+	}
+	PG_CATCH();
+	{
+		capture(cxt, err);
+		AbortCurrentTransaction();
+		ok = false;
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
 	return ok;
 }

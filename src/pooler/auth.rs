@@ -141,6 +141,9 @@ impl AuthSession {
                     Ok((p, _)) => p.to_string(),
                     Err(e) => return Step::Fail(e.to_fields("FATAL")),
                 };
+                if pw.is_empty() {
+                    return Step::Fail(fatal("28P01", "empty password returned by client".into()));
+                }
                 let secret = self.secret();
                 let ok = self.info.has_secret && auth::verify_password(&secret, user, &pw);
                 let cred = match (&secret, ok) {
@@ -201,6 +204,17 @@ impl AuthSession {
             },
         }
     }
+}
+
+/// Custom `prefix.name` settings nobody defined are accepted by the server as
+/// placeholders with any value; checking them in the pooler would only grow
+/// its own settings table. Everything else is checked.
+fn needs_validation(name: &str) -> bool {
+    if !name.contains('.') || name.to_ascii_lowercase().starts_with("nextgres.") {
+        return true;
+    }
+    let c = glue::cstring(name);
+    !unsafe { pgrx::pg_sys::GetConfigOption(c.as_ptr(), true, false) }.is_null()
 }
 
 fn scram_error(e: &auth::ScramError) -> ErrorFields {
@@ -265,11 +279,23 @@ impl Pooler {
                 proto::auth_ok(&mut bytes);
                 c.send(&bytes);
                 let (user, database) = (c.user.clone(), c.database.clone());
+                let settings = c.settings.clone();
                 if let Err(f) = self.login_checks(&session.info, &user, &database) {
                     return self.client_fatal_fields(key, &f);
                 }
+                // As the server: startup settings are checked after the login
+                // checks, and a bad one ends the connection.
+                for (name, value) in &settings {
+                    if !needs_validation(name) {
+                        continue;
+                    }
+                    if let Err(e) = glue::validate_setting(name, value, session.info.role_oid, session.info.role_super) {
+                        return self.client_fatal_fields(key, &e.to_fatal());
+                    }
+                }
+                let limited = session.info.role_connlimit >= 0 || session.info.db_connlimit >= 0;
                 drop(session); // wipes the secret
-                self.client_join_pool(key, cred);
+                self.client_join_pool(key, cred, limited);
             }
         }
     }

@@ -293,9 +293,6 @@ impl Pooler {
         if database.is_empty() {
             database = user.clone();
         }
-        if let Err(e) = check_setting_names(&settings) {
-            return self.client_fatal(key, e.sqlstate, &e.message, e.hint.as_deref());
-        }
         let Some(c) = self.client(key) else { return };
         if minor > 0 || !unrecognized.is_empty() {
             let mut out = Vec::new();
@@ -383,6 +380,13 @@ impl Pooler {
         if let Some(b) = pinned {
             self.backend_unpin(b);
         }
+        // Connection limits count clients: a limited pool without clients
+        // gives its parked backends' slots back to the server.
+        if self.pools.get(pool).is_some_and(|p| p.clients == 0 && p.close_when_idle) {
+            for b in self.pools[pool].parked.clone() {
+                self.backend_close(b);
+            }
+        }
         self.sync_pool(pool);
     }
 
@@ -461,24 +465,4 @@ fn linger_close(stream: &mut TcpStream) {
             _ => break,
         }
     }
-}
-
-/// Settings from the startup packet must name real parameters, as the server
-/// demands (custom `prefix.name` placeholders excepted).
-fn check_setting_names(settings: &[(String, String)]) -> Result<(), ProtoError> {
-    for (name, _) in settings {
-        let c = crate::pg::glue::cstring(name);
-        let known = !unsafe { pgrx::pg_sys::GetConfigOption(c.as_ptr(), true, false) }.is_null();
-        if known {
-            continue;
-        }
-        if name.to_ascii_lowercase().starts_with("nextgres.") {
-            return Err(ProtoError::new("42602", format!("invalid configuration parameter name \"{name}\""))
-                .with_hint("\"nextgres\" is a reserved prefix."));
-        }
-        if !name.contains('.') {
-            return Err(ProtoError::new("42704", format!("unrecognized configuration parameter \"{name}\"")));
-        }
-    }
-    Ok(())
 }

@@ -20,7 +20,7 @@ use std::time::Instant;
 impl Pooler {
     /// After authentication: join the (database, role) pool, then finish the
     /// login once the pool knows its session values.
-    pub fn client_join_pool(&mut self, key: usize, cred: Option<Credential>) {
+    pub fn client_join_pool(&mut self, key: usize, cred: Option<Credential>, limited: bool) {
         let Some(c) = self.client(key) else { return };
         let name = (c.database.clone(), c.user.clone());
         let pool = match self.pool_by_name.get(&name) {
@@ -45,12 +45,20 @@ impl Pooler {
             if cred.is_some() {
                 p.credential = cred;
             }
+            p.close_when_idle = limited;
             p.clients += 1;
             p.params.is_some()
         };
+        let failed = recent_failure(&self.pools[pool]);
         let Some(c) = self.client(key) else { return };
         c.pool = Some(pool);
         c.session_mode = session_mode;
+        // A pool whose login just failed and that has no backend would fail
+        // this client the same way: say so now instead of retrying in a loop.
+        if let Some(f) = failed {
+            return self.client_fatal_fields(key, &f);
+        }
+        let Some(c) = self.client(key) else { return };
         if known {
             self.client_login_complete(key);
         } else {
@@ -137,7 +145,7 @@ impl Pooler {
     /// Starts pool logins while clients wait that no starting backend serves.
     pub fn pool_maybe_grow(&mut self, pool: usize) {
         let size = POOL_SIZE.get().max(1) as usize;
-        while self.pools.get(pool).is_some_and(|p| p.wants_backend(size) && recent_failure_expired(p)) {
+        while self.pools.get(pool).is_some_and(|p| p.wants_backend(size) && recent_failure(p).is_none()) {
             let before = self.pools[pool].backends;
             self.backend_start(pool);
             if self.pools.get(pool).is_none_or(|p| p.backends == before) {
@@ -238,10 +246,14 @@ impl Pooler {
     }
 }
 
-/// After a failed pool login, wait a moment before the next attempt so a
+/// The error of a pool login that failed less than a second ago while the
+/// pool had no backend: clients arriving meanwhile get it at once, so a
 /// misconfigured pg_hba.conf does not become a login storm.
-fn recent_failure_expired(p: &Pool) -> bool {
-    p.last_login_error.as_ref().is_none_or(|(_, at)| at.elapsed().as_millis() > 1000 || p.backends > 0)
+fn recent_failure(p: &Pool) -> Option<nextgres_core::proto::ErrorFields> {
+    p.last_login_error
+        .as_ref()
+        .filter(|(_, at)| p.backends == 0 && at.elapsed().as_millis() <= 1000)
+        .map(|(f, _)| f.clone())
 }
 
 /// Sends an ATTACH with the client's fd. Control messages are small and the

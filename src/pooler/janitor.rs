@@ -66,6 +66,11 @@ impl Pooler {
         for k in idle_backends {
             self.backend_close(k);
         }
+        // Pools that could not log in a backend a moment ago try again.
+        let pools: Vec<usize> = self.pools.iter().map(|(k, _)| k).collect();
+        for p in pools {
+            self.pool_maybe_grow(p);
+        }
     }
 }
 

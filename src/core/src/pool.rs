@@ -45,6 +45,10 @@ pub struct Pool {
     pub credential: Option<Credential>,
     /// ParameterStatus values of a fresh session of this role and database.
     pub params: Option<Vec<(String, String)>>,
+    /// The role or database has a CONNECTION LIMIT: backends left without
+    /// clients are closed at once so they do not hold slots direct logins
+    /// could use.
+    pub close_when_idle: bool,
     pub last_login_error: Option<(ErrorFields, Instant)>,
     pub xacts: i64,
     pub waits: i64,
@@ -66,6 +70,7 @@ impl Pool {
             clients: 0,
             credential: None,
             params: None,
+            close_when_idle: false,
             last_login_error: None,
             xacts: 0,
             waits: 0,

@@ -1,0 +1,132 @@
+//! The pooler <-> backend control channel (`control::parse_attach`,
+//! `control::parse_released`).
+//!
+//! The first input byte picks a mode, the rest is its input:
+//! * 0: ATTACH body, 1: RELEASED body, 2: a framed stream dispatched by tag,
+//!   all on arbitrary bytes; whatever parses is written back with
+//!   `write_*`, must frame as one message and parse to an equal value, and
+//!   writing that again gives the same bytes;
+//! * 3: a value generated from the input (`arbitrary`), written and parsed
+//!   back equal: the writer and the parser agree on every value the pooler
+//!   can produce (strings without NUL, addresses up to MAX_ADDR bytes).
+#![no_main]
+
+use arbitrary::{Arbitrary, Unstructured};
+use libfuzzer_sys::fuzz_target;
+use nextgres_core::control::{self, Attach, Released, SessionImage, Statement, MAX_ADDR};
+use nextgres_core::proto;
+
+fn framed(out: &[u8], tag: u8) -> &[u8] {
+    let (m, used) = proto::parse_message(out, usize::MAX)
+        .expect("control message frames")
+        .expect("control message is complete");
+    assert_eq!(used, out.len());
+    assert_eq!(m.tag, tag);
+    m.body
+}
+
+fn attach_round_trip(a: &Attach) {
+    let mut out = Vec::new();
+    control::write_attach(&mut out, a);
+    let again = control::parse_attach(framed(&out, control::ATTACH)).expect("written ATTACH parses");
+    assert_eq!(&again, a);
+    let mut out2 = Vec::new();
+    control::write_attach(&mut out2, &again);
+    assert_eq!(out, out2);
+}
+
+fn released_round_trip(r: &Released) {
+    let mut out = Vec::new();
+    control::write_released(&mut out, r);
+    let again =
+        control::parse_released(framed(&out, control::RELEASED)).expect("written RELEASED parses");
+    assert_eq!(&again, r);
+    let mut out2 = Vec::new();
+    control::write_released(&mut out2, &again);
+    assert_eq!(out, out2);
+}
+
+fn attach(body: &[u8]) {
+    if let Ok(a) = control::parse_attach(body) {
+        assert!(a.addr.len() <= MAX_ADDR);
+        attach_round_trip(&a);
+    }
+}
+
+fn released(body: &[u8]) {
+    if let Ok(r) = control::parse_released(body) {
+        released_round_trip(&r);
+    }
+}
+
+/// A string as the pooler has them: from C strings or NUL-split packets.
+fn text(u: &mut Unstructured) -> arbitrary::Result<String> {
+    let s = String::arbitrary(u)?;
+    Ok(s.replace('\0', ""))
+}
+
+fn pairs(u: &mut Unstructured) -> arbitrary::Result<Vec<(String, String)>> {
+    let n = u.int_in_range(0..=8)?;
+    (0..n).map(|_| Ok((text(u)?, text(u)?))).collect()
+}
+
+fn statements(u: &mut Unstructured) -> arbitrary::Result<Vec<Statement>> {
+    let n = u.int_in_range(0..=6)?;
+    (0..n)
+        .map(|_| {
+            Ok(Statement {
+                name: text(u)?,
+                text: text(u)?,
+                from_sql: bool::arbitrary(u)?,
+                param_types: Vec::<u32>::arbitrary(u)?,
+            })
+        })
+        .collect()
+}
+
+fn generated(data: &[u8]) -> arbitrary::Result<()> {
+    let mut u = Unstructured::new(data);
+    if bool::arbitrary(&mut u)? {
+        let alen = u.int_in_range(0..=MAX_ADDR)?;
+        let a = Attach {
+            client_id: u64::arbitrary(&mut u)?,
+            flags: u8::arbitrary(&mut u)?,
+            addr: u.bytes(alen)?.to_vec(),
+            settings: pairs(&mut u)?,
+            image: SessionImage { settings: pairs(&mut u)?, statements: statements(&mut u)? },
+        };
+        attach_round_trip(&a);
+    } else {
+        let client_id = u64::arbitrary(&mut u)?;
+        let settings = if bool::arbitrary(&mut u)? { Some(pairs(&mut u)?) } else { None };
+        let statements = if bool::arbitrary(&mut u)? { Some(statements(&mut u)?) } else { None };
+        released_round_trip(&Released { client_id, settings, statements });
+    }
+    Ok(())
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    match mode % 4 {
+        0 => attach(rest),
+        1 => released(rest),
+        2 => {
+            let mut buf = rest;
+            while let Ok(Some((m, used))) = proto::parse_message(buf, 1 << 20) {
+                match m.tag {
+                    control::ATTACH => attach(m.body),
+                    control::RELEASED => released(m.body),
+                    _ => {
+                        let _ = proto::parse_error_fields(m.body);
+                    }
+                }
+                buf = &buf[used..];
+            }
+        }
+        _ => {
+            let _ = generated(rest);
+        }
+    }
+});

@@ -1,0 +1,765 @@
+//! Client authentication through the pooler, differentially: in side-port
+//! mode (`nextgres.port`) the server keeps its own TCP listener under the same
+//! pg_hba.conf, so every login is tried both ways, with rust-postgres and with
+//! psql, and must end the same (SQLSTATE, message, detail, hint; psql's stderr
+//! text). Plus SCRAM pass-through for pool logins in takeover mode.
+//!
+//! ```sh
+//! NEXTGRES_PG=16 cargo test -p nextgres-test --test auth -- --test-threads=2
+//! ```
+
+mod pool_support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use nextgres_test::{wait_until, Cluster, PasswordEncryption};
+use pool_support::{exec, psql_outcome, rust_outcome, Outcome, SidePort};
+
+const PW: &str = "s3cret pw";
+
+/// Role lines first (they match every database), then per-database lines;
+/// database `orphan` exists but no line names it. Pool logins use `local
+/// trust` here; SCRAM pass-through has its own test below.
+const HBA: &str = "\
+local all postgres trust
+local all all trust
+host all rejected 127.0.0.1/32 reject
+host all pw_scram,pw_md5 127.0.0.1/32 password
+host all md5_u,scram_md5,nopw 127.0.0.1/32 md5
+host trustdb,nc_db,lim_db,noconn_db all 127.0.0.1/32 trust
+host postgres,nosuchdb all 127.0.0.1/32 scram-sha-256
+";
+
+fn auth_cluster() -> SidePort {
+    let sp = SidePort::start(Cluster::builder().hba(HBA).conf("nextgres.pool_size = 2"));
+    let pg = &sp.pg;
+    exec(pg, "CREATE EXTENSION nextgres");
+    for r in ["scram_u", "scram_md5", "pw_scram", "rejected"] {
+        pg.create_role(r, PW, PasswordEncryption::ScramSha256);
+    }
+    for r in ["md5_u", "pw_md5"] {
+        pg.create_role(r, PW, PasswordEncryption::Md5);
+    }
+    exec(
+        pg,
+        &format!(
+            "CREATE ROLE nologin_u NOLOGIN PASSWORD '{PW}';
+             CREATE ROLE expired_u LOGIN PASSWORD '{PW}' VALID UNTIL '2001-01-01';
+             CREATE ROLE zero_u LOGIN PASSWORD '{PW}' CONNECTION LIMIT 0;
+             CREATE ROLE nopw LOGIN;
+             CREATE ROLE nopw2 LOGIN;"
+        ),
+    );
+    for db in ["trustdb", "orphan", "nc_db", "noconn_db"] {
+        pg.create_database(db, "postgres");
+    }
+    exec(
+        pg,
+        "CREATE DATABASE lim_db CONNECTION LIMIT 0;
+         REVOKE CONNECT ON DATABASE nc_db FROM PUBLIC;
+         ALTER DATABASE noconn_db WITH ALLOW_CONNECTIONS false;",
+    );
+    sp
+}
+
+/// One login to try both ways: who, where, with what, and what the direct
+/// server is expected to answer ("ok" or a SQLSTATE) so a broken setup cannot
+/// make both sides agree on the wrong thing.
+struct Case {
+    user: &'static str,
+    db: &'static str,
+    password: Option<&'static str>,
+    expect: &'static str,
+}
+
+fn case(
+    user: &'static str,
+    db: &'static str,
+    password: Option<&'static str>,
+    expect: &'static str,
+) -> Case {
+    Case {
+        user,
+        db,
+        password,
+        expect,
+    }
+}
+
+fn expected_matches(o: &Outcome, expect: &str) -> bool {
+    match o {
+        Outcome::Ok(_) => expect == "ok",
+        Outcome::Db(f) => f.code == expect,
+        Outcome::Other(_) => expect == "client",
+    }
+}
+
+/// Tries every case directly and through the pooler with rust-postgres and
+/// psql; returns the mismatches and the (database, role) pairs that logged in.
+fn differential(sp: &SidePort, cases: &[Case]) -> (Vec<String>, BTreeSet<(String, String)>) {
+    let mut problems = Vec::new();
+    let mut pooled_ok = BTreeSet::new();
+    for c in cases {
+        let direct = sp.direct(c.user, c.db).maybe_password(c.password);
+        let pooled = sp.pooled(c.user, c.db).maybe_password(c.password);
+        let label = format!("{}@{} password={:?}", c.user, c.db, c.password);
+
+        let (rd, rp) = (rust_outcome(&direct, None), rust_outcome(&pooled, None));
+        if !expected_matches(&rd, c.expect) {
+            problems.push(format!(
+                "{label}: direct server gave {rd:?}, test expects {}",
+                c.expect
+            ));
+        }
+        if rd != rp {
+            problems.push(format!(
+                "{label}: rust-postgres\n   direct: {rd:?}\n   pooled: {rp:?}"
+            ));
+        }
+        let (pd, pp) = (
+            psql_outcome(&sp.pg, &direct, None),
+            psql_outcome(&sp.pg, &pooled, None),
+        );
+        if pd != pp {
+            problems.push(format!("{label}: psql\n   direct: {pd}\n   pooled: {pp}"));
+        }
+        if c.expect == "ok" {
+            pooled_ok.insert((c.db.to_string(), c.user.to_string()));
+        }
+    }
+    (problems, pooled_ok)
+}
+
+/// Acceptance point 1: every auth method succeeds and every refusal carries
+/// the server's own SQLSTATE and words, for both clients.
+#[test]
+fn logins_match_direct_server() {
+    let sp = auth_cluster();
+    let pg = &sp.pg;
+    let pw = Some(PW);
+    let cases = [
+        // Each method succeeds.
+        case("scram_u", "postgres", pw, "ok"),
+        case("md5_u", "postgres", pw, "ok"),
+        case("scram_md5", "postgres", pw, "ok"), // md5 line, SCRAM secret: SCRAM
+        case("pw_scram", "postgres", pw, "ok"),
+        case("pw_md5", "postgres", pw, "ok"),
+        case("scram_u", "trustdb", None, "ok"),
+        case("expired_u", "trustdb", None, "ok"), // trust ignores VALID UNTIL
+        case("postgres", "nc_db", None, "ok"),    // superuser needs no CONNECT
+        // Wrong or missing passwords.
+        case("scram_u", "postgres", Some("wrong"), "28P01"),
+        case("md5_u", "postgres", Some("wrong"), "28P01"),
+        case("scram_md5", "postgres", Some("wrong"), "28P01"),
+        case("pw_scram", "postgres", Some("wrong"), "28P01"),
+        case("pw_md5", "postgres", Some("wrong"), "28P01"),
+        case("scram_u", "postgres", None, "client"),
+        case("scram_u", "postgres", Some(""), "28P01"),
+        case("md5_u", "postgres", Some(""), "28P01"),
+        case("nopw", "postgres", pw, "28P01"), // md5 line, no password at all
+        case("nopw2", "postgres", pw, "28P01"), // SCRAM line, no password at all
+        case(
+            "pw_scram",
+            "postgres",
+            Some("s3cret pw\u{e9}\u{1F600}"),
+            "28P01",
+        ),
+        case("pw_scram", "postgres", None, "client"),
+        // pg_hba.conf says no.
+        case("rejected", "postgres", pw, "28000"),
+        case("scram_u", "orphan", pw, "28000"),
+        // Roles.
+        case("ghost", "postgres", pw, "28P01"), // no such role, SCRAM: a plain auth failure
+        case("ghost", "trustdb", None, "28000"),
+        case("nologin_u", "postgres", pw, "28000"),
+        case("nologin_u", "trustdb", None, "28000"),
+        case("expired_u", "postgres", pw, "28P01"),
+        case("zero_u", "trustdb", None, "53300"),
+        // Databases.
+        case("scram_u", "nosuchdb", pw, "3D000"),
+        case("ghost", "nosuchdb", pw, "28P01"),
+        case("scram_u", "nc_db", None, "42501"),
+        case("scram_u", "lim_db", None, "53300"),
+        case("scram_u", "noconn_db", None, "55000"),
+    ];
+
+    let (mut problems, pooled_ok) = differential(&sp, &cases);
+
+    // The successful pooled logins really went through the pooler: each left
+    // a pool for its (database, role); the direct ones did not add any.
+    let pools: BTreeSet<(String, String)> = pg
+        .admin()
+        .query("SELECT database, role FROM nextgres.pools", &[])
+        .expect("nextgres.pools")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    if pools != pooled_ok {
+        problems.push(format!(
+            "nextgres.pools is {pools:?}, expected exactly {pooled_ok:?}"
+        ));
+    }
+    assert!(
+        problems.is_empty(),
+        "{} mismatches:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+}
+
+/// KNOWN BUG (nextgres): under the `password` method an empty password
+/// gets the server's special message `empty password returned by client`
+/// (28P01); the pooler answers `password authentication failed for user
+/// "pw_scram"` instead (same SQLSTATE, different words).
+#[test]
+fn empty_cleartext_password_matches_direct_server() {
+    let sp = auth_cluster();
+    let cases = [
+        case("pw_scram", "postgres", Some(""), "28P01"),
+        case("pw_md5", "postgres", Some(""), "28P01"),
+    ];
+    let (problems, _) = differential(&sp, &cases);
+    assert!(
+        problems.is_empty(),
+        "{} mismatches:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+}
+
+/// pg_hba.conf matching as the server does it: hostssl and
+/// hostgssenc lines never match a plaintext connection, hostnossl and
+/// hostnogssenc do, other addresses do not, and the sameuser, samerole and
+/// +group keywords follow role membership.
+#[test]
+fn hba_keywords_match_direct_server() {
+    let hba = "\
+local all all trust
+hostssl all all 127.0.0.1/32 trust
+hostgssenc all all 127.0.0.1/32 trust
+host all all 127.0.0.2/32 trust
+hostnossl sameuser all 127.0.0.1/32 scram-sha-256
+hostnogssenc all +staff 127.0.0.1/32 md5
+host samerole all 127.0.0.1/32 password
+";
+    let sp = SidePort::start(Cluster::builder().hba(hba));
+    exec(
+        &sp.pg,
+        "CREATE EXTENSION nextgres; CREATE ROLE staff NOLOGIN; CREATE ROLE teamdb NOLOGIN",
+    );
+    for r in ["u1", "s1", "t1"] {
+        sp.pg.create_role(r, PW, PasswordEncryption::ScramSha256);
+    }
+    exec(&sp.pg, "GRANT staff TO s1; GRANT teamdb TO t1");
+    for db in ["u1", "teamdb"] {
+        sp.pg.create_database(db, "postgres");
+    }
+    let pw = Some(PW);
+    let cases = [
+        case("u1", "u1", pw, "ok"),
+        case("u1", "u1", Some("wrong"), "28P01"),
+        case("u1", "postgres", pw, "28000"), // no line: not sameuser, not staff, no role "postgres" membership
+        case("s1", "postgres", pw, "ok"),
+        case("s1", "postgres", Some("wrong"), "28P01"),
+        case("t1", "teamdb", pw, "ok"),
+        case("t1", "teamdb", Some("wrong"), "28P01"),
+        case("t1", "postgres", pw, "28000"),
+        case("u1", "teamdb", pw, "28000"),
+    ];
+    let (mut problems, pooled_ok) = differential(&sp, &cases);
+    let pools: BTreeSet<(String, String)> = sp
+        .pg
+        .admin()
+        .query("SELECT database, role FROM nextgres.pools", &[])
+        .expect("nextgres.pools")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    if pools != pooled_ok {
+        problems.push(format!(
+            "nextgres.pools is {pools:?}, expected exactly {pooled_ok:?}"
+        ));
+    }
+    assert!(
+        problems.is_empty(),
+        "{} mismatches:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+}
+
+/// A pooled session is an ordinary session of the client's role, database
+/// and address.
+#[test]
+fn pooled_session_identity() {
+    let sp = auth_cluster();
+    let mut c = sp
+        .pooled("scram_u", "trustdb")
+        .application_name("ident-check")
+        .connect()
+        .expect("pooled login");
+    // Unnamed statements (query_typed): outside a transaction the client may
+    // move between backends, and this checks identity, not statement moves.
+    let row = c
+        .query_typed_one(
+            "SELECT current_user::text, session_user::text, current_database()::text,
+                    inet_client_addr()::text, current_setting('application_name'),
+                    (SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()),
+                    (SELECT client_addr::text FROM pg_stat_activity WHERE pid = pg_backend_pid())",
+            &[],
+        )
+        .expect("identity query");
+    let got: (
+        String,
+        String,
+        String,
+        Option<String>,
+        String,
+        Option<String>,
+        Option<String>,
+    ) = (
+        row.get(0),
+        row.get(1),
+        row.get(2),
+        row.get(3),
+        row.get(4),
+        row.get(5),
+        row.get(6),
+    );
+    assert_eq!(
+        got,
+        (
+            "scram_u".into(),
+            "scram_u".into(),
+            "trustdb".into(),
+            Some("127.0.0.1/32".into()),
+            "ident-check".into(),
+            Some("ident-check".into()),
+            Some("127.0.0.1/32".into()),
+        )
+    );
+    // The pooler saw it as its client (the direct port would not list it).
+    let n: i64 = sp
+        .pg
+        .admin()
+        .query_one(
+            "SELECT count(*) FROM nextgres.clients WHERE role = 'scram_u' AND database = 'trustdb'",
+            &[],
+        )
+        .expect("nextgres.clients")
+        .get(0);
+    assert_eq!(n, 1, "pooled client not listed in nextgres.clients");
+    let pid: i32 = c
+        .query_typed_one("SELECT pg_backend_pid()", &[])
+        .expect("pid")
+        .get(0);
+
+    // The views are for pg_monitor, not for everyone.
+    sp.pg
+        .unix("postgres", "trustdb")
+        .connect()
+        .expect("admin on trustdb")
+        .batch_execute("CREATE EXTENSION nextgres")
+        .expect("CREATE EXTENSION in trustdb");
+    let denied = c
+        .simple_query("SELECT * FROM nextgres.pools")
+        .expect_err("plain role read nextgres.pools");
+    assert_eq!(denied.code().map(|c| c.code()), Some("42501"), "{denied:?}");
+    exec(&sp.pg, "CREATE ROLE mon LOGIN IN ROLE pg_monitor");
+    let mut mon = sp
+        .pooled("mon", "trustdb")
+        .connect()
+        .expect("pg_monitor member");
+    for v in ["nextgres.pools", "nextgres.clients", "nextgres.backends"] {
+        mon.simple_query(&format!("SELECT * FROM {v}"))
+            .unwrap_or_else(|e| panic!("pg_monitor reading {v}: {e:?}"));
+    }
+    mon.simple_query("SELECT * FROM nextgres.status()")
+        .expect("pg_monitor: status()");
+    drop(mon);
+
+    // Once the client is gone its backend stays, parked, as an idle client
+    // backend of the same role and database.
+    drop(c);
+    let parked = || {
+        sp.pg.activity().into_iter().any(|a| {
+            a.pid == pid
+                && a.backend_type.as_deref() == Some("client backend")
+                && a.state.as_deref() == Some("idle")
+                && a.query.as_deref() == Some("<nextgres: parked>")
+                && a.matches(Some("scram_u"), Some("trustdb"))
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), parked),
+        "not parked: {:?}",
+        sp.pg.activity()
+    );
+    let state: String = sp
+        .pg
+        .admin()
+        .query_one(
+            "SELECT state FROM nextgres.backends WHERE pid = $1",
+            &[&pid],
+        )
+        .expect("nextgres.backends")
+        .get(0);
+    assert_eq!(state, "parked");
+}
+
+/// rolconnlimit counts the pooler's clients and the server's own sessions
+/// alike: whichever side holds the only slot, the next login fails the same
+/// way through both doors.
+#[test]
+fn connection_limits_count_pooled_clients() {
+    let sp = SidePort::start(Cluster::builder().conf("nextgres.pool_size = 2"));
+    exec(
+        &sp.pg,
+        "CREATE EXTENSION nextgres;
+         CREATE ROLE lim_u LOGIN CONNECTION LIMIT 1;
+         CREATE ROLE lim2 LOGIN CONNECTION LIMIT 1;
+         CREATE ROLE lim3 LOGIN CONNECTION LIMIT 1;
+         CREATE ROLE other LOGIN;
+         CREATE ROLE third LOGIN;
+         CREATE ROLE fourth LOGIN;
+         CREATE DATABASE limdb CONNECTION LIMIT 1;",
+    );
+    // rust-postgres and psql log in as different roles where a failed pool
+    // login is involved: a second login into the same pool right after a
+    // failure is a separate case (second_login_after_failed_pool_login).
+    let try_both = |rust_user: &str, psql_user: &str, db: &str, what: &str| {
+        let d = rust_outcome(&sp.direct(rust_user, db), None);
+        let p = rust_outcome(&sp.pooled(rust_user, db), None);
+        assert!(
+            matches!(&d, Outcome::Db(f) if f.code == "53300"),
+            "{what}: direct login as {rust_user}@{db} should hit the limit: {d:?}"
+        );
+        assert_eq!(d, p, "{what}: {rust_user}@{db} direct vs pooled");
+        let (pd, pp) = (
+            psql_outcome(&sp.pg, &sp.direct(psql_user, db), None),
+            psql_outcome(&sp.pg, &sp.pooled(psql_user, db), None),
+        );
+        assert!(
+            pd.contains("too many connections"),
+            "{what}: psql direct {psql_user}@{db}: {pd}"
+        );
+        assert_eq!(pd, pp, "{what}: psql {psql_user}@{db} direct vs pooled");
+    };
+
+    // An idle pooled client holds the role's slot.
+    let mut holder = sp
+        .pooled("lim_u", "postgres")
+        .connect()
+        .expect("first pooled lim_u");
+    holder.simple_query("SELECT 1").expect("holder query");
+    try_both("lim_u", "lim_u", "postgres", "idle pooled holder");
+    // Also while it is inside a transaction (attached to its backend).
+    holder
+        .simple_query("BEGIN; SELECT 1")
+        .expect("holder begin");
+    try_both(
+        "lim_u",
+        "lim_u",
+        "postgres",
+        "pooled holder in a transaction",
+    );
+    holder.simple_query("COMMIT").expect("holder commit");
+    drop(holder);
+
+    // Direct sessions hold the slots of roles that never used the pooler:
+    // the pool login fails, and the client gets the server's words.
+    let _h2 = sp
+        .direct("lim2", "postgres")
+        .connect()
+        .expect("direct lim2");
+    let _h3 = sp
+        .direct("lim3", "postgres")
+        .connect()
+        .expect("direct lim3");
+    try_both("lim2", "lim3", "postgres", "slot held by a direct session");
+
+    // Database limit: a pooled client of one role fills it for others.
+    let mut dbholder = sp
+        .pooled("other", "limdb")
+        .connect()
+        .expect("first pooled limdb");
+    dbholder.simple_query("SELECT 1").expect("dbholder query");
+    try_both("third", "fourth", "limdb", "database limit");
+}
+
+/// KNOWN BUG (nextgres): after a pool login fails (here: the role's only
+/// connection slot is taken by a direct session), the pool waits 1 s before
+/// the next login attempt, but nothing retries when that second is over: a
+/// client arriving in between stays in "login pending" until
+/// nextgres.query_wait_timeout (120 s) instead of getting the login error.
+#[test]
+fn second_login_after_failed_pool_login() {
+    let sp = SidePort::start(Cluster::builder());
+    exec(&sp.pg, "CREATE ROLE lim2 LOGIN CONNECTION LIMIT 1");
+    let _holder = sp
+        .direct("lim2", "postgres")
+        .connect()
+        .expect("direct lim2");
+    let direct = rust_outcome(&sp.direct("lim2", "postgres"), None);
+    assert!(
+        matches!(&direct, Outcome::Db(f) if f.code == "53300"),
+        "{direct:?}"
+    );
+    // Back to back: the second one lands inside the pool's retry pause.
+    for attempt in 1..=2 {
+        let pooled = rust_outcome(&sp.pooled("lim2", "postgres"), None);
+        assert_eq!(pooled, direct, "pooled attempt {attempt}");
+    }
+}
+
+/// Connection limits count clients: when the last client of a role with a
+/// CONNECTION LIMIT leaves, its pool closes its parked backends so a direct
+/// login gets the slot back.
+#[test]
+fn parked_backend_does_not_use_up_role_limit() {
+    let sp = SidePort::start(Cluster::builder());
+    exec(
+        &sp.pg,
+        "CREATE EXTENSION nextgres; CREATE ROLE lim_u LOGIN CONNECTION LIMIT 1;",
+    );
+    let mut c = sp
+        .pooled("lim_u", "postgres")
+        .connect()
+        .expect("pooled lim_u");
+    c.simple_query("SELECT 1").expect("pooled query");
+    drop(c);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            sp.pg
+                .admin()
+                .query_one("SELECT count(*) FROM nextgres.clients", &[])
+                .map(|r| r.get::<_, i64>(0) == 0)
+                .unwrap_or(false)
+        }),
+        "pooled client never went away"
+    );
+    // The parked backend exits once the pooler closes its control socket.
+    assert!(
+        wait_until(Duration::from_secs(10), || sp.pg.backend_count(Some("lim_u"), None) == 0),
+        "the pool kept a lim_u backend; activity: {:?}",
+        sp.pg.activity()
+    );
+    // No lim_u client exists now; the server would admit one.
+    let d = rust_outcome(&sp.direct("lim_u", "postgres"), None);
+    assert_eq!(
+        d,
+        Outcome::Ok("lim_u".into()),
+        "direct login refused although no lim_u client is connected; activity: {:?}",
+        sp.pg.activity()
+    );
+}
+
+/// Startup settings (`options=-c ...`) are checked as the server checks
+/// them: after authentication, and an invalid value, a setting the role may
+/// not set or one that needs a restart refuses the login.
+///
+/// KNOWN BUGS (nextgres), each a mismatch listed by this test:
+/// - the pooler accepts `-c work_mem=bogus`, `-c log_min_messages=debug1`
+///   (non-superuser) and `-c shared_buffers=1MB`, connecting with a WARNING
+///   per backend switch, where the server refuses the login (22023, 42501,
+///   55P02);
+/// - it checks setting names before authentication, so a wrong password,
+///   an unknown role or a `reject` line with `-c nosuch=1` answers 42704
+///   instead of 28P01/28000; even when 42704 is right it comes before
+///   AuthenticationOk, where the server sends it after, and libpq (which
+///   retries once without application_name on a 42704 after
+///   AuthenticationOk) prints it twice directly but once through the pooler;
+/// - its 42602 for a `nextgres.` name puts "\"nextgres\" is a reserved
+///   prefix." in HINT where the server puts it in DETAIL.
+#[test]
+fn startup_options_match_direct_server() {
+    let sp = auth_cluster();
+    let pw = Some(PW);
+    let cases: [(&str, &str, Option<&str>, &str); 12] = [
+        (
+            "scram_u",
+            "postgres",
+            pw,
+            "-c search_path=public -c work_mem=8MB",
+        ),
+        (
+            "scram_u",
+            "trustdb",
+            None,
+            "-c application_name=viaopts -c TimeZone=UTC",
+        ),
+        ("scram_u", "trustdb", None, "-c custom.setting=1"),
+        ("scram_u", "trustdb", None, "-c nosuch_param=1"),
+        ("scram_u", "trustdb", None, "-c nextgres.pool_token=00"),
+        ("scram_u", "trustdb", None, "-c work_mem=bogus"),
+        ("scram_u", "trustdb", None, "-c log_min_messages=debug1"),
+        ("scram_u", "trustdb", None, "-c shared_buffers=1MB"),
+        ("scram_u", "postgres", Some("wrong"), "-c nosuch_param=1"),
+        ("rejected", "postgres", pw, "-c nextgres.pool_token=00"),
+        ("ghost", "trustdb", None, "-c nosuch_param=1"),
+        ("scram_u", "nosuchdb", pw, "-c work_mem=bogus"),
+    ];
+    let mut problems = Vec::new();
+    for (user, db, password, opts) in cases {
+        let direct = sp.direct(user, db).maybe_password(password);
+        let pooled = sp.pooled(user, db).maybe_password(password);
+        let label = format!("{user}@{db} password={password:?} options={opts:?}");
+        let (rd, rp) = (
+            rust_outcome(&direct, Some(opts)),
+            rust_outcome(&pooled, Some(opts)),
+        );
+        if rd != rp {
+            problems.push(format!(
+                "{label}: rust-postgres\n   direct: {rd:?}\n   pooled: {rp:?}"
+            ));
+        }
+        let (pd, pp) = (
+            psql_outcome(&sp.pg, &direct, Some(opts)),
+            psql_outcome(&sp.pg, &pooled, Some(opts)),
+        );
+        if pd != pp {
+            problems.push(format!("{label}: psql\n   direct: {pd}\n   pooled: {pp}"));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{} mismatches:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+}
+
+/// One client's startup settings never show up in another client's session,
+/// not even as warnings: here a client asks for settings the server would
+/// refuse, then a plain client of the same role runs on the same (only)
+/// backend.
+///
+/// KNOWN BUG (nextgres): the refused settings are remembered in the
+/// backend's per-setting baseline and re-applied at every later switch, so
+/// every later client of that backend gets `WARNING: permission denied to
+/// set parameter "log_min_messages"` and `WARNING: parameter
+/// "shared_buffers" cannot be changed without restarting the server`.
+#[test]
+fn refused_settings_do_not_reach_other_clients() {
+    let sp = SidePort::start(Cluster::builder().conf("nextgres.pool_size = 1"));
+    exec(&sp.pg, "CREATE ROLE app LOGIN");
+    // The first client's fate is the previous test's business; only what
+    // the next client sees matters here.
+    let mut cfg = sp.pooled("app", "postgres").config();
+    cfg.options("-c log_min_messages=debug1 -c shared_buffers=1MB -c work_mem=bogus");
+    if let Ok(mut a) = cfg.connect(postgres::NoTls) {
+        let _ = a.simple_query("SELECT 1");
+    }
+
+    let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink = notices.clone();
+    let mut cfg = sp.pooled("app", "postgres").config();
+    cfg.notice_callback(move |n| {
+        sink.lock()
+            .unwrap()
+            .push(format!("{}: {}", n.severity(), n.message()))
+    });
+    let mut b = cfg.connect(postgres::NoTls).expect("plain client");
+    for _ in 0..3 {
+        let v = pool_support::first_value(&b.simple_query("SHOW log_min_messages").expect("SHOW"));
+        assert_eq!(v.as_deref(), Some("warning"));
+        let v = pool_support::first_value(&b.simple_query("SHOW work_mem").expect("SHOW"));
+        assert_eq!(v.as_deref(), Some("4MB"));
+    }
+    drop(b);
+    let seen = notices.lock().unwrap().clone();
+    assert!(
+        seen.is_empty(),
+        "a plain client got another client's settings' notices: {seen:?}"
+    );
+}
+
+/// Default (takeover) mode: the pooler owns the server's standard port and
+/// logs pooled backends in over the Unix socket under `local ...
+/// scram-sha-256`, with the SCRAM key it got from the client's own exchange
+/// (scram-sha-256, an md5 line with a SCRAM secret, or a cleartext password).
+/// Roles that cannot pass SCRAM locally (md5 secret, trust) get `local trust`.
+#[test]
+fn scram_key_passthrough_takeover_mode() {
+    let pg = Cluster::builder()
+        .hba(
+            "local all postgres trust\n\
+             local all md5_u,trusted trust\n\
+             local all all scram-sha-256\n\
+             host all trusted 127.0.0.1/32 trust\n\
+             host all md5_u,md5line 127.0.0.1/32 md5\n\
+             host all pw_u 127.0.0.1/32 password\n\
+             host all all 127.0.0.1/32 scram-sha-256\n",
+        )
+        .conf("nextgres.pool_size = 2")
+        .start();
+    exec(&pg, "CREATE EXTENSION nextgres");
+    for r in ["alice", "md5line", "pw_u", "trusted"] {
+        pg.create_role(r, PW, PasswordEncryption::ScramSha256);
+    }
+    pg.create_role("md5_u", PW, PasswordEncryption::Md5);
+    let status_port: i32 = pg
+        .admin()
+        .query_one("SELECT port FROM nextgres.status()", &[])
+        .expect("nextgres.status()")
+        .get(0);
+    assert_eq!(
+        status_port,
+        i32::from(pg.port()),
+        "the pooler owns the standard port"
+    );
+    // Local SCRAM really is enforced for the pool's roles.
+    assert!(
+        pg.connect_unix("alice", "postgres", None).is_err(),
+        "local login without password"
+    );
+
+    let mark = pg.log_mark();
+    for role in ["alice", "md5line", "pw_u", "trusted", "md5_u"] {
+        let ci = pg.tcp(role, "postgres").password(PW);
+        assert_eq!(
+            pg.psql_query(&ci, "SELECT current_user"),
+            role,
+            "psql as {role}"
+        );
+        // Two clients inside transactions at once need two backends, i.e. a
+        // second pool login made with the pool's remembered key.
+        let mut a = ci
+            .connect()
+            .unwrap_or_else(|e| panic!("rust-postgres as {role}: {e:?}"));
+        let mut b = ci
+            .connect()
+            .unwrap_or_else(|e| panic!("rust-postgres as {role}: {e:?}"));
+        let pid = |c: &mut postgres::Client| -> i32 {
+            pool_support::first_value(&c.simple_query("SELECT pg_backend_pid()").expect("pid"))
+                .expect("pid row")
+                .parse()
+                .expect("pid number")
+        };
+        a.simple_query("BEGIN").expect("begin a");
+        b.simple_query("BEGIN").expect("begin b");
+        let (pa, pb) = (pid(&mut a), pid(&mut b));
+        assert_ne!(pa, pb, "{role}: two open transactions on one backend");
+        a.simple_query("COMMIT").expect("commit a");
+        b.simple_query("COMMIT").expect("commit b");
+        let who = pool_support::first_value(&b.simple_query("SELECT current_user").expect("who"));
+        assert_eq!(who.as_deref(), Some(role));
+        assert!(
+            pg.backend_count(Some(role), Some("postgres")) == 2,
+            "{role}: expected the pool's 2 backends: {:?}",
+            pg.activity()
+        );
+        // A wrong password is still refused with the server's words.
+        let bad = rust_outcome(&pg.tcp(role, "postgres").password("wrong"), None);
+        if role != "trusted" {
+            assert!(
+                matches!(&bad, Outcome::Db(f) if f.code == "28P01"
+                    && f.message == format!("password authentication failed for user \"{role}\"")),
+                "{role} with a wrong password: {bad:?}"
+            );
+        }
+    }
+    let log = pg.log_since(mark);
+    assert!(!log.contains("pool login"), "a pool login failed:\n{log}");
+}
