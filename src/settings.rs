@@ -18,6 +18,9 @@ pub static MAX_POOLS: GucSetting<i32> = GucSetting::<i32>::new(256);
 pub static POOL_MODE: GucSetting<PoolMode> = GucSetting::<PoolMode>::new(PoolMode::Transaction);
 /// Seconds a client may wait for a free backend (0: forever).
 pub static QUERY_WAIT_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(120);
+/// Let a backend keep its idle client between transactions while no other
+/// client of its pool waits (no handoff at all when the pool is not saturated).
+pub static HOLD_IDLE_CLIENTS: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// Seconds a parked backend may stay unused before it is closed (0: never).
 pub static IDLE_BACKEND_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(600);
 
@@ -105,6 +108,14 @@ pub fn define() {
         i32::MAX / 1000,
         GucContext::Sighup,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_bool_guc(
+        c"nextgres.hold_idle_clients",
+        c"A backend keeps its idle client between transactions while no other client of its pool waits.",
+        c"Saves the handoff when the pool is not saturated; the pooler takes the client back as soon as another client waits.",
+        &HOLD_IDLE_CLIENTS,
+        GucContext::Sighup,
+        GucFlags::default(),
     );
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"nextgres".as_ptr()) };
 }

@@ -188,6 +188,11 @@ impl Tables {
             self.backends_raw().iter().filter(|r| r.in_use).copied().collect(),
         )
     }
+    /// Why a backend keeps its client (written by the backend itself).
+    pub fn backend_pin(&self, row: usize) -> u8 {
+        self.backends_raw().get(row).map(|r| unsafe { std::ptr::read_volatile(&r.pin) }).unwrap_or(0)
+    }
+
     pub fn pool_names(&self) -> Vec<(String, String)> {
         let _g = Guard::shared();
         self.pools_raw().iter().map(|r| (name(&r.database), name(&r.role))).collect()
@@ -223,4 +228,13 @@ pub fn report_pin(pin: u8) {
     if let Some(r) = t.backends_raw().iter_mut().find(|r| r.in_use && r.pid == pid) {
         r.pin = pin;
     }
+}
+
+/// Clients waiting for a backend of the pool in shared row `row`, read by a
+/// pooled backend at ReadyForQuery to decide whether to keep its client. A
+/// racy read is fine: the pooler also asks for releases explicitly.
+pub fn pool_waiting(row: usize) -> i32 {
+    let Some(t) = tables() else { return 0 };
+    let pools = t.pools_raw();
+    pools.get(row).map(|r| unsafe { std::ptr::read_volatile(&r.clients_waiting) }).unwrap_or(0)
 }

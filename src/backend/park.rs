@@ -7,7 +7,7 @@
 //! onto `sock`; releasing dup2()s the control fd back, so `sock` always names a
 //! live socket and the server never notices the switch.
 use super::session;
-use crate::pg::glue::{self, ParkEvent, ParkWaitSet};
+use crate::pg::glue::{self, LingerEvent, ParkEvent, ParkWaitSet};
 use crate::pg::session::{self as sess, Pin};
 use nextgres_core::control::{self, Attach, Released};
 use nextgres_core::proto::frame::parse_message;
@@ -19,6 +19,14 @@ struct Parking {
     wait: ParkWaitSet,
     /// Client currently attached (id the pooler gave it).
     attached: Option<u64>,
+    /// Session mode: keep the client until it leaves.
+    reserved: bool,
+    /// Keep an idle client while nobody waits (nextgres.hold_idle_clients).
+    hold_idle: bool,
+    /// Row of the client's pool in the shared pools table.
+    pool_row: usize,
+    /// The pooler asked for the client back (another client waits).
+    release_requested: bool,
     /// Bytes read from the control socket not yet consumed.
     inbuf: Vec<u8>,
     /// Pin last written to shared memory.
@@ -32,8 +40,11 @@ thread_local! {
 /// Called from the flush wrapper after ReadyForQuery(I) reached the client.
 pub fn transaction_boundary() {
     // Pipelined input already read from this client stays with this backend:
-    // it belongs to the client's next message and must not be split.
-    if !glue::recv_buffer_empty() && !(glue::consume_buffered_terminate() && glue::recv_buffer_empty()) {
+    // it belongs to the client's next message and must not be split. A
+    // buffered Terminate alone means the client is leaving.
+    let buffered = !glue::recv_buffer_empty();
+    let leaving = buffered && glue::consume_buffered_terminate() && glue::recv_buffer_empty();
+    if buffered && !leaving {
         return;
     }
     STATE.with(|s| {
@@ -43,7 +54,17 @@ pub fn transaction_boundary() {
             let sock = glue::port_sock();
             let control = nix::fcntl::fcntl(sock, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(sock + 1))
                 .unwrap_or_else(|e| fatal(&format!("could not duplicate the control socket: {e}")));
-            Parking { control, wait: ParkWaitSet::new(control), attached: None, inbuf: Vec::new(), pin: Pin::None }
+            Parking {
+                control,
+                wait: ParkWaitSet::new(control),
+                attached: None,
+                reserved: false,
+                hold_idle: false,
+                pool_row: 0,
+                release_requested: false,
+                inbuf: Vec::new(),
+                pin: Pin::None,
+            }
         });
         if let Some(client) = p.attached {
             // State that cannot move keeps the client here, attached, as on
@@ -56,11 +77,70 @@ pub fn transaction_boundary() {
             if pin != Pin::None {
                 return;
             }
+            if !leaving && p.hold_idle && linger(p) {
+                return; // the client's next message is here: serve it
+            }
             p.attached = None;
             release(p, client);
         }
         park(p);
     });
+}
+
+/// Keeps the client while nobody else needs this backend: no handoff at all
+/// when the pool is not saturated. Returns true when the client's next
+/// message arrived, false when the client must go back to the pooler
+/// (another client waits, the pooler asked, or the client is leaving).
+fn linger(p: &mut Parking) -> bool {
+    loop {
+        read_control(p);
+        if !p.reserved && (p.release_requested || crate::shmem::pool_waiting(p.pool_row) > 0) {
+            return false;
+        }
+        match glue::linger_wait(-1) {
+            LingerEvent::ClientReadable => {
+                let mut peek = [0u8; 5];
+                let sock = glue::port_sock();
+                return match nix::sys::socket::recv(
+                    sock,
+                    &mut peek,
+                    nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+                ) {
+                    Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => continue,
+                    // EOF, error or Terminate: the pooler closes the client.
+                    Ok(0) | Err(_) => false,
+                    Ok(n) => !(n == 5 && peek == [b'X', 0, 0, 0, 4]),
+                };
+            }
+            LingerEvent::Latch => glue::park_service_interrupts(),
+            LingerEvent::PostmasterDeath => unsafe { pgrx::pg_sys::proc_exit(1) },
+            LingerEvent::Timeout => {}
+        }
+    }
+}
+
+/// Reads pending control messages without blocking; notes release requests.
+fn read_control(p: &mut Parking) {
+    let mut buf = [0u8; 256];
+    while let Ok(n) = nix::sys::socket::recv(p.control, &mut buf, nix::sys::socket::MsgFlags::MSG_DONTWAIT) {
+        if n == 0 {
+            break; // pooler gone: the release will notice
+        }
+        p.inbuf.extend_from_slice(&buf[..n]);
+    }
+    drain_requests(p);
+}
+
+/// Consumes leading RELEASE_REQUEST messages (they may arrive late, after the
+/// backend already gave its client back on its own).
+fn drain_requests(p: &mut Parking) {
+    while let Ok(Some((m, used))) = parse_message(&p.inbuf, 1 << 20) {
+        if m.tag != control::RELEASE_REQUEST {
+            break;
+        }
+        p.release_requested = true;
+        p.inbuf.drain(..used);
+    }
 }
 
 /// Put the control socket back in place of the client's and tell the pooler.
@@ -80,6 +160,7 @@ fn release(p: &mut Parking, client: u64) {
 }
 
 fn park(p: &mut Parking) {
+    p.release_requested = false;
     let timer_was_on = glue::idle_session_timer_suspend();
     glue::report_parked();
     loop {
@@ -110,8 +191,11 @@ fn next_attach(p: &mut Parking) -> Option<(Attach, RawFd)> {
         unsafe { pgrx::pg_sys::proc_exit(0) };
     }
     p.inbuf.extend_from_slice(&buf[..n]);
+    drain_requests(p);
+    p.release_requested = false; // nothing attached to release
     if nfds == 0 {
-        // fd arrives with the first byte of the message; keep reading the rest.
+        // The fd arrives with the first byte of an ATTACH; until then only
+        // late release requests can come.
         return None;
     }
     let fd = fds[0];
@@ -164,6 +248,10 @@ fn attach_client(p: &mut Parking, (a, fd): (Attach, RawFd), timer_was_on: bool) 
         glue::idle_session_timer_resume();
     }
     p.attached = Some(a.client_id);
+    p.reserved = a.flags & control::FLAG_RESERVED != 0;
+    p.hold_idle = a.flags & control::FLAG_HOLD_IDLE != 0;
+    p.pool_row = a.pool_row as usize;
+    p.release_requested = false;
 }
 
 fn recv_with_fd(fd: RawFd, buf: &mut [u8], fds: &mut [RawFd; 1]) -> nix::Result<(usize, usize)> {

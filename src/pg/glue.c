@@ -208,6 +208,29 @@ ng_park_service_interrupts(void)
 	QueryCancelPending = false;
 }
 
+/*
+ * Lingering: after ReadyForQuery(I) the backend keeps its client while no
+ * other client waits, watching the client's socket (its next query) and the
+ * latch (the pooler's release request, or interrupts) through FeBeWaitSet.
+ * Returns 1 client readable, 2 latch set, 3 postmaster death, 0 timeout.
+ */
+int
+ng_linger_wait(long timeout_ms)
+{
+	WaitEvent	ev;
+	int			n;
+
+	ModifyWaitEvent(FeBeWaitSet, FeBeWaitSetSocketPos, WL_SOCKET_READABLE, NULL);
+	n = WaitEventSetWait(FeBeWaitSet, timeout_ms, &ev, 1, WAIT_EVENT_CLIENT_READ);
+	if (n == 0)
+		return 0;
+	if (ev.events & WL_POSTMASTER_DEATH)
+		return 3;
+	if (ev.events & WL_LATCH_SET)
+		return 2;
+	return 1;
+}
+
 void
 ng_clear_stale_cancel(void)
 {

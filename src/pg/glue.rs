@@ -109,6 +109,7 @@ extern "C" {
     fn ng_park_wait(set: *mut c_void, timeout_ms: c_long) -> c_int;
     fn ng_park_service_interrupts();
     fn ng_clear_stale_cancel();
+    fn ng_linger_wait(timeout_ms: c_long) -> c_int;
     fn ng_idle_session_timer_suspend() -> bool;
     fn ng_idle_session_timer_resume();
     fn ng_set_client_addr(addr: *const libc::sockaddr_storage, len: libc::socklen_t);
@@ -178,6 +179,23 @@ impl ParkWaitSet {
 
 pub fn park_service_interrupts() {
     unsafe { ng_park_service_interrupts() }
+}
+
+pub enum LingerEvent {
+    Timeout,
+    ClientReadable,
+    Latch,
+    PostmasterDeath,
+}
+
+/// Waits on the attached client's socket and the latch (see glue.c).
+pub fn linger_wait(timeout_ms: i64) -> LingerEvent {
+    match unsafe { ng_linger_wait(timeout_ms as c_long) } {
+        1 => LingerEvent::ClientReadable,
+        2 => LingerEvent::Latch,
+        3 => LingerEvent::PostmasterDeath,
+        _ => LingerEvent::Timeout,
+    }
 }
 
 pub fn clear_stale_cancel() {

@@ -31,6 +31,8 @@ pub struct Backend {
     /// Session mode: reserved for this client while it is connected.
     pub pinned_to: Option<usize>,
     pub params: Vec<(String, String)>,
+    /// Asked (RELEASE_REQUEST) to give its client back.
+    pub release_requested: bool,
     scram: Option<(ScramClient, [u8; 32])>,
     pub xacts: i64,
 }
@@ -85,6 +87,7 @@ impl Pooler {
             last_client: 0,
             pinned_to: None,
             params: Vec::new(),
+            release_requested: false,
             scram: None,
             xacts: 0,
         };
@@ -275,6 +278,10 @@ impl Pooler {
         if let Some(p) = self.pools.get_mut(pool) {
             p.backends = p.backends.saturating_sub(1);
             p.parked.retain(|&k| k != key);
+            p.attached.retain(|&k| k != key);
+            if b.release_requested {
+                p.release_requested = p.release_requested.saturating_sub(1);
+            }
             if matches!(b.phase, BPhase::Login) {
                 p.starting = p.starting.saturating_sub(1);
             }
@@ -333,6 +340,41 @@ impl Pooler {
         b.pinned_to = None;
         if matches!(b.phase, BPhase::Parked { .. }) {
             self.backend_available(key);
+        }
+    }
+
+    /// Clients wait and no backend is parked: ask backends that keep an idle
+    /// client (or are finishing a transaction) to give it back, one per
+    /// waiting client. A backend that keeps a client only while nobody waits
+    /// wakes on SIGUSR1 (its latch) and finds the request on its control socket.
+    pub fn pool_request_releases(&mut self, pool: usize) {
+        let Some(p) = self.pools.get(pool) else { return };
+        let mut need = p.waiting.len().saturating_sub(p.release_requested + p.starting);
+        let candidates = p.attached.clone();
+        for bk in candidates {
+            if need == 0 {
+                break;
+            }
+            let row = match self.conns.get(bk) {
+                Some(Conn::Backend(b)) => b.row,
+                _ => continue,
+            };
+            let pinned = self.tables.backend_pin(row) != 0;
+            let Some(b) = self.backend(bk) else { continue };
+            if b.release_requested || b.pinned_to.is_some() || pinned {
+                continue;
+            }
+            let mut msg = Vec::with_capacity(5);
+            control::write_release_request(&mut msg);
+            if b.stream.write_all(&msg).is_err() {
+                continue;
+            }
+            b.release_requested = true;
+            if b.pid > 0 {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(b.pid), nix::sys::signal::Signal::SIGUSR1);
+            }
+            self.pools[pool].release_requested += 1;
+            need -= 1;
         }
     }
 

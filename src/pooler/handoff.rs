@@ -119,7 +119,9 @@ impl Pooler {
         self.client_set_state(key, ClientState::Waiting, 0);
         self.client_rearm(key);
         self.pool_maybe_grow(pool);
+        // Before the request: backends read the waiting count from shared memory.
         self.sync_pool(pool);
+        self.pool_request_releases(pool);
     }
 
     /// A backend is parked and unreserved: serve the oldest waiting client.
@@ -159,13 +161,18 @@ impl Pooler {
         let (client_id, fd, row, pool) = (c.id, c.stream.as_raw_fd(), c.row, c.pool);
         let Some(Conn::Backend(b)) = self.conns.get(bk) else { return };
         let new_client = b.last_client != client_id;
+        let session_mode = c.session_mode;
+        let pool_row = c.pool.and_then(|p| self.pools.get(p)).map(|p| p.row as u32).unwrap_or(0);
         // A backend that served this client last still holds its session.
         let mut msg = Vec::with_capacity(128);
         control::write_attach(
             &mut msg,
             &Attach {
                 client_id,
-                flags: if new_client { control::FLAG_NEW_CLIENT } else { 0 },
+                flags: if new_client { control::FLAG_NEW_CLIENT } else { 0 }
+                    | if session_mode { control::FLAG_RESERVED } else { 0 }
+                    | if crate::settings::HOLD_IDLE_CLIENTS.get() { control::FLAG_HOLD_IDLE } else { 0 },
+                pool_row,
                 addr: c.raw_addr(),
                 settings: if new_client { c.settings.clone() } else { Vec::new() },
                 image: if new_client { c.image.clone() } else { Default::default() },
@@ -181,7 +188,6 @@ impl Pooler {
             }
             return self.client_needs_backend(ck);
         }
-        let session_mode = self.client(ck).is_some_and(|c| c.session_mode);
         let Some(b) = self.backend(bk) else { return };
         b.phase = BPhase::Attached { client: ck };
         b.last_client = client_id;
@@ -207,6 +213,9 @@ impl Pooler {
             self.pools[p].record_wait(since);
         }
         if let Some(p) = pool {
+            self.pools[p].attached.push(bk);
+        }
+        if let Some(p) = pool {
             self.sync_pool(p);
         }
     }
@@ -218,7 +227,15 @@ impl Pooler {
         let BPhase::Attached { client: ck } = b.phase else { return };
         b.phase = BPhase::Parked { since: Instant::now() };
         b.xacts += 1;
+        let requested = std::mem::take(&mut b.release_requested);
         let (brow, bx, pool) = (b.row, b.xacts, b.pool);
+        {
+            let p = &mut self.pools[pool];
+            p.attached.retain(|&k| k != bk);
+            if requested {
+                p.release_requested = p.release_requested.saturating_sub(1);
+            }
+        }
         let now = crate::pg::shmem::now();
         self.backend_row_update(brow, |r| {
             r.state = BackendState::Parked;

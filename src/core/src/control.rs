@@ -21,9 +21,19 @@ use crate::proto::frame::read_cstr;
 
 pub const ATTACH: u8 = b'!';
 pub const RELEASED: u8 = b'~';
+/// pooler -> backend: give your client back at the next moment it is idle
+/// (another client is waiting). Empty body; the pooler also sets the
+/// backend's latch (SIGUSR1) so a backend waiting on its idle client wakes.
+pub const RELEASE_REQUEST: u8 = b'^';
 
 /// Discard the previous client's session before this client runs.
 pub const FLAG_NEW_CLIENT: u8 = 1;
+/// Session mode: the backend is reserved for this client; give it back only
+/// when the client leaves.
+pub const FLAG_RESERVED: u8 = 2;
+/// Keep the client between transactions while nobody waits (see
+/// nextgres.hold_idle_clients).
+pub const FLAG_HOLD_IDLE: u8 = 4;
 
 pub const MAX_ADDR: usize = 128;
 
@@ -55,6 +65,8 @@ pub struct SessionImage {
 pub struct Attach {
     pub client_id: u64,
     pub flags: u8,
+    /// Row of the client's pool in the shared pools table (for its waiting count).
+    pub pool_row: u32,
     pub addr: Vec<u8>,
     /// Startup-packet settings (source "client").
     pub settings: Vec<(String, String)>,
@@ -108,6 +120,7 @@ pub fn write_attach(out: &mut Vec<u8>, a: &Attach) {
     frame(out, ATTACH, |o| {
         o.extend_from_slice(&a.client_id.to_be_bytes());
         o.push(a.flags);
+        o.extend_from_slice(&a.pool_row.to_be_bytes());
         let addr = &a.addr[..a.addr.len().min(MAX_ADDR)];
         o.extend_from_slice(&(addr.len() as u16).to_be_bytes());
         o.extend_from_slice(addr);
@@ -115,6 +128,10 @@ pub fn write_attach(out: &mut Vec<u8>, a: &Attach) {
         put_pairs(o, &a.image.settings);
         put_statements(o, &a.image.statements);
     });
+}
+
+pub fn write_release_request(out: &mut Vec<u8>) {
+    frame(out, RELEASE_REQUEST, |_| {});
 }
 
 pub fn write_released(out: &mut Vec<u8>, r: &Released) {
@@ -209,6 +226,7 @@ pub fn parse_attach(body: &[u8]) -> Result<Attach, ProtoError> {
     let mut r = Reader { body, off: 0 };
     let client_id = r.u64()?;
     let flags = r.u8()?;
+    let pool_row = r.u32()?;
     let alen = r.u16()? as usize;
     if alen > MAX_ADDR {
         return Err(bad("address too long"));
@@ -217,7 +235,7 @@ pub fn parse_attach(body: &[u8]) -> Result<Attach, ProtoError> {
     let settings = r.pairs()?;
     let image = SessionImage { settings: r.pairs()?, statements: r.statements()? };
     r.end()?;
-    Ok(Attach { client_id, flags, addr, settings, image })
+    Ok(Attach { client_id, flags, pool_row, addr, settings, image })
 }
 
 pub fn parse_released(body: &[u8]) -> Result<Released, ProtoError> {
@@ -250,6 +268,7 @@ mod tests {
         let a = Attach {
             client_id: 42,
             flags: FLAG_NEW_CLIENT,
+            pool_row: 3,
             addr: vec![2, 0, 1, 2, 127, 0, 0, 1],
             settings: vec![("application_name".into(), "app".into()), ("TimeZone".into(), "UTC".into())],
             image: image(),
@@ -282,7 +301,7 @@ mod tests {
         let mut out = Vec::new();
         write_attach(
             &mut out,
-            &Attach { client_id: 1, flags: 0, addr: vec![1; 16], settings: vec![("a".into(), "b".into())], image: image() },
+            &Attach { client_id: 1, flags: 0, pool_row: 0, addr: vec![1; 16], settings: vec![("a".into(), "b".into())], image: image() },
         );
         let body = &out[5..];
         for cut in 0..body.len() {

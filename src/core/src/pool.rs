@@ -34,6 +34,11 @@ pub struct Pool {
     pub row: usize,
     /// Parked backends, most recently parked last.
     pub parked: Vec<usize>,
+    /// Backends serving a client (in a transaction, or keeping an idle
+    /// client while nobody waits).
+    pub attached: Vec<usize>,
+    /// Of those, the ones asked to give their client back.
+    pub release_requested: usize,
     /// Clients waiting for a backend, oldest first.
     pub waiting: VecDeque<usize>,
     /// Clients authenticated before the pool knew its session values.
@@ -63,6 +68,8 @@ impl Pool {
             role: role.to_string(),
             row,
             parked: Vec::new(),
+            attached: Vec::new(),
+            release_requested: 0,
             waiting: VecDeque::new(),
             login_pending: Vec::new(),
             backends: 0,

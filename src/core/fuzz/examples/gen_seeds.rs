@@ -132,6 +132,7 @@ fn control() {
     let a = Attach {
         client_id: 42,
         flags: control::FLAG_NEW_CLIENT,
+        pool_row: 3,
         addr: vec![2, 0, 1, 2, 127, 0, 0, 1],
         settings: vec![("application_name".into(), "app".into()), ("TimeZone".into(), "UTC".into())],
         image: image.clone(),
@@ -144,6 +145,7 @@ fn control() {
     control::write_released(&mut rel, &r);
     write("control", "1_released", &cat(&[&[1], &rel[5..]]));
     let mut stream = att.clone();
+    control::write_release_request(&mut stream);
     control::write_released(&mut stream, &Released { client_id: 8, settings: None, statements: None });
     stream.extend_from_slice(&rel);
     proto::error_response(&mut stream, &ErrorFields { severity: "FATAL".into(), ..Default::default() });

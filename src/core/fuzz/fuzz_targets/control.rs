@@ -91,6 +91,7 @@ fn generated(data: &[u8]) -> arbitrary::Result<()> {
         let a = Attach {
             client_id: u64::arbitrary(&mut u)?,
             flags: u8::arbitrary(&mut u)?,
+            pool_row: u32::arbitrary(&mut u)?,
             addr: u.bytes(alen)?.to_vec(),
             settings: pairs(&mut u)?,
             image: SessionImage { settings: pairs(&mut u)?, statements: statements(&mut u)? },
@@ -118,6 +119,11 @@ fuzz_target!(|data: &[u8]| {
                 match m.tag {
                     control::ATTACH => attach(m.body),
                     control::RELEASED => released(m.body),
+                    control::RELEASE_REQUEST => {
+                        let mut out = Vec::new();
+                        control::write_release_request(&mut out);
+                        assert!(framed(&out, control::RELEASE_REQUEST).is_empty());
+                    }
                     _ => {
                         let _ = proto::parse_error_fields(m.body);
                     }

@@ -41,7 +41,7 @@ fn fixed() -> &'static Fixed {
         let StoredSecret::Scram(secret) = parse_stored_secret(SECRET) else {
             unreachable!()
         };
-        let client_key = client_key_from_password(&secret, "pencil").unwrap();
+        let client_key = client_key();
         let mut server = server();
         let mut client = client();
         assert_eq!(client.client_first(), CLIENT_FIRST);
@@ -61,11 +61,19 @@ fn server() -> ScramServer {
     ScramServer::with_nonce_str(secret, SERVER_NONCE).unwrap()
 }
 
+/// The ClientKey for SECRET (4096 PBKDF2 rounds: computed once).
+fn client_key() -> [u8; 32] {
+    static K: OnceLock<[u8; 32]> = OnceLock::new();
+    *K.get_or_init(|| {
+        let StoredSecret::Scram(secret) = parse_stored_secret(SECRET) else {
+            unreachable!()
+        };
+        client_key_from_password(&secret, "pencil").unwrap()
+    })
+}
+
 fn client() -> ScramClient {
-    let StoredSecret::Scram(secret) = parse_stored_secret(SECRET) else {
-        unreachable!()
-    };
-    let key = client_key_from_password(&secret, "pencil").unwrap();
+    let key = client_key();
     ScramClient::with_nonce_str(ClientCredential::ClientKey(key), CLIENT_NONCE)
         .unwrap()
         .with_username("user")
