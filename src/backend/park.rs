@@ -68,33 +68,41 @@ pub fn transaction_boundary() {
         });
         if let Some(client) = p.attached {
             // State that cannot move keeps the client here, attached, as on
-            // a direct connection (LISTEN notifications keep arriving).
+            // a direct connection (LISTEN notifications keep arriving), until
+            // it leaves: then the pooler closes it and the next client's
+            // DISCARD ALL removes what it left, so no backend is lost.
             let pin = sess::pin_reason();
             if pin != p.pin {
                 p.pin = pin;
                 crate::shmem::report_pin(pin as u8);
             }
-            if pin != Pin::None {
-                return;
-            }
-            if !leaving && p.hold_idle && linger(p) {
+            let pinned = pin != Pin::None;
+            if !leaving && (pinned || p.hold_idle) && linger(p, pinned) {
                 return; // the client's next message is here: serve it
             }
             p.attached = None;
             release(p, client);
+            if pinned {
+                // The client left a pinned session: clean it now, so its
+                // advisory locks or temp tables do not outlive it while parked.
+                session::discard();
+                p.pin = Pin::None;
+                crate::shmem::report_pin(0);
+            }
         }
         park(p);
     });
 }
 
-/// Keeps the client while nobody else needs this backend: no handoff at all
-/// when the pool is not saturated. Returns true when the client's next
-/// message arrived, false when the client must go back to the pooler
-/// (another client waits, the pooler asked, or the client is leaving).
-fn linger(p: &mut Parking) -> bool {
+/// Keeps the client while nobody else needs this backend (no handoff at all
+/// when the pool is not saturated), or while its session is pinned. Returns
+/// true when the client's next message arrived, false when the client must
+/// go back to the pooler (the client is leaving, or, unless pinned, another
+/// client waits or the pooler asked).
+fn linger(p: &mut Parking, pinned: bool) -> bool {
     loop {
         read_control(p);
-        if !p.reserved && (p.release_requested || crate::shmem::pool_waiting(p.pool_row) > 0) {
+        if !pinned && !p.reserved && (p.release_requested || crate::shmem::pool_waiting(p.pool_row) > 0) {
             return false;
         }
         match glue::linger_wait(-1) {
@@ -112,7 +120,7 @@ fn linger(p: &mut Parking) -> bool {
                     Ok(n) => !(n == 5 && peek == [b'X', 0, 0, 0, 4]),
                 };
             }
-            LingerEvent::Latch => glue::park_service_interrupts(),
+            LingerEvent::Latch => glue::linger_service_interrupts(),
             LingerEvent::PostmasterDeath => unsafe { pgrx::pg_sys::proc_exit(1) },
             LingerEvent::Timeout => {}
         }

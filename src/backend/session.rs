@@ -54,6 +54,13 @@ pub fn switch_to(startup: &[(String, String)], image: &SessionImage) {
     }
 }
 
+/// DISCARD ALL between clients (a client left a pinned session).
+pub fn discard() {
+    if let Err(e) = s::switch_begin(true).and_then(|_| s::switch_end()) {
+        fatal(&e.message());
+    }
+}
+
 /// Never run a client on a half-switched session.
 fn fatal(msg: &str) -> ! {
     pgrx::ereport!(

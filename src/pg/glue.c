@@ -19,6 +19,7 @@
 #include "access/xact.h"
 #include "catalog/pg_authid.h"
 #include "catalog/pg_database.h"
+#include "commands/async.h"
 #include "commands/dbcommands.h"
 #include "commands/discard.h"
 #include "common/ip.h"
@@ -229,6 +230,18 @@ ng_linger_wait(long timeout_ms)
 	if (ev.events & WL_LATCH_SET)
 		return 2;
 	return 1;
+}
+
+/*
+ * While a backend keeps an idle client (lingering) the client is attached:
+ * LISTEN notifications go to it as on a direct connection.
+ */
+void
+ng_linger_service_interrupts(void)
+{
+	ng_park_service_interrupts();
+	if (notifyInterruptPending)
+		ProcessNotifyInterrupt(true);
 }
 
 void

@@ -110,6 +110,7 @@ extern "C" {
     fn ng_park_service_interrupts();
     fn ng_clear_stale_cancel();
     fn ng_linger_wait(timeout_ms: c_long) -> c_int;
+    fn ng_linger_service_interrupts();
     fn ng_idle_session_timer_suspend() -> bool;
     fn ng_idle_session_timer_resume();
     fn ng_set_client_addr(addr: *const libc::sockaddr_storage, len: libc::socklen_t);
@@ -196,6 +197,11 @@ pub fn linger_wait(timeout_ms: i64) -> LingerEvent {
         3 => LingerEvent::PostmasterDeath,
         _ => LingerEvent::Timeout,
     }
+}
+
+/// Interrupts while keeping an idle client: as parked, plus notifications.
+pub fn linger_service_interrupts() {
+    unsafe { ng_linger_service_interrupts() }
 }
 
 pub fn clear_stale_cancel() {

@@ -6,6 +6,7 @@
  * Same rules as glue.c: compiled against the target server's headers, thin,
  * and no ereport(ERROR) escapes into Rust (PG_TRY everywhere it can throw).
  */
+#define _GNU_SOURCE				/* strcasestr */
 #include "postgres.h"
 
 #include "access/genam.h"
@@ -19,6 +20,7 @@
 #include "commands/discard.h"
 #include "commands/prepare.h"
 #include "executor/executor.h"
+#include "executor/execdesc.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "lib/stringinfo.h"
@@ -142,6 +144,8 @@ ng_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
 	switch (nodeTag(n))
 	{
 		case T_VariableSetStmt:
+		case T_DoStmt:
+		case T_CallStmt:
 			settings_dirty = true;
 			break;
 		case T_PrepareStmt:
@@ -204,18 +208,41 @@ ng_object_access(ObjectAccessType access, Oid classId, Oid objectId, int subId, 
 		prev_object_access(access, classId, objectId, subId, arg);
 	if (classId != RelationRelationId || subId != 0)
 		return;
-	if (access == OAT_POST_CREATE)
+	/*
+	 * The new pg_class row is not visible yet at OAT_POST_CREATE, so do not
+	 * look at it here: any relation created or dropped while this session
+	 * has a temp namespace makes the next boundary look for temp relations.
+	 */
+	if (access == OAT_POST_CREATE || access == OAT_DROP)
 	{
-		Oid			nsp = get_rel_namespace(objectId);
+		Oid			tempns,
+					toastns;
 
-		if (OidIsValid(nsp) && isAnyTempNamespace(nsp))
-			temp_state = TEMP_PRESENT;
+		GetTempNamespaceState(&tempns, &toastns);
+		if (OidIsValid(tempns) || access == OAT_POST_CREATE)
+			temp_state = TEMP_MAYBE_GONE;
 	}
-	else if (access == OAT_DROP && temp_state == TEMP_PRESENT)
-		temp_state = TEMP_MAYBE_GONE;
 }
 
 /* set_config(name, value, false) changes a session setting without SET. */
+/*
+ * set_config() is a built-in, and built-ins bypass needs_fmgr_hook; any
+ * statement whose text mentions it marks the settings for a rescan.
+ * (PL/pgSQL simple expressions bypass the executor: noted in the README.)
+ */
+static ExecutorStart_hook_type prev_executor_start = NULL;
+
+static void
+ng_executor_start(QueryDesc *queryDesc, int eflags)
+{
+	if (queryDesc->sourceText && strcasestr(queryDesc->sourceText, "set_config"))
+		settings_dirty = true;
+	if (prev_executor_start)
+		prev_executor_start(queryDesc, eflags);
+	else
+		standard_ExecutorStart(queryDesc, eflags);
+}
+
 static bool
 ng_needs_fmgr(Oid fn_oid)
 {
@@ -253,6 +280,8 @@ ng_install_session_hooks(void)
 	needs_fmgr_hook = ng_needs_fmgr;
 	prev_fmgr = fmgr_hook;
 	fmgr_hook = ng_fmgr;
+	prev_executor_start = ExecutorStart_hook;
+	ExecutorStart_hook = ng_executor_start;
 	RegisterXactCallback(ng_xact_callback, NULL);
 }
 
@@ -386,7 +415,8 @@ ng_take_session_settings(int *len, bool force)
 				continue;
 			if (strncmp(g->name, "transaction_", 12) == 0)
 				continue;
-			v = GetConfigOption(g->name, true, false);
+			/* The shown value: PG16 keeps a stale role text after DISCARD. */
+			v = GetConfigOptionByName(g->name, NULL, true);
 			put_str(&out, g->name);
 			put_str(&out, v ? v : "");
 		}
@@ -396,25 +426,6 @@ ng_take_session_settings(int *len, bool force)
 #endif
 	*len = out.len;
 	return out.data;
-}
-
-/*
- * Cheap signature of the saved plans: SaveCachedPlan() moves a named
- * statement's context under CacheMemoryContext and DropCachedPlan() deletes
- * it, so the list head and length change; unnamed statements never get
- * there.  Relcache churn may change it too, which only costs a scan.
- */
-static uintptr_t last_cache_signature = 0;
-
-static uintptr_t
-cache_signature(void)
-{
-	uintptr_t	sig = (uintptr_t) CacheMemoryContext->firstchild;
-	int			count = 0;
-
-	for (MemoryContext c = CacheMemoryContext->firstchild; c != NULL; c = c->nextchild)
-		count++;
-	return sig ^ ((uintptr_t) count << 48) ^ (uintptr_t) count;
 }
 
 static void
@@ -456,6 +467,8 @@ put_statement(StringInfo out, PreparedStatement *ps)
  * (u32 count, then name\0 text\0 from_sql u8 nparams u32 types u32*).  NULL
  * when they cannot have changed.  The only iterator over the server's
  * prepared-statement table is pg_prepared_statement(), called directly.
+ * Any Parse/Close/PREPARE/DEALLOCATE marks them for a rescan (unnamed Parse
+ * included: the protocol does not say which was which).
  */
 char *
 ng_take_statements(int *len, bool force)
@@ -463,15 +476,10 @@ ng_take_statements(int *len, bool force)
 	MemoryContext cxt = CurrentMemoryContext;
 	StringInfoData out;
 	volatile bool ok = true;
-	uintptr_t	sig;
 
 	if (!statements_dirty && !force)
 		return NULL;
 	statements_dirty = false;
-	sig = cache_signature();
-	if (sig == last_cache_signature && !force)
-		return NULL;
-	last_cache_signature = sig;
 
 	initStringInfo(&out);
 	appendBinaryStringInfo(&out, "\0\0\0\0", 4);
@@ -581,7 +589,6 @@ ng_switch_begin(bool discard, NgError *err)
 	temp_state = TEMP_NONE;
 	list_free_deep(holdable_cursors);
 	holdable_cursors = NIL;
-	last_cache_signature = 0;
 	return ok;
 }
 
@@ -689,7 +696,6 @@ ng_switch_end(NgError *err)
 	MemoryContextSwitchTo(cxt);
 	/* Restoring is not the client's doing: nothing to report at release. */
 	settings_dirty = statements_dirty = false;
-	last_cache_signature = cache_signature();
 	return ok;
 }
 

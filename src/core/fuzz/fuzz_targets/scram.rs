@@ -194,12 +194,17 @@ fuzz_target!(|data: &[u8]| {
             let password = String::from_utf8_lossy(password);
             let secret = auth::build_scram_secret("pencil", b"0123456789abcdef", 1);
             let ok = verify_password(&parse_stored_secret(&secret), &user, &password);
-            // SASLprep as the server applies it: raw text if it cannot be prepared.
+            // SASLprep as the server applies it: raw text if it cannot be
+            // prepared. Never empty, never with a NUL (C strings in the server;
+            // HMAC would ignore trailing NULs: seeds/scram/regress-nul-password).
             let prepped = stringprep::saslprep(&password).unwrap_or(Cow::Borrowed(&password));
-            assert_eq!(ok, !password.is_empty() && prepped == "pencil", "{password:?}");
+            let valid = !password.is_empty() && !password.contains('\0');
+            assert_eq!(ok, valid && prepped == "pencil", "{password:?}");
             let hash = auth::md5_password_hash("pencil", &user);
             let md5 = StoredSecret::Md5(hash);
             assert_eq!(verify_password(&md5, &user, &password), password == "pencil");
+            let plain = StoredSecret::Plain("pencil".into());
+            assert_eq!(verify_password(&plain, &user, &password), password == "pencil");
             let salt = [user.len() as u8, 1, 2, 3];
             let _ = auth::verify_md5_response(&hash, salt, &password);
             let mut m = ScramServer::new_mock(&user, &[7; 18]);

@@ -120,7 +120,14 @@ pub fn parse_stored_secret(s: &str) -> StoredSecret {
 /// Recovers the SCRAM ClientKey from a cleartext password, if the password
 /// matches the secret. With it the pooler can later log in to the server via
 /// SCRAM on the client's behalf.
+///
+/// A password containing a NUL never matches: PostgreSQL passwords are C
+/// strings, and HMAC pads short keys with zero bytes, so `"pw\0"` would
+/// otherwise derive the same keys as `"pw"`.
 pub fn client_key_from_password(secret: &ScramSecret, password: &str) -> Option<[u8; 32]> {
+    if password.contains('\0') {
+        return None;
+    }
     let salted = salted_password(password, &secret.salt, secret.iterations);
     let ck = client_key(&salted.0);
     let ok =
@@ -130,9 +137,10 @@ pub fn client_key_from_password(secret: &ScramSecret, password: &str) -> Option<
 
 /// Checks a cleartext password (the `password` auth method) against a
 /// stored secret, in constant time. An empty password never matches: the
-/// server refuses empty passwords too.
+/// server refuses empty passwords too. Nor does one containing a NUL (see
+/// [`client_key_from_password`]).
 pub fn verify_password(secret: &StoredSecret, user: &str, password: &str) -> bool {
-    if password.is_empty() {
+    if password.is_empty() || password.contains('\0') {
         return false;
     }
     match secret {
@@ -176,6 +184,22 @@ mod tests {
         assert!(!verify_password(&s, "user", ""));
         assert!(client_key_from_password(&rfc(), "pencil").is_some());
         assert!(client_key_from_password(&rfc(), "Pencil").is_none());
+    }
+
+    /// Found by fuzzing (scram target): HMAC zero-pads keys shorter than
+    /// its 64-byte block, so a password with trailing NULs derived the same
+    /// SaltedPassword and was accepted for the shorter one.
+    #[test]
+    fn nul_in_password_never_matches() {
+        let s = StoredSecret::Scram(rfc());
+        assert!(verify_password(&s, "user", "pencil"));
+        for pw in ["pencil\0", "pencil\0\0\0\0", "\0pencil", "pen\0cil", "\0"] {
+            assert!(!verify_password(&s, "user", pw), "{pw:?}");
+            assert_eq!(client_key_from_password(&rfc(), pw), None, "{pw:?}");
+        }
+        let stored = format!("md5{}", to_hex(&md5_password_hash("pw\0", "u")));
+        assert!(!verify_password(&parse_stored_secret(&stored), "u", "pw\0"));
+        assert!(!verify_password(&StoredSecret::Plain("pw\0".into()), "u", "pw\0"));
     }
 
     #[test]

@@ -1,0 +1,836 @@
+//! Session state in transaction pooling: the leak matrix.
+//!
+//! Two clients A and B take turns on ONE pooled backend (pool_size = 1), each
+//! turn a transaction, so every turn switches the backend's session between
+//! them. Movable state (settings, search_path, role, custom settings,
+//! prepared statements by protocol and by SQL) must follow its owner exactly
+//! as on a direct connection and never show to the other client: the same
+//! script is played once through the pooler and once over two direct
+//! (non-pooled) Unix-socket connections, and both transcripts must be equal.
+//!
+//! State that cannot move (temp tables, WITH HOLD cursors, LISTEN,
+//! session-level advisory locks) pins its owner to its backend: checked with
+//! nextgres.backends.pinned_by and a pool of two, so the other client is
+//! served by the second backend meanwhile.
+//!
+//! ```sh
+//! NEXTGRES_PG=16 cargo test -p nextgres-test --test session_state -- --test-threads=2
+//! ```
+
+mod session_support;
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use nextgres_test::{wait_until, Cluster, ConnInfo};
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::{Client, Statement};
+use session_support::{
+    admin_i64, expect_backend, first_value, maybe, one, pid_of, rows_text, run, sqlstate, Raw,
+    SETTLE,
+};
+
+const LIMIT: Duration = Duration::from_secs(300);
+
+const SETUP: &str = "
+    CREATE EXTENSION nextgres;
+    CREATE ROLE app LOGIN;
+    CREATE ROLE reader NOLOGIN;
+    GRANT reader TO app;
+    CREATE SCHEMA sa AUTHORIZATION app;
+    CREATE SCHEMA sb AUTHORIZATION app;
+    CREATE TABLE sa.t (v text); INSERT INTO sa.t VALUES ('sa');
+    CREATE TABLE sb.t (v text); INSERT INTO sb.t VALUES ('sb');
+    CREATE TABLE public.t (v text); INSERT INTO public.t VALUES ('public');
+    GRANT USAGE ON SCHEMA sa, sb TO reader;
+    GRANT SELECT ON sa.t, sb.t, public.t TO app, reader;
+    CREATE TABLE k (id int PRIMARY KEY);
+    INSERT INTO k VALUES (1);
+    GRANT ALL ON k TO app";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Who {
+    A,
+    B,
+}
+
+/// One turn of the script. Every turn outside an explicit BEGIN is its own
+/// transaction, so with a pool of one the backend switches between A and B
+/// at every change of `Who`.
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    /// Simple query; the transcript gets its rows or its SQLSTATE.
+    Sql(Who, &'static str),
+    /// What the client sees of its session (the LOOK query).
+    Look(Who),
+    /// Protocol-level Parse of a named statement (rust-postgres prepare),
+    /// remembered under a key.
+    Prepare(Who, &'static str, &'static str),
+    /// Bind/Execute of that statement with one int4 parameter.
+    Run(Who, &'static str, i32),
+    /// `EXECUTE <server-side name of the OTHER client's statement key>`.
+    ExecForeign(Who, &'static str),
+}
+
+/// Everything a client can see of its own session, one line. Custom settings
+/// that were never set read NULL on a direct connection; after DISCARD ALL a
+/// placeholder reads '' instead: that difference is checked strictly in
+/// `custom_setting_of_another_client_is_never_seen`, so here both read `<unset>`.
+const LOOK: &str = "SELECT concat_ws(' | ',
+        current_setting('application_name'), current_setting('work_mem'),
+        current_setting('TimeZone'), current_setting('DateStyle'),
+        current_setting('search_path'), current_user, session_user,
+        current_setting('default_transaction_isolation'),
+        coalesce(nullif(current_setting('myapp.x', true), ''), '<unset>'),
+        coalesce(nullif(current_setting('myapp.y', true), ''), '<unset>'),
+        (SELECT v FROM t),
+        (SELECT string_agg(x, ', ' ORDER BY x)
+           FROM (SELECT CASE WHEN from_sql THEN 'sql:' || name || parameter_types::text
+                             ELSE 'proto:' || statement || parameter_types::text END AS x
+                   FROM pg_prepared_statements) p))";
+
+/// The script: movable state of every kind, each change followed by a turn
+/// of the other client and a look by both.
+fn script() -> Vec<Step> {
+    use Step::*;
+    use Who::*;
+    vec![
+        // Startup settings only.
+        Look(A),
+        Look(B),
+        // Plain settings, and RESET back to the startup value.
+        Sql(A, "SET work_mem = '77MB'"),
+        Sql(A, "SET TimeZone = 'Europe/Paris'"),
+        Look(B),
+        Look(A),
+        Sql(B, "SET work_mem = '3MB'"),
+        Look(A),
+        Look(B),
+        Sql(A, "RESET work_mem"),
+        Look(B),
+        Look(A),
+        Sql(A, "RESET TimeZone"),
+        Look(B),
+        Look(A),
+        Sql(A, "SET application_name = 'renamed-a'"),
+        Sql(A, "SET DateStyle = 'German, DMY'"),
+        Sql(A, "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE"),
+        Look(B),
+        Look(A),
+        Sql(A, "SELECT current_setting('transaction_isolation')"),
+        Sql(B, "SELECT current_setting('transaction_isolation')"),
+        // search_path decides which t each client reads.
+        Sql(A, "SET search_path = sa"),
+        Look(B),
+        Look(A),
+        Sql(B, "SET search_path TO DEFAULT"),
+        Look(A),
+        Look(B),
+        // Role: SET ROLE to a granted role, then back.
+        Sql(A, "SET ROLE reader"),
+        Look(B),
+        Look(A),
+        Sql(B, "SELECT current_user"),
+        Sql(A, "RESET ROLE"),
+        Look(B),
+        Look(A),
+        Sql(A, "SET ROLE reader"),
+        // Custom settings by set_config(..., false) alone, and by SET.
+        Sql(A, "SELECT set_config('myapp.x', 'a1', false)"),
+        Look(B),
+        Look(A),
+        Sql(B, "SET myapp.x = 'b1'"),
+        Look(A),
+        Look(B),
+        Sql(A, "SELECT set_config('myapp.y', 'only-this-transaction', true)"),
+        Look(B),
+        Look(A),
+        // Transactional behaviour: SET LOCAL, rolled-back SET/set_config,
+        // savepoints, an implicit transaction that fails.
+        Sql(A, "BEGIN; SET LOCAL work_mem = '99MB'; SELECT current_setting('work_mem'); COMMIT"),
+        Look(B),
+        Look(A),
+        Sql(A, "BEGIN; SET work_mem = '55MB'; SELECT set_config('myapp.x', 'rolled-back', false); ROLLBACK"),
+        Look(B),
+        Look(A),
+        Sql(A, "BEGIN; SET work_mem = '66MB'; COMMIT"),
+        Look(B),
+        Look(A),
+        Sql(A, "BEGIN; SAVEPOINT s; SET work_mem = '44MB'; ROLLBACK TO s; COMMIT"),
+        Look(B),
+        Look(A),
+        Sql(A, "SET work_mem = '12MB'; SELECT 1/0"),
+        Look(B),
+        Look(A),
+        // SQL-level prepared statements under the same name for both.
+        Sql(A, "PREPARE q(int) AS SELECT 'A:' || ($1 + 1)::text"),
+        Sql(B, "PREPARE q(int) AS SELECT 'B:' || $1::text"),
+        Sql(A, "EXECUTE q(1)"),
+        Sql(B, "EXECUTE q(1)"),
+        Sql(A, "PREPARE qa AS SELECT current_user::text || '/' || current_setting('work_mem')"),
+        Sql(B, "EXECUTE qa"),
+        Sql(A, "EXECUTE qa"),
+        Look(B),
+        Look(A),
+        // Redefined within one transaction, then dropped.
+        Sql(A, "DEALLOCATE q; PREPARE q(int) AS SELECT 'A2:' || $1::text"),
+        Sql(B, "EXECUTE q(5)"),
+        Sql(A, "EXECUTE q(5)"),
+        Sql(A, "DEALLOCATE qa"),
+        Sql(B, "EXECUTE q(6)"),
+        Sql(A, "EXECUTE qa"),
+        Sql(A, "EXECUTE q(6)"),
+        // A statement resolved through search_path, after search_path changes.
+        Sql(A, "PREPARE pt AS SELECT v FROM t"),
+        Sql(A, "SET search_path = sb"),
+        Sql(B, "SELECT 1"),
+        Sql(A, "EXECUTE pt"),
+        // Protocol-level named statements (Parse/Bind/Execute).
+        Prepare(A, "pa", "SELECT ($1::int + 1)::text, current_setting('work_mem')"),
+        Run(A, "pa", 1),
+        Look(B),
+        Run(A, "pa", 2),
+        Prepare(B, "pb", "SELECT ($1::int * 10)::text, current_user::text"),
+        Run(A, "pa", 3),
+        Run(B, "pb", 4),
+        ExecForeign(B, "pa"),
+        ExecForeign(A, "pb"),
+        Run(A, "pa", 5),
+        Run(B, "pb", 6),
+        Look(A),
+        Look(B),
+        // DEALLOCATE ALL and DISCARD ALL by the client itself.
+        Sql(B, "DEALLOCATE ALL"),
+        Run(A, "pa", 7),
+        Run(B, "pb", 7),
+        Look(B),
+        Sql(A, "DISCARD ALL"),
+        Look(B),
+        Look(A),
+        Run(A, "pa", 8),
+        Sql(A, "RESET ALL"),
+        Look(A),
+        Look(B),
+    ]
+}
+
+struct Player {
+    c: Client,
+    stmts: HashMap<&'static str, Statement>,
+}
+
+/// Plays the script with A and B; returns the transcript and every backend
+/// pid seen (a `SELECT pg_backend_pid()` turn after each step).
+fn play(a: Client, b: Client, steps: &[Step]) -> (Vec<String>, BTreeSet<i32>) {
+    let mut players = [
+        Player { c: a, stmts: HashMap::new() },
+        Player { c: b, stmts: HashMap::new() },
+    ];
+    let idx = |w: Who| if w == Who::A { 0 } else { 1 };
+    let mut out = Vec::new();
+    let mut pids = BTreeSet::new();
+    for (n, step) in steps.iter().enumerate() {
+        let (who, text) = match *step {
+            Step::Sql(w, sql) => {
+                let r = players[idx(w)].c.simple_query(sql);
+                (w, match r {
+                    Ok(m) => rows_text(&m).join(" / "),
+                    Err(e) => format!("ERROR {}", sqlstate(&e)),
+                })
+            }
+            Step::Look(w) => (w, first_value(
+                &players[idx(w)].c.simple_query(LOOK).unwrap_or_else(|e| panic!("step {n} LOOK: {e:?}")),
+            ).unwrap_or_default()),
+            Step::Prepare(w, key, sql) => {
+                let p = &mut players[idx(w)];
+                (w, match p.c.prepare(sql) {
+                    Ok(s) => {
+                        p.stmts.insert(key, s);
+                        "prepared".to_string()
+                    }
+                    Err(e) => format!("ERROR {}", sqlstate(&e)),
+                })
+            }
+            Step::Run(w, key, v) => {
+                let p = &mut players[idx(w)];
+                let st = p.stmts.get(key).unwrap_or_else(|| panic!("step {n}: no statement {key}")).clone();
+                (w, match p.c.query(&st, &[&v]) {
+                    Ok(rows) => rows
+                        .iter()
+                        .map(|r| {
+                            (0..r.len())
+                                .map(|i| r.get::<_, Option<String>>(i).unwrap_or_else(|| "<null>".into()))
+                                .collect::<Vec<_>>()
+                                .join("|")
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" / "),
+                    Err(e) => format!("ERROR {}", sqlstate(&e)),
+                })
+            }
+            Step::ExecForeign(w, key) => {
+                let other = 1 - idx(w);
+                // rust-postgres keeps the name private: the owner reads it.
+                let text = sql_of(steps, key);
+                let name = players[other]
+                    .c
+                    .query_one(
+                        "SELECT name FROM pg_prepared_statements WHERE statement = $1",
+                        &[&text],
+                    )
+                    .map(|r| r.get::<_, String>(0))
+                    .unwrap_or_else(|e| panic!("step {n}: owner's name of {key}: {e:?}"));
+                let sql = format!("EXECUTE {name}(1)");
+                (w, match players[idx(w)].c.simple_query(&sql) {
+                    Ok(m) => format!("rows {:?}", rows_text(&m)),
+                    Err(e) => format!("ERROR {}", sqlstate(&e)),
+                })
+            }
+        };
+        out.push(format!("#{n} {who:?} {step:?} => {text}"));
+        pids.insert(pid_of(&mut players[idx(who)].c));
+    }
+    (out, pids)
+}
+
+/// The SQL of the statement prepared under `key`.
+fn sql_of(steps: &[Step], key: &str) -> &'static str {
+    steps
+        .iter()
+        .find_map(|s| match *s {
+            Step::Prepare(_, k, sql) if k == key => Some(sql),
+            _ => None,
+        })
+        .expect("a Prepare step for the key")
+}
+
+fn client_a(ci: ConnInfo) -> Client {
+    let mut cfg = ci.application_name("client-a").config();
+    cfg.options("-c work_mem=8MB -c TimeZone=Asia/Tokyo");
+    cfg.connect(postgres::NoTls).expect("client A")
+}
+
+fn client_b(ci: ConnInfo) -> Client {
+    let mut cfg = ci.application_name("client-b").config();
+    cfg.options("-c TimeZone=America/Lima -c search_path=sb,public");
+    cfg.connect(postgres::NoTls).expect("client B")
+}
+
+/// The matrix for movable state: through one shared backend, each client
+/// sees exactly what it would see on its own direct connection.
+#[test]
+fn movable_state_follows_its_client_like_a_direct_session() {
+    run(
+        Cluster::builder()
+            .conf("nextgres.pool_size = 1")
+            .conf("nextgres.query_wait_timeout = 20"),
+        SETUP,
+        LIMIT,
+        |pg| {
+            let steps = script();
+            // Reference: two direct sessions (Unix socket, not pooled).
+            let (direct, direct_pids) =
+                play(client_a(pg.unix("app", "postgres")), client_b(pg.unix("app", "postgres")), &steps);
+            assert_eq!(direct_pids.len(), 2, "direct sessions are two backends");
+            let mark = pg.log_mark();
+            let (pooled, pids) =
+                play(client_a(pg.tcp("app", "postgres")), client_b(pg.tcp("app", "postgres")), &steps);
+            // Both clients really shared the single backend all along.
+            assert_eq!(pids.len(), 1, "A and B must share the one pooled backend: {pids:?}");
+            let diff: Vec<String> = direct
+                .iter()
+                .zip(&pooled)
+                .filter(|(d, p)| d != p)
+                .map(|(d, p)| format!("direct: {d}\npooled: {p}"))
+                .collect();
+            assert!(
+                diff.is_empty(),
+                "{} steps differ from a direct session:\n{}\n\n--- full pooled transcript ---\n{}\n--- server log since ---\n{}",
+                diff.len(),
+                diff.join("\n\n"),
+                pooled.join("\n"),
+                pg.log_since(mark)
+            );
+            // Sanity: the script checks what it means to check.
+            let find = |needle: &str| direct.iter().find(|l| l.contains(needle)).cloned().unwrap_or_default();
+            assert!(find("#4 B Look").contains("client-b | 4MB | America/Lima"), "{}", find("#4 B Look"));
+            assert!(find("#5 A Look").contains("client-a | 77MB | Europe/Paris"), "{}", find("#5 A Look"));
+            assert!(direct.iter().any(|l| l.contains("ExecForeign") && l.contains("ERROR 26000")));
+        },
+    );
+}
+
+/// SET ROLE by A never reaches B. DISCARD ALL makes the role inactive but
+/// keeps the `role` setting's text and source, so a snapshot of "settings
+/// with source session" taken later on that backend for B must not pick it up.
+#[test]
+fn role_set_by_one_client_never_reaches_another() {
+    run(
+        Cluster::builder()
+            .conf("nextgres.pool_size = 1")
+            .conf("nextgres.query_wait_timeout = 20"),
+        SETUP,
+        LIMIT,
+        |pg| {
+            let mut a = pg.tcp("app", "postgres").connect().expect("a");
+            let mut b = pg.tcp("app", "postgres").connect().expect("b");
+            a.batch_execute("SET ROLE reader").expect("set role");
+            // B changes any setting on the backend A used: B's session is saved.
+            b.batch_execute("SET work_mem = '3MB'").expect("b set");
+            assert_eq!(pid_of(&mut a), pid_of(&mut b), "one backend");
+            assert_eq!(one(&mut a, "SELECT current_user"), "reader");
+            assert_eq!(one(&mut b, "SELECT current_user"), "app", "B runs as A's role");
+            // A's own DISCARD ALL ends its role, as on a direct session.
+            a.batch_execute("DISCARD ALL").expect("discard");
+            pid_of(&mut b);
+            assert_eq!(one(&mut a, "SELECT current_user"), "app", "A's role after DISCARD ALL");
+        },
+    );
+}
+
+/// `SELECT set_config('myapp.user_id', '42', false)` alone (no SET in the
+/// same transaction) is a session setting like SET: it follows its client to
+/// the next backend.
+#[test]
+fn set_config_alone_follows_its_client() {
+    run(
+        Cluster::builder()
+            .conf("nextgres.pool_size = 1")
+            .conf("nextgres.query_wait_timeout = 20"),
+        SETUP,
+        LIMIT,
+        |pg| {
+            let mut a = pg.tcp("app", "postgres").connect().expect("a");
+            let mut b = pg.tcp("app", "postgres").connect().expect("b");
+            one(&mut a, "SELECT set_config('myapp.user_id', '42', false)");
+            one(&mut a, "SELECT set_config('search_path', 'sa', false)");
+            assert_eq!(pid_of(&mut a), pid_of(&mut b), "one backend");
+            assert_eq!(
+                one(&mut a, "SELECT concat_ws('|', current_setting('myapp.user_id', true), current_setting('search_path'))"),
+                "42|sa",
+                "A's set_config() settings after B used the backend"
+            );
+        },
+    );
+}
+
+/// A custom setting another client set on the same backend is never seen
+/// with its value. (A direct session reads NULL; after DISCARD ALL the
+/// placeholder PostgreSQL created stays and reads '', see the README.)
+#[test]
+fn custom_setting_of_another_client_is_never_seen() {
+    run(
+        Cluster::builder()
+            .conf("nextgres.pool_size = 1")
+            .conf("nextgres.query_wait_timeout = 20"),
+        SETUP,
+        LIMIT,
+        |pg| {
+            let mut a = pg.tcp("app", "postgres").connect().expect("a");
+            let mut b = pg.tcp("app", "postgres").connect().expect("b");
+            one(&mut a, "SELECT set_config('myapp.user_id', '42', false)");
+            assert_eq!(pid_of(&mut a), pid_of(&mut b), "one backend");
+            let seen = maybe(&mut b, "SELECT current_setting('myapp.user_id', true)");
+            // A direct session reads NULL. PostgreSQL cannot drop a custom
+            // placeholder once a session created it, so after DISCARD ALL B
+            // reads '' (documented in the README); A's value must never show.
+            assert!(
+                matches!(seen.as_deref(), None | Some("")),
+                "client B never set myapp.user_id but reads {seen:?}"
+            );
+            assert_eq!(one(&mut a, "SELECT current_setting('myapp.user_id', true)"), "42");
+        },
+    );
+}
+
+/// Pinned state, kind by kind, with a pool of two: while A holds state that
+/// cannot move, its backend stays attached to it between transactions
+/// (nextgres.backends says why), A uses the state as on a direct session, B
+/// is served by the other backend and sees none of it; once A removes the
+/// state the pin is gone, and whichever client then gets A's former backend
+/// sees nothing of A. One test per kind, so each gets its own verdict.
+fn pinned(body: impl FnOnce(&Cluster, &mut Client, &mut Client, &mut Client) + Send + 'static) {
+    run(
+        Cluster::builder()
+            .conf("nextgres.pool_size = 2")
+            .conf("nextgres.query_wait_timeout = 20"),
+        SETUP,
+        LIMIT,
+        move |pg| {
+            let ci = pg.tcp("app", "postgres");
+            let mut a = ci.connect().expect("a");
+            let mut b = ci.connect().expect("b");
+            let mut c = ci.connect().expect("c");
+            // Both backends exist before the pins start.
+            c.batch_execute("BEGIN").expect("c begin");
+            pid_of(&mut b);
+            c.batch_execute("COMMIT").expect("c commit");
+            assert_eq!(
+                admin_i64(pg, "SELECT count(*) FROM nextgres.backends WHERE role = 'app'"),
+                2,
+                "two backends before the test"
+            );
+            body(pg, &mut a, &mut b, &mut c);
+        },
+    );
+}
+
+#[test]
+fn pinned_by_temporary_table() {
+    pinned(|pg, a, b, c| {
+        a.batch_execute("CREATE TEMP TABLE a_tmp (x int); INSERT INTO a_tmp VALUES (1)")
+            .expect("temp table");
+        let pa = pid_of(a);
+        expect_backend(pg, pa, "attached", Some("temporary table"));
+        for i in 2..=4 {
+            a.batch_execute(&format!("INSERT INTO a_tmp VALUES ({i})")).expect("insert");
+            assert_eq!(pid_of(a), pa, "A moved off the backend holding its temp table");
+            let pb = pid_of(b);
+            assert_ne!(pb, pa, "B was given A's pinned backend");
+            assert_eq!(
+                one(b, "SELECT count(*) FROM pg_class WHERE relname = 'a_tmp'"),
+                "1",
+                "the catalog shows one a_tmp (A's, in A's temp schema)"
+            );
+            let e = b.simple_query("SELECT * FROM a_tmp").expect_err("B reads A's temp table");
+            assert_eq!(sqlstate(&e), "42P01");
+        }
+        assert_eq!(one(a, "SELECT sum(x) FROM a_tmp"), "10");
+        // ON COMMIT DROP and rolled-back temp tables do not pin.
+        b.batch_execute("BEGIN; CREATE TEMP TABLE b_tx (x int) ON COMMIT DROP; COMMIT")
+            .expect("on commit drop");
+        b.batch_execute("BEGIN; CREATE TEMP TABLE b_rb (x int); ROLLBACK").expect("rolled back");
+        let pb = pid_of(b);
+        expect_backend(pg, pb, "parked", None);
+        a.batch_execute("DROP TABLE a_tmp").expect("drop");
+        expect_backend(pg, pa, "parked", None);
+        no_trace_on(pg, pa, b, c, "SELECT count(*) FROM pg_class WHERE relname = 'a_tmp'", "0");
+        // DISCARD TEMP unpins too; so does a temp table made by CREATE TABLE AS.
+        a.batch_execute("CREATE TEMP TABLE a_tmp2 AS SELECT 1 AS x").expect("temp table 2");
+        let pa = pid_of(a);
+        expect_backend(pg, pa, "attached", Some("temporary table"));
+        a.batch_execute("DISCARD TEMP").expect("discard temp");
+        expect_backend(pg, pa, "parked", None);
+    });
+}
+
+#[test]
+fn pinned_by_with_hold_cursor() {
+    pinned(|pg, a, b, c| {
+        a.batch_execute("DECLARE a_cur CURSOR WITH HOLD FOR SELECT g FROM generate_series(1, 10) g")
+            .expect("declare");
+        let pa = pid_of(a);
+        expect_backend(pg, pa, "attached", Some("WITH HOLD cursor"));
+        let mut fetched = Vec::new();
+        for _ in 0..3 {
+            let m = a.simple_query("FETCH 2 FROM a_cur").expect("fetch");
+            fetched.extend(rows_text(&m));
+            assert_ne!(pid_of(b), pa, "B was given A's pinned backend");
+            let e = b.simple_query("FETCH 1 FROM a_cur").expect_err("B fetches A's cursor");
+            assert_eq!(sqlstate(&e), "34000");
+            assert_eq!(one(b, "SELECT count(*) FROM pg_cursors"), "0");
+        }
+        assert_eq!(fetched, ["1", "2", "3", "4", "5", "6"], "A's cursor position");
+        // A cursor without HOLD ends with its transaction: no pin.
+        b.batch_execute("BEGIN; DECLARE b_cur CURSOR FOR SELECT 1; COMMIT").expect("plain cursor");
+        expect_backend(pg, pid_of(b), "parked", None);
+        a.batch_execute("CLOSE a_cur").expect("close");
+        expect_backend(pg, pa, "parked", None);
+        no_trace_on(pg, pa, b, c, "SELECT count(*) FROM pg_cursors", "0");
+    });
+}
+
+#[test]
+fn pinned_by_listen() {
+    pinned(|pg, a, b, c| {
+        a.batch_execute("LISTEN a_chan").expect("listen");
+        let pa = pid_of(a);
+        expect_backend(pg, pa, "attached", Some("LISTEN"));
+        assert_ne!(pid_of(b), pa);
+        assert_eq!(one(b, "SELECT count(*) FROM pg_listening_channels()"), "0");
+        b.batch_execute("NOTIFY a_chan, 'hello from b'").expect("notify");
+        let got = a
+            .notifications()
+            .timeout_iter(SETTLE)
+            .next()
+            .expect("notification")
+            .expect("A's notification never came");
+        assert_eq!((got.channel(), got.payload()), ("a_chan", "hello from b"));
+        assert_eq!(b.notifications().iter().count().expect("notifications"), 0, "B never listened");
+        a.batch_execute("UNLISTEN a_chan").expect("unlisten");
+        expect_backend(pg, pa, "parked", None);
+        no_trace_on(pg, pa, b, c, "SELECT count(*) FROM pg_listening_channels()", "0");
+    });
+}
+
+#[test]
+fn pinned_by_session_advisory_lock() {
+    pinned(|pg, a, b, c| {
+        a.batch_execute("SELECT pg_advisory_lock(4242)").expect("lock");
+        let pa = pid_of(a);
+        expect_backend(pg, pa, "attached", Some("session-level lock"));
+        for _ in 0..3 {
+            assert_ne!(pid_of(b), pa);
+            assert_eq!(one(b, "SELECT pg_try_advisory_lock(4242)"), "f", "B got A's lock");
+            assert_eq!(pid_of(a), pa);
+        }
+        let held: i64 = admin_i64(
+            pg,
+            &format!("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242 AND pid = {pa}"),
+        );
+        assert_eq!(held, 1, "A's lock belongs to A's backend");
+        // A transaction-level lock ends with the transaction: no pin.
+        b.batch_execute("SELECT pg_advisory_xact_lock(99)").expect("xact lock");
+        expect_backend(pg, pid_of(b), "parked", None);
+        assert_eq!(one(a, "SELECT pg_advisory_unlock(4242)"), "t");
+        expect_backend(pg, pa, "parked", None);
+        assert_eq!(one(b, "SELECT pg_try_advisory_lock(4242)"), "t", "the lock is free");
+        assert_eq!(one(b, "SELECT pg_advisory_unlock(4242)"), "t");
+        no_trace_on(
+            pg,
+            pa,
+            b,
+            c,
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
+            "0",
+        );
+    });
+}
+
+/// A pinned client that leaves: its lock, temp table and LISTEN go with it,
+/// and the pool keeps serving with at most two backends.
+#[test]
+fn pinned_client_leaves_nothing_behind() {
+    pinned(|pg, a, b, c| {
+        a.batch_execute(
+            "SELECT pg_advisory_lock(4343); CREATE TEMP TABLE gone (x int); LISTEN gone_chan",
+        )
+        .expect("pin");
+        let pa = pid_of(a);
+        expect_backend(pg, pa, "attached", Some("LISTEN"));
+        // Replace A by a fresh client: the old one is dropped (Terminate).
+        *a = pg.tcp("app", "postgres").connect().expect("a again");
+        assert!(
+            wait_until(SETTLE, || {
+                let got = one(b, "SELECT pg_try_advisory_lock(4343)") == "t";
+                if got {
+                    one(b, "SELECT pg_advisory_unlock(4343)");
+                }
+                got
+            }),
+            "A left, but its session-level lock is still held"
+        );
+        for cl in [a, b, c] {
+            assert_eq!(
+                one(
+                    cl,
+                    "SELECT concat_ws('|', (SELECT count(*) FROM pg_class WHERE relname = 'gone'),
+                            (SELECT count(*) FROM pg_listening_channels()))"
+                ),
+                "0|0"
+            );
+        }
+        assert!(
+            admin_i64(pg, "SELECT count(*) FROM nextgres.backends WHERE role = 'app'") <= 2,
+            "pool of two"
+        );
+    });
+}
+
+/// A statement dropped and prepared again under the same name in one
+/// transaction (`DEALLOCATE q; PREPARE q AS ...`, what an ORM's statement
+/// cache does when it replaces an entry) is the new one after the client
+/// moves, every time.
+#[test]
+fn redefined_prepared_statement_follows_its_client() {
+    run(
+        Cluster::builder()
+            .conf("nextgres.pool_size = 1")
+            .conf("nextgres.query_wait_timeout = 20"),
+        SETUP,
+        LIMIT,
+        |pg| {
+            let mut a = pg.tcp("app", "postgres").connect().expect("a");
+            let mut b = pg.tcp("app", "postgres").connect().expect("b");
+            a.batch_execute("PREPARE q AS SELECT 0").expect("prepare");
+            let mut seen = Vec::new();
+            for k in 1..=5 {
+                a.batch_execute(&format!("DEALLOCATE q; PREPARE q AS SELECT {k}"))
+                    .expect("redefine");
+                // B takes the backend: A's session is saved and later restored.
+                assert_eq!(pid_of(&mut b), pid_of(&mut a), "one backend");
+                pid_of(&mut b);
+                seen.push(one(&mut a, "EXECUTE q"));
+            }
+            assert_eq!(seen, ["1", "2", "3", "4", "5"], "what A's EXECUTE q returned after each redefinition");
+        },
+    );
+}
+
+/// Statements the client closed stay closed after it moves: rust-postgres'
+/// `query(&str)` Parses a named statement and Closes it after each call, and
+/// a driver that closes a name may Parse the same name again later (which
+/// fails with 42P05 if the old one came back).
+#[test]
+fn closed_statements_stay_closed() {
+    run(
+        Cluster::builder()
+            .conf("nextgres.pool_size = 1")
+            .conf("nextgres.query_wait_timeout = 20"),
+        SETUP,
+        LIMIT,
+        |pg| {
+            let mut a = pg.tcp("app", "postgres").connect().expect("a");
+            let mut b = pg.tcp("app", "postgres").connect().expect("b");
+            for i in 0..50i32 {
+                let v: i32 = a.query_one("SELECT $1::int", &[&i]).expect("query").get(0);
+                assert_eq!(v, i);
+                pid_of(&mut b);
+            }
+            let mut errors = Vec::new();
+            let left = maybe(&mut a, "SELECT string_agg(statement, '; ') FROM pg_prepared_statements WHERE NOT from_sql");
+            if let Some(left) = left {
+                errors.push(format!("statements A closed came back after B used the backend: {left}"));
+            }
+            for i in 0..20 {
+                a.batch_execute(&format!("PREPARE x AS SELECT {i}")).unwrap_or_else(|e| {
+                    errors.push(format!("round {i}: PREPARE x: {}", sqlstate(&e)));
+                });
+                pid_of(&mut b);
+                a.batch_execute("DEALLOCATE x").unwrap_or_else(|e| {
+                    errors.push(format!("round {i}: DEALLOCATE x: {}", sqlstate(&e)));
+                });
+                pid_of(&mut b);
+            }
+            assert!(errors.is_empty(), "{}", errors.join("\n"));
+        },
+    );
+}
+
+/// What a client changes while pinned (settings, prepared statements)
+/// travels with it once the pin is gone: with a pool of one, B runs only
+/// after A's UNLISTEN, and A then finds its whole session on return.
+#[test]
+fn state_changed_while_pinned_follows_after_unpin() {
+    run(
+        Cluster::builder()
+            .conf("nextgres.pool_size = 1")
+            .conf("nextgres.query_wait_timeout = 20"),
+        SETUP,
+        LIMIT,
+        |pg| {
+            let mut a = pg.tcp("app", "postgres").connect().expect("a");
+            let mut b = pg.tcp("app", "postgres").connect().expect("b");
+            let pa = pid_of(&mut a);
+            a.batch_execute("LISTEN a_chan").expect("listen");
+            expect_backend(pg, pa, "attached", Some("LISTEN"));
+            a.batch_execute("SET work_mem = '33MB'").expect("set");
+            a.batch_execute("PREPARE while_pinned AS SELECT 'pinned-prepare'").expect("prepare");
+            let st = a.prepare("SELECT 'proto-' || $1::text").expect("protocol prepare");
+            a.batch_execute("SET search_path = sa").expect("search_path");
+            a.batch_execute("UNLISTEN a_chan").expect("unlisten");
+            expect_backend(pg, pa, "parked", None);
+            assert_eq!(pid_of(&mut b), pa, "pool of one");
+            assert_eq!(one(&mut b, "SELECT current_setting('work_mem')"), "4MB");
+            assert_eq!(
+                one(&mut a, "SELECT concat_ws('|', current_setting('work_mem'), current_setting('search_path'))"),
+                "33MB|sa"
+            );
+            pid_of(&mut b);
+            assert_eq!(one(&mut a, "EXECUTE while_pinned"), "pinned-prepare");
+            pid_of(&mut b);
+            let v: String = a.query_one(&st, &[&"x"]).expect("protocol statement after unpin").get(0);
+            assert_eq!(v, "proto-x");
+        },
+    );
+}
+
+/// After A removed its pinned state: make B and C hold both backends in a
+/// transaction, so one of them runs on A's former backend `pa`, and both must
+/// see `want` from `probe`.
+fn no_trace_on(pg: &Cluster, pa: i32, b: &mut Client, c: &mut Client, probe: &str, want: &str) {
+    b.batch_execute("BEGIN").expect("b begin");
+    let pb = pid_of(b);
+    c.batch_execute("BEGIN").expect("c begin");
+    let pc = pid_of(c);
+    assert!(
+        pb == pa || pc == pa,
+        "A's former backend {pa} serves neither B ({pb}) nor C ({pc}); backends: {:?}",
+        pg.backend_pids(Some("app"), None)
+    );
+    assert_eq!(one(b, probe), want, "B on backend {pb}: {probe}");
+    assert_eq!(one(c, probe), want, "C on backend {pc}: {probe}");
+    b.batch_execute("COMMIT").expect("b commit");
+    c.batch_execute("COMMIT").expect("c commit");
+}
+
+/// A client killed in the middle of a transaction (socket closed, no
+/// Terminate), and one killed while idle with session state: with a pool of
+/// one, the next client is served and sees nothing of either: no row, no
+/// lock (transaction- or session-level), no setting, no prepared statement.
+#[test]
+fn killed_clients_leave_nothing_behind() {
+    run(
+        Cluster::builder()
+            .conf("nextgres.pool_size = 1")
+            .conf("nextgres.query_wait_timeout = 20"),
+        SETUP,
+        LIMIT,
+        |pg| {
+            // Idle, with movable session state.
+            let mut raw = Raw::connect(pg, "app", "postgres");
+            raw.query("SET work_mem = '91MB'").expect("set");
+            raw.query("SELECT set_config('myapp.x', 'killed', false)").expect("set_config");
+            raw.query("PREPARE killed AS SELECT 1").expect("prepare");
+            let idle_pid = raw.query("SELECT pg_backend_pid()").expect("pid")[0].clone();
+            raw.vanish();
+            let mut b = pg.tcp("app", "postgres").connect().expect("b");
+            assert_eq!(
+                Some(pid_of(&mut b).to_string()),
+                idle_pid,
+                "an idle client's disconnect costs no backend"
+            );
+            assert_eq!(
+                one(
+                    &mut b,
+                    "SELECT concat_ws('|', current_setting('work_mem'),
+                            coalesce(nullif(current_setting('myapp.x', true), ''), '<unset>'),
+                            (SELECT count(*) FROM pg_prepared_statements))"
+                ),
+                "4MB|<unset>|0"
+            );
+            drop(b);
+
+            // In a transaction, holding a row lock, locks and a session SET.
+            let mut raw = Raw::connect(pg, "app", "postgres");
+            raw.query(
+                "BEGIN;
+                 INSERT INTO k VALUES (2);
+                 SELECT id FROM k WHERE id = 1 FOR UPDATE;
+                 SELECT pg_advisory_xact_lock(7);
+                 SELECT pg_advisory_lock(8);
+                 SET work_mem = '92MB';
+                 SELECT set_config('myapp.x', 'killed-in-tx', false);
+                 PREPARE killed_tx AS SELECT 2",
+            )
+            .expect("transaction");
+            raw.vanish();
+            let mut b = pg.tcp("app", "postgres").connect().expect("b");
+            assert_eq!(
+                one(
+                    &mut b,
+                    "SELECT concat_ws('|', (SELECT count(*) FROM k), pg_try_advisory_lock(7),
+                            pg_try_advisory_lock(8), current_setting('work_mem'),
+                            coalesce(nullif(current_setting('myapp.x', true), ''), '<unset>'),
+                            (SELECT count(*) FROM pg_prepared_statements))"
+                ),
+                "1|t|t|4MB|<unset>|0"
+            );
+            b.batch_execute("SELECT pg_advisory_unlock_all()").expect("unlock");
+            let mut tx = b.transaction().expect("begin");
+            tx.batch_execute("SELECT id FROM k WHERE id = 1 FOR UPDATE NOWAIT")
+                .expect("the killed client's row lock is gone");
+            tx.commit().expect("commit");
+        },
+    );
+}
