@@ -137,9 +137,9 @@ impl AuthSession {
         }
         match std::mem::replace(&mut self.state, State::Cleartext) {
             State::Cleartext => {
-                let pw = match proto::read_cstr(body, 0) {
-                    Ok((p, _)) => p.to_string(),
-                    Err(e) => return Step::Fail(e.to_fields("FATAL")),
+                let pw = match password_packet(body) {
+                    Ok(p) => p,
+                    Err(f) => return Step::Fail(f),
                 };
                 if pw.is_empty() {
                     return Step::Fail(fatal("28P01", "empty password returned by client".into()));
@@ -160,9 +160,9 @@ impl AuthSession {
                 }
             }
             State::Md5 { salt } => {
-                let resp = match proto::read_cstr(body, 0) {
-                    Ok((p, _)) => p.to_string(),
-                    Err(e) => return Step::Fail(e.to_fields("FATAL")),
+                let resp = match password_packet(body) {
+                    Ok(p) => p,
+                    Err(f) => return Step::Fail(f),
                 };
                 match self.secret() {
                     StoredSecret::Md5(h) if self.info.has_secret && auth::verify_md5_response(&h, salt, &resp) => {
@@ -215,6 +215,16 @@ fn needs_validation(name: &str) -> bool {
     }
     let c = glue::cstring(name);
     !unsafe { pgrx::pg_sys::GetConfigOption(c.as_ptr(), true, false) }.is_null()
+}
+
+/// A PasswordMessage is exactly one NUL-terminated string, as the server
+/// insists: bytes after the NUL are a protocol violation, not ignored.
+fn password_packet(body: &[u8]) -> Result<String, ErrorFields> {
+    match proto::read_cstr(body, 0) {
+        Ok((p, next)) if next == body.len() => Ok(p.to_string()),
+        Ok(_) => Err(fatal("08P01", "invalid password packet size".into())),
+        Err(e) => Err(e.to_fields("FATAL")),
+    }
 }
 
 fn scram_error(e: &auth::ScramError) -> ErrorFields {
