@@ -28,6 +28,7 @@ fn pg_config_path() -> PathBuf {
 fn main() {
     println!("cargo:rerun-if-changed=src/pg/glue.c");
     println!("cargo:rerun-if-changed=src/pg/session.c");
+    println!("cargo:rerun-if-changed=src/pg/glue.h");
     println!("cargo:rerun-if-env-changed=PGRX_PG_CONFIG_PATH");
     let pg_config = pg_config_path();
     let out = Command::new(&pg_config)

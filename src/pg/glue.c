@@ -48,6 +48,8 @@
 #include "storage/waiteventset.h"
 #endif
 
+#include "glue.h"
+
 /* ------------------------------------------------------------------------
  * Version differences (keep them all here).
  * ------------------------------------------------------------------------ */
@@ -82,17 +84,9 @@ database_connect_allowed(Oid dboid, Oid roleid)
 #endif
 }
 
-/* Error capture shared by the guarded entry points. */
-typedef struct NgError
-{
-	char		sqlstate[6];
-	char		message[512];
-	char		detail[512];
-	char		hint[512];
-} NgError;
-
-static void
-capture_error(MemoryContext cxt, NgError *err)
+/* Error capture shared by the guarded entry points (glue.h). */
+void
+ng_capture_error(MemoryContext cxt, NgError *err)
 {
 	ErrorData  *ed;
 
@@ -415,7 +409,7 @@ ng_load_hba(NgError *err)
 	}
 	PG_CATCH();
 	{
-		capture_error(cxt, err);
+		ng_capture_error(cxt, err);
 		ok = false;
 	}
 	PG_END_TRY();
@@ -554,7 +548,7 @@ ng_login_lookup(const char *database, const char *user,
 	}
 	PG_CATCH();
 	{
-		capture_error(cxt, err);
+		ng_capture_error(cxt, err);
 		AbortCurrentTransaction();
 		ok = false;
 	}

@@ -45,28 +45,7 @@
 #include "utils/rel.h"
 #include "utils/tuplestore.h"
 
-typedef struct NgError
-{
-	char		sqlstate[6];
-	char		message[512];
-	char		detail[512];
-	char		hint[512];
-} NgError;
-
-static void
-capture(MemoryContext cxt, NgError *err)
-{
-	ErrorData  *ed;
-
-	MemoryContextSwitchTo(cxt);
-	ed = CopyErrorData();
-	FlushErrorState();
-	strlcpy(err->sqlstate, unpack_sql_state(ed->sqlerrcode), sizeof(err->sqlstate));
-	strlcpy(err->message, ed->message ? ed->message : "unknown error", sizeof(err->message));
-	strlcpy(err->detail, ed->detail ? ed->detail : "", sizeof(err->detail));
-	strlcpy(err->hint, ed->hint ? ed->hint : "", sizeof(err->hint));
-	FreeErrorData(ed);
-}
+#include "glue.h"
 
 /* ------------------------------------------------------------------------
  * Version differences.
@@ -576,7 +555,7 @@ ng_switch_begin(bool discard, NgError *err)
 	}
 	PG_CATCH();
 	{
-		capture(cxt, err);
+		ng_capture_error(cxt, err);
 		AbortCurrentTransaction();
 		ok = false;
 	}
@@ -666,7 +645,7 @@ ng_switch_statement(const char *name, const char *text, bool from_sql,
 	}
 	PG_CATCH();
 	{
-		capture(cxt, err);
+		ng_capture_error(cxt, err);
 		RollbackAndReleaseCurrentSubTransaction();
 		ok = false;
 	}
@@ -688,7 +667,7 @@ ng_switch_end(NgError *err)
 	}
 	PG_CATCH();
 	{
-		capture(cxt, err);
+		ng_capture_error(cxt, err);
 		AbortCurrentTransaction();
 		ok = false;
 	}
@@ -755,7 +734,7 @@ ng_validate_setting(const char *name, const char *value, Oid roleid, bool superu
 	}
 	PG_CATCH();
 	{
-		capture(cxt, err);
+		ng_capture_error(cxt, err);
 		AbortCurrentTransaction();
 		ok = false;
 	}
