@@ -243,9 +243,23 @@ impl Pooler {
             c.inbuf.clear();
             match parsed {
                 Ok(Some((StartupRequest::SslRequest, _))) | Ok(Some((StartupRequest::GssEncRequest, _))) => {
+                    // Bytes sent before our answer cannot be trusted (the
+                    // server's CVE-2021-23214 rule): refuse them after 'N'.
+                    let mut one = [0u8; 1];
+                    let early = matches!(
+                        nix::sys::socket::recv(
+                            c.stream.as_raw_fd(),
+                            &mut one,
+                            nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT
+                        ),
+                        Ok(n) if n > 0
+                    );
                     // No TLS or GSS encryption yet: 'N' lets sslmode=prefer
                     // and gssencmode=prefer clients go on unencrypted.
                     c.send(b"N");
+                    if early {
+                        return self.client_fatal(key, "08P01", "received unencrypted data after SSL request", None);
+                    }
                     continue;
                 }
                 Ok(Some((StartupRequest::Cancel { pid, key: secret }, _))) => {
@@ -293,6 +307,9 @@ impl Pooler {
         if database.is_empty() {
             database = user.clone();
         }
+        // As the server: names are cut to NAMEDATALEN - 1 bytes before lookup.
+        truncate_name(&mut user);
+        truncate_name(&mut database);
         let Some(c) = self.client(key) else { return };
         if minor > 0 || !unrecognized.is_empty() {
             let mut out = Vec::new();
@@ -464,5 +481,18 @@ fn linger_close(stream: &mut TcpStream) {
             Ok(n) if n > 0 => continue,
             _ => break,
         }
+    }
+}
+
+/// Cuts a role or database name to 63 bytes (NAMEDATALEN - 1), at a
+/// character boundary since names here are UTF-8.
+fn truncate_name(name: &mut String) {
+    const MAX: usize = 63;
+    if name.len() > MAX {
+        let mut end = MAX;
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        name.truncate(end);
     }
 }
