@@ -127,7 +127,7 @@ extern "C" {
         err: *mut NgError,
     ) -> bool;
     fn ng_pooler_check_interrupts();
-    fn ng_validate_setting(name: *const c_char, value: *const c_char, roleid: u32, superuser: bool, err: *mut NgError) -> bool;
+    fn ng_validate_setting(name: *const c_char, value: *const c_char, superuser: bool, err: *mut NgError) -> bool;
     fn ng_pooler_catalog_heap_scans();
     fn ng_pooler_wait_set_create(epoll_fd: c_int) -> *mut c_void;
     fn ng_pooler_wait(set: *mut c_void, timeout_ms: c_long) -> c_int;
@@ -278,10 +278,10 @@ pub fn pooler_catalog_heap_scans() {
 }
 
 /// A startup setting checked as the server checks it at connection start.
-pub fn validate_setting(name: &str, value: &str, roleid: u32, superuser: bool) -> Result<(), NgError> {
+pub fn validate_setting(name: &str, value: &str, superuser: bool) -> Result<(), NgError> {
     let (n, v) = (cstring(name), cstring(value));
     let mut err = NgError::new();
-    if unsafe { ng_validate_setting(n.as_ptr(), v.as_ptr(), roleid, superuser, &mut err) } {
+    if unsafe { ng_validate_setting(n.as_ptr(), v.as_ptr(), superuser, &mut err) } {
         Ok(())
     } else {
         Err(err)

@@ -370,13 +370,13 @@ put_str(StringInfo out, const char *s)
  * call.  transaction_* settings only live within a transaction.
  */
 char *
-ng_take_session_settings(int *len, bool force)
+ng_take_session_settings(int *len)
 {
 	struct config_generic **vars;
 	int			n;
 	StringInfoData out;
 
-	if (!settings_dirty && !force)
+	if (!settings_dirty)
 		return NULL;
 	settings_dirty = false;
 	initStringInfo(&out);
@@ -450,13 +450,13 @@ put_statement(StringInfo out, PreparedStatement *ps)
  * included: the protocol does not say which was which).
  */
 char *
-ng_take_statements(int *len, bool force)
+ng_take_statements(int *len)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	StringInfoData out;
 	volatile bool ok = true;
 
-	if (!statements_dirty && !force)
+	if (!statements_dirty)
 		return NULL;
 	statements_dirty = false;
 
@@ -705,7 +705,7 @@ lookup_guc(const char *name)
  * connection's FATAL.
  */
 bool
-ng_validate_setting(const char *name, const char *value, Oid roleid, bool superuser, NgError *err)
+ng_validate_setting(const char *name, const char *value, bool superuser, NgError *err)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	volatile bool ok = true;

@@ -7,8 +7,8 @@ extern "C" {
     fn ng_install_session_hooks();
     fn ng_note_statement_messages();
     fn ng_pin_reason() -> c_int;
-    fn ng_take_session_settings(len: *mut c_int, force: bool) -> *mut c_char;
-    fn ng_take_statements(len: *mut c_int, force: bool) -> *mut c_char;
+    fn ng_take_session_settings(len: *mut c_int) -> *mut c_char;
+    fn ng_take_statements(len: *mut c_int) -> *mut c_char;
     fn ng_free(p: *mut c_char);
     fn ng_switch_begin(discard: bool, err: *mut NgError) -> bool;
     fn ng_switch_setting(name: *const c_char, value: *const c_char, from_startup: bool);
@@ -53,9 +53,9 @@ pub fn pin_reason() -> Pin {
     }
 }
 
-fn take(f: unsafe extern "C" fn(*mut c_int, bool) -> *mut c_char) -> Option<Vec<u8>> {
+fn take(f: unsafe extern "C" fn(*mut c_int) -> *mut c_char) -> Option<Vec<u8>> {
     let mut len: c_int = 0;
-    let p = unsafe { f(&mut len, false) };
+    let p = unsafe { f(&mut len) };
     if p.is_null() {
         return None;
     }

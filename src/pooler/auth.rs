@@ -299,7 +299,7 @@ impl Pooler {
                     if !needs_validation(name) {
                         continue;
                     }
-                    if let Err(e) = glue::validate_setting(name, value, session.info.role_oid, session.info.role_super) {
+                    if let Err(e) = glue::validate_setting(name, value, session.info.role_super) {
                         return self.client_fatal_fields(key, &e.to_fatal());
                     }
                 }

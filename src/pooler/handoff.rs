@@ -104,14 +104,14 @@ impl Pooler {
     pub fn client_needs_backend(&mut self, key: usize) {
         let Some(c) = self.client(key) else { return };
         let Some(pool) = c.pool else { return };
-        let (pinned, last, waited) = (c.pinned, c.last_backend, None);
+        let (pinned, last) = (c.pinned, c.last_backend);
         if let Some(b) = pinned {
             // Session mode: only this backend may serve the client.
             if matches!(self.backend(b).map(|b| &b.phase), Some(BPhase::Parked { .. })) {
-                return self.handoff(key, b, waited);
+                return self.handoff(key, b, None);
             }
         } else if let Some(b) = self.pools[pool].take_parked(last) {
-            return self.handoff(key, b, waited);
+            return self.handoff(key, b, None);
         }
         let Some(c) = self.client(key) else { return };
         c.phase = Phase::Waiting { since: Instant::now() };
