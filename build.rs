@@ -28,6 +28,7 @@ fn pg_config_path() -> PathBuf {
 fn main() {
     println!("cargo:rerun-if-changed=src/pg/glue.c");
     println!("cargo:rerun-if-changed=src/pg/session.c");
+    println!("cargo:rerun-if-changed=src/pg/dbcmd.c");
     println!("cargo:rerun-if-changed=src/pg/glue.h");
     println!("cargo:rerun-if-env-changed=PGRX_PG_CONFIG_PATH");
     let pg_config = pg_config_path();
@@ -39,6 +40,7 @@ fn main() {
     cc::Build::new()
         .file("src/pg/glue.c")
         .file("src/pg/session.c")
+        .file("src/pg/dbcmd.c")
         .include(&include)
         .flag_if_supported("-Wno-unused-parameter")
         .flag_if_supported("-Wno-missing-field-initializers")

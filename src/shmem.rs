@@ -19,7 +19,26 @@ pub struct Header {
     pub pools_cap: u32,
     pub clients_cap: u32,
     pub backends_cap: u32,
+    /// Databases a backend is about to drop (or rename, or copy as a
+    /// template): the pooler closes their pools' backends. Written by that
+    /// backend under the lock, cleared by it when the command ends.
+    pub drains: [Drain; DRAIN_SLOTS],
 }
+
+pub const DRAIN_SLOTS: usize = 8;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Drain {
+    pub database: [u8; NAME_LEN],
+    /// The backend running the command (0: slot free).
+    pub pid: i32,
+    /// When it started (TimestampTz): a slot is ignored after DRAIN_MAX_US,
+    /// so a backend that died mid-command cannot block a pool for long.
+    pub since: i64,
+}
+
+pub const DRAIN_MAX_US: i64 = 30_000_000;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -227,6 +246,59 @@ pub fn report_pin(pin: u8) {
     let _g = Guard::exclusive();
     if let Some(r) = t.backends_raw().iter_mut().find(|r| r.in_use && r.pid == pid) {
         r.pin = pin;
+    }
+}
+
+/// A backend (DROP DATABASE and friends) asks the pooler to close the
+/// backends of `database`'s pools; the returned slot is passed to
+/// `drain_end`. None when no slot is free or nextgres is not preloaded: the
+/// command then runs as it would without nextgres.
+pub fn drain_begin(database: &str) -> Option<usize> {
+    let t = tables()?;
+    let pid = unsafe { pgrx::pg_sys::MyProcPid };
+    let slot = {
+        let _g = Guard::exclusive();
+        let h = unsafe { &mut *t.base.cast::<Header>() };
+        let now = raw::now();
+        let i = h.drains.iter().position(|d| d.pid == 0 || now - d.since > DRAIN_MAX_US)?;
+        set_name(&mut h.drains[i].database, database);
+        h.drains[i].pid = pid;
+        h.drains[i].since = now;
+        i
+    };
+    wake_pooler(&t);
+    Some(slot)
+}
+
+pub fn drain_end(slot: usize) {
+    let Some(t) = tables() else { return };
+    {
+        let _g = Guard::exclusive();
+        let h = unsafe { &mut *t.base.cast::<Header>() };
+        h.drains[slot].pid = 0;
+    }
+    wake_pooler(&t);
+}
+
+/// SIGUSR1 sets a background worker's latch (procsignal_sigusr1_handler).
+fn wake_pooler(t: &Tables) {
+    let pid = t.pooler_pid();
+    if pid > 0 {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGUSR1);
+    }
+}
+
+impl Tables {
+    /// Pooler: the databases being drained now.
+    pub fn draining(&self) -> Vec<String> {
+        let _g = Guard::shared();
+        let now = raw::now();
+        self.header()
+            .drains
+            .iter()
+            .filter(|d| d.pid != 0 && now - d.since <= DRAIN_MAX_US)
+            .map(|d| name(&d.database))
+            .collect()
     }
 }
 

@@ -6,6 +6,7 @@
 //! ReadyForQuery(I) it gives its client back and parks until the pooler hands
 //! it the next client's socket (see `park`).
 mod comm;
+mod drain;
 mod login;
 mod park;
 mod session;
@@ -14,6 +15,7 @@ mod session;
 pub fn install() {
     comm::install();
     login::install();
+    drain::install();
     crate::pg::session::install_hooks();
 }
 

@@ -355,27 +355,36 @@ impl Pooler {
             if need == 0 {
                 break;
             }
-            let row = match self.conns.get(bk) {
-                Some(Conn::Backend(b)) => b.row,
-                _ => continue,
-            };
-            let pinned = self.tables.backend_pin(row) != 0;
-            let Some(b) = self.backend(bk) else { continue };
-            if b.release_requested || b.pinned_to.is_some() || pinned {
-                continue;
+            if self.backend_request_release(bk) {
+                need -= 1;
             }
-            let mut msg = Vec::with_capacity(5);
-            control::write_release_request(&mut msg);
-            if b.stream.write_all(&msg).is_err() {
-                continue;
-            }
-            b.release_requested = true;
-            if b.pid > 0 {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(b.pid), nix::sys::signal::Signal::SIGUSR1);
-            }
-            self.pools[pool].release_requested += 1;
-            need -= 1;
         }
+    }
+
+    /// Asks one attached backend to give its client back at its next
+    /// ReadyForQuery(I), unless it is pinned or already asked.
+    pub fn backend_request_release(&mut self, bk: usize) -> bool {
+        let row = match self.conns.get(bk) {
+            Some(Conn::Backend(b)) => b.row,
+            _ => return false,
+        };
+        let pinned = self.tables.backend_pin(row) != 0;
+        let Some(b) = self.backend(bk) else { return false };
+        if b.release_requested || b.pinned_to.is_some() || pinned {
+            return false;
+        }
+        let mut msg = Vec::with_capacity(5);
+        control::write_release_request(&mut msg);
+        if b.stream.write_all(&msg).is_err() {
+            return false;
+        }
+        b.release_requested = true;
+        if b.pid > 0 {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(b.pid), nix::sys::signal::Signal::SIGUSR1);
+        }
+        let pool = b.pool;
+        self.pools[pool].release_requested += 1;
+        true
     }
 
     /// Closing the control socket makes a parked backend exit.

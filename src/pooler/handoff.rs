@@ -34,7 +34,9 @@ impl Pooler {
                         Some("Each (database, role) pair needs a pool; raise nextgres.max_pools."),
                     );
                 };
-                let p = self.pools.insert(Pool::new(&name.0, &name.1, row));
+                let mut new = Pool::new(&name.0, &name.1, row);
+                new.draining = self.draining.contains(&name.0);
+                let p = self.pools.insert(new);
                 self.pool_by_name.insert(name, p);
                 p
             }
@@ -130,6 +132,9 @@ impl Pooler {
         let pool = b.pool;
         if b.pinned_to.is_some() {
             return;
+        }
+        if self.pools[pool].draining {
+            return self.backend_close(key);
         }
         while let Some(ck) = self.pools[pool].waiting.pop_front() {
             if let Some(c) = self.client(ck) {

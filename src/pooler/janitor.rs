@@ -18,6 +18,7 @@ impl Pooler {
         }
         self.last_janitor = Some(now);
         self.watch_smart_shutdown();
+        self.check_drains();
         let wait_limit = secs(QUERY_WAIT_TIMEOUT.get());
         let idle_limit = secs(IDLE_BACKEND_TIMEOUT.get());
         let auth_limit = secs(unsafe { pgrx::pg_sys::AuthenticationTimeout });

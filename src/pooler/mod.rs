@@ -7,12 +7,14 @@
 //! * `backend`: pool logins through the Unix socket, parked/attached backends.
 //! * pools themselves (queues, limits) are pure logic in `nextgres_core::pool`.
 //! * `handoff`: passing a client's socket to a backend.
+//! * `drain`: closing a database's backends for DROP DATABASE and friends.
 //! * `janitor`: periodic upkeep (timeouts).
 //! * `stats`: the shared tables the SQL functions read.
 mod auth;
 mod backend;
 mod client;
 mod conn;
+mod drain;
 mod handoff;
 mod janitor;
 mod listener;

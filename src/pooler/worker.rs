@@ -56,6 +56,8 @@ pub struct Pooler {
     pub mock_key: [u8; 32],
     /// Smart shutdown in progress: admit nobody, let pools drain.
     pub stopping: bool,
+    /// Databases a DROP DATABASE (or similar) is waiting on (see `drain`).
+    pub draining: Vec<String>,
     pub last_janitor: Option<std::time::Instant>,
 }
 
@@ -101,6 +103,7 @@ impl Pooler {
             clients: 0,
             mock_key,
             stopping: false,
+            draining: Vec::new(),
             last_janitor: None,
         };
         p.rows.reset_all(&p.tables);
@@ -129,6 +132,7 @@ impl Pooler {
                 if BackgroundWorker::sighup_received() {
                     self.reload();
                 }
+                self.check_drains();
             }
             loop {
                 let n = match self.epoll.wait(&mut events, EpollTimeout::ZERO) {

@@ -34,6 +34,7 @@ pub mod env;
 pub mod pgbench;
 pub mod ports;
 pub mod procs;
+pub mod raw;
 pub mod sql;
 pub mod util;
 

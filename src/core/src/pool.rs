@@ -54,6 +54,10 @@ pub struct Pool {
     /// clients are closed at once so they do not hold slots direct logins
     /// could use.
     pub close_when_idle: bool,
+    /// A DROP DATABASE (or another command that needs the database to
+    /// itself) is waiting for this pool's backends to leave: none logs in,
+    /// none parks.
+    pub draining: bool,
     pub last_login_error: Option<(ErrorFields, Instant)>,
     pub xacts: i64,
     pub waits: i64,
@@ -78,6 +82,7 @@ impl Pool {
             credential: None,
             params: None,
             close_when_idle: false,
+            draining: false,
             last_login_error: None,
             xacts: 0,
             waits: 0,
@@ -101,7 +106,7 @@ impl Pool {
     /// backends already starting will not serve, and the pool has room.
     pub fn wants_backend(&self, pool_size: usize) -> bool {
         let demand = self.waiting.len() + usize::from(self.params.is_none() && !self.login_pending.is_empty());
-        self.backends < pool_size && demand > self.starting
+        !self.draining && self.backends < pool_size && demand > self.starting
     }
 
     pub fn record_wait(&mut self, since: Instant) {
@@ -124,6 +129,15 @@ mod tests {
         assert_eq!(p.take_parked(Some(42)), Some(7));
         assert_eq!(p.take_parked(None), Some(3));
         assert_eq!(p.take_parked(None), None);
+    }
+
+    #[test]
+    fn a_draining_pool_never_grows() {
+        let mut p = Pool::new("db", "r", 0);
+        p.waiting.push_back(1);
+        assert!(p.wants_backend(4));
+        p.draining = true;
+        assert!(!p.wants_backend(4));
     }
 
     #[test]
