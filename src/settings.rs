@@ -20,7 +20,7 @@ pub static POOL_MODE: GucSetting<PoolMode> = GucSetting::<PoolMode>::new(PoolMod
 pub static QUERY_WAIT_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(120);
 /// Let a backend keep its idle client between transactions while no other
 /// client of its pool waits (no handoff at all when the pool is not saturated).
-pub static HOLD_IDLE_CLIENTS: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static HOLD_IDLE_CLIENTS: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Seconds a parked backend may stay unused before it is closed (0: never).
 pub static IDLE_BACKEND_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(600);
 

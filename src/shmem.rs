@@ -102,6 +102,11 @@ pub struct BackendRow {
     pub since: i64,
     /// Why the backend keeps its client (crate::pg::session::Pin); written by the backend.
     pub pin: u8,
+    /// 1 while the backend keeps an idle client only because nobody waits
+    /// (nextgres.hold_idle_clients); written by the backend. The pooler asks
+    /// only such backends for their client: the others check the waiting
+    /// count themselves at their next ReadyForQuery.
+    pub lingering: u8,
 }
 
 fn caps() -> (usize, usize, usize) {
@@ -299,6 +304,35 @@ impl Tables {
             .filter(|d| d.pid != 0 && now - d.since <= DRAIN_MAX_US)
             .map(|d| name(&d.database))
             .collect()
+    }
+}
+
+/// A pooled backend's own row in the backends table (the pooler fills in
+/// the pid during the login, so early lookups may find nothing).
+pub fn own_backend_row() -> Option<usize> {
+    let t = tables()?;
+    let pid = unsafe { pgrx::pg_sys::MyProcPid };
+    let _g = Guard::shared();
+    t.backends_raw().iter().position(|r| r.in_use && r.pid == pid)
+}
+
+/// Pooled backend: announce (or stop announcing) that it keeps an idle
+/// client. Store, then a full fence before the backend reads the waiting
+/// count, pairs with the pooler's store of that count and fence before it
+/// reads this flag: at least one side sees the other, so a waiting client is
+/// never left behind a lingering backend.
+pub fn set_lingering(row: usize, on: bool) {
+    let Some(t) = tables() else { return };
+    if let Some(r) = t.backends_raw().get_mut(row) {
+        unsafe { std::ptr::write_volatile(&mut r.lingering, on as u8) };
+    }
+    std::sync::atomic::fence(Ordering::SeqCst);
+}
+
+impl Tables {
+    pub fn backend_lingering(&self, row: usize) -> bool {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.backends_raw().get(row).is_some_and(|r| unsafe { std::ptr::read_volatile(&r.lingering) } != 0)
     }
 }
 

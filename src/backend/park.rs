@@ -31,6 +31,8 @@ struct Parking {
     inbuf: Vec<u8>,
     /// Pin last written to shared memory.
     pin: Pin,
+    /// This backend's row in the shared backends table, once known.
+    row: Option<usize>,
 }
 
 thread_local! {
@@ -64,6 +66,7 @@ pub fn transaction_boundary() {
                 release_requested: false,
                 inbuf: Vec::new(),
                 pin: Pin::None,
+                row: None,
             }
         });
         if let Some(client) = p.attached {
@@ -100,9 +103,20 @@ pub fn transaction_boundary() {
 /// go back to the pooler (the client is leaving, or, unless pinned, another
 /// client waits or the pooler asked).
 fn linger(p: &mut Parking, pinned: bool) -> bool {
+    let optional = !pinned && !p.reserved;
+    let _announced = if optional {
+        if p.row.is_none() {
+            p.row = crate::shmem::own_backend_row();
+        }
+        // Without its row the pooler could not ask for the client back.
+        let Some(row) = p.row else { return false };
+        Some(Lingering::announce(row))
+    } else {
+        None
+    };
     loop {
         read_control(p);
-        if !pinned && !p.reserved && (p.release_requested || crate::shmem::pool_waiting(p.pool_row) > 0) {
+        if optional && (p.release_requested || crate::shmem::pool_waiting(p.pool_row) > 0) {
             return false;
         }
         match glue::linger_wait(-1) {
@@ -124,6 +138,23 @@ fn linger(p: &mut Parking, pinned: bool) -> bool {
             LingerEvent::PostmasterDeath => unsafe { pgrx::pg_sys::proc_exit(1) },
             LingerEvent::Timeout => {}
         }
+    }
+}
+
+/// The shared flag saying this backend keeps an idle client, up while
+/// lingering and down on every way out.
+struct Lingering(usize);
+
+impl Lingering {
+    fn announce(row: usize) -> Lingering {
+        crate::shmem::set_lingering(row, true);
+        Lingering(row)
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        crate::shmem::set_lingering(self.0, false);
     }
 }
 
@@ -162,6 +193,7 @@ fn release(p: &mut Parking, client: u64) {
         settings: sess::take_session_settings(),
         statements: sess::take_statements(),
     };
+    session::note_release(released.settings.as_deref(), released.statements.as_deref());
     let mut msg = Vec::with_capacity(64);
     control::write_released(&mut msg, &released);
     write_all(p.control, &msg);

@@ -8,18 +8,77 @@
 //! values, so every setting a previous client supplied at startup is first
 //! put back to this backend's own value from its login, remembered the first
 //! time any client touched it (right after a DISCARD, so it is the login's).
+//!
+//! Most switches need none of that: when the previous client left nothing
+//! behind (no SET, no prepared statement: the trackers in session.c saw none,
+//! and pinned state never gets here) and the next client has the same startup
+//! settings and an empty image, the session already is what the next client
+//! would get, so only the sequence caches are dropped (currval/lastval).
 use crate::pg::glue;
 use crate::pg::session as s;
-use nextgres_core::control::SessionImage;
+use nextgres_core::control::{SessionImage, Statement};
 use std::cell::RefCell;
 use std::collections::HashMap;
 
+/// What this backend's session holds beyond its login, as far as switching
+/// is concerned.
+#[derive(Default)]
+struct Shape {
+    /// A switch ran, so `startup` is meaningful.
+    known: bool,
+    /// Startup settings of the last client switched to.
+    startup: Vec<(String, String)>,
+    /// No SET/set_config value of a client is in effect.
+    settings_clean: bool,
+    /// No named prepared statement of a client exists.
+    statements_clean: bool,
+}
+
 thread_local! {
+    static SHAPE: RefCell<Shape> = RefCell::new(Shape::default());
     /// Setting name (lower case) -> (name, value this backend logged in with).
     static BASELINE: RefCell<HashMap<String, (String, String)>> = RefCell::new(HashMap::new());
 }
 
 pub fn switch_to(startup: &[(String, String)], image: &SessionImage) {
+    let same = SHAPE.with(|sh| {
+        let sh = sh.borrow();
+        sh.known
+            && sh.settings_clean
+            && sh.statements_clean
+            && image.settings.is_empty()
+            && image.statements.is_empty()
+            && sh.startup == startup
+    });
+    if same {
+        s::switch_light();
+        return;
+    }
+    full_switch(startup, image);
+    SHAPE.with(|sh| {
+        let mut sh = sh.borrow_mut();
+        sh.known = true;
+        sh.startup = startup.to_vec();
+        sh.settings_clean = image.settings.is_empty();
+        sh.statements_clean = image.statements.is_empty();
+    });
+}
+
+/// At release: what the client changed since it was attached (None: the
+/// trackers saw no change of that kind).
+pub fn note_release(settings: Option<&[(String, String)]>, statements: Option<&[Statement]>) {
+    SHAPE.with(|sh| {
+        let mut sh = sh.borrow_mut();
+        if let Some(v) = settings {
+            sh.settings_clean = v.is_empty();
+        }
+        if let Some(v) = statements {
+            sh.statements_clean = v.is_empty();
+        }
+    });
+}
+
+fn full_switch(startup: &[(String, String)], image: &SessionImage) {
     if let Err(e) = s::switch_begin(true) {
         fatal(&e.message());
     }
@@ -59,6 +118,11 @@ pub fn discard() {
     if let Err(e) = s::switch_begin(true).and_then(|_| s::switch_end()) {
         fatal(&e.message());
     }
+    SHAPE.with(|sh| {
+        let mut sh = sh.borrow_mut();
+        sh.settings_clean = true;
+        sh.statements_clean = true;
+    });
 }
 
 /// Never run a client on a half-switched session.

@@ -17,6 +17,8 @@
 #include "catalog/objectaccess.h"
 #include "catalog/pg_authid.h"
 #include "catalog/pg_class.h"
+#include "catalog/pg_proc.h"
+#include "commands/sequence.h"
 #include "commands/discard.h"
 #include "commands/prepare.h"
 #include "executor/executor.h"
@@ -43,6 +45,7 @@
 #include "utils/plancache.h"
 #include "utils/portal.h"
 #include "utils/rel.h"
+#include "utils/syscache.h"
 #include "utils/tuplestore.h"
 
 #include "glue.h"
@@ -222,10 +225,41 @@ ng_executor_start(QueryDesc *queryDesc, int eflags)
 		standard_ExecutorStart(queryDesc, eflags);
 }
 
+/*
+ * A function whose body mentions set_config (PL/pgSQL evaluating it as a
+ * simple expression, an SQL function the planner would inline) changes
+ * settings without passing the executor or fmgr as set_config itself:
+ * claiming it for fmgr_hook keeps it from being inlined and makes every
+ * call visible.  needs_fmgr_hook is asked only for non-built-in functions,
+ * at planning (inlining) and at fmgr_info time.
+ */
+static bool
+source_mentions_set_config(Oid fn_oid)
+{
+	HeapTuple	tup = SearchSysCache1(PROCOID, ObjectIdGetDatum(fn_oid));
+	bool		found = false;
+
+	if (HeapTupleIsValid(tup))
+	{
+		bool		isnull;
+		Datum		d = SysCacheGetAttr(PROCOID, tup, Anum_pg_proc_prosrc, &isnull);
+
+		if (!isnull)
+		{
+			char	   *src = TextDatumGetCString(d);
+
+			found = strcasestr(src, "set_config") != NULL;
+			pfree(src);
+		}
+		ReleaseSysCache(tup);
+	}
+	return found;
+}
+
 static bool
 ng_needs_fmgr(Oid fn_oid)
 {
-	if (fn_oid == F_SET_CONFIG)
+	if (fn_oid == F_SET_CONFIG || source_mentions_set_config(fn_oid))
 		return true;
 	return prev_needs_fmgr ? prev_needs_fmgr(fn_oid) : false;
 }
@@ -233,8 +267,8 @@ ng_needs_fmgr(Oid fn_oid)
 static void
 ng_fmgr(FmgrHookEventType event, FmgrInfo *flinfo, Datum *private)
 {
-	if (flinfo->fn_oid == F_SET_CONFIG)
-		settings_dirty = true;
+	/* Any function claimed above (or by a previous hook: harmless). */
+	settings_dirty = true;
 	if (prev_fmgr)
 		prev_fmgr(event, flinfo, private);
 }
@@ -532,6 +566,17 @@ ng_free(void *p)
 /* ------------------------------------------------------------------------
  * Restoring a client's session on this backend.
  * ------------------------------------------------------------------------ */
+
+/*
+ * The next client's session would be identical to the one left here (same
+ * startup settings, nothing set or prepared): skip DISCARD ALL, but forget
+ * the sequence values, which currval()/lastval() would otherwise show.
+ */
+void
+ng_switch_light(void)
+{
+	ResetSequenceCaches();
+}
 
 /* Starts the switch: its own transaction, optionally DISCARD ALL first. */
 bool

@@ -21,6 +21,7 @@ extern "C" {
         err: *mut NgError,
     ) -> bool;
     fn ng_switch_end(err: *mut NgError) -> bool;
+    fn ng_switch_light();
 }
 
 /// Why a client must stay on its backend.
@@ -121,6 +122,11 @@ pub fn switch_statement(st: &Statement) -> Result<(), NgError> {
     } else {
         Err(err)
     }
+}
+
+/// Between two clients whose sessions would look the same: no DISCARD.
+pub fn switch_light() {
+    unsafe { ng_switch_light() }
 }
 
 pub fn switch_end() -> Result<(), NgError> {

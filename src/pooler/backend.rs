@@ -355,22 +355,25 @@ impl Pooler {
             if need == 0 {
                 break;
             }
-            if self.backend_request_release(bk) {
+            if self.backend_request_release(bk, false) {
                 need -= 1;
             }
         }
     }
 
     /// Asks one attached backend to give its client back at its next
-    /// ReadyForQuery(I), unless it is pinned or already asked.
-    pub fn backend_request_release(&mut self, bk: usize) -> bool {
+    /// ReadyForQuery(I), unless it is pinned or already asked. Unless
+    /// `force`, only a backend keeping an idle client is asked: one inside a
+    /// transaction sees the waiting count itself when it ends.
+    pub fn backend_request_release(&mut self, bk: usize, force: bool) -> bool {
         let row = match self.conns.get(bk) {
             Some(Conn::Backend(b)) => b.row,
             _ => return false,
         };
         let pinned = self.tables.backend_pin(row) != 0;
+        let lingering = self.tables.backend_lingering(row);
         let Some(b) = self.backend(bk) else { return false };
-        if b.release_requested || b.pinned_to.is_some() || pinned {
+        if b.release_requested || b.pinned_to.is_some() || pinned || !(lingering || force) {
             return false;
         }
         let mut msg = Vec::with_capacity(5);

@@ -65,7 +65,7 @@ impl Pooler {
         // In a transaction they finish it first; holding an idle client they
         // give it back now. Either way backend_available then closes them.
         for k in attached {
-            self.backend_request_release(k);
+            self.backend_request_release(k, true);
         }
     }
 }

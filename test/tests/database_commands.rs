@@ -70,7 +70,7 @@ fn pooled_in(pg: &Cluster, db: &str) -> i64 {
 }
 
 /// Three clients each run a transaction at the same time, so the pool has
-/// three backends; they all park afterwards.
+/// at least three backends.
 fn fill_pool(pg: &Cluster, db: &str) -> Vec<Client> {
     let mut clients: Vec<Client> = (0..3).map(|_| connect(pg, db)).collect();
     for c in clients.iter_mut() {
@@ -80,8 +80,8 @@ fn fill_pool(pg: &Cluster, db: &str) -> Vec<Client> {
         c.batch_execute("COMMIT").unwrap();
     }
     assert!(
-        wait_until(SETTLE, || pooled_in(pg, db) == 3),
-        "expected 3 pooled backends in {db}, have {}",
+        wait_until(SETTLE, || pooled_in(pg, db) >= 3),
+        "expected 3 or more pooled backends in {db}, have {}",
         pooled_in(pg, db)
     );
     clients
