@@ -522,13 +522,13 @@ fn smart_stop_waits_for_clients_not_for_parked_backends() {
 /// while no pooler runs are not refused: they wait in the listen backlog,
 /// which the postmaster keeps, and are served by the new pooler.
 ///
-/// EXTENSION BUG (reported, test kept failing on purpose): a pooler started
-/// while `global/pg_internal.init` exists (every pooler but the first, since
-/// the first ordinary backend writes that file) cannot authenticate anyone:
-/// each login gets FATAL XX000 "nextgres: missing support function 1 for
-/// attribute 1 of index "pg_database_oid_index"" (PG 16) or "function
-/// "ambeginscan" is not defined for index ..." (PG 15). The logins are
-/// checked last so the other points of this test are still exercised.
+/// Regression test (fixed in 82ed819, heap-scan catalog lookups): a pooler
+/// started while `global/pg_internal.init` exists (every pooler but the
+/// first, since the first ordinary backend writes that file) could not
+/// authenticate anyone: each login got FATAL XX000 "nextgres: missing
+/// support function 1 for attribute 1 of index "pg_database_oid_index""
+/// (PG 16) or "function "ambeginscan" is not defined for index ..." (PG 15).
+/// The logins are checked last so the other points are exercised anyway.
 #[test]
 fn pooler_sigterm_restarts_without_refusing_connections() {
     run(Cluster::builder().conf("nextgres.pool_size = 2"), |pg| {
@@ -627,13 +627,13 @@ fn pooler_sigterm_restarts_without_refusing_connections() {
     });
 }
 
-/// EXTENSION BUG (reported, test kept failing on purpose): when the pooler
-/// ends a client that has unread input (a waiting client's query, which the
-/// pooler leaves in the socket for the backend), it closes the socket with
-/// that input unread, so the kernel sends a reset after the FATAL. Clients
+/// Regression test (fixed in 82ed819, `linger_close`): when the pooler
+/// ended a client that had unread input (a waiting client's query, which the
+/// pooler leaves in the socket for the backend), it closed the socket with
+/// that input unread, so the kernel sent a reset after the FATAL. Clients
 /// that read everything still see the FATAL, but drivers that stop at the
 /// socket error report "connection reset by peer" instead: rust-postgres did
-/// so for the 57P01 of a fast stop. The connection should end with an
+/// so for the 57P01 of a fast stop. The connection must end with an
 /// orderly close (FIN), as the server's own FATALs do.
 #[test]
 fn pooler_fatal_ends_with_orderly_close() {
