@@ -315,7 +315,11 @@ impl Pooler {
     /// waiting on it get the error (with the pg_hba.conf fix when it is an
     /// authentication failure); otherwise they wait for the live backends.
     pub fn pool_login_failed(&mut self, pool: usize, mut f: ErrorFields) {
-        if matches!(f.sqlstate.as_str(), "28000" | "28P01") && f.hint.is_none() {
+        // The hint is for pg_hba.conf refusing the pool's local login, not
+        // for what ALTER ROLE or DROP ROLE changed (the server's own words
+        // say that already).
+        let role_state = f.message.ends_with("is not permitted to log in") || f.message.ends_with("does not exist");
+        if matches!(f.sqlstate.as_str(), "28000" | "28P01") && f.hint.is_none() && !role_state {
             f.hint = Some(HBA_HINT.into());
         }
         let Some(p) = self.pools.get_mut(pool) else { return };

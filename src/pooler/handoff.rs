@@ -44,8 +44,14 @@ impl Pooler {
         let session_mode = POOL_MODE.get() == PoolMode::Session;
         let known = {
             let p = &mut self.pools[pool];
-            if cred.is_some() {
-                p.credential = cred;
+            if let Some(new) = cred {
+                // A client that proved another secret (ALTER ROLE ... PASSWORD):
+                // a pool login that failed with the previous key says nothing
+                // about this one, so do not answer it with that failure.
+                if p.credential.as_ref().is_none_or(|old| !same_secret(old, &new)) {
+                    p.last_login_error = None;
+                }
+                p.credential = Some(new);
             }
             p.close_when_idle = limited;
             p.clients += 1;
@@ -276,6 +282,16 @@ fn recent_failure(p: &Pool) -> Option<nextgres_core::proto::ErrorFields> {
         .as_ref()
         .filter(|(_, at)| p.backends == 0 && at.elapsed().as_millis() <= 1000)
         .map(|(f, _)| f.clone())
+}
+
+/// Do two credentials come from the same stored secret? (A SCRAM secret is
+/// identified by its ServerKey, which a new password's fresh salt changes.)
+fn same_secret(a: &Credential, b: &Credential) -> bool {
+    match (a, b) {
+        (Credential::Scram { server_key: x, .. }, Credential::Scram { server_key: y, .. }) => x == y,
+        (Credential::Md5(x), Credential::Md5(y)) => x == y,
+        _ => false,
+    }
 }
 
 /// Sends an ATTACH with the client's fd. Control messages are small and the
