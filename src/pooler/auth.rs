@@ -9,6 +9,7 @@ use crate::pg::glue::{self, HbaMethod, NgLoginInfo};
 use nextgres_core::auth::{self, ScramServer, StoredSecret};
 use nextgres_core::pool::Credential;
 use nextgres_core::proto::{self, ErrorFields};
+use pgrx::pg_sys;
 
 enum State {
     Cleartext,
@@ -103,8 +104,17 @@ impl AuthSession {
                 Step::Continue(out)
             }
             HbaMethod::Md5 => {
-                // As the server: md5 lines use SCRAM for roles with a SCRAM secret.
-                if matches!(s.secret(), StoredSecret::Scram(_)) {
+                // As the server (CheckPWChallengeAuth): md5 lines challenge
+                // with md5 only for an md5 secret. Without a usable secret
+                // (unknown role, none set, VALID UNTIL passed) the exchange
+                // follows password_encryption, so such roles blend in with
+                // the roles that do have one.
+                let md5 = if s.info.has_secret {
+                    matches!(s.secret(), StoredSecret::Md5(_))
+                } else {
+                    (unsafe { pg_sys::Password_encryption }) as u32 == pg_sys::PasswordType::PASSWORD_TYPE_MD5
+                };
+                if !md5 {
                     s.start_scram(user, mock_key)
                 } else {
                     let salt = random::<4>();

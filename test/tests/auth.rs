@@ -1,8 +1,11 @@
 //! Client authentication through the pooler, differentially: in side-port
 //! mode (`nextgres.port`) the server keeps its own TCP listener under the same
-//! pg_hba.conf, so every login is tried both ways, with rust-postgres and with
-//! psql, and must end the same (SQLSTATE, message, detail, hint; psql's stderr
-//! text). Plus SCRAM pass-through for pool logins in takeover mode.
+//! pg_hba.conf, so every login is tried both ways, with rust-postgres, with
+//! psql and with a raw protocol client, and must end the same (SQLSTATE,
+//! message, detail, hint; psql's stderr text; the authentication request the
+//! client is sent). `hba_matrix_matches_direct_server` runs at least 40 such
+//! logins under several pg_hba.conf files (switched by reload) and prints how
+//! many. Plus SCRAM pass-through for pool logins in takeover mode.
 //!
 //! ```sh
 //! NEXTGRES_PG=16 cargo test -p nextgres-test --test auth -- --test-threads=2
@@ -66,11 +69,14 @@ fn auth_cluster() -> SidePort {
 /// One login to try both ways: who, where, with what, and what the direct
 /// server is expected to answer ("ok" or a SQLSTATE) so a broken setup cannot
 /// make both sides agree on the wrong thing.
+#[derive(Clone, Debug)]
 struct Case {
     user: &'static str,
     db: &'static str,
     password: Option<&'static str>,
     expect: &'static str,
+    /// Client address: `127.0.0.1` unless [`Case::via`] says otherwise.
+    host: &'static str,
 }
 
 fn case(
@@ -84,6 +90,15 @@ fn case(
         db,
         password,
         expect,
+        host: "127.0.0.1",
+    }
+}
+
+impl Case {
+    /// The same login from another local address (`::1`).
+    fn via(mut self, host: &'static str) -> Case {
+        self.host = host;
+        self
     }
 }
 
@@ -95,15 +110,68 @@ fn expected_matches(o: &Outcome, expect: &str) -> bool {
     }
 }
 
-/// Tries every case directly and through the pooler with rust-postgres and
-/// psql; returns the mismatches and the (database, role) pairs that logged in.
+/// What a raw protocol client sees before it would have to answer: each
+/// authentication request (with the SASL mechanisms offered), an error's
+/// SQLSTATE, or ReadyForQuery. Tells an md5 challenge from a SCRAM one where
+/// the final error is the same words.
+fn raw_auth_outcome(host: &str, port: u16, user: &str, db: &str) -> String {
+    let ip: std::net::IpAddr = host.parse().expect("numeric client address");
+    let addr = std::net::SocketAddr::new(ip, port);
+    let mut s = match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+        Ok(s) => s,
+        Err(e) => return format!("connect: {e}"),
+    };
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("read timeout");
+    let (msgs, _) = pool_support::raw_startup(&mut s, &[("user", user), ("database", db)]);
+    let mut out = Vec::new();
+    for m in &msgs {
+        match m.tag {
+            b'R' => {
+                let code = m
+                    .body
+                    .get(..4)
+                    .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                    .unwrap_or(-1);
+                if code == 10 {
+                    let mechs: Vec<String> = m.body[4..]
+                        .split(|&b| b == 0)
+                        .filter(|x| !x.is_empty())
+                        .map(|x| String::from_utf8_lossy(x).into_owned())
+                        .collect();
+                    out.push(format!("R10{mechs:?}"));
+                } else {
+                    out.push(format!("R{code}"));
+                }
+            }
+            b'E' => out.push(format!("E{}", m.field(b'C').unwrap_or_default())),
+            b'Z' => out.push("Z".into()),
+            _ => {}
+        }
+    }
+    if out.is_empty() {
+        "nothing".into()
+    } else {
+        out.join(" ")
+    }
+}
+
+/// Tries every case directly and through the pooler with rust-postgres,
+/// psql and a raw protocol client (which authentication request comes
+/// first); returns the mismatches and the (database, role) pairs that logged
+/// in.
 fn differential(sp: &SidePort, cases: &[Case]) -> (Vec<String>, BTreeSet<(String, String)>) {
     let mut problems = Vec::new();
     let mut pooled_ok = BTreeSet::new();
     for c in cases {
-        let direct = sp.direct(c.user, c.db).maybe_password(c.password);
-        let pooled = sp.pooled(c.user, c.db).maybe_password(c.password);
-        let label = format!("{}@{} password={:?}", c.user, c.db, c.password);
+        let mut direct = sp.direct(c.user, c.db).maybe_password(c.password);
+        let mut pooled = sp.pooled(c.user, c.db).maybe_password(c.password);
+        direct.host = c.host.into();
+        pooled.host = c.host.into();
+        let label = format!(
+            "{}@{} from {} password={:?}",
+            c.user, c.db, c.host, c.password
+        );
 
         let (rd, rp) = (rust_outcome(&direct, None), rust_outcome(&pooled, None));
         if !expected_matches(&rd, c.expect) {
@@ -123,6 +191,15 @@ fn differential(sp: &SidePort, cases: &[Case]) -> (Vec<String>, BTreeSet<(String
         );
         if pd != pp {
             problems.push(format!("{label}: psql\n   direct: {pd}\n   pooled: {pp}"));
+        }
+        let (ad, ap) = (
+            raw_auth_outcome(c.host, direct.port, c.user, c.db),
+            raw_auth_outcome(c.host, pooled.port, c.user, c.db),
+        );
+        if ad != ap {
+            problems.push(format!(
+                "{label}: authentication requests\n   direct: {ad}\n   pooled: {ap}"
+            ));
         }
         if c.expect == "ok" {
             pooled_ok.insert((c.db.to_string(), c.user.to_string()));
@@ -279,6 +356,345 @@ host samerole all 127.0.0.1/32 password
     if pools != pooled_ok {
         problems.push(format!(
             "nextgres.pools is {pools:?}, expected exactly {pooled_ok:?}"
+        ));
+    }
+    assert!(
+        problems.is_empty(),
+        "{} mismatches:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+}
+
+/// The smallest number of distinct logins [`hba_matrix_matches_direct_server`]
+/// must compare; the test fails if its table shrinks below this.
+const MATRIX_MIN_CASES: usize = 40;
+
+/// Methods, passwords and role attributes: every line has a trailing
+/// `all` fallback so each role lands on the method its line names.
+const HBA_METHODS: &str = "\
+local all all trust
+host all probe1 127.0.0.1/32 trust
+host replication all 127.0.0.1/32 trust
+host all pw_u,pw_md5,exp_pw,ghost_pw 127.0.0.1/32 password
+host all md5_u,scram_md5,nopw,exp_md5,fut_md5,ghost_md5 127.0.0.1/32 md5
+host all trust_u,exp_trust 127.0.0.1/32 trust
+host all all 127.0.0.1/32 scram-sha-256
+";
+
+/// Role and database keywords, group membership, comma lists, an @file, and
+/// reject lines before and after lines that match.
+const HBA_KEYWORDS: &str = "\
+local all all trust
+host all probe2 127.0.0.1/32 trust
+host all outsider 127.0.0.1/32 reject
+host all +staff 127.0.0.1/32 scram-sha-256
+host sameuser all 127.0.0.1/32 trust
+host samerole all 127.0.0.1/32 md5
+host db_a,db_b scram_u 127.0.0.1/32 trust
+host @dbs.list scram_u 127.0.0.1/32 password
+host all scram_u 127.0.0.1/32 reject
+host all scram_u 127.0.0.1/32 trust
+host postgres \"CamelRole\",md5_u 127.0.0.1/32 password
+";
+
+/// Client addresses (other hosts, wider CIDRs, samehost, samenet, a
+/// netmask column, IPv6 loopback) and first-match-wins ordering.
+const HBA_ADDRESSES: &str = "\
+local all all trust
+host all probe3 127.0.0.1/32 trust
+host all all 127.0.0.2/32 reject
+host all all 10.0.0.0/8 reject
+host all all ::2/128 reject
+host all addr_a 127.0.0.0/8 trust
+host all addr_b samehost trust
+host all addr_c samenet trust
+host all addr_d 127.0.0.1 255.255.255.255 trust
+host all v6_u ::1/128 trust
+host all v6_u 127.0.0.1/32 reject
+host all first_u 127.0.0.1/32 trust
+host all first_u 127.0.0.1/32 reject
+host all second_u 127.0.0.1/32 reject
+host all second_u 127.0.0.1/32 trust
+host all md5_u 127.0.0.1/32 scram-sha-256
+host all all ::1/128 scram-sha-256
+host all all 127.0.0.1/32 md5
+";
+
+/// Does this machine have an IPv6 loopback to listen on?
+fn ipv6_loopback() -> bool {
+    std::net::TcpListener::bind("[::1]:0").is_ok()
+}
+
+/// Installs `hba`, reloads, and waits until both the server and the pooler
+/// (which re-reads pg_hba.conf on SIGHUP) admit `probe`, which only this
+/// configuration lets in. Returns the probe's pool.
+fn switch_hba(sp: &SidePort, hba: &str, probe: &'static str) -> (String, String) {
+    sp.pg.set_hba(hba).expect("writing pg_hba.conf");
+    let reloaded: bool = sp
+        .pg
+        .admin()
+        .query_one("SELECT pg_reload_conf()", &[])
+        .expect("pg_reload_conf")
+        .get(0);
+    assert!(reloaded, "pg_reload_conf() returned false");
+    let ok = |ci: nextgres_test::ConnInfo| matches!(rust_outcome(&ci, None), Outcome::Ok(_));
+    assert!(
+        nextgres_test::wait_until(Duration::from_secs(20), || {
+            ok(sp.direct(probe, "postgres")) && ok(sp.pooled(probe, "postgres"))
+        }),
+        "pg_hba.conf for {probe} never took effect on both sides\n{}",
+        sp.pg.log_tail(30)
+    );
+    ("postgres".to_string(), probe.to_string())
+}
+
+/// Acceptance (issue 5): at least 40 distinct logins under three pg_hba.conf
+/// configurations, switched by reload in one cluster, end the same through
+/// the pooler as directly (SQLSTATE, message, detail, hint, psql's text and
+/// the authentication request sent): addresses (127.0.0.1/32, other CIDRs,
+/// samehost, samenet, a netmask column, ::1 when the machine has it);
+/// databases (named, all, sameuser, samerole, comma lists, @file); roles
+/// (named, all, quoted, +group with direct and nested membership, a
+/// non-member); reject lines before and after matching lines;
+/// first-match-wins; trust/password/md5/scram-sha-256 with right, wrong,
+/// empty and missing passwords; md5 lines with SCRAM secrets, SCRAM lines
+/// with md5 secrets, roles without a secret; VALID UNTIL past and future;
+/// NOLOGIN; unknown roles and databases; password_encryption deciding the
+/// exchange for roles without a secret on md5 lines.
+#[test]
+fn hba_matrix_matches_direct_server() {
+    let v6 = ipv6_loopback();
+    let listen = if v6 { "127.0.0.1,::1" } else { "127.0.0.1" };
+    let sp = SidePort::start(
+        Cluster::builder()
+            .hba(HBA_METHODS)
+            .listen_addresses(listen)
+            .conf("nextgres.pool_size = 1"),
+    );
+    let pg = &sp.pg;
+    exec(pg, "CREATE EXTENSION nextgres");
+    for r in [
+        "scram_u", "scram_md5", "pw_u", "trust_u", "s_direct", "s_nested", "outsider",
+        "nonmem", "u_same", "CamelRole", "v6_u",
+    ] {
+        pg.create_role(r, PW, PasswordEncryption::ScramSha256);
+    }
+    for r in ["md5_u", "pw_md5", "t_member", "t_nested"] {
+        pg.create_role(r, PW, PasswordEncryption::Md5);
+    }
+    let mut setup = format!(
+        "SET password_encryption = 'scram-sha-256';
+         CREATE ROLE exp_scram LOGIN PASSWORD '{PW}' VALID UNTIL '2001-01-01';
+         CREATE ROLE exp_pw LOGIN PASSWORD '{PW}' VALID UNTIL '2001-01-01';
+         CREATE ROLE exp_trust LOGIN PASSWORD '{PW}' VALID UNTIL '2001-01-01';
+         CREATE ROLE fut_scram LOGIN PASSWORD '{PW}' VALID UNTIL '2999-01-01';
+         CREATE ROLE nologin_u NOLOGIN PASSWORD '{PW}';
+         CREATE ROLE nopw LOGIN;
+         SET password_encryption = 'md5';
+         CREATE ROLE exp_md5 LOGIN PASSWORD '{PW}' VALID UNTIL '2001-01-01';
+         CREATE ROLE fut_md5 LOGIN PASSWORD '{PW}' VALID UNTIL '2999-01-01';
+         RESET password_encryption;
+         CREATE ROLE staff NOLOGIN;
+         CREATE ROLE inner_grp NOLOGIN IN ROLE staff;
+         GRANT staff TO s_direct;
+         GRANT inner_grp TO s_nested;
+         CREATE ROLE team NOLOGIN;
+         CREATE ROLE team_inner NOLOGIN IN ROLE team;
+         GRANT team TO t_member;
+         GRANT team_inner TO t_nested;"
+    );
+    for r in ["addr_a", "addr_b", "addr_c", "addr_d", "first_u", "second_u"] {
+        setup.push_str(&format!("; CREATE ROLE {r} LOGIN"));
+    }
+    for p in ["probe1", "probe2", "probe3", "probe4"] {
+        setup.push_str(&format!("; CREATE ROLE {p} LOGIN"));
+    }
+    // exec() runs statements one by one on one session: SET carries over.
+    {
+        let mut admin = pg.admin();
+        for stmt in setup.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            admin
+                .batch_execute(stmt)
+                .unwrap_or_else(|e| panic!("{stmt}: {e:?}"));
+        }
+    }
+    for db in ["u_same", "team", "db_a", "db_b", "db_c"] {
+        pg.create_database(db, "postgres");
+    }
+    // The @file of HBA_KEYWORDS, next to pg_hba.conf.
+    std::fs::write(pg.data_dir().join("dbs.list"), "db_c\n").expect("writing dbs.list");
+
+    let pw = Some(PW);
+    let wrong = Some("wrong");
+    let empty = Some("");
+    let configs: Vec<(&str, &str, &'static str, Vec<Case>)> = vec![
+        (
+            "methods",
+            HBA_METHODS,
+            "probe1",
+            vec![
+                // scram-sha-256 line (via `all`).
+                case("scram_u", "postgres", pw, "ok"),
+                case("scram_u", "postgres", wrong, "28P01"),
+                case("scram_u", "postgres", empty, "28P01"),
+                case("scram_u", "postgres", None, "client"),
+                case("exp_scram", "postgres", pw, "28P01"), // VALID UNTIL past
+                case("fut_scram", "postgres", pw, "ok"),    // VALID UNTIL future
+                case("nologin_u", "postgres", pw, "28000"),
+                case("ghost", "postgres", pw, "28P01"), // unknown role: mock SCRAM
+                case("scram_u", "nosuchdb", pw, "3D000"),
+                case("ghost", "nosuchdb", pw, "28P01"),
+                // md5 line.
+                case("md5_u", "postgres", pw, "ok"),
+                case("md5_u", "postgres", wrong, "28P01"),
+                case("md5_u", "postgres", empty, "28P01"),
+                case("md5_u", "postgres", None, "client"),
+                case("scram_md5", "postgres", pw, "ok"), // SCRAM secret: the server does SCRAM
+                case("scram_md5", "postgres", wrong, "28P01"),
+                case("scram_md5", "postgres", None, "client"),
+                case("nopw", "postgres", pw, "28P01"), // no secret at all
+                case("exp_md5", "postgres", pw, "28P01"),
+                case("fut_md5", "postgres", pw, "ok"),
+                case("fut_md5", "postgres", wrong, "28P01"),
+                case("ghost_md5", "postgres", pw, "28P01"), // unknown role named on the line
+                // password line.
+                case("pw_u", "postgres", pw, "ok"),
+                case("pw_u", "postgres", wrong, "28P01"),
+                case("pw_u", "postgres", empty, "28P01"),
+                case("pw_u", "postgres", None, "client"),
+                case("pw_md5", "postgres", pw, "ok"),
+                case("pw_md5", "postgres", wrong, "28P01"),
+                case("exp_pw", "postgres", pw, "28P01"),
+                case("ghost_pw", "postgres", pw, "28P01"),
+                // trust line.
+                case("trust_u", "postgres", None, "ok"),
+                case("trust_u", "postgres", wrong, "ok"),
+                case("exp_trust", "postgres", None, "ok"), // trust ignores VALID UNTIL
+                case("trust_u", "nosuchdb", None, "3D000"),
+            ],
+        ),
+        (
+            "keywords",
+            HBA_KEYWORDS,
+            "probe2",
+            vec![
+                case("s_direct", "postgres", pw, "ok"), // +staff, direct member
+                case("s_direct", "postgres", wrong, "28P01"),
+                case("s_nested", "postgres", pw, "ok"), // +staff through inner_grp
+                case("staff", "postgres", pw, "28P01"), // the group itself: no password
+                case("outsider", "postgres", pw, "28000"), // reject before a matching line
+                case("nonmem", "postgres", pw, "28000"), // member of nothing: no line
+                case("u_same", "u_same", None, "ok"),   // sameuser
+                case("scram_u", "u_same", pw, "28000"), // reject after lines for other databases
+                case("t_member", "team", pw, "ok"),     // samerole, direct member
+                case("t_member", "team", wrong, "28P01"),
+                case("t_nested", "team", pw, "ok"), // samerole through team_inner
+                case("nonmem", "team", pw, "28000"),
+                case("ghost", "team", pw, "28000"), // unknown role is no member
+                case("s_direct", "team", pw, "ok"), // +staff comes first
+                case("scram_u", "db_a", None, "ok"), // comma list
+                case("scram_u", "db_b", None, "ok"),
+                case("scram_u", "db_c", pw, "ok"), // @file
+                case("scram_u", "db_c", wrong, "28P01"),
+                case("scram_u", "postgres", pw, "28000"), // a later trust line is never reached
+                case("scram_u", "nosuchdb", pw, "28000"), // hba decides before the database
+                case("CamelRole", "postgres", pw, "ok"), // quoted name
+                case("camelrole", "postgres", pw, "28000"),
+                case("md5_u", "postgres", pw, "ok"),
+            ],
+        ),
+        (
+            "addresses",
+            HBA_ADDRESSES,
+            "probe3",
+            vec![
+                case("addr_a", "postgres", None, "ok"), // 127.0.0.0/8
+                case("addr_b", "postgres", None, "ok"), // samehost
+                case("addr_c", "postgres", None, "ok"), // samenet
+                case("addr_d", "postgres", None, "ok"), // address + netmask columns
+                case("v6_u", "postgres", None, "28000"), // its trust line is for ::1
+                case("first_u", "postgres", None, "ok"), // first match wins
+                case("second_u", "postgres", None, "28000"),
+                case("md5_u", "postgres", pw, "28P01"), // md5 secret on a SCRAM line
+                case("scram_u", "postgres", pw, "ok"),  // md5 line, SCRAM secret
+                case("nopw", "postgres", pw, "28P01"),
+                case("v6_u", "postgres", None, "ok").via("::1"),
+                case("scram_u", "postgres", pw, "ok").via("::1"),
+                case("scram_u", "postgres", wrong, "28P01").via("::1"),
+                case("ghost", "postgres", pw, "28P01").via("::1"),
+                case("md5_u", "postgres", pw, "28P01").via("::1"),
+            ],
+        ),
+    ];
+
+    // Last, the methods again with password_encryption = md5: roles without
+    // a usable secret on an md5 line now get an md5 challenge from the
+    // server, as if theirs were md5.
+    let hba_md5_default = HBA_METHODS.replace("probe1", "probe4");
+    let md5_default = vec![
+        case("nopw", "postgres", pw, "28P01"),
+        case("exp_md5", "postgres", pw, "28P01"),
+        case("ghost_md5", "postgres", pw, "28P01"),
+        case("ghost", "postgres", pw, "28P01"), // scram-sha-256 line: still SCRAM
+        case("md5_u", "postgres", pw, "ok"),
+        case("scram_md5", "postgres", pw, "ok"),
+    ];
+
+    let mut problems = Vec::new();
+    let mut expected_pools = BTreeSet::new();
+    let mut distinct = BTreeSet::new();
+    let mut skipped = 0;
+    for (name, hba, probe, cases) in configs
+        .into_iter()
+        .chain([("md5 default", hba_md5_default.as_str(), "probe4", md5_default)])
+    {
+        if name == "md5 default" {
+            pg.append_conf("password_encryption = md5")
+                .expect("password_encryption = md5");
+        }
+        let cases: Vec<Case> = cases
+            .into_iter()
+            .filter(|c| {
+                let keep = v6 || c.host != "::1";
+                skipped += usize::from(!keep);
+                keep
+            })
+            .collect();
+        for c in &cases {
+            let key = (name, c.host, c.user, c.db, c.password);
+            assert!(distinct.insert(key), "case listed twice: {key:?}");
+        }
+        expected_pools.insert(switch_hba(&sp, hba, probe));
+        let (p, ok) = differential(&sp, &cases);
+        problems.extend(p.into_iter().map(|p| format!("[{name}] {p}")));
+        expected_pools.extend(ok);
+    }
+    eprintln!(
+        "hba_matrix_matches_direct_server: {} distinct logins compared{}",
+        distinct.len(),
+        if v6 {
+            String::new()
+        } else {
+            format!(" ({skipped} IPv6 cases skipped: no ::1 on this machine)")
+        }
+    );
+    assert!(
+        distinct.len() >= MATRIX_MIN_CASES,
+        "only {} logins compared, at least {MATRIX_MIN_CASES} required",
+        distinct.len()
+    );
+
+    let pools: BTreeSet<(String, String)> = pg
+        .admin()
+        .query("SELECT database, role FROM nextgres.pools", &[])
+        .expect("nextgres.pools")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    if pools != expected_pools {
+        problems.push(format!(
+            "nextgres.pools is {pools:?}, expected exactly {expected_pools:?}"
         ));
     }
     assert!(
