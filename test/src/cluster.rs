@@ -716,6 +716,11 @@ impl Cluster {
         );
         if s.preload {
             text.push_str(&format!("shared_preload_libraries = '{EXTENSION_LIB}'\n"));
+            // Most suites watch backends park after every transaction (the
+            // handoff path every saturated pool takes); tests of the default
+            // behaviour, which keeps idle clients while nobody waits, add
+            // `.conf("nextgres.hold_idle_clients = on")`.
+            text.push_str("nextgres.hold_idle_clients = off\n");
         }
         for line in self.conf_lines.lock().expect("conf lock").iter() {
             text.push_str(line);

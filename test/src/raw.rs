@@ -19,7 +19,8 @@ pub enum RawFail {
 
 /// Minimal protocol-3 client (trust auth only) for what drivers hide.
 pub struct Raw {
-    s: TcpStream,
+    /// The socket, for tests that write bytes of their own.
+    pub s: TcpStream,
     timeout: Duration,
 }
 
@@ -169,7 +170,7 @@ impl Raw {
     }
 }
 
-fn parse_row(body: &[u8]) -> Vec<Option<String>> {
+pub fn parse_row(body: &[u8]) -> Vec<Option<String>> {
     let n = i16::from_be_bytes([body[0], body[1]]) as usize;
     let mut at = 2;
     let mut out = Vec::with_capacity(n);
@@ -189,7 +190,7 @@ fn parse_row(body: &[u8]) -> Vec<Option<String>> {
     out
 }
 
-fn parse_error(body: &[u8]) -> RawFail {
+pub fn parse_error(body: &[u8]) -> RawFail {
     let (mut severity, mut code, mut message) = (String::new(), String::new(), String::new());
     for field in body.split(|&b| b == 0).filter(|f| !f.is_empty()) {
         let v = String::from_utf8_lossy(&field[1..]).into_owned();

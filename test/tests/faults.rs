@@ -37,8 +37,8 @@ use fault_support::*;
 fn idle_client_disconnect_and_terminate_keep_backends() {
     run(Cluster::builder().conf("nextgres.pool_size = 2"), |pg| {
         let pooler = pooler_pid(pg).expect("pooler running");
-        let mut c1 = Raw::connect(pg, APP);
-        let mut c2 = Raw::connect(pg, APP);
+        let mut c1 = raw(pg, APP);
+        let mut c2 = raw(pg, APP);
         // Two backends: c2's query arrives while c1 holds one in a transaction.
         c1.query("BEGIN").expect("BEGIN");
         c2.value("SELECT 1");
@@ -190,7 +190,7 @@ fn client_killed_mid_transaction_releases_locks() {
         assert!(!pooled_pids(pg).contains(&holder), "{:?}", pooled(pg));
 
         // Same with a raw client that just closes its socket mid-transaction.
-        let mut raw = Raw::connect(pg, APP);
+        let mut raw = raw(pg, APP);
         raw.query("BEGIN").expect("BEGIN");
         raw.query("UPDATE t SET v = v + 100 WHERE id = 1")
             .expect("UPDATE");
@@ -276,7 +276,7 @@ fn terminate_parked_and_attached_backends() {
         // An attached backend: a raw client inside a transaction, so we
         // can read what the server tells it.
         drop(a);
-        let mut raw = Raw::connect(pg, APP);
+        let mut raw = raw(pg, APP);
         raw.query("BEGIN").expect("BEGIN");
         let attached: i32 = raw.value("SELECT pg_backend_pid()").parse().expect("pid");
         let ok: bool = admin
@@ -369,7 +369,7 @@ fn query_wait_timeout_and_max_client_conn() {
         holder.batch_execute("BEGIN; SELECT 1").expect("BEGIN");
         // A raw client: it reads the FATAL whether the connection then ends
         // with a FIN or a reset (see pooler_fatal_ends_with_orderly_close).
-        let mut waiter = Raw::connect(pg, APP);
+        let mut waiter = raw(pg, APP);
         waiter.send_query("SELECT 1");
         let (severity, code, _) = waiter.expect_fatal();
         assert_eq!((severity.as_str(), code.as_str()), ("FATAL", "53400"));
@@ -436,13 +436,13 @@ fn query_wait_timeout_and_max_client_conn() {
 fn fast_stop_with_parked_attached_and_waiting_clients() {
     run(Cluster::builder().conf("nextgres.pool_size = 1"), |pg| {
         // Pool (app2): one idle client, its backend parked.
-        let mut idle = Raw::connect(pg, APP2);
+        let mut idle = raw(pg, APP2);
         idle.value("SELECT 1");
         // Pool (app): the only backend attached to an open transaction, and
         // a second client queued for it.
         let mut attached = connect(pg, APP);
         attached.batch_execute("BEGIN; SELECT 1").expect("BEGIN");
-        let mut waiting = Raw::connect(pg, APP);
+        let mut waiting = raw(pg, APP);
         waiting.send_query("SELECT 'waited'");
         assert!(
             wait_until(SETTLE, || clients(pg).iter().any(|c| c.1 == "waiting")),
@@ -533,8 +533,8 @@ fn smart_stop_waits_for_clients_not_for_parked_backends() {
 fn pooler_sigterm_restarts_without_refusing_connections() {
     run(Cluster::builder().conf("nextgres.pool_size = 2"), |pg| {
         let old = pooler_pid(pg).expect("pooler running");
-        let mut idle = Raw::connect(pg, APP);
-        let mut in_xact = Raw::connect(pg, APP);
+        let mut idle = raw(pg, APP);
+        let mut in_xact = raw(pg, APP);
         in_xact
             .query("BEGIN; UPDATE t SET v = v + 1 WHERE id = 1")
             .expect("open transaction");
@@ -644,7 +644,7 @@ fn pooler_fatal_ends_with_orderly_close() {
         let pooler = pooler_pid(pg).expect("pooler running");
         let mut holder = connect(pg, APP);
         holder.batch_execute("BEGIN").expect("BEGIN");
-        let mut waiter = Raw::connect(pg, APP);
+        let mut waiter = raw(pg, APP);
         waiter.send_query("SELECT 1");
         let (severity, code, end) = waiter.expect_fatal();
         assert_eq!((severity.as_str(), code.as_str()), ("FATAL", "53400"));

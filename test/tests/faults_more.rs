@@ -228,19 +228,19 @@ fn crash_restart_recovers_pooler_and_pools() {
         let postmaster = pg.pid().expect("postmaster");
         let old_pooler = pooler_pid(pg).expect("pooler running");
         // A second pool with an idle client: its backend is parked.
-        let mut parked_client = Raw::connect(pg, APP2);
+        let mut parked_client = raw(pg, APP2);
         parked_client.value("SELECT 1");
         // Both backends of pool (app) attached to open transactions.
-        let mut attached1 = Raw::connect(pg, APP);
+        let mut attached1 = raw(pg, APP);
         attached1
             .query("BEGIN; UPDATE t SET v = v + 1 WHERE id = 1")
             .expect("open transaction 1");
-        let mut attached2 = Raw::connect(pg, APP);
+        let mut attached2 = raw(pg, APP);
         attached2.query("BEGIN").expect("open transaction 2");
         attached2.value("SELECT 2");
         // An idle client and a waiting one.
-        let mut idle = Raw::connect(pg, APP);
-        let mut waiting = Raw::connect(pg, APP);
+        let mut idle = raw(pg, APP);
+        let mut waiting = raw(pg, APP);
         waiting.send_query("SELECT 'waited'");
         assert!(
             wait_until(SETTLE, || clients(pg).iter().any(|c| c.1 == "waiting")),
@@ -616,7 +616,7 @@ fn client_killed_mid_copy() {
             after_dead_copy(pg, &mut other, "psql killed in COPY FROM");
 
             // (b) a raw client closes its socket mid COPY FROM.
-            let mut raw = Raw::connect(pg, APP);
+            let mut raw = raw(pg, APP);
             raw.send_query("COPY copy_t FROM STDIN");
             loop {
                 let (tag, _) = raw.read_msg().expect("CopyInResponse");
@@ -727,7 +727,7 @@ fn client_killed_while_waiting_for_backend() {
         let waiting = |pg: &Cluster| clients(pg).iter().filter(|c| c.1 == "waiting").count();
 
         // A raw client waits, then drops its socket.
-        let mut raw = Raw::connect(pg, APP);
+        let mut raw = raw(pg, APP);
         let raw_port = raw.local_port();
         raw.send_query("UPDATE t SET v = v + 100 WHERE id = 1");
         assert!(

@@ -82,9 +82,22 @@ impl Tally {
 /// [`POOL_SIZE`]: zero marker mismatches, every counter exactly M.
 #[test]
 fn soak_isolation_and_exact_counts() {
+    soak(false);
+}
+
+/// The same with `nextgres.hold_idle_clients = on` (the default): backends
+/// keep idle clients until another client waits, so the soak also runs the
+/// release-on-request path on nearly every transaction.
+#[test]
+fn soak_with_hold_idle_clients() {
+    soak(true);
+}
+
+fn soak(hold_idle: bool) {
     let size = size();
     let pg = Cluster::builder()
         .conf(format!("nextgres.pool_size = {POOL_SIZE}"))
+        .conf(format!("nextgres.hold_idle_clients = {}", if hold_idle { "on" } else { "off" }))
         .max_connections(MAX_CONNECTIONS)
         .start();
     exec(

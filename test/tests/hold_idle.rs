@@ -1,0 +1,142 @@
+//! `nextgres.hold_idle_clients = on` (the default): after a transaction a
+//! pooled backend keeps its idle client while no other client of the pool
+//! waits, so an unsaturated pool makes no handoff; as soon as another client
+//! waits, the pooler asks the backend for the client back.
+//!
+//! ```sh
+//! NEXTGRES_PG=16 cargo test -p nextgres-test --test hold_idle -- --test-threads=2
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nextgres_test::{with_timeout, Cluster, StopMode};
+use postgres::{Client, SimpleQueryMessage};
+
+const APP: &str = "app";
+const DB: &str = "postgres";
+const TEST_LIMIT: Duration = Duration::from_secs(180);
+
+fn run(pool_size: u32, body: impl FnOnce(&Cluster) + Send + 'static) {
+    let pg = Arc::new(
+        Cluster::builder()
+            .conf(format!("nextgres.pool_size = {pool_size}"))
+            .conf("nextgres.hold_idle_clients = on")
+            .start(),
+    );
+    pg.admin()
+        .batch_execute("CREATE EXTENSION nextgres; CREATE ROLE app LOGIN;")
+        .unwrap();
+    let guard = StopOnFailure(pg.clone());
+    let pg2 = pg.clone();
+    let name = std::thread::current().name().unwrap_or("test").to_string();
+    with_timeout(TEST_LIMIT, &name, move || body(&pg2));
+    drop(guard);
+}
+
+struct StopOnFailure(Arc<Cluster>);
+
+impl Drop for StopOnFailure {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.keep();
+            eprintln!("--- server log (tail) ---\n{}", self.0.log_tail(100));
+            self.0.stop_timeout(StopMode::Immediate, Duration::from_secs(10));
+        }
+    }
+}
+
+#[track_caller]
+fn connect(pg: &Cluster) -> Client {
+    pg.connect_tcp(APP, DB, None)
+        .unwrap_or_else(|e| panic!("connecting through the pooler: {e:?}\n{}", pg.log_tail(30)))
+}
+
+#[track_caller]
+fn one(c: &mut Client, sql: &str) -> String {
+    let msgs = c.simple_query(sql).unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    msgs.iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{sql}: no value"))
+}
+
+/// (handoffs, attached backends) of the pool, from the nextgres views.
+fn pool_counts(pg: &Cluster) -> (i64, i64) {
+    let r = pg
+        .admin()
+        .query_one(
+            "SELECT coalesce(sum(transactions), 0)::int8, coalesce(sum(backends_attached), 0)::int8 FROM nextgres.pools",
+            &[],
+        )
+        .unwrap();
+    (r.get(0), r.get(1))
+}
+
+/// One client alone keeps its backend: every transaction runs on the same
+/// backend without going back to the pooler, and the backend shows as
+/// attached while the client is idle.
+#[test]
+fn an_unsaturated_pool_makes_no_handoff() {
+    run(2, |pg| {
+        let mut a = connect(pg);
+        let pid = one(&mut a, "SELECT pg_backend_pid()");
+        let (handoffs_before, attached) = pool_counts(pg);
+        assert_eq!(attached, 1, "the idle client keeps its backend");
+        for _ in 0..200 {
+            assert_eq!(one(&mut a, "SELECT pg_backend_pid()"), pid);
+        }
+        let (handoffs_after, _) = pool_counts(pg);
+        assert_eq!(handoffs_after, handoffs_before, "transactions went through the pooler");
+    });
+}
+
+/// Pool of one backend, two clients taking turns: each turn the waiting
+/// client must get the backend back from the idle one, and each keeps its
+/// own session (a SET follows its client, never the backend).
+#[test]
+fn a_waiting_client_gets_the_backend_of_an_idle_one() {
+    run(1, |pg| {
+        let mut a = connect(pg);
+        let mut b = connect(pg);
+        a.batch_execute("SET application_name = 'client-a'").unwrap();
+        b.batch_execute("SET application_name = 'client-b'").unwrap();
+        let pid = one(&mut a, "SELECT pg_backend_pid()");
+        for i in 0..100 {
+            assert_eq!(one(&mut b, "SHOW application_name"), "client-b", "turn {i}");
+            assert_eq!(one(&mut a, "SHOW application_name"), "client-a", "turn {i}");
+        }
+        assert_eq!(one(&mut b, "SELECT pg_backend_pid()"), pid, "a second backend appeared");
+        // Inside a transaction the client keeps the backend; the other waits
+        // until COMMIT, then runs.
+        a.batch_execute("BEGIN; SELECT 1").unwrap();
+        let waiter = std::thread::spawn(move || {
+            let v = one(&mut b, "SHOW application_name");
+            (b, v)
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!waiter.is_finished(), "the waiting client ran inside another client's transaction");
+        a.batch_execute("COMMIT").unwrap();
+        let (_b, v) = waiter.join().unwrap();
+        assert_eq!(v, "client-b");
+    });
+}
+
+/// An idle client that disconnects while holding its backend gives the
+/// backend back to the pool, cleaned: the next client does not see its
+/// settings or prepared statements.
+#[test]
+fn a_leaving_idle_client_gives_back_a_clean_backend() {
+    run(1, |pg| {
+        let mut a = connect(pg);
+        a.batch_execute("SET search_path = pg_catalog; PREPARE leak AS SELECT 1").unwrap();
+        let pid = one(&mut a, "SELECT pg_backend_pid()");
+        drop(a);
+        let mut b = connect(pg);
+        assert_eq!(one(&mut b, "SELECT pg_backend_pid()"), pid);
+        assert_eq!(one(&mut b, "SHOW search_path"), "\"$user\", public");
+        assert_eq!(one(&mut b, "SELECT count(*) FROM pg_prepared_statements"), "0");
+    });
+}

@@ -1,0 +1,102 @@
+//! The session switch between clients with identical startup settings skips
+//! DISCARD ALL when the previous client left nothing the trackers saw. These
+//! are the ways a session can change without SET, PREPARE or a statement
+//! mentioning set_config: each must still stay with its client.
+//!
+//! ```sh
+//! NEXTGRES_PG=16 cargo test -p nextgres-test --test session_switch -- --test-threads=2
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nextgres_test::{with_timeout, Cluster, StopMode};
+use postgres::{Client, SimpleQueryMessage};
+
+const TEST_LIMIT: Duration = Duration::from_secs(120);
+
+fn run(body: impl FnOnce(&Cluster) + Send + 'static) {
+    let pg = Arc::new(Cluster::builder().conf("nextgres.pool_size = 1").start());
+    pg.admin()
+        .batch_execute(
+            "CREATE EXTENSION nextgres;
+             CREATE ROLE app LOGIN;
+             CREATE SEQUENCE s;
+             GRANT USAGE ON SEQUENCE s TO app;
+             CREATE FUNCTION plpgsql_sets(v text) RETURNS void LANGUAGE plpgsql AS $$
+             DECLARE x text;
+             BEGIN
+               x := set_config('my.plpgsql', v, false);
+             END $$;
+             CREATE FUNCTION sql_sets(v text) RETURNS text LANGUAGE sql AS
+               $$ SELECT set_config('my.sql', v, false) $$;
+             CREATE FUNCTION plpgsql_calls(v text) RETURNS void LANGUAGE plpgsql AS $$
+             DECLARE x text;
+             BEGIN
+               x := sql_sets(v);
+             END $$;",
+        )
+        .unwrap();
+    let guard = StopOnFailure(pg.clone());
+    let pg2 = pg.clone();
+    let name = std::thread::current().name().unwrap_or("test").to_string();
+    with_timeout(TEST_LIMIT, &name, move || body(&pg2));
+    drop(guard);
+}
+
+struct StopOnFailure(Arc<Cluster>);
+
+impl Drop for StopOnFailure {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.keep();
+            eprintln!("--- server log (tail) ---\n{}", self.0.log_tail(100));
+            self.0.stop_timeout(StopMode::Immediate, Duration::from_secs(10));
+        }
+    }
+}
+
+fn value(c: &mut Client, sql: &str) -> Option<String> {
+    let msgs = c.simple_query(sql).unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    msgs.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(r) => Some(r.get(0).map(str::to_string)),
+        _ => None,
+    })?
+}
+
+/// A custom setting as a client sees it ('' and NULL both mean unset).
+fn setting(c: &mut Client, name: &str) -> String {
+    value(c, &format!("SELECT current_setting('{name}', true)")).unwrap_or_default()
+}
+
+#[test]
+fn state_changed_without_set_stays_with_its_client() {
+    run(|pg| {
+        let mut a = pg.connect_tcp("app", "postgres", None).unwrap();
+        let mut b = pg.connect_tcp("app", "postgres", None).unwrap();
+        let pid = value(&mut a, "SELECT pg_backend_pid()");
+        assert_eq!(value(&mut b, "SELECT pg_backend_pid()"), pid, "one backend serves both");
+
+        // currval/lastval: a sequence value of one client is not another's.
+        value(&mut a, "SELECT nextval('s')");
+        let err = b.simple_query("SELECT currval('s')").expect_err("currval of another client's nextval");
+        assert_eq!(err.code().map(|c| c.code()), Some("55000"), "{err:?}");
+
+        // set_config in PL/pgSQL simple expressions, in an SQL function the
+        // planner would inline, and in a PL/pgSQL function calling it.
+        let cases = [
+            ("SELECT plpgsql_sets('from-a')", "my.plpgsql"),
+            ("SELECT sql_sets('from-a')", "my.sql"),
+        ];
+        for (call, name) in cases {
+            value(&mut a, call);
+            assert_eq!(setting(&mut b, name), "", "{call}: another client sees {name}");
+            assert_eq!(setting(&mut a, name), "from-a", "{call}: {name} did not follow its client");
+        }
+        value(&mut a, "SELECT set_config('my.sql', '', false)");
+        value(&mut b, "RESET ALL");
+        value(&mut a, "SELECT plpgsql_calls('again-a')");
+        assert_eq!(setting(&mut b, "my.sql"), "", "nested call: another client sees my.sql");
+        assert_eq!(setting(&mut a, "my.sql"), "again-a");
+    });
+}
