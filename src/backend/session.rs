@@ -9,10 +9,12 @@
 //! put back to this backend's own value from its login, remembered the first
 //! time any client touched it (right after a DISCARD, so it is the login's).
 //!
-//! Most switches need none of that: when the previous client left nothing
-//! behind (no SET, no prepared statement: the trackers in session.c saw none,
-//! and pinned state never gets here) and the next client has the same startup
-//! settings and an empty image, the session already is what the next client
+//! Most switches need none of that: when the previous client left no setting
+//! behind (the trackers in session.c saw no SET, and pinned state never gets
+//! here), the next client has the same startup settings and no SET of its
+//! own, and the backend's named prepared statements are exactly the ones the
+//! next client has (same names, texts and parameter types: typically none,
+//! or the same application's), the session already is what the next client
 //! would get, so only the sequence caches are dropped (currval/lastval).
 use crate::pg::glue;
 use crate::pg::session as s;
@@ -30,8 +32,8 @@ struct Shape {
     startup: Vec<(String, String)>,
     /// No SET/set_config value of a client is in effect.
     settings_clean: bool,
-    /// No named prepared statement of a client exists.
-    statements_clean: bool,
+    /// The named prepared statements this backend has.
+    statements: Vec<Statement>,
 }
 
 thread_local! {
@@ -45,23 +47,27 @@ pub fn switch_to(startup: &[(String, String)], image: &SessionImage) {
         let sh = sh.borrow();
         sh.known
             && sh.settings_clean
-            && sh.statements_clean
             && image.settings.is_empty()
-            && image.statements.is_empty()
             && sh.startup == startup
+            && same_statements(&sh.statements, &image.statements)
     });
     if same {
         s::switch_light();
         return;
     }
-    full_switch(startup, image);
+    let statements = full_switch(startup, image);
     SHAPE.with(|sh| {
         let mut sh = sh.borrow_mut();
         sh.known = true;
         sh.startup = startup.to_vec();
         sh.settings_clean = image.settings.is_empty();
-        sh.statements_clean = image.statements.is_empty();
+        sh.statements = statements;
     });
+}
+
+/// Same set of statements (names are unique, order does not matter).
+fn same_statements(have: &[Statement], want: &[Statement]) -> bool {
+    have.len() == want.len() && want.iter().all(|w| have.contains(w))
 }
 
 /// At release: what the client changed since it was attached (None: the
@@ -73,12 +79,14 @@ pub fn note_release(settings: Option<&[(String, String)]>, statements: Option<&[
             sh.settings_clean = v.is_empty();
         }
         if let Some(v) = statements {
-            sh.statements_clean = v.is_empty();
+            sh.statements = v.to_vec();
         }
     });
 }
 
-fn full_switch(startup: &[(String, String)], image: &SessionImage) {
+/// DISCARD ALL, then the client's settings and statements; returns the
+/// statements that could be re-created.
+fn full_switch(startup: &[(String, String)], image: &SessionImage) -> Vec<Statement> {
     if let Err(e) = s::switch_begin(true) {
         fatal(&e.message());
     }
@@ -103,14 +111,17 @@ fn full_switch(startup: &[(String, String)], image: &SessionImage) {
     for (n, v) in &image.settings {
         s::switch_setting(n, v, false);
     }
+    let mut created = Vec::with_capacity(image.statements.len());
     for st in &image.statements {
-        if let Err(e) = s::switch_statement(st) {
-            log::info!("prepared statement \"{}\" could not be re-created: {}", st.name, e.message());
+        match s::switch_statement(st) {
+            Ok(()) => created.push(st.clone()),
+            Err(e) => log::info!("prepared statement \"{}\" could not be re-created: {}", st.name, e.message()),
         }
     }
     if let Err(e) = s::switch_end() {
         fatal(&e.message());
     }
+    created
 }
 
 /// DISCARD ALL between clients (a client left a pinned session).
@@ -121,7 +132,7 @@ pub fn discard() {
     SHAPE.with(|sh| {
         let mut sh = sh.borrow_mut();
         sh.settings_clean = true;
-        sh.statements_clean = true;
+        sh.statements.clear();
     });
 }
 

@@ -569,8 +569,9 @@ ng_free(void *p)
 
 /*
  * The next client's session would be identical to the one left here (same
- * startup settings, nothing set or prepared): skip DISCARD ALL, but forget
- * the sequence values, which currval()/lastval() would otherwise show.
+ * startup settings, nothing set, the same prepared statements): skip
+ * DISCARD ALL, but forget the sequence values, which currval()/lastval()
+ * would otherwise show.
  */
 void
 ng_switch_light(void)

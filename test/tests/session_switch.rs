@@ -100,3 +100,29 @@ fn state_changed_without_set_stays_with_its_client() {
         assert_eq!(setting(&mut a, "my.sql"), "again-a");
     });
 }
+
+/// Identical prepared statements (same name and text) are kept on the
+/// backend across clients; any difference still gives each client its own.
+#[test]
+fn prepared_statements_stay_per_client() {
+    run(|pg| {
+        let mut a = pg.connect_tcp("app", "postgres", None).unwrap();
+        let mut b = pg.connect_tcp("app", "postgres", None).unwrap();
+        value(&mut a, "PREPARE p AS SELECT 'same'");
+        value(&mut b, "PREPARE p AS SELECT 'same'");
+        for _ in 0..10 {
+            assert_eq!(value(&mut a, "EXECUTE p").as_deref(), Some("same"));
+            assert_eq!(value(&mut b, "EXECUTE p").as_deref(), Some("same"));
+        }
+        value(&mut b, "DEALLOCATE p");
+        assert_eq!(value(&mut a, "EXECUTE p").as_deref(), Some("same"));
+        let err = b.simple_query("EXECUTE p").expect_err("a deallocated statement");
+        assert_eq!(err.code().map(|c| c.code()), Some("26000"), "{err:?}");
+        value(&mut b, "PREPARE p AS SELECT 'b'");
+        for _ in 0..10 {
+            assert_eq!(value(&mut a, "EXECUTE p").as_deref(), Some("same"));
+            assert_eq!(value(&mut b, "EXECUTE p").as_deref(), Some("b"));
+        }
+        assert_eq!(value(&mut a, "SELECT count(*) FROM pg_prepared_statements").as_deref(), Some("1"));
+    });
+}
