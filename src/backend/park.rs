@@ -185,6 +185,7 @@ fn drain_requests(p: &mut Parking) {
 /// Put the control socket back in place of the client's and tell the pooler.
 fn release(p: &mut Parking, client: u64) {
     let sock = glue::port_sock();
+    glue::febe_detach();
     if let Err(e) = nix::unistd::dup2(p.control, sock) {
         fatal(&format!("could not release the client socket: {e}"));
     }
@@ -272,7 +273,7 @@ fn attach_client(p: &mut Parking, (a, fd): (Attach, RawFd), timer_was_on: bool) 
         fatal(&format!("could not attach the client socket: {e}"));
     }
     let _ = nix::unistd::close(fd);
-    glue::rebuild_febe_wait_set();
+    glue::febe_attach();
     // A cancel aimed at the previous client may have landed after its
     // transaction ended; it must not hit this one.
     glue::clear_stale_cancel();

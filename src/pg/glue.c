@@ -11,7 +11,10 @@
 #define _GNU_SOURCE				/* struct ucred */
 #include "postgres.h"
 
+#include <fcntl.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include "access/heapam.h"
 #include "access/table.h"
@@ -143,19 +146,114 @@ ng_consume_buffered_terminate(void)
 }
 
 /*
- * epoll follows file descriptions, not fd numbers: after dup2() put another
- * socket under MyProcPort->sock the old registration is stale.  Rebuild the
- * set exactly as pq_init() does (socket, latch, postmaster death).
+ * epoll follows file descriptions, not fd numbers: after dup2() puts another
+ * socket under MyProcPort->sock, the FE/BE wait set's socket entry still
+ * watches the old one, and PostgreSQL has no call to re-point it
+ * (ModifyWaitEvent only changes the mask of the existing entry).  Rebuilding
+ * the set per attach (epoll_create, three epoll_ctl, close) cost ~9% of a
+ * pooled backend's CPU in the prototype, so the set is built once, at the
+ * first attach, and then only its socket entry moves: detach deletes it
+ * before the client's socket leaves `sock`, attach adds it for the next one
+ * with the same WaitEvent pointer and the mask PostgreSQL derives from the
+ * event's flags.  The set's epoll fd is learned when it is built (the lowest
+ * free fd, confirmed in /proc) and its socket event from a zero-timeout
+ * epoll_wait (the socket is writable); if either cannot be confirmed, the
+ * set is rebuilt on every attach instead.
  */
-void
-ng_rebuild_febe_wait_set(void)
+static int	febe_epoll_fd = -1;
+static WaitEvent *febe_socket_event = NULL;
+static bool febe_socket_in_set = false;
+
+static bool
+fd_is_epoll(int fd)
 {
+	char		path[64];
+	char		target[64];
+	ssize_t		n;
+
+	snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+	n = readlink(path, target, sizeof(target) - 1);
+	if (n <= 0)
+		return false;
+	target[n] = '\0';
+	return strcmp(target, "anon_inode:[eventpoll]") == 0;
+}
+
+/* The set exactly as pq_init() builds it: socket, latch, postmaster death. */
+static void
+febe_build(void)
+{
+	int			probe;
+
 	if (FeBeWaitSet)
 		FreeWaitEventSet(FeBeWaitSet);
+	FeBeWaitSet = NULL;
+	probe = fcntl(0, F_DUPFD_CLOEXEC, 0);	/* the lowest free fd */
+	if (probe >= 0)
+		close(probe);
 	FeBeWaitSet = create_session_wait_set(FeBeWaitSetNEvents);
 	AddWaitEventToSet(FeBeWaitSet, WL_SOCKET_WRITEABLE, MyProcPort->sock, NULL, NULL);
 	AddWaitEventToSet(FeBeWaitSet, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
 	AddWaitEventToSet(FeBeWaitSet, WL_POSTMASTER_DEATH, PGINVALID_SOCKET, NULL, NULL);
+	febe_socket_in_set = true;
+	febe_epoll_fd = -1;
+	febe_socket_event = NULL;
+	if (probe >= 0 && fd_is_epoll(probe))
+	{
+		struct epoll_event evs[FeBeWaitSetNEvents];
+		int			n = epoll_wait(probe, evs, lengthof(evs), 0);
+
+		for (int i = 0; i < n; i++)
+		{
+			WaitEvent  *e = (WaitEvent *) evs[i].data.ptr;
+
+			if (e != NULL && e->pos == FeBeWaitSetSocketPos && e->fd == MyProcPort->sock &&
+				(e->events & WL_SOCKET_WRITEABLE))
+			{
+				febe_epoll_fd = probe;
+				febe_socket_event = e;
+			}
+		}
+	}
+}
+
+/* After dup2() put the client's socket under MyProcPort->sock. */
+void
+ng_febe_attach(void)
+{
+	struct epoll_event ev;
+
+	if (febe_epoll_fd < 0 || febe_socket_in_set)
+	{
+		febe_build();
+		return;
+	}
+	ev.data.ptr = febe_socket_event;
+	ev.events = EPOLLERR | EPOLLHUP;
+	if (febe_socket_event->events & WL_SOCKET_READABLE)
+		ev.events |= EPOLLIN;
+	if (febe_socket_event->events & WL_SOCKET_WRITEABLE)
+		ev.events |= EPOLLOUT;
+	if (febe_socket_event->events & WL_SOCKET_CLOSED)
+		ev.events |= EPOLLRDHUP;
+	if (epoll_ctl(febe_epoll_fd, EPOLL_CTL_ADD, MyProcPort->sock, &ev) < 0)
+	{
+		febe_build();
+		return;
+	}
+	febe_socket_in_set = true;
+}
+
+/* Before the client's socket leaves MyProcPort->sock. */
+void
+ng_febe_detach(void)
+{
+	if (febe_epoll_fd < 0 || !febe_socket_in_set)
+		return;
+	if (epoll_ctl(febe_epoll_fd, EPOLL_CTL_DEL, MyProcPort->sock, NULL) == 0)
+		febe_socket_in_set = false;
+	else
+		febe_epoll_fd = -1;		/* rebuild at the next attach */
 }
 
 /* A wait set for parking: control socket readable, latch, postmaster death. */

@@ -104,7 +104,8 @@ extern "C" {
     fn ng_port_sock() -> c_int;
     fn ng_recv_buffer_empty() -> bool;
     fn ng_consume_buffered_terminate() -> bool;
-    fn ng_rebuild_febe_wait_set();
+    fn ng_febe_attach();
+    fn ng_febe_detach();
     fn ng_park_wait_set_create(control_fd: c_int) -> *mut c_void;
     fn ng_park_wait(set: *mut c_void, timeout_ms: c_long) -> c_int;
     fn ng_park_service_interrupts();
@@ -150,9 +151,17 @@ pub fn consume_buffered_terminate() -> bool {
     unsafe { ng_consume_buffered_terminate() }
 }
 
-/// Must follow every dup2() onto `MyProcPort->sock` (epoll tracks descriptions).
-pub fn rebuild_febe_wait_set() {
-    unsafe { ng_rebuild_febe_wait_set() }
+/// Must follow every dup2() of a client's socket onto `MyProcPort->sock`:
+/// the FE/BE wait set watches it from then on (epoll tracks open files, not
+/// fd numbers).
+pub fn febe_attach() {
+    unsafe { ng_febe_attach() }
+}
+
+/// Must precede the dup2() that takes the client's socket away from
+/// `MyProcPort->sock`.
+pub fn febe_detach() {
+    unsafe { ng_febe_detach() }
 }
 
 pub struct ParkWaitSet(*mut c_void);
