@@ -790,3 +790,31 @@ fn test_label() -> String {
         clean
     }
 }
+
+/// Guard for a test body: if the test panics (an assertion, or a timeout of
+/// [`Cluster::run_bounded`]), prints the server log tail, keeps the cluster
+/// directory and stops the server at once, so a body thread stuck on a
+/// socket comes loose.
+pub struct StopOnFailure(pub std::sync::Arc<Cluster>);
+
+impl Drop for StopOnFailure {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.keep();
+            eprintln!("--- server log (tail) ---\n{}", self.0.log_tail(100));
+            self.0.stop_timeout(StopMode::Immediate, Duration::from_secs(10));
+        }
+    }
+}
+
+impl Cluster {
+    /// Runs `body` on its own thread, failing the test if it takes longer
+    /// than `limit`; see [`StopOnFailure`] for what a failure leaves.
+    pub fn run_bounded(self: &std::sync::Arc<Self>, limit: Duration, body: impl FnOnce(&Cluster) + Send + 'static) {
+        let guard = StopOnFailure(self.clone());
+        let pg = self.clone();
+        let name = std::thread::current().name().unwrap_or("test").to_string();
+        crate::util::with_timeout(limit, &name, move || body(&pg));
+        drop(guard);
+    }
+}

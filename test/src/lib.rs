@@ -38,7 +38,7 @@ pub mod raw;
 pub mod sql;
 pub mod util;
 
-pub use cluster::{Builder, Cluster, StopMode, SUPERUSER};
+pub use cluster::{Builder, Cluster, StopMode, StopOnFailure, SUPERUSER};
 pub use cmd::CmdOutput;
 pub use conn::ConnInfo;
 pub use env::{pg_major, PgInstall};

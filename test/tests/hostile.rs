@@ -21,7 +21,7 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nextgres_test::{wait_until, with_timeout, Cluster, PasswordEncryption, StopMode};
+use nextgres_test::{wait_until, with_timeout, Cluster, PasswordEncryption, StopOnFailure};
 
 /// Role with a SCRAM secret; TCP logins need its password.
 const USER: &str = "hostile";
@@ -82,18 +82,6 @@ fn run(body: impl FnOnce(&Cluster, i32) + Send + 'static) {
     drop(guard);
 }
 
-struct StopOnFailure(Arc<Cluster>);
-
-impl Drop for StopOnFailure {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.0.keep();
-            eprintln!("--- server log (tail) ---\n{}", self.0.log_tail(100));
-            self.0
-                .stop_timeout(StopMode::Immediate, Duration::from_secs(10));
-        }
-    }
-}
 
 fn pooler_pid(pg: &Cluster) -> Option<i32> {
     pg.admin()

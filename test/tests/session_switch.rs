@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use nextgres_test::{with_timeout, Cluster, StopMode};
+use nextgres_test::{Cluster};
 use postgres::{Client, SimpleQueryMessage};
 
 const TEST_LIMIT: Duration = Duration::from_secs(120);
@@ -37,23 +37,7 @@ fn run(body: impl FnOnce(&Cluster) + Send + 'static) {
              END $$;",
         )
         .unwrap();
-    let guard = StopOnFailure(pg.clone());
-    let pg2 = pg.clone();
-    let name = std::thread::current().name().unwrap_or("test").to_string();
-    with_timeout(TEST_LIMIT, &name, move || body(&pg2));
-    drop(guard);
-}
-
-struct StopOnFailure(Arc<Cluster>);
-
-impl Drop for StopOnFailure {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.0.keep();
-            eprintln!("--- server log (tail) ---\n{}", self.0.log_tail(100));
-            self.0.stop_timeout(StopMode::Immediate, Duration::from_secs(10));
-        }
-    }
+    pg.run_bounded(TEST_LIMIT, body);
 }
 
 fn value(c: &mut Client, sql: &str) -> Option<String> {

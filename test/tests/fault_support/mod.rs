@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nextgres_test::procs::process_alive;
-use nextgres_test::{wait_until, with_timeout, Builder, Cluster, StopMode};
+use nextgres_test::{wait_until, with_timeout, Builder, Cluster};
 use postgres::error::SqlState;
 use postgres::{Client, SimpleQueryMessage};
 
@@ -34,24 +34,7 @@ pub const TEST_LIMIT: Duration = Duration::from_secs(300);
 pub fn run(builder: Builder, body: impl FnOnce(&Cluster) + Send + 'static) {
     let pg = Arc::new(builder.start());
     setup(&pg);
-    let guard = StopOnFailure(pg.clone());
-    let pg2 = pg.clone();
-    let name = std::thread::current().name().unwrap_or("test").to_string();
-    with_timeout(TEST_LIMIT, &name, move || body(&pg2));
-    drop(guard);
-}
-
-pub struct StopOnFailure(Arc<Cluster>);
-
-impl Drop for StopOnFailure {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.0.keep();
-            eprintln!("--- server log (tail) ---\n{}", self.0.log_tail(100));
-            self.0
-                .stop_timeout(StopMode::Immediate, Duration::from_secs(10));
-        }
-    }
+    pg.run_bounded(TEST_LIMIT, body);
 }
 
 pub fn setup(pg: &Cluster) {

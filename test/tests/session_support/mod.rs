@@ -9,7 +9,7 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nextgres_test::{wait_until, with_timeout, Builder, Cluster, StopMode};
+use nextgres_test::{wait_until, with_timeout, Builder, Cluster, StopOnFailure};
 use postgres::{Client, SimpleQueryMessage};
 
 /// Bound on anything that must happen "soon" (2-core CI): it only decides
@@ -51,18 +51,6 @@ fn start_retrying(builder: Builder) -> Cluster {
     }
 }
 
-struct StopOnFailure(Arc<Cluster>);
-
-impl Drop for StopOnFailure {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.0.keep();
-            eprintln!("--- server log (tail) ---\n{}", self.0.log_tail(120));
-            self.0
-                .stop_timeout(StopMode::Immediate, Duration::from_secs(10));
-        }
-    }
-}
 
 /// Runs `;`-separated statements one by one as the superuser over the Unix
 /// socket (straight to PostgreSQL), panicking on error.
