@@ -485,6 +485,43 @@ fn fast_stop_with_parked_attached_and_waiting_clients() {
     });
 }
 
+/// `pg_ctl stop -m immediate` with the same three kinds of clients: every
+/// process gets SIGQUIT, the pooler included, so nobody is told anything
+/// orderly; what matters is that the stop finishes, every client's
+/// connection ends (none hangs), and the server comes back with a pooler
+/// that serves.
+#[test]
+fn immediate_stop_with_parked_attached_and_waiting_clients() {
+    // An immediate stop loses commits not yet flushed: the setup's too,
+    // under the harness's synchronous_commit = off.
+    let builder = Cluster::builder().conf("nextgres.pool_size = 1").conf("synchronous_commit = on");
+    run(builder, |pg| {
+        let mut idle = raw(pg, APP2);
+        idle.value("SELECT 1");
+        let mut attached = connect(pg, APP);
+        attached.batch_execute("BEGIN; SELECT 1").expect("BEGIN");
+        let mut waiting = raw(pg, APP);
+        waiting.send_query("SELECT 'waited'");
+        assert!(
+            wait_until(SETTLE, || clients(pg).iter().any(|c| c.1 == "waiting")),
+            "no client waiting: {:?}",
+            clients(pg)
+        );
+        assert!(
+            pg.stop_timeout(StopMode::Immediate, SETTLE),
+            "immediate stop did not finish within {SETTLE:?}"
+        );
+        assert!(waiting.closed_by_peer(SETTLE), "the waiting client's connection stayed open");
+        assert!(idle.closed_by_peer(SETTLE), "the idle client's connection stayed open");
+        let (_a, r) = bounded_query(attached, "SELECT 1", "the attached client after an immediate stop");
+        r.expect_err("the attached client's session survived an immediate stop");
+
+        pg.start().expect("start after the immediate stop");
+        let pooler = pooler_pid(pg).expect("a pooler after restart");
+        assert_pooler_serves(pg, pooler);
+    });
+}
+
 /// Smart shutdown waits for the applications (the pooler's clients) to
 /// disconnect, and then finishes: parked backends, which no application
 /// uses, must not keep the server up forever. Bounded either way.
