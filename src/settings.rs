@@ -21,6 +21,8 @@ pub static QUERY_WAIT_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(120);
 /// Let a backend keep its idle client between transactions while no other
 /// client of its pool waits (no handoff at all when the pool is not saturated).
 pub static HOLD_IDLE_CLIENTS: GucSetting<bool> = GucSetting::<bool>::new(true);
+/// Milliseconds a backend may go on serving its client while others wait.
+pub static CLIENT_TIME_SLICE: GucSetting<i32> = GucSetting::<i32>::new(2);
 /// Seconds a parked backend may stay unused before it is closed (0: never).
 pub static IDLE_BACKEND_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(600);
 
@@ -116,6 +118,16 @@ pub fn define() {
         &HOLD_IDLE_CLIENTS,
         GucContext::Sighup,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"nextgres.client_time_slice",
+        c"How long a backend may keep serving its client's consecutive transactions while other clients of the pool wait.",
+        c"With hold_idle_clients, a client that sends its next transaction at once keeps its backend for up to this long after it was attached, which saves handoffs in a saturated pool; a waiting client waits at most this long behind it. 0 hands the client back at the first transaction boundary at which another client waits.",
+        &CLIENT_TIME_SLICE,
+        0,
+        1000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
     );
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"nextgres".as_ptr()) };
 }

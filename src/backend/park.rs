@@ -33,6 +33,8 @@ struct Parking {
     pin: Pin,
     /// This backend's row in the shared backends table, once known.
     row: Option<usize>,
+    /// When the current client was attached (its time slice starts).
+    attached_at: std::time::Instant,
 }
 
 thread_local! {
@@ -67,6 +69,7 @@ pub fn transaction_boundary() {
                 inbuf: Vec::new(),
                 pin: Pin::None,
                 row: None,
+                attached_at: std::time::Instant::now(),
             }
         });
         if let Some(client) = p.attached {
@@ -98,7 +101,11 @@ pub fn transaction_boundary() {
 }
 
 /// Keeps the client while nobody else needs this backend (no handoff at all
-/// when the pool is not saturated), or while its session is pinned. Returns
+/// when the pool is not saturated), or while its session is pinned. While
+/// others wait, a client that sends its next message at once still keeps the
+/// backend until its time slice (nextgres.client_time_slice, counted from its
+/// attach) is used up: a saturated pool then pays one handoff per slice, not
+/// per transaction, and a waiting client waits at most one slice. Returns
 /// true when the client's next message arrived, false when the client must
 /// go back to the pooler (the client is leaving, or, unless pinned, another
 /// client waits or the pooler asked).
@@ -114,12 +121,18 @@ fn linger(p: &mut Parking, pinned: bool) -> bool {
     } else {
         None
     };
+    let slice = std::time::Duration::from_millis(crate::settings::CLIENT_TIME_SLICE.get().max(0) as u64);
     loop {
         read_control(p);
+        let mut timeout_ms = -1;
         if optional && (p.release_requested || crate::shmem::pool_waiting(p.pool_row) > 0) {
-            return false;
+            let used = p.attached_at.elapsed();
+            if used >= slice {
+                return false;
+            }
+            timeout_ms = (slice - used).as_micros().div_ceil(1000) as i64;
         }
-        match glue::linger_wait(-1) {
+        match glue::linger_wait(timeout_ms) {
             LingerEvent::ClientReadable => {
                 let mut peek = [0u8; 5];
                 let sock = glue::port_sock();
@@ -289,6 +302,7 @@ fn attach_client(p: &mut Parking, (a, fd): (Attach, RawFd), timer_was_on: bool) 
         glue::idle_session_timer_resume();
     }
     p.attached = Some(a.client_id);
+    p.attached_at = std::time::Instant::now();
     p.reserved = a.flags & control::FLAG_RESERVED != 0;
     p.hold_idle = a.flags & control::FLAG_HOLD_IDLE != 0;
     p.pool_row = a.pool_row as usize;
