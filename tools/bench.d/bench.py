@@ -288,6 +288,9 @@ class Bench:
             "nextgres.pool_mode": "'transaction'",
             "nextgres.max_client_conn": "12000",
             "nextgres.query_wait_timeout": "120",
+            # The defaults, spelled out so the report shows them.
+            "nextgres.hold_idle_clients": "on",
+            "nextgres.client_time_slice": os.environ.get("NEXTGRES_BENCH_TIME_SLICE", "'2ms'"),
             "log_line_prefix": "'%m [%p] %a '",  # %a: bench-<target>, so errors can be told apart
         }
         with open(os.path.join(self.data, "postgresql.conf"), "a") as f:
