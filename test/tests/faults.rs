@@ -17,7 +17,6 @@
 
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use nextgres_test::procs::process_alive;
@@ -120,24 +119,7 @@ fn client_killed_mid_transaction_releases_locks() {
 
         // psql reads statements from its stdin as they come, so the
         // transaction stays open while the pipe does.
-        let mut cmd = Command::new(pg.install().client_bin("psql"));
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("PG") {
-                cmd.env_remove(&k);
-            }
-        }
-        cmd.args([
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-d",
-            &pg.tcp(APP, DB).conninfo(),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-        let mut psql = cmd.spawn().expect("starting psql");
+        let mut psql = psql_child(pg, APP, &[], true, false);
         let mut stdin = psql.stdin.take().expect("psql stdin");
         stdin
             .write_all(

@@ -28,34 +28,6 @@ use fault_support::*;
 
 // ---- helpers ------------------------------------------------------------------
 
-/// A psql child process connected through the pooler (PG* environment
-/// scrubbed), for tests that kill a real client with SIGKILL.
-fn psql_child(pg: &Cluster, user: &str, args: &[&str], stdin: bool, stdout: bool) -> Child {
-    let mut cmd = Command::new(pg.install().client_bin("psql"));
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("PG") {
-            cmd.env_remove(&k);
-        }
-    }
-    cmd.args([
-        "-X",
-        "-q",
-        "-v",
-        "ON_ERROR_STOP=1",
-        "-d",
-        &pg.tcp(user, DB).conninfo(),
-    ])
-    .args(args)
-    .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
-    .stdout(if stdout {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stderr(Stdio::null());
-    cmd.spawn().expect("starting psql")
-}
-
 fn kill9(child: &mut Child) {
     child.kill().expect("kill -9 psql");
     let _ = child.wait();

@@ -4,6 +4,7 @@
 //! protocol-3 client for what drivers hide.
 #![allow(dead_code)] // each suite uses its own subset
 
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -220,4 +221,34 @@ pub use nextgres_test::raw::{parse_error, parse_row, Raw, RawFail};
 #[track_caller]
 pub fn raw(pg: &Cluster, user: &str) -> Raw {
     Raw::connect(pg.port(), user, DB, SETTLE)
+}
+
+// ---- a real client process ------------------------------------------------------
+
+/// A psql child process connected through the pooler (PG* environment
+/// scrubbed), for tests that kill a real client with SIGKILL.
+pub fn psql_child(pg: &Cluster, user: &str, args: &[&str], stdin: bool, stdout: bool) -> Child {
+    let mut cmd = Command::new(pg.install().client_bin("psql"));
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("PG") {
+            cmd.env_remove(&k);
+        }
+    }
+    cmd.args([
+        "-X",
+        "-q",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-d",
+        &pg.tcp(user, DB).conninfo(),
+    ])
+    .args(args)
+    .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+    .stdout(if stdout {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stderr(Stdio::null());
+    cmd.spawn().expect("starting psql")
 }
