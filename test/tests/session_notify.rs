@@ -21,7 +21,7 @@ use std::time::Duration;
 use nextgres_test::Cluster;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::Client;
-use session_support::{expect_backend, one, pid_of, run, Raw, SETTLE};
+use session_support::{expect_backend, one, pid_of, raw, run, SETTLE};
 
 const SETUP: &str = "
     CREATE EXTENSION nextgres;
@@ -123,7 +123,7 @@ fn notifications_reach_listeners_only() {
             bystander_hears_nothing(pg, &mut bystander, &mut senders[1], "ch2");
 
             // A listener that vanishes without Terminate (killed client).
-            let mut l3 = Raw::connect(pg, "app", "postgres");
+            let mut l3 = raw(pg, "app", "postgres");
             l3.query("LISTEN ch3").expect("listen 3");
             l3.vanish();
             bystander_hears_nothing(pg, &mut bystander, &mut senders[2], "ch3");

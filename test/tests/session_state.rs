@@ -26,7 +26,7 @@ use nextgres_test::{wait_until, Cluster, ConnInfo};
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, Statement};
 use session_support::{
-    admin_i64, expect_backend, first_value, maybe, one, pid_of, rows_text, run, sqlstate, Raw,
+    admin_i64, expect_backend, first_value, maybe, one, pid_of, raw, rows_text, run, sqlstate,
     SETTLE,
 };
 
@@ -776,11 +776,11 @@ fn killed_clients_leave_nothing_behind() {
         LIMIT,
         |pg| {
             // Idle, with movable session state.
-            let mut raw = Raw::connect(pg, "app", "postgres");
+            let mut raw = raw(pg, "app", "postgres");
             raw.query("SET work_mem = '91MB'").expect("set");
             raw.query("SELECT set_config('myapp.x', 'killed', false)").expect("set_config");
             raw.query("PREPARE killed AS SELECT 1").expect("prepare");
-            let idle_pid = raw.query("SELECT pg_backend_pid()").expect("pid")[0].clone();
+            let idle_pid = Some(raw.value("SELECT pg_backend_pid()"));
             raw.vanish();
             let mut b = pg.tcp("app", "postgres").connect().expect("b");
             assert_eq!(
@@ -800,7 +800,7 @@ fn killed_clients_leave_nothing_behind() {
             drop(b);
 
             // In a transaction, holding a row lock, locks and a session SET.
-            let mut raw = Raw::connect(pg, "app", "postgres");
+            let mut raw = session_support::raw(pg, "app", "postgres");
             raw.query(
                 "BEGIN;
                  INSERT INTO k VALUES (2);

@@ -4,8 +4,6 @@
 //! for a client that dies without saying goodbye.
 #![allow(dead_code)]
 
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -184,101 +182,10 @@ pub fn reload(pg: &Cluster, settings: &[(&str, &str)]) {
 
 // ---- raw protocol client -------------------------------------------------------
 
-/// Failure of a raw query: the server's (code, message) or an I/O error.
-#[derive(Debug)]
-pub enum RawFail {
-    Db(String, String),
-    Io(io::Error),
-}
-
-/// Minimal protocol-3 client (trust auth only), for a client that vanishes
-/// without Terminate in the middle of a transaction, as a killed process does.
-pub struct Raw {
-    s: TcpStream,
-}
-
-impl Raw {
-    #[track_caller]
-    pub fn connect(pg: &Cluster, user: &str, db: &str) -> Raw {
-        let addr = SocketAddr::from(([127, 0, 0, 1], pg.port()));
-        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("raw connect");
-        s.set_read_timeout(Some(SETTLE)).expect("read timeout");
-        s.set_nodelay(true).expect("nodelay");
-        let mut body = 196608i32.to_be_bytes().to_vec();
-        for (k, v) in [("user", user), ("database", db)] {
-            body.extend_from_slice(k.as_bytes());
-            body.push(0);
-            body.extend_from_slice(v.as_bytes());
-            body.push(0);
-        }
-        body.push(0);
-        let mut pkt = ((body.len() + 4) as i32).to_be_bytes().to_vec();
-        pkt.extend_from_slice(&body);
-        let mut raw = Raw { s };
-        raw.s.write_all(&pkt).expect("raw startup");
-        raw.until_ready()
-            .unwrap_or_else(|e| panic!("raw login as {user}: {e:?}"));
-        raw
-    }
-
-    fn read_msg(&mut self) -> io::Result<(u8, Vec<u8>)> {
-        let mut head = [0u8; 5];
-        self.s.read_exact(&mut head)?;
-        let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]);
-        let mut body = vec![0u8; (len as usize).saturating_sub(4)];
-        self.s.read_exact(&mut body)?;
-        Ok((head[0], body))
-    }
-
-    /// Reads until ReadyForQuery: first column of each DataRow.
-    fn until_ready(&mut self) -> Result<Vec<Option<String>>, RawFail> {
-        let mut rows = Vec::new();
-        let mut err = None;
-        loop {
-            let (tag, body) = self.read_msg().map_err(RawFail::Io)?;
-            match tag {
-                b'R' if body.get(..4) != Some(&[0, 0, 0, 0]) => {
-                    panic!("raw client: only trust authentication is supported")
-                }
-                b'D' => rows.push(first_column(&body)),
-                b'E' => {
-                    let (mut code, mut msg) = (String::new(), String::new());
-                    for f in body.split(|&b| b == 0).filter(|f| !f.is_empty()) {
-                        match f[0] {
-                            b'C' => code = String::from_utf8_lossy(&f[1..]).into_owned(),
-                            b'M' => msg = String::from_utf8_lossy(&f[1..]).into_owned(),
-                            _ => {}
-                        }
-                    }
-                    err = Some(RawFail::Db(code, msg));
-                }
-                b'Z' => return err.map_or(Ok(rows), Err),
-                _ => {}
-            }
-        }
-    }
-
-    /// Simple query; first column of every row.
-    pub fn query(&mut self, sql: &str) -> Result<Vec<Option<String>>, RawFail> {
-        let mut pkt = vec![b'Q'];
-        pkt.extend_from_slice(&((sql.len() + 5) as i32).to_be_bytes());
-        pkt.extend_from_slice(sql.as_bytes());
-        pkt.push(0);
-        self.s.write_all(&pkt).map_err(RawFail::Io)?;
-        self.until_ready()
-    }
-
-    /// Closes the socket without Terminate, as a killed client's kernel does.
-    pub fn vanish(self) {
-        let _ = self.s.shutdown(Shutdown::Both);
-    }
-}
-
-fn first_column(body: &[u8]) -> Option<String> {
-    let n = i16::from_be_bytes([body[0], body[1]]);
-    if n < 1 {
-        return None;
-    }
-    let len = i32::from_be_bytes(body[2..6].try_into().expect("4 bytes"));
-    (len >= 0).then(|| String::from_utf8_lossy(&body[6..6 + len as usize]).into_owned())
+/// A raw protocol client (trust) through the pooler, for a client that
+/// vanishes without Terminate, as a killed process does.
+#[allow(dead_code)] // not every session test binary uses it
+#[track_caller]
+pub fn raw(pg: &Cluster, user: &str, db: &str) -> nextgres_test::raw::Raw {
+    nextgres_test::raw::Raw::connect(pg.port(), user, db, SETTLE)
 }
