@@ -217,7 +217,9 @@ impl ScramClient {
         let sig: [u8; 32] = b64_decode(c.expect(b'v')?)
             .and_then(|v| v.try_into().ok())
             .ok_or_else(|| ScramError::malformed("malformed server signature"))?;
-        if !c.at_end() {
+        // The cursor steps over the comma after an attribute, so a trailing
+        // comma (an empty extension) would otherwise pass as the end.
+        if !c.at_end() || data.last() == Some(&b',') {
             return Err(ScramError::malformed(
                 "garbage at end of server-final-message",
             ));
@@ -423,6 +425,7 @@ mod tests {
             (b"v=!!", false),
             (b"v=c2hvcnQ=", false),
             (b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=,x=1", false),
+            (b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=,", false),
             (b"x=1", false),
             (b"", false),
         ] {
