@@ -336,11 +336,20 @@ impl Tables {
     }
 }
 
-/// Clients waiting for a backend of the pool in shared row `row`, read by a
-/// pooled backend at ReadyForQuery to decide whether to keep its client. A
-/// racy read is fine: the pooler also asks for releases explicitly.
-pub fn pool_waiting(row: usize) -> i32 {
-    let Some(t) = tables() else { return 0 };
+/// Clients waiting for a backend of the pool in shared row `row`, and the
+/// pool's backends serving or parked, read by a pooled backend at
+/// ReadyForQuery to decide whether and how long to keep its client. A racy
+/// read is fine: the pooler also asks for releases explicitly.
+pub fn pool_load(row: usize) -> (i32, i32) {
+    let Some(t) = tables() else { return (0, 0) };
     let pools = t.pools_raw();
-    pools.get(row).map(|r| unsafe { std::ptr::read_volatile(&r.clients_waiting) }).unwrap_or(0)
+    pools
+        .get(row)
+        .map(|r| unsafe {
+            (
+                std::ptr::read_volatile(&r.clients_waiting),
+                std::ptr::read_volatile(&r.backends_attached) + std::ptr::read_volatile(&r.backends_parked),
+            )
+        })
+        .unwrap_or((0, 0))
 }

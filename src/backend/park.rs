@@ -104,33 +104,46 @@ pub fn transaction_boundary() {
 /// when the pool is not saturated), or while its session is pinned. While
 /// others wait, a client that sends its next message at once still keeps the
 /// backend until its time slice (nextgres.client_time_slice, counted from its
-/// attach) is used up: a saturated pool then pays one handoff per slice, not
-/// per transaction, and a waiting client waits at most one slice. Returns
-/// true when the client's next message arrived, false when the client must
-/// go back to the pooler (the client is leaving, or, unless pinned, another
+/// attach, shortened by `pool::fair_slice` when many wait) is used up: a saturated
+/// pool then pays one handoff per slice, not per transaction. Returns true
+/// when the client's next message arrived, false when the client must go
+/// back to the pooler (the client is leaving, or, unless pinned, another
 /// client waits or the pooler asked).
+///
+/// Only an unbounded wait (nobody waiting) is announced in shared memory: the
+/// pooler signals announced backends when a client starts waiting, and a
+/// backend already counting down its slice needs no signal.
 fn linger(p: &mut Parking, pinned: bool) -> bool {
     let optional = !pinned && !p.reserved;
-    let _announced = if optional {
-        if p.row.is_none() {
-            p.row = crate::shmem::own_backend_row();
-        }
+    if optional && p.row.is_none() {
+        p.row = crate::shmem::own_backend_row();
         // Without its row the pooler could not ask for the client back.
-        let Some(row) = p.row else { return false };
-        Some(Lingering::announce(row))
-    } else {
-        None
-    };
+        if p.row.is_none() {
+            return false;
+        }
+    }
+    let mut announced: Option<Lingering> = None;
     let slice = std::time::Duration::from_millis(crate::settings::CLIENT_TIME_SLICE.get().max(0) as u64);
     loop {
         read_control(p);
         let mut timeout_ms = -1;
-        if optional && (p.release_requested || crate::shmem::pool_waiting(p.pool_row) > 0) {
-            let used = p.attached_at.elapsed();
-            if used >= slice {
-                return false;
+        if optional {
+            let (mut waiting, mut backends) = crate::shmem::pool_load(p.pool_row);
+            if !p.release_requested && waiting == 0 && announced.is_none() {
+                // Announce, then look again: the pooler stores the waiting
+                // count before it reads the flag, so one side sees the other.
+                announced = p.row.map(Lingering::announce);
+                (waiting, backends) = crate::shmem::pool_load(p.pool_row);
             }
-            timeout_ms = (slice - used).as_micros().div_ceil(1000) as i64;
+            if p.release_requested || waiting > 0 {
+                announced = None;
+                let slice = nextgres_core::pool::fair_slice(slice, waiting, backends);
+                let used = p.attached_at.elapsed();
+                if used >= slice {
+                    return false;
+                }
+                timeout_ms = (slice - used).as_micros().div_ceil(1000) as i64;
+            }
         }
         match glue::linger_wait(timeout_ms) {
             LingerEvent::ClientReadable => {
@@ -217,15 +230,19 @@ fn park(p: &mut Parking) {
     p.release_requested = false;
     let timer_was_on = glue::idle_session_timer_suspend();
     glue::report_parked();
+    // Wait first: the pooler answers RELEASED, so an ATTACH is never there
+    // yet, and the wait set (level-triggered) reports one that raced ahead.
     loop {
-        if let Some(attach) = next_attach(p) {
-            attach_client(p, attach, timer_was_on);
-            return;
-        }
         match p.wait.wait(-1) {
             ParkEvent::PostmasterDeath => unsafe { pgrx::pg_sys::proc_exit(1) },
             ParkEvent::Latch => glue::park_service_interrupts(),
-            ParkEvent::Control | ParkEvent::Timeout => {}
+            ParkEvent::Control => {
+                if let Some(attach) = next_attach(p) {
+                    attach_client(p, attach, timer_was_on);
+                    return;
+                }
+            }
+            ParkEvent::Timeout => {}
         }
     }
 }

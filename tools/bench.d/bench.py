@@ -860,6 +860,10 @@ def main():
             b.teardown(remove=True)
         except Exception as e:  # noqa: BLE001 - the wrapper's trap tries again
             log(f"teardown: {e}")
+    if not os.path.exists(b.csv_path):
+        # --workloads none (a profile-only run): nothing to tabulate.
+        log(f"done in {time.monotonic() - b.t_start:.0f} s; no workload ran, so no report (see {a.out}/bench/)")
+        return
     report.build(a.out)
     log(f"done in {time.monotonic() - b.t_start:.0f} s; wrote {a.out}/BENCHMARKS.md and {a.out}/bench/")
 
