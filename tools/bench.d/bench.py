@@ -642,14 +642,18 @@ class Bench:
         c = self.a.profile_clients
         data = os.path.join(self.work, f"perf-{target}.data")
         d = self.a.duration
-        perf = subprocess.Popen(["perf", "record", "-a", "-e", "cpu-clock", "-F", "999", "-o", data, "--",
-                                 "sleep", str(d + 2)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Sample the transactions, not the logins: with many clients pgbench
+        # first spends the login allowance on SCRAM (see pgbench()).
+        allowance = 0 if c < 50 else math.ceil(c * self.a.login_s)
+        perf = subprocess.Popen(["perf", "record", "-a", "-e", "cpu-clock", "-F", "999", "-o", data,
+                                 "-D", str(allowance * 1000), "--", "sleep", str(allowance + d + 2)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)
         row = self.pgbench(target, ["-S", "-M", "simple", "-c", str(c), "-j", str(min(2, c))], d, "profile",
-                           want_log=False, clients=c, sample_at=d / 2 + 1,
+                           want_log=False, clients=c, sample_at=allowance + d / 2 + 1,
                            sampler=lambda: {"_pids": set(children(self.pm_pid)) | {self.pm_pid}})
         server_pids = row.pop("_pids", set())
-        rc, _, _, _ = wait_bounded(perf, time.monotonic() + d + 30)
+        rc, _, _, _ = wait_bounded(perf, time.monotonic() + allowance + d + 30)
         if rc != 0 or not os.path.exists(data):
             log(f"perf record failed for {target} (rc {rc}); no profile")
             return
