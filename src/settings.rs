@@ -122,7 +122,7 @@ pub fn define() {
     GucRegistry::define_int_guc(
         c"nextgres.client_time_slice",
         c"How long a backend may keep serving its client's consecutive transactions while other clients of the pool wait.",
-        c"With hold_idle_clients, a client that sends its next transaction at once keeps its backend for up to this long after it was attached, which saves handoffs in a saturated pool. When more clients wait than the pool has backends the slice shrinks in proportion, so a waiting client waits about one slice. 0 hands the client back at the first transaction boundary at which another client waits.",
+        c"With hold_idle_clients, while fewer clients wait than the pool has backends, a client that sends its next transaction at once keeps its backend for up to this long after it was attached, which saves handoffs. With a longer queue every client gets one transaction per turn. 0 hands the client back at the first transaction boundary at which another client waits.",
         &CLIENT_TIME_SLICE,
         0,
         1000,

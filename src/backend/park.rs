@@ -104,8 +104,9 @@ pub fn transaction_boundary() {
 /// when the pool is not saturated), or while its session is pinned. While
 /// others wait, a client that sends its next message at once still keeps the
 /// backend until its time slice (nextgres.client_time_slice, counted from its
-/// attach, shortened by `pool::fair_slice` when many wait) is used up: a saturated
-/// pool then pays one handoff per slice, not per transaction. Returns true
+/// attach; none once as many wait as the pool has backends, see
+/// `pool::fair_slice`) is used up: a mildly saturated pool then pays one
+/// handoff per slice, not per transaction. Returns true
 /// when the client's next message arrived, false when the client must go
 /// back to the pooler (the client is leaving, or, unless pinned, another
 /// client waits or the pooler asked).
