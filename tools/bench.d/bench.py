@@ -431,13 +431,16 @@ class Bench:
             row["ng_waits"] = int(after["ng"][1] - before["ng"][1])
             row["ng_wait_ms"] = round(after["ng"][2] - before["ng"][2], 1)
 
+    def login_allowance(self, clients):
+        """Seconds added to pgbench's -T for `clients` logins. pgbench's -T
+        clock runs while its clients log in, and no transaction starts before
+        all have (scram-sha-256 costs pgbench ~6 ms of CPU per login): large
+        client counts get time to connect so the measured window stays as
+        long as asked. TPS excludes the connection time."""
+        return 0 if clients < 50 else math.ceil(clients * self.a.login_s)
+
     def pgbench(self, target, args, duration, tag, want_log=True, sample_at=None, sampler=None, clients=0):
-        # pgbench's -T clock runs while its clients log in, and no transaction
-        # starts before all have (scram-sha-256 costs pgbench ~6 ms of CPU per
-        # login): give large client counts time to connect so the measured
-        # window stays `duration` long. TPS excludes the connection time.
-        allowance = 0 if clients < 50 else math.ceil(clients * self.a.login_s)
-        duration += allowance
+        duration += self.login_allowance(clients)
         rundir = os.path.join(self.work, "run")
         shutil.rmtree(rundir, ignore_errors=True)
         os.makedirs(rundir)
@@ -643,8 +646,8 @@ class Bench:
         data = os.path.join(self.work, f"perf-{target}.data")
         d = self.a.duration
         # Sample the transactions, not the logins: with many clients pgbench
-        # first spends the login allowance on SCRAM (see pgbench()).
-        allowance = 0 if c < 50 else math.ceil(c * self.a.login_s)
+        # first spends the login allowance on SCRAM.
+        allowance = self.login_allowance(c)
         perf = subprocess.Popen(["perf", "record", "-a", "-e", "cpu-clock", "-F", "999", "-o", data,
                                  "-D", str(allowance * 1000), "--", "sleep", str(allowance + d + 2)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
