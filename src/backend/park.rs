@@ -106,10 +106,10 @@ pub fn transaction_boundary() {
 /// backend until its time slice (nextgres.client_time_slice, counted from its
 /// attach; none once as many wait as the pool has backends, see
 /// `pool::fair_slice`) is used up: a mildly saturated pool then pays one
-/// handoff per slice, not per transaction. Returns true
-/// when the client's next message arrived, false when the client must go
-/// back to the pooler (the client is leaving, or, unless pinned, another
-/// client waits or the pooler asked).
+/// handoff per slice, not per transaction. Returns true when the client's
+/// next message arrived, false when the client must go back to the pooler
+/// (the client is leaving, or, unless pinned, another client waits or the
+/// pooler asked).
 ///
 /// Only an unbounded wait (nobody waiting) is announced in shared memory: the
 /// pooler signals announced backends when a client starts waiting, and a
