@@ -8,3 +8,4 @@ pub mod glue;
 pub mod logger;
 pub mod session;
 pub mod shmem;
+pub mod slots;

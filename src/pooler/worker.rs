@@ -173,6 +173,8 @@ impl Pooler {
             Ok(()) => log::info!("reloaded pg_hba.conf and settings"),
             Err(e) => log::warn!("pg_hba.conf not reloaded, keeping the previous rules: {}", e.message()),
         }
+        // A lowered nextgres.pool_size applies at once.
+        self.pools_trim();
     }
 
     /// SIGTERM (server shutdown or pg_terminate_backend on the pooler): tell
