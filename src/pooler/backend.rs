@@ -323,8 +323,14 @@ impl Pooler {
             f.hint = Some(HBA_HINT.into());
         }
         if f.sqlstate == "53300" {
-            // No connection slot: back off, one log line per episode.
-            return self.pool_out_of_slots(pool, Some(f));
+            if super::limits::is_slot_shortage(&f) {
+                // No connection slot: back off, one log line per episode.
+                return self.pool_out_of_slots(pool, Some(f));
+            }
+            // A role or database CONNECTION LIMIT: no retry loop either.
+            if let Some(p) = self.pools.get_mut(pool) {
+                p.login_backoff_until = Some(Instant::now() + super::limits::SLOT_BACKOFF);
+            }
         }
         let Some(p) = self.pools.get(pool) else { return };
         let msg = format!(

@@ -28,6 +28,13 @@ const SLOTS_HINT: &str = "Each pool uses up to nextgres.pool_size connection slo
 must fit in max_connections - superuser_reserved_connections - reserved_connections (reserved_connections from PostgreSQL 16). \
 A pool logs in another backend only while one more slot stays free for direct logins. Raise max_connections or lower nextgres.pool_size.";
 
+/// Is this 53300 the server's "no free slot" (postinit.c), rather than a
+/// role's or database's CONNECTION LIMIT (same SQLSTATE)?
+pub fn is_slot_shortage(f: &ErrorFields) -> bool {
+    f.sqlstate == "53300"
+        && (f.message == "sorry, too many clients already" || f.message.starts_with("remaining connection slots are reserved"))
+}
+
 impl Pooler {
     /// May `pool` start a pool login now? False while it backs off, or when
     /// the server has no slot for it (which starts or continues an episode).
