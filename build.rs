@@ -29,6 +29,8 @@ fn main() {
     println!("cargo:rerun-if-changed=src/pg/glue.c");
     println!("cargo:rerun-if-changed=src/pg/session.c");
     println!("cargo:rerun-if-changed=src/pg/dbcmd.c");
+    println!("cargo:rerun-if-changed=src/pg/slots.c");
+    println!("cargo:rerun-if-changed=src/pg/loginmem.c");
     println!("cargo:rerun-if-changed=src/pg/glue.h");
     println!("cargo:rerun-if-env-changed=PGRX_PG_CONFIG_PATH");
     let pg_config = pg_config_path();
@@ -41,6 +43,8 @@ fn main() {
         .file("src/pg/glue.c")
         .file("src/pg/session.c")
         .file("src/pg/dbcmd.c")
+        .file("src/pg/slots.c")
+        .file("src/pg/loginmem.c")
         .include(&include)
         .flag_if_supported("-Wno-unused-parameter")
         .flag_if_supported("-Wno-missing-field-initializers")

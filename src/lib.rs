@@ -22,12 +22,15 @@ pgrx::pg_module_magic!();
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
-    settings::define();
     if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         // Loaded by CREATE EXTENSION or a SQL call without preloading: the SQL
-        // functions then report that the pooler is not running.
+        // functions then report (ERROR 55000 with a hint) that nextgres is
+        // not loaded. No settings: defining PGC_POSTMASTER ones after
+        // startup is a FATAL ("cannot create PGC_POSTMASTER variables after
+        // startup") that would end the session.
         return;
     }
+    settings::define();
     shmem::request();
     postmaster::listen::take_port();
     backend::install();

@@ -9,6 +9,10 @@ use std::ffi::CString;
 pub static PORT: GucSetting<i32> = GucSetting::<i32>::new(0);
 /// Addresses the pooler listens on; empty (default): the server's `listen_addresses`.
 pub static LISTEN_ADDRESSES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// With the server's `ssl = on`: let the pooler take over the server's port
+/// anyway (plaintext only; TLS clients lose TLS or fail). Off (default): the
+/// pooler leaves the port and the server's TLS-capable listeners alone.
+pub static SSL_TAKEOVER: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// Backends per (database, role) pool.
 pub static POOL_SIZE: GucSetting<i32> = GucSetting::<i32>::new(8);
 /// Client connections the pooler accepts in all (sizes shared memory).
@@ -50,6 +54,14 @@ pub fn define() {
         c"Addresses the pooler listens on.",
         c"Empty means the server's listen_addresses.",
         &LISTEN_ADDRESSES,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"nextgres.ssl_takeover",
+        c"Take over the server's port even though ssl = on (the pooler has no TLS: clients get plaintext only).",
+        c"Off: with ssl = on the pooler does not take the server's port, so no TCP client silently loses TLS.",
+        &SSL_TAKEOVER,
         GucContext::Postmaster,
         GucFlags::default(),
     );

@@ -3,16 +3,26 @@
 use crate::shmem::{self, BackendState, ClientState};
 use pgrx::prelude::*;
 
+// The extension script creates (and so owns) schema `nextgres`, so DROP
+// EXTENSION removes it. The control file names no schema: a schema named
+// there is created before the extension exists and outlives DROP EXTENSION.
+#[pg_schema]
+mod nextgres {
+use super::*;
+
 fn tables() -> shmem::Tables {
     match shmem::tables() {
         Some(t) => t,
         None => {
-            pgrx::ereport!(
-                ERROR,
+            // An ERROR (55000) with a HINT, never a FATAL: the session goes on.
+            pgrx::pg_sys::panic::ErrorReport::new(
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                "nextgres is not loaded",
-                "Add nextgres to shared_preload_libraries and restart the server."
-            );
+                "nextgres is not loaded: it is not in shared_preload_libraries",
+                "nextgres",
+            )
+            .set_hint("Add nextgres to shared_preload_libraries and restart the server, or DROP EXTENSION nextgres to remove these views.")
+            .report(pgrx::PgLogLevel::ERROR);
+            unreachable!()
         }
     }
 }
@@ -151,12 +161,17 @@ fn pin_name(pin: u8) -> Option<String> {
     }
 }
 
-/// Where the pooler listens and whether it runs.
+/// Where the pooler listens and whether it runs. `port` is NULL when the
+/// pooler listens nowhere; `mode` says why (`takeover`, `side port`, or
+/// `off: ssl = on`, see `postmaster::listen::Mode`).
 #[pg_extern]
-fn status() -> TableIterator<'static, (name!(pooler_pid, Option<i32>), name!(port, i32))> {
+fn status() -> TableIterator<'static, (name!(pooler_pid, Option<i32>), name!(port, Option<i32>), name!(mode, String))> {
     let t = tables();
     let pid = t.pooler_pid();
-    TableIterator::once(((pid != 0).then_some(pid), t.header().port))
+    let port = t.header().port;
+    let mode = crate::postmaster::listen::mode().name().to_string();
+    TableIterator::once(((pid != 0).then_some(pid), (port != 0).then_some(port), mode))
+}
 }
 
 extension_sql_file!("../sql/nextgres.sql", name = "views", finalize);

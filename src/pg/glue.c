@@ -374,9 +374,23 @@ ng_set_client_addr(const struct sockaddr_storage *addr, socklen_t salen)
 	char		host[NI_MAXHOST];
 	char		serv[NI_MAXSERV];
 	volatile PgBackendStatus *be = MyBEEntry;
+	struct sockaddr_storage local;
+	socklen_t	local_len = sizeof(local);
 
 	memcpy(&MyProcPort->raddr.addr, addr, salen);
 	MyProcPort->raddr.salen = salen;
+
+	/*
+	 * inet_server_addr()/inet_server_port() read laddr: make it the address
+	 * the client connected to (the pooler's listener), as the postmaster's
+	 * accept does for a direct connection, not the pool login's Unix socket.
+	 */
+	if (getsockname(MyProcPort->sock, (struct sockaddr *) &local, &local_len) == 0 &&
+		local_len <= sizeof(MyProcPort->laddr.addr))
+	{
+		memcpy(&MyProcPort->laddr.addr, &local, local_len);
+		MyProcPort->laddr.salen = local_len;
+	}
 
 	host[0] = serv[0] = '\0';
 	pg_getnameinfo_all(&MyProcPort->raddr.addr, salen, host, sizeof(host),

@@ -6,5 +6,7 @@
 pub mod comm;
 pub mod glue;
 pub mod logger;
+pub mod loginmem;
 pub mod session;
 pub mod shmem;
+pub mod slots;

@@ -219,7 +219,16 @@ impl AuthSession {
 /// Custom `prefix.name` settings nobody defined are accepted by the server as
 /// placeholders with any value; checking them in the pooler would only grow
 /// its own settings table. Everything else is checked.
+///
+/// `application_name` is not checked either: the server never refuses it
+/// (its check hook only replaces non-ASCII bytes), and on PostgreSQL 16.2
+/// that hook leaks the value it replaces in GUCMemoryContext
+/// (`check_application_name`, commands/variable.c; 15.x and 16.15 do not),
+/// about 16 bytes of the pooler per login of a libpq client.
 fn needs_validation(name: &str) -> bool {
+    if name.eq_ignore_ascii_case("application_name") {
+        return false;
+    }
     if !name.contains('.') || name.to_ascii_lowercase().starts_with("nextgres.") {
         return true;
     }
@@ -250,7 +259,7 @@ impl Pooler {
         let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
         unsafe { std::ptr::copy_nonoverlapping(raw.as_ptr(), (&mut storage as *mut libc::sockaddr_storage).cast(), raw.len()) };
         let (user, database, host) = (c.user.clone(), c.database.clone(), c.addr.ip().to_string());
-        let info = match glue::login_lookup(&database, &user, &storage, raw.len() as u32) {
+        let info = match crate::pg::loginmem::scoped(|| glue::login_lookup(&database, &user, &storage, raw.len() as u32)) {
             Ok(i) => i,
             Err(e) => {
                 log::warn!("authentication lookup failed: {}", e.message());
@@ -309,7 +318,7 @@ impl Pooler {
                     if !needs_validation(name) {
                         continue;
                     }
-                    if let Err(e) = glue::validate_setting(name, value, session.info.role_super) {
+                    if let Err(e) = crate::pg::loginmem::scoped(|| glue::validate_setting(name, value, session.info.role_super)) {
                         return self.client_fatal_fields(key, &e.to_fatal());
                     }
                 }

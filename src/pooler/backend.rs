@@ -322,11 +322,34 @@ impl Pooler {
         if matches!(f.sqlstate.as_str(), "28000" | "28P01") && f.hint.is_none() && !role_state {
             f.hint = Some(HBA_HINT.into());
         }
-        let Some(p) = self.pools.get_mut(pool) else { return };
-        log::warn!(
-            "pool login for role \"{}\" to database \"{}\" failed: {} {}",
+        if f.sqlstate == "53300" {
+            if super::limits::is_slot_shortage(&f) {
+                // No connection slot: back off, one log line per episode.
+                return self.pool_out_of_slots(pool, Some(f));
+            }
+            // A role or database CONNECTION LIMIT: no retry loop either.
+            if let Some(p) = self.pools.get_mut(pool) {
+                p.login_backoff_until = Some(Instant::now() + super::limits::SLOT_BACKOFF);
+            }
+        }
+        let Some(p) = self.pools.get(pool) else { return };
+        let msg = format!(
+            "nextgres: pool login for role \"{}\" to database \"{}\" failed: {} {}",
             p.role, p.database, f.sqlstate, f.message
         );
+        // The hint (the pg_hba.conf fix) goes to the server log too.
+        let mut report = pgrx::pg_sys::panic::ErrorReport::new(pgrx::PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE, msg, "nextgres");
+        if let Some(h) = &f.hint {
+            report = report.set_hint(h.clone());
+        }
+        report.report(pgrx::PgLogLevel::WARNING);
+        self.pool_fail_clients(pool, f);
+    }
+
+    /// Remembers a pool login failure; if the pool has no backend at all,
+    /// its waiting clients get the error.
+    pub fn pool_fail_clients(&mut self, pool: usize, f: ErrorFields) {
+        let Some(p) = self.pools.get_mut(pool) else { return };
         p.last_login_error = Some((f.clone(), Instant::now()));
         if p.backends > 0 {
             return;

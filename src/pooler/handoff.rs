@@ -139,6 +139,9 @@ impl Pooler {
         if b.pinned_to.is_some() {
             return;
         }
+        if self.backend_close_if_surplus(key) {
+            return;
+        }
         if self.pools[pool].draining {
             return self.backend_close(key);
         }
@@ -158,7 +161,13 @@ impl Pooler {
     /// Starts pool logins while clients wait that no starting backend serves.
     pub fn pool_maybe_grow(&mut self, pool: usize) {
         let size = POOL_SIZE.get().max(1) as usize;
+        if self.pools.get(pool).is_some_and(|p| !p.wants_backend(size)) {
+            self.pool_slots_episode_end(pool);
+        }
         while self.pools.get(pool).is_some_and(|p| p.wants_backend(size) && recent_failure(p).is_none()) {
+            if !self.pool_login_room(pool) {
+                break;
+            }
             let before = self.pools[pool].backends;
             self.backend_start(pool);
             if self.pools.get(pool).is_none_or(|p| p.backends == before) {

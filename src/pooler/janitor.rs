@@ -67,6 +67,9 @@ impl Pooler {
         for k in idle_backends {
             self.backend_close(k);
         }
+        // Over-size pools (pool_size lowered) ask again, e.g. backends that
+        // were asked while pinned.
+        self.pools_trim();
         // Pools that could not log in a backend a moment ago try again.
         let pools: Vec<usize> = self.pools.iter().map(|(k, _)| k).collect();
         for p in pools {

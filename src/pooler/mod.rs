@@ -9,6 +9,7 @@
 //! * `handoff`: passing a client's socket to a backend.
 //! * `drain`: closing a database's backends for DROP DATABASE and friends.
 //! * `janitor`: periodic upkeep (timeouts).
+//! * `limits`: connection slots for pool logins, a lowered pool_size.
 //! * `stats`: the shared tables the SQL functions read.
 mod auth;
 mod backend;
@@ -17,6 +18,7 @@ mod conn;
 mod drain;
 mod handoff;
 mod janitor;
+mod limits;
 mod listener;
 
 mod stats;

@@ -108,11 +108,15 @@ impl Pooler {
         };
         p.rows.reset_all(&p.tables);
         p.tables.set_pooler(unsafe { pg_sys::MyProcPid }, postmaster::listen::port());
-        log::info!(
-            "pooler ready on port {} (pool logins via {})",
-            postmaster::listen::port(),
-            p.server_socket.display()
-        );
+        if postmaster::listen::port() == 0 {
+            log::info!("pooler ready without a TCP listener ({}; see the WARNING at startup)", postmaster::listen::mode().name());
+        } else {
+            log::info!(
+                "pooler ready on port {} (pool logins via {})",
+                postmaster::listen::port(),
+                p.server_socket.display()
+            );
+        }
         p
     }
 
@@ -169,6 +173,8 @@ impl Pooler {
             Ok(()) => log::info!("reloaded pg_hba.conf and settings"),
             Err(e) => log::warn!("pg_hba.conf not reloaded, keeping the previous rules: {}", e.message()),
         }
+        // A lowered nextgres.pool_size applies at once.
+        self.pools_trim();
     }
 
     /// SIGTERM (server shutdown or pg_terminate_backend on the pooler): tell

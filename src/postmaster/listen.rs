@@ -16,8 +16,38 @@ use std::os::fd::{IntoRawFd, RawFd};
 
 /// Listen fds, inherited by every child of the postmaster.
 static mut LISTENERS: Vec<RawFd> = Vec::new();
-/// Where the pooler listens, for logs and SQL.
+/// Where the pooler listens, for logs and SQL (0: nowhere).
 static mut PORT: i32 = 0;
+/// What `_PG_init` decided about the server's port; backends inherit it
+/// (fork) for `nextgres.status()`.
+static mut MODE: Mode = Mode::Takeover;
+
+/// How the pooler and the server share TCP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// The pooler owns the server's port; the server keeps only its Unix socket.
+    Takeover,
+    /// The pooler listens on `nextgres.port`; the server keeps its own TCP listeners.
+    SidePort,
+    /// `ssl = on` and `nextgres.ssl_takeover` off: the pooler listens nowhere
+    /// and the server keeps its own (TLS-capable) TCP listeners.
+    SslKeptByServer,
+}
+
+impl Mode {
+    /// As `nextgres.status()` shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Takeover => "takeover",
+            Mode::SidePort => "side port",
+            Mode::SslKeptByServer => "off: ssl = on",
+        }
+    }
+}
+
+pub fn mode() -> Mode {
+    unsafe { MODE }
+}
 
 pub fn listeners() -> Vec<RawFd> {
     unsafe { (*std::ptr::addr_of!(LISTENERS)).clone() }
@@ -66,6 +96,13 @@ fn resolve(list: &str, port: u16) -> Vec<SocketAddr> {
     out
 }
 
+/// A WARNING with a HINT line in the server log (SQLSTATE 0A000).
+fn warn_with_hint(msg: String, hint: &str) {
+    pgrx::pg_sys::panic::ErrorReport::new(pgrx::PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED, msg, "nextgres")
+        .set_hint(hint)
+        .report(pgrx::PgLogLevel::WARNING);
+}
+
 fn log_warning(msg: &str) {
     pgrx::warning!("nextgres: {msg}");
 }
@@ -92,6 +129,23 @@ pub fn take_port() {
     let takeover = nport == 0 || nport == server_port;
     let port = if takeover { server_port } else { nport };
     let addrs = if own.trim().is_empty() { server_addrs.clone() } else { own };
+    // SAFETY: a plain bool GUC variable of the postmaster (postmaster.h).
+    let ssl = unsafe { pg_sys::EnableSSL };
+    if takeover && ssl && !settings::SSL_TAKEOVER.get() && !addrs.trim().is_empty() {
+        // The pooler has no TLS: taking the port would silently give every
+        // TCP client plaintext (and fail sslmode=require with no word of
+        // nextgres). Leave the port and its TLS to the server, loudly.
+        warn_with_hint(
+            format!("nextgres: ssl = on and the pooler has no TLS support: the pooler does not take over port {port}; the server keeps its own TCP listeners on \"{addrs}\" (TLS included) and no TCP connection is pooled"),
+            "Set nextgres.ssl_takeover = on to let the pooler own the port with plaintext connections only (clients with sslmode=require then fail), or nextgres.port to a side port for pooled plaintext connections."
+        );
+        unsafe {
+            LISTENERS = Vec::new();
+            PORT = 0;
+            MODE = Mode::SslKeptByServer;
+        }
+        return;
+    }
 
     let mut fds = Vec::new();
     for a in resolve(&addrs, port as u16) {
@@ -119,11 +173,21 @@ pub fn take_port() {
         pgrx::log!(
             "nextgres: pooler owns TCP port {port} on \"{addrs}\"; the server keeps only its Unix socket (listen_addresses cleared)"
         );
+        if ssl {
+            warn_with_hint(
+                format!("nextgres: nextgres.ssl_takeover = on: the pooler owns port {port} without TLS although ssl = on; TCP clients get plaintext only and clients with sslmode=require fail"),
+                "Turn nextgres.ssl_takeover off to keep the server's TLS listeners on the port."
+            );
+        }
     } else {
         pgrx::log!("nextgres: pooler listens on side port {port} on \"{addrs}\"; the server keeps its own TCP listeners");
+        if ssl {
+            pgrx::log!("nextgres: the side port {port} is plaintext only (the pooler has no TLS); the server's port keeps TLS");
+        }
     }
     unsafe {
         LISTENERS = fds;
         PORT = port;
+        MODE = if takeover { Mode::Takeover } else { Mode::SidePort };
     }
 }

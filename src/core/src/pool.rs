@@ -59,6 +59,12 @@ pub struct Pool {
     /// none parks.
     pub draining: bool,
     pub last_login_error: Option<(ErrorFields, Instant)>,
+    /// No pool login before this instant: the server had no connection
+    /// slot for the last one (53300), so the pool does not retry in a loop.
+    pub login_backoff_until: Option<Instant>,
+    /// The pool is short of connection slots since this episode began (its
+    /// log line is written once per episode).
+    pub slots_episode: bool,
     pub xacts: i64,
     pub waits: i64,
     pub wait_us: i64,
@@ -84,6 +90,8 @@ impl Pool {
             close_when_idle: false,
             draining: false,
             last_login_error: None,
+            login_backoff_until: None,
+            slots_episode: false,
             xacts: 0,
             waits: 0,
             wait_us: 0,

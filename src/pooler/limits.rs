@@ -1,0 +1,150 @@
+//! Limits on a pool's backends: connection slots and a lowered pool_size.
+//!
+//! * Slots: a pool login is a regular backend and needs a free connection
+//!   slot beyond `superuser_reserved_connections` (+ `reserved_connections`
+//!   from 16), as in the server's `InitPostgres()` (postinit.c). The pooler
+//!   counts free slots before each pool login (`pg::slots`); a pool that
+//!   already has a backend logs in another only while one more slot stays
+//!   free, so a direct login of another role always finds the slot it would
+//!   have had. When no slot is free (or the server still answers 53300) the
+//!   pool waits `SLOT_BACKOFF` before it tries again and its clients share
+//!   the backends it has; one WARNING per episode says so, with the
+//!   arithmetic in its HINT.
+//! * `nextgres.pool_size` lowered by a reload: surplus parked backends close
+//!   at once, and attached ones give their client back at their next
+//!   transaction boundary and then close instead of parking.
+use super::backend::BPhase;
+use super::conn::Conn;
+use super::worker::Pooler;
+use crate::settings::POOL_SIZE;
+use nextgres_core::proto::ErrorFields;
+use std::time::{Duration, Instant};
+
+/// Pause between pool logins of one pool after the server had no slot for
+/// one: at most 2 attempts per second per pool.
+pub const SLOT_BACKOFF: Duration = Duration::from_millis(500);
+
+const SLOTS_HINT: &str = "Each pool uses up to nextgres.pool_size connection slots; all pools together plus direct connections \
+must fit in max_connections - superuser_reserved_connections - reserved_connections (reserved_connections from PostgreSQL 16). \
+A pool logs in another backend only while one more slot stays free for direct logins. Raise max_connections or lower nextgres.pool_size.";
+
+/// Is this 53300 the server's "no free slot" (postinit.c), rather than a
+/// role's or database's CONNECTION LIMIT (same SQLSTATE)?
+pub fn is_slot_shortage(f: &ErrorFields) -> bool {
+    f.sqlstate == "53300"
+        && (f.message == "sorry, too many clients already" || f.message.starts_with("remaining connection slots are reserved"))
+}
+
+impl Pooler {
+    /// May `pool` start a pool login now? False while it backs off, or when
+    /// the server has no slot for it (which starts or continues an episode).
+    pub fn pool_login_room(&mut self, pool: usize) -> bool {
+        let Some(p) = self.pools.get(pool) else { return false };
+        if p.login_backoff_until.is_some_and(|t| Instant::now() < t) {
+            return false;
+        }
+        // Pool logins already under way have not taken their slot yet.
+        let pending: usize = self.pools.iter().map(|(_, p)| p.starting).sum();
+        // A pool with a backend leaves one slot for direct logins of others.
+        let spare = usize::from(p.backends > 0);
+        if crate::pg::slots::unreserved_free(pending + 1 + spare) {
+            return true;
+        }
+        self.pool_out_of_slots(pool, None);
+        false
+    }
+
+    /// The pool got no connection slot: counted free slots said so (`server`
+    /// None) or the server refused the login with 53300 (`server`: its error).
+    pub fn pool_out_of_slots(&mut self, pool: usize, server: Option<ErrorFields>) {
+        let size = POOL_SIZE.get();
+        let Some(p) = self.pools.get_mut(pool) else { return };
+        p.login_backoff_until = Some(Instant::now() + SLOT_BACKOFF);
+        if !p.slots_episode {
+            p.slots_episode = true;
+            let (su, res) = crate::pg::slots::reserved();
+            let max = crate::pg::slots::max_connections();
+            let cause = match &server {
+                Some(f) => format!("the server refused a pool login: {}", f.message),
+                None => "no connection slot is free for another pool login".to_string(),
+            };
+            let msg = format!(
+                "nextgres: the pool of role \"{}\" for database \"{}\" has {} of nextgres.pool_size = {size} backends and gets no more for now: {cause} \
+(max_connections = {max}, superuser_reserved_connections = {su}, reserved_connections = {res}); its clients share the backends it has, and it tries again at most twice a second",
+                p.role, p.database, p.backends
+            );
+            pgrx::pg_sys::panic::ErrorReport::new(pgrx::PgSqlErrorCode::ERRCODE_TOO_MANY_CONNECTIONS, msg, "nextgres")
+                .set_hint(SLOTS_HINT)
+                .report(pgrx::PgLogLevel::WARNING);
+        }
+        if p.backends == 0 {
+            // Nothing to share: its clients get what a direct login gets.
+            let f = server.unwrap_or_else(|| ErrorFields {
+                severity: "FATAL".into(),
+                sqlstate: "53300".into(),
+                message: "sorry, too many clients already".into(),
+                detail: None,
+                hint: None,
+            });
+            self.pool_fail_clients(pool, f);
+        }
+    }
+
+    /// The pool's demand is met (or gone): the next shortage is a new episode.
+    pub fn pool_slots_episode_end(&mut self, pool: usize) {
+        if let Some(p) = self.pools.get_mut(pool) {
+            p.slots_episode = false;
+        }
+    }
+
+    /// More backends than `nextgres.pool_size` (lowered by a reload)?
+    pub fn pool_surplus(&self, pool: usize) -> usize {
+        let size = POOL_SIZE.get().max(1) as usize;
+        self.pools.get(pool).map_or(0, |p| p.backends.saturating_sub(size))
+    }
+
+    /// Brings a pool down to `nextgres.pool_size`: closes surplus parked
+    /// backends now and asks as many attached ones as are still surplus to
+    /// give their client back at their next transaction boundary (they then
+    /// close in `backend_available`). Pinned backends (session mode, temp
+    /// tables, ...) leave when their client does.
+    pub fn pool_trim(&mut self, pool: usize) {
+        while self.pool_surplus(pool) > 0 {
+            let Some(bk) = self.pools.get_mut(pool).and_then(|p| p.parked.pop()) else { break };
+            self.backend_close(bk);
+        }
+        let mut surplus = self.pool_surplus(pool);
+        let Some(p) = self.pools.get(pool) else { return };
+        surplus = surplus.saturating_sub(p.release_requested);
+        for bk in p.attached.clone() {
+            if surplus == 0 {
+                break;
+            }
+            if self.backend_request_release(bk, true) {
+                surplus -= 1;
+            }
+        }
+    }
+
+    /// Every pool, after a reload and once per janitor tick.
+    pub fn pools_trim(&mut self) {
+        let pools: Vec<usize> = self.pools.iter().filter(|(_, p)| p.backends > 0).map(|(k, _)| k).collect();
+        for p in pools {
+            self.pool_trim(p);
+        }
+    }
+
+    /// A backend about to park: close it instead if its pool is over size.
+    /// Returns true when it was closed.
+    pub fn backend_close_if_surplus(&mut self, key: usize) -> bool {
+        let pool = match self.conns.get(key) {
+            Some(Conn::Backend(b)) if matches!(b.phase, BPhase::Parked { .. }) => b.pool,
+            _ => return false,
+        };
+        if self.pool_surplus(pool) == 0 {
+            return false;
+        }
+        self.backend_close(key);
+        true
+    }
+}
