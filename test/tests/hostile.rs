@@ -765,6 +765,8 @@ fn hostile_startup_packets() {
             let full = user_db();
             let mut p = Peer::connect(pg);
             p.send(&full[..full.len() - 5]);
+            // a stimulus (the partial packet and the FIN in separate
+            // segments), not a wait before an assertion
             std::thread::sleep(Duration::from_millis(100));
             let _ = p.s.shutdown(Shutdown::Write);
             expect_closed(&mut p, label);
