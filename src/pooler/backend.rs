@@ -33,7 +33,7 @@ pub struct Backend {
     pub params: Vec<(String, String)>,
     /// Asked (RELEASE_REQUEST) to give its client back.
     pub release_requested: bool,
-    scram: Option<(ScramClient, [u8; 32])>,
+    scram: Option<ScramClient>,
     pub xacts: i64,
 }
 
@@ -217,19 +217,19 @@ impl Pooler {
             {
                 let mut nonce = [0u8; 18];
                 crate::pg::shmem::strong_random(&mut nonce);
-                let mut client = ScramClient::new(ClientCredential::ClientKey(client_key), &nonce);
+                let mut client = ScramClient::new(ClientCredential::ClientKey { client_key, server_key }, &nonce);
                 proto::sasl_initial_response(&mut out, auth::SCRAM_SHA_256, &client.client_first());
-                b.scram = Some((client, server_key));
+                b.scram = Some(client);
                 None
             }
-            (AuthRequest::SaslContinue(data), _) => match b.scram.as_mut().map(|(c, _)| c.server_first(data)) {
+            (AuthRequest::SaslContinue(data), _) => match b.scram.as_mut().map(|c| c.server_first(data)) {
                 Some(Ok(fin)) => {
                     proto::sasl_response(&mut out, &fin);
                     None
                 }
                 _ => Some(login_error("28000", "nextgres: SCRAM exchange with the server failed".into(), None)),
             },
-            (AuthRequest::SaslFinal(data), _) => match b.scram.take().map(|(mut c, sk)| c.server_final(data, Some(&sk))) {
+            (AuthRequest::SaslFinal(data), _) => match b.scram.take().map(|mut c| c.server_final(data)) {
                 Some(Ok(())) => None,
                 _ => Some(login_error("28000", "nextgres: the server's SCRAM signature did not verify".into(), None)),
             },

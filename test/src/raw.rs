@@ -30,6 +30,13 @@ impl Raw {
     pub fn connect(port: u16, user: &str, db: &str, timeout: Duration) -> Raw {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("raw connect");
+        Raw::login(s, user, db, timeout)
+    }
+
+    /// Logs in (trust) over a socket already connected (for a connection
+    /// made at a chosen moment, e.g. while no pooler runs).
+    #[track_caller]
+    pub fn login(s: TcpStream, user: &str, db: &str, timeout: Duration) -> Raw {
         s.set_read_timeout(Some(timeout)).expect("read timeout");
         s.set_nodelay(true).expect("nodelay");
         let mut body = Vec::new();

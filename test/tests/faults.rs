@@ -17,7 +17,7 @@
 
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nextgres_test::procs::process_alive;
 use nextgres_test::{wait_until, with_timeout, Cluster, StopMode};
@@ -335,9 +335,37 @@ fn cancel_running_query_and_idle_cancel_is_harmless() {
     });
 }
 
+/// `waiter` sends a query while every backend of its pool is held: the
+/// pooler lists it as `waiting` in nextgres.clients, and it gets FATAL 53400
+/// no sooner than nextgres.query_wait_timeout (read from the server) after
+/// the query was sent. How the connection ended.
+#[track_caller]
+fn expect_query_wait_timeout(pg: &Cluster, waiter: &mut Raw) -> io::ErrorKind {
+    let limit = Duration::from_secs(admin_i64(
+        pg,
+        "SELECT setting::int8 FROM pg_settings WHERE name = 'nextgres.query_wait_timeout' AND unit = 's'",
+    ) as u64);
+    let port = waiter.local_port();
+    let t0 = Instant::now();
+    waiter.send_query("SELECT 1");
+    assert!(
+        wait_until(SETTLE, || clients(pg).iter().any(|c| c.0 == port && c.1 == "waiting")),
+        "the client on port {port} never showed as waiting: {:?}",
+        clients(pg)
+    );
+    let (severity, code, end) = waiter.expect_fatal();
+    let waited = t0.elapsed();
+    assert_eq!((severity.as_str(), code.as_str()), ("FATAL", "53400"));
+    assert!(
+        waited >= limit,
+        "53400 after {waited:?}, before nextgres.query_wait_timeout ({limit:?})"
+    );
+    end
+}
+
 /// nextgres.query_wait_timeout: with the only backend held by an open
-/// transaction, another client's query fails with FATAL 53400 after the
-/// timeout. nextgres.max_client_conn = 5: the 6th client gets 53300 "sorry,
+/// transaction, another client's query waits (listed as `waiting`) and
+/// fails with FATAL 53400, no sooner than the timeout. nextgres.max_client_conn = 5: the 6th client gets 53300 "sorry,
 /// too many clients already", and gets in once a slot is free.
 #[test]
 fn query_wait_timeout_and_max_client_conn() {
@@ -352,9 +380,7 @@ fn query_wait_timeout_and_max_client_conn() {
         // A raw client: it reads the FATAL whether the connection then ends
         // with a FIN or a reset (see pooler_fatal_ends_with_orderly_close).
         let mut waiter = raw(pg, APP);
-        waiter.send_query("SELECT 1");
-        let (severity, code, _) = waiter.expect_fatal();
-        assert_eq!((severity.as_str(), code.as_str()), ("FATAL", "53400"));
+        expect_query_wait_timeout(pg, &mut waiter);
         assert!(
             wait_until(SETTLE, || clients(pg).len() == 1),
             "the timed-out client is still listed: {:?}",
@@ -506,7 +532,8 @@ fn immediate_stop_with_parked_attached_and_waiting_clients() {
 
 /// Smart shutdown waits for the applications (the pooler's clients) to
 /// disconnect, and then finishes: parked backends, which no application
-/// uses, must not keep the server up forever. Bounded either way.
+/// uses, must not keep the server up forever. Bounded either way. Then the
+/// server starts again and the new pooler serves.
 #[test]
 fn smart_stop_waits_for_clients_not_for_parked_backends() {
     run(Cluster::builder(), |pg| {
@@ -532,6 +559,10 @@ fn smart_stop_waits_for_clients_not_for_parked_backends() {
                 .map(|a| a.pid)
                 .collect::<Vec<_>>()
         );
+        // The server starts again and its new pooler serves.
+        pg.start().expect("start after the smart stop");
+        let pooler = pooler_pid(pg).expect("a pooler after restart");
+        assert_pooler_serves(pg, pooler);
     });
 }
 
@@ -586,14 +617,12 @@ fn pooler_sigterm_restarts_without_refusing_connections() {
                 })
             })
             .collect();
-        assert!(
-            tcp.is_ok(),
-            "TCP connect refused while the pooler restarts: {tcp:?}"
-        );
-        drop(tcp);
-        if pooler_pid(pg).is_some() {
-            // Not a failure: the machine was slow enough for the new pooler
-            // to start first, so this run did not exercise the backlog.
+        let tcp = tcp.unwrap_or_else(|e| panic!("TCP connect refused while the pooler restarts: {e:?}"));
+        // The connect above was made while no pooler ran only if none runs
+        // now (the postmaster restarts the worker after 1 s). If a slow
+        // machine missed that window, more SIGTERM rounds below retry it.
+        let mut window_seen = pooler_pid(pg).is_none();
+        if !window_seen {
             eprintln!("note: the new pooler was already up when the connects were made");
         }
 
@@ -642,7 +671,40 @@ fn pooler_sigterm_restarts_without_refusing_connections() {
             );
         }
 
+        // The TCP connection made right after the old pooler exited logs in.
+        let mut early = Raw::login(tcp, APP, DB, SETTLE);
+        assert_eq!(early.value("SELECT 'backlog'"), "backlog");
+        drop(early);
         assert_pooler_serves(pg, new);
+
+        // The window with no pooler must have been exercised: a connection
+        // made while no pooler ran waits in the backlog and is served.
+        let mut current = new;
+        for round in 1..=4 {
+            if window_seen {
+                break;
+            }
+            // SAFETY: plain kill(2) on the pooler's pid from nextgres.status().
+            assert_eq!(unsafe { libc::kill(current, libc::SIGTERM) }, 0);
+            assert!(wait_until(SETTLE, || !process_alive(current)), "pooler {current} did not exit");
+            let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("TCP connect refused while the pooler restarts: {e:?}"));
+            window_seen = pooler_pid(pg).is_none();
+            eprintln!("SIGTERM round {round}: no pooler after the connect: {window_seen}");
+            let mut c = Raw::login(tcp, APP, DB, SETTLE);
+            assert_eq!(c.value("SELECT 'backlog'"), "backlog");
+            drop(c);
+            let mut next = None;
+            assert!(
+                wait_until(SETTLE, || {
+                    next = pooler_pid(pg).filter(|&p| p != current);
+                    next.is_some()
+                }),
+                "no new pooler after SIGTERM round {round}"
+            );
+            current = next.expect("new pooler");
+        }
+        assert!(window_seen, "no connection was ever made while no pooler ran");
     });
 }
 
@@ -664,9 +726,7 @@ fn pooler_fatal_ends_with_orderly_close() {
         let mut holder = connect(pg, APP);
         holder.batch_execute("BEGIN").expect("BEGIN");
         let mut waiter = raw(pg, APP);
-        waiter.send_query("SELECT 1");
-        let (severity, code, end) = waiter.expect_fatal();
-        assert_eq!((severity.as_str(), code.as_str()), ("FATAL", "53400"));
+        let end = expect_query_wait_timeout(pg, &mut waiter);
         holder.batch_execute("COMMIT").expect("COMMIT");
         assert_pooler_serves(pg, pooler);
         assert_eq!(

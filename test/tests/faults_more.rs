@@ -33,8 +33,24 @@ fn kill9(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// Most backends of `role` seen at once in one sample, by nextgres.backends
+/// and by pg_stat_activity. A failed sample query fails the test.
+fn backends_now(admin: &mut Client, role: &str) -> usize {
+    let q = "SELECT (SELECT count(*) FROM nextgres.backends WHERE role = $1),
+                    (SELECT count(*) FROM pg_stat_activity
+                      WHERE usename = $1 AND backend_type = 'client backend')";
+    let r = admin
+        .query_one(q, &[&role])
+        .unwrap_or_else(|e| panic!("backend sampler: {e:?}"));
+    r.get::<_, i64>(0).max(r.get::<_, i64>(1)) as usize
+}
+
 /// Runs `f` while a sampler thread records the most backends of `role` seen
-/// at once, by nextgres.backends and by pg_stat_activity.
+/// at once (see [`backends_now`]). The first sample is taken before `f`
+/// starts and sampling goes on until it returns, so at least one sample
+/// falls in the run; a sampler error fails the test; the maximum must be
+/// non-zero (the role has a pool while `f` runs).
+#[track_caller]
 fn max_backends_during<T>(pg: &Cluster, role: &str, f: impl FnOnce() -> T) -> (T, usize) {
     struct Stop<'a>(&'a AtomicBool);
     impl Drop for Stop<'_> {
@@ -44,24 +60,39 @@ fn max_backends_during<T>(pg: &Cluster, role: &str, f: impl FnOnce() -> T) -> (T
     }
     let stop = AtomicBool::new(false);
     let max = AtomicUsize::new(0);
+    let samples = AtomicUsize::new(0);
     let out = std::thread::scope(|s| {
-        s.spawn(|| {
+        let sampler = s.spawn(|| {
             let mut admin = pg.admin();
-            let q = "SELECT (SELECT count(*) FROM nextgres.backends WHERE role = $1),
-                            (SELECT count(*) FROM pg_stat_activity
-                              WHERE usename = $1 AND backend_type = 'client backend')";
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok(r) = admin.query_one(q, &[&role]) {
-                    let n = r.get::<_, i64>(0).max(r.get::<_, i64>(1)) as usize;
-                    max.fetch_max(n, Ordering::Relaxed);
+            loop {
+                let n = backends_now(&mut admin, role);
+                max.fetch_max(n, Ordering::Relaxed);
+                samples.fetch_add(1, Ordering::Relaxed);
+                if stop.load(Ordering::Relaxed) {
+                    break;
                 }
+                // pacing between samples, not a synchronisation
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
+        assert!(
+            wait_until(SETTLE, || samples.load(Ordering::Relaxed) > 0 || sampler.is_finished()),
+            "the backend sampler never took a sample"
+        );
         let _stop = Stop(&stop);
         f()
     });
-    (out, max.load(Ordering::Relaxed))
+    let (samples, max) = (samples.load(Ordering::Relaxed), max.load(Ordering::Relaxed));
+    assert!(samples > 0, "no backend sample taken during the run");
+    assert!(max > 0, "{samples} samples during the run and none saw a backend of {role}");
+    (out, max)
+}
+
+/// The most backends of `role` seen at once over `n` samples taken now.
+#[track_caller]
+fn max_backends_over(pg: &Cluster, role: &str, n: usize) -> usize {
+    let mut admin = pg.admin();
+    (0..n).map(|_| backends_now(&mut admin, role)).max().unwrap_or(0)
 }
 
 /// Reads what the server sends until the connection ends: the last
@@ -186,8 +217,10 @@ fn count(pg: &Cluster, table: &str) -> i64 {
 /// then the close); clients held by the pooler just see the close, as the
 /// pooler is killed by the same SIGQUIT (a direct idle session would also get
 /// the 57P02 warning first: a known difference, not asserted). No
-/// uncommitted change survives, the postmaster starts a new
-/// pooler, logins attempted during the restart finish (bounded), new pooled
+/// uncommitted change survives, the postmaster starts a new pooler, logins
+/// made once the old pooler has exited (during the restart) are all served
+/// by the new pooler, logins made in the moment of the kill end (served or an
+/// error, never a hang), new pooled
 /// connections work again, and the pools are rebuilt from scratch.
 #[test]
 fn crash_restart_recovers_pooler_and_pools() {
@@ -285,6 +318,31 @@ fn crash_restart_recovers_pooler_and_pools() {
             ends.push((name, end));
         }
         eprintln!("client endings: {ends:?}");
+
+        // Logins made once the old pooler is gone, while the postmaster
+        // restarts: they wait in the listen backlog (the postmaster keeps the
+        // socket) and the new pooler must serve every one of them.
+        assert!(
+            wait_until(SETTLE, || !process_alive(old_pooler)),
+            "the old pooler {old_pooler} outlived the crash"
+        );
+        let restarted_before_logins = pg
+            .log_since(mark)
+            .contains("database system is ready to accept connections");
+        let after_pooler: Vec<_> = (0..3)
+            .map(|i| {
+                let conn = pg.tcp(APP, DB);
+                std::thread::spawn(move || -> Result<String, postgres::Error> {
+                    let mut c = conn.connect()?;
+                    let r = c.simple_query(&format!("SELECT {}", 10 + i))?;
+                    Ok(first_value(&r).unwrap_or_default())
+                })
+            })
+            .collect();
+        eprintln!(
+            "logins after the old pooler exited made {} the server was ready again",
+            if restarted_before_logins { "after" } else { "before" }
+        );
         let (_d, r) = bounded_query(direct, "SELECT 1", "the killed direct session");
         r.expect_err("the killed session still answers");
 
@@ -328,8 +386,20 @@ fn crash_restart_recovers_pooler_and_pools() {
         );
         assert_eq!(listed, 1, "the new pooler is not in pg_stat_activity");
 
-        // Logins made during the restart finish: served by the new pooler
-        // (they waited in the listen backlog, which the postmaster keeps).
+        // Logins made after the old pooler exited: every one served by the
+        // new pooler.
+        for (i, h) in after_pooler.into_iter().enumerate() {
+            let r = with_timeout(SETTLE, "login made during the crash restart", move || {
+                h.join().expect("login thread")
+            });
+            let v = r.unwrap_or_else(|e| {
+                panic!("login {i} made after the old pooler exited was not served: {e:?}\n{}", pg.log_tail(30))
+            });
+            assert_eq!(v, (10 + i).to_string());
+        }
+        // Logins made right after the kill, before the old pooler was gone:
+        // served, or (accepted by the old pooler in its last moment) an
+        // error like any other client's; never a hang.
         for (i, h) in during.into_iter().enumerate() {
             let r = with_timeout(SETTLE, "login made during the crash restart", move || {
                 h.join().expect("login thread")
@@ -432,9 +502,7 @@ fn sighup_hba_and_pool_size_under_load() {
                         wait_until(SETTLE, || count(pg, "load_t") >= 50),
                         "the load never got going"
                     );
-                    let (_, max_before) = max_backends_during(pg, APP, || {
-                        std::thread::sleep(Duration::from_secs(1));
-                    });
+                    let max_before = max_backends_over(pg, APP, 50);
 
                     pg.set_hba(
                         "local all postgres trust\n\
@@ -482,9 +550,7 @@ fn sighup_hba_and_pool_size_under_load() {
                     });
                     let reloaded_during_load = !bench.is_finished();
                     assert!(grew);
-                    let (_, max_after) = max_backends_during(pg, APP, || {
-                        std::thread::sleep(Duration::from_millis(500));
-                    });
+                    let max_after = max_backends_over(pg, APP, 25);
                     assert!(
                         wait_until(Duration::from_secs(150), || bench.is_finished()),
                         "pgbench did not finish"

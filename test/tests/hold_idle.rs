@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use nextgres_test::{Cluster};
+use nextgres_test::{wait_until, Cluster};
 use postgres::{Client, SimpleQueryMessage};
 
 const APP: &str = "app";
@@ -100,8 +100,19 @@ fn a_waiting_client_gets_the_backend_of_an_idle_one() {
             let v = one(&mut b, "SHOW application_name");
             (b, v)
         });
-        std::thread::sleep(Duration::from_millis(200));
+        // Wait until the pooler lists b as waiting (it has sent its query and
+        // is queued behind a's transaction), so the check below is made while
+        // b really waits, not before it has asked.
+        let waiting = wait_until(Duration::from_secs(30), || {
+            let n: i64 = pg
+                .admin()
+                .query_one("SELECT count(*) FROM nextgres.clients WHERE state = 'waiting'", &[])
+                .unwrap()
+                .get(0);
+            n == 1 || waiter.is_finished()
+        });
         assert!(!waiter.is_finished(), "the waiting client ran inside another client's transaction");
+        assert!(waiting, "b never showed as waiting in nextgres.clients");
         a.batch_execute("COMMIT").unwrap();
         let (_b, v) = waiter.join().unwrap();
         assert_eq!(v, "client-b");

@@ -37,7 +37,8 @@ fn count(pg: &Cluster, sql: &str) -> i64 {
 
 /// pgbench -i and the TPC-B-like run through the pooler, 16 clients on a
 /// pool of 4, simple then extended protocol: no failed transaction, and every
-/// transaction's history row is there.
+/// transaction's history row is there; bench's backends, sampled while each
+/// run goes on, are never more than 4 (and some samples see them).
 #[test]
 fn pgbench_simple_and_extended() {
     let pg = Cluster::builder().conf("nextgres.pool_size = 4").start();
@@ -49,11 +50,43 @@ fn pgbench_simple_and_extended() {
     pg.pgbench_init(&bench, 1).assert_success();
     assert_eq!(count(&pg, "SELECT count(*) FROM pgbench_accounts"), 100_000);
     for mode in ["simple", "extended"] {
-        let out = pg.pgbench(
-            &bench,
-            &["-n", "-M", mode, "-c", "16", "-j", "2", "-t", "50"],
-        );
+        // Sample bench's backends while pgbench runs; a sample error fails.
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (out, samples, max) = std::thread::scope(|s| {
+            let sampler = s.spawn(|| {
+                let mut admin = pg.admin();
+                let (mut samples, mut max) = (0usize, 0i64);
+                loop {
+                    let n: i64 = admin
+                        .query_one(
+                            "SELECT count(*) FROM pg_stat_activity
+                              WHERE usename = 'bench' AND backend_type = 'client backend'",
+                            &[],
+                        )
+                        .unwrap_or_else(|e| panic!("backend sampler: {e:?}"))
+                        .get(0);
+                    samples += 1;
+                    max = max.max(n);
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        return (samples, max);
+                    }
+                    // pacing between samples, not a synchronisation
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            });
+            let out = pg.pgbench(
+                &bench,
+                &["-n", "-M", mode, "-c", "16", "-j", "2", "-t", "50"],
+            );
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let (samples, max) = sampler.join().expect("sampler");
+            (out, samples, max)
+        });
         assert_bench(&out, 800);
+        eprintln!("{mode}: {samples} samples, at most {max} bench backends");
+        assert!(samples > 1, "{mode}: no sample taken during the run");
+        assert!(max > 0, "{mode}: no bench backend seen during the run");
+        assert!(max <= 4, "{mode}: {max} bench backends with pool_size = 4");
     }
     assert_eq!(count(&pg, "SELECT count(*) FROM pgbench_history"), 1600);
     // Balances moved by exactly what the history says.
@@ -468,36 +501,153 @@ fn pool_token_is_refused_to_direct_clients() {
 
 /// The pooler's own settings cannot be set by a client at startup, as on
 /// the server (which answers 55P02 "cannot be changed now" for these
-/// sighup/postmaster settings).
-///
-/// KNOWN BUG (nextgres): the pooler's name check only refuses *unknown*
-/// `nextgres.` names (42602); a real one such as `nextgres.pool_size=100`,
-/// as a startup parameter or in `options`, is accepted and the session
-/// starts (the backend then logs a WARNING at each switch), where the server
-/// refuses the login with FATAL 55P02.
+/// sighup/postmaster settings): as a startup parameter and in `options`, the
+/// pooler's refusal has the server's severity, SQLSTATE and message (a
+/// pooler that only refused *unknown* `nextgres.` names would start a
+/// session and fail here).
 #[test]
 fn nextgres_settings_refused_at_pooler_startup() {
     let sp = SidePort::start(Cluster::builder());
     exec(&sp.pg, "CREATE ROLE app LOGIN");
+    let opt_params = |opt: &str| {
+        vec![
+            ("user", "app".to_string()),
+            ("database", "postgres".to_string()),
+            ("options", opt.to_string()),
+        ]
+    };
     for (name, value) in [
         ("nextgres.pool_size", "100"),
         ("nextgres.pool_mode", "session"),
         ("nextgres.port", "1"),
     ] {
-        let params = [("user", "app"), ("database", "postgres"), (name, value)];
-        let direct = raw_startup(&mut tcp_stream(sp.pg.port()), &params);
-        assert_refused_any(&format!("server port, {name}"), direct, None, None);
-        let pooled = raw_startup(&mut tcp_stream(sp.pool_port), &params);
-        assert_refused_any(&format!("pooler port, {name}"), pooled, None, None);
         let opt = format!("-c {name}={value}");
-        let params = [
-            ("user", "app"),
-            ("database", "postgres"),
-            ("options", opt.as_str()),
+        let as_param = vec![
+            ("user", "app".to_string()),
+            ("database", "postgres".to_string()),
+            (name, value.to_string()),
         ];
-        let pooled = raw_startup(&mut tcp_stream(sp.pool_port), &params);
-        assert_refused_any(&format!("pooler port, options {opt}"), pooled, None, None);
+        for (how, params) in [("startup parameter", as_param), ("options", opt_params(&opt))] {
+            let params: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let what = format!("{name}={value} as {how}");
+            let direct = raw_startup(&mut tcp_stream(sp.pg.port()), &params);
+            let want = fatal_fields(&direct)
+                .unwrap_or_else(|| panic!("{what}: the server did not refuse it: {:?}", direct.0));
+            assert_refused_any(&format!("server port, {what}"), direct, None, None);
+            let pooled = raw_startup(&mut tcp_stream(sp.pool_port), &params);
+            let got = fatal_fields(&pooled);
+            assert_refused(&format!("pooler port, {what}"), pooled, &want.1, Some(&want.2));
+            assert_eq!(got.as_ref(), Some(&want), "{what}: pooler vs server");
+        }
     }
+}
+
+/// (severity, SQLSTATE, message) of the first ErrorResponse of a startup.
+fn fatal_fields((msgs, _): &(Vec<Msg>, bool)) -> Option<(String, String, String)> {
+    let e = msgs.iter().find(|m| m.tag == b'E')?;
+    Some((e.field(b'S')?, e.field(b'C')?, e.field(b'M')?))
+}
+
+/// The SO_PEERCRED half of the pool-token check, with the real token: the
+/// test (root) moves the server's Unix socket aside and listens in its place,
+/// so the pooler's next pool login connects to the test, which reads its
+/// StartupMessage (with the per-boot `nextgres.pool_token`) and puts the
+/// server's socket back. Those exact parameters, sent by this process (not
+/// the pooler) to the server's socket, get FATAL 28000 "nextgres: invalid
+/// pooled-backend login"; the pooler, whose peer check passes, then logs in
+/// with the same token and serves.
+#[test]
+fn real_pool_token_from_another_process_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let sp = SidePort::start(Cluster::builder().conf("nextgres.pool_size = 1"));
+    let pg = &sp.pg;
+    exec(pg, "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN");
+    let sock = pg.socket_dir().join(format!(".s.PGSQL.{}", pg.port()));
+    let aside = pg.socket_dir().join(format!(".s.PGSQL.{}.aside", pg.port()));
+
+    /// Puts the server's socket back, on every path out.
+    struct Restore(std::path::PathBuf, std::path::PathBuf);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+            let _ = std::fs::rename(&self.1, &self.0);
+        }
+    }
+    std::fs::rename(&sock, &aside).expect("moving the server socket aside");
+    let restore = Restore(sock.clone(), aside);
+    let listener = std::os::unix::net::UnixListener::bind(&sock).expect("listening in its place");
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    listener.set_nonblocking(true).expect("nonblocking");
+
+    // A pooled client makes the pooler log a backend in (through the test).
+    let ci = sp.pooled("app", "postgres");
+    std::thread::spawn(move || {
+        let _ = ci.connect().map(|mut c| c.simple_query("SELECT 1"));
+    });
+    let mut stream = None;
+    assert!(
+        nextgres_test::wait_until(Duration::from_secs(20), || {
+            stream = listener.accept().ok().map(|(s, _)| s);
+            stream.is_some()
+        }),
+        "the pooler never made a pool login"
+    );
+    let mut stream = stream.expect("accepted");
+    stream.set_nonblocking(false).expect("blocking");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("read timeout");
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).expect("startup length");
+    let mut body = vec![0u8; i32::from_be_bytes(len) as usize - 4];
+    stream.read_exact(&mut body).expect("startup body");
+    drop(stream);
+    drop(listener);
+    drop(restore);
+
+    assert_eq!(&body[..4], &196608i32.to_be_bytes(), "protocol 3.0");
+    let fields: Vec<String> = body[4..]
+        .split(|&b| b == 0)
+        .map(|f| String::from_utf8(f.to_vec()).expect("UTF-8 startup field"))
+        .collect();
+    let params: Vec<(&str, &str)> = fields
+        .chunks(2)
+        .filter(|kv| kv.len() == 2 && !kv[0].is_empty())
+        .map(|kv| (kv[0].as_str(), kv[1].as_str()))
+        .collect();
+    let token = params
+        .iter()
+        .find(|(k, _)| *k == "nextgres.pool_token")
+        .map(|(_, v)| *v)
+        .unwrap_or_else(|| panic!("no token in the pool login: {params:?}"));
+    assert!(
+        token.len() >= 32 && token.bytes().all(|b| b.is_ascii_hexdigit()),
+        "not a token: {token:?}"
+    );
+
+    // The real token from a process that is not the pooler: refused.
+    assert_refused(
+        "real token, sent by the test process",
+        raw_startup(&mut unix_stream(pg), &params),
+        "28000",
+        Some("nextgres: invalid pooled-backend login"),
+    );
+    // The pooler itself, with the same token, logs in and serves.
+    let mut served = None;
+    assert!(
+        nextgres_test::wait_until(Duration::from_secs(30), || {
+            served = Some(pool_support::rust_outcome(&sp.pooled("app", "postgres"), None));
+            matches!(served, Some(pool_support::Outcome::Ok(_)))
+        }),
+        "no pooled login after the socket came back: {served:?}\n{}",
+        pg.log_tail(30)
+    );
+    let app: Vec<_> = pg
+        .activity()
+        .into_iter()
+        .filter(|a| a.usename.as_deref() == Some("app"))
+        .collect();
+    assert_eq!(app.len(), 1, "only the pooled backend runs as app: {app:?}");
 }
 
 /// Raw clients speaking the protocol by hand through the pooler get normal

@@ -39,6 +39,30 @@ fn drain(c: &mut Client, wait: Duration) -> Vec<String> {
     out
 }
 
+/// A direct session (not pooled) listening on `chan`: once it has heard a
+/// notification, the server has delivered it to every listener, so a check
+/// that some client heard nothing is made after the delivery, not after a
+/// sleep.
+fn witness(pg: &Cluster, chan: &str) -> Client {
+    let mut w = pg.admin();
+    w.batch_execute(&format!("LISTEN {chan}")).expect("witness LISTEN");
+    w
+}
+
+/// Waits (bounded) until the witness has heard `last` on `chan`.
+#[track_caller]
+fn await_delivered(w: &mut Client, chan: &str, last: &str) {
+    let want = format!("{chan}:{last}");
+    let mut heard = Vec::new();
+    assert!(
+        nextgres_test::wait_until(SETTLE, || {
+            heard.extend(drain(w, Duration::from_millis(20)));
+            heard.contains(&want)
+        }),
+        "the witness never heard {want}: {heard:?}"
+    );
+}
+
 #[test]
 fn notifications_reach_listeners_only() {
     run(
@@ -103,12 +127,13 @@ fn notifications_reach_listeners_only() {
             expect_backend(pg, pl, "parked", None);
             let mut bystander = pg.tcp("app", "postgres").connect().expect("bystander");
             assert_eq!(pid_of(&mut bystander), pl, "pool of one: the listener's backend");
+            let mut w = witness(pg, "ch");
             for i in 0..20 {
                 senders[0].batch_execute(&format!("NOTIFY ch, 'late{i}'")).expect("notify");
                 assert_eq!(pid_of(&mut bystander), pl);
                 assert_eq!(pid_of(&mut listener), pl);
             }
-            std::thread::sleep(Duration::from_millis(300));
+            await_delivered(&mut w, "ch", "late19");
             one(&mut bystander, "SELECT 1");
             one(&mut listener, "SELECT 1");
             assert_eq!(drain(&mut bystander, Duration::from_millis(300)), Vec::<String>::new(), "bystander");
@@ -135,11 +160,12 @@ fn notifications_reach_listeners_only() {
 /// one backend), hears nothing of `chan`, and listens to nothing.
 fn bystander_hears_nothing(pg: &Cluster, bystander: &mut Client, sender: &mut Client, chan: &str) {
     let pid = pid_of(bystander);
+    let mut w = witness(pg, chan);
     for i in 0..10 {
         sender.batch_execute(&format!("NOTIFY {chan}, 'after-leave{i}'")).expect("notify");
         assert_eq!(pid_of(bystander), pid, "pool of one");
     }
-    std::thread::sleep(Duration::from_millis(300));
+    await_delivered(&mut w, chan, "after-leave9");
     assert_eq!(one(bystander, "SELECT count(*) FROM pg_listening_channels()"), "0");
     assert_eq!(drain(bystander, Duration::from_millis(300)), Vec::<String>::new(), "bystander after {chan}");
     expect_backend(pg, pid, "parked", None);

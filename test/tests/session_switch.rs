@@ -86,7 +86,11 @@ fn state_changed_without_set_stays_with_its_client() {
 }
 
 /// Identical prepared statements (same name and text) are kept on the
-/// backend across clients; any difference still gives each client its own.
+/// backend across clients, and the switch between such clients is the fast
+/// one (no DISCARD ALL): the statement's `prepare_time` in
+/// pg_prepared_statements, which a DISCARD ALL and re-PREPARE would renew,
+/// stays the same over ten alternations. Any difference still gives each
+/// client its own statement.
 #[test]
 fn prepared_statements_stay_per_client() {
     run(|pg| {
@@ -94,9 +98,18 @@ fn prepared_statements_stay_per_client() {
         let mut b = pg.connect_tcp("app", "postgres", None).unwrap();
         value(&mut a, "PREPARE p AS SELECT 'same'");
         value(&mut b, "PREPARE p AS SELECT 'same'");
-        for _ in 0..10 {
+        let prepared_at = |c: &mut Client| {
+            value(c, "SELECT prepare_time::text FROM pg_prepared_statements WHERE name = 'p'")
+        };
+        assert_eq!(value(&mut a, "EXECUTE p").as_deref(), Some("same"));
+        assert_eq!(value(&mut b, "EXECUTE p").as_deref(), Some("same"));
+        let first = prepared_at(&mut a);
+        assert!(first.is_some(), "no prepared statement p");
+        for i in 0..10 {
             assert_eq!(value(&mut a, "EXECUTE p").as_deref(), Some("same"));
             assert_eq!(value(&mut b, "EXECUTE p").as_deref(), Some("same"));
+            assert_eq!(prepared_at(&mut a), first, "round {i}: p was re-created for a (a full switch)");
+            assert_eq!(prepared_at(&mut b), first, "round {i}: p was re-created for b (a full switch)");
         }
         value(&mut b, "DEALLOCATE p");
         assert_eq!(value(&mut a, "EXECUTE p").as_deref(), Some("same"));

@@ -98,7 +98,10 @@ fn scram() {
     let StoredSecret::Scram(secret) = parse_stored_secret(SECRET) else { unreachable!() };
     let key = client_key_from_password(&secret, "pencil").unwrap();
     let mut server = ScramServer::with_nonce_str(secret.clone(), "%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0").unwrap();
-    let mut client = ScramClient::with_nonce_str(ClientCredential::ClientKey(key), "rOprNGfwEbeRWgbNEkqO")
+    let mut client = ScramClient::with_nonce_str(
+        ClientCredential::ClientKey { client_key: key, server_key: secret.server_key },
+        "rOprNGfwEbeRWgbNEkqO",
+    )
         .unwrap()
         .with_username("user");
     let cfirst = client.client_first();

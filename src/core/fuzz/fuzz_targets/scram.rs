@@ -49,7 +49,7 @@ fn fixed() -> &'static Fixed {
         let client_final = client.server_first(&server_first).unwrap();
         let (server_final, key) = server.client_final(&client_final).unwrap();
         assert_eq!(key, client_key);
-        client.server_final(&server_final, Some(&secret.server_key)).unwrap();
+        client.server_final(&server_final).unwrap();
         Fixed { secret, client_key, client_final, server_final, server_first }
     })
 }
@@ -73,8 +73,14 @@ fn client_key() -> [u8; 32] {
 }
 
 fn client() -> ScramClient {
-    let key = client_key();
-    ScramClient::with_nonce_str(ClientCredential::ClientKey(key), CLIENT_NONCE)
+    let StoredSecret::Scram(secret) = parse_stored_secret(SECRET) else {
+        unreachable!()
+    };
+    let cred = ClientCredential::ClientKey {
+        client_key: client_key(),
+        server_key: secret.server_key,
+    };
+    ScramClient::with_nonce_str(cred, CLIENT_NONCE)
         .unwrap()
         .with_username("user")
 }
@@ -117,21 +123,22 @@ fn mutate(base: &[u8], edits: &[u8]) -> Vec<u8> {
     v
 }
 
-fn client_exchange(server_first: &[u8], server_final: &[u8], check_sig: bool) {
+fn client_exchange(server_first: &[u8], server_final: &[u8]) {
     let f = fixed();
     let mut c = client();
     c.client_first();
     let Ok(cf) = c.server_first(server_first) else {
-        assert!(c.server_final(server_final, None).is_err());
+        assert!(c.server_final(server_final).is_err());
         return;
     };
     assert!(cf.starts_with(b"c=biws,r="));
     if server_first == f.server_first.as_slice() {
         assert_eq!(cf, f.client_final);
     }
-    let key = check_sig.then_some(&f.secret.server_key);
-    let ok = c.server_final(server_final, key).is_ok();
-    if ok && check_sig && server_first == f.server_first.as_slice() {
+    // The ClientKey credential carries the ServerKey: the signature is
+    // always checked.
+    let ok = c.server_final(server_final).is_ok();
+    if ok && server_first == f.server_first.as_slice() {
         assert_eq!(server_final, f.server_final.as_slice());
     }
 }
@@ -160,16 +167,16 @@ fuzz_target!(|data: &[u8]| {
         // Server: valid client-first, the valid client-final with edits.
         2 => final_after_valid_first(&mutate(&fixed().client_final, rest)),
         // Client (ClientKey credential, as the pooler uses it): arbitrary
-        // server-first and server-final, signature checked or not.
+        // server-first and server-final.
         3 | 4 => {
             let (first, fin) = split(rest);
-            client_exchange(first, fin, mode % 8 == 3);
+            client_exchange(first, fin);
         }
         // Client: the valid server messages with edits.
         5 => {
             let f = fixed();
             let (a, b) = split(rest);
-            client_exchange(&mutate(&f.server_first, a), &mutate(&f.server_final, b), true);
+            client_exchange(&mutate(&f.server_first, a), &mutate(&f.server_final, b));
         }
         // Stored secret parsing and re-encoding.
         6 => {

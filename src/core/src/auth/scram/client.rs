@@ -14,19 +14,26 @@ use super::{
 use crate::auth::ct::ct_eq;
 use std::fmt;
 
-/// What the pooler proves knowledge of.
+/// What the pooler proves knowledge of, and how it checks the server's
+/// signature (RFC 5802 section 3: `ServerSignature = HMAC(ServerKey,
+/// AuthMessage)`). A ClientKey always comes with its ServerKey, so a
+/// ClientKey login can never skip the check of the server-final-message.
 #[derive(Clone)]
 pub enum ClientCredential {
-    /// ClientKey recovered from an earlier SCRAM exchange or a cleartext password.
-    ClientKey([u8; 32]),
-    /// Cleartext password.
+    /// ClientKey recovered from an earlier SCRAM exchange or a cleartext
+    /// password, with the ServerKey of the same stored secret.
+    ClientKey {
+        client_key: [u8; 32],
+        server_key: [u8; 32],
+    },
+    /// Cleartext password (the ServerKey is derived from it).
     Password(String),
 }
 
 impl fmt::Debug for ClientCredential {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ClientCredential::ClientKey(_) => f.write_str("ClientKey(..)"),
+            ClientCredential::ClientKey { .. } => f.write_str("ClientKey(..)"),
             ClientCredential::Password(_) => f.write_str("Password(..)"),
         }
     }
@@ -52,8 +59,9 @@ pub struct ScramClient {
     state: State,
     client_first_bare: Vec<u8>,
     auth_message: Vec<u8>,
-    /// Known only with a password credential, after server-first.
-    computed_server_key: Option<Key32>,
+    /// The ServerKey that verifies the server-final-message: given with a
+    /// ClientKey credential, computed after server-first from a password.
+    server_key: Option<Key32>,
 }
 
 impl fmt::Debug for ScramClient {
@@ -99,9 +107,11 @@ impl ScramClient {
     }
 
     fn build(cred: ClientCredential, nonce: String) -> Self {
-        let (client_key, password) = match cred {
-            ClientCredential::ClientKey(k) => (Some(Key32(k)), None),
-            ClientCredential::Password(p) => (None, Some(p)),
+        let (client_key, server_key, password) = match cred {
+            ClientCredential::ClientKey { client_key, server_key } => {
+                (Some(Key32(client_key)), Some(Key32(server_key)), None)
+            }
+            ClientCredential::Password(p) => (None, None, Some(p)),
         };
         ScramClient {
             client_key,
@@ -111,7 +121,7 @@ impl ScramClient {
             state: State::Start,
             client_first_bare: Vec::new(),
             auth_message: Vec::new(),
-            computed_server_key: None,
+            server_key,
         }
     }
 
@@ -167,7 +177,7 @@ impl ScramClient {
             (Some(k), _) => k.clone(),
             (None, Some(p)) => {
                 let salted = salted_password(p, &salt, iterations);
-                self.computed_server_key = Some(Key32(server_key(&salted.0)));
+                self.server_key = Some(Key32(server_key(&salted.0)));
                 Key32(client_key(&salted.0))
             }
             (None, None) => return Err(ScramError::malformed("no credential")),
@@ -191,15 +201,11 @@ impl ScramClient {
         Ok(out)
     }
 
-    /// Checks the server-final-message. The server's signature is verified
-    /// with `server_key` if given, else with the key computed from a
-    /// password credential; with neither (ClientKey credential and no
-    /// ServerKey) only the syntax is checked. An `e=...` message is an error.
-    pub fn server_final(
-        &mut self,
-        data: &[u8],
-        server_key: Option<&[u8; 32]>,
-    ) -> Result<(), ScramError> {
+    /// Checks the server-final-message: its syntax, and the server's
+    /// signature with the credential's ServerKey (always known here: a
+    /// ClientKey credential carries it, a password one computed it in
+    /// server-first). An `e=...` message is an error.
+    pub fn server_final(&mut self, data: &[u8]) -> Result<(), ScramError> {
         if !matches!(self.state, State::SentFinal) {
             self.state = State::Done;
             return Err(ScramError::malformed("unexpected server-final-message"));
@@ -224,13 +230,12 @@ impl ScramClient {
                 "garbage at end of server-final-message",
             ));
         }
-        let key = server_key.or(self.computed_server_key.as_ref().map(|k| &k.0));
-        if let Some(key) = key {
-            if !ct_eq(&hmac(key, &[&self.auth_message]), &sig) {
-                return Err(ScramError::BadProof);
-            }
+        // Reaching SentFinal means server-first set the key; no key is never
+        // taken as "nothing to check".
+        match &self.server_key {
+            Some(key) if ct_eq(&hmac(&key.0, &[&self.auth_message]), &sig) => Ok(()),
+            _ => Err(ScramError::BadProof),
         }
-        Ok(())
     }
 }
 
@@ -264,7 +269,7 @@ mod tests {
         let mut c = rfc_client(ClientCredential::Password("pencil".into()));
         assert_eq!(c.client_first(), b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO");
         assert_eq!(c.server_first(RFC_SERVER_FIRST).unwrap(), RFC_CLIENT_FINAL);
-        c.server_final(RFC_SERVER_FINAL, None).unwrap();
+        c.server_final(RFC_SERVER_FINAL).unwrap();
     }
 
     #[test]
@@ -278,11 +283,20 @@ mod tests {
             other => panic!("{other:?}"),
         };
         let ck = client_key_from_password(&s, "pencil").unwrap();
-        let mut c = rfc_client(ClientCredential::ClientKey(ck));
+        let mut c = rfc_client(ClientCredential::ClientKey {
+            client_key: ck,
+            server_key: s.server_key,
+        });
         c.client_first();
         assert_eq!(c.server_first(RFC_SERVER_FIRST).unwrap(), RFC_CLIENT_FINAL);
-        c.server_final(RFC_SERVER_FINAL, Some(&s.server_key))
-            .unwrap();
+        c.server_final(RFC_SERVER_FINAL).unwrap();
+    }
+
+    fn with_key(client_key: [u8; 32], secret: &ScramSecret) -> ClientCredential {
+        ClientCredential::ClientKey {
+            client_key,
+            server_key: secret.server_key,
+        }
     }
 
     fn round_trip(cred: ClientCredential, secret: &ScramSecret) -> Result<[u8; 32], ScramError> {
@@ -292,7 +306,7 @@ mod tests {
         let sf = server.client_first(&first)?;
         let cf = client.server_first(&sf)?;
         let (fin, key) = server.client_final(&cf)?;
-        client.server_final(&fin, Some(&secret.server_key))?;
+        client.server_final(&fin)?;
         Ok(key)
     }
 
@@ -303,7 +317,7 @@ mod tests {
         let key = round_trip(ClientCredential::Password("correct horse".into()), &s).unwrap();
         assert_eq!(Some(key), client_key_from_password(&s, "correct horse"));
         // ...which then logs in on its own.
-        let again = round_trip(ClientCredential::ClientKey(key), &s).unwrap();
+        let again = round_trip(with_key(key, &s), &s).unwrap();
         assert_eq!(again, key);
     }
 
@@ -315,7 +329,7 @@ mod tests {
             ScramError::BadProof
         );
         assert_eq!(
-            round_trip(ClientCredential::ClientKey([9; 32]), &s).unwrap_err(),
+            round_trip(with_key([9; 32], &s), &s).unwrap_err(),
             ScramError::BadProof
         );
     }
@@ -338,21 +352,34 @@ mod tests {
         let last = forged.len() - 2;
         forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
         assert_eq!(
-            client.server_final(&forged, None).unwrap_err(),
+            client.server_final(&forged).unwrap_err(),
             ScramError::BadProof
         );
     }
 
+    /// A ClientKey login always verifies the server's signature with the
+    /// ServerKey it carries: a well-formed signature that is not the
+    /// server's (here the RFC 7677 one, for another exchange) is refused, and
+    /// the genuine one passes.
     #[test]
-    fn client_key_without_server_key_checks_syntax_only() {
+    fn client_key_login_checks_the_server_signature() {
         let s = secret("pw");
         let ck = client_key_from_password(&s, "pw").unwrap();
-        let mut c = ScramClient::new(ClientCredential::ClientKey(ck), &[2; 18]);
-        let mut server = ScramServer::new(s, &[1; 18]);
+        let mut c = ScramClient::new(with_key(ck, &s), &[2; 18]);
+        let mut server = ScramServer::new(s.clone(), &[1; 18]);
         let sf = server.client_first(&c.client_first()).unwrap();
         c.server_first(&sf).unwrap();
-        c.server_final(b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=", None)
-            .unwrap();
+        assert_eq!(
+            c.server_final(b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=")
+                .unwrap_err(),
+            ScramError::BadProof
+        );
+        let mut c = ScramClient::new(with_key(ck, &s), &[2; 18]);
+        let mut server = ScramServer::new(s, &[1; 18]);
+        let sf = server.client_first(&c.client_first()).unwrap();
+        let cf = c.server_first(&sf).unwrap();
+        let (fin, _) = server.client_final(&cf).unwrap();
+        c.server_final(&fin).unwrap();
     }
 
     type Case = (&'static [u8], fn(&ScramError) -> bool);
@@ -432,7 +459,7 @@ mod tests {
             let mut c = rfc_client(ClientCredential::Password("pencil".into()));
             c.client_first();
             c.server_first(RFC_SERVER_FIRST).unwrap();
-            match c.server_final(msg, None).unwrap_err() {
+            match c.server_final(msg).unwrap_err() {
                 ScramError::Malformed(d) => {
                     assert_eq!(d.contains("invalid-proof"), server_error, "{d}")
                 }
@@ -446,7 +473,7 @@ mod tests {
         let mut c = rfc_client(ClientCredential::Password("pencil".into()));
         assert!(c.server_first(RFC_SERVER_FIRST).is_err());
         let mut c = rfc_client(ClientCredential::Password("pencil".into()));
-        assert!(c.server_final(RFC_SERVER_FINAL, None).is_err());
+        assert!(c.server_final(RFC_SERVER_FINAL).is_err());
         let mut c = rfc_client(ClientCredential::Password("pencil".into()));
         c.client_first();
         c.server_first(RFC_SERVER_FIRST).unwrap();

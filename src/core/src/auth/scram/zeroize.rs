@@ -15,10 +15,20 @@ pub fn wipe(buf: &mut [u8]) {
     compiler_fence(Ordering::SeqCst);
 }
 
-/// Wipes and frees a string's buffer.
-pub fn wipe_string(s: String) {
-    let mut bytes = s.into_bytes();
+/// Wipes and frees a string's buffer ([`wipe_string_in_place`], then the
+/// drop).
+pub fn wipe_string(mut s: String) {
+    wipe_string_in_place(&mut s);
+}
+
+/// Overwrites a string's bytes with zeros in its own buffer (same
+/// allocation, same length: NUL bytes are valid UTF-8), so a caller or a
+/// test can see the wipe before the buffer is freed.
+pub fn wipe_string_in_place(s: &mut String) {
+    let mut bytes = std::mem::take(s).into_bytes();
     wipe(&mut bytes);
+    // from_utf8 reuses the Vec's allocation; all-zero bytes are UTF-8.
+    *s = String::from_utf8(bytes).unwrap_or_default();
 }
 
 /// A 32-byte key that is wiped when dropped.
@@ -49,7 +59,13 @@ mod tests {
         let mut k = Key32([1; 32]);
         wipe(&mut k.0);
         assert_eq!(k.0, [0; 32]);
-        wipe_string("secret".to_string());
+        // The string's own buffer is zeroed (same allocation, same length).
+        let mut s = "secret".to_string();
+        let at = s.as_ptr();
+        wipe_string_in_place(&mut s);
+        assert_eq!(s.as_bytes(), &[0u8; 6]);
+        assert_eq!(s.as_ptr(), at, "the wipe must reach the original buffer");
+        wipe_string(s);
         assert_eq!(format!("{:?}", Key32([5; 32])), "Key32(..)");
     }
 }
