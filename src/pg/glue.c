@@ -57,10 +57,11 @@
  * Version differences (keep them all here).
  * ------------------------------------------------------------------------ */
 
+/* pq_buffer_has_data() became pq_buffer_remaining_data() (a byte count) in 17. */
 static bool
 recv_buffer_has_data(void)
 {
-#if PG_VERSION_NUM >= 180000
+#if PG_VERSION_NUM >= 170000
 	return pq_buffer_remaining_data() > 0;
 #else
 	return pq_buffer_has_data();
@@ -466,6 +467,27 @@ ng_port_peer_pid(void *p)
 #define NG_AUTH_OTHER			6
 
 /*
+ * hba.c remembers the postmaster's parsed_hba_context and
+ * parsed_ident_context (both ALLOCSET_SMALL_SIZES) and deletes them on the
+ * next load_hba()/load_ident().  In a background worker those contexts died
+ * with PostmasterContext at worker start and their headers sit on the
+ * small-context freelist (mcxt/aset.c keeps up to MAX_FREE_CONTEXTS = 100),
+ * so the next small context created reuses one: on PostgreSQL 18 the pgstat
+ * contexts the worker creates while it connects, which load_hba() then
+ * deleted under hba_getauthmethod (SIGSEGV at the first login).  Must run
+ * first thing in the pooler, before it connects: drain that freelist into
+ * contexts nobody touches again, so the stale pointers name live, empty
+ * contexts whose deletion is harmless (at most 100 x 1 kB).
+ */
+void
+ng_pooler_guard_stale_hba_contexts(void)
+{
+	for (int i = 0; i < 100; i++)
+		(void) AllocSetContextCreate(TopMemoryContext, "nextgres hba guard",
+									 ALLOCSET_SMALL_SIZES);
+}
+
+/*
  * The postmaster's parsed hba is gone in a background worker (its context is
  * deleted at worker start), so keep our own PostmasterContext and reload into
  * it; load_hba() allocates there.
@@ -477,23 +499,8 @@ ng_load_hba(NgError *err)
 	volatile bool ok = false;
 
 	if (PostmasterContext == NULL)
-	{
-		/*
-		 * hba.c remembers the postmaster's parsed_hba_context/ident context
-		 * and deletes it on the next load.  In a background worker that
-		 * context died with PostmasterContext and its header sits on the
-		 * small-context freelist, so the next small context created reuses
-		 * it, and load_hba() would then delete its own fresh result.  Drain
-		 * that freelist (at most MAX_FREE_CONTEXTS = 100 entries) into
-		 * contexts we never touch again; the stale pointers then name live,
-		 * empty contexts whose deletion is harmless.
-		 */
-		for (int i = 0; i < 100; i++)
-			(void) AllocSetContextCreate(TopMemoryContext, "nextgres hba guard",
-										 ALLOCSET_SMALL_SIZES);
 		PostmasterContext = AllocSetContextCreate(TopMemoryContext, "nextgres hba",
 												  ALLOCSET_DEFAULT_SIZES);
-	}
 	PG_TRY();
 	{
 		ok = load_hba();

@@ -118,6 +118,7 @@ extern "C" {
     fn ng_report_parked();
     fn ng_port_take_option(port: *mut c_void, name: *const c_char, buf: *mut c_char, len: usize) -> bool;
     fn ng_port_peer_pid(port: *mut c_void) -> c_int;
+    fn ng_pooler_guard_stale_hba_contexts();
     fn ng_load_hba(err: *mut NgError) -> bool;
     fn ng_login_lookup(
         database: *const c_char,
@@ -253,6 +254,11 @@ pub unsafe fn port_peer_pid(port: *mut c_void) -> i32 {
 }
 
 // ---- pooler -----------------------------------------------------------------
+
+/// First thing in the pooler, before it connects (see glue.c).
+pub fn pooler_guard_stale_hba_contexts() {
+    unsafe { ng_pooler_guard_stale_hba_contexts() }
+}
 
 pub fn load_hba() -> Result<(), NgError> {
     let mut err = NgError::new();

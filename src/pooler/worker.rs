@@ -28,6 +28,7 @@ pub fn register() {
 #[pgrx::pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn nextgres_pooler_main(_arg: pg_sys::Datum) {
+    glue::pooler_guard_stale_hba_contexts();
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     // Shared catalogs only (pg_authid, pg_database, pg_auth_members): the
     // pooler belongs to no database.
@@ -122,7 +123,7 @@ impl Pooler {
         loop {
             let wake = waitset.wait(super::janitor::TICK_MS);
             if wake.postmaster_death {
-                unsafe { pg_sys::proc_exit(1) }
+                crate::pg::proc_exit(1)
             }
             if wake.latch {
                 glue::pooler_check_interrupts();
@@ -186,7 +187,7 @@ impl Pooler {
         self.tables.set_pooler(0, postmaster::listen::port());
         log::info!("pooler shutting down");
         // Exit code 1: a pooler stopped by pg_terminate_backend is restarted.
-        unsafe { pg_sys::proc_exit(1) }
+        crate::pg::proc_exit(1)
     }
 }
 
