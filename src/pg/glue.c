@@ -48,6 +48,7 @@
 #include "utils/timeout.h"
 
 #if PG_VERSION_NUM >= 180000
+#include "storage/procsignal.h"
 #include "storage/waiteventset.h"
 #endif
 
@@ -56,6 +57,22 @@
 /* ------------------------------------------------------------------------
  * Version differences (keep them all here).
  * ------------------------------------------------------------------------ */
+
+/*
+ * The protocol the server speaks: PG_PROTOCOL_LATEST (libpq/pqcomm.h; 3.0 up
+ * to 17, 3.2 in 18) and the longest cancel key it issues (4 bytes up to 17,
+ * MAX_CANCEL_KEY_LENGTH from storage/procsignal.h in 18).
+ */
+void
+ng_server_protocol(int *newest_minor, int *max_cancel_key)
+{
+	*newest_minor = PG_PROTOCOL_MINOR(PG_PROTOCOL_LATEST);
+#if PG_VERSION_NUM >= 180000
+	*max_cancel_key = MAX_CANCEL_KEY_LENGTH;
+#else
+	*max_cancel_key = sizeof(uint32);
+#endif
+}
 
 /* pq_buffer_has_data() became pq_buffer_remaining_data() (a byte count) in 17. */
 static bool

@@ -101,6 +101,7 @@ fn cstr_field(f: &[c_char]) -> String {
 }
 
 extern "C" {
+    fn ng_server_protocol(newest_minor: *mut c_int, max_cancel_key: *mut c_int);
     fn ng_port_sock() -> c_int;
     fn ng_recv_buffer_empty() -> bool;
     fn ng_consume_buffered_terminate() -> bool;
@@ -133,6 +134,14 @@ extern "C" {
     fn ng_pooler_catalog_heap_scans();
     fn ng_pooler_wait_set_create(epoll_fd: c_int) -> *mut c_void;
     fn ng_pooler_wait(set: *mut c_void, timeout_ms: c_long) -> c_int;
+}
+
+/// The protocol of the server nextgres was built for (`PG_PROTOCOL_LATEST`
+/// and its longest cancel key; see glue.c).
+pub fn server_protocol() -> nextgres_core::proto::ServerProtocol {
+    let (mut minor, mut key) = (0, 4);
+    unsafe { ng_server_protocol(&mut minor, &mut key) };
+    nextgres_core::proto::ServerProtocol { newest_minor: minor as u16, max_cancel_key: key as usize }
 }
 
 // ---- pooled backends -------------------------------------------------------

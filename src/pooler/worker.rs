@@ -55,6 +55,8 @@ pub struct Pooler {
     pub rows: super::stats::Rows,
     pub clients: usize,
     pub mock_key: [u8; 32],
+    /// What the server speaks: newest protocol minor, longest cancel key.
+    pub server_proto: nextgres_core::proto::ServerProtocol,
     /// Smart shutdown in progress: admit nobody, let pools drain.
     pub stopping: bool,
     /// Databases a DROP DATABASE (or similar) is waiting on (see `drain`).
@@ -103,6 +105,7 @@ impl Pooler {
             rows,
             clients: 0,
             mock_key,
+            server_proto: glue::server_protocol(),
             stopping: false,
             draining: Vec::new(),
             last_janitor: None,
