@@ -26,10 +26,12 @@
 #include "commands/dbcommands.h"
 #include "commands/discard.h"
 #include "common/ip.h"
+#include "common/scram-common.h"
 #include "libpq/crypt.h"
 #include "libpq/hba.h"
 #include "libpq/libpq.h"
 #include "libpq/libpq-be.h"
+#include "libpq/scram.h"
 #include "miscadmin.h"
 #include "nodes/parsenodes.h"
 #include "pgstat.h"
@@ -71,6 +73,32 @@ ng_server_protocol(int *newest_minor, int *max_cancel_key)
 	*max_cancel_key = MAX_CANCEL_KEY_LENGTH;
 #else
 	*max_cancel_key = sizeof(uint32);
+#endif
+}
+
+/*
+ * Iteration count of the mock SCRAM secret the server uses for a role that
+ * has no usable one (auth-scram.c, mock_scram_secret()).  Up to the 2026-05
+ * minor releases it is the fixed SCRAM_SHA_256_DEFAULT_ITERATIONS (4096);
+ * from the 2026-08 releases (18.5, 17.11, 16.15) it is scram_iterations, so
+ * the count no longer tells a probe that the role does not exist.  15 has
+ * no scram_iterations and keeps 4096.  The running server's own minor
+ * (server_version_num) decides, not the headers this build saw.
+ */
+int
+ng_mock_scram_iterations(void)
+{
+#if PG_VERSION_NUM >= 160000
+	const char *v = GetConfigOption("server_version_num", true, false);
+	int			num = v ? atoi(v) : PG_VERSION_NUM;
+
+	if (num >= 180005 ||
+		(num >= 170011 && num < 180000) ||
+		(num >= 160015 && num < 170000))
+		return scram_sha_256_iterations;
+	return SCRAM_SHA_256_DEFAULT_ITERATIONS;
+#else
+	return SCRAM_DEFAULT_ITERATIONS;	/* 15's name for the same 4096 */
 #endif
 }
 

@@ -101,6 +101,7 @@ fn cstr_field(f: &[c_char]) -> String {
 }
 
 extern "C" {
+    fn ng_mock_scram_iterations() -> c_int;
     fn ng_server_protocol(newest_minor: *mut c_int, max_cancel_key: *mut c_int);
     fn ng_port_sock() -> c_int;
     fn ng_recv_buffer_empty() -> bool;
@@ -142,6 +143,13 @@ pub fn server_protocol() -> nextgres_core::proto::ServerProtocol {
     let (mut minor, mut key) = (0, 4);
     unsafe { ng_server_protocol(&mut minor, &mut key) };
     nextgres_core::proto::ServerProtocol { newest_minor: minor as u16, max_cancel_key: key as usize }
+}
+
+/// Iterations of the server's mock SCRAM secret for roles without one (see
+/// glue.c: `scram_iterations` on the 2026-08 minor releases and later, else
+/// 4096).
+pub fn mock_scram_iterations() -> u32 {
+    (unsafe { ng_mock_scram_iterations() }).max(1) as u32
 }
 
 // ---- pooled backends -------------------------------------------------------
