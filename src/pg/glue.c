@@ -102,6 +102,20 @@ ng_mock_scram_iterations(void)
 #endif
 }
 
+/*
+ * The file an hba line came from: HbaLine.sourcefile since 16 (include
+ * directives), the one pg_hba.conf (hba_file) in 15.
+ */
+static const char *
+hba_line_file(HbaLine *hba)
+{
+#if PG_VERSION_NUM >= 160000
+	return hba->sourcefile ? hba->sourcefile : HbaFileName;
+#else
+	return HbaFileName;
+#endif
+}
+
 /* pq_buffer_has_data() became pq_buffer_remaining_data() (a byte count) in 17. */
 static bool
 recv_buffer_has_data(void)
@@ -572,6 +586,7 @@ typedef struct NgLoginInfo
 	int			hba_method;
 	int			hba_line;
 	char		hba_method_name[32];
+	char		hba_file[1024];
 	bool		role_exists;
 	Oid			role_oid;
 	bool		role_canlogin;
@@ -643,6 +658,7 @@ ng_login_lookup(const char *database, const char *user,
 		out->hba_line = port->hba->linenumber;
 		strlcpy(out->hba_method_name, hba_authname(port->hba->auth_method),
 				sizeof(out->hba_method_name));
+		strlcpy(out->hba_file, hba_line_file(port->hba), sizeof(out->hba_file));
 
 		tup = SearchSysCache1(AUTHNAME, PointerGetDatum(user));
 		if (HeapTupleIsValid(tup))

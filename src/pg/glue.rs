@@ -47,6 +47,7 @@ pub struct NgLoginInfo {
     pub hba_method: c_int,
     pub hba_line: c_int,
     pub hba_method_name: [c_char; 32],
+    pub hba_file: [c_char; 1024],
     pub role_exists: bool,
     pub role_oid: u32,
     pub role_canlogin: bool,
@@ -76,6 +77,10 @@ impl NgLoginInfo {
     }
     pub fn method_name(&self) -> String {
         cstr_field(&self.hba_method_name)
+    }
+    /// The hba file the matching line is in.
+    pub fn hba_file(&self) -> String {
+        cstr_field(&self.hba_file)
     }
     /// The stored secret; the buffer is wiped on drop.
     pub fn secret(&self) -> Option<String> {

@@ -132,8 +132,9 @@ impl AuthSession {
                     format!("authentication method \"{}\" is not supported by nextgres", s.info.method_name()),
                 );
                 f.hint = Some(format!(
-                    "pg_hba.conf line {} applies to this connection; nextgres authenticates with scram-sha-256, md5, password, trust or reject.",
-                    s.info.hba_line
+                    "Line {} of \"{}\" applies to this connection; nextgres authenticates with scram-sha-256, md5, password, trust or reject.",
+                    s.info.hba_line,
+                    s.info.hba_file()
                 ));
                 Step::Fail(f)
             }

@@ -3,7 +3,8 @@
 //! listener and through the pooler): NegotiateProtocolVersion for newer
 //! minors and unknown `_pq_.` options, BackendKeyData's key length
 //! (protocol 3.2 on 18: 32 bytes) and CancelRequest with that key, psql 18
-//! with `max_protocol_version=3.2` and `latest` on every version.
+//! with `max_protocol_version=3.2` and `latest` on every version, and on 18
+//! the reported `search_path` and the `oauth` hba method.
 //!
 //! ```sh
 //! NEXTGRES_PG=18 cargo test -p nextgres-test --test versions -- --test-threads=2
@@ -16,7 +17,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use nextgres_test::{wait_until, Cluster};
-use pool_support::{read_msg, Msg, SidePort};
+use pool_support::{exec, read_msg, Msg, SidePort};
 
 const MINOR_3_2: u16 = 2;
 
@@ -252,4 +253,124 @@ fn psql18_protocol_versions_through_pooler() {
         stderr.contains("canceling statement due to user request"),
         "psql 18 after SIGINT: {stderr}"
     );
+}
+
+/// search_path values a client sees in ParameterStatus (at login and after
+/// its own SET), in order.
+fn search_paths(msgs: &[Msg]) -> Vec<String> {
+    msgs.iter()
+        .filter(|m| m.tag == b'S')
+        .filter_map(|m| {
+            let mut parts = m.body.split(|&b| b == 0);
+            let name = parts.next()?;
+            let value = parts.next()?;
+            (name == b"search_path").then(|| String::from_utf8_lossy(value).into_owned())
+        })
+        .collect()
+}
+
+/// Reads until ReadyForQuery and returns the messages.
+fn collect_until_ready(s: &mut TcpStream) -> Vec<Msg> {
+    let mut out = Vec::new();
+    loop {
+        let m = read_msg(s).expect("a reply before ReadyForQuery");
+        let done = m.tag == b'Z';
+        out.push(m);
+        if done {
+            return out;
+        }
+    }
+}
+
+/// 18 reports `search_path` (GUC_REPORT): two clients sharing one pooled
+/// backend each see ParameterStatus for their own value only (never the
+/// other client's, which the backend held a moment before), at login exactly
+/// what a direct session sees, and after their own SET as a direct session
+/// does; up to 17 nobody sees one. A client switched onto the backend may
+/// get its own unchanged value again (the switch re-applies its session).
+#[test]
+fn search_path_status_is_per_client() {
+    let sp = SidePort::start(Cluster::builder().conf("nextgres.pool_size = 1"));
+    exec(&sp.pg, "CREATE SCHEMA a; CREATE SCHEMA b");
+    let default = "\"$user\", public";
+    // (client, statement, that client's search_path afterwards); the first
+    // two are the logins.
+    let steps: [(usize, &str, &str); 7] = [
+        (0, "login search_path=a", "a"),
+        (1, "login", default),
+        (0, "SET search_path = a, public", "a, public"),
+        (1, "SELECT current_schemas(false)", default),
+        (1, "SET search_path = b", "b"),
+        (0, "SELECT 1", "a, public"),
+        (1, "RESET search_path", default),
+    ];
+    let run = |port: u16| -> Vec<Vec<String>> {
+        let (la, mut a) = login(port, 0, &[("user", "postgres"), ("database", "postgres"), ("search_path", "a")]);
+        let (lb, mut b) = login(port, 0, &[("user", "postgres"), ("database", "postgres")]);
+        let mut seen = vec![search_paths(&la), search_paths(&lb)];
+        for (who, sql, _) in &steps[2..] {
+            let s = if *who == 0 { &mut a } else { &mut b };
+            send_query(s, sql);
+            seen.push(search_paths(&collect_until_ready(s)));
+        }
+        seen
+    };
+    let (direct, pooled) = (run(sp.pg.port()), run(sp.pool_port));
+    eprintln!("direct: {direct:?}\npooled: {pooled:?}");
+    assert_eq!(pooled[..2], direct[..2], "search_path ParameterStatus at login");
+    for (i, (who, sql, own)) in steps.iter().enumerate() {
+        for (side, seen) in [("direct", &direct[i]), ("pooled", &pooled[i])] {
+            assert!(
+                seen.iter().all(|v| v == own),
+                "{side}: client {who} after {sql:?} saw search_path {seen:?}, its own is {own:?}"
+            );
+        }
+        assert!(
+            direct[i].is_empty() || !pooled[i].is_empty(),
+            "client {who} after {sql:?}: direct reports {:?}, the pooler nothing",
+            direct[i]
+        );
+    }
+    if sp.pg.pg_major() >= 18 {
+        assert_eq!(direct[0], vec!["a".to_string()], "18 reports search_path at login");
+    } else {
+        assert!(
+            direct.iter().chain(&pooled).all(|v| v.is_empty()),
+            "search_path is not reported before 18"
+        );
+    }
+}
+
+/// 18's `oauth` hba method is refused through the pooler with 28000 and an
+/// error naming the method, the hba file and the line.
+#[test]
+fn oauth_hba_line_refused_with_its_file_and_line() {
+    let pg = Cluster::builder().preload(true).start();
+    if pg.pg_major() < 18 {
+        return;
+    }
+    exec(&pg, "CREATE ROLE oauth_u LOGIN");
+    let hba_file: String = pg.admin().query_one("SHOW hba_file", &[]).expect("hba_file").get(0);
+    let text = std::fs::read_to_string(&hba_file).expect("reading pg_hba.conf");
+    let line = format!(
+        "host all oauth_u 127.0.0.1/32 oauth issuer=\"https://issuer.example\" scope=\"openid\" validator=\"ng_none\""
+    );
+    pg.append_conf("oauth_validator_libraries = 'ng_none'").expect("conf");
+    pg.set_hba(&format!("{line}\n{text}")).expect("hba");
+    pg.reload().expect("reload");
+    let ci = pg.tcp("oauth_u", "postgres");
+    let mut last = String::new();
+    let ok = wait_until(Duration::from_secs(30), || match ci.connect() {
+        Ok(_) => {
+            last = "connected".into();
+            false
+        }
+        Err(e) => {
+            let f = pool_support::err_fields(&e);
+            last = format!("{f:?}");
+            f.is_some_and(|f| f.code == "28000" && f.message.contains("\"oauth\""))
+        }
+    });
+    assert!(ok, "oauth line never refused by the pooler: {last}\n{}", pg.log_tail(20));
+    assert!(last.contains(&hba_file) && last.contains("Line 1 "), "error must name {hba_file} line 1: {last}");
 }
