@@ -162,7 +162,7 @@ fn linger(p: &mut Parking, pinned: bool) -> bool {
                 };
             }
             LingerEvent::Latch => glue::linger_service_interrupts(),
-            LingerEvent::PostmasterDeath => unsafe { pgrx::pg_sys::proc_exit(1) },
+            LingerEvent::PostmasterDeath => crate::pg::proc_exit(1),
             LingerEvent::Timeout => {}
         }
     }
@@ -235,7 +235,7 @@ fn park(p: &mut Parking) {
     // yet, and the wait set (level-triggered) reports one that raced ahead.
     loop {
         match p.wait.wait(-1) {
-            ParkEvent::PostmasterDeath => unsafe { pgrx::pg_sys::proc_exit(1) },
+            ParkEvent::PostmasterDeath => crate::pg::proc_exit(1),
             ParkEvent::Latch => glue::park_service_interrupts(),
             ParkEvent::Control => {
                 if let Some(attach) = next_attach(p) {
@@ -260,7 +260,7 @@ fn next_attach(p: &mut Parking) -> Option<(Attach, RawFd)> {
         Err(_) => (0, 0),
     };
     if n == 0 {
-        unsafe { pgrx::pg_sys::proc_exit(0) };
+        crate::pg::proc_exit(0);
     }
     p.inbuf.extend_from_slice(&buf[..n]);
     drain_requests(p);
@@ -289,7 +289,7 @@ fn next_attach(p: &mut Parking) -> Option<(Attach, RawFd)> {
                     nix::poll::PollTimeout::from(1000u16),
                 );
                 match nix::sys::socket::recv(p.control, &mut buf, nix::sys::socket::MsgFlags::empty()) {
-                    Ok(0) => unsafe { pgrx::pg_sys::proc_exit(0) },
+                    Ok(0) => crate::pg::proc_exit(0),
                     Ok(n) => p.inbuf.extend_from_slice(&buf[..n]),
                     Err(_) => {}
                 }
@@ -358,7 +358,7 @@ fn write_all(fd: RawFd, mut data: &[u8]) {
                     nix::poll::PollTimeout::from(1000u16),
                 );
             }
-            Err(_) => unsafe { pgrx::pg_sys::proc_exit(0) },
+            Err(_) => crate::pg::proc_exit(0),
         }
     }
 }

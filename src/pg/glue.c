@@ -26,10 +26,12 @@
 #include "commands/dbcommands.h"
 #include "commands/discard.h"
 #include "common/ip.h"
+#include "common/scram-common.h"
 #include "libpq/crypt.h"
 #include "libpq/hba.h"
 #include "libpq/libpq.h"
 #include "libpq/libpq-be.h"
+#include "libpq/scram.h"
 #include "miscadmin.h"
 #include "nodes/parsenodes.h"
 #include "pgstat.h"
@@ -48,6 +50,7 @@
 #include "utils/timeout.h"
 
 #if PG_VERSION_NUM >= 180000
+#include "storage/procsignal.h"
 #include "storage/waiteventset.h"
 #endif
 
@@ -57,10 +60,67 @@
  * Version differences (keep them all here).
  * ------------------------------------------------------------------------ */
 
+/*
+ * The protocol the server speaks: PG_PROTOCOL_LATEST (libpq/pqcomm.h; 3.0 up
+ * to 17, 3.2 in 18) and the longest cancel key it issues (4 bytes up to 17,
+ * MAX_CANCEL_KEY_LENGTH from storage/procsignal.h in 18).
+ */
+void
+ng_server_protocol(int *newest_minor, int *max_cancel_key)
+{
+	*newest_minor = PG_PROTOCOL_MINOR(PG_PROTOCOL_LATEST);
+#if PG_VERSION_NUM >= 180000
+	*max_cancel_key = MAX_CANCEL_KEY_LENGTH;
+#else
+	*max_cancel_key = sizeof(uint32);
+#endif
+}
+
+/*
+ * Iteration count of the mock SCRAM secret the server uses for a role that
+ * has no usable one (auth-scram.c, mock_scram_secret()).  Up to the 2026-05
+ * minor releases it is the fixed SCRAM_SHA_256_DEFAULT_ITERATIONS (4096);
+ * from the 2026-08 releases (18.5, 17.11, 16.15) it is scram_iterations, so
+ * the count no longer tells a probe that the role does not exist.  15 has
+ * no scram_iterations and keeps 4096.  The running server's own minor
+ * (server_version_num) decides, not the headers this build saw.
+ */
+int
+ng_mock_scram_iterations(void)
+{
+#if PG_VERSION_NUM >= 160000
+	const char *v = GetConfigOption("server_version_num", true, false);
+	int			num = v ? atoi(v) : PG_VERSION_NUM;
+
+	if (num >= 180005 ||
+		(num >= 170011 && num < 180000) ||
+		(num >= 160015 && num < 170000))
+		return scram_sha_256_iterations;
+	return SCRAM_SHA_256_DEFAULT_ITERATIONS;
+#else
+	return SCRAM_DEFAULT_ITERATIONS;	/* 15's name for the same 4096 */
+#endif
+}
+
+/*
+ * The file an hba line came from: HbaLine.sourcefile since 16 (include
+ * directives), the one pg_hba.conf (hba_file) in 15.
+ */
+static const char *
+hba_line_file(HbaLine *hba)
+{
+#if PG_VERSION_NUM >= 160000
+	return hba->sourcefile ? hba->sourcefile : HbaFileName;
+#else
+	return HbaFileName;
+#endif
+}
+
+/* pq_buffer_has_data() became pq_buffer_remaining_data() (a byte count) in 17. */
 static bool
 recv_buffer_has_data(void)
 {
-#if PG_VERSION_NUM >= 180000
+#if PG_VERSION_NUM >= 170000
 	return pq_buffer_remaining_data() > 0;
 #else
 	return pq_buffer_has_data();
@@ -480,6 +540,27 @@ ng_port_peer_pid(void *p)
 #define NG_AUTH_OTHER			6
 
 /*
+ * hba.c remembers the postmaster's parsed_hba_context and
+ * parsed_ident_context (both ALLOCSET_SMALL_SIZES) and deletes them on the
+ * next load_hba()/load_ident().  In a background worker those contexts died
+ * with PostmasterContext at worker start and their headers sit on the
+ * small-context freelist (mcxt/aset.c keeps up to MAX_FREE_CONTEXTS = 100),
+ * so the next small context created reuses one: on PostgreSQL 18 the pgstat
+ * contexts the worker creates while it connects, which load_hba() then
+ * deleted under hba_getauthmethod (SIGSEGV at the first login).  Must run
+ * first thing in the pooler, before it connects: drain that freelist into
+ * contexts nobody touches again, so the stale pointers name live, empty
+ * contexts whose deletion is harmless (at most 100 x 1 kB).
+ */
+void
+ng_pooler_guard_stale_hba_contexts(void)
+{
+	for (int i = 0; i < 100; i++)
+		(void) AllocSetContextCreate(TopMemoryContext, "nextgres hba guard",
+									 ALLOCSET_SMALL_SIZES);
+}
+
+/*
  * The postmaster's parsed hba is gone in a background worker (its context is
  * deleted at worker start), so keep our own PostmasterContext and reload into
  * it; load_hba() allocates there.
@@ -491,23 +572,8 @@ ng_load_hba(NgError *err)
 	volatile bool ok = false;
 
 	if (PostmasterContext == NULL)
-	{
-		/*
-		 * hba.c remembers the postmaster's parsed_hba_context/ident context
-		 * and deletes it on the next load.  In a background worker that
-		 * context died with PostmasterContext and its header sits on the
-		 * small-context freelist, so the next small context created reuses
-		 * it, and load_hba() would then delete its own fresh result.  Drain
-		 * that freelist (at most MAX_FREE_CONTEXTS = 100 entries) into
-		 * contexts we never touch again; the stale pointers then name live,
-		 * empty contexts whose deletion is harmless.
-		 */
-		for (int i = 0; i < 100; i++)
-			(void) AllocSetContextCreate(TopMemoryContext, "nextgres hba guard",
-										 ALLOCSET_SMALL_SIZES);
 		PostmasterContext = AllocSetContextCreate(TopMemoryContext, "nextgres hba",
 												  ALLOCSET_DEFAULT_SIZES);
-	}
 	PG_TRY();
 	{
 		ok = load_hba();
@@ -534,6 +600,7 @@ typedef struct NgLoginInfo
 	int			hba_method;
 	int			hba_line;
 	char		hba_method_name[32];
+	char		hba_file[1024];
 	bool		role_exists;
 	Oid			role_oid;
 	bool		role_canlogin;
@@ -605,6 +672,7 @@ ng_login_lookup(const char *database, const char *user,
 		out->hba_line = port->hba->linenumber;
 		strlcpy(out->hba_method_name, hba_authname(port->hba->auth_method),
 				sizeof(out->hba_method_name));
+		strlcpy(out->hba_file, hba_line_file(port->hba), sizeof(out->hba_file));
 
 		tup = SearchSysCache1(AUTHNAME, PointerGetDatum(user));
 		if (HeapTupleIsValid(tup))

@@ -47,6 +47,7 @@ pub struct NgLoginInfo {
     pub hba_method: c_int,
     pub hba_line: c_int,
     pub hba_method_name: [c_char; 32],
+    pub hba_file: [c_char; 1024],
     pub role_exists: bool,
     pub role_oid: u32,
     pub role_canlogin: bool,
@@ -77,6 +78,10 @@ impl NgLoginInfo {
     pub fn method_name(&self) -> String {
         cstr_field(&self.hba_method_name)
     }
+    /// The hba file the matching line is in.
+    pub fn hba_file(&self) -> String {
+        cstr_field(&self.hba_file)
+    }
     /// The stored secret; the buffer is wiped on drop.
     pub fn secret(&self) -> Option<String> {
         self.has_secret.then(|| cstr_field(&self.secret))
@@ -101,6 +106,8 @@ fn cstr_field(f: &[c_char]) -> String {
 }
 
 extern "C" {
+    fn ng_mock_scram_iterations() -> c_int;
+    fn ng_server_protocol(newest_minor: *mut c_int, max_cancel_key: *mut c_int);
     fn ng_port_sock() -> c_int;
     fn ng_recv_buffer_empty() -> bool;
     fn ng_consume_buffered_terminate() -> bool;
@@ -118,6 +125,7 @@ extern "C" {
     fn ng_report_parked();
     fn ng_port_take_option(port: *mut c_void, name: *const c_char, buf: *mut c_char, len: usize) -> bool;
     fn ng_port_peer_pid(port: *mut c_void) -> c_int;
+    fn ng_pooler_guard_stale_hba_contexts();
     fn ng_load_hba(err: *mut NgError) -> bool;
     fn ng_login_lookup(
         database: *const c_char,
@@ -132,6 +140,21 @@ extern "C" {
     fn ng_pooler_catalog_heap_scans();
     fn ng_pooler_wait_set_create(epoll_fd: c_int) -> *mut c_void;
     fn ng_pooler_wait(set: *mut c_void, timeout_ms: c_long) -> c_int;
+}
+
+/// The protocol of the server nextgres was built for (`PG_PROTOCOL_LATEST`
+/// and its longest cancel key; see glue.c).
+pub fn server_protocol() -> nextgres_core::proto::ServerProtocol {
+    let (mut minor, mut key) = (0, 4);
+    unsafe { ng_server_protocol(&mut minor, &mut key) };
+    nextgres_core::proto::ServerProtocol { newest_minor: minor as u16, max_cancel_key: key as usize }
+}
+
+/// Iterations of the server's mock SCRAM secret for roles without one (see
+/// glue.c: `scram_iterations` on the 2026-08 minor releases and later, else
+/// 4096).
+pub fn mock_scram_iterations() -> u32 {
+    (unsafe { ng_mock_scram_iterations() }).max(1) as u32
 }
 
 // ---- pooled backends -------------------------------------------------------
@@ -253,6 +276,11 @@ pub unsafe fn port_peer_pid(port: *mut c_void) -> i32 {
 }
 
 // ---- pooler -----------------------------------------------------------------
+
+/// First thing in the pooler, before it connects (see glue.c).
+pub fn pooler_guard_stale_hba_contexts() {
+    unsafe { ng_pooler_guard_stale_hba_contexts() }
+}
 
 pub fn load_hba() -> Result<(), NgError> {
     let mut err = NgError::new();

@@ -73,8 +73,9 @@ impl AuthSession {
         let server = match self.secret() {
             StoredSecret::Scram(s) => ScramServer::new(s, &random::<18>()),
             // No usable SCRAM secret: run a mock exchange that fails at the
-            // end, so a probe cannot tell which roles exist.
-            _ => ScramServer::new_mock_keyed(user, mock_key, 4096, &random::<18>()),
+            // end, so a probe cannot tell which roles exist; salt and
+            // iteration count as the server's mock secret.
+            _ => ScramServer::new_mock_keyed(user, mock_key, glue::mock_scram_iterations(), &random::<18>()),
         };
         self.state = State::SaslInitial(Box::new(server));
         let mut out = Vec::new();
@@ -131,8 +132,9 @@ impl AuthSession {
                     format!("authentication method \"{}\" is not supported by nextgres", s.info.method_name()),
                 );
                 f.hint = Some(format!(
-                    "pg_hba.conf line {} applies to this connection; nextgres authenticates with scram-sha-256, md5, password, trust or reject.",
-                    s.info.hba_line
+                    "Line {} of \"{}\" applies to this connection; nextgres authenticates with scram-sha-256, md5, password, trust or reject.",
+                    s.info.hba_line,
+                    s.info.hba_file()
                 ));
                 Step::Fail(f)
             }

@@ -45,7 +45,11 @@ pub struct Client {
     /// carried to whichever backend serves it next.
     pub image: nextgres_core::control::SessionImage,
     pub pool: Option<usize>,
-    pub cancel: Option<(i32, i32)>,
+    /// Cancel pid and key handed out in BackendKeyData.
+    pub cancel: Option<(i32, Vec<u8>)>,
+    /// Protocol minor version of the session (the client's request capped
+    /// at the server's newest): decides the cancel key's length.
+    pub proto_minor: u16,
     pub last_backend: Option<usize>,
     /// Session mode: the backend reserved for this client.
     pub pinned: Option<usize>,
@@ -71,6 +75,7 @@ impl Client {
             image: Default::default(),
             pool: None,
             cancel: None,
+            proto_minor: 0,
             last_backend: None,
             pinned: None,
             session_mode: false,
@@ -220,6 +225,7 @@ impl Pooler {
     }
 
     fn client_startup(&mut self, key: usize) {
+        let server = self.server_proto;
         loop {
             let Some(c) = self.client(key) else { return };
             // Exact reads: the length first, then the rest of the packet.
@@ -239,7 +245,8 @@ impl Pooler {
                 Ok(false) => return,
                 Err(_) => return self.client_close(key),
             }
-            let parsed = proto::parse_startup(&c.inbuf);
+            let packet_head: [u8; 8] = c.inbuf[..8].try_into().unwrap_or_default();
+            let parsed = proto::parse_startup_for(&c.inbuf, &server);
             c.inbuf.clear();
             match parsed {
                 Ok(Some((StartupRequest::SslRequest, _))) | Ok(Some((StartupRequest::GssEncRequest, _))) => {
@@ -263,13 +270,19 @@ impl Pooler {
                     continue;
                 }
                 Ok(Some((StartupRequest::Cancel { pid, key: secret }, _))) => {
-                    self.cancel_request(pid, secret);
+                    self.cancel_request(pid, &secret);
                     return self.client_close(key);
                 }
                 Ok(Some((StartupRequest::Startup { minor, params, .. }, _))) => {
                     return self.client_startup_message(key, minor, params);
                 }
                 Ok(None) => return,
+                Err(_) if is_cancel_request(&packet_head) => {
+                    // A CancelRequest of the wrong size: the server logs it
+                    // (COMMERROR) and closes without a reply.
+                    log::info!("invalid length of cancel request packet from {}", self.client(key).map(|c| c.addr.to_string()).unwrap_or_default());
+                    return self.client_close(key);
+                }
                 Err(e) => return self.client_fatal(key, e.sqlstate, &e.message, e.hint.as_deref()),
             }
         }
@@ -310,13 +323,15 @@ impl Pooler {
         // As the server: names are cut to NAMEDATALEN - 1 bytes before lookup.
         truncate_name(&mut user);
         truncate_name(&mut database);
+        let server = self.server_proto;
         let Some(c) = self.client(key) else { return };
-        if minor > 0 || !unrecognized.is_empty() {
+        if server.needs_negotiation(minor, unrecognized.len()) {
             let mut out = Vec::new();
             let names: Vec<&str> = unrecognized.iter().map(String::as_str).collect();
-            proto::negotiate_protocol_version(&mut out, 0, &names);
+            proto::negotiate_protocol_version(&mut out, server.negotiate_version(minor), &names);
             c.send(&out);
         }
+        c.proto_minor = server.session_minor(minor);
         c.user = user;
         c.database = database;
         c.settings = settings;
@@ -440,10 +455,11 @@ impl Pooler {
 
     /// CancelRequest: only a client attached to a backend right now has a
     /// running query; signal that backend as the postmaster would (SIGINT).
-    fn cancel_request(&mut self, pid: i32, secret: i32) {
+    fn cancel_request(&mut self, pid: i32, secret: &[u8]) {
         let Some(&ck) = self.cancel_keys.get(&pid) else { return };
         let Some(c) = self.client(ck) else { return };
-        if c.cancel != Some((pid, secret)) {
+        // Constant time, as the server compares keys (timingsafe_bcmp in 18).
+        if !c.cancel.as_ref().is_some_and(|(p, k)| *p == pid && nextgres_core::auth::ct::ct_eq(k, secret)) {
             return;
         }
         if let Phase::Attached { backend } = c.phase {
@@ -455,17 +471,18 @@ impl Pooler {
         }
     }
 
-    /// Hands out a cancel key unique among connected clients.
-    pub fn new_cancel_key(&mut self, key: usize) -> (i32, i32) {
+    /// Hands out a cancel pid unique among connected clients and a random
+    /// key of `key_len` bytes (4, or the server's long key for protocol 3.2).
+    pub fn new_cancel_key(&mut self, key: usize, key_len: usize) -> (i32, Vec<u8>) {
         let mut pid = self.next_cancel_pid;
         while self.cancel_keys.contains_key(&pid) {
             pid = if pid >= i32::MAX - 1 { 1 } else { pid + 1 };
         }
         self.next_cancel_pid = if pid >= i32::MAX - 1 { 1 } else { pid + 1 };
-        let mut k = [0u8; 4];
+        let mut k = vec![0u8; key_len];
         crate::pg::shmem::strong_random(&mut k);
         self.cancel_keys.insert(pid, key);
-        (pid, i32::from_ne_bytes(k))
+        (pid, k)
     }
 }
 
@@ -482,6 +499,11 @@ fn linger_close(stream: &mut TcpStream) {
             _ => break,
         }
     }
+}
+
+/// Whether a startup-phase packet (its first 8 bytes) is a CancelRequest.
+fn is_cancel_request(head: &[u8; 8]) -> bool {
+    i32::from_be_bytes([head[4], head[5], head[6], head[7]]) == proto::CANCEL_REQUEST_CODE
 }
 
 /// Cuts a role or database name to 63 bytes (NAMEDATALEN - 1), at a

@@ -83,15 +83,17 @@ impl Pooler {
     fn client_login_complete(&mut self, key: usize) {
         let Some(c) = self.client(key) else { return };
         let Some(pool) = c.pool else { return };
+        let minor = c.proto_minor;
+        let key_len = self.server_proto.cancel_key_len(minor);
         let params = self.pools[pool].params.clone().unwrap_or_default();
-        let (pid, secret) = self.new_cancel_key(key);
+        let (pid, secret) = self.new_cancel_key(key, key_len);
         let Some(c) = self.client(key) else { return };
         let mut out = Vec::new();
         for (name, value) in &params {
             let own = c.settings.iter().rev().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v);
             proto::parameter_status(&mut out, name, own.unwrap_or(value));
         }
-        proto::backend_key_data(&mut out, pid, secret);
+        proto::backend_key_data_bytes(&mut out, pid, &secret);
         proto::ready_for_query(&mut out, b'I');
         c.cancel = Some((pid, secret));
         c.phase = Phase::Idle;

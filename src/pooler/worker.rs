@@ -28,6 +28,7 @@ pub fn register() {
 #[pgrx::pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn nextgres_pooler_main(_arg: pg_sys::Datum) {
+    glue::pooler_guard_stale_hba_contexts();
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     // Shared catalogs only (pg_authid, pg_database, pg_auth_members): the
     // pooler belongs to no database.
@@ -54,6 +55,8 @@ pub struct Pooler {
     pub rows: super::stats::Rows,
     pub clients: usize,
     pub mock_key: [u8; 32],
+    /// What the server speaks: newest protocol minor, longest cancel key.
+    pub server_proto: nextgres_core::proto::ServerProtocol,
     /// Smart shutdown in progress: admit nobody, let pools drain.
     pub stopping: bool,
     /// Databases a DROP DATABASE (or similar) is waiting on (see `drain`).
@@ -102,6 +105,7 @@ impl Pooler {
             rows,
             clients: 0,
             mock_key,
+            server_proto: glue::server_protocol(),
             stopping: false,
             draining: Vec::new(),
             last_janitor: None,
@@ -126,7 +130,7 @@ impl Pooler {
         loop {
             let wake = waitset.wait(super::janitor::TICK_MS);
             if wake.postmaster_death {
-                unsafe { pg_sys::proc_exit(1) }
+                crate::pg::proc_exit(1)
             }
             if wake.latch {
                 glue::pooler_check_interrupts();
@@ -192,7 +196,7 @@ impl Pooler {
         self.tables.set_pooler(0, postmaster::listen::port());
         log::info!("pooler shutting down");
         // Exit code 1: a pooler stopped by pg_terminate_backend is restarted.
-        unsafe { pg_sys::proc_exit(1) }
+        crate::pg::proc_exit(1)
     }
 }
 

@@ -35,8 +35,16 @@ host trustdb,nc_db,lim_db,noconn_db all 127.0.0.1/32 trust
 host postgres,nosuchdb all 127.0.0.1/32 scram-sha-256
 ";
 
+/// A non-default `scram_iterations` (16 and later), so the mock SCRAM
+/// challenge of a role without a secret shows which count the server uses.
+const SCRAM_ITERATIONS: u32 = 4567;
+
 fn auth_cluster() -> SidePort {
-    let sp = SidePort::start(Cluster::builder().hba(HBA).conf("nextgres.pool_size = 2"));
+    let mut b = Cluster::builder().hba(HBA).conf("nextgres.pool_size = 2");
+    if nextgres_test::pg_major() >= 16 {
+        b = b.conf(format!("scram_iterations = {SCRAM_ITERATIONS}"));
+    }
+    let sp = SidePort::start(b);
     let pg = &sp.pg;
     exec(pg, "CREATE EXTENSION nextgres");
     for r in ["scram_u", "scram_md5", "pw_scram", "rejected"] {
@@ -141,6 +149,7 @@ fn raw_auth_outcome(host: &str, port: u16, user: &str, db: &str) -> String {
                         .map(|x| String::from_utf8_lossy(x).into_owned())
                         .collect();
                     out.push(format!("R10{mechs:?}"));
+                    out.push(scram_first_reply(&mut s));
                 } else {
                     out.push(format!("R{code}"));
                 }
@@ -154,6 +163,35 @@ fn raw_auth_outcome(host: &str, port: u16, user: &str, db: &str) -> String {
         "nothing".into()
     } else {
         out.join(" ")
+    }
+}
+
+/// Sends a SCRAM client-first-message and returns what the server-first
+/// message says besides its random nonce: the salt and iteration count of
+/// the role's secret, or of the server's mock secret for a role without one
+/// (the 2026-08 minor releases use `scram_iterations` there; 15 and older
+/// minors the fixed 4096).
+fn scram_first_reply(s: &mut std::net::TcpStream) -> String {
+    use std::io::Write;
+    let first = b"n,,n=,r=nextgresdifferentialnonce";
+    let mut body = b"SCRAM-SHA-256\0".to_vec();
+    body.extend_from_slice(&(first.len() as i32).to_be_bytes());
+    body.extend_from_slice(first);
+    let mut msg = vec![b'p'];
+    msg.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    msg.extend_from_slice(&body);
+    if s.write_all(&msg).is_err() {
+        return "SCRAM: write failed".into();
+    }
+    match pool_support::read_msg(s) {
+        Some(m) if m.tag == b'R' && m.body.get(..4) == Some(&11i32.to_be_bytes()) => {
+            let text = String::from_utf8_lossy(&m.body[4..]).into_owned();
+            let kept: Vec<&str> = text.split(',').filter(|a| !a.starts_with("r=")).collect();
+            format!("SCRAM[{}]", kept.join(","))
+        }
+        Some(m) if m.tag == b'E' => format!("SCRAM E{}", m.field(b'C').unwrap_or_default()),
+        Some(m) => format!("SCRAM {}", m.tag as char),
+        None => "SCRAM nothing".into(),
     }
 }
 

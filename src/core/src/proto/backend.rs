@@ -129,9 +129,10 @@ pub fn parse_ready_for_query(body: &[u8]) -> Result<u8, ProtoError> {
     }
 }
 
-/// Parses a NegotiateProtocolVersion body into (newest minor, unrecognized options).
+/// Parses a NegotiateProtocolVersion body into (the full version code the
+/// server offers, e.g. 196608 for 3.0; unrecognized options).
 pub fn parse_negotiate_protocol_version(body: &[u8]) -> Result<(i32, Vec<&str>), ProtoError> {
-    let minor = be_i32(body, 0).ok_or_else(format_error)?;
+    let version = be_i32(body, 0).ok_or_else(format_error)?;
     let count = be_i32(body, 4).ok_or_else(format_error)?;
     let count = usize::try_from(count).map_err(|_| format_error())?;
     let mut off = 8;
@@ -146,7 +147,7 @@ pub fn parse_negotiate_protocol_version(body: &[u8]) -> Result<(i32, Vec<&str>),
         off = next;
     }
     expect_end(body, off)?;
-    Ok((minor, opts))
+    Ok((version, opts))
 }
 
 #[cfg(test)]

@@ -99,11 +99,22 @@ pub fn ready_for_query(out: &mut Vec<u8>, status: u8) {
     finish(out, at);
 }
 
-/// NegotiateProtocolVersion: newest supported minor version and the
-/// `_pq_.` options that were not recognized.
-pub fn negotiate_protocol_version(out: &mut Vec<u8>, newest_minor: i32, unrecognized: &[&str]) {
+/// BackendKeyData with a key of any length (protocol 3.2 carries the
+/// server's long key; 4 bytes is the 3.0 message).
+pub fn backend_key_data_bytes(out: &mut Vec<u8>, pid: i32, key: &[u8]) {
+    let at = begin(out, b'K');
+    put_i32(out, pid);
+    out.extend_from_slice(key);
+    finish(out, at);
+}
+
+/// NegotiateProtocolVersion: the full version code the server offers
+/// (196608 for 3.0, 196610 for 3.2; see
+/// [`ServerProtocol::negotiate_version`](super::ServerProtocol::negotiate_version))
+/// and the `_pq_.` options that were not recognized.
+pub fn negotiate_protocol_version(out: &mut Vec<u8>, version: i32, unrecognized: &[&str]) {
     let at = begin(out, b'v');
-    put_i32(out, newest_minor);
+    put_i32(out, version);
     put_i32(out, i32::try_from(unrecognized.len()).unwrap_or(i32::MAX));
     for o in unrecognized {
         put_cstr(out, o);
@@ -272,13 +283,20 @@ mod tests {
     #[test]
     fn negotiate() {
         let mut b = Vec::new();
-        negotiate_protocol_version(&mut b, 0, &["_pq_.a", "_pq_.b"]);
+        negotiate_protocol_version(&mut b, 196608, &["_pq_.a", "_pq_.b"]);
         let (tag, body) = one(&b);
         assert_eq!(tag, b'v');
+        assert_eq!(&body[..4], &[0, 3, 0, 0], "the full version code, as the server sends");
         assert_eq!(
             parse_negotiate_protocol_version(&body).unwrap(),
-            (0, vec!["_pq_.a", "_pq_.b"])
+            (196608, vec!["_pq_.a", "_pq_.b"])
         );
+
+        let mut b = Vec::new();
+        backend_key_data_bytes(&mut b, 42, &[7u8; 32]);
+        let (tag, body) = one(&b);
+        assert_eq!(tag, b'K');
+        assert_eq!(body.len(), 36);
     }
 
     #[test]

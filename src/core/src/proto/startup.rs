@@ -20,6 +20,61 @@ pub const GSSENC_REQUEST_CODE: i32 = 80877104;
 pub const CANCEL_REQUEST_CODE: i32 = 80877102;
 /// Largest startup packet body the server accepts (its length word excluded).
 pub const MAX_STARTUP_PACKET: usize = 10_000;
+/// Length in bytes of a protocol 3.0 cancel key.
+pub const CANCEL_KEY_3_0: usize = 4;
+
+/// What the server in front of which the pooler runs speaks, as its
+/// `libpq/pqcomm.h` says: `PG_PROTOCOL_LATEST` and the longest cancel key.
+/// PostgreSQL 15-17: 3.0 and 4-byte keys; 18: 3.2 and
+/// `MAX_CANCEL_KEY_LENGTH` = 32 (storage/procsignal.h).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerProtocol {
+    /// Minor version of `PG_PROTOCOL_LATEST` (the major is 3).
+    pub newest_minor: u16,
+    /// Longest cancel key the server issues and accepts, in bytes.
+    pub max_cancel_key: usize,
+}
+
+impl ServerProtocol {
+    /// PostgreSQL 15 to 17.
+    pub const V3_0: ServerProtocol = ServerProtocol { newest_minor: 0, max_cancel_key: CANCEL_KEY_3_0 };
+    /// PostgreSQL 18.
+    pub const V3_2: ServerProtocol = ServerProtocol { newest_minor: 2, max_cancel_key: 32 };
+
+    /// The minor version a session runs with, as the server sets
+    /// `FrontendProtocol` (backend_startup.c): the client's request, capped
+    /// at the newest the server speaks. 18 accepts 3.1 as asked (no
+    /// NegotiateProtocolVersion), like any minor up to its newest.
+    pub fn session_minor(&self, requested_minor: u16) -> u16 {
+        requested_minor.min(self.newest_minor)
+    }
+
+    /// The full version code NegotiateProtocolVersion carries for a client
+    /// that asked for 3.`requested_minor` (196608 = 3.0, 196610 = 3.2).
+    /// PostgreSQL 15-17 send `PG_PROTOCOL_LATEST`, 18 `FrontendProtocol`;
+    /// both equal 3.min(requested, newest) whenever the message is sent.
+    pub fn negotiate_version(&self, requested_minor: u16) -> i32 {
+        (3 << 16) | i32::from(self.session_minor(requested_minor))
+    }
+
+    /// Whether the server answers a StartupMessage with
+    /// NegotiateProtocolVersion: a minor newer than its own, or `_pq_.`
+    /// options it does not know (it knows none).
+    pub fn needs_negotiation(&self, requested_minor: u16, unrecognized_options: usize) -> bool {
+        requested_minor > self.newest_minor || unrecognized_options > 0
+    }
+
+    /// Length of the cancel key in BackendKeyData for a session of this
+    /// minor version: protocol 3.2 carries the server's long key, older
+    /// sessions 4 bytes.
+    pub fn cancel_key_len(&self, session_minor: u16) -> usize {
+        if session_minor >= 2 {
+            self.max_cancel_key
+        } else {
+            CANCEL_KEY_3_0
+        }
+    }
+}
 
 /// One decoded startup-phase packet.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,8 +97,9 @@ pub enum StartupRequest {
     Cancel {
         /// Backend process id the client was given.
         pid: i32,
-        /// Cancel key the client was given.
-        key: i32,
+        /// Cancel key the client was given (4 bytes, or up to the server's
+        /// longest with protocol 3.2).
+        key: Vec<u8>,
     },
 }
 
@@ -68,13 +124,24 @@ fn bad_layout() -> ProtoError {
     ProtoError::violation("invalid startup packet layout: expected terminator as last byte")
 }
 
-/// Parses one startup-phase packet from the front of `buf`.
+/// Parses one startup-phase packet from the front of `buf` for a protocol
+/// 3.0 server (PostgreSQL 15-17); see [`parse_startup_for`].
+pub fn parse_startup(buf: &[u8]) -> Result<Option<(StartupRequest, usize)>, ProtoError> {
+    parse_startup_for(buf, &ServerProtocol::V3_0)
+}
+
+/// Parses one startup-phase packet from the front of `buf`, as a server
+/// speaking `server` does.
 ///
 /// `Ok(None)` means more bytes are needed; `Ok(Some((req, consumed)))` on
 /// success. The length word is checked as soon as it is readable, as the
 /// server does: a length below 8 or a body (length minus the length word)
-/// above [`MAX_STARTUP_PACKET`] is rejected.
-pub fn parse_startup(buf: &[u8]) -> Result<Option<(StartupRequest, usize)>, ProtoError> {
+/// above [`MAX_STARTUP_PACKET`] is rejected. A CancelRequest's key must be
+/// 4 bytes on a 3.0 server and 1 to `max_cancel_key` bytes on 18.
+pub fn parse_startup_for(
+    buf: &[u8],
+    server: &ServerProtocol,
+) -> Result<Option<(StartupRequest, usize)>, ProtoError> {
     let Some(len) = be_i32(buf, 0) else {
         return Ok(None);
     };
@@ -89,31 +156,44 @@ pub fn parse_startup(buf: &[u8]) -> Result<Option<(StartupRequest, usize)>, Prot
     let code = be_i32(body, 0).ok_or_else(bad_length)?;
     let req = match code {
         CANCEL_REQUEST_CODE => {
-            // The server insists on the exact size for cancel requests.
-            if body.len() != 12 {
+            // The server insists on the exact size for 3.0 cancel requests;
+            // 18 takes any key length from 1 to MAX_CANCEL_KEY_LENGTH.
+            let key_len = body.len().saturating_sub(8);
+            let ok = if server.max_cancel_key == CANCEL_KEY_3_0 {
+                key_len == CANCEL_KEY_3_0 && body.len() == 12
+            } else {
+                body.len() > 8 && key_len <= server.max_cancel_key
+            };
+            if !ok {
                 return Err(bad_length());
             }
             let pid = be_i32(body, 4).ok_or_else(bad_length)?;
-            let key = be_i32(body, 8).ok_or_else(bad_length)?;
-            StartupRequest::Cancel { pid, key }
+            StartupRequest::Cancel { pid, key: body[8..].to_vec() }
         }
         // Extra bytes after these codes are read and ignored, as by the server.
         SSL_REQUEST_CODE => StartupRequest::SslRequest,
         GSSENC_REQUEST_CODE => StartupRequest::GssEncRequest,
-        _ => parse_startup_message(code, body)?,
+        _ => parse_startup_message(code, body, server)?,
     };
     Ok(Some((req, len)))
 }
 
 /// Decodes a StartupMessage body (starting at the version word).
-fn parse_startup_message(code: i32, body: &[u8]) -> Result<StartupRequest, ProtoError> {
+fn parse_startup_message(
+    code: i32,
+    body: &[u8],
+    server: &ServerProtocol,
+) -> Result<StartupRequest, ProtoError> {
     // Reinterpret as unsigned so a negative code reports as a huge major.
     let code = code as u32;
     let (major, minor) = ((code >> 16) as u16, (code & 0xffff) as u16);
     if major != 3 {
         return Err(ProtoError::new(
             FEATURE_NOT_SUPPORTED,
-            format!("unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0"),
+            format!(
+                "unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.{}",
+                server.newest_minor
+            ),
         ));
     }
 
@@ -444,12 +524,52 @@ mod tests {
         p.extend_from_slice(&(-5i32).to_be_bytes());
         assert_eq!(
             parse_startup(&packet(CANCEL_REQUEST_CODE, &p)).unwrap(),
-            Some((StartupRequest::Cancel { pid: 1234, key: -5 }, 16))
+            Some((StartupRequest::Cancel { pid: 1234, key: (-5i32).to_be_bytes().to_vec() }, 16))
         );
         // cancel of the wrong size
         assert!(parse_startup(&packet(CANCEL_REQUEST_CODE, &p[..4])).is_err());
         p.push(0);
         assert!(parse_startup(&packet(CANCEL_REQUEST_CODE, &p)).is_err());
+        // 18: keys of 1 to 32 bytes
+        let v18 = ServerProtocol::V3_2;
+        assert_eq!(
+            parse_startup_for(&packet(CANCEL_REQUEST_CODE, &p), &v18).unwrap(),
+            Some((StartupRequest::Cancel { pid: 1234, key: p[4..].to_vec() }, 17))
+        );
+        let mut long = 7i32.to_be_bytes().to_vec();
+        long.extend_from_slice(&[9u8; 32]);
+        assert!(matches!(
+            parse_startup_for(&packet(CANCEL_REQUEST_CODE, &long), &v18).unwrap(),
+            Some((StartupRequest::Cancel { pid: 7, ref key }, 44)) if key.len() == 32
+        ));
+        long.push(9);
+        assert!(parse_startup_for(&packet(CANCEL_REQUEST_CODE, &long), &v18).is_err());
+        assert!(parse_startup_for(&packet(CANCEL_REQUEST_CODE, &long[..4]), &v18).is_err());
+    }
+
+    #[test]
+    fn negotiation_as_each_server() {
+        let (v30, v32) = (ServerProtocol::V3_0, ServerProtocol::V3_2);
+        // 15-17: NegotiateProtocolVersion carries 3.0 = 196608
+        assert!(!v30.needs_negotiation(0, 0));
+        assert!(v30.needs_negotiation(0, 1));
+        assert!(v30.needs_negotiation(1, 0));
+        assert_eq!(v30.negotiate_version(2), 196608);
+        assert_eq!(v30.negotiate_version(0), 196608);
+        assert_eq!(v30.cancel_key_len(v30.session_minor(2)), 4);
+        // 18: 3.1 and 3.2 accepted; newer gets 3.2 = 196610
+        assert!(!v32.needs_negotiation(1, 0));
+        assert!(!v32.needs_negotiation(2, 0));
+        assert!(v32.needs_negotiation(3, 0));
+        assert!(v32.needs_negotiation(0, 1));
+        assert_eq!(v32.negotiate_version(3), 196610);
+        assert_eq!(v32.negotiate_version(9999), 196610);
+        assert_eq!(v32.negotiate_version(0), 196608);
+        assert_eq!(v32.cancel_key_len(v32.session_minor(1)), 4);
+        assert_eq!(v32.cancel_key_len(v32.session_minor(2)), 32);
+        assert_eq!(v32.cancel_key_len(v32.session_minor(3)), 32);
+        let e = parse_startup_for(&packet(4 << 16, b"user\0u\0\0"), &v32).unwrap_err();
+        assert_eq!(e.message, "unsupported frontend protocol 4.0: server supports 3.0 to 3.2");
     }
 
     #[test]

@@ -97,15 +97,18 @@ impl ScramServer {
     /// A mock exchange whose salt is derived from `mock_key` (a secret that
     /// is stable across processes and restarts, e.g. the server's mock
     /// authentication nonce) so repeated probes of the same user always see
-    /// the same salt, just as for a real role. `iterations` should match
-    /// what real secrets use.
+    /// the same salt, just as for a real role. With the server's nonce the
+    /// salt is the server's own mock salt (auth-scram.c, scram_mock_salt():
+    /// SHA-256 of the user name followed by the nonce, first 16 bytes), so a
+    /// probe cannot tell the pooler from the server either. `iterations`
+    /// should be what the server uses for its mock secret.
     pub fn new_mock_keyed(
         user: &str,
         mock_key: &[u8],
         iterations: u32,
         server_nonce_raw: &[u8],
     ) -> Self {
-        let salt = hmac(mock_key, &[b"nextgres mock salt\0", user.as_bytes()]);
+        let salt = sha256(&[user.as_bytes(), mock_key].concat());
         let stored_key = hmac(mock_key, &[b"nextgres mock key\0", user.as_bytes()]);
         let secret = ScramSecret {
             iterations: iterations.max(1),
@@ -478,6 +481,9 @@ mod tests {
         assert_eq!(one(b"k1"), one(b"k1"));
         assert_ne!(one(b"k1"), one(b"k2"));
         assert!(String::from_utf8(one(b"k1")).unwrap().ends_with(",i=10000"));
+        // The server's mock salt: SHA-256(user name || nonce), 16 bytes.
+        let want = b64_encode(&sha256(b"ghostk1")[..16]);
+        assert!(String::from_utf8(one(b"k1")).unwrap().contains(&format!(",s={want},")));
     }
 
     #[test]
