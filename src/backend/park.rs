@@ -216,12 +216,9 @@ fn release(p: &mut Parking, client: u64) {
     if let Err(e) = nix::unistd::dup2(p.control, sock) {
         fatal(&format!("could not release the client socket: {e}"));
     }
-    let released = Released {
-        client_id: client,
-        settings: sess::take_session_settings(),
-        statements: sess::take_statements(),
-    };
-    session::note_release(released.settings.as_deref(), released.statements.as_deref());
+    let settings = sess::take_session_settings();
+    let statements = session::note_release(settings.as_deref(), sess::take_statements());
+    let released = Released { client_id: client, settings, statements };
     let mut msg = Vec::with_capacity(64);
     control::write_released(&mut msg, &released);
     write_all(p.control, &msg);
@@ -298,7 +295,7 @@ fn next_attach(p: &mut Parking) -> Option<(Attach, RawFd)> {
     }
 }
 
-fn attach_client(p: &mut Parking, (a, fd): (Attach, RawFd), timer_was_on: bool) {
+fn attach_client(p: &mut Parking, (mut a, fd): (Attach, RawFd), timer_was_on: bool) {
     let sock = glue::port_sock();
     if let Err(e) = nix::unistd::dup2(fd, sock) {
         fatal(&format!("could not attach the client socket: {e}"));
@@ -314,7 +311,9 @@ fn attach_client(p: &mut Parking, (a, fd): (Attach, RawFd), timer_was_on: bool) 
         glue::set_client_addr(&ss, a.addr.len() as u32);
     }
     if a.flags & control::FLAG_NEW_CLIENT != 0 {
-        session::switch_to(&a.settings, &a.image);
+        session::switch_to(&a.settings, std::mem::take(&mut a.image));
+    } else {
+        session::attached_again();
     }
     if timer_was_on {
         glue::idle_session_timer_resume();
@@ -371,3 +370,4 @@ fn fatal(msg: &str) -> ! {
     );
     unreachable!()
 }
+

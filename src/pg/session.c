@@ -26,8 +26,10 @@
 #include "fmgr.h"
 #include "funcapi.h"
 #include "lib/stringinfo.h"
+#include "libpq/libpq-be.h"
 #include "miscadmin.h"
 #include "nodes/parsenodes.h"
+#include "parser/analyze.h"
 #include "parser/parse_node.h"
 #include "parser/parser.h"
 #include "port/pg_bswap.h"
@@ -47,6 +49,13 @@
 #include "utils/rel.h"
 #include "utils/syscache.h"
 #include "utils/tuplestore.h"
+
+#include <dlfcn.h>
+#include <elf.h>
+#include <link.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "glue.h"
 
@@ -82,6 +91,18 @@ holds_session_locks(void)
 	return false;
 }
 
+/* After writing a tuple descriptor's attribute directly. */
+static void
+attr_written(TupleDesc d, int i)
+{
+#if PG_VERSION_NUM >= 180000
+	populate_compact_attribute(d, i);
+#else
+	(void) d;
+	(void) i;
+#endif
+}
+
 /* ------------------------------------------------------------------------
  * Tracking what the client did, so a release only looks when needed.
  * ------------------------------------------------------------------------ */
@@ -93,6 +114,30 @@ static fmgr_hook_type prev_fmgr = NULL;
 
 static bool settings_dirty = false;
 static bool statements_dirty = false;
+/* The client has statements this backend has not created yet (see below). */
+static bool statements_pending = false;
+
+/* Implemented in backend/session.rs: create the client's statement `name`
+ * here now if it is one not created yet; all of them; forget them all. */
+extern void ng_rs_statement_wanted(const char *name);
+extern void ng_rs_statements_wanted_all(void);
+extern void ng_rs_statements_forget(void);
+
+static void
+want_statement(const char *name)
+{
+	if (statements_pending && name && name[0])
+		ng_rs_statement_wanted(name);
+}
+
+/* EXPLAIN EXECUTE / CREATE TABLE AS EXECUTE: the analyzed inner query. */
+static void
+want_executed(Node *query)
+{
+	if (query && IsA(query, Query) && ((Query *) query)->commandType == CMD_UTILITY &&
+		((Query *) query)->utilityStmt && IsA(((Query *) query)->utilityStmt, ExecuteStmt))
+		want_statement(((ExecuteStmt *) ((Query *) query)->utilityStmt)->name);
+}
 static List *holdable_cursors = NIL;	/* names, TopMemoryContext */
 static List *listen_channels = NIL;	/* names, TopMemoryContext */
 typedef enum
@@ -131,8 +176,25 @@ ng_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
 			settings_dirty = true;
 			break;
 		case T_PrepareStmt:
+			statements_dirty = true;
+			/* An existing name must fail with 42P05 as it would directly. */
+			want_statement(((PrepareStmt *) n)->name);
+			break;
 		case T_DeallocateStmt:
 			statements_dirty = true;
+			if (((DeallocateStmt *) n)->name)
+				want_statement(((DeallocateStmt *) n)->name);
+			else if (statements_pending)
+				ng_rs_statements_forget();
+			break;
+		case T_ExecuteStmt:
+			want_statement(((ExecuteStmt *) n)->name);
+			break;
+		case T_ExplainStmt:
+			want_executed(((ExplainStmt *) n)->query);
+			break;
+		case T_CreateTableAsStmt:
+			want_executed(((CreateTableAsStmt *) n)->query);
 			break;
 		case T_DiscardStmt:
 			note_discard(((DiscardStmt *) n)->target);
@@ -181,6 +243,9 @@ ng_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
 		prev_utility(pstmt, queryString, readOnlyTree, context, params, queryEnv, dest, qc);
 	else
 		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context, params, queryEnv, dest, qc);
+	/* Only once it succeeded (it refuses to run in a transaction block). */
+	if (IsA(n, DiscardStmt) && ((DiscardStmt *) n)->target == DISCARD_ALL && statements_pending)
+		ng_rs_statements_forget();
 }
 
 static void
@@ -219,6 +284,10 @@ ng_executor_start(QueryDesc *queryDesc, int eflags)
 {
 	if (queryDesc->sourceText && strcasestr(queryDesc->sourceText, "set_config"))
 		settings_dirty = true;
+	/* The pg_prepared_statements view lists them all. */
+	if (statements_pending && queryDesc->sourceText &&
+		strcasestr(queryDesc->sourceText, "pg_prepared_statement"))
+		ng_rs_statements_wanted_all();
 	if (prev_executor_start)
 		prev_executor_start(queryDesc, eflags);
 	else
@@ -441,6 +510,53 @@ ng_take_session_settings(int *len)
 	return out.data;
 }
 
+/*
+ * The result columns a statement was prepared with, as the statement's
+ * "result" in the control channel: empty when it returns no rows, else u32
+ * count and each attribute's fixed part as this server lays it out.  Opaque
+ * to everyone but result_desc() below, and only read back by backends of
+ * the same server.
+ */
+static void
+put_result_desc(StringInfo out, TupleDesc d)
+{
+	int			at = out->len;
+	uint32		v = 0;
+
+	appendBinaryStringInfo(out, (char *) &v, 4);
+	if (d)
+	{
+		v = pg_hton32((uint32) d->natts);
+		appendBinaryStringInfo(out, (char *) &v, 4);
+		for (int i = 0; i < d->natts; i++)
+			appendBinaryStringInfo(out, (char *) TupleDescAttr(d, i), ATTRIBUTE_FIXED_PART_SIZE);
+	}
+	v = pg_hton32((uint32) (out->len - at - 4));
+	memcpy(out->data + at, &v, 4);
+}
+
+/* put_result_desc()'s bytes back as a tuple descriptor (NULL: no rows). */
+static TupleDesc
+result_desc(const char *p, int len)
+{
+	uint32		n;
+	TupleDesc	d;
+
+	if (len < 4)
+		return NULL;
+	memcpy(&n, p, 4);
+	n = pg_ntoh32(n);
+	if ((size_t) len != 4 + (size_t) n * ATTRIBUTE_FIXED_PART_SIZE)
+		elog(ERROR, "malformed result description");
+	d = CreateTemplateTupleDesc((int) n);
+	for (uint32 i = 0; i < n; i++)
+	{
+		memcpy(TupleDescAttr(d, i), p + 4 + i * ATTRIBUTE_FIXED_PART_SIZE, ATTRIBUTE_FIXED_PART_SIZE);
+		attr_written(d, i);
+	}
+	return d;
+}
+
 static void
 put_statement(StringInfo out, PreparedStatement *ps)
 {
@@ -473,6 +589,7 @@ put_statement(StringInfo out, PreparedStatement *ps)
 
 		appendBinaryStringInfo(out, (char *) &t, 4);
 	}
+	put_result_desc(out, src->resultDesc);
 }
 
 /*
@@ -643,62 +760,373 @@ ng_switch_setting(const char *name, const char *value, bool from_startup)
 	PG_END_TRY();
 }
 
-/*
- * Re-creates one prepared statement under the client's name, in a
- * subtransaction so a statement that no longer plans (a dropped table) is
- * skipped without spoiling the others; the client then gets the error it
- * would get on a direct connection when it uses it... or "does not exist".
- */
-bool
-ng_switch_statement(const char *name, const char *text, bool from_sql,
-					int nparams, const Oid *params, NgError *err)
+/* ------------------------------------------------------------------------
+ * Creating a switched client's statements when it first uses them.
+ *
+ * The server reads protocol messages straight from the client socket and
+ * looks a named statement up as soon as a Bind, Describe, Close or Parse
+ * for it arrives; nothing in between can be hooked.  So a pooled backend
+ * with statements still to create watches the bytes the server receives on
+ * the client socket (the executable's call of recv() in secure_raw_read(),
+ * be-secure.c, redirected through its global offset table), and creates a
+ * statement such a message names before recv() returns: the server only
+ * looks at a message after it has read all of it.  SQL EXECUTE, DEALLOCATE,
+ * PREPARE, EXPLAIN EXECUTE and CREATE TABLE AS EXECUTE are seen by the
+ * utility hook, pg_prepared_statements by the executor hook.  Where the
+ * redirection cannot be installed, every statement is created at the
+ * switch (same behaviour, more work per switch).
+ * ------------------------------------------------------------------------ */
+
+typedef ssize_t (*recv_fn) (int, void *, size_t, int);
+static recv_fn real_recv = NULL;
+
+/* Stream position: the protocol's 5-byte header, then the body. */
+#define SCAN_CAPTURE 1024
+static int	scan_hdr_have = 0;
+static unsigned char scan_hdr[5];
+static uint32 scan_body_left = 0;
+static bool scan_capturing = false;
+static int	scan_cap_len = 0;
+static char scan_cap[SCAN_CAPTURE];
+
+/* The client was just attached: its next byte starts a message. */
+static void
+scan_reset(void)
 {
-	MemoryContext cxt = CurrentMemoryContext;
-	ResourceOwner owner = CurrentResourceOwner;
-	volatile bool ok = true;
+	scan_hdr_have = 0;
+	scan_body_left = 0;
+	scan_capturing = false;
+	scan_cap_len = 0;
+}
 
-	BeginInternalSubTransaction(NULL);
-	PG_TRY();
+/* The name at `off` in the captured body, or NULL when it was cut off. */
+static const char *
+captured_name(int off)
+{
+	if (off >= scan_cap_len || memchr(scan_cap + off, '\0', scan_cap_len - off) == NULL)
+		return NULL;
+	return scan_cap + off;
+}
+
+/* A whole message was received: create the statement it names. */
+static void
+scan_message_done(void)
+{
+	const char *name = NULL;
+	bool		cut = false;
+
+	if (!scan_capturing)
+		return;
+	scan_capturing = false;
+	switch (scan_hdr[0])
 	{
-		List	   *raw = raw_parser(text, RAW_PARSE_DEFAULT);
-
-		if (list_length(raw) == 1)
-		{
-			RawStmt    *rs = linitial_node(RawStmt, raw);
-
-			if (from_sql && IsA(rs->stmt, PrepareStmt))
+		case 'P':				/* Parse: statement name first */
+			name = captured_name(0);
+			cut = name == NULL;
+			break;
+		case 'B':				/* Bind: portal name, statement name */
 			{
-				ParseState *pstate = make_parsestate(NULL);
+				const char *portal = captured_name(0);
 
-				pstate->p_sourcetext = text;
-				PrepareQuery(pstate, (PrepareStmt *) rs->stmt, rs->stmt_location, rs->stmt_len);
+				cut = portal == NULL;
+				if (portal)
+				{
+					name = captured_name(strlen(portal) + 1);
+					cut = name == NULL;
+				}
 			}
-			else if (!from_sql)
+			break;
+		case 'D':				/* Describe / Close: 'S' or 'P', name */
+		case 'C':
+			if (scan_cap_len >= 1 && scan_cap[0] == 'S')
 			{
-				CachedPlanSource *psrc;
-				List	   *qt;
-				Oid		   *types = palloc(sizeof(Oid) * Max(nparams, 1));
+				name = captured_name(1);
+				cut = name == NULL;
+			}
+			break;
+	}
+	if (cut)
+		ng_rs_statements_wanted_all();
+	else
+		want_statement(name);
+}
 
-				memcpy(types, params, sizeof(Oid) * nparams);
-				psrc = CreateCachedPlan(rs, text, CreateCommandTag(rs->stmt));
-				qt = pg_analyze_and_rewrite_fixedparams(rs, text, types, nparams, NULL);
-				CompleteCachedPlan(psrc, qt, NULL, types, nparams, NULL, NULL,
-								   CURSOR_OPT_PARALLEL_OK, true);
-				StorePreparedStatement(name, psrc, false);
+static void
+scan_bytes(const unsigned char *p, size_t len)
+{
+	while (len > 0 && statements_pending)
+	{
+		if (scan_hdr_have < 5)
+		{
+			size_t		n = Min(len, (size_t) (5 - scan_hdr_have));
+
+			memcpy(scan_hdr + scan_hdr_have, p, n);
+			scan_hdr_have += n;
+			p += n;
+			len -= n;
+			if (scan_hdr_have == 5)
+			{
+				uint32		l;
+
+				memcpy(&l, scan_hdr + 1, 4);
+				l = pg_ntoh32(l);
+				scan_body_left = l >= 4 ? l - 4 : 0;
+				scan_cap_len = 0;
+				scan_capturing = strchr("PBDC", scan_hdr[0]) != NULL && scan_hdr[0] != '\0';
+				if (scan_body_left == 0)
+				{
+					scan_message_done();
+					scan_hdr_have = 0;
+				}
 			}
 		}
-		ReleaseCurrentSubTransaction();
+		else
+		{
+			size_t		n = Min(len, (size_t) scan_body_left);
+
+			if (scan_capturing && scan_cap_len < SCAN_CAPTURE)
+			{
+				size_t		c = Min(n, (size_t) (SCAN_CAPTURE - scan_cap_len));
+
+				memcpy(scan_cap + scan_cap_len, p, c);
+				scan_cap_len += c;
+			}
+			p += n;
+			len -= n;
+			scan_body_left -= n;
+			if (scan_body_left == 0)
+			{
+				scan_message_done();
+				scan_hdr_have = 0;
+			}
+		}
+	}
+}
+
+/* Installed in place of the executable's recv(). */
+static ssize_t
+ng_recv(int fd, void *buf, size_t len, int flags)
+{
+	ssize_t		n = real_recv(fd, buf, len, flags);
+
+	if (n > 0 && statements_pending && !(flags & MSG_PEEK) &&
+		MyProcPort && fd == MyProcPort->sock)
+		scan_bytes((const unsigned char *) buf, (size_t) n);
+	return n;
+}
+
+/* Finds the main executable's GOT slot for recv() and points it at ng_recv. */
+static int
+patch_recv(struct dl_phdr_info *info, size_t size, void *data)
+{
+	bool	   *done = (bool *) data;
+	ElfW(Dyn) * dyn = NULL;
+	ElfW(Sym) * symtab = NULL;
+	const char *strtab = NULL;
+	ElfW(Rela) * rels[2] = {NULL, NULL};
+	size_t		relsz[2] = {0, 0};
+	uintptr_t	relro_lo = 0,
+				relro_hi = 0;
+	long		page = sysconf(_SC_PAGESIZE);
+
+	(void) size;
+	for (int i = 0; i < info->dlpi_phnum; i++)
+	{
+		const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+
+		if (ph->p_type == PT_DYNAMIC)
+			dyn = (ElfW(Dyn) *) (info->dlpi_addr + ph->p_vaddr);
+		else if (ph->p_type == PT_GNU_RELRO)
+		{
+			relro_lo = info->dlpi_addr + ph->p_vaddr;
+			relro_hi = relro_lo + ph->p_memsz;
+		}
+	}
+	if (dyn == NULL)
+		return 1;
+	/* ld.so relocates these in place for most objects; not always. */
+#define DYNPTR(v) ((uintptr_t) (v) < info->dlpi_addr ? info->dlpi_addr + (uintptr_t) (v) : (uintptr_t) (v))
+	for (ElfW(Dyn) * d = dyn; d->d_tag != DT_NULL; d++)
+	{
+		switch (d->d_tag)
+		{
+			case DT_SYMTAB:
+				symtab = (ElfW(Sym) *) DYNPTR(d->d_un.d_ptr);
+				break;
+			case DT_STRTAB:
+				strtab = (const char *) DYNPTR(d->d_un.d_ptr);
+				break;
+			case DT_JMPREL:
+				rels[0] = (ElfW(Rela) *) DYNPTR(d->d_un.d_ptr);
+				break;
+			case DT_PLTRELSZ:
+				relsz[0] = d->d_un.d_val;
+				break;
+			case DT_RELA:
+				rels[1] = (ElfW(Rela) *) DYNPTR(d->d_un.d_ptr);
+				break;
+			case DT_RELASZ:
+				relsz[1] = d->d_un.d_val;
+				break;
+		}
+	}
+#undef DYNPTR
+	if (symtab == NULL || strtab == NULL)
+		return 1;
+	for (int k = 0; k < 2; k++)
+	{
+		for (size_t j = 0; rels[k] && j < relsz[k] / sizeof(ElfW(Rela)); j++)
+		{
+			ElfW(Rela) *r = &rels[k][j];
+			size_t		sym = ELF64_R_SYM(r->r_info);	/* 64-bit targets only */
+			void	  **slot;
+			uintptr_t	pg;
+
+			if (sym == 0 || strcmp(strtab + symtab[sym].st_name, "recv") != 0)
+				continue;
+			slot = (void **) (info->dlpi_addr + r->r_offset);
+			pg = (uintptr_t) slot & ~((uintptr_t) page - 1);
+			if (mprotect((void *) pg, page, PROT_READ | PROT_WRITE) != 0)
+				return 1;
+			*slot = (void *) ng_recv;
+			if ((uintptr_t) slot >= relro_lo && (uintptr_t) slot < relro_hi)
+				(void) mprotect((void *) pg, page, PROT_READ);
+			*done = true;
+		}
+	}
+	return 1;					/* the first object is the executable */
+}
+
+/*
+ * Once per backend, before its first client switch: true when statements
+ * can be created lazily.
+ */
+bool
+ng_lazy_statements_init(void)
+{
+	static int	state = 0;		/* 0 unknown, 1 yes, -1 no */
+	bool		done = false;
+
+	if (state != 0)
+		return state > 0;
+	state = -1;
+#if __ELF_NATIVE_CLASS != 64
+	return false;				/* Elf64 relocations only */
+#endif
+	real_recv = (recv_fn) dlsym(RTLD_DEFAULT, "recv");
+	if (real_recv == NULL)
+		return false;
+	dl_iterate_phdr(patch_recv, &done);
+	if (done)
+		state = 1;
+	return state > 0;
+}
+
+/*
+ * Creates one of the client's prepared statements under its own name, as
+ * the server's plan cache holds a statement whose objects changed since it
+ * was prepared: raw parse tree, parameter types fixed at the client's
+ * Parse/PREPARE, the result description the client saw then, and not
+ * valid.  The first use re-analyzes it exactly as the server revalidates a
+ * statement on a direct connection (plancache.c RevalidateCachedQuery): a
+ * missing table fails with the analysis error and works again once it is
+ * back, changed result columns fail with 0A000 "cached plan must not change
+ * result type".  No catalog access, so it can run at any point between two
+ * client messages, in or out of a transaction, aborted or not.
+ *
+ * Statements without real parse analysis (transaction control, SET, ...:
+ * analyze.c stmt_requires_parse_analysis()) are never revalidated, so those
+ * are completed here; their analysis reads no catalog.
+ *
+ * On failure (a raw parse that no longer succeeds, say after the client
+ * turned standard_conforming_strings off) the statement is not created and
+ * the error is returned.
+ */
+bool
+ng_create_statement(const char *name, const char *text, bool from_sql,
+					int nparams, const Oid *params, const char *result, int rlen,
+					NgError *err)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	MemoryContext tmp = AllocSetContextCreate(TopMemoryContext, "nextgres statement",
+											  ALLOCSET_SMALL_SIZES);
+	volatile bool ok = true;
+
+	PG_TRY();
+	{
+		List	   *raw;
+		RawStmt    *rs;
+		CachedPlanSource *psrc;
+		Oid		   *types = NULL;
+
+		MemoryContextSwitchTo(tmp);
+		raw = raw_parser(text, RAW_PARSE_DEFAULT);
+		if (list_length(raw) != 1)
+			elog(ERROR, "prepared statement text is not one statement");
+		rs = linitial_node(RawStmt, raw);
+		if (from_sql)
+		{
+			/* As PrepareQuery() (prepare.c) stores the PREPARE's query. */
+			RawStmt    *inner = makeNode(RawStmt);
+
+			if (!IsA(rs->stmt, PrepareStmt))
+				elog(ERROR, "prepared statement text is not PREPARE");
+			inner->stmt = ((PrepareStmt *) rs->stmt)->query;
+			inner->stmt_location = rs->stmt_location;
+			inner->stmt_len = rs->stmt_len;
+			rs = inner;
+		}
+		if (nparams > 0)
+		{
+			types = palloc(sizeof(Oid) * nparams);
+			memcpy(types, params, sizeof(Oid) * nparams);
+		}
+		psrc = CreateCachedPlan(rs, text, CreateCommandTag(rs->stmt));
+		if (!stmt_requires_parse_analysis(rs))
+		{
+			List	   *qt = pg_analyze_and_rewrite_fixedparams(rs, text, types, nparams, NULL);
+
+			CompleteCachedPlan(psrc, qt, NULL, types, nparams, NULL, NULL,
+							   CURSOR_OPT_PARALLEL_OK, true);
+		}
+		else
+		{
+			/* What CompleteCachedPlan() sets, minus the analyzed query. */
+			MemoryContextSwitchTo(psrc->context);
+			if (nparams > 0)
+			{
+				psrc->param_types = palloc(sizeof(Oid) * nparams);
+				memcpy(psrc->param_types, params, sizeof(Oid) * nparams);
+			}
+			psrc->num_params = nparams;
+			psrc->cursor_options = CURSOR_OPT_PARALLEL_OK;
+			psrc->fixed_result = true;
+			psrc->resultDesc = result_desc(result, rlen);
+			psrc->is_complete = true;
+			psrc->is_valid = false;
+		}
+		MemoryContextSwitchTo(tmp);
+		StorePreparedStatement(name, psrc, from_sql);
 	}
 	PG_CATCH();
 	{
 		ng_capture_error(cxt, err);
-		RollbackAndReleaseCurrentSubTransaction();
 		ok = false;
 	}
 	PG_END_TRY();
 	MemoryContextSwitchTo(cxt);
-	CurrentResourceOwner = owner;
+	/* A stored statement's context now hangs off CacheMemoryContext. */
+	MemoryContextDelete(tmp);
 	return ok;
+}
+
+/* The client has statements not created here yet (Rust keeps them). */
+void
+ng_set_statements_pending(bool pending)
+{
+	statements_pending = pending;
+	if (pending)
+		scan_reset();
 }
 
 bool

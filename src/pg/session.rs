@@ -12,14 +12,18 @@ extern "C" {
     fn ng_free(p: *mut c_char);
     fn ng_switch_begin(discard: bool, err: *mut NgError) -> bool;
     fn ng_switch_setting(name: *const c_char, value: *const c_char, from_startup: bool);
-    fn ng_switch_statement(
+    fn ng_create_statement(
         name: *const c_char,
         text: *const c_char,
         from_sql: bool,
         nparams: c_int,
         params: *const u32,
+        result: *const c_char,
+        rlen: c_int,
         err: *mut NgError,
     ) -> bool;
+    fn ng_lazy_statements_init() -> bool;
+    fn ng_set_statements_pending(pending: bool);
     fn ng_switch_end(err: *mut NgError) -> bool;
     fn ng_switch_light();
 }
@@ -104,16 +108,20 @@ pub fn switch_setting(name: &str, value: &str, from_startup: bool) {
     unsafe { ng_switch_setting(n.as_ptr(), v.as_ptr(), from_startup) }
 }
 
-pub fn switch_statement(st: &Statement) -> Result<(), NgError> {
+/// Creates one of the client's statements on this backend, unanalyzed: the
+/// server revalidates it at its first use (see ng_create_statement).
+pub fn create_statement(st: &Statement) -> Result<(), NgError> {
     let (n, t) = (cstring(&st.name), cstring(&st.text));
     let mut err = NgError::new();
     let ok = unsafe {
-        ng_switch_statement(
+        ng_create_statement(
             n.as_ptr(),
             t.as_ptr(),
             st.from_sql,
             st.param_types.len() as c_int,
             st.param_types.as_ptr(),
+            st.result.as_ptr().cast(),
+            st.result.len() as c_int,
             &mut err,
         )
     };
@@ -122,6 +130,17 @@ pub fn switch_statement(st: &Statement) -> Result<(), NgError> {
     } else {
         Err(err)
     }
+}
+
+/// Once per backend: whether statements can be created when first used
+/// (false: create them all at each switch).
+pub fn lazy_statements_init() -> bool {
+    unsafe { ng_lazy_statements_init() }
+}
+
+/// Tells the hooks whether the client has statements not created here yet.
+pub fn set_statements_pending(pending: bool) {
+    unsafe { ng_set_statements_pending(pending) }
 }
 
 /// Between two clients whose sessions would look the same: no DISCARD.

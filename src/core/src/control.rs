@@ -50,7 +50,14 @@ pub struct Statement {
     pub text: String,
     /// Created by SQL PREPARE (else by a protocol Parse message).
     pub from_sql: bool,
+    /// Parameter types as the server fixed them at the client's Parse or
+    /// PREPARE (inferred ones included).
     pub param_types: Vec<u32>,
+    /// The result columns the client was told about when it prepared the
+    /// statement, in backend/session.c's encoding (opaque here): a backend that
+    /// creates the statement again compares against it, so a changed result
+    /// fails with 0A000 as it would on a direct connection.
+    pub result: Vec<u8>,
 }
 
 /// What a client carries from backend to backend in transaction mode.
@@ -113,6 +120,8 @@ fn put_statements(o: &mut Vec<u8>, stmts: &[Statement]) {
         for t in &st.param_types {
             o.extend_from_slice(&t.to_be_bytes());
         }
+        o.extend_from_slice(&(st.result.len() as u32).to_be_bytes());
+        o.extend_from_slice(&st.result);
     }
 }
 
@@ -201,7 +210,7 @@ impl<'a> Reader<'a> {
         (0..n).map(|_| Ok((self.str()?, self.str()?))).collect()
     }
     fn statements(&mut self) -> Result<Vec<Statement>, ProtoError> {
-        let n = self.count(7)?;
+        let n = self.count(11)?;
         (0..n)
             .map(|_| {
                 let name = self.str()?;
@@ -209,7 +218,9 @@ impl<'a> Reader<'a> {
                 let from_sql = self.u8()? != 0;
                 let np = self.count(4)?;
                 let param_types = (0..np).map(|_| self.u32()).collect::<Result<_, _>>()?;
-                Ok(Statement { name, text, from_sql, param_types })
+                let rl = self.count(1)?;
+                let result = self.take(rl)?.to_vec();
+                Ok(Statement { name, text, from_sql, param_types, result })
             })
             .collect()
     }
@@ -257,8 +268,8 @@ mod tests {
         SessionImage {
             settings: vec![("search_path".into(), "a, b".into()), ("myapp.user".into(), "42".into())],
             statements: vec![
-                Statement { name: "P_0".into(), text: "SELECT $1::int".into(), from_sql: false, param_types: vec![23] },
-                Statement { name: "q".into(), text: "PREPARE q AS SELECT 1".into(), from_sql: true, param_types: vec![] },
+                Statement { name: "P_0".into(), text: "SELECT $1::int".into(), from_sql: false, param_types: vec![23], result: vec![0, 0, 0, 1, b'a', 0, 0, 0, 0, 23] },
+                Statement { name: "q".into(), text: "PREPARE q AS SELECT 1".into(), from_sql: true, param_types: vec![], result: vec![] },
             ],
         }
     }

@@ -125,8 +125,8 @@ fn control() {
     let image = SessionImage {
         settings: vec![("search_path".into(), "a, b".into()), ("myapp.user".into(), "42".into())],
         statements: vec![
-            Statement { name: "P_0".into(), text: "SELECT $1::int".into(), from_sql: false, param_types: vec![23] },
-            Statement { name: "q".into(), text: "PREPARE q AS SELECT 1".into(), from_sql: true, param_types: vec![] },
+            Statement { name: "P_0".into(), text: "SELECT $1::int".into(), from_sql: false, param_types: vec![23], result: vec![] },
+            Statement { name: "q".into(), text: "PREPARE q AS SELECT 1".into(), from_sql: true, param_types: vec![], result: vec![] },
         ],
     };
     let a = Attach {

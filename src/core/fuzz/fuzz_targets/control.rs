@@ -79,6 +79,7 @@ fn statements(u: &mut Unstructured) -> arbitrary::Result<Vec<Statement>> {
                 text: text(u)?,
                 from_sql: bool::arbitrary(u)?,
                 param_types: Vec::<u32>::arbitrary(u)?,
+                result: Vec::<u8>::arbitrary(u)?,
             })
         })
         .collect()
