@@ -114,6 +114,8 @@ static fmgr_hook_type prev_fmgr = NULL;
 
 static bool settings_dirty = false;
 static bool statements_dirty = false;
+/* A statement ran since the last boundary (executor or utility hook). */
+static bool statement_ran = false;
 /* The client has statements this backend has not created yet (see below). */
 static bool statements_pending = false;
 
@@ -168,6 +170,7 @@ ng_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
 {
 	Node	   *n = pstmt->utilityStmt;
 
+	statement_ran = true;
 	switch (nodeTag(n))
 	{
 		case T_VariableSetStmt:
@@ -282,6 +285,7 @@ static ExecutorStart_hook_type prev_executor_start = NULL;
 static void
 ng_executor_start(QueryDesc *queryDesc, int eflags)
 {
+	statement_ran = true;
 	if (queryDesc->sourceText && strcasestr(queryDesc->sourceText, "set_config"))
 		settings_dirty = true;
 	/* The pg_prepared_statements view lists them all. */
@@ -383,6 +387,84 @@ ng_note_statement_messages(void)
 #define NG_PIN_CURSOR			2
 #define NG_PIN_LISTEN			3
 #define NG_PIN_LOCK				4
+#define NG_PIN_SEQUENCE			5
+
+/* lastval() as the client last saw it here (see sequence_pin()). */
+static bool seq_seen_valid = false;
+static int64 seq_seen = 0;
+/* The client keeps this backend for its transaction after a nextval(). */
+static bool seq_pin_live = false;
+
+
+/*
+ * The session has sequence values (currval/lastval): sequence.c keeps them
+ * in a hash table named "Sequence values", created by the first nextval()
+ * or setval() and destroyed by DISCARD SEQUENCES/ALL; dynahash gives every
+ * table its own memory context under TopMemoryContext, identified by the
+ * table's name.
+ */
+static bool
+sequence_values_exist(void)
+{
+	for (MemoryContext c = TopMemoryContext->firstchild; c != NULL; c = c->nextchild)
+		if (c->ident && strcmp(c->ident, "Sequence values") == 0)
+			return true;
+	return false;
+}
+
+/* lastval() in a transaction of its own; false when it has none. */
+static bool
+current_lastval(int64 *v)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile bool ok = true;
+
+	PG_TRY();
+	{
+		StartTransactionCommand();
+		*v = DatumGetInt64(OidFunctionCall0Coll(F_LASTVAL, InvalidOid));
+		CommitTransactionCommand();
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		FlushErrorState();
+		AbortCurrentTransaction();
+		ok = false;
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+	return ok;
+}
+
+/*
+ * Sequence values cannot move (sequence.c has no way to set a session's
+ * currval without advancing the sequence), so a client whose transaction
+ * called nextval() keeps its backend for its next transaction, where
+ * currval()/lastval() answer as on a direct session (the PHP PDO
+ * lastInsertId() pattern: INSERT, then SELECT lastval()).  "Called nextval"
+ * is seen as lastval() having changed since the last boundary; costs a
+ * transaction per boundary only for a client that has sequence values here.
+ */
+static bool
+sequence_pin(bool ran)
+{
+	int64		v;
+
+	if (!sequence_values_exist() || !current_lastval(&v))
+		return seq_pin_live = false;
+	if (!seq_seen_valid || v != seq_seen)
+		seq_pin_live = true;
+	/*
+	 * A boundary where nothing ran (Parse/Describe/Sync of a driver that
+	 * prepares before it executes) does not use up the next transaction.
+	 */
+	else if (ran)
+		seq_pin_live = false;
+	seq_seen = v;
+	seq_seen_valid = true;
+	return seq_pin_live;
+}
 
 static bool
 temp_relations_exist(void)
@@ -415,7 +497,9 @@ int
 ng_pin_reason(void)
 {
 	ListCell   *lc;
+	bool		ran = statement_ran;
 
+	statement_ran = false;
 	/*
 	 * Conservative: a LISTEN in a transaction that later aborted still pins
 	 * until UNLISTEN or the client leaves (a cost, never a leak).
@@ -453,6 +537,8 @@ ng_pin_reason(void)
 	}
 	if (temp_state == TEMP_PRESENT)
 		return NG_PIN_TEMP;
+	if (sequence_pin(ran))
+		return NG_PIN_SEQUENCE;
 	return NG_PIN_NONE;
 }
 
@@ -694,6 +780,7 @@ void
 ng_switch_light(void)
 {
 	ResetSequenceCaches();
+	seq_seen_valid = seq_pin_live = false;
 }
 
 /* Starts the switch: its own transaction, optionally DISCARD ALL first. */
@@ -726,6 +813,7 @@ ng_switch_begin(bool discard, NgError *err)
 	MemoryContextSwitchTo(cxt);
 	/* The trackers describe the new client from here on. */
 	settings_dirty = statements_dirty = false;
+	seq_seen_valid = seq_pin_live = false;
 	list_free_deep(listen_channels);
 	listen_channels = NIL;
 	temp_state = TEMP_NONE;

@@ -37,6 +37,9 @@ pub enum Pin {
     HoldCursor = 2,
     Listen = 3,
     AdvisoryLock = 4,
+    /// Its last transaction called nextval(): currval()/lastval() stay
+    /// answerable in its next one.
+    Sequence = 5,
 }
 
 /// Postmaster: utility/object-access/fmgr hooks that note session changes.
@@ -54,6 +57,7 @@ pub fn pin_reason() -> Pin {
         2 => Pin::HoldCursor,
         3 => Pin::Listen,
         4 => Pin::AdvisoryLock,
+        5 => Pin::Sequence,
         _ => Pin::None,
     }
 }
