@@ -58,6 +58,8 @@ pub fn transaction_boundary() {
             let sock = glue::port_sock();
             let control = nix::fcntl::fcntl(sock, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(sock + 1))
                 .unwrap_or_else(|e| fatal(&format!("could not duplicate the control socket: {e}")));
+            // A pool login is no client's session; each client counts instead.
+            sess::count_session(-1);
             Parking {
                 control,
                 wait: ParkWaitSet::new(control),
@@ -309,6 +311,9 @@ fn attach_client(p: &mut Parking, (mut a, fd): (Attach, RawFd), timer_was_on: bo
         let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
         unsafe { std::ptr::copy_nonoverlapping(a.addr.as_ptr(), (&mut ss as *mut libc::sockaddr_storage).cast(), a.addr.len()) };
         glue::set_client_addr(&ss, a.addr.len() as u32);
+    }
+    if a.flags & control::FLAG_SESSION_START != 0 {
+        sess::count_session(1);
     }
     if a.flags & control::FLAG_NEW_CLIENT != 0 {
         session::switch_to(&a.settings, std::mem::take(&mut a.image));

@@ -44,6 +44,7 @@
 #include "utils/guc_tables.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/pgstat_internal.h"
 #include "utils/plancache.h"
 #include "utils/portal.h"
 #include "utils/rel.h"
@@ -90,6 +91,13 @@ holds_session_locks(void)
 	}
 	return false;
 }
+
+/* pg_stat_database's session count in a backend's pending statistics. */
+#if PG_VERSION_NUM >= 160000
+#define DB_SESSIONS(e) ((e)->sessions)
+#else
+#define DB_SESSIONS(e) ((e)->n_sessions)
+#endif
 
 /* After writing a tuple descriptor's attribute directly. */
 static void
@@ -1303,4 +1311,36 @@ ng_validate_setting(const char *name, const char *value, bool superuser, NgError
 	PG_END_TRY();
 	MemoryContextSwitchTo(cxt);
 	return ok;
+}
+
+/* ------------------------------------------------------------------------
+ * The server's session statistics.
+ * ------------------------------------------------------------------------ */
+
+/*
+ * pg_stat_database.sessions counts client sessions, as for direct ones
+ * (pgstat_database.c pgstat_report_connect() counts a backend's login):
+ * +1 when a client's session starts on a pooled backend, -1 once for the
+ * pooled backend's own login, which is no client's.  Flushed at once, as a
+ * direct session's count is by the time it can run a query.
+ */
+void
+ng_count_session(int delta)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+
+	if (!OidIsValid(MyDatabaseId))
+		return;
+	PG_TRY();
+	{
+		DB_SESSIONS(pgstat_prep_database_pending(MyDatabaseId)) += delta;
+		(void) pgstat_report_stat(true);
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		FlushErrorState();
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
 }

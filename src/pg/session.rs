@@ -24,6 +24,7 @@ extern "C" {
     ) -> bool;
     fn ng_lazy_statements_init() -> bool;
     fn ng_set_statements_pending(pending: bool);
+    fn ng_count_session(delta: c_int);
     fn ng_switch_end(err: *mut NgError) -> bool;
     fn ng_switch_light();
 }
@@ -145,6 +146,11 @@ pub fn lazy_statements_init() -> bool {
 /// Tells the hooks whether the client has statements not created here yet.
 pub fn set_statements_pending(pending: bool) {
     unsafe { ng_set_statements_pending(pending) }
+}
+
+/// pg_stat_database.sessions: +1 for a client session, -1 for a pool login.
+pub fn count_session(delta: i32) {
+    unsafe { ng_count_session(delta) }
 }
 
 /// Between two clients whose sessions would look the same: no DISCARD.

@@ -50,6 +50,8 @@ pub struct Client {
     /// Session mode: the backend reserved for this client.
     pub pinned: Option<usize>,
     pub session_mode: bool,
+    /// A backend has counted this client's session (pg_stat_database.sessions).
+    pub session_counted: bool,
     pub xacts: i64,
     pub started: Instant,
 }
@@ -74,6 +76,7 @@ impl Client {
             last_backend: None,
             pinned: None,
             session_mode: false,
+            session_counted: false,
             xacts: 0,
             started: Instant::now(),
         }

@@ -173,6 +173,7 @@ impl Pooler {
         let Some(Conn::Backend(b)) = self.conns.get(bk) else { return };
         let new_client = b.last_client != client_id;
         let session_mode = c.session_mode;
+        let session_start = !c.session_counted;
         let pool_row = c.pool.and_then(|p| self.pools.get(p)).map(|p| p.row as u32).unwrap_or(0);
         // A backend that served this client last still holds its session.
         let mut msg = Vec::with_capacity(128);
@@ -182,7 +183,8 @@ impl Pooler {
                 client_id,
                 flags: if new_client { control::FLAG_NEW_CLIENT } else { 0 }
                     | if session_mode { control::FLAG_RESERVED } else { 0 }
-                    | if crate::settings::HOLD_IDLE_CLIENTS.get() { control::FLAG_HOLD_IDLE } else { 0 },
+                    | if crate::settings::HOLD_IDLE_CLIENTS.get() { control::FLAG_HOLD_IDLE } else { 0 }
+                    | if session_start { control::FLAG_SESSION_START } else { 0 },
                 pool_row,
                 addr: c.raw_addr(),
                 settings: if new_client { c.settings.clone() } else { Vec::new() },
@@ -209,6 +211,7 @@ impl Pooler {
         let Some(c) = self.client(ck) else { return };
         c.phase = Phase::Attached { backend: bk };
         c.last_backend = Some(bk);
+        c.session_counted = true;
         if session_mode {
             c.pinned = Some(bk);
         }

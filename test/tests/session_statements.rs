@@ -15,7 +15,7 @@ mod session_support;
 
 use std::time::Duration;
 
-use nextgres_test::Cluster;
+use nextgres_test::{wait_until, Cluster};
 use postgres::{Client, SimpleQueryMessage, Statement};
 use session_support::{exec, run};
 
@@ -255,6 +255,35 @@ fn lastval_after_insert_as_on_a_direct_connection() {
                 let bad: Vec<String> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
                 assert!(bad.is_empty(), "pooled={pooled}: {} wrong answers, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
             }
+        },
+    );
+}
+
+/// pg_stat_database.sessions counts client sessions through the pooler,
+/// one each, and not the pool's own logins.
+#[test]
+fn pg_stat_database_sessions_count_client_sessions() {
+    run(
+        Cluster::builder().conf("nextgres.pool_size = 2"),
+        "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN",
+        TEST_LIMIT,
+        |pg| {
+            let mut admin = pg.admin();
+            admin.batch_execute("SET stats_fetch_consistency = none").unwrap();
+            let sessions = |admin: &mut Client| -> i64 {
+                admin.query_one("SELECT sessions FROM pg_stat_database WHERE datname = 'postgres'", &[]).unwrap().get(0)
+            };
+            let before = sessions(&mut admin);
+            for _ in 0..10 {
+                let mut c = pg.connect_tcp("app", "postgres", None).unwrap();
+                c.simple_query("SELECT 1").unwrap();
+            }
+            let mut last = before;
+            let settled = wait_until(session_support::SETTLE, || {
+                last = sessions(&mut admin);
+                last == before + 10
+            });
+            assert!(settled, "pg_stat_database.sessions went from {before} to {last}, want {}", before + 10);
         },
     );
 }

@@ -34,6 +34,8 @@ pub const FLAG_RESERVED: u8 = 2;
 /// Keep the client between transactions while nobody waits (see
 /// nextgres.hold_idle_clients).
 pub const FLAG_HOLD_IDLE: u8 = 4;
+/// The client's first attach: its session starts (pg_stat_database.sessions).
+pub const FLAG_SESSION_START: u8 = 8;
 
 pub const MAX_ADDR: usize = 128;
 
