@@ -607,10 +607,14 @@ ng_take_session_settings(int *len)
 /*
  * The result columns a statement was prepared with, as the statement's
  * "result" in the control channel: empty when it returns no rows, else u32
- * count and each attribute's fixed part as this server lays it out.  Opaque
- * to everyone but result_desc() below, and only read back by backends of
- * the same server.
+ * count and for each attribute its name (NUL-terminated) and the rest of
+ * its fixed part as this server lays it out (attrelid, always 0 in a result
+ * description, is left out).  Opaque to everyone but result_desc() below,
+ * and only read back by backends of the same server.
  */
+#define ATT_REST_OFF	(offsetof(FormData_pg_attribute, attname) + NAMEDATALEN)
+#define ATT_REST_LEN	(ATTRIBUTE_FIXED_PART_SIZE - ATT_REST_OFF)
+
 static void
 put_result_desc(StringInfo out, TupleDesc d)
 {
@@ -623,7 +627,12 @@ put_result_desc(StringInfo out, TupleDesc d)
 		v = pg_hton32((uint32) d->natts);
 		appendBinaryStringInfo(out, (char *) &v, 4);
 		for (int i = 0; i < d->natts; i++)
-			appendBinaryStringInfo(out, (char *) TupleDescAttr(d, i), ATTRIBUTE_FIXED_PART_SIZE);
+		{
+			Form_pg_attribute a = TupleDescAttr(d, i);
+
+			put_str(out, NameStr(a->attname));
+			appendBinaryStringInfo(out, (char *) a + ATT_REST_OFF, ATT_REST_LEN);
+		}
 	}
 	v = pg_hton32((uint32) (out->len - at - 4));
 	memcpy(out->data + at, &v, 4);
@@ -635,19 +644,32 @@ result_desc(const char *p, int len)
 {
 	uint32		n;
 	TupleDesc	d;
+	const char *end = p + len;
 
 	if (len < 4)
 		return NULL;
 	memcpy(&n, p, 4);
 	n = pg_ntoh32(n);
-	if ((size_t) len != 4 + (size_t) n * ATTRIBUTE_FIXED_PART_SIZE)
+	p += 4;
+	if (n > (uint32) len)
 		elog(ERROR, "malformed result description");
 	d = CreateTemplateTupleDesc((int) n);
 	for (uint32 i = 0; i < n; i++)
 	{
-		memcpy(TupleDescAttr(d, i), p + 4 + i * ATTRIBUTE_FIXED_PART_SIZE, ATTRIBUTE_FIXED_PART_SIZE);
+		Form_pg_attribute a = TupleDescAttr(d, i);
+		const char *name = p;
+		const char *nul = memchr(p, '\0', end - p);
+
+		if (nul == NULL || end - (nul + 1) < (long) ATT_REST_LEN)
+			elog(ERROR, "malformed result description");
+		memset(a, 0, ATT_REST_OFF);
+		namestrcpy(&a->attname, name);
+		memcpy((char *) a + ATT_REST_OFF, nul + 1, ATT_REST_LEN);
+		p = nul + 1 + ATT_REST_LEN;
 		attr_written(d, i);
 	}
+	if (p != end)
+		elog(ERROR, "malformed result description");
 	return d;
 }
 
