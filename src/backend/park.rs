@@ -220,7 +220,8 @@ fn release(p: &mut Parking, client: u64) {
     }
     let settings = sess::take_session_settings();
     let statements = session::note_release(settings.as_deref(), sess::take_statements());
-    let released = Released { client_id: client, settings, statements };
+    let defaults = session::take_reported_defaults();
+    let released = Released { client_id: client, settings, statements, defaults };
     let mut msg = Vec::with_capacity(64);
     control::write_released(&mut msg, &released);
     write_all(p.control, &msg);
@@ -314,6 +315,9 @@ fn attach_client(p: &mut Parking, (mut a, fd): (Attach, RawFd), timer_was_on: bo
     }
     if a.flags & control::FLAG_SESSION_START != 0 {
         sess::count_session(1);
+    }
+    if a.flags & control::FLAG_SESSION_START != 0 {
+        a.image.defaults = session::login_defaults();
     }
     if a.flags & control::FLAG_NEW_CLIENT != 0 {
         session::switch_to(&a.settings, std::mem::take(&mut a.image));

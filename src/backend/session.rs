@@ -78,6 +78,11 @@ thread_local! {
     /// Statements can be created when first used (session.c could install
     /// its watch on the client socket); else all are created at the switch.
     static LAZY: Cell<Option<bool>> = const { Cell::new(None) };
+    /// The role and database defaults in effect on this backend (None: those
+    /// of its own login, not read yet).
+    static DEFAULTS: RefCell<Option<Vec<(String, String)>>> = const { RefCell::new(None) };
+    /// A new client's login defaults, for the pooler at the next release.
+    static REPORT_DEFAULTS: RefCell<Option<Vec<(String, String)>>> = const { RefCell::new(None) };
     /// Setting name (lower case) -> (name, value this backend logged in with).
     static BASELINE: RefCell<HashMap<String, (String, String)>> = RefCell::new(HashMap::new());
 }
@@ -91,8 +96,65 @@ fn lazy() -> bool {
     })
 }
 
+/// A client's session starts here: the role and database defaults in force
+/// now are the ones it keeps (reported to the pooler at the next release).
+pub fn login_defaults() -> Vec<(String, String)> {
+    let d = s::read_defaults().unwrap_or_else(current_defaults);
+    REPORT_DEFAULTS.with(|r| *r.borrow_mut() = Some(d.clone()));
+    d
+}
+
+/// A new client's login defaults, once.
+pub fn take_reported_defaults() -> Option<Vec<(String, String)>> {
+    REPORT_DEFAULTS.with(|r| r.borrow_mut().take())
+}
+
+fn current_defaults() -> Vec<(String, String)> {
+    DEFAULTS.with(|d| d.borrow_mut().get_or_insert_with(s::applied_defaults).clone())
+}
+
+fn same_defaults(a: &[(String, String)], b: &[(String, String)]) -> bool {
+    let mut a = a.to_vec();
+    let mut b = b.to_vec();
+    a.sort();
+    b.sort();
+    a == b
+}
+
+/// Gives this backend the client's role and database defaults (right after
+/// DISCARD ALL): every setting either list names goes back to
+/// postgresql.conf's value, then the client's apply level by level with the
+/// server's sources, so precedence and RESET are as at the client's login.
+fn apply_defaults(defaults: &[(String, String)]) {
+    let current = current_defaults();
+    if same_defaults(&current, defaults) {
+        return;
+    }
+    let split = |(n, v): &(String, String)| -> Option<(i32, String, String)> {
+        let level = n.chars().next()?.to_digit(10)? as i32;
+        Some((level, n[1..].to_string(), v.clone()))
+    };
+    let mut names: Vec<String> = current.iter().chain(defaults).filter_map(split).map(|(_, n, _)| n).collect();
+    names.sort_by_key(|n| n.to_ascii_lowercase());
+    names.dedup_by_key(|n| n.to_ascii_lowercase());
+    BASELINE.with(|b| {
+        let mut b = b.borrow_mut();
+        for n in &names {
+            b.remove(&n.to_ascii_lowercase());
+        }
+    });
+    for n in &names {
+        s::defaults_clear(n);
+    }
+    s::defaults_reload();
+    for (level, n, v) in defaults.iter().filter_map(split) {
+        s::defaults_apply(level, &n, &v);
+    }
+    DEFAULTS.with(|d| *d.borrow_mut() = Some(defaults.to_vec()));
+}
+
 pub fn switch_to(startup: &[(String, String)], image: SessionImage) {
-    let SessionImage { settings, statements } = image;
+    let SessionImage { settings, statements, defaults } = image;
     let mut pending = Pending::default();
     pending.set(statements);
     // Statements this backend already has that the client has too (same
@@ -104,6 +166,7 @@ pub fn switch_to(startup: &[(String, String)], image: SessionImage) {
         })
     });
     let same = kept
+        && same_defaults(&current_defaults(), &defaults)
         && SHAPE.with(|sh| {
             let sh = sh.borrow();
             sh.known && sh.settings_clean && settings.is_empty() && sh.startup == startup
@@ -116,7 +179,7 @@ pub fn switch_to(startup: &[(String, String)], image: SessionImage) {
             }
         });
     } else {
-        full_switch(startup, &settings);
+        full_switch(startup, &settings, &defaults);
         SHAPE.with(|sh| {
             let mut sh = sh.borrow_mut();
             sh.known = true;
@@ -207,11 +270,12 @@ pub fn note_release(settings: Option<&[(String, String)]>, created: Option<Vec<S
     })
 }
 
-/// DISCARD ALL, then the client's settings.
-fn full_switch(startup: &[(String, String)], settings: &[(String, String)]) {
+/// DISCARD ALL, then the client's role and database defaults and settings.
+fn full_switch(startup: &[(String, String)], settings: &[(String, String)], defaults: &[(String, String)]) {
     if let Err(e) = s::switch_begin(true) {
         fatal(&e.message());
     }
+    apply_defaults(defaults);
     let restore = BASELINE.with(|b| {
         let mut b = b.borrow_mut();
         for (name, _) in startup {

@@ -17,6 +17,7 @@
 #include "catalog/objectaccess.h"
 #include "catalog/pg_authid.h"
 #include "catalog/pg_class.h"
+#include "catalog/pg_db_role_setting.h"
 #include "catalog/pg_proc.h"
 #include "commands/sequence.h"
 #include "commands/discard.h"
@@ -38,6 +39,7 @@
 #include "tcop/tcopprot.h"
 #include "tcop/utility.h"
 #include "utils/acl.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
 #include "utils/guc.h"
@@ -74,6 +76,8 @@ guc_array(int *n)
 	return get_guc_variables();
 #endif
 }
+
+static struct config_generic *lookup_guc(const char *name);
 
 static bool
 holds_session_locks(void)
@@ -1357,6 +1361,207 @@ ng_count_session(int delta)
 	{
 		DB_SESSIONS(pgstat_prep_database_pending(MyDatabaseId)) += delta;
 		(void) pgstat_report_stat(true);
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		FlushErrorState();
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+}
+
+/* ------------------------------------------------------------------------
+ * Role and database defaults (pg_db_role_setting) of each client's login.
+ * ------------------------------------------------------------------------ */
+
+/* Levels, lowest precedence first, as the server's sources for them. */
+static const GucSource default_sources[4] = {
+	PGC_S_GLOBAL, PGC_S_DATABASE, PGC_S_USER, PGC_S_DATABASE_USER
+};
+
+/*
+ * The defaults in force now for this backend's database and session user
+ * (the client's role), as "<level>name\0value\0" pairs, lowest precedence
+ * first: the rows postinit.c process_settings() applies at a login (it goes
+ * highest first and lets none override a higher one; the same result).
+ * NULL on error.
+ */
+char *
+ng_read_defaults(int *len)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	StringInfoData out;
+	volatile bool ok = true;
+
+	initStringInfo(&out);
+	PG_TRY();
+	{
+		Relation	rel;
+
+		StartTransactionCommand();
+		rel = table_open(DbRoleSettingRelationId, AccessShareLock);
+		for (int level = 0; level < 4; level++)
+		{
+			Oid			db = (level == 1 || level == 3) ? MyDatabaseId : InvalidOid;
+			Oid			role = level >= 2 ? GetSessionUserId() : InvalidOid;
+			ScanKeyData keys[2];
+			SysScanDesc scan;
+			HeapTuple	tup;
+
+			ScanKeyInit(&keys[0], Anum_pg_db_role_setting_setdatabase, BTEqualStrategyNumber,
+						F_OIDEQ, ObjectIdGetDatum(db));
+			ScanKeyInit(&keys[1], Anum_pg_db_role_setting_setrole, BTEqualStrategyNumber,
+						F_OIDEQ, ObjectIdGetDatum(role));
+			scan = systable_beginscan(rel, DbRoleSettingDatidRolidIndexId, true, NULL, 2, keys);
+			while (HeapTupleIsValid(tup = systable_getnext(scan)))
+			{
+				bool		isnull;
+				Datum		d = heap_getattr(tup, Anum_pg_db_role_setting_setconfig,
+											 RelationGetDescr(rel), &isnull);
+				Datum	   *elems;
+				bool	   *nulls;
+				int			n;
+
+				if (isnull)
+					continue;
+				deconstruct_array_builtin(DatumGetArrayTypeP(d), TEXTOID, &elems, &nulls, &n);
+				for (int i = 0; i < n; i++)
+				{
+					char	   *name,
+							   *value;
+
+					if (nulls[i])
+						continue;
+					ParseLongOption(TextDatumGetCString(elems[i]), &name, &value);
+					if (value == NULL)
+						continue;
+					appendStringInfoChar(&out, (char) ('0' + level));
+					put_str(&out, name);
+					put_str(&out, value);
+				}
+			}
+			systable_endscan(scan);
+		}
+		table_close(rel, AccessShareLock);
+		CommitTransactionCommand();
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		FlushErrorState();
+		AbortCurrentTransaction();
+		ok = false;
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+	if (!ok)
+	{
+		pfree(out.data);
+		return NULL;
+	}
+	*len = out.len;
+	return out.data;
+}
+
+/*
+ * The defaults this backend applied at its own login, in the same format:
+ * every setting whose reset value came from one of those levels.
+ */
+char *
+ng_applied_defaults(int *len)
+{
+	struct config_generic **vars;
+	int			n;
+	StringInfoData out;
+
+	initStringInfo(&out);
+	vars = guc_array(&n);
+	for (int level = 0; level < 4; level++)
+	{
+		for (int i = 0; i < n; i++)
+		{
+			const char *v;
+
+			if (vars[i]->reset_source != default_sources[level])
+				continue;
+			v = GetConfigOptionResetString(vars[i]->name);
+			appendStringInfoChar(&out, (char) ('0' + level));
+			put_str(&out, vars[i]->name);
+			put_str(&out, v ? v : "");
+		}
+	}
+#if PG_VERSION_NUM >= 160000
+	pfree(vars);
+#endif
+	*len = out.len;
+	return out.data;
+}
+
+/*
+ * Puts a setting back to what it is without role, database or client
+ * defaults (its built-in default, then postgresql.conf's value once
+ * ng_defaults_reload() runs), so other defaults can be applied with their
+ * own sources.  Only between clients, right after DISCARD ALL.
+ */
+void
+ng_defaults_clear(const char *name)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	struct config_generic *g = lookup_guc(name);
+
+	if (g == NULL)
+		return;
+	/* set_config_option() never lets a lower source override a higher one. */
+	if (g->source > PGC_S_FILE && g->source <= PGC_S_CLIENT)
+		g->source = PGC_S_DEFAULT;
+	if (g->reset_source > PGC_S_FILE && g->reset_source <= PGC_S_CLIENT)
+		g->reset_source = PGC_S_DEFAULT;
+	PG_TRY();
+	{
+		(void) set_config_option(g->name, NULL, PGC_SUSET, PGC_S_DEFAULT,
+								 GUC_ACTION_SET, true, WARNING, false);
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		FlushErrorState();
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+}
+
+/* Re-reads postgresql.conf (as at SIGHUP) after ng_defaults_clear(). */
+void
+ng_defaults_reload(void)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+
+	PG_TRY();
+	{
+		ProcessConfigFile(PGC_SIGHUP);
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		FlushErrorState();
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+}
+
+/* One default at its level, as process_settings() applies it at a login. */
+void
+ng_defaults_apply(int level, const char *name, const char *value)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+
+	if (level < 0 || level > 3)
+		return;
+	PG_TRY();
+	{
+		(void) set_config_option(name, value, superuser() ? PGC_SUSET : PGC_USERSET,
+								 default_sources[level], GUC_ACTION_SET, true, WARNING, false);
 	}
 	PG_CATCH();
 	{

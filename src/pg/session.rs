@@ -25,6 +25,11 @@ extern "C" {
     fn ng_lazy_statements_init() -> bool;
     fn ng_set_statements_pending(pending: bool);
     fn ng_count_session(delta: c_int);
+    fn ng_read_defaults(len: *mut c_int) -> *mut c_char;
+    fn ng_applied_defaults(len: *mut c_int) -> *mut c_char;
+    fn ng_defaults_clear(name: *const c_char);
+    fn ng_defaults_reload();
+    fn ng_defaults_apply(level: c_int, name: *const c_char, value: *const c_char);
     fn ng_switch_end(err: *mut NgError) -> bool;
     fn ng_switch_light();
 }
@@ -146,6 +151,46 @@ pub fn lazy_statements_init() -> bool {
 /// Tells the hooks whether the client has statements not created here yet.
 pub fn set_statements_pending(pending: bool) {
     unsafe { ng_set_statements_pending(pending) }
+}
+
+fn level_pairs(raw: Vec<u8>) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut parts = raw.split(|&b| b == 0);
+    while let (Some(n), Some(v)) = (parts.next(), parts.next()) {
+        if n.is_empty() {
+            break;
+        }
+        out.push((String::from_utf8_lossy(n).into_owned(), String::from_utf8_lossy(v).into_owned()));
+    }
+    out
+}
+
+/// The role and database defaults in force now for this backend's database
+/// and role (`SessionImage::defaults` format); None if they cannot be read.
+pub fn read_defaults() -> Option<Vec<(String, String)>> {
+    take(ng_read_defaults).map(level_pairs)
+}
+
+/// The role and database defaults this backend applied at its login.
+pub fn applied_defaults() -> Vec<(String, String)> {
+    take(ng_applied_defaults).map(level_pairs).unwrap_or_default()
+}
+
+/// A setting back to its built-in default, whatever role, database or
+/// client value it had (then `defaults_reload` for postgresql.conf's).
+pub fn defaults_clear(name: &str) {
+    let n = cstring(name);
+    unsafe { ng_defaults_clear(n.as_ptr()) }
+}
+
+pub fn defaults_reload() {
+    unsafe { ng_defaults_reload() }
+}
+
+/// One default at its level (0 ALTER ROLE ALL .. 3 role in database).
+pub fn defaults_apply(level: i32, name: &str, value: &str) {
+    let (n, v) = (cstring(name), cstring(value));
+    unsafe { ng_defaults_apply(level, n.as_ptr(), v.as_ptr()) }
 }
 
 /// pg_stat_database.sessions: +1 for a client session, -1 for a pool login.

@@ -266,6 +266,9 @@ impl Pooler {
                 if let Some(statements) = r.statements {
                     c.image.statements = statements;
                 }
+                if let Some(defaults) = r.defaults {
+                    c.image.defaults = defaults;
+                }
                 c.xacts += 1;
                 c.phase = Phase::Idle;
                 self.client_set_state(ck, ClientState::Idle, 0);

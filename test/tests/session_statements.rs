@@ -288,6 +288,53 @@ fn pg_stat_database_sessions_count_client_sessions() {
     );
 }
 
+/// ALTER ROLE / DATABASE ... SET while the pool is live: a client keeps the
+/// defaults in force at its login (its first transaction through the
+/// pooler), a later one gets the new ones, with the server's precedence,
+/// sources and RESET, as direct sessions do. One backend serves all clients.
+fn defaults_scenario(pg: &Cluster, pooled: bool) -> Vec<String> {
+    exec(
+        pg,
+        "ALTER ROLE app RESET ALL; ALTER DATABASE postgres RESET ALL; ALTER ROLE app IN DATABASE postgres RESET ALL;
+         ALTER ROLE app SET timezone = 'UTC+1'",
+    );
+    let connect = || {
+        if pooled {
+            pg.connect_tcp("app", "postgres", None).unwrap()
+        } else {
+            pg.connect_unix("app", "postgres", None).unwrap()
+        }
+    };
+    let show = "SELECT name, setting, source FROM pg_settings
+                WHERE name IN ('TimeZone', 'DateStyle', 'extra_float_digits', 'work_mem') ORDER BY name";
+    let mut out = Vec::new();
+    let mut a = connect();
+    out.push(format!("a: {}", simple(&mut a, show)));
+    exec(
+        pg,
+        "ALTER ROLE app SET timezone = 'UTC+3'; ALTER ROLE app SET work_mem = '5MB';
+         ALTER DATABASE postgres SET datestyle = 'SQL, DMY'; ALTER DATABASE postgres SET work_mem = '7MB';
+         ALTER ROLE app IN DATABASE postgres SET extra_float_digits = 2",
+    );
+    let mut b = connect();
+    out.push(format!("b: {}", simple(&mut b, show)));
+    out.push(format!("a: {}", simple(&mut a, show)));
+    out.push(format!("b: {}", simple(&mut b, "SET timezone = 'UTC+5'; RESET timezone; SHOW timezone")));
+    out.push(format!("a: {}", simple(&mut a, "SET datestyle = 'German'; RESET ALL; SHOW datestyle")));
+    out.push(format!("b: {}", simple(&mut b, "RESET ALL; SHOW work_mem")));
+    exec(pg, "ALTER ROLE app RESET ALL; ALTER DATABASE postgres RESET ALL; ALTER ROLE app IN DATABASE postgres RESET ALL");
+    let mut c = connect();
+    out.push(format!("c: {}", simple(&mut c, show)));
+    out.push(format!("a: {}", simple(&mut a, show)));
+    out.push(format!("b: {}", simple(&mut b, show)));
+    out
+}
+
+#[test]
+fn role_and_database_defaults_of_each_clients_login() {
+    differential(defaults_scenario);
+}
+
 #[test]
 fn protocol_statements_exist_as_on_a_direct_connection() {
     differential(protocol_scenario);
