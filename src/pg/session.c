@@ -34,9 +34,13 @@
 #include "parser/parse_node.h"
 #include "parser/parser.h"
 #include "port/pg_bswap.h"
+#include "postmaster/postmaster.h"
 #include "storage/lock.h"
 #include "storage/proc.h"
 #include "tcop/tcopprot.h"
+#if PG_VERSION_NUM >= 180000
+#include "tcop/backend_startup.h"
+#endif
 #include "tcop/utility.h"
 #include "utils/acl.h"
 #include "utils/array.h"
@@ -1570,4 +1574,74 @@ ng_defaults_apply(int level, const char *name, const char *value)
 	}
 	PG_END_TRY();
 	MemoryContextSwitchTo(cxt);
+}
+
+/* ------------------------------------------------------------------------
+ * The server's connection log lines for pooled clients (in the pooler).
+ * ------------------------------------------------------------------------ */
+
+#define NG_LOG_RECEIPT			1
+#define NG_LOG_AUTHENTICATION	2
+#define NG_LOG_AUTHORIZATION	4
+#define NG_LOG_DISCONNECTION	8
+
+/* Which of log_connections' lines and log_disconnections are on. */
+int
+ng_connection_logging(void)
+{
+	int			f = 0;
+
+#if PG_VERSION_NUM >= 180000
+	if (log_connections & LOG_CONNECTION_RECEIPT)
+		f |= NG_LOG_RECEIPT;
+	if (log_connections & LOG_CONNECTION_AUTHENTICATION)
+		f |= NG_LOG_AUTHENTICATION;
+	if (log_connections & LOG_CONNECTION_AUTHORIZATION)
+		f |= NG_LOG_AUTHORIZATION;
+#else
+	if (Log_connections)
+		f |= NG_LOG_RECEIPT | NG_LOG_AUTHENTICATION | NG_LOG_AUTHORIZATION;
+#endif
+	{
+		/* Not in every version's headers; the setting is. */
+		const char *v = GetConfigOption("log_disconnections", true, false);
+
+		if (v && strcmp(v, "on") == 0)
+			f |= NG_LOG_DISCONNECTION;
+	}
+	return f;
+}
+
+/*
+ * One LOG line about a pooled client, written by the pooler with
+ * log_line_prefix escapes describing the client (%r %h %u %d %a read
+ * MyProcPort and application_name, elog.c log_status_format()): the
+ * Port-less pooler lends itself one for the line.
+ */
+void
+ng_log_client_line(const char *msg, const char *host, const char *port,
+				   const char *user, const char *db, const char *appname)
+{
+	Port		fake;
+	Port	   *saved = MyProcPort;
+	char	   *saved_app = application_name;
+
+	memset(&fake, 0, sizeof(fake));
+	fake.remote_host = (char *) host;
+	fake.remote_port = (char *) port;
+	fake.user_name = (char *) user;
+	fake.database_name = (char *) db;
+	fake.application_name = (char *) appname;
+	MyProcPort = &fake;
+	application_name = (char *) (appname ? appname : "");
+	PG_TRY();
+	{
+		ereport(LOG, (errmsg_internal("%s", msg), errhidestmt(true)));
+	}
+	PG_FINALLY();
+	{
+		MyProcPort = saved;
+		application_name = saved_app;
+	}
+	PG_END_TRY();
 }

@@ -25,6 +25,15 @@ extern "C" {
     fn ng_lazy_statements_init() -> bool;
     fn ng_set_statements_pending(pending: bool);
     fn ng_count_session(delta: c_int);
+    fn ng_connection_logging() -> c_int;
+    fn ng_log_client_line(
+        msg: *const c_char,
+        host: *const c_char,
+        port: *const c_char,
+        user: *const c_char,
+        db: *const c_char,
+        appname: *const c_char,
+    );
     fn ng_read_defaults(len: *mut c_int) -> *mut c_char;
     fn ng_applied_defaults(len: *mut c_int) -> *mut c_char;
     fn ng_defaults_clear(name: *const c_char);
@@ -191,6 +200,48 @@ pub fn defaults_reload() {
 pub fn defaults_apply(level: i32, name: &str, value: &str) {
     let (n, v) = (cstring(name), cstring(value));
     unsafe { ng_defaults_apply(level, n.as_ptr(), v.as_ptr()) }
+}
+
+/// Which connection log lines the server writes (log_connections stages,
+/// log_disconnections).
+#[derive(Clone, Copy)]
+pub struct ConnectionLogging(i32);
+
+impl ConnectionLogging {
+    pub fn now() -> Self {
+        ConnectionLogging(unsafe { ng_connection_logging() })
+    }
+    pub fn receipt(self) -> bool {
+        self.0 & 1 != 0
+    }
+    pub fn authentication(self) -> bool {
+        self.0 & 2 != 0
+    }
+    pub fn authorization(self) -> bool {
+        self.0 & 4 != 0
+    }
+    pub fn disconnection(self) -> bool {
+        self.0 & 8 != 0
+    }
+}
+
+/// A connection log line about a pooled client, with log_line_prefix's
+/// client escapes (%r %h %u %d %a) describing it; None prints as the
+/// server does for a value not known yet.
+pub fn log_client_line(msg: &str, host: &str, port: &str, user: Option<&str>, db: Option<&str>, appname: Option<&str>) {
+    let (m, h, p) = (cstring(msg), cstring(host), cstring(port));
+    let (u, d, a) = (user.map(cstring), db.map(cstring), appname.map(cstring));
+    let ptr = |c: &Option<std::ffi::CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    unsafe { ng_log_client_line(m.as_ptr(), h.as_ptr(), p.as_ptr(), ptr(&u), ptr(&d), ptr(&a)) }
+}
+
+/// The server's hba_file setting (the path its connection lines show).
+pub fn hba_file() -> String {
+    let p = unsafe { pgrx::pg_sys::GetConfigOption(c"hba_file".as_ptr(), true, false) };
+    if p.is_null() {
+        return String::new();
+    }
+    unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
 }
 
 /// pg_stat_database.sessions: +1 for a client session, -1 for a pool login.

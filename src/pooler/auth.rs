@@ -250,6 +250,17 @@ impl Pooler {
         let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
         unsafe { std::ptr::copy_nonoverlapping(raw.as_ptr(), (&mut storage as *mut libc::sockaddr_storage).cast(), raw.len()) };
         let (user, database, host) = (c.user.clone(), c.database.clone(), c.addr.ip().to_string());
+        if crate::pg::session::ConnectionLogging::now().receipt() {
+            let port = c.addr.port().to_string();
+            crate::pg::session::log_client_line(
+                &format!("connection received: host={host} port={port}"),
+                &host,
+                &port,
+                None,
+                None,
+                None,
+            );
+        }
         let info = match glue::login_lookup(&database, &user, &storage, raw.len() as u32) {
             Ok(i) => i,
             Err(e) => {
@@ -314,6 +325,9 @@ impl Pooler {
                     }
                 }
                 let limited = session.info.role_connlimit >= 0 || session.info.db_connlimit >= 0;
+                if let Some(c) = self.client(key) {
+                    c.log_login(&session.info);
+                }
                 drop(session); // wipes the secret
                 self.client_join_pool(key, cred, limited);
             }

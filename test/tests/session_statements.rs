@@ -335,6 +335,71 @@ fn role_and_database_defaults_of_each_clients_login() {
     differential(defaults_scenario);
 }
 
+/// log_connections / log_disconnections: a pooled client's lines match a
+/// direct client's (plain server over TCP) field by field, log_line_prefix's
+/// client escapes included; only port numbers, the hba file's directory and
+/// the session time differ.
+#[test]
+fn connection_log_lines_as_for_a_direct_session() {
+    let conf = [
+        "log_connections = on",
+        "log_disconnections = on",
+        "log_line_prefix = 'prefix:%u|%d|%h|%a| '",
+        "password_encryption = 'scram-sha-256'",
+    ];
+    let mut direct = Cluster::builder().preload(false).listen_addresses("127.0.0.1").auth_host("scram-sha-256");
+    let mut pooled = Cluster::builder().conf("nextgres.pool_size = 1").auth_host("scram-sha-256");
+    for c in conf {
+        direct = direct.conf(c);
+        pooled = pooled.conf(c);
+    }
+    let (direct, pooled) = (direct.start(), pooled.start());
+    let lines = |pg: &Cluster| -> Vec<String> {
+        exec(pg, "CREATE ROLE app LOGIN PASSWORD 'pw'");
+        let mark = pg.log_mark();
+        {
+            let mut c = pg.connect_tcp("app", "postgres", Some("pw")).unwrap();
+            c.simple_query("SET application_name = 'logged'").unwrap();
+        }
+        let mut got = Vec::new();
+        let done = wait_until(session_support::SETTLE, || {
+            got = pg
+                .log_since(mark)
+                .lines()
+                .filter(|l| l.contains("prefix:") && l.contains("connection") && !l.contains("[local]"))
+                .map(|l| {
+                    let l = &l[l.find("prefix:").unwrap()..];
+                    let l = regex_lite_replace(l, "port=", |c: char| c.is_ascii_digit());
+                    let l = regex_lite_replace(&l, "session time: ", |c: char| c.is_ascii_digit() || c == ':' || c == '.');
+                    let hba = pg.data_dir().join("pg_hba.conf").display().to_string();
+                    l.replace(&hba, "HBA")
+                })
+                .collect();
+            got.iter().any(|l| l.contains("disconnection"))
+        });
+        assert!(done, "no disconnection line: {got:#?}");
+        got
+    };
+    let d = lines(&direct);
+    let p = lines(&pooled);
+    assert_eq!(p, d, "pooled log lines differ from direct ones");
+    assert_eq!(d.len(), 4, "received, authenticated, authorized, disconnection: {d:#?}");
+    eprintln!("{}", p.join("\n"));
+}
+
+/// Replaces what follows each `key` while `keep` matches with `#`.
+fn regex_lite_replace(s: &str, key: &str, keep: impl Fn(char) -> bool) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find(key) {
+        out.push_str(&rest[..i + key.len()]);
+        rest = rest[i + key.len()..].trim_start_matches(&keep);
+        out.push('#');
+    }
+    out.push_str(rest);
+    out
+}
+
 #[test]
 fn protocol_statements_exist_as_on_a_direct_connection() {
     differential(protocol_scenario);
