@@ -246,21 +246,11 @@ fn scram_error(e: &auth::ScramError) -> ErrorFields {
 impl Pooler {
     pub fn client_begin_auth(&mut self, key: usize) {
         let Some(c) = self.client(key) else { return };
+        c.log_receipt();
         let raw = c.raw_addr();
         let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
         unsafe { std::ptr::copy_nonoverlapping(raw.as_ptr(), (&mut storage as *mut libc::sockaddr_storage).cast(), raw.len()) };
         let (user, database, host) = (c.user.clone(), c.database.clone(), c.addr.ip().to_string());
-        if crate::pg::session::ConnectionLogging::now().receipt() {
-            let port = c.addr.port().to_string();
-            crate::pg::session::log_client_line(
-                &format!("connection received: host={host} port={port}"),
-                &host,
-                &port,
-                None,
-                None,
-                None,
-            );
-        }
         let info = match glue::login_lookup(&database, &user, &storage, raw.len() as u32) {
             Ok(i) => i,
             Err(e) => {

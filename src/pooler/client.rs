@@ -85,6 +85,15 @@ impl Client {
         }
     }
 
+    /// The server's "connection received" line (postmaster's BackendInitialize()).
+    pub fn log_receipt(&self) {
+        use crate::pg::session::{log_client_line, ConnectionLogging};
+        if ConnectionLogging::now().receipt() {
+            let (host, port) = (self.addr.ip().to_string(), self.addr.port().to_string());
+            log_client_line(&format!("connection received: host={host} port={port}"), &host, &port, None, None, None);
+        }
+    }
+
     /// The server's "connection authenticated" and "connection authorized"
     /// lines (postinit.c PerformAuthentication(), auth.c set_authn_id()).
     pub fn log_login(&mut self, info: &crate::pg::glue::NgLoginInfo) {
