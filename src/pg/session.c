@@ -19,6 +19,7 @@
 #include "catalog/pg_class.h"
 #include "catalog/pg_db_role_setting.h"
 #include "catalog/pg_proc.h"
+#include "catalog/pg_type.h"
 #include "commands/sequence.h"
 #include "commands/discard.h"
 #include "commands/prepare.h"
@@ -623,6 +624,36 @@ ng_take_session_settings(int *len)
 #define ATT_REST_OFF	(offsetof(FormData_pg_attribute, attname) + NAMEDATALEN)
 #define ATT_REST_LEN	(ATTRIBUTE_FIXED_PART_SIZE - ATT_REST_OFF)
 
+/*
+ * Which bytes of an attribute's fixed part are alignment padding, which no
+ * one writes (so two equal descriptions can differ there): the bytes that
+ * differ between two attributes initialized the same way over 0x00 and
+ * over 0xFF.  Zeroed in the encoding, so equal descriptions encode equally.
+ */
+static const unsigned char *
+att_padding(void)
+{
+	static unsigned char pad[ATTRIBUTE_FIXED_PART_SIZE];
+	static bool done = false;
+
+	if (!done)
+	{
+		TupleDesc	d = CreateTemplateTupleDesc(1);
+		unsigned char a[ATTRIBUTE_FIXED_PART_SIZE];
+
+		memset(TupleDescAttr(d, 0), 0x00, ATTRIBUTE_FIXED_PART_SIZE);
+		TupleDescInitBuiltinEntry(d, 1, "x", INT4OID, -1, 0);
+		memcpy(a, TupleDescAttr(d, 0), ATTRIBUTE_FIXED_PART_SIZE);
+		memset(TupleDescAttr(d, 0), 0xFF, ATTRIBUTE_FIXED_PART_SIZE);
+		TupleDescInitBuiltinEntry(d, 1, "x", INT4OID, -1, 0);
+		for (int i = 0; i < ATTRIBUTE_FIXED_PART_SIZE; i++)
+			pad[i] = a[i] != ((unsigned char *) TupleDescAttr(d, 0))[i];
+		FreeTupleDesc(d);
+		done = true;
+	}
+	return pad;
+}
+
 static void
 put_result_desc(StringInfo out, TupleDesc d)
 {
@@ -632,14 +663,23 @@ put_result_desc(StringInfo out, TupleDesc d)
 	appendBinaryStringInfo(out, (char *) &v, 4);
 	if (d)
 	{
+		const unsigned char *pad = att_padding();
+
 		v = pg_hton32((uint32) d->natts);
 		appendBinaryStringInfo(out, (char *) &v, 4);
 		for (int i = 0; i < d->natts; i++)
 		{
-			Form_pg_attribute a = TupleDescAttr(d, i);
+			FormData_pg_attribute a;
 
-			put_str(out, NameStr(a->attname));
-			appendBinaryStringInfo(out, (char *) a + ATT_REST_OFF, ATT_REST_LEN);
+			memcpy(&a, TupleDescAttr(d, i), ATTRIBUTE_FIXED_PART_SIZE);
+#if PG_VERSION_NUM < 180000
+			a.attcacheoff = -1;	/* a cache, set by whoever deforms with it */
+#endif
+			for (int b = ATT_REST_OFF; b < ATTRIBUTE_FIXED_PART_SIZE; b++)
+				if (pad[b])
+					((unsigned char *) &a)[b] = 0;
+			put_str(out, NameStr(a.attname));
+			appendBinaryStringInfo(out, (char *) &a + ATT_REST_OFF, ATT_REST_LEN);
 		}
 	}
 	v = pg_hton32((uint32) (out->len - at - 4));
