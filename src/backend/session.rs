@@ -44,19 +44,40 @@ struct Shape {
 #[derive(Default)]
 struct Pending {
     list: Vec<Option<Statement>>,
-    index: HashMap<String, usize>,
+    /// (hash of the name, position in `list`), sorted: built at every
+    /// switch, so one allocation rather than a map of copied names.
+    index: Vec<(u64, u32)>,
     left: usize,
+}
+
+/// FNV-1a: names are short and chosen by drivers, not adversaries of the
+/// backend's own client (a collision only costs a comparison).
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 impl Pending {
     fn set(&mut self, statements: Vec<Statement>) {
-        self.index = statements.iter().enumerate().map(|(i, st)| (st.name.clone(), i)).collect();
+        let mut index: Vec<(u64, u32)> =
+            statements.iter().enumerate().map(|(i, st)| (name_hash(&st.name), i as u32)).collect();
+        index.sort_unstable();
+        self.index = index;
         self.left = statements.len();
         self.list = statements.into_iter().map(Some).collect();
     }
+    /// Position of the statement `name` not created yet.
+    fn find(&self, name: &str) -> Option<usize> {
+        let h = name_hash(name);
+        let start = self.index.partition_point(|&(x, _)| x < h);
+        self.index[start..]
+            .iter()
+            .take_while(|&&(x, _)| x == h)
+            .map(|&(_, i)| i as usize)
+            .find(|&i| self.list[i].as_ref().is_some_and(|st| st.name == name))
+    }
     fn take(&mut self, name: &str) -> Option<Statement> {
-        let i = self.index.remove(name)?;
-        let st = self.list.get_mut(i)?.take();
+        let i = self.find(name)?;
+        let st = self.list[i].take();
         if st.is_some() {
             self.left -= 1;
         }
@@ -161,9 +182,7 @@ pub fn switch_to(startup: &[(String, String)], image: SessionImage) {
     // name, text, parameter and result types) need not be created again.
     let kept = SHAPE.with(|sh| {
         let sh = sh.borrow();
-        sh.statements.iter().all(|have| {
-            pending.index.get(&have.name).and_then(|&i| pending.list[i].as_ref()) == Some(have)
-        })
+        sh.statements.iter().all(|have| pending.find(&have.name).and_then(|i| pending.list[i].as_ref()) == Some(have))
     });
     let same = kept
         && same_defaults(&current_defaults(), &defaults)

@@ -82,7 +82,7 @@ guc_array(int *n)
 #endif
 }
 
-static struct config_generic *lookup_guc(const char *name);
+static pg_noinline struct config_generic *lookup_guc(const char *name);
 
 static bool
 holds_session_locks(void)
@@ -145,8 +145,14 @@ extern void ng_rs_statements_forget(void);
 static void
 want_statement(const char *name)
 {
+	/* The server's table keys names by their first NAMEDATALEN-1 bytes. */
+	char		key[NAMEDATALEN];
+
 	if (statements_pending && name && name[0])
-		ng_rs_statement_wanted(name);
+	{
+		strlcpy(key, name, sizeof(key));
+		ng_rs_statement_wanted(key);
+	}
 }
 
 /* EXPLAIN EXECUTE / CREATE TABLE AS EXECUTE: the analyzed inner query. */
