@@ -30,7 +30,7 @@ use std::time::Duration;
 use nextgres_test::{cmd, Cluster};
 
 const CONNECTIONS: usize = 8;
-const ITERATIONS: usize = 6;
+const ITERATIONS: usize = 10;
 const VENV: &str = "/var/tmp/nextgres-drivers-venv";
 const NPM_DIR: &str = "/var/tmp/nextgres-drivers-npm";
 const JAR: &str = "/usr/share/java/postgresql.jar";
