@@ -157,6 +157,7 @@ fn pin_name(pin: u8) -> Option<String> {
         2 => Some("WITH HOLD cursor".into()),
         3 => Some("LISTEN".into()),
         4 => Some("session-level lock".into()),
+        5 => Some("sequence value".into()),
         _ => None,
     }
 }

@@ -58,6 +58,8 @@ pub fn transaction_boundary() {
             let sock = glue::port_sock();
             let control = nix::fcntl::fcntl(sock, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(sock + 1))
                 .unwrap_or_else(|e| fatal(&format!("could not duplicate the control socket: {e}")));
+            // A pool login is no client's session; each client counts instead.
+            sess::count_session(-1);
             Parking {
                 control,
                 wait: ParkWaitSet::new(control),
@@ -216,12 +218,10 @@ fn release(p: &mut Parking, client: u64) {
     if let Err(e) = nix::unistd::dup2(p.control, sock) {
         fatal(&format!("could not release the client socket: {e}"));
     }
-    let released = Released {
-        client_id: client,
-        settings: sess::take_session_settings(),
-        statements: sess::take_statements(),
-    };
-    session::note_release(released.settings.as_deref(), released.statements.as_deref());
+    let settings = sess::take_session_settings();
+    let statements = session::note_release(settings.as_deref(), sess::take_statements());
+    let defaults = session::take_reported_defaults();
+    let released = Released { client_id: client, settings, statements, defaults };
     let mut msg = Vec::with_capacity(64);
     control::write_released(&mut msg, &released);
     write_all(p.control, &msg);
@@ -298,7 +298,7 @@ fn next_attach(p: &mut Parking) -> Option<(Attach, RawFd)> {
     }
 }
 
-fn attach_client(p: &mut Parking, (a, fd): (Attach, RawFd), timer_was_on: bool) {
+fn attach_client(p: &mut Parking, (mut a, fd): (Attach, RawFd), timer_was_on: bool) {
     let sock = glue::port_sock();
     if let Err(e) = nix::unistd::dup2(fd, sock) {
         fatal(&format!("could not attach the client socket: {e}"));
@@ -313,8 +313,16 @@ fn attach_client(p: &mut Parking, (a, fd): (Attach, RawFd), timer_was_on: bool) 
         unsafe { std::ptr::copy_nonoverlapping(a.addr.as_ptr(), (&mut ss as *mut libc::sockaddr_storage).cast(), a.addr.len()) };
         glue::set_client_addr(&ss, a.addr.len() as u32);
     }
+    if a.flags & control::FLAG_SESSION_START != 0 {
+        sess::count_session(1);
+    }
+    if a.flags & control::FLAG_SESSION_START != 0 {
+        a.image.defaults = session::login_defaults();
+    }
     if a.flags & control::FLAG_NEW_CLIENT != 0 {
-        session::switch_to(&a.settings, &a.image);
+        session::switch_to(&a.settings, std::mem::take(&mut a.image));
+    } else {
+        session::attached_again();
     }
     if timer_was_on {
         glue::idle_session_timer_resume();
@@ -371,3 +379,4 @@ fn fatal(msg: &str) -> ! {
     );
     unreachable!()
 }
+

@@ -4,7 +4,8 @@
 //! client's must appear as it left it on its last backend: its startup
 //! settings (source "client", so RESET returns to them), then what it changed
 //! with SET or set_config() (source "session"), then its named prepared
-//! statements under its own names. DISCARD ALL does not undo client-sourced
+//! statements under its own names, each created when the client first names
+//! it here (see `Pending`). DISCARD ALL does not undo client-sourced
 //! values, so every setting a previous client supplied at startup is first
 //! put back to this backend's own value from its login, remembered the first
 //! time any client touched it (right after a DISCARD, so it is the login's).
@@ -12,14 +13,14 @@
 //! Most switches need none of that: when the previous client left no setting
 //! behind (the trackers in session.c saw no SET, and pinned state never gets
 //! here), the next client has the same startup settings and no SET of its
-//! own, and the backend's named prepared statements are exactly the ones the
-//! next client has (same names, texts and parameter types: typically none,
-//! or the same application's), the session already is what the next client
+//! own, and every named prepared statement the backend has is one the next
+//! client has too (same name, text, parameter and result types: typically
+//! none, or the same application's), the session already is what the next client
 //! would get, so only the sequence caches are dropped (currval/lastval).
 use crate::pg::glue;
 use crate::pg::session as s;
 use nextgres_core::control::{SessionImage, Statement};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
 /// What this backend's session holds beyond its login, as far as switching
@@ -32,64 +33,268 @@ struct Shape {
     startup: Vec<(String, String)>,
     /// No SET/set_config value of a client is in effect.
     settings_clean: bool,
-    /// The named prepared statements this backend has.
+    /// The named prepared statements this backend has created.
     statements: Vec<Statement>,
+}
+
+/// The attached client's prepared statements that exist for it (as on a
+/// direct connection they exist from Parse/PREPARE until Close/DEALLOCATE/
+/// DISCARD) but are not created on this backend yet: created when the
+/// client first names one (session.c watches for that), in the image's order.
+#[derive(Default)]
+struct Pending {
+    list: Vec<Option<Statement>>,
+    /// (hash of the name, position in `list`), sorted: built at every
+    /// switch, so one allocation rather than a map of copied names.
+    index: Vec<(u64, u32)>,
+    left: usize,
+}
+
+/// FNV-1a: names are short and chosen by drivers, not adversaries of the
+/// backend's own client (a collision only costs a comparison).
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+impl Pending {
+    fn set(&mut self, statements: Vec<Statement>) {
+        let mut index: Vec<(u64, u32)> =
+            statements.iter().enumerate().map(|(i, st)| (name_hash(&st.name), i as u32)).collect();
+        index.sort_unstable();
+        self.index = index;
+        self.left = statements.len();
+        self.list = statements.into_iter().map(Some).collect();
+    }
+    /// Position of the statement `name` not created yet.
+    fn find(&self, name: &str) -> Option<usize> {
+        let h = name_hash(name);
+        let start = self.index.partition_point(|&(x, _)| x < h);
+        self.index[start..]
+            .iter()
+            .take_while(|&&(x, _)| x == h)
+            .map(|&(_, i)| i as usize)
+            .find(|&i| self.list[i].as_ref().is_some_and(|st| st.name == name))
+    }
+    fn take(&mut self, name: &str) -> Option<Statement> {
+        let i = self.find(name)?;
+        let st = self.list[i].take();
+        if st.is_some() {
+            self.left -= 1;
+        }
+        st
+    }
+    fn take_all(&mut self) -> Vec<Statement> {
+        self.index.clear();
+        self.left = 0;
+        std::mem::take(&mut self.list).into_iter().flatten().collect()
+    }
+    fn remaining(&self) -> impl Iterator<Item = &Statement> {
+        self.list.iter().flatten()
+    }
 }
 
 thread_local! {
     static SHAPE: RefCell<Shape> = RefCell::new(Shape::default());
+    static PENDING: RefCell<Pending> = RefCell::new(Pending::default());
+    /// Statements can be created when first used (session.c could install
+    /// its watch on the client socket); else all are created at the switch.
+    static LAZY: Cell<Option<bool>> = const { Cell::new(None) };
+    /// The role and database defaults in effect on this backend (None: those
+    /// of its own login, not read yet).
+    static DEFAULTS: RefCell<Option<Vec<(String, String)>>> = const { RefCell::new(None) };
+    /// A new client's login defaults, for the pooler at the next release.
+    static REPORT_DEFAULTS: RefCell<Option<Vec<(String, String)>>> = const { RefCell::new(None) };
     /// Setting name (lower case) -> (name, value this backend logged in with).
     static BASELINE: RefCell<HashMap<String, (String, String)>> = RefCell::new(HashMap::new());
 }
 
-pub fn switch_to(startup: &[(String, String)], image: &SessionImage) {
-    let same = SHAPE.with(|sh| {
-        let sh = sh.borrow();
-        sh.known
-            && sh.settings_clean
-            && image.settings.is_empty()
-            && sh.startup == startup
-            && same_statements(&sh.statements, &image.statements)
-    });
-    if same {
-        s::switch_light();
-        return;
-    }
-    let statements = full_switch(startup, image);
-    SHAPE.with(|sh| {
-        let mut sh = sh.borrow_mut();
-        sh.known = true;
-        sh.startup = startup.to_vec();
-        sh.settings_clean = image.settings.is_empty();
-        sh.statements = statements;
-    });
+fn lazy() -> bool {
+    LAZY.with(|l| {
+        if l.get().is_none() {
+            l.set(Some(s::lazy_statements_init()));
+        }
+        l.get() == Some(true)
+    })
 }
 
-/// Same set of statements (names are unique, order does not matter).
-fn same_statements(have: &[Statement], want: &[Statement]) -> bool {
-    have.len() == want.len() && want.iter().all(|w| have.contains(w))
+/// A client's session starts here: the role and database defaults in force
+/// now are the ones it keeps (reported to the pooler at the next release).
+pub fn login_defaults() -> Vec<(String, String)> {
+    let d = s::read_defaults().unwrap_or_else(current_defaults);
+    REPORT_DEFAULTS.with(|r| *r.borrow_mut() = Some(d.clone()));
+    d
+}
+
+/// A new client's login defaults, once.
+pub fn take_reported_defaults() -> Option<Vec<(String, String)>> {
+    REPORT_DEFAULTS.with(|r| r.borrow_mut().take())
+}
+
+fn current_defaults() -> Vec<(String, String)> {
+    DEFAULTS.with(|d| d.borrow_mut().get_or_insert_with(s::applied_defaults).clone())
+}
+
+fn same_defaults(a: &[(String, String)], b: &[(String, String)]) -> bool {
+    let mut a = a.to_vec();
+    let mut b = b.to_vec();
+    a.sort();
+    b.sort();
+    a == b
+}
+
+/// Gives this backend the client's role and database defaults (right after
+/// DISCARD ALL): every setting either list names goes back to
+/// postgresql.conf's value, then the client's apply level by level with the
+/// server's sources, so precedence and RESET are as at the client's login.
+fn apply_defaults(defaults: &[(String, String)]) {
+    let current = current_defaults();
+    if same_defaults(&current, defaults) {
+        return;
+    }
+    let split = |(n, v): &(String, String)| -> Option<(i32, String, String)> {
+        let level = n.chars().next()?.to_digit(10)? as i32;
+        Some((level, n[1..].to_string(), v.clone()))
+    };
+    let mut names: Vec<String> = current.iter().chain(defaults).filter_map(split).map(|(_, n, _)| n).collect();
+    names.sort_by_key(|n| n.to_ascii_lowercase());
+    names.dedup_by_key(|n| n.to_ascii_lowercase());
+    BASELINE.with(|b| {
+        let mut b = b.borrow_mut();
+        for n in &names {
+            b.remove(&n.to_ascii_lowercase());
+        }
+    });
+    for n in &names {
+        s::defaults_clear(n);
+    }
+    s::defaults_reload();
+    for (level, n, v) in defaults.iter().filter_map(split) {
+        s::defaults_apply(level, &n, &v);
+    }
+    DEFAULTS.with(|d| *d.borrow_mut() = Some(defaults.to_vec()));
+}
+
+pub fn switch_to(startup: &[(String, String)], image: SessionImage) {
+    let SessionImage { settings, statements, defaults } = image;
+    let mut pending = Pending::default();
+    pending.set(statements);
+    // Statements this backend already has that the client has too (same
+    // name, text, parameter and result types) need not be created again.
+    let kept = SHAPE.with(|sh| {
+        let sh = sh.borrow();
+        sh.statements.iter().all(|have| pending.find(&have.name).and_then(|i| pending.list[i].as_ref()) == Some(have))
+    });
+    let same = kept
+        && same_defaults(&current_defaults(), &defaults)
+        && SHAPE.with(|sh| {
+            let sh = sh.borrow();
+            sh.known && sh.settings_clean && settings.is_empty() && sh.startup == startup
+        });
+    if same {
+        s::switch_light();
+        SHAPE.with(|sh| {
+            for have in &sh.borrow().statements {
+                pending.take(&have.name);
+            }
+        });
+    } else {
+        full_switch(startup, &settings, &defaults);
+        SHAPE.with(|sh| {
+            let mut sh = sh.borrow_mut();
+            sh.known = true;
+            sh.startup = startup.to_vec();
+            sh.settings_clean = settings.is_empty();
+            sh.statements.clear();
+        });
+    }
+    PENDING.with(|p| *p.borrow_mut() = pending);
+    if lazy() {
+        attached_again();
+    } else {
+        statements_wanted_all();
+    }
+}
+
+/// The client this backend served last is attached again (no switch): its
+/// statements not created yet are still watched for.
+pub fn attached_again() {
+    s::set_statements_pending(PENDING.with(|p| p.borrow().left > 0));
+}
+
+/// Creates a statement the client still has but this backend has not.
+fn create(st: Statement) {
+    match s::create_statement(&st) {
+        Ok(()) => SHAPE.with(|sh| sh.borrow_mut().statements.push(st)),
+        Err(e) => log::info!("prepared statement \"{}\" could not be re-created: {}", st.name, e.message()),
+    }
+}
+
+fn after_take() {
+    if PENDING.with(|p| p.borrow().left == 0) {
+        s::set_statements_pending(false);
+    }
+}
+
+/// session.c: the client named statement `name` (protocol message or SQL).
+#[no_mangle]
+pub extern "C" fn ng_rs_statement_wanted(name: *const std::ffi::c_char) {
+    if name.is_null() {
+        return;
+    }
+    let name = unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy();
+    if let Some(st) = PENDING.with(|p| p.borrow_mut().take(&name)) {
+        create(st);
+    }
+    after_take();
+}
+
+/// session.c: all of them are needed (pg_prepared_statements, a message
+/// whose name could not be read whole).
+#[no_mangle]
+pub extern "C" fn ng_rs_statements_wanted_all() {
+    statements_wanted_all();
+}
+
+fn statements_wanted_all() {
+    for st in PENDING.with(|p| p.borrow_mut().take_all()) {
+        create(st);
+    }
+    s::set_statements_pending(false);
+}
+
+/// session.c: DEALLOCATE ALL or DISCARD ALL ran: the client has none left.
+#[no_mangle]
+pub extern "C" fn ng_rs_statements_forget() {
+    PENDING.with(|p| *p.borrow_mut() = Pending::default());
+    s::set_statements_pending(false);
 }
 
 /// At release: what the client changed since it was attached (None: the
-/// trackers saw no change of that kind).
-pub fn note_release(settings: Option<&[(String, String)]>, statements: Option<&[Statement]>) {
+/// trackers saw no change of that kind). `created` is what this backend
+/// has; returns the client's statements: those plus the ones it still has
+/// that were never needed here.
+pub fn note_release(settings: Option<&[(String, String)]>, created: Option<Vec<Statement>>) -> Option<Vec<Statement>> {
+    s::set_statements_pending(false);
     SHAPE.with(|sh| {
         let mut sh = sh.borrow_mut();
         if let Some(v) = settings {
             sh.settings_clean = v.is_empty();
         }
-        if let Some(v) = statements {
-            sh.statements = v.to_vec();
-        }
-    });
+        let created = created?;
+        let names: std::collections::HashSet<&str> = created.iter().map(|c| c.name.as_str()).collect();
+        let mut all = created.clone();
+        PENDING.with(|p| all.extend(p.borrow().remaining().filter(|st| !names.contains(st.name.as_str())).cloned()));
+        sh.statements = created;
+        Some(all)
+    })
 }
 
-/// DISCARD ALL, then the client's settings and statements; returns the
-/// statements that could be re-created.
-fn full_switch(startup: &[(String, String)], image: &SessionImage) -> Vec<Statement> {
+/// DISCARD ALL, then the client's role and database defaults and settings.
+fn full_switch(startup: &[(String, String)], settings: &[(String, String)], defaults: &[(String, String)]) {
     if let Err(e) = s::switch_begin(true) {
         fatal(&e.message());
     }
+    apply_defaults(defaults);
     let restore = BASELINE.with(|b| {
         let mut b = b.borrow_mut();
         for (name, _) in startup {
@@ -108,20 +313,12 @@ fn full_switch(startup: &[(String, String)], image: &SessionImage) -> Vec<Statem
     for (n, v) in restore.iter().chain(startup) {
         s::switch_setting(n, v, true);
     }
-    for (n, v) in &image.settings {
+    for (n, v) in settings {
         s::switch_setting(n, v, false);
-    }
-    let mut created = Vec::with_capacity(image.statements.len());
-    for st in &image.statements {
-        match s::switch_statement(st) {
-            Ok(()) => created.push(st.clone()),
-            Err(e) => log::info!("prepared statement \"{}\" could not be re-created: {}", st.name, e.message()),
-        }
     }
     if let Err(e) = s::switch_end() {
         fatal(&e.message());
     }
-    created
 }
 
 /// DISCARD ALL between clients (a client left a pinned session).
@@ -134,6 +331,7 @@ pub fn discard() {
         sh.settings_clean = true;
         sh.statements.clear();
     });
+    ng_rs_statements_forget();
 }
 
 /// Never run a client on a half-switched session.

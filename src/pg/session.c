@@ -17,7 +17,9 @@
 #include "catalog/objectaccess.h"
 #include "catalog/pg_authid.h"
 #include "catalog/pg_class.h"
+#include "catalog/pg_db_role_setting.h"
 #include "catalog/pg_proc.h"
+#include "catalog/pg_type.h"
 #include "commands/sequence.h"
 #include "commands/discard.h"
 #include "commands/prepare.h"
@@ -26,27 +28,42 @@
 #include "fmgr.h"
 #include "funcapi.h"
 #include "lib/stringinfo.h"
+#include "libpq/libpq-be.h"
 #include "miscadmin.h"
 #include "nodes/parsenodes.h"
+#include "parser/analyze.h"
 #include "parser/parse_node.h"
 #include "parser/parser.h"
 #include "port/pg_bswap.h"
+#include "postmaster/postmaster.h"
 #include "storage/lock.h"
 #include "storage/proc.h"
 #include "tcop/tcopprot.h"
+#if PG_VERSION_NUM >= 180000
+#include "tcop/backend_startup.h"
+#endif
 #include "tcop/utility.h"
 #include "utils/acl.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
 #include "utils/guc.h"
 #include "utils/guc_tables.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/pgstat_internal.h"
 #include "utils/plancache.h"
 #include "utils/portal.h"
 #include "utils/rel.h"
 #include "utils/syscache.h"
 #include "utils/tuplestore.h"
+
+#include <dlfcn.h>
+#include <elf.h>
+#include <link.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "glue.h"
 
@@ -65,6 +82,8 @@ guc_array(int *n)
 #endif
 }
 
+static pg_noinline struct config_generic *lookup_guc(const char *name);
+
 static bool
 holds_session_locks(void)
 {
@@ -82,6 +101,25 @@ holds_session_locks(void)
 	return false;
 }
 
+/* pg_stat_database's session count in a backend's pending statistics. */
+#if PG_VERSION_NUM >= 160000
+#define DB_SESSIONS(e) ((e)->sessions)
+#else
+#define DB_SESSIONS(e) ((e)->n_sessions)
+#endif
+
+/* After writing a tuple descriptor's attribute directly. */
+static void
+attr_written(TupleDesc d, int i)
+{
+#if PG_VERSION_NUM >= 180000
+	populate_compact_attribute(d, i);
+#else
+	(void) d;
+	(void) i;
+#endif
+}
+
 /* ------------------------------------------------------------------------
  * Tracking what the client did, so a release only looks when needed.
  * ------------------------------------------------------------------------ */
@@ -93,6 +131,38 @@ static fmgr_hook_type prev_fmgr = NULL;
 
 static bool settings_dirty = false;
 static bool statements_dirty = false;
+/* A statement ran since the last boundary (executor or utility hook). */
+static bool statement_ran = false;
+/* The client has statements this backend has not created yet (see below). */
+static bool statements_pending = false;
+
+/* Implemented in backend/session.rs: create the client's statement `name`
+ * here now if it is one not created yet; all of them; forget them all. */
+extern void ng_rs_statement_wanted(const char *name);
+extern void ng_rs_statements_wanted_all(void);
+extern void ng_rs_statements_forget(void);
+
+static void
+want_statement(const char *name)
+{
+	/* The server's table keys names by their first NAMEDATALEN-1 bytes. */
+	char		key[NAMEDATALEN];
+
+	if (statements_pending && name && name[0])
+	{
+		strlcpy(key, name, sizeof(key));
+		ng_rs_statement_wanted(key);
+	}
+}
+
+/* EXPLAIN EXECUTE / CREATE TABLE AS EXECUTE: the analyzed inner query. */
+static void
+want_executed(Node *query)
+{
+	if (query && IsA(query, Query) && ((Query *) query)->commandType == CMD_UTILITY &&
+		((Query *) query)->utilityStmt && IsA(((Query *) query)->utilityStmt, ExecuteStmt))
+		want_statement(((ExecuteStmt *) ((Query *) query)->utilityStmt)->name);
+}
 static List *holdable_cursors = NIL;	/* names, TopMemoryContext */
 static List *listen_channels = NIL;	/* names, TopMemoryContext */
 typedef enum
@@ -123,6 +193,7 @@ ng_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
 {
 	Node	   *n = pstmt->utilityStmt;
 
+	statement_ran = true;
 	switch (nodeTag(n))
 	{
 		case T_VariableSetStmt:
@@ -131,8 +202,25 @@ ng_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
 			settings_dirty = true;
 			break;
 		case T_PrepareStmt:
+			statements_dirty = true;
+			/* An existing name must fail with 42P05 as it would directly. */
+			want_statement(((PrepareStmt *) n)->name);
+			break;
 		case T_DeallocateStmt:
 			statements_dirty = true;
+			if (((DeallocateStmt *) n)->name)
+				want_statement(((DeallocateStmt *) n)->name);
+			else if (statements_pending)
+				ng_rs_statements_forget();
+			break;
+		case T_ExecuteStmt:
+			want_statement(((ExecuteStmt *) n)->name);
+			break;
+		case T_ExplainStmt:
+			want_executed(((ExplainStmt *) n)->query);
+			break;
+		case T_CreateTableAsStmt:
+			want_executed(((CreateTableAsStmt *) n)->query);
 			break;
 		case T_DiscardStmt:
 			note_discard(((DiscardStmt *) n)->target);
@@ -181,6 +269,9 @@ ng_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
 		prev_utility(pstmt, queryString, readOnlyTree, context, params, queryEnv, dest, qc);
 	else
 		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context, params, queryEnv, dest, qc);
+	/* Only once it succeeded (it refuses to run in a transaction block). */
+	if (IsA(n, DiscardStmt) && ((DiscardStmt *) n)->target == DISCARD_ALL && statements_pending)
+		ng_rs_statements_forget();
 }
 
 static void
@@ -217,8 +308,13 @@ static ExecutorStart_hook_type prev_executor_start = NULL;
 static void
 ng_executor_start(QueryDesc *queryDesc, int eflags)
 {
+	statement_ran = true;
 	if (queryDesc->sourceText && strcasestr(queryDesc->sourceText, "set_config"))
 		settings_dirty = true;
+	/* The pg_prepared_statements view lists them all. */
+	if (statements_pending && queryDesc->sourceText &&
+		strcasestr(queryDesc->sourceText, "pg_prepared_statement"))
+		ng_rs_statements_wanted_all();
 	if (prev_executor_start)
 		prev_executor_start(queryDesc, eflags);
 	else
@@ -314,6 +410,84 @@ ng_note_statement_messages(void)
 #define NG_PIN_CURSOR			2
 #define NG_PIN_LISTEN			3
 #define NG_PIN_LOCK				4
+#define NG_PIN_SEQUENCE			5
+
+/* lastval() as the client last saw it here (see sequence_pin()). */
+static bool seq_seen_valid = false;
+static int64 seq_seen = 0;
+/* The client keeps this backend for its transaction after a nextval(). */
+static bool seq_pin_live = false;
+
+
+/*
+ * The session has sequence values (currval/lastval): sequence.c keeps them
+ * in a hash table named "Sequence values", created by the first nextval()
+ * or setval() and destroyed by DISCARD SEQUENCES/ALL; dynahash gives every
+ * table its own memory context under TopMemoryContext, identified by the
+ * table's name.
+ */
+static bool
+sequence_values_exist(void)
+{
+	for (MemoryContext c = TopMemoryContext->firstchild; c != NULL; c = c->nextchild)
+		if (c->ident && strcmp(c->ident, "Sequence values") == 0)
+			return true;
+	return false;
+}
+
+/* lastval() in a transaction of its own; false when it has none. */
+static bool
+current_lastval(int64 *v)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile bool ok = true;
+
+	PG_TRY();
+	{
+		StartTransactionCommand();
+		*v = DatumGetInt64(OidFunctionCall0Coll(F_LASTVAL, InvalidOid));
+		CommitTransactionCommand();
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		FlushErrorState();
+		AbortCurrentTransaction();
+		ok = false;
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+	return ok;
+}
+
+/*
+ * Sequence values cannot move (sequence.c has no way to set a session's
+ * currval without advancing the sequence), so a client whose transaction
+ * called nextval() keeps its backend for its next transaction, where
+ * currval()/lastval() answer as on a direct session (the PHP PDO
+ * lastInsertId() pattern: INSERT, then SELECT lastval()).  "Called nextval"
+ * is seen as lastval() having changed since the last boundary; costs a
+ * transaction per boundary only for a client that has sequence values here.
+ */
+static bool
+sequence_pin(bool ran)
+{
+	int64		v;
+
+	if (!sequence_values_exist() || !current_lastval(&v))
+		return seq_pin_live = false;
+	if (!seq_seen_valid || v != seq_seen)
+		seq_pin_live = true;
+	/*
+	 * A boundary where nothing ran (Parse/Describe/Sync of a driver that
+	 * prepares before it executes) does not use up the next transaction.
+	 */
+	else if (ran)
+		seq_pin_live = false;
+	seq_seen = v;
+	seq_seen_valid = true;
+	return seq_pin_live;
+}
 
 static bool
 temp_relations_exist(void)
@@ -346,7 +520,9 @@ int
 ng_pin_reason(void)
 {
 	ListCell   *lc;
+	bool		ran = statement_ran;
 
+	statement_ran = false;
 	/*
 	 * Conservative: a LISTEN in a transaction that later aborted still pins
 	 * until UNLISTEN or the client leaves (a cost, never a leak).
@@ -384,6 +560,8 @@ ng_pin_reason(void)
 	}
 	if (temp_state == TEMP_PRESENT)
 		return NG_PIN_TEMP;
+	if (sequence_pin(ran))
+		return NG_PIN_SEQUENCE;
 	return NG_PIN_NONE;
 }
 
@@ -441,6 +619,114 @@ ng_take_session_settings(int *len)
 	return out.data;
 }
 
+/*
+ * The result columns a statement was prepared with, as the statement's
+ * "result" in the control channel: empty when it returns no rows, else u32
+ * count and for each attribute its name (NUL-terminated) and the rest of
+ * its fixed part as this server lays it out (attrelid, always 0 in a result
+ * description, is left out).  Opaque to everyone but result_desc() below,
+ * and only read back by backends of the same server.
+ */
+#define ATT_REST_OFF	(offsetof(FormData_pg_attribute, attname) + NAMEDATALEN)
+#define ATT_REST_LEN	(ATTRIBUTE_FIXED_PART_SIZE - ATT_REST_OFF)
+
+/*
+ * Which bytes of an attribute's fixed part are alignment padding, which no
+ * one writes (so two equal descriptions can differ there): the bytes that
+ * differ between two attributes initialized the same way over 0x00 and
+ * over 0xFF.  Zeroed in the encoding, so equal descriptions encode equally.
+ */
+static const unsigned char *
+att_padding(void)
+{
+	static unsigned char pad[ATTRIBUTE_FIXED_PART_SIZE];
+	static bool done = false;
+
+	if (!done)
+	{
+		TupleDesc	d = CreateTemplateTupleDesc(1);
+		unsigned char a[ATTRIBUTE_FIXED_PART_SIZE];
+
+		memset(TupleDescAttr(d, 0), 0x00, ATTRIBUTE_FIXED_PART_SIZE);
+		TupleDescInitBuiltinEntry(d, 1, "x", INT4OID, -1, 0);
+		memcpy(a, TupleDescAttr(d, 0), ATTRIBUTE_FIXED_PART_SIZE);
+		memset(TupleDescAttr(d, 0), 0xFF, ATTRIBUTE_FIXED_PART_SIZE);
+		TupleDescInitBuiltinEntry(d, 1, "x", INT4OID, -1, 0);
+		for (int i = 0; i < ATTRIBUTE_FIXED_PART_SIZE; i++)
+			pad[i] = a[i] != ((unsigned char *) TupleDescAttr(d, 0))[i];
+		FreeTupleDesc(d);
+		done = true;
+	}
+	return pad;
+}
+
+static void
+put_result_desc(StringInfo out, TupleDesc d)
+{
+	int			at = out->len;
+	uint32		v = 0;
+
+	appendBinaryStringInfo(out, (char *) &v, 4);
+	if (d)
+	{
+		const unsigned char *pad = att_padding();
+
+		v = pg_hton32((uint32) d->natts);
+		appendBinaryStringInfo(out, (char *) &v, 4);
+		for (int i = 0; i < d->natts; i++)
+		{
+			FormData_pg_attribute a;
+
+			memcpy(&a, TupleDescAttr(d, i), ATTRIBUTE_FIXED_PART_SIZE);
+#if PG_VERSION_NUM < 180000
+			a.attcacheoff = -1;	/* a cache, set by whoever deforms with it */
+#endif
+			for (int b = ATT_REST_OFF; b < ATTRIBUTE_FIXED_PART_SIZE; b++)
+				if (pad[b])
+					((unsigned char *) &a)[b] = 0;
+			put_str(out, NameStr(a.attname));
+			appendBinaryStringInfo(out, (char *) &a + ATT_REST_OFF, ATT_REST_LEN);
+		}
+	}
+	v = pg_hton32((uint32) (out->len - at - 4));
+	memcpy(out->data + at, &v, 4);
+}
+
+/* put_result_desc()'s bytes back as a tuple descriptor (NULL: no rows). */
+static TupleDesc
+result_desc(const char *p, int len)
+{
+	uint32		n;
+	TupleDesc	d;
+	const char *end = p + len;
+
+	if (len < 4)
+		return NULL;
+	memcpy(&n, p, 4);
+	n = pg_ntoh32(n);
+	p += 4;
+	if (n > (uint32) len)
+		elog(ERROR, "malformed result description");
+	d = CreateTemplateTupleDesc((int) n);
+	for (uint32 i = 0; i < n; i++)
+	{
+		Form_pg_attribute a = TupleDescAttr(d, i);
+		const char *name = p;
+		const char *nul = memchr(p, '\0', end - p);
+
+		if (nul == NULL || end - (nul + 1) < (long) ATT_REST_LEN)
+			elog(ERROR, "malformed result description");
+		memset(a, 0, ATT_REST_OFF);
+		namestrcpy(&a->attname, name);
+		memcpy((char *) a + ATT_REST_OFF, nul + 1, ATT_REST_LEN);
+		p = nul + 1 + ATT_REST_LEN;
+		attr_written(d, i);
+	}
+	if (p != end)
+		elog(ERROR, "malformed result description");
+	return d;
+}
+
 static void
 put_statement(StringInfo out, PreparedStatement *ps)
 {
@@ -473,6 +759,7 @@ put_statement(StringInfo out, PreparedStatement *ps)
 
 		appendBinaryStringInfo(out, (char *) &t, 4);
 	}
+	put_result_desc(out, src->resultDesc);
 }
 
 /*
@@ -577,6 +864,7 @@ void
 ng_switch_light(void)
 {
 	ResetSequenceCaches();
+	seq_seen_valid = seq_pin_live = false;
 }
 
 /* Starts the switch: its own transaction, optionally DISCARD ALL first. */
@@ -609,6 +897,7 @@ ng_switch_begin(bool discard, NgError *err)
 	MemoryContextSwitchTo(cxt);
 	/* The trackers describe the new client from here on. */
 	settings_dirty = statements_dirty = false;
+	seq_seen_valid = seq_pin_live = false;
 	list_free_deep(listen_channels);
 	listen_channels = NIL;
 	temp_state = TEMP_NONE;
@@ -643,62 +932,373 @@ ng_switch_setting(const char *name, const char *value, bool from_startup)
 	PG_END_TRY();
 }
 
-/*
- * Re-creates one prepared statement under the client's name, in a
- * subtransaction so a statement that no longer plans (a dropped table) is
- * skipped without spoiling the others; the client then gets the error it
- * would get on a direct connection when it uses it... or "does not exist".
- */
-bool
-ng_switch_statement(const char *name, const char *text, bool from_sql,
-					int nparams, const Oid *params, NgError *err)
+/* ------------------------------------------------------------------------
+ * Creating a switched client's statements when it first uses them.
+ *
+ * The server reads protocol messages straight from the client socket and
+ * looks a named statement up as soon as a Bind, Describe, Close or Parse
+ * for it arrives; nothing in between can be hooked.  So a pooled backend
+ * with statements still to create watches the bytes the server receives on
+ * the client socket (the executable's call of recv() in secure_raw_read(),
+ * be-secure.c, redirected through its global offset table), and creates a
+ * statement such a message names before recv() returns: the server only
+ * looks at a message after it has read all of it.  SQL EXECUTE, DEALLOCATE,
+ * PREPARE, EXPLAIN EXECUTE and CREATE TABLE AS EXECUTE are seen by the
+ * utility hook, pg_prepared_statements by the executor hook.  Where the
+ * redirection cannot be installed, every statement is created at the
+ * switch (same behaviour, more work per switch).
+ * ------------------------------------------------------------------------ */
+
+typedef ssize_t (*recv_fn) (int, void *, size_t, int);
+static recv_fn real_recv = NULL;
+
+/* Stream position: the protocol's 5-byte header, then the body. */
+#define SCAN_CAPTURE 1024
+static int	scan_hdr_have = 0;
+static unsigned char scan_hdr[5];
+static uint32 scan_body_left = 0;
+static bool scan_capturing = false;
+static int	scan_cap_len = 0;
+static char scan_cap[SCAN_CAPTURE];
+
+/* The client was just attached: its next byte starts a message. */
+static void
+scan_reset(void)
 {
-	MemoryContext cxt = CurrentMemoryContext;
-	ResourceOwner owner = CurrentResourceOwner;
-	volatile bool ok = true;
+	scan_hdr_have = 0;
+	scan_body_left = 0;
+	scan_capturing = false;
+	scan_cap_len = 0;
+}
 
-	BeginInternalSubTransaction(NULL);
-	PG_TRY();
+/* The name at `off` in the captured body, or NULL when it was cut off. */
+static const char *
+captured_name(int off)
+{
+	if (off >= scan_cap_len || memchr(scan_cap + off, '\0', scan_cap_len - off) == NULL)
+		return NULL;
+	return scan_cap + off;
+}
+
+/* A whole message was received: create the statement it names. */
+static void
+scan_message_done(void)
+{
+	const char *name = NULL;
+	bool		cut = false;
+
+	if (!scan_capturing)
+		return;
+	scan_capturing = false;
+	switch (scan_hdr[0])
 	{
-		List	   *raw = raw_parser(text, RAW_PARSE_DEFAULT);
-
-		if (list_length(raw) == 1)
-		{
-			RawStmt    *rs = linitial_node(RawStmt, raw);
-
-			if (from_sql && IsA(rs->stmt, PrepareStmt))
+		case 'P':				/* Parse: statement name first */
+			name = captured_name(0);
+			cut = name == NULL;
+			break;
+		case 'B':				/* Bind: portal name, statement name */
 			{
-				ParseState *pstate = make_parsestate(NULL);
+				const char *portal = captured_name(0);
 
-				pstate->p_sourcetext = text;
-				PrepareQuery(pstate, (PrepareStmt *) rs->stmt, rs->stmt_location, rs->stmt_len);
+				cut = portal == NULL;
+				if (portal)
+				{
+					name = captured_name(strlen(portal) + 1);
+					cut = name == NULL;
+				}
 			}
-			else if (!from_sql)
+			break;
+		case 'D':				/* Describe / Close: 'S' or 'P', name */
+		case 'C':
+			if (scan_cap_len >= 1 && scan_cap[0] == 'S')
 			{
-				CachedPlanSource *psrc;
-				List	   *qt;
-				Oid		   *types = palloc(sizeof(Oid) * Max(nparams, 1));
+				name = captured_name(1);
+				cut = name == NULL;
+			}
+			break;
+	}
+	if (cut)
+		ng_rs_statements_wanted_all();
+	else
+		want_statement(name);
+}
 
-				memcpy(types, params, sizeof(Oid) * nparams);
-				psrc = CreateCachedPlan(rs, text, CreateCommandTag(rs->stmt));
-				qt = pg_analyze_and_rewrite_fixedparams(rs, text, types, nparams, NULL);
-				CompleteCachedPlan(psrc, qt, NULL, types, nparams, NULL, NULL,
-								   CURSOR_OPT_PARALLEL_OK, true);
-				StorePreparedStatement(name, psrc, false);
+static void
+scan_bytes(const unsigned char *p, size_t len)
+{
+	while (len > 0 && statements_pending)
+	{
+		if (scan_hdr_have < 5)
+		{
+			size_t		n = Min(len, (size_t) (5 - scan_hdr_have));
+
+			memcpy(scan_hdr + scan_hdr_have, p, n);
+			scan_hdr_have += n;
+			p += n;
+			len -= n;
+			if (scan_hdr_have == 5)
+			{
+				uint32		l;
+
+				memcpy(&l, scan_hdr + 1, 4);
+				l = pg_ntoh32(l);
+				scan_body_left = l >= 4 ? l - 4 : 0;
+				scan_cap_len = 0;
+				scan_capturing = strchr("PBDC", scan_hdr[0]) != NULL && scan_hdr[0] != '\0';
+				if (scan_body_left == 0)
+				{
+					scan_message_done();
+					scan_hdr_have = 0;
+				}
 			}
 		}
-		ReleaseCurrentSubTransaction();
+		else
+		{
+			size_t		n = Min(len, (size_t) scan_body_left);
+
+			if (scan_capturing && scan_cap_len < SCAN_CAPTURE)
+			{
+				size_t		c = Min(n, (size_t) (SCAN_CAPTURE - scan_cap_len));
+
+				memcpy(scan_cap + scan_cap_len, p, c);
+				scan_cap_len += c;
+			}
+			p += n;
+			len -= n;
+			scan_body_left -= n;
+			if (scan_body_left == 0)
+			{
+				scan_message_done();
+				scan_hdr_have = 0;
+			}
+		}
+	}
+}
+
+/* Installed in place of the executable's recv(). */
+static ssize_t
+ng_recv(int fd, void *buf, size_t len, int flags)
+{
+	ssize_t		n = real_recv(fd, buf, len, flags);
+
+	if (n > 0 && statements_pending && !(flags & MSG_PEEK) &&
+		MyProcPort && fd == MyProcPort->sock)
+		scan_bytes((const unsigned char *) buf, (size_t) n);
+	return n;
+}
+
+/* Finds the main executable's GOT slot for recv() and points it at ng_recv. */
+static int
+patch_recv(struct dl_phdr_info *info, size_t size, void *data)
+{
+	bool	   *done = (bool *) data;
+	ElfW(Dyn) * dyn = NULL;
+	ElfW(Sym) * symtab = NULL;
+	const char *strtab = NULL;
+	ElfW(Rela) * rels[2] = {NULL, NULL};
+	size_t		relsz[2] = {0, 0};
+	uintptr_t	relro_lo = 0,
+				relro_hi = 0;
+	long		page = sysconf(_SC_PAGESIZE);
+
+	(void) size;
+	for (int i = 0; i < info->dlpi_phnum; i++)
+	{
+		const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+
+		if (ph->p_type == PT_DYNAMIC)
+			dyn = (ElfW(Dyn) *) (info->dlpi_addr + ph->p_vaddr);
+		else if (ph->p_type == PT_GNU_RELRO)
+		{
+			relro_lo = info->dlpi_addr + ph->p_vaddr;
+			relro_hi = relro_lo + ph->p_memsz;
+		}
+	}
+	if (dyn == NULL)
+		return 1;
+	/* ld.so relocates these in place for most objects; not always. */
+#define DYNPTR(v) ((uintptr_t) (v) < info->dlpi_addr ? info->dlpi_addr + (uintptr_t) (v) : (uintptr_t) (v))
+	for (ElfW(Dyn) * d = dyn; d->d_tag != DT_NULL; d++)
+	{
+		switch (d->d_tag)
+		{
+			case DT_SYMTAB:
+				symtab = (ElfW(Sym) *) DYNPTR(d->d_un.d_ptr);
+				break;
+			case DT_STRTAB:
+				strtab = (const char *) DYNPTR(d->d_un.d_ptr);
+				break;
+			case DT_JMPREL:
+				rels[0] = (ElfW(Rela) *) DYNPTR(d->d_un.d_ptr);
+				break;
+			case DT_PLTRELSZ:
+				relsz[0] = d->d_un.d_val;
+				break;
+			case DT_RELA:
+				rels[1] = (ElfW(Rela) *) DYNPTR(d->d_un.d_ptr);
+				break;
+			case DT_RELASZ:
+				relsz[1] = d->d_un.d_val;
+				break;
+		}
+	}
+#undef DYNPTR
+	if (symtab == NULL || strtab == NULL)
+		return 1;
+	for (int k = 0; k < 2; k++)
+	{
+		for (size_t j = 0; rels[k] && j < relsz[k] / sizeof(ElfW(Rela)); j++)
+		{
+			ElfW(Rela) *r = &rels[k][j];
+			size_t		sym = ELF64_R_SYM(r->r_info);	/* 64-bit targets only */
+			void	  **slot;
+			uintptr_t	pg;
+
+			if (sym == 0 || strcmp(strtab + symtab[sym].st_name, "recv") != 0)
+				continue;
+			slot = (void **) (info->dlpi_addr + r->r_offset);
+			pg = (uintptr_t) slot & ~((uintptr_t) page - 1);
+			if (mprotect((void *) pg, page, PROT_READ | PROT_WRITE) != 0)
+				return 1;
+			*slot = (void *) ng_recv;
+			if ((uintptr_t) slot >= relro_lo && (uintptr_t) slot < relro_hi)
+				(void) mprotect((void *) pg, page, PROT_READ);
+			*done = true;
+		}
+	}
+	return 1;					/* the first object is the executable */
+}
+
+/*
+ * Once per backend, before its first client switch: true when statements
+ * can be created lazily.
+ */
+bool
+ng_lazy_statements_init(void)
+{
+	static int	state = 0;		/* 0 unknown, 1 yes, -1 no */
+	bool		done = false;
+
+	if (state != 0)
+		return state > 0;
+	state = -1;
+#if __ELF_NATIVE_CLASS != 64
+	return false;				/* Elf64 relocations only */
+#endif
+	real_recv = (recv_fn) dlsym(RTLD_DEFAULT, "recv");
+	if (real_recv == NULL)
+		return false;
+	dl_iterate_phdr(patch_recv, &done);
+	if (done)
+		state = 1;
+	return state > 0;
+}
+
+/*
+ * Creates one of the client's prepared statements under its own name, as
+ * the server's plan cache holds a statement whose objects changed since it
+ * was prepared: raw parse tree, parameter types fixed at the client's
+ * Parse/PREPARE, the result description the client saw then, and not
+ * valid.  The first use re-analyzes it exactly as the server revalidates a
+ * statement on a direct connection (plancache.c RevalidateCachedQuery): a
+ * missing table fails with the analysis error and works again once it is
+ * back, changed result columns fail with 0A000 "cached plan must not change
+ * result type".  No catalog access, so it can run at any point between two
+ * client messages, in or out of a transaction, aborted or not.
+ *
+ * Statements without real parse analysis (transaction control, SET, ...:
+ * analyze.c stmt_requires_parse_analysis()) are never revalidated, so those
+ * are completed here; their analysis reads no catalog.
+ *
+ * On failure (a raw parse that no longer succeeds, say after the client
+ * turned standard_conforming_strings off) the statement is not created and
+ * the error is returned.
+ */
+bool
+ng_create_statement(const char *name, const char *text, bool from_sql,
+					int nparams, const Oid *params, const char *result, int rlen,
+					NgError *err)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	MemoryContext tmp = AllocSetContextCreate(TopMemoryContext, "nextgres statement",
+											  ALLOCSET_SMALL_SIZES);
+	volatile bool ok = true;
+
+	PG_TRY();
+	{
+		List	   *raw;
+		RawStmt    *rs;
+		CachedPlanSource *psrc;
+		Oid		   *types = NULL;
+
+		MemoryContextSwitchTo(tmp);
+		raw = raw_parser(text, RAW_PARSE_DEFAULT);
+		if (list_length(raw) != 1)
+			elog(ERROR, "prepared statement text is not one statement");
+		rs = linitial_node(RawStmt, raw);
+		if (from_sql)
+		{
+			/* As PrepareQuery() (prepare.c) stores the PREPARE's query. */
+			RawStmt    *inner = makeNode(RawStmt);
+
+			if (!IsA(rs->stmt, PrepareStmt))
+				elog(ERROR, "prepared statement text is not PREPARE");
+			inner->stmt = ((PrepareStmt *) rs->stmt)->query;
+			inner->stmt_location = rs->stmt_location;
+			inner->stmt_len = rs->stmt_len;
+			rs = inner;
+		}
+		if (nparams > 0)
+		{
+			types = palloc(sizeof(Oid) * nparams);
+			memcpy(types, params, sizeof(Oid) * nparams);
+		}
+		psrc = CreateCachedPlan(rs, text, CreateCommandTag(rs->stmt));
+		if (!stmt_requires_parse_analysis(rs))
+		{
+			List	   *qt = pg_analyze_and_rewrite_fixedparams(rs, text, types, nparams, NULL);
+
+			CompleteCachedPlan(psrc, qt, NULL, types, nparams, NULL, NULL,
+							   CURSOR_OPT_PARALLEL_OK, true);
+		}
+		else
+		{
+			/* What CompleteCachedPlan() sets, minus the analyzed query. */
+			MemoryContextSwitchTo(psrc->context);
+			if (nparams > 0)
+			{
+				psrc->param_types = palloc(sizeof(Oid) * nparams);
+				memcpy(psrc->param_types, params, sizeof(Oid) * nparams);
+			}
+			psrc->num_params = nparams;
+			psrc->cursor_options = CURSOR_OPT_PARALLEL_OK;
+			psrc->fixed_result = true;
+			psrc->resultDesc = result_desc(result, rlen);
+			psrc->is_complete = true;
+			psrc->is_valid = false;
+		}
+		MemoryContextSwitchTo(tmp);
+		StorePreparedStatement(name, psrc, from_sql);
 	}
 	PG_CATCH();
 	{
 		ng_capture_error(cxt, err);
-		RollbackAndReleaseCurrentSubTransaction();
 		ok = false;
 	}
 	PG_END_TRY();
 	MemoryContextSwitchTo(cxt);
-	CurrentResourceOwner = owner;
+	/* A stored statement's context now hangs off CacheMemoryContext. */
+	MemoryContextDelete(tmp);
 	return ok;
+}
+
+/* The client has statements not created here yet (Rust keeps them). */
+void
+ng_set_statements_pending(bool pending)
+{
+	statements_pending = pending;
+	if (pending)
+		scan_reset();
 }
 
 bool
@@ -787,4 +1387,307 @@ ng_validate_setting(const char *name, const char *value, bool superuser, NgError
 	PG_END_TRY();
 	MemoryContextSwitchTo(cxt);
 	return ok;
+}
+
+/* ------------------------------------------------------------------------
+ * The server's session statistics.
+ * ------------------------------------------------------------------------ */
+
+/*
+ * pg_stat_database.sessions counts client sessions, as for direct ones
+ * (pgstat_database.c pgstat_report_connect() counts a backend's login):
+ * +1 when a client's session starts on a pooled backend, -1 once for the
+ * pooled backend's own login, which is no client's.  Flushed at once, as a
+ * direct session's count is by the time it can run a query.
+ */
+void
+ng_count_session(int delta)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+
+	if (!OidIsValid(MyDatabaseId))
+		return;
+	PG_TRY();
+	{
+		DB_SESSIONS(pgstat_prep_database_pending(MyDatabaseId)) += delta;
+		(void) pgstat_report_stat(true);
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		FlushErrorState();
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+}
+
+/* ------------------------------------------------------------------------
+ * Role and database defaults (pg_db_role_setting) of each client's login.
+ * ------------------------------------------------------------------------ */
+
+/* Levels, lowest precedence first, as the server's sources for them. */
+static const GucSource default_sources[4] = {
+	PGC_S_GLOBAL, PGC_S_DATABASE, PGC_S_USER, PGC_S_DATABASE_USER
+};
+
+/*
+ * The defaults in force now for this backend's database and session user
+ * (the client's role), as "<level>name\0value\0" pairs, lowest precedence
+ * first: the rows postinit.c process_settings() applies at a login (it goes
+ * highest first and lets none override a higher one; the same result).
+ * NULL on error.
+ */
+char *
+ng_read_defaults(int *len)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	StringInfoData out;
+	volatile bool ok = true;
+
+	initStringInfo(&out);
+	PG_TRY();
+	{
+		Relation	rel;
+
+		StartTransactionCommand();
+		rel = table_open(DbRoleSettingRelationId, AccessShareLock);
+		for (int level = 0; level < 4; level++)
+		{
+			Oid			db = (level == 1 || level == 3) ? MyDatabaseId : InvalidOid;
+			Oid			role = level >= 2 ? GetSessionUserId() : InvalidOid;
+			ScanKeyData keys[2];
+			SysScanDesc scan;
+			HeapTuple	tup;
+
+			ScanKeyInit(&keys[0], Anum_pg_db_role_setting_setdatabase, BTEqualStrategyNumber,
+						F_OIDEQ, ObjectIdGetDatum(db));
+			ScanKeyInit(&keys[1], Anum_pg_db_role_setting_setrole, BTEqualStrategyNumber,
+						F_OIDEQ, ObjectIdGetDatum(role));
+			scan = systable_beginscan(rel, DbRoleSettingDatidRolidIndexId, true, NULL, 2, keys);
+			while (HeapTupleIsValid(tup = systable_getnext(scan)))
+			{
+				bool		isnull;
+				Datum		d = heap_getattr(tup, Anum_pg_db_role_setting_setconfig,
+											 RelationGetDescr(rel), &isnull);
+				Datum	   *elems;
+				bool	   *nulls;
+				int			n;
+
+				if (isnull)
+					continue;
+				deconstruct_array_builtin(DatumGetArrayTypeP(d), TEXTOID, &elems, &nulls, &n);
+				for (int i = 0; i < n; i++)
+				{
+					char	   *name,
+							   *value;
+
+					if (nulls[i])
+						continue;
+					ParseLongOption(TextDatumGetCString(elems[i]), &name, &value);
+					if (value == NULL)
+						continue;
+					appendStringInfoChar(&out, (char) ('0' + level));
+					put_str(&out, name);
+					put_str(&out, value);
+				}
+			}
+			systable_endscan(scan);
+		}
+		table_close(rel, AccessShareLock);
+		CommitTransactionCommand();
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		FlushErrorState();
+		AbortCurrentTransaction();
+		ok = false;
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+	if (!ok)
+	{
+		pfree(out.data);
+		return NULL;
+	}
+	*len = out.len;
+	return out.data;
+}
+
+/*
+ * The defaults this backend applied at its own login, in the same format:
+ * every setting whose reset value came from one of those levels.
+ */
+char *
+ng_applied_defaults(int *len)
+{
+	struct config_generic **vars;
+	int			n;
+	StringInfoData out;
+
+	initStringInfo(&out);
+	vars = guc_array(&n);
+	for (int level = 0; level < 4; level++)
+	{
+		for (int i = 0; i < n; i++)
+		{
+			const char *v;
+
+			if (vars[i]->reset_source != default_sources[level])
+				continue;
+			v = GetConfigOptionResetString(vars[i]->name);
+			appendStringInfoChar(&out, (char) ('0' + level));
+			put_str(&out, vars[i]->name);
+			put_str(&out, v ? v : "");
+		}
+	}
+#if PG_VERSION_NUM >= 160000
+	pfree(vars);
+#endif
+	*len = out.len;
+	return out.data;
+}
+
+/*
+ * Puts a setting back to what it is without role, database or client
+ * defaults (its built-in default, then postgresql.conf's value once
+ * ng_defaults_reload() runs), so other defaults can be applied with their
+ * own sources.  Only between clients, right after DISCARD ALL.
+ */
+void
+ng_defaults_clear(const char *name)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	struct config_generic *g = lookup_guc(name);
+
+	if (g == NULL)
+		return;
+	/* set_config_option() never lets a lower source override a higher one. */
+	if (g->source > PGC_S_FILE && g->source <= PGC_S_CLIENT)
+		g->source = PGC_S_DEFAULT;
+	if (g->reset_source > PGC_S_FILE && g->reset_source <= PGC_S_CLIENT)
+		g->reset_source = PGC_S_DEFAULT;
+	PG_TRY();
+	{
+		(void) set_config_option(g->name, NULL, PGC_SUSET, PGC_S_DEFAULT,
+								 GUC_ACTION_SET, true, WARNING, false);
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		FlushErrorState();
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+}
+
+/* Re-reads postgresql.conf (as at SIGHUP) after ng_defaults_clear(). */
+void
+ng_defaults_reload(void)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+
+	PG_TRY();
+	{
+		ProcessConfigFile(PGC_SIGHUP);
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		FlushErrorState();
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+}
+
+/* One default at its level, as process_settings() applies it at a login. */
+void
+ng_defaults_apply(int level, const char *name, const char *value)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+
+	if (level < 0 || level > 3)
+		return;
+	PG_TRY();
+	{
+		(void) set_config_option(name, value, superuser() ? PGC_SUSET : PGC_USERSET,
+								 default_sources[level], GUC_ACTION_SET, true, WARNING, false);
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		FlushErrorState();
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+}
+
+/* ------------------------------------------------------------------------
+ * The server's connection log lines for pooled clients (in the pooler).
+ * ------------------------------------------------------------------------ */
+
+#define NG_LOG_RECEIPT			1
+#define NG_LOG_AUTHENTICATION	2
+#define NG_LOG_AUTHORIZATION	4
+#define NG_LOG_DISCONNECTION	8
+
+/* Which of log_connections' lines and log_disconnections are on. */
+int
+ng_connection_logging(void)
+{
+	int			f = 0;
+
+#if PG_VERSION_NUM >= 180000
+	if (log_connections & LOG_CONNECTION_RECEIPT)
+		f |= NG_LOG_RECEIPT;
+	if (log_connections & LOG_CONNECTION_AUTHENTICATION)
+		f |= NG_LOG_AUTHENTICATION;
+	if (log_connections & LOG_CONNECTION_AUTHORIZATION)
+		f |= NG_LOG_AUTHORIZATION;
+#else
+	if (Log_connections)
+		f |= NG_LOG_RECEIPT | NG_LOG_AUTHENTICATION | NG_LOG_AUTHORIZATION;
+#endif
+	{
+		/* Not in every version's headers; the setting is. */
+		const char *v = GetConfigOption("log_disconnections", true, false);
+
+		if (v && strcmp(v, "on") == 0)
+			f |= NG_LOG_DISCONNECTION;
+	}
+	return f;
+}
+
+/*
+ * One LOG line about a pooled client, written by the pooler with
+ * log_line_prefix escapes describing the client (%r %h %u %d %a read
+ * MyProcPort and application_name, elog.c log_status_format()): the
+ * Port-less pooler lends itself one for the line.
+ */
+void
+ng_log_client_line(const char *msg, const char *host, const char *port,
+				   const char *user, const char *db, const char *appname)
+{
+	Port		fake;
+	Port	   *saved = MyProcPort;
+	char	   *saved_app = application_name;
+
+	memset(&fake, 0, sizeof(fake));
+	fake.remote_host = (char *) host;
+	fake.remote_port = (char *) port;
+	fake.user_name = (char *) user;
+	fake.database_name = (char *) db;
+	fake.application_name = (char *) appname;
+	MyProcPort = &fake;
+	application_name = (char *) (appname ? appname : "");
+	PG_TRY();
+	{
+		ereport(LOG, (errmsg_internal("%s", msg), errhidestmt(true)));
+	}
+	PG_FINALLY();
+	{
+		MyProcPort = saved;
+		application_name = saved_app;
+	}
+	PG_END_TRY();
 }

@@ -12,14 +12,33 @@ extern "C" {
     fn ng_free(p: *mut c_char);
     fn ng_switch_begin(discard: bool, err: *mut NgError) -> bool;
     fn ng_switch_setting(name: *const c_char, value: *const c_char, from_startup: bool);
-    fn ng_switch_statement(
+    fn ng_create_statement(
         name: *const c_char,
         text: *const c_char,
         from_sql: bool,
         nparams: c_int,
         params: *const u32,
+        result: *const c_char,
+        rlen: c_int,
         err: *mut NgError,
     ) -> bool;
+    fn ng_lazy_statements_init() -> bool;
+    fn ng_set_statements_pending(pending: bool);
+    fn ng_count_session(delta: c_int);
+    fn ng_connection_logging() -> c_int;
+    fn ng_log_client_line(
+        msg: *const c_char,
+        host: *const c_char,
+        port: *const c_char,
+        user: *const c_char,
+        db: *const c_char,
+        appname: *const c_char,
+    );
+    fn ng_read_defaults(len: *mut c_int) -> *mut c_char;
+    fn ng_applied_defaults(len: *mut c_int) -> *mut c_char;
+    fn ng_defaults_clear(name: *const c_char);
+    fn ng_defaults_reload();
+    fn ng_defaults_apply(level: c_int, name: *const c_char, value: *const c_char);
     fn ng_switch_end(err: *mut NgError) -> bool;
     fn ng_switch_light();
 }
@@ -33,6 +52,9 @@ pub enum Pin {
     HoldCursor = 2,
     Listen = 3,
     AdvisoryLock = 4,
+    /// Its last transaction called nextval(): currval()/lastval() stay
+    /// answerable in its next one.
+    Sequence = 5,
 }
 
 /// Postmaster: utility/object-access/fmgr hooks that note session changes.
@@ -50,6 +72,7 @@ pub fn pin_reason() -> Pin {
         2 => Pin::HoldCursor,
         3 => Pin::Listen,
         4 => Pin::AdvisoryLock,
+        5 => Pin::Sequence,
         _ => Pin::None,
     }
 }
@@ -104,16 +127,20 @@ pub fn switch_setting(name: &str, value: &str, from_startup: bool) {
     unsafe { ng_switch_setting(n.as_ptr(), v.as_ptr(), from_startup) }
 }
 
-pub fn switch_statement(st: &Statement) -> Result<(), NgError> {
+/// Creates one of the client's statements on this backend, unanalyzed: the
+/// server revalidates it at its first use (see ng_create_statement).
+pub fn create_statement(st: &Statement) -> Result<(), NgError> {
     let (n, t) = (cstring(&st.name), cstring(&st.text));
     let mut err = NgError::new();
     let ok = unsafe {
-        ng_switch_statement(
+        ng_create_statement(
             n.as_ptr(),
             t.as_ptr(),
             st.from_sql,
             st.param_types.len() as c_int,
             st.param_types.as_ptr(),
+            st.result.as_ptr().cast(),
+            st.result.len() as c_int,
             &mut err,
         )
     };
@@ -122,6 +149,104 @@ pub fn switch_statement(st: &Statement) -> Result<(), NgError> {
     } else {
         Err(err)
     }
+}
+
+/// Once per backend: whether statements can be created when first used
+/// (false: create them all at each switch).
+pub fn lazy_statements_init() -> bool {
+    unsafe { ng_lazy_statements_init() }
+}
+
+/// Tells the hooks whether the client has statements not created here yet.
+pub fn set_statements_pending(pending: bool) {
+    unsafe { ng_set_statements_pending(pending) }
+}
+
+fn level_pairs(raw: Vec<u8>) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut parts = raw.split(|&b| b == 0);
+    while let (Some(n), Some(v)) = (parts.next(), parts.next()) {
+        if n.is_empty() {
+            break;
+        }
+        out.push((String::from_utf8_lossy(n).into_owned(), String::from_utf8_lossy(v).into_owned()));
+    }
+    out
+}
+
+/// The role and database defaults in force now for this backend's database
+/// and role (`SessionImage::defaults` format); None if they cannot be read.
+pub fn read_defaults() -> Option<Vec<(String, String)>> {
+    take(ng_read_defaults).map(level_pairs)
+}
+
+/// The role and database defaults this backend applied at its login.
+pub fn applied_defaults() -> Vec<(String, String)> {
+    take(ng_applied_defaults).map(level_pairs).unwrap_or_default()
+}
+
+/// A setting back to its built-in default, whatever role, database or
+/// client value it had (then `defaults_reload` for postgresql.conf's).
+pub fn defaults_clear(name: &str) {
+    let n = cstring(name);
+    unsafe { ng_defaults_clear(n.as_ptr()) }
+}
+
+pub fn defaults_reload() {
+    unsafe { ng_defaults_reload() }
+}
+
+/// One default at its level (0 ALTER ROLE ALL .. 3 role in database).
+pub fn defaults_apply(level: i32, name: &str, value: &str) {
+    let (n, v) = (cstring(name), cstring(value));
+    unsafe { ng_defaults_apply(level, n.as_ptr(), v.as_ptr()) }
+}
+
+/// Which connection log lines the server writes (log_connections stages,
+/// log_disconnections).
+#[derive(Clone, Copy)]
+pub struct ConnectionLogging(i32);
+
+impl ConnectionLogging {
+    pub fn now() -> Self {
+        ConnectionLogging(unsafe { ng_connection_logging() })
+    }
+    pub fn receipt(self) -> bool {
+        self.0 & 1 != 0
+    }
+    pub fn authentication(self) -> bool {
+        self.0 & 2 != 0
+    }
+    pub fn authorization(self) -> bool {
+        self.0 & 4 != 0
+    }
+    pub fn disconnection(self) -> bool {
+        self.0 & 8 != 0
+    }
+}
+
+/// A connection log line about a pooled client, with log_line_prefix's
+/// client escapes (%r %h %u %d %a) describing it; None prints as the
+/// server does for a value not known yet.
+pub fn log_client_line(msg: &str, host: &str, port: &str, user: Option<&str>, db: Option<&str>, appname: Option<&str>) {
+    let (m, h, p) = (cstring(msg), cstring(host), cstring(port));
+    let (u, d, a) = (user.map(cstring), db.map(cstring), appname.map(cstring));
+    let ptr = |c: &Option<std::ffi::CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    unsafe { ng_log_client_line(m.as_ptr(), h.as_ptr(), p.as_ptr(), ptr(&u), ptr(&d), ptr(&a)) }
+}
+
+/// The server's hba_file setting (the path its connection lines show).
+pub fn hba_file() -> String {
+    let p = unsafe { pgrx::pg_sys::GetConfigOption(c"hba_file".as_ptr(), true, false) };
+    if p.is_null() {
+        return String::new();
+    }
+    unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}
+
+/// pg_stat_database.sessions: +1 for a client session, -1 for a pool login.
+pub fn count_session(delta: i32) {
+    unsafe { ng_count_session(delta) }
 }
 
 /// Between two clients whose sessions would look the same: no DISCARD.

@@ -257,6 +257,7 @@ fn scram_error(e: &auth::ScramError) -> ErrorFields {
 impl Pooler {
     pub fn client_begin_auth(&mut self, key: usize) {
         let Some(c) = self.client(key) else { return };
+        c.log_receipt();
         let raw = c.raw_addr();
         let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
         unsafe { std::ptr::copy_nonoverlapping(raw.as_ptr(), (&mut storage as *mut libc::sockaddr_storage).cast(), raw.len()) };
@@ -325,6 +326,9 @@ impl Pooler {
                     }
                 }
                 let limited = session.info.role_connlimit >= 0 || session.info.db_connlimit >= 0;
+                if let Some(c) = self.client(key) {
+                    c.log_login(&session.info);
+                }
                 drop(session); // wipes the secret
                 self.client_join_pool(key, cred, limited);
             }

@@ -54,6 +54,10 @@ pub struct Client {
     /// Session mode: the backend reserved for this client.
     pub pinned: Option<usize>,
     pub session_mode: bool,
+    /// A backend has counted this client's session (pg_stat_database.sessions).
+    pub session_counted: bool,
+    /// Logged in (its disconnection is logged as the server's would be).
+    pub logged_in: bool,
     pub xacts: i64,
     pub started: Instant,
 }
@@ -79,9 +83,81 @@ impl Client {
             last_backend: None,
             pinned: None,
             session_mode: false,
+            session_counted: false,
+            logged_in: false,
             xacts: 0,
             started: Instant::now(),
         }
+    }
+
+    /// The server's "connection received" line (postmaster's BackendInitialize()).
+    pub fn log_receipt(&self) {
+        use crate::pg::session::{log_client_line, ConnectionLogging};
+        if ConnectionLogging::now().receipt() {
+            let (host, port) = (self.addr.ip().to_string(), self.addr.port().to_string());
+            log_client_line(&format!("connection received: host={host} port={port}"), &host, &port, None, None, None);
+        }
+    }
+
+    /// The server's "connection authenticated" and "connection authorized"
+    /// lines (postinit.c PerformAuthentication(), auth.c set_authn_id()).
+    pub fn log_login(&mut self, info: &crate::pg::glue::NgLoginInfo) {
+        use crate::pg::glue::HbaMethod;
+        use crate::pg::session::{hba_file, log_client_line, ConnectionLogging};
+        self.logged_in = true;
+        let logging = ConnectionLogging::now();
+        let (host, port) = (self.addr.ip().to_string(), self.addr.port().to_string());
+        let (user, db) = (Some(self.user.as_str()), Some(self.database.as_str()));
+        // Only password methods set an authenticated identity.
+        let identified = matches!(info.method(), HbaMethod::Password | HbaMethod::Md5 | HbaMethod::Scram);
+        if logging.authentication() && identified {
+            let msg = format!(
+                "connection authenticated: identity=\"{}\" method={} ({}:{})",
+                self.user,
+                info.method_name(),
+                hba_file(),
+                info.hba_line
+            );
+            log_client_line(&msg, &host, &port, user, db, None);
+        }
+        if logging.authorization() {
+            let mut msg = format!("connection authorized: user={} database={}", self.user, self.database);
+            if let Some((_, app)) = self.settings.iter().find(|(n, _)| n.eq_ignore_ascii_case("application_name")) {
+                msg.push_str(&format!(" application_name={app}"));
+            }
+            log_client_line(&msg, &host, &port, user, db, None);
+        }
+    }
+
+    /// The server's "disconnection" line (postgres.c log_disconnections()).
+    fn log_disconnection(&self) {
+        use crate::pg::session::{log_client_line, ConnectionLogging};
+        if !self.logged_in || !ConnectionLogging::now().disconnection() {
+            return;
+        }
+        let t = self.started.elapsed();
+        let (ms, s) = (t.subsec_millis(), t.as_secs());
+        let (host, port) = (self.addr.ip().to_string(), self.addr.port().to_string());
+        let msg = format!(
+            "disconnection: session time: {}:{:02}:{:02}.{:03} user={} database={} host={} port={}",
+            s / 3600,
+            (s / 60) % 60,
+            s % 60,
+            ms,
+            self.user,
+            self.database,
+            host,
+            port
+        );
+        // The application_name in effect at the end: a SET of the client's, else its startup one.
+        let app = self
+            .image
+            .settings
+            .iter()
+            .chain(self.settings.iter())
+            .find(|(n, _)| n.eq_ignore_ascii_case("application_name"))
+            .map(|(_, v)| v.as_str());
+        log_client_line(&msg, &host, &port, Some(&self.user), Some(&self.database), app);
     }
 
     /// The raw sockaddr of the client, sent to backends with its socket.
@@ -428,6 +504,7 @@ impl Pooler {
         }
         self.client_detach_from_pool(key);
         let Some(Conn::Client(mut c)) = self.conns.try_remove(key) else { return };
+        c.log_disconnection();
         if c.registered.is_some() {
             conn::remove(&self.epoll, &c.stream);
         }

@@ -184,22 +184,34 @@ impl Pooler {
         let Some(Conn::Backend(b)) = self.conns.get(bk) else { return };
         let new_client = b.last_client != client_id;
         let session_mode = c.session_mode;
+        let session_start = !c.session_counted;
         let pool_row = c.pool.and_then(|p| self.pools.get(p)).map(|p| p.row as u32).unwrap_or(0);
+        let (addr, settings) = (c.raw_addr(), if new_client { c.settings.clone() } else { Vec::new() });
         // A backend that served this client last still holds its session.
+        // The image (hundreds of statements for some drivers) is written
+        // from the client's own, taken and put back, not from a copy.
+        let image = match self.client(ck) {
+            Some(c) if new_client => std::mem::take(&mut c.image),
+            _ => Default::default(),
+        };
         let mut msg = Vec::with_capacity(128);
-        control::write_attach(
-            &mut msg,
-            &Attach {
-                client_id,
-                flags: if new_client { control::FLAG_NEW_CLIENT } else { 0 }
-                    | if session_mode { control::FLAG_RESERVED } else { 0 }
-                    | if crate::settings::HOLD_IDLE_CLIENTS.get() { control::FLAG_HOLD_IDLE } else { 0 },
-                pool_row,
-                addr: c.raw_addr(),
-                settings: if new_client { c.settings.clone() } else { Vec::new() },
-                image: if new_client { c.image.clone() } else { Default::default() },
-            },
-        );
+        let attach = Attach {
+            client_id,
+            flags: if new_client { control::FLAG_NEW_CLIENT } else { 0 }
+                | if session_mode { control::FLAG_RESERVED } else { 0 }
+                | if crate::settings::HOLD_IDLE_CLIENTS.get() { control::FLAG_HOLD_IDLE } else { 0 }
+                | if session_start { control::FLAG_SESSION_START } else { 0 },
+            pool_row,
+            addr,
+            settings,
+            image,
+        };
+        control::write_attach(&mut msg, &attach);
+        if new_client {
+            if let Some(c) = self.client(ck) {
+                c.image = attach.image;
+            }
+        }
         let Some(b) = self.backend(bk) else { return };
         let sent = send_all_with_fd(&b.stream, &msg, fd);
         if !sent {
@@ -220,6 +232,7 @@ impl Pooler {
         let Some(c) = self.client(ck) else { return };
         c.phase = Phase::Attached { backend: bk };
         c.last_backend = Some(bk);
+        c.session_counted = true;
         if session_mode {
             c.pinned = Some(bk);
         }
@@ -273,6 +286,9 @@ impl Pooler {
                 }
                 if let Some(statements) = r.statements {
                     c.image.statements = statements;
+                }
+                if let Some(defaults) = r.defaults {
+                    c.image.defaults = defaults;
                 }
                 c.xacts += 1;
                 c.phase = Phase::Idle;

@@ -62,7 +62,10 @@ fn state_changed_without_set_stays_with_its_client() {
         assert_eq!(value(&mut b, "SELECT pg_backend_pid()"), pid, "one backend serves both");
 
         // currval/lastval: a sequence value of one client is not another's.
-        value(&mut a, "SELECT nextval('s')");
+        // The client keeps its backend for the transaction after its
+        // nextval (where currval answers as directly), then moves on.
+        let n = value(&mut a, "SELECT nextval('s')");
+        assert_eq!(value(&mut a, "SELECT currval('s')"), n, "currval in the next transaction");
         let err = b.simple_query("SELECT currval('s')").expect_err("currval of another client's nextval");
         assert_eq!(err.code().map(|c| c.code()), Some("55000"), "{err:?}");
 

@@ -34,6 +34,8 @@ pub const FLAG_RESERVED: u8 = 2;
 /// Keep the client between transactions while nobody waits (see
 /// nextgres.hold_idle_clients).
 pub const FLAG_HOLD_IDLE: u8 = 4;
+/// The client's first attach: its session starts (pg_stat_database.sessions).
+pub const FLAG_SESSION_START: u8 = 8;
 
 pub const MAX_ADDR: usize = 128;
 
@@ -41,6 +43,8 @@ pub const MAX_ADDR: usize = 128;
 pub const IMAGE_SETTINGS: u8 = 1;
 /// RELEASED carries the client's prepared statements.
 pub const IMAGE_STATEMENTS: u8 = 2;
+/// RELEASED carries the role and database defaults of the client's login.
+pub const IMAGE_DEFAULTS: u8 = 4;
 
 /// A named prepared statement, as needed to create it again elsewhere.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,7 +54,14 @@ pub struct Statement {
     pub text: String,
     /// Created by SQL PREPARE (else by a protocol Parse message).
     pub from_sql: bool,
+    /// Parameter types as the server fixed them at the client's Parse or
+    /// PREPARE (inferred ones included).
     pub param_types: Vec<u32>,
+    /// The result columns the client was told about when it prepared the
+    /// statement, in backend/session.c's encoding (opaque here): a backend that
+    /// creates the statement again compares against it, so a changed result
+    /// fails with 0A000 as it would on a direct connection.
+    pub result: Vec<u8>,
 }
 
 /// What a client carries from backend to backend in transaction mode.
@@ -59,6 +70,11 @@ pub struct SessionImage {
     /// Settings changed with SET/set_config (source "session"), in order.
     pub settings: Vec<(String, String)>,
     pub statements: Vec<Statement>,
+    /// The role and database defaults (pg_db_role_setting) in force at the
+    /// client's login, in the order the server applies them, lowest
+    /// precedence first: each name is prefixed with its level, `0` ALTER
+    /// ROLE ALL, `1` database, `2` role, `3` role in database.
+    pub defaults: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +95,7 @@ pub struct Released {
     /// Present when they changed during the transaction.
     pub settings: Option<Vec<(String, String)>>,
     pub statements: Option<Vec<Statement>>,
+    pub defaults: Option<Vec<(String, String)>>,
 }
 
 fn frame(out: &mut Vec<u8>, tag: u8, body: impl FnOnce(&mut Vec<u8>)) {
@@ -113,6 +130,8 @@ fn put_statements(o: &mut Vec<u8>, stmts: &[Statement]) {
         for t in &st.param_types {
             o.extend_from_slice(&t.to_be_bytes());
         }
+        o.extend_from_slice(&(st.result.len() as u32).to_be_bytes());
+        o.extend_from_slice(&st.result);
     }
 }
 
@@ -127,6 +146,7 @@ pub fn write_attach(out: &mut Vec<u8>, a: &Attach) {
         put_pairs(o, &a.settings);
         put_pairs(o, &a.image.settings);
         put_statements(o, &a.image.statements);
+        put_pairs(o, &a.image.defaults);
     });
 }
 
@@ -138,13 +158,17 @@ pub fn write_released(out: &mut Vec<u8>, r: &Released) {
     frame(out, RELEASED, |o| {
         o.extend_from_slice(&r.client_id.to_be_bytes());
         let flags = if r.settings.is_some() { IMAGE_SETTINGS } else { 0 }
-            | if r.statements.is_some() { IMAGE_STATEMENTS } else { 0 };
+            | if r.statements.is_some() { IMAGE_STATEMENTS } else { 0 }
+            | if r.defaults.is_some() { IMAGE_DEFAULTS } else { 0 };
         o.push(flags);
         if let Some(s) = &r.settings {
             put_pairs(o, s);
         }
         if let Some(s) = &r.statements {
             put_statements(o, s);
+        }
+        if let Some(s) = &r.defaults {
+            put_pairs(o, s);
         }
     });
 }
@@ -201,7 +225,7 @@ impl<'a> Reader<'a> {
         (0..n).map(|_| Ok((self.str()?, self.str()?))).collect()
     }
     fn statements(&mut self) -> Result<Vec<Statement>, ProtoError> {
-        let n = self.count(7)?;
+        let n = self.count(11)?;
         (0..n)
             .map(|_| {
                 let name = self.str()?;
@@ -209,7 +233,9 @@ impl<'a> Reader<'a> {
                 let from_sql = self.u8()? != 0;
                 let np = self.count(4)?;
                 let param_types = (0..np).map(|_| self.u32()).collect::<Result<_, _>>()?;
-                Ok(Statement { name, text, from_sql, param_types })
+                let rl = self.count(1)?;
+                let result = self.take(rl)?.to_vec();
+                Ok(Statement { name, text, from_sql, param_types, result })
             })
             .collect()
     }
@@ -233,7 +259,7 @@ pub fn parse_attach(body: &[u8]) -> Result<Attach, ProtoError> {
     }
     let addr = r.take(alen)?.to_vec();
     let settings = r.pairs()?;
-    let image = SessionImage { settings: r.pairs()?, statements: r.statements()? };
+    let image = SessionImage { settings: r.pairs()?, statements: r.statements()?, defaults: r.pairs()? };
     r.end()?;
     Ok(Attach { client_id, flags, pool_row, addr, settings, image })
 }
@@ -244,8 +270,9 @@ pub fn parse_released(body: &[u8]) -> Result<Released, ProtoError> {
     let flags = r.u8()?;
     let settings = if flags & IMAGE_SETTINGS != 0 { Some(r.pairs()?) } else { None };
     let statements = if flags & IMAGE_STATEMENTS != 0 { Some(r.statements()?) } else { None };
+    let defaults = if flags & IMAGE_DEFAULTS != 0 { Some(r.pairs()?) } else { None };
     r.end()?;
-    Ok(Released { client_id, settings, statements })
+    Ok(Released { client_id, settings, statements, defaults })
 }
 
 #[cfg(test)]
@@ -257,9 +284,10 @@ mod tests {
         SessionImage {
             settings: vec![("search_path".into(), "a, b".into()), ("myapp.user".into(), "42".into())],
             statements: vec![
-                Statement { name: "P_0".into(), text: "SELECT $1::int".into(), from_sql: false, param_types: vec![23] },
-                Statement { name: "q".into(), text: "PREPARE q AS SELECT 1".into(), from_sql: true, param_types: vec![] },
+                Statement { name: "P_0".into(), text: "SELECT $1::int".into(), from_sql: false, param_types: vec![23], result: vec![0, 0, 0, 1, b'a', 0, 0, 0, 0, 23] },
+                Statement { name: "q".into(), text: "PREPARE q AS SELECT 1".into(), from_sql: true, param_types: vec![], result: vec![] },
             ],
+            defaults: vec![("2timezone".into(), "UTC+3".into())],
         }
     }
 
@@ -284,9 +312,9 @@ mod tests {
     #[test]
     fn released_round_trip() {
         for r in [
-            Released { client_id: u64::MAX - 1, settings: None, statements: None },
-            Released { client_id: 7, settings: Some(image().settings), statements: None },
-            Released { client_id: 7, settings: Some(vec![]), statements: Some(image().statements) },
+            Released { client_id: u64::MAX - 1, settings: None, statements: None, defaults: None },
+            Released { client_id: 7, settings: Some(image().settings), statements: None, defaults: None },
+            Released { client_id: 7, settings: Some(vec![]), statements: Some(image().statements), defaults: Some(image().defaults) },
         ] {
             let mut out = Vec::new();
             write_released(&mut out, &r);
@@ -308,7 +336,7 @@ mod tests {
             assert!(parse_attach(&body[..cut]).is_err(), "cut at {cut}");
         }
         let mut rel = Vec::new();
-        write_released(&mut rel, &Released { client_id: 1, settings: Some(image().settings), statements: Some(image().statements) });
+        write_released(&mut rel, &Released { client_id: 1, settings: Some(image().settings), statements: Some(image().statements), defaults: None });
         let body = &rel[5..];
         for cut in 0..body.len() {
             assert!(parse_released(&body[..cut]).is_err(), "cut at {cut}");

@@ -128,9 +128,10 @@ fn control() {
     let image = SessionImage {
         settings: vec![("search_path".into(), "a, b".into()), ("myapp.user".into(), "42".into())],
         statements: vec![
-            Statement { name: "P_0".into(), text: "SELECT $1::int".into(), from_sql: false, param_types: vec![23] },
-            Statement { name: "q".into(), text: "PREPARE q AS SELECT 1".into(), from_sql: true, param_types: vec![] },
+            Statement { name: "P_0".into(), text: "SELECT $1::int".into(), from_sql: false, param_types: vec![23], result: vec![] },
+            Statement { name: "q".into(), text: "PREPARE q AS SELECT 1".into(), from_sql: true, param_types: vec![], result: vec![] },
         ],
+        defaults: vec![],
     };
     let a = Attach {
         client_id: 42,
@@ -143,13 +144,13 @@ fn control() {
     let mut att = Vec::new();
     control::write_attach(&mut att, &a);
     write("control", "0_attach", &cat(&[&[0], &att[5..]]));
-    let r = Released { client_id: 7, settings: Some(image.settings.clone()), statements: Some(image.statements.clone()) };
+    let r = Released { client_id: 7, settings: Some(image.settings.clone()), statements: Some(image.statements.clone()), defaults: None };
     let mut rel = Vec::new();
     control::write_released(&mut rel, &r);
     write("control", "1_released", &cat(&[&[1], &rel[5..]]));
     let mut stream = att.clone();
     control::write_release_request(&mut stream);
-    control::write_released(&mut stream, &Released { client_id: 8, settings: None, statements: None });
+    control::write_released(&mut stream, &Released { client_id: 8, settings: None, statements: None, defaults: None });
     stream.extend_from_slice(&rel);
     proto::error_response(&mut stream, &ErrorFields { severity: "FATAL".into(), ..Default::default() });
     write("control", "2_stream", &cat(&[&[2], &stream]));

@@ -79,6 +79,7 @@ fn statements(u: &mut Unstructured) -> arbitrary::Result<Vec<Statement>> {
                 text: text(u)?,
                 from_sql: bool::arbitrary(u)?,
                 param_types: Vec::<u32>::arbitrary(u)?,
+                result: Vec::<u8>::arbitrary(u)?,
             })
         })
         .collect()
@@ -94,14 +95,15 @@ fn generated(data: &[u8]) -> arbitrary::Result<()> {
             pool_row: u32::arbitrary(&mut u)?,
             addr: u.bytes(alen)?.to_vec(),
             settings: pairs(&mut u)?,
-            image: SessionImage { settings: pairs(&mut u)?, statements: statements(&mut u)? },
+            image: SessionImage { settings: pairs(&mut u)?, statements: statements(&mut u)?, defaults: pairs(&mut u)? },
         };
         attach_round_trip(&a);
     } else {
         let client_id = u64::arbitrary(&mut u)?;
         let settings = if bool::arbitrary(&mut u)? { Some(pairs(&mut u)?) } else { None };
         let statements = if bool::arbitrary(&mut u)? { Some(statements(&mut u)?) } else { None };
-        released_round_trip(&Released { client_id, settings, statements });
+        let defaults = if bool::arbitrary(&mut u)? { Some(pairs(&mut u)?) } else { None };
+        released_round_trip(&Released { client_id, settings, statements, defaults });
     }
     Ok(())
 }

@@ -1,0 +1,411 @@
+//! Session state that cannot simply be copied to the next backend behaves as
+//! on a direct connection. Prepared statements of a client that moves
+//! between backends exist exactly when they would on a direct connection, whatever their objects do in the
+//! meantime: each scenario runs the same steps directly (Unix socket) and
+//! through a pool of one backend shared with a second client that runs a
+//! transaction between every two of the first client's (so the first client
+//! is switched out and back in before each step), and the outcomes (rows, or
+//! SQLSTATE and message) must be identical.
+//!
+//! ```sh
+//! NEXTGRES_PG=16 cargo test -p nextgres-test --test session_statements -- --test-threads=2
+//! ```
+
+mod session_support;
+
+use std::time::Duration;
+
+use nextgres_test::{wait_until, Cluster};
+use postgres::{Client, SimpleQueryMessage, Statement};
+use session_support::{exec, run};
+
+const TEST_LIMIT: Duration = Duration::from_secs(180);
+
+/// The client under test and the one that takes its backend between steps.
+struct Pair {
+    c: Client,
+    other: Client,
+}
+
+impl Pair {
+    fn new(pg: &Cluster, pooled: bool) -> Pair {
+        let connect = |pg: &Cluster| {
+            if pooled {
+                pg.connect_tcp("app", "postgres", None).unwrap()
+            } else {
+                pg.connect_unix("app", "postgres", None).unwrap()
+            }
+        };
+        Pair { c: connect(pg), other: connect(pg) }
+    }
+    /// The other client runs a transaction (through the pool: on the only
+    /// backend, so the client under test is switched out and back in).
+    fn other_runs(&mut self) {
+        self.other.simple_query("SELECT 1").unwrap();
+    }
+}
+
+/// A simple-query reply or error as text.
+fn simple(c: &mut Client, sql: &str) -> String {
+    match c.simple_query(sql) {
+        Ok(msgs) => {
+            let rows: Vec<String> = msgs
+                .iter()
+                .filter_map(|m| match m {
+                    SimpleQueryMessage::Row(r) => {
+                        Some((0..r.len()).map(|i| r.get(i).unwrap_or("<null>")).collect::<Vec<_>>().join("|"))
+                    }
+                    _ => None,
+                })
+                .collect();
+            format!("ok {}", rows.join(";"))
+        }
+        Err(e) => err_text(&e),
+    }
+}
+
+fn err_text(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("ERROR {} {}", db.code().code(), db.message()),
+        None => format!("client error {e}"),
+    }
+}
+
+/// Executes a protocol-level statement (Bind/Execute), rows as text.
+fn bound(c: &mut Client, st: &Statement, params: &[&(dyn postgres::types::ToSql + Sync)]) -> String {
+    match c.query(st, params) {
+        Ok(rows) => {
+            let cols = st.columns().len();
+            let rows: Vec<String> = rows
+                .iter()
+                .map(|r| {
+                    (0..cols.min(r.len()))
+                        .map(|i| match r.try_get::<_, Option<i64>>(i) {
+                            Ok(v) => v.map_or("<null>".into(), |v| v.to_string()),
+                            Err(_) => r.try_get::<_, Option<i32>>(i).map_or_else(
+                                |_| r.try_get::<_, Option<String>>(i).map_or("?".into(), |v| v.unwrap_or_default()),
+                                |v| v.map_or("<null>".into(), |v| v.to_string()),
+                            ),
+                        })
+                        .collect::<Vec<_>>()
+                        .join("|")
+                })
+                .collect();
+            format!("ok {} cols {}", rows.join(";"), cols)
+        }
+        Err(e) => err_text(&e),
+    }
+}
+
+/// The statements as pg_prepared_statements lists them (no times, no plan
+/// counters, no names: the driver numbers its statements per process).
+fn listing(c: &mut Client, pg_major: u32) -> String {
+    let cols = if pg_major >= 16 { "statement, from_sql, parameter_types, result_types" } else { "statement, from_sql, parameter_types" };
+    simple(c, &format!("SELECT {cols} FROM pg_prepared_statements ORDER BY 1"))
+}
+
+fn setup(pg: &Cluster) {
+    exec(
+        pg,
+        "DROP TABLE IF EXISTS chg, drop_me, ctas_out;
+         CREATE TABLE chg(a int); INSERT INTO chg VALUES (1);
+         CREATE TABLE drop_me(a int); INSERT INTO drop_me VALUES (5);
+         GRANT ALL ON chg, drop_me TO app",
+    );
+}
+
+/// Protocol-level statements (Parse/Describe, then Bind/Execute): a result
+/// that changed fails with 0A000; a statement on a temporary table its own
+/// transaction creates works while the table exists and fails with 42P01
+/// while it does not; inferred parameter types stay.
+fn protocol_scenario(pg: &Cluster, pooled: bool) -> Vec<String> {
+    setup(pg);
+    let mut p = Pair::new(pg, pooled);
+    let mut out = Vec::new();
+    let star = p.c.prepare("SELECT * FROM chg").unwrap();
+    out.push(bound(&mut p.c, &star, &[]));
+    p.other_runs();
+    exec(pg, "ALTER TABLE chg ADD COLUMN b int DEFAULT 7");
+    p.other_runs();
+    out.push(format!("changed result: {}", bound(&mut p.c, &star, &[])));
+    out.push(format!("again: {}", bound(&mut p.c, &star, &[])));
+    exec(pg, "ALTER TABLE chg DROP COLUMN b");
+    p.other_runs();
+    out.push(format!("result back as prepared: {}", bound(&mut p.c, &star, &[])));
+
+    // The issue's first input: the statement's table is its own transaction's
+    // ON COMMIT DROP temporary table.
+    let mut tmp = None;
+    for i in 0..4 {
+        p.other_runs();
+        p.c.batch_execute("BEGIN; CREATE TEMP TABLE IF NOT EXISTS t_x(a int) ON COMMIT DROP; INSERT INTO t_x VALUES (1), (2)")
+            .unwrap();
+        let st = tmp.get_or_insert_with(|| p.c.prepare("SELECT count(*) FROM t_x WHERE a > $1").unwrap()).clone();
+        out.push(format!("temp {i}: {}", bound(&mut p.c, &st, &[&0i32])));
+        p.c.batch_execute("COMMIT").unwrap();
+        p.other_runs();
+        out.push(format!("temp {i} outside: {}", bound(&mut p.c, &st, &[&0i32])));
+    }
+
+    // Parameter types inferred at Parse are the statement's for good.
+    let inferred = p.c.prepare("SELECT $1 || 'x', $2 + 1").unwrap();
+    p.other_runs();
+    out.push(format!("inferred: {}", bound(&mut p.c, &inferred, &[&"a", &41i32])));
+    // A statement without parse analysis (SET) runs as prepared.
+    let set = p.c.prepare("SET application_name = 'prepared set'").unwrap();
+    p.other_runs();
+    out.push(format!("set: {:?}", p.c.execute(&set, &[]).map_err(|e| err_text(&e))));
+    out.push(format!("set shows: {}", simple(&mut p.c, "SHOW application_name")));
+    p.other_runs();
+    out.push(format!("listing: {}", listing(&mut p.c, pg.pg_major())));
+    out
+}
+
+/// SQL-level statements: EXECUTE, EXPLAIN EXECUTE, CREATE TABLE AS EXECUTE,
+/// DEALLOCATE and PREPARE of an existing name, after their table went away
+/// and came back.
+fn sql_scenario(pg: &Cluster, pooled: bool) -> Vec<String> {
+    setup(pg);
+    let mut p = Pair::new(pg, pooled);
+    let mut out = Vec::new();
+    let mut step = |p: &mut Pair, sql: &str| {
+        p.other_runs();
+        let r = simple(&mut p.c, sql);
+        out.push(format!("{sql}: {r}"));
+    };
+    step(&mut p, "PREPARE q AS SELECT a FROM drop_me");
+    step(&mut p, "PREPARE dup AS SELECT 1");
+    step(&mut p, "EXECUTE q");
+    exec(pg, "DROP TABLE drop_me");
+    step(&mut p, "EXECUTE q");
+    step(&mut p, "EXPLAIN (COSTS OFF) EXECUTE q");
+    step(&mut p, "SELECT name FROM pg_prepared_statements ORDER BY name");
+    exec(pg, "CREATE TABLE drop_me(a int); INSERT INTO drop_me VALUES (6); GRANT ALL ON drop_me TO app");
+    step(&mut p, "EXECUTE q");
+    step(&mut p, "EXPLAIN (COSTS OFF) EXECUTE q");
+    step(&mut p, "PREPARE dup AS SELECT 2");
+    step(&mut p, "EXECUTE dup");
+    step(&mut p, "DEALLOCATE dup");
+    step(&mut p, "EXECUTE dup");
+    step(&mut p, "PREPARE dup AS SELECT 3");
+    step(&mut p, "EXECUTE dup");
+    exec(pg, "GRANT CREATE ON SCHEMA public TO app");
+    step(&mut p, "CREATE TABLE ctas_out AS EXECUTE q");
+    step(&mut p, "SELECT * FROM ctas_out");
+    step(&mut p, "DROP TABLE ctas_out");
+    step(&mut p, "DEALLOCATE ALL");
+    step(&mut p, "EXECUTE q");
+    step(&mut p, "SELECT count(*) FROM pg_prepared_statements");
+    out
+}
+
+fn differential(scenario: fn(&Cluster, bool) -> Vec<String>) {
+    run(
+        Cluster::builder().conf("nextgres.pool_size = 1"),
+        "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN",
+        TEST_LIMIT,
+        move |pg| {
+            let direct = scenario(pg, false);
+            let pooled = scenario(pg, true);
+            for (i, (d, p)) in direct.iter().zip(&pooled).enumerate() {
+                assert_eq!(p, d, "step {i} differs (pooled vs direct)\ndirect: {direct:#?}\npooled: {pooled:#?}");
+            }
+            assert_eq!(direct.len(), pooled.len());
+        },
+    );
+}
+
+/// The issue's third input (PHP PDO's lastInsertId()): each client inserts
+/// into a serial table and then, as a separate statement, asks lastval() and
+/// currval(); through a pool of a quarter of the clients every answer is the
+/// client's own new id, as directly. (Only the transaction right after the
+/// one that called nextval() is guaranteed this; see README.)
+#[test]
+fn lastval_after_insert_as_on_a_direct_connection() {
+    run(
+        Cluster::builder().conf("nextgres.pool_size = 2"),
+        "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN;
+         CREATE TABLE lv(id serial PRIMARY KEY, who int);
+         GRANT ALL ON lv, lv_id_seq TO app",
+        TEST_LIMIT,
+        |pg| {
+            for pooled in [false, true] {
+                let handles: Vec<_> = (0..8)
+                    .map(|who: i32| {
+                        let mut c = if pooled {
+                            pg.connect_tcp("app", "postgres", None).unwrap()
+                        } else {
+                            pg.connect_unix("app", "postgres", None).unwrap()
+                        };
+                        std::thread::spawn(move || {
+                            let mut bad = Vec::new();
+                            for _ in 0..30 {
+                                c.execute("INSERT INTO lv(who) VALUES ($1)", &[&who]).unwrap();
+                                let q = "SELECT who FROM lv WHERE id = lastval() AND id = currval('lv_id_seq')";
+                                match c.query_one(q, &[]) {
+                                    Ok(r) if r.get::<_, Option<i32>>(0) == Some(who) => {}
+                                    Ok(r) => bad.push(format!("row of {:?}", r.get::<_, Option<i32>>(0))),
+                                    Err(e) => bad.push(err_text(&e)),
+                                }
+                            }
+                            bad
+                        })
+                    })
+                    .collect();
+                let bad: Vec<String> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+                assert!(bad.is_empty(), "pooled={pooled}: {} wrong answers, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
+            }
+        },
+    );
+}
+
+/// pg_stat_database.sessions counts client sessions through the pooler,
+/// one each, and not the pool's own logins.
+#[test]
+fn pg_stat_database_sessions_count_client_sessions() {
+    run(
+        Cluster::builder().conf("nextgres.pool_size = 2"),
+        "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN",
+        TEST_LIMIT,
+        |pg| {
+            let mut admin = pg.admin();
+            admin.batch_execute("SET stats_fetch_consistency = none").unwrap();
+            let sessions = |admin: &mut Client| -> i64 {
+                admin.query_one("SELECT sessions FROM pg_stat_database WHERE datname = 'postgres'", &[]).unwrap().get(0)
+            };
+            let before = sessions(&mut admin);
+            for _ in 0..10 {
+                let mut c = pg.connect_tcp("app", "postgres", None).unwrap();
+                c.simple_query("SELECT 1").unwrap();
+            }
+            let mut last = before;
+            let settled = wait_until(session_support::SETTLE, || {
+                last = sessions(&mut admin);
+                last == before + 10
+            });
+            assert!(settled, "pg_stat_database.sessions went from {before} to {last}, want {}", before + 10);
+        },
+    );
+}
+
+/// ALTER ROLE / DATABASE ... SET while the pool is live: a client keeps the
+/// defaults in force at its login (its first transaction through the
+/// pooler), a later one gets the new ones, with the server's precedence,
+/// sources and RESET, as direct sessions do. One backend serves all clients.
+fn defaults_scenario(pg: &Cluster, pooled: bool) -> Vec<String> {
+    exec(
+        pg,
+        "ALTER ROLE app RESET ALL; ALTER DATABASE postgres RESET ALL; ALTER ROLE app IN DATABASE postgres RESET ALL;
+         ALTER ROLE app SET timezone = 'UTC+1'",
+    );
+    let connect = || {
+        if pooled {
+            pg.connect_tcp("app", "postgres", None).unwrap()
+        } else {
+            pg.connect_unix("app", "postgres", None).unwrap()
+        }
+    };
+    let show = "SELECT name, setting, source FROM pg_settings
+                WHERE name IN ('TimeZone', 'DateStyle', 'extra_float_digits', 'work_mem') ORDER BY name";
+    let mut out = Vec::new();
+    let mut a = connect();
+    out.push(format!("a: {}", simple(&mut a, show)));
+    exec(
+        pg,
+        "ALTER ROLE app SET timezone = 'UTC+3'; ALTER ROLE app SET work_mem = '5MB';
+         ALTER DATABASE postgres SET datestyle = 'SQL, DMY'; ALTER DATABASE postgres SET work_mem = '7MB';
+         ALTER ROLE app IN DATABASE postgres SET extra_float_digits = 2",
+    );
+    let mut b = connect();
+    out.push(format!("b: {}", simple(&mut b, show)));
+    out.push(format!("a: {}", simple(&mut a, show)));
+    out.push(format!("b: {}", simple(&mut b, "SET timezone = 'UTC+5'; RESET timezone; SHOW timezone")));
+    out.push(format!("a: {}", simple(&mut a, "SET datestyle = 'German'; RESET ALL; SHOW datestyle")));
+    out.push(format!("b: {}", simple(&mut b, "RESET ALL; SHOW work_mem")));
+    exec(pg, "ALTER ROLE app RESET ALL; ALTER DATABASE postgres RESET ALL; ALTER ROLE app IN DATABASE postgres RESET ALL");
+    let mut c = connect();
+    out.push(format!("c: {}", simple(&mut c, show)));
+    out.push(format!("a: {}", simple(&mut a, show)));
+    out.push(format!("b: {}", simple(&mut b, show)));
+    out
+}
+
+#[test]
+fn role_and_database_defaults_of_each_clients_login() {
+    differential(defaults_scenario);
+}
+
+/// log_connections / log_disconnections: a pooled client's lines match a
+/// direct client's (plain server over TCP) field by field, log_line_prefix's
+/// client escapes included; only port numbers, the hba file's directory and
+/// the session time differ.
+#[test]
+fn connection_log_lines_as_for_a_direct_session() {
+    let conf = [
+        "log_connections = on",
+        "log_disconnections = on",
+        "log_line_prefix = 'prefix:%u|%d|%h|%a| '",
+        "password_encryption = 'scram-sha-256'",
+    ];
+    let mut direct = Cluster::builder().preload(false).listen_addresses("127.0.0.1").auth_host("scram-sha-256");
+    let mut pooled = Cluster::builder().conf("nextgres.pool_size = 1").auth_host("scram-sha-256");
+    for c in conf {
+        direct = direct.conf(c);
+        pooled = pooled.conf(c);
+    }
+    let (direct, pooled) = (direct.start(), pooled.start());
+    let lines = |pg: &Cluster| -> Vec<String> {
+        exec(pg, "CREATE ROLE app LOGIN PASSWORD 'pw'");
+        let mark = pg.log_mark();
+        {
+            let mut c = pg.connect_tcp("app", "postgres", Some("pw")).unwrap();
+            c.simple_query("SET application_name = 'logged'").unwrap();
+        }
+        let mut got = Vec::new();
+        let done = wait_until(session_support::SETTLE, || {
+            got = pg
+                .log_since(mark)
+                .lines()
+                .filter(|l| l.contains("prefix:") && l.contains("connection") && !l.contains("[local]"))
+                .map(|l| {
+                    let l = &l[l.find("prefix:").unwrap()..];
+                    let l = regex_lite_replace(l, "port=", |c: char| c.is_ascii_digit());
+                    let l = regex_lite_replace(&l, "session time: ", |c: char| c.is_ascii_digit() || c == ':' || c == '.');
+                    let hba = pg.data_dir().join("pg_hba.conf").display().to_string();
+                    l.replace(&hba, "HBA")
+                })
+                .collect();
+            got.iter().any(|l| l.contains("disconnection"))
+        });
+        assert!(done, "no disconnection line: {got:#?}");
+        got
+    };
+    let d = lines(&direct);
+    let p = lines(&pooled);
+    assert_eq!(p, d, "pooled log lines differ from direct ones");
+    assert_eq!(d.len(), 4, "received, authenticated, authorized, disconnection: {d:#?}");
+    eprintln!("{}", p.join("\n"));
+}
+
+/// Replaces what follows each `key` while `keep` matches with `#`.
+fn regex_lite_replace(s: &str, key: &str, keep: impl Fn(char) -> bool) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find(key) {
+        out.push_str(&rest[..i + key.len()]);
+        rest = rest[i + key.len()..].trim_start_matches(&keep);
+        out.push('#');
+    }
+    out.push_str(rest);
+    out
+}
+
+#[test]
+fn protocol_statements_exist_as_on_a_direct_connection() {
+    differential(protocol_scenario);
+}
+
+#[test]
+fn sql_statements_exist_as_on_a_direct_connection() {
+    differential(sql_scenario);
+}

@@ -1,0 +1,60 @@
+"""Prepared-statement switching cost (issue 10's measurement): 16 asyncpg
+connections each holding 500 prepared statements run random ones for a few
+seconds, directly and through nextgres; prints queries/s and the ratio.
+
+    /var/tmp/nextgres-drivers-venv/bin/python tools/bench.d/prepared_statements.py \\
+        --direct /path/to/socket/dir --pooled 127.0.0.1 --port 5432 --user app [--seconds 8]
+
+(the venv comes from test/tests/drivers_support/install.sh). Not a test:
+it asserts nothing about speed.
+"""
+import argparse, asyncio, random, time
+import asyncpg
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--direct", required=True, help="host for direct connections (a Unix socket directory)")
+ap.add_argument("--pooled", required=True, help="host for connections through nextgres")
+ap.add_argument("--port", type=int, required=True)
+ap.add_argument("--user", default="postgres")
+ap.add_argument("--database", default="postgres")
+ap.add_argument("--connections", type=int, default=16)
+ap.add_argument("--statements", type=int, default=500)
+ap.add_argument("--seconds", type=float, default=8)
+args = ap.parse_args()
+
+
+async def run(host):
+    conns = [await asyncpg.connect(host=host, port=args.port, user=args.user, database=args.database,
+                                   statement_cache_size=args.statements * 2)
+             for _ in range(args.connections)]
+    texts = [f"SELECT $1::int + {k}" for k in range(args.statements)]
+    for c in conns:
+        for t in texts:
+            await c.prepare(t)
+    count = errors = 0
+    stop = time.monotonic() + args.seconds
+
+    async def loop(c):
+        nonlocal count, errors
+        r = random.Random()
+        while time.monotonic() < stop:
+            k = r.randrange(len(texts))
+            try:
+                assert await c.fetchval(texts[k], 1) == 1 + k
+                count += 1
+            except Exception:
+                errors += 1
+
+    await asyncio.gather(*(loop(c) for c in conns))
+    for c in conns:
+        await c.close()
+    return count / args.seconds, errors
+
+
+async def main():
+    d, de = await run(args.direct)
+    p, pe = await run(args.pooled)
+    print(f"direct {d:.0f} queries/s ({de} errors), nextgres {p:.0f} queries/s ({pe} errors), ratio {p / d:.2f}")
+
+
+asyncio.run(main())
