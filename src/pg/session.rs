@@ -90,16 +90,7 @@ fn take(f: unsafe extern "C" fn(*mut c_int) -> *mut c_char) -> Option<Vec<u8>> {
 
 /// SET/set_config settings, if they may have changed since the last call.
 pub fn take_session_settings() -> Option<Vec<(String, String)>> {
-    let raw = take(ng_take_session_settings)?;
-    let mut out = Vec::new();
-    let mut parts = raw.split(|&b| b == 0);
-    while let (Some(n), Some(v)) = (parts.next(), parts.next()) {
-        if n.is_empty() {
-            break;
-        }
-        out.push((String::from_utf8_lossy(n).into_owned(), String::from_utf8_lossy(v).into_owned()));
-    }
-    Some(out)
+    take(ng_take_session_settings).map(level_pairs)
 }
 
 /// Named prepared statements, if they may have changed since the last call.
@@ -162,6 +153,8 @@ pub fn set_statements_pending(pending: bool) {
     unsafe { ng_set_statements_pending(pending) }
 }
 
+/// NUL-separated name/value pairs (ended by an empty name) as the C side
+/// writes them.
 fn level_pairs(raw: Vec<u8>) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut parts = raw.split(|&b| b == 0);

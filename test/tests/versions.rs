@@ -23,22 +23,7 @@ const MINOR_3_2: u16 = 2;
 
 /// A StartupMessage for protocol 3.`minor` with these parameters.
 fn startup(minor: u16, params: &[(&str, &str)]) -> Vec<u8> {
-    startup_code((3i32 << 16) | i32::from(minor), params)
-}
-
-/// A StartupMessage with this version code.
-fn startup_code(code: i32, params: &[(&str, &str)]) -> Vec<u8> {
-    let mut body = code.to_be_bytes().to_vec();
-    for (k, v) in params {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut out = ((body.len() + 4) as i32).to_be_bytes().to_vec();
-    out.extend(body);
-    out
+    pool_support::startup_packet_version((3i32 << 16) | i32::from(minor), params)
 }
 
 fn connect(port: u16) -> TcpStream {
@@ -149,7 +134,7 @@ fn protocol_negotiation_matches_direct_server() {
     let mut refused = Vec::new();
     for port in [sp.pg.port(), sp.pool_port] {
         let mut s = connect(port);
-        s.write_all(&startup_code(4 << 16, &base)).expect("startup 4.0");
+        s.write_all(&pool_support::startup_packet_version(4 << 16, &base)).expect("startup 4.0");
         refused.push(shape(&read_msg(&mut s).into_iter().collect::<Vec<_>>()));
     }
     if refused[0] != refused[1] {

@@ -195,7 +195,12 @@ impl Msg {
 
 /// A protocol-3.0 StartupMessage with exactly these parameters.
 pub fn startup_packet(params: &[(&str, &str)]) -> Vec<u8> {
-    let mut body = 196608i32.to_be_bytes().to_vec();
+    startup_packet_version(196608, params)
+}
+
+/// A StartupMessage carrying this protocol version code (major << 16 | minor).
+pub fn startup_packet_version(code: i32, params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = code.to_be_bytes().to_vec();
     for (k, v) in params {
         body.extend_from_slice(k.as_bytes());
         body.push(0);

@@ -23,7 +23,10 @@ pub enum ClientCredential {
     /// ClientKey recovered from an earlier SCRAM exchange or a cleartext
     /// password, with the ServerKey of the same stored secret.
     ClientKey {
+        /// `ClientKey = HMAC(SaltedPassword, "Client Key")` (32 bytes).
         client_key: [u8; 32],
+        /// `ServerKey = HMAC(SaltedPassword, "Server Key")` (32 bytes), as in
+        /// the role's `pg_authid` secret.
         server_key: [u8; 32],
     },
     /// Cleartext password (the ServerKey is derived from it).
