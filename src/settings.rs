@@ -27,6 +27,9 @@ pub static QUERY_WAIT_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(120);
 pub static HOLD_IDLE_CLIENTS: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Milliseconds a backend may go on serving its client while others wait.
 pub static CLIENT_TIME_SLICE: GucSetting<i32> = GucSetting::<i32>::new(2);
+/// Milliseconds a client whose transaction called nextval() keeps its backend
+/// for its next statement while other clients wait (currval()/lastval()).
+pub static SEQUENCE_HOLD: GucSetting<i32> = GucSetting::<i32>::new(50);
 /// Seconds a parked backend may stay unused before it is closed (0: never).
 pub static IDLE_BACKEND_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(600);
 
@@ -138,6 +141,16 @@ pub fn define() {
         &CLIENT_TIME_SLICE,
         0,
         1000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"nextgres.sequence_hold",
+        c"How long a client whose transaction called nextval() keeps its backend for its next statement while other clients of the pool wait.",
+        c"Sequence values (currval, lastval) cannot move to another backend. A client that sends its next statement within this time (INSERT, then SELECT lastval()) gets them as on a direct session; after it, a waiting client gets the backend and currval()/lastval() fail with 55000 as in a new session. Nobody waiting: the client keeps the backend.",
+        &SEQUENCE_HOLD,
+        0,
+        10000,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );

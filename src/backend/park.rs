@@ -84,8 +84,12 @@ pub fn transaction_boundary() {
                 p.pin = pin;
                 crate::shmem::report_pin(pin as u8);
             }
-            let pinned = pin != Pin::None;
-            if !leaving && (pinned || p.hold_idle) && linger(p, pinned) {
+            // Sequence values keep the client only for a while when others
+            // wait (nextgres.sequence_hold): an idle client must not hold
+            // a backend of a saturated pool for ever after an INSERT.
+            let sequence = pin == Pin::Sequence;
+            let pinned = pin != Pin::None && !sequence;
+            if !leaving && (pinned || sequence || p.hold_idle) && linger(p, pinned, sequence) {
                 return; // the client's next message is here: serve it
             }
             p.attached = None;
@@ -116,8 +120,17 @@ pub fn transaction_boundary() {
 /// Only an unbounded wait (nobody waiting) is announced in shared memory: the
 /// pooler signals announced backends when a client starts waiting, and a
 /// backend already counting down its slice needs no signal.
-fn linger(p: &mut Parking, pinned: bool) -> bool {
+///
+/// `sequence`: the client's transaction called nextval(); while others wait
+/// it keeps the backend at least `nextgres.sequence_hold` from this boundary.
+fn linger(p: &mut Parking, pinned: bool, sequence: bool) -> bool {
     let optional = !pinned && !p.reserved;
+    let boundary = std::time::Instant::now();
+    let hold = if sequence {
+        std::time::Duration::from_millis(crate::settings::SEQUENCE_HOLD.get().max(0) as u64)
+    } else {
+        std::time::Duration::ZERO
+    };
     if optional && p.row.is_none() {
         p.row = crate::shmem::own_backend_row();
         // Without its row the pooler could not ask for the client back.
@@ -141,11 +154,13 @@ fn linger(p: &mut Parking, pinned: bool) -> bool {
             if p.release_requested || waiting > 0 {
                 announced = None;
                 let slice = nextgres_core::pool::fair_slice(slice, waiting, backends);
-                let used = p.attached_at.elapsed();
-                if used >= slice {
+                let left = slice
+                    .saturating_sub(p.attached_at.elapsed())
+                    .max(hold.saturating_sub(boundary.elapsed()));
+                if left.is_zero() {
                     return false;
                 }
-                timeout_ms = (slice - used).as_micros().div_ceil(1000) as i64;
+                timeout_ms = left.as_micros().div_ceil(1000) as i64;
             }
         }
         match glue::linger_wait(timeout_ms) {

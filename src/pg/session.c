@@ -125,6 +125,7 @@ attr_written(TupleDesc d, int i)
  * ------------------------------------------------------------------------ */
 
 static ProcessUtility_hook_type prev_utility = NULL;
+static post_parse_analyze_hook_type prev_post_parse_analyze = NULL;
 static object_access_hook_type prev_object_access = NULL;
 static needs_fmgr_hook_type prev_needs_fmgr = NULL;
 static fmgr_hook_type prev_fmgr = NULL;
@@ -163,6 +164,34 @@ want_executed(Node *query)
 		((Query *) query)->utilityStmt && IsA(((Query *) query)->utilityStmt, ExecuteStmt))
 		want_statement(((ExecuteStmt *) ((Query *) query)->utilityStmt)->name);
 }
+/*
+ * EXECUTE s, EXPLAIN EXECUTE s, CREATE TABLE AS EXECUTE s at parse analysis:
+ * the extended protocol describes such a statement (Describe of its portal,
+ * utility.c UtilityTupleDescriptor) before the utility hook runs, looking s
+ * up without an error if it is missing, so s must exist by then or the
+ * client is told NoData and then sent rows.
+ */
+static void
+ng_post_parse_analyze(ParseState *pstate, Query *query, JumbleState *jstate)
+{
+	if (prev_post_parse_analyze)
+		prev_post_parse_analyze(pstate, query, jstate);
+	if (statements_pending && query->commandType == CMD_UTILITY && query->utilityStmt)
+	{
+		Node	   *n = query->utilityStmt;
+
+		/* EXPLAIN and CREATE TABLE AS hold their inner statement analyzed. */
+		if (IsA(n, ExplainStmt))
+			n = ((ExplainStmt *) n)->query;
+		else if (IsA(n, CreateTableAsStmt))
+			n = ((CreateTableAsStmt *) n)->query;
+		if (n && IsA(n, Query) && ((Query *) n)->commandType == CMD_UTILITY)
+			n = ((Query *) n)->utilityStmt;
+		if (n && IsA(n, ExecuteStmt))
+			want_statement(((ExecuteStmt *) n)->name);
+	}
+}
+
 static List *holdable_cursors = NIL;	/* names, TopMemoryContext */
 static List *listen_channels = NIL;	/* names, TopMemoryContext */
 typedef enum
@@ -383,6 +412,8 @@ ng_install_session_hooks(void)
 {
 	prev_utility = ProcessUtility_hook;
 	ProcessUtility_hook = ng_utility;
+	prev_post_parse_analyze = post_parse_analyze_hook;
+	post_parse_analyze_hook = ng_post_parse_analyze;
 	prev_object_access = object_access_hook;
 	object_access_hook = ng_object_access;
 	prev_needs_fmgr = needs_fmgr_hook;
@@ -1563,9 +1594,10 @@ ng_defaults_clear(const char *name)
 	if (g == NULL)
 		return;
 	/* set_config_option() never lets a lower source override a higher one. */
-	if (g->source > PGC_S_FILE && g->source <= PGC_S_CLIENT)
+	/* Postmaster command-line values (-c, PGC_S_ARGV) stay as they are. */
+	if (g->source > PGC_S_ARGV && g->source <= PGC_S_CLIENT)
 		g->source = PGC_S_DEFAULT;
-	if (g->reset_source > PGC_S_FILE && g->reset_source <= PGC_S_CLIENT)
+	if (g->reset_source > PGC_S_ARGV && g->reset_source <= PGC_S_CLIENT)
 		g->reset_source = PGC_S_DEFAULT;
 	PG_TRY();
 	{
@@ -1610,7 +1642,12 @@ ng_defaults_apply(int level, const char *name, const char *value)
 		return;
 	PG_TRY();
 	{
-		(void) set_config_option(name, value, superuser() ? PGC_SUSET : PGC_USERSET,
+		/*
+		 * PGC_SUSET as the server applies pg_db_role_setting at a login
+		 * (guc.c ProcessGUCArray from ApplySetting): ALTER ROLE/DATABASE SET
+		 * of a superuser-only parameter was already checked when it was set.
+		 */
+		(void) set_config_option(name, value, PGC_SUSET,
 								 default_sources[level], GUC_ACTION_SET, true, WARNING, false);
 	}
 	PG_CATCH();

@@ -43,11 +43,17 @@ impl Pooler {
         if p.login_backoff_until.is_some_and(|t| Instant::now() < t) {
             return false;
         }
+        // A pool with no backend has nothing to share: its login goes to the
+        // server, which decides exactly as for a direct login (a superuser
+        // may take a reserved slot; the count below may also include logins
+        // in flight that already hold theirs, so it must not refuse here).
+        if p.backends == 0 {
+            return true;
+        }
         // Pool logins already under way have not taken their slot yet.
         let pending: usize = self.pools.iter().map(|(_, p)| p.starting).sum();
         // A pool with a backend leaves one slot for direct logins of others.
-        let spare = usize::from(p.backends > 0);
-        if crate::pg::slots::unreserved_free(pending + 1 + spare) {
+        if crate::pg::slots::unreserved_free(pending + 2) {
             return true;
         }
         self.pool_out_of_slots(pool, None);

@@ -64,6 +64,18 @@ fn simple(c: &mut Client, sql: &str) -> String {
     }
 }
 
+/// An extended-protocol query (Parse, Describe, Bind, Execute): its columns
+/// and row count, or the error.
+fn extended(c: &mut Client, sql: &str) -> String {
+    match c.query(sql, &[]) {
+        Ok(rows) => {
+            let cols: Vec<&str> = rows.first().map(|r| r.columns().iter().map(|c| c.name()).collect()).unwrap_or_default();
+            format!("ok {} rows, columns {cols:?}", rows.len())
+        }
+        Err(e) => err_text(&e),
+    }
+}
+
 fn err_text(e: &postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("ERROR {} {}", db.code().code(), db.message()),
@@ -168,14 +180,22 @@ fn sql_scenario(pg: &Cluster, pooled: bool) -> Vec<String> {
     setup(pg);
     let mut p = Pair::new(pg, pooled);
     let mut out = Vec::new();
+    // "extended: SQL" runs SQL with the extended protocol.
     let mut step = |p: &mut Pair, sql: &str| {
         p.other_runs();
-        let r = simple(&mut p.c, sql);
+        let r = match sql.strip_prefix("extended: ") {
+            Some(q) => extended(&mut p.c, q),
+            None => simple(&mut p.c, sql),
+        };
         out.push(format!("{sql}: {r}"));
     };
     step(&mut p, "PREPARE q AS SELECT a FROM drop_me");
     step(&mut p, "PREPARE dup AS SELECT 1");
     step(&mut p, "EXECUTE q");
+    // The extended protocol describes EXECUTE's portal before it runs: the
+    // statement must exist by then (RowDescription, not NoData then rows).
+    step(&mut p, "extended: EXECUTE q");
+    step(&mut p, "extended: EXPLAIN (COSTS OFF) EXECUTE q");
     exec(pg, "DROP TABLE drop_me");
     step(&mut p, "EXECUTE q");
     step(&mut p, "EXPLAIN (COSTS OFF) EXECUTE q");
@@ -255,6 +275,34 @@ fn lastval_after_insert_as_on_a_direct_connection() {
                 let bad: Vec<String> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
                 assert!(bad.is_empty(), "pooled={pooled}: {} wrong answers, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
             }
+        },
+    );
+}
+
+/// A client whose transaction called nextval() and then goes idle keeps its
+/// backend only for nextgres.sequence_hold while another client waits: on a
+/// pool of one, the other client's query runs (it would otherwise wait until
+/// query_wait_timeout and get 53400), and the idle client is served again.
+#[test]
+fn sequence_values_do_not_starve_a_saturated_pool() {
+    run(
+        Cluster::builder()
+            .conf("nextgres.pool_size = 1")
+            .conf("nextgres.sequence_hold = 50")
+            .conf("nextgres.query_wait_timeout = 20"),
+        "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN;
+         CREATE TABLE sq(id serial PRIMARY KEY, who int);
+         GRANT ALL ON sq, sq_id_seq TO app",
+        TEST_LIMIT,
+        |pg| {
+            let mut a = pg.connect_tcp("app", "postgres", None).unwrap();
+            a.execute("INSERT INTO sq(who) VALUES (1)", &[]).unwrap();
+            // a now sits idle holding sequence values; b needs the only backend.
+            let mut b = pg.connect_tcp("app", "postgres", None).unwrap();
+            let r = b.simple_query("SELECT 2");
+            assert!(r.is_ok(), "the other client was not served: {}", r.err().map(|e| err_text(&e)).unwrap_or_default());
+            let again = simple(&mut a, "SELECT count(*) FROM sq");
+            assert_eq!(again, "ok 1", "the idle client is served again");
         },
     );
 }
