@@ -540,11 +540,20 @@ fn smart_stop_waits_for_clients_not_for_parked_backends() {
         let mut c = connect(pg, APP);
         one(&mut c, "SELECT 1");
         wait_parked(pg, 1);
-        // A client is connected: the smart stop must not finish yet.
+        // A client is connected: the smart stop must not finish yet. pg_ctl
+        // gives up after its window; the request itself stays in force.
+        let mark = pg.log_mark();
         assert!(
             !pg.stop_timeout(StopMode::Smart, Duration::from_secs(3)),
             "smart stop finished while a client was connected"
         );
+        // The postmaster got the request (its own log line) and still runs.
+        assert!(
+            wait_until(SETTLE, || pg.log_since(mark).contains("received smart shutdown request")),
+            "the postmaster never logged the smart shutdown request:\n{}",
+            pg.log_since(mark)
+        );
+        assert!(pg.is_running(), "the server stopped while a client was connected");
         // The shutdown request stays in force. The connected client still
         // gets its queries served meanwhile, as with a direct connection.
         assert_eq!(one(&mut c, "SELECT 'still served'"), "still served");
