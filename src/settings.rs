@@ -1,6 +1,7 @@
 //! Every `nextgres.*` setting, in one place. Names follow PgBouncer's where a
 //! PgBouncer user would look for them.
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use crate::pg::poolconf;
 use std::ffi::CString;
 
 /// TCP port the pooler listens on. 0 (default): the server's own `port`, which
@@ -65,16 +66,21 @@ pub fn define() {
         GucContext::Postmaster,
         GucFlags::default(),
     );
-    GucRegistry::define_int_guc(
+    // SAFETY (the four pool settings below): the check hooks are C functions
+    // in poolconf.c that never throw.
+    unsafe { GucRegistry::define_int_guc_with_hooks(
         c"nextgres.pool_size",
         c"Backends per (database, role) pool.",
         c"",
         &POOL_SIZE,
         1,
         10000,
-        GucContext::Sighup,
+        GucContext::Suset,
         GucFlags::default(),
-    );
+        Some(poolconf::ng_check_pool_size),
+        None,
+        None,
+    ) };
     GucRegistry::define_int_guc(
         c"nextgres.max_client_conn",
         c"Maximum number of client connections the pooler accepts.",
@@ -95,34 +101,43 @@ pub fn define() {
         GucContext::Postmaster,
         GucFlags::default(),
     );
-    GucRegistry::define_enum_guc(
+    unsafe { GucRegistry::define_enum_guc_with_hooks(
         c"nextgres.pool_mode",
         c"transaction: a backend serves a client for one transaction; session: for the whole connection.",
         c"",
         &POOL_MODE,
-        GucContext::Sighup,
+        GucContext::Suset,
         GucFlags::default(),
-    );
-    GucRegistry::define_int_guc(
+        Some(poolconf::ng_check_pool_mode),
+        None,
+        None,
+    ) };
+    unsafe { GucRegistry::define_int_guc_with_hooks(
         c"nextgres.query_wait_timeout",
         c"Seconds a client may wait for a free backend; 0 waits forever.",
         c"",
         &QUERY_WAIT_TIMEOUT,
         0,
         i32::MAX / 1000,
-        GucContext::Sighup,
+        GucContext::Suset,
         GucFlags::UNIT_S,
-    );
-    GucRegistry::define_int_guc(
+        Some(poolconf::ng_check_query_wait_timeout),
+        None,
+        None,
+    ) };
+    unsafe { GucRegistry::define_int_guc_with_hooks(
         c"nextgres.idle_backend_timeout",
         c"Seconds an unused parked backend is kept; 0 keeps it forever.",
         c"",
         &IDLE_BACKEND_TIMEOUT,
         0,
         i32::MAX / 1000,
-        GucContext::Sighup,
+        GucContext::Suset,
         GucFlags::UNIT_S,
-    );
+        Some(poolconf::ng_check_idle_backend_timeout),
+        None,
+        None,
+    ) };
     GucRegistry::define_bool_guc(
         c"nextgres.hold_idle_clients",
         c"A backend keeps its idle client between transactions while no other client of its pool waits.",

@@ -5,7 +5,7 @@
 //! Nothing secret is stored here except the per-boot token, which SQL never shows.
 use crate::pg::shmem::{self as raw, Guard};
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 pub const NAME_LEN: usize = 64;
 pub const ADDR_LEN: usize = 48;
@@ -23,7 +23,20 @@ pub struct Header {
     /// template): the pooler closes their pools' backends. Written by that
     /// backend under the lock, cleared by it when the command ends.
     pub drains: [Drain; DRAIN_SLOTS],
+    /// Commits of ALTER ROLE / DATABASE ... SET (and role or database
+    /// renames and drops) so far: each bumps this, and the pooler then has
+    /// pg_db_role_setting read again (`pooler::poolconf`).
+    pub conf_changes: AtomicU64,
+    /// Bumped by the settings reader each time it rewrote `conf`.
+    pub conf_gen: AtomicU64,
+    /// Bytes of `conf` in use: `database\0role\0item\0` per nextgres.*
+    /// item of pg_db_role_setting, empty database or role for "all".
+    pub conf_len: u32,
+    pub conf: [u8; CONF_LEN],
 }
+
+/// Room for the nextgres.* items of pg_db_role_setting (about 100 bytes each).
+pub const CONF_LEN: usize = 32 * 1024;
 
 pub const DRAIN_SLOTS: usize = 8;
 
@@ -56,6 +69,10 @@ pub struct PoolRow {
     pub waits: i64,
     pub wait_us: i64,
     pub max_wait_us: i64,
+    /// Effective `pool_size` (its own from pg_db_role_setting, else global).
+    pub pool_size: i32,
+    /// Effective `pool_mode`: 1 session, 0 transaction.
+    pub session_mode: bool,
 }
 
 #[repr(u8)]
@@ -236,6 +253,42 @@ pub fn name(field: &[u8]) -> String {
 }
 
 impl Tables {
+    /// Settings reader: replaces the pg_db_role_setting copy (truncated to
+    /// CONF_LEN at an item boundary; returns false if it was).
+    pub fn conf_write(&self, data: &[u8]) -> bool {
+        let h = unsafe { &mut *self.base.cast::<Header>() };
+        let mut n = data.len().min(CONF_LEN);
+        if n < data.len() {
+            // Whole items only: back up to the end of the last complete one.
+            let mut seen = 0;
+            let mut cut = 0;
+            for (i, &b) in data[..n].iter().enumerate() {
+                if b == 0 {
+                    seen += 1;
+                    if seen % 3 == 0 {
+                        cut = i + 1;
+                    }
+                }
+            }
+            n = cut;
+        }
+        {
+            let _g = Guard::exclusive();
+            h.conf[..n].copy_from_slice(&data[..n]);
+            h.conf_len = n as u32;
+            h.conf_gen.fetch_add(1, Ordering::SeqCst);
+        }
+        n == data.len()
+    }
+
+    /// Pooler: the copy and its generation.
+    pub fn conf_read(&self) -> (u64, Vec<u8>) {
+        let h = self.header();
+        let _g = Guard::shared();
+        let gen = h.conf_gen.load(Ordering::SeqCst);
+        (gen, h.conf[..(h.conf_len as usize).min(CONF_LEN)].to_vec())
+    }
+
     /// All client rows by index (for joining backends to their clients).
     pub fn snapshot_clients_by_row(&self) -> Vec<ClientRow> {
         let _g = Guard::shared();

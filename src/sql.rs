@@ -48,6 +48,8 @@ fn pools() -> TableIterator<
         name!(waits, i64),
         name!(wait_time_ms, f64),
         name!(max_wait_ms, f64),
+        name!(pool_size, i32),
+        name!(pool_mode, &'static str),
     ),
 > {
     let (pools, _, _) = tables().snapshot();
@@ -65,6 +67,8 @@ fn pools() -> TableIterator<
             p.waits,
             p.wait_us as f64 / 1000.0,
             p.max_wait_us as f64 / 1000.0,
+            p.pool_size,
+            if p.session_mode { "session" } else { "transaction" },
         )
     }))
 }

@@ -8,7 +8,6 @@ use super::backend::BPhase;
 use super::client::Phase;
 use super::conn::Conn;
 use super::worker::Pooler;
-use crate::settings::{PoolMode, POOL_MODE, POOL_SIZE};
 use crate::shmem::{BackendState, ClientState};
 use nextgres_core::control::{self, Attach, Released};
 use nextgres_core::pool::{Credential, Pool};
@@ -38,10 +37,11 @@ impl Pooler {
                 new.draining = self.draining.contains(&name.0);
                 let p = self.pools.insert(new);
                 self.pool_by_name.insert(name, p);
+                self.pool_conf_init(p);
                 p
             }
         };
-        let session_mode = POOL_MODE.get() == PoolMode::Session;
+        let session_mode = self.pool_session_mode(pool);
         let known = {
             let p = &mut self.pools[pool];
             if let Some(new) = cred {
@@ -160,7 +160,7 @@ impl Pooler {
 
     /// Starts pool logins while clients wait that no starting backend serves.
     pub fn pool_maybe_grow(&mut self, pool: usize) {
-        let size = POOL_SIZE.get().max(1) as usize;
+        let size = self.pool_size_of(pool);
         if self.pools.get(pool).is_some_and(|p| !p.wants_backend(size)) {
             self.pool_slots_episode_end(pool);
         }

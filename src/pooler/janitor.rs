@@ -5,7 +5,6 @@ use super::backend::BPhase;
 use super::client::Phase;
 use super::conn::Conn;
 use super::worker::Pooler;
-use crate::settings::{IDLE_BACKEND_TIMEOUT, QUERY_WAIT_TIMEOUT};
 use std::time::{Duration, Instant};
 
 pub const TICK_MS: i64 = 1000;
@@ -19,8 +18,6 @@ impl Pooler {
         self.last_janitor = Some(now);
         self.watch_smart_shutdown();
         self.check_drains();
-        let wait_limit = secs(QUERY_WAIT_TIMEOUT.get());
-        let idle_limit = secs(IDLE_BACKEND_TIMEOUT.get());
         let auth_limit = secs(unsafe { pgrx::pg_sys::AuthenticationTimeout });
         let mut expired_wait = Vec::new();
         let mut expired_auth = Vec::new();
@@ -29,6 +26,7 @@ impl Pooler {
             match conn {
                 Conn::Client(c) => match c.phase {
                     Phase::Waiting { since } | Phase::LoginPending { since } => {
+                        let wait_limit = secs(self.query_wait_timeout_of(c.pool));
                         if wait_limit.is_some_and(|l| now.duration_since(since) > l) {
                             expired_wait.push(k);
                         }
@@ -42,6 +40,7 @@ impl Pooler {
                 },
                 Conn::Backend(b) => {
                     if let BPhase::Parked { since } = b.phase {
+                        let idle_limit = secs(self.idle_backend_timeout_of(b.pool));
                         if b.pinned_to.is_none() && idle_limit.is_some_and(|l| now.duration_since(since) > l) {
                             idle_backends.push(k);
                         }
@@ -51,7 +50,11 @@ impl Pooler {
             }
         }
         for k in expired_wait {
-            let t = QUERY_WAIT_TIMEOUT.get();
+            let pool = match self.conns.get(k) {
+                Some(Conn::Client(c)) => c.pool,
+                _ => None,
+            };
+            let t = self.query_wait_timeout_of(pool);
             self.client_fatal(
                 k,
                 "53400",

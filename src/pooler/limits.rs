@@ -16,7 +16,6 @@
 use super::backend::BPhase;
 use super::conn::Conn;
 use super::worker::Pooler;
-use crate::settings::POOL_SIZE;
 use nextgres_core::proto::ErrorFields;
 use std::time::{Duration, Instant};
 
@@ -57,7 +56,7 @@ impl Pooler {
     /// The pool got no connection slot: counted free slots said so (`server`
     /// None) or the server refused the login with 53300 (`server`: its error).
     pub fn pool_out_of_slots(&mut self, pool: usize, server: Option<ErrorFields>) {
-        let size = POOL_SIZE.get();
+        let size = self.pool_size_of(pool);
         let Some(p) = self.pools.get_mut(pool) else { return };
         p.login_backoff_until = Some(Instant::now() + SLOT_BACKOFF);
         if !p.slots_episode {
@@ -69,7 +68,7 @@ impl Pooler {
                 None => "no connection slot is free for another pool login".to_string(),
             };
             let msg = format!(
-                "nextgres: the pool of role \"{}\" for database \"{}\" has {} of nextgres.pool_size = {size} backends and gets no more for now: {cause} \
+                "nextgres: the pool of role \"{}\" for database \"{}\" has {} of its pool_size = {size} backends and gets no more for now: {cause} \
 (max_connections = {max}, superuser_reserved_connections = {su}, reserved_connections = {res}); its clients share the backends it has, and it tries again at most twice a second",
                 p.role, p.database, p.backends
             );
@@ -99,7 +98,7 @@ impl Pooler {
 
     /// More backends than `nextgres.pool_size` (lowered by a reload)?
     pub fn pool_surplus(&self, pool: usize) -> usize {
-        let size = POOL_SIZE.get().max(1) as usize;
+        let size = self.pool_size_of(pool);
         self.pools.get(pool).map_or(0, |p| p.backends.saturating_sub(size))
     }
 

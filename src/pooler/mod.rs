@@ -10,6 +10,7 @@
 //! * `drain`: closing a database's backends for DROP DATABASE and friends.
 //! * `janitor`: periodic upkeep (timeouts).
 //! * `limits`: connection slots for pool logins, a lowered pool_size.
+//! * `poolconf`: per-pool settings from `ALTER ROLE / DATABASE ... SET`.
 //! * `stats`: the shared tables the SQL functions read.
 mod auth;
 mod backend;
@@ -20,6 +21,7 @@ mod handoff;
 mod janitor;
 mod limits;
 mod listener;
+mod poolconf;
 
 mod stats;
 mod worker;

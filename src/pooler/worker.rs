@@ -59,6 +59,8 @@ pub struct Pooler {
     /// Databases a DROP DATABASE (or similar) is waiting on (see `drain`).
     pub draining: Vec<String>,
     pub last_janitor: Option<std::time::Instant>,
+    /// Per-pool settings from pg_db_role_setting (`poolconf`).
+    pub conf: super::poolconf::ConfState,
 }
 
 impl Pooler {
@@ -105,6 +107,7 @@ impl Pooler {
             stopping: false,
             draining: Vec::new(),
             last_janitor: None,
+            conf: super::poolconf::ConfState::new(),
         };
         p.rows.reset_all(&p.tables);
         p.tables.set_pooler(unsafe { pg_sys::MyProcPid }, postmaster::listen::port());
@@ -154,6 +157,7 @@ impl Pooler {
                     break;
                 }
             }
+            self.pool_conf_check();
             self.janitor();
         }
     }
@@ -173,7 +177,8 @@ impl Pooler {
             Ok(()) => log::info!("reloaded pg_hba.conf and settings"),
             Err(e) => log::warn!("pg_hba.conf not reloaded, keeping the previous rules: {}", e.message()),
         }
-        // A lowered nextgres.pool_size applies at once.
+        // A lowered nextgres.pool_size applies at once (pools without their
+        // own pool_size).
         self.pools_trim();
     }
 

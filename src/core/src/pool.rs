@@ -69,6 +69,9 @@ pub struct Pool {
     pub waits: i64,
     pub wait_us: i64,
     pub max_wait_us: i64,
+    /// Settings of this pool from `ALTER ROLE / DATABASE ... SET` (None:
+    /// the global value).
+    pub conf: crate::poolconf::PoolConf,
 }
 
 impl Pool {
@@ -96,6 +99,7 @@ impl Pool {
             waits: 0,
             wait_us: 0,
             max_wait_us: 0,
+            conf: Default::default(),
         }
     }
 

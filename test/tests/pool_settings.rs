@@ -1,0 +1,219 @@
+//! Per-pool settings the PostgreSQL way: `ALTER ROLE / DATABASE ... SET
+//! nextgres.pool_size | pool_mode` (pg_db_role_setting, the server's
+//! precedence), applied by the pooler to live pools without a reload, and
+//! `RESET` back to postgresql.conf.
+//!
+//! ```sh
+//! NEXTGRES_PG=16 cargo test -p nextgres-test --test pool_settings -- --test-threads=2
+//! ```
+
+mod pool_support;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use nextgres_test::{parse_summary, wait_until, Cluster};
+use pool_support::{err_fields, exec, first_value};
+
+/// The pooler has pg_db_role_setting read when such a change commits; it
+/// applies at the pool's next transaction boundaries. Waits for a state are
+/// bounded by 3 s (the issue asks for "within a second"; the measured time is
+/// printed).
+const APPLIED: Duration = Duration::from_secs(3);
+
+fn app_backends(admin: &mut postgres::Client) -> usize {
+    let n: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE backend_type = 'client backend' AND usename = 'app' AND datname = 'postgres'",
+            &[],
+        )
+        .expect("sampling pg_stat_activity")
+        .get(0);
+    n as usize
+}
+
+/// Under pgbench load (12 clients, global pool_size 6): ALTER ROLE lowers the
+/// pool to 2, ALTER ROLE ... IN DATABASE raises it to 3 (it beats the role's
+/// setting), ALTER DATABASE's 1 changes nothing (lower precedence), RESET of
+/// the role-in-database value returns to the role's 2 and RESET of the role's
+/// to the global 6. pg_stat_activity, sampled all along, never shows more
+/// backends than the limit in force; pgbench has no failed transaction.
+#[test]
+fn alter_role_pool_size_live_under_pgbench() {
+    let pg = Cluster::builder()
+        .conf("nextgres.pool_size = 6")
+        .conf("max_connections = 40")
+        .start();
+    exec(
+        &pg,
+        "CREATE EXTENSION nextgres;
+         CREATE ROLE app LOGIN;
+         GRANT CREATE ON SCHEMA public TO app",
+    );
+    let bench = pg.tcp("app", "postgres");
+    pg.pgbench_init(&bench, 1).assert_success();
+
+    let limit = AtomicUsize::new(6);
+    let stop = AtomicBool::new(false);
+    let samples = AtomicUsize::new(0);
+    let violations = Mutex::new(Vec::<String>::new());
+    let mut admin = pg.admin();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut sampler = pg.admin();
+            while !stop.load(Ordering::Relaxed) {
+                let before = limit.load(Ordering::SeqCst);
+                let n = app_backends(&mut sampler);
+                let allowed = before.max(limit.load(Ordering::SeqCst));
+                if n > allowed {
+                    violations.lock().unwrap().push(format!("{n} backends with limit {allowed}"));
+                }
+                samples.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        let run = s.spawn(|| pg.pgbench(&bench, &["-n", "-S", "-c", "12", "-j", "2", "-T", "30"]));
+
+        // The load fills the global pool.
+        assert!(wait_until(Duration::from_secs(20), || app_backends(&mut admin) >= 4), "pool never grew under load");
+
+        let mut step = |sql: &str, new_limit: usize, cond: &dyn Fn(usize) -> bool, what: &str| {
+            if new_limit > limit.load(Ordering::SeqCst) {
+                limit.store(new_limit, Ordering::SeqCst);
+            }
+            exec(&pg, sql);
+            let t0 = Instant::now();
+            let ok = wait_until(APPLIED, || cond(app_backends(&mut admin)));
+            assert!(ok, "{what}: not applied within {APPLIED:?} ({} backends)", app_backends(&mut admin));
+            eprintln!("{what}: applied after {:?}", t0.elapsed());
+            limit.store(new_limit, Ordering::SeqCst);
+            // Hold it for a while of sampling under load.
+            let from = samples.load(Ordering::Relaxed);
+            wait_until(Duration::from_secs(10), || samples.load(Ordering::Relaxed) >= from + 100);
+        };
+        step("ALTER ROLE app SET nextgres.pool_size = 2", 2, &|n| n <= 2, "ALTER ROLE SET 2");
+        step("ALTER ROLE app IN DATABASE postgres SET nextgres.pool_size = 3", 3, &|n| n == 3, "ALTER ROLE IN DATABASE SET 3");
+        let row = pg
+            .admin()
+            .query_one("SELECT pool_size FROM nextgres.pools WHERE role = 'app' AND database = 'postgres'", &[])
+            .expect("nextgres.pools");
+        assert_eq!(row.get::<_, i32>(0), 3);
+        exec(&pg, "ALTER DATABASE postgres SET nextgres.pool_size = 1");
+        step("ALTER ROLE app IN DATABASE postgres RESET nextgres.pool_size", 2, &|n| n <= 2, "RESET role in database");
+        step("ALTER ROLE app RESET nextgres.pool_size", 1, &|n| n <= 1, "RESET role (database's 1 left)");
+        step("ALTER DATABASE postgres RESET ALL", 6, &|n| n > 2, "RESET database (global 6)");
+        let row = pg
+            .admin()
+            .query_one("SELECT pool_size FROM nextgres.pools WHERE role = 'app' AND database = 'postgres'", &[])
+            .expect("nextgres.pools");
+        assert_eq!(row.get::<_, i32>(0), 6);
+
+        let out = run.join().expect("pgbench thread");
+        out.assert_success();
+        let sum = parse_summary(&out.stdout).unwrap_or_else(|| panic!("no pgbench summary:\n{out}"));
+        assert_eq!(sum.failed.unwrap_or(0), 0, "{out}");
+        assert!(sum.processed > 0, "{out}");
+        stop.store(true, Ordering::Relaxed);
+    });
+    let v = violations.into_inner().unwrap();
+    assert!(v.is_empty(), "limit exceeded {} times: {:?}", v.len(), &v[..v.len().min(10)]);
+    assert!(samples.into_inner() > 100, "the sampler barely ran");
+    let log = pg.log();
+    assert!(log.contains("settings from pg_db_role_setting now pool_size=2"), "no log line for the change");
+}
+
+/// pool_mode per database: with ALTER DATABASE ... SET nextgres.pool_mode =
+/// session and a pool of 1 (ALTER ROLE ... IN DATABASE), a second client waits
+/// until the first disconnects; after RESET (transaction mode) two clients
+/// share the one backend between transactions.
+#[test]
+fn alter_database_pool_mode_and_reset() {
+    let pg = Cluster::builder().conf("nextgres.pool_mode = transaction").start();
+    exec(
+        &pg,
+        "CREATE EXTENSION nextgres;
+         CREATE ROLE app LOGIN",
+    );
+    let pid = |c: &mut postgres::Client| first_value(&c.simple_query("SELECT pg_backend_pid()").expect("pid")).expect("row");
+    // The pool exists (global settings) before the ALTERs.
+    pid(&mut pg.tcp("app", "postgres").connect().expect("first"));
+    let conf = || {
+        pg.admin()
+            .query_one("SELECT pool_size, pool_mode FROM nextgres.pools WHERE role = 'app'", &[])
+            .map(|r| (r.get::<_, i32>(0), r.get::<_, String>(1)))
+            .expect("pools")
+    };
+    assert_eq!(conf(), (8, "transaction".to_string()));
+    exec(
+        &pg,
+        "ALTER ROLE app IN DATABASE postgres SET nextgres.pool_size = 1;
+         ALTER DATABASE postgres SET nextgres.pool_mode = session",
+    );
+    assert!(wait_until(APPLIED, || conf() == (1, "session".to_string())), "not applied: {:?}", conf());
+    let mut a = pg.tcp("app", "postgres").connect().expect("a");
+    let pa = pid(&mut a);
+    std::thread::scope(|s| {
+        let b = s.spawn(|| {
+            let mut b = pg.tcp("app", "postgres").connect().expect("b");
+            pid(&mut b)
+        });
+        // b waits for the backend a keeps for its session.
+        let waiting = || {
+            pg.admin()
+                .query_one("SELECT clients_waiting FROM nextgres.pools WHERE role = 'app'", &[])
+                .map(|r| r.get::<_, i32>(0))
+                .unwrap_or(0)
+        };
+        assert!(wait_until(Duration::from_secs(10), || waiting() == 1), "b never waited");
+        assert_eq!(pid(&mut a), pa, "a lost its session backend");
+        assert!(!b.is_finished(), "b was served while a held the session");
+        drop(a);
+        assert_eq!(b.join().expect("b"), pa);
+    });
+
+    exec(&pg, "ALTER DATABASE postgres RESET nextgres.pool_mode");
+    let is_txn = || {
+        pg.admin()
+            .query_one("SELECT pool_mode FROM nextgres.pools WHERE role = 'app'", &[])
+            .map(|r| r.get::<_, String>(0) == "transaction")
+            .unwrap_or(false)
+    };
+    assert!(wait_until(APPLIED, is_txn), "RESET pool_mode not applied");
+    let mut a = pg.tcp("app", "postgres").connect().expect("a");
+    let mut b = pg.tcp("app", "postgres").connect().expect("b");
+    for _ in 0..3 {
+        let (x, y) = (pid(&mut a), pid(&mut b));
+        assert_eq!(x, y, "transaction mode shares the one backend");
+    }
+}
+
+/// Differential: SET nextgres.pool_size in a session fails the same way
+/// directly and through nextgres (55P02 for a superuser, 42501 for others),
+/// and ALTER ROLE ... SET validates the value as the server does.
+#[test]
+fn session_set_is_refused_alter_role_validates() {
+    let pg = Cluster::builder().start();
+    exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN; CREATE ROLE boss LOGIN SUPERUSER");
+    for (role, code) in [("boss", "55P02"), ("app", "42501")] {
+        for via in ["direct", "pooled"] {
+            let ci = if via == "direct" { pg.unix(role, "postgres") } else { pg.tcp(role, "postgres") };
+            let mut c = ci.connect().expect("connect");
+            for sql in ["SET nextgres.pool_size = 3", "SET nextgres.pool_mode = session", "SELECT set_config('nextgres.query_wait_timeout', '5', false)"] {
+                let e = c.simple_query(sql).expect_err(sql);
+                let f = err_fields(&e).expect("server error");
+                assert_eq!(f.code, code, "{role} {via} {sql}: {f:?}");
+            }
+            assert_eq!(first_value(&c.simple_query("SELECT 1").expect("still usable")).as_deref(), Some("1"));
+        }
+    }
+    let mut admin = pg.admin();
+    let e = admin.simple_query("ALTER ROLE app SET nextgres.pool_size = 0").expect_err("0 is out of range");
+    assert_eq!(err_fields(&e).expect("error").code, "22023");
+    let e = admin.simple_query("ALTER ROLE app SET nextgres.pool_mode = sometimes").expect_err("bad enum");
+    assert_eq!(err_fields(&e).expect("error").code, "22023");
+    admin.simple_query("ALTER ROLE app SET nextgres.pool_size = 5").expect("valid");
+    let e = pg.tcp("app", "postgres").connect().expect("connect").simple_query("ALTER ROLE app SET nextgres.pool_size = 7").expect_err("not superuser");
+    assert_eq!(err_fields(&e).expect("error").code, "42501");
+}
