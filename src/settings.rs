@@ -30,6 +30,12 @@ pub static HOLD_IDLE_CLIENTS: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static CLIENT_TIME_SLICE: GucSetting<i32> = GucSetting::<i32>::new(2);
 /// Seconds a parked backend may stay unused before it is closed (0: never).
 pub static IDLE_BACKEND_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(600);
+/// Backends a pool keeps logged in even when unused (past
+/// idle_backend_timeout), once it has logged one in.
+pub static MIN_POOL_SIZE: GucSetting<i32> = GucSetting::<i32>::new(0);
+/// Seconds after its login a backend is closed at its next transaction
+/// boundary and replaced as needed (0: never). PgBouncer's server_lifetime.
+pub static BACKEND_LIFETIME: GucSetting<i32> = GucSetting::<i32>::new(3600);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, pgrx::PostgresGucEnum)]
 pub enum PoolMode {
@@ -135,6 +141,32 @@ pub fn define() {
         GucContext::Suset,
         GucFlags::UNIT_S,
         Some(poolconf::ng_check_idle_backend_timeout),
+        None,
+        None,
+    ) };
+    unsafe { GucRegistry::define_int_guc_with_hooks(
+        c"nextgres.min_pool_size",
+        c"Backends a pool keeps logged in even when unused.",
+        c"They are not closed by idle_backend_timeout, and a pool that has logged in a backend once logs in more up to this many.",
+        &MIN_POOL_SIZE,
+        0,
+        10000,
+        GucContext::Suset,
+        GucFlags::default(),
+        Some(poolconf::ng_check_min_pool_size),
+        None,
+        None,
+    ) };
+    unsafe { GucRegistry::define_int_guc_with_hooks(
+        c"nextgres.backend_lifetime",
+        c"Seconds after its login a pooled backend is replaced, at its next transaction boundary; 0 keeps it.",
+        c"Long-lived backends give their memory (caches, plans) back. A backend pinned to a session leaves when its client does.",
+        &BACKEND_LIFETIME,
+        0,
+        i32::MAX / 1000,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+        Some(poolconf::ng_check_backend_lifetime),
         None,
         None,
     ) };

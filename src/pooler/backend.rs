@@ -35,6 +35,8 @@ pub struct Backend {
     pub release_requested: bool,
     scram: Option<ScramClient>,
     pub xacts: i64,
+    /// When its pool login started (for `backend_lifetime`).
+    pub born: Instant,
 }
 
 fn login_error(sqlstate: &str, message: String, hint: Option<&str>) -> ErrorFields {
@@ -90,6 +92,7 @@ impl Pooler {
             release_requested: false,
             scram: None,
             xacts: 0,
+            born: Instant::now(),
         };
         let entry = self.conns.vacant_entry();
         conn::add(&self.epoll, &b.stream, entry.key(), READ);

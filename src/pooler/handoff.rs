@@ -142,6 +142,11 @@ impl Pooler {
         if self.backend_close_if_surplus(key) {
             return;
         }
+        // Past its lifetime, at a transaction boundary: replaced as needed
+        // (backend_gone lets the pool log in another for waiting clients).
+        if self.backend_expired(key) {
+            return self.backend_close(key);
+        }
         if self.pools[pool].draining {
             return self.backend_close(key);
         }
@@ -164,7 +169,19 @@ impl Pooler {
         if self.pools.get(pool).is_some_and(|p| !p.wants_backend(size)) {
             self.pool_slots_episode_end(pool);
         }
-        while self.pools.get(pool).is_some_and(|p| p.wants_backend(size) && recent_failure(p).is_none()) {
+        let min = self.min_pool_size_of(pool);
+        let warm = |p: &Pool| {
+            // min_pool_size: once the pool has logged in (its session values
+            // are known), keep that many logged in, unless its role or
+            // database has a CONNECTION LIMIT or the server is stopping.
+            p.backends < min && p.params.is_some() && !p.draining && !p.close_when_idle
+        };
+        let stopping = self.stopping;
+        while self
+            .pools
+            .get(pool)
+            .is_some_and(|p| (p.wants_backend(size) || (!stopping && warm(p))) && recent_failure(p).is_none())
+        {
             if !self.pool_login_room(pool) {
                 break;
             }

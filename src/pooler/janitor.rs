@@ -22,6 +22,7 @@ impl Pooler {
         let mut expired_wait = Vec::new();
         let mut expired_auth = Vec::new();
         let mut idle_backends = Vec::new();
+        let mut expired_attached = Vec::new();
         for (k, conn) in self.conns.iter() {
             match conn {
                 Conn::Client(c) => match c.phase {
@@ -38,14 +39,17 @@ impl Pooler {
                     }
                     _ => {}
                 },
-                Conn::Backend(b) => {
-                    if let BPhase::Parked { since } = b.phase {
+                Conn::Backend(b) => match b.phase {
+                    BPhase::Parked { since } => {
                         let idle_limit = secs(self.idle_backend_timeout_of(b.pool));
-                        if b.pinned_to.is_none() && idle_limit.is_some_and(|l| now.duration_since(since) > l) {
+                        let idle = idle_limit.is_some_and(|l| now.duration_since(since) > l);
+                        if b.pinned_to.is_none() && (idle || self.backend_expired(k)) {
                             idle_backends.push(k);
                         }
                     }
-                }
+                    BPhase::Attached { .. } if !b.release_requested && self.backend_expired(k) => expired_attached.push(k),
+                    _ => {}
+                },
                 Conn::Listener(_) => {}
             }
         }
@@ -67,8 +71,21 @@ impl Pooler {
             // authentication_timeout is dropped.
             self.client_close(k);
         }
+        // min_pool_size: idle ones beyond it close, the pool keeps that many
+        // (backends past their lifetime close regardless and are replaced).
         for k in idle_backends {
+            let Some(Conn::Backend(b)) = self.conns.get(k) else { continue };
+            let pool = b.pool;
+            let backends = self.pools.get(pool).map_or(0, |p| p.backends);
+            if !self.backend_expired(k) && backends <= self.min_pool_size_of(pool) {
+                continue;
+            }
             self.backend_close(k);
+        }
+        // Attached past their lifetime give their client back at their next
+        // transaction boundary and close there (backend_available).
+        for k in expired_attached {
+            self.backend_request_release(k, true);
         }
         // Over-size pools (pool_size lowered) ask again, e.g. backends that
         // were asked while pinned.

@@ -17,7 +17,7 @@
 //! start; `pool_mode` applies to clients that enter the pool from then on;
 //! the timeouts from the next janitor tick.
 use super::worker::Pooler;
-use crate::settings::{PoolMode, IDLE_BACKEND_TIMEOUT, POOL_MODE, POOL_SIZE, QUERY_WAIT_TIMEOUT};
+use crate::settings::{PoolMode, BACKEND_LIFETIME, IDLE_BACKEND_TIMEOUT, MIN_POOL_SIZE, POOL_MODE, POOL_SIZE, QUERY_WAIT_TIMEOUT};
 use nextgres_core::poolconf::{self, Entry, Mode, PoolConf};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, DynamicBackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
@@ -150,6 +150,27 @@ impl Pooler {
         own.unwrap_or_else(|| IDLE_BACKEND_TIMEOUT.get())
     }
 
+    /// `min_pool_size` of the pool (never above its pool_size).
+    pub fn min_pool_size_of(&self, pool: usize) -> usize {
+        let own = self.pools.get(pool).and_then(|p| p.conf.min_pool_size);
+        (own.unwrap_or_else(|| MIN_POOL_SIZE.get()).max(0) as usize).min(self.pool_size_of(pool))
+    }
+
+    /// `backend_lifetime` of the pool (None: forever).
+    pub fn backend_lifetime_of(&self, pool: usize) -> Option<Duration> {
+        let own = self.pools.get(pool).and_then(|p| p.conf.backend_lifetime);
+        let s = own.unwrap_or_else(|| BACKEND_LIFETIME.get());
+        (s > 0).then(|| Duration::from_secs(s as u64))
+    }
+
+    /// A backend past its pool's backend_lifetime?
+    pub fn backend_expired(&self, key: usize) -> bool {
+        match self.conns.get(key) {
+            Some(super::conn::Conn::Backend(b)) => self.backend_lifetime_of(b.pool).is_some_and(|l| b.born.elapsed() > l),
+            _ => false,
+        }
+    }
+
     /// A new pool: its settings as last read.
     pub fn pool_conf_init(&mut self, pool: usize) {
         if let Some(p) = self.pools.get_mut(pool) {
@@ -263,6 +284,12 @@ fn describe(c: &PoolConf) -> String {
     }
     if let Some(v) = c.idle_backend_timeout {
         parts.push(format!("idle_backend_timeout={v}s"));
+    }
+    if let Some(v) = c.min_pool_size {
+        parts.push(format!("min_pool_size={v}"));
+    }
+    if let Some(v) = c.backend_lifetime {
+        parts.push(format!("backend_lifetime={v}s"));
     }
     if parts.is_empty() {
         "none (global settings)".to_string()

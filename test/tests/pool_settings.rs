@@ -22,6 +22,17 @@ use pool_support::{err_fields, exec, first_value};
 /// printed).
 const APPLIED: Duration = Duration::from_secs(3);
 
+/// Sets the flag when dropped, also when an assertion panics inside a
+/// `thread::scope`, so the sampler thread ends and the scope can unwind
+/// instead of waiting for it forever.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 fn app_backends(admin: &mut postgres::Client) -> usize {
     let n: i64 = admin
         .query_one(
@@ -75,6 +86,7 @@ fn alter_role_pool_size_live_under_pgbench() {
             }
         });
         let run = s.spawn(|| pg.pgbench(&bench, &["-n", "-S", "-c", "12", "-j", "2", "-T", "30"]));
+        let _stop = StopOnDrop(&stop);
 
         // The load fills the global pool.
         assert!(wait_until(Duration::from_secs(20), || app_backends(&mut admin) >= 4), "pool never grew under load");
@@ -216,4 +228,102 @@ fn session_set_is_refused_alter_role_validates() {
     admin.simple_query("ALTER ROLE app SET nextgres.pool_size = 5").expect("valid");
     let e = pg.tcp("app", "postgres").connect().expect("connect").simple_query("ALTER ROLE app SET nextgres.pool_size = 7").expect_err("not superuser");
     assert_eq!(err_fields(&e).expect("error").code, "42501");
+}
+
+/// `ALTER ROLE app SET nextgres.backend_lifetime = 1` under pgbench (4
+/// clients, pool of 2): backends are replaced at transaction boundaries (more
+/// distinct backend pids than the pool's size are seen, each one younger than
+/// the run) and no transaction fails.
+#[test]
+fn backend_lifetime_recycles_at_transaction_boundaries() {
+    let pg = Cluster::builder().conf("nextgres.pool_size = 2").start();
+    exec(
+        &pg,
+        "CREATE EXTENSION nextgres;
+         CREATE ROLE app LOGIN;
+         GRANT CREATE ON SCHEMA public TO app;
+         ALTER ROLE app SET nextgres.backend_lifetime = 1",
+    );
+    let bench = pg.tcp("app", "postgres");
+    pg.pgbench_init(&bench, 1).assert_success();
+    let stop = AtomicBool::new(false);
+    let pids = Mutex::new(std::collections::BTreeSet::new());
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut admin = pg.admin();
+            while !stop.load(Ordering::Relaxed) {
+                for r in admin
+                    .query(
+                        "SELECT pid FROM pg_stat_activity WHERE usename = 'app' AND backend_type = 'client backend'",
+                        &[],
+                    )
+                    .expect("sample")
+                {
+                    pids.lock().unwrap().insert(r.get::<_, i32>(0));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let _stop = StopOnDrop(&stop);
+        // The tpcb-like script: updates in every transaction.
+        let out = pg.pgbench(&bench, &["-n", "-c", "4", "-j", "2", "-T", "6"]);
+        stop.store(true, Ordering::Relaxed);
+        out.assert_success();
+        let sum = parse_summary(&out.stdout).unwrap_or_else(|| panic!("no pgbench summary:\n{out}"));
+        assert_eq!(sum.failed.unwrap_or(0), 0, "{out}");
+        assert!(sum.processed > 0, "{out}");
+    });
+    let seen = pids.into_inner().unwrap().len();
+    assert!(seen > 2 + 2, "only {seen} distinct backends in 6 s with a 1 s lifetime");
+    // Every history row the run reported is there: nothing was lost.
+    let n: i64 = pg.admin().query_one("SELECT count(*) FROM pgbench_history", &[]).expect("count").get(0);
+    assert!(n > 0);
+}
+
+/// `min_pool_size` 2 with `idle_backend_timeout` 1 s: the pool logs in a
+/// second backend after its first login, grows to 4 under load, comes back to
+/// 2 when idle, and keeps those two (same pids) while they stay unused for
+/// three times the idle timeout.
+#[test]
+fn min_pool_size_keeps_backends_warm() {
+    let pg = Cluster::builder()
+        .conf("nextgres.pool_size = 4")
+        .conf("nextgres.idle_backend_timeout = 1")
+        .start();
+    exec(
+        &pg,
+        "CREATE EXTENSION nextgres;
+         CREATE ROLE app LOGIN;
+         GRANT CREATE ON SCHEMA public TO app;
+         ALTER ROLE app SET nextgres.min_pool_size = 2",
+    );
+    let count = || pg.backend_count(Some("app"), Some("postgres"));
+    {
+        let mut c = pg.tcp("app", "postgres").connect().expect("connect");
+        c.simple_query("SELECT 1").expect("select");
+        assert!(wait_until(Duration::from_secs(10), || count() == 2), "not warmed to 2: {}", count());
+    }
+    let bench = pg.tcp("app", "postgres");
+    pg.pgbench_init(&bench, 1).assert_success();
+    let out = pg.pgbench(&bench, &["-n", "-S", "-c", "4", "-j", "2", "-t", "200"]);
+    out.assert_success();
+    assert!(wait_until(Duration::from_secs(15), || count() == 2), "idle pool not back to 2: {}", count());
+    let pids = pg.backend_pids(Some("app"), Some("postgres"));
+    // Unused for 3 x idle_backend_timeout (read from nextgres.backends).
+    let unused = || {
+        pg.admin()
+            .query_one(
+                "SELECT count(*) FROM nextgres.backends WHERE role = 'app' AND state = 'parked'
+                    AND state_since < now() - interval '3 s'",
+                &[],
+            )
+            .map(|r| r.get::<_, i64>(0))
+            .unwrap_or(0)
+    };
+    assert!(wait_until(Duration::from_secs(20), || unused() == 2), "backends not left unused");
+    let mut after = pg.backend_pids(Some("app"), Some("postgres"));
+    let mut before = pids;
+    before.sort();
+    after.sort();
+    assert_eq!(before, after, "min_pool_size backends were closed");
 }

@@ -44,10 +44,15 @@ pub struct PoolConf {
     pub query_wait_timeout: Option<i32>,
     /// `nextgres.idle_backend_timeout`: seconds (0: never).
     pub idle_backend_timeout: Option<i32>,
+    /// `nextgres.min_pool_size`: backends kept logged in.
+    pub min_pool_size: Option<i32>,
+    /// `nextgres.backend_lifetime`: seconds (0: forever).
+    pub backend_lifetime: Option<i32>,
 }
 
 /// Names (without prefix) this module resolves per pool.
-pub const PER_POOL: &[&str] = &["pool_size", "pool_mode", "query_wait_timeout", "idle_backend_timeout"];
+pub const PER_POOL: &[&str] =
+    &["pool_size", "pool_mode", "query_wait_timeout", "idle_backend_timeout", "min_pool_size", "backend_lifetime"];
 
 impl Entry {
     /// Splits a setconfig item `nextgres.name=value`; None for other prefixes.
@@ -95,6 +100,8 @@ pub fn resolve(entries: &[Entry], database: &str, role: &str) -> PoolConf {
             "pool_mode" => conf.pool_mode = parse_mode(value),
             "query_wait_timeout" => conf.query_wait_timeout = parse_secs(value).filter(|v| *v >= 0),
             "idle_backend_timeout" => conf.idle_backend_timeout = parse_secs(value).filter(|v| *v >= 0),
+            "min_pool_size" => conf.min_pool_size = parse_int(value).filter(|v| *v >= 0),
+            "backend_lifetime" => conf.backend_lifetime = parse_secs(value).filter(|v| *v >= 0),
             _ => {}
         }
     }
@@ -185,6 +192,8 @@ mod tests {
         assert_eq!(c.pool_size, Some(3));
         assert_eq!(c.query_wait_timeout, Some(10));
         assert_eq!(c.idle_backend_timeout, Some(120));
+        let c = resolve(&[e(None, Some("r"), "nextgres.min_pool_size=2"), e(None, None, "nextgres.backend_lifetime=1h")], "db", "r");
+        assert_eq!((c.min_pool_size, c.backend_lifetime), (Some(2), Some(3600)));
     }
 
     #[test]
