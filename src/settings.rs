@@ -36,6 +36,10 @@ pub static MIN_POOL_SIZE: GucSetting<i32> = GucSetting::<i32>::new(0);
 /// Seconds after its login a backend is closed at its next transaction
 /// boundary and replaced as needed (0: never). PgBouncer's server_lifetime.
 pub static BACKEND_LIFETIME: GucSetting<i32> = GucSetting::<i32>::new(3600);
+/// Pooled backends of one database, all its pools together (0: no limit).
+pub static MAX_DB_CONNECTIONS: GucSetting<i32> = GucSetting::<i32>::new(0);
+/// Pooled backends of one role, all its pools together (0: no limit).
+pub static MAX_USER_CONNECTIONS: GucSetting<i32> = GucSetting::<i32>::new(0);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, pgrx::PostgresGucEnum)]
 pub enum PoolMode {
@@ -167,6 +171,32 @@ pub fn define() {
         GucContext::Suset,
         GucFlags::UNIT_S,
         Some(poolconf::ng_check_backend_lifetime),
+        None,
+        None,
+    ) };
+    unsafe { GucRegistry::define_int_guc_with_hooks(
+        c"nextgres.max_db_connections",
+        c"Pooled backends of one database, all its pools together; 0: no limit.",
+        c"Per database with ALTER DATABASE ... SET. A pool at the limit waits; an unused backend of another pool of the database is closed for it.",
+        &MAX_DB_CONNECTIONS,
+        0,
+        100_000,
+        GucContext::Suset,
+        GucFlags::default(),
+        Some(poolconf::ng_check_max_db_connections),
+        None,
+        None,
+    ) };
+    unsafe { GucRegistry::define_int_guc_with_hooks(
+        c"nextgres.max_user_connections",
+        c"Pooled backends of one role, all its pools together; 0: no limit.",
+        c"Per role with ALTER ROLE ... SET. A pool at the limit waits; an unused backend of another pool of the role is closed for it.",
+        &MAX_USER_CONNECTIONS,
+        0,
+        100_000,
+        GucContext::Suset,
+        GucFlags::default(),
+        Some(poolconf::ng_check_max_user_connections),
         None,
         None,
     ) };

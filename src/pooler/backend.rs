@@ -422,6 +422,7 @@ impl Pooler {
 
     /// Closing the control socket makes a parked backend exit.
     pub fn backend_close(&mut self, key: usize) {
+        self.closing_note(key);
         self.backend_gone(key, None);
     }
 }

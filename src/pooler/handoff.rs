@@ -147,6 +147,9 @@ impl Pooler {
         if self.backend_expired(key) {
             return self.backend_close(key);
         }
+        if self.backend_yield_to_starved(key) {
+            return;
+        }
         if self.pools[pool].draining {
             return self.backend_close(key);
         }

@@ -17,6 +17,7 @@ use super::backend::BPhase;
 use super::conn::Conn;
 use super::worker::Pooler;
 use nextgres_core::proto::ErrorFields;
+use crate::settings::{MAX_DB_CONNECTIONS, MAX_USER_CONNECTIONS};
 use std::time::{Duration, Instant};
 
 /// Pause between pool logins of one pool after the server had no slot for
@@ -42,6 +43,10 @@ impl Pooler {
         if p.login_backoff_until.is_some_and(|t| Instant::now() < t) {
             return false;
         }
+        if !self.pool_caps_room(pool) {
+            return false;
+        }
+        let Some(p) = self.pools.get(pool) else { return false };
         // Pool logins already under way have not taken their slot yet.
         let pending: usize = self.pools.iter().map(|(_, p)| p.starting).sum();
         // A pool with a backend leaves one slot for direct logins of others.
@@ -145,5 +150,146 @@ impl Pooler {
         }
         self.backend_close(key);
         true
+    }
+}
+
+/// A backend the pooler closed, counted against the limits until its process
+/// is gone (its pg_stat_activity entry goes at exit, a moment after the
+/// pooler closed its control socket).
+pub struct Closing {
+    pid: i32,
+    database: String,
+    role: String,
+    since: Instant,
+}
+
+/// A closed backend whose process still exists after this long no longer
+/// counts (it is not the pooler's any more).
+const CLOSING_PATIENCE: Duration = Duration::from_secs(5);
+
+impl Pooler {
+    /// `max_db_connections` of a database (0: none): its own from ALTER
+    /// DATABASE ... SET, else the global.
+    fn max_db_connections_of(&self, database: &str) -> usize {
+        nextgres_core::poolconf::resolve_database_limit(&self.conf.entries, "max_db_connections", database)
+            .unwrap_or_else(|| MAX_DB_CONNECTIONS.get())
+            .max(0) as usize
+    }
+
+    /// `max_user_connections` of a role (0: none).
+    fn max_user_connections_of(&self, role: &str) -> usize {
+        nextgres_core::poolconf::resolve_role_limit(&self.conf.entries, "max_user_connections", role)
+            .unwrap_or_else(|| MAX_USER_CONNECTIONS.get())
+            .max(0) as usize
+    }
+
+    /// Backends of all pools matching `same` (closing ones included).
+    fn backends_where(&self, same: impl Fn(&str, &str) -> bool) -> usize {
+        let live: usize = self.pools.iter().filter(|(_, p)| same(&p.database, &p.role)).map(|(_, p)| p.backends).sum();
+        live + self.closing.iter().filter(|c| same(&c.database, &c.role)).count()
+    }
+
+    /// Room under max_db_connections and max_user_connections for one more
+    /// backend of `pool`? When not, and clients of the pool wait, an unused
+    /// (parked) backend of another pool that shares the limit is closed so
+    /// the next try finds room (as PgBouncer evicts an idle server
+    /// connection); the pool retries when that backend's process is gone.
+    fn pool_caps_room(&mut self, pool: usize) -> bool {
+        let Some(p) = self.pools.get(pool) else { return false };
+        let (db, role, waiting) = (p.database.clone(), p.role.clone(), !p.waiting.is_empty());
+        let max_db = self.max_db_connections_of(&db);
+        if max_db > 0 && self.backends_where(|d, _| d == db) >= max_db {
+            if waiting {
+                self.evict_parked(pool, |d, _| d == db);
+            }
+            return false;
+        }
+        let max_user = self.max_user_connections_of(&role);
+        if max_user > 0 && self.backends_where(|_, r| r == role) >= max_user {
+            if waiting {
+                self.evict_parked(pool, |_, r| r == role);
+            }
+            return false;
+        }
+        true
+    }
+
+    /// Closes the longest-parked backend of the other pool, among those
+    /// matching `same`, that has the most backends.
+    fn evict_parked(&mut self, pool: usize, same: impl Fn(&str, &str) -> bool) {
+        let victim = self
+            .pools
+            .iter()
+            .filter(|(k, p)| *k != pool && same(&p.database, &p.role) && !p.parked.is_empty())
+            .max_by_key(|(_, p)| p.backends)
+            .map(|(k, _)| k);
+        let Some(v) = victim else { return };
+        if !self.pools[v].parked.is_empty() {
+            let bk = self.pools[v].parked.remove(0);
+            self.backend_close(bk);
+            self.sync_pool(v);
+        }
+    }
+
+    /// A backend of `pool` is free at a transaction boundary: while another
+    /// pool sharing a full max_db/user_connections limit has waiting clients
+    /// and at least two backends fewer, close this one so that pool gets the
+    /// room (fair shares instead of the busier pool keeping every backend).
+    /// Returns true when it was closed.
+    pub fn backend_yield_to_starved(&mut self, key: usize) -> bool {
+        let Some(Conn::Backend(b)) = self.conns.get(key) else { return false };
+        let pool = b.pool;
+        let Some(p) = self.pools.get(pool) else { return false };
+        let (db, role, mine) = (p.database.clone(), p.role.clone(), p.backends);
+        let max_db = self.max_db_connections_of(&db);
+        let max_user = self.max_user_connections_of(&role);
+        let full_db = max_db > 0 && self.backends_where(|d, _| d == db) >= max_db;
+        let full_user = max_user > 0 && self.backends_where(|_, r| r == role) >= max_user;
+        if !full_db && !full_user {
+            return false;
+        }
+        let starved = self.pools.iter().any(|(k, q)| {
+            k != pool
+                && !q.waiting.is_empty()
+                && q.backends + 1 < mine
+                && ((full_db && q.database == db) || (full_user && q.role == role))
+        });
+        if starved {
+            self.backend_close(key);
+        }
+        starved
+    }
+
+    /// Before the pooler closes a backend: count it until its process is gone.
+    pub fn closing_note(&mut self, key: usize) {
+        let Some(Conn::Backend(b)) = self.conns.get(key) else { return };
+        if b.pid <= 0 {
+            return;
+        }
+        let Some(p) = self.pools.get(b.pool) else { return };
+        self.closing.push(Closing { pid: b.pid, database: p.database.clone(), role: p.role.clone(), since: Instant::now() });
+    }
+
+    /// Each loop turn: forget closed backends whose process is gone, and let
+    /// pools with waiting clients try again.
+    pub fn closing_check(&mut self) {
+        if self.closing.is_empty() {
+            return;
+        }
+        let before = self.closing.len();
+        self.closing.retain(|c| {
+            c.since.elapsed() < CLOSING_PATIENCE
+                && nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.pid), None).is_ok()
+        });
+        if self.closing.len() == before {
+            return;
+        }
+        // Pools with the fewest backends first: they get the room.
+        let mut waiting: Vec<(usize, usize)> =
+            self.pools.iter().filter(|(_, p)| !p.waiting.is_empty()).map(|(k, p)| (p.backends, k)).collect();
+        waiting.sort_unstable();
+        for (_, p) in waiting {
+            self.pool_maybe_grow(p);
+        }
     }
 }

@@ -61,6 +61,9 @@ pub struct Pooler {
     pub last_janitor: Option<std::time::Instant>,
     /// Per-pool settings from pg_db_role_setting (`poolconf`).
     pub conf: super::poolconf::ConfState,
+    /// Backends the pooler closed whose process may not have exited yet
+    /// (`limits`: they still count against max_db/user_connections).
+    pub closing: Vec<super::limits::Closing>,
 }
 
 impl Pooler {
@@ -108,6 +111,7 @@ impl Pooler {
             draining: Vec::new(),
             last_janitor: None,
             conf: super::poolconf::ConfState::new(),
+            closing: Vec::new(),
         };
         p.rows.reset_all(&p.tables);
         p.tables.set_pooler(unsafe { pg_sys::MyProcPid }, postmaster::listen::port());
@@ -158,6 +162,7 @@ impl Pooler {
                 }
             }
             self.pool_conf_check();
+            self.closing_check();
             self.janitor();
         }
     }

@@ -327,3 +327,80 @@ fn min_pool_size_keeps_backends_warm() {
     after.sort();
     assert_eq!(before, after, "min_pool_size backends were closed");
 }
+
+/// Two pgbench runs (4 clients each, select-only) through two pools that
+/// share a limit: `max_db_connections` 3 for roles a and b in one database,
+/// or `max_user_connections` 2 for role a in two databases. pg_stat_activity,
+/// sampled all along, never shows more backends than the limit; both runs
+/// finish with zero failed transactions (neither pool starves: an unused or
+/// surplus backend of the busier pool gives way).
+fn shared_limit_under_two_pgbench(setup: &str, runs: [(&str, &str); 2], count_sql: &str, limit: i64) {
+    let pg = Cluster::builder().conf("nextgres.pool_size = 4").conf("max_connections = 40").start();
+    // Each role's pgbench tables in its own schema ("$user" in search_path).
+    exec(
+        &pg,
+        &format!(
+            "CREATE EXTENSION nextgres; CREATE ROLE a LOGIN; CREATE ROLE b LOGIN;
+             CREATE SCHEMA a AUTHORIZATION a; CREATE SCHEMA b AUTHORIZATION b; {setup}"
+        ),
+    );
+    for (role, db) in runs {
+        if db != "postgres" {
+            pg.create_database(db, role);
+        }
+        pg.pgbench_init(&pg.tcp(role, db), 1).assert_success();
+    }
+    let stop = AtomicBool::new(false);
+    let max_seen = AtomicUsize::new(0);
+    let samples = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut admin = pg.admin();
+            while !stop.load(Ordering::Relaxed) {
+                let n: i64 = admin.query_one(count_sql, &[]).expect("sample").get(0);
+                max_seen.fetch_max(n as usize, Ordering::Relaxed);
+                samples.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        let _stop = StopOnDrop(&stop);
+        let benches: Vec<_> = runs
+            .iter()
+            .map(|&(role, db)| {
+                let pg = &pg;
+                s.spawn(move || pg.pgbench(&pg.tcp(role, db), &["-n", "-S", "-c", "4", "-j", "2", "-T", "8"]))
+            })
+            .collect();
+        for b in benches {
+            let out = b.join().expect("pgbench");
+            out.assert_success();
+            let sum = parse_summary(&out.stdout).unwrap_or_else(|| panic!("no pgbench summary:\n{out}"));
+            assert_eq!(sum.failed.unwrap_or(0), 0, "{out}");
+            assert!(sum.processed > 0, "{out}");
+        }
+    });
+    let max_seen = max_seen.into_inner();
+    assert!(samples.into_inner() > 100, "the sampler barely ran");
+    assert!(max_seen as i64 <= limit, "{max_seen} backends sampled with a limit of {limit}");
+    assert_eq!(max_seen as i64, limit, "the limit was never reached: the test did not test it");
+}
+
+#[test]
+fn max_db_connections_shared_by_two_roles() {
+    shared_limit_under_two_pgbench(
+        "ALTER DATABASE postgres SET nextgres.max_db_connections = 3",
+        [("a", "postgres"), ("b", "postgres")],
+        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND datname = 'postgres' AND usename IN ('a', 'b')",
+        3,
+    );
+}
+
+#[test]
+fn max_user_connections_shared_by_two_databases() {
+    shared_limit_under_two_pgbench(
+        "ALTER ROLE a SET nextgres.max_user_connections = 2",
+        [("a", "postgres"), ("a", "db2")],
+        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND usename = 'a'",
+        2,
+    );
+}

@@ -108,6 +108,30 @@ pub fn resolve(entries: &[Entry], database: &str, role: &str) -> PoolConf {
     conf
 }
 
+/// A limit over all pools of one database (`max_db_connections`): set with
+/// `ALTER DATABASE db SET` (or `ALTER ROLE ALL SET` for every database);
+/// role-specific items do not apply. None: the global value.
+pub fn resolve_database_limit(entries: &[Entry], name: &str, database: &str) -> Option<i32> {
+    resolve_limit(entries, name, |e| e.role.is_none() && e.database.as_deref().is_none_or(|d| d == database))
+}
+
+/// A limit over all pools of one role (`max_user_connections`): set with
+/// `ALTER ROLE r SET` (or `ALTER ROLE ALL SET`); database-specific items do
+/// not apply. None: the global value.
+pub fn resolve_role_limit(entries: &[Entry], name: &str, role: &str) -> Option<i32> {
+    resolve_limit(entries, name, |e| e.database.is_none() && e.role.as_deref().is_none_or(|r| r == role))
+}
+
+fn resolve_limit(entries: &[Entry], name: &str, applies: impl Fn(&Entry) -> bool) -> Option<i32> {
+    // The specific item (database or role named) beats the one for all.
+    entries
+        .iter()
+        .filter(|e| e.name == name && applies(e))
+        .max_by_key(|e| e.database.is_some() || e.role.is_some())
+        .and_then(|e| parse_int(&e.value))
+        .filter(|v| *v >= 0)
+}
+
 /// A plain integer (optionally quoted, surrounding blanks allowed).
 pub fn parse_int(v: &str) -> Option<i32> {
     unquote(v).parse().ok()
@@ -204,6 +228,22 @@ mod tests {
         let c = resolve(&all, "d", "r");
         assert_eq!(c.pool_size, None);
         assert_eq!(c.pool_mode, Some(Mode::Session));
+    }
+
+    #[test]
+    fn database_and_role_limits() {
+        let all = vec![
+            e(None, None, "nextgres.max_db_connections=50"),
+            e(Some("db"), None, "nextgres.max_db_connections=10"),
+            e(Some("db"), Some("r"), "nextgres.max_db_connections=1"),
+            e(None, Some("r"), "nextgres.max_user_connections=5"),
+            e(Some("db"), Some("r"), "nextgres.max_user_connections=1"),
+        ];
+        assert_eq!(resolve_database_limit(&all, "max_db_connections", "db"), Some(10));
+        assert_eq!(resolve_database_limit(&all, "max_db_connections", "other"), Some(50));
+        assert_eq!(resolve_role_limit(&all, "max_user_connections", "r"), Some(5));
+        assert_eq!(resolve_role_limit(&all, "max_user_connections", "x"), None);
+        assert_eq!(resolve_database_limit(&all[3..], "max_db_connections", "db"), None);
     }
 
     #[test]
