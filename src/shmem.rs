@@ -33,6 +33,27 @@ pub struct Header {
     /// item of pg_db_role_setting, empty database or role for "all".
     pub conf_len: u32,
     pub conf: [u8; CONF_LEN],
+    /// Bumped by the operation functions (`nextgres.pause()` ...) after they
+    /// changed `ops`; the pooler then reads them.
+    pub ops_gen: AtomicU64,
+    /// The `ops_gen` the pooler has acted on.
+    pub ops_ack: AtomicU64,
+    /// Pauses in force and reconnects not yet taken by the pooler.
+    pub ops: [OpSlot; OP_SLOTS],
+}
+
+pub const OP_SLOTS: usize = 64;
+pub const OP_FREE: u8 = 0;
+pub const OP_PAUSE: u8 = 1;
+pub const OP_RECONNECT: u8 = 2;
+
+/// One operation on the pools of `database` (and of `role` only, unless empty).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct OpSlot {
+    pub kind: u8,
+    pub database: [u8; NAME_LEN],
+    pub role: [u8; NAME_LEN],
 }
 
 /// Room for the nextgres.* items of pg_db_role_setting (about 100 bytes each).
@@ -253,6 +274,63 @@ pub fn name(field: &[u8]) -> String {
 }
 
 impl Tables {
+    /// SQL functions: records an operation (a pause already in force is not
+    /// added twice). Returns the `ops_gen` to wait for (`ops_ack`), None
+    /// when every slot is in use.
+    pub fn op_add(&self, kind: u8, database: &str, role: &str) -> Option<u64> {
+        let h = unsafe { &mut *self.base.cast::<Header>() };
+        let _g = Guard::exclusive();
+        let same = |o: &OpSlot| o.kind == kind && name(&o.database) == database && name(&o.role) == role;
+        if !(kind == OP_PAUSE && h.ops.iter().any(same)) {
+            let slot = h.ops.iter_mut().find(|o| o.kind == OP_FREE)?;
+            slot.kind = kind;
+            set_name(&mut slot.database, database);
+            set_name(&mut slot.role, role);
+        }
+        Some(h.ops_gen.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+
+    /// SQL functions: ends the pauses of `database` (of `role` only, or all
+    /// of them with None). Returns how many ended.
+    pub fn ops_resume(&self, database: &str, role: Option<&str>) -> (usize, u64) {
+        let h = unsafe { &mut *self.base.cast::<Header>() };
+        let _g = Guard::exclusive();
+        let mut n = 0;
+        for o in h.ops.iter_mut() {
+            if o.kind == OP_PAUSE && name(&o.database) == database && role.is_none_or(|r| name(&o.role) == r) {
+                o.kind = OP_FREE;
+                n += 1;
+            }
+        }
+        (n, h.ops_gen.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+
+    /// Pooler: the pauses in force, and the reconnects (taken: removed).
+    pub fn ops_take(&self) -> (Vec<(String, String)>, Vec<(String, String)>) {
+        let h = unsafe { &mut *self.base.cast::<Header>() };
+        let _g = Guard::exclusive();
+        let (mut pauses, mut reconnects) = (Vec::new(), Vec::new());
+        for o in h.ops.iter_mut() {
+            match o.kind {
+                OP_PAUSE => pauses.push((name(&o.database), name(&o.role))),
+                OP_RECONNECT => {
+                    reconnects.push((name(&o.database), name(&o.role)));
+                    o.kind = OP_FREE;
+                }
+                _ => {}
+            }
+        }
+        (pauses, reconnects)
+    }
+
+    /// Wakes the pooler (SIGUSR1 sets a background worker's latch).
+    pub fn wake_pooler(&self) {
+        let pid = self.pooler_pid();
+        if pid > 0 {
+            unsafe { libc::kill(pid, libc::SIGUSR1) };
+        }
+    }
+
     /// Settings reader: replaces the pg_db_role_setting copy (truncated to
     /// CONF_LEN at an item boundary; returns false if it was).
     pub fn conf_write(&self, data: &[u8]) -> bool {

@@ -165,6 +165,87 @@ fn pin_name(pin: u8) -> Option<String> {
     }
 }
 
+/// "database \"db\"" or "role \"r\" in database \"db\"" for log lines.
+fn target(database: &str, role: Option<&str>) -> String {
+    match role {
+        Some(r) => format!("pool of role \"{r}\" for database \"{database}\""),
+        None => format!("pools of database \"{database}\""),
+    }
+}
+
+/// Waits until the pooler has acted on operation generation `gen`
+/// (`cond` true) or `wait_seconds` pass (< 0: no limit). Returns whether
+/// `cond` held.
+fn wait_for(t: &shmem::Tables, gen: u64, wait_seconds: i32, mut cond: impl FnMut(&shmem::Tables) -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait_seconds.max(0) as u64);
+    loop {
+        let acked = t.header().ops_ack.load(std::sync::atomic::Ordering::SeqCst) >= gen;
+        if acked && cond(t) {
+            return true;
+        }
+        if wait_seconds >= 0 && std::time::Instant::now() >= deadline {
+            return false;
+        }
+        if t.pooler_pid() == 0 {
+            return false;
+        }
+        crate::pg::poolconf::wait_ms(10);
+    }
+}
+
+fn op(kind: u8, database: &str, role: Option<&str>) -> u64 {
+    let t = tables();
+    let Some(gen) = t.op_add(kind, database, role.unwrap_or("")) else {
+        pgrx::error!("nextgres: too many pauses and reconnects pending ({} slots)", shmem::OP_SLOTS);
+    };
+    t.wake_pooler();
+    gen
+}
+
+/// Pauses the pools of `database` (or one role's): no transaction starts
+/// there, clients wait; running transactions finish. Waits up to
+/// `wait_seconds` (< 0: no limit) until no backend of those pools serves a
+/// client and returns true, or false if some still does (a session-mode
+/// client, or a long transaction); the pause stays in force either way until
+/// `nextgres.resume()`. PgBouncer's PAUSE.
+#[pg_extern]
+fn pause(database: &str, role: default!(Option<&str>, "NULL"), wait_seconds: default!(i32, 60)) -> bool {
+    let gen = op(shmem::OP_PAUSE, database, role);
+    pgrx::log!("nextgres: pause of the {} requested", target(database, role));
+    let t = tables();
+    wait_for(&t, gen, wait_seconds, |t| {
+        let (pools, _, _) = t.snapshot();
+        pools
+            .iter()
+            .filter(|p| shmem::name(&p.database) == database && role.is_none_or(|r| shmem::name(&p.role) == r))
+            .all(|p| p.backends_attached == 0)
+    })
+}
+
+/// Ends the pauses of `database` (or of one role's pool only; NULL ends
+/// every pause of the database): waiting clients are served again. Returns
+/// how many pauses ended. PgBouncer's RESUME.
+#[pg_extern]
+fn resume(database: &str, role: default!(Option<&str>, "NULL")) -> i32 {
+    let t = tables();
+    let (n, gen) = t.ops_resume(database, role);
+    t.wake_pooler();
+    pgrx::log!("nextgres: resume of the {} requested ({n} pauses ended)", target(database, role));
+    wait_for(&t, gen, 10, |_| true);
+    n as i32
+}
+
+/// Replaces the backends of the pools of `database` (or one role's) at
+/// their next transaction boundary (parked ones at once), e.g. after ALTER
+/// SYSTEM, an extension upgrade or a role change. Returns once the pooler
+/// has taken the request. PgBouncer's RECONNECT.
+#[pg_extern]
+fn reconnect(database: &str, role: default!(Option<&str>, "NULL")) {
+    let gen = op(shmem::OP_RECONNECT, database, role);
+    pgrx::log!("nextgres: reconnect of the {} requested", target(database, role));
+    wait_for(&tables(), gen, 10, |_| true);
+}
+
 /// Where the pooler listens and whether it runs. `port` is NULL when the
 /// pooler listens nowhere; `mode` says why (`takeover`, `side port`, or
 /// `off: ssl = on`, see `postmaster::listen::Mode`).

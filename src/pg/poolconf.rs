@@ -31,3 +31,19 @@ pub fn pick_reader_database() -> Option<pgrx::pg_sys::Oid> {
     let oid = unsafe { ng_pick_reader_database() };
     (oid != pgrx::pg_sys::InvalidOid).then_some(oid)
 }
+
+/// SQL functions: waits up to `ms` milliseconds for the latch (interrupts
+/// served, so a cancel or terminate ends the wait with the usual error).
+pub fn wait_ms(ms: i64) {
+    // SAFETY: a backend's own latch; the flags are the server's own.
+    unsafe {
+        pgrx::pg_sys::WaitLatch(
+            pgrx::pg_sys::MyLatch,
+            (pgrx::pg_sys::WL_LATCH_SET | pgrx::pg_sys::WL_TIMEOUT | pgrx::pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            ms as _,
+            pgrx::pg_sys::PG_WAIT_EXTENSION,
+        );
+        pgrx::pg_sys::ResetLatch(pgrx::pg_sys::MyLatch);
+    }
+    pgrx::check_for_interrupts!();
+}

@@ -118,6 +118,8 @@ impl Pooler {
             if matches!(self.backend(b).map(|b| &b.phase), Some(BPhase::Parked { .. })) {
                 return self.handoff(key, b, None);
             }
+        } else if self.pool_paused(pool) {
+            // nextgres.pause(): the client waits for resume.
         } else if let Some(b) = self.pools[pool].take_parked(last) {
             return self.handoff(key, b, None);
         }
@@ -150,6 +152,10 @@ impl Pooler {
         if self.backend_yield_to_starved(key) {
             return;
         }
+        if self.pool_paused(pool) {
+            self.pools[pool].parked.push(key);
+            return self.sync_pool(pool);
+        }
         if self.pools[pool].draining {
             return self.backend_close(key);
         }
@@ -168,6 +174,9 @@ impl Pooler {
 
     /// Starts pool logins while clients wait that no starting backend serves.
     pub fn pool_maybe_grow(&mut self, pool: usize) {
+        if self.pool_paused(pool) {
+            return;
+        }
         let size = self.pool_size_of(pool);
         if self.pools.get(pool).is_some_and(|p| !p.wants_backend(size)) {
             self.pool_slots_episode_end(pool);

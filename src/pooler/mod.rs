@@ -11,6 +11,7 @@
 //! * `janitor`: periodic upkeep (timeouts).
 //! * `limits`: connection slots for pool logins, a lowered pool_size.
 //! * `poolconf`: per-pool settings from `ALTER ROLE / DATABASE ... SET`.
+//! * `ops`: pause, resume and reconnect requested through SQL.
 //! * `stats`: the shared tables the SQL functions read.
 mod auth;
 mod backend;
@@ -21,6 +22,7 @@ mod handoff;
 mod janitor;
 mod limits;
 mod listener;
+mod ops;
 mod poolconf;
 
 mod stats;

@@ -163,10 +163,14 @@ impl Pooler {
         (s > 0).then(|| Duration::from_secs(s as u64))
     }
 
-    /// A backend past its pool's backend_lifetime?
+    /// A backend past its pool's backend_lifetime, or logged in before a
+    /// `nextgres.reconnect()` of its pool?
     pub fn backend_expired(&self, key: usize) -> bool {
         match self.conns.get(key) {
-            Some(super::conn::Conn::Backend(b)) => self.backend_lifetime_of(b.pool).is_some_and(|l| b.born.elapsed() > l),
+            Some(super::conn::Conn::Backend(b)) => {
+                self.backend_lifetime_of(b.pool).is_some_and(|l| b.born.elapsed() > l)
+                    || self.pools.get(b.pool).and_then(|p| p.reconnect_before).is_some_and(|t| b.born <= t)
+            }
             _ => false,
         }
     }

@@ -64,6 +64,8 @@ pub struct Pooler {
     /// Backends the pooler closed whose process may not have exited yet
     /// (`limits`: they still count against max_db/user_connections).
     pub closing: Vec<super::limits::Closing>,
+    /// Pauses in force (`ops`).
+    pub ops: super::ops::OpsState,
 }
 
 impl Pooler {
@@ -112,6 +114,7 @@ impl Pooler {
             last_janitor: None,
             conf: super::poolconf::ConfState::new(),
             closing: Vec::new(),
+            ops: Default::default(),
         };
         p.rows.reset_all(&p.tables);
         p.tables.set_pooler(unsafe { pg_sys::MyProcPid }, postmaster::listen::port());
@@ -163,6 +166,7 @@ impl Pooler {
             }
             self.pool_conf_check();
             self.closing_check();
+            self.ops_check();
             self.janitor();
         }
     }

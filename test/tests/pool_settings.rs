@@ -404,3 +404,87 @@ fn max_user_connections_shared_by_two_databases() {
         2,
     );
 }
+
+fn history(pg: &Cluster) -> i64 {
+    pg.admin().query_one("SELECT count(*) FROM pgbench_history", &[]).expect("history").get(0)
+}
+
+/// `nextgres.pause('postgres')` during pgbench (tpcb-like, 8 clients, pool
+/// of 4): it returns true once no backend serves a client; then every client
+/// is seen waiting, no app backend is inside a transaction and no history
+/// row was added while paused (each transaction adds one); after
+/// `nextgres.resume('postgres')` rows are added again, and pgbench ends with
+/// zero failed transactions. A non-superuser may not pause (42501).
+#[test]
+fn pause_resume_during_pgbench() {
+    let pg = Cluster::builder().conf("nextgres.pool_size = 4").start();
+    exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN; GRANT CREATE ON SCHEMA public TO app");
+    let bench = pg.tcp("app", "postgres");
+    pg.pgbench_init(&bench, 1).assert_success();
+    let e = pg.unix("app", "postgres").connect().expect("app").simple_query("SELECT nextgres.pause('postgres')").expect_err("not allowed");
+    assert_eq!(err_fields(&e).expect("error").code, "42501");
+    std::thread::scope(|s| {
+        let run = s.spawn(|| pg.pgbench(&bench, &["-n", "-c", "8", "-j", "2", "-T", "10"]));
+        assert!(wait_until(Duration::from_secs(20), || history(&pg) > 0), "pgbench never committed");
+        let mut admin = pg.admin();
+        let paused: bool = admin.query_one("SELECT nextgres.pause('postgres')", &[]).expect("pause").get(0);
+        assert!(paused, "pause did not see the running transactions finish");
+        let h1 = history(&pg);
+        let waiting = || {
+            pg.admin()
+                .query_one("SELECT clients_waiting, backends_attached FROM nextgres.pools WHERE role = 'app'", &[])
+                .map(|r| (r.get::<_, i32>(0), r.get::<_, i32>(1)))
+                .expect("pools")
+        };
+        assert!(wait_until(Duration::from_secs(10), || waiting() == (8, 0)), "clients not all waiting: {:?}", waiting());
+        let in_xact: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' AND xact_start IS NOT NULL",
+                &[],
+            )
+            .expect("activity")
+            .get(0);
+        assert_eq!(in_xact, 0, "a transaction runs while paused");
+        assert_eq!(history(&pg), h1, "a transaction committed while paused");
+        let n: i32 = admin.query_one("SELECT nextgres.resume('postgres')", &[]).expect("resume").get(0);
+        assert_eq!(n, 1);
+        assert!(wait_until(Duration::from_secs(20), || history(&pg) > h1), "no transaction after resume");
+        let out = run.join().expect("pgbench");
+        out.assert_success();
+        let sum = parse_summary(&out.stdout).unwrap_or_else(|| panic!("no pgbench summary:\n{out}"));
+        assert_eq!(sum.failed.unwrap_or(0), 0, "{out}");
+    });
+    let log = pg.log();
+    assert!(log.contains("paused: running transactions finish"), "pause not logged");
+    assert!(log.contains("resumed"), "resume not logged");
+}
+
+/// `nextgres.reconnect('postgres', 'app')` during pgbench (4 clients, pool
+/// of 2): every backend that existed before is gone soon after (replaced at
+/// transaction boundaries), and no transaction fails.
+#[test]
+fn reconnect_replaces_every_backend() {
+    let pg = Cluster::builder().conf("nextgres.pool_size = 2").start();
+    exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN; GRANT CREATE ON SCHEMA public TO app");
+    let bench = pg.tcp("app", "postgres");
+    pg.pgbench_init(&bench, 1).assert_success();
+    std::thread::scope(|s| {
+        let run = s.spawn(|| pg.pgbench(&bench, &["-n", "-c", "4", "-j", "2", "-T", "6"]));
+        assert!(
+            wait_until(Duration::from_secs(20), || pg.backend_count(Some("app"), Some("postgres")) == 2),
+            "pool never filled"
+        );
+        let before = pg.backend_pids(Some("app"), Some("postgres"));
+        pg.admin().simple_query("SELECT nextgres.reconnect('postgres', 'app')").expect("reconnect");
+        let gone = || {
+            let now = pg.backend_pids(Some("app"), Some("postgres"));
+            before.iter().all(|p| !now.contains(p))
+        };
+        assert!(wait_until(Duration::from_secs(10), gone), "old backends still there: {before:?}");
+        let out = run.join().expect("pgbench");
+        out.assert_success();
+        let sum = parse_summary(&out.stdout).unwrap_or_else(|| panic!("no pgbench summary:\n{out}"));
+        assert_eq!(sum.failed.unwrap_or(0), 0, "{out}");
+    });
+    assert!(pg.log().contains("reconnect, its"), "reconnect not logged");
+}

@@ -72,6 +72,9 @@ pub struct Pool {
     /// Settings of this pool from `ALTER ROLE / DATABASE ... SET` (None:
     /// the global value).
     pub conf: crate::poolconf::PoolConf,
+    /// `nextgres.reconnect()`: backends logged in before this instant are
+    /// replaced at their next transaction boundary.
+    pub reconnect_before: Option<Instant>,
 }
 
 impl Pool {
@@ -100,6 +103,7 @@ impl Pool {
             wait_us: 0,
             max_wait_us: 0,
             conf: Default::default(),
+            reconnect_before: None,
         }
     }
 
