@@ -46,6 +46,7 @@ pub const OP_SLOTS: usize = 64;
 pub const OP_FREE: u8 = 0;
 pub const OP_PAUSE: u8 = 1;
 pub const OP_RECONNECT: u8 = 2;
+pub const OP_RESET_STATS: u8 = 3;
 
 /// One operation on the pools of `database` (and of `role` only, unless empty).
 #[repr(C)]
@@ -305,22 +306,23 @@ impl Tables {
         (n, h.ops_gen.fetch_add(1, Ordering::SeqCst) + 1)
     }
 
-    /// Pooler: the pauses in force, and the reconnects (taken: removed).
-    pub fn ops_take(&self) -> (Vec<(String, String)>, Vec<(String, String)>) {
+    /// Pooler: the pauses in force, and the one-shot operations (kind,
+    /// database, role), taken (removed).
+    pub fn ops_take(&self) -> (Vec<(String, String)>, Vec<(u8, String, String)>) {
         let h = unsafe { &mut *self.base.cast::<Header>() };
         let _g = Guard::exclusive();
-        let (mut pauses, mut reconnects) = (Vec::new(), Vec::new());
+        let (mut pauses, mut once) = (Vec::new(), Vec::new());
         for o in h.ops.iter_mut() {
             match o.kind {
+                OP_FREE => {}
                 OP_PAUSE => pauses.push((name(&o.database), name(&o.role))),
-                OP_RECONNECT => {
-                    reconnects.push((name(&o.database), name(&o.role)));
+                k => {
+                    once.push((k, name(&o.database), name(&o.role)));
                     o.kind = OP_FREE;
                 }
-                _ => {}
             }
         }
-        (pauses, reconnects)
+        (pauses, once)
     }
 
     /// Wakes the pooler (SIGUSR1 sets a background worker's latch).

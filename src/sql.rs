@@ -246,6 +246,19 @@ fn reconnect(database: &str, role: default!(Option<&str>, "NULL")) {
     wait_for(&tables(), gen, 10, |_| true);
 }
 
+/// Sets the counters of `nextgres.pools` (transactions, waits, wait_time_ms,
+/// max_wait_ms) to 0 for the pools of `database` and `role` (NULL: all).
+/// Returns once the pooler has done it. Logged.
+#[pg_extern]
+fn reset_stats(database: default!(Option<&str>, "NULL"), role: default!(Option<&str>, "NULL")) {
+    let gen = op(shmem::OP_RESET_STATS, database.unwrap_or(""), role);
+    pgrx::log!(
+        "nextgres: statistics reset of the {} requested",
+        database.map_or_else(|| "pools of every database".to_string(), |d| target(d, role))
+    );
+    wait_for(&tables(), gen, 10, |_| true);
+}
+
 /// Where the pooler listens and whether it runs. `port` is NULL when the
 /// pooler listens nowhere; `mode` says why (`takeover`, `side port`, or
 /// `off: ssl = on`, see `postmaster::listen::Mode`).

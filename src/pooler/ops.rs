@@ -10,6 +10,7 @@
 //! * resume: parked backends serve the waiting clients again.
 //! * reconnect: backends logged in before the request are replaced at their
 //!   next transaction boundary (parked ones at once), see `backend_expired`.
+//! * reset_stats: the pools' counters (transactions, waits) start at 0.
 use super::worker::Pooler;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -35,7 +36,7 @@ impl Pooler {
             return;
         }
         self.ops.seen_gen = gen;
-        let (pauses, reconnects) = self.tables.ops_take();
+        let (pauses, once) = self.tables.ops_take();
         let keys: Vec<usize> = self.pools.iter().map(|(k, _)| k).collect();
         let was: Vec<bool> = keys.iter().map(|&k| self.pool_paused(k)).collect();
         self.ops.pauses = pauses;
@@ -55,11 +56,19 @@ impl Pooler {
                 self.sync_pool(k);
             }
         }
-        for (db, role) in reconnects {
+        for (kind, db, role) in once {
             let now = Instant::now();
             for &k in &keys {
                 let p = &mut self.pools[k];
-                if p.database != db || !(role.is_empty() || p.role == role) {
+                if !(db.is_empty() || p.database == db) || !(role.is_empty() || p.role == role) {
+                    continue;
+                }
+                if kind == crate::shmem::OP_RESET_STATS {
+                    p.xacts = 0;
+                    p.waits = 0;
+                    p.wait_us = 0;
+                    p.max_wait_us = 0;
+                    self.sync_pool(k);
                     continue;
                 }
                 p.reconnect_before = Some(now);

@@ -488,3 +488,42 @@ fn reconnect_replaces_every_backend() {
     });
     assert!(pg.log().contains("reconnect, its"), "reconnect not logged");
 }
+
+/// With `hold_idle_clients = off` every transaction ends with a handoff, so
+/// `nextgres.pools.transactions` counts every transaction: after
+/// `nextgres.reset_stats()` it is 0, and after pgbench (4 clients x 50
+/// transactions of a custom script) it equals pgbench's own count of
+/// processed transactions. The wait counters reset too.
+#[test]
+fn stats_agree_with_pgbench_and_reset() {
+    let pg = Cluster::builder().conf("nextgres.pool_size = 2").conf("nextgres.hold_idle_clients = off").start();
+    exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN; GRANT CREATE ON SCHEMA public TO app");
+    let bench = pg.tcp("app", "postgres");
+    pg.pgbench_init(&bench, 1).assert_success();
+    let stats = || {
+        pg.admin()
+            .query_one("SELECT transactions, waits, max_wait_ms FROM nextgres.pools WHERE role = 'app'", &[])
+            .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1), r.get::<_, f64>(2)))
+            .expect("pools")
+    };
+    assert!(stats().0 > 0, "pgbench -i counted nothing");
+    pg.admin().simple_query("SELECT nextgres.reset_stats('postgres', 'app')").expect("reset");
+    assert_eq!(stats(), (0, 0, 0.0));
+    // A custom script: with a built-in one pgbench also runs two queries of
+    // its own (scale and partitioning), which are transactions too.
+    let script = pg.dir().join("xact.sql");
+    std::fs::write(
+        &script,
+        "\\set aid random(1, 100000)\nBEGIN;\nUPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;\nSELECT abalance FROM pgbench_accounts WHERE aid = :aid;\nEND;\n",
+    )
+    .expect("script");
+    let out = pg.pgbench(&bench, &["-n", "-c", "4", "-j", "2", "-t", "50", "-f", script.to_str().expect("path")]);
+    out.assert_success();
+    let sum = parse_summary(&out.stdout).unwrap_or_else(|| panic!("no pgbench summary:\n{out}"));
+    assert_eq!(sum.failed.unwrap_or(0), 0, "{out}");
+    assert_eq!(sum.processed, 200, "{out}");
+    let (xacts, waits, _) = stats();
+    assert_eq!(xacts, sum.processed as i64, "pool transactions vs pgbench's processed:\n{out}");
+    assert!(waits > 0, "4 clients on a pool of 2 never waited");
+    assert!(pg.log().contains("statistics reset"), "reset not logged");
+}
