@@ -47,6 +47,7 @@ pub const OP_FREE: u8 = 0;
 pub const OP_PAUSE: u8 = 1;
 pub const OP_RECONNECT: u8 = 2;
 pub const OP_RESET_STATS: u8 = 3;
+pub const OP_KILL: u8 = 4;
 
 /// One operation on the pools of `database` (and of `role` only, unless empty).
 #[repr(C)]

@@ -246,6 +246,44 @@ fn reconnect(database: &str, role: default!(Option<&str>, "NULL")) {
     wait_for(&tables(), gen, 10, |_| true);
 }
 
+/// Disconnects every client of the pools of `database` (or one role's) with
+/// FATAL 57P01, ending their transactions (backends serving them are
+/// terminated, as by pg_terminate_backend), and closes the pools' parked
+/// backends. Returns once the pooler has acted. PgBouncer's KILL.
+#[pg_extern]
+fn kill_clients(database: &str, role: default!(Option<&str>, "NULL")) {
+    let gen = op(shmem::OP_KILL, database, role);
+    pgrx::log!("nextgres: kill of the clients of the {} requested", target(database, role));
+    wait_for(&tables(), gen, 10, |_| true);
+}
+
+/// Waits until every backend the pools of `database` (or one role's) have
+/// now is gone (after `reconnect()` or `kill_clients()`: until the old
+/// backends are closed; new ones may have logged in meanwhile). Returns
+/// false if some remains after `wait_seconds` (< 0: no limit). PgBouncer's
+/// WAIT_CLOSE.
+#[pg_extern]
+fn wait_close(database: &str, role: default!(Option<&str>, "NULL"), wait_seconds: default!(i32, 60)) -> bool {
+    let t = tables();
+    let mine = |t: &shmem::Tables| -> Vec<i32> {
+        let (_, _, backends) = t.snapshot();
+        let names = t.pool_names();
+        backends
+            .iter()
+            .filter(|b| {
+                names.get(b.pool as usize).is_some_and(|(d, r)| d == database && role.is_none_or(|x| x == r))
+            })
+            .map(|b| b.pid)
+            .collect()
+    };
+    let before = mine(&t);
+    let gen = t.header().ops_ack.load(std::sync::atomic::Ordering::SeqCst);
+    wait_for(&t, gen, wait_seconds, |t| {
+        let now = mine(t);
+        before.iter().all(|p| !now.contains(p))
+    })
+}
+
 /// Sets the counters of `nextgres.pools` (transactions, waits, wait_time_ms,
 /// max_wait_ms) to 0 for the pools of `database` and `role` (NULL: all).
 /// Returns once the pooler has done it. Logged.

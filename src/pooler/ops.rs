@@ -11,6 +11,9 @@
 //! * reconnect: backends logged in before the request are replaced at their
 //!   next transaction boundary (parked ones at once), see `backend_expired`.
 //! * reset_stats: the pools' counters (transactions, waits) start at 0.
+//! * kill_clients: every client of the pool is disconnected (57P01).
+use super::client::Phase;
+use super::conn::Conn;
 use super::worker::Pooler;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -63,6 +66,10 @@ impl Pooler {
                 if !(db.is_empty() || p.database == db) || !(role.is_empty() || p.role == role) {
                     continue;
                 }
+                if kind == crate::shmem::OP_KILL {
+                    self.pool_kill(k);
+                    continue;
+                }
                 if kind == crate::shmem::OP_RESET_STATS {
                     p.xacts = 0;
                     p.waits = 0;
@@ -88,6 +95,48 @@ impl Pooler {
             }
         }
         self.tables.header().ops_ack.store(gen, Ordering::SeqCst);
+    }
+
+    /// nextgres.kill_clients(): every client of the pool gets FATAL 57P01 and
+    /// is disconnected: the pooler tells those it holds; a backend serving a
+    /// client is terminated (SIGTERM, as pg_terminate_backend), which tells
+    /// its client the same and ends its transaction; parked backends close.
+    fn pool_kill(&mut self, pool: usize) {
+        let Some(p) = self.pools.get(pool) else { return };
+        log::info!(
+            "pool of role \"{}\" for database \"{}\": killing its {} clients and {} backends",
+            p.role,
+            p.database,
+            p.clients,
+            p.backends
+        );
+        let attached: Vec<i32> = p
+            .attached
+            .iter()
+            .filter_map(|&bk| match self.conns.get(bk) {
+                Some(Conn::Backend(b)) if b.pid > 0 => Some(b.pid),
+                _ => None,
+            })
+            .collect();
+        let held: Vec<usize> = self
+            .conns
+            .iter()
+            .filter_map(|(k, c)| match c {
+                Conn::Client(c) if c.pool == Some(pool) && !matches!(c.phase, Phase::Attached { .. }) => Some(k),
+                _ => None,
+            })
+            .collect();
+        for ck in held {
+            self.client_fatal(ck, "57P01", "terminating connection due to administrator command", None);
+        }
+        let parked = std::mem::take(&mut self.pools[pool].parked);
+        for bk in parked {
+            self.backend_close(bk);
+        }
+        for pid in attached {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+        }
+        self.sync_pool(pool);
     }
 
     /// Asks every backend serving a client of the pool to give it back at

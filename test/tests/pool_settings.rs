@@ -527,3 +527,36 @@ fn stats_agree_with_pgbench_and_reset() {
     assert!(waits > 0, "4 clients on a pool of 2 never waited");
     assert!(pg.log().contains("statistics reset"), "reset not logged");
 }
+
+/// `nextgres.kill_clients('postgres', 'app')`: a client inside a transaction
+/// and an idle one both lose their connection (57P01, as from
+/// pg_terminate_backend on a direct session) and the open transaction's row
+/// is not committed; `nextgres.wait_close()` returns true and no backend of
+/// the pool is left in pg_stat_activity; a new client is served.
+#[test]
+fn kill_clients_and_wait_close() {
+    let pg = Cluster::builder().conf("nextgres.pool_size = 2").start();
+    exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN; CREATE TABLE t (x int); GRANT ALL ON t TO app");
+    let mut busy = pg.tcp("app", "postgres").connect().expect("busy");
+    busy.batch_execute("BEGIN; INSERT INTO t VALUES (1)").expect("begin");
+    let mut idle = pg.tcp("app", "postgres").connect().expect("idle");
+    idle.simple_query("SELECT 1").expect("select");
+    let mut admin = pg.admin();
+    admin.simple_query("SELECT nextgres.kill_clients('postgres', 'app')").expect("kill");
+    let closed: bool = admin.query_one("SELECT nextgres.wait_close('postgres', 'app', 10)", &[]).expect("wait_close").get(0);
+    assert!(closed, "backends still there");
+    for (what, c) in [("busy", &mut busy), ("idle", &mut idle)] {
+        let e = c.simple_query("SELECT 1").expect_err(what);
+        if let Some(f) = err_fields(&e) {
+            assert_eq!(f.code, "57P01", "{what}: {f:?}");
+        } else {
+            assert!(e.is_closed() || e.to_string().contains("closed"), "{what}: {e:?}");
+        }
+    }
+    let n: i64 = admin.query_one("SELECT count(*) FROM t", &[]).expect("count").get(0);
+    assert_eq!(n, 0, "the killed transaction committed");
+    assert!(wait_until(Duration::from_secs(10), || pg.backend_count(Some("app"), Some("postgres")) == 0), "backends left");
+    let mut c = pg.tcp("app", "postgres").connect().expect("new client");
+    assert_eq!(first_value(&c.simple_query("SELECT 1").expect("served")).as_deref(), Some("1"));
+    assert!(pg.log().contains("killing its 2 clients"), "kill not logged");
+}
