@@ -36,6 +36,11 @@ pub static MIN_POOL_SIZE: GucSetting<i32> = GucSetting::<i32>::new(0);
 /// Seconds after its login a backend is closed at its next transaction
 /// boundary and replaced as needed (0: never). PgBouncer's server_lifetime.
 pub static BACKEND_LIFETIME: GucSetting<i32> = GucSetting::<i32>::new(3600);
+/// Backends a pool may log in beyond pool_size once a client has waited
+/// reserve_pool_timeout; they close when its queue is empty again.
+pub static RESERVE_POOL_SIZE: GucSetting<i32> = GucSetting::<i32>::new(0);
+/// Seconds a client waits before the reserve may be used.
+pub static RESERVE_POOL_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(5);
 /// Pooled backends of one database, all its pools together (0: no limit).
 pub static MAX_DB_CONNECTIONS: GucSetting<i32> = GucSetting::<i32>::new(0);
 /// Pooled backends of one role, all its pools together (0: no limit).
@@ -171,6 +176,32 @@ pub fn define() {
         GucContext::Suset,
         GucFlags::UNIT_S,
         Some(poolconf::ng_check_backend_lifetime),
+        None,
+        None,
+    ) };
+    unsafe { GucRegistry::define_int_guc_with_hooks(
+        c"nextgres.reserve_pool_size",
+        c"Backends a pool may log in beyond pool_size once a client has waited reserve_pool_timeout.",
+        c"They close when no client of the pool waits any more.",
+        &RESERVE_POOL_SIZE,
+        0,
+        10000,
+        GucContext::Suset,
+        GucFlags::default(),
+        Some(poolconf::ng_check_reserve_pool_size),
+        None,
+        None,
+    ) };
+    unsafe { GucRegistry::define_int_guc_with_hooks(
+        c"nextgres.reserve_pool_timeout",
+        c"Seconds a client waits for a backend before the pool may use its reserve.",
+        c"",
+        &RESERVE_POOL_TIMEOUT,
+        0,
+        i32::MAX / 1000,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+        Some(poolconf::ng_check_reserve_pool_timeout),
         None,
         None,
     ) };

@@ -141,6 +141,7 @@ impl Pooler {
         if b.pinned_to.is_some() {
             return;
         }
+        self.pool_reserve_release(pool);
         if self.backend_close_if_surplus(key) {
             return;
         }
@@ -177,6 +178,7 @@ impl Pooler {
         if self.pool_paused(pool) {
             return;
         }
+        self.pool_reserve_check(pool);
         let size = self.pool_size_of(pool);
         if self.pools.get(pool).is_some_and(|p| !p.wants_backend(size)) {
             self.pool_slots_episode_end(pool);

@@ -17,7 +17,10 @@
 //! start; `pool_mode` applies to clients that enter the pool from then on;
 //! the timeouts from the next janitor tick.
 use super::worker::Pooler;
-use crate::settings::{PoolMode, BACKEND_LIFETIME, IDLE_BACKEND_TIMEOUT, MIN_POOL_SIZE, POOL_MODE, POOL_SIZE, QUERY_WAIT_TIMEOUT};
+use crate::settings::{
+    PoolMode, BACKEND_LIFETIME, IDLE_BACKEND_TIMEOUT, MIN_POOL_SIZE, POOL_MODE, POOL_SIZE, QUERY_WAIT_TIMEOUT, RESERVE_POOL_SIZE,
+    RESERVE_POOL_TIMEOUT,
+};
 use nextgres_core::poolconf::{self, Entry, Mode, PoolConf};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, DynamicBackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
@@ -124,10 +127,64 @@ fn parse_conf(data: &[u8]) -> Vec<Entry> {
 }
 
 impl Pooler {
-    /// Backends the pool may have: its own `pool_size` or the global one.
+    /// Backends the pool may have: its own `pool_size` or the global one,
+    /// plus its `reserve_pool_size` while the reserve is engaged.
     pub fn pool_size_of(&self, pool: usize) -> usize {
-        let own = self.pools.get(pool).and_then(|p| p.conf.pool_size);
-        own.unwrap_or_else(|| POOL_SIZE.get()).max(1) as usize
+        let Some(p) = self.pools.get(pool) else { return 1 };
+        let size = p.conf.pool_size.unwrap_or_else(|| POOL_SIZE.get()).max(1) as usize;
+        if p.reserve_engaged {
+            size + p.conf.reserve_pool_size.unwrap_or_else(|| RESERVE_POOL_SIZE.get()).max(0) as usize
+        } else {
+            size
+        }
+    }
+
+    /// Engages the pool's reserve when its longest-waiting client has waited
+    /// more than reserve_pool_timeout (logged); disengages it once the queue
+    /// has been empty that long (its surplus backends then close, `limits`).
+    /// On each grow attempt, so at least once per janitor tick.
+    pub fn pool_reserve_check(&mut self, pool: usize) {
+        let Some(p) = self.pools.get(pool) else { return };
+        let timeout = Duration::from_secs(p.conf.reserve_pool_timeout.unwrap_or_else(|| RESERVE_POOL_TIMEOUT.get()).max(0) as u64);
+        if p.reserve_engaged {
+            if p.waiting.is_empty() && p.reserve_idle_since.is_some_and(|t| t.elapsed() > timeout) {
+                let p = &mut self.pools[pool];
+                p.reserve_engaged = false;
+                p.reserve_idle_since = None;
+            }
+            return;
+        }
+        if p.conf.reserve_pool_size.unwrap_or_else(|| RESERVE_POOL_SIZE.get()) <= 0 {
+            return;
+        }
+        let oldest = p.waiting.iter().find_map(|&ck| match self.conns.get(ck) {
+            Some(super::conn::Conn::Client(c)) => match c.phase {
+                super::client::Phase::Waiting { since } => Some(since),
+                _ => None,
+            },
+            _ => None,
+        });
+        if oldest.is_some_and(|t| t.elapsed() > timeout) {
+            let p = &mut self.pools[pool];
+            p.reserve_engaged = true;
+            log::info!(
+                "pool of role \"{}\" for database \"{}\": a client waited more than reserve_pool_timeout ({}s), using the reserve pool",
+                p.role,
+                p.database,
+                timeout.as_secs()
+            );
+        }
+    }
+
+    /// A backend of the pool is free: note when its queue became empty.
+    pub fn pool_reserve_release(&mut self, pool: usize) {
+        if let Some(p) = self.pools.get_mut(pool) {
+            if !p.reserve_engaged || !p.waiting.is_empty() {
+                p.reserve_idle_since = None;
+            } else if p.reserve_idle_since.is_none() {
+                p.reserve_idle_since = Some(std::time::Instant::now());
+            }
+        }
     }
 
     /// Does a client entering this pool keep its backend for its session?
@@ -294,6 +351,12 @@ fn describe(c: &PoolConf) -> String {
     }
     if let Some(v) = c.backend_lifetime {
         parts.push(format!("backend_lifetime={v}s"));
+    }
+    if let Some(v) = c.reserve_pool_size {
+        parts.push(format!("reserve_pool_size={v}"));
+    }
+    if let Some(v) = c.reserve_pool_timeout {
+        parts.push(format!("reserve_pool_timeout={v}s"));
     }
     if parts.is_empty() {
         "none (global settings)".to_string()

@@ -560,3 +560,52 @@ fn kill_clients_and_wait_close() {
     assert_eq!(first_value(&c.simple_query("SELECT 1").expect("served")).as_deref(), Some("1"));
     assert!(pg.log().contains("killing its 2 clients"), "kill not logged");
 }
+
+/// `reserve_pool_size` 1 and `reserve_pool_timeout` 1 s (ALTER ROLE) on a
+/// pool of 1: while client A holds the only backend in a transaction, client
+/// B is served by a second (reserve) backend, but only after waiting at
+/// least the timeout (`max_wait_ms` >= 1000); once nobody waits, the pool
+/// goes back to one backend.
+#[test]
+fn reserve_pool_engages_after_its_timeout() {
+    // Without a reserve b would fail after query_wait_timeout, not hang.
+    let pg = Cluster::builder().conf("nextgres.pool_size = 1").conf("nextgres.query_wait_timeout = 10").start();
+    exec(
+        &pg,
+        "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN;
+         ALTER ROLE app SET nextgres.reserve_pool_size = 1;
+         ALTER ROLE app SET nextgres.reserve_pool_timeout = 1",
+    );
+    let mut a = pg.tcp("app", "postgres").connect().expect("a");
+    a.batch_execute("BEGIN; SELECT 1").expect("begin");
+    let mut b = pg.tcp("app", "postgres").connect().expect("b");
+    // b is served while a's transaction is still open: by the reserve.
+    b.simple_query("SELECT 1").expect("b served by the reserve");
+    let (max_wait, backends): (f64, i32) = {
+        let r = pg
+            .admin()
+            .query_one(
+                "SELECT max_wait_ms, backends_parked + backends_attached + backends_starting FROM nextgres.pools WHERE role = 'app'",
+                &[],
+            )
+            .expect("pools");
+        (r.get(0), r.get(1))
+    };
+    assert!(max_wait >= 1000.0, "the reserve engaged before reserve_pool_timeout: b waited {max_wait} ms");
+    let rows: Vec<String> = pg
+        .admin()
+        .query("SELECT pid, state, transactions FROM nextgres.backends WHERE role = 'app'", &[])
+        .expect("backends")
+        .iter()
+        .map(|r| format!("{} {} {}", r.get::<_, i32>(0), r.get::<_, String>(1), r.get::<_, i64>(2)))
+        .collect();
+    assert_eq!(backends, 2, "{rows:?} {:?}", pg.backend_pids(Some("app"), Some("postgres")));
+    a.batch_execute("COMMIT").expect("commit");
+    drop(a);
+    drop(b);
+    assert!(
+        wait_until(Duration::from_secs(10), || pg.backend_count(Some("app"), Some("postgres")) == 1),
+        "the reserve backend stayed"
+    );
+    assert!(pg.log().contains("using the reserve pool"), "not logged");
+}

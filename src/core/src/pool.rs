@@ -75,6 +75,12 @@ pub struct Pool {
     /// `nextgres.reconnect()`: backends logged in before this instant are
     /// replaced at their next transaction boundary.
     pub reconnect_before: Option<Instant>,
+    /// A client waited longer than reserve_pool_timeout: the pool may have
+    /// reserve_pool_size more backends until its queue has been empty for
+    /// reserve_pool_timeout.
+    pub reserve_engaged: bool,
+    /// Since when the queue of a pool with the reserve engaged is empty.
+    pub reserve_idle_since: Option<Instant>,
 }
 
 impl Pool {
@@ -104,6 +110,8 @@ impl Pool {
             max_wait_us: 0,
             conf: Default::default(),
             reconnect_before: None,
+            reserve_engaged: false,
+            reserve_idle_since: None,
         }
     }
 

@@ -48,11 +48,15 @@ pub struct PoolConf {
     pub min_pool_size: Option<i32>,
     /// `nextgres.backend_lifetime`: seconds (0: forever).
     pub backend_lifetime: Option<i32>,
+    /// `nextgres.reserve_pool_size`: extra backends.
+    pub reserve_pool_size: Option<i32>,
+    /// `nextgres.reserve_pool_timeout`: seconds a client waits before they may log in.
+    pub reserve_pool_timeout: Option<i32>,
 }
 
 /// Names (without prefix) this module resolves per pool.
 pub const PER_POOL: &[&str] =
-    &["pool_size", "pool_mode", "query_wait_timeout", "idle_backend_timeout", "min_pool_size", "backend_lifetime"];
+    &["pool_size", "pool_mode", "query_wait_timeout", "idle_backend_timeout", "min_pool_size", "backend_lifetime", "reserve_pool_size", "reserve_pool_timeout"];
 
 impl Entry {
     /// Splits a setconfig item `nextgres.name=value`; None for other prefixes.
@@ -102,6 +106,8 @@ pub fn resolve(entries: &[Entry], database: &str, role: &str) -> PoolConf {
             "idle_backend_timeout" => conf.idle_backend_timeout = parse_secs(value).filter(|v| *v >= 0),
             "min_pool_size" => conf.min_pool_size = parse_int(value).filter(|v| *v >= 0),
             "backend_lifetime" => conf.backend_lifetime = parse_secs(value).filter(|v| *v >= 0),
+            "reserve_pool_size" => conf.reserve_pool_size = parse_int(value).filter(|v| *v >= 0),
+            "reserve_pool_timeout" => conf.reserve_pool_timeout = parse_secs(value).filter(|v| *v >= 0),
             _ => {}
         }
     }
