@@ -41,6 +41,9 @@ pub static BACKEND_LIFETIME: GucSetting<i32> = GucSetting::<i32>::new(3600);
 pub static RESERVE_POOL_SIZE: GucSetting<i32> = GucSetting::<i32>::new(0);
 /// Seconds a client waits before the reserve may be used.
 pub static RESERVE_POOL_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(5);
+/// Priority of a pool among those sharing max_db_connections or
+/// max_user_connections: a higher one gets freed backends first.
+pub static POOL_PRIORITY: GucSetting<i32> = GucSetting::<i32>::new(0);
 /// Pooled backends of one database, all its pools together (0: no limit).
 pub static MAX_DB_CONNECTIONS: GucSetting<i32> = GucSetting::<i32>::new(0);
 /// Pooled backends of one role, all its pools together (0: no limit).
@@ -202,6 +205,19 @@ pub fn define() {
         GucContext::Suset,
         GucFlags::UNIT_S,
         Some(poolconf::ng_check_reserve_pool_timeout),
+        None,
+        None,
+    ) };
+    unsafe { GucRegistry::define_int_guc_with_hooks(
+        c"nextgres.pool_priority",
+        c"Priority of a pool among the pools that share max_db_connections or max_user_connections.",
+        c"When the limit is reached, a pool with waiting clients and a higher priority gets the backends other pools free at their transaction boundaries (each pool with clients keeps one).",
+        &POOL_PRIORITY,
+        -1000,
+        1000,
+        GucContext::Suset,
+        GucFlags::default(),
+        Some(poolconf::ng_check_pool_priority),
         None,
         None,
     ) };

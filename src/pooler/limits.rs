@@ -191,9 +191,10 @@ impl Pooler {
 
     /// Room under max_db_connections and max_user_connections for one more
     /// backend of `pool`? When not, and clients of the pool wait, an unused
-    /// (parked) backend of another pool that shares the limit is closed so
-    /// the next try finds room (as PgBouncer evicts an idle server
-    /// connection); the pool retries when that backend's process is gone.
+    /// (parked) backend of another pool that shares the limit, and that this
+    /// pool deserves (`pool_deserves`), is closed so the next try finds room
+    /// (as PgBouncer evicts an idle server connection); the pool retries
+    /// when that backend's process is gone.
     fn pool_caps_room(&mut self, pool: usize) -> bool {
         let Some(p) = self.pools.get(pool) else { return false };
         let (db, role, waiting) = (p.database.clone(), p.role.clone(), !p.waiting.is_empty());
@@ -214,13 +215,30 @@ impl Pooler {
         true
     }
 
+    /// Does waiting pool `q` deserve a backend of pool `holder`, both under
+    /// one full limit? A higher `pool_priority` does while the holder keeps
+    /// one backend; the same priority does with at least two backends fewer
+    /// (fair shares); a lower one only while it has none.
+    fn pool_deserves(&self, q: usize, holder: usize) -> bool {
+        let (Some(qp), Some(hp)) = (self.pools.get(q), self.pools.get(holder)) else { return false };
+        let (qprio, hprio) = (self.pool_priority_of(q), self.pool_priority_of(holder));
+        if qprio > hprio {
+            hp.backends > 1
+        } else if qprio == hprio {
+            qp.backends + 1 < hp.backends
+        } else {
+            qp.backends == 0 && hp.backends > 1
+        }
+    }
+
     /// Closes the longest-parked backend of the other pool, among those
-    /// matching `same`, that has the most backends.
+    /// matching `same` that have no client at all or that `pool` deserves a
+    /// backend of, that has the most backends.
     fn evict_parked(&mut self, pool: usize, same: impl Fn(&str, &str) -> bool) {
         let victim = self
             .pools
             .iter()
-            .filter(|(k, p)| *k != pool && same(&p.database, &p.role) && !p.parked.is_empty())
+            .filter(|(k, p)| *k != pool && same(&p.database, &p.role) && !p.parked.is_empty() && (p.clients == 0 || self.pool_deserves(pool, *k)))
             .max_by_key(|(_, p)| p.backends)
             .map(|(k, _)| k);
         let Some(v) = victim else { return };
@@ -233,8 +251,10 @@ impl Pooler {
 
     /// A backend of `pool` is free at a transaction boundary: while another
     /// pool sharing a full max_db/user_connections limit has waiting clients
-    /// and at least two backends fewer, close this one so that pool gets the
-    /// room (fair shares instead of the busier pool keeping every backend).
+    /// and deserves it (a higher `pool_priority`, while this pool keeps one
+    /// backend; the same priority and at least two backends fewer; a lower
+    /// priority and no backend at all), close this one so that pool gets the
+    /// room.
     /// Returns true when it was closed.
     pub fn backend_yield_to_starved(&mut self, key: usize) -> bool {
         let Some(Conn::Backend(b)) = self.conns.get(key) else { return false };
@@ -251,7 +271,7 @@ impl Pooler {
         let starved = self.pools.iter().any(|(k, q)| {
             k != pool
                 && !q.waiting.is_empty()
-                && q.backends + 1 < mine
+                && self.pool_deserves(k, pool)
                 && ((full_db && q.database == db) || (full_user && q.role == role))
         });
         if starved {
@@ -284,11 +304,15 @@ impl Pooler {
         if self.closing.len() == before {
             return;
         }
-        // Pools with the fewest backends first: they get the room.
-        let mut waiting: Vec<(usize, usize)> =
-            self.pools.iter().filter(|(_, p)| !p.waiting.is_empty()).map(|(k, p)| (p.backends, k)).collect();
+        // Highest pool_priority first, then fewest backends: they get the room.
+        let mut waiting: Vec<(std::cmp::Reverse<i32>, usize, usize)> = self
+            .pools
+            .iter()
+            .filter(|(_, p)| !p.waiting.is_empty())
+            .map(|(k, p)| (std::cmp::Reverse(self.pool_priority_of(k)), p.backends, k))
+            .collect();
         waiting.sort_unstable();
-        for (_, p) in waiting {
+        for (_, _, p) in waiting {
             self.pool_maybe_grow(p);
         }
     }

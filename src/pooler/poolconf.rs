@@ -207,6 +207,12 @@ impl Pooler {
         own.unwrap_or_else(|| IDLE_BACKEND_TIMEOUT.get())
     }
 
+    /// `pool_priority` of the pool.
+    pub fn pool_priority_of(&self, pool: usize) -> i32 {
+        let own = self.pools.get(pool).and_then(|p| p.conf.pool_priority);
+        own.unwrap_or_else(|| crate::settings::POOL_PRIORITY.get())
+    }
+
     /// `min_pool_size` of the pool (never above its pool_size).
     pub fn min_pool_size_of(&self, pool: usize) -> usize {
         let own = self.pools.get(pool).and_then(|p| p.conf.min_pool_size);
@@ -357,6 +363,9 @@ fn describe(c: &PoolConf) -> String {
     }
     if let Some(v) = c.reserve_pool_timeout {
         parts.push(format!("reserve_pool_timeout={v}s"));
+    }
+    if let Some(v) = c.pool_priority {
+        parts.push(format!("pool_priority={v}"));
     }
     if parts.is_empty() {
         "none (global settings)".to_string()

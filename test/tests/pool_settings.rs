@@ -609,3 +609,60 @@ fn reserve_pool_engages_after_its_timeout() {
     );
     assert!(pg.log().contains("using the reserve pool"), "not logged");
 }
+
+/// `pool_priority`: roles h (priority 10) and l (0) share
+/// `max_db_connections` 3 under two pgbench runs (4 clients each, l started
+/// first and holding all 3): the pools settle at 2 backends for h and 1 for
+/// l (each pool with clients keeps one),
+/// and both runs have zero failed transactions. The waits of each pool are
+/// printed (the comparison of wait times belongs in a benchmark).
+#[test]
+fn pool_priority_shares_max_db_connections() {
+    let pg = Cluster::builder().conf("nextgres.pool_size = 4").start();
+    exec(
+        &pg,
+        "CREATE EXTENSION nextgres; CREATE ROLE h LOGIN; CREATE ROLE l LOGIN;
+         CREATE SCHEMA h AUTHORIZATION h; CREATE SCHEMA l AUTHORIZATION l;
+         ALTER DATABASE postgres SET nextgres.max_db_connections = 3;
+         ALTER ROLE h SET nextgres.pool_priority = 10",
+    );
+    for role in ["h", "l"] {
+        pg.pgbench_init(&pg.tcp(role, "postgres"), 1).assert_success();
+    }
+    let count = |role: &str| pg.backend_count(Some(role), Some("postgres"));
+    std::thread::scope(|s| {
+        // l first: it takes all 3; then h, which must win 2 of them (with
+        // equal priorities the pools would settle at 2 for l and 1 for h).
+        let mut runs = Vec::new();
+        for role in ["l", "h"] {
+            let pg = &pg;
+            runs.push(s.spawn(move || pg.pgbench(&pg.tcp(role, "postgres"), &["-n", "-S", "-c", "4", "-j", "2", "-T", "8"])));
+            if role == "l" {
+                assert!(wait_until(Duration::from_secs(8), || count("l") == 3), "l never took the 3 backends");
+            }
+        }
+        let settled = wait_until(Duration::from_secs(8), || count("h") == 2 && count("l") == 1);
+        let seen = (count("h"), count("l"));
+        for r in runs {
+            let out = r.join().expect("pgbench");
+            out.assert_success();
+            let sum = parse_summary(&out.stdout).unwrap_or_else(|| panic!("no pgbench summary:\n{out}"));
+            assert_eq!(sum.failed.unwrap_or(0), 0, "{out}");
+            assert!(sum.processed > 0, "{out}");
+        }
+        assert!(settled, "pools did not settle at h 2, l 1: {seen:?}");
+    });
+    for r in pg
+        .admin()
+        .query("SELECT role, transactions, waits, wait_time_ms FROM nextgres.pools ORDER BY role", &[])
+        .expect("pools")
+    {
+        eprintln!(
+            "role {}: {} transactions, {} waits, {:.1} ms waited",
+            r.get::<_, String>(0),
+            r.get::<_, i64>(1),
+            r.get::<_, i64>(2),
+            r.get::<_, f64>(3)
+        );
+    }
+}

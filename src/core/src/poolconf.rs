@@ -52,11 +52,13 @@ pub struct PoolConf {
     pub reserve_pool_size: Option<i32>,
     /// `nextgres.reserve_pool_timeout`: seconds a client waits before they may log in.
     pub reserve_pool_timeout: Option<i32>,
+    /// `nextgres.pool_priority`: higher wins a shared limit.
+    pub pool_priority: Option<i32>,
 }
 
 /// Names (without prefix) this module resolves per pool.
 pub const PER_POOL: &[&str] =
-    &["pool_size", "pool_mode", "query_wait_timeout", "idle_backend_timeout", "min_pool_size", "backend_lifetime", "reserve_pool_size", "reserve_pool_timeout"];
+    &["pool_size", "pool_mode", "query_wait_timeout", "idle_backend_timeout", "min_pool_size", "backend_lifetime", "reserve_pool_size", "reserve_pool_timeout", "pool_priority"];
 
 impl Entry {
     /// Splits a setconfig item `nextgres.name=value`; None for other prefixes.
@@ -108,6 +110,7 @@ pub fn resolve(entries: &[Entry], database: &str, role: &str) -> PoolConf {
             "backend_lifetime" => conf.backend_lifetime = parse_secs(value).filter(|v| *v >= 0),
             "reserve_pool_size" => conf.reserve_pool_size = parse_int(value).filter(|v| *v >= 0),
             "reserve_pool_timeout" => conf.reserve_pool_timeout = parse_secs(value).filter(|v| *v >= 0),
+            "pool_priority" => conf.pool_priority = parse_int(value),
             _ => {}
         }
     }
