@@ -31,6 +31,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/pg/dbcmd.c");
     println!("cargo:rerun-if-changed=src/pg/slots.c");
     println!("cargo:rerun-if-changed=src/pg/loginmem.c");
+    println!("cargo:rerun-if-changed=src/pg/poolconf.c");
     println!("cargo:rerun-if-changed=src/pg/glue.h");
     println!("cargo:rerun-if-env-changed=PGRX_PG_CONFIG_PATH");
     let pg_config = pg_config_path();
@@ -45,6 +46,7 @@ fn main() {
         .file("src/pg/dbcmd.c")
         .file("src/pg/slots.c")
         .file("src/pg/loginmem.c")
+        .file("src/pg/poolconf.c")
         .include(&include)
         .flag_if_supported("-Wno-unused-parameter")
         .flag_if_supported("-Wno-missing-field-initializers")

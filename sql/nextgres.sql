@@ -9,3 +9,6 @@ GRANT EXECUTE ON FUNCTION nextgres.pools_fn(), nextgres.clients_fn(), nextgres.b
 REVOKE ALL ON nextgres.pools, nextgres.clients, nextgres.backends FROM PUBLIC;
 GRANT SELECT ON nextgres.pools, nextgres.clients, nextgres.backends TO pg_monitor;
 GRANT USAGE ON SCHEMA nextgres TO pg_monitor;
+
+-- Operations: superusers only unless granted (see README, Operations).
+REVOKE ALL ON FUNCTION nextgres.pause(text, text, integer), nextgres.resume(text, text), nextgres.reconnect(text, text), nextgres.reset_stats(text, text), nextgres.kill_clients(text, text), nextgres.wait_close(text, text, integer) FROM PUBLIC;

@@ -34,5 +34,6 @@ pub extern "C-unwind" fn _PG_init() {
     shmem::request();
     postmaster::listen::take_port();
     backend::install();
+    pg::poolconf::install_hooks();
     pooler::register();
 }

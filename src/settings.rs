@@ -1,6 +1,7 @@
 //! Every `nextgres.*` setting, in one place. Names follow PgBouncer's where a
 //! PgBouncer user would look for them.
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use crate::pg::poolconf;
 use std::ffi::CString;
 
 /// TCP port the pooler listens on. 0 (default): the server's own `port`, which
@@ -32,6 +33,24 @@ pub static CLIENT_TIME_SLICE: GucSetting<i32> = GucSetting::<i32>::new(2);
 pub static SEQUENCE_HOLD: GucSetting<i32> = GucSetting::<i32>::new(50);
 /// Seconds a parked backend may stay unused before it is closed (0: never).
 pub static IDLE_BACKEND_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(600);
+/// Backends a pool keeps logged in even when unused (past
+/// idle_backend_timeout), once it has logged one in.
+pub static MIN_POOL_SIZE: GucSetting<i32> = GucSetting::<i32>::new(0);
+/// Seconds after its login a backend is closed at its next transaction
+/// boundary and replaced as needed (0: never). PgBouncer's server_lifetime.
+pub static BACKEND_LIFETIME: GucSetting<i32> = GucSetting::<i32>::new(3600);
+/// Backends a pool may log in beyond pool_size once a client has waited
+/// reserve_pool_timeout; they close when its queue is empty again.
+pub static RESERVE_POOL_SIZE: GucSetting<i32> = GucSetting::<i32>::new(0);
+/// Seconds a client waits before the reserve may be used.
+pub static RESERVE_POOL_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(5);
+/// Priority of a pool among those sharing max_db_connections or
+/// max_user_connections: a higher one gets freed backends first.
+pub static POOL_PRIORITY: GucSetting<i32> = GucSetting::<i32>::new(0);
+/// Pooled backends of one database, all its pools together (0: no limit).
+pub static MAX_DB_CONNECTIONS: GucSetting<i32> = GucSetting::<i32>::new(0);
+/// Pooled backends of one role, all its pools together (0: no limit).
+pub static MAX_USER_CONNECTIONS: GucSetting<i32> = GucSetting::<i32>::new(0);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, pgrx::PostgresGucEnum)]
 pub enum PoolMode {
@@ -68,16 +87,21 @@ pub fn define() {
         GucContext::Postmaster,
         GucFlags::default(),
     );
-    GucRegistry::define_int_guc(
+    // SAFETY (the four pool settings below): the check hooks are C functions
+    // in poolconf.c that never throw.
+    unsafe { GucRegistry::define_int_guc_with_hooks(
         c"nextgres.pool_size",
         c"Backends per (database, role) pool.",
         c"",
         &POOL_SIZE,
         1,
         10000,
-        GucContext::Sighup,
+        GucContext::Suset,
         GucFlags::default(),
-    );
+        Some(poolconf::ng_check_pool_size),
+        None,
+        None,
+    ) };
     GucRegistry::define_int_guc(
         c"nextgres.max_client_conn",
         c"Maximum number of client connections the pooler accepts.",
@@ -98,34 +122,134 @@ pub fn define() {
         GucContext::Postmaster,
         GucFlags::default(),
     );
-    GucRegistry::define_enum_guc(
+    unsafe { GucRegistry::define_enum_guc_with_hooks(
         c"nextgres.pool_mode",
         c"transaction: a backend serves a client for one transaction; session: for the whole connection.",
         c"",
         &POOL_MODE,
-        GucContext::Sighup,
+        GucContext::Suset,
         GucFlags::default(),
-    );
-    GucRegistry::define_int_guc(
+        Some(poolconf::ng_check_pool_mode),
+        None,
+        None,
+    ) };
+    unsafe { GucRegistry::define_int_guc_with_hooks(
         c"nextgres.query_wait_timeout",
         c"Seconds a client may wait for a free backend; 0 waits forever.",
         c"",
         &QUERY_WAIT_TIMEOUT,
         0,
         i32::MAX / 1000,
-        GucContext::Sighup,
+        GucContext::Suset,
         GucFlags::UNIT_S,
-    );
-    GucRegistry::define_int_guc(
+        Some(poolconf::ng_check_query_wait_timeout),
+        None,
+        None,
+    ) };
+    unsafe { GucRegistry::define_int_guc_with_hooks(
         c"nextgres.idle_backend_timeout",
         c"Seconds an unused parked backend is kept; 0 keeps it forever.",
         c"",
         &IDLE_BACKEND_TIMEOUT,
         0,
         i32::MAX / 1000,
-        GucContext::Sighup,
+        GucContext::Suset,
         GucFlags::UNIT_S,
-    );
+        Some(poolconf::ng_check_idle_backend_timeout),
+        None,
+        None,
+    ) };
+    unsafe { GucRegistry::define_int_guc_with_hooks(
+        c"nextgres.min_pool_size",
+        c"Backends a pool keeps logged in even when unused.",
+        c"They are not closed by idle_backend_timeout, and a pool that has logged in a backend once logs in more up to this many.",
+        &MIN_POOL_SIZE,
+        0,
+        10000,
+        GucContext::Suset,
+        GucFlags::default(),
+        Some(poolconf::ng_check_min_pool_size),
+        None,
+        None,
+    ) };
+    unsafe { GucRegistry::define_int_guc_with_hooks(
+        c"nextgres.backend_lifetime",
+        c"Seconds after its login a pooled backend is replaced, at its next transaction boundary; 0 keeps it.",
+        c"Long-lived backends give their memory (caches, plans) back. A backend pinned to a session leaves when its client does.",
+        &BACKEND_LIFETIME,
+        0,
+        i32::MAX / 1000,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+        Some(poolconf::ng_check_backend_lifetime),
+        None,
+        None,
+    ) };
+    unsafe { GucRegistry::define_int_guc_with_hooks(
+        c"nextgres.reserve_pool_size",
+        c"Backends a pool may log in beyond pool_size once a client has waited reserve_pool_timeout.",
+        c"They close when no client of the pool waits any more.",
+        &RESERVE_POOL_SIZE,
+        0,
+        10000,
+        GucContext::Suset,
+        GucFlags::default(),
+        Some(poolconf::ng_check_reserve_pool_size),
+        None,
+        None,
+    ) };
+    unsafe { GucRegistry::define_int_guc_with_hooks(
+        c"nextgres.reserve_pool_timeout",
+        c"Seconds a client waits for a backend before the pool may use its reserve.",
+        c"",
+        &RESERVE_POOL_TIMEOUT,
+        0,
+        i32::MAX / 1000,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+        Some(poolconf::ng_check_reserve_pool_timeout),
+        None,
+        None,
+    ) };
+    unsafe { GucRegistry::define_int_guc_with_hooks(
+        c"nextgres.pool_priority",
+        c"Priority of a pool among the pools that share max_db_connections or max_user_connections.",
+        c"When the limit is reached, a pool with waiting clients and a higher priority gets the backends other pools free at their transaction boundaries (each pool with clients keeps one).",
+        &POOL_PRIORITY,
+        -1000,
+        1000,
+        GucContext::Suset,
+        GucFlags::default(),
+        Some(poolconf::ng_check_pool_priority),
+        None,
+        None,
+    ) };
+    unsafe { GucRegistry::define_int_guc_with_hooks(
+        c"nextgres.max_db_connections",
+        c"Pooled backends of one database, all its pools together; 0: no limit.",
+        c"Per database with ALTER DATABASE ... SET. A pool at the limit waits; an unused backend of another pool of the database is closed for it.",
+        &MAX_DB_CONNECTIONS,
+        0,
+        100_000,
+        GucContext::Suset,
+        GucFlags::default(),
+        Some(poolconf::ng_check_max_db_connections),
+        None,
+        None,
+    ) };
+    unsafe { GucRegistry::define_int_guc_with_hooks(
+        c"nextgres.max_user_connections",
+        c"Pooled backends of one role, all its pools together; 0: no limit.",
+        c"Per role with ALTER ROLE ... SET. A pool at the limit waits; an unused backend of another pool of the role is closed for it.",
+        &MAX_USER_CONNECTIONS,
+        0,
+        100_000,
+        GucContext::Suset,
+        GucFlags::default(),
+        Some(poolconf::ng_check_max_user_connections),
+        None,
+        None,
+    ) };
     GucRegistry::define_bool_guc(
         c"nextgres.hold_idle_clients",
         c"A backend keeps its idle client between transactions while no other client of its pool waits.",

@@ -5,7 +5,7 @@
 //! Nothing secret is stored here except the per-boot token, which SQL never shows.
 use crate::pg::shmem::{self as raw, Guard};
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 pub const NAME_LEN: usize = 64;
 pub const ADDR_LEN: usize = 48;
@@ -23,7 +23,43 @@ pub struct Header {
     /// template): the pooler closes their pools' backends. Written by that
     /// backend under the lock, cleared by it when the command ends.
     pub drains: [Drain; DRAIN_SLOTS],
+    /// Commits of ALTER ROLE / DATABASE ... SET (and role or database
+    /// renames and drops) so far: each bumps this, and the pooler then has
+    /// pg_db_role_setting read again (`pooler::poolconf`).
+    pub conf_changes: AtomicU64,
+    /// Bumped by the settings reader each time it rewrote `conf`.
+    pub conf_gen: AtomicU64,
+    /// Bytes of `conf` in use: `database\0role\0item\0` per nextgres.*
+    /// item of pg_db_role_setting, empty database or role for "all".
+    pub conf_len: u32,
+    pub conf: [u8; CONF_LEN],
+    /// Bumped by the operation functions (`nextgres.pause()` ...) after they
+    /// changed `ops`; the pooler then reads them.
+    pub ops_gen: AtomicU64,
+    /// The `ops_gen` the pooler has acted on.
+    pub ops_ack: AtomicU64,
+    /// Pauses in force and reconnects not yet taken by the pooler.
+    pub ops: [OpSlot; OP_SLOTS],
 }
+
+pub const OP_SLOTS: usize = 64;
+pub const OP_FREE: u8 = 0;
+pub const OP_PAUSE: u8 = 1;
+pub const OP_RECONNECT: u8 = 2;
+pub const OP_RESET_STATS: u8 = 3;
+pub const OP_KILL: u8 = 4;
+
+/// One operation on the pools of `database` (and of `role` only, unless empty).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct OpSlot {
+    pub kind: u8,
+    pub database: [u8; NAME_LEN],
+    pub role: [u8; NAME_LEN],
+}
+
+/// Room for the nextgres.* items of pg_db_role_setting (about 100 bytes each).
+pub const CONF_LEN: usize = 32 * 1024;
 
 pub const DRAIN_SLOTS: usize = 8;
 
@@ -56,6 +92,10 @@ pub struct PoolRow {
     pub waits: i64,
     pub wait_us: i64,
     pub max_wait_us: i64,
+    /// Effective `pool_size` (its own from pg_db_role_setting, else global).
+    pub pool_size: i32,
+    /// Effective `pool_mode`: 1 session, 0 transaction.
+    pub session_mode: bool,
 }
 
 #[repr(u8)]
@@ -236,6 +276,100 @@ pub fn name(field: &[u8]) -> String {
 }
 
 impl Tables {
+    /// SQL functions: records an operation (a pause already in force is not
+    /// added twice). Returns the `ops_gen` to wait for (`ops_ack`), None
+    /// when every slot is in use.
+    pub fn op_add(&self, kind: u8, database: &str, role: &str) -> Option<u64> {
+        let h = unsafe { &mut *self.base.cast::<Header>() };
+        let _g = Guard::exclusive();
+        let same = |o: &OpSlot| o.kind == kind && name(&o.database) == database && name(&o.role) == role;
+        if !(kind == OP_PAUSE && h.ops.iter().any(same)) {
+            let slot = h.ops.iter_mut().find(|o| o.kind == OP_FREE)?;
+            slot.kind = kind;
+            set_name(&mut slot.database, database);
+            set_name(&mut slot.role, role);
+        }
+        Some(h.ops_gen.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+
+    /// SQL functions: ends the pauses of `database` (of `role` only, or all
+    /// of them with None). Returns how many ended.
+    pub fn ops_resume(&self, database: &str, role: Option<&str>) -> (usize, u64) {
+        let h = unsafe { &mut *self.base.cast::<Header>() };
+        let _g = Guard::exclusive();
+        let mut n = 0;
+        for o in h.ops.iter_mut() {
+            if o.kind == OP_PAUSE && name(&o.database) == database && role.is_none_or(|r| name(&o.role) == r) {
+                o.kind = OP_FREE;
+                n += 1;
+            }
+        }
+        (n, h.ops_gen.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+
+    /// Pooler: the pauses in force, and the one-shot operations (kind,
+    /// database, role), taken (removed).
+    pub fn ops_take(&self) -> (Vec<(String, String)>, Vec<(u8, String, String)>) {
+        let h = unsafe { &mut *self.base.cast::<Header>() };
+        let _g = Guard::exclusive();
+        let (mut pauses, mut once) = (Vec::new(), Vec::new());
+        for o in h.ops.iter_mut() {
+            match o.kind {
+                OP_FREE => {}
+                OP_PAUSE => pauses.push((name(&o.database), name(&o.role))),
+                k => {
+                    once.push((k, name(&o.database), name(&o.role)));
+                    o.kind = OP_FREE;
+                }
+            }
+        }
+        (pauses, once)
+    }
+
+    /// Wakes the pooler (SIGUSR1 sets a background worker's latch).
+    pub fn wake_pooler(&self) {
+        let pid = self.pooler_pid();
+        if pid > 0 {
+            unsafe { libc::kill(pid, libc::SIGUSR1) };
+        }
+    }
+
+    /// Settings reader: replaces the pg_db_role_setting copy (truncated to
+    /// CONF_LEN at an item boundary; returns false if it was).
+    pub fn conf_write(&self, data: &[u8]) -> bool {
+        let h = unsafe { &mut *self.base.cast::<Header>() };
+        let mut n = data.len().min(CONF_LEN);
+        if n < data.len() {
+            // Whole items only: back up to the end of the last complete one.
+            let mut seen = 0;
+            let mut cut = 0;
+            for (i, &b) in data[..n].iter().enumerate() {
+                if b == 0 {
+                    seen += 1;
+                    if seen % 3 == 0 {
+                        cut = i + 1;
+                    }
+                }
+            }
+            n = cut;
+        }
+        {
+            let _g = Guard::exclusive();
+            h.conf[..n].copy_from_slice(&data[..n]);
+            h.conf_len = n as u32;
+            h.conf_gen.fetch_add(1, Ordering::SeqCst);
+        }
+        n == data.len()
+    }
+
+    /// Pooler: the copy and its generation.
+    pub fn conf_read(&self) -> (u64, Vec<u8>) {
+        let h = self.header();
+        let _g = Guard::shared();
+        let gen = h.conf_gen.load(Ordering::SeqCst);
+        (gen, h.conf[..(h.conf_len as usize).min(CONF_LEN)].to_vec())
+    }
+
     /// All client rows by index (for joining backends to their clients).
     pub fn snapshot_clients_by_row(&self) -> Vec<ClientRow> {
         let _g = Guard::shared();

@@ -48,6 +48,8 @@ fn pools() -> TableIterator<
         name!(waits, i64),
         name!(wait_time_ms, f64),
         name!(max_wait_ms, f64),
+        name!(pool_size, i32),
+        name!(pool_mode, &'static str),
     ),
 > {
     let (pools, _, _) = tables().snapshot();
@@ -65,6 +67,8 @@ fn pools() -> TableIterator<
             p.waits,
             p.wait_us as f64 / 1000.0,
             p.max_wait_us as f64 / 1000.0,
+            p.pool_size,
+            if p.session_mode { "session" } else { "transaction" },
         )
     }))
 }
@@ -160,6 +164,138 @@ fn pin_name(pin: u8) -> Option<String> {
         5 => Some("sequence value".into()),
         _ => None,
     }
+}
+
+/// "database \"db\"" or "role \"r\" in database \"db\"" for log lines.
+fn target(database: &str, role: Option<&str>) -> String {
+    match role {
+        Some(r) => format!("pool of role \"{r}\" for database \"{database}\""),
+        None => format!("pools of database \"{database}\""),
+    }
+}
+
+/// Waits until the pooler has acted on operation generation `gen`
+/// (`cond` true) or `wait_seconds` pass (< 0: no limit). Returns whether
+/// `cond` held.
+fn wait_for(t: &shmem::Tables, gen: u64, wait_seconds: i32, mut cond: impl FnMut(&shmem::Tables) -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait_seconds.max(0) as u64);
+    loop {
+        let acked = t.header().ops_ack.load(std::sync::atomic::Ordering::SeqCst) >= gen;
+        if acked && cond(t) {
+            return true;
+        }
+        if wait_seconds >= 0 && std::time::Instant::now() >= deadline {
+            return false;
+        }
+        if t.pooler_pid() == 0 {
+            return false;
+        }
+        crate::pg::poolconf::wait_ms(10);
+    }
+}
+
+fn op(kind: u8, database: &str, role: Option<&str>) -> u64 {
+    let t = tables();
+    let Some(gen) = t.op_add(kind, database, role.unwrap_or("")) else {
+        pgrx::error!("nextgres: too many pauses and reconnects pending ({} slots)", shmem::OP_SLOTS);
+    };
+    t.wake_pooler();
+    gen
+}
+
+/// Pauses the pools of `database` (or one role's): no transaction starts
+/// there, clients wait; running transactions finish. Waits up to
+/// `wait_seconds` (< 0: no limit) until no backend of those pools serves a
+/// client and returns true, or false if some still does (a session-mode
+/// client, or a long transaction); the pause stays in force either way until
+/// `nextgres.resume()`. PgBouncer's PAUSE.
+#[pg_extern]
+fn pause(database: &str, role: default!(Option<&str>, "NULL"), wait_seconds: default!(i32, 60)) -> bool {
+    let gen = op(shmem::OP_PAUSE, database, role);
+    pgrx::log!("nextgres: pause of the {} requested", target(database, role));
+    let t = tables();
+    wait_for(&t, gen, wait_seconds, |t| {
+        let (pools, _, _) = t.snapshot();
+        pools
+            .iter()
+            .filter(|p| shmem::name(&p.database) == database && role.is_none_or(|r| shmem::name(&p.role) == r))
+            .all(|p| p.backends_attached == 0)
+    })
+}
+
+/// Ends the pauses of `database` (or of one role's pool only; NULL ends
+/// every pause of the database): waiting clients are served again. Returns
+/// how many pauses ended. PgBouncer's RESUME.
+#[pg_extern]
+fn resume(database: &str, role: default!(Option<&str>, "NULL")) -> i32 {
+    let t = tables();
+    let (n, gen) = t.ops_resume(database, role);
+    t.wake_pooler();
+    pgrx::log!("nextgres: resume of the {} requested ({n} pauses ended)", target(database, role));
+    wait_for(&t, gen, 10, |_| true);
+    n as i32
+}
+
+/// Replaces the backends of the pools of `database` (or one role's) at
+/// their next transaction boundary (parked ones at once), e.g. after ALTER
+/// SYSTEM, an extension upgrade or a role change. Returns once the pooler
+/// has taken the request. PgBouncer's RECONNECT.
+#[pg_extern]
+fn reconnect(database: &str, role: default!(Option<&str>, "NULL")) {
+    let gen = op(shmem::OP_RECONNECT, database, role);
+    pgrx::log!("nextgres: reconnect of the {} requested", target(database, role));
+    wait_for(&tables(), gen, 10, |_| true);
+}
+
+/// Disconnects every client of the pools of `database` (or one role's) with
+/// FATAL 57P01, ending their transactions (backends serving them are
+/// terminated, as by pg_terminate_backend), and closes the pools' parked
+/// backends. Returns once the pooler has acted. PgBouncer's KILL.
+#[pg_extern]
+fn kill_clients(database: &str, role: default!(Option<&str>, "NULL")) {
+    let gen = op(shmem::OP_KILL, database, role);
+    pgrx::log!("nextgres: kill of the clients of the {} requested", target(database, role));
+    wait_for(&tables(), gen, 10, |_| true);
+}
+
+/// Waits until every backend the pools of `database` (or one role's) have
+/// now is gone (after `reconnect()` or `kill_clients()`: until the old
+/// backends are closed; new ones may have logged in meanwhile). Returns
+/// false if some remains after `wait_seconds` (< 0: no limit). PgBouncer's
+/// WAIT_CLOSE.
+#[pg_extern]
+fn wait_close(database: &str, role: default!(Option<&str>, "NULL"), wait_seconds: default!(i32, 60)) -> bool {
+    let t = tables();
+    let mine = |t: &shmem::Tables| -> Vec<i32> {
+        let (_, _, backends) = t.snapshot();
+        let names = t.pool_names();
+        backends
+            .iter()
+            .filter(|b| {
+                names.get(b.pool as usize).is_some_and(|(d, r)| d == database && role.is_none_or(|x| x == r))
+            })
+            .map(|b| b.pid)
+            .collect()
+    };
+    let before = mine(&t);
+    let gen = t.header().ops_ack.load(std::sync::atomic::Ordering::SeqCst);
+    wait_for(&t, gen, wait_seconds, |t| {
+        let now = mine(t);
+        before.iter().all(|p| !now.contains(p))
+    })
+}
+
+/// Sets the counters of `nextgres.pools` (transactions, waits, wait_time_ms,
+/// max_wait_ms) to 0 for the pools of `database` and `role` (NULL: all).
+/// Returns once the pooler has done it. Logged.
+#[pg_extern]
+fn reset_stats(database: default!(Option<&str>, "NULL"), role: default!(Option<&str>, "NULL")) {
+    let gen = op(shmem::OP_RESET_STATS, database.unwrap_or(""), role);
+    pgrx::log!(
+        "nextgres: statistics reset of the {} requested",
+        database.map_or_else(|| "pools of every database".to_string(), |d| target(d, role))
+    );
+    wait_for(&tables(), gen, 10, |_| true);
 }
 
 /// Where the pooler listens and whether it runs. `port` is NULL when the

@@ -7,6 +7,7 @@ pub mod comm;
 pub mod glue;
 pub mod logger;
 pub mod loginmem;
+pub mod poolconf;
 pub mod session;
 pub mod shmem;
 pub mod slots;

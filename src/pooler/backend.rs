@@ -35,6 +35,8 @@ pub struct Backend {
     pub release_requested: bool,
     scram: Option<ScramClient>,
     pub xacts: i64,
+    /// When its pool login started (for `backend_lifetime`).
+    pub born: Instant,
 }
 
 fn login_error(sqlstate: &str, message: String, hint: Option<&str>) -> ErrorFields {
@@ -90,6 +92,7 @@ impl Pooler {
             release_requested: false,
             scram: None,
             xacts: 0,
+            born: Instant::now(),
         };
         let entry = self.conns.vacant_entry();
         conn::add(&self.epoll, &b.stream, entry.key(), READ);
@@ -422,6 +425,7 @@ impl Pooler {
 
     /// Closing the control socket makes a parked backend exit.
     pub fn backend_close(&mut self, key: usize) {
+        self.closing_note(key);
         self.backend_gone(key, None);
     }
 }

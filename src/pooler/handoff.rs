@@ -8,7 +8,6 @@ use super::backend::BPhase;
 use super::client::Phase;
 use super::conn::Conn;
 use super::worker::Pooler;
-use crate::settings::{PoolMode, POOL_MODE, POOL_SIZE};
 use crate::shmem::{BackendState, ClientState};
 use nextgres_core::control::{self, Attach, Released};
 use nextgres_core::pool::{Credential, Pool};
@@ -38,10 +37,11 @@ impl Pooler {
                 new.draining = self.draining.contains(&name.0);
                 let p = self.pools.insert(new);
                 self.pool_by_name.insert(name, p);
+                self.pool_conf_init(p);
                 p
             }
         };
-        let session_mode = POOL_MODE.get() == PoolMode::Session;
+        let session_mode = self.pool_session_mode(pool);
         let known = {
             let p = &mut self.pools[pool];
             if let Some(new) = cred {
@@ -120,6 +120,8 @@ impl Pooler {
             if matches!(self.backend(b).map(|b| &b.phase), Some(BPhase::Parked { .. })) {
                 return self.handoff(key, b, None);
             }
+        } else if self.pool_paused(pool) {
+            // nextgres.pause(): the client waits for resume.
         } else if let Some(b) = self.pools[pool].take_parked(last) {
             return self.handoff(key, b, None);
         }
@@ -141,8 +143,21 @@ impl Pooler {
         if b.pinned_to.is_some() {
             return;
         }
+        self.pool_reserve_release(pool);
         if self.backend_close_if_surplus(key) {
             return;
+        }
+        // Past its lifetime, at a transaction boundary: replaced as needed
+        // (backend_gone lets the pool log in another for waiting clients).
+        if self.backend_expired(key) {
+            return self.backend_close(key);
+        }
+        if self.backend_yield_to_starved(key) {
+            return;
+        }
+        if self.pool_paused(pool) {
+            self.pools[pool].parked.push(key);
+            return self.sync_pool(pool);
         }
         if self.pools[pool].draining {
             return self.backend_close(key);
@@ -162,11 +177,27 @@ impl Pooler {
 
     /// Starts pool logins while clients wait that no starting backend serves.
     pub fn pool_maybe_grow(&mut self, pool: usize) {
-        let size = POOL_SIZE.get().max(1) as usize;
+        if self.pool_paused(pool) {
+            return;
+        }
+        self.pool_reserve_check(pool);
+        let size = self.pool_size_of(pool);
         if self.pools.get(pool).is_some_and(|p| !p.wants_backend(size)) {
             self.pool_slots_episode_end(pool);
         }
-        while self.pools.get(pool).is_some_and(|p| p.wants_backend(size) && recent_failure(p).is_none()) {
+        let min = self.min_pool_size_of(pool);
+        let warm = |p: &Pool| {
+            // min_pool_size: once the pool has logged in (its session values
+            // are known), keep that many logged in, unless its role or
+            // database has a CONNECTION LIMIT or the server is stopping.
+            p.backends < min && p.params.is_some() && !p.draining && !p.close_when_idle
+        };
+        let stopping = self.stopping;
+        while self
+            .pools
+            .get(pool)
+            .is_some_and(|p| (p.wants_backend(size) || (!stopping && warm(p))) && recent_failure(p).is_none())
+        {
             if !self.pool_login_room(pool) {
                 break;
             }

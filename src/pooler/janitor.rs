@@ -5,7 +5,6 @@ use super::backend::BPhase;
 use super::client::Phase;
 use super::conn::Conn;
 use super::worker::Pooler;
-use crate::settings::{IDLE_BACKEND_TIMEOUT, QUERY_WAIT_TIMEOUT};
 use std::time::{Duration, Instant};
 
 pub const TICK_MS: i64 = 1000;
@@ -19,16 +18,16 @@ impl Pooler {
         self.last_janitor = Some(now);
         self.watch_smart_shutdown();
         self.check_drains();
-        let wait_limit = secs(QUERY_WAIT_TIMEOUT.get());
-        let idle_limit = secs(IDLE_BACKEND_TIMEOUT.get());
         let auth_limit = secs(unsafe { pgrx::pg_sys::AuthenticationTimeout });
         let mut expired_wait = Vec::new();
         let mut expired_auth = Vec::new();
         let mut idle_backends = Vec::new();
+        let mut expired_attached = Vec::new();
         for (k, conn) in self.conns.iter() {
             match conn {
                 Conn::Client(c) => match c.phase {
                     Phase::Waiting { since } | Phase::LoginPending { since } => {
+                        let wait_limit = secs(self.query_wait_timeout_of(c.pool));
                         if wait_limit.is_some_and(|l| now.duration_since(since) > l) {
                             expired_wait.push(k);
                         }
@@ -40,18 +39,26 @@ impl Pooler {
                     }
                     _ => {}
                 },
-                Conn::Backend(b) => {
-                    if let BPhase::Parked { since } = b.phase {
-                        if b.pinned_to.is_none() && idle_limit.is_some_and(|l| now.duration_since(since) > l) {
+                Conn::Backend(b) => match b.phase {
+                    BPhase::Parked { since } => {
+                        let idle_limit = secs(self.idle_backend_timeout_of(b.pool));
+                        let idle = idle_limit.is_some_and(|l| now.duration_since(since) > l);
+                        if b.pinned_to.is_none() && (idle || self.backend_expired(k)) {
                             idle_backends.push(k);
                         }
                     }
-                }
+                    BPhase::Attached { .. } if !b.release_requested && self.backend_expired(k) => expired_attached.push(k),
+                    _ => {}
+                },
                 Conn::Listener(_) => {}
             }
         }
         for k in expired_wait {
-            let t = QUERY_WAIT_TIMEOUT.get();
+            let pool = match self.conns.get(k) {
+                Some(Conn::Client(c)) => c.pool,
+                _ => None,
+            };
+            let t = self.query_wait_timeout_of(pool);
             self.client_fatal(
                 k,
                 "53400",
@@ -64,8 +71,21 @@ impl Pooler {
             // authentication_timeout is dropped.
             self.client_close(k);
         }
+        // min_pool_size: idle ones beyond it close, the pool keeps that many
+        // (backends past their lifetime close regardless and are replaced).
         for k in idle_backends {
+            let Some(Conn::Backend(b)) = self.conns.get(k) else { continue };
+            let pool = b.pool;
+            let backends = self.pools.get(pool).map_or(0, |p| p.backends);
+            if !self.backend_expired(k) && backends <= self.min_pool_size_of(pool) {
+                continue;
+            }
             self.backend_close(k);
+        }
+        // Attached past their lifetime give their client back at their next
+        // transaction boundary and close there (backend_available).
+        for k in expired_attached {
+            self.backend_request_release(k, true);
         }
         // Over-size pools (pool_size lowered) ask again, e.g. backends that
         // were asked while pinned.

@@ -16,8 +16,8 @@
 use super::backend::BPhase;
 use super::conn::Conn;
 use super::worker::Pooler;
-use crate::settings::POOL_SIZE;
 use nextgres_core::proto::ErrorFields;
+use crate::settings::{MAX_DB_CONNECTIONS, MAX_USER_CONNECTIONS};
 use std::time::{Duration, Instant};
 
 /// Pause between pool logins of one pool after the server had no slot for
@@ -43,6 +43,10 @@ impl Pooler {
         if p.login_backoff_until.is_some_and(|t| Instant::now() < t) {
             return false;
         }
+        if !self.pool_caps_room(pool) {
+            return false;
+        }
+        let Some(p) = self.pools.get(pool) else { return false };
         // A pool with no backend has nothing to share: its login goes to the
         // server, which decides exactly as for a direct login (a superuser
         // may take a reserved slot; the count below may also include logins
@@ -63,7 +67,7 @@ impl Pooler {
     /// The pool got no connection slot: counted free slots said so (`server`
     /// None) or the server refused the login with 53300 (`server`: its error).
     pub fn pool_out_of_slots(&mut self, pool: usize, server: Option<ErrorFields>) {
-        let size = POOL_SIZE.get();
+        let size = self.pool_size_of(pool);
         let Some(p) = self.pools.get_mut(pool) else { return };
         p.login_backoff_until = Some(Instant::now() + SLOT_BACKOFF);
         if !p.slots_episode {
@@ -75,7 +79,7 @@ impl Pooler {
                 None => "no connection slot is free for another pool login".to_string(),
             };
             let msg = format!(
-                "nextgres: the pool of role \"{}\" for database \"{}\" has {} of nextgres.pool_size = {size} backends and gets no more for now: {cause} \
+                "nextgres: the pool of role \"{}\" for database \"{}\" has {} of its pool_size = {size} backends and gets no more for now: {cause} \
 (max_connections = {max}, superuser_reserved_connections = {su}, reserved_connections = {res}); its clients share the backends it has, and it tries again at most twice a second",
                 p.role, p.database, p.backends
             );
@@ -105,7 +109,7 @@ impl Pooler {
 
     /// More backends than `nextgres.pool_size` (lowered by a reload)?
     pub fn pool_surplus(&self, pool: usize) -> usize {
-        let size = POOL_SIZE.get().max(1) as usize;
+        let size = self.pool_size_of(pool);
         self.pools.get(pool).map_or(0, |p| p.backends.saturating_sub(size))
     }
 
@@ -152,5 +156,170 @@ impl Pooler {
         }
         self.backend_close(key);
         true
+    }
+}
+
+/// A backend the pooler closed, counted against the limits until its process
+/// is gone (its pg_stat_activity entry goes at exit, a moment after the
+/// pooler closed its control socket).
+pub struct Closing {
+    pid: i32,
+    database: String,
+    role: String,
+    since: Instant,
+}
+
+/// A closed backend whose process still exists after this long no longer
+/// counts (it is not the pooler's any more).
+const CLOSING_PATIENCE: Duration = Duration::from_secs(5);
+
+impl Pooler {
+    /// `max_db_connections` of a database (0: none): its own from ALTER
+    /// DATABASE ... SET, else the global.
+    fn max_db_connections_of(&self, database: &str) -> usize {
+        nextgres_core::poolconf::resolve_database_limit(&self.conf.entries, "max_db_connections", database)
+            .unwrap_or_else(|| MAX_DB_CONNECTIONS.get())
+            .max(0) as usize
+    }
+
+    /// `max_user_connections` of a role (0: none).
+    fn max_user_connections_of(&self, role: &str) -> usize {
+        nextgres_core::poolconf::resolve_role_limit(&self.conf.entries, "max_user_connections", role)
+            .unwrap_or_else(|| MAX_USER_CONNECTIONS.get())
+            .max(0) as usize
+    }
+
+    /// Backends of all pools matching `same` (closing ones included).
+    fn backends_where(&self, same: impl Fn(&str, &str) -> bool) -> usize {
+        let live: usize = self.pools.iter().filter(|(_, p)| same(&p.database, &p.role)).map(|(_, p)| p.backends).sum();
+        live + self.closing.iter().filter(|c| same(&c.database, &c.role)).count()
+    }
+
+    /// Room under max_db_connections and max_user_connections for one more
+    /// backend of `pool`? When not, and clients of the pool wait, an unused
+    /// (parked) backend of another pool that shares the limit, and that this
+    /// pool deserves (`pool_deserves`), is closed so the next try finds room
+    /// (as PgBouncer evicts an idle server connection); the pool retries
+    /// when that backend's process is gone.
+    fn pool_caps_room(&mut self, pool: usize) -> bool {
+        let Some(p) = self.pools.get(pool) else { return false };
+        let (db, role, waiting) = (p.database.clone(), p.role.clone(), !p.waiting.is_empty());
+        let max_db = self.max_db_connections_of(&db);
+        if max_db > 0 && self.backends_where(|d, _| d == db) >= max_db {
+            if waiting {
+                self.evict_parked(pool, |d, _| d == db);
+            }
+            return false;
+        }
+        let max_user = self.max_user_connections_of(&role);
+        if max_user > 0 && self.backends_where(|_, r| r == role) >= max_user {
+            if waiting {
+                self.evict_parked(pool, |_, r| r == role);
+            }
+            return false;
+        }
+        true
+    }
+
+    /// Does waiting pool `q` deserve a backend of pool `holder`, both under
+    /// one full limit? A higher `pool_priority` does while the holder keeps
+    /// one backend; the same priority does with at least two backends fewer
+    /// (fair shares); a lower one only while it has none.
+    fn pool_deserves(&self, q: usize, holder: usize) -> bool {
+        let (Some(qp), Some(hp)) = (self.pools.get(q), self.pools.get(holder)) else { return false };
+        let (qprio, hprio) = (self.pool_priority_of(q), self.pool_priority_of(holder));
+        if qprio > hprio {
+            hp.backends > 1
+        } else if qprio == hprio {
+            qp.backends + 1 < hp.backends
+        } else {
+            qp.backends == 0 && hp.backends > 1
+        }
+    }
+
+    /// Closes the longest-parked backend of the other pool, among those
+    /// matching `same` that have no client at all or that `pool` deserves a
+    /// backend of, that has the most backends.
+    fn evict_parked(&mut self, pool: usize, same: impl Fn(&str, &str) -> bool) {
+        let victim = self
+            .pools
+            .iter()
+            .filter(|(k, p)| *k != pool && same(&p.database, &p.role) && !p.parked.is_empty() && (p.clients == 0 || self.pool_deserves(pool, *k)))
+            .max_by_key(|(_, p)| p.backends)
+            .map(|(k, _)| k);
+        let Some(v) = victim else { return };
+        if !self.pools[v].parked.is_empty() {
+            let bk = self.pools[v].parked.remove(0);
+            self.backend_close(bk);
+            self.sync_pool(v);
+        }
+    }
+
+    /// A backend of `pool` is free at a transaction boundary: while another
+    /// pool sharing a full max_db/user_connections limit has waiting clients
+    /// and deserves it (a higher `pool_priority`, while this pool keeps one
+    /// backend; the same priority and at least two backends fewer; a lower
+    /// priority and no backend at all), close this one so that pool gets the
+    /// room.
+    /// Returns true when it was closed.
+    pub fn backend_yield_to_starved(&mut self, key: usize) -> bool {
+        let Some(Conn::Backend(b)) = self.conns.get(key) else { return false };
+        let pool = b.pool;
+        let Some(p) = self.pools.get(pool) else { return false };
+        let (db, role, mine) = (p.database.clone(), p.role.clone(), p.backends);
+        let max_db = self.max_db_connections_of(&db);
+        let max_user = self.max_user_connections_of(&role);
+        let full_db = max_db > 0 && self.backends_where(|d, _| d == db) >= max_db;
+        let full_user = max_user > 0 && self.backends_where(|_, r| r == role) >= max_user;
+        if !full_db && !full_user {
+            return false;
+        }
+        let starved = self.pools.iter().any(|(k, q)| {
+            k != pool
+                && !q.waiting.is_empty()
+                && self.pool_deserves(k, pool)
+                && ((full_db && q.database == db) || (full_user && q.role == role))
+        });
+        if starved {
+            self.backend_close(key);
+        }
+        starved
+    }
+
+    /// Before the pooler closes a backend: count it until its process is gone.
+    pub fn closing_note(&mut self, key: usize) {
+        let Some(Conn::Backend(b)) = self.conns.get(key) else { return };
+        if b.pid <= 0 {
+            return;
+        }
+        let Some(p) = self.pools.get(b.pool) else { return };
+        self.closing.push(Closing { pid: b.pid, database: p.database.clone(), role: p.role.clone(), since: Instant::now() });
+    }
+
+    /// Each loop turn: forget closed backends whose process is gone, and let
+    /// pools with waiting clients try again.
+    pub fn closing_check(&mut self) {
+        if self.closing.is_empty() {
+            return;
+        }
+        let before = self.closing.len();
+        self.closing.retain(|c| {
+            c.since.elapsed() < CLOSING_PATIENCE
+                && nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.pid), None).is_ok()
+        });
+        if self.closing.len() == before {
+            return;
+        }
+        // Highest pool_priority first, then fewest backends: they get the room.
+        let mut waiting: Vec<(std::cmp::Reverse<i32>, usize, usize)> = self
+            .pools
+            .iter()
+            .filter(|(_, p)| !p.waiting.is_empty())
+            .map(|(k, p)| (std::cmp::Reverse(self.pool_priority_of(k)), p.backends, k))
+            .collect();
+        waiting.sort_unstable();
+        for (_, _, p) in waiting {
+            self.pool_maybe_grow(p);
+        }
     }
 }

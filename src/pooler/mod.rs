@@ -10,6 +10,8 @@
 //! * `drain`: closing a database's backends for DROP DATABASE and friends.
 //! * `janitor`: periodic upkeep (timeouts).
 //! * `limits`: connection slots for pool logins, a lowered pool_size.
+//! * `poolconf`: per-pool settings from `ALTER ROLE / DATABASE ... SET`.
+//! * `ops`: pause, resume and reconnect requested through SQL.
 //! * `stats`: the shared tables the SQL functions read.
 mod auth;
 mod backend;
@@ -20,6 +22,8 @@ mod handoff;
 mod janitor;
 mod limits;
 mod listener;
+mod ops;
+mod poolconf;
 
 mod stats;
 mod worker;

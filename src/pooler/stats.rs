@@ -49,6 +49,7 @@ impl Pooler {
         let attached = p.backends.saturating_sub(p.parked.len() + p.starting);
         let waiting = p.waiting.len();
         let pending = p.login_pending.len();
+        let (size, session) = (self.pool_size_of(pool) as i32, self.pool_session_mode(pool));
         self.tables.write(|rows, _, _| {
             let r = &mut rows[p.row];
             r.clients_waiting = waiting as i32;
@@ -61,6 +62,8 @@ impl Pooler {
             r.waits = p.waits;
             r.wait_us = p.wait_us;
             r.max_wait_us = p.max_wait_us;
+            r.pool_size = size;
+            r.session_mode = session;
         });
     }
 

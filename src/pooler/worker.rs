@@ -62,6 +62,13 @@ pub struct Pooler {
     /// Databases a DROP DATABASE (or similar) is waiting on (see `drain`).
     pub draining: Vec<String>,
     pub last_janitor: Option<std::time::Instant>,
+    /// Per-pool settings from pg_db_role_setting (`poolconf`).
+    pub conf: super::poolconf::ConfState,
+    /// Backends the pooler closed whose process may not have exited yet
+    /// (`limits`: they still count against max_db/user_connections).
+    pub closing: Vec<super::limits::Closing>,
+    /// Pauses in force (`ops`).
+    pub ops: super::ops::OpsState,
 }
 
 impl Pooler {
@@ -109,6 +116,9 @@ impl Pooler {
             stopping: false,
             draining: Vec::new(),
             last_janitor: None,
+            conf: super::poolconf::ConfState::new(),
+            closing: Vec::new(),
+            ops: Default::default(),
         };
         p.rows.reset_all(&p.tables);
         p.tables.set_pooler(unsafe { pg_sys::MyProcPid }, postmaster::listen::port());
@@ -158,6 +168,9 @@ impl Pooler {
                     break;
                 }
             }
+            self.pool_conf_check();
+            self.closing_check();
+            self.ops_check();
             self.janitor();
         }
     }
@@ -177,7 +190,8 @@ impl Pooler {
             Ok(()) => log::info!("reloaded pg_hba.conf and settings"),
             Err(e) => log::warn!("pg_hba.conf not reloaded, keeping the previous rules: {}", e.message()),
         }
-        // A lowered nextgres.pool_size applies at once.
+        // A lowered nextgres.pool_size applies at once (pools without their
+        // own pool_size).
         self.pools_trim();
     }
 

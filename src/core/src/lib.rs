@@ -13,3 +13,4 @@ pub mod auth;
 pub mod proto;
 pub mod control;
 pub mod pool;
+pub mod poolconf;

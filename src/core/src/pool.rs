@@ -69,6 +69,18 @@ pub struct Pool {
     pub waits: i64,
     pub wait_us: i64,
     pub max_wait_us: i64,
+    /// Settings of this pool from `ALTER ROLE / DATABASE ... SET` (None:
+    /// the global value).
+    pub conf: crate::poolconf::PoolConf,
+    /// `nextgres.reconnect()`: backends logged in before this instant are
+    /// replaced at their next transaction boundary.
+    pub reconnect_before: Option<Instant>,
+    /// A client waited longer than reserve_pool_timeout: the pool may have
+    /// reserve_pool_size more backends until its queue has been empty for
+    /// reserve_pool_timeout.
+    pub reserve_engaged: bool,
+    /// Since when the queue of a pool with the reserve engaged is empty.
+    pub reserve_idle_since: Option<Instant>,
 }
 
 impl Pool {
@@ -96,6 +108,10 @@ impl Pool {
             waits: 0,
             wait_us: 0,
             max_wait_us: 0,
+            conf: Default::default(),
+            reconnect_before: None,
+            reserve_engaged: false,
+            reserve_idle_since: None,
         }
     }
 

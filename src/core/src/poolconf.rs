@@ -1,0 +1,266 @@
+//! Per-pool settings from `pg_db_role_setting`: what `ALTER DATABASE ... SET
+//! nextgres.x`, `ALTER ROLE ... SET nextgres.x`, `ALTER ROLE ... IN DATABASE
+//! ... SET nextgres.x` and `ALTER ROLE ALL ... SET` stored, resolved for one
+//! (database, role) pool with the server's own precedence (`process_settings`
+//! in utils/init/postinit.c applies, from lowest to highest: all roles in all
+//! databases, the database, the role, the role in the database). A value not
+//! set at any of these levels falls back to postgresql.conf (the caller's
+//! global), so `RESET` returns a pool to the global setting.
+//!
+//! Values were validated by the server when they were stored (the GUC's own
+//! parser runs for `ALTER ... SET`), so a value this module cannot parse is
+//! simply ignored (`Entry::parse` returns None).
+
+/// One `name=value` item of a `pg_db_role_setting.setconfig` array.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// `setdatabase`: None for 0 (every database).
+    pub database: Option<String>,
+    /// `setrole`: None for 0 (every role).
+    pub role: Option<String>,
+    /// Setting name without the `nextgres.` prefix, lower case.
+    pub name: String,
+    /// The stored value text.
+    pub value: String,
+}
+
+/// `nextgres.pool_mode` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// A backend serves a client for one transaction.
+    Transaction,
+    /// A backend serves a client for its whole connection.
+    Session,
+}
+
+/// The settings one pool overrides; None: the global (postgresql.conf) value.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PoolConf {
+    /// `nextgres.pool_size`: backends.
+    pub pool_size: Option<i32>,
+    /// `nextgres.pool_mode`.
+    pub pool_mode: Option<Mode>,
+    /// `nextgres.query_wait_timeout`: seconds (0: forever).
+    pub query_wait_timeout: Option<i32>,
+    /// `nextgres.idle_backend_timeout`: seconds (0: never).
+    pub idle_backend_timeout: Option<i32>,
+    /// `nextgres.min_pool_size`: backends kept logged in.
+    pub min_pool_size: Option<i32>,
+    /// `nextgres.backend_lifetime`: seconds (0: forever).
+    pub backend_lifetime: Option<i32>,
+    /// `nextgres.reserve_pool_size`: extra backends.
+    pub reserve_pool_size: Option<i32>,
+    /// `nextgres.reserve_pool_timeout`: seconds a client waits before they may log in.
+    pub reserve_pool_timeout: Option<i32>,
+    /// `nextgres.pool_priority`: higher wins a shared limit.
+    pub pool_priority: Option<i32>,
+}
+
+/// Names (without prefix) this module resolves per pool.
+pub const PER_POOL: &[&str] =
+    &["pool_size", "pool_mode", "query_wait_timeout", "idle_backend_timeout", "min_pool_size", "backend_lifetime", "reserve_pool_size", "reserve_pool_timeout", "pool_priority"];
+
+impl Entry {
+    /// Splits a setconfig item `nextgres.name=value`; None for other prefixes.
+    pub fn from_item(database: Option<&str>, role: Option<&str>, item: &str) -> Option<Entry> {
+        let (name, value) = item.split_once('=')?;
+        let name = name.trim().to_ascii_lowercase();
+        let name = name.strip_prefix("nextgres.")?;
+        Some(Entry {
+            database: database.map(str::to_string),
+            role: role.map(str::to_string),
+            name: name.to_string(),
+            value: value.to_string(),
+        })
+    }
+
+    /// Precedence of this entry for a pool of `database` and `role`: None when
+    /// it does not apply, else higher wins (as `process_settings` applies them
+    /// in order, the last one applied winning).
+    fn rank(&self, database: &str, role: &str) -> Option<u8> {
+        match (&self.database, &self.role) {
+            (Some(d), Some(r)) if d == database && r == role => Some(4),
+            (None, Some(r)) if r == role => Some(3),
+            (Some(d), None) if d == database => Some(2),
+            (None, None) => Some(1),
+            _ => None,
+        }
+    }
+}
+
+/// Resolves the entries that apply to the pool of (`database`, `role`).
+pub fn resolve(entries: &[Entry], database: &str, role: &str) -> PoolConf {
+    let mut best: Vec<(&str, u8, &str)> = Vec::new();
+    for e in entries {
+        let Some(rank) = e.rank(database, role) else { continue };
+        match best.iter_mut().find(|(n, _, _)| *n == e.name) {
+            Some(b) if b.1 < rank => *b = (&e.name, rank, &e.value),
+            Some(_) => {}
+            None => best.push((&e.name, rank, &e.value)),
+        }
+    }
+    let mut conf = PoolConf::default();
+    for (name, _, value) in best {
+        match name {
+            "pool_size" => conf.pool_size = parse_int(value).filter(|v| *v >= 1),
+            "pool_mode" => conf.pool_mode = parse_mode(value),
+            "query_wait_timeout" => conf.query_wait_timeout = parse_secs(value).filter(|v| *v >= 0),
+            "idle_backend_timeout" => conf.idle_backend_timeout = parse_secs(value).filter(|v| *v >= 0),
+            "min_pool_size" => conf.min_pool_size = parse_int(value).filter(|v| *v >= 0),
+            "backend_lifetime" => conf.backend_lifetime = parse_secs(value).filter(|v| *v >= 0),
+            "reserve_pool_size" => conf.reserve_pool_size = parse_int(value).filter(|v| *v >= 0),
+            "reserve_pool_timeout" => conf.reserve_pool_timeout = parse_secs(value).filter(|v| *v >= 0),
+            "pool_priority" => conf.pool_priority = parse_int(value),
+            _ => {}
+        }
+    }
+    conf
+}
+
+/// A limit over all pools of one database (`max_db_connections`): set with
+/// `ALTER DATABASE db SET` (or `ALTER ROLE ALL SET` for every database);
+/// role-specific items do not apply. None: the global value.
+pub fn resolve_database_limit(entries: &[Entry], name: &str, database: &str) -> Option<i32> {
+    resolve_limit(entries, name, |e| e.role.is_none() && e.database.as_deref().is_none_or(|d| d == database))
+}
+
+/// A limit over all pools of one role (`max_user_connections`): set with
+/// `ALTER ROLE r SET` (or `ALTER ROLE ALL SET`); database-specific items do
+/// not apply. None: the global value.
+pub fn resolve_role_limit(entries: &[Entry], name: &str, role: &str) -> Option<i32> {
+    resolve_limit(entries, name, |e| e.database.is_none() && e.role.as_deref().is_none_or(|r| r == role))
+}
+
+fn resolve_limit(entries: &[Entry], name: &str, applies: impl Fn(&Entry) -> bool) -> Option<i32> {
+    // The specific item (database or role named) beats the one for all.
+    entries
+        .iter()
+        .filter(|e| e.name == name && applies(e))
+        .max_by_key(|e| e.database.is_some() || e.role.is_some())
+        .and_then(|e| parse_int(&e.value))
+        .filter(|v| *v >= 0)
+}
+
+/// A plain integer (optionally quoted, surrounding blanks allowed).
+pub fn parse_int(v: &str) -> Option<i32> {
+    unquote(v).parse().ok()
+}
+
+/// `transaction` or `session`, case-insensitive (as the GUC enum parser).
+pub fn parse_mode(v: &str) -> Option<Mode> {
+    match unquote(v).to_ascii_lowercase().as_str() {
+        "transaction" => Some(Mode::Transaction),
+        "session" => Some(Mode::Session),
+        _ => None,
+    }
+}
+
+/// A time in seconds: a bare number is seconds (the GUC's unit), or a number
+/// with one of the server's time units (`us`, `ms`, `s`, `min`, `h`, `d`,
+/// rounded to the nearest second as `parse_int` in guc.c rounds).
+pub fn parse_secs(v: &str) -> Option<i32> {
+    let v = unquote(v);
+    let split = v.find(|c: char| !(c.is_ascii_digit() || c == '-' || c == '.')).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let num: f64 = num.trim().parse().ok()?;
+    let mult = match unit.trim() {
+        "" | "s" => 1.0,
+        "us" => 1e-6,
+        "ms" => 1e-3,
+        "min" => 60.0,
+        "h" => 3600.0,
+        "d" => 86400.0,
+        _ => return None,
+    };
+    let secs = (num * mult).round();
+    (secs >= i32::MIN as f64 && secs <= i32::MAX as f64).then_some(secs as i32)
+}
+
+fn unquote(v: &str) -> &str {
+    let v = v.trim();
+    v.strip_prefix('\'').and_then(|s| s.strip_suffix('\'')).unwrap_or(v).trim()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(db: Option<&str>, role: Option<&str>, item: &str) -> Entry {
+        Entry::from_item(db, role, item).unwrap()
+    }
+
+    #[test]
+    fn server_precedence() {
+        let all = vec![
+            e(None, None, "nextgres.pool_size=1"),
+            e(Some("db"), None, "nextgres.pool_size=2"),
+            e(None, Some("r"), "nextgres.pool_size=3"),
+            e(Some("db"), Some("r"), "nextgres.pool_size=4"),
+        ];
+        assert_eq!(resolve(&all, "db", "r").pool_size, Some(4));
+        assert_eq!(resolve(&all[..3], "db", "r").pool_size, Some(3));
+        assert_eq!(resolve(&all[..2], "db", "r").pool_size, Some(2));
+        assert_eq!(resolve(&all[..1], "db", "r").pool_size, Some(1));
+        // Order in the catalog does not matter.
+        let mut rev = all.clone();
+        rev.reverse();
+        assert_eq!(resolve(&rev, "db", "r").pool_size, Some(4));
+        // Other databases and roles do not apply.
+        assert_eq!(resolve(&all, "other", "x").pool_size, Some(1));
+        assert_eq!(resolve(&all, "other", "r").pool_size, Some(3));
+        assert_eq!(resolve(&all, "db", "x").pool_size, Some(2));
+        assert_eq!(resolve(&all[1..], "other", "x"), PoolConf::default());
+    }
+
+    #[test]
+    fn names_resolve_independently() {
+        let all = vec![
+            e(Some("db"), None, "nextgres.pool_mode=session"),
+            e(None, Some("r"), "nextgres.pool_size=3"),
+            e(None, Some("r"), "nextgres.query_wait_timeout=10s"),
+            e(Some("db"), Some("r"), "nextgres.idle_backend_timeout=2min"),
+        ];
+        let c = resolve(&all, "db", "r");
+        assert_eq!(c.pool_mode, Some(Mode::Session));
+        assert_eq!(c.pool_size, Some(3));
+        assert_eq!(c.query_wait_timeout, Some(10));
+        assert_eq!(c.idle_backend_timeout, Some(120));
+        let c = resolve(&[e(None, Some("r"), "nextgres.min_pool_size=2"), e(None, None, "nextgres.backend_lifetime=1h")], "db", "r");
+        assert_eq!((c.min_pool_size, c.backend_lifetime), (Some(2), Some(3600)));
+    }
+
+    #[test]
+    fn other_prefixes_and_bad_values_are_ignored() {
+        assert!(Entry::from_item(None, None, "work_mem=4MB").is_none());
+        assert!(Entry::from_item(None, None, "garbage").is_none());
+        let all = vec![e(None, None, "nextgres.pool_size=abc"), e(None, None, "NEXTGRES.POOL_MODE='Session'")];
+        let c = resolve(&all, "d", "r");
+        assert_eq!(c.pool_size, None);
+        assert_eq!(c.pool_mode, Some(Mode::Session));
+    }
+
+    #[test]
+    fn database_and_role_limits() {
+        let all = vec![
+            e(None, None, "nextgres.max_db_connections=50"),
+            e(Some("db"), None, "nextgres.max_db_connections=10"),
+            e(Some("db"), Some("r"), "nextgres.max_db_connections=1"),
+            e(None, Some("r"), "nextgres.max_user_connections=5"),
+            e(Some("db"), Some("r"), "nextgres.max_user_connections=1"),
+        ];
+        assert_eq!(resolve_database_limit(&all, "max_db_connections", "db"), Some(10));
+        assert_eq!(resolve_database_limit(&all, "max_db_connections", "other"), Some(50));
+        assert_eq!(resolve_role_limit(&all, "max_user_connections", "r"), Some(5));
+        assert_eq!(resolve_role_limit(&all, "max_user_connections", "x"), None);
+        assert_eq!(resolve_database_limit(&all[3..], "max_db_connections", "db"), None);
+    }
+
+    #[test]
+    fn time_units() {
+        assert_eq!(parse_secs("30"), Some(30));
+        assert_eq!(parse_secs("1500ms"), Some(2));
+        assert_eq!(parse_secs("1 h"), Some(3600));
+        assert_eq!(parse_secs("1d"), Some(86400));
+        assert_eq!(parse_secs("3 weeks"), None);
+    }
+}

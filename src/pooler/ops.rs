@@ -1,0 +1,150 @@
+//! Operations requested through SQL (`nextgres.pause()`, `resume()`,
+//! `reconnect()`, in `sql.rs`): they write shared memory (`shmem::OpSlot`)
+//! and wake the pooler, which acts here and acknowledges (`ops_ack`).
+//!
+//! * pause: no transaction starts in the pool; clients that want a backend
+//!   wait (queued, `query_wait_timeout` still applies). Running transactions
+//!   finish: every backend serving a client is asked to give it back at its
+//!   next transaction boundary and then parks. Session-mode (pinned) clients
+//!   keep their backend.
+//! * resume: parked backends serve the waiting clients again.
+//! * reconnect: backends logged in before the request are replaced at their
+//!   next transaction boundary (parked ones at once), see `backend_expired`.
+//! * reset_stats: the pools' counters (transactions, waits) start at 0.
+//! * kill_clients: every client of the pool is disconnected (57P01).
+use super::client::Phase;
+use super::conn::Conn;
+use super::worker::Pooler;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+#[derive(Default)]
+pub struct OpsState {
+    seen_gen: u64,
+    /// (database, role or "" for every role) paused.
+    pauses: Vec<(String, String)>,
+}
+
+impl Pooler {
+    /// Is the pool paused by nextgres.pause()?
+    pub fn pool_paused(&self, pool: usize) -> bool {
+        let Some(p) = self.pools.get(pool) else { return false };
+        self.ops.pauses.iter().any(|(d, r)| *d == p.database && (r.is_empty() || *r == p.role))
+    }
+
+    /// Each loop turn: act on new operations (one atomic load otherwise).
+    pub fn ops_check(&mut self) {
+        let gen = self.tables.header().ops_gen.load(Ordering::SeqCst);
+        if gen == self.ops.seen_gen {
+            return;
+        }
+        self.ops.seen_gen = gen;
+        let (pauses, once) = self.tables.ops_take();
+        let keys: Vec<usize> = self.pools.iter().map(|(k, _)| k).collect();
+        let was: Vec<bool> = keys.iter().map(|&k| self.pool_paused(k)).collect();
+        self.ops.pauses = pauses;
+        for (i, &k) in keys.iter().enumerate() {
+            let now = self.pool_paused(k);
+            let (db, role) = (self.pools[k].database.clone(), self.pools[k].role.clone());
+            if now && !was[i] {
+                log::info!("pool of role \"{role}\" for database \"{db}\" paused: running transactions finish, new ones wait");
+                self.pool_release_all(k);
+            } else if !now && was[i] {
+                log::info!("pool of role \"{role}\" for database \"{db}\" resumed");
+                let parked = std::mem::take(&mut self.pools[k].parked);
+                for bk in parked {
+                    self.backend_available(bk);
+                }
+                self.pool_maybe_grow(k);
+                self.sync_pool(k);
+            }
+        }
+        for (kind, db, role) in once {
+            let now = Instant::now();
+            for &k in &keys {
+                let p = &mut self.pools[k];
+                if !(db.is_empty() || p.database == db) || !(role.is_empty() || p.role == role) {
+                    continue;
+                }
+                if kind == crate::shmem::OP_KILL {
+                    self.pool_kill(k);
+                    continue;
+                }
+                if kind == crate::shmem::OP_RESET_STATS {
+                    p.xacts = 0;
+                    p.waits = 0;
+                    p.wait_us = 0;
+                    p.max_wait_us = 0;
+                    self.sync_pool(k);
+                    continue;
+                }
+                p.reconnect_before = Some(now);
+                log::info!(
+                    "pool of role \"{}\" for database \"{}\": reconnect, its {} backends are replaced at their next transaction boundary",
+                    p.role,
+                    p.database,
+                    p.backends
+                );
+                let parked = std::mem::take(&mut p.parked);
+                for bk in parked {
+                    self.backend_close(bk);
+                }
+                self.pool_release_all(k);
+                self.pool_maybe_grow(k);
+                self.sync_pool(k);
+            }
+        }
+        self.tables.header().ops_ack.store(gen, Ordering::SeqCst);
+    }
+
+    /// nextgres.kill_clients(): every client of the pool gets FATAL 57P01 and
+    /// is disconnected: the pooler tells those it holds; a backend serving a
+    /// client is terminated (SIGTERM, as pg_terminate_backend), which tells
+    /// its client the same and ends its transaction; parked backends close.
+    fn pool_kill(&mut self, pool: usize) {
+        let Some(p) = self.pools.get(pool) else { return };
+        log::info!(
+            "pool of role \"{}\" for database \"{}\": killing its {} clients and {} backends",
+            p.role,
+            p.database,
+            p.clients,
+            p.backends
+        );
+        let attached: Vec<i32> = p
+            .attached
+            .iter()
+            .filter_map(|&bk| match self.conns.get(bk) {
+                Some(Conn::Backend(b)) if b.pid > 0 => Some(b.pid),
+                _ => None,
+            })
+            .collect();
+        let held: Vec<usize> = self
+            .conns
+            .iter()
+            .filter_map(|(k, c)| match c {
+                Conn::Client(c) if c.pool == Some(pool) && !matches!(c.phase, Phase::Attached { .. }) => Some(k),
+                _ => None,
+            })
+            .collect();
+        for ck in held {
+            self.client_fatal(ck, "57P01", "terminating connection due to administrator command", None);
+        }
+        let parked = std::mem::take(&mut self.pools[pool].parked);
+        for bk in parked {
+            self.backend_close(bk);
+        }
+        for pid in attached {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+        }
+        self.sync_pool(pool);
+    }
+
+    /// Asks every backend serving a client of the pool to give it back at
+    /// its next transaction boundary (pinned ones decline).
+    fn pool_release_all(&mut self, pool: usize) {
+        let attached = self.pools.get(pool).map(|p| p.attached.clone()).unwrap_or_default();
+        for bk in attached {
+            self.backend_request_release(bk, true);
+        }
+    }
+}

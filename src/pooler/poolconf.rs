@@ -1,0 +1,375 @@
+//! Per-pool settings: `ALTER DATABASE / ROLE ... SET nextgres.x` as stored in
+//! `pg_db_role_setting`, resolved per pool with the server's precedence
+//! (`nextgres_core::poolconf`).
+//!
+//! The pooler belongs to no database and cannot open that catalog (see
+//! `poolconf.c`), so a short-lived background worker, the settings reader,
+//! connects to a database that accepts connections ("postgres" first), copies
+//! the `nextgres.*` items into shared memory and exits. It runs when the
+//! pooler starts and after each commit of ALTER ROLE / DATABASE ... SET |
+//! RESET (or a role or database rename or drop): the committing backend bumps
+//! a counter and wakes the pooler (`nextgres_pool_conf_changed`), and the
+//! reader's exit wakes it again (bgw_notify_pid). Nothing is polled.
+//!
+//! A change applies to live pools at once: a lowered `pool_size` trims the
+//! pool (parked backends close now, attached ones at their next transaction
+//! boundary, see `limits`), a raised one lets waiting clients' pool logins
+//! start; `pool_mode` applies to clients that enter the pool from then on;
+//! the timeouts from the next janitor tick.
+use super::worker::Pooler;
+use crate::settings::{
+    PoolMode, BACKEND_LIFETIME, IDLE_BACKEND_TIMEOUT, MIN_POOL_SIZE, POOL_MODE, POOL_SIZE, QUERY_WAIT_TIMEOUT, RESERVE_POOL_SIZE,
+    RESERVE_POOL_TIMEOUT,
+};
+use nextgres_core::poolconf::{self, Entry, Mode, PoolConf};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, DynamicBackgroundWorker, SignalWakeFlags};
+use pgrx::prelude::*;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// A reader that has not reported within this long is given up on (and a
+/// new one started): e.g. its database was dropped under it.
+const READER_PATIENCE: Duration = Duration::from_secs(10);
+/// Pause before another reader after one that failed.
+const READER_RETRY: Duration = Duration::from_secs(1);
+
+/// The pooler's side of the settings reader.
+#[derive(Default)]
+pub struct ConfState {
+    /// `nextgres.*` items of pg_db_role_setting as last read.
+    pub entries: Vec<Entry>,
+    /// `Header::conf_changes` the last reader was started for.
+    seen_changes: u64,
+    /// `Header::conf_gen` of `entries` (0: none read yet).
+    applied_gen: u64,
+    /// A read is due (pooler start, or a change since the last reader began).
+    wanted: bool,
+    reader: Option<(DynamicBackgroundWorker, Instant, u64)>,
+    not_before: Option<Instant>,
+    failing: bool,
+}
+
+impl ConfState {
+    pub fn new() -> ConfState {
+        ConfState { wanted: true, ..Default::default() }
+    }
+}
+
+/// Backend, at commit of a statement that may change pool settings: count it
+/// and wake the pooler. Called from C (poolconf.c); never panics.
+#[unsafe(no_mangle)]
+pub extern "C" fn nextgres_pool_conf_changed() {
+    let Some(t) = crate::shmem::tables() else { return };
+    t.header().conf_changes.fetch_add(1, Ordering::SeqCst);
+    let pid = t.pooler_pid();
+    if pid > 0 {
+        // SIGUSR1 sets a background worker's latch (procsignal_sigusr1_handler).
+        unsafe { libc::kill(pid, libc::SIGUSR1) };
+    }
+}
+
+/// The settings reader: connects to the database given as its argument,
+/// copies the nextgres.* items of pg_db_role_setting into shared memory, exits.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn nextgres_conf_reader_main(arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGTERM);
+    let db = pg_sys::Oid::from(arg.value() as u32);
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), None);
+    let data = BackgroundWorker::transaction(|| {
+        Spi::connect(|client| {
+            let mut out = Vec::new();
+            // Items of dropped roles or databases (rows not yet cleaned up)
+            // apply to nobody.
+            let rows = client.select(
+                "SELECT coalesce(d.datname::text, ''), coalesce(r.rolname::text, ''), c
+                   FROM pg_catalog.pg_db_role_setting s
+                   LEFT JOIN pg_catalog.pg_database d ON d.oid = s.setdatabase
+                   LEFT JOIN pg_catalog.pg_authid r ON r.oid = s.setrole,
+                        unnest(s.setconfig) AS c
+                  WHERE lower(c) LIKE 'nextgres.%'
+                    AND (s.setdatabase = 0 OR d.oid IS NOT NULL)
+                    AND (s.setrole = 0 OR r.oid IS NOT NULL)",
+                None,
+                &[],
+            )?;
+            for row in rows {
+                for i in 1..=3 {
+                    let v: Option<String> = row.get(i)?;
+                    out.extend_from_slice(v.unwrap_or_default().as_bytes());
+                    out.push(0);
+                }
+            }
+            Ok::<_, pgrx::spi::Error>(out)
+        })
+    });
+    match data {
+        Ok(data) => {
+            let Some(t) = crate::shmem::tables() else { return };
+            if !t.conf_write(&data) {
+                log::warn!("nextgres: pg_db_role_setting has more nextgres.* items than fit ({} bytes); the rest are ignored", crate::shmem::CONF_LEN);
+            }
+        }
+        Err(e) => log::warn!("nextgres: could not read pg_db_role_setting: {e}"),
+    }
+}
+
+/// Splits the shared copy into entries.
+fn parse_conf(data: &[u8]) -> Vec<Entry> {
+    let fields: Vec<String> = data.split(|&b| b == 0).map(|f| String::from_utf8_lossy(f).into_owned()).collect();
+    fields
+        .chunks_exact(3)
+        .filter_map(|c| {
+            let opt = |s: &String| (!s.is_empty()).then(|| s.clone());
+            Entry::from_item(opt(&c[0]).as_deref(), opt(&c[1]).as_deref(), &c[2])
+        })
+        .collect()
+}
+
+impl Pooler {
+    /// Backends the pool may have: its own `pool_size` or the global one,
+    /// plus its `reserve_pool_size` while the reserve is engaged.
+    pub fn pool_size_of(&self, pool: usize) -> usize {
+        let Some(p) = self.pools.get(pool) else { return 1 };
+        let size = p.conf.pool_size.unwrap_or_else(|| POOL_SIZE.get()).max(1) as usize;
+        if p.reserve_engaged {
+            size + p.conf.reserve_pool_size.unwrap_or_else(|| RESERVE_POOL_SIZE.get()).max(0) as usize
+        } else {
+            size
+        }
+    }
+
+    /// Engages the pool's reserve when its longest-waiting client has waited
+    /// more than reserve_pool_timeout (logged); disengages it once the queue
+    /// has been empty that long (its surplus backends then close, `limits`).
+    /// On each grow attempt, so at least once per janitor tick.
+    pub fn pool_reserve_check(&mut self, pool: usize) {
+        let Some(p) = self.pools.get(pool) else { return };
+        let timeout = Duration::from_secs(p.conf.reserve_pool_timeout.unwrap_or_else(|| RESERVE_POOL_TIMEOUT.get()).max(0) as u64);
+        if p.reserve_engaged {
+            if p.waiting.is_empty() && p.reserve_idle_since.is_some_and(|t| t.elapsed() > timeout) {
+                let p = &mut self.pools[pool];
+                p.reserve_engaged = false;
+                p.reserve_idle_since = None;
+            }
+            return;
+        }
+        if p.conf.reserve_pool_size.unwrap_or_else(|| RESERVE_POOL_SIZE.get()) <= 0 {
+            return;
+        }
+        let oldest = p.waiting.iter().find_map(|&ck| match self.conns.get(ck) {
+            Some(super::conn::Conn::Client(c)) => match c.phase {
+                super::client::Phase::Waiting { since } => Some(since),
+                _ => None,
+            },
+            _ => None,
+        });
+        if oldest.is_some_and(|t| t.elapsed() > timeout) {
+            let p = &mut self.pools[pool];
+            p.reserve_engaged = true;
+            log::info!(
+                "pool of role \"{}\" for database \"{}\": a client waited more than reserve_pool_timeout ({}s), using the reserve pool",
+                p.role,
+                p.database,
+                timeout.as_secs()
+            );
+        }
+    }
+
+    /// A backend of the pool is free: note when its queue became empty.
+    pub fn pool_reserve_release(&mut self, pool: usize) {
+        if let Some(p) = self.pools.get_mut(pool) {
+            if !p.reserve_engaged || !p.waiting.is_empty() {
+                p.reserve_idle_since = None;
+            } else if p.reserve_idle_since.is_none() {
+                p.reserve_idle_since = Some(std::time::Instant::now());
+            }
+        }
+    }
+
+    /// Does a client entering this pool keep its backend for its session?
+    pub fn pool_session_mode(&self, pool: usize) -> bool {
+        match self.pools.get(pool).and_then(|p| p.conf.pool_mode) {
+            Some(m) => m == Mode::Session,
+            None => POOL_MODE.get() == PoolMode::Session,
+        }
+    }
+
+    /// `query_wait_timeout` of the pool, seconds (0: forever).
+    pub fn query_wait_timeout_of(&self, pool: Option<usize>) -> i32 {
+        let own = pool.and_then(|p| self.pools.get(p)).and_then(|p| p.conf.query_wait_timeout);
+        own.unwrap_or_else(|| QUERY_WAIT_TIMEOUT.get())
+    }
+
+    /// `idle_backend_timeout` of the pool, seconds (0: never).
+    pub fn idle_backend_timeout_of(&self, pool: usize) -> i32 {
+        let own = self.pools.get(pool).and_then(|p| p.conf.idle_backend_timeout);
+        own.unwrap_or_else(|| IDLE_BACKEND_TIMEOUT.get())
+    }
+
+    /// `pool_priority` of the pool.
+    pub fn pool_priority_of(&self, pool: usize) -> i32 {
+        let own = self.pools.get(pool).and_then(|p| p.conf.pool_priority);
+        own.unwrap_or_else(|| crate::settings::POOL_PRIORITY.get())
+    }
+
+    /// `min_pool_size` of the pool (never above its pool_size).
+    pub fn min_pool_size_of(&self, pool: usize) -> usize {
+        let own = self.pools.get(pool).and_then(|p| p.conf.min_pool_size);
+        (own.unwrap_or_else(|| MIN_POOL_SIZE.get()).max(0) as usize).min(self.pool_size_of(pool))
+    }
+
+    /// `backend_lifetime` of the pool (None: forever).
+    pub fn backend_lifetime_of(&self, pool: usize) -> Option<Duration> {
+        let own = self.pools.get(pool).and_then(|p| p.conf.backend_lifetime);
+        let s = own.unwrap_or_else(|| BACKEND_LIFETIME.get());
+        (s > 0).then(|| Duration::from_secs(s as u64))
+    }
+
+    /// A backend past its pool's backend_lifetime, or logged in before a
+    /// `nextgres.reconnect()` of its pool?
+    pub fn backend_expired(&self, key: usize) -> bool {
+        match self.conns.get(key) {
+            Some(super::conn::Conn::Backend(b)) => {
+                self.backend_lifetime_of(b.pool).is_some_and(|l| b.born.elapsed() > l)
+                    || self.pools.get(b.pool).and_then(|p| p.reconnect_before).is_some_and(|t| b.born <= t)
+            }
+            _ => false,
+        }
+    }
+
+    /// A new pool: its settings as last read.
+    pub fn pool_conf_init(&mut self, pool: usize) {
+        if let Some(p) = self.pools.get_mut(pool) {
+            p.conf = poolconf::resolve(&self.conf.entries, &p.database, &p.role);
+        }
+    }
+
+    /// Each loop turn: start a settings reader when one is due, and apply
+    /// what the last one read. Two atomic loads when nothing changed.
+    pub fn pool_conf_check(&mut self) {
+        let h = self.tables.header();
+        let changes = h.conf_changes.load(Ordering::SeqCst);
+        let gen = h.conf_gen.load(Ordering::SeqCst);
+        if changes != self.conf.seen_changes {
+            self.conf.wanted = true;
+        }
+        if gen != self.conf.applied_gen {
+            self.pool_conf_apply();
+        }
+        if let Some((w, started, gen0)) = &self.conf.reader {
+            let done = !matches!(w.pid(), Ok(_) | Err(pgrx::bgworkers::BackgroundWorkerStatus::NotYetStarted));
+            if done || started.elapsed() > READER_PATIENCE {
+                let read = self.conf.applied_gen != *gen0;
+                if !read {
+                    // Failed (its log line says why): try again, not in a loop.
+                    self.conf.wanted = true;
+                    self.conf.not_before = Some(Instant::now() + READER_RETRY);
+                }
+                self.conf.reader = None;
+            }
+        }
+        if self.conf.wanted && self.conf.reader.is_none() && self.conf.not_before.is_none_or(|t| Instant::now() >= t) {
+            self.pool_conf_start_reader(changes);
+        }
+    }
+
+    fn pool_conf_start_reader(&mut self, changes: u64) {
+        let Some(db) = crate::pg::poolconf::pick_reader_database() else {
+            self.pool_conf_reader_failed("no database accepts connections");
+            return;
+        };
+        let started = BackgroundWorkerBuilder::new("nextgres settings reader")
+            .set_type("nextgres settings reader")
+            .set_library("nextgres")
+            .set_function("nextgres_conf_reader_main")
+            .enable_spi_access()
+            .set_start_time(BgWorkerStartTime::ConsistentState)
+            .set_argument(Some(pg_sys::Datum::from(u32::from(db))))
+            .set_notify_pid(unsafe { pg_sys::MyProcPid })
+            .load_dynamic();
+        match started {
+            Ok(w) => {
+                self.conf.seen_changes = changes;
+                self.conf.wanted = false;
+                self.conf.failing = false;
+                self.conf.reader = Some((w, Instant::now(), self.conf.applied_gen));
+            }
+            Err(e) => self.pool_conf_reader_failed(&format!("{e:?} (max_worker_processes)")),
+        }
+    }
+
+    fn pool_conf_reader_failed(&mut self, why: &str) {
+        if !self.conf.failing {
+            log::warn!("nextgres: could not start the reader of pg_db_role_setting: {why}; pools keep the settings read last");
+        }
+        self.conf.failing = true;
+        self.conf.not_before = Some(Instant::now() + READER_RETRY);
+    }
+
+    /// Applies the shared copy to every pool whose settings changed.
+    fn pool_conf_apply(&mut self) {
+        let (gen, data) = self.tables.conf_read();
+        self.conf.applied_gen = gen;
+        let entries = parse_conf(&data);
+        if entries == self.conf.entries {
+            return;
+        }
+        self.conf.entries = entries;
+        let keys: Vec<usize> = self.pools.iter().map(|(k, _)| k).collect();
+        for k in keys {
+            let p = &mut self.pools[k];
+            let new = poolconf::resolve(&self.conf.entries, &p.database, &p.role);
+            if new == p.conf {
+                continue;
+            }
+            log::info!(
+                "pool of role \"{}\" for database \"{}\": settings from pg_db_role_setting now {}",
+                p.role,
+                p.database,
+                describe(&new)
+            );
+            p.conf = new;
+            self.pool_trim(k);
+            self.pool_maybe_grow(k);
+            self.sync_pool(k);
+        }
+    }
+}
+
+/// `pool_size=4, pool_mode=session` or `none (global settings)`.
+fn describe(c: &PoolConf) -> String {
+    let mut parts = Vec::new();
+    if let Some(v) = c.pool_size {
+        parts.push(format!("pool_size={v}"));
+    }
+    if let Some(v) = c.pool_mode {
+        parts.push(format!("pool_mode={}", if v == Mode::Session { "session" } else { "transaction" }));
+    }
+    if let Some(v) = c.query_wait_timeout {
+        parts.push(format!("query_wait_timeout={v}s"));
+    }
+    if let Some(v) = c.idle_backend_timeout {
+        parts.push(format!("idle_backend_timeout={v}s"));
+    }
+    if let Some(v) = c.min_pool_size {
+        parts.push(format!("min_pool_size={v}"));
+    }
+    if let Some(v) = c.backend_lifetime {
+        parts.push(format!("backend_lifetime={v}s"));
+    }
+    if let Some(v) = c.reserve_pool_size {
+        parts.push(format!("reserve_pool_size={v}"));
+    }
+    if let Some(v) = c.reserve_pool_timeout {
+        parts.push(format!("reserve_pool_timeout={v}s"));
+    }
+    if let Some(v) = c.pool_priority {
+        parts.push(format!("pool_priority={v}"));
+    }
+    if parts.is_empty() {
+        "none (global settings)".to_string()
+    } else {
+        parts.join(", ")
+    }
+}

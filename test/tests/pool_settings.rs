@@ -1,0 +1,668 @@
+//! Per-pool settings the PostgreSQL way: `ALTER ROLE / DATABASE ... SET
+//! nextgres.pool_size | pool_mode` (pg_db_role_setting, the server's
+//! precedence), applied by the pooler to live pools without a reload, and
+//! `RESET` back to postgresql.conf.
+//!
+//! ```sh
+//! NEXTGRES_PG=16 cargo test -p nextgres-test --test pool_settings -- --test-threads=2
+//! ```
+
+mod pool_support;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use nextgres_test::{parse_summary, wait_until, Cluster};
+use pool_support::{err_fields, exec, first_value};
+
+/// The pooler has pg_db_role_setting read when such a change commits; it
+/// applies at the pool's next transaction boundaries. Waits for a state are
+/// bounded by 3 s (the issue asks for "within a second"; the measured time is
+/// printed).
+const APPLIED: Duration = Duration::from_secs(3);
+
+/// Sets the flag when dropped, also when an assertion panics inside a
+/// `thread::scope`, so the sampler thread ends and the scope can unwind
+/// instead of waiting for it forever.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+fn app_backends(admin: &mut postgres::Client) -> usize {
+    let n: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE backend_type = 'client backend' AND usename = 'app' AND datname = 'postgres'",
+            &[],
+        )
+        .expect("sampling pg_stat_activity")
+        .get(0);
+    n as usize
+}
+
+/// Under pgbench load (12 clients, global pool_size 6): ALTER ROLE lowers the
+/// pool to 2, ALTER ROLE ... IN DATABASE raises it to 3 (it beats the role's
+/// setting), ALTER DATABASE's 1 changes nothing (lower precedence), RESET of
+/// the role-in-database value returns to the role's 2 and RESET of the role's
+/// to the global 6. pg_stat_activity, sampled all along, never shows more
+/// backends than the limit in force; pgbench has no failed transaction.
+#[test]
+fn alter_role_pool_size_live_under_pgbench() {
+    let pg = Cluster::builder()
+        .conf("nextgres.pool_size = 6")
+        .conf("max_connections = 40")
+        .start();
+    exec(
+        &pg,
+        "CREATE EXTENSION nextgres;
+         CREATE ROLE app LOGIN;
+         GRANT CREATE ON SCHEMA public TO app",
+    );
+    let bench = pg.tcp("app", "postgres");
+    pg.pgbench_init(&bench, 1).assert_success();
+
+    let limit = AtomicUsize::new(6);
+    let stop = AtomicBool::new(false);
+    let samples = AtomicUsize::new(0);
+    let violations = Mutex::new(Vec::<String>::new());
+    let mut admin = pg.admin();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut sampler = pg.admin();
+            while !stop.load(Ordering::Relaxed) {
+                let before = limit.load(Ordering::SeqCst);
+                let n = app_backends(&mut sampler);
+                let allowed = before.max(limit.load(Ordering::SeqCst));
+                if n > allowed {
+                    violations.lock().unwrap().push(format!("{n} backends with limit {allowed}"));
+                }
+                samples.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        let run = s.spawn(|| pg.pgbench(&bench, &["-n", "-S", "-c", "12", "-j", "2", "-T", "30"]));
+        let _stop = StopOnDrop(&stop);
+
+        // The load fills the global pool.
+        assert!(wait_until(Duration::from_secs(20), || app_backends(&mut admin) >= 4), "pool never grew under load");
+
+        let mut step = |sql: &str, new_limit: usize, cond: &dyn Fn(usize) -> bool, what: &str| {
+            if new_limit > limit.load(Ordering::SeqCst) {
+                limit.store(new_limit, Ordering::SeqCst);
+            }
+            exec(&pg, sql);
+            let t0 = Instant::now();
+            let ok = wait_until(APPLIED, || cond(app_backends(&mut admin)));
+            assert!(ok, "{what}: not applied within {APPLIED:?} ({} backends)", app_backends(&mut admin));
+            eprintln!("{what}: applied after {:?}", t0.elapsed());
+            limit.store(new_limit, Ordering::SeqCst);
+            // Hold it for a while of sampling under load.
+            let from = samples.load(Ordering::Relaxed);
+            wait_until(Duration::from_secs(10), || samples.load(Ordering::Relaxed) >= from + 100);
+        };
+        step("ALTER ROLE app SET nextgres.pool_size = 2", 2, &|n| n <= 2, "ALTER ROLE SET 2");
+        step("ALTER ROLE app IN DATABASE postgres SET nextgres.pool_size = 3", 3, &|n| n == 3, "ALTER ROLE IN DATABASE SET 3");
+        let row = pg
+            .admin()
+            .query_one("SELECT pool_size FROM nextgres.pools WHERE role = 'app' AND database = 'postgres'", &[])
+            .expect("nextgres.pools");
+        assert_eq!(row.get::<_, i32>(0), 3);
+        exec(&pg, "ALTER DATABASE postgres SET nextgres.pool_size = 1");
+        step("ALTER ROLE app IN DATABASE postgres RESET nextgres.pool_size", 2, &|n| n <= 2, "RESET role in database");
+        step("ALTER ROLE app RESET nextgres.pool_size", 1, &|n| n <= 1, "RESET role (database's 1 left)");
+        step("ALTER DATABASE postgres RESET ALL", 6, &|n| n > 2, "RESET database (global 6)");
+        let row = pg
+            .admin()
+            .query_one("SELECT pool_size FROM nextgres.pools WHERE role = 'app' AND database = 'postgres'", &[])
+            .expect("nextgres.pools");
+        assert_eq!(row.get::<_, i32>(0), 6);
+
+        let out = run.join().expect("pgbench thread");
+        out.assert_success();
+        let sum = parse_summary(&out.stdout).unwrap_or_else(|| panic!("no pgbench summary:\n{out}"));
+        assert_eq!(sum.failed.unwrap_or(0), 0, "{out}");
+        assert!(sum.processed > 0, "{out}");
+        stop.store(true, Ordering::Relaxed);
+    });
+    let v = violations.into_inner().unwrap();
+    assert!(v.is_empty(), "limit exceeded {} times: {:?}", v.len(), &v[..v.len().min(10)]);
+    assert!(samples.into_inner() > 100, "the sampler barely ran");
+    let log = pg.log();
+    assert!(log.contains("settings from pg_db_role_setting now pool_size=2"), "no log line for the change");
+}
+
+/// pool_mode per database: with ALTER DATABASE ... SET nextgres.pool_mode =
+/// session and a pool of 1 (ALTER ROLE ... IN DATABASE), a second client waits
+/// until the first disconnects; after RESET (transaction mode) two clients
+/// share the one backend between transactions.
+#[test]
+fn alter_database_pool_mode_and_reset() {
+    let pg = Cluster::builder().conf("nextgres.pool_mode = transaction").start();
+    exec(
+        &pg,
+        "CREATE EXTENSION nextgres;
+         CREATE ROLE app LOGIN",
+    );
+    let pid = |c: &mut postgres::Client| first_value(&c.simple_query("SELECT pg_backend_pid()").expect("pid")).expect("row");
+    // The pool exists (global settings) before the ALTERs.
+    pid(&mut pg.tcp("app", "postgres").connect().expect("first"));
+    let conf = || {
+        pg.admin()
+            .query_one("SELECT pool_size, pool_mode FROM nextgres.pools WHERE role = 'app'", &[])
+            .map(|r| (r.get::<_, i32>(0), r.get::<_, String>(1)))
+            .expect("pools")
+    };
+    assert_eq!(conf(), (8, "transaction".to_string()));
+    exec(
+        &pg,
+        "ALTER ROLE app IN DATABASE postgres SET nextgres.pool_size = 1;
+         ALTER DATABASE postgres SET nextgres.pool_mode = session",
+    );
+    assert!(wait_until(APPLIED, || conf() == (1, "session".to_string())), "not applied: {:?}", conf());
+    let mut a = pg.tcp("app", "postgres").connect().expect("a");
+    let pa = pid(&mut a);
+    std::thread::scope(|s| {
+        let b = s.spawn(|| {
+            let mut b = pg.tcp("app", "postgres").connect().expect("b");
+            pid(&mut b)
+        });
+        // b waits for the backend a keeps for its session.
+        let waiting = || {
+            pg.admin()
+                .query_one("SELECT clients_waiting FROM nextgres.pools WHERE role = 'app'", &[])
+                .map(|r| r.get::<_, i32>(0))
+                .unwrap_or(0)
+        };
+        assert!(wait_until(Duration::from_secs(10), || waiting() == 1), "b never waited");
+        assert_eq!(pid(&mut a), pa, "a lost its session backend");
+        assert!(!b.is_finished(), "b was served while a held the session");
+        drop(a);
+        assert_eq!(b.join().expect("b"), pa);
+    });
+
+    exec(&pg, "ALTER DATABASE postgres RESET nextgres.pool_mode");
+    let is_txn = || {
+        pg.admin()
+            .query_one("SELECT pool_mode FROM nextgres.pools WHERE role = 'app'", &[])
+            .map(|r| r.get::<_, String>(0) == "transaction")
+            .unwrap_or(false)
+    };
+    assert!(wait_until(APPLIED, is_txn), "RESET pool_mode not applied");
+    let mut a = pg.tcp("app", "postgres").connect().expect("a");
+    let mut b = pg.tcp("app", "postgres").connect().expect("b");
+    for _ in 0..3 {
+        let (x, y) = (pid(&mut a), pid(&mut b));
+        assert_eq!(x, y, "transaction mode shares the one backend");
+    }
+}
+
+/// Differential: SET nextgres.pool_size in a session fails the same way
+/// directly and through nextgres (55P02 for a superuser, 42501 for others),
+/// and ALTER ROLE ... SET validates the value as the server does.
+#[test]
+fn session_set_is_refused_alter_role_validates() {
+    let pg = Cluster::builder().start();
+    exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN; CREATE ROLE boss LOGIN SUPERUSER");
+    for (role, code) in [("boss", "55P02"), ("app", "42501")] {
+        for via in ["direct", "pooled"] {
+            let ci = if via == "direct" { pg.unix(role, "postgres") } else { pg.tcp(role, "postgres") };
+            let mut c = ci.connect().expect("connect");
+            for sql in ["SET nextgres.pool_size = 3", "SET nextgres.pool_mode = session", "SELECT set_config('nextgres.query_wait_timeout', '5', false)"] {
+                let e = c.simple_query(sql).expect_err(sql);
+                let f = err_fields(&e).expect("server error");
+                assert_eq!(f.code, code, "{role} {via} {sql}: {f:?}");
+            }
+            assert_eq!(first_value(&c.simple_query("SELECT 1").expect("still usable")).as_deref(), Some("1"));
+        }
+    }
+    let mut admin = pg.admin();
+    let e = admin.simple_query("ALTER ROLE app SET nextgres.pool_size = 0").expect_err("0 is out of range");
+    assert_eq!(err_fields(&e).expect("error").code, "22023");
+    let e = admin.simple_query("ALTER ROLE app SET nextgres.pool_mode = sometimes").expect_err("bad enum");
+    assert_eq!(err_fields(&e).expect("error").code, "22023");
+    admin.simple_query("ALTER ROLE app SET nextgres.pool_size = 5").expect("valid");
+    let e = pg.tcp("app", "postgres").connect().expect("connect").simple_query("ALTER ROLE app SET nextgres.pool_size = 7").expect_err("not superuser");
+    assert_eq!(err_fields(&e).expect("error").code, "42501");
+}
+
+/// `ALTER ROLE app SET nextgres.backend_lifetime = 1` under pgbench (4
+/// clients, pool of 2): backends are replaced at transaction boundaries (more
+/// distinct backend pids than the pool's size are seen, each one younger than
+/// the run) and no transaction fails.
+#[test]
+fn backend_lifetime_recycles_at_transaction_boundaries() {
+    let pg = Cluster::builder().conf("nextgres.pool_size = 2").start();
+    exec(
+        &pg,
+        "CREATE EXTENSION nextgres;
+         CREATE ROLE app LOGIN;
+         GRANT CREATE ON SCHEMA public TO app;
+         ALTER ROLE app SET nextgres.backend_lifetime = 1",
+    );
+    let bench = pg.tcp("app", "postgres");
+    pg.pgbench_init(&bench, 1).assert_success();
+    let stop = AtomicBool::new(false);
+    let pids = Mutex::new(std::collections::BTreeSet::new());
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut admin = pg.admin();
+            while !stop.load(Ordering::Relaxed) {
+                for r in admin
+                    .query(
+                        "SELECT pid FROM pg_stat_activity WHERE usename = 'app' AND backend_type = 'client backend'",
+                        &[],
+                    )
+                    .expect("sample")
+                {
+                    pids.lock().unwrap().insert(r.get::<_, i32>(0));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let _stop = StopOnDrop(&stop);
+        // The tpcb-like script: updates in every transaction.
+        let out = pg.pgbench(&bench, &["-n", "-c", "4", "-j", "2", "-T", "6"]);
+        stop.store(true, Ordering::Relaxed);
+        out.assert_success();
+        let sum = parse_summary(&out.stdout).unwrap_or_else(|| panic!("no pgbench summary:\n{out}"));
+        assert_eq!(sum.failed.unwrap_or(0), 0, "{out}");
+        assert!(sum.processed > 0, "{out}");
+    });
+    let seen = pids.into_inner().unwrap().len();
+    assert!(seen > 2 + 2, "only {seen} distinct backends in 6 s with a 1 s lifetime");
+    // Every history row the run reported is there: nothing was lost.
+    let n: i64 = pg.admin().query_one("SELECT count(*) FROM pgbench_history", &[]).expect("count").get(0);
+    assert!(n > 0);
+}
+
+/// `min_pool_size` 2 with `idle_backend_timeout` 1 s: the pool logs in a
+/// second backend after its first login, grows to 4 under load, comes back to
+/// 2 when idle, and keeps those two (same pids) while they stay unused for
+/// three times the idle timeout.
+#[test]
+fn min_pool_size_keeps_backends_warm() {
+    let pg = Cluster::builder()
+        .conf("nextgres.pool_size = 4")
+        .conf("nextgres.idle_backend_timeout = 1")
+        .start();
+    exec(
+        &pg,
+        "CREATE EXTENSION nextgres;
+         CREATE ROLE app LOGIN;
+         GRANT CREATE ON SCHEMA public TO app;
+         ALTER ROLE app SET nextgres.min_pool_size = 2",
+    );
+    let count = || pg.backend_count(Some("app"), Some("postgres"));
+    {
+        let mut c = pg.tcp("app", "postgres").connect().expect("connect");
+        c.simple_query("SELECT 1").expect("select");
+        assert!(wait_until(Duration::from_secs(10), || count() == 2), "not warmed to 2: {}", count());
+    }
+    let bench = pg.tcp("app", "postgres");
+    pg.pgbench_init(&bench, 1).assert_success();
+    let out = pg.pgbench(&bench, &["-n", "-S", "-c", "4", "-j", "2", "-t", "200"]);
+    out.assert_success();
+    assert!(wait_until(Duration::from_secs(15), || count() == 2), "idle pool not back to 2: {}", count());
+    let pids = pg.backend_pids(Some("app"), Some("postgres"));
+    // Unused for 3 x idle_backend_timeout (read from nextgres.backends).
+    let unused = || {
+        pg.admin()
+            .query_one(
+                "SELECT count(*) FROM nextgres.backends WHERE role = 'app' AND state = 'parked'
+                    AND state_since < now() - interval '3 s'",
+                &[],
+            )
+            .map(|r| r.get::<_, i64>(0))
+            .unwrap_or(0)
+    };
+    assert!(wait_until(Duration::from_secs(20), || unused() == 2), "backends not left unused");
+    let mut after = pg.backend_pids(Some("app"), Some("postgres"));
+    let mut before = pids;
+    before.sort();
+    after.sort();
+    assert_eq!(before, after, "min_pool_size backends were closed");
+}
+
+/// Two pgbench runs (4 clients each, select-only) through two pools that
+/// share a limit: `max_db_connections` 3 for roles a and b in one database,
+/// or `max_user_connections` 2 for role a in two databases. pg_stat_activity,
+/// sampled all along, never shows more backends than the limit; both runs
+/// finish with zero failed transactions (neither pool starves: an unused or
+/// surplus backend of the busier pool gives way).
+fn shared_limit_under_two_pgbench(setup: &str, runs: [(&str, &str); 2], count_sql: &str, limit: i64) {
+    let pg = Cluster::builder().conf("nextgres.pool_size = 4").conf("max_connections = 40").start();
+    // Each role's pgbench tables in its own schema ("$user" in search_path).
+    exec(
+        &pg,
+        &format!(
+            "CREATE EXTENSION nextgres; CREATE ROLE a LOGIN; CREATE ROLE b LOGIN;
+             CREATE SCHEMA a AUTHORIZATION a; CREATE SCHEMA b AUTHORIZATION b; {setup}"
+        ),
+    );
+    for (role, db) in runs {
+        if db != "postgres" {
+            pg.create_database(db, role);
+        }
+        pg.pgbench_init(&pg.tcp(role, db), 1).assert_success();
+    }
+    let stop = AtomicBool::new(false);
+    let max_seen = AtomicUsize::new(0);
+    let samples = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut admin = pg.admin();
+            while !stop.load(Ordering::Relaxed) {
+                let n: i64 = admin.query_one(count_sql, &[]).expect("sample").get(0);
+                max_seen.fetch_max(n as usize, Ordering::Relaxed);
+                samples.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        let _stop = StopOnDrop(&stop);
+        let benches: Vec<_> = runs
+            .iter()
+            .map(|&(role, db)| {
+                let pg = &pg;
+                s.spawn(move || pg.pgbench(&pg.tcp(role, db), &["-n", "-S", "-c", "4", "-j", "2", "-T", "8"]))
+            })
+            .collect();
+        for b in benches {
+            let out = b.join().expect("pgbench");
+            out.assert_success();
+            let sum = parse_summary(&out.stdout).unwrap_or_else(|| panic!("no pgbench summary:\n{out}"));
+            assert_eq!(sum.failed.unwrap_or(0), 0, "{out}");
+            assert!(sum.processed > 0, "{out}");
+        }
+    });
+    let max_seen = max_seen.into_inner();
+    assert!(samples.into_inner() > 100, "the sampler barely ran");
+    assert!(max_seen as i64 <= limit, "{max_seen} backends sampled with a limit of {limit}");
+    assert_eq!(max_seen as i64, limit, "the limit was never reached: the test did not test it");
+}
+
+#[test]
+fn max_db_connections_shared_by_two_roles() {
+    shared_limit_under_two_pgbench(
+        "ALTER DATABASE postgres SET nextgres.max_db_connections = 3",
+        [("a", "postgres"), ("b", "postgres")],
+        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND datname = 'postgres' AND usename IN ('a', 'b')",
+        3,
+    );
+}
+
+#[test]
+fn max_user_connections_shared_by_two_databases() {
+    shared_limit_under_two_pgbench(
+        "ALTER ROLE a SET nextgres.max_user_connections = 2",
+        [("a", "postgres"), ("a", "db2")],
+        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND usename = 'a'",
+        2,
+    );
+}
+
+fn history(pg: &Cluster) -> i64 {
+    pg.admin().query_one("SELECT count(*) FROM pgbench_history", &[]).expect("history").get(0)
+}
+
+/// `nextgres.pause('postgres')` during pgbench (tpcb-like, 8 clients, pool
+/// of 4): it returns true once no backend serves a client; then every client
+/// is seen waiting, no app backend is inside a transaction and no history
+/// row was added while paused (each transaction adds one); after
+/// `nextgres.resume('postgres')` rows are added again, and pgbench ends with
+/// zero failed transactions. A non-superuser may not pause (42501).
+#[test]
+fn pause_resume_during_pgbench() {
+    let pg = Cluster::builder().conf("nextgres.pool_size = 4").start();
+    exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN; GRANT CREATE ON SCHEMA public TO app");
+    let bench = pg.tcp("app", "postgres");
+    pg.pgbench_init(&bench, 1).assert_success();
+    let e = pg.unix("app", "postgres").connect().expect("app").simple_query("SELECT nextgres.pause('postgres')").expect_err("not allowed");
+    assert_eq!(err_fields(&e).expect("error").code, "42501");
+    std::thread::scope(|s| {
+        let run = s.spawn(|| pg.pgbench(&bench, &["-n", "-c", "8", "-j", "2", "-T", "10"]));
+        assert!(wait_until(Duration::from_secs(20), || history(&pg) > 0), "pgbench never committed");
+        let mut admin = pg.admin();
+        let paused: bool = admin.query_one("SELECT nextgres.pause('postgres')", &[]).expect("pause").get(0);
+        assert!(paused, "pause did not see the running transactions finish");
+        let h1 = history(&pg);
+        let waiting = || {
+            pg.admin()
+                .query_one("SELECT clients_waiting, backends_attached FROM nextgres.pools WHERE role = 'app'", &[])
+                .map(|r| (r.get::<_, i32>(0), r.get::<_, i32>(1)))
+                .expect("pools")
+        };
+        assert!(wait_until(Duration::from_secs(10), || waiting() == (8, 0)), "clients not all waiting: {:?}", waiting());
+        let in_xact: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' AND xact_start IS NOT NULL",
+                &[],
+            )
+            .expect("activity")
+            .get(0);
+        assert_eq!(in_xact, 0, "a transaction runs while paused");
+        assert_eq!(history(&pg), h1, "a transaction committed while paused");
+        let n: i32 = admin.query_one("SELECT nextgres.resume('postgres')", &[]).expect("resume").get(0);
+        assert_eq!(n, 1);
+        assert!(wait_until(Duration::from_secs(20), || history(&pg) > h1), "no transaction after resume");
+        let out = run.join().expect("pgbench");
+        out.assert_success();
+        let sum = parse_summary(&out.stdout).unwrap_or_else(|| panic!("no pgbench summary:\n{out}"));
+        assert_eq!(sum.failed.unwrap_or(0), 0, "{out}");
+    });
+    let log = pg.log();
+    assert!(log.contains("paused: running transactions finish"), "pause not logged");
+    assert!(log.contains("resumed"), "resume not logged");
+}
+
+/// `nextgres.reconnect('postgres', 'app')` during pgbench (4 clients, pool
+/// of 2): every backend that existed before is gone soon after (replaced at
+/// transaction boundaries), and no transaction fails.
+#[test]
+fn reconnect_replaces_every_backend() {
+    let pg = Cluster::builder().conf("nextgres.pool_size = 2").start();
+    exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN; GRANT CREATE ON SCHEMA public TO app");
+    let bench = pg.tcp("app", "postgres");
+    pg.pgbench_init(&bench, 1).assert_success();
+    std::thread::scope(|s| {
+        let run = s.spawn(|| pg.pgbench(&bench, &["-n", "-c", "4", "-j", "2", "-T", "6"]));
+        assert!(
+            wait_until(Duration::from_secs(20), || pg.backend_count(Some("app"), Some("postgres")) == 2),
+            "pool never filled"
+        );
+        let before = pg.backend_pids(Some("app"), Some("postgres"));
+        pg.admin().simple_query("SELECT nextgres.reconnect('postgres', 'app')").expect("reconnect");
+        let gone = || {
+            let now = pg.backend_pids(Some("app"), Some("postgres"));
+            before.iter().all(|p| !now.contains(p))
+        };
+        assert!(wait_until(Duration::from_secs(10), gone), "old backends still there: {before:?}");
+        let out = run.join().expect("pgbench");
+        out.assert_success();
+        let sum = parse_summary(&out.stdout).unwrap_or_else(|| panic!("no pgbench summary:\n{out}"));
+        assert_eq!(sum.failed.unwrap_or(0), 0, "{out}");
+    });
+    assert!(pg.log().contains("reconnect, its"), "reconnect not logged");
+}
+
+/// With `hold_idle_clients = off` every transaction ends with a handoff, so
+/// `nextgres.pools.transactions` counts every transaction: after
+/// `nextgres.reset_stats()` it is 0, and after pgbench (4 clients x 50
+/// transactions of a custom script) it equals pgbench's own count of
+/// processed transactions. The wait counters reset too.
+#[test]
+fn stats_agree_with_pgbench_and_reset() {
+    let pg = Cluster::builder().conf("nextgres.pool_size = 2").conf("nextgres.hold_idle_clients = off").start();
+    exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN; GRANT CREATE ON SCHEMA public TO app");
+    let bench = pg.tcp("app", "postgres");
+    pg.pgbench_init(&bench, 1).assert_success();
+    let stats = || {
+        pg.admin()
+            .query_one("SELECT transactions, waits, max_wait_ms FROM nextgres.pools WHERE role = 'app'", &[])
+            .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1), r.get::<_, f64>(2)))
+            .expect("pools")
+    };
+    assert!(stats().0 > 0, "pgbench -i counted nothing");
+    pg.admin().simple_query("SELECT nextgres.reset_stats('postgres', 'app')").expect("reset");
+    assert_eq!(stats(), (0, 0, 0.0));
+    // A custom script: with a built-in one pgbench also runs two queries of
+    // its own (scale and partitioning), which are transactions too.
+    let script = pg.dir().join("xact.sql");
+    std::fs::write(
+        &script,
+        "\\set aid random(1, 100000)\nBEGIN;\nUPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;\nSELECT abalance FROM pgbench_accounts WHERE aid = :aid;\nEND;\n",
+    )
+    .expect("script");
+    let out = pg.pgbench(&bench, &["-n", "-c", "4", "-j", "2", "-t", "50", "-f", script.to_str().expect("path")]);
+    out.assert_success();
+    let sum = parse_summary(&out.stdout).unwrap_or_else(|| panic!("no pgbench summary:\n{out}"));
+    assert_eq!(sum.failed.unwrap_or(0), 0, "{out}");
+    assert_eq!(sum.processed, 200, "{out}");
+    let (xacts, waits, _) = stats();
+    assert_eq!(xacts, sum.processed as i64, "pool transactions vs pgbench's processed:\n{out}");
+    assert!(waits > 0, "4 clients on a pool of 2 never waited");
+    assert!(pg.log().contains("statistics reset"), "reset not logged");
+}
+
+/// `nextgres.kill_clients('postgres', 'app')`: a client inside a transaction
+/// and an idle one both lose their connection (57P01, as from
+/// pg_terminate_backend on a direct session) and the open transaction's row
+/// is not committed; `nextgres.wait_close()` returns true and no backend of
+/// the pool is left in pg_stat_activity; a new client is served.
+#[test]
+fn kill_clients_and_wait_close() {
+    let pg = Cluster::builder().conf("nextgres.pool_size = 2").start();
+    exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN; CREATE TABLE t (x int); GRANT ALL ON t TO app");
+    let mut busy = pg.tcp("app", "postgres").connect().expect("busy");
+    busy.batch_execute("BEGIN; INSERT INTO t VALUES (1)").expect("begin");
+    let mut idle = pg.tcp("app", "postgres").connect().expect("idle");
+    idle.simple_query("SELECT 1").expect("select");
+    let mut admin = pg.admin();
+    admin.simple_query("SELECT nextgres.kill_clients('postgres', 'app')").expect("kill");
+    let closed: bool = admin.query_one("SELECT nextgres.wait_close('postgres', 'app', 10)", &[]).expect("wait_close").get(0);
+    assert!(closed, "backends still there");
+    for (what, c) in [("busy", &mut busy), ("idle", &mut idle)] {
+        let e = c.simple_query("SELECT 1").expect_err(what);
+        if let Some(f) = err_fields(&e) {
+            assert_eq!(f.code, "57P01", "{what}: {f:?}");
+        } else {
+            assert!(e.is_closed() || e.to_string().contains("closed"), "{what}: {e:?}");
+        }
+    }
+    let n: i64 = admin.query_one("SELECT count(*) FROM t", &[]).expect("count").get(0);
+    assert_eq!(n, 0, "the killed transaction committed");
+    assert!(wait_until(Duration::from_secs(10), || pg.backend_count(Some("app"), Some("postgres")) == 0), "backends left");
+    let mut c = pg.tcp("app", "postgres").connect().expect("new client");
+    assert_eq!(first_value(&c.simple_query("SELECT 1").expect("served")).as_deref(), Some("1"));
+    assert!(pg.log().contains("killing its 2 clients"), "kill not logged");
+}
+
+/// `reserve_pool_size` 1 and `reserve_pool_timeout` 1 s (ALTER ROLE) on a
+/// pool of 1: while client A holds the only backend in a transaction, client
+/// B is served by a second (reserve) backend, but only after waiting at
+/// least the timeout (`max_wait_ms` >= 1000); once nobody waits, the pool
+/// goes back to one backend.
+#[test]
+fn reserve_pool_engages_after_its_timeout() {
+    // Without a reserve b would fail after query_wait_timeout, not hang.
+    let pg = Cluster::builder().conf("nextgres.pool_size = 1").conf("nextgres.query_wait_timeout = 10").start();
+    exec(
+        &pg,
+        "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN;
+         ALTER ROLE app SET nextgres.reserve_pool_size = 1;
+         ALTER ROLE app SET nextgres.reserve_pool_timeout = 1",
+    );
+    let mut a = pg.tcp("app", "postgres").connect().expect("a");
+    a.batch_execute("BEGIN; SELECT 1").expect("begin");
+    let mut b = pg.tcp("app", "postgres").connect().expect("b");
+    // b is served while a's transaction is still open: by the reserve.
+    b.simple_query("SELECT 1").expect("b served by the reserve");
+    let (max_wait, backends): (f64, i32) = {
+        let r = pg
+            .admin()
+            .query_one(
+                "SELECT max_wait_ms, backends_parked + backends_attached + backends_starting FROM nextgres.pools WHERE role = 'app'",
+                &[],
+            )
+            .expect("pools");
+        (r.get(0), r.get(1))
+    };
+    assert!(max_wait >= 1000.0, "the reserve engaged before reserve_pool_timeout: b waited {max_wait} ms");
+    let rows: Vec<String> = pg
+        .admin()
+        .query("SELECT pid, state, transactions FROM nextgres.backends WHERE role = 'app'", &[])
+        .expect("backends")
+        .iter()
+        .map(|r| format!("{} {} {}", r.get::<_, i32>(0), r.get::<_, String>(1), r.get::<_, i64>(2)))
+        .collect();
+    assert_eq!(backends, 2, "{rows:?} {:?}", pg.backend_pids(Some("app"), Some("postgres")));
+    a.batch_execute("COMMIT").expect("commit");
+    drop(a);
+    drop(b);
+    assert!(
+        wait_until(Duration::from_secs(10), || pg.backend_count(Some("app"), Some("postgres")) == 1),
+        "the reserve backend stayed"
+    );
+    assert!(pg.log().contains("using the reserve pool"), "not logged");
+}
+
+/// `pool_priority`: roles h (priority 10) and l (0) share
+/// `max_db_connections` 3 under two pgbench runs (4 clients each, l started
+/// first and holding all 3): the pools settle at 2 backends for h and 1 for
+/// l (each pool with clients keeps one),
+/// and both runs have zero failed transactions. The waits of each pool are
+/// printed (the comparison of wait times belongs in a benchmark).
+#[test]
+fn pool_priority_shares_max_db_connections() {
+    let pg = Cluster::builder().conf("nextgres.pool_size = 4").start();
+    exec(
+        &pg,
+        "CREATE EXTENSION nextgres; CREATE ROLE h LOGIN; CREATE ROLE l LOGIN;
+         CREATE SCHEMA h AUTHORIZATION h; CREATE SCHEMA l AUTHORIZATION l;
+         ALTER DATABASE postgres SET nextgres.max_db_connections = 3;
+         ALTER ROLE h SET nextgres.pool_priority = 10",
+    );
+    for role in ["h", "l"] {
+        pg.pgbench_init(&pg.tcp(role, "postgres"), 1).assert_success();
+    }
+    let count = |role: &str| pg.backend_count(Some(role), Some("postgres"));
+    std::thread::scope(|s| {
+        // l first: it takes all 3; then h, which must win 2 of them (with
+        // equal priorities the pools would settle at 2 for l and 1 for h).
+        let mut runs = Vec::new();
+        for role in ["l", "h"] {
+            let pg = &pg;
+            runs.push(s.spawn(move || pg.pgbench(&pg.tcp(role, "postgres"), &["-n", "-S", "-c", "4", "-j", "2", "-T", "8"])));
+            if role == "l" {
+                assert!(wait_until(Duration::from_secs(8), || count("l") == 3), "l never took the 3 backends");
+            }
+        }
+        let settled = wait_until(Duration::from_secs(8), || count("h") == 2 && count("l") == 1);
+        let seen = (count("h"), count("l"));
+        for r in runs {
+            let out = r.join().expect("pgbench");
+            out.assert_success();
+            let sum = parse_summary(&out.stdout).unwrap_or_else(|| panic!("no pgbench summary:\n{out}"));
+            assert_eq!(sum.failed.unwrap_or(0), 0, "{out}");
+            assert!(sum.processed > 0, "{out}");
+        }
+        assert!(settled, "pools did not settle at h 2, l 1: {seen:?}");
+    });
+    for r in pg
+        .admin()
+        .query("SELECT role, transactions, waits, wait_time_ms FROM nextgres.pools ORDER BY role", &[])
+        .expect("pools")
+    {
+        eprintln!(
+            "role {}: {} transactions, {} waits, {:.1} ms waited",
+            r.get::<_, String>(0),
+            r.get::<_, i64>(1),
+            r.get::<_, i64>(2),
+            r.get::<_, f64>(3)
+        );
+    }
+}
