@@ -266,7 +266,7 @@ impl Pooler {
         let Some(Conn::Backend(b)) = self.conns.get(key) else { return false };
         let pool = b.pool;
         let Some(p) = self.pools.get(pool) else { return false };
-        let (db, role, mine) = (p.database.clone(), p.role.clone(), p.backends);
+        let (db, role) = (p.database.clone(), p.role.clone());
         let max_db = self.max_db_connections_of(&db);
         let max_user = self.max_user_connections_of(&role);
         let full_db = max_db > 0 && self.backends_where(|d, _| d == db) >= max_db;
