@@ -188,6 +188,8 @@ fn open_work(pg: &Cluster, role: &str) -> Vec<(i32, String, String)> {
 }
 
 /// pg_stat_progress_copy: (pid, command, tuples_processed) of `role`'s COPYs.
+/// `command` is NULL (here "") for a COPY whose progress row exists but whose
+/// command the server has not reported yet.
 fn copies(pg: &Cluster, role: &str) -> Vec<(i32, String, i64)> {
     pg.admin()
         .query(
@@ -197,7 +199,7 @@ fn copies(pg: &Cluster, role: &str) -> Vec<(i32, String, i64)> {
         )
         .expect("pg_stat_progress_copy")
         .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .map(|r| (r.get(0), r.get::<_, Option<String>>(1).unwrap_or_default(), r.get(2)))
         .collect()
 }
 
