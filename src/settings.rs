@@ -10,9 +10,11 @@ use std::ffi::CString;
 pub static PORT: GucSetting<i32> = GucSetting::<i32>::new(0);
 /// Addresses the pooler listens on; empty (default): the server's `listen_addresses`.
 pub static LISTEN_ADDRESSES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
-/// With the server's `ssl = on`: let the pooler take over the server's port
-/// anyway (plaintext only; TLS clients lose TLS or fail). Off (default): the
-/// pooler leaves the port and the server's TLS-capable listeners alone.
+/// With the server's `ssl = on` the pooler serves TLS itself with the
+/// server's certificate and key. Only when it cannot load them: on = take
+/// over the server's port anyway (plaintext only; TLS clients lose TLS or
+/// fail); off (default) = leave the port and the server's TLS-capable
+/// listeners alone.
 pub static SSL_TAKEOVER: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// Backends per (database, role) pool.
 pub static POOL_SIZE: GucSetting<i32> = GucSetting::<i32>::new(8);
@@ -81,8 +83,8 @@ pub fn define() {
     );
     GucRegistry::define_bool_guc(
         c"nextgres.ssl_takeover",
-        c"Take over the server's port even though ssl = on (the pooler has no TLS: clients get plaintext only).",
-        c"Off: with ssl = on the pooler does not take the server's port, so no TCP client silently loses TLS.",
+        c"Take over the server's port even when ssl = on and the pooler cannot load the server's certificate or key (clients then get plaintext only).",
+        c"Off: in that case the pooler does not take the server's port, so no TCP client silently loses TLS. With a certificate and key it can load, the pooler serves TLS itself whatever this says.",
         &SSL_TAKEOVER,
         GucContext::Postmaster,
         GucFlags::default(),

@@ -120,6 +120,9 @@ pub struct ClientRow {
     pub backend_pid: i32,
     pub connected_at: i64,
     pub xacts: i64,
+    /// TLS version and cipher ("TLSv1.3 TLS13_AES_256_GCM_SHA384"); empty
+    /// for a plaintext client.
+    pub tls: [u8; ADDR_LEN],
 }
 
 #[repr(u8)]

@@ -59,6 +59,9 @@ pub struct Pooler {
     pub server_proto: nextgres_core::proto::ServerProtocol,
     /// Smart shutdown in progress: admit nobody, let pools drain.
     pub stopping: bool,
+    /// The server's TLS settings as loaded for new clients (`tls`); None:
+    /// SSLRequest is answered 'N'.
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     /// Databases a DROP DATABASE (or similar) is waiting on (see `drain`).
     pub draining: Vec<String>,
     pub last_janitor: Option<std::time::Instant>,
@@ -113,6 +116,13 @@ impl Pooler {
             clients: 0,
             mock_key,
             server_proto: glue::server_protocol(),
+            tls: match super::tls::load() {
+                Ok(c) => c,
+                Err(e) => {
+                    log::warn!("TLS not available, SSLRequest is answered 'N': {e}");
+                    None
+                }
+            },
             stopping: false,
             draining: Vec::new(),
             last_janitor: None,
@@ -189,6 +199,12 @@ impl Pooler {
         match glue::load_hba() {
             Ok(()) => log::info!("reloaded pg_hba.conf and settings"),
             Err(e) => log::warn!("pg_hba.conf not reloaded, keeping the previous rules: {}", e.message()),
+        }
+        // As the postmaster reloads its SSL context: new clients get the new
+        // settings, a configuration that does not load keeps the old one.
+        match super::tls::load() {
+            Ok(c) => self.tls = c,
+            Err(e) => log::info!("SSL configuration was not reloaded: {e}"),
         }
         // A lowered nextgres.pool_size applies at once (pools without their
         // own pool_size).

@@ -1,0 +1,322 @@
+//! TLS for clients on the pooler's port (issue 12, first step).
+//!
+//! * [`load`]: the server's own settings (`ssl`, `ssl_cert_file`,
+//!   `ssl_key_file`, `ssl_ca_file`, `ssl_min_protocol_version`,
+//!   `ssl_max_protocol_version`) as a rustls `ServerConfig` (crypto provider
+//!   ring), relative paths resolved against the data directory as the server
+//!   does (be-secure-openssl.c `be_tls_init()` opens them from the data
+//!   directory, its working directory).
+//! * [`spawn_relay`]: there is no kernel TLS on these machines, so a TLS
+//!   client gets a relay thread of its own. It does the handshake and then
+//!   carries plaintext between the client's TCP socket and one end of a Unix
+//!   `socketpair`; the other end takes the client socket's place in the
+//!   pooler (startup, authentication, idle peeks) and is what is handed to a
+//!   pooled backend at each transaction, so backends serve it as they serve
+//!   any socket. The relay lives as long as the client; no TLS byte is ever
+//!   handled in the pooler's epoll loop, and the relay threads never call
+//!   into PostgreSQL (no logging, no palloc).
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
+use rustls::{RootCertStore, ServerConfig, ServerConnection};
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+/// What `nextgres.clients.tls` shows once the handshake is done, e.g.
+/// `TLSv1.3 TLS13_AES_256_GCM_SHA384`.
+pub type TlsInfo = Arc<OnceLock<String>>;
+
+/// `ssl` is on in the current configuration.
+pub fn enabled() -> bool {
+    crate::pg::setting(c"ssl").is_some_and(|v| v == "on")
+}
+
+/// A path setting as the server opens it: relative to the data directory.
+fn path_setting(name: &std::ffi::CStr) -> Option<PathBuf> {
+    let v = crate::pg::setting(name).unwrap_or_default();
+    if v.is_empty() {
+        return None;
+    }
+    let p = PathBuf::from(v);
+    Some(if p.is_absolute() { p } else { crate::pg::data_dir().join(p) })
+}
+
+/// `TLSv1` .. `TLSv1.3` as a comparable number (10..13); "" is None.
+fn version_number(v: &str) -> Option<u8> {
+    match v {
+        "TLSv1" => Some(10),
+        "TLSv1.1" => Some(11),
+        "TLSv1.2" => Some(12),
+        "TLSv1.3" => Some(13),
+        _ => None,
+    }
+}
+
+/// The rustls protocol versions inside `[min, max]` (the server's
+/// `ssl_min_protocol_version` / `ssl_max_protocol_version`, max "" = no
+/// limit). rustls has TLS 1.2 and 1.3 only; an empty intersection is an
+/// error (the pooler cannot honour the setting).
+pub fn protocol_versions(min: &str, max: &str) -> Result<Vec<&'static rustls::SupportedProtocolVersion>, String> {
+    let lo = version_number(min).unwrap_or(10);
+    let hi = version_number(max).unwrap_or(99);
+    let mut out = Vec::new();
+    if (lo..=hi).contains(&12) {
+        out.push(&rustls::version::TLS12);
+    }
+    if (lo..=hi).contains(&13) {
+        out.push(&rustls::version::TLS13);
+    }
+    if out.is_empty() {
+        return Err(format!(
+            "ssl_min_protocol_version = '{min}' and ssl_max_protocol_version = '{max}' leave no TLS version the pooler supports (TLSv1.2, TLSv1.3)"
+        ));
+    }
+    Ok(out)
+}
+
+/// Loads the server's TLS settings. Ok(None) when `ssl = off`; Err(reason)
+/// when `ssl = on` but the certificate, key or CA cannot be used.
+pub fn load() -> Result<Option<Arc<ServerConfig>>, String> {
+    if !enabled() {
+        return Ok(None);
+    }
+    let cert_file = path_setting(c"ssl_cert_file").ok_or("ssl_cert_file is empty")?;
+    let key_file = path_setting(c"ssl_key_file").ok_or("ssl_key_file is empty")?;
+    let ca_file = path_setting(c"ssl_ca_file");
+    let min = crate::pg::setting(c"ssl_min_protocol_version").unwrap_or_default();
+    let max = crate::pg::setting(c"ssl_max_protocol_version").unwrap_or_default();
+    build(&cert_file, &key_file, ca_file.as_deref(), &min, &max).map(Some)
+}
+
+/// The rustls configuration from files and version bounds.
+pub fn build(
+    cert_file: &std::path::Path,
+    key_file: &std::path::Path,
+    ca_file: Option<&std::path::Path>,
+    min: &str,
+    max: &str,
+) -> Result<Arc<ServerConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("could not load server certificate file \"{}\": {e}", cert_file.display()))?;
+    if certs.is_empty() {
+        return Err(format!("could not load server certificate file \"{}\": no certificate in it", cert_file.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| format!("could not load private key file \"{}\": {e}", key_file.display()))?;
+    let versions = protocol_versions(min, max)?;
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&versions)
+        .map_err(|e| format!("TLS versions: {e}"))?;
+    let builder = match ca_file {
+        // As the server with ssl_ca_file: ask for a client certificate,
+        // verify one if sent, accept a client without one.
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            let cas = CertificateDer::pem_file_iter(ca)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("could not load root certificate file \"{}\": {e}", ca.display()))?;
+            for c in cas {
+                roots.add(c).map_err(|e| format!("could not load root certificate file \"{}\": {e}", ca.display()))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| format!("could not load root certificate file \"{}\": {e}", ca.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("server certificate and key in \"{}\" and \"{}\": {e}", cert_file.display(), key_file.display()))?;
+    // The server turns off session caching and tickets
+    // (be-secure-openssl.c: SSL_SESS_CACHE_OFF, SSL_OP_NO_TICKET).
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    // PostgreSQL 17+ clients offer ALPN "postgresql"; answer it as the server does.
+    config.alpn_protocols = vec![b"postgresql".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Starts the relay for a client that was just answered 'S': `tcp` is the
+/// client's socket, `pair` the relay's end of the socketpair whose other end
+/// the pooler keeps. Returns false when no thread could be started.
+pub fn spawn_relay(config: Arc<ServerConfig>, tcp: TcpStream, pair: UnixStream, info: TlsInfo) -> bool {
+    let Ok(conn) = ServerConnection::new(config) else { return false };
+    std::thread::Builder::new()
+        .name("nextgres tls".into())
+        .stack_size(256 * 1024)
+        .spawn(move || {
+            // Never unwind into nothing: a panic here only ends this client.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| relay(conn, tcp, pair, info)));
+        })
+        .is_ok()
+}
+
+/// Plaintext waiting for the pooler or backend beyond this: stop reading TLS.
+const PAIR_BACKLOG: usize = 256 * 1024;
+
+fn describe(conn: &ServerConnection) -> String {
+    let version = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
+        Some(v) => format!("{v:?}"),
+        None => "?".to_string(),
+    };
+    let suite = conn.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())).unwrap_or_default();
+    format!("{version} {suite}")
+}
+
+/// The relay loop; returns when either side is done. Dropping `tcp` and
+/// `pair` closes them: the pooler (or the backend) sees EOF on its end.
+fn relay(mut conn: ServerConnection, mut tcp: TcpStream, mut pair: UnixStream, info: TlsInfo) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    if tcp.set_nonblocking(true).is_err() || pair.set_nonblocking(true).is_err() {
+        return;
+    }
+    let mut to_pair: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut tcp_eof = false;
+    loop {
+        // TLS records out to the client.
+        while conn.wants_write() {
+            match conn.write_tls(&mut tcp) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+        if !conn.is_handshaking() && info.get().is_none() {
+            // Before any plaintext reaches the pooler.
+            let _ = info.set(describe(&conn));
+        }
+        // Plaintext in to the pooler / backend.
+        while !to_pair.is_empty() {
+            match pair.write(&to_pair) {
+                Ok(n) => {
+                    to_pair.drain(..n);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return finish(conn, tcp), // the pooler closed the client
+            }
+        }
+        if tcp_eof && to_pair.is_empty() {
+            // The client is gone: the pooler or backend reads EOF after
+            // the last of its bytes.
+            let _ = pair.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+        let handshaking = conn.is_handshaking();
+        let mut tcp_ev = PollFlags::empty();
+        if !tcp_eof && to_pair.len() < PAIR_BACKLOG && conn.wants_read() {
+            tcp_ev |= PollFlags::POLLIN;
+        }
+        if conn.wants_write() {
+            tcp_ev |= PollFlags::POLLOUT;
+        }
+        let mut pair_ev = PollFlags::empty();
+        if !handshaking && !conn.wants_write() {
+            pair_ev |= PollFlags::POLLIN;
+        }
+        if !to_pair.is_empty() {
+            pair_ev |= PollFlags::POLLOUT;
+        }
+        // A client that has sent EOF is polled only while TLS output is
+        // pending (a hung-up socket would otherwise wake poll at once).
+        let poll_tcp = !tcp_eof || conn.wants_write();
+        let (tcp_re, pair_re) = {
+            let mut fds = Vec::with_capacity(2);
+            fds.push(PollFd::new(pair.as_fd(), pair_ev));
+            if poll_tcp {
+                fds.push(PollFd::new(tcp.as_fd(), tcp_ev));
+            }
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return,
+            }
+            let re = |i: usize| fds.get(i).and_then(|f| f.revents()).unwrap_or(PollFlags::empty());
+            (re(1), re(0))
+        };
+        let gone = PollFlags::POLLHUP | PollFlags::POLLERR;
+        if tcp_re.intersects(PollFlags::POLLIN | gone) && !tcp_eof {
+            match conn.read_tls(&mut tcp) {
+                Ok(0) => tcp_eof = true,
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => tcp_eof = true,
+            }
+            if let Err(_e) = conn.process_new_packets() {
+                // Bad TLS input: send the alert rustls queued, then close
+                // both sides (the pooler closes the client on EOF).
+                let _ = conn.write_tls(&mut tcp);
+                return;
+            }
+            loop {
+                match conn.reader().read(&mut buf) {
+                    Ok(0) => {
+                        tcp_eof = true; // close_notify
+                        break;
+                    }
+                    Ok(n) => to_pair.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        tcp_eof = true;
+                        break;
+                    }
+                }
+            }
+        }
+        if pair_re.intersects(PollFlags::POLLIN) {
+            match pair.read(&mut buf) {
+                Ok(0) => return finish(conn, tcp),
+                Ok(n) => {
+                    let mut off = 0;
+                    while off < n {
+                        match conn.writer().write(&buf[off..n]) {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => off += k,
+                        }
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return finish(conn, tcp),
+            }
+        } else if pair_re.intersects(gone) {
+            // The pooler closed its end (during the handshake, say, at
+            // authentication_timeout): relay what it wrote last, then close.
+            loop {
+                match pair.read(&mut buf) {
+                    Ok(n) if n > 0 => {
+                        let _ = conn.writer().write_all(&buf[..n]);
+                    }
+                    _ => break,
+                }
+            }
+            return finish(conn, tcp);
+        }
+    }
+}
+
+/// The pooler or backend side closed: close_notify, what is left of the
+/// TLS output, then FIN.
+fn finish(mut conn: ServerConnection, mut tcp: TcpStream) {
+    conn.send_close_notify();
+    let _ = tcp.set_nonblocking(false);
+    // Bounded: a client that stops reading must not hold the thread.
+    let _ = tcp.set_write_timeout(Some(std::time::Duration::from_secs(5)));
+    while conn.wants_write() {
+        if conn.write_tls(&mut tcp).is_err() {
+            break;
+        }
+    }
+    let _ = tcp.shutdown(std::net::Shutdown::Write);
+}
