@@ -148,15 +148,23 @@ pub fn build(
 /// client's socket, `pair` the relay's end of the socketpair whose other end
 /// the pooler keeps. Returns false when no thread could be started.
 pub fn spawn_relay(config: Arc<ServerConfig>, tcp: TcpStream, pair: UnixStream, info: TlsInfo) -> bool {
+    use nix::sys::signal::{SigSet, SigmaskHow};
     let Ok(conn) = ServerConnection::new(config) else { return false };
-    std::thread::Builder::new()
+    // The server's signal handlers (SIGHUP, SIGTERM, SIGUSR1, ...) must run
+    // on the pooler's own thread: the relay starts with every signal
+    // blocked (a new thread inherits the mask), then the pooler's mask is
+    // put back.
+    let Ok(old) = SigSet::all().thread_swap_mask(SigmaskHow::SIG_BLOCK) else { return false };
+    let started = std::thread::Builder::new()
         .name("nextgres tls".into())
         .stack_size(256 * 1024)
         .spawn(move || {
             // Never unwind into nothing: a panic here only ends this client.
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| relay(conn, tcp, pair, info)));
         })
-        .is_ok()
+        .is_ok();
+    let _ = old.thread_set_mask();
+    started
 }
 
 /// Plaintext waiting for the pooler or backend beyond this: stop reading TLS.
