@@ -24,7 +24,32 @@ use std::net::TcpStream;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+
+/// Relay threads alive in this process.
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+/// How many relay threads are alive (the pooler waits on it at exit).
+pub fn live() -> usize {
+    LIVE.load(Ordering::Acquire)
+}
+
+/// Counts a relay from before its thread starts until its thread ends.
+struct Live;
+
+impl Live {
+    fn new() -> Live {
+        LIVE.fetch_add(1, Ordering::AcqRel);
+        Live
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        LIVE.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// What `nextgres.clients.tls` shows once the handshake is done, e.g.
 /// `TLSv1.3 TLS13_AES_256_GCM_SHA384`.
@@ -155,10 +180,12 @@ pub fn spawn_relay(config: Arc<ServerConfig>, tcp: TcpStream, pair: UnixStream, 
     // blocked (a new thread inherits the mask), then the pooler's mask is
     // put back.
     let Ok(old) = SigSet::all().thread_swap_mask(SigmaskHow::SIG_BLOCK) else { return false };
+    let live = Live::new();
     let started = std::thread::Builder::new()
         .name("nextgres tls".into())
         .stack_size(256 * 1024)
         .spawn(move || {
+            let _live = live;
             // Never unwind into nothing: a panic here only ends this client.
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| relay(conn, tcp, pair, info)));
         })

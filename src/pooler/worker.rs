@@ -223,6 +223,33 @@ impl Pooler {
                 "terminating connection due to administrator command",
             );
         }
+        // TLS clients: their FATAL is still to be encrypted by their relay
+        // thread, which dies with this process. Close their ends and give
+        // the relays a bounded moment (1 s) to send it with close_notify.
+        // Relays of clients inside a transaction keep running until exit.
+        let mut attached_tls = 0;
+        let tls_keys: Vec<usize> = self
+            .conns
+            .iter()
+            .filter_map(|(k, c)| match c {
+                Conn::Client(c) if c.tls.is_some() => {
+                    if matches!(c.phase, super::client::Phase::Attached { .. }) {
+                        attached_tls += 1;
+                        None
+                    } else {
+                        Some(k)
+                    }
+                }
+                _ => None,
+            })
+            .collect();
+        for k in tls_keys {
+            self.client_close(k);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        while super::tls::live() > attached_tls && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         self.tables.set_pooler(0, postmaster::listen::port());
         log::info!("pooler shutting down");
         // Exit code 1: a pooler stopped by pg_terminate_backend is restarted.

@@ -435,7 +435,8 @@ fn hostssl_and_hostnossl_decide_as_the_server() {
 /// handshake that never starts do not hurt the pooler: others are served
 /// meanwhile, the silent ones are closed within authentication_timeout,
 /// and the pooler process is the same. Plaintext after SSLRequest is still
-/// refused.
+/// refused. When the pooler is then terminated, an idle TLS client gets its
+/// FATAL 57P01.
 #[test]
 fn hostile_tls_input_leaves_the_pooler_serving() {
     let pg = Arc::new(Cluster::builder().conf("authentication_timeout = '5s'").start());
@@ -493,5 +494,13 @@ fn hostile_tls_input_leaves_the_pooler_serving() {
 
         assert_eq!(pooler_pid(pg), Some(pooler), "the pooler restarted");
         assert_eq!(t.value("SELECT 2"), "2");
+
+        // The pooler stopped (pg_terminate_backend): an idle TLS client gets
+        // the pooler's FATAL through its relay, as a plaintext one does.
+        pg.admin().query_one("SELECT pg_terminate_backend($1)", &[&pooler]).expect("terminate pooler");
+        match t.until_ready() {
+            Err(RawFail::Db { code, .. }) => assert_eq!(code, "57P01", "idle TLS client at pooler exit"),
+            other => panic!("idle TLS client at pooler exit: {other:?}"),
+        }
     });
 }
