@@ -79,6 +79,22 @@ fn make_certs(pg: &Cluster, name: &str, cert: &str) -> PathBuf {
     dir.join(ca_crt)
 }
 
+/// A client certificate for `cn` signed by the CA `make_certs` made as
+/// `ca_name`; returns libpq's `sslcert=... sslkey=...`.
+fn client_cert(pg: &Cluster, ca_name: &str, cn: &str) -> String {
+    let dir = pg.dir().to_path_buf();
+    std::fs::write(dir.join("client-ext.cnf"), "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n").expect("ext");
+    let base = format!("client-{ca_name}-{cn}");
+    let (key, csr, crt) = (format!("{base}.key"), format!("{base}.csr"), format!("{base}.crt"));
+    openssl(&["req", "-new", "-nodes", "-newkey", "rsa:2048", "-subj", &format!("/CN={cn}"), "-keyout", &key, "-out", &csr], &dir);
+    openssl(
+        &["x509", "-req", "-in", &csr, "-CA", &format!("{ca_name}-ca.crt"), "-CAkey", &format!("{ca_name}-ca.key"), "-CAcreateserial", "-days", "2", "-extfile", "client-ext.cnf", "-out", &crt],
+        &dir,
+    );
+    std::fs::set_permissions(dir.join(&key), std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    format!("sslcert={} sslkey={}", dir.join(crt).display(), dir.join(key).display())
+}
+
 /// Copies a certificate and key into `pg`'s data directory as `cert` and
 /// `cert` with `.key` for `.crt`.
 fn install_cert(pg: &Cluster, crt: &Path, key: &Path, cert: &str) {
@@ -271,7 +287,9 @@ fn closed(s: &mut TcpStream) -> bool {
 /// work; `nextgres.clients.tls` names the version; 1 MB rows and COPY in
 /// and out cross the relay intact; a cancel over TLS reaches the backend;
 /// a replaced certificate reaches new clients after a reload while a
-/// connected TLS client carries on.
+/// connected TLS client carries on; with `ssl_ca_file` a client
+/// certificate from another CA fails the handshake, none or a good one
+/// is accepted.
 #[test]
 fn tls_clients_on_the_standard_port_keep_the_handoff() {
     let pg = Arc::new(Cluster::builder().conf("nextgres.pool_size = 1").start());
@@ -371,6 +389,24 @@ fn tls_clients_on_the_standard_port_keep_the_handoff() {
         );
         assert!(TlsRaw::connect(pg.port(), &ca, "postgres", "postgres").is_err(), "the old certificate after the reload");
         assert_eq!(victim.value("SELECT 2"), "2", "the TLS client connected before the reload");
+
+        // ssl_ca_file: client certificates are asked for and checked when
+        // sent (one from an unknown CA fails the handshake), optional.
+        let (good, unknown) = (client_cert(pg, "one", "postgres"), client_cert(pg, "two", "postgres"));
+        let ca2_root = format!("sslmode=verify-full sslrootcert={}", ca2.display());
+        let out = psql_cs(pg, &conn, &format!("{ca2_root} {unknown}"), &["SELECT 1"]);
+        assert!(out.success(), "a client certificate nobody asked for:\n{out}");
+        std::fs::copy(&ca, pg.data_dir().join("root.crt")).expect("copy CA");
+        pg.append_conf("ssl_ca_file = 'root.crt'").expect("conf");
+        pg.reload().expect("reload");
+        assert!(
+            wait_until(SETTLE, || !psql_cs(pg, &conn, &format!("{ca2_root} {unknown}"), &["SELECT 1"]).success()),
+            "a client certificate from an unknown CA still accepted after ssl_ca_file"
+        );
+        for extra in [String::new(), good] {
+            let out = psql_cs(pg, &conn, &format!("{ca2_root} {extra}"), &["SELECT 1"]);
+            assert_eq!(out.stdout.trim(), "1", "ssl_ca_file set, client certificate {extra:?}:\n{out}");
+        }
     });
 }
 
