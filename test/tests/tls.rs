@@ -482,6 +482,8 @@ fn hostile_tls_input_leaves_the_pooler_serving() {
     setup(&pg);
     pg.run_bounded(TEST_LIMIT, |pg| {
         let ca = ssl_on(pg);
+        // The pooler starts shortly after the restart returns.
+        assert!(wait_until(SETTLE, || pooler_pid(pg).is_some()), "no pooler after the restart");
         let pooler = pooler_pid(pg).expect("pooler running");
         let port = pg.port();
 
