@@ -70,35 +70,17 @@ fn path_setting(name: &std::ffi::CStr) -> Option<PathBuf> {
     Some(if p.is_absolute() { p } else { crate::pg::data_dir().join(p) })
 }
 
-/// `TLSv1` .. `TLSv1.3` as a comparable number (10..13); "" is None.
-fn version_number(v: &str) -> Option<u8> {
-    match v {
-        "TLSv1" => Some(10),
-        "TLSv1.1" => Some(11),
-        "TLSv1.2" => Some(12),
-        "TLSv1.3" => Some(13),
-        _ => None,
-    }
-}
-
-/// The rustls protocol versions inside `[min, max]` (the server's
-/// `ssl_min_protocol_version` / `ssl_max_protocol_version`, max "" = no
-/// limit). rustls has TLS 1.2 and 1.3 only; an empty intersection is an
-/// error (the pooler cannot honour the setting).
+/// The rustls protocol versions the server's `ssl_min_protocol_version` /
+/// `ssl_max_protocol_version` allow (`nextgres_core::tls`); an error when
+/// they allow neither TLS 1.2 nor 1.3.
 pub fn protocol_versions(min: &str, max: &str) -> Result<Vec<&'static rustls::SupportedProtocolVersion>, String> {
-    let lo = version_number(min).unwrap_or(10);
-    let hi = version_number(max).unwrap_or(99);
+    let v = nextgres_core::tls::allowed_versions(min, max)?;
     let mut out = Vec::new();
-    if (lo..=hi).contains(&12) {
+    if v.tls12 {
         out.push(&rustls::version::TLS12);
     }
-    if (lo..=hi).contains(&13) {
+    if v.tls13 {
         out.push(&rustls::version::TLS13);
-    }
-    if out.is_empty() {
-        return Err(format!(
-            "ssl_min_protocol_version = '{min}' and ssl_max_protocol_version = '{max}' leave no TLS version the pooler supports (TLSv1.2, TLSv1.3)"
-        ));
     }
     Ok(out)
 }
