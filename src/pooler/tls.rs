@@ -165,7 +165,10 @@ pub fn spawn_relay(config: Arc<ServerConfig>, tcp: TcpStream, pair: UnixStream, 
     let live = Live::new();
     let started = std::thread::Builder::new()
         .name("nextgres tls".into())
-        .stack_size(256 * 1024)
+        // 1 MiB (address space, touched only as used): a stack overflow
+        // here is a SIGSEGV in the pooler, which the postmaster answers
+        // with crash recovery of the whole cluster.
+        .stack_size(1024 * 1024)
         .spawn(move || {
             let _live = live;
             // Never unwind into nothing: a panic here only ends this client.
