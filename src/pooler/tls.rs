@@ -24,32 +24,7 @@ use std::net::TcpStream;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-
-/// Relay threads alive in this process.
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-
-/// How many relay threads are alive (the pooler waits on it at exit).
-pub fn live() -> usize {
-    LIVE.load(Ordering::Acquire)
-}
-
-/// Counts a relay from before its thread starts until its thread ends.
-struct Live;
-
-impl Live {
-    fn new() -> Live {
-        LIVE.fetch_add(1, Ordering::AcqRel);
-        Live
-    }
-}
-
-impl Drop for Live {
-    fn drop(&mut self) {
-        LIVE.fetch_sub(1, Ordering::AcqRel);
-    }
-}
 
 /// What `nextgres.clients.tls` shows once the handshake is done, e.g.
 /// `TLSv1.3 TLS13_AES_256_GCM_SHA384`.
@@ -83,6 +58,31 @@ pub fn protocol_versions(min: &str, max: &str) -> Result<Vec<&'static rustls::Su
         out.push(&rustls::version::TLS13);
     }
     Ok(out)
+}
+
+/// The configuration the postmaster loaded in `_PG_init` when it decided
+/// to take the port with TLS; the pooler inherits it at fork.
+static STARTUP: OnceLock<Arc<ServerConfig>> = OnceLock::new();
+
+/// Postmaster: [`load`], keeping a loaded configuration for [`load_or_startup`].
+pub fn load_at_startup() -> Result<Option<Arc<ServerConfig>>, String> {
+    let r = load();
+    if let Ok(Some(c)) = &r {
+        let _ = STARTUP.set(c.clone());
+    }
+    r
+}
+
+/// Pooler (re)start: [`load`]; when that fails, the configuration the
+/// postmaster loaded at startup (the port was taken on the strength of it,
+/// so a pooler restarted with a key it cannot read still serves TLS), with
+/// the reason in Err for a WARNING. Ok(None) only with `ssl = off`, or when
+/// the postmaster had none either.
+pub fn load_or_startup() -> (Option<Arc<ServerConfig>>, Option<String>) {
+    match load() {
+        Ok(c) => (c, None),
+        Err(e) => (STARTUP.get().cloned(), Some(e)),
+    }
 }
 
 /// Loads the server's TLS settings. Ok(None) when `ssl = off`; Err(reason)
@@ -162,7 +162,6 @@ pub fn spawn_relay(config: Arc<ServerConfig>, tcp: TcpStream, pair: UnixStream, 
     // blocked (a new thread inherits the mask), then the pooler's mask is
     // put back.
     let Ok(old) = SigSet::all().thread_swap_mask(SigmaskHow::SIG_BLOCK) else { return false };
-    let live = Live::new();
     let started = std::thread::Builder::new()
         .name("nextgres tls".into())
         // 1 MiB (address space, touched only as used): a stack overflow
@@ -170,7 +169,6 @@ pub fn spawn_relay(config: Arc<ServerConfig>, tcp: TcpStream, pair: UnixStream, 
         // with crash recovery of the whole cluster.
         .stack_size(1024 * 1024)
         .spawn(move || {
-            let _live = live;
             // Never unwind into nothing: a panic here only ends this client.
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| relay(conn, tcp, pair, info)));
         })
@@ -193,16 +191,35 @@ fn describe(conn: &ServerConnection) -> String {
     format!("{version} {suite}")
 }
 
+/// Once the pooler or backend side of the pair has closed, the client gets
+/// what is left (the server's FATAL, the last rows) and close_notify within
+/// this, in all: a client that stops reading does not hold the thread.
+const CLOSE_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The relay loop; returns when either side is done. Dropping `tcp` and
 /// `pair` closes them: the pooler (or the backend) sees EOF on its end.
+///
+/// When the pair side closes (a backend exits after its FATAL, the pooler
+/// closes a client) the relay keeps going: it reads what is still in the
+/// pair only while rustls has nothing unsent (rustls holds at most 64 KiB
+/// of unsent TLS, anything beyond is refused), sends it, then close_notify
+/// and FIN, all within [`CLOSE_WITHIN`] of the close.
 fn relay(mut conn: ServerConnection, mut tcp: TcpStream, mut pair: UnixStream, info: TlsInfo) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::time::Instant;
     if tcp.set_nonblocking(true).is_err() || pair.set_nonblocking(true).is_err() {
         return;
     }
     let mut to_pair: Vec<u8> = Vec::new();
     let mut buf = vec![0u8; 16 * 1024];
     let mut tcp_eof = false;
+    // The pair side hung up (its bytes may still be unread).
+    let mut pair_hup = false;
+    // Nothing more to read from the pair.
+    let mut pair_eof = false;
+    let mut close_notify_sent = false;
+    // Set when the pair side closes: the relay ends by then.
+    let mut deadline: Option<Instant> = None;
     loop {
         // TLS records out to the client.
         while conn.wants_write() {
@@ -217,54 +234,90 @@ fn relay(mut conn: ServerConnection, mut tcp: TcpStream, mut pair: UnixStream, i
             // Before any plaintext reaches the pooler.
             let _ = info.set(describe(&conn));
         }
+        if pair_eof {
+            if !conn.wants_write() {
+                if close_notify_sent {
+                    // All of it is in the kernel: FIN after it.
+                    let _ = tcp.shutdown(std::net::Shutdown::Write);
+                    return;
+                }
+                conn.send_close_notify();
+                close_notify_sent = true;
+                continue;
+            }
+        }
         // Plaintext in to the pooler / backend.
-        while !to_pair.is_empty() {
+        while !to_pair.is_empty() && !pair_hup {
             match pair.write(&to_pair) {
                 Ok(n) => {
                     to_pair.drain(..n);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return finish(conn, tcp), // the pooler closed the client
+                Err(_) => {
+                    // The pooler closed the client: what it wrote last is
+                    // still read and sent.
+                    pair_hup = true;
+                }
             }
         }
-        if tcp_eof && to_pair.is_empty() {
+        if pair_hup {
+            to_pair.clear();
+            deadline.get_or_insert_with(|| Instant::now() + CLOSE_WITHIN);
+        }
+        if tcp_eof && to_pair.is_empty() && !pair_hup {
             // The client is gone: the pooler or backend reads EOF after
             // the last of its bytes.
             let _ = pair.shutdown(std::net::Shutdown::Both);
             return;
         }
+        if tcp_eof && pair_hup {
+            return;
+        }
+        let timeout = match deadline {
+            Some(d) => match d.checked_duration_since(Instant::now()) {
+                Some(left) => PollTimeout::try_from(left.as_millis().clamp(1, 60_000) as i32).unwrap_or(PollTimeout::ZERO),
+                None => return, // the client did not take it in time
+            },
+            None => PollTimeout::NONE,
+        };
         let handshaking = conn.is_handshaking();
         let mut tcp_ev = PollFlags::empty();
-        if !tcp_eof && to_pair.len() < PAIR_BACKLOG && conn.wants_read() {
+        if !tcp_eof && !pair_hup && to_pair.len() < PAIR_BACKLOG && conn.wants_read() {
             tcp_ev |= PollFlags::POLLIN;
         }
         if conn.wants_write() {
             tcp_ev |= PollFlags::POLLOUT;
         }
+        // Plaintext from the pair only while rustls has sent everything
+        // (so it always has room for what is read).
         let mut pair_ev = PollFlags::empty();
-        if !handshaking && !conn.wants_write() {
+        if !pair_eof && (!handshaking || pair_hup) && !conn.wants_write() {
             pair_ev |= PollFlags::POLLIN;
         }
-        if !to_pair.is_empty() {
+        if !to_pair.is_empty() && !pair_hup {
             pair_ev |= PollFlags::POLLOUT;
         }
-        // A client that has sent EOF is polled only while TLS output is
-        // pending (a hung-up socket would otherwise wake poll at once).
-        let poll_tcp = !tcp_eof || conn.wants_write();
+        // A hung-up pair reports POLLHUP whatever is asked: polled only
+        // when it is to be read. A client that has sent EOF is polled only
+        // while TLS output is pending, likewise.
+        let poll_pair = !pair_hup || !pair_ev.is_empty();
+        let poll_tcp = (!tcp_eof && !pair_hup) || conn.wants_write();
         let (tcp_re, pair_re) = {
             let mut fds = Vec::with_capacity(2);
+            // Index 0 is always the pair; left out of poll when not polled.
             fds.push(PollFd::new(pair.as_fd(), pair_ev));
             if poll_tcp {
                 fds.push(PollFd::new(tcp.as_fd(), tcp_ev));
             }
-            match poll(&mut fds, PollTimeout::NONE) {
+            let slice = if poll_pair { &mut fds[..] } else { &mut fds[1..] };
+            match poll(slice, timeout) {
                 Ok(_) => {}
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(_) => return,
             }
             let re = |i: usize| fds.get(i).and_then(|f| f.revents()).unwrap_or(PollFlags::empty());
-            (re(1), re(0))
+            (re(1), if poll_pair { re(0) } else { PollFlags::empty() })
         };
         let gone = PollFlags::POLLHUP | PollFlags::POLLERR;
         if tcp_re.intersects(PollFlags::POLLIN | gone) && !tcp_eof {
@@ -286,7 +339,11 @@ fn relay(mut conn: ServerConnection, mut tcp: TcpStream, mut pair: UnixStream, i
                         tcp_eof = true; // close_notify
                         break;
                     }
-                    Ok(n) => to_pair.extend_from_slice(&buf[..n]),
+                    Ok(n) => {
+                        if !pair_hup {
+                            to_pair.extend_from_slice(&buf[..n]);
+                        }
+                    }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(_) => {
                         tcp_eof = true;
@@ -295,48 +352,31 @@ fn relay(mut conn: ServerConnection, mut tcp: TcpStream, mut pair: UnixStream, i
                 }
             }
         }
-        if pair_re.intersects(PollFlags::POLLIN) {
+        if pair_re.intersects(gone) {
+            // Hung up; what it holds is still read (until read says EOF).
+            pair_hup = true;
+        }
+        if pair_ev.contains(PollFlags::POLLIN) && pair_re.intersects(PollFlags::POLLIN | gone) {
             match pair.read(&mut buf) {
-                Ok(0) => return finish(conn, tcp),
+                Ok(0) => {
+                    pair_hup = true;
+                    pair_eof = true;
+                }
                 Ok(n) => {
-                    let mut off = 0;
-                    while off < n {
-                        match conn.writer().write(&buf[off..n]) {
-                            Ok(0) | Err(_) => return,
-                            Ok(k) => off += k,
-                        }
+                    // rustls had nothing unsent: 16 KiB always fits.
+                    if conn.writer().write_all(&buf[..n]).is_err() {
+                        return;
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return finish(conn, tcp),
-            }
-        } else if pair_re.intersects(gone) {
-            // The pooler closed its end (during the handshake, say, at
-            // authentication_timeout): relay what it wrote last, then close.
-            loop {
-                match pair.read(&mut buf) {
-                    Ok(n) if n > 0 => {
-                        let _ = conn.writer().write_all(&buf[..n]);
-                    }
-                    _ => break,
+                Err(_) => {
+                    pair_hup = true;
+                    pair_eof = true;
                 }
             }
-            return finish(conn, tcp);
+        }
+        if pair_hup {
+            deadline.get_or_insert_with(|| Instant::now() + CLOSE_WITHIN);
         }
     }
-}
-
-/// The pooler or backend side closed: close_notify, what is left of the
-/// TLS output, then FIN.
-fn finish(mut conn: ServerConnection, mut tcp: TcpStream) {
-    conn.send_close_notify();
-    let _ = tcp.set_nonblocking(false);
-    // Bounded: a client that stops reading must not hold the thread.
-    let _ = tcp.set_write_timeout(Some(std::time::Duration::from_secs(5)));
-    while conn.wants_write() {
-        if conn.write_tls(&mut tcp).is_err() {
-            break;
-        }
-    }
-    let _ = tcp.shutdown(std::net::Shutdown::Write);
 }

@@ -116,9 +116,13 @@ impl Pooler {
             clients: 0,
             mock_key,
             server_proto: glue::server_protocol(),
-            tls: match super::tls::load() {
-                Ok(c) => c,
-                Err(e) => {
+            tls: match super::tls::load_or_startup() {
+                (c, None) => c,
+                (Some(c), Some(e)) => {
+                    log::warn!("SSL configuration could not be loaded, the pooler serves TLS with the one loaded at server start: {e}");
+                    Some(c)
+                }
+                (None, Some(e)) => {
                     log::warn!("TLS not available, SSLRequest is answered 'N': {e}");
                     None
                 }
@@ -204,7 +208,7 @@ impl Pooler {
         // settings, a configuration that does not load keeps the old one.
         match super::tls::load() {
             Ok(c) => self.tls = c,
-            Err(e) => log::info!("SSL configuration was not reloaded: {e}"),
+            Err(e) => log::warn!("SSL configuration was not reloaded, keeping the previous one: {e}"),
         }
         // A lowered nextgres.pool_size applies at once (pools without their
         // own pool_size).
@@ -227,18 +231,20 @@ impl Pooler {
         // thread, which dies with this process. Close their ends and give
         // the relays a bounded moment (1 s) to send it with close_notify.
         // Relays of clients inside a transaction keep running until exit.
-        let mut attached_tls = 0;
+        // TLS clients not attached are closed now; their relays get up to
+        // 1 s to send the FATAL. A relay holds a clone of its client's
+        // TlsInfo until its thread ends, so the wait is on those relays
+        // only (not on the attached clients' relays, which live on).
+        let mut closed_relays = Vec::new();
         let tls_keys: Vec<usize> = self
             .conns
             .iter()
             .filter_map(|(k, c)| match c {
-                Conn::Client(c) if c.tls.is_some() => {
-                    if matches!(c.phase, super::client::Phase::Attached { .. }) {
-                        attached_tls += 1;
-                        None
-                    } else {
-                        Some(k)
-                    }
+                Conn::Client(c) if !matches!(c.phase, super::client::Phase::Attached { .. }) => {
+                    c.tls.as_ref().map(|info| {
+                        closed_relays.push(info.clone());
+                        k
+                    })
                 }
                 _ => None,
             })
@@ -247,7 +253,7 @@ impl Pooler {
             self.client_close(k);
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(1);
-        while super::tls::live() > attached_tls && std::time::Instant::now() < deadline {
+        while closed_relays.iter().any(|i| std::sync::Arc::strong_count(i) > 1) && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
         self.tables.set_pooler(0, postmaster::listen::port());

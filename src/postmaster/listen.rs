@@ -133,9 +133,10 @@ pub fn take_port() {
     // SAFETY: a plain bool GUC variable of the postmaster (postmaster.h).
     let ssl = unsafe { pg_sys::EnableSSL };
     // With ssl = on the pooler serves TLS itself (rustls, the server's
-    // certificate and key). Loaded here only to decide; the pooler loads
-    // its own copy at start and on reload.
-    let tls_problem = if ssl { crate::pooler::tls::load().err() } else { None };
+    // certificate and key). Loaded here to decide and kept: the pooler
+    // loads its own copy at start and on reload, and falls back to this
+    // one when its own load fails.
+    let tls_problem = if ssl { crate::pooler::tls::load_at_startup().err() } else { None };
     if takeover && !settings::SSL_TAKEOVER.get() && !addrs.trim().is_empty() {
         if let Some(why) = &tls_problem {
             // Taking the port without TLS would silently give every TCP
