@@ -20,6 +20,9 @@ pub static SSL_TAKEOVER: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static POOL_SIZE: GucSetting<i32> = GucSetting::<i32>::new(8);
 /// Client connections the pooler accepts in all (sizes shared memory).
 pub static MAX_CLIENT_CONN: GucSetting<i32> = GucSetting::<i32>::new(10000);
+/// TLS clients whose handshake has not finished (each has a relay thread);
+/// an SSLRequest beyond it is refused with 53300.
+pub static MAX_TLS_HANDSHAKES: GucSetting<i32> = GucSetting::<i32>::new(100);
 /// Distinct (database, role) pools (sizes shared memory).
 pub static MAX_POOLS: GucSetting<i32> = GucSetting::<i32>::new(256);
 pub static POOL_MODE: GucSetting<PoolMode> = GucSetting::<PoolMode>::new(PoolMode::Transaction);
@@ -112,6 +115,16 @@ pub fn define() {
         1,
         1_000_000,
         GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"nextgres.max_tls_handshakes",
+        c"Maximum number of TLS handshakes in progress on the pooler's port.",
+        c"An SSLRequest beyond it gets 53300 sorry, too many clients already.",
+        &MAX_TLS_HANDSHAKES,
+        1,
+        1_000_000,
+        GucContext::Sighup,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(

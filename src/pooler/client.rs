@@ -350,6 +350,12 @@ impl Pooler {
                         _ => None,
                     };
                     if let Some(cfg) = tls {
+                        let max = crate::settings::MAX_TLS_HANDSHAKES.get().max(1) as usize;
+                        if super::tls::handshaking() >= max {
+                            // A relay thread each: refused as at max_client_conn.
+                            let hint = format!("nextgres.max_tls_handshakes is {max}.");
+                            return self.client_fatal(key, "53300", "sorry, too many clients already", Some(&hint));
+                        }
                         return self.client_start_tls(key, cfg);
                     }
                     let Some(c) = self.client(key) else { return };

@@ -24,7 +24,34 @@ use std::net::TcpStream;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+
+/// Relays whose TLS handshake has not finished (capped by
+/// `nextgres.max_tls_handshakes`).
+static HANDSHAKING: AtomicUsize = AtomicUsize::new(0);
+
+/// How many TLS handshakes are in progress (a relay thread each).
+pub fn handshaking() -> usize {
+    HANDSHAKING.load(Ordering::Acquire)
+}
+
+/// Counts a relay in [`HANDSHAKING`] from before its thread starts until
+/// its handshake is done or it ends.
+struct Handshake;
+
+impl Handshake {
+    fn new() -> Handshake {
+        HANDSHAKING.fetch_add(1, Ordering::AcqRel);
+        Handshake
+    }
+}
+
+impl Drop for Handshake {
+    fn drop(&mut self) {
+        HANDSHAKING.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// What `nextgres.clients.tls` shows once the handshake is done, e.g.
 /// `TLSv1.3 TLS13_AES_256_GCM_SHA384`.
@@ -162,6 +189,7 @@ pub fn spawn_relay(config: Arc<ServerConfig>, tcp: TcpStream, pair: UnixStream, 
     // blocked (a new thread inherits the mask), then the pooler's mask is
     // put back.
     let Ok(old) = SigSet::all().thread_swap_mask(SigmaskHow::SIG_BLOCK) else { return false };
+    let handshake = Handshake::new();
     let started = std::thread::Builder::new()
         .name("nextgres tls".into())
         // 1 MiB (address space, touched only as used): a stack overflow
@@ -170,7 +198,7 @@ pub fn spawn_relay(config: Arc<ServerConfig>, tcp: TcpStream, pair: UnixStream, 
         .stack_size(1024 * 1024)
         .spawn(move || {
             // Never unwind into nothing: a panic here only ends this client.
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| relay(conn, tcp, pair, info)));
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| relay(conn, tcp, pair, info, handshake)));
         })
         .is_ok();
     let _ = old.thread_set_mask();
@@ -204,7 +232,8 @@ const CLOSE_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 /// pair only while rustls has nothing unsent (rustls holds at most 64 KiB
 /// of unsent TLS, anything beyond is refused), sends it, then close_notify
 /// and FIN, all within [`CLOSE_WITHIN`] of the close.
-fn relay(mut conn: ServerConnection, mut tcp: TcpStream, mut pair: UnixStream, info: TlsInfo) {
+fn relay(mut conn: ServerConnection, mut tcp: TcpStream, mut pair: UnixStream, info: TlsInfo, handshake: Handshake) {
+    let mut handshake = Some(handshake);
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use std::time::Instant;
     if tcp.set_nonblocking(true).is_err() || pair.set_nonblocking(true).is_err() {
@@ -233,6 +262,7 @@ fn relay(mut conn: ServerConnection, mut tcp: TcpStream, mut pair: UnixStream, i
         if !conn.is_handshaking() && info.get().is_none() {
             // Before any plaintext reaches the pooler.
             let _ = info.set(describe(&conn));
+            drop(handshake.take()); // no longer counted in HANDSHAKING
         }
         if pair_eof {
             if !conn.wants_write() {

@@ -736,3 +736,45 @@ fn a_backend_exit_under_a_slow_tls_reader_loses_nothing_and_leaks_nothing() {
         assert_eq!(pooler_pid(pg), Some(pooler), "the pooler restarted");
     });
 }
+
+/// `nextgres.max_tls_handshakes`: TLS handshakes in progress (a relay
+/// thread each) beyond it are refused with the FATAL 53300 "sorry, too many
+/// clients already" a client gets at max_client_conn; plaintext clients are
+/// still served, and TLS is again once the stalled handshakes are gone.
+#[test]
+fn tls_handshakes_beyond_the_cap_are_refused_as_at_max_client_conn() {
+    let pg = Arc::new(Cluster::builder().conf("nextgres.max_tls_handshakes = 2").start());
+    if skip(&pg) {
+        return;
+    }
+    setup(&pg);
+    pg.run_bounded(TEST_LIMIT, |pg| {
+        let ca = ssl_on(pg);
+        assert!(wait_until(SETTLE, || pooler_pid(pg).is_some()), "no pooler after the restart");
+        let port = pg.port();
+        // Two handshakes that never start hold both places.
+        let mut stalled = Vec::new();
+        for _ in 0..2 {
+            let mut s = tcp(port);
+            assert_eq!(ssl_request(&mut s), b'S');
+            stalled.push(s);
+        }
+        let mut third = tcp(port);
+        third.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).expect("SSLRequest");
+        let mut got = Vec::new();
+        let _ = third.read_to_end(&mut got);
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            got.first() == Some(&b'E') && text.contains("C53300") && text.contains("sorry, too many clients already"),
+            "third TLS handshake: {text:?}"
+        );
+        let conn = pg.tcp("app", "postgres");
+        let out = psql_cs(pg, &conn, "sslmode=disable", &["SELECT 1"]);
+        assert_eq!(out.stdout.trim(), "1", "plaintext while TLS handshakes are full:\n{out}");
+        drop(stalled);
+        assert!(
+            wait_until(SETTLE, || TlsRaw::connect(port, &ca, "app", "postgres").is_ok()),
+            "TLS never served again after the stalled handshakes left"
+        );
+    });
+}
