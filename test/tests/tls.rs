@@ -778,3 +778,30 @@ fn tls_handshakes_beyond_the_cap_are_refused_as_at_max_client_conn() {
         );
     });
 }
+
+/// The pooler restarted (pg_terminate_backend) while the key on disk no
+/// longer loads: it serves TLS with the configuration the postmaster loaded
+/// at startup (the port was taken for TLS), not plaintext only.
+#[test]
+fn a_restarted_pooler_that_cannot_load_the_key_keeps_the_startup_tls() {
+    let pg = Arc::new(Cluster::builder().start());
+    if skip(&pg) {
+        return;
+    }
+    setup(&pg);
+    pg.run_bounded(TEST_LIMIT, |pg| {
+        let ca = ssl_on(pg);
+        assert!(wait_until(SETTLE, || pooler_pid(pg).is_some()), "no pooler after the restart");
+        let first = pooler_pid(pg).expect("pooler running");
+        std::fs::write(pg.data_dir().join("server.key"), "not a key\n").expect("spoil the key");
+        pg.admin().query_one("SELECT pg_terminate_backend($1)", &[&first]).expect("terminate pooler");
+        assert!(
+            wait_until(SETTLE, || pooler_pid(pg).is_some_and(|p| p != first)),
+            "the pooler was not restarted"
+        );
+        let mut t = TlsRaw::connect(pg.port(), &ca, "postgres", "postgres")
+            .unwrap_or_else(|e| panic!("TLS after a pooler restart with a key it cannot load: {e}"));
+        assert_eq!(t.value("SELECT 1"), "1");
+        assert_ne!(t.value(&of_client("tls")), "", "nextgres.clients.tls");
+    });
+}
