@@ -668,6 +668,54 @@ fn small_rcvbuf(s: &TcpStream) {
     assert_eq!(rc, 0, "SO_RCVBUF");
 }
 
+/// A TLS client that reads nothing while a result of `rows` x 1 kB is
+/// sent: when it all fits in the buffers between the backend and the
+/// client, the backend goes idle and ends at
+/// idle_in_transaction_session_timeout with what did not fit in TCP still in
+/// the socketpair; only then the client reads. Returns what it got and
+/// whether the backend fitted (false: it blocked in ClientWrite and the
+/// client read at once).
+fn unread_result(pg: &Cluster, t: &mut TlsRaw, rows: usize, marker: &str) -> (Got, bool) {
+    let of_backend = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%{marker}%' AND pid <> pg_backend_pid()"
+    );
+    t.send_query(&format!(
+        "SET idle_in_transaction_session_timeout = '200ms'; BEGIN; \
+         SELECT repeat('x', 1000) AS {marker}, i FROM generate_series(1, {rows}) i"
+    ));
+    let mut fitted = false;
+    assert!(
+        wait_until(SETTLE, || {
+            fitted = admin_i64(pg, &format!("{of_backend} AND state = 'idle in transaction'")) == 1
+                || admin_i64(pg, &of_backend) == 0;
+            fitted || admin_i64(pg, &format!("{of_backend} AND wait_event = 'ClientWrite'")) == 1
+        }),
+        "the backend neither finished nor blocked"
+    );
+    if fitted {
+        assert!(
+            wait_until(TEST_LIMIT / 4, || admin_i64(pg, &of_backend) == 0),
+            "the backend never ended at idle_in_transaction_session_timeout"
+        );
+    }
+    let mut got = Got { rows: 0, rest: Vec::new() };
+    loop {
+        match t.read_msg() {
+            Ok((b'D', _)) => got.rows += 1,
+            Ok((b'E', body)) => match parse_error(&body) {
+                RawFail::Db { code, .. } => got.rest.push(format!("E {code}")),
+                other => got.rest.push(format!("E {other:?}")),
+            },
+            Ok((b'Z', body)) => got.rest.push(format!("Z {}", body.first().map(|b| *b as char).unwrap_or('?'))),
+            Ok(_) => {}
+            Err(e) => {
+                got.rest.push(format!("end {:?}", e.kind()));
+                return (got, fitted);
+            }
+        }
+    }
+}
+
 /// Count of entries in /proc/<pid>/<what> (threads, fds).
 fn proc_count(pid: i32, what: &str) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/{what}")).map(|d| d.count()).unwrap_or(0)
@@ -677,7 +725,9 @@ fn proc_count(pid: i32, what: &str) -> usize {
 /// (idle_in_transaction_session_timeout after a slow client's SELECT): the
 /// TLS client still gets every row, ReadyForQuery and the server's FATAL
 /// 25P03, as the same plaintext client does (the relay does not drop what
-/// rustls has no room for at the hangup). Then no relay thread or fd
+/// rustls has no room for at the hangup); so does a TLS client that reads
+/// nothing until the backend has ended, for results of 3.5 to 5 MB (those
+/// that fit leave the socketpair full behind TCP). Then no relay thread or fd
 /// is left in the pooler: after TLS clients that vanish inside a
 /// transaction and after that backend exit, /proc/<pooler>/task and fd are
 /// back to what they were before.
@@ -726,6 +776,26 @@ fn a_backend_exit_under_a_slow_tls_reader_loses_nothing_and_leaks_nothing() {
         small_rcvbuf(&t.s.sock);
         let tls = slow_reader(pg, &mut t, "slow_tls");
         assert_eq!(tls, direct, "TLS vs plaintext client when the backend ends under a slow reader");
+
+        // Results from 3.5 to 5 MB that the client does not read while the
+        // backend runs: those that fit end with TCP full and up to the
+        // socketpair's ~150 kB behind it in the relay's hands when the
+        // backend exits, more than the 64 kB rustls holds unsent.
+        let mut fitted = 0;
+        for step in 0..24 {
+            let rows = 3500 + step * 64;
+            let mut t = TlsRaw::connect(port, &ca, "app", "postgres").expect("TLS login");
+            t.s.sock.set_read_timeout(Some(TEST_LIMIT / 4)).expect("timeout");
+            small_rcvbuf(&t.s.sock);
+            let (got, fit) = unread_result(pg, &mut t, rows, &format!("unread_{step}"));
+            fitted += fit as usize;
+            assert_eq!(
+                got,
+                Got { rows, rest: vec!["Z T".into(), "E 25P03".into(), direct.rest[2].clone()] },
+                "TLS client that read nothing while {rows} rows were sent (backend fitted: {fit})"
+            );
+        }
+        eprintln!("{fitted} of 24 unread results fitted in the buffers");
 
         assert!(
             wait_until(SETTLE, || proc_count(pooler, "task") == tasks0 && proc_count(pooler, "fd") <= fds0),
