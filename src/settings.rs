@@ -10,14 +10,19 @@ use std::ffi::CString;
 pub static PORT: GucSetting<i32> = GucSetting::<i32>::new(0);
 /// Addresses the pooler listens on; empty (default): the server's `listen_addresses`.
 pub static LISTEN_ADDRESSES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
-/// With the server's `ssl = on`: let the pooler take over the server's port
-/// anyway (plaintext only; TLS clients lose TLS or fail). Off (default): the
-/// pooler leaves the port and the server's TLS-capable listeners alone.
+/// With the server's `ssl = on` the pooler serves TLS itself with the
+/// server's certificate and key. Only when it cannot load them: on = take
+/// over the server's port anyway (plaintext only; TLS clients lose TLS or
+/// fail); off (default) = leave the port and the server's TLS-capable
+/// listeners alone.
 pub static SSL_TAKEOVER: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// Backends per (database, role) pool.
 pub static POOL_SIZE: GucSetting<i32> = GucSetting::<i32>::new(8);
 /// Client connections the pooler accepts in all (sizes shared memory).
 pub static MAX_CLIENT_CONN: GucSetting<i32> = GucSetting::<i32>::new(10000);
+/// TLS clients whose handshake has not finished (each has a relay thread);
+/// an SSLRequest beyond it is refused with 53300.
+pub static MAX_TLS_HANDSHAKES: GucSetting<i32> = GucSetting::<i32>::new(100);
 /// Distinct (database, role) pools (sizes shared memory).
 pub static MAX_POOLS: GucSetting<i32> = GucSetting::<i32>::new(256);
 pub static POOL_MODE: GucSetting<PoolMode> = GucSetting::<PoolMode>::new(PoolMode::Transaction);
@@ -81,8 +86,8 @@ pub fn define() {
     );
     GucRegistry::define_bool_guc(
         c"nextgres.ssl_takeover",
-        c"Take over the server's port even though ssl = on (the pooler has no TLS: clients get plaintext only).",
-        c"Off: with ssl = on the pooler does not take the server's port, so no TCP client silently loses TLS.",
+        c"Take over the server's port even when ssl = on and the pooler cannot load the server's certificate or key (clients then get plaintext only).",
+        c"Off: in that case the pooler does not take the server's port, so no TCP client silently loses TLS. With a certificate and key it can load, the pooler serves TLS itself whatever this says.",
         &SSL_TAKEOVER,
         GucContext::Postmaster,
         GucFlags::default(),
@@ -110,6 +115,16 @@ pub fn define() {
         1,
         1_000_000,
         GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"nextgres.max_tls_handshakes",
+        c"Maximum number of TLS handshakes in progress on the pooler's port.",
+        c"An SSLRequest beyond it gets 53300 sorry, too many clients already.",
+        &MAX_TLS_HANDSHAKES,
+        1,
+        1_000_000,
+        GucContext::Sighup,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(

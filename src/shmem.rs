@@ -10,6 +10,9 @@ use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 pub const NAME_LEN: usize = 64;
 pub const ADDR_LEN: usize = 48;
 pub const TOKEN_LEN: usize = 32;
+/// `nextgres.clients.tls`: the longest rustls TLS 1.2 suite name with its
+/// version prefix is 53 bytes ("TLSv1.2 TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256").
+pub const TLS_LEN: usize = 64;
 
 #[repr(C)]
 pub struct Header {
@@ -120,6 +123,9 @@ pub struct ClientRow {
     pub backend_pid: i32,
     pub connected_at: i64,
     pub xacts: i64,
+    /// TLS version and cipher ("TLSv1.3 TLS13_AES_256_GCM_SHA384"); empty
+    /// for a plaintext client.
+    pub tls: [u8; TLS_LEN],
 }
 
 #[repr(u8)]

@@ -95,6 +95,7 @@ fn clients() -> TableIterator<
         name!(backend_pid, Option<i32>),
         name!(connected_since, Option<TimestampWithTimeZone>),
         name!(transactions, i64),
+        name!(tls, Option<String>),
     ),
 > {
     let (_, clients, _) = tables().snapshot();
@@ -108,6 +109,7 @@ fn clients() -> TableIterator<
             (c.backend_pid != 0).then_some(c.backend_pid),
             ts(c.connected_at),
             c.xacts,
+            Some(shmem::name(&c.tls)).filter(|t| !t.is_empty()),
         )
     }))
 }

@@ -614,6 +614,7 @@ typedef struct NgLoginInfo
 	bool		db_allowconn;
 	int			db_connlimit;
 	bool		db_can_connect;
+	int			hba_clientcert; /* 0 off, 1 verify-ca, 2 verify-full */
 } NgLoginInfo;
 
 static int
@@ -646,7 +647,7 @@ map_auth_method(UserAuth m)
 bool
 ng_login_lookup(const char *database, const char *user,
 				const struct sockaddr_storage *addr, socklen_t salen,
-				NgLoginInfo *out, NgError *err)
+				bool ssl_in_use, NgLoginInfo *out, NgError *err)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	volatile bool ok = true;
@@ -667,7 +668,11 @@ ng_login_lookup(const char *database, const char *user,
 		port->raddr.salen = salen;
 		port->database_name = pstrdup(database);
 		port->user_name = pstrdup(user);
+		/* hostssl / hostnossl lines match on this (hba.c check_hba()) */
+		port->ssl_in_use = ssl_in_use;
 		hba_getauthmethod(port);
+		out->hba_clientcert = port->hba->clientcert == clientCertOff ? 0 :
+			port->hba->clientcert == clientCertCA ? 1 : 2;
 		out->hba_method = map_auth_method(port->hba->auth_method);
 		out->hba_line = port->hba->linenumber;
 		strlcpy(out->hba_method_name, hba_authname(port->hba->auth_method),

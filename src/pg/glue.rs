@@ -61,6 +61,8 @@ pub struct NgLoginInfo {
     pub db_allowconn: bool,
     pub db_connlimit: c_int,
     pub db_can_connect: bool,
+    /// The matching line's `clientcert`: 0 off, 1 verify-ca, 2 verify-full.
+    pub hba_clientcert: c_int,
 }
 
 impl NgLoginInfo {
@@ -132,6 +134,7 @@ extern "C" {
         user: *const c_char,
         addr: *const libc::sockaddr_storage,
         len: libc::socklen_t,
+        ssl_in_use: bool,
         out: *mut NgLoginInfo,
         err: *mut NgError,
     ) -> bool;
@@ -296,12 +299,13 @@ pub fn login_lookup(
     user: &str,
     addr: &libc::sockaddr_storage,
     len: u32,
+    ssl_in_use: bool,
 ) -> Result<Box<NgLoginInfo>, NgError> {
     // Boxed: large, and wiped on drop.
     let mut info: Box<NgLoginInfo> = Box::new(unsafe { std::mem::zeroed() });
     let mut err = NgError::new();
     let (d, u) = (cstring(database), cstring(user));
-    let ok = unsafe { ng_login_lookup(d.as_ptr(), u.as_ptr(), addr, len as libc::socklen_t, &mut *info, &mut err) };
+    let ok = unsafe { ng_login_lookup(d.as_ptr(), u.as_ptr(), addr, len as libc::socklen_t, ssl_in_use, &mut *info, &mut err) };
     if ok {
         Ok(info)
     } else {

@@ -23,3 +23,27 @@ pub fn proc_exit(code: i32) -> ! {
         unreachable!("proc_exit returned")
     }
 }
+
+/// A setting's current value as `SHOW` prints it (utils/misc/guc.c
+/// `GetConfigOption(name, missing_ok = true, restrict_privileged = false)`);
+/// None for an unknown name.
+pub fn setting(name: &std::ffi::CStr) -> Option<String> {
+    // SAFETY: returns a pointer into the GUC's own storage (or a static
+    // buffer) valid until the next GUC call; copied at once.
+    let p = unsafe { pgrx::pg_sys::GetConfigOption(name.as_ptr(), true, false) };
+    if p.is_null() {
+        return None;
+    }
+    Some(unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned())
+}
+
+/// The data directory (`DataDir`, miscadmin.h), against which the server
+/// resolves relative paths such as `ssl_cert_file`.
+pub fn data_dir() -> std::path::PathBuf {
+    // SAFETY: a global char * set by the postmaster before libraries load.
+    let p = unsafe { pgrx::pg_sys::DataDir };
+    if p.is_null() {
+        return std::path::PathBuf::from(".");
+    }
+    std::path::PathBuf::from(unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned())
+}

@@ -84,19 +84,35 @@ impl AuthSession {
     }
 
     /// Begins the exchange the hba line asks for.
-    pub fn start(info: Box<NgLoginInfo>, user: &str, database: &str, host: &str, mock_key: &[u8; 32]) -> (Self, Step) {
+    /// `tls`: the client is on TLS (the server's "SSL encryption" in its
+    /// hba messages, auth.c ClientAuthentication()).
+    pub fn start(info: Box<NgLoginInfo>, user: &str, database: &str, host: &str, mock_key: &[u8; 32], tls: bool) -> (Self, Step) {
         let mut s = AuthSession { info, state: State::Cleartext };
+        let encryption = if tls { "SSL encryption" } else { "no encryption" };
+        if s.info.hba_clientcert != 0 {
+            // The server checks clientcert before the method (auth.c
+            // ClientAuthentication()). The pooler does not check client
+            // certificates yet, so it never has a valid one: refuse with the
+            // server's words for a client that sent none.
+            let mut f = fatal("28000", "connection requires a valid client certificate".to_string());
+            f.hint = Some(format!(
+                "Line {} of \"{}\" has clientcert; nextgres does not check client certificates yet.",
+                s.info.hba_line,
+                s.info.hba_file()
+            ));
+            return (s, Step::Fail(f));
+        }
         let step = match s.info.method() {
             HbaMethod::ImplicitReject => {
                 log::info!("no pg_hba.conf entry for host \"{host}\", user \"{user}\", database \"{database}\"");
                 Step::Fail(fatal(
                     "28000",
-                    format!("no pg_hba.conf entry for host \"{host}\", user \"{user}\", database \"{database}\", no encryption"),
+                    format!("no pg_hba.conf entry for host \"{host}\", user \"{user}\", database \"{database}\", {encryption}"),
                 ))
             }
             HbaMethod::Reject => Step::Fail(fatal(
                 "28000",
-                format!("pg_hba.conf rejects connection for host \"{host}\", user \"{user}\", database \"{database}\", no encryption"),
+                format!("pg_hba.conf rejects connection for host \"{host}\", user \"{user}\", database \"{database}\", {encryption}"),
             )),
             HbaMethod::Trust => Step::Done(Vec::new(), s.stored_md5_credential()),
             HbaMethod::Password => {
@@ -262,7 +278,14 @@ impl Pooler {
         let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
         unsafe { std::ptr::copy_nonoverlapping(raw.as_ptr(), (&mut storage as *mut libc::sockaddr_storage).cast(), raw.len()) };
         let (user, database, host) = (c.user.clone(), c.database.clone(), c.addr.ip().to_string());
-        let info = match crate::pg::loginmem::scoped(|| glue::login_lookup(&database, &user, &storage, raw.len() as u32)) {
+        // The relay fills this before any plaintext reaches the pooler.
+        let tls = c.tls.as_ref().map(|i| i.get().cloned().unwrap_or_default());
+        let on_tls = tls.is_some();
+        if let Some(t) = tls {
+            let row = c.row;
+            self.client_row_update(row, |r| crate::shmem::set_name(&mut r.tls, &t));
+        }
+        let info = match crate::pg::loginmem::scoped(|| glue::login_lookup(&database, &user, &storage, raw.len() as u32, on_tls)) {
             Ok(i) => i,
             Err(e) => {
                 log::warn!("authentication lookup failed: {}", e.message());
@@ -270,7 +293,7 @@ impl Pooler {
             }
         };
         let mock_key = self.mock_key;
-        let (session, step) = AuthSession::start(info, &user, &database, &host, &mock_key);
+        let (session, step) = AuthSession::start(info, &user, &database, &host, &mock_key, on_tls);
         if let Some(c) = self.client(key) {
             c.phase = Phase::Auth(Box::new(session));
         }

@@ -29,7 +29,13 @@ pub enum Phase {
 }
 
 pub struct Client {
+    /// The client's TCP socket; for a TLS client, the pooler's end of the
+    /// relay's socketpair (a Unix stream socket: only read, write, shutdown
+    /// and the raw fd are used on it, which work the same).
     pub stream: TcpStream,
+    /// On TLS: filled by the relay with the version and cipher once the
+    /// handshake is done (before any plaintext reaches `stream`).
+    pub tls: Option<super::tls::TlsInfo>,
     pub addr: SocketAddr,
     pub row: usize,
     pub id: u64,
@@ -66,6 +72,7 @@ impl Client {
     pub fn new(stream: TcpStream, addr: SocketAddr, row: usize, id: u64) -> Client {
         Client {
             stream,
+            tls: None,
             addr,
             row,
             id,
@@ -325,7 +332,7 @@ impl Pooler {
             let parsed = proto::parse_startup_for(&c.inbuf, &server);
             c.inbuf.clear();
             match parsed {
-                Ok(Some((StartupRequest::SslRequest, _))) | Ok(Some((StartupRequest::GssEncRequest, _))) => {
+                Ok(Some((req @ (StartupRequest::SslRequest | StartupRequest::GssEncRequest), _))) => {
                     // Bytes sent before our answer cannot be trusted (the
                     // server's CVE-2021-23214 rule): refuse them after 'N'.
                     let mut one = [0u8; 1];
@@ -337,8 +344,23 @@ impl Pooler {
                         ),
                         Ok(n) if n > 0
                     );
-                    // No TLS or GSS encryption yet: 'N' lets sslmode=prefer
-                    // and gssencmode=prefer clients go on unencrypted.
+                    let already = c.tls.is_some();
+                    let tls = match (&req, &self.tls) {
+                        (StartupRequest::SslRequest, Some(cfg)) if !early && !already => Some(cfg.clone()),
+                        _ => None,
+                    };
+                    if let Some(cfg) = tls {
+                        let max = crate::settings::MAX_TLS_HANDSHAKES.get().max(1) as usize;
+                        if super::tls::handshaking() >= max {
+                            // A relay thread each: refused as at max_client_conn.
+                            let hint = format!("nextgres.max_tls_handshakes is {max}.");
+                            return self.client_fatal(key, "53300", "sorry, too many clients already", Some(&hint));
+                        }
+                        return self.client_start_tls(key, cfg);
+                    }
+                    let Some(c) = self.client(key) else { return };
+                    // No GSS encryption (and no TLS with ssl = off): 'N' lets
+                    // sslmode=prefer and gssencmode=prefer clients go on unencrypted.
                     c.send(b"N");
                     if early {
                         return self.client_fatal(key, "08P01", "received unencrypted data after SSL request", None);
@@ -362,6 +384,37 @@ impl Pooler {
                 Err(e) => return self.client_fatal(key, e.sqlstate, &e.message, e.hint.as_deref()),
             }
         }
+    }
+
+    /// SSLRequest with TLS loaded: answer 'S', move the TCP socket to a relay
+    /// thread and carry on with the pooler's end of a socketpair in its place.
+    fn client_start_tls(&mut self, key: usize, cfg: std::sync::Arc<rustls::ServerConfig>) {
+        let Some(Conn::Client(c)) = self.conns.get_mut(key) else { return };
+        c.send(b"S");
+        if !c.outbuf.is_empty() {
+            return self.client_close(key); // one byte on a fresh socket: only a broken one keeps it
+        }
+        let Ok((mine, relay_end)) = std::os::unix::net::UnixStream::pair() else {
+            log::warn!("socketpair for a TLS client failed");
+            return self.client_close(key);
+        };
+        if mine.set_nonblocking(true).is_err() {
+            return self.client_close(key);
+        }
+        // The TCP socket leaves the pooler's epoll set: from now on only the
+        // relay thread touches it.
+        if c.registered.take().is_some() {
+            conn::remove(&self.epoll, &c.stream);
+        }
+        let tcp = std::mem::replace(&mut c.stream, TcpStream::from(std::os::fd::OwnedFd::from(mine)));
+        let info = super::tls::TlsInfo::default();
+        c.tls = Some(info.clone());
+        if !super::tls::spawn_relay(cfg, tcp, relay_end, info) {
+            log::warn!("could not start a TLS relay thread for {}", c.addr);
+            return self.client_close(key);
+        }
+        // The ClientHello and everything after it arrive through the pair.
+        self.client_startup(key)
     }
 
     fn client_startup_message(&mut self, key: usize, minor: u16, params: Vec<(String, String)>) {

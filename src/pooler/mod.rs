@@ -2,7 +2,7 @@
 //! sockets, client connections and pooled backends' control sockets.
 //!
 //! * `listener`: accept, client limit.
-//! * `client`: startup packet, SSL/GSS refusal, cancel, idle clients.
+//! * `client`: startup packet, SSLRequest (TLS through `tls`), GSS refusal, cancel, idle clients.
 //! * `auth`: the server's hba decision and the password exchanges.
 //! * `backend`: pool logins through the Unix socket, parked/attached backends.
 //! * pools themselves (queues, limits) are pure logic in `nextgres_core::pool`.
@@ -13,6 +13,7 @@
 //! * `poolconf`: per-pool settings from `ALTER ROLE / DATABASE ... SET`.
 //! * `ops`: pause, resume and reconnect requested through SQL.
 //! * `stats`: the shared tables the SQL functions read.
+//! * `tls`: the server's TLS settings (rustls) and the per-client relay threads.
 mod auth;
 mod backend;
 mod client;
@@ -26,6 +27,7 @@ mod ops;
 mod poolconf;
 
 mod stats;
+pub(crate) mod tls;
 mod worker;
 
 pub use worker::register;

@@ -59,6 +59,9 @@ pub struct Pooler {
     pub server_proto: nextgres_core::proto::ServerProtocol,
     /// Smart shutdown in progress: admit nobody, let pools drain.
     pub stopping: bool,
+    /// The server's TLS settings as loaded for new clients (`tls`); None:
+    /// SSLRequest is answered 'N'.
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     /// Databases a DROP DATABASE (or similar) is waiting on (see `drain`).
     pub draining: Vec<String>,
     pub last_janitor: Option<std::time::Instant>,
@@ -113,6 +116,17 @@ impl Pooler {
             clients: 0,
             mock_key,
             server_proto: glue::server_protocol(),
+            tls: match super::tls::load_or_startup() {
+                (c, None) => c,
+                (Some(c), Some(e)) => {
+                    log::warn!("SSL configuration could not be loaded, the pooler serves TLS with the one loaded at server start: {e}");
+                    Some(c)
+                }
+                (None, Some(e)) => {
+                    log::warn!("TLS not available, SSLRequest is answered 'N': {e}");
+                    None
+                }
+            },
             stopping: false,
             draining: Vec::new(),
             last_janitor: None,
@@ -190,6 +204,12 @@ impl Pooler {
             Ok(()) => log::info!("reloaded pg_hba.conf and settings"),
             Err(e) => log::warn!("pg_hba.conf not reloaded, keeping the previous rules: {}", e.message()),
         }
+        // As the postmaster reloads its SSL context: new clients get the new
+        // settings, a configuration that does not load keeps the old one.
+        match super::tls::load() {
+            Ok(c) => self.tls = c,
+            Err(e) => log::warn!("SSL configuration was not reloaded, keeping the previous one: {e}"),
+        }
         // A lowered nextgres.pool_size applies at once (pools without their
         // own pool_size).
         self.pools_trim();
@@ -206,6 +226,35 @@ impl Pooler {
                 "57P01",
                 "terminating connection due to administrator command",
             );
+        }
+        // TLS clients: their FATAL is still to be encrypted by their relay
+        // thread, which dies with this process. Close their ends and give
+        // the relays a bounded moment (1 s) to send it with close_notify.
+        // Relays of clients inside a transaction keep running until exit.
+        // TLS clients not attached are closed now; their relays get up to
+        // 1 s to send the FATAL. A relay holds a clone of its client's
+        // TlsInfo until its thread ends, so the wait is on those relays
+        // only (not on the attached clients' relays, which live on).
+        let mut closed_relays = Vec::new();
+        let tls_keys: Vec<usize> = self
+            .conns
+            .iter()
+            .filter_map(|(k, c)| match c {
+                Conn::Client(c) if !matches!(c.phase, super::client::Phase::Attached { .. }) => {
+                    c.tls.as_ref().map(|info| {
+                        closed_relays.push(info.clone());
+                        k
+                    })
+                }
+                _ => None,
+            })
+            .collect();
+        for k in tls_keys {
+            self.client_close(k);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        while closed_relays.iter().any(|i| std::sync::Arc::strong_count(i) > 1) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
         }
         self.tables.set_pooler(0, postmaster::listen::port());
         log::info!("pooler shutting down");

@@ -29,8 +29,9 @@ pub enum Mode {
     Takeover,
     /// The pooler listens on `nextgres.port`; the server keeps its own TCP listeners.
     SidePort,
-    /// `ssl = on` and `nextgres.ssl_takeover` off: the pooler listens nowhere
-    /// and the server keeps its own (TLS-capable) TCP listeners.
+    /// `ssl = on`, the pooler cannot load the server's certificate or key
+    /// and `nextgres.ssl_takeover` is off: the pooler listens nowhere and the
+    /// server keeps its own (TLS-capable) TCP listeners.
     SslKeptByServer,
 }
 
@@ -131,20 +132,27 @@ pub fn take_port() {
     let addrs = if own.trim().is_empty() { server_addrs.clone() } else { own };
     // SAFETY: a plain bool GUC variable of the postmaster (postmaster.h).
     let ssl = unsafe { pg_sys::EnableSSL };
-    if takeover && ssl && !settings::SSL_TAKEOVER.get() && !addrs.trim().is_empty() {
-        // The pooler has no TLS: taking the port would silently give every
-        // TCP client plaintext (and fail sslmode=require with no word of
-        // nextgres). Leave the port and its TLS to the server, loudly.
-        warn_with_hint(
-            format!("nextgres: ssl = on and the pooler has no TLS support: the pooler does not take over port {port}; the server keeps its own TCP listeners on \"{addrs}\" (TLS included) and no TCP connection is pooled"),
-            "Set nextgres.ssl_takeover = on to let the pooler own the port with plaintext connections only (clients with sslmode=require then fail), or nextgres.port to a side port for pooled plaintext connections."
-        );
-        unsafe {
-            LISTENERS = Vec::new();
-            PORT = 0;
-            MODE = Mode::SslKeptByServer;
+    // With ssl = on the pooler serves TLS itself (rustls, the server's
+    // certificate and key). Loaded here to decide and kept: the pooler
+    // loads its own copy at start and on reload, and falls back to this
+    // one when its own load fails.
+    let tls_problem = if ssl { crate::pooler::tls::load_at_startup().err() } else { None };
+    if takeover && !settings::SSL_TAKEOVER.get() && !addrs.trim().is_empty() {
+        if let Some(why) = &tls_problem {
+            // Taking the port without TLS would silently give every TCP
+            // client plaintext (and fail sslmode=require with no word of
+            // nextgres). Leave the port and its TLS to the server, loudly.
+            warn_with_hint(
+                format!("nextgres: ssl = on but the pooler cannot use the server's TLS settings ({why}): the pooler does not take over port {port}; the server keeps its own TCP listeners on \"{addrs}\" (TLS included) and no TCP connection is pooled"),
+                "Fix the certificate or key so the pooler can load it (PEM, without a passphrase), set nextgres.ssl_takeover = on to let the pooler own the port with plaintext connections only (clients with sslmode=require then fail), or nextgres.port to a side port."
+            );
+            unsafe {
+                LISTENERS = Vec::new();
+                PORT = 0;
+                MODE = Mode::SslKeptByServer;
+            }
+            return;
         }
-        return;
     }
 
     let mut fds = Vec::new();
@@ -173,16 +181,18 @@ pub fn take_port() {
         pgrx::log!(
             "nextgres: pooler owns TCP port {port} on \"{addrs}\"; the server keeps only its Unix socket (listen_addresses cleared)"
         );
-        if ssl {
-            warn_with_hint(
-                format!("nextgres: nextgres.ssl_takeover = on: the pooler owns port {port} without TLS although ssl = on; TCP clients get plaintext only and clients with sslmode=require fail"),
-                "Turn nextgres.ssl_takeover off to keep the server's TLS listeners on the port."
-            );
+        match (&tls_problem, ssl) {
+            (Some(why), _) => warn_with_hint(
+                format!("nextgres: nextgres.ssl_takeover = on: the pooler owns port {port} without TLS although ssl = on (it cannot use the server's TLS settings: {why}); TCP clients get plaintext only and clients with sslmode=require fail"),
+                "Turn nextgres.ssl_takeover off to keep the server's TLS listeners on the port, or fix the certificate or key.",
+            ),
+            (None, true) => pgrx::log!("nextgres: the pooler serves TLS on port {port} with the server's ssl_cert_file and ssl_key_file"),
+            (None, false) => {}
         }
     } else {
         pgrx::log!("nextgres: pooler listens on side port {port} on \"{addrs}\"; the server keeps its own TCP listeners");
-        if ssl {
-            pgrx::log!("nextgres: the side port {port} is plaintext only (the pooler has no TLS); the server's port keeps TLS");
+        if let Some(why) = &tls_problem {
+            pgrx::log!("nextgres: the side port {port} is plaintext only (the pooler cannot use the server's TLS settings: {why}); the server's port keeps TLS");
         }
     }
     unsafe {

@@ -27,11 +27,13 @@ fn has_openssl(pg: &Cluster) -> bool {
 }
 
 /// Self-signed certificate and key in the data directory, owned by the
-/// server's OS user (the server refuses a key others can read).
+/// server's OS user (the server refuses a key others can read). The key is
+/// encrypted with the passphrase `nextgres`: the server reads it through
+/// `ssl_passphrase_command`, the pooler cannot (so it leaves the port).
 fn make_cert(pg: &Cluster) {
     let data = pg.data_dir();
     let out = Command::new("openssl")
-        .args(["req", "-new", "-x509", "-days", "2", "-nodes", "-subj", "/CN=localhost"])
+        .args(["req", "-new", "-x509", "-days", "2", "-passout", "pass:nextgres", "-subj", "/CN=localhost"])
         .arg("-keyout")
         .arg(data.join("server.key"))
         .arg("-out")
@@ -57,10 +59,12 @@ fn psql_with(pg: &Cluster, conn: &ConnInfo, extra: &str, sql: &str) -> nextgres_
 
 const SSL_OF_SESSION: &str = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
 
-/// `ssl = on`: by default the pooler leaves the port (and its TLS) to the
-/// server, says so in a startup WARNING and in `nextgres.status()`, and
-/// `sslmode=require` keeps working on the port. `nextgres.ssl_takeover = on`
-/// makes the pooler take the port, plaintext only, also with a WARNING.
+/// `ssl = on` with a key the pooler cannot load (behind
+/// `ssl_passphrase_command`; with a loadable one the pooler serves TLS, see
+/// tls.rs): the pooler leaves the port (and its TLS) to the server, says so
+/// in a startup WARNING and in `nextgres.status()`, and `sslmode=require`
+/// keeps working on the port. `nextgres.ssl_takeover = on` makes the pooler
+/// take the port, plaintext only, also with a WARNING.
 #[test]
 fn ssl_on_keeps_the_servers_tls_listener() {
     let pg = std::sync::Arc::new(Cluster::builder().start());
@@ -75,11 +79,13 @@ fn ssl_on_keeps_the_servers_tls_listener() {
         pg.admin().batch_execute("CREATE EXTENSION nextgres").expect("extension");
         make_cert(pg);
         pg.append_conf("ssl = on").expect("conf");
+        pg.append_conf("ssl_passphrase_command = 'echo nextgres'").expect("conf");
         let mark = pg.log_mark();
         pg.restart().expect("restart with ssl = on");
         let log = pg.log_since(mark);
         assert!(
-            log.contains("ssl = on and the pooler has no TLS support: the pooler does not take over port")
+            log.contains("ssl = on but the pooler cannot use the server's TLS settings (could not load private key file")
+                && log.contains("the pooler does not take over port")
                 && log.contains("nextgres.ssl_takeover"),
             "no startup WARNING about ssl = on:\n{log}"
         );

@@ -3,6 +3,7 @@
 //!
 //! * [`proto`]: PostgreSQL frontend/backend protocol v3 parsing and building.
 //! * [`auth`]: password secrets, md5 and SCRAM-SHA-256 (server and client).
+//! * [`tls`]: the TLS versions the server's settings allow the pooler.
 //!
 //! Every parser takes untrusted bytes and returns `Result`; nothing here
 //! panics on input.
@@ -14,3 +15,4 @@ pub mod proto;
 pub mod control;
 pub mod pool;
 pub mod poolconf;
+pub mod tls;

@@ -1,0 +1,72 @@
+//! Which TLS versions the pooler offers, from the server's
+//! `ssl_min_protocol_version` / `ssl_max_protocol_version` (values as
+//! `SHOW` prints them: `TLSv1`, `TLSv1.1`, `TLSv1.2`, `TLSv1.3`; an empty
+//! maximum means no limit, guc_tables.c `ssl_protocol_versions_info`).
+//! The pooler's TLS library (rustls) has TLS 1.2 and 1.3 only.
+
+/// The versions the pooler offers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TlsVersions {
+    /// TLS 1.2 allowed.
+    pub tls12: bool,
+    /// TLS 1.3 allowed.
+    pub tls13: bool,
+}
+
+/// `TLSv1` .. `TLSv1.3` as 10..13; anything else (the empty maximum) None.
+fn number(v: &str) -> Option<u8> {
+    match v {
+        "TLSv1" => Some(10),
+        "TLSv1.1" => Some(11),
+        "TLSv1.2" => Some(12),
+        "TLSv1.3" => Some(13),
+        _ => None,
+    }
+}
+
+/// TLS 1.2 and 1.3 as far as `[min, max]` allows them; Err(reason) when it
+/// allows neither (the pooler cannot honour the setting).
+pub fn allowed_versions(min: &str, max: &str) -> Result<TlsVersions, String> {
+    let lo = number(min).unwrap_or(10);
+    let hi = number(max).unwrap_or(u8::MAX);
+    let v = TlsVersions { tls12: (lo..=hi).contains(&12), tls13: (lo..=hi).contains(&13) };
+    if !v.tls12 && !v.tls13 {
+        return Err(format!(
+            "ssl_min_protocol_version = '{min}' and ssl_max_protocol_version = '{max}' leave no TLS version the pooler supports (TLSv1.2, TLSv1.3)"
+        ));
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(min: &str, max: &str) -> (bool, bool) {
+        let v = allowed_versions(min, max).unwrap();
+        (v.tls12, v.tls13)
+    }
+
+    #[test]
+    fn defaults_allow_both() {
+        // The server's defaults: TLSv1.2 and no maximum.
+        assert_eq!(ok("TLSv1.2", ""), (true, true));
+        assert_eq!(ok("TLSv1", ""), (true, true));
+    }
+
+    #[test]
+    fn bounds_narrow() {
+        assert_eq!(ok("TLSv1.3", ""), (false, true));
+        assert_eq!(ok("TLSv1.2", "TLSv1.2"), (true, false));
+        assert_eq!(ok("TLSv1", "TLSv1.2"), (true, false));
+        assert_eq!(ok("TLSv1.3", "TLSv1.3"), (false, true));
+    }
+
+    #[test]
+    fn nothing_left_is_an_error() {
+        assert!(allowed_versions("TLSv1", "TLSv1.1").is_err());
+        assert!(allowed_versions("TLSv1", "TLSv1").is_err());
+        // min above max: the server refuses to start; nothing here either.
+        assert!(allowed_versions("TLSv1.3", "TLSv1.2").is_err());
+    }
+}

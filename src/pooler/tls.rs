@@ -1,0 +1,412 @@
+//! TLS for clients on the pooler's port (issue 12, first step).
+//!
+//! * [`load`]: the server's own settings (`ssl`, `ssl_cert_file`,
+//!   `ssl_key_file`, `ssl_ca_file`, `ssl_min_protocol_version`,
+//!   `ssl_max_protocol_version`) as a rustls `ServerConfig` (crypto provider
+//!   ring), relative paths resolved against the data directory as the server
+//!   does (be-secure-openssl.c `be_tls_init()` opens them from the data
+//!   directory, its working directory).
+//! * [`spawn_relay`]: there is no kernel TLS on these machines, so a TLS
+//!   client gets a relay thread of its own. It does the handshake and then
+//!   carries plaintext between the client's TCP socket and one end of a Unix
+//!   `socketpair`; the other end takes the client socket's place in the
+//!   pooler (startup, authentication, idle peeks) and is what is handed to a
+//!   pooled backend at each transaction, so backends serve it as they serve
+//!   any socket. The relay lives as long as the client; no TLS byte is ever
+//!   handled in the pooler's epoll loop, and the relay threads never call
+//!   into PostgreSQL (no logging, no palloc).
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
+use rustls::{RootCertStore, ServerConfig, ServerConnection};
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+/// Relays whose TLS handshake has not finished (capped by
+/// `nextgres.max_tls_handshakes`).
+static HANDSHAKING: AtomicUsize = AtomicUsize::new(0);
+
+/// How many TLS handshakes are in progress (a relay thread each).
+pub fn handshaking() -> usize {
+    HANDSHAKING.load(Ordering::Acquire)
+}
+
+/// Counts a relay in [`HANDSHAKING`] from before its thread starts until
+/// its handshake is done or it ends.
+struct Handshake;
+
+impl Handshake {
+    fn new() -> Handshake {
+        HANDSHAKING.fetch_add(1, Ordering::AcqRel);
+        Handshake
+    }
+}
+
+impl Drop for Handshake {
+    fn drop(&mut self) {
+        HANDSHAKING.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What `nextgres.clients.tls` shows once the handshake is done, e.g.
+/// `TLSv1.3 TLS13_AES_256_GCM_SHA384`.
+pub type TlsInfo = Arc<OnceLock<String>>;
+
+/// `ssl` is on in the current configuration.
+pub fn enabled() -> bool {
+    crate::pg::setting(c"ssl").is_some_and(|v| v == "on")
+}
+
+/// A path setting as the server opens it: relative to the data directory.
+fn path_setting(name: &std::ffi::CStr) -> Option<PathBuf> {
+    let v = crate::pg::setting(name).unwrap_or_default();
+    if v.is_empty() {
+        return None;
+    }
+    let p = PathBuf::from(v);
+    Some(if p.is_absolute() { p } else { crate::pg::data_dir().join(p) })
+}
+
+/// The rustls protocol versions the server's `ssl_min_protocol_version` /
+/// `ssl_max_protocol_version` allow (`nextgres_core::tls`); an error when
+/// they allow neither TLS 1.2 nor 1.3.
+pub fn protocol_versions(min: &str, max: &str) -> Result<Vec<&'static rustls::SupportedProtocolVersion>, String> {
+    let v = nextgres_core::tls::allowed_versions(min, max)?;
+    let mut out = Vec::new();
+    if v.tls12 {
+        out.push(&rustls::version::TLS12);
+    }
+    if v.tls13 {
+        out.push(&rustls::version::TLS13);
+    }
+    Ok(out)
+}
+
+/// The configuration the postmaster loaded in `_PG_init` when it decided
+/// to take the port with TLS; the pooler inherits it at fork.
+static STARTUP: OnceLock<Arc<ServerConfig>> = OnceLock::new();
+
+/// Postmaster: [`load`], keeping a loaded configuration for [`load_or_startup`].
+pub fn load_at_startup() -> Result<Option<Arc<ServerConfig>>, String> {
+    let r = load();
+    if let Ok(Some(c)) = &r {
+        let _ = STARTUP.set(c.clone());
+    }
+    r
+}
+
+/// Pooler (re)start: [`load`]; when that fails, the configuration the
+/// postmaster loaded at startup (the port was taken on the strength of it,
+/// so a pooler restarted with a key it cannot read still serves TLS), with
+/// the reason in Err for a WARNING. Ok(None) only with `ssl = off`, or when
+/// the postmaster had none either.
+pub fn load_or_startup() -> (Option<Arc<ServerConfig>>, Option<String>) {
+    match load() {
+        Ok(c) => (c, None),
+        Err(e) => (STARTUP.get().cloned(), Some(e)),
+    }
+}
+
+/// Loads the server's TLS settings. Ok(None) when `ssl = off`; Err(reason)
+/// when `ssl = on` but the certificate, key or CA cannot be used.
+pub fn load() -> Result<Option<Arc<ServerConfig>>, String> {
+    if !enabled() {
+        return Ok(None);
+    }
+    let cert_file = path_setting(c"ssl_cert_file").ok_or("ssl_cert_file is empty")?;
+    let key_file = path_setting(c"ssl_key_file").ok_or("ssl_key_file is empty")?;
+    let ca_file = path_setting(c"ssl_ca_file");
+    let min = crate::pg::setting(c"ssl_min_protocol_version").unwrap_or_default();
+    let max = crate::pg::setting(c"ssl_max_protocol_version").unwrap_or_default();
+    build(&cert_file, &key_file, ca_file.as_deref(), &min, &max).map(Some)
+}
+
+/// The rustls configuration from files and version bounds.
+pub fn build(
+    cert_file: &std::path::Path,
+    key_file: &std::path::Path,
+    ca_file: Option<&std::path::Path>,
+    min: &str,
+    max: &str,
+) -> Result<Arc<ServerConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("could not load server certificate file \"{}\": {e}", cert_file.display()))?;
+    if certs.is_empty() {
+        return Err(format!("could not load server certificate file \"{}\": no certificate in it", cert_file.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| format!("could not load private key file \"{}\": {e}", key_file.display()))?;
+    let versions = protocol_versions(min, max)?;
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&versions)
+        .map_err(|e| format!("TLS versions: {e}"))?;
+    let builder = match ca_file {
+        // As the server with ssl_ca_file: ask for a client certificate,
+        // verify one if sent, accept a client without one.
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            let cas = CertificateDer::pem_file_iter(ca)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("could not load root certificate file \"{}\": {e}", ca.display()))?;
+            for c in cas {
+                roots.add(c).map_err(|e| format!("could not load root certificate file \"{}\": {e}", ca.display()))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| format!("could not load root certificate file \"{}\": {e}", ca.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("server certificate and key in \"{}\" and \"{}\": {e}", cert_file.display(), key_file.display()))?;
+    // The server turns off session caching and tickets
+    // (be-secure-openssl.c: SSL_SESS_CACHE_OFF, SSL_OP_NO_TICKET).
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    // PostgreSQL 17+ clients offer ALPN "postgresql"; answer it as the server does.
+    config.alpn_protocols = vec![b"postgresql".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Starts the relay for a client that was just answered 'S': `tcp` is the
+/// client's socket, `pair` the relay's end of the socketpair whose other end
+/// the pooler keeps. Returns false when no thread could be started.
+pub fn spawn_relay(config: Arc<ServerConfig>, tcp: TcpStream, pair: UnixStream, info: TlsInfo) -> bool {
+    use nix::sys::signal::{SigSet, SigmaskHow};
+    let Ok(conn) = ServerConnection::new(config) else { return false };
+    // The server's signal handlers (SIGHUP, SIGTERM, SIGUSR1, ...) must run
+    // on the pooler's own thread: the relay starts with every signal
+    // blocked (a new thread inherits the mask), then the pooler's mask is
+    // put back.
+    let Ok(old) = SigSet::all().thread_swap_mask(SigmaskHow::SIG_BLOCK) else { return false };
+    let handshake = Handshake::new();
+    let started = std::thread::Builder::new()
+        .name("nextgres tls".into())
+        // 1 MiB (address space, touched only as used): a stack overflow
+        // here is a SIGSEGV in the pooler, which the postmaster answers
+        // with crash recovery of the whole cluster.
+        .stack_size(1024 * 1024)
+        .spawn(move || {
+            // Never unwind into nothing: a panic here only ends this client.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| relay(conn, tcp, pair, info, handshake)));
+        })
+        .is_ok();
+    let _ = old.thread_set_mask();
+    started
+}
+
+/// Plaintext waiting for the pooler or backend beyond this: stop reading TLS.
+const PAIR_BACKLOG: usize = 256 * 1024;
+
+fn describe(conn: &ServerConnection) -> String {
+    let version = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
+        Some(v) => format!("{v:?}"),
+        None => "?".to_string(),
+    };
+    let suite = conn.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())).unwrap_or_default();
+    format!("{version} {suite}")
+}
+
+/// Once the pooler or backend side of the pair has closed, the client gets
+/// what is left (the server's FATAL, the last rows) and close_notify within
+/// this, in all: a client that stops reading does not hold the thread.
+const CLOSE_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The relay loop; returns when either side is done. Dropping `tcp` and
+/// `pair` closes them: the pooler (or the backend) sees EOF on its end.
+///
+/// When the pair side closes (a backend exits after its FATAL, the pooler
+/// closes a client) the relay keeps going: it reads what is still in the
+/// pair only while rustls has nothing unsent (rustls holds at most 64 KiB
+/// of unsent TLS, anything beyond is refused), sends it, then close_notify
+/// and FIN, all within [`CLOSE_WITHIN`] of the close.
+fn relay(mut conn: ServerConnection, mut tcp: TcpStream, mut pair: UnixStream, info: TlsInfo, handshake: Handshake) {
+    let mut handshake = Some(handshake);
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::time::Instant;
+    if tcp.set_nonblocking(true).is_err() || pair.set_nonblocking(true).is_err() {
+        return;
+    }
+    let mut to_pair: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut tcp_eof = false;
+    // The pair side hung up (its bytes may still be unread).
+    let mut pair_hup = false;
+    // Nothing more to read from the pair.
+    let mut pair_eof = false;
+    let mut close_notify_sent = false;
+    // Set when the pair side closes: the relay ends by then.
+    let mut deadline: Option<Instant> = None;
+    loop {
+        // TLS records out to the client.
+        while conn.wants_write() {
+            match conn.write_tls(&mut tcp) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+        if !conn.is_handshaking() && info.get().is_none() {
+            // Before any plaintext reaches the pooler.
+            let _ = info.set(describe(&conn));
+            drop(handshake.take()); // no longer counted in HANDSHAKING
+        }
+        if pair_eof {
+            if !conn.wants_write() {
+                if close_notify_sent {
+                    // All of it is in the kernel: FIN after it.
+                    let _ = tcp.shutdown(std::net::Shutdown::Write);
+                    return;
+                }
+                conn.send_close_notify();
+                close_notify_sent = true;
+                continue;
+            }
+        }
+        // Plaintext in to the pooler / backend.
+        while !to_pair.is_empty() && !pair_hup {
+            match pair.write(&to_pair) {
+                Ok(n) => {
+                    to_pair.drain(..n);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => {
+                    // The pooler closed the client: what it wrote last is
+                    // still read and sent.
+                    pair_hup = true;
+                }
+            }
+        }
+        if pair_hup {
+            to_pair.clear();
+            deadline.get_or_insert_with(|| Instant::now() + CLOSE_WITHIN);
+        }
+        if tcp_eof && to_pair.is_empty() && !pair_hup {
+            // The client is gone: the pooler or backend reads EOF after
+            // the last of its bytes.
+            let _ = pair.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+        if tcp_eof && pair_hup {
+            return;
+        }
+        let timeout = match deadline {
+            Some(d) => match d.checked_duration_since(Instant::now()) {
+                Some(left) => PollTimeout::try_from(left.as_millis().clamp(1, 60_000) as i32).unwrap_or(PollTimeout::ZERO),
+                None => return, // the client did not take it in time
+            },
+            None => PollTimeout::NONE,
+        };
+        let handshaking = conn.is_handshaking();
+        let mut tcp_ev = PollFlags::empty();
+        if !tcp_eof && !pair_hup && to_pair.len() < PAIR_BACKLOG && conn.wants_read() {
+            tcp_ev |= PollFlags::POLLIN;
+        }
+        if conn.wants_write() {
+            tcp_ev |= PollFlags::POLLOUT;
+        }
+        // Plaintext from the pair only while rustls has sent everything
+        // (so it always has room for what is read).
+        let mut pair_ev = PollFlags::empty();
+        if !pair_eof && (!handshaking || pair_hup) && !conn.wants_write() {
+            pair_ev |= PollFlags::POLLIN;
+        }
+        if !to_pair.is_empty() && !pair_hup {
+            pair_ev |= PollFlags::POLLOUT;
+        }
+        // A hung-up pair reports POLLHUP whatever is asked: polled only
+        // when it is to be read. A client that has sent EOF is polled only
+        // while TLS output is pending, likewise.
+        let poll_pair = !pair_hup || !pair_ev.is_empty();
+        let poll_tcp = (!tcp_eof && !pair_hup) || conn.wants_write();
+        let (tcp_re, pair_re) = {
+            let mut fds = Vec::with_capacity(2);
+            // Index 0 is always the pair; left out of poll when not polled.
+            fds.push(PollFd::new(pair.as_fd(), pair_ev));
+            if poll_tcp {
+                fds.push(PollFd::new(tcp.as_fd(), tcp_ev));
+            }
+            let slice = if poll_pair { &mut fds[..] } else { &mut fds[1..] };
+            match poll(slice, timeout) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return,
+            }
+            let re = |i: usize| fds.get(i).and_then(|f| f.revents()).unwrap_or(PollFlags::empty());
+            (re(1), if poll_pair { re(0) } else { PollFlags::empty() })
+        };
+        let gone = PollFlags::POLLHUP | PollFlags::POLLERR;
+        if tcp_re.intersects(PollFlags::POLLIN | gone) && !tcp_eof {
+            match conn.read_tls(&mut tcp) {
+                Ok(0) => tcp_eof = true,
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => tcp_eof = true,
+            }
+            if let Err(_e) = conn.process_new_packets() {
+                // Bad TLS input: send the alert rustls queued, then close
+                // both sides (the pooler closes the client on EOF).
+                let _ = conn.write_tls(&mut tcp);
+                return;
+            }
+            loop {
+                match conn.reader().read(&mut buf) {
+                    Ok(0) => {
+                        tcp_eof = true; // close_notify
+                        break;
+                    }
+                    Ok(n) => {
+                        if !pair_hup {
+                            to_pair.extend_from_slice(&buf[..n]);
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        tcp_eof = true;
+                        break;
+                    }
+                }
+            }
+        }
+        if pair_re.intersects(gone) {
+            // Hung up; what it holds is still read (until read says EOF).
+            pair_hup = true;
+        }
+        if pair_ev.contains(PollFlags::POLLIN) && pair_re.intersects(PollFlags::POLLIN | gone) {
+            match pair.read(&mut buf) {
+                Ok(0) => {
+                    pair_hup = true;
+                    pair_eof = true;
+                }
+                Ok(n) => {
+                    // rustls had nothing unsent: 16 KiB always fits.
+                    if conn.writer().write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => {
+                    pair_hup = true;
+                    pair_eof = true;
+                }
+            }
+        }
+        if pair_hup {
+            deadline.get_or_insert_with(|| Instant::now() + CLOSE_WITHIN);
+        }
+    }
+}

@@ -1,0 +1,877 @@
+//! TLS on the standard port through the pooler (issue 12, first step): the
+//! pooler answers SSLRequest with 'S', does the handshake with rustls on a
+//! relay thread and hands the backend the plaintext end of a socketpair, so
+//! transactions still move between pooled backends. The test makes its own
+//! CA and server certificate with the `openssl` CLI.
+//!
+//! Runs on the OpenSSL builds (15, 17, 18); on 16 (pgserver, no OpenSSL)
+//! each test prints why it skips.
+//!
+//! ```sh
+//! NEXTGRES_PG=17 cargo test -p nextgres-test --test tls -- --test-threads=2
+//! ```
+mod fault_support;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fault_support::{admin_i64, pooler_pid, setup, SETTLE, TEST_LIMIT};
+use nextgres_test::raw::{parse_error, parse_row, RawFail};
+use nextgres_test::{wait_until, Cluster, CmdOutput, ConnInfo};
+
+// ---- certificates -----------------------------------------------------------
+
+/// Was this server built with OpenSSL (`ssl = on` possible)?
+fn has_openssl(pg: &Cluster) -> bool {
+    Command::new(pg.install().bin("pg_config"))
+        .arg("--configure")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("openssl"))
+        .unwrap_or(false)
+}
+
+fn skip(pg: &Cluster) -> bool {
+    if has_openssl(pg) {
+        return false;
+    }
+    eprintln!(
+        "SKIPPED: PostgreSQL {} here is built without OpenSSL (ssl = on impossible, so nothing to compare with); the OpenSSL builds (15, 17, 18) run this suite",
+        pg.pg_major()
+    );
+    true
+}
+
+#[track_caller]
+fn openssl(args: &[&str], dir: &Path) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("running openssl (the openssl CLI must be installed)");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A CA `NAME-ca.crt` in the test directory and a server certificate it
+/// signed (for 127.0.0.1 and localhost) installed in the data directory as
+/// `CERT` and `CERT`'s `.key`, owned by the server's OS user with mode 0600
+/// (the server refuses a key others can read). Returns the CA file.
+fn make_certs(pg: &Cluster, name: &str, cert: &str) -> PathBuf {
+    let dir = pg.dir().to_path_buf();
+    let ca_key = format!("{name}-ca.key");
+    let ca_crt = format!("{name}-ca.crt");
+    openssl(
+        &["req", "-x509", "-new", "-nodes", "-newkey", "rsa:2048", "-days", "2", "-subj", &format!("/CN=nextgres test CA {name}"), "-keyout", &ca_key, "-out", &ca_crt],
+        &dir,
+    );
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n").expect("ext.cnf");
+    let (key, csr, crt) = (format!("{name}-server.key"), format!("{name}-server.csr"), format!("{name}-server.crt"));
+    openssl(&["req", "-new", "-nodes", "-newkey", "rsa:2048", "-subj", "/CN=localhost", "-keyout", &key, "-out", &csr], &dir);
+    openssl(
+        &["x509", "-req", "-in", &csr, "-CA", &ca_crt, "-CAkey", &ca_key, "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", &crt],
+        &dir,
+    );
+    install_cert(pg, &dir.join(&crt), &dir.join(&key), cert);
+    dir.join(ca_crt)
+}
+
+/// A client certificate for `cn` signed by the CA `make_certs` made as
+/// `ca_name`; returns libpq's `sslcert=... sslkey=...`.
+fn client_cert(pg: &Cluster, ca_name: &str, cn: &str) -> String {
+    let dir = pg.dir().to_path_buf();
+    std::fs::write(dir.join("client-ext.cnf"), "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n").expect("ext");
+    let base = format!("client-{ca_name}-{cn}");
+    let (key, csr, crt) = (format!("{base}.key"), format!("{base}.csr"), format!("{base}.crt"));
+    openssl(&["req", "-new", "-nodes", "-newkey", "rsa:2048", "-subj", &format!("/CN={cn}"), "-keyout", &key, "-out", &csr], &dir);
+    openssl(
+        &["x509", "-req", "-in", &csr, "-CA", &format!("{ca_name}-ca.crt"), "-CAkey", &format!("{ca_name}-ca.key"), "-CAcreateserial", "-days", "2", "-extfile", "client-ext.cnf", "-out", &crt],
+        &dir,
+    );
+    std::fs::set_permissions(dir.join(&key), std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    format!("sslcert={} sslkey={}", dir.join(crt).display(), dir.join(key).display())
+}
+
+/// Copies a certificate and key into `pg`'s data directory as `cert` and
+/// `cert` with `.key` for `.crt`.
+fn install_cert(pg: &Cluster, crt: &Path, key: &Path, cert: &str) {
+    let owner = nextgres_test::env::OsUser::for_server().expect("server OS user");
+    let data = pg.data_dir();
+    for (from, to) in [(crt, cert.to_string()), (key, cert.replace(".crt", ".key"))] {
+        let p = data.join(to);
+        std::fs::copy(from, &p).expect("copy certificate");
+        if let Some(u) = &owner {
+            std::os::unix::fs::chown(&p, Some(u.uid), Some(u.gid)).expect("chown");
+        }
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
+}
+
+/// Certificate, `ssl = on`, restart: the normal way a DBA turns TLS on.
+fn ssl_on(pg: &Cluster) -> PathBuf {
+    let ca = make_certs(pg, "one", "server.crt");
+    pg.append_conf("ssl = on").expect("conf");
+    pg.append_conf("ssl_cert_file = 'server.crt'").expect("conf");
+    pg.append_conf("ssl_key_file = 'server.key'").expect("conf");
+    pg.restart().expect("restart with ssl = on");
+    ca
+}
+
+// ---- clients ----------------------------------------------------------------
+
+/// psql with several `-c` (each its own transaction) and extra libpq keywords.
+fn psql_cs(pg: &Cluster, conn: &ConnInfo, extra: &str, cs: &[&str]) -> CmdOutput {
+    let conninfo = format!("{} {extra}", conn.conninfo());
+    let mut args = vec!["-A", "-t", "-d", &conninfo];
+    for c in cs {
+        args.extend(["-c", c]);
+    }
+    pg.psql(conn, &args)
+}
+
+/// `expr` over this client's own row of `nextgres.clients`.
+fn of_client(expr: &str) -> String {
+    format!("SELECT {expr} FROM nextgres.clients WHERE client_port = inet_client_port()")
+}
+
+/// A protocol-3 client over rustls (trust authentication only), for what
+/// psql does not show: the cancel key, a handshake cut short, a session
+/// that lives across a reload.
+struct TlsRaw {
+    s: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+    key: Option<(i32, Vec<u8>)>,
+}
+
+fn tcp(port: u16) -> TcpStream {
+    let s = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(10)).expect("connect");
+    s.set_read_timeout(Some(SETTLE)).expect("read timeout");
+    s
+}
+
+/// SSLRequest on a fresh socket; returns the server's one-byte answer.
+fn ssl_request(s: &mut TcpStream) -> u8 {
+    s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).expect("SSLRequest");
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).expect("SSLRequest answer");
+    b[0]
+}
+
+fn client_config(ca: &Path) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).expect("CA file") {
+        roots.add(c.expect("CA pem")).expect("CA");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+impl TlsRaw {
+    /// SSLRequest, 'S', a handshake verifying the server against `ca` (for
+    /// 127.0.0.1), then a trust login.
+    fn connect(port: u16, ca: &Path, user: &str, db: &str) -> Result<TlsRaw, String> {
+        let mut s = tcp(port);
+        let answer = ssl_request(&mut s);
+        if answer != b'S' {
+            return Err(format!("SSLRequest answered {:?}", answer as char));
+        }
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+        let conn = rustls::ClientConnection::new(client_config(ca), name).expect("client connection");
+        let mut t = TlsRaw { s: rustls::StreamOwned::new(conn, s), key: None };
+        while t.s.conn.is_handshaking() {
+            t.s.conn.complete_io(&mut t.s.sock).map_err(|e| format!("handshake: {e}"))?;
+        }
+        let mut body = 196608i32.to_be_bytes().to_vec();
+        for (k, v) in [("user", user), ("database", db)] {
+            body.extend_from_slice(k.as_bytes());
+            body.push(0);
+            body.extend_from_slice(v.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let mut pkt = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+        pkt.extend_from_slice(&body);
+        t.s.write_all(&pkt).map_err(|e| format!("startup: {e}"))?;
+        t.until_ready().map_err(|e| format!("login: {e:?}"))?;
+        Ok(t)
+    }
+
+    fn read_msg(&mut self) -> std::io::Result<(u8, Vec<u8>)> {
+        let mut head = [0u8; 5];
+        self.s.read_exact(&mut head)?;
+        let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]);
+        let mut body = vec![0u8; (len as usize).saturating_sub(4)];
+        self.s.read_exact(&mut body)?;
+        Ok((head[0], body))
+    }
+
+    fn until_ready(&mut self) -> Result<Vec<Vec<Option<String>>>, RawFail> {
+        let (mut rows, mut err) = (Vec::new(), None);
+        loop {
+            let (tag, body) = match self.read_msg() {
+                Ok(m) => m,
+                Err(e) => return Err(err.unwrap_or(RawFail::Io(e))),
+            };
+            match tag {
+                b'R' if body.get(..4) != Some(&[0, 0, 0, 0]) => panic!("TlsRaw: trust authentication only"),
+                b'K' => self.key = Some((i32::from_be_bytes(body[..4].try_into().unwrap()), body[4..].to_vec())),
+                b'D' => rows.push(parse_row(&body)),
+                b'E' => err = Some(parse_error(&body)),
+                b'Z' => return err.map_or(Ok(rows), Err),
+                _ => {}
+            }
+        }
+    }
+
+    fn send_query(&mut self, sql: &str) {
+        let mut m = vec![b'Q'];
+        m.extend_from_slice(&((sql.len() + 5) as i32).to_be_bytes());
+        m.extend_from_slice(sql.as_bytes());
+        m.push(0);
+        self.s.write_all(&m).expect("send query");
+    }
+
+    #[track_caller]
+    fn value(&mut self, sql: &str) -> String {
+        self.send_query(sql);
+        let rows = self.until_ready().unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+        rows.first().and_then(|r| r.first().cloned().flatten()).unwrap_or_else(|| panic!("{sql}: no value"))
+    }
+}
+
+/// A CancelRequest sent over TLS (as libpq 17's cancel connections do with
+/// sslmode=require); waits for the pooler to close the connection.
+fn cancel_over_tls(port: u16, ca: &Path, pid: i32, key: &[u8]) {
+    let mut s = tcp(port);
+    assert_eq!(ssl_request(&mut s), b'S', "SSLRequest of the cancel connection");
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let conn = rustls::ClientConnection::new(client_config(ca), name).expect("client connection");
+    let mut t = rustls::StreamOwned::new(conn, s);
+    let mut pkt = ((12 + key.len()) as i32).to_be_bytes().to_vec();
+    pkt.extend_from_slice(&80877102i32.to_be_bytes());
+    pkt.extend_from_slice(&pid.to_be_bytes());
+    pkt.extend_from_slice(key);
+    t.write_all(&pkt).expect("CancelRequest over TLS");
+    let mut rest = Vec::new();
+    let _ = t.read_to_end(&mut rest); // EOF (or a reset) once handled
+}
+
+/// Closed by the server: EOF or reset within the read timeout.
+fn closed(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue, // a TLS alert, say
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+// ---- tests ------------------------------------------------------------------
+
+/// Acceptance 1 and 3 (in part) and 4: `sslmode=require`, `verify-ca` and
+/// `verify-full` connect on the standard port through the pooler; the
+/// backend pid changes between a TLS client's transactions and one backend
+/// serves TLS and plaintext clients in turn; `disable` and `prefer` still
+/// work; `nextgres.clients.tls` names the version; 1 MB rows and COPY in
+/// and out cross the relay intact; a cancel over TLS reaches the backend;
+/// a replaced certificate reaches new clients after a reload while a
+/// connected TLS client carries on; with `ssl_ca_file` a client
+/// certificate from another CA fails the handshake, none or a good one
+/// is accepted.
+#[test]
+fn tls_clients_on_the_standard_port_keep_the_handoff() {
+    let pg = Arc::new(Cluster::builder().conf("nextgres.pool_size = 1").start());
+    if skip(&pg) {
+        return;
+    }
+    setup(&pg);
+    pg.run_bounded(TEST_LIMIT, |pg| {
+        let mark = pg.log_mark();
+        let ca = ssl_on(pg);
+        let log = pg.log_since(mark);
+        assert!(log.contains("the pooler serves TLS on port"), "no startup line about TLS:\n{log}");
+        let row = pg.admin().query_one("SELECT port, mode FROM nextgres.status()", &[]).expect("status");
+        let (port, mode): (Option<i32>, String) = (row.get(0), row.get(1));
+        assert_eq!((port, mode.as_str()), (Some(i32::from(pg.port())), "takeover"));
+
+        let conn = pg.tcp("postgres", "postgres");
+        let root = format!("sslrootcert={}", ca.display());
+        for mode in ["require", "verify-ca", "verify-full"] {
+            let out = psql_cs(
+                pg,
+                &conn,
+                &format!("sslmode={mode} {root}"),
+                &[
+                    "SELECT pg_backend_pid()",
+                    &of_client("tls"),
+                    // Every backend of the pool, this one included, is
+                    // replaced at its next transaction boundary.
+                    "SELECT nextgres.reconnect(current_database(), current_user)",
+                    "SELECT pg_backend_pid()",
+                ],
+            );
+            assert!(out.success(), "sslmode={mode}:\n{out}");
+            let lines: Vec<&str> = out.stdout.lines().collect();
+            let (first, tls, last) = (lines[0], lines[1], lines[lines.len() - 1]);
+            assert!(tls.starts_with("TLSv1."), "nextgres.clients.tls for sslmode={mode}: {tls:?}\n{out}");
+            assert_ne!(first, last, "sslmode={mode}: both transactions on backend {first}:\n{out}");
+        }
+        // One backend (pool_size 1) serves TLS and plaintext clients in turn.
+        let pid_plain = pg.psql_query(&conn, "SELECT pg_backend_pid()");
+        let out = psql_cs(pg, &conn, &format!("sslmode=verify-full {root}"), &["SELECT pg_backend_pid()"]);
+        assert!(out.success(), "{out}");
+        assert_eq!(out.stdout.trim(), pid_plain, "a TLS and a plaintext client on the same pooled backend");
+        let out = psql_cs(pg, &conn, "sslmode=disable", &[&of_client("tls IS NULL")]);
+        assert_eq!(out.stdout.trim(), "t", "sslmode=disable must stay plaintext:\n{out}");
+        let out = psql_cs(pg, &conn, "sslmode=prefer", &[&of_client("tls LIKE 'TLSv1.%'")]);
+        assert_eq!(out.stdout.trim(), "t", "sslmode=prefer must get TLS:\n{out}");
+
+        // 1 MB rows out, then COPY out and in, over TLS; compared with what
+        // the server computes itself.
+        let big = "SELECT i, repeat(md5(i::text), 32768) FROM generate_series(1, 4) i";
+        let direct = pg.psql_query(&pg.unix("postgres", "postgres"), big);
+        let out = psql_cs(pg, &conn, "sslmode=require", &[big]);
+        assert!(out.success(), "{out}");
+        assert!(out.stdout.trim() == direct, "1 MB rows differ through TLS ({} bytes vs {})", out.stdout.len(), direct.len());
+        pg.admin().batch_execute("CREATE TABLE big (i int, v text)").expect("table");
+        let file = pg.dir().join("big.copy");
+        let f = file.display();
+        let out = psql_cs(
+            pg,
+            &conn,
+            "sslmode=require",
+            &[&format!("\\copy ({big}) TO '{f}'"), &format!("\\copy big FROM '{f}'")],
+        );
+        assert!(out.success(), "COPY over TLS:\n{out}");
+        let same = admin_i64(
+            pg,
+            &format!("SELECT count(*) FROM big JOIN ({big}) s(i, v) USING (i) WHERE big.v = s.v"),
+        );
+        assert_eq!(same, 4, "COPY out and in through TLS changed rows");
+
+        // Cancel over TLS reaches the backend serving the TLS client.
+        let mut victim = TlsRaw::connect(pg.port(), &ca, "postgres", "postgres").expect("TLS raw login");
+        let (pid, key) = victim.key.clone().expect("BackendKeyData");
+        victim.send_query("SELECT pg_sleep(120)");
+        assert!(
+            wait_until(SETTLE, || admin_i64(pg, "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(120)' AND state = 'active'") == 1),
+            "the sleep never started"
+        );
+        cancel_over_tls(pg.port(), &ca, pid, &key);
+        match victim.until_ready() {
+            Err(RawFail::Db { code, .. }) => assert_eq!(code, "57014", "cancel over TLS"),
+            other => panic!("cancel over TLS: {other:?}"),
+        }
+        assert_eq!(victim.value("SELECT 1"), "1");
+
+        // A new certificate from another CA, then a reload: new clients get
+        // it; the connected one carries on.
+        let ca2 = make_certs(pg, "two", "server2.crt");
+        let refused = |r: Result<TlsRaw, String>| match r {
+            Ok(_) => "connected".to_string(),
+            Err(e) => e,
+        };
+        let e = refused(TlsRaw::connect(pg.port(), &ca2, "postgres", "postgres"));
+        assert!(e.contains("UnknownIssuer"), "CA two trusted before the reload: {e}");
+        pg.append_conf("ssl_cert_file = 'server2.crt'").expect("conf");
+        pg.append_conf("ssl_key_file = 'server2.key'").expect("conf");
+        pg.reload().expect("reload");
+        assert!(
+            wait_until(SETTLE, || TlsRaw::connect(pg.port(), &ca2, "postgres", "postgres").is_ok()),
+            "new clients never got the new certificate"
+        );
+        let e = refused(TlsRaw::connect(pg.port(), &ca, "postgres", "postgres"));
+        assert!(e.contains("UnknownIssuer"), "the old certificate after the reload: {e}");
+        assert_eq!(victim.value("SELECT 2"), "2", "the TLS client connected before the reload");
+
+        // ssl_ca_file: client certificates are asked for and checked when
+        // sent (one from an unknown CA fails the handshake), optional.
+        let (good, unknown) = (client_cert(pg, "one", "postgres"), client_cert(pg, "two", "postgres"));
+        let ca2_root = format!("sslmode=verify-full sslrootcert={}", ca2.display());
+        let out = psql_cs(pg, &conn, &format!("{ca2_root} {unknown}"), &["SELECT 1"]);
+        assert!(out.success(), "a client certificate nobody asked for:\n{out}");
+        std::fs::copy(&ca, pg.data_dir().join("root.crt")).expect("copy CA");
+        pg.append_conf("ssl_ca_file = 'root.crt'").expect("conf");
+        pg.reload().expect("reload");
+        assert!(
+            wait_until(SETTLE, || {
+                let out = psql_cs(pg, &conn, &format!("{ca2_root} {unknown}"), &["SELECT 1"]);
+                !out.success() && out.stderr.to_lowercase().contains("unknown ca")
+            }),
+            "a client certificate from an unknown CA still accepted after ssl_ca_file"
+        );
+        for extra in [String::new(), good] {
+            let out = psql_cs(pg, &conn, &format!("{ca2_root} {extra}"), &["SELECT 1"]);
+            assert_eq!(out.stdout.trim(), "1", "ssl_ca_file set, client certificate {extra:?}:\n{out}");
+        }
+    });
+}
+
+/// Acceptance 1: `hostssl` / `hostnossl` decide exactly as the server does:
+/// the same pg_hba.conf on a cluster without the preload (TLS by the
+/// server) and through the pooler, every role with sslmode=require and
+/// disable; success or the FATAL message must match.
+#[test]
+fn hostssl_and_hostnossl_decide_as_the_server() {
+    let pooled = Arc::new(Cluster::builder().label("pooled").start());
+    if skip(&pooled) {
+        return;
+    }
+    let direct = Cluster::builder().label("direct").preload(false).start();
+    setup(&pooled);
+    pooled.run_bounded(TEST_LIMIT, move |pooled| {
+        let hba = "local all all trust\n\
+                   hostssl all sslonly 127.0.0.1/32 trust\n\
+                   hostnossl all plainonly 127.0.0.1/32 trust\n\
+                   hostssl all rejssl 127.0.0.1/32 reject\n\
+                   hostnossl all rejplain 127.0.0.1/32 reject\n\
+                   hostssl all mixed 127.0.0.1/32 reject\n\
+                   host all mixed 127.0.0.1/32 trust\n\
+                   host all postgres 127.0.0.1/32 trust\n";
+        let roles = ["sslonly", "plainonly", "rejssl", "rejplain", "mixed", "nobody"];
+        for pg in [pooled, &direct] {
+            make_certs(pg, "one", "server.crt");
+            for r in roles {
+                pg.admin().batch_execute(&format!("CREATE ROLE {r} LOGIN")).expect("role");
+            }
+            pg.append_conf("ssl = on").expect("conf");
+            pg.set_hba(hba).expect("hba");
+            pg.restart().expect("restart with ssl = on");
+        }
+        let outcome = |pg: &Cluster, role: &str, mode: &str| -> String {
+            let out = psql_cs(pg, &pg.tcp(role, "postgres"), &format!("sslmode={mode}"), &["SELECT current_user"]);
+            if out.success() {
+                return format!("ok {}", out.stdout.trim());
+            }
+            // The FATAL, without libpq's "connection to server at ..." prefix.
+            let err = out.stderr.lines().find_map(|l| l.split_once("FATAL:").map(|(_, m)| m.trim().to_string()));
+            format!("FATAL {}", err.unwrap_or_else(|| out.stderr.clone()))
+        };
+        let mut seen = Vec::new();
+        for role in roles {
+            for mode in ["require", "disable"] {
+                let (d, p) = (outcome(&direct, role, mode), outcome(pooled, role, mode));
+                assert_eq!(p, d, "role {role}, sslmode={mode}: through the pooler vs the server");
+                seen.push(format!("{role}/{mode}: {d}"));
+            }
+        }
+        eprintln!("{}", seen.join("\n"));
+        // Both sides of the rules were exercised.
+        assert!(seen.iter().any(|s| s.starts_with("sslonly/require: ok")), "{seen:?}");
+        assert!(seen.iter().any(|s| s.starts_with("sslonly/disable: FATAL")), "{seen:?}");
+        assert!(seen.iter().any(|s| s.contains("SSL encryption")), "{seen:?}");
+        assert!(admin_i64(pooled, "SELECT count(*) FROM nextgres.backends") >= 1, "nobody was pooled");
+    });
+}
+
+/// Hostile TLS input: garbage after 'S', a ClientHello cut short and a
+/// handshake that never starts do not hurt the pooler: others are served
+/// meanwhile, the silent ones are closed within authentication_timeout,
+/// and the pooler process is the same. Plaintext after SSLRequest is still
+/// refused. When the pooler is then terminated, an idle TLS client gets its
+/// FATAL 57P01.
+#[test]
+fn hostile_tls_input_leaves_the_pooler_serving() {
+    let pg = Arc::new(Cluster::builder().conf("authentication_timeout = '5s'").start());
+    if skip(&pg) {
+        return;
+    }
+    setup(&pg);
+    pg.run_bounded(TEST_LIMIT, |pg| {
+        let ca = ssl_on(pg);
+        // The pooler starts shortly after the restart returns.
+        assert!(wait_until(SETTLE, || pooler_pid(pg).is_some()), "no pooler after the restart");
+        let pooler = pooler_pid(pg).expect("pooler running");
+        let port = pg.port();
+
+        // Garbage where the ClientHello belongs: an alert or a close.
+        let mut garbage = tcp(port);
+        assert_eq!(ssl_request(&mut garbage), b'S');
+        garbage.write_all(&[0x16, 0x03, 0x01, 0x00, 0x10]).expect("record header");
+        garbage.write_all(&[0xff; 64]).expect("garbage");
+        assert!(closed(&mut garbage), "garbage after 'S' left the connection open");
+
+        // A handshake that never starts, and a ClientHello cut in half.
+        let mut silent = tcp(port);
+        assert_eq!(ssl_request(&mut silent), b'S');
+        let mut half = tcp(port);
+        assert_eq!(ssl_request(&mut half), b'S');
+        {
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+            let mut c = rustls::ClientConnection::new(client_config(&ca), name).expect("client");
+            let mut hello = Vec::new();
+            c.write_tls(&mut hello).expect("ClientHello");
+            half.write_all(&hello[..hello.len() / 2]).expect("half a ClientHello");
+        }
+
+        // Meanwhile others are served, by psql and the raw TLS client.
+        let conn = pg.tcp("app", "postgres");
+        for _ in 0..3 {
+            let out = psql_cs(pg, &conn, "sslmode=require", &["SELECT 1"]);
+            assert_eq!(out.stdout.trim(), "1", "{out}");
+        }
+        let mut t = TlsRaw::connect(port, &ca, "app", "postgres").expect("TLS login while others stall");
+        assert_eq!(t.value("SELECT 41 + 1"), "42");
+
+        // The stalled ones end at authentication_timeout (5 s) + SETTLE.
+        for s in [&mut silent, &mut half] {
+            s.set_read_timeout(Some(Duration::from_secs(5) + SETTLE)).expect("timeout");
+            assert!(closed(s), "a handshake that never finished was never closed");
+        }
+
+        // Plaintext bytes right behind the SSLRequest: 'N', then a FATAL.
+        let mut early = tcp(port);
+        early.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f, 0, 0, 0, 8]).expect("SSLRequest and more");
+        let mut got = Vec::new();
+        let _ = early.read_to_end(&mut got);
+        assert_eq!(got.first(), Some(&b'N'), "{got:?}");
+        assert!(String::from_utf8_lossy(&got).contains("received unencrypted data after SSL request"), "{got:?}");
+
+        assert_eq!(pooler_pid(pg), Some(pooler), "the pooler restarted");
+        assert_eq!(t.value("SELECT 2"), "2");
+
+        // The pooler stopped (pg_terminate_backend): an idle TLS client gets
+        // the pooler's FATAL through its relay, as a plaintext one does.
+        pg.admin().query_one("SELECT pg_terminate_backend($1)", &[&pooler]).expect("terminate pooler");
+        match t.until_ready() {
+            Err(RawFail::Db { code, .. }) => assert_eq!(code, "57P01", "idle TLS client at pooler exit"),
+            other => panic!("idle TLS client at pooler exit: {other:?}"),
+        }
+    });
+}
+
+/// A client the slow-reader test drives over plaintext or TLS.
+trait Wire {
+    fn send(&mut self, sql: &str);
+    fn msg(&mut self) -> std::io::Result<(u8, Vec<u8>)>;
+}
+
+impl Wire for TlsRaw {
+    fn send(&mut self, sql: &str) {
+        self.send_query(sql)
+    }
+    fn msg(&mut self) -> std::io::Result<(u8, Vec<u8>)> {
+        self.read_msg()
+    }
+}
+
+impl Wire for nextgres_test::raw::Raw {
+    fn send(&mut self, sql: &str) {
+        self.send_query(sql)
+    }
+    fn msg(&mut self) -> std::io::Result<(u8, Vec<u8>)> {
+        self.read_msg()
+    }
+}
+
+/// What a client got: data rows, then the other message tags in order
+/// (SQLSTATE after an 'E'), then how the stream ended.
+#[derive(Debug, PartialEq)]
+struct Got {
+    rows: usize,
+    rest: Vec<String>,
+}
+
+/// Rows of the slow-reader query (about 40 MB: more than the TCP and
+/// socketpair buffers hold, so the backend finishes only as the client reads).
+const SLOW_ROWS: usize = 40000;
+
+/// BEGIN and a multi-MB SELECT; the client reads it slowly (64 rows between
+/// looks at the backend) until the backend has sent everything and is idle
+/// in its transaction, then stops reading until the backend has ended at
+/// idle_in_transaction_session_timeout, then reads the rest.
+fn slow_reader(pg: &Cluster, c: &mut dyn Wire, marker: &str) -> Got {
+    let of_backend = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%{marker}%' AND pid <> pg_backend_pid()"
+    );
+    let idle = format!("{of_backend} AND state = 'idle in transaction'");
+    c.send(&format!(
+        "SET idle_in_transaction_session_timeout = '200ms'; BEGIN; \
+         SELECT repeat('x', 1000) AS {marker}, i FROM generate_series(1, {SLOW_ROWS}) i"
+    ));
+    let mut got = Got { rows: 0, rest: Vec::new() };
+    let record = |got: &mut Got, tag: u8, body: &[u8]| match tag {
+        b'D' => got.rows += 1,
+        b'E' => match parse_error(body) {
+            RawFail::Db { code, .. } => got.rest.push(format!("E {code}")),
+            other => got.rest.push(format!("E {other:?}")),
+        },
+        b'Z' => got.rest.push(format!("Z {}", body.first().map(|b| *b as char).unwrap_or('?'))),
+        b'C' | b'T' | b'S' => {} // SET, BEGIN, the row description, parameters
+        t => got.rest.push((t as char).to_string()),
+    };
+    // Slowly, until the backend has written all (or the client has it all):
+    // near the end, a look every 16 rows, so that when the client stops
+    // the socketpair still holds more than rustls' 64 KiB of unsent TLS.
+    let look_every = |rows: usize| if rows + 8000 < SLOW_ROWS { 1024 } else { 16 };
+    let mut extra = None;
+    loop {
+        let (tag, body) = c.msg().expect("reading the result");
+        record(&mut got, tag, &body);
+        if tag == b'Z' {
+            break;
+        }
+        if let Some(n) = extra.as_mut() {
+            // A few more rows: room for the backend's last flush (it shows
+            // idle in transaction just before it; up to 8 kB, behind up to
+            // 16 kB of TLS the relay has not sent yet).
+            *n -= 1;
+            if *n == 0 {
+                break;
+            }
+        } else if tag == b'D' && got.rows % look_every(got.rows) == 0 && admin_i64(pg, &idle) == 1 {
+            extra = Some(24);
+        }
+    }
+    assert!(
+        wait_until(TEST_LIMIT / 4, || admin_i64(pg, &of_backend) == 0),
+        "the backend never ended at idle_in_transaction_session_timeout"
+    );
+    loop {
+        match c.msg() {
+            Ok((tag, body)) => record(&mut got, tag, &body),
+            Err(e) => {
+                got.rest.push(format!("end {:?}", e.kind()));
+                return got;
+            }
+        }
+    }
+}
+
+/// A fixed 64 kB receive buffer (no autotuning): the client's side of the
+/// connection stops growing, so the server's buffers fill behind it.
+fn small_rcvbuf(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let v: libc::c_int = 64 * 1024;
+    // SAFETY: setsockopt on a socket this test owns, with an int option.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &v as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVBUF");
+}
+
+/// A TLS client that reads nothing while a result of `rows` x 1 kB is
+/// sent: when it all fits in the buffers between the backend and the
+/// client, the backend goes idle and ends at
+/// idle_in_transaction_session_timeout with what did not fit in TCP still in
+/// the socketpair; only then the client reads. Returns what it got and
+/// whether the backend fitted (false: it blocked in ClientWrite and the
+/// client read at once).
+fn unread_result(pg: &Cluster, t: &mut TlsRaw, rows: usize, marker: &str) -> (Got, bool) {
+    let of_backend = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%{marker}%' AND pid <> pg_backend_pid()"
+    );
+    t.send_query(&format!(
+        "SET idle_in_transaction_session_timeout = '200ms'; BEGIN; \
+         SELECT repeat('x', 1000) AS {marker}, i FROM generate_series(1, {rows}) i"
+    ));
+    let mut fitted = false;
+    assert!(
+        wait_until(SETTLE, || {
+            fitted = admin_i64(pg, &format!("{of_backend} AND state = 'idle in transaction'")) == 1
+                || admin_i64(pg, &of_backend) == 0;
+            fitted || admin_i64(pg, &format!("{of_backend} AND wait_event = 'ClientWrite'")) == 1
+        }),
+        "the backend neither finished nor blocked"
+    );
+    if fitted {
+        assert!(
+            wait_until(TEST_LIMIT / 4, || admin_i64(pg, &of_backend) == 0),
+            "the backend never ended at idle_in_transaction_session_timeout"
+        );
+    }
+    let mut got = Got { rows: 0, rest: Vec::new() };
+    loop {
+        match t.read_msg() {
+            Ok((b'D', _)) => got.rows += 1,
+            Ok((b'E', body)) => match parse_error(&body) {
+                RawFail::Db { code, .. } => got.rest.push(format!("E {code}")),
+                other => got.rest.push(format!("E {other:?}")),
+            },
+            Ok((b'Z', body)) => got.rest.push(format!("Z {}", body.first().map(|b| *b as char).unwrap_or('?'))),
+            Ok(_) => {}
+            Err(e) => {
+                got.rest.push(format!("end {:?}", e.kind()));
+                return (got, fitted);
+            }
+        }
+    }
+}
+
+/// Count of entries in /proc/<pid>/<what> (threads, fds).
+fn proc_count(pid: i32, what: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/{what}")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// A backend that ends while its TLS client has megabytes still to read
+/// (idle_in_transaction_session_timeout after a slow client's SELECT): the
+/// TLS client still gets every row, ReadyForQuery and the server's FATAL
+/// 25P03, as the same plaintext client does (the relay does not drop what
+/// rustls has no room for at the hangup); so does a TLS client that reads
+/// nothing until the backend has ended, for results of 3.5 to 5 MB (those
+/// that fit leave the socketpair full behind TCP). Then no relay thread or fd
+/// is left in the pooler: after TLS clients that vanish inside a
+/// transaction and after that backend exit, /proc/<pooler>/task and fd are
+/// back to what they were before.
+#[test]
+fn a_backend_exit_under_a_slow_tls_reader_loses_nothing_and_leaks_nothing() {
+    let pg = Arc::new(Cluster::builder().start());
+    if skip(&pg) {
+        return;
+    }
+    setup(&pg);
+    pg.run_bounded(TEST_LIMIT, |pg| {
+        let ca = ssl_on(pg);
+        assert!(wait_until(SETTLE, || pooler_pid(pg).is_some()), "no pooler after the restart");
+        let pooler = pooler_pid(pg).expect("pooler running");
+        let port = pg.port();
+        // Warm: a pooled backend exists, the pooler has its steady fds.
+        let mut warm = nextgres_test::raw::Raw::connect(port, "app", "postgres", TEST_LIMIT / 4);
+        assert_eq!(warm.value("SELECT 1"), "1");
+        drop(warm);
+        let (tasks0, fds0) = (proc_count(pooler, "task"), proc_count(pooler, "fd"));
+        assert!(tasks0 > 0 && fds0 > 0, "no /proc for the pooler {pooler}");
+
+        // TLS clients that vanish inside a transaction.
+        for _ in 0..3 {
+            let mut t = TlsRaw::connect(port, &ca, "app", "postgres").expect("TLS login");
+            t.send_query("BEGIN; SELECT 1");
+            t.until_ready().expect("BEGIN");
+            // The count sees relays: one thread per connected TLS client.
+            assert_eq!(proc_count(pooler, "task"), tasks0 + 1, "threads with one TLS client");
+            drop(t);
+        }
+        assert!(
+            wait_until(SETTLE, || proc_count(pooler, "task") == tasks0 && proc_count(pooler, "fd") <= fds0),
+            "pooler threads/fds after TLS clients left mid-transaction: {}/{} (were {tasks0}/{fds0})",
+            proc_count(pooler, "task"),
+            proc_count(pooler, "fd")
+        );
+
+        let mut plain = nextgres_test::raw::Raw::connect(port, "app", "postgres", TEST_LIMIT / 4);
+        small_rcvbuf(&plain.s);
+        let direct = slow_reader(pg, &mut plain, "slow_plain");
+        assert_eq!(direct.rows, SLOW_ROWS, "plaintext: {direct:?}");
+        assert!(direct.rest.contains(&"E 25P03".to_string()), "plaintext: {direct:?}");
+        let mut t = TlsRaw::connect(port, &ca, "app", "postgres").expect("TLS login");
+        t.s.sock.set_read_timeout(Some(TEST_LIMIT / 4)).expect("timeout");
+        small_rcvbuf(&t.s.sock);
+        let tls = slow_reader(pg, &mut t, "slow_tls");
+        assert_eq!(tls, direct, "TLS vs plaintext client when the backend ends under a slow reader");
+
+        // Results from 3.5 to 5 MB that the client does not read while the
+        // backend runs: those that fit end with TCP full and up to the
+        // socketpair's ~150 kB behind it in the relay's hands when the
+        // backend exits, more than the 64 kB rustls holds unsent.
+        let mut fitted = 0;
+        for step in 0..24 {
+            let rows = 3500 + step * 64;
+            let mut t = TlsRaw::connect(port, &ca, "app", "postgres").expect("TLS login");
+            t.s.sock.set_read_timeout(Some(TEST_LIMIT / 4)).expect("timeout");
+            small_rcvbuf(&t.s.sock);
+            let (got, fit) = unread_result(pg, &mut t, rows, &format!("unread_{step}"));
+            fitted += fit as usize;
+            assert_eq!(
+                got,
+                Got { rows, rest: vec!["Z T".into(), "E 25P03".into(), direct.rest[2].clone()] },
+                "TLS client that read nothing while {rows} rows were sent (backend fitted: {fit})"
+            );
+        }
+        eprintln!("{fitted} of 24 unread results fitted in the buffers");
+
+        assert!(
+            wait_until(SETTLE, || proc_count(pooler, "task") == tasks0 && proc_count(pooler, "fd") <= fds0),
+            "pooler threads/fds after a backend exit under a TLS client: {}/{} (were {tasks0}/{fds0})",
+            proc_count(pooler, "task"),
+            proc_count(pooler, "fd")
+        );
+        assert_eq!(pooler_pid(pg), Some(pooler), "the pooler restarted");
+    });
+}
+
+/// `nextgres.max_tls_handshakes`: TLS handshakes in progress (a relay
+/// thread each) beyond it are refused with the FATAL 53300 "sorry, too many
+/// clients already" a client gets at max_client_conn; plaintext clients are
+/// still served, and TLS is again once the stalled handshakes are gone.
+#[test]
+fn tls_handshakes_beyond_the_cap_are_refused_as_at_max_client_conn() {
+    let pg = Arc::new(Cluster::builder().conf("nextgres.max_tls_handshakes = 2").start());
+    if skip(&pg) {
+        return;
+    }
+    setup(&pg);
+    pg.run_bounded(TEST_LIMIT, |pg| {
+        let ca = ssl_on(pg);
+        assert!(wait_until(SETTLE, || pooler_pid(pg).is_some()), "no pooler after the restart");
+        let port = pg.port();
+        // Two handshakes that never start hold both places.
+        let mut stalled = Vec::new();
+        for _ in 0..2 {
+            let mut s = tcp(port);
+            assert_eq!(ssl_request(&mut s), b'S');
+            stalled.push(s);
+        }
+        let mut third = tcp(port);
+        third.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).expect("SSLRequest");
+        let mut got = Vec::new();
+        let _ = third.read_to_end(&mut got);
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            got.first() == Some(&b'E') && text.contains("C53300") && text.contains("sorry, too many clients already"),
+            "third TLS handshake: {text:?}"
+        );
+        let conn = pg.tcp("app", "postgres");
+        let out = psql_cs(pg, &conn, "sslmode=disable", &["SELECT 1"]);
+        assert_eq!(out.stdout.trim(), "1", "plaintext while TLS handshakes are full:\n{out}");
+        drop(stalled);
+        assert!(
+            wait_until(SETTLE, || TlsRaw::connect(port, &ca, "app", "postgres").is_ok()),
+            "TLS never served again after the stalled handshakes left"
+        );
+    });
+}
+
+/// The pooler restarted (pg_terminate_backend) while the key on disk no
+/// longer loads: it serves TLS with the configuration the postmaster loaded
+/// at startup (the port was taken for TLS), not plaintext only.
+#[test]
+fn a_restarted_pooler_that_cannot_load_the_key_keeps_the_startup_tls() {
+    let pg = Arc::new(Cluster::builder().start());
+    if skip(&pg) {
+        return;
+    }
+    setup(&pg);
+    pg.run_bounded(TEST_LIMIT, |pg| {
+        let ca = ssl_on(pg);
+        assert!(wait_until(SETTLE, || pooler_pid(pg).is_some()), "no pooler after the restart");
+        let first = pooler_pid(pg).expect("pooler running");
+        std::fs::write(pg.data_dir().join("server.key"), "not a key\n").expect("spoil the key");
+        pg.admin().query_one("SELECT pg_terminate_backend($1)", &[&first]).expect("terminate pooler");
+        assert!(
+            wait_until(SETTLE, || pooler_pid(pg).is_some_and(|p| p != first)),
+            "the pooler was not restarted"
+        );
+        let mut t = TlsRaw::connect(pg.port(), &ca, "postgres", "postgres")
+            .unwrap_or_else(|e| panic!("TLS after a pooler restart with a key it cannot load: {e}"));
+        assert_eq!(t.value("SELECT 1"), "1");
+        assert_ne!(t.value(&of_client("tls")), "", "nextgres.clients.tls");
+    });
+}
