@@ -81,8 +81,24 @@ pub fn transaction_boundary() {
             // DISCARD ALL removes what it left, so no backend is lost.
             let pin = sess::pin_reason();
             if pin != p.pin {
+                let was = pins_session(p.pin);
                 p.pin = pin;
                 crate::shmem::report_pin(pin as u8);
+                if pins_session(pin) != was && !leaving {
+                    // Tell the pooler (after the shared row says why): a
+                    // pinned backend becomes its client's dedicated session
+                    // and the pool logs in another for its other clients.
+                    // Best effort: a pooler that is gone (restarting) must
+                    // not end the client's session here; the release notices.
+                    let mut msg = Vec::with_capacity(6);
+                    control::write_pinned(&mut msg, !was);
+                    let flags = nix::sys::socket::MsgFlags::MSG_DONTWAIT | nix::sys::socket::MsgFlags::MSG_NOSIGNAL;
+                    if let Ok(n) = nix::sys::socket::send(p.control, &msg, flags) {
+                        if n > 0 && n < msg.len() {
+                            write_all(p.control, &msg[n..]); // never split a message
+                        }
+                    }
+                }
             }
             // Sequence values keep the client only for a while when others
             // wait (nextgres.sequence_hold): an idle client must not hold
@@ -104,6 +120,12 @@ pub fn transaction_boundary() {
         }
         park(p);
     });
+}
+
+/// Does this pin keep the client for its whole session? (Sequence values
+/// keep it only for nextgres.sequence_hold.)
+fn pins_session(pin: Pin) -> bool {
+    pin != Pin::None && pin != Pin::Sequence
 }
 
 /// Keeps the client while nobody else needs this backend (no handoff at all

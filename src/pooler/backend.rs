@@ -37,6 +37,9 @@ pub struct Backend {
     pub xacts: i64,
     /// When its pool login started (for `backend_lifetime`).
     pub born: Instant,
+    /// Counted as its pinned client's dedicated session, outside pool_size
+    /// (`limits::pool_dedicated_refresh`).
+    pub dedicated: bool,
 }
 
 fn login_error(sqlstate: &str, message: String, hint: Option<&str>) -> ErrorFields {
@@ -93,6 +96,7 @@ impl Pooler {
             scram: None,
             xacts: 0,
             born: Instant::now(),
+            dedicated: false,
         };
         let entry = self.conns.vacant_entry();
         conn::add(&self.epoll, &b.stream, entry.key(), READ);
@@ -171,6 +175,17 @@ impl Pooler {
                 self.backend_gone(key, Some(f));
                 return false;
             }
+            (BPhase::Attached { .. }, control::PINNED) => match control::parse_pinned(body) {
+                Ok(_) => {
+                    let pool = b.pool;
+                    self.pool_pins_changed(pool);
+                }
+                Err(e) => {
+                    log::warn!("backend {}: {}", b.pid, e.message);
+                    self.backend_gone(key, None);
+                    return false;
+                }
+            },
             (BPhase::Attached { .. }, control::RELEASED) => match control::parse_released(body) {
                 Ok(r) => self.backend_released(key, r),
                 Err(e) => {
@@ -288,6 +303,9 @@ impl Pooler {
             if matches!(b.phase, BPhase::Login) {
                 p.starting = p.starting.saturating_sub(1);
             }
+        }
+        if b.dedicated {
+            self.pool_dedicated_refresh(pool);
         }
         if let Some(ck) = b.pinned_to {
             if let Some(c) = self.client(ck) {

@@ -181,6 +181,7 @@ impl Pooler {
             return;
         }
         self.pool_reserve_check(pool);
+        self.pool_dedicated_refresh(pool);
         let size = self.pool_size_of(pool);
         if self.pools.get(pool).is_some_and(|p| !p.wants_backend(size)) {
             self.pool_slots_episode_end(pool);
@@ -190,7 +191,7 @@ impl Pooler {
             // min_pool_size: once the pool has logged in (its session values
             // are known), keep that many logged in, unless its role or
             // database has a CONNECTION LIMIT or the server is stopping.
-            p.backends < min && p.params.is_some() && !p.draining && !p.close_when_idle
+            p.shared_backends() < min && p.params.is_some() && !p.draining && !p.close_when_idle
         };
         let stopping = self.stopping;
         while self
@@ -294,6 +295,7 @@ impl Pooler {
         b.phase = BPhase::Parked { since: Instant::now() };
         b.xacts += 1;
         let requested = std::mem::take(&mut b.release_requested);
+        let was_dedicated = std::mem::take(&mut b.dedicated);
         let (brow, bx, pool) = (b.row, b.xacts, b.pool);
         {
             let p = &mut self.pools[pool];
@@ -301,6 +303,12 @@ impl Pooler {
             if requested {
                 p.release_requested = p.release_requested.saturating_sub(1);
             }
+        }
+        if was_dedicated {
+            // Its client unpinned or left: the backend is the pool's again
+            // (or closes as surplus in backend_available).
+            self.backend_row_update(brow, |r| r.dedicated = false);
+            self.pool_dedicated_refresh(pool);
         }
         let now = crate::pg::shmem::now();
         self.backend_row_update(brow, |r| {

@@ -107,10 +107,59 @@ impl Pooler {
         }
     }
 
-    /// More backends than `nextgres.pool_size` (lowered by a reload)?
+    /// More shared backends than `nextgres.pool_size` (lowered by a reload,
+    /// or a dedicated backend whose client unpinned)?
     pub fn pool_surplus(&self, pool: usize) -> usize {
         let size = self.pool_size_of(pool);
-        self.pools.get(pool).map_or(0, |p| p.backends.saturating_sub(size))
+        self.pools.get(pool).map_or(0, |p| p.shared_backends().saturating_sub(size))
+    }
+
+    /// Recounts the pool's dedicated backends: attached ones whose client
+    /// pinned its session (the pin the backend last wrote to its shared row:
+    /// LISTEN, session advisory lock, temp table, WITH HOLD cursor; not a
+    /// sequence value, which keeps a client only for sequence_hold), up to
+    /// `max_pinned_backends`, those already dedicated first. Session-mode
+    /// reservations are not dedicated: there pool_size bounds sessions.
+    /// Beyond the cap a pinned backend stays one of the pool's pool_size
+    /// (the client keeps it, as it keeps any pinned backend).
+    pub fn pool_dedicated_refresh(&mut self, pool: usize) {
+        use crate::pg::session::Pin;
+        let Some(p) = self.pools.get(pool) else { return };
+        let cap = self.max_pinned_backends_of(pool).unwrap_or(usize::MAX);
+        let attached = p.attached.clone();
+        let mut pinned: Vec<(bool, usize)> = Vec::new();
+        for &bk in &attached {
+            let Some(Conn::Backend(b)) = self.conns.get(bk) else { continue };
+            let pin = self.tables.backend_pin(b.row);
+            if b.pinned_to.is_none() && pin != Pin::None as u8 && pin != Pin::Sequence as u8 {
+                pinned.push((!b.dedicated, bk));
+            }
+        }
+        pinned.sort_unstable();
+        pinned.truncate(cap);
+        for bk in attached {
+            let want = pinned.iter().any(|&(_, k)| k == bk);
+            let Some(Conn::Backend(b)) = self.conns.get_mut(bk) else { continue };
+            if b.dedicated != want {
+                b.dedicated = want;
+                let row = b.row;
+                self.backend_row_update(row, |r| r.dedicated = want);
+            }
+        }
+        let changed = self.pools[pool].dedicated != pinned.len();
+        self.pools[pool].dedicated = pinned.len();
+        if changed {
+            self.sync_pool(pool);
+        }
+    }
+
+    /// A backend told the pooler (control `PINNED`) that its client pinned
+    /// or unpinned its session: recount, then log in another backend for
+    /// waiting clients, or bring the pool back to pool_size.
+    pub fn pool_pins_changed(&mut self, pool: usize) {
+        self.pool_maybe_grow(pool);
+        self.pool_trim(pool);
+        self.sync_pool(pool);
     }
 
     /// Brings a pool down to `nextgres.pool_size`: closes surplus parked
@@ -119,6 +168,7 @@ impl Pooler {
     /// close in `backend_available`). Pinned backends (session mode, temp
     /// tables, ...) leave when their client does.
     pub fn pool_trim(&mut self, pool: usize) {
+        self.pool_dedicated_refresh(pool);
         while self.pool_surplus(pool) > 0 {
             let Some(bk) = self.pools.get_mut(pool).and_then(|p| p.parked.pop()) else { break };
             self.backend_close(bk);
