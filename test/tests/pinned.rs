@@ -76,7 +76,7 @@ fn cluster() -> Cluster {
     let pg = Cluster::builder()
         .conf(format!("nextgres.pool_size = {POOL}"))
         // The old behaviour (a pinned backend counted in pool_size) makes
-        // the fifth pinning client wait this long and fail with 53400.
+        // the fifth pinning client wait this long and fail.
         .conf("nextgres.query_wait_timeout = 15")
         .conf("max_connections = 100")
         .start();
@@ -113,14 +113,14 @@ fn pinned_clients_leave_pool_size_to_the_others() {
     let mut pinned = BTreeSet::new();
     for i in 0..LISTENERS {
         let mut c = bench.connect().unwrap_or_else(|e| panic!("listener {i}: {e}"));
-        c.batch_execute("LISTEN jobs").unwrap_or_else(|e| panic!("listener {i}: LISTEN: {e}"));
+        c.batch_execute("LISTEN jobs").unwrap_or_else(|e| panic!("listener {i}: LISTEN: {e:?}"));
         pinned.insert(pid_of(&mut c));
         listeners.push(c);
     }
     for i in 0..LOCKERS {
         let mut c = bench.connect().unwrap_or_else(|e| panic!("locker {i}: {e}"));
         c.query_one("SELECT pg_advisory_lock($1)", &[&(1000 + i as i64)])
-            .unwrap_or_else(|e| panic!("locker {i}: pg_advisory_lock: {e}"));
+            .unwrap_or_else(|e| panic!("locker {i}: pg_advisory_lock: {e:?}"));
         pinned.insert(pid_of(&mut c));
         lockers.push(c);
     }
@@ -243,7 +243,7 @@ fn max_pinned_backends_caps_dedicated_backends() {
     let mut listeners = Vec::new();
     for i in 0..5 {
         let mut c = info.connect().unwrap_or_else(|e| panic!("listener {i}: {e}"));
-        c.batch_execute("LISTEN capped").unwrap_or_else(|e| panic!("listener {i}: {e}"));
+        c.batch_execute("LISTEN capped").unwrap_or_else(|e| panic!("listener {i}: {e:?}"));
         listeners.push(c);
     }
     let dedicated_q = "SELECT count(*) FROM nextgres.backends WHERE dedicated AND role = 'app'";
