@@ -226,6 +226,8 @@ fn pinned_clients_leave_pool_size_to_the_others() {
 /// `nextgres.max_pinned_backends`, per pool with ALTER ROLE: at the cap (2)
 /// further pinned clients keep a backend counted in pool_size, as before
 /// dedicated sessions existed; a plain client still runs on what is left.
+/// When the pinned clients disconnect, their backends return to the pool,
+/// which closes what is over pool_size.
 #[test]
 fn max_pinned_backends_caps_dedicated_backends() {
     let pg = cluster();
@@ -252,4 +254,15 @@ fn max_pinned_backends_caps_dedicated_backends() {
     // 2 dedicated + 3 pinned in pool_size + 1 shared for the plain client.
     assert_eq!(plain.query_one("SELECT 2", &[]).expect("plain client runs").get::<_, i32>(0), 2);
     assert!(app_backends(&mut admin).len() <= 2 + POOL, "{:?}", app_backends(&mut admin));
+
+    // Pinned clients that leave give their backends back: none stays
+    // dedicated and the pool closes what is over pool_size.
+    drop(listeners);
+    assert!(wait_until(SETTLE, || count(&mut admin, dedicated_q) == 0), "dedicated after leaving: {}", count(&mut admin, dedicated_q));
+    assert!(
+        wait_until(SETTLE, || app_backends(&mut admin).len() <= POOL),
+        "the pool kept {} backends after its pinned clients left",
+        app_backends(&mut admin).len()
+    );
+    assert_eq!(plain.query_one("SELECT 3", &[]).expect("plain client runs").get::<_, i32>(0), 3);
 }
