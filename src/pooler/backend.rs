@@ -367,12 +367,14 @@ impl Pooler {
         self.pool_fail_clients(pool, f);
     }
 
-    /// Remembers a pool login failure; if the pool has no backend at all,
-    /// its waiting clients get the error.
+    /// Remembers a pool login failure; if the pool has no shared backend
+    /// (none, or only pinned clients' dedicated ones), its waiting clients
+    /// get the error.
     pub fn pool_fail_clients(&mut self, pool: usize, f: ErrorFields) {
         let Some(p) = self.pools.get_mut(pool) else { return };
         p.last_login_error = Some((f.clone(), Instant::now()));
-        if p.backends > 0 {
+        // Dedicated backends serve only their pinned clients.
+        if p.shared_backends() > 0 {
             return;
         }
         let victims: Vec<usize> = p.waiting.drain(..).chain(p.login_pending.drain(..)).collect();

@@ -346,7 +346,7 @@ impl Pooler {
 fn recent_failure(p: &Pool) -> Option<nextgres_core::proto::ErrorFields> {
     p.last_login_error
         .as_ref()
-        .filter(|(_, at)| p.backends == 0 && at.elapsed().as_millis() <= 1000)
+        .filter(|(_, at)| p.shared_backends() == 0 && at.elapsed().as_millis() <= 1000)
         .map(|(f, _)| f.clone())
 }
 

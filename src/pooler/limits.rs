@@ -47,11 +47,12 @@ impl Pooler {
             return false;
         }
         let Some(p) = self.pools.get(pool) else { return false };
-        // A pool with no backend has nothing to share: its login goes to the
-        // server, which decides exactly as for a direct login (a superuser
-        // may take a reserved slot; the count below may also include logins
-        // in flight that already hold theirs, so it must not refuse here).
-        if p.backends == 0 {
+        // A pool with no backend (or only pinned clients' dedicated ones)
+        // has nothing to share: its login goes to the server, which decides
+        // exactly as for a direct login (a superuser may take a reserved
+        // slot; the count below may also include logins in flight that
+        // already hold theirs, so it must not refuse here).
+        if p.shared_backends() == 0 {
             return true;
         }
         // Pool logins already under way have not taken their slot yet.
@@ -87,8 +88,9 @@ impl Pooler {
                 .set_hint(SLOTS_HINT)
                 .report(pgrx::PgLogLevel::WARNING);
         }
-        if p.backends == 0 {
-            // Nothing to share: its clients get what a direct login gets.
+        if p.shared_backends() == 0 {
+            // Nothing to share (dedicated backends serve only their pinned
+            // clients): its clients get what a direct login gets.
             let f = server.unwrap_or_else(|| ErrorFields {
                 severity: "FATAL".into(),
                 sqlstate: "53300".into(),

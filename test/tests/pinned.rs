@@ -20,6 +20,7 @@ use std::time::Duration;
 use nextgres_test::{parse_summary, wait_until, Cluster};
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::Client;
+use nextgres_test::raw::{Raw, RawFail};
 use pool_support::exec;
 
 /// Bound for states the pooler reaches after a client's statement returns
@@ -265,4 +266,52 @@ fn max_pinned_backends_caps_dedicated_backends() {
         app_backends(&mut admin).len()
     );
     assert_eq!(plain.query_one("SELECT 3", &[]).expect("plain client runs").get::<_, i32>(0), 3);
+}
+
+/// Dedicated backends take connection slots as direct sessions do. With
+/// `max_connections` 10 (3 reserved for superusers), pinned clients of one
+/// pool take every slot the server gives role `app`; then a plain client of
+/// that pool, which has no shared backend left, gets at once what a direct
+/// login of `app` gets at that moment (53300 and the server's message,
+/// compared with a direct Unix-socket login), instead of waiting
+/// `query_wait_timeout` for a backend that cannot come.
+#[test]
+fn out_of_slots_with_only_dedicated_backends_answers_as_the_server() {
+    let pg = Cluster::builder()
+        .conf(format!("nextgres.pool_size = {POOL}"))
+        .conf("nextgres.query_wait_timeout = 60")
+        .conf("max_connections = 10")
+        .conf("superuser_reserved_connections = 3")
+        .start();
+    exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN");
+    let info = pg.tcp("app", "postgres");
+    let mut admin = pg.admin();
+    // Pin until the pool gets no backend for the next one. A raw client
+    // reads the FATAL the pooler sends before it closes (drivers may report
+    // only the closed connection).
+    let mut listeners = Vec::new();
+    let (code, message, took) = loop {
+        assert!(listeners.len() < 10, "ten pinned clients on 7 unreserved slots");
+        let mut c = Raw::connect(pg.port(), "app", "postgres", Duration::from_secs(90));
+        let t0 = std::time::Instant::now();
+        match c.query("LISTEN slots") {
+            Ok(_) => listeners.push(c),
+            Err(RawFail::Db { code, message, .. }) => break (code, message, t0.elapsed()),
+            Err(e) => panic!("pinned client {}: {e:?}", listeners.len() + 1),
+        }
+    };
+    eprintln!("{} pinned clients; the next one refused after {took:?}: {code} {message}", listeners.len());
+    assert_eq!(code, "53300", "{message}");
+    assert!(took < Duration::from_secs(30), "waited {took:?}, as for query_wait_timeout");
+    assert_eq!(count(&mut admin, "SELECT count(*) FROM nextgres.backends WHERE dedicated AND role = 'app'"), listeners.len() as i64);
+    // The same moment, directly: the server's own answer.
+    let Err(direct) = pg.unix("app", "postgres").connect() else { panic!("a direct login found a slot") };
+    let ddb = direct.as_db_error().unwrap_or_else(|| panic!("direct: not a server error: {direct:?}"));
+    assert_eq!((ddb.code().code(), ddb.message()), (code.as_str(), message.as_str()));
+    // A pinned client that leaves frees its slot: the pool serves again.
+    drop(listeners.pop());
+    assert!(
+        wait_until(SETTLE, || info.connect().ok().is_some_and(|mut c| c.query_one("SELECT 1", &[]).is_ok())),
+        "the pool never served again after a pinned client left"
+    );
 }
