@@ -4,9 +4,11 @@
 //!   slot beyond `superuser_reserved_connections` (+ `reserved_connections`
 //!   from 16), as in the server's `InitPostgres()` (postinit.c). The pooler
 //!   counts free slots before each pool login (`pg::slots`); a pool that
-//!   already has a backend logs in another only while one more slot stays
-//!   free, so a direct login of another role always finds the slot it would
-//!   have had. When no slot is free (or the server still answers 53300) the
+//!   already has a shared backend logs in another only while one more slot
+//!   stays free, so a direct login of another role always finds the slot it
+//!   would have had. Pinned clients' dedicated backends (outside
+//!   `pool_size`, see `pool_dedicated_refresh`) are the pool's clients' own
+//!   sessions: a pool with only those logs in as a pool with none does. When no slot is free (or the server still answers 53300) the
 //!   pool waits `SLOT_BACKOFF` before it tries again and its clients share
 //!   the backends it has; one WARNING per episode says so, with the
 //!   arithmetic in its HINT.
