@@ -1580,6 +1580,26 @@ ng_applied_defaults(int *len)
 }
 
 /*
+ * Lowers a setting's source to PGC_S_DEFAULT as guc.c's set_guc_source()
+ * does.  From 16 every setting whose source is not PGC_S_DEFAULT is on
+ * guc.c's guc_nondef_list (the list RESET ALL / DISCARD ALL walks): the
+ * setting must leave that list too, or the next set_config_option() with a
+ * real source links it in a second time and the list becomes a cycle
+ * (ResetAllOptions() then never returns).  dlist_delete() needs only the
+ * node.  15 scans every setting and has no such list.
+ */
+static void
+guc_source_to_default(struct config_generic *g)
+{
+	if (g->source == PGC_S_DEFAULT)
+		return;
+#if PG_VERSION_NUM >= 160000
+	dlist_delete(&g->nondef_link);
+#endif
+	g->source = PGC_S_DEFAULT;
+}
+
+/*
  * Puts a setting back to what it is without role, database or client
  * defaults (its built-in default, then postgresql.conf's value once
  * ng_defaults_reload() runs), so other defaults can be applied with their
@@ -1596,7 +1616,7 @@ ng_defaults_clear(const char *name)
 	/* set_config_option() never lets a lower source override a higher one. */
 	/* Postmaster command-line values (-c, PGC_S_ARGV) stay as they are. */
 	if (g->source > PGC_S_ARGV && g->source <= PGC_S_CLIENT)
-		g->source = PGC_S_DEFAULT;
+		guc_source_to_default(g);
 	if (g->reset_source > PGC_S_ARGV && g->reset_source <= PGC_S_CLIENT)
 		g->reset_source = PGC_S_DEFAULT;
 	PG_TRY();

@@ -383,6 +383,55 @@ fn role_and_database_defaults_of_each_clients_login() {
     differential(defaults_scenario);
 }
 
+/// Two clients with different role defaults (ALTER ROLE ... SET between
+/// their logins) take turns on one backend many times, each turn ending in
+/// RESET ALL. Every turn moves the defaults' settings between sources
+/// (role level, postgresql.conf, built-in), which must keep the server's
+/// list of non-default settings intact: a setting linked into it twice once
+/// made RESET ALL and DISCARD ALL loop for ever (16 and later) or skip
+/// settings. Differential: the same turns directly.
+fn defaults_turns_scenario(pg: &Cluster, pooled: bool) -> Vec<String> {
+    // nextgres.pool_size is also in postgresql.conf (1), so a turn moves it
+    // between the role level, the built-in default and the file.
+    exec(
+        pg,
+        "ALTER ROLE app RESET ALL; ALTER DATABASE postgres RESET ALL; ALTER ROLE app IN DATABASE postgres RESET ALL;
+         ALTER ROLE app SET nextgres.pool_size = 1; ALTER ROLE app SET timezone = 'UTC+1'; ALTER ROLE app SET work_mem = '3MB'",
+    );
+    let connect = || {
+        if pooled {
+            pg.connect_tcp("app", "postgres", None).unwrap()
+        } else {
+            pg.connect_unix("app", "postgres", None).unwrap()
+        }
+    };
+    let mut a = connect();
+    simple(&mut a, "SELECT 1");
+    exec(pg, "ALTER ROLE app RESET ALL; ALTER ROLE app SET datestyle = 'SQL, DMY'");
+    let mut b = connect();
+    simple(&mut b, "SELECT 1");
+    exec(pg, "ALTER ROLE app RESET ALL");
+    let settings = ["work_mem = '1MB'", "lock_timeout = '7s'", "timezone = 'UTC+9'", "extra_float_digits = 1", "datestyle = 'German'"];
+    let show = "SELECT string_agg(name || '=' || setting || '/' || source, ' ' ORDER BY name) FROM pg_settings
+                WHERE name IN ('TimeZone', 'DateStyle', 'extra_float_digits', 'work_mem', 'lock_timeout', 'nextgres.pool_size')";
+    let mut out = Vec::new();
+    for i in 0..60usize {
+        // A different subset of settings each turn, so the server's list of
+        // non-default settings is reordered in many ways.
+        let set: Vec<String> = settings.iter().enumerate().filter(|(k, _)| (i >> k) & 1 == 1).map(|(_, s)| format!("SET {s};")).collect();
+        let turn = format!("{} RESET ALL; {show}", set.join(" "));
+        out.push(format!("a{i}: {}", simple(&mut a, &turn)));
+        simple(&mut b, &set.join(" "));
+        out.push(format!("b{i}: {} {}", simple(&mut b, "DISCARD ALL"), simple(&mut b, show)));
+    }
+    out
+}
+
+#[test]
+fn role_defaults_of_two_clients_taking_turns() {
+    differential(defaults_turns_scenario);
+}
+
 /// log_connections / log_disconnections: a pooled client's lines match a
 /// direct client's (plain server over TCP) field by field, log_line_prefix's
 /// client escapes included; only port numbers, the hba file's directory and
