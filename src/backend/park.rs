@@ -109,13 +109,21 @@ pub fn transaction_boundary() {
                 return; // the client's next message is here: serve it
             }
             p.attached = None;
+            if pinned {
+                // The shared row stops saying pinned before RELEASED: the
+                // pooler may hand this backend to the next client as soon as
+                // it reads RELEASED, and must not count that client's
+                // session as pinned (dedicated) from a stale row. The
+                // DISCARD ALL below still runs before park() reads the
+                // next ATTACH, so no client sees what this one left.
+                p.pin = Pin::None;
+                crate::shmem::report_pin(0);
+            }
             release(p, client);
             if pinned {
                 // The client left a pinned session: clean it now, so its
                 // advisory locks or temp tables do not outlive it while parked.
                 session::discard();
-                p.pin = Pin::None;
-                crate::shmem::report_pin(0);
             }
         }
         park(p);

@@ -268,6 +268,96 @@ fn max_pinned_backends_caps_dedicated_backends() {
     assert_eq!(plain.query_one("SELECT 3", &[]).expect("plain client runs").get::<_, i32>(0), 3);
 }
 
+/// A pinned client that leaves while other clients wait: its backend goes to
+/// the next waiting client at once, and that client is never shown (nor
+/// counted) as a dedicated session. Ten plain clients saturate a pool of 4
+/// whose role has `max_user_connections` 4 (so a pinned client's backend is
+/// one of the 4 and goes on serving when it leaves; each plain transaction
+/// holds its backend 10 ms); twenty LISTEN clients with 100 temporary tables
+/// each (a long DISCARD ALL), one at a time, connect, pin and leave. A
+/// sampler of nextgres.clients (the plain clients are known by their
+/// client_port) never sees a plain client dedicated, and nextgres.pools never
+/// shows more than 4 shared backends.
+#[test]
+fn next_client_on_a_left_pinned_backend_is_not_dedicated() {
+    const PLAIN: usize = 10;
+    const ROUNDS: usize = 20;
+    let pg = cluster();
+    // The listener's backend is then one of the pool's 4 when it leaves (a
+    // pool with 4 shared backends besides would close it as surplus).
+    exec(&pg, "ALTER ROLE app SET nextgres.max_user_connections = 4");
+    let info = pg.tcp("app", "postgres");
+    let mut admin = pg.admin();
+    let mut plain: Vec<Client> = (0..PLAIN).map(|i| info.connect().unwrap_or_else(|e| panic!("plain {i}: {e}"))).collect();
+    for c in &mut plain {
+        c.batch_execute("SELECT 1").expect("plain");
+    }
+    let ports: Vec<i32> = admin
+        .query("SELECT client_port FROM nextgres.clients WHERE role = 'app'", &[])
+        .expect("nextgres.clients")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ports.len(), PLAIN, "{ports:?}");
+
+    let stop = AtomicBool::new(false);
+    let samples = AtomicUsize::new(0);
+    let violations = Mutex::new(Vec::<String>::new());
+    std::thread::scope(|s| {
+        for (i, c) in plain.iter_mut().enumerate() {
+            let stop = &stop;
+            s.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    c.batch_execute("SELECT pg_sleep(0.01)").unwrap_or_else(|e| panic!("plain {i}: {e:?}"));
+                }
+            });
+        }
+        s.spawn(|| {
+            let mut sampler = pg.admin();
+            while !stop.load(Ordering::Relaxed) {
+                let wrong: Vec<(i32, Option<i32>)> = sampler
+                    .query("SELECT client_port, backend_pid FROM nextgres.clients WHERE dedicated AND client_port = ANY($1)", &[&ports])
+                    .expect("sampling nextgres.clients")
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1)))
+                    .collect();
+                if !wrong.is_empty() {
+                    violations.lock().unwrap().push(format!("plain clients shown dedicated (port, backend): {wrong:?}"));
+                }
+                let shared = count(
+                    &mut sampler,
+                    "SELECT (backends_attached + backends_parked + backends_starting - backends_dedicated)::bigint
+                       FROM nextgres.pools WHERE role = 'app'",
+                );
+                if shared > POOL as i64 {
+                    violations.lock().unwrap().push(format!("{shared} shared backends"));
+                }
+                samples.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        let _stop = StopOnDrop(&stop);
+        for r in 0..ROUNDS {
+            let mut l = info.connect().unwrap_or_else(|e| panic!("listener {r}: {e}"));
+            l.batch_execute("LISTEN leaving").unwrap_or_else(|e| panic!("listener {r}: LISTEN: {e:?}"));
+            // Temporary tables too: the DISCARD ALL after it leaves takes a
+            // while, the window in which its backend already serves the next
+            // client but still showed this one's pin.
+            l.batch_execute(
+                "DO $$BEGIN FOR i IN 1..100 LOOP EXECUTE format('CREATE TEMP TABLE t%s (a int)', i); END LOOP; END$$",
+            )
+            .unwrap_or_else(|e| panic!("listener {r}: {e:?}"));
+            drop(l);
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    let v = violations.into_inner().unwrap();
+    let n = samples.into_inner();
+    eprintln!("{n} samples, {} violations", v.len());
+    assert!(v.is_empty(), "{} times: {:?}", v.len(), &v[..v.len().min(10)]);
+    assert!(n >= 50, "the sampler barely ran ({n} samples)");
+}
+
 /// Dedicated backends take connection slots as direct sessions do. With
 /// `max_connections` 10 (3 reserved for superusers), pinned clients of one
 /// pool take every slot the server gives role `app`; then a plain client of
