@@ -175,17 +175,16 @@ impl Pooler {
                 self.backend_gone(key, Some(f));
                 return false;
             }
-            (BPhase::Attached { .. }, control::PINNED) => match control::parse_pinned(body) {
-                Ok(_) => {
-                    let pool = b.pool;
-                    self.pool_pins_changed(pool);
-                }
-                Err(e) => {
+            (BPhase::Attached { .. }, control::PINNED) => {
+                // Only a hint to recount (the recount reads the pin from the
+                // shared row): a malformed one is logged, and the backend
+                // and its client stay.
+                if let Err(e) = control::parse_pinned(body) {
                     log::warn!("backend {}: {}", b.pid, e.message);
-                    self.backend_gone(key, None);
-                    return false;
                 }
-            },
+                let pool = b.pool;
+                self.pool_pins_changed(pool);
+            }
             (BPhase::Attached { .. }, control::RELEASED) => match control::parse_released(body) {
                 Ok(r) => self.backend_released(key, r),
                 Err(e) => {
@@ -304,7 +303,7 @@ impl Pooler {
                 p.starting = p.starting.saturating_sub(1);
             }
         }
-        if b.dedicated {
+        if self.pool_dedicated_stale(pool, b.dedicated) {
             self.pool_dedicated_refresh(pool);
         }
         if let Some(ck) = b.pinned_to {

@@ -181,7 +181,6 @@ impl Pooler {
             return;
         }
         self.pool_reserve_check(pool);
-        self.pool_dedicated_refresh(pool);
         let size = self.pool_size_of(pool);
         if self.pools.get(pool).is_some_and(|p| !p.wants_backend(size)) {
             self.pool_slots_episode_end(pool);
@@ -305,9 +304,12 @@ impl Pooler {
             }
         }
         if was_dedicated {
-            // Its client unpinned or left: the backend is the pool's again
-            // (or closes as surplus in backend_available).
             self.backend_row_update(brow, |r| r.dedicated = false);
+        }
+        if self.pool_dedicated_stale(pool, was_dedicated) {
+            // Its client unpinned or left: the backend is the pool's again
+            // (or closes as surplus in backend_available), and a pinned
+            // backend beyond max_pinned_backends may take its place.
             self.pool_dedicated_refresh(pool);
         }
         let now = crate::pg::shmem::now();

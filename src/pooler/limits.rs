@@ -84,7 +84,7 @@ impl Pooler {
             let msg = format!(
                 "nextgres: the pool of role \"{}\" for database \"{}\" has {} of its pool_size = {size} backends and gets no more for now: {cause} \
 (max_connections = {max}, superuser_reserved_connections = {su}, reserved_connections = {res}); its clients share the backends it has, and it tries again at most twice a second",
-                p.role, p.database, p.backends
+                p.role, p.database, p.shared_backends()
             );
             pgrx::pg_sys::panic::ErrorReport::new(pgrx::PgSqlErrorCode::ERRCODE_TOO_MANY_CONNECTIONS, msg, "nextgres")
                 .set_hint(SLOTS_HINT)
@@ -139,28 +139,48 @@ impl Pooler {
                 pinned.push((!b.dedicated, bk));
             }
         }
+        let all_pinned = pinned.len();
         pinned.sort_unstable();
         pinned.truncate(cap);
+        let want: std::collections::HashSet<usize> = pinned.iter().map(|&(_, k)| k).collect();
         for bk in attached {
-            let want = pinned.iter().any(|&(_, k)| k == bk);
+            let want = want.contains(&bk);
             let Some(Conn::Backend(b)) = self.conns.get_mut(bk) else { continue };
             if b.dedicated != want {
                 b.dedicated = want;
+                // A dedicated backend is outside pool_size: a release the
+                // pool asked of it (to trim, or for a waiting client) no
+                // longer counts, since a pinned backend keeps its client.
+                let dropped_request = want && std::mem::take(&mut b.release_requested);
                 let row = b.row;
+                if dropped_request {
+                    let p = &mut self.pools[pool];
+                    p.release_requested = p.release_requested.saturating_sub(1);
+                }
                 self.backend_row_update(row, |r| r.dedicated = want);
             }
         }
-        let changed = self.pools[pool].dedicated != pinned.len();
-        self.pools[pool].dedicated = pinned.len();
+        let p = &mut self.pools[pool];
+        let changed = p.dedicated != want.len() || p.pinned != all_pinned;
+        p.dedicated = want.len();
+        p.pinned = all_pinned;
         if changed {
             self.sync_pool(pool);
         }
+    }
+
+    /// Must a backend of `pool` that released its client, or is gone, make
+    /// the pool recount its dedicated backends? When it was dedicated, or
+    /// when pinned backends beyond `max_pinned_backends` may take its place.
+    pub fn pool_dedicated_stale(&self, pool: usize, was_dedicated: bool) -> bool {
+        was_dedicated || self.pools.get(pool).is_some_and(|p| p.pinned > p.dedicated)
     }
 
     /// A backend told the pooler (control `PINNED`) that its client pinned
     /// or unpinned its session: recount, then log in another backend for
     /// waiting clients, or bring the pool back to pool_size.
     pub fn pool_pins_changed(&mut self, pool: usize) {
+        self.pool_dedicated_refresh(pool);
         self.pool_maybe_grow(pool);
         self.pool_trim(pool);
         self.sync_pool(pool);
@@ -283,11 +303,11 @@ impl Pooler {
         let (Some(qp), Some(hp)) = (self.pools.get(q), self.pools.get(holder)) else { return false };
         let (qprio, hprio) = (self.pool_priority_of(q), self.pool_priority_of(holder));
         if qprio > hprio {
-            hp.backends > 1
+            hp.shared_backends() > 1
         } else if qprio == hprio {
-            qp.backends + 1 < hp.backends
+            qp.shared_backends() + 1 < hp.shared_backends()
         } else {
-            qp.backends == 0 && hp.backends > 1
+            qp.shared_backends() == 0 && hp.shared_backends() > 1
         }
     }
 
@@ -299,7 +319,7 @@ impl Pooler {
             .pools
             .iter()
             .filter(|(k, p)| *k != pool && same(&p.database, &p.role) && !p.parked.is_empty() && (p.clients == 0 || self.pool_deserves(pool, *k)))
-            .max_by_key(|(_, p)| p.backends)
+            .max_by_key(|(_, p)| p.shared_backends())
             .map(|(k, _)| k);
         let Some(v) = victim else { return };
         if !self.pools[v].parked.is_empty() {
@@ -369,7 +389,7 @@ impl Pooler {
             .pools
             .iter()
             .filter(|(_, p)| !p.waiting.is_empty())
-            .map(|(k, p)| (std::cmp::Reverse(self.pool_priority_of(k)), p.backends, k))
+            .map(|(k, p)| (std::cmp::Reverse(self.pool_priority_of(k)), p.shared_backends(), k))
             .collect();
         waiting.sort_unstable();
         for (_, _, p) in waiting {

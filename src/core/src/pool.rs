@@ -50,6 +50,9 @@ pub struct Pool {
     /// the pooler counts as that client's dedicated session, outside
     /// `pool_size` (at most `nextgres.max_pinned_backends`).
     pub dedicated: usize,
+    /// Attached backends whose client pinned its session, dedicated or not
+    /// (beyond `max_pinned_backends` they stay in `pool_size`).
+    pub pinned: usize,
     pub starting: usize,
     pub clients: usize,
     pub credential: Option<Credential>,
@@ -101,6 +104,7 @@ impl Pool {
             login_pending: Vec::new(),
             backends: 0,
             dedicated: 0,
+            pinned: 0,
             starting: 0,
             clients: 0,
             credential: None,
