@@ -226,7 +226,9 @@ fn pinned_clients_leave_pool_size_to_the_others() {
 
 /// `nextgres.max_pinned_backends`, per pool with ALTER ROLE: at the cap (2)
 /// further pinned clients keep a backend counted in pool_size, as before
-/// dedicated sessions existed; a plain client still runs on what is left.
+/// dedicated sessions existed; a plain client still runs on what is left,
+/// and with that one busy a second plain client waits (the pool stays at
+/// pool_size).
 /// When the pinned clients disconnect, their backends return to the pool,
 /// which closes what is over pool_size.
 #[test]
@@ -237,6 +239,7 @@ fn max_pinned_backends_caps_dedicated_backends() {
     // The pool exists first; the setting then reaches it live (logged).
     let mut plain = info.connect().expect("plain client");
     plain.batch_execute("SELECT 1").expect("plain");
+    let mut second = info.connect().expect("second plain client");
     exec(&pg, "ALTER ROLE app SET nextgres.max_pinned_backends = 2");
     assert!(
         wait_until(SETTLE, || pg.log().contains("settings from pg_db_role_setting now max_pinned_backends=2")),
@@ -254,7 +257,29 @@ fn max_pinned_backends_caps_dedicated_backends() {
     assert_eq!(count(&mut admin, "SELECT count(*) FROM nextgres.backends WHERE pinned_by = 'LISTEN' AND role = 'app'"), 5);
     // 2 dedicated + 3 pinned in pool_size + 1 shared for the plain client.
     assert_eq!(plain.query_one("SELECT 2", &[]).expect("plain client runs").get::<_, i32>(0), 2);
-    assert!(app_backends(&mut admin).len() <= 2 + POOL, "{:?}", app_backends(&mut admin));
+    // The cap takes effect: with the plain client inside a transaction the
+    // pool's pool_size (3 pinned beyond the cap + that one) is used up, so a
+    // second plain client waits (were all five dedicated, the pool would log
+    // in a backend for it) until the first one commits.
+    plain.batch_execute("BEGIN; SELECT 1").expect("plain BEGIN");
+    let waiting_q = "SELECT count(*) FROM nextgres.clients WHERE state = 'waiting' AND role = 'app'";
+    std::thread::scope(|s| {
+        let second = s.spawn(|| second.query_one("SELECT 4", &[]).map(|r| r.get::<_, i32>(0)));
+        assert!(
+            wait_until(SETTLE, || count(&mut admin, waiting_q) == 1),
+            "the second plain client never waited beyond the cap: {} waiting, backends {:?}",
+            count(&mut admin, waiting_q),
+            app_backends(&mut admin)
+        );
+        plain.batch_execute("COMMIT").expect("plain COMMIT");
+        assert_eq!(second.join().expect("second plain client").expect("second plain client runs"), 4);
+    });
+    // No backend was logged in for it: besides the 2 dedicated ones (as
+    // nextgres.backends lists them), the server has at most pool_size.
+    let all = app_backends(&mut admin);
+    let dedicated = count(&mut admin, dedicated_q);
+    assert_eq!(dedicated, 2);
+    assert!(all.len() <= 2 + POOL, "{} backends, {dedicated} of them dedicated: {all:?}", all.len());
 
     // Pinned clients that leave give their backends back: none stays
     // dedicated and the pool closes what is over pool_size.
