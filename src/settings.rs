@@ -52,6 +52,12 @@ pub static RESERVE_POOL_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(5);
 /// Priority of a pool among those sharing max_db_connections or
 /// max_user_connections: a higher one gets freed backends first.
 pub static POOL_PRIORITY: GucSetting<i32> = GucSetting::<i32>::new(0);
+/// Backends of one pool that pinned clients (LISTEN, session advisory lock,
+/// temp table, WITH HOLD cursor, ...) may hold as dedicated sessions outside
+/// pool_size: -1 no cap of its own (the server's connection slots,
+/// max_db_connections and max_user_connections still bound them), 0 none
+/// (a pinned client keeps one of the pool_size backends).
+pub static MAX_PINNED_BACKENDS: GucSetting<i32> = GucSetting::<i32>::new(-1);
 /// Pooled backends of one database, all its pools together (0: no limit).
 pub static MAX_DB_CONNECTIONS: GucSetting<i32> = GucSetting::<i32>::new(0);
 /// Pooled backends of one role, all its pools together (0: no limit).
@@ -236,6 +242,19 @@ pub fn define() {
         GucContext::Suset,
         GucFlags::default(),
         Some(poolconf::ng_check_pool_priority),
+        None,
+        None,
+    ) };
+    unsafe { GucRegistry::define_int_guc_with_hooks(
+        c"nextgres.max_pinned_backends",
+        c"Backends of one pool that pinned clients may hold as dedicated sessions outside pool_size; -1: no cap, 0: none.",
+        c"A client that pins its session (LISTEN, session advisory lock, temp table, WITH HOLD cursor) keeps its backend; up to this many such backends per pool count as dedicated sessions (like direct ones: max_connections, CONNECTION LIMIT, max_db_connections, max_user_connections) and the pool logs in others for its other clients. Beyond it a pinned backend counts in pool_size.",
+        &MAX_PINNED_BACKENDS,
+        -1,
+        100_000,
+        GucContext::Suset,
+        GucFlags::default(),
+        Some(poolconf::ng_check_max_pinned_backends),
         None,
         None,
     ) };

@@ -91,6 +91,9 @@ pub struct PoolRow {
     pub backends_parked: i32,
     pub backends_attached: i32,
     pub backends_starting: i32,
+    /// Of the attached ones, those counted as a pinned client's dedicated
+    /// session, outside pool_size.
+    pub backends_dedicated: i32,
     pub xacts: i64,
     pub waits: i64,
     pub wait_us: i64,
@@ -153,6 +156,10 @@ pub struct BackendRow {
     /// only such backends for their client: the others check the waiting
     /// count themselves at their next ReadyForQuery.
     pub lingering: u8,
+    /// The pooler counts this backend as its pinned client's dedicated
+    /// session, outside pool_size (nextgres.max_pinned_backends); written by
+    /// the pooler.
+    pub dedicated: bool,
 }
 
 fn caps() -> (usize, usize, usize) {
@@ -477,7 +484,8 @@ impl Tables {
 }
 
 /// Clients waiting for a backend of the pool in shared row `row`, and the
-/// pool's backends serving or parked, read by a pooled backend at
+/// pool's shared backends serving or parked (dedicated ones, which never
+/// serve another client, left out), read by a pooled backend at
 /// ReadyForQuery to decide whether and how long to keep its client. A racy
 /// read is fine: the pooler also asks for releases explicitly.
 pub fn pool_load(row: usize) -> (i32, i32) {
@@ -488,7 +496,8 @@ pub fn pool_load(row: usize) -> (i32, i32) {
         .map(|r| unsafe {
             (
                 std::ptr::read_volatile(&r.clients_waiting),
-                std::ptr::read_volatile(&r.backends_attached) + std::ptr::read_volatile(&r.backends_parked),
+                std::ptr::read_volatile(&r.backends_attached) + std::ptr::read_volatile(&r.backends_parked)
+                    - std::ptr::read_volatile(&r.backends_dedicated),
             )
         })
         .unwrap_or((0, 0))

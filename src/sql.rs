@@ -44,6 +44,7 @@ fn pools() -> TableIterator<
         name!(backends_parked, i32),
         name!(backends_attached, i32),
         name!(backends_starting, i32),
+        name!(backends_dedicated, i32),
         name!(transactions, i64),
         name!(waits, i64),
         name!(wait_time_ms, f64),
@@ -63,6 +64,7 @@ fn pools() -> TableIterator<
             p.backends_parked,
             p.backends_attached,
             p.backends_starting,
+            p.backends_dedicated,
             p.xacts,
             p.waits,
             p.wait_us as f64 / 1000.0,
@@ -96,10 +98,13 @@ fn clients() -> TableIterator<
         name!(connected_since, Option<TimestampWithTimeZone>),
         name!(transactions, i64),
         name!(tls, Option<String>),
+        name!(dedicated, bool),
     ),
 > {
-    let (_, clients, _) = tables().snapshot();
-    TableIterator::new(clients.into_iter().map(|c| {
+    let (_, clients, backends) = tables().snapshot();
+    TableIterator::new(clients.into_iter().map(move |c| {
+        // Its backend is its dedicated session (pinned, outside pool_size)?
+        let dedicated = c.backend_pid != 0 && backends.iter().any(|b| b.pid == c.backend_pid && b.dedicated);
         (
             shmem::name(&c.addr),
             c.port,
@@ -110,6 +115,7 @@ fn clients() -> TableIterator<
             ts(c.connected_at),
             c.xacts,
             Some(shmem::name(&c.tls)).filter(|t| !t.is_empty()),
+            dedicated,
         )
     }))
 }
@@ -128,6 +134,7 @@ fn backends() -> TableIterator<
         name!(transactions, i64),
         name!(state_since, Option<TimestampWithTimeZone>),
         name!(pinned_by, Option<String>),
+        name!(dedicated, bool),
     ),
 > {
     let t = tables();
@@ -152,6 +159,7 @@ fn backends() -> TableIterator<
             b.xacts,
             ts(b.since),
             pin_name(b.pin),
+            b.dedicated,
         )
     }))
 }

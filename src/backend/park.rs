@@ -81,8 +81,24 @@ pub fn transaction_boundary() {
             // DISCARD ALL removes what it left, so no backend is lost.
             let pin = sess::pin_reason();
             if pin != p.pin {
+                let was = pins_session(p.pin);
                 p.pin = pin;
                 crate::shmem::report_pin(pin as u8);
+                if pins_session(pin) != was && !leaving {
+                    // Tell the pooler (after the shared row says why): a
+                    // pinned backend becomes its client's dedicated session
+                    // and the pool logs in another for its other clients.
+                    // Best effort: a pooler that is gone (restarting) must
+                    // not end the client's session here; the release notices.
+                    let mut msg = Vec::with_capacity(6);
+                    control::write_pinned(&mut msg, !was);
+                    let flags = nix::sys::socket::MsgFlags::MSG_DONTWAIT | nix::sys::socket::MsgFlags::MSG_NOSIGNAL;
+                    if let Ok(n) = nix::sys::socket::send(p.control, &msg, flags) {
+                        if n > 0 && n < msg.len() {
+                            write_all(p.control, &msg[n..]); // never split a message
+                        }
+                    }
+                }
             }
             // Sequence values keep the client only for a while when others
             // wait (nextgres.sequence_hold): an idle client must not hold
@@ -93,17 +109,31 @@ pub fn transaction_boundary() {
                 return; // the client's next message is here: serve it
             }
             p.attached = None;
+            if pinned {
+                // The shared row stops saying pinned before RELEASED: the
+                // pooler may hand this backend to the next client as soon as
+                // it reads RELEASED, and must not count that client's
+                // session as pinned (dedicated) from a stale row. The
+                // DISCARD ALL below still runs before park() reads the
+                // next ATTACH, so no client sees what this one left.
+                p.pin = Pin::None;
+                crate::shmem::report_pin(0);
+            }
             release(p, client);
             if pinned {
                 // The client left a pinned session: clean it now, so its
                 // advisory locks or temp tables do not outlive it while parked.
                 session::discard();
-                p.pin = Pin::None;
-                crate::shmem::report_pin(0);
             }
         }
         park(p);
     });
+}
+
+/// Does this pin keep the client for its whole session? (Sequence values
+/// keep it only for nextgres.sequence_hold.)
+fn pins_session(pin: Pin) -> bool {
+    pin != Pin::None && pin != Pin::Sequence
 }
 
 /// Keeps the client while nobody else needs this backend (no handoff at all

@@ -179,3 +179,4 @@ NG_POOL_CHECK_INT(ng_check_reserve_pool_timeout, "nextgres.reserve_pool_timeout"
 NG_POOL_CHECK_INT(ng_check_max_db_connections, "nextgres.max_db_connections")
 NG_POOL_CHECK_INT(ng_check_max_user_connections, "nextgres.max_user_connections")
 NG_POOL_CHECK_INT(ng_check_backend_lifetime, "nextgres.backend_lifetime")
+NG_POOL_CHECK_INT(ng_check_max_pinned_backends, "nextgres.max_pinned_backends")

@@ -19,6 +19,7 @@ extern "C-unwind" {
     pub fn ng_check_reserve_pool_timeout(newval: *mut i32, extra: *mut *mut c_void, source: pgrx::pg_sys::GucSource::Type) -> bool;
     pub fn ng_check_pool_priority(newval: *mut i32, extra: *mut *mut c_void, source: pgrx::pg_sys::GucSource::Type) -> bool;
     pub fn ng_check_min_pool_size(newval: *mut i32, extra: *mut *mut c_void, source: pgrx::pg_sys::GucSource::Type) -> bool;
+    pub fn ng_check_max_pinned_backends(newval: *mut i32, extra: *mut *mut c_void, source: pgrx::pg_sys::GucSource::Type) -> bool;
     pub fn ng_check_backend_lifetime(newval: *mut i32, extra: *mut *mut c_void, source: pgrx::pg_sys::GucSource::Type) -> bool;
 }
 

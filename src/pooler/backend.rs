@@ -37,6 +37,9 @@ pub struct Backend {
     pub xacts: i64,
     /// When its pool login started (for `backend_lifetime`).
     pub born: Instant,
+    /// Counted as its pinned client's dedicated session, outside pool_size
+    /// (`limits::pool_dedicated_refresh`).
+    pub dedicated: bool,
 }
 
 fn login_error(sqlstate: &str, message: String, hint: Option<&str>) -> ErrorFields {
@@ -93,6 +96,7 @@ impl Pooler {
             scram: None,
             xacts: 0,
             born: Instant::now(),
+            dedicated: false,
         };
         let entry = self.conns.vacant_entry();
         conn::add(&self.epoll, &b.stream, entry.key(), READ);
@@ -170,6 +174,16 @@ impl Pooler {
                 let f = proto::parse_error_fields(body).unwrap_or_default();
                 self.backend_gone(key, Some(f));
                 return false;
+            }
+            (BPhase::Attached { .. }, control::PINNED) => {
+                // Only a hint to recount (the recount reads the pin from the
+                // shared row): a malformed one is logged, and the backend
+                // and its client stay.
+                if let Err(e) = control::parse_pinned(body) {
+                    log::warn!("backend {}: {}", b.pid, e.message);
+                }
+                let pool = b.pool;
+                self.pool_pins_changed(pool);
             }
             (BPhase::Attached { .. }, control::RELEASED) => match control::parse_released(body) {
                 Ok(r) => self.backend_released(key, r),
@@ -289,6 +303,9 @@ impl Pooler {
                 p.starting = p.starting.saturating_sub(1);
             }
         }
+        if self.pool_dedicated_stale(pool, b.dedicated) {
+            self.pool_dedicated_refresh(pool);
+        }
         if let Some(ck) = b.pinned_to {
             if let Some(c) = self.client(ck) {
                 c.pinned = None;
@@ -349,12 +366,14 @@ impl Pooler {
         self.pool_fail_clients(pool, f);
     }
 
-    /// Remembers a pool login failure; if the pool has no backend at all,
-    /// its waiting clients get the error.
+    /// Remembers a pool login failure; if the pool has no shared backend
+    /// (none, or only pinned clients' dedicated ones), its waiting clients
+    /// get the error.
     pub fn pool_fail_clients(&mut self, pool: usize, f: ErrorFields) {
         let Some(p) = self.pools.get_mut(pool) else { return };
         p.last_login_error = Some((f.clone(), Instant::now()));
-        if p.backends > 0 {
+        // Dedicated backends serve only their pinned clients.
+        if p.shared_backends() > 0 {
             return;
         }
         let victims: Vec<usize> = p.waiting.drain(..).chain(p.login_pending.drain(..)).collect();

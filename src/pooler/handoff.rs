@@ -190,7 +190,7 @@ impl Pooler {
             // min_pool_size: once the pool has logged in (its session values
             // are known), keep that many logged in, unless its role or
             // database has a CONNECTION LIMIT or the server is stopping.
-            p.backends < min && p.params.is_some() && !p.draining && !p.close_when_idle
+            p.shared_backends() < min && p.params.is_some() && !p.draining && !p.close_when_idle
         };
         let stopping = self.stopping;
         while self
@@ -294,6 +294,7 @@ impl Pooler {
         b.phase = BPhase::Parked { since: Instant::now() };
         b.xacts += 1;
         let requested = std::mem::take(&mut b.release_requested);
+        let was_dedicated = std::mem::take(&mut b.dedicated);
         let (brow, bx, pool) = (b.row, b.xacts, b.pool);
         {
             let p = &mut self.pools[pool];
@@ -301,6 +302,15 @@ impl Pooler {
             if requested {
                 p.release_requested = p.release_requested.saturating_sub(1);
             }
+        }
+        if was_dedicated {
+            self.backend_row_update(brow, |r| r.dedicated = false);
+        }
+        if self.pool_dedicated_stale(pool, was_dedicated) {
+            // Its client unpinned or left: the backend is the pool's again
+            // (or closes as surplus in backend_available), and a pinned
+            // backend beyond max_pinned_backends may take its place.
+            self.pool_dedicated_refresh(pool);
         }
         let now = crate::pg::shmem::now();
         self.backend_row_update(brow, |r| {
@@ -338,7 +348,7 @@ impl Pooler {
 fn recent_failure(p: &Pool) -> Option<nextgres_core::proto::ErrorFields> {
     p.last_login_error
         .as_ref()
-        .filter(|(_, at)| p.backends == 0 && at.elapsed().as_millis() <= 1000)
+        .filter(|(_, at)| p.shared_backends() == 0 && at.elapsed().as_millis() <= 1000)
         .map(|(f, _)| f.clone())
 }
 

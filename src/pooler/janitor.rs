@@ -76,7 +76,7 @@ impl Pooler {
         for k in idle_backends {
             let Some(Conn::Backend(b)) = self.conns.get(k) else { continue };
             let pool = b.pool;
-            let backends = self.pools.get(pool).map_or(0, |p| p.backends);
+            let backends = self.pools.get(pool).map_or(0, |p| p.shared_backends());
             if !self.backend_expired(k) && backends <= self.min_pool_size_of(pool) {
                 continue;
             }

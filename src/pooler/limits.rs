@@ -4,9 +4,11 @@
 //!   slot beyond `superuser_reserved_connections` (+ `reserved_connections`
 //!   from 16), as in the server's `InitPostgres()` (postinit.c). The pooler
 //!   counts free slots before each pool login (`pg::slots`); a pool that
-//!   already has a backend logs in another only while one more slot stays
-//!   free, so a direct login of another role always finds the slot it would
-//!   have had. When no slot is free (or the server still answers 53300) the
+//!   already has a shared backend logs in another only while one more slot
+//!   stays free, so a direct login of another role always finds the slot it
+//!   would have had. Pinned clients' dedicated backends (outside
+//!   `pool_size`, see `pool_dedicated_refresh`) are the pool's clients' own
+//!   sessions: a pool with only those logs in as a pool with none does. When no slot is free (or the server still answers 53300) the
 //!   pool waits `SLOT_BACKOFF` before it tries again and its clients share
 //!   the backends it has; one WARNING per episode says so, with the
 //!   arithmetic in its HINT.
@@ -47,11 +49,12 @@ impl Pooler {
             return false;
         }
         let Some(p) = self.pools.get(pool) else { return false };
-        // A pool with no backend has nothing to share: its login goes to the
-        // server, which decides exactly as for a direct login (a superuser
-        // may take a reserved slot; the count below may also include logins
-        // in flight that already hold theirs, so it must not refuse here).
-        if p.backends == 0 {
+        // A pool with no backend (or only pinned clients' dedicated ones)
+        // has nothing to share: its login goes to the server, which decides
+        // exactly as for a direct login (a superuser may take a reserved
+        // slot; the count below may also include logins in flight that
+        // already hold theirs, so it must not refuse here).
+        if p.shared_backends() == 0 {
             return true;
         }
         // Pool logins already under way have not taken their slot yet.
@@ -81,14 +84,15 @@ impl Pooler {
             let msg = format!(
                 "nextgres: the pool of role \"{}\" for database \"{}\" has {} of its pool_size = {size} backends and gets no more for now: {cause} \
 (max_connections = {max}, superuser_reserved_connections = {su}, reserved_connections = {res}); its clients share the backends it has, and it tries again at most twice a second",
-                p.role, p.database, p.backends
+                p.role, p.database, p.shared_backends()
             );
             pgrx::pg_sys::panic::ErrorReport::new(pgrx::PgSqlErrorCode::ERRCODE_TOO_MANY_CONNECTIONS, msg, "nextgres")
                 .set_hint(SLOTS_HINT)
                 .report(pgrx::PgLogLevel::WARNING);
         }
-        if p.backends == 0 {
-            // Nothing to share: its clients get what a direct login gets.
+        if p.shared_backends() == 0 {
+            // Nothing to share (dedicated backends serve only their pinned
+            // clients): its clients get what a direct login gets.
             let f = server.unwrap_or_else(|| ErrorFields {
                 severity: "FATAL".into(),
                 sqlstate: "53300".into(),
@@ -107,10 +111,79 @@ impl Pooler {
         }
     }
 
-    /// More backends than `nextgres.pool_size` (lowered by a reload)?
+    /// More shared backends than `nextgres.pool_size` (lowered by a reload,
+    /// or a dedicated backend whose client unpinned)?
     pub fn pool_surplus(&self, pool: usize) -> usize {
         let size = self.pool_size_of(pool);
-        self.pools.get(pool).map_or(0, |p| p.backends.saturating_sub(size))
+        self.pools.get(pool).map_or(0, |p| p.shared_backends().saturating_sub(size))
+    }
+
+    /// Recounts the pool's dedicated backends: attached ones whose client
+    /// pinned its session (the pin the backend last wrote to its shared row:
+    /// LISTEN, session advisory lock, temp table, WITH HOLD cursor; not a
+    /// sequence value, which keeps a client only for sequence_hold), up to
+    /// `max_pinned_backends`, those already dedicated first. Session-mode
+    /// reservations are not dedicated: there pool_size bounds sessions.
+    /// Beyond the cap a pinned backend stays one of the pool's pool_size
+    /// (the client keeps it, as it keeps any pinned backend).
+    pub fn pool_dedicated_refresh(&mut self, pool: usize) {
+        use crate::pg::session::Pin;
+        let Some(p) = self.pools.get(pool) else { return };
+        let cap = self.max_pinned_backends_of(pool).unwrap_or(usize::MAX);
+        let attached = p.attached.clone();
+        let mut pinned: Vec<(bool, usize)> = Vec::new();
+        for &bk in &attached {
+            let Some(Conn::Backend(b)) = self.conns.get(bk) else { continue };
+            let pin = self.tables.backend_pin(b.row);
+            if b.pinned_to.is_none() && pin != Pin::None as u8 && pin != Pin::Sequence as u8 {
+                pinned.push((!b.dedicated, bk));
+            }
+        }
+        let all_pinned = pinned.len();
+        pinned.sort_unstable();
+        pinned.truncate(cap);
+        let want: std::collections::HashSet<usize> = pinned.iter().map(|&(_, k)| k).collect();
+        for bk in attached {
+            let want = want.contains(&bk);
+            let Some(Conn::Backend(b)) = self.conns.get_mut(bk) else { continue };
+            if b.dedicated != want {
+                b.dedicated = want;
+                // A dedicated backend is outside pool_size: a release the
+                // pool asked of it (to trim, or for a waiting client) no
+                // longer counts, since a pinned backend keeps its client.
+                let dropped_request = want && std::mem::take(&mut b.release_requested);
+                let row = b.row;
+                if dropped_request {
+                    let p = &mut self.pools[pool];
+                    p.release_requested = p.release_requested.saturating_sub(1);
+                }
+                self.backend_row_update(row, |r| r.dedicated = want);
+            }
+        }
+        let p = &mut self.pools[pool];
+        let changed = p.dedicated != want.len() || p.pinned != all_pinned;
+        p.dedicated = want.len();
+        p.pinned = all_pinned;
+        if changed {
+            self.sync_pool(pool);
+        }
+    }
+
+    /// Must a backend of `pool` that released its client, or is gone, make
+    /// the pool recount its dedicated backends? When it was dedicated, or
+    /// when pinned backends beyond `max_pinned_backends` may take its place.
+    pub fn pool_dedicated_stale(&self, pool: usize, was_dedicated: bool) -> bool {
+        was_dedicated || self.pools.get(pool).is_some_and(|p| p.pinned > p.dedicated)
+    }
+
+    /// A backend told the pooler (control `PINNED`) that its client pinned
+    /// or unpinned its session: recount, then log in another backend for
+    /// waiting clients, or bring the pool back to pool_size.
+    pub fn pool_pins_changed(&mut self, pool: usize) {
+        self.pool_dedicated_refresh(pool);
+        self.pool_maybe_grow(pool);
+        self.pool_trim(pool);
+        self.sync_pool(pool);
     }
 
     /// Brings a pool down to `nextgres.pool_size`: closes surplus parked
@@ -119,6 +192,7 @@ impl Pooler {
     /// close in `backend_available`). Pinned backends (session mode, temp
     /// tables, ...) leave when their client does.
     pub fn pool_trim(&mut self, pool: usize) {
+        self.pool_dedicated_refresh(pool);
         while self.pool_surplus(pool) > 0 {
             let Some(bk) = self.pools.get_mut(pool).and_then(|p| p.parked.pop()) else { break };
             self.backend_close(bk);
@@ -229,11 +303,11 @@ impl Pooler {
         let (Some(qp), Some(hp)) = (self.pools.get(q), self.pools.get(holder)) else { return false };
         let (qprio, hprio) = (self.pool_priority_of(q), self.pool_priority_of(holder));
         if qprio > hprio {
-            hp.backends > 1
+            hp.shared_backends() > 1
         } else if qprio == hprio {
-            qp.backends + 1 < hp.backends
+            qp.shared_backends() + 1 < hp.shared_backends()
         } else {
-            qp.backends == 0 && hp.backends > 1
+            qp.shared_backends() == 0 && hp.shared_backends() > 1
         }
     }
 
@@ -245,7 +319,7 @@ impl Pooler {
             .pools
             .iter()
             .filter(|(k, p)| *k != pool && same(&p.database, &p.role) && !p.parked.is_empty() && (p.clients == 0 || self.pool_deserves(pool, *k)))
-            .max_by_key(|(_, p)| p.backends)
+            .max_by_key(|(_, p)| p.shared_backends())
             .map(|(k, _)| k);
         let Some(v) = victim else { return };
         if !self.pools[v].parked.is_empty() {
@@ -315,7 +389,7 @@ impl Pooler {
             .pools
             .iter()
             .filter(|(_, p)| !p.waiting.is_empty())
-            .map(|(k, p)| (std::cmp::Reverse(self.pool_priority_of(k)), p.backends, k))
+            .map(|(k, p)| (std::cmp::Reverse(self.pool_priority_of(k)), p.shared_backends(), k))
             .collect();
         waiting.sort_unstable();
         for (_, _, p) in waiting {

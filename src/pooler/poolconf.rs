@@ -213,6 +213,13 @@ impl Pooler {
         own.unwrap_or_else(|| crate::settings::POOL_PRIORITY.get())
     }
 
+    /// `max_pinned_backends` of the pool: None for no cap of its own.
+    pub fn max_pinned_backends_of(&self, pool: usize) -> Option<usize> {
+        let own = self.pools.get(pool).and_then(|p| p.conf.max_pinned_backends);
+        let v = own.unwrap_or_else(|| crate::settings::MAX_PINNED_BACKENDS.get());
+        (v >= 0).then_some(v as usize)
+    }
+
     /// `min_pool_size` of the pool (never above its pool_size).
     pub fn min_pool_size_of(&self, pool: usize) -> usize {
         let own = self.pools.get(pool).and_then(|p| p.conf.min_pool_size);
@@ -366,6 +373,9 @@ fn describe(c: &PoolConf) -> String {
     }
     if let Some(v) = c.pool_priority {
         parts.push(format!("pool_priority={v}"));
+    }
+    if let Some(v) = c.max_pinned_backends {
+        parts.push(format!("max_pinned_backends={v}"));
     }
     if parts.is_empty() {
         "none (global settings)".to_string()

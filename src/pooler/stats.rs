@@ -58,6 +58,7 @@ impl Pooler {
             r.backends_parked = p.parked.len() as i32;
             r.backends_attached = attached as i32;
             r.backends_starting = p.starting as i32;
+            r.backends_dedicated = p.dedicated as i32;
             r.xacts = p.xacts;
             r.waits = p.waits;
             r.wait_us = p.wait_us;

@@ -13,6 +13,12 @@
 //!     the session image that changed in this transaction. Sent after the
 //!     backend has flushed ReadyForQuery(I) to the client and put its control
 //!     socket back in place of the client's.
+//! backend -> pooler  `PINNED`: u8 1 when the attached client has just pinned
+//!     its session (state that cannot move: LISTEN, session advisory lock,
+//!     temp table, WITH HOLD cursor), 0 when it has just unpinned it while
+//!     keeping the backend. Sent at ReadyForQuery(I), after the pin was
+//!     written to shared memory, so the pooler can count the backend as the
+//!     client's dedicated session and log in another for the pool.
 //!
 //! Lists are u32 counts followed by their items; strings are NUL-terminated.
 #![allow(missing_docs)] // field-level docs would only repeat the module docs
@@ -25,6 +31,8 @@ pub const RELEASED: u8 = b'~';
 /// (another client is waiting). Empty body; the pooler also sets the
 /// backend's latch (SIGUSR1) so a backend waiting on its idle client wakes.
 pub const RELEASE_REQUEST: u8 = b'^';
+/// backend -> pooler: the attached client pinned (1) or unpinned (0) its session.
+pub const PINNED: u8 = b'*';
 
 /// Discard the previous client's session before this client runs.
 pub const FLAG_NEW_CLIENT: u8 = 1;
@@ -152,6 +160,17 @@ pub fn write_attach(out: &mut Vec<u8>, a: &Attach) {
 
 pub fn write_release_request(out: &mut Vec<u8>) {
     frame(out, RELEASE_REQUEST, |_| {});
+}
+
+pub fn write_pinned(out: &mut Vec<u8>, pinned: bool) {
+    frame(out, PINNED, |o| o.push(u8::from(pinned)));
+}
+
+pub fn parse_pinned(body: &[u8]) -> Result<bool, ProtoError> {
+    let mut r = Reader { body, off: 0 };
+    let v = r.u8()?;
+    r.end()?;
+    Ok(v != 0)
 }
 
 pub fn write_released(out: &mut Vec<u8>, r: &Released) {
@@ -289,6 +308,19 @@ mod tests {
             ],
             defaults: vec![("2timezone".into(), "UTC+3".into())],
         }
+    }
+
+    #[test]
+    fn pinned_round_trip() {
+        for v in [true, false] {
+            let mut out = Vec::new();
+            write_pinned(&mut out, v);
+            let (m, used) = parse_message(&out, 1 << 20).unwrap().unwrap();
+            assert_eq!((used, m.tag), (out.len(), PINNED));
+            assert_eq!(parse_pinned(m.body).unwrap(), v);
+        }
+        assert!(parse_pinned(&[]).is_err());
+        assert!(parse_pinned(&[1, 0]).is_err());
     }
 
     #[test]

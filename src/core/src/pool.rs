@@ -45,6 +45,14 @@ pub struct Pool {
     pub login_pending: Vec<usize>,
     /// Backends in any state, including logging in.
     pub backends: usize,
+    /// Of those, attached backends whose client pinned its session (LISTEN,
+    /// session advisory lock, temp table, WITH HOLD cursor, ...) and that
+    /// the pooler counts as that client's dedicated session, outside
+    /// `pool_size` (at most `nextgres.max_pinned_backends`).
+    pub dedicated: usize,
+    /// Attached backends whose client pinned its session, dedicated or not
+    /// (beyond `max_pinned_backends` they stay in `pool_size`).
+    pub pinned: usize,
     pub starting: usize,
     pub clients: usize,
     pub credential: Option<Credential>,
@@ -95,6 +103,8 @@ impl Pool {
             waiting: VecDeque::new(),
             login_pending: Vec::new(),
             backends: 0,
+            dedicated: 0,
+            pinned: 0,
             starting: 0,
             clients: 0,
             credential: None,
@@ -126,11 +136,17 @@ impl Pool {
         self.parked.pop()
     }
 
+    /// Backends that count against `pool_size`: all but the dedicated ones.
+    pub fn shared_backends(&self) -> usize {
+        self.backends.saturating_sub(self.dedicated)
+    }
+
     /// Should another backend log in? Only while clients wait that the
-    /// backends already starting will not serve, and the pool has room.
+    /// backends already starting will not serve, and the pool has room:
+    /// fewer shared backends than `pool_size` (dedicated ones do not count).
     pub fn wants_backend(&self, pool_size: usize) -> bool {
         let demand = self.waiting.len() + usize::from(self.params.is_none() && !self.login_pending.is_empty());
-        !self.draining && self.backends < pool_size && demand > self.starting
+        !self.draining && self.shared_backends() < pool_size && demand > self.starting
     }
 
     pub fn record_wait(&mut self, since: Instant) {
@@ -195,6 +211,11 @@ mod tests {
         p.waiting.push_back(2);
         assert!(p.wants_backend(4));
         p.backends = 4;
+        assert!(!p.wants_backend(4));
+        // Pinned clients' dedicated backends leave pool_size to the others.
+        p.dedicated = 3;
+        assert!(p.wants_backend(4));
+        p.backends = 7;
         assert!(!p.wants_backend(4));
     }
 

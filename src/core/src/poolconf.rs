@@ -54,11 +54,13 @@ pub struct PoolConf {
     pub reserve_pool_timeout: Option<i32>,
     /// `nextgres.pool_priority`: higher wins a shared limit.
     pub pool_priority: Option<i32>,
+    /// `nextgres.max_pinned_backends`: backends (-1: no cap of its own).
+    pub max_pinned_backends: Option<i32>,
 }
 
 /// Names (without prefix) this module resolves per pool.
 pub const PER_POOL: &[&str] =
-    &["pool_size", "pool_mode", "query_wait_timeout", "idle_backend_timeout", "min_pool_size", "backend_lifetime", "reserve_pool_size", "reserve_pool_timeout", "pool_priority"];
+    &["pool_size", "pool_mode", "query_wait_timeout", "idle_backend_timeout", "min_pool_size", "backend_lifetime", "reserve_pool_size", "reserve_pool_timeout", "pool_priority", "max_pinned_backends"];
 
 impl Entry {
     /// Splits a setconfig item `nextgres.name=value`; None for other prefixes.
@@ -111,6 +113,7 @@ pub fn resolve(entries: &[Entry], database: &str, role: &str) -> PoolConf {
             "reserve_pool_size" => conf.reserve_pool_size = parse_int(value).filter(|v| *v >= 0),
             "reserve_pool_timeout" => conf.reserve_pool_timeout = parse_secs(value).filter(|v| *v >= 0),
             "pool_priority" => conf.pool_priority = parse_int(value),
+            "max_pinned_backends" => conf.max_pinned_backends = parse_int(value).filter(|v| *v >= -1),
             _ => {}
         }
     }
@@ -227,6 +230,11 @@ mod tests {
         assert_eq!(c.idle_backend_timeout, Some(120));
         let c = resolve(&[e(None, Some("r"), "nextgres.min_pool_size=2"), e(None, None, "nextgres.backend_lifetime=1h")], "db", "r");
         assert_eq!((c.min_pool_size, c.backend_lifetime), (Some(2), Some(3600)));
+        // max_pinned_backends: -1 (no cap) and 0 are values; below -1 is not.
+        let c = resolve(&[e(None, Some("r"), "nextgres.max_pinned_backends=0"), e(None, None, "nextgres.max_pinned_backends=-1")], "db", "r");
+        assert_eq!(c.max_pinned_backends, Some(0));
+        assert_eq!(resolve(&[e(None, None, "nextgres.max_pinned_backends=-1")], "db", "r").max_pinned_backends, Some(-1));
+        assert_eq!(resolve(&[e(None, None, "nextgres.max_pinned_backends=-2")], "db", "r").max_pinned_backends, None);
     }
 
     #[test]

@@ -121,6 +121,13 @@ fuzz_target!(|data: &[u8]| {
                 match m.tag {
                     control::ATTACH => attach(m.body),
                     control::RELEASED => released(m.body),
+                    control::PINNED => {
+                        if let Ok(v) = control::parse_pinned(m.body) {
+                            let mut out = Vec::new();
+                            control::write_pinned(&mut out, v);
+                            assert_eq!(control::parse_pinned(framed(&out, control::PINNED)).ok(), Some(v));
+                        }
+                    }
                     control::RELEASE_REQUEST => {
                         let mut out = Vec::new();
                         control::write_release_request(&mut out);
