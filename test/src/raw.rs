@@ -39,17 +39,7 @@ impl Raw {
     pub fn login(s: TcpStream, user: &str, db: &str, timeout: Duration) -> Raw {
         s.set_read_timeout(Some(timeout)).expect("read timeout");
         s.set_nodelay(true).expect("nodelay");
-        let mut body = Vec::new();
-        body.extend_from_slice(&196608i32.to_be_bytes());
-        for (k, v) in [("user", user), ("database", db)] {
-            body.extend_from_slice(k.as_bytes());
-            body.push(0);
-            body.extend_from_slice(v.as_bytes());
-            body.push(0);
-        }
-        body.push(0);
-        let mut pkt = ((body.len() + 4) as i32).to_be_bytes().to_vec();
-        pkt.extend_from_slice(&body);
+        let pkt = startup_packet(user, db);
         let mut raw = Raw { s, timeout };
         raw.s.write_all(&pkt).expect("raw startup");
         raw.until_ready()
@@ -175,6 +165,21 @@ impl Raw {
     pub fn vanish(self) {
         let _ = self.s.shutdown(Shutdown::Both);
     }
+}
+
+/// A protocol 3.0 StartupMessage for `user` and `db` (protocol 53.2.2).
+pub fn startup_packet(user: &str, db: &str) -> Vec<u8> {
+    let mut body = 196608i32.to_be_bytes().to_vec();
+    for (k, v) in [("user", user), ("database", db)] {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut pkt = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    pkt.extend_from_slice(&body);
+    pkt
 }
 
 pub fn parse_row(body: &[u8]) -> Vec<Option<String>> {

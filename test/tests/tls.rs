@@ -46,6 +46,24 @@ fn skip(pg: &Cluster) -> bool {
     true
 }
 
+/// Starts a cluster from `b` (skipped without OpenSSL), turns `ssl` on with a
+/// certificate from a test CA (`ssl_on`), waits for the restarted pooler and
+/// runs `body` with the CA file and the pooler's pid, bounded by TEST_LIMIT.
+fn with_tls_server(b: nextgres_test::Builder, body: impl FnOnce(&Cluster, PathBuf, i32) + Send + 'static) {
+    let pg = Arc::new(b.start());
+    if skip(&pg) {
+        return;
+    }
+    setup(&pg);
+    pg.run_bounded(TEST_LIMIT, |pg| {
+        let ca = ssl_on(pg);
+        // The pooler starts shortly after the restart returns.
+        assert!(wait_until(SETTLE, || pooler_pid(pg).is_some()), "no pooler after the restart");
+        let pooler = pooler_pid(pg).expect("pooler running");
+        body(pg, ca, pooler);
+    });
+}
+
 #[track_caller]
 fn openssl(args: &[&str], dir: &Path) {
     let out = Command::new("openssl")
@@ -190,16 +208,7 @@ impl TlsRaw {
         while t.s.conn.is_handshaking() {
             t.s.conn.complete_io(&mut t.s.sock).map_err(|e| format!("handshake: {e}"))?;
         }
-        let mut body = 196608i32.to_be_bytes().to_vec();
-        for (k, v) in [("user", user), ("database", db)] {
-            body.extend_from_slice(k.as_bytes());
-            body.push(0);
-            body.extend_from_slice(v.as_bytes());
-            body.push(0);
-        }
-        body.push(0);
-        let mut pkt = ((body.len() + 4) as i32).to_be_bytes().to_vec();
-        pkt.extend_from_slice(&body);
+        let pkt = nextgres_test::raw::startup_packet(user, db);
         t.s.write_all(&pkt).map_err(|e| format!("startup: {e}"))?;
         t.until_ready().map_err(|e| format!("login: {e:?}"))?;
         Ok(t)
@@ -484,16 +493,7 @@ fn hostssl_and_hostnossl_decide_as_the_server() {
 /// FATAL 57P01.
 #[test]
 fn hostile_tls_input_leaves_the_pooler_serving() {
-    let pg = Arc::new(Cluster::builder().conf("authentication_timeout = '5s'").start());
-    if skip(&pg) {
-        return;
-    }
-    setup(&pg);
-    pg.run_bounded(TEST_LIMIT, |pg| {
-        let ca = ssl_on(pg);
-        // The pooler starts shortly after the restart returns.
-        assert!(wait_until(SETTLE, || pooler_pid(pg).is_some()), "no pooler after the restart");
-        let pooler = pooler_pid(pg).expect("pooler running");
+    with_tls_server(Cluster::builder().conf("authentication_timeout = '5s'"), |pg, ca, pooler| {
         let port = pg.port();
 
         // Garbage where the ClientHello belongs: an alert or a close.
@@ -733,15 +733,7 @@ fn proc_count(pid: i32, what: &str) -> usize {
 /// back to what they were before.
 #[test]
 fn a_backend_exit_under_a_slow_tls_reader_loses_nothing_and_leaks_nothing() {
-    let pg = Arc::new(Cluster::builder().start());
-    if skip(&pg) {
-        return;
-    }
-    setup(&pg);
-    pg.run_bounded(TEST_LIMIT, |pg| {
-        let ca = ssl_on(pg);
-        assert!(wait_until(SETTLE, || pooler_pid(pg).is_some()), "no pooler after the restart");
-        let pooler = pooler_pid(pg).expect("pooler running");
+    with_tls_server(Cluster::builder(), |pg, ca, pooler| {
         let port = pg.port();
         // Warm: a pooled backend exists, the pooler has its steady fds.
         let mut warm = nextgres_test::raw::Raw::connect(port, "app", "postgres", TEST_LIMIT / 4);
@@ -813,14 +805,7 @@ fn a_backend_exit_under_a_slow_tls_reader_loses_nothing_and_leaks_nothing() {
 /// still served, and TLS is again once the stalled handshakes are gone.
 #[test]
 fn tls_handshakes_beyond_the_cap_are_refused_as_at_max_client_conn() {
-    let pg = Arc::new(Cluster::builder().conf("nextgres.max_tls_handshakes = 2").start());
-    if skip(&pg) {
-        return;
-    }
-    setup(&pg);
-    pg.run_bounded(TEST_LIMIT, |pg| {
-        let ca = ssl_on(pg);
-        assert!(wait_until(SETTLE, || pooler_pid(pg).is_some()), "no pooler after the restart");
+    with_tls_server(Cluster::builder().conf("nextgres.max_tls_handshakes = 2"), |pg, ca, _pooler| {
         let port = pg.port();
         // Two handshakes that never start hold both places.
         let mut stalled = Vec::new();
@@ -854,15 +839,7 @@ fn tls_handshakes_beyond_the_cap_are_refused_as_at_max_client_conn() {
 /// at startup (the port was taken for TLS), not plaintext only.
 #[test]
 fn a_restarted_pooler_that_cannot_load_the_key_keeps_the_startup_tls() {
-    let pg = Arc::new(Cluster::builder().start());
-    if skip(&pg) {
-        return;
-    }
-    setup(&pg);
-    pg.run_bounded(TEST_LIMIT, |pg| {
-        let ca = ssl_on(pg);
-        assert!(wait_until(SETTLE, || pooler_pid(pg).is_some()), "no pooler after the restart");
-        let first = pooler_pid(pg).expect("pooler running");
+    with_tls_server(Cluster::builder(), |pg, ca, first| {
         std::fs::write(pg.data_dir().join("server.key"), "not a key\n").expect("spoil the key");
         pg.admin().query_one("SELECT pg_terminate_backend($1)", &[&first]).expect("terminate pooler");
         assert!(
