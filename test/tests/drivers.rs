@@ -9,8 +9,10 @@
 //! psycopg 3 (default prepare_threshold, pipeline mode, executemany, COPY,
 //! named cursors), pgjdbc (default prepareThreshold and prepareThreshold=1,
 //! batches, setFetchSize cursors), node-postgres (named queries) and
-//! postgres.js (prepares every query). tokio-postgres runs in
-//! session_drivers.rs and session_statements.rs.
+//! postgres.js (prepares every query). tokio-postgres runs in-process
+//! (`tokio_postgres_driver`: 16 connections, pool of 4; more of it in
+//! session_drivers.rs and session_statements.rs) and there compares every
+//! outcome, the server's own errors included, by SQLSTATE and message.
 //!
 //! Each connection has its own schema (`s<N>`, on its search_path) and in
 //! every iteration: a temporary table `ON COMMIT DROP` filled by the driver's
