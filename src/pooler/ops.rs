@@ -10,7 +10,8 @@
 //! * resume: parked backends serve the waiting clients again.
 //! * reconnect: backends logged in before the request are replaced at their
 //!   next transaction boundary (parked ones at once), see `backend_expired`.
-//! * reset_stats: the pools' counters (transactions, waits) start at 0.
+//! * reset_stats: the pools' counters (transactions, queries, xact_time_ms,
+//!   waits) start at 0.
 //! * kill_clients: every client of the pool is disconnected (57P01).
 //! * kill_client: one client (by address and port) is disconnected (57P01).
 use super::client::Phase;
@@ -153,7 +154,11 @@ impl Pooler {
     /// back, and the pooler closes the client when the backend is gone.
     fn kill_one_client(&mut self, addr: &str, port: i32) {
         let found = self.conns.iter().find_map(|(k, c)| match c {
-            Conn::Client(c) if c.addr.port() as i32 == port && c.addr.ip().to_string() == addr => {
+            Conn::Client(c)
+                if c.addr.port() as i32 == port
+                    && c.addr.ip().to_string() == addr
+                    && !matches!(c.phase, Phase::Closing) =>
+            {
                 let attached = match c.phase {
                     Phase::Attached { backend } => Some(backend),
                     _ => None,
