@@ -11,4 +11,4 @@ GRANT SELECT ON nextgres.pools, nextgres.clients, nextgres.backends TO pg_monito
 GRANT USAGE ON SCHEMA nextgres TO pg_monitor;
 
 -- Operations: superusers only unless granted (see README, Operations).
-REVOKE ALL ON FUNCTION nextgres.pause(text, text, integer), nextgres.resume(text, text), nextgres.reconnect(text, text), nextgres.reset_stats(text, text), nextgres.kill_clients(text, text), nextgres.wait_close(text, text, integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION nextgres.pause(text, text, integer), nextgres.resume(text, text), nextgres.reconnect(text, text), nextgres.reset_stats(text, text), nextgres.kill_clients(text, text), nextgres.kill_client(text, integer), nextgres.wait_close(text, text, integer) FROM PUBLIC;

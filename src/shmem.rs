@@ -51,6 +51,9 @@ pub const OP_PAUSE: u8 = 1;
 pub const OP_RECONNECT: u8 = 2;
 pub const OP_RESET_STATS: u8 = 3;
 pub const OP_KILL: u8 = 4;
+/// Kill one client: `database` holds its address as `nextgres.clients`
+/// shows it, `port` its port.
+pub const OP_KILL_CLIENT: u8 = 5;
 
 /// One operation on the pools of `database` (and of `role` only, unless empty).
 #[repr(C)]
@@ -59,6 +62,8 @@ pub struct OpSlot {
     pub kind: u8,
     pub database: [u8; NAME_LEN],
     pub role: [u8; NAME_LEN],
+    /// OP_KILL_CLIENT: the client's port.
+    pub port: i32,
 }
 
 /// Room for the nextgres.* items of pg_db_role_setting (about 100 bytes each).
@@ -95,6 +100,10 @@ pub struct PoolRow {
     /// session, outside pool_size.
     pub backends_dedicated: i32,
     pub xacts: i64,
+    /// Statements run for the pool's clients (CommandComplete/ErrorResponse).
+    pub queries: i64,
+    /// Time backends spent attached to the pool's clients (µs).
+    pub xact_us: i64,
     pub waits: i64,
     pub wait_us: i64,
     pub max_wait_us: i64,
@@ -293,6 +302,11 @@ impl Tables {
     /// added twice). Returns the `ops_gen` to wait for (`ops_ack`), None
     /// when every slot is in use.
     pub fn op_add(&self, kind: u8, database: &str, role: &str) -> Option<u64> {
+        self.op_add_port(kind, database, role, 0)
+    }
+
+    /// `op_add` with a port (OP_KILL_CLIENT).
+    pub fn op_add_port(&self, kind: u8, database: &str, role: &str, port: i32) -> Option<u64> {
         let h = unsafe { &mut *self.base.cast::<Header>() };
         let _g = Guard::exclusive();
         let same = |o: &OpSlot| o.kind == kind && name(&o.database) == database && name(&o.role) == role;
@@ -301,6 +315,7 @@ impl Tables {
             slot.kind = kind;
             set_name(&mut slot.database, database);
             set_name(&mut slot.role, role);
+            slot.port = port;
         }
         Some(h.ops_gen.fetch_add(1, Ordering::SeqCst) + 1)
     }
@@ -321,8 +336,8 @@ impl Tables {
     }
 
     /// Pooler: the pauses in force, and the one-shot operations (kind,
-    /// database, role), taken (removed).
-    pub fn ops_take(&self) -> (Vec<(String, String)>, Vec<(u8, String, String)>) {
+    /// database, role, port), taken (removed).
+    pub fn ops_take(&self) -> (Vec<(String, String)>, Vec<(u8, String, String, i32)>) {
         let h = unsafe { &mut *self.base.cast::<Header>() };
         let _g = Guard::exclusive();
         let (mut pauses, mut once) = (Vec::new(), Vec::new());
@@ -331,7 +346,7 @@ impl Tables {
                 OP_FREE => {}
                 OP_PAUSE => pauses.push((name(&o.database), name(&o.role))),
                 k => {
-                    once.push((k, name(&o.database), name(&o.role)));
+                    once.push((k, name(&o.database), name(&o.role), o.port));
                     o.kind = OP_FREE;
                 }
             }

@@ -46,6 +46,8 @@ fn pools() -> TableIterator<
         name!(backends_starting, i32),
         name!(backends_dedicated, i32),
         name!(transactions, i64),
+        name!(queries, i64),
+        name!(xact_time_ms, f64),
         name!(waits, i64),
         name!(wait_time_ms, f64),
         name!(max_wait_ms, f64),
@@ -66,6 +68,8 @@ fn pools() -> TableIterator<
             p.backends_starting,
             p.backends_dedicated,
             p.xacts,
+            p.queries,
+            p.xact_us as f64 / 1000.0,
             p.waits,
             p.wait_us as f64 / 1000.0,
             p.max_wait_us as f64 / 1000.0,
@@ -268,6 +272,26 @@ fn kill_clients(database: &str, role: default!(Option<&str>, "NULL")) {
     wait_for(&tables(), gen, 10, |_| true);
 }
 
+/// Disconnects the one client at `client_addr` and `client_port` (as
+/// `nextgres.clients` shows them) with FATAL 57P01, as pg_terminate_backend
+/// does to a direct session: a backend serving it is terminated (SIGTERM),
+/// which rolls its transaction back. Returns false when no such client is
+/// connected, true once the pooler has acted. Logged. PgBouncer's KILL_CLIENT.
+#[pg_extern]
+fn kill_client(client_addr: &str, client_port: i32) -> bool {
+    let t = tables();
+    let (_, clients, _) = t.snapshot();
+    if !clients.iter().any(|c| c.port == client_port && shmem::name(&c.addr) == client_addr) {
+        return false;
+    }
+    let Some(gen) = t.op_add_port(shmem::OP_KILL_CLIENT, client_addr, "", client_port) else {
+        pgrx::error!("nextgres: too many operations pending ({} slots)", shmem::OP_SLOTS);
+    };
+    t.wake_pooler();
+    pgrx::log!("nextgres: kill of client {client_addr} port {client_port} requested");
+    wait_for(&t, gen, 10, |_| true)
+}
+
 /// Waits until every backend the pools of `database` (or one role's) have
 /// now is gone (after `reconnect()` or `kill_clients()`: until the old
 /// backends are closed; new ones may have logged in meanwhile). Returns
@@ -295,8 +319,8 @@ fn wait_close(database: &str, role: default!(Option<&str>, "NULL"), wait_seconds
     })
 }
 
-/// Sets the counters of `nextgres.pools` (transactions, waits, wait_time_ms,
-/// max_wait_ms) to 0 for the pools of `database` and `role` (NULL: all).
+/// Sets the counters of `nextgres.pools` (transactions, queries,
+/// xact_time_ms, waits, wait_time_ms, max_wait_ms) to 0 for the pools of `database` and `role` (NULL: all).
 /// Returns once the pooler has done it. Logged.
 #[pg_extern]
 fn reset_stats(database: default!(Option<&str>, "NULL"), role: default!(Option<&str>, "NULL")) {

@@ -1,7 +1,9 @@
 //! Wrappers around the server's FE/BE output methods. `putmessage` notes a
 //! ReadyForQuery and its status; `flush` forwards and, after a flushed
 //! ReadyForQuery(I), reaches the transaction boundary where the backend may
-//! give its client back. Ordinary backends pay one branch per call.
+//! give its client back; CommandComplete and ErrorResponse are counted as the
+//! client's statements (`nextgres.pools.queries`). Ordinary backends pay one
+//! branch per call.
 use crate::pg::comm::{PQcommMethods, PqCommMethods};
 use std::cell::Cell;
 use std::ffi::{c_char, c_int};
@@ -12,6 +14,14 @@ static mut WRAPPED: Option<PQcommMethods> = None;
 thread_local! {
     /// Status byte of a ReadyForQuery queued since the last flush.
     static PENDING_READY: Cell<Option<u8>> = const { Cell::new(None) };
+    /// CommandComplete and ErrorResponse messages sent since `take_queries`.
+    static QUERIES: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Statements answered (CommandComplete or ErrorResponse) since the last
+/// call; the counter starts again at 0.
+pub fn take_queries() -> u32 {
+    QUERIES.with(|q| q.replace(0))
 }
 
 fn original() -> &'static PQcommMethods {
@@ -34,6 +44,9 @@ unsafe extern "C" fn putmessage(msgtype: c_char, s: *const c_char, len: usize) -
             b'Z' if len == 1 => PENDING_READY.with(|p| p.set(Some(*s as u8))),
             // ParseComplete / CloseComplete: named statements may have changed.
             b'1' | b'3' => crate::pg::session::note_statement_messages(),
+            // One per statement a client ran, failed ones included (as
+            // PgBouncer's query count).
+            b'C' | b'E' => QUERIES.with(|q| q.set(q.get().wrapping_add(1))),
             _ => {}
         }
     }

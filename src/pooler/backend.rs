@@ -40,6 +40,8 @@ pub struct Backend {
     /// Counted as its pinned client's dedicated session, outside pool_size
     /// (`limits::pool_dedicated_refresh`).
     pub dedicated: bool,
+    /// When its current client was attached (`xact_time_ms` runs to RELEASED).
+    pub attached_at: Instant,
 }
 
 fn login_error(sqlstate: &str, message: String, hint: Option<&str>) -> ErrorFields {
@@ -97,6 +99,7 @@ impl Pooler {
             xacts: 0,
             born: Instant::now(),
             dedicated: false,
+            attached_at: Instant::now(),
         };
         let entry = self.conns.vacant_entry();
         conn::add(&self.epoll, &b.stream, entry.key(), READ);

@@ -255,6 +255,7 @@ impl Pooler {
         }
         let Some(b) = self.backend(bk) else { return };
         b.phase = BPhase::Attached { client: ck };
+        b.attached_at = Instant::now();
         b.last_client = client_id;
         if session_mode {
             b.pinned_to = Some(ck);
@@ -295,9 +296,12 @@ impl Pooler {
         b.xacts += 1;
         let requested = std::mem::take(&mut b.release_requested);
         let was_dedicated = std::mem::take(&mut b.dedicated);
+        let attached_us = b.attached_at.elapsed().as_micros().min(i64::MAX as u128) as i64;
         let (brow, bx, pool) = (b.row, b.xacts, b.pool);
         {
             let p = &mut self.pools[pool];
+            p.queries = p.queries.saturating_add(r.queries as i64);
+            p.xact_us = p.xact_us.saturating_add(attached_us);
             p.attached.retain(|&k| k != bk);
             if requested {
                 p.release_requested = p.release_requested.saturating_sub(1);

@@ -10,8 +10,10 @@
 //! * resume: parked backends serve the waiting clients again.
 //! * reconnect: backends logged in before the request are replaced at their
 //!   next transaction boundary (parked ones at once), see `backend_expired`.
-//! * reset_stats: the pools' counters (transactions, waits) start at 0.
+//! * reset_stats: the pools' counters (transactions, queries, xact_time_ms,
+//!   waits) start at 0.
 //! * kill_clients: every client of the pool is disconnected (57P01).
+//! * kill_client: one client (by address and port) is disconnected (57P01).
 use super::client::Phase;
 use super::conn::Conn;
 use super::worker::Pooler;
@@ -59,7 +61,11 @@ impl Pooler {
                 self.sync_pool(k);
             }
         }
-        for (kind, db, role) in once {
+        for (kind, db, role, port) in once {
+            if kind == crate::shmem::OP_KILL_CLIENT {
+                self.kill_one_client(&db, port);
+                continue;
+            }
             let now = Instant::now();
             for &k in &keys {
                 let p = &mut self.pools[k];
@@ -72,6 +78,8 @@ impl Pooler {
                 }
                 if kind == crate::shmem::OP_RESET_STATS {
                     p.xacts = 0;
+                    p.queries = 0;
+                    p.xact_us = 0;
                     p.waits = 0;
                     p.wait_us = 0;
                     p.max_wait_us = 0;
@@ -137,6 +145,49 @@ impl Pooler {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
         }
         self.sync_pool(pool);
+    }
+
+    /// nextgres.kill_client(): the client at `addr`:`port` (as
+    /// `nextgres.clients` shows it) gets FATAL 57P01 and is disconnected. If
+    /// a backend serves it, that backend is terminated (SIGTERM, as
+    /// pg_terminate_backend): it tells the client, rolls its transaction
+    /// back, and the pooler closes the client when the backend is gone.
+    fn kill_one_client(&mut self, addr: &str, port: i32) {
+        let found = self.conns.iter().find_map(|(k, c)| match c {
+            Conn::Client(c)
+                if c.addr.port() as i32 == port
+                    && c.addr.ip().to_string() == addr
+                    && !matches!(c.phase, Phase::Closing) =>
+            {
+                let attached = match c.phase {
+                    Phase::Attached { backend } => Some(backend),
+                    _ => None,
+                };
+                Some((k, attached, c.user.clone(), c.database.clone(), c.pool))
+            }
+            _ => None,
+        });
+        let Some((ck, attached, role, db, pool)) = found else {
+            log::info!("kill of client {addr} port {port}: no such client");
+            return;
+        };
+        let pid = attached.and_then(|bk| match self.conns.get(bk) {
+            Some(Conn::Backend(b)) if b.pid > 0 => Some(b.pid),
+            _ => None,
+        });
+        match pid {
+            Some(pid) => {
+                log::info!("killing client {addr} port {port} of role \"{role}\" for database \"{db}\": terminating its backend {pid}");
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+            }
+            None => {
+                log::info!("killing client {addr} port {port} of role \"{role}\" for database \"{db}\"");
+                self.client_fatal(ck, "57P01", "terminating connection due to administrator command", None);
+            }
+        }
+        if let Some(p) = pool {
+            self.sync_pool(p);
+        }
     }
 
     /// Asks every backend serving a client of the pool to give it back at

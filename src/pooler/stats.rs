@@ -60,6 +60,8 @@ impl Pooler {
             r.backends_starting = p.starting as i32;
             r.backends_dedicated = p.dedicated as i32;
             r.xacts = p.xacts;
+            r.queries = p.queries;
+            r.xact_us = p.xact_us;
             r.waits = p.waits;
             r.wait_us = p.wait_us;
             r.max_wait_us = p.max_wait_us;

@@ -493,7 +493,12 @@ fn reconnect_replaces_every_backend() {
 /// `nextgres.pools.transactions` counts every transaction: after
 /// `nextgres.reset_stats()` it is 0, and after pgbench (4 clients x 50
 /// transactions of a custom script) it equals pgbench's own count of
-/// processed transactions. The wait counters reset too.
+/// processed transactions, and `queries` is 4 per transaction (BEGIN,
+/// UPDATE, SELECT, END). The wait counters, `queries` and `xact_time_ms`
+/// reset too; then a select-only run (`-S`, one statement per transaction)
+/// gives `queries` equal to `transactions`: pgbench's processed count plus
+/// the queries a built-in script runs first on its own connection (scale and
+/// partitioning, each a transaction of one statement).
 #[test]
 fn stats_agree_with_pgbench_and_reset() {
     let pg = Cluster::builder().conf("nextgres.pool_size = 2").conf("nextgres.hold_idle_clients = off").start();
@@ -506,9 +511,17 @@ fn stats_agree_with_pgbench_and_reset() {
             .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1), r.get::<_, f64>(2)))
             .expect("pools")
     };
+    let queries = || {
+        pg.admin()
+            .query_one("SELECT queries, xact_time_ms FROM nextgres.pools WHERE role = 'app'", &[])
+            .map(|r| (r.get::<_, i64>(0), r.get::<_, f64>(1)))
+            .expect("pools")
+    };
     assert!(stats().0 > 0, "pgbench -i counted nothing");
+    assert!(queries().0 > 0, "pgbench -i counted no query");
     pg.admin().simple_query("SELECT nextgres.reset_stats('postgres', 'app')").expect("reset");
     assert_eq!(stats(), (0, 0, 0.0));
+    assert_eq!(queries(), (0, 0.0));
     // A custom script: with a built-in one pgbench also runs two queries of
     // its own (scale and partitioning), which are transactions too.
     let script = pg.dir().join("xact.sql");
@@ -525,7 +538,86 @@ fn stats_agree_with_pgbench_and_reset() {
     let (xacts, waits, _) = stats();
     assert_eq!(xacts, sum.processed as i64, "pool transactions vs pgbench's processed:\n{out}");
     assert!(waits > 0, "4 clients on a pool of 2 never waited");
+    let (q, xact_ms) = queries();
+    assert_eq!(q, 4 * sum.processed as i64, "queries vs 4 statements per processed transaction:\n{out}");
+    assert!(xact_ms > 0.0, "no transaction time");
     assert!(pg.log().contains("statistics reset"), "reset not logged");
+
+    pg.admin().simple_query("SELECT nextgres.reset_stats('postgres', 'app')").expect("reset");
+    assert_eq!(queries(), (0, 0.0), "reset left queries or xact_time_ms");
+    let out = pg.pgbench(&bench, &["-n", "-S", "-c", "4", "-j", "2", "-t", "50"]);
+    out.assert_success();
+    let sum = parse_summary(&out.stdout).unwrap_or_else(|| panic!("no pgbench summary:\n{out}"));
+    assert_eq!(sum.processed, 200, "{out}");
+    let ((xacts, _, _), (q, _)) = (stats(), queries());
+    assert_eq!(q, xacts, "-S: one statement per transaction\n{out}");
+    let own = q - sum.processed as i64;
+    assert!((0..=2).contains(&own), "queries {q} vs pgbench's processed {} (+ at most 2 of its own):\n{out}", sum.processed);
+}
+
+/// `nextgres.kill_client(client_addr, client_port)` (as `nextgres.clients`
+/// shows them): a client inside a transaction (its backend is terminated)
+/// and an idle one (held by the pooler) each get 57P01, as from
+/// pg_terminate_backend on a direct session, and the killed transaction's
+/// row is not committed; a third client of the same pool, inside a
+/// transaction all along, keeps working and commits. An unknown client
+/// gives false; a non-superuser is refused (42501).
+#[test]
+fn kill_client_kills_one() {
+    let pg = Cluster::builder().conf("nextgres.pool_size = 3").conf("nextgres.hold_idle_clients = off").start();
+    exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN; CREATE TABLE t (x int); GRANT ALL ON t TO app");
+    let mut admin = pg.admin();
+    let ports = |admin: &mut postgres::Client| -> Vec<(String, i32)> {
+        admin
+            .query("SELECT client_addr, client_port FROM nextgres.clients WHERE role = 'app'", &[])
+            .expect("clients")
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    };
+    let connect = |admin: &mut postgres::Client| {
+        let before = ports(admin);
+        let c = pg.tcp("app", "postgres").connect().expect("connect");
+        let new: Vec<_> = ports(admin).into_iter().filter(|p| !before.contains(p)).collect();
+        assert_eq!(new.len(), 1, "{new:?}");
+        (c, new[0].clone())
+    };
+    let (mut other, _) = connect(&mut admin);
+    other.batch_execute("BEGIN; INSERT INTO t VALUES (2)").expect("other begins");
+    let (mut busy, busy_at) = connect(&mut admin);
+    busy.batch_execute("BEGIN; INSERT INTO t VALUES (1)").expect("busy begins");
+    let (mut idle, idle_at) = connect(&mut admin);
+    idle.simple_query("SELECT 1").expect("select");
+    let kill = |admin: &mut postgres::Client, (addr, port): &(String, i32)| -> bool {
+        admin.query_one("SELECT nextgres.kill_client($1, $2)", &[addr, port]).expect("kill_client").get(0)
+    };
+    assert!(kill(&mut admin, &busy_at), "busy client not found");
+    assert!(kill(&mut admin, &idle_at), "idle client not found");
+    for (what, c) in [("busy", &mut busy), ("idle", &mut idle)] {
+        let e = c.simple_query("SELECT 1").expect_err(what);
+        if let Some(f) = err_fields(&e) {
+            assert_eq!(f.code, "57P01", "{what}: {f:?}");
+        } else {
+            assert!(e.is_closed() || e.to_string().contains("closed"), "{what}: {e:?}");
+        }
+    }
+    other.batch_execute("INSERT INTO t VALUES (3); COMMIT").expect("the other client keeps its transaction");
+    assert_eq!(first_value(&other.simple_query("SELECT 1").expect("served")).as_deref(), Some("1"));
+    let rows: Vec<i32> =
+        admin.query("SELECT x FROM t ORDER BY x", &[]).expect("rows").iter().map(|r| r.get(0)).collect();
+    assert_eq!(rows, vec![2, 3], "the killed transaction committed, or the other one did not");
+    assert!(!kill(&mut admin, &busy_at), "a gone client was found");
+    assert!(!kill(&mut admin, &("192.0.2.1".to_string(), 1)), "an unknown client was found");
+    let mut c = pg.tcp("app", "postgres").connect().expect("new client");
+    let e = c.simple_query("SELECT nextgres.kill_client('127.0.0.1', 1)").expect_err("non-superuser");
+    assert_eq!(err_fields(&e).map(|f| f.code).as_deref(), Some("42501"), "{e:?}");
+    let log = pg.log();
+    let line = |at: &(String, i32)| {
+        let key = format!("killing client {} port {} ", at.0, at.1);
+        log.lines().find(|l| l.contains(&key)).unwrap_or_else(|| panic!("{key} not logged")).to_string()
+    };
+    assert!(line(&busy_at).contains("terminating its backend"), "{}", line(&busy_at));
+    assert!(!line(&idle_at).contains("terminating its backend"), "{}", line(&idle_at));
 }
 
 /// `nextgres.kill_clients('postgres', 'app')`: a client inside a transaction

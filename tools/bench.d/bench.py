@@ -37,6 +37,10 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 TARGETS = ["direct", "pgbouncer", "nextgres"]
 PASSWORD = "bench"
 POOL_SIZE = 16
+# pool_priority workload: each of two pools gets PRIO_CLIENTS clients, and
+# their database's max_db_connections is PRIO_LIMIT (saturated).
+PRIO_CLIENTS = 8
+PRIO_LIMIT = 4
 
 
 def log(*a):
@@ -699,6 +703,77 @@ class Bench:
             json.dump(self.profiles, f, indent=1)
         log(f"profile {target}: {row.get('tps')} tps, samples by group: {prof['groups']}")
 
+    def priority_setup(self):
+        """Database prio with two roles' pools (select-only tables owned by
+        prio_hi, readable by prio_lo) sharing max_db_connections; prio_hi has
+        the higher pool_priority (ALTER ROLE ... IN DATABASE)."""
+        if getattr(self, "prio_ready", False):
+            return
+        for role in ("prio_hi", "prio_lo"):
+            self.psql(f"CREATE ROLE {role} LOGIN PASSWORD '{PASSWORD}'", db="postgres")
+        self.psql("CREATE DATABASE prio OWNER prio_hi", db="postgres")
+        run([self.pg("pgbench"), "-i", "-q", "-s", "1", f"host={self.work} port={self.port} user=prio_hi dbname=prio"],
+            timeout=300)
+        self.psql("GRANT SELECT ON ALL TABLES IN SCHEMA public TO prio_lo", db="prio")
+        self.psql(f"ALTER DATABASE prio SET nextgres.max_db_connections = {PRIO_LIMIT}", db="postgres")
+        self.psql("ALTER ROLE prio_hi IN DATABASE prio SET nextgres.pool_priority = 10", db="postgres")
+        self.prio_ready = True
+
+    def w_priority(self, rnd):
+        """pool_priority (nextgres only): two pgbench -S runs, PRIO_CLIENTS
+        clients each, start together through pools of roles prio_hi (priority
+        10) and prio_lo (0) that share max_db_connections = PRIO_LIMIT of
+        database prio; each pool's waits for a backend come from
+        nextgres.pools (reset first)."""
+        self.priority_setup()
+        self.psql("SELECT nextgres.reset_stats('prio')")  # the extension lives in database app
+        d, c = self.a.duration, PRIO_CLIENTS
+        rundir = os.path.join(self.work, "run-prio")
+        shutil.rmtree(rundir, ignore_errors=True)
+        os.makedirs(rundir)
+        procs = {}
+        for role in ("prio_lo", "prio_hi"):
+            env = self.conn_env("nextgres")
+            env.update(PGUSER=role, PGDATABASE="prio", PGAPPNAME=f"bench-priority-{role}")
+            out = open(os.path.join(rundir, role + ".out"), "w+")
+            err = open(os.path.join(rundir, role + ".err"), "w+")
+            cmd = [self.pg("pgbench"), "-n", "-S", "-M", "simple", "-c", str(c), "-j", "1", "-T", str(d)]
+            procs[role] = (subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env, cwd=rundir),
+                           out, err)
+        t0 = time.monotonic()
+        results = {}
+        for role, (proc, out, err) in procs.items():
+            rc, _ru, timed_out, _ = wait_bounded(proc, t0 + d + self.a.grace)
+            out.seek(0)
+            err.seek(0)
+            results[role] = (rc, timed_out, out.read(), err.read())
+            out.close()
+            err.close()
+        shutil.rmtree(rundir, ignore_errors=True)
+        stats = {}
+        for ln in self.psql("SELECT role, transactions, waits, wait_time_ms, max_wait_ms FROM nextgres.pools"
+                            " WHERE database = 'prio'", check=False).splitlines():
+            f = ln.split("|")
+            if len(f) == 5:
+                stats[f[0]] = [float(x) for x in f[1:]]
+        for role, (rc, timed_out, o, e) in results.items():
+            def grab(rx, cast=float):
+                m = re.search(rx, o)
+                return cast(m.group(1)) if m else None
+            x, w, ms, mx = stats.get(role, [None] * 4)
+            row = {"round": rnd, "workload": "priority", "protocol": "high" if role == "prio_hi" else "low",
+                   "clients": c, "target": "nextgres", "rc": rc, "timed_out": int(timed_out), "T_s": d,
+                   "tps": grab(r"tps = ([\d.]+)"), "tx": grab(r"number of transactions actually processed: (\d+)", int),
+                   "failed_tx": grab(r"number of failed transactions: (\d+)", int) or 0,
+                   "lat_avg_ms": grab(r"latency average = ([\d.]+) ms"),
+                   "aborted_clients": len(re.findall(r"client \d+ (?:script \d+ )?aborted", e)),
+                   "first_error": next((ln for ln in e.splitlines() if "error" in ln.lower() or "aborted" in ln), "")[:200],
+                   "ng_handoffs": x, "ng_waits": w, "ng_wait_ms": ms, "ng_max_wait_ms": mx,
+                   "ng_avg_wait_ms": round(ms / w, 3) if w else None, "prio_limit": PRIO_LIMIT}
+            self.record(row)
+            log(f"[r{rnd}] priority {row['protocol']:<4} pool: waits {w}, avg wait {row['ng_avg_wait_ms']} ms, "
+                f"max {mx} ms, handoffs {x}")
+
     def warmup(self):
         for t in TARGETS:
             self.pgbench(t, ["-S", "-c", "16", "-j", "2"], 1, "warmup", want_log=False)
@@ -731,6 +806,8 @@ class Bench:
             if "bulk" in a.workloads:
                 for t in order:
                     self.w_bulk(rnd, t)
+            if "priority" in a.workloads:
+                self.w_priority(rnd)
         if a.profile:
             if shutil.which("perf"):
                 log(f"perf profiles: select-only, {a.profile_clients} clients, -M simple")
@@ -805,7 +882,7 @@ def parse_args(argv):
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--duration", type=int, help="seconds per pgbench run")
     ap.add_argument("--out", help="where BENCHMARKS.md and bench/ go (default: repo root; --quick: work dir)")
-    ap.add_argument("--workloads", default="idle,select,tpcb,storm,bulk")
+    ap.add_argument("--workloads", default="idle,select,tpcb,storm,bulk,priority")
     ap.add_argument("--clients", help="select-only client counts, comma separated")
     ap.add_argument("--idle", type=int, help="idle clients (default 10,000; --quick 500)")
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,

@@ -547,6 +547,25 @@ def build(out):
                      fmt(d.m("bulk", t, "server_cpu_s"), 2), fmt(d.m("bulk", t, "client_cpu_s"), 2)))
     L.append(md_table(["target", "MB", "seconds", "MB/s", "pooler CPU ms", "server CPU s", "psql CPU s"], rows) + "\n")
 
+    if d.sel("priority"):
+        L.append("## Pool priority (nextgres only)\n")
+        L.append("Two `pgbench -S` runs start together, each with its own role's pool, sharing the database's "
+                 "`nextgres.max_db_connections` (saturated); `prio_hi` has `nextgres.pool_priority = 10`, `prio_lo` 0. "
+                 "Waits for a backend are `nextgres.pools` counters (reset before each run), medians over rounds.\n")
+        rows = []
+        for p in ("high", "low"):
+            rs = d.sel("priority", "nextgres", p)
+            if not rs:
+                continue
+            rows.append((p, rs[0].get("clients"), rs[0].get("prio_limit"),
+                         fmt(d.m("priority", "nextgres", "tps", p)) + failure_note(d, "priority", "nextgres", p, None),
+                         fmt(d.m("priority", "nextgres", "ng_waits", p)),
+                         fmt(d.m("priority", "nextgres", "ng_avg_wait_ms", p), 3),
+                         fmt(d.m("priority", "nextgres", "ng_max_wait_ms", p), 2),
+                         fmt(d.m("priority", "nextgres", "lat_avg_ms", p), 3)))
+        L.append(md_table(["pool priority", "clients", "max_db_connections", "tps", "waits", "avg wait ms",
+                           "max wait ms", "pgbench latency avg ms"], rows) + "\n")
+
     prof_path = os.path.join(bench_dir, "profile.json")
     if os.path.exists(prof_path):
         with open(prof_path) as f:

@@ -9,7 +9,8 @@
 //!     u64 client id, u8 flags, u16 address length, address bytes
 //!     (a `sockaddr_storage` prefix), startup settings, then the client's
 //!     session image (SET settings, prepared statements) when it is new here.
-//! backend -> pooler  `RELEASED`: u64 client id, u8 flags, then the parts of
+//! backend -> pooler  `RELEASED`: u64 client id, u8 flags, u32 statements
+//!     run since the client was attached here (`queries`), then the parts of
 //!     the session image that changed in this transaction. Sent after the
 //!     backend has flushed ReadyForQuery(I) to the client and put its control
 //!     socket back in place of the client's.
@@ -100,6 +101,9 @@ pub struct Attach {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Released {
     pub client_id: u64,
+    /// Statements the backend ran for the client since it was attached
+    /// (CommandComplete and ErrorResponse messages sent): `nextgres.pools.queries`.
+    pub queries: u32,
     /// Present when they changed during the transaction.
     pub settings: Option<Vec<(String, String)>>,
     pub statements: Option<Vec<Statement>>,
@@ -180,6 +184,7 @@ pub fn write_released(out: &mut Vec<u8>, r: &Released) {
             | if r.statements.is_some() { IMAGE_STATEMENTS } else { 0 }
             | if r.defaults.is_some() { IMAGE_DEFAULTS } else { 0 };
         o.push(flags);
+        o.extend_from_slice(&r.queries.to_be_bytes());
         if let Some(s) = &r.settings {
             put_pairs(o, s);
         }
@@ -287,11 +292,12 @@ pub fn parse_released(body: &[u8]) -> Result<Released, ProtoError> {
     let mut r = Reader { body, off: 0 };
     let client_id = r.u64()?;
     let flags = r.u8()?;
+    let queries = r.u32()?;
     let settings = if flags & IMAGE_SETTINGS != 0 { Some(r.pairs()?) } else { None };
     let statements = if flags & IMAGE_STATEMENTS != 0 { Some(r.statements()?) } else { None };
     let defaults = if flags & IMAGE_DEFAULTS != 0 { Some(r.pairs()?) } else { None };
     r.end()?;
-    Ok(Released { client_id, settings, statements, defaults })
+    Ok(Released { client_id, queries, settings, statements, defaults })
 }
 
 #[cfg(test)]
@@ -344,9 +350,9 @@ mod tests {
     #[test]
     fn released_round_trip() {
         for r in [
-            Released { client_id: u64::MAX - 1, settings: None, statements: None, defaults: None },
-            Released { client_id: 7, settings: Some(image().settings), statements: None, defaults: None },
-            Released { client_id: 7, settings: Some(vec![]), statements: Some(image().statements), defaults: Some(image().defaults) },
+            Released { client_id: u64::MAX - 1, queries: u32::MAX, settings: None, statements: None, defaults: None },
+            Released { client_id: 7, queries: 3, settings: Some(image().settings), statements: None, defaults: None },
+            Released { client_id: 7, queries: 3, settings: Some(vec![]), statements: Some(image().statements), defaults: Some(image().defaults) },
         ] {
             let mut out = Vec::new();
             write_released(&mut out, &r);
@@ -368,7 +374,7 @@ mod tests {
             assert!(parse_attach(&body[..cut]).is_err(), "cut at {cut}");
         }
         let mut rel = Vec::new();
-        write_released(&mut rel, &Released { client_id: 1, settings: Some(image().settings), statements: Some(image().statements), defaults: None });
+        write_released(&mut rel, &Released { client_id: 1, queries: 0, settings: Some(image().settings), statements: Some(image().statements), defaults: None });
         let body = &rel[5..];
         for cut in 0..body.len() {
             assert!(parse_released(&body[..cut]).is_err(), "cut at {cut}");

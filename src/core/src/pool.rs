@@ -74,6 +74,10 @@ pub struct Pool {
     /// log line is written once per episode).
     pub slots_episode: bool,
     pub xacts: i64,
+    /// Statements run for the pool's clients (reported with RELEASED).
+    pub queries: i64,
+    /// Time its backends spent attached to clients, attach to release (µs).
+    pub xact_us: i64,
     pub waits: i64,
     pub wait_us: i64,
     pub max_wait_us: i64,
@@ -115,6 +119,8 @@ impl Pool {
             login_backoff_until: None,
             slots_episode: false,
             xacts: 0,
+            queries: 0,
+            xact_us: 0,
             waits: 0,
             wait_us: 0,
             max_wait_us: 0,

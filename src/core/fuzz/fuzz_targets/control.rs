@@ -103,7 +103,7 @@ fn generated(data: &[u8]) -> arbitrary::Result<()> {
         let settings = if bool::arbitrary(&mut u)? { Some(pairs(&mut u)?) } else { None };
         let statements = if bool::arbitrary(&mut u)? { Some(statements(&mut u)?) } else { None };
         let defaults = if bool::arbitrary(&mut u)? { Some(pairs(&mut u)?) } else { None };
-        released_round_trip(&Released { client_id, settings, statements, defaults });
+        released_round_trip(&Released { client_id, queries: client_id as u32, settings, statements, defaults });
     }
     Ok(())
 }
