@@ -729,7 +729,7 @@ fn pooler_sigterm_restarts_without_refusing_connections() {
 fn pooler_fatal_ends_with_orderly_close() {
     let builder = Cluster::builder()
         .conf("nextgres.pool_size = 1")
-        .conf("nextgres.query_wait_timeout = 1");
+        .conf("nextgres.query_wait_timeout = 2");
     run(builder, |pg| {
         let pooler = pooler_pid(pg).expect("pooler running");
         let mut holder = connect(pg, APP);

@@ -609,7 +609,8 @@ fn sighup_hba_and_pool_size_under_load() {
 /// time: no transaction or COPY is left open, no row of a partial COPY is
 /// visible, the dead client leaves nextgres.clients, other clients are
 /// served during and after, and the pool never has more than pool_size
-/// backends.
+/// backends, sampled throughout, also while three more clients want a
+/// backend during the stalled COPY TO.
 #[test]
 fn client_killed_mid_copy() {
     run(Cluster::builder().conf("nextgres.pool_size = 2"), |pg| {
@@ -701,6 +702,20 @@ fn client_killed_mid_copy() {
                 "COPY TO was not stopped halfway: {progress:?}"
             );
             assert_eq!(one(&mut other, "SELECT 'during copy to'"), "during copy to");
+            // More demand than the pool has room for while the COPY TO holds
+            // one of its two backends: three clients at once, each running
+            // short queries, share the other backend (the sampler must never
+            // see a third one).
+            std::thread::scope(|s| {
+                for _ in 0..3 {
+                    s.spawn(|| {
+                        let mut c = connect(pg, APP);
+                        for _ in 0..3 {
+                            assert_eq!(one(&mut c, "SELECT 'busy' FROM pg_sleep(0.2)"), "busy");
+                        }
+                    });
+                }
+            });
             kill9(&mut psql);
             drop(out);
             after_dead_copy(pg, &mut other, "psql killed in COPY TO");

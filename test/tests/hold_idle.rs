@@ -113,6 +113,20 @@ fn a_waiting_client_gets_the_backend_of_an_idle_one() {
         });
         assert!(!waiter.is_finished(), "the waiting client ran inside another client's transaction");
         assert!(waiting, "b never showed as waiting in nextgres.clients");
+        // a is still inside its transaction: its next statement runs on its
+        // backend at once while b keeps waiting. Had b been given the
+        // backend, a's statement would queue behind b's and b would no
+        // longer be waiting.
+        assert_eq!(one(&mut a, "SELECT pg_backend_pid()"), pid, "a lost its backend inside its transaction");
+        let still: i64 = pg
+            .admin()
+            .query_one("SELECT count(*) FROM nextgres.clients WHERE state = 'waiting'", &[])
+            .unwrap()
+            .get(0);
+        assert!(
+            still == 1 && !waiter.is_finished(),
+            "b stopped waiting while a's transaction was open (waiting: {still})"
+        );
         a.batch_execute("COMMIT").unwrap();
         let (_b, v) = waiter.join().unwrap();
         assert_eq!(v, "client-b");
