@@ -97,11 +97,7 @@ pub fn take_session_settings() -> Option<Vec<(String, String)>> {
 pub fn take_statements() -> Option<Vec<Statement>> {
     let raw = take(ng_take_statements)?;
     // Same layout as the control channel's statement list.
-    let mut body = Vec::with_capacity(raw.len() + 9);
-    body.extend_from_slice(&0u64.to_be_bytes());
-    body.push(nextgres_core::control::IMAGE_STATEMENTS);
-    body.extend_from_slice(&raw);
-    nextgres_core::control::parse_released(&body).ok().and_then(|r| r.statements)
+    nextgres_core::control::parse_statement_list(&raw).ok()
 }
 
 pub fn switch_begin(discard: bool) -> Result<(), NgError> {

@@ -300,6 +300,15 @@ pub fn parse_released(body: &[u8]) -> Result<Released, ProtoError> {
     Ok(Released { client_id, queries, settings, statements, defaults })
 }
 
+/// A statement list alone, as inside ATTACH and RELEASED (the server side's
+/// own list of a backend's statements is written in the same layout).
+pub fn parse_statement_list(body: &[u8]) -> Result<Vec<Statement>, ProtoError> {
+    let mut r = Reader { body, off: 0 };
+    let list = r.statements()?;
+    r.end()?;
+    Ok(list)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -314,6 +323,18 @@ mod tests {
             ],
             defaults: vec![("2timezone".into(), "UTC+3".into())],
         }
+    }
+
+    #[test]
+    fn statement_list_round_trip() {
+        let mut out = Vec::new();
+        put_statements(&mut out, &image().statements);
+        assert_eq!(parse_statement_list(&out).unwrap(), image().statements);
+        for cut in 0..out.len() {
+            assert!(parse_statement_list(&out[..cut]).is_err(), "cut at {cut}");
+        }
+        out.push(0);
+        assert!(parse_statement_list(&out).is_err(), "trailing byte");
     }
 
     #[test]
