@@ -87,6 +87,16 @@ pub struct PgInstall {
 }
 
 impl PgInstall {
+    /// Was this server built with OpenSSL (`ssl = on` possible)? Read from
+    /// `pg_config --configure`.
+    pub fn has_openssl(&self) -> bool {
+        std::process::Command::new(self.bin("pg_config"))
+            .arg("--configure")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains("openssl"))
+            .unwrap_or(false)
+    }
+
     /// The installation for `major`, honouring `NEXTGRES_PG_BINDIR`.
     pub fn resolve(major: u32) -> Result<PgInstall, Error> {
         let bindir = match std::env::var_os("NEXTGRES_PG_BINDIR") {

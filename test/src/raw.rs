@@ -52,12 +52,7 @@ impl Raw {
     }
 
     pub fn read_msg(&mut self) -> io::Result<(u8, Vec<u8>)> {
-        let mut head = [0u8; 5];
-        self.s.read_exact(&mut head)?;
-        let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]);
-        let mut body = vec![0u8; (len as usize).saturating_sub(4)];
-        self.s.read_exact(&mut body)?;
-        Ok((head[0], body))
+        read_message(&mut self.s)
     }
 
     /// Reads until ReadyForQuery; rows of DataRow messages.
@@ -165,6 +160,16 @@ impl Raw {
     pub fn vanish(self) {
         let _ = self.s.shutdown(Shutdown::Both);
     }
+}
+
+/// One backend message (type byte, body) from `r` (protocol 53.7).
+pub fn read_message(r: &mut impl Read) -> io::Result<(u8, Vec<u8>)> {
+    let mut head = [0u8; 5];
+    r.read_exact(&mut head)?;
+    let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]);
+    let mut body = vec![0u8; (len as usize).saturating_sub(4)];
+    r.read_exact(&mut body)?;
+    Ok((head[0], body))
 }
 
 /// A protocol 3.0 StartupMessage for `user` and `db` (protocol 53.2.2).

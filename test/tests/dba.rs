@@ -17,15 +17,6 @@ use fault_support::{admin_i64, run, APP, APP2, DB, SETTLE};
 use nextgres_test::{parse_summary, wait_until, Cluster, ConnInfo};
 use pool_support::SidePort;
 
-/// Was this server built with OpenSSL (`ssl = on` possible)?
-fn has_openssl(pg: &Cluster) -> bool {
-    Command::new(pg.install().bin("pg_config"))
-        .arg("--configure")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("openssl"))
-        .unwrap_or(false)
-}
-
 /// Self-signed certificate and key in the data directory, owned by the
 /// server's OS user (the server refuses a key others can read). The key is
 /// encrypted with the passphrase `nextgres`: the server reads it through
@@ -68,7 +59,7 @@ const SSL_OF_SESSION: &str = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend
 #[test]
 fn ssl_on_keeps_the_servers_tls_listener() {
     let pg = std::sync::Arc::new(Cluster::builder().start());
-    if !has_openssl(&pg) {
+    if !pg.install().has_openssl() {
         eprintln!(
             "SKIPPED: PostgreSQL {} here is built without OpenSSL (ssl = on impossible); the OpenSSL builds (15, 17, 18) run this test",
             pg.pg_major()

@@ -594,12 +594,7 @@ fn kill_client_kills_one() {
     assert!(kill(&mut admin, &busy_at), "busy client not found");
     assert!(kill(&mut admin, &idle_at), "idle client not found");
     for (what, c) in [("busy", &mut busy), ("idle", &mut idle)] {
-        let e = c.simple_query("SELECT 1").expect_err(what);
-        if let Some(f) = err_fields(&e) {
-            assert_eq!(f.code, "57P01", "{what}: {f:?}");
-        } else {
-            assert!(e.is_closed() || e.to_string().contains("closed"), "{what}: {e:?}");
-        }
+        assert_terminated(what, c);
     }
     other.batch_execute("INSERT INTO t VALUES (3); COMMIT").expect("the other client keeps its transaction");
     assert_eq!(first_value(&other.simple_query("SELECT 1").expect("served")).as_deref(), Some("1"));
@@ -638,12 +633,7 @@ fn kill_clients_and_wait_close() {
     let closed: bool = admin.query_one("SELECT nextgres.wait_close('postgres', 'app', 10)", &[]).expect("wait_close").get(0);
     assert!(closed, "backends still there");
     for (what, c) in [("busy", &mut busy), ("idle", &mut idle)] {
-        let e = c.simple_query("SELECT 1").expect_err(what);
-        if let Some(f) = err_fields(&e) {
-            assert_eq!(f.code, "57P01", "{what}: {f:?}");
-        } else {
-            assert!(e.is_closed() || e.to_string().contains("closed"), "{what}: {e:?}");
-        }
+        assert_terminated(what, c);
     }
     let n: i64 = admin.query_one("SELECT count(*) FROM t", &[]).expect("count").get(0);
     assert_eq!(n, 0, "the killed transaction committed");
@@ -756,5 +746,18 @@ fn pool_priority_shares_max_db_connections() {
             r.get::<_, i64>(2),
             r.get::<_, f64>(3)
         );
+    }
+}
+
+/// The client's next statement finds its session ended by an administrator:
+/// FATAL 57P01, or the connection already closed (the FATAL was read with
+/// the close).
+#[track_caller]
+fn assert_terminated(what: &str, c: &mut postgres::Client) {
+    let e = c.simple_query("SELECT 1").expect_err(what);
+    if let Some(f) = err_fields(&e) {
+        assert_eq!(f.code, "57P01", "{what}: {f:?}");
+    } else {
+        assert!(e.is_closed() || e.to_string().contains("closed"), "{what}: {e:?}");
     }
 }

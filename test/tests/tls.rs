@@ -26,17 +26,8 @@ use nextgres_test::{wait_until, Cluster, CmdOutput, ConnInfo};
 
 // ---- certificates -----------------------------------------------------------
 
-/// Was this server built with OpenSSL (`ssl = on` possible)?
-fn has_openssl(pg: &Cluster) -> bool {
-    Command::new(pg.install().bin("pg_config"))
-        .arg("--configure")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("openssl"))
-        .unwrap_or(false)
-}
-
 fn skip(pg: &Cluster) -> bool {
-    if has_openssl(pg) {
+    if pg.install().has_openssl() {
         return false;
     }
     eprintln!(
@@ -217,12 +208,7 @@ impl TlsRaw {
     }
 
     fn read_msg(&mut self) -> std::io::Result<(u8, Vec<u8>)> {
-        let mut head = [0u8; 5];
-        self.s.read_exact(&mut head)?;
-        let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]);
-        let mut body = vec![0u8; (len as usize).saturating_sub(4)];
-        self.s.read_exact(&mut body)?;
-        Ok((head[0], body))
+        nextgres_test::raw::read_message(&mut self.s)
     }
 
     fn until_ready(&mut self) -> Result<Vec<Vec<Option<String>>>, RawFail> {
