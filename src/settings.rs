@@ -69,6 +69,8 @@ pub enum PoolMode {
     Transaction,
     #[name = c"session"]
     Session,
+    #[name = c"dedicated"]
+    Dedicated,
 }
 
 pub fn define() {
@@ -145,7 +147,7 @@ pub fn define() {
     );
     unsafe { GucRegistry::define_enum_guc_with_hooks(
         c"nextgres.pool_mode",
-        c"transaction: a backend serves a client for one transaction; session: for the whole connection.",
+        c"transaction: a backend serves a client for one transaction; session: for the whole connection; dedicated: no pooling, each client gets its own backend, outside pool_size, that exits when it leaves.",
         c"",
         &POOL_MODE,
         GucContext::Suset,

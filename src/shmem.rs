@@ -111,6 +111,8 @@ pub struct PoolRow {
     pub pool_size: i32,
     /// Effective `pool_mode`: 1 session, 0 transaction.
     pub session_mode: bool,
+    /// Effective `pool_mode` is dedicated (no pooling).
+    pub dedicated_mode: bool,
 }
 
 #[repr(u8)]

@@ -74,7 +74,13 @@ fn pools() -> TableIterator<
             p.wait_us as f64 / 1000.0,
             p.max_wait_us as f64 / 1000.0,
             p.pool_size,
-            if p.session_mode { "session" } else { "transaction" },
+            if p.dedicated_mode {
+                "dedicated"
+            } else if p.session_mode {
+                "session"
+            } else {
+                "transaction"
+            },
         )
     }))
 }

@@ -40,6 +40,9 @@ pub struct Backend {
     /// Counted as its pinned client's dedicated session, outside pool_size
     /// (`limits::pool_dedicated_refresh`).
     pub dedicated: bool,
+    /// Logged in for one dedicated-mode client (`Pool::sessions`): serves
+    /// only it and closes when it leaves.
+    pub own: bool,
     /// When its current client was attached (`xact_time_ms` runs to RELEASED).
     pub attached_at: Instant,
 }
@@ -61,6 +64,12 @@ impl Pooler {
 
     /// Starts one pool login. Failures are reported to the pool's clients.
     pub fn backend_start(&mut self, pool: usize) {
+        self.backend_start_for(pool, false)
+    }
+
+    /// Starts one login: a shared backend of the pool, or (`own`) one for
+    /// the oldest dedicated-mode client waiting (`Pool::session_waiting`).
+    pub fn backend_start_for(&mut self, pool: usize, own: bool) {
         let Some(p) = self.pools.get(pool) else { return };
         let (database, role, prow) = (p.database.clone(), p.role.clone(), p.row);
         let stream = match UnixStream::connect(&self.server_socket) {
@@ -99,14 +108,24 @@ impl Pooler {
             xacts: 0,
             born: Instant::now(),
             dedicated: false,
+            own,
             attached_at: Instant::now(),
         };
+        if own {
+            // nextgres.clients().dedicated and backends().dedicated say so.
+            self.backend_row_update(row, |r| r.dedicated = true);
+        }
         let entry = self.conns.vacant_entry();
         conn::add(&self.epoll, &b.stream, entry.key(), READ);
         entry.insert(Conn::Backend(Box::new(b)));
         if let Some(p) = self.pools.get_mut(pool) {
             p.backends += 1;
-            p.starting += 1;
+            if own {
+                p.sessions += 1;
+                p.sessions_starting += 1;
+            } else {
+                p.starting += 1;
+            }
         }
         self.sync_pool(pool);
     }
@@ -271,21 +290,44 @@ impl Pooler {
 
     fn backend_logged_in(&mut self, key: usize) {
         let Some(b) = self.backend(key) else { return };
-        let (pool, row, params) = (b.pool, b.row, std::mem::take(&mut b.params));
+        let (pool, row, params, own) = (b.pool, b.row, std::mem::take(&mut b.params), b.own);
         b.phase = BPhase::Parked { since: Instant::now() };
         self.backend_row_update(row, |r| {
             r.state = BackendState::Parked;
             r.since = crate::pg::shmem::now();
         });
         if let Some(p) = self.pools.get_mut(pool) {
-            p.starting = p.starting.saturating_sub(1);
+            if own {
+                p.sessions_starting = p.sessions_starting.saturating_sub(1);
+            } else {
+                p.starting = p.starting.saturating_sub(1);
+            }
             p.last_login_error = None;
             if p.params.is_none() {
                 p.params = Some(params);
             }
         }
         self.pool_params_known(pool);
-        self.backend_available(key);
+        if own {
+            self.backend_serve_own(key);
+        } else {
+            self.backend_available(key);
+        }
+    }
+
+    /// A backend logged in for a dedicated-mode client: it serves the oldest
+    /// one still waiting for its own, or closes when none is left.
+    fn backend_serve_own(&mut self, key: usize) {
+        let Some(b) = self.backend(key) else { return };
+        let pool = b.pool;
+        while let Some(ck) = self.pools.get_mut(pool).and_then(|p| p.session_waiting.pop_front()) {
+            if let Some(c) = self.client(ck) {
+                if let super::client::Phase::Waiting { since } = c.phase {
+                    return self.handoff_own(ck, key, since);
+                }
+            }
+        }
+        self.backend_close(key);
     }
 
     /// The backend is gone (EOF) or its login failed. Whatever client it
@@ -302,8 +344,15 @@ impl Pooler {
             if b.release_requested {
                 p.release_requested = p.release_requested.saturating_sub(1);
             }
+            if b.own {
+                p.sessions = p.sessions.saturating_sub(1);
+            }
             if matches!(b.phase, BPhase::Login) {
-                p.starting = p.starting.saturating_sub(1);
+                if b.own {
+                    p.sessions_starting = p.sessions_starting.saturating_sub(1);
+                } else {
+                    p.starting = p.starting.saturating_sub(1);
+                }
             }
         }
         if self.pool_dedicated_stale(pool, b.dedicated) {
@@ -322,6 +371,13 @@ impl Pooler {
                     c.outbuf.clear();
                 }
                 self.client_close(client);
+            }
+            BPhase::Login if b.own => {
+                // As a direct login: the client it was for gets the server's
+                // error (CONNECTION LIMIT, max_connections, pg_hba.conf).
+                if let Some(f) = login_failure {
+                    self.own_login_failed(pool, f);
+                }
             }
             BPhase::Login => {
                 if let Some(f) = login_failure {
@@ -386,7 +442,24 @@ impl Pooler {
         self.sync_pool(pool);
     }
 
-    /// Session mode: the client left; its backend serves the next one.
+    /// A login for a dedicated-mode client failed: the oldest such client
+    /// waiting gets the error (logged as for any pool login).
+    fn own_login_failed(&mut self, pool: usize, f: ErrorFields) {
+        let Some(p) = self.pools.get_mut(pool) else { return };
+        let victim = p.session_waiting.pop_front();
+        let msg = format!(
+            "nextgres: login of a dedicated session for role \"{}\" to database \"{}\" failed: {} {}",
+            p.role, p.database, f.sqlstate, f.message
+        );
+        pgrx::pg_sys::panic::ErrorReport::new(pgrx::PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE, msg, "nextgres").report(pgrx::PgLogLevel::WARNING);
+        if let Some(ck) = victim {
+            self.client_fatal_fields(ck, &f);
+        }
+        self.sync_pool(pool);
+    }
+
+    /// Session mode: the client left; its backend serves the next one
+    /// (dedicated mode: it closes, `backend_available`).
     pub fn backend_unpin(&mut self, key: usize) {
         let Some(b) = self.backend(key) else { return };
         b.pinned_to = None;

@@ -60,6 +60,9 @@ pub struct Client {
     /// Session mode: the backend reserved for this client.
     pub pinned: Option<usize>,
     pub session_mode: bool,
+    /// `pool_mode = dedicated`: the client gets a backend of its own, outside
+    /// pool_size, that exits when the client leaves.
+    pub dedicated_mode: bool,
     /// A backend has counted this client's session (pg_stat_database.sessions).
     pub session_counted: bool,
     /// Logged in (its disconnection is logged as the server's would be).
@@ -90,6 +93,7 @@ impl Client {
             last_backend: None,
             pinned: None,
             session_mode: false,
+            dedicated_mode: false,
             session_counted: false,
             logged_in: false,
             xacts: 0,
@@ -535,6 +539,7 @@ impl Pooler {
             p.clients = p.clients.saturating_sub(1);
             if was_waiting {
                 p.waiting.retain(|&k| k != key);
+                p.session_waiting.retain(|&k| k != key);
             }
             p.login_pending.retain(|&k| k != key);
         }

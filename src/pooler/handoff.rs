@@ -42,6 +42,7 @@ impl Pooler {
             }
         };
         let session_mode = self.pool_session_mode(pool);
+        let dedicated_mode = self.pool_mode_of(pool) == nextgres_core::poolconf::Mode::Dedicated;
         let known = {
             let p = &mut self.pools[pool];
             if let Some(new) = cred {
@@ -61,6 +62,7 @@ impl Pooler {
         let Some(c) = self.client(key) else { return };
         c.pool = Some(pool);
         c.session_mode = session_mode;
+        c.dedicated_mode = dedicated_mode;
         // A pool whose login just failed and that has no backend would fail
         // this client the same way: say so now instead of retrying in a loop.
         if let Some(f) = failed {
@@ -114,7 +116,16 @@ impl Pooler {
     pub fn client_needs_backend(&mut self, key: usize) {
         let Some(c) = self.client(key) else { return };
         let Some(pool) = c.pool else { return };
-        let (pinned, last) = (c.pinned, c.last_backend);
+        let (pinned, last, own) = (c.pinned, c.last_backend, c.dedicated_mode);
+        if own && pinned.is_none() {
+            // Dedicated mode: a backend logged in for this client alone.
+            c.phase = Phase::Waiting { since: Instant::now() };
+            self.pools[pool].session_waiting.push_back(key);
+            self.client_set_state(key, ClientState::Waiting, 0);
+            self.client_rearm(key);
+            self.pool_maybe_grow(pool);
+            return self.sync_pool(pool);
+        }
         if let Some(b) = pinned {
             // Session mode: only this backend may serve the client.
             if matches!(self.backend(b).map(|b| &b.phase), Some(BPhase::Parked { .. })) {
@@ -142,6 +153,10 @@ impl Pooler {
         let pool = b.pool;
         if b.pinned_to.is_some() {
             return;
+        }
+        if b.own {
+            // Dedicated mode: its client left; no state reaches anyone else.
+            return self.backend_close(key);
         }
         self.pool_reserve_release(pool);
         if self.backend_close_if_surplus(key) {
@@ -192,6 +207,7 @@ impl Pooler {
             // database has a CONNECTION LIMIT or the server is stopping.
             p.shared_backends() < min && p.params.is_some() && !p.draining && !p.close_when_idle
         };
+        self.pool_grow_own(pool);
         let stopping = self.stopping;
         while self
             .pools
@@ -207,6 +223,34 @@ impl Pooler {
                 break; // the login could not even start
             }
         }
+    }
+
+    /// Dedicated mode: starts a login for each client waiting for its own
+    /// backend that no login under way serves, while `max_pinned_backends`
+    /// (with pinned clients' dedicated backends), max_db_connections and
+    /// max_user_connections leave room; the server itself applies
+    /// max_connections and CONNECTION LIMIT to the login, as to a direct one.
+    fn pool_grow_own(&mut self, pool: usize) {
+        loop {
+            let Some(p) = self.pools.get(pool) else { return };
+            if p.session_waiting.len() <= p.sessions_starting || p.draining {
+                return;
+            }
+            let (held, before) = (p.sessions + p.dedicated, p.sessions_starting);
+            let cap = self.max_pinned_backends_of(pool);
+            if cap.is_some_and(|c| held >= c) || !self.pool_login_room(pool) {
+                return;
+            }
+            self.backend_start_for(pool, true);
+            if self.pools.get(pool).is_none_or(|p| p.sessions_starting == before) {
+                return; // the login could not even start
+            }
+        }
+    }
+
+    /// Gives a backend logged in for a dedicated-mode client to it.
+    pub fn handoff_own(&mut self, ck: usize, bk: usize, since: Instant) {
+        self.handoff(ck, bk, Some(since));
     }
 
     fn handoff(&mut self, ck: usize, bk: usize, waited_since: Option<Instant>) {

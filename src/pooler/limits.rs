@@ -129,7 +129,8 @@ impl Pooler {
     pub fn pool_dedicated_refresh(&mut self, pool: usize) {
         use crate::pg::session::Pin;
         let Some(p) = self.pools.get(pool) else { return };
-        let cap = self.max_pinned_backends_of(pool).unwrap_or(usize::MAX);
+        // Dedicated-mode clients' own backends come first under the cap.
+        let cap = self.max_pinned_backends_of(pool).unwrap_or(usize::MAX).saturating_sub(p.sessions);
         let attached = p.attached.clone();
         let mut pinned: Vec<(bool, usize)> = Vec::new();
         for &bk in &attached {
@@ -277,7 +278,7 @@ impl Pooler {
     /// when that backend's process is gone.
     fn pool_caps_room(&mut self, pool: usize) -> bool {
         let Some(p) = self.pools.get(pool) else { return false };
-        let (db, role, waiting) = (p.database.clone(), p.role.clone(), !p.waiting.is_empty());
+        let (db, role, waiting) = (p.database.clone(), p.role.clone(), !p.waiting.is_empty() || !p.session_waiting.is_empty());
         let max_db = self.max_db_connections_of(&db);
         if max_db > 0 && self.backends_where(|d, _| d == db) >= max_db {
             if waiting {
@@ -388,7 +389,7 @@ impl Pooler {
         let mut waiting: Vec<(std::cmp::Reverse<i32>, usize, usize)> = self
             .pools
             .iter()
-            .filter(|(_, p)| !p.waiting.is_empty())
+            .filter(|(_, p)| !p.waiting.is_empty() || !p.session_waiting.is_empty())
             .map(|(k, p)| (std::cmp::Reverse(self.pool_priority_of(k)), p.shared_backends(), k))
             .collect();
         waiting.sort_unstable();

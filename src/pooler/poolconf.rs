@@ -187,12 +187,22 @@ impl Pooler {
         }
     }
 
-    /// Does a client entering this pool keep its backend for its session?
-    pub fn pool_session_mode(&self, pool: usize) -> bool {
+    /// `pool_mode` of the pool: its own or the global one.
+    pub fn pool_mode_of(&self, pool: usize) -> Mode {
         match self.pools.get(pool).and_then(|p| p.conf.pool_mode) {
-            Some(m) => m == Mode::Session,
-            None => POOL_MODE.get() == PoolMode::Session,
+            Some(m) => m,
+            None => match POOL_MODE.get() {
+                PoolMode::Transaction => Mode::Transaction,
+                PoolMode::Session => Mode::Session,
+                PoolMode::Dedicated => Mode::Dedicated,
+            },
         }
+    }
+
+    /// Does a client entering this pool keep its backend for its session
+    /// (session mode, or dedicated mode where the backend is its own)?
+    pub fn pool_session_mode(&self, pool: usize) -> bool {
+        self.pool_mode_of(pool) != Mode::Transaction
     }
 
     /// `query_wait_timeout` of the pool, seconds (0: forever).
@@ -222,6 +232,10 @@ impl Pooler {
 
     /// `min_pool_size` of the pool (never above its pool_size).
     pub fn min_pool_size_of(&self, pool: usize) -> usize {
+        if self.pool_mode_of(pool) == Mode::Dedicated {
+            // Nobody would use them: each client logs in its own backend.
+            return 0;
+        }
         let own = self.pools.get(pool).and_then(|p| p.conf.min_pool_size);
         (own.unwrap_or_else(|| MIN_POOL_SIZE.get()).max(0) as usize).min(self.pool_size_of(pool))
     }

@@ -46,10 +46,11 @@ impl Pooler {
     /// Recomputes a pool's row from the pool's queues.
     pub fn sync_pool(&self, pool: usize) {
         let Some(p) = self.pools.get(pool) else { return };
-        let attached = p.backends.saturating_sub(p.parked.len() + p.starting);
-        let waiting = p.waiting.len();
+        let attached = p.backends.saturating_sub(p.parked.len() + p.starting + p.sessions_starting);
+        let waiting = p.waiting.len() + p.session_waiting.len();
         let pending = p.login_pending.len();
         let (size, session) = (self.pool_size_of(pool) as i32, self.pool_session_mode(pool));
+        let dedicated_mode = self.pool_mode_of(pool) == nextgres_core::poolconf::Mode::Dedicated;
         self.tables.write(|rows, _, _| {
             let r = &mut rows[p.row];
             r.clients_waiting = waiting as i32;
@@ -57,8 +58,9 @@ impl Pooler {
             r.clients_idle = p.clients.saturating_sub(waiting + attached + pending) as i32;
             r.backends_parked = p.parked.len() as i32;
             r.backends_attached = attached as i32;
-            r.backends_starting = p.starting as i32;
-            r.backends_dedicated = p.dedicated as i32;
+            r.backends_starting = (p.starting + p.sessions_starting) as i32;
+            // Pinned clients' and dedicated-mode clients' own backends.
+            r.backends_dedicated = (p.dedicated + p.sessions - p.sessions_starting) as i32;
             r.xacts = p.xacts;
             r.queries = p.queries;
             r.xact_us = p.xact_us;
@@ -67,6 +69,7 @@ impl Pooler {
             r.max_wait_us = p.max_wait_us;
             r.pool_size = size;
             r.session_mode = session;
+            r.dedicated_mode = dedicated_mode;
         });
     }
 

@@ -761,3 +761,89 @@ fn assert_terminated(what: &str, c: &mut postgres::Client) {
         assert!(e.is_closed() || e.to_string().contains("closed"), "{what}: {e:?}");
     }
 }
+
+/// `pool_mode = dedicated` (no pooling) for role d with `pool_size` 2 (ALTER
+/// ROLE): six clients hold open transactions at once, each on a backend of
+/// its own (six distinct pids, all `idle in transaction` in
+/// pg_stat_activity, `backends_dedicated` 6) while pgbench through role b's
+/// pool runs with zero failed transactions; once the clients leave, their
+/// backends are gone from pg_stat_activity. After `ALTER ROLE d RESET
+/// pool_mode` new clients are pooled again: three clients' transactions run
+/// on at most pool_size 2 backends. (With d pooled, the third open
+/// transaction would wait and fail with query_wait_timeout.)
+#[test]
+fn dedicated_mode_gives_each_client_its_own_backend() {
+    let pg = Cluster::builder()
+        .conf("nextgres.pool_size = 4")
+        .conf("nextgres.query_wait_timeout = 5")
+        .conf("max_connections = 40")
+        .start();
+    exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE d LOGIN; CREATE ROLE b LOGIN; GRANT CREATE ON SCHEMA public TO b");
+    pg.pgbench_init(&pg.tcp("b", "postgres"), 1).assert_success();
+    let pid = |c: &mut postgres::Client| -> i32 {
+        first_value(&c.simple_query("SELECT pg_backend_pid()").expect("pid")).expect("row").parse().expect("int")
+    };
+    let mode = || {
+        pg.admin()
+            .query_one("SELECT pool_size, pool_mode FROM nextgres.pools WHERE role = 'd'", &[])
+            .map(|r| (r.get::<_, i32>(0), r.get::<_, String>(1)))
+            .expect("pools")
+    };
+    // The pool exists (global settings) before the ALTERs.
+    pid(&mut pg.tcp("d", "postgres").connect().expect("first"));
+    exec(&pg, "ALTER ROLE d SET nextgres.pool_mode = dedicated; ALTER ROLE d SET nextgres.pool_size = 2");
+    assert!(wait_until(APPLIED, || mode() == (2, "dedicated".to_string())), "not applied: {:?}", mode());
+    let in_xact = |pids: &[i32]| -> usize {
+        pg.activity().iter().filter(|a| pids.contains(&a.pid) && a.state.as_deref() == Some("idle in transaction")).count()
+    };
+    std::thread::scope(|s| {
+        let run = s.spawn(|| pg.pgbench(&pg.tcp("b", "postgres"), &["-n", "-S", "-c", "4", "-j", "2", "-T", "5"]));
+        let mut clients = Vec::new();
+        let mut pids = Vec::new();
+        for i in 0..6 {
+            let mut c = pg.tcp("d", "postgres").connect().unwrap_or_else(|e| panic!("client {i}: {e}"));
+            c.batch_execute("BEGIN").expect("begin");
+            pids.push(pid(&mut c));
+            clients.push(c);
+        }
+        let mut distinct = pids.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 6, "clients shared backends: {pids:?}");
+        assert_eq!(in_xact(&pids), 6, "not all six backends inside a transaction: {pids:?}");
+        let dedicated: i32 = pg
+            .admin()
+            .query_one("SELECT backends_dedicated FROM nextgres.pools WHERE role = 'd'", &[])
+            .expect("pools")
+            .get(0);
+        assert_eq!(dedicated, 6);
+        for c in &mut clients {
+            c.batch_execute("COMMIT").expect("commit");
+        }
+        let out = run.join().expect("pgbench");
+        out.assert_success();
+        let sum = parse_summary(&out.stdout).unwrap_or_else(|| panic!("no pgbench summary:\n{out}"));
+        assert_eq!(sum.failed.unwrap_or(0), 0, "{out}");
+        assert!(sum.processed > 0, "{out}");
+        drop(clients);
+        let gone = || {
+            let now = pg.backend_pids(Some("d"), Some("postgres"));
+            pids.iter().all(|p| !now.contains(p))
+        };
+        assert!(wait_until(Duration::from_secs(10), gone), "dedicated backends outlived their clients: {pids:?}");
+    });
+
+    exec(&pg, "ALTER ROLE d RESET nextgres.pool_mode");
+    assert!(wait_until(APPLIED, || mode() == (2, "transaction".to_string())), "RESET not applied: {:?}", mode());
+    let mut clients: Vec<_> = (0..3).map(|_| pg.tcp("d", "postgres").connect().expect("client")).collect();
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        for c in &mut clients {
+            seen.push(pid(c));
+        }
+    }
+    seen.sort();
+    seen.dedup();
+    assert!(seen.len() <= 2, "pooled again, yet on {} backends: {seen:?}", seen.len());
+    assert!(pg.backend_count(Some("d"), Some("postgres")) <= 2);
+}

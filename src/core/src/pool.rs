@@ -53,6 +53,13 @@ pub struct Pool {
     /// Attached backends whose client pinned its session, dedicated or not
     /// (beyond `max_pinned_backends` they stay in `pool_size`).
     pub pinned: usize,
+    /// `pool_mode = dedicated`: backends logged in for one client each
+    /// (starting ones included), outside pool_size; they exit with it.
+    pub sessions: usize,
+    /// Of `sessions`: still logging in.
+    pub sessions_starting: usize,
+    /// Dedicated-mode clients waiting for their own backend, oldest first.
+    pub session_waiting: VecDeque<usize>,
     pub starting: usize,
     pub clients: usize,
     pub credential: Option<Credential>,
@@ -109,6 +116,9 @@ impl Pool {
             backends: 0,
             dedicated: 0,
             pinned: 0,
+            sessions: 0,
+            sessions_starting: 0,
+            session_waiting: VecDeque::new(),
             starting: 0,
             clients: 0,
             credential: None,
@@ -142,9 +152,10 @@ impl Pool {
         self.parked.pop()
     }
 
-    /// Backends that count against `pool_size`: all but the dedicated ones.
+    /// Backends that count against `pool_size`: all but the dedicated ones
+    /// (pinned clients' and dedicated-mode clients' own).
     pub fn shared_backends(&self) -> usize {
-        self.backends.saturating_sub(self.dedicated)
+        self.backends.saturating_sub(self.dedicated + self.sessions)
     }
 
     /// Should another backend log in? Only while clients wait that the
@@ -223,6 +234,10 @@ mod tests {
         assert!(p.wants_backend(4));
         p.backends = 7;
         assert!(!p.wants_backend(4));
+        // So do dedicated-mode clients' own backends.
+        p.sessions = 2;
+        assert_eq!(p.shared_backends(), 2);
+        assert!(p.wants_backend(4));
     }
 
     #[test]

@@ -31,6 +31,9 @@ pub enum Mode {
     Transaction,
     /// A backend serves a client for its whole connection.
     Session,
+    /// No pooling: each client gets a backend logged in for it alone, outside
+    /// pool_size, that exits when the client leaves (a direct session).
+    Dedicated,
 }
 
 /// The settings one pool overrides; None: the global (postgresql.conf) value.
@@ -154,6 +157,7 @@ pub fn parse_mode(v: &str) -> Option<Mode> {
     match unquote(v).to_ascii_lowercase().as_str() {
         "transaction" => Some(Mode::Transaction),
         "session" => Some(Mode::Session),
+        "dedicated" => Some(Mode::Dedicated),
         _ => None,
     }
 }
@@ -245,6 +249,8 @@ mod tests {
         let c = resolve(&all, "d", "r");
         assert_eq!(c.pool_size, None);
         assert_eq!(c.pool_mode, Some(Mode::Session));
+        assert_eq!(resolve(&[e(None, Some("r"), "nextgres.pool_mode=dedicated")], "d", "r").pool_mode, Some(Mode::Dedicated));
+        assert_eq!(resolve(&[e(None, Some("r"), "nextgres.pool_mode=none")], "d", "r").pool_mode, None);
     }
 
     #[test]
