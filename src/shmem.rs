@@ -107,6 +107,12 @@ pub struct PoolRow {
     pub waits: i64,
     pub wait_us: i64,
     pub max_wait_us: i64,
+    /// Query time (µs), see `backend::comm`.
+    pub query_us: i64,
+    /// Protocol bytes sent to the pool's clients by its backends.
+    pub bytes_sent: i64,
+    /// Bytes received from the pool's clients since their login (TCP_INFO).
+    pub bytes_received: i64,
     /// Effective `pool_size` (its own from pg_db_role_setting, else global).
     pub pool_size: i32,
     /// Effective `pool_mode`: 1 session, 0 transaction.

@@ -27,6 +27,11 @@ fn tables() -> shmem::Tables {
     }
 }
 
+/// `total_us / n` in milliseconds; NULL when nothing was counted.
+fn avg_ms(total_us: i64, n: i64) -> Option<f64> {
+    (n > 0).then(|| total_us as f64 / n as f64 / 1000.0)
+}
+
 fn ts(t: i64) -> Option<TimestampWithTimeZone> {
     (t != 0).then(|| unsafe { TimestampWithTimeZone::from_datum(pgrx::pg_sys::Datum::from(t), false) }).flatten()
 }
@@ -53,6 +58,12 @@ fn pools() -> TableIterator<
         name!(max_wait_ms, f64),
         name!(pool_size, i32),
         name!(pool_mode, &'static str),
+        name!(query_time_ms, f64),
+        name!(avg_query_ms, Option<f64>),
+        name!(avg_xact_ms, Option<f64>),
+        name!(avg_wait_ms, Option<f64>),
+        name!(bytes_sent, i64),
+        name!(bytes_received, i64),
     ),
 > {
     let (pools, _, _) = tables().snapshot();
@@ -81,6 +92,12 @@ fn pools() -> TableIterator<
             } else {
                 "transaction"
             },
+            p.query_us as f64 / 1000.0,
+            avg_ms(p.query_us, p.queries),
+            avg_ms(p.xact_us, p.xacts),
+            avg_ms(p.wait_us, p.waits),
+            p.bytes_sent,
+            p.bytes_received,
         )
     }))
 }

@@ -2,8 +2,13 @@
 //! ReadyForQuery and its status; `flush` forwards and, after a flushed
 //! ReadyForQuery(I), reaches the transaction boundary where the backend may
 //! give its client back; CommandComplete and ErrorResponse are counted as the
-//! client's statements (`nextgres.pools.queries`). Ordinary backends pay one
-//! branch per call.
+//! client's statements (`nextgres.pools.queries`), every message's bytes as
+//! sent to it (`bytes_sent`), and each request cycle's time as query time
+//! (`query_time_ms`: from the start of processing the first message the
+//! backend answers, the server's statement timestamp, but not before the
+//! previous ReadyForQuery or the attach, to the next ReadyForQuery, as
+//! PgBouncer counts from the request to ReadyForQuery). Ordinary backends
+//! pay one branch per call.
 use crate::pg::comm::{PQcommMethods, PqCommMethods};
 use std::cell::Cell;
 use std::ffi::{c_char, c_int};
@@ -14,14 +19,39 @@ static mut WRAPPED: Option<PQcommMethods> = None;
 thread_local! {
     /// Status byte of a ReadyForQuery queued since the last flush.
     static PENDING_READY: Cell<Option<u8>> = const { Cell::new(None) };
-    /// CommandComplete and ErrorResponse messages sent since `take_queries`.
-    static QUERIES: Cell<u32> = const { Cell::new(0) };
+    /// What was counted since `take_counters`.
+    static COUNTERS: Cell<Counters> = const { Cell::new(Counters { queries: 0, query_us: 0, bytes_sent: 0 }) };
+    /// Start of the request cycle under way (TimestampTz, µs), if any.
+    static CYCLE_START: Cell<Option<i64>> = const { Cell::new(None) };
+    /// The last ReadyForQuery or attach (TimestampTz, µs): no cycle starts before.
+    static CYCLE_FLOOR: Cell<i64> = const { Cell::new(0) };
 }
 
-/// Statements answered (CommandComplete or ErrorResponse) since the last
-/// call; the counter starts again at 0.
-pub fn take_queries() -> u32 {
-    QUERIES.with(|q| q.replace(0))
+/// What the backend did for its client (`RELEASED`).
+#[derive(Clone, Copy, Default)]
+pub struct Counters {
+    /// Statements answered (CommandComplete or ErrorResponse).
+    pub queries: u32,
+    /// Query time, µs.
+    pub query_us: u64,
+    /// Protocol bytes sent (type byte, length word and body of each message).
+    pub bytes_sent: u64,
+}
+
+/// What was counted since the last call; the counters start again at 0 and
+/// no query time is counted from before now (a new client was attached).
+pub fn take_counters() -> Counters {
+    CYCLE_START.with(|c| c.set(None));
+    CYCLE_FLOOR.with(|f| f.set(crate::pg::shmem::now()));
+    COUNTERS.with(|c| c.replace(Counters::default()))
+}
+
+fn count(f: impl FnOnce(&mut Counters)) {
+    COUNTERS.with(|c| {
+        let mut v = c.get();
+        f(&mut v);
+        c.set(v);
+    });
 }
 
 fn original() -> &'static PQcommMethods {
@@ -40,13 +70,28 @@ pub fn install() {
 
 unsafe extern "C" fn putmessage(msgtype: c_char, s: *const c_char, len: usize) -> c_int {
     if super::is_pooled() {
+        let header = if msgtype == 0 { 4 } else { 5 };
+        count(|c| c.bytes_sent = c.bytes_sent.wrapping_add((len + header) as u64));
+        // Asynchronous messages (a notification, a parameter or notice
+        // while idle) start no request cycle.
+        if !matches!(msgtype as u8, b'A' | b'N' | b'S') && CYCLE_START.with(|c| c.get()).is_none() {
+            let start = crate::pg::shmem::statement_start().max(CYCLE_FLOOR.with(|f| f.get()));
+            CYCLE_START.with(|c| c.set(Some(start)));
+        }
         match msgtype as u8 {
-            b'Z' if len == 1 => PENDING_READY.with(|p| p.set(Some(*s as u8))),
+            b'Z' if len == 1 => {
+                PENDING_READY.with(|p| p.set(Some(*s as u8)));
+                let now = crate::pg::shmem::now();
+                if let Some(start) = CYCLE_START.with(|c| c.take()) {
+                    count(|c| c.query_us = c.query_us.wrapping_add(now.saturating_sub(start).max(0) as u64));
+                }
+                CYCLE_FLOOR.with(|f| f.set(now));
+            }
             // ParseComplete / CloseComplete: named statements may have changed.
             b'1' | b'3' => crate::pg::session::note_statement_messages(),
             // One per statement a client ran, failed ones included (as
             // PgBouncer's query count).
-            b'C' | b'E' => QUERIES.with(|q| q.set(q.get().wrapping_add(1))),
+            b'C' | b'E' => count(|c| c.queries = c.queries.wrapping_add(1)),
             _ => {}
         }
     }

@@ -266,8 +266,16 @@ fn release(p: &mut Parking, client: u64) {
     let settings = sess::take_session_settings();
     let statements = session::note_release(settings.as_deref(), sess::take_statements());
     let defaults = session::take_reported_defaults();
-    let queries = super::comm::take_queries();
-    let released = Released { client_id: client, queries, settings, statements, defaults };
+    let n = super::comm::take_counters();
+    let released = Released {
+        client_id: client,
+        queries: n.queries,
+        query_us: n.query_us,
+        bytes_sent: n.bytes_sent,
+        settings,
+        statements,
+        defaults,
+    };
     let mut msg = Vec::with_capacity(64);
     control::write_released(&mut msg, &released);
     write_all(p.control, &msg);
@@ -376,7 +384,7 @@ fn attach_client(p: &mut Parking, (mut a, fd): (Attach, RawFd), timer_was_on: bo
     p.attached = Some(a.client_id);
     p.attached_at = std::time::Instant::now();
     // Count only what this client runs from here on.
-    super::comm::take_queries();
+    super::comm::take_counters();
     p.reserved = a.flags & control::FLAG_RESERVED != 0;
     p.hold_idle = a.flags & control::FLAG_HOLD_IDLE != 0;
     p.pool_row = a.pool_row as usize;

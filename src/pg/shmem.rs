@@ -87,3 +87,9 @@ pub fn strong_random(buf: &mut [u8]) -> bool {
 pub fn now() -> i64 {
     unsafe { pg_sys::GetCurrentTimestamp() }
 }
+
+/// When the server began processing the current client message (a
+/// TimestampTz: `statement_timestamp()`, set per message in tcop/postgres.c).
+pub fn statement_start() -> i64 {
+    unsafe { pg_sys::GetCurrentStatementStartTimestamp() }
+}

@@ -63,6 +63,9 @@ pub struct Client {
     /// `pool_mode = dedicated`: the client gets a backend of its own, outside
     /// pool_size, that exits when the client leaves.
     pub dedicated_mode: bool,
+    /// The socket's `tcpi_bytes_received` when last added to its pool's
+    /// `bytes_received` (None: not known, e.g. before its login completed).
+    pub tcp_received: Option<u64>,
     /// A backend has counted this client's session (pg_stat_database.sessions).
     pub session_counted: bool,
     /// Logged in (its disconnection is logged as the server's would be).
@@ -94,6 +97,7 @@ impl Client {
             pinned: None,
             session_mode: false,
             dedicated_mode: false,
+            tcp_received: None,
             session_counted: false,
             logged_in: false,
             xacts: 0,
@@ -529,8 +533,21 @@ impl Pooler {
         }
     }
 
+    /// Adds what the client sent since the last call to its pool's
+    /// `bytes_received`: at each transaction boundary and when it leaves.
+    pub fn client_count_received(&mut self, key: usize) {
+        let Some(c) = self.client(key) else { return };
+        let (Some(pool), Some(before)) = (c.pool, c.tcp_received) else { return };
+        let Some(now) = conn::tcp_bytes_received(&c.stream) else { return };
+        c.tcp_received = Some(now);
+        if let Some(p) = self.pools.get_mut(pool) {
+            p.bytes_received = p.bytes_received.saturating_add(now.saturating_sub(before).min(i64::MAX as u64) as i64);
+        }
+    }
+
     /// Takes the client out of its pool's queues and counts.
     fn client_detach_from_pool(&mut self, key: usize) {
+        self.client_count_received(key);
         let Some(c) = self.client(key) else { return };
         let Some(pool) = c.pool.take() else { return };
         let pinned = c.pinned.take();

@@ -31,3 +31,17 @@ pub fn modify(epoll: &Epoll, fd: impl AsFd, key: usize, flags: EpollFlags) {
 pub fn remove(epoll: &Epoll, fd: impl AsFd) {
     let _ = epoll.delete(fd);
 }
+
+/// Bytes the kernel has received on a client's TCP socket since it was
+/// opened (`tcpi_bytes_received` of `getsockopt(TCP_INFO)`, Linux 4.1+).
+/// None when unknown: not a TCP socket (a TLS client's relay socketpair) or
+/// an older kernel.
+pub fn tcp_bytes_received(fd: &impl std::os::fd::AsRawFd) -> Option<u64> {
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` is a writable tcp_info of `len` bytes; the kernel
+    // writes at most `len` bytes and sets `len` to what it wrote.
+    let rc = unsafe { libc::getsockopt(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len) };
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + std::mem::size_of::<u64>();
+    (rc == 0 && len as usize >= needed).then_some(info.tcpi_bytes_received)
+}

@@ -99,6 +99,8 @@ impl Pooler {
         proto::ready_for_query(&mut out, b'I');
         c.cancel = Some((pid, secret));
         c.phase = Phase::Idle;
+        // What it sent to log in is not counted in bytes_received.
+        c.tcp_received = super::conn::tcp_bytes_received(&c.stream);
         c.send(&out);
         self.client_set_state(key, ClientState::Idle, 0);
         self.client_rearm(key);
@@ -345,6 +347,8 @@ impl Pooler {
         {
             let p = &mut self.pools[pool];
             p.queries = p.queries.saturating_add(r.queries as i64);
+            p.query_us = p.query_us.saturating_add(r.query_us.min(i64::MAX as u64) as i64);
+            p.bytes_sent = p.bytes_sent.saturating_add(r.bytes_sent.min(i64::MAX as u64) as i64);
             p.xact_us = p.xact_us.saturating_add(attached_us);
             p.attached.retain(|&k| k != bk);
             if requested {
@@ -368,6 +372,7 @@ impl Pooler {
             r.since = now;
         });
         self.pools[pool].xacts += 1;
+        self.client_count_received(ck);
         if let Some(c) = self.client(ck) {
             if c.id == client_id {
                 if let Some(settings) = r.settings {

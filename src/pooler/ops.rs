@@ -11,7 +11,7 @@
 //! * reconnect: backends logged in before the request are replaced at their
 //!   next transaction boundary (parked ones at once), see `backend_expired`.
 //! * reset_stats: the pools' counters (transactions, queries, xact_time_ms,
-//!   waits) start at 0.
+//!   query_time_ms, bytes, waits) start at 0.
 //! * kill_clients: every client of the pool is disconnected (57P01).
 //! * kill_client: one client (by address and port) is disconnected (57P01).
 use super::client::Phase;
@@ -83,6 +83,9 @@ impl Pooler {
                     p.waits = 0;
                     p.wait_us = 0;
                     p.max_wait_us = 0;
+                    p.query_us = 0;
+                    p.bytes_sent = 0;
+                    p.bytes_received = 0;
                     self.sync_pool(k);
                     continue;
                 }

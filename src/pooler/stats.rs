@@ -67,6 +67,9 @@ impl Pooler {
             r.waits = p.waits;
             r.wait_us = p.wait_us;
             r.max_wait_us = p.max_wait_us;
+            r.query_us = p.query_us;
+            r.bytes_sent = p.bytes_sent;
+            r.bytes_received = p.bytes_received;
             r.pool_size = size;
             r.session_mode = session;
             r.dedicated_mode = dedicated_mode;

@@ -847,3 +847,105 @@ fn dedicated_mode_gives_each_client_its_own_backend() {
     assert!(seen.len() <= 2, "pooled again, yet on {} backends: {seen:?}", seen.len());
     assert!(pg.backend_count(Some("d"), Some("postgres")) <= 2);
 }
+
+/// The statistics beyond counts: after `reset_stats()` `query_time_ms`,
+/// `bytes_sent` and `bytes_received` are 0 and the averages NULL; after
+/// pgbench `-S` (4 clients x 50, `hold_idle_clients = off`) `queries` equals
+/// `transactions` (pgbench's processed plus at most its own 2), query time,
+/// transaction time and both byte counts are positive, each average is its
+/// total over its count, and the average wait is at most the maximum. A COPY
+/// FROM STDIN of 1 MiB raises `bytes_received` by at least 1 MiB, a COPY TO
+/// STDOUT of 1 MiB `bytes_sent` by at least that.
+#[test]
+fn stats_bytes_and_times_move_with_pgbench_and_copy() {
+    let pg = Cluster::builder().conf("nextgres.pool_size = 2").conf("nextgres.hold_idle_clients = off").start();
+    exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN; GRANT CREATE ON SCHEMA public TO app");
+    let bench = pg.tcp("app", "postgres");
+    pg.pgbench_init(&bench, 1).assert_success();
+    #[derive(Debug)]
+    struct S {
+        xacts: i64,
+        queries: i64,
+        xact_ms: f64,
+        query_ms: f64,
+        avg_query: Option<f64>,
+        avg_xact: Option<f64>,
+        avg_wait: Option<f64>,
+        max_wait: f64,
+        sent: i64,
+        received: i64,
+    }
+    let stats = || {
+        let r = pg
+            .admin()
+            .query_one(
+                "SELECT transactions, queries, xact_time_ms, query_time_ms, avg_query_ms, avg_xact_ms, avg_wait_ms,
+                        max_wait_ms, bytes_sent, bytes_received
+                   FROM nextgres.pools WHERE role = 'app'",
+                &[],
+            )
+            .expect("pools");
+        S {
+            xacts: r.get(0),
+            queries: r.get(1),
+            xact_ms: r.get(2),
+            query_ms: r.get(3),
+            avg_query: r.get(4),
+            avg_xact: r.get(5),
+            avg_wait: r.get(6),
+            max_wait: r.get(7),
+            sent: r.get(8),
+            received: r.get(9),
+        }
+    };
+    let s = stats();
+    assert!(s.sent > 0 && s.received > 0 && s.query_ms > 0.0, "pgbench -i counted nothing: {s:?}");
+    pg.admin().simple_query("SELECT nextgres.reset_stats('postgres', 'app')").expect("reset");
+    let s = stats();
+    assert_eq!((s.query_ms, s.sent, s.received), (0.0, 0, 0), "{s:?}");
+    assert_eq!((s.avg_query, s.avg_xact, s.avg_wait), (None, None, None), "{s:?}");
+
+    let out = pg.pgbench(&bench, &["-n", "-S", "-c", "4", "-j", "2", "-t", "50"]);
+    out.assert_success();
+    let sum = parse_summary(&out.stdout).unwrap_or_else(|| panic!("no pgbench summary:\n{out}"));
+    assert_eq!(sum.processed, 200, "{out}");
+    // The last client's final bytes are added when it disconnects.
+    let settled = || {
+        let s = stats();
+        s.received > 0 && s.xacts >= 200
+    };
+    assert!(wait_until(Duration::from_secs(10), settled), "{:?}", stats());
+    let s = stats();
+    eprintln!("after pgbench -S: {s:?}");
+    assert_eq!(s.queries, s.xacts, "{s:?}");
+    assert!((0..=2).contains(&(s.queries - sum.processed as i64)), "{s:?} vs {out}");
+    assert!(s.query_ms > 0.0 && s.xact_ms > 0.0 && s.sent > 0 && s.received > 0, "{s:?}");
+    let close = |a: Option<f64>, total: f64, n: i64| a.is_some_and(|a| (a * n as f64 - total).abs() <= 1e-6 * total.max(1.0));
+    assert!(close(s.avg_query, s.query_ms, s.queries), "avg_query_ms: {s:?}");
+    assert!(close(s.avg_xact, s.xact_ms, s.xacts), "avg_xact_ms: {s:?}");
+    assert!(s.avg_wait.is_some_and(|w| w <= s.max_wait), "avg_wait_ms: {s:?}");
+
+    const N: usize = 1 << 20;
+    exec(&pg, "CREATE TABLE blob (t text); GRANT ALL ON blob TO app");
+    let before = stats();
+    {
+        use std::io::{Read, Write};
+        let mut c = pg.tcp("app", "postgres").connect().expect("connect");
+        let mut w = c.copy_in("COPY blob FROM STDIN").expect("copy in");
+        // 1 MiB in 1 KiB lines (1023 characters and a newline each).
+        let line = format!("{}\n", "x".repeat(1023));
+        for _ in 0..N / 1024 {
+            w.write_all(line.as_bytes()).expect("write");
+        }
+        assert_eq!(w.finish().expect("finish"), (N / 1024) as u64);
+        let mut r = c.copy_out("COPY (SELECT repeat('y', 1048575)) TO STDOUT").expect("copy out");
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).expect("read");
+        assert_eq!(got.len(), N);
+    }
+    let grown = || {
+        let s = stats();
+        s.received - before.received >= N as i64 && s.sent - before.sent >= N as i64
+    };
+    assert!(wait_until(Duration::from_secs(10), grown), "bytes did not grow by the COPYs' {N}: before {before:?}, after {:?}", stats());
+}

@@ -10,7 +10,8 @@
 //!     (a `sockaddr_storage` prefix), startup settings, then the client's
 //!     session image (SET settings, prepared statements) when it is new here.
 //! backend -> pooler  `RELEASED`: u64 client id, u8 flags, u32 statements
-//!     run since the client was attached here (`queries`), then the parts of
+//!     run since the client was attached here (`queries`), u64 microseconds
+//!     of query time and u64 bytes sent to the client since then, then the parts of
 //!     the session image that changed in this transaction. Sent after the
 //!     backend has flushed ReadyForQuery(I) to the client and put its control
 //!     socket back in place of the client's.
@@ -104,6 +105,11 @@ pub struct Released {
     /// Statements the backend ran for the client since it was attached
     /// (CommandComplete and ErrorResponse messages sent): `nextgres.pools.queries`.
     pub queries: u32,
+    /// Query time since it was attached, µs: per request cycle, from the
+    /// start of the first message's processing to ReadyForQuery.
+    pub query_us: u64,
+    /// Protocol bytes sent to the client since it was attached.
+    pub bytes_sent: u64,
     /// Present when they changed during the transaction.
     pub settings: Option<Vec<(String, String)>>,
     pub statements: Option<Vec<Statement>>,
@@ -185,6 +191,8 @@ pub fn write_released(out: &mut Vec<u8>, r: &Released) {
             | if r.defaults.is_some() { IMAGE_DEFAULTS } else { 0 };
         o.push(flags);
         o.extend_from_slice(&r.queries.to_be_bytes());
+        o.extend_from_slice(&r.query_us.to_be_bytes());
+        o.extend_from_slice(&r.bytes_sent.to_be_bytes());
         if let Some(s) = &r.settings {
             put_pairs(o, s);
         }
@@ -293,11 +301,13 @@ pub fn parse_released(body: &[u8]) -> Result<Released, ProtoError> {
     let client_id = r.u64()?;
     let flags = r.u8()?;
     let queries = r.u32()?;
+    let query_us = r.u64()?;
+    let bytes_sent = r.u64()?;
     let settings = if flags & IMAGE_SETTINGS != 0 { Some(r.pairs()?) } else { None };
     let statements = if flags & IMAGE_STATEMENTS != 0 { Some(r.statements()?) } else { None };
     let defaults = if flags & IMAGE_DEFAULTS != 0 { Some(r.pairs()?) } else { None };
     r.end()?;
-    Ok(Released { client_id, queries, settings, statements, defaults })
+    Ok(Released { client_id, queries, query_us, bytes_sent, settings, statements, defaults })
 }
 
 /// A statement list alone, as inside ATTACH and RELEASED (the server side's
@@ -371,9 +381,9 @@ mod tests {
     #[test]
     fn released_round_trip() {
         for r in [
-            Released { client_id: u64::MAX - 1, queries: u32::MAX, settings: None, statements: None, defaults: None },
-            Released { client_id: 7, queries: 3, settings: Some(image().settings), statements: None, defaults: None },
-            Released { client_id: 7, queries: 3, settings: Some(vec![]), statements: Some(image().statements), defaults: Some(image().defaults) },
+            Released { client_id: u64::MAX - 1, queries: u32::MAX, query_us: u64::MAX, bytes_sent: 1 << 40, settings: None, statements: None, defaults: None },
+            Released { client_id: 7, queries: 3, query_us: 250, bytes_sent: 17, settings: Some(image().settings), statements: None, defaults: None },
+            Released { client_id: 7, queries: 3, query_us: 250, bytes_sent: 17, settings: Some(vec![]), statements: Some(image().statements), defaults: Some(image().defaults) },
         ] {
             let mut out = Vec::new();
             write_released(&mut out, &r);
@@ -395,7 +405,7 @@ mod tests {
             assert!(parse_attach(&body[..cut]).is_err(), "cut at {cut}");
         }
         let mut rel = Vec::new();
-        write_released(&mut rel, &Released { client_id: 1, queries: 0, settings: Some(image().settings), statements: Some(image().statements), defaults: None });
+        write_released(&mut rel, &Released { client_id: 1, queries: 0, query_us: 0, bytes_sent: 0, settings: Some(image().settings), statements: Some(image().statements), defaults: None });
         let body = &rel[5..];
         for cut in 0..body.len() {
             assert!(parse_released(&body[..cut]).is_err(), "cut at {cut}");

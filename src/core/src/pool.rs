@@ -85,6 +85,12 @@ pub struct Pool {
     pub queries: i64,
     /// Time its backends spent attached to clients, attach to release (µs).
     pub xact_us: i64,
+    /// Query time, µs (`control::Released::query_us`).
+    pub query_us: i64,
+    /// Protocol bytes the pool's backends sent to its clients.
+    pub bytes_sent: i64,
+    /// Bytes received from the pool's clients after their login (TCP).
+    pub bytes_received: i64,
     pub waits: i64,
     pub wait_us: i64,
     pub max_wait_us: i64,
@@ -131,6 +137,9 @@ impl Pool {
             xacts: 0,
             queries: 0,
             xact_us: 0,
+            query_us: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
             waits: 0,
             wait_us: 0,
             max_wait_us: 0,
