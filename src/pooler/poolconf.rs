@@ -365,7 +365,12 @@ fn describe(c: &PoolConf) -> String {
         parts.push(format!("pool_size={v}"));
     }
     if let Some(v) = c.pool_mode {
-        parts.push(format!("pool_mode={}", if v == Mode::Session { "session" } else { "transaction" }));
+        let mode = match v {
+            Mode::Transaction => "transaction",
+            Mode::Session => "session",
+            Mode::Dedicated => "dedicated",
+        };
+        parts.push(format!("pool_mode={mode}"));
     }
     if let Some(v) = c.query_wait_timeout {
         parts.push(format!("query_wait_timeout={v}s"));

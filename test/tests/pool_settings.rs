@@ -949,3 +949,73 @@ fn stats_bytes_and_times_move_with_pgbench_and_copy() {
     };
     assert!(wait_until(Duration::from_secs(10), grown), "bytes did not grow by the COPYs' {N}: before {before:?}, after {:?}", stats());
 }
+
+/// `pool_mode = dedicated` under the limits of direct sessions: with role d's
+/// `CONNECTION LIMIT 2` and two dedicated clients inside a transaction, a
+/// third client's first statement fails as a direct login does at that
+/// moment (same SQLSTATE and message: the server refused its own backend's
+/// login); with `max_pinned_backends = 2` instead, the third client waits
+/// (`clients_waiting` 1) until one of the two leaves, and is then served on a
+/// new backend of its own.
+#[test]
+fn dedicated_mode_under_connection_limit_and_cap() {
+    let pg = Cluster::builder().conf("nextgres.query_wait_timeout = 30").start();
+    exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE d LOGIN");
+    let pid = |c: &mut postgres::Client| -> i32 {
+        first_value(&c.simple_query("SELECT pg_backend_pid()").expect("pid")).expect("row").parse().expect("int")
+    };
+    pid(&mut pg.tcp("d", "postgres").connect().expect("first"));
+    exec(&pg, "ALTER ROLE d SET nextgres.pool_mode = dedicated");
+    let mode = || {
+        pg.admin()
+            .query_one("SELECT pool_mode FROM nextgres.pools WHERE role = 'd'", &[])
+            .map(|r| r.get::<_, String>(0))
+            .expect("pools")
+    };
+    assert!(wait_until(APPLIED, || mode() == "dedicated"), "not applied: {}", mode());
+    // The first client's pooled backend goes (reconnect closes parked ones).
+    exec(&pg, "SELECT nextgres.reconnect('postgres', 'd')");
+    assert!(wait_until(Duration::from_secs(10), || pg.backend_count(Some("d"), None) == 0), "pooled backend left");
+
+    exec(&pg, "ALTER ROLE d CONNECTION LIMIT 2");
+    let mut a = pg.tcp("d", "postgres").connect().expect("a");
+    a.batch_execute("BEGIN").expect("a begins");
+    let pa = pid(&mut a);
+    let mut b = pg.tcp("d", "postgres").connect().expect("b");
+    b.batch_execute("BEGIN").expect("b begins");
+    let pb = pid(&mut b);
+    let Err(direct) = pg.unix("d", "postgres").connect() else { panic!("direct login over the limit succeeded") };
+    let direct = err_fields(&direct).expect("server error");
+    let pooled = match pg.tcp("d", "postgres").connect() {
+        Ok(mut c) => c.simple_query("SELECT 1").expect_err("pooled session over the limit"),
+        Err(e) => e,
+    };
+    let pooled = err_fields(&pooled).expect("server error");
+    assert_eq!((pooled.code.as_str(), pooled.message.as_str()), (direct.code.as_str(), direct.message.as_str()), "{pooled:?} vs {direct:?}");
+    assert_eq!(direct.code, "53300");
+    exec(&pg, "ALTER ROLE d CONNECTION LIMIT -1; ALTER ROLE d SET nextgres.max_pinned_backends = 2");
+    assert!(
+        wait_until(APPLIED, || pg.log().contains("pool_mode=dedicated, max_pinned_backends=2")),
+        "max_pinned_backends not applied"
+    );
+    std::thread::scope(|s| {
+        let c = s.spawn(|| {
+            let mut c = pg.tcp("d", "postgres").connect().expect("c");
+            pid(&mut c)
+        });
+        let waiting = || {
+            pg.admin()
+                .query_one("SELECT clients_waiting FROM nextgres.pools WHERE role = 'd'", &[])
+                .map(|r| r.get::<_, i32>(0))
+                .unwrap_or(0)
+        };
+        assert!(wait_until(Duration::from_secs(10), || waiting() == 1), "c never waited");
+        assert!(!c.is_finished(), "c was served beyond max_pinned_backends");
+        assert_eq!(pg.backend_count(Some("d"), None), 2);
+        a.batch_execute("COMMIT").expect("commit");
+        drop(a);
+        let pc = c.join().expect("c");
+        assert!(pc != pa && pc != pb, "c reused a backend: {pc} of {pa}, {pb}");
+    });
+    b.batch_execute("COMMIT").expect("b commits");
+}
