@@ -120,7 +120,15 @@ impl Pooler {
         let Some(pool) = c.pool else { return };
         let (pinned, last, own) = (c.pinned, c.last_backend, c.dedicated_mode);
         if own && pinned.is_none() {
-            // Dedicated mode: a backend logged in for this client alone.
+            // Dedicated mode: a backend logged in for this client alone. The
+            // one a new pool logged in to learn its session values, if it
+            // never served anyone, is taken over instead of left idle.
+            if !self.pool_paused(pool) {
+                if let Some(b) = self.pool_take_fresh_parked(pool) {
+                    return self.handoff(key, b, None);
+                }
+            }
+            let Some(c) = self.client(key) else { return };
             c.phase = Phase::Waiting { since: Instant::now() };
             self.pools[pool].session_waiting.push_back(key);
             self.client_set_state(key, ClientState::Waiting, 0);
@@ -248,6 +256,21 @@ impl Pooler {
                 return; // the login could not even start
             }
         }
+    }
+
+    /// Takes a parked backend of the pool that never served a client and
+    /// makes it a dedicated-mode client's own (outside pool_size from now).
+    fn pool_take_fresh_parked(&mut self, pool: usize) -> Option<usize> {
+        let p = self.pools.get(pool)?;
+        let i = p.parked.iter().position(|&k| matches!(self.conns.get(k), Some(Conn::Backend(b)) if b.last_client == 0 && !b.own))?;
+        let p = &mut self.pools[pool];
+        let bk = p.parked.remove(i);
+        p.sessions += 1;
+        let b = self.backend(bk)?;
+        b.own = true;
+        let row = b.row;
+        self.backend_row_update(row, |r| r.dedicated = true);
+        Some(bk)
     }
 
     /// Gives a backend logged in for a dedicated-mode client to it.

@@ -977,6 +977,20 @@ fn dedicated_mode_under_connection_limit_and_cap() {
     exec(&pg, "SELECT nextgres.reconnect('postgres', 'd')");
     assert!(wait_until(Duration::from_secs(10), || pg.backend_count(Some("d"), None) == 0), "pooled backend left");
 
+    // A pool that is dedicated from its first client: the backend it logs
+    // in to learn its session values becomes that client's own (one
+    // backend, not two), and goes with it. (d's new pool_size, read with
+    // e's setting, says when the pooler has both.)
+    exec(&pg, "CREATE ROLE e LOGIN; ALTER ROLE e SET nextgres.pool_mode = dedicated; ALTER ROLE d SET nextgres.pool_size = 3");
+    let size = || pg.admin().query_one("SELECT pool_size FROM nextgres.pools WHERE role = 'd'", &[]).map(|r| r.get::<_, i32>(0)).expect("pools");
+    assert!(wait_until(APPLIED, || size() == 3), "not applied");
+    {
+        let mut c = pg.tcp("e", "postgres").connect().expect("e");
+        let p = pid(&mut c);
+        assert_eq!(pg.backend_pids(Some("e"), None), vec![p]);
+    }
+    assert!(wait_until(Duration::from_secs(10), || pg.backend_count(Some("e"), None) == 0), "e's backend outlived it");
+
     exec(&pg, "ALTER ROLE d CONNECTION LIMIT 2");
     let mut a = pg.tcp("d", "postgres").connect().expect("a");
     a.batch_execute("BEGIN").expect("a begins");
