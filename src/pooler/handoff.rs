@@ -262,6 +262,9 @@ impl Pooler {
     /// makes it a dedicated-mode client's own (outside pool_size from now).
     fn pool_take_fresh_parked(&mut self, pool: usize) -> Option<usize> {
         let p = self.pools.get(pool)?;
+        if self.max_pinned_backends_of(pool).is_some_and(|c| p.sessions + p.dedicated >= c) {
+            return None;
+        }
         let i = p.parked.iter().position(|&k| matches!(self.conns.get(k), Some(Conn::Backend(b)) if b.last_client == 0 && !b.own))?;
         let p = &mut self.pools[pool];
         let bk = p.parked.remove(i);
