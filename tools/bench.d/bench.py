@@ -1,11 +1,17 @@
 #!/usr/bin/env python3
 """Benchmark driver behind tools/bench: direct PostgreSQL vs PgBouncer vs nextgres.
 
-One PostgreSQL 16 cluster serves all three paths at once:
+One PostgreSQL 16 cluster with nextgres preloaded serves three paths at once:
   direct    the server's own TCP port (a backend per connection)
-  pgbouncer PgBouncer (Debian package) on its own port, transaction pooling,
-            connecting to the server's Unix socket
+  pgbouncer PgBouncer (1.24 built from Debian's source package, or Debian 12's
+            1.18) on its own port, transaction pooling, connecting to the
+            server's Unix socket
   nextgres  the nextgres pooler on its side port (nextgres.port)
+and a second cluster of the same build, without nextgres in
+shared_preload_libraries, is the fourth:
+  plain     direct connections to a server that does not load nextgres, the
+            baseline without any cost of nextgres's hooks (select-only and
+            tpcb-like workloads only)
 Workloads run interleaved (per configuration: each target in turn, the order
 rotated every round), several rounds; report.py turns the raw rows into
 medians, ratios, charts and BENCHMARKS.md.
@@ -34,7 +40,10 @@ sys.dont_write_bytecode = True  # no __pycache__ in the work tree
 import report  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-TARGETS = ["direct", "pgbouncer", "nextgres"]
+TARGETS = ["plain", "direct", "pgbouncer", "nextgres"]
+# Workloads that also run against the plain cluster; the others compare the
+# three paths of the nextgres cluster.
+PLAIN_WORKLOADS = {"select", "tpcb"}
 PASSWORD = "bench"
 POOL_SIZE = 16
 # pool_priority workload: each of two pools gets PRIO_CLIENTS clients, and
@@ -170,6 +179,8 @@ class Bench:
         self.bindir = a.bindir
         self.work = a.work
         self.data = os.path.join(self.work, "data")
+        self.plain_data = os.path.join(self.work, "plain-data")
+        self.plain_pm_pid = None
         self.logs = os.path.join(self.work, "logs")
         self.pgb_dir = os.path.join(self.work, "pgbouncer")
         self.pm_pid = None
@@ -191,7 +202,8 @@ class Bench:
         return r.stdout.strip()
 
     def conn_env(self, target):
-        port = {"direct": self.port, "pgbouncer": self.bouncer_port, "nextgres": self.ng_port}[target]
+        port = {"direct": self.port, "pgbouncer": self.bouncer_port, "nextgres": self.ng_port,
+                "plain": self.plain_port}[target]
         env = dict(os.environ)
         for k in list(env):
             if k.startswith("PG"):
@@ -202,13 +214,18 @@ class Bench:
         return env
 
     def pooler_of(self, target):
-        return {"direct": None, "pgbouncer": self.bouncer_pid, "nextgres": self.pooler_pid}[target]
+        return {"direct": None, "plain": None, "pgbouncer": self.bouncer_pid, "nextgres": self.pooler_pid}[target]
 
-    def server_cpu_s(self):
+    def pm_of(self, target):
+        """The postmaster serving `target`."""
+        return self.plain_pm_pid if target == "plain" else self.pm_pid
+
+    def server_cpu_s(self, pm=None):
         """CPU of the postmaster and all its children, alive or reaped, less the nextgres pooler."""
-        f = proc_stat_fields(self.pm_pid)
+        pm = pm or self.pm_pid
+        f = proc_stat_fields(pm)
         total = sum(int(x) for x in f[11:15]) / CLK_TCK
-        for c in children(self.pm_pid):
+        for c in children(pm):
             if c == self.pooler_pid:
                 continue
             cf = proc_stat_fields(c)
@@ -216,9 +233,9 @@ class Bench:
                 total += (int(cf[11]) + int(cf[12])) / CLK_TCK
         return total
 
-    def server_procs(self):
+    def server_procs(self, pm=None):
         """Server processes (postmaster + children), split into client backends and the rest."""
-        kids = children(self.pm_pid)
+        kids = children(pm or self.pm_pid)
         backends = sum(1 for c in kids if BACKEND_TITLE.match(title(c)))
         return {"server_procs": 1 + len(kids), "server_backends": backends,
                 "server_fixed": 1 + len(kids) - backends}
@@ -271,7 +288,9 @@ class Bench:
         self.port = self.free_port(a.base_port, set())
         self.ng_port = self.free_port(self.port + 1, {self.port})
         self.bouncer_port = self.free_port(self.ng_port + 1, {self.port, self.ng_port})
-        log(f"ports: direct {self.port}, nextgres {self.ng_port}, pgbouncer {self.bouncer_port}; work dir {self.work}")
+        self.plain_port = self.free_port(self.bouncer_port + 1, {self.port, self.ng_port, self.bouncer_port})
+        log(f"ports: direct {self.port}, nextgres {self.ng_port}, pgbouncer {self.bouncer_port}, "
+            f"plain {self.plain_port}; work dir {self.work}")
 
         run([self.pg("initdb"), "-D", self.data, "-U", "postgres", "--auth-local=trust",
              "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8"], timeout=120, as_pg=True)
@@ -306,6 +325,8 @@ class Bench:
                     "local all all trust\n"
                     "host all all 127.0.0.1/32 scram-sha-256\n")
         self.start_server()
+        if self.plain_wanted():
+            self.setup_plain()
 
         self.psql("CREATE ROLE app LOGIN PASSWORD 'bench'", db="postgres")
         self.psql("CREATE DATABASE app OWNER app", db="postgres")
@@ -317,6 +338,40 @@ class Bench:
             timeout=900)
         self.psql("CHECKPOINT", db="postgres")
         self.start_bouncer()
+
+    def plain_wanted(self):
+        return bool(PLAIN_WORKLOADS & self.a.workloads)
+
+    def setup_plain(self):
+        """The baseline cluster: same build, settings and data, nextgres not loaded."""
+        a = self.a
+        run([self.pg("initdb"), "-D", self.plain_data, "-U", "postgres", "--auth-local=trust",
+             "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8"], timeout=120, as_pg=True)
+        self.plain_settings = {k: v for k, v in self.pg_settings.items()
+                               if k != "shared_preload_libraries" and not k.startswith("nextgres.")}
+        self.plain_settings["port"] = str(self.plain_port)
+        with open(os.path.join(self.plain_data, "postgresql.conf"), "a") as f:
+            f.write("\n# tools/bench: the baseline without nextgres\n")
+            for k, v in self.plain_settings.items():
+                f.write(f"{k} = {v}\n")
+        shutil.copy(os.path.join(self.data, "pg_hba.conf"), os.path.join(self.plain_data, "pg_hba.conf"))
+        shutil.chown(os.path.join(self.plain_data, "pg_hba.conf"), "nextgres")
+        r = run(["bash", "-c", f"ulimit -n $(ulimit -Hn); exec '{self.pg('pg_ctl')}' -D '{self.plain_data}' "
+                 f"-l '{self.logs}/plain.log' -w -t 90 start"], timeout=120, as_pg=True, check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"pg_ctl start (plain) failed: {r.stderr}\n{read(self.logs + '/plain.log')[-3000:]}")
+        self.plain_pm_pid = int(read(os.path.join(self.plain_data, "postmaster.pid")).splitlines()[0])
+        loaded = run([self.pg("psql"), "-X", "-At", f"host={self.work} port={self.plain_port} user=postgres dbname=postgres",
+                      "-c", "SHOW shared_preload_libraries"], timeout=60).stdout.strip()
+        if "nextgres" in loaded:
+            raise RuntimeError("the plain cluster loads nextgres")
+        dsn = f"host={self.work} port={self.plain_port} user=postgres dbname=postgres"
+        for sql in ("CREATE ROLE app LOGIN PASSWORD 'bench'", "CREATE DATABASE app OWNER app"):
+            run([self.pg("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", dsn, "-c", sql], timeout=60)
+        log(f"plain postmaster {self.plain_pm_pid} (no nextgres); pgbench -i -s {a.scale}")
+        run([self.pg("pgbench"), "-i", "-q", "-s", str(a.scale),
+             f"host={self.work} port={self.plain_port} user=app dbname=app"], timeout=900)
+        run([self.pg("psql"), "-X", "-q", dsn, "-c", "CHECKPOINT"], timeout=300)
 
     def start_server(self):
         r = run(["bash", "-c", f"ulimit -n $(ulimit -Hn); exec '{self.pg('pg_ctl')}' -D '{self.data}' "
@@ -330,6 +385,11 @@ class Bench:
             if cur != self.a.so_sha:
                 raise RuntimeError(f"{self.a.so_path} changed between install and server start "
                                    "(a concurrent install?); rerun tools/bench")
+
+    def bouncer_version(self):
+        out = run(["pgbouncer", "--version"], timeout=30, check=False).stdout
+        m = re.search(r"PgBouncer (\d+)\.(\d+)", out)
+        return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
     def start_bouncer(self):
         secret = self.psql("SELECT rolpassword FROM pg_authid WHERE rolname='app'", db="postgres")
@@ -352,6 +412,9 @@ class Bench:
             "query_wait_timeout": "120",
             "listen_backlog": "4096",
             "log_connections": "0",
+            # 1.21+: prepared statements in transaction mode, so -M prepared
+            # runs through PgBouncer too (ignored by older versions: left out)
+            **({"max_prepared_statements": "200"} if self.bouncer_version() >= (1, 21) else {}),
             "log_disconnections": "0",
             "logfile": os.path.join(self.logs, "pgbouncer.log"),
             "pidfile": os.path.join(self.pgb_dir, "pgbouncer.pid"),
@@ -396,20 +459,29 @@ class Bench:
             if r.returncode != 0:
                 run([self.pg("pg_ctl"), "-D", self.data, "-m", "immediate", "-w", "-t", "30", "stop"],
                     timeout=60, as_pg=True, check=False)
+        if os.path.exists(os.path.join(self.plain_data, "postmaster.pid")):
+            r = run([self.pg("pg_ctl"), "-D", self.plain_data, "-m", "fast", "-w", "-t", "60", "stop"],
+                    timeout=90, as_pg=True, check=False)
+            if r.returncode != 0:
+                run([self.pg("pg_ctl"), "-D", self.plain_data, "-m", "immediate", "-w", "-t", "30", "stop"],
+                    timeout=60, as_pg=True, check=False)
         if remove:
             shutil.rmtree(self.data, ignore_errors=True)
+            shutil.rmtree(self.plain_data, ignore_errors=True)
 
     # ---------------- measurement
     def snapshot(self, target, settle_to=None):
         t = time.monotonic()
-        if settle_to is not None and target == "direct":
+        pm = self.pm_of(target)
+        direct = target in ("direct", "plain")
+        if settle_to is not None and direct:
             # the client has exited; give its backends a moment to exit and be
             # reaped, so their CPU lands in the postmaster's cutime
             deadline = t + 3
-            while time.monotonic() < deadline and self.server_procs()["server_backends"] > settle_to:
+            while time.monotonic() < deadline and self.server_procs(pm)["server_backends"] > settle_to:
                 time.sleep(0.02)
-        s = {"t": t, "busy": machine_busy_s(), "server": self.server_cpu_s(),
-             "backends": self.server_procs()["server_backends"] if target == "direct" else None}
+        s = {"t": t, "busy": machine_busy_s(), "server": self.server_cpu_s(pm),
+             "backends": self.server_procs(pm)["server_backends"] if direct else None}
         pp = self.pooler_of(target)
         if pp:
             s["pooler"] = sched_cpu_s(pp)
@@ -775,10 +847,14 @@ class Bench:
                 f"max {mx} ms, handoffs {x}")
 
     def warmup(self):
-        for t in TARGETS:
+        for t in self.targets_for("select"):
             self.pgbench(t, ["-S", "-c", "16", "-j", "2"], 1, "warmup", want_log=False)
 
     # ---------------- the plan
+    def targets_for(self, workload, order=None):
+        ts = order or TARGETS
+        return [t for t in ts if t != "plain" or (workload in PLAIN_WORKLOADS and self.plain_pm_pid)]
+
     def main(self):
         a = self.a
         self.setup()
@@ -789,29 +865,29 @@ class Bench:
             order = TARGETS[k:] + TARGETS[:k]
             log(f"round {rnd}/{a.rounds}, order {' -> '.join(order)}")
             if "idle" in a.workloads:
-                for t in order:
+                for t in self.targets_for("idle", order):
                     self.w_idle(rnd, t)
             if "select" in a.workloads:
                 for protocol in ("simple", "extended", "prepared"):
                     for c in a.clients:
-                        for t in order:
+                        for t in self.targets_for("select", order):
                             self.w_select(rnd, t, protocol, c)
             if "tpcb" in a.workloads:
                 for c in a.tpcb_clients:
-                    for t in order:
+                    for t in self.targets_for("tpcb", order):
                         self.w_tpcb(rnd, t, c)
             if "storm" in a.workloads:
-                for t in order:
+                for t in self.targets_for("storm", order):
                     self.w_storm(rnd, t)
             if "bulk" in a.workloads:
-                for t in order:
+                for t in self.targets_for("bulk", order):
                     self.w_bulk(rnd, t)
             if "priority" in a.workloads:
                 self.w_priority(rnd)
         if a.profile:
             if shutil.which("perf"):
                 log(f"perf profiles: select-only, {a.profile_clients} clients, -M simple")
-                for t in TARGETS:
+                for t in self.targets_for("profile"):
                     self.w_profile(t)
             else:
                 log("no perf (Debian package linux-perf): no profiles")
@@ -868,6 +944,7 @@ class Bench:
             "scale": a.scale, "idle": a.idle, "idle_direct": min(a.idle, a.idle_direct),
             "storm_clients": a.storm_clients, "bulk_rows": a.bulk_rows, "pool_size": POOL_SIZE,
             "pg_settings": getattr(self, "pg_settings", {}),
+            "plain": bool(self.plain_pm_pid),
             "bouncer_settings": {k: v for k, v in getattr(self, "bouncer_settings", {}).items()
                                  if k not in ("logfile", "pidfile", "auth_file")},
         })
