@@ -12,6 +12,10 @@ shared_preload_libraries, is the fourth:
   plain     direct connections to a server that does not load nextgres, the
             baseline without any cost of nextgres's hooks (select-only and
             tpcb-like workloads only)
+When the server is built with OpenSSL, ssl = on (a self-signed certificate
+made for the run) and the `tls` workload repeats select-only, bulk COPY and
+idle clients with sslmode=require for direct, PgBouncer (client_tls_*) and
+nextgres; every other workload uses sslmode=disable.
 Workloads run interleaved (per configuration: each target in turn, the order
 rotated every round), several rounds; report.py turns the raw rows into
 medians, ratios, charts and BENCHMARKS.md.
@@ -77,17 +81,22 @@ def proc_stat_fields(pid):
 
 
 def sched_cpu_s(pid):
-    """CPU seconds of all threads of pid, ns resolution (se.sum_exec_runtime)."""
-    total = 0.0
-    for t in glob.glob(f"/proc/{pid}/task/*/sched"):
-        m = re.search(r"se\.sum_exec_runtime\s*:\s*([\d.]+)", read(t))
-        if m:
-            total += float(m.group(1)) / 1000.0
-    if total == 0.0:  # kernels without sched debug: clock ticks
-        f = proc_stat_fields(pid)
-        if f:
-            total = (int(f[11]) + int(f[12])) / CLK_TCK
-    return total
+    """CPU seconds of all threads of pid, live or exited: the live threads'
+    se.sum_exec_runtime (ns resolution), plus what exited threads used (the
+    process's utime+stime less its live threads', clock ticks; the pooler's
+    TLS relay threads end with their clients, before the after-run snapshot)."""
+    live, live_ticks = 0.0, 0.0
+    for t in glob.glob(f"/proc/{pid}/task/*"):
+        m = re.search(r"se\.sum_exec_runtime\s*:\s*([\d.]+)", read(t + "/sched"))
+        tf = read(t + "/stat").rsplit(")", 1)[-1].split()
+        if m and len(tf) > 12:
+            live += float(m.group(1)) / 1000.0
+            live_ticks += (int(tf[11]) + int(tf[12])) / CLK_TCK
+    f = proc_stat_fields(pid)
+    ticks = (int(f[11]) + int(f[12])) / CLK_TCK if f else 0.0
+    if live == 0.0:  # kernels without sched debug: clock ticks only
+        return ticks
+    return live + max(0.0, ticks - live_ticks)
 
 
 def children(ppid):
@@ -201,7 +210,7 @@ class Bench:
                 timeout=timeout, check=check)
         return r.stdout.strip()
 
-    def conn_env(self, target):
+    def conn_env(self, target, tls=False):
         port = {"direct": self.port, "pgbouncer": self.bouncer_port, "nextgres": self.ng_port,
                 "plain": self.plain_port}[target]
         env = dict(os.environ)
@@ -209,7 +218,7 @@ class Bench:
             if k.startswith("PG"):
                 del env[k]
         env.update(PGHOST="127.0.0.1", PGPORT=str(port), PGUSER="app", PGDATABASE="app",
-                   PGPASSWORD=PASSWORD, PGSSLMODE="disable", PGGSSENCMODE="disable", PGCONNECT_TIMEOUT="60",
+                   PGPASSWORD=PASSWORD, PGSSLMODE="require" if tls else "disable", PGGSSENCMODE="disable", PGCONNECT_TIMEOUT="60",
                    PGAPPNAME=f"bench-{target}")
         return env
 
@@ -294,6 +303,7 @@ class Bench:
 
         run([self.pg("initdb"), "-D", self.data, "-U", "postgres", "--auth-local=trust",
              "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8"], timeout=120, as_pg=True)
+        self.tls = self.setup_tls()
         self.pg_settings = {
             "listen_addresses": "'127.0.0.1'",
             "port": str(self.port),
@@ -316,6 +326,8 @@ class Bench:
             "nextgres.client_time_slice": os.environ.get("NEXTGRES_BENCH_TIME_SLICE", "'2ms'"),
             "log_line_prefix": "'%m [%p] %a '",  # %a: bench-<target>, so errors can be told apart
         }
+        if self.tls:
+            self.pg_settings.update(ssl="on", ssl_cert_file=f"'{self.tls[0]}'", ssl_key_file=f"'{self.tls[1]}'")
         with open(os.path.join(self.data, "postgresql.conf"), "a") as f:
             f.write("\n# tools/bench\n")
             for k, v in self.pg_settings.items():
@@ -338,6 +350,23 @@ class Bench:
             timeout=900)
         self.psql("CHECKPOINT", db="postgres")
         self.start_bouncer()
+
+    def setup_tls(self):
+        """A self-signed certificate for the run when the server has OpenSSL
+        (else None: the tls workload is skipped)."""
+        conf = run([self.pg("pg_config"), "--configure"], timeout=30, check=False).stdout
+        if "openssl" not in conf or not shutil.which("openssl"):
+            log("the server is built without OpenSSL (or no openssl CLI): no TLS rows")
+            return None
+        d = os.path.join(self.work, "tls")
+        os.makedirs(d, exist_ok=True)
+        crt, key = os.path.join(d, "server.crt"), os.path.join(d, "server.key")
+        run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+             "-keyout", key, "-out", crt], timeout=60)
+        for f in (d, crt, key):
+            shutil.chown(f, "nextgres")
+        os.chmod(key, 0o600)
+        return crt, key
 
     def plain_wanted(self):
         return bool(PLAIN_WORKLOADS & self.a.workloads)
@@ -411,6 +440,8 @@ class Bench:
             "max_db_connections": "0",
             "query_wait_timeout": "120",
             "listen_backlog": "4096",
+            **({"client_tls_sslmode": "allow", "client_tls_cert_file": self.tls[0],
+                "client_tls_key_file": self.tls[1]} if self.tls else {}),
             "log_connections": "0",
             # 1.21+: prepared statements in transaction mode, so -M prepared
             # runs through PgBouncer too (ignored by older versions: left out)
@@ -515,7 +546,7 @@ class Bench:
         long as asked. TPS excludes the connection time."""
         return 0 if clients < 50 else math.ceil(clients * self.a.login_s)
 
-    def pgbench(self, target, args, duration, tag, want_log=True, sample_at=None, sampler=None, clients=0):
+    def pgbench(self, target, args, duration, tag, want_log=True, sample_at=None, sampler=None, clients=0, tls=False):
         duration += self.login_allowance(clients)
         rundir = os.path.join(self.work, "run")
         shutil.rmtree(rundir, ignore_errors=True)
@@ -525,8 +556,8 @@ class Bench:
             cmd += ["-l", "--log-prefix", os.path.join(rundir, "tx")]
         out, err = open(os.path.join(rundir, "out"), "w+"), open(os.path.join(rundir, "err"), "w+")
         before = self.snapshot(target)
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=self.conn_env(target),
-                                cwd=rundir)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                env=self.conn_env(target, tls), cwd=rundir)
         t0 = time.monotonic()
         rc, ru, timed_out, sampled = wait_bounded(
             proc, t0 + duration + self.a.grace, at=(t0 + sample_at) if sample_at is not None else None, sampler=sampler)
@@ -601,6 +632,12 @@ class Bench:
         row.update(round=rnd, workload="select", protocol=protocol, clients=clients)
         self.record(row)
 
+    def w_tls_select(self, rnd, target, clients):
+        row = self.pgbench(target, ["-S", "-M", "simple", "-c", str(clients), "-j", str(min(2, clients))],
+                           self.a.duration, "tls_select", clients=clients, tls=True)
+        row.update(round=rnd, workload="tls_select", protocol="simple", clients=clients)
+        self.record(row)
+
     def w_tpcb(self, rnd, target, clients):
         row = self.pgbench(target, ["-M", "simple", "-c", str(clients), "-j", str(min(2, clients))],
                            self.a.duration, "tpcb", clients=clients)
@@ -625,18 +662,23 @@ class Bench:
                 break
             time.sleep(0.1)
 
-    def w_idle(self, rnd, target):
+    def w_idle(self, rnd, target, tls=False):
         n = self.a.idle if target != "direct" else min(self.a.idle, self.a.idle_direct)
         self.terminate_app_backends()
         time.sleep(0.5)
         pooler = self.pooler_of(target)
-        row = {"round": rnd, "workload": "idle", "protocol": "simple", "clients": 16, "target": target, "idle_clients": n}
+        row = {"round": rnd, "workload": "tls_idle" if tls else "idle", "protocol": "simple", "clients": 16,
+               "target": target, "idle_clients": n}
         before_mem = status_kb(pooler) if pooler else {}
         before_anon = self.server_anon_kb()
         procs_before = self.server_procs()
-        env = self.conn_env(target)
+        env = self.conn_env(target, tls)
         cmd = [sys.executable, os.path.join(HERE, "idle_clients.py"), "--host", "127.0.0.1", "--port", env["PGPORT"],
                "--user", "app", "--dbname", "app", "-n", str(n), "--hold-timeout", str(self.a.duration + 600)]
+        if tls:
+            # 64 TLS handshakes in flight at most: under nextgres.max_tls_handshakes
+            # (100), which answers more with 53300 as a flood guard
+            cmd += ["--tls", "--parallel", "64"]
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env=env, text=True)
         try:
@@ -672,7 +714,7 @@ class Bench:
                 row["server_anon_per_idle_b"] = round(1024 * (self.server_anon_kb() - before_anon) / row["idle_ok"], 1)
             row["server_procs_before"] = procs_before["server_procs"]
             res = self.pgbench(target, ["-S", "-M", "simple", "-c", "16", "-j", "2"], self.a.duration, "idle",
-                               sample_at=self.a.duration / 2, sampler=self.server_procs)
+                               sample_at=self.a.duration / 2, sampler=self.server_procs, tls=tls)
             for k, v in res.items():
                 if k not in ("first_error",) or v:
                     row[k] = v
@@ -691,12 +733,12 @@ class Bench:
                 proc.communicate(timeout=10)
         self.record(row)
 
-    def w_bulk(self, rnd, target):
+    def w_bulk(self, rnd, target, tls=False):
         rows = self.a.bulk_rows
         sql = f"COPY (SELECT g, repeat('x', 96) FROM generate_series(1, {rows}) g) TO STDOUT"
         before = self.snapshot(target)
         proc = subprocess.Popen([self.pg("psql"), "-X", "-q", "-c", sql], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=self.conn_env(target))
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=self.conn_env(target, tls))
         nbytes, deadline = 0, time.monotonic() + 300
         fd = proc.stdout.fileno()
         while time.monotonic() < deadline:
@@ -709,7 +751,8 @@ class Bench:
         rc, ru, timed_out, _ = wait_bounded(proc, time.monotonic() + 30)
         after = self.snapshot(target, settle_to=before["backends"])
         err = proc.stderr.read().decode(errors="replace")
-        row = {"round": rnd, "workload": "bulk", "protocol": "simple", "clients": 1, "target": target, "rc": rc,
+        row = {"round": rnd, "workload": "tls_bulk" if tls else "bulk", "protocol": "simple", "clients": 1,
+               "target": target, "rc": rc,
                "timed_out": int(timed_out), "bulk_bytes": nbytes, "first_error": err.strip()[:200]}
         self.account(row, before, after, ru)
         row["mb_per_s"] = round(nbytes / 1e6 / row["elapsed_s"], 1) if row["elapsed_s"] else None
@@ -882,6 +925,15 @@ class Bench:
             if "bulk" in a.workloads:
                 for t in self.targets_for("bulk", order):
                     self.w_bulk(rnd, t)
+            if "tls" in a.workloads and self.tls:
+                for c in (16, 100):
+                    for t in self.targets_for("tls", order):
+                        self.w_tls_select(rnd, t, c)
+                for t in self.targets_for("tls", order):
+                    self.w_bulk(rnd, t, tls=True)
+                if rnd == 1:  # pooler memory grows only in a run's first idle test (see report.py)
+                    for t in self.targets_for("tls", order):
+                        self.w_idle(rnd, t, tls=True)
             if "priority" in a.workloads:
                 self.w_priority(rnd)
         if a.profile:
@@ -959,7 +1011,7 @@ def parse_args(argv):
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--duration", type=int, help="seconds per pgbench run")
     ap.add_argument("--out", help="where BENCHMARKS.md and bench/ go (default: repo root; --quick: work dir)")
-    ap.add_argument("--workloads", default="idle,select,tpcb,storm,bulk,priority")
+    ap.add_argument("--workloads", default="idle,select,tpcb,storm,bulk,tls,priority")
     ap.add_argument("--clients", help="select-only client counts, comma separated")
     ap.add_argument("--idle", type=int, help="idle clients (default 10,000; --quick 500)")
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,

@@ -129,7 +129,7 @@ class Data:
 
 def summary_rows(d):
     out = []
-    for w in ("select", "tpcb", "idle", "storm", "bulk"):
+    for w in ("select", "tpcb", "idle", "storm", "bulk", "tls_select", "tls_bulk", "tls_idle"):
         for protocol, clients in d.configs(w):
             for t in TARGETS:
                 rs = d.sel(w, t, protocol, clients)
@@ -448,7 +448,7 @@ def build(out):
                  "settings and data that does not load nextgres (`shared_preload_libraries` empty): the baseline "
                  "without whatever nextgres's hooks cost every backend. It runs beside the main cluster and is "
                  "interleaved with the other paths.")
-    L.append(f"- One PostgreSQL 16 cluster serves all three paths at the same time: **direct** = the server's own "
+    L.append(f"- One PostgreSQL {m.get('postgres', '?').split()[-1]} cluster serves all three paths at the same time: **direct** = the server's own "
              f"TCP port (one backend process per connection); **pgbouncer** = PgBouncer, transaction pooling, "
              f"`default_pool_size = {m.get('pool_size')}`, connecting to the server's Unix socket; **nextgres** = "
              f"the nextgres pooler on its side port (`nextgres.port`), `nextgres.pool_size = {m.get('pool_size')}`, "
@@ -607,6 +607,59 @@ def build(out):
                      fmt(d.m("bulk", t, "server_cpu_s"), 2), fmt(d.m("bulk", t, "client_cpu_s"), 2)))
     L.append(md_table(["target", "MB", "seconds", "MB/s", "pooler CPU ms", "server CPU s", "psql CPU s"], rows) + "\n")
 
+    if d.sel("tls_select") or d.sel("tls_bulk") or d.sel("tls_idle"):
+        L.append("## TLS (sslmode=require)\n")
+        L.append("The server runs with `ssl = on` and a self-signed RSA-2048 certificate made for the run; clients "
+                 "connect with `sslmode=require` (encrypted, certificate not verified). Direct: the server's own "
+                 "TLS (OpenSSL); PgBouncer: `client_tls_sslmode = allow` with the same certificate, plain Unix "
+                 "socket to the server; nextgres: the pooler terminates TLS (rustls) and relays for the pooled "
+                 "backends on a thread per TLS client (no kernel TLS on this machine).\n")
+        rows = []
+        for p, c in d.configs("tls_select"):
+            for t in TARGETS:
+                if not d.sel("tls_select", t, p, c):
+                    continue
+                pus = d.per_tx_us("tls_select", t, "pooler_cpu_s", p, c)
+                rows.append((c, NAMES[t], fmt(d.m("tls_select", t, "tps", p, c)) + failure_note(d, "tls_select", t, p, c),
+                             fmt(d.m("tls_select", t, "p50_ms", p, c), 2) + " / " + fmt(d.m("tls_select", t, "p99_ms", p, c), 2),
+                             fmt(d.per_tx_us("tls_select", t, "server_cpu_s", p, c), 1), fmt(pus, 1),
+                             fmt(d.m("tls_select", t, "pooler_cpu_pct", p, c), 0, "%")))
+        if rows:
+            L.append("Select-only (`-S -M simple`):\n")
+            L.append(md_table(["clients", "target", "tps", "p50/p99 ms", "server µs/tx", "pooler µs/tx", "pooler CPU"],
+                              rows) + "\n")
+        rows = []
+        for t in TARGETS:
+            if not d.sel("tls_bulk", t):
+                continue
+            mb = (d.m("tls_bulk", t, "bulk_bytes") or 0) / 1e6
+            pc = d.m("tls_bulk", t, "pooler_cpu_s")
+            rows.append((NAMES[t], fmt(mb, 1), fmt(d.m("tls_bulk", t, "mb_per_s"), 0),
+                         "–" if pc is None else fmt(pc * 1000, 1),
+                         "–" if pc is None or not mb else fmt(pc * 1000 / mb, 2),
+                         fmt(d.m("tls_bulk", t, "server_cpu_s"), 2)))
+        if rows:
+            L.append("Bulk `COPY ... TO STDOUT` through psql:\n")
+            L.append(md_table(["target", "MB", "MB/s", "pooler CPU ms", "pooler CPU ms per MB", "server CPU s"], rows)
+                     + "\n")
+        rows = []
+        for t in TARGETS:
+            rs = d.sel("tls_idle", t)
+            if not rs:
+                continue
+            rows.append((NAMES[t], fmt(d.m("tls_idle", t, "idle_ok"))
+                         + (f" ({total(rs, 'idle_failed')} failed)" if total(rs, "idle_failed") else ""),
+                         fmt(d.m("tls_idle", t, "idle_conn_per_s")),
+                         fmt(d.m("tls_idle", t, "tps")) + failure_note(d, "tls_idle", t, None, None),
+                         "–" if t == "direct" else fmt(d.m("tls_idle", t, "pooler_rss_per_idle_b")),
+                         "–" if t == "direct" else fmt(d.m("tls_idle", t, "pooler_anon_per_idle_b")),
+                         fmt(d.m("tls_idle", t, "server_anon_per_idle_b"))))
+        if rows:
+            L.append("Idle TLS clients plus 16 active TLS clients (first round only" + (
+                ", after the plain idle test of that round: a pooler's heap already holds what plain idle clients "
+                "needed, so these columns are what TLS adds per client" if d.sel("idle") else "") + "):\n")
+            L.append(md_table(["target", "idle TLS clients", "logins/s", "16-active tps", "pooler B/idle (VmRSS)",
+                               "pooler B/idle (RssAnon)", "server private B/idle"], rows) + "\n")
     if d.sel("priority"):
         L.append("## Pool priority (nextgres only)\n")
         L.append("Two `pgbench -S` runs start together, each with its own role's pool, sharing the database's "
