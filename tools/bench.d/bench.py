@@ -1,11 +1,21 @@
 #!/usr/bin/env python3
 """Benchmark driver behind tools/bench: direct PostgreSQL vs PgBouncer vs nextgres.
 
-One PostgreSQL 16 cluster serves all three paths at once:
+One PostgreSQL 16 cluster with nextgres preloaded serves three paths at once:
   direct    the server's own TCP port (a backend per connection)
-  pgbouncer PgBouncer (Debian package) on its own port, transaction pooling,
-            connecting to the server's Unix socket
+  pgbouncer PgBouncer (1.24 built from Debian's source package, or Debian 12's
+            1.18) on its own port, transaction pooling, connecting to the
+            server's Unix socket
   nextgres  the nextgres pooler on its side port (nextgres.port)
+and a second cluster of the same build, without nextgres in
+shared_preload_libraries, is the fourth:
+  plain     direct connections to a server that does not load nextgres, the
+            baseline without any cost of nextgres's hooks (select-only and
+            tpcb-like workloads only)
+When the server is built with OpenSSL, ssl = on (a self-signed certificate
+made for the run) and the `tls` workload repeats select-only, bulk COPY and
+idle clients with sslmode=require for direct, PgBouncer (client_tls_*) and
+nextgres; every other workload uses sslmode=disable.
 Workloads run interleaved (per configuration: each target in turn, the order
 rotated every round), several rounds; report.py turns the raw rows into
 medians, ratios, charts and BENCHMARKS.md.
@@ -34,7 +44,10 @@ sys.dont_write_bytecode = True  # no __pycache__ in the work tree
 import report  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-TARGETS = ["direct", "pgbouncer", "nextgres"]
+TARGETS = ["plain", "direct", "pgbouncer", "nextgres"]
+# Workloads that also run against the plain cluster; the others compare the
+# three paths of the nextgres cluster.
+PLAIN_WORKLOADS = {"select", "tpcb"}
 PASSWORD = "bench"
 POOL_SIZE = 16
 # pool_priority workload: each of two pools gets PRIO_CLIENTS clients, and
@@ -68,17 +81,22 @@ def proc_stat_fields(pid):
 
 
 def sched_cpu_s(pid):
-    """CPU seconds of all threads of pid, ns resolution (se.sum_exec_runtime)."""
-    total = 0.0
-    for t in glob.glob(f"/proc/{pid}/task/*/sched"):
-        m = re.search(r"se\.sum_exec_runtime\s*:\s*([\d.]+)", read(t))
-        if m:
-            total += float(m.group(1)) / 1000.0
-    if total == 0.0:  # kernels without sched debug: clock ticks
-        f = proc_stat_fields(pid)
-        if f:
-            total = (int(f[11]) + int(f[12])) / CLK_TCK
-    return total
+    """CPU seconds of all threads of pid, live or exited: the live threads'
+    se.sum_exec_runtime (ns resolution), plus what exited threads used (the
+    process's utime+stime less its live threads', clock ticks; the pooler's
+    TLS relay threads end with their clients, before the after-run snapshot)."""
+    live, live_ticks = 0.0, 0.0
+    for t in glob.glob(f"/proc/{pid}/task/*"):
+        m = re.search(r"se\.sum_exec_runtime\s*:\s*([\d.]+)", read(t + "/sched"))
+        tf = read(t + "/stat").rsplit(")", 1)[-1].split()
+        if m and len(tf) > 12:
+            live += float(m.group(1)) / 1000.0
+            live_ticks += (int(tf[11]) + int(tf[12])) / CLK_TCK
+    f = proc_stat_fields(pid)
+    ticks = (int(f[11]) + int(f[12])) / CLK_TCK if f else 0.0
+    if live == 0.0:  # kernels without sched debug: clock ticks only
+        return ticks
+    return live + max(0.0, ticks - live_ticks)
 
 
 def children(ppid):
@@ -170,6 +188,8 @@ class Bench:
         self.bindir = a.bindir
         self.work = a.work
         self.data = os.path.join(self.work, "data")
+        self.plain_data = os.path.join(self.work, "plain-data")
+        self.plain_pm_pid = None
         self.logs = os.path.join(self.work, "logs")
         self.pgb_dir = os.path.join(self.work, "pgbouncer")
         self.pm_pid = None
@@ -190,25 +210,31 @@ class Bench:
                 timeout=timeout, check=check)
         return r.stdout.strip()
 
-    def conn_env(self, target):
-        port = {"direct": self.port, "pgbouncer": self.bouncer_port, "nextgres": self.ng_port}[target]
+    def conn_env(self, target, tls=False):
+        port = {"direct": self.port, "pgbouncer": self.bouncer_port, "nextgres": self.ng_port,
+                "plain": self.plain_port}[target]
         env = dict(os.environ)
         for k in list(env):
             if k.startswith("PG"):
                 del env[k]
         env.update(PGHOST="127.0.0.1", PGPORT=str(port), PGUSER="app", PGDATABASE="app",
-                   PGPASSWORD=PASSWORD, PGSSLMODE="disable", PGGSSENCMODE="disable", PGCONNECT_TIMEOUT="60",
+                   PGPASSWORD=PASSWORD, PGSSLMODE="require" if tls else "disable", PGGSSENCMODE="disable", PGCONNECT_TIMEOUT="60",
                    PGAPPNAME=f"bench-{target}")
         return env
 
     def pooler_of(self, target):
-        return {"direct": None, "pgbouncer": self.bouncer_pid, "nextgres": self.pooler_pid}[target]
+        return {"direct": None, "plain": None, "pgbouncer": self.bouncer_pid, "nextgres": self.pooler_pid}[target]
 
-    def server_cpu_s(self):
+    def pm_of(self, target):
+        """The postmaster serving `target`."""
+        return self.plain_pm_pid if target == "plain" else self.pm_pid
+
+    def server_cpu_s(self, pm=None):
         """CPU of the postmaster and all its children, alive or reaped, less the nextgres pooler."""
-        f = proc_stat_fields(self.pm_pid)
+        pm = pm or self.pm_pid
+        f = proc_stat_fields(pm)
         total = sum(int(x) for x in f[11:15]) / CLK_TCK
-        for c in children(self.pm_pid):
+        for c in children(pm):
             if c == self.pooler_pid:
                 continue
             cf = proc_stat_fields(c)
@@ -216,9 +242,9 @@ class Bench:
                 total += (int(cf[11]) + int(cf[12])) / CLK_TCK
         return total
 
-    def server_procs(self):
+    def server_procs(self, pm=None):
         """Server processes (postmaster + children), split into client backends and the rest."""
-        kids = children(self.pm_pid)
+        kids = children(pm or self.pm_pid)
         backends = sum(1 for c in kids if BACKEND_TITLE.match(title(c)))
         return {"server_procs": 1 + len(kids), "server_backends": backends,
                 "server_fixed": 1 + len(kids) - backends}
@@ -271,10 +297,13 @@ class Bench:
         self.port = self.free_port(a.base_port, set())
         self.ng_port = self.free_port(self.port + 1, {self.port})
         self.bouncer_port = self.free_port(self.ng_port + 1, {self.port, self.ng_port})
-        log(f"ports: direct {self.port}, nextgres {self.ng_port}, pgbouncer {self.bouncer_port}; work dir {self.work}")
+        self.plain_port = self.free_port(self.bouncer_port + 1, {self.port, self.ng_port, self.bouncer_port})
+        log(f"ports: direct {self.port}, nextgres {self.ng_port}, pgbouncer {self.bouncer_port}, "
+            f"plain {self.plain_port}; work dir {self.work}")
 
         run([self.pg("initdb"), "-D", self.data, "-U", "postgres", "--auth-local=trust",
              "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8"], timeout=120, as_pg=True)
+        self.tls = self.setup_tls()
         self.pg_settings = {
             "listen_addresses": "'127.0.0.1'",
             "port": str(self.port),
@@ -297,6 +326,8 @@ class Bench:
             "nextgres.client_time_slice": os.environ.get("NEXTGRES_BENCH_TIME_SLICE", "'2ms'"),
             "log_line_prefix": "'%m [%p] %a '",  # %a: bench-<target>, so errors can be told apart
         }
+        if self.tls:
+            self.pg_settings.update(ssl="on", ssl_cert_file=f"'{self.tls[0]}'", ssl_key_file=f"'{self.tls[1]}'")
         with open(os.path.join(self.data, "postgresql.conf"), "a") as f:
             f.write("\n# tools/bench\n")
             for k, v in self.pg_settings.items():
@@ -306,6 +337,8 @@ class Bench:
                     "local all all trust\n"
                     "host all all 127.0.0.1/32 scram-sha-256\n")
         self.start_server()
+        if self.plain_wanted():
+            self.setup_plain()
 
         self.psql("CREATE ROLE app LOGIN PASSWORD 'bench'", db="postgres")
         self.psql("CREATE DATABASE app OWNER app", db="postgres")
@@ -317,6 +350,57 @@ class Bench:
             timeout=900)
         self.psql("CHECKPOINT", db="postgres")
         self.start_bouncer()
+
+    def setup_tls(self):
+        """A self-signed certificate for the run when the server has OpenSSL
+        (else None: the tls workload is skipped)."""
+        conf = run([self.pg("pg_config"), "--configure"], timeout=30, check=False).stdout
+        if "openssl" not in conf or not shutil.which("openssl"):
+            log("the server is built without OpenSSL (or no openssl CLI): no TLS rows")
+            return None
+        d = os.path.join(self.work, "tls")
+        os.makedirs(d, exist_ok=True)
+        crt, key = os.path.join(d, "server.crt"), os.path.join(d, "server.key")
+        run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+             "-keyout", key, "-out", crt], timeout=60)
+        for f in (d, crt, key):
+            shutil.chown(f, "nextgres")
+        os.chmod(key, 0o600)
+        return crt, key
+
+    def plain_wanted(self):
+        return bool(PLAIN_WORKLOADS & self.a.workloads)
+
+    def setup_plain(self):
+        """The baseline cluster: same build, settings and data, nextgres not loaded."""
+        a = self.a
+        run([self.pg("initdb"), "-D", self.plain_data, "-U", "postgres", "--auth-local=trust",
+             "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8"], timeout=120, as_pg=True)
+        self.plain_settings = {k: v for k, v in self.pg_settings.items()
+                               if k != "shared_preload_libraries" and not k.startswith("nextgres.")}
+        self.plain_settings["port"] = str(self.plain_port)
+        with open(os.path.join(self.plain_data, "postgresql.conf"), "a") as f:
+            f.write("\n# tools/bench: the baseline without nextgres\n")
+            for k, v in self.plain_settings.items():
+                f.write(f"{k} = {v}\n")
+        shutil.copy(os.path.join(self.data, "pg_hba.conf"), os.path.join(self.plain_data, "pg_hba.conf"))
+        shutil.chown(os.path.join(self.plain_data, "pg_hba.conf"), "nextgres")
+        r = run(["bash", "-c", f"ulimit -n $(ulimit -Hn); exec '{self.pg('pg_ctl')}' -D '{self.plain_data}' "
+                 f"-l '{self.logs}/plain.log' -w -t 90 start"], timeout=120, as_pg=True, check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"pg_ctl start (plain) failed: {r.stderr}\n{read(self.logs + '/plain.log')[-3000:]}")
+        self.plain_pm_pid = int(read(os.path.join(self.plain_data, "postmaster.pid")).splitlines()[0])
+        loaded = run([self.pg("psql"), "-X", "-At", f"host={self.work} port={self.plain_port} user=postgres dbname=postgres",
+                      "-c", "SHOW shared_preload_libraries"], timeout=60).stdout.strip()
+        if "nextgres" in loaded:
+            raise RuntimeError("the plain cluster loads nextgres")
+        dsn = f"host={self.work} port={self.plain_port} user=postgres dbname=postgres"
+        for sql in ("CREATE ROLE app LOGIN PASSWORD 'bench'", "CREATE DATABASE app OWNER app"):
+            run([self.pg("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", dsn, "-c", sql], timeout=60)
+        log(f"plain postmaster {self.plain_pm_pid} (no nextgres); pgbench -i -s {a.scale}")
+        run([self.pg("pgbench"), "-i", "-q", "-s", str(a.scale),
+             f"host={self.work} port={self.plain_port} user=app dbname=app"], timeout=900)
+        run([self.pg("psql"), "-X", "-q", dsn, "-c", "CHECKPOINT"], timeout=300)
 
     def start_server(self):
         r = run(["bash", "-c", f"ulimit -n $(ulimit -Hn); exec '{self.pg('pg_ctl')}' -D '{self.data}' "
@@ -330,6 +414,11 @@ class Bench:
             if cur != self.a.so_sha:
                 raise RuntimeError(f"{self.a.so_path} changed between install and server start "
                                    "(a concurrent install?); rerun tools/bench")
+
+    def bouncer_version(self):
+        out = run(["pgbouncer", "--version"], timeout=30, check=False).stdout
+        m = re.search(r"PgBouncer (\d+)\.(\d+)", out)
+        return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
     def start_bouncer(self):
         secret = self.psql("SELECT rolpassword FROM pg_authid WHERE rolname='app'", db="postgres")
@@ -351,7 +440,12 @@ class Bench:
             "max_db_connections": "0",
             "query_wait_timeout": "120",
             "listen_backlog": "4096",
+            **({"client_tls_sslmode": "allow", "client_tls_cert_file": self.tls[0],
+                "client_tls_key_file": self.tls[1]} if self.tls else {}),
             "log_connections": "0",
+            # 1.21+: prepared statements in transaction mode, so -M prepared
+            # runs through PgBouncer too (ignored by older versions: left out)
+            **({"max_prepared_statements": "200"} if self.bouncer_version() >= (1, 21) else {}),
             "log_disconnections": "0",
             "logfile": os.path.join(self.logs, "pgbouncer.log"),
             "pidfile": os.path.join(self.pgb_dir, "pgbouncer.pid"),
@@ -396,20 +490,29 @@ class Bench:
             if r.returncode != 0:
                 run([self.pg("pg_ctl"), "-D", self.data, "-m", "immediate", "-w", "-t", "30", "stop"],
                     timeout=60, as_pg=True, check=False)
+        if os.path.exists(os.path.join(self.plain_data, "postmaster.pid")):
+            r = run([self.pg("pg_ctl"), "-D", self.plain_data, "-m", "fast", "-w", "-t", "60", "stop"],
+                    timeout=90, as_pg=True, check=False)
+            if r.returncode != 0:
+                run([self.pg("pg_ctl"), "-D", self.plain_data, "-m", "immediate", "-w", "-t", "30", "stop"],
+                    timeout=60, as_pg=True, check=False)
         if remove:
             shutil.rmtree(self.data, ignore_errors=True)
+            shutil.rmtree(self.plain_data, ignore_errors=True)
 
     # ---------------- measurement
     def snapshot(self, target, settle_to=None):
         t = time.monotonic()
-        if settle_to is not None and target == "direct":
+        pm = self.pm_of(target)
+        direct = target in ("direct", "plain")
+        if settle_to is not None and direct:
             # the client has exited; give its backends a moment to exit and be
             # reaped, so their CPU lands in the postmaster's cutime
             deadline = t + 3
-            while time.monotonic() < deadline and self.server_procs()["server_backends"] > settle_to:
+            while time.monotonic() < deadline and self.server_procs(pm)["server_backends"] > settle_to:
                 time.sleep(0.02)
-        s = {"t": t, "busy": machine_busy_s(), "server": self.server_cpu_s(),
-             "backends": self.server_procs()["server_backends"] if target == "direct" else None}
+        s = {"t": t, "busy": machine_busy_s(), "server": self.server_cpu_s(pm),
+             "backends": self.server_procs(pm)["server_backends"] if direct else None}
         pp = self.pooler_of(target)
         if pp:
             s["pooler"] = sched_cpu_s(pp)
@@ -443,7 +546,7 @@ class Bench:
         long as asked. TPS excludes the connection time."""
         return 0 if clients < 50 else math.ceil(clients * self.a.login_s)
 
-    def pgbench(self, target, args, duration, tag, want_log=True, sample_at=None, sampler=None, clients=0):
+    def pgbench(self, target, args, duration, tag, want_log=True, sample_at=None, sampler=None, clients=0, tls=False):
         duration += self.login_allowance(clients)
         rundir = os.path.join(self.work, "run")
         shutil.rmtree(rundir, ignore_errors=True)
@@ -453,8 +556,8 @@ class Bench:
             cmd += ["-l", "--log-prefix", os.path.join(rundir, "tx")]
         out, err = open(os.path.join(rundir, "out"), "w+"), open(os.path.join(rundir, "err"), "w+")
         before = self.snapshot(target)
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=self.conn_env(target),
-                                cwd=rundir)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                env=self.conn_env(target, tls), cwd=rundir)
         t0 = time.monotonic()
         rc, ru, timed_out, sampled = wait_bounded(
             proc, t0 + duration + self.a.grace, at=(t0 + sample_at) if sample_at is not None else None, sampler=sampler)
@@ -529,6 +632,12 @@ class Bench:
         row.update(round=rnd, workload="select", protocol=protocol, clients=clients)
         self.record(row)
 
+    def w_tls_select(self, rnd, target, clients):
+        row = self.pgbench(target, ["-S", "-M", "simple", "-c", str(clients), "-j", str(min(2, clients))],
+                           self.a.duration, "tls_select", clients=clients, tls=True)
+        row.update(round=rnd, workload="tls_select", protocol="simple", clients=clients)
+        self.record(row)
+
     def w_tpcb(self, rnd, target, clients):
         row = self.pgbench(target, ["-M", "simple", "-c", str(clients), "-j", str(min(2, clients))],
                            self.a.duration, "tpcb", clients=clients)
@@ -553,18 +662,23 @@ class Bench:
                 break
             time.sleep(0.1)
 
-    def w_idle(self, rnd, target):
+    def w_idle(self, rnd, target, tls=False):
         n = self.a.idle if target != "direct" else min(self.a.idle, self.a.idle_direct)
         self.terminate_app_backends()
         time.sleep(0.5)
         pooler = self.pooler_of(target)
-        row = {"round": rnd, "workload": "idle", "protocol": "simple", "clients": 16, "target": target, "idle_clients": n}
+        row = {"round": rnd, "workload": "tls_idle" if tls else "idle", "protocol": "simple", "clients": 16,
+               "target": target, "idle_clients": n}
         before_mem = status_kb(pooler) if pooler else {}
         before_anon = self.server_anon_kb()
         procs_before = self.server_procs()
-        env = self.conn_env(target)
+        env = self.conn_env(target, tls)
         cmd = [sys.executable, os.path.join(HERE, "idle_clients.py"), "--host", "127.0.0.1", "--port", env["PGPORT"],
                "--user", "app", "--dbname", "app", "-n", str(n), "--hold-timeout", str(self.a.duration + 600)]
+        if tls:
+            # 64 TLS handshakes in flight at most: under nextgres.max_tls_handshakes
+            # (100), which answers more with 53300 as a flood guard
+            cmd += ["--tls", "--parallel", "64"]
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env=env, text=True)
         try:
@@ -600,7 +714,7 @@ class Bench:
                 row["server_anon_per_idle_b"] = round(1024 * (self.server_anon_kb() - before_anon) / row["idle_ok"], 1)
             row["server_procs_before"] = procs_before["server_procs"]
             res = self.pgbench(target, ["-S", "-M", "simple", "-c", "16", "-j", "2"], self.a.duration, "idle",
-                               sample_at=self.a.duration / 2, sampler=self.server_procs)
+                               sample_at=self.a.duration / 2, sampler=self.server_procs, tls=tls)
             for k, v in res.items():
                 if k not in ("first_error",) or v:
                     row[k] = v
@@ -619,12 +733,12 @@ class Bench:
                 proc.communicate(timeout=10)
         self.record(row)
 
-    def w_bulk(self, rnd, target):
+    def w_bulk(self, rnd, target, tls=False):
         rows = self.a.bulk_rows
         sql = f"COPY (SELECT g, repeat('x', 96) FROM generate_series(1, {rows}) g) TO STDOUT"
         before = self.snapshot(target)
         proc = subprocess.Popen([self.pg("psql"), "-X", "-q", "-c", sql], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=self.conn_env(target))
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=self.conn_env(target, tls))
         nbytes, deadline = 0, time.monotonic() + 300
         fd = proc.stdout.fileno()
         while time.monotonic() < deadline:
@@ -637,7 +751,8 @@ class Bench:
         rc, ru, timed_out, _ = wait_bounded(proc, time.monotonic() + 30)
         after = self.snapshot(target, settle_to=before["backends"])
         err = proc.stderr.read().decode(errors="replace")
-        row = {"round": rnd, "workload": "bulk", "protocol": "simple", "clients": 1, "target": target, "rc": rc,
+        row = {"round": rnd, "workload": "tls_bulk" if tls else "bulk", "protocol": "simple", "clients": 1,
+               "target": target, "rc": rc,
                "timed_out": int(timed_out), "bulk_bytes": nbytes, "first_error": err.strip()[:200]}
         self.account(row, before, after, ru)
         row["mb_per_s"] = round(nbytes / 1e6 / row["elapsed_s"], 1) if row["elapsed_s"] else None
@@ -775,10 +890,14 @@ class Bench:
                 f"max {mx} ms, handoffs {x}")
 
     def warmup(self):
-        for t in TARGETS:
+        for t in self.targets_for("select"):
             self.pgbench(t, ["-S", "-c", "16", "-j", "2"], 1, "warmup", want_log=False)
 
     # ---------------- the plan
+    def targets_for(self, workload, order=None):
+        ts = order or TARGETS
+        return [t for t in ts if t != "plain" or (workload in PLAIN_WORKLOADS and self.plain_pm_pid)]
+
     def main(self):
         a = self.a
         self.setup()
@@ -789,29 +908,38 @@ class Bench:
             order = TARGETS[k:] + TARGETS[:k]
             log(f"round {rnd}/{a.rounds}, order {' -> '.join(order)}")
             if "idle" in a.workloads:
-                for t in order:
+                for t in self.targets_for("idle", order):
                     self.w_idle(rnd, t)
             if "select" in a.workloads:
                 for protocol in ("simple", "extended", "prepared"):
                     for c in a.clients:
-                        for t in order:
+                        for t in self.targets_for("select", order):
                             self.w_select(rnd, t, protocol, c)
             if "tpcb" in a.workloads:
                 for c in a.tpcb_clients:
-                    for t in order:
+                    for t in self.targets_for("tpcb", order):
                         self.w_tpcb(rnd, t, c)
             if "storm" in a.workloads:
-                for t in order:
+                for t in self.targets_for("storm", order):
                     self.w_storm(rnd, t)
             if "bulk" in a.workloads:
-                for t in order:
+                for t in self.targets_for("bulk", order):
                     self.w_bulk(rnd, t)
+            if "tls" in a.workloads and self.tls:
+                for c in (16, 100):
+                    for t in self.targets_for("tls", order):
+                        self.w_tls_select(rnd, t, c)
+                for t in self.targets_for("tls", order):
+                    self.w_bulk(rnd, t, tls=True)
+                if rnd == 1:  # pooler memory grows only in a run's first idle test (see report.py)
+                    for t in self.targets_for("tls", order):
+                        self.w_idle(rnd, t, tls=True)
             if "priority" in a.workloads:
                 self.w_priority(rnd)
         if a.profile:
             if shutil.which("perf"):
                 log(f"perf profiles: select-only, {a.profile_clients} clients, -M simple")
-                for t in TARGETS:
+                for t in self.targets_for("profile"):
                     self.w_profile(t)
             else:
                 log("no perf (Debian package linux-perf): no profiles")
@@ -868,6 +996,7 @@ class Bench:
             "scale": a.scale, "idle": a.idle, "idle_direct": min(a.idle, a.idle_direct),
             "storm_clients": a.storm_clients, "bulk_rows": a.bulk_rows, "pool_size": POOL_SIZE,
             "pg_settings": getattr(self, "pg_settings", {}),
+            "plain": bool(self.plain_pm_pid),
             "bouncer_settings": {k: v for k, v in getattr(self, "bouncer_settings", {}).items()
                                  if k not in ("logfile", "pidfile", "auth_file")},
         })
@@ -882,7 +1011,7 @@ def parse_args(argv):
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--duration", type=int, help="seconds per pgbench run")
     ap.add_argument("--out", help="where BENCHMARKS.md and bench/ go (default: repo root; --quick: work dir)")
-    ap.add_argument("--workloads", default="idle,select,tpcb,storm,bulk,priority")
+    ap.add_argument("--workloads", default="idle,select,tpcb,storm,bulk,tls,priority")
     ap.add_argument("--clients", help="select-only client counts, comma separated")
     ap.add_argument("--idle", type=int, help="idle clients (default 10,000; --quick 500)")
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,

@@ -13,6 +13,8 @@ connection attempt has finished, then holds the connections until standard
 input closes or SIGTERM/SIGINT arrives, then sends Terminate on each, closes
 them and prints `CLOSED alive=K` (K: connections the server had not closed).
 Every step is bounded: --connect-timeout per connection, --hold-timeout overall.
+--tls sends SSLRequest and runs the connection over TLS (certificate not
+verified, as sslmode=require).
 """
 import argparse
 import asyncio
@@ -22,6 +24,7 @@ import hmac
 import os
 import resource
 import signal
+import ssl
 import struct
 import sys
 import time
@@ -48,8 +51,20 @@ def error_text(body: bytes) -> str:
     return f"{fields.get('S', 'ERROR')} {fields.get('C', '')}: {fields.get('M', '')}"
 
 
-async def login(host, port, user, password, dbname):
+async def login(host, port, user, password, dbname, tls=False):
     reader, writer = await asyncio.open_connection(host, port)
+    if tls:
+        # SSLRequest (protocol 54.2.10), then TLS on the same stream; like
+        # sslmode=require: encrypted, the certificate not verified.
+        writer.write(struct.pack("!II", 8, 80877103))
+        await writer.drain()
+        if await reader.readexactly(1) != b"S":
+            writer.close()
+            raise RuntimeError("server refused SSLRequest")
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        await writer.start_tls(ctx)
     params = b"".join(k.encode() + b"\0" + v.encode() + b"\0"
                       for k, v in (("user", user), ("database", dbname), ("application_name", "bench-idle")))
     body = struct.pack("!I", 196608) + params + b"\0"
@@ -116,6 +131,7 @@ async def main():
     ap.add_argument("--parallel", type=int, default=128, help="logins in flight at once")
     ap.add_argument("--connect-timeout", type=float, default=30)
     ap.add_argument("--hold-timeout", type=float, default=600)
+    ap.add_argument("--tls", action="store_true", help="SSLRequest + TLS (sslmode=require)")
     a = ap.parse_args()
     if a.host not in ("127.0.0.1", "localhost", "::1") and not a.host.startswith("127."):
         sys.exit("idle_clients.py only connects to loopback addresses")
@@ -132,7 +148,7 @@ async def main():
         async with sem:
             try:
                 conns.append(await asyncio.wait_for(
-                    login(a.host, a.port, a.user, a.password, a.dbname), a.connect_timeout))
+                    login(a.host, a.port, a.user, a.password, a.dbname, a.tls), a.connect_timeout))
             except Exception as e:  # noqa: BLE001 - every failure is counted and reported
                 errors.append(f"{type(e).__name__}: {e}")
 

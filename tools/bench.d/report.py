@@ -11,7 +11,9 @@ import os
 import re
 import statistics
 
-TARGETS = ["direct", "pgbouncer", "nextgres"]
+TARGETS = ["plain", "direct", "pgbouncer", "nextgres"]
+# Column titles. "plain" is the twin server without nextgres loaded.
+NAMES = {"plain": "direct, no nextgres", "direct": "direct", "pgbouncer": "PgBouncer", "nextgres": "nextgres"}
 # A pooler's heap keeps what the first round's idle clients needed and serves
 # later rounds from it, so only the first idle test of a run measures growth.
 FIRST_ROUND_ONLY = {"pooler_rss_per_idle_b", "pooler_anon_per_idle_b", "pooler_rss_before_kb", "pooler_rss_after_kb",
@@ -127,7 +129,7 @@ class Data:
 
 def summary_rows(d):
     out = []
-    for w in ("select", "tpcb", "idle", "storm", "bulk"):
+    for w in ("select", "tpcb", "idle", "storm", "bulk", "tls_select", "tls_bulk", "tls_idle"):
         for protocol, clients in d.configs(w):
             for t in TARGETS:
                 rs = d.sel(w, t, protocol, clients)
@@ -160,7 +162,7 @@ def charts(d, bench_dir):
         import matplotlib.pyplot as plt
     except ImportError:
         return [], "matplotlib is not installed: no charts (tools/bench installs it into a venv)."
-    colors = {"direct": "#555555", "pgbouncer": "#1f77b4", "nextgres": "#d62728"}
+    colors = {"plain": "#aaaaaa", "direct": "#555555", "pgbouncer": "#1f77b4", "nextgres": "#d62728"}
     made = []
     protocols = [p for p in ("simple", "extended", "prepared") if d.sel("select", protocol=p)]
     for key, label, fname in (("tps", "transactions/s (median)", "select_tps.png"),
@@ -200,13 +202,14 @@ def charts(d, bench_dir):
     cs = [c for p, c in d.configs("select") if p == "simple"]
     if cs:
         fig, ax = plt.subplots(figsize=(9, 4))
-        width = 0.27
-        for i, t in enumerate(TARGETS):
+        ts = [t for t in TARGETS if d.sel("select", t)]
+        width = 0.8 / max(len(ts), 1)
+        for i, t in enumerate(ts):
             base = [0.0] * len(cs)
             for part, hatch, key in (("server", "", "server_cpu_s"), ("pooler", "//", "pooler_cpu_s"),
                                      ("pgbench", "..", "client_cpu_s")):
                 vals = [d.per_tx_us("select", t, key, "simple", c) or 0.0 for c in cs]
-                xs = [j + (i - 1) * width for j in range(len(cs))]
+                xs = [j + (i - (len(ts) - 1) / 2) * width for j in range(len(cs))]
                 ax.bar(xs, vals, width, bottom=base, color=colors[t], hatch=hatch, edgecolor="white",
                        label=f"{t}: {part}" if any(vals) else None)
                 base = [b + v for b, v in zip(base, vals)]
@@ -281,8 +284,52 @@ def targets(d):
             out.append((f"select-only {c} clients, -M {p}: nextgres ≥ 1.5× PgBouncer TPS and p99 ≤ PgBouncer",
                         measured, verdict, why))
     for p in ("simple", "extended", "prepared"):
-        if not d.sel("select", "nextgres", p, 16):
+        # saturated pool against the same work on a server without nextgres:
+        # only the pooling costs differ
+        if not (d.sel("select", "nextgres", p, 100) and d.sel("select", "plain", p, pool)):
             continue
+        ng, pl = d.m("select", "nextgres", "tps", p, 100), d.m("select", "plain", "tps", p, pool)
+        r = ratio(ng, pl)
+        verdict = "met" if r is not None and r >= 0.85 and not d.failures("select", "nextgres", p, 100)[0] else "missed"
+        out.append((f"select-only 100 clients over a pool of {pool}, -M {p}: nextgres ≥ 0.85× {pool} direct clients "
+                    "on a server without nextgres",
+                    f"{fmt(ng)} vs {fmt(pl)} tps ({fr(r)})", verdict,
+                    "" if verdict == "met" else cpu_why(p, 100, "pgbouncer")))
+    for p in ("simple", "extended", "prepared"):
+        if not (d.sel("select", "nextgres", p, pool) and d.sel("select", "plain", p, pool)):
+            continue
+        ng, pl = d.m("select", "nextgres", "tps", p, pool), d.m("select", "plain", "tps", p, pool)
+        r = ratio(ng, pl)
+        verdict = "met" if r is not None and r >= 0.97 and not d.failures("select", "nextgres", p, pool)[0] else "missed"
+        out.append((f"select-only {pool} clients, pool {pool}, -M {p}: nextgres ≥ 0.97× direct on a server without nextgres",
+                    f"{fmt(ng)} vs {fmt(pl)} tps ({fr(r)}); same server, direct: {fmt(d.m('select', 'direct', 'tps', p, pool))}",
+                    verdict, "" if verdict == "met" else cpu_why(p, pool, "plain")))
+    for p in ("simple", "extended", "prepared"):
+        us = d.per_tx_us("select", "nextgres", "pooler_cpu_s", p, 100)
+        if us is None:
+            continue
+        pb = d.per_tx_us("select", "pgbouncer", "pooler_cpu_s", p, 100)
+        verdict = "met" if us <= 2.0 else "missed"
+        out.append((f"select-only 100 clients, -M {p}: nextgres pooler CPU ≤ 2 µs per transaction "
+                    "(single-core ceiling ≥ 500,000 tx/s)",
+                    f"{us:.1f} µs/tx, ceiling {fmt(1e6 / us if us else None)} tx/s; PgBouncer "
+                    f"{fmt(pb, 1)} µs/tx, ceiling {fmt(1e6 / pb if pb else None)} tx/s", verdict,
+                    "" if verdict == "met" else "the pooler still takes part in every transaction of a saturated pool"
+                    " (client back to the pooler at each ReadyForQuery(I), SCM_RIGHTS to the next backend)"))
+    for c in (100,):
+        if not (d.sel("tpcb", "nextgres", "simple", c) and d.sel("tpcb", "pgbouncer", "simple", c)):
+            continue
+        ng, pb = d.m("tpcb", "nextgres", "tps", "simple", c), d.m("tpcb", "pgbouncer", "tps", "simple", c)
+        r = ratio(ng, pb)
+        verdict = "met" if r is not None and r >= 1.0 else "missed"
+        out.append((f"tpcb-like {c} clients: nextgres ≥ PgBouncer", f"{fmt(ng)} vs {fmt(pb)} tps ({fr(r)})", verdict,
+                    "" if verdict == "met" else
+                    f"server CPU {fmt(d.per_tx_us('tpcb', 'nextgres', 'server_cpu_s', 'simple', c))} µs/tx vs "
+                    f"{fmt(d.per_tx_us('tpcb', 'pgbouncer', 'server_cpu_s', 'simple', c))} µs/tx for pgbouncer; "
+                    f"nextgres pooler {fmt(d.per_tx_us('tpcb', 'nextgres', 'pooler_cpu_s', 'simple', c), 1)} µs/tx"))
+    for p in ("simple", "extended", "prepared"):
+        if not d.sel("select", "nextgres", p, 16) or d.sel("select", "plain", p, 16):
+            continue  # the plain-server target above replaces this one
         ng, di = d.m("select", "nextgres", "tps", p, 16), d.m("select", "direct", "tps", p, 16)
         r = ratio(ng, di)
         ab, _, _, _ = d.failures("select", "nextgres", p, 16)
@@ -307,12 +354,12 @@ def targets(d):
         anon = d.m("idle", "nextgres", "pooler_anon_per_idle_b")
         n = d.m("idle", "nextgres", "idle_ok")
         fails = total(d.sel("idle", "nextgres"), "idle_failed")
-        verdict = "met" if per is not None and per <= 4096 and not fails else "missed"
+        verdict = "met" if per is not None and per <= 1536 and not fails else "missed"
         why = ""
         if verdict == "missed":
             why = (f"{fails} idle logins failed; " if fails else "") + (
                 f"pooler RSS grows {fmt(per)} B per idle client (private heap {fmt(anon)} B)" if per is not None else "")
-        out.append((f"{fmt(d.meta.get('idle'))} idle clients: nextgres pooler memory ≤ 4 KiB per idle client",
+        out.append((f"{fmt(d.meta.get('idle'))} idle clients: nextgres pooler memory ≤ 1.5 KiB per idle client",
                     f"{fmt(per)} B/client VmRSS ({fmt(anon)} B RssAnon), {fmt(n)} idle clients held; "
                     f"PgBouncer {fmt(d.m('idle', 'pgbouncer', 'pooler_rss_per_idle_b'))} B/client", verdict, why))
         procs = d.m("idle", "nextgres", "server_procs")
@@ -396,7 +443,12 @@ def build(out):
                           f"{m.get('other_pg_or_build_procs_at_start', '?')} other PostgreSQL/cargo processes running"),
     ]) + "\n")
     L.append("## Setup\n")
-    L.append(f"- One PostgreSQL 16 cluster serves all three paths at the same time: **direct** = the server's own "
+    if m.get("plain"):
+        L.append("- **direct, no nextgres** (select-only and tpcb-like only) = a second cluster of the same build, "
+                 "settings and data that does not load nextgres (`shared_preload_libraries` empty): the baseline "
+                 "without whatever nextgres's hooks cost every backend. It runs beside the main cluster and is "
+                 "interleaved with the other paths.")
+    L.append(f"- One PostgreSQL {m.get('postgres', '?').split()[-1]} cluster serves all three paths at the same time: **direct** = the server's own "
              f"TCP port (one backend process per connection); **pgbouncer** = PgBouncer, transaction pooling, "
              f"`default_pool_size = {m.get('pool_size')}`, connecting to the server's Unix socket; **nextgres** = "
              f"the nextgres pooler on its side port (`nextgres.port`), `nextgres.pool_size = {m.get('pool_size')}`, "
@@ -441,15 +493,18 @@ def build(out):
 
     L.append("## Select-only (pgbench -S)\n")
     rows = []
+    ts = [t for t in TARGETS if d.sel("select", t)]
+    plain = "plain" in ts
     for p, c in d.configs("select"):
-        tp = {t: d.m("select", t, "tps", p, c) for t in TARGETS}
-        p50 = {t: d.m("select", t, "p50_ms", p, c) for t in TARGETS}
-        p99 = {t: d.m("select", t, "p99_ms", p, c) for t in TARGETS}
-        rows.append((p, c) + tuple(fmt(tp[t]) + failure_note(d, "select", t, p, c) for t in TARGETS)
+        tp = {t: d.m("select", t, "tps", p, c) for t in ts}
+        p50 = {t: d.m("select", t, "p50_ms", p, c) for t in ts}
+        p99 = {t: d.m("select", t, "p99_ms", p, c) for t in ts}
+        rows.append((p, c) + tuple(fmt(tp[t]) + failure_note(d, "select", t, p, c) for t in ts)
                     + (fr(ratio(tp["nextgres"], tp["pgbouncer"])), fr(ratio(tp["nextgres"], tp["direct"])))
-                    + tuple(f"{fmt(p50[t], 2)} / {fmt(p99[t], 2)}" for t in TARGETS))
-    L.append(md_table(["-M", "clients", "direct tps", "PgBouncer tps", "nextgres tps", "ng/PgB", "ng/direct",
-                       "direct p50/p99 ms", "PgB p50/p99 ms", "nextgres p50/p99 ms"], rows) + "\n")
+                    + ((fr(ratio(tp["nextgres"], tp["plain"])),) if plain else ())
+                    + tuple(f"{fmt(p50[t], 2)} / {fmt(p99[t], 2)}" for t in ts))
+    L.append(md_table(["-M", "clients"] + [f"{NAMES[t]} tps" for t in ts] + ["ng/PgB", "ng/direct"]
+                      + (["ng/no-nextgres"] if plain else []) + [f"{NAMES[t]} p50/p99 ms" for t in ts], rows) + "\n")
     L.append("⚠ marks runs with errors; TPS counts only the transactions that succeeded. pgbench aborts a client "
              "at its first error, so a run whose clients all aborted ends early.\n")
     errs = {}
@@ -476,30 +531,35 @@ def build(out):
             w = d.m("select", t, "ng_waits", p, c)
             other = [100 * num(r["other_cpu_s"]) / (num(r["elapsed_s"]) * (m.get("nproc") or 1)) for r in rs
                      if num(r.get("other_cpu_s")) is not None and num(r.get("elapsed_s"))]
-            rows.append((p, c, t, fmt(d.per_tx_us("select", t, "server_cpu_s", p, c), 1),
-                         fmt(d.per_tx_us("select", t, "pooler_cpu_s", p, c), 1),
+            pus = d.per_tx_us("select", t, "pooler_cpu_s", p, c)
+            rows.append((p, c, NAMES[t], fmt(d.per_tx_us("select", t, "server_cpu_s", p, c), 1),
+                         fmt(pus, 1), fmt(1e6 / pus) if pus else "–",
                          fmt(d.per_tx_us("select", t, "client_cpu_s", p, c), 1),
                          fmt(d.per_tx_us("select", t, "machine_busy_s", p, c), 1),
                          fmt(d.m("select", t, "pooler_cpu_pct", p, c), 0, "%"),
                          fmt(statistics.median(busy) if busy else None, 0, "%"),
                          fmt(statistics.median(other) if other else None, 0, "%"),
                          "" if h is None else f"{fmt(h)} / {fmt(w)}"))
-    L.append(md_table(["-M", "clients", "target", "server µs/tx", "pooler µs/tx", "pgbench µs/tx", "machine µs/tx",
-                       "pooler CPU", "machine busy", "other load", "nextgres handoffs / waits"], rows) + "\n")
-    L.append("*pooler CPU* is the share of one core the pooler process used; *other load* is the machine's CPU "
+    L.append(md_table(["-M", "clients", "target", "server µs/tx", "pooler µs/tx", "pooler ceiling tx/s",
+                       "pgbench µs/tx", "machine µs/tx", "pooler CPU", "machine busy", "other load",
+                       "nextgres handoffs / waits"], rows) + "\n")
+    L.append("*pooler ceiling* = 10^6 / pooler µs per transaction: the transactions per second at which the "
+             "pooler's single thread would fill one core, whatever the number of cores (what a 64-core server would "
+             "hit). *pooler CPU* is the share of one core the pooler process used; *other load* is the machine's CPU "
              "not accounted to the server, the pooler or pgbench (other work on the machine, kernel threads); "
              "on a quiet machine it is a few %, more means that row was disturbed.\n")
 
     L.append("## tpcb-like (pgbench default script, -M simple)\n")
     rows = []
+    ts = [t for t in TARGETS if d.sel("tpcb", t)]
     for p, c in d.configs("tpcb"):
-        tp = {t: d.m("tpcb", t, "tps", p, c) for t in TARGETS}
-        rows.append((c,) + tuple(fmt(tp[t]) + failure_note(d, "tpcb", t, p, c) for t in TARGETS)
+        tp = {t: d.m("tpcb", t, "tps", p, c) for t in ts}
+        rows.append((c,) + tuple(fmt(tp[t]) + failure_note(d, "tpcb", t, p, c) for t in ts)
                     + (fr(ratio(tp["nextgres"], tp["pgbouncer"])), fr(ratio(tp["nextgres"], tp["direct"])))
                     + tuple(f"{fmt(d.m('tpcb', t, 'p50_ms', p, c), 2)} / {fmt(d.m('tpcb', t, 'p99_ms', p, c), 2)}"
-                            for t in TARGETS))
-    L.append(md_table(["clients", "direct tps", "PgBouncer tps", "nextgres tps", "ng/PgB", "ng/direct",
-                       "direct p50/p99 ms", "PgB p50/p99 ms", "nextgres p50/p99 ms"], rows) + "\n")
+                            for t in ts))
+    L.append(md_table(["clients"] + [f"{NAMES[t]} tps" for t in ts] + ["ng/PgB", "ng/direct"]
+                      + [f"{NAMES[t]} p50/p99 ms" for t in ts], rows) + "\n")
 
     L.append("## Idle clients plus 16 active\n")
     rows = []
@@ -547,6 +607,59 @@ def build(out):
                      fmt(d.m("bulk", t, "server_cpu_s"), 2), fmt(d.m("bulk", t, "client_cpu_s"), 2)))
     L.append(md_table(["target", "MB", "seconds", "MB/s", "pooler CPU ms", "server CPU s", "psql CPU s"], rows) + "\n")
 
+    if d.sel("tls_select") or d.sel("tls_bulk") or d.sel("tls_idle"):
+        L.append("## TLS (sslmode=require)\n")
+        L.append("The server runs with `ssl = on` and a self-signed RSA-2048 certificate made for the run; clients "
+                 "connect with `sslmode=require` (encrypted, certificate not verified). Direct: the server's own "
+                 "TLS (OpenSSL); PgBouncer: `client_tls_sslmode = allow` with the same certificate, plain Unix "
+                 "socket to the server; nextgres: the pooler terminates TLS (rustls) and relays for the pooled "
+                 "backends on a thread per TLS client (no kernel TLS on this machine).\n")
+        rows = []
+        for p, c in d.configs("tls_select"):
+            for t in TARGETS:
+                if not d.sel("tls_select", t, p, c):
+                    continue
+                pus = d.per_tx_us("tls_select", t, "pooler_cpu_s", p, c)
+                rows.append((c, NAMES[t], fmt(d.m("tls_select", t, "tps", p, c)) + failure_note(d, "tls_select", t, p, c),
+                             fmt(d.m("tls_select", t, "p50_ms", p, c), 2) + " / " + fmt(d.m("tls_select", t, "p99_ms", p, c), 2),
+                             fmt(d.per_tx_us("tls_select", t, "server_cpu_s", p, c), 1), fmt(pus, 1),
+                             fmt(d.m("tls_select", t, "pooler_cpu_pct", p, c), 0, "%")))
+        if rows:
+            L.append("Select-only (`-S -M simple`):\n")
+            L.append(md_table(["clients", "target", "tps", "p50/p99 ms", "server µs/tx", "pooler µs/tx", "pooler CPU"],
+                              rows) + "\n")
+        rows = []
+        for t in TARGETS:
+            if not d.sel("tls_bulk", t):
+                continue
+            mb = (d.m("tls_bulk", t, "bulk_bytes") or 0) / 1e6
+            pc = d.m("tls_bulk", t, "pooler_cpu_s")
+            rows.append((NAMES[t], fmt(mb, 1), fmt(d.m("tls_bulk", t, "mb_per_s"), 0),
+                         "–" if pc is None else fmt(pc * 1000, 1),
+                         "–" if pc is None or not mb else fmt(pc * 1000 / mb, 2),
+                         fmt(d.m("tls_bulk", t, "server_cpu_s"), 2)))
+        if rows:
+            L.append("Bulk `COPY ... TO STDOUT` through psql:\n")
+            L.append(md_table(["target", "MB", "MB/s", "pooler CPU ms", "pooler CPU ms per MB", "server CPU s"], rows)
+                     + "\n")
+        rows = []
+        for t in TARGETS:
+            rs = d.sel("tls_idle", t)
+            if not rs:
+                continue
+            rows.append((NAMES[t], fmt(d.m("tls_idle", t, "idle_ok"))
+                         + (f" ({total(rs, 'idle_failed')} failed)" if total(rs, "idle_failed") else ""),
+                         fmt(d.m("tls_idle", t, "idle_conn_per_s")),
+                         fmt(d.m("tls_idle", t, "tps")) + failure_note(d, "tls_idle", t, None, None),
+                         "–" if t == "direct" else fmt(d.m("tls_idle", t, "pooler_rss_per_idle_b")),
+                         "–" if t == "direct" else fmt(d.m("tls_idle", t, "pooler_anon_per_idle_b")),
+                         fmt(d.m("tls_idle", t, "server_anon_per_idle_b"))))
+        if rows:
+            L.append("Idle TLS clients plus 16 active TLS clients (first round only" + (
+                ", after the plain idle test of that round: a pooler's heap already holds what plain idle clients "
+                "needed, so these columns are what TLS adds per client" if d.sel("idle") else "") + "):\n")
+            L.append(md_table(["target", "idle TLS clients", "logins/s", "16-active tps", "pooler B/idle (VmRSS)",
+                               "pooler B/idle (RssAnon)", "server private B/idle"], rows) + "\n")
     if d.sel("priority"):
         L.append("## Pool priority (nextgres only)\n")
         L.append("Two `pgbench -S` runs start together, each with its own role's pool, sharing the database's "
