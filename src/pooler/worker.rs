@@ -194,6 +194,7 @@ impl Pooler {
             Some(Conn::Listener(_)) => self.accept(key),
             Some(Conn::Client(_)) => self.client_event(key, ev),
             Some(Conn::Backend(_)) => self.backend_event(key, ev),
+            Some(Conn::Dedicated(_)) => self.dedicated_event(key, ev),
             None => {}
         }
     }
