@@ -220,8 +220,10 @@ fn logical_replication_through_pooler_port() {
         nextgres_test::cmd::run(c, Duration::from_secs(120)).expect("pg_recvlogical")
     };
     recvlogical(&["--create-slot", "-P", "test_decoding"]).assert_success();
-    exec(&publisher, "INSERT INTO t VALUES (1000, 'decoded')");
-    let end = scalar(&publisher, "SELECT pg_current_wal_lsn()");
+    // Flushed at commit (the harness runs synchronous_commit = off), so the
+    // walsender has it before pg_recvlogical looks for the end point.
+    exec(&publisher, "SET synchronous_commit = on; INSERT INTO t VALUES (1000, 'decoded'); CHECKPOINT");
+    let end = scalar(&publisher, "SELECT pg_current_wal_flush_lsn()");
     let out = recvlogical(&["--start", "--no-loop", "-E", &end, "-f", "-"]);
     out.assert_success();
     assert!(out.stdout.contains("table public.t: INSERT: id[integer]:1000 v[text]:'decoded'"), "{out}");
