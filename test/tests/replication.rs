@@ -334,3 +334,24 @@ fn hba_replication_lines_match_direct_server() {
     let bad: Vec<_> = results.iter().filter(|r| !r.3).collect();
     assert!(bad.is_empty(), "differences:\n{bad:#?}");
 }
+
+/// The walsender's own login through the Unix socket needs a `local
+/// replication` line (`all` does not match replication connections): without
+/// one the client gets the server's refusal with a hint naming the fix.
+#[test]
+fn refused_walsender_login_names_the_hba_fix() {
+    let pg = Cluster::builder()
+        .hba("local all all trust\nhost replication all 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 trust\n")
+        .start();
+    let mut s = TcpStream::connect(("127.0.0.1", pg.port())).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let (msgs, closed) = raw_startup(&mut s, &[("user", "postgres"), ("database", "postgres"), ("replication", "true")]);
+    let e = msgs.last().filter(|m| m.tag == b'E').unwrap_or_else(|| panic!("no error: {msgs:?}"));
+    assert_eq!(e.field(b'C').as_deref(), Some("28000"));
+    assert_eq!(
+        e.field(b'M').as_deref(),
+        Some("no pg_hba.conf entry for replication connection from host \"[local]\", user \"postgres\", no encryption")
+    );
+    assert!(e.field(b'H').is_some_and(|h| h.contains("local replication all")), "hint: {:?}", e.field(b'H'));
+    assert!(closed, "the connection must close after the FATAL");
+}
