@@ -609,6 +609,12 @@ impl Pooler {
     /// CancelRequest: only a client attached to a backend right now has a
     /// running query; signal that backend as the postmaster would (SIGINT).
     fn cancel_request(&mut self, pid: i32, secret: &[u8]) {
+        // A replication client's walsender, by its own pid and key (a
+        // pooled client's pid of the pooler's choosing may be the same number).
+        if self.walsender_keys.get(&pid).is_some_and(|k| nextgres_core::auth::ct::ct_eq(k, secret)) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGINT);
+            return;
+        }
         let Some(&ck) = self.cancel_keys.get(&pid) else { return };
         let Some(c) = self.client(ck) else { return };
         // Constant time, as the server compares keys (timingsafe_bcmp in 18).

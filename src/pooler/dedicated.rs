@@ -196,9 +196,11 @@ impl Pooler {
         for (name, value) in &d.params {
             proto::parameter_status(&mut out, name, value);
         }
+        let mut walsender = None;
         if d.key_data.len() >= 4 {
             let pid = i32::from_be_bytes([d.key_data[0], d.key_data[1], d.key_data[2], d.key_data[3]]);
             proto::backend_key_data_bytes(&mut out, pid, &d.key_data[4..]);
+            walsender = Some((pid, d.key_data[4..].to_vec()));
         }
         proto::ready_for_query(&mut out, b'I');
         c.phase = Phase::Startup;
@@ -223,6 +225,13 @@ impl Pooler {
         }
         drop(d); // our end of the walsender's control socket
         self.client_forget(ck);
+        if let Some((pid, key)) = walsender {
+            // A CancelRequest to the pooler's port reaches it (the pooler
+            // signals it as the postmaster would); exited ones are dropped.
+            self.walsender_keys
+                .retain(|&p, _| nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_ok());
+            self.walsender_keys.insert(pid, key);
+        }
     }
 }
 

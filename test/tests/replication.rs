@@ -355,3 +355,47 @@ fn refused_walsender_login_names_the_hba_fix() {
     assert!(e.field(b'H').is_some_and(|h| h.contains("local replication all")), "hint: {:?}", e.field(b'H'));
     assert!(closed, "the connection must close after the FATAL");
 }
+
+/// A CancelRequest sent to the pooler's port with the BackendKeyData a
+/// replication client got cancels its walsender's running query (57014, as
+/// directly); a wrong key cancels nothing.
+#[test]
+fn cancel_reaches_walsender() {
+    let pg = Cluster::builder().conf("wal_level = logical").start();
+    let mut s = TcpStream::connect(("127.0.0.1", pg.port())).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    let (msgs, _) = raw_startup(&mut s, &[("user", "postgres"), ("database", "postgres"), ("replication", "database")]);
+    assert_eq!(msgs.last().map(|m| m.tag), Some(b'Z'), "{msgs:?}");
+    let k = msgs.iter().find(|m| m.tag == b'K').expect("BackendKeyData");
+    let pid = i32::from_be_bytes([k.body[0], k.body[1], k.body[2], k.body[3]]);
+    let backend_type = scalar(&pg, &format!("SELECT backend_type FROM pg_stat_activity WHERE pid = {pid}"));
+    assert_eq!(backend_type, "walsender", "the key names the client's walsender");
+    let cancel = |key: &[u8]| {
+        let mut c = TcpStream::connect(("127.0.0.1", pg.port())).expect("connect");
+        let mut pkt = 16i32.to_be_bytes().to_vec();
+        pkt.extend_from_slice(&80877102i32.to_be_bytes());
+        pkt.extend_from_slice(&pid.to_be_bytes());
+        pkt.extend_from_slice(key);
+        std::io::Write::write_all(&mut c, &pkt).expect("cancel");
+        let mut buf = [0u8; 1];
+        let _ = std::io::Read::read(&mut c, &mut buf); // the pooler closes it
+    };
+    std::io::Write::write_all(&mut s, &pool_support::query_msg("SELECT pg_sleep(30)")).expect("query");
+    let running = format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid} AND query = 'SELECT pg_sleep(30)' AND state = 'active'");
+    assert!(wait_until(Duration::from_secs(30), || scalar(&pg, &running) == "1"), "query never ran");
+    let mut wrong = k.body[4..].to_vec();
+    wrong[0] ^= 1;
+    cancel(&wrong); // returns once the pooler has handled it and closed
+    assert_eq!(scalar(&pg, &running), "1", "a wrong key cancelled the query");
+    cancel(&k.body[4..]);
+    let mut seen = Vec::new();
+    while let Some(m) = pool_support::read_msg(&mut s) {
+        let done = m.tag == b'Z';
+        seen.push(m);
+        if done {
+            break;
+        }
+    }
+    let e = seen.iter().find(|m| m.tag == b'E').unwrap_or_else(|| panic!("no error: {seen:?}"));
+    assert_eq!(e.field(b'C').as_deref(), Some("57014"), "{:?}", e.field(b'M'));
+}
