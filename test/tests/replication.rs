@@ -76,7 +76,8 @@ fn walsender(primary: &Cluster) -> Option<(i32, String, String)> {
 /// Acceptance 1 and 5: `pg_basebackup -X stream -R` through the pooler's
 /// port makes a standby whose primary_conninfo names that port; it replays
 /// `pgbench -i` and a pgbench run and catches up (replay LSN and row count),
-/// and pg_stat_replication shows its real address and application_name.
+/// and pg_stat_replication shows its real address and application_name
+/// (which makes it the synchronous standby by synchronous_standby_names).
 /// SIGTERM to the pooler: the same walsender (pid) keeps streaming new WAL.
 /// kill -9 of the pooler: the server's crash restart ends every backend,
 /// walsenders included (as for any child killed so); the standby reconnects
@@ -104,6 +105,14 @@ fn standby_streams_through_pooler_port() {
     assert_eq!((addr.as_str(), app.as_str()), ("127.0.0.1/32", "standby1"), "pg_stat_replication shows the client");
     let sql = format!("SELECT backend_type || ' ' || client_addr::text FROM pg_stat_activity WHERE pid = {pid}");
     assert_eq!(scalar(&primary, &sql), "walsender 127.0.0.1/32");
+    // Its application_name counts for synchronous_standby_names.
+    exec(&primary, "ALTER SYSTEM SET synchronous_standby_names = 'standby1'; SELECT pg_reload_conf()");
+    let sync = "SELECT sync_state FROM pg_stat_replication WHERE application_name = 'standby1'";
+    assert!(
+        wait_until(Duration::from_secs(30), || scalar(&primary, sync) == "sync"),
+        "standby1 never became the synchronous standby: {}",
+        scalar(&primary, sync)
+    );
 
     primary.pgbench(&pooled, &["-n", "-c", "4", "-t", "100"]).assert_success();
     wait_caught_up(&primary, &standby, "after pgbench");
