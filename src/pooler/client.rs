@@ -507,6 +507,9 @@ impl Pooler {
         if matches!(c.phase, Phase::Attached { .. }) {
             return; // never write into a socket a backend is using
         }
+        if let Phase::Dedicating { login } = c.phase {
+            self.dedicated_drop(login); // its walsender exits with our end closed
+        }
         self.client_detach_from_pool(key);
         let Some(c) = self.client(key) else { return };
         c.phase = Phase::Closing;

@@ -32,8 +32,10 @@ use std::os::unix::net::UnixStream;
 /// A replication client's walsender while it logs in.
 pub struct Dedicated {
     pub stream: UnixStream,
-    /// The client's key in the connection table.
+    /// The client's key in the connection table, and its id (a key is
+    /// reused once its client is gone; the id never is).
     client: usize,
+    client_id: u64,
     cred: Option<Credential>,
     scram: Option<ScramClient>,
     params: Vec<(String, String)>,
@@ -59,7 +61,20 @@ impl Pooler {
             Replication::Logical => "database",
             Replication::None => return,
         };
-        let (user, database, settings) = (c.user.clone(), c.database.clone(), c.settings.clone());
+        let (user, database, settings, client_id) = (c.user.clone(), c.database.clone(), c.settings.clone(), c.id);
+        let token_opt = crate::backend::TOKEN_OPTION.to_str().unwrap_or_default();
+        if settings.iter().any(|(n, _)| n.eq_ignore_ascii_case(token_opt)) {
+            // What the server's own login hook answers a direct client
+            // that sends the pool token (backend/login.rs).
+            let f = ErrorFields {
+                severity: "FATAL".into(),
+                sqlstate: "28000".into(),
+                message: "nextgres: invalid pooled-backend login".into(),
+                detail: Some("Only the nextgres pooler may use the nextgres.pool_token startup option.".into()),
+                hint: None,
+            };
+            return self.client_fatal_fields(key, &f);
+        }
         let mut stream = match UnixStream::connect(&self.server_socket) {
             Ok(s) => s,
             Err(e) => {
@@ -67,7 +82,6 @@ impl Pooler {
                 return self.client_fatal_fields(key, &f);
             }
         };
-        let token_opt = crate::backend::TOKEN_OPTION.to_str().unwrap_or_default();
         let mut params: Vec<(&str, &str)> = vec![("user", &user), ("database", &database), ("replication", repl)];
         params.extend(settings.iter().map(|(n, v)| (n.as_str(), v.as_str())));
         params.push((token_opt, &self.token_hex));
@@ -77,7 +91,7 @@ impl Pooler {
         if stream.write_all(&out).is_err() || stream.set_nonblocking(true).is_err() {
             return self.client_fatal_fields(key, &login_error("nextgres: could not send the walsender login".into()));
         }
-        let d = Dedicated { stream, client: key, cred, scram: None, params: Vec::new(), key_data: Vec::new(), inbuf: Vec::new() };
+        let d = Dedicated { stream, client: key, client_id, cred, scram: None, params: Vec::new(), key_data: Vec::new(), inbuf: Vec::new() };
         let entry = self.conns.vacant_entry();
         let login = entry.key();
         conn::add(&self.epoll, &d.stream, login, READ);
@@ -105,16 +119,15 @@ impl Pooler {
     /// The login failed: the client gets the server's error (with the
     /// pg_hba.conf fix when the local login was refused).
     fn dedicated_failed(&mut self, key: usize, mut f: ErrorFields) {
-        let client = self.dedicated(key).map(|d| d.client);
+        let client = self.dedicated(key).map(|d| (d.client, d.client_id));
         self.dedicated_drop(key);
         let role_state = f.message.ends_with("is not permitted to log in") || f.message.ends_with("does not exist");
         if matches!(f.sqlstate.as_str(), "28000" | "28P01") && !role_state {
             f.hint = Some(REPLICATION_HBA_HINT.into());
         }
-        if let Some(ck) = client {
-            if let Some(c) = self.client(ck) {
-                c.phase = Phase::Startup; // not Dedicating any more: client_close must not drop it again
-            }
+        if let Some((ck, id)) = client {
+            let Some(c) = self.client(ck).filter(|c| c.id == id) else { return };
+            c.phase = Phase::Startup; // not Dedicating any more: nothing to drop again
             self.client_fatal_fields(ck, &f);
         }
     }
@@ -191,7 +204,7 @@ impl Pooler {
         let Some(Conn::Dedicated(d)) = self.conns.try_remove(key) else { return };
         conn::remove(&self.epoll, &d.stream);
         let ck = d.client;
-        let Some(c) = self.client(ck) else { return };
+        let Some(c) = self.client(ck).filter(|c| c.id == d.client_id) else { return };
         let mut out = Vec::new();
         for (name, value) in &d.params {
             proto::parameter_status(&mut out, name, value);

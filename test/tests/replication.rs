@@ -239,14 +239,15 @@ fn logical_replication_through_pooler_port() {
 }
 
 /// What a client sees of a login with this startup packet: the error's
-/// SQLSTATE, message and hint, or "ready".
+/// SQLSTATE, message, detail and hint, or "ready".
 fn raw_outcome(port: u16, params: &[(&str, &str)]) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
     let (msgs, closed) = raw_startup(&mut s, params);
     match msgs.last() {
         Some(m) if m.tag == b'E' => {
-            format!("{} {} hint={:?} closed={closed}", m.field(b'C').unwrap_or_default(), m.field(b'M').unwrap_or_default(), m.field(b'H'))
+            let (c, msg) = (m.field(b'C').unwrap_or_default(), m.field(b'M').unwrap_or_default());
+            format!("{c} {msg} detail={:?} hint={:?} closed={closed}", m.field(b'D'), m.field(b'H'))
         }
         Some(m) if m.tag == b'Z' => "ready".into(),
         Some(m) => format!("message {}", m.tag as char),
@@ -266,6 +267,14 @@ fn replication_parameter_matches_direct_server() {
         let pooled = raw_outcome(sp.pool_port, &params);
         eprintln!("replication={v:?}: {direct}");
         assert_eq!(pooled, direct, "replication={v:?}");
+    }
+    // A client posing as the pooler (its startup token) is refused as the
+    // server's login hook refuses it on a direct connection.
+    for v in ["true", "database"] {
+        let params = [("user", "postgres"), ("database", "postgres"), ("replication", v), ("nextgres.pool_token", "00")];
+        let direct = raw_outcome(sp.pg.port(), &params);
+        assert!(direct.starts_with("28000 nextgres: invalid pooled-backend login"), "{direct}");
+        assert_eq!(raw_outcome(sp.pool_port, &params), direct, "pool token, replication={v}");
     }
 }
 
