@@ -19,6 +19,12 @@ pub fn is_pooled() -> bool {
     POOLED.with(|p| p.get())
 }
 
+/// A replication client's walsender got its client for good: from now on
+/// it is an ordinary backend (every nextgres hook dormant again).
+pub fn unpool() {
+    POOLED.with(|p| p.set(false));
+}
+
 pub fn install() {
     unsafe {
         PREV_HOOK = ClientAuthentication_hook;

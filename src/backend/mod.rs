@@ -24,6 +24,11 @@ pub(crate) fn is_pooled() -> bool {
     login::is_pooled()
 }
 
+/// See `login::unpool`.
+pub(crate) fn unpool() {
+    login::unpool()
+}
+
 /// The token as it travels in the pool login's startup packet.
 pub fn token_hex(token: &[u8]) -> String {
     login::hex(token)

@@ -359,6 +359,9 @@ fn attach_client(p: &mut Parking, (mut a, fd): (Attach, RawFd), timer_was_on: bo
     }
     let _ = nix::unistd::close(fd);
     glue::febe_attach();
+    if a.flags & control::FLAG_DEDICATED != 0 {
+        return attach_dedicated(p, &a, timer_was_on);
+    }
     // A cancel aimed at the previous client may have landed after its
     // transaction ended; it must not hit this one.
     glue::clear_stale_cancel();
@@ -389,6 +392,32 @@ fn attach_client(p: &mut Parking, (mut a, fd): (Attach, RawFd), timer_was_on: bo
     p.hold_idle = a.flags & control::FLAG_HOLD_IDLE != 0;
     p.pool_row = a.pool_row as usize;
     p.release_requested = false;
+}
+
+/// A replication client's own walsender (pooler `dedicated.rs`): the
+/// client's socket (now under `MyProcPort->sock`, in FeBeWaitSet, which
+/// WalSndWait uses) stays for the rest of this process's life. The login's
+/// settings are the client's own, so nothing is switched; the pooler has
+/// forgotten this backend, so the control socket closes and every pooled
+/// hook goes dormant (`unpool`): the walsender's ReadyForQuery after each
+/// replication command never parks, and statements of a logical walsender
+/// are not tracked. It exits when its client leaves, as a direct one.
+fn attach_dedicated(p: &mut Parking, a: &Attach, timer_was_on: bool) {
+    if a.addr.len() <= std::mem::size_of::<libc::sockaddr_storage>() && !a.addr.is_empty() {
+        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        unsafe { std::ptr::copy_nonoverlapping(a.addr.as_ptr(), (&mut ss as *mut libc::sockaddr_storage).cast(), a.addr.len()) };
+        glue::set_client_addr(&ss, a.addr.len() as u32);
+    }
+    // Undo the first park's "a pool login is no client's session" (a no-op
+    // for a physical walsender, which has no database).
+    sess::count_session(1);
+    if timer_was_on {
+        glue::idle_session_timer_resume();
+    }
+    let _ = nix::unistd::close(p.control);
+    p.control = -1;
+    p.attached = None;
+    super::unpool();
 }
 
 fn recv_with_fd(fd: RawFd, buf: &mut [u8], fds: &mut [RawFd; 1]) -> nix::Result<(usize, usize)> {

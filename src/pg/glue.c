@@ -35,6 +35,7 @@
 #include "miscadmin.h"
 #include "nodes/parsenodes.h"
 #include "pgstat.h"
+#include "replication/walsender.h"
 #include "port/atomics.h"
 #include "storage/latch.h"
 #include "storage/lwlock.h"
@@ -647,9 +648,12 @@ map_auth_method(UserAuth m)
 bool
 ng_login_lookup(const char *database, const char *user,
 				const struct sockaddr_storage *addr, socklen_t salen,
-				bool ssl_in_use, NgLoginInfo *out, NgError *err)
+				bool ssl_in_use, int replication, NgLoginInfo *out, NgError *err)
 {
 	MemoryContext cxt = CurrentMemoryContext;
+	/* The pooler's own values (false: it is no walsender), restored below. */
+	bool		was_walsender = am_walsender;
+	bool		was_db_walsender = am_db_walsender;
 	volatile bool ok = true;
 
 	memset(out, 0, sizeof(*out));
@@ -670,7 +674,19 @@ ng_login_lookup(const char *database, const char *user,
 		port->user_name = pstrdup(user);
 		/* hostssl / hostnossl lines match on this (hba.c check_hba()) */
 		port->ssl_in_use = ssl_in_use;
+
+		/*
+		 * hba.c check_db() decides replication connections from the
+		 * walsender globals, as postmaster's ProcessStartupPacket() set them
+		 * for a direct connection: 1 (replication=true) matches only
+		 * "replication" lines, 2 (replication=database) only database lines.
+		 * Set for the lookup alone and restored (also on error, below).
+		 */
+		am_walsender = replication != 0;
+		am_db_walsender = replication == 2;
 		hba_getauthmethod(port);
+		am_walsender = was_walsender;
+		am_db_walsender = was_db_walsender;
 		out->hba_clientcert = port->hba->clientcert == clientCertOff ? 0 :
 			port->hba->clientcert == clientCertCA ? 1 : 2;
 		out->hba_method = map_auth_method(port->hba->auth_method);
@@ -733,6 +749,8 @@ ng_login_lookup(const char *database, const char *user,
 	}
 	PG_CATCH();
 	{
+		am_walsender = was_walsender;
+		am_db_walsender = was_db_walsender;
 		ng_capture_error(cxt, err);
 		AbortCurrentTransaction();
 		ok = false;

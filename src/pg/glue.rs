@@ -135,6 +135,7 @@ extern "C" {
         addr: *const libc::sockaddr_storage,
         len: libc::socklen_t,
         ssl_in_use: bool,
+        replication: c_int,
         out: *mut NgLoginInfo,
         err: *mut NgError,
     ) -> bool;
@@ -300,12 +301,20 @@ pub fn login_lookup(
     addr: &libc::sockaddr_storage,
     len: u32,
     ssl_in_use: bool,
+    replication: nextgres_core::proto::Replication,
 ) -> Result<Box<NgLoginInfo>, NgError> {
+    use nextgres_core::proto::Replication;
+    // glue.c: 0 none, 1 physical (walsender), 2 logical (database walsender).
+    let replication = match replication {
+        Replication::None => 0,
+        Replication::Physical => 1,
+        Replication::Logical => 2,
+    };
     // Boxed: large, and wiped on drop.
     let mut info: Box<NgLoginInfo> = Box::new(unsafe { std::mem::zeroed() });
     let mut err = NgError::new();
     let (d, u) = (cstring(database), cstring(user));
-    let ok = unsafe { ng_login_lookup(d.as_ptr(), u.as_ptr(), addr, len as libc::socklen_t, ssl_in_use, &mut *info, &mut err) };
+    let ok = unsafe { ng_login_lookup(d.as_ptr(), u.as_ptr(), addr, len as libc::socklen_t, ssl_in_use, replication, &mut *info, &mut err) };
     if ok {
         Ok(info)
     } else {

@@ -86,7 +86,17 @@ impl AuthSession {
     /// Begins the exchange the hba line asks for.
     /// `tls`: the client is on TLS (the server's "SSL encryption" in its
     /// hba messages, auth.c ClientAuthentication()).
-    pub fn start(info: Box<NgLoginInfo>, user: &str, database: &str, host: &str, mock_key: &[u8; 32], tls: bool) -> (Self, Step) {
+    /// `walsender`: a physical replication connection, which the server
+    /// names so in its hba refusals (auth.c ClientAuthentication()).
+    pub fn start(
+        info: Box<NgLoginInfo>,
+        user: &str,
+        database: &str,
+        host: &str,
+        mock_key: &[u8; 32],
+        tls: bool,
+        walsender: bool,
+    ) -> (Self, Step) {
         let mut s = AuthSession { info, state: State::Cleartext };
         let encryption = if tls { "SSL encryption" } else { "no encryption" };
         if s.info.hba_clientcert != 0 {
@@ -103,6 +113,17 @@ impl AuthSession {
             return (s, Step::Fail(f));
         }
         let step = match s.info.method() {
+            HbaMethod::ImplicitReject if walsender => {
+                log::info!("no pg_hba.conf entry for replication connection from host \"{host}\", user \"{user}\"");
+                Step::Fail(fatal(
+                    "28000",
+                    format!("no pg_hba.conf entry for replication connection from host \"{host}\", user \"{user}\", {encryption}"),
+                ))
+            }
+            HbaMethod::Reject if walsender => Step::Fail(fatal(
+                "28000",
+                format!("pg_hba.conf rejects replication connection for host \"{host}\", user \"{user}\", {encryption}"),
+            )),
             HbaMethod::ImplicitReject => {
                 log::info!("no pg_hba.conf entry for host \"{host}\", user \"{user}\", database \"{database}\"");
                 Step::Fail(fatal(
@@ -278,6 +299,10 @@ impl Pooler {
         let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
         unsafe { std::ptr::copy_nonoverlapping(raw.as_ptr(), (&mut storage as *mut libc::sockaddr_storage).cast(), raw.len()) };
         let (user, database, host) = (c.user.clone(), c.database.clone(), c.addr.ip().to_string());
+        let replication = c.replication;
+        // The server words refusals of physical ones only as replication
+        // connections (auth.c: am_walsender && !am_db_walsender).
+        let walsender = replication == proto::Replication::Physical;
         // The relay fills this before any plaintext reaches the pooler.
         let tls = c.tls.as_ref().map(|i| i.get().cloned().unwrap_or_default());
         let on_tls = tls.is_some();
@@ -285,7 +310,7 @@ impl Pooler {
             let row = c.row;
             self.client_row_update(row, |r| crate::shmem::set_name(&mut r.tls, &t));
         }
-        let info = match crate::pg::loginmem::scoped(|| glue::login_lookup(&database, &user, &storage, raw.len() as u32, on_tls)) {
+        let info = match crate::pg::loginmem::scoped(|| glue::login_lookup(&database, &user, &storage, raw.len() as u32, on_tls, replication)) {
             Ok(i) => i,
             Err(e) => {
                 log::warn!("authentication lookup failed: {}", e.message());
@@ -293,7 +318,7 @@ impl Pooler {
             }
         };
         let mock_key = self.mock_key;
-        let (session, step) = AuthSession::start(info, &user, &database, &host, &mock_key, on_tls);
+        let (session, step) = AuthSession::start(info, &user, &database, &host, &mock_key, on_tls, walsender);
         if let Some(c) = self.client(key) {
             c.phase = Phase::Auth(Box::new(session));
         }
@@ -335,6 +360,16 @@ impl Pooler {
                 c.send(&bytes);
                 let (user, database) = (c.user.clone(), c.database.clone());
                 let settings = c.settings.clone();
+                if c.replication != proto::Replication::None {
+                    // A walsender of its own: its login (a real backend of
+                    // the client's role, with the client's settings) gives
+                    // the server's own answers for everything after
+                    // authentication (role, database, REPLICATION
+                    // attribute, max_wal_senders, settings).
+                    c.log_login(&session.info);
+                    drop(session); // wipes the secret
+                    return self.dedicated_start(key, cred);
+                }
                 if let Err(f) = self.login_checks(&session.info, &user, &database) {
                     return self.client_fatal_fields(key, &f);
                 }

@@ -244,39 +244,7 @@ impl Pooler {
             }
         };
         let mut out = Vec::new();
-        let refused = |what: &str| login_error("28000", format!("nextgres: the pool login was asked for {what}, which nextgres cannot answer for this role"), Some(HBA_HINT));
-        let failure = match (req, cred) {
-            (AuthRequest::Ok, _) => None,
-            (AuthRequest::Md5 { salt }, Some(Credential::Md5(h))) => {
-                proto::password_message(&mut out, &auth::md5_client_response_from_hash(&h, salt));
-                None
-            }
-            (AuthRequest::Sasl { mechanisms }, Some(Credential::Scram { client_key, server_key }))
-                if mechanisms.contains(&auth::SCRAM_SHA_256) =>
-            {
-                let mut nonce = [0u8; 18];
-                crate::pg::shmem::strong_random(&mut nonce);
-                let mut client = ScramClient::new(ClientCredential::ClientKey { client_key, server_key }, &nonce);
-                proto::sasl_initial_response(&mut out, auth::SCRAM_SHA_256, &client.client_first());
-                b.scram = Some(client);
-                None
-            }
-            (AuthRequest::SaslContinue(data), _) => match b.scram.as_mut().map(|c| c.server_first(data)) {
-                Some(Ok(fin)) => {
-                    proto::sasl_response(&mut out, &fin);
-                    None
-                }
-                _ => Some(login_error("28000", "nextgres: SCRAM exchange with the server failed".into(), None)),
-            },
-            (AuthRequest::SaslFinal(data), _) => match b.scram.take().map(|mut c| c.server_final(data)) {
-                Some(Ok(())) => None,
-                _ => Some(login_error("28000", "nextgres: the server's SCRAM signature did not verify".into(), None)),
-            },
-            (AuthRequest::Md5 { .. }, _) => Some(refused("an md5 password")),
-            (AuthRequest::Sasl { .. }, _) => Some(refused("a SCRAM password (no client of this role has authenticated with a password since the pooler started)")),
-            (AuthRequest::Cleartext, _) => Some(refused("a cleartext password")),
-            (AuthRequest::Other(code), _) => Some(refused(&format!("authentication request {code}"))),
-        };
+        let failure = answer_auth_request(req, cred, &mut b.scram, &mut out);
         if let Some(f) = failure {
             self.backend_gone(key, Some(f));
             return false;
@@ -522,5 +490,50 @@ impl Pooler {
     pub fn backend_close(&mut self, key: usize) {
         self.closing_note(key);
         self.backend_gone(key, None);
+    }
+}
+
+/// The pooler's answer to an authentication request of a login it makes
+/// (a pool login, or a replication client's dedicated walsender login),
+/// written to `out`, with the credential a client proved. Some(error) when
+/// it cannot answer (the error carries the pg_hba.conf fix as its hint).
+pub fn answer_auth_request(
+    req: AuthRequest,
+    cred: Option<Credential>,
+    scram: &mut Option<ScramClient>,
+    out: &mut Vec<u8>,
+) -> Option<ErrorFields> {
+    let refused = |what: &str| login_error("28000", format!("nextgres: the pool login was asked for {what}, which nextgres cannot answer for this role"), Some(HBA_HINT));
+    match (req, cred) {
+        (AuthRequest::Ok, _) => None,
+        (AuthRequest::Md5 { salt }, Some(Credential::Md5(h))) => {
+            proto::password_message(out, &auth::md5_client_response_from_hash(&h, salt));
+            None
+        }
+        (AuthRequest::Sasl { mechanisms }, Some(Credential::Scram { client_key, server_key }))
+            if mechanisms.contains(&auth::SCRAM_SHA_256) =>
+        {
+            let mut nonce = [0u8; 18];
+            crate::pg::shmem::strong_random(&mut nonce);
+            let mut client = ScramClient::new(ClientCredential::ClientKey { client_key, server_key }, &nonce);
+            proto::sasl_initial_response(out, auth::SCRAM_SHA_256, &client.client_first());
+            *scram = Some(client);
+            None
+        }
+        (AuthRequest::SaslContinue(data), _) => match scram.as_mut().map(|c| c.server_first(data)) {
+            Some(Ok(fin)) => {
+                proto::sasl_response(out, &fin);
+                None
+            }
+            _ => Some(login_error("28000", "nextgres: SCRAM exchange with the server failed".into(), None)),
+        },
+        (AuthRequest::SaslFinal(data), _) => match scram.take().map(|mut c| c.server_final(data)) {
+            Some(Ok(())) => None,
+            _ => Some(login_error("28000", "nextgres: the server's SCRAM signature did not verify".into(), None)),
+        },
+        (AuthRequest::Md5 { .. }, _) => Some(refused("an md5 password")),
+        (AuthRequest::Sasl { .. }, _) => Some(refused("a SCRAM password (no client of this role has authenticated with a password since the pooler started)")),
+        (AuthRequest::Cleartext, _) => Some(refused("a cleartext password")),
+        (AuthRequest::Other(code), _) => Some(refused(&format!("authentication request {code}"))),
     }
 }

@@ -24,6 +24,9 @@ pub enum Phase {
     Idle,
     Waiting { since: Instant },
     Attached { backend: usize },
+    /// A replication client waiting for its dedicated walsender's login
+    /// (`dedicated.rs`), the connection table entry `login`.
+    Dedicating { login: usize },
     /// Sending a final error, then closing.
     Closing,
 }
@@ -72,6 +75,9 @@ pub struct Client {
     pub logged_in: bool,
     pub xacts: i64,
     pub started: Instant,
+    /// The `replication` startup parameter as the server reads it: a
+    /// walsender client is served as a dedicated session (`dedicated.rs`).
+    pub replication: proto::Replication,
 }
 
 impl Client {
@@ -102,6 +108,7 @@ impl Client {
             logged_in: false,
             xacts: 0,
             started: Instant::now(),
+            replication: proto::Replication::None,
         }
     }
 
@@ -194,7 +201,7 @@ impl Client {
         let out = if self.outbuf.is_empty() { EpollFlags::empty() } else { EpollFlags::EPOLLOUT };
         match self.phase {
             Phase::Startup | Phase::Auth(_) | Phase::Idle => Some(READ | out),
-            Phase::LoginPending { .. } | Phase::Waiting { .. } => Some(HANGUP | out),
+            Phase::LoginPending { .. } | Phase::Waiting { .. } | Phase::Dedicating { .. } => Some(HANGUP | out),
             Phase::Closing => Some(HANGUP | EpollFlags::EPOLLOUT),
             Phase::Attached { .. } => None,
         }
@@ -305,7 +312,7 @@ impl Pooler {
             Phase::Startup => self.client_startup(key),
             Phase::Auth(_) => self.client_auth_input(key),
             Phase::Idle => self.client_idle_input(key),
-            Phase::LoginPending { .. } | Phase::Waiting { .. } => {
+            Phase::LoginPending { .. } | Phase::Waiting { .. } | Phase::Dedicating { .. } => {
                 if hangup {
                     return self.client_close(key);
                 }
@@ -429,20 +436,15 @@ impl Pooler {
         let mut settings = Vec::new();
         let (mut user, mut database) = (String::new(), String::new());
         let mut unrecognized = Vec::new();
+        let mut replication = proto::Replication::None;
         for (k, v) in params {
             match k.as_str() {
                 "user" => user = v,
                 "database" => database = v,
-                "replication" => {
-                    if !matches!(v.to_ascii_lowercase().as_str(), "false" | "off" | "no" | "0") {
-                        return self.client_fatal(
-                            key,
-                            "0A000",
-                            "nextgres does not pool replication connections",
-                            Some("Connect replication clients to the server's Unix socket, or run the pooler on a side port (nextgres.port) so the server keeps its own TCP port."),
-                        );
-                    }
-                }
+                "replication" => match proto::parse_replication(&v) {
+                    Ok(r) => replication = r,
+                    Err(e) => return self.client_fatal(key, e.sqlstate, &e.message, e.hint.as_deref()),
+                },
                 "options" => match proto::parse_options(&v) {
                     Ok(opts) => settings.extend(opts),
                     Err(e) => return self.client_fatal(key, e.sqlstate, &e.message, e.hint.as_deref()),
@@ -472,6 +474,7 @@ impl Pooler {
         c.user = user;
         c.database = database;
         c.settings = settings;
+        c.replication = replication;
         let row = c.row;
         let (u, d) = (c.user.clone(), c.database.clone());
         self.client_row_update(row, |r| {
@@ -511,6 +514,9 @@ impl Pooler {
         let done = c.outbuf.is_empty();
         if matches!(c.phase, Phase::Attached { .. }) {
             return; // never write into a socket a backend is using
+        }
+        if let Phase::Dedicating { login } = c.phase {
+            self.dedicated_drop(login); // its walsender exits with our end closed
         }
         self.client_detach_from_pool(key);
         let Some(c) = self.client(key) else { return };
@@ -577,6 +583,11 @@ impl Pooler {
         if !matches!(self.conns.get(key), Some(Conn::Client(_))) {
             return;
         }
+        if let Some(Conn::Client(c)) = self.conns.get(key) {
+            if let Phase::Dedicating { login } = c.phase {
+                self.dedicated_drop(login); // its walsender exits with our end closed
+            }
+        }
         self.client_detach_from_pool(key);
         let Some(Conn::Client(mut c)) = self.conns.try_remove(key) else { return };
         c.log_disconnection();
@@ -585,6 +596,21 @@ impl Pooler {
         }
         c.flush();
         linger_close(&mut c.stream);
+        if let Some((pid, _)) = c.cancel {
+            self.cancel_keys.remove(&pid);
+        }
+        self.client_row_free(c.row);
+        self.clients -= 1;
+    }
+
+    /// A replication client's socket went to its walsender
+    /// (`dedicated.rs`): drop the pooler's copy without a word or a FIN on
+    /// it, and forget the client (its session is the walsender's now).
+    pub fn client_forget(&mut self, key: usize) {
+        let Some(Conn::Client(c)) = self.conns.try_remove(key) else { return };
+        if c.registered.is_some() {
+            conn::remove(&self.epoll, &c.stream);
+        }
         if let Some((pid, _)) = c.cancel {
             self.cancel_keys.remove(&pid);
         }
@@ -608,6 +634,12 @@ impl Pooler {
     /// CancelRequest: only a client attached to a backend right now has a
     /// running query; signal that backend as the postmaster would (SIGINT).
     fn cancel_request(&mut self, pid: i32, secret: &[u8]) {
+        // A replication client's walsender, by its own pid and key (a
+        // pooled client's pid of the pooler's choosing may be the same number).
+        if self.walsender_keys.get(&pid).is_some_and(|k| nextgres_core::auth::ct::ct_eq(k, secret)) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGINT);
+            return;
+        }
         let Some(&ck) = self.cancel_keys.get(&pid) else { return };
         let Some(c) = self.client(ck) else { return };
         // Constant time, as the server compares keys (timingsafe_bcmp in 18).

@@ -9,6 +9,8 @@ pub enum Conn {
     Listener(OwnedFd),
     Client(Box<Client>),
     Backend(Box<Backend>),
+    /// A replication client's walsender while it logs in (`dedicated.rs`).
+    Dedicated(Box<super::dedicated::Dedicated>),
 }
 
 pub const READ: EpollFlags = EpollFlags::EPOLLIN;

@@ -32,7 +32,7 @@ impl Pooler {
                             expired_wait.push(k);
                         }
                     }
-                    Phase::Startup | Phase::Auth(_) => {
+                    Phase::Startup | Phase::Auth(_) | Phase::Dedicating { .. } => {
                         if auth_limit.is_some_and(|l| now.duration_since(c.started) > l) {
                             expired_auth.push(k);
                         }
@@ -50,7 +50,7 @@ impl Pooler {
                     BPhase::Attached { .. } if !b.release_requested && self.backend_expired(k) => expired_attached.push(k),
                     _ => {}
                 },
-                Conn::Listener(_) => {}
+                Conn::Listener(_) | Conn::Dedicated(_) => {}
             }
         }
         for k in expired_wait {

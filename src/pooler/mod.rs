@@ -6,6 +6,7 @@
 //! * `auth`: the server's hba decision and the password exchanges.
 //! * `backend`: pool logins through the Unix socket, parked/attached backends.
 //! * pools themselves (queues, limits) are pure logic in `nextgres_core::pool`.
+//! * `dedicated`: replication clients, each on a walsender of its own.
 //! * `handoff`: passing a client's socket to a backend.
 //! * `drain`: closing a database's backends for DROP DATABASE and friends.
 //! * `janitor`: periodic upkeep (timeouts).
@@ -18,6 +19,7 @@ mod auth;
 mod backend;
 mod client;
 mod conn;
+mod dedicated;
 mod drain;
 mod handoff;
 mod janitor;

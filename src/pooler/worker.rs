@@ -47,6 +47,9 @@ pub struct Pooler {
     pub pool_by_name: HashMap<(String, String), usize>,
     /// Client-facing cancel pid -> client conn key.
     pub cancel_keys: HashMap<i32, usize>,
+    /// Walsenders of replication clients (`dedicated.rs`): their own pid ->
+    /// cancel key, as handed to their clients; pruned of exited processes.
+    pub walsender_keys: HashMap<i32, Vec<u8>>,
     pub next_client_id: u64,
     pub next_cancel_pid: i32,
     pub token_hex: String,
@@ -107,6 +110,7 @@ impl Pooler {
             pools: Slab::new(),
             pool_by_name: HashMap::new(),
             cancel_keys: HashMap::new(),
+            walsender_keys: HashMap::new(),
             next_client_id: 1,
             next_cancel_pid: (u32::from_ne_bytes(seed) % 1_000_000_000) as i32 + 1,
             token_hex,
@@ -194,6 +198,7 @@ impl Pooler {
             Some(Conn::Listener(_)) => self.accept(key),
             Some(Conn::Client(_)) => self.client_event(key, ev),
             Some(Conn::Backend(_)) => self.backend_event(key, ev),
+            Some(Conn::Dedicated(_)) => self.dedicated_event(key, ev),
             None => {}
         }
     }

@@ -77,6 +77,7 @@ pub struct Builder {
     log_min_messages: String,
     start_timeout: Duration,
     label: Option<String>,
+    base_backup: Option<String>,
 }
 
 impl Default for Builder {
@@ -93,6 +94,7 @@ impl Default for Builder {
             log_min_messages: "warning".into(),
             start_timeout: Duration::from_secs(60),
             label: None,
+            base_backup: None,
         }
     }
 }
@@ -169,6 +171,15 @@ impl Builder {
 
     /// Starts the cluster; panics with the server log on failure.
     #[track_caller]
+    /// A standby instead of a fresh cluster: its data directory is
+    /// `pg_basebackup -X stream -R -d <conninfo>` (run as the server's OS
+    /// user; `-R` writes primary_conninfo with this conninfo and
+    /// standby.signal), then the usual configuration on top.
+    pub fn base_backup_from(mut self, conninfo: impl Into<String>) -> Self {
+        self.base_backup = Some(conninfo.into());
+        self
+    }
+
     pub fn start(self) -> Cluster {
         match self.try_start() {
             Ok(c) => c,
@@ -253,6 +264,27 @@ impl Cluster {
         self.dir.give_to(&self.socket_dir, self.owner.as_ref())?;
 
         let data = self.data.to_string_lossy().into_owned();
+        if let Some(conninfo) = self.settings.base_backup.clone() {
+            let mut bb = self.server_cmd("pg_basebackup");
+            bb.env("PGCONNECT_TIMEOUT", CONNECT_TIMEOUT_SECS.to_string());
+            bb.args(["-D", &data, "-X", "stream", "-R", "--no-sync", "-c", "fast", "-d", &conninfo]);
+            let out = cmd::run(bb, Duration::from_secs(180))
+                .map_err(|e| Error::new(format!("pg_basebackup: {e}")))?;
+            if !out.success() {
+                return Err(Error::new(format!("pg_basebackup failed:\n{out}")));
+            }
+            // -R writes every option its libpq knows, and the client tools'
+            // libpq may be newer than the server's (sslnegotiation): give the
+            // walreceiver exactly the conninfo asked for.
+            let auto = self.data.join("postgresql.auto.conf");
+            let text = fs::read_to_string(&auto).unwrap_or_default();
+            let mut kept: String = text.lines().filter(|l| !l.starts_with("primary_conninfo")).map(|l| format!("{l}\n")).collect();
+            kept.push_str(&format!("primary_conninfo = '{}'\n", conninfo.replace('\\', "\\\\").replace('\'', "''")));
+            self.write_file(&auto, &kept)?;
+            // The primary's postgresql.conf already includes CONF_FILE.
+            self.write_hba()?;
+            return self.start_on_free_port();
+        }
         let mut initdb = self.server_cmd("initdb");
         initdb.args([
             "-D",
@@ -276,7 +308,12 @@ impl Cluster {
             .map_err(|e| Error::new(format!("opening postgresql.conf: {e}")))?;
         writeln!(pgconf, "\ninclude '{CONF_FILE}'")
             .map_err(|e| Error::new(format!("appending to postgresql.conf: {e}")))?;
+        self.start_on_free_port()
+    }
 
+    /// Writes the configuration and starts, on another port if the leased
+    /// one was taken meanwhile.
+    fn start_on_free_port(&mut self) -> Result<(), Error> {
         let mut tried = Vec::new();
         for attempt in 1..=PORT_ATTEMPTS {
             self.write_conf()?;
@@ -683,8 +720,11 @@ impl Cluster {
                 "# Written by nextgres-test.\n\
                  local all {SUPERUSER} trust\n\
                  local all all {local}\n\
+                 local replication all {local}\n\
                  host all all 127.0.0.1/32 {host}\n\
-                 host all all ::1/128 {host}\n",
+                 host all all ::1/128 {host}\n\
+                 host replication all 127.0.0.1/32 {host}\n\
+                 host replication all ::1/128 {host}\n",
                 local = s.auth_local,
                 host = s.auth_host
             ),

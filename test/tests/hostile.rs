@@ -1694,6 +1694,16 @@ fn hostile_startup_matches_plain_server() {
                 startup(PROTO_3_0, &[(b"user", u), (b"replication", b"true")]),
                 false,
             ),
+            (
+                "replication=database",
+                startup(PROTO_3_0, &[(b"user", u), (b"replication", b"database")]),
+                false,
+            ),
+            (
+                "replication=bogus",
+                startup(PROTO_3_0, &[(b"user", u), (b"replication", b"bogus")]),
+                false,
+            ),
         ];
         // Deliberate divergences (PostgreSQL 15/16): the pooler's own answer,
         // asserted exactly, whatever the server answers.
@@ -1702,8 +1712,6 @@ fn hostile_startup_matches_plain_server() {
             ("non-UTF-8 user", "E08P01 closed"),
             // The server applies options after authentication; the pooler checks first.
             ("options -Z", "E42601 closed"),
-            // The pooler does not pool replication connections (0A000), by design.
-            ("replication=true", "E0A000 closed"),
             // The server answers a 2.0 client in the 2.0 error format.
             ("protocol 2.0", "E0A000 closed"),
             // (A CancelRequest of the wrong length is closed silently, as by

@@ -840,3 +840,46 @@ fn a_restarted_pooler_that_cannot_load_the_key_keeps_the_startup_tls() {
         assert_ne!(t.value(&of_client("tls")), "", "nextgres.clients.tls");
     });
 }
+
+/// Replication clients on TLS (issue 13): a logical walsender session
+/// (IDENTIFY_SYSTEM) and pg_receivewal with sslmode=verify-full through the
+/// pooler's relay thread, the walsender showing the client's address. The
+/// relay lives in the pooler (documented limit): a TLS pg_receivewal loses
+/// its connection when the pooler gets SIGTERM.
+#[test]
+fn replication_clients_over_tls() {
+    with_tls_server(Cluster::builder(), |pg, ca, pooler| {
+        let conn = pg.tcp("postgres", "postgres");
+        let tls = format!("sslmode=verify-full sslrootcert={}", ca.display());
+        let out = psql_cs(pg, &conn, &format!("{tls} replication=database"), &["IDENTIFY_SYSTEM"]);
+        assert!(out.success(), "logical walsender session over TLS:\n{out}");
+
+        let end = pg.psql_query(&pg.unix("postgres", "postgres"), "SELECT pg_current_wal_flush_lsn()");
+        let dir = pg.dir().join("receivewal");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let receivewal = |extra: &[&str]| {
+            let mut c = Command::new(pg.install().client_bin("pg_receivewal"));
+            nextgres_test::cmd::scrub_pg_env(&mut c);
+            let ci = format!("{} {tls}", conn.conninfo());
+            c.args(["-D", &dir.to_string_lossy(), "--no-loop", "-d", &ci]).args(extra);
+            c
+        };
+        let out = nextgres_test::cmd::run(receivewal(&["-E", &end]), Duration::from_secs(60)).expect("pg_receivewal");
+        assert!(out.success(), "pg_receivewal over TLS:\n{out}");
+
+        let mut child = receivewal(&[]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().expect("spawn");
+        let streaming = "SELECT client_addr::text FROM pg_stat_replication WHERE state = 'streaming'";
+        let ok = wait_until(SETTLE, || pg.psql_query(&pg.unix("postgres", "postgres"), streaming) == "127.0.0.1/32");
+        if !ok {
+            let _ = child.kill();
+            panic!("no streaming walsender for the TLS pg_receivewal\n{}", pg.log_tail(30));
+        }
+        assert_eq!(unsafe { libc::kill(pooler, libc::SIGTERM) }, 0);
+        let ended = wait_until(SETTLE, || child.try_wait().ok().flatten().is_some());
+        if !ended {
+            let _ = child.kill();
+        }
+        let _ = child.wait();
+        assert!(ended, "a TLS replication client outlived its relay (the pooler's SIGTERM)");
+    });
+}

@@ -46,6 +46,9 @@ pub const FLAG_RESERVED: u8 = 2;
 pub const FLAG_HOLD_IDLE: u8 = 4;
 /// The client's first attach: its session starts (pg_stat_database.sessions).
 pub const FLAG_SESSION_START: u8 = 8;
+/// A replication client's own walsender (pooler `dedicated.rs`): keep the
+/// socket for good and stop being a pooled backend.
+pub const FLAG_DEDICATED: u8 = 16;
 
 pub const MAX_ADDR: usize = 128;
 

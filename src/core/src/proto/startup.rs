@@ -337,6 +337,58 @@ pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, ProtoError>
     Ok(out)
 }
 
+/// What the `replication` startup parameter asks for, read as the server
+/// reads it (postmaster ProcessStartupPacket(), backend_startup.c from 17):
+/// exactly `database` (case-sensitive) is a logical walsender, a boolean
+/// (`parse_bool`: true/false/yes/no/on/off/1/0, any case, unique prefixes)
+/// is a physical walsender or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replication {
+    /// No walsender: an ordinary session.
+    None,
+    /// `am_walsender` only: matches `replication` lines of pg_hba.conf.
+    Physical,
+    /// `am_walsender` and `am_db_walsender`: matches database lines.
+    Logical,
+}
+
+/// Parses the `replication` value; anything else is the server's FATAL
+/// 22023 with its hint.
+pub fn parse_replication(value: &str) -> Result<Replication, ProtoError> {
+    if value == "database" {
+        return Ok(Replication::Logical);
+    }
+    match parse_bool(value) {
+        Some(true) => Ok(Replication::Physical),
+        Some(false) => Ok(Replication::None),
+        None => Err(ProtoError::new(
+            "22023",
+            format!("invalid value for parameter \"replication\": \"{value}\""),
+        )
+        .with_hint("Valid values are: \"false\", 0, \"true\", 1, \"database\".")),
+    }
+}
+
+/// The server's parse_bool() (utils/adt/bool.c parse_bool_with_len()):
+/// case-insensitive, any non-empty prefix of true/false/yes/no, "on", "of"
+/// or "off" ("o" alone is ambiguous), "1" and "0".
+pub fn parse_bool(value: &str) -> Option<bool> {
+    let v = value.to_ascii_lowercase();
+    let len = v.len();
+    let prefix_of = |word: &str| len > 0 && word.starts_with(v.as_str());
+    match v.as_bytes().first()? {
+        b't' if prefix_of("true") => Some(true),
+        b'f' if prefix_of("false") => Some(false),
+        b'y' if prefix_of("yes") => Some(true),
+        b'n' if prefix_of("no") => Some(false),
+        b'o' if v == "on" => Some(true),
+        b'o' if len >= 2 && prefix_of("off") => Some(false),
+        b'1' if len == 1 => Some(true),
+        b'0' if len == 1 => Some(false),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -678,6 +730,23 @@ mod tests {
             if let Ok(pairs) = parse_options(&s) {
                 assert!(pairs.iter().all(|(k, _)| !k.contains('-')), "{s:?}");
             }
+        }
+    }
+
+    #[test]
+    fn replication_values_as_the_server() {
+        for v in ["true", "TRUE", "t", "tr", "on", "ON", "yes", "y", "1"] {
+            assert_eq!(parse_replication(v).unwrap(), Replication::Physical, "{v}");
+        }
+        for v in ["false", "f", "off", "of", "no", "n", "0", "FALSE"] {
+            assert_eq!(parse_replication(v).unwrap(), Replication::None, "{v}");
+        }
+        assert_eq!(parse_replication("database").unwrap(), Replication::Logical);
+        for v in ["Database", "", "o", "2", "truex", "onn", "11", " true"] {
+            let e = parse_replication(v).unwrap_err();
+            assert_eq!(e.sqlstate, "22023");
+            assert_eq!(e.message, format!("invalid value for parameter \"replication\": \"{v}\""));
+            assert_eq!(e.hint.as_deref(), Some("Valid values are: \"false\", 0, \"true\", 1, \"database\"."));
         }
     }
 }

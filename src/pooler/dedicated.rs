@@ -1,0 +1,280 @@
+//! Dedicated sessions for replication clients (`replication=true|on|yes|1`
+//! physical, `replication=database` logical): once the pooler has
+//! authenticated the client (pg_hba.conf decided as the server decides for a
+//! walsender, `glue.c ng_login_lookup`), it logs in one new backend through
+//! the Unix socket as the client's role with the client's `replication` value
+//! and startup settings (application_name: pg_stat_replication and
+//! synchronous_standby_names), so the server makes it a walsender and gives
+//! its own answers to everything after authentication (role, database,
+//! REPLICATION attribute, max_wal_senders). The login is a pool login in all
+//! but its parameters: same token option (checked with SO_PEERCRED), the
+//! credential the client proved. When it is ready, the pooler sends the
+//! client the login's ParameterStatus, BackendKeyData and ReadyForQuery, and
+//! passes the client's socket with an ATTACH marked `FLAG_DEDICATED`: the
+//! walsender keeps that socket for its whole life and stops being a pooled
+//! backend (`backend::park`); the pooler forgets both. Never part of a pool,
+//! never reused: when the client leaves, the walsender exits as a direct
+//! one does.
+use super::backend::answer_auth_request;
+use super::client::Phase;
+use super::conn::{self, Conn, READ};
+use super::worker::Pooler;
+use nextgres_core::auth::ScramClient;
+use nextgres_core::control::{self, Attach};
+use nextgres_core::pool::Credential;
+use nextgres_core::proto::{self, ErrorFields, Replication};
+use nix::sys::epoll::EpollFlags;
+use sendfd::SendWithFd;
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+
+/// A replication client's walsender while it logs in.
+pub struct Dedicated {
+    pub stream: UnixStream,
+    /// The client's key in the connection table, and its id (a key is
+    /// reused once its client is gone; the id never is).
+    client: usize,
+    client_id: u64,
+    cred: Option<Credential>,
+    scram: Option<ScramClient>,
+    params: Vec<(String, String)>,
+    /// BackendKeyData body (pid and key), passed on to the client.
+    key_data: Vec<u8>,
+    inbuf: Vec<u8>,
+}
+
+/// Hint for a refused walsender login through the Unix socket.
+const REPLICATION_HBA_HINT: &str = "nextgres logs a replication client's walsender in through the server's Unix socket as the client's role. \
+Add a pg_hba.conf line such as \"local replication all scram-sha-256\" (or trust) above any \"peer\" line for local connections, then reload.";
+
+fn login_error(message: String) -> ErrorFields {
+    ErrorFields { severity: "FATAL".into(), sqlstate: "08006".into(), message, detail: None, hint: None }
+}
+
+impl Pooler {
+    /// The client authenticated: start its walsender's login.
+    pub fn dedicated_start(&mut self, key: usize, cred: Option<Credential>) {
+        let Some(c) = self.client(key) else { return };
+        let repl = match c.replication {
+            Replication::Physical => "true",
+            Replication::Logical => "database",
+            Replication::None => return,
+        };
+        let (user, database, settings, client_id) = (c.user.clone(), c.database.clone(), c.settings.clone(), c.id);
+        let token_opt = crate::backend::TOKEN_OPTION.to_str().unwrap_or_default();
+        if settings.iter().any(|(n, _)| n.eq_ignore_ascii_case(token_opt)) {
+            // What the server's own login hook answers a direct client
+            // that sends the pool token (backend/login.rs).
+            let f = ErrorFields {
+                severity: "FATAL".into(),
+                sqlstate: "28000".into(),
+                message: "nextgres: invalid pooled-backend login".into(),
+                detail: Some("Only the nextgres pooler may use the nextgres.pool_token startup option.".into()),
+                hint: None,
+            };
+            return self.client_fatal_fields(key, &f);
+        }
+        let mut stream = match UnixStream::connect(&self.server_socket) {
+            Ok(s) => s,
+            Err(e) => {
+                let f = login_error(format!("nextgres: could not connect to the server socket {}: {e}", self.server_socket.display()));
+                return self.client_fatal_fields(key, &f);
+            }
+        };
+        let mut params: Vec<(&str, &str)> = vec![("user", &user), ("database", &database), ("replication", repl)];
+        params.extend(settings.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+        params.push((token_opt, &self.token_hex));
+        let mut out = Vec::new();
+        proto::startup_message(&mut out, &params);
+        // A fresh Unix socket takes a few hundred bytes without blocking.
+        if stream.write_all(&out).is_err() || stream.set_nonblocking(true).is_err() {
+            return self.client_fatal_fields(key, &login_error("nextgres: could not send the walsender login".into()));
+        }
+        let d = Dedicated { stream, client: key, client_id, cred, scram: None, params: Vec::new(), key_data: Vec::new(), inbuf: Vec::new() };
+        let entry = self.conns.vacant_entry();
+        let login = entry.key();
+        conn::add(&self.epoll, &d.stream, login, READ);
+        entry.insert(Conn::Dedicated(Box::new(d)));
+        if let Some(c) = self.client(key) {
+            c.phase = Phase::Dedicating { login };
+        }
+        self.client_rearm(key);
+    }
+
+    fn dedicated(&mut self, key: usize) -> Option<&mut Dedicated> {
+        match self.conns.get_mut(key) {
+            Some(Conn::Dedicated(d)) => Some(d),
+            _ => None,
+        }
+    }
+
+    /// Forgets a walsender login; closing its socket makes its backend exit.
+    pub fn dedicated_drop(&mut self, key: usize) {
+        if let Some(Conn::Dedicated(d)) = self.conns.try_remove(key) {
+            conn::remove(&self.epoll, &d.stream);
+        }
+    }
+
+    /// The login failed: the client gets the server's error (with the
+    /// pg_hba.conf fix when the local login was refused).
+    fn dedicated_failed(&mut self, key: usize, mut f: ErrorFields) {
+        let client = self.dedicated(key).map(|d| (d.client, d.client_id));
+        self.dedicated_drop(key);
+        let role_state = f.message.ends_with("is not permitted to log in") || f.message.ends_with("does not exist");
+        if matches!(f.sqlstate.as_str(), "28000" | "28P01") && !role_state {
+            f.hint = Some(REPLICATION_HBA_HINT.into());
+        }
+        if let Some((ck, id)) = client {
+            let Some(c) = self.client(ck).filter(|c| c.id == id) else { return };
+            c.phase = Phase::Startup; // not Dedicating any more: nothing to drop again
+            self.client_fatal_fields(ck, &f);
+        }
+    }
+
+    pub fn dedicated_event(&mut self, key: usize, ev: EpollFlags) {
+        let Some(d) = self.dedicated(key) else { return };
+        let mut eof = ev.contains(EpollFlags::EPOLLERR);
+        let mut buf = [0u8; 4096];
+        loop {
+            match d.stream.read(&mut buf) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => d.inbuf.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    eof = true;
+                    break;
+                }
+            }
+        }
+        loop {
+            let Some(d) = self.dedicated(key) else { return };
+            let (tag, body) = match proto::parse_message(&d.inbuf, 1 << 20) {
+                Ok(Some((m, used))) => {
+                    let r = (m.tag, m.body.to_vec());
+                    d.inbuf.drain(..used);
+                    r
+                }
+                Ok(None) => break,
+                Err(e) => return self.dedicated_failed(key, login_error(format!("nextgres: walsender login: {}", e.message))),
+            };
+            match tag {
+                b'R' => {
+                    let req = match proto::parse_auth_request(&body) {
+                        Ok(r) => r,
+                        Err(e) => return self.dedicated_failed(key, e.to_fields("FATAL")),
+                    };
+                    let mut out = Vec::new();
+                    let cred = d.cred.clone();
+                    if let Some(mut f) = answer_auth_request(req, cred, &mut d.scram, &mut out) {
+                        f.hint = None; // the walsender hint replaces the pool login's
+                        f.message = f.message.replace("the pool login", "the walsender login");
+                        return self.dedicated_failed(key, f);
+                    }
+                    if !out.is_empty() && d.stream.write_all(&out).is_err() {
+                        return self.dedicated_failed(key, login_error("nextgres: walsender login: the server closed the connection".into()));
+                    }
+                }
+                b'S' => {
+                    if let Ok((n, v)) = proto::parse_parameter_status(&body) {
+                        d.params.push((n.to_string(), v.to_string()));
+                    }
+                }
+                b'K' => d.key_data = body,
+                b'Z' => return self.dedicated_ready(key),
+                b'E' => {
+                    let f = proto::parse_error_fields(&body).unwrap_or_default();
+                    return self.dedicated_failed(key, f);
+                }
+                _ => {} // NoticeResponse, NegotiateProtocolVersion
+            }
+        }
+        if eof {
+            self.dedicated_failed(key, login_error("nextgres: walsender login: the server closed the connection".into()));
+        }
+    }
+
+    /// The walsender is ready: tell the client what the server told its
+    /// login, then hand it the client's socket and forget both.
+    fn dedicated_ready(&mut self, key: usize) {
+        let Some(Conn::Dedicated(d)) = self.conns.try_remove(key) else { return };
+        conn::remove(&self.epoll, &d.stream);
+        let ck = d.client;
+        let Some(c) = self.client(ck).filter(|c| c.id == d.client_id) else { return };
+        let mut out = Vec::new();
+        for (name, value) in &d.params {
+            proto::parameter_status(&mut out, name, value);
+        }
+        let mut walsender = None;
+        if d.key_data.len() >= 4 {
+            let pid = i32::from_be_bytes([d.key_data[0], d.key_data[1], d.key_data[2], d.key_data[3]]);
+            proto::backend_key_data_bytes(&mut out, pid, &d.key_data[4..]);
+            walsender = Some((pid, d.key_data[4..].to_vec()));
+        }
+        proto::ready_for_query(&mut out, b'I');
+        c.phase = Phase::Startup;
+        c.send(&out);
+        // The walsender writes to this socket as soon as it has it: what we
+        // queued must be out first (a few hundred bytes; bounded wait).
+        if !flush_blocking(c) {
+            return self.client_close(ck);
+        }
+        let attach = Attach {
+            client_id: c.id,
+            flags: control::FLAG_DEDICATED,
+            pool_row: 0,
+            addr: c.raw_addr(),
+            settings: Vec::new(),
+            image: Default::default(),
+        };
+        let mut msg = Vec::with_capacity(64);
+        control::write_attach(&mut msg, &attach);
+        if !send_all_with_fd(&d.stream, &msg, c.stream.as_raw_fd()) {
+            return self.client_close(ck);
+        }
+        drop(d); // our end of the walsender's control socket
+        self.client_forget(ck);
+        if let Some((pid, key)) = walsender {
+            // A CancelRequest to the pooler's port reaches it (the pooler
+            // signals it as the postmaster would); exited ones are dropped.
+            self.walsender_keys
+                .retain(|&p, _| nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_ok());
+            self.walsender_keys.insert(pid, key);
+        }
+    }
+}
+
+/// Writes the client's queued bytes, waiting up to 5 s for the socket.
+fn flush_blocking(c: &mut super::client::Client) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !c.outbuf.is_empty() {
+        if !c.flush() || std::time::Instant::now() > deadline {
+            return false;
+        }
+        if !c.outbuf.is_empty() {
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(c.stream.as_raw_fd()) };
+            let _ = nix::poll::poll(&mut [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLOUT)], nix::poll::PollTimeout::from(100u16));
+        }
+    }
+    true
+}
+
+/// Sends an ATTACH with the client's fd (small message, idle socket).
+fn send_all_with_fd(stream: &UnixStream, msg: &[u8], fd: i32) -> bool {
+    let mut sent = match stream.send_with_fd(msg, &[fd]) {
+        Ok(n) => n,
+        Err(_) => return false,
+    };
+    while sent < msg.len() {
+        match (&*stream).write(&msg[sent..]) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => std::thread::yield_now(),
+            Err(_) => return false,
+        }
+    }
+    true
+}

@@ -1,0 +1,419 @@
+//! Replication connections on the pooler's port (issue 13): each walsender
+//! client gets a dedicated walsender of its own, on its own socket
+//! (`src/pooler/dedicated.rs`). pg_basebackup -X stream, pg_receivewal, a
+//! streaming standby whose primary_conninfo names the pooler's port (through
+//! a pgbench run, SIGTERM and kill -9 of the pooler), a logical subscription
+//! and pg_recvlogical, and the `replication` parameter and pg_hba.conf
+//! replication lines decided exactly as a direct server decides them.
+//!
+//! ```sh
+//! NEXTGRES_PG=17 cargo test -p nextgres-test --test replication -- --test-threads=2
+//! ```
+
+mod pool_support;
+
+use std::net::TcpStream;
+use std::time::Duration;
+
+use nextgres_test::{wait_until, Cluster, ConnInfo, PasswordEncryption};
+use pool_support::{exec, raw_startup, SidePort};
+
+/// The libpq string of a replication connection (`replication=...` added).
+fn repl_conninfo(ci: &ConnInfo, replication: &str) -> String {
+    format!("{} replication={replication}", ci.conninfo())
+}
+
+fn scalar(pg: &Cluster, sql: &str) -> String {
+    pg.psql_query(&pg.unix("postgres", "postgres"), sql)
+}
+
+fn pooler_pid(pg: &Cluster) -> Option<i32> {
+    pg.admin()
+        .query_one("SELECT pooler_pid FROM nextgres.status()", &[])
+        .expect("nextgres.status()")
+        .get(0)
+}
+
+/// Waits (bounded) until the standby has replayed everything the primary
+/// has written now.
+#[track_caller]
+fn wait_caught_up(primary: &Cluster, standby: &Cluster, what: &str) {
+    // The insert position: with synchronous_commit = off (the harness) the last
+    // commits may not be written yet; the WAL writer flushes them soon.
+    let target = scalar(primary, "SELECT pg_current_wal_insert_lsn()");
+    let ok = wait_until(Duration::from_secs(90), || {
+        scalar(standby, &format!("SELECT pg_last_wal_replay_lsn() >= '{target}'::pg_lsn")) == "t"
+    });
+    assert!(
+        ok,
+        "{what}: the standby never replayed up to {target} (at {})\n--- primary log ---\n{}\n--- standby log ---\n{}",
+        scalar(standby, "SELECT pg_last_wal_replay_lsn()"),
+        primary.log_tail(30),
+        standby.log_tail(30)
+    );
+}
+
+#[track_caller]
+fn same_history(primary: &Cluster, standby: &Cluster, what: &str) -> i64 {
+    let sql = "SELECT count(*) FROM pgbench_history";
+    let (p, s) = (scalar(primary, sql), scalar(standby, sql));
+    assert_eq!(p, s, "{what}: pgbench_history rows on primary vs standby");
+    p.parse().expect("count")
+}
+
+/// The standby's walsender on the primary: (pid, client_addr, application_name).
+fn walsender(primary: &Cluster) -> Option<(i32, String, String)> {
+    let rows = primary
+        .admin()
+        .query(
+            "SELECT pid, client_addr::text, application_name FROM pg_stat_replication WHERE state = 'streaming'",
+            &[],
+        )
+        .expect("pg_stat_replication");
+    rows.first().map(|r| (r.get(0), r.get::<_, Option<String>>(1).unwrap_or_default(), r.get(2)))
+}
+
+/// Acceptance 1 and 5: `pg_basebackup -X stream -R` through the pooler's
+/// port makes a standby whose primary_conninfo names that port; it replays
+/// `pgbench -i` and a pgbench run and catches up (replay LSN and row count),
+/// and pg_stat_replication shows its real address and application_name
+/// (which makes it the synchronous standby by synchronous_standby_names).
+/// SIGTERM to the pooler: the same walsender (pid) keeps streaming new WAL.
+/// kill -9 of the pooler: the server's crash restart ends every backend,
+/// walsenders included (as for any child killed so); the standby reconnects
+/// through the new pooler and catches up.
+#[test]
+fn standby_streams_through_pooler_port() {
+    let primary = Cluster::builder().conf("nextgres.pool_size = 2").start();
+    exec(&primary, "CREATE EXTENSION nextgres");
+    let pooled = primary.tcp("postgres", "postgres");
+    primary.pgbench_init(&pooled, 1).assert_success();
+    let standby = Cluster::builder()
+        .preload(false)
+        .label("standby")
+        .base_backup_from(format!("host=127.0.0.1 port={} user=postgres application_name=standby1", primary.port()))
+        .start();
+    let auto = std::fs::read_to_string(standby.data_dir().join("postgresql.auto.conf")).expect("postgresql.auto.conf");
+    assert!(auto.contains(&format!("port={}", primary.port())), "primary_conninfo names the pooler's port:\n{auto}");
+    assert!(
+        wait_until(Duration::from_secs(60), || walsender(&primary).is_some()),
+        "no streaming walsender\n{}\n{}",
+        primary.log_tail(30),
+        standby.log_tail(30)
+    );
+    let (pid, addr, app) = walsender(&primary).expect("walsender");
+    assert_eq!((addr.as_str(), app.as_str()), ("127.0.0.1/32", "standby1"), "pg_stat_replication shows the client");
+    let sql = format!("SELECT backend_type || ' ' || client_addr::text FROM pg_stat_activity WHERE pid = {pid}");
+    assert_eq!(scalar(&primary, &sql), "walsender 127.0.0.1/32");
+    // Its application_name counts for synchronous_standby_names.
+    exec(&primary, "ALTER SYSTEM SET synchronous_standby_names = 'standby1'; SELECT pg_reload_conf()");
+    let sync = "SELECT sync_state FROM pg_stat_replication WHERE application_name = 'standby1'";
+    assert!(
+        wait_until(Duration::from_secs(30), || scalar(&primary, sync) == "sync"),
+        "standby1 never became the synchronous standby: {}",
+        scalar(&primary, sync)
+    );
+
+    primary.pgbench(&pooled, &["-n", "-c", "4", "-t", "100"]).assert_success();
+    wait_caught_up(&primary, &standby, "after pgbench");
+    let rows = same_history(&primary, &standby, "after pgbench");
+    assert_eq!(rows, 400);
+
+    // SIGTERM: a new pooler takes over; the walsender never noticed.
+    let old = pooler_pid(&primary).expect("pooler");
+    assert_eq!(unsafe { libc::kill(old, libc::SIGTERM) }, 0);
+    assert!(
+        wait_until(Duration::from_secs(60), || pooler_pid(&primary).is_some_and(|p| p != old)),
+        "no new pooler after SIGTERM\n{}",
+        primary.log_tail(30)
+    );
+    assert_eq!(walsender(&primary).map(|w| w.0), Some(pid), "the walsender survived the pooler's SIGTERM");
+    primary.pgbench(&pooled, &["-n", "-c", "2", "-t", "50"]).assert_success();
+    wait_caught_up(&primary, &standby, "after SIGTERM of the pooler");
+    assert_eq!(same_history(&primary, &standby, "after SIGTERM"), 500);
+    assert_eq!(walsender(&primary).map(|w| w.0), Some(pid), "still the same walsender");
+
+    // kill -9: a crash restart; the standby comes back through the port.
+    let old = pooler_pid(&primary).expect("pooler");
+    assert_eq!(unsafe { libc::kill(old, libc::SIGKILL) }, 0);
+    let ok = wait_until(Duration::from_secs(90), || {
+        // During the crash restart the admin login may fail: not a panic.
+        let now = primary.unix("postgres", "postgres").connect().ok().and_then(|mut c| {
+            c.query_one("SELECT pooler_pid FROM nextgres.status()", &[]).ok().and_then(|r| r.get::<_, Option<i32>>(0))
+        });
+        now.is_some_and(|p| p != old)
+    });
+    assert!(ok, "no pooler after kill -9\n{}", primary.log_tail(30));
+    assert!(
+        wait_until(Duration::from_secs(90), || {
+            primary.pgbench(&pooled, &["-n", "-c", "1", "-t", "10"]).success()
+        }),
+        "pgbench never succeeded after the crash restart"
+    );
+    assert!(
+        wait_until(Duration::from_secs(90), || walsender(&primary).is_some()),
+        "the standby never reconnected after kill -9 of the pooler\n{}\n{}",
+        primary.log_tail(30),
+        standby.log_tail(30)
+    );
+    let (pid2, addr2, _) = walsender(&primary).expect("walsender");
+    eprintln!("kill -9 of the pooler: walsender {pid} -> {pid2} (crash restart), from {addr2}");
+    wait_caught_up(&primary, &standby, "after kill -9 of the pooler");
+    same_history(&primary, &standby, "after kill -9");
+}
+
+/// Acceptance 1: pg_receivewal through the pooler's port streams WAL up to
+/// a given LSN (--endpos) and exits 0.
+#[test]
+fn receivewal_through_pooler_port() {
+    let pg = Cluster::builder().start();
+    exec(&pg, "CREATE TABLE t(i int); INSERT INTO t SELECT generate_series(1, 1000)");
+    let end = scalar(&pg, "SELECT pg_current_wal_flush_lsn()");
+    // No segment switch after `end`: pg_receivewal starts at the start of
+    // the server's current segment and must not begin past its end point.
+    let dir = pg.dir().join("receivewal");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let mut c = std::process::Command::new(pg.install().client_bin("pg_receivewal"));
+    nextgres_test::cmd::scrub_pg_env(&mut c);
+    let ci = pg.tcp("postgres", "postgres").conninfo();
+    c.args(["-D", &dir.to_string_lossy(), "--no-loop", "-E", &end, "-d", &ci]);
+    let out = nextgres_test::cmd::run(c, Duration::from_secs(120)).expect("pg_receivewal");
+    out.assert_success();
+    let files: Vec<_> = std::fs::read_dir(&dir).expect("readdir").flatten().map(|e| e.file_name()).collect();
+    assert!(!files.is_empty(), "pg_receivewal wrote nothing\n{out}");
+    // The walsender exits with its client, as a direct one does.
+    assert!(
+        wait_until(Duration::from_secs(30), || scalar(&pg, "SELECT count(*) FROM pg_stat_replication") == "0"),
+        "walsender left behind"
+    );
+}
+
+/// Acceptance 2: a second cluster subscribes through the publisher's
+/// pooler port (initial copy, then streamed changes), and pg_recvlogical
+/// with test_decoding decodes an INSERT through it.
+#[test]
+fn logical_replication_through_pooler_port() {
+    let publisher = Cluster::builder().conf("wal_level = logical").start();
+    exec(
+        &publisher,
+        "CREATE TABLE t(id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'x' || g FROM generate_series(1, 100) g;
+         CREATE PUBLICATION p FOR TABLE t",
+    );
+    let subscriber = Cluster::builder().preload(false).label("subscriber").start();
+    exec(&subscriber, "CREATE TABLE t(id int PRIMARY KEY, v text)");
+    let ci = format!("host=127.0.0.1 port={} user=postgres dbname=postgres", publisher.port());
+    exec(&subscriber, &format!("CREATE SUBSCRIPTION s CONNECTION '{ci}' PUBLICATION p"));
+    let count = |n: &str| {
+        wait_until(Duration::from_secs(90), || scalar(&subscriber, "SELECT count(*) FROM t") == n)
+    };
+    assert!(count("100"), "initial copy never arrived\n{}\n{}", publisher.log_tail(30), subscriber.log_tail(30));
+    publisher
+        .psql(&publisher.tcp("postgres", "postgres"), &["-c", "INSERT INTO t SELECT g, 'y' FROM generate_series(101, 150) g"])
+        .assert_success();
+    assert!(count("150"), "streamed changes never arrived\n{}", subscriber.log_tail(30));
+    let addr = scalar(&publisher, "SELECT client_addr::text FROM pg_stat_replication WHERE application_name = 's'");
+    assert_eq!(addr, "127.0.0.1/32");
+    exec(&subscriber, "DROP SUBSCRIPTION s");
+
+    // pg_recvlogical with test_decoding.
+    let lib = publisher.install().pkglibdir().expect("pkglibdir").join("test_decoding.so");
+    if !lib.exists() {
+        assert_eq!(publisher.pg_major(), 16, "test_decoding missing from {}", lib.display());
+        eprintln!("SKIP pg_recvlogical: this PostgreSQL 16 tree has no test_decoding ({})", lib.display());
+        return;
+    }
+    let recvlogical = |args: &[&str]| {
+        let mut c = std::process::Command::new(publisher.install().client_bin("pg_recvlogical"));
+        nextgres_test::cmd::scrub_pg_env(&mut c);
+        c.args(["-d", &ci, "-S", "slot1"]).args(args);
+        nextgres_test::cmd::run(c, Duration::from_secs(120)).expect("pg_recvlogical")
+    };
+    recvlogical(&["--create-slot", "-P", "test_decoding"]).assert_success();
+    // Flushed at commit (the harness runs synchronous_commit = off), so the
+    // walsender has it before pg_recvlogical looks for the end point.
+    exec(&publisher, "SET synchronous_commit = on; INSERT INTO t VALUES (1000, 'decoded'); CHECKPOINT");
+    let end = scalar(&publisher, "SELECT pg_current_wal_flush_lsn()");
+    let out = recvlogical(&["--start", "--no-loop", "-E", &end, "-f", "-"]);
+    out.assert_success();
+    assert!(out.stdout.contains("table public.t: INSERT: id[integer]:1000 v[text]:'decoded'"), "{out}");
+}
+
+/// What a client sees of a login with this startup packet: the error's
+/// SQLSTATE, message, detail and hint, or "ready".
+fn raw_outcome(port: u16, params: &[(&str, &str)]) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let (msgs, closed) = raw_startup(&mut s, params);
+    match msgs.last() {
+        Some(m) if m.tag == b'E' => {
+            let (c, msg) = (m.field(b'C').unwrap_or_default(), m.field(b'M').unwrap_or_default());
+            format!("{c} {msg} detail={:?} hint={:?} closed={closed}", m.field(b'D'), m.field(b'H'))
+        }
+        Some(m) if m.tag == b'Z' => "ready".into(),
+        Some(m) => format!("message {}", m.tag as char),
+        None => "eof".into(),
+    }
+}
+
+/// The `replication` startup parameter is read as the server reads it
+/// (booleans, exactly `database`, anything else FATAL 22023 with the
+/// server's hint), compared with the server's own listener.
+#[test]
+fn replication_parameter_matches_direct_server() {
+    let sp = SidePort::start(Cluster::builder().conf("wal_level = logical"));
+    for v in ["true", "on", "yes", "1", "TRUE", "database", "false", "0", "off", "bogus", "Database", "o", ""] {
+        let params = [("user", "postgres"), ("database", "postgres"), ("replication", v)];
+        let direct = raw_outcome(sp.pg.port(), &params);
+        let pooled = raw_outcome(sp.pool_port, &params);
+        eprintln!("replication={v:?}: {direct}");
+        assert_eq!(pooled, direct, "replication={v:?}");
+    }
+    // A client posing as the pooler (its startup token) is refused as the
+    // server's login hook refuses it on a direct connection.
+    for v in ["true", "database"] {
+        let params = [("user", "postgres"), ("database", "postgres"), ("replication", v), ("nextgres.pool_token", "00")];
+        let direct = raw_outcome(sp.pg.port(), &params);
+        assert!(direct.starts_with("28000 nextgres: invalid pooled-backend login"), "{direct}");
+        assert_eq!(raw_outcome(sp.pool_port, &params), direct, "pool token, replication={v}");
+    }
+}
+
+const HBA: &str = "\
+local all postgres trust
+local all all trust
+local replication all trust
+host replication rejected 127.0.0.1/32 reject
+host replication repl_pw 127.0.0.1/32 scram-sha-256
+host replication repl_md5 127.0.0.1/32 md5
+host all rejected 127.0.0.1/32 reject
+host all logical_pw 127.0.0.1/32 scram-sha-256
+host all all 127.0.0.1/32 trust
+";
+
+/// One replication login with psql: `ok` (IDENTIFY_SYSTEM answered) or
+/// psql's error text, the port blanked.
+fn psql_repl(pg: &Cluster, ci: &ConnInfo, replication: &str, password: Option<&str>) -> String {
+    let mut c = std::process::Command::new(pg.install().client_bin("psql"));
+    nextgres_test::cmd::scrub_pg_env(&mut c);
+    if let Some(p) = password {
+        c.env("PGPASSWORD", p);
+    }
+    c.args(["-X", "-w", "-A", "-t", "-d", &repl_conninfo(ci, replication), "-c", "IDENTIFY_SYSTEM"]);
+    let out = nextgres_test::cmd::run(c, Duration::from_secs(60)).expect("psql");
+    assert!(!out.timed_out, "psql hung:\n{out}");
+    if out.success() {
+        "ok".into()
+    } else {
+        out.stderr.trim().replace(&format!("port {}", ci.port), "port N")
+    }
+}
+
+/// Acceptance 3: pg_hba.conf `replication` lines, `reject` lines and the
+/// password methods decide replication logins through the pooler exactly
+/// as the server's own listener does: physical ones match only
+/// `replication` lines, logical ones only database lines; right and wrong
+/// passwords; a role without REPLICATION (the server's own refusal).
+#[test]
+fn hba_replication_lines_match_direct_server() {
+    let sp = SidePort::start(Cluster::builder().hba(HBA).conf("wal_level = logical"));
+    let pg = &sp.pg;
+    for r in ["repl_pw", "logical_pw", "rejected"] {
+        pg.create_role(r, "pw", PasswordEncryption::ScramSha256);
+    }
+    pg.create_role("repl_md5", "pw", PasswordEncryption::Md5);
+    pg.create_role("norepl", "pw", PasswordEncryption::ScramSha256);
+    exec(pg, "ALTER ROLE repl_pw REPLICATION; ALTER ROLE repl_md5 REPLICATION; ALTER ROLE logical_pw REPLICATION; ALTER ROLE rejected REPLICATION");
+    let cases: &[(&str, &str, Option<&str>, bool)] = &[
+        ("repl_pw", "true", Some("pw"), true),
+        ("repl_pw", "true", Some("wrong"), false),
+        ("repl_pw", "true", None, false),
+        ("repl_md5", "true", Some("pw"), true),
+        ("repl_md5", "true", Some("wrong"), false),
+        ("repl_pw", "database", None, true), // database line: trust
+        ("logical_pw", "true", Some("pw"), false), // no replication line
+        ("logical_pw", "database", Some("pw"), true),
+        ("logical_pw", "database", Some("wrong"), false),
+        ("rejected", "true", Some("pw"), false),
+        ("rejected", "database", Some("pw"), false),
+        ("norepl", "database", None, false), // no REPLICATION attribute
+        ("norepl", "true", None, false),
+        ("nosuchrole", "database", None, false),
+        ("postgres", "yes", None, false), // no host replication line for postgres
+        ("postgres", "database", None, true),
+    ];
+    let mut results = Vec::new();
+    for &(user, repl, pw, ok) in cases {
+        let direct = psql_repl(pg, &sp.direct(user, "postgres"), repl, pw);
+        let pooled = psql_repl(pg, &sp.pooled(user, "postgres"), repl, pw);
+        eprintln!("{user} replication={repl} password={pw:?}: {direct}");
+        assert_eq!(direct == "ok", ok, "direct server answer for {user} {repl}: {direct}");
+        results.push((user, repl, pw, direct == pooled, direct, pooled));
+    }
+    let bad: Vec<_> = results.iter().filter(|r| !r.3).collect();
+    assert!(bad.is_empty(), "differences:\n{bad:#?}");
+}
+
+/// The walsender's own login through the Unix socket needs a `local
+/// replication` line (`all` does not match replication connections): without
+/// one the client gets the server's refusal with a hint naming the fix.
+#[test]
+fn refused_walsender_login_names_the_hba_fix() {
+    let pg = Cluster::builder()
+        .hba("local all all trust\nhost replication all 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 trust\n")
+        .start();
+    let mut s = TcpStream::connect(("127.0.0.1", pg.port())).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let (msgs, closed) = raw_startup(&mut s, &[("user", "postgres"), ("database", "postgres"), ("replication", "true")]);
+    let e = msgs.last().filter(|m| m.tag == b'E').unwrap_or_else(|| panic!("no error: {msgs:?}"));
+    assert_eq!(e.field(b'C').as_deref(), Some("28000"));
+    assert_eq!(
+        e.field(b'M').as_deref(),
+        Some("no pg_hba.conf entry for replication connection from host \"[local]\", user \"postgres\", no encryption")
+    );
+    assert!(e.field(b'H').is_some_and(|h| h.contains("local replication all")), "hint: {:?}", e.field(b'H'));
+    assert!(closed, "the connection must close after the FATAL");
+}
+
+/// A CancelRequest sent to the pooler's port with the BackendKeyData a
+/// replication client got cancels its walsender's running query (57014, as
+/// directly); a wrong key cancels nothing.
+#[test]
+fn cancel_reaches_walsender() {
+    let pg = Cluster::builder().conf("wal_level = logical").start();
+    let mut s = TcpStream::connect(("127.0.0.1", pg.port())).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    let (msgs, _) = raw_startup(&mut s, &[("user", "postgres"), ("database", "postgres"), ("replication", "database")]);
+    assert_eq!(msgs.last().map(|m| m.tag), Some(b'Z'), "{msgs:?}");
+    let k = msgs.iter().find(|m| m.tag == b'K').expect("BackendKeyData");
+    let pid = i32::from_be_bytes([k.body[0], k.body[1], k.body[2], k.body[3]]);
+    let backend_type = scalar(&pg, &format!("SELECT backend_type FROM pg_stat_activity WHERE pid = {pid}"));
+    assert_eq!(backend_type, "walsender", "the key names the client's walsender");
+    let cancel = |key: &[u8]| {
+        let mut c = TcpStream::connect(("127.0.0.1", pg.port())).expect("connect");
+        let mut pkt = 16i32.to_be_bytes().to_vec();
+        pkt.extend_from_slice(&80877102i32.to_be_bytes());
+        pkt.extend_from_slice(&pid.to_be_bytes());
+        pkt.extend_from_slice(key);
+        std::io::Write::write_all(&mut c, &pkt).expect("cancel");
+        let mut buf = [0u8; 1];
+        let _ = std::io::Read::read(&mut c, &mut buf); // the pooler closes it
+    };
+    std::io::Write::write_all(&mut s, &pool_support::query_msg("SELECT pg_sleep(30)")).expect("query");
+    let running = format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid} AND query = 'SELECT pg_sleep(30)' AND state = 'active'");
+    assert!(wait_until(Duration::from_secs(30), || scalar(&pg, &running) == "1"), "query never ran");
+    let mut wrong = k.body[4..].to_vec();
+    wrong[0] ^= 1;
+    cancel(&wrong); // returns once the pooler has handled it and closed
+    assert_eq!(scalar(&pg, &running), "1", "a wrong key cancelled the query");
+    cancel(&k.body[4..]);
+    let mut seen = Vec::new();
+    while let Some(m) = pool_support::read_msg(&mut s) {
+        let done = m.tag == b'Z';
+        seen.push(m);
+        if done {
+            break;
+        }
+    }
+    let e = seen.iter().find(|m| m.tag == b'E').unwrap_or_else(|| panic!("no error: {seen:?}"));
+    assert_eq!(e.field(b'C').as_deref(), Some("57014"), "{:?}", e.field(b'M'));
+}
