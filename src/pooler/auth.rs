@@ -21,6 +21,8 @@ enum State {
 pub struct AuthSession {
     pub info: Box<NgLoginInfo>,
     state: State,
+    /// The client's TLS session; None for plaintext.
+    tls: Option<super::tls::Session>,
 }
 
 /// The result of one authentication step.
@@ -77,18 +79,31 @@ impl AuthSession {
             // iteration count as the server's mock secret.
             _ => ScramServer::new_mock_keyed(user, mock_key, glue::mock_scram_iterations(), &random::<18>()),
         };
-        self.state = State::SaslInitial(Box::new(server));
+        // On TLS, SCRAM-SHA-256-PLUS with tls-server-end-point binding to
+        // the certificate this client was shown (auth-scram.c).
+        let server = match self.tls.as_ref().and_then(|t| t.end_point.as_ref()) {
+            Some(h) => server.with_channel_binding(h.to_vec()),
+            None => server,
+        };
         let mut out = Vec::new();
-        proto::auth_sasl(&mut out, &[auth::SCRAM_SHA_256]);
+        proto::auth_sasl(&mut out, server.mechanisms());
+        self.state = State::SaslInitial(Box::new(server));
         Step::Continue(out)
     }
 
     /// Begins the exchange the hba line asks for.
-    /// `tls`: the client is on TLS (the server's "SSL encryption" in its
-    /// hba messages, auth.c ClientAuthentication()).
-    pub fn start(info: Box<NgLoginInfo>, user: &str, database: &str, host: &str, mock_key: &[u8; 32], tls: bool) -> (Self, Step) {
-        let mut s = AuthSession { info, state: State::Cleartext };
-        let encryption = if tls { "SSL encryption" } else { "no encryption" };
+    /// `tls`: the client's TLS session, None for plaintext (the server's
+    /// "SSL encryption" in its hba messages, auth.c ClientAuthentication()).
+    pub fn start(
+        info: Box<NgLoginInfo>,
+        user: &str,
+        database: &str,
+        host: &str,
+        mock_key: &[u8; 32],
+        tls: Option<super::tls::Session>,
+    ) -> (Self, Step) {
+        let encryption = if tls.is_some() { "SSL encryption" } else { "no encryption" };
+        let mut s = AuthSession { info, state: State::Cleartext, tls };
         if s.info.hba_clientcert != 0 {
             // The server checks clientcert before the method (auth.c
             // ClientAuthentication()). The pooler does not check client
@@ -204,8 +219,8 @@ impl AuthSession {
                     Ok(x) => x,
                     Err(e) => return Step::Fail(e.to_fields("FATAL")),
                 };
-                if mech != auth::SCRAM_SHA_256 {
-                    return Step::Fail(fatal("08P01", "client selected an invalid SASL authentication mechanism".into()));
+                if let Err(e) = server.select_mechanism(mech) {
+                    return Step::Fail(scram_error(&e));
                 }
                 match server.client_first(data) {
                     Ok(first) => {
@@ -281,9 +296,9 @@ impl Pooler {
         // The relay fills this before any plaintext reaches the pooler.
         let tls = c.tls.as_ref().map(|i| i.get().cloned().unwrap_or_default());
         let on_tls = tls.is_some();
-        if let Some(t) = tls {
+        if let Some(t) = &tls {
             let row = c.row;
-            self.client_row_update(row, |r| crate::shmem::set_name(&mut r.tls, &t));
+            self.client_row_update(row, |r| crate::shmem::set_name(&mut r.tls, &t.desc));
         }
         let info = match crate::pg::loginmem::scoped(|| glue::login_lookup(&database, &user, &storage, raw.len() as u32, on_tls)) {
             Ok(i) => i,
@@ -293,7 +308,7 @@ impl Pooler {
             }
         };
         let mock_key = self.mock_key;
-        let (session, step) = AuthSession::start(info, &user, &database, &host, &mock_key, on_tls);
+        let (session, step) = AuthSession::start(info, &user, &database, &host, &mock_key, tls);
         if let Some(c) = self.client(key) {
             c.phase = Phase::Auth(Box::new(session));
         }

@@ -388,7 +388,7 @@ impl Pooler {
 
     /// SSLRequest with TLS loaded: answer 'S', move the TCP socket to a relay
     /// thread and carry on with the pooler's end of a socketpair in its place.
-    fn client_start_tls(&mut self, key: usize, cfg: std::sync::Arc<rustls::ServerConfig>) {
+    fn client_start_tls(&mut self, key: usize, cfg: std::sync::Arc<super::tls::Loaded>) {
         let Some(Conn::Client(c)) = self.conns.get_mut(key) else { return };
         c.send(b"S");
         if !c.outbuf.is_empty() {
@@ -409,7 +409,7 @@ impl Pooler {
         let tcp = std::mem::replace(&mut c.stream, TcpStream::from(std::os::fd::OwnedFd::from(mine)));
         let info = super::tls::TlsInfo::default();
         c.tls = Some(info.clone());
-        if !super::tls::spawn_relay(cfg, tcp, relay_end, info) {
+        if !super::tls::spawn_relay(&cfg, tcp, relay_end, info) {
             log::warn!("could not start a TLS relay thread for {}", c.addr);
             return self.client_close(key);
         }

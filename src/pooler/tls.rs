@@ -53,9 +53,31 @@ impl Drop for Handshake {
     }
 }
 
-/// What `nextgres.clients.tls` shows once the handshake is done, e.g.
-/// `TLSv1.3 TLS13_AES_256_GCM_SHA384`.
-pub type TlsInfo = Arc<OnceLock<String>>;
+/// What the relay learns from a client's finished handshake; set before
+/// any plaintext reaches the pooler.
+#[derive(Debug, Clone, Default)]
+pub struct Session {
+    /// What `nextgres.clients.tls` shows, e.g. `TLSv1.3 TLS13_AES_256_GCM_SHA384`.
+    pub desc: String,
+    /// `tls-server-end-point` channel binding data for the certificate
+    /// this client was shown; None when it has none (see [`Loaded`]).
+    pub end_point: Option<Arc<[u8]>>,
+    /// The client's certificate (DER), verified against `ssl_ca_file` by
+    /// rustls during the handshake; None when the client sent none.
+    pub peer_cert: Option<Vec<u8>>,
+}
+
+/// A client's TLS session once its handshake is done.
+pub type TlsInfo = Arc<OnceLock<Session>>;
+
+/// The server's TLS settings as the pooler serves them.
+pub struct Loaded {
+    pub config: Arc<ServerConfig>,
+    /// The `tls-server-end-point` hash of the server certificate
+    /// (`nextgres_core::cert::server_end_point`); None when its signature
+    /// algorithm has no hash (Ed25519): SCRAM-SHA-256-PLUS is then not offered.
+    pub end_point: Option<Arc<[u8]>>,
+}
 
 /// `ssl` is on in the current configuration.
 pub fn enabled() -> bool {
@@ -89,10 +111,10 @@ pub fn protocol_versions(min: &str, max: &str) -> Result<Vec<&'static rustls::Su
 
 /// The configuration the postmaster loaded in `_PG_init` when it decided
 /// to take the port with TLS; the pooler inherits it at fork.
-static STARTUP: OnceLock<Arc<ServerConfig>> = OnceLock::new();
+static STARTUP: OnceLock<Arc<Loaded>> = OnceLock::new();
 
 /// Postmaster: [`load`], keeping a loaded configuration for [`load_or_startup`].
-pub fn load_at_startup() -> Result<Option<Arc<ServerConfig>>, String> {
+pub fn load_at_startup() -> Result<Option<Arc<Loaded>>, String> {
     let r = load();
     if let Ok(Some(c)) = &r {
         let _ = STARTUP.set(c.clone());
@@ -105,7 +127,7 @@ pub fn load_at_startup() -> Result<Option<Arc<ServerConfig>>, String> {
 /// so a pooler restarted with a key it cannot read still serves TLS), with
 /// the reason in Err for a WARNING. Ok(None) only with `ssl = off`, or when
 /// the postmaster had none either.
-pub fn load_or_startup() -> (Option<Arc<ServerConfig>>, Option<String>) {
+pub fn load_or_startup() -> (Option<Arc<Loaded>>, Option<String>) {
     match load() {
         Ok(c) => (c, None),
         Err(e) => (STARTUP.get().cloned(), Some(e)),
@@ -114,7 +136,7 @@ pub fn load_or_startup() -> (Option<Arc<ServerConfig>>, Option<String>) {
 
 /// Loads the server's TLS settings. Ok(None) when `ssl = off`; Err(reason)
 /// when `ssl = on` but the certificate, key or CA cannot be used.
-pub fn load() -> Result<Option<Arc<ServerConfig>>, String> {
+pub fn load() -> Result<Option<Arc<Loaded>>, String> {
     if !enabled() {
         return Ok(None);
     }
@@ -133,7 +155,7 @@ pub fn build(
     ca_file: Option<&std::path::Path>,
     min: &str,
     max: &str,
-) -> Result<Arc<ServerConfig>, String> {
+) -> Result<Arc<Loaded>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
@@ -141,6 +163,7 @@ pub fn build(
     if certs.is_empty() {
         return Err(format!("could not load server certificate file \"{}\": no certificate in it", cert_file.display()));
     }
+    let end_point = nextgres_core::cert::server_end_point(&certs[0]).ok().map(Arc::from);
     let key = PrivateKeyDer::from_pem_file(key_file)
         .map_err(|e| format!("could not load private key file \"{}\": {e}", key_file.display()))?;
     let versions = protocol_versions(min, max)?;
@@ -175,15 +198,16 @@ pub fn build(
     config.send_tls13_tickets = 0;
     // PostgreSQL 17+ clients offer ALPN "postgresql"; answer it as the server does.
     config.alpn_protocols = vec![b"postgresql".to_vec()];
-    Ok(Arc::new(config))
+    Ok(Arc::new(Loaded { config: Arc::new(config), end_point }))
 }
 
 /// Starts the relay for a client that was just answered 'S': `tcp` is the
 /// client's socket, `pair` the relay's end of the socketpair whose other end
 /// the pooler keeps. Returns false when no thread could be started.
-pub fn spawn_relay(config: Arc<ServerConfig>, tcp: TcpStream, pair: UnixStream, info: TlsInfo) -> bool {
+pub fn spawn_relay(loaded: &Loaded, tcp: TcpStream, pair: UnixStream, info: TlsInfo) -> bool {
     use nix::sys::signal::{SigSet, SigmaskHow};
-    let Ok(conn) = ServerConnection::new(config) else { return false };
+    let Ok(conn) = ServerConnection::new(loaded.config.clone()) else { return false };
+    let end_point = loaded.end_point.clone();
     // The server's signal handlers (SIGHUP, SIGTERM, SIGUSR1, ...) must run
     // on the pooler's own thread: the relay starts with every signal
     // blocked (a new thread inherits the mask), then the pooler's mask is
@@ -198,7 +222,7 @@ pub fn spawn_relay(config: Arc<ServerConfig>, tcp: TcpStream, pair: UnixStream, 
         .stack_size(1024 * 1024)
         .spawn(move || {
             // Never unwind into nothing: a panic here only ends this client.
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| relay(conn, tcp, pair, info, handshake)));
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| relay(conn, tcp, pair, info, handshake, end_point)));
         })
         .is_ok();
     let _ = old.thread_set_mask();
@@ -232,7 +256,14 @@ const CLOSE_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 /// pair only while rustls has nothing unsent (rustls holds at most 64 KiB
 /// of unsent TLS, anything beyond is refused), sends it, then close_notify
 /// and FIN, all within [`CLOSE_WITHIN`] of the close.
-fn relay(mut conn: ServerConnection, mut tcp: TcpStream, mut pair: UnixStream, info: TlsInfo, handshake: Handshake) {
+fn relay(
+    mut conn: ServerConnection,
+    mut tcp: TcpStream,
+    mut pair: UnixStream,
+    info: TlsInfo,
+    handshake: Handshake,
+    end_point: Option<Arc<[u8]>>,
+) {
     let mut handshake = Some(handshake);
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use std::time::Instant;
@@ -261,7 +292,8 @@ fn relay(mut conn: ServerConnection, mut tcp: TcpStream, mut pair: UnixStream, i
         }
         if !conn.is_handshaking() && info.get().is_none() {
             // Before any plaintext reaches the pooler.
-            let _ = info.set(describe(&conn));
+            let peer_cert = conn.peer_certificates().and_then(|c| c.first()).map(|c| c.as_ref().to_vec());
+            let _ = info.set(Session { desc: describe(&conn), end_point: end_point.clone(), peer_cert });
             drop(handshake.take()); // no longer counted in HANDSHAKING
         }
         if pair_eof {

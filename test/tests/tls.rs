@@ -840,3 +840,126 @@ fn a_restarted_pooler_that_cannot_load_the_key_keeps_the_startup_tls() {
         assert_ne!(t.value(&of_client("tls")), "", "nextgres.clients.tls");
     });
 }
+
+/// An ErrorResponse as `code message [detail]`.
+fn error_text(body: &[u8]) -> String {
+    let (mut code, mut message, mut detail) = (String::new(), String::new(), String::new());
+    for field in body.split(|&b| b == 0).filter(|f| !f.is_empty()) {
+        let v = String::from_utf8_lossy(&field[1..]).into_owned();
+        match field[0] {
+            b'C' => code = v,
+            b'M' => message = v,
+            b'D' => detail = format!(" [{v}]"),
+            _ => {}
+        }
+    }
+    format!("{code} {message}{detail}")
+}
+
+/// A raw SASL exchange over TLS, for what libpq never sends: SSLRequest,
+/// handshake, startup for `user`; returns the mechanisms of
+/// AuthenticationSASL and the answer to SASLInitialResponse(`mech`,
+/// `first`): `continue` or the error's `code message [detail]`.
+fn sasl_over_tls(port: u16, ca: &Path, user: &str, mech: &str, first: &[u8]) -> (Vec<String>, String) {
+    let mut s = tcp(port);
+    assert_eq!(ssl_request(&mut s), b'S');
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let conn = rustls::ClientConnection::new(client_config(ca), name).expect("client connection");
+    let mut t = rustls::StreamOwned::new(conn, s);
+    t.write_all(&nextgres_test::raw::startup_packet(user, "postgres")).expect("startup");
+    let (tag, body) = nextgres_test::raw::read_message(&mut t).expect("authentication request");
+    assert_eq!((tag, &body[..4]), (b'R', &[0, 0, 0, 10][..]), "AuthenticationSASL expected: {}", error_text(&body));
+    let mechs: Vec<String> =
+        body[4..].split(|&b| b == 0).filter(|m| !m.is_empty()).map(|m| String::from_utf8_lossy(m).into_owned()).collect();
+    let mut m = vec![b'p'];
+    let len = 4 + mech.len() + 1 + 4 + first.len();
+    m.extend_from_slice(&(len as i32).to_be_bytes());
+    m.extend_from_slice(mech.as_bytes());
+    m.push(0);
+    m.extend_from_slice(&(first.len() as i32).to_be_bytes());
+    m.extend_from_slice(first);
+    t.write_all(&m).expect("SASLInitialResponse");
+    let answer = match nextgres_test::raw::read_message(&mut t) {
+        Ok((b'R', b)) if b.get(..4) == Some(&[0, 0, 0, 11]) => "continue".to_string(),
+        Ok((b'E', b)) => error_text(&b),
+        other => format!("{other:?}"),
+    };
+    (mechs, answer)
+}
+
+/// Acceptance 2 (channel binding): on TLS the pooler offers
+/// SCRAM-SHA-256-PLUS and SCRAM-SHA-256 as the server does, and binds to
+/// the certificate the client was shown (`tls-server-end-point`): libpq's
+/// `channel_binding=require`, `prefer` and `disable` with `sslmode=require`
+/// and `disable` end as on a cluster whose server does TLS itself; a
+/// client that could bind but says the server cannot ('y' flag: a
+/// stripped PLUS) is refused with the server's 28000, and the other gs2
+/// header rules give the server's errors.
+#[test]
+fn scram_channel_binding_as_the_server() {
+    let pooled = Arc::new(Cluster::builder().label("pooled").start());
+    if skip(&pooled) {
+        return;
+    }
+    let direct = Cluster::builder().label("direct").preload(false).start();
+    setup(&pooled);
+    pooled.run_bounded(TEST_LIMIT, move |pooled| {
+        let hba = "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n";
+        let mut cas = Vec::new();
+        for pg in [pooled, &direct] {
+            cas.push(make_certs(pg, "one", "server.crt"));
+            pg.admin().batch_execute("SET password_encryption = 'scram-sha-256'; CREATE ROLE alice LOGIN PASSWORD 'secret'").expect("role");
+            pg.append_conf("ssl = on").expect("conf");
+            pg.set_hba(hba).expect("hba");
+            pg.restart().expect("restart with ssl = on");
+        }
+        assert!(wait_until(SETTLE, || pooler_pid(pooled).is_some()), "no pooler after the restart");
+        let outcome = |pg: &Cluster, extra: &str| -> String {
+            let conn = pg.tcp("alice", "postgres").maybe_password(Some("secret"));
+            let out = psql_cs(pg, &conn, extra, &["SELECT current_user"]);
+            if out.success() {
+                return format!("ok {}", out.stdout.trim());
+            }
+            // The FATAL, or libpq's own reason without its "connection to
+            // server at ..., port N failed:" prefix (the ports differ).
+            let err = out.stderr.lines().find_map(|l| {
+                l.split_once("FATAL:").or_else(|| l.split_once(" failed: ")).map(|(_, m)| m.trim().to_string())
+            });
+            format!("failed {}", err.unwrap_or_else(|| out.stderr.clone()))
+        };
+        let mut seen = Vec::new();
+        for ssl in ["require", "disable"] {
+            for cb in ["require", "prefer", "disable"] {
+                let extra = format!("sslmode={ssl} channel_binding={cb}");
+                let (d, p) = (outcome(&direct, &extra), outcome(pooled, &extra));
+                assert_eq!(p, d, "{extra}: through the pooler vs the server");
+                seen.push(format!("{extra}: {d}"));
+            }
+        }
+        eprintln!("{}", seen.join("\n"));
+        assert!(seen.contains(&"sslmode=require channel_binding=require: ok alice".to_string()), "{seen:?}");
+        assert!(admin_i64(pooled, "SELECT count(*) FROM nextgres.backends") >= 1, "nobody was pooled");
+
+        // The gs2 header rules, raw: same mechanisms, same answers.
+        let nonce = "r=abcdefghijklmnopqrstuvwx";
+        let probes: Vec<(&str, String)> = vec![
+            ("SCRAM-SHA-256", format!("y,,n=,{nonce}")),
+            ("SCRAM-SHA-256", format!("n,,n=,{nonce}")),
+            ("SCRAM-SHA-256", format!("p=tls-server-end-point,,n=,{nonce}")),
+            ("SCRAM-SHA-256-PLUS", format!("n,,n=,{nonce}")),
+            ("SCRAM-SHA-256-PLUS", format!("y,,n=,{nonce}")),
+            ("SCRAM-SHA-256-PLUS", format!("p=tls-unique,,n=,{nonce}")),
+            ("SCRAM-SHA-256-PLUS", format!("p=tls-server-end-point,,n=,{nonce}")),
+            ("SCRAM-SHA-1", format!("n,,n=,{nonce}")),
+        ];
+        for (mech, first) in &probes {
+            let d = sasl_over_tls(direct.port(), &cas[1], "alice", mech, first.as_bytes());
+            let p = sasl_over_tls(pooled.port(), &cas[0], "alice", mech, first.as_bytes());
+            assert_eq!(p, d, "{mech} {first}: through the pooler vs the server");
+            eprintln!("{mech} {first}: {d:?}");
+        }
+        let (mechs, y) = sasl_over_tls(pooled.port(), &cas[0], "alice", "SCRAM-SHA-256", format!("y,,n=,{nonce}").as_bytes());
+        assert_eq!(mechs, ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]);
+        assert!(y.starts_with("28000 SCRAM channel binding negotiation error"), "{y}");
+    });
+}
