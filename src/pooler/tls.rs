@@ -65,6 +65,9 @@ pub struct Session {
     /// The client's certificate (DER), verified against `ssl_ca_file` by
     /// rustls during the handshake; None when the client sent none.
     pub peer_cert: Option<Vec<u8>>,
+    /// `ssl_ca_file` was loaded for this client's handshake (client
+    /// certificates asked for and verified).
+    pub ca_loaded: bool,
 }
 
 /// A client's TLS session once its handshake is done.
@@ -77,6 +80,8 @@ pub struct Loaded {
     /// (`nextgres_core::cert::server_end_point`); None when its signature
     /// algorithm has no hash (Ed25519): SCRAM-SHA-256-PLUS is then not offered.
     pub end_point: Option<Arc<[u8]>>,
+    /// `ssl_ca_file` is set and loaded: client certificates are asked for.
+    pub ca_loaded: bool,
 }
 
 /// `ssl` is on in the current configuration.
@@ -198,7 +203,7 @@ pub fn build(
     config.send_tls13_tickets = 0;
     // PostgreSQL 17+ clients offer ALPN "postgresql"; answer it as the server does.
     config.alpn_protocols = vec![b"postgresql".to_vec()];
-    Ok(Arc::new(Loaded { config: Arc::new(config), end_point }))
+    Ok(Arc::new(Loaded { config: Arc::new(config), end_point, ca_loaded: ca_file.is_some() }))
 }
 
 /// Starts the relay for a client that was just answered 'S': `tcp` is the
@@ -208,6 +213,7 @@ pub fn spawn_relay(loaded: &Loaded, tcp: TcpStream, pair: UnixStream, info: TlsI
     use nix::sys::signal::{SigSet, SigmaskHow};
     let Ok(conn) = ServerConnection::new(loaded.config.clone()) else { return false };
     let end_point = loaded.end_point.clone();
+    let ca_loaded = loaded.ca_loaded;
     // The server's signal handlers (SIGHUP, SIGTERM, SIGUSR1, ...) must run
     // on the pooler's own thread: the relay starts with every signal
     // blocked (a new thread inherits the mask), then the pooler's mask is
@@ -222,7 +228,7 @@ pub fn spawn_relay(loaded: &Loaded, tcp: TcpStream, pair: UnixStream, info: TlsI
         .stack_size(1024 * 1024)
         .spawn(move || {
             // Never unwind into nothing: a panic here only ends this client.
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| relay(conn, tcp, pair, info, handshake, end_point)));
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| relay(conn, tcp, pair, info, handshake, end_point, ca_loaded)));
         })
         .is_ok();
     let _ = old.thread_set_mask();
@@ -263,6 +269,7 @@ fn relay(
     info: TlsInfo,
     handshake: Handshake,
     end_point: Option<Arc<[u8]>>,
+    ca_loaded: bool,
 ) {
     let mut handshake = Some(handshake);
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -293,7 +300,7 @@ fn relay(
         if !conn.is_handshaking() && info.get().is_none() {
             // Before any plaintext reaches the pooler.
             let peer_cert = conn.peer_certificates().and_then(|c| c.first()).map(|c| c.as_ref().to_vec());
-            let _ = info.set(Session { desc: describe(&conn), end_point: end_point.clone(), peer_cert });
+            let _ = info.set(Session { desc: describe(&conn), end_point: end_point.clone(), peer_cert, ca_loaded });
             drop(handshake.take()); // no longer counted in HANDSHAKING
         }
         if pair_eof {

@@ -963,3 +963,97 @@ fn scram_channel_binding_as_the_server() {
         assert!(y.starts_with("28000 SCRAM channel binding negotiation error"), "{y}");
     });
 }
+
+/// Acceptance 2 (client certificates): with `ssl_ca_file`, `cert` lines
+/// (the CN, `map=` through pg_ident.conf, `clientname=DN`) and
+/// `clientcert=verify-ca` / `verify-full` on trust and scram-sha-256 lines
+/// decide exactly as on a cluster whose server does TLS itself, for no
+/// certificate, the right one, one for another user and one from another
+/// CA: the same success or the same FATAL / libpq reason.
+/// `nextgres.clients.client_cert` shows the subject of a pooled client's
+/// certificate.
+#[test]
+fn client_certificates_decide_as_the_server() {
+    let pooled = Arc::new(Cluster::builder().label("pooled").start());
+    if skip(&pooled) {
+        return;
+    }
+    let direct = Cluster::builder().label("direct").preload(false).start();
+    setup(&pooled);
+    pooled.run_bounded(TEST_LIMIT, move |pooled| {
+        let hba = "local all all trust\n\
+                   hostssl all certuser 127.0.0.1/32 cert\n\
+                   hostssl all mapuser 127.0.0.1/32 cert map=m\n\
+                   hostssl all dnuser 127.0.0.1/32 cert clientname=DN map=dn\n\
+                   hostssl all vfull 127.0.0.1/32 trust clientcert=verify-full\n\
+                   hostssl all vca 127.0.0.1/32 trust clientcert=verify-ca\n\
+                   hostssl all pwfull 127.0.0.1/32 scram-sha-256 clientcert=verify-full\n\
+                   host all postgres 127.0.0.1/32 trust\n";
+        let ident = "m alice mapuser\ndn \"CN=alice\" dnuser\n";
+        let roles = ["certuser", "mapuser", "dnuser", "vfull", "vca", "pwfull"];
+        let names = ["certuser", "alice", "vfull", "pwfull"];
+        // Per cluster (each has its own CAs): label -> libpq sslcert/sslkey.
+        let mut certs: Vec<Vec<(String, String)>> = Vec::new();
+        for pg in [pooled, &direct] {
+            make_certs(pg, "one", "server.crt");
+            make_certs(pg, "two", "unused.crt");
+            let mut mine = vec![("none".to_string(), String::new())];
+            for n in names {
+                mine.push((n.to_string(), client_cert(pg, "one", n)));
+            }
+            mine.push(("certuser from another CA".to_string(), client_cert(pg, "two", "certuser")));
+            certs.push(mine);
+            for r in roles {
+                pg.admin().batch_execute(&format!("SET password_encryption = 'scram-sha-256'; CREATE ROLE {r} LOGIN PASSWORD 'secret'")).expect("role");
+            }
+            std::fs::copy(pg.dir().join("one-ca.crt"), pg.data_dir().join("root.crt")).expect("copy CA");
+            std::fs::write(pg.data_dir().join("pg_ident.conf"), ident).expect("pg_ident.conf");
+            pg.append_conf("ssl = on").expect("conf");
+            pg.append_conf("ssl_ca_file = 'root.crt'").expect("conf");
+            pg.set_hba(hba).expect("hba");
+            pg.restart().expect("restart with ssl = on");
+        }
+        assert!(wait_until(SETTLE, || pooler_pid(pooled).is_some()), "no pooler after the restart");
+        let outcome = |pg: &Cluster, role: &str, extra: &str| -> String {
+            let conn = pg.tcp(role, "postgres").maybe_password(Some("secret"));
+            let out = psql_cs(pg, &conn, &format!("sslmode=require {extra}"), &["SELECT current_user"]);
+            if out.success() {
+                return format!("ok {}", out.stdout.trim());
+            }
+            let err = out.stderr.lines().find_map(|l| {
+                l.split_once("FATAL:").or_else(|| l.split_once(" failed: ")).map(|(_, m)| m.trim().to_string())
+            });
+            format!("failed {}", err.unwrap_or_else(|| out.stderr.clone()))
+        };
+        let mut seen = Vec::new();
+        for role in roles {
+            for (i, (label, _)) in certs[0].iter().enumerate() {
+                let d = outcome(&direct, role, &certs[1][i].1);
+                let p = outcome(pooled, role, &certs[0][i].1);
+                assert_eq!(p, d, "role {role}, client certificate {label}: through the pooler vs the server");
+                seen.push(format!("{role} / {label}: {d}"));
+            }
+        }
+        eprintln!("{}", seen.join("\n"));
+        for want in [
+            "certuser / certuser: ok certuser",
+            "certuser / alice: failed certificate authentication failed for user \"certuser\"",
+            "certuser / none: failed connection requires a valid client certificate",
+            "mapuser / alice: ok mapuser",
+            "dnuser / alice: ok dnuser",
+            "vfull / vfull: ok vfull",
+            "vfull / alice: failed \"trust\" authentication failed for user \"vfull\"",
+            "vca / alice: ok vca",
+            "pwfull / pwfull: ok pwfull",
+        ] {
+            assert!(seen.iter().any(|s| s == want), "{want} not seen:\n{}", seen.join("\n"));
+        }
+        assert!(seen.iter().any(|s| s.starts_with("vca / certuser from another CA: failed") && s.contains("unknown ca")), "{seen:?}");
+        // The subject of a pooled client's certificate.
+        let conn = pooled.tcp("postgres", "postgres");
+        let out = psql_cs(pooled, &conn, &format!("sslmode=require {}", certs[0][2].1), &[&of_client("client_cert")]);
+        assert_eq!(out.stdout.trim(), "CN=alice", "{out}");
+        let out = psql_cs(pooled, &conn, "sslmode=require", &[&of_client("client_cert IS NULL")]);
+        assert_eq!(out.stdout.trim(), "t", "{out}");
+    });
+}
