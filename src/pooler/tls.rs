@@ -209,7 +209,12 @@ pub fn build(
 /// Starts the relay for a client that was just answered 'S': `tcp` is the
 /// client's socket, `pair` the relay's end of the socketpair whose other end
 /// the pooler keeps. Returns false when no thread could be started.
-pub fn spawn_relay(loaded: &Loaded, tcp: TcpStream, pair: UnixStream, info: TlsInfo) -> bool {
+/// `direct`: the first bytes of a direct TLS handshake, already read from
+/// `tcp`; such a client must negotiate ALPN `postgresql` or is closed
+/// after the handshake, as the server closes it (backend_startup.c
+/// ProcessSSLStartup(): "received direct SSL connection request without
+/// ALPN protocol negotiation extension", logged only).
+pub fn spawn_relay(loaded: &Loaded, tcp: TcpStream, pair: UnixStream, info: TlsInfo, direct: Option<Vec<u8>>) -> bool {
     use nix::sys::signal::{SigSet, SigmaskHow};
     let Ok(conn) = ServerConnection::new(loaded.config.clone()) else { return false };
     let end_point = loaded.end_point.clone();
@@ -228,7 +233,7 @@ pub fn spawn_relay(loaded: &Loaded, tcp: TcpStream, pair: UnixStream, info: TlsI
         .stack_size(1024 * 1024)
         .spawn(move || {
             // Never unwind into nothing: a panic here only ends this client.
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| relay(conn, tcp, pair, info, handshake, end_point, ca_loaded)));
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| relay(conn, tcp, pair, info, handshake, end_point, ca_loaded, direct)));
         })
         .is_ok();
     let _ = old.thread_set_mask();
@@ -270,12 +275,29 @@ fn relay(
     handshake: Handshake,
     end_point: Option<Arc<[u8]>>,
     ca_loaded: bool,
+    direct: Option<Vec<u8>>,
 ) {
     let mut handshake = Some(handshake);
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use std::time::Instant;
     if tcp.set_nonblocking(true).is_err() || pair.set_nonblocking(true).is_err() {
         return;
+    }
+    let require_alpn = direct.is_some();
+    if let Some(prefix) = direct {
+        // The start of the ClientHello the pooler read looking for a length.
+        let mut rest = &prefix[..];
+        while !rest.is_empty() {
+            match conn.read_tls(&mut rest) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+        if conn.process_new_packets().is_err() {
+            let _ = conn.write_tls(&mut tcp);
+            return;
+        }
     }
     let mut to_pair: Vec<u8> = Vec::new();
     let mut buf = vec![0u8; 16 * 1024];
@@ -298,6 +320,11 @@ fn relay(
             }
         }
         if !conn.is_handshaking() && info.get().is_none() {
+            if require_alpn && conn.alpn_protocol() != Some(b"postgresql".as_slice()) {
+                // Direct TLS without ALPN: closed before any plaintext
+                // reaches the pooler (which then sees EOF).
+                return;
+            }
             // Before any plaintext reaches the pooler.
             let peer_cert = conn.peer_certificates().and_then(|c| c.first()).map(|c| c.as_ref().to_vec());
             let _ = info.set(Session { desc: describe(&conn), end_point: end_point.clone(), peer_cert, ca_loaded });

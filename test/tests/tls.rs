@@ -1057,3 +1057,143 @@ fn client_certificates_decide_as_the_server() {
         assert_eq!(out.stdout.trim(), "t", "{out}");
     });
 }
+
+/// A client config like [`client_config`] offering `alpn` (none when empty).
+fn client_config_alpn(ca: &Path, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let mut c = (*client_config(ca)).clone();
+    c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(c)
+}
+
+/// What a server does with a TLS client: `direct` starts the handshake
+/// with no SSLRequest; `alpn` is what the client offers; after the
+/// handshake `then` is sent and the answer described: `closed`, `N`,
+/// `S`, the first message's tag, or an error's `code message`. A failed
+/// handshake is `handshake failed: <rustls error>`.
+fn tls_probe(port: u16, ca: &Path, direct: bool, alpn: &[&[u8]], then: &[&[u8]]) -> String {
+    let mut s = tcp(port);
+    if !direct {
+        assert_eq!(ssl_request(&mut s), b'S');
+    }
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let conn = rustls::ClientConnection::new(client_config_alpn(ca, alpn), name).expect("client connection");
+    let mut t = rustls::StreamOwned::new(conn, s);
+    while t.conn.is_handshaking() {
+        if let Err(e) = t.conn.complete_io(&mut t.sock) {
+            return format!("handshake failed: {e}");
+        }
+    }
+    let alpn_got = t.conn.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned());
+    // Each packet of `then` in turn, one answer read after each but the
+    // last; after the last every answer up to the close (or the first
+    // authentication request).
+    let mut got = Vec::new();
+    for (i, packet) in then.iter().enumerate() {
+        if t.write_all(packet).and_then(|_| t.flush()).is_err() {
+            got.push("closed".to_string());
+            break;
+        }
+        if i + 1 == then.len() {
+            break;
+        }
+        let mut b = [0u8; 1];
+        match t.read(&mut b) {
+            Ok(1) if b[0] == b'N' => got.push("N".into()),
+            Ok(1) => got.push(format!("{:?}", b[0] as char)),
+            _ => got.push("closed".into()),
+        }
+    }
+    loop {
+        let mut first = [0u8; 1];
+        match t.read(&mut first) {
+            Ok(0) | Err(_) => {
+                got.push("closed".to_string());
+                break;
+            }
+            Ok(_) if first[0] == b'E' => {
+                let mut len = [0u8; 4];
+                if t.read_exact(&mut len).is_err() {
+                    got.push("E cut short".into());
+                    break;
+                }
+                let mut body = vec![0u8; (i32::from_be_bytes(len).max(4) - 4) as usize];
+                if t.read_exact(&mut body).is_err() {
+                    got.push("E cut short".into());
+                    break;
+                }
+                got.push(error_text(&body));
+            }
+            Ok(_) if first[0] == b'N' => got.push("N".into()),
+            Ok(_) => {
+                got.push((first[0] as char).to_string());
+                break;
+            }
+        }
+    }
+    let got = got.join(", ");
+    format!("alpn {alpn_got:?}, {got}")
+}
+
+/// Direct TLS (`sslnegotiation=direct`, PostgreSQL 17+ clients): psql
+/// connects through the pooler with it and lands on a pooled backend; a
+/// direct handshake without ALPN, one offering only another protocol
+/// (direct and after SSLRequest), and GSSENCRequest or SSLRequest sent
+/// inside direct TLS end as on a cluster whose server does TLS itself.
+#[test]
+fn direct_tls_as_the_server() {
+    let pooled = Arc::new(Cluster::builder().label("pooled").start());
+    if skip(&pooled) {
+        return;
+    }
+    let direct = Cluster::builder().label("direct").preload(false).start();
+    setup(&pooled);
+    pooled.run_bounded(TEST_LIMIT, move |pooled| {
+        let mut cas = Vec::new();
+        for pg in [pooled, &direct] {
+            cas.push(ssl_on(pg));
+        }
+        assert!(wait_until(SETTLE, || pooler_pid(pooled).is_some()), "no pooler after the restart");
+        let conn = pooled.tcp("postgres", "postgres");
+        let root = format!("sslrootcert={}", cas[0].display());
+        let out = psql_cs(
+            pooled,
+            &conn,
+            &format!("sslmode=verify-full sslnegotiation=direct {root}"),
+            &[&of_client("tls IS NOT NULL"), "SELECT count(*) > 0 FROM nextgres.backends WHERE pid = pg_backend_pid()"],
+        );
+        assert_eq!(out.stdout.trim(), "t\nt", "sslnegotiation=direct through the pooler:\n{out}\n{}", out.stderr);
+        let gss = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30];
+        let ssl = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+        let startup = nextgres_test::raw::startup_packet("postgres", "postgres");
+        let pg: &[u8] = b"postgresql";
+        let (gss_startup, ssl_startup) = ([&gss[..], &startup].concat(), [&ssl[..], &startup].concat());
+        let cases: Vec<(&str, bool, Vec<&[u8]>, Vec<&[u8]>)> = vec![
+            ("direct, ALPN postgresql, startup", true, vec![pg], vec![&startup]),
+            ("direct, no ALPN, startup", true, vec![], vec![&startup]),
+            ("direct, ALPN other", true, vec![b"http/1.1"], vec![&startup]),
+            ("SSLRequest, ALPN other", false, vec![b"http/1.1"], vec![&startup]),
+            ("SSLRequest, no ALPN, startup", false, vec![], vec![&startup]),
+            ("direct, GSSENCRequest, startup", true, vec![pg], vec![&gss, &startup]),
+            ("direct, SSLRequest, startup", true, vec![pg], vec![&ssl, &startup]),
+            ("direct, GSSENCRequest twice", true, vec![pg], vec![&gss, &gss]),
+            ("direct, SSLRequest twice", true, vec![pg], vec![&ssl, &ssl]),
+            ("direct, SSLRequest, GSSENCRequest, SSLRequest", true, vec![pg], vec![&ssl, &gss, &ssl]),
+            ("direct, GSSENCRequest with startup pipelined", true, vec![pg], vec![&gss_startup]),
+            ("direct, SSLRequest with startup pipelined", true, vec![pg], vec![&ssl_startup]),
+            ("SSLRequest, GSSENCRequest", false, vec![pg], vec![&gss]),
+            ("SSLRequest, SSLRequest", false, vec![pg], vec![&ssl]),
+        ];
+        let mut seen = Vec::new();
+        for (label, is_direct, alpn, then) in &cases {
+            let d = tls_probe(direct.port(), &cas[1], *is_direct, alpn, then);
+            let p = tls_probe(pooled.port(), &cas[0], *is_direct, alpn, then);
+            seen.push(format!("{label}: {d}"));
+            if p != d {
+                seen.push(format!("  MISMATCH, through the pooler: {p}"));
+            }
+        }
+        eprintln!("{}", seen.join("\n"));
+        assert!(!seen.iter().any(|s| s.contains("MISMATCH")), "through the pooler vs the server:\n{}", seen.join("\n"));
+        assert!(seen[0].ends_with(", R"), "{seen:?}");
+    });
+}
