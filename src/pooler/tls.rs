@@ -1,7 +1,8 @@
 //! TLS for clients on the pooler's port (issue 12, first step).
 //!
 //! * [`load`]: the server's own settings (`ssl`, `ssl_cert_file`,
-//!   `ssl_key_file`, `ssl_ca_file`, `ssl_min_protocol_version`,
+//!   `ssl_key_file`, `ssl_ca_file`, `ssl_crl_file`, `ssl_crl_dir`,
+//!   `ssl_min_protocol_version`,
 //!   `ssl_max_protocol_version`) as a rustls `ServerConfig` (crypto provider
 //!   ring), relative paths resolved against the data directory as the server
 //!   does (be-secure-openssl.c `be_tls_init()` opens them from the data
@@ -16,7 +17,7 @@
 //!   handled in the pooler's epoll loop, and the relay threads never call
 //!   into PostgreSQL (no logging, no palloc).
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use rustls::{RootCertStore, ServerConfig, ServerConnection};
 use std::io::{ErrorKind, Read, Write};
@@ -150,7 +151,48 @@ pub fn load() -> Result<Option<Arc<Loaded>>, String> {
     let ca_file = path_setting(c"ssl_ca_file");
     let min = crate::pg::setting(c"ssl_min_protocol_version").unwrap_or_default();
     let max = crate::pg::setting(c"ssl_max_protocol_version").unwrap_or_default();
-    build(&cert_file, &key_file, ca_file.as_deref(), &min, &max).map(Some)
+    let crl_file = path_setting(c"ssl_crl_file");
+    let crl_dir = path_setting(c"ssl_crl_dir");
+    let crls = load_crls(crl_file.as_deref(), crl_dir.as_deref())?;
+    build(&cert_file, &key_file, ca_file.as_deref(), crls, &min, &max).map(Some)
+}
+
+/// The CRLs of `ssl_crl_file` (PEM, any number) and `ssl_crl_dir` (the
+/// server's OpenSSL looks up `HASH.rN` files there; the pooler reads every
+/// file named so, PEM, at load time).
+fn load_crls(
+    file: Option<&std::path::Path>,
+    dir: Option<&std::path::Path>,
+) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
+    let mut out = Vec::new();
+    let mut read = |p: &std::path::Path| -> Result<(), String> {
+        let crls = CertificateRevocationListDer::pem_file_iter(p)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("could not load SSL certificate revocation list file \"{}\": {e}", p.display()))?;
+        out.extend(crls);
+        Ok(())
+    };
+    if let Some(f) = file {
+        read(f)?;
+    }
+    if let Some(d) = dir {
+        let entries = std::fs::read_dir(d)
+            .map_err(|e| format!("could not load SSL certificate revocation list directory \"{}\": {e}", d.display()))?;
+        let mut names: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                matches!(n.split_once(".r"), Some((h, k)) if h.len() == 8
+                    && h.bytes().all(|b| b.is_ascii_hexdigit())
+                    && !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))
+            })
+            .collect();
+        names.sort();
+        for p in names {
+            read(&p)?;
+        }
+    }
+    Ok(out)
 }
 
 /// The rustls configuration from files and version bounds.
@@ -158,6 +200,7 @@ pub fn build(
     cert_file: &std::path::Path,
     key_file: &std::path::Path,
     ca_file: Option<&std::path::Path>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
     min: &str,
     max: &str,
 ) -> Result<Arc<Loaded>, String> {
@@ -186,8 +229,14 @@ pub fn build(
             for c in cas {
                 roots.add(c).map_err(|e| format!("could not load root certificate file \"{}\": {e}", ca.display()))?;
             }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .allow_unauthenticated()
+            // CRLs as the server sets them (X509_V_FLAG_CRL_CHECK |
+            // X509_V_FLAG_CRL_CHECK_ALL): every certificate of the chain,
+            // one whose issuer has no CRL fails, as does an expired CRL.
+            let mut verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).allow_unauthenticated();
+            if !crls.is_empty() {
+                verifier = verifier.with_crls(crls).enforce_revocation_expiration();
+            }
+            let verifier = verifier
                 .build()
                 .map_err(|e| format!("could not load root certificate file \"{}\": {e}", ca.display()))?;
             builder.with_client_cert_verifier(verifier)

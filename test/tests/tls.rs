@@ -106,6 +106,25 @@ fn client_cert(pg: &Cluster, ca_name: &str, cn: &str) -> String {
     format!("sslcert={} sslkey={}", dir.join(crt).display(), dir.join(key).display())
 }
 
+/// Revokes `crt` (made by `client_cert` in the test directory) with the CA
+/// `ca_name` and writes that CA's CRL into the data directory as `crl`.
+fn revoke(pg: &Cluster, ca_name: &str, crt: &str, crl: &str) {
+    let dir = pg.dir().to_path_buf();
+    std::fs::write(dir.join(format!("{ca_name}-index.txt")), "").expect("index");
+    std::fs::write(dir.join(format!("{ca_name}-crlnumber")), "1000\n").expect("crlnumber");
+    let cnf = format!("{ca_name}-ca.cnf");
+    std::fs::write(
+        dir.join(&cnf),
+        format!("[ca]\ndefault_ca=d\n[d]\ndatabase={ca_name}-index.txt\ncrlnumber={ca_name}-crlnumber\ndefault_md=sha256\ndefault_crl_days=2\n"),
+    )
+    .expect("ca config");
+    let (key, cert) = (format!("{ca_name}-ca.key"), format!("{ca_name}-ca.crt"));
+    openssl(&["ca", "-config", &cnf, "-revoke", crt, "-keyfile", &key, "-cert", &cert], &dir);
+    let out = format!("{ca_name}.crl");
+    openssl(&["ca", "-config", &cnf, "-gencrl", "-keyfile", &key, "-cert", &cert, "-out", &out], &dir);
+    std::fs::copy(dir.join(out), pg.data_dir().join(crl)).expect("copy CRL");
+}
+
 /// Copies a certificate and key into `pg`'s data directory as `cert` and
 /// `cert` with `.key` for `.crt`.
 fn install_cert(pg: &Cluster, crt: &Path, key: &Path, cert: &str) {
@@ -969,8 +988,9 @@ fn scram_channel_binding_as_the_server() {
 /// `clientcert=verify-ca` / `verify-full` on trust and scram-sha-256 lines
 /// decide exactly as on a cluster whose server does TLS itself, for no
 /// certificate, the right one, one for another user and one from another
-/// CA: the same success or the same FATAL / libpq reason.
-/// `nextgres.clients.client_cert` shows the subject of a pooled client's
+/// CA: the same success or the same FATAL / libpq reason; with
+/// `ssl_crl_file` (after a reload) a revoked certificate fails as on the
+/// server. `nextgres.clients.client_cert` shows the subject of a pooled client's
 /// certificate.
 #[test]
 fn client_certificates_decide_as_the_server() {
@@ -1049,6 +1069,25 @@ fn client_certificates_decide_as_the_server() {
             assert!(seen.iter().any(|s| s == want), "{want} not seen:\n{}", seen.join("\n"));
         }
         assert!(seen.iter().any(|s| s.starts_with("vca / certuser from another CA: failed") && s.contains("unknown ca")), "{seen:?}");
+        // ssl_crl_file + reload: a revoked client certificate fails the
+        // handshake, another from the same CA still works, on both.
+        for pg in [pooled, &direct] {
+            revoke(pg, "one", "client-one-vfull.crt", "root.crl");
+            pg.append_conf("ssl_crl_file = 'root.crl'").expect("conf");
+            pg.reload().expect("reload");
+        }
+        assert!(
+            wait_until(SETTLE, || outcome(pooled, "vca", &certs[0][3].1).starts_with("failed")),
+            "a revoked certificate still accepted after ssl_crl_file and a reload"
+        );
+        assert!(wait_until(SETTLE, || outcome(&direct, "vca", &certs[1][3].1).starts_with("failed")), "server reload");
+        for (i, label) in [(2, "alice"), (3, "vfull (revoked)")] {
+            let (d, p) = (outcome(&direct, "vca", &certs[1][i].1), outcome(pooled, "vca", &certs[0][i].1));
+            eprintln!("with ssl_crl_file, vca / {label}: {d}");
+            assert_eq!(p, d, "with ssl_crl_file, role vca, client certificate {label}: through the pooler vs the server");
+        }
+        assert!(outcome(pooled, "vca", &certs[0][3].1).contains("revoked"), "not refused as revoked");
+
         // The subject of a pooled client's certificate.
         let conn = pooled.tcp("postgres", "postgres");
         let out = psql_cs(pooled, &conn, &format!("sslmode=require {}", certs[0][2].1), &[&of_client("client_cert")]);
