@@ -1236,3 +1236,72 @@ fn direct_tls_as_the_server() {
         assert!(seen[0].ends_with(", R"), "{seen:?}");
     });
 }
+
+/// Acceptance 3 over TLS, in part: pipelining (pgbench `\startpipeline`,
+/// extended protocol, 4 TLS clients over one pooled backend), session
+/// state that moves with a TLS client and does not leak (SET and PREPARE
+/// of a TLS client, absent for a plaintext client on the same backend,
+/// present again for the TLS client on that backend and, after
+/// `nextgres.reconnect()`, on a new backend pid), and LISTEN/NOTIFY
+/// delivered through the relay.
+#[test]
+fn pipelining_session_state_and_notify_over_tls() {
+    with_tls_server(Cluster::builder().conf("nextgres.pool_size = 1"), |pg, ca, _pooler| {
+        pg.admin().batch_execute("CREATE TABLE pipe (client int, v int)").expect("table");
+        let script = pg.dir().join("tls_pipeline.sql");
+        // The division fails for a client that is not on TLS.
+        std::fs::write(
+            &script,
+            "\\set v random(1, 1000)\n\
+             \\startpipeline\n\
+             INSERT INTO pipe VALUES (:client_id, :v);\n\
+             INSERT INTO pipe VALUES (:client_id, :v + 1);\n\
+             SELECT 1 / (SELECT count(*) FROM nextgres.clients WHERE client_port = inet_client_port() AND tls IS NOT NULL)::int;\n\
+             \\endpipeline\n",
+        )
+        .expect("script");
+        // pgbench's sslmode is the default (prefer): TLS here.
+        let conn = pg.tcp("postgres", "postgres");
+        let out = pg.pgbench(&conn, &["-n", "-M", "extended", "-c", "4", "-j", "2", "-t", "25", "-f", &script.to_string_lossy()]);
+        assert!(out.success(), "pgbench pipeline over TLS:\n{out}");
+        assert_eq!(admin_i64(pg, "SELECT count(*) FROM pipe"), 200, "{out}");
+        assert_eq!(admin_i64(pg, "SELECT count(DISTINCT client) FROM pipe"), 4);
+
+        // Session state of a TLS client moves with it, and only with it.
+        let mut t = TlsRaw::connect(pg.port(), &ca, "postgres", "postgres").expect("TLS login");
+        t.send_query("SET work_mem = '7MB'; PREPARE p AS SELECT 42");
+        t.until_ready().expect("SET and PREPARE");
+        let pid_tls = t.value("SELECT pg_backend_pid()");
+        let plain = psql_cs(
+            pg,
+            &conn,
+            "sslmode=disable",
+            &["SELECT pg_backend_pid()", "SHOW work_mem", "SELECT count(*) FROM pg_prepared_statements"],
+        );
+        assert!(plain.success(), "{plain}");
+        let lines: Vec<&str> = plain.stdout.lines().collect();
+        assert_eq!(lines[0], pid_tls, "pool_size 1: the plaintext client on the TLS client's backend");
+        assert_eq!(&lines[1..], ["4MB", "0"], "the TLS client's SET or PREPARE leaked to a plaintext client");
+        assert_eq!(t.value("SHOW work_mem"), "7MB");
+        assert_eq!(t.value("EXECUTE p"), "42");
+        t.value("SELECT nextgres.reconnect(current_database(), current_user)::text");
+        let pid_after = t.value("SELECT pg_backend_pid()");
+        assert_ne!(pid_after, pid_tls, "the TLS client's next transaction on the same backend after reconnect");
+        assert_eq!(t.value("SHOW work_mem"), "7MB", "SET lost on the new backend");
+        assert_eq!(t.value("EXECUTE p"), "42", "PREPARE lost on the new backend");
+
+        // LISTEN/NOTIFY through the relay.
+        t.send_query("LISTEN tls_channel");
+        t.until_ready().expect("LISTEN");
+        pg.admin().batch_execute("NOTIFY tls_channel, 'over tls'").expect("NOTIFY");
+        let payload = loop {
+            let (tag, body) = t.read_msg().expect("NotificationResponse within the read timeout");
+            if tag == b'A' {
+                let fields: Vec<String> = body[4..].split(|&b| b == 0).map(|f| String::from_utf8_lossy(f).into_owned()).collect();
+                break (fields[0].clone(), fields[1].clone());
+            }
+        };
+        assert_eq!(payload, ("tls_channel".to_string(), "over tls".to_string()));
+        assert_eq!(t.value("SELECT 'still served'"), "still served");
+    });
+}
