@@ -127,6 +127,18 @@ recv_buffer_has_data(void)
 #endif
 }
 
+/*
+ * The server takes direct TLS (a first byte 0x16, no SSLRequest) and
+ * negotiates ALPN "postgresql" from 17 on (backend_startup.c
+ * ProcessSSLStartup(), be-secure-openssl.c alpn_cb()); before, it has no
+ * ALPN and 0x16 is the start of an invalid startup packet length.
+ */
+bool
+ng_server_has_direct_tls(void)
+{
+	return PG_VERSION_NUM >= 170000;
+}
+
 static WaitEventSet *
 create_session_wait_set(int nevents)
 {

@@ -119,6 +119,7 @@ fn cstr_field(f: &[c_char]) -> String {
 
 extern "C" {
     fn ng_mock_scram_iterations() -> c_int;
+    fn ng_server_has_direct_tls() -> bool;
     fn ng_server_protocol(newest_minor: *mut c_int, max_cancel_key: *mut c_int);
     fn ng_port_sock() -> c_int;
     fn ng_recv_buffer_empty() -> bool;
@@ -162,6 +163,12 @@ pub fn server_protocol() -> nextgres_core::proto::ServerProtocol {
     let (mut minor, mut key) = (0, 4);
     unsafe { ng_server_protocol(&mut minor, &mut key) };
     nextgres_core::proto::ServerProtocol { newest_minor: minor as u16, max_cancel_key: key as usize }
+}
+
+/// The server built for takes direct TLS and answers ALPN `postgresql`
+/// (PostgreSQL 17+; see glue.c).
+pub fn server_has_direct_tls() -> bool {
+    unsafe { ng_server_has_direct_tls() }
 }
 
 /// Iterations of the server's mock SCRAM secret for roles without one (see

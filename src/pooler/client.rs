@@ -326,12 +326,12 @@ impl Pooler {
                 Ok(false) => return,
                 Err(_) => return self.client_close(key),
             }
-            if c.inbuf[0] == 0x16 && !c.negotiated && c.tls.is_none() {
+            if c.inbuf[0] == 0x16 && !c.negotiated && c.tls.is_none() && crate::pg::glue::server_has_direct_tls() {
                 // Direct TLS (PostgreSQL 17+ clients, sslnegotiation=direct):
                 // a TLS handshake record where a length would be; the server
                 // starts the handshake with no SSLRequest (backend_startup.c
                 // ProcessSSLStartup()), or closes without a reply when it
-                // has no TLS.
+                // has no TLS. Before 17 it is an invalid length (below).
                 let prefix = std::mem::take(&mut c.inbuf);
                 let addr = c.addr;
                 let Some(cfg) = self.tls.clone() else {

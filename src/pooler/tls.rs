@@ -250,8 +250,12 @@ pub fn build(
     // (be-secure-openssl.c: SSL_SESS_CACHE_OFF, SSL_OP_NO_TICKET).
     config.session_storage = Arc::new(NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
-    // PostgreSQL 17+ clients offer ALPN "postgresql"; answer it as the server does.
-    config.alpn_protocols = vec![b"postgresql".to_vec()];
+    // PostgreSQL 17+ clients offer ALPN "postgresql"; answer it as the server
+    // does (a client offering only other protocols fails the handshake with
+    // no_application_protocol). 15 and 16 have no ALPN at all.
+    if crate::pg::glue::server_has_direct_tls() {
+        config.alpn_protocols = vec![b"postgresql".to_vec()];
+    }
     Ok(Arc::new(Loaded { config: Arc::new(config), end_point, ca_loaded: ca_file.is_some() }))
 }
 
