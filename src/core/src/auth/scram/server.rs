@@ -582,11 +582,10 @@ mod tests {
         let secret = rfc_secret();
         let salted = salted_password("pencil", &secret.salt, secret.iterations);
         let ck = client_key(&salted.0);
-        let bare = &client_first[client_first.iter().position(|&b| b == b'n' && true).map(|_| {
-            // skip the gs2 header: after its second comma
-            let first = client_first.iter().position(|&b| b == b',').unwrap();
-            first + 1 + client_first[first + 1..].iter().position(|&b| b == b',').unwrap() + 1
-        }).unwrap()..];
+        // client-first-message-bare: after the gs2 header's second comma.
+        let first = client_first.iter().position(|&b| b == b',').unwrap();
+        let bare_at = first + 1 + client_first[first + 1..].iter().position(|&b| b == b',').unwrap() + 1;
+        let bare = &client_first[bare_at..];
         let nonce = &server_first[2..server_first.iter().position(|&b| b == b',').unwrap()];
         let without_proof = [b"c=".as_slice(), c.as_bytes(), b",r=", nonce].concat();
         let sig = hmac(&sha256(&ck), &[bare, b",", server_first, b",", &without_proof]);
