@@ -13,6 +13,9 @@ pub const TOKEN_LEN: usize = 32;
 /// `nextgres.clients.tls`: the longest rustls TLS 1.2 suite name with its
 /// version prefix is 53 bytes ("TLSv1.2 TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256").
 pub const TLS_LEN: usize = 64;
+/// `nextgres.clients.client_cert`: the client certificate's subject DN
+/// (RFC 2253), truncated to 255 bytes.
+pub const CERT_LEN: usize = 256;
 
 #[repr(C)]
 pub struct Header {
@@ -146,6 +149,9 @@ pub struct ClientRow {
     /// TLS version and cipher ("TLSv1.3 TLS13_AES_256_GCM_SHA384"); empty
     /// for a plaintext client.
     pub tls: [u8; TLS_LEN],
+    /// The subject DN of the client certificate verified during the TLS
+    /// handshake; empty without one.
+    pub client_cert: [u8; CERT_LEN],
 }
 
 #[repr(u8)]

@@ -126,6 +126,7 @@ fn clients() -> TableIterator<
         name!(transactions, i64),
         name!(tls, Option<String>),
         name!(dedicated, bool),
+        name!(client_cert, Option<String>),
     ),
 > {
     let (_, clients, backends) = tables().snapshot();
@@ -143,6 +144,7 @@ fn clients() -> TableIterator<
             c.xacts,
             Some(shmem::name(&c.tls)).filter(|t| !t.is_empty()),
             dedicated,
+            Some(shmem::name(&c.client_cert)).filter(|t| !t.is_empty()),
         )
     }))
 }

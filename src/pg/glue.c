@@ -128,6 +128,18 @@ recv_buffer_has_data(void)
 #endif
 }
 
+/*
+ * The server takes direct TLS (a first byte 0x16, no SSLRequest) and
+ * negotiates ALPN "postgresql" from 17 on (backend_startup.c
+ * ProcessSSLStartup(), be-secure-openssl.c alpn_cb()); before, it has no
+ * ALPN and 0x16 is the start of an invalid startup packet length.
+ */
+bool
+ng_server_has_direct_tls(void)
+{
+	return PG_VERSION_NUM >= 170000;
+}
+
 static WaitEventSet *
 create_session_wait_set(int nevents)
 {
@@ -539,6 +551,7 @@ ng_port_peer_pid(void *p)
 #define NG_AUTH_MD5				4
 #define NG_AUTH_SCRAM			5
 #define NG_AUTH_OTHER			6
+#define NG_AUTH_CERT			7
 
 /*
  * hba.c remembers the postmaster's parsed_hba_context and
@@ -616,6 +629,8 @@ typedef struct NgLoginInfo
 	int			db_connlimit;
 	bool		db_can_connect;
 	int			hba_clientcert; /* 0 off, 1 verify-ca, 2 verify-full */
+	bool		hba_clientname_dn;	/* clientname=DN (else CN) */
+	char		hba_usermap[256];	/* map=, empty without one */
 } NgLoginInfo;
 
 static int
@@ -635,6 +650,8 @@ map_auth_method(UserAuth m)
 			return NG_AUTH_MD5;
 		case uaSCRAM:
 			return NG_AUTH_SCRAM;
+		case uaCert:
+			return NG_AUTH_CERT;
 		default:
 			return NG_AUTH_OTHER;
 	}
@@ -689,6 +706,9 @@ ng_login_lookup(const char *database, const char *user,
 		am_db_walsender = was_db_walsender;
 		out->hba_clientcert = port->hba->clientcert == clientCertOff ? 0 :
 			port->hba->clientcert == clientCertCA ? 1 : 2;
+		out->hba_clientname_dn = port->hba->clientcertname == clientCertDN;
+		if (port->hba->usermap)
+			strlcpy(out->hba_usermap, port->hba->usermap, sizeof(out->hba_usermap));
 		out->hba_method = map_auth_method(port->hba->auth_method);
 		out->hba_line = port->hba->linenumber;
 		strlcpy(out->hba_method_name, hba_authname(port->hba->auth_method),
@@ -758,6 +778,38 @@ ng_login_lookup(const char *database, const char *user,
 	PG_END_TRY();
 	MemoryContextSwitchTo(cxt);
 	return ok;
+}
+
+/*
+ * The server's check_usermap() (hba.c): is `system_user` (a client
+ * certificate's CN or DN) allowed to log in as `pg_user` under `usermap`
+ * (empty: the names must be equal), with the pg_ident.conf ng_load_hba()
+ * loaded. Case-sensitive, as auth.c CheckCertAuth() calls it. In a
+ * transaction: a "+role" or "@file" line looks up role membership. The
+ * server LOGs the reason for a refusal itself. Returns 1 allowed,
+ * 0 refused, -1 on error (err filled).
+ */
+int
+ng_check_usermap(const char *usermap, const char *pg_user, const char *system_user, NgError *err)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile int result = 0;
+
+	PG_TRY();
+	{
+		StartTransactionCommand();
+		result = check_usermap(usermap[0] ? usermap : NULL, pg_user, system_user, false) == STATUS_OK ? 1 : 0;
+		CommitTransactionCommand();
+	}
+	PG_CATCH();
+	{
+		ng_capture_error(cxt, err);
+		AbortCurrentTransaction();
+		result = -1;
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+	return result;
 }
 
 /* Serve procsignal barriers and die/reload requests in the pooler's loop. */

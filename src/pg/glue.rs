@@ -40,6 +40,8 @@ pub enum HbaMethod {
     Md5,
     Scram,
     Other,
+    /// `cert`: the client certificate's name decides (auth.c CheckCertAuth()).
+    Cert,
 }
 
 #[repr(C)]
@@ -63,6 +65,10 @@ pub struct NgLoginInfo {
     pub db_can_connect: bool,
     /// The matching line's `clientcert`: 0 off, 1 verify-ca, 2 verify-full.
     pub hba_clientcert: c_int,
+    /// The line's `clientname=DN` (else the certificate's CN is matched).
+    pub hba_clientname_dn: bool,
+    /// The line's `map=`, empty without one.
+    pub hba_usermap: [c_char; 256],
 }
 
 impl NgLoginInfo {
@@ -74,6 +80,7 @@ impl NgLoginInfo {
             3 => HbaMethod::Password,
             4 => HbaMethod::Md5,
             5 => HbaMethod::Scram,
+            7 => HbaMethod::Cert,
             _ => HbaMethod::Other,
         }
     }
@@ -87,6 +94,9 @@ impl NgLoginInfo {
     /// The stored secret; the buffer is wiped on drop.
     pub fn secret(&self) -> Option<String> {
         self.has_secret.then(|| cstr_field(&self.secret))
+    }
+    pub fn usermap(&self) -> String {
+        cstr_field(&self.hba_usermap)
     }
     pub fn secret_detail(&self) -> String {
         cstr_field(&self.secret_detail)
@@ -109,6 +119,7 @@ fn cstr_field(f: &[c_char]) -> String {
 
 extern "C" {
     fn ng_mock_scram_iterations() -> c_int;
+    fn ng_server_has_direct_tls() -> bool;
     fn ng_server_protocol(newest_minor: *mut c_int, max_cancel_key: *mut c_int);
     fn ng_port_sock() -> c_int;
     fn ng_recv_buffer_empty() -> bool;
@@ -129,6 +140,7 @@ extern "C" {
     fn ng_port_peer_pid(port: *mut c_void) -> c_int;
     fn ng_pooler_guard_stale_hba_contexts();
     fn ng_load_hba(err: *mut NgError) -> bool;
+    fn ng_check_usermap(usermap: *const c_char, pg_user: *const c_char, system_user: *const c_char, err: *mut NgError) -> c_int;
     fn ng_login_lookup(
         database: *const c_char,
         user: *const c_char,
@@ -152,6 +164,12 @@ pub fn server_protocol() -> nextgres_core::proto::ServerProtocol {
     let (mut minor, mut key) = (0, 4);
     unsafe { ng_server_protocol(&mut minor, &mut key) };
     nextgres_core::proto::ServerProtocol { newest_minor: minor as u16, max_cancel_key: key as usize }
+}
+
+/// The server built for takes direct TLS and answers ALPN `postgresql`
+/// (PostgreSQL 17+; see glue.c).
+pub fn server_has_direct_tls() -> bool {
+    unsafe { ng_server_has_direct_tls() }
 }
 
 /// Iterations of the server's mock SCRAM secret for roles without one (see
@@ -292,6 +310,20 @@ pub fn load_hba() -> Result<(), NgError> {
         Ok(())
     } else {
         Err(err)
+    }
+}
+
+/// The server's `check_usermap()` (hba.c) with the pg_ident.conf the
+/// pooler loaded: may `system_user` (a certificate's CN or DN) log in as
+/// `pg_user` under `usermap` (empty: only as itself)? The server LOGs why
+/// not. Err on an error raised inside (a bad regex, say).
+pub fn check_usermap(usermap: &str, pg_user: &str, system_user: &str) -> Result<bool, NgError> {
+    let mut err = NgError::new();
+    let (m, u, s) = (cstring(usermap), cstring(pg_user), cstring(system_user));
+    match unsafe { ng_check_usermap(m.as_ptr(), u.as_ptr(), s.as_ptr(), &mut err) } {
+        1 => Ok(true),
+        0 => Ok(false),
+        _ => Err(err),
     }
 }
 

@@ -1,7 +1,10 @@
 //! Client authentication in the pooler, by the server's own rules: the hba
 //! line for the client's real address, database and role decides the method;
 //! pg_authid holds the secret (VALID UNTIL honoured). Supported: trust,
-//! reject, password, md5, scram-sha-256. A successful exchange also yields
+//! reject, password, md5, scram-sha-256, cert, and `clientcert` on any of
+//! them (the client certificate rustls verified during the handshake, its
+//! name matched through pg_ident.conf by the server's own check_usermap()).
+//! A successful exchange also yields
 //! what the pool needs to log backends in as that role.
 use super::client::Phase;
 use super::worker::Pooler;
@@ -21,6 +24,8 @@ enum State {
 pub struct AuthSession {
     pub info: Box<NgLoginInfo>,
     state: State,
+    /// The client's TLS session; None for plaintext.
+    tls: Option<super::tls::Session>,
 }
 
 /// The result of one authentication step.
@@ -77,15 +82,21 @@ impl AuthSession {
             // iteration count as the server's mock secret.
             _ => ScramServer::new_mock_keyed(user, mock_key, glue::mock_scram_iterations(), &random::<18>()),
         };
-        self.state = State::SaslInitial(Box::new(server));
+        // On TLS, SCRAM-SHA-256-PLUS with tls-server-end-point binding to
+        // the certificate this client was shown (auth-scram.c).
+        let server = match self.tls.as_ref().and_then(|t| t.end_point.as_ref()) {
+            Some(h) => server.with_channel_binding(h.to_vec()),
+            None => server,
+        };
         let mut out = Vec::new();
-        proto::auth_sasl(&mut out, &[auth::SCRAM_SHA_256]);
+        proto::auth_sasl(&mut out, server.mechanisms());
+        self.state = State::SaslInitial(Box::new(server));
         Step::Continue(out)
     }
 
     /// Begins the exchange the hba line asks for.
-    /// `tls`: the client is on TLS (the server's "SSL encryption" in its
-    /// hba messages, auth.c ClientAuthentication()).
+    /// `tls`: the client's TLS session, None for plaintext (the server's
+    /// "SSL encryption" in its hba messages, auth.c ClientAuthentication()).
     /// `walsender`: a physical replication connection, which the server
     /// names so in its hba refusals (auth.c ClientAuthentication()).
     pub fn start(
@@ -94,23 +105,22 @@ impl AuthSession {
         database: &str,
         host: &str,
         mock_key: &[u8; 32],
-        tls: bool,
+        tls: Option<super::tls::Session>,
         walsender: bool,
     ) -> (Self, Step) {
-        let mut s = AuthSession { info, state: State::Cleartext };
-        let encryption = if tls { "SSL encryption" } else { "no encryption" };
+        let encryption = if tls.is_some() { "SSL encryption" } else { "no encryption" };
+        let mut s = AuthSession { info, state: State::Cleartext, tls };
         if s.info.hba_clientcert != 0 {
             // The server checks clientcert before the method (auth.c
-            // ClientAuthentication()). The pooler does not check client
-            // certificates yet, so it never has a valid one: refuse with the
-            // server's words for a client that sent none.
-            let mut f = fatal("28000", "connection requires a valid client certificate".to_string());
-            f.hint = Some(format!(
-                "Line {} of \"{}\" has clientcert; nextgres does not check client certificates yet.",
-                s.info.hba_line,
-                s.info.hba_file()
-            ));
-            return (s, Step::Fail(f));
+            // ClientAuthentication()); rustls has verified a certificate
+            // the client sent against ssl_ca_file during the handshake.
+            if !s.tls.as_ref().is_some_and(|t| t.ca_loaded) {
+                let f = fatal("F0000", "client certificates can only be checked if a root certificate store is available".into());
+                return (s, Step::Fail(f));
+            }
+            if s.tls.as_ref().and_then(|t| t.peer_cert.as_ref()).is_none() {
+                return (s, Step::Fail(fatal("28000", "connection requires a valid client certificate".into())));
+            }
         }
         let step = match s.info.method() {
             HbaMethod::ImplicitReject if walsender => {
@@ -135,7 +145,8 @@ impl AuthSession {
                 "28000",
                 format!("pg_hba.conf rejects connection for host \"{host}\", user \"{user}\", database \"{database}\", {encryption}"),
             )),
-            HbaMethod::Trust => Step::Done(Vec::new(), s.stored_md5_credential()),
+            // cert: as trust, then the certificate's name is checked below.
+            HbaMethod::Trust | HbaMethod::Cert => Step::Done(Vec::new(), s.stored_md5_credential()),
             HbaMethod::Password => {
                 let mut out = Vec::new();
                 proto::auth_cleartext(&mut out);
@@ -169,18 +180,80 @@ impl AuthSession {
                     format!("authentication method \"{}\" is not supported by nextgres", s.info.method_name()),
                 );
                 f.hint = Some(format!(
-                    "Line {} of \"{}\" applies to this connection; nextgres authenticates with scram-sha-256, md5, password, trust or reject.",
+                    "Line {} of \"{}\" applies to this connection; nextgres authenticates with scram-sha-256, md5, password, cert, trust or reject.",
                     s.info.hba_line,
                     s.info.hba_file()
                 ));
                 Step::Fail(f)
             }
         };
+        let step = s.cert_gate(user, step);
         (s, step)
+    }
+
+    /// After a successful method: the `cert` method and
+    /// `clientcert=verify-full` check the certificate's name (auth.c
+    /// ClientAuthentication() and CheckCertAuth()); a mismatch fails with
+    /// the method's own message (auth.c auth_failed()).
+    fn cert_gate(&self, user: &str, step: Step) -> Step {
+        let method = self.info.method();
+        if !matches!(step, Step::Done(..)) || !(self.info.hba_clientcert == 2 || method == HbaMethod::Cert) {
+            return step;
+        }
+        if self.cert_name_allowed(user) {
+            return step;
+        }
+        let failed = match method {
+            HbaMethod::Cert => fatal("28000", format!("certificate authentication failed for user \"{user}\"")),
+            HbaMethod::Trust => fatal("28000", format!("\"trust\" authentication failed for user \"{user}\"")),
+            _ => fatal("28P01", format!("password authentication failed for user \"{user}\"")),
+        };
+        log::info!("{}; connection matched pg_hba.conf line {}", failed.message, self.info.hba_line);
+        Step::Fail(failed)
+    }
+
+    /// auth.c CheckCertAuth(): the certificate's CN (or DN with
+    /// `clientname=DN`) through the line's `map=` (the server's own
+    /// check_usermap(), which LOGs a refusal), or equal to the user name
+    /// without one.
+    fn cert_name_allowed(&self, user: &str) -> bool {
+        let Some(der) = self.tls.as_ref().and_then(|t| t.peer_cert.as_ref()) else { return false };
+        let names = match nextgres_core::cert::subject_names(der) {
+            Ok(n) => n,
+            Err(e) => {
+                log::info!("certificate authentication failed for user \"{user}\": {e}");
+                return false;
+            }
+        };
+        let dn = self.info.hba_clientname_dn;
+        let name = if dn { Some(names.dn) } else { names.cn };
+        let Some(name) = name.filter(|n| !n.is_empty()) else {
+            log::info!("certificate authentication failed for user \"{user}\": client certificate contains no user name");
+            return false;
+        };
+        match crate::pg::loginmem::scoped(|| glue::check_usermap(&self.info.usermap(), user, &name)) {
+            Ok(true) => true,
+            Ok(false) => {
+                if self.info.hba_clientcert == 2 && self.info.method() != HbaMethod::Cert {
+                    let what = if dn { "DN" } else { "CN" };
+                    log::info!("certificate validation (clientcert=verify-full) failed for user \"{user}\": {what} mismatch");
+                }
+                false
+            }
+            Err(e) => {
+                log::warn!("pg_ident.conf check failed: {}", e.message());
+                false
+            }
+        }
     }
 
     /// Handles one client message during the exchange.
     pub fn on_message(&mut self, user: &str, tag: u8, body: &[u8]) -> Step {
+        let step = self.exchange(user, tag, body);
+        self.cert_gate(user, step)
+    }
+
+    fn exchange(&mut self, user: &str, tag: u8, body: &[u8]) -> Step {
         if tag != b'p' {
             return Step::Fail(fatal("08P01", format!("expected password response, got message type {tag}")));
         }
@@ -225,8 +298,8 @@ impl AuthSession {
                     Ok(x) => x,
                     Err(e) => return Step::Fail(e.to_fields("FATAL")),
                 };
-                if mech != auth::SCRAM_SHA_256 {
-                    return Step::Fail(fatal("08P01", "client selected an invalid SASL authentication mechanism".into()));
+                if let Err(e) = server.select_mechanism(mech) {
+                    return Step::Fail(scram_error(&e));
                 }
                 match server.client_first(data) {
                     Ok(first) => {
@@ -306,9 +379,13 @@ impl Pooler {
         // The relay fills this before any plaintext reaches the pooler.
         let tls = c.tls.as_ref().map(|i| i.get().cloned().unwrap_or_default());
         let on_tls = tls.is_some();
-        if let Some(t) = tls {
+        if let Some(t) = &tls {
             let row = c.row;
-            self.client_row_update(row, |r| crate::shmem::set_name(&mut r.tls, &t));
+            let subject = t.peer_cert.as_ref().and_then(|d| nextgres_core::cert::subject_names(d).ok()).map(|n| n.dn);
+            self.client_row_update(row, |r| {
+                crate::shmem::set_name(&mut r.tls, &t.desc);
+                crate::shmem::set_name(&mut r.client_cert, subject.as_deref().unwrap_or(""));
+            });
         }
         let info = match crate::pg::loginmem::scoped(|| glue::login_lookup(&database, &user, &storage, raw.len() as u32, on_tls, replication)) {
             Ok(i) => i,
@@ -318,7 +395,7 @@ impl Pooler {
             }
         };
         let mock_key = self.mock_key;
-        let (session, step) = AuthSession::start(info, &user, &database, &host, &mock_key, on_tls, walsender);
+        let (session, step) = AuthSession::start(info, &user, &database, &host, &mock_key, tls, walsender);
         if let Some(c) = self.client(key) {
             c.phase = Phase::Auth(Box::new(session));
         }

@@ -39,6 +39,13 @@ pub struct Client {
     /// On TLS: filled by the relay with the version and cipher once the
     /// handshake is done (before any plaintext reaches `stream`).
     pub tls: Option<super::tls::TlsInfo>,
+    /// A startup packet (SSLRequest, GSSENCRequest) was read: a first byte
+    /// 0x16 (direct TLS) is only looked for before that.
+    pub negotiated: bool,
+    /// On TLS, the server's (ssl_done, gss_done) of ProcessStartupPacket():
+    /// (true, true) after SSLRequest + 'S', (false, false) after direct TLS;
+    /// a request already done gets 0A000 "unsupported frontend protocol".
+    pub tls_negotiation: Option<(bool, bool)>,
     pub addr: SocketAddr,
     pub row: usize,
     pub id: u64,
@@ -85,6 +92,8 @@ impl Client {
         Client {
             stream,
             tls: None,
+            negotiated: false,
+            tls_negotiation: None,
             addr,
             row,
             id,
@@ -332,6 +341,26 @@ impl Pooler {
                 Ok(false) => return,
                 Err(_) => return self.client_close(key),
             }
+            if c.inbuf[0] == 0x16 && !c.negotiated && c.tls.is_none() && crate::pg::glue::server_has_direct_tls() {
+                // Direct TLS (PostgreSQL 17+ clients, sslnegotiation=direct):
+                // a TLS handshake record where a length would be; the server
+                // starts the handshake with no SSLRequest (backend_startup.c
+                // ProcessSSLStartup()), or closes without a reply when it
+                // has no TLS. Before 17 it is an invalid length (below).
+                let prefix = std::mem::take(&mut c.inbuf);
+                let addr = c.addr;
+                let Some(cfg) = self.tls.clone() else {
+                    log::info!("direct SSL connection rejected from {addr}: SSL is not enabled");
+                    return self.client_close(key);
+                };
+                let max = crate::settings::MAX_TLS_HANDSHAKES.get().max(1) as usize;
+                if super::tls::handshaking() >= max {
+                    // No protocol is spoken yet: close, as for an overload.
+                    log::info!("direct SSL connection rejected: nextgres.max_tls_handshakes ({max}) handshakes in progress");
+                    return self.client_close(key);
+                }
+                return self.client_start_tls(key, cfg, Some(prefix));
+            }
             let len = i32::from_be_bytes([c.inbuf[0], c.inbuf[1], c.inbuf[2], c.inbuf[3]]);
             if !(8..=(proto::startup::MAX_STARTUP_PACKET as i32 + 4)).contains(&len) {
                 // The server logs and closes without a reply for bad lengths.
@@ -346,6 +375,7 @@ impl Pooler {
             let packet_head: [u8; 8] = c.inbuf[..8].try_into().unwrap_or_default();
             let parsed = proto::parse_startup_for(&c.inbuf, &server);
             c.inbuf.clear();
+            c.negotiated = true;
             match parsed {
                 Ok(Some((req @ (StartupRequest::SslRequest | StartupRequest::GssEncRequest), _))) => {
                     // Bytes sent before our answer cannot be trusted (the
@@ -360,6 +390,20 @@ impl Pooler {
                         Ok(n) if n > 0
                     );
                     let already = c.tls.is_some();
+                    if let Some((ssl_done, gss_done)) = c.tls_negotiation {
+                        // Inside TLS, as backend_startup.c ProcessStartupPacket():
+                        // SSLRequest is answered 'N' ("no SSL negotiation if we
+                        // already have a direct SSL connection"), GSSENCRequest
+                        // 'N' (no GSS encryption); each only once: repeated, it
+                        // falls through to the protocol version check.
+                        let is_ssl = matches!(req, StartupRequest::SslRequest);
+                        if (is_ssl && ssl_done) || (!is_ssl && gss_done) {
+                            let code = if is_ssl { proto::SSL_REQUEST_CODE } else { proto::GSSENC_REQUEST_CODE };
+                            let e = proto::unsupported_protocol(code as u32, &server);
+                            return self.client_fatal(key, e.sqlstate, &e.message, e.hint.as_deref());
+                        }
+                        c.tls_negotiation = Some((ssl_done || is_ssl, gss_done || !is_ssl));
+                    }
                     let tls = match (&req, &self.tls) {
                         (StartupRequest::SslRequest, Some(cfg)) if !early && !already => Some(cfg.clone()),
                         _ => None,
@@ -371,14 +415,23 @@ impl Pooler {
                             let hint = format!("nextgres.max_tls_handshakes is {max}.");
                             return self.client_fatal(key, "53300", "sorry, too many clients already", Some(&hint));
                         }
-                        return self.client_start_tls(key, cfg);
+                        return self.client_start_tls(key, cfg, None);
                     }
                     let Some(c) = self.client(key) else { return };
                     // No GSS encryption (and no TLS with ssl = off): 'N' lets
                     // sslmode=prefer and gssencmode=prefer clients go on unencrypted.
                     c.send(b"N");
                     if early {
-                        return self.client_fatal(key, "08P01", "received unencrypted data after SSL request", None);
+                        // backend_startup.c ProcessStartupPacket(), both requests.
+                        let what = match req {
+                            StartupRequest::SslRequest => "SSL request",
+                            _ => "GSSAPI encryption request",
+                        };
+                        let mut f = fatal_fields("08P01", &format!("received unencrypted data after {what}"), None);
+                        f.detail = Some(
+                            "This could be either a client-software bug or evidence of an attempted man-in-the-middle attack.".into(),
+                        );
+                        return self.client_fatal_fields(key, &f);
                     }
                     continue;
                 }
@@ -403,11 +456,15 @@ impl Pooler {
 
     /// SSLRequest with TLS loaded: answer 'S', move the TCP socket to a relay
     /// thread and carry on with the pooler's end of a socketpair in its place.
-    fn client_start_tls(&mut self, key: usize, cfg: std::sync::Arc<rustls::ServerConfig>) {
+    /// `direct`: the bytes of a direct TLS handshake already read (no 'S';
+    /// the relay requires ALPN `postgresql`).
+    fn client_start_tls(&mut self, key: usize, cfg: std::sync::Arc<super::tls::Loaded>, direct: Option<Vec<u8>>) {
         let Some(Conn::Client(c)) = self.conns.get_mut(key) else { return };
-        c.send(b"S");
-        if !c.outbuf.is_empty() {
-            return self.client_close(key); // one byte on a fresh socket: only a broken one keeps it
+        if direct.is_none() {
+            c.send(b"S");
+            if !c.outbuf.is_empty() {
+                return self.client_close(key); // one byte on a fresh socket: only a broken one keeps it
+            }
         }
         let Ok((mine, relay_end)) = std::os::unix::net::UnixStream::pair() else {
             log::warn!("socketpair for a TLS client failed");
@@ -424,7 +481,8 @@ impl Pooler {
         let tcp = std::mem::replace(&mut c.stream, TcpStream::from(std::os::fd::OwnedFd::from(mine)));
         let info = super::tls::TlsInfo::default();
         c.tls = Some(info.clone());
-        if !super::tls::spawn_relay(cfg, tcp, relay_end, info) {
+        c.tls_negotiation = Some(if direct.is_some() { (false, false) } else { (true, true) });
+        if !super::tls::spawn_relay(&cfg, tcp, relay_end, info, direct) {
             log::warn!("could not start a TLS relay thread for {}", c.addr);
             return self.client_close(key);
         }

@@ -1,7 +1,8 @@
 //! TLS for clients on the pooler's port (issue 12, first step).
 //!
 //! * [`load`]: the server's own settings (`ssl`, `ssl_cert_file`,
-//!   `ssl_key_file`, `ssl_ca_file`, `ssl_min_protocol_version`,
+//!   `ssl_key_file`, `ssl_ca_file`, `ssl_crl_file`, `ssl_crl_dir`,
+//!   `ssl_min_protocol_version`,
 //!   `ssl_max_protocol_version`) as a rustls `ServerConfig` (crypto provider
 //!   ring), relative paths resolved against the data directory as the server
 //!   does (be-secure-openssl.c `be_tls_init()` opens them from the data
@@ -16,7 +17,7 @@
 //!   handled in the pooler's epoll loop, and the relay threads never call
 //!   into PostgreSQL (no logging, no palloc).
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use rustls::{RootCertStore, ServerConfig, ServerConnection};
 use std::io::{ErrorKind, Read, Write};
@@ -53,9 +54,36 @@ impl Drop for Handshake {
     }
 }
 
-/// What `nextgres.clients.tls` shows once the handshake is done, e.g.
-/// `TLSv1.3 TLS13_AES_256_GCM_SHA384`.
-pub type TlsInfo = Arc<OnceLock<String>>;
+/// What the relay learns from a client's finished handshake; set before
+/// any plaintext reaches the pooler.
+#[derive(Debug, Clone, Default)]
+pub struct Session {
+    /// What `nextgres.clients.tls` shows, e.g. `TLSv1.3 TLS13_AES_256_GCM_SHA384`.
+    pub desc: String,
+    /// `tls-server-end-point` channel binding data for the certificate
+    /// this client was shown; None when it has none (see [`Loaded`]).
+    pub end_point: Option<Arc<[u8]>>,
+    /// The client's certificate (DER), verified against `ssl_ca_file` by
+    /// rustls during the handshake; None when the client sent none.
+    pub peer_cert: Option<Vec<u8>>,
+    /// `ssl_ca_file` was loaded for this client's handshake (client
+    /// certificates asked for and verified).
+    pub ca_loaded: bool,
+}
+
+/// A client's TLS session once its handshake is done.
+pub type TlsInfo = Arc<OnceLock<Session>>;
+
+/// The server's TLS settings as the pooler serves them.
+pub struct Loaded {
+    pub config: Arc<ServerConfig>,
+    /// The `tls-server-end-point` hash of the server certificate
+    /// (`nextgres_core::cert::server_end_point`); None when its signature
+    /// algorithm has no hash (Ed25519): SCRAM-SHA-256-PLUS is then not offered.
+    pub end_point: Option<Arc<[u8]>>,
+    /// `ssl_ca_file` is set and loaded: client certificates are asked for.
+    pub ca_loaded: bool,
+}
 
 /// `ssl` is on in the current configuration.
 pub fn enabled() -> bool {
@@ -89,10 +117,10 @@ pub fn protocol_versions(min: &str, max: &str) -> Result<Vec<&'static rustls::Su
 
 /// The configuration the postmaster loaded in `_PG_init` when it decided
 /// to take the port with TLS; the pooler inherits it at fork.
-static STARTUP: OnceLock<Arc<ServerConfig>> = OnceLock::new();
+static STARTUP: OnceLock<Arc<Loaded>> = OnceLock::new();
 
 /// Postmaster: [`load`], keeping a loaded configuration for [`load_or_startup`].
-pub fn load_at_startup() -> Result<Option<Arc<ServerConfig>>, String> {
+pub fn load_at_startup() -> Result<Option<Arc<Loaded>>, String> {
     let r = load();
     if let Ok(Some(c)) = &r {
         let _ = STARTUP.set(c.clone());
@@ -105,7 +133,7 @@ pub fn load_at_startup() -> Result<Option<Arc<ServerConfig>>, String> {
 /// so a pooler restarted with a key it cannot read still serves TLS), with
 /// the reason in Err for a WARNING. Ok(None) only with `ssl = off`, or when
 /// the postmaster had none either.
-pub fn load_or_startup() -> (Option<Arc<ServerConfig>>, Option<String>) {
+pub fn load_or_startup() -> (Option<Arc<Loaded>>, Option<String>) {
     match load() {
         Ok(c) => (c, None),
         Err(e) => (STARTUP.get().cloned(), Some(e)),
@@ -114,7 +142,7 @@ pub fn load_or_startup() -> (Option<Arc<ServerConfig>>, Option<String>) {
 
 /// Loads the server's TLS settings. Ok(None) when `ssl = off`; Err(reason)
 /// when `ssl = on` but the certificate, key or CA cannot be used.
-pub fn load() -> Result<Option<Arc<ServerConfig>>, String> {
+pub fn load() -> Result<Option<Arc<Loaded>>, String> {
     if !enabled() {
         return Ok(None);
     }
@@ -123,7 +151,48 @@ pub fn load() -> Result<Option<Arc<ServerConfig>>, String> {
     let ca_file = path_setting(c"ssl_ca_file");
     let min = crate::pg::setting(c"ssl_min_protocol_version").unwrap_or_default();
     let max = crate::pg::setting(c"ssl_max_protocol_version").unwrap_or_default();
-    build(&cert_file, &key_file, ca_file.as_deref(), &min, &max).map(Some)
+    let crl_file = path_setting(c"ssl_crl_file");
+    let crl_dir = path_setting(c"ssl_crl_dir");
+    let crls = load_crls(crl_file.as_deref(), crl_dir.as_deref())?;
+    build(&cert_file, &key_file, ca_file.as_deref(), crls, &min, &max).map(Some)
+}
+
+/// The CRLs of `ssl_crl_file` (PEM, any number) and `ssl_crl_dir` (the
+/// server's OpenSSL looks up `HASH.rN` files there; the pooler reads every
+/// file named so, PEM, at load time).
+fn load_crls(
+    file: Option<&std::path::Path>,
+    dir: Option<&std::path::Path>,
+) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
+    let mut out = Vec::new();
+    let mut read = |p: &std::path::Path| -> Result<(), String> {
+        let crls = CertificateRevocationListDer::pem_file_iter(p)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("could not load SSL certificate revocation list file \"{}\": {e}", p.display()))?;
+        out.extend(crls);
+        Ok(())
+    };
+    if let Some(f) = file {
+        read(f)?;
+    }
+    if let Some(d) = dir {
+        let entries = std::fs::read_dir(d)
+            .map_err(|e| format!("could not load SSL certificate revocation list directory \"{}\": {e}", d.display()))?;
+        let mut names: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                matches!(n.split_once(".r"), Some((h, k)) if h.len() == 8
+                    && h.bytes().all(|b| b.is_ascii_hexdigit())
+                    && !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))
+            })
+            .collect();
+        names.sort();
+        for p in names {
+            read(&p)?;
+        }
+    }
+    Ok(out)
 }
 
 /// The rustls configuration from files and version bounds.
@@ -131,9 +200,10 @@ pub fn build(
     cert_file: &std::path::Path,
     key_file: &std::path::Path,
     ca_file: Option<&std::path::Path>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
     min: &str,
     max: &str,
-) -> Result<Arc<ServerConfig>, String> {
+) -> Result<Arc<Loaded>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
@@ -141,6 +211,7 @@ pub fn build(
     if certs.is_empty() {
         return Err(format!("could not load server certificate file \"{}\": no certificate in it", cert_file.display()));
     }
+    let end_point = nextgres_core::cert::server_end_point(&certs[0]).ok().map(Arc::from);
     let key = PrivateKeyDer::from_pem_file(key_file)
         .map_err(|e| format!("could not load private key file \"{}\": {e}", key_file.display()))?;
     let versions = protocol_versions(min, max)?;
@@ -158,8 +229,14 @@ pub fn build(
             for c in cas {
                 roots.add(c).map_err(|e| format!("could not load root certificate file \"{}\": {e}", ca.display()))?;
             }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .allow_unauthenticated()
+            // CRLs as the server sets them (X509_V_FLAG_CRL_CHECK |
+            // X509_V_FLAG_CRL_CHECK_ALL): every certificate of the chain,
+            // one whose issuer has no CRL fails, as does an expired CRL.
+            let mut verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).allow_unauthenticated();
+            if !crls.is_empty() {
+                verifier = verifier.with_crls(crls).enforce_revocation_expiration();
+            }
+            let verifier = verifier
                 .build()
                 .map_err(|e| format!("could not load root certificate file \"{}\": {e}", ca.display()))?;
             builder.with_client_cert_verifier(verifier)
@@ -173,17 +250,28 @@ pub fn build(
     // (be-secure-openssl.c: SSL_SESS_CACHE_OFF, SSL_OP_NO_TICKET).
     config.session_storage = Arc::new(NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
-    // PostgreSQL 17+ clients offer ALPN "postgresql"; answer it as the server does.
-    config.alpn_protocols = vec![b"postgresql".to_vec()];
-    Ok(Arc::new(config))
+    // PostgreSQL 17+ clients offer ALPN "postgresql"; answer it as the server
+    // does (a client offering only other protocols fails the handshake with
+    // no_application_protocol). 15 and 16 have no ALPN at all.
+    if crate::pg::glue::server_has_direct_tls() {
+        config.alpn_protocols = vec![b"postgresql".to_vec()];
+    }
+    Ok(Arc::new(Loaded { config: Arc::new(config), end_point, ca_loaded: ca_file.is_some() }))
 }
 
 /// Starts the relay for a client that was just answered 'S': `tcp` is the
 /// client's socket, `pair` the relay's end of the socketpair whose other end
 /// the pooler keeps. Returns false when no thread could be started.
-pub fn spawn_relay(config: Arc<ServerConfig>, tcp: TcpStream, pair: UnixStream, info: TlsInfo) -> bool {
+/// `direct`: the first bytes of a direct TLS handshake, already read from
+/// `tcp`; such a client must negotiate ALPN `postgresql` or is closed
+/// after the handshake, as the server closes it (backend_startup.c
+/// ProcessSSLStartup(): "received direct SSL connection request without
+/// ALPN protocol negotiation extension", logged only).
+pub fn spawn_relay(loaded: &Loaded, tcp: TcpStream, pair: UnixStream, info: TlsInfo, direct: Option<Vec<u8>>) -> bool {
     use nix::sys::signal::{SigSet, SigmaskHow};
-    let Ok(conn) = ServerConnection::new(config) else { return false };
+    let Ok(conn) = ServerConnection::new(loaded.config.clone()) else { return false };
+    let end_point = loaded.end_point.clone();
+    let ca_loaded = loaded.ca_loaded;
     // The server's signal handlers (SIGHUP, SIGTERM, SIGUSR1, ...) must run
     // on the pooler's own thread: the relay starts with every signal
     // blocked (a new thread inherits the mask), then the pooler's mask is
@@ -198,7 +286,7 @@ pub fn spawn_relay(config: Arc<ServerConfig>, tcp: TcpStream, pair: UnixStream, 
         .stack_size(1024 * 1024)
         .spawn(move || {
             // Never unwind into nothing: a panic here only ends this client.
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| relay(conn, tcp, pair, info, handshake)));
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| relay(conn, tcp, pair, info, handshake, end_point, ca_loaded, direct)));
         })
         .is_ok();
     let _ = old.thread_set_mask();
@@ -232,12 +320,37 @@ const CLOSE_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 /// pair only while rustls has nothing unsent (rustls holds at most 64 KiB
 /// of unsent TLS, anything beyond is refused), sends it, then close_notify
 /// and FIN, all within [`CLOSE_WITHIN`] of the close.
-fn relay(mut conn: ServerConnection, mut tcp: TcpStream, mut pair: UnixStream, info: TlsInfo, handshake: Handshake) {
+fn relay(
+    mut conn: ServerConnection,
+    mut tcp: TcpStream,
+    mut pair: UnixStream,
+    info: TlsInfo,
+    handshake: Handshake,
+    end_point: Option<Arc<[u8]>>,
+    ca_loaded: bool,
+    direct: Option<Vec<u8>>,
+) {
     let mut handshake = Some(handshake);
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use std::time::Instant;
     if tcp.set_nonblocking(true).is_err() || pair.set_nonblocking(true).is_err() {
         return;
+    }
+    let require_alpn = direct.is_some();
+    if let Some(prefix) = direct {
+        // The start of the ClientHello the pooler read looking for a length.
+        let mut rest = &prefix[..];
+        while !rest.is_empty() {
+            match conn.read_tls(&mut rest) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+        if conn.process_new_packets().is_err() {
+            let _ = conn.write_tls(&mut tcp);
+            return;
+        }
     }
     let mut to_pair: Vec<u8> = Vec::new();
     let mut buf = vec![0u8; 16 * 1024];
@@ -260,8 +373,14 @@ fn relay(mut conn: ServerConnection, mut tcp: TcpStream, mut pair: UnixStream, i
             }
         }
         if !conn.is_handshaking() && info.get().is_none() {
+            if require_alpn && conn.alpn_protocol() != Some(b"postgresql".as_slice()) {
+                // Direct TLS without ALPN: closed before any plaintext
+                // reaches the pooler (which then sees EOF).
+                return;
+            }
             // Before any plaintext reaches the pooler.
-            let _ = info.set(describe(&conn));
+            let peer_cert = conn.peer_certificates().and_then(|c| c.first()).map(|c| c.as_ref().to_vec());
+            let _ = info.set(Session { desc: describe(&conn), end_point: end_point.clone(), peer_cert, ca_loaded });
             drop(handshake.take()); // no longer counted in HANDSHAKING
         }
         if pair_eof {

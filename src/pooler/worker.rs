@@ -64,7 +64,7 @@ pub struct Pooler {
     pub stopping: bool,
     /// The server's TLS settings as loaded for new clients (`tls`); None:
     /// SSLRequest is answered 'N'.
-    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    pub tls: Option<std::sync::Arc<super::tls::Loaded>>,
     /// Databases a DROP DATABASE (or similar) is waiting on (see `drain`).
     pub draining: Vec<String>,
     pub last_janitor: Option<std::time::Instant>,

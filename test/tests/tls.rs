@@ -106,6 +106,25 @@ fn client_cert(pg: &Cluster, ca_name: &str, cn: &str) -> String {
     format!("sslcert={} sslkey={}", dir.join(crt).display(), dir.join(key).display())
 }
 
+/// Revokes `crt` (made by `client_cert` in the test directory) with the CA
+/// `ca_name` and writes that CA's CRL into the data directory as `crl`.
+fn revoke(pg: &Cluster, ca_name: &str, crt: &str, crl: &str) {
+    let dir = pg.dir().to_path_buf();
+    std::fs::write(dir.join(format!("{ca_name}-index.txt")), "").expect("index");
+    std::fs::write(dir.join(format!("{ca_name}-crlnumber")), "1000\n").expect("crlnumber");
+    let cnf = format!("{ca_name}-ca.cnf");
+    std::fs::write(
+        dir.join(&cnf),
+        format!("[ca]\ndefault_ca=d\n[d]\ndatabase={ca_name}-index.txt\ncrlnumber={ca_name}-crlnumber\ndefault_md=sha256\ndefault_crl_days=2\n"),
+    )
+    .expect("ca config");
+    let (key, cert) = (format!("{ca_name}-ca.key"), format!("{ca_name}-ca.crt"));
+    openssl(&["ca", "-config", &cnf, "-revoke", crt, "-keyfile", &key, "-cert", &cert], &dir);
+    let out = format!("{ca_name}.crl");
+    openssl(&["ca", "-config", &cnf, "-gencrl", "-keyfile", &key, "-cert", &cert, "-out", &out], &dir);
+    std::fs::copy(dir.join(out), pg.data_dir().join(crl)).expect("copy CRL");
+}
+
 /// Copies a certificate and key into `pg`'s data directory as `cert` and
 /// `cert` with `.key` for `.crt`.
 fn install_cert(pg: &Cluster, crt: &Path, key: &Path, cert: &str) {
@@ -838,6 +857,458 @@ fn a_restarted_pooler_that_cannot_load_the_key_keeps_the_startup_tls() {
             .unwrap_or_else(|e| panic!("TLS after a pooler restart with a key it cannot load: {e}"));
         assert_eq!(t.value("SELECT 1"), "1");
         assert_ne!(t.value(&of_client("tls")), "", "nextgres.clients.tls");
+    });
+}
+
+/// An ErrorResponse as `code message [detail]`.
+fn error_text(body: &[u8]) -> String {
+    let (mut code, mut message, mut detail) = (String::new(), String::new(), String::new());
+    for field in body.split(|&b| b == 0).filter(|f| !f.is_empty()) {
+        let v = String::from_utf8_lossy(&field[1..]).into_owned();
+        match field[0] {
+            b'C' => code = v,
+            b'M' => message = v,
+            b'D' => detail = format!(" [{v}]"),
+            _ => {}
+        }
+    }
+    format!("{code} {message}{detail}")
+}
+
+/// A raw SASL exchange over TLS, for what libpq never sends: SSLRequest,
+/// handshake, startup for `user`; returns the mechanisms of
+/// AuthenticationSASL and the answer to SASLInitialResponse(`mech`,
+/// `first`): `continue` or the error's `code message [detail]`.
+fn sasl_over_tls(port: u16, ca: &Path, user: &str, mech: &str, first: &[u8]) -> (Vec<String>, String) {
+    let mut s = tcp(port);
+    assert_eq!(ssl_request(&mut s), b'S');
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let conn = rustls::ClientConnection::new(client_config(ca), name).expect("client connection");
+    let mut t = rustls::StreamOwned::new(conn, s);
+    t.write_all(&nextgres_test::raw::startup_packet(user, "postgres")).expect("startup");
+    let (tag, body) = nextgres_test::raw::read_message(&mut t).expect("authentication request");
+    assert_eq!((tag, &body[..4]), (b'R', &[0, 0, 0, 10][..]), "AuthenticationSASL expected: {}", error_text(&body));
+    let mechs: Vec<String> =
+        body[4..].split(|&b| b == 0).filter(|m| !m.is_empty()).map(|m| String::from_utf8_lossy(m).into_owned()).collect();
+    let mut m = vec![b'p'];
+    let len = 4 + mech.len() + 1 + 4 + first.len();
+    m.extend_from_slice(&(len as i32).to_be_bytes());
+    m.extend_from_slice(mech.as_bytes());
+    m.push(0);
+    m.extend_from_slice(&(first.len() as i32).to_be_bytes());
+    m.extend_from_slice(first);
+    t.write_all(&m).expect("SASLInitialResponse");
+    let answer = match nextgres_test::raw::read_message(&mut t) {
+        Ok((b'R', b)) if b.get(..4) == Some(&[0, 0, 0, 11]) => "continue".to_string(),
+        Ok((b'E', b)) => error_text(&b),
+        other => format!("{other:?}"),
+    };
+    (mechs, answer)
+}
+
+/// Acceptance 2 (channel binding): on TLS the pooler offers
+/// SCRAM-SHA-256-PLUS and SCRAM-SHA-256 as the server does, and binds to
+/// the certificate the client was shown (`tls-server-end-point`): libpq's
+/// `channel_binding=require`, `prefer` and `disable` with `sslmode=require`
+/// and `disable` end as on a cluster whose server does TLS itself; a
+/// client that could bind but says the server cannot ('y' flag: a
+/// stripped PLUS) is refused with the server's 28000, and the other gs2
+/// header rules give the server's errors.
+#[test]
+fn scram_channel_binding_as_the_server() {
+    let pooled = Arc::new(Cluster::builder().label("pooled").start());
+    if skip(&pooled) {
+        return;
+    }
+    let direct = Cluster::builder().label("direct").preload(false).start();
+    setup(&pooled);
+    pooled.run_bounded(TEST_LIMIT, move |pooled| {
+        let hba = "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n";
+        let mut cas = Vec::new();
+        for pg in [pooled, &direct] {
+            cas.push(make_certs(pg, "one", "server.crt"));
+            pg.admin().batch_execute("SET password_encryption = 'scram-sha-256'; CREATE ROLE alice LOGIN PASSWORD 'secret'").expect("role");
+            pg.append_conf("ssl = on").expect("conf");
+            pg.set_hba(hba).expect("hba");
+            pg.restart().expect("restart with ssl = on");
+        }
+        assert!(wait_until(SETTLE, || pooler_pid(pooled).is_some()), "no pooler after the restart");
+        let outcome = |pg: &Cluster, extra: &str| -> String {
+            let conn = pg.tcp("alice", "postgres").maybe_password(Some("secret"));
+            let out = psql_cs(pg, &conn, extra, &["SELECT current_user"]);
+            if out.success() {
+                return format!("ok {}", out.stdout.trim());
+            }
+            // The FATAL, or libpq's own reason without its "connection to
+            // server at ..., port N failed:" prefix (the ports differ).
+            let err = out.stderr.lines().find_map(|l| {
+                l.split_once("FATAL:").or_else(|| l.split_once(" failed: ")).map(|(_, m)| m.trim().to_string())
+            });
+            format!("failed {}", err.unwrap_or_else(|| out.stderr.clone()))
+        };
+        let mut seen = Vec::new();
+        for ssl in ["require", "disable"] {
+            for cb in ["require", "prefer", "disable"] {
+                let extra = format!("sslmode={ssl} channel_binding={cb}");
+                let (d, p) = (outcome(&direct, &extra), outcome(pooled, &extra));
+                assert_eq!(p, d, "{extra}: through the pooler vs the server");
+                seen.push(format!("{extra}: {d}"));
+            }
+        }
+        eprintln!("{}", seen.join("\n"));
+        assert!(seen.contains(&"sslmode=require channel_binding=require: ok alice".to_string()), "{seen:?}");
+        assert!(admin_i64(pooled, "SELECT count(*) FROM nextgres.backends") >= 1, "nobody was pooled");
+
+        // The gs2 header rules, raw: same mechanisms, same answers.
+        let nonce = "r=abcdefghijklmnopqrstuvwx";
+        let probes: Vec<(&str, String)> = vec![
+            ("SCRAM-SHA-256", format!("y,,n=,{nonce}")),
+            ("SCRAM-SHA-256", format!("n,,n=,{nonce}")),
+            ("SCRAM-SHA-256", format!("p=tls-server-end-point,,n=,{nonce}")),
+            ("SCRAM-SHA-256-PLUS", format!("n,,n=,{nonce}")),
+            ("SCRAM-SHA-256-PLUS", format!("y,,n=,{nonce}")),
+            ("SCRAM-SHA-256-PLUS", format!("p=tls-unique,,n=,{nonce}")),
+            ("SCRAM-SHA-256-PLUS", format!("p=tls-server-end-point,,n=,{nonce}")),
+            ("SCRAM-SHA-1", format!("n,,n=,{nonce}")),
+        ];
+        for (mech, first) in &probes {
+            let d = sasl_over_tls(direct.port(), &cas[1], "alice", mech, first.as_bytes());
+            let p = sasl_over_tls(pooled.port(), &cas[0], "alice", mech, first.as_bytes());
+            assert_eq!(p, d, "{mech} {first}: through the pooler vs the server");
+            eprintln!("{mech} {first}: {d:?}");
+        }
+        let (mechs, y) = sasl_over_tls(pooled.port(), &cas[0], "alice", "SCRAM-SHA-256", format!("y,,n=,{nonce}").as_bytes());
+        assert_eq!(mechs, ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]);
+        assert!(y.starts_with("28000 SCRAM channel binding negotiation error"), "{y}");
+    });
+}
+
+/// Acceptance 2 (client certificates): with `ssl_ca_file`, `cert` lines
+/// (the CN, `map=` through pg_ident.conf, `clientname=DN`) and
+/// `clientcert=verify-ca` / `verify-full` on trust and scram-sha-256 lines
+/// decide exactly as on a cluster whose server does TLS itself, for no
+/// certificate, the right one, one for another user and one from another
+/// CA: the same success or the same FATAL / libpq reason; with
+/// `ssl_crl_file` (after a reload) a revoked certificate fails as on the
+/// server. `nextgres.clients.client_cert` shows the subject of a pooled client's
+/// certificate.
+#[test]
+fn client_certificates_decide_as_the_server() {
+    let pooled = Arc::new(Cluster::builder().label("pooled").start());
+    if skip(&pooled) {
+        return;
+    }
+    let direct = Cluster::builder().label("direct").preload(false).start();
+    setup(&pooled);
+    pooled.run_bounded(TEST_LIMIT, move |pooled| {
+        let hba = "local all all trust\n\
+                   hostssl all certuser 127.0.0.1/32 cert\n\
+                   hostssl all mapuser 127.0.0.1/32 cert map=m\n\
+                   hostssl all dnuser 127.0.0.1/32 cert clientname=DN map=dn\n\
+                   hostssl all vfull 127.0.0.1/32 trust clientcert=verify-full\n\
+                   hostssl all vca 127.0.0.1/32 trust clientcert=verify-ca\n\
+                   hostssl all pwfull 127.0.0.1/32 scram-sha-256 clientcert=verify-full\n\
+                   host all postgres 127.0.0.1/32 trust\n";
+        let ident = "m alice mapuser\ndn \"CN=alice\" dnuser\n";
+        let roles = ["certuser", "mapuser", "dnuser", "vfull", "vca", "pwfull"];
+        let names = ["certuser", "alice", "vfull", "pwfull"];
+        // Per cluster (each has its own CAs): label -> libpq sslcert/sslkey.
+        let mut certs: Vec<Vec<(String, String)>> = Vec::new();
+        for pg in [pooled, &direct] {
+            make_certs(pg, "one", "server.crt");
+            make_certs(pg, "two", "unused.crt");
+            let mut mine = vec![("none".to_string(), String::new())];
+            for n in names {
+                mine.push((n.to_string(), client_cert(pg, "one", n)));
+            }
+            mine.push(("certuser from another CA".to_string(), client_cert(pg, "two", "certuser")));
+            certs.push(mine);
+            for r in roles {
+                pg.admin().batch_execute(&format!("SET password_encryption = 'scram-sha-256'; CREATE ROLE {r} LOGIN PASSWORD 'secret'")).expect("role");
+            }
+            std::fs::copy(pg.dir().join("one-ca.crt"), pg.data_dir().join("root.crt")).expect("copy CA");
+            std::fs::write(pg.data_dir().join("pg_ident.conf"), ident).expect("pg_ident.conf");
+            pg.append_conf("ssl = on").expect("conf");
+            pg.append_conf("ssl_ca_file = 'root.crt'").expect("conf");
+            pg.set_hba(hba).expect("hba");
+            pg.restart().expect("restart with ssl = on");
+        }
+        assert!(wait_until(SETTLE, || pooler_pid(pooled).is_some()), "no pooler after the restart");
+        let outcome = |pg: &Cluster, role: &str, extra: &str| -> String {
+            let conn = pg.tcp(role, "postgres").maybe_password(Some("secret"));
+            let out = psql_cs(pg, &conn, &format!("sslmode=require {extra}"), &["SELECT current_user"]);
+            if out.success() {
+                return format!("ok {}", out.stdout.trim());
+            }
+            let err = out.stderr.lines().find_map(|l| {
+                l.split_once("FATAL:").or_else(|| l.split_once(" failed: ")).map(|(_, m)| m.trim().to_string())
+            });
+            format!("failed {}", err.unwrap_or_else(|| out.stderr.clone()))
+        };
+        let mut seen = Vec::new();
+        for role in roles {
+            for (i, (label, _)) in certs[0].iter().enumerate() {
+                let d = outcome(&direct, role, &certs[1][i].1);
+                let p = outcome(pooled, role, &certs[0][i].1);
+                assert_eq!(p, d, "role {role}, client certificate {label}: through the pooler vs the server");
+                seen.push(format!("{role} / {label}: {d}"));
+            }
+        }
+        eprintln!("{}", seen.join("\n"));
+        for want in [
+            "certuser / certuser: ok certuser",
+            "certuser / alice: failed certificate authentication failed for user \"certuser\"",
+            "certuser / none: failed connection requires a valid client certificate",
+            "mapuser / alice: ok mapuser",
+            "dnuser / alice: ok dnuser",
+            "vfull / vfull: ok vfull",
+            "vfull / alice: failed \"trust\" authentication failed for user \"vfull\"",
+            "vca / alice: ok vca",
+            "pwfull / pwfull: ok pwfull",
+        ] {
+            assert!(seen.iter().any(|s| s == want), "{want} not seen:\n{}", seen.join("\n"));
+        }
+        assert!(seen.iter().any(|s| s.starts_with("vca / certuser from another CA: failed") && s.contains("unknown ca")), "{seen:?}");
+        // ssl_crl_file + reload: a revoked client certificate fails the
+        // handshake, another from the same CA still works, on both.
+        for pg in [pooled, &direct] {
+            revoke(pg, "one", "client-one-vfull.crt", "root.crl");
+            pg.append_conf("ssl_crl_file = 'root.crl'").expect("conf");
+            pg.reload().expect("reload");
+        }
+        assert!(
+            wait_until(SETTLE, || outcome(pooled, "vca", &certs[0][3].1).starts_with("failed")),
+            "a revoked certificate still accepted after ssl_crl_file and a reload"
+        );
+        assert!(wait_until(SETTLE, || outcome(&direct, "vca", &certs[1][3].1).starts_with("failed")), "server reload");
+        for (i, label) in [(2, "alice"), (3, "vfull (revoked)")] {
+            let (d, p) = (outcome(&direct, "vca", &certs[1][i].1), outcome(pooled, "vca", &certs[0][i].1));
+            eprintln!("with ssl_crl_file, vca / {label}: {d}");
+            assert_eq!(p, d, "with ssl_crl_file, role vca, client certificate {label}: through the pooler vs the server");
+        }
+        assert!(outcome(pooled, "vca", &certs[0][3].1).contains("revoked"), "not refused as revoked");
+
+        // The subject of a pooled client's certificate.
+        let conn = pooled.tcp("postgres", "postgres");
+        let out = psql_cs(pooled, &conn, &format!("sslmode=require {}", certs[0][2].1), &[&of_client("client_cert")]);
+        assert_eq!(out.stdout.trim(), "CN=alice", "{out}");
+        let out = psql_cs(pooled, &conn, "sslmode=require", &[&of_client("client_cert IS NULL")]);
+        assert_eq!(out.stdout.trim(), "t", "{out}");
+    });
+}
+
+/// A client config like [`client_config`] offering `alpn` (none when empty).
+fn client_config_alpn(ca: &Path, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let mut c = (*client_config(ca)).clone();
+    c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(c)
+}
+
+/// What a server does with a TLS client: `direct` starts the handshake
+/// with no SSLRequest; `alpn` is what the client offers; after the
+/// handshake `then` is sent and the answer described: `closed`, `N`,
+/// `S`, the first message's tag, or an error's `code message`. A failed
+/// handshake is `handshake failed: <rustls error>`.
+fn tls_probe(port: u16, ca: &Path, direct: bool, alpn: &[&[u8]], then: &[&[u8]]) -> String {
+    let mut s = tcp(port);
+    if !direct {
+        assert_eq!(ssl_request(&mut s), b'S');
+    }
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let conn = rustls::ClientConnection::new(client_config_alpn(ca, alpn), name).expect("client connection");
+    let mut t = rustls::StreamOwned::new(conn, s);
+    while t.conn.is_handshaking() {
+        if let Err(e) = t.conn.complete_io(&mut t.sock) {
+            return format!("handshake failed: {e}");
+        }
+    }
+    let alpn_got = t.conn.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned());
+    // Each packet of `then` in turn, one answer read after each but the
+    // last; after the last every answer up to the close (or the first
+    // authentication request).
+    let mut got = Vec::new();
+    for (i, packet) in then.iter().enumerate() {
+        if t.write_all(packet).and_then(|_| t.flush()).is_err() {
+            got.push("closed".to_string());
+            break;
+        }
+        if i + 1 == then.len() {
+            break;
+        }
+        let mut b = [0u8; 1];
+        match t.read(&mut b) {
+            Ok(1) if b[0] == b'N' => got.push("N".into()),
+            Ok(1) => got.push(format!("{:?}", b[0] as char)),
+            _ => got.push("closed".into()),
+        }
+    }
+    loop {
+        let mut first = [0u8; 1];
+        match t.read(&mut first) {
+            Ok(0) | Err(_) => {
+                got.push("closed".to_string());
+                break;
+            }
+            Ok(_) if first[0] == b'E' => {
+                let mut len = [0u8; 4];
+                if t.read_exact(&mut len).is_err() {
+                    got.push("E cut short".into());
+                    break;
+                }
+                let mut body = vec![0u8; (i32::from_be_bytes(len).max(4) - 4) as usize];
+                if t.read_exact(&mut body).is_err() {
+                    got.push("E cut short".into());
+                    break;
+                }
+                got.push(error_text(&body));
+            }
+            Ok(_) if first[0] == b'N' => got.push("N".into()),
+            Ok(_) => {
+                got.push((first[0] as char).to_string());
+                break;
+            }
+        }
+    }
+    let got = got.join(", ");
+    format!("alpn {alpn_got:?}, {got}")
+}
+
+/// Direct TLS (`sslnegotiation=direct`, PostgreSQL 17+ clients): psql
+/// connects through the pooler with it and lands on a pooled backend (17+;
+/// on 15 and 16 a direct handshake is refused as by that server); a
+/// direct handshake without ALPN, one offering only another protocol
+/// (direct and after SSLRequest), and GSSENCRequest or SSLRequest sent
+/// inside direct TLS end as on a cluster whose server does TLS itself.
+#[test]
+fn direct_tls_as_the_server() {
+    let pooled = Arc::new(Cluster::builder().label("pooled").start());
+    if skip(&pooled) {
+        return;
+    }
+    let direct = Cluster::builder().label("direct").preload(false).start();
+    setup(&pooled);
+    pooled.run_bounded(TEST_LIMIT, move |pooled| {
+        let mut cas = Vec::new();
+        for pg in [pooled, &direct] {
+            cas.push(ssl_on(pg));
+        }
+        assert!(wait_until(SETTLE, || pooler_pid(pooled).is_some()), "no pooler after the restart");
+        // Direct TLS came with 17 (server and libpq); before, a first byte
+        // 0x16 is an invalid startup length on both (the probes below).
+        let has_direct = pooled.pg_major() >= 17;
+        if has_direct {
+            let conn = pooled.tcp("postgres", "postgres");
+            let root = format!("sslrootcert={}", cas[0].display());
+            let out = psql_cs(
+                pooled,
+                &conn,
+                &format!("sslmode=verify-full sslnegotiation=direct {root}"),
+                &[&of_client("tls IS NOT NULL"), "SELECT count(*) > 0 FROM nextgres.backends WHERE pid = pg_backend_pid()"],
+            );
+            assert_eq!(out.stdout.trim(), "t\nt", "sslnegotiation=direct through the pooler:\n{out}\n{}", out.stderr);
+        }
+        let gss = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30];
+        let ssl = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+        let startup = nextgres_test::raw::startup_packet("postgres", "postgres");
+        let pg: &[u8] = b"postgresql";
+        let (gss_startup, ssl_startup) = ([&gss[..], &startup].concat(), [&ssl[..], &startup].concat());
+        let cases: Vec<(&str, bool, Vec<&[u8]>, Vec<&[u8]>)> = vec![
+            ("direct, ALPN postgresql, startup", true, vec![pg], vec![&startup]),
+            ("direct, no ALPN, startup", true, vec![], vec![&startup]),
+            ("direct, ALPN other", true, vec![b"http/1.1"], vec![&startup]),
+            ("SSLRequest, ALPN other", false, vec![b"http/1.1"], vec![&startup]),
+            ("SSLRequest, no ALPN, startup", false, vec![], vec![&startup]),
+            ("direct, GSSENCRequest, startup", true, vec![pg], vec![&gss, &startup]),
+            ("direct, SSLRequest, startup", true, vec![pg], vec![&ssl, &startup]),
+            ("direct, GSSENCRequest twice", true, vec![pg], vec![&gss, &gss]),
+            ("direct, SSLRequest twice", true, vec![pg], vec![&ssl, &ssl]),
+            ("direct, SSLRequest, GSSENCRequest, SSLRequest", true, vec![pg], vec![&ssl, &gss, &ssl]),
+            ("direct, GSSENCRequest with startup pipelined", true, vec![pg], vec![&gss_startup]),
+            ("direct, SSLRequest with startup pipelined", true, vec![pg], vec![&ssl_startup]),
+            ("SSLRequest, GSSENCRequest", false, vec![pg], vec![&gss]),
+            ("SSLRequest, SSLRequest", false, vec![pg], vec![&ssl]),
+        ];
+        let mut seen = Vec::new();
+        for (label, is_direct, alpn, then) in &cases {
+            let d = tls_probe(direct.port(), &cas[1], *is_direct, alpn, then);
+            let p = tls_probe(pooled.port(), &cas[0], *is_direct, alpn, then);
+            seen.push(format!("{label}: {d}"));
+            if p != d {
+                seen.push(format!("  MISMATCH, through the pooler: {p}"));
+            }
+        }
+        eprintln!("{}", seen.join("\n"));
+        assert!(!seen.iter().any(|s| s.contains("MISMATCH")), "through the pooler vs the server:\n{}", seen.join("\n"));
+        assert_eq!(seen[0].ends_with(", R"), has_direct, "{seen:?}");
+    });
+}
+
+/// Acceptance 3 over TLS, in part: pipelining (pgbench `\startpipeline`,
+/// extended protocol, 4 TLS clients over one pooled backend), session
+/// state that moves with a TLS client and does not leak (SET and PREPARE
+/// of a TLS client, absent for a plaintext client on the same backend,
+/// present again for the TLS client on that backend and, after
+/// `nextgres.reconnect()`, on a new backend pid), and LISTEN/NOTIFY
+/// delivered through the relay.
+#[test]
+fn pipelining_session_state_and_notify_over_tls() {
+    with_tls_server(Cluster::builder().conf("nextgres.pool_size = 1"), |pg, ca, _pooler| {
+        pg.admin().batch_execute("CREATE TABLE pipe (client int, v int)").expect("table");
+        let script = pg.dir().join("tls_pipeline.sql");
+        // The division fails for a client that is not on TLS.
+        std::fs::write(
+            &script,
+            "\\set v random(1, 1000)\n\
+             \\startpipeline\n\
+             INSERT INTO pipe VALUES (:client_id, :v);\n\
+             INSERT INTO pipe VALUES (:client_id, :v + 1);\n\
+             SELECT 1 / (SELECT count(*) FROM nextgres.clients WHERE client_port = inet_client_port() AND tls IS NOT NULL)::int;\n\
+             \\endpipeline\n",
+        )
+        .expect("script");
+        // pgbench's sslmode is the default (prefer): TLS here.
+        let conn = pg.tcp("postgres", "postgres");
+        let out = pg.pgbench(&conn, &["-n", "-M", "extended", "-c", "4", "-j", "2", "-t", "25", "-f", &script.to_string_lossy()]);
+        assert!(out.success(), "pgbench pipeline over TLS:\n{out}");
+        assert_eq!(admin_i64(pg, "SELECT count(*) FROM pipe"), 200, "{out}");
+        assert_eq!(admin_i64(pg, "SELECT count(DISTINCT client) FROM pipe"), 4);
+
+        // Session state of a TLS client moves with it, and only with it.
+        let mut t = TlsRaw::connect(pg.port(), &ca, "postgres", "postgres").expect("TLS login");
+        t.send_query("SET work_mem = '7MB'; PREPARE p AS SELECT 42");
+        t.until_ready().expect("SET and PREPARE");
+        let pid_tls = t.value("SELECT pg_backend_pid()");
+        let plain = psql_cs(
+            pg,
+            &conn,
+            "sslmode=disable",
+            &["SELECT pg_backend_pid()", "SHOW work_mem", "SELECT count(*) FROM pg_prepared_statements"],
+        );
+        assert!(plain.success(), "{plain}");
+        let lines: Vec<&str> = plain.stdout.lines().collect();
+        assert_eq!(lines[0], pid_tls, "pool_size 1: the plaintext client on the TLS client's backend");
+        assert_eq!(&lines[1..], ["4MB", "0"], "the TLS client's SET or PREPARE leaked to a plaintext client");
+        assert_eq!(t.value("SHOW work_mem"), "7MB");
+        assert_eq!(t.value("EXECUTE p"), "42");
+        t.value("SELECT nextgres.reconnect(current_database(), current_user)::text");
+        let pid_after = t.value("SELECT pg_backend_pid()");
+        assert_ne!(pid_after, pid_tls, "the TLS client's next transaction on the same backend after reconnect");
+        assert_eq!(t.value("SHOW work_mem"), "7MB", "SET lost on the new backend");
+        assert_eq!(t.value("EXECUTE p"), "42", "PREPARE lost on the new backend");
+
+        // LISTEN/NOTIFY through the relay.
+        t.send_query("LISTEN tls_channel");
+        t.until_ready().expect("LISTEN");
+        pg.admin().batch_execute("NOTIFY tls_channel, 'over tls'").expect("NOTIFY");
+        let payload = loop {
+            let (tag, body) = t.read_msg().expect("NotificationResponse within the read timeout");
+            if tag == b'A' {
+                let fields: Vec<String> = body[4..].split(|&b| b == 0).map(|f| String::from_utf8_lossy(f).into_owned()).collect();
+                break (fields[0].clone(), fields[1].clone());
+            }
+        };
+        assert_eq!(payload, ("tls_channel".to_string(), "over tls".to_string()));
+        assert_eq!(t.value("SELECT 'still served'"), "still served");
     });
 }
 

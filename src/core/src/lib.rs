@@ -16,3 +16,4 @@ pub mod control;
 pub mod pool;
 pub mod poolconf;
 pub mod tls;
+pub mod cert;

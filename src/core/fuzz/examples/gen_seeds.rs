@@ -111,6 +111,10 @@ fn scram() {
 
     write("scram", "0_server_exchange", &cat(&[&[0], &cfirst, &[0], &cfinal]));
     write("scram", "0_server_y_flag", &cat(&[&[0], b"y,,n=,r=abc,x=ext", &[0], b"c=eSws,r=abc,x=1,p=AAAA"]));
+    // Mode byte 0x30: the client on TLS (binding data [0x30; 32]) selecting
+    // SCRAM-SHA-256-PLUS; 0x10: on TLS with plain SCRAM (flag y refused).
+    write("scram", "0_server_plus", &cat(&[&[0x30], b"p=tls-server-end-point,,n=,r=abc", &[0], b"c=cD10bHMtc2VydmVyLWVuZC1wb2ludCwsMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDA=,r=abc,p=AAAA"]));
+    write("scram", "0_server_tls_y_flag", &cat(&[&[0x10], b"y,,n=,r=abc", &[0], b"c=eSws,r=abc,p=AAAA"]));
     write("scram", "1_server_final", &cat(&[&[1], &cfinal]));
     write("scram", "2_server_final_edits", &[2, 0, 60, b'X', 3, 80, 0]);
     write("scram", "3_client_exchange", &cat(&[&[3], &sfirst, &[0], &sfinal]));

@@ -148,10 +148,23 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     match mode % 8 {
-        // Server: arbitrary client-first, then arbitrary client-final.
+        // Server: arbitrary client-first, then arbitrary client-final; the
+        // high bits of the mode byte put the client on TLS (PLUS offered)
+        // and pick the mechanism it selects.
         0 => {
             let (first, fin) = split(rest);
             let mut s = server();
+            if mode & 0x10 != 0 {
+                s = s.with_channel_binding(vec![mode; 32]);
+                assert_eq!(s.mechanisms().len(), 2);
+            }
+            let mech = if mode & 0x20 != 0 { auth::SCRAM_SHA_256_PLUS } else { auth::SCRAM_SHA_256 };
+            if s.select_mechanism(mech).is_err() {
+                // PLUS without TLS: refused, and the exchange is over.
+                assert!(mode & 0x10 == 0 && mode & 0x20 != 0);
+                assert!(s.client_first(first).is_err());
+                return;
+            }
             match s.client_first(first) {
                 Ok(sf) => {
                     assert!(sf.starts_with(b"r="));

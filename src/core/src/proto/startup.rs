@@ -178,6 +178,20 @@ pub fn parse_startup_for(
     Ok(Some((req, len)))
 }
 
+/// 0A000 `unsupported frontend protocol M.m: server supports 3.0 to 3.N`
+/// for a version word the server does not take as a protocol version; also
+/// what the server answers an SSLRequest or GSSENCRequest once that
+/// negotiation is done (backend_startup.c ProcessStartupPacket(): the code
+/// falls through to the version check), e.g. `1234.5680` for a
+/// GSSENCRequest inside a TLS session begun with SSLRequest.
+pub fn unsupported_protocol(code: u32, server: &ServerProtocol) -> ProtoError {
+    let (major, minor) = ((code >> 16) as u16, (code & 0xffff) as u16);
+    ProtoError::new(
+        FEATURE_NOT_SUPPORTED,
+        format!("unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.{}", server.newest_minor),
+    )
+}
+
 /// Decodes a StartupMessage body (starting at the version word).
 fn parse_startup_message(
     code: i32,
@@ -188,13 +202,7 @@ fn parse_startup_message(
     let code = code as u32;
     let (major, minor) = ((code >> 16) as u16, (code & 0xffff) as u16);
     if major != 3 {
-        return Err(ProtoError::new(
-            FEATURE_NOT_SUPPORTED,
-            format!(
-                "unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.{}",
-                server.newest_minor
-            ),
-        ));
+        return Err(unsupported_protocol(code, server));
     }
 
     // name\0value\0 ... \0 ; the first empty name is the terminator, which

@@ -1,7 +1,9 @@
 //! SCRAM-SHA-256 (RFC 5802 / RFC 7677) the way PostgreSQL uses it: the
-//! username in client-first is ignored (the startup packet's user counts),
-//! no channel binding (the pooler has no TLS), and the only mechanism
-//! offered is `SCRAM-SHA-256`.
+//! username in client-first is ignored (the startup packet's user counts).
+//! The server side offers `SCRAM-SHA-256-PLUS` with `tls-server-end-point`
+//! channel binding when the client is on TLS (auth-scram.c), and
+//! `SCRAM-SHA-256`; the client side (pool logins over the Unix socket) never
+//! binds.
 //!
 //! This module holds the shared primitives and the error type; the
 //! exchanges live in [`server`] and [`client`], message syntax in `attr`.
@@ -27,6 +29,10 @@ use zeroize::Key32;
 
 /// The SASL mechanism name.
 pub const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
+/// The SASL mechanism name with channel binding (RFC 7677).
+pub const SCRAM_SHA_256_PLUS: &str = "SCRAM-SHA-256-PLUS";
+/// The only channel binding type the server supports.
+pub const TLS_SERVER_END_POINT: &str = "tls-server-end-point";
 /// Salt length the server uses for new secrets.
 pub const DEFAULT_SALT_LEN: usize = 16;
 /// The server's default `scram_sha_256_iterations`.
@@ -44,6 +50,16 @@ pub enum ScramError {
     NonceMismatch,
     /// Channel-binding flag or data not acceptable; the string is the message.
     ChannelBinding(String),
+    /// Refused with SQLSTATE 28000 (invalid authorization specification),
+    /// as the server refuses a downgrade (`SCRAM channel binding
+    /// negotiation error`) or wrong binding data (`SCRAM channel binding
+    /// check failed`).
+    Refused {
+        /// The primary message.
+        message: String,
+        /// The detail line, if any.
+        detail: Option<String>,
+    },
 }
 
 impl ScramError {
@@ -55,6 +71,7 @@ impl ScramError {
     pub fn sqlstate(&self) -> &'static str {
         match self {
             ScramError::BadProof => "28P01",
+            ScramError::Refused { .. } => "28000",
             _ => "08P01",
         }
     }
@@ -67,6 +84,7 @@ impl ScramError {
             ScramError::BadProof => "password authentication failed".to_string(),
             ScramError::NonceMismatch => "invalid SCRAM response".to_string(),
             ScramError::ChannelBinding(m) => m.clone(),
+            ScramError::Refused { message, .. } => message.clone(),
         }
     }
 
@@ -75,6 +93,7 @@ impl ScramError {
         match self {
             ScramError::Malformed(d) => Some(d.clone()),
             ScramError::NonceMismatch => Some("Nonce does not match.".to_string()),
+            ScramError::Refused { detail, .. } => detail.clone(),
             _ => None,
         }
     }

@@ -32,8 +32,13 @@ pub struct ScramServer {
     doomed: bool,
     server_nonce: String,
     state: State,
-    /// GS2 flag the client sent (`n` or `y`).
+    /// GS2 flag the client sent (`n`, `y` or `p`).
     cbind_flag: u8,
+    /// `tls-server-end-point` data (the hash of the server certificate)
+    /// when the client is on TLS: SCRAM-SHA-256-PLUS is offered.
+    cbind_data: Option<Vec<u8>>,
+    /// The client selected SCRAM-SHA-256-PLUS.
+    cbind_in_use: bool,
     client_nonce: Vec<u8>,
     client_first_bare: Vec<u8>,
     server_first: Vec<u8>,
@@ -133,10 +138,48 @@ impl ScramServer {
             server_nonce,
             state: State::Start,
             cbind_flag: b'n',
+            cbind_data: None,
+            cbind_in_use: false,
             client_nonce: Vec::new(),
             client_first_bare: Vec::new(),
             server_first: Vec::new(),
         }
+    }
+
+    /// The client is on TLS and `end_point` is the `tls-server-end-point`
+    /// hash of the server certificate it was shown
+    /// ([`crate::cert::server_end_point`]): SCRAM-SHA-256-PLUS is offered,
+    /// and a client-first with flag `y` is refused as a downgrade.
+    pub fn with_channel_binding(mut self, end_point: Vec<u8>) -> Self {
+        self.cbind_data = Some(end_point);
+        self
+    }
+
+    /// The mechanisms for AuthenticationSASL, in the server's order
+    /// (auth-scram.c scram_get_mechanisms(): PLUS first, only on TLS).
+    pub fn mechanisms(&self) -> &'static [&'static str] {
+        if self.cbind_data.is_some() {
+            &[super::SCRAM_SHA_256_PLUS, super::SCRAM_SHA_256]
+        } else {
+            &[super::SCRAM_SHA_256]
+        }
+    }
+
+    /// The mechanism named in SASLInitialResponse (auth-scram.c
+    /// scram_init()): PLUS only when offered; anything else is 08P01
+    /// `client selected an invalid SASL authentication mechanism`.
+    pub fn select_mechanism(&mut self, mechanism: &str) -> Result<(), ScramError> {
+        if mechanism == super::SCRAM_SHA_256_PLUS && self.cbind_data.is_some() {
+            self.cbind_in_use = true;
+        } else if mechanism == super::SCRAM_SHA_256 {
+            self.cbind_in_use = false;
+        } else {
+            self.state = State::Done;
+            return Err(ScramError::ChannelBinding(
+                "client selected an invalid SASL authentication mechanism".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Handles the client-first-message (SASLInitialResponse data) and
@@ -161,15 +204,50 @@ impl ScramServer {
     }
 
     fn read_client_first(&mut self, data: &[u8]) -> Result<(), ScramError> {
-        // gs2-header: cbind-flag "," [authzid] ","
-        match data[0] {
-            b'n' | b'y' => self.cbind_flag = data[0],
+        // gs2-header: cbind-flag "," [authzid] ","; the rules and texts of
+        // auth-scram.c read_client_first_message().
+        let plus_required = "The client selected SCRAM-SHA-256-PLUS, but the SCRAM message does not include channel binding data.";
+        let authzid_at = match data[0] {
+            b'n' | b'y' => {
+                if self.cbind_in_use {
+                    return Err(ScramError::malformed(plus_required));
+                }
+                if data[0] == b'y' && self.cbind_data.is_some() {
+                    // The client could bind but believes the server cannot:
+                    // someone in between removed SCRAM-SHA-256-PLUS.
+                    return Err(ScramError::Refused {
+                        message: "SCRAM channel binding negotiation error".into(),
+                        detail: Some(
+                            "The client supports SCRAM channel binding but thinks the server does not.  \
+                             However, this server does support channel binding."
+                                .into(),
+                        ),
+                    });
+                }
+                self.cbind_flag = data[0];
+                if data.get(1) != Some(&b',') {
+                    return Err(ScramError::malformed(
+                        "Comma expected after the channel-binding flag.",
+                    ));
+                }
+                2
+            }
             b'p' => {
-                return Err(ScramError::ChannelBinding(
-                    "malformed SCRAM message: the client selected SCRAM-SHA-256 without channel \
-                     binding, but the SCRAM message includes channel binding data"
-                        .to_string(),
-                ))
+                if !self.cbind_in_use {
+                    return Err(ScramError::malformed(
+                        "The client selected SCRAM-SHA-256 without channel binding, but the SCRAM message includes channel binding data.",
+                    ));
+                }
+                let mut c = Cursor::new(data, 0);
+                let kind = c.expect(b'p')?;
+                if kind != super::TLS_SERVER_END_POINT.as_bytes() {
+                    return Err(ScramError::ChannelBinding(format!(
+                        "unsupported SCRAM channel-binding type \"{}\"",
+                        kind.escape_ascii()
+                    )));
+                }
+                self.cbind_flag = b'p';
+                c.pos()
             }
             c => {
                 return Err(ScramError::malformed(format!(
@@ -177,13 +255,8 @@ impl ScramServer {
                     c.escape_ascii()
                 )))
             }
-        }
-        if data.get(1) != Some(&b',') {
-            return Err(ScramError::malformed(
-                "Comma expected after the channel-binding flag.",
-            ));
-        }
-        match data.get(2) {
+        };
+        match data.get(authzid_at) {
             Some(b'a') => {
                 return Err(ScramError::malformed(
                     "client uses authorization identity, but it is not supported",
@@ -196,7 +269,7 @@ impl ScramServer {
                 ))
             }
         }
-        let bare_start = 3;
+        let bare_start = authzid_at + 1;
         let mut c = Cursor::new(data, bare_start);
         if c.peek() == Some(b'm') {
             return Err(ScramError::malformed(
@@ -231,16 +304,25 @@ impl ScramServer {
 
         let mut c = Cursor::new(data, 0);
         let cbind = c.expect(b'c')?;
-        // Without channel binding the data is just the gs2 header echoed back.
-        let expected: &[u8] = if self.cbind_flag == b'y' {
-            b"eSws"
+        if self.cbind_in_use {
+            // base64 of the gs2 header and the hash of the server's
+            // certificate (auth-scram.c read_client_final_message()).
+            let mut input = format!("p={},,", super::TLS_SERVER_END_POINT).into_bytes();
+            input.extend_from_slice(self.cbind_data.as_deref().unwrap_or_default());
+            if cbind != b64_encode(&input).as_bytes() {
+                return Err(ScramError::Refused {
+                    message: "SCRAM channel binding check failed".into(),
+                    detail: None,
+                });
+            }
         } else {
-            b"biws"
-        };
-        if cbind != expected {
-            return Err(ScramError::ChannelBinding(
-                "unexpected SCRAM channel-binding attribute in client-final-message".to_string(),
-            ));
+            // Without channel binding the data is just the gs2 header echoed back.
+            let expected: &[u8] = if self.cbind_flag == b'y' { b"eSws" } else { b"biws" };
+            if cbind != expected {
+                return Err(ScramError::ChannelBinding(
+                    "unexpected SCRAM channel-binding attribute in client-final-message".to_string(),
+                ));
+            }
         }
         let nonce = c.expect(b'r')?;
         // Skip extensions until the proof; the proof's comma ends the signed part.
@@ -375,7 +457,8 @@ mod tests {
         let e = s
             .client_first(b"p=tls-server-end-point,,n=,r=abc")
             .unwrap_err();
-        assert!(matches!(e, ScramError::ChannelBinding(_)));
+        // As the server: a malformed message when PLUS was not selected.
+        assert_eq!(e.message(), "malformed SCRAM message");
     }
 
     #[test]
@@ -490,5 +573,102 @@ mod tests {
     fn bad_nonce_str() {
         assert!(ScramServer::with_nonce_str(rfc_secret(), "").is_err());
         assert!(ScramServer::with_nonce_str(rfc_secret(), "a,b").is_err());
+    }
+
+    /// A client-final-message for the RFC server and `client_first`
+    /// (password "pencil"), with channel binding attribute `c`.
+    fn final_with(client_first: &[u8], server_first: &[u8], c: &str) -> Vec<u8> {
+        use crate::auth::scram::{client_key, salted_password};
+        let secret = rfc_secret();
+        let salted = salted_password("pencil", &secret.salt, secret.iterations);
+        let ck = client_key(&salted.0);
+        // client-first-message-bare: after the gs2 header's second comma.
+        let first = client_first.iter().position(|&b| b == b',').unwrap();
+        let bare_at = first + 1 + client_first[first + 1..].iter().position(|&b| b == b',').unwrap() + 1;
+        let bare = &client_first[bare_at..];
+        let nonce = &server_first[2..server_first.iter().position(|&b| b == b',').unwrap()];
+        let without_proof = [b"c=".as_slice(), c.as_bytes(), b",r=", nonce].concat();
+        let sig = hmac(&sha256(&ck), &[bare, b",", server_first, b",", &without_proof]);
+        let proof = xor32(&ck, &sig);
+        [without_proof.as_slice(), b",p=", b64_encode(&proof).as_bytes()].concat()
+    }
+
+    const HASH: [u8; 32] = [7; 32];
+
+    fn tls_server() -> ScramServer {
+        rfc_server().with_channel_binding(HASH.to_vec())
+    }
+
+    #[test]
+    fn plus_offered_only_on_tls() {
+        assert_eq!(rfc_server().mechanisms(), &["SCRAM-SHA-256"]);
+        assert_eq!(tls_server().mechanisms(), &["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]);
+        let e = rfc_server().select_mechanism("SCRAM-SHA-256-PLUS").unwrap_err();
+        assert_eq!((e.sqlstate(), e.message().as_str()), ("08P01", "client selected an invalid SASL authentication mechanism"));
+        assert!(tls_server().select_mechanism("SCRAM-SHA-1").is_err());
+    }
+
+    #[test]
+    fn channel_binding_exchange() {
+        let mut s = tls_server();
+        s.select_mechanism("SCRAM-SHA-256-PLUS").unwrap();
+        let cf = b"p=tls-server-end-point,,n=,r=abc";
+        let sf = s.client_first(cf).unwrap();
+        let mut data = b"p=tls-server-end-point,,".to_vec();
+        data.extend_from_slice(&HASH);
+        let fin = final_with(cf, &sf, &b64_encode(&data));
+        let (_, key) = s.client_final(&fin).unwrap();
+        assert_eq!(Some(key), crate::auth::client_key_from_password(&rfc_secret(), "pencil"));
+
+        // Binding data for another certificate: 28000, as the server.
+        let mut s = tls_server();
+        s.select_mechanism("SCRAM-SHA-256-PLUS").unwrap();
+        let sf = s.client_first(cf).unwrap();
+        let mut other = b"p=tls-server-end-point,,".to_vec();
+        other.extend_from_slice(&[8; 32]);
+        let e = s.client_final(&final_with(cf, &sf, &b64_encode(&other))).unwrap_err();
+        assert_eq!((e.sqlstate(), e.message().as_str()), ("28000", "SCRAM channel binding check failed"));
+    }
+
+    #[test]
+    fn gs2_flag_rules() {
+        // PLUS selected, no binding data in the header.
+        for cf in [&b"n,,n=,r=abc"[..], b"y,,n=,r=abc"] {
+            let mut s = tls_server();
+            s.select_mechanism("SCRAM-SHA-256-PLUS").unwrap();
+            let e = s.client_first(cf).unwrap_err();
+            assert_eq!(e.message(), "malformed SCRAM message");
+            assert!(e.detail().unwrap().starts_with("The client selected SCRAM-SHA-256-PLUS"));
+        }
+        // 'y' on TLS: a downgrade.
+        let mut s = tls_server();
+        s.select_mechanism("SCRAM-SHA-256").unwrap();
+        let e = s.client_first(b"y,,n=,r=abc").unwrap_err();
+        assert_eq!((e.sqlstate(), e.message().as_str()), ("28000", "SCRAM channel binding negotiation error"));
+        // 'y' without TLS is fine, and 'n' on TLS too.
+        let mut s = rfc_server();
+        s.select_mechanism("SCRAM-SHA-256").unwrap();
+        let sf = s.client_first(b"y,,n=,r=abc").unwrap();
+        assert!(s.client_final(&final_with(b"y,,n=,r=abc", &sf, "eSws")).is_ok());
+        let mut s = tls_server();
+        s.select_mechanism("SCRAM-SHA-256").unwrap();
+        let sf = s.client_first(b"n,,n=,r=abc").unwrap();
+        assert!(s.client_final(&final_with(b"n,,n=,r=abc", &sf, "biws")).is_ok());
+        // 'p' without PLUS selected.
+        let mut s = tls_server();
+        s.select_mechanism("SCRAM-SHA-256").unwrap();
+        let e = s.client_first(b"p=tls-server-end-point,,n=,r=abc").unwrap_err();
+        assert!(e.detail().unwrap().starts_with("The client selected SCRAM-SHA-256 without channel binding"));
+        // Another binding type.
+        let mut s = tls_server();
+        s.select_mechanism("SCRAM-SHA-256-PLUS").unwrap();
+        let e = s.client_first(b"p=tls-unique,,n=,r=abc").unwrap_err();
+        assert_eq!((e.sqlstate(), e.message().as_str()), ("08P01", "unsupported SCRAM channel-binding type \"tls-unique\""));
+        // PLUS selected but the final message echoes a plain header.
+        let mut s = tls_server();
+        s.select_mechanism("SCRAM-SHA-256-PLUS").unwrap();
+        let cf = b"p=tls-server-end-point,,n=,r=abc";
+        let sf = s.client_first(cf).unwrap();
+        assert_eq!(s.client_final(&final_with(cf, &sf, "biws")).unwrap_err().sqlstate(), "28000");
     }
 }
