@@ -31,7 +31,7 @@ thread_local! {
 #[derive(Clone, Copy, Default)]
 pub struct Counters {
     /// Statements answered (CommandComplete or ErrorResponse).
-    pub queries: u32,
+    pub queries: u64,
     /// Query time, µs.
     pub query_us: u64,
     /// Protocol bytes sent (type byte, length word and body of each message).

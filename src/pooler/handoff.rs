@@ -372,7 +372,7 @@ impl Pooler {
         let (brow, bx, pool) = (b.row, b.xacts, b.pool);
         {
             let p = &mut self.pools[pool];
-            p.queries = p.queries.saturating_add(r.queries as i64);
+            p.queries = p.queries.saturating_add(r.queries.min(i64::MAX as u64) as i64);
             p.query_us = p.query_us.saturating_add(r.query_us.min(i64::MAX as u64) as i64);
             p.bytes_sent = p.bytes_sent.saturating_add(r.bytes_sent.min(i64::MAX as u64) as i64);
             p.xact_us = p.xact_us.saturating_add(attached_us);
