@@ -920,6 +920,7 @@ fn stats_bytes_and_times_move_with_pgbench_and_copy() {
     assert_eq!(s.queries, s.xacts, "{s:?}");
     assert!((0..=2).contains(&(s.queries - sum.processed as i64)), "{s:?} vs {out}");
     assert!(s.query_ms > 0.0 && s.xact_ms > 0.0 && s.sent > 0 && s.received > 0, "{s:?}");
+    assert!(s.query_ms <= s.xact_ms, "query time beyond attached time: {s:?}");
     let close = |a: Option<f64>, total: f64, n: i64| a.is_some_and(|a| (a * n as f64 - total).abs() <= 1e-6 * total.max(1.0));
     assert!(close(s.avg_query, s.query_ms, s.queries), "avg_query_ms: {s:?}");
     assert!(close(s.avg_xact, s.xact_ms, s.xacts), "avg_xact_ms: {s:?}");
