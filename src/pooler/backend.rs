@@ -76,12 +76,12 @@ impl Pooler {
             Ok(s) => s,
             Err(e) => {
                 let f = login_error("08006", format!("nextgres: could not connect to the server socket {}: {e}", self.server_socket.display()), None);
-                return self.pool_login_failed(pool, f);
+                return self.login_start_failed(pool, own, f);
             }
         };
         let Some(row) = self.backend_row_alloc(prow) else {
             let f = login_error("53300", "sorry, too many clients already".into(), Some("The nextgres backend table is full (max_connections)."));
-            return self.pool_login_failed(pool, f);
+            return self.login_start_failed(pool, own, f);
         };
         let mut out = Vec::new();
         let token_opt = crate::backend::TOKEN_OPTION.to_str().unwrap_or_default();
@@ -91,7 +91,7 @@ impl Pooler {
         if stream.write_all(&out).is_err() || stream.set_nonblocking(true).is_err() {
             self.backend_row_free(row);
             let f = login_error("08006", "nextgres: could not send the pool login".into(), None);
-            return self.pool_login_failed(pool, f);
+            return self.login_start_failed(pool, own, f);
         }
         let b = Backend {
             stream,
@@ -128,6 +128,17 @@ impl Pooler {
             }
         }
         self.sync_pool(pool);
+    }
+
+    /// A login failed before it reached the server: a dedicated-mode
+    /// client's own fails that client only (`own_login_failed`), a pool
+    /// login the pool's waiting clients (`pool_login_failed`).
+    fn login_start_failed(&mut self, pool: usize, own: bool, f: ErrorFields) {
+        if own {
+            self.own_login_failed(pool, f)
+        } else {
+            self.pool_login_failed(pool, f)
+        }
     }
 
     pub fn backend_event(&mut self, key: usize, ev: EpollFlags) {
