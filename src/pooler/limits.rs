@@ -335,12 +335,24 @@ impl Pooler {
     fn pool_deserves(&self, q: usize, holder: usize) -> bool {
         let (Some(qp), Some(hp)) = (self.pools.get(q), self.pools.get(holder)) else { return false };
         let (qprio, hprio) = (self.pool_priority_of(q), self.pool_priority_of(holder));
+        let (qn, hn) = (self.pool_held(q, qp), self.pool_held(holder, hp));
         if qprio > hprio {
-            hp.shared_backends() > 1
+            hn > 1
         } else if qprio == hprio {
-            qp.shared_backends() + 1 < hp.shared_backends()
+            qn + 1 < hn
         } else {
-            qp.shared_backends() == 0 && hp.shared_backends() > 1
+            qn == 0 && hn > 1
+        }
+    }
+
+    /// Backends a pool holds for fairness under a shared limit: its shared
+    /// ones, or for a dedicated-mode pool (whose clients' own backends are
+    /// all it has) every backend.
+    fn pool_held(&self, k: usize, p: &nextgres_core::pool::Pool) -> usize {
+        if self.pool_mode_of(k) == nextgres_core::poolconf::Mode::Dedicated {
+            p.backends
+        } else {
+            p.shared_backends()
         }
     }
 
@@ -383,7 +395,7 @@ impl Pooler {
         }
         let starved = self.pools.iter().any(|(k, q)| {
             k != pool
-                && !q.waiting.is_empty()
+                && (!q.waiting.is_empty() || !q.session_waiting.is_empty())
                 && self.pool_deserves(k, pool)
                 && ((full_db && q.database == db) || (full_user && q.role == role))
         });
