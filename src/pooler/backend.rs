@@ -327,10 +327,15 @@ impl Pooler {
     }
 
     /// A backend logged in for a dedicated-mode client: it serves the oldest
-    /// one still waiting for its own, or closes when none is left.
-    fn backend_serve_own(&mut self, key: usize) {
+    /// one still waiting for its own, or closes when none is left. While the
+    /// pool is paused (a login in flight at `pause()`) it stays parked, in
+    /// no queue, until `resume()` calls this again (`pool_resume_own`).
+    pub fn backend_serve_own(&mut self, key: usize) {
         let Some(b) = self.backend(key) else { return };
         let pool = b.pool;
+        if self.pool_paused(pool) {
+            return;
+        }
         while let Some(ck) = self.pools.get_mut(pool).and_then(|p| p.session_waiting.pop_front()) {
             if let Some(c) = self.client(ck) {
                 if let super::client::Phase::Waiting { since } = c.phase {
