@@ -167,7 +167,9 @@ impl Pooler {
         for &bk in &attached {
             let Some(Conn::Backend(b)) = self.conns.get(bk) else { continue };
             let pin = self.tables.backend_pin(b.row);
-            if b.pinned_to.is_none() && pin != Pin::None as u8 && pin != Pin::Sequence as u8 {
+            // A dedicated-mode client's own backend is counted in
+            // `sessions` already (also once its client left, unpinned).
+            if b.pinned_to.is_none() && !b.own && pin != Pin::None as u8 && pin != Pin::Sequence as u8 {
                 pinned.push((!b.dedicated, bk));
             }
         }
