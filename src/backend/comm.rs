@@ -5,8 +5,8 @@
 //! client's statements (`nextgres.pools.queries`), every message's bytes as
 //! sent to it (`bytes_sent`), and each request cycle's time as query time
 //! (`query_time_ms`: from the start of processing the first message the
-//! backend answers, the server's statement timestamp, but not before the
-//! previous ReadyForQuery or the attach, to the next ReadyForQuery, as
+//! backend answers, the server's statement timestamp, or now when that is
+//! not after the previous ReadyForQuery or the attach (Close, Sync), to the next ReadyForQuery, as
 //! PgBouncer counts from the request to ReadyForQuery). Ordinary backends
 //! pay one branch per call.
 use crate::pg::comm::{PQcommMethods, PqCommMethods};
@@ -31,7 +31,7 @@ thread_local! {
 #[derive(Clone, Copy, Default)]
 pub struct Counters {
     /// Statements answered (CommandComplete or ErrorResponse).
-    pub queries: u32,
+    pub queries: u64,
     /// Query time, µs.
     pub query_us: u64,
     /// Protocol bytes sent (type byte, length word and body of each message).
@@ -75,7 +75,14 @@ unsafe extern "C" fn putmessage(msgtype: c_char, s: *const c_char, len: usize) -
         // Asynchronous messages (a notification, a parameter or notice
         // while idle) start no request cycle.
         if !matches!(msgtype as u8, b'A' | b'N' | b'S') && CYCLE_START.with(|c| c.get()).is_none() {
-            let start = crate::pg::shmem::statement_start().max(CYCLE_FLOOR.with(|f| f.get()));
+            // The server sets the statement timestamp for Query, Parse,
+            // Bind, Describe, Execute and FunctionCall, not for Close or
+            // Sync (PostgresMain, tcop/postgres.c): one from before the
+            // floor belongs to an earlier cycle, so this cycle began with a
+            // Close or Sync, answered at once: it starts now.
+            let floor = CYCLE_FLOOR.with(|f| f.get());
+            let stmt = crate::pg::shmem::statement_start();
+            let start = if stmt > floor { stmt } else { crate::pg::shmem::now() };
             CYCLE_START.with(|c| c.set(Some(start)));
         }
         match msgtype as u8 {

@@ -76,12 +76,12 @@ impl Pooler {
             Ok(s) => s,
             Err(e) => {
                 let f = login_error("08006", format!("nextgres: could not connect to the server socket {}: {e}", self.server_socket.display()), None);
-                return self.pool_login_failed(pool, f);
+                return self.login_start_failed(pool, own, f);
             }
         };
         let Some(row) = self.backend_row_alloc(prow) else {
             let f = login_error("53300", "sorry, too many clients already".into(), Some("The nextgres backend table is full (max_connections)."));
-            return self.pool_login_failed(pool, f);
+            return self.login_start_failed(pool, own, f);
         };
         let mut out = Vec::new();
         let token_opt = crate::backend::TOKEN_OPTION.to_str().unwrap_or_default();
@@ -91,7 +91,7 @@ impl Pooler {
         if stream.write_all(&out).is_err() || stream.set_nonblocking(true).is_err() {
             self.backend_row_free(row);
             let f = login_error("08006", "nextgres: could not send the pool login".into(), None);
-            return self.pool_login_failed(pool, f);
+            return self.login_start_failed(pool, own, f);
         }
         let b = Backend {
             stream,
@@ -128,6 +128,17 @@ impl Pooler {
             }
         }
         self.sync_pool(pool);
+    }
+
+    /// A login failed before it reached the server: a dedicated-mode
+    /// client's own fails that client only (`own_login_failed`), a pool
+    /// login the pool's waiting clients (`pool_login_failed`).
+    fn login_start_failed(&mut self, pool: usize, own: bool, f: ErrorFields) {
+        if own {
+            self.own_login_failed(pool, f)
+        } else {
+            self.pool_login_failed(pool, f)
+        }
     }
 
     pub fn backend_event(&mut self, key: usize, ev: EpollFlags) {
@@ -284,10 +295,15 @@ impl Pooler {
     }
 
     /// A backend logged in for a dedicated-mode client: it serves the oldest
-    /// one still waiting for its own, or closes when none is left.
-    fn backend_serve_own(&mut self, key: usize) {
+    /// one still waiting for its own, or closes when none is left. While the
+    /// pool is paused (a login in flight at `pause()`) it stays parked, in
+    /// no queue, until `resume()` calls this again (`pool_resume_own`).
+    pub fn backend_serve_own(&mut self, key: usize) {
         let Some(b) = self.backend(key) else { return };
         let pool = b.pool;
+        if self.pool_paused(pool) {
+            return;
+        }
         while let Some(ck) = self.pools.get_mut(pool).and_then(|p| p.session_waiting.pop_front()) {
             if let Some(c) = self.client(ck) {
                 if let super::client::Phase::Waiting { since } = c.phase {

@@ -247,8 +247,8 @@ impl Pooler {
                 return;
             }
             let (held, before) = (p.sessions + p.dedicated, p.sessions_starting);
-            let cap = self.max_pinned_backends_of(pool);
-            if cap.is_some_and(|c| held >= c) || !self.pool_login_room(pool) {
+            let cap = self.own_backends_cap(pool);
+            if cap.is_some_and(|c| held >= c) || !self.pool_own_login_room(pool) {
                 return;
             }
             self.backend_start_for(pool, true);
@@ -258,11 +258,20 @@ impl Pooler {
         }
     }
 
+    /// The cap on a dedicated-mode pool's own backends (with its pinned
+    /// clients' dedicated ones): `max_pinned_backends` when above 0. Its 0
+    /// means "pinned backends stay in pool_size", which has no meaning
+    /// without pooling, so 0 and -1 both leave dedicated mode uncapped
+    /// (the server's max_connections and CONNECTION LIMIT still apply).
+    pub fn own_backends_cap(&self, pool: usize) -> Option<usize> {
+        self.max_pinned_backends_of(pool).filter(|&c| c > 0)
+    }
+
     /// Takes a parked backend of the pool that never served a client and
     /// makes it a dedicated-mode client's own (outside pool_size from now).
     fn pool_take_fresh_parked(&mut self, pool: usize) -> Option<usize> {
         let p = self.pools.get(pool)?;
-        if self.max_pinned_backends_of(pool).is_some_and(|c| p.sessions + p.dedicated >= c) {
+        if self.own_backends_cap(pool).is_some_and(|c| p.sessions + p.dedicated >= c) {
             return None;
         }
         let i = p.parked.iter().position(|&k| matches!(self.conns.get(k), Some(Conn::Backend(b)) if b.last_client == 0 && !b.own))?;
@@ -372,7 +381,7 @@ impl Pooler {
         let (brow, bx, pool) = (b.row, b.xacts, b.pool);
         {
             let p = &mut self.pools[pool];
-            p.queries = p.queries.saturating_add(r.queries as i64);
+            p.queries = p.queries.saturating_add(r.queries.min(i64::MAX as u64) as i64);
             p.query_us = p.query_us.saturating_add(r.query_us.min(i64::MAX as u64) as i64);
             p.bytes_sent = p.bytes_sent.saturating_add(r.bytes_sent.min(i64::MAX as u64) as i64);
             p.xact_us = p.xact_us.saturating_add(attached_us);

@@ -58,13 +58,44 @@ impl Pooler {
             return true;
         }
         // Pool logins already under way have not taken their slot yet.
-        let pending: usize = self.pools.iter().map(|(_, p)| p.starting).sum();
+        let pending: usize = self.pools.iter().map(|(_, p)| p.starting + p.sessions_starting).sum();
         // A pool with a backend leaves one slot for direct logins of others.
         if crate::pg::slots::unreserved_free(pending + 2) {
             return true;
         }
         self.pool_out_of_slots(pool, None);
         false
+    }
+
+    /// May a dedicated-mode client's own login start now? As a direct
+    /// login: only max_db_connections / max_user_connections (the pooler's
+    /// caps, which count it) may make it wait; the server itself answers
+    /// max_connections, reserved slots and CONNECTION LIMIT, and that answer
+    /// is what the client gets (no slot is left free for others, no
+    /// back-off after another login's refusal). A pool switched to
+    /// dedicated first closes its parked shared backends that served
+    /// clients before (`pool_close_stale_shared`).
+    pub fn pool_own_login_room(&mut self, pool: usize) -> bool {
+        self.pool_close_stale_shared(pool);
+        self.pool_caps_room(pool)
+    }
+
+    /// A pool in `pool_mode = dedicated`: closes its parked shared backends
+    /// that served a client (left from before the switch; nobody takes
+    /// them, except transaction-mode clients that joined before the switch,
+    /// which log in another when they need one). A fresh one, never
+    /// attached, stays for `pool_take_fresh_parked`.
+    pub fn pool_close_stale_shared(&mut self, pool: usize) {
+        if self.pool_mode_of(pool) != nextgres_core::poolconf::Mode::Dedicated {
+            return;
+        }
+        // One at a time: closing one may start logins (new keys).
+        loop {
+            let Some(p) = self.pools.get(pool) else { return };
+            let stale = p.parked.iter().copied().find(|&k| matches!(self.conns.get(k), Some(Conn::Backend(b)) if b.last_client != 0 && !b.own));
+            let Some(bk) = stale else { return };
+            self.backend_close(bk);
+        }
     }
 
     /// The pool got no connection slot: counted free slots said so (`server`
@@ -136,7 +167,9 @@ impl Pooler {
         for &bk in &attached {
             let Some(Conn::Backend(b)) = self.conns.get(bk) else { continue };
             let pin = self.tables.backend_pin(b.row);
-            if b.pinned_to.is_none() && pin != Pin::None as u8 && pin != Pin::Sequence as u8 {
+            // A dedicated-mode client's own backend is counted in
+            // `sessions` already (also once its client left, unpinned).
+            if b.pinned_to.is_none() && !b.own && pin != Pin::None as u8 && pin != Pin::Sequence as u8 {
                 pinned.push((!b.dedicated, bk));
             }
         }
@@ -193,6 +226,7 @@ impl Pooler {
     /// close in `backend_available`). Pinned backends (session mode, temp
     /// tables, ...) leave when their client does.
     pub fn pool_trim(&mut self, pool: usize) {
+        self.pool_close_stale_shared(pool);
         self.pool_dedicated_refresh(pool);
         while self.pool_surplus(pool) > 0 {
             let Some(bk) = self.pools.get_mut(pool).and_then(|p| p.parked.pop()) else { break };
@@ -303,12 +337,24 @@ impl Pooler {
     fn pool_deserves(&self, q: usize, holder: usize) -> bool {
         let (Some(qp), Some(hp)) = (self.pools.get(q), self.pools.get(holder)) else { return false };
         let (qprio, hprio) = (self.pool_priority_of(q), self.pool_priority_of(holder));
+        let (qn, hn) = (self.pool_held(q, qp), self.pool_held(holder, hp));
         if qprio > hprio {
-            hp.shared_backends() > 1
+            hn > 1
         } else if qprio == hprio {
-            qp.shared_backends() + 1 < hp.shared_backends()
+            qn + 1 < hn
         } else {
-            qp.shared_backends() == 0 && hp.shared_backends() > 1
+            qn == 0 && hn > 1
+        }
+    }
+
+    /// Backends a pool holds for fairness under a shared limit: its shared
+    /// ones, or for a dedicated-mode pool (whose clients' own backends are
+    /// all it has) every backend.
+    fn pool_held(&self, k: usize, p: &nextgres_core::pool::Pool) -> usize {
+        if self.pool_mode_of(k) == nextgres_core::poolconf::Mode::Dedicated {
+            p.backends
+        } else {
+            p.shared_backends()
         }
     }
 
@@ -351,7 +397,7 @@ impl Pooler {
         }
         let starved = self.pools.iter().any(|(k, q)| {
             k != pool
-                && !q.waiting.is_empty()
+                && (!q.waiting.is_empty() || !q.session_waiting.is_empty())
                 && self.pool_deserves(k, pool)
                 && ((full_db && q.database == db) || (full_user && q.role == role))
         });

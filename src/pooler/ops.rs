@@ -57,6 +57,7 @@ impl Pooler {
                 for bk in parked {
                     self.backend_available(bk);
                 }
+                self.pool_resume_own(k);
                 self.pool_maybe_grow(k);
                 self.sync_pool(k);
             }
@@ -106,6 +107,22 @@ impl Pooler {
             }
         }
         self.tables.header().ops_ack.store(gen, Ordering::SeqCst);
+    }
+
+    /// Resume: dedicated-mode logins that completed while the pool was
+    /// paused (parked, in no queue) serve their waiting clients now.
+    fn pool_resume_own(&mut self, pool: usize) {
+        let own: Vec<usize> = self
+            .conns
+            .iter()
+            .filter_map(|(k, c)| match c {
+                Conn::Backend(b) if b.pool == pool && b.own && matches!(b.phase, super::backend::BPhase::Parked { .. }) => Some(k),
+                _ => None,
+            })
+            .collect();
+        for bk in own {
+            self.backend_serve_own(bk);
+        }
     }
 
     /// nextgres.kill_clients(): every client of the pool gets FATAL 57P01 and

@@ -60,7 +60,7 @@ impl Pooler {
             r.backends_attached = attached as i32;
             r.backends_starting = (p.starting + p.sessions_starting) as i32;
             // Pinned clients' and dedicated-mode clients' own backends.
-            r.backends_dedicated = (p.dedicated + p.sessions - p.sessions_starting) as i32;
+            r.backends_dedicated = (p.dedicated + p.sessions).saturating_sub(p.sessions_starting) as i32;
             r.xacts = p.xacts;
             r.queries = p.queries;
             r.xact_us = p.xact_us;

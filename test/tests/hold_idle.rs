@@ -149,3 +149,37 @@ fn a_leaving_idle_client_gives_back_a_clean_backend() {
         assert_eq!(one(&mut b, "SELECT count(*) FROM pg_prepared_statements"), "0");
     });
 }
+
+/// Query time counts request cycles only: a held client (its backend stays
+/// attached while it idles) runs `pg_sleep(0.2)`, idles 1 s, then sends a
+/// bare Close + Sync (which the server does not give a statement timestamp
+/// of its own). The pool's query_time_ms, reported when the client leaves,
+/// is the sleep and the Close's instant answer: in [200, 400) ms, not the
+/// idle second.
+#[test]
+fn query_time_excludes_idle_before_close_and_sync() {
+    run(2, |pg| {
+        let mut raw = nextgres_test::raw::Raw::connect(pg.port(), APP, DB, Duration::from_secs(30));
+        raw.query("SELECT pg_sleep(0.2)").expect("sleep");
+        // Idle, held (the time under test, not a synchronisation).
+        std::thread::sleep(Duration::from_secs(1));
+        use std::io::Write;
+        // Close (statement, unnamed) then Sync.
+        raw.s.write_all(&[b'C', 0, 0, 0, 6, b'S', 0, b'S', 0, 0, 0, 4]).expect("close + sync");
+        raw.until_ready().expect("CloseComplete, ReadyForQuery");
+        raw.send_terminate();
+        assert!(raw.closed_by_peer(Duration::from_secs(10)), "not closed after Terminate");
+        let stats = || {
+            let r = pg
+                .admin()
+                .query_one("SELECT transactions, query_time_ms, xact_time_ms FROM nextgres.pools WHERE role = 'app'", &[])
+                .unwrap();
+            (r.get::<_, i64>(0), r.get::<_, f64>(1), r.get::<_, f64>(2))
+        };
+        assert!(wait_until(Duration::from_secs(10), || stats().0 >= 1), "no transaction reported: {:?}", stats());
+        let (_, query_ms, xact_ms) = stats();
+        eprintln!("query_time_ms {query_ms}, xact_time_ms {xact_ms}");
+        assert!((200.0..400.0).contains(&query_ms), "query_time_ms {query_ms} (xact_time_ms {xact_ms})");
+        assert!(query_ms <= xact_ms, "query_time_ms {query_ms} > xact_time_ms {xact_ms}");
+    });
+}

@@ -920,6 +920,7 @@ fn stats_bytes_and_times_move_with_pgbench_and_copy() {
     assert_eq!(s.queries, s.xacts, "{s:?}");
     assert!((0..=2).contains(&(s.queries - sum.processed as i64)), "{s:?} vs {out}");
     assert!(s.query_ms > 0.0 && s.xact_ms > 0.0 && s.sent > 0 && s.received > 0, "{s:?}");
+    assert!(s.query_ms <= s.xact_ms, "query time beyond attached time: {s:?}");
     let close = |a: Option<f64>, total: f64, n: i64| a.is_some_and(|a| (a * n as f64 - total).abs() <= 1e-6 * total.max(1.0));
     assert!(close(s.avg_query, s.query_ms, s.queries), "avg_query_ms: {s:?}");
     assert!(close(s.avg_xact, s.xact_ms, s.xacts), "avg_xact_ms: {s:?}");
@@ -973,9 +974,9 @@ fn dedicated_mode_under_connection_limit_and_cap() {
             .expect("pools")
     };
     assert!(wait_until(APPLIED, || mode() == "dedicated"), "not applied: {}", mode());
-    // The first client's pooled backend goes (reconnect closes parked ones).
-    exec(&pg, "SELECT nextgres.reconnect('postgres', 'd')");
-    assert!(wait_until(Duration::from_secs(10), || pg.backend_count(Some("d"), None) == 0), "pooled backend left");
+    // The first client's pooled backend, parked from before the switch,
+    // serves nobody in dedicated mode: it closes by itself.
+    assert!(wait_until(Duration::from_secs(10), || pg.backend_count(Some("d"), None) == 0), "stale shared backend left");
 
     // A pool that is dedicated from its first client: the backend it logs
     // in to learn its session values becomes that client's own (one
@@ -1032,4 +1033,72 @@ fn dedicated_mode_under_connection_limit_and_cap() {
         assert!(pc != pa && pc != pb, "c reused a backend: {pc} of {pa}, {pb}");
     });
     b.batch_execute("COMMIT").expect("b commits");
+    drop(b);
+
+    // max_pinned_backends = 0 ("pinned backends stay in pool_size") does not
+    // cap dedicated mode, which has no pool_size to stay in: three clients
+    // inside a transaction each have their own backend.
+    exec(&pg, "ALTER ROLE d SET nextgres.max_pinned_backends = 0");
+    assert!(
+        wait_until(APPLIED, || pg.log().contains("pool_mode=dedicated, max_pinned_backends=0")),
+        "max_pinned_backends = 0 not applied"
+    );
+    let mut three: Vec<_> = (0..3).map(|i| pg.tcp("d", "postgres").connect().unwrap_or_else(|e| panic!("client {i}: {e}"))).collect();
+    let mut pids: Vec<i32> = three
+        .iter_mut()
+        .map(|c| {
+            c.batch_execute("BEGIN").expect("begin under max_pinned_backends = 0");
+            pid(c)
+        })
+        .collect();
+    pids.sort();
+    pids.dedup();
+    assert_eq!(pids.len(), 3, "clients shared backends: {pids:?}");
+}
+
+/// A dedicated-mode login is not held to the pooler's rule of leaving one
+/// connection slot free for direct logins: with one unreserved slot left,
+/// and a shared backend still serving a client that joined before the pool
+/// switched to dedicated, a new dedicated client gets that slot, as a direct
+/// login would.
+#[test]
+fn dedicated_login_takes_the_last_slot_as_a_direct_one() {
+    let pg = Cluster::builder()
+        .conf("nextgres.query_wait_timeout = 20")
+        .conf("max_connections = 10")
+        .conf("superuser_reserved_connections = 3")
+        .start();
+    exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE d LOGIN; CREATE ROLE f LOGIN");
+    let pid = |c: &mut postgres::Client| -> i32 {
+        first_value(&c.simple_query("SELECT pg_backend_pid()").expect("pid")).expect("row").parse().expect("int")
+    };
+    let mut x = pg.tcp("d", "postgres").connect().expect("x");
+    x.batch_execute("BEGIN").expect("x begins");
+    exec(&pg, "ALTER ROLE d SET nextgres.pool_mode = dedicated");
+    let mode = || {
+        pg.admin()
+            .query_one("SELECT pool_mode FROM nextgres.pools WHERE role = 'd'", &[])
+            .map(|r| r.get::<_, String>(0))
+            .expect("pools")
+    };
+    assert!(wait_until(APPLIED, || mode() == "dedicated"), "not applied: {}", mode());
+    // Direct sessions take every unreserved slot, then one leaves.
+    let mut fill = Vec::new();
+    let full = loop {
+        assert!(fill.len() < 10, "ten direct sessions on 7 unreserved slots");
+        match pg.unix("f", "postgres").connect() {
+            Ok(c) => fill.push(c),
+            Err(e) => break err_fields(&e).expect("server error"),
+        }
+    };
+    assert_eq!(full.code, "53300", "{full:?}");
+    let mut last = fill.pop().expect("a direct session");
+    let gone = pid(&mut last);
+    drop(last);
+    let exited = || !std::path::Path::new(&format!("/proc/{gone}")).exists();
+    assert!(wait_until(Duration::from_secs(10), exited), "direct backend {gone} did not exit");
+    let mut c = pg.tcp("d", "postgres").connect().expect("dedicated client");
+    let own = pid(&mut c);
+    assert!(own > 0);
+    x.batch_execute("COMMIT").expect("x commits");
 }

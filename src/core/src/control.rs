@@ -9,7 +9,7 @@
 //!     u64 client id, u8 flags, u16 address length, address bytes
 //!     (a `sockaddr_storage` prefix), startup settings, then the client's
 //!     session image (SET settings, prepared statements) when it is new here.
-//! backend -> pooler  `RELEASED`: u64 client id, u8 flags, u32 statements
+//! backend -> pooler  `RELEASED`: u64 client id, u8 flags, u64 statements
 //!     run since the client was attached here (`queries`), u64 microseconds
 //!     of query time and u64 bytes sent to the client since then, then the parts of
 //!     the session image that changed in this transaction. Sent after the
@@ -107,7 +107,7 @@ pub struct Released {
     pub client_id: u64,
     /// Statements the backend ran for the client since it was attached
     /// (CommandComplete and ErrorResponse messages sent): `nextgres.pools.queries`.
-    pub queries: u32,
+    pub queries: u64,
     /// Query time since it was attached, µs: per request cycle, from the
     /// start of the first message's processing to ReadyForQuery.
     pub query_us: u64,
@@ -303,7 +303,7 @@ pub fn parse_released(body: &[u8]) -> Result<Released, ProtoError> {
     let mut r = Reader { body, off: 0 };
     let client_id = r.u64()?;
     let flags = r.u8()?;
-    let queries = r.u32()?;
+    let queries = r.u64()?;
     let query_us = r.u64()?;
     let bytes_sent = r.u64()?;
     let settings = if flags & IMAGE_SETTINGS != 0 { Some(r.pairs()?) } else { None };
@@ -384,7 +384,7 @@ mod tests {
     #[test]
     fn released_round_trip() {
         for r in [
-            Released { client_id: u64::MAX - 1, queries: u32::MAX, query_us: u64::MAX, bytes_sent: 1 << 40, settings: None, statements: None, defaults: None },
+            Released { client_id: u64::MAX - 1, queries: u64::MAX - 2, query_us: u64::MAX, bytes_sent: 1 << 40, settings: None, statements: None, defaults: None },
             Released { client_id: 7, queries: 3, query_us: 250, bytes_sent: 17, settings: Some(image().settings), statements: None, defaults: None },
             Released { client_id: 7, queries: 3, query_us: 250, bytes_sent: 17, settings: Some(vec![]), statements: Some(image().statements), defaults: Some(image().defaults) },
         ] {

@@ -103,7 +103,8 @@ fn generated(data: &[u8]) -> arbitrary::Result<()> {
         let settings = if bool::arbitrary(&mut u)? { Some(pairs(&mut u)?) } else { None };
         let statements = if bool::arbitrary(&mut u)? { Some(statements(&mut u)?) } else { None };
         let defaults = if bool::arbitrary(&mut u)? { Some(pairs(&mut u)?) } else { None };
-        released_round_trip(&Released { client_id, queries: client_id as u32, settings, statements, defaults });
+        let (queries, query_us, bytes_sent) = (u64::arbitrary(&mut u)?, u64::arbitrary(&mut u)?, u64::arbitrary(&mut u)?);
+        released_round_trip(&Released { client_id, queries, query_us, bytes_sent, settings, statements, defaults });
     }
     Ok(())
 }
