@@ -1,6 +1,6 @@
 //! Rust side of `session.c`: the client's session image and pins.
 use super::glue::{cstring, NgError};
-use nextgres_core::control::{Statement};
+use nextgres_core::control::{Statement, StatementList};
 use std::ffi::{c_char, c_int};
 
 extern "C" {
@@ -94,7 +94,7 @@ pub fn take_session_settings() -> Option<Vec<(String, String)>> {
 }
 
 /// Named prepared statements, if they may have changed since the last call.
-pub fn take_statements() -> Option<Vec<Statement>> {
+pub fn take_statements() -> Option<StatementList> {
     let raw = take(ng_take_statements)?;
     // Same layout as the control channel's statement list.
     nextgres_core::control::parse_statement_list(&raw).ok()
