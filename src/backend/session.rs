@@ -199,28 +199,35 @@ pub fn switch_to(startup: &[(String, String)], image: SessionImage) {
     let SessionImage { settings, statements, defaults } = image;
     let mut pending = Pending::default();
     pending.set(statements);
-    // Statements this backend already has that the client has too (same
-    // name, text, parameter and result types) need not be created again.
-    let kept = SHAPE.with(|sh| {
-        let sh = sh.borrow();
-        let kept = sh.statements.iter().all(|have| pending.find(have.name).and_then(|i| pending.get(i)).is_some_and(|st| st.raw == have.raw));
-        kept
-    });
-    let same = kept
-        && same_defaults(&current_defaults(), &defaults)
+    let same = same_defaults(&current_defaults(), &defaults)
         && SHAPE.with(|sh| {
             let sh = sh.borrow();
             sh.known && sh.settings_clean && settings.is_empty() && sh.startup == startup
         });
     if same {
+        // Statements this backend already has that the client has too (same
+        // name, text, parameter and result types) are kept, not created
+        // again; any other is dropped, as DISCARD ALL would drop it, so the
+        // backend has no named statement the client does not have.
         s::switch_light();
         SHAPE.with(|sh| {
-            for have in sh.borrow().statements.iter() {
-                if let Some(i) = pending.find(have.name) {
-                    pending.offsets[i] = TAKEN;
-                    pending.left -= 1;
+            let mut sh = sh.borrow_mut();
+            let mut keep = StatementList::default();
+            for have in sh.statements.iter() {
+                match pending.find(have.name) {
+                    Some(i) if pending.get(i).is_some_and(|st| st.raw == have.raw) => {
+                        pending.offsets[i] = TAKEN;
+                        pending.left -= 1;
+                        keep.push_raw(&have);
+                    }
+                    _ => {
+                        if let Err(e) = s::drop_statement(have.name) {
+                            fatal(&e.message());
+                        }
+                    }
                 }
             }
+            sh.statements = keep;
         });
     } else {
         full_switch(startup, &settings, &defaults);
