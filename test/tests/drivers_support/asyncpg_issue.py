@@ -52,7 +52,10 @@ async def add_column(pool, n, alter):
                 results.setdefault(f"chg{c}", []).append([tuple(r) for r in await conn.fetch("SELECT * FROM chg")])
             except Exception as e:
                 errors.append(f"chg{c} first fetch: {type(e).__name__}: {e}")
-        await alter()
+        try:
+            await alter()
+        except Exception as e:
+            errors.append(f"ALTER TABLE chg: {type(e).__name__}: {e}")
 
         async def again(c, conn):
             for i in range(10):
