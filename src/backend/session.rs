@@ -56,8 +56,8 @@ struct Pending {
 
 /// FNV-1a: names are short and chosen by drivers, not adversaries of the
 /// backend's own client (a collision only costs a comparison).
-fn name_hash(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+fn name_hash(name: &[u8]) -> u64 {
+    name.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 const TAKEN: u32 = u32::MAX;
@@ -66,9 +66,9 @@ impl Pending {
     fn set(&mut self, statements: StatementList) {
         let mut offsets = Vec::with_capacity(statements.len());
         let mut index = Vec::with_capacity(statements.len());
-        for (i, (off, st)) in statements.iter_offsets().enumerate() {
+        for (i, (off, name)) in statements.names().enumerate() {
             offsets.push(off as u32);
-            index.push((name_hash(st.name), i as u32));
+            index.push((name_hash(name), i as u32));
         }
         index.sort_unstable();
         self.index = index;
@@ -85,13 +85,13 @@ impl Pending {
     }
     /// Entry number of the statement `name` not created yet.
     fn find(&self, name: &str) -> Option<usize> {
-        let h = name_hash(name);
+        let h = name_hash(name.as_bytes());
         let start = self.index.partition_point(|&(x, _)| x < h);
         self.index[start..]
             .iter()
             .take_while(|&&(x, _)| x == h)
             .map(|&(_, i)| i as usize)
-            .find(|&i| self.get(i).is_some_and(|st| st.name == name))
+            .find(|&i| self.offsets[i] != TAKEN && self.list.name_is(self.offsets[i] as usize, name))
     }
     /// Marks entry `i` as taken; the statement, decoded, if it was not.
     fn take_at(&mut self, i: usize) -> Option<Statement> {

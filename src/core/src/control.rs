@@ -148,6 +148,24 @@ impl StatementList {
             r.raw_statement().ok().map(|st| (off, st))
         })
     }
+    /// Byte offset and name (as bytes) of each entry in order, found
+    /// without checking the entries again (they were when the list was read
+    /// or written): what a backend indexes at every switch.
+    pub fn names(&self) -> impl Iterator<Item = (usize, &[u8])> {
+        let b = &self.bytes[..];
+        let mut off = 0;
+        (0..self.count).map_while(move |_| {
+            let (name_end, end) = entry_bounds(b, off)?;
+            let item = (off, &b[off..name_end]);
+            off = end;
+            Some(item)
+        })
+    }
+    /// Whether the entry at byte offset `off` is named `name`.
+    pub fn name_is(&self, off: usize, name: &str) -> bool {
+        let n = name.as_bytes();
+        self.bytes.get(off..off + n.len()) == Some(n) && self.bytes.get(off + n.len()) == Some(&0)
+    }
     /// The entry at byte offset `off` (one `iter_offsets` gave).
     pub fn at(&self, off: usize) -> Option<RawStatement<'_>> {
         Reader { body: &self.bytes, off }.raw_statement().ok()
@@ -155,6 +173,19 @@ impl StatementList {
     pub fn to_statements(&self) -> Vec<Statement> {
         self.iter().map(|r| r.to_statement()).collect()
     }
+}
+
+/// End of the name and end of the entry that starts at `off` in a list's
+/// bytes (None past the end).
+fn entry_bounds(b: &[u8], off: usize) -> Option<(usize, usize)> {
+    let nul = |from: usize| b.get(from..)?.iter().position(|&x| x == 0).map(|n| from + n);
+    let u32_at = |at: usize| b.get(at..at + 4).map(|x| u32::from_be_bytes([x[0], x[1], x[2], x[3]]) as usize);
+    let name_end = nul(off)?;
+    let text_end = nul(name_end + 1)?;
+    let mut p = text_end + 2; // NUL, from_sql
+    p = p.checked_add(4)?.checked_add(u32_at(p)?.checked_mul(4)?)?;
+    p = p.checked_add(4)?.checked_add(u32_at(p)?)?;
+    (p <= b.len()).then_some((name_end, p))
 }
 
 impl From<&[Statement]> for StatementList {
@@ -465,7 +496,13 @@ mod tests {
         assert_eq!(names, ["P_0", "q"]);
         for (off, r) in list.iter_offsets() {
             assert_eq!(list.at(off), Some(r));
+            assert!(list.name_is(off, r.name));
+            assert!(!list.name_is(off, "P_"));
+            assert!(!list.name_is(off, "P_00"));
         }
+        let fast: Vec<(usize, &[u8])> = list.names().collect();
+        let slow: Vec<(usize, &[u8])> = list.iter_offsets().map(|(o, r)| (o, r.name.as_bytes())).collect();
+        assert_eq!(fast, slow);
         // Entries copied raw into another list are the same statements.
         let mut copy = StatementList::default();
         for r in list.iter().collect::<Vec<_>>().into_iter().rev() {
