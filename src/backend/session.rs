@@ -19,7 +19,7 @@
 //! would get, so only the sequence caches are dropped (currval/lastval).
 use crate::pg::glue;
 use crate::pg::session as s;
-use nextgres_core::control::{SessionImage, Statement};
+use nextgres_core::control::{RawStatement, SessionImage, Statement, StatementList};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
@@ -34,62 +34,83 @@ struct Shape {
     /// No SET/set_config value of a client is in effect.
     settings_clean: bool,
     /// The named prepared statements this backend has created.
-    statements: Vec<Statement>,
+    statements: StatementList,
 }
 
 /// The attached client's prepared statements that exist for it (as on a
 /// direct connection they exist from Parse/PREPARE until Close/DEALLOCATE/
 /// DISCARD) but are not created on this backend yet: created when the
 /// client first names one (session.c watches for that), in the image's order.
+/// The image's list stays in its wire layout: an entry is decoded only when
+/// its statement is created here.
 #[derive(Default)]
 struct Pending {
-    list: Vec<Option<Statement>>,
-    /// (hash of the name, position in `list`), sorted: built at every
-    /// switch, so one allocation rather than a map of copied names.
+    list: StatementList,
+    /// Byte offset of each entry in `list`, u32::MAX once taken.
+    offsets: Vec<u32>,
+    /// (hash of the name, entry number), sorted: built at every switch, so
+    /// one allocation rather than a map of copied names.
     index: Vec<(u64, u32)>,
     left: usize,
 }
 
 /// FNV-1a: names are short and chosen by drivers, not adversaries of the
 /// backend's own client (a collision only costs a comparison).
-fn name_hash(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+fn name_hash(name: &[u8]) -> u64 {
+    name.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
 
+const TAKEN: u32 = u32::MAX;
+
 impl Pending {
-    fn set(&mut self, statements: Vec<Statement>) {
-        let mut index: Vec<(u64, u32)> =
-            statements.iter().enumerate().map(|(i, st)| (name_hash(&st.name), i as u32)).collect();
+    fn set(&mut self, statements: StatementList) {
+        let mut offsets = Vec::with_capacity(statements.len());
+        let mut index = Vec::with_capacity(statements.len());
+        for (i, (off, name)) in statements.names().enumerate() {
+            offsets.push(off as u32);
+            index.push((name_hash(name), i as u32));
+        }
         index.sort_unstable();
         self.index = index;
-        self.left = statements.len();
-        self.list = statements.into_iter().map(Some).collect();
+        self.left = offsets.len();
+        self.offsets = offsets;
+        self.list = statements;
     }
-    /// Position of the statement `name` not created yet.
+    /// Entry `i`, unless taken.
+    fn get(&self, i: usize) -> Option<RawStatement<'_>> {
+        match self.offsets.get(i) {
+            Some(&off) if off != TAKEN => self.list.at(off as usize),
+            _ => None,
+        }
+    }
+    /// Entry number of the statement `name` not created yet.
     fn find(&self, name: &str) -> Option<usize> {
-        let h = name_hash(name);
+        let h = name_hash(name.as_bytes());
         let start = self.index.partition_point(|&(x, _)| x < h);
         self.index[start..]
             .iter()
             .take_while(|&&(x, _)| x == h)
             .map(|&(_, i)| i as usize)
-            .find(|&i| self.list[i].as_ref().is_some_and(|st| st.name == name))
+            .find(|&i| self.offsets[i] != TAKEN && self.list.name_is(self.offsets[i] as usize, name))
+    }
+    /// Marks entry `i` as taken; the statement, decoded, if it was not.
+    fn take_at(&mut self, i: usize) -> Option<Statement> {
+        let st = self.get(i)?.to_statement();
+        self.offsets[i] = TAKEN;
+        self.left -= 1;
+        Some(st)
     }
     fn take(&mut self, name: &str) -> Option<Statement> {
         let i = self.find(name)?;
-        let st = self.list[i].take();
-        if st.is_some() {
-            self.left -= 1;
-        }
-        st
+        self.take_at(i)
     }
     fn take_all(&mut self) -> Vec<Statement> {
-        self.index.clear();
-        self.left = 0;
-        std::mem::take(&mut self.list).into_iter().flatten().collect()
+        let all = self.remaining().map(|st| st.to_statement()).collect();
+        *self = Pending::default();
+        all
     }
-    fn remaining(&self) -> impl Iterator<Item = &Statement> {
-        self.list.iter().flatten()
+    fn remaining(&self) -> impl Iterator<Item = RawStatement<'_>> {
+        (0..self.offsets.len()).filter_map(|i| self.get(i))
     }
 }
 
@@ -178,24 +199,35 @@ pub fn switch_to(startup: &[(String, String)], image: SessionImage) {
     let SessionImage { settings, statements, defaults } = image;
     let mut pending = Pending::default();
     pending.set(statements);
-    // Statements this backend already has that the client has too (same
-    // name, text, parameter and result types) need not be created again.
-    let kept = SHAPE.with(|sh| {
-        let sh = sh.borrow();
-        sh.statements.iter().all(|have| pending.find(&have.name).and_then(|i| pending.list[i].as_ref()) == Some(have))
-    });
-    let same = kept
-        && same_defaults(&current_defaults(), &defaults)
+    let same = same_defaults(&current_defaults(), &defaults)
         && SHAPE.with(|sh| {
             let sh = sh.borrow();
             sh.known && sh.settings_clean && settings.is_empty() && sh.startup == startup
         });
     if same {
+        // Statements this backend already has that the client has too (same
+        // name, text, parameter and result types) are kept, not created
+        // again; any other is dropped, as DISCARD ALL would drop it, so the
+        // backend has no named statement the client does not have.
         s::switch_light();
         SHAPE.with(|sh| {
-            for have in &sh.borrow().statements {
-                pending.take(&have.name);
+            let mut sh = sh.borrow_mut();
+            let mut keep = StatementList::default();
+            for have in sh.statements.iter() {
+                match pending.find(have.name) {
+                    Some(i) if pending.get(i).is_some_and(|st| st.raw == have.raw) => {
+                        pending.offsets[i] = TAKEN;
+                        pending.left -= 1;
+                        keep.push_raw(&have);
+                    }
+                    _ => {
+                        if let Err(e) = s::drop_statement(have.name) {
+                            fatal(&e.message());
+                        }
+                    }
+                }
             }
+            sh.statements = keep;
         });
     } else {
         full_switch(startup, &settings, &defaults);
@@ -204,7 +236,7 @@ pub fn switch_to(startup: &[(String, String)], image: SessionImage) {
             sh.known = true;
             sh.startup = startup.to_vec();
             sh.settings_clean = settings.is_empty();
-            sh.statements.clear();
+            sh.statements = StatementList::default();
         });
     }
     PENDING.with(|p| *p.borrow_mut() = pending);
@@ -224,7 +256,7 @@ pub fn attached_again() {
 /// Creates a statement the client still has but this backend has not.
 fn create(st: Statement) {
     match s::create_statement(&st) {
-        Ok(()) => SHAPE.with(|sh| sh.borrow_mut().statements.push(st)),
+        Ok(()) => SHAPE.with(|sh| sh.borrow_mut().statements.push(&st)),
         Err(e) => log::info!("prepared statement \"{}\" could not be re-created: {}", st.name, e.message()),
     }
 }
@@ -273,7 +305,7 @@ pub extern "C" fn ng_rs_statements_forget() {
 /// trackers saw no change of that kind). `created` is what this backend
 /// has; returns the client's statements: those plus the ones it still has
 /// that were never needed here.
-pub fn note_release(settings: Option<&[(String, String)]>, created: Option<Vec<Statement>>) -> Option<Vec<Statement>> {
+pub fn note_release(settings: Option<&[(String, String)]>, created: Option<StatementList>) -> Option<StatementList> {
     s::set_statements_pending(false);
     SHAPE.with(|sh| {
         let mut sh = sh.borrow_mut();
@@ -281,9 +313,15 @@ pub fn note_release(settings: Option<&[(String, String)]>, created: Option<Vec<S
             sh.settings_clean = v.is_empty();
         }
         let created = created?;
-        let names: std::collections::HashSet<&str> = created.iter().map(|c| c.name.as_str()).collect();
         let mut all = created.clone();
-        PENDING.with(|p| all.extend(p.borrow().remaining().filter(|st| !names.contains(st.name.as_str())).cloned()));
+        {
+            let names: std::collections::HashSet<&str> = created.iter().map(|c| c.name).collect();
+            PENDING.with(|p| {
+                for st in p.borrow().remaining().filter(|st| !names.contains(st.name)) {
+                    all.push_raw(&st);
+                }
+            });
+        }
         sh.statements = created;
         Some(all)
     })
@@ -329,7 +367,7 @@ pub fn discard() {
     SHAPE.with(|sh| {
         let mut sh = sh.borrow_mut();
         sh.settings_clean = true;
-        sh.statements.clear();
+        sh.statements = StatementList::default();
     });
     ng_rs_statements_forget();
 }

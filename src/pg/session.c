@@ -1323,6 +1323,33 @@ ng_create_statement(const char *name, const char *text, bool from_sql,
 	return ok;
 }
 
+/*
+ * Drops the named prepared statement `name`, as DEALLOCATE does
+ * (DropPreparedStatement, commands/prepare.c); a missing one is no error.
+ * Between two clients, outside any transaction: dropping a statement only
+ * releases its cached plans (DropCachedPlan, utils/cache/plancache.c), which
+ * needs no transaction or resource owner.
+ */
+bool
+ng_drop_statement(const char *name, NgError *err)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile bool ok = true;
+
+	PG_TRY();
+	{
+		DropPreparedStatement(name, false);
+	}
+	PG_CATCH();
+	{
+		ng_capture_error(cxt, err);
+		ok = false;
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+	return ok;
+}
+
 /* The client has statements not created here yet (Rust keeps them). */
 void
 ng_set_statements_pending(bool pending)

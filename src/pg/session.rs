@@ -1,6 +1,6 @@
 //! Rust side of `session.c`: the client's session image and pins.
 use super::glue::{cstring, NgError};
-use nextgres_core::control::{Statement};
+use nextgres_core::control::{Statement, StatementList};
 use std::ffi::{c_char, c_int};
 
 extern "C" {
@@ -23,6 +23,7 @@ extern "C" {
         err: *mut NgError,
     ) -> bool;
     fn ng_lazy_statements_init() -> bool;
+    fn ng_drop_statement(name: *const c_char, err: *mut NgError) -> bool;
     fn ng_set_statements_pending(pending: bool);
     fn ng_count_session(delta: c_int);
     fn ng_connection_logging() -> c_int;
@@ -94,7 +95,7 @@ pub fn take_session_settings() -> Option<Vec<(String, String)>> {
 }
 
 /// Named prepared statements, if they may have changed since the last call.
-pub fn take_statements() -> Option<Vec<Statement>> {
+pub fn take_statements() -> Option<StatementList> {
     let raw = take(ng_take_statements)?;
     // Same layout as the control channel's statement list.
     nextgres_core::control::parse_statement_list(&raw).ok()
@@ -132,6 +133,18 @@ pub fn create_statement(st: &Statement) -> Result<(), NgError> {
         )
     };
     if ok {
+        Ok(())
+    } else {
+        Err(err)
+    }
+}
+
+/// Drops this backend's named prepared statement `name` (as DEALLOCATE,
+/// or DISCARD ALL for that one statement); none by that name is no error.
+pub fn drop_statement(name: &str) -> Result<(), NgError> {
+    let n = cstring(name);
+    let mut err = NgError::new();
+    if unsafe { ng_drop_statement(n.as_ptr(), &mut err) } {
         Ok(())
     } else {
         Err(err)

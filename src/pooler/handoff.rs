@@ -306,7 +306,6 @@ impl Pooler {
             Some(c) if new_client => std::mem::take(&mut c.image),
             _ => Default::default(),
         };
-        let mut msg = Vec::with_capacity(128);
         let attach = Attach {
             client_id,
             flags: if new_client { control::FLAG_NEW_CLIENT } else { 0 }
@@ -318,6 +317,7 @@ impl Pooler {
             settings,
             image,
         };
+        let mut msg = Vec::with_capacity(control::attach_size_hint(&attach));
         control::write_attach(&mut msg, &attach);
         if new_client {
             if let Some(c) = self.client(ck) {

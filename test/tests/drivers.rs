@@ -49,10 +49,6 @@ fn install() {
 }
 
 /// Per-connection schemas with a small table, owned by the client role.
-fn setup(pg: &Cluster) {
-    setup_n(pg, CONNECTIONS);
-}
-
 fn setup_n(pg: &Cluster, connections: usize) {
     let mut admin = pg.admin();
     let mut sql = String::from(
@@ -69,14 +65,20 @@ fn setup_n(pg: &Cluster, connections: usize) {
     admin.batch_execute(&sql).unwrap();
 }
 
-/// Runs one workload against a server; its JSON output.
-fn workload(driver: &str, pg: &Cluster) -> serde_json::Value {
-    setup(pg);
+/// Runs one workload against a server (`connections` connections or
+/// threads, `iterations` each); its JSON output.
+fn workload(driver: &str, pg: &Cluster, connections: usize, iterations: usize) -> serde_json::Value {
+    setup_n(pg, connections);
     let port = pg.port().to_string();
-    let (n, k) = (CONNECTIONS.to_string(), ITERATIONS.to_string());
+    let (n, k) = (connections.to_string(), iterations.to_string());
     let dir = support();
     let python = format!("{VENV}/bin/python");
     let mut c = match driver {
+        "asyncpg_issue" => {
+            let mut c = Command::new(&python);
+            c.arg(dir.join("asyncpg_issue.py")).args(["127.0.0.1", &port, "app", "postgres"]);
+            c
+        }
         "asyncpg" => {
             let mut c = Command::new(&python);
             c.arg(dir.join("asyncpg_wl.py")).args(["127.0.0.1", &port, "app", "postgres", &n, &k]);
@@ -108,12 +110,19 @@ fn workload(driver: &str, pg: &Cluster) -> serde_json::Value {
 }
 
 fn matrix(driver: &'static str) {
+    matrix_n(driver, CONNECTIONS, ITERATIONS);
+}
+
+/// `driver`'s workload with `connections` connections, directly and through
+/// a pool of a quarter of them: zero errors, identical results.
+fn matrix_n(driver: &'static str, connections: usize, iterations: usize) -> serde_json::Value {
     install();
+    let pool = connections / 4;
     let direct = Cluster::builder().preload(false).listen_addresses("127.0.0.1").start();
-    let pooled = Cluster::builder().conf(format!("nextgres.pool_size = {}", CONNECTIONS / 4)).start();
+    let pooled = Cluster::builder().conf(format!("nextgres.pool_size = {pool}")).start();
     pooled.admin().batch_execute("CREATE EXTENSION nextgres").unwrap();
-    let d = workload(driver, &direct);
-    let p = workload(driver, &pooled);
+    let d = workload(driver, &direct, connections, iterations);
+    let p = workload(driver, &pooled, connections, iterations);
     assert_eq!(d["errors"], serde_json::json!([]), "{driver} directly: {}", d["errors"]);
     assert_eq!(p["errors"], serde_json::json!([]), "{driver} through the pool: {}", p["errors"]);
     let (dr, pr) = (d["results"].as_object().unwrap(), p["results"].as_object().unwrap());
@@ -122,7 +131,8 @@ fn matrix(driver: &'static str) {
         assert_eq!(&pr[conn], want, "{driver} {conn}: pooled results differ from direct ones");
     }
     assert!(dr.values().all(|v| v.as_array().is_some_and(|a| !a.is_empty())), "{driver}: empty results {d}");
-    eprintln!("{driver}: {} connections, identical results directly and through a pool of {}", dr.len(), CONNECTIONS / 4);
+    eprintln!("{driver}: {} connections, identical results directly and through a pool of {pool}", dr.len());
+    p
 }
 
 #[test]
@@ -130,9 +140,11 @@ fn asyncpg_and_sqlalchemy_orm() {
     matrix("asyncpg");
 }
 
+/// psycopg 3 as in the issue: 32 threads at the default prepare_threshold
+/// (each query prepared from its 6th use), through a pool of 8.
 #[test]
 fn psycopg3() {
-    matrix("psycopg");
+    matrix_n("psycopg", 32, ITERATIONS);
 }
 
 #[test]
@@ -140,9 +152,53 @@ fn node_postgres_and_postgres_js() {
     matrix("node");
 }
 
+/// pgjdbc as in the issue: 32 threads (default prepareThreshold, then
+/// prepareThreshold=1), through a pool of 8.
 #[test]
 fn pgjdbc() {
-    matrix("pgjdbc");
+    matrix_n("pgjdbc", 32, ITERATIONS);
+}
+
+/// Issue 10's three asyncpg inputs as filed (drivers_support/asyncpg_issue.py):
+/// a cached statement on a temp table `ON COMMIT DROP` created inside each
+/// transaction (16 connections), `ALTER TABLE ... ADD COLUMN` under a cached
+/// `SELECT *` (16 connections; asyncpg re-prepares on the server's 0A000),
+/// and `INSERT` then `SELECT lastval()` as two statements (32 connections);
+/// through a pool of 4: zero errors, results identical to direct ones, and
+/// the pooled connections did move between backends.
+#[test]
+fn asyncpg_issue_inputs() {
+    install();
+    let direct = Cluster::builder().preload(false).listen_addresses("127.0.0.1").start();
+    let pooled = Cluster::builder().conf("nextgres.pool_size = 4").start();
+    pooled.admin().batch_execute("CREATE EXTENSION nextgres").unwrap();
+    let mut runs = Vec::new();
+    for pg in [&direct, &pooled] {
+        setup_n(pg, 0);
+        pg.admin()
+            .batch_execute(
+                "CREATE TABLE chg(a int); INSERT INTO chg VALUES (1), (2); ALTER TABLE chg OWNER TO app;
+                 CREATE TABLE lv(id serial PRIMARY KEY, who int); GRANT ALL ON lv, lv_id_seq TO app",
+            )
+            .unwrap();
+        runs.push(workload("asyncpg_issue", pg, 0, 0));
+    }
+    let (d, p) = (&runs[0], &runs[1]);
+    assert_eq!(d["errors"], serde_json::json!([]), "asyncpg directly: {}", d["errors"]);
+    assert_eq!(p["errors"], serde_json::json!([]), "asyncpg through the pool: {}", p["errors"]);
+    assert_eq!(d["results"], p["results"], "asyncpg: pooled results differ from direct ones");
+    let results = d["results"].as_object().unwrap();
+    assert_eq!(results.len(), 16 + 16 + 32, "{d}");
+    // The ADD COLUMN input saw the new column (directly after asyncpg's re-prepare).
+    assert_eq!(results["chg0"][10], serde_json::json!([[1, 7], [2, 7]]), "{d}");
+    let moved = |r: &serde_json::Value, prefix: &str| {
+        r["pids"].as_object().unwrap().iter().filter(|(k, n)| k.starts_with(prefix) && n.as_u64() > Some(1)).count()
+    };
+    assert_eq!(moved(d, ""), 0, "directly a connection has one backend: {}", d["pids"]);
+    for prefix in ["temp", "chg"] {
+        assert!(moved(p, prefix) > 0, "no pooled {prefix} connection moved between backends: {}", p["pids"]);
+    }
+    eprintln!("asyncpg issue inputs: identical results directly and through a pool of 4; backends per pooled connection: {}", p["pids"]);
 }
 
 // ---------------------------------------------------------------------------

@@ -126,3 +126,37 @@ fn prepared_statements_stay_per_client() {
         assert_eq!(value(&mut a, "SELECT count(*) FROM pg_prepared_statements").as_deref(), Some("1"));
     });
 }
+
+/// Two clients with the same startup settings and no SET, sharing one
+/// backend, whose statements differ in part: the statement both have alike
+/// (`same`) is kept across every switch (same prepare_time: no DISCARD ALL),
+/// while each client still has exactly its own others (`p` with its own
+/// text, `only_a` / `only_b`) and never the other's (26000), as directly.
+#[test]
+fn differing_statements_dropped_alike_kept() {
+    run(|pg| {
+        let mut a = pg.connect_tcp("app", "postgres", None).unwrap();
+        let mut b = pg.connect_tcp("app", "postgres", None).unwrap();
+        for (c, who) in [(&mut a, "a"), (&mut b, "b")] {
+            value(c, "PREPARE same AS SELECT 'same'");
+            value(c, &format!("PREPARE p AS SELECT '{who}'"));
+            value(c, &format!("PREPARE only_{who} AS SELECT 'only {who}'"));
+        }
+        let names = "SELECT string_agg(name, ',' ORDER BY name) FROM pg_prepared_statements";
+        let prepared_at = |c: &mut Client| value(c, "SELECT prepare_time::text FROM pg_prepared_statements WHERE name = 'same'");
+        assert_eq!(value(&mut a, "EXECUTE same").as_deref(), Some("same"));
+        let first = prepared_at(&mut a);
+        assert!(first.is_some(), "no prepared statement same");
+        for i in 0..10 {
+            for (c, who, other) in [(&mut a, "a", "b"), (&mut b, "b", "a")] {
+                assert_eq!(value(c, "EXECUTE same").as_deref(), Some("same"));
+                assert_eq!(value(c, "EXECUTE p"), Some(who.to_string()), "round {i}");
+                assert_eq!(value(c, &format!("EXECUTE only_{who}")), Some(format!("only {who}")));
+                let err = c.simple_query(&format!("EXECUTE only_{other}")).expect_err("the other client's statement");
+                assert_eq!(err.code().map(|c| c.code()), Some("26000"), "round {i}, {who}: {err:?}");
+                assert_eq!(value(c, names), Some(format!("only_{who},p,same")), "round {i}, {who}");
+                assert_eq!(prepared_at(c), first, "round {i}, {who}: same was re-created (a full switch)");
+            }
+        }
+    });
+}

@@ -77,12 +77,143 @@ pub struct Statement {
     pub result: Vec<u8>,
 }
 
+/// A list of named prepared statements kept in its wire layout (one entry
+/// per statement: name, text, from_sql, parameter types, result; see
+/// `put_statements`), validated once when it is read. The pooler only
+/// stores and forwards it, and a backend reads single entries in place, so
+/// a client holding hundreds of statements costs a copy of their bytes per
+/// switch rather than a decoded object (and its allocations) per statement.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatementList {
+    count: u32,
+    /// The entries, without the count.
+    bytes: Vec<u8>,
+}
+
+/// One entry of a `StatementList`, in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawStatement<'a> {
+    /// The whole entry, as written (equal bytes: equal statements).
+    pub raw: &'a [u8],
+    pub name: &'a str,
+    pub text: &'a str,
+    pub from_sql: bool,
+    /// Parameter type OIDs, 4 bytes each, big-endian.
+    params: &'a [u8],
+    pub result: &'a [u8],
+}
+
+impl<'a> RawStatement<'a> {
+    pub fn param_types(&self) -> impl Iterator<Item = u32> + 'a {
+        self.params.chunks_exact(4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    pub fn to_statement(&self) -> Statement {
+        Statement {
+            name: self.name.to_string(),
+            text: self.text.to_string(),
+            from_sql: self.from_sql,
+            param_types: self.param_types().collect(),
+            result: self.result.to_vec(),
+        }
+    }
+}
+
+impl StatementList {
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+    /// Size of the entries in bytes.
+    pub fn byte_len(&self) -> usize {
+        self.bytes.len()
+    }
+    /// Appends an entry of another (validated) list.
+    pub fn push_raw(&mut self, st: &RawStatement<'_>) {
+        self.bytes.extend_from_slice(st.raw);
+        self.count += 1;
+    }
+    pub fn push(&mut self, st: &Statement) {
+        put_statement(&mut self.bytes, st);
+        self.count += 1;
+    }
+    /// The entries in order. The bytes were validated when the list was
+    /// read or written, so this never fails.
+    pub fn iter(&self) -> impl Iterator<Item = RawStatement<'_>> {
+        let mut r = Reader { body: &self.bytes, off: 0 };
+        (0..self.count).map_while(move |_| r.raw_statement().ok())
+    }
+    /// The entries in order with their byte offsets (for `at`).
+    pub fn iter_offsets(&self) -> impl Iterator<Item = (usize, RawStatement<'_>)> {
+        let mut r = Reader { body: &self.bytes, off: 0 };
+        (0..self.count).map_while(move |_| {
+            let off = r.off;
+            r.raw_statement().ok().map(|st| (off, st))
+        })
+    }
+    /// Byte offset and name (as bytes) of each entry in order, found
+    /// without checking the entries again (they were when the list was read
+    /// or written): what a backend indexes at every switch.
+    pub fn names(&self) -> impl Iterator<Item = (usize, &[u8])> {
+        let b = &self.bytes[..];
+        let mut off = 0;
+        (0..self.count).map_while(move |_| {
+            let (name_end, end) = entry_bounds(b, off)?;
+            let item = (off, &b[off..name_end]);
+            off = end;
+            Some(item)
+        })
+    }
+    /// Whether the entry at byte offset `off` is named `name`.
+    pub fn name_is(&self, off: usize, name: &str) -> bool {
+        let n = name.as_bytes();
+        self.bytes.get(off..off + n.len()) == Some(n) && self.bytes.get(off + n.len()) == Some(&0)
+    }
+    /// The entry at byte offset `off` (one `iter_offsets` gave).
+    pub fn at(&self, off: usize) -> Option<RawStatement<'_>> {
+        Reader { body: &self.bytes, off }.raw_statement().ok()
+    }
+    pub fn to_statements(&self) -> Vec<Statement> {
+        self.iter().map(|r| r.to_statement()).collect()
+    }
+}
+
+/// End of the name and end of the entry that starts at `off` in a list's
+/// bytes (None past the end).
+fn entry_bounds(b: &[u8], off: usize) -> Option<(usize, usize)> {
+    let nul = |from: usize| b.get(from..)?.iter().position(|&x| x == 0).map(|n| from + n);
+    let u32_at = |at: usize| b.get(at..at + 4).map(|x| u32::from_be_bytes([x[0], x[1], x[2], x[3]]) as usize);
+    let name_end = nul(off)?;
+    let text_end = nul(name_end + 1)?;
+    let mut p = text_end + 2; // NUL, from_sql
+    p = p.checked_add(4)?.checked_add(u32_at(p)?.checked_mul(4)?)?;
+    p = p.checked_add(4)?.checked_add(u32_at(p)?)?;
+    (p <= b.len()).then_some((name_end, p))
+}
+
+impl From<&[Statement]> for StatementList {
+    fn from(stmts: &[Statement]) -> Self {
+        let mut l = StatementList::default();
+        for st in stmts {
+            l.push(st);
+        }
+        l
+    }
+}
+
+impl From<Vec<Statement>> for StatementList {
+    fn from(stmts: Vec<Statement>) -> Self {
+        StatementList::from(&stmts[..])
+    }
+}
+
 /// What a client carries from backend to backend in transaction mode.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SessionImage {
     /// Settings changed with SET/set_config (source "session"), in order.
     pub settings: Vec<(String, String)>,
-    pub statements: Vec<Statement>,
+    pub statements: StatementList,
     /// The role and database defaults (pg_db_role_setting) in force at the
     /// client's login, in the order the server applies them, lowest
     /// precedence first: each name is prefixed with its level, `0` ALTER
@@ -115,7 +246,7 @@ pub struct Released {
     pub bytes_sent: u64,
     /// Present when they changed during the transaction.
     pub settings: Option<Vec<(String, String)>>,
-    pub statements: Option<Vec<Statement>>,
+    pub statements: Option<StatementList>,
     pub defaults: Option<Vec<(String, String)>>,
 }
 
@@ -141,19 +272,32 @@ fn put_pairs(o: &mut Vec<u8>, pairs: &[(String, String)]) {
     }
 }
 
-fn put_statements(o: &mut Vec<u8>, stmts: &[Statement]) {
-    o.extend_from_slice(&(stmts.len() as u32).to_be_bytes());
-    for st in stmts {
-        put_str(o, &st.name);
-        put_str(o, &st.text);
-        o.push(u8::from(st.from_sql));
-        o.extend_from_slice(&(st.param_types.len() as u32).to_be_bytes());
-        for t in &st.param_types {
-            o.extend_from_slice(&t.to_be_bytes());
-        }
-        o.extend_from_slice(&(st.result.len() as u32).to_be_bytes());
-        o.extend_from_slice(&st.result);
+fn put_statement(o: &mut Vec<u8>, st: &Statement) {
+    put_str(o, &st.name);
+    put_str(o, &st.text);
+    o.push(u8::from(st.from_sql));
+    o.extend_from_slice(&(st.param_types.len() as u32).to_be_bytes());
+    for t in &st.param_types {
+        o.extend_from_slice(&t.to_be_bytes());
     }
+    o.extend_from_slice(&(st.result.len() as u32).to_be_bytes());
+    o.extend_from_slice(&st.result);
+}
+
+fn put_statements(o: &mut Vec<u8>, stmts: &StatementList) {
+    o.extend_from_slice(&stmts.count.to_be_bytes());
+    o.extend_from_slice(&stmts.bytes);
+}
+
+/// Bytes an ATTACH for `a` takes (to size its buffer once).
+pub fn attach_size_hint(a: &Attach) -> usize {
+    let pairs = |p: &[(String, String)]| 4 + p.iter().map(|(n, v)| n.len() + v.len() + 2).sum::<usize>();
+    32 + a.addr.len()
+        + pairs(&a.settings)
+        + pairs(&a.image.settings)
+        + 4
+        + a.image.statements.byte_len()
+        + pairs(&a.image.defaults)
 }
 
 pub fn write_attach(out: &mut Vec<u8>, a: &Attach) {
@@ -259,20 +403,31 @@ impl<'a> Reader<'a> {
         let n = self.count(2)?;
         (0..n).map(|_| Ok((self.str()?, self.str()?))).collect()
     }
-    fn statements(&mut self) -> Result<Vec<Statement>, ProtoError> {
+    fn cstr(&mut self) -> Result<&'a str, ProtoError> {
+        let (s, next) = read_cstr(self.body, self.off)?;
+        self.off = next;
+        Ok(s)
+    }
+    /// One statement entry, in place.
+    fn raw_statement(&mut self) -> Result<RawStatement<'a>, ProtoError> {
+        let start = self.off;
+        let name = self.cstr()?;
+        let text = self.cstr()?;
+        let from_sql = self.u8()? != 0;
+        let np = self.count(4)?;
+        let params = self.take(np * 4)?;
+        let rl = self.count(1)?;
+        let result = self.take(rl)?;
+        Ok(RawStatement { raw: &self.body[start..self.off], name, text, from_sql, params, result })
+    }
+    /// A statement list: validated entry by entry, then copied as bytes.
+    fn statements(&mut self) -> Result<StatementList, ProtoError> {
         let n = self.count(11)?;
-        (0..n)
-            .map(|_| {
-                let name = self.str()?;
-                let text = self.str()?;
-                let from_sql = self.u8()? != 0;
-                let np = self.count(4)?;
-                let param_types = (0..np).map(|_| self.u32()).collect::<Result<_, _>>()?;
-                let rl = self.count(1)?;
-                let result = self.take(rl)?.to_vec();
-                Ok(Statement { name, text, from_sql, param_types, result })
-            })
-            .collect()
+        let start = self.off;
+        for _ in 0..n {
+            self.raw_statement()?;
+        }
+        Ok(StatementList { count: n as u32, bytes: self.body[start..self.off].to_vec() })
     }
     fn end(&self) -> Result<(), ProtoError> {
         if self.off != self.body.len() {
@@ -315,7 +470,7 @@ pub fn parse_released(body: &[u8]) -> Result<Released, ProtoError> {
 
 /// A statement list alone, as inside ATTACH and RELEASED (the server side's
 /// own list of a backend's statements is written in the same layout).
-pub fn parse_statement_list(body: &[u8]) -> Result<Vec<Statement>, ProtoError> {
+pub fn parse_statement_list(body: &[u8]) -> Result<StatementList, ProtoError> {
     let mut r = Reader { body, off: 0 };
     let list = r.statements()?;
     r.end()?;
@@ -330,19 +485,46 @@ mod tests {
     fn image() -> SessionImage {
         SessionImage {
             settings: vec![("search_path".into(), "a, b".into()), ("myapp.user".into(), "42".into())],
-            statements: vec![
-                Statement { name: "P_0".into(), text: "SELECT $1::int".into(), from_sql: false, param_types: vec![23], result: vec![0, 0, 0, 1, b'a', 0, 0, 0, 0, 23] },
-                Statement { name: "q".into(), text: "PREPARE q AS SELECT 1".into(), from_sql: true, param_types: vec![], result: vec![] },
-            ],
+            statements: statements().into(),
             defaults: vec![("2timezone".into(), "UTC+3".into())],
         }
+    }
+
+    fn statements() -> Vec<Statement> {
+        vec![
+            Statement { name: "P_0".into(), text: "SELECT $1::int".into(), from_sql: false, param_types: vec![23, 25], result: vec![0, 0, 0, 1, b'a', 0, 0, 0, 0, 23] },
+            Statement { name: "q".into(), text: "PREPARE q AS SELECT 1".into(), from_sql: true, param_types: vec![], result: vec![] },
+        ]
     }
 
     #[test]
     fn statement_list_round_trip() {
         let mut out = Vec::new();
         put_statements(&mut out, &image().statements);
-        assert_eq!(parse_statement_list(&out).unwrap(), image().statements);
+        let list = parse_statement_list(&out).unwrap();
+        assert_eq!(list, image().statements);
+        assert_eq!(list.to_statements(), statements());
+        assert_eq!(list.len(), 2);
+        let names: Vec<&str> = list.iter().map(|r| r.name).collect();
+        assert_eq!(names, ["P_0", "q"]);
+        for (off, r) in list.iter_offsets() {
+            assert_eq!(list.at(off), Some(r));
+            assert!(list.name_is(off, r.name));
+            assert!(!list.name_is(off, "P_"));
+            assert!(!list.name_is(off, "P_00"));
+        }
+        let fast: Vec<(usize, &[u8])> = list.names().collect();
+        let slow: Vec<(usize, &[u8])> = list.iter_offsets().map(|(o, r)| (o, r.name.as_bytes())).collect();
+        assert_eq!(fast, slow);
+        // Entries copied raw into another list are the same statements.
+        let mut copy = StatementList::default();
+        for r in list.iter().collect::<Vec<_>>().into_iter().rev() {
+            copy.push_raw(&r);
+        }
+        let mut want = statements();
+        want.reverse();
+        assert_eq!(copy.to_statements(), want);
+        assert_eq!(copy, StatementList::from(want));
         for cut in 0..out.len() {
             assert!(parse_statement_list(&out[..cut]).is_err(), "cut at {cut}");
         }
@@ -403,6 +585,7 @@ mod tests {
             &mut out,
             &Attach { client_id: 1, flags: 0, pool_row: 0, addr: vec![1; 16], settings: vec![("a".into(), "b".into())], image: image() },
         );
+        assert!(attach_size_hint(&Attach { client_id: 1, flags: 0, pool_row: 0, addr: vec![1; 16], settings: vec![("a".into(), "b".into())], image: image() }) >= out.len());
         let body = &out[5..];
         for cut in 0..body.len() {
             assert!(parse_attach(&body[..cut]).is_err(), "cut at {cut}");

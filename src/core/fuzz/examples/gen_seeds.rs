@@ -134,7 +134,8 @@ fn control() {
         statements: vec![
             Statement { name: "P_0".into(), text: "SELECT $1::int".into(), from_sql: false, param_types: vec![23], result: vec![] },
             Statement { name: "q".into(), text: "PREPARE q AS SELECT 1".into(), from_sql: true, param_types: vec![], result: vec![] },
-        ],
+        ]
+        .into(),
         defaults: vec![],
     };
     let a = Attach {

@@ -95,13 +95,13 @@ fn generated(data: &[u8]) -> arbitrary::Result<()> {
             pool_row: u32::arbitrary(&mut u)?,
             addr: u.bytes(alen)?.to_vec(),
             settings: pairs(&mut u)?,
-            image: SessionImage { settings: pairs(&mut u)?, statements: statements(&mut u)?, defaults: pairs(&mut u)? },
+            image: SessionImage { settings: pairs(&mut u)?, statements: statements(&mut u)?.into(), defaults: pairs(&mut u)? },
         };
         attach_round_trip(&a);
     } else {
         let client_id = u64::arbitrary(&mut u)?;
         let settings = if bool::arbitrary(&mut u)? { Some(pairs(&mut u)?) } else { None };
-        let statements = if bool::arbitrary(&mut u)? { Some(statements(&mut u)?) } else { None };
+        let statements = if bool::arbitrary(&mut u)? { Some(statements(&mut u)?.into()) } else { None };
         let defaults = if bool::arbitrary(&mut u)? { Some(pairs(&mut u)?) } else { None };
         let (queries, query_us, bytes_sent) = (u64::arbitrary(&mut u)?, u64::arbitrary(&mut u)?, u64::arbitrary(&mut u)?);
         released_round_trip(&Released { client_id, queries, query_us, bytes_sent, settings, statements, defaults });
