@@ -62,7 +62,10 @@ const REPLICATION_HBA_HINT: &str = "nextgres logs a replication client's walsend
 Add a pg_hba.conf line such as \"local replication all scram-sha-256\" (or trust) above any \"peer\" line for local connections, then reload.";
 
 /// Hint for a refused server-authentication login through the Unix socket.
-const SERVER_AUTH_HBA_HINT: &str = "For a pg_hba.conf method nextgres does not implement, nextgres lets the server authenticate the client itself after logging in through the server's Unix socket as the pooler's OS user, without a password. Add above the other local lines \"local all,replication all peer map=nextgres\" and to pg_ident.conf \"nextgres <the server's OS user> all\", then reload.";
+const SERVER_AUTH_HBA_HINT: &str = "For a pg_hba.conf method nextgres does not implement, the server authenticates the client itself, \
+in a backend nextgres logs in through the Unix socket as the server's OS user without a password. Add above the other local lines \
+\"local all,replication all peer map=nextgres\" and to pg_ident.conf \"nextgres <the server's OS user> all\" (15: one line per role) \
+and \"nextgres /^(.*)$ \\1\", then reload.";
 
 fn login_error(message: String) -> ErrorFields {
     ErrorFields { severity: "FATAL".into(), sqlstate: "08006".into(), message, detail: None, hint: None }

@@ -154,13 +154,17 @@ fn compare(sp: &SidePort, cases: &[(&str, &str, &str)]) -> Vec<String> {
 fn ident_answers_as_direct_server() {
     let _identd = Identd::start();
     let sp = cluster(true);
-    let cases = [
+    let mut cases = vec![
         ("alice", "postgres", "ok"),
         ("bob", "postgres", "28000"),
-        ("nosuchrole", "postgres", "28000"),
         ("alice", "nosuchdb", "3D000"),
         ("rejected", "postgres", "28000"),
     ];
+    // 15's opt-in map lists the roles, so a role not in it (an unknown one
+    // here) fails at the pooler's own local login instead (README).
+    if nextgres_test::pg_major() >= 16 {
+        cases.push(("nosuchrole", "postgres", "28000"));
+    }
     let problems = compare(&sp, &cases);
     assert!(problems.is_empty(), "{} mismatches:\n{}\n{}", problems.len(), problems.join("\n"), sp.pg.log_tail(30));
 
