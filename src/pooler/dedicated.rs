@@ -84,7 +84,8 @@ impl Pooler {
         };
         let (user, database, settings, client_id) = (c.user.clone(), c.database.clone(), c.settings.clone(), c.id);
         let token_opt = crate::backend::TOKEN_OPTION.to_str().unwrap_or_default();
-        if settings.iter().any(|(n, _)| n.eq_ignore_ascii_case(token_opt)) {
+        let server_auth_opt = crate::backend::SERVER_AUTH_OPTION.to_str().unwrap_or_default();
+        if settings.iter().any(|(n, _)| n.eq_ignore_ascii_case(token_opt) || n.eq_ignore_ascii_case(server_auth_opt)) {
             // What the server's own login hook answers a direct client
             // that sends the pool token (backend/login.rs).
             let f = ErrorFields {
@@ -110,7 +111,7 @@ impl Pooler {
         params.extend(settings.iter().map(|(n, v)| (n.as_str(), v.as_str())));
         params.push((token_opt, &self.token_hex));
         if server_auth {
-            params.push((crate::backend::SERVER_AUTH_OPTION.to_str().unwrap_or_default(), "1"));
+            params.push((server_auth_opt, "1"));
         }
         let mut out = Vec::new();
         proto::startup_message(&mut out, &params);

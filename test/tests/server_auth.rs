@@ -217,6 +217,69 @@ fn ident_answers_as_direct_server() {
     assert_eq!(d.1, p.1, "pooled IDENTIFY_SYSTEM: {}", p.2);
 }
 
+/// A startup packet with `params`, sent raw to `port`: "ready" or the
+/// ErrorResponse's SQLSTATE and message.
+fn raw_login(port: u16, params: &[(&str, &str)]) -> String {
+    use std::io::{Read, Write};
+    let mut body = 196608u32.to_be_bytes().to_vec();
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut pkt = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    pkt.extend_from_slice(&body);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    s.write_all(&pkt).expect("startup packet");
+    loop {
+        let mut head = [0u8; 5];
+        if s.read_exact(&mut head).is_err() {
+            return "eof".into();
+        }
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut m = vec![0u8; len.saturating_sub(4)];
+        s.read_exact(&mut m).expect("message body");
+        match head[0] {
+            b'Z' => return "ready".into(),
+            b'E' => {
+                let field = |t: u8| {
+                    m.split(|&b| b == 0)
+                        .find(|f| f.first() == Some(&t))
+                        .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
+                        .unwrap_or_default()
+                };
+                return format!("{} {}", field(b'C'), field(b'M'));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A client that sends the pooler's own startup options (the server-auth
+/// marker, the pool token, or both) gets the server hook's refusal, through
+/// the pooler as directly.
+#[test]
+fn pooler_options_from_a_client_are_refused() {
+    let _identd = Identd::start();
+    let sp = cluster(true);
+    let base = [("user", "alice"), ("database", "postgres")];
+    assert_eq!(raw_login(sp.pg.port(), &base), "ready");
+    assert_eq!(raw_login(sp.pool_port, &base), "ready");
+    for extra in [
+        vec![("nextgres.server_auth", "1")],
+        vec![("nextgres.pool_token", "00")],
+        vec![("nextgres.server_auth", "1"), ("nextgres.pool_token", "00")],
+    ] {
+        let params: Vec<(&str, &str)> = base.iter().copied().chain(extra.iter().copied()).collect();
+        let direct = raw_login(sp.pg.port(), &params);
+        assert_eq!(direct, "28000 nextgres: invalid pooled-backend login", "{extra:?}");
+        assert_eq!(raw_login(sp.pool_port, &params), direct, "{extra:?}");
+    }
+}
+
 /// Without the opt-in Unix-socket line the pooler cannot log the client's
 /// backend in: the client gets a clear refusal whose hint names the line.
 #[test]
