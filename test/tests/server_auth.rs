@@ -9,7 +9,7 @@
 //! the DBA's opt-in line the pooler refuses with a hint naming it.
 //!
 //! ```sh
-//! NEXTGRES_PG=16 cargo test -p nextgres-test --test server_auth -- --test-threads=1
+//! NEXTGRES_PG=16 cargo test -p nextgres-test --test server_auth -- --test-threads=2
 //! ```
 
 mod pool_support;
@@ -22,21 +22,25 @@ use pool_support::{exec, psql_outcome, rust_outcome, Outcome, SidePort};
 
 /// `oidentd` in the foreground on 127.0.0.1:113, killed on drop. None when
 /// something else already answers there (a system identd serves as well).
-struct Identd(Option<Child>);
+/// Tests that need it take turns (one port, one identd at a time).
+struct Identd(Option<Child>, #[allow(dead_code)] std::sync::MutexGuard<'static, ()>);
+
+static IDENTD_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Identd {
     fn start() -> Identd {
+        let turn = IDENTD_TURN.lock().unwrap_or_else(|p| p.into_inner());
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 113));
         let up = || std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok();
         if up() {
-            return Identd(None);
+            return Identd(None, turn);
         }
         let child = Command::new("oidentd")
             .args(["-i", "-S", "-q", "-a", "127.0.0.1", "-p", "113"])
             .stdin(Stdio::null())
             .spawn()
             .expect("starting oidentd (tools/setup installs it; the test runs as root for port 113)");
-        let d = Identd(Some(child));
+        let d = Identd(Some(child), turn);
         assert!(wait_until(Duration::from_secs(30), up), "oidentd never listened on 127.0.0.1:113");
         d
     }
