@@ -205,6 +205,21 @@ fn ident_answers_as_direct_server() {
     canceller.join().expect("cancel thread").expect("cancel request");
     let code = r.err().and_then(|e| e.code().map(|c| c.code().to_string()));
     assert_eq!(code.as_deref(), Some("57014"), "pg_sleep of backend {pid} was not cancelled");
+
+    // The session has left the pooler: it survives a SIGTERM of the pooler
+    // (same backend, same connection), as a direct session would.
+    let pooler = |a: &mut postgres::Client| -> Option<i32> {
+        a.query_one("SELECT pooler_pid FROM nextgres.status()", &[]).ok().and_then(|r| r.get(0))
+    };
+    let mut admin = sp.pg.admin();
+    let old = pooler(&mut admin).expect("pooler pid");
+    assert_eq!(unsafe { libc::kill(old, libc::SIGTERM) }, 0);
+    assert!(
+        wait_until(Duration::from_secs(60), || pooler(&mut admin).is_some_and(|p| p != old)),
+        "no new pooler after SIGTERM"
+    );
+    let after: i32 = c.query_one("SELECT pg_backend_pid()", &[]).expect("session after the pooler's SIGTERM").get(0);
+    assert_eq!(after, pid);
     drop(c);
 
     // Physical replication through the ident line, both ways.
