@@ -604,7 +604,7 @@ ng_server_authenticate(void)
 /*
  * hba.c remembers the postmaster's parsed_hba_context and
  * parsed_ident_context (both ALLOCSET_SMALL_SIZES) and deletes them on the
- * next load_hba()/load_ident().  In a background worker those contexts died
+ * next load_hba()/load_ident() (the pooler calls only load_hba()).  In a background worker those contexts died
  * with PostmasterContext at worker start and their headers sit on the
  * small-context freelist (mcxt/aset.c keeps up to MAX_FREE_CONTEXTS = 100),
  * so the next small context created reuses one: on PostgreSQL 18 the pgstat
@@ -638,10 +638,16 @@ ng_load_hba(NgError *err)
 												  ALLOCSET_DEFAULT_SIZES);
 	PG_TRY();
 	{
+		/*
+		 * Not load_ident(): the pooler never maps identities (methods with
+		 * a map are the server's, in the client's own backend), and in a
+		 * background worker load_ident() first walks the postmaster's
+		 * parsed_ident_lines, freed with PostmasterContext at worker start,
+		 * to pg_regfree() its regex lines (hba.c): with a regex line in
+		 * pg_ident.conf that is a SIGSEGV at pooler start (seen on 15).
+		 */
 		ok = load_hba();
-		if (ok)
-			(void) load_ident();
-		else
+		if (!ok)
 		{
 			strlcpy(err->sqlstate, "F0000", sizeof(err->sqlstate));
 			strlcpy(err->message, "could not load pg_hba.conf", sizeof(err->message));
