@@ -17,6 +17,8 @@ static mut ORIGINAL: Option<PQcommMethods> = None;
 static mut WRAPPED: Option<PQcommMethods> = None;
 
 thread_local! {
+    /// Drop the next AuthenticationOk (`swallow_auth_ok`).
+    static SWALLOW_AUTH_OK: Cell<bool> = const { Cell::new(false) };
     /// Status byte of a ReadyForQuery queued since the last flush.
     static PENDING_READY: Cell<Option<u8>> = const { Cell::new(None) };
     /// What was counted since `take_counters`.
@@ -68,7 +70,19 @@ pub fn install() {
     }
 }
 
+/// A server-authenticated client (`login::server_auth_client`) already has
+/// the AuthenticationOk of its own authentication queued; the next one, which
+/// the pooler's outer login queues (auth.c ClientAuthentication() after its
+/// hook), is dropped.
+pub fn swallow_auth_ok() {
+    SWALLOW_AUTH_OK.with(|f| f.set(true));
+}
+
 unsafe extern "C" fn putmessage(msgtype: c_char, s: *const c_char, len: usize) -> c_int {
+    if msgtype as u8 == b'R' && len == 4 && SWALLOW_AUTH_OK.with(|f| f.get()) && std::slice::from_raw_parts(s.cast::<u8>(), 4) == [0; 4] {
+        SWALLOW_AUTH_OK.with(|f| f.set(false));
+        return 0;
+    }
     if super::is_pooled() {
         let header = if msgtype == 0 { 4 } else { 5 };
         count(|c| c.bytes_sent = c.bytes_sent.wrapping_add((len + header) as u64));

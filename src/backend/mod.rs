@@ -34,4 +34,4 @@ pub fn token_hex(token: &[u8]) -> String {
     login::hex(token)
 }
 
-pub use login::TOKEN_OPTION;
+pub use login::{SERVER_AUTH_OPTION, TOKEN_OPTION};

@@ -420,7 +420,7 @@ fn attach_dedicated(p: &mut Parking, a: &Attach, timer_was_on: bool) {
     super::unpool();
 }
 
-fn recv_with_fd(fd: RawFd, buf: &mut [u8], fds: &mut [RawFd; 1]) -> nix::Result<(usize, usize)> {
+pub(crate) fn recv_with_fd(fd: RawFd, buf: &mut [u8], fds: &mut [RawFd; 1]) -> nix::Result<(usize, usize)> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     let mut iov = [std::io::IoSliceMut::new(buf)];
     let mut cmsg = nix::cmsg_space!([RawFd; 1]);

@@ -27,6 +27,7 @@
 #include "commands/discard.h"
 #include "common/ip.h"
 #include "common/scram-common.h"
+#include "libpq/auth.h"
 #include "libpq/crypt.h"
 #include "libpq/hba.h"
 #include "libpq/libpq.h"
@@ -539,6 +540,66 @@ ng_port_peer_pid(void *p)
 	return cred.pid;
 }
 
+/*
+ * This backend's cancel key as the client gets it in BackendKeyData (network
+ * byte order); returns its length, 0 if unknown yet.
+ */
+int
+ng_my_cancel_key(uint8 *buf, int buflen)
+{
+#if PG_VERSION_NUM >= 180000
+	if (MyCancelKeyLength <= 0 || MyCancelKeyLength > buflen)
+		return 0;
+	memcpy(buf, MyCancelKey, MyCancelKeyLength);
+	return MyCancelKeyLength;
+#else
+	uint32		k = pg_hton32((uint32) MyCancelKey);
+
+	if (buflen < (int) sizeof(k))
+		return 0;
+	memcpy(buf, &k, sizeof(k));
+	return sizeof(k);
+#endif
+}
+
+/*
+ * Server authentication of a client the pooler passed to this login
+ * (backend/login.rs server_auth): the client's TCP socket is already under
+ * MyProcPort->sock and in FeBeWaitSet.  Make raddr/laddr/remote_host/
+ * remote_port the client's (getpeername/getsockname, as the postmaster's
+ * accept and BackendInitialize() fill them), forget the identity the
+ * pooler's own Unix-socket login set (auth.c set_authn_id() refuses a second
+ * one), then run the server's ClientAuthentication() (auth.c) again, now for
+ * the client: pg_hba.conf is matched on its real address, and its method
+ * talks to it directly.  Failure ends in the server's own FATAL to the
+ * client (during authentication every ERROR is FATAL: no PG_exception_stack
+ * yet, so nothing longjmps through Rust).  Returns false when the socket has
+ * no peer address.
+ */
+bool
+ng_server_authenticate(void)
+{
+	struct sockaddr_storage peer;
+	socklen_t	len = sizeof(peer);
+
+	if (getpeername(MyProcPort->sock, (struct sockaddr *) &peer, &len) != 0 ||
+		len > sizeof(MyProcPort->raddr.addr))
+		return false;
+	ng_set_client_addr(&peer, len);
+#if PG_VERSION_NUM >= 160000
+	if (MyClientConnectionInfo.authn_id)
+		pfree((void *) MyClientConnectionInfo.authn_id);
+	MyClientConnectionInfo.authn_id = NULL;
+	MyClientConnectionInfo.auth_method = 0;
+#else
+	if (MyProcPort->authn_id)
+		pfree((void *) MyProcPort->authn_id);
+	MyProcPort->authn_id = NULL;
+#endif
+	ClientAuthentication(MyProcPort);
+	return true;
+}
+
 /* ------------------------------------------------------------------------
  * Pooler: the server's own pg_hba.conf and pg_authid.
  * ------------------------------------------------------------------------ */
@@ -556,7 +617,7 @@ ng_port_peer_pid(void *p)
 /*
  * hba.c remembers the postmaster's parsed_hba_context and
  * parsed_ident_context (both ALLOCSET_SMALL_SIZES) and deletes them on the
- * next load_hba()/load_ident().  In a background worker those contexts died
+ * next load_hba()/load_ident() (the pooler calls only load_hba()).  In a background worker those contexts died
  * with PostmasterContext at worker start and their headers sit on the
  * small-context freelist (mcxt/aset.c keeps up to MAX_FREE_CONTEXTS = 100),
  * so the next small context created reuses one: on PostgreSQL 18 the pgstat
@@ -590,10 +651,16 @@ ng_load_hba(NgError *err)
 												  ALLOCSET_DEFAULT_SIZES);
 	PG_TRY();
 	{
+		/*
+		 * Not load_ident(): the pooler never maps identities (methods with
+		 * a map are the server's, in the client's own backend), and in a
+		 * background worker load_ident() first walks the postmaster's
+		 * parsed_ident_lines, freed with PostmasterContext at worker start,
+		 * to pg_regfree() its regex lines (hba.c): with a regex line in
+		 * pg_ident.conf that is a SIGSEGV at pooler start (seen on 15).
+		 */
 		ok = load_hba();
-		if (ok)
-			(void) load_ident();
-		else
+		if (!ok)
 		{
 			strlcpy(err->sqlstate, "F0000", sizeof(err->sqlstate));
 			strlcpy(err->message, "could not load pg_hba.conf", sizeof(err->message));

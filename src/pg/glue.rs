@@ -138,6 +138,8 @@ extern "C" {
     fn ng_report_parked();
     fn ng_port_take_option(port: *mut c_void, name: *const c_char, buf: *mut c_char, len: usize) -> bool;
     fn ng_port_peer_pid(port: *mut c_void) -> c_int;
+    fn ng_my_cancel_key(buf: *mut u8, len: c_int) -> c_int;
+    fn ng_server_authenticate() -> bool;
     fn ng_pooler_guard_stale_hba_contexts();
     fn ng_load_hba(err: *mut NgError) -> bool;
     fn ng_check_usermap(usermap: *const c_char, pg_user: *const c_char, system_user: *const c_char, err: *mut NgError) -> c_int;
@@ -295,6 +297,26 @@ pub unsafe fn port_take_option(port: *mut c_void, name: &CStr) -> Option<String>
 /// `port` must be a live `Port *`.
 pub unsafe fn port_peer_pid(port: *mut c_void) -> i32 {
     ng_port_peer_pid(port)
+}
+
+/// This backend's cancel key as BackendKeyData carries it (empty if the
+/// server has not made one yet).
+pub fn my_cancel_key() -> Vec<u8> {
+    let mut buf = [0u8; 256];
+    let n = unsafe { ng_my_cancel_key(buf.as_mut_ptr(), buf.len() as c_int) };
+    buf[..n.max(0) as usize].to_vec()
+}
+
+/// Runs the server's `ClientAuthentication()` (auth.c) for the client whose
+/// socket is now under `MyProcPort->sock`, with its address set from the
+/// socket (glue.c `ng_server_authenticate`). Returns only on success (the
+/// server queued AuthenticationOk); a failed authentication ends the process
+/// with the server's FATAL to the client. False: no peer address.
+///
+/// # Safety
+/// Only inside `ClientAuthentication_hook`, with the recursion guarded.
+pub unsafe fn server_authenticate() -> bool {
+    ng_server_authenticate()
 }
 
 // ---- pooler -----------------------------------------------------------------

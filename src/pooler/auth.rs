@@ -35,6 +35,9 @@ pub enum Step {
     /// Authenticated; send these bytes (may be empty) first.
     Done(Vec<u8>, Option<Credential>),
     Fail(ErrorFields),
+    /// A method the pooler does not implement, for a plaintext TCP client:
+    /// the server authenticates it itself (`dedicated.rs`).
+    Server,
 }
 
 fn fatal(sqlstate: &str, message: String) -> ErrorFields {
@@ -174,13 +177,14 @@ impl AuthSession {
                 }
             }
             HbaMethod::Scram => s.start_scram(user, mock_key),
+            HbaMethod::Other if !tls => Step::Server,
             HbaMethod::Other => {
                 let mut f = fatal(
                     "28000",
                     format!("authentication method \"{}\" is not supported by nextgres", s.info.method_name()),
                 );
                 f.hint = Some(format!(
-                    "Line {} of \"{}\" applies to this connection; nextgres authenticates with scram-sha-256, md5, password, cert, trust or reject.",
+                    "Line {} of \"{}\" applies to this connection; over SSL, nextgres authenticates with scram-sha-256, md5, password, cert, trust or reject (the server itself authenticates other methods for clients without SSL).",
                     s.info.hba_line,
                     s.info.hba_file()
                 ));
@@ -429,6 +433,12 @@ impl Pooler {
                 }
             }
             Step::Fail(f) => self.client_fatal_fields(key, &f),
+            Step::Server => {
+                if let Some(c) = self.client(key) {
+                    c.phase = Phase::Startup; // drops the lookup (and its secret)
+                }
+                self.dedicated_start(key, None, true);
+            }
             Step::Done(out, cred) => {
                 let Some(c) = self.client(key) else { return };
                 let Phase::Auth(session) = std::mem::replace(&mut c.phase, Phase::Startup) else { return };
@@ -445,7 +455,7 @@ impl Pooler {
                     // attribute, max_wal_senders, settings).
                     c.log_login(&session.info);
                     drop(session); // wipes the secret
-                    return self.dedicated_start(key, cred);
+                    return self.dedicated_start(key, cred, false);
                 }
                 if let Err(f) = self.login_checks(&session.info, &user, &database) {
                     return self.client_fatal_fields(key, &f);

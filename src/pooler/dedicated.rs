@@ -15,6 +15,17 @@
 //! backend (`backend::park`); the pooler forgets both. Never part of a pool,
 //! never reused: when the client leaves, the walsender exits as a direct
 //! one does.
+//!
+//! The same login serves a plaintext TCP client whose pg_hba.conf line has
+//! a method the pooler does not implement (ident, gss, sspi, pam, ldap,
+//! radius, bsd): `server_auth` adds `nextgres.server_auth` and sends no
+//! credential, so the DBA's opt-in Unix-socket line for the pooler's OS
+//! user (README) must let it in without a secret. In the login's
+//! ClientAuthentication_hook the backend asks for the client's socket
+//! (SOCKET_REQUEST, with its pid and cancel key), the pooler answers with
+//! the fd and forgets both, and the server authenticates the client itself
+//! (backend/login.rs): every method answers exactly as on a direct
+//! connection, and everything after it goes straight to the client.
 use super::backend::answer_auth_request;
 use super::client::Phase;
 use super::conn::{self, Conn, READ};
@@ -42,28 +53,39 @@ pub struct Dedicated {
     /// BackendKeyData body (pid and key), passed on to the client.
     key_data: Vec<u8>,
     inbuf: Vec<u8>,
+    /// The server authenticates the client itself (no credential).
+    server_auth: bool,
 }
 
 /// Hint for a refused walsender login through the Unix socket.
 const REPLICATION_HBA_HINT: &str = "nextgres logs a replication client's walsender in through the server's Unix socket as the client's role. \
 Add a pg_hba.conf line such as \"local replication all scram-sha-256\" (or trust) above any \"peer\" line for local connections, then reload.";
 
+/// Hint for a refused server-authentication login through the Unix socket.
+const SERVER_AUTH_HBA_HINT: &str = "For a pg_hba.conf method nextgres does not implement, the server authenticates the client itself, \
+in a backend nextgres logs in through the Unix socket as the server's OS user without a password. Add above the other local lines \
+\"local all,replication all peer map=nextgres\" and to pg_ident.conf \"nextgres <the server's OS user> all\" (15: one line per role) \
+and \"nextgres /^(.*)$ \\1\", then reload.";
+
 fn login_error(message: String) -> ErrorFields {
     ErrorFields { severity: "FATAL".into(), sqlstate: "08006".into(), message, detail: None, hint: None }
 }
 
 impl Pooler {
-    /// The client authenticated: start its walsender's login.
-    pub fn dedicated_start(&mut self, key: usize, cred: Option<Credential>) {
+    /// The client authenticated: start its walsender's login. With
+    /// `server_auth`, the client has not authenticated: the server will.
+    pub fn dedicated_start(&mut self, key: usize, cred: Option<Credential>, server_auth: bool) {
         let Some(c) = self.client(key) else { return };
         let repl = match c.replication {
-            Replication::Physical => "true",
-            Replication::Logical => "database",
+            Replication::Physical => Some("true"),
+            Replication::Logical => Some("database"),
+            Replication::None if server_auth => None,
             Replication::None => return,
         };
         let (user, database, settings, client_id) = (c.user.clone(), c.database.clone(), c.settings.clone(), c.id);
         let token_opt = crate::backend::TOKEN_OPTION.to_str().unwrap_or_default();
-        if settings.iter().any(|(n, _)| n.eq_ignore_ascii_case(token_opt)) {
+        let server_auth_opt = crate::backend::SERVER_AUTH_OPTION.to_str().unwrap_or_default();
+        if settings.iter().any(|(n, _)| n.eq_ignore_ascii_case(token_opt) || n.eq_ignore_ascii_case(server_auth_opt)) {
             // What the server's own login hook answers a direct client
             // that sends the pool token (backend/login.rs).
             let f = ErrorFields {
@@ -82,16 +104,22 @@ impl Pooler {
                 return self.client_fatal_fields(key, &f);
             }
         };
-        let mut params: Vec<(&str, &str)> = vec![("user", &user), ("database", &database), ("replication", repl)];
+        let mut params: Vec<(&str, &str)> = vec![("user", &user), ("database", &database)];
+        if let Some(repl) = repl {
+            params.push(("replication", repl));
+        }
         params.extend(settings.iter().map(|(n, v)| (n.as_str(), v.as_str())));
         params.push((token_opt, &self.token_hex));
+        if server_auth {
+            params.push((server_auth_opt, "1"));
+        }
         let mut out = Vec::new();
         proto::startup_message(&mut out, &params);
         // A fresh Unix socket takes a few hundred bytes without blocking.
         if stream.write_all(&out).is_err() || stream.set_nonblocking(true).is_err() {
             return self.client_fatal_fields(key, &login_error("nextgres: could not send the walsender login".into()));
         }
-        let d = Dedicated { stream, client: key, client_id, cred, scram: None, params: Vec::new(), key_data: Vec::new(), inbuf: Vec::new() };
+        let d = Dedicated { stream, client: key, client_id, cred, scram: None, params: Vec::new(), key_data: Vec::new(), inbuf: Vec::new(), server_auth };
         let entry = self.conns.vacant_entry();
         let login = entry.key();
         conn::add(&self.epoll, &d.stream, login, READ);
@@ -119,12 +147,19 @@ impl Pooler {
     /// The login failed: the client gets the server's error (with the
     /// pg_hba.conf fix when the local login was refused).
     fn dedicated_failed(&mut self, key: usize, mut f: ErrorFields) {
-        let client = self.dedicated(key).map(|d| (d.client, d.client_id));
+        let client = self.dedicated(key).map(|d| (d.client, d.client_id, d.server_auth));
         self.dedicated_drop(key);
         let role_state = f.message.ends_with("is not permitted to log in") || f.message.ends_with("does not exist");
-        if matches!(f.sqlstate.as_str(), "28000" | "28P01") && !role_state {
+        let server_auth = client.is_some_and(|c| c.2);
+        if server_auth && matches!(f.sqlstate.as_str(), "28000" | "28P01") {
+            // Before the hand-over only the pooler's own local login can
+            // fail (role and database are checked after authentication).
+            f.message = f.message.replace("the walsender login", "the server-authentication login");
+            f.hint = Some(SERVER_AUTH_HBA_HINT.into());
+        } else if matches!(f.sqlstate.as_str(), "28000" | "28P01") && !role_state {
             f.hint = Some(REPLICATION_HBA_HINT.into());
         }
+        let client = client.map(|c| (c.0, c.1));
         if let Some((ck, id)) = client {
             let Some(c) = self.client(ck).filter(|c| c.id == id) else { return };
             c.phase = Phase::Startup; // not Dedicating any more: nothing to drop again
@@ -185,6 +220,12 @@ impl Pooler {
                     }
                 }
                 b'K' => d.key_data = body,
+                control::SOCKET_REQUEST if d.server_auth => {
+                    return match control::parse_socket_request(&body) {
+                        Ok((pid, cancel_key)) => self.dedicated_hand_over(key, Some((pid, cancel_key))),
+                        Err(e) => self.dedicated_failed(key, login_error(format!("nextgres: server-authentication login: {}", e.message))),
+                    };
+                }
                 b'Z' => return self.dedicated_ready(key),
                 b'E' => {
                     let f = proto::parse_error_fields(&body).unwrap_or_default();
@@ -216,9 +257,25 @@ impl Pooler {
             walsender = Some((pid, d.key_data[4..].to_vec()));
         }
         proto::ready_for_query(&mut out, b'I');
-        c.phase = Phase::Startup;
         c.send(&out);
-        // The walsender writes to this socket as soon as it has it: what we
+        self.dedicated_pass_socket(ck, d, walsender);
+    }
+
+    /// A server-authentication login asks for its client's socket (its pid
+    /// and cancel key with it): hand it over and forget both.
+    fn dedicated_hand_over(&mut self, key: usize, backend: Option<(i32, Vec<u8>)>) {
+        let Some(Conn::Dedicated(d)) = self.conns.try_remove(key) else { return };
+        conn::remove(&self.epoll, &d.stream);
+        let backend = backend.filter(|(_, k)| !k.is_empty());
+        self.dedicated_pass_socket(d.client, d, backend);
+    }
+
+    /// Passes the client's socket to its dedicated backend `d` (already out
+    /// of the connection table) and forgets the client.
+    fn dedicated_pass_socket(&mut self, ck: usize, d: Box<Dedicated>, walsender: Option<(i32, Vec<u8>)>) {
+        let Some(c) = self.client(ck).filter(|c| c.id == d.client_id) else { return };
+        c.phase = Phase::Startup;
+        // The backend writes to this socket as soon as it has it: what we
         // queued must be out first (a few hundred bytes; bounded wait).
         if !flush_blocking(c) {
             return self.client_close(ck);

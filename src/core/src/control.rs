@@ -35,6 +35,12 @@ pub const RELEASED: u8 = b'~';
 pub const RELEASE_REQUEST: u8 = b'^';
 /// backend -> pooler: the attached client pinned (1) or unpinned (0) its session.
 pub const PINNED: u8 = b'*';
+/// backend -> pooler, on a server-authentication login's own socket (pooler
+/// `dedicated.rs`): send me my client's socket now. Body: the backend's pid
+/// (i32) and its cancel key, so the pooler can forward the client's
+/// CancelRequests. The pooler answers with an ATTACH (`FLAG_DEDICATED`)
+/// carrying the client's fd.
+pub const SOCKET_REQUEST: u8 = b'&';
 
 /// Discard the previous client's session before this client runs.
 pub const FLAG_NEW_CLIENT: u8 = 1;
@@ -319,6 +325,21 @@ pub fn write_release_request(out: &mut Vec<u8>) {
     frame(out, RELEASE_REQUEST, |_| {});
 }
 
+pub fn write_socket_request(out: &mut Vec<u8>, pid: i32, cancel_key: &[u8]) {
+    frame(out, SOCKET_REQUEST, |o| {
+        o.extend_from_slice(&pid.to_be_bytes());
+        o.extend_from_slice(cancel_key);
+    });
+}
+
+/// The pid and cancel key of a SOCKET_REQUEST.
+pub fn parse_socket_request(body: &[u8]) -> Result<(i32, Vec<u8>), ProtoError> {
+    if body.len() < 4 {
+        return Err(ProtoError::violation("short nextgres socket request"));
+    }
+    Ok((i32::from_be_bytes([body[0], body[1], body[2], body[3]]), body[4..].to_vec()))
+}
+
 pub fn write_pinned(out: &mut Vec<u8>, pinned: bool) {
     frame(out, PINNED, |o| o.push(u8::from(pinned)));
 }
@@ -543,6 +564,16 @@ mod tests {
         }
         assert!(parse_pinned(&[]).is_err());
         assert!(parse_pinned(&[1, 0]).is_err());
+    }
+
+    #[test]
+    fn socket_request_round_trip() {
+        let mut out = Vec::new();
+        write_socket_request(&mut out, 4242, &[1, 2, 3, 4]);
+        let (m, used) = parse_message(&out, 1 << 20).unwrap().unwrap();
+        assert_eq!((used, m.tag), (out.len(), SOCKET_REQUEST));
+        assert_eq!(parse_socket_request(m.body).unwrap(), (4242, vec![1, 2, 3, 4]));
+        assert!(parse_socket_request(&[0, 1]).is_err());
     }
 
     #[test]
