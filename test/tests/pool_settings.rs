@@ -588,6 +588,19 @@ fn kill_client_kills_one() {
     busy.batch_execute("BEGIN; INSERT INTO t VALUES (1)").expect("busy begins");
     let (mut idle, idle_at) = connect(&mut admin);
     idle.simple_query("SELECT 1").expect("select");
+    // The client has its ReadyForQuery before the pooler has its socket
+    // back: wait until the pooler lists it idle, or the kill below would
+    // find it still attached.
+    let idle_now = |admin: &mut postgres::Client| {
+        admin
+            .query_opt(
+                "SELECT 1 FROM nextgres.clients WHERE client_addr = $1 AND client_port = $2 AND state = 'idle'",
+                &[&idle_at.0, &idle_at.1],
+            )
+            .expect("clients")
+            .is_some()
+    };
+    assert!(wait_until(Duration::from_secs(10), || idle_now(&mut admin)), "the idle client never became idle");
     let kill = |admin: &mut postgres::Client, (addr, port): &(String, i32)| -> bool {
         admin.query_one("SELECT nextgres.kill_client($1, $2)", &[addr, port]).expect("kill_client").get(0)
     };
