@@ -36,17 +36,28 @@ pub struct Dedicated {
     /// reused once its client is gone; the id never is).
     client: usize,
     client_id: u64,
+    /// The role the client authenticated as: the login must be a session
+    /// of it (`session_authorization`), else both are closed.
+    user: String,
     cred: Option<Credential>,
     scram: Option<ScramClient>,
-    params: Vec<(String, String)>,
-    /// BackendKeyData body (pid and key), passed on to the client.
-    key_data: Vec<u8>,
+    /// The login's ParameterStatus, NoticeResponse and BackendKeyData
+    /// messages as the server sent them, in order, replayed to the client.
+    replay: Vec<u8>,
+    /// The login's `session_authorization` ParameterStatus.
+    session_user: Option<String>,
     inbuf: Vec<u8>,
 }
 
 /// Hint for a refused walsender login through the Unix socket.
 const REPLICATION_HBA_HINT: &str = "nextgres logs a replication client's walsender in through the server's Unix socket as the client's role. \
 Add a pg_hba.conf line such as \"local replication all scram-sha-256\" (or trust) above any \"peer\" line for local connections, then reload.";
+
+/// Hint for a walsender login that asks for a password when the client
+/// authenticated without one (a trust line): the pooler has no secret.
+const NO_SECRET_HINT: &str = "A client that authenticates without a password (trust) needs a pg_hba.conf line that accepts its walsender login \
+through the server's Unix socket without a secret, such as \"local replication all trust\" (logical: a local database line), \
+or peer with a map from the server's OS user, above the password lines, then reload.";
 
 fn login_error(message: String) -> ErrorFields {
     ErrorFields { severity: "FATAL".into(), sqlstate: "08006".into(), message, detail: None, hint: None }
@@ -62,6 +73,7 @@ impl Pooler {
             Replication::None => return,
         };
         let (user, database, settings, client_id) = (c.user.clone(), c.database.clone(), c.settings.clone(), c.id);
+        let (startup, minor) = (c.walsender_params.clone(), c.proto_minor);
         let token_opt = crate::backend::TOKEN_OPTION.to_str().unwrap_or_default();
         if settings.iter().any(|(n, _)| n.eq_ignore_ascii_case(token_opt)) {
             // What the server's own login hook answers a direct client
@@ -82,16 +94,23 @@ impl Pooler {
                 return self.client_fatal_fields(key, &f);
             }
         };
+        // The client's settings the way it sent them (`options` re-encoded
+        // with the server's escaping), after the parameters the pooler
+        // authenticated: the server reads `user`, `database` and
+        // `replication` only as top-level parameters, which `startup` never
+        // holds, so `options=-c user=x` gets the server's own FATAL
+        // (unrecognized configuration parameter) as on a direct connection.
         let mut params: Vec<(&str, &str)> = vec![("user", &user), ("database", &database), ("replication", repl)];
-        params.extend(settings.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+        params.extend(startup.iter().map(|(n, v)| (n.as_str(), v.as_str())));
         params.push((token_opt, &self.token_hex));
         let mut out = Vec::new();
-        proto::startup_message(&mut out, &params);
+        // The client's protocol version (3.2 on 18: its 32-byte cancel key).
+        proto::startup_message_minor(&mut out, minor, &params);
         // A fresh Unix socket takes a few hundred bytes without blocking.
         if stream.write_all(&out).is_err() || stream.set_nonblocking(true).is_err() {
             return self.client_fatal_fields(key, &login_error("nextgres: could not send the walsender login".into()));
         }
-        let d = Dedicated { stream, client: key, client_id, cred, scram: None, params: Vec::new(), key_data: Vec::new(), inbuf: Vec::new() };
+        let d = Dedicated { stream, client: key, client_id, user, cred, scram: None, replay: Vec::new(), session_user: None, inbuf: Vec::new() };
         let entry = self.conns.vacant_entry();
         let login = entry.key();
         conn::add(&self.epoll, &d.stream, login, READ);
@@ -122,7 +141,7 @@ impl Pooler {
         let client = self.dedicated(key).map(|d| (d.client, d.client_id));
         self.dedicated_drop(key);
         let role_state = f.message.ends_with("is not permitted to log in") || f.message.ends_with("does not exist");
-        if matches!(f.sqlstate.as_str(), "28000" | "28P01") && !role_state {
+        if f.hint.is_none() && matches!(f.sqlstate.as_str(), "28000" | "28P01") && !role_state {
             f.hint = Some(REPLICATION_HBA_HINT.into());
         }
         if let Some((ck, id)) = client {
@@ -170,27 +189,39 @@ impl Pooler {
                     };
                     let mut out = Vec::new();
                     let cred = d.cred.clone();
+                    let no_secret = cred.is_none();
                     if let Some(mut f) = answer_auth_request(req, cred, &mut d.scram, &mut out) {
                         f.hint = None; // the walsender hint replaces the pool login's
-                        f.message = f.message.replace("the pool login", "the walsender login");
+                        if no_secret {
+                            // The client proved nothing (trust): the pooler
+                            // has no secret to give this login.
+                            f.message = "nextgres: the walsender login through the Unix socket asks for a password, and this client authenticated without one".into();
+                            f.hint = Some(NO_SECRET_HINT.into());
+                        } else {
+                            f.message = f.message.replace("the pool login", "the walsender login");
+                        }
                         return self.dedicated_failed(key, f);
                     }
                     if !out.is_empty() && d.stream.write_all(&out).is_err() {
                         return self.dedicated_failed(key, login_error("nextgres: walsender login: the server closed the connection".into()));
                     }
                 }
-                b'S' => {
-                    if let Ok((n, v)) = proto::parse_parameter_status(&body) {
-                        d.params.push((n.to_string(), v.to_string()));
+                b'S' | b'N' | b'K' => {
+                    if tag == b'S' {
+                        if let Ok(("session_authorization", v)) = proto::parse_parameter_status(&body) {
+                            d.session_user = Some(v.to_string());
+                        }
                     }
+                    d.replay.push(tag);
+                    d.replay.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+                    d.replay.extend_from_slice(&body);
                 }
-                b'K' => d.key_data = body,
                 b'Z' => return self.dedicated_ready(key),
                 b'E' => {
                     let f = proto::parse_error_fields(&body).unwrap_or_default();
                     return self.dedicated_failed(key, f);
                 }
-                _ => {} // NoticeResponse, NegotiateProtocolVersion
+                _ => {} // NegotiateProtocolVersion: the client got the pooler's
             }
         }
         if eof {
@@ -201,20 +232,24 @@ impl Pooler {
     /// The walsender is ready: tell the client what the server told its
     /// login, then hand it the client's socket and forget both.
     fn dedicated_ready(&mut self, key: usize) {
-        let Some(Conn::Dedicated(d)) = self.conns.try_remove(key) else { return };
+        let Some(Conn::Dedicated(mut d)) = self.conns.try_remove(key) else { return };
         conn::remove(&self.epoll, &d.stream);
         let ck = d.client;
         let Some(c) = self.client(ck).filter(|c| c.id == d.client_id) else { return };
-        let mut out = Vec::new();
-        for (name, value) in &d.params {
-            proto::parameter_status(&mut out, name, value);
+        // Defence in depth: the walsender must be a session of the role the
+        // client authenticated as (the server reports session_authorization
+        // at login, GUC_REPORT).
+        if d.session_user.as_deref() != Some(d.user.as_str()) {
+            log::warn!(
+                "walsender login for client {} as role \"{}\" came back as session_authorization {:?}; both closed",
+                c.addr, d.user, d.session_user
+            );
+            drop(d); // its walsender exits with our end closed
+            let f = login_error("nextgres: the walsender login is not a session of the client's role".into());
+            c.phase = Phase::Startup;
+            return self.client_fatal_fields(ck, &f);
         }
-        let mut walsender = None;
-        if d.key_data.len() >= 4 {
-            let pid = i32::from_be_bytes([d.key_data[0], d.key_data[1], d.key_data[2], d.key_data[3]]);
-            proto::backend_key_data_bytes(&mut out, pid, &d.key_data[4..]);
-            walsender = Some((pid, d.key_data[4..].to_vec()));
-        }
+        let mut out = std::mem::take(&mut d.replay);
         proto::ready_for_query(&mut out, b'I');
         c.phase = Phase::Startup;
         c.send(&out);
@@ -237,14 +272,9 @@ impl Pooler {
             return self.client_close(ck);
         }
         drop(d); // our end of the walsender's control socket
+        // A CancelRequest with its key to the pooler's port is passed on
+        // to the server's socket (`cancel_request`).
         self.client_forget(ck);
-        if let Some((pid, key)) = walsender {
-            // A CancelRequest to the pooler's port reaches it (the pooler
-            // signals it as the postmaster would); exited ones are dropped.
-            self.walsender_keys
-                .retain(|&p, _| nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_ok());
-            self.walsender_keys.insert(pid, key);
-        }
     }
 }
 

@@ -417,3 +417,70 @@ fn cancel_reaches_walsender() {
     let e = seen.iter().find(|m| m.tag == b'E').unwrap_or_else(|| panic!("no error: {seen:?}"));
     assert_eq!(e.field(b'C').as_deref(), Some("57014"), "{:?}", e.field(b'M'));
 }
+
+/// README's recommended pg_hba.conf (a superuser line that accepts the
+/// pooler's own local logins without a secret, as `peer` does for the
+/// server's OS user; SCRAM for everyone else, replication included).
+const README_HBA: &str = "\
+local all postgres trust
+local all all scram-sha-256
+local replication all scram-sha-256
+host replication alice 127.0.0.1/32 scram-sha-256
+host all all 127.0.0.1/32 scram-sha-256
+";
+
+/// psql's view of a replication login with `options` (libpq's own
+/// quoting): `ok:<SHOW session_authorization>` or `err:<stderr>`.
+fn psql_repl_options(pg: &Cluster, ci: &ConnInfo, replication: &str, options: Option<&str>, password: &str) -> String {
+    let mut conninfo = repl_conninfo(ci, replication);
+    if let Some(o) = options {
+        conninfo.push_str(&format!(" options='{}'", o.replace('\\', "\\\\").replace('\'', "\\'")));
+    }
+    let mut c = std::process::Command::new(pg.install().client_bin("psql"));
+    nextgres_test::cmd::scrub_pg_env(&mut c);
+    c.env("PGPASSWORD", password);
+    c.args(["-X", "-w", "-A", "-t", "-d", &conninfo, "-c", "SHOW session_authorization"]);
+    let out = nextgres_test::cmd::run(c, Duration::from_secs(60)).expect("psql");
+    assert!(!out.timed_out, "psql hung:\n{out}");
+    if out.success() {
+        format!("ok:{}", out.stdout.trim())
+    } else {
+        format!("err:{}", out.stderr.trim().replace(&format!("port {}", ci.port), "port N"))
+    }
+}
+
+/// Acceptance (review 1, 7): a replication client's `options` reach its
+/// walsender as settings, never as startup parameters: `-c user=...`,
+/// `--user=...`, `-c database=...`, `-c replication=...` get the server's
+/// own refusal as on a direct connection, never a session of another role,
+/// database or kind; and the README's pg_hba.conf (`local replication all
+/// scram-sha-256`, a SCRAM role) works end to end.
+#[test]
+fn options_cannot_change_walsender_login() {
+    let sp = SidePort::start(Cluster::builder().hba(README_HBA).conf("wal_level = logical"));
+    let pg = &sp.pg;
+    pg.create_role("alice", "pw", PasswordEncryption::ScramSha256);
+    exec(pg, "ALTER ROLE alice REPLICATION; CREATE DATABASE other");
+    let cases: &[(&str, Option<&str>)] = &[
+        ("true", None),
+        ("database", None),
+        ("database", Some("-c user=postgres")),
+        ("true", Some("-c user=postgres")),
+        ("database", Some("--user=postgres")),
+        ("database", Some("-c database=other")),
+        ("true", Some("-c replication=database")),
+        ("database", Some("-c application_name=a\\ b -c user=postgres")),
+    ];
+    let mut bad = Vec::new();
+    for &(repl, opts) in cases {
+        let direct = psql_repl_options(pg, &sp.direct("alice", "postgres"), repl, opts, "pw");
+        let pooled = psql_repl_options(pg, &sp.pooled("alice", "postgres"), repl, opts, "pw");
+        eprintln!("replication={repl} options={opts:?}: {direct}");
+        assert!(!pooled.starts_with("ok:") || pooled == "ok:alice", "another role: {pooled}");
+        assert_eq!(direct.starts_with("ok:"), opts.is_none(), "direct answer for {repl} {opts:?}: {direct}");
+        if pooled != direct {
+            bad.push((repl, opts, direct, pooled));
+        }
+    }
+    assert!(bad.is_empty(), "differences:\n{bad:#?}");
+}
