@@ -212,7 +212,10 @@ fn parse_startup_message(
         off = next;
         let name = utf8(name)?;
         let value = utf8(value)?;
-        match params.iter_mut().find(|(k, _)| *k == name) {
+        // A repeated name: the last value wins, except `replication`, which
+        // the server folds occurrence by occurrence (each kept, in order;
+        // see [`ReplicationFlags`]).
+        match params.iter_mut().find(|(k, _)| *k == name && name != "replication") {
             Some(slot) => slot.1 = value,
             None => params.push((name, value)),
         }
