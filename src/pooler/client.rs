@@ -683,19 +683,23 @@ impl Pooler {
 
     /// Sends a CancelRequest (pid and key as the client sent them, 4 or up
     /// to 256 bytes of key) to the server's Unix socket; the postmaster
-    /// answers nothing and closes. Bounded: a local socket, 1 s to write.
+    /// answers nothing and closes. Never blocks the event loop: a
+    /// non-blocking socket; a full listen queue or socket buffer drops the
+    /// request (as a lost cancel packet would be), with a LOG line.
     fn forward_cancel(&self, pid: i32, secret: &[u8]) {
+        use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
         let mut pkt = Vec::with_capacity(12 + secret.len());
         pkt.extend_from_slice(&((12 + secret.len()) as i32).to_be_bytes());
         pkt.extend_from_slice(&proto::CANCEL_REQUEST_CODE.to_be_bytes());
         pkt.extend_from_slice(&pid.to_be_bytes());
         pkt.extend_from_slice(secret);
-        match std::os::unix::net::UnixStream::connect(&self.server_socket) {
-            Ok(mut s) => {
-                let _ = s.set_write_timeout(Some(std::time::Duration::from_secs(1)));
-                let _ = s.write_all(&pkt);
-            }
-            Err(e) => log::info!("could not pass a cancel request to {}: {e}", self.server_socket.display()),
+        let sent = (|| -> nix::Result<usize> {
+            let fd = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)?;
+            connect(fd.as_raw_fd(), &UnixAddr::new(&self.server_socket)?)?;
+            nix::unistd::write(&fd, &pkt)
+        })();
+        if !matches!(sent, Ok(n) if n == pkt.len()) {
+            log::info!("could not pass a cancel request to {}: {sent:?}", self.server_socket.display());
         }
     }
 
