@@ -177,7 +177,7 @@ impl AuthSession {
                 }
             }
             HbaMethod::Scram => s.start_scram(user, mock_key),
-            HbaMethod::Other if !tls => Step::Server,
+            HbaMethod::Other if s.tls.is_none() => Step::Server,
             HbaMethod::Other => {
                 let mut f = fatal(
                     "28000",

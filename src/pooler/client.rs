@@ -85,6 +85,12 @@ pub struct Client {
     /// The `replication` startup parameter as the server reads it: a
     /// walsender client is served as a dedicated session (`dedicated.rs`).
     pub replication: proto::Replication,
+    /// A replication client's startup parameters for its walsender's login
+    /// (`dedicated.rs`), in the client's order: its settings as sent, an
+    /// `options` string re-encoded from what it set (`-c name=value`, the
+    /// server's escaping), never `user`, `database` or `replication` (the
+    /// pooler sends the ones it authenticated).
+    pub walsender_params: Vec<(String, String)>,
 }
 
 impl Client {
@@ -118,6 +124,7 @@ impl Client {
             xacts: 0,
             started: Instant::now(),
             replication: proto::Replication::None,
+            walsender_params: Vec::new(),
         }
     }
 
@@ -494,22 +501,36 @@ impl Pooler {
         let mut settings = Vec::new();
         let (mut user, mut database) = (String::new(), String::new());
         let mut unrecognized = Vec::new();
-        let mut replication = proto::Replication::None;
+        let mut replication = proto::ReplicationFlags::default();
+        // Top-level settings and those from `options`, apart: a walsender's
+        // login carries them the way the client sent them.
+        let (mut top, mut from_options) = (Vec::new(), Vec::new());
         for (k, v) in params {
             match k.as_str() {
                 "user" => user = v,
                 "database" => database = v,
-                "replication" => match proto::parse_replication(&v) {
+                // As the server: each one sets only the flags it names.
+                "replication" => match replication.fold(&v) {
                     Ok(r) => replication = r,
                     Err(e) => return self.client_fatal(key, e.sqlstate, &e.message, e.hint.as_deref()),
                 },
                 "options" => match proto::parse_options(&v) {
-                    Ok(opts) => settings.extend(opts),
+                    Ok(opts) => {
+                        from_options.extend(opts.iter().cloned());
+                        settings.extend(opts);
+                    }
                     Err(e) => return self.client_fatal(key, e.sqlstate, &e.message, e.hint.as_deref()),
                 },
                 k if k.starts_with("_pq_.") => unrecognized.push(k.to_string()),
-                _ => settings.push((k, v)),
+                _ => {
+                    top.push((k.clone(), v.clone()));
+                    settings.push((k, v));
+                }
             }
+        }
+        let replication = replication.kind();
+        if !from_options.is_empty() {
+            top.push(("options".to_string(), proto::format_options(&from_options)));
         }
         if user.is_empty() {
             return self.client_fatal(key, "28000", "no PostgreSQL user name specified in startup packet", None);
@@ -533,6 +554,9 @@ impl Pooler {
         c.database = database;
         c.settings = settings;
         c.replication = replication;
+        // Kept until the client joins a pool: a dedicated login (walsender,
+        // server authentication) sends them on as the client sent them.
+        c.walsender_params = top;
         let row = c.row;
         let (u, d) = (c.user.clone(), c.database.clone());
         self.client_row_update(row, |r| {
@@ -689,27 +713,51 @@ impl Pooler {
         }
     }
 
-    /// CancelRequest: only a client attached to a backend right now has a
-    /// running query; signal that backend as the postmaster would (SIGINT).
+    /// CancelRequest: a pooled client's key (the pooler's own pid and key)
+    /// cancels the query of the backend it is attached to right now (SIGINT,
+    /// as the postmaster sends). Any other key may be a replication client's
+    /// walsender (it got the walsender's own BackendKeyData): the request
+    /// goes on as it came to the server's Unix socket, where the postmaster
+    /// checks pid and key against its live backends itself (so a pid reused
+    /// since is never signalled with a stale key).
     fn cancel_request(&mut self, pid: i32, secret: &[u8]) {
-        // A replication client's walsender, by its own pid and key (a
-        // pooled client's pid of the pooler's choosing may be the same number).
-        if self.walsender_keys.get(&pid).is_some_and(|k| nextgres_core::auth::ct::ct_eq(k, secret)) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGINT);
-            return;
-        }
-        let Some(&ck) = self.cancel_keys.get(&pid) else { return };
-        let Some(c) = self.client(ck) else { return };
-        // Constant time, as the server compares keys (timingsafe_bcmp in 18).
-        if !c.cancel.as_ref().is_some_and(|(p, k)| *p == pid && nextgres_core::auth::ct::ct_eq(k, secret)) {
-            return;
-        }
-        if let Phase::Attached { backend } = c.phase {
-            if let Some(b) = self.backend(backend) {
-                if b.pid > 0 {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(b.pid), nix::sys::signal::Signal::SIGINT);
+        if let Some(&ck) = self.cancel_keys.get(&pid) {
+            if let Some(c) = self.client(ck) {
+                // Constant time, as the server compares keys (timingsafe_bcmp in 18).
+                if c.cancel.as_ref().is_some_and(|(p, k)| *p == pid && nextgres_core::auth::ct::ct_eq(k, secret)) {
+                    if let Phase::Attached { backend } = c.phase {
+                        if let Some(b) = self.backend(backend) {
+                            if b.pid > 0 {
+                                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(b.pid), nix::sys::signal::Signal::SIGINT);
+                            }
+                        }
+                    }
+                    return;
                 }
             }
+        }
+        self.forward_cancel(pid, secret);
+    }
+
+    /// Sends a CancelRequest (pid and key as the client sent them, 4 or up
+    /// to 256 bytes of key) to the server's Unix socket; the postmaster
+    /// answers nothing and closes. Never blocks the event loop: a
+    /// non-blocking socket; a full listen queue or socket buffer drops the
+    /// request (as a lost cancel packet would be), with a LOG line.
+    fn forward_cancel(&self, pid: i32, secret: &[u8]) {
+        use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+        let mut pkt = Vec::with_capacity(12 + secret.len());
+        pkt.extend_from_slice(&((12 + secret.len()) as i32).to_be_bytes());
+        pkt.extend_from_slice(&proto::CANCEL_REQUEST_CODE.to_be_bytes());
+        pkt.extend_from_slice(&pid.to_be_bytes());
+        pkt.extend_from_slice(secret);
+        let sent = (|| -> nix::Result<usize> {
+            let fd = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)?;
+            connect(fd.as_raw_fd(), &UnixAddr::new(&self.server_socket)?)?;
+            nix::unistd::write(&fd, &pkt)
+        })();
+        if !matches!(sent, Ok(n) if n == pkt.len()) {
+            log::info!("could not pass a cancel request to {}: {sent:?}", self.server_socket.display());
         }
     }
 

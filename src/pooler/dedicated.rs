@@ -47,11 +47,16 @@ pub struct Dedicated {
     /// reused once its client is gone; the id never is).
     client: usize,
     client_id: u64,
+    /// The role the client authenticated as: the login must be a session
+    /// of it (`session_authorization`), else both are closed.
+    user: String,
     cred: Option<Credential>,
     scram: Option<ScramClient>,
-    params: Vec<(String, String)>,
-    /// BackendKeyData body (pid and key), passed on to the client.
-    key_data: Vec<u8>,
+    /// The login's ParameterStatus, NoticeResponse and BackendKeyData
+    /// messages as the server sent them, in order, replayed to the client.
+    replay: Vec<u8>,
+    /// The login's `session_authorization` ParameterStatus.
+    session_user: Option<String>,
     inbuf: Vec<u8>,
     /// The server authenticates the client itself (no credential).
     server_auth: bool,
@@ -66,6 +71,11 @@ const SERVER_AUTH_HBA_HINT: &str = "For a pg_hba.conf method nextgres does not i
 in a backend nextgres logs in through the Unix socket as the server's OS user without a password. Add above the other local lines \
 \"local all,replication all peer map=nextgres\" and to pg_ident.conf \"nextgres <the server's OS user> all\" (15: one line per role) \
 and \"nextgres /^(.*)$ \\1\", then reload.";
+/// Hint for a walsender login that asks for a password when the client
+/// authenticated without one (a trust line): the pooler has no secret.
+const NO_SECRET_HINT: &str = "A client that authenticates without a password (trust) needs a pg_hba.conf line that accepts its walsender login \
+through the server's Unix socket without a secret, such as \"local replication all trust\" (logical: a local database line), \
+or peer with a map from the server's OS user, above the password lines, then reload.";
 
 fn login_error(message: String) -> ErrorFields {
     ErrorFields { severity: "FATAL".into(), sqlstate: "08006".into(), message, detail: None, hint: None }
@@ -83,6 +93,7 @@ impl Pooler {
             Replication::None => return,
         };
         let (user, database, settings, client_id) = (c.user.clone(), c.database.clone(), c.settings.clone(), c.id);
+        let (startup, minor) = (c.walsender_params.clone(), c.proto_minor);
         let token_opt = crate::backend::TOKEN_OPTION.to_str().unwrap_or_default();
         let server_auth_opt = crate::backend::SERVER_AUTH_OPTION.to_str().unwrap_or_default();
         if settings.iter().any(|(n, _)| n.eq_ignore_ascii_case(token_opt) || n.eq_ignore_ascii_case(server_auth_opt)) {
@@ -104,22 +115,40 @@ impl Pooler {
                 return self.client_fatal_fields(key, &f);
             }
         };
+        // The client's settings the way it sent them (`options` re-encoded
+        // with the server's escaping), after the parameters the pooler
+        // authenticated: the server reads `user`, `database` and
+        // `replication` only as top-level parameters, which `startup` never
+        // holds, so `options=-c user=x` gets the server's own FATAL
+        // (unrecognized configuration parameter) as on a direct connection.
         let mut params: Vec<(&str, &str)> = vec![("user", &user), ("database", &database)];
         if let Some(repl) = repl {
             params.push(("replication", repl));
         }
-        params.extend(settings.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+        params.extend(startup.iter().map(|(n, v)| (n.as_str(), v.as_str())));
         params.push((token_opt, &self.token_hex));
         if server_auth {
             params.push((server_auth_opt, "1"));
         }
         let mut out = Vec::new();
-        proto::startup_message(&mut out, &params);
+        // The client's protocol version (3.2 on 18: its 32-byte cancel key).
+        proto::startup_message_minor(&mut out, minor, &params);
         // A fresh Unix socket takes a few hundred bytes without blocking.
         if stream.write_all(&out).is_err() || stream.set_nonblocking(true).is_err() {
             return self.client_fatal_fields(key, &login_error("nextgres: could not send the walsender login".into()));
         }
-        let d = Dedicated { stream, client: key, client_id, cred, scram: None, params: Vec::new(), key_data: Vec::new(), inbuf: Vec::new(), server_auth };
+        let d = Dedicated {
+            stream,
+            client: key,
+            client_id,
+            user,
+            cred,
+            scram: None,
+            replay: Vec::new(),
+            session_user: None,
+            inbuf: Vec::new(),
+            server_auth,
+        };
         let entry = self.conns.vacant_entry();
         let login = entry.key();
         conn::add(&self.epoll, &d.stream, login, READ);
@@ -156,7 +185,7 @@ impl Pooler {
             // fail (role and database are checked after authentication).
             f.message = f.message.replace("the walsender login", "the server-authentication login");
             f.hint = Some(SERVER_AUTH_HBA_HINT.into());
-        } else if matches!(f.sqlstate.as_str(), "28000" | "28P01") && !role_state {
+        } else if f.hint.is_none() && matches!(f.sqlstate.as_str(), "28000" | "28P01") && !role_state {
             f.hint = Some(REPLICATION_HBA_HINT.into());
         }
         let client = client.map(|c| (c.0, c.1));
@@ -205,33 +234,55 @@ impl Pooler {
                     };
                     let mut out = Vec::new();
                     let cred = d.cred.clone();
+                    let no_secret = cred.is_none();
                     if let Some(mut f) = answer_auth_request(req, cred, &mut d.scram, &mut out) {
                         f.hint = None; // the walsender hint replaces the pool login's
-                        f.message = f.message.replace("the pool login", "the walsender login");
+                        if no_secret {
+                            // The client proved nothing (trust): the pooler
+                            // has no secret to give this login.
+                            f.message = "nextgres: the walsender login through the Unix socket asks for a password, and this client authenticated without one".into();
+                            f.hint = Some(NO_SECRET_HINT.into());
+                        } else {
+                            f.message = f.message.replace("the pool login", "the walsender login");
+                        }
                         return self.dedicated_failed(key, f);
                     }
                     if !out.is_empty() && d.stream.write_all(&out).is_err() {
                         return self.dedicated_failed(key, login_error("nextgres: walsender login: the server closed the connection".into()));
                     }
                 }
-                b'S' => {
-                    if let Ok((n, v)) = proto::parse_parameter_status(&body) {
-                        d.params.push((n.to_string(), v.to_string()));
+                b'S' | b'N' | b'K' => {
+                    if tag == b'S' {
+                        if let Ok(("session_authorization", v)) = proto::parse_parameter_status(&body) {
+                            d.session_user = Some(v.to_string());
+                        }
                     }
+                    d.replay.push(tag);
+                    d.replay.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+                    d.replay.extend_from_slice(&body);
                 }
-                b'K' => d.key_data = body,
                 control::SOCKET_REQUEST if d.server_auth => {
                     return match control::parse_socket_request(&body) {
-                        Ok((pid, cancel_key)) => self.dedicated_hand_over(key, Some((pid, cancel_key))),
+                        Ok(_) => self.dedicated_hand_over(key),
                         Err(e) => self.dedicated_failed(key, login_error(format!("nextgres: server-authentication login: {}", e.message))),
                     };
+                }
+                // A server-authentication login asks for its socket
+                // before it is ready; one that gets ready without asking
+                // never authenticated the client (another extension's
+                // hook not chaining to ours): refuse.
+                b'Z' if d.server_auth => {
+                    return self.dedicated_failed(
+                        key,
+                        login_error("nextgres: server-authentication login: ready before authenticating the client".into()),
+                    );
                 }
                 b'Z' => return self.dedicated_ready(key),
                 b'E' => {
                     let f = proto::parse_error_fields(&body).unwrap_or_default();
                     return self.dedicated_failed(key, f);
                 }
-                _ => {} // NoticeResponse, NegotiateProtocolVersion
+                _ => {} // NegotiateProtocolVersion: the client got the pooler's
             }
         }
         if eof {
@@ -242,37 +293,42 @@ impl Pooler {
     /// The walsender is ready: tell the client what the server told its
     /// login, then hand it the client's socket and forget both.
     fn dedicated_ready(&mut self, key: usize) {
-        let Some(Conn::Dedicated(d)) = self.conns.try_remove(key) else { return };
+        let Some(Conn::Dedicated(mut d)) = self.conns.try_remove(key) else { return };
         conn::remove(&self.epoll, &d.stream);
         let ck = d.client;
         let Some(c) = self.client(ck).filter(|c| c.id == d.client_id) else { return };
-        let mut out = Vec::new();
-        for (name, value) in &d.params {
-            proto::parameter_status(&mut out, name, value);
+        // Defence in depth: the walsender must be a session of the role the
+        // client authenticated as (the server reports session_authorization
+        // at login, GUC_REPORT).
+        if d.session_user.as_deref() != Some(d.user.as_str()) {
+            log::warn!(
+                "walsender login for client {} as role \"{}\" came back as session_authorization {:?}; both closed",
+                c.addr, d.user, d.session_user
+            );
+            drop(d); // its walsender exits with our end closed
+            let f = login_error("nextgres: the walsender login is not a session of the client's role".into());
+            c.phase = Phase::Startup;
+            return self.client_fatal_fields(ck, &f);
         }
-        let mut walsender = None;
-        if d.key_data.len() >= 4 {
-            let pid = i32::from_be_bytes([d.key_data[0], d.key_data[1], d.key_data[2], d.key_data[3]]);
-            proto::backend_key_data_bytes(&mut out, pid, &d.key_data[4..]);
-            walsender = Some((pid, d.key_data[4..].to_vec()));
-        }
+        let mut out = std::mem::take(&mut d.replay);
         proto::ready_for_query(&mut out, b'I');
         c.send(&out);
-        self.dedicated_pass_socket(ck, d, walsender);
+        self.dedicated_pass_socket(ck, d);
     }
 
     /// A server-authentication login asks for its client's socket (its pid
     /// and cancel key with it): hand it over and forget both.
-    fn dedicated_hand_over(&mut self, key: usize, backend: Option<(i32, Vec<u8>)>) {
+    /// (A CancelRequest for it goes to the server's socket, which checks
+    /// the pid and key itself: `cancel_request`.)
+    fn dedicated_hand_over(&mut self, key: usize) {
         let Some(Conn::Dedicated(d)) = self.conns.try_remove(key) else { return };
         conn::remove(&self.epoll, &d.stream);
-        let backend = backend.filter(|(_, k)| !k.is_empty());
-        self.dedicated_pass_socket(d.client, d, backend);
+        self.dedicated_pass_socket(d.client, d);
     }
 
     /// Passes the client's socket to its dedicated backend `d` (already out
     /// of the connection table) and forgets the client.
-    fn dedicated_pass_socket(&mut self, ck: usize, d: Box<Dedicated>, walsender: Option<(i32, Vec<u8>)>) {
+    fn dedicated_pass_socket(&mut self, ck: usize, d: Box<Dedicated>) {
         let Some(c) = self.client(ck).filter(|c| c.id == d.client_id) else { return };
         c.phase = Phase::Startup;
         // The backend writes to this socket as soon as it has it: what we
@@ -294,14 +350,9 @@ impl Pooler {
             return self.client_close(ck);
         }
         drop(d); // our end of the walsender's control socket
+        // A CancelRequest with its key to the pooler's port is passed on
+        // to the server's socket (`cancel_request`).
         self.client_forget(ck);
-        if let Some((pid, key)) = walsender {
-            // A CancelRequest to the pooler's port reaches it (the pooler
-            // signals it as the postmaster would); exited ones are dropped.
-            self.walsender_keys
-                .retain(|&p, _| nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_ok());
-            self.walsender_keys.insert(pid, key);
-        }
     }
 }
 

@@ -61,6 +61,7 @@ impl Pooler {
         let failed = recent_failure(&self.pools[pool]);
         let Some(c) = self.client(key) else { return };
         c.pool = Some(pool);
+        c.walsender_params = Vec::new(); // pooled: no dedicated login needs them
         c.session_mode = session_mode;
         c.dedicated_mode = dedicated_mode;
         // A pool whose login just failed and that has no backend would fail

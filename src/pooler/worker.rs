@@ -47,9 +47,6 @@ pub struct Pooler {
     pub pool_by_name: HashMap<(String, String), usize>,
     /// Client-facing cancel pid -> client conn key.
     pub cancel_keys: HashMap<i32, usize>,
-    /// Walsenders of replication clients (`dedicated.rs`): their own pid ->
-    /// cancel key, as handed to their clients; pruned of exited processes.
-    pub walsender_keys: HashMap<i32, Vec<u8>>,
     pub next_client_id: u64,
     pub next_cancel_pid: i32,
     pub token_hex: String,
@@ -110,7 +107,6 @@ impl Pooler {
             pools: Slab::new(),
             pool_by_name: HashMap::new(),
             cancel_keys: HashMap::new(),
-            walsender_keys: HashMap::new(),
             next_client_id: 1,
             next_cancel_pid: (u32::from_ne_bytes(seed) % 1_000_000_000) as i32 + 1,
             token_hex,

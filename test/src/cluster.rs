@@ -169,8 +169,6 @@ impl Builder {
         self
     }
 
-    /// Starts the cluster; panics with the server log on failure.
-    #[track_caller]
     /// A standby instead of a fresh cluster: its data directory is
     /// `pg_basebackup -X stream -R -d <conninfo>` (run as the server's OS
     /// user; `-R` writes primary_conninfo with this conninfo and
@@ -180,6 +178,8 @@ impl Builder {
         self
     }
 
+    /// Starts the cluster; panics with the server log on failure.
+    #[track_caller]
     pub fn start(self) -> Cluster {
         match self.try_start() {
             Ok(c) => c,

@@ -401,19 +401,221 @@ fn cancel_reaches_walsender() {
     std::io::Write::write_all(&mut s, &pool_support::query_msg("SELECT pg_sleep(30)")).expect("query");
     let running = format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid} AND query = 'SELECT pg_sleep(30)' AND state = 'active'");
     assert!(wait_until(Duration::from_secs(30), || scalar(&pg, &running) == "1"), "query never ran");
+    // The pooler passes the request on to the server's socket, where the
+    // postmaster checks pid and key: wait (bounded) until the server has
+    // refused the wrong key, then the query must still run.
+    let mark = pg.log_mark();
     let mut wrong = k.body[4..].to_vec();
     wrong[0] ^= 1;
-    cancel(&wrong); // returns once the pooler has handled it and closed
+    cancel(&wrong);
+    let refused = format!("wrong key in cancel request for process {pid}");
+    assert!(
+        wait_until(Duration::from_secs(30), || pg.log_since(mark).contains(&refused)),
+        "the server never saw the wrong key: {}",
+        pg.log_since(mark)
+    );
     assert_eq!(scalar(&pg, &running), "1", "a wrong key cancelled the query");
     cancel(&k.body[4..]);
-    let mut seen = Vec::new();
+    let until_ready = |s: &mut TcpStream| {
+        let mut seen = Vec::new();
+        while let Some(m) = pool_support::read_msg(s) {
+            let done = m.tag == b'Z';
+            seen.push(m);
+            if done {
+                break;
+            }
+        }
+        seen
+    };
+    let seen = until_ready(&mut s);
+    let e = seen.iter().find(|m| m.tag == b'E').unwrap_or_else(|| panic!("no error: {seen:?}"));
+    assert_eq!(e.field(b'C').as_deref(), Some("57014"), "{:?}", e.field(b'M'));
+    // Once more after the right key's 57014: the wrong one was refused by
+    // the server and cancelled nothing (no second error on a new query).
+    assert_eq!(pg.log_since(mark).matches(&refused).count(), 1);
+    std::io::Write::write_all(&mut s, &pool_support::query_msg("SELECT 1")).expect("query");
+    let seen = until_ready(&mut s);
+    assert!(seen.iter().all(|m| m.tag != b'E'), "{seen:?}");
+    assert!(seen.iter().any(|m| m.tag == b'D'), "{seen:?}");
+}
+
+/// Startup with a protocol version code: the messages up to ReadyForQuery
+/// or an error (trust logins only).
+/// The socket stays open (its session alive) while the caller holds it.
+fn startup_v(port: u16, code: i32, params: &[(&str, &str)]) -> (Vec<pool_support::Msg>, TcpStream) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    std::io::Write::write_all(&mut s, &pool_support::startup_packet_version(code, params)).expect("startup");
+    let mut msgs = Vec::new();
     while let Some(m) = pool_support::read_msg(&mut s) {
-        let done = m.tag == b'Z';
-        seen.push(m);
+        let done = matches!(m.tag, b'Z' | b'E');
+        msgs.push(m);
         if done {
             break;
         }
     }
-    let e = seen.iter().find(|m| m.tag == b'E').unwrap_or_else(|| panic!("no error: {seen:?}"));
-    assert_eq!(e.field(b'C').as_deref(), Some("57014"), "{:?}", e.field(b'M'));
+    (msgs, s)
+}
+
+/// Review 3: several `replication` parameters are folded as the server
+/// folds them (`database` sets both walsender flags, a boolean only the
+/// walsender one): `database` then `true` is a logical walsender,
+/// connected to its database, through the pooler as directly.
+#[test]
+fn duplicate_replication_parameters_fold_as_the_server() {
+    let sp = SidePort::start(Cluster::builder().conf("wal_level = logical"));
+    let pg = &sp.pg;
+    let kind = |port: u16, vals: &[&str]| {
+        let mut params = vec![("user", "postgres"), ("database", "postgres")];
+        params.extend(vals.iter().map(|v| ("replication", *v)));
+        let (msgs, _session) = startup_v(port, 196608, &params);
+        match msgs.last() {
+            Some(m) if m.tag == b'Z' => {
+                let k = msgs.iter().find(|m| m.tag == b'K').expect("BackendKeyData");
+                let pid = i32::from_be_bytes([k.body[0], k.body[1], k.body[2], k.body[3]]);
+                // A pooled ordinary session's key is the pooler's own (no
+                // such process): both count as "session".
+                let k = scalar(pg, &format!("SELECT backend_type || ':' || coalesce(datname, '-') FROM pg_stat_activity WHERE pid = {pid}"));
+                if k.is_empty() || k.starts_with("client backend") { "session".to_string() } else { k }
+            }
+            Some(m) if m.tag == b'E' => format!("{:?} {:?}", m.field(b'C'), m.field(b'M')),
+            m => format!("{m:?}"),
+        }
+    };
+    for vals in [&["database", "true"][..], &["true", "database"], &["database", "false"], &["database", "false", "on"], &["false", "yes"], &["database", "bogus"], &["bogus", "true"]] {
+        let direct = kind(pg.port(), vals);
+        eprintln!("{vals:?}: {direct}");
+        assert_eq!(kind(sp.pool_port, vals), direct, "{vals:?}");
+    }
+    assert_eq!(kind(sp.pool_port, &["database", "true"]), "walsender:postgres");
+}
+
+/// Review 4 and 5: the walsender login speaks the client's protocol
+/// version (3.2 on 18: a 32-byte cancel key, as a direct login gets) and
+/// its NoticeResponses reach the client in the server's order (here the
+/// WARNING of a database setting that names a missing configuration).
+#[test]
+fn walsender_login_messages_as_direct() {
+    let sp = SidePort::start(Cluster::builder().conf("wal_level = logical"));
+    let pg = &sp.pg;
+    for code in [196608, 196610] {
+        for repl in ["true", "database"] {
+            let params = [("user", "postgres"), ("database", "postgres"), ("replication", repl)];
+            let key_len = |port| {
+                let (msgs, _) = startup_v(port, code, &params);
+                assert_eq!(msgs.last().map(|m| m.tag), Some(b'Z'), "{msgs:?}");
+                msgs.iter().find(|m| m.tag == b'K').map(|k| k.body.len())
+            };
+            let direct = key_len(pg.port());
+            eprintln!("protocol {code:#x} replication={repl}: BackendKeyData {direct:?} bytes");
+            assert_eq!(key_len(sp.pool_port), direct, "protocol {code:#x} replication={repl}");
+        }
+    }
+    // A NoticeResponse during the login: the database's own setting names
+    // a text search configuration that does not exist (accepted by ALTER
+    // DATABASE with a NOTICE, a WARNING at each login to it).
+    exec(pg, "CREATE DATABASE ts_db; ALTER DATABASE ts_db SET default_text_search_config = 'public.nosuch'");
+    let shape = |port| {
+        let (msgs, _) = startup_v(port, 196608, &[("user", "postgres"), ("database", "ts_db"), ("replication", "database")]);
+        msgs.iter()
+            .filter(|m| m.tag != b'R')
+            .map(|m| match m.tag {
+                b'N' | b'E' => format!("{}:{:?}", m.tag as char, m.field(b'M')),
+                b'S' => format!("S:{}", String::from_utf8_lossy(&m.body[..m.body.iter().position(|&b| b == 0).unwrap_or(0)])),
+                t => (t as char).to_string(),
+            })
+            .collect::<Vec<_>>()
+    };
+    let direct = shape(pg.port());
+    eprintln!("direct login: {direct:?}");
+    assert!(direct.iter().any(|m| m.starts_with("N:") && m.contains("default_text_search_config")), "{direct:?}");
+    assert_eq!(shape(sp.pool_port), direct);
+}
+
+/// Review 6: a client that authenticated without a password (a trust TCP
+/// line) while the local replication line asks for one: the refusal says
+/// what such a client needs, not that no client has shown a password.
+#[test]
+fn trust_client_without_secret_gets_the_fix() {
+    let pg = Cluster::builder()
+        .hba("local all postgres trust\nlocal all all scram-sha-256\nlocal replication all scram-sha-256\nhost all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n")
+        .start();
+    pg.create_role("bob", "pw", PasswordEncryption::ScramSha256);
+    exec(&pg, "ALTER ROLE bob REPLICATION");
+    let mut s = TcpStream::connect(("127.0.0.1", pg.port())).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let (msgs, closed) = raw_startup(&mut s, &[("user", "bob"), ("database", "postgres"), ("replication", "true")]);
+    let e = msgs.last().filter(|m| m.tag == b'E').unwrap_or_else(|| panic!("no error: {msgs:?}"));
+    let (m, h) = (e.field(b'M').unwrap_or_default(), e.field(b'H').unwrap_or_default());
+    assert!(!m.contains("since the pooler started"), "{m}");
+    assert!(m.contains("authenticated without"), "{m}");
+    assert!(h.contains("local replication all trust"), "{h}");
+    assert!(closed);
+}
+
+/// README's recommended pg_hba.conf (a superuser line that accepts the
+/// pooler's own local logins without a secret, as `peer` does for the
+/// server's OS user; SCRAM for everyone else, replication included).
+const README_HBA: &str = "\
+local all postgres trust
+local all all scram-sha-256
+local replication all scram-sha-256
+host replication alice 127.0.0.1/32 scram-sha-256
+host all all 127.0.0.1/32 scram-sha-256
+";
+
+/// psql's view of a replication login with `options` (libpq's own
+/// quoting): `ok:<SHOW session_authorization>` or `err:<stderr>`.
+fn psql_repl_options(pg: &Cluster, ci: &ConnInfo, replication: &str, options: Option<&str>, password: &str) -> String {
+    let mut conninfo = repl_conninfo(ci, replication);
+    if let Some(o) = options {
+        conninfo.push_str(&format!(" options='{}'", o.replace('\\', "\\\\").replace('\'', "\\'")));
+    }
+    let mut c = std::process::Command::new(pg.install().client_bin("psql"));
+    nextgres_test::cmd::scrub_pg_env(&mut c);
+    c.env("PGPASSWORD", password);
+    c.args(["-X", "-w", "-A", "-t", "-d", &conninfo, "-c", "SHOW session_authorization"]);
+    let out = nextgres_test::cmd::run(c, Duration::from_secs(60)).expect("psql");
+    assert!(!out.timed_out, "psql hung:\n{out}");
+    if out.success() {
+        format!("ok:{}", out.stdout.trim())
+    } else {
+        format!("err:{}", out.stderr.trim().replace(&format!("port {}", ci.port), "port N"))
+    }
+}
+
+/// Acceptance (review 1, 7): a replication client's `options` reach its
+/// walsender as settings, never as startup parameters: `-c user=...`,
+/// `--user=...`, `-c database=...`, `-c replication=...` get the server's
+/// own refusal as on a direct connection, never a session of another role,
+/// database or kind; and the README's pg_hba.conf (`local replication all
+/// scram-sha-256`, a SCRAM role) works end to end.
+#[test]
+fn options_cannot_change_walsender_login() {
+    let sp = SidePort::start(Cluster::builder().hba(README_HBA).conf("wal_level = logical"));
+    let pg = &sp.pg;
+    pg.create_role("alice", "pw", PasswordEncryption::ScramSha256);
+    exec(pg, "ALTER ROLE alice REPLICATION; CREATE DATABASE other");
+    let cases: &[(&str, Option<&str>)] = &[
+        ("true", None),
+        ("database", None),
+        ("database", Some("-c user=postgres")),
+        ("true", Some("-c user=postgres")),
+        ("database", Some("--user=postgres")),
+        ("database", Some("-c database=other")),
+        ("true", Some("-c replication=database")),
+        ("database", Some("-c application_name=a\\ b -c user=postgres")),
+    ];
+    let mut bad = Vec::new();
+    for &(repl, opts) in cases {
+        let direct = psql_repl_options(pg, &sp.direct("alice", "postgres"), repl, opts, "pw");
+        let pooled = psql_repl_options(pg, &sp.pooled("alice", "postgres"), repl, opts, "pw");
+        eprintln!("replication={repl} options={opts:?}: {direct}");
+        assert!(!pooled.starts_with("ok:") || pooled == "ok:alice", "another role: {pooled}");
+        assert_eq!(direct.starts_with("ok:"), opts.is_none(), "direct answer for {repl} {opts:?}: {direct}");
+        if pooled != direct {
+            bad.push((repl, opts, direct, pooled));
+        }
+    }
+    assert!(bad.is_empty(), "differences:\n{bad:#?}");
 }

@@ -154,9 +154,15 @@ pub fn notice_response(out: &mut Vec<u8>, f: &ErrorFields) {
 
 /// StartupMessage for protocol 3.0 (no tag byte).
 pub fn startup_message(out: &mut Vec<u8>, params: &[(&str, &str)]) {
+    startup_message_minor(out, 0, params)
+}
+
+/// StartupMessage for protocol 3.`minor` (3.2 from PostgreSQL 18: the
+/// server then gives a 32-byte cancel key).
+pub fn startup_message_minor(out: &mut Vec<u8>, minor: u16, params: &[(&str, &str)]) {
     let at = out.len();
     out.extend_from_slice(&[0; 4]);
-    put_i32(out, PROTOCOL_3_0);
+    put_i32(out, PROTOCOL_3_0 | minor as i32);
     for (k, v) in params {
         put_cstr(out, k);
         put_cstr(out, v);

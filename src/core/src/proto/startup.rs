@@ -220,7 +220,10 @@ fn parse_startup_message(
         off = next;
         let name = utf8(name)?;
         let value = utf8(value)?;
-        match params.iter_mut().find(|(k, _)| *k == name) {
+        // A repeated name: the last value wins, except `replication`, which
+        // the server folds occurrence by occurrence (each kept, in order;
+        // see [`ReplicationFlags`]).
+        match params.iter_mut().find(|(k, _)| *k == name && name != "replication") {
             Some(slot) => slot.1 = value,
             None => params.push((name, value)),
         }
@@ -343,6 +346,64 @@ pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, ProtoError>
         i += 1;
     }
     Ok(out)
+}
+
+/// Writes settings as an `options` startup value that the server splits
+/// back into the same pairs (postmaster pg_split_opts(): words split at C
+/// whitespace, a backslash makes the next character literal; then each
+/// `-c name=value` as process_postgres_switches() reads it). Every
+/// whitespace character and backslash is escaped, so values keep spaces and
+/// backslashes: `parse_options(&format_options(x)) == x` for any pairs whose
+/// names have no `=` or `-` (what [`parse_options`] returns).
+pub fn format_options(settings: &[(String, String)]) -> String {
+    let mut out = String::new();
+    for (name, value) in settings {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str("-c ");
+        for c in name.chars().chain(std::iter::once('=')).chain(value.chars()) {
+            if c == '\\' || is_c_space(c) {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The server's two walsender flags (`am_walsender`, `am_db_walsender`)
+/// while it reads a startup packet's `replication` parameters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplicationFlags {
+    /// `am_walsender`: a walsender at all.
+    pub walsender: bool,
+    /// `am_db_walsender`: connected to a database (logical).
+    pub database: bool,
+}
+
+impl ReplicationFlags {
+    /// Folds one more `replication` parameter in, as the server does
+    /// (ProcessStartupPacket(): `database` sets both flags, a boolean sets
+    /// only the walsender flag, so a later parameter overrides only the
+    /// flags it sets: `database` then `true` is logical, `database` then
+    /// `false` is no walsender, `database`, `false`, `true` is logical).
+    pub fn fold(self, value: &str) -> Result<Self, ProtoError> {
+        Ok(match parse_replication(value)? {
+            Replication::Logical => Self { walsender: true, database: true },
+            Replication::Physical => Self { walsender: true, ..self },
+            Replication::None => Self { walsender: false, ..self },
+        })
+    }
+
+    /// What the flags make of the session.
+    pub fn kind(self) -> Replication {
+        match (self.walsender, self.database) {
+            (false, _) => Replication::None,
+            (true, false) => Replication::Physical,
+            (true, true) => Replication::Logical,
+        }
+    }
 }
 
 /// What the `replication` startup parameter asks for, read as the server
@@ -756,5 +817,35 @@ mod tests {
             assert_eq!(e.message, format!("invalid value for parameter \"replication\": \"{v}\""));
             assert_eq!(e.hint.as_deref(), Some("Valid values are: \"false\", 0, \"true\", 1, \"database\"."));
         }
+    }
+
+    #[test]
+    fn format_options_round_trips() {
+        let cases: Vec<Vec<(String, String)>> = vec![
+            vec![],
+            vec![("a".into(), "b".into())],
+            vec![("search_path".into(), "a b".into()), ("x".into(), r"a\b\".into())],
+            vec![("application_name".into(), " lead\ttab\nnl \\ ".into()), ("e".into(), String::new())],
+            vec![("user".into(), "postgres".into()), ("k".into(), "v=w -c y=z".into())],
+            vec![("x".into(), "é\\ \r\x0b\x0c".into())],
+        ];
+        for x in cases {
+            let s = format_options(&x);
+            assert_eq!(parse_options(&s).unwrap(), x, "{s:?}");
+        }
+        assert_eq!(format_options(&[("a".into(), "b c".into())]), r"-c a=b\ c");
+    }
+
+    #[test]
+    fn replication_folds_as_the_server() {
+        let fold = |vals: &[&str]| vals.iter().try_fold(ReplicationFlags::default(), |f, v| f.fold(v)).map(ReplicationFlags::kind);
+        assert_eq!(fold(&["database", "true"]).unwrap(), Replication::Logical);
+        assert_eq!(fold(&["true", "database"]).unwrap(), Replication::Logical);
+        assert_eq!(fold(&["database", "false"]).unwrap(), Replication::None);
+        assert_eq!(fold(&["database", "false", "on"]).unwrap(), Replication::Logical);
+        assert_eq!(fold(&["false", "true"]).unwrap(), Replication::Physical);
+        assert_eq!(fold(&["true", "off"]).unwrap(), Replication::None);
+        assert_eq!(fold(&[]).unwrap(), Replication::None);
+        assert_eq!(fold(&["database", "bogus"]).unwrap_err().sqlstate, "22023");
     }
 }
