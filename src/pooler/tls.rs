@@ -18,7 +18,11 @@
 //!   into PostgreSQL (no logging, no palloc).
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::UnixTime;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustls::{RootCertStore, ServerConfig, ServerConnection};
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
@@ -153,13 +157,18 @@ pub fn load() -> Result<Option<Arc<Loaded>>, String> {
     let max = crate::pg::setting(c"ssl_max_protocol_version").unwrap_or_default();
     let crl_file = path_setting(c"ssl_crl_file");
     let crl_dir = path_setting(c"ssl_crl_dir");
-    let crls = load_crls(crl_file.as_deref(), crl_dir.as_deref())?;
-    build(&cert_file, &key_file, ca_file.as_deref(), crls, &min, &max).map(Some)
+    let crls = load_crls(crl_file.as_deref(), None)?;
+    if crl_file.is_some() && crls.is_empty() {
+        // OpenSSL's X509_load_cert_crl_file(): "no certificate or crl found".
+        return Err(format!("could not load SSL certificate revocation list file \"{}\": no CRL in it", crl_file.unwrap_or_default().display()));
+    }
+    let revocation = (crl_file.is_some() || crl_dir.is_some()).then(|| Revocation { file_crls: crls, dir: crl_dir });
+    build(&cert_file, &key_file, ca_file.as_deref(), revocation, &min, &max).map(Some)
 }
 
 /// The CRLs of `ssl_crl_file` (PEM, any number) and `ssl_crl_dir` (the
 /// server's OpenSSL looks up `HASH.rN` files there; the pooler reads every
-/// file named so, PEM, at load time).
+/// file named so, PEM: see [`CrlVerifier`] for when).
 fn load_crls(
     file: Option<&std::path::Path>,
     dir: Option<&std::path::Path>,
@@ -178,14 +187,9 @@ fn load_crls(
     if let Some(d) = dir {
         let entries = std::fs::read_dir(d)
             .map_err(|e| format!("could not load SSL certificate revocation list directory \"{}\": {e}", d.display()))?;
-        let mut names: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                matches!(n.split_once(".r"), Some((h, k)) if h.len() == 8
-                    && h.bytes().all(|b| b.is_ascii_hexdigit())
-                    && !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))
-            })
+        let mut names: Vec<PathBuf> = crl_dir_files(entries)
+            .into_iter()
+            .map(|(p, _)| p)
             .collect();
         names.sort();
         for p in names {
@@ -195,12 +199,131 @@ fn load_crls(
     Ok(out)
 }
 
+/// The `HASH.rN` files of a CRL directory listing with their modification
+/// time and size, sorted by name.
+fn crl_dir_files(entries: std::fs::ReadDir) -> Vec<(PathBuf, Option<(std::time::SystemTime, u64)>)> {
+    let mut names: Vec<(PathBuf, Option<(std::time::SystemTime, u64)>)> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                matches!(n.split_once(".r"), Some((h, k)) if h.len() == 8
+                    && h.bytes().all(|b| b.is_ascii_hexdigit())
+                    && !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))
+            })
+            .map(|p| {
+                let m = std::fs::metadata(&p).ok().and_then(|m| Some((m.modified().ok()?, m.len())));
+                (p, m)
+            })
+            .collect();
+    names.sort();
+    names
+}
+
+/// Revocation settings: `ssl_crl_file`'s CRLs (read at load) and
+/// `ssl_crl_dir` (read by [`CrlVerifier`] whenever its contents change).
+pub struct Revocation {
+    pub file_crls: Vec<CertificateRevocationListDer<'static>>,
+    pub dir: Option<PathBuf>,
+}
+
+/// Client certificate verification with CRLs as the server does it
+/// (be-secure-openssl.c sets X509_V_FLAG_CRL_CHECK | X509_V_FLAG_CRL_CHECK_ALL
+/// whenever ssl_crl_file or ssl_crl_dir is set): every certificate of the
+/// chain below the trust anchor is checked, a certificate whose issuer has
+/// no CRL fails ("unable to get certificate CRL"), as does an expired CRL;
+/// with no CRL at all every client certificate fails. The server's OpenSSL
+/// looks CRLs up in ssl_crl_dir per verification, so this lists the
+/// directory at each client certificate (names, mtimes, sizes) and rebuilds
+/// the rustls verifier when that listing changed.
+#[derive(Debug)]
+struct CrlVerifier {
+    /// Without CRLs: root hints and handshake signatures.
+    base: Arc<dyn ClientCertVerifier>,
+    roots: Arc<RootCertStore>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    file_crls: Vec<CertificateRevocationListDer<'static>>,
+    dir: Option<PathBuf>,
+    /// The directory listing the cached verifier was built from.
+    cache: std::sync::Mutex<Option<(Vec<(PathBuf, Option<(std::time::SystemTime, u64)>)>, Arc<dyn ClientCertVerifier>)>>,
+}
+
+impl CrlVerifier {
+    fn current(&self) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
+        // A directory or CRL file that cannot be read leaves the status
+        // unknown, as OpenSSL's lookup that finds no CRL (unknown_ca alert).
+        let unknown = || rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownRevocationStatus);
+        let listing = match &self.dir {
+            Some(d) => crl_dir_files(std::fs::read_dir(d).map_err(|_| unknown())?),
+            None => Vec::new(),
+        };
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((l, v)) = cache.as_ref() {
+            if *l == listing {
+                return Ok(v.clone());
+            }
+        }
+        let mut crls = self.file_crls.clone();
+        crls.extend(load_crls(None, self.dir.as_deref()).map_err(|_| unknown())?);
+        if crls.is_empty() {
+            // No CRL for any issuer: OpenSSL fails every chain.
+            return Err(unknown());
+        }
+        let v = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
+            .allow_unauthenticated()
+            .with_crls(crls)
+            .enforce_revocation_expiration()
+            .build()
+            .map_err(|_| unknown())?;
+        *cache = Some((listing, v.clone()));
+        Ok(v)
+    }
+}
+
+impl ClientCertVerifier for CrlVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.base.offer_client_auth()
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        self.base.client_auth_mandatory()
+    }
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.base.root_hint_subjects()
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.current()?.verify_client_cert(end_entity, intermediates, now)
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.base.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.base.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.base.supported_verify_schemes()
+    }
+}
+
 /// The rustls configuration from files and version bounds.
 pub fn build(
     cert_file: &std::path::Path,
     key_file: &std::path::Path,
     ca_file: Option<&std::path::Path>,
-    crls: Vec<CertificateRevocationListDer<'static>>,
+    revocation: Option<Revocation>,
     min: &str,
     max: &str,
 ) -> Result<Arc<Loaded>, String> {
@@ -229,17 +352,23 @@ pub fn build(
             for c in cas {
                 roots.add(c).map_err(|e| format!("could not load root certificate file \"{}\": {e}", ca.display()))?;
             }
-            // CRLs as the server sets them (X509_V_FLAG_CRL_CHECK |
-            // X509_V_FLAG_CRL_CHECK_ALL): every certificate of the chain,
-            // one whose issuer has no CRL fails, as does an expired CRL.
-            let mut verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).allow_unauthenticated();
-            if !crls.is_empty() {
-                verifier = verifier.with_crls(crls).enforce_revocation_expiration();
-            }
-            let verifier = verifier
+            let roots = Arc::new(roots);
+            let base = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+                .allow_unauthenticated()
                 .build()
                 .map_err(|e| format!("could not load root certificate file \"{}\": {e}", ca.display()))?;
-            builder.with_client_cert_verifier(verifier)
+            match revocation {
+                None => builder.with_client_cert_verifier(base),
+                // CRLs as the server sets them: see CrlVerifier.
+                Some(r) => builder.with_client_cert_verifier(Arc::new(CrlVerifier {
+                    base,
+                    roots,
+                    provider,
+                    file_crls: r.file_crls,
+                    dir: r.dir,
+                    cache: std::sync::Mutex::new(None),
+                })),
+            }
         }
         None => builder.with_no_client_auth(),
     };
