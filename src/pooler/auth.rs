@@ -84,8 +84,9 @@ impl AuthSession {
         };
         // On TLS, SCRAM-SHA-256-PLUS with tls-server-end-point binding to
         // the certificate this client was shown (auth-scram.c).
-        let server = match self.tls.as_ref().and_then(|t| t.end_point.as_ref()) {
-            Some(h) => server.with_channel_binding(h.to_vec()),
+        let server = match self.tls.as_ref().map(|t| t.end_point.as_ref()) {
+            Some(Some(h)) => server.with_channel_binding(h.to_vec()),
+            Some(None) => server.with_channel_binding_unavailable(),
             None => server,
         };
         let mut out = Vec::new();
