@@ -168,7 +168,7 @@ pub fn load() -> Result<Option<Arc<Loaded>>, String> {
 
 /// The CRLs of `ssl_crl_file` (PEM, any number) and `ssl_crl_dir` (the
 /// server's OpenSSL looks up `HASH.rN` files there; the pooler reads every
-/// file named so, PEM: see [`CrlVerifier`] for when).
+/// file named so, PEM: see [`ClientVerifier`] for when).
 fn load_crls(
     file: Option<&std::path::Path>,
     dir: Option<&std::path::Path>,
@@ -220,39 +220,57 @@ fn crl_dir_files(entries: std::fs::ReadDir) -> Vec<(PathBuf, Option<(std::time::
 }
 
 /// Revocation settings: `ssl_crl_file`'s CRLs (read at load) and
-/// `ssl_crl_dir` (read by [`CrlVerifier`] whenever its contents change).
+/// `ssl_crl_dir` (read by [`ClientVerifier`] whenever its contents change).
+#[derive(Debug)]
 pub struct Revocation {
     pub file_crls: Vec<CertificateRevocationListDer<'static>>,
     pub dir: Option<PathBuf>,
 }
 
-/// Client certificate verification with CRLs as the server does it
-/// (be-secure-openssl.c sets X509_V_FLAG_CRL_CHECK | X509_V_FLAG_CRL_CHECK_ALL
-/// whenever ssl_crl_file or ssl_crl_dir is set): every certificate of the
-/// chain below the trust anchor is checked, a certificate whose issuer has
-/// no CRL fails ("unable to get certificate CRL"), as does an expired CRL;
-/// with no CRL at all every client certificate fails. The server's OpenSSL
-/// looks CRLs up in ssl_crl_dir per verification, so this lists the
-/// directory at each client certificate (names, mtimes, sizes) and rebuilds
-/// the rustls verifier when that listing changed.
+/// Client certificate verification as close to the server's OpenSSL as
+/// rustls allows.
+///
+/// * Anchors: only `ssl_ca_file` certificates that are self-signed and
+///   valid at load (OpenSSL needs a chain to end at a self-signed root and
+///   checks the root's dates too); the others are refused with a WARNING
+///   at load, and the non-self-signed ones still serve as intermediates
+///   (OpenSSL finds issuers in the CA file). Root hints name every
+///   certificate of the file, as SSL_CTX_set_client_CA_list() does.
+/// * The end certificate's keyUsage, when present, must allow
+///   digitalSignature or keyAgreement (OpenSSL's `ssl_client` purpose).
+/// * CRLs as the server sets them (be-secure-openssl.c sets
+///   X509_V_FLAG_CRL_CHECK | X509_V_FLAG_CRL_CHECK_ALL whenever
+///   ssl_crl_file or ssl_crl_dir is set): every certificate of the chain
+///   below the trust anchor is checked, a certificate whose issuer has no
+///   CRL fails ("unable to get certificate CRL"), as does an expired CRL;
+///   with no CRL at all every client certificate fails. The server's
+///   OpenSSL looks CRLs up in ssl_crl_dir per verification, so this lists
+///   the directory at each client certificate (names, mtimes, sizes) and
+///   rebuilds the rustls verifier when that listing changed.
 #[derive(Debug)]
-struct CrlVerifier {
-    /// Without CRLs: root hints and handshake signatures.
+struct ClientVerifier {
+    /// Over every CA file certificate, no CRLs: root hints and handshake
+    /// signatures.
     base: Arc<dyn ClientCertVerifier>,
-    roots: Arc<RootCertStore>,
+    /// The accepted anchors; None when none is left (every chain fails).
+    roots: Option<Arc<RootCertStore>>,
+    /// Non-self-signed CA file certificates, offered as intermediates.
+    extra: Vec<CertificateDer<'static>>,
     provider: Arc<rustls::crypto::CryptoProvider>,
-    file_crls: Vec<CertificateRevocationListDer<'static>>,
-    dir: Option<PathBuf>,
+    revocation: Option<Revocation>,
     /// The directory listing the cached verifier was built from.
     cache: std::sync::Mutex<Option<(Vec<(PathBuf, Option<(std::time::SystemTime, u64)>)>, Arc<dyn ClientCertVerifier>)>>,
 }
 
-impl CrlVerifier {
+impl ClientVerifier {
     fn current(&self) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
+        let Some(roots) = &self.roots else {
+            return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer));
+        };
         // A directory or CRL file that cannot be read leaves the status
         // unknown, as OpenSSL's lookup that finds no CRL (unknown_ca alert).
         let unknown = || rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownRevocationStatus);
-        let listing = match &self.dir {
+        let listing = match self.revocation.as_ref().and_then(|r| r.dir.as_ref()) {
             Some(d) => crl_dir_files(std::fs::read_dir(d).map_err(|_| unknown())?),
             None => Vec::new(),
         };
@@ -262,24 +280,23 @@ impl CrlVerifier {
                 return Ok(v.clone());
             }
         }
-        let mut crls = self.file_crls.clone();
-        crls.extend(load_crls(None, self.dir.as_deref()).map_err(|_| unknown())?);
-        if crls.is_empty() {
-            // No CRL for any issuer: OpenSSL fails every chain.
-            return Err(unknown());
+        let mut builder = WebPkiClientVerifier::builder_with_provider(roots.clone(), self.provider.clone()).allow_unauthenticated();
+        if let Some(r) = &self.revocation {
+            let mut crls = r.file_crls.clone();
+            crls.extend(load_crls(None, r.dir.as_deref()).map_err(|_| unknown())?);
+            if crls.is_empty() {
+                // No CRL for any issuer: OpenSSL fails every chain.
+                return Err(unknown());
+            }
+            builder = builder.with_crls(crls).enforce_revocation_expiration();
         }
-        let v = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
-            .allow_unauthenticated()
-            .with_crls(crls)
-            .enforce_revocation_expiration()
-            .build()
-            .map_err(|_| unknown())?;
+        let v = builder.build().map_err(|_| unknown())?;
         *cache = Some((listing, v.clone()));
         Ok(v)
     }
 }
 
-impl ClientCertVerifier for CrlVerifier {
+impl ClientCertVerifier for ClientVerifier {
     fn offer_client_auth(&self) -> bool {
         self.base.offer_client_auth()
     }
@@ -295,7 +312,19 @@ impl ClientCertVerifier for CrlVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.current()?.verify_client_cert(end_entity, intermediates, now)
+        let mut chain: Vec<CertificateDer<'_>> = intermediates.to_vec();
+        chain.extend(self.extra.iter().cloned());
+        let verified = self.current().and_then(|v| v.verify_client_cert(end_entity, &chain, now));
+        // OpenSSL reports a chain it cannot build (unknown_ca) before the
+        // purpose (unsupported_certificate), and that before the rest.
+        if let Err(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)) = verified {
+            return verified;
+        }
+        match nextgres_core::cert::client_key_usage_ok(end_entity) {
+            Ok(true) => verified,
+            Ok(false) => Err(rustls::Error::InvalidCertificate(rustls::CertificateError::InvalidPurpose)),
+            Err(_) => Err(rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)),
+        }
     }
     fn verify_tls12_signature(
         &self,
@@ -345,30 +374,39 @@ pub fn build(
         // As the server with ssl_ca_file: ask for a client certificate,
         // verify one if sent, accept a client without one.
         Some(ca) => {
+            let mut all = RootCertStore::empty();
             let mut roots = RootCertStore::empty();
+            let mut extra = Vec::new();
             let cas = CertificateDer::pem_file_iter(ca)
                 .and_then(|it| it.collect::<Result<Vec<_>, _>>())
                 .map_err(|e| format!("could not load root certificate file \"{}\": {e}", ca.display()))?;
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
             for c in cas {
-                roots.add(c).map_err(|e| format!("could not load root certificate file \"{}\": {e}", ca.display()))?;
+                all.add(c.clone()).map_err(|e| format!("could not load root certificate file \"{}\": {e}", ca.display()))?;
+                match nextgres_core::cert::anchor_problem(&c, now) {
+                    None => roots.add(c).map_err(|e| format!("could not load root certificate file \"{}\": {e}", ca.display()))?,
+                    Some(why) => {
+                        let subject = nextgres_core::cert::subject_names(&c).ok().and_then(|n| n.dn).unwrap_or_default();
+                        log::warn!("certificate \"{subject}\" in \"{}\" is not used as a trust anchor: {why}", ca.display());
+                        if why.starts_with("not self-signed") {
+                            extra.push(c);
+                        }
+                    }
+                }
             }
-            let roots = Arc::new(roots);
-            let base = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            let base = WebPkiClientVerifier::builder_with_provider(Arc::new(all), provider.clone())
                 .allow_unauthenticated()
                 .build()
                 .map_err(|e| format!("could not load root certificate file \"{}\": {e}", ca.display()))?;
-            match revocation {
-                None => builder.with_client_cert_verifier(base),
-                // CRLs as the server sets them: see CrlVerifier.
-                Some(r) => builder.with_client_cert_verifier(Arc::new(CrlVerifier {
-                    base,
-                    roots,
-                    provider,
-                    file_crls: r.file_crls,
-                    dir: r.dir,
-                    cache: std::sync::Mutex::new(None),
-                })),
-            }
+            let roots = (!roots.is_empty()).then(|| Arc::new(roots));
+            builder.with_client_cert_verifier(Arc::new(ClientVerifier {
+                base,
+                roots,
+                extra,
+                provider,
+                revocation,
+                cache: std::sync::Mutex::new(None),
+            }))
         }
         None => builder.with_no_client_auth(),
     };

@@ -99,8 +99,13 @@ fn client_cert(pg: &Cluster, ca_name: &str, cn: &str) -> String {
 /// [`client_cert`] with the subject `subj` (openssl `-subj`, UTF-8 as
 /// UTF8String), files named after `base`.
 fn client_cert_subj(pg: &Cluster, ca_name: &str, base: &str, subj: &str) -> String {
+    client_cert_ext(pg, ca_name, base, subj, "")
+}
+
+/// [`client_cert_subj`] with more extension lines `ext` (openssl syntax).
+fn client_cert_ext(pg: &Cluster, ca_name: &str, base: &str, subj: &str, ext: &str) -> String {
     let dir = pg.dir().to_path_buf();
-    std::fs::write(dir.join("client-ext.cnf"), "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n").expect("ext");
+    std::fs::write(dir.join("client-ext.cnf"), format!("basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n{ext}")).expect("ext");
     let base = format!("client-{ca_name}-{base}");
     let (key, csr, crt) = (format!("{base}.key"), format!("{base}.csr"), format!("{base}.crt"));
     openssl(&["req", "-new", "-nodes", "-utf8", "-newkey", "rsa:2048", "-subj", subj, "-keyout", &key, "-out", &csr], &dir);
@@ -1205,6 +1210,89 @@ fn certificate_names_and_crl_dirs_decide_as_the_server() {
         let seen = compare("a CRL added to ssl_crl_dir");
         assert!(seen.iter().any(|s| s == "vca / non-ASCII CN: ok vca"), "{seen:?}");
         assert!(seen.iter().any(|s| s.starts_with("vca / non-ASCII DN: failed") && s.contains("revoked")), "{seen:?}");
+    });
+}
+
+/// `ssl_ca_file` anchors and the client certificate's purpose as the
+/// server's OpenSSL checks them, against a server doing TLS itself: a
+/// client certificate whose keyUsage allows neither digitalSignature nor
+/// keyAgreement is refused; a CA file holding only an intermediate CA
+/// anchors nothing (OpenSSL needs a self-signed root), while the same
+/// intermediate next to its root completes a chain the client sent
+/// without it.
+#[test]
+fn trust_anchors_and_key_usage_as_the_server() {
+    let pooled = Arc::new(Cluster::builder().label("pooled").start());
+    if skip(&pooled) {
+        return;
+    }
+    let direct = Cluster::builder().label("direct").preload(false).start();
+    setup(&pooled);
+    pooled.run_bounded(TEST_LIMIT, move |pooled| {
+        let hba = "local all all trust\n\
+                   hostssl all vca 127.0.0.1/32 trust clientcert=verify-ca\n\
+                   host all postgres 127.0.0.1/32 trust\n";
+        let mut certs: Vec<Vec<(String, String)>> = Vec::new();
+        for pg in [pooled, &direct] {
+            make_certs(pg, "one", "server.crt");
+            let dir = pg.dir().to_path_buf();
+            // An intermediate CA "mid" signed by "one".
+            std::fs::write(dir.join("mid-ext.cnf"), "basicConstraints=critical,CA:TRUE\nkeyUsage=keyCertSign,cRLSign\n").expect("ext");
+            openssl(&["req", "-new", "-nodes", "-newkey", "rsa:2048", "-subj", "/CN=nextgres test CA mid", "-keyout", "mid-ca.key", "-out", "mid-ca.csr"], &dir);
+            openssl(
+                &["x509", "-req", "-in", "mid-ca.csr", "-CA", "one-ca.crt", "-CAkey", "one-ca.key", "-CAcreateserial", "-days", "2", "-extfile", "mid-ext.cnf", "-out", "mid-ca.crt"],
+                &dir,
+            );
+            certs.push(vec![
+                ("plain".to_string(), client_cert(pg, "one", "vca")),
+                ("keyUsage keyEncipherment".to_string(), client_cert_ext(pg, "one", "ku", "/CN=vca", "keyUsage=critical,keyEncipherment\n")),
+                ("issued by mid".to_string(), client_cert_subj(pg, "mid", "viamid", "/CN=vca")),
+            ]);
+            pg.admin().batch_execute("CREATE ROLE vca LOGIN").expect("role");
+            std::fs::copy(dir.join("one-ca.crt"), pg.data_dir().join("root.crt")).expect("copy CA");
+            std::fs::copy(dir.join("mid-ca.crt"), pg.data_dir().join("mid.crt")).expect("copy CA");
+            let both = [std::fs::read(dir.join("one-ca.crt")).unwrap(), std::fs::read(dir.join("mid-ca.crt")).unwrap()].concat();
+            std::fs::write(pg.data_dir().join("both.crt"), both).expect("both");
+            pg.append_conf("ssl = on").expect("conf");
+            pg.append_conf("ssl_ca_file = 'root.crt'").expect("conf");
+            pg.set_hba(hba).expect("hba");
+            pg.restart().expect("restart with ssl = on");
+        }
+        assert!(wait_until(SETTLE, || pooler_pid(pooled).is_some()), "no pooler after the restart");
+        let outcome = |pg: &Cluster, extra: &str| -> String {
+            let conn = pg.tcp("vca", "postgres");
+            let out = psql_cs(pg, &conn, &format!("sslmode=require {extra}"), &["SELECT current_user"]);
+            if out.success() {
+                return format!("ok {}", out.stdout.trim());
+            }
+            let err = out.stderr.lines().find_map(|l| {
+                l.split_once("FATAL:").or_else(|| l.split_once(" failed: ")).map(|(_, m)| m.trim().to_string())
+            });
+            format!("failed {}", err.unwrap_or_else(|| out.stderr.clone()))
+        };
+        for ca in ["root.crt", "mid.crt", "both.crt"] {
+            if ca != "root.crt" {
+                for pg in [pooled, &direct] {
+                    pg.append_conf(&format!("ssl_ca_file = '{ca}'")).expect("conf");
+                    pg.reload().expect("reload");
+                }
+                // Both apply the reload before the next connection; wait on
+                // the intermediate's client, whose outcome the CA file decides.
+                let want_ok = ca == "both.crt";
+                assert!(wait_until(SETTLE, || outcome(pooled, &certs[0][2].1).starts_with("ok") == want_ok), "pooler reload to {ca}");
+                assert!(wait_until(SETTLE, || outcome(&direct, &certs[1][2].1).starts_with("ok") == want_ok), "server reload to {ca}");
+            }
+            let mut seen = Vec::new();
+            for (i, (label, _)) in certs[0].iter().enumerate() {
+                let d = outcome(&direct, &certs[1][i].1);
+                let p = outcome(pooled, &certs[0][i].1);
+                assert_eq!(p, d, "ssl_ca_file {ca}, client certificate {label}: through the pooler vs the server");
+                seen.push(format!("{ca} / {label}: {d}"));
+            }
+            eprintln!("{}", seen.join("\n"));
+            let want_ku = format!("{ca} / keyUsage keyEncipherment: failed");
+            assert!(seen.iter().any(|s| s.starts_with(&want_ku)), "{seen:?}");
+        }
     });
 }
 

@@ -62,6 +62,44 @@ pub fn server_end_point(der: &[u8]) -> Result<Vec<u8>, String> {
     }
 }
 
+/// OpenSSL's `ssl_client` purpose check on a client's end certificate
+/// (v3_purp.c check_purpose_ssl_client(), the purpose the server's TLS
+/// library verifies with): a keyUsage extension, when present, must allow
+/// digitalSignature or keyAgreement. Err when the certificate cannot be
+/// parsed or its keyUsage is malformed.
+pub fn client_key_usage_ok(der: &[u8]) -> Result<bool, String> {
+    let cert = parse(der)?;
+    match cert.key_usage() {
+        Ok(None) => Ok(true),
+        Ok(Some(ku)) => Ok(ku.value.digital_signature() || ku.value.key_agreement()),
+        Err(e) => Err(format!("could not read the keyUsage of the certificate: {e}")),
+    }
+}
+
+/// Why an `ssl_ca_file` certificate cannot anchor a chain as OpenSSL
+/// would end one (x509_vfy.c: a chain must reach a self-signed root, and
+/// every certificate, the root included, must be valid at `now`, Unix
+/// seconds); None when it can. Self-signed as OpenSSL's quick check:
+/// issuer equal to subject (its signature is not verified, as OpenSSL
+/// without X509_V_FLAG_CHECK_SS_SIGNATURE).
+pub fn anchor_problem(der: &[u8], now: i64) -> Option<String> {
+    let cert = match parse(der) {
+        Ok(c) => c,
+        Err(e) => return Some(e),
+    };
+    let v = cert.validity();
+    if now < v.not_before.timestamp() {
+        return Some("not yet valid".into());
+    }
+    if now > v.not_after.timestamp() {
+        return Some("expired".into());
+    }
+    if cert.issuer().as_raw() != cert.subject().as_raw() {
+        return Some("not self-signed (an intermediate certificate only serves to build chains)".into());
+    }
+    None
+}
+
 /// A client certificate's subject as the server sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SubjectNames {
@@ -327,6 +365,20 @@ mod tests {
         // A type without a known short name: not reproduced, so no DN.
         assert_eq!(subject_names(include_bytes!("../testdata/dn-unknown.der")).unwrap().dn, None);
         assert_eq!(print_value(&Any::from_tag_and_data(Tag::Utf8String, b"v"), true).unwrap(), "#0C0176");
+    }
+
+    #[test]
+    fn anchors_and_key_usage() {
+        // Self-signed, valid 2025-01-01 .. 2035-01-01.
+        let d = include_bytes!("../testdata/dn-multi.der");
+        assert_eq!(anchor_problem(d, 1_800_000_000), None);
+        assert_eq!(anchor_problem(d, 1_700_000_000).as_deref(), Some("not yet valid"));
+        assert_eq!(anchor_problem(d, 2_100_000_000).as_deref(), Some("expired"));
+        assert!(client_key_usage_ok(d).unwrap());
+        // Issued by another CA, keyUsage keyEncipherment only.
+        let d = include_bytes!("../testdata/issued-ku-encipher.der");
+        assert!(anchor_problem(d, 1_800_000_000).unwrap().starts_with("not self-signed"));
+        assert!(!client_key_usage_ok(d).unwrap());
     }
 
     #[test]
