@@ -81,6 +81,11 @@ pub type TlsInfo = Arc<OnceLock<Session>>;
 /// The server's TLS settings as the pooler serves them.
 pub struct Loaded {
     pub config: Arc<ServerConfig>,
+    /// With `ssl_ca_file`: the same configuration refusing every client
+    /// certificate, served by a restarted pooler that falls back to the
+    /// startup configuration ([`load_or_startup`]), whose CA file and CRLs
+    /// may be stale.
+    pub refusing_certs: Option<Arc<ServerConfig>>,
     /// The `tls-server-end-point` hash of the server certificate
     /// (`nextgres_core::cert::server_end_point`); None when its signature
     /// algorithm has no hash (Ed25519): SCRAM-SHA-256-PLUS is then not offered.
@@ -135,12 +140,25 @@ pub fn load_at_startup() -> Result<Option<Arc<Loaded>>, String> {
 /// Pooler (re)start: [`load`]; when that fails, the configuration the
 /// postmaster loaded at startup (the port was taken on the strength of it,
 /// so a pooler restarted with a key it cannot read still serves TLS), with
-/// the reason in Err for a WARNING. Ok(None) only with `ssl = off`, or when
-/// the postmaster had none either.
+/// the reason in Err for a WARNING. That fallback refuses every client
+/// certificate (its `ssl_ca_file` and CRLs may be long out of date; the
+/// handshake of a client sending one fails with `unknown_ca`; clients
+/// without one are served) until a reload loads the current settings.
+/// Ok(None) only with `ssl = off`, or when the postmaster had none either.
 pub fn load_or_startup() -> (Option<Arc<Loaded>>, Option<String>) {
     match load() {
         Ok(c) => (c, None),
-        Err(e) => (STARTUP.get().cloned(), Some(e)),
+        Err(e) => {
+            let fallback = STARTUP.get().map(|c| {
+                Arc::new(Loaded {
+                    config: c.refusing_certs.clone().unwrap_or_else(|| c.config.clone()),
+                    refusing_certs: c.refusing_certs.clone(),
+                    end_point: c.end_point.clone(),
+                    ca_loaded: c.ca_loaded,
+                })
+            });
+            (fallback, Some(e))
+        }
     }
 }
 
@@ -367,10 +385,7 @@ pub fn build(
     let key = PrivateKeyDer::from_pem_file(key_file)
         .map_err(|e| format!("could not load private key file \"{}\": {e}", key_file.display()))?;
     let versions = protocol_versions(min, max)?;
-    let builder = ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&versions)
-        .map_err(|e| format!("TLS versions: {e}"))?;
-    let builder = match ca_file {
+    let verifier: Option<(Arc<dyn ClientCertVerifier>, Arc<dyn ClientCertVerifier>)> = match ca_file {
         // As the server with ssl_ca_file: ask for a client certificate,
         // verify one if sent, accept a client without one.
         Some(ca) => {
@@ -399,31 +414,51 @@ pub fn build(
                 .build()
                 .map_err(|e| format!("could not load root certificate file \"{}\": {e}", ca.display()))?;
             let roots = (!roots.is_empty()).then(|| Arc::new(roots));
-            builder.with_client_cert_verifier(Arc::new(ClientVerifier {
-                base,
-                roots,
-                extra,
-                provider,
-                revocation,
+            // For the restart fallback: every client certificate refused.
+            let refuse_all = Arc::new(ClientVerifier {
+                base: base.clone(),
+                roots: None,
+                extra: Vec::new(),
+                provider: provider.clone(),
+                revocation: None,
                 cache: std::sync::Mutex::new(None),
-            }))
+            });
+            Some((
+                Arc::new(ClientVerifier { base, roots, extra, provider: provider.clone(), revocation, cache: std::sync::Mutex::new(None) }),
+                refuse_all,
+            ))
         }
-        None => builder.with_no_client_auth(),
+        None => None,
     };
-    let mut config = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("server certificate and key in \"{}\" and \"{}\": {e}", cert_file.display(), key_file.display()))?;
-    // The server turns off session caching and tickets
-    // (be-secure-openssl.c: SSL_SESS_CACHE_OFF, SSL_OP_NO_TICKET).
-    config.session_storage = Arc::new(NoServerSessionStorage {});
-    config.send_tls13_tickets = 0;
-    // PostgreSQL 17+ clients offer ALPN "postgresql"; answer it as the server
-    // does (a client offering only other protocols fails the handshake with
-    // no_application_protocol). 15 and 16 have no ALPN at all.
-    if crate::pg::glue::server_has_direct_tls() {
-        config.alpn_protocols = vec![b"postgresql".to_vec()];
-    }
-    Ok(Arc::new(Loaded { config: Arc::new(config), end_point, ca_loaded: ca_file.is_some() }))
+    let finish = |verifier: Option<Arc<dyn ClientCertVerifier>>| -> Result<ServerConfig, String> {
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&versions)
+            .map_err(|e| format!("TLS versions: {e}"))?;
+        let builder = match verifier {
+            Some(v) => builder.with_client_cert_verifier(v),
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder
+            .with_single_cert(certs.clone(), key.clone_key())
+            .map_err(|e| format!("server certificate and key in \"{}\" and \"{}\": {e}", cert_file.display(), key_file.display()))?;
+        // The server turns off session caching and tickets
+        // (be-secure-openssl.c: SSL_SESS_CACHE_OFF, SSL_OP_NO_TICKET).
+        config.session_storage = Arc::new(NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+        // PostgreSQL 17+ clients offer ALPN "postgresql"; answer it as the server
+        // does (a client offering only other protocols fails the handshake with
+        // no_application_protocol). 15 and 16 have no ALPN at all.
+        if crate::pg::glue::server_has_direct_tls() {
+            config.alpn_protocols = vec![b"postgresql".to_vec()];
+        }
+        Ok(config)
+    };
+    let config = finish(verifier.as_ref().map(|v| v.0.clone()))?;
+    let refusing_certs = match verifier {
+        Some((_, refuse_all)) => Some(Arc::new(finish(Some(refuse_all))?)),
+        None => None,
+    };
+    Ok(Arc::new(Loaded { config: Arc::new(config), refusing_certs, end_point, ca_loaded: ca_file.is_some() }))
 }
 
 /// Starts the relay for a client that was just answered 'S': `tcp` is the

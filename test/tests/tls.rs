@@ -871,6 +871,34 @@ fn a_restarted_pooler_that_cannot_load_the_key_keeps_the_startup_tls() {
     });
 }
 
+/// The startup fallback of a restarted pooler refuses client certificates
+/// (its CA file and CRLs may be stale): a client sending one fails the
+/// handshake, a client without one is served over TLS.
+#[test]
+fn the_startup_fallback_refuses_client_certificates() {
+    with_tls_server(Cluster::builder(), |pg, _ca, _| {
+        std::fs::copy(pg.dir().join("one-ca.crt"), pg.data_dir().join("root.crt")).expect("copy CA");
+        pg.append_conf("ssl_ca_file = 'root.crt'").expect("conf");
+        pg.set_hba("local all all trust
+hostssl all all 127.0.0.1/32 trust
+").expect("hba");
+        pg.restart().expect("restart with ssl_ca_file");
+        assert!(wait_until(SETTLE, || pooler_pid(pg).is_some()), "no pooler after the restart");
+        let first = pooler_pid(pg).expect("pooler");
+        let cert = client_cert(pg, "one", "postgres");
+        let conn = pg.tcp("postgres", "postgres");
+        let with_cert = |pg: &Cluster| psql_cs(pg, &conn, &format!("sslmode=require {cert}"), &["SELECT 1"]);
+        assert!(with_cert(pg).success(), "a client certificate before the restart");
+        std::fs::write(pg.data_dir().join("server.key"), "not a key\n").expect("spoil the key");
+        pg.admin().query_one("SELECT pg_terminate_backend($1)", &[&first]).expect("terminate pooler");
+        assert!(wait_until(SETTLE, || pooler_pid(pg).is_some_and(|p| p != first)), "the pooler was not restarted");
+        let out = with_cert(pg);
+        assert!(!out.success() && out.stderr.contains("unknown ca"), "a client certificate under the startup fallback: {out}");
+        let out = psql_cs(pg, &conn, "sslmode=require", &["SELECT 1"]);
+        assert!(out.success(), "no client certificate under the startup fallback: {out}");
+    });
+}
+
 /// An ErrorResponse as `code message [detail]`.
 fn error_text(body: &[u8]) -> String {
     let (mut code, mut message, mut detail) = (String::new(), String::new(), String::new());
