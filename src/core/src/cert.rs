@@ -203,7 +203,7 @@ fn print_value(v: &Any, dump_all: bool) -> Result<String, String> {
         return bad();
     }
     let data = v.data;
-    if (tag == 30 && data.len() % 2 != 0) || (tag == 28 && data.len() % 4 != 0) {
+    if (tag == 30 && !data.len().is_multiple_of(2)) || (tag == 28 && !data.len().is_multiple_of(4)) {
         return bad();
     }
     // tag2nbyte: bytes per character; the rest is dumped as DER.
