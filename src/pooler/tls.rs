@@ -180,7 +180,7 @@ pub fn load() -> Result<Option<Arc<Loaded>>, String> {
         // OpenSSL's X509_load_cert_crl_file(): "no certificate or crl found".
         return Err(format!("could not load SSL certificate revocation list file \"{}\": no CRL in it", crl_file.unwrap_or_default().display()));
     }
-    let revocation = (crl_file.is_some() || crl_dir.is_some()).then(|| Revocation { file_crls: crls, dir: crl_dir });
+    let revocation = (crl_file.is_some() || crl_dir.is_some()).then_some(Revocation { file_crls: crls, dir: crl_dir });
     build(&cert_file, &key_file, ca_file.as_deref(), revocation, &min, &max).map(Some)
 }
 
@@ -217,10 +217,13 @@ fn load_crls(
     Ok(out)
 }
 
+/// A CRL directory listing: paths with modification time and size.
+type CrlListing = Vec<(PathBuf, Option<(std::time::SystemTime, u64)>)>;
+
 /// The `HASH.rN` files of a CRL directory listing with their modification
 /// time and size, sorted by name.
-fn crl_dir_files(entries: std::fs::ReadDir) -> Vec<(PathBuf, Option<(std::time::SystemTime, u64)>)> {
-    let mut names: Vec<(PathBuf, Option<(std::time::SystemTime, u64)>)> = entries
+fn crl_dir_files(entries: std::fs::ReadDir) -> CrlListing {
+    let mut names: CrlListing = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
                 let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -277,7 +280,7 @@ struct ClientVerifier {
     provider: Arc<rustls::crypto::CryptoProvider>,
     revocation: Option<Revocation>,
     /// The directory listing the cached verifier was built from.
-    cache: std::sync::Mutex<Option<(Vec<(PathBuf, Option<(std::time::SystemTime, u64)>)>, Arc<dyn ClientCertVerifier>)>>,
+    cache: std::sync::Mutex<Option<(CrlListing, Arc<dyn ClientCertVerifier>)>>,
 }
 
 impl ClientVerifier {
