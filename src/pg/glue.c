@@ -698,6 +698,7 @@ typedef struct NgLoginInfo
 	int			hba_clientcert; /* 0 off, 1 verify-ca, 2 verify-full */
 	bool		hba_clientname_dn;	/* clientname=DN (else CN) */
 	char		hba_usermap[256];	/* map=, empty without one */
+	bool		hba_usermap_too_long;	/* map= did not fit: refuse */
 } NgLoginInfo;
 
 static int
@@ -774,8 +775,9 @@ ng_login_lookup(const char *database, const char *user,
 		out->hba_clientcert = port->hba->clientcert == clientCertOff ? 0 :
 			port->hba->clientcert == clientCertCA ? 1 : 2;
 		out->hba_clientname_dn = port->hba->clientcertname == clientCertDN;
-		if (port->hba->usermap)
-			strlcpy(out->hba_usermap, port->hba->usermap, sizeof(out->hba_usermap));
+		if (port->hba->usermap &&
+			strlcpy(out->hba_usermap, port->hba->usermap, sizeof(out->hba_usermap)) >= sizeof(out->hba_usermap))
+			out->hba_usermap_too_long = true;
 		out->hba_method = map_auth_method(port->hba->auth_method);
 		out->hba_line = port->hba->linenumber;
 		strlcpy(out->hba_method_name, hba_authname(port->hba->auth_method),

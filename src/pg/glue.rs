@@ -69,6 +69,9 @@ pub struct NgLoginInfo {
     pub hba_clientname_dn: bool,
     /// The line's `map=`, empty without one.
     pub hba_usermap: [c_char; 256],
+    /// map= longer than hba_usermap holds: a certificate login is refused
+    /// rather than matched under a truncated map name.
+    pub hba_usermap_too_long: bool,
 }
 
 impl NgLoginInfo {
@@ -336,12 +339,16 @@ pub fn load_hba() -> Result<(), NgError> {
 }
 
 /// The server's `check_usermap()` (hba.c) with the pg_ident.conf the
-/// pooler loaded: may `system_user` (a certificate's CN or DN) log in as
-/// `pg_user` under `usermap` (empty: only as itself)? The server LOGs why
-/// not. Err on an error raised inside (a bad regex, say).
-pub fn check_usermap(usermap: &str, pg_user: &str, system_user: &str) -> Result<bool, NgError> {
+/// pooler loaded: may `system_user` (a certificate's raw CN bytes or its
+/// DN) log in as `pg_user` under `usermap` (empty: only as itself)? The
+/// server LOGs why not. `system_user` is handed over unchanged; one with a
+/// NUL is refused here (Ok(false)), as the server refuses such a
+/// certificate before authentication. Err on an error raised inside (a
+/// bad regex, say).
+pub fn check_usermap(usermap: &str, pg_user: &str, system_user: &[u8]) -> Result<bool, NgError> {
+    let Ok(s) = CString::new(system_user) else { return Ok(false) };
     let mut err = NgError::new();
-    let (m, u, s) = (cstring(usermap), cstring(pg_user), cstring(system_user));
+    let (m, u) = (cstring(usermap), cstring(pg_user));
     match unsafe { ng_check_usermap(m.as_ptr(), u.as_ptr(), s.as_ptr(), &mut err) } {
         1 => Ok(true),
         0 => Ok(false),

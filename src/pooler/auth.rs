@@ -87,8 +87,9 @@ impl AuthSession {
         };
         // On TLS, SCRAM-SHA-256-PLUS with tls-server-end-point binding to
         // the certificate this client was shown (auth-scram.c).
-        let server = match self.tls.as_ref().and_then(|t| t.end_point.as_ref()) {
-            Some(h) => server.with_channel_binding(h.to_vec()),
+        let server = match self.tls.as_ref().map(|t| t.end_point.as_ref()) {
+            Some(Some(h)) => server.with_channel_binding(h.to_vec()),
+            Some(None) => server.with_channel_binding_unavailable(),
             None => server,
         };
         let mut out = Vec::new();
@@ -230,7 +231,15 @@ impl AuthSession {
             }
         };
         let dn = self.info.hba_clientname_dn;
-        let name = if dn { Some(names.dn) } else { names.cn };
+        if dn && names.dn.is_none() {
+            log::info!("certificate authentication failed for user \"{user}\": the certificate's DN has an attribute type nextgres cannot name as OpenSSL does");
+            return false;
+        }
+        if self.info.hba_usermap_too_long {
+            log::info!("certificate authentication failed for user \"{user}\": the pg_hba.conf map name is longer than nextgres supports");
+            return false;
+        }
+        let name = if dn { names.dn.map(String::into_bytes) } else { names.cn };
         let Some(name) = name.filter(|n| !n.is_empty()) else {
             log::info!("certificate authentication failed for user \"{user}\": client certificate contains no user name");
             return false;
@@ -385,7 +394,7 @@ impl Pooler {
         let on_tls = tls.is_some();
         if let Some(t) = &tls {
             let row = c.row;
-            let subject = t.peer_cert.as_ref().and_then(|d| nextgres_core::cert::subject_names(d).ok()).map(|n| n.dn);
+            let subject = t.peer_cert.as_ref().and_then(|d| nextgres_core::cert::subject_names(d).ok()).and_then(|n| n.dn);
             self.client_row_update(row, |r| {
                 crate::shmem::set_name(&mut r.tls, &t.desc);
                 crate::shmem::set_name(&mut r.client_cert, subject.as_deref().unwrap_or(""));

@@ -18,7 +18,11 @@
 //!   into PostgreSQL (no logging, no palloc).
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::UnixTime;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustls::{RootCertStore, ServerConfig, ServerConnection};
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
@@ -77,6 +81,11 @@ pub type TlsInfo = Arc<OnceLock<Session>>;
 /// The server's TLS settings as the pooler serves them.
 pub struct Loaded {
     pub config: Arc<ServerConfig>,
+    /// With `ssl_ca_file`: the same configuration refusing every client
+    /// certificate, served by a restarted pooler that falls back to the
+    /// startup configuration ([`load_or_startup`]), whose CA file and CRLs
+    /// may be stale.
+    pub refusing_certs: Option<Arc<ServerConfig>>,
     /// The `tls-server-end-point` hash of the server certificate
     /// (`nextgres_core::cert::server_end_point`); None when its signature
     /// algorithm has no hash (Ed25519): SCRAM-SHA-256-PLUS is then not offered.
@@ -131,12 +140,25 @@ pub fn load_at_startup() -> Result<Option<Arc<Loaded>>, String> {
 /// Pooler (re)start: [`load`]; when that fails, the configuration the
 /// postmaster loaded at startup (the port was taken on the strength of it,
 /// so a pooler restarted with a key it cannot read still serves TLS), with
-/// the reason in Err for a WARNING. Ok(None) only with `ssl = off`, or when
-/// the postmaster had none either.
+/// the reason in Err for a WARNING. That fallback refuses every client
+/// certificate (its `ssl_ca_file` and CRLs may be long out of date; the
+/// handshake of a client sending one fails with `unknown_ca`; clients
+/// without one are served) until a reload loads the current settings.
+/// Ok(None) only with `ssl = off`, or when the postmaster had none either.
 pub fn load_or_startup() -> (Option<Arc<Loaded>>, Option<String>) {
     match load() {
         Ok(c) => (c, None),
-        Err(e) => (STARTUP.get().cloned(), Some(e)),
+        Err(e) => {
+            let fallback = STARTUP.get().map(|c| {
+                Arc::new(Loaded {
+                    config: c.refusing_certs.clone().unwrap_or_else(|| c.config.clone()),
+                    refusing_certs: c.refusing_certs.clone(),
+                    end_point: c.end_point.clone(),
+                    ca_loaded: c.ca_loaded,
+                })
+            });
+            (fallback, Some(e))
+        }
     }
 }
 
@@ -153,13 +175,18 @@ pub fn load() -> Result<Option<Arc<Loaded>>, String> {
     let max = crate::pg::setting(c"ssl_max_protocol_version").unwrap_or_default();
     let crl_file = path_setting(c"ssl_crl_file");
     let crl_dir = path_setting(c"ssl_crl_dir");
-    let crls = load_crls(crl_file.as_deref(), crl_dir.as_deref())?;
-    build(&cert_file, &key_file, ca_file.as_deref(), crls, &min, &max).map(Some)
+    let crls = load_crls(crl_file.as_deref(), None)?;
+    if crl_file.is_some() && crls.is_empty() {
+        // OpenSSL's X509_load_cert_crl_file(): "no certificate or crl found".
+        return Err(format!("could not load SSL certificate revocation list file \"{}\": no CRL in it", crl_file.unwrap_or_default().display()));
+    }
+    let revocation = (crl_file.is_some() || crl_dir.is_some()).then_some(Revocation { file_crls: crls, dir: crl_dir });
+    build(&cert_file, &key_file, ca_file.as_deref(), revocation, &min, &max).map(Some)
 }
 
 /// The CRLs of `ssl_crl_file` (PEM, any number) and `ssl_crl_dir` (the
 /// server's OpenSSL looks up `HASH.rN` files there; the pooler reads every
-/// file named so, PEM, at load time).
+/// file named so, PEM: see [`ClientVerifier`] for when).
 fn load_crls(
     file: Option<&std::path::Path>,
     dir: Option<&std::path::Path>,
@@ -178,14 +205,9 @@ fn load_crls(
     if let Some(d) = dir {
         let entries = std::fs::read_dir(d)
             .map_err(|e| format!("could not load SSL certificate revocation list directory \"{}\": {e}", d.display()))?;
-        let mut names: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                matches!(n.split_once(".r"), Some((h, k)) if h.len() == 8
-                    && h.bytes().all(|b| b.is_ascii_hexdigit())
-                    && !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))
-            })
+        let mut names: Vec<PathBuf> = crl_dir_files(entries)
+            .into_iter()
+            .map(|(p, _)| p)
             .collect();
         names.sort();
         for p in names {
@@ -195,12 +217,163 @@ fn load_crls(
     Ok(out)
 }
 
+/// A CRL directory listing: paths with modification time and size.
+type CrlListing = Vec<(PathBuf, Option<(std::time::SystemTime, u64)>)>;
+
+/// The `HASH.rN` files of a CRL directory listing with their modification
+/// time and size, sorted by name.
+fn crl_dir_files(entries: std::fs::ReadDir) -> CrlListing {
+    let mut names: CrlListing = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                matches!(n.split_once(".r"), Some((h, k)) if h.len() == 8
+                    && h.bytes().all(|b| b.is_ascii_hexdigit())
+                    && !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))
+            })
+            .map(|p| {
+                let m = std::fs::metadata(&p).ok().and_then(|m| Some((m.modified().ok()?, m.len())));
+                (p, m)
+            })
+            .collect();
+    names.sort();
+    names
+}
+
+/// Revocation settings: `ssl_crl_file`'s CRLs (read at load) and
+/// `ssl_crl_dir` (read by [`ClientVerifier`] whenever its contents change).
+#[derive(Debug)]
+pub struct Revocation {
+    pub file_crls: Vec<CertificateRevocationListDer<'static>>,
+    pub dir: Option<PathBuf>,
+}
+
+/// Client certificate verification as close to the server's OpenSSL as
+/// rustls allows.
+///
+/// * Anchors: only `ssl_ca_file` certificates that are self-signed and
+///   valid at load (OpenSSL needs a chain to end at a self-signed root and
+///   checks the root's dates too); the others are refused with a WARNING
+///   at load, and the non-self-signed ones still serve as intermediates
+///   (OpenSSL finds issuers in the CA file). Root hints name every
+///   certificate of the file, as SSL_CTX_set_client_CA_list() does.
+/// * The end certificate's keyUsage, when present, must allow
+///   digitalSignature or keyAgreement (OpenSSL's `ssl_client` purpose).
+/// * CRLs as the server sets them (be-secure-openssl.c sets
+///   X509_V_FLAG_CRL_CHECK | X509_V_FLAG_CRL_CHECK_ALL whenever
+///   ssl_crl_file or ssl_crl_dir is set): every certificate of the chain
+///   below the trust anchor is checked, a certificate whose issuer has no
+///   CRL fails ("unable to get certificate CRL"), as does an expired CRL;
+///   with no CRL at all every client certificate fails. The server's
+///   OpenSSL looks CRLs up in ssl_crl_dir per verification, so this lists
+///   the directory at each client certificate (names, mtimes, sizes) and
+///   rebuilds the rustls verifier when that listing changed.
+#[derive(Debug)]
+struct ClientVerifier {
+    /// Over every CA file certificate, no CRLs: root hints and handshake
+    /// signatures.
+    base: Arc<dyn ClientCertVerifier>,
+    /// The accepted anchors; None when none is left (every chain fails).
+    roots: Option<Arc<RootCertStore>>,
+    /// Non-self-signed CA file certificates, offered as intermediates.
+    extra: Vec<CertificateDer<'static>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    revocation: Option<Revocation>,
+    /// The directory listing the cached verifier was built from.
+    cache: std::sync::Mutex<Option<(CrlListing, Arc<dyn ClientCertVerifier>)>>,
+}
+
+impl ClientVerifier {
+    fn current(&self) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
+        let Some(roots) = &self.roots else {
+            return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer));
+        };
+        // A directory or CRL file that cannot be read leaves the status
+        // unknown, as OpenSSL's lookup that finds no CRL (unknown_ca alert).
+        let unknown = || rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownRevocationStatus);
+        let listing = match self.revocation.as_ref().and_then(|r| r.dir.as_ref()) {
+            Some(d) => crl_dir_files(std::fs::read_dir(d).map_err(|_| unknown())?),
+            None => Vec::new(),
+        };
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((l, v)) = cache.as_ref() {
+            if *l == listing {
+                return Ok(v.clone());
+            }
+        }
+        let mut builder = WebPkiClientVerifier::builder_with_provider(roots.clone(), self.provider.clone()).allow_unauthenticated();
+        if let Some(r) = &self.revocation {
+            let mut crls = r.file_crls.clone();
+            crls.extend(load_crls(None, r.dir.as_deref()).map_err(|_| unknown())?);
+            if crls.is_empty() {
+                // No CRL for any issuer: OpenSSL fails every chain.
+                return Err(unknown());
+            }
+            builder = builder.with_crls(crls).enforce_revocation_expiration();
+        }
+        let v = builder.build().map_err(|_| unknown())?;
+        *cache = Some((listing, v.clone()));
+        Ok(v)
+    }
+}
+
+impl ClientCertVerifier for ClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.base.offer_client_auth()
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        self.base.client_auth_mandatory()
+    }
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.base.root_hint_subjects()
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let mut chain: Vec<CertificateDer<'_>> = intermediates.to_vec();
+        chain.extend(self.extra.iter().cloned());
+        let verified = self.current().and_then(|v| v.verify_client_cert(end_entity, &chain, now));
+        // OpenSSL reports a chain it cannot build (unknown_ca) before the
+        // purpose (unsupported_certificate), and that before the rest.
+        if let Err(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)) = verified {
+            return verified;
+        }
+        match nextgres_core::cert::client_key_usage_ok(end_entity) {
+            Ok(true) => verified,
+            Ok(false) => Err(rustls::Error::InvalidCertificate(rustls::CertificateError::InvalidPurpose)),
+            Err(_) => Err(rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)),
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.base.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.base.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.base.supported_verify_schemes()
+    }
+}
+
 /// The rustls configuration from files and version bounds.
 pub fn build(
     cert_file: &std::path::Path,
     key_file: &std::path::Path,
     ca_file: Option<&std::path::Path>,
-    crls: Vec<CertificateRevocationListDer<'static>>,
+    revocation: Option<Revocation>,
     min: &str,
     max: &str,
 ) -> Result<Arc<Loaded>, String> {
@@ -215,48 +388,80 @@ pub fn build(
     let key = PrivateKeyDer::from_pem_file(key_file)
         .map_err(|e| format!("could not load private key file \"{}\": {e}", key_file.display()))?;
     let versions = protocol_versions(min, max)?;
-    let builder = ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&versions)
-        .map_err(|e| format!("TLS versions: {e}"))?;
-    let builder = match ca_file {
+    let verifier: Option<(Arc<dyn ClientCertVerifier>, Arc<dyn ClientCertVerifier>)> = match ca_file {
         // As the server with ssl_ca_file: ask for a client certificate,
         // verify one if sent, accept a client without one.
         Some(ca) => {
+            let mut all = RootCertStore::empty();
             let mut roots = RootCertStore::empty();
+            let mut extra = Vec::new();
             let cas = CertificateDer::pem_file_iter(ca)
                 .and_then(|it| it.collect::<Result<Vec<_>, _>>())
                 .map_err(|e| format!("could not load root certificate file \"{}\": {e}", ca.display()))?;
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
             for c in cas {
-                roots.add(c).map_err(|e| format!("could not load root certificate file \"{}\": {e}", ca.display()))?;
+                all.add(c.clone()).map_err(|e| format!("could not load root certificate file \"{}\": {e}", ca.display()))?;
+                match nextgres_core::cert::anchor_problem(&c, now) {
+                    None => roots.add(c).map_err(|e| format!("could not load root certificate file \"{}\": {e}", ca.display()))?,
+                    Some(why) => {
+                        let subject = nextgres_core::cert::subject_names(&c).ok().and_then(|n| n.dn).unwrap_or_default();
+                        log::warn!("certificate \"{subject}\" in \"{}\" is not used as a trust anchor: {why}", ca.display());
+                        if why.starts_with("not self-signed") {
+                            extra.push(c);
+                        }
+                    }
+                }
             }
-            // CRLs as the server sets them (X509_V_FLAG_CRL_CHECK |
-            // X509_V_FLAG_CRL_CHECK_ALL): every certificate of the chain,
-            // one whose issuer has no CRL fails, as does an expired CRL.
-            let mut verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).allow_unauthenticated();
-            if !crls.is_empty() {
-                verifier = verifier.with_crls(crls).enforce_revocation_expiration();
-            }
-            let verifier = verifier
+            let base = WebPkiClientVerifier::builder_with_provider(Arc::new(all), provider.clone())
+                .allow_unauthenticated()
                 .build()
                 .map_err(|e| format!("could not load root certificate file \"{}\": {e}", ca.display()))?;
-            builder.with_client_cert_verifier(verifier)
+            let roots = (!roots.is_empty()).then(|| Arc::new(roots));
+            // For the restart fallback: every client certificate refused.
+            let refuse_all = Arc::new(ClientVerifier {
+                base: base.clone(),
+                roots: None,
+                extra: Vec::new(),
+                provider: provider.clone(),
+                revocation: None,
+                cache: std::sync::Mutex::new(None),
+            });
+            Some((
+                Arc::new(ClientVerifier { base, roots, extra, provider: provider.clone(), revocation, cache: std::sync::Mutex::new(None) }),
+                refuse_all,
+            ))
         }
-        None => builder.with_no_client_auth(),
+        None => None,
     };
-    let mut config = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("server certificate and key in \"{}\" and \"{}\": {e}", cert_file.display(), key_file.display()))?;
-    // The server turns off session caching and tickets
-    // (be-secure-openssl.c: SSL_SESS_CACHE_OFF, SSL_OP_NO_TICKET).
-    config.session_storage = Arc::new(NoServerSessionStorage {});
-    config.send_tls13_tickets = 0;
-    // PostgreSQL 17+ clients offer ALPN "postgresql"; answer it as the server
-    // does (a client offering only other protocols fails the handshake with
-    // no_application_protocol). 15 and 16 have no ALPN at all.
-    if crate::pg::glue::server_has_direct_tls() {
-        config.alpn_protocols = vec![b"postgresql".to_vec()];
-    }
-    Ok(Arc::new(Loaded { config: Arc::new(config), end_point, ca_loaded: ca_file.is_some() }))
+    let finish = |verifier: Option<Arc<dyn ClientCertVerifier>>| -> Result<ServerConfig, String> {
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&versions)
+            .map_err(|e| format!("TLS versions: {e}"))?;
+        let builder = match verifier {
+            Some(v) => builder.with_client_cert_verifier(v),
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder
+            .with_single_cert(certs.clone(), key.clone_key())
+            .map_err(|e| format!("server certificate and key in \"{}\" and \"{}\": {e}", cert_file.display(), key_file.display()))?;
+        // The server turns off session caching and tickets
+        // (be-secure-openssl.c: SSL_SESS_CACHE_OFF, SSL_OP_NO_TICKET).
+        config.session_storage = Arc::new(NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+        // PostgreSQL 17+ clients offer ALPN "postgresql"; answer it as the server
+        // does (a client offering only other protocols fails the handshake with
+        // no_application_protocol). 15 and 16 have no ALPN at all.
+        if crate::pg::glue::server_has_direct_tls() {
+            config.alpn_protocols = vec![b"postgresql".to_vec()];
+        }
+        Ok(config)
+    };
+    let config = finish(verifier.as_ref().map(|v| v.0.clone()))?;
+    let refusing_certs = match verifier {
+        Some((_, refuse_all)) => Some(Arc::new(finish(Some(refuse_all))?)),
+        None => None,
+    };
+    Ok(Arc::new(Loaded { config: Arc::new(config), refusing_certs, end_point, ca_loaded: ca_file.is_some() }))
 }
 
 /// Starts the relay for a client that was just answered 'S': `tcp` is the

@@ -93,11 +93,22 @@ fn make_certs(pg: &Cluster, name: &str, cert: &str) -> PathBuf {
 /// A client certificate for `cn` signed by the CA `make_certs` made as
 /// `ca_name`; returns libpq's `sslcert=... sslkey=...`.
 fn client_cert(pg: &Cluster, ca_name: &str, cn: &str) -> String {
+    client_cert_subj(pg, ca_name, cn, &format!("/CN={cn}"))
+}
+
+/// [`client_cert`] with the subject `subj` (openssl `-subj`, UTF-8 as
+/// UTF8String), files named after `base`.
+fn client_cert_subj(pg: &Cluster, ca_name: &str, base: &str, subj: &str) -> String {
+    client_cert_ext(pg, ca_name, base, subj, "")
+}
+
+/// [`client_cert_subj`] with more extension lines `ext` (openssl syntax).
+fn client_cert_ext(pg: &Cluster, ca_name: &str, base: &str, subj: &str, ext: &str) -> String {
     let dir = pg.dir().to_path_buf();
-    std::fs::write(dir.join("client-ext.cnf"), "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n").expect("ext");
-    let base = format!("client-{ca_name}-{cn}");
+    std::fs::write(dir.join("client-ext.cnf"), format!("basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n{ext}")).expect("ext");
+    let base = format!("client-{ca_name}-{base}");
     let (key, csr, crt) = (format!("{base}.key"), format!("{base}.csr"), format!("{base}.crt"));
-    openssl(&["req", "-new", "-nodes", "-newkey", "rsa:2048", "-subj", &format!("/CN={cn}"), "-keyout", &key, "-out", &csr], &dir);
+    openssl(&["req", "-new", "-nodes", "-utf8", "-newkey", "rsa:2048", "-subj", subj, "-keyout", &key, "-out", &csr], &dir);
     openssl(
         &["x509", "-req", "-in", &csr, "-CA", &format!("{ca_name}-ca.crt"), "-CAkey", &format!("{ca_name}-ca.key"), "-CAcreateserial", "-days", "2", "-extfile", "client-ext.cnf", "-out", &crt],
         &dir,
@@ -860,6 +871,34 @@ fn a_restarted_pooler_that_cannot_load_the_key_keeps_the_startup_tls() {
     });
 }
 
+/// The startup fallback of a restarted pooler refuses client certificates
+/// (its CA file and CRLs may be stale): a client sending one fails the
+/// handshake, a client without one is served over TLS.
+#[test]
+fn the_startup_fallback_refuses_client_certificates() {
+    with_tls_server(Cluster::builder(), |pg, _ca, _| {
+        std::fs::copy(pg.dir().join("one-ca.crt"), pg.data_dir().join("root.crt")).expect("copy CA");
+        pg.append_conf("ssl_ca_file = 'root.crt'").expect("conf");
+        pg.set_hba("local all all trust
+hostssl all all 127.0.0.1/32 trust
+").expect("hba");
+        pg.restart().expect("restart with ssl_ca_file");
+        assert!(wait_until(SETTLE, || pooler_pid(pg).is_some()), "no pooler after the restart");
+        let first = pooler_pid(pg).expect("pooler");
+        let cert = client_cert(pg, "one", "postgres");
+        let conn = pg.tcp("postgres", "postgres");
+        let with_cert = |pg: &Cluster| psql_cs(pg, &conn, &format!("sslmode=require {cert}"), &["SELECT 1"]);
+        assert!(with_cert(pg).success(), "a client certificate before the restart");
+        std::fs::write(pg.data_dir().join("server.key"), "not a key\n").expect("spoil the key");
+        pg.admin().query_one("SELECT pg_terminate_backend($1)", &[&first]).expect("terminate pooler");
+        assert!(wait_until(SETTLE, || pooler_pid(pg).is_some_and(|p| p != first)), "the pooler was not restarted");
+        let out = with_cert(pg);
+        assert!(!out.success() && out.stderr.contains("unknown ca"), "a client certificate under the startup fallback: {out}");
+        let out = psql_cs(pg, &conn, "sslmode=require", &["SELECT 1"]);
+        assert!(out.success(), "no client certificate under the startup fallback: {out}");
+    });
+}
+
 /// An ErrorResponse as `code message [detail]`.
 fn error_text(body: &[u8]) -> String {
     let (mut code, mut message, mut detail) = (String::new(), String::new(), String::new());
@@ -1094,6 +1133,194 @@ fn client_certificates_decide_as_the_server() {
         assert_eq!(out.stdout.trim(), "CN=alice", "{out}");
         let out = psql_cs(pooled, &conn, "sslmode=require", &[&of_client("client_cert IS NULL")]);
         assert_eq!(out.stdout.trim(), "t", "{out}");
+    });
+}
+
+/// Review findings on certificate names and CRL directories, each against
+/// a server doing TLS itself: a DN with non-ASCII characters and RFC 2253
+/// specials matches pg_ident.conf only in the form OpenSSL prints
+/// (`\XX` escapes), never in its raw UTF-8 form; a non-ASCII CN is
+/// compared byte for byte; `ssl_crl_dir` naming an empty directory refuses
+/// every client certificate, and a CRL written there later (no reload)
+/// revokes at once while the CA's other certificates pass.
+#[test]
+fn certificate_names_and_crl_dirs_decide_as_the_server() {
+    let pooled = Arc::new(Cluster::builder().label("pooled").start());
+    if skip(&pooled) {
+        return;
+    }
+    let direct = Cluster::builder().label("direct").preload(false).start();
+    setup(&pooled);
+    pooled.run_bounded(TEST_LIMIT, move |pooled| {
+        let hba = "local all all trust\n\
+                   hostssl all dnuser 127.0.0.1/32 cert clientname=DN map=dn\n\
+                   hostssl all rawuser 127.0.0.1/32 cert clientname=DN map=raw\n\
+                   hostssl all cnuser 127.0.0.1/32 cert map=cn\n\
+                   hostssl all vca 127.0.0.1/32 trust clientcert=verify-ca\n\
+                   host all postgres 127.0.0.1/32 trust\n";
+        // The escaped form is what the server compares; the raw UTF-8 form
+        // must never match (the old lossy formatting matched it).
+        let ident = "dn \"CN=Jos\\C3\\A9 \\+1,O=\\C3\\9C\\, Inc\" dnuser\n\
+                     raw \"CN=José \\+1,O=Ü\\, Inc\" rawuser\n\
+                     cn José cnuser\n";
+        let roles = ["dnuser", "rawuser", "cnuser", "vca"];
+        let mut certs: Vec<Vec<(String, String)>> = Vec::new();
+        for pg in [pooled, &direct] {
+            make_certs(pg, "one", "server.crt");
+            let mine = vec![
+                ("non-ASCII DN".to_string(), client_cert_subj(pg, "one", "dn", "/O=Ü, Inc/CN=José \\+1")),
+                ("non-ASCII CN".to_string(), client_cert_subj(pg, "one", "cn", "/CN=José")),
+            ];
+            certs.push(mine);
+            for r in roles {
+                pg.admin().batch_execute(&format!("CREATE ROLE {r} LOGIN")).expect("role");
+            }
+            std::fs::copy(pg.dir().join("one-ca.crt"), pg.data_dir().join("root.crt")).expect("copy CA");
+            std::fs::write(pg.data_dir().join("pg_ident.conf"), ident).expect("pg_ident.conf");
+            pg.append_conf("ssl = on").expect("conf");
+            pg.append_conf("ssl_ca_file = 'root.crt'").expect("conf");
+            pg.set_hba(hba).expect("hba");
+            pg.restart().expect("restart with ssl = on");
+        }
+        assert!(wait_until(SETTLE, || pooler_pid(pooled).is_some()), "no pooler after the restart");
+        let outcome = |pg: &Cluster, role: &str, extra: &str| -> String {
+            let conn = pg.tcp(role, "postgres");
+            let out = psql_cs(pg, &conn, &format!("sslmode=require {extra}"), &["SELECT current_user"]);
+            if out.success() {
+                return format!("ok {}", out.stdout.trim());
+            }
+            let err = out.stderr.lines().find_map(|l| {
+                l.split_once("FATAL:").or_else(|| l.split_once(" failed: ")).map(|(_, m)| m.trim().to_string())
+            });
+            format!("failed {}", err.unwrap_or_else(|| out.stderr.clone()))
+        };
+        let compare = |what: &str| -> Vec<String> {
+            let mut seen = Vec::new();
+            for role in roles {
+                for (i, (label, _)) in certs[0].iter().enumerate() {
+                    let d = outcome(&direct, role, &certs[1][i].1);
+                    let p = outcome(pooled, role, &certs[0][i].1);
+                    assert_eq!(p, d, "{what}: role {role}, client certificate {label}: through the pooler vs the server");
+                    seen.push(format!("{role} / {label}: {d}"));
+                }
+            }
+            eprintln!("{what}:\n{}", seen.join("\n"));
+            seen
+        };
+        let seen = compare("names");
+        for want in ["dnuser / non-ASCII DN: ok dnuser", "cnuser / non-ASCII CN: ok cnuser", "vca / non-ASCII CN: ok vca"] {
+            assert!(seen.iter().any(|s| s == want), "{want} not seen");
+        }
+        assert!(seen.iter().any(|s| s.starts_with("rawuser / non-ASCII DN: failed")), "{seen:?}");
+
+        // ssl_crl_dir naming an empty directory: every certificate refused.
+        for pg in [pooled, &direct] {
+            let d = pg.data_dir().join("crls");
+            std::fs::create_dir(&d).expect("crl dir");
+            pg.append_conf("ssl_crl_dir = 'crls'").expect("conf");
+            pg.reload().expect("reload");
+        }
+        assert!(
+            wait_until(SETTLE, || outcome(pooled, "vca", &certs[0][1].1).starts_with("failed")),
+            "a certificate accepted with an empty ssl_crl_dir"
+        );
+        assert!(wait_until(SETTLE, || outcome(&direct, "vca", &certs[1][1].1).starts_with("failed")), "server reload");
+        let seen = compare("empty ssl_crl_dir");
+        assert!(seen.iter().all(|s| s.contains("failed")), "{seen:?}");
+        // A CRL revoking the DN certificate written into the directory, no
+        // reload: revoked at once, the CN certificate passes again.
+        for pg in [pooled, &direct] {
+            revoke(pg, "one", "client-one-dn.crt", "one.crl");
+            let out = Command::new("openssl").args(["crl", "-hash", "-noout", "-in"]).arg(pg.data_dir().join("one.crl")).output().expect("openssl crl");
+            let hash = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            std::fs::rename(pg.data_dir().join("one.crl"), pg.data_dir().join("crls").join(format!("{hash}.r0"))).expect("CRL into the dir");
+        }
+        let seen = compare("a CRL added to ssl_crl_dir");
+        assert!(seen.iter().any(|s| s == "vca / non-ASCII CN: ok vca"), "{seen:?}");
+        assert!(seen.iter().any(|s| s.starts_with("vca / non-ASCII DN: failed") && s.contains("revoked")), "{seen:?}");
+    });
+}
+
+/// `ssl_ca_file` anchors and the client certificate's purpose as the
+/// server's OpenSSL checks them, against a server doing TLS itself: a
+/// client certificate whose keyUsage allows neither digitalSignature nor
+/// keyAgreement is refused; a CA file holding only an intermediate CA
+/// anchors nothing (OpenSSL needs a self-signed root), while the same
+/// intermediate next to its root completes a chain the client sent
+/// without it.
+#[test]
+fn trust_anchors_and_key_usage_as_the_server() {
+    let pooled = Arc::new(Cluster::builder().label("pooled").start());
+    if skip(&pooled) {
+        return;
+    }
+    let direct = Cluster::builder().label("direct").preload(false).start();
+    setup(&pooled);
+    pooled.run_bounded(TEST_LIMIT, move |pooled| {
+        let hba = "local all all trust\n\
+                   hostssl all vca 127.0.0.1/32 trust clientcert=verify-ca\n\
+                   host all postgres 127.0.0.1/32 trust\n";
+        let mut certs: Vec<Vec<(String, String)>> = Vec::new();
+        for pg in [pooled, &direct] {
+            make_certs(pg, "one", "server.crt");
+            let dir = pg.dir().to_path_buf();
+            // An intermediate CA "mid" signed by "one".
+            std::fs::write(dir.join("mid-ext.cnf"), "basicConstraints=critical,CA:TRUE\nkeyUsage=keyCertSign,cRLSign\n").expect("ext");
+            openssl(&["req", "-new", "-nodes", "-newkey", "rsa:2048", "-subj", "/CN=nextgres test CA mid", "-keyout", "mid-ca.key", "-out", "mid-ca.csr"], &dir);
+            openssl(
+                &["x509", "-req", "-in", "mid-ca.csr", "-CA", "one-ca.crt", "-CAkey", "one-ca.key", "-CAcreateserial", "-days", "2", "-extfile", "mid-ext.cnf", "-out", "mid-ca.crt"],
+                &dir,
+            );
+            certs.push(vec![
+                ("plain".to_string(), client_cert(pg, "one", "vca")),
+                ("keyUsage keyEncipherment".to_string(), client_cert_ext(pg, "one", "ku", "/CN=vca", "keyUsage=critical,keyEncipherment\n")),
+                ("issued by mid".to_string(), client_cert_subj(pg, "mid", "viamid", "/CN=vca")),
+            ]);
+            pg.admin().batch_execute("CREATE ROLE vca LOGIN").expect("role");
+            std::fs::copy(dir.join("one-ca.crt"), pg.data_dir().join("root.crt")).expect("copy CA");
+            std::fs::copy(dir.join("mid-ca.crt"), pg.data_dir().join("mid.crt")).expect("copy CA");
+            let both = [std::fs::read(dir.join("one-ca.crt")).unwrap(), std::fs::read(dir.join("mid-ca.crt")).unwrap()].concat();
+            std::fs::write(pg.data_dir().join("both.crt"), both).expect("both");
+            pg.append_conf("ssl = on").expect("conf");
+            pg.append_conf("ssl_ca_file = 'root.crt'").expect("conf");
+            pg.set_hba(hba).expect("hba");
+            pg.restart().expect("restart with ssl = on");
+        }
+        assert!(wait_until(SETTLE, || pooler_pid(pooled).is_some()), "no pooler after the restart");
+        let outcome = |pg: &Cluster, extra: &str| -> String {
+            let conn = pg.tcp("vca", "postgres");
+            let out = psql_cs(pg, &conn, &format!("sslmode=require {extra}"), &["SELECT current_user"]);
+            if out.success() {
+                return format!("ok {}", out.stdout.trim());
+            }
+            let err = out.stderr.lines().find_map(|l| {
+                l.split_once("FATAL:").or_else(|| l.split_once(" failed: ")).map(|(_, m)| m.trim().to_string())
+            });
+            format!("failed {}", err.unwrap_or_else(|| out.stderr.clone()))
+        };
+        for ca in ["root.crt", "mid.crt", "both.crt"] {
+            if ca != "root.crt" {
+                for pg in [pooled, &direct] {
+                    pg.append_conf(&format!("ssl_ca_file = '{ca}'")).expect("conf");
+                    pg.reload().expect("reload");
+                }
+                // Both apply the reload before the next connection; wait on
+                // the intermediate's client, whose outcome the CA file decides.
+                let want_ok = ca == "both.crt";
+                assert!(wait_until(SETTLE, || outcome(pooled, &certs[0][2].1).starts_with("ok") == want_ok), "pooler reload to {ca}");
+                assert!(wait_until(SETTLE, || outcome(&direct, &certs[1][2].1).starts_with("ok") == want_ok), "server reload to {ca}");
+            }
+            let mut seen = Vec::new();
+            for (i, (label, _)) in certs[0].iter().enumerate() {
+                let d = outcome(&direct, &certs[1][i].1);
+                let p = outcome(pooled, &certs[0][i].1);
+                assert_eq!(p, d, "ssl_ca_file {ca}, client certificate {label}: through the pooler vs the server");
+                seen.push(format!("{ca} / {label}: {d}"));
+            }
+            eprintln!("{}", seen.join("\n"));
+            let want_ku = format!("{ca} / keyUsage keyEncipherment: failed");
+            assert!(seen.iter().any(|s| s.starts_with(&want_ku)), "{seen:?}");
+        }
     });
 }
 

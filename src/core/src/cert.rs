@@ -14,6 +14,7 @@
 use sha2::{Digest, Sha224, Sha256, Sha384, Sha512};
 use x509_parser::oid_registry::*;
 use x509_parser::prelude::*;
+use x509_parser::asn1_rs::{Any, Class};
 use x509_parser::signature_algorithm::SignatureAlgorithm;
 
 fn parse(der: &[u8]) -> Result<X509Certificate<'_>, String> {
@@ -61,62 +62,188 @@ pub fn server_end_point(der: &[u8]) -> Result<Vec<u8>, String> {
     }
 }
 
+/// OpenSSL's `ssl_client` purpose check on a client's end certificate
+/// (v3_purp.c check_purpose_ssl_client(), the purpose the server's TLS
+/// library verifies with): a keyUsage extension, when present, must allow
+/// digitalSignature or keyAgreement. Err when the certificate cannot be
+/// parsed or its keyUsage is malformed.
+pub fn client_key_usage_ok(der: &[u8]) -> Result<bool, String> {
+    let cert = parse(der)?;
+    match cert.key_usage() {
+        Ok(None) => Ok(true),
+        Ok(Some(ku)) => Ok(ku.value.digital_signature() || ku.value.key_agreement()),
+        Err(e) => Err(format!("could not read the keyUsage of the certificate: {e}")),
+    }
+}
+
+/// Why an `ssl_ca_file` certificate cannot anchor a chain as OpenSSL
+/// would end one (x509_vfy.c: a chain must reach a self-signed root, and
+/// every certificate, the root included, must be valid at `now`, Unix
+/// seconds); None when it can. Self-signed as OpenSSL's quick check:
+/// issuer equal to subject (its signature is not verified, as OpenSSL
+/// without X509_V_FLAG_CHECK_SS_SIGNATURE).
+pub fn anchor_problem(der: &[u8], now: i64) -> Option<String> {
+    let cert = match parse(der) {
+        Ok(c) => c,
+        Err(e) => return Some(e),
+    };
+    let v = cert.validity();
+    if now < v.not_before.timestamp() {
+        return Some("not yet valid".into());
+    }
+    if now > v.not_after.timestamp() {
+        return Some("expired".into());
+    }
+    if cert.issuer().as_raw() != cert.subject().as_raw() {
+        return Some("not self-signed (an intermediate certificate only serves to build chains)".into());
+    }
+    None
+}
+
 /// A client certificate's subject as the server sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SubjectNames {
-    /// The first common name; None without one. The server refuses a
-    /// certificate whose CN has an embedded NUL at the TLS level; here
-    /// [`subject_names`] returns Err for it.
-    pub cn: Option<String>,
-    /// The subject DN in RFC 2253 form (last RDN first, `,` between them,
-    /// `+` inside a multi-valued RDN), non-ASCII bytes left as they are.
-    pub dn: String,
+    /// The raw content bytes of the first common name (in encoding
+    /// order), as `X509_NAME_get_text_by_NID` copies them: no charset
+    /// conversion, so a BMPString CN keeps its UCS-2 bytes. None without a
+    /// CN. Never contains a NUL: [`subject_names`] returns Err then, as
+    /// the server refuses such a certificate before authentication.
+    pub cn: Option<Vec<u8>>,
+    /// The subject DN exactly as `X509_NAME_print_ex(..., XN_FLAG_RFC2253)`
+    /// prints it; None when it holds an attribute type whose OpenSSL short
+    /// name this table does not know (the server would print a name we
+    /// cannot reproduce, so a `clientname=DN` login is refused).
+    pub dn: Option<String>,
 }
 
-/// OpenSSL's short name for the attribute types RFC 2253 output uses, the
-/// dotted OID otherwise.
-fn attr_name(oid: &x509_parser::der_parser::oid::Oid) -> String {
-    let known: &[(&x509_parser::der_parser::oid::Oid, &str)] = &[
-        (&OID_X509_COMMON_NAME, "CN"),
-        (&OID_X509_COUNTRY_NAME, "C"),
-        (&OID_X509_LOCALITY_NAME, "L"),
-        (&OID_X509_STATE_OR_PROVINCE_NAME, "ST"),
-        (&OID_X509_ORGANIZATION_NAME, "O"),
-        (&OID_X509_ORGANIZATIONAL_UNIT, "OU"),
-        (&OID_X509_STREET_ADDRESS, "street"),
-        (&OID_DOMAIN_COMPONENT, "DC"),
-        (&OID_PKCS9_EMAIL_ADDRESS, "emailAddress"),
-        (&OID_X509_SERIALNUMBER, "serialNumber"),
-        (&OID_X509_TITLE, "title"),
-        (&OID_X509_GIVEN_NAME, "GN"),
-        (&OID_X509_SURNAME, "SN"),
+/// OpenSSL's short name (`OBJ_nid2sn`) for the attribute types this
+/// table knows; None for others.
+fn attr_name(oid: &x509_parser::der_parser::oid::Oid) -> Option<&'static str> {
+    let id = oid.to_id_string();
+    let known: &[(&str, &str)] = &[
+        ("2.5.4.3", "CN"),
+        ("2.5.4.4", "SN"),
+        ("2.5.4.5", "serialNumber"),
+        ("2.5.4.6", "C"),
+        ("2.5.4.7", "L"),
+        ("2.5.4.8", "ST"),
+        ("2.5.4.9", "street"),
+        ("2.5.4.10", "O"),
+        ("2.5.4.11", "OU"),
+        ("2.5.4.12", "title"),
+        ("2.5.4.13", "description"),
+        ("2.5.4.17", "postalCode"),
+        ("2.5.4.41", "name"),
+        ("2.5.4.42", "GN"),
+        ("2.5.4.43", "initials"),
+        ("2.5.4.44", "generationQualifier"),
+        ("2.5.4.46", "dnQualifier"),
+        ("2.5.4.65", "pseudonym"),
+        ("2.5.4.97", "organizationIdentifier"),
+        ("0.9.2342.19200300.100.1.1", "UID"),
+        ("0.9.2342.19200300.100.1.25", "DC"),
+        ("1.2.840.113549.1.9.1", "emailAddress"),
     ];
-    for (o, n) in known {
-        if *o == oid {
-            return (*n).to_string();
-        }
-    }
-    oid.to_id_string()
+    known.iter().find(|(o, _)| *o == id).map(|(_, n)| *n)
 }
 
-/// RFC 2253 §2.4 escaping of one attribute value (OpenSSL's
-/// `ASN1_STRFLGS_ESC_2253`): `,+"\<>;` anywhere, `#` or space first, space last.
-fn escape_2253(v: &str) -> String {
-    let mut out = String::with_capacity(v.len());
-    let n = v.chars().count();
-    for (i, ch) in v.chars().enumerate() {
-        let special = matches!(ch, ',' | '+' | '"' | '\\' | '<' | '>' | ';')
-            || (i == 0 && (ch == '#' || ch == ' '))
-            || (i + 1 == n && ch == ' ');
-        if special {
+/// One byte as OpenSSL's `do_esc_char()` writes it under the RFC 2253
+/// flags (`ESC_2253 | ESC_CTRL | ESC_MSB`): `\XX` for bytes above 0x7f
+/// and control characters, `\` before `,+"\<>;` anywhere, before `#` or
+/// space at the start of the value and before a space at its end.
+fn push_escaped(out: &mut String, b: u8, first: bool, last: bool) {
+    let bs = matches!(b, b',' | b'+' | b'"' | b'\\' | b'<' | b'>' | b';')
+        || (first && (b == b'#' || b == b' '))
+        || (last && b == b' ');
+    if b > 0x7f || (!bs && (b < 0x20 || b == 0x7f)) {
+        out.push_str(&format!("\\{b:02X}"));
+    } else {
+        if bs {
             out.push('\\');
         }
-        out.push(ch);
+        out.push(b as char);
     }
-    out
+}
+
+/// Upper-case hex of the value's DER (tag, length, contents) after `#`,
+/// as `do_dump()` with `ASN1_STRFLGS_DUMP_DER` writes it.
+fn dump_der(tag: u8, data: &[u8]) -> String {
+    let mut der = vec![tag];
+    let n = data.len();
+    if n < 0x80 {
+        der.push(n as u8);
+    } else {
+        let bytes: Vec<u8> = n.to_be_bytes().iter().copied().skip_while(|b| *b == 0).collect();
+        der.push(0x80 | bytes.len() as u8);
+        der.extend(bytes);
+    }
+    der.extend_from_slice(data);
+    let mut s = String::from("#");
+    for b in der {
+        s.push_str(&format!("{b:02X}"));
+    }
+    s
+}
+
+/// One attribute value as `do_print_ex()` prints it under XN_FLAG_RFC2253
+/// (OpenSSL 3 a_strex.c). Err for a value OpenSSL cannot decode as a name
+/// entry (`ASN1_PRINTABLE` admits only the universal tags below; a
+/// BMPString of odd length, a UniversalString not a multiple of 4 bytes or
+/// a character outside Unicode): the server then refuses the connection.
+fn print_value(v: &Any, dump_all: bool) -> Result<String, String> {
+    let bad = || Err("could not print the subject of the client certificate".to_string());
+    if v.header.class() != Class::Universal {
+        return bad();
+    }
+    let tag = v.header.tag().0;
+    // ASN1_tag2bit() & B_ASN1_PRINTABLE: NumericString, PrintableString,
+    // T61String, IA5String, BIT STRING, UniversalString, BMPString,
+    // UTF8String, SEQUENCE and the "unknown" tags.
+    if !matches!(tag, 3 | 7 | 8 | 9 | 11 | 12 | 13 | 14 | 15 | 16 | 18 | 19 | 20 | 22 | 28 | 29 | 30) {
+        return bad();
+    }
+    let data = v.data;
+    if (tag == 30 && !data.len().is_multiple_of(2)) || (tag == 28 && !data.len().is_multiple_of(4)) {
+        return bad();
+    }
+    // tag2nbyte: bytes per character; the rest is dumped as DER.
+    let width = match tag {
+        12 => 0,
+        18 | 19 | 20 | 22 => 1,
+        28 => 4,
+        30 => 2,
+        _ => return Ok(dump_der(if v.header.is_constructed() { 0x20 | tag as u8 } else { tag as u8 }, data)),
+    };
+    if dump_all {
+        return Ok(dump_der(tag as u8, data));
+    }
+    let mut out = String::new();
+    if width == 0 {
+        // UTF8String: printed byte by byte (no double conversion).
+        for (i, b) in data.iter().enumerate() {
+            push_escaped(&mut out, *b, i == 0, i + 1 == data.len());
+        }
+        return Ok(out);
+    }
+    let chars: Vec<u32> = data
+        .chunks(width)
+        .map(|c| c.iter().fold(0u32, |a, b| (a << 8) | *b as u32))
+        .collect();
+    for (i, c) in chars.iter().enumerate() {
+        // Converted to UTF-8 (ASN1_STRFLGS_UTF8_CONVERT), each byte escaped.
+        let Some(ch) = char::from_u32(*c) else { return bad() };
+        let mut buf = [0u8; 4];
+        for b in ch.encode_utf8(&mut buf).as_bytes() {
+            push_escaped(&mut out, *b, i == 0, i + 1 == chars.len());
+        }
+    }
+    Ok(out)
 }
 
 /// The CN and RFC 2253 DN of a certificate's subject, from its DER.
+/// Err where the server refuses the connection before authentication:
+/// a CN with an embedded NUL (be-secure-openssl.c `be_tls_open_server`),
+/// or a subject OpenSSL cannot print.
 pub fn subject_names(der: &[u8]) -> Result<SubjectNames, String> {
     let cert = parse(der)?;
     let subject = cert.subject();
@@ -127,35 +254,41 @@ pub fn subject_names(der: &[u8]) -> Result<SubjectNames, String> {
             if bytes.contains(&0) {
                 return Err("SSL certificate's common name contains embedded null".into());
             }
-            Some(String::from_utf8_lossy(bytes).into_owned())
+            Some(bytes.to_vec())
         }
     };
-    let rdns: Vec<String> = subject
-        .iter_rdn()
-        .map(|rdn| {
-            rdn.iter()
-                .map(|a| {
-                    format!("{}={}", attr_name(a.attr_type()), escape_2253(&String::from_utf8_lossy(a.as_slice())))
-                })
-                .collect::<Vec<_>>()
-                .join("+")
-        })
-        .collect();
-    let dn = rdns.into_iter().rev().collect::<Vec<_>>().join(",");
-    Ok(SubjectNames { cn, dn })
+    // OpenSSL keeps the entries in encoding order and, with XN_FLAG_DN_REV,
+    // prints them all in reverse (inside a multi-valued RDN too): `+`
+    // between entries of one RDN, `,` between RDNs.
+    let mut entries = Vec::new();
+    for (set, rdn) in subject.iter_rdn().enumerate() {
+        for a in rdn.iter() {
+            entries.push((set, a));
+        }
+    }
+    let mut dn = String::new();
+    let mut known = true;
+    let mut prev = None;
+    for (set, a) in entries.iter().rev() {
+        if let Some(p) = prev {
+            dn.push(if p == *set { '+' } else { ',' });
+        }
+        prev = Some(*set);
+        let name = attr_name(a.attr_type());
+        known &= name.is_some();
+        // An unknown type: its OID and the value dumped
+        // (XN_FLAG_DUMP_UNKNOWN_FIELDS).
+        dn.push_str(&name.map(str::to_string).unwrap_or_else(|| a.attr_type().to_id_string()));
+        dn.push('=');
+        dn.push_str(&print_value(a.attr_value(), name.is_none())?);
+    }
+    Ok(SubjectNames { cn, dn: if known { Some(dn) } else { None } })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn escaping() {
-        assert_eq!(escape_2253("a,b"), "a\\,b");
-        assert_eq!(escape_2253(" x "), "\\ x\\ ");
-        assert_eq!(escape_2253("#1"), "\\#1");
-        assert_eq!(escape_2253("plain"), "plain");
-    }
+    use x509_parser::asn1_rs::Tag;
 
     fn hex(b: &[u8]) -> String {
         b.iter().map(|x| format!("{x:02x}")).collect()
@@ -194,10 +327,69 @@ mod tests {
     #[test]
     fn subject_as_openssl_prints_it() {
         let n = subject_names(P384).unwrap();
-        assert_eq!(n.cn.as_deref(), Some("alice"));
-        assert_eq!(n.dn, "CN=alice,OU=a\\+b,O=Org\\, Inc,C=XX");
+        assert_eq!(n.cn.as_deref(), Some(&b"alice"[..]));
+        assert_eq!(n.dn.as_deref(), Some("CN=alice,OU=a\\+b,O=Org\\, Inc,C=XX"));
         let n = subject_names(RSA1).unwrap();
-        assert_eq!((n.cn.as_deref(), n.dn.as_str()), (Some("carol"), "CN=carol,O=x"));
+        assert_eq!((n.cn.as_deref(), n.dn.as_deref()), (Some(&b"carol"[..]), Some("CN=carol,O=x")));
+    }
+
+    fn dn(der: &[u8]) -> String {
+        subject_names(der).unwrap().dn.unwrap()
+    }
+
+    // Made with Python `cryptography`; expected DNs from OpenSSL 3.0's
+    // `openssl x509 -noout -subject -nameopt RFC2253` (XN_FLAG_RFC2253,
+    // the flags be-secure-openssl.c uses in PostgreSQL 14 to 18).
+    #[test]
+    fn dn_escapes_as_openssl() {
+        // UTF8String: each byte above 0x7f as \XX (ASN1_STRFLGS_ESC_MSB).
+        let d = include_bytes!("../testdata/dn-utf8.der");
+        assert_eq!(dn(d), "CN=Jos\\C3\\A9 \\C3\\9C,O=\\E6\\97\\A5\\E6\\9C\\AC,C=XX");
+        assert_eq!(subject_names(d).unwrap().cn.unwrap(), "José Ü".as_bytes());
+        // RFC 2253 specials, leading/trailing space and #, control chars; `=` as is.
+        assert_eq!(
+            dn(include_bytes!("../testdata/dn-escapes.der")),
+            "CN=\\ a\\,b\\+c\\\"d\\\\e\\<f\\>g\\;h=i\\ ,O=a\\01b\\7F,L=trail\\ ,OU=\\#x"
+        );
+        // BMPString and UniversalString converted to UTF-8, then escaped.
+        assert_eq!(
+            dn(include_bytes!("../testdata/dn-bmp.der")),
+            "CN=u,L=\\CE\\A9\\F0\\9D\\84\\9E,O=Z\\C3\\BCrich \\CE\\A9"
+        );
+        // T61String: one byte per character (Latin-1), converted to UTF-8.
+        let d = include_bytes!("../testdata/cn-latin1.der");
+        assert_eq!(dn(d), "CN=caf\\C3\\83\\C2\\A9");
+        assert_eq!(subject_names(d).unwrap().cn.unwrap(), b"caf\xc3\xa9");
+        // A multi-valued RDN: its entries reversed too.
+        assert_eq!(dn(include_bytes!("../testdata/dn-multi.der")), "UID=b+CN=a,O=o");
+        // A type without a known short name: not reproduced, so no DN.
+        assert_eq!(subject_names(include_bytes!("../testdata/dn-unknown.der")).unwrap().dn, None);
+        assert_eq!(print_value(&Any::from_tag_and_data(Tag::Utf8String, b"v"), true).unwrap(), "#0C0176");
+    }
+
+    #[test]
+    fn anchors_and_key_usage() {
+        // Self-signed, valid 2025-01-01 .. 2035-01-01.
+        let d = include_bytes!("../testdata/dn-multi.der");
+        assert_eq!(anchor_problem(d, 1_800_000_000), None);
+        assert_eq!(anchor_problem(d, 1_700_000_000).as_deref(), Some("not yet valid"));
+        assert_eq!(anchor_problem(d, 2_100_000_000).as_deref(), Some("expired"));
+        assert!(client_key_usage_ok(d).unwrap());
+        // Issued by another CA, keyUsage keyEncipherment only.
+        let d = include_bytes!("../testdata/issued-ku-encipher.der");
+        assert!(anchor_problem(d, 1_800_000_000).unwrap().starts_with("not self-signed"));
+        assert!(!client_key_usage_ok(d).unwrap());
+    }
+
+    #[test]
+    fn names_the_server_refuses() {
+        // A NUL in the CN: the server refuses the connection; the DN
+        // itself would escape it (`\00`).
+        assert!(subject_names(include_bytes!("../testdata/cn-nul.der")).is_err());
+        // A BMPString CN: its raw UCS-2 bytes hold NULs.
+        assert!(subject_names(include_bytes!("../testdata/cn-bmp.der")).is_err());
+        // An OCTET STRING CN: OpenSSL cannot decode the name at all.
+        assert!(subject_names(include_bytes!("../testdata/cn-octet.der")).is_err());
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub struct ScramServer {
     cbind_data: Option<Vec<u8>>,
     /// The client selected SCRAM-SHA-256-PLUS.
     cbind_in_use: bool,
+    /// On TLS without a certificate hash: PLUS offered, binding always fails.
+    cbind_unavailable: bool,
     client_nonce: Vec<u8>,
     client_first_bare: Vec<u8>,
     server_first: Vec<u8>,
@@ -140,6 +142,7 @@ impl ScramServer {
             cbind_flag: b'n',
             cbind_data: None,
             cbind_in_use: false,
+            cbind_unavailable: false,
             client_nonce: Vec::new(),
             client_first_bare: Vec::new(),
             server_first: Vec::new(),
@@ -152,6 +155,20 @@ impl ScramServer {
     /// and a client-first with flag `y` is refused as a downgrade.
     pub fn with_channel_binding(mut self, end_point: Vec<u8>) -> Self {
         self.cbind_data = Some(end_point);
+        self
+    }
+
+    /// The client is on TLS but the server certificate's signature has no
+    /// hash for `tls-server-end-point` (Ed25519/Ed448, an algorithm
+    /// [`crate::cert::server_end_point`] does not know): as the server,
+    /// SCRAM-SHA-256-PLUS is still offered and flag `y` refused as a
+    /// downgrade; an exchange that selects PLUS fails at client-final (the
+    /// server fails it there too, be_tls_get_certificate_hash()'s
+    /// `could not find digest for NID ...`; here 28000 `SCRAM channel
+    /// binding check failed`).
+    pub fn with_channel_binding_unavailable(mut self) -> Self {
+        self.cbind_data = Some(Vec::new());
+        self.cbind_unavailable = true;
         self
     }
 
@@ -309,7 +326,7 @@ impl ScramServer {
             // certificate (auth-scram.c read_client_final_message()).
             let mut input = format!("p={},,", super::TLS_SERVER_END_POINT).into_bytes();
             input.extend_from_slice(self.cbind_data.as_deref().unwrap_or_default());
-            if cbind != b64_encode(&input).as_bytes() {
+            if self.cbind_unavailable || cbind != b64_encode(&input).as_bytes() {
                 return Err(ScramError::Refused {
                     message: "SCRAM channel binding check failed".into(),
                     detail: None,
@@ -597,6 +614,24 @@ mod tests {
 
     fn tls_server() -> ScramServer {
         rfc_server().with_channel_binding(HASH.to_vec())
+    }
+
+    #[test]
+    fn tls_without_a_certificate_hash_offers_plus_and_refuses_y() {
+        let s = rfc_server().with_channel_binding_unavailable();
+        assert_eq!(s.mechanisms(), &["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]);
+        let mut s = rfc_server().with_channel_binding_unavailable();
+        s.select_mechanism("SCRAM-SHA-256").unwrap();
+        let e = s.client_first(b"y,,n=,r=abc").unwrap_err();
+        assert_eq!(e.message(), "SCRAM channel binding negotiation error");
+        // PLUS with binding data of an empty hash still fails.
+        let mut s = rfc_server().with_channel_binding_unavailable();
+        s.select_mechanism("SCRAM-SHA-256-PLUS").unwrap();
+        let cf = b"p=tls-server-end-point,,n=,r=abc";
+        let sf = s.client_first(cf).unwrap();
+        let c = b64_encode(b"p=tls-server-end-point,,");
+        let e = s.client_final(&final_with(cf, &sf, &c)).unwrap_err();
+        assert_eq!((e.sqlstate(), e.message().as_str()), ("28000", "SCRAM channel binding check failed"));
     }
 
     #[test]
