@@ -30,6 +30,16 @@ pub fn modify(epoll: &Epoll, fd: impl AsFd, key: usize, flags: EpollFlags) {
     }
 }
 
+/// Adds a client socket one-shot (see `Pooler::client_rearm`).
+pub fn arm_add(epoll: &Epoll, fd: impl AsFd, key: usize, flags: EpollFlags) {
+    add(epoll, fd, key, flags | EpollFlags::EPOLLONESHOT)
+}
+
+/// Re-arms a one-shot client registration with `flags`.
+pub fn arm_modify(epoll: &Epoll, fd: impl AsFd, key: usize, flags: EpollFlags) {
+    modify(epoll, fd, key, flags | EpollFlags::EPOLLONESHOT)
+}
+
 pub fn remove(epoll: &Epoll, fd: impl AsFd) {
     let _ = epoll.delete(fd);
 }
