@@ -566,8 +566,18 @@ impl Pooler {
     /// `bytes_received`: at each transaction boundary and when it leaves.
     pub fn client_count_received(&mut self, key: usize) {
         let Some(c) = self.client(key) else { return };
-        let (Some(pool), Some(before)) = (c.pool, c.tcp_received) else { return };
+        if c.pool.is_none() || c.tcp_received.is_none() {
+            return;
+        }
         let Some(now) = conn::tcp_bytes_received(&c.stream) else { return };
+        self.client_add_received(key, now);
+    }
+
+    /// As `client_count_received`, with the socket's `tcpi_bytes_received`
+    /// already read (by the backend that gives the client back: RELEASED).
+    pub fn client_add_received(&mut self, key: usize, now: u64) {
+        let Some(c) = self.client(key) else { return };
+        let (Some(pool), Some(before)) = (c.pool, c.tcp_received) else { return };
         c.tcp_received = Some(now);
         if let Some(p) = self.pools.get_mut(pool) {
             p.bytes_received = p.bytes_received.saturating_add(now.saturating_sub(before).min(i64::MAX as u64) as i64);
