@@ -259,6 +259,10 @@ fn drain_requests(p: &mut Parking) {
 /// Put the control socket back in place of the client's and tell the pooler.
 fn release(p: &mut Parking, client: u64) {
     let sock = glue::port_sock();
+    // Read while `sock` is still the client's socket: the pooler adds the
+    // difference to its pool's bytes_received (one getsockopt here, on this
+    // backend's core, instead of one in the single pooler per transaction).
+    let tcp_received = crate::pooler::conn::tcp_bytes_received_raw(sock);
     glue::febe_detach();
     if let Err(e) = nix::unistd::dup2(p.control, sock) {
         fatal(&format!("could not release the client socket: {e}"));
@@ -272,6 +276,7 @@ fn release(p: &mut Parking, client: u64) {
         queries: n.queries,
         query_us: n.query_us,
         bytes_sent: n.bytes_sent,
+        tcp_received,
         settings,
         statements,
         defaults,

@@ -151,7 +151,16 @@ impl Pooler {
                     eof = true;
                     break;
                 }
-                Ok(n) => b.inbuf.extend_from_slice(&buf[..n]),
+                Ok(n) => {
+                    b.inbuf.extend_from_slice(&buf[..n]);
+                    // A short read emptied the socket: the registration is
+                    // level-triggered, so whatever arrives later (or the
+                    // EOF) wakes the loop again. Reading on would only
+                    // collect an EAGAIN, one recvfrom per handoff.
+                    if n < buf.len() {
+                        break;
+                    }
+                }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(_) => {

@@ -52,7 +52,11 @@ pub struct Client {
     pub phase: Phase,
     pub inbuf: Vec<u8>,
     pub outbuf: Vec<u8>,
+    /// In the pooler's epoll set, with these events last armed. Clients are
+    /// registered one-shot (`conn::arm`): an event disarms the registration
+    /// until `client_rearm`, and `armed` says whether it is armed now.
     pub registered: Option<EpollFlags>,
+    pub armed: bool,
     pub user: String,
     pub database: String,
     /// Startup parameters and `-c` options that are settings, in order.
@@ -107,6 +111,7 @@ impl Client {
             inbuf: Vec::new(),
             outbuf: Vec::new(),
             registered: None,
+            armed: false,
             user: String::new(),
             database: String::new(),
             settings: Vec::new(),
@@ -300,21 +305,38 @@ impl Pooler {
     }
 
     /// Brings the epoll registration in line with the client's phase.
+    ///
+    /// A client stays in the epoll set from accept to close, registered
+    /// one-shot (EPOLLONESHOT): the event that wakes the pooler for an idle
+    /// client's query also disarms it, so handing the socket to a backend
+    /// needs no `epoll_ctl`, and giving it back needs one (re-arm, instead of
+    /// the DEL + ADD pair of a level-triggered registration). While a
+    /// backend serves the client (Attached) nothing is re-armed; a
+    /// registration still armed from Waiting (hang-up only) can deliver one
+    /// event, which `client_event` ignores, so the pooler never reads or
+    /// writes a socket a backend is using.
     pub fn client_rearm(&mut self, key: usize) {
         let epoll = &self.epoll;
         let Some(Conn::Client(c)) = self.conns.get_mut(key) else { return };
-        let want = c.interest();
-        match (c.registered, want) {
-            (None, Some(w)) => conn::add(epoll, &c.stream, key, w),
-            (Some(_), None) => conn::remove(epoll, &c.stream),
-            (Some(r), Some(w)) if r != w => conn::modify(epoll, &c.stream, key, w),
-            _ => {}
+        let Some(w) = c.interest() else { return };
+        match c.registered {
+            None => conn::arm_add(epoll, &c.stream, key, w),
+            Some(r) if r != w || !c.armed => conn::arm_modify(epoll, &c.stream, key, w),
+            _ => return,
         }
-        c.registered = want;
+        c.registered = Some(w);
+        c.armed = true;
     }
 
     pub fn client_event(&mut self, key: usize, ev: EpollFlags) {
         let Some(c) = self.client(key) else { return };
+        // The one-shot registration fired and is disarmed now.
+        c.armed = false;
+        if matches!(c.phase, Phase::Attached { .. }) {
+            // Left armed from Waiting: a backend owns the socket now; it is
+            // re-armed when the backend gives it back.
+            return;
+        }
         if ev.contains(EpollFlags::EPOLLOUT) && !c.flush() {
             return self.client_close(key);
         }
@@ -485,6 +507,7 @@ impl Pooler {
         if c.registered.take().is_some() {
             conn::remove(&self.epoll, &c.stream);
         }
+        c.armed = false;
         let tcp = std::mem::replace(&mut c.stream, TcpStream::from(std::os::fd::OwnedFd::from(mine)));
         let info = super::tls::TlsInfo::default();
         c.tls = Some(info.clone());
@@ -625,8 +648,18 @@ impl Pooler {
     /// `bytes_received`: at each transaction boundary and when it leaves.
     pub fn client_count_received(&mut self, key: usize) {
         let Some(c) = self.client(key) else { return };
-        let (Some(pool), Some(before)) = (c.pool, c.tcp_received) else { return };
+        if c.pool.is_none() || c.tcp_received.is_none() {
+            return;
+        }
         let Some(now) = conn::tcp_bytes_received(&c.stream) else { return };
+        self.client_add_received(key, now);
+    }
+
+    /// As `client_count_received`, with the socket's `tcpi_bytes_received`
+    /// already read (by the backend that gives the client back: RELEASED).
+    pub fn client_add_received(&mut self, key: usize, now: u64) {
+        let Some(c) = self.client(key) else { return };
+        let (Some(pool), Some(before)) = (c.pool, c.tcp_received) else { return };
         c.tcp_received = Some(now);
         if let Some(p) = self.pools.get_mut(pool) {
             p.bytes_received = p.bytes_received.saturating_add(now.saturating_sub(before).min(i64::MAX as u64) as i64);

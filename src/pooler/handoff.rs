@@ -408,7 +408,10 @@ impl Pooler {
             r.since = now;
         });
         self.pools[pool].xacts += 1;
-        self.client_count_received(ck);
+        match r.tcp_received {
+            Some(now) => self.client_add_received(ck, now),
+            None => self.client_count_received(ck),
+        }
         if let Some(c) = self.client(ck) {
             if c.id == client_id {
                 if let Some(settings) = r.settings {

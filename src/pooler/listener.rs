@@ -76,10 +76,11 @@ impl Pooler {
         let client = Client::new(stream, addr, row, id);
         let entry = self.conns.vacant_entry();
         let key = entry.key();
-        conn::add(&self.epoll, &client.stream, key, conn::READ);
+        conn::arm_add(&self.epoll, &client.stream, key, conn::READ);
         entry.insert(Conn::Client(Box::new(client)));
         if let Some(Conn::Client(c)) = self.conns.get_mut(key) {
             c.registered = Some(conn::READ);
+            c.armed = true;
         }
     }
 }

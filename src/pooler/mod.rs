@@ -18,7 +18,7 @@
 mod auth;
 mod backend;
 mod client;
-mod conn;
+pub(crate) mod conn;
 mod dedicated;
 mod drain;
 mod handoff;

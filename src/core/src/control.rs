@@ -64,6 +64,8 @@ pub const IMAGE_SETTINGS: u8 = 1;
 pub const IMAGE_STATEMENTS: u8 = 2;
 /// RELEASED carries the role and database defaults of the client's login.
 pub const IMAGE_DEFAULTS: u8 = 4;
+/// RELEASED carries the client socket's received-byte count (`tcp_received`).
+pub const TCP_RECEIVED: u8 = 8;
 
 /// A named prepared statement, as needed to create it again elsewhere.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -250,6 +252,12 @@ pub struct Released {
     pub query_us: u64,
     /// Protocol bytes sent to the client since it was attached.
     pub bytes_sent: u64,
+    /// The client socket's `tcpi_bytes_received` (bytes the kernel received
+    /// on it since it was opened) read by the backend as it gives the socket
+    /// back, so the pooler needs no `getsockopt` per transaction for
+    /// `nextgres.pools.bytes_received`. None: not a TCP socket (a TLS
+    /// client's relay socketpair) or not known.
+    pub tcp_received: Option<u64>,
     /// Present when they changed during the transaction.
     pub settings: Option<Vec<(String, String)>>,
     pub statements: Option<StatementList>,
@@ -356,11 +364,15 @@ pub fn write_released(out: &mut Vec<u8>, r: &Released) {
         o.extend_from_slice(&r.client_id.to_be_bytes());
         let flags = if r.settings.is_some() { IMAGE_SETTINGS } else { 0 }
             | if r.statements.is_some() { IMAGE_STATEMENTS } else { 0 }
-            | if r.defaults.is_some() { IMAGE_DEFAULTS } else { 0 };
+            | if r.defaults.is_some() { IMAGE_DEFAULTS } else { 0 }
+            | if r.tcp_received.is_some() { TCP_RECEIVED } else { 0 };
         o.push(flags);
         o.extend_from_slice(&r.queries.to_be_bytes());
         o.extend_from_slice(&r.query_us.to_be_bytes());
         o.extend_from_slice(&r.bytes_sent.to_be_bytes());
+        if let Some(n) = r.tcp_received {
+            o.extend_from_slice(&n.to_be_bytes());
+        }
         if let Some(s) = &r.settings {
             put_pairs(o, s);
         }
@@ -482,11 +494,12 @@ pub fn parse_released(body: &[u8]) -> Result<Released, ProtoError> {
     let queries = r.u64()?;
     let query_us = r.u64()?;
     let bytes_sent = r.u64()?;
+    let tcp_received = if flags & TCP_RECEIVED != 0 { Some(r.u64()?) } else { None };
     let settings = if flags & IMAGE_SETTINGS != 0 { Some(r.pairs()?) } else { None };
     let statements = if flags & IMAGE_STATEMENTS != 0 { Some(r.statements()?) } else { None };
     let defaults = if flags & IMAGE_DEFAULTS != 0 { Some(r.pairs()?) } else { None };
     r.end()?;
-    Ok(Released { client_id, queries, query_us, bytes_sent, settings, statements, defaults })
+    Ok(Released { client_id, queries, query_us, bytes_sent, tcp_received, settings, statements, defaults })
 }
 
 /// A statement list alone, as inside ATTACH and RELEASED (the server side's
@@ -597,9 +610,9 @@ mod tests {
     #[test]
     fn released_round_trip() {
         for r in [
-            Released { client_id: u64::MAX - 1, queries: u64::MAX - 2, query_us: u64::MAX, bytes_sent: 1 << 40, settings: None, statements: None, defaults: None },
-            Released { client_id: 7, queries: 3, query_us: 250, bytes_sent: 17, settings: Some(image().settings), statements: None, defaults: None },
-            Released { client_id: 7, queries: 3, query_us: 250, bytes_sent: 17, settings: Some(vec![]), statements: Some(image().statements), defaults: Some(image().defaults) },
+            Released { client_id: u64::MAX - 1, queries: u64::MAX - 2, query_us: u64::MAX, bytes_sent: 1 << 40, tcp_received: Some(u64::MAX), settings: None, statements: None, defaults: None },
+            Released { client_id: 7, queries: 3, query_us: 250, bytes_sent: 17, tcp_received: None, settings: Some(image().settings), statements: None, defaults: None },
+            Released { client_id: 7, queries: 3, query_us: 250, bytes_sent: 17, tcp_received: Some(1234), settings: Some(vec![]), statements: Some(image().statements), defaults: Some(image().defaults) },
         ] {
             let mut out = Vec::new();
             write_released(&mut out, &r);
@@ -622,7 +635,7 @@ mod tests {
             assert!(parse_attach(&body[..cut]).is_err(), "cut at {cut}");
         }
         let mut rel = Vec::new();
-        write_released(&mut rel, &Released { client_id: 1, queries: 0, query_us: 0, bytes_sent: 0, settings: Some(image().settings), statements: Some(image().statements), defaults: None });
+        write_released(&mut rel, &Released { client_id: 1, queries: 0, query_us: 0, bytes_sent: 0, tcp_received: Some(99), settings: Some(image().settings), statements: Some(image().statements), defaults: None });
         let body = &rel[5..];
         for cut in 0..body.len() {
             assert!(parse_released(&body[..cut]).is_err(), "cut at {cut}");

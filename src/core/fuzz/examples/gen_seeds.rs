@@ -149,13 +149,13 @@ fn control() {
     let mut att = Vec::new();
     control::write_attach(&mut att, &a);
     write("control", "0_attach", &cat(&[&[0], &att[5..]]));
-    let r = Released { client_id: 7, queries: 1, query_us: 1500, bytes_sent: 120, settings: Some(image.settings.clone()), statements: Some(image.statements.clone()), defaults: None };
+    let r = Released { client_id: 7, queries: 1, query_us: 1500, bytes_sent: 120, tcp_received: Some(4096), settings: Some(image.settings.clone()), statements: Some(image.statements.clone()), defaults: None };
     let mut rel = Vec::new();
     control::write_released(&mut rel, &r);
     write("control", "1_released", &cat(&[&[1], &rel[5..]]));
     let mut stream = att.clone();
     control::write_release_request(&mut stream);
-    control::write_released(&mut stream, &Released { client_id: 8, queries: 0, query_us: 0, bytes_sent: 0, settings: None, statements: None, defaults: None });
+    control::write_released(&mut stream, &Released { client_id: 8, queries: 0, query_us: 0, bytes_sent: 0, tcp_received: None, settings: None, statements: None, defaults: None });
     stream.extend_from_slice(&rel);
     proto::error_response(&mut stream, &ErrorFields { severity: "FATAL".into(), ..Default::default() });
     write("control", "2_stream", &cat(&[&[2], &stream]));

@@ -104,7 +104,8 @@ fn generated(data: &[u8]) -> arbitrary::Result<()> {
         let statements = if bool::arbitrary(&mut u)? { Some(statements(&mut u)?.into()) } else { None };
         let defaults = if bool::arbitrary(&mut u)? { Some(pairs(&mut u)?) } else { None };
         let (queries, query_us, bytes_sent) = (u64::arbitrary(&mut u)?, u64::arbitrary(&mut u)?, u64::arbitrary(&mut u)?);
-        released_round_trip(&Released { client_id, queries, query_us, bytes_sent, settings, statements, defaults });
+        let tcp_received = Option::<u64>::arbitrary(&mut u)?;
+        released_round_trip(&Released { client_id, queries, query_us, bytes_sent, tcp_received, settings, statements, defaults });
     }
     Ok(())
 }
