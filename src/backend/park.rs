@@ -247,7 +247,7 @@ fn read_control(p: &mut Parking) {
 /// Consumes leading RELEASE_REQUEST messages (they may arrive late, after the
 /// backend already gave its client back on its own).
 fn drain_requests(p: &mut Parking) {
-    while let Ok(Some((m, used))) = parse_message(&p.inbuf, 1 << 20) {
+    while let Ok(Some((m, used))) = parse_message(&p.inbuf, control::MAX_CONTROL_MESSAGE) {
         if m.tag != control::RELEASE_REQUEST {
             break;
         }
@@ -327,7 +327,7 @@ fn next_attach(p: &mut Parking) -> Option<(Attach, RawFd)> {
     let fd = fds[0];
     // The rest of a large message may still be in flight: wait for it.
     loop {
-        match parse_message(&p.inbuf, 1 << 20) {
+        match parse_message(&p.inbuf, control::MAX_CONTROL_MESSAGE) {
             Ok(Some((m, used))) if m.tag == control::ATTACH => {
                 let a = control::parse_attach(m.body).unwrap_or_else(|e| fatal(&e.message));
                 p.inbuf.drain(..used);
