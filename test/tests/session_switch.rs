@@ -312,3 +312,31 @@ fn alike_text_other_types_or_shape_described_as_directly() {
         assert_eq!(got, want, "pooled vs direct");
     });
 }
+
+/// A client whose prepared statements take more than 1 MiB (400 statements
+/// of about 4 kB each, as a driver's statement cache of long queries)
+/// moves between backends with all of them: the control messages that
+/// carry them (RELEASED, ATTACH) are not capped at 1 MiB.
+#[test]
+fn statements_over_a_mebibyte_move_with_their_client() {
+    run(|pg| {
+        let mut a = pg.connect_tcp("app", "postgres", None).unwrap();
+        let mut b = pg.connect_tcp("app", "postgres", None).unwrap();
+        let pad = "x".repeat(4000);
+        for i in 0..400 {
+            value(&mut a, &format!("PREPARE s{i} AS SELECT {i} AS n /* {pad} */"));
+        }
+        let total = "SELECT sum(length(statement))::text FROM pg_prepared_statements";
+        assert!(value(&mut a, total).unwrap().parse::<u64>().unwrap() > 1 << 20);
+        for round in 0..3 {
+            // b takes the only backend in between: a's statements travel.
+            value(&mut b, "PREPARE mine AS SELECT 'b'");
+            assert_eq!(value(&mut b, "SELECT count(*)::text FROM pg_prepared_statements").as_deref(), Some("1"));
+            for i in [0, 199, 399] {
+                assert_eq!(value(&mut a, &format!("EXECUTE s{i}")), Some(i.to_string()), "round {round}");
+            }
+            assert_eq!(value(&mut a, "SELECT count(*)::text FROM pg_prepared_statements").as_deref(), Some("400"));
+            value(&mut b, "DEALLOCATE mine");
+        }
+    });
+}
