@@ -258,14 +258,29 @@ fn drain_requests(p: &mut Parking) {
 
 /// Put the control socket back in place of the client's and tell the pooler.
 fn release(p: &mut Parking, client: u64) {
+    // The session image first, while the client's socket is still ours: one
+    // too large for the control channel ends the client's session with a
+    // FATAL it receives, rather than a pooler that drops it without a word.
+    let settings = sess::take_session_settings();
+    let statements = session::note_release(settings.as_deref(), sess::take_statements());
+    let defaults = session::take_reported_defaults();
+    let image_bytes = statements.as_ref().map_or(0, |l| l.byte_len())
+        + [&settings, &defaults].iter().filter_map(|v| v.as_ref()).flatten().map(|(n, v)| n.len() + v.len() + 2).sum::<usize>();
+    if image_bytes + 1024 > control::MAX_CONTROL_MESSAGE {
+        pgrx::ereport!(
+            pgrx::PgLogLevel::FATAL,
+            pgrx::PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!(
+                "nextgres: this session's prepared statements and settings ({image_bytes} bytes) exceed what a pooled client can carry between backends ({} bytes)",
+                control::MAX_CONTROL_MESSAGE
+            )
+        );
+    }
     let sock = glue::port_sock();
     glue::febe_detach();
     if let Err(e) = nix::unistd::dup2(p.control, sock) {
         fatal(&format!("could not release the client socket: {e}"));
     }
-    let settings = sess::take_session_settings();
-    let statements = session::note_release(settings.as_deref(), sess::take_statements());
-    let defaults = session::take_reported_defaults();
     let n = super::comm::take_counters();
     let released = Released {
         client_id: client,

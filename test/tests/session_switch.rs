@@ -340,3 +340,27 @@ fn statements_over_a_mebibyte_move_with_their_client() {
         }
     });
 }
+
+/// A client whose statements exceed what the control channel carries
+/// (64 MiB) is not dropped without a word: at the transaction's end its
+/// backend sends it a FATAL 54000 (program_limit_exceeded), which the
+/// client reads with its next statement.
+#[test]
+fn statements_over_the_control_limit_get_a_fatal_error() {
+    run(|pg| {
+        let mut a = pg.connect_tcp("app", "postgres", None).unwrap();
+        let pad = "x".repeat(1 << 20);
+        value(&mut a, "BEGIN");
+        for i in 0..66 {
+            value(&mut a, &format!("PREPARE s{i} AS SELECT {i} /* {pad} */"));
+        }
+        value(&mut a, "COMMIT");
+        let err = a.simple_query("SELECT 1").expect_err("a session too large to move");
+        assert_eq!(err.code().map(|c| c.code()), Some("54000"), "{err:?}");
+        let msg = err.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
+        assert!(msg.contains("exceed what a pooled client can carry"), "{err:?}");
+        // The pool serves the next client as usual.
+        let mut b = pg.connect_tcp("app", "postgres", None).unwrap();
+        assert_eq!(value(&mut b, "SELECT count(*)::text FROM pg_prepared_statements").as_deref(), Some("0"));
+    });
+}
