@@ -431,7 +431,13 @@ impl<'a> Reader<'a> {
         let start = self.off;
         let name = self.cbytes()?;
         let text = self.cbytes()?;
-        let from_sql = self.u8()? != 0;
+        // 0 or 1 as written: equal statements must have equal bytes (the
+        // light switch compares entries as bytes).
+        let from_sql = match self.u8()? {
+            0 => false,
+            1 => true,
+            _ => return Err(bad("invalid statement flag")),
+        };
         let np = self.count(4)?;
         let params = self.take(np * 4)?;
         let rl = self.count(1)?;
@@ -562,6 +568,10 @@ mod tests {
         let (off, name) = back.names().next().unwrap();
         assert_eq!(name, b"s\xe9");
         assert!(back.name_is(off, b"s\xe9"));
+        // from_sql is 0 or 1, nothing else (one list, one spelling).
+        let flag = out.len() - 4 - 4 - 1;
+        out[flag] = 2;
+        assert!(parse_statement_list(&out).is_err());
     }
 
     #[test]
