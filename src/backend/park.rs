@@ -247,7 +247,7 @@ fn read_control(p: &mut Parking) {
 /// Consumes leading RELEASE_REQUEST messages (they may arrive late, after the
 /// backend already gave its client back on its own).
 fn drain_requests(p: &mut Parking) {
-    while let Ok(Some((m, used))) = parse_message(&p.inbuf, 1 << 20) {
+    while let Ok(Some((m, used))) = parse_message(&p.inbuf, control::MAX_CONTROL_MESSAGE) {
         if m.tag != control::RELEASE_REQUEST {
             break;
         }
@@ -258,6 +258,24 @@ fn drain_requests(p: &mut Parking) {
 
 /// Put the control socket back in place of the client's and tell the pooler.
 fn release(p: &mut Parking, client: u64) {
+    // The session image first, while the client's socket is still ours: one
+    // too large for the control channel ends the client's session with a
+    // FATAL it receives, rather than a pooler that drops it without a word.
+    let settings = sess::take_session_settings();
+    let statements = session::note_release(settings.as_deref(), sess::take_statements());
+    let defaults = session::take_reported_defaults();
+    let image_bytes = statements.as_ref().map_or(0, |l| l.byte_len())
+        + [&settings, &defaults].iter().filter_map(|v| v.as_ref()).flatten().map(|(n, v)| n.len() + v.len() + 2).sum::<usize>();
+    if image_bytes + 1024 > control::MAX_CONTROL_MESSAGE {
+        pgrx::ereport!(
+            pgrx::PgLogLevel::FATAL,
+            pgrx::PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!(
+                "nextgres: this session's prepared statements and settings ({image_bytes} bytes) exceed what a pooled client can carry between backends ({} bytes)",
+                control::MAX_CONTROL_MESSAGE
+            )
+        );
+    }
     let sock = glue::port_sock();
     // Read while `sock` is still the client's socket: the pooler adds the
     // difference to its pool's bytes_received (one getsockopt here, on this
@@ -267,9 +285,6 @@ fn release(p: &mut Parking, client: u64) {
     if let Err(e) = nix::unistd::dup2(p.control, sock) {
         fatal(&format!("could not release the client socket: {e}"));
     }
-    let settings = sess::take_session_settings();
-    let statements = session::note_release(settings.as_deref(), sess::take_statements());
-    let defaults = session::take_reported_defaults();
     let n = super::comm::take_counters();
     let released = Released {
         client_id: client,
@@ -332,7 +347,7 @@ fn next_attach(p: &mut Parking) -> Option<(Attach, RawFd)> {
     let fd = fds[0];
     // The rest of a large message may still be in flight: wait for it.
     loop {
-        match parse_message(&p.inbuf, 1 << 20) {
+        match parse_message(&p.inbuf, control::MAX_CONTROL_MESSAGE) {
             Ok(Some((m, used))) if m.tag == control::ATTACH => {
                 let a = control::parse_attach(m.body).unwrap_or_else(|e| fatal(&e.message));
                 p.inbuf.drain(..used);

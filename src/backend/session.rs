@@ -84,8 +84,8 @@ impl Pending {
         }
     }
     /// Entry number of the statement `name` not created yet.
-    fn find(&self, name: &str) -> Option<usize> {
-        let h = name_hash(name.as_bytes());
+    fn find(&self, name: &[u8]) -> Option<usize> {
+        let h = name_hash(name);
         let start = self.index.partition_point(|&(x, _)| x < h);
         self.index[start..]
             .iter()
@@ -100,7 +100,7 @@ impl Pending {
         self.left -= 1;
         Some(st)
     }
-    fn take(&mut self, name: &str) -> Option<Statement> {
+    fn take(&mut self, name: &[u8]) -> Option<Statement> {
         let i = self.find(name)?;
         self.take_at(i)
     }
@@ -210,9 +210,10 @@ pub fn switch_to(startup: &[(String, String)], image: SessionImage) {
         // again; any other is dropped, as DISCARD ALL would drop it, so the
         // backend has no named statement the client does not have.
         s::switch_light();
-        SHAPE.with(|sh| {
+        let drop = SHAPE.with(|sh| {
             let mut sh = sh.borrow_mut();
             let mut keep = StatementList::default();
+            let mut drop = Vec::new();
             for have in sh.statements.iter() {
                 match pending.find(have.name) {
                     Some(i) if pending.get(i).is_some_and(|st| st.raw == have.raw) => {
@@ -220,15 +221,19 @@ pub fn switch_to(startup: &[(String, String)], image: SessionImage) {
                         pending.left -= 1;
                         keep.push_raw(&have);
                     }
-                    _ => {
-                        if let Err(e) = s::drop_statement(have.name) {
-                            fatal(&e.message());
-                        }
-                    }
+                    _ => drop.push(have.name.to_vec()),
                 }
             }
             sh.statements = keep;
+            drop
         });
+        // Outside the borrow: fatal() unwinds through PostgreSQL's error
+        // handling, which must not find SHAPE still borrowed.
+        for name in drop {
+            if let Err(e) = s::drop_statement(&name) {
+                fatal(&e.message());
+            }
+        }
     } else {
         full_switch(startup, &settings, &defaults);
         SHAPE.with(|sh| {
@@ -257,7 +262,11 @@ pub fn attached_again() {
 fn create(st: Statement) {
     match s::create_statement(&st) {
         Ok(()) => SHAPE.with(|sh| sh.borrow_mut().statements.push(&st)),
-        Err(e) => log::info!("prepared statement \"{}\" could not be re-created: {}", st.name, e.message()),
+        Err(e) => log::info!(
+            "prepared statement \"{}\" could not be re-created: {}",
+            String::from_utf8_lossy(&st.name),
+            e.message()
+        ),
     }
 }
 
@@ -273,8 +282,9 @@ pub extern "C" fn ng_rs_statement_wanted(name: *const std::ffi::c_char) {
     if name.is_null() {
         return;
     }
-    let name = unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy();
-    if let Some(st) = PENDING.with(|p| p.borrow_mut().take(&name)) {
+    // Bytes in the database encoding, compared as bytes.
+    let name = unsafe { std::ffi::CStr::from_ptr(name) }.to_bytes();
+    if let Some(st) = PENDING.with(|p| p.borrow_mut().take(name)) {
         create(st);
     }
     after_take();
@@ -304,18 +314,31 @@ pub extern "C" fn ng_rs_statements_forget() {
 /// At release: what the client changed since it was attached (None: the
 /// trackers saw no change of that kind). `created` is what this backend
 /// has; returns the client's statements: those plus the ones it still has
-/// that were never needed here.
-pub fn note_release(settings: Option<&[(String, String)]>, created: Option<StatementList>) -> Option<StatementList> {
+/// that were never needed here. When the backend's list could not be read
+/// (`Taken::Unknown`) this backend is marked unknown, so the next client
+/// gets a full switch (DISCARD ALL) and never a statement of this one; the
+/// client keeps the statements it has not used here yet, and a WARNING in
+/// the server log names it (its others are lost: it gets 26000 for them).
+pub fn note_release(settings: Option<&[(String, String)]>, created: s::Taken) -> Option<StatementList> {
     s::set_statements_pending(false);
     SHAPE.with(|sh| {
         let mut sh = sh.borrow_mut();
         if let Some(v) = settings {
             sh.settings_clean = v.is_empty();
         }
-        let created = created?;
+        let created = match created {
+            s::Taken::Unchanged => return None,
+            s::Taken::List(l) => l,
+            s::Taken::Unknown => {
+                log::warn!("nextgres: could not read this backend's prepared statements; the next client gets DISCARD ALL");
+                sh.known = false;
+                sh.statements = StatementList::default();
+                StatementList::default()
+            }
+        };
         let mut all = created.clone();
         {
-            let names: std::collections::HashSet<&str> = created.iter().map(|c| c.name).collect();
+            let names: std::collections::HashSet<&[u8]> = created.iter().map(|c| c.name).collect();
             PENDING.with(|p| {
                 for st in p.borrow().remaining().filter(|st| !names.contains(st.name)) {
                     all.push_raw(&st);

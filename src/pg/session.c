@@ -795,8 +795,9 @@ put_statement(StringInfo out, PreparedStatement *ps)
 
 /*
  * The client's named prepared statements in the control-channel format
- * (u32 count, then name\0 text\0 from_sql u8 nparams u32 types u32*).  NULL
- * when they cannot have changed.  The only iterator over the server's
+ * (u32 count, then name\0 text\0 from_sql u8 nparams u32 types u32*; names
+ * and texts are bytes in the database encoding).  NULL with *len 0 when they
+ * cannot have changed, NULL with *len -1 when they could not be read.  The only iterator over the server's
  * prepared-statement table is pg_prepared_statement(), called directly.
  * Any Parse/Close/PREPARE/DEALLOCATE marks them for a rescan (unnamed Parse
  * included: the protocol does not say which was which).
@@ -867,7 +868,10 @@ ng_take_statements(int *len)
 	MemoryContextSwitchTo(cxt);
 	if (!ok)
 	{
+		/* Unknown, not unchanged: *len -1, and rescan at the next call. */
 		pfree(out.data);
+		statements_dirty = true;
+		*len = -1;
 		return NULL;
 	}
 	*len = out.len;

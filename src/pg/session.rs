@@ -94,11 +94,39 @@ pub fn take_session_settings() -> Option<Vec<(String, String)>> {
     take(ng_take_session_settings).map(level_pairs)
 }
 
+/// A C string of bytes in the database encoding (a statement's name or
+/// text; they hold no NUL, a stray one is dropped as `cstring` does).
+fn cbytes(b: &[u8]) -> std::ffi::CString {
+    std::ffi::CString::new(b.iter().copied().filter(|&c| c != 0).collect::<Vec<u8>>()).unwrap_or_default()
+}
+
+/// What `take_statements` found.
+pub enum Taken {
+    /// No Parse/Close/PREPARE/DEALLOCATE since the last call.
+    Unchanged,
+    List(StatementList),
+    /// The server's list could not be read (an error inside
+    /// ng_take_statements, or a list that does not parse): what this backend
+    /// holds is unknown and must never be read as unchanged.
+    Unknown,
+}
+
 /// Named prepared statements, if they may have changed since the last call.
-pub fn take_statements() -> Option<StatementList> {
-    let raw = take(ng_take_statements)?;
-    // Same layout as the control channel's statement list.
-    nextgres_core::control::parse_statement_list(&raw).ok()
+pub fn take_statements() -> Taken {
+    let mut len: c_int = 0;
+    let p = unsafe { ng_take_statements(&mut len) };
+    if p.is_null() {
+        // ng_take_statements: len -1 when the list could not be built.
+        return if len < 0 { Taken::Unknown } else { Taken::Unchanged };
+    }
+    let raw = unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len as usize) }.to_vec();
+    unsafe { ng_free(p) };
+    // Same layout as the control channel's statement list; names and texts
+    // are bytes in the database encoding, never decoded.
+    match nextgres_core::control::parse_statement_list(&raw) {
+        Ok(l) => Taken::List(l),
+        Err(_) => Taken::Unknown,
+    }
 }
 
 pub fn switch_begin(discard: bool) -> Result<(), NgError> {
@@ -118,7 +146,7 @@ pub fn switch_setting(name: &str, value: &str, from_startup: bool) {
 /// Creates one of the client's statements on this backend, unanalyzed: the
 /// server revalidates it at its first use (see ng_create_statement).
 pub fn create_statement(st: &Statement) -> Result<(), NgError> {
-    let (n, t) = (cstring(&st.name), cstring(&st.text));
+    let (n, t) = (cbytes(&st.name), cbytes(&st.text));
     let mut err = NgError::new();
     let ok = unsafe {
         ng_create_statement(
@@ -141,8 +169,8 @@ pub fn create_statement(st: &Statement) -> Result<(), NgError> {
 
 /// Drops this backend's named prepared statement `name` (as DEALLOCATE,
 /// or DISCARD ALL for that one statement); none by that name is no error.
-pub fn drop_statement(name: &str) -> Result<(), NgError> {
-    let n = cstring(name);
+pub fn drop_statement(name: &[u8]) -> Result<(), NgError> {
+    let n = cbytes(name);
     let mut err = NgError::new();
     if unsafe { ng_drop_statement(n.as_ptr(), &mut err) } {
         Ok(())

@@ -171,7 +171,7 @@ impl Pooler {
         }
         loop {
             let Some(b) = self.backend(key) else { return };
-            let (tag, body) = match proto::parse_message(&b.inbuf, 1 << 20) {
+            let (tag, body) = match proto::parse_message(&b.inbuf, control::MAX_CONTROL_MESSAGE) {
                 Ok(Some((m, used))) => {
                     let r = (m.tag, m.body.to_vec());
                     b.inbuf.drain(..used);

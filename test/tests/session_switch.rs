@@ -160,3 +160,207 @@ fn differing_statements_dropped_alike_kept() {
         }
     });
 }
+
+/// A statement or its error code, for comparing with a direct connection.
+fn outcome(c: &mut Client, sql: &str) -> String {
+    match c.simple_query(sql) {
+        Ok(msgs) => msgs
+            .iter()
+            .find_map(|m| match m {
+                SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("NULL").to_string()),
+                _ => None,
+            })
+            .unwrap_or_default(),
+        Err(e) => format!("ERROR {}", e.code().map(|c| c.code()).unwrap_or("?")),
+    }
+}
+
+/// A LATIN1 database: statement names and texts are held in the database
+/// encoding (here a Latin-1 byte, not UTF-8). Two clients with the same
+/// startup settings take turns on one backend; each sees exactly its own
+/// statements, as on two direct connections (Unix socket).
+#[test]
+fn non_utf8_statements_stay_per_client() {
+    run(|pg| {
+        pg.admin()
+            .batch_execute("CREATE DATABASE latin ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+            .unwrap();
+        let scenario = |pooled: bool| {
+            let connect = || {
+                if pooled { pg.connect_tcp("app", "latin", None) } else { pg.connect_unix("app", "latin", None) }.unwrap()
+            };
+            let (mut a, mut b) = (connect(), connect());
+            let names = "SELECT coalesce(string_agg(name, ',' ORDER BY name), '') FROM pg_prepared_statements";
+            let mut out = Vec::new();
+            out.push(outcome(&mut a, "PREPARE a AS SELECT 1"));
+            out.push(outcome(&mut a, "EXECUTE a"));
+            out.push(outcome(&mut b, "SELECT 1"));
+            out.push(outcome(&mut a, "PREPARE s AS SELECT 'é'"));
+            out.push(outcome(&mut a, "PREPARE \"é\" AS SELECT 'é' || 'x'"));
+            for _ in 0..5 {
+                out.push(outcome(&mut a, "EXECUTE s"));
+                out.push(outcome(&mut a, "EXECUTE \"é\""));
+                out.push(outcome(&mut b, "EXECUTE s"));
+                out.push(outcome(&mut b, "EXECUTE \"é\""));
+                out.push(outcome(&mut b, names));
+                out.push(outcome(&mut a, names));
+            }
+            out
+        };
+        let direct = scenario(false);
+        let pooled = scenario(true);
+        assert_eq!(pooled, direct, "pooled vs direct");
+        assert!(direct.iter().any(|s| s == "é"), "{direct:?}");
+    });
+}
+
+/// Protocol message helpers for the Describe comparisons below.
+fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![tag];
+    m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+fn parse_msg(name: &str, text: &str, oids: &[u32]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for s in [name, text] {
+        b.extend_from_slice(s.as_bytes());
+        b.push(0);
+    }
+    b.extend_from_slice(&(oids.len() as u16).to_be_bytes());
+    for o in oids {
+        b.extend_from_slice(&o.to_be_bytes());
+    }
+    msg(b'P', &b)
+}
+
+fn describe_msg(name: &str) -> Vec<u8> {
+    let mut b = vec![b'S'];
+    b.extend_from_slice(name.as_bytes());
+    b.push(0);
+    msg(b'D', &b)
+}
+
+/// Sends `msgs` then Sync; what came back up to ReadyForQuery, one string
+/// per message (ParameterDescription and RowDescription in full, an error
+/// by its SQLSTATE).
+fn exchange(raw: &mut nextgres_test::raw::Raw, msgs: &[Vec<u8>]) -> Vec<String> {
+    use std::io::Write;
+    let mut out: Vec<u8> = msgs.concat();
+    out.extend_from_slice(&msg(b'S', &[]));
+    raw.s.write_all(&out).unwrap();
+    let mut got = Vec::new();
+    loop {
+        let (tag, body) = raw.read_msg().unwrap();
+        match tag {
+            b'E' => got.push(format!("E {:?}", nextgres_test::raw::parse_error(&body))),
+            b'Z' => return got,
+            // Table OIDs differ between servers: compare names, types, sizes.
+            b'T' => {
+                let mut s = String::from("T");
+                let mut p = 2;
+                while p < body.len() {
+                    let nul = body[p..].iter().position(|&c| c == 0).unwrap();
+                    s += &format!(" {}:{:?}", String::from_utf8_lossy(&body[p..p + nul]), &body[p + nul + 1 + 6..p + nul + 1 + 18]);
+                    p += nul + 1 + 18;
+                }
+                got.push(s);
+            }
+            _ => got.push(format!("{} {:?}", tag as char, body)),
+        }
+    }
+}
+
+/// Light switch between two raw clients with the same startup settings:
+/// the same statement name and text, but different parameter types (Parse
+/// with OIDs) or a different result (prepared under another search_path,
+/// then RESET); each client's Describe answers exactly as on a direct
+/// connection of a server without nextgres.
+#[test]
+fn alike_text_other_types_or_shape_described_as_directly() {
+    run(|pg| {
+        let setup = "CREATE SCHEMA s1; CREATE SCHEMA s2;
+                     CREATE TABLE s1.t (a int); CREATE TABLE s2.t (b text, c bigint);
+                     GRANT USAGE ON SCHEMA s1, s2 TO app; GRANT SELECT ON s1.t, s2.t TO app";
+        pg.admin().batch_execute(setup).unwrap();
+        let direct = Cluster::builder().preload(false).listen_addresses("127.0.0.1").start();
+        direct.admin().batch_execute(&format!("CREATE ROLE app LOGIN; {setup}")).unwrap();
+        let scenario = |port: u16| {
+            let limit = Duration::from_secs(60);
+            let mut a = nextgres_test::raw::Raw::connect(port, "app", "postgres", limit);
+            let mut b = nextgres_test::raw::Raw::connect(port, "app", "postgres", limit);
+            let mut out = Vec::new();
+            out.extend(exchange(&mut a, &[parse_msg("p", "SELECT $1", &[23]), describe_msg("p")]));
+            out.extend(exchange(&mut b, &[parse_msg("p", "SELECT $1", &[20]), describe_msg("p")]));
+            a.query("SET search_path = s1").unwrap();
+            out.extend(exchange(&mut a, &[parse_msg("q", "SELECT * FROM t", &[]), describe_msg("q")]));
+            a.query("RESET search_path").unwrap();
+            b.query("SET search_path = s2").unwrap();
+            out.extend(exchange(&mut b, &[parse_msg("q", "SELECT * FROM t", &[]), describe_msg("q")]));
+            b.query("RESET search_path").unwrap();
+            for _ in 0..4 {
+                for c in [&mut a, &mut b] {
+                    out.extend(exchange(c, &[describe_msg("p"), describe_msg("q")]));
+                    out.push(format!("{:?}", c.query("SELECT name, parameter_types::text FROM pg_prepared_statements ORDER BY 1")));
+                }
+            }
+            out
+        };
+        let want = scenario(direct.port());
+        let got = scenario(pg.port());
+        assert_eq!(got, want, "pooled vs direct");
+    });
+}
+
+/// A client whose prepared statements take more than 1 MiB (400 statements
+/// of about 4 kB each, as a driver's statement cache of long queries)
+/// moves between backends with all of them: the control messages that
+/// carry them (RELEASED, ATTACH) are not capped at 1 MiB.
+#[test]
+fn statements_over_a_mebibyte_move_with_their_client() {
+    run(|pg| {
+        let mut a = pg.connect_tcp("app", "postgres", None).unwrap();
+        let mut b = pg.connect_tcp("app", "postgres", None).unwrap();
+        let pad = "x".repeat(4000);
+        for i in 0..400 {
+            value(&mut a, &format!("PREPARE s{i} AS SELECT {i} AS n /* {pad} */"));
+        }
+        let total = "SELECT sum(length(statement))::text FROM pg_prepared_statements";
+        assert!(value(&mut a, total).unwrap().parse::<u64>().unwrap() > 1 << 20);
+        for round in 0..3 {
+            // b takes the only backend in between: a's statements travel.
+            value(&mut b, "PREPARE mine AS SELECT 'b'");
+            assert_eq!(value(&mut b, "SELECT count(*)::text FROM pg_prepared_statements").as_deref(), Some("1"));
+            for i in [0, 199, 399] {
+                assert_eq!(value(&mut a, &format!("EXECUTE s{i}")), Some(i.to_string()), "round {round}");
+            }
+            assert_eq!(value(&mut a, "SELECT count(*)::text FROM pg_prepared_statements").as_deref(), Some("400"));
+            value(&mut b, "DEALLOCATE mine");
+        }
+    });
+}
+
+/// A client whose statements exceed what the control channel carries
+/// (64 MiB) is not dropped without a word: at the transaction's end its
+/// backend sends it a FATAL 54000 (program_limit_exceeded), which the
+/// client reads with its next statement.
+#[test]
+fn statements_over_the_control_limit_get_a_fatal_error() {
+    run(|pg| {
+        let mut a = pg.connect_tcp("app", "postgres", None).unwrap();
+        let pad = "x".repeat(1 << 20);
+        value(&mut a, "BEGIN");
+        for i in 0..66 {
+            value(&mut a, &format!("PREPARE s{i} AS SELECT {i} /* {pad} */"));
+        }
+        value(&mut a, "COMMIT");
+        let err = a.simple_query("SELECT 1").expect_err("a session too large to move");
+        assert_eq!(err.code().map(|c| c.code()), Some("54000"), "{err:?}");
+        let msg = err.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
+        assert!(msg.contains("exceed what a pooled client can carry"), "{err:?}");
+        // The pool serves the next client as usual.
+        let mut b = pg.connect_tcp("app", "postgres", None).unwrap();
+        assert_eq!(value(&mut b, "SELECT count(*)::text FROM pg_prepared_statements").as_deref(), Some("0"));
+    });
+}

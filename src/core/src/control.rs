@@ -58,6 +58,13 @@ pub const FLAG_DEDICATED: u8 = 16;
 
 pub const MAX_ADDR: usize = 128;
 
+/// Largest control message (ATTACH, RELEASED) a backend or the pooler
+/// accepts, in bytes: a client's statements and settings travel in one
+/// message, and 256 cached statements of a few kB each with wide results
+/// pass 1 MiB. Bounded so a broken peer cannot make either side buffer
+/// without limit.
+pub const MAX_CONTROL_MESSAGE: usize = 64 << 20;
+
 /// RELEASED carries the client's session-level settings.
 pub const IMAGE_SETTINGS: u8 = 1;
 /// RELEASED carries the client's prepared statements.
@@ -70,9 +77,12 @@ pub const TCP_RECEIVED: u8 = 8;
 /// A named prepared statement, as needed to create it again elsewhere.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Statement {
-    pub name: String,
-    /// Protocol-level: the Parse message's query. SQL-level: the PREPARE command.
-    pub text: String,
+    /// The name's bytes in the database encoding (opaque here: a LATIN1 or
+    /// SQL_ASCII database may hold names and texts that are not UTF-8).
+    pub name: Vec<u8>,
+    /// Protocol-level: the Parse message's query. SQL-level: the PREPARE
+    /// command. Bytes in the database encoding, without the NUL.
+    pub text: Vec<u8>,
     /// Created by SQL PREPARE (else by a protocol Parse message).
     pub from_sql: bool,
     /// Parameter types as the server fixed them at the client's Parse or
@@ -103,8 +113,9 @@ pub struct StatementList {
 pub struct RawStatement<'a> {
     /// The whole entry, as written (equal bytes: equal statements).
     pub raw: &'a [u8],
-    pub name: &'a str,
-    pub text: &'a str,
+    /// Bytes in the database encoding (never decoded here).
+    pub name: &'a [u8],
+    pub text: &'a [u8],
     pub from_sql: bool,
     /// Parameter type OIDs, 4 bytes each, big-endian.
     params: &'a [u8],
@@ -117,8 +128,8 @@ impl<'a> RawStatement<'a> {
     }
     pub fn to_statement(&self) -> Statement {
         Statement {
-            name: self.name.to_string(),
-            text: self.text.to_string(),
+            name: self.name.to_vec(),
+            text: self.text.to_vec(),
             from_sql: self.from_sql,
             param_types: self.param_types().collect(),
             result: self.result.to_vec(),
@@ -174,8 +185,8 @@ impl StatementList {
         })
     }
     /// Whether the entry at byte offset `off` is named `name`.
-    pub fn name_is(&self, off: usize, name: &str) -> bool {
-        let n = name.as_bytes();
+    pub fn name_is(&self, off: usize, name: &[u8]) -> bool {
+        let n = name;
         self.bytes.get(off..off + n.len()) == Some(n) && self.bytes.get(off + n.len()) == Some(&0)
     }
     /// The entry at byte offset `off` (one `iter_offsets` gave).
@@ -286,9 +297,14 @@ fn put_pairs(o: &mut Vec<u8>, pairs: &[(String, String)]) {
     }
 }
 
+fn put_bytes(o: &mut Vec<u8>, s: &[u8]) {
+    o.extend_from_slice(s);
+    o.push(0);
+}
+
 fn put_statement(o: &mut Vec<u8>, st: &Statement) {
-    put_str(o, &st.name);
-    put_str(o, &st.text);
+    put_bytes(o, &st.name);
+    put_bytes(o, &st.text);
     o.push(u8::from(st.from_sql));
     o.extend_from_slice(&(st.param_types.len() as u32).to_be_bytes());
     for t in &st.param_types {
@@ -436,17 +452,25 @@ impl<'a> Reader<'a> {
         let n = self.count(2)?;
         (0..n).map(|_| Ok((self.str()?, self.str()?))).collect()
     }
-    fn cstr(&mut self) -> Result<&'a str, ProtoError> {
-        let (s, next) = read_cstr(self.body, self.off)?;
-        self.off = next;
-        Ok(s)
+    /// A NUL-terminated string as bytes, in whatever encoding it has.
+    fn cbytes(&mut self) -> Result<&'a [u8], ProtoError> {
+        let rest = self.body.get(self.off..).ok_or_else(|| bad("invalid string in message"))?;
+        let len = rest.iter().position(|&b| b == 0).ok_or_else(|| bad("invalid string in message"))?;
+        self.off += len + 1;
+        Ok(&rest[..len])
     }
     /// One statement entry, in place.
     fn raw_statement(&mut self) -> Result<RawStatement<'a>, ProtoError> {
         let start = self.off;
-        let name = self.cstr()?;
-        let text = self.cstr()?;
-        let from_sql = self.u8()? != 0;
+        let name = self.cbytes()?;
+        let text = self.cbytes()?;
+        // 0 or 1 as written: equal statements must have equal bytes (the
+        // light switch compares entries as bytes).
+        let from_sql = match self.u8()? {
+            0 => false,
+            1 => true,
+            _ => return Err(bad("invalid statement flag")),
+        };
         let np = self.count(4)?;
         let params = self.take(np * 4)?;
         let rl = self.count(1)?;
@@ -539,16 +563,16 @@ mod tests {
         assert_eq!(list, image().statements);
         assert_eq!(list.to_statements(), statements());
         assert_eq!(list.len(), 2);
-        let names: Vec<&str> = list.iter().map(|r| r.name).collect();
-        assert_eq!(names, ["P_0", "q"]);
+        let names: Vec<&[u8]> = list.iter().map(|r| r.name).collect();
+        assert_eq!(names, [&b"P_0"[..], b"q"]);
         for (off, r) in list.iter_offsets() {
             assert_eq!(list.at(off), Some(r));
             assert!(list.name_is(off, r.name));
-            assert!(!list.name_is(off, "P_"));
-            assert!(!list.name_is(off, "P_00"));
+            assert!(!list.name_is(off, b"P_"));
+            assert!(!list.name_is(off, b"P_00"));
         }
         let fast: Vec<(usize, &[u8])> = list.names().collect();
-        let slow: Vec<(usize, &[u8])> = list.iter_offsets().map(|(o, r)| (o, r.name.as_bytes())).collect();
+        let slow: Vec<(usize, &[u8])> = list.iter_offsets().map(|(o, r)| (o, r.name)).collect();
         assert_eq!(fast, slow);
         // Entries copied raw into another list are the same statements.
         let mut copy = StatementList::default();
@@ -564,6 +588,24 @@ mod tests {
         }
         out.push(0);
         assert!(parse_statement_list(&out).is_err(), "trailing byte");
+    }
+
+    #[test]
+    fn statement_bytes_are_opaque() {
+        // LATIN1 'é' (0xE9) and a SQL_ASCII byte: not UTF-8, kept as is.
+        let st = Statement { name: b"s\xe9".to_vec(), text: b"SELECT '\xe9\xff'".to_vec(), from_sql: true, param_types: vec![], result: vec![] };
+        let list = StatementList::from(vec![st.clone()]);
+        let mut out = Vec::new();
+        put_statements(&mut out, &list);
+        let back = parse_statement_list(&out).unwrap();
+        assert_eq!(back.to_statements(), vec![st]);
+        let (off, name) = back.names().next().unwrap();
+        assert_eq!(name, b"s\xe9");
+        assert!(back.name_is(off, b"s\xe9"));
+        // from_sql is 0 or 1, nothing else (one list, one spelling).
+        let flag = out.len() - 4 - 4 - 1;
+        out[flag] = 2;
+        assert!(parse_statement_list(&out).is_err());
     }
 
     #[test]

@@ -13,7 +13,7 @@
 
 use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use nextgres_core::control::{self, Attach, Released, SessionImage, Statement, MAX_ADDR};
+use nextgres_core::control::{self, Attach, Released, SessionImage, Statement, StatementList, MAX_ADDR};
 use nextgres_core::proto;
 
 fn framed(out: &[u8], tag: u8) -> &[u8] {
@@ -46,15 +46,35 @@ fn released_round_trip(r: &Released) {
     assert_eq!(out, out2);
 }
 
+/// The in-place accessors agree with `iter()` on every parsed list, and
+/// decoding every entry and writing it again gives the same list.
+fn list_agrees(list: &StatementList) {
+    let all: Vec<_> = list.iter_offsets().collect();
+    assert_eq!(all.len(), list.len());
+    assert!(list.iter().eq(all.iter().map(|(_, r)| *r)));
+    let names: Vec<(usize, &[u8])> = list.names().collect();
+    let want: Vec<(usize, &[u8])> = all.iter().map(|(o, r)| (*o, r.name)).collect();
+    assert_eq!(names, want);
+    for (off, r) in &all {
+        assert_eq!(list.at(*off), Some(*r));
+        assert!(list.name_is(*off, r.name));
+    }
+    assert_eq!(&StatementList::from(list.to_statements()), list);
+}
+
 fn attach(body: &[u8]) {
     if let Ok(a) = control::parse_attach(body) {
         assert!(a.addr.len() <= MAX_ADDR);
+        list_agrees(&a.image.statements);
         attach_round_trip(&a);
     }
 }
 
 fn released(body: &[u8]) {
     if let Ok(r) = control::parse_released(body) {
+        if let Some(l) = &r.statements {
+            list_agrees(l);
+        }
         released_round_trip(&r);
     }
 }
@@ -75,8 +95,9 @@ fn statements(u: &mut Unstructured) -> arbitrary::Result<Vec<Statement>> {
     (0..n)
         .map(|_| {
             Ok(Statement {
-                name: text(u)?,
-                text: text(u)?,
+                // Names and texts are bytes in the database encoding.
+                name: Vec::<u8>::arbitrary(u)?.into_iter().filter(|&b| b != 0).collect(),
+                text: Vec::<u8>::arbitrary(u)?.into_iter().filter(|&b| b != 0).collect(),
                 from_sql: bool::arbitrary(u)?,
                 param_types: Vec::<u32>::arbitrary(u)?,
                 result: Vec::<u8>::arbitrary(u)?,
