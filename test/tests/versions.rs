@@ -326,36 +326,39 @@ fn search_path_status_is_per_client() {
     }
 }
 
-/// 18's `oauth` hba method is refused through the pooler with 28000 and an
-/// error naming the method, the hba file and the line.
+/// 18's `oauth` hba method: a method the pooler does not implement, so for a
+/// plaintext client the server answers itself (server authentication, README
+/// "Other authentication methods"; the test clusters' `local all all trust`
+/// lets the pooler's login in): the client gets exactly what a direct
+/// connection to a server without nextgres gets (the server's OAUTHBEARER
+/// SASL request, which rust-postgres does not speak). (Over TLS the pooler
+/// refuses such methods with 28000 naming the hba file and line: README.)
 #[test]
-fn oauth_hba_line_refused_with_its_file_and_line() {
+fn oauth_hba_line_answered_as_the_server() {
     let pg = Cluster::builder().preload(true).start();
     if pg.pg_major() < 18 {
         return;
     }
-    exec(&pg, "CREATE ROLE oauth_u LOGIN");
-    let hba_file: String = pg.admin().query_one("SHOW hba_file", &[]).expect("hba_file").get(0);
-    let text = std::fs::read_to_string(&hba_file).expect("reading pg_hba.conf");
-    let line = format!(
-        "host all oauth_u 127.0.0.1/32 oauth issuer=\"https://issuer.example\" scope=\"openid\" validator=\"ng_none\""
-    );
-    pg.append_conf("oauth_validator_libraries = 'ng_none'").expect("conf");
-    pg.set_hba(&format!("{line}\n{text}")).expect("hba");
-    pg.reload().expect("reload");
-    let ci = pg.tcp("oauth_u", "postgres");
+    let direct = Cluster::builder().preload(false).start();
+    let line = "host all oauth_u 127.0.0.1/32 oauth issuer=\"https://issuer.example\" scope=\"openid\" validator=\"ng_none\"";
+    for c in [&pg, &direct] {
+        exec(c, "CREATE ROLE oauth_u LOGIN");
+        let hba_file: String = c.admin().query_one("SHOW hba_file", &[]).expect("hba_file").get(0);
+        let text = std::fs::read_to_string(&hba_file).expect("reading pg_hba.conf");
+        c.append_conf("oauth_validator_libraries = 'ng_none'").expect("conf");
+        c.set_hba(&format!("{line}\n{text}")).expect("hba");
+        c.reload().expect("reload");
+    }
+    let outcome = |c: &Cluster| match c.tcp("oauth_u", "postgres").connect() {
+        Ok(_) => "connected".to_string(),
+        Err(e) => format!("{e}"),
+    };
+    let want = outcome(&direct);
+    assert_ne!(want, "connected", "the server let an oauth client in without a token");
     let mut last = String::new();
-    let ok = wait_until(Duration::from_secs(30), || match ci.connect() {
-        Ok(_) => {
-            last = "connected".into();
-            false
-        }
-        Err(e) => {
-            let f = pool_support::err_fields(&e);
-            last = format!("{f:?}");
-            f.is_some_and(|f| f.code == "28000" && f.message.contains("\"oauth\""))
-        }
+    let ok = wait_until(Duration::from_secs(30), || {
+        last = outcome(&pg);
+        last == want
     });
-    assert!(ok, "oauth line never refused by the pooler: {last}\n{}", pg.log_tail(20));
-    assert!(last.contains(&hba_file) && last.contains("Line 1 "), "error must name {hba_file} line 1: {last}");
+    assert!(ok, "through the pooler: {last}; directly: {want}\n{}", pg.log_tail(20));
 }
