@@ -240,16 +240,7 @@ fn ident_answers_as_direct_server() {
 /// ErrorResponse's SQLSTATE and message.
 fn raw_login(port: u16, params: &[(&str, &str)]) -> String {
     use std::io::{Read, Write};
-    let mut body = 196608u32.to_be_bytes().to_vec();
-    for (k, v) in params {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut pkt = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    pkt.extend_from_slice(&body);
+    let pkt = pool_support::startup_packet(params);
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
     s.write_all(&pkt).expect("startup packet");
