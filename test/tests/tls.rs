@@ -614,7 +614,9 @@ fn slow_reader(pg: &Cluster, c: &mut dyn Wire, marker: &str) -> Got {
     let of_backend = format!(
         "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%{marker}%' AND pid <> pg_backend_pid()"
     );
-    let idle = format!("{of_backend} AND state = 'idle in transaction'");
+    // Waiting for its next command: "idle in transaction" shows already while
+    // the backend still flushes ReadyForQuery (ClientWrite).
+    let idle = format!("{of_backend} AND state = 'idle in transaction' AND wait_event = 'ClientRead'");
     c.send(&format!(
         "SET idle_in_transaction_session_timeout = '200ms'; BEGIN; \
          SELECT repeat('x', 1000) AS {marker}, i FROM generate_series(1, {SLOW_ROWS}) i"
@@ -702,9 +704,16 @@ fn unread_result(pg: &Cluster, t: &mut TlsRaw, rows: usize, marker: &str) -> (Go
          SELECT repeat('x', 1000) AS {marker}, i FROM generate_series(1, {rows}) i"
     ));
     let mut fitted = false;
+    // Fitted means the backend waits for its next command (ClientRead): the
+    // server shows "idle in transaction" (and arms the timeout) already
+    // before it flushes ReadyForQuery, and a backend blocked in that flush
+    // (ClientWrite) does not end at the timeout until the client reads.
     assert!(
         wait_until(SETTLE, || {
-            fitted = admin_i64(pg, &format!("{of_backend} AND state = 'idle in transaction'")) == 1
+            fitted = admin_i64(
+                pg,
+                &format!("{of_backend} AND state = 'idle in transaction' AND wait_event = 'ClientRead'"),
+            ) == 1
                 || admin_i64(pg, &of_backend) == 0;
             fitted || admin_i64(pg, &format!("{of_backend} AND wait_event = 'ClientWrite'")) == 1
         }),
