@@ -10,7 +10,7 @@ use nextgres_core::control;
 use nextgres_core::pool::Credential;
 use nextgres_core::proto::{self, backend::AuthRequest, ErrorFields};
 use nix::sys::epoll::EpollFlags;
-use std::io::{ErrorKind, Read, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
@@ -143,40 +143,11 @@ impl Pooler {
 
     pub fn backend_event(&mut self, key: usize, ev: EpollFlags) {
         let Some(b) = self.backend(key) else { return };
-        let mut eof = ev.contains(EpollFlags::EPOLLERR);
-        let mut buf = [0u8; 4096];
-        loop {
-            match b.stream.read(&mut buf) {
-                Ok(0) => {
-                    eof = true;
-                    break;
-                }
-                Ok(n) => {
-                    b.inbuf.extend_from_slice(&buf[..n]);
-                    // A short read emptied the socket: the registration is
-                    // level-triggered, so whatever arrives later (or the
-                    // EOF) wakes the loop again. Reading on would only
-                    // collect an EAGAIN, one recvfrom per handoff.
-                    if n < buf.len() {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    eof = true;
-                    break;
-                }
-            }
-        }
+        let eof = conn::fill_inbuf(&mut b.stream, &mut b.inbuf) || ev.contains(EpollFlags::EPOLLERR);
         loop {
             let Some(b) = self.backend(key) else { return };
-            let (tag, body) = match proto::parse_message(&b.inbuf, control::MAX_CONTROL_MESSAGE) {
-                Ok(Some((m, used))) => {
-                    let r = (m.tag, m.body.to_vec());
-                    b.inbuf.drain(..used);
-                    r
-                }
+            let (tag, body) = match conn::next_message(&mut b.inbuf, control::MAX_CONTROL_MESSAGE) {
+                Ok(Some(m)) => m,
                 Ok(None) => break,
                 Err(e) => {
                     log::warn!("backend {}: {}", b.pid, e.message);

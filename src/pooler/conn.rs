@@ -2,7 +2,9 @@
 //! key is the epoll token.
 use super::backend::Backend;
 use super::client::Client;
+use nextgres_core::proto::{self, ProtoError};
 use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
+use std::io::{ErrorKind, Read};
 use std::os::fd::{AsFd, OwnedFd};
 
 pub enum Conn {
@@ -63,4 +65,37 @@ pub fn tcp_bytes_received_raw(fd: std::os::fd::RawFd) -> Option<u64> {
     let rc = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len) };
     let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + std::mem::size_of::<u64>();
     (rc == 0 && len as usize >= needed).then_some(info.tcpi_bytes_received)
+}
+
+/// Reads what a level-triggered socket (a backend's or a walsender login's
+/// Unix socket) holds now onto `inbuf`. Returns true at EOF or a read error.
+/// A short read ends it: the socket is empty, and whatever arrives later (or
+/// the EOF) wakes the loop again, so reading on would only collect an EAGAIN
+/// (one recvfrom per handoff).
+pub fn fill_inbuf(stream: &mut impl Read, inbuf: &mut Vec<u8>) -> bool {
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(n) => {
+                inbuf.extend_from_slice(&buf[..n]);
+                if n < buf.len() {
+                    return false;
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Takes the next complete protocol message (tag, body) off the front of
+/// `inbuf`; None until one is complete. A length below 4 or above `max_len`
+/// bytes is a protocol violation (08P01).
+pub fn next_message(inbuf: &mut Vec<u8>, max_len: usize) -> Result<Option<(u8, Vec<u8>)>, ProtoError> {
+    let Some((m, used)) = proto::parse_message(inbuf, max_len)? else { return Ok(None) };
+    let r = (m.tag, m.body.to_vec());
+    inbuf.drain(..used);
+    Ok(Some(r))
 }

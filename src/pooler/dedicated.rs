@@ -36,7 +36,7 @@ use nextgres_core::pool::Credential;
 use nextgres_core::proto::{self, ErrorFields, Replication};
 use nix::sys::epoll::EpollFlags;
 use sendfd::SendWithFd;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 
@@ -198,31 +198,13 @@ impl Pooler {
 
     pub fn dedicated_event(&mut self, key: usize, ev: EpollFlags) {
         let Some(d) = self.dedicated(key) else { return };
-        let mut eof = ev.contains(EpollFlags::EPOLLERR);
-        let mut buf = [0u8; 4096];
-        loop {
-            match d.stream.read(&mut buf) {
-                Ok(0) => {
-                    eof = true;
-                    break;
-                }
-                Ok(n) => d.inbuf.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    eof = true;
-                    break;
-                }
-            }
-        }
+        let eof = conn::fill_inbuf(&mut d.stream, &mut d.inbuf) || ev.contains(EpollFlags::EPOLLERR);
         loop {
             let Some(d) = self.dedicated(key) else { return };
-            let (tag, body) = match proto::parse_message(&d.inbuf, 1 << 20) {
-                Ok(Some((m, used))) => {
-                    let r = (m.tag, m.body.to_vec());
-                    d.inbuf.drain(..used);
-                    r
-                }
+            // The server's login messages (authentication requests,
+            // parameters, errors): 1 MiB is far beyond any of them.
+            let (tag, body) = match conn::next_message(&mut d.inbuf, 1 << 20) {
+                Ok(Some(m)) => m,
                 Ok(None) => break,
                 Err(e) => return self.dedicated_failed(key, login_error(format!("nextgres: walsender login: {}", e.message))),
             };
