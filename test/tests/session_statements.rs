@@ -733,3 +733,37 @@ fn unnamed_statement_and_portal_stay_with_their_client() {
         },
     );
 }
+
+/// The difference README states: the unnamed statement does not move, so a
+/// client whose backend served another client in between no longer has it
+/// (26000) where its direct session still does. Pinned so README changes if
+/// it ever moves.
+#[test]
+fn unnamed_statement_after_another_client_as_readme_states() {
+    run(
+        Cluster::builder().conf("nextgres.pool_size = 1"),
+        "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN",
+        TEST_LIMIT,
+        |pg| {
+            let steps = |pooled: bool| -> Vec<String> {
+                let mut a = wire(pg, pooled);
+                let mut b = wire(pg, pooled);
+                let parse_a = parse_msg("", "SELECT 'secret of A'::text AS a_only");
+                let out = vec![
+                    exchange(&mut a, "A", &[&parse_a, SYNC]),
+                    exchange(&mut b, "B", &[&query_msg("SELECT 'B in between'")]),
+                    exchange(&mut a, "A", &[&describe_msg(b'S', ""), SYNC]),
+                ];
+                for mut s in [a, b] {
+                    s.write_all(b"X\0\0\0\x04").expect("terminate");
+                }
+                out
+            };
+            let direct = steps(false);
+            let pooled = steps(true);
+            assert_eq!(direct[..2], pooled[..2]);
+            assert_eq!(direct[2], "A: t | T 1 a_only | Z I", "{direct:#?}");
+            assert_eq!(pooled[2], "A: E ERROR 26000 unnamed prepared statement does not exist | Z I", "{pooled:#?}");
+        },
+    );
+}
