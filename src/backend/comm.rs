@@ -7,8 +7,9 @@
 //! (`query_time_ms`: from the start of processing the first message the
 //! backend answers, the server's statement timestamp, or now when that is
 //! not after the previous ReadyForQuery or the attach (Close, Sync), to the next ReadyForQuery, as
-//! PgBouncer counts from the request to ReadyForQuery). Ordinary backends
-//! pay one branch per call.
+//! PgBouncer counts from the request to ReadyForQuery). The CloseComplete
+//! answering the Close of the unnamed statement that session.c puts ahead of
+//! a new client's bytes is dropped. Ordinary backends pay one branch per call.
 use crate::pg::comm::{PQcommMethods, PqCommMethods};
 use std::cell::Cell;
 use std::ffi::{c_char, c_int};
@@ -19,6 +20,12 @@ static mut WRAPPED: Option<PQcommMethods> = None;
 thread_local! {
     /// Drop the next AuthenticationOk (`swallow_auth_ok`).
     static SWALLOW_AUTH_OK: Cell<bool> = const { Cell::new(false) };
+    /// The server read the Close of the unnamed statement that session.c
+    /// put ahead of a new client's bytes: drop its CloseComplete.
+    static SWALLOW_CLOSE_COMPLETE: Cell<bool> = const { Cell::new(false) };
+    /// A ParseComplete went out since the last `take_parsed`: the backend
+    /// may hold an unnamed prepared statement.
+    static PARSED: Cell<bool> = const { Cell::new(false) };
     /// Status byte of a ReadyForQuery queued since the last flush.
     static PENDING_READY: Cell<Option<u8>> = const { Cell::new(None) };
     /// What was counted since `take_counters`.
@@ -70,6 +77,22 @@ pub fn install() {
     }
 }
 
+/// Did a ParseComplete go out since the last call? (Parse "" is the only
+/// way to create the unnamed statement; a named Parse counts too.)
+pub fn take_parsed() -> bool {
+    PARSED.with(|p| p.replace(false))
+}
+
+/// session.c handed the server the whole injected Close('S', ""): its
+/// reply, the next CloseComplete, is not the client's. Anything else the
+/// server sends first (other than a notice, notification or parameter
+/// status) means the Close was not answered as expected; then nothing is
+/// dropped, so a client's own CloseComplete is never lost.
+#[no_mangle]
+pub extern "C" fn ng_rs_injected_close_read() {
+    SWALLOW_CLOSE_COMPLETE.with(|f| f.set(true));
+}
+
 /// A server-authenticated client (`login::server_auth_client`) already has
 /// the AuthenticationOk of its own authentication queued; the next one, which
 /// the pooler's outer login queues (auth.c ClientAuthentication() after its
@@ -82,6 +105,12 @@ unsafe extern "C" fn putmessage(msgtype: c_char, s: *const c_char, len: usize) -
     if msgtype as u8 == b'R' && len == 4 && SWALLOW_AUTH_OK.with(|f| f.get()) && std::slice::from_raw_parts(s.cast::<u8>(), 4) == [0; 4] {
         SWALLOW_AUTH_OK.with(|f| f.set(false));
         return 0;
+    }
+    if SWALLOW_CLOSE_COMPLETE.with(|f| f.get()) && !matches!(msgtype as u8, b'A' | b'N' | b'S') {
+        SWALLOW_CLOSE_COMPLETE.with(|f| f.set(false));
+        if msgtype as u8 == b'3' && len == 0 {
+            return 0;
+        }
     }
     if super::is_pooled() {
         let header = if msgtype == 0 { 4 } else { 5 };
@@ -109,7 +138,11 @@ unsafe extern "C" fn putmessage(msgtype: c_char, s: *const c_char, len: usize) -
                 CYCLE_FLOOR.with(|f| f.set(now));
             }
             // ParseComplete / CloseComplete: named statements may have changed.
-            b'1' | b'3' => crate::pg::session::note_statement_messages(),
+            b'1' => {
+                PARSED.with(|p| p.set(true));
+                crate::pg::session::note_statement_messages()
+            }
+            b'3' => crate::pg::session::note_statement_messages(),
             // One per statement a client ran, failed ones included (as
             // PgBouncer's query count).
             b'C' | b'E' => count(|c| c.queries = c.queries.wrapping_add(1)),

@@ -197,6 +197,16 @@ fn apply_defaults(defaults: &[(String, String)]) {
 
 pub fn switch_to(startup: &[(String, String)], image: SessionImage) {
     let SessionImage { settings, statements, defaults } = image;
+    // The unnamed statement is not a named one and DISCARD ALL keeps it: a
+    // previous client's (only one that sent Parse can have left one) is
+    // dropped by the server itself before it reads this client's first
+    // message, so a Bind/Describe "" without a Parse "" of its own fails
+    // with 26000 as directly (session.c, "Dropping the unnamed prepared
+    // statement"). The same client coming back (`attached_again`) keeps it,
+    // as directly.
+    if super::comm::take_parsed() && !s::close_unnamed_before_client() {
+        log::debug!("nextgres: the unnamed prepared statement survives this switch (recv() not redirected)");
+    }
     let mut pending = Pending::default();
     pending.set(statements);
     let same = same_defaults(&current_defaults(), &defaults)

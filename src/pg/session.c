@@ -1110,11 +1110,85 @@ scan_bytes(const unsigned char *p, size_t len)
 	}
 }
 
+/* ------------------------------------------------------------------------
+ * Dropping the unnamed prepared statement when another client arrives.
+ *
+ * A direct session's unnamed statement (protocol Parse with an empty name)
+ * lives until the next Parse "", a Close of statement "", or a simple Query
+ * (postgres.c exec_parse_message(), exec_close_message(),
+ * exec_simple_query(): all call the static drop_unnamed_stmt()); DISCARD
+ * ALL leaves it.  So when a backend switches to another client, the next
+ * bytes the server reads on the client socket are a Close('S', "") that
+ * nextgres hands it ahead of the client's own (through the same recv()
+ * redirection as above), and the CloseComplete the server answers is
+ * dropped on the way out (comm.rs putmessage), so the client sees neither.
+ * The server drops the statement itself, exactly as for a client's Close.
+ *
+ * Why not reach the statement directly: unnamed_stmt_psrc is static in
+ * postgres.c, with no exported symbol (only an unstripped build's symbol
+ * table names it), and clearing it without DropCachedPlan() would leak the
+ * plan source and its plan references; nothing exported drops it.  The
+ * injected message costs no system call: the server reads it from memory,
+ * then waits for the client's bytes as usual (the pooler attaches a client
+ * when it sent something, so no extra wait).  A Close message starts no
+ * transaction, sets no statement timestamp, is not logged, and the server
+ * answers it with CloseComplete only (no ReadyForQuery: that comes after
+ * Sync or a Query); the statement being gone, a later Bind/Describe "" of
+ * the new client fails with 26000 as on a direct connection.  Reading it
+ * stops the idle_session_timeout timer re-armed at attach (PostgresMain
+ * turns it off after each message it reads), which matters only until the
+ * client's bytes, already sent, are read.  Where recv() cannot be
+ * redirected (ng_lazy_statements_init() false), the unnamed statement
+ * survives the switch as before (README).
+ * ------------------------------------------------------------------------ */
+
+/* Close: type, length 6, 'S' (statement), name "" (protocol message formats). */
+static const unsigned char close_unnamed_msg[7] = {'C', 0, 0, 0, 6, 'S', '\0'};
+static int	close_unnamed_sent = -1;	/* -1 none queued, else bytes given */
+
+extern void ng_rs_injected_close_read(void);
+bool		ng_lazy_statements_init(void);
+bool		ng_close_unnamed_before_client(void);
+
+/*
+ * Queues a Close of the unnamed statement ahead of the client's next bytes.
+ * False when recv() could not be redirected (nothing queued).
+ */
+bool
+ng_close_unnamed_before_client(void)
+{
+	if (!ng_lazy_statements_init())
+		return false;
+	close_unnamed_sent = 0;
+	return true;
+}
+
+/* Hands out the queued Close (all or part of it) in place of a recv(). */
+static ssize_t
+give_close_unnamed(void *buf, size_t len)
+{
+	size_t		n = Min(len, sizeof(close_unnamed_msg) - (size_t) close_unnamed_sent);
+
+	memcpy(buf, close_unnamed_msg + close_unnamed_sent, n);
+	close_unnamed_sent += n;
+	if (close_unnamed_sent == (int) sizeof(close_unnamed_msg))
+	{
+		close_unnamed_sent = -1;
+		ng_rs_injected_close_read();	/* its CloseComplete is not the client's */
+	}
+	return (ssize_t) n;
+}
+
 /* Installed in place of the executable's recv(). */
 static ssize_t
 ng_recv(int fd, void *buf, size_t len, int flags)
 {
-	ssize_t		n = real_recv(fd, buf, len, flags);
+	ssize_t		n;
+
+	if (close_unnamed_sent >= 0 && len > 0 && !(flags & MSG_PEEK) &&
+		MyProcPort && fd == MyProcPort->sock)
+		return give_close_unnamed(buf, len);
+	n = real_recv(fd, buf, len, flags);
 
 	if (n > 0 && statements_pending && !(flags & MSG_PEEK) &&
 		MyProcPort && fd == MyProcPort->sock)

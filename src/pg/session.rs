@@ -42,6 +42,7 @@ extern "C" {
     fn ng_defaults_apply(level: c_int, name: *const c_char, value: *const c_char);
     fn ng_switch_end(err: *mut NgError) -> bool;
     fn ng_switch_light();
+    fn ng_close_unnamed_before_client() -> bool;
 }
 
 /// Why a client must stay on its backend.
@@ -183,6 +184,13 @@ pub fn drop_statement(name: &[u8]) -> Result<(), NgError> {
 /// (false: create them all at each switch).
 pub fn lazy_statements_init() -> bool {
     unsafe { ng_lazy_statements_init() }
+}
+
+/// Has the server read a Close of the unnamed prepared statement ahead of
+/// the client's next bytes (its CloseComplete dropped, comm.rs)? False
+/// where recv() cannot be redirected: then nothing is queued.
+pub fn close_unnamed_before_client() -> bool {
+    unsafe { ng_close_unnamed_before_client() }
 }
 
 /// Tells the hooks whether the client has statements not created here yet.
