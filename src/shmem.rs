@@ -10,11 +10,14 @@ use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 pub const NAME_LEN: usize = 64;
 pub const ADDR_LEN: usize = 48;
 pub const TOKEN_LEN: usize = 32;
-/// `nextgres.clients.tls`: the longest rustls TLS 1.2 suite name with its
-/// version prefix is 53 bytes ("TLSv1.2 TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256").
-pub const TLS_LEN: usize = 64;
-/// `nextgres.clients.client_cert`: the client certificate's subject DN
-/// (RFC 2253), truncated to 255 bytes.
+/// `nextgres.clients.tls_version` (`TLSv1.2`, `TLSv1.3`).
+pub const TLS_VERSION_LEN: usize = 16;
+/// `nextgres.clients.tls_cipher`: OpenSSL cipher names are at most 29
+/// bytes (`ECDHE-ECDSA-CHACHA20-POLY1305`); the server keeps NAMEDATALEN.
+pub const TLS_CIPHER_LEN: usize = 64;
+/// `nextgres.clients.client_dn`: the client certificate's subject DN
+/// as `pg_stat_ssl.client_dn` prints it, truncated to 255 bytes (at a
+/// character boundary).
 pub const CERT_LEN: usize = 256;
 
 #[repr(C)]
@@ -146,12 +149,16 @@ pub struct ClientRow {
     pub backend_pid: i32,
     pub connected_at: i64,
     pub xacts: i64,
-    /// TLS version and cipher ("TLSv1.3 TLS13_AES_256_GCM_SHA384"); empty
-    /// for a plaintext client.
-    pub tls: [u8; TLS_LEN],
+    /// On TLS (terminated by the pooler).
+    pub tls: bool,
+    /// TLS version as OpenSSL names it ("TLSv1.3"); empty for plaintext.
+    pub tls_version: [u8; TLS_VERSION_LEN],
+    /// Cipher suite as OpenSSL names it ("TLS_AES_256_GCM_SHA384"); empty
+    /// for plaintext.
+    pub tls_cipher: [u8; TLS_CIPHER_LEN],
     /// The subject DN of the client certificate verified during the TLS
-    /// handshake; empty without one.
-    pub client_cert: [u8; CERT_LEN],
+    /// handshake, in `pg_stat_ssl.client_dn`'s form; empty without one.
+    pub client_dn: [u8; CERT_LEN],
 }
 
 #[repr(u8)]
@@ -300,9 +307,14 @@ impl Tables {
 }
 
 /// Copies a string into a fixed NUL-terminated field (truncating).
+/// Copies `s` into a NUL-terminated field, truncated at a character
+/// boundary to fit.
 pub fn set_name(field: &mut [u8], s: &str) {
     field.fill(0);
-    let n = s.len().min(field.len() - 1);
+    let mut n = s.len().min(field.len() - 1);
+    while !s.is_char_boundary(n) {
+        n -= 1;
+    }
     field[..n].copy_from_slice(&s.as_bytes()[..n]);
 }
 

@@ -124,9 +124,11 @@ fn clients() -> TableIterator<
         name!(backend_pid, Option<i32>),
         name!(connected_since, Option<TimestampWithTimeZone>),
         name!(transactions, i64),
-        name!(tls, Option<String>),
+        name!(tls, bool),
         name!(dedicated, bool),
-        name!(client_cert, Option<String>),
+        name!(tls_version, Option<String>),
+        name!(tls_cipher, Option<String>),
+        name!(client_dn, Option<String>),
     ),
 > {
     let (_, clients, backends) = tables().snapshot();
@@ -142,9 +144,11 @@ fn clients() -> TableIterator<
             (c.backend_pid != 0).then_some(c.backend_pid),
             ts(c.connected_at),
             c.xacts,
-            Some(shmem::name(&c.tls)).filter(|t| !t.is_empty()),
+            c.tls,
             dedicated,
-            Some(shmem::name(&c.client_cert)).filter(|t| !t.is_empty()),
+            c.tls.then(|| shmem::name(&c.tls_version)),
+            c.tls.then(|| shmem::name(&c.tls_cipher)),
+            Some(shmem::name(&c.client_dn)).filter(|t| !t.is_empty()),
         )
     }))
 }

@@ -256,6 +256,19 @@ fn drain_requests(p: &mut Parking) {
     }
 }
 
+/// `pg_stat_ssl` currently shows a TLS session for this backend.
+static SSL_SHOWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Shows `tls` in this backend's `pg_stat_ssl` row, or clears it (only
+/// when a session is shown: plaintext switches cost nothing).
+fn show_ssl(tls: Option<&control::TlsStatus>) {
+    use std::sync::atomic::Ordering;
+    if tls.is_some() || SSL_SHOWN.load(Ordering::Relaxed) {
+        glue::set_ssl_status(tls);
+        SSL_SHOWN.store(tls.is_some(), Ordering::Relaxed);
+    }
+}
+
 /// Put the control socket back in place of the client's and tell the pooler.
 fn release(p: &mut Parking, client: u64) {
     // The session image first, while the client's socket is still ours: one
@@ -285,6 +298,8 @@ fn release(p: &mut Parking, client: u64) {
     if let Err(e) = nix::unistd::dup2(p.control, sock) {
         fatal(&format!("could not release the client socket: {e}"));
     }
+    // No client here any more: pg_stat_ssl shows no TLS while parked.
+    show_ssl(None);
     let n = super::comm::take_counters();
     let released = Released {
         client_id: client,
@@ -379,6 +394,9 @@ fn attach_client(p: &mut Parking, (mut a, fd): (Attach, RawFd), timer_was_on: bo
     }
     let _ = nix::unistd::close(fd);
     glue::febe_attach();
+    // pg_stat_ssl: this client's TLS session, which the pooler terminates;
+    // none for a plaintext client.
+    show_ssl(a.tls.as_ref());
     if a.flags & control::FLAG_DEDICATED != 0 {
         return attach_dedicated(p, &a, timer_was_on);
     }

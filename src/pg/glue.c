@@ -33,6 +33,7 @@
 #include "libpq/libpq.h"
 #include "libpq/libpq-be.h"
 #include "libpq/scram.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "nodes/parsenodes.h"
 #include "pgstat.h"
@@ -491,6 +492,66 @@ ng_set_client_addr(const struct sockaddr_storage *addr, socklen_t salen)
 		be->st_clienthostname[0] = '\0';
 		PGSTAT_END_WRITE_ACTIVITY(be);
 	}
+}
+
+/*
+ * Copies a string the pooler sent (UTF-8) into a PgBackendSSLStatus field as
+ * pgstat_bestart() fills it through be_tls_get_peer_subject_name() and
+ * friends: strlcpy() to NAMEDATALEN - 1 bytes.  The server converts DNs to
+ * the database encoding (X509_NAME_to_cstring: pg_any_to_server); here a
+ * database whose encoding is neither UTF8 nor SQL_ASCII gets '?' for each
+ * non-ASCII byte instead, so that nothing can raise an error while a client
+ * is being attached.
+ */
+static void
+ng_ssl_field(char *dst, const char *src)
+{
+	int			enc = GetDatabaseEncoding();
+
+	strlcpy(dst, src, NAMEDATALEN);
+	if (enc != PG_UTF8 && enc != PG_SQL_ASCII)
+	{
+		for (char *p = dst; *p; p++)
+			if (IS_HIGHBIT_SET(*p))
+				*p = '?';
+	}
+}
+
+/*
+ * pg_stat_ssl for a client whose TLS the pooler terminates (the backend sees
+ * a socketpair): fills this backend's own PgBackendStatus SSL fields with the
+ * pooler's values, as pgstat_bestart() (backend_status.c) does for a direct
+ * TLS connection, under the same changecount write protocol on MyBEEntry;
+ * on = false clears them (st_ssl = false, the struct zeroed) for a plaintext
+ * client or when the client leaves.  A server built without SSL support has
+ * no such fields: nothing to do.  The layout is the same in 15 to 18.
+ */
+void
+ng_set_ssl_status(bool on, int bits, const char *version, const char *cipher,
+				  const char *client_dn, const char *client_serial,
+				  const char *issuer_dn)
+{
+#ifdef USE_SSL
+	volatile PgBackendStatus *be = MyBEEntry;
+	PgBackendSSLStatus s;
+
+	if (be == NULL || be->st_sslstatus == NULL)
+		return;
+	memset(&s, 0, sizeof(s));
+	if (on)
+	{
+		s.ssl_bits = bits;
+		ng_ssl_field(s.ssl_version, version);
+		ng_ssl_field(s.ssl_cipher, cipher);
+		ng_ssl_field(s.ssl_client_dn, client_dn);
+		ng_ssl_field(s.ssl_client_serial, client_serial);
+		ng_ssl_field(s.ssl_issuer_dn, issuer_dn);
+	}
+	PGSTAT_BEGIN_WRITE_ACTIVITY(be);
+	be->st_ssl = on;
+	memcpy(be->st_sslstatus, &s, sizeof(PgBackendSSLStatus));
+	PGSTAT_END_WRITE_ACTIVITY(be);
+#endif
 }
 
 void

@@ -139,6 +139,15 @@ extern "C" {
     fn ng_idle_session_timer_resume();
     fn ng_set_client_addr(addr: *const libc::sockaddr_storage, len: libc::socklen_t);
     fn ng_report_parked();
+    fn ng_set_ssl_status(
+        on: bool,
+        bits: c_int,
+        version: *const c_char,
+        cipher: *const c_char,
+        client_dn: *const c_char,
+        client_serial: *const c_char,
+        issuer_dn: *const c_char,
+    );
     fn ng_port_take_option(port: *mut c_void, name: *const c_char, buf: *mut c_char, len: usize) -> bool;
     fn ng_port_peer_pid(port: *mut c_void) -> c_int;
     fn ng_my_cancel_key(buf: *mut u8, len: c_int) -> c_int;
@@ -277,6 +286,24 @@ pub fn idle_session_timer_resume() {
 
 pub fn set_client_addr(addr: &libc::sockaddr_storage, len: u32) {
     unsafe { ng_set_client_addr(addr, len as libc::socklen_t) }
+}
+
+/// `pg_stat_ssl` for this backend (glue.c `ng_set_ssl_status`): the
+/// attached client's TLS session as the pooler terminated it, or None to
+/// show no TLS (`ssl = false`).
+pub fn set_ssl_status(tls: Option<&nextgres_core::control::TlsStatus>) {
+    // The strings come from a parsed ATTACH: never a NUL inside.
+    let c = |s: &str| std::ffi::CString::new(s).unwrap_or_default();
+    match tls {
+        Some(t) => {
+            let (v, ci, dn, serial, issuer) = (c(&t.version), c(&t.cipher), c(&t.client_dn), c(&t.client_serial), c(&t.issuer_dn));
+            unsafe { ng_set_ssl_status(true, t.bits, v.as_ptr(), ci.as_ptr(), dn.as_ptr(), serial.as_ptr(), issuer.as_ptr()) }
+        }
+        None => {
+            let e = c"".as_ptr();
+            unsafe { ng_set_ssl_status(false, 0, e, e, e, e, e) }
+        }
+    }
 }
 
 pub fn report_parked() {

@@ -408,10 +408,11 @@ impl Pooler {
         let on_tls = tls.is_some();
         if let Some(t) = &tls {
             let row = c.row;
-            let subject = t.peer_cert.as_ref().and_then(|d| nextgres_core::cert::subject_names(d).ok()).and_then(|n| n.dn);
             self.client_row_update(row, |r| {
-                crate::shmem::set_name(&mut r.tls, &t.desc);
-                crate::shmem::set_name(&mut r.client_cert, subject.as_deref().unwrap_or(""));
+                r.tls = true;
+                crate::shmem::set_name(&mut r.tls_version, &t.status.version);
+                crate::shmem::set_name(&mut r.tls_cipher, &t.status.cipher);
+                crate::shmem::set_name(&mut r.client_dn, &t.status.client_dn);
             });
         }
         let info = match crate::pg::loginmem::scoped(|| glue::login_lookup(&database, &user, &storage, raw.len() as u32, on_tls, replication)) {

@@ -294,6 +294,9 @@ impl Pooler {
     fn handoff(&mut self, ck: usize, bk: usize, waited_since: Option<Instant>) {
         let Some(Conn::Client(c)) = self.conns.get(ck) else { return };
         let (client_id, fd, row, pool) = (c.id, c.stream.as_raw_fd(), c.row, c.pool);
+        // pg_stat_ssl for the backend's session (set by the relay before
+        // any plaintext reached the pooler).
+        let tls = c.tls.as_ref().and_then(|i| i.get()).map(|s| s.status.clone());
         let Some(Conn::Backend(b)) = self.conns.get(bk) else { return };
         let new_client = b.last_client != client_id;
         let session_mode = c.session_mode;
@@ -317,6 +320,7 @@ impl Pooler {
             addr,
             settings,
             image,
+            tls,
         };
         let mut msg = Vec::with_capacity(control::attach_size_hint(&attach));
         control::write_attach(&mut msg, &attach);

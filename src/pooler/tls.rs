@@ -31,6 +31,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use nextgres_core::control::TlsStatus;
 
 /// Relays whose TLS handshake has not finished (capped by
 /// `nextgres.max_tls_handshakes`).
@@ -62,8 +63,10 @@ impl Drop for Handshake {
 /// any plaintext reaches the pooler.
 #[derive(Debug, Clone, Default)]
 pub struct Session {
-    /// What `nextgres.clients.tls` shows, e.g. `TLSv1.3 TLS13_AES_256_GCM_SHA384`.
-    pub desc: String,
+    /// Version, cipher, bits and client certificate names as the server's
+    /// OpenSSL build spells them: what `nextgres.clients` and, through
+    /// ATTACH, the backend's `pg_stat_ssl` row show.
+    pub status: TlsStatus,
     /// `tls-server-end-point` channel binding data for the certificate
     /// this client was shown; None when it has none (see [`Loaded`]).
     pub end_point: Option<Arc<[u8]>>,
@@ -501,7 +504,10 @@ pub fn spawn_relay(loaded: &Loaded, tcp: TcpStream, pair: UnixStream, info: TlsI
 /// Plaintext waiting for the pooler or backend beyond this: stop reading TLS.
 const PAIR_BACKLOG: usize = 256 * 1024;
 
-fn describe(conn: &ServerConnection) -> String {
+/// The session as `pg_stat_ssl` shows a direct OpenSSL one
+/// (be-secure-openssl.c `be_tls_get_version`, `_cipher`, `_cipher_bits`,
+/// `_peer_subject_name`, `_peer_serial`, `_peer_issuer_name`).
+fn describe(conn: &ServerConnection, peer_cert: Option<&[u8]>) -> TlsStatus {
     let version = match conn.protocol_version() {
         Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
         Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
@@ -509,7 +515,20 @@ fn describe(conn: &ServerConnection) -> String {
         None => "?".to_string(),
     };
     let suite = conn.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())).unwrap_or_default();
-    format!("{version} {suite}")
+    // rustls' name and no bits for a suite the table lacks (none today).
+    let (cipher, bits) = match nextgres_core::tls::openssl_cipher(&suite) {
+        Some((name, bits)) => (name.to_string(), bits),
+        None => (suite, 0),
+    };
+    let names = peer_cert.and_then(|d| nextgres_core::cert::ssl_status_names(d).ok()).unwrap_or_default();
+    TlsStatus {
+        bits,
+        version,
+        cipher,
+        client_dn: names.client_dn,
+        client_serial: names.client_serial,
+        issuer_dn: names.issuer_dn,
+    }
 }
 
 /// Once the pooler or backend side of the pair has closed, the client gets
@@ -585,7 +604,8 @@ fn relay(
             }
             // Before any plaintext reaches the pooler.
             let peer_cert = conn.peer_certificates().and_then(|c| c.first()).map(|c| c.as_ref().to_vec());
-            let _ = info.set(Session { desc: describe(&conn), end_point: end_point.clone(), peer_cert, ca_loaded });
+            let status = describe(&conn, peer_cert.as_deref());
+            let _ = info.set(Session { status, end_point: end_point.clone(), peer_cert, ca_loaded });
             drop(handshake.take()); // no longer counted in HANDSHAKING
         }
         if pair_eof {

@@ -311,7 +311,7 @@ fn closed(s: &mut TcpStream) -> bool {
 /// `verify-full` connect on the standard port through the pooler; the
 /// backend pid changes between a TLS client's transactions and one backend
 /// serves TLS and plaintext clients in turn; `disable` and `prefer` still
-/// work; `nextgres.clients.tls` names the version; 1 MB rows and COPY in
+/// work; `nextgres.clients.tls_version` names the version; 1 MB rows and COPY in
 /// and out cross the relay intact; a cancel over TLS reaches the backend;
 /// a replaced certificate reaches new clients after a reload while a
 /// connected TLS client carries on; with `ssl_ca_file` a client
@@ -342,7 +342,7 @@ fn tls_clients_on_the_standard_port_keep_the_handoff() {
                 &format!("sslmode={mode} {root}"),
                 &[
                     "SELECT pg_backend_pid()",
-                    &of_client("tls"),
+                    &of_client("tls_version"),
                     // Every backend of the pool, this one included, is
                     // replaced at its next transaction boundary.
                     "SELECT nextgres.reconnect(current_database(), current_user)",
@@ -352,7 +352,7 @@ fn tls_clients_on_the_standard_port_keep_the_handoff() {
             assert!(out.success(), "sslmode={mode}:\n{out}");
             let lines: Vec<&str> = out.stdout.lines().collect();
             let (first, tls, last) = (lines[0], lines[1], lines[lines.len() - 1]);
-            assert!(tls.starts_with("TLSv1."), "nextgres.clients.tls for sslmode={mode}: {tls:?}\n{out}");
+            assert!(tls.starts_with("TLSv1."), "nextgres.clients.tls_version for sslmode={mode}: {tls:?}\n{out}");
             assert_ne!(first, last, "sslmode={mode}: both transactions on backend {first}:\n{out}");
         }
         // One backend (pool_size 1) serves TLS and plaintext clients in turn.
@@ -360,9 +360,9 @@ fn tls_clients_on_the_standard_port_keep_the_handoff() {
         let out = psql_cs(pg, &conn, &format!("sslmode=verify-full {root}"), &["SELECT pg_backend_pid()"]);
         assert!(out.success(), "{out}");
         assert_eq!(out.stdout.trim(), pid_plain, "a TLS and a plaintext client on the same pooled backend");
-        let out = psql_cs(pg, &conn, "sslmode=disable", &[&of_client("tls IS NULL")]);
+        let out = psql_cs(pg, &conn, "sslmode=disable", &[&of_client("NOT tls AND tls_version IS NULL AND tls_cipher IS NULL")]);
         assert_eq!(out.stdout.trim(), "t", "sslmode=disable must stay plaintext:\n{out}");
-        let out = psql_cs(pg, &conn, "sslmode=prefer", &[&of_client("tls LIKE 'TLSv1.%'")]);
+        let out = psql_cs(pg, &conn, "sslmode=prefer", &[&of_client("tls AND tls_version LIKE 'TLSv1.%'")]);
         assert_eq!(out.stdout.trim(), "t", "sslmode=prefer must get TLS:\n{out}");
 
         // 1 MB rows out, then COPY out and in, over TLS; compared with what
@@ -876,7 +876,7 @@ fn a_restarted_pooler_that_cannot_load_the_key_keeps_the_startup_tls() {
         let mut t = TlsRaw::connect(pg.port(), &ca, "postgres", "postgres")
             .unwrap_or_else(|e| panic!("TLS after a pooler restart with a key it cannot load: {e}"));
         assert_eq!(t.value("SELECT 1"), "1");
-        assert_ne!(t.value(&of_client("tls")), "", "nextgres.clients.tls");
+        assert_eq!(t.value(&of_client("tls")), "t", "nextgres.clients.tls");
     });
 }
 
@@ -1054,7 +1054,7 @@ fn assert_map_refused(pooled: &str, role: &str) {
 /// certificate, the right one, one for another user and one from another
 /// CA: the same success or the same FATAL / libpq reason; with
 /// `ssl_crl_file` (after a reload) a revoked certificate fails as on the
-/// server. `nextgres.clients.client_cert` shows the subject of a pooled client's
+/// server. `nextgres.clients.client_dn` shows the subject of a pooled client's
 /// certificate.
 #[test]
 fn client_certificates_decide_as_the_server() {
@@ -1158,9 +1158,9 @@ fn client_certificates_decide_as_the_server() {
 
         // The subject of a pooled client's certificate.
         let conn = pooled.tcp("postgres", "postgres");
-        let out = psql_cs(pooled, &conn, &format!("sslmode=require {}", certs[0][2].1), &[&of_client("client_cert")]);
-        assert_eq!(out.stdout.trim(), "CN=alice", "{out}");
-        let out = psql_cs(pooled, &conn, "sslmode=require", &[&of_client("client_cert IS NULL")]);
+        let out = psql_cs(pooled, &conn, &format!("sslmode=require {}", certs[0][2].1), &[&of_client("client_dn")]);
+        assert_eq!(out.stdout.trim(), "/CN=alice", "{out}");
+        let out = psql_cs(pooled, &conn, "sslmode=require", &[&of_client("client_dn IS NULL")]);
         assert_eq!(out.stdout.trim(), "t", "{out}");
     });
 }
@@ -1463,7 +1463,7 @@ fn direct_tls_as_the_server() {
                 pooled,
                 &conn,
                 &format!("sslmode=verify-full sslnegotiation=direct {root}"),
-                &[&of_client("tls IS NOT NULL"), "SELECT count(*) > 0 FROM nextgres.backends WHERE pid = pg_backend_pid()"],
+                &[&of_client("tls"), "SELECT count(*) > 0 FROM nextgres.backends WHERE pid = pg_backend_pid()"],
             );
             assert_eq!(out.stdout.trim(), "t\nt", "sslnegotiation=direct through the pooler:\n{out}\n{}", out.stderr);
         }
@@ -1522,7 +1522,7 @@ fn pipelining_session_state_and_notify_over_tls() {
              \\startpipeline\n\
              INSERT INTO pipe VALUES (:client_id, :v);\n\
              INSERT INTO pipe VALUES (:client_id, :v + 1);\n\
-             SELECT 1 / (SELECT count(*) FROM nextgres.clients WHERE client_port = inet_client_port() AND tls IS NOT NULL)::int;\n\
+             SELECT 1 / (SELECT count(*) FROM nextgres.clients WHERE client_port = inet_client_port() AND tls)::int;\n\
              \\endpipeline\n",
         )
         .expect("script");
@@ -1612,5 +1612,98 @@ fn replication_clients_over_tls() {
         }
         let _ = child.wait();
         assert!(ended, "a TLS replication client outlived its relay (the pooler's SIGTERM)");
+    });
+}
+
+/// Issue 12, `pg_stat_ssl` and `nextgres.clients` for pooled TLS clients:
+/// the same client certificates (one CA, server certificate and client
+/// certificates shared by both clusters, so serials and DNs are equal) on
+/// a cluster whose server does TLS itself and through the pooler give the
+/// same `pg_stat_ssl` row for the session (ssl, version, cipher, bits,
+/// client_dn, client_serial, issuer_dn): without a certificate, with a DN
+/// needing RFC 2253 escapes, with non-ASCII characters (raw UTF-8, as the
+/// server prints them) and with one longer than the server keeps (cut at
+/// 63 bytes on both). `nextgres.clients` shows the same version, cipher and
+/// client DN (up to 255 bytes). After the TLS client leaves its backend, that backend shows
+/// `ssl = false` while parked and to the next, plaintext, client on it.
+#[test]
+fn pg_stat_ssl_of_pooled_tls_clients_as_the_server() {
+    let pooled = Arc::new(Cluster::builder().label("pooled").conf("nextgres.pool_size = 1").start());
+    if skip(&pooled) {
+        return;
+    }
+    let direct = Cluster::builder().label("direct").preload(false).start();
+    setup(&pooled);
+    pooled.run_bounded(TEST_LIMIT, move |pooled| {
+        let ca = make_certs(pooled, "one", "server.crt");
+        let dir = pooled.dir().to_path_buf();
+        install_cert(&direct, &dir.join("one-server.crt"), &dir.join("one-server.key"), "server.crt");
+        let certs = [
+            ("no certificate", String::new()),
+            ("escaped DN", client_cert_subj(pooled, "one", "alice", "/O=Example, Inc/OU=a\\+b/CN=alice")),
+            ("non-ASCII DN", client_cert_subj(pooled, "one", "jose", "/O=Ü/CN=José")),
+            (
+                "DN over 63 bytes",
+                client_cert_subj(pooled, "one", "long", "/O=An organisation with a rather long name indeed/OU=Some unit/CN=longname"),
+            ),
+        ];
+        for pg in [pooled, &direct] {
+            std::fs::copy(&ca, pg.data_dir().join("root.crt")).expect("copy CA");
+            pg.append_conf("ssl = on").expect("conf");
+            pg.append_conf("ssl_ca_file = 'root.crt'").expect("conf");
+            pg.restart().expect("restart with ssl = on");
+        }
+        assert!(wait_until(SETTLE, || pooler_pid(pooled).is_some()), "no pooler after the restart");
+        let stat = "SELECT ssl, version, cipher, bits, client_dn, client_serial, issuer_dn FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+        // nextgres.clients keeps 255 bytes of the DN, pg_stat_ssl 63.
+        let clients_agree = "SELECT (c.tls, c.tls_version, c.tls_cipher) IS NOT DISTINCT FROM (s.ssl, s.version, s.cipher) \
+                             AND coalesce(starts_with(c.client_dn, s.client_dn), c.client_dn IS NULL AND s.client_dn IS NULL) \
+                             FROM nextgres.clients c, pg_stat_ssl s WHERE c.client_port = inet_client_port() AND s.pid = pg_backend_pid()";
+        let tls = format!("sslmode=verify-full sslrootcert={}", ca.display());
+        let mut seen = Vec::new();
+        let mut tls_pid = String::new();
+        for (label, cert) in &certs {
+            let extra = format!("{tls} {cert}");
+            let d = psql_cs(&direct, &direct.tcp("postgres", "postgres"), &extra, &[stat]);
+            assert!(d.success(), "{label}, direct:\n{d}");
+            let p = psql_cs(pooled, &pooled.tcp("postgres", "postgres"), &extra, &[stat, clients_agree, "SELECT pg_backend_pid()"]);
+            assert!(p.success(), "{label}, pooled:\n{p}");
+            let lines: Vec<&str> = p.stdout.lines().collect();
+            assert_eq!(lines[0], d.stdout.trim(), "{label}: pg_stat_ssl through the pooler vs the server");
+            assert_eq!(lines[1], "t", "{label}: nextgres.clients vs pg_stat_ssl of the session");
+            tls_pid = lines[2].to_string();
+            seen.push(format!("{label}: {}", lines[0]));
+        }
+        eprintln!("{}", seen.join("\n"));
+        // What the server printed, so that equality is not trivially empty.
+        assert!(seen[0].starts_with("no certificate: t|TLSv1.") && seen[0].ends_with("|||"), "{seen:?}");
+        assert!(seen[1].contains("|/O=Example\\, Inc/OU=a\\+b/CN=alice|"), "{seen:?}");
+        assert!(seen[2].contains("|/O=Ü/CN=José|"), "{seen:?}");
+        assert!(seen.iter().skip(1).all(|s| s.ends_with("|/CN=nextgres test CA one")), "{seen:?}");
+        // The server keeps NAMEDATALEN - 1 bytes of a DN.
+        let long_dn = seen[3].split('|').nth(4).unwrap_or_default();
+        assert_eq!(long_dn.len(), 63, "{seen:?}");
+
+        // The TLS client left: its backend (pool_size 1) shows no TLS, parked
+        // and for the next, plaintext, client.
+        let admin_ssl = format!("SELECT ssl::text FROM pg_stat_ssl WHERE pid = {tls_pid}");
+        assert!(
+            wait_until(SETTLE, || pooled.psql_query(&pooled.unix("postgres", "postgres"), &admin_ssl) == "false"),
+            "the parked backend still shows ssl = true"
+        );
+        let conn = pooled.tcp("postgres", "postgres");
+        let plain = psql_cs(
+            pooled,
+            &conn,
+            "sslmode=disable",
+            &["SELECT pg_backend_pid()", stat, &of_client("NOT tls AND tls_version IS NULL AND tls_cipher IS NULL AND client_dn IS NULL")],
+        );
+        assert!(plain.success(), "{plain}");
+        let lines: Vec<&str> = plain.stdout.lines().collect();
+        assert_eq!(lines[0], tls_pid, "pool_size 1: the plaintext client on the TLS client's backend");
+        let direct_plain = psql_cs(&direct, &direct.tcp("postgres", "postgres"), "sslmode=disable", &[stat]);
+        assert_eq!(lines[1], direct_plain.stdout.trim(), "plaintext after TLS on one backend vs the server");
+        assert!(lines[1].starts_with("f|"), "{plain}");
+        assert_eq!(lines[2], "t", "nextgres.clients of a plaintext client");
     });
 }

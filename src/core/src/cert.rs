@@ -148,20 +148,30 @@ fn attr_name(oid: &x509_parser::der_parser::oid::Oid) -> Option<&'static str> {
 }
 
 /// One byte as OpenSSL's `do_esc_char()` writes it under the RFC 2253
-/// flags (`ESC_2253 | ESC_CTRL | ESC_MSB`): `\XX` for bytes above 0x7f
-/// and control characters, `\` before `,+"\<>;` anywhere, before `#` or
-/// space at the start of the value and before a space at its end.
-fn push_escaped(out: &mut String, b: u8, first: bool, last: bool) {
+/// flags (`ESC_2253 | ESC_CTRL`, with `ESC_MSB` when `esc_msb`): `\XX`
+/// for control characters (and bytes above 0x7f with `esc_msb`; without
+/// it they are written as they are), `\` before `,+"\<>;` anywhere,
+/// before `#` or space at the start of the value and before a space at
+/// its end.
+fn push_escaped(out: &mut Vec<u8>, b: u8, first: bool, last: bool, esc_msb: bool) {
+    if b > 0x7f {
+        if esc_msb {
+            out.extend_from_slice(format!("\\{b:02X}").as_bytes());
+        } else {
+            out.push(b);
+        }
+        return;
+    }
     let bs = matches!(b, b',' | b'+' | b'"' | b'\\' | b'<' | b'>' | b';')
         || (first && (b == b'#' || b == b' '))
         || (last && b == b' ');
-    if b > 0x7f || (!bs && (b < 0x20 || b == 0x7f)) {
-        out.push_str(&format!("\\{b:02X}"));
+    if !bs && (b < 0x20 || b == 0x7f) {
+        out.extend_from_slice(format!("\\{b:02X}").as_bytes());
     } else {
         if bs {
-            out.push('\\');
+            out.push(b'\\');
         }
-        out.push(b as char);
+        out.push(b);
     }
 }
 
@@ -190,7 +200,7 @@ fn dump_der(tag: u8, data: &[u8]) -> String {
 /// entry (`ASN1_PRINTABLE` admits only the universal tags below; a
 /// BMPString of odd length, a UniversalString not a multiple of 4 bytes or
 /// a character outside Unicode): the server then refuses the connection.
-fn print_value(v: &Any, dump_all: bool) -> Result<String, String> {
+fn print_value(v: &Any, dump_all: bool, esc_msb: bool) -> Result<Vec<u8>, String> {
     let bad = || Err("could not print the subject of the client certificate".to_string());
     if v.header.class() != Class::Universal {
         return bad();
@@ -212,16 +222,16 @@ fn print_value(v: &Any, dump_all: bool) -> Result<String, String> {
         18 | 19 | 20 | 22 => 1,
         28 => 4,
         30 => 2,
-        _ => return Ok(dump_der(if v.header.is_constructed() { 0x20 | tag as u8 } else { tag as u8 }, data)),
+        _ => return Ok(dump_der(if v.header.is_constructed() { 0x20 | tag as u8 } else { tag as u8 }, data).into_bytes()),
     };
     if dump_all {
-        return Ok(dump_der(tag as u8, data));
+        return Ok(dump_der(tag as u8, data).into_bytes());
     }
-    let mut out = String::new();
+    let mut out = Vec::new();
     if width == 0 {
         // UTF8String: printed byte by byte (no double conversion).
         for (i, b) in data.iter().enumerate() {
-            push_escaped(&mut out, *b, i == 0, i + 1 == data.len());
+            push_escaped(&mut out, *b, i == 0, i + 1 == data.len(), esc_msb);
         }
         return Ok(out);
     }
@@ -234,7 +244,7 @@ fn print_value(v: &Any, dump_all: bool) -> Result<String, String> {
         let Some(ch) = char::from_u32(*c) else { return bad() };
         let mut buf = [0u8; 4];
         for b in ch.encode_utf8(&mut buf).as_bytes() {
-            push_escaped(&mut out, *b, i == 0, i + 1 == chars.len());
+            push_escaped(&mut out, *b, i == 0, i + 1 == chars.len(), esc_msb);
         }
     }
     Ok(out)
@@ -280,9 +290,56 @@ pub fn subject_names(der: &[u8]) -> Result<SubjectNames, String> {
         // (XN_FLAG_DUMP_UNKNOWN_FIELDS).
         dn.push_str(&name.map(str::to_string).unwrap_or_else(|| a.attr_type().to_id_string()));
         dn.push('=');
-        dn.push_str(&print_value(a.attr_value(), name.is_none())?);
+        // With ESC_MSB every byte written is ASCII.
+        dn.push_str(&String::from_utf8_lossy(&print_value(a.attr_value(), name.is_none(), true)?));
     }
     Ok(SubjectNames { cn, dn: if known { Some(dn) } else { None } })
+}
+
+/// A client certificate as `pg_stat_ssl` shows it: subject and issuer as
+/// be-secure-openssl.c `X509_NAME_to_cstring()` prints them (every entry
+/// in encoding order as `/SN=value`, the value under `ASN1_STRFLGS_RFC2253`
+/// without `ASN1_STRFLGS_ESC_MSB`, so UTF-8 stays as it is), and the serial
+/// number in decimal (`be_tls_get_peer_serial()`: `BN_bn2dec`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SslStatusNames {
+    /// Subject, e.g. `/O=Example\\, Inc/CN=alice`.
+    pub client_dn: String,
+    /// Serial number in decimal.
+    pub client_serial: String,
+    /// Issuer, in the subject's form.
+    pub issuer_dn: String,
+}
+
+/// `X509_NAME_to_cstring()`'s form of one name. An attribute type outside
+/// [`attr_name`]'s table is written as its dotted OID (the server's
+/// OpenSSL knows more short names). Bytes that are not UTF-8 (a
+/// UTF8String holding other bytes) are replaced with U+FFFD.
+fn slash_name(name: &X509Name<'_>) -> Result<String, String> {
+    let mut out = Vec::new();
+    for rdn in name.iter_rdn() {
+        for a in rdn.iter() {
+            out.push(b'/');
+            match attr_name(a.attr_type()) {
+                Some(n) => out.extend_from_slice(n.as_bytes()),
+                None => out.extend_from_slice(a.attr_type().to_id_string().as_bytes()),
+            }
+            out.push(b'=');
+            out.extend(print_value(a.attr_value(), false, false)?);
+        }
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// `pg_stat_ssl`'s client_dn, client_serial and issuer_dn for a client
+/// certificate (DER).
+pub fn ssl_status_names(der: &[u8]) -> Result<SslStatusNames, String> {
+    let cert = parse(der)?;
+    Ok(SslStatusNames {
+        client_dn: slash_name(cert.subject())?,
+        client_serial: cert.tbs_certificate.serial.to_string(),
+        issuer_dn: slash_name(cert.issuer())?,
+    })
 }
 
 #[cfg(test)]
@@ -364,7 +421,7 @@ mod tests {
         assert_eq!(dn(include_bytes!("../testdata/dn-multi.der")), "UID=b+CN=a,O=o");
         // A type without a known short name: not reproduced, so no DN.
         assert_eq!(subject_names(include_bytes!("../testdata/dn-unknown.der")).unwrap().dn, None);
-        assert_eq!(print_value(&Any::from_tag_and_data(Tag::Utf8String, b"v"), true).unwrap(), "#0C0176");
+        assert_eq!(print_value(&Any::from_tag_and_data(Tag::Utf8String, b"v"), true, true).unwrap(), b"#0C0176");
     }
 
     #[test]
@@ -398,4 +455,25 @@ mod tests {
         assert!(subject_names(&[0x30, 0x03, 0x02, 0x01]).is_err());
         assert!(server_end_point(&[]).is_err());
     }
+
+    // pg_stat_ssl's form (X509_NAME_to_cstring): entries in encoding
+    // order as /SN=value, RFC 2253 escapes but UTF-8 as it is; serial in
+    // decimal (`openssl x509 -serial` gives 639C6B77...437F in hex).
+    #[test]
+    fn ssl_status_names_as_the_server_shows_them() {
+        let n = ssl_status_names(P384).unwrap();
+        assert_eq!(n.client_dn, "/C=XX/O=Org\\, Inc/OU=a\\+b/CN=alice");
+        assert_eq!(n.issuer_dn, n.client_dn);
+        assert_eq!(n.client_serial, "568678364405080310654653675623698981298077320063");
+        let n = ssl_status_names(include_bytes!("../testdata/dn-utf8.der")).unwrap();
+        assert_eq!(n.client_dn, "/C=XX/O=日本/CN=José Ü");
+        assert_eq!(n.client_serial, "1");
+        assert_eq!(
+            ssl_status_names(include_bytes!("../testdata/dn-escapes.der")).unwrap().client_dn.split('/').filter(|p| p.starts_with("CN=")).next(),
+            Some("CN=\\ a\\,b\\+c\\\"d\\\\e\\<f\\>g\\;h=i\\ ")
+        );
+        assert_eq!(ssl_status_names(include_bytes!("../testdata/dn-multi.der")).unwrap().client_dn, "/O=o/CN=a/UID=b");
+        assert!(ssl_status_names(b"garbage").is_err());
+    }
+
 }

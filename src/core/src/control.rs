@@ -8,7 +8,10 @@
 //! pooler -> backend  `ATTACH`, with the client socket attached (SCM_RIGHTS):
 //!     u64 client id, u8 flags, u16 address length, address bytes
 //!     (a `sockaddr_storage` prefix), startup settings, then the client's
-//!     session image (SET settings, prepared statements) when it is new here.
+//!     session image (SET settings, prepared statements) when it is new here,
+//!     then with `FLAG_TLS` the client's TLS session for `pg_stat_ssl`
+//!     (i32 bits, then version, cipher, client DN, client serial, issuer DN
+//!     as strings; see [`TlsStatus`]).
 //! backend -> pooler  `RELEASED`: u64 client id, u8 flags, u64 statements
 //!     run since the client was attached here (`queries`), u64 microseconds
 //!     of query time and u64 bytes sent to the client since then, then the parts of
@@ -55,6 +58,10 @@ pub const FLAG_SESSION_START: u8 = 8;
 /// A replication client's own walsender (pooler `dedicated.rs`): keep the
 /// socket for good and stop being a pooled backend.
 pub const FLAG_DEDICATED: u8 = 16;
+/// The client is on TLS (terminated by the pooler): a [`TlsStatus`]
+/// follows the session image. Set by `write_attach` from `Attach::tls`;
+/// `parse_attach` moves it into `Attach::tls` (never left in `flags`).
+pub const FLAG_TLS: u8 = 32;
 
 pub const MAX_ADDR: usize = 128;
 
@@ -240,6 +247,28 @@ pub struct SessionImage {
     pub defaults: Vec<(String, String)>,
 }
 
+/// A pooled TLS client's session as the backend shows it in `pg_stat_ssl`
+/// (backend_status.h `PgBackendSSLStatus`), spelled as the server's
+/// OpenSSL build spells it (be-secure-openssl.c `be_tls_get_*`); see
+/// `crate::cert::ssl_status_names` and `crate::tls::openssl_cipher`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsStatus {
+    /// Secret bits of the cipher (`SSL_get_cipher_bits`), e.g. 256.
+    pub bits: i32,
+    /// `TLSv1.2` or `TLSv1.3` (`SSL_get_version`).
+    pub version: String,
+    /// OpenSSL's name of the cipher suite (`SSL_get_cipher`), e.g.
+    /// `TLS_AES_256_GCM_SHA384`.
+    pub cipher: String,
+    /// Client certificate subject as `X509_NAME_to_cstring` prints it
+    /// (`/CN=alice/O=Example`); empty without a certificate.
+    pub client_dn: String,
+    /// Client certificate serial number in decimal; empty without one.
+    pub client_serial: String,
+    /// Client certificate issuer DN, formatted as `client_dn`; empty without one.
+    pub issuer_dn: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attach {
     pub client_id: u64,
@@ -250,6 +279,8 @@ pub struct Attach {
     /// Startup-packet settings (source "client").
     pub settings: Vec<(String, String)>,
     pub image: SessionImage,
+    /// The client's TLS session; None for a plaintext client.
+    pub tls: Option<TlsStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -328,12 +359,15 @@ pub fn attach_size_hint(a: &Attach) -> usize {
         + 4
         + a.image.statements.byte_len()
         + pairs(&a.image.defaults)
+        + a.tls.as_ref().map_or(0, |t| {
+            9 + t.version.len() + t.cipher.len() + t.client_dn.len() + t.client_serial.len() + t.issuer_dn.len()
+        })
 }
 
 pub fn write_attach(out: &mut Vec<u8>, a: &Attach) {
     frame(out, ATTACH, |o| {
         o.extend_from_slice(&a.client_id.to_be_bytes());
-        o.push(a.flags);
+        o.push((a.flags & !FLAG_TLS) | if a.tls.is_some() { FLAG_TLS } else { 0 });
         o.extend_from_slice(&a.pool_row.to_be_bytes());
         let addr = &a.addr[..a.addr.len().min(MAX_ADDR)];
         o.extend_from_slice(&(addr.len() as u16).to_be_bytes());
@@ -342,6 +376,12 @@ pub fn write_attach(out: &mut Vec<u8>, a: &Attach) {
         put_pairs(o, &a.image.settings);
         put_statements(o, &a.image.statements);
         put_pairs(o, &a.image.defaults);
+        if let Some(t) = &a.tls {
+            o.extend_from_slice(&t.bits.to_be_bytes());
+            for s in [&t.version, &t.cipher, &t.client_dn, &t.client_serial, &t.issuer_dn] {
+                put_str(o, s);
+            }
+        }
     });
 }
 
@@ -507,8 +547,20 @@ pub fn parse_attach(body: &[u8]) -> Result<Attach, ProtoError> {
     let addr = r.take(alen)?.to_vec();
     let settings = r.pairs()?;
     let image = SessionImage { settings: r.pairs()?, statements: r.statements()?, defaults: r.pairs()? };
+    let tls = if flags & FLAG_TLS != 0 {
+        Some(TlsStatus {
+            bits: r.u32()? as i32,
+            version: r.str()?,
+            cipher: r.str()?,
+            client_dn: r.str()?,
+            client_serial: r.str()?,
+            issuer_dn: r.str()?,
+        })
+    } else {
+        None
+    };
     r.end()?;
-    Ok(Attach { client_id, flags, pool_row, addr, settings, image })
+    Ok(Attach { client_id, flags: flags & !FLAG_TLS, pool_row, addr, settings, image, tls })
 }
 
 pub fn parse_released(body: &[u8]) -> Result<Released, ProtoError> {
@@ -640,6 +692,7 @@ mod tests {
             addr: vec![2, 0, 1, 2, 127, 0, 0, 1],
             settings: vec![("application_name".into(), "app".into()), ("TimeZone".into(), "UTC".into())],
             image: image(),
+            tls: None,
         };
         let mut out = Vec::new();
         write_attach(&mut out, &a);
@@ -647,6 +700,30 @@ mod tests {
         assert_eq!(used, out.len());
         assert_eq!(m.tag, ATTACH);
         assert_eq!(parse_attach(m.body).unwrap(), a);
+        // With a TLS session: FLAG_TLS on the wire, never in the parsed flags.
+        let t = Attach { tls: Some(tls()), flags: FLAG_NEW_CLIENT | FLAG_TLS, ..a.clone() };
+        let mut out = Vec::new();
+        write_attach(&mut out, &t);
+        assert!(attach_size_hint(&t) >= out.len());
+        let (m, _) = parse_message(&out, 1 << 20).unwrap().unwrap();
+        assert_eq!(m.body[8], FLAG_NEW_CLIENT | FLAG_TLS);
+        assert_eq!(parse_attach(m.body).unwrap(), Attach { flags: FLAG_NEW_CLIENT, ..t.clone() });
+        // FLAG_TLS set by a caller without a session is not written.
+        let mut out = Vec::new();
+        write_attach(&mut out, &Attach { flags: FLAG_TLS, ..a.clone() });
+        let (m, _) = parse_message(&out, 1 << 20).unwrap().unwrap();
+        assert_eq!(parse_attach(m.body).unwrap(), Attach { flags: 0, ..a });
+    }
+
+    fn tls() -> TlsStatus {
+        TlsStatus {
+            bits: 256,
+            version: "TLSv1.3".into(),
+            cipher: "TLS_AES_256_GCM_SHA384".into(),
+            client_dn: "/CN=alice".into(),
+            client_serial: "1234567890123456789012345".into(),
+            issuer_dn: "/CN=test ca".into(),
+        }
     }
 
     #[test]
@@ -669,9 +746,9 @@ mod tests {
         let mut out = Vec::new();
         write_attach(
             &mut out,
-            &Attach { client_id: 1, flags: 0, pool_row: 0, addr: vec![1; 16], settings: vec![("a".into(), "b".into())], image: image() },
+            &Attach { client_id: 1, flags: 0, pool_row: 0, addr: vec![1; 16], settings: vec![("a".into(), "b".into())], image: image(), tls: Some(tls()) },
         );
-        assert!(attach_size_hint(&Attach { client_id: 1, flags: 0, pool_row: 0, addr: vec![1; 16], settings: vec![("a".into(), "b".into())], image: image() }) >= out.len());
+        assert!(attach_size_hint(&Attach { client_id: 1, flags: 0, pool_row: 0, addr: vec![1; 16], settings: vec![("a".into(), "b".into())], image: image(), tls: Some(tls()) }) >= out.len());
         let body = &out[5..];
         for cut in 0..body.len() {
             assert!(parse_attach(&body[..cut]).is_err(), "cut at {cut}");

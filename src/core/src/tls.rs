@@ -70,3 +70,40 @@ mod tests {
         assert!(allowed_versions("TLSv1.3", "TLSv1.2").is_err());
     }
 }
+
+/// OpenSSL's name (`SSL_CIPHER_get_name`, what `pg_stat_ssl.cipher` shows)
+/// and secret bits (`SSL_CIPHER_get_bits`, `pg_stat_ssl.bits`) of a cipher
+/// suite the pooler's TLS library can negotiate, from its IANA name as
+/// rustls spells it (`TLS13_AES_256_GCM_SHA384`,
+/// `TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256`). None for a suite not listed
+/// (rustls negotiates only these with its default providers).
+pub fn openssl_cipher(rustls_name: &str) -> Option<(&'static str, i32)> {
+    Some(match rustls_name {
+        "TLS13_AES_256_GCM_SHA384" => ("TLS_AES_256_GCM_SHA384", 256),
+        "TLS13_AES_128_GCM_SHA256" => ("TLS_AES_128_GCM_SHA256", 128),
+        "TLS13_CHACHA20_POLY1305_SHA256" => ("TLS_CHACHA20_POLY1305_SHA256", 256),
+        "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384" => ("ECDHE-ECDSA-AES256-GCM-SHA384", 256),
+        "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256" => ("ECDHE-ECDSA-AES128-GCM-SHA256", 128),
+        "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256" => ("ECDHE-ECDSA-CHACHA20-POLY1305", 256),
+        "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384" => ("ECDHE-RSA-AES256-GCM-SHA384", 256),
+        "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256" => ("ECDHE-RSA-AES128-GCM-SHA256", 128),
+        "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256" => ("ECDHE-RSA-CHACHA20-POLY1305", 256),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod cipher_tests {
+    use super::openssl_cipher;
+
+    // Names and bits as `openssl ciphers -v` (OpenSSL 3.0) lists them.
+    #[test]
+    fn openssl_names_and_bits() {
+        assert_eq!(openssl_cipher("TLS13_AES_256_GCM_SHA384"), Some(("TLS_AES_256_GCM_SHA384", 256)));
+        assert_eq!(openssl_cipher("TLS13_AES_128_GCM_SHA256"), Some(("TLS_AES_128_GCM_SHA256", 128)));
+        assert_eq!(openssl_cipher("TLS13_CHACHA20_POLY1305_SHA256"), Some(("TLS_CHACHA20_POLY1305_SHA256", 256)));
+        assert_eq!(openssl_cipher("TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384"), Some(("ECDHE-RSA-AES256-GCM-SHA384", 256)));
+        assert_eq!(openssl_cipher("TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256"), Some(("ECDHE-ECDSA-CHACHA20-POLY1305", 256)));
+        assert_eq!(openssl_cipher("TLS_RSA_WITH_NULL_SHA"), None);
+    }
+}

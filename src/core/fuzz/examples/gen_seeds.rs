@@ -8,7 +8,7 @@ use nextgres_core::auth::{
     build_scram_secret, client_key_from_password, parse_stored_secret, ClientCredential,
     ScramClient, ScramServer, StoredSecret,
 };
-use nextgres_core::control::{self, Attach, Released, SessionImage, Statement};
+use nextgres_core::control::{self, Attach, Released, SessionImage, Statement, TlsStatus};
 use nextgres_core::proto::{self, ErrorFields};
 use std::fs;
 use std::path::Path;
@@ -145,10 +145,25 @@ fn control() {
         addr: vec![2, 0, 1, 2, 127, 0, 0, 1],
         settings: vec![("application_name".into(), "app".into()), ("TimeZone".into(), "UTC".into())],
         image: image.clone(),
+        tls: None,
     };
     let mut att = Vec::new();
     control::write_attach(&mut att, &a);
     write("control", "0_attach", &cat(&[&[0], &att[5..]]));
+    let t = Attach {
+        tls: Some(TlsStatus {
+            bits: 256,
+            version: "TLSv1.3".into(),
+            cipher: "TLS_AES_256_GCM_SHA384".into(),
+            client_dn: "/CN=alice".into(),
+            client_serial: "4660".into(),
+            issuer_dn: "/CN=nextgres test CA".into(),
+        }),
+        ..a.clone()
+    };
+    let mut att_tls = Vec::new();
+    control::write_attach(&mut att_tls, &t);
+    write("control", "0_attach_tls", &cat(&[&[0], &att_tls[5..]]));
     let r = Released { client_id: 7, queries: 1, query_us: 1500, bytes_sent: 120, tcp_received: Some(4096), settings: Some(image.settings.clone()), statements: Some(image.statements.clone()), defaults: None };
     let mut rel = Vec::new();
     control::write_released(&mut rel, &r);

@@ -13,7 +13,7 @@
 
 use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use nextgres_core::control::{self, Attach, Released, SessionImage, Statement, StatementList, MAX_ADDR};
+use nextgres_core::control::{self, Attach, Released, SessionImage, Statement, StatementList, TlsStatus, MAX_ADDR};
 use nextgres_core::proto;
 
 fn framed(out: &[u8], tag: u8) -> &[u8] {
@@ -112,11 +112,24 @@ fn generated(data: &[u8]) -> arbitrary::Result<()> {
         let alen = u.int_in_range(0..=MAX_ADDR)?;
         let a = Attach {
             client_id: u64::arbitrary(&mut u)?,
-            flags: u8::arbitrary(&mut u)?,
+            // FLAG_TLS is written from `tls`, never kept in `flags`.
+            flags: u8::arbitrary(&mut u)? & !control::FLAG_TLS,
             pool_row: u32::arbitrary(&mut u)?,
             addr: u.bytes(alen)?.to_vec(),
             settings: pairs(&mut u)?,
             image: SessionImage { settings: pairs(&mut u)?, statements: statements(&mut u)?.into(), defaults: pairs(&mut u)? },
+            tls: if bool::arbitrary(&mut u)? {
+                Some(TlsStatus {
+                    bits: i32::arbitrary(&mut u)?,
+                    version: text(&mut u)?,
+                    cipher: text(&mut u)?,
+                    client_dn: text(&mut u)?,
+                    client_serial: text(&mut u)?,
+                    issuer_dn: text(&mut u)?,
+                })
+            } else {
+                None
+            },
         };
         attach_round_trip(&a);
     } else {
