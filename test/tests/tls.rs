@@ -1174,6 +1174,12 @@ fn certificate_maps_decide_as_the_server() {
              hostssl all vfmap 127.0.0.1/32 cert clientcert=verify-full map=m\n",
         );
         let mut ident = String::from("m alice mapuser\nm alice vfmap\nrx /^(.*)-cert$ \\1\n");
+        // Enough regex lines that the parsed file outgrows its context's
+        // first block (hba.c "ident parser context", ALLOCSET_SMALL_SIZES):
+        // the postmaster's lines in the pooler were then freed memory.
+        for i in 0..60 {
+            ident.push_str(&format!("filler{i} /^nobody{i}-(.*)$ nobody{i}\n"));
+        }
         let mut roles = vec!["mapuser", "rxuser", "other", "nomatch", "vfmap"];
         if v16 {
             hba.push_str("hostssl all grpuser 127.0.0.1/32 cert map=g\nhostssl all anyuser 127.0.0.1/32 cert map=any\n");
