@@ -12,6 +12,7 @@
 #include "postgres.h"
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -712,19 +713,96 @@ ng_load_hba(NgError *err)
 												  ALLOCSET_DEFAULT_SIZES);
 	PG_TRY();
 	{
-		/*
-		 * Not load_ident(): the pooler never maps identities (methods with
-		 * a map are the server's, in the client's own backend), and in a
-		 * background worker load_ident() first walks the postmaster's
-		 * parsed_ident_lines, freed with PostmasterContext at worker start,
-		 * to pg_regfree() its regex lines (hba.c): with a regex line in
-		 * pg_ident.conf that is a SIGSEGV at pooler start (seen on 15).
-		 */
+		/* pg_ident.conf: ng_load_ident(), on reload only. */
 		ok = load_hba();
 		if (!ok)
 		{
 			strlcpy(err->sqlstate, "F0000", sizeof(err->sqlstate));
 			strlcpy(err->message, "could not load pg_hba.conf", sizeof(err->message));
+		}
+	}
+	PG_CATCH();
+	{
+		ng_capture_error(cxt, err);
+		ok = false;
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+	return ok;
+}
+
+/*
+ * pg_ident.conf in the pooler.  hba.c keeps the parsed file in two statics,
+ * parsed_ident_lines and parsed_ident_context, a child of PostmasterContext
+ * named "ident parser context" (15..18), and load_ident() frees the old ones
+ * before installing new ones: on 15 it walks the old lines to pg_regfree()
+ * the regex ones (their memory came from malloc()), on 16+ it deletes the
+ * old context (regexes are palloc'd there).  A background worker deletes
+ * PostmasterContext at start (bgworker.c / postmaster.c), so in the pooler
+ * both statics point into freed memory: check_usermap() read freed lines,
+ * and the first load_ident() pg_regfree()d garbage (SIGSEGV at pooler start
+ * on 15 with a regex line).
+ *
+ * So the parsed file outlives PostmasterContext in every child the
+ * postmaster forks: a fork handler, run in the child before fork() returns
+ * (before the child deletes PostmasterContext), moves the postmaster's
+ * current "ident parser context" under TopMemoryContext.  The statics then
+ * stay valid: the pooler starts with exactly the lines the postmaster
+ * loaded (as a backend forked at the same moment would), and its own
+ * load_ident() on SIGHUP frees them as hba.c expects.  The cost: each
+ * server child keeps its copy of the parsed pg_ident.conf (a few kB for a
+ * usual file; on 15 the compiled regexes were kept anyway, being malloc()ed)
+ * instead of freeing it with PostmasterContext.
+ */
+static void
+ng_keep_parsed_ident_in_child(void)
+{
+	MemoryContext c;
+
+	/* Only in a child of the postmaster (MyProcPid is still the parent's). */
+	if (!IsPostmasterEnvironment || IsUnderPostmaster ||
+		MyProcPid != PostmasterPid || PostmasterContext == NULL)
+		return;
+	for (c = PostmasterContext->firstchild; c != NULL; c = c->nextchild)
+	{
+		if (strcmp(c->name, "ident parser context") == 0)
+		{
+			MemoryContextSetParent(c, TopMemoryContext);
+			return;
+		}
+	}
+}
+
+/* Postmaster, _PG_init: install the fork handler above.  False on failure. */
+bool
+ng_install_ident_keeper(void)
+{
+	return pthread_atfork(NULL, NULL, ng_keep_parsed_ident_in_child) == 0;
+}
+
+/*
+ * The server's load_ident() (hba.c) in the pooler, on SIGHUP after
+ * ng_load_hba(): it allocates under PostmasterContext (our stand-in, see
+ * ng_load_hba()).  A file that does not load keeps the previous lines, and
+ * the server LOGs why, as in the postmaster; false then (err filled when
+ * an error was raised, else F0000 "could not load pg_ident.conf").
+ */
+bool
+ng_load_ident(NgError *err)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile bool ok = false;
+
+	if (PostmasterContext == NULL)
+		PostmasterContext = AllocSetContextCreate(TopMemoryContext, "nextgres hba",
+												  ALLOCSET_DEFAULT_SIZES);
+	PG_TRY();
+	{
+		ok = load_ident();
+		if (!ok)
+		{
+			strlcpy(err->sqlstate, "F0000", sizeof(err->sqlstate));
+			strlcpy(err->message, "could not load pg_ident.conf", sizeof(err->message));
 		}
 	}
 	PG_CATCH();
@@ -913,8 +991,8 @@ ng_login_lookup(const char *database, const char *user,
 /*
  * The server's check_usermap() (hba.c): is `system_user` (a client
  * certificate's CN or DN) allowed to log in as `pg_user` under `usermap`
- * (empty: the names must be equal), with the pg_ident.conf ng_load_hba()
- * loaded. Case-sensitive, as auth.c CheckCertAuth() calls it. In a
+ * (empty: the names must be equal), with the pg_ident.conf the postmaster
+ * had loaded when it forked the pooler, or ng_load_ident() loaded since. Case-sensitive, as auth.c CheckCertAuth() calls it. In a
  * transaction: a "+role" or "@file" line looks up role membership. The
  * server LOGs the reason for a refusal itself. Returns 1 allowed,
  * 0 refused, -1 on error (err filled).

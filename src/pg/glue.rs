@@ -154,6 +154,8 @@ extern "C" {
     fn ng_server_authenticate() -> bool;
     fn ng_pooler_guard_stale_hba_contexts();
     fn ng_load_hba(err: *mut NgError) -> bool;
+    fn ng_load_ident(err: *mut NgError) -> bool;
+    fn ng_install_ident_keeper() -> bool;
     fn ng_check_usermap(usermap: *const c_char, pg_user: *const c_char, system_user: *const c_char, err: *mut NgError) -> c_int;
     fn ng_login_lookup(
         database: *const c_char,
@@ -365,8 +367,29 @@ pub fn load_hba() -> Result<(), NgError> {
     }
 }
 
+/// The server's `load_ident()` (hba.c) in the pooler, on SIGHUP: a
+/// pg_ident.conf that does not load keeps the previous lines (the server
+/// LOGs why), as in the postmaster.
+pub fn load_ident() -> Result<(), NgError> {
+    let mut err = NgError::new();
+    if unsafe { ng_load_ident(&mut err) } {
+        Ok(())
+    } else {
+        Err(err)
+    }
+}
+
+/// Postmaster only (`_PG_init`): keep the postmaster's parsed pg_ident.conf
+/// alive in its children, so the pooler starts with valid lines (glue.c,
+/// ng_keep_parsed_ident_in_child). False if the fork handler could not be
+/// installed.
+pub fn install_ident_keeper() -> bool {
+    unsafe { ng_install_ident_keeper() }
+}
+
 /// The server's `check_usermap()` (hba.c) with the pg_ident.conf the
-/// pooler loaded: may `system_user` (a certificate's raw CN bytes or its
+/// postmaster had loaded when it forked the pooler, or [`load_ident`]
+/// loaded since: may `system_user` (a certificate's raw CN bytes or its
 /// DN) log in as `pg_user` under `usermap` (empty: only as itself)? The
 /// server LOGs why not. `system_user` is handed over unchanged; one with a
 /// NUL is refused here (Ok(false)), as the server refuses such a

@@ -235,20 +235,6 @@ impl AuthSession {
             log::info!("certificate authentication failed for user \"{user}\": the certificate's DN has an attribute type nextgres cannot name as OpenSSL does");
             return false;
         }
-        if !self.info.usermap().is_empty() {
-            // pg_ident.conf cannot be read safely in the pooler: hba.c's
-            // load_ident() first frees the postmaster's parsed lines, which a
-            // background worker no longer has (pg_regfree() of freed memory:
-            // SIGSEGV seen on 15), and check_usermap() on them reads freed
-            // memory. Until the pooler parses pg_ident.conf itself, a map=
-            // on a certificate line is refused, never guessed.
-            log::warn!(
-                "certificate authentication failed for user \"{user}\": map= on line {} of \"{}\" is not supported by nextgres yet",
-                self.info.hba_line,
-                self.info.hba_file()
-            );
-            return false;
-        }
         if self.info.hba_usermap_too_long {
             log::info!("certificate authentication failed for user \"{user}\": the pg_hba.conf map name is longer than nextgres supports");
             return false;

@@ -15,6 +15,12 @@ use std::time::Duration;
 /// Postmaster: register the pooler. It restarts a second after it dies; its
 /// listen sockets stay open in the postmaster meanwhile.
 pub fn register() {
+    // The pooler reads pg_ident.conf as the postmaster parsed it (glue.c,
+    // ng_keep_parsed_ident_in_child); without the fork handler those lines
+    // would be freed memory in the pooler. pthread_atfork fails on ENOMEM only.
+    if !glue::install_ident_keeper() {
+        pgrx::error!("nextgres: could not install its fork handler (pthread_atfork)");
+    }
     BackgroundWorkerBuilder::new("nextgres pooler")
         .set_type("nextgres pooler")
         .set_library("nextgres")
@@ -204,6 +210,11 @@ impl Pooler {
         match glue::load_hba() {
             Ok(()) => log::info!("reloaded pg_hba.conf and settings"),
             Err(e) => log::warn!("pg_hba.conf not reloaded, keeping the previous rules: {}", e.message()),
+        }
+        // As the postmaster: pg_ident.conf after pg_hba.conf; one that does
+        // not load keeps the previous lines (the server LOGs why).
+        if let Err(e) = glue::load_ident() {
+            log::warn!("pg_ident.conf not reloaded, keeping the previous lines: {}", e.message());
         }
         // As the postmaster reloads its SSL context: new clients get the new
         // settings, a configuration that does not load keeps the old one.

@@ -1031,22 +1031,6 @@ fn scram_channel_binding_as_the_server() {
     });
 }
 
-/// Roles whose certificate line has `map=`: where the server lets the client
-/// in, the pooler refuses it until it reads pg_ident.conf itself (README,
-/// "Not supported yet"); every refusal is still the server's. The server's
-/// own outcomes are still asserted, so the certificates and pg_ident.conf
-/// forms the pooler will have to match stay checked.
-const MAP_ROLES: [&str; 4] = ["mapuser", "dnuser", "rawuser", "cnuser"];
-
-#[track_caller]
-fn assert_map_refused(pooled: &str, role: &str) {
-    assert_eq!(
-        pooled,
-        format!("failed certificate authentication failed for user \"{role}\""),
-        "a map= certificate line must be refused by the pooler"
-    );
-}
-
 /// Acceptance 2 (client certificates): with `ssl_ca_file`, `cert` lines
 /// (the CN, `map=` through pg_ident.conf, `clientname=DN`) and
 /// `clientcert=verify-ca` / `verify-full` on trust and scram-sha-256 lines
@@ -1114,11 +1098,7 @@ fn client_certificates_decide_as_the_server() {
             for (i, (label, _)) in certs[0].iter().enumerate() {
                 let d = outcome(&direct, role, &certs[1][i].1);
                 let p = outcome(pooled, role, &certs[0][i].1);
-                if MAP_ROLES.contains(&role) && d.starts_with("ok") {
-                    assert_map_refused(&p, role);
-                } else {
-                    assert_eq!(p, d, "role {role}, client certificate {label}: through the pooler vs the server");
-                }
+                assert_eq!(p, d, "role {role}, client certificate {label}: through the pooler vs the server");
                 seen.push(format!("{role} / {label}: {d}"));
             }
         }
@@ -1162,6 +1142,160 @@ fn client_certificates_decide_as_the_server() {
         assert_eq!(out.stdout.trim(), "/CN=alice", "{out}");
         let out = psql_cs(pooled, &conn, "sslmode=require", &[&of_client("client_dn IS NULL")]);
         assert_eq!(out.stdout.trim(), "t", "{out}");
+    });
+}
+
+/// Issue 12, `map=` on certificate lines: pg_ident.conf decides through the
+/// pooler exactly as on a cluster whose server does TLS itself (the server's
+/// own load_ident()/check_usermap() in the pooler): plain names, a `/regex`
+/// entry with `\1`, a regex that matches but maps to another role and a map
+/// without a line for the role (both refused), `cert clientcert=verify-full
+/// map=` (a map is valid on no other method a TLS client can use: the server
+/// refuses `trust clientcert=verify-full map=` in pg_hba.conf), and on 16+ `+group` and `all` entries. Then pg_ident.conf edited
+/// + reload: new clients get the new decision; a pg_ident.conf with a bad
+/// regex + reload: both keep the previous lines, the pooler keeps its pid;
+/// then the pooler restarted (pg_terminate_backend; on 15 a pooler that
+/// loaded pg_ident.conf with a regex line crashed at start) decides the same.
+#[test]
+fn certificate_maps_decide_as_the_server() {
+    let pooled = Arc::new(Cluster::builder().label("pooled").start());
+    if skip(&pooled) {
+        return;
+    }
+    let direct = Cluster::builder().label("direct").preload(false).start();
+    setup(&pooled);
+    pooled.run_bounded(TEST_LIMIT, move |pooled| {
+        let v16 = pooled.pg_major() >= 16;
+        let mut hba = String::from(
+            "local all all trust\n\
+             hostssl all mapuser 127.0.0.1/32 cert map=m\n\
+             hostssl all rxuser,other 127.0.0.1/32 cert map=rx\n\
+             hostssl all nomatch 127.0.0.1/32 cert map=m\n\
+             hostssl all vfmap 127.0.0.1/32 cert clientcert=verify-full map=m\n",
+        );
+        let mut ident = String::from("m alice mapuser\nm alice vfmap\nrx /^(.*)-cert$ \\1\n");
+        // Enough regex lines that the parsed file outgrows its context's
+        // first block (hba.c "ident parser context", ALLOCSET_SMALL_SIZES):
+        // the postmaster's lines in the pooler were then freed memory.
+        for i in 0..60 {
+            ident.push_str(&format!("filler{i} /^nobody{i}-(.*)$ nobody{i}\n"));
+        }
+        let mut roles = vec!["mapuser", "rxuser", "other", "nomatch", "vfmap"];
+        if v16 {
+            hba.push_str("hostssl all grpuser 127.0.0.1/32 cert map=g\nhostssl all anyuser 127.0.0.1/32 cert map=any\n");
+            ident.push_str("g alice +grp\nany bob all\n");
+            roles.extend(["grpuser", "anyuser"]);
+        }
+        hba.push_str("host all postgres 127.0.0.1/32 trust\n");
+        let names = ["alice", "bob", "rxuser-cert"];
+        let mut certs: Vec<Vec<(String, String)>> = Vec::new();
+        for pg in [pooled, &direct] {
+            make_certs(pg, "one", "server.crt");
+            let mut mine = vec![("none".to_string(), String::new())];
+            for n in names {
+                mine.push((n.to_string(), client_cert(pg, "one", n)));
+            }
+            certs.push(mine);
+            for r in roles.iter().chain(["marker"].iter()) {
+                pg.admin().batch_execute(&format!("CREATE ROLE {r} LOGIN")).expect("role");
+            }
+            if v16 {
+                pg.admin().batch_execute("CREATE ROLE grp NOLOGIN; GRANT grp TO grpuser").expect("group");
+            }
+            std::fs::copy(pg.dir().join("one-ca.crt"), pg.data_dir().join("root.crt")).expect("copy CA");
+            std::fs::write(pg.data_dir().join("pg_ident.conf"), &ident).expect("pg_ident.conf");
+            pg.append_conf("ssl = on").expect("conf");
+            pg.append_conf("ssl_ca_file = 'root.crt'").expect("conf");
+            pg.set_hba(&hba).expect("hba");
+            pg.restart().expect("restart with ssl = on");
+        }
+        assert!(wait_until(SETTLE, || pooler_pid(pooled).is_some()), "no pooler after the restart");
+        let outcome = |pg: &Cluster, role: &str, extra: &str| -> String {
+            let conn = pg.tcp(role, "postgres");
+            let out = psql_cs(pg, &conn, &format!("sslmode=require {extra}"), &["SELECT current_user"]);
+            if out.success() {
+                return format!("ok {}", out.stdout.trim());
+            }
+            let err = out.stderr.lines().find_map(|l| {
+                l.split_once("FATAL:").or_else(|| l.split_once(" failed: ")).map(|(_, m)| m.trim().to_string())
+            });
+            format!("failed {}", err.unwrap_or_else(|| out.stderr.clone()))
+        };
+        let compare = |what: &str| -> Vec<String> {
+            let mut seen = Vec::new();
+            for &role in &roles {
+                for (i, (label, _)) in certs[0].iter().enumerate() {
+                    let d = outcome(&direct, role, &certs[1][i].1);
+                    let p = outcome(pooled, role, &certs[0][i].1);
+                    assert_eq!(p, d, "{what}: role {role}, client certificate {label}: through the pooler vs the server");
+                    seen.push(format!("{role} / {label}: {d}"));
+                }
+            }
+            eprintln!("{what}:\n{}", seen.join("\n"));
+            seen
+        };
+        let has = |seen: &[String], want: &[&str]| {
+            for w in want {
+                assert!(seen.iter().any(|s| s == w), "{w} not seen:\n{}", seen.join("\n"));
+            }
+        };
+        let seen = compare("pg_ident.conf as loaded at start");
+        has(&seen, &[
+            "mapuser / alice: ok mapuser",
+            "mapuser / bob: failed certificate authentication failed for user \"mapuser\"",
+            "rxuser / rxuser-cert: ok rxuser",
+            "other / rxuser-cert: failed certificate authentication failed for user \"other\"",
+            "nomatch / alice: failed certificate authentication failed for user \"nomatch\"",
+            "vfmap / alice: ok vfmap",
+            "vfmap / bob: failed certificate authentication failed for user \"vfmap\"",
+        ]);
+        if v16 {
+            has(&seen, &["grpuser / alice: ok grpuser", "grpuser / bob: failed certificate authentication failed for user \"grpuser\"", "anyuser / bob: ok anyuser"]);
+        }
+
+        // pg_ident.conf edited + reload: new clients get the new decision.
+        let edited = ident.replace("m alice mapuser\n", "m bob mapuser\n");
+        for pg in [pooled, &direct] {
+            std::fs::write(pg.data_dir().join("pg_ident.conf"), &edited).expect("pg_ident.conf");
+            pg.reload().expect("reload");
+        }
+        assert!(wait_until(SETTLE, || outcome(pooled, "mapuser", &certs[0][2].1) == "ok mapuser"), "the edited pg_ident.conf not applied after a reload");
+        assert!(wait_until(SETTLE, || outcome(&direct, "mapuser", &certs[1][2].1) == "ok mapuser"), "server reload");
+        let after_edit = compare("pg_ident.conf edited + reload");
+        has(&after_edit, &["mapuser / bob: ok mapuser", "mapuser / alice: failed certificate authentication failed for user \"mapuser\"", "vfmap / alice: ok vfmap"]);
+
+        // A bad regex + reload (with a pg_hba.conf change to see the reload
+        // done): both keep the previous lines, the pooler keeps running.
+        let pooler = pooler_pid(pooled).expect("pooler");
+        let bad = format!("{edited}bad /( nobody\n");
+        let hba2 = hba.replace("host all postgres", "hostssl all marker 127.0.0.1/32 trust\nhost all postgres");
+        for pg in [pooled, &direct] {
+            std::fs::write(pg.data_dir().join("pg_ident.conf"), &bad).expect("pg_ident.conf");
+            pg.set_hba(&hba2).expect("hba");
+            pg.reload().expect("reload");
+        }
+        assert!(wait_until(SETTLE, || outcome(pooled, "marker", "") == "ok marker"), "pg_hba.conf not reloaded");
+        assert!(wait_until(SETTLE, || outcome(&direct, "marker", "") == "ok marker"), "server reload");
+        assert_eq!(compare("a bad pg_ident.conf + reload"), after_edit, "a bad pg_ident.conf changed decisions");
+        assert_eq!(pooler_pid(pooled), Some(pooler), "the pooler restarted on a bad pg_ident.conf");
+
+        // The pooler restarted: it starts with the postmaster's lines.
+        pooled.admin().query_one("SELECT pg_terminate_backend($1)", &[&pooler]).expect("terminate pooler");
+        assert!(wait_until(SETTLE, || pooler_pid(pooled).is_some_and(|p| p != pooler)), "no new pooler");
+        assert!(wait_until(SETTLE, || outcome(pooled, "marker", "") == "ok marker"), "new pooler does not serve");
+        assert_eq!(compare("after a pooler restart"), after_edit, "decisions changed across a pooler restart");
+        // Its first reload of a good pg_ident.conf frees the lines it
+        // started with (hba.c pg_regfree()s their regexes on 15).
+        let now = pooler_pid(pooled).expect("pooler");
+        for pg in [pooled, &direct] {
+            std::fs::write(pg.data_dir().join("pg_ident.conf"), &edited).expect("pg_ident.conf");
+            pg.set_hba(&hba).expect("hba");
+            pg.reload().expect("reload");
+        }
+        assert!(wait_until(SETTLE, || outcome(pooled, "marker", "").starts_with("failed")), "pg_hba.conf not reloaded");
+        assert!(wait_until(SETTLE, || outcome(&direct, "marker", "").starts_with("failed")), "server reload");
+        assert_eq!(compare("the restarted pooler's first reload"), after_edit, "decisions changed by the reload");
+        assert_eq!(pooler_pid(pooled), Some(now), "the restarted pooler crashed in its first pg_ident.conf reload");
     });
 }
 
@@ -1229,11 +1363,7 @@ fn certificate_names_and_crl_dirs_decide_as_the_server() {
                 for (i, (label, _)) in certs[0].iter().enumerate() {
                     let d = outcome(&direct, role, &certs[1][i].1);
                     let p = outcome(pooled, role, &certs[0][i].1);
-                    if MAP_ROLES.contains(&role) && d.starts_with("ok") {
-                        assert_map_refused(&p, role);
-                    } else {
-                        assert_eq!(p, d, "{what}: role {role}, client certificate {label}: through the pooler vs the server");
-                    }
+                    assert_eq!(p, d, "{what}: role {role}, client certificate {label}: through the pooler vs the server");
                     seen.push(format!("{role} / {label}: {d}"));
                 }
             }
