@@ -233,7 +233,8 @@ fn logged_fatal(pg: &Cluster, mark: usize) -> Option<String> {
 /// * a default-settings libpq client (`gssencmode=prefer`) with alice's
 ///   ticket logs in through the pooler: its GSSENCRequest is answered 'N'
 ///   and it goes on with plaintext + gss authentication (directly the
-///   server gives it GSS encryption instead).
+///   server gives it GSS encryption instead); `gssencmode=require` gets GSS
+///   encryption directly and libpq's refusal through the pooler.
 #[test]
 fn gss_answers_as_direct_server() {
     let probe = nextgres_test::PgInstall::resolve(nextgres_test::pg_major()).expect("PostgreSQL install");
@@ -349,6 +350,18 @@ fn gss_answers_as_direct_server() {
             problems.push(format!("default libpq client {door}: {got}, expected {expect}"));
         }
     }
+
+    // gssencmode=require: GSS encryption directly, none through the pooler
+    // (README): libpq gives up after the 'N'.
+    let direct = kdc.psql(&sp.pg, sp.pg.port(), "alice", "gssencmode=require", &alice_cc, gss_row);
+    if direct != "ok:alice|t|alice@NG.TEST|t" {
+        problems.push(format!("gssencmode=require direct: {direct}"));
+    }
+    let pooled = kdc.psql(&sp.pg, sp.pool_port, "alice", "gssencmode=require", &alice_cc, gss_row);
+    if !pooled.starts_with("err:") || !pooled.contains("GSSAPI encryption") {
+        problems.push(format!("gssencmode=require pooled: {pooled}"));
+    }
+    eprintln!("gssencmode=require through the pooler: {pooled}");
 
     // A server-authenticated session is the client's own: it joins no pool.
     let pools: i64 = sp
