@@ -8,6 +8,14 @@
 //! script is played once through the pooler and once over two direct
 //! (non-pooled) Unix-socket connections, and both transcripts must be equal.
 //!
+//! The matrix runs twice: with plaintext pooled clients and with pooled
+//! clients on TLS (`sslmode=require`, rustls verifying a test CA, server with
+//! `ssl = on`; skipped with the reason printed on 16, whose build has no
+//! OpenSSL). Three times during the script the one pooled backend is
+//! replaced (`nextgres.reconnect` + `wait_close`): the backend pid must change
+//! exactly there, for both transports, and the state must follow its client
+//! onto the new backend as well.
+//!
 //! State that cannot move (temp tables, WITH HOLD cursors, LISTEN,
 //! session-level advisory locks) pins its owner to its backend: checked with
 //! nextgres.backends.pinned_by and a pool of two, so the other client is
@@ -20,8 +28,10 @@
 mod session_support;
 
 use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
 use std::time::Duration;
 
+use nextgres_test::tls::{skip_without_openssl, ssl_on, RustlsConnector};
 use nextgres_test::{wait_until, Cluster, ConnInfo};
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, Statement};
@@ -70,6 +80,11 @@ enum Step {
     Run(Who, &'static str, i32),
     /// `EXECUTE <server-side name of the OTHER client's statement key>`.
     ExecForeign(Who, &'static str),
+    /// Through the pooler: the pool's backend is replaced
+    /// (`nextgres.reconnect` as the superuser, then `nextgres.wait_close`
+    /// until the old one is gone), so the next turn runs on a new pid.
+    /// Nothing for the direct sessions.
+    Reconnect,
 }
 
 /// Everything a client can see of its own session, one line. Custom settings
@@ -142,6 +157,10 @@ fn script() -> Vec<Step> {
         Sql(B, "SET myapp.x = 'b1'"),
         Look(A),
         Look(B),
+        // Every session value so far onto a new backend.
+        Reconnect,
+        Look(B),
+        Look(A),
         Sql(A, "SELECT set_config('myapp.y', 'only-this-transaction', true)"),
         Look(B),
         Look(A),
@@ -172,6 +191,10 @@ fn script() -> Vec<Step> {
         Sql(A, "EXECUTE qa"),
         Look(B),
         Look(A),
+        // SQL-level statements onto a new backend.
+        Reconnect,
+        Sql(B, "EXECUTE q(2)"),
+        Sql(A, "EXECUTE q(2)"),
         // Redefined within one transaction, then dropped.
         Sql(A, "DEALLOCATE q; PREPARE q(int) AS SELECT 'A2:' || $1::text"),
         Sql(B, "EXECUTE q(5)"),
@@ -193,6 +216,10 @@ fn script() -> Vec<Step> {
         Prepare(B, "pb", "SELECT ($1::int * 10)::text, current_user::text"),
         Run(A, "pa", 3),
         Run(B, "pb", 4),
+        // Protocol-level statements onto a new backend.
+        Reconnect,
+        Run(A, "pa", 4),
+        Run(B, "pb", 5),
         ExecForeign(B, "pa"),
         ExecForeign(A, "pb"),
         Run(A, "pa", 5),
@@ -219,17 +246,26 @@ struct Player {
     stmts: HashMap<&'static str, Statement>,
 }
 
-/// Plays the script with A and B; returns the transcript and every backend
-/// pid seen (a `SELECT pg_backend_pid()` turn after each step).
-fn play(a: Client, b: Client, steps: &[Step]) -> (Vec<String>, BTreeSet<i32>) {
+/// Plays the script with A and B; returns the transcript and the backend
+/// pid after each step (a `SELECT pg_backend_pid()` turn of the step's
+/// client; the one before it for `Reconnect`). `reconnect` carries out
+/// `Step::Reconnect`.
+fn play(a: Client, b: Client, steps: &[Step], reconnect: &dyn Fn()) -> (Vec<String>, Vec<i32>) {
     let mut players = [
         Player { c: a, stmts: HashMap::new() },
         Player { c: b, stmts: HashMap::new() },
     ];
     let idx = |w: Who| if w == Who::A { 0 } else { 1 };
     let mut out = Vec::new();
-    let mut pids = BTreeSet::new();
+    let mut pids: Vec<i32> = Vec::new();
     for (n, step) in steps.iter().enumerate() {
+        if let Step::Reconnect = step {
+            reconnect();
+            out.push(format!("#{n} Reconnect"));
+            let last = pids.last().copied().unwrap_or_default();
+            pids.push(last);
+            continue;
+        }
         let (who, text) = match *step {
             Step::Sql(w, sql) => {
                 let r = players[idx(w)].c.simple_query(sql);
@@ -286,9 +322,10 @@ fn play(a: Client, b: Client, steps: &[Step]) -> (Vec<String>, BTreeSet<i32>) {
                     Err(e) => format!("ERROR {}", sqlstate(&e)),
                 })
             }
+            Step::Reconnect => unreachable!("handled above"),
         };
         out.push(format!("#{n} {who:?} {step:?} => {text}"));
-        pids.insert(pid_of(&mut players[idx(who)].c));
+        pids.push(pid_of(&mut players[idx(who)].c));
     }
     (out, pids)
 }
@@ -304,60 +341,164 @@ fn sql_of(steps: &[Step], key: &str) -> &'static str {
         .expect("a Prepare step for the key")
 }
 
-fn client_a(ci: ConnInfo) -> Client {
-    let mut cfg = ci.application_name("client-a").config();
-    cfg.options("-c work_mem=8MB -c TimeZone=Asia/Tokyo");
-    cfg.connect(postgres::NoTls).expect("client A")
+/// How the pooled clients of the matrix reach the pooler.
+#[derive(Clone, Debug)]
+enum Transport {
+    Plain,
+    /// `sslmode=require` over rustls, the server verified against this CA.
+    Tls(PathBuf),
 }
 
-fn client_b(ci: ConnInfo) -> Client {
+fn connect(cfg: postgres::Config, transport: &Transport, what: &str) -> Client {
+    let r = match transport {
+        Transport::Plain => cfg.connect(postgres::NoTls),
+        Transport::Tls(ca) => {
+            let mut cfg = cfg;
+            cfg.ssl_mode(postgres::config::SslMode::Require);
+            cfg.connect(RustlsConnector::new(ca))
+        }
+    };
+    r.unwrap_or_else(|e| panic!("{what} ({transport:?}): {e:?}"))
+}
+
+fn client_a(ci: ConnInfo, transport: &Transport) -> Client {
+    let mut cfg = ci.application_name("client-a").config();
+    cfg.options("-c work_mem=8MB -c TimeZone=Asia/Tokyo");
+    connect(cfg, transport, "client A")
+}
+
+fn client_b(ci: ConnInfo, transport: &Transport) -> Client {
     let mut cfg = ci.application_name("client-b").config();
     cfg.options("-c TimeZone=America/Lima -c search_path=sb,public");
-    cfg.connect(postgres::NoTls).expect("client B")
+    connect(cfg, transport, "client B")
 }
 
 /// The matrix for movable state: through one shared backend, each client
 /// sees exactly what it would see on its own direct connection.
 #[test]
 fn movable_state_follows_its_client_like_a_direct_session() {
-    run(
-        Cluster::builder()
-            .conf("nextgres.pool_size = 1")
-            .conf("nextgres.query_wait_timeout = 20"),
-        SETUP,
-        LIMIT,
-        |pg| {
-            let steps = script();
-            // Reference: two direct sessions (Unix socket, not pooled).
-            let (direct, direct_pids) =
-                play(client_a(pg.unix("app", "postgres")), client_b(pg.unix("app", "postgres")), &steps);
-            assert_eq!(direct_pids.len(), 2, "direct sessions are two backends");
-            let mark = pg.log_mark();
-            let (pooled, pids) =
-                play(client_a(pg.tcp("app", "postgres")), client_b(pg.tcp("app", "postgres")), &steps);
-            // Both clients really shared the single backend all along.
-            assert_eq!(pids.len(), 1, "A and B must share the one pooled backend: {pids:?}");
-            let diff: Vec<String> = direct
-                .iter()
-                .zip(&pooled)
-                .filter(|(d, p)| d != p)
-                .map(|(d, p)| format!("direct: {d}\npooled: {p}"))
-                .collect();
-            assert!(
-                diff.is_empty(),
-                "{} steps differ from a direct session:\n{}\n\n--- full pooled transcript ---\n{}\n--- server log since ---\n{}",
-                diff.len(),
-                diff.join("\n\n"),
-                pooled.join("\n"),
-                pg.log_since(mark)
-            );
-            // Sanity: the script checks what it means to check.
-            let find = |needle: &str| direct.iter().find(|l| l.contains(needle)).cloned().unwrap_or_default();
-            assert!(find("#4 B Look").contains("client-b | 4MB | America/Lima"), "{}", find("#4 B Look"));
-            assert!(find("#5 A Look").contains("client-a | 77MB | Europe/Paris"), "{}", find("#5 A Look"));
-            assert!(direct.iter().any(|l| l.contains("ExecForeign") && l.contains("ERROR 26000")));
-        },
+    run(matrix_cluster(), SETUP, LIMIT, |pg| matrix(pg, Transport::Plain));
+}
+
+/// The same matrix with both pooled clients on TLS (`sslmode=require`) to a
+/// server with `ssl = on`: the relay must not change what a client sees of
+/// its session, nor keep it from moving between backends.
+#[test]
+fn movable_state_follows_its_client_over_tls() {
+    run(matrix_cluster(), SETUP, LIMIT, |pg| {
+        if let Some(tls) = transport_ready(pg, Transport::Tls(PathBuf::new())) {
+            matrix(pg, tls);
+        }
+    });
+}
+
+/// `Plain` as is. For `Tls` (whatever CA path it holds): None after printing
+/// why on a build without OpenSSL (16 only, see `skip_without_openssl`);
+/// otherwise a test CA and server certificate, `ssl = on`, restart, and a
+/// wait until a TLS login through the restarted pooler works; returns `Tls`
+/// with that CA.
+fn transport_ready(pg: &Cluster, transport: Transport) -> Option<Transport> {
+    let Transport::Tls(_) = transport else { return Some(transport) };
+    if skip_without_openssl(pg) {
+        return None;
+    }
+    let tls = Transport::Tls(ssl_on(pg));
+    let ok = wait_until(SETTLE, || {
+        let Transport::Tls(ca) = &tls else { unreachable!() };
+        let mut cfg = pg.tcp("app", "postgres").config();
+        cfg.ssl_mode(postgres::config::SslMode::Require);
+        cfg.connect(RustlsConnector::new(ca)).is_ok()
+    });
+    assert!(ok, "no TLS login through the pooler after the restart with ssl = on");
+    Some(tls)
+}
+
+/// Waits until nextgres.clients lists `n` clients, all on TLS for `Tls` and
+/// none for `Plain` (the superuser's session is direct, so not listed; a
+/// probe client of `transport_ready` may still be leaving).
+fn expect_clients(pg: &Cluster, transport: &Transport, n: usize) {
+    let want = format!("{n}/{}", if matches!(transport, Transport::Tls(_)) { n } else { 0 });
+    let count = || -> String {
+        pg.admin()
+            .query_one("SELECT count(*) || '/' || count(tls) FROM nextgres.clients", &[])
+            .expect("nextgres.clients")
+            .get(0)
+    };
+    let ok = wait_until(SETTLE, || count() == want);
+    assert!(ok, "pooled clients / on TLS: {} where {want} expected ({transport:?})", count());
+}
+
+/// pool_size 1, so every turn of the other client switches the backend's
+/// session; a short wait limit bounds a client stuck behind the other.
+fn matrix_cluster() -> nextgres_test::Builder {
+    Cluster::builder()
+        .conf("nextgres.pool_size = 1")
+        .conf("nextgres.query_wait_timeout = 20")
+}
+
+fn matrix(pg: &Cluster, transport: Transport) {
+    let steps = script();
+    // Reference: two direct sessions (Unix socket, not pooled).
+    let (direct, direct_pids) = play(
+        client_a(pg.unix("app", "postgres"), &Transport::Plain),
+        client_b(pg.unix("app", "postgres"), &Transport::Plain),
+        &steps,
+        &|| {},
     );
+    let direct_pids: BTreeSet<i32> = direct_pids.into_iter().collect();
+    assert_eq!(direct_pids.len(), 2, "direct sessions are two backends");
+    let mark = pg.log_mark();
+    let (a, b) = (client_a(pg.tcp("app", "postgres"), &transport), client_b(pg.tcp("app", "postgres"), &transport));
+    expect_clients(pg, &transport, 2);
+    let replace = || {
+        let mut admin = pg.admin();
+        admin
+            .batch_execute("SELECT nextgres.reconnect('postgres', 'app')")
+            .expect("nextgres.reconnect");
+        let gone: bool = admin
+            .query_one("SELECT nextgres.wait_close('postgres', 'app', $1)", &[&(SETTLE.as_secs() as i32)])
+            .expect("nextgres.wait_close")
+            .get(0);
+        assert!(gone, "the pool's backend was not replaced within {SETTLE:?}");
+    };
+    let (pooled, pids) = play(a, b, &steps, &replace);
+    // A and B shared the single backend between replacements, and the pid
+    // changed exactly where the script replaced it.
+    let reconnects = steps.iter().filter(|s| matches!(s, Step::Reconnect)).count();
+    let distinct: BTreeSet<i32> = pids.iter().copied().collect();
+    assert_eq!(distinct.len(), reconnects + 1, "one pooled backend per stretch between replacements: {pids:?}");
+    for i in 1..steps.len() {
+        if matches!(steps[i], Step::Reconnect) {
+            continue; // it repeats the pid before it
+        }
+        let replaced = matches!(steps[i - 1], Step::Reconnect);
+        assert_eq!(
+            pids[i - 1] != pids[i],
+            replaced,
+            "step #{i}: pid {} -> {} ({transport:?}); pids change exactly where the backend is replaced",
+            pids[i - 1],
+            pids[i]
+        );
+    }
+    let diff: Vec<String> = direct
+        .iter()
+        .zip(&pooled)
+        .filter(|(d, p)| d != p)
+        .map(|(d, p)| format!("direct: {d}\npooled: {p}"))
+        .collect();
+    assert!(
+        diff.is_empty(),
+        "{} steps differ from a direct session ({transport:?}):\n{}\n\n--- full pooled transcript ---\n{}\n--- server log since ---\n{}",
+        diff.len(),
+        diff.join("\n\n"),
+        pooled.join("\n"),
+        pg.log_since(mark)
+    );
+    // Sanity: the script checks what it means to check.
+    let find = |needle: &str| direct.iter().find(|l| l.contains(needle)).cloned().unwrap_or_default();
+    assert!(find("#4 B Look").contains("client-b | 4MB | America/Lima"), "{}", find("#4 B Look"));
+    assert!(find("#5 A Look").contains("client-a | 77MB | Europe/Paris"), "{}", find("#5 A Look"));
+    assert!(direct.iter().any(|l| l.contains("ExecForeign") && l.contains("ERROR 26000")));
 }
 
 /// SET ROLE by A never reaches B. DISCARD ALL makes the role inactive but
