@@ -590,7 +590,13 @@ fn custom_setting_of_another_client_is_never_seen() {
 /// is served by the other backend and sees none of it; once A removes the
 /// state the pin is gone, and whichever client then gets A's former backend
 /// sees nothing of A. One test per kind, so each gets its own verdict.
-fn pinned(body: impl FnOnce(&Cluster, &mut Client, &mut Client, &mut Client) + Send + 'static) {
+/// `transport`: the clients' way in; for `Tls` the server gets `ssl = on`
+/// first (the CA path given is replaced by the one made for the test), and
+/// the test is skipped with the reason printed on 16 (no OpenSSL).
+fn pinned(
+    transport: Transport,
+    body: impl FnOnce(&Cluster, &mut Client, &mut Client, &mut Client) + Send + 'static,
+) {
     run(
         Cluster::builder()
             .conf("nextgres.pool_size = 2")
@@ -598,10 +604,12 @@ fn pinned(body: impl FnOnce(&Cluster, &mut Client, &mut Client, &mut Client) + S
         SETUP,
         LIMIT,
         move |pg| {
+            let Some(transport) = transport_ready(pg, transport) else { return };
             let ci = pg.tcp("app", "postgres");
-            let mut a = ci.connect().expect("a");
-            let mut b = ci.connect().expect("b");
-            let mut c = ci.connect().expect("c");
+            let mut a = connect(ci.config(), &transport, "a");
+            let mut b = connect(ci.config(), &transport, "b");
+            let mut c = connect(ci.config(), &transport, "c");
+            expect_clients(pg, &transport, 3);
             // Both backends exist before the pins start.
             c.batch_execute("BEGIN").expect("c begin");
             pid_of(&mut b);
@@ -618,162 +626,197 @@ fn pinned(body: impl FnOnce(&Cluster, &mut Client, &mut Client, &mut Client) + S
 
 #[test]
 fn pinned_by_temporary_table() {
-    pinned(|pg, a, b, c| {
-        a.batch_execute("CREATE TEMP TABLE a_tmp (x int); INSERT INTO a_tmp VALUES (1)")
-            .expect("temp table");
-        let pa = pid_of(a);
-        expect_backend(pg, pa, "attached", Some("temporary table"));
-        for i in 2..=4 {
-            a.batch_execute(&format!("INSERT INTO a_tmp VALUES ({i})")).expect("insert");
-            assert_eq!(pid_of(a), pa, "A moved off the backend holding its temp table");
-            let pb = pid_of(b);
-            assert_ne!(pb, pa, "B was given A's pinned backend");
-            assert_eq!(
-                one(b, "SELECT count(*) FROM pg_class WHERE relname = 'a_tmp'"),
-                "1",
-                "the catalog shows one a_tmp (A's, in A's temp schema)"
-            );
-            let e = b.simple_query("SELECT * FROM a_tmp").expect_err("B reads A's temp table");
-            assert_eq!(sqlstate(&e), "42P01");
-        }
-        assert_eq!(one(a, "SELECT sum(x) FROM a_tmp"), "10");
-        // ON COMMIT DROP and rolled-back temp tables do not pin.
-        b.batch_execute("BEGIN; CREATE TEMP TABLE b_tx (x int) ON COMMIT DROP; COMMIT")
-            .expect("on commit drop");
-        b.batch_execute("BEGIN; CREATE TEMP TABLE b_rb (x int); ROLLBACK").expect("rolled back");
+    pinned(Transport::Plain, pinned_by_temporary_table_body);
+}
+
+#[test]
+fn pinned_by_temporary_table_over_tls() {
+    pinned(Transport::Tls(PathBuf::new()), pinned_by_temporary_table_body);
+}
+
+fn pinned_by_temporary_table_body(pg: &Cluster, a: &mut Client, b: &mut Client, c: &mut Client) {
+    a.batch_execute("CREATE TEMP TABLE a_tmp (x int); INSERT INTO a_tmp VALUES (1)")
+        .expect("temp table");
+    let pa = pid_of(a);
+    expect_backend(pg, pa, "attached", Some("temporary table"));
+    for i in 2..=4 {
+        a.batch_execute(&format!("INSERT INTO a_tmp VALUES ({i})")).expect("insert");
+        assert_eq!(pid_of(a), pa, "A moved off the backend holding its temp table");
         let pb = pid_of(b);
-        expect_backend(pg, pb, "parked", None);
-        a.batch_execute("DROP TABLE a_tmp").expect("drop");
-        expect_backend(pg, pa, "parked", None);
-        no_trace_on(pg, pa, b, c, "SELECT count(*) FROM pg_class WHERE relname = 'a_tmp'", "0");
-        // DISCARD TEMP unpins too; so does a temp table made by CREATE TABLE AS.
-        a.batch_execute("CREATE TEMP TABLE a_tmp2 AS SELECT 1 AS x").expect("temp table 2");
-        let pa = pid_of(a);
-        expect_backend(pg, pa, "attached", Some("temporary table"));
-        a.batch_execute("DISCARD TEMP").expect("discard temp");
-        expect_backend(pg, pa, "parked", None);
-    });
+        assert_ne!(pb, pa, "B was given A's pinned backend");
+        assert_eq!(
+            one(b, "SELECT count(*) FROM pg_class WHERE relname = 'a_tmp'"),
+            "1",
+            "the catalog shows one a_tmp (A's, in A's temp schema)"
+        );
+        let e = b.simple_query("SELECT * FROM a_tmp").expect_err("B reads A's temp table");
+        assert_eq!(sqlstate(&e), "42P01");
+    }
+    assert_eq!(one(a, "SELECT sum(x) FROM a_tmp"), "10");
+    // ON COMMIT DROP and rolled-back temp tables do not pin.
+    b.batch_execute("BEGIN; CREATE TEMP TABLE b_tx (x int) ON COMMIT DROP; COMMIT")
+        .expect("on commit drop");
+    b.batch_execute("BEGIN; CREATE TEMP TABLE b_rb (x int); ROLLBACK").expect("rolled back");
+    let pb = pid_of(b);
+    expect_backend(pg, pb, "parked", None);
+    a.batch_execute("DROP TABLE a_tmp").expect("drop");
+    expect_backend(pg, pa, "parked", None);
+    no_trace_on(pg, pa, b, c, "SELECT count(*) FROM pg_class WHERE relname = 'a_tmp'", "0");
+    // DISCARD TEMP unpins too; so does a temp table made by CREATE TABLE AS.
+    a.batch_execute("CREATE TEMP TABLE a_tmp2 AS SELECT 1 AS x").expect("temp table 2");
+    let pa = pid_of(a);
+    expect_backend(pg, pa, "attached", Some("temporary table"));
+    a.batch_execute("DISCARD TEMP").expect("discard temp");
+    expect_backend(pg, pa, "parked", None);
 }
 
 #[test]
 fn pinned_by_with_hold_cursor() {
-    pinned(|pg, a, b, c| {
-        a.batch_execute("DECLARE a_cur CURSOR WITH HOLD FOR SELECT g FROM generate_series(1, 10) g")
-            .expect("declare");
-        let pa = pid_of(a);
-        expect_backend(pg, pa, "attached", Some("WITH HOLD cursor"));
-        let mut fetched = Vec::new();
-        for _ in 0..3 {
-            let m = a.simple_query("FETCH 2 FROM a_cur").expect("fetch");
-            fetched.extend(rows_text(&m));
-            assert_ne!(pid_of(b), pa, "B was given A's pinned backend");
-            let e = b.simple_query("FETCH 1 FROM a_cur").expect_err("B fetches A's cursor");
-            assert_eq!(sqlstate(&e), "34000");
-            assert_eq!(one(b, "SELECT count(*) FROM pg_cursors"), "0");
-        }
-        assert_eq!(fetched, ["1", "2", "3", "4", "5", "6"], "A's cursor position");
-        // A cursor without HOLD ends with its transaction: no pin.
-        b.batch_execute("BEGIN; DECLARE b_cur CURSOR FOR SELECT 1; COMMIT").expect("plain cursor");
-        expect_backend(pg, pid_of(b), "parked", None);
-        a.batch_execute("CLOSE a_cur").expect("close");
-        expect_backend(pg, pa, "parked", None);
-        no_trace_on(pg, pa, b, c, "SELECT count(*) FROM pg_cursors", "0");
-    });
+    pinned(Transport::Plain, pinned_by_with_hold_cursor_body);
+}
+
+#[test]
+fn pinned_by_with_hold_cursor_over_tls() {
+    pinned(Transport::Tls(PathBuf::new()), pinned_by_with_hold_cursor_body);
+}
+
+fn pinned_by_with_hold_cursor_body(pg: &Cluster, a: &mut Client, b: &mut Client, c: &mut Client) {
+    a.batch_execute("DECLARE a_cur CURSOR WITH HOLD FOR SELECT g FROM generate_series(1, 10) g")
+        .expect("declare");
+    let pa = pid_of(a);
+    expect_backend(pg, pa, "attached", Some("WITH HOLD cursor"));
+    let mut fetched = Vec::new();
+    for _ in 0..3 {
+        let m = a.simple_query("FETCH 2 FROM a_cur").expect("fetch");
+        fetched.extend(rows_text(&m));
+        assert_ne!(pid_of(b), pa, "B was given A's pinned backend");
+        let e = b.simple_query("FETCH 1 FROM a_cur").expect_err("B fetches A's cursor");
+        assert_eq!(sqlstate(&e), "34000");
+        assert_eq!(one(b, "SELECT count(*) FROM pg_cursors"), "0");
+    }
+    assert_eq!(fetched, ["1", "2", "3", "4", "5", "6"], "A's cursor position");
+    // A cursor without HOLD ends with its transaction: no pin.
+    b.batch_execute("BEGIN; DECLARE b_cur CURSOR FOR SELECT 1; COMMIT").expect("plain cursor");
+    expect_backend(pg, pid_of(b), "parked", None);
+    a.batch_execute("CLOSE a_cur").expect("close");
+    expect_backend(pg, pa, "parked", None);
+    no_trace_on(pg, pa, b, c, "SELECT count(*) FROM pg_cursors", "0");
 }
 
 #[test]
 fn pinned_by_listen() {
-    pinned(|pg, a, b, c| {
-        a.batch_execute("LISTEN a_chan").expect("listen");
-        let pa = pid_of(a);
-        expect_backend(pg, pa, "attached", Some("LISTEN"));
-        assert_ne!(pid_of(b), pa);
-        assert_eq!(one(b, "SELECT count(*) FROM pg_listening_channels()"), "0");
-        b.batch_execute("NOTIFY a_chan, 'hello from b'").expect("notify");
-        let got = a
-            .notifications()
-            .timeout_iter(SETTLE)
-            .next()
-            .expect("notification")
-            .expect("A's notification never came");
-        assert_eq!((got.channel(), got.payload()), ("a_chan", "hello from b"));
-        assert_eq!(b.notifications().iter().count().expect("notifications"), 0, "B never listened");
-        a.batch_execute("UNLISTEN a_chan").expect("unlisten");
-        expect_backend(pg, pa, "parked", None);
-        no_trace_on(pg, pa, b, c, "SELECT count(*) FROM pg_listening_channels()", "0");
-    });
+    pinned(Transport::Plain, pinned_by_listen_body);
+}
+
+#[test]
+fn pinned_by_listen_over_tls() {
+    pinned(Transport::Tls(PathBuf::new()), pinned_by_listen_body);
+}
+
+fn pinned_by_listen_body(pg: &Cluster, a: &mut Client, b: &mut Client, c: &mut Client) {
+    a.batch_execute("LISTEN a_chan").expect("listen");
+    let pa = pid_of(a);
+    expect_backend(pg, pa, "attached", Some("LISTEN"));
+    assert_ne!(pid_of(b), pa);
+    assert_eq!(one(b, "SELECT count(*) FROM pg_listening_channels()"), "0");
+    b.batch_execute("NOTIFY a_chan, 'hello from b'").expect("notify");
+    let got = a
+        .notifications()
+        .timeout_iter(SETTLE)
+        .next()
+        .expect("notification")
+        .expect("A's notification never came");
+    assert_eq!((got.channel(), got.payload()), ("a_chan", "hello from b"));
+    assert_eq!(b.notifications().iter().count().expect("notifications"), 0, "B never listened");
+    a.batch_execute("UNLISTEN a_chan").expect("unlisten");
+    expect_backend(pg, pa, "parked", None);
+    no_trace_on(pg, pa, b, c, "SELECT count(*) FROM pg_listening_channels()", "0");
 }
 
 #[test]
 fn pinned_by_session_advisory_lock() {
-    pinned(|pg, a, b, c| {
-        a.batch_execute("SELECT pg_advisory_lock(4242)").expect("lock");
-        let pa = pid_of(a);
-        expect_backend(pg, pa, "attached", Some("session-level lock"));
-        for _ in 0..3 {
-            assert_ne!(pid_of(b), pa);
-            assert_eq!(one(b, "SELECT pg_try_advisory_lock(4242)"), "f", "B got A's lock");
-            assert_eq!(pid_of(a), pa);
-        }
-        let held: i64 = admin_i64(
-            pg,
-            &format!("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242 AND pid = {pa}"),
-        );
-        assert_eq!(held, 1, "A's lock belongs to A's backend");
-        // A transaction-level lock ends with the transaction: no pin.
-        b.batch_execute("SELECT pg_advisory_xact_lock(99)").expect("xact lock");
-        expect_backend(pg, pid_of(b), "parked", None);
-        assert_eq!(one(a, "SELECT pg_advisory_unlock(4242)"), "t");
-        expect_backend(pg, pa, "parked", None);
-        assert_eq!(one(b, "SELECT pg_try_advisory_lock(4242)"), "t", "the lock is free");
-        assert_eq!(one(b, "SELECT pg_advisory_unlock(4242)"), "t");
-        no_trace_on(
-            pg,
-            pa,
-            b,
-            c,
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
-            "0",
-        );
-    });
+    pinned(Transport::Plain, pinned_by_session_advisory_lock_body);
+}
+
+#[test]
+fn pinned_by_session_advisory_lock_over_tls() {
+    pinned(Transport::Tls(PathBuf::new()), pinned_by_session_advisory_lock_body);
+}
+
+fn pinned_by_session_advisory_lock_body(pg: &Cluster, a: &mut Client, b: &mut Client, c: &mut Client) {
+    a.batch_execute("SELECT pg_advisory_lock(4242)").expect("lock");
+    let pa = pid_of(a);
+    expect_backend(pg, pa, "attached", Some("session-level lock"));
+    for _ in 0..3 {
+        assert_ne!(pid_of(b), pa);
+        assert_eq!(one(b, "SELECT pg_try_advisory_lock(4242)"), "f", "B got A's lock");
+        assert_eq!(pid_of(a), pa);
+    }
+    let held: i64 = admin_i64(
+        pg,
+        &format!("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242 AND pid = {pa}"),
+    );
+    assert_eq!(held, 1, "A's lock belongs to A's backend");
+    // A transaction-level lock ends with the transaction: no pin.
+    b.batch_execute("SELECT pg_advisory_xact_lock(99)").expect("xact lock");
+    expect_backend(pg, pid_of(b), "parked", None);
+    assert_eq!(one(a, "SELECT pg_advisory_unlock(4242)"), "t");
+    expect_backend(pg, pa, "parked", None);
+    assert_eq!(one(b, "SELECT pg_try_advisory_lock(4242)"), "t", "the lock is free");
+    assert_eq!(one(b, "SELECT pg_advisory_unlock(4242)"), "t");
+    no_trace_on(
+        pg,
+        pa,
+        b,
+        c,
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
+        "0",
+    );
 }
 
 /// A pinned client that leaves: its lock, temp table and LISTEN go with it,
 /// and the pool keeps serving with at most two backends.
 #[test]
 fn pinned_client_leaves_nothing_behind() {
-    pinned(|pg, a, b, c| {
-        a.batch_execute(
-            "SELECT pg_advisory_lock(4343); CREATE TEMP TABLE gone (x int); LISTEN gone_chan",
-        )
-        .expect("pin");
-        let pa = pid_of(a);
-        expect_backend(pg, pa, "attached", Some("LISTEN"));
-        // Replace A by a fresh client: the old one is dropped (Terminate).
-        *a = pg.tcp("app", "postgres").connect().expect("a again");
-        assert!(
-            wait_until(SETTLE, || {
-                let got = one(b, "SELECT pg_try_advisory_lock(4343)") == "t";
-                if got {
-                    one(b, "SELECT pg_advisory_unlock(4343)");
-                }
-                got
-            }),
-            "A left, but its session-level lock is still held"
-        );
-        // The cleanup commits just after the lock is released (DISCARD ALL
-        // releases advisory locks before it drops temp tables), as a direct
-        // session's exit does: wait for it, bounded.
-        for cl in [a, b, c] {
-            let q = "SELECT concat_ws('|', (SELECT count(*) FROM pg_class WHERE relname = 'gone'),
-                            (SELECT count(*) FROM pg_listening_channels()))";
-            assert!(wait_until(SETTLE, || one(cl, q) == "0|0"), "A left, but {}", one(cl, q));
-        }
-        assert!(
-            admin_i64(pg, "SELECT count(*) FROM nextgres.backends WHERE role = 'app'") <= 2,
-            "pool of two"
-        );
-    });
+    pinned(Transport::Plain, pinned_client_leaves_nothing_behind_body);
+}
+
+#[test]
+fn pinned_client_leaves_nothing_behind_over_tls() {
+    pinned(Transport::Tls(PathBuf::new()), pinned_client_leaves_nothing_behind_body);
+}
+
+fn pinned_client_leaves_nothing_behind_body(pg: &Cluster, a: &mut Client, b: &mut Client, c: &mut Client) {
+    a.batch_execute(
+        "SELECT pg_advisory_lock(4343); CREATE TEMP TABLE gone (x int); LISTEN gone_chan",
+    )
+    .expect("pin");
+    let pa = pid_of(a);
+    expect_backend(pg, pa, "attached", Some("LISTEN"));
+    // Replace A by a fresh client: the old one is dropped (Terminate).
+    *a = pg.tcp("app", "postgres").connect().expect("a again");
+    assert!(
+        wait_until(SETTLE, || {
+            let got = one(b, "SELECT pg_try_advisory_lock(4343)") == "t";
+            if got {
+                one(b, "SELECT pg_advisory_unlock(4343)");
+            }
+            got
+        }),
+        "A left, but its session-level lock is still held"
+    );
+    // The cleanup commits just after the lock is released (DISCARD ALL
+    // releases advisory locks before it drops temp tables), as a direct
+    // session's exit does: wait for it, bounded.
+    for cl in [a, b, c] {
+        let q = "SELECT concat_ws('|', (SELECT count(*) FROM pg_class WHERE relname = 'gone'),
+                        (SELECT count(*) FROM pg_listening_channels()))";
+        assert!(wait_until(SETTLE, || one(cl, q) == "0|0"), "A left, but {}", one(cl, q));
+    }
+    assert!(
+        admin_i64(pg, "SELECT count(*) FROM nextgres.backends WHERE role = 'app'") <= 2,
+        "pool of two"
+    );
 }
 
 /// A statement dropped and prepared again under the same name in one
