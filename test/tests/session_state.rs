@@ -19,7 +19,8 @@
 //! State that cannot move (temp tables, WITH HOLD cursors, LISTEN,
 //! session-level advisory locks) pins its owner to its backend: checked with
 //! nextgres.backends.pinned_by and a pool of two, so the other client is
-//! served by the second backend meanwhile.
+//! served by the second backend meanwhile. Each pinned kind runs with
+//! plaintext clients and again with all three on TLS (`*_over_tls`).
 //!
 //! ```sh
 //! NEXTGRES_PG=16 cargo test -p nextgres-test --test session_state -- --test-threads=2
