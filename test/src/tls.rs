@@ -27,7 +27,7 @@ pub fn skip_without_openssl(pg: &Cluster) -> bool {
         return false;
     }
     eprintln!(
-        "SKIPPED: PostgreSQL {} here is built without OpenSSL (ssl = on impossible, so nothing to compare with); the OpenSSL builds (15, 17, 18) run this suite",
+        "SKIPPED: PostgreSQL {} here is built without OpenSSL (ssl = on impossible, so nothing to compare with); the OpenSSL builds (15, 17, 18) run it",
         pg.pg_major()
     );
     assert_eq!(pg.pg_major(), 16, "PostgreSQL {} here is built without OpenSSL; only 16 may skip", pg.pg_major());
