@@ -14,10 +14,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
-use postgres::Socket;
+use postgres::{Client, Socket};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::Cluster;
+use crate::{wait_until, Cluster};
 
 /// True (after printing why) when `pg`'s build has no OpenSSL, so `ssl = on`
 /// is impossible and a TLS test has nothing to run against. Only 16's build
@@ -110,6 +110,58 @@ pub fn client_config(ca: &Path) -> Arc<rustls::ClientConfig> {
             .with_root_certificates(roots)
             .with_no_client_auth(),
     )
+}
+
+/// How a test's rust-postgres clients reach the pooler, for suites that run
+/// the same steps in plaintext and over TLS.
+#[derive(Clone, Debug)]
+pub enum Transport {
+    Plain,
+    /// `sslmode=require` over rustls, the server verified against this CA
+    /// (any path before [`transport_ready`] makes the CA).
+    Tls(PathBuf),
+}
+
+impl Transport {
+    /// A TLS transport whose CA [`transport_ready`] has yet to make.
+    pub fn tls() -> Transport {
+        Transport::Tls(PathBuf::new())
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Transport::Tls(_))
+    }
+
+    /// Logs in with `cfg` over this transport (`sslmode=require` for TLS,
+    /// so an 'N' to the SSLRequest fails instead of falling back).
+    pub fn connect(&self, cfg: postgres::Config) -> Result<Client, postgres::Error> {
+        match self {
+            Transport::Plain => cfg.connect(postgres::NoTls),
+            Transport::Tls(ca) => {
+                let mut cfg = cfg;
+                cfg.ssl_mode(postgres::config::SslMode::Require);
+                cfg.connect(RustlsConnector::new(ca))
+            }
+        }
+    }
+}
+
+/// `Plain` as is. For `Tls`: None after printing why on a build without
+/// OpenSSL (16 only, see [`skip_without_openssl`]); otherwise [`ssl_on`]
+/// (certificates, `ssl = on`, restart) and a wait, bounded by `settle`, until
+/// a TLS login of `user` to `db` through the restarted pooler works; returns
+/// `Tls` with the test CA.
+pub fn transport_ready(pg: &Cluster, transport: Transport, user: &str, db: &str, settle: std::time::Duration) -> Option<Transport> {
+    if !transport.is_tls() {
+        return Some(transport);
+    }
+    if skip_without_openssl(pg) {
+        return None;
+    }
+    let tls = Transport::Tls(ssl_on(pg));
+    let ok = wait_until(settle, || tls.connect(pg.tcp(user, db).config()).is_ok());
+    assert!(ok, "no TLS login through the pooler within {settle:?} after the restart with ssl = on");
+    Some(tls)
 }
 
 /// rust-postgres TLS over rustls, verifying the server against the test CA

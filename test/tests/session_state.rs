@@ -29,10 +29,9 @@
 mod session_support;
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::PathBuf;
 use std::time::Duration;
 
-use nextgres_test::tls::{skip_without_openssl, ssl_on, RustlsConnector};
+use nextgres_test::tls::Transport;
 use nextgres_test::{wait_until, Cluster, ConnInfo};
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, Statement};
@@ -342,24 +341,8 @@ fn sql_of(steps: &[Step], key: &str) -> &'static str {
         .expect("a Prepare step for the key")
 }
 
-/// How the pooled clients of the matrix reach the pooler.
-#[derive(Clone, Debug)]
-enum Transport {
-    Plain,
-    /// `sslmode=require` over rustls, the server verified against this CA.
-    Tls(PathBuf),
-}
-
 fn connect(cfg: postgres::Config, transport: &Transport, what: &str) -> Client {
-    let r = match transport {
-        Transport::Plain => cfg.connect(postgres::NoTls),
-        Transport::Tls(ca) => {
-            let mut cfg = cfg;
-            cfg.ssl_mode(postgres::config::SslMode::Require);
-            cfg.connect(RustlsConnector::new(ca))
-        }
-    };
-    r.unwrap_or_else(|e| panic!("{what} ({transport:?}): {e:?}"))
+    transport.connect(cfg).unwrap_or_else(|e| panic!("{what} ({transport:?}): {e:?}"))
 }
 
 fn client_a(ci: ConnInfo, transport: &Transport) -> Client {
@@ -387,38 +370,23 @@ fn movable_state_follows_its_client_like_a_direct_session() {
 #[test]
 fn movable_state_follows_its_client_over_tls() {
     run(matrix_cluster(), SETUP, LIMIT, |pg| {
-        if let Some(tls) = transport_ready(pg, Transport::Tls(PathBuf::new())) {
+        if let Some(tls) = transport_ready(pg, Transport::tls()) {
             matrix(pg, tls);
         }
     });
 }
 
-/// `Plain` as is. For `Tls` (whatever CA path it holds): None after printing
-/// why on a build without OpenSSL (16 only, see `skip_without_openssl`);
-/// otherwise a test CA and server certificate, `ssl = on`, restart, and a
-/// wait until a TLS login through the restarted pooler works; returns `Tls`
-/// with that CA.
+/// See `nextgres_test::tls::transport_ready`: `ssl = on` for `Tls`, None
+/// (reason printed) on 16.
 fn transport_ready(pg: &Cluster, transport: Transport) -> Option<Transport> {
-    let Transport::Tls(_) = transport else { return Some(transport) };
-    if skip_without_openssl(pg) {
-        return None;
-    }
-    let tls = Transport::Tls(ssl_on(pg));
-    let ok = wait_until(SETTLE, || {
-        let Transport::Tls(ca) = &tls else { unreachable!() };
-        let mut cfg = pg.tcp("app", "postgres").config();
-        cfg.ssl_mode(postgres::config::SslMode::Require);
-        cfg.connect(RustlsConnector::new(ca)).is_ok()
-    });
-    assert!(ok, "no TLS login through the pooler after the restart with ssl = on");
-    Some(tls)
+    nextgres_test::tls::transport_ready(pg, transport, "app", "postgres", SETTLE)
 }
 
 /// Waits until nextgres.clients lists `n` clients, all on TLS for `Tls` and
 /// none for `Plain` (the superuser's session is direct, so not listed; a
 /// probe client of `transport_ready` may still be leaving).
 fn expect_clients(pg: &Cluster, transport: &Transport, n: usize) {
-    let want = format!("{n}/{}", if matches!(transport, Transport::Tls(_)) { n } else { 0 });
+    let want = format!("{n}/{}", if transport.is_tls() { n } else { 0 });
     let count = || -> String {
         pg.admin()
             .query_one("SELECT count(*) || '/' || count(tls) FROM nextgres.clients", &[])
@@ -632,7 +600,7 @@ fn pinned_by_temporary_table() {
 
 #[test]
 fn pinned_by_temporary_table_over_tls() {
-    pinned(Transport::Tls(PathBuf::new()), pinned_by_temporary_table_body);
+    pinned(Transport::tls(), pinned_by_temporary_table_body);
 }
 
 fn pinned_by_temporary_table_body(pg: &Cluster, a: &mut Client, b: &mut Client, c: &mut Client) {
@@ -678,7 +646,7 @@ fn pinned_by_with_hold_cursor() {
 
 #[test]
 fn pinned_by_with_hold_cursor_over_tls() {
-    pinned(Transport::Tls(PathBuf::new()), pinned_by_with_hold_cursor_body);
+    pinned(Transport::tls(), pinned_by_with_hold_cursor_body);
 }
 
 fn pinned_by_with_hold_cursor_body(pg: &Cluster, a: &mut Client, b: &mut Client, c: &mut Client) {
@@ -711,7 +679,7 @@ fn pinned_by_listen() {
 
 #[test]
 fn pinned_by_listen_over_tls() {
-    pinned(Transport::Tls(PathBuf::new()), pinned_by_listen_body);
+    pinned(Transport::tls(), pinned_by_listen_body);
 }
 
 fn pinned_by_listen_body(pg: &Cluster, a: &mut Client, b: &mut Client, c: &mut Client) {
@@ -741,7 +709,7 @@ fn pinned_by_session_advisory_lock() {
 
 #[test]
 fn pinned_by_session_advisory_lock_over_tls() {
-    pinned(Transport::Tls(PathBuf::new()), pinned_by_session_advisory_lock_body);
+    pinned(Transport::tls(), pinned_by_session_advisory_lock_body);
 }
 
 fn pinned_by_session_advisory_lock_body(pg: &Cluster, a: &mut Client, b: &mut Client, c: &mut Client) {
@@ -784,7 +752,7 @@ fn pinned_client_leaves_nothing_behind() {
 
 #[test]
 fn pinned_client_leaves_nothing_behind_over_tls() {
-    pinned(Transport::Tls(PathBuf::new()), pinned_client_leaves_nothing_behind_body);
+    pinned(Transport::tls(), pinned_client_leaves_nothing_behind_body);
 }
 
 fn pinned_client_leaves_nothing_behind_body(pg: &Cluster, a: &mut Client, b: &mut Client, c: &mut Client) {
