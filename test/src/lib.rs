@@ -36,6 +36,7 @@ pub mod ports;
 pub mod procs;
 pub mod raw;
 pub mod sql;
+pub mod tls;
 pub mod util;
 
 pub use cluster::{Builder, Cluster, StopMode, StopOnFailure, SUPERUSER};

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nextgres_test::tls::{transport_ready, Transport};
 use nextgres_test::{parse_summary, wait_until, with_timeout, Cluster};
 use pool_support::{exec, first_value};
 
@@ -494,6 +495,18 @@ const FRESH: &str = "4MB|\"$user\", public|0|0|0|0|";
 /// transaction keeps its backend until ROLLBACK.
 #[test]
 fn session_state_never_reaches_another_client() {
+    session_state_never_reaches_another_client_over(Transport::Plain);
+}
+
+/// The same with both clients on TLS (`sslmode=require`, `ssl = on`);
+/// skipped with the reason printed on 16 (no OpenSSL).
+#[test]
+fn session_state_never_reaches_another_client_over_tls() {
+    session_state_never_reaches_another_client_over(Transport::tls());
+}
+
+fn session_state_never_reaches_another_client_over(transport: Transport) {
+    const SETTLE: Duration = Duration::from_secs(30);
     // A short wait limit bounds the waiting client if an assertion fails
     // while the other one holds the only backend.
     let pg = Cluster::builder()
@@ -501,9 +514,19 @@ fn session_state_never_reaches_another_client() {
         .conf("nextgres.query_wait_timeout = 20")
         .start();
     exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN");
+    let Some(t) = transport_ready(&pg, transport.clone(), "app", "postgres", SETTLE) else { return };
     let ci = pg.tcp("app", "postgres");
-    let mut a = ci.connect().expect("client a");
-    let mut b = ci.connect().expect("client b");
+    let mut a = t.connect(ci.config()).expect("client a");
+    let mut b = t.connect(ci.config()).expect("client b");
+    let on_tls = || {
+        pg.admin()
+            .query_one("SELECT count(*) FILTER (WHERE tls IS NOT NULL) = count(*) FROM nextgres.clients", &[])
+            .expect("nextgres.clients")
+            .get::<_, bool>(0)
+    };
+    if t.is_tls() {
+        assert!(on_tls(), "pooled clients not on TLS");
+    }
     let pa = pid_of(&mut a);
     a.batch_execute(
         "SET work_mem = '77MB';
@@ -571,9 +594,10 @@ fn session_state_never_reaches_another_client() {
     // other client never sees it. Two backends, so nobody has to wait.
     let pg = Cluster::builder().conf("nextgres.pool_size = 2").start();
     exec(&pg, "CREATE ROLE app LOGIN");
+    let t = transport_ready(&pg, transport, "app", "postgres", SETTLE).expect("TLS, as on the first cluster");
     let ci = pg.tcp("app", "postgres");
-    let mut a = ci.connect().expect("client a");
-    let mut b = ci.connect().expect("client b");
+    let mut a = t.connect(ci.config()).expect("client a");
+    let mut b = t.connect(ci.config()).expect("client b");
     a.batch_execute(
         "CREATE TEMP TABLE a_tmp (x int);
          DECLARE a_cur CURSOR WITH HOLD FOR SELECT 1;

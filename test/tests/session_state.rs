@@ -8,10 +8,19 @@
 //! script is played once through the pooler and once over two direct
 //! (non-pooled) Unix-socket connections, and both transcripts must be equal.
 //!
+//! The matrix runs twice: with plaintext pooled clients and with pooled
+//! clients on TLS (`sslmode=require`, rustls verifying a test CA, server with
+//! `ssl = on`; skipped with the reason printed on 16, whose build has no
+//! OpenSSL). Three times during the script the one pooled backend is
+//! replaced (`nextgres.reconnect` + `wait_close`): the backend pid must change
+//! exactly there, for both transports, and the state must follow its client
+//! onto the new backend as well.
+//!
 //! State that cannot move (temp tables, WITH HOLD cursors, LISTEN,
 //! session-level advisory locks) pins its owner to its backend: checked with
 //! nextgres.backends.pinned_by and a pool of two, so the other client is
-//! served by the second backend meanwhile.
+//! served by the second backend meanwhile. Each pinned kind runs with
+//! plaintext clients and again with all three on TLS (`*_over_tls`).
 //!
 //! ```sh
 //! NEXTGRES_PG=16 cargo test -p nextgres-test --test session_state -- --test-threads=2
@@ -22,6 +31,7 @@ mod session_support;
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
+use nextgres_test::tls::Transport;
 use nextgres_test::{wait_until, Cluster, ConnInfo};
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, Statement};
@@ -70,6 +80,11 @@ enum Step {
     Run(Who, &'static str, i32),
     /// `EXECUTE <server-side name of the OTHER client's statement key>`.
     ExecForeign(Who, &'static str),
+    /// Through the pooler: the pool's backend is replaced
+    /// (`nextgres.reconnect` as the superuser, then `nextgres.wait_close`
+    /// until the old one is gone), so the next turn runs on a new pid.
+    /// Nothing for the direct sessions.
+    Reconnect,
 }
 
 /// Everything a client can see of its own session, one line. Custom settings
@@ -142,6 +157,10 @@ fn script() -> Vec<Step> {
         Sql(B, "SET myapp.x = 'b1'"),
         Look(A),
         Look(B),
+        // Every session value so far onto a new backend.
+        Reconnect,
+        Look(B),
+        Look(A),
         Sql(A, "SELECT set_config('myapp.y', 'only-this-transaction', true)"),
         Look(B),
         Look(A),
@@ -172,6 +191,10 @@ fn script() -> Vec<Step> {
         Sql(A, "EXECUTE qa"),
         Look(B),
         Look(A),
+        // SQL-level statements onto a new backend.
+        Reconnect,
+        Sql(B, "EXECUTE q(2)"),
+        Sql(A, "EXECUTE q(2)"),
         // Redefined within one transaction, then dropped.
         Sql(A, "DEALLOCATE q; PREPARE q(int) AS SELECT 'A2:' || $1::text"),
         Sql(B, "EXECUTE q(5)"),
@@ -193,6 +216,10 @@ fn script() -> Vec<Step> {
         Prepare(B, "pb", "SELECT ($1::int * 10)::text, current_user::text"),
         Run(A, "pa", 3),
         Run(B, "pb", 4),
+        // Protocol-level statements onto a new backend.
+        Reconnect,
+        Run(A, "pa", 4),
+        Run(B, "pb", 5),
         ExecForeign(B, "pa"),
         ExecForeign(A, "pb"),
         Run(A, "pa", 5),
@@ -219,17 +246,26 @@ struct Player {
     stmts: HashMap<&'static str, Statement>,
 }
 
-/// Plays the script with A and B; returns the transcript and every backend
-/// pid seen (a `SELECT pg_backend_pid()` turn after each step).
-fn play(a: Client, b: Client, steps: &[Step]) -> (Vec<String>, BTreeSet<i32>) {
+/// Plays the script with A and B; returns the transcript and the backend
+/// pid after each step (a `SELECT pg_backend_pid()` turn of the step's
+/// client; the one before it for `Reconnect`). `reconnect` carries out
+/// `Step::Reconnect`.
+fn play(a: Client, b: Client, steps: &[Step], reconnect: &dyn Fn()) -> (Vec<String>, Vec<i32>) {
     let mut players = [
         Player { c: a, stmts: HashMap::new() },
         Player { c: b, stmts: HashMap::new() },
     ];
     let idx = |w: Who| if w == Who::A { 0 } else { 1 };
     let mut out = Vec::new();
-    let mut pids = BTreeSet::new();
+    let mut pids: Vec<i32> = Vec::new();
     for (n, step) in steps.iter().enumerate() {
+        if let Step::Reconnect = step {
+            reconnect();
+            out.push(format!("#{n} Reconnect"));
+            let last = pids.last().copied().unwrap_or_default();
+            pids.push(last);
+            continue;
+        }
         let (who, text) = match *step {
             Step::Sql(w, sql) => {
                 let r = players[idx(w)].c.simple_query(sql);
@@ -286,9 +322,10 @@ fn play(a: Client, b: Client, steps: &[Step]) -> (Vec<String>, BTreeSet<i32>) {
                     Err(e) => format!("ERROR {}", sqlstate(&e)),
                 })
             }
+            Step::Reconnect => unreachable!("handled above"),
         };
         out.push(format!("#{n} {who:?} {step:?} => {text}"));
-        pids.insert(pid_of(&mut players[idx(who)].c));
+        pids.push(pid_of(&mut players[idx(who)].c));
     }
     (out, pids)
 }
@@ -304,60 +341,133 @@ fn sql_of(steps: &[Step], key: &str) -> &'static str {
         .expect("a Prepare step for the key")
 }
 
-fn client_a(ci: ConnInfo) -> Client {
-    let mut cfg = ci.application_name("client-a").config();
-    cfg.options("-c work_mem=8MB -c TimeZone=Asia/Tokyo");
-    cfg.connect(postgres::NoTls).expect("client A")
+fn connect(cfg: postgres::Config, transport: &Transport, what: &str) -> Client {
+    transport.connect(cfg).unwrap_or_else(|e| panic!("{what} ({transport:?}): {e:?}"))
 }
 
-fn client_b(ci: ConnInfo) -> Client {
+fn client_a(ci: ConnInfo, transport: &Transport) -> Client {
+    let mut cfg = ci.application_name("client-a").config();
+    cfg.options("-c work_mem=8MB -c TimeZone=Asia/Tokyo");
+    connect(cfg, transport, "client A")
+}
+
+fn client_b(ci: ConnInfo, transport: &Transport) -> Client {
     let mut cfg = ci.application_name("client-b").config();
     cfg.options("-c TimeZone=America/Lima -c search_path=sb,public");
-    cfg.connect(postgres::NoTls).expect("client B")
+    connect(cfg, transport, "client B")
 }
 
 /// The matrix for movable state: through one shared backend, each client
 /// sees exactly what it would see on its own direct connection.
 #[test]
 fn movable_state_follows_its_client_like_a_direct_session() {
-    run(
-        Cluster::builder()
-            .conf("nextgres.pool_size = 1")
-            .conf("nextgres.query_wait_timeout = 20"),
-        SETUP,
-        LIMIT,
-        |pg| {
-            let steps = script();
-            // Reference: two direct sessions (Unix socket, not pooled).
-            let (direct, direct_pids) =
-                play(client_a(pg.unix("app", "postgres")), client_b(pg.unix("app", "postgres")), &steps);
-            assert_eq!(direct_pids.len(), 2, "direct sessions are two backends");
-            let mark = pg.log_mark();
-            let (pooled, pids) =
-                play(client_a(pg.tcp("app", "postgres")), client_b(pg.tcp("app", "postgres")), &steps);
-            // Both clients really shared the single backend all along.
-            assert_eq!(pids.len(), 1, "A and B must share the one pooled backend: {pids:?}");
-            let diff: Vec<String> = direct
-                .iter()
-                .zip(&pooled)
-                .filter(|(d, p)| d != p)
-                .map(|(d, p)| format!("direct: {d}\npooled: {p}"))
-                .collect();
-            assert!(
-                diff.is_empty(),
-                "{} steps differ from a direct session:\n{}\n\n--- full pooled transcript ---\n{}\n--- server log since ---\n{}",
-                diff.len(),
-                diff.join("\n\n"),
-                pooled.join("\n"),
-                pg.log_since(mark)
-            );
-            // Sanity: the script checks what it means to check.
-            let find = |needle: &str| direct.iter().find(|l| l.contains(needle)).cloned().unwrap_or_default();
-            assert!(find("#4 B Look").contains("client-b | 4MB | America/Lima"), "{}", find("#4 B Look"));
-            assert!(find("#5 A Look").contains("client-a | 77MB | Europe/Paris"), "{}", find("#5 A Look"));
-            assert!(direct.iter().any(|l| l.contains("ExecForeign") && l.contains("ERROR 26000")));
-        },
+    run(matrix_cluster(), SETUP, LIMIT, |pg| matrix(pg, Transport::Plain));
+}
+
+/// The same matrix with both pooled clients on TLS (`sslmode=require`) to a
+/// server with `ssl = on`: the relay must not change what a client sees of
+/// its session, nor keep it from moving between backends.
+#[test]
+fn movable_state_follows_its_client_over_tls() {
+    run(matrix_cluster(), SETUP, LIMIT, |pg| {
+        if let Some(tls) = transport_ready(pg, Transport::tls()) {
+            matrix(pg, tls);
+        }
+    });
+}
+
+/// See `nextgres_test::tls::transport_ready`: `ssl = on` for `Tls`, None
+/// (reason printed) on 16.
+fn transport_ready(pg: &Cluster, transport: Transport) -> Option<Transport> {
+    nextgres_test::tls::transport_ready(pg, transport, "app", "postgres", SETTLE)
+}
+
+/// Waits until nextgres.clients lists `n` clients, all on TLS for `Tls` and
+/// none for `Plain` (the superuser's session is direct, so not listed; a
+/// probe client of `transport_ready` may still be leaving).
+fn expect_clients(pg: &Cluster, transport: &Transport, n: usize) {
+    let want = format!("{n}/{}", if transport.is_tls() { n } else { 0 });
+    let count = || -> String {
+        pg.admin()
+            .query_one("SELECT count(*) || '/' || count(tls) FROM nextgres.clients", &[])
+            .expect("nextgres.clients")
+            .get(0)
+    };
+    let ok = wait_until(SETTLE, || count() == want);
+    assert!(ok, "pooled clients / on TLS: {} where {want} expected ({transport:?})", count());
+}
+
+/// pool_size 1, so every turn of the other client switches the backend's
+/// session; a short wait limit bounds a client stuck behind the other.
+fn matrix_cluster() -> nextgres_test::Builder {
+    Cluster::builder()
+        .conf("nextgres.pool_size = 1")
+        .conf("nextgres.query_wait_timeout = 20")
+}
+
+fn matrix(pg: &Cluster, transport: Transport) {
+    let steps = script();
+    // Reference: two direct sessions (Unix socket, not pooled).
+    let (direct, direct_pids) = play(
+        client_a(pg.unix("app", "postgres"), &Transport::Plain),
+        client_b(pg.unix("app", "postgres"), &Transport::Plain),
+        &steps,
+        &|| {},
     );
+    let direct_pids: BTreeSet<i32> = direct_pids.into_iter().collect();
+    assert_eq!(direct_pids.len(), 2, "direct sessions are two backends");
+    let mark = pg.log_mark();
+    let (a, b) = (client_a(pg.tcp("app", "postgres"), &transport), client_b(pg.tcp("app", "postgres"), &transport));
+    expect_clients(pg, &transport, 2);
+    let replace = || {
+        let mut admin = pg.admin();
+        admin
+            .batch_execute("SELECT nextgres.reconnect('postgres', 'app')")
+            .expect("nextgres.reconnect");
+        let gone: bool = admin
+            .query_one("SELECT nextgres.wait_close('postgres', 'app', $1)", &[&(SETTLE.as_secs() as i32)])
+            .expect("nextgres.wait_close")
+            .get(0);
+        assert!(gone, "the pool's backend was not replaced within {SETTLE:?}");
+    };
+    let (pooled, pids) = play(a, b, &steps, &replace);
+    // A and B shared the single backend between replacements, and the pid
+    // changed exactly where the script replaced it.
+    let reconnects = steps.iter().filter(|s| matches!(s, Step::Reconnect)).count();
+    let distinct: BTreeSet<i32> = pids.iter().copied().collect();
+    assert_eq!(distinct.len(), reconnects + 1, "one pooled backend per stretch between replacements: {pids:?}");
+    for i in 1..steps.len() {
+        if matches!(steps[i], Step::Reconnect) {
+            continue; // it repeats the pid before it
+        }
+        let replaced = matches!(steps[i - 1], Step::Reconnect);
+        assert_eq!(
+            pids[i - 1] != pids[i],
+            replaced,
+            "step #{i}: pid {} -> {} ({transport:?}); pids change exactly where the backend is replaced",
+            pids[i - 1],
+            pids[i]
+        );
+    }
+    let diff: Vec<String> = direct
+        .iter()
+        .zip(&pooled)
+        .filter(|(d, p)| d != p)
+        .map(|(d, p)| format!("direct: {d}\npooled: {p}"))
+        .collect();
+    assert!(
+        diff.is_empty(),
+        "{} steps differ from a direct session ({transport:?}):\n{}\n\n--- full pooled transcript ---\n{}\n--- server log since ---\n{}",
+        diff.len(),
+        diff.join("\n\n"),
+        pooled.join("\n"),
+        pg.log_since(mark)
+    );
+    // Sanity: the script checks what it means to check.
+    let find = |needle: &str| direct.iter().find(|l| l.contains(needle)).cloned().unwrap_or_default();
+    assert!(find("#4 B Look").contains("client-b | 4MB | America/Lima"), "{}", find("#4 B Look"));
+    assert!(find("#5 A Look").contains("client-a | 77MB | Europe/Paris"), "{}", find("#5 A Look"));
+    assert!(direct.iter().any(|l| l.contains("ExecForeign") && l.contains("ERROR 26000")));
 }
 
 /// SET ROLE by A never reaches B. DISCARD ALL makes the role inactive but
@@ -449,7 +559,13 @@ fn custom_setting_of_another_client_is_never_seen() {
 /// is served by the other backend and sees none of it; once A removes the
 /// state the pin is gone, and whichever client then gets A's former backend
 /// sees nothing of A. One test per kind, so each gets its own verdict.
-fn pinned(body: impl FnOnce(&Cluster, &mut Client, &mut Client, &mut Client) + Send + 'static) {
+/// `transport`: the clients' way in; for `Tls` the server gets `ssl = on`
+/// first (the CA path given is replaced by the one made for the test), and
+/// the test is skipped with the reason printed on 16 (no OpenSSL).
+fn pinned(
+    transport: Transport,
+    body: impl FnOnce(&Cluster, &mut Client, &mut Client, &mut Client) + Send + 'static,
+) {
     run(
         Cluster::builder()
             .conf("nextgres.pool_size = 2")
@@ -457,10 +573,12 @@ fn pinned(body: impl FnOnce(&Cluster, &mut Client, &mut Client, &mut Client) + S
         SETUP,
         LIMIT,
         move |pg| {
+            let Some(transport) = transport_ready(pg, transport) else { return };
             let ci = pg.tcp("app", "postgres");
-            let mut a = ci.connect().expect("a");
-            let mut b = ci.connect().expect("b");
-            let mut c = ci.connect().expect("c");
+            let mut a = connect(ci.config(), &transport, "a");
+            let mut b = connect(ci.config(), &transport, "b");
+            let mut c = connect(ci.config(), &transport, "c");
+            expect_clients(pg, &transport, 3);
             // Both backends exist before the pins start.
             c.batch_execute("BEGIN").expect("c begin");
             pid_of(&mut b);
@@ -477,162 +595,197 @@ fn pinned(body: impl FnOnce(&Cluster, &mut Client, &mut Client, &mut Client) + S
 
 #[test]
 fn pinned_by_temporary_table() {
-    pinned(|pg, a, b, c| {
-        a.batch_execute("CREATE TEMP TABLE a_tmp (x int); INSERT INTO a_tmp VALUES (1)")
-            .expect("temp table");
-        let pa = pid_of(a);
-        expect_backend(pg, pa, "attached", Some("temporary table"));
-        for i in 2..=4 {
-            a.batch_execute(&format!("INSERT INTO a_tmp VALUES ({i})")).expect("insert");
-            assert_eq!(pid_of(a), pa, "A moved off the backend holding its temp table");
-            let pb = pid_of(b);
-            assert_ne!(pb, pa, "B was given A's pinned backend");
-            assert_eq!(
-                one(b, "SELECT count(*) FROM pg_class WHERE relname = 'a_tmp'"),
-                "1",
-                "the catalog shows one a_tmp (A's, in A's temp schema)"
-            );
-            let e = b.simple_query("SELECT * FROM a_tmp").expect_err("B reads A's temp table");
-            assert_eq!(sqlstate(&e), "42P01");
-        }
-        assert_eq!(one(a, "SELECT sum(x) FROM a_tmp"), "10");
-        // ON COMMIT DROP and rolled-back temp tables do not pin.
-        b.batch_execute("BEGIN; CREATE TEMP TABLE b_tx (x int) ON COMMIT DROP; COMMIT")
-            .expect("on commit drop");
-        b.batch_execute("BEGIN; CREATE TEMP TABLE b_rb (x int); ROLLBACK").expect("rolled back");
+    pinned(Transport::Plain, pinned_by_temporary_table_body);
+}
+
+#[test]
+fn pinned_by_temporary_table_over_tls() {
+    pinned(Transport::tls(), pinned_by_temporary_table_body);
+}
+
+fn pinned_by_temporary_table_body(pg: &Cluster, a: &mut Client, b: &mut Client, c: &mut Client) {
+    a.batch_execute("CREATE TEMP TABLE a_tmp (x int); INSERT INTO a_tmp VALUES (1)")
+        .expect("temp table");
+    let pa = pid_of(a);
+    expect_backend(pg, pa, "attached", Some("temporary table"));
+    for i in 2..=4 {
+        a.batch_execute(&format!("INSERT INTO a_tmp VALUES ({i})")).expect("insert");
+        assert_eq!(pid_of(a), pa, "A moved off the backend holding its temp table");
         let pb = pid_of(b);
-        expect_backend(pg, pb, "parked", None);
-        a.batch_execute("DROP TABLE a_tmp").expect("drop");
-        expect_backend(pg, pa, "parked", None);
-        no_trace_on(pg, pa, b, c, "SELECT count(*) FROM pg_class WHERE relname = 'a_tmp'", "0");
-        // DISCARD TEMP unpins too; so does a temp table made by CREATE TABLE AS.
-        a.batch_execute("CREATE TEMP TABLE a_tmp2 AS SELECT 1 AS x").expect("temp table 2");
-        let pa = pid_of(a);
-        expect_backend(pg, pa, "attached", Some("temporary table"));
-        a.batch_execute("DISCARD TEMP").expect("discard temp");
-        expect_backend(pg, pa, "parked", None);
-    });
+        assert_ne!(pb, pa, "B was given A's pinned backend");
+        assert_eq!(
+            one(b, "SELECT count(*) FROM pg_class WHERE relname = 'a_tmp'"),
+            "1",
+            "the catalog shows one a_tmp (A's, in A's temp schema)"
+        );
+        let e = b.simple_query("SELECT * FROM a_tmp").expect_err("B reads A's temp table");
+        assert_eq!(sqlstate(&e), "42P01");
+    }
+    assert_eq!(one(a, "SELECT sum(x) FROM a_tmp"), "10");
+    // ON COMMIT DROP and rolled-back temp tables do not pin.
+    b.batch_execute("BEGIN; CREATE TEMP TABLE b_tx (x int) ON COMMIT DROP; COMMIT")
+        .expect("on commit drop");
+    b.batch_execute("BEGIN; CREATE TEMP TABLE b_rb (x int); ROLLBACK").expect("rolled back");
+    let pb = pid_of(b);
+    expect_backend(pg, pb, "parked", None);
+    a.batch_execute("DROP TABLE a_tmp").expect("drop");
+    expect_backend(pg, pa, "parked", None);
+    no_trace_on(pg, pa, b, c, "SELECT count(*) FROM pg_class WHERE relname = 'a_tmp'", "0");
+    // DISCARD TEMP unpins too; so does a temp table made by CREATE TABLE AS.
+    a.batch_execute("CREATE TEMP TABLE a_tmp2 AS SELECT 1 AS x").expect("temp table 2");
+    let pa = pid_of(a);
+    expect_backend(pg, pa, "attached", Some("temporary table"));
+    a.batch_execute("DISCARD TEMP").expect("discard temp");
+    expect_backend(pg, pa, "parked", None);
 }
 
 #[test]
 fn pinned_by_with_hold_cursor() {
-    pinned(|pg, a, b, c| {
-        a.batch_execute("DECLARE a_cur CURSOR WITH HOLD FOR SELECT g FROM generate_series(1, 10) g")
-            .expect("declare");
-        let pa = pid_of(a);
-        expect_backend(pg, pa, "attached", Some("WITH HOLD cursor"));
-        let mut fetched = Vec::new();
-        for _ in 0..3 {
-            let m = a.simple_query("FETCH 2 FROM a_cur").expect("fetch");
-            fetched.extend(rows_text(&m));
-            assert_ne!(pid_of(b), pa, "B was given A's pinned backend");
-            let e = b.simple_query("FETCH 1 FROM a_cur").expect_err("B fetches A's cursor");
-            assert_eq!(sqlstate(&e), "34000");
-            assert_eq!(one(b, "SELECT count(*) FROM pg_cursors"), "0");
-        }
-        assert_eq!(fetched, ["1", "2", "3", "4", "5", "6"], "A's cursor position");
-        // A cursor without HOLD ends with its transaction: no pin.
-        b.batch_execute("BEGIN; DECLARE b_cur CURSOR FOR SELECT 1; COMMIT").expect("plain cursor");
-        expect_backend(pg, pid_of(b), "parked", None);
-        a.batch_execute("CLOSE a_cur").expect("close");
-        expect_backend(pg, pa, "parked", None);
-        no_trace_on(pg, pa, b, c, "SELECT count(*) FROM pg_cursors", "0");
-    });
+    pinned(Transport::Plain, pinned_by_with_hold_cursor_body);
+}
+
+#[test]
+fn pinned_by_with_hold_cursor_over_tls() {
+    pinned(Transport::tls(), pinned_by_with_hold_cursor_body);
+}
+
+fn pinned_by_with_hold_cursor_body(pg: &Cluster, a: &mut Client, b: &mut Client, c: &mut Client) {
+    a.batch_execute("DECLARE a_cur CURSOR WITH HOLD FOR SELECT g FROM generate_series(1, 10) g")
+        .expect("declare");
+    let pa = pid_of(a);
+    expect_backend(pg, pa, "attached", Some("WITH HOLD cursor"));
+    let mut fetched = Vec::new();
+    for _ in 0..3 {
+        let m = a.simple_query("FETCH 2 FROM a_cur").expect("fetch");
+        fetched.extend(rows_text(&m));
+        assert_ne!(pid_of(b), pa, "B was given A's pinned backend");
+        let e = b.simple_query("FETCH 1 FROM a_cur").expect_err("B fetches A's cursor");
+        assert_eq!(sqlstate(&e), "34000");
+        assert_eq!(one(b, "SELECT count(*) FROM pg_cursors"), "0");
+    }
+    assert_eq!(fetched, ["1", "2", "3", "4", "5", "6"], "A's cursor position");
+    // A cursor without HOLD ends with its transaction: no pin.
+    b.batch_execute("BEGIN; DECLARE b_cur CURSOR FOR SELECT 1; COMMIT").expect("plain cursor");
+    expect_backend(pg, pid_of(b), "parked", None);
+    a.batch_execute("CLOSE a_cur").expect("close");
+    expect_backend(pg, pa, "parked", None);
+    no_trace_on(pg, pa, b, c, "SELECT count(*) FROM pg_cursors", "0");
 }
 
 #[test]
 fn pinned_by_listen() {
-    pinned(|pg, a, b, c| {
-        a.batch_execute("LISTEN a_chan").expect("listen");
-        let pa = pid_of(a);
-        expect_backend(pg, pa, "attached", Some("LISTEN"));
-        assert_ne!(pid_of(b), pa);
-        assert_eq!(one(b, "SELECT count(*) FROM pg_listening_channels()"), "0");
-        b.batch_execute("NOTIFY a_chan, 'hello from b'").expect("notify");
-        let got = a
-            .notifications()
-            .timeout_iter(SETTLE)
-            .next()
-            .expect("notification")
-            .expect("A's notification never came");
-        assert_eq!((got.channel(), got.payload()), ("a_chan", "hello from b"));
-        assert_eq!(b.notifications().iter().count().expect("notifications"), 0, "B never listened");
-        a.batch_execute("UNLISTEN a_chan").expect("unlisten");
-        expect_backend(pg, pa, "parked", None);
-        no_trace_on(pg, pa, b, c, "SELECT count(*) FROM pg_listening_channels()", "0");
-    });
+    pinned(Transport::Plain, pinned_by_listen_body);
+}
+
+#[test]
+fn pinned_by_listen_over_tls() {
+    pinned(Transport::tls(), pinned_by_listen_body);
+}
+
+fn pinned_by_listen_body(pg: &Cluster, a: &mut Client, b: &mut Client, c: &mut Client) {
+    a.batch_execute("LISTEN a_chan").expect("listen");
+    let pa = pid_of(a);
+    expect_backend(pg, pa, "attached", Some("LISTEN"));
+    assert_ne!(pid_of(b), pa);
+    assert_eq!(one(b, "SELECT count(*) FROM pg_listening_channels()"), "0");
+    b.batch_execute("NOTIFY a_chan, 'hello from b'").expect("notify");
+    let got = a
+        .notifications()
+        .timeout_iter(SETTLE)
+        .next()
+        .expect("notification")
+        .expect("A's notification never came");
+    assert_eq!((got.channel(), got.payload()), ("a_chan", "hello from b"));
+    assert_eq!(b.notifications().iter().count().expect("notifications"), 0, "B never listened");
+    a.batch_execute("UNLISTEN a_chan").expect("unlisten");
+    expect_backend(pg, pa, "parked", None);
+    no_trace_on(pg, pa, b, c, "SELECT count(*) FROM pg_listening_channels()", "0");
 }
 
 #[test]
 fn pinned_by_session_advisory_lock() {
-    pinned(|pg, a, b, c| {
-        a.batch_execute("SELECT pg_advisory_lock(4242)").expect("lock");
-        let pa = pid_of(a);
-        expect_backend(pg, pa, "attached", Some("session-level lock"));
-        for _ in 0..3 {
-            assert_ne!(pid_of(b), pa);
-            assert_eq!(one(b, "SELECT pg_try_advisory_lock(4242)"), "f", "B got A's lock");
-            assert_eq!(pid_of(a), pa);
-        }
-        let held: i64 = admin_i64(
-            pg,
-            &format!("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242 AND pid = {pa}"),
-        );
-        assert_eq!(held, 1, "A's lock belongs to A's backend");
-        // A transaction-level lock ends with the transaction: no pin.
-        b.batch_execute("SELECT pg_advisory_xact_lock(99)").expect("xact lock");
-        expect_backend(pg, pid_of(b), "parked", None);
-        assert_eq!(one(a, "SELECT pg_advisory_unlock(4242)"), "t");
-        expect_backend(pg, pa, "parked", None);
-        assert_eq!(one(b, "SELECT pg_try_advisory_lock(4242)"), "t", "the lock is free");
-        assert_eq!(one(b, "SELECT pg_advisory_unlock(4242)"), "t");
-        no_trace_on(
-            pg,
-            pa,
-            b,
-            c,
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
-            "0",
-        );
-    });
+    pinned(Transport::Plain, pinned_by_session_advisory_lock_body);
+}
+
+#[test]
+fn pinned_by_session_advisory_lock_over_tls() {
+    pinned(Transport::tls(), pinned_by_session_advisory_lock_body);
+}
+
+fn pinned_by_session_advisory_lock_body(pg: &Cluster, a: &mut Client, b: &mut Client, c: &mut Client) {
+    a.batch_execute("SELECT pg_advisory_lock(4242)").expect("lock");
+    let pa = pid_of(a);
+    expect_backend(pg, pa, "attached", Some("session-level lock"));
+    for _ in 0..3 {
+        assert_ne!(pid_of(b), pa);
+        assert_eq!(one(b, "SELECT pg_try_advisory_lock(4242)"), "f", "B got A's lock");
+        assert_eq!(pid_of(a), pa);
+    }
+    let held: i64 = admin_i64(
+        pg,
+        &format!("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242 AND pid = {pa}"),
+    );
+    assert_eq!(held, 1, "A's lock belongs to A's backend");
+    // A transaction-level lock ends with the transaction: no pin.
+    b.batch_execute("SELECT pg_advisory_xact_lock(99)").expect("xact lock");
+    expect_backend(pg, pid_of(b), "parked", None);
+    assert_eq!(one(a, "SELECT pg_advisory_unlock(4242)"), "t");
+    expect_backend(pg, pa, "parked", None);
+    assert_eq!(one(b, "SELECT pg_try_advisory_lock(4242)"), "t", "the lock is free");
+    assert_eq!(one(b, "SELECT pg_advisory_unlock(4242)"), "t");
+    no_trace_on(
+        pg,
+        pa,
+        b,
+        c,
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
+        "0",
+    );
 }
 
 /// A pinned client that leaves: its lock, temp table and LISTEN go with it,
 /// and the pool keeps serving with at most two backends.
 #[test]
 fn pinned_client_leaves_nothing_behind() {
-    pinned(|pg, a, b, c| {
-        a.batch_execute(
-            "SELECT pg_advisory_lock(4343); CREATE TEMP TABLE gone (x int); LISTEN gone_chan",
-        )
-        .expect("pin");
-        let pa = pid_of(a);
-        expect_backend(pg, pa, "attached", Some("LISTEN"));
-        // Replace A by a fresh client: the old one is dropped (Terminate).
-        *a = pg.tcp("app", "postgres").connect().expect("a again");
-        assert!(
-            wait_until(SETTLE, || {
-                let got = one(b, "SELECT pg_try_advisory_lock(4343)") == "t";
-                if got {
-                    one(b, "SELECT pg_advisory_unlock(4343)");
-                }
-                got
-            }),
-            "A left, but its session-level lock is still held"
-        );
-        // The cleanup commits just after the lock is released (DISCARD ALL
-        // releases advisory locks before it drops temp tables), as a direct
-        // session's exit does: wait for it, bounded.
-        for cl in [a, b, c] {
-            let q = "SELECT concat_ws('|', (SELECT count(*) FROM pg_class WHERE relname = 'gone'),
-                            (SELECT count(*) FROM pg_listening_channels()))";
-            assert!(wait_until(SETTLE, || one(cl, q) == "0|0"), "A left, but {}", one(cl, q));
-        }
-        assert!(
-            admin_i64(pg, "SELECT count(*) FROM nextgres.backends WHERE role = 'app'") <= 2,
-            "pool of two"
-        );
-    });
+    pinned(Transport::Plain, pinned_client_leaves_nothing_behind_body);
+}
+
+#[test]
+fn pinned_client_leaves_nothing_behind_over_tls() {
+    pinned(Transport::tls(), pinned_client_leaves_nothing_behind_body);
+}
+
+fn pinned_client_leaves_nothing_behind_body(pg: &Cluster, a: &mut Client, b: &mut Client, c: &mut Client) {
+    a.batch_execute(
+        "SELECT pg_advisory_lock(4343); CREATE TEMP TABLE gone (x int); LISTEN gone_chan",
+    )
+    .expect("pin");
+    let pa = pid_of(a);
+    expect_backend(pg, pa, "attached", Some("LISTEN"));
+    // Replace A by a fresh client: the old one is dropped (Terminate).
+    *a = pg.tcp("app", "postgres").connect().expect("a again");
+    assert!(
+        wait_until(SETTLE, || {
+            let got = one(b, "SELECT pg_try_advisory_lock(4343)") == "t";
+            if got {
+                one(b, "SELECT pg_advisory_unlock(4343)");
+            }
+            got
+        }),
+        "A left, but its session-level lock is still held"
+    );
+    // The cleanup commits just after the lock is released (DISCARD ALL
+    // releases advisory locks before it drops temp tables), as a direct
+    // session's exit does: wait for it, bounded.
+    for cl in [a, b, c] {
+        let q = "SELECT concat_ws('|', (SELECT count(*) FROM pg_class WHERE relname = 'gone'),
+                        (SELECT count(*) FROM pg_listening_channels()))";
+        assert!(wait_until(SETTLE, || one(cl, q) == "0|0"), "A left, but {}", one(cl, q));
+    }
+    assert!(
+        admin_i64(pg, "SELECT count(*) FROM nextgres.backends WHERE role = 'app'") <= 2,
+        "pool of two"
+    );
 }
 
 /// A statement dropped and prepared again under the same name in one

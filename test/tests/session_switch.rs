@@ -1,7 +1,9 @@
 //! The session switch between clients with identical startup settings skips
 //! DISCARD ALL when the previous client left nothing the trackers saw. These
 //! are the ways a session can change without SET, PREPARE or a statement
-//! mentioning set_config: each must still stay with its client.
+//! mentioning set_config: each must still stay with its client. The tests
+//! with rust-postgres clients also run with both clients on TLS
+//! (`*_over_tls`, `sslmode=require`; skipped with the reason printed on 16).
 //!
 //! ```sh
 //! NEXTGRES_PG=16 cargo test -p nextgres-test --test session_switch -- --test-threads=2
@@ -10,7 +12,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use nextgres_test::{Cluster};
+use nextgres_test::tls::{transport_ready, Transport};
+use nextgres_test::{wait_until, Cluster};
 use postgres::{Client, SimpleQueryMessage};
 
 const TEST_LIMIT: Duration = Duration::from_secs(120);
@@ -40,6 +43,28 @@ fn run(body: impl FnOnce(&Cluster) + Send + 'static) {
     pg.run_bounded(TEST_LIMIT, body);
 }
 
+/// [`run`] with the test's two clients coming in over `transport`: for TLS
+/// the server gets `ssl = on` first (skipped with the reason printed on 16,
+/// which has no OpenSSL), and both clients must show in nextgres.clients
+/// with their TLS version.
+fn run_over(transport: Transport, body: impl FnOnce(&Cluster, &mut Client, &mut Client) + Send + 'static) {
+    run(move |pg| {
+        let settle = Duration::from_secs(30);
+        let Some(t) = transport_ready(pg, transport, "app", "postgres", settle) else { return };
+        let mut a = t.connect(pg.tcp("app", "postgres").config()).expect("client a");
+        let mut b = t.connect(pg.tcp("app", "postgres").config()).expect("client b");
+        let want = if t.is_tls() { "2/2" } else { "2/0" };
+        let count = || -> String {
+            pg.admin()
+                .query_one("SELECT count(*) || '/' || count(tls) FROM nextgres.clients", &[])
+                .expect("nextgres.clients")
+                .get(0)
+        };
+        assert!(wait_until(settle, || count() == want), "clients / on TLS: {} where {want} expected", count());
+        body(pg, &mut a, &mut b);
+    });
+}
+
 fn value(c: &mut Client, sql: &str) -> Option<String> {
     let msgs = c.simple_query(sql).unwrap_or_else(|e| panic!("{sql}: {e:?}"));
     msgs.iter().find_map(|m| match m {
@@ -55,37 +80,43 @@ fn setting(c: &mut Client, name: &str) -> String {
 
 #[test]
 fn state_changed_without_set_stays_with_its_client() {
-    run(|pg| {
-        let mut a = pg.connect_tcp("app", "postgres", None).unwrap();
-        let mut b = pg.connect_tcp("app", "postgres", None).unwrap();
-        let pid = value(&mut a, "SELECT pg_backend_pid()");
-        assert_eq!(value(&mut b, "SELECT pg_backend_pid()"), pid, "one backend serves both");
+    run_over(Transport::Plain, state_changed_without_set_stays_with_its_client_body);
+}
 
-        // currval/lastval: a sequence value of one client is not another's.
-        // The client keeps its backend for the transaction after its
-        // nextval (where currval answers as directly), then moves on.
-        let n = value(&mut a, "SELECT nextval('s')");
-        assert_eq!(value(&mut a, "SELECT currval('s')"), n, "currval in the next transaction");
-        let err = b.simple_query("SELECT currval('s')").expect_err("currval of another client's nextval");
-        assert_eq!(err.code().map(|c| c.code()), Some("55000"), "{err:?}");
+/// [`state_changed_without_set_stays_with_its_client`] with both clients on TLS.
+#[test]
+fn state_changed_without_set_stays_with_its_client_over_tls() {
+    run_over(Transport::tls(), state_changed_without_set_stays_with_its_client_body);
+}
 
-        // set_config in PL/pgSQL simple expressions, in an SQL function the
-        // planner would inline, and in a PL/pgSQL function calling it.
-        let cases = [
-            ("SELECT plpgsql_sets('from-a')", "my.plpgsql"),
-            ("SELECT sql_sets('from-a')", "my.sql"),
-        ];
-        for (call, name) in cases {
-            value(&mut a, call);
-            assert_eq!(setting(&mut b, name), "", "{call}: another client sees {name}");
-            assert_eq!(setting(&mut a, name), "from-a", "{call}: {name} did not follow its client");
-        }
-        value(&mut a, "SELECT set_config('my.sql', '', false)");
-        value(&mut b, "RESET ALL");
-        value(&mut a, "SELECT plpgsql_calls('again-a')");
-        assert_eq!(setting(&mut b, "my.sql"), "", "nested call: another client sees my.sql");
-        assert_eq!(setting(&mut a, "my.sql"), "again-a");
-    });
+fn state_changed_without_set_stays_with_its_client_body(_pg: &Cluster, a: &mut Client, b: &mut Client) {
+    let pid = value(a, "SELECT pg_backend_pid()");
+    assert_eq!(value(b, "SELECT pg_backend_pid()"), pid, "one backend serves both");
+
+    // currval/lastval: a sequence value of one client is not another's.
+    // The client keeps its backend for the transaction after its
+    // nextval (where currval answers as directly), then moves on.
+    let n = value(a, "SELECT nextval('s')");
+    assert_eq!(value(a, "SELECT currval('s')"), n, "currval in the next transaction");
+    let err = b.simple_query("SELECT currval('s')").expect_err("currval of another client's nextval");
+    assert_eq!(err.code().map(|c| c.code()), Some("55000"), "{err:?}");
+
+    // set_config in PL/pgSQL simple expressions, in an SQL function the
+    // planner would inline, and in a PL/pgSQL function calling it.
+    let cases = [
+        ("SELECT plpgsql_sets('from-a')", "my.plpgsql"),
+        ("SELECT sql_sets('from-a')", "my.sql"),
+    ];
+    for (call, name) in cases {
+        value(a, call);
+        assert_eq!(setting(b, name), "", "{call}: another client sees {name}");
+        assert_eq!(setting(a, name), "from-a", "{call}: {name} did not follow its client");
+    }
+    value(a, "SELECT set_config('my.sql', '', false)");
+    value(b, "RESET ALL");
+    value(a, "SELECT plpgsql_calls('again-a')");
+    assert_eq!(setting(b, "my.sql"), "", "nested call: another client sees my.sql");
+    assert_eq!(setting(a, "my.sql"), "again-a");
 }
 
 /// Identical prepared statements (same name and text) are kept on the
@@ -96,35 +127,41 @@ fn state_changed_without_set_stays_with_its_client() {
 /// client its own statement.
 #[test]
 fn prepared_statements_stay_per_client() {
-    run(|pg| {
-        let mut a = pg.connect_tcp("app", "postgres", None).unwrap();
-        let mut b = pg.connect_tcp("app", "postgres", None).unwrap();
-        value(&mut a, "PREPARE p AS SELECT 'same'");
-        value(&mut b, "PREPARE p AS SELECT 'same'");
-        let prepared_at = |c: &mut Client| {
-            value(c, "SELECT prepare_time::text FROM pg_prepared_statements WHERE name = 'p'")
-        };
-        assert_eq!(value(&mut a, "EXECUTE p").as_deref(), Some("same"));
-        assert_eq!(value(&mut b, "EXECUTE p").as_deref(), Some("same"));
-        let first = prepared_at(&mut a);
-        assert!(first.is_some(), "no prepared statement p");
-        for i in 0..10 {
-            assert_eq!(value(&mut a, "EXECUTE p").as_deref(), Some("same"));
-            assert_eq!(value(&mut b, "EXECUTE p").as_deref(), Some("same"));
-            assert_eq!(prepared_at(&mut a), first, "round {i}: p was re-created for a (a full switch)");
-            assert_eq!(prepared_at(&mut b), first, "round {i}: p was re-created for b (a full switch)");
-        }
-        value(&mut b, "DEALLOCATE p");
-        assert_eq!(value(&mut a, "EXECUTE p").as_deref(), Some("same"));
-        let err = b.simple_query("EXECUTE p").expect_err("a deallocated statement");
-        assert_eq!(err.code().map(|c| c.code()), Some("26000"), "{err:?}");
-        value(&mut b, "PREPARE p AS SELECT 'b'");
-        for _ in 0..10 {
-            assert_eq!(value(&mut a, "EXECUTE p").as_deref(), Some("same"));
-            assert_eq!(value(&mut b, "EXECUTE p").as_deref(), Some("b"));
-        }
-        assert_eq!(value(&mut a, "SELECT count(*) FROM pg_prepared_statements").as_deref(), Some("1"));
-    });
+    run_over(Transport::Plain, prepared_statements_stay_per_client_body);
+}
+
+/// [`prepared_statements_stay_per_client`] with both clients on TLS.
+#[test]
+fn prepared_statements_stay_per_client_over_tls() {
+    run_over(Transport::tls(), prepared_statements_stay_per_client_body);
+}
+
+fn prepared_statements_stay_per_client_body(_pg: &Cluster, a: &mut Client, b: &mut Client) {
+    value(a, "PREPARE p AS SELECT 'same'");
+    value(b, "PREPARE p AS SELECT 'same'");
+    let prepared_at = |c: &mut Client| {
+        value(c, "SELECT prepare_time::text FROM pg_prepared_statements WHERE name = 'p'")
+    };
+    assert_eq!(value(a, "EXECUTE p").as_deref(), Some("same"));
+    assert_eq!(value(b, "EXECUTE p").as_deref(), Some("same"));
+    let first = prepared_at(a);
+    assert!(first.is_some(), "no prepared statement p");
+    for i in 0..10 {
+        assert_eq!(value(a, "EXECUTE p").as_deref(), Some("same"));
+        assert_eq!(value(b, "EXECUTE p").as_deref(), Some("same"));
+        assert_eq!(prepared_at(a), first, "round {i}: p was re-created for a (a full switch)");
+        assert_eq!(prepared_at(b), first, "round {i}: p was re-created for b (a full switch)");
+    }
+    value(b, "DEALLOCATE p");
+    assert_eq!(value(a, "EXECUTE p").as_deref(), Some("same"));
+    let err = b.simple_query("EXECUTE p").expect_err("a deallocated statement");
+    assert_eq!(err.code().map(|c| c.code()), Some("26000"), "{err:?}");
+    value(b, "PREPARE p AS SELECT 'b'");
+    for _ in 0..10 {
+        assert_eq!(value(a, "EXECUTE p").as_deref(), Some("same"));
+        assert_eq!(value(b, "EXECUTE p").as_deref(), Some("b"));
+    }
+    assert_eq!(value(a, "SELECT count(*) FROM pg_prepared_statements").as_deref(), Some("1"));
 }
 
 /// Two clients with the same startup settings and no SET, sharing one
@@ -134,31 +171,37 @@ fn prepared_statements_stay_per_client() {
 /// text, `only_a` / `only_b`) and never the other's (26000), as directly.
 #[test]
 fn differing_statements_dropped_alike_kept() {
-    run(|pg| {
-        let mut a = pg.connect_tcp("app", "postgres", None).unwrap();
-        let mut b = pg.connect_tcp("app", "postgres", None).unwrap();
-        for (c, who) in [(&mut a, "a"), (&mut b, "b")] {
-            value(c, "PREPARE same AS SELECT 'same'");
-            value(c, &format!("PREPARE p AS SELECT '{who}'"));
-            value(c, &format!("PREPARE only_{who} AS SELECT 'only {who}'"));
+    run_over(Transport::Plain, differing_statements_dropped_alike_kept_body);
+}
+
+/// [`differing_statements_dropped_alike_kept`] with both clients on TLS.
+#[test]
+fn differing_statements_dropped_alike_kept_over_tls() {
+    run_over(Transport::tls(), differing_statements_dropped_alike_kept_body);
+}
+
+fn differing_statements_dropped_alike_kept_body(_pg: &Cluster, a: &mut Client, b: &mut Client) {
+    for (c, who) in [(&mut *a, "a"), (&mut *b, "b")] {
+        value(c, "PREPARE same AS SELECT 'same'");
+        value(c, &format!("PREPARE p AS SELECT '{who}'"));
+        value(c, &format!("PREPARE only_{who} AS SELECT 'only {who}'"));
+    }
+    let names = "SELECT string_agg(name, ',' ORDER BY name) FROM pg_prepared_statements";
+    let prepared_at = |c: &mut Client| value(c, "SELECT prepare_time::text FROM pg_prepared_statements WHERE name = 'same'");
+    assert_eq!(value(a, "EXECUTE same").as_deref(), Some("same"));
+    let first = prepared_at(a);
+    assert!(first.is_some(), "no prepared statement same");
+    for i in 0..10 {
+        for (c, who, other) in [(&mut *a, "a", "b"), (&mut *b, "b", "a")] {
+            assert_eq!(value(c, "EXECUTE same").as_deref(), Some("same"));
+            assert_eq!(value(c, "EXECUTE p"), Some(who.to_string()), "round {i}");
+            assert_eq!(value(c, &format!("EXECUTE only_{who}")), Some(format!("only {who}")));
+            let err = c.simple_query(&format!("EXECUTE only_{other}")).expect_err("the other client's statement");
+            assert_eq!(err.code().map(|c| c.code()), Some("26000"), "round {i}, {who}: {err:?}");
+            assert_eq!(value(c, names), Some(format!("only_{who},p,same")), "round {i}, {who}");
+            assert_eq!(prepared_at(c), first, "round {i}, {who}: same was re-created (a full switch)");
         }
-        let names = "SELECT string_agg(name, ',' ORDER BY name) FROM pg_prepared_statements";
-        let prepared_at = |c: &mut Client| value(c, "SELECT prepare_time::text FROM pg_prepared_statements WHERE name = 'same'");
-        assert_eq!(value(&mut a, "EXECUTE same").as_deref(), Some("same"));
-        let first = prepared_at(&mut a);
-        assert!(first.is_some(), "no prepared statement same");
-        for i in 0..10 {
-            for (c, who, other) in [(&mut a, "a", "b"), (&mut b, "b", "a")] {
-                assert_eq!(value(c, "EXECUTE same").as_deref(), Some("same"));
-                assert_eq!(value(c, "EXECUTE p"), Some(who.to_string()), "round {i}");
-                assert_eq!(value(c, &format!("EXECUTE only_{who}")), Some(format!("only {who}")));
-                let err = c.simple_query(&format!("EXECUTE only_{other}")).expect_err("the other client's statement");
-                assert_eq!(err.code().map(|c| c.code()), Some("26000"), "round {i}, {who}: {err:?}");
-                assert_eq!(value(c, names), Some(format!("only_{who},p,same")), "round {i}, {who}");
-                assert_eq!(prepared_at(c), first, "round {i}, {who}: same was re-created (a full switch)");
-            }
-        }
-    });
+    }
 }
 
 /// A statement or its error code, for comparing with a direct connection.

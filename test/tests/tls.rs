@@ -22,22 +22,10 @@ use std::time::Duration;
 
 use fault_support::{admin_i64, pooler_pid, setup, SETTLE, TEST_LIMIT};
 use nextgres_test::raw::{parse_error, parse_row, RawFail};
+use nextgres_test::tls::{client_config, make_certs, openssl, skip_without_openssl as skip, ssl_on};
 use nextgres_test::{wait_until, Cluster, CmdOutput, ConnInfo};
 
 // ---- certificates -----------------------------------------------------------
-
-fn skip(pg: &Cluster) -> bool {
-    if pg.install().has_openssl() {
-        return false;
-    }
-    eprintln!(
-        "SKIPPED: PostgreSQL {} here is built without OpenSSL (ssl = on impossible, so nothing to compare with); the OpenSSL builds (15, 17, 18) run this suite",
-        pg.pg_major()
-    );
-    // Only 16's build lacks OpenSSL: a skip anywhere else fails.
-    assert_eq!(pg.pg_major(), 16, "PostgreSQL {} here is built without OpenSSL; only 16 may skip", pg.pg_major());
-    true
-}
 
 /// Starts a cluster from `b` (skipped without OpenSSL), turns `ssl` on with a
 /// certificate from a test CA (`ssl_on`), waits for the restarted pooler and
@@ -55,39 +43,6 @@ fn with_tls_server(b: nextgres_test::Builder, body: impl FnOnce(&Cluster, PathBu
         let pooler = pooler_pid(pg).expect("pooler running");
         body(pg, ca, pooler);
     });
-}
-
-#[track_caller]
-fn openssl(args: &[&str], dir: &Path) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("running openssl (the openssl CLI must be installed)");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// A CA `NAME-ca.crt` in the test directory and a server certificate it
-/// signed (for 127.0.0.1 and localhost) installed in the data directory as
-/// `CERT` and `CERT`'s `.key`, owned by the server's OS user with mode 0600
-/// (the server refuses a key others can read). Returns the CA file.
-fn make_certs(pg: &Cluster, name: &str, cert: &str) -> PathBuf {
-    let dir = pg.dir().to_path_buf();
-    let ca_key = format!("{name}-ca.key");
-    let ca_crt = format!("{name}-ca.crt");
-    openssl(
-        &["req", "-x509", "-new", "-nodes", "-newkey", "rsa:2048", "-days", "2", "-subj", &format!("/CN=nextgres test CA {name}"), "-keyout", &ca_key, "-out", &ca_crt],
-        &dir,
-    );
-    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n").expect("ext.cnf");
-    let (key, csr, crt) = (format!("{name}-server.key"), format!("{name}-server.csr"), format!("{name}-server.crt"));
-    openssl(&["req", "-new", "-nodes", "-newkey", "rsa:2048", "-subj", "/CN=localhost", "-keyout", &key, "-out", &csr], &dir);
-    openssl(
-        &["x509", "-req", "-in", &csr, "-CA", &ca_crt, "-CAkey", &ca_key, "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", &crt],
-        &dir,
-    );
-    install_cert(pg, &dir.join(&crt), &dir.join(&key), cert);
-    dir.join(ca_crt)
 }
 
 /// A client certificate for `cn` signed by the CA `make_certs` made as
@@ -136,31 +91,6 @@ fn revoke(pg: &Cluster, ca_name: &str, crt: &str, crl: &str) {
     std::fs::copy(dir.join(out), pg.data_dir().join(crl)).expect("copy CRL");
 }
 
-/// Copies a certificate and key into `pg`'s data directory as `cert` and
-/// `cert` with `.key` for `.crt`.
-fn install_cert(pg: &Cluster, crt: &Path, key: &Path, cert: &str) {
-    let owner = nextgres_test::env::OsUser::for_server().expect("server OS user");
-    let data = pg.data_dir();
-    for (from, to) in [(crt, cert.to_string()), (key, cert.replace(".crt", ".key"))] {
-        let p = data.join(to);
-        std::fs::copy(from, &p).expect("copy certificate");
-        if let Some(u) = &owner {
-            std::os::unix::fs::chown(&p, Some(u.uid), Some(u.gid)).expect("chown");
-        }
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-    }
-}
-
-/// Certificate, `ssl = on`, restart: the normal way a DBA turns TLS on.
-fn ssl_on(pg: &Cluster) -> PathBuf {
-    let ca = make_certs(pg, "one", "server.crt");
-    pg.append_conf("ssl = on").expect("conf");
-    pg.append_conf("ssl_cert_file = 'server.crt'").expect("conf");
-    pg.append_conf("ssl_key_file = 'server.key'").expect("conf");
-    pg.restart().expect("restart with ssl = on");
-    ca
-}
-
 // ---- clients ----------------------------------------------------------------
 
 /// psql with several `-c` (each its own transaction) and extra libpq keywords.
@@ -198,22 +128,6 @@ fn ssl_request(s: &mut TcpStream) -> u8 {
     let mut b = [0u8; 1];
     s.read_exact(&mut b).expect("SSLRequest answer");
     b[0]
-}
-
-fn client_config(ca: &Path) -> Arc<rustls::ClientConfig> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).expect("CA file") {
-        roots.add(c.expect("CA pem")).expect("CA");
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    )
 }
 
 impl TlsRaw {
