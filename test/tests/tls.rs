@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use fault_support::{admin_i64, pooler_pid, setup, SETTLE, TEST_LIMIT};
 use nextgres_test::raw::{parse_error, parse_row, RawFail};
-use nextgres_test::tls::{client_config, make_certs, openssl, skip_without_openssl as skip, ssl_on};
+use nextgres_test::tls::{client_config, install_cert, make_certs, openssl, skip_without_openssl as skip, ssl_on};
 use nextgres_test::{wait_until, Cluster, CmdOutput, ConnInfo};
 
 // ---- certificates -----------------------------------------------------------
