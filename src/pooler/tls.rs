@@ -521,13 +521,16 @@ fn describe(conn: &ServerConnection, peer_cert: Option<&[u8]>) -> TlsStatus {
         None => (suite, 0),
     };
     let names = peer_cert.and_then(|d| nextgres_core::cert::ssl_status_names(d).ok()).unwrap_or_default();
+    // The server keeps NAMEDATALEN - 1 bytes of each DN (backend_status.c
+    // pgstat_bestart()); every ATTACH carries these, so no more.
+    let cut = |s: &str| nextgres_core::cert::cut_at_char(s, 63).to_string();
     TlsStatus {
         bits,
         version,
         cipher,
-        client_dn: names.client_dn,
+        client_dn: cut(&names.client_dn),
         client_serial: names.client_serial,
-        issuer_dn: names.issuer_dn,
+        issuer_dn: cut(&names.issuer_dn),
     }
 }
 

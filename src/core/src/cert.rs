@@ -332,14 +332,64 @@ fn slash_name(name: &X509Name<'_>) -> Result<String, String> {
 }
 
 /// `pg_stat_ssl`'s client_dn, client_serial and issuer_dn for a client
-/// certificate (DER).
+/// certificate (DER). Err only when the certificate cannot be parsed;
+/// each field is computed on its own, so a name OpenSSL cannot print
+/// (an odd-length BMPString, ...) leaves only that field empty.
 pub fn ssl_status_names(der: &[u8]) -> Result<SslStatusNames, String> {
     let cert = parse(der)?;
     Ok(SslStatusNames {
-        client_dn: slash_name(cert.subject())?,
-        client_serial: cert.tbs_certificate.serial.to_string(),
-        issuer_dn: slash_name(cert.issuer())?,
+        client_dn: slash_name(cert.subject()).unwrap_or_default(),
+        client_serial: signed_decimal(cert.tbs_certificate.raw_serial()),
+        issuer_dn: slash_name(cert.issuer()).unwrap_or_default(),
     })
+}
+
+/// A DER INTEGER's content bytes (big-endian two's complement) in
+/// decimal, as `BN_bn2dec(ASN1_INTEGER_to_BN(...))` prints a serial in
+/// be-secure-openssl.c `be_tls_get_peer_serial()`: a negative serial
+/// (high bit set, e.g. `80`) prints with a minus (`-128`); no bytes is 0.
+pub fn signed_decimal(raw: &[u8]) -> String {
+    let negative = raw.first().is_some_and(|b| b & 0x80 != 0);
+    // The magnitude: for a negative value, invert and add one.
+    let mut mag: Vec<u8> = if negative { raw.iter().map(|b| !b).collect() } else { raw.to_vec() };
+    if negative {
+        for b in mag.iter_mut().rev() {
+            let (v, carry) = b.overflowing_add(1);
+            *b = v;
+            if !carry {
+                break;
+            }
+        }
+    }
+    // Repeated division by 10 of the big-endian magnitude.
+    let mut digits = Vec::new();
+    while mag.iter().any(|b| *b != 0) {
+        let mut rem = 0u32;
+        for b in mag.iter_mut() {
+            let cur = (rem << 8) | u32::from(*b);
+            *b = (cur / 10) as u8;
+            rem = cur % 10;
+        }
+        digits.push(b'0' + rem as u8);
+    }
+    if digits.is_empty() {
+        digits.push(b'0');
+    }
+    if negative {
+        digits.push(b'-');
+    }
+    digits.reverse();
+    String::from_utf8(digits).unwrap_or_default()
+}
+
+/// `s` cut to at most `max` bytes at a character boundary (the server
+/// keeps NAMEDATALEN - 1 = 63 bytes of the names in `pg_stat_ssl`).
+pub fn cut_at_char(s: &str, max: usize) -> &str {
+    let mut n = s.len().min(max);
+    while !s.is_char_boundary(n) {
+        n -= 1;
+    }
+    &s[..n]
 }
 
 #[cfg(test)]
@@ -474,6 +524,58 @@ mod tests {
         );
         assert_eq!(ssl_status_names(include_bytes!("../testdata/dn-multi.der")).unwrap().client_dn, "/O=o/CN=a/UID=b");
         assert!(ssl_status_names(b"garbage").is_err());
+    }
+
+    // BN_bn2dec of a two's complement serial; `openssl req -x509
+    // -set_serial -128` made serial-neg.der (`openssl x509 -serial`: -80).
+    #[test]
+    fn serials_are_signed() {
+        assert_eq!(ssl_status_names(include_bytes!("../testdata/serial-neg.der")).unwrap().client_serial, "-128");
+        for (raw, dec) in [
+            (&[][..], "0"),
+            (&[0x00][..], "0"),
+            (&[0x7f][..], "127"),
+            (&[0x00, 0x80][..], "128"),
+            (&[0x80][..], "-128"),
+            (&[0xff][..], "-1"),
+            (&[0xff, 0x7f][..], "-129"),
+            (&[0x80, 0x00][..], "-32768"),
+            (&[0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00][..], "18446744073709551616"),
+            (&[0xff, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00][..], "-18446744073709551616"),
+        ] {
+            assert_eq!(signed_decimal(raw), dec, "{raw:02x?}");
+        }
+    }
+
+    // A name OpenSSL cannot print blanks only its own field: the issuer's
+    // first odd-length string retagged as a BMPString (the signature is
+    // not checked here) leaves the subject and serial as they were.
+    #[test]
+    fn status_fields_stand_alone() {
+        let mut der = P384.to_vec();
+        let good = ssl_status_names(&der).unwrap();
+        let cert = parse(P384).unwrap();
+        // The tag byte of the issuer's first value of odd length: its
+        // first occurrence in the DER (the issuer comes before the subject).
+        let d = cert.issuer().iter_attributes().map(|a| a.attr_value().data).find(|d| d.len() % 2 == 1 && d.len() < 0x80);
+        let d = d.expect("an odd-length value in the issuer");
+        let at = der.windows(d.len() + 1).position(|w| w[0] as usize == d.len() && &w[1..] == d).expect("the value in the DER") - 1;
+        assert!(matches!(der[at], 0x0c | 0x13), "{:02x}", der[at]);
+        der[at] = 0x1e;
+        let n = ssl_status_names(&der).unwrap();
+        assert_eq!(n.issuer_dn, "");
+        assert_eq!(n.client_dn, good.client_dn);
+        assert_eq!(n.client_serial, good.client_serial);
+    }
+
+    #[test]
+    fn names_are_cut_at_a_character_boundary() {
+        assert_eq!(cut_at_char("abc", 63), "abc");
+        let long = format!("/CN={}", "x".repeat(70));
+        assert_eq!(cut_at_char(&long, 63).len(), 63);
+        // A 2-byte character across byte 63: cut before it.
+        let s = format!("/O={}é/CN=a", "x".repeat(59));
+        assert_eq!(cut_at_char(&s, 63), &s[..62]);
     }
 
 }
