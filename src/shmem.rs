@@ -10,14 +10,14 @@ use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 pub const NAME_LEN: usize = 64;
 pub const ADDR_LEN: usize = 48;
 pub const TOKEN_LEN: usize = 32;
-/// `nextgres.clients.tls_version` (`TLSv1.2`, `TLSv1.3`).
+/// `nextgres.clients.tls` (`TLSv1.2`, `TLSv1.3`).
 pub const TLS_VERSION_LEN: usize = 16;
 /// `nextgres.clients.tls_cipher`: OpenSSL cipher names are at most 29
 /// bytes (`ECDHE-ECDSA-CHACHA20-POLY1305`); the server keeps NAMEDATALEN.
 pub const TLS_CIPHER_LEN: usize = 64;
 /// `nextgres.clients.client_dn`: the client certificate's subject DN
-/// as `pg_stat_ssl.client_dn` prints it, truncated to 255 bytes (at a
-/// character boundary).
+/// as `pg_stat_ssl.client_dn` prints it, cut at 63 bytes as the server
+/// (`pooler::tls` describe(), at a character boundary).
 pub const CERT_LEN: usize = 256;
 
 #[repr(C)]

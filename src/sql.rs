@@ -124,11 +124,13 @@ fn clients() -> TableIterator<
         name!(backend_pid, Option<i32>),
         name!(connected_since, Option<TimestampWithTimeZone>),
         name!(transactions, i64),
-        name!(tls, bool),
+        // Columns of an existing function keep their position and type
+        // (no upgrade scripts: an older catalog row type stays); new ones
+        // are appended.
+        name!(tls, Option<String>),
         name!(dedicated, bool),
-        name!(tls_version, Option<String>),
-        name!(tls_cipher, Option<String>),
         name!(client_dn, Option<String>),
+        name!(tls_cipher, Option<String>),
     ),
 > {
     let (_, clients, backends) = tables().snapshot();
@@ -144,11 +146,10 @@ fn clients() -> TableIterator<
             (c.backend_pid != 0).then_some(c.backend_pid),
             ts(c.connected_at),
             c.xacts,
-            c.tls,
-            dedicated,
             c.tls.then(|| shmem::name(&c.tls_version)),
-            c.tls.then(|| shmem::name(&c.tls_cipher)),
+            dedicated,
             Some(shmem::name(&c.client_dn)).filter(|t| !t.is_empty()),
+            c.tls.then(|| shmem::name(&c.tls_cipher)),
         )
     }))
 }
