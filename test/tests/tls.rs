@@ -570,7 +570,7 @@ fn slow_reader(pg: &Cluster, c: &mut dyn Wire, marker: &str) -> Got {
         }
     }
     assert!(
-        wait_until(TEST_LIMIT / 4, || admin_i64(pg, &of_backend) == 0),
+        ended_at_idle_timeout(pg, &of_backend, None),
         "the backend never ended at idle_in_transaction_session_timeout"
     );
     loop {
@@ -582,6 +582,31 @@ fn slow_reader(pg: &Cluster, c: &mut dyn Wire, marker: &str) -> Got {
             }
         }
     }
+}
+
+/// Waits (TEST_LIMIT / 4) until the backend counted by `of_backend` has
+/// ended at idle_in_transaction_session_timeout, or until `or_else` (a count
+/// query) gives 1. The server arms that timer before it flushes
+/// ReadyForQuery; when it fires while the flush is blocked (a client, or here
+/// the TLS relay, not yet draining), secure_write resets the latch without
+/// serving the timeout, and the backend then waits for its next command with
+/// the timeout pending but unserved, as on a direct connection. So once a
+/// second has passed, the backend's latch is set (pg_log_backend_memory_contexts:
+/// a procsignal, nothing else changes), which serves a pending timeout and does
+/// nothing when none fired yet.
+fn ended_at_idle_timeout(pg: &Cluster, of_backend: &str, or_else: Option<&str>) -> bool {
+    let nudge = of_backend.replacen("count(*)", "count(pg_log_backend_memory_contexts(pid))", 1);
+    let mut last = std::time::Instant::now();
+    wait_until(TEST_LIMIT / 4, || {
+        if admin_i64(pg, of_backend) == 0 || or_else.is_some_and(|q| admin_i64(pg, q) == 1) {
+            return true;
+        }
+        if last.elapsed() >= Duration::from_secs(1) {
+            last = std::time::Instant::now();
+            admin_i64(pg, &nudge);
+        }
+        false
+    })
 }
 
 /// A fixed 64 kB receive buffer (no autotuning): the client's side of the
@@ -634,10 +659,16 @@ fn unread_result(pg: &Cluster, t: &mut TlsRaw, rows: usize, marker: &str) -> (Go
         "the backend neither finished nor blocked"
     );
     if fitted {
+        // It ends at the timeout, or, when the result left the buffers less
+        // room than its FATAL needs, it blocks writing that FATAL (ClientWrite,
+        // as it would for a direct client) until the client reads: then it
+        // did not fit after all.
+        let writing = format!("{of_backend} AND wait_event = 'ClientWrite'");
         assert!(
-            wait_until(TEST_LIMIT / 4, || admin_i64(pg, &of_backend) == 0),
-            "the backend never ended at idle_in_transaction_session_timeout"
+            ended_at_idle_timeout(pg, &of_backend, Some(&writing)),
+            "the backend neither ended at idle_in_transaction_session_timeout nor blocked writing its FATAL"
         );
+        fitted = admin_i64(pg, &of_backend) == 0;
     }
     let mut got = Got { rows: 0, rest: Vec::new() };
     loop {
