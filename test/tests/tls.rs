@@ -484,6 +484,124 @@ fn hostile_tls_input_leaves_the_pooler_serving() {
     });
 }
 
+/// One KeyUpdate flooder: logs in over TLS 1.3, then writes 10,000
+/// KeyUpdate(update_requested) records (`refresh_traffic_keys`) as fast as
+/// the socket takes them (write timeout SETTLE), then reads until the
+/// connection ends (read timeout SETTLE). Returns how many were written,
+/// what stopped the writing, whether a write stalled, and the end: "EOF",
+/// "TLS error: ..." (an alert), "reset: ..." or "hang: ..." (a timeout).
+fn flood_key_updates(port: u16, ca: &Path) -> (usize, Option<String>, bool, String) {
+    let mut flood = TlsRaw::connect(port, ca, "app", "postgres").expect("TLS login of the flooder");
+    assert_eq!(flood.s.conn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3), "the flooder needs TLS 1.3");
+    assert_eq!(flood.value("SELECT 1"), "1");
+    let t = &mut flood.s;
+    t.sock.set_write_timeout(Some(SETTLE)).expect("write timeout");
+    let (mut sent, mut stopped, mut stall) = (0usize, None, false);
+    'flood: for _ in 0..10_000 {
+        if let Err(e) = t.conn.refresh_traffic_keys() {
+            stopped = Some(format!("rustls refused another KeyUpdate: {e}"));
+            break;
+        }
+        while t.conn.wants_write() {
+            if let Err(e) = t.conn.write_tls(&mut t.sock) {
+                stall |= matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut);
+                stopped = Some(format!("write: {e}"));
+                break 'flood;
+            }
+        }
+        sent += 1;
+    }
+    // The server's KeyUpdates, then an alert, EOF or a reset; a timeout is
+    // a relay left hanging.
+    let end = loop {
+        match t.conn.read_tls(&mut t.sock) {
+            Ok(0) => break "EOF".to_string(),
+            Ok(_) => match t.conn.process_new_packets() {
+                Ok(_) => continue,
+                Err(e) => break format!("TLS error: {e}"),
+            },
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break format!("hang: {e}"),
+            Err(e) => break format!("reset: {e}"),
+        }
+    };
+    (sent, stopped, stall, end)
+}
+
+/// Issue 12, hostile TLS input: KeyUpdate floods. Ten clients in turn, each
+/// logged in over TLS 1.3, send 10,000 KeyUpdate(update_requested) records
+/// back to back with no application data between ([`flood_key_updates`]). The
+/// relay's rustls accepts 32 in a row (its `TemperCounters`, after
+/// BoringSSL's kMaxKeyUpdates) and fails the next with PeerMisbehaved
+/// TooManyKeyUpdateRequests: the relay sends the alert and closes, so the
+/// flooder ends with an alert, an EOF or a reset (printed), never a read
+/// that waits out its bound. Meanwhile (until the last flooder ends, at
+/// least 50 each) a TLS and a plaintext client already logged in run
+/// queries, each answered within authentication_timeout (5 s, their read
+/// timeout). Then the pooler process is the same, its thread
+/// count is back to what it was (no relay left) and a new TLS client works.
+/// The server itself (OpenSSL >= 1.1.1b) does not limit KeyUpdates: no
+/// differential comparison, by design.
+#[test]
+fn a_key_update_flood_is_closed_and_others_are_served() {
+    with_tls_server(Cluster::builder().conf("authentication_timeout = '5s'"), |pg, ca, pooler| {
+        let port = pg.port();
+        let bound = Duration::from_secs(5); // authentication_timeout
+        let mut warm = nextgres_test::raw::Raw::connect(port, "app", "postgres", TEST_LIMIT / 4);
+        assert_eq!(warm.value("SELECT 1"), "1");
+        drop(warm);
+        let tasks0 = proc_count(pooler, "task");
+        assert!(tasks0 > 0, "no /proc for the pooler {pooler}");
+
+        let mut other = TlsRaw::connect(port, &ca, "app", "postgres").expect("TLS login of the other client");
+        other.s.sock.set_read_timeout(Some(bound)).expect("timeout");
+        let mut plain = nextgres_test::raw::Raw::connect(port, "app", "postgres", bound);
+
+        // FLOODERS clients in turn, each logged in over TLS 1.3 and then
+        // flooding; returns how each ended.
+        const FLOODERS: usize = 10;
+        let ca2 = ca.clone();
+        let flooder = std::thread::spawn(move || {
+            let mut ends = Vec::new();
+            for _ in 0..FLOODERS {
+                let end = flood_key_updates(port, &ca2);
+                let hung = end.2 || end.3.starts_with("hang");
+                ends.push(end);
+                if hung {
+                    break; // fails below, without waiting out nine more
+                }
+            }
+            ends
+        });
+
+        // Meanwhile the others are served within the bound.
+        let mut i = 0;
+        while i < 50 || !flooder.is_finished() {
+            assert_eq!(other.value(&format!("SELECT {i}")), i.to_string(), "TLS client during the flood");
+            assert_eq!(plain.value(&format!("SELECT {i}")), i.to_string(), "plaintext client during the flood");
+            i += 1;
+        }
+        let ends = flooder.join().expect("flooder thread");
+        eprintln!("KeyUpdate floods ({i} queries each by the others meanwhile):");
+        for (sent, stopped, stall, end) in &ends {
+            eprintln!("  {sent} sent, stopped by {stopped:?}, ended with {end}");
+            assert!(!stall, "the flooder's writes stalled (nobody read them): {stopped:?}");
+            assert!(!end.starts_with("hang"), "the flooding client was never closed: {end} after {sent} KeyUpdates");
+        }
+
+        assert_eq!(other.value("SELECT 'after'"), "after");
+        assert_eq!(plain.value("SELECT 'after'"), "after");
+        drop(other);
+        assert_eq!(pooler_pid(pg), Some(pooler), "the pooler restarted");
+        assert!(
+            wait_until(SETTLE, || proc_count(pooler, "task") == tasks0),
+            "pooler threads after the flood: {} (were {tasks0})",
+            proc_count(pooler, "task")
+        );
+        let mut fresh = TlsRaw::connect(port, &ca, "app", "postgres").expect("TLS login after the flood");
+        assert_eq!(fresh.value("SELECT 'fresh'"), "fresh");
+    });
+}
+
 /// A client the slow-reader test drives over plaintext or TLS.
 trait Wire {
     fn send(&mut self, sql: &str);
