@@ -470,6 +470,13 @@ impl Cluster {
         &self.data
     }
 
+    /// The server's OS user: the owner of the data directory (the user the
+    /// harness runs PostgreSQL as; peer/ident maps name it).
+    pub fn server_os_user(&self) -> String {
+        use std::os::unix::fs::MetadataExt;
+        crate::util::os_user_name(std::fs::metadata(self.data_dir()).expect("data dir").uid())
+    }
+
     /// The cluster's scratch directory (data, socket, log).
     pub fn dir(&self) -> &Path {
         self.dir.path()

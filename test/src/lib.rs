@@ -45,7 +45,7 @@ pub use conn::ConnInfo;
 pub use env::{pg_major, PgInstall};
 pub use pgbench::{parse_summary, PgbenchSummary};
 pub use sql::{quote_ident, quote_literal, Activity, PasswordEncryption};
-pub use util::{wait_until, with_timeout};
+pub use util::{os_user_name, wait_until, with_timeout};
 
 use std::fmt;
 

@@ -45,3 +45,15 @@ pub fn with_timeout<T: Send + 'static>(
         },
     }
 }
+
+/// The name /etc/passwd gives OS user `uid` (panics when it has none).
+pub fn os_user_name(uid: u32) -> String {
+    let passwd = std::fs::read_to_string("/etc/passwd").expect("/etc/passwd");
+    passwd
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() > 2 && f[2] == uid.to_string()).then(|| f[0].to_string())
+        })
+        .unwrap_or_else(|| panic!("no user {uid} in /etc/passwd"))
+}

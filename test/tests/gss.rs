@@ -181,20 +181,6 @@ impl Drop for Kdc {
     }
 }
 
-/// The server's OS user: the owner of the data directory.
-fn server_os_user(pg: &Cluster) -> String {
-    use std::os::unix::fs::MetadataExt;
-    let uid = std::fs::metadata(pg.data_dir()).expect("data dir").uid();
-    let passwd = std::fs::read_to_string("/etc/passwd").expect("/etc/passwd");
-    passwd
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            (f.len() > 2 && f[2] == uid.to_string()).then(|| f[0].to_string())
-        })
-        .expect("server OS user in /etc/passwd")
-}
-
 /// PostgreSQL 16's pgserver wheel is built without GSSAPI.
 fn has_gssapi(pg_config: &Path) -> bool {
     let mut c = Command::new(pg_config);
@@ -261,7 +247,7 @@ fn gss_answers_as_direct_server() {
     exec(&sp.pg, "CREATE EXTENSION nextgres; CREATE ROLE alice LOGIN; CREATE ROLE bob LOGIN; CREATE ROLE mallory LOGIN");
     // The opt-in map (README): the server's OS user may be any role (15:
     // one line per role, no `all`), every other OS user only itself.
-    let os_user = server_os_user(&sp.pg);
+    let os_user = sp.pg.server_os_user();
     let mut ident = String::new();
     if nextgres_test::pg_major() >= 16 {
         ident.push_str(&format!("nextgres {os_user} all\n"));

@@ -61,24 +61,6 @@ fn set_ident(pg: &Cluster, text: &str) {
     std::fs::write(pg.data_dir().join("pg_ident.conf"), text).expect("writing pg_ident.conf");
 }
 
-/// The server's OS user (the pooler's too): the owner of the data directory.
-fn server_os_user(pg: &Cluster) -> String {
-    use std::os::unix::fs::MetadataExt;
-    let uid = std::fs::metadata(pg.data_dir()).expect("data dir").uid();
-    nix_user_name(uid)
-}
-
-fn nix_user_name(uid: u32) -> String {
-    let passwd = std::fs::read_to_string("/etc/passwd").expect("/etc/passwd");
-    passwd
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            (f.len() > 2 && f[2] == uid.to_string()).then(|| f[0].to_string())
-        })
-        .expect("server OS user in /etc/passwd")
-}
-
 const ROLES: [&str; 3] = ["alice", "bob", "repl_u"];
 
 /// The opt-in map: the pooler's OS user may log in as any role; every other
@@ -111,8 +93,8 @@ fn cluster(opt_in: bool) -> SidePort {
     exec(&sp.pg, "CREATE EXTENSION nextgres; CREATE ROLE alice LOGIN; CREATE ROLE bob LOGIN; CREATE ROLE rejected LOGIN; CREATE ROLE repl_u LOGIN REPLICATION");
     // The test's client runs as root: identd names root, mapped to alice
     // and repl_u only.
-    let client_os = nix_user_name(unsafe { libc::getuid() });
-    let os_user = server_os_user(&sp.pg);
+    let client_os = nextgres_test::os_user_name(unsafe { libc::getuid() });
+    let os_user = sp.pg.server_os_user();
     set_ident(
         &sp.pg,
         &format!("{}idmap {client_os} alice\nidmap {client_os} repl_u\n", opt_in_map(&os_user)),
