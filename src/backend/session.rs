@@ -205,7 +205,13 @@ pub fn switch_to(startup: &[(String, String)], image: SessionImage) {
     // statement"). The same client coming back (`attached_again`) keeps it,
     // as directly.
     if super::comm::take_parsed() && !s::close_unnamed_before_client() {
-        log::debug!("nextgres: the unnamed prepared statement survives this switch (recv() not redirected)");
+        // Once per backend process (the backend is single-threaded).
+        static LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !LOGGED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            log::info!(
+                "recv() could not be redirected, so the unnamed prepared statement survives session switches on this backend"
+            );
+        }
     }
     let mut pending = Pending::default();
     pending.set(statements);

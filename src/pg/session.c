@@ -1136,10 +1136,14 @@ scan_bytes(const unsigned char *p, size_t len)
  * Sync or a Query); the statement being gone, a later Bind/Describe "" of
  * the new client fails with 26000 as on a direct connection.  Reading it
  * stops the idle_session_timeout timer re-armed at attach (PostgresMain
- * turns it off after each message it reads), which matters only until the
- * client's bytes, already sent, are read.  Where recv() cannot be
- * redirected (ng_lazy_statements_init() false), the unnamed statement
- * survives the switch as before (README).
+ * turns it off after each message it reads) and, no ReadyForQuery
+ * following a Close, nothing arms it again for the client's first
+ * message: usually its bytes are already there, but a client that sends
+ * 1-4 bytes and stalls holds the backend without idle_session_timeout,
+ * where a direct session keeps the timer while it reads a message's first
+ * bytes (README, "Not supported yet").  Where recv() cannot be redirected
+ * (ng_lazy_statements_init() false), the unnamed statement survives the
+ * switch as before (README; session.rs logs it once per backend).
  * ------------------------------------------------------------------------ */
 
 /* Close: type, length 6, 'S' (statement), name "" (protocol message formats). */

@@ -298,7 +298,11 @@ impl Pooler {
         // any plaintext reached the pooler).
         let tls = c.tls.as_ref().and_then(|i| i.get()).map(|s| s.status.clone());
         let Some(Conn::Backend(b)) = self.conns.get(bk) else { return };
-        let new_client = b.last_client != client_id;
+        // Same client again only if the backend served this client last AND
+        // this client was last on this backend: the client may have moved
+        // to another backend since (SET, PREPARE there) and come back, while
+        // this one still names it as its last client.
+        let new_client = b.last_client != client_id || c.last_backend != Some(bk);
         let session_mode = c.session_mode;
         let session_start = !c.session_counted;
         let pool_row = c.pool.and_then(|p| self.pools.get(p)).map(|p| p.row as u32).unwrap_or(0);

@@ -631,6 +631,13 @@ fn query_msg(sql: &str) -> Vec<u8> {
     msg(b'Q', &b)
 }
 
+/// Close of a statement (`S`) or portal (`P`).
+fn close_msg(kind: u8, name: &str) -> Vec<u8> {
+    let mut b = vec![kind];
+    cstr(&mut b, name);
+    msg(b'C', &b)
+}
+
 const SYNC: &[u8] = b"S\0\0\0\x04";
 
 /// Every message up to ReadyForQuery, as text: tag, then what identifies it
@@ -708,6 +715,14 @@ fn unnamed_scenario(pg: &Cluster, pooled: bool) -> Vec<String> {
     out.push(exchange(&mut b, "B", &[&describe_msg(b'S', ""), SYNC]));
     out.push(exchange(&mut b, "B", &[&bind_msg("", ""), &execute_msg("", 0), SYNC]));
     out.push(exchange(&mut b, "B", &[&query_msg("SELECT 'still B'")]));
+    // B's first message after the switch is a Close of its own: its
+    // CloseComplete comes back (only the injected Close's is swallowed),
+    // for the unnamed statement and for a name that does not exist.
+    for name in ["", "nope"] {
+        out.push(exchange(&mut a, "A", &[&parse_a, SYNC]));
+        out.push(exchange(&mut b, "B", &[&close_msg(b'S', name), SYNC]));
+        out.push(exchange(&mut b, "B", &[&describe_msg(b'S', ""), SYNC]));
+    }
     for mut s in [a, b] {
         s.write_all(b"X\0\0\0\x04").expect("terminate");
     }
@@ -726,6 +741,8 @@ fn unnamed_statement_and_portal_stay_with_their_client() {
             // Guard against a vacuous comparison: directly, B is refused.
             assert!(direct[2].contains("E ERROR 26000 unnamed prepared statement does not exist"), "{direct:#?}");
             assert!(direct[12].contains("E ERROR 34000"), "{direct:#?}");
+            assert_eq!(direct[17], "B: 3 | Z I", "{direct:#?}");
+            assert_eq!(direct[20], "B: 3 | Z I", "{direct:#?}");
             for (i, (d, p)) in direct.iter().zip(&pooled).enumerate() {
                 assert_eq!(p, d, "step {i} differs (pooled vs direct)\ndirect: {direct:#?}\npooled: {pooled:#?}");
             }

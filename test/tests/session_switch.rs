@@ -407,3 +407,82 @@ fn statements_over_the_control_limit_get_a_fatal_error() {
         assert_eq!(value(&mut b, "SELECT count(*)::text FROM pg_prepared_statements").as_deref(), Some("0"));
     });
 }
+
+/// Review finding: "same client again" must mean the backend served this
+/// client last AND the client was last on this backend. pool_size 2,
+/// hold_idle_clients off: A sets and prepares on X; B finishes on Y, then A
+/// on X (X names A as its last client); the pool is paused and A sends; on
+/// resume Y (parked first) goes to A, which changes its SET and PREPARE
+/// there; B takes Y back (its last backend) and holds it; A's next
+/// statement gets X, which must switch to A's newest state (not keep A's
+/// old one): A sees its newest SET value and statement, as the same steps
+/// on a direct session.
+#[test]
+fn client_back_on_an_older_backend_gets_its_newest_state() {
+    let pg = Arc::new(
+        Cluster::builder()
+            .conf("nextgres.pool_size = 2")
+            .conf("nextgres.hold_idle_clients = off")
+            .start(),
+    );
+    pg.admin().batch_execute("CREATE EXTENSION nextgres; CREATE ROLE app LOGIN;").unwrap();
+    pg.run_bounded(TEST_LIMIT, |pg| {
+        let bound = Duration::from_secs(30);
+        let first = ["SET my.x = 'old'", "PREPARE p AS SELECT 'old'"];
+        let later = ["SET my.x = 'new'", "DEALLOCATE p", "PREPARE p AS SELECT 'new'", "PREPARE q AS SELECT 'q'"];
+        let checks = ["SELECT current_setting('my.x')", "EXECUTE p", "EXECUTE q"];
+        let observe = |c: &mut Client| -> Vec<String> { checks.iter().map(|q| outcome(c, q)).collect() };
+        let mut direct = pg.unix("app", "postgres").connect().expect("direct");
+        for q in first.iter().chain(later.iter()) {
+            value(&mut direct, q);
+        }
+        let want = observe(&mut direct);
+        assert_eq!(want, ["new", "new", "q"]);
+
+        let pools = || -> (i32, i32) {
+            pg.admin()
+                .query_one("SELECT clients_waiting, backends_parked FROM nextgres.pools WHERE role = 'app'", &[])
+                .map(|r| (r.get(0), r.get(1)))
+                .unwrap_or((-1, -1))
+        };
+        let mut a = pg.tcp("app", "postgres").connect().expect("a");
+        let mut b = pg.tcp("app", "postgres").connect().expect("b");
+        for q in first {
+            value(&mut a, q);
+        }
+        let pid = |c: &mut Client| value(c, "SELECT pg_backend_pid()::text").expect("pid");
+        value(&mut a, "BEGIN");
+        let x = pid(&mut a);
+        value(&mut b, "BEGIN");
+        let y = pid(&mut b);
+        assert_ne!(x, y);
+        value(&mut b, "COMMIT");
+        assert!(wait_until(bound, || pools().1 == 1), "Y not parked: {:?}", pools());
+        value(&mut a, "COMMIT");
+        assert!(wait_until(bound, || pools().1 == 2), "X not parked: {:?}", pools());
+        let paused: bool = pg.admin().query_one("SELECT nextgres.pause('postgres')", &[]).expect("pause").get(0);
+        assert!(paused);
+        std::thread::scope(|s| {
+            let t = s.spawn(|| {
+                value(&mut a, later[0]);
+            });
+            assert!(wait_until(bound, || pools().0 == 1), "A not waiting: {:?}", pools());
+            let n: i32 = pg.admin().query_one("SELECT nextgres.resume('postgres')", &[]).expect("resume").get(0);
+            assert_eq!(n, 1);
+            t.join().expect("a's SET");
+        });
+        for q in &later[1..] {
+            value(&mut a, q);
+        }
+        value(&mut a, "BEGIN");
+        assert_eq!(pid(&mut a), y, "A was not moved to Y (scenario not reproduced)");
+        value(&mut a, "COMMIT");
+        value(&mut b, "BEGIN");
+        assert_eq!(pid(&mut b), y, "B did not get Y back");
+        value(&mut a, "BEGIN");
+        assert_eq!(pid(&mut a), x, "A not back on X");
+        value(&mut a, "COMMIT");
+        assert_eq!(observe(&mut a), want, "A on X does not see its newest state");
+        value(&mut b, "COMMIT");
+    });
+}
