@@ -679,7 +679,10 @@ ng_server_authenticate(void)
 /*
  * hba.c remembers the postmaster's parsed_hba_context and
  * parsed_ident_context (both ALLOCSET_SMALL_SIZES) and deletes them on the
- * next load_hba()/load_ident() (the pooler calls only load_hba()).  In a background worker those contexts died
+ * next load_hba()/load_ident() (the pooler calls load_hba() at start and on
+ * reload, load_ident() on reload only, and only when the fork handler kept
+ * parsed_ident_context alive: ng_keep_parsed_ident_in_child()).  In a
+ * background worker those contexts died
  * with PostmasterContext at worker start and their headers sit on the
  * small-context freelist (mcxt/aset.c keeps up to MAX_FREE_CONTEXTS = 100),
  * so the next small context created reuses one: on PostgreSQL 18 the pgstat
@@ -749,11 +752,35 @@ ng_load_hba(NgError *err)
  * current "ident parser context" under TopMemoryContext.  The statics then
  * stay valid: the pooler starts with exactly the lines the postmaster
  * loaded (as a backend forked at the same moment would), and its own
- * load_ident() on SIGHUP frees them as hba.c expects.  The cost: each
- * server child keeps its copy of the parsed pg_ident.conf (a few kB for a
- * usual file; on 15 the compiled regexes were kept anyway, being malloc()ed)
- * instead of freeing it with PostmasterContext.
+ * load_ident() on SIGHUP frees them as hba.c expects.  The cost: every
+ * process the postmaster forks keeps its copy of the parsed pg_ident.conf
+ * instead of freeing it with PostmasterContext: on 16+ about 5 kB per regex
+ * line (the compiled regex's colormap, palloc'd in that context), a few
+ * hundred bytes per plain line, mostly shared copy-on-write with the
+ * postmaster since nobody writes it; on 15 the compiled regexes were kept
+ * anyway (malloc()ed, never freed in children).
+ *
+ * The name and parent are hba.c's of 15..18 (load_ident()); a later major
+ * version must be rechecked before it builds.  At run time the pooler uses
+ * maps only if this handler ran in its process (ng_ident_kept()), so a child
+ * forked some other way refuses map= instead of reading freed lines.
  */
+#if PG_VERSION_NUM >= 190000
+#error "recheck hba.c's ident parser context (ng_keep_parsed_ident_in_child)"
+#endif
+
+/*
+ * Set in a postmaster child by ng_keep_parsed_ident_in_child(): hba.c's
+ * parsed_ident_lines/parsed_ident_context are valid in this process, either
+ * because their context was moved under TopMemoryContext, or because the
+ * postmaster had none yet (forked before its first load_ident(), or that
+ * load failed): then both statics are NULL/NIL, which check_usermap()
+ * (no line matches) and load_ident() (nothing to free) handle.  False in a
+ * process the handler did not run in: hba.c's pg_ident.conf state must not
+ * be touched there.
+ */
+static bool ng_ident_is_kept = false;
+
 static void
 ng_keep_parsed_ident_in_child(void)
 {
@@ -768,9 +795,21 @@ ng_keep_parsed_ident_in_child(void)
 		if (strcmp(c->name, "ident parser context") == 0)
 		{
 			MemoryContextSetParent(c, TopMemoryContext);
-			return;
+			break;
 		}
 	}
+	/* Moved, or nothing to keep (hba.c's statics are empty then). */
+	ng_ident_is_kept = true;
+}
+
+/*
+ * Pooler: may hba.c's pg_ident.conf state (check_usermap(), load_ident())
+ * be used in this process?  See ng_ident_is_kept.
+ */
+bool
+ng_ident_kept(void)
+{
+	return ng_ident_is_kept;
 }
 
 /* Postmaster, _PG_init: install the fork handler above.  False on failure. */
@@ -786,16 +825,34 @@ ng_install_ident_keeper(void)
  * ng_load_hba()).  A file that does not load keeps the previous lines, and
  * the server LOGs why, as in the postmaster; false then (err filled when
  * an error was raised, else F0000 "could not load pg_ident.conf").
+ * Callers check ng_ident_kept() first.
+ *
+ * A SIGINT (pg_cancel_backend() of the pooler) means nothing to the pooler:
+ * a pending one is cleared first, else the regex library (regc_pg_locale.c
+ * rcancelrequested() reads QueryCancelPending) fails with REG_CANCEL, and
+ * cancel is held off for CHECK_FOR_INTERRUPTS() (57014) meanwhile.  One
+ * arriving during a regex compile still fails that compile (the file is
+ * not loaded, LOGged, previous lines kept): rare, and the next reload
+ * loads it.
+ *
+ * Leak, accepted: if load_ident() raises an ERROR (out of memory; it LOGs
+ * and returns false for a bad file) the lines tokenized and the new context
+ * it was filling stay allocated under our PostmasterContext, never freed;
+ * the previous lines stay in use.  A few kB per such failure, which should
+ * not repeat.
  */
 bool
 ng_load_ident(NgError *err)
 {
 	MemoryContext cxt = CurrentMemoryContext;
+	uint32		holdoff = QueryCancelHoldoffCount;
 	volatile bool ok = false;
 
 	if (PostmasterContext == NULL)
 		PostmasterContext = AllocSetContextCreate(TopMemoryContext, "nextgres hba",
 												  ALLOCSET_DEFAULT_SIZES);
+	QueryCancelPending = false; /* SIGINT means nothing to the pooler */
+	HOLD_CANCEL_INTERRUPTS();
 	PG_TRY();
 	{
 		ok = load_ident();
@@ -811,6 +868,8 @@ ng_load_ident(NgError *err)
 		ok = false;
 	}
 	PG_END_TRY();
+	QueryCancelHoldoffCount = holdoff;
+	QueryCancelPending = false;
 	MemoryContextSwitchTo(cxt);
 	return ok;
 }
@@ -992,17 +1051,24 @@ ng_login_lookup(const char *database, const char *user,
  * The server's check_usermap() (hba.c): is `system_user` (a client
  * certificate's CN or DN) allowed to log in as `pg_user` under `usermap`
  * (empty: the names must be equal), with the pg_ident.conf the postmaster
- * had loaded when it forked the pooler, or ng_load_ident() loaded since. Case-sensitive, as auth.c CheckCertAuth() calls it. In a
+ * had loaded when it forked the pooler, or ng_load_ident() loaded since.
+ * Case-sensitive, as auth.c CheckCertAuth() calls it. In a
  * transaction: a "+role" or "@file" line looks up role membership. The
  * server LOGs the reason for a refusal itself. Returns 1 allowed,
- * 0 refused, -1 on error (err filled).
+ * 0 refused, -1 on error (err filled).  Callers check ng_ident_kept() first.
+ * A pending SIGINT is cleared and cancel held off, as in ng_load_ident():
+ * else pg_regexec() returns REG_CANCEL (a refusal) and catalog access raises
+ * 57014.
  */
 int
 ng_check_usermap(const char *usermap, const char *pg_user, const char *system_user, NgError *err)
 {
 	MemoryContext cxt = CurrentMemoryContext;
+	uint32		holdoff = QueryCancelHoldoffCount;
 	volatile int result = 0;
 
+	QueryCancelPending = false; /* SIGINT means nothing to the pooler */
+	HOLD_CANCEL_INTERRUPTS();
 	PG_TRY();
 	{
 		StartTransactionCommand();
@@ -1016,6 +1082,8 @@ ng_check_usermap(const char *usermap, const char *pg_user, const char *system_us
 		result = -1;
 	}
 	PG_END_TRY();
+	QueryCancelHoldoffCount = holdoff;
+	QueryCancelPending = false;
 	MemoryContextSwitchTo(cxt);
 	return result;
 }

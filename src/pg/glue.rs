@@ -156,6 +156,7 @@ extern "C" {
     fn ng_load_hba(err: *mut NgError) -> bool;
     fn ng_load_ident(err: *mut NgError) -> bool;
     fn ng_install_ident_keeper() -> bool;
+    fn ng_ident_kept() -> bool;
     fn ng_check_usermap(usermap: *const c_char, pg_user: *const c_char, system_user: *const c_char, err: *mut NgError) -> c_int;
     fn ng_login_lookup(
         database: *const c_char,
@@ -385,6 +386,14 @@ pub fn load_ident() -> Result<(), NgError> {
 /// installed.
 pub fn install_ident_keeper() -> bool {
     unsafe { ng_install_ident_keeper() }
+}
+
+/// Pooler: did the fork handler run in this process, so hba.c's
+/// pg_ident.conf state is valid here (kept, or empty because the
+/// postmaster had none yet)? [`load_ident`] and [`check_usermap`] must not
+/// be called otherwise: they would read (on 15: free) freed memory.
+pub fn ident_kept() -> bool {
+    unsafe { ng_ident_kept() }
 }
 
 /// The server's `check_usermap()` (hba.c) with the pg_ident.conf the

@@ -235,6 +235,17 @@ impl AuthSession {
             log::info!("certificate authentication failed for user \"{user}\": the certificate's DN has an attribute type nextgres cannot name as OpenSSL does");
             return false;
         }
+        if !self.info.usermap().is_empty() && !glue::ident_kept() {
+            // hba.c's parsed pg_ident.conf is freed memory in a pooler the
+            // fork handler did not run in (glue.c ng_ident_kept()): refused,
+            // never read.
+            log::warn!(
+                "certificate authentication failed for user \"{user}\": map= on line {} of \"{}\" cannot be checked: the postmaster's pg_ident.conf was not kept in the pooler",
+                self.info.hba_line,
+                self.info.hba_file()
+            );
+            return false;
+        }
         if self.info.hba_usermap_too_long {
             log::info!("certificate authentication failed for user \"{user}\": the pg_hba.conf map name is longer than nextgres supports");
             return false;

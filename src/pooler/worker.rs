@@ -213,7 +213,11 @@ impl Pooler {
         }
         // As the postmaster: pg_ident.conf after pg_hba.conf; one that does
         // not load keeps the previous lines (the server LOGs why).
-        if let Err(e) = glue::load_ident() {
+        // Only where the fork handler kept hba.c's lines valid (else
+        // load_ident() would free freed memory; map= is refused then).
+        if !glue::ident_kept() {
+            log::warn!("pg_ident.conf not reloaded: the postmaster's parsed lines were not kept in the pooler, map= on certificate lines is refused");
+        } else if let Err(e) = glue::load_ident() {
             log::warn!("pg_ident.conf not reloaded, keeping the previous lines: {}", e.message());
         }
         // As the postmaster reloads its SSL context: new clients get the new

@@ -1329,8 +1329,13 @@ fn certificate_maps_decide_as_the_server() {
 
         // A bad regex + reload (with a pg_hba.conf change to see the reload
         // done): both keep the previous lines, the pooler keeps running.
+        // The bad file's good lines are the ORIGINAL ones (`m alice
+        // mapuser`), whose decisions differ from the loaded (edited) ones:
+        // a pooler applying them would decide as at start, not as after
+        // the edit.
+        assert_ne!(seen, after_edit, "the original and the edited pg_ident.conf must decide differently");
         let pooler = pooler_pid(pooled).expect("pooler");
-        let bad = format!("{edited}bad /( nobody\n");
+        let bad = format!("{ident}bad /( nobody\n");
         let hba2 = hba.replace("host all postgres", "hostssl all marker 127.0.0.1/32 trust\nhost all postgres");
         for pg in [pooled, &direct] {
             std::fs::write(pg.data_dir().join("pg_ident.conf"), &bad).expect("pg_ident.conf");
