@@ -701,27 +701,32 @@ ng_pooler_guard_stale_hba_contexts(void)
 }
 
 /*
- * The postmaster's parsed hba is gone in a background worker (its context is
- * deleted at worker start), so keep our own PostmasterContext and reload into
- * it; load_hba() allocates there.
+ * Runs one of hba.c's loaders (load_hba, load_ident) in the pooler: under our
+ * stand-in PostmasterContext, where they allocate; with a pending SIGINT
+ * cleared and cancel held off (SIGINT means nothing to the pooler, and the
+ * regex code and catalog access check for it); an ERROR captured into err.
+ * A file that does not load keeps the previous lines and the server LOGs
+ * why: false then, err F0000 `failed` unless an error was raised.
  */
-bool
-ng_load_hba(NgError *err)
+static bool
+ng_load_conf(bool (*load) (void), const char *failed, NgError *err)
 {
 	MemoryContext cxt = CurrentMemoryContext;
+	uint32		holdoff = QueryCancelHoldoffCount;
 	volatile bool ok = false;
 
 	if (PostmasterContext == NULL)
 		PostmasterContext = AllocSetContextCreate(TopMemoryContext, "nextgres hba",
 												  ALLOCSET_DEFAULT_SIZES);
+	QueryCancelPending = false;
+	HOLD_CANCEL_INTERRUPTS();
 	PG_TRY();
 	{
-		/* pg_ident.conf: ng_load_ident(), on reload only. */
-		ok = load_hba();
+		ok = load();
 		if (!ok)
 		{
 			strlcpy(err->sqlstate, "F0000", sizeof(err->sqlstate));
-			strlcpy(err->message, "could not load pg_hba.conf", sizeof(err->message));
+			strlcpy(err->message, failed, sizeof(err->message));
 		}
 	}
 	PG_CATCH();
@@ -730,8 +735,22 @@ ng_load_hba(NgError *err)
 		ok = false;
 	}
 	PG_END_TRY();
+	QueryCancelHoldoffCount = holdoff;
+	QueryCancelPending = false;
 	MemoryContextSwitchTo(cxt);
 	return ok;
+}
+
+/*
+ * The postmaster's parsed hba is gone in a background worker (its context is
+ * deleted at worker start), so keep our own PostmasterContext and reload into
+ * it; load_hba() allocates there.
+ */
+bool
+ng_load_hba(NgError *err)
+{
+	/* pg_ident.conf: ng_load_ident(), on reload only. */
+	return ng_load_conf(load_hba, "could not load pg_hba.conf", err);
 }
 
 /*
@@ -844,34 +863,7 @@ ng_install_ident_keeper(void)
 bool
 ng_load_ident(NgError *err)
 {
-	MemoryContext cxt = CurrentMemoryContext;
-	uint32		holdoff = QueryCancelHoldoffCount;
-	volatile bool ok = false;
-
-	if (PostmasterContext == NULL)
-		PostmasterContext = AllocSetContextCreate(TopMemoryContext, "nextgres hba",
-												  ALLOCSET_DEFAULT_SIZES);
-	QueryCancelPending = false; /* SIGINT means nothing to the pooler */
-	HOLD_CANCEL_INTERRUPTS();
-	PG_TRY();
-	{
-		ok = load_ident();
-		if (!ok)
-		{
-			strlcpy(err->sqlstate, "F0000", sizeof(err->sqlstate));
-			strlcpy(err->message, "could not load pg_ident.conf", sizeof(err->message));
-		}
-	}
-	PG_CATCH();
-	{
-		ng_capture_error(cxt, err);
-		ok = false;
-	}
-	PG_END_TRY();
-	QueryCancelHoldoffCount = holdoff;
-	QueryCancelPending = false;
-	MemoryContextSwitchTo(cxt);
-	return ok;
+	return ng_load_conf(load_ident, "could not load pg_ident.conf", err);
 }
 
 typedef struct NgLoginInfo
