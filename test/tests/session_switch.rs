@@ -471,12 +471,19 @@ fn client_back_on_an_older_backend_gets_its_newest_state() {
             assert_eq!(n, 1);
             t.join().expect("a's SET");
         });
+        // Before each next transaction both backends are parked again: a
+        // client's statement that arrives while its last backend is still
+        // being given back goes to the other one, which is not this scenario.
+        let both_parked = || assert!(wait_until(bound, || pools().1 == 2), "not both parked: {:?}", pools());
         for q in &later[1..] {
+            both_parked();
             value(&mut a, q);
         }
+        both_parked();
         value(&mut a, "BEGIN");
         assert_eq!(pid(&mut a), y, "A was not moved to Y (scenario not reproduced)");
         value(&mut a, "COMMIT");
+        both_parked();
         value(&mut b, "BEGIN");
         assert_eq!(pid(&mut b), y, "B did not get Y back");
         value(&mut a, "BEGIN");
