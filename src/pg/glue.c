@@ -504,6 +504,7 @@ ng_set_client_addr(const struct sockaddr_storage *addr, socklen_t salen)
  * non-ASCII byte instead, so that nothing can raise an error while a client
  * is being attached.
  */
+#ifdef USE_SSL
 static void
 ng_ssl_field(char *dst, const char *src)
 {
@@ -517,6 +518,7 @@ ng_ssl_field(char *dst, const char *src)
 				*p = '?';
 	}
 }
+#endif
 
 /*
  * pg_stat_ssl for a client whose TLS the pooler terminates (the backend sees

@@ -103,6 +103,21 @@ fn psql_cs(pg: &Cluster, conn: &ConnInfo, extra: &str, cs: &[&str]) -> CmdOutput
     pg.psql(conn, &args)
 }
 
+/// psql `SELECT current_user` with `extra` connection options: "ok ROLE", or
+/// "failed " and the FATAL, or libpq's own reason without its "connection to
+/// server at ..., port N failed:" prefix (ports differ between the clusters
+/// a test compares).
+fn login_outcome(pg: &Cluster, conn: &ConnInfo, extra: &str) -> String {
+    let out = psql_cs(pg, conn, extra, &["SELECT current_user"]);
+    if out.success() {
+        return format!("ok {}", out.stdout.trim());
+    }
+    let err = out.stderr.lines().find_map(|l| {
+        l.split_once("FATAL:").or_else(|| l.split_once(" failed: ")).map(|(_, m)| m.trim().to_string())
+    });
+    format!("failed {}", err.unwrap_or_else(|| out.stderr.clone()))
+}
+
 /// `expr` over this client's own row of `nextgres.clients`.
 fn of_client(expr: &str) -> String {
     format!("SELECT {expr} FROM nextgres.clients WHERE client_port = inet_client_port()")
@@ -1044,18 +1059,8 @@ fn scram_channel_binding_as_the_server() {
             pg.restart().expect("restart with ssl = on");
         }
         assert!(wait_until(SETTLE, || pooler_pid(pooled).is_some()), "no pooler after the restart");
-        let outcome = |pg: &Cluster, extra: &str| -> String {
-            let conn = pg.tcp("alice", "postgres").maybe_password(Some("secret"));
-            let out = psql_cs(pg, &conn, extra, &["SELECT current_user"]);
-            if out.success() {
-                return format!("ok {}", out.stdout.trim());
-            }
-            // The FATAL, or libpq's own reason without its "connection to
-            // server at ..., port N failed:" prefix (the ports differ).
-            let err = out.stderr.lines().find_map(|l| {
-                l.split_once("FATAL:").or_else(|| l.split_once(" failed: ")).map(|(_, m)| m.trim().to_string())
-            });
-            format!("failed {}", err.unwrap_or_else(|| out.stderr.clone()))
+        let outcome = |pg: &Cluster, extra: &str| {
+            login_outcome(pg, &pg.tcp("alice", "postgres").maybe_password(Some("secret")), extra)
         };
         let mut seen = Vec::new();
         for ssl in ["require", "disable"] {
@@ -1145,16 +1150,8 @@ fn client_certificates_decide_as_the_server() {
             pg.restart().expect("restart with ssl = on");
         }
         assert!(wait_until(SETTLE, || pooler_pid(pooled).is_some()), "no pooler after the restart");
-        let outcome = |pg: &Cluster, role: &str, extra: &str| -> String {
-            let conn = pg.tcp(role, "postgres").maybe_password(Some("secret"));
-            let out = psql_cs(pg, &conn, &format!("sslmode=require {extra}"), &["SELECT current_user"]);
-            if out.success() {
-                return format!("ok {}", out.stdout.trim());
-            }
-            let err = out.stderr.lines().find_map(|l| {
-                l.split_once("FATAL:").or_else(|| l.split_once(" failed: ")).map(|(_, m)| m.trim().to_string())
-            });
-            format!("failed {}", err.unwrap_or_else(|| out.stderr.clone()))
+        let outcome = |pg: &Cluster, role: &str, extra: &str| {
+            login_outcome(pg, &pg.tcp(role, "postgres").maybe_password(Some("secret")), &format!("sslmode=require {extra}"))
         };
         let mut seen = Vec::new();
         for role in roles {
@@ -1273,16 +1270,8 @@ fn certificate_maps_decide_as_the_server() {
             pg.restart().expect("restart with ssl = on");
         }
         assert!(wait_until(SETTLE, || pooler_pid(pooled).is_some()), "no pooler after the restart");
-        let outcome = |pg: &Cluster, role: &str, extra: &str| -> String {
-            let conn = pg.tcp(role, "postgres");
-            let out = psql_cs(pg, &conn, &format!("sslmode=require {extra}"), &["SELECT current_user"]);
-            if out.success() {
-                return format!("ok {}", out.stdout.trim());
-            }
-            let err = out.stderr.lines().find_map(|l| {
-                l.split_once("FATAL:").or_else(|| l.split_once(" failed: ")).map(|(_, m)| m.trim().to_string())
-            });
-            format!("failed {}", err.unwrap_or_else(|| out.stderr.clone()))
+        let outcome = |pg: &Cluster, role: &str, extra: &str| {
+            login_outcome(pg, &pg.tcp(role, "postgres"), &format!("sslmode=require {extra}"))
         };
         let compare = |what: &str| -> Vec<String> {
             let mut seen = Vec::new();
@@ -1414,16 +1403,8 @@ fn certificate_names_and_crl_dirs_decide_as_the_server() {
             pg.restart().expect("restart with ssl = on");
         }
         assert!(wait_until(SETTLE, || pooler_pid(pooled).is_some()), "no pooler after the restart");
-        let outcome = |pg: &Cluster, role: &str, extra: &str| -> String {
-            let conn = pg.tcp(role, "postgres");
-            let out = psql_cs(pg, &conn, &format!("sslmode=require {extra}"), &["SELECT current_user"]);
-            if out.success() {
-                return format!("ok {}", out.stdout.trim());
-            }
-            let err = out.stderr.lines().find_map(|l| {
-                l.split_once("FATAL:").or_else(|| l.split_once(" failed: ")).map(|(_, m)| m.trim().to_string())
-            });
-            format!("failed {}", err.unwrap_or_else(|| out.stderr.clone()))
+        let outcome = |pg: &Cluster, role: &str, extra: &str| {
+            login_outcome(pg, &pg.tcp(role, "postgres"), &format!("sslmode=require {extra}"))
         };
         let compare = |what: &str| -> Vec<String> {
             let mut seen = Vec::new();
@@ -1518,16 +1499,8 @@ fn trust_anchors_and_key_usage_as_the_server() {
             pg.restart().expect("restart with ssl = on");
         }
         assert!(wait_until(SETTLE, || pooler_pid(pooled).is_some()), "no pooler after the restart");
-        let outcome = |pg: &Cluster, extra: &str| -> String {
-            let conn = pg.tcp("vca", "postgres");
-            let out = psql_cs(pg, &conn, &format!("sslmode=require {extra}"), &["SELECT current_user"]);
-            if out.success() {
-                return format!("ok {}", out.stdout.trim());
-            }
-            let err = out.stderr.lines().find_map(|l| {
-                l.split_once("FATAL:").or_else(|| l.split_once(" failed: ")).map(|(_, m)| m.trim().to_string())
-            });
-            format!("failed {}", err.unwrap_or_else(|| out.stderr.clone()))
+        let outcome = |pg: &Cluster, extra: &str| {
+            login_outcome(pg, &pg.tcp("vca", "postgres"), &format!("sslmode=require {extra}"))
         };
         for ca in ["root.crt", "mid.crt", "both.crt"] {
             if ca != "root.crt" {
