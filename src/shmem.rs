@@ -306,16 +306,12 @@ impl Tables {
     }
 }
 
-/// Copies a string into a fixed NUL-terminated field (truncating).
 /// Copies `s` into a NUL-terminated field, truncated at a character
 /// boundary to fit.
 pub fn set_name(field: &mut [u8], s: &str) {
     field.fill(0);
-    let mut n = s.len().min(field.len() - 1);
-    while !s.is_char_boundary(n) {
-        n -= 1;
-    }
-    field[..n].copy_from_slice(&s.as_bytes()[..n]);
+    let s = nextgres_core::cert::cut_at_char(s, field.len() - 1);
+    field[..s.len()].copy_from_slice(s.as_bytes());
 }
 
 pub fn name(field: &[u8]) -> String {

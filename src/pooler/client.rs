@@ -98,6 +98,12 @@ pub struct Client {
 }
 
 impl Client {
+    /// The client's TLS session as the backend's `pg_stat_ssl` row shows
+    /// it (ATTACH); None for plaintext, or before the relay has set it.
+    pub fn tls_status(&self) -> Option<nextgres_core::control::TlsStatus> {
+        self.tls.as_ref().and_then(|i| i.get()).map(|s| s.status.clone())
+    }
+
     pub fn new(stream: TcpStream, addr: SocketAddr, row: usize, id: u64) -> Client {
         Client {
             stream,

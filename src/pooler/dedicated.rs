@@ -325,7 +325,7 @@ impl Pooler {
             addr: c.raw_addr(),
             settings: Vec::new(),
             image: Default::default(),
-            tls: c.tls.as_ref().and_then(|i| i.get()).map(|s| s.status.clone()),
+            tls: c.tls_status(),
         };
         let mut msg = Vec::with_capacity(64);
         control::write_attach(&mut msg, &attach);

@@ -296,7 +296,7 @@ impl Pooler {
         let (client_id, fd, row, pool) = (c.id, c.stream.as_raw_fd(), c.row, c.pool);
         // pg_stat_ssl for the backend's session (set by the relay before
         // any plaintext reached the pooler).
-        let tls = c.tls.as_ref().and_then(|i| i.get()).map(|s| s.status.clone());
+        let tls = c.tls_status();
         let Some(Conn::Backend(b)) = self.conns.get(bk) else { return };
         // Same client again only if the backend served this client last AND
         // this client was last on this backend: the client may have moved
