@@ -346,6 +346,10 @@ fn next_attach(p: &mut Parking) -> Option<(Attach, RawFd)> {
     let (n, nfds) = match recv_with_fd(p.control, &mut buf, &mut fds) {
         Ok(r) => r,
         Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => return None,
+        // An ATTACH whose socket did not fit: this backend cannot serve the
+        // client. The FATAL goes to the pooler (the control socket is this
+        // backend's client socket while parked), which passes it on.
+        Err(nix::errno::Errno::EMFILE) => fatal("could not receive the client socket from the pooler: too many open files in this backend (the descriptor was dropped)"),
         Err(_) => (0, 0),
     };
     if n == 0 {
@@ -458,12 +462,17 @@ fn attach_dedicated(p: &mut Parking, a: &Attach, timer_was_on: bool) {
     super::unpool();
 }
 
+/// Reads from a control socket, taking at most one descriptor passed with
+/// SCM_RIGHTS (any more are closed). Returns (bytes, descriptors). A
+/// descriptor the kernel could not install (MSG_CTRUNC, the process is at
+/// its open files limit) is Err(EMFILE), the bytes read are lost.
 pub(crate) fn recv_with_fd(fd: RawFd, buf: &mut [u8], fds: &mut [RawFd; 1]) -> nix::Result<(usize, usize)> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     let mut iov = [std::io::IoSliceMut::new(buf)];
     let mut cmsg = nix::cmsg_space!([RawFd; 1]);
     let msg = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)?;
     let mut nfds = 0;
+    let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
     for c in msg.cmsgs()? {
         if let ControlMessageOwned::ScmRights(r) = c {
             for f in r {
@@ -475,6 +484,11 @@ pub(crate) fn recv_with_fd(fd: RawFd, buf: &mut [u8], fds: &mut [RawFd; 1]) -> n
                 }
             }
         }
+    }
+    if truncated && nfds == 0 {
+        // The kernel dropped the descriptor it could not install (this
+        // process at RLIMIT_NOFILE): the message came without its socket.
+        return Err(nix::errno::Errno::EMFILE);
     }
     Ok((msg.bytes, nfds))
 }

@@ -206,6 +206,20 @@ impl Pooler {
                     return false;
                 }
             },
+            (BPhase::Attached { .. }, b'E') if {
+                let f = proto::parse_error_fields(body).unwrap_or_default();
+                matches!(f.severity.as_str(), "FATAL" | "PANIC")
+            } =>
+            {
+                // An attached backend that exits before it took the client's
+                // socket, or after it gave it back (it could not receive the
+                // descriptor: MSG_CTRUNC; terminated while parking): its
+                // FATAL came on the control socket. The client gets it.
+                let f = proto::parse_error_fields(body).unwrap_or_default();
+                log::debug!("backend {}: {} {}", b.pid, f.sqlstate, f.message);
+                self.backend_gone(key, Some(f));
+                return false;
+            }
             (_, b'E') => {
                 // A parked or attached backend being terminated says why
                 // before its EOF.
@@ -295,7 +309,9 @@ impl Pooler {
     }
 
     /// The backend is gone (EOF) or its login failed. Whatever client it
-    /// served mid-transaction loses its connection, as with a direct backend.
+    /// served mid-transaction loses its connection, as with a direct backend
+    /// (with `login_failure` as its FATAL when the backend sent one on the
+    /// control socket while attached).
     pub fn backend_gone(&mut self, key: usize, login_failure: Option<ErrorFields>) {
         let Some(Conn::Backend(b)) = self.conns.try_remove(key) else { return };
         conn::remove(&self.epoll, &b.stream);
@@ -329,12 +345,16 @@ impl Pooler {
         }
         match b.phase {
             BPhase::Attached { client } => {
-                // The backend wrote its own FATAL (if any) to the client.
+                // The backend wrote its own FATAL (if any) to the client;
+                // one it sent the pooler instead (`fatal`) is passed on.
                 if let Some(c) = self.client(client) {
                     c.phase = super::client::Phase::Closing;
                     c.outbuf.clear();
                 }
-                self.client_close(client);
+                match login_failure {
+                    Some(f) => self.client_fatal_fields(client, &f),
+                    None => self.client_close(client),
+                }
             }
             BPhase::Login if b.own => {
                 // As a direct login: the client it was for gets the server's

@@ -493,37 +493,64 @@ impl Pooler {
     /// thread and carry on with the pooler's end of a socketpair in its place.
     /// `direct`: the bytes of a direct TLS handshake already read (no 'S';
     /// the relay requires ALPN `postgresql`).
+    ///
+    /// The socketpair and the thread come before the 'S' (the relay thread
+    /// sends it): a client the pooler has no descriptors (EMFILE) or thread
+    /// for is still answered in plaintext, FATAL 53300, as the postmaster
+    /// answers an SSLRequest when it cannot fork (postmaster.c
+    /// report_fork_failure_to_client()); libpq reports an error response to
+    /// its SSLRequest. A direct TLS client has sent its ClientHello and
+    /// expects no plaintext: it is closed.
     fn client_start_tls(&mut self, key: usize, cfg: std::sync::Arc<super::tls::Loaded>, direct: Option<Vec<u8>>) {
         let Some(Conn::Client(c)) = self.conns.get_mut(key) else { return };
-        if direct.is_none() {
-            c.send(b"S");
-            if !c.outbuf.is_empty() {
-                return self.client_close(key); // one byte on a fresh socket: only a broken one keeps it
-            }
-        }
-        let Ok((mine, relay_end)) = std::os::unix::net::UnixStream::pair() else {
-            log::warn!("socketpair for a TLS client failed");
+        if direct.is_none() && !c.outbuf.is_empty() {
+            // An earlier answer ('N' to a GSSENCRequest) is still unsent: only
+            // a broken socket keeps a byte or two.
             return self.client_close(key);
+        }
+        let (mine, relay_end) = match std::os::unix::net::UnixStream::pair() {
+            Ok(p) => p,
+            Err(e) => return self.client_tls_refused(key, direct.is_some(), &format!("could not create a socket pair for the TLS relay: {e}")),
         };
         if mine.set_nonblocking(true).is_err() {
             return self.client_close(key);
         }
         // The TCP socket leaves the pooler's epoll set: from now on only the
         // relay thread touches it.
-        if c.registered.take().is_some() {
+        let was_registered = c.registered.take().is_some();
+        if was_registered {
             conn::remove(&self.epoll, &c.stream);
         }
         c.armed = false;
         let tcp = std::mem::replace(&mut c.stream, TcpStream::from(std::os::fd::OwnedFd::from(mine)));
         let info = super::tls::TlsInfo::default();
-        c.tls = Some(info.clone());
-        c.tls_negotiation = Some(if direct.is_some() { (false, false) } else { (true, true) });
-        if !super::tls::spawn_relay(&cfg, tcp, relay_end, info, direct) {
-            log::warn!("could not start a TLS relay thread for {}", c.addr);
-            return self.client_close(key);
+        let answer = direct.is_none().then_some(b'S');
+        let is_direct = direct.is_some();
+        if let Err((tcp, e)) = super::tls::spawn_relay(&cfg, tcp, relay_end, info.clone(), direct, answer) {
+            // The TCP socket is back (the pair's ends are closed): the
+            // client has had no 'S' and can still read a plaintext error.
+            c.stream = tcp;
+            return self.client_tls_refused(key, is_direct, &format!("could not start a thread for the TLS relay: {e}"));
         }
+        c.tls = Some(info);
+        c.tls_negotiation = Some(if is_direct { (false, false) } else { (true, true) });
         // The ClientHello and everything after it arrive through the pair.
         self.client_startup(key)
+    }
+
+    /// A TLS client the pooler cannot take (no descriptors, no thread):
+    /// FATAL 53300 in plaintext in answer to its SSLRequest, as the server's
+    /// "sorry, too many clients already"; a direct TLS client is closed.
+    /// LOGged (`why`), as the postmaster logs a failed fork.
+    fn client_tls_refused(&mut self, key: usize, direct: bool, why: &str) {
+        let addr = self.client(key).map(|c| c.addr.to_string()).unwrap_or_default();
+        log::info!("TLS connection from {addr} refused: {why}");
+        if direct {
+            return self.client_close(key);
+        }
+        let mut f = fatal_fields("53300", "sorry, too many clients already", None);
+        f.detail = Some(format!("nextgres {why}"));
+        self.client_fatal_fields(key, &f)
     }
 
     fn client_startup_message(&mut self, key: usize, minor: u16, params: Vec<(String, String)>) {

@@ -1,4 +1,5 @@
-//! Accepting clients on the pooler's listen sockets.
+//! Accepting clients on the pooler's listen sockets, and the open-files
+//! limit they are accepted under.
 use super::client::Client;
 use super::conn::{self, Conn};
 use super::worker::Pooler;
@@ -13,6 +14,7 @@ const ACCEPT_BATCH: usize = 64;
 
 impl Pooler {
     pub fn accept(&mut self, key: usize) {
+        use nextgres_core::accept::{classify, Failure};
         let Some(Conn::Listener(l)) = self.conns.get(key) else { return };
         let lfd = l.as_raw_fd();
         for _ in 0..ACCEPT_BATCH {
@@ -22,14 +24,48 @@ impl Pooler {
             ) {
                 Ok(fd) => fd,
                 Err(nix::errno::Errno::EAGAIN) => return,
-                Err(nix::errno::Errno::EINTR) | Err(nix::errno::Errno::ECONNABORTED) => continue,
-                Err(e) => {
-                    log::warn!("accept: {e}");
-                    return;
-                }
+                Err(e) => match classify(e as i32) {
+                    Failure::Retry => continue,
+                    Failure::Pause => return self.accept_pause(e),
+                    Failure::Skip => {
+                        log::info!("could not accept new connection: {}", e.desc());
+                        return;
+                    }
+                },
             };
             let stream = unsafe { TcpStream::from_raw_fd(fd) };
             self.new_client(stream);
+        }
+    }
+
+    /// accept(2) failed for lack of descriptors or memory: the connection
+    /// stays queued and the listen socket readable. As the postmaster
+    /// (pqcomm.c AcceptConnection(): LOG, then 100 ms without accepting),
+    /// but without blocking the loop: the listen sockets leave the epoll
+    /// set for `nextgres_core::accept::PAUSE` ([`Self::accept_resume`]
+    /// puts them back); one LOG line per pause.
+    fn accept_pause(&mut self, e: nix::errno::Errno) {
+        if !self.accept_pause.start(std::time::Instant::now()) {
+            return;
+        }
+        log::info!("could not accept new connection: {}", e.desc());
+        for (_, c) in self.conns.iter() {
+            if let Conn::Listener(l) = c {
+                conn::remove(&self.epoll, l);
+            }
+        }
+    }
+
+    /// Once per loop turn: the listen sockets go back into the epoll set
+    /// when a pause is over (the loop's wait is cut to end with it).
+    pub fn accept_resume(&mut self) {
+        if !self.accept_pause.end_if_due(std::time::Instant::now()) {
+            return;
+        }
+        for (k, c) in self.conns.iter() {
+            if let Conn::Listener(l) = c {
+                conn::add(&self.epoll, l, k, conn::READ);
+            }
         }
     }
 
@@ -82,5 +118,31 @@ impl Pooler {
             c.registered = Some(conn::READ);
             c.armed = true;
         }
+    }
+}
+
+/// Pooler start: raises the soft RLIMIT_NOFILE to the hard one and LOGs
+/// both. The pooler inherits the soft limit the server was started with
+/// (often 1024), while each plaintext client takes one descriptor and each
+/// TLS client three (its TCP socket and both ends of its relay socketpair)
+/// and a thread; the hard limit is what the DBA set for the service
+/// (systemd `LimitNOFILE`, `ulimit -Hn`). PostgreSQL's own file accounting
+/// (fd.c `max_safe_fds`) was sized at postmaster start from the lower soft
+/// limit, so it stays within the raised one.
+pub fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let fmt = |v: u64| if v == nix::sys::resource::RLIM_INFINITY { "unlimited".to_string() } else { v.to_string() };
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            let raised = soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok();
+            let now = if raised { hard } else { soft };
+            log::info!(
+                "pooler open files limit (RLIMIT_NOFILE): {} (hard limit {}{}); a plaintext client takes 1 descriptor, a TLS client 3 and a thread",
+                fmt(now),
+                fmt(hard),
+                if raised { format!(", raised from {}", fmt(soft)) } else { String::new() }
+            );
+        }
+        Err(e) => log::warn!("could not read the open files limit (RLIMIT_NOFILE): {e}"),
     }
 }

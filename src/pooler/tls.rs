@@ -467,25 +467,46 @@ pub fn build(
     Ok(Arc::new(Loaded { config: Arc::new(config), refusing_certs, end_point, ca_loaded: ca_file.is_some() }))
 }
 
-/// Starts the relay for a client that was just answered 'S': `tcp` is the
-/// client's socket, `pair` the relay's end of the socketpair whose other end
-/// the pooler keeps. Returns false when no thread could be started.
+/// Starts the relay for a client that sent SSLRequest (or direct TLS):
+/// `tcp` is the client's socket, `pair` the relay's end of the socketpair
+/// whose other end the pooler keeps. `answer`: the byte the relay sends
+/// first ('S' to an SSLRequest; None for direct TLS). When no thread can be
+/// started (EAGAIN: thread or memory limits) nothing was sent and `tcp`
+/// comes back with the error, so the client can still be refused in
+/// plaintext.
 /// `direct`: the first bytes of a direct TLS handshake, already read from
 /// `tcp`; such a client must negotiate ALPN `postgresql` or is closed
 /// after the handshake, as the server closes it (backend_startup.c
 /// ProcessSSLStartup(): "received direct SSL connection request without
 /// ALPN protocol negotiation extension", logged only).
-pub fn spawn_relay(loaded: &Loaded, tcp: TcpStream, pair: UnixStream, info: TlsInfo, direct: Option<Vec<u8>>) -> bool {
+pub fn spawn_relay(
+    loaded: &Loaded,
+    tcp: TcpStream,
+    pair: UnixStream,
+    info: TlsInfo,
+    direct: Option<Vec<u8>>,
+    answer: Option<u8>,
+) -> Result<(), (TcpStream, std::io::Error)> {
     use nix::sys::signal::{SigSet, SigmaskHow};
-    let Ok(conn) = ServerConnection::new(loaded.config.clone()) else { return false };
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let conn = match ServerConnection::new(loaded.config.clone()) {
+        Ok(c) => c,
+        Err(e) => return Err((tcp, std::io::Error::other(e.to_string()))),
+    };
     let end_point = loaded.end_point.clone();
     let ca_loaded = loaded.ca_loaded;
     // The server's signal handlers (SIGHUP, SIGTERM, SIGUSR1, ...) must run
     // on the pooler's own thread: the relay starts with every signal
     // blocked (a new thread inherits the mask), then the pooler's mask is
     // put back.
-    let Ok(old) = SigSet::all().thread_swap_mask(SigmaskHow::SIG_BLOCK) else { return false };
+    let old = match SigSet::all().thread_swap_mask(SigmaskHow::SIG_BLOCK) {
+        Ok(o) => o,
+        Err(e) => return Err((tcp, e.into())),
+    };
     let handshake = Handshake::new();
+    // The closure holds the socket as a bare number, so that a spawn that
+    // fails (and drops the closure) leaves it open for the caller.
+    let raw = tcp.into_raw_fd();
     let started = std::thread::Builder::new()
         .name("nextgres tls".into())
         // 1 MiB (address space, touched only as used): a stack overflow
@@ -493,12 +514,27 @@ pub fn spawn_relay(loaded: &Loaded, tcp: TcpStream, pair: UnixStream, info: TlsI
         // with crash recovery of the whole cluster.
         .stack_size(1024 * 1024)
         .spawn(move || {
+            // SAFETY: `raw` came from into_raw_fd() above and is owned by
+            // this thread alone once the spawn succeeded.
+            let tcp = unsafe { TcpStream::from_raw_fd(raw) };
             // Never unwind into nothing: a panic here only ends this client.
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| relay(conn, tcp, pair, info, handshake, end_point, ca_loaded, direct)));
-        })
-        .is_ok();
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                if let Some(b) = answer {
+                    // One byte on a fresh socket: only a broken one refuses it.
+                    if (&tcp).write(&[b]).ok() != Some(1) {
+                        return;
+                    }
+                }
+                relay(conn, tcp, pair, info, handshake, end_point, ca_loaded, direct)
+            }));
+        });
     let _ = old.thread_set_mask();
-    started
+    match started {
+        Ok(_) => Ok(()),
+        // SAFETY: the closure that would have owned `raw` was dropped
+        // without running; the descriptor is still open and ours.
+        Err(e) => Err((unsafe { TcpStream::from_raw_fd(raw) }, e)),
+    }
 }
 
 /// Plaintext waiting for the pooler or backend beyond this: stop reading TLS.

@@ -78,11 +78,15 @@ pub struct Pooler {
     pub closing: Vec<super::limits::Closing>,
     /// Pauses in force (`ops`).
     pub ops: super::ops::OpsState,
+    /// Listen sockets out of the epoll set after accept(2) ran out of
+    /// descriptors (`listener`).
+    pub accept_pause: nextgres_core::accept::Pause,
 }
 
 impl Pooler {
     fn new() -> Pooler {
         let tables = shmem::tables().expect("nextgres shared memory (shared_preload_libraries)");
+        super::listener::raise_open_files_limit();
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).expect("epoll_create");
         let mut conns = Slab::with_capacity(1024);
         for fd in postmaster::listen::listeners() {
@@ -139,6 +143,7 @@ impl Pooler {
             conf: super::poolconf::ConfState::new(),
             closing: Vec::new(),
             ops: Default::default(),
+            accept_pause: Default::default(),
         };
         p.rows.reset_all(&p.tables);
         p.tables.set_pooler(unsafe { pg_sys::MyProcPid }, postmaster::listen::port());
@@ -158,7 +163,7 @@ impl Pooler {
         let waitset = PoolerWaitSet::new(self.epoll.0.as_raw_fd());
         let mut events = vec![EpollEvent::empty(); 256];
         loop {
-            let wake = waitset.wait(super::janitor::TICK_MS);
+            let wake = waitset.wait(self.accept_pause.wait_ms(std::time::Instant::now(), super::janitor::TICK_MS));
             if wake.postmaster_death {
                 crate::pg::proc_exit(1)
             }
@@ -188,6 +193,7 @@ impl Pooler {
                     break;
                 }
             }
+            self.accept_resume();
             self.pool_conf_check();
             self.closing_check();
             self.ops_check();

@@ -149,7 +149,17 @@ impl TlsRaw {
     /// SSLRequest, 'S', a handshake verifying the server against `ca` (for
     /// 127.0.0.1), then a trust login.
     fn connect(port: u16, ca: &Path, user: &str, db: &str) -> Result<TlsRaw, String> {
-        let mut s = tcp(port);
+        Self::connect_on(tcp(port), ca, user, db)
+    }
+
+    /// [`connect`](Self::connect) as app to postgres, every read bounded by `within`.
+    fn connect_within(port: u16, ca: &Path, within: Duration) -> Result<TlsRaw, String> {
+        let s = tcp(port);
+        s.set_read_timeout(Some(within)).expect("read timeout");
+        Self::connect_on(s, ca, "app", "postgres")
+    }
+
+    fn connect_on(mut s: TcpStream, ca: &Path, user: &str, db: &str) -> Result<TlsRaw, String> {
         let answer = ssl_request(&mut s);
         if answer != b'S' {
             return Err(format!("SSLRequest answered {:?}", answer as char));
@@ -936,6 +946,115 @@ fn tls_handshakes_beyond_the_cap_are_refused_as_at_max_client_conn() {
             wait_until(SETTLE, || TlsRaw::connect(port, &ca, "app", "postgres").is_ok()),
             "TLS never served again after the stalled handshakes left"
         );
+    });
+}
+
+/// `prlimit --pid PID --nofile=N:N`, run as the server's OS user (root
+/// without CAP_SYS_RESOURCE may not change another user's process).
+fn set_nofile(pg: &Cluster, pid: i32, n: usize) {
+    let user = pg.server_os_user();
+    let out = Command::new("runuser").args(["-u", &user, "--", "prlimit"]).arg(format!("--pid={pid}")).arg(format!("--nofile={n}:{n}")).output().expect("prlimit");
+    assert!(out.status.success(), "prlimit: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Server log lines of failed accept(2) for lack of descriptors.
+fn accept_failures(log: &str) -> usize {
+    log.lines().filter(|l| l.contains("accept") && l.contains("Too many open files")).count()
+}
+
+/// The pooler out of descriptors (its RLIMIT_NOFILE lowered with prlimit to
+/// what it holds plus two TLS clients and two descriptors): a TLS client
+/// whose relay socketpair does not fit gets the plaintext FATAL 53300 in
+/// answer to its SSLRequest (as the postmaster answers when it cannot
+/// fork); once every descriptor is taken, a plaintext and a TLS client wait
+/// in the listen backlog while clients connected before are still answered,
+/// and both are served once others leave; new TLS and plaintext clients
+/// are served after; the pooler never restarts. It does not spin: the
+/// "could not accept new connection" LOG lines over the episode are at most
+/// one per 100 ms pause elapsed (`nextgres_core::accept::PAUSE`, the
+/// postmaster's) plus 2.
+#[test]
+fn a_pooler_out_of_descriptors_refuses_or_queues_without_spinning() {
+    with_tls_server(Cluster::builder(), |pg, ca, pooler| {
+        let port = pg.port();
+        assert!(pg.log().contains("pooler open files limit (RLIMIT_NOFILE)"), "no LOG line with the pooler's limits");
+        // Clients from before, each with a query behind it (parked backends
+        // serve them later without a new descriptor in the pooler).
+        let mut before = nextgres_test::raw::Raw::connect(port, "app", "postgres", TEST_LIMIT / 4);
+        assert_eq!(before.value("SELECT 1"), "1");
+        let mut before_tls = TlsRaw::connect(port, &ca, "app", "postgres").expect("TLS login");
+        assert_eq!(before_tls.value("SELECT 2"), "2");
+        // RLIMIT_NOFILE bounds descriptor numbers: what is free is the
+        // numbers below the limit that are not open.
+        let open_fds = || -> Vec<usize> {
+            let d = std::fs::read_dir(format!("/proc/{pooler}/fd")).expect("/proc/PID/fd");
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()
+        };
+        let open = open_fds();
+        let limit = (0..).find(|&l| l - open.iter().filter(|&&f| f < l).count() == 2 * 3 + 2).expect("a limit");
+        let free = || limit - open_fds().iter().filter(|&&f| f < limit).count();
+        let fds = || limit - free();
+        set_nofile(pg, pooler, limit);
+        let mark = pg.log_mark();
+        let started = std::time::Instant::now();
+        // Two TLS clients fit (3 descriptors each: TCP socket, socketpair).
+        let mut held_tls = Vec::new();
+        while free() >= 3 {
+            held_tls.push(TlsRaw::connect(port, &ca, "app", "postgres").expect("TLS client within the limit"));
+            assert!(held_tls.len() <= 2, "more TLS clients than descriptors ({} of {limit} open)", fds());
+        }
+        // One or two left: the TCP socket is accepted, its socketpair fails.
+        let mut refused = tcp(port);
+        refused.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).expect("SSLRequest");
+        let mut got = Vec::new();
+        let _ = refused.read_to_end(&mut got);
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            got.first() == Some(&b'E') && text.contains("SFATAL") && text.contains("C53300") && text.contains("sorry, too many clients already"),
+            "TLS client without room for its relay ({} of {limit} open): {text:?}",
+            fds()
+        );
+        // The refused client's socket is closed again; plaintext clients
+        // take what is left, one each.
+        let mut held_plain = Vec::new();
+        assert!(wait_until(SETTLE, || fds() < limit), "the refused TLS client's socket stayed open");
+        while fds() < limit {
+            held_plain.push(nextgres_test::raw::Raw::connect(port, "app", "postgres", TEST_LIMIT / 4));
+            assert!(held_plain.len() <= 2, "more plaintext clients than descriptors");
+        }
+        // None left: these two wait in the listen backlog.
+        let waiting_plain = std::thread::spawn(move || {
+            let mut c = nextgres_test::raw::Raw::connect(port, "app", "postgres", TEST_LIMIT / 2);
+            c.value("SELECT 3")
+        });
+        let ca2 = ca.clone();
+        let waiting_tls = std::thread::spawn(move || {
+            TlsRaw::connect_within(port, &ca2, TEST_LIMIT / 2).map(|mut t| t.value("SELECT 4"))
+        });
+        assert!(
+            wait_until(SETTLE, || accept_failures(&pg.log_since(mark)) > 0),
+            "no accept failure logged with {} of {limit} descriptors open",
+            fds()
+        );
+        // Meanwhile clients connected before are answered.
+        assert_eq!(before.value("SELECT 5"), "5", "plaintext client from before, pooler out of descriptors");
+        assert_eq!(before_tls.value("SELECT 6"), "6", "TLS client from before, pooler out of descriptors");
+        // Room again: the waiting clients are served.
+        drop(held_tls);
+        drop(held_plain);
+        assert_eq!(waiting_plain.join().expect("waiting plaintext client"), "3");
+        assert_eq!(waiting_tls.join().expect("waiting TLS client").expect("waiting TLS client served"), "4");
+        let elapsed = started.elapsed();
+        let lines = accept_failures(&pg.log_since(mark));
+        let bound = (elapsed.as_millis() / 100) as usize + 2;
+        assert!(lines <= bound, "{lines} accept failures logged in {elapsed:?} (at most {bound}: one per 100 ms pause + 2)");
+        // New clients, still under the lowered limit.
+        let mut t = TlsRaw::connect(port, &ca, "app", "postgres").expect("TLS client after the others left");
+        assert_eq!(t.value("SELECT 7"), "7");
+        let mut c = nextgres_test::raw::Raw::connect(port, "app", "postgres", TEST_LIMIT / 4);
+        assert_eq!(c.value("SELECT 8"), "8");
+        assert_eq!(pooler_pid(pg), Some(pooler), "the pooler restarted");
+        eprintln!("{lines} accept failure line(s) in {elapsed:?}");
     });
 }
 

@@ -4,6 +4,7 @@
 //! * [`proto`]: PostgreSQL frontend/backend protocol v3 parsing and building.
 //! * [`auth`]: password secrets, md5 and SCRAM-SHA-256 (server and client).
 //! * [`tls`]: the TLS versions the server's settings allow the pooler.
+//! * [`accept`]: the pause after `accept(2)` fails for lack of descriptors.
 //!
 //! Every parser takes untrusted bytes and returns `Result`; nothing here
 //! panics on input.
@@ -17,3 +18,4 @@ pub mod pool;
 pub mod poolconf;
 pub mod tls;
 pub mod cert;
+pub mod accept;
