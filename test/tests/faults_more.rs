@@ -1142,3 +1142,46 @@ fn terminate_pool(pg: &Cluster, role: &str) {
         pooled(pg)
     );
 }
+
+/// (soft, hard) "Max open files" of `pid` from /proc/PID/limits.
+fn nofile_limits(pid: i32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("/proc/PID/limits");
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).expect("Max open files line");
+    let mut f = line["Max open files".len()..].split_whitespace();
+    (f.next().expect("soft").to_string(), f.next().expect("hard").to_string())
+}
+
+/// The pooler runs with the hard RLIMIT_NOFILE, whatever soft limit the
+/// server was started with (a TLS client costs it three descriptors), and
+/// LOGs both: the postmaster's soft limit lowered with prlimit (run as the
+/// server's OS user), the pooler restarted (pg_terminate_backend) from it
+/// has soft = hard and says it raised it; clients are served.
+#[test]
+fn the_pooler_runs_with_the_hard_open_files_limit() {
+    run(Cluster::builder(), |pg| {
+        let postmaster = pg.pid().expect("postmaster pid");
+        let (_, hard) = nofile_limits(postmaster);
+        let user = pg.server_os_user();
+        let out = Command::new("runuser")
+            .args(["-u", &user, "--", "prlimit", &format!("--pid={postmaster}"), &format!("--nofile=512:{hard}")])
+            .output()
+            .expect("prlimit");
+        assert!(out.status.success(), "prlimit: {}", String::from_utf8_lossy(&out.stderr));
+        let old = pooler_pid(pg).expect("pooler");
+        let mark = pg.log_mark();
+        let ok: bool = pg.admin().query_one("SELECT pg_terminate_backend($1)", &[&old]).expect("terminate").get(0);
+        assert!(ok, "pg_terminate_backend(pooler)");
+        assert!(
+            wait_until(SETTLE, || pooler_pid(pg).is_some_and(|p| p != old)),
+            "no pooler restarted after pg_terminate_backend"
+        );
+        let new = pooler_pid(pg).expect("pooler");
+        assert_eq!(nofile_limits(new), (hard.clone(), hard.clone()), "restarted pooler's open files limits");
+        let log = pg.log_since(mark);
+        assert!(
+            log.contains(&format!("pooler open files limit (RLIMIT_NOFILE): {hard} (hard limit {hard}, raised from 512)")),
+            "no LOG line with the raised limit:\n{log}"
+        );
+        assert_pooler_serves(pg, new);
+    });
+}
