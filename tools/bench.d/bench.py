@@ -931,6 +931,7 @@ class Bench:
                         self.w_tls_select(rnd, t, c)
                 for t in self.targets_for("tls", order):
                     self.w_bulk(rnd, t, tls=True)
+            if ("tls" in a.workloads or "tls_idle" in a.workloads) and self.tls:
                 if rnd == 1:  # pooler memory grows only in a run's first idle test (see report.py)
                     for t in self.targets_for("tls", order):
                         self.w_idle(rnd, t, tls=True)
