@@ -471,8 +471,14 @@ pub(crate) fn recv_with_fd(fd: RawFd, buf: &mut [u8], fds: &mut [RawFd; 1]) -> n
     let mut iov = [std::io::IoSliceMut::new(buf)];
     let mut cmsg = nix::cmsg_space!([RawFd; 1]);
     let msg = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        // The kernel dropped the descriptor it could not install (this
+        // process at RLIMIT_NOFILE; the pooler sends one, which the buffer
+        // fits): the message came without its socket. (nix's cmsgs() would
+        // say ENOBUFS.)
+        return Err(nix::errno::Errno::EMFILE);
+    }
     let mut nfds = 0;
-    let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
     for c in msg.cmsgs()? {
         if let ControlMessageOwned::ScmRights(r) = c {
             for f in r {
@@ -484,11 +490,6 @@ pub(crate) fn recv_with_fd(fd: RawFd, buf: &mut [u8], fds: &mut [RawFd; 1]) -> n
                 }
             }
         }
-    }
-    if truncated && nfds == 0 {
-        // The kernel dropped the descriptor it could not install (this
-        // process at RLIMIT_NOFILE): the message came without its socket.
-        return Err(nix::errno::Errno::EMFILE);
     }
     Ok((msg.bytes, nfds))
 }

@@ -1185,3 +1185,51 @@ fn the_pooler_runs_with_the_hard_open_files_limit() {
         assert_pooler_serves(pg, new);
     });
 }
+
+/// A pooled backend that cannot take a client's socket: its open files
+/// limit lowered (prlimit, as the server's OS user) to its lowest free
+/// descriptor number, so the SCM_RIGHTS descriptor of the next ATTACH is
+/// dropped by the kernel (MSG_CTRUNC). The client gets that backend's
+/// FATAL (not a silent close, not a hang), the backend exits, the pooler
+/// stays and logs a new backend in for the next client.
+#[test]
+fn a_backend_that_cannot_take_the_client_socket_ends_that_client_with_a_fatal() {
+    run(Cluster::builder().conf("nextgres.pool_size = 1"), |pg| {
+        let pooler = pooler_pid(pg).expect("pooler");
+        let mut c = raw(pg, APP);
+        assert_eq!(c.value("SELECT 1"), "1");
+        let backend = wait_parked(pg, 1)[0];
+        let open: Vec<usize> = std::fs::read_dir(format!("/proc/{backend}/fd"))
+            .expect("/proc/PID/fd")
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        let limit = (0..).find(|l| !open.contains(l)).expect("a free number");
+        let user = pg.server_os_user();
+        let out = Command::new("runuser")
+            .args(["-u", &user, "--", "prlimit", &format!("--pid={backend}"), &format!("--nofile={limit}:{limit}")])
+            .output()
+            .expect("prlimit");
+        assert!(out.status.success(), "prlimit: {}", String::from_utf8_lossy(&out.stderr));
+        c.send_query("SELECT 2");
+        let mut errors = Vec::new();
+        let end = loop {
+            match c.read_msg() {
+                Ok((b'E', body)) => errors.push(parse_error(&body)),
+                Ok((b'Z', _)) => break "ReadyForQuery".to_string(),
+                Ok(_) => {}
+                Err(e) => break format!("{:?}", e.kind()),
+            }
+        };
+        let text = format!("{errors:?}");
+        assert!(
+            matches!(errors.last(), Some(RawFail::Db { severity, .. }) if severity == "FATAL")
+                && text.contains("could not receive the client socket from the pooler"),
+            "client of a backend out of descriptors: {text}, then {end}"
+        );
+        assert!(
+            wait_until(SETTLE, || !process_alive(backend)),
+            "the backend that could not take the socket is still running"
+        );
+        assert_pooler_serves(pg, pooler);
+    });
+}
