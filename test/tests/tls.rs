@@ -1058,6 +1058,49 @@ fn a_pooler_out_of_descriptors_refuses_or_queues_without_spinning() {
     });
 }
 
+/// A TLS client whose relay thread cannot start (the pooler's soft
+/// RLIMIT_NPROC lowered to 1 with prlimit: every new thread fails with
+/// EAGAIN) gets FATAL 53300 in plaintext in answer to its SSLRequest,
+/// naming the thread, instead of an 'S' and a dead connection; a plaintext
+/// client is served meanwhile; with the limit back, TLS is served again
+/// by the same pooler.
+#[test]
+fn a_tls_client_without_a_relay_thread_gets_53300_in_plaintext() {
+    with_tls_server(Cluster::builder(), |pg, ca, pooler| {
+        let port = pg.port();
+        let user = pg.server_os_user();
+        let nproc = |v: &str| {
+            let out = Command::new("runuser")
+                .args(["-u", &user, "--", "prlimit", &format!("--pid={pooler}"), &format!("--nproc={v}")])
+                .output()
+                .expect("prlimit");
+            assert!(out.status.success(), "prlimit: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let hard = std::fs::read_to_string(format!("/proc/{pooler}/limits"))
+            .expect("limits")
+            .lines()
+            .find(|l| l.starts_with("Max processes"))
+            .and_then(|l| l.split_whitespace().nth(3).map(str::to_string))
+            .expect("Max processes hard limit");
+        nproc(&format!("1:{hard}"));
+        let mut s = tcp(port);
+        s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).expect("SSLRequest");
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            got.first() == Some(&b'E') && text.contains("SFATAL") && text.contains("C53300") && text.contains("could not start a thread for the TLS relay"),
+            "TLS client without a relay thread: {text:?}"
+        );
+        let mut plain = nextgres_test::raw::Raw::connect(port, "app", "postgres", TEST_LIMIT / 4);
+        assert_eq!(plain.value("SELECT 1"), "1", "plaintext client while no thread can start");
+        nproc(&format!("{hard}:{hard}"));
+        let mut t = TlsRaw::connect(port, &ca, "app", "postgres").expect("TLS client with threads again");
+        assert_eq!(t.value("SELECT 2"), "2");
+        assert_eq!(pooler_pid(pg), Some(pooler), "the pooler restarted");
+    });
+}
+
 /// The pooler restarted (pg_terminate_backend) while the key on disk no
 /// longer loads: it serves TLS with the configuration the postmaster loaded
 /// at startup (the port was taken for TLS), not plaintext only.
