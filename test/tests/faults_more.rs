@@ -217,7 +217,8 @@ fn count(pg: &Cluster, table: &str) -> i64 {
 /// get what a direct session gets from its dying backend (WARNING 57P02
 /// "terminating connection because of crash of another server process",
 /// then the close); clients held by the pooler just see the close, as the
-/// pooler is killed by the same SIGQUIT (a direct idle session would also get
+/// agent is killed by the same SIGQUIT and the pooler process with it
+/// (PR_SET_PDEATHSIG) (a direct idle session would also get
 /// the 57P02 warning first: a known difference, not asserted). No
 /// uncommitted change survives, the postmaster starts a new pooler, logins
 /// made once the old pooler has exited (during the restart) are all served
@@ -379,14 +380,23 @@ fn crash_restart_recovers_pooler_and_pools() {
             "old pooler {old_pooler} survived"
         );
         assert!(process_alive(new_pooler));
+        // The pooler process is the child of the new agent, the background
+        // worker pg_stat_activity lists (the pooler itself has no PGPROC).
+        let stat = std::fs::read_to_string(format!("/proc/{new_pooler}/stat")).expect("/proc/PID/stat");
+        let ppid: i32 = stat
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse().ok())
+            .expect("ppid in /proc/PID/stat");
         let listed = admin_i64(
             pg,
             &format!(
                 "SELECT count(*) FROM pg_stat_activity
-                  WHERE backend_type = 'nextgres pooler' AND pid = {new_pooler}"
+                  WHERE backend_type = 'nextgres agent' AND pid = {ppid}"
             ),
         );
-        assert_eq!(listed, 1, "the new pooler is not in pg_stat_activity");
+        assert_eq!(listed, 1, "the new pooler's parent {ppid} is not the agent in pg_stat_activity");
 
         // Logins made after the old pooler exited: every one served by the
         // new pooler.
