@@ -67,9 +67,11 @@ pub fn agent_main() -> ! {
         let (sock, pid) = spawn();
         let ended = serve(&sock, pid, &mut reader);
         drop(sock);
+        // Before the pid is reaped (and could be reused): backends stop
+        // signalling it and accept no pool login from it.
+        tables.set_pooler(0, postmaster::listen::port());
         let status = reap(pid, ended == Ended::Stop);
         log::info!("pooler process (PID {pid}) {}", describe_exit(status));
-        tables.set_pooler(0, postmaster::listen::port());
         super::stats::Rows::new(&tables).reset_all(&tables);
         if ended == Ended::Stop {
             log::info!("agent shutting down");

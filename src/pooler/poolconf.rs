@@ -64,7 +64,7 @@ pub extern "C" fn nextgres_pool_conf_changed() {
     t.header().conf_changes.fetch_add(1, Ordering::SeqCst);
     let pid = t.pooler_pid();
     if pid > 0 {
-        // SIGUSR1 sets a background worker's latch (procsignal_sigusr1_handler).
+        // SIGUSR1 wakes the pooler process (`pooler::agent` on_signal).
         unsafe { libc::kill(pid, libc::SIGUSR1) };
     }
 }
