@@ -40,6 +40,7 @@
 #include "pgstat.h"
 #include "replication/walsender.h"
 #include "port/atomics.h"
+#include "postmaster/bgworker.h"
 #include "postmaster/postmaster.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
@@ -1144,7 +1145,9 @@ ng_pooler_catalog_heap_scans(void)
  *   GUC assign hook) finds no shared entry; code that would use them
  *   without checking must not run here (src/pooler/agent.rs lists what
  *   runs where).
- * - The process title: "postgres: nextgres pooler".
+ * - The process title: "postgres: nextgres pooler", and the backend type
+ *   its log lines show (%b of log_line_prefix, elog.c: a background
+ *   worker's bgw_type, a copy in this process's memory).
  */
 void
 ng_pooler_child_init(void)
@@ -1156,6 +1159,8 @@ ng_pooler_child_init(void)
 	MyProc = NULL;
 	MyBEEntry = NULL;
 	init_ps_display("nextgres pooler");
+	if (MyBgworkerEntry != NULL)
+		strlcpy(MyBgworkerEntry->bgw_type, "nextgres pooler", BGW_MAXLEN);
 }
 
 /*

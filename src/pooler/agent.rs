@@ -66,11 +66,14 @@ pub fn agent_main() -> ! {
     loop {
         let (sock, pid) = spawn();
         let ended = serve(&sock, pid, &mut reader);
-        drop(sock);
         // Before the pid is reaped (and could be reused): backends stop
         // signalling it and accept no pool login from it.
         tables.set_pooler(0, postmaster::listen::port());
+        // The socket stays open until the pooler has exited: a pooler told
+        // to stop (SIGTERM) must not see the agent gone first, or it would
+        // exit without its FATAL to idle clients.
         let status = reap(pid, ended == Ended::Stop);
+        drop(sock);
         log::info!("pooler process (PID {pid}) {}", describe_exit(status));
         super::stats::Rows::new(&tables).reset_all(&tables);
         if ended == Ended::Stop {
