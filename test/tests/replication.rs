@@ -171,8 +171,19 @@ fn standby_streams_through_pooler_port() {
     // kill -9: no crash restart; walsender and dedicated session live on.
     let old = pooler_pid(&primary).expect("pooler");
     assert_eq!(unsafe { libc::kill(old, libc::SIGKILL) }, 0);
-    let ok = wait_until(Duration::from_secs(60), || pooler_pid(&primary).is_some_and(|p| p != old));
+    let mut new = None;
+    let ok = wait_until(Duration::from_secs(60), || {
+        new = pooler_pid(&primary).filter(|&p| p != old);
+        new.is_some()
+    });
     assert!(ok, "no new pooler after kill -9\n{}", primary.log_tail(30));
+    // Its log lines name it (log_line_prefix %b), not the agent.
+    let ready = format!("[{}] nextgres pooler LOG:  nextgres: pooler ready", new.expect("new pooler"));
+    assert!(
+        wait_until(Duration::from_secs(10), || primary.log().contains(&ready)),
+        "no {ready:?} line\n{}",
+        primary.log_tail(30)
+    );
     assert!(
         primary.log().contains(&format!("pooler process (PID {old}) was terminated by signal 9")),
         "the agent did not log the pooler's end\n{}",
