@@ -1,5 +1,5 @@
 //! Shared tables the SQL functions read: pools, clients and backends. Only the
-//! pooler writes them (under the nextgres LWLock); the pooler's per-boot
+//! pooler writes them (under the nextgres mutex, `pg::shmem::Guard`); the pooler's per-boot
 //! identity (pid + token) lives in the header for pooled-backend logins.
 //!
 //! Nothing secret is stored here except the per-boot token, which SQL never shows.
@@ -376,7 +376,7 @@ impl Tables {
         (pauses, once)
     }
 
-    /// Wakes the pooler (SIGUSR1 sets a background worker's latch).
+    /// Wakes the pooler (SIGUSR1: its handler wakes its epoll, `pooler::agent`).
     pub fn wake_pooler(&self) {
         let pid = self.pooler_pid();
         if pid > 0 {
@@ -469,7 +469,7 @@ pub fn drain_end(slot: usize) {
     wake_pooler(&t);
 }
 
-/// SIGUSR1 sets a background worker's latch (procsignal_sigusr1_handler).
+/// SIGUSR1 wakes the pooler process (its handler writes its eventfd, `pooler::agent`).
 fn wake_pooler(t: &Tables) {
     let pid = t.pooler_pid();
     if pid > 0 {

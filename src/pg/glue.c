@@ -40,6 +40,9 @@
 #include "pgstat.h"
 #include "replication/walsender.h"
 #include "port/atomics.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/postmaster.h"
+#include "storage/ipc.h"
 #include "storage/latch.h"
 #include "storage/lwlock.h"
 #include "storage/proc.h"
@@ -1091,37 +1094,6 @@ ng_pooler_check_interrupts(void)
 	CHECK_FOR_INTERRUPTS();
 }
 
-void *
-ng_pooler_wait_set_create(int epoll_fd)
-{
-	WaitEventSet *set = create_session_wait_set(3);
-
-	AddWaitEventToSet(set, WL_SOCKET_READABLE, epoll_fd, NULL, NULL);
-	AddWaitEventToSet(set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
-	AddWaitEventToSet(set, WL_POSTMASTER_DEATH, PGINVALID_SOCKET, NULL, NULL);
-	return set;
-}
-
-/* Returns a bitmask: 1 sockets ready, 2 latch, 4 postmaster death. */
-int
-ng_pooler_wait(void *set, long timeout_ms)
-{
-	WaitEvent	ev[3];
-	int			n = WaitEventSetWait((WaitEventSet *) set, timeout_ms, ev, 3, PG_WAIT_EXTENSION);
-	int			mask = 0;
-
-	for (int i = 0; i < n; i++)
-	{
-		if (ev[i].events & WL_POSTMASTER_DEATH)
-			mask |= 4;
-		else if (ev[i].events & WL_LATCH_SET)
-			mask |= 2;
-		else
-			mask |= 1;
-	}
-	return mask;
-}
-
 /* AddinShmemInitLock is a macro over MainLWLockArray; expose it as calls. */
 void
 ng_addin_shmem_lock(bool acquire)
@@ -1146,4 +1118,75 @@ void
 ng_pooler_catalog_heap_scans(void)
 {
 	criticalSharedRelcachesBuilt = false;
+}
+
+/* ------------------------------------------------------------------------
+ * The pooler process (pooler/agent.rs): forked by the agent (the nextgres
+ * background worker), not by the postmaster, so that a pooler killed with
+ * kill -9 is not a crashed server child (postmaster.c
+ * CleanupBackgroundWorker -> HandleChildCrash) and ends no session.
+ * ------------------------------------------------------------------------ */
+
+/*
+ * First thing in the pooler process after fork(), before any other server
+ * call.  It inherited the agent's memory, so its globals still name the
+ * agent's PGPROC, latch and backend status entry: two processes on one
+ * PGPROC would corrupt the server.
+ *
+ * - on_exit_reset() (ipc.c): proc_exit() in this process runs none of the
+ *   agent's exit callbacks (ProcKill, the lock and pgstat cleanups) and
+ *   detaches no DSM segment from the control segment, as the postmaster's
+ *   children do after fork (postmaster.c, fork_process callers).
+ * - MyProcPid: log lines name this process, and pqsignal's wrapper handler
+ *   (17+) checks it.
+ * - MyLatch back to the process-local latch (miscinit.c
+ *   SwitchBackToLocalLatch), MyProc and MyBEEntry cleared: code that
+ *   checks them (elog.c's log_line_prefix, pgstat_report_appname() from a
+ *   GUC assign hook) finds no shared entry; code that would use them
+ *   without checking must not run here (src/pooler/agent.rs lists what
+ *   runs where).
+ * - The process title: "postgres: nextgres pooler", and the backend type
+ *   its log lines show (%b of log_line_prefix, elog.c: a background
+ *   worker's bgw_type, a copy in this process's memory).
+ */
+void
+ng_pooler_child_init(void)
+{
+	on_exit_reset();
+	/*
+	 * Interrupt flags copied from the agent belong to the agent: served here
+	 * they would absorb its ProcSignal barriers or raise its cancel. The
+	 * pooler has its own signal handlers and never serves PostgreSQL
+	 * interrupts (elog's CHECK_FOR_INTERRUPTS included).
+	 */
+	InterruptPending = false;
+	QueryCancelPending = false;
+	ProcDiePending = false;
+	ProcSignalBarrierPending = false;
+	LogMemoryContextPending = false;
+	HOLD_INTERRUPTS();
+	/* Wait events must not be written into the agent's PGPROC. */
+	pgstat_reset_wait_event_storage();
+	/* As fork_process() does for postmaster children: a fresh random state. */
+	pg_strong_random_init();
+	/* While MyProcPid still owns the local latch: its SetLatch stays local. */
+	SwitchBackToLocalLatch();
+	MyProcPid = getpid();
+	MyProc = NULL;
+	MyBEEntry = NULL;
+	init_ps_display("nextgres pooler");
+	if (MyBgworkerEntry != NULL)
+		strlcpy(MyBgworkerEntry->bgw_type, "nextgres pooler", BGW_MAXLEN);
+}
+
+/*
+ * The pipe end that turns readable when the postmaster dies
+ * (postmaster_alive_fds[POSTMASTER_FD_WATCH], inherited by every child):
+ * the pooler process watches it in its own epoll, as WaitEventSet's
+ * WL_POSTMASTER_DEATH does.
+ */
+int
+ng_postmaster_watch_fd(void)
+{
+	return postmaster_alive_fds[POSTMASTER_FD_WATCH];
 }

@@ -171,8 +171,8 @@ extern "C" {
     fn ng_pooler_check_interrupts();
     fn ng_validate_setting(name: *const c_char, value: *const c_char, superuser: bool, err: *mut NgError) -> bool;
     fn ng_pooler_catalog_heap_scans();
-    fn ng_pooler_wait_set_create(epoll_fd: c_int) -> *mut c_void;
-    fn ng_pooler_wait(set: *mut c_void, timeout_ms: c_long) -> c_int;
+    fn ng_pooler_child_init();
+    fn ng_postmaster_watch_fd() -> c_int;
 }
 
 /// The protocol of the server nextgres was built for (`PG_PROTOCOL_LATEST`
@@ -462,23 +462,33 @@ pub fn pooler_check_interrupts() {
     unsafe { ng_pooler_check_interrupts() }
 }
 
-/// The pooler's own epoll fd, watched by a PostgreSQL WaitEventSet together
-/// with the latch and postmaster death.
-pub struct PoolerWaitSet(*mut c_void);
-
-pub struct PoolerWake {
-    pub latch: bool,
-    pub postmaster_death: bool,
+/// The pooler process, first thing after fork() from the agent: see
+/// glue.c ng_pooler_child_init (exit callbacks dropped, own pid, local
+/// latch, no PGPROC or backend status entry, its process title).
+pub fn pooler_child_init() {
+    // SAFETY: plain assignments and process-local calls, in a process that
+    // runs no other server code yet.
+    unsafe { ng_pooler_child_init() }
 }
 
-impl PoolerWaitSet {
-    pub fn new(epoll_fd: i32) -> Self {
-        PoolerWaitSet(unsafe { ng_pooler_wait_set_create(epoll_fd) })
+/// The fd that turns readable when the postmaster dies (glue.c).
+pub fn postmaster_watch_fd() -> i32 {
+    // SAFETY: reads an int the postmaster set before forking.
+    unsafe { ng_postmaster_watch_fd() }
+}
+
+/// The agent's wait (latch.c WaitLatchOrSocket): its latch, `sock`
+/// readable (none when negative), or `timeout_ms` (ms); exits if the postmaster dies
+/// (WL_EXIT_ON_PM_DEATH). Returns (latch set, socket readable).
+pub fn agent_wait(sock: i32, timeout_ms: i64) -> (bool, bool) {
+    use pgrx::pg_sys;
+    let mut events = pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH;
+    if sock >= 0 {
+        events |= pg_sys::WL_SOCKET_READABLE;
     }
-    pub fn wait(&self, timeout_ms: i64) -> PoolerWake {
-        let m = unsafe { ng_pooler_wait(self.0, timeout_ms as c_long) };
-        PoolerWake { latch: m & 2 != 0, postmaster_death: m & 4 != 0 }
-    }
+    // SAFETY: the agent's own latch (a background worker's PGPROC latch).
+    let rc = unsafe { pg_sys::WaitLatchOrSocket(pg_sys::MyLatch, events as c_int, sock, timeout_ms as c_long, pg_sys::PG_WAIT_EXTENSION) };
+    (rc as u32 & pg_sys::WL_LATCH_SET != 0, rc as u32 & pg_sys::WL_SOCKET_READABLE != 0)
 }
 
 /// Interior NULs cannot come from the wire (parsers reject them), but never panic.

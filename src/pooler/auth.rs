@@ -255,7 +255,7 @@ impl AuthSession {
             log::info!("certificate authentication failed for user \"{user}\": client certificate contains no user name");
             return false;
         };
-        match crate::pg::loginmem::scoped(|| glue::check_usermap(&self.info.usermap(), user, &name)) {
+        match super::agent::check_usermap(&self.info.usermap(), user, &name) {
             Ok(true) => true,
             Ok(false) => {
                 if self.info.hba_clientcert == 2 && self.info.method() != HbaMethod::Cert {
@@ -412,7 +412,7 @@ impl Pooler {
                 crate::shmem::set_name(&mut r.client_dn, &t.status.client_dn);
             });
         }
-        let info = match crate::pg::loginmem::scoped(|| glue::login_lookup(&database, &user, &storage, raw.len() as u32, on_tls, replication)) {
+        let info = match super::agent::login_lookup(&database, &user, &storage, raw.len() as u32, on_tls, replication) {
             Ok(i) => i,
             Err(e) => {
                 log::warn!("authentication lookup failed: {}", e.message());
@@ -487,7 +487,7 @@ impl Pooler {
                     if !needs_validation(name) {
                         continue;
                     }
-                    if let Err(e) = crate::pg::loginmem::scoped(|| glue::validate_setting(name, value, session.info.role_super)) {
+                    if let Err(e) = super::agent::validate_setting(name, value, session.info.role_super) {
                         return self.client_fatal_fields(key, &e.to_fatal());
                     }
                 }

@@ -60,7 +60,7 @@ impl Pooler {
         // Pool logins already under way have not taken their slot yet.
         let pending: usize = self.pools.iter().map(|(_, p)| p.starting + p.sessions_starting).sum();
         // A pool with a backend leaves one slot for direct logins of others.
-        if crate::pg::slots::unreserved_free(pending + 2) {
+        if super::agent::unreserved_free(pending + 2) {
             return true;
         }
         self.pool_out_of_slots(pool, None);

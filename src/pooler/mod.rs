@@ -1,6 +1,9 @@
-//! The pooler: a background worker with one epoll loop over the listen
-//! sockets, client connections and pooled backends' control sockets.
+//! The pooler: a process forked by the nextgres background worker (the
+//! agent), with one epoll loop over the listen sockets, client connections
+//! and pooled backends' control sockets.
 //!
+//! * `agent`: the background worker, the pooler process it forks, and what
+//!   runs in which (catalog requests over a socketpair).
 //! * `listener`: accept, client limit.
 //! * `client`: startup packet, SSLRequest (TLS through `tls`), GSS refusal, cancel, idle clients.
 //! * `auth`: the server's hba decision and the password exchanges.
@@ -15,6 +18,7 @@
 //! * `ops`: pause, resume and reconnect requested through SQL.
 //! * `stats`: the shared tables the SQL functions read.
 //! * `tls`: the server's TLS settings (rustls) and the per-client relay threads.
+mod agent;
 mod auth;
 mod backend;
 mod client;

@@ -22,7 +22,7 @@ use crate::settings::{
     RESERVE_POOL_TIMEOUT,
 };
 use nextgres_core::poolconf::{self, Entry, Mode, PoolConf};
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, DynamicBackgroundWorker, SignalWakeFlags};
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -44,7 +44,8 @@ pub struct ConfState {
     applied_gen: u64,
     /// A read is due (pooler start, or a change since the last reader began).
     wanted: bool,
-    reader: Option<(DynamicBackgroundWorker, Instant, u64)>,
+    /// The reader the agent started last: when, and `applied_gen` then.
+    reader: Option<(Instant, u64)>,
     not_before: Option<Instant>,
     failing: bool,
 }
@@ -63,7 +64,7 @@ pub extern "C" fn nextgres_pool_conf_changed() {
     t.header().conf_changes.fetch_add(1, Ordering::SeqCst);
     let pid = t.pooler_pid();
     if pid > 0 {
-        // SIGUSR1 sets a background worker's latch (procsignal_sigusr1_handler).
+        // SIGUSR1 wakes the pooler process (`pooler::agent` on_signal).
         unsafe { libc::kill(pid, libc::SIGUSR1) };
     }
 }
@@ -278,8 +279,8 @@ impl Pooler {
         if gen != self.conf.applied_gen {
             self.pool_conf_apply();
         }
-        if let Some((w, started, gen0)) = &self.conf.reader {
-            let done = !matches!(w.pid(), Ok(_) | Err(pgrx::bgworkers::BackgroundWorkerStatus::NotYetStarted));
+        if let Some((started, gen0)) = &self.conf.reader {
+            let done = !super::agent::reader_running();
             if done || started.elapsed() > READER_PATIENCE {
                 let read = self.conf.applied_gen != *gen0;
                 if !read {
@@ -295,28 +296,17 @@ impl Pooler {
         }
     }
 
+    /// The agent starts the reader (a dynamic background worker, which only
+    /// a process with a PGPROC may register).
     fn pool_conf_start_reader(&mut self, changes: u64) {
-        let Some(db) = crate::pg::poolconf::pick_reader_database() else {
-            self.pool_conf_reader_failed("no database accepts connections");
-            return;
-        };
-        let started = BackgroundWorkerBuilder::new("nextgres settings reader")
-            .set_type("nextgres settings reader")
-            .set_library("nextgres")
-            .set_function("nextgres_conf_reader_main")
-            .enable_spi_access()
-            .set_start_time(BgWorkerStartTime::ConsistentState)
-            .set_argument(Some(pg_sys::Datum::from(u32::from(db))))
-            .set_notify_pid(unsafe { pg_sys::MyProcPid })
-            .load_dynamic();
-        match started {
-            Ok(w) => {
+        match super::agent::reader_start() {
+            Ok(()) => {
                 self.conf.seen_changes = changes;
                 self.conf.wanted = false;
                 self.conf.failing = false;
-                self.conf.reader = Some((w, Instant::now(), self.conf.applied_gen));
+                self.conf.reader = Some((Instant::now(), self.conf.applied_gen));
             }
-            Err(e) => self.pool_conf_reader_failed(&format!("{e:?} (max_worker_processes)")),
+            Err(e) => self.pool_conf_reader_failed(&e),
         }
     }
 

@@ -1,19 +1,23 @@
-//! Registration and the main loop of the pooler worker.
+//! Registration of the agent (the background worker, see `agent`) and the
+//! main loop of the pooler process it forks.
 use super::conn::{self, Conn};
 use nextgres_core::pool::Pool;
-use crate::pg::glue::{self, PoolerWaitSet};
+use crate::pg::glue;
 use crate::{postmaster, shmem};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollTimeout};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use std::sync::atomic::Ordering;
 use pgrx::pg_sys;
 use slab::Slab;
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Postmaster: register the pooler. It restarts a second after it dies; its
-/// listen sockets stay open in the postmaster meanwhile.
+/// Postmaster: register the agent, which forks the pooler process (`agent`).
+/// The agent restarts a second after it dies (then the server was restarted
+/// or it was terminated); its listen sockets stay open in the postmaster
+/// meanwhile.
 pub fn register() {
     // The pooler reads pg_ident.conf as the postmaster parsed it (glue.c,
     // ng_keep_parsed_ident_in_child); without the fork handler those lines
@@ -21,8 +25,8 @@ pub fn register() {
     if !glue::install_ident_keeper() {
         pgrx::error!("nextgres: could not install its fork handler (pthread_atfork)");
     }
-    BackgroundWorkerBuilder::new("nextgres pooler")
-        .set_type("nextgres pooler")
+    BackgroundWorkerBuilder::new("nextgres agent")
+        .set_type("nextgres agent")
         .set_library("nextgres")
         .set_function("nextgres_pooler_main")
         .enable_spi_access()
@@ -41,9 +45,14 @@ pub extern "C-unwind" fn nextgres_pooler_main(_arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi(None, None);
     glue::pooler_catalog_heap_scans();
     crate::pg::logger::init();
-    let mut pooler = Pooler::new();
-    pooler.run();
+    super::agent::agent_main()
 }
+
+/// Keys of the pooler process's own fds in its epoll (connections use slab
+/// keys, far below).
+const KEY_WAKE: usize = usize::MAX;
+const KEY_PM_DEATH: usize = usize::MAX - 1;
+const KEY_AGENT: usize = usize::MAX - 2;
 
 /// All pooler state. Modules add behaviour in their own `impl Pooler` blocks.
 pub struct Pooler {
@@ -84,7 +93,8 @@ pub struct Pooler {
 }
 
 impl Pooler {
-    fn new() -> Pooler {
+    /// In the pooler process (`agent::child_main`).
+    pub fn new() -> Pooler {
         let tables = shmem::tables().expect("nextgres shared memory (shared_preload_libraries)");
         super::listener::raise_open_files_limit();
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).expect("epoll_create");
@@ -98,8 +108,12 @@ impl Pooler {
             conn::add(&epoll, &owned, entry.key(), conn::READ);
             entry.insert(Conn::Listener(owned));
         }
-        if let Err(e) = glue::load_hba() {
-            log::warn!("could not load pg_hba.conf: {}", e.message());
+        // pg_hba.conf is the agent's (it runs login_lookup).
+        let (wake, pm, agent) = super::agent::watch_fds();
+        for (fd, key) in [(wake, KEY_WAKE), (pm, KEY_PM_DEATH), (agent, KEY_AGENT)] {
+            // SAFETY: fds this process owns for its whole life.
+            let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+            conn::add(&epoll, &fd, key, conn::READ);
         }
         let mut mock_key = [0u8; 32];
         let nonce = unsafe { pg_sys::GetMockAuthenticationNonce() };
@@ -159,26 +173,13 @@ impl Pooler {
         p
     }
 
-    fn run(&mut self) -> ! {
-        let waitset = PoolerWaitSet::new(self.epoll.0.as_raw_fd());
+    pub fn run(&mut self) -> ! {
         let mut events = vec![EpollEvent::empty(); 256];
         loop {
-            let wake = waitset.wait(self.accept_pause.wait_ms(std::time::Instant::now(), super::janitor::TICK_MS));
-            if wake.postmaster_death {
-                crate::pg::proc_exit(1)
-            }
-            if wake.latch {
-                glue::pooler_check_interrupts();
-                if BackgroundWorker::sigterm_received() {
-                    self.shutdown();
-                }
-                if BackgroundWorker::sighup_received() {
-                    self.reload();
-                }
-                self.check_drains();
-            }
+            let wait = self.accept_pause.wait_ms(std::time::Instant::now(), super::janitor::TICK_MS);
+            let mut timeout = EpollTimeout::from(wait.clamp(0, u16::MAX as i64) as u16);
             loop {
-                let n = match self.epoll.wait(&mut events, EpollTimeout::ZERO) {
+                let n = match self.epoll.wait(&mut events, timeout) {
                     Ok(n) => n,
                     Err(nix::errno::Errno::EINTR) => continue,
                     Err(e) => {
@@ -186,8 +187,28 @@ impl Pooler {
                         break;
                     }
                 };
+                timeout = EpollTimeout::ZERO;
+                let mut woken = false;
                 for ev in &events[..n] {
-                    self.dispatch(ev.data() as usize, ev.events());
+                    match ev.data() as usize {
+                        KEY_WAKE => woken = true,
+                        // The postmaster died, or the agent (its socket
+                        // closed: PR_SET_PDEATHSIG kills us anyway).
+                        KEY_PM_DEATH => crate::pg::proc_exit(1),
+                        KEY_AGENT => super::agent::agent_gone(),
+                        key => self.dispatch(key, ev.events()),
+                    }
+                }
+                if woken {
+                    // SIGTERM, SIGHUP, or SIGUSR1 (a backend's wake-up).
+                    super::agent::drain_wake();
+                    if super::agent::GOT_SIGTERM.load(Ordering::SeqCst) {
+                        self.shutdown();
+                    }
+                    if super::agent::GOT_SIGHUP.swap(false, Ordering::SeqCst) {
+                        self.reload();
+                    }
+                    self.check_drains();
                 }
                 if n < events.len() {
                     break;
@@ -211,21 +232,12 @@ impl Pooler {
         }
     }
 
+    /// SIGHUP, forwarded by the agent after it reloaded settings,
+    /// pg_hba.conf and pg_ident.conf (`agent::reload`).
     fn reload(&mut self) {
+        // SAFETY: the postmaster's own reload path; GUC state is
+        // process-local.
         unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-        match glue::load_hba() {
-            Ok(()) => log::info!("reloaded pg_hba.conf and settings"),
-            Err(e) => log::warn!("pg_hba.conf not reloaded, keeping the previous rules: {}", e.message()),
-        }
-        // As the postmaster: pg_ident.conf after pg_hba.conf; one that does
-        // not load keeps the previous lines (the server LOGs why).
-        // Only where the fork handler kept hba.c's lines valid (else
-        // load_ident() would free freed memory; map= is refused then).
-        if !glue::ident_kept() {
-            log::warn!("pg_ident.conf not reloaded: the postmaster's parsed lines were not kept in the pooler, map= on certificate lines is refused");
-        } else if let Err(e) = glue::load_ident() {
-            log::warn!("pg_ident.conf not reloaded, keeping the previous lines: {}", e.message());
-        }
         // As the postmaster reloads its SSL context: new clients get the new
         // settings, a configuration that does not load keeps the old one.
         match super::tls::load() {
@@ -237,8 +249,8 @@ impl Pooler {
         self.pools_trim();
     }
 
-    /// SIGTERM (server shutdown or pg_terminate_backend on the pooler): tell
-    /// clients not in a transaction, then exit. Backends attached to a client
+    /// SIGTERM (forwarded by the agent at server shutdown, or kill -TERM of
+    /// the pooler process): tell clients not in a transaction, then exit. Backends attached to a client
     /// finish on their own; the postmaster stops them in a shutdown.
     fn shutdown(&mut self) -> ! {
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
@@ -280,7 +292,7 @@ impl Pooler {
         }
         self.tables.set_pooler(0, postmaster::listen::port());
         log::info!("pooler shutting down");
-        // Exit code 1: a pooler stopped by pg_terminate_backend is restarted.
+        // The agent starts a new one unless it is stopping itself.
         crate::pg::proc_exit(1)
     }
 }

@@ -217,7 +217,8 @@ fn count(pg: &Cluster, table: &str) -> i64 {
 /// get what a direct session gets from its dying backend (WARNING 57P02
 /// "terminating connection because of crash of another server process",
 /// then the close); clients held by the pooler just see the close, as the
-/// pooler is killed by the same SIGQUIT (a direct idle session would also get
+/// agent is killed by the same SIGQUIT and the pooler process with it
+/// (PR_SET_PDEATHSIG) (a direct idle session would also get
 /// the 57P02 warning first: a known difference, not asserted). No
 /// uncommitted change survives, the postmaster starts a new pooler, logins
 /// made once the old pooler has exited (during the restart) are all served
@@ -379,14 +380,23 @@ fn crash_restart_recovers_pooler_and_pools() {
             "old pooler {old_pooler} survived"
         );
         assert!(process_alive(new_pooler));
+        // The pooler process is the child of the new agent, the background
+        // worker pg_stat_activity lists (the pooler itself has no PGPROC).
+        let stat = std::fs::read_to_string(format!("/proc/{new_pooler}/stat")).expect("/proc/PID/stat");
+        let ppid: i32 = stat
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse().ok())
+            .expect("ppid in /proc/PID/stat");
         let listed = admin_i64(
             pg,
             &format!(
                 "SELECT count(*) FROM pg_stat_activity
-                  WHERE backend_type = 'nextgres pooler' AND pid = {new_pooler}"
+                  WHERE backend_type = 'nextgres agent' AND pid = {ppid}"
             ),
         );
-        assert_eq!(listed, 1, "the new pooler is not in pg_stat_activity");
+        assert_eq!(listed, 1, "the new pooler's parent {ppid} is not the agent in pg_stat_activity");
 
         // Logins made after the old pooler exited: every one served by the
         // new pooler.
@@ -1154,7 +1164,8 @@ fn nofile_limits(pid: i32) -> (String, String) {
 /// The pooler runs with the hard RLIMIT_NOFILE, whatever soft limit the
 /// server was started with (a TLS client costs it three descriptors), and
 /// LOGs both: the postmaster's soft limit lowered with prlimit (run as the
-/// server's OS user), the pooler restarted (pg_terminate_backend) from it
+/// server's OS user), the agent restarted (pg_terminate_backend) from it,
+/// and its new pooler
 /// has soft = hard and says it raised it; clients are served.
 #[test]
 fn the_pooler_runs_with_the_hard_open_files_limit() {
@@ -1169,11 +1180,12 @@ fn the_pooler_runs_with_the_hard_open_files_limit() {
         assert!(out.status.success(), "prlimit: {}", String::from_utf8_lossy(&out.stderr));
         let old = pooler_pid(pg).expect("pooler");
         let mark = pg.log_mark();
-        let ok: bool = pg.admin().query_one("SELECT pg_terminate_backend($1)", &[&old]).expect("terminate").get(0);
-        assert!(ok, "pg_terminate_backend(pooler)");
+        // A new agent is forked by the postmaster (with its lowered soft
+        // limit) and forks the new pooler.
+        fault_support::terminate_agent(pg);
         assert!(
             wait_until(SETTLE, || pooler_pid(pg).is_some_and(|p| p != old)),
-            "no pooler restarted after pg_terminate_backend"
+            "no pooler restarted after pg_terminate_backend of the agent"
         );
         let new = pooler_pid(pg).expect("pooler");
         assert_eq!(nofile_limits(new), (hard.clone(), hard.clone()), "restarted pooler's open files limits");

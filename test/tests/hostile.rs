@@ -71,7 +71,8 @@ fn run(body: impl FnOnce(&Cluster, i32) + Send + 'static) {
         "PANIC:",
         "terminated by signal",
         "was terminated by",
-        "nextgres pooler\" (PID",
+        "nextgres agent\" (PID",
+        "pooler process (PID",
     ] {
         assert!(
             !log.contains(bad),

@@ -79,9 +79,11 @@ fn walsender(primary: &Cluster) -> Option<(i32, String, String)> {
 /// and pg_stat_replication shows its real address and application_name
 /// (which makes it the synchronous standby by synchronous_standby_names).
 /// SIGTERM to the pooler: the same walsender (pid) keeps streaming new WAL.
-/// kill -9 of the pooler: the server's crash restart ends every backend,
-/// walsenders included (as for any child killed so); the standby reconnects
-/// through the new pooler and catches up.
+/// kill -9 of the pooler (the pooler process is no postmaster child, so no
+/// crash restart): the same walsender keeps streaming, a client of a
+/// `pool_mode = dedicated` role keeps its backend (same pid) and commits the
+/// transaction it had open, a new pooler (new pid) serves pgbench, and the
+/// standby catches up.
 #[test]
 fn standby_streams_through_pooler_port() {
     let primary = Cluster::builder().conf("nextgres.pool_size = 2").start();
@@ -133,33 +135,75 @@ fn standby_streams_through_pooler_port() {
     assert_eq!(same_history(&primary, &standby, "after SIGTERM"), 500);
     assert_eq!(walsender(&primary).map(|w| w.0), Some(pid), "still the same walsender");
 
-    // kill -9: a crash restart; the standby comes back through the port.
+    // A dedicated session inside a transaction. The role's pool_mode reaches
+    // the pooler through its settings reader: retry until a client of `d`
+    // is served as dedicated.
+    exec(
+        &primary,
+        "CREATE ROLE d LOGIN; CREATE TABLE ded(i int); GRANT ALL ON ded TO d; ALTER ROLE d SET nextgres.pool_mode = dedicated",
+    );
+    let dedicated_now = || -> i32 {
+        primary
+            .admin()
+            .query_opt("SELECT backends_dedicated FROM nextgres.pools WHERE role = 'd'", &[])
+            .expect("nextgres.pools")
+            .map_or(0, |r| r.get(0))
+    };
+    let mut ded = None;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let mut c = primary.tcp("d", "postgres").connect().expect("client of d");
+            c.batch_execute("BEGIN; INSERT INTO ded VALUES (1)").expect("insert");
+            if dedicated_now() == 1 {
+                ded = Some(c);
+                true
+            } else {
+                c.batch_execute("ROLLBACK").expect("rollback");
+                false
+            }
+        }),
+        "role d never served as dedicated\n{}",
+        primary.log_tail(30)
+    );
+    let mut ded = ded.expect("dedicated client");
+    let ded_pid: i32 = ded.query_one("SELECT pg_backend_pid()", &[]).expect("pid").get(0);
+
+    // kill -9: no crash restart; walsender and dedicated session live on.
     let old = pooler_pid(&primary).expect("pooler");
     assert_eq!(unsafe { libc::kill(old, libc::SIGKILL) }, 0);
-    let ok = wait_until(Duration::from_secs(90), || {
-        // During the crash restart the admin login may fail: not a panic.
-        let now = primary.unix("postgres", "postgres").connect().ok().and_then(|mut c| {
-            c.query_one("SELECT pooler_pid FROM nextgres.status()", &[]).ok().and_then(|r| r.get::<_, Option<i32>>(0))
-        });
-        now.is_some_and(|p| p != old)
+    let mut new = None;
+    let ok = wait_until(Duration::from_secs(60), || {
+        new = pooler_pid(&primary).filter(|&p| p != old);
+        new.is_some()
     });
-    assert!(ok, "no pooler after kill -9\n{}", primary.log_tail(30));
+    assert!(ok, "no new pooler after kill -9\n{}", primary.log_tail(30));
+    // Its log lines name it (log_line_prefix %b), not the agent.
+    let ready = format!("[{}] nextgres pooler LOG:  nextgres: pooler ready", new.expect("new pooler"));
     assert!(
-        wait_until(Duration::from_secs(90), || {
-            primary.pgbench(&pooled, &["-n", "-c", "1", "-t", "10"]).success()
-        }),
-        "pgbench never succeeded after the crash restart"
+        wait_until(Duration::from_secs(10), || primary.log().contains(&ready)),
+        "no {ready:?} line\n{}",
+        primary.log_tail(30)
     );
     assert!(
-        wait_until(Duration::from_secs(90), || walsender(&primary).is_some()),
-        "the standby never reconnected after kill -9 of the pooler\n{}\n{}",
-        primary.log_tail(30),
-        standby.log_tail(30)
+        primary.log().contains(&format!("pooler process (PID {old}) was terminated by signal 9")),
+        "the agent did not log the pooler's end\n{}",
+        primary.log_tail(30)
     );
-    let (pid2, addr2, _) = walsender(&primary).expect("walsender");
-    eprintln!("kill -9 of the pooler: walsender {pid} -> {pid2} (crash restart), from {addr2}");
+    assert!(!primary.log().contains("terminating any other active server processes"), "crash restart\n{}", primary.log_tail(30));
+    assert_eq!(walsender(&primary).map(|w| w.0), Some(pid), "the walsender survived kill -9 of the pooler");
+    let ded_state = format!("SELECT state FROM pg_stat_activity WHERE pid = {ded_pid}");
+    assert_eq!(scalar(&primary, &ded_state), "idle in transaction", "the dedicated session survived kill -9 of the pooler");
+    let same: i32 = ded.query_one("SELECT pg_backend_pid()", &[]).expect("dedicated session after kill -9").get(0);
+    assert_eq!(same, ded_pid, "the dedicated session kept its backend");
+    // Its backend cannot give the client back to a pooler that is gone, so
+    // the connection may end right after the COMMIT; the row tells.
+    let _ = ded.batch_execute("COMMIT");
+    assert_eq!(scalar(&primary, "SELECT count(*) FROM ded"), "1", "the dedicated session's transaction committed after kill -9");
+    primary.pgbench(&pooled, &["-n", "-c", "2", "-t", "50"]).assert_success();
     wait_caught_up(&primary, &standby, "after kill -9 of the pooler");
-    same_history(&primary, &standby, "after kill -9");
+    assert_eq!(same_history(&primary, &standby, "after kill -9"), 600);
+    assert_eq!(walsender(&primary).map(|w| w.0), Some(pid), "still the same walsender after kill -9");
+    assert_eq!(scalar(&standby, "SELECT count(*) FROM ded"), "1", "the standby replayed the dedicated session's commit");
 }
 
 /// Acceptance 1: pg_receivewal through the pooler's port streams WAL up to

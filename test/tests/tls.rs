@@ -20,7 +20,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fault_support::{admin_i64, pooler_pid, setup, SETTLE, TEST_LIMIT};
+use fault_support::{admin_i64, pooler_pid, setup, terminate_agent, terminate_pooler, SETTLE, TEST_LIMIT};
 use nextgres_test::raw::{parse_error, parse_row, RawFail};
 use nextgres_test::tls::{client_config, install_cert, make_certs, openssl, skip_without_openssl as skip, ssl_on};
 use nextgres_test::{wait_until, Cluster, CmdOutput, ConnInfo};
@@ -499,9 +499,9 @@ fn hostile_tls_input_leaves_the_pooler_serving() {
         assert_eq!(pooler_pid(pg), Some(pooler), "the pooler restarted");
         assert_eq!(t.value("SELECT 2"), "2");
 
-        // The pooler stopped (pg_terminate_backend): an idle TLS client gets
-        // the pooler's FATAL through its relay, as a plaintext one does.
-        pg.admin().query_one("SELECT pg_terminate_backend($1)", &[&pooler]).expect("terminate pooler");
+        // The pooler stopped (SIGTERM): an idle TLS client gets the
+        // pooler's FATAL through its relay, as a plaintext one does.
+        terminate_pooler(pooler);
         match t.until_ready() {
             Err(RawFail::Db { code, .. }) => assert_eq!(code, "57P01", "idle TLS client at pooler exit"),
             other => panic!("idle TLS client at pooler exit: {other:?}"),
@@ -1101,14 +1101,14 @@ fn a_tls_client_without_a_relay_thread_gets_53300_in_plaintext() {
     });
 }
 
-/// The pooler restarted (pg_terminate_backend) while the key on disk no
+/// The pooler restarted (SIGTERM) while the key on disk no
 /// longer loads: it serves TLS with the configuration the postmaster loaded
 /// at startup (the port was taken for TLS), not plaintext only.
 #[test]
 fn a_restarted_pooler_that_cannot_load_the_key_keeps_the_startup_tls() {
     with_tls_server(Cluster::builder(), |pg, ca, first| {
         std::fs::write(pg.data_dir().join("server.key"), "not a key\n").expect("spoil the key");
-        pg.admin().query_one("SELECT pg_terminate_backend($1)", &[&first]).expect("terminate pooler");
+        terminate_pooler(first);
         assert!(
             wait_until(SETTLE, || pooler_pid(pg).is_some_and(|p| p != first)),
             "the pooler was not restarted"
@@ -1139,7 +1139,7 @@ hostssl all all 127.0.0.1/32 trust
         let with_cert = |pg: &Cluster| psql_cs(pg, &conn, &format!("sslmode=require {cert}"), &["SELECT 1"]);
         assert!(with_cert(pg).success(), "a client certificate before the restart");
         std::fs::write(pg.data_dir().join("server.key"), "not a key\n").expect("spoil the key");
-        pg.admin().query_one("SELECT pg_terminate_backend($1)", &[&first]).expect("terminate pooler");
+        terminate_pooler(first);
         assert!(wait_until(SETTLE, || pooler_pid(pg).is_some_and(|p| p != first)), "the pooler was not restarted");
         let out = with_cert(pg);
         assert!(!out.success() && out.stderr.contains("unknown ca"), "a client certificate under the startup fallback: {out}");
@@ -1376,7 +1376,7 @@ fn client_certificates_decide_as_the_server() {
 /// refuses `trust clientcert=verify-full map=` in pg_hba.conf), and on 16+ `+group` and `all` entries. Then pg_ident.conf edited
 /// + reload: new clients get the new decision; a pg_ident.conf with a bad
 /// regex + reload: both keep the previous lines, the pooler keeps its pid;
-/// then the pooler restarted (pg_terminate_backend; on 15 a pooler that
+/// then the agent restarted (pg_terminate_backend; on 15 a pooler that
 /// loaded pg_ident.conf with a regex line crashed at start) decides the same.
 #[test]
 fn certificate_maps_decide_as_the_server() {
@@ -1498,8 +1498,10 @@ fn certificate_maps_decide_as_the_server() {
         assert_eq!(compare("a bad pg_ident.conf + reload"), after_edit, "a bad pg_ident.conf changed decisions");
         assert_eq!(pooler_pid(pooled), Some(pooler), "the pooler restarted on a bad pg_ident.conf");
 
-        // The pooler restarted: it starts with the postmaster's lines.
-        pooled.admin().query_one("SELECT pg_terminate_backend($1)", &[&pooler]).expect("terminate pooler");
+        // The agent restarted (it holds the lines the pooler's logins use):
+        // a new agent starts with the postmaster's lines, and so does its
+        // new pooler.
+        terminate_agent(pooled);
         assert!(wait_until(SETTLE, || pooler_pid(pooled).is_some_and(|p| p != pooler)), "no new pooler");
         assert!(wait_until(SETTLE, || outcome(pooled, "marker", "") == "ok marker"), "new pooler does not serve");
         assert_eq!(compare("after a pooler restart"), after_edit, "decisions changed across a pooler restart");

@@ -68,6 +68,29 @@ pub fn pooler_pid(pg: &Cluster) -> Option<i32> {
         .get(0)
 }
 
+/// Stops the pooler process (`nextgres.status().pooler_pid`) with SIGTERM:
+/// it tells its idle clients 57P01 and exits, and the agent forks a new one.
+/// (pg_terminate_backend does not apply: the pooler process has no PGPROC.)
+pub fn terminate_pooler(pid: i32) {
+    // SAFETY: plain kill(2) on the pooler's pid from nextgres.status().
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "kill -TERM {pid}");
+}
+
+/// pg_terminate_backend of the agent (the `nextgres agent` background
+/// worker): it stops its pooler process and exits, and the postmaster
+/// starts a new agent (a fresh postmaster child) that forks a new pooler.
+pub fn terminate_agent(pg: &Cluster) {
+    let ok: bool = pg
+        .admin()
+        .query_one(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'nextgres agent'",
+            &[],
+        )
+        .expect("terminate the agent")
+        .get(0);
+    assert!(ok, "pg_terminate_backend of the agent");
+}
+
 /// `nextgres.backends`: (pid, state), by pid.
 pub fn pooled(pg: &Cluster) -> Vec<(i32, String)> {
     pg.admin()
