@@ -250,41 +250,71 @@ impl Pooler {
     }
 
     /// SIGTERM (forwarded by the agent at server shutdown, or kill -TERM of
-    /// the pooler process): tell clients not in a transaction, then exit. Backends attached to a client
-    /// finish on their own; the postmaster stops them in a shutdown.
+    /// the pooler process): stop accepting, tell every client not in a
+    /// transaction (FATAL 57P01) and close it, then exit. Backends attached
+    /// to a plaintext client finish on their own (they hold its socket); the
+    /// postmaster stops them in a shutdown.
+    ///
+    /// A TLS client's bytes pass through a relay thread of this process, so
+    /// a TLS client still attached when the process exits loses its
+    /// connection without close_notify. For up to 1 s the pooler therefore
+    /// keeps taking clients back at their transaction boundary (a
+    /// ReadyForQuery just sent: the hand-back may be in flight when SIGTERM
+    /// arrives) and tells them as the idle ones; then it gives the relays of
+    /// closed TLS clients up to 1 s to send the FATAL with close_notify.
     fn shutdown(&mut self) -> ! {
-        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
-        for k in keys {
-            self.client_fatal_if_not_attached(
-                k,
-                "57P01",
-                "terminating connection due to administrator command",
-            );
+        let listeners: Vec<usize> =
+            self.conns.iter().filter_map(|(k, c)| matches!(c, Conn::Listener(_)).then_some(k)).collect();
+        for k in listeners {
+            if let Some(Conn::Listener(l)) = self.conns.try_remove(k) {
+                conn::remove(&self.epoll, &l);
+            }
         }
-        // TLS clients: their FATAL is still to be encrypted by their relay
-        // thread, which dies with this process. Close their ends and give
-        // the relays a bounded moment (1 s) to send it with close_notify.
-        // Relays of clients inside a transaction keep running until exit.
-        // TLS clients not attached are closed now; their relays get up to
-        // 1 s to send the FATAL. A relay holds a clone of its client's
-        // TlsInfo until its thread ends, so the wait is on those relays
-        // only (not on the attached clients' relays, which live on).
         let mut closed_relays = Vec::new();
-        let tls_keys: Vec<usize> = self
-            .conns
-            .iter()
-            .filter_map(|(k, c)| match c {
-                Conn::Client(c) if !matches!(c.phase, super::client::Phase::Attached { .. }) => {
-                    c.tls.as_ref().map(|info| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        let mut events = vec![EpollEvent::empty(); 64];
+        loop {
+            let told: Vec<usize> = self
+                .conns
+                .iter()
+                .filter_map(|(k, c)| match c {
+                    Conn::Client(c) if !matches!(c.phase, super::client::Phase::Attached { .. }) => Some(k),
+                    _ => None,
+                })
+                .collect();
+            for k in told {
+                self.client_fatal_if_not_attached(k, "57P01", "terminating connection due to administrator command");
+                // A relay holds a clone of its client's TlsInfo until its
+                // thread ends: the wait below is on those relays only.
+                if let Some(Conn::Client(c)) = self.conns.get(k) {
+                    if let Some(info) = &c.tls {
                         closed_relays.push(info.clone());
-                        k
-                    })
+                    }
                 }
-                _ => None,
-            })
-            .collect();
-        for k in tls_keys {
-            self.client_close(k);
+                self.client_close(k);
+            }
+            let tls_attached = self.conns.iter().any(|(_, c)| {
+                matches!(c, Conn::Client(c) if c.tls.is_some() && matches!(c.phase, super::client::Phase::Attached { .. }))
+            });
+            if !tls_attached || std::time::Instant::now() >= deadline {
+                break;
+            }
+            let n = match self.epoll.wait(&mut events, EpollTimeout::from(10u16)) {
+                Ok(n) => n,
+                Err(_) => 0,
+            };
+            let mut agent_gone = false;
+            for ev in &events[..n] {
+                match ev.data() as usize {
+                    KEY_PM_DEATH => crate::pg::proc_exit(1),
+                    KEY_AGENT => agent_gone = true,
+                    KEY_WAKE => super::agent::drain_wake(),
+                    key => self.dispatch(key, ev.events()),
+                }
+            }
+            if agent_gone {
+                break;
+            }
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(1);
         while closed_relays.iter().any(|i| std::sync::Arc::strong_count(i) > 1) && std::time::Instant::now() < deadline {
