@@ -24,6 +24,16 @@ pub fn proc_exit(code: i32) -> ! {
     }
 }
 
+/// Registers `f` to run when this process exits through `proc_exit()`,
+/// an escaped ERROR included (storage/ipc/ipc.c `on_proc_exit`; callbacks run
+/// in reverse order of registration). `f` must not raise an ERROR.
+pub fn on_proc_exit(f: extern "C-unwind" fn(i32, pgrx::pg_sys::Datum)) {
+    // SAFETY: registers a plain function pointer; ipc.c keeps at most
+    // MAX_ON_EXITS (20) of them and raises FATAL beyond, which this process
+    // never reaches (one call per process).
+    unsafe { pgrx::pg_sys::on_proc_exit(Some(f), pgrx::pg_sys::Datum::from(0usize)) };
+}
+
 /// A setting's current value as `SHOW` prints it (utils/misc/guc.c
 /// `GetConfigOption(name, missing_ok = true, restrict_privileged = false)`);
 /// None for an unknown name.

@@ -63,8 +63,10 @@ pub fn agent_main() -> ! {
         log::warn!("could not load pg_hba.conf: {}", e.message());
     }
     let mut reader: Option<DynamicBackgroundWorker> = None;
+    crate::pg::on_proc_exit(agent_exit);
     loop {
         let (sock, pid) = spawn();
+        POOLER_CHILD.store(pid, std::sync::atomic::Ordering::SeqCst);
         let ended = serve(&sock, pid, &mut reader);
         // Before the pid is reaped (and could be reused): backends stop
         // signalling it and accept no pool login from it.
@@ -73,6 +75,7 @@ pub fn agent_main() -> ! {
         // to stop (SIGTERM) must not see the agent gone first, or it would
         // exit without its FATAL to idle clients.
         let status = reap(pid, ended == Ended::Stop);
+        POOLER_CHILD.store(0, std::sync::atomic::Ordering::SeqCst);
         drop(sock);
         log::info!("pooler process (PID {pid}) {}", describe_exit(status));
         super::stats::Rows::new(&tables).reset_all(&tables);
@@ -91,6 +94,24 @@ pub fn agent_main() -> ! {
                 crate::pg::proc_exit(1)
             }
         }
+    }
+}
+
+/// The pooler process the agent forked and has not reaped yet (0: none).
+static POOLER_CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// The agent exiting with its pooler still running (an ERROR escaped the
+/// agent's loop): backends must stop signalling that pid and accept no pool
+/// login from it at once, not after PR_SET_PDEATHSIG has killed it and the
+/// next agent forked a new one; and the pooler is told to go now.
+extern "C-unwind" fn agent_exit(_code: i32, _arg: pg_sys::Datum) {
+    let pid = POOLER_CHILD.swap(0, std::sync::atomic::Ordering::SeqCst);
+    if pid > 0 {
+        if let Some(tables) = shmem::tables() {
+            tables.set_pooler(0, postmaster::listen::port());
+        }
+        // SAFETY: kill(2) of our own unreaped child (its pid cannot be reused).
+        unsafe { libc::kill(pid, libc::SIGKILL) };
     }
 }
 

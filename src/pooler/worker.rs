@@ -102,7 +102,15 @@ impl Pooler {
         for fd in postmaster::listen::listeners() {
             // dup: the postmaster's copy must outlive this process so the
             // backlog survives a pooler restart.
-            let dup = nix::unistd::dup(fd).expect("dup listen socket");
+            let dup = match nix::unistd::dup(fd) {
+                Ok(d) => d,
+                Err(e) => {
+                    // Out of descriptors at start: the agent starts
+                    // another pooler after its restart delay.
+                    log::warn!("could not duplicate the listen socket: {e}");
+                    crate::pg::proc_exit(1)
+                }
+            };
             let owned = unsafe { OwnedFd::from_raw_fd(dup) };
             let entry = conns.vacant_entry();
             conn::add(&epoll, &owned, entry.key(), conn::READ);

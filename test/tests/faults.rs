@@ -587,7 +587,8 @@ fn smart_stop_waits_for_clients_not_for_parked_backends() {
 /// authenticate anyone: each login got FATAL XX000 "nextgres: missing
 /// support function 1 for attribute 1 of index "pg_database_oid_index""
 /// (PG 16) or "function "ambeginscan" is not defined for index ..." (PG 15).
-/// The logins are checked last so the other points are exercised anyway.
+/// The logins are checked last so the other points are exercised anyway;
+/// then the same for a restarted agent (which does the catalog lookups).
 #[test]
 fn pooler_sigterm_restarts_without_refusing_connections() {
     run(Cluster::builder().conf("nextgres.pool_size = 2"), |pg| {
@@ -714,6 +715,22 @@ fn pooler_sigterm_restarts_without_refusing_connections() {
             current = next.expect("new pooler");
         }
         assert!(window_seen, "no connection was ever made while no pooler ran");
+
+        // The catalog lookups are the agent's (pg_hba.conf, pg_authid): an
+        // agent started while pg_internal.init exists must authenticate
+        // too. The postmaster restarts a terminated agent, which forks a
+        // new pooler; a fresh login goes through the new agent.
+        terminate_agent(pg);
+        let mut after_agent = None;
+        assert!(
+            wait_until(SETTLE * 2, || {
+                after_agent = pooler_pid(pg).filter(|&p| p != current);
+                after_agent.is_some()
+            }),
+            "no new pooler after the agent was terminated\n{}",
+            pg.log_tail(30)
+        );
+        assert_pooler_serves(pg, after_agent.expect("new pooler"));
     });
 }
 
