@@ -82,7 +82,7 @@ impl Tally {
 /// [`POOL_SIZE`]: zero marker mismatches, every counter exactly M.
 #[test]
 fn soak_isolation_and_exact_counts() {
-    soak(false);
+    soak(false, false);
 }
 
 /// The same with `nextgres.hold_idle_clients = on` (the default): backends
@@ -90,10 +90,44 @@ fn soak_isolation_and_exact_counts() {
 /// release-on-request path on nearly every transaction.
 #[test]
 fn soak_with_hold_idle_clients() {
-    soak(true);
+    soak(true, false);
 }
 
-fn soak(hold_idle: bool) {
+/// The soak with churn beside it, as a saturated pool meets it in
+/// production: clients that vanish (socket closed) while their query waits
+/// in the queue or runs, some of them inside a transaction they opened, and
+/// one long transaction (pg_sleep) among the many short ones. The soak's
+/// exact counts must hold, no vanished client's transaction may commit or
+/// stay open, and the pool ends with no waiting client.
+#[test]
+fn soak_with_vanishing_clients_and_a_long_transaction() {
+    soak(true, true);
+}
+
+/// Clients that vanish with a query queued or running, per round.
+const VANISHING: usize = 8;
+/// The long transaction's length, and how many of them run.
+const LONG_XACT: Duration = Duration::from_secs(2);
+const LONG_XACTS: i32 = 3;
+
+/// Connects as `app`, sends `sql` and closes the socket without waiting for
+/// the answer: the query is then queued, running or not yet read by the
+/// pooler, whichever the timing gives.
+async fn vanish(port: u16, sql: &str) -> Result<(), String> {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1").port(port).user("app").dbname("postgres").connect_timeout(Duration::from_secs(30));
+    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.map_err(|e| format!("vanishing client login: {e}"))?;
+    let task = tokio::spawn(conn);
+    // Polling the query once hands it to the connection task, which writes
+    // it; the task is then dropped with the socket.
+    let _ = tokio::time::timeout(Duration::from_millis(2), client.simple_query(sql)).await;
+    tokio::task::yield_now().await;
+    task.abort();
+    drop(client);
+    Ok(())
+}
+
+fn soak(hold_idle: bool, churn: bool) {
     let size = size();
     let pg = Cluster::builder()
         .conf(format!("nextgres.pool_size = {POOL_SIZE}"))
@@ -107,7 +141,10 @@ fn soak(hold_idle: bool) {
              CREATE ROLE app LOGIN;
              CREATE TABLE counters (client int PRIMARY KEY, n int NOT NULL);
              INSERT INTO counters SELECT g, 0 FROM generate_series(0, {}) g;
-             GRANT SELECT, UPDATE ON counters TO app",
+             GRANT SELECT, UPDATE ON counters TO app;
+             CREATE TABLE vanished (n int NOT NULL); INSERT INTO vanished VALUES (0);
+             CREATE TABLE long_xacts (n int NOT NULL); INSERT INTO long_xacts VALUES (0);
+             GRANT SELECT, UPDATE ON vanished, long_xacts TO app",
             size.clients - 1
         ),
     );
@@ -131,6 +168,70 @@ fn soak(hold_idle: bool) {
                 .collect();
             let deadline = tokio::time::Instant::now() + timeout;
             let mut errors = Vec::new();
+            if churn {
+                // Vanishing clients, round after round while the soak runs;
+                // half of them inside a transaction they opened.
+                let done = tally.clone();
+                let total = clients as usize * xacts as usize;
+                let vanishing = tokio::spawn(async move {
+                    let mut round = 0usize;
+                    while done.committed.load(Ordering::SeqCst) < total && round < 10_000 {
+                        let batch: Vec<_> = (0..VANISHING)
+                            .map(|i| {
+                                let sql = if i % 2 == 0 {
+                                    "BEGIN; UPDATE vanished SET n = n + 1; SELECT pg_sleep(0.05)"
+                                } else {
+                                    "SELECT pg_sleep(0.01)"
+                                };
+                                tokio::spawn(vanish(port, sql))
+                            })
+                            .collect();
+                        for b in batch {
+                            if let Ok(Err(e)) = b.await {
+                                return Err(e);
+                            }
+                        }
+                        round += 1;
+                    }
+                    Ok(round)
+                });
+                // One long transaction at a time among the short ones.
+                let long = tokio::spawn(async move {
+                    let mut cfg = tokio_postgres::Config::new();
+                    cfg.host("127.0.0.1").port(port).user("app").dbname("postgres");
+                    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.map_err(|e| format!("long: {e}"))?;
+                    tokio::spawn(conn);
+                    for _ in 0..LONG_XACTS {
+                        client
+                            .batch_execute(&format!(
+                                "BEGIN; UPDATE long_xacts SET n = n + 1; SELECT pg_sleep({}); COMMIT",
+                                LONG_XACT.as_secs_f64()
+                            ))
+                            .await
+                            .map_err(|e| format!("long transaction: {e:?}"))?;
+                    }
+                    Ok::<_, String>(())
+                });
+                match tokio::time::timeout_at(deadline, long).await {
+                    Ok(Ok(Ok(()))) => {}
+                    Ok(Ok(Err(e))) => errors.push(e),
+                    other => errors.push(format!("long transaction client: {other:?}")),
+                }
+                for (id, t) in tasks.into_iter().enumerate() {
+                    match tokio::time::timeout_at(deadline, t).await {
+                        Ok(Ok(None)) => {}
+                        Ok(Ok(Some(e))) => errors.push(format!("client {id}: {e}")),
+                        Ok(Err(e)) => errors.push(format!("client {id} panicked: {e}")),
+                        Err(_) => errors.push(format!("client {id}: not done after {timeout:?}")),
+                    }
+                }
+                match tokio::time::timeout_at(deadline, vanishing).await {
+                    Ok(Ok(Ok(rounds))) => eprintln!("soak: {rounds} rounds of {VANISHING} vanishing clients"),
+                    Ok(Ok(Err(e))) => errors.push(e),
+                    other => errors.push(format!("vanishing clients: {other:?}")),
+                }
+                return errors;
+            }
             for (id, t) in tasks.into_iter().enumerate() {
                 match tokio::time::timeout_at(deadline, t).await {
                     Ok(Ok(None)) => {}
@@ -179,6 +280,29 @@ fn soak(hold_idle: bool) {
         .expect("nextgres.backends")
         .get(0);
 
+    if churn {
+        // No vanished client's transaction committed, none stays open, and
+        // the pool has no waiting client left.
+        let vanished: i32 = admin.query_one("SELECT n FROM vanished", &[]).expect("vanished").get(0);
+        assert_eq!(vanished, 0, "a vanished client's transaction committed");
+        let long: i32 = admin.query_one("SELECT n FROM long_xacts", &[]).expect("long_xacts").get(0);
+        assert_eq!(long, LONG_XACTS, "long transactions committed");
+        let settled = nextgres_test::wait_until(Duration::from_secs(30), || {
+            let open: i64 = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' AND state LIKE 'idle in transaction%'",
+                    &[],
+                )
+                .expect("pg_stat_activity")
+                .get(0);
+            let waiting: i64 = admin
+                .query_one("SELECT coalesce(sum(clients_waiting), 0)::bigint FROM nextgres.pools", &[])
+                .expect("nextgres.pools")
+                .get(0);
+            open == 0 && waiting == 0
+        });
+        assert!(settled, "a vanished client left a transaction open or a client waiting: {:?}", pg.activity());
+    }
     let samples = tally.samples.lock().unwrap().clone();
     assert!(
         errors.is_empty(),
