@@ -233,14 +233,15 @@ fn receivewal_through_pooler_port() {
 }
 
 /// Acceptance 2: a second cluster subscribes through the publisher's
-/// pooler port (initial copy, then streamed changes), and pg_recvlogical
+/// pooler port (initial copy, then streamed changes; its walsender survives
+/// kill -9 of the pooler), and pg_recvlogical
 /// with test_decoding decodes an INSERT through it.
 #[test]
 fn logical_replication_through_pooler_port() {
     let publisher = Cluster::builder().conf("wal_level = logical").start();
     exec(
         &publisher,
-        "CREATE TABLE t(id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'x' || g FROM generate_series(1, 100) g;
+        "CREATE EXTENSION nextgres; CREATE TABLE t(id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'x' || g FROM generate_series(1, 100) g;
          CREATE PUBLICATION p FOR TABLE t",
     );
     let subscriber = Cluster::builder().preload(false).label("subscriber").start();
@@ -257,6 +258,28 @@ fn logical_replication_through_pooler_port() {
     assert!(count("150"), "streamed changes never arrived\n{}", subscriber.log_tail(30));
     let addr = scalar(&publisher, "SELECT client_addr::text FROM pg_stat_replication WHERE application_name = 's'");
     assert_eq!(addr, "127.0.0.1/32");
+
+    // Acceptance 5 for a logical walsender: kill -9 of the pooler (no crash
+    // restart: the pooler process is no postmaster child) leaves the
+    // subscription's walsender (same pid) streaming.
+    let ws = "SELECT pid FROM pg_stat_replication WHERE application_name = 's'";
+    let ws_pid = scalar(&publisher, ws);
+    let old = pooler_pid(&publisher).expect("pooler");
+    // SAFETY: plain kill(2) on the pooler's pid from nextgres.status().
+    assert_eq!(unsafe { libc::kill(old, libc::SIGKILL) }, 0);
+    assert!(
+        wait_until(Duration::from_secs(60), || pooler_pid(&publisher).is_some_and(|p| p != old)),
+        "no new pooler after kill -9\n{}",
+        publisher.log_tail(30)
+    );
+    exec(&publisher, "INSERT INTO t SELECT g, 'z' FROM generate_series(151, 200) g");
+    assert!(count("200"), "changes after kill -9 of the pooler never arrived\n{}", subscriber.log_tail(30));
+    assert_eq!(scalar(&publisher, ws), ws_pid, "the subscription's walsender survived kill -9 of the pooler");
+    assert!(
+        !publisher.log().contains("terminating any other active server processes"),
+        "crash restart\n{}",
+        publisher.log_tail(30)
+    );
     exec(&subscriber, "DROP SUBSCRIPTION s");
 
     // pg_recvlogical with test_decoding.
