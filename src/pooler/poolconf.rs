@@ -32,6 +32,8 @@ use std::time::{Duration, Instant};
 const READER_PATIENCE: Duration = Duration::from_secs(10);
 /// Pause before another reader after one that failed.
 const READER_RETRY: Duration = Duration::from_secs(1);
+/// How often a pending reader's end is asked of the agent.
+const READER_POLL: Duration = Duration::from_millis(10);
 
 /// The pooler's side of the settings reader.
 #[derive(Default)]
@@ -46,6 +48,9 @@ pub struct ConfState {
     wanted: bool,
     /// The reader the agent started last: when, and `applied_gen` then.
     reader: Option<(Instant, u64)>,
+    /// When the agent was last asked whether that reader still runs (a
+    /// round trip: at most once per [`READER_POLL`], not once per loop turn).
+    reader_polled: Option<Instant>,
     not_before: Option<Instant>,
     failing: bool,
 }
@@ -280,7 +285,15 @@ impl Pooler {
             self.pool_conf_apply();
         }
         if let Some((started, gen0)) = &self.conf.reader {
-            let done = !super::agent::reader_running();
+            // What it read is applied: done, whether or not its process has
+            // exited yet. Otherwise ask the agent, not on every loop turn.
+            let published = self.conf.applied_gen != *gen0;
+            let due = self.conf.reader_polled.is_none_or(|t| t.elapsed() >= READER_POLL);
+            let done = published
+                || (due && {
+                    self.conf.reader_polled = Some(Instant::now());
+                    !super::agent::reader_running()
+                });
             if done || started.elapsed() > READER_PATIENCE {
                 let read = self.conf.applied_gen != *gen0;
                 if !read {
