@@ -699,6 +699,19 @@ class Bench:
             if m.group(4):
                 row["first_error"] = m.group(4)[:200]
             time.sleep(1.0)
+            if tls and target == "nextgres":
+                # nextgres parks a TLS client idle for two janitor ticks (1 s
+                # each): no relay thread, no socketpair. Measured once none
+                # is left on a relay thread (60 s at most), as a pooler
+                # holding idle TLS clients for long is.
+                wait_until = time.monotonic() + 60
+                while time.monotonic() < wait_until:
+                    left = self.psql("SELECT count(*) FROM nextgres.clients WHERE tls_relay = 'thread'",
+                                     check=False)
+                    if left == "0":
+                        break
+                    time.sleep(0.5)
+                row["tls_unparked_at_measure"] = int(left) if left.isdigit() else None
             if pooler:
                 after_mem = status_kb(pooler)
                 row["pooler_rss_before_kb"] = before_mem.get("VmRSS")
