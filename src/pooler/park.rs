@@ -35,12 +35,10 @@ impl Pooler {
                 && c.inbuf.is_empty()
                 && c.outbuf.is_empty()
                 && c.tls.as_ref().is_some_and(|i| i.get().is_some());
-            if !eligible {
-                c.idle_mark = None;
-            } else if c.idle_mark == Some(c.xacts) {
+            let (mark, due) = nextgres_core::tls::park_due(c.idle_mark, eligible, c.xacts);
+            c.idle_mark = mark;
+            if due {
                 park.push(k);
-            } else {
-                c.idle_mark = Some(c.xacts);
             }
         }
         for k in park {
