@@ -2158,3 +2158,46 @@ fn idle_tls_clients_park_without_a_thread_or_socketpair() {
         }
     });
 }
+
+/// A parked TLS client whose next message gets no relay thread (the
+/// pooler's soft RLIMIT_NPROC at 1) gets FATAL 53300 "sorry, too many
+/// clients already" over TLS, then close_notify; plaintext clients are
+/// served meanwhile, and TLS clients again once the limit is back.
+#[test]
+fn a_parked_tls_client_without_a_relay_thread_gets_53300_over_tls() {
+    with_tls_server(Cluster::builder(), |pg, ca, pooler| {
+        let port = pg.port();
+        let user = pg.server_os_user();
+        let nproc = |v: &str| {
+            let out = Command::new("runuser")
+                .args(["-u", &user, "--", "prlimit", &format!("--pid={pooler}"), &format!("--nproc={v}")])
+                .output()
+                .expect("prlimit");
+            assert!(out.status.success(), "prlimit: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let hard = std::fs::read_to_string(format!("/proc/{pooler}/limits"))
+            .expect("limits")
+            .lines()
+            .find(|l| l.starts_with("Max processes"))
+            .and_then(|l| l.split_whitespace().nth(3).map(str::to_string))
+            .expect("Max processes hard limit");
+        let mut t = TlsRaw::connect(port, &ca, "app", "postgres").expect("TLS login");
+        assert_eq!(t.value("SELECT 1"), "1");
+        assert!(wait_until(SETTLE, || parked_count(pg) == 1), "the TLS client was never parked");
+        nproc(&format!("1:{hard}"));
+        t.send_query("SELECT 2");
+        match t.until_ready() {
+            Err(RawFail::Db { code, message, .. }) => {
+                assert_eq!((code.as_str(), message.as_str()), ("53300", "sorry, too many clients already"), "parked client without a relay thread")
+            }
+            other => panic!("parked client without a relay thread: {other:?}"),
+        }
+        assert!(ends_with_close_notify(&mut t), "no close_notify after the 53300");
+        let mut plain = nextgres_test::raw::Raw::connect(port, "app", "postgres", TEST_LIMIT / 4);
+        assert_eq!(plain.value("SELECT 3"), "3", "plaintext client while no thread can start");
+        nproc(&format!("{hard}:{hard}"));
+        let mut t = TlsRaw::connect(port, &ca, "app", "postgres").expect("TLS client with threads again");
+        assert_eq!(t.value("SELECT 4"), "4");
+        assert_eq!(pooler_pid(pg), Some(pooler), "the pooler restarted");
+    });
+}
