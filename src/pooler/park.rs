@@ -125,6 +125,8 @@ impl Pooler {
                     self.client_close(key);
                 }
             }
+            // Terminate while idle: closed here (close_notify), no relay.
+            ParkedInput::Plaintext(p) if p == [b'X', 0, 0, 0, 4] => self.client_close(key),
             ParkedInput::Plaintext(p) => self.client_unpark(key, p),
             ParkedInput::Gone => self.client_close(key),
             ParkedInput::Bad => {

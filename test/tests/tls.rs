@@ -2070,8 +2070,8 @@ fn ends_with_close_notify(t: &mut TlsRaw) -> bool {
 /// pid changes across a reconnect as for any TLS client) and park again; a
 /// parked client that sends garbage TLS is closed while the others are
 /// served; one killed by `nextgres.kill_client` gets 57P01 and
-/// close_notify; at pooler SIGTERM every parked client gets 57P01 and
-/// close_notify.
+/// close_notify; one that sends Terminate gets close_notify; at pooler
+/// SIGTERM every parked client gets 57P01 and close_notify.
 #[test]
 fn idle_tls_clients_park_without_a_thread_or_socketpair() {
     with_tls_server(Cluster::builder(), |pg, ca, pooler| {
@@ -2146,8 +2146,13 @@ fn idle_tls_clients_park_without_a_thread_or_socketpair() {
         }
         assert!(ends_with_close_notify(&mut victim), "no close_notify after kill_client's FATAL");
 
+        // Terminate from a parked client: closed with close_notify.
+        let mut leaving = clients.pop().expect("client");
+        leaving.s.write_all(&[b'X', 0, 0, 0, 4]).expect("Terminate");
+        assert!(ends_with_close_notify(&mut leaving), "a parked client's Terminate: no close_notify");
+
         // Pooler SIGTERM: every parked client gets 57P01 and close_notify.
-        assert!(wait_until(SETTLE, || parked_count(pg) == (N - 2) as i64), "parked before SIGTERM: {}", parked_count(pg));
+        assert!(wait_until(SETTLE, || parked_count(pg) == (N - 3) as i64), "parked before SIGTERM: {}", parked_count(pg));
         terminate_pooler(pooler);
         for (i, t) in clients.iter_mut().enumerate() {
             match t.until_ready() {
