@@ -34,7 +34,8 @@ pub enum Phase {
 pub struct Client {
     /// The client's TCP socket; for a TLS client, the pooler's end of the
     /// relay's socketpair (a Unix stream socket: only read, write, shutdown
-    /// and the raw fd are used on it, which work the same).
+    /// and the raw fd are used on it, which work the same), or its own TCP
+    /// socket again while parked (`parked`, read and written through rustls).
     pub stream: TcpStream,
     /// On TLS: filled by the relay with the version and cipher once the
     /// handshake is done (before any plaintext reaches `stream`).

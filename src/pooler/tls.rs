@@ -13,9 +13,11 @@
 //!   `socketpair`; the other end takes the client socket's place in the
 //!   pooler (startup, authentication, idle peeks) and is what is handed to a
 //!   pooled backend at each transaction, so backends serve it as they serve
-//!   any socket. The relay lives as long as the client; no TLS byte is ever
-//!   handled in the pooler's epoll loop, and the relay threads never call
-//!   into PostgreSQL (no logging, no palloc).
+//!   any socket. The relay lives while the client is active: once it is
+//!   idle in the pooler it is parked ([`RelayCtl`], `super::park`) and the
+//!   pooler reads its few TLS bytes inline until the next message starts a
+//!   relay again; the relay threads never call into PostgreSQL (no logging,
+//!   no palloc).
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::client::danger::HandshakeSignatureValid;
