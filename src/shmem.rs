@@ -159,6 +159,9 @@ pub struct ClientRow {
     /// The subject DN of the client certificate verified during the TLS
     /// handshake, in `pg_stat_ssl.client_dn`'s form; empty without one.
     pub client_dn: [u8; CERT_LEN],
+    /// A TLS client parked: idle in the pooler without its relay thread
+    /// (`pooler::park`).
+    pub tls_parked: bool,
 }
 
 #[repr(u8)]

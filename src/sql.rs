@@ -131,6 +131,7 @@ fn clients() -> TableIterator<
         name!(dedicated, bool),
         name!(client_dn, Option<String>),
         name!(tls_cipher, Option<String>),
+        name!(tls_relay, Option<String>),
     ),
 > {
     let (_, clients, backends) = tables().snapshot();
@@ -150,6 +151,9 @@ fn clients() -> TableIterator<
             dedicated,
             Some(shmem::name(&c.client_dn)).filter(|t| !t.is_empty()),
             c.tls.then(|| shmem::name(&c.tls_cipher)),
+            // "thread": a relay thread carries it; "parked": idle, its TLS
+            // read inline by the pooler, no thread (pooler::park).
+            c.tls.then(|| if c.tls_parked { "parked" } else { "thread" }.to_string()),
         )
     }))
 }

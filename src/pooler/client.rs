@@ -34,11 +34,27 @@ pub enum Phase {
 pub struct Client {
     /// The client's TCP socket; for a TLS client, the pooler's end of the
     /// relay's socketpair (a Unix stream socket: only read, write, shutdown
-    /// and the raw fd are used on it, which work the same).
+    /// and the raw fd are used on it, which work the same), or its own TCP
+    /// socket again while parked (`parked`, read and written through rustls).
     pub stream: TcpStream,
     /// On TLS: filled by the relay with the version and cipher once the
     /// handshake is done (before any plaintext reaches `stream`).
     pub tls: Option<super::tls::TlsInfo>,
+    /// On TLS while a relay thread carries the client: its control (see
+    /// [`super::tls::RelayCtl`]); None while parked.
+    pub relay: Option<std::sync::Arc<super::tls::RelayCtl>>,
+    /// The pooler asked the relay to park and shut its pair end for
+    /// writing; until the relay's end closes, input is collected in
+    /// `park_in` and nothing is written.
+    pub parking: bool,
+    pub park_in: Vec<u8>,
+    /// Parked TLS client (idle in the pooler, no relay thread, no
+    /// socketpair): the rustls session; `stream` is then the client's own
+    /// TCP socket, read and written through it.
+    pub parked: Option<Box<rustls::ServerConnection>>,
+    /// The janitor saw the client idle with this many transactions at its
+    /// last tick: seen so again, it is parked.
+    pub idle_mark: Option<i64>,
     /// A startup packet (SSLRequest, GSSENCRequest) was read: a first byte
     /// 0x16 (direct TLS) is only looked for before that.
     pub negotiated: bool,
@@ -108,6 +124,11 @@ impl Client {
         Client {
             stream,
             tls: None,
+            relay: None,
+            parking: false,
+            park_in: Vec::new(),
+            parked: None,
+            idle_mark: None,
             negotiated: false,
             tls_negotiation: None,
             addr,
@@ -224,8 +245,22 @@ impl Client {
         }
     }
 
+    /// Output not yet handed to the socket (for a parked client: to rustls
+    /// or by rustls).
+    pub fn out_pending(&self) -> bool {
+        match &self.parked {
+            Some(conn) => super::tls::parked_pending(conn, &self.outbuf),
+            None => !self.outbuf.is_empty(),
+        }
+    }
+
     fn interest(&self) -> Option<EpollFlags> {
-        let out = if self.outbuf.is_empty() { EpollFlags::empty() } else { EpollFlags::EPOLLOUT };
+        if self.parking {
+            // Only the relay's hand-over (EOF on the pair) and input that
+            // raced it matter; the pair takes no writes.
+            return Some(READ | HANGUP);
+        }
+        let out = if self.out_pending() { EpollFlags::EPOLLOUT } else { EpollFlags::empty() };
         match self.phase {
             Phase::Startup | Phase::Auth(_) | Phase::Idle => Some(READ | out),
             Phase::LoginPending { .. } | Phase::Waiting { .. } | Phase::Dedicating { .. } => Some(HANGUP | out),
@@ -278,6 +313,12 @@ impl Client {
 
     /// Returns false when the connection is broken.
     pub fn flush(&mut self) -> bool {
+        if self.parking {
+            return true; // written once parked
+        }
+        if let Some(conn) = self.parked.as_mut() {
+            return super::tls::parked_flush(conn, &mut self.stream, &mut self.outbuf).is_ok();
+        }
         while !self.outbuf.is_empty() {
             match self.stream.write(&self.outbuf) {
                 Ok(n) => {
@@ -343,13 +384,16 @@ impl Pooler {
             // re-armed when the backend gives it back.
             return;
         }
+        if c.parking {
+            return self.client_park_input(key);
+        }
         if ev.contains(EpollFlags::EPOLLOUT) && !c.flush() {
             return self.client_close(key);
         }
         let hangup = ev.intersects(EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR | EpollFlags::EPOLLRDHUP);
         match &c.phase {
             Phase::Closing => {
-                if c.outbuf.is_empty() || hangup {
+                if !c.out_pending() || hangup {
                     return self.client_close(key);
                 }
             }
@@ -526,11 +570,14 @@ impl Pooler {
         let info = super::tls::TlsInfo::default();
         let answer = direct.is_none().then_some(b'S');
         let is_direct = direct.is_some();
-        if let Err((tcp, e)) = super::tls::spawn_relay(&cfg, tcp, relay_end, info.clone(), direct, answer) {
-            // The TCP socket is back (the pair's ends are closed): the
-            // client has had no 'S' and can still read a plaintext error.
-            c.stream = tcp;
-            return self.client_tls_refused(key, is_direct, &format!("could not start a thread for the TLS relay: {e}"));
+        match super::tls::spawn_relay(&cfg, tcp, relay_end, info.clone(), direct, answer) {
+            Ok(ctl) => c.relay = Some(ctl),
+            Err((tcp, e)) => {
+                // The TCP socket is back (the pair's ends are closed): the
+                // client has had no 'S' and can still read a plaintext error.
+                c.stream = tcp;
+                return self.client_tls_refused(key, is_direct, &format!("could not start a thread for the TLS relay: {e}"));
+            }
         }
         c.tls = Some(info);
         c.tls_negotiation = Some(if is_direct { (false, false) } else { (true, true) });
@@ -624,6 +671,9 @@ impl Pooler {
 
     fn client_idle_input(&mut self, key: usize) {
         let Some(c) = self.client(key) else { return };
+        if c.parked.is_some() {
+            return self.client_parked_input(key);
+        }
         let mut peek = [0u8; 5];
         let n = match nix::sys::socket::recv(c.stream.as_raw_fd(), &mut peek, nix::sys::socket::MsgFlags::MSG_PEEK) {
             Ok(n) => n,
@@ -649,7 +699,7 @@ impl Pooler {
         let mut out = Vec::new();
         proto::error_response(&mut out, f);
         c.send(&out);
-        let done = c.outbuf.is_empty();
+        let done = !c.out_pending() && !c.parking;
         if matches!(c.phase, Phase::Attached { .. }) {
             return; // never write into a socket a backend is using
         }
@@ -742,7 +792,11 @@ impl Pooler {
         if c.registered.is_some() {
             conn::remove(&self.epoll, &c.stream);
         }
-        c.flush();
+        if let Some(conn) = c.parked.as_mut() {
+            super::tls::parked_close(conn, &mut c.stream, &mut c.outbuf);
+        } else {
+            c.flush();
+        }
         linger_close(&mut c.stream);
         if let Some((pid, _)) = c.cancel {
             self.cancel_keys.remove(&pid);

@@ -87,6 +87,8 @@ impl Pooler {
         for k in expired_attached {
             self.backend_request_release(k, true);
         }
+        // Idle TLS clients give up their relay threads.
+        self.park_idle_tls();
         // Over-size pools (pool_size lowered) ask again, e.g. backends that
         // were asked while pinned.
         self.pools_trim();

@@ -16,6 +16,7 @@
 //! * `limits`: connection slots for pool logins, a lowered pool_size.
 //! * `poolconf`: per-pool settings from `ALTER ROLE / DATABASE ... SET`.
 //! * `ops`: pause, resume and reconnect requested through SQL.
+//! * `park`: idle TLS clients without their relay thread.
 //! * `stats`: the shared tables the SQL functions read.
 //! * `tls`: the server's TLS settings (rustls) and the per-client relay threads.
 mod agent;
@@ -30,6 +31,7 @@ mod janitor;
 mod limits;
 mod listener;
 mod ops;
+mod park;
 mod poolconf;
 
 mod stats;

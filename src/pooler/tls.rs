@@ -13,9 +13,11 @@
 //!   `socketpair`; the other end takes the client socket's place in the
 //!   pooler (startup, authentication, idle peeks) and is what is handed to a
 //!   pooled backend at each transaction, so backends serve it as they serve
-//!   any socket. The relay lives as long as the client; no TLS byte is ever
-//!   handled in the pooler's epoll loop, and the relay threads never call
-//!   into PostgreSQL (no logging, no palloc).
+//!   any socket. The relay lives while the client is active: once it is
+//!   idle in the pooler it is parked ([`RelayCtl`], `super::park`) and the
+//!   pooler reads its few TLS bytes inline until the next message starts a
+//!   relay again; the relay threads never call into PostgreSQL (no logging,
+//!   no palloc).
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::client::danger::HandshakeSignatureValid;
@@ -30,7 +32,8 @@ use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, OnceLock};
 use nextgres_core::control::TlsStatus;
 
 /// Relays whose TLS handshake has not finished (capped by
@@ -486,27 +489,118 @@ pub fn spawn_relay(
     info: TlsInfo,
     direct: Option<Vec<u8>>,
     answer: Option<u8>,
-) -> Result<(), (TcpStream, std::io::Error)> {
-    use nix::sys::signal::{SigSet, SigmaskHow};
-    use std::os::fd::{FromRawFd, IntoRawFd};
+) -> Result<Arc<RelayCtl>, (TcpStream, std::io::Error)> {
     let conn = match ServerConnection::new(loaded.config.clone()) {
         Ok(c) => c,
         Err(e) => return Err((tcp, std::io::Error::other(e.to_string()))),
     };
-    let end_point = loaded.end_point.clone();
-    let ca_loaded = loaded.ca_loaded;
+    let start = RelayStart {
+        conn,
+        tcp,
+        pair,
+        info,
+        handshake: Some(Handshake::new()),
+        end_point: loaded.end_point.clone(),
+        ca_loaded: loaded.ca_loaded,
+        direct,
+        answer,
+        initial: Vec::new(),
+    };
+    spawn(start).map_err(|(s, e)| (s.tcp, e))
+}
+
+/// Starts a relay again for a parked client ([`Parked`]) whose plaintext
+/// `initial` (decrypted by the pooler) is to reach the pooler through the
+/// new `pair` first. When no thread can be started the connection comes
+/// back with the error (the pooler then sends its FATAL over TLS itself).
+pub fn resume_relay(
+    parked: Parked,
+    pair: UnixStream,
+    info: TlsInfo,
+    initial: Vec<u8>,
+) -> Result<Arc<RelayCtl>, (Parked, std::io::Error)> {
+    let start = RelayStart {
+        conn: parked.conn,
+        tcp: parked.tcp,
+        pair,
+        info,
+        handshake: None,
+        end_point: None,
+        ca_loaded: false,
+        direct: None,
+        answer: None,
+        initial,
+    };
+    spawn(start).map_err(|(s, e)| (Parked { conn: s.conn, tcp: s.tcp, plaintext: s.initial }, e))
+}
+
+/// Control shared by the pooler and one relay thread: how a relay parks.
+///
+/// Parking (issue 12, acceptance 5): an idle TLS client needs no thread and
+/// no socketpair. The pooler sets `park` and then shuts its own end of the
+/// pair for writing; the relay, reading EOF from the pair with `park` set,
+/// puts its connection in `parked` instead of closing, and ends (its pair
+/// end closes: the pooler reads EOF and takes it).
+#[derive(Default)]
+pub struct RelayCtl {
+    park: AtomicBool,
+    parked: Mutex<Option<Parked>>,
+}
+
+impl RelayCtl {
+    /// Asks the relay to park; the caller then shuts its pair end for writing.
+    pub fn request_park(&self) {
+        self.park.store(true, Ordering::SeqCst);
+    }
+
+    /// What a parked relay left; None when it ended otherwise (the client
+    /// left, bad TLS).
+    pub fn take_parked(&self) -> Option<Parked> {
+        self.parked.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// A TLS client without a relay thread: the rustls session (handshake
+/// done, all TLS output handed to the socket or still in `conn`) and the
+/// client's TCP socket (non-blocking).
+pub struct Parked {
+    pub conn: ServerConnection,
+    pub tcp: TcpStream,
+    /// Plaintext the relay had decrypted but not yet written to the pair.
+    pub plaintext: Vec<u8>,
+}
+
+/// Everything a relay thread starts with.
+struct RelayStart {
+    conn: ServerConnection,
+    tcp: TcpStream,
+    pair: UnixStream,
+    info: TlsInfo,
+    handshake: Option<Handshake>,
+    end_point: Option<Arc<[u8]>>,
+    ca_loaded: bool,
+    direct: Option<Vec<u8>>,
+    answer: Option<u8>,
+    initial: Vec<u8>,
+}
+
+/// Starts a relay thread; when none can be started (EAGAIN: thread or
+/// memory limits) everything comes back with the error, nothing sent.
+fn spawn(start: RelayStart) -> Result<Arc<RelayCtl>, (RelayStart, std::io::Error)> {
+    use nix::sys::signal::{SigSet, SigmaskHow};
     // The server's signal handlers (SIGHUP, SIGTERM, SIGUSR1, ...) must run
     // on the pooler's own thread: the relay starts with every signal
     // blocked (a new thread inherits the mask), then the pooler's mask is
     // put back.
     let old = match SigSet::all().thread_swap_mask(SigmaskHow::SIG_BLOCK) {
         Ok(o) => o,
-        Err(e) => return Err((tcp, e.into())),
+        Err(e) => return Err((start, e.into())),
     };
-    let handshake = Handshake::new();
-    // The closure holds the socket as a bare number, so that a spawn that
-    // fails (and drops the closure) leaves it open for the caller.
-    let raw = tcp.into_raw_fd();
+    let ctl = Arc::new(RelayCtl::default());
+    // The closure takes its start out of this cell, so that a spawn that
+    // fails (and drops the closure unrun) leaves it to the caller.
+    let cell = Arc::new(Mutex::new(Some(start)));
+    let (thread_cell, thread_ctl) = (cell.clone(), ctl.clone());
     let started = std::thread::Builder::new()
         .name("nextgres tls".into())
         // 1 MiB (address space, touched only as used): a stack overflow
@@ -514,26 +608,27 @@ pub fn spawn_relay(
         // with crash recovery of the whole cluster.
         .stack_size(1024 * 1024)
         .spawn(move || {
-            // SAFETY: `raw` came from into_raw_fd() above and is owned by
-            // this thread alone once the spawn succeeded.
-            let tcp = unsafe { TcpStream::from_raw_fd(raw) };
+            let Some(s) = thread_cell.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
+            drop(thread_cell);
             // Never unwind into nothing: a panic here only ends this client.
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                if let Some(b) = answer {
+                if let Some(b) = s.answer {
                     // One byte on a fresh socket: only a broken one refuses it.
-                    if (&tcp).write(&[b]).ok() != Some(1) {
+                    if (&s.tcp).write(&[b]).ok() != Some(1) {
                         return;
                     }
                 }
-                relay(conn, tcp, pair, info, handshake, end_point, ca_loaded, direct)
+                relay(s, &thread_ctl)
             }));
         });
     let _ = old.thread_set_mask();
     match started {
-        Ok(_) => Ok(()),
-        // SAFETY: the closure that would have owned `raw` was dropped
-        // without running; the descriptor is still open and ours.
-        Err(e) => Err((unsafe { TcpStream::from_raw_fd(raw) }, e)),
+        Ok(_) => Ok(ctl),
+        Err(e) => match cell.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(s) => Err((s, e)),
+            // Unreachable: a thread that never ran took nothing.
+            None => Ok(ctl),
+        },
     }
 }
 
@@ -583,17 +678,9 @@ const CLOSE_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 /// pair only while rustls has nothing unsent (rustls holds at most 64 KiB
 /// of unsent TLS, anything beyond is refused), sends it, then close_notify
 /// and FIN, all within [`CLOSE_WITHIN`] of the close.
-fn relay(
-    mut conn: ServerConnection,
-    mut tcp: TcpStream,
-    mut pair: UnixStream,
-    info: TlsInfo,
-    handshake: Handshake,
-    end_point: Option<Arc<[u8]>>,
-    ca_loaded: bool,
-    direct: Option<Vec<u8>>,
-) {
-    let mut handshake = Some(handshake);
+fn relay(start: RelayStart, ctl: &RelayCtl) {
+    let RelayStart { mut conn, mut tcp, mut pair, info, handshake, end_point, ca_loaded, direct, initial, .. } = start;
+    let mut handshake = handshake;
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use std::time::Instant;
     if tcp.set_nonblocking(true).is_err() || pair.set_nonblocking(true).is_err() {
@@ -615,7 +702,7 @@ fn relay(
             return;
         }
     }
-    let mut to_pair: Vec<u8> = Vec::new();
+    let mut to_pair: Vec<u8> = initial;
     let mut buf = vec![0u8; 16 * 1024];
     let mut tcp_eof = false;
     // The pair side hung up (its bytes may still be unread).
@@ -771,6 +858,35 @@ fn relay(
         }
         if pair_ev.contains(PollFlags::POLLIN) && pair_re.intersects(PollFlags::POLLIN | gone) {
             match pair.read(&mut buf) {
+                Ok(0) if ctl.park.load(Ordering::SeqCst) && !tcp_eof && !pair_hup => {
+                    // The pooler asks to park (it shut its end for writing
+                    // after everything it had to send, now all in rustls and
+                    // sent: the pair is only read while nothing is unsent).
+                    // Plaintext rustls still holds goes back with the rest.
+                    loop {
+                        match conn.reader().read(&mut buf) {
+                            Ok(0) => {
+                                tcp_eof = true; // close_notify: not parked
+                                break;
+                            }
+                            Ok(n) => to_pair.extend_from_slice(&buf[..n]),
+                            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                            Err(_) => {
+                                tcp_eof = true;
+                                break;
+                            }
+                        }
+                    }
+                    if tcp_eof {
+                        pair_hup = true;
+                        pair_eof = true;
+                    } else {
+                        *ctl.parked.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(Parked { conn, tcp, plaintext: to_pair });
+                        // Dropping `pair` tells the pooler (EOF).
+                        return;
+                    }
+                }
                 Ok(0) => {
                     pair_hup = true;
                     pair_eof = true;
@@ -792,4 +908,90 @@ fn relay(
             deadline.get_or_insert_with(|| Instant::now() + CLOSE_WITHIN);
         }
     }
+}
+
+/// Pooler side of a parked client: moves `outbuf` (plaintext) into rustls
+/// and writes TLS to the non-blocking socket until it would block. Err when
+/// the socket is broken. What is left stays in `outbuf` / rustls
+/// ([`parked_pending`]) for the next EPOLLOUT.
+pub fn parked_flush(conn: &mut ServerConnection, tcp: &mut TcpStream, outbuf: &mut Vec<u8>) -> std::io::Result<()> {
+    loop {
+        if !outbuf.is_empty() {
+            // rustls takes up to its buffer limit (64 KiB unsent).
+            let n = conn.writer().write(outbuf)?;
+            outbuf.drain(..n);
+        }
+        if !conn.wants_write() {
+            return Ok(());
+        }
+        match conn.write_tls(tcp) {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Output a parked client still has to take.
+pub fn parked_pending(conn: &ServerConnection, outbuf: &[u8]) -> bool {
+    !outbuf.is_empty() || conn.wants_write()
+}
+
+/// What a parked client's readable socket brought: the pooler reads TLS
+/// inline (a few bytes: the client is idle) and answers what rustls wants
+/// answered (KeyUpdate), non-blocking.
+pub enum ParkedInput {
+    /// Nothing complete yet (or only TLS housekeeping).
+    Nothing,
+    /// Plaintext: the client's next message; it needs its relay again.
+    Plaintext(Vec<u8>),
+    /// EOF, close_notify or a broken socket: the client left.
+    Gone,
+    /// Bad TLS input; the alert rustls queued was sent (best effort).
+    Bad,
+}
+
+/// Reads one batch of TLS from a parked client's socket.
+pub fn parked_read(conn: &mut ServerConnection, tcp: &mut TcpStream) -> ParkedInput {
+    match conn.read_tls(tcp) {
+        Ok(0) => return ParkedInput::Gone,
+        Ok(_) => {}
+        Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => return ParkedInput::Nothing,
+        Err(_) => return ParkedInput::Gone,
+    }
+    if conn.process_new_packets().is_err() {
+        let _ = conn.write_tls(tcp);
+        return ParkedInput::Bad;
+    }
+    match parked_plaintext(conn) {
+        Some(p) if !p.is_empty() => ParkedInput::Plaintext(p),
+        Some(_) => ParkedInput::Nothing,
+        None => ParkedInput::Gone,
+    }
+}
+
+/// The plaintext rustls holds; None after close_notify (the client left).
+pub fn parked_plaintext(conn: &mut ServerConnection) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match conn.reader().read(&mut buf) {
+            Ok(0) => return None,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Some(out),
+            Err(_) => return None,
+        }
+    }
+}
+
+/// A parked client closed by the pooler: what is unsent, close_notify,
+/// all non-blocking and best effort (an idle client's socket buffer is
+/// empty; the caller then sends FIN).
+pub fn parked_close(conn: &mut ServerConnection, tcp: &mut TcpStream, outbuf: &mut Vec<u8>) {
+    if parked_flush(conn, tcp, outbuf).is_err() {
+        return;
+    }
+    conn.send_close_notify();
+    let _ = parked_flush(conn, tcp, outbuf);
 }

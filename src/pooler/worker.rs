@@ -291,6 +291,9 @@ impl Pooler {
                 })
                 .collect();
             for k in told {
+                // A relay handing over a parking client finishes first (a
+                // thread's few system calls): told over TLS as any idle one.
+                self.client_park_wait(k, deadline);
                 self.client_fatal_if_not_attached(k, "57P01", "terminating connection due to administrator command");
                 // A relay holds a clone of its client's TlsInfo until its
                 // thread ends: the wait below is on those relays only.

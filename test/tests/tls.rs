@@ -2041,3 +2041,168 @@ fn pg_stat_ssl_of_pooled_tls_clients_as_the_server() {
         assert_eq!(lines[2], "t", "nextgres.clients of a plaintext client");
     });
 }
+
+/// How many TLS clients `nextgres.clients` shows parked.
+fn parked_count(pg: &Cluster) -> i64 {
+    admin_i64(pg, "SELECT count(*) FROM nextgres.clients WHERE tls_relay = 'parked'")
+}
+
+/// After a FATAL, the rest of a TLS client's stream: true when it ends
+/// with close_notify (rustls reads Ok(0); an EOF without it is an error).
+fn ends_with_close_notify(t: &mut TlsRaw) -> bool {
+    let mut buf = [0u8; 4096];
+    loop {
+        match t.s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Acceptance 5 (pooler memory per idle TLS client): a TLS client idle in
+/// the pooler for two janitor ticks is parked, its relay thread and
+/// socketpair gone. With N parked clients /proc/<pooler>/fd holds at most
+/// N more than the idle pooler measured first (plus one per pooled
+/// backend opened since), and /proc/<pooler>/task no more threads; each
+/// shows `tls_relay = 'parked'` in nextgres.clients. Parked clients then
+/// run transactions (a KeyUpdate first on one; results right, the backend
+/// pid changes across a reconnect as for any TLS client) and park again; a
+/// parked client that sends garbage TLS is closed while the others are
+/// served; one killed by `nextgres.kill_client` gets 57P01 and
+/// close_notify; one that sends Terminate gets close_notify; at pooler
+/// SIGTERM every parked client gets 57P01 and close_notify.
+#[test]
+fn idle_tls_clients_park_without_a_thread_or_socketpair() {
+    with_tls_server(Cluster::builder(), |pg, ca, pooler| {
+        let port = pg.port();
+        // Warm: both pools have a backend, the pooler its steady fds.
+        for user in ["app", "postgres"] {
+            let mut warm = nextgres_test::raw::Raw::connect(port, user, "postgres", TEST_LIMIT / 4);
+            assert_eq!(warm.value("SELECT 1"), "1");
+        }
+        let backends = || admin_i64(pg, "SELECT count(*) FROM nextgres.backends");
+        assert!(wait_until(SETTLE, || admin_i64(pg, "SELECT count(*) FROM nextgres.clients") == 0), "warm clients left");
+        let (tasks0, fds0, backends0) = (proc_count(pooler, "task"), proc_count(pooler, "fd"), backends());
+        assert!(tasks0 > 0 && fds0 > 0, "no /proc for the pooler {pooler}");
+
+        const N: usize = 20;
+        let mut clients: Vec<TlsRaw> = (0..N)
+            .map(|i| {
+                let user = if i == 0 { "postgres" } else { "app" };
+                let mut t = TlsRaw::connect(port, &ca, user, "postgres").expect("TLS login");
+                assert_eq!(t.value(&format!("SELECT {i}")), i.to_string());
+                t
+            })
+            .collect();
+        // Parked within a few janitor ticks (1 s each).
+        assert!(
+            wait_until(SETTLE, || parked_count(pg) == N as i64),
+            "TLS clients parked: {} of {N}",
+            parked_count(pg)
+        );
+        let (tasks, fds, more_backends) = (proc_count(pooler, "task"), proc_count(pooler, "fd"), (backends() - backends0).max(0) as usize);
+        eprintln!("{N} parked TLS clients: pooler fds {fds} (idle {fds0}), threads {tasks} (idle {tasks0})");
+        assert!(fds <= fds0 + N + more_backends, "pooler fds with {N} parked TLS clients: {fds} (idle pooler {fds0}, backends opened since {more_backends})");
+        assert!(tasks <= tasks0, "pooler threads with {N} parked TLS clients: {tasks} (idle pooler {tasks0})");
+
+        // Parked clients are served; one sends a KeyUpdate first.
+        clients[1].s.conn.refresh_traffic_keys().expect("KeyUpdate");
+        for (i, t) in clients.iter_mut().enumerate() {
+            assert_eq!(t.value(&format!("SELECT {i} + 1")), (i + 1).to_string(), "parked client {i}");
+        }
+        let first = clients[0].value("SELECT pg_backend_pid()");
+        clients[0].value("SELECT nextgres.reconnect(current_database(), current_user)::text");
+        let second = clients[0].value("SELECT pg_backend_pid()");
+        assert_ne!(first, second, "a parked client's transactions stayed on backend {first} across a reconnect");
+        assert_eq!(clients[0].value(&of_client("tls_relay")), "thread", "an unparked client's tls_relay");
+        assert!(
+            wait_until(SETTLE, || parked_count(pg) == N as i64),
+            "TLS clients parked again: {} of {N}",
+            parked_count(pg)
+        );
+        assert!(proc_count(pooler, "task") <= tasks0, "threads after parking again");
+
+        // Garbage TLS from a parked client: closed; the others are served.
+        let mut bad = clients.pop().expect("client");
+        bad.s.sock.write_all(&[0x17, 0x03, 0x03, 0x00, 0x20]).expect("record header");
+        bad.s.sock.write_all(&[0xff; 32]).expect("garbage");
+        assert!(closed(&mut bad.s.sock), "a parked client that sent garbage TLS was left open");
+        assert_eq!(clients[3].value("SELECT 'served'"), "served", "a parked client after another's garbage");
+
+        // kill_client: 57P01 and close_notify to a parked client.
+        assert!(wait_until(SETTLE, || parked_count(pg) == (N - 1) as i64), "parked before kill_client: {}", parked_count(pg));
+        let mut victim = clients.pop().expect("client");
+        let vport = i32::from(victim.s.sock.local_addr().expect("local addr").port());
+        let killed: bool = pg
+            .admin()
+            .query_one("SELECT nextgres.kill_client('127.0.0.1', $1)", &[&vport])
+            .expect("kill_client")
+            .get(0);
+        assert!(killed, "kill_client found no client on port {vport}");
+        match victim.until_ready() {
+            Err(RawFail::Db { code, .. }) => assert_eq!(code, "57P01", "parked client at kill_client"),
+            other => panic!("parked client at kill_client: {other:?}"),
+        }
+        assert!(ends_with_close_notify(&mut victim), "no close_notify after kill_client's FATAL");
+
+        // Terminate from a parked client: closed with close_notify.
+        let mut leaving = clients.pop().expect("client");
+        leaving.s.write_all(&[b'X', 0, 0, 0, 4]).expect("Terminate");
+        assert!(ends_with_close_notify(&mut leaving), "a parked client's Terminate: no close_notify");
+
+        // Pooler SIGTERM: every parked client gets 57P01 and close_notify.
+        assert!(wait_until(SETTLE, || parked_count(pg) == (N - 3) as i64), "parked before SIGTERM: {}", parked_count(pg));
+        terminate_pooler(pooler);
+        for (i, t) in clients.iter_mut().enumerate() {
+            match t.until_ready() {
+                Err(RawFail::Db { code, .. }) => assert_eq!(code, "57P01", "parked client {i} at pooler exit"),
+                other => panic!("parked client {i} at pooler exit: {other:?}"),
+            }
+            assert!(ends_with_close_notify(t), "parked client {i}: no close_notify after 57P01");
+        }
+    });
+}
+
+/// A parked TLS client whose next message gets no relay thread (the
+/// pooler's soft RLIMIT_NPROC at 1) gets FATAL 53300 "sorry, too many
+/// clients already" over TLS, then close_notify; plaintext clients are
+/// served meanwhile, and TLS clients again once the limit is back.
+#[test]
+fn a_parked_tls_client_without_a_relay_thread_gets_53300_over_tls() {
+    with_tls_server(Cluster::builder(), |pg, ca, pooler| {
+        let port = pg.port();
+        let user = pg.server_os_user();
+        let nproc = |v: &str| {
+            let out = Command::new("runuser")
+                .args(["-u", &user, "--", "prlimit", &format!("--pid={pooler}"), &format!("--nproc={v}")])
+                .output()
+                .expect("prlimit");
+            assert!(out.status.success(), "prlimit: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let hard = std::fs::read_to_string(format!("/proc/{pooler}/limits"))
+            .expect("limits")
+            .lines()
+            .find(|l| l.starts_with("Max processes"))
+            .and_then(|l| l.split_whitespace().nth(3).map(str::to_string))
+            .expect("Max processes hard limit");
+        let mut t = TlsRaw::connect(port, &ca, "app", "postgres").expect("TLS login");
+        assert_eq!(t.value("SELECT 1"), "1");
+        assert!(wait_until(SETTLE, || parked_count(pg) == 1), "the TLS client was never parked");
+        nproc(&format!("1:{hard}"));
+        t.send_query("SELECT 2");
+        match t.until_ready() {
+            Err(RawFail::Db { code, message, .. }) => {
+                assert_eq!((code.as_str(), message.as_str()), ("53300", "sorry, too many clients already"), "parked client without a relay thread")
+            }
+            other => panic!("parked client without a relay thread: {other:?}"),
+        }
+        assert!(ends_with_close_notify(&mut t), "no close_notify after the 53300");
+        let mut plain = nextgres_test::raw::Raw::connect(port, "app", "postgres", TEST_LIMIT / 4);
+        assert_eq!(plain.value("SELECT 3"), "3", "plaintext client while no thread can start");
+        nproc(&format!("{hard}:{hard}"));
+        let mut t = TlsRaw::connect(port, &ca, "app", "postgres").expect("TLS client with threads again");
+        assert_eq!(t.value("SELECT 4"), "4");
+        assert_eq!(pooler_pid(pg), Some(pooler), "the pooler restarted");
+    });
+}

@@ -699,6 +699,19 @@ class Bench:
             if m.group(4):
                 row["first_error"] = m.group(4)[:200]
             time.sleep(1.0)
+            if tls and target == "nextgres":
+                # nextgres parks a TLS client idle for two janitor ticks (1 s
+                # each): no relay thread, no socketpair. Measured once none
+                # is left on a relay thread (60 s at most), as a pooler
+                # holding idle TLS clients for long is.
+                wait_until = time.monotonic() + 60
+                while time.monotonic() < wait_until:
+                    left = self.psql("SELECT count(*) FROM nextgres.clients WHERE tls_relay = 'thread'",
+                                     check=False)
+                    if left == "0":
+                        break
+                    time.sleep(0.5)
+                row["tls_unparked_at_measure"] = int(left) if left.isdigit() else None
             if pooler:
                 after_mem = status_kb(pooler)
                 row["pooler_rss_before_kb"] = before_mem.get("VmRSS")
@@ -1045,7 +1058,7 @@ def parse_args(argv):
     a.scale = 1 if q else 10
     a.idle = a.idle or (500 if q else 10000)
     a.idle_direct = 500 if q else 1000
-    a.idle_connect_timeout = 300
+    a.idle_connect_timeout = 900  # 10,000 TLS logins at ~40/s on a loaded 2-core machine
     a.storm_clients = 16
     a.bulk_rows = 200_000 if q else 2_000_000
     a.grace = 120  # seconds past -T before a pgbench is killed (1,000 logins take a while)

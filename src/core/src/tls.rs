@@ -107,3 +107,39 @@ mod cipher_tests {
         assert_eq!(openssl_cipher("TLS_RSA_WITH_NULL_SHA"), None);
     }
 }
+
+/// Parking an idle TLS client (the pooler's `park`): called at each janitor
+/// tick with the mark left by the previous tick (`mark`: the client's
+/// transaction count when it was last seen idle, None when it was not),
+/// whether the client may be parked now (`idle`: idle in the pooler,
+/// nothing buffered, on a relay thread, handshake done) and its transaction
+/// count now. Returns the new mark and whether to park it now: only a
+/// client seen idle at two ticks in a row with no transaction between (so
+/// idle for at least one tick, 1 s) is parked.
+pub fn park_due(mark: Option<i64>, idle: bool, xacts: i64) -> (Option<i64>, bool) {
+    if !idle {
+        (None, false)
+    } else if mark == Some(xacts) {
+        (None, true)
+    } else {
+        (Some(xacts), false)
+    }
+}
+
+#[cfg(test)]
+mod park_tests {
+    use super::park_due;
+
+    #[test]
+    fn parked_after_two_idle_ticks_without_a_transaction() {
+        // First idle tick marks, the second parks.
+        let (m, park) = park_due(None, true, 3);
+        assert_eq!((m, park), (Some(3), false));
+        assert_eq!(park_due(m, true, 3), (None, true));
+        // A transaction between the ticks starts over.
+        assert_eq!(park_due(Some(3), true, 4), (Some(4), false));
+        // Not idle at a tick (attached, waiting, output pending): no mark.
+        assert_eq!(park_due(Some(3), false, 3), (None, false));
+        assert_eq!(park_due(None, false, 0), (None, false));
+    }
+}
