@@ -47,6 +47,10 @@ pub struct Client {
     /// writing; until the relay's end closes, input is collected in
     /// `park_in` and nothing is written.
     pub parking: bool,
+    /// When the relay was asked to park: a relay that has not handed over
+    /// within `tls::CLOSE_WITHIN` (a client that sends KeyUpdates and reads
+    /// nothing) has its client closed by the janitor.
+    pub park_asked: Option<std::time::Instant>,
     pub park_in: Vec<u8>,
     /// Parked TLS client (idle in the pooler, no relay thread, no
     /// socketpair): the rustls session; `stream` is then the client's own
@@ -126,6 +130,7 @@ impl Client {
             tls: None,
             relay: None,
             parking: false,
+            park_asked: None,
             park_in: Vec::new(),
             parked: None,
             idle_mark: None,
@@ -257,7 +262,12 @@ impl Client {
     fn interest(&self) -> Option<EpollFlags> {
         if self.parking {
             // Only the relay's hand-over (EOF on the pair) and input that
-            // raced it matter; the pair takes no writes.
+            // raced it matter; the pair takes no writes. Past
+            // PAIR_BACKLOG of such input, only the hand-over: the pair
+            // fills and the relay stops reading the client.
+            if self.park_in.len() >= super::tls::PAIR_BACKLOG {
+                return Some(HANGUP);
+            }
             return Some(READ | HANGUP);
         }
         let out = if self.out_pending() { EpollFlags::EPOLLOUT } else { EpollFlags::empty() };
@@ -385,7 +395,7 @@ impl Pooler {
             return;
         }
         if c.parking {
-            return self.client_park_input(key);
+            return self.client_park_input(key, ev.intersects(HANGUP | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR));
         }
         if ev.contains(EpollFlags::EPOLLOUT) && !c.flush() {
             return self.client_close(key);

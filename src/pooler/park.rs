@@ -27,9 +27,14 @@ impl Pooler {
     /// tick to park.
     pub fn park_idle_tls(&mut self) {
         let mut park = Vec::new();
+        let mut stuck = Vec::new();
         for (k, conn) in self.conns.iter_mut() {
             let Conn::Client(c) = conn else { continue };
-            let eligible = c.relay.is_some()
+            if c.parking && c.park_asked.is_some_and(|t| t.elapsed() > super::tls::CLOSE_WITHIN) {
+                stuck.push(k);
+                continue;
+            }
+            let eligible = c.relay.as_ref().is_some_and(|r| r.quiet())
                 && !c.parking
                 && matches!(c.phase, Phase::Idle)
                 && c.inbuf.is_empty()
@@ -44,6 +49,13 @@ impl Pooler {
         for k in park {
             self.client_park(k);
         }
+        for k in stuck {
+            // Closing the pooler's end ends the relay (its close path, with
+            // what the client has not read and close_notify, bounded too).
+            let addr = self.client(k).map(|c| c.addr.to_string()).unwrap_or_default();
+            log::info!("TLS client {addr} closed: its relay did not hand over within {:?} (the client reads nothing)", super::tls::CLOSE_WITHIN);
+            self.client_close(k);
+        }
     }
 
     /// Asks a client's relay to park (see the module comment).
@@ -55,6 +67,7 @@ impl Pooler {
             return self.client_close(key);
         }
         c.parking = true;
+        c.park_asked = Some(Instant::now());
         c.idle_mark = None;
         c.park_in.clear();
         self.client_rearm(key);
@@ -63,10 +76,15 @@ impl Pooler {
     /// A parking client's pair end is readable: plaintext the relay passed
     /// on before it saw the request (kept for after), or EOF: the relay
     /// parked (or ended: the client left, bad TLS).
-    pub fn client_park_input(&mut self, key: usize) {
+    /// `hup`: the relay's end is closed (read all that is left); otherwise
+    /// input that raced the request is read up to `tls::PAIR_BACKLOG`.
+    pub fn client_park_input(&mut self, key: usize, hup: bool) {
         let Some(Conn::Client(c)) = self.conns.get_mut(key) else { return };
         let mut buf = [0u8; 4096];
         let eof = loop {
+            if !hup && c.park_in.len() >= super::tls::PAIR_BACKLOG {
+                break false;
+            }
             match c.stream.read(&mut buf) {
                 Ok(0) => break true,
                 Ok(n) => c.park_in.extend_from_slice(&buf[..n]),
@@ -85,15 +103,17 @@ impl Pooler {
         }
         c.armed = false;
         c.parking = false;
+        c.park_asked = None;
         c.stream = p.tcp; // the pair end closes
         let mut pending = std::mem::take(&mut c.park_in);
         pending.extend_from_slice(&p.plaintext);
         let mut conn = Box::new(p.conn);
-        let Some(more) = super::tls::parked_plaintext(&mut conn) else {
+        let (more, closed) = super::tls::parked_plaintext(&mut conn);
+        pending.extend_from_slice(&more);
+        if closed && pending.is_empty() {
             c.parked = Some(conn);
             return self.client_close(key); // close_notify
-        };
-        pending.extend_from_slice(&more);
+        }
         c.parked = Some(conn);
         let row = c.row;
         self.client_row_update(row, |r| r.tls_parked = true);
@@ -192,7 +212,7 @@ impl Pooler {
     /// hand over, so that it is told over TLS as any idle client.
     pub fn client_park_wait(&mut self, key: usize, deadline: Instant) {
         while self.client(key).is_some_and(|c| c.parking) {
-            self.client_park_input(key);
+            self.client_park_input(key, true);
             if !self.client(key).is_some_and(|c| c.parking) || Instant::now() >= deadline {
                 return;
             }

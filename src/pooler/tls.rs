@@ -544,6 +544,12 @@ pub fn resume_relay(
 #[derive(Default)]
 pub struct RelayCtl {
     park: AtomicBool,
+    /// Set by the relay before it sleeps with nothing unsent either way
+    /// (no TLS for the client, no plaintext for the pair): only such a
+    /// relay is asked to park, so it reads the pooler's EOF at once. One
+    /// with unsent TLS (a client that does not read its result) would only
+    /// read it once the client reads.
+    quiet: AtomicBool,
     parked: Mutex<Option<Parked>>,
 }
 
@@ -551,6 +557,11 @@ impl RelayCtl {
     /// Asks the relay to park; the caller then shuts its pair end for writing.
     pub fn request_park(&self) {
         self.park.store(true, Ordering::SeqCst);
+    }
+
+    /// The relay was asleep with nothing unsent when it last looked.
+    pub fn quiet(&self) -> bool {
+        self.quiet.load(Ordering::SeqCst)
     }
 
     /// What a parked relay left; None when it ended otherwise (the client
@@ -633,7 +644,7 @@ fn spawn(start: RelayStart) -> Result<Arc<RelayCtl>, (RelayStart, std::io::Error
 }
 
 /// Plaintext waiting for the pooler or backend beyond this: stop reading TLS.
-const PAIR_BACKLOG: usize = 256 * 1024;
+pub const PAIR_BACKLOG: usize = 256 * 1024;
 
 /// The session as `pg_stat_ssl` shows a direct OpenSSL one
 /// (be-secure-openssl.c `be_tls_get_version`, `_cipher`, `_cipher_bits`,
@@ -668,7 +679,7 @@ fn describe(conn: &ServerConnection, peer_cert: Option<&[u8]>) -> TlsStatus {
 /// Once the pooler or backend side of the pair has closed, the client gets
 /// what is left (the server's FATAL, the last rows) and close_notify within
 /// this, in all: a client that stops reading does not hold the thread.
-const CLOSE_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+pub const CLOSE_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The relay loop; returns when either side is done. Dropping `tcp` and
 /// `pair` closes them: the pooler (or the backend) sees EOF on its end.
@@ -782,6 +793,7 @@ fn relay(start: RelayStart, ctl: &RelayCtl) {
             None => PollTimeout::NONE,
         };
         let handshaking = conn.is_handshaking();
+        ctl.quiet.store(!handshaking && !conn.wants_write() && to_pair.is_empty() && !pair_hup, Ordering::SeqCst);
         let mut tcp_ev = PollFlags::empty();
         if !tcp_eof && !pair_hup && to_pair.len() < PAIR_BACKLOG && conn.wants_read() {
             tcp_ev |= PollFlags::POLLIN;
@@ -866,7 +878,7 @@ fn relay(start: RelayStart, ctl: &RelayCtl) {
                     loop {
                         match conn.reader().read(&mut buf) {
                             Ok(0) => {
-                                tcp_eof = true; // close_notify: not parked
+                                tcp_eof = true; // close_notify
                                 break;
                             }
                             Ok(n) => to_pair.extend_from_slice(&buf[..n]),
@@ -877,7 +889,12 @@ fn relay(start: RelayStart, ctl: &RelayCtl) {
                             }
                         }
                     }
-                    if tcp_eof {
+                    // A client that sent its last message and close_notify
+                    // together: parked all the same, so the pooler passes the
+                    // message on (as the server runs a query sent just before
+                    // the close); with nothing before the close_notify, the
+                    // relay ends as for any close.
+                    if tcp_eof && to_pair.is_empty() {
                         pair_hup = true;
                         pair_eof = true;
                     } else {
@@ -965,22 +982,24 @@ pub fn parked_read(conn: &mut ServerConnection, tcp: &mut TcpStream) -> ParkedIn
         return ParkedInput::Bad;
     }
     match parked_plaintext(conn) {
-        Some(p) if !p.is_empty() => ParkedInput::Plaintext(p),
-        Some(_) => ParkedInput::Nothing,
-        None => ParkedInput::Gone,
+        (p, _) if !p.is_empty() => ParkedInput::Plaintext(p),
+        (_, false) => ParkedInput::Nothing,
+        (_, true) => ParkedInput::Gone,
     }
 }
 
-/// The plaintext rustls holds; None after close_notify (the client left).
-pub fn parked_plaintext(conn: &mut ServerConnection) -> Option<Vec<u8>> {
+/// The plaintext rustls holds, and whether the client's close_notify (or
+/// a broken session) came after it: a last message sent with the close is
+/// still the client's and is passed on.
+pub fn parked_plaintext(conn: &mut ServerConnection) -> (Vec<u8>, bool) {
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
         match conn.reader().read(&mut buf) {
-            Ok(0) => return None,
+            Ok(0) => return (out, true),
             Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return Some(out),
-            Err(_) => return None,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return (out, false),
+            Err(_) => return (out, true),
         }
     }
 }
