@@ -168,6 +168,7 @@ fn soak(hold_idle: bool, churn: bool) {
                 .collect();
             let deadline = tokio::time::Instant::now() + timeout;
             let mut errors = Vec::new();
+            let mut churn_tasks = None;
             if churn {
                 // Vanishing clients, round after round while the soak runs;
                 // half of them inside a transaction they opened.
@@ -212,25 +213,7 @@ fn soak(hold_idle: bool, churn: bool) {
                     }
                     Ok::<_, String>(())
                 });
-                match tokio::time::timeout_at(deadline, long).await {
-                    Ok(Ok(Ok(()))) => {}
-                    Ok(Ok(Err(e))) => errors.push(e),
-                    other => errors.push(format!("long transaction client: {other:?}")),
-                }
-                for (id, t) in tasks.into_iter().enumerate() {
-                    match tokio::time::timeout_at(deadline, t).await {
-                        Ok(Ok(None)) => {}
-                        Ok(Ok(Some(e))) => errors.push(format!("client {id}: {e}")),
-                        Ok(Err(e)) => errors.push(format!("client {id} panicked: {e}")),
-                        Err(_) => errors.push(format!("client {id}: not done after {timeout:?}")),
-                    }
-                }
-                match tokio::time::timeout_at(deadline, vanishing).await {
-                    Ok(Ok(Ok(rounds))) => eprintln!("soak: {rounds} rounds of {VANISHING} vanishing clients"),
-                    Ok(Ok(Err(e))) => errors.push(e),
-                    other => errors.push(format!("vanishing clients: {other:?}")),
-                }
-                return errors;
+                churn_tasks = Some((long, vanishing));
             }
             for (id, t) in tasks.into_iter().enumerate() {
                 match tokio::time::timeout_at(deadline, t).await {
@@ -238,6 +221,18 @@ fn soak(hold_idle: bool, churn: bool) {
                     Ok(Ok(Some(e))) => errors.push(format!("client {id}: {e}")),
                     Ok(Err(e)) => errors.push(format!("client {id} panicked: {e}")),
                     Err(_) => errors.push(format!("client {id}: not done after {timeout:?}")),
+                }
+            }
+            if let Some((long, vanishing)) = churn_tasks {
+                match tokio::time::timeout_at(deadline, long).await {
+                    Ok(Ok(Ok(()))) => {}
+                    Ok(Ok(Err(e))) => errors.push(e),
+                    other => errors.push(format!("long transaction client: {other:?}")),
+                }
+                match tokio::time::timeout_at(deadline, vanishing).await {
+                    Ok(Ok(Ok(rounds))) => eprintln!("soak: {rounds} rounds of {VANISHING} vanishing clients"),
+                    Ok(Ok(Err(e))) => errors.push(e),
+                    other => errors.push(format!("vanishing clients: {other:?}")),
                 }
             }
             errors

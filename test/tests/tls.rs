@@ -1058,6 +1058,26 @@ fn a_pooler_out_of_descriptors_refuses_or_queues_without_spinning() {
     });
 }
 
+/// Sets the pooler's RLIMIT_NPROC (`soft:hard`, prlimit as the server's OS
+/// user, whose process count it limits); with the hard limit it has now.
+fn pooler_nproc(pg: &Cluster, pooler: i32) -> (impl Fn(&str), String) {
+    let user = pg.server_os_user();
+    let nproc = move |v: &str| {
+        let out = Command::new("runuser")
+            .args(["-u", &user, "--", "prlimit", &format!("--pid={pooler}"), &format!("--nproc={v}")])
+            .output()
+            .expect("prlimit");
+        assert!(out.status.success(), "prlimit: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let hard = std::fs::read_to_string(format!("/proc/{pooler}/limits"))
+        .expect("limits")
+        .lines()
+        .find(|l| l.starts_with("Max processes"))
+        .and_then(|l| l.split_whitespace().nth(3).map(str::to_string))
+        .expect("Max processes hard limit");
+    (nproc, hard)
+}
+
 /// A TLS client whose relay thread cannot start (the pooler's soft
 /// RLIMIT_NPROC lowered to 1 with prlimit: every new thread fails with
 /// EAGAIN) gets FATAL 53300 in plaintext in answer to its SSLRequest,
@@ -1068,20 +1088,7 @@ fn a_pooler_out_of_descriptors_refuses_or_queues_without_spinning() {
 fn a_tls_client_without_a_relay_thread_gets_53300_in_plaintext() {
     with_tls_server(Cluster::builder(), |pg, ca, pooler| {
         let port = pg.port();
-        let user = pg.server_os_user();
-        let nproc = |v: &str| {
-            let out = Command::new("runuser")
-                .args(["-u", &user, "--", "prlimit", &format!("--pid={pooler}"), &format!("--nproc={v}")])
-                .output()
-                .expect("prlimit");
-            assert!(out.status.success(), "prlimit: {}", String::from_utf8_lossy(&out.stderr));
-        };
-        let hard = std::fs::read_to_string(format!("/proc/{pooler}/limits"))
-            .expect("limits")
-            .lines()
-            .find(|l| l.starts_with("Max processes"))
-            .and_then(|l| l.split_whitespace().nth(3).map(str::to_string))
-            .expect("Max processes hard limit");
+        let (nproc, hard) = pooler_nproc(pg, pooler);
         nproc(&format!("1:{hard}"));
         let mut s = tcp(port);
         s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).expect("SSLRequest");
@@ -2212,20 +2219,7 @@ fn idle_tls_clients_park_without_a_thread_or_socketpair() {
 fn a_parked_tls_client_without_a_relay_thread_gets_53300_over_tls() {
     with_tls_server(Cluster::builder(), |pg, ca, pooler| {
         let port = pg.port();
-        let user = pg.server_os_user();
-        let nproc = |v: &str| {
-            let out = Command::new("runuser")
-                .args(["-u", &user, "--", "prlimit", &format!("--pid={pooler}"), &format!("--nproc={v}")])
-                .output()
-                .expect("prlimit");
-            assert!(out.status.success(), "prlimit: {}", String::from_utf8_lossy(&out.stderr));
-        };
-        let hard = std::fs::read_to_string(format!("/proc/{pooler}/limits"))
-            .expect("limits")
-            .lines()
-            .find(|l| l.starts_with("Max processes"))
-            .and_then(|l| l.split_whitespace().nth(3).map(str::to_string))
-            .expect("Max processes hard limit");
+        let (nproc, hard) = pooler_nproc(pg, pooler);
         let mut t = TlsRaw::connect(port, &ca, "app", "postgres").expect("TLS login");
         assert_eq!(t.value("SELECT 1"), "1");
         assert!(wait_until(SETTLE, || parked_count(pg) == 1), "the TLS client was never parked");
