@@ -343,6 +343,15 @@ impl Client {
     }
 }
 
+/// FATAL 53300 "sorry, too many clients already" (the postmaster's answer
+/// when it cannot fork), with what nextgres ran out of as its detail: a TLS
+/// client whose relay gets no socketpair or thread.
+pub fn no_relay_fields(why: &str) -> ErrorFields {
+    let mut f = fatal_fields("53300", "sorry, too many clients already", None);
+    f.detail = Some(format!("nextgres {why}"));
+    f
+}
+
 fn fatal_fields(sqlstate: &str, message: &str, hint: Option<&str>) -> ErrorFields {
     ErrorFields {
         severity: "FATAL".into(),
@@ -605,9 +614,7 @@ impl Pooler {
         if direct {
             return self.client_close(key);
         }
-        let mut f = fatal_fields("53300", "sorry, too many clients already", None);
-        f.detail = Some(format!("nextgres {why}"));
-        self.client_fatal_fields(key, &f)
+        self.client_fatal_fields(key, &no_relay_fields(why))
     }
 
     fn client_startup_message(&mut self, key: usize, minor: u16, params: Vec<(String, String)>) {

@@ -110,11 +110,10 @@ impl Pooler {
         let mut conn = Box::new(p.conn);
         let (more, closed) = super::tls::parked_plaintext(&mut conn);
         pending.extend_from_slice(&more);
+        c.parked = Some(conn);
         if closed && pending.is_empty() {
-            c.parked = Some(conn);
             return self.client_close(key); // close_notify
         }
-        c.parked = Some(conn);
         let row = c.row;
         self.client_row_update(row, |r| r.tls_parked = true);
         let Some(c) = self.client(key) else { return };
@@ -197,15 +196,7 @@ impl Pooler {
     fn client_unpark_failed(&mut self, key: usize, why: &str) {
         let addr = self.client(key).map(|c| c.addr.to_string()).unwrap_or_default();
         log::info!("TLS client {addr} closed: {why}");
-        let mut f = nextgres_core::proto::ErrorFields {
-            severity: "FATAL".into(),
-            sqlstate: "53300".into(),
-            message: "sorry, too many clients already".into(),
-            detail: None,
-            hint: None,
-        };
-        f.detail = Some(format!("nextgres {why}"));
-        self.client_fatal_fields(key, &f)
+        self.client_fatal_fields(key, &super::client::no_relay_fields(why))
     }
 
     /// Shutdown: waits (up to `deadline`) for a parking client's relay to
