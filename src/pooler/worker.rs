@@ -297,7 +297,8 @@ impl Pooler {
                 .conns
                 .iter()
                 .filter_map(|(k, c)| match c {
-                    Conn::Client(c) if !matches!(c.phase, super::client::Phase::Attached { .. }) => Some(k),
+                    // Sent ahead and claimed: being served, as attached.
+                    Conn::Client(c) if !c.with_backend() => Some(k),
                     _ => None,
                 })
                 .collect();
