@@ -449,13 +449,18 @@ fn backends_terminated_while_holding_queued_clients() {
             let victim: Option<i32> = admin
                 .query_opt(
                     "SELECT pid FROM nextgres.backends
-                      WHERE role = 'app' AND state = 'attached' AND pg_terminate_backend(pid)
-                      LIMIT 1",
+                      WHERE role = 'app' AND state = 'attached' ORDER BY random() LIMIT 1",
                     &[],
                 )
-                .expect("terminating an attached backend")
+                .expect("an attached backend")
                 .map(|r| r.get(0));
-            if let Some(pid) = victim {
+            let signalled = |admin: &mut postgres::Client, pid: i32| -> bool {
+                admin
+                    .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+                    .expect("pg_terminate_backend")
+                    .get(0)
+            };
+            if let Some(pid) = victim.filter(|&pid| signalled(&mut admin, pid)) {
                 terminated.push(pid);
                 assert!(
                     wait_until(SETTLE, || !session_exists(pg, pid)),
