@@ -277,8 +277,10 @@ fn vanish_one(port: u16, round: usize, i: usize) -> Result<(), String> {
             raw.send_query(&format!(
                 "BEGIN; INSERT INTO vanished VALUES ({round}, {i}); SELECT pg_sleep(0.02)"
             ));
-            // pacing only: let some of them reach the queue before going
-            std::thread::sleep(Duration::from_millis((i % 4) as u64));
+            // Pacing only, not a synchronisation: a client reaches the head
+            // of the queue (and is sent ahead) only after the ~30 clients
+            // before it, so the vanishing moments are spread over 0-39 ms.
+            std::thread::sleep(Duration::from_millis(((round * 7 + i * 13) % 40) as u64));
         }
         2 | 3 => {
             raw.query("BEGIN").map_err(|e| format!("vanisher BEGIN: {e:?}"))?;
