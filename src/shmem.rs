@@ -119,6 +119,9 @@ pub struct PoolRow {
     pub bytes_sent: i64,
     /// Bytes received from the pool's clients since their login (TCP_INFO).
     pub bytes_received: i64,
+    /// Clients a backend took at a transaction boundary from an ATTACH sent
+    /// ahead, without parking (`pooler::ahead`).
+    pub attaches_ahead: i64,
     /// Effective `pool_size` (its own from pg_db_role_setting, else global).
     pub pool_size: i32,
     /// Effective `pool_mode`: 1 session, 0 transaction.
@@ -193,6 +196,12 @@ pub struct BackendRow {
     /// session, outside pool_size (nextgres.max_pinned_backends); written by
     /// the pooler.
     pub dedicated: bool,
+    /// Ticket of the ATTACH the pooler sent this backend *ahead* (while it
+    /// serves another client's transaction), 0 when none: whoever swaps it
+    /// to 0 first owns that client (`ahead_claim`), the backend taking it at
+    /// its ReadyForQuery(I) or the pooler taking it back. Only ever accessed
+    /// atomically.
+    pub ahead: u64,
 }
 
 fn caps() -> (usize, usize, usize) {
@@ -520,6 +529,34 @@ impl Tables {
     pub fn backend_lingering(&self, row: usize) -> bool {
         std::sync::atomic::fence(Ordering::SeqCst);
         self.backends_raw().get(row).is_some_and(|r| unsafe { std::ptr::read_volatile(&r.lingering) } != 0)
+    }
+}
+
+/// The `BackendRow::ahead` word of `row` as an atomic. The rows live in the
+/// shared segment for the server's life (8-aligned: repr(C) rows, 16-byte
+/// aligned table).
+fn ahead_word(t: &Tables, row: usize) -> Option<&AtomicU64> {
+    let r = t.backends_raw().get_mut(row)?;
+    // SAFETY: the field is a u64 in shared memory that every process reads
+    // and writes only through this atomic view.
+    Some(unsafe { AtomicU64::from_ptr(&mut r.ahead) })
+}
+
+/// Takes the client of the ATTACH sent ahead under `ticket` to the backend
+/// of `row`: true for the one caller (that backend, or the pooler taking the
+/// client back) whose swap of `ticket` to 0 succeeded; false for the other,
+/// which must not touch the client's socket.
+pub fn ahead_claim(row: usize, ticket: u64) -> bool {
+    tables().and_then(|t| ahead_word(&t, row).map(|w| w.compare_exchange(ticket, 0, Ordering::AcqRel, Ordering::Acquire).is_ok())).unwrap_or(false)
+}
+
+impl Tables {
+    /// Pooler: publishes `ticket` in the backend's row before the ATTACH
+    /// that carries it is sent.
+    pub fn ahead_offer(&self, row: usize, ticket: u64) {
+        if let Some(w) = ahead_word(self, row) {
+            w.store(ticket, Ordering::Release);
+        }
     }
 }
 

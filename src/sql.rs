@@ -64,6 +64,7 @@ fn pools() -> TableIterator<
         name!(avg_wait_ms, Option<f64>),
         name!(bytes_sent, i64),
         name!(bytes_received, i64),
+        name!(attaches_ahead, i64),
     ),
 > {
     let (pools, _, _) = tables().snapshot();
@@ -98,6 +99,7 @@ fn pools() -> TableIterator<
             avg_ms(p.wait_us, p.waits),
             p.bytes_sent,
             p.bytes_received,
+            p.attaches_ahead,
         )
     }))
 }

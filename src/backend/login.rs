@@ -129,7 +129,7 @@ fn server_auth_client() {
     loop {
         let mut buf = [0u8; 1024];
         let mut fds = [-1; 1];
-        match super::park::recv_with_fd(sock, &mut buf, &mut fds) {
+        match super::park::recv_with_fd(sock, &mut buf, &mut fds, nix::sys::socket::MsgFlags::empty()) {
             Ok((0, _)) => login_fatal("the pooler closed the connection"),
             Ok((n, nfds)) => {
                 inbuf.extend_from_slice(&buf[..n]);

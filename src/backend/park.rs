@@ -1,5 +1,8 @@
 //! The transaction boundary of a pooled backend: give the client back, park,
-//! and attach the next client when the pooler sends its socket.
+//! and attach the next client when the pooler sends its socket. Under
+//! saturation the next client's ATTACH is already here (sent *ahead* while
+//! this backend served the previous one, `pooler::ahead`): the backend claims
+//! it in shared memory and goes on without parking.
 //!
 //! fd layout: `MyProcPort->sock` is the fd the server talks to its client on.
 //! At login it is the Unix socket to the pooler. At the first park we keep a
@@ -12,6 +15,7 @@ use crate::pg::session::{self as sess, Pin};
 use nextgres_core::control::{self, Attach, Released};
 use nextgres_core::proto::frame::parse_message;
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::os::fd::{BorrowedFd, RawFd};
 
 struct Parking {
@@ -29,6 +33,10 @@ struct Parking {
     release_requested: bool,
     /// Bytes read from the control socket not yet consumed.
     inbuf: Vec<u8>,
+    /// Client sockets received with them, in order: each ATTACH in `inbuf`
+    /// owns the first one left (the pooler sends every ATTACH's socket with
+    /// its first byte, and the kernel never merges two such sends in one read).
+    fds: VecDeque<RawFd>,
     /// Pin last written to shared memory.
     pin: Pin,
     /// This backend's row in the shared backends table, once known.
@@ -69,6 +77,7 @@ pub fn transaction_boundary() {
                 pool_row: 0,
                 release_requested: false,
                 inbuf: Vec::new(),
+                fds: VecDeque::new(),
                 pin: Pin::None,
                 row: None,
                 attached_at: std::time::Instant::now(),
@@ -119,11 +128,21 @@ pub fn transaction_boundary() {
                 p.pin = Pin::None;
                 crate::shmem::report_pin(0);
             }
+            // Claimed before RELEASED, so the pooler reading RELEASED finds
+            // the client taken (one swap in shared memory decides).
+            let next = take_ahead(p);
             release(p, client);
             if pinned {
                 // The client left a pinned session: clean it now, so its
                 // advisory locks or temp tables do not outlive it while parked.
                 session::discard();
+            }
+            if let Some(next) = next {
+                // No park, no sleep: the next client's query is likely there.
+                p.release_requested = false;
+                let timer_was_on = glue::idle_session_timer_suspend();
+                glue::report_parked();
+                return attach_client(p, next, timer_was_on);
             }
         }
         park(p);
@@ -172,6 +191,10 @@ fn linger(p: &mut Parking, pinned: bool, sequence: bool) -> bool {
     let slice = std::time::Duration::from_millis(crate::settings::CLIENT_TIME_SLICE.get().max(0) as u64);
     loop {
         read_control(p);
+        if !p.fds.is_empty() {
+            // An ATTACH sent ahead: a client waits for this very backend.
+            p.release_requested = true;
+        }
         let mut timeout_ms = -1;
         if optional {
             let (mut waiting, mut backends) = crate::shmem::pool_load(p.pool_row);
@@ -232,16 +255,94 @@ impl Drop for Lingering {
     }
 }
 
-/// Reads pending control messages without blocking; notes release requests.
-fn read_control(p: &mut Parking) {
-    let mut buf = [0u8; 256];
-    while let Ok(n) = nix::sys::socket::recv(p.control, &mut buf, nix::sys::socket::MsgFlags::MSG_DONTWAIT) {
-        if n == 0 {
-            break; // pooler gone: the release will notice
+/// Reads pending control messages without blocking (with the sockets of
+/// ATTACHes sent ahead); notes release requests. Returns false at EOF (the
+/// pooler is gone).
+fn read_control(p: &mut Parking) -> bool {
+    let mut open = true;
+    loop {
+        match read_some(p, nix::sys::socket::MsgFlags::MSG_DONTWAIT) {
+            Ok(0) => {
+                open = false; // pooler gone: the release will notice
+                break;
+            }
+            Ok(_) => {}
+            Err(nix::errno::Errno::EMFILE) => fatal(EMFILE_MSG),
+            Err(_) => break,
         }
-        p.inbuf.extend_from_slice(&buf[..n]);
     }
     drain_requests(p);
+    open
+}
+
+const EMFILE_MSG: &str = "could not receive the client socket from the pooler: too many open files in this backend (the descriptor was dropped)";
+
+/// One read of the control socket into `inbuf`, a passed socket into `fds`.
+fn read_some(p: &mut Parking, flags: nix::sys::socket::MsgFlags) -> nix::Result<usize> {
+    let mut buf = [0u8; 8192];
+    let mut fds = [-1 as RawFd; 1];
+    let (n, nfds) = recv_with_fd(p.control, &mut buf, &mut fds, flags)?;
+    p.inbuf.extend_from_slice(&buf[..n]);
+    if nfds == 1 {
+        p.fds.push_back(fds[0]);
+    }
+    Ok(n)
+}
+
+/// Blocks (1 s at a time) for the rest of an ATTACH whose first bytes and
+/// socket arrived: the pooler writes a control message whole.
+fn read_rest(p: &mut Parking) {
+    let _ = nix::poll::poll(
+        &mut [nix::poll::PollFd::new(unsafe { BorrowedFd::borrow_raw(p.control) }, nix::poll::PollFlags::POLLIN)],
+        nix::poll::PollTimeout::from(1000u16),
+    );
+    match read_some(p, nix::sys::socket::MsgFlags::MSG_DONTWAIT) {
+        Ok(0) => crate::pg::proc_exit(0),
+        Err(nix::errno::Errno::EMFILE) => fatal(EMFILE_MSG),
+        _ => {}
+    }
+}
+
+/// The next ATTACH in `inbuf` this backend may serve, with its socket:
+/// release requests before it are noted; an ATTACH sent ahead is served only
+/// if this backend's swap of its ticket wins (`shmem::ahead_claim`),
+/// otherwise the pooler took the client back and its socket is closed
+/// unread. `parked`: a plain ATTACH is expected too (one sent ahead can
+/// arrive after the backend parked); while a client is attached only ATTACHes
+/// sent ahead can come, anything else ends the backend (FATAL XX000).
+fn next_buffered_attach(p: &mut Parking, parked: bool) -> Option<(Attach, RawFd)> {
+    loop {
+        drain_requests(p);
+        match parse_message(&p.inbuf, control::MAX_CONTROL_MESSAGE) {
+            Ok(Some((m, used))) if m.tag == control::ATTACH => {
+                let a = control::parse_attach(m.body).unwrap_or_else(|e| fatal(&e.message));
+                p.inbuf.drain(..used);
+                let Some(fd) = p.fds.pop_front() else { fatal("an ATTACH came without its client socket") };
+                match a.ahead {
+                    Some(x) if crate::shmem::ahead_claim(x.backend_row as usize, x.ticket) => return Some((a, fd)),
+                    Some(_) => {
+                        let _ = nix::unistd::close(fd); // taken back: never read it
+                    }
+                    None if parked => return Some((a, fd)),
+                    None => fatal("an ATTACH came for a backend serving a client"),
+                }
+            }
+            Ok(Some(_)) | Err(_) => fatal("unexpected message on the control socket"),
+            // Part of an ATTACH: its socket came with its first byte.
+            Ok(None) if !p.fds.is_empty() => read_rest(p),
+            Ok(None) => return None,
+        }
+    }
+}
+
+/// At the boundary, before RELEASED: the client sent ahead, if one was and
+/// the pooler has not taken it back.
+fn take_ahead(p: &mut Parking) -> Option<(Attach, RawFd)> {
+    read_control(p);
+    if p.fds.is_empty() {
+        return None; // nothing sent ahead (the common unsaturated case)
+    }
+    next_buffered_attach(p, false)
 }
 
 /// Consumes leading RELEASE_REQUEST messages (they may arrive late, after the
@@ -338,57 +439,22 @@ fn park(p: &mut Parking) {
 }
 
 /// Reads what the control socket has. Returns a complete ATTACH (with its fd)
-/// when one arrived. EOF means the pooler is gone: a parked backend has no
-/// client and no purpose, so it exits quietly.
+/// when one arrived that this backend may serve. EOF means the pooler is
+/// gone: a parked backend has no client and no purpose, so it exits quietly.
 fn next_attach(p: &mut Parking) -> Option<(Attach, RawFd)> {
-    let mut buf = [0u8; 8192];
-    let mut fds = [-1 as RawFd; 1];
-    let (n, nfds) = match recv_with_fd(p.control, &mut buf, &mut fds) {
-        Ok(r) => r,
+    match read_some(p, nix::sys::socket::MsgFlags::MSG_DONTWAIT) {
+        Ok(0) => crate::pg::proc_exit(0),
+        Ok(_) => {}
         Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => return None,
         // An ATTACH whose socket did not fit: this backend cannot serve the
         // client. The FATAL goes to the pooler (the control socket is this
         // backend's client socket while parked), which passes it on.
-        Err(nix::errno::Errno::EMFILE) => fatal("could not receive the client socket from the pooler: too many open files in this backend (the descriptor was dropped)"),
-        Err(_) => (0, 0),
-    };
-    if n == 0 {
-        crate::pg::proc_exit(0);
+        Err(nix::errno::Errno::EMFILE) => fatal(EMFILE_MSG),
+        Err(_) => crate::pg::proc_exit(0),
     }
-    p.inbuf.extend_from_slice(&buf[..n]);
-    drain_requests(p);
+    let next = next_buffered_attach(p, true);
     p.release_requested = false; // nothing attached to release
-    if nfds == 0 {
-        // The fd arrives with the first byte of an ATTACH; until then only
-        // late release requests can come.
-        return None;
-    }
-    let fd = fds[0];
-    // The rest of a large message may still be in flight: wait for it.
-    loop {
-        match parse_message(&p.inbuf, control::MAX_CONTROL_MESSAGE) {
-            Ok(Some((m, used))) if m.tag == control::ATTACH => {
-                let a = control::parse_attach(m.body).unwrap_or_else(|e| fatal(&e.message));
-                p.inbuf.drain(..used);
-                return Some((a, fd));
-            }
-            Ok(Some(_)) | Err(_) => fatal("unexpected message on the control socket"),
-            Ok(None) => {
-                let _ = nix::poll::poll(
-                    &mut [nix::poll::PollFd::new(
-                        unsafe { BorrowedFd::borrow_raw(p.control) },
-                        nix::poll::PollFlags::POLLIN,
-                    )],
-                    nix::poll::PollTimeout::from(1000u16),
-                );
-                match nix::sys::socket::recv(p.control, &mut buf, nix::sys::socket::MsgFlags::empty()) {
-                    Ok(0) => crate::pg::proc_exit(0),
-                    Ok(n) => p.inbuf.extend_from_slice(&buf[..n]),
-                    Err(_) => {}
-                }
-            }
-        }
-    }
+    next
 }
 
 fn attach_client(p: &mut Parking, (mut a, fd): (Attach, RawFd), timer_was_on: bool) {
@@ -466,11 +532,16 @@ fn attach_dedicated(p: &mut Parking, a: &Attach, timer_was_on: bool) {
 /// SCM_RIGHTS (any more are closed). Returns (bytes, descriptors). A
 /// descriptor the kernel could not install (MSG_CTRUNC, the process is at
 /// its open files limit) is Err(EMFILE), the bytes read are lost.
-pub(crate) fn recv_with_fd(fd: RawFd, buf: &mut [u8], fds: &mut [RawFd; 1]) -> nix::Result<(usize, usize)> {
+pub(crate) fn recv_with_fd(
+    fd: RawFd,
+    buf: &mut [u8],
+    fds: &mut [RawFd; 1],
+    flags: nix::sys::socket::MsgFlags,
+) -> nix::Result<(usize, usize)> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     let mut iov = [std::io::IoSliceMut::new(buf)];
     let mut cmsg = nix::cmsg_space!([RawFd; 1]);
-    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC | flags)?;
     if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
         // The kernel dropped the descriptor it could not install (this
         // process at RLIMIT_NOFILE; the pooler sends one, which the buffer

@@ -45,6 +45,11 @@ pub struct Backend {
     pub own: bool,
     /// When its current client was attached (`xact_time_ms` runs to RELEASED).
     pub attached_at: Instant,
+    /// The client whose ATTACH was sent ahead to it (`ahead.rs`).
+    pub ahead: Option<super::ahead::AheadOf>,
+    /// An ATTACH sent ahead was taken back and still sits unread in its
+    /// socket: nothing more is sent ahead until its next RELEASED.
+    pub ahead_blocked: bool,
 }
 
 fn login_error(sqlstate: &str, message: String, hint: Option<&str>) -> ErrorFields {
@@ -110,6 +115,8 @@ impl Pooler {
             dedicated: false,
             own,
             attached_at: Instant::now(),
+            ahead: None,
+            ahead_blocked: false,
         };
         if own {
             // nextgres.clients().dedicated and backends().dedicated say so.
@@ -196,6 +203,9 @@ impl Pooler {
                     log::warn!("backend {}: {}", b.pid, e.message);
                 }
                 let pool = b.pool;
+                // A pinned backend keeps its client: a client sent ahead
+                // to it waits for another.
+                self.backend_recall_ahead(key);
                 self.pool_pins_changed(pool);
             }
             (BPhase::Attached { .. }, control::RELEASED) => match control::parse_released(body) {
@@ -313,6 +323,19 @@ impl Pooler {
     /// (with `login_failure` as its FATAL when the backend sent one on the
     /// control socket while attached).
     pub fn backend_gone(&mut self, key: usize, login_failure: Option<ErrorFields>) {
+        // A client sent ahead is taken back (it waits for another backend)
+        // unless the backend had claimed it: then it is lost with it, as
+        // the client it was serving. Settled while the row is still its.
+        let claimed = self.backend_recall_ahead(key);
+        if let Some(ck) = claimed {
+            if let Some(c) = self.client(ck) {
+                c.phase = super::client::Phase::Closing;
+                c.outbuf.clear();
+            }
+            if let Some(p) = self.backend(key).map(|b| b.pool).and_then(|p| self.pools.get_mut(p)) {
+                p.ahead = p.ahead.saturating_sub(1);
+            }
+        }
         let Some(Conn::Backend(b)) = self.conns.try_remove(key) else { return };
         conn::remove(&self.epoll, &b.stream);
         self.backend_row_free(b.row);
@@ -369,6 +392,9 @@ impl Pooler {
                 }
             }
             BPhase::Parked { .. } => {}
+        }
+        if let Some(ck) = claimed {
+            self.client_close(ck);
         }
         self.pool_maybe_grow(pool);
         self.sync_pool(pool);

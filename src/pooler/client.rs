@@ -23,6 +23,10 @@ pub enum Phase {
     LoginPending { since: Instant },
     Idle,
     Waiting { since: Instant },
+    /// Waiting, its ATTACH sent ahead to busy `backend` (`ahead.rs`): the
+    /// pooler must take it back (`client_recall`) before it touches the
+    /// socket, and may not if the backend claimed it first.
+    Ahead { backend: usize, since: Instant },
     Attached { backend: usize },
     /// A replication client waiting for its dedicated walsender's login
     /// (`dedicated.rs`), the connection table entry `login`.
@@ -275,8 +279,16 @@ impl Client {
             Phase::Startup | Phase::Auth(_) | Phase::Idle => Some(READ | out),
             Phase::LoginPending { .. } | Phase::Waiting { .. } | Phase::Dedicating { .. } => Some(HANGUP | out),
             Phase::Closing => Some(HANGUP | EpollFlags::EPOLLOUT),
+            // Nothing is ever written to it: a backend may own it already.
+            Phase::Ahead { .. } => Some(HANGUP),
             Phase::Attached { .. } => None,
         }
+    }
+
+    /// A backend serves the client, or may have claimed it (sent ahead):
+    /// the pooler neither reads nor writes its socket.
+    pub fn with_backend(&self) -> bool {
+        matches!(self.phase, Phase::Attached { .. } | Phase::Ahead { .. })
     }
 
     /// Reads until `inbuf` holds `want` bytes, never more: bytes past the
@@ -403,6 +415,15 @@ impl Pooler {
             // re-armed when the backend gives it back.
             return;
         }
+        if matches!(c.phase, Phase::Ahead { .. }) {
+            // Only a hang-up is watched. Taken back, the client is closed as
+            // a waiting one; claimed by its backend, that backend sees the
+            // hang-up itself.
+            if ev.intersects(HANGUP | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) && self.client_recall(key) {
+                return self.client_close(key);
+            }
+            return;
+        }
         if c.parking {
             return self.client_park_input(key, ev.intersects(HANGUP | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR));
         }
@@ -424,7 +445,7 @@ impl Pooler {
                     return self.client_close(key);
                 }
             }
-            Phase::Attached { .. } => {}
+            Phase::Ahead { .. } | Phase::Attached { .. } => {}
         }
         self.client_rearm(key);
     }
@@ -712,6 +733,9 @@ impl Pooler {
     }
 
     pub fn client_fatal_fields(&mut self, key: usize, f: &ErrorFields) {
+        if !self.client_recall(key) {
+            return; // its backend claimed it: being served, nothing to tell
+        }
         let Some(c) = self.client(key) else { return };
         let mut out = Vec::new();
         proto::error_response(&mut out, f);
@@ -735,6 +759,9 @@ impl Pooler {
 
     /// Used at shutdown: clients not inside a transaction get a FATAL.
     pub fn client_fatal_if_not_attached(&mut self, key: usize, sqlstate: &str, message: &str) {
+        if !self.client_recall(key) {
+            return;
+        }
         if let Some(c) = self.client(key) {
             if !matches!(c.phase, Phase::Attached { .. }) {
                 let mut out = Vec::new();
@@ -797,6 +824,9 @@ impl Pooler {
     pub fn client_close(&mut self, key: usize) {
         if !matches!(self.conns.get(key), Some(Conn::Client(_))) {
             return;
+        }
+        if !self.client_recall(key) {
+            return; // its backend claimed it: closed when it gives it back
         }
         if let Some(Conn::Client(c)) = self.conns.get(key) {
             if let Phase::Dedicating { login } = c.phase {

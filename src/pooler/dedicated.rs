@@ -326,6 +326,7 @@ impl Pooler {
             settings: Vec::new(),
             image: Default::default(),
             tls: c.tls_status(),
+            ahead: None,
         };
         let mut msg = Vec::with_capacity(64);
         control::write_attach(&mut msg, &attach);

@@ -41,6 +41,7 @@ impl Pooler {
     }
 
     fn pool_drain(&mut self, pool: usize) {
+        self.recall_all_ahead(Some(pool));
         let p = &self.pools[pool];
         log::info!(
             "closing the pooled backends of role \"{}\" in database \"{}\": a command needs the database to itself",

@@ -156,6 +156,7 @@ impl Pooler {
         // Before the request: backends read the waiting count from shared memory.
         self.sync_pool(pool);
         self.pool_request_releases(pool);
+        self.pool_send_ahead(pool);
     }
 
     /// A backend is parked and unreserved: serve the oldest waiting client.
@@ -188,6 +189,7 @@ impl Pooler {
         if self.pools[pool].draining {
             return self.backend_close(key);
         }
+        self.pool_recall_stale_ahead(pool);
         while let Some(ck) = self.pools[pool].waiting.pop_front() {
             if let Some(c) = self.client(ck) {
                 if let Phase::Waiting { since } = c.phase {
@@ -292,12 +294,36 @@ impl Pooler {
     }
 
     fn handoff(&mut self, ck: usize, bk: usize, waited_since: Option<Instant>) {
-        let Some(Conn::Client(c)) = self.conns.get(ck) else { return };
-        let (client_id, fd, row, pool) = (c.id, c.stream.as_raw_fd(), c.row, c.pool);
+        let Some((msg, fd)) = self.attach_message(ck, bk, None, None) else { return };
+        let Some(b) = self.backend(bk) else { return };
+        let sent = send_all_with_fd(&b.stream, &msg, fd);
+        if !sent {
+            // The backend died while parked; put the client back in line.
+            self.backend_gone(bk, None);
+            if let Some(c) = self.client(ck) {
+                c.phase = Phase::Idle;
+            }
+            return self.client_needs_backend(ck);
+        }
+        self.attached(ck, bk, waited_since);
+    }
+
+    /// The ATTACH for client `ck` on backend `bk` (sent ahead with `ahead`),
+    /// and the client's socket. None when either is gone, or the message
+    /// would exceed `max` bytes.
+    pub fn attach_message(
+        &mut self,
+        ck: usize,
+        bk: usize,
+        ahead: Option<control::Ahead>,
+        max: Option<usize>,
+    ) -> Option<(Vec<u8>, std::os::fd::RawFd)> {
+        let Some(Conn::Client(c)) = self.conns.get(ck) else { return None };
+        let (client_id, fd) = (c.id, c.stream.as_raw_fd());
         // pg_stat_ssl for the backend's session (set by the relay before
         // any plaintext reached the pooler).
         let tls = c.tls_status();
-        let Some(Conn::Backend(b)) = self.conns.get(bk) else { return };
+        let Some(Conn::Backend(b)) = self.conns.get(bk) else { return None };
         // Same client again only if the backend served this client last AND
         // this client was last on this backend: the client may have moved
         // to another backend since (SET, PREPARE there) and come back, while
@@ -325,24 +351,28 @@ impl Pooler {
             settings,
             image,
             tls,
+            ahead,
         };
-        let mut msg = Vec::with_capacity(control::attach_size_hint(&attach));
-        control::write_attach(&mut msg, &attach);
+        let size = control::attach_size_hint(&attach);
+        let fits = max.is_none_or(|m| size <= m);
+        let mut msg = Vec::new();
+        if fits {
+            msg.reserve(size);
+            control::write_attach(&mut msg, &attach);
+        }
         if new_client {
             if let Some(c) = self.client(ck) {
                 c.image = attach.image;
             }
         }
-        let Some(b) = self.backend(bk) else { return };
-        let sent = send_all_with_fd(&b.stream, &msg, fd);
-        if !sent {
-            // The backend died while parked; put the client back in line.
-            self.backend_gone(bk, None);
-            if let Some(c) = self.client(ck) {
-                c.phase = Phase::Idle;
-            }
-            return self.client_needs_backend(ck);
-        }
+        fits.then_some((msg, fd))
+    }
+
+    /// Client `ck` is on backend `bk` now (its ATTACH was read, or claimed
+    /// when sent ahead): the books and the shared rows say so.
+    pub fn attached(&mut self, ck: usize, bk: usize, waited_since: Option<Instant>) {
+        let Some(Conn::Client(c)) = self.conns.get(ck) else { return };
+        let (client_id, row, pool, session_mode) = (c.id, c.row, c.pool, c.session_mode);
         let Some(b) = self.backend(bk) else { return };
         b.phase = BPhase::Attached { client: ck };
         b.attached_at = Instant::now();
@@ -437,7 +467,22 @@ impl Pooler {
                 self.client_rearm(ck);
             }
         }
-        self.backend_available(bk);
+        match self.backend_ahead_settle(bk) {
+            // It took the client sent ahead: serving it already.
+            Some(next) => {
+                let since = match self.client(next).map(|c| &c.phase) {
+                    Some(Phase::Ahead { since, .. }) => Some(*since),
+                    _ => None,
+                };
+                self.attached(next, bk, since);
+                // Every backend of a saturated pool may go on like this, so
+                // no backend_available() runs: a client sent ahead to a
+                // backend in a long transaction moves here.
+                self.pool_recall_stale_ahead(pool);
+            }
+            None => self.backend_available(bk),
+        }
+        self.pool_send_ahead(pool);
         self.sync_pool(pool);
     }
 }
@@ -464,7 +509,7 @@ fn same_secret(a: &Credential, b: &Credential) -> bool {
 
 /// Sends an ATTACH with the client's fd. Control messages are small and the
 /// socket is idle, so a short blocking retry is enough for partial sends.
-fn send_all_with_fd(stream: &std::os::unix::net::UnixStream, msg: &[u8], fd: i32) -> bool {
+pub fn send_all_with_fd(stream: &std::os::unix::net::UnixStream, msg: &[u8], fd: i32) -> bool {
     let mut sent = match stream.send_with_fd(msg, &[fd]) {
         Ok(n) => n,
         Err(_) => return false,

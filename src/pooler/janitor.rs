@@ -26,7 +26,7 @@ impl Pooler {
         for (k, conn) in self.conns.iter() {
             match conn {
                 Conn::Client(c) => match c.phase {
-                    Phase::Waiting { since } | Phase::LoginPending { since } => {
+                    Phase::Waiting { since } | Phase::LoginPending { since } | Phase::Ahead { since, .. } => {
                         let wait_limit = secs(self.query_wait_timeout_of(c.pool));
                         if wait_limit.is_some_and(|l| now.duration_since(since) > l) {
                             expired_wait.push(k);

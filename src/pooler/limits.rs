@@ -285,14 +285,14 @@ const CLOSING_PATIENCE: Duration = Duration::from_secs(5);
 impl Pooler {
     /// `max_db_connections` of a database (0: none): its own from ALTER
     /// DATABASE ... SET, else the global.
-    fn max_db_connections_of(&self, database: &str) -> usize {
+    pub fn max_db_connections_of(&self, database: &str) -> usize {
         nextgres_core::poolconf::resolve_database_limit(&self.conf.entries, "max_db_connections", database)
             .unwrap_or_else(|| MAX_DB_CONNECTIONS.get())
             .max(0) as usize
     }
 
     /// `max_user_connections` of a role (0: none).
-    fn max_user_connections_of(&self, role: &str) -> usize {
+    pub fn max_user_connections_of(&self, role: &str) -> usize {
         nextgres_core::poolconf::resolve_role_limit(&self.conf.entries, "max_user_connections", role)
             .unwrap_or_else(|| MAX_USER_CONNECTIONS.get())
             .max(0) as usize

@@ -20,6 +20,7 @@
 //! * `stats`: the shared tables the SQL functions read.
 //! * `tls`: the server's TLS settings (rustls) and the per-client relay threads.
 mod agent;
+mod ahead;
 mod auth;
 mod backend;
 mod client;

@@ -41,6 +41,9 @@ impl Pooler {
             return;
         }
         self.ops.seen_gen = gen;
+        // Pause, kill, reconnect act on waiting clients: none stays sent
+        // ahead (those their backend claimed are served, as attached ones).
+        self.recall_all_ahead(None);
         let (pauses, once) = self.tables.ops_take();
         let keys: Vec<usize> = self.pools.iter().map(|(k, _)| k).collect();
         let was: Vec<bool> = keys.iter().map(|&k| self.pool_paused(k)).collect();
@@ -87,6 +90,7 @@ impl Pooler {
                     p.query_us = 0;
                     p.bytes_sent = 0;
                     p.bytes_received = 0;
+                    p.attaches_ahead = 0;
                     self.sync_pool(k);
                     continue;
                 }
@@ -150,7 +154,7 @@ impl Pooler {
             .conns
             .iter()
             .filter_map(|(k, c)| match c {
-                Conn::Client(c) if c.pool == Some(pool) && !matches!(c.phase, Phase::Attached { .. }) => Some(k),
+                Conn::Client(c) if c.pool == Some(pool) && !c.with_backend() => Some(k),
                 _ => None,
             })
             .collect();
@@ -180,7 +184,7 @@ impl Pooler {
                     && !matches!(c.phase, Phase::Closing) =>
             {
                 let attached = match c.phase {
-                    Phase::Attached { backend } => Some(backend),
+                    Phase::Attached { backend } | Phase::Ahead { backend, .. } => Some(backend),
                     _ => None,
                 };
                 Some((k, attached, c.user.clone(), c.database.clone(), c.pool))

@@ -47,7 +47,7 @@ impl Pooler {
     pub fn sync_pool(&self, pool: usize) {
         let Some(p) = self.pools.get(pool) else { return };
         let attached = p.backends.saturating_sub(p.parked.len() + p.starting + p.sessions_starting);
-        let waiting = p.waiting.len() + p.session_waiting.len();
+        let waiting = p.waiting.len() + p.ahead + p.session_waiting.len();
         let pending = p.login_pending.len();
         let (size, session) = (self.pool_size_of(pool) as i32, self.pool_session_mode(pool));
         let dedicated_mode = self.pool_mode_of(pool) == nextgres_core::poolconf::Mode::Dedicated;
@@ -70,6 +70,7 @@ impl Pooler {
             r.query_us = p.query_us;
             r.bytes_sent = p.bytes_sent;
             r.bytes_received = p.bytes_received;
+            r.attaches_ahead = p.attaches_ahead;
             r.pool_size = size;
             r.session_mode = session;
             r.dedicated_mode = dedicated_mode;

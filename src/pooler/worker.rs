@@ -90,6 +90,10 @@ pub struct Pooler {
     /// Listen sockets out of the epoll set after accept(2) ran out of
     /// descriptors (`listener`).
     pub accept_pause: nextgres_core::accept::Pause,
+    /// Last ticket of an ATTACH sent ahead (`ahead.rs`); starts at random,
+    /// so a backend of a previous pooler holding an old ticket never matches
+    /// a new one in a reused shared row.
+    pub next_ticket: u64,
 }
 
 impl Pooler {
@@ -133,6 +137,8 @@ impl Pooler {
         let rows = super::stats::Rows::new(&tables);
         let mut seed = [0u8; 4];
         crate::pg::shmem::strong_random(&mut seed);
+        let mut ticket_seed = [0u8; 8];
+        crate::pg::shmem::strong_random(&mut ticket_seed);
         let p = Pooler {
             epoll,
             conns,
@@ -166,6 +172,7 @@ impl Pooler {
             closing: Vec::new(),
             ops: Default::default(),
             accept_pause: Default::default(),
+            next_ticket: u64::from_ne_bytes(ticket_seed),
         };
         p.rows.reset_all(&p.tables);
         p.tables.set_pooler(unsafe { pg_sys::MyProcPid }, postmaster::listen::port());
@@ -271,6 +278,10 @@ impl Pooler {
     /// arrives) and tells them as the idle ones; then it gives the relays of
     /// closed TLS clients up to 1 s to send the FATAL with close_notify.
     fn shutdown(&mut self) -> ! {
+        // Nothing more is sent ahead; what was and is not claimed yet is
+        // told as a waiting client.
+        self.stopping = true;
+        self.recall_all_ahead(None);
         let listeners: Vec<usize> =
             self.conns.iter().filter_map(|(k, c)| matches!(c, Conn::Listener(_)).then_some(k)).collect();
         for k in listeners {
@@ -305,7 +316,7 @@ impl Pooler {
                 self.client_close(k);
             }
             let tls_attached = self.conns.iter().any(|(_, c)| {
-                matches!(c, Conn::Client(c) if c.tls.is_some() && matches!(c.phase, super::client::Phase::Attached { .. }))
+                matches!(c, Conn::Client(c) if c.tls.is_some() && c.with_backend())
             });
             if !tls_attached || std::time::Instant::now() >= deadline {
                 break;

@@ -253,11 +253,12 @@ class Bench:
         return sum(status_kb(c).get("RssAnon", 0) for c in children(self.pm_pid) if c != self.pooler_pid)
 
     def ng_pool_stats(self):
-        out = self.psql("SELECT coalesce(sum(transactions),0), coalesce(sum(waits),0), coalesce(sum(wait_time_ms),0)"
+        out = self.psql("SELECT coalesce(sum(transactions),0), coalesce(sum(waits),0), coalesce(sum(wait_time_ms),0),"
+                        " coalesce(sum(attaches_ahead),0)"
                         " FROM nextgres.pools WHERE database='app' AND role='app'", check=False)
         try:
-            x, w, ms = (float(v) for v in out.split("|"))
-            return x, w, ms
+            x, w, ms, ahead = (float(v) for v in out.split("|"))
+            return x, w, ms, ahead
         except ValueError:
             return None
 
@@ -537,6 +538,7 @@ class Bench:
             row["ng_handoffs"] = int(after["ng"][0] - before["ng"][0])
             row["ng_waits"] = int(after["ng"][1] - before["ng"][1])
             row["ng_wait_ms"] = round(after["ng"][2] - before["ng"][2], 1)
+            row["ng_ahead"] = int(after["ng"][3] - before["ng"][3])
 
     def login_allowance(self, clients):
         """Seconds added to pgbench's -T for `clients` logins. pgbench's -T

@@ -140,7 +140,7 @@ def summary_rows(d):
                           "server_cpu_s", "client_cpu_s", "machine_busy_s", "elapsed_s", "idle_clients", "idle_ok",
                           "idle_failed", "idle_conn_per_s", "pooler_rss_per_idle_b", "pooler_anon_per_idle_b",
                           "server_anon_per_idle_b", "server_procs", "server_backends", "server_fixed", "bulk_bytes",
-                          "mb_per_s", "ng_handoffs", "ng_waits", "pooler_us_per_conn"):
+                          "mb_per_s", "ng_handoffs", "ng_waits", "ng_ahead", "pooler_us_per_conn"):
                     v = d.m(w, t, k, protocol, clients)
                     if v is not None:
                         row[k] = round(v, 4)
@@ -529,6 +529,7 @@ def build(out):
                     if num(r.get("machine_busy_s")) is not None and num(r.get("elapsed_s"))]
             h = d.m("select", t, "ng_handoffs", p, c)
             w = d.m("select", t, "ng_waits", p, c)
+            a = d.m("select", t, "ng_ahead", p, c)
             other = [100 * num(r["other_cpu_s"]) / (num(r["elapsed_s"]) * (m.get("nproc") or 1)) for r in rs
                      if num(r.get("other_cpu_s")) is not None and num(r.get("elapsed_s"))]
             pus = d.per_tx_us("select", t, "pooler_cpu_s", p, c)
@@ -539,10 +540,10 @@ def build(out):
                          fmt(d.m("select", t, "pooler_cpu_pct", p, c), 0, "%"),
                          fmt(statistics.median(busy) if busy else None, 0, "%"),
                          fmt(statistics.median(other) if other else None, 0, "%"),
-                         "" if h is None else f"{fmt(h)} / {fmt(w)}"))
+                         "" if h is None else f"{fmt(h)} / {fmt(w)} / {fmt(a) if a is not None else '–'}"))
     L.append(md_table(["-M", "clients", "target", "server µs/tx", "pooler µs/tx", "pooler ceiling tx/s",
                        "pgbench µs/tx", "machine µs/tx", "pooler CPU", "machine busy", "other load",
-                       "nextgres handoffs / waits"], rows) + "\n")
+                       "nextgres handoffs / waits / ahead"], rows) + "\n")
     L.append("*pooler ceiling* = 10^6 / pooler µs per transaction: the transactions per second at which the "
              "pooler's single thread would fill one core, whatever the number of cores (what a 64-core server would "
              "hit). *pooler CPU* is the share of one core the pooler process used; *other load* is the machine's CPU "

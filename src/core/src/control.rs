@@ -11,7 +11,9 @@
 //!     session image (SET settings, prepared statements) when it is new here,
 //!     then with `FLAG_TLS` the client's TLS session for `pg_stat_ssl`
 //!     (i32 bits, then version, cipher, client DN, client serial, issuer DN
-//!     as strings; see [`TlsStatus`]).
+//!     as strings; see [`TlsStatus`]), then with `FLAG_AHEAD` the
+//!     ticket (u64) and the backend's shared row (u32) of an ATTACH sent
+//!     ahead (see [`Ahead`]).
 //! backend -> pooler  `RELEASED`: u64 client id, u8 flags, u64 statements
 //!     run since the client was attached here (`queries`), u64 microseconds
 //!     of query time and u64 bytes sent to the client since then, then the parts of
@@ -62,6 +64,24 @@ pub const FLAG_DEDICATED: u8 = 16;
 /// follows the session image. Set by `write_attach` from `Attach::tls`;
 /// `parse_attach` moves it into `Attach::tls` (never left in `flags`).
 pub const FLAG_TLS: u8 = 32;
+/// Sent ahead to a backend still serving another client's transaction: an
+/// [`Ahead`] follows. Set by `write_attach` from `Attach::ahead`; never
+/// left in parsed `flags`.
+pub const FLAG_AHEAD: u8 = 64;
+
+/// An ATTACH sent *ahead*: to a backend inside another client's
+/// transaction, which takes the client at that transaction's
+/// ReadyForQuery(I) without parking. Whoever first swaps `ticket` out of the
+/// backend's shared row (`BackendRow::ahead`, the backend taking the client
+/// or the pooler taking it back) owns the client; the other side never
+/// touches its socket (the backend closes its copy unread).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ahead {
+    /// Never 0 (0 means "no ticket" in the shared row).
+    pub ticket: u64,
+    /// The receiving backend's row in the shared backends table.
+    pub backend_row: u32,
+}
 
 pub const MAX_ADDR: usize = 128;
 
@@ -281,6 +301,8 @@ pub struct Attach {
     pub image: SessionImage,
     /// The client's TLS session; None for a plaintext client.
     pub tls: Option<TlsStatus>,
+    /// Sent ahead (see [`Ahead`]); None for a parked backend's ATTACH.
+    pub ahead: Option<Ahead>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -362,12 +384,17 @@ pub fn attach_size_hint(a: &Attach) -> usize {
         + a.tls.as_ref().map_or(0, |t| {
             9 + t.version.len() + t.cipher.len() + t.client_dn.len() + t.client_serial.len() + t.issuer_dn.len()
         })
+        + if a.ahead.is_some() { 12 } else { 0 }
 }
 
 pub fn write_attach(out: &mut Vec<u8>, a: &Attach) {
     frame(out, ATTACH, |o| {
         o.extend_from_slice(&a.client_id.to_be_bytes());
-        o.push((a.flags & !FLAG_TLS) | if a.tls.is_some() { FLAG_TLS } else { 0 });
+        o.push(
+            (a.flags & !(FLAG_TLS | FLAG_AHEAD))
+                | if a.tls.is_some() { FLAG_TLS } else { 0 }
+                | if a.ahead.is_some() { FLAG_AHEAD } else { 0 },
+        );
         o.extend_from_slice(&a.pool_row.to_be_bytes());
         let addr = &a.addr[..a.addr.len().min(MAX_ADDR)];
         o.extend_from_slice(&(addr.len() as u16).to_be_bytes());
@@ -381,6 +408,10 @@ pub fn write_attach(out: &mut Vec<u8>, a: &Attach) {
             for s in [&t.version, &t.cipher, &t.client_dn, &t.client_serial, &t.issuer_dn] {
                 put_str(o, s);
             }
+        }
+        if let Some(x) = &a.ahead {
+            o.extend_from_slice(&x.ticket.to_be_bytes());
+            o.extend_from_slice(&x.backend_row.to_be_bytes());
         }
     });
 }
@@ -559,8 +590,17 @@ pub fn parse_attach(body: &[u8]) -> Result<Attach, ProtoError> {
     } else {
         None
     };
+    let ahead = if flags & FLAG_AHEAD != 0 {
+        let ticket = r.u64()?;
+        if ticket == 0 {
+            return Err(bad("ticket 0 in an ATTACH sent ahead"));
+        }
+        Some(Ahead { ticket, backend_row: r.u32()? })
+    } else {
+        None
+    };
     r.end()?;
-    Ok(Attach { client_id, flags: flags & !FLAG_TLS, pool_row, addr, settings, image, tls })
+    Ok(Attach { client_id, flags: flags & !(FLAG_TLS | FLAG_AHEAD), pool_row, addr, settings, image, tls, ahead })
 }
 
 pub fn parse_released(body: &[u8]) -> Result<Released, ProtoError> {
@@ -693,6 +733,7 @@ mod tests {
             settings: vec![("application_name".into(), "app".into()), ("TimeZone".into(), "UTC".into())],
             image: image(),
             tls: None,
+            ahead: None,
         };
         let mut out = Vec::new();
         write_attach(&mut out, &a);
@@ -712,7 +753,24 @@ mod tests {
         let mut out = Vec::new();
         write_attach(&mut out, &Attach { flags: FLAG_TLS, ..a.clone() });
         let (m, _) = parse_message(&out, 1 << 20).unwrap().unwrap();
-        assert_eq!(parse_attach(m.body).unwrap(), Attach { flags: 0, ..a });
+        assert_eq!(parse_attach(m.body).unwrap(), Attach { flags: 0, ..a.clone() });
+        // Sent ahead, with and without TLS: the ticket and row come back,
+        // FLAG_AHEAD never stays in the parsed flags.
+        for tls in [None, Some(tls())] {
+            let x = Attach { ahead: Some(Ahead { ticket: u64::MAX, backend_row: 7 }), flags: FLAG_AHEAD | FLAG_NEW_CLIENT, tls, ..a.clone() };
+            let mut out = Vec::new();
+            write_attach(&mut out, &x);
+            assert!(attach_size_hint(&x) >= out.len());
+            let (m, _) = parse_message(&out, 1 << 20).unwrap().unwrap();
+            assert_ne!(m.body[8] & FLAG_AHEAD, 0);
+            assert_eq!(parse_attach(m.body).unwrap(), Attach { flags: FLAG_NEW_CLIENT, ..x.clone() });
+            // Cut short inside the ticket, or a zero ticket: an error.
+            assert!(parse_attach(&m.body[..m.body.len() - 5]).is_err());
+            let mut zero = m.body.to_vec();
+            let n = zero.len();
+            zero[n - 12..n - 4].fill(0);
+            assert!(parse_attach(&zero).is_err());
+        }
     }
 
     fn tls() -> TlsStatus {
@@ -746,9 +804,9 @@ mod tests {
         let mut out = Vec::new();
         write_attach(
             &mut out,
-            &Attach { client_id: 1, flags: 0, pool_row: 0, addr: vec![1; 16], settings: vec![("a".into(), "b".into())], image: image(), tls: Some(tls()) },
+            &Attach { client_id: 1, flags: 0, pool_row: 0, addr: vec![1; 16], settings: vec![("a".into(), "b".into())], image: image(), tls: Some(tls()), ahead: None },
         );
-        assert!(attach_size_hint(&Attach { client_id: 1, flags: 0, pool_row: 0, addr: vec![1; 16], settings: vec![("a".into(), "b".into())], image: image(), tls: Some(tls()) }) >= out.len());
+        assert!(attach_size_hint(&Attach { client_id: 1, flags: 0, pool_row: 0, addr: vec![1; 16], settings: vec![("a".into(), "b".into())], image: image(), tls: Some(tls()), ahead: None }) >= out.len());
         let body = &out[5..];
         for cut in 0..body.len() {
             assert!(parse_attach(&body[..cut]).is_err(), "cut at {cut}");

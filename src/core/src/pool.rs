@@ -39,8 +39,14 @@ pub struct Pool {
     pub attached: Vec<usize>,
     /// Of those, the ones asked to give their client back.
     pub release_requested: usize,
-    /// Clients waiting for a backend, oldest first.
+    /// Clients waiting for a backend, oldest first (not those sent ahead).
     pub waiting: VecDeque<usize>,
+    /// Waiting clients whose ATTACH was sent ahead to a busy backend
+    /// (`ahead` in the pooler); they count as waiting in `nextgres.pools`.
+    pub ahead: usize,
+    /// Clients backends took at a transaction boundary from an ATTACH sent
+    /// ahead, without parking: `nextgres.pools.attaches_ahead`.
+    pub attaches_ahead: i64,
     /// Clients authenticated before the pool knew its session values.
     pub login_pending: Vec<usize>,
     /// Backends in any state, including logging in.
@@ -118,6 +124,8 @@ impl Pool {
             attached: Vec::new(),
             release_requested: 0,
             waiting: VecDeque::new(),
+            ahead: 0,
+            attaches_ahead: 0,
             login_pending: Vec::new(),
             backends: 0,
             dedicated: 0,

@@ -146,6 +146,7 @@ fn control() {
         settings: vec![("application_name".into(), "app".into()), ("TimeZone".into(), "UTC".into())],
         image: image.clone(),
         tls: None,
+        ahead: None,
     };
     let mut att = Vec::new();
     control::write_attach(&mut att, &a);

@@ -112,8 +112,9 @@ fn generated(data: &[u8]) -> arbitrary::Result<()> {
         let alen = u.int_in_range(0..=MAX_ADDR)?;
         let a = Attach {
             client_id: u64::arbitrary(&mut u)?,
-            // FLAG_TLS is written from `tls`, never kept in `flags`.
-            flags: u8::arbitrary(&mut u)? & !control::FLAG_TLS,
+            // FLAG_TLS and FLAG_AHEAD are written from `tls` and `ahead`,
+            // never kept in `flags`.
+            flags: u8::arbitrary(&mut u)? & !(control::FLAG_TLS | control::FLAG_AHEAD),
             pool_row: u32::arbitrary(&mut u)?,
             addr: u.bytes(alen)?.to_vec(),
             settings: pairs(&mut u)?,
@@ -127,6 +128,11 @@ fn generated(data: &[u8]) -> arbitrary::Result<()> {
                     client_serial: text(&mut u)?,
                     issuer_dn: text(&mut u)?,
                 })
+            } else {
+                None
+            },
+            ahead: if bool::arbitrary(&mut u)? {
+                Some(control::Ahead { ticket: u64::arbitrary(&mut u)?.max(1), backend_row: u32::arbitrary(&mut u)? })
             } else {
                 None
             },

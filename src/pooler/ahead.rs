@@ -1,0 +1,277 @@
+//! Attach ahead: a saturated pool's next client goes to a backend before
+//! that backend is free.
+//!
+//! Without it every transaction of a saturated pool costs a sleep and a
+//! wake-up: the backend sends RELEASED and parks, the pooler wakes it with
+//! the next client's ATTACH. Here, while as many clients wait as the pool has
+//! busy backends, the pooler sends the oldest waiting client's ATTACH and
+//! socket to a backend still inside another client's transaction; at that
+//! transaction's ReadyForQuery(I) the backend finds it on its control socket
+//! and serves it at once (`backend::park::take_ahead`), as PgBouncer's
+//! backends find the next query already in their socket.
+//!
+//! Ownership: the pooler publishes a fresh ticket in the backend's shared row
+//! (`BackendRow::ahead`) before it sends the ATTACH that carries it; the
+//! backend claims the client by swapping the ticket to 0 before it sends
+//! RELEASED, and the pooler takes a client back by the same swap
+//! (`shmem::ahead_claim`). Exactly one side wins; the loser never touches the
+//! client's socket (the backend closes its copy unread). So a client queued
+//! behind a long transaction, one that hangs up, times out, or is told
+//! anything by the pooler is first taken back, and if the backend won the
+//! client is simply being served.
+//!
+//! A client sent ahead is in `Phase::Ahead`; it counts as waiting in
+//! `nextgres.pools` and for the backends' time slices.
+use super::backend::BPhase;
+use super::client::Phase;
+use super::conn::Conn;
+use super::worker::Pooler;
+use std::time::{Duration, Instant};
+
+/// Largest ATTACH sent ahead, bytes: it waits in a busy backend's socket
+/// buffer, which must take it (with one taken-back ATTACH still unread there)
+/// without blocking the pooler. A client with a larger session image (many
+/// prepared statements) waits in the pooler as before.
+const MAX_AHEAD_MESSAGE: usize = 32 * 1024;
+
+/// A client sent ahead waits at least this long for its backend before it
+/// may be taken back for another backend that became free while clients
+/// still wait in the pooler's queue.
+const MIN_AHEAD_PATIENCE: Duration = Duration::from_millis(1);
+
+/// The client an ATTACH was sent ahead for, as its backend holds it.
+pub struct AheadOf {
+    pub client: usize,
+    pub client_id: u64,
+    pub ticket: u64,
+    pub sent: Instant,
+}
+
+impl Pooler {
+    /// While the pool is saturated (as many clients wait as it has busy
+    /// backends, and no login under way or possible would serve them), sends
+    /// the oldest waiting clients ahead, one per busy backend. Not for
+    /// session or dedicated mode, a paused or draining pool, a pool over its
+    /// size, or one under max_db/user_connections (a backend released there
+    /// may have to close for another pool, `backend_yield_to_starved`).
+    pub fn pool_send_ahead(&mut self, pool: usize) {
+        loop {
+            let Some(p) = self.pools.get(pool) else { return };
+            if self.stopping || p.waiting.is_empty() || p.waiting.len() + p.ahead < p.attached.len() || p.starting > 0 || p.draining {
+                return;
+            }
+            if p.wants_backend(self.pool_size_of(pool))
+                || self.pool_surplus(pool) > 0
+                || self.pool_mode_of(pool) != nextgres_core::poolconf::Mode::Transaction
+                || self.pool_paused(pool)
+                || self.max_db_connections_of(&p.database) > 0
+                || self.max_user_connections_of(&p.role) > 0
+            {
+                return;
+            }
+            let Some(bk) = self.ahead_candidate(pool) else { return };
+            let Some(ck) = self.pools[pool].waiting.pop_front() else { return };
+            let since = match self.client(ck) {
+                Some(c) if c.pinned.is_none() && !c.dedicated_mode => match c.phase {
+                    Phase::Waiting { since } => since,
+                    _ => continue, // stale queue entry
+                },
+                _ => continue,
+            };
+            if !self.send_ahead(ck, bk, since) {
+                return;
+            }
+        }
+    }
+
+    /// A busy backend of the pool that may take a client at its next
+    /// ReadyForQuery(I): nothing sent ahead to it yet, no session pin, not
+    /// keeping an idle client while nobody waits (it would not look at its
+    /// control socket), not past its lifetime. The longest attached first:
+    /// with short transactions it is the one to finish soonest.
+    fn ahead_candidate(&self, pool: usize) -> Option<usize> {
+        let p = self.pools.get(pool)?;
+        let mut best: Option<(Instant, usize)> = None;
+        for &bk in &p.attached {
+            let Some(Conn::Backend(b)) = self.conns.get(bk) else { continue };
+            if b.ahead.is_some()
+                || b.ahead_blocked
+                || b.pinned_to.is_some()
+                || b.own
+                || b.dedicated
+                || b.pid <= 0
+                || !matches!(b.phase, BPhase::Attached { .. })
+                || self.tables.backend_pin(b.row) != 0
+                || self.tables.backend_lingering(b.row)
+                || self.backend_expired(bk)
+            {
+                continue;
+            }
+            if best.is_none_or(|(at, _)| b.attached_at < at) {
+                best = Some((b.attached_at, bk));
+            }
+        }
+        best.map(|(_, bk)| bk)
+    }
+
+    /// Sends `ck`'s ATTACH ahead to `bk`. False when it could not (too
+    /// large, or the backend is gone): the client is back at the head of the
+    /// queue.
+    fn send_ahead(&mut self, ck: usize, bk: usize, since: Instant) -> bool {
+        let ticket = self.next_ticket();
+        let Some(Conn::Backend(b)) = self.conns.get(bk) else { return self.unqueue_front(ck) };
+        let row = b.row;
+        let ahead = nextgres_core::control::Ahead { ticket, backend_row: row as u32 };
+        let Some((msg, fd)) = self.attach_message(ck, bk, Some(ahead), Some(MAX_AHEAD_MESSAGE)) else {
+            return self.unqueue_front(ck);
+        };
+        self.tables.ahead_offer(row, ticket);
+        let Some(b) = self.backend(bk) else { return self.unqueue_front(ck) };
+        if !super::handoff::send_all_with_fd(&b.stream, &msg, fd) {
+            // Nothing (or part) reached a dying backend: ours again. Its EOF
+            // comes through the event loop.
+            crate::shmem::ahead_claim(row, ticket);
+            b.ahead_blocked = true;
+            return self.unqueue_front(ck);
+        }
+        let Some(c) = self.client(ck) else { return false };
+        let client_id = c.id;
+        c.phase = Phase::Ahead { backend: bk, since };
+        let pool = c.pool;
+        if let Some(b) = self.backend(bk) {
+            b.ahead = Some(AheadOf { client: ck, client_id, ticket, sent: Instant::now() });
+        }
+        if let Some(p) = pool.and_then(|p| self.pools.get_mut(p)) {
+            p.ahead += 1;
+        }
+        self.client_rearm(ck);
+        true
+    }
+
+    fn next_ticket(&mut self) -> u64 {
+        self.next_ticket = self.next_ticket.wrapping_add(1).max(1);
+        self.next_ticket
+    }
+
+    /// Puts a client taken off the queue back at its head; returns false.
+    fn unqueue_front(&mut self, ck: usize) -> bool {
+        if let Some(pool) = self.client(ck).and_then(|c| c.pool) {
+            self.pools[pool].waiting.push_front(ck);
+        }
+        false
+    }
+
+    /// Takes a client sent ahead back from its backend, when the backend has
+    /// not claimed it yet: it waits at the head of the queue again and
+    /// true is returned. False: its backend claimed it (it is being served,
+    /// and becomes attached when that backend's RELEASED is read); the
+    /// pooler must not touch its socket. True for a client not sent ahead.
+    pub fn client_recall(&mut self, ck: usize) -> bool {
+        let Some(c) = self.client(ck) else { return true };
+        let Phase::Ahead { backend: bk, since } = c.phase else { return true };
+        let pool = c.pool;
+        let Some(b) = self.backend(bk) else { return true };
+        let Some(a) = b.ahead.as_ref().filter(|a| a.client == ck) else { return true };
+        if !crate::shmem::ahead_claim(b.row, a.ticket) {
+            return false;
+        }
+        // Its ATTACH stays unread in the backend's socket until that
+        // transaction ends: send it nothing more until then.
+        b.ahead = None;
+        b.ahead_blocked = true;
+        if let Some(c) = self.client(ck) {
+            c.phase = Phase::Waiting { since };
+        }
+        if let Some(p) = pool.and_then(|p| self.pools.get_mut(p)) {
+            p.ahead = p.ahead.saturating_sub(1);
+            p.waiting.push_front(ck);
+        }
+        self.client_rearm(ck);
+        true
+    }
+
+    /// Takes back whatever was sent ahead to `bk` (it pinned its session,
+    /// or is being closed). Returns the client its backend had claimed, if so.
+    pub fn backend_recall_ahead(&mut self, bk: usize) -> Option<usize> {
+        let ck = self.backend(bk)?.ahead.as_ref()?.client;
+        if self.client_recall(ck) {
+            return None;
+        }
+        Some(ck)
+    }
+
+    /// Takes back every client sent ahead in `pool` (None: every pool), for
+    /// operations that act on waiting clients (pause, kill, drain, stop).
+    pub fn recall_all_ahead(&mut self, pool: Option<usize>) {
+        let ahead: Vec<usize> = self
+            .conns
+            .iter()
+            .filter_map(|(k, c)| match c {
+                Conn::Client(c) if matches!(c.phase, Phase::Ahead { .. }) && (pool.is_none() || c.pool == pool) => Some(k),
+                _ => None,
+            })
+            .collect();
+        for ck in ahead {
+            self.client_recall(ck);
+        }
+    }
+
+    /// RELEASED from `bk`: settles what was sent ahead to it. Some(client)
+    /// when the backend claimed it (it serves it now); otherwise the client
+    /// (if any) is taken back to the head of the queue.
+    pub fn backend_ahead_settle(&mut self, bk: usize) -> Option<usize> {
+        let b = self.backend(bk)?;
+        b.ahead_blocked = false;
+        let a = b.ahead.take()?;
+        let (row, pool) = (b.row, b.pool);
+        if crate::shmem::ahead_claim(row, a.ticket) {
+            // Not claimed (the backend parked or kept its client): waiting again.
+            if let Some(c) = self.client(a.client) {
+                if let Phase::Ahead { since, .. } = c.phase {
+                    c.phase = Phase::Waiting { since };
+                }
+            }
+            if let Some(p) = self.pools.get_mut(pool) {
+                p.ahead = p.ahead.saturating_sub(1);
+                p.waiting.push_front(a.client);
+            }
+            self.client_rearm(a.client);
+            return None;
+        }
+        if let Some(p) = self.pools.get_mut(pool) {
+            p.ahead = p.ahead.saturating_sub(1);
+            p.attaches_ahead += 1;
+        }
+        Some(a.client).filter(|&ck| self.client(ck).is_some_and(|c| c.id == a.client_id))
+    }
+
+    /// A backend became free: a client sent ahead to a backend that has not
+    /// taken it within its patience (a long transaction there) goes back to
+    /// the head of the queue, so this one (or the next sent ahead) serves
+    /// it; so does any client sent ahead when the queue is empty. Puts at
+    /// most one back in line per call.
+    pub fn pool_recall_stale_ahead(&mut self, pool: usize) {
+        let Some(p) = self.pools.get(pool) else { return };
+        if p.ahead == 0 {
+            return;
+        }
+        let queue_empty = p.waiting.is_empty();
+        // Patience: four average transactions of this pool, at least 1 ms.
+        let avg = Duration::from_micros((p.xact_us / p.xacts.max(1)).max(0) as u64);
+        let patience = (avg * 4).max(MIN_AHEAD_PATIENCE);
+        let now = Instant::now();
+        let mut oldest: Option<(Instant, usize)> = None;
+        for &bk in &p.attached {
+            if let Some(Conn::Backend(b)) = self.conns.get(bk) {
+                if let Some(a) = &b.ahead {
+                    if (queue_empty || now.duration_since(a.sent) > patience) && oldest.is_none_or(|(t, _)| a.sent < t) {
+                        oldest = Some((a.sent, a.client));
+                    }
+                }
+            }
+        }
+        if let Some((_, ck)) = oldest {
+            self.client_recall(ck);
+        }
+    }
+}
