@@ -38,21 +38,8 @@ use fault_support::*;
 
 // ---- helpers ------------------------------------------------------------------
 
-/// STUB until attach ahead lands on main: false while `nextgres.pools` has
-/// no `attaches_ahead` column.
-fn stub_has_column(pg: &Cluster) -> bool {
-    admin_i64(
-        pg,
-        "SELECT count(*) FROM information_schema.columns
-          WHERE table_schema = 'nextgres' AND table_name = 'pools' AND column_name = 'attaches_ahead'",
-    ) > 0
-}
-
 /// `nextgres.pools.attaches_ahead` of APP's pool (0 while it has no pool).
 fn attaches_ahead(pg: &Cluster) -> i64 {
-    if !stub_has_column(pg) {
-        return i64::MAX; // STUB
-    }
     admin_i64(
         pg,
         "SELECT coalesce(sum(attaches_ahead), 0)::int8 FROM nextgres.pools WHERE role = 'app'",
@@ -64,10 +51,6 @@ fn attaches_ahead(pg: &Cluster) -> i64 {
 #[track_caller]
 fn assert_attached_ahead(pg: &Cluster, before: i64, what: &str) {
     let now = attaches_ahead(pg);
-    if now == i64::MAX {
-        eprintln!("STUB: {what}: no attaches_ahead column yet, not asserted");
-        return;
-    }
     assert!(
         now > before,
         "{what}: nextgres.pools.attaches_ahead went {before} -> {now}: no backend took a client \
@@ -432,7 +415,7 @@ fn backends_terminated_while_holding_queued_clients() {
             let committed = progress.load(Ordering::SeqCst);
             let ready = wait_until(SETTLE, || {
                 all_done()
-                    || ((attaches_ahead(pg) > last_ahead || last_ahead == i64::MAX /* STUB */)
+                    || (attaches_ahead(pg) > last_ahead
                         && progress.load(Ordering::SeqCst) >= committed + WORKERS as usize)
             });
             assert!(
