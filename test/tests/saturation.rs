@@ -113,6 +113,17 @@ fn assert_recovered(pg: &Cluster, pooler: i32) {
     assert_pooler_serves(pg, pooler);
 }
 
+/// The pooler's pid, once `nextgres.status()` lists it (just after the
+/// server starts it may not yet): waited for with the SETTLE bound.
+#[track_caller]
+fn running_pooler(pg: &Cluster) -> i32 {
+    assert!(
+        wait_until(SETTLE, || pooler_pid(pg).is_some()),
+        "no pooler listed in nextgres.status() within {SETTLE:?}"
+    );
+    pooler_pid(pg).expect("pooler running")
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -304,7 +315,7 @@ fn clients_vanishing_while_queued_ahead() {
         .max_connections(20);
     run(builder, |pg| {
         create_tables(pg);
-        let pooler = pooler_pid(pg).expect("pooler running");
+        let pooler = running_pooler(pg);
         let ahead0 = attaches_ahead(pg);
         let port = pg.port();
         let rt = runtime();
@@ -395,7 +406,7 @@ fn backends_terminated_while_holding_queued_clients() {
         .max_connections(20);
     run(builder, |pg| {
         create_tables(pg);
-        let pooler = pooler_pid(pg).expect("pooler running");
+        let pooler = running_pooler(pg);
         let ahead0 = attaches_ahead(pg);
         let port = pg.port();
         let rt = runtime();
@@ -472,8 +483,10 @@ fn backends_terminated_while_holding_queued_clients() {
         );
         assert!(
             terminated.len() >= 2,
-            "only {} terminations happened before the workers finished",
-            terminated.len()
+            "only {} terminations happened before the workers finished (each one waits for \
+             attaches_ahead to grow: {ahead0} -> {})",
+            terminated.len(),
+            attaches_ahead(pg)
         );
 
         let unexpected: Vec<_> = ends
@@ -541,7 +554,7 @@ fn long_transaction_among_queued_short_ones() {
         .max_connections(20);
     run(builder, |pg| {
         create_tables(pg);
-        let pooler = pooler_pid(pg).expect("pooler running");
+        let pooler = running_pooler(pg);
         let port = pg.port();
         let rt = runtime();
         let stop = Arc::new(AtomicBool::new(false));
