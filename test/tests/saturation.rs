@@ -636,3 +636,93 @@ fn long_transaction_among_queued_short_ones() {
         assert_recovered(pg, pooler);
     });
 }
+
+// ---- 4. pause and resume with clients sent ahead ------------------------------------
+
+/// pool_size 3: 30 workers run 60 exact-count transactions each; once
+/// clients are being taken ahead, `nextgres.pause('postgres', 'app')`
+/// returns true (every client sent ahead was taken back, no backend serves
+/// a client); while paused all 30 workers end up waiting and no row is
+/// added (a client still sent ahead would have been served by the backend
+/// it was sent to); after `resume` every worker completes with its 60 rows
+/// exactly once, attaches_ahead grows again, and the pool recovers.
+#[test]
+fn pause_and_resume_while_clients_are_sent_ahead() {
+    let builder = Cluster::builder()
+        .conf("nextgres.pool_size = 3")
+        .max_connections(20);
+    run(builder, |pg| {
+        create_tables(pg);
+        let pooler = running_pooler(pg);
+        let ahead0 = attaches_ahead(pg);
+        let port = pg.port();
+        let rt = runtime();
+        let progress = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..WORKERS)
+            .map(|id| rt.spawn(worker(port, id, XACTS, progress.clone())))
+            .collect();
+        assert!(
+            wait_until(SETTLE, || attaches_ahead(pg) > ahead0
+                && progress.load(Ordering::SeqCst) >= WORKERS as usize),
+            "no client taken ahead: attaches_ahead {ahead0} -> {}, committed {}",
+            attaches_ahead(pg),
+            progress.load(Ordering::SeqCst)
+        );
+        let paused: bool = pg
+            .admin()
+            .query_one("SELECT nextgres.pause('postgres', 'app', 30)", &[])
+            .expect("nextgres.pause")
+            .get(0);
+        assert!(paused, "pause did not return true within 30 s: {:?}", pooled(pg));
+        let rows_at_pause = admin_i64(pg, "SELECT count(*) FROM work");
+        // Every worker sends its next transaction and waits.
+        assert!(
+            wait_until(SETTLE, || waiting(pg) == WORKERS as i64),
+            "while paused, {} of {WORKERS} workers wait; backends {:?}",
+            waiting(pg),
+            pooled(pg)
+        );
+        assert_eq!(
+            admin_i64(pg, "SELECT count(*) FROM work"),
+            rows_at_pause,
+            "a transaction committed while the pool was paused"
+        );
+        let attached: Vec<_> = pooled(pg).into_iter().filter(|(_, s)| s == "attached").collect();
+        assert!(attached.is_empty(), "paused pool with attached backends: {attached:?}");
+        let ahead_paused = attaches_ahead(pg);
+        let resumed: i32 = pg
+            .admin()
+            .query_one("SELECT nextgres.resume('postgres', 'app')", &[])
+            .expect("nextgres.resume")
+            .get(0);
+        assert_eq!(resumed, 1, "pauses ended by resume");
+
+        let ends: Vec<WorkerEnd> = rt.block_on(async {
+            let mut ends = Vec::new();
+            for t in tasks {
+                ends.push(t.await.expect("worker task"));
+            }
+            ends
+        });
+        rt.shutdown_timeout(Duration::from_secs(5));
+        eprintln!(
+            "{WORKERS} workers x {XACTS} transactions, paused at {rows_at_pause} rows; attaches_ahead {ahead0} -> \
+             {ahead_paused} (paused) -> {}",
+            attaches_ahead(pg)
+        );
+        let failed: Vec<_> = ends.iter().filter(|e| e.failed.is_some()).collect();
+        assert!(failed.is_empty(), "workers failed: {failed:#?}");
+        let rows = work_rows(pg);
+        let wrong: Vec<_> = (0..WORKERS)
+            .filter(|id| rows.get(id) != Some(&(XACTS as i64, XACTS as i64)))
+            .map(|id| (id, rows.get(&id)))
+            .collect();
+        assert!(wrong.is_empty(), "workers whose (rows, distinct) is not ({XACTS}, {XACTS}): {wrong:?}");
+        assert!(
+            (rows_at_pause as usize) < (WORKERS * XACTS) as usize,
+            "the workers were done before the pause ({rows_at_pause} rows)"
+        );
+        assert_attached_ahead(pg, ahead_paused, "after resume");
+        assert_recovered(pg, pooler);
+    });
+}
