@@ -726,3 +726,79 @@ fn pause_and_resume_while_clients_are_sent_ahead() {
         assert_recovered(pg, pooler);
     });
 }
+
+// ---- 5. kill_clients with clients sent ahead ------------------------------------------
+
+/// pool_size 3: 30 workers run 60 exact-count transactions each; once
+/// clients are being taken ahead, `nextgres.kill_clients('postgres', 'app')`
+/// disconnects them all: every worker ends within SETTLE per transaction,
+/// each one not done fails only with 57P01 or its connection closed, its
+/// rows are the commits it saw (+ at most the one in flight); no client
+/// is left, none waits, and a fresh client is served by the same pooler.
+#[test]
+fn kill_clients_while_clients_are_sent_ahead() {
+    let builder = Cluster::builder()
+        .conf("nextgres.pool_size = 3")
+        .max_connections(20);
+    run(builder, |pg| {
+        create_tables(pg);
+        let pooler = running_pooler(pg);
+        let ahead0 = attaches_ahead(pg);
+        let port = pg.port();
+        let rt = runtime();
+        let progress = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..WORKERS)
+            .map(|id| rt.spawn(worker(port, id, XACTS, progress.clone())))
+            .collect();
+        assert!(
+            wait_until(SETTLE, || attaches_ahead(pg) > ahead0
+                && progress.load(Ordering::SeqCst) >= WORKERS as usize),
+            "no client taken ahead: attaches_ahead {ahead0} -> {}, committed {}",
+            attaches_ahead(pg),
+            progress.load(Ordering::SeqCst)
+        );
+        pg.admin()
+            .batch_execute("SELECT nextgres.kill_clients('postgres', 'app')")
+            .expect("nextgres.kill_clients");
+        let ends: Vec<WorkerEnd> = rt.block_on(async {
+            let mut ends = Vec::new();
+            for t in tasks {
+                ends.push(t.await.expect("worker task"));
+            }
+            ends
+        });
+        rt.shutdown_timeout(Duration::from_secs(5));
+        let killed = ends.iter().filter(|e| e.failed.is_some()).count();
+        eprintln!(
+            "{WORKERS} workers x {XACTS} transactions, {killed} killed; attaches_ahead {ahead0} -> {}",
+            attaches_ahead(pg)
+        );
+        let unexpected: Vec<_> = ends
+            .iter()
+            .filter(|e| e.failed.as_ref().is_some_and(|(_, by_kill)| !by_kill))
+            .collect();
+        assert!(
+            unexpected.is_empty(),
+            "workers failed otherwise than with 57P01 / connection closed: {unexpected:#?}"
+        );
+        assert!(killed > 0, "kill_clients ended no worker");
+        let rows = work_rows(pg);
+        let mut wrong = Vec::new();
+        for e in &ends {
+            let (n, distinct) = rows.get(&e.id).copied().unwrap_or((0, 0));
+            let ok = if e.failed.is_none() {
+                (n, distinct) == (XACTS as i64, XACTS as i64)
+            } else {
+                n == distinct && (e.committed as i64..=e.committed as i64 + 1).contains(&n)
+            };
+            if !ok {
+                wrong.push(format!(
+                    "worker {}: {n} rows ({distinct} distinct), saw {} commits, failed {:?}",
+                    e.id, e.committed, e.failed
+                ));
+            }
+        }
+        assert!(wrong.is_empty(), "rows do not match what the workers saw:\n{}", wrong.join("\n"));
+        assert_recovered(pg, pooler);
+    });
+}
