@@ -198,9 +198,9 @@ async fn one_xact(client: &mut tokio_postgres::Client, id: i32, k: i32) -> Resul
 
 /// A worker: logs in, then runs `xacts` transactions (k = 0..xacts), each
 /// under `SETTLE` (a transaction without an answer that long is a hang).
-/// Stops at the first error. `progress` counts committed transactions of
-/// all workers.
-async fn worker(port: u16, id: i32, xacts: i32, progress: Arc<AtomicUsize>) -> WorkerEnd {
+/// Stops at the first error, or before a transaction once `stop` is set.
+/// `progress` counts committed transactions of all workers.
+async fn worker(port: u16, id: i32, xacts: i32, progress: Arc<AtomicUsize>, stop: Arc<AtomicBool>) -> WorkerEnd {
     let mut end = WorkerEnd {
         id,
         committed: 0,
@@ -214,6 +214,9 @@ async fn worker(port: u16, id: i32, xacts: i32, progress: Arc<AtomicUsize>) -> W
         }
     };
     for k in 0..xacts {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
         match tokio::time::timeout(SETTLE, one_xact(&mut client, id, k)).await {
             Ok(Ok(())) => {
                 end.committed += 1;
@@ -321,7 +324,7 @@ fn clients_vanishing_while_queued_ahead() {
         let rt = runtime();
         let progress = Arc::new(AtomicUsize::new(0));
         let tasks: Vec<_> = (0..WORKERS)
-            .map(|id| rt.spawn(worker(port, id, XACTS, progress.clone())))
+            .map(|id| rt.spawn(worker(port, id, XACTS, progress.clone(), Arc::default())))
             .collect();
         let done = Arc::new(AtomicBool::new(false));
         let vanishers = {
@@ -412,7 +415,7 @@ fn backends_terminated_while_holding_queued_clients() {
         let rt = runtime();
         let progress = Arc::new(AtomicUsize::new(0));
         let tasks: Vec<_> = (0..WORKERS)
-            .map(|id| rt.spawn(worker(port, id, XACTS, progress.clone())))
+            .map(|id| rt.spawn(worker(port, id, XACTS, progress.clone(), Arc::default())))
             .collect();
         let all_done = || tasks.iter().all(|t| t.is_finished());
 
@@ -659,7 +662,7 @@ fn pause_and_resume_while_clients_are_sent_ahead() {
         let rt = runtime();
         let progress = Arc::new(AtomicUsize::new(0));
         let tasks: Vec<_> = (0..WORKERS)
-            .map(|id| rt.spawn(worker(port, id, XACTS, progress.clone())))
+            .map(|id| rt.spawn(worker(port, id, XACTS, progress.clone(), Arc::default())))
             .collect();
         assert!(
             wait_until(SETTLE, || attaches_ahead(pg) > ahead0
@@ -729,13 +732,19 @@ fn pause_and_resume_while_clients_are_sent_ahead() {
 
 // ---- 5. kill_clients with clients sent ahead ------------------------------------------
 
-/// pool_size 3: 30 workers run 60 exact-count transactions each; once
-/// clients are being taken ahead, `nextgres.kill_clients('postgres', 'app')`
-/// disconnects them all: every worker ends within SETTLE per transaction,
-/// each one not done fails only with 57P01 or its connection closed, its
-/// rows are the commits it saw (+ at most the one in flight); no client
-/// is left, none waits, and a fresh client is served by the same pooler.
+/// pool_size 3: 30 workers run exact-count transactions until they fail;
+/// once clients are being taken ahead, `nextgres.kill_clients('postgres',
+/// 'app')` disconnects them all: within SETTLE every worker has ended, each
+/// with 57P01 or its connection closed (none still served, as a client
+/// sent ahead and left there would be), its rows the commits it saw (+ at
+/// most the one in flight); no client is left, none waits, and a fresh
+/// client is served by the same pooler.
+///
+/// Ignored until fixed: on main, with or without attach ahead, 1-3 of the
+/// 30 workers escape `kill_clients` in about a third of the runs (15 and
+/// 17) and keep being served; see RELIABILITY.md, *Not covered yet*.
 #[test]
+#[ignore = "kill_clients misses a client in about a third of the runs (pre-existing race, RELIABILITY.md)"]
 fn kill_clients_while_clients_are_sent_ahead() {
     let builder = Cluster::builder()
         .conf("nextgres.pool_size = 3")
@@ -747,8 +756,10 @@ fn kill_clients_while_clients_are_sent_ahead() {
         let port = pg.port();
         let rt = runtime();
         let progress = Arc::new(AtomicUsize::new(0));
+        // Workers that never finish on their own: only the kill ends them.
+        let stop = Arc::new(AtomicBool::new(false));
         let tasks: Vec<_> = (0..WORKERS)
-            .map(|id| rt.spawn(worker(port, id, XACTS, progress.clone())))
+            .map(|id| rt.spawn(worker(port, id, i32::MAX, progress.clone(), stop.clone())))
             .collect();
         assert!(
             wait_until(SETTLE, || attaches_ahead(pg) > ahead0
@@ -760,6 +771,8 @@ fn kill_clients_while_clients_are_sent_ahead() {
         pg.admin()
             .batch_execute("SELECT nextgres.kill_clients('postgres', 'app')")
             .expect("nextgres.kill_clients");
+        let all_ended = wait_until(SETTLE, || tasks.iter().all(|t| t.is_finished()));
+        stop.store(true, Ordering::SeqCst);
         let ends: Vec<WorkerEnd> = rt.block_on(async {
             let mut ends = Vec::new();
             for t in tasks {
@@ -770,7 +783,8 @@ fn kill_clients_while_clients_are_sent_ahead() {
         rt.shutdown_timeout(Duration::from_secs(5));
         let killed = ends.iter().filter(|e| e.failed.is_some()).count();
         eprintln!(
-            "{WORKERS} workers x {XACTS} transactions, {killed} killed; attaches_ahead {ahead0} -> {}",
+            "{WORKERS} workers, {killed} killed after {} transactions; attaches_ahead {ahead0} -> {}",
+            progress.load(Ordering::SeqCst),
             attaches_ahead(pg)
         );
         let unexpected: Vec<_> = ends
@@ -781,16 +795,16 @@ fn kill_clients_while_clients_are_sent_ahead() {
             unexpected.is_empty(),
             "workers failed otherwise than with 57P01 / connection closed: {unexpected:#?}"
         );
-        assert!(killed > 0, "kill_clients ended no worker");
+        let escaped: Vec<_> = ends.iter().filter(|e| e.failed.is_none()).map(|e| e.id).collect();
+        assert!(
+            all_ended && escaped.is_empty(),
+            "workers still served {SETTLE:?} after kill_clients (stopped by the test): {escaped:?}"
+        );
         let rows = work_rows(pg);
         let mut wrong = Vec::new();
         for e in &ends {
             let (n, distinct) = rows.get(&e.id).copied().unwrap_or((0, 0));
-            let ok = if e.failed.is_none() {
-                (n, distinct) == (XACTS as i64, XACTS as i64)
-            } else {
-                n == distinct && (e.committed as i64..=e.committed as i64 + 1).contains(&n)
-            };
+            let ok = n == distinct && (e.committed as i64..=e.committed as i64 + 1).contains(&n);
             if !ok {
                 wrong.push(format!(
                     "worker {}: {n} rows ({distinct} distinct), saw {} commits, failed {:?}",
