@@ -550,6 +550,18 @@ pub fn ahead_claim(row: usize, ticket: u64) -> bool {
     tables().and_then(|t| ahead_word(&t, row).map(|w| w.compare_exchange(ticket, 0, Ordering::AcqRel, Ordering::Acquire).is_ok())).unwrap_or(false)
 }
 
+/// Is `ticket` still the one published in backend row `row`? (False: it
+/// was claimed or taken back, for good: tickets never repeat.)
+pub fn ahead_is(row: usize, ticket: u64) -> bool {
+    tables().and_then(|t| ahead_word(&t, row).map(|w| w.load(Ordering::Acquire) == ticket)).unwrap_or(false)
+}
+
+/// A ticket is published in the backend row `row`: an ATTACH was sent ahead
+/// to it (or is about to be) and nobody claimed it yet.
+pub fn ahead_pending(row: usize) -> bool {
+    tables().and_then(|t| ahead_word(&t, row).map(|w| w.load(Ordering::Acquire) != 0)).unwrap_or(false)
+}
+
 impl Tables {
     /// Pooler: publishes `ticket` in the backend's row before the ATTACH
     /// that carries it is sent.

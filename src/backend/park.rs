@@ -128,10 +128,14 @@ pub fn transaction_boundary() {
                 p.pin = Pin::None;
                 crate::shmem::report_pin(0);
             }
-            // Claimed before RELEASED, so the pooler reading RELEASED finds
-            // the client taken (one swap in shared memory decides).
+            let released = release_prepare(p, client);
+            // Claimed after everything that can end this backend (a FATAL)
+            // and before RELEASED, so the pooler reading RELEASED finds the
+            // client taken (one swap in shared memory decides); a backend
+            // that dies in between never touched the claimed client, and
+            // the pooler puts it back in line (`backend_gone`).
             let next = take_ahead(p);
-            release(p, client);
+            write_all(p.control, &released);
             if pinned {
                 // The client left a pinned session: clean it now, so its
                 // advisory locks or temp tables do not outlive it while parked.
@@ -191,7 +195,7 @@ fn linger(p: &mut Parking, pinned: bool, sequence: bool) -> bool {
     let slice = std::time::Duration::from_millis(crate::settings::CLIENT_TIME_SLICE.get().max(0) as u64);
     loop {
         read_control(p);
-        if !p.fds.is_empty() {
+        if prune_stale_ahead(p) {
             // An ATTACH sent ahead: a client waits for this very backend.
             p.release_requested = true;
         }
@@ -267,7 +271,6 @@ fn read_control(p: &mut Parking) -> bool {
                 break;
             }
             Ok(_) => {}
-            Err(nix::errno::Errno::EMFILE) => fatal(EMFILE_MSG),
             Err(_) => break,
         }
     }
@@ -277,17 +280,22 @@ fn read_control(p: &mut Parking) -> bool {
 
 const EMFILE_MSG: &str = "could not receive the client socket from the pooler: too many open files in this backend (the descriptor was dropped)";
 
-/// One read of the control socket into `inbuf`, a passed socket into `fds`.
+/// One read of the control socket into `inbuf`, a passed socket into `fds`
+/// (`NO_FD` in its place when this backend could not receive it).
 fn read_some(p: &mut Parking, flags: nix::sys::socket::MsgFlags) -> nix::Result<usize> {
     let mut buf = [0u8; 8192];
-    let mut fds = [-1 as RawFd; 1];
-    let (n, nfds) = recv_with_fd(p.control, &mut buf, &mut fds, flags)?;
+    let (n, fd, truncated) = recv_control(p.control, &mut buf, flags)?;
     p.inbuf.extend_from_slice(&buf[..n]);
-    if nfds == 1 {
-        p.fds.push_back(fds[0]);
+    if let Some(fd) = fd {
+        p.fds.push_back(fd);
+    } else if truncated {
+        p.fds.push_back(NO_FD);
     }
     Ok(n)
 }
+
+/// Stands in `Parking::fds` for a descriptor the kernel dropped (EMFILE).
+const NO_FD: RawFd = -1;
 
 /// Blocks (1 s at a time) for the rest of an ATTACH whose first bytes and
 /// socket arrived: the pooler writes a control message whole.
@@ -296,10 +304,8 @@ fn read_rest(p: &mut Parking) {
         &mut [nix::poll::PollFd::new(unsafe { BorrowedFd::borrow_raw(p.control) }, nix::poll::PollFlags::POLLIN)],
         nix::poll::PollTimeout::from(1000u16),
     );
-    match read_some(p, nix::sys::socket::MsgFlags::MSG_DONTWAIT) {
-        Ok(0) => crate::pg::proc_exit(0),
-        Err(nix::errno::Errno::EMFILE) => fatal(EMFILE_MSG),
-        _ => {}
+    if let Ok(0) = read_some(p, nix::sys::socket::MsgFlags::MSG_DONTWAIT) {
+        crate::pg::proc_exit(0);
     }
 }
 
@@ -319,10 +325,17 @@ fn next_buffered_attach(p: &mut Parking, parked: bool) -> Option<(Attach, RawFd)
                 p.inbuf.drain(..used);
                 let Some(fd) = p.fds.pop_front() else { fatal("an ATTACH came without its client socket") };
                 match a.ahead {
+                    // Its socket did not fit (EMFILE): left unclaimed, the
+                    // pooler takes the client back when it reads RELEASED.
+                    Some(_) if fd == NO_FD => {}
                     Some(x) if crate::shmem::ahead_claim(x.backend_row as usize, x.ticket) => return Some((a, fd)),
                     Some(_) => {
                         let _ = nix::unistd::close(fd); // taken back: never read it
                     }
+                    // This backend cannot serve the client. The FATAL goes
+                    // to the pooler (the control socket is this backend's
+                    // client socket while parked), which passes it on.
+                    None if fd == NO_FD => fatal(EMFILE_MSG),
                     None if parked => return Some((a, fd)),
                     None => fatal("an ATTACH came for a backend serving a client"),
                 }
@@ -335,9 +348,45 @@ fn next_buffered_attach(p: &mut Parking, parked: bool) -> Option<(Attach, RawFd)
     }
 }
 
+/// Closes the sockets of complete ATTACHes at the head of `inbuf` that the
+/// pooler took back (their ticket is no longer in this backend's row:
+/// tickets never repeat), so a client the pooler closed meanwhile is not
+/// held open here while this backend keeps its own client. True when a live
+/// one (or an incomplete one) remains: a client waits for this backend.
+fn prune_stale_ahead(p: &mut Parking) -> bool {
+    loop {
+        drain_requests(p);
+        match parse_message(&p.inbuf, control::MAX_CONTROL_MESSAGE) {
+            Ok(Some((m, used))) if m.tag == control::ATTACH => {
+                let stale = match control::parse_attach(m.body) {
+                    Ok(a) => a.ahead.is_some_and(|x| !crate::shmem::ahead_is(x.backend_row as usize, x.ticket)),
+                    Err(_) => false, // the boundary reports it
+                };
+                if !stale {
+                    return true;
+                }
+                p.inbuf.drain(..used);
+                if let Some(fd) = p.fds.pop_front().filter(|&f| f != NO_FD) {
+                    let _ = nix::unistd::close(fd);
+                }
+            }
+            _ => return !p.fds.is_empty(),
+        }
+    }
+}
+
 /// At the boundary, before RELEASED: the client sent ahead, if one was and
 /// the pooler has not taken it back.
 fn take_ahead(p: &mut Parking) -> Option<(Attach, RawFd)> {
+    if p.row.is_none() {
+        p.row = crate::shmem::own_backend_row();
+    }
+    // The pooler publishes the ticket before it sends the ATTACH: no
+    // ticket, no read (an unsaturated pool pays no system call here). One
+    // sent just after this look is read once parked, and claimed there.
+    if p.fds.is_empty() && p.row.is_some_and(|r| !crate::shmem::ahead_pending(r)) {
+        return None;
+    }
     read_control(p);
     if p.fds.is_empty() {
         return None; // nothing sent ahead (the common unsaturated case)
@@ -370,8 +419,9 @@ fn show_ssl(tls: Option<&control::TlsStatus>) {
     }
 }
 
-/// Put the control socket back in place of the client's and tell the pooler.
-fn release(p: &mut Parking, client: u64) {
+/// Puts the control socket back in place of the client's; returns the
+/// RELEASED to send the pooler.
+fn release_prepare(p: &mut Parking, client: u64) -> Vec<u8> {
     // The session image first, while the client's socket is still ours: one
     // too large for the control channel ends the client's session with a
     // FATAL it receives, rather than a pooler that drops it without a word.
@@ -414,7 +464,7 @@ fn release(p: &mut Parking, client: u64) {
     };
     let mut msg = Vec::with_capacity(64);
     control::write_released(&mut msg, &released);
-    write_all(p.control, &msg);
+    msg
 }
 
 fn park(p: &mut Parking) {
@@ -446,10 +496,6 @@ fn next_attach(p: &mut Parking) -> Option<(Attach, RawFd)> {
         Ok(0) => crate::pg::proc_exit(0),
         Ok(_) => {}
         Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => return None,
-        // An ATTACH whose socket did not fit: this backend cannot serve the
-        // client. The FATAL goes to the pooler (the control socket is this
-        // backend's client socket while parked), which passes it on.
-        Err(nix::errno::Errno::EMFILE) => fatal(EMFILE_MSG),
         Err(_) => crate::pg::proc_exit(0),
     }
     let next = next_buffered_attach(p, true);
@@ -538,31 +584,42 @@ pub(crate) fn recv_with_fd(
     fds: &mut [RawFd; 1],
     flags: nix::sys::socket::MsgFlags,
 ) -> nix::Result<(usize, usize)> {
+    match recv_control(fd, buf, flags)? {
+        (_, _, true) => Err(nix::errno::Errno::EMFILE),
+        (n, Some(f), false) => {
+            fds[0] = f;
+            Ok((n, 1))
+        }
+        (n, None, false) => Ok((n, 0)),
+    }
+}
+
+/// One `recvmsg` of a control socket: (bytes, the descriptor passed with
+/// them if any, truncated). Truncated: the kernel dropped a descriptor it
+/// could not install (this process at RLIMIT_NOFILE; the pooler sends one,
+/// which the buffer fits), the bytes came without their socket. (nix's
+/// cmsgs() would say ENOBUFS.) Extra descriptors are closed.
+fn recv_control(fd: RawFd, buf: &mut [u8], flags: nix::sys::socket::MsgFlags) -> nix::Result<(usize, Option<RawFd>, bool)> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     let mut iov = [std::io::IoSliceMut::new(buf)];
     let mut cmsg = nix::cmsg_space!([RawFd; 1]);
     let msg = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC | flags)?;
     if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
-        // The kernel dropped the descriptor it could not install (this
-        // process at RLIMIT_NOFILE; the pooler sends one, which the buffer
-        // fits): the message came without its socket. (nix's cmsgs() would
-        // say ENOBUFS.)
-        return Err(nix::errno::Errno::EMFILE);
+        return Ok((msg.bytes, None, true));
     }
-    let mut nfds = 0;
+    let mut got = None;
     for c in msg.cmsgs()? {
         if let ControlMessageOwned::ScmRights(r) = c {
             for f in r {
-                if nfds == 0 {
-                    fds[0] = f;
-                    nfds = 1;
+                if got.is_none() {
+                    got = Some(f);
                 } else {
                     let _ = nix::unistd::close(f);
                 }
             }
         }
     }
-    Ok((msg.bytes, nfds))
+    Ok((msg.bytes, got, false))
 }
 
 fn write_all(fd: RawFd, mut data: &[u8]) {

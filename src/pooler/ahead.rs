@@ -34,6 +34,10 @@ use std::time::{Duration, Instant};
 /// prepared statements) waits in the pooler as before.
 const MAX_AHEAD_MESSAGE: usize = 32 * 1024;
 
+/// SO_SNDBUF of the pooler's end of a control socket, bytes (the kernel
+/// doubles it): two ATTACHes sent ahead, release requests and slack.
+pub const CONTROL_SNDBUF: usize = 4 * MAX_AHEAD_MESSAGE;
+
 /// A client sent ahead waits at least this long for its backend before it
 /// may be taken back for another backend that became free while clients
 /// still wait in the pooler's queue.
@@ -176,9 +180,14 @@ impl Pooler {
             return false;
         }
         // Its ATTACH stays unread in the backend's socket until that
-        // transaction ends: send it nothing more until then.
+        // transaction ends: send it nothing more until then. A backend
+        // keeping an idle client (pinned, or its slice) is woken to close
+        // its copy now (`prune_stale_ahead`).
         b.ahead = None;
         b.ahead_blocked = true;
+        if b.pid > 0 {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(b.pid), nix::sys::signal::Signal::SIGUSR1);
+        }
         if let Some(c) = self.client(ck) {
             c.phase = Phase::Waiting { since };
         }
@@ -216,6 +225,19 @@ impl Pooler {
         }
     }
 
+    /// A client sent ahead to a backend that died before its RELEASED was
+    /// read: waiting again, at the head of the queue.
+    pub fn client_requeue_ahead(&mut self, ck: usize) {
+        let Some(c) = self.client(ck) else { return };
+        let Phase::Ahead { since, .. } = c.phase else { return };
+        c.phase = Phase::Waiting { since };
+        if let Some(p) = c.pool.and_then(|p| self.pools.get_mut(p)) {
+            p.ahead = p.ahead.saturating_sub(1);
+            p.waiting.push_front(ck);
+        }
+        self.client_rearm(ck);
+    }
+
     /// RELEASED from `bk`: settles what was sent ahead to it. Some(client)
     /// when the backend claimed it (it serves it now); otherwise the client
     /// (if any) is taken back to the head of the queue.
@@ -245,17 +267,40 @@ impl Pooler {
         Some(a.client).filter(|&ck| self.client(ck).is_some_and(|c| c.id == a.client_id))
     }
 
-    /// A backend became free: a client sent ahead to a backend that has not
-    /// taken it within its patience (a long transaction there) goes back to
-    /// the head of the queue, so this one (or the next sent ahead) serves
-    /// it; so does any client sent ahead when the queue is empty. Puts at
-    /// most one back in line per call.
-    pub fn pool_recall_stale_ahead(&mut self, pool: usize) {
+    /// When the longest-waiting client sent ahead in `pool` started waiting.
+    pub fn pool_oldest_ahead(&self, pool: usize) -> Option<Instant> {
+        let p = self.pools.get(pool)?;
+        if p.ahead == 0 {
+            return None;
+        }
+        p.attached
+            .iter()
+            .filter_map(|&bk| match self.conns.get(bk) {
+                Some(Conn::Backend(b)) => b.ahead.as_ref().and_then(|a| match self.conns.get(a.client) {
+                    Some(Conn::Client(c)) => match c.phase {
+                        Phase::Ahead { since, .. } => Some(since),
+                        _ => None,
+                    },
+                    _ => None,
+                }),
+                _ => None,
+            })
+            .min()
+    }
+
+    /// A backend became free (`free`), or took its client sent ahead: a
+    /// client sent ahead to a backend that has not taken it within its
+    /// patience (a long transaction there) goes back to the head of the
+    /// queue, so this one (or the next sent ahead) serves it; with `free`, so
+    /// does any client sent ahead when the queue is empty. Puts at most one
+    /// back in line per call.
+    pub fn pool_recall_stale_ahead(&mut self, pool: usize, free: bool) {
         let Some(p) = self.pools.get(pool) else { return };
         if p.ahead == 0 {
             return;
         }
-        let queue_empty = p.waiting.is_empty();
+        // Only a backend that is free now serves a client taken back at once.
+        let queue_empty = free && p.waiting.is_empty();
         // Patience: four average transactions of this pool, at least 1 ms.
         let avg = Duration::from_micros((p.xact_us / p.xacts.max(1)).max(0) as u64);
         let patience = (avg * 4).max(MIN_AHEAD_PATIENCE);

@@ -92,6 +92,9 @@ impl Pooler {
         let token_opt = crate::backend::TOKEN_OPTION.to_str().unwrap_or_default();
         proto::startup_message(&mut out, &[("user", &role), ("database", &database), (token_opt, &self.token_hex)]);
         let mut stream = stream;
+        // Room for an ATTACH sent ahead plus one taken back, unread by a
+        // backend in a transaction, whatever the system default (`ahead.rs`).
+        let _ = nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::SndBuf, &super::ahead::CONTROL_SNDBUF);
         // A fresh Unix socket takes a few hundred bytes without blocking.
         if stream.write_all(&out).is_err() || stream.set_nonblocking(true).is_err() {
             self.backend_row_free(row);
@@ -323,18 +326,16 @@ impl Pooler {
     /// (with `login_failure` as its FATAL when the backend sent one on the
     /// control socket while attached).
     pub fn backend_gone(&mut self, key: usize, login_failure: Option<ErrorFields>) {
-        // A client sent ahead is taken back (it waits for another backend)
-        // unless the backend had claimed it: then it is lost with it, as
-        // the client it was serving. Settled while the row is still its.
-        let claimed = self.backend_recall_ahead(key);
-        if let Some(ck) = claimed {
-            if let Some(c) = self.client(ck) {
-                c.phase = super::client::Phase::Closing;
-                c.outbuf.clear();
+        // A client sent ahead waits for another backend. Taken back here, or
+        // claimed by this backend but its RELEASED never read (RELEASED
+        // settles the claim): it died before it attached that client (it
+        // attaches only after RELEASED is written), so the client's socket
+        // was never touched. Settled while the row is still its.
+        if let Some(ck) = self.backend_recall_ahead(key) {
+            if let Some(b) = self.backend(key) {
+                b.ahead = None;
             }
-            if let Some(p) = self.backend(key).map(|b| b.pool).and_then(|p| self.pools.get_mut(p)) {
-                p.ahead = p.ahead.saturating_sub(1);
-            }
+            self.client_requeue_ahead(ck);
         }
         let Some(Conn::Backend(b)) = self.conns.try_remove(key) else { return };
         conn::remove(&self.epoll, &b.stream);
@@ -392,9 +393,6 @@ impl Pooler {
                 }
             }
             BPhase::Parked { .. } => {}
-        }
-        if let Some(ck) = claimed {
-            self.client_close(ck);
         }
         self.pool_maybe_grow(pool);
         self.sync_pool(pool);

@@ -189,7 +189,7 @@ impl Pooler {
         if self.pools[pool].draining {
             return self.backend_close(key);
         }
-        self.pool_recall_stale_ahead(pool);
+        self.pool_recall_stale_ahead(pool, true);
         while let Some(ck) = self.pools[pool].waiting.pop_front() {
             if let Some(c) = self.client(ck) {
                 if let Phase::Waiting { since } = c.phase {
@@ -210,6 +210,12 @@ impl Pooler {
         }
         self.pool_reserve_check(pool);
         let size = self.pool_size_of(pool);
+        // The pool may log in more backends (pool_size raised, reserve
+        // engaged, a backend gone): clients sent ahead to busy backends
+        // wait in its queue again, where a new backend serves them.
+        if self.pools.get(pool).is_some_and(|p| p.ahead > 0 && p.shared_backends() < size) {
+            self.recall_all_ahead(Some(pool));
+        }
         if self.pools.get(pool).is_some_and(|p| !p.wants_backend(size)) {
             self.pool_slots_episode_end(pool);
         }
@@ -478,7 +484,7 @@ impl Pooler {
                 // Every backend of a saturated pool may go on like this, so
                 // no backend_available() runs: a client sent ahead to a
                 // backend in a long transaction moves here.
-                self.pool_recall_stale_ahead(pool);
+                self.pool_recall_stale_ahead(pool, false);
             }
             None => self.backend_available(bk),
         }

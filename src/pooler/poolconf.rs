@@ -153,7 +153,7 @@ impl Pooler {
         let Some(p) = self.pools.get(pool) else { return };
         let timeout = Duration::from_secs(p.conf.reserve_pool_timeout.unwrap_or_else(|| RESERVE_POOL_TIMEOUT.get()).max(0) as u64);
         if p.reserve_engaged {
-            if p.waiting.is_empty() && p.reserve_idle_since.is_some_and(|t| t.elapsed() > timeout) {
+            if p.waiting.is_empty() && p.ahead == 0 && p.reserve_idle_since.is_some_and(|t| t.elapsed() > timeout) {
                 let p = &mut self.pools[pool];
                 p.reserve_engaged = false;
                 p.reserve_idle_since = None;
@@ -163,13 +163,18 @@ impl Pooler {
         if p.conf.reserve_pool_size.unwrap_or_else(|| RESERVE_POOL_SIZE.get()) <= 0 {
             return;
         }
-        let oldest = p.waiting.iter().find_map(|&ck| match self.conns.get(ck) {
+        let queued = p.waiting.iter().find_map(|&ck| match self.conns.get(ck) {
             Some(super::conn::Conn::Client(c)) => match c.phase {
                 super::client::Phase::Waiting { since } => Some(since),
                 _ => None,
             },
             _ => None,
         });
+        // Clients sent ahead wait too (they were the oldest when sent).
+        let oldest = match (queued, self.pool_oldest_ahead(pool)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         if oldest.is_some_and(|t| t.elapsed() > timeout) {
             let p = &mut self.pools[pool];
             p.reserve_engaged = true;
@@ -185,7 +190,7 @@ impl Pooler {
     /// A backend of the pool is free: note when its queue became empty.
     pub fn pool_reserve_release(&mut self, pool: usize) {
         if let Some(p) = self.pools.get_mut(pool) {
-            if !p.reserve_engaged || !p.waiting.is_empty() {
+            if !p.reserve_engaged || !p.waiting.is_empty() || p.ahead > 0 {
                 p.reserve_idle_since = None;
             } else if p.reserve_idle_since.is_none() {
                 p.reserve_idle_since = Some(std::time::Instant::now());
