@@ -1,0 +1,818 @@
+//! Saturated pools and *attach ahead* (issue 15): once as many clients wait
+//! as the pool has busy backends, the pooler sends the oldest waiting
+//! client's ATTACH (and socket) to a backend still inside another client's
+//! transaction, and that backend takes the client at its ReadyForQuery(I);
+//! `nextgres.pools.attaches_ahead` counts those takes. A client sent ahead
+//! can still be taken back by the pooler, and is never read by two processes.
+//!
+//! These are the guard tests the issue asks for, each on a pool of 2-3
+//! backends that 16-30 clients running short transactions keep saturated,
+//! each asserting that `attaches_ahead` grew (the path ran) and exact
+//! outcomes:
+//! - clients that vanish (FIN or RST) while queued, some inside a
+//!   transaction they opened, among clients doing exact-count work;
+//! - pooled backends terminated (`pg_terminate_backend`) while they hold
+//!   clients queued ahead;
+//! - one long transaction among many short ones: no short client stays
+//!   stuck behind it.
+//!
+//! Same rules as `faults.rs` (helpers in `fault_support`): real servers and
+//! real clients (tokio-postgres, a raw protocol client), every wait bounded
+//! by `SETTLE`, every body by `TEST_LIMIT`; no assertion on speed.
+//!
+//! ```sh
+//! NEXTGRES_PG=16 cargo test -p nextgres-test --test saturation -- --test-threads=2
+//! ```
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nextgres_test::{wait_until, Cluster};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::Type;
+
+mod fault_support;
+use fault_support::*;
+
+// ---- helpers ------------------------------------------------------------------
+
+/// `nextgres.pools.attaches_ahead` of APP's pool (0 while it has no pool).
+fn attaches_ahead(pg: &Cluster) -> i64 {
+    admin_i64(
+        pg,
+        "SELECT coalesce(sum(attaches_ahead), 0)::int8 FROM nextgres.pools WHERE role = 'app'",
+    )
+}
+
+/// The path under test ran: a backend of APP's pool took its next client
+/// ahead since `before` was read.
+#[track_caller]
+fn assert_attached_ahead(pg: &Cluster, before: i64, what: &str) {
+    let now = attaches_ahead(pg);
+    assert!(
+        now > before,
+        "{what}: nextgres.pools.attaches_ahead went {before} -> {now}: no backend took a client \
+         sent ahead, so the saturated path under test never ran"
+    );
+}
+
+/// Creates the work tables: `work` (one row per committed transaction of a
+/// client: client, k) and `vanished` (rows only vanished clients insert,
+/// never committed).
+fn create_tables(pg: &Cluster) {
+    pg.admin()
+        .batch_execute(
+            "CREATE TABLE work (client int NOT NULL, k int NOT NULL);
+             CREATE TABLE vanished (round int NOT NULL, i int NOT NULL);
+             CREATE TABLE long_xact (n int NOT NULL);
+             GRANT SELECT, INSERT ON work, vanished, long_xact TO app;",
+        )
+        .expect("work tables");
+}
+
+/// Per client: (rows in `work`, distinct k among them).
+fn work_rows(pg: &Cluster) -> std::collections::HashMap<i32, (i64, i64)> {
+    pg.admin()
+        .query(
+            "SELECT client, count(*), count(DISTINCT k) FROM work GROUP BY client",
+            &[],
+        )
+        .expect("reading work")
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect()
+}
+
+/// Sum of `clients_waiting` over all pools.
+fn waiting(pg: &Cluster) -> i64 {
+    admin_i64(
+        pg,
+        "SELECT coalesce(sum(clients_waiting), 0)::int8 FROM nextgres.pools",
+    )
+}
+
+/// After a run: within `SETTLE`, no client of the pool is left (every one
+/// of them disconnected or vanished), none waits, and no session of APP is
+/// idle in a transaction; then a brand-new client is served by the same
+/// pooler.
+#[track_caller]
+fn assert_recovered(pg: &Cluster, pooler: i32) {
+    let settled = wait_until(SETTLE, || {
+        clients(pg).is_empty() && waiting(pg) == 0 && idle_in_transaction(pg).is_empty()
+    });
+    assert!(
+        settled,
+        "left behind: clients {:?}, clients_waiting {}, idle in transaction {:?}\n{:?}",
+        clients(pg),
+        waiting(pg),
+        idle_in_transaction(pg),
+        pg.activity()
+    );
+    assert_pooler_serves(pg, pooler);
+}
+
+/// The pooler's pid, once `nextgres.status()` lists it (just after the
+/// server starts it may not yet): waited for with the SETTLE bound.
+#[track_caller]
+fn running_pooler(pg: &Cluster) -> i32 {
+    assert!(
+        wait_until(SETTLE, || pooler_pid(pg).is_some()),
+        "no pooler listed in nextgres.status() within {SETTLE:?}"
+    );
+    pooler_pid(pg).expect("pooler running")
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// A tokio-postgres client of APP logged in through the pooler.
+async fn login(port: u16) -> Result<tokio_postgres::Client, String> {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1")
+        .port(port)
+        .user(APP)
+        .dbname(DB)
+        .connect_timeout(SETTLE);
+    let (client, conn) = tokio::time::timeout(SETTLE, cfg.connect(tokio_postgres::NoTls))
+        .await
+        .map_err(|_| format!("login: no answer within {SETTLE:?}"))?
+        .map_err(|e| format!("login: {e:?}"))?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// How a worker's connection may end when its backend is terminated: the
+/// backend's FATAL 57P01, or the connection closed / reset.
+fn ended_by_termination(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::ADMIN_SHUTDOWN)
+        || e.is_closed()
+        || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
+}
+
+/// How a worker ended.
+#[derive(Debug)]
+struct WorkerEnd {
+    id: i32,
+    /// Transactions whose COMMIT the client saw succeed.
+    committed: i32,
+    /// Why it stopped early: (error text, ended by a backend termination).
+    failed: Option<(String, bool)>,
+}
+
+/// One transaction of a worker, inserting (id, k) into `work`, in one of
+/// three shapes: simple-protocol `BEGIN; INSERT; COMMIT` in one round trip,
+/// an extended-protocol transaction in three (the backend stays busy
+/// between them, so clients queue ahead on it), or an autocommit INSERT.
+async fn one_xact(client: &mut tokio_postgres::Client, id: i32, k: i32) -> Result<(), tokio_postgres::Error> {
+    match k % 3 {
+        0 => {
+            client
+                .batch_execute(&format!("BEGIN; INSERT INTO work VALUES ({id}, {k}); COMMIT"))
+                .await
+        }
+        1 => {
+            let tx = client.transaction().await?;
+            tx.query_typed(
+                "INSERT INTO work VALUES ($1, $2)",
+                &[(&id, Type::INT4), (&k, Type::INT4)],
+            )
+            .await?;
+            tx.commit().await
+        }
+        _ => client
+            .query_typed(
+                "INSERT INTO work VALUES ($1, $2)",
+                &[(&id, Type::INT4), (&k, Type::INT4)],
+            )
+            .await
+            .map(drop),
+    }
+}
+
+/// A worker: logs in, then runs `xacts` transactions (k = 0..xacts), each
+/// under `SETTLE` (a transaction without an answer that long is a hang).
+/// Stops at the first error, or before a transaction once `stop` is set.
+/// `progress` counts committed transactions of all workers.
+async fn worker(port: u16, id: i32, xacts: i32, progress: Arc<AtomicUsize>, stop: Arc<AtomicBool>) -> WorkerEnd {
+    let mut end = WorkerEnd {
+        id,
+        committed: 0,
+        failed: None,
+    };
+    let mut client = match login(port).await {
+        Ok(c) => c,
+        Err(e) => {
+            end.failed = Some((e, false));
+            return end;
+        }
+    };
+    for k in 0..xacts {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        match tokio::time::timeout(SETTLE, one_xact(&mut client, id, k)).await {
+            Ok(Ok(())) => {
+                end.committed += 1;
+                progress.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(Err(e)) => {
+                let by_termination = ended_by_termination(&e);
+                end.failed = Some((format!("transaction {k}: {e:?}"), by_termination));
+                return end;
+            }
+            Err(_) => {
+                end.failed = Some((format!("transaction {k}: no answer within {SETTLE:?} (hang)"), false));
+                return end;
+            }
+        }
+    }
+    end
+}
+
+/// Closes the raw client's socket with an RST (SO_LINGER 0), as a client
+/// whose host dropped the connection.
+fn reset(raw: Raw) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt(2) on the raw client's own open socket, with a
+    // linger struct of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            raw.s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &l as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER 0");
+    drop(raw);
+}
+
+/// One vanishing client (raw protocol), of five kinds by `(round + i) % 5`:
+/// 0, 1: sends `BEGIN; INSERT INTO vanished ...; SELECT pg_sleep(0.02)`
+///       (no COMMIT) and goes, with FIN (0) or RST (1), while that query
+///       waits in the queue, is queued ahead, or runs;
+/// 2, 3: opens a transaction and inserts (waiting its turn), then sends a
+///       `pg_sleep(0.05)` and goes (FIN / RST) while its backend, which the
+///       pooler may have sent the next client ahead, is still in it;
+/// 4:    sends `SELECT pg_sleep(0.01)` and goes (FIN).
+fn vanish_one(port: u16, round: usize, i: usize) -> Result<(), String> {
+    let kind = (round + i) % 5;
+    let mut raw = Raw::connect(port, APP, DB, SETTLE);
+    match kind {
+        0 | 1 => {
+            raw.send_query(&format!(
+                "BEGIN; INSERT INTO vanished VALUES ({round}, {i}); SELECT pg_sleep(0.02)"
+            ));
+            // Pacing only, not a synchronisation: a client reaches the head
+            // of the queue (and is sent ahead) only after the ~30 clients
+            // before it, so the vanishing moments are spread over 0-39 ms.
+            std::thread::sleep(Duration::from_millis(((round * 7 + i * 13) % 40) as u64));
+        }
+        2 | 3 => {
+            raw.query("BEGIN").map_err(|e| format!("vanisher BEGIN: {e:?}"))?;
+            raw.query(&format!("INSERT INTO vanished VALUES ({round}, {i})"))
+                .map_err(|e| format!("vanisher INSERT: {e:?}"))?;
+            raw.send_query("SELECT pg_sleep(0.05)");
+        }
+        _ => raw.send_query("SELECT pg_sleep(0.01)"),
+    }
+    if kind % 2 == 1 {
+        reset(raw);
+    } else {
+        raw.vanish();
+    }
+    Ok(())
+}
+
+// ---- 1. clients vanishing while queued ahead -------------------------------------
+
+/// Workers in the first two tests, and their transactions each.
+const WORKERS: i32 = 30;
+const XACTS: i32 = 60;
+/// Vanishing clients per round (test 1).
+const VANISHING: usize = 6;
+
+/// pool_size 3, client_time_slice 0: 30 workers run 60 exact-count
+/// transactions each while rounds of 6 raw clients vanish (FIN or RST) with
+/// a query waiting, queued ahead or running, some inside a transaction
+/// they opened. Every worker's 60 rows are there exactly once, no vanished
+/// client's insert is visible, attaches_ahead grew, and afterwards no
+/// client is left, none waits, no session is idle in a transaction, and a
+/// fresh client is served by the same pooler.
+#[test]
+fn clients_vanishing_while_queued_ahead() {
+    let builder = Cluster::builder()
+        .conf("nextgres.pool_size = 3")
+        .conf("nextgres.client_time_slice = 0")
+        .max_connections(20);
+    run(builder, |pg| {
+        create_tables(pg);
+        let pooler = running_pooler(pg);
+        let ahead0 = attaches_ahead(pg);
+        let port = pg.port();
+        let rt = runtime();
+        let progress = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..WORKERS)
+            .map(|id| rt.spawn(worker(port, id, XACTS, progress.clone(), Arc::default())))
+            .collect();
+        let done = Arc::new(AtomicBool::new(false));
+        let vanishers = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let mut round = 0usize;
+                let mut errors = Vec::new();
+                while !done.load(Ordering::SeqCst) && round < 1_000 {
+                    let batch: Vec<_> = (0..VANISHING)
+                        .map(|i| std::thread::spawn(move || vanish_one(port, round, i)))
+                        .collect();
+                    for b in batch {
+                        match b.join() {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => errors.push(e),
+                            Err(_) => errors.push("a vanishing client panicked".to_string()),
+                        }
+                    }
+                    round += 1;
+                }
+                (round, errors)
+            })
+        };
+        let ends: Vec<WorkerEnd> = rt.block_on(async {
+            let mut ends = Vec::new();
+            for t in tasks {
+                ends.push(t.await.expect("worker task"));
+            }
+            ends
+        });
+        done.store(true, Ordering::SeqCst);
+        let (rounds, vanish_errors) = vanishers.join().expect("vanishing clients");
+        rt.shutdown_timeout(Duration::from_secs(5));
+        eprintln!(
+            "{WORKERS} workers x {XACTS} transactions beside {rounds} rounds of {VANISHING} vanishing clients; \
+             attaches_ahead {ahead0} -> {}",
+            attaches_ahead(pg)
+        );
+
+        let failed: Vec<_> = ends.iter().filter(|e| e.failed.is_some()).collect();
+        assert!(failed.is_empty(), "workers failed: {failed:#?}");
+        assert!(vanish_errors.is_empty(), "vanishing clients: {vanish_errors:?}");
+        assert!(rounds > 0, "no vanishing client ran");
+        let rows = work_rows(pg);
+        let wrong: Vec<_> = (0..WORKERS)
+            .filter(|id| rows.get(id) != Some(&(XACTS as i64, XACTS as i64)))
+            .map(|id| (id, rows.get(&id)))
+            .collect();
+        assert!(
+            wrong.is_empty() && rows.len() == WORKERS as usize,
+            "workers whose (rows, distinct) is not ({XACTS}, {XACTS}): {wrong:?}"
+        );
+        assert_eq!(
+            admin_i64(pg, "SELECT count(*) FROM vanished"),
+            0,
+            "a vanished client's uncommitted insert is visible"
+        );
+        assert_attached_ahead(pg, ahead0, "vanishing clients");
+        assert_recovered(pg, pooler);
+    });
+}
+
+// ---- 2. backends terminated while holding queued clients -----------------------------
+
+/// Terminations in test 2.
+const TERMINATIONS: usize = 6;
+
+/// pool_size 3: 30 workers run 60 exact-count transactions each while a
+/// direct session terminates an attached backend of the pool 6 times (each
+/// time after clients were taken ahead again and the pool committed more
+/// work). No worker hangs (every transaction is answered within SETTLE); a
+/// worker fails only with 57P01 or its connection closed, and at most two
+/// per termination (the client in the terminated backend's transaction and
+/// one it had already taken ahead); a worker that did not fail has its 60
+/// rows exactly once, one that failed has the transactions it saw commit
+/// (plus at most the one in flight); attaches_ahead grew; the pool
+/// recovers.
+#[test]
+fn backends_terminated_while_holding_queued_clients() {
+    let builder = Cluster::builder()
+        .conf("nextgres.pool_size = 3")
+        .max_connections(20);
+    run(builder, |pg| {
+        create_tables(pg);
+        let pooler = running_pooler(pg);
+        let ahead0 = attaches_ahead(pg);
+        let port = pg.port();
+        let rt = runtime();
+        let progress = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..WORKERS)
+            .map(|id| rt.spawn(worker(port, id, XACTS, progress.clone(), Arc::default())))
+            .collect();
+        let all_done = || tasks.iter().all(|t| t.is_finished());
+
+        // The terminations, from a direct Unix-socket session.
+        let mut admin = pg.admin();
+        let mut terminated = Vec::new();
+        let mut last_ahead = ahead0;
+        while terminated.len() < TERMINATIONS && !all_done() {
+            // Clients were taken ahead again and the pool committed more
+            // work since the last termination (it recovered).
+            let committed = progress.load(Ordering::SeqCst);
+            let ready = wait_until(SETTLE, || {
+                all_done()
+                    || (attaches_ahead(pg) > last_ahead
+                        && progress.load(Ordering::SeqCst) >= committed + WORKERS as usize)
+            });
+            assert!(
+                ready,
+                "the pool made no progress after {} terminations: attaches_ahead {last_ahead} -> {}, \
+                 committed {committed} -> {}; {:?}",
+                terminated.len(),
+                attaches_ahead(pg),
+                progress.load(Ordering::SeqCst),
+                pooled(pg)
+            );
+            if all_done() {
+                break;
+            }
+            last_ahead = attaches_ahead(pg);
+            let victim: Option<i32> = admin
+                .query_opt(
+                    "SELECT pid FROM nextgres.backends
+                      WHERE role = 'app' AND state = 'attached' ORDER BY random() LIMIT 1",
+                    &[],
+                )
+                .expect("an attached backend")
+                .map(|r| r.get(0));
+            let signalled = |admin: &mut postgres::Client, pid: i32| -> bool {
+                admin
+                    .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+                    .expect("pg_terminate_backend")
+                    .get(0)
+            };
+            if let Some(pid) = victim.filter(|&pid| signalled(&mut admin, pid)) {
+                terminated.push(pid);
+                assert!(
+                    wait_until(SETTLE, || !session_exists(pg, pid)),
+                    "terminated backend {pid} still runs"
+                );
+            }
+        }
+
+        // No client hangs: every worker ends (each transaction is bounded by
+        // SETTLE, so the whole run by XACTS x SETTLE).
+        let ends: Vec<WorkerEnd> = rt.block_on(async {
+            let mut ends = Vec::new();
+            for t in tasks {
+                ends.push(t.await.expect("worker task"));
+            }
+            ends
+        });
+        rt.shutdown_timeout(Duration::from_secs(5));
+        eprintln!(
+            "{WORKERS} workers x {XACTS} transactions, backends terminated: {terminated:?}; \
+             attaches_ahead {ahead0} -> {}; failed workers {}",
+            attaches_ahead(pg),
+            ends.iter().filter(|e| e.failed.is_some()).count()
+        );
+        assert!(
+            terminated.len() >= 2,
+            "only {} terminations happened before the workers finished (each one waits for \
+             attaches_ahead to grow: {ahead0} -> {})",
+            terminated.len(),
+            attaches_ahead(pg)
+        );
+
+        let unexpected: Vec<_> = ends
+            .iter()
+            .filter(|e| e.failed.as_ref().is_some_and(|(_, by_termination)| !by_termination))
+            .collect();
+        assert!(
+            unexpected.is_empty(),
+            "workers failed otherwise than with 57P01 / connection closed: {unexpected:#?}"
+        );
+        let failed: Vec<_> = ends.iter().filter(|e| e.failed.is_some()).collect();
+        assert!(
+            failed.len() <= 2 * terminated.len(),
+            "{} workers failed for {} terminations (at most 2 each): {failed:#?}",
+            failed.len(),
+            terminated.len()
+        );
+        let rows = work_rows(pg);
+        let mut wrong = Vec::new();
+        for e in &ends {
+            let (n, distinct) = rows.get(&e.id).copied().unwrap_or((0, 0));
+            let ok = if e.failed.is_none() {
+                (n, distinct) == (XACTS as i64, XACTS as i64)
+            } else {
+                n == distinct && (e.committed as i64..=e.committed as i64 + 1).contains(&n)
+            };
+            if !ok {
+                wrong.push(format!(
+                    "worker {}: {n} rows ({distinct} distinct), saw {} commits, failed {:?}",
+                    e.id, e.committed, e.failed
+                ));
+            }
+        }
+        assert!(wrong.is_empty(), "rows do not match what the workers saw:\n{}", wrong.join("\n"));
+        assert_attached_ahead(pg, ahead0, "backend terminations");
+        assert_recovered(pg, pooler);
+        let backends = pooled(pg);
+        assert!(backends.len() <= 3, "the pool of 3 has {backends:?}");
+    });
+}
+
+// ---- 3. a long transaction among queued short ones ------------------------------------
+
+/// Short-transaction clients in test 3.
+const SHORT: usize = 16;
+/// Transactions every short client must commit while the long one is open.
+const SHORT_EACH: usize = 10;
+/// pg_sleep(0.1) steps the long transaction takes at least, so that the
+/// pooler has had many chances to send a client ahead to its backend.
+const LONG_STEPS: usize = 5;
+
+/// pool_size 2: 16 clients run short transactions in a loop; once each has
+/// committed one, another client opens a transaction (an INSERT, then
+/// pg_sleep steps, at least 5) and keeps it open until every short client
+/// has committed 10 more transactions (waited for with the SETTLE bound),
+/// so none stays stuck queued ahead on the long transaction's backend;
+/// attaches_ahead grew while the long transaction was open; the long
+/// transaction is still the same one and its row invisible to others until
+/// it commits; every short client's rows are exactly the transactions it
+/// saw commit.
+#[test]
+fn long_transaction_among_queued_short_ones() {
+    let builder = Cluster::builder()
+        .conf("nextgres.pool_size = 2")
+        .max_connections(20);
+    run(builder, |pg| {
+        create_tables(pg);
+        let pooler = running_pooler(pg);
+        let port = pg.port();
+        let rt = runtime();
+        let stop = Arc::new(AtomicBool::new(false));
+        let counts: Arc<Vec<AtomicUsize>> = Arc::new((0..SHORT).map(|_| AtomicUsize::new(0)).collect());
+        let tasks: Vec<_> = (0..SHORT)
+            .map(|i| {
+                let (stop, counts) = (stop.clone(), counts.clone());
+                rt.spawn(async move {
+                    let mut client = login(port).await?;
+                    let mut k = 0i32;
+                    while !stop.load(Ordering::SeqCst) {
+                        tokio::time::timeout(SETTLE, one_xact(&mut client, i as i32, k))
+                            .await
+                            .map_err(|_| format!("short client {i}: transaction {k} unanswered within {SETTLE:?}"))?
+                            .map_err(|e| format!("short client {i}: transaction {k}: {e:?}"))?;
+                        k += 1;
+                        counts[i].fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok::<i32, String>(k)
+                })
+            })
+            .collect();
+        let snapshot = |counts: &[AtomicUsize]| counts.iter().map(|c| c.load(Ordering::SeqCst)).collect::<Vec<_>>();
+        assert!(
+            wait_until(SETTLE, || snapshot(&counts).iter().all(|&n| n >= 1)),
+            "not every short client committed once: {:?}",
+            snapshot(&counts)
+        );
+
+        // The long transaction, through the pooler.
+        let mut long = connect(pg, APP);
+        long.batch_execute("BEGIN; INSERT INTO long_xact VALUES (1)")
+            .expect("long transaction: BEGIN; INSERT");
+        let xid = one(&mut long, "SELECT txid_current()");
+        let long_pid = one(&mut long, "SELECT pg_backend_pid()");
+        let ahead0 = attaches_ahead(pg);
+        let base = snapshot(&counts);
+        let started = Instant::now();
+        let caught_up = |now: &[usize]| now.iter().zip(&base).all(|(n, b)| *n >= b + SHORT_EACH);
+        let mut steps = 0;
+        while (!caught_up(&snapshot(&counts)) || steps < LONG_STEPS) && started.elapsed() < SETTLE {
+            long.batch_execute("SELECT pg_sleep(0.1)").expect("long transaction: a step");
+            steps += 1;
+        }
+        let now = snapshot(&counts);
+        let stuck: Vec<_> = (0..SHORT).filter(|&i| now[i] < base[i] + SHORT_EACH).collect();
+        assert!(
+            stuck.is_empty(),
+            "short clients {stuck:?} committed fewer than {SHORT_EACH} transactions in {SETTLE:?} while \
+             the long transaction (backend {long_pid}) was open: before {base:?}, now {now:?}; clients {:?}",
+            clients(pg)
+        );
+        // Still the same transaction, its row not visible to others.
+        assert_eq!(one(&mut long, "SELECT txid_current()"), xid, "the long transaction changed");
+        assert_eq!(one(&mut long, "SELECT pg_backend_pid()"), long_pid, "the long client changed backend");
+        assert_eq!(admin_i64(pg, "SELECT count(*) FROM long_xact"), 0, "uncommitted row visible");
+        assert_attached_ahead(pg, ahead0, "while the long transaction was open");
+        eprintln!(
+            "{SHORT} short clients went from {base:?} to {now:?} during {steps} steps of the long transaction"
+        );
+        long.batch_execute("COMMIT").expect("long transaction: COMMIT");
+        assert_eq!(admin_i64(pg, "SELECT count(*) FROM long_xact"), 1, "the long transaction committed");
+
+        stop.store(true, Ordering::SeqCst);
+        let ends: Vec<Result<i32, String>> = rt.block_on(async {
+            let mut ends = Vec::new();
+            for t in tasks {
+                ends.push(t.await.expect("short client task"));
+            }
+            ends
+        });
+        rt.shutdown_timeout(Duration::from_secs(5));
+        let rows = work_rows(pg);
+        for (i, end) in ends.iter().enumerate() {
+            let k = *end.as_ref().unwrap_or_else(|e| panic!("{e}")) as i64;
+            assert_eq!(rows.get(&(i as i32)), Some(&(k, k)), "short client {i}: rows (all, distinct)");
+        }
+        drop(long);
+        assert_recovered(pg, pooler);
+    });
+}
+
+// ---- 4. pause and resume with clients sent ahead ------------------------------------
+
+/// pool_size 3: 30 workers run 60 exact-count transactions each; once
+/// clients are being taken ahead, `nextgres.pause('postgres', 'app')`
+/// returns true (every client sent ahead was taken back, no backend serves
+/// a client); while paused all 30 workers end up waiting and no row is
+/// added (a client still sent ahead would have been served by the backend
+/// it was sent to); after `resume` every worker completes with its 60 rows
+/// exactly once, attaches_ahead grows again, and the pool recovers.
+#[test]
+fn pause_and_resume_while_clients_are_sent_ahead() {
+    let builder = Cluster::builder()
+        .conf("nextgres.pool_size = 3")
+        .max_connections(20);
+    run(builder, |pg| {
+        create_tables(pg);
+        let pooler = running_pooler(pg);
+        let ahead0 = attaches_ahead(pg);
+        let port = pg.port();
+        let rt = runtime();
+        let progress = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..WORKERS)
+            .map(|id| rt.spawn(worker(port, id, XACTS, progress.clone(), Arc::default())))
+            .collect();
+        assert!(
+            wait_until(SETTLE, || attaches_ahead(pg) > ahead0
+                && progress.load(Ordering::SeqCst) >= WORKERS as usize),
+            "no client taken ahead: attaches_ahead {ahead0} -> {}, committed {}",
+            attaches_ahead(pg),
+            progress.load(Ordering::SeqCst)
+        );
+        let paused: bool = pg
+            .admin()
+            .query_one("SELECT nextgres.pause('postgres', 'app', 30)", &[])
+            .expect("nextgres.pause")
+            .get(0);
+        assert!(paused, "pause did not return true within 30 s: {:?}", pooled(pg));
+        let rows_at_pause = admin_i64(pg, "SELECT count(*) FROM work");
+        // Every worker sends its next transaction and waits.
+        assert!(
+            wait_until(SETTLE, || waiting(pg) == WORKERS as i64),
+            "while paused, {} of {WORKERS} workers wait; backends {:?}",
+            waiting(pg),
+            pooled(pg)
+        );
+        assert_eq!(
+            admin_i64(pg, "SELECT count(*) FROM work"),
+            rows_at_pause,
+            "a transaction committed while the pool was paused"
+        );
+        let attached: Vec<_> = pooled(pg).into_iter().filter(|(_, s)| s == "attached").collect();
+        assert!(attached.is_empty(), "paused pool with attached backends: {attached:?}");
+        let ahead_paused = attaches_ahead(pg);
+        let resumed: i32 = pg
+            .admin()
+            .query_one("SELECT nextgres.resume('postgres', 'app')", &[])
+            .expect("nextgres.resume")
+            .get(0);
+        assert_eq!(resumed, 1, "pauses ended by resume");
+
+        let ends: Vec<WorkerEnd> = rt.block_on(async {
+            let mut ends = Vec::new();
+            for t in tasks {
+                ends.push(t.await.expect("worker task"));
+            }
+            ends
+        });
+        rt.shutdown_timeout(Duration::from_secs(5));
+        eprintln!(
+            "{WORKERS} workers x {XACTS} transactions, paused at {rows_at_pause} rows; attaches_ahead {ahead0} -> \
+             {ahead_paused} (paused) -> {}",
+            attaches_ahead(pg)
+        );
+        let failed: Vec<_> = ends.iter().filter(|e| e.failed.is_some()).collect();
+        assert!(failed.is_empty(), "workers failed: {failed:#?}");
+        let rows = work_rows(pg);
+        let wrong: Vec<_> = (0..WORKERS)
+            .filter(|id| rows.get(id) != Some(&(XACTS as i64, XACTS as i64)))
+            .map(|id| (id, rows.get(&id)))
+            .collect();
+        assert!(wrong.is_empty(), "workers whose (rows, distinct) is not ({XACTS}, {XACTS}): {wrong:?}");
+        assert!(
+            (rows_at_pause as usize) < (WORKERS * XACTS) as usize,
+            "the workers were done before the pause ({rows_at_pause} rows)"
+        );
+        assert_attached_ahead(pg, ahead_paused, "after resume");
+        assert_recovered(pg, pooler);
+    });
+}
+
+// ---- 5. kill_clients with clients sent ahead ------------------------------------------
+
+/// pool_size 3: 30 workers run exact-count transactions until they fail;
+/// once clients are being taken ahead, `nextgres.kill_clients('postgres',
+/// 'app')` disconnects them all: within SETTLE every worker has ended, each
+/// with 57P01 or its connection closed (none still served, as a client
+/// sent ahead and left there would be), its rows the commits it saw (+ at
+/// most the one in flight); no client is left, none waits, and a fresh
+/// client is served by the same pooler.
+///
+/// Ignored until fixed: on main, with or without attach ahead, 1-3 of the
+/// 30 workers escape `kill_clients` in about a third of the runs (15 and
+/// 17) and keep being served; see RELIABILITY.md, *Not covered yet*.
+#[test]
+#[ignore = "kill_clients misses a client in about a third of the runs (pre-existing race, RELIABILITY.md)"]
+fn kill_clients_while_clients_are_sent_ahead() {
+    let builder = Cluster::builder()
+        .conf("nextgres.pool_size = 3")
+        .max_connections(20);
+    run(builder, |pg| {
+        create_tables(pg);
+        let pooler = running_pooler(pg);
+        let ahead0 = attaches_ahead(pg);
+        let port = pg.port();
+        let rt = runtime();
+        let progress = Arc::new(AtomicUsize::new(0));
+        // Workers that never finish on their own: only the kill ends them.
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks: Vec<_> = (0..WORKERS)
+            .map(|id| rt.spawn(worker(port, id, i32::MAX, progress.clone(), stop.clone())))
+            .collect();
+        assert!(
+            wait_until(SETTLE, || attaches_ahead(pg) > ahead0
+                && progress.load(Ordering::SeqCst) >= WORKERS as usize),
+            "no client taken ahead: attaches_ahead {ahead0} -> {}, committed {}",
+            attaches_ahead(pg),
+            progress.load(Ordering::SeqCst)
+        );
+        pg.admin()
+            .batch_execute("SELECT nextgres.kill_clients('postgres', 'app')")
+            .expect("nextgres.kill_clients");
+        let all_ended = wait_until(SETTLE, || tasks.iter().all(|t| t.is_finished()));
+        stop.store(true, Ordering::SeqCst);
+        let ends: Vec<WorkerEnd> = rt.block_on(async {
+            let mut ends = Vec::new();
+            for t in tasks {
+                ends.push(t.await.expect("worker task"));
+            }
+            ends
+        });
+        rt.shutdown_timeout(Duration::from_secs(5));
+        let killed = ends.iter().filter(|e| e.failed.is_some()).count();
+        eprintln!(
+            "{WORKERS} workers, {killed} killed after {} transactions; attaches_ahead {ahead0} -> {}",
+            progress.load(Ordering::SeqCst),
+            attaches_ahead(pg)
+        );
+        let unexpected: Vec<_> = ends
+            .iter()
+            .filter(|e| e.failed.as_ref().is_some_and(|(_, by_kill)| !by_kill))
+            .collect();
+        assert!(
+            unexpected.is_empty(),
+            "workers failed otherwise than with 57P01 / connection closed: {unexpected:#?}"
+        );
+        let escaped: Vec<_> = ends.iter().filter(|e| e.failed.is_none()).map(|e| e.id).collect();
+        assert!(
+            all_ended && escaped.is_empty(),
+            "workers still served {SETTLE:?} after kill_clients (stopped by the test): {escaped:?}"
+        );
+        let rows = work_rows(pg);
+        let mut wrong = Vec::new();
+        for e in &ends {
+            let (n, distinct) = rows.get(&e.id).copied().unwrap_or((0, 0));
+            let ok = n == distinct && (e.committed as i64..=e.committed as i64 + 1).contains(&n);
+            if !ok {
+                wrong.push(format!(
+                    "worker {}: {n} rows ({distinct} distinct), saw {} commits, failed {:?}",
+                    e.id, e.committed, e.failed
+                ));
+            }
+        }
+        assert!(wrong.is_empty(), "rows do not match what the workers saw:\n{}", wrong.join("\n"));
+        assert_recovered(pg, pooler);
+    });
+}
