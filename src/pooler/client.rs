@@ -106,6 +106,11 @@ pub struct Client {
     pub tcp_received: Option<u64>,
     /// A backend has counted this client's session (pg_stat_database.sessions).
     pub session_counted: bool,
+    /// Killed (`kill_clients`, `kill_client`) while a backend had it: the
+    /// backend is terminated, but one that gave the client back just before
+    /// (RELEASED in flight) no longer concerns it, so the client is told
+    /// 57P01 when it comes back.
+    pub killed: bool,
     /// Logged in (its disconnection is logged as the server's would be).
     pub logged_in: bool,
     pub xacts: i64,
@@ -161,6 +166,7 @@ impl Client {
             dedicated_mode: false,
             tcp_received: None,
             session_counted: false,
+            killed: false,
             logged_in: false,
             xacts: 0,
             started: Instant::now(),

@@ -469,8 +469,14 @@ impl Pooler {
                 }
                 c.xacts += 1;
                 c.phase = Phase::Idle;
+                let killed = c.killed;
                 self.client_set_state(ck, ClientState::Idle, 0);
-                self.client_rearm(ck);
+                if killed {
+                    // Its backend's SIGTERM came after this RELEASED.
+                    self.client_fatal(ck, "57P01", "terminating connection due to administrator command", None);
+                } else {
+                    self.client_rearm(ck);
+                }
             }
         }
         match self.backend_ahead_settle(bk) {

@@ -161,6 +161,13 @@ impl Pooler {
         for ck in held {
             self.client_fatal(ck, "57P01", "terminating connection due to administrator command", None);
         }
+        for (_, c) in self.conns.iter_mut() {
+            if let Conn::Client(c) = c {
+                if c.pool == Some(pool) && c.with_backend() {
+                    c.killed = true;
+                }
+            }
+        }
         let parked = std::mem::take(&mut self.pools[pool].parked);
         for bk in parked {
             self.backend_close(bk);
@@ -191,16 +198,30 @@ impl Pooler {
             }
             _ => None,
         });
-        let Some((ck, attached, role, db, pool)) = found else {
+        let Some((ck, mut attached, role, db, pool)) = found else {
             log::info!("kill of client {addr} port {port}: no such client");
             return;
         };
+        if let Some(bk) = attached {
+            // Read what its backend already sent: a RELEASED in flight
+            // means it may be serving the next client now, which its
+            // SIGTERM must not hit.
+            self.backend_event(bk, nix::sys::epoll::EpollFlags::empty());
+            attached = match self.client(ck).map(|c| &c.phase) {
+                Some(Phase::Attached { backend }) | Some(Phase::Ahead { backend, .. }) => Some(*backend),
+                Some(_) => None,
+                None => return, // closed meanwhile (its backend died)
+            };
+        }
         let pid = attached.and_then(|bk| match self.conns.get(bk) {
             Some(Conn::Backend(b)) if b.pid > 0 => Some(b.pid),
             _ => None,
         });
         match pid {
             Some(pid) => {
+                if let Some(c) = self.client(ck) {
+                    c.killed = true;
+                }
                 log::info!("killing client {addr} port {port} of role \"{role}\" for database \"{db}\": terminating its backend {pid}");
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
             }
