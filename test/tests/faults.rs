@@ -35,7 +35,7 @@ use fault_support::*;
 #[test]
 fn idle_client_disconnect_and_terminate_keep_backends() {
     run(Cluster::builder().conf("nextgres.pool_size = 2"), |pg| {
-        let pooler = pooler_pid(pg).expect("pooler running");
+        let pooler = running_pooler_pid(pg);
         let mut c1 = raw(pg, APP);
         let mut c2 = raw(pg, APP);
         // Two backends: c2's query arrives while c1 holds one in a transaction.
@@ -115,7 +115,7 @@ fn idle_client_disconnect_and_terminate_keep_backends() {
 #[test]
 fn client_killed_mid_transaction_releases_locks() {
     run(Cluster::builder().conf("nextgres.pool_size = 2"), |pg| {
-        let pooler = pooler_pid(pg).expect("pooler running");
+        let pooler = running_pooler_pid(pg);
 
         // psql reads statements from its stdin as they come, so the
         // transaction stays open while the pipe does.
@@ -222,7 +222,7 @@ fn client_killed_mid_transaction_releases_locks() {
 #[test]
 fn terminate_parked_and_attached_backends() {
     run(Cluster::builder().conf("nextgres.pool_size = 2"), |pg| {
-        let pooler = pooler_pid(pg).expect("pooler running");
+        let pooler = running_pooler_pid(pg);
         let mut a = connect(pg, APP);
         let mut b = connect(pg, APP);
         a.batch_execute("BEGIN").expect("BEGIN");
@@ -295,7 +295,7 @@ fn terminate_parked_and_attached_backends() {
 #[test]
 fn cancel_running_query_and_idle_cancel_is_harmless() {
     run(Cluster::builder().conf("nextgres.pool_size = 1"), |pg| {
-        let pooler = pooler_pid(pg).expect("pooler running");
+        let pooler = running_pooler_pid(pg);
         let a = connect(pg, APP);
         let token = a.cancel_token();
         let rx = spawn_query(a, "SELECT pg_sleep(30)");
@@ -374,7 +374,7 @@ fn query_wait_timeout_and_max_client_conn() {
         .conf("nextgres.query_wait_timeout = 2")
         .conf("nextgres.max_client_conn = 5");
     run(builder, |pg| {
-        let pooler = pooler_pid(pg).expect("pooler running");
+        let pooler = running_pooler_pid(pg);
         let mut holder = connect(pg, APP);
         holder.batch_execute("BEGIN; SELECT 1").expect("BEGIN");
         // A raw client: it reads the FATAL whether the connection then ends
@@ -488,7 +488,7 @@ fn fast_stop_with_parked_attached_and_waiting_clients() {
         r.expect_err("the attached client's session survived a fast stop");
 
         pg.start().expect("start after the fast stop");
-        let pooler = pooler_pid(pg).expect("a pooler after restart");
+        let pooler = running_pooler_pid(pg);
         assert_pooler_serves(pg, pooler);
     });
 }
@@ -525,7 +525,7 @@ fn immediate_stop_with_parked_attached_and_waiting_clients() {
         r.expect_err("the attached client's session survived an immediate stop");
 
         pg.start().expect("start after the immediate stop");
-        let pooler = pooler_pid(pg).expect("a pooler after restart");
+        let pooler = running_pooler_pid(pg);
         assert_pooler_serves(pg, pooler);
     });
 }
@@ -570,7 +570,7 @@ fn smart_stop_waits_for_clients_not_for_parked_backends() {
         );
         // The server starts again and its new pooler serves.
         pg.start().expect("start after the smart stop");
-        let pooler = pooler_pid(pg).expect("a pooler after restart");
+        let pooler = running_pooler_pid(pg);
         assert_pooler_serves(pg, pooler);
     });
 }
@@ -592,7 +592,7 @@ fn smart_stop_waits_for_clients_not_for_parked_backends() {
 #[test]
 fn pooler_sigterm_restarts_without_refusing_connections() {
     run(Cluster::builder().conf("nextgres.pool_size = 2"), |pg| {
-        let old = pooler_pid(pg).expect("pooler running");
+        let old = running_pooler_pid(pg);
         let mut idle = raw(pg, APP);
         let mut in_xact = raw(pg, APP);
         in_xact
@@ -748,7 +748,7 @@ fn pooler_fatal_ends_with_orderly_close() {
         .conf("nextgres.pool_size = 1")
         .conf("nextgres.query_wait_timeout = 2");
     run(builder, |pg| {
-        let pooler = pooler_pid(pg).expect("pooler running");
+        let pooler = running_pooler_pid(pg);
         let mut holder = connect(pg, APP);
         holder.batch_execute("BEGIN").expect("BEGIN");
         let mut waiter = raw(pg, APP);

@@ -234,7 +234,7 @@ fn crash_restart_recovers_pooler_and_pools() {
         .conf("synchronous_commit = on");
     run(builder, |pg| {
         let postmaster = pg.pid().expect("postmaster");
-        let old_pooler = pooler_pid(pg).expect("pooler running");
+        let old_pooler = running_pooler_pid(pg);
         // A second pool with an idle client: its backend is parked.
         let mut parked_client = raw(pg, APP2);
         parked_client.value("SELECT 1");
@@ -484,7 +484,7 @@ fn crash_restart_recovers_pooler_and_pools() {
 #[test]
 fn sighup_hba_and_pool_size_under_load() {
     run(Cluster::builder().conf("nextgres.pool_size = 2"), |pg| {
-        let pooler = pooler_pid(pg).expect("pooler running");
+        let pooler = running_pooler_pid(pg);
         pg.admin()
             .batch_execute("CREATE TABLE load_t (x int); GRANT SELECT, INSERT ON load_t TO app")
             .expect("load table");
@@ -624,7 +624,7 @@ fn sighup_hba_and_pool_size_under_load() {
 #[test]
 fn client_killed_mid_copy() {
     run(Cluster::builder().conf("nextgres.pool_size = 2"), |pg| {
-        let pooler = pooler_pid(pg).expect("pooler running");
+        let pooler = running_pooler_pid(pg);
         pg.admin()
             .batch_execute(
                 "CREATE TABLE copy_t (x int, pad text); GRANT SELECT, INSERT ON copy_t TO app;
@@ -781,7 +781,7 @@ fn client_killed_while_waiting_for_backend() {
         .conf("nextgres.pool_size = 1")
         .conf("nextgres.query_wait_timeout = 120");
     run(builder, |pg| {
-        let pooler = pooler_pid(pg).expect("pooler running");
+        let pooler = running_pooler_pid(pg);
         let mut holder = connect(pg, APP);
         holder
             .batch_execute("BEGIN; UPDATE t SET v = v + 1 WHERE id = 1")
@@ -978,7 +978,7 @@ fn alter_role_password_and_nologin_with_live_pool() {
         .auth_local("scram-sha-256")
         .conf("nextgres.pool_size = 2");
     run(builder, |pg| {
-        let pooler = pooler_pid(pg).expect("pooler running");
+        let pooler = running_pooler_pid(pg);
         pg.create_role("r", "old", PasswordEncryption::ScramSha256);
         pg.admin()
             .batch_execute("GRANT ALL ON t TO r")
@@ -1178,7 +1178,7 @@ fn the_pooler_runs_with_the_hard_open_files_limit() {
             .output()
             .expect("prlimit");
         assert!(out.status.success(), "prlimit: {}", String::from_utf8_lossy(&out.stderr));
-        let old = pooler_pid(pg).expect("pooler");
+        let old = running_pooler_pid(pg);
         let mark = pg.log_mark();
         // A new agent is forked by the postmaster (with its lowered soft
         // limit) and forks the new pooler.
@@ -1187,7 +1187,7 @@ fn the_pooler_runs_with_the_hard_open_files_limit() {
             wait_until(SETTLE, || pooler_pid(pg).is_some_and(|p| p != old)),
             "no pooler restarted after pg_terminate_backend of the agent"
         );
-        let new = pooler_pid(pg).expect("pooler");
+        let new = running_pooler_pid(pg);
         assert_eq!(nofile_limits(new), (hard.clone(), hard.clone()), "restarted pooler's open files limits");
         let log = pg.log_since(mark);
         assert!(
@@ -1207,7 +1207,7 @@ fn the_pooler_runs_with_the_hard_open_files_limit() {
 #[test]
 fn a_backend_that_cannot_take_the_client_socket_ends_that_client_with_a_fatal() {
     run(Cluster::builder().conf("nextgres.pool_size = 1"), |pg| {
-        let pooler = pooler_pid(pg).expect("pooler");
+        let pooler = running_pooler_pid(pg);
         let mut c = raw(pg, APP);
         assert_eq!(c.value("SELECT 1"), "1");
         let backend = wait_parked(pg, 1)[0];

@@ -113,17 +113,6 @@ fn assert_recovered(pg: &Cluster, pooler: i32) {
     assert_pooler_serves(pg, pooler);
 }
 
-/// The pooler's pid, once `nextgres.status()` lists it (just after the
-/// server starts it may not yet): waited for with the SETTLE bound.
-#[track_caller]
-fn running_pooler(pg: &Cluster) -> i32 {
-    assert!(
-        wait_until(SETTLE, || pooler_pid(pg).is_some()),
-        "no pooler listed in nextgres.status() within {SETTLE:?}"
-    );
-    pooler_pid(pg).expect("pooler running")
-}
-
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -318,7 +307,7 @@ fn clients_vanishing_while_queued_ahead() {
         .max_connections(20);
     run(builder, |pg| {
         create_tables(pg);
-        let pooler = running_pooler(pg);
+        let pooler = running_pooler_pid(pg);
         let ahead0 = attaches_ahead(pg);
         let port = pg.port();
         let rt = runtime();
@@ -409,7 +398,7 @@ fn backends_terminated_while_holding_queued_clients() {
         .max_connections(20);
     run(builder, |pg| {
         create_tables(pg);
-        let pooler = running_pooler(pg);
+        let pooler = running_pooler_pid(pg);
         let ahead0 = attaches_ahead(pg);
         let port = pg.port();
         let rt = runtime();
@@ -557,7 +546,7 @@ fn long_transaction_among_queued_short_ones() {
         .max_connections(20);
     run(builder, |pg| {
         create_tables(pg);
-        let pooler = running_pooler(pg);
+        let pooler = running_pooler_pid(pg);
         let port = pg.port();
         let rt = runtime();
         let stop = Arc::new(AtomicBool::new(false));
@@ -656,7 +645,7 @@ fn pause_and_resume_while_clients_are_sent_ahead() {
         .max_connections(20);
     run(builder, |pg| {
         create_tables(pg);
-        let pooler = running_pooler(pg);
+        let pooler = running_pooler_pid(pg);
         let ahead0 = attaches_ahead(pg);
         let port = pg.port();
         let rt = runtime();
@@ -750,7 +739,7 @@ fn kill_clients_while_clients_are_sent_ahead() {
         .max_connections(20);
     run(builder, |pg| {
         create_tables(pg);
-        let pooler = running_pooler(pg);
+        let pooler = running_pooler_pid(pg);
         let ahead0 = attaches_ahead(pg);
         let port = pg.port();
         let rt = runtime();

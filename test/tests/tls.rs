@@ -20,7 +20,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fault_support::{admin_i64, pooler_pid, setup, terminate_agent, terminate_pooler, SETTLE, TEST_LIMIT};
+use fault_support::{admin_i64, pooler_pid, running_pooler_pid, setup, terminate_agent, terminate_pooler, SETTLE, TEST_LIMIT};
 use nextgres_test::raw::{parse_error, parse_row, RawFail};
 use nextgres_test::tls::{client_config, install_cert, make_certs, openssl, skip_without_openssl as skip, ssl_on};
 use nextgres_test::{wait_until, Cluster, CmdOutput, ConnInfo};
@@ -40,7 +40,7 @@ fn with_tls_server(b: nextgres_test::Builder, body: impl FnOnce(&Cluster, PathBu
         let ca = ssl_on(pg);
         // The pooler starts shortly after the restart returns.
         assert!(wait_until(SETTLE, || pooler_pid(pg).is_some()), "no pooler after the restart");
-        let pooler = pooler_pid(pg).expect("pooler running");
+        let pooler = running_pooler_pid(pg);
         body(pg, ca, pooler);
     });
 }
@@ -1140,7 +1140,7 @@ hostssl all all 127.0.0.1/32 trust
 ").expect("hba");
         pg.restart().expect("restart with ssl_ca_file");
         assert!(wait_until(SETTLE, || pooler_pid(pg).is_some()), "no pooler after the restart");
-        let first = pooler_pid(pg).expect("pooler");
+        let first = running_pooler_pid(pg);
         let cert = client_cert(pg, "one", "postgres");
         let conn = pg.tcp("postgres", "postgres");
         let with_cert = |pg: &Cluster| psql_cs(pg, &conn, &format!("sslmode=require {cert}"), &["SELECT 1"]);
@@ -1492,7 +1492,7 @@ fn certificate_maps_decide_as_the_server() {
         // a pooler applying them would decide as at start, not as after
         // the edit.
         assert_ne!(seen, after_edit, "the original and the edited pg_ident.conf must decide differently");
-        let pooler = pooler_pid(pooled).expect("pooler");
+        let pooler = running_pooler_pid(pooled);
         let bad = format!("{ident}bad /( nobody\n");
         let hba2 = hba.replace("host all postgres", "hostssl all marker 127.0.0.1/32 trust\nhost all postgres");
         for pg in [pooled, &direct] {
@@ -1514,7 +1514,7 @@ fn certificate_maps_decide_as_the_server() {
         assert_eq!(compare("after a pooler restart"), after_edit, "decisions changed across a pooler restart");
         // Its first reload of a good pg_ident.conf frees the lines it
         // started with (hba.c pg_regfree()s their regexes on 15).
-        let now = pooler_pid(pooled).expect("pooler");
+        let now = running_pooler_pid(pooled);
         for pg in [pooled, &direct] {
             std::fs::write(pg.data_dir().join("pg_ident.conf"), &edited).expect("pg_ident.conf");
             pg.set_hba(&hba).expect("hba");

@@ -68,6 +68,19 @@ pub fn pooler_pid(pg: &Cluster) -> Option<i32> {
         .get(0)
 }
 
+/// The running pooler's pid, waiting for one up to [`SETTLE`]: right after
+/// the server starts (or the agent restarts) the agent may not have forked
+/// it yet, and the listen socket already accepts meanwhile.
+#[track_caller]
+pub fn running_pooler_pid(pg: &Cluster) -> i32 {
+    let mut pid = None;
+    wait_until(SETTLE, || {
+        pid = pooler_pid(pg);
+        pid.is_some()
+    });
+    pid.unwrap_or_else(|| panic!("no pooler process within {SETTLE:?}"))
+}
+
 /// Stops the pooler process (`nextgres.status().pooler_pid`) with SIGTERM:
 /// it tells its idle clients 57P01 and exits, and the agent forks a new one.
 /// (pg_terminate_backend does not apply: the pooler process has no PGPROC.)
