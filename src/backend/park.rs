@@ -387,7 +387,14 @@ fn take_ahead(p: &mut Parking) -> Option<(Attach, RawFd)> {
     if p.fds.is_empty() && p.row.is_some_and(|r| !crate::shmem::ahead_pending(r)) {
         return None;
     }
-    read_control(p);
+    // One read, not one more for the EAGAIN: the kernel ends a read after
+    // the part of the stream that carried a descriptor, so the ATTACH sent
+    // ahead is what this read ends with. Anything behind it (a release
+    // request, rarely) is read at the next look, or wakes the park.
+    if let Ok(0) = read_some(p, nix::sys::socket::MsgFlags::MSG_DONTWAIT) {
+        return None; // the pooler is gone: the release notices
+    }
+    drain_requests(p);
     if p.fds.is_empty() {
         return None; // nothing sent ahead (the common unsaturated case)
     }
@@ -519,11 +526,7 @@ fn attach_client(p: &mut Parking, (mut a, fd): (Attach, RawFd), timer_was_on: bo
     // A cancel aimed at the previous client may have landed after its
     // transaction ended; it must not hit this one.
     glue::clear_stale_cancel();
-    if a.addr.len() <= std::mem::size_of::<libc::sockaddr_storage>() && !a.addr.is_empty() {
-        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        unsafe { std::ptr::copy_nonoverlapping(a.addr.as_ptr(), (&mut ss as *mut libc::sockaddr_storage).cast(), a.addr.len()) };
-        glue::set_client_addr(&ss, a.addr.len() as u32);
-    }
+    glue::set_client_addr(&a.addr, a.tls.as_ref().map_or(&[][..], |t| &t.server_addr[..]));
     if a.flags & control::FLAG_SESSION_START != 0 {
         sess::count_session(1);
     }
@@ -557,11 +560,7 @@ fn attach_client(p: &mut Parking, (mut a, fd): (Attach, RawFd), timer_was_on: bo
 /// replication command never parks, and statements of a logical walsender
 /// are not tracked. It exits when its client leaves, as a direct one.
 fn attach_dedicated(p: &mut Parking, a: &Attach, timer_was_on: bool) {
-    if a.addr.len() <= std::mem::size_of::<libc::sockaddr_storage>() && !a.addr.is_empty() {
-        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        unsafe { std::ptr::copy_nonoverlapping(a.addr.as_ptr(), (&mut ss as *mut libc::sockaddr_storage).cast(), a.addr.len()) };
-        glue::set_client_addr(&ss, a.addr.len() as u32);
-    }
+    glue::set_client_addr(&a.addr, a.tls.as_ref().map_or(&[][..], |t| &t.server_addr[..]));
     // Undo the first park's "a pool login is no client's session" (a no-op
     // for a physical walsender, which has no database).
     sess::count_session(1);

@@ -59,18 +59,12 @@ impl Pooler {
     /// size, or one under max_db/user_connections (a backend released there
     /// may have to close for another pool, `backend_yield_to_starved`).
     pub fn pool_send_ahead(&mut self, pool: usize) {
+        if !self.pool_may_send_ahead(pool) {
+            return;
+        }
         loop {
             let Some(p) = self.pools.get(pool) else { return };
-            if self.stopping || p.waiting.is_empty() || p.waiting.len() + p.ahead < p.attached.len() || p.starting > 0 || p.draining {
-                return;
-            }
-            if p.wants_backend(self.pool_size_of(pool))
-                || self.pool_surplus(pool) > 0
-                || self.pool_mode_of(pool) != nextgres_core::poolconf::Mode::Transaction
-                || self.pool_paused(pool)
-                || self.max_db_connections_of(&p.database) > 0
-                || self.max_user_connections_of(&p.role) > 0
-            {
+            if p.waiting.is_empty() || p.waiting.len() + p.ahead < p.attached.len() {
                 return;
             }
             let Some(bk) = self.ahead_candidate(pool) else { return };
@@ -86,6 +80,21 @@ impl Pooler {
                 return;
             }
         }
+    }
+
+    /// The pool's state and settings allow sending ahead (checked once per
+    /// call: sending one client ahead changes none of them).
+    fn pool_may_send_ahead(&self, pool: usize) -> bool {
+        let Some(p) = self.pools.get(pool) else { return false };
+        if self.stopping || p.waiting.len() + p.ahead < p.attached.len().max(1) || p.starting > 0 || p.draining {
+            return false;
+        }
+        !(p.wants_backend(self.pool_size_of(pool))
+            || self.pool_surplus(pool) > 0
+            || self.pool_mode_of(pool) != nextgres_core::poolconf::Mode::Transaction
+            || self.pool_paused(pool)
+            || self.max_db_connections_of(&p.database) > 0
+            || self.max_user_connections_of(&p.role) > 0)
     }
 
     /// A busy backend of the pool that may take a client at its next
@@ -172,30 +181,28 @@ impl Pooler {
     /// pooler must not touch its socket. True for a client not sent ahead.
     pub fn client_recall(&mut self, ck: usize) -> bool {
         let Some(c) = self.client(ck) else { return true };
-        let Phase::Ahead { backend: bk, since } = c.phase else { return true };
-        let pool = c.pool;
+        let Phase::Ahead { backend: bk, .. } = c.phase else { return true };
         let Some(b) = self.backend(bk) else { return true };
         let Some(a) = b.ahead.as_ref().filter(|a| a.client == ck) else { return true };
         if !crate::shmem::ahead_claim(b.row, a.ticket) {
             return false;
         }
         // Its ATTACH stays unread in the backend's socket until that
-        // transaction ends: send it nothing more until then. A backend
-        // keeping an idle client (pinned, or its slice) is woken to close
-        // its copy now (`prune_stale_ahead`).
+        // transaction ends: send it nothing more until then.
         b.ahead = None;
         b.ahead_blocked = true;
-        if b.pid > 0 {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(b.pid), nix::sys::signal::Signal::SIGUSR1);
+        let (row, pid) = (b.row, b.pid);
+        // A backend keeping an idle client with no end in sight (pinned, or
+        // announced while nobody waited) is woken to close its copy now
+        // (`prune_stale_ahead`); any other finds the ticket gone at its
+        // boundary (busy), when the ATTACH wakes it (parked), or when its
+        // slice ends. Signalling a busy backend would interrupt its query
+        // (a signal, a latch and a wake-up) for nothing: it was most of what
+        // a take-back cost.
+        if pid > 0 && (self.tables.backend_lingering(row) || self.tables.backend_pin(row) != 0) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGUSR1);
         }
-        if let Some(c) = self.client(ck) {
-            c.phase = Phase::Waiting { since };
-        }
-        if let Some(p) = pool.and_then(|p| self.pools.get_mut(p)) {
-            p.ahead = p.ahead.saturating_sub(1);
-            p.waiting.push_front(ck);
-        }
-        self.client_rearm(ck);
+        self.client_requeue_ahead(ck);
         true
     }
 
@@ -225,8 +232,9 @@ impl Pooler {
         }
     }
 
-    /// A client sent ahead to a backend that died before its RELEASED was
-    /// read: waiting again, at the head of the queue.
+    /// A client sent ahead that its backend will not serve (taken back, the
+    /// backend parked without claiming it, or died before its RELEASED was
+    /// read): waiting again, at the head of the queue.
     pub fn client_requeue_ahead(&mut self, ck: usize) {
         let Some(c) = self.client(ck) else { return };
         let Phase::Ahead { since, .. } = c.phase else { return };
@@ -247,17 +255,9 @@ impl Pooler {
         let a = b.ahead.take()?;
         let (row, pool) = (b.row, b.pool);
         if crate::shmem::ahead_claim(row, a.ticket) {
-            // Not claimed (the backend parked or kept its client): waiting again.
-            if let Some(c) = self.client(a.client) {
-                if let Phase::Ahead { since, .. } = c.phase {
-                    c.phase = Phase::Waiting { since };
-                }
-            }
-            if let Some(p) = self.pools.get_mut(pool) {
-                p.ahead = p.ahead.saturating_sub(1);
-                p.waiting.push_front(a.client);
-            }
-            self.client_rearm(a.client);
+            // Not claimed (the backend parked or kept its client): waiting
+            // again. (A client that left was taken back before it closed.)
+            self.client_requeue_ahead(a.client);
             return None;
         }
         if let Some(p) = self.pools.get_mut(pool) {
@@ -267,22 +267,23 @@ impl Pooler {
         Some(a.client).filter(|&ck| self.client(ck).is_some_and(|c| c.id == a.client_id))
     }
 
+    /// What was sent ahead to the busy backends of `pool`.
+    fn pool_aheads(&self, pool: usize) -> impl Iterator<Item = &AheadOf> + '_ {
+        let attached = self.pools.get(pool).filter(|p| p.ahead > 0).map_or(&[][..], |p| &p.attached[..]);
+        attached.iter().filter_map(|&bk| match self.conns.get(bk) {
+            Some(Conn::Backend(b)) => b.ahead.as_ref(),
+            _ => None,
+        })
+    }
+
     /// When the longest-waiting client sent ahead in `pool` started waiting.
     pub fn pool_oldest_ahead(&self, pool: usize) -> Option<Instant> {
-        let p = self.pools.get(pool)?;
-        if p.ahead == 0 {
-            return None;
-        }
-        p.attached
-            .iter()
-            .filter_map(|&bk| match self.conns.get(bk) {
-                Some(Conn::Backend(b)) => b.ahead.as_ref().and_then(|a| match self.conns.get(a.client) {
-                    Some(Conn::Client(c)) => match c.phase {
-                        Phase::Ahead { since, .. } => Some(since),
-                        _ => None,
-                    },
+        self.pool_aheads(pool)
+            .filter_map(|a| match self.conns.get(a.client) {
+                Some(Conn::Client(c)) => match c.phase {
+                    Phase::Ahead { since, .. } => Some(since),
                     _ => None,
-                }),
+                },
                 _ => None,
             })
             .min()
@@ -305,16 +306,11 @@ impl Pooler {
         let avg = Duration::from_micros((p.xact_us / p.xacts.max(1)).max(0) as u64);
         let patience = (avg * 4).max(MIN_AHEAD_PATIENCE);
         let now = Instant::now();
-        let mut oldest: Option<(Instant, usize)> = None;
-        for &bk in &p.attached {
-            if let Some(Conn::Backend(b)) = self.conns.get(bk) {
-                if let Some(a) = &b.ahead {
-                    if (queue_empty || now.duration_since(a.sent) > patience) && oldest.is_none_or(|(t, _)| a.sent < t) {
-                        oldest = Some((a.sent, a.client));
-                    }
-                }
-            }
-        }
+        let oldest = self
+            .pool_aheads(pool)
+            .filter(|a| queue_empty || now.duration_since(a.sent) > patience)
+            .min_by_key(|a| a.sent)
+            .map(|a| (a.sent, a.client));
         if let Some((_, ck)) = oldest {
             self.client_recall(ck);
         }
