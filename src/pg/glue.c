@@ -448,13 +448,14 @@ static char *remote_host_buf = NULL;
 static char *remote_port_buf = NULL;
 
 void
-ng_set_client_addr(const struct sockaddr_storage *addr, socklen_t salen)
+ng_set_client_addr(const struct sockaddr_storage *addr, socklen_t salen,
+				   const struct sockaddr_storage *local, socklen_t local_len_given)
 {
 	char		host[NI_MAXHOST];
 	char		serv[NI_MAXSERV];
 	volatile PgBackendStatus *be = MyBEEntry;
-	struct sockaddr_storage local;
-	socklen_t	local_len = sizeof(local);
+	struct sockaddr_storage local_buf;
+	socklen_t	local_len = sizeof(local_buf);
 
 	memcpy(&MyProcPort->raddr.addr, addr, salen);
 	MyProcPort->raddr.salen = salen;
@@ -463,11 +464,18 @@ ng_set_client_addr(const struct sockaddr_storage *addr, socklen_t salen)
 	 * inet_server_addr()/inet_server_port() read laddr: make it the address
 	 * the client connected to (the pooler's listener), as the postmaster's
 	 * accept does for a direct connection, not the pool login's Unix socket.
+	 * A TLS client's socket here is the relay's socketpair: the pooler sends
+	 * the TCP connection's own local address instead.
 	 */
-	if (getsockname(MyProcPort->sock, (struct sockaddr *) &local, &local_len) == 0 &&
-		local_len <= sizeof(MyProcPort->laddr.addr))
+	if (local_len_given > 0 && local_len_given <= sizeof(MyProcPort->laddr.addr))
 	{
-		memcpy(&MyProcPort->laddr.addr, &local, local_len);
+		memcpy(&MyProcPort->laddr.addr, local, local_len_given);
+		MyProcPort->laddr.salen = local_len_given;
+	}
+	else if (getsockname(MyProcPort->sock, (struct sockaddr *) &local_buf, &local_len) == 0 &&
+			 local_len <= sizeof(MyProcPort->laddr.addr))
+	{
+		memcpy(&MyProcPort->laddr.addr, &local_buf, local_len);
 		MyProcPort->laddr.salen = local_len;
 	}
 
@@ -652,7 +660,7 @@ ng_server_authenticate(void)
 	if (getpeername(MyProcPort->sock, (struct sockaddr *) &peer, &len) != 0 ||
 		len > sizeof(MyProcPort->raddr.addr))
 		return false;
-	ng_set_client_addr(&peer, len);
+	ng_set_client_addr(&peer, len, NULL, 0);
 #if PG_VERSION_NUM >= 160000
 	if (MyClientConnectionInfo.authn_id)
 		pfree((void *) MyClientConnectionInfo.authn_id);

@@ -137,7 +137,12 @@ extern "C" {
     fn ng_linger_service_interrupts();
     fn ng_idle_session_timer_suspend() -> bool;
     fn ng_idle_session_timer_resume();
-    fn ng_set_client_addr(addr: *const libc::sockaddr_storage, len: libc::socklen_t);
+    fn ng_set_client_addr(
+        addr: *const libc::sockaddr_storage,
+        len: libc::socklen_t,
+        local: *const libc::sockaddr_storage,
+        local_len: libc::socklen_t,
+    );
     fn ng_report_parked();
     fn ng_set_ssl_status(
         on: bool,
@@ -287,8 +292,26 @@ pub fn idle_session_timer_resume() {
     unsafe { ng_idle_session_timer_resume() }
 }
 
-pub fn set_client_addr(addr: &libc::sockaddr_storage, len: u32) {
-    unsafe { ng_set_client_addr(addr, len as libc::socklen_t) }
+/// The attached client's address (`inet_client_addr()`, `%h`), raw
+/// sockaddr bytes from ATTACH, and the address it connected to when the
+/// pooler sent it (`local`, a TLS client's: this backend's socket is then
+/// the relay's socketpair); otherwise that one is read with getsockname().
+/// Bytes that do not fit a sockaddr_storage are ignored.
+pub fn set_client_addr(addr: &[u8], local: &[u8]) {
+    let storage = |b: &[u8]| {
+        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let n = b.len().min(std::mem::size_of::<libc::sockaddr_storage>());
+        // SAFETY: at most size_of::<sockaddr_storage>() bytes into it.
+        unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), (&raw mut ss).cast::<u8>(), n) };
+        (ss, n as libc::socklen_t)
+    };
+    if addr.is_empty() || addr.len() > std::mem::size_of::<libc::sockaddr_storage>() {
+        return;
+    }
+    let (remote, len) = storage(addr);
+    let (here, here_len) = if local.len() <= std::mem::size_of::<libc::sockaddr_storage>() { storage(local) } else { storage(&[]) };
+    // SAFETY: both point at initialized sockaddr_storage of the given lengths.
+    unsafe { ng_set_client_addr(&remote, len, &here, here_len) }
 }
 
 /// `pg_stat_ssl` for this backend (glue.c `ng_set_ssl_status`): the

@@ -247,17 +247,7 @@ impl Client {
 
     /// The raw sockaddr of the client, sent to backends with its socket.
     pub fn raw_addr(&self) -> Vec<u8> {
-        use nix::sys::socket::{SockaddrIn, SockaddrIn6, SockaddrLike};
-        match self.addr {
-            SocketAddr::V4(a) => {
-                let s = SockaddrIn::from(a);
-                unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), std::mem::size_of::<libc::sockaddr_in>()) }.to_vec()
-            }
-            SocketAddr::V6(a) => {
-                let s = SockaddrIn6::from(a);
-                unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), std::mem::size_of::<libc::sockaddr_in6>()) }.to_vec()
-            }
-        }
+        super::conn::raw_sockaddr(&self.addr)
     }
 
     /// Output not yet handed to the socket (for a parked client: to rustls

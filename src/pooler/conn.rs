@@ -54,6 +54,24 @@ pub fn tcp_bytes_received(fd: &impl std::os::fd::AsRawFd) -> Option<u64> {
     tcp_bytes_received_raw(fd.as_raw_fd())
 }
 
+/// `addr` as the kernel's `sockaddr_in` / `sockaddr_in6` bytes (what
+/// getpeername()/getsockname() fill), for a backend's `MyProcPort`.
+pub fn raw_sockaddr(addr: &std::net::SocketAddr) -> Vec<u8> {
+    use nix::sys::socket::{SockaddrIn, SockaddrIn6, SockaddrLike};
+    match *addr {
+        std::net::SocketAddr::V4(a) => {
+            let s = SockaddrIn::from(a);
+            // SAFETY: `s` is a sockaddr_in of exactly that many bytes.
+            unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), std::mem::size_of::<libc::sockaddr_in>()) }.to_vec()
+        }
+        std::net::SocketAddr::V6(a) => {
+            let s = SockaddrIn6::from(a);
+            // SAFETY: as above, for sockaddr_in6.
+            unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), std::mem::size_of::<libc::sockaddr_in6>()) }.to_vec()
+        }
+    }
+}
+
 /// As `tcp_bytes_received`, for a descriptor number (a pooled backend's
 /// `MyProcPort->sock` while it holds a client's socket). An fd that is not
 /// open, or not a socket, gives None.

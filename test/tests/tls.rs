@@ -303,6 +303,17 @@ fn tls_clients_on_the_standard_port_keep_the_handoff() {
         assert_eq!(out.stdout.trim(), "t", "sslmode=disable must stay plaintext:\n{out}");
         let out = psql_cs(pg, &conn, "sslmode=prefer", &[&of_client("tls LIKE 'TLSv1.%'")]);
         assert_eq!(out.stdout.trim(), "t", "sslmode=prefer must get TLS:\n{out}");
+        // The address and port the client connected to, as a direct TLS
+        // connection shows them (the backend's socket is the relay's
+        // socketpair, not the client's TCP socket), in two transactions.
+        let here = "SELECT inet_server_addr()::text || ' ' || inet_server_port()";
+        let want = format!("127.0.0.1/32 {}", pg.port());
+        for mode in ["disable", "require"] {
+            let out = psql_cs(pg, &conn, &format!("sslmode={mode}"), &[here, here]);
+            assert!(out.success(), "sslmode={mode}:\n{out}");
+            let lines: Vec<&str> = out.stdout.lines().collect();
+            assert_eq!(lines, [want.as_str(), want.as_str()], "inet_server_addr/port, sslmode={mode}:\n{out}");
+        }
 
         // 1 MB rows out, then COPY out and in, over TLS; compared with what
         // the server computes itself.

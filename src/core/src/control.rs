@@ -287,6 +287,13 @@ pub struct TlsStatus {
     pub client_serial: String,
     /// Client certificate issuer DN, formatted as `client_dn`; empty without one.
     pub issuer_dn: String,
+    /// The local address of the client's TCP connection (what the client
+    /// connected to), a raw `sockaddr_in`/`sockaddr_in6` as the kernel gives
+    /// it (at most 128 bytes): the backend's socket is the relay's
+    /// socketpair, so `inet_server_addr()` and `inet_server_port()` come
+    /// from here (pqcomm.c fills `port->laddr` with getsockname()). Empty:
+    /// not known.
+    pub server_addr: Vec<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -382,7 +389,8 @@ pub fn attach_size_hint(a: &Attach) -> usize {
         + a.image.statements.byte_len()
         + pairs(&a.image.defaults)
         + a.tls.as_ref().map_or(0, |t| {
-            9 + t.version.len() + t.cipher.len() + t.client_dn.len() + t.client_serial.len() + t.issuer_dn.len()
+            11 + t.version.len() + t.cipher.len() + t.client_dn.len() + t.client_serial.len() + t.issuer_dn.len()
+                + t.server_addr.len()
         })
         + if a.ahead.is_some() { 12 } else { 0 }
 }
@@ -408,6 +416,9 @@ pub fn write_attach(out: &mut Vec<u8>, a: &Attach) {
             for s in [&t.version, &t.cipher, &t.client_dn, &t.client_serial, &t.issuer_dn] {
                 put_str(o, s);
             }
+            let local = &t.server_addr[..t.server_addr.len().min(MAX_ADDR)];
+            o.extend_from_slice(&(local.len() as u16).to_be_bytes());
+            o.extend_from_slice(local);
         }
         if let Some(x) = &a.ahead {
             o.extend_from_slice(&x.ticket.to_be_bytes());
@@ -557,6 +568,15 @@ impl<'a> Reader<'a> {
         }
         Ok(StatementList { count: n as u32, bytes: self.body[start..self.off].to_vec() })
     }
+    /// A socket address: u16 length (at most `MAX_ADDR`), then its bytes.
+    fn addr(&mut self) -> Result<Vec<u8>, ProtoError> {
+        let n = self.u16()? as usize;
+        if n > MAX_ADDR {
+            return Err(bad("address too long"));
+        }
+        Ok(self.take(n)?.to_vec())
+    }
+
     fn end(&self) -> Result<(), ProtoError> {
         if self.off != self.body.len() {
             return Err(bad("trailing bytes"));
@@ -571,11 +591,7 @@ pub fn parse_attach(body: &[u8]) -> Result<Attach, ProtoError> {
     let client_id = r.u64()?;
     let flags = r.u8()?;
     let pool_row = r.u32()?;
-    let alen = r.u16()? as usize;
-    if alen > MAX_ADDR {
-        return Err(bad("address too long"));
-    }
-    let addr = r.take(alen)?.to_vec();
+    let addr = r.addr()?;
     let settings = r.pairs()?;
     let image = SessionImage { settings: r.pairs()?, statements: r.statements()?, defaults: r.pairs()? };
     let tls = if flags & FLAG_TLS != 0 {
@@ -586,6 +602,7 @@ pub fn parse_attach(body: &[u8]) -> Result<Attach, ProtoError> {
             client_dn: r.str()?,
             client_serial: r.str()?,
             issuer_dn: r.str()?,
+            server_addr: r.addr()?,
         })
     } else {
         None
@@ -781,6 +798,7 @@ mod tests {
             client_dn: "/CN=alice".into(),
             client_serial: "1234567890123456789012345".into(),
             issuer_dn: "/CN=test ca".into(),
+            server_addr: vec![2, 0, 0x15, 0x38, 127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0],
         }
     }
 

@@ -159,6 +159,7 @@ fn control() {
             client_dn: "/CN=alice".into(),
             client_serial: "4660".into(),
             issuer_dn: "/CN=nextgres test CA".into(),
+            server_addr: vec![2, 0, 0x15, 0x38, 127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0],
         }),
         ..a.clone()
     };

@@ -127,6 +127,10 @@ fn generated(data: &[u8]) -> arbitrary::Result<()> {
                     client_dn: text(&mut u)?,
                     client_serial: text(&mut u)?,
                     issuer_dn: text(&mut u)?,
+                    server_addr: {
+                        let n = u.int_in_range(0..=MAX_ADDR)?;
+                        u.bytes(n)?.to_vec()
+                    },
                 })
             } else {
                 None
