@@ -193,7 +193,22 @@ fn linger(p: &mut Parking, pinned: bool, sequence: bool) -> bool {
     }
     let mut announced: Option<Lingering> = None;
     let slice = std::time::Duration::from_millis(crate::settings::CLIENT_TIME_SLICE.get().max(0) as u64);
+    let left = |waiting, backends, attached_at: std::time::Instant| {
+        nextgres_core::pool::fair_slice(slice, waiting, backends)
+            .saturating_sub(attached_at.elapsed())
+            .max(hold.saturating_sub(boundary.elapsed()))
+    };
     loop {
+        if optional {
+            // Clients wait and this one's turn is over (always, once as many
+            // wait as the pool has backends): give it back without reading
+            // the control socket, which could only add reasons to (an EAGAIN
+            // per transaction of a saturated pool).
+            let (waiting, backends) = crate::shmem::pool_load(p.pool_row);
+            if waiting > 0 && left(waiting, backends, p.attached_at).is_zero() {
+                return false;
+            }
+        }
         read_control(p);
         if prune_stale_ahead(p) {
             // An ATTACH sent ahead: a client waits for this very backend.
@@ -210,10 +225,7 @@ fn linger(p: &mut Parking, pinned: bool, sequence: bool) -> bool {
             }
             if p.release_requested || waiting > 0 {
                 announced = None;
-                let slice = nextgres_core::pool::fair_slice(slice, waiting, backends);
-                let left = slice
-                    .saturating_sub(p.attached_at.elapsed())
-                    .max(hold.saturating_sub(boundary.elapsed()));
+                let left = left(waiting, backends, p.attached_at);
                 if left.is_zero() {
                     return false;
                 }
@@ -265,11 +277,16 @@ impl Drop for Lingering {
 fn read_control(p: &mut Parking) -> bool {
     let mut open = true;
     loop {
+        let fds = p.fds.len();
         match read_some(p, nix::sys::socket::MsgFlags::MSG_DONTWAIT) {
             Ok(0) => {
                 open = false; // pooler gone: the release will notice
                 break;
             }
+            // Short and without a descriptor: the socket is empty (the
+            // kernel ends a read early only after a part that carried one),
+            // so reading on would only collect an EAGAIN.
+            Ok(n) if n < READ_CHUNK && p.fds.len() == fds => break,
             Ok(_) => {}
             Err(_) => break,
         }
@@ -283,7 +300,7 @@ const EMFILE_MSG: &str = "could not receive the client socket from the pooler: t
 /// One read of the control socket into `inbuf`, a passed socket into `fds`
 /// (`NO_FD` in its place when this backend could not receive it).
 fn read_some(p: &mut Parking, flags: nix::sys::socket::MsgFlags) -> nix::Result<usize> {
-    let mut buf = [0u8; 8192];
+    let mut buf = [0u8; READ_CHUNK];
     let (n, fd, truncated) = recv_control(p.control, &mut buf, flags)?;
     p.inbuf.extend_from_slice(&buf[..n]);
     if let Some(fd) = fd {
@@ -293,6 +310,9 @@ fn read_some(p: &mut Parking, flags: nix::sys::socket::MsgFlags) -> nix::Result<
     }
     Ok(n)
 }
+
+/// Bytes one read of the control socket takes at most.
+const READ_CHUNK: usize = 8192;
 
 /// Stands in `Parking::fds` for a descriptor the kernel dropped (EMFILE).
 const NO_FD: RawFd = -1;
