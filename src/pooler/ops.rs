@@ -213,10 +213,27 @@ impl Pooler {
                 None => return, // closed meanwhile (its backend died)
             };
         }
-        let pid = attached.and_then(|bk| match self.conns.get(bk) {
+        // Reading that may have sent the backend its next client ahead.
+        // Taken back here, it cannot be claimed while the SIGTERM is on its
+        // way; already claimed, the backend is past this client's
+        // transaction (it claims at its ReadyForQuery(I)) and serves that
+        // one: no SIGTERM, this client is told when its RELEASED is read.
+        let moved_on = matches!(self.client(ck).map(|c| &c.phase), Some(Phase::Attached { .. }))
+            && attached.is_some_and(|bk| self.backend_recall_ahead(bk).is_some());
+        let pid = attached.filter(|_| !moved_on).and_then(|bk| match self.conns.get(bk) {
             Some(Conn::Backend(b)) if b.pid > 0 => Some(b.pid),
             _ => None,
         });
+        if moved_on {
+            if let Some(c) = self.client(ck) {
+                c.killed = true;
+            }
+            log::info!("killing client {addr} port {port} of role \"{role}\" for database \"{db}\": told when its backend gives it back");
+            if let Some(p) = pool {
+                self.sync_pool(p);
+            }
+            return;
+        }
         match pid {
             Some(pid) => {
                 if let Some(c) = self.client(ck) {
