@@ -168,7 +168,7 @@ pooler_backend(int b, int control)
 	while (!sh->stop && recv_fd(control, &i, &fd) > 0)
 	{
 		claim(i, b);
-		served += serve(fd);
+		sh->served[b] = served += serve(fd);
 		owner[i] = -1;
 		close(fd);
 		if (write(control, &i, sizeof i) != sizeof i)	/* RELEASED */
@@ -275,7 +275,7 @@ shared_backend(int b, int ep, pid_t acceptor, int use_pidfd)
 			owner[i] = -1;
 			continue;
 		}
-		served++;
+		sh->served[b] = ++served;
 		owner[i] = -1;
 		again.events = EPOLLIN | EPOLLONESHOT;
 		again.data.u64 = i;
@@ -356,6 +356,8 @@ main(int argc, char **argv)
 	nbackends = atoi(argv[3]);
 	seconds = atof(argv[4]);
 	use_pidfd = argc > 5 && strcmp(argv[5], "pidfd") == 0;
+	/* Every process: writes to a socket that the end of the run shut down. */
+	signal(SIGPIPE, SIG_IGN);
 	if (nclients < 1 || nbackends < 1 || nbackends > MAX_BACKENDS)
 		return 2;
 	sh = mmap(0, sizeof *sh, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
@@ -404,8 +406,6 @@ main(int argc, char **argv)
 	}
 	if (fork() == 0)
 		driver();
-	/* A pooler writing to a backend that the end of the run shut down. */
-	signal(SIGPIPE, SIG_IGN);
 	if (use_pooler && fork() == 0)
 		pooler(control);
 	t0 = now();
@@ -426,7 +426,10 @@ main(int argc, char **argv)
 		return 3;
 	}
 	if (total == 0)
+	{
+		fprintf(stderr, "%s: no request was served\n", argv[1]);
 		return 1;
+	}
 	printf("%s%s, %d clients, %d backends: %.0f requests/s; CPU per request: %.2f us all processes, %.2f us pooler; "
 		   "handed to two backends at once: %ld; pidfd_getfd calls: %ld\n",
 		   argv[1], use_pidfd ? " (pidfd)" : "", nclients, nbackends, total / (t1 - t0),
