@@ -220,7 +220,15 @@ fn linger(p: &mut Parking, pinned: bool, sequence: bool) -> bool {
             if !p.release_requested && waiting == 0 && announced.is_none() {
                 // Announce, then look again: the pooler stores the waiting
                 // count before it reads the flag, so one side sees the other.
+                // The same for a client sent ahead here: the pooler sends it
+                // before it may take it back, and signals only an announced
+                // backend after its swap, so a stale one is in the socket
+                // now, its ticket gone, or the signal comes.
                 announced = p.row.map(Lingering::announce);
+                read_control(p);
+                if prune_stale_ahead(p) {
+                    p.release_requested = true;
+                }
                 (waiting, backends) = crate::shmem::pool_load(p.pool_row);
             }
             if p.release_requested || waiting > 0 {

@@ -109,6 +109,7 @@ impl Pooler {
             let Some(Conn::Backend(b)) = self.conns.get(bk) else { continue };
             if b.ahead.is_some()
                 || b.ahead_blocked
+                || b.terminating
                 || b.pinned_to.is_some()
                 || b.own
                 || b.dedicated

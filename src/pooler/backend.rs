@@ -50,6 +50,9 @@ pub struct Backend {
     /// An ATTACH sent ahead was taken back and still sits unread in its
     /// socket: nothing more is sent ahead until its next RELEASED.
     pub ahead_blocked: bool,
+    /// SIGTERM sent (kill_client, kill_clients): it gets no client any
+    /// more; closed when it gives its client back.
+    pub terminating: bool,
 }
 
 fn login_error(sqlstate: &str, message: String, hint: Option<&str>) -> ErrorFields {
@@ -120,6 +123,7 @@ impl Pooler {
             attached_at: Instant::now(),
             ahead: None,
             ahead_blocked: false,
+            terminating: false,
         };
         if own {
             // nextgres.clients().dedicated and backends().dedicated say so.

@@ -163,6 +163,11 @@ impl Pooler {
     pub fn backend_available(&mut self, key: usize) {
         let Some(b) = self.backend(key) else { return };
         let pool = b.pool;
+        if b.terminating {
+            // Its SIGTERM is on the way: a client handed to it now would
+            // get the FATAL meant for the killed one.
+            return self.backend_close(key);
+        }
         if b.pinned_to.is_some() {
             return;
         }

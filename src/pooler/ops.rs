@@ -172,6 +172,11 @@ impl Pooler {
         for bk in parked {
             self.backend_close(bk);
         }
+        for bk in self.pools[pool].attached.clone() {
+            if let Some(b) = self.backend(bk) {
+                b.terminating = true;
+            }
+        }
         for pid in attached {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
         }
@@ -190,28 +195,32 @@ impl Pooler {
                     && c.addr.ip().to_string() == addr
                     && !matches!(c.phase, Phase::Closing) =>
             {
-                let attached = match c.phase {
-                    Phase::Attached { backend } | Phase::Ahead { backend, .. } => Some(backend),
-                    _ => None,
-                };
-                Some((k, attached, c.user.clone(), c.database.clone(), c.pool))
+                Some((k, c.user.clone(), c.database.clone(), c.pool))
             }
             _ => None,
         });
-        let Some((ck, mut attached, role, db, pool)) = found else {
+        let Some((ck, role, db, pool)) = found else {
             log::info!("kill of client {addr} port {port}: no such client");
             return;
         };
+        // Sent ahead and not claimed: waiting again, told by the pooler
+        // below (its busy backend serves another client). Claimed: that
+        // backend serves it.
+        self.client_recall(ck);
+        let backend_of = |c: Option<&mut super::client::Client>| match c.map(|c| &c.phase) {
+            Some(Phase::Attached { backend }) | Some(Phase::Ahead { backend, .. }) => Some(*backend),
+            _ => None,
+        };
+        let mut attached = backend_of(self.client(ck));
         if let Some(bk) = attached {
             // Read what its backend already sent: a RELEASED in flight
             // means it may be serving the next client now, which its
             // SIGTERM must not hit.
             self.backend_event(bk, nix::sys::epoll::EpollFlags::empty());
-            attached = match self.client(ck).map(|c| &c.phase) {
-                Some(Phase::Attached { backend }) | Some(Phase::Ahead { backend, .. }) => Some(*backend),
-                Some(_) => None,
-                None => return, // closed meanwhile (its backend died)
-            };
+            if self.client(ck).is_none() {
+                return; // closed meanwhile (its backend died)
+            }
+            attached = backend_of(self.client(ck));
         }
         // Reading that may have sent the backend its next client ahead.
         // Taken back here, it cannot be claimed while the SIGTERM is on its
@@ -238,6 +247,9 @@ impl Pooler {
             Some(pid) => {
                 if let Some(c) = self.client(ck) {
                     c.killed = true;
+                }
+                if let Some(b) = attached.and_then(|bk| self.backend(bk)) {
+                    b.terminating = true;
                 }
                 log::info!("killing client {addr} port {port} of role \"{role}\" for database \"{db}\": terminating its backend {pid}");
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
