@@ -208,6 +208,13 @@ fn linger(p: &mut Parking, pinned: bool, sequence: bool) -> bool {
             if waiting > 0 && left(waiting, backends, p.attached_at).is_zero() {
                 return false;
             }
+            if waiting == 0 && !p.release_requested && announced.is_none() {
+                // Announce before the look below: the pooler sends a client
+                // ahead before it may take it back, and signals only an
+                // announced backend after its swap, so a stale one is in
+                // the socket by then, its ticket gone, or the signal comes.
+                announced = p.row.map(Lingering::announce);
+            }
         }
         read_control(p);
         if prune_stale_ahead(p) {
@@ -220,10 +227,8 @@ fn linger(p: &mut Parking, pinned: bool, sequence: bool) -> bool {
             if !p.release_requested && waiting == 0 && announced.is_none() {
                 // Announce, then look again: the pooler stores the waiting
                 // count before it reads the flag, so one side sees the other.
-                // The same for a client sent ahead here: the pooler sends it
-                // before it may take it back, and signals only an announced
-                // backend after its swap, so a stale one is in the socket
-                // now, its ticket gone, or the signal comes.
+                // The same for a client sent ahead here (see the top of the
+                // loop); rare: the count fell to 0 since that look.
                 announced = p.row.map(Lingering::announce);
                 read_control(p);
                 if prune_stale_ahead(p) {

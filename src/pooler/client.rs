@@ -733,13 +733,13 @@ impl Pooler {
             return; // its backend claimed it: being served, nothing to tell
         }
         let Some(c) = self.client(key) else { return };
+        if matches!(c.phase, Phase::Attached { .. }) {
+            return; // never write into a socket a backend is using
+        }
         let mut out = Vec::new();
         proto::error_response(&mut out, f);
         c.send(&out);
         let done = !c.out_pending() && !c.parking;
-        if matches!(c.phase, Phase::Attached { .. }) {
-            return; // never write into a socket a backend is using
-        }
         if let Phase::Dedicating { login } = c.phase {
             self.dedicated_drop(login); // its walsender exits with our end closed
         }

@@ -163,13 +163,13 @@ impl Pooler {
     pub fn backend_available(&mut self, key: usize) {
         let Some(b) = self.backend(key) else { return };
         let pool = b.pool;
+        if b.pinned_to.is_some() {
+            return;
+        }
         if b.terminating {
             // Its SIGTERM is on the way: a client handed to it now would
             // get the FATAL meant for the killed one.
             return self.backend_close(key);
-        }
-        if b.pinned_to.is_some() {
-            return;
         }
         if b.own {
             // Dedicated mode: its client left; no state reaches anyone else.
@@ -421,6 +421,7 @@ impl Pooler {
     /// RELEASED: the backend flushed ReadyForQuery(I) and gave the socket back.
     pub fn backend_released(&mut self, bk: usize, r: Released) {
         let client_id = r.client_id;
+        let mut killed_client = None;
         let Some(b) = self.backend(bk) else { return };
         let BPhase::Attached { client: ck } = b.phase else { return };
         b.phase = BPhase::Parked { since: Instant::now() };
@@ -477,8 +478,7 @@ impl Pooler {
                 let killed = c.killed;
                 self.client_set_state(ck, ClientState::Idle, 0);
                 if killed {
-                    // Its backend's SIGTERM came after this RELEASED.
-                    self.client_fatal(ck, "57P01", "terminating connection due to administrator command", None);
+                    killed_client = Some(ck);
                 } else {
                     self.client_rearm(ck);
                 }
@@ -501,6 +501,12 @@ impl Pooler {
         }
         self.pool_send_ahead(pool);
         self.sync_pool(pool);
+        if let Some(ck) = killed_client {
+            // Its backend's SIGTERM came after this RELEASED. Told last:
+            // telling it may unpin and close this backend (session mode),
+            // which must not happen while this function still uses `bk`.
+            self.client_fatal(ck, "57P01", "terminating connection due to administrator command", None);
+        }
     }
 }
 

@@ -134,6 +134,8 @@ impl Pooler {
     /// client is terminated (SIGTERM, as pg_terminate_backend), which tells
     /// its client the same and ends its transaction; parked backends close.
     fn pool_kill(&mut self, pool: usize) {
+        // An earlier operation of this batch may have sent clients ahead.
+        self.recall_all_ahead(Some(pool));
         let Some(p) = self.pools.get(pool) else { return };
         log::info!(
             "pool of role \"{}\" for database \"{}\": killing its {} clients and {} backends",
@@ -150,14 +152,18 @@ impl Pooler {
                 _ => None,
             })
             .collect();
-        let held: Vec<usize> = self
+        let mut held: Vec<(bool, usize)> = self
             .conns
             .iter()
             .filter_map(|(k, c)| match c {
-                Conn::Client(c) if c.pool == Some(pool) && !c.with_backend() => Some(k),
+                Conn::Client(c) if c.pool == Some(pool) && !c.with_backend() => Some((c.pinned.is_some(), k)),
                 _ => None,
             })
             .collect();
+        // Clients with a pinned idle backend last: telling one frees its
+        // backend, which must find no waiting client of the pool left.
+        held.sort_unstable();
+        let held: Vec<usize> = held.into_iter().map(|(_, k)| k).collect();
         for ck in held {
             self.client_fatal(ck, "57P01", "terminating connection due to administrator command", None);
         }
