@@ -284,7 +284,15 @@ impl Client {
     /// A backend serves the client, or may have claimed it (sent ahead):
     /// the pooler neither reads nor writes its socket.
     pub fn with_backend(&self) -> bool {
-        matches!(self.phase, Phase::Attached { .. } | Phase::Ahead { .. })
+        self.backend().is_some()
+    }
+
+    /// The backend serving the client, or holding its ATTACH sent ahead.
+    pub fn backend(&self) -> Option<usize> {
+        match self.phase {
+            Phase::Attached { backend } | Phase::Ahead { backend, .. } => Some(backend),
+            _ => None,
+        }
     }
 
     /// Reads until `inbuf` holds `want` bytes, never more: bytes past the

@@ -213,11 +213,7 @@ impl Pooler {
         // below (its busy backend serves another client). Claimed: that
         // backend serves it.
         self.client_recall(ck);
-        let backend_of = |c: Option<&mut super::client::Client>| match c.map(|c| &c.phase) {
-            Some(Phase::Attached { backend }) | Some(Phase::Ahead { backend, .. }) => Some(*backend),
-            _ => None,
-        };
-        let mut attached = backend_of(self.client(ck));
+        let mut attached = self.client(ck).and_then(|c| c.backend());
         if let Some(bk) = attached {
             // Read what its backend already sent: a RELEASED in flight
             // means it may be serving the next client now, which its
@@ -226,7 +222,7 @@ impl Pooler {
             if self.client(ck).is_none() {
                 return; // closed meanwhile (its backend died)
             }
-            attached = backend_of(self.client(ck));
+            attached = self.client(ck).and_then(|c| c.backend());
         }
         // Reading that may have sent the backend its next client ahead.
         // Taken back here, it cannot be claimed while the SIGTERM is on its
