@@ -223,18 +223,14 @@ fn linger(p: &mut Parking, pinned: bool, sequence: bool) -> bool {
         }
         let mut timeout_ms = -1;
         if optional {
-            let (mut waiting, mut backends) = crate::shmem::pool_load(p.pool_row);
+            let (waiting, backends) = crate::shmem::pool_load(p.pool_row);
             if !p.release_requested && waiting == 0 && announced.is_none() {
-                // Announce, then look again: the pooler stores the waiting
-                // count before it reads the flag, so one side sees the other.
-                // The same for a client sent ahead here (see the top of the
-                // loop); rare: the count fell to 0 since that look.
+                // Announce, then look again (the loop's top): the pooler
+                // stores the waiting count before it reads the flag, so one
+                // side sees the other; the same for a client sent ahead.
+                // Rare: the count fell to 0 since the top's look.
                 announced = p.row.map(Lingering::announce);
-                read_control(p);
-                if prune_stale_ahead(p) {
-                    p.release_requested = true;
-                }
-                (waiting, backends) = crate::shmem::pool_load(p.pool_row);
+                continue;
             }
             if p.release_requested || waiting > 0 {
                 announced = None;

@@ -401,7 +401,7 @@ impl Pooler {
         // connections (auth.c: am_walsender && !am_db_walsender).
         let walsender = replication == proto::Replication::Physical;
         // The relay fills this before any plaintext reaches the pooler.
-        let tls = c.tls.as_ref().map(|i| i.get().cloned().unwrap_or_default());
+        let tls = c.tls.as_ref().map(|t| t.info.get().cloned().unwrap_or_default());
         let on_tls = tls.is_some();
         if let Some(t) = &tls {
             let row = c.row;

@@ -39,37 +39,14 @@ pub struct Client {
     /// The client's TCP socket; for a TLS client, the pooler's end of the
     /// relay's socketpair (a Unix stream socket: only read, write, shutdown
     /// and the raw fd are used on it, which work the same), or its own TCP
-    /// socket again while parked (`parked`, read and written through rustls).
+    /// socket again while parked (`ClientTls::parked`, read and written through rustls).
     pub stream: TcpStream,
-    /// On TLS: filled by the relay with the version and cipher once the
-    /// handshake is done (before any plaintext reaches `stream`).
-    pub tls: Option<super::tls::TlsInfo>,
-    /// On TLS while a relay thread carries the client: its control (see
-    /// [`super::tls::RelayCtl`]); None while parked.
-    pub relay: Option<std::sync::Arc<super::tls::RelayCtl>>,
-    /// The pooler asked the relay to park and shut its pair end for
-    /// writing; until the relay's end closes, input is collected in
-    /// `park_in` and nothing is written.
-    pub parking: bool,
-    /// When the relay was asked to park: a relay that has not handed over
-    /// within `tls::CLOSE_WITHIN` (a client that sends KeyUpdates and reads
-    /// nothing) has its client closed by the janitor.
-    pub park_asked: Option<std::time::Instant>,
-    pub park_in: Vec<u8>,
-    /// Parked TLS client (idle in the pooler, no relay thread, no
-    /// socketpair): the rustls session; `stream` is then the client's own
-    /// TCP socket, read and written through it.
-    pub parked: Option<Box<rustls::ServerConnection>>,
-    /// The janitor saw the client idle with this many transactions at its
-    /// last tick: seen so again, it is parked.
-    pub idle_mark: Option<i64>,
+    /// A TLS client's state; None for plaintext (boxed: an idle plaintext
+    /// client, most of a big pool, pays one pointer for it).
+    pub tls: Option<Box<ClientTls>>,
     /// A startup packet (SSLRequest, GSSENCRequest) was read: a first byte
     /// 0x16 (direct TLS) is only looked for before that.
     pub negotiated: bool,
-    /// On TLS, the server's (ssl_done, gss_done) of ProcessStartupPacket():
-    /// (true, true) after SSLRequest + 'S', (false, false) after direct TLS;
-    /// a request already done gets 0A000 "unsupported frontend protocol".
-    pub tls_negotiation: Option<(bool, bool)>,
     pub addr: SocketAddr,
     pub row: usize,
     pub id: u64,
@@ -126,25 +103,48 @@ pub struct Client {
     pub walsender_params: Vec<(String, String)>,
 }
 
+/// What only a TLS client carries (`Client::tls`).
+pub struct ClientTls {
+    /// Filled by the relay with the version and cipher once the handshake
+    /// is done (before any plaintext reaches `Client::stream`).
+    pub info: super::tls::TlsInfo,
+    /// While a relay thread carries the client: its control (see
+    /// [`super::tls::RelayCtl`]); None while parked.
+    pub relay: Option<std::sync::Arc<super::tls::RelayCtl>>,
+    /// The pooler asked the relay to park and shut its pair end for
+    /// writing; until the relay's end closes, input is collected in
+    /// `park_in` and nothing is written.
+    pub parking: bool,
+    /// When the relay was asked to park: a relay that has not handed over
+    /// within `tls::CLOSE_WITHIN` (a client that sends KeyUpdates and reads
+    /// nothing) has its client closed by the janitor.
+    pub park_asked: Option<std::time::Instant>,
+    pub park_in: Vec<u8>,
+    /// Parked (idle in the pooler, no relay thread, no socketpair): the
+    /// rustls session; `Client::stream` is then the client's own TCP
+    /// socket, read and written through it.
+    pub parked: Option<Box<rustls::ServerConnection>>,
+    /// The janitor saw the client idle with this many transactions at its
+    /// last tick: seen so again, it is parked.
+    pub idle_mark: Option<i64>,
+    /// The server's (ssl_done, gss_done) of ProcessStartupPacket(): (true,
+    /// true) after SSLRequest + 'S', (false, false) after direct TLS; a
+    /// request already done gets 0A000 "unsupported frontend protocol".
+    pub negotiation: (bool, bool),
+}
+
 impl Client {
     /// The client's TLS session as the backend's `pg_stat_ssl` row shows
     /// it (ATTACH); None for plaintext, or before the relay has set it.
     pub fn tls_status(&self) -> Option<nextgres_core::control::TlsStatus> {
-        self.tls.as_ref().and_then(|i| i.get()).map(|s| s.status.clone())
+        self.tls.as_ref().and_then(|t| t.info.get()).map(|s| s.status.clone())
     }
 
     pub fn new(stream: TcpStream, addr: SocketAddr, row: usize, id: u64) -> Client {
         Client {
             stream,
             tls: None,
-            relay: None,
-            parking: false,
-            park_asked: None,
-            park_in: Vec::new(),
-            parked: None,
-            idle_mark: None,
             negotiated: false,
-            tls_negotiation: None,
             addr,
             row,
             id,
@@ -250,22 +250,28 @@ impl Client {
         super::conn::raw_sockaddr(&self.addr)
     }
 
+    /// The relay was asked to park the TLS client and has not handed it
+    /// over yet: nothing is written to it.
+    pub fn parking(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.parking)
+    }
+
     /// Output not yet handed to the socket (for a parked client: to rustls
     /// or by rustls).
     pub fn out_pending(&self) -> bool {
-        match &self.parked {
+        match self.tls.as_ref().and_then(|t| t.parked.as_ref()) {
             Some(conn) => super::tls::parked_pending(conn, &self.outbuf),
             None => !self.outbuf.is_empty(),
         }
     }
 
     fn interest(&self) -> Option<EpollFlags> {
-        if self.parking {
+        if let Some(t) = self.tls.as_ref().filter(|t| t.parking) {
             // Only the relay's hand-over (EOF on the pair) and input that
             // raced it matter; the pair takes no writes. Past
             // PAIR_BACKLOG of such input, only the hand-over: the pair
             // fills and the relay stops reading the client.
-            if self.park_in.len() >= super::tls::PAIR_BACKLOG {
+            if t.park_in.len() >= super::tls::PAIR_BACKLOG {
                 return Some(HANGUP);
             }
             return Some(READ | HANGUP);
@@ -327,7 +333,7 @@ impl Client {
         }
         let tag = self.inbuf[0];
         let body = self.inbuf[5..].to_vec();
-        self.inbuf.clear();
+        self.inbuf = Vec::new(); // an idle client keeps no buffer
         Ok(Some((tag, body)))
     }
 
@@ -339,11 +345,13 @@ impl Client {
 
     /// Returns false when the connection is broken.
     pub fn flush(&mut self) -> bool {
-        if self.parking {
+        if self.parking() {
             return true; // written once parked
         }
-        if let Some(conn) = self.parked.as_mut() {
-            return super::tls::parked_flush(conn, &mut self.stream, &mut self.outbuf).is_ok();
+        if let Some(conn) = self.tls.as_mut().and_then(|t| t.parked.as_mut()) {
+            let ok = super::tls::parked_flush(conn, &mut self.stream, &mut self.outbuf).is_ok();
+            self.release_outbuf();
+            return ok;
         }
         while !self.outbuf.is_empty() {
             match self.stream.write(&self.outbuf) {
@@ -355,7 +363,19 @@ impl Client {
                 Err(_) => return false,
             }
         }
+        self.release_outbuf();
         true
+    }
+
+    /// Frees a drained output buffer: the login's answer (authentication,
+    /// some fifteen ParameterStatus, BackendKeyData) would otherwise stay
+    /// allocated for the life of an idle client, half a kilobyte each.
+    /// The pooler writes to a client only at login and on errors, so the
+    /// allocation saved is not paid again per transaction.
+    fn release_outbuf(&mut self) {
+        if self.outbuf.is_empty() && self.outbuf.capacity() != 0 {
+            self.outbuf = Vec::new();
+        }
     }
 }
 
@@ -428,7 +448,7 @@ impl Pooler {
             }
             return;
         }
-        if c.parking {
+        if c.parking() {
             return self.client_park_input(key, ev.intersects(HANGUP | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR));
         }
         if ev.contains(EpollFlags::EPOLLOUT) && !c.flush() {
@@ -497,7 +517,7 @@ impl Pooler {
             }
             let packet_head: [u8; 8] = c.inbuf[..8].try_into().unwrap_or_default();
             let parsed = proto::parse_startup_for(&c.inbuf, &server);
-            c.inbuf.clear();
+            c.inbuf = Vec::new();
             c.negotiated = true;
             match parsed {
                 Ok(Some((req @ (StartupRequest::SslRequest | StartupRequest::GssEncRequest), _))) => {
@@ -513,7 +533,7 @@ impl Pooler {
                         Ok(n) if n > 0
                     );
                     let already = c.tls.is_some();
-                    if let Some((ssl_done, gss_done)) = c.tls_negotiation {
+                    if let Some((ssl_done, gss_done)) = c.tls.as_ref().map(|t| t.negotiation) {
                         // Inside TLS, as backend_startup.c ProcessStartupPacket():
                         // SSLRequest is answered 'N' ("no SSL negotiation if we
                         // already have a direct SSL connection"), GSSENCRequest
@@ -525,7 +545,9 @@ impl Pooler {
                             let e = proto::unsupported_protocol(code as u32, &server);
                             return self.client_fatal(key, e.sqlstate, &e.message, e.hint.as_deref());
                         }
-                        c.tls_negotiation = Some((ssl_done || is_ssl, gss_done || !is_ssl));
+                        if let Some(t) = c.tls.as_mut() {
+                            t.negotiation = (ssl_done || is_ssl, gss_done || !is_ssl);
+                        }
                     }
                     let tls = match (&req, &self.tls) {
                         (StartupRequest::SslRequest, Some(cfg)) if !early && !already => Some(cfg.clone()),
@@ -615,7 +637,18 @@ impl Pooler {
         let answer = direct.is_none().then_some(b'S');
         let is_direct = direct.is_some();
         match super::tls::spawn_relay(&cfg, tcp, relay_end, info.clone(), direct, answer) {
-            Ok(ctl) => c.relay = Some(ctl),
+            Ok(ctl) => {
+                c.tls = Some(Box::new(ClientTls {
+                    info,
+                    relay: Some(ctl),
+                    parking: false,
+                    park_asked: None,
+                    park_in: Vec::new(),
+                    parked: None,
+                    idle_mark: None,
+                    negotiation: if is_direct { (false, false) } else { (true, true) },
+                }))
+            }
             Err((tcp, e)) => {
                 // The TCP socket is back (the pair's ends are closed): the
                 // client has had no 'S' and can still read a plaintext error.
@@ -623,8 +656,6 @@ impl Pooler {
                 return self.client_tls_refused(key, is_direct, &format!("could not start a thread for the TLS relay: {e}"));
             }
         }
-        c.tls = Some(info);
-        c.tls_negotiation = Some(if is_direct { (false, false) } else { (true, true) });
         // The ClientHello and everything after it arrive through the pair.
         self.client_startup(key)
     }
@@ -713,7 +744,7 @@ impl Pooler {
 
     fn client_idle_input(&mut self, key: usize) {
         let Some(c) = self.client(key) else { return };
-        if c.parked.is_some() {
+        if c.tls.as_ref().is_some_and(|t| t.parked.is_some()) {
             return self.client_parked_input(key);
         }
         let mut peek = [0u8; 5];
@@ -747,7 +778,7 @@ impl Pooler {
         let mut out = Vec::new();
         proto::error_response(&mut out, f);
         c.send(&out);
-        let done = !c.out_pending() && !c.parking;
+        let done = !c.out_pending() && !c.parking();
         if let Phase::Dedicating { login } = c.phase {
             self.dedicated_drop(login); // its walsender exits with our end closed
         }
@@ -843,7 +874,7 @@ impl Pooler {
         if c.registered.is_some() {
             conn::remove(&self.epoll, &c.stream);
         }
-        if let Some(conn) = c.parked.as_mut() {
+        if let Some(conn) = c.tls.as_mut().and_then(|t| t.parked.as_mut()) {
             super::tls::parked_close(conn, &mut c.stream, &mut c.outbuf);
         } else {
             c.flush();

@@ -144,14 +144,6 @@ impl Pooler {
             p.clients,
             p.backends
         );
-        let attached: Vec<i32> = p
-            .attached
-            .iter()
-            .filter_map(|&bk| match self.conns.get(bk) {
-                Some(Conn::Backend(b)) if b.pid > 0 => Some(b.pid),
-                _ => None,
-            })
-            .collect();
         let mut held: Vec<(bool, usize)> = self
             .conns
             .iter()
@@ -178,13 +170,14 @@ impl Pooler {
         for bk in parked {
             self.backend_close(bk);
         }
+        // The backends still serving clients once the others were told (a
+        // told client's pinned idle backend was freed and parked above).
         for bk in self.pools[pool].attached.clone() {
-            if let Some(b) = self.backend(bk) {
-                b.terminating = true;
+            let Some(b) = self.backend(bk) else { continue };
+            b.terminating = true;
+            if b.pid > 0 {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(b.pid), nix::sys::signal::Signal::SIGTERM);
             }
-        }
-        for pid in attached {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
         }
         self.sync_pool(pool);
     }

@@ -30,18 +30,19 @@ impl Pooler {
         let mut stuck = Vec::new();
         for (k, conn) in self.conns.iter_mut() {
             let Conn::Client(c) = conn else { continue };
-            if c.parking && c.park_asked.is_some_and(|t| t.elapsed() > super::tls::CLOSE_WITHIN) {
+            let Some(t) = c.tls.as_mut() else { continue };
+            if t.parking && t.park_asked.is_some_and(|t| t.elapsed() > super::tls::CLOSE_WITHIN) {
                 stuck.push(k);
                 continue;
             }
-            let eligible = c.relay.as_ref().is_some_and(|r| r.quiet())
-                && !c.parking
+            let eligible = t.relay.as_ref().is_some_and(|r| r.quiet())
+                && !t.parking
                 && matches!(c.phase, Phase::Idle)
                 && c.inbuf.is_empty()
                 && c.outbuf.is_empty()
-                && c.tls.as_ref().is_some_and(|i| i.get().is_some());
-            let (mark, due) = nextgres_core::tls::park_due(c.idle_mark, eligible, c.xacts);
-            c.idle_mark = mark;
+                && t.info.get().is_some();
+            let (mark, due) = nextgres_core::tls::park_due(t.idle_mark, eligible, c.xacts);
+            t.idle_mark = mark;
             if due {
                 park.push(k);
             }
@@ -61,15 +62,16 @@ impl Pooler {
     /// Asks a client's relay to park (see the module comment).
     fn client_park(&mut self, key: usize) {
         let Some(c) = self.client(key) else { return };
-        let Some(ctl) = c.relay.as_ref() else { return };
+        let Some(t) = c.tls.as_mut() else { return };
+        let Some(ctl) = t.relay.as_ref() else { return };
         ctl.request_park();
         if c.stream.shutdown(std::net::Shutdown::Write).is_err() {
             return self.client_close(key);
         }
-        c.parking = true;
-        c.park_asked = Some(Instant::now());
-        c.idle_mark = None;
-        c.park_in.clear();
+        t.parking = true;
+        t.park_asked = Some(Instant::now());
+        t.idle_mark = None;
+        t.park_in.clear();
         self.client_rearm(key);
     }
 
@@ -80,14 +82,15 @@ impl Pooler {
     /// input that raced the request is read up to `tls::PAIR_BACKLOG`.
     pub fn client_park_input(&mut self, key: usize, hup: bool) {
         let Some(Conn::Client(c)) = self.conns.get_mut(key) else { return };
+        let Some(t) = c.tls.as_mut() else { return };
         let mut buf = [0u8; 4096];
         let eof = loop {
-            if !hup && c.park_in.len() >= super::tls::PAIR_BACKLOG {
+            if !hup && t.park_in.len() >= super::tls::PAIR_BACKLOG {
                 break false;
             }
             match c.stream.read(&mut buf) {
                 Ok(0) => break true,
-                Ok(n) => c.park_in.extend_from_slice(&buf[..n]),
+                Ok(n) => t.park_in.extend_from_slice(&buf[..n]),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break false,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(_) => break true,
@@ -96,21 +99,21 @@ impl Pooler {
         if !eof {
             return self.client_rearm(key);
         }
-        let parked = c.relay.take().and_then(|r| r.take_parked());
+        let parked = t.relay.take().and_then(|r| r.take_parked());
         let Some(p) = parked else { return self.client_close(key) };
-        if c.registered.take().is_some() {
-            conn::remove(&self.epoll, &c.stream);
-        }
-        c.armed = false;
-        c.parking = false;
-        c.park_asked = None;
-        c.stream = p.tcp; // the pair end closes
-        let mut pending = std::mem::take(&mut c.park_in);
+        t.parking = false;
+        t.park_asked = None;
+        let mut pending = std::mem::take(&mut t.park_in);
         pending.extend_from_slice(&p.plaintext);
         let mut conn = Box::new(p.conn);
         let (more, closed) = super::tls::parked_plaintext(&mut conn);
         pending.extend_from_slice(&more);
-        c.parked = Some(conn);
+        t.parked = Some(conn);
+        if c.registered.take().is_some() {
+            conn::remove(&self.epoll, &c.stream);
+        }
+        c.armed = false;
+        c.stream = p.tcp; // the pair end closes
         if closed && pending.is_empty() {
             return self.client_close(key); // close_notify
         }
@@ -136,7 +139,7 @@ impl Pooler {
     /// A parked client's socket is readable (or writable: rustls output).
     pub fn client_parked_input(&mut self, key: usize) {
         let Some(c) = self.client(key) else { return };
-        let Some(conn) = c.parked.as_mut() else { return };
+        let Some(conn) = c.tls.as_mut().and_then(|t| t.parked.as_mut()) else { return };
         use super::tls::ParkedInput;
         match super::tls::parked_read(conn, &mut c.stream) {
             ParkedInput::Nothing => {
@@ -150,7 +153,9 @@ impl Pooler {
             ParkedInput::Gone => self.client_close(key),
             ParkedInput::Bad => {
                 // The alert is sent; no close_notify after it.
-                c.parked = None;
+                if let Some(t) = c.tls.as_mut() {
+                    t.parked = None;
+                }
                 c.outbuf.clear();
                 self.client_close(key)
             }
@@ -161,7 +166,7 @@ impl Pooler {
     /// No descriptors or no thread: FATAL 53300 over TLS (inline), closed.
     fn client_unpark(&mut self, key: usize, plain: Vec<u8>) {
         let Some(Conn::Client(c)) = self.conns.get_mut(key) else { return };
-        let Some(info) = c.tls.clone() else { return };
+        let Some(info) = c.tls.as_ref().map(|t| t.info.clone()) else { return };
         let (mine, relay_end) = match UnixStream::pair() {
             Ok(p) => p,
             Err(e) => return self.client_unpark_failed(key, &format!("could not create a socket pair for the TLS relay: {e}")),
@@ -169,7 +174,7 @@ impl Pooler {
         if mine.set_nonblocking(true).is_err() {
             return self.client_unpark_failed(key, "could not set the TLS relay's socket pair non-blocking");
         }
-        let Some(conn) = c.parked.take() else { return };
+        let Some(conn) = c.tls.as_mut().and_then(|t| t.parked.take()) else { return };
         if c.registered.take().is_some() {
             conn::remove(&self.epoll, &c.stream);
         }
@@ -178,7 +183,9 @@ impl Pooler {
         let parked = super::tls::Parked { conn: *conn, tcp, plaintext: Vec::new() };
         match super::tls::resume_relay(parked, relay_end, info, plain) {
             Ok(ctl) => {
-                c.relay = Some(ctl);
+                if let Some(t) = c.tls.as_mut() {
+                    t.relay = Some(ctl);
+                }
                 let row = c.row;
                 self.client_row_update(row, |r| r.tls_parked = false);
                 // The plaintext arrives through the pair: read as any idle
@@ -187,7 +194,9 @@ impl Pooler {
             }
             Err((p, e)) => {
                 c.stream = p.tcp;
-                c.parked = Some(Box::new(p.conn));
+                if let Some(t) = c.tls.as_mut() {
+                    t.parked = Some(Box::new(p.conn));
+                }
                 self.client_unpark_failed(key, &format!("could not start a thread for the TLS relay: {e}"))
             }
         }
@@ -202,9 +211,9 @@ impl Pooler {
     /// Shutdown: waits (up to `deadline`) for a parking client's relay to
     /// hand over, so that it is told over TLS as any idle client.
     pub fn client_park_wait(&mut self, key: usize, deadline: Instant) {
-        while self.client(key).is_some_and(|c| c.parking) {
+        while self.client(key).is_some_and(|c| c.parking()) {
             self.client_park_input(key, true);
-            if !self.client(key).is_some_and(|c| c.parking) || Instant::now() >= deadline {
+            if !self.client(key).is_some_and(|c| c.parking()) || Instant::now() >= deadline {
                 return;
             }
             std::thread::sleep(Duration::from_millis(1));

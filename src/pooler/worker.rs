@@ -310,8 +310,8 @@ impl Pooler {
                 // A relay holds a clone of its client's TlsInfo until its
                 // thread ends: the wait below is on those relays only.
                 if let Some(Conn::Client(c)) = self.conns.get(k) {
-                    if let Some(info) = &c.tls {
-                        closed_relays.push(info.clone());
+                    if let Some(t) = &c.tls {
+                        closed_relays.push(t.info.clone());
                     }
                 }
                 self.client_close(k);
