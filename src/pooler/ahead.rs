@@ -257,7 +257,7 @@ impl Pooler {
         let (row, pool) = (b.row, b.pool);
         if crate::shmem::ahead_claim(row, a.ticket) {
             // Not claimed (the backend parked or kept its client): waiting
-            // again. (A client that left was taken back before it closed.)
+            // again (a client that left is closed once re-armed for it).
             self.client_requeue_ahead(a.client);
             return None;
         }

@@ -58,6 +58,9 @@ pub struct Client {
     /// until `client_rearm`, and `armed` says whether it is armed now.
     pub registered: Option<EpollFlags>,
     pub armed: bool,
+    /// Waiting (or sent ahead) since before the janitor's last tick: armed
+    /// for a hang-up (see `interest`); cleared when a new wait starts.
+    pub watch_hangup: bool,
     pub user: String,
     pub database: String,
     /// Startup parameters and `-c` options that are settings, in order.
@@ -153,6 +156,7 @@ impl Client {
             outbuf: Vec::new(),
             registered: None,
             armed: false,
+            watch_hangup: false,
             user: String::new(),
             database: String::new(),
             settings: Vec::new(),
@@ -279,11 +283,21 @@ impl Client {
         let out = if self.out_pending() { EpollFlags::EPOLLOUT } else { EpollFlags::empty() };
         match self.phase {
             Phase::Startup | Phase::Auth(_) | Phase::Idle => Some(READ | out),
-            Phase::LoginPending { .. } | Phase::Waiting { .. } | Phase::Dedicating { .. } => Some(HANGUP | out),
+            Phase::LoginPending { .. } | Phase::Dedicating { .. } => Some(HANGUP | out),
+            // A waiting client is watched for a hang-up only once it has
+            // waited a janitor tick (`watch_hangup`): under saturation
+            // nearly every transaction waits a few milliseconds, and the
+            // registration cost an `epoll_ctl` each. One that hangs up
+            // sooner is seen by the backend it is handed to, as a direct
+            // connection's backend sees it: the query it sent runs (as it
+            // would have there), then that backend reads EOF.
+            Phase::Waiting { .. } if self.watch_hangup => Some(HANGUP | out),
+            Phase::Waiting { .. } => (!out.is_empty()).then_some(out),
             Phase::Closing => Some(HANGUP | EpollFlags::EPOLLOUT),
-            // Nothing is ever written to it: a backend may own it already.
-            Phase::Ahead { .. } => Some(HANGUP),
-            Phase::Attached { .. } => None,
+            // Sent ahead: the same, and nothing is ever written to it (a
+            // backend may own it already).
+            Phase::Ahead { .. } if self.watch_hangup => Some(HANGUP),
+            Phase::Ahead { .. } | Phase::Attached { .. } => None,
         }
     }
 
@@ -440,9 +454,9 @@ impl Pooler {
             return;
         }
         if matches!(c.phase, Phase::Ahead { .. }) {
-            // Only a hang-up is watched. Taken back, the client is closed as
-            // a waiting one; claimed by its backend, that backend sees the
-            // hang-up itself.
+            // Its hang-up watch fired (`watch_hangup`). Taken back, the
+            // client is closed as a waiting one; claimed by its backend,
+            // that backend sees the hang-up itself.
             if ev.intersects(HANGUP | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) && self.client_recall(key) {
                 return self.client_close(key);
             }

@@ -131,6 +131,7 @@ impl Pooler {
             }
             let Some(c) = self.client(key) else { return };
             c.phase = Phase::Waiting { since: Instant::now() };
+            c.watch_hangup = false;
             self.pools[pool].session_waiting.push_back(key);
             self.client_set_state(key, ClientState::Waiting, 0);
             self.client_rearm(key);
@@ -149,6 +150,7 @@ impl Pooler {
         }
         let Some(c) = self.client(key) else { return };
         c.phase = Phase::Waiting { since: Instant::now() };
+        c.watch_hangup = false;
         self.pools[pool].waiting.push_back(key);
         self.client_set_state(key, ClientState::Waiting, 0);
         self.client_rearm(key);

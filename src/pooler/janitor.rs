@@ -23,6 +23,7 @@ impl Pooler {
         let mut expired_auth = Vec::new();
         let mut idle_backends = Vec::new();
         let mut expired_attached = Vec::new();
+        let mut watch = Vec::new();
         for (k, conn) in self.conns.iter() {
             match conn {
                 Conn::Client(c) => match c.phase {
@@ -30,6 +31,11 @@ impl Pooler {
                         let wait_limit = secs(self.query_wait_timeout_of(c.pool));
                         if wait_limit.is_some_and(|l| now.duration_since(since) > l) {
                             expired_wait.push(k);
+                        } else if !matches!(c.phase, Phase::LoginPending { .. })
+                            && !c.watch_hangup
+                            && now.duration_since(since) >= Duration::from_millis(TICK_MS as u64)
+                        {
+                            watch.push(k);
                         }
                     }
                     Phase::Startup | Phase::Auth(_) | Phase::Dedicating { .. } => {
@@ -51,6 +57,14 @@ impl Pooler {
                     _ => {}
                 },
                 Conn::Listener(_) | Conn::Dedicated(_) => {}
+            }
+        }
+        for k in watch {
+            // Waiting long: a hang-up now closes it in the queue (see
+            // `Client::interest`).
+            if let Some(c) = self.client(k) {
+                c.watch_hangup = true;
+                self.client_rearm(k);
             }
         }
         for k in expired_wait {
