@@ -128,13 +128,19 @@ pub fn transaction_boundary() {
                 p.pin = Pin::None;
                 crate::shmem::report_pin(0);
             }
-            let released = release_prepare(p, client);
+            let released = release_prepare(client);
             // Claimed after everything that can end this backend (a FATAL)
             // and before RELEASED, so the pooler reading RELEASED finds the
             // client taken (one swap in shared memory decides); a backend
             // that dies in between never touched the claimed client, and
             // the pooler puts it back in line (`backend_gone`).
             let next = take_ahead(p);
+            // Taking a client sent ahead, nothing runs between here and its
+            // socket's dup2 that could write to a client (the discard of a
+            // pinned session can: it gets the control socket first).
+            if next.is_none() || pinned {
+                release_socket(p);
+            }
             write_all(p.control, &released);
             if pinned {
                 // The client left a pinned session: clean it now, so its
@@ -455,9 +461,10 @@ fn show_ssl(tls: Option<&control::TlsStatus>) {
     }
 }
 
-/// Puts the control socket back in place of the client's; returns the
-/// RELEASED to send the pooler.
-fn release_prepare(p: &mut Parking, client: u64) -> Vec<u8> {
+/// Takes the client's socket out of FeBeWaitSet and returns the RELEASED
+/// to send the pooler; `sock` still holds the client's socket (see
+/// `release_socket`).
+fn release_prepare(client: u64) -> Vec<u8> {
     // The session image first, while the client's socket is still ours: one
     // too large for the control channel ends the client's session with a
     // FATAL it receives, rather than a pooler that drops it without a word.
@@ -476,15 +483,7 @@ fn release_prepare(p: &mut Parking, client: u64) -> Vec<u8> {
             )
         );
     }
-    let sock = glue::port_sock();
-    // Read while `sock` is still the client's socket: the pooler adds the
-    // difference to its pool's bytes_received (one getsockopt here, on this
-    // backend's core, instead of one in the single pooler per transaction).
-    let tcp_received = crate::pooler::conn::tcp_bytes_received_raw(sock);
     glue::febe_detach();
-    if let Err(e) = nix::unistd::dup2(p.control, sock) {
-        fatal(&format!("could not release the client socket: {e}"));
-    }
     // No client here any more: pg_stat_ssl shows no TLS while parked.
     show_ssl(None);
     let n = super::comm::take_counters();
@@ -493,7 +492,6 @@ fn release_prepare(p: &mut Parking, client: u64) -> Vec<u8> {
         queries: n.queries,
         query_us: n.query_us,
         bytes_sent: n.bytes_sent,
-        tcp_received,
         settings,
         statements,
         defaults,
@@ -501,6 +499,16 @@ fn release_prepare(p: &mut Parking, client: u64) -> Vec<u8> {
     let mut msg = Vec::with_capacity(64);
     control::write_released(&mut msg, &released);
     msg
+}
+
+/// Puts the control socket in place of the client's under `sock`, so
+/// nothing this backend writes while parked (an error report) can reach
+/// a client the pooler may have handed on. Not needed when the next
+/// client's socket replaces it at once (`attach_client`'s `dup2`).
+fn release_socket(p: &Parking) {
+    if let Err(e) = nix::unistd::dup2(p.control, glue::port_sock()) {
+        fatal(&format!("could not release the client socket: {e}"));
+    }
 }
 
 fn park(p: &mut Parking) {
@@ -555,7 +563,7 @@ fn attach_client(p: &mut Parking, (mut a, fd): (Attach, RawFd), timer_was_on: bo
     // A cancel aimed at the previous client may have landed after its
     // transaction ended; it must not hit this one.
     glue::clear_stale_cancel();
-    glue::set_client_addr(&a.addr, a.tls.as_ref().map_or(&[][..], |t| &t.server_addr[..]));
+    glue::set_client_addr(&a.addr, &a.local);
     if a.flags & control::FLAG_SESSION_START != 0 {
         sess::count_session(1);
     }
@@ -589,7 +597,7 @@ fn attach_client(p: &mut Parking, (mut a, fd): (Attach, RawFd), timer_was_on: bo
 /// replication command never parks, and statements of a logical walsender
 /// are not tracked. It exits when its client leaves, as a direct one.
 fn attach_dedicated(p: &mut Parking, a: &Attach, timer_was_on: bool) {
-    glue::set_client_addr(&a.addr, a.tls.as_ref().map_or(&[][..], |t| &t.server_addr[..]));
+    glue::set_client_addr(&a.addr, &a.local);
     // Undo the first park's "a pool login is no client's session" (a no-op
     // for a physical walsender, which has no database).
     sess::count_session(1);

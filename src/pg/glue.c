@@ -464,8 +464,9 @@ ng_set_client_addr(const struct sockaddr_storage *addr, socklen_t salen,
 	 * inet_server_addr()/inet_server_port() read laddr: make it the address
 	 * the client connected to (the pooler's listener), as the postmaster's
 	 * accept does for a direct connection, not the pool login's Unix socket.
-	 * A TLS client's socket here is the relay's socketpair: the pooler sends
-	 * the TCP connection's own local address instead.
+	 * The pooler sends it (read once per connection, at its accept): no
+	 * getsockname() per client here, and a TLS client's socket here is the
+	 * relay's socketpair, which has no such address.
 	 */
 	if (local_len_given > 0 && local_len_given <= sizeof(MyProcPort->laddr.addr))
 	{

@@ -293,9 +293,9 @@ pub fn idle_session_timer_resume() {
 }
 
 /// The attached client's address (`inet_client_addr()`, `%h`), raw
-/// sockaddr bytes from ATTACH, and the address it connected to when the
-/// pooler sent it (`local`, a TLS client's: this backend's socket is then
-/// the relay's socketpair); otherwise that one is read with getsockname().
+/// sockaddr bytes from ATTACH, and the address it connected to (`local`,
+/// from ATTACH too); when the pooler did not know that one (empty), it is
+/// read from the socket with getsockname().
 /// Bytes that do not fit a sockaddr_storage are ignored.
 pub fn set_client_addr(addr: &[u8], local: &[u8]) {
     let storage = |b: &[u8]| {

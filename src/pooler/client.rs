@@ -48,6 +48,9 @@ pub struct Client {
     /// 0x16 (direct TLS) is only looked for before that.
     pub negotiated: bool,
     pub addr: SocketAddr,
+    /// The address it connected to: an index in `Pooler::local_addrs`
+    /// (`NO_LOCAL`: not known).
+    pub local: u16,
     pub row: usize,
     pub id: u64,
     pub phase: Phase,
@@ -84,6 +87,9 @@ pub struct Client {
     /// The socket's `tcpi_bytes_received` when last added to its pool's
     /// `bytes_received` (None: not known, e.g. before its login completed).
     pub tcp_received: Option<u64>,
+    /// Listed in `Pooler::received_due`: its bytes are counted at the next
+    /// janitor tick.
+    pub received_due: bool,
     /// A backend has counted this client's session (pg_stat_database.sessions).
     pub session_counted: bool,
     /// Killed (`kill_clients`, `kill_client`) while a backend had it: the
@@ -105,6 +111,9 @@ pub struct Client {
     /// pooler sends the ones it authenticated).
     pub walsender_params: Vec<(String, String)>,
 }
+
+/// `Client::local` when the address it connected to is not known.
+pub const NO_LOCAL: u16 = u16::MAX;
 
 /// What only a TLS client carries (`Client::tls`).
 pub struct ClientTls {
@@ -149,6 +158,7 @@ impl Client {
             tls: None,
             negotiated: false,
             addr,
+            local: NO_LOCAL,
             row,
             id,
             phase: Phase::Startup,
@@ -169,6 +179,7 @@ impl Client {
             session_mode: false,
             dedicated_mode: false,
             tcp_received: None,
+            received_due: false,
             session_counted: false,
             killed: false,
             logged_in: false,
@@ -821,24 +832,42 @@ impl Pooler {
     }
 
     /// Adds what the client sent since the last call to its pool's
-    /// `bytes_received`: at each transaction boundary and when it leaves.
+    /// `bytes_received` (one `getsockopt(TCP_INFO)`): at the janitor's tick
+    /// after a transaction of it (`client_received_later`) and when it
+    /// leaves.
     pub fn client_count_received(&mut self, key: usize) {
         let Some(c) = self.client(key) else { return };
-        if c.pool.is_none() || c.tcp_received.is_none() {
-            return;
-        }
-        let Some(now) = conn::tcp_bytes_received(&c.stream) else { return };
-        self.client_add_received(key, now);
-    }
-
-    /// As `client_count_received`, with the socket's `tcpi_bytes_received`
-    /// already read (by the backend that gives the client back: RELEASED).
-    pub fn client_add_received(&mut self, key: usize, now: u64) {
-        let Some(c) = self.client(key) else { return };
+        c.received_due = false;
         let (Some(pool), Some(before)) = (c.pool, c.tcp_received) else { return };
+        let Some(now) = conn::tcp_bytes_received(&c.stream) else { return };
         c.tcp_received = Some(now);
         if let Some(p) = self.pools.get_mut(pool) {
             p.bytes_received = p.bytes_received.saturating_add(now.saturating_sub(before).min(i64::MAX as u64) as i64);
+        }
+    }
+
+    /// A backend gave the client back: its bytes are counted at the next
+    /// janitor tick (`count_received_due`), not per transaction, so neither
+    /// the pooler nor the backend pays a system call per transaction;
+    /// `nextgres.pools.bytes_received` lags by up to a tick (1 s), as the
+    /// server's cumulative statistics lag too.
+    pub fn client_received_later(&mut self, key: usize) {
+        let Some(c) = self.client(key) else { return };
+        if c.received_due || c.tcp_received.is_none() {
+            return;
+        }
+        c.received_due = true;
+        let id = c.id;
+        self.received_due.push((key, id));
+    }
+
+    /// Janitor tick: counts the bytes of the clients given back since the
+    /// last tick.
+    pub fn count_received_due(&mut self) {
+        for (key, id) in std::mem::take(&mut self.received_due) {
+            if self.client(key).is_some_and(|c| c.id == id && c.received_due) {
+                self.client_count_received(key);
+            }
         }
     }
 

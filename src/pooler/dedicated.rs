@@ -311,6 +311,10 @@ impl Pooler {
     /// Passes the client's socket to its dedicated backend `d` (already out
     /// of the connection table) and forgets the client.
     fn dedicated_pass_socket(&mut self, ck: usize, d: Box<Dedicated>) {
+        let local = match self.conns.get(ck) {
+            Some(Conn::Client(c)) => self.local_addrs.get(c.local as usize).cloned().unwrap_or_default(),
+            _ => Vec::new(),
+        };
         let Some(c) = self.client(ck).filter(|c| c.id == d.client_id) else { return };
         c.phase = Phase::Startup;
         // The backend writes to this socket as soon as it has it: what we
@@ -323,6 +327,7 @@ impl Pooler {
             flags: control::FLAG_DEDICATED,
             pool_row: 0,
             addr: c.raw_addr(),
+            local,
             settings: Vec::new(),
             image: Default::default(),
             tls: c.tls_status(),

@@ -346,6 +346,7 @@ impl Pooler {
         let session_start = !c.session_counted;
         let pool_row = c.pool.and_then(|p| self.pools.get(p)).map(|p| p.row as u32).unwrap_or(0);
         let (addr, settings) = (c.raw_addr(), if new_client { c.settings.clone() } else { Vec::new() });
+        let local = self.local_addrs.get(c.local as usize).cloned().unwrap_or_default();
         // A backend that served this client last still holds its session.
         // The image (hundreds of statements for some drivers) is written
         // from the client's own, taken and put back, not from a copy.
@@ -361,6 +362,7 @@ impl Pooler {
                 | if session_start { control::FLAG_SESSION_START } else { 0 },
             pool_row,
             addr,
+            local,
             settings,
             image,
             tls,
@@ -460,10 +462,7 @@ impl Pooler {
             r.since = now;
         });
         self.pools[pool].xacts += 1;
-        match r.tcp_received {
-            Some(now) => self.client_add_received(ck, now),
-            None => self.client_count_received(ck),
-        }
+        self.client_received_later(ck);
         if let Some(c) = self.client(ck) {
             if c.id == client_id {
                 if let Some(settings) = r.settings {

@@ -12,6 +12,10 @@ use std::os::fd::{AsRawFd, FromRawFd};
 /// flood cannot starve established clients.
 const ACCEPT_BATCH: usize = 64;
 
+
+/// Distinct local addresses `local_index` keeps (a few in practice).
+const MAX_LOCAL_ADDRS: usize = 4096;
+
 impl Pooler {
     pub fn accept(&mut self, key: usize) {
         use nextgres_core::accept::{classify, Failure};
@@ -69,6 +73,24 @@ impl Pooler {
         }
     }
 
+    /// The index in `local_addrs` of the address `stream` was accepted on
+    /// (one getsockname() per connection; pqcomm.c's `port->laddr`), which
+    /// every ATTACH of the client carries. Interned: a server's clients
+    /// connect to one or a few addresses. `NO_LOCAL` when unknown, or past
+    /// `MAX_LOCAL_ADDRS` distinct ones (the backend then asks its socket).
+    fn local_index(&mut self, stream: &TcpStream) -> u16 {
+        let Ok(a) = stream.local_addr() else { return super::client::NO_LOCAL };
+        let raw = conn::raw_sockaddr(&a);
+        if let Some(i) = self.local_addrs.iter().position(|x| *x == raw) {
+            return i as u16;
+        }
+        if self.local_addrs.len() >= MAX_LOCAL_ADDRS {
+            return super::client::NO_LOCAL;
+        }
+        self.local_addrs.push(raw);
+        (self.local_addrs.len() - 1) as u16
+    }
+
     fn new_client(&mut self, mut stream: TcpStream) {
         let Ok(addr) = stream.peer_addr() else { return };
         let _ = stream.set_nodelay(true);
@@ -109,7 +131,9 @@ impl Pooler {
         self.clients += 1;
         let id = self.next_client_id;
         self.next_client_id += 1;
-        let client = Client::new(stream, addr, row, id);
+        let local = self.local_index(&stream);
+        let mut client = Client::new(stream, addr, row, id);
+        client.local = local;
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         conn::arm_add(&self.epoll, &client.stream, key, conn::READ);

@@ -649,7 +649,7 @@ pub const PAIR_BACKLOG: usize = 256 * 1024;
 /// The session as `pg_stat_ssl` shows a direct OpenSSL one
 /// (be-secure-openssl.c `be_tls_get_version`, `_cipher`, `_cipher_bits`,
 /// `_peer_subject_name`, `_peer_serial`, `_peer_issuer_name`).
-fn describe(conn: &ServerConnection, peer_cert: Option<&[u8]>, local: Option<std::net::SocketAddr>) -> TlsStatus {
+fn describe(conn: &ServerConnection, peer_cert: Option<&[u8]>) -> TlsStatus {
     let version = match conn.protocol_version() {
         Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
         Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
@@ -673,7 +673,6 @@ fn describe(conn: &ServerConnection, peer_cert: Option<&[u8]>, local: Option<std
         client_dn: cut(&names.client_dn),
         client_serial: names.client_serial,
         issuer_dn: cut(&names.issuer_dn),
-        server_addr: local.map(|a| super::conn::raw_sockaddr(&a)).unwrap_or_default(),
     }
 }
 
@@ -742,7 +741,7 @@ fn relay(start: RelayStart, ctl: &RelayCtl) {
             }
             // Before any plaintext reaches the pooler.
             let peer_cert = conn.peer_certificates().and_then(|c| c.first()).map(|c| c.as_ref().to_vec());
-            let status = describe(&conn, peer_cert.as_deref(), tcp.local_addr().ok());
+            let status = describe(&conn, peer_cert.as_deref());
             let _ = info.set(Session { status, end_point: end_point.clone(), peer_cert, ca_loaded });
             drop(handshake.take()); // no longer counted in HANDSHAKING
         }

@@ -62,6 +62,12 @@ pub struct Pooler {
     pub pool_by_name: HashMap<(String, String), usize>,
     /// Client-facing cancel pid -> client conn key.
     pub cancel_keys: HashMap<i32, usize>,
+    /// Clients (key, id) given back since the janitor's last tick, whose
+    /// received bytes it counts (`Pooler::count_received_due`).
+    pub received_due: Vec<(usize, u64)>,
+    /// Local addresses clients connected to, raw sockaddrs as ATTACH
+    /// carries them (`Client::local` indexes them).
+    pub local_addrs: Vec<Vec<u8>>,
     pub next_client_id: u64,
     pub next_cancel_pid: i32,
     pub token_hex: String,
@@ -145,6 +151,8 @@ impl Pooler {
             pools: Slab::new(),
             pool_by_name: HashMap::new(),
             cancel_keys: HashMap::new(),
+            received_due: Vec::new(),
+            local_addrs: Vec::new(),
             next_client_id: 1,
             next_cancel_pid: (u32::from_ne_bytes(seed) % 1_000_000_000) as i32 + 1,
             token_hex,

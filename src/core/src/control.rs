@@ -98,8 +98,6 @@ pub const IMAGE_SETTINGS: u8 = 1;
 pub const IMAGE_STATEMENTS: u8 = 2;
 /// RELEASED carries the role and database defaults of the client's login.
 pub const IMAGE_DEFAULTS: u8 = 4;
-/// RELEASED carries the client socket's received-byte count (`tcp_received`).
-pub const TCP_RECEIVED: u8 = 8;
 
 /// A named prepared statement, as needed to create it again elsewhere.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -287,13 +285,6 @@ pub struct TlsStatus {
     pub client_serial: String,
     /// Client certificate issuer DN, formatted as `client_dn`; empty without one.
     pub issuer_dn: String,
-    /// The local address of the client's TCP connection (what the client
-    /// connected to), a raw `sockaddr_in`/`sockaddr_in6` as the kernel gives
-    /// it (at most 128 bytes): the backend's socket is the relay's
-    /// socketpair, so `inet_server_addr()` and `inet_server_port()` come
-    /// from here (pqcomm.c fills `port->laddr` with getsockname()). Empty:
-    /// not known.
-    pub server_addr: Vec<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -303,6 +294,14 @@ pub struct Attach {
     /// Row of the client's pool in the shared pools table (for its waiting count).
     pub pool_row: u32,
     pub addr: Vec<u8>,
+    /// The local address of the client's TCP connection (what it connected
+    /// to), raw as `addr`: the backend's `port->laddr` (pqcomm.c fills it
+    /// with getsockname(); here the pooler read it once, at accept, and
+    /// the backend needs no system call per client; a TLS client's socket
+    /// in the backend is the relay's socketpair, which has no such
+    /// address). `inet_server_addr()`, `inet_server_port()`. Empty: not
+    /// known (the backend asks its socket).
+    pub local: Vec<u8>,
     /// Startup-packet settings (source "client").
     pub settings: Vec<(String, String)>,
     pub image: SessionImage,
@@ -323,12 +322,6 @@ pub struct Released {
     pub query_us: u64,
     /// Protocol bytes sent to the client since it was attached.
     pub bytes_sent: u64,
-    /// The client socket's `tcpi_bytes_received` (bytes the kernel received
-    /// on it since it was opened) read by the backend as it gives the socket
-    /// back, so the pooler needs no `getsockopt` per transaction for
-    /// `nextgres.pools.bytes_received`. None: not a TCP socket (a TLS
-    /// client's relay socketpair) or not known.
-    pub tcp_received: Option<u64>,
     /// Present when they changed during the transaction.
     pub settings: Option<Vec<(String, String)>>,
     pub statements: Option<StatementList>,
@@ -382,15 +375,15 @@ fn put_statements(o: &mut Vec<u8>, stmts: &StatementList) {
 /// Bytes an ATTACH for `a` takes (to size its buffer once).
 pub fn attach_size_hint(a: &Attach) -> usize {
     let pairs = |p: &[(String, String)]| 4 + p.iter().map(|(n, v)| n.len() + v.len() + 2).sum::<usize>();
-    32 + a.addr.len()
+    34 + a.addr.len()
+        + a.local.len()
         + pairs(&a.settings)
         + pairs(&a.image.settings)
         + 4
         + a.image.statements.byte_len()
         + pairs(&a.image.defaults)
         + a.tls.as_ref().map_or(0, |t| {
-            11 + t.version.len() + t.cipher.len() + t.client_dn.len() + t.client_serial.len() + t.issuer_dn.len()
-                + t.server_addr.len()
+            9 + t.version.len() + t.cipher.len() + t.client_dn.len() + t.client_serial.len() + t.issuer_dn.len()
         })
         + if a.ahead.is_some() { 12 } else { 0 }
 }
@@ -404,9 +397,11 @@ pub fn write_attach(out: &mut Vec<u8>, a: &Attach) {
                 | if a.ahead.is_some() { FLAG_AHEAD } else { 0 },
         );
         o.extend_from_slice(&a.pool_row.to_be_bytes());
-        let addr = &a.addr[..a.addr.len().min(MAX_ADDR)];
-        o.extend_from_slice(&(addr.len() as u16).to_be_bytes());
-        o.extend_from_slice(addr);
+        for addr in [&a.addr, &a.local] {
+            let addr = &addr[..addr.len().min(MAX_ADDR)];
+            o.extend_from_slice(&(addr.len() as u16).to_be_bytes());
+            o.extend_from_slice(addr);
+        }
         put_pairs(o, &a.settings);
         put_pairs(o, &a.image.settings);
         put_statements(o, &a.image.statements);
@@ -416,9 +411,6 @@ pub fn write_attach(out: &mut Vec<u8>, a: &Attach) {
             for s in [&t.version, &t.cipher, &t.client_dn, &t.client_serial, &t.issuer_dn] {
                 put_str(o, s);
             }
-            let local = &t.server_addr[..t.server_addr.len().min(MAX_ADDR)];
-            o.extend_from_slice(&(local.len() as u16).to_be_bytes());
-            o.extend_from_slice(local);
         }
         if let Some(x) = &a.ahead {
             o.extend_from_slice(&x.ticket.to_be_bytes());
@@ -462,15 +454,11 @@ pub fn write_released(out: &mut Vec<u8>, r: &Released) {
         o.extend_from_slice(&r.client_id.to_be_bytes());
         let flags = if r.settings.is_some() { IMAGE_SETTINGS } else { 0 }
             | if r.statements.is_some() { IMAGE_STATEMENTS } else { 0 }
-            | if r.defaults.is_some() { IMAGE_DEFAULTS } else { 0 }
-            | if r.tcp_received.is_some() { TCP_RECEIVED } else { 0 };
+            | if r.defaults.is_some() { IMAGE_DEFAULTS } else { 0 };
         o.push(flags);
         o.extend_from_slice(&r.queries.to_be_bytes());
         o.extend_from_slice(&r.query_us.to_be_bytes());
         o.extend_from_slice(&r.bytes_sent.to_be_bytes());
-        if let Some(n) = r.tcp_received {
-            o.extend_from_slice(&n.to_be_bytes());
-        }
         if let Some(s) = &r.settings {
             put_pairs(o, s);
         }
@@ -592,6 +580,7 @@ pub fn parse_attach(body: &[u8]) -> Result<Attach, ProtoError> {
     let flags = r.u8()?;
     let pool_row = r.u32()?;
     let addr = r.addr()?;
+    let local = r.addr()?;
     let settings = r.pairs()?;
     let image = SessionImage { settings: r.pairs()?, statements: r.statements()?, defaults: r.pairs()? };
     let tls = if flags & FLAG_TLS != 0 {
@@ -602,7 +591,6 @@ pub fn parse_attach(body: &[u8]) -> Result<Attach, ProtoError> {
             client_dn: r.str()?,
             client_serial: r.str()?,
             issuer_dn: r.str()?,
-            server_addr: r.addr()?,
         })
     } else {
         None
@@ -617,7 +605,7 @@ pub fn parse_attach(body: &[u8]) -> Result<Attach, ProtoError> {
         None
     };
     r.end()?;
-    Ok(Attach { client_id, flags: flags & !(FLAG_TLS | FLAG_AHEAD), pool_row, addr, settings, image, tls, ahead })
+    Ok(Attach { client_id, flags: flags & !(FLAG_TLS | FLAG_AHEAD), pool_row, addr, local, settings, image, tls, ahead })
 }
 
 pub fn parse_released(body: &[u8]) -> Result<Released, ProtoError> {
@@ -627,12 +615,11 @@ pub fn parse_released(body: &[u8]) -> Result<Released, ProtoError> {
     let queries = r.u64()?;
     let query_us = r.u64()?;
     let bytes_sent = r.u64()?;
-    let tcp_received = if flags & TCP_RECEIVED != 0 { Some(r.u64()?) } else { None };
     let settings = if flags & IMAGE_SETTINGS != 0 { Some(r.pairs()?) } else { None };
     let statements = if flags & IMAGE_STATEMENTS != 0 { Some(r.statements()?) } else { None };
     let defaults = if flags & IMAGE_DEFAULTS != 0 { Some(r.pairs()?) } else { None };
     r.end()?;
-    Ok(Released { client_id, queries, query_us, bytes_sent, tcp_received, settings, statements, defaults })
+    Ok(Released { client_id, queries, query_us, bytes_sent, settings, statements, defaults })
 }
 
 /// A statement list alone, as inside ATTACH and RELEASED (the server side's
@@ -747,6 +734,7 @@ mod tests {
             flags: FLAG_NEW_CLIENT,
             pool_row: 3,
             addr: vec![2, 0, 1, 2, 127, 0, 0, 1],
+            local: vec![2, 0, 0x15, 0x38, 127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0],
             settings: vec![("application_name".into(), "app".into()), ("TimeZone".into(), "UTC".into())],
             image: image(),
             tls: None,
@@ -798,16 +786,15 @@ mod tests {
             client_dn: "/CN=alice".into(),
             client_serial: "1234567890123456789012345".into(),
             issuer_dn: "/CN=test ca".into(),
-            server_addr: vec![2, 0, 0x15, 0x38, 127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0],
         }
     }
 
     #[test]
     fn released_round_trip() {
         for r in [
-            Released { client_id: u64::MAX - 1, queries: u64::MAX - 2, query_us: u64::MAX, bytes_sent: 1 << 40, tcp_received: Some(u64::MAX), settings: None, statements: None, defaults: None },
-            Released { client_id: 7, queries: 3, query_us: 250, bytes_sent: 17, tcp_received: None, settings: Some(image().settings), statements: None, defaults: None },
-            Released { client_id: 7, queries: 3, query_us: 250, bytes_sent: 17, tcp_received: Some(1234), settings: Some(vec![]), statements: Some(image().statements), defaults: Some(image().defaults) },
+            Released { client_id: u64::MAX - 1, queries: u64::MAX - 2, query_us: u64::MAX, bytes_sent: 1 << 40, settings: None, statements: None, defaults: None },
+            Released { client_id: 7, queries: 3, query_us: 250, bytes_sent: 17, settings: Some(image().settings), statements: None, defaults: None },
+            Released { client_id: 7, queries: 3, query_us: 250, bytes_sent: 17, settings: Some(vec![]), statements: Some(image().statements), defaults: Some(image().defaults) },
         ] {
             let mut out = Vec::new();
             write_released(&mut out, &r);
@@ -822,15 +809,15 @@ mod tests {
         let mut out = Vec::new();
         write_attach(
             &mut out,
-            &Attach { client_id: 1, flags: 0, pool_row: 0, addr: vec![1; 16], settings: vec![("a".into(), "b".into())], image: image(), tls: Some(tls()), ahead: None },
+            &Attach { client_id: 1, flags: 0, pool_row: 0, addr: vec![1; 16], local: vec![2; 16], settings: vec![("a".into(), "b".into())], image: image(), tls: Some(tls()), ahead: None },
         );
-        assert!(attach_size_hint(&Attach { client_id: 1, flags: 0, pool_row: 0, addr: vec![1; 16], settings: vec![("a".into(), "b".into())], image: image(), tls: Some(tls()), ahead: None }) >= out.len());
+        assert!(attach_size_hint(&Attach { client_id: 1, flags: 0, pool_row: 0, addr: vec![1; 16], local: vec![2; 16], settings: vec![("a".into(), "b".into())], image: image(), tls: Some(tls()), ahead: None }) >= out.len());
         let body = &out[5..];
         for cut in 0..body.len() {
             assert!(parse_attach(&body[..cut]).is_err(), "cut at {cut}");
         }
         let mut rel = Vec::new();
-        write_released(&mut rel, &Released { client_id: 1, queries: 0, query_us: 0, bytes_sent: 0, tcp_received: Some(99), settings: Some(image().settings), statements: Some(image().statements), defaults: None });
+        write_released(&mut rel, &Released { client_id: 1, queries: 0, query_us: 0, bytes_sent: 0, settings: Some(image().settings), statements: Some(image().statements), defaults: None });
         let body = &rel[5..];
         for cut in 0..body.len() {
             assert!(parse_released(&body[..cut]).is_err(), "cut at {cut}");

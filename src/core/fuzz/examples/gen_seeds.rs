@@ -143,6 +143,7 @@ fn control() {
         flags: control::FLAG_NEW_CLIENT,
         pool_row: 3,
         addr: vec![2, 0, 1, 2, 127, 0, 0, 1],
+        local: vec![2, 0, 0x15, 0x38, 127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0],
         settings: vec![("application_name".into(), "app".into()), ("TimeZone".into(), "UTC".into())],
         image: image.clone(),
         tls: None,
@@ -159,20 +160,19 @@ fn control() {
             client_dn: "/CN=alice".into(),
             client_serial: "4660".into(),
             issuer_dn: "/CN=nextgres test CA".into(),
-            server_addr: vec![2, 0, 0x15, 0x38, 127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0],
         }),
         ..a.clone()
     };
     let mut att_tls = Vec::new();
     control::write_attach(&mut att_tls, &t);
     write("control", "0_attach_tls", &cat(&[&[0], &att_tls[5..]]));
-    let r = Released { client_id: 7, queries: 1, query_us: 1500, bytes_sent: 120, tcp_received: Some(4096), settings: Some(image.settings.clone()), statements: Some(image.statements.clone()), defaults: None };
+    let r = Released { client_id: 7, queries: 1, query_us: 1500, bytes_sent: 120, settings: Some(image.settings.clone()), statements: Some(image.statements.clone()), defaults: None };
     let mut rel = Vec::new();
     control::write_released(&mut rel, &r);
     write("control", "1_released", &cat(&[&[1], &rel[5..]]));
     let mut stream = att.clone();
     control::write_release_request(&mut stream);
-    control::write_released(&mut stream, &Released { client_id: 8, queries: 0, query_us: 0, bytes_sent: 0, tcp_received: None, settings: None, statements: None, defaults: None });
+    control::write_released(&mut stream, &Released { client_id: 8, queries: 0, query_us: 0, bytes_sent: 0, settings: None, statements: None, defaults: None });
     stream.extend_from_slice(&rel);
     proto::error_response(&mut stream, &ErrorFields { severity: "FATAL".into(), ..Default::default() });
     write("control", "2_stream", &cat(&[&[2], &stream]));

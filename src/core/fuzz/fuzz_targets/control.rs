@@ -117,6 +117,10 @@ fn generated(data: &[u8]) -> arbitrary::Result<()> {
             flags: u8::arbitrary(&mut u)? & !(control::FLAG_TLS | control::FLAG_AHEAD),
             pool_row: u32::arbitrary(&mut u)?,
             addr: u.bytes(alen)?.to_vec(),
+            local: {
+                let n = u.int_in_range(0..=MAX_ADDR)?;
+                u.bytes(n)?.to_vec()
+            },
             settings: pairs(&mut u)?,
             image: SessionImage { settings: pairs(&mut u)?, statements: statements(&mut u)?.into(), defaults: pairs(&mut u)? },
             tls: if bool::arbitrary(&mut u)? {
@@ -127,10 +131,6 @@ fn generated(data: &[u8]) -> arbitrary::Result<()> {
                     client_dn: text(&mut u)?,
                     client_serial: text(&mut u)?,
                     issuer_dn: text(&mut u)?,
-                    server_addr: {
-                        let n = u.int_in_range(0..=MAX_ADDR)?;
-                        u.bytes(n)?.to_vec()
-                    },
                 })
             } else {
                 None
@@ -148,8 +148,7 @@ fn generated(data: &[u8]) -> arbitrary::Result<()> {
         let statements = if bool::arbitrary(&mut u)? { Some(statements(&mut u)?.into()) } else { None };
         let defaults = if bool::arbitrary(&mut u)? { Some(pairs(&mut u)?) } else { None };
         let (queries, query_us, bytes_sent) = (u64::arbitrary(&mut u)?, u64::arbitrary(&mut u)?, u64::arbitrary(&mut u)?);
-        let tcp_received = Option::<u64>::arbitrary(&mut u)?;
-        released_round_trip(&Released { client_id, queries, query_us, bytes_sent, tcp_received, settings, statements, defaults });
+        released_round_trip(&Released { client_id, queries, query_us, bytes_sent, settings, statements, defaults });
     }
     Ok(())
 }
