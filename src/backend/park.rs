@@ -7,8 +7,10 @@
 //! fd layout: `MyProcPort->sock` is the fd the server talks to its client on.
 //! At login it is the Unix socket to the pooler. At the first park we keep a
 //! duplicate of it, the *control* fd. Attaching dup2()s the client's socket
-//! onto `sock`; releasing dup2()s the control fd back, so `sock` always names a
-//! live socket and the server never notices the switch.
+//! onto `sock`; parking dup2()s the control fd back (`release_socket`), so
+//! `sock` always names a live socket and the server never notices the
+//! switch. A backend taking a client sent ahead goes straight from one
+//! client's socket to the next: nothing in between writes to `sock`.
 use super::session;
 use crate::pg::glue::{self, LingerEvent, ParkEvent, ParkWaitSet};
 use crate::pg::session::{self as sess, Pin};
@@ -367,9 +369,11 @@ fn next_buffered_attach(p: &mut Parking, parked: bool) -> Option<(Attach, RawFd)
                     Some(_) => {
                         let _ = nix::unistd::close(fd); // taken back: never read it
                     }
-                    // This backend cannot serve the client. The FATAL goes
-                    // to the pooler (the control socket is this backend's
-                    // client socket while parked), which passes it on.
+                    // This backend cannot serve the client. Parked, the
+                    // FATAL goes to the pooler (the control socket is under
+                    // `sock` then), which passes it on; at a boundary
+                    // (`take_ahead`) to the client still attached here
+                    // (RELEASED is not sent yet), which the pooler closes.
                     None if fd == NO_FD => fatal(EMFILE_MSG),
                     None if parked => return Some((a, fd)),
                     None => fatal("an ATTACH came for a backend serving a client"),
@@ -550,6 +554,9 @@ fn next_attach(p: &mut Parking) -> Option<(Attach, RawFd)> {
 fn attach_client(p: &mut Parking, (mut a, fd): (Attach, RawFd), timer_was_on: bool) {
     let sock = glue::port_sock();
     if let Err(e) = nix::unistd::dup2(fd, sock) {
+        // Taking a client sent ahead, `sock` may still be the previous
+        // client's socket, given back already: the FATAL must not reach it.
+        release_socket(p);
         fatal(&format!("could not attach the client socket: {e}"));
     }
     let _ = nix::unistd::close(fd);

@@ -257,7 +257,8 @@ impl Pooler {
         let (row, pool) = (b.row, b.pool);
         if crate::shmem::ahead_claim(row, a.ticket) {
             // Not claimed (the backend parked or kept its client): waiting
-            // again (a client that left is closed once re-armed for it).
+            // again (a client that left is closed once the janitor watches
+            // it for a hang-up, or by the backend it reaches).
             self.client_requeue_ahead(a.client);
             return None;
         }

@@ -61,8 +61,9 @@ pub struct Client {
     /// until `client_rearm`, and `armed` says whether it is armed now.
     pub registered: Option<EpollFlags>,
     pub armed: bool,
-    /// Waiting (or sent ahead) since before the janitor's last tick: armed
-    /// for a hang-up (see `interest`); cleared when a new wait starts.
+    /// Waiting (or sent ahead) for a second at a janitor tick (so 1 to 2 s
+    /// into the wait): armed for a hang-up (see `interest`); cleared when a
+    /// new wait starts.
     pub watch_hangup: bool,
     pub user: String,
     pub database: String,
@@ -861,13 +862,22 @@ impl Pooler {
         self.received_due.push((key, id));
     }
 
-    /// Janitor tick: counts the bytes of the clients given back since the
-    /// last tick.
+    /// Janitor tick (and before a stats reset): counts the bytes of the
+    /// clients given back since the last tick and publishes the pools'
+    /// counts (a pool gone quiet has no other sync to show them).
     pub fn count_received_due(&mut self) {
+        let mut pools = Vec::new();
         for (key, id) in std::mem::take(&mut self.received_due) {
-            if self.client(key).is_some_and(|c| c.id == id && c.received_due) {
-                self.client_count_received(key);
+            let Some(c) = self.client(key).filter(|c| c.id == id && c.received_due) else { continue };
+            if let Some(p) = c.pool {
+                if !pools.contains(&p) {
+                    pools.push(p);
+                }
             }
+            self.client_count_received(key);
+        }
+        for p in pools {
+            self.sync_pool(p);
         }
     }
 

@@ -51,7 +51,13 @@ pub fn remove(epoll: &Epoll, fd: impl AsFd) {
 /// None when unknown: not a TCP socket (a TLS client's relay socketpair) or
 /// an older kernel.
 pub fn tcp_bytes_received(fd: &impl std::os::fd::AsRawFd) -> Option<u64> {
-    tcp_bytes_received_raw(fd.as_raw_fd())
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` is a writable tcp_info of `len` bytes; the kernel
+    // writes at most `len` bytes and sets `len` to what it wrote.
+    let rc = unsafe { libc::getsockopt(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len) };
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + std::mem::size_of::<u64>();
+    (rc == 0 && len as usize >= needed).then_some(info.tcpi_bytes_received)
 }
 
 /// `addr` as the kernel's `sockaddr_in` / `sockaddr_in6` bytes (what
@@ -70,19 +76,6 @@ pub fn raw_sockaddr(addr: &std::net::SocketAddr) -> Vec<u8> {
             unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), std::mem::size_of::<libc::sockaddr_in6>()) }.to_vec()
         }
     }
-}
-
-/// As `tcp_bytes_received`, for a descriptor number (a pooled backend's
-/// `MyProcPort->sock` while it holds a client's socket). An fd that is not
-/// open, or not a socket, gives None.
-pub fn tcp_bytes_received_raw(fd: std::os::fd::RawFd) -> Option<u64> {
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: `info` is a writable tcp_info of `len` bytes; the kernel
-    // writes at most `len` bytes and sets `len` to what it wrote.
-    let rc = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len) };
-    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + std::mem::size_of::<u64>();
-    (rc == 0 && len as usize >= needed).then_some(info.tcpi_bytes_received)
 }
 
 /// Reads what a level-triggered socket (a backend's or a walsender login's

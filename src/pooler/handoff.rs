@@ -462,7 +462,9 @@ impl Pooler {
             r.since = now;
         });
         self.pools[pool].xacts += 1;
-        self.client_received_later(ck);
+        if self.client(ck).is_some_and(|c| c.id == client_id) {
+            self.client_received_later(ck);
+        }
         if let Some(c) = self.client(ck) {
             if c.id == client_id {
                 if let Some(settings) = r.settings {

@@ -12,7 +12,6 @@ use std::os::fd::{AsRawFd, FromRawFd};
 /// flood cannot starve established clients.
 const ACCEPT_BATCH: usize = 64;
 
-
 /// Distinct local addresses `local_index` keeps (a few in practice).
 const MAX_LOCAL_ADDRS: usize = 4096;
 

@@ -65,6 +65,10 @@ impl Pooler {
                 self.sync_pool(k);
             }
         }
+        if once.iter().any(|o| o.0 == crate::shmem::OP_RESET_STATS) {
+            // Bytes from before the reset must not show up after it.
+            self.count_received_due();
+        }
         for (kind, db, role, port) in once {
             if kind == crate::shmem::OP_KILL_CLIENT {
                 self.kill_one_client(&db, port);
