@@ -288,7 +288,7 @@ pub fn define() {
     ) };
     GucRegistry::define_bool_guc(
         c"nextgres.hold_idle_clients",
-        c"A backend keeps its idle client between transactions while no other client of its pool waits.",
+        c"A backend keeps its idle client between transactions while no other client of its pool waits (nor had to wait in the last 100 ms).",
         c"Saves the handoff when the pool is not saturated; the pooler takes the client back as soon as another client waits.",
         &HOLD_IDLE_CLIENTS,
         GucContext::Sighup,

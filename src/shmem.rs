@@ -122,6 +122,8 @@ pub struct PoolRow {
     /// Clients a backend took at a transaction boundary from an ATTACH sent
     /// ahead, without parking (`pooler::ahead`).
     pub attaches_ahead: i64,
+    /// `Pool::waited_at`: when a client last got a backend after waiting.
+    pub waited_at: i64,
     /// Effective `pool_size` (its own from pg_db_role_setting, else global).
     pub pool_size: i32,
     /// Effective `pool_mode`: 1 session, 0 transaction.
@@ -570,6 +572,14 @@ impl Tables {
             w.store(ticket, Ordering::Release);
         }
     }
+}
+
+/// When a client of the pool in shared row `row` last got a backend after
+/// waiting for one (TimestampTz; 0: never), read by a pooled backend at
+/// ReadyForQuery. Racy, as `pool_load`.
+pub fn pool_waited_at(row: usize) -> i64 {
+    let Some(t) = tables() else { return 0 };
+    t.pools_raw().get(row).map(|r| unsafe { std::ptr::read_volatile(&r.waited_at) }).unwrap_or(0)
 }
 
 /// Clients waiting for a backend of the pool in shared row `row`, and the

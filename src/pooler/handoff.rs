@@ -413,6 +413,7 @@ impl Pooler {
         });
         if let (Some(since), Some(p)) = (waited_since, pool) {
             self.pools[p].record_wait(since);
+            self.pools[p].waited_at = now;
         }
         if let Some(p) = pool {
             self.pools[p].attached.push(bk);

@@ -65,6 +65,7 @@ impl Pooler {
             r.queries = p.queries;
             r.xact_us = p.xact_us;
             r.waits = p.waits;
+            r.waited_at = p.waited_at;
             r.wait_us = p.wait_us;
             r.max_wait_us = p.max_wait_us;
             r.query_us = p.query_us;

@@ -47,6 +47,10 @@ pub struct Pool {
     /// Clients backends took at a transaction boundary from an ATTACH sent
     /// ahead, without parking: `nextgres.pools.attaches_ahead`.
     pub attaches_ahead: i64,
+    /// When a client last got a backend after waiting for one (a server
+    /// TimestampTz, µs; 0: never): backends do not hold idle clients of a
+    /// pool saturated that recently (`backend::park::linger`).
+    pub waited_at: i64,
     /// Clients authenticated before the pool knew its session values.
     pub login_pending: Vec<usize>,
     /// Backends in any state, including logging in.
@@ -126,6 +130,7 @@ impl Pool {
             waiting: VecDeque::new(),
             ahead: 0,
             attaches_ahead: 0,
+            waited_at: 0,
             login_pending: Vec::new(),
             backends: 0,
             dedicated: 0,
