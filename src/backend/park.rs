@@ -167,6 +167,13 @@ fn pins_session(pin: Pin) -> bool {
     pin != Pin::None && pin != Pin::Sequence
 }
 
+/// A pool in which a client got a backend after waiting for one within
+/// this long (µs) counts as saturated: its backends keep no idle client
+/// (`linger`). Measured (PostgreSQL 17, pool 16, `pgbench -S -c 100`):
+/// keeping them in the gaps between bursts of queries raised the p99 from
+/// 4.2 to 4.5 ms (BENCHMARKS.md, issue 15 fourth step).
+const SATURATED_WITHIN_US: i64 = 100_000;
+
 /// Keeps the client while nobody else needs this backend (no handoff at all
 /// when the pool is not saturated), or while its session is pinned. While
 /// others wait, a client that sends its next message at once still keeps the
@@ -184,12 +191,11 @@ fn pins_session(pin: Pin) -> bool {
 ///
 /// `sequence`: the client's transaction called nextval(); while others wait
 /// it keeps the backend at least `nextgres.sequence_hold` from this boundary.
-/// A pool in which a client had to wait for a backend within this long
-/// (µs) counts as saturated: its backends keep no idle client (`linger`).
-/// Measured (PostgreSQL 17, pool 16, `pgbench -S -c 100`): keeping them in
-/// the gaps between bursts cost 4% TPS and raised p50 and p99 (BENCHMARKS.md).
-const SATURATED_WITHIN_US: i64 = 100_000;
-
+///
+/// A pool saturated moments ago (`SATURATED_WITHIN_US`) keeps nothing
+/// unless pinned or for a sequence: given back at once, even where one
+/// waiting client would still leave the slice (a burst's gap, not a mild
+/// queue).
 fn linger(p: &mut Parking, pinned: bool, sequence: bool) -> bool {
     let optional = !pinned && !p.reserved;
     let boundary = std::time::Instant::now();
@@ -205,7 +211,10 @@ fn linger(p: &mut Parking, pinned: bool, sequence: bool) -> bool {
             return false;
         }
     }
-    if optional && !sequence && crate::pg::shmem::now() - crate::shmem::pool_waited_at(p.pool_row) < SATURATED_WITHIN_US {
+    let waited_at = crate::shmem::pool_waited_at(p.pool_row);
+    // A clock stepped back makes the difference negative: not "recent".
+    let since_wait = crate::pg::shmem::now() - waited_at;
+    if optional && !sequence && waited_at != 0 && (0..SATURATED_WITHIN_US).contains(&since_wait) {
         // A client of the pool had to wait moments ago: the pool is
         // saturated, though none may wait at this instant (clients' queries
         // come in bursts). Kept, the client would make the next one to come

@@ -1,7 +1,8 @@
 //! `nextgres.hold_idle_clients = on` (the default): after a transaction a
 //! pooled backend keeps its idle client while no other client of the pool
 //! waits, so an unsaturated pool makes no handoff; as soon as another client
-//! waits, the pooler asks the backend for the client back.
+//! waits, the pooler asks the backend for the client back, and for 100 ms
+//! after a client waited no backend keeps an idle client.
 //!
 //! ```sh
 //! NEXTGRES_PG=16 cargo test -p nextgres-test --test hold_idle -- --test-threads=2
@@ -78,8 +79,10 @@ fn an_unsaturated_pool_makes_no_handoff() {
 }
 
 /// Pool of one backend, two clients taking turns: each turn the waiting
-/// client must get the backend back from the idle one, and each keeps its
-/// own session (a SET follows its client, never the backend).
+/// client must get the backend, from the idle one holding it (the first
+/// turn) or parked (once the pool has just saturated, its backend keeps no
+/// idle client), and each keeps its own session (a SET follows its client,
+/// never the backend).
 #[test]
 fn a_waiting_client_gets_the_backend_of_an_idle_one() {
     run(1, |pg| {
@@ -130,6 +133,48 @@ fn a_waiting_client_gets_the_backend_of_an_idle_one() {
         a.batch_execute("COMMIT").unwrap();
         let (_b, v) = waiter.join().unwrap();
         assert_eq!(v, "client-b");
+    });
+}
+
+/// A pool in which a client just had to wait counts as saturated for 100 ms:
+/// the backend gives its client back at once instead of keeping it idle
+/// (the next client would have to wait for a release request). Pool of one:
+/// b waits behind a's open transaction and then gets the backend; after b's
+/// statement the backend is parked, not kept by b. Past the window, a
+/// statement of b's (no wait) leaves b holding the backend again.
+#[test]
+fn a_pool_that_just_saturated_keeps_no_idle_client() {
+    run(1, |pg| {
+        let mut a = connect(pg);
+        let mut b = connect(pg);
+        one(&mut b, "SELECT 1"); // b's session exists; a now gets the backend
+        a.batch_execute("BEGIN; SELECT 1").unwrap();
+        let waiter = std::thread::spawn(move || {
+            let v = one(&mut b, "SELECT 2");
+            (b, v)
+        });
+        let waiting = wait_until(Duration::from_secs(30), || {
+            let n: i64 = pg
+                .admin()
+                .query_one("SELECT count(*) FROM nextgres.clients WHERE state = 'waiting'", &[])
+                .unwrap()
+                .get(0);
+            n == 1 || waiter.is_finished()
+        });
+        assert!(waiting && !waiter.is_finished(), "b never waited behind a's transaction");
+        a.batch_execute("COMMIT").unwrap();
+        let (mut b, v) = waiter.join().unwrap();
+        assert_eq!(v, "2");
+        assert!(
+            wait_until(Duration::from_secs(5), || pool_counts(pg).1 == 0),
+            "b kept the backend right after waiting for it: {:?}",
+            pool_counts(pg)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        one(&mut b, "SELECT 3");
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(pool_counts(pg).1, 1, "past the window the idle client keeps its backend again");
+        drop(a);
     });
 }
 
