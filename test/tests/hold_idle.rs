@@ -60,6 +60,29 @@ fn pool_counts(pg: &Cluster) -> (i64, i64) {
     (r.get(0), r.get(1))
 }
 
+/// Clients the pooler lists as waiting for a backend.
+fn waiting_clients(pg: &Cluster) -> i64 {
+    pg.admin()
+        .query_one("SELECT count(*) FROM nextgres.clients WHERE state = 'waiting'", &[])
+        .unwrap()
+        .get(0)
+}
+
+/// Runs `sql` on `c` in a thread; returns it once one client is listed as
+/// waiting, or the thread finished (false: it never showed as waiting).
+fn query_until_waiting(
+    pg: &Cluster,
+    mut c: Client,
+    sql: &'static str,
+) -> (std::thread::JoinHandle<(Client, String)>, bool) {
+    let waiter = std::thread::spawn(move || {
+        let v = one(&mut c, sql);
+        (c, v)
+    });
+    let waiting = wait_until(Duration::from_secs(30), || waiting_clients(pg) == 1 || waiter.is_finished());
+    (waiter, waiting)
+}
+
 /// One client alone keeps its backend: every transaction runs on the same
 /// backend without going back to the pooler, and the backend shows as
 /// attached while the client is idle.
@@ -99,21 +122,10 @@ fn a_waiting_client_gets_the_backend_of_an_idle_one() {
         // Inside a transaction the client keeps the backend; the other waits
         // until COMMIT, then runs.
         a.batch_execute("BEGIN; SELECT 1").unwrap();
-        let waiter = std::thread::spawn(move || {
-            let v = one(&mut b, "SHOW application_name");
-            (b, v)
-        });
-        // Wait until the pooler lists b as waiting (it has sent its query and
-        // is queued behind a's transaction), so the check below is made while
-        // b really waits, not before it has asked.
-        let waiting = wait_until(Duration::from_secs(30), || {
-            let n: i64 = pg
-                .admin()
-                .query_one("SELECT count(*) FROM nextgres.clients WHERE state = 'waiting'", &[])
-                .unwrap()
-                .get(0);
-            n == 1 || waiter.is_finished()
-        });
+        // Until the pooler lists b as waiting (it has sent its query and is
+        // queued behind a's transaction), so the check below is made while b
+        // really waits, not before it has asked.
+        let (waiter, waiting) = query_until_waiting(pg, b, "SHOW application_name");
         assert!(!waiter.is_finished(), "the waiting client ran inside another client's transaction");
         assert!(waiting, "b never showed as waiting in nextgres.clients");
         // a is still inside its transaction: its next statement runs on its
@@ -121,11 +133,7 @@ fn a_waiting_client_gets_the_backend_of_an_idle_one() {
         // backend, a's statement would queue behind b's and b would no
         // longer be waiting.
         assert_eq!(one(&mut a, "SELECT pg_backend_pid()"), pid, "a lost its backend inside its transaction");
-        let still: i64 = pg
-            .admin()
-            .query_one("SELECT count(*) FROM nextgres.clients WHERE state = 'waiting'", &[])
-            .unwrap()
-            .get(0);
+        let still = waiting_clients(pg);
         assert!(
             still == 1 && !waiter.is_finished(),
             "b stopped waiting while a's transaction was open (waiting: {still})"
@@ -147,20 +155,9 @@ fn a_pool_that_just_saturated_keeps_no_idle_client() {
     run(1, |pg| {
         let mut a = connect(pg);
         let mut b = connect(pg);
-        one(&mut b, "SELECT 1"); // b's session exists; a now gets the backend
+        one(&mut b, "SELECT 1"); // b holds the backend: a waits for it below
         a.batch_execute("BEGIN; SELECT 1").unwrap();
-        let waiter = std::thread::spawn(move || {
-            let v = one(&mut b, "SELECT 2");
-            (b, v)
-        });
-        let waiting = wait_until(Duration::from_secs(30), || {
-            let n: i64 = pg
-                .admin()
-                .query_one("SELECT count(*) FROM nextgres.clients WHERE state = 'waiting'", &[])
-                .unwrap()
-                .get(0);
-            n == 1 || waiter.is_finished()
-        });
+        let (waiter, waiting) = query_until_waiting(pg, b, "SELECT 2");
         assert!(waiting && !waiter.is_finished(), "b never waited behind a's transaction");
         a.batch_execute("COMMIT").unwrap();
         let (mut b, v) = waiter.join().unwrap();
