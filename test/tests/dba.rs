@@ -130,6 +130,11 @@ fn pool_larger_than_free_slots_backs_off() {
         let script = pg.dir().join("sleep.sql");
         std::fs::write(&script, "SELECT pg_sleep(0.02);\n").expect("script");
         let script = script.to_string_lossy().into_owned();
+        // One admin session for all samples, logged in before the pool
+        // grows: a fresh one per sample would hold a slot while its backend
+        // exits, and one still forking while the pool counts free slots
+        // (a backend takes its slot at InitProcess) is not counted yet.
+        let mut adm = pg.admin();
         let mark = pg.log_mark();
         let started = Instant::now();
         std::thread::scope(|s| {
@@ -141,9 +146,6 @@ fn pool_larger_than_free_slots_backs_off() {
                 )
             });
             // The pool grows until one unreserved slot is left, then stays.
-            // One admin session for all samples: a fresh one per sample would
-            // hold a slot while its backend exits.
-            let mut adm = pg.admin();
             let mut n = 0;
             let mut stable = 0;
             assert!(
