@@ -312,7 +312,7 @@ impl Pooler {
     /// of the connection table) and forgets the client.
     fn dedicated_pass_socket(&mut self, ck: usize, d: Box<Dedicated>) {
         let local = match self.conns.get(ck) {
-            Some(Conn::Client(c)) => self.local_addrs.get(c.local as usize).cloned().unwrap_or_default(),
+            Some(Conn::Client(c)) => self.local_addr(c.local),
             _ => Vec::new(),
         };
         let Some(c) = self.client(ck).filter(|c| c.id == d.client_id) else { return };

@@ -346,7 +346,7 @@ impl Pooler {
         let session_start = !c.session_counted;
         let pool_row = c.pool.and_then(|p| self.pools.get(p)).map(|p| p.row as u32).unwrap_or(0);
         let (addr, settings) = (c.raw_addr(), if new_client { c.settings.clone() } else { Vec::new() });
-        let local = self.local_addrs.get(c.local as usize).cloned().unwrap_or_default();
+        let local = self.local_addr(c.local);
         // A backend that served this client last still holds its session.
         // The image (hundreds of statements for some drivers) is written
         // from the client's own, taken and put back, not from a copy.

@@ -90,6 +90,12 @@ impl Pooler {
         (self.local_addrs.len() - 1) as u16
     }
 
+    /// The raw address a client with `Client::local` index `local`
+    /// connected to, as ATTACH carries it (empty when not known).
+    pub fn local_addr(&self, local: u16) -> Vec<u8> {
+        self.local_addrs.get(local as usize).cloned().unwrap_or_default()
+    }
+
     fn new_client(&mut self, mut stream: TcpStream) {
         let Ok(addr) = stream.peer_addr() else { return };
         let _ = stream.set_nodelay(true);
