@@ -614,6 +614,12 @@ fn kill_client_kills_one() {
     let rows: Vec<i32> =
         admin.query("SELECT x FROM t ORDER BY x", &[]).expect("rows").iter().map(|r| r.get(0)).collect();
     assert_eq!(rows, vec![2, 3], "the killed transaction committed, or the other one did not");
+    // The killed client leaves once the pooler has seen its backend exit
+    // (the client read its FATAL before that backend was gone).
+    assert!(
+        wait_until(Duration::from_secs(10), || !ports(&mut admin).contains(&busy_at)),
+        "the killed client is still listed"
+    );
     assert!(!kill(&mut admin, &busy_at), "a gone client was found");
     assert!(!kill(&mut admin, &("192.0.2.1".to_string(), 1)), "an unknown client was found");
     let mut c = pg.tcp("app", "postgres").connect().expect("new client");
