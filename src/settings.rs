@@ -31,6 +31,8 @@ pub static QUERY_WAIT_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(120);
 /// Let a backend keep its idle client between transactions while no other
 /// client of its pool waits (no handoff at all when the pool is not saturated).
 pub static HOLD_IDLE_CLIENTS: GucSetting<bool> = GucSetting::<bool>::new(true);
+/// Pooled backends run under SCHED_BATCH (see `backend::sched`).
+pub static BACKEND_BATCH_SCHEDULING: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Milliseconds a backend may go on serving its client while others wait.
 pub static CLIENT_TIME_SLICE: GucSetting<i32> = GucSetting::<i32>::new(2);
 /// Milliseconds a client whose transaction called nextval() keeps its backend
@@ -291,6 +293,14 @@ pub fn define() {
         c"A backend keeps its idle client between transactions while no other client of its pool waits (nor had to wait in the last 100 ms).",
         c"Saves the handoff when the pool is not saturated; the pooler takes the client back as soon as another client waits.",
         &HOLD_IDLE_CLIENTS,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"nextgres.backend_batch_scheduling",
+        c"Pooled backends run under the Linux SCHED_BATCH scheduling policy.",
+        c"A backend woken by the pooler or by its client's query then does not preempt the process that woke it, which saves context switches under saturation; its share of CPU is unchanged. Applied at each backend's next park; only backends started under the normal policy are moved.",
+        &BACKEND_BATCH_SCHEDULING,
         GucContext::Sighup,
         GucFlags::default(),
     );

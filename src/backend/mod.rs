@@ -9,6 +9,7 @@ mod comm;
 mod drain;
 mod login;
 mod park;
+mod sched;
 mod session;
 
 /// Postmaster: install the hooks every backend inherits.

@@ -540,6 +540,7 @@ fn release_socket(p: &Parking) {
 
 fn park(p: &mut Parking) {
     p.release_requested = false;
+    super::sched::follow_setting();
     let timer_was_on = glue::idle_session_timer_suspend();
     glue::report_parked();
     // Wait first: the pooler answers RELEASED, so an ATTACH is never there
@@ -637,6 +638,7 @@ fn attach_dedicated(p: &mut Parking, a: &Attach, timer_was_on: bool) {
     let _ = nix::unistd::close(p.control);
     p.control = -1;
     p.attached = None;
+    super::sched::restore();
     super::unpool();
 }
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use nextgres_test::tls::{transport_ready, Transport};
 use nextgres_test::{parse_summary, wait_until, with_timeout, Cluster};
-use pool_support::{exec, first_value};
+use pool_support::{exec, first_value, sched_policy};
 
 fn pid_of(c: &mut postgres::Client) -> i32 {
     first_value(
@@ -613,4 +613,44 @@ fn session_state_never_reaches_another_client_over(transport: Transport) {
         );
         a.simple_query("SELECT 1").expect("client a goes on");
     }
+}
+
+/// `nextgres.backend_batch_scheduling` (default on): a pooled backend runs
+/// under SCHED_BATCH, a direct one under the policy the server started with;
+/// after `off` and a reload, the pool's backend is back under SCHED_OTHER
+/// once it parked again.
+#[test]
+fn pooled_backends_run_under_batch_scheduling() {
+    let pg = Cluster::builder()
+        .conf("nextgres.pool_size = 1")
+        .conf("nextgres.hold_idle_clients = off")
+        .start();
+    exec(&pg, "CREATE ROLE app LOGIN");
+    let mut direct = pg.connect_unix("app", "postgres", None).expect("direct");
+    let direct_pid = pid_of(&mut direct);
+    let server_policy = sched_policy(direct_pid);
+    if server_policy != 0 {
+        eprintln!("skipped: the server runs under policy {server_policy}, which nextgres leaves alone");
+        return;
+    }
+    let mut pooled = pg.connect_tcp("app", "postgres", None).expect("pooled");
+    let pid = pid_of(&mut pooled);
+    assert_ne!(pid, direct_pid);
+    assert_eq!(sched_policy(pid), 3, "the pooled backend {pid} is not under SCHED_BATCH");
+    assert_eq!(sched_policy(direct_pid), 0, "the direct backend changed policy");
+    exec(&pg, "ALTER SYSTEM SET nextgres.backend_batch_scheduling = off; SELECT pg_reload_conf()");
+    // The backend reads the reload before its next statement and applies
+    // it when it parks after it.
+    let back = wait_until(Duration::from_secs(10), || {
+        let p = pid_of(&mut pooled);
+        assert_eq!(p, pid, "a pool of 1 changed its backend");
+        sched_policy(pid) == 0
+    });
+    assert!(back, "the pooled backend {pid} stayed under SCHED_BATCH after off and a reload");
+    exec(&pg, "ALTER SYSTEM RESET nextgres.backend_batch_scheduling; SELECT pg_reload_conf()");
+    let again = wait_until(Duration::from_secs(10), || {
+        pid_of(&mut pooled);
+        sched_policy(pid) == 3
+    });
+    assert!(again, "the pooled backend {pid} did not go back to SCHED_BATCH after the reset");
 }

@@ -16,7 +16,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use nextgres_test::{wait_until, Cluster, ConnInfo, PasswordEncryption};
-use pool_support::{exec, raw_startup, SidePort};
+use pool_support::{exec, raw_startup, sched_policy, SidePort};
 
 /// The libpq string of a replication connection (`replication=...` added).
 fn repl_conninfo(ci: &ConnInfo, replication: &str) -> String {
@@ -107,6 +107,9 @@ fn standby_streams_through_pooler_port() {
     assert_eq!((addr.as_str(), app.as_str()), ("127.0.0.1/32", "standby1"), "pg_stat_replication shows the client");
     let sql = format!("SELECT backend_type || ' ' || client_addr::text FROM pg_stat_activity WHERE pid = {pid}");
     assert_eq!(scalar(&primary, &sql), "walsender 127.0.0.1/32");
+    // Out of the pool, it runs under the policy a direct walsender has
+    // (pooled backends run under SCHED_BATCH, `backend_batch_scheduling`).
+    assert_eq!(sched_policy(pid), sched_policy(primary.pid().expect("postmaster pid")), "the walsender's scheduling policy");
     // Its application_name counts for synchronous_standby_names.
     exec(&primary, "ALTER SYSTEM SET synchronous_standby_names = 'standby1'; SELECT pg_reload_conf()");
     let sync = "SELECT sync_state FROM pg_stat_replication WHERE application_name = 'standby1'";

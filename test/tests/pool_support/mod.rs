@@ -260,3 +260,12 @@ pub fn query_msg(sql: &str) -> Vec<u8> {
     out.push(0);
     out
 }
+
+/// The Linux scheduling policy of a process (`/proc/<pid>/stat` field 41:
+/// 0 SCHED_OTHER, 3 SCHED_BATCH).
+pub fn sched_policy(pid: i32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let rest = &stat[stat.rfind(')').expect("a command name") + 1..];
+    rest.split_whitespace().nth(41 - 3).expect("field 41").parse().expect("a policy")
+}
