@@ -345,13 +345,15 @@ impl Pooler {
         let session_mode = c.session_mode;
         let session_start = !c.session_counted;
         let pool_row = c.pool.and_then(|p| self.pools.get(p)).map(|p| p.row as u32).unwrap_or(0);
-        let (addr, settings) = (c.raw_addr(), if new_client { c.settings.clone() } else { Vec::new() });
+        let addr = c.raw_addr();
         let local = self.local_addr(c.local);
         // A backend that served this client last still holds its session.
-        // The image (hundreds of statements for some drivers) is written
-        // from the client's own, taken and put back, not from a copy.
-        let image = match self.client(ck) {
-            Some(c) if new_client => std::mem::take(&mut c.image),
+        // The image (hundreds of statements for some drivers) and the
+        // startup settings are written from the client's own, taken and
+        // put back, not from a copy (an allocation per setting, per
+        // transaction of a saturated pool).
+        let (image, settings) = match self.client(ck) {
+            Some(c) if new_client => (std::mem::take(&mut c.image), std::mem::take(&mut c.settings)),
             _ => Default::default(),
         };
         let attach = Attach {
@@ -378,6 +380,7 @@ impl Pooler {
         if new_client {
             if let Some(c) = self.client(ck) {
                 c.image = attach.image;
+                c.settings = attach.settings;
             }
         }
         fits.then_some((msg, fd))
