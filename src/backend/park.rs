@@ -131,6 +131,9 @@ pub fn transaction_boundary() {
                 crate::shmem::report_pin(0);
             }
             let released = release_prepare(client);
+            // A saturated pool's backend may go from client to client
+            // without parking: a changed setting applies here too.
+            super::sched::follow_setting();
             // Claimed after everything that can end this backend (a FATAL)
             // and before RELEASED, so the pooler reading RELEASED finds the
             // client taken (one swap in shared memory decides); a backend

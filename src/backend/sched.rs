@@ -8,8 +8,9 @@
 //! (perf: a sixth of its CPU). SCHED_BATCH keeps the backend's share of CPU
 //! (same weight, same nice) and only stops that wake-up preemption: the waker
 //! runs on until its time slice or its own sleep. Measured (PostgreSQL 17,
-//! pool 16, `pgbench -S -c 100`, BENCHMARKS.md): +3-8% TPS, pooler CPU per
-//! transaction -8%, p99 no higher; no change with 1 or 16 clients.
+//! pool 16, `pgbench -S -c 100`, BENCHMARKS.md "Issue 15, fifth step"):
+//! +2-8% TPS, pooler CPU per transaction -5 to -8%, p99 no higher; no
+//! change with 1 or 16 clients.
 //!
 //! Only a backend started under SCHED_OTHER is moved, and only between
 //! SCHED_OTHER and SCHED_BATCH, which needs no privilege (sched_setscheduler(2)
@@ -25,8 +26,9 @@ thread_local! {
     static BATCH: Cell<bool> = const { Cell::new(false) };
 }
 
-/// At a park: applies the setting if it changed since (SIGHUP). Costs a
-/// system call only when it changes.
+/// At a park and at each give-back: applies the setting if it changed
+/// since (a reload reaches a backend when it next reads a client's
+/// message). Costs a system call only when it changes.
 pub fn follow_setting() {
     let want = crate::settings::BACKEND_BATCH_SCHEDULING.get();
     let started_other = STARTED_OTHER.get().unwrap_or_else(|| {
@@ -51,9 +53,12 @@ pub fn restore() {
 
 fn set_policy(policy: libc::c_int) {
     let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: pid 0 is this process; `param` outlives the call.
+    // SAFETY: pid 0 is the calling thread (a backend has one); `param`
+    // outlives the call.
     if unsafe { libc::sched_setscheduler(0, policy, &param) } != 0 {
-        // A seccomp profile may refuse it: the backend works as before.
+        // A seccomp profile may refuse it (EPERM): the backend works as
+        // before. (One that kills on the call instead needs
+        // sched_setscheduler allowed, or this setting off: README.)
         let e = std::io::Error::last_os_error();
         pgrx::debug1!("nextgres: could not set the scheduling policy of this pooled backend: {e}");
     }

@@ -459,12 +459,19 @@ static bool seq_pin_live = false;
  *
  * Walking all of TopMemoryContext's children at every boundary cost about
  * 1% of a saturated server's CPU (a cache miss per child; perf, issue 15).
- * A new child is always linked in first (MemoryContextCreate), so a walk
- * stops at the child that was first after the previous walk (`walked_to`):
- * everything behind it was looked at already.  A reset/delete callback
- * forgets it (and the table once found): a context deleted and its memory
- * reused cannot be mistaken for it.  TopTransactionContext is never the
- * stop: from 17 on it is kept and reset by every transaction.
+ * A new child is always linked in first (MemoryContextCreate,
+ * MemoryContextSetParent), so after a full walk that found nothing, the
+ * child first then (`walked_to`) and everything behind it need no look
+ * again: later walks stop there.  The stop stays until a reset/delete
+ * callback forgets it (the next walk is a full one and picks a new stop),
+ * so children created after it are looked at every time: a few, for a
+ * backend's life.  The same callback forgets the table once found: a
+ * context deleted and its memory reused cannot be mistaken for either.
+ * TopTransactionContext is never the stop: from 17 on it is kept and reset
+ * by every transaction.  (A stop moved to another parent makes every walk
+ * a full one; moved away and back under TopMemoryContext, it would hide
+ * the children created in between: no PostgreSQL code we know of moves
+ * a direct child of TopMemoryContext.)
  */
 static MemoryContext seq_cxt = NULL;
 static MemoryContext walked_to = NULL;
