@@ -11,6 +11,7 @@
 #define _GNU_SOURCE				/* struct ucred */
 #include "postgres.h"
 
+#include <dlfcn.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <sys/epoll.h>
@@ -243,6 +244,58 @@ static int	febe_epoll_fd = -1;
 static WaitEvent *febe_socket_event = NULL;
 static bool febe_socket_in_set = false;
 
+/*
+ * The client's socket joins the set only when the server first waits on it.
+ * Under saturation a client is attached when its query is there, and given
+ * back at ReadyForQuery before the server reads again, so most attaches
+ * never wait on the socket: the EPOLL_CTL_ADD at attach and the DEL at
+ * release were two system calls per handoff for nothing.  Every wait on
+ * FeBeWaitSet's socket in the server (secure_read, secure_write,
+ * pq_check_connection, WalSndWait, and linger here) first calls
+ * ModifyWaitEvent with the mask it needs; the attach sets the socket
+ * event's mask to 0, so that call always reaches epoll_ctl(EPOLL_CTL_MOD),
+ * which the executable's redirected epoll_ctl turns into the ADD.  Where
+ * the redirection cannot be installed, attach adds the socket as before.
+ */
+extern bool ng_patch_executable_got(const char *name, void *fn);
+typedef int (*epoll_ctl_fn) (int, int, int, struct epoll_event *);
+static epoll_ctl_fn real_epoll_ctl = NULL;
+static bool febe_socket_pending = false;
+
+/* Installed in place of the executable's epoll_ctl(). */
+static int
+ng_epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
+{
+	int			rc;
+
+	if (!febe_socket_pending || op != EPOLL_CTL_MOD || epfd != febe_epoll_fd ||
+		MyProcPort == NULL || fd != MyProcPort->sock)
+		return real_epoll_ctl(epfd, op, fd, ev);
+	rc = real_epoll_ctl(epfd, EPOLL_CTL_ADD, fd, ev);
+	if (rc == 0)
+	{
+		febe_socket_pending = false;
+		febe_socket_in_set = true;
+	}
+	return rc;
+}
+
+/* Once per backend: can the socket's registration wait for a ModifyWaitEvent? */
+static bool
+febe_lazy_ready(void)
+{
+	static int	state = 0;		/* 0 unknown, 1 yes, -1 no */
+
+	if (state == 0)
+	{
+		state = -1;
+		real_epoll_ctl = (epoll_ctl_fn) dlsym(RTLD_DEFAULT, "epoll_ctl");
+		if (real_epoll_ctl != NULL && ng_patch_executable_got("epoll_ctl", (void *) ng_epoll_ctl))
+			state = 1;
+	}
+	return state > 0;
+}
+
 static bool
 fd_is_epoll(int fd)
 {
@@ -275,6 +328,7 @@ febe_build(void)
 	AddWaitEventToSet(FeBeWaitSet, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
 	AddWaitEventToSet(FeBeWaitSet, WL_POSTMASTER_DEATH, PGINVALID_SOCKET, NULL, NULL);
 	febe_socket_in_set = true;
+	febe_socket_pending = false;
 	febe_epoll_fd = -1;
 	febe_socket_event = NULL;
 	if (probe >= 0 && fd_is_epoll(probe))
@@ -307,6 +361,13 @@ ng_febe_attach(void)
 		febe_build();
 		return;
 	}
+	if (febe_lazy_ready())
+	{
+		/* Added by the first ModifyWaitEvent (ng_epoll_ctl), if any. */
+		febe_socket_event->events = 0;
+		febe_socket_pending = true;
+		return;
+	}
 	ev.data.ptr = febe_socket_event;
 	ev.events = EPOLLERR | EPOLLHUP;
 	if (febe_socket_event->events & WL_SOCKET_READABLE)
@@ -327,6 +388,7 @@ ng_febe_attach(void)
 void
 ng_febe_detach(void)
 {
+	febe_socket_pending = false;	/* never waited on: nothing to delete */
 	if (febe_epoll_fd < 0 || !febe_socket_in_set)
 		return;
 	if (epoll_ctl(febe_epoll_fd, EPOLL_CTL_DEL, MyProcPort->sock, NULL) == 0)

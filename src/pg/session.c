@@ -1210,6 +1210,7 @@ static int	close_unnamed_sent = -1;	/* -1 none queued, else bytes given */
 
 extern void ng_rs_injected_close_read(void);
 bool		ng_lazy_statements_init(void);
+bool		ng_patch_executable_got(const char *name, void *fn);
 bool		ng_close_unnamed_before_client(void);
 
 /*
@@ -1258,11 +1259,19 @@ ng_recv(int fd, void *buf, size_t len, int flags)
 	return n;
 }
 
-/* Finds the main executable's GOT slot for recv() and points it at ng_recv. */
-static int
-patch_recv(struct dl_phdr_info *info, size_t size, void *data)
+/* A libc function of the main executable to redirect (ng_patch_executable_got). */
+typedef struct GotPatch
 {
-	bool	   *done = (bool *) data;
+	const char *name;
+	void	   *fn;
+	bool		done;
+} GotPatch;
+
+/* Finds the main executable's GOT slot for p->name and points it at p->fn. */
+static int
+patch_got(struct dl_phdr_info *info, size_t size, void *data)
+{
+	GotPatch   *p = (GotPatch *) data;
 	ElfW(Dyn) * dyn = NULL;
 	ElfW(Sym) * symtab = NULL;
 	const char *strtab = NULL;
@@ -1325,16 +1334,16 @@ patch_recv(struct dl_phdr_info *info, size_t size, void *data)
 			void	  **slot;
 			uintptr_t	pg;
 
-			if (sym == 0 || strcmp(strtab + symtab[sym].st_name, "recv") != 0)
+			if (sym == 0 || strcmp(strtab + symtab[sym].st_name, p->name) != 0)
 				continue;
 			slot = (void **) (info->dlpi_addr + r->r_offset);
 			pg = (uintptr_t) slot & ~((uintptr_t) page - 1);
 			if (mprotect((void *) pg, page, PROT_READ | PROT_WRITE) != 0)
 				return 1;
-			*slot = (void *) ng_recv;
+			*slot = p->fn;
 			if ((uintptr_t) slot >= relro_lo && (uintptr_t) slot < relro_hi)
 				(void) mprotect((void *) pg, page, PROT_READ);
-			*done = true;
+			p->done = true;
 		}
 	}
 	return 1;					/* the first object is the executable */
@@ -1359,10 +1368,27 @@ ng_lazy_statements_init(void)
 	real_recv = (recv_fn) dlsym(RTLD_DEFAULT, "recv");
 	if (real_recv == NULL)
 		return false;
-	dl_iterate_phdr(patch_recv, &done);
+	done = ng_patch_executable_got("recv", (void *) ng_recv);
 	if (done)
 		state = 1;
 	return state > 0;
+}
+
+/*
+ * Points the main executable's calls of the libc function `name` at `fn`
+ * (its GOT slot; this backend only, after fork).  False when not found
+ * (then nothing changed).  Elf64 relocations only.
+ */
+bool
+ng_patch_executable_got(const char *name, void *fn)
+{
+	GotPatch	p = {name, fn, false};
+
+#if __ELF_NATIVE_CLASS != 64
+	return false;
+#endif
+	dl_iterate_phdr(patch_got, &p);
+	return p.done;
 }
 
 /*

@@ -1245,3 +1245,43 @@ fn a_backend_that_cannot_take_the_client_socket_ends_that_client_with_a_fatal() 
         assert_pooler_serves(pg, pooler);
     });
 }
+
+/// `client_connection_check_interval`, set by a pooled client, makes the
+/// server check the client's socket during a long query
+/// (pq_check_connection, a wait on the socket). The client vanishes during
+/// `pg_sleep(60)`: the server ends that query at the next check with
+/// "connection to client lost", as on a direct connection, and not with an
+/// epoll error. With `hold_idle_clients` off the sleep starts on a fresh
+/// attach, where the client's socket is not in the backend's wait set until
+/// the server first waits on it (`glue.c`, `ng_epoll_ctl`): this check is
+/// that first wait. The pool then serves the next client.
+#[test]
+fn connection_check_sees_a_pooled_client_vanish_mid_query() {
+    run(
+        Cluster::builder().conf("nextgres.pool_size = 1").conf("nextgres.hold_idle_clients = off"),
+        |pg| {
+            let sleeping = |pg: &Cluster| {
+                admin_i64(
+                    pg,
+                    "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'",
+                )
+            };
+            let mut raw = nextgres_test::raw::Raw::connect(pg.port(), APP, DB, SETTLE);
+            raw.query("SET client_connection_check_interval = '100ms'").expect("SET");
+            raw.send_query("SELECT pg_sleep(60)");
+            assert!(wait_until(SETTLE, || sleeping(pg) == 1), "the sleep never started\n{}", pg.log_tail(20));
+            let mark = pg.log_mark();
+            raw.vanish();
+            assert!(
+                wait_until(Duration::from_secs(20), || sleeping(pg) == 0),
+                "the server did not notice the client leave during its query\n{}",
+                pg.log_since(mark)
+            );
+            let log = pg.log_since(mark);
+            assert!(log.contains("connection to client lost"), "{log}");
+            assert!(!log.contains("epoll_ctl"), "{log}");
+            let mut next = pg.connect_tcp(APP, DB, None).expect("the next client");
+            next.simple_query("SELECT 1").expect("the next client's query");
+        },
+    );
+}
