@@ -917,6 +917,10 @@ fn stats_bytes_and_times_move_with_pgbench_and_copy() {
             received: r.get(9),
         }
     };
+    // bytes_received is counted when a client leaves (or at the pooler's
+    // next tick, within a second): pgbench may exit before the pooler has
+    // seen its client go.
+    wait_until(Duration::from_secs(10), || stats().received > 0);
     let s = stats();
     assert!(s.sent > 0 && s.received > 0 && s.query_ms > 0.0, "pgbench -i counted nothing: {s:?}");
     pg.admin().simple_query("SELECT nextgres.reset_stats('postgres', 'app')").expect("reset");
