@@ -277,6 +277,15 @@ ng_epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
 		febe_socket_pending = false;
 		febe_socket_in_set = true;
 	}
+	else
+	{
+		/*
+		 * ModifyWaitEvent stored the mask before this call and now raises
+		 * ERROR: unstored, so that the next call with the same mask tries
+		 * again instead of returning early into a wait without the socket.
+		 */
+		febe_socket_event->events = 0;
+	}
 	return rc;
 }
 
@@ -288,9 +297,21 @@ febe_lazy_ready(void)
 
 	if (state == 0)
 	{
+		/*
+		 * libc's own definition: RTLD_DEFAULT could name the executable's
+		 * PLT entry (a non-PIE executable that takes the function's address),
+		 * which would jump back here once the GOT slot is redirected.
+		 */
+		void	   *libc = dlopen("libc.so.6", RTLD_LAZY | RTLD_NOLOAD);
+
 		state = -1;
-		real_epoll_ctl = (epoll_ctl_fn) dlsym(RTLD_DEFAULT, "epoll_ctl");
-		if (real_epoll_ctl != NULL && ng_patch_executable_got("epoll_ctl", (void *) ng_epoll_ctl))
+		if (libc != NULL)
+		{
+			real_epoll_ctl = (epoll_ctl_fn) dlsym(libc, "epoll_ctl");
+			dlclose(libc);
+		}
+		if (real_epoll_ctl != NULL && real_epoll_ctl != ng_epoll_ctl &&
+			ng_patch_executable_got("epoll_ctl", (void *) ng_epoll_ctl))
 			state = 1;
 	}
 	return state > 0;
@@ -388,6 +409,18 @@ ng_febe_attach(void)
 void
 ng_febe_detach(void)
 {
+	/*
+	 * client_connection_check_interval's timer checks "the client" at its
+	 * next expiry, also while parked (ProcessInterrupts checks whenever
+	 * !DoingCommandRead, and a pooled backend parks inside the flush of
+	 * ReadyForQuery, before ReadCommand): that would be a ModifyWaitEvent
+	 * of a socket slot whose socket is not in the set (ENOENT, an ERROR
+	 * while parked).  The client's next statement arms it again
+	 * (start_xact_command), as after any ReadyForQuery.
+	 */
+	if (get_timeout_active(CLIENT_CONNECTION_CHECK_TIMEOUT))
+		disable_timeout(CLIENT_CONNECTION_CHECK_TIMEOUT, false);
+	CheckClientConnectionPending = false;
 	febe_socket_pending = false;	/* never waited on: nothing to delete */
 	if (febe_epoll_fd < 0 || !febe_socket_in_set)
 		return;
@@ -429,16 +462,41 @@ ng_park_wait(void *set, long timeout_ms)
  * While parked the backend has no client: a cancel must not raise an ERROR
  * (its ErrorResponse would go to the pooler) and catch-up interrupts must be
  * served, since nobody reads the socket to do it.  Terminate and shutdown still
- * go through CHECK_FOR_INTERRUPTS (FATAL, which exits).
+ * go through CHECK_FOR_INTERRUPTS (FATAL, which exits; PG_TRY passes FATAL
+ * through, it does not return).
  */
 void
 ng_park_service_interrupts(void)
 {
+	MemoryContext cxt = CurrentMemoryContext;
+
 	ResetLatch(MyLatch);
 	QueryCancelPending = false;
 	if (catchupInterruptPending)
 		ProcessCatchupInterrupt();
-	CHECK_FOR_INTERRUPTS();
+
+	/*
+	 * Anything else that raises an ERROR here (none is known: the client
+	 * connection check, which did, is stopped at release) must not unwind
+	 * into the Rust frames of the park: it ends the backend as a FATAL
+	 * instead, logged with its message; the pool logs in another.
+	 */
+	PG_TRY();
+	{
+		CHECK_FOR_INTERRUPTS();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *e;
+
+		MemoryContextSwitchTo(cxt);
+		e = CopyErrorData();
+		FlushErrorState();
+		ereport(FATAL,
+				(errcode(e->sqlerrcode),
+				 errmsg("nextgres: a parked pooled backend got an error: %s", e->message)));
+	}
+	PG_END_TRY();
 	QueryCancelPending = false;
 }
 

@@ -1285,3 +1285,37 @@ fn connection_check_sees_a_pooled_client_vanish_mid_query() {
         },
     );
 }
+
+/// `client_connection_check_interval` in postgresql.conf: each statement
+/// arms the check's timer, which would expire while the backend is parked
+/// between this client's transactions (`hold_idle_clients` off) and check
+/// a socket slot that holds no client then. The timer stops when the
+/// backend gives its client back (the next statement arms it again), so the
+/// pool's one backend serves every statement, and the log shows no
+/// `epoll_ctl` error and no crash.
+#[test]
+fn connection_check_timer_does_not_fire_while_parked() {
+    run(
+        Cluster::builder()
+            .conf("nextgres.pool_size = 1")
+            .conf("nextgres.hold_idle_clients = off")
+            .conf("client_connection_check_interval = '100ms'"),
+        |pg| {
+            let mark = pg.log_mark();
+            let mut c = pg.connect_tcp(APP, DB, None).expect("client");
+            let mut pid = || -> i32 {
+                let rows = c.query("SELECT pg_backend_pid()", &[]).unwrap_or_else(|e| panic!("{e:?}\n{}", pg.log_tail(30)));
+                rows[0].get(0)
+            };
+            let first = pid();
+            for round in 0..5 {
+                // Parked meanwhile: the timer armed by the statement would
+                // expire now.
+                std::thread::sleep(Duration::from_millis(300));
+                assert_eq!(pid(), first, "round {round}: another backend\n{}", pg.log_since(mark));
+            }
+            let log = pg.log_since(mark);
+            assert!(!log.contains("epoll_ctl") && !log.contains("terminated by signal"), "{log}");
+        },
+    );
+}
