@@ -299,7 +299,7 @@ pub fn define() {
     GucRegistry::define_bool_guc(
         c"nextgres.backend_batch_scheduling",
         c"Pooled backends run under the Linux SCHED_BATCH scheduling policy.",
-        c"A backend woken by the pooler or by its client's query then does not preempt the process that woke it, which saves context switches under saturation; its share of CPU is unchanged. Applied at each backend's next park; only backends started under the normal policy are moved.",
+        c"A backend woken by the pooler or by its client's query then does not preempt the process that woke it, which saves context switches under saturation; its share of CPU is unchanged. Applied once a backend has read the reload, at its next park or give-back of a client; only backends started under the normal policy are moved.",
         &BACKEND_BATCH_SCHEDULING,
         GucContext::Sighup,
         GucFlags::default(),

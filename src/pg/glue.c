@@ -16,6 +16,7 @@
 #include <pthread.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "access/heapam.h"
@@ -258,8 +259,12 @@ static bool febe_socket_in_set = false;
  * the redirection cannot be installed, attach adds the socket as before.
  */
 extern bool ng_patch_executable_got(const char *name, void *fn);
-typedef int (*epoll_ctl_fn) (int, int, int, struct epoll_event *);
-static epoll_ctl_fn real_epoll_ctl = NULL;
+/* The system call itself: no symbol lookup that could find the redirect. */
+static int
+real_epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
+{
+	return (int) syscall(SYS_epoll_ctl, epfd, op, fd, ev);
+}
 static bool febe_socket_pending = false;
 
 /* Installed in place of the executable's epoll_ctl(). */
@@ -296,24 +301,7 @@ febe_lazy_ready(void)
 	static int	state = 0;		/* 0 unknown, 1 yes, -1 no */
 
 	if (state == 0)
-	{
-		/*
-		 * libc's own definition: RTLD_DEFAULT could name the executable's
-		 * PLT entry (a non-PIE executable that takes the function's address),
-		 * which would jump back here once the GOT slot is redirected.
-		 */
-		void	   *libc = dlopen("libc.so.6", RTLD_LAZY | RTLD_NOLOAD);
-
-		state = -1;
-		if (libc != NULL)
-		{
-			real_epoll_ctl = (epoll_ctl_fn) dlsym(libc, "epoll_ctl");
-			dlclose(libc);
-		}
-		if (real_epoll_ctl != NULL && real_epoll_ctl != ng_epoll_ctl &&
-			ng_patch_executable_got("epoll_ctl", (void *) ng_epoll_ctl))
-			state = 1;
-	}
+		state = ng_patch_executable_got("epoll_ctl", (void *) ng_epoll_ctl) ? 1 : -1;
 	return state > 0;
 }
 
@@ -416,7 +404,8 @@ ng_febe_detach(void)
 	 * ReadyForQuery, before ReadCommand): that would be a ModifyWaitEvent
 	 * of a socket slot whose socket is not in the set (ENOENT, an ERROR
 	 * while parked).  The client's next statement arms it again
-	 * (start_xact_command), as after any ReadyForQuery.
+	 * (start_xact_command).  A direct connection leaves it running after
+	 * ReadyForQuery and ignores its expiry while idle (DoingCommandRead).
 	 */
 	if (get_timeout_active(CLIENT_CONNECTION_CHECK_TIMEOUT))
 		disable_timeout(CLIENT_CONNECTION_CHECK_TIMEOUT, false);
@@ -465,25 +454,29 @@ ng_park_wait(void *set, long timeout_ms)
  * go through CHECK_FOR_INTERRUPTS (FATAL, which exits; PG_TRY passes FATAL
  * through, it does not return).
  */
-void
-ng_park_service_interrupts(void)
+static void
+service_interrupts(bool notify)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 
 	ResetLatch(MyLatch);
-	QueryCancelPending = false;
-	if (catchupInterruptPending)
-		ProcessCatchupInterrupt();
 
 	/*
-	 * Anything else that raises an ERROR here (none is known: the client
-	 * connection check, which did, is stopped at release) must not unwind
-	 * into the Rust frames of the park: it ends the backend as a FATAL
-	 * instead, logged with its message; the pool logs in another.
+	 * A cancel aimed at the client just given back (the pooler routes it by
+	 * its books, which can lag a moment) is held and dropped.  Anything that
+	 * still raises an ERROR here (catch-up processing, a NOTIFY delivery
+	 * while lingering: none known to) must not unwind into the Rust frames
+	 * of the boundary: it ends the backend as a FATAL instead, logged with
+	 * its message; the pool logs in another.
 	 */
+	HOLD_CANCEL_INTERRUPTS();
 	PG_TRY();
 	{
+		if (catchupInterruptPending)
+			ProcessCatchupInterrupt();
 		CHECK_FOR_INTERRUPTS();
+		if (notify && notifyInterruptPending)
+			ProcessNotifyInterrupt(true);
 	}
 	PG_CATCH();
 	{
@@ -493,11 +486,18 @@ ng_park_service_interrupts(void)
 		e = CopyErrorData();
 		FlushErrorState();
 		ereport(FATAL,
-				(errcode(e->sqlerrcode),
-				 errmsg("nextgres: a parked pooled backend got an error: %s", e->message)));
+				(errcode(ERRCODE_INTERNAL_ERROR),
+				 errmsg("nextgres: error in a pooled backend between transactions: %s", e->message)));
 	}
 	PG_END_TRY();
+	RESUME_CANCEL_INTERRUPTS();
 	QueryCancelPending = false;
+}
+
+void
+ng_park_service_interrupts(void)
+{
+	service_interrupts(false);
 }
 
 /*
@@ -530,9 +530,7 @@ ng_linger_wait(long timeout_ms)
 void
 ng_linger_service_interrupts(void)
 {
-	ng_park_service_interrupts();
-	if (notifyInterruptPending)
-		ProcessNotifyInterrupt(true);
+	service_interrupts(true);
 }
 
 void
