@@ -11,7 +11,6 @@
 #define _GNU_SOURCE				/* struct ucred */
 #include "postgres.h"
 
-#include <dlfcn.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <sys/epoll.h>

@@ -1357,19 +1357,12 @@ bool
 ng_lazy_statements_init(void)
 {
 	static int	state = 0;		/* 0 unknown, 1 yes, -1 no */
-	bool		done = false;
 
 	if (state != 0)
 		return state > 0;
 	state = -1;
-#if __ELF_NATIVE_CLASS != 64
-	return false;				/* Elf64 relocations only */
-#endif
 	real_recv = (recv_fn) dlsym(RTLD_DEFAULT, "recv");
-	if (real_recv == NULL)
-		return false;
-	done = ng_patch_executable_got("recv", (void *) ng_recv);
-	if (done)
+	if (real_recv != NULL && ng_patch_executable_got("recv", (void *) ng_recv))
 		state = 1;
 	return state > 0;
 }
