@@ -5,12 +5,14 @@
 //! it in shared memory and goes on without parking.
 //!
 //! fd layout: `MyProcPort->sock` is the fd the server talks to its client on.
-//! At login it is the Unix socket to the pooler. At the first park we keep a
-//! duplicate of it, the *control* fd. Attaching dup2()s the client's socket
-//! onto `sock`; parking dup2()s the control fd back (`release_socket`), so
-//! `sock` always names a live socket and the server never notices the
-//! switch. A backend taking a client sent ahead goes straight from one
-//! client's socket to the next: nothing in between writes to `sock`.
+//! At login it is the Unix socket to the pooler, which stays open as the
+//! *control* fd. Attaching points `sock` at the client's socket as the
+//! pooler passed it (no dup2() onto a fixed number: the FE/BE wait set's
+//! socket entry follows, `glue::set_port_sock`); parking points it back at
+//! the control fd (`release_socket`) and closes the client's, so `sock`
+//! always names a live socket and the server never notices the switch. A
+//! backend taking a client sent ahead goes straight from one client's
+//! socket to the next: nothing in between writes to `sock`.
 use super::session;
 use crate::pg::glue::{self, LingerEvent, ParkEvent, ParkWaitSet};
 use crate::pg::session::{self as sess, Pin};
@@ -64,10 +66,9 @@ pub fn transaction_boundary() {
     STATE.with(|s| {
         let mut s = s.borrow_mut();
         let p = s.get_or_insert_with(|| {
-            // First boundary: the login's ReadyForQuery went to the pooler.
-            let sock = glue::port_sock();
-            let control = nix::fcntl::fcntl(sock, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(sock + 1))
-                .unwrap_or_else(|e| fatal(&format!("could not duplicate the control socket: {e}")));
+            // First boundary: the login's ReadyForQuery went to the pooler,
+            // on the socket that is the control socket from now on.
+            let control = glue::port_sock();
             // A pool login is no client's session; each client counts instead.
             sess::count_session(-1);
             Parking {
@@ -141,7 +142,7 @@ pub fn transaction_boundary() {
             // the pooler puts it back in line (`backend_gone`).
             let next = take_ahead(p);
             // Taking a client sent ahead, nothing runs between here and its
-            // socket's dup2 that could write to a client (the discard of a
+            // socket's attach that could write to a client (the discard of a
             // pinned session can: it gets the control socket first).
             if next.is_none() || pinned {
                 release_socket(p);
@@ -200,6 +201,9 @@ const SATURATED_WITHIN_US: i64 = 100_000;
 /// waiting client would still leave the slice (a burst's gap, not a mild
 /// queue).
 fn linger(p: &mut Parking, pinned: bool, sequence: bool) -> bool {
+    // The client is idle from here, as a direct one in ReadCommand: no
+    // connection check until its next statement (nor a wake-up for one).
+    glue::connection_check_stop();
     let optional = !pinned && !p.reserved;
     let boundary = std::time::Instant::now();
     let hold = if sequence {
@@ -531,13 +535,22 @@ fn release_prepare(client: u64) -> Vec<u8> {
     msg
 }
 
-/// Puts the control socket in place of the client's under `sock`, so
-/// nothing this backend writes while parked (an error report) can reach
-/// a client the pooler may have handed on. Not needed when the next
-/// client's socket replaces it at once (`attach_client`'s `dup2`).
+/// Puts the control socket in place of the client's under `sock` and
+/// closes the client's, so nothing this backend writes while parked (an
+/// error report) can reach a client the pooler may have handed on. Not
+/// needed when the next client's socket replaces it at once
+/// (`attach_client`).
 fn release_socket(p: &Parking) {
-    if let Err(e) = nix::unistd::dup2(p.control, glue::port_sock()) {
-        fatal(&format!("could not release the client socket: {e}"));
+    let old = glue::port_sock();
+    glue::set_port_sock(p.control);
+    close_client(p, old);
+}
+
+/// Closes a client socket that `sock` no longer names (never the control
+/// socket, which is `sock` while parked).
+fn close_client(p: &Parking, fd: RawFd) {
+    if fd != p.control && fd >= 0 {
+        let _ = nix::unistd::close(fd);
     }
 }
 
@@ -579,14 +592,11 @@ fn next_attach(p: &mut Parking) -> Option<(Attach, RawFd)> {
 }
 
 fn attach_client(p: &mut Parking, (mut a, fd): (Attach, RawFd), timer_was_on: bool) {
-    let sock = glue::port_sock();
-    if let Err(e) = nix::unistd::dup2(fd, sock) {
-        // Taking a client sent ahead, `sock` may still be the previous
-        // client's socket, given back already: the FATAL must not reach it.
-        release_socket(p);
-        fatal(&format!("could not attach the client socket: {e}"));
-    }
-    let _ = nix::unistd::close(fd);
+    // Taking a client sent ahead, `sock` is still the previous client's
+    // socket, given back already (out of FeBeWaitSet since release_prepare).
+    let old = glue::port_sock();
+    glue::set_port_sock(fd);
+    close_client(p, old);
     glue::febe_attach();
     // pg_stat_ssl: this client's TLS session, which the pooler terminates;
     // none for a plaintext client.

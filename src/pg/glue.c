@@ -358,9 +358,43 @@ febe_build(void)
 	}
 }
 
-/* After dup2() put the client's socket under MyProcPort->sock. */
+/*
+ * An ERROR here would unwind into the Rust frames of the boundary (their
+ * state and borrows left half-done): between transactions, a failure of the
+ * server's wait machinery (epoll_create or epoll_ctl: ENOMEM, EMFILE,
+ * ENOSPC) ends the backend as a FATAL instead, logged with its message; the
+ * pool logs in another.  `cxt` is the memory context the guarded code
+ * started in.
+ */
+static void
+rethrow_as_fatal(MemoryContext cxt)
+{
+	ErrorData  *e;
+
+	MemoryContextSwitchTo(cxt);
+	e = CopyErrorData();
+	FlushErrorState();
+	ereport(FATAL,
+			(errcode(ERRCODE_INTERNAL_ERROR),
+			 errmsg("nextgres: error in a pooled backend between transactions: %s", e->message)));
+}
+
+/*
+ * Points the server at another socket without a dup2() onto the old number:
+ * MyProcPort->sock, and FeBeWaitSet's socket entry, whose fd is what
+ * ModifyWaitEvent hands epoll_ctl.  Only while the socket is out of the set
+ * (after ng_febe_detach, before ng_febe_attach).
+ */
 void
-ng_febe_attach(void)
+ng_port_set_sock(int fd)
+{
+	MyProcPort->sock = fd;
+	if (febe_socket_event != NULL)
+		febe_socket_event->fd = fd;
+}
+
+static void
+febe_attach(void)
 {
 	struct epoll_event ev;
 
@@ -392,23 +426,48 @@ ng_febe_attach(void)
 	febe_socket_in_set = true;
 }
 
+/* After ng_port_set_sock put the client's socket under MyProcPort->sock. */
+void
+ng_febe_attach(void)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+
+	PG_TRY();
+	{
+		febe_attach();
+	}
+	PG_CATCH();
+	{
+		rethrow_as_fatal(cxt);
+	}
+	PG_END_TRY();
+}
+
+/*
+ * client_connection_check_interval's timer checks "the client" at its next
+ * expiry whenever !DoingCommandRead, and a pooled backend waits between
+ * transactions (lingering with its client, or parked without one) inside the
+ * flush of ReadyForQuery, before ReadCommand sets DoingCommandRead.  A direct
+ * connection leaves the timer running after ReadyForQuery and ignores its
+ * expiry while idle; here it would check a socket slot that holds no client
+ * while parked (ENOENT from epoll_ctl, an ERROR), and wake a lingering
+ * backend at every interval to look at an idle client, which the linger
+ * itself watches.  The client's next statement arms it again
+ * (start_xact_command).
+ */
+void
+ng_connection_check_stop(void)
+{
+	if (get_timeout_active(CLIENT_CONNECTION_CHECK_TIMEOUT))
+		disable_timeout(CLIENT_CONNECTION_CHECK_TIMEOUT, false);
+	CheckClientConnectionPending = false;
+}
+
 /* Before the client's socket leaves MyProcPort->sock. */
 void
 ng_febe_detach(void)
 {
-	/*
-	 * client_connection_check_interval's timer checks "the client" at its
-	 * next expiry, also while parked (ProcessInterrupts checks whenever
-	 * !DoingCommandRead, and a pooled backend parks inside the flush of
-	 * ReadyForQuery, before ReadCommand): that would be a ModifyWaitEvent
-	 * of a socket slot whose socket is not in the set (ENOENT, an ERROR
-	 * while parked).  The client's next statement arms it again
-	 * (start_xact_command).  A direct connection leaves it running after
-	 * ReadyForQuery and ignores its expiry while idle (DoingCommandRead).
-	 */
-	if (get_timeout_active(CLIENT_CONNECTION_CHECK_TIMEOUT))
-		disable_timeout(CLIENT_CONNECTION_CHECK_TIMEOUT, false);
-	CheckClientConnectionPending = false;
+	ng_connection_check_stop();
 	febe_socket_pending = false;	/* never waited on: nothing to delete */
 	if (febe_epoll_fd < 0 || !febe_socket_in_set)
 		return;
@@ -422,11 +481,21 @@ ng_febe_detach(void)
 void *
 ng_park_wait_set_create(int control_fd)
 {
-	WaitEventSet *set = create_session_wait_set(3);
+	MemoryContext cxt = CurrentMemoryContext;
+	WaitEventSet *volatile set = NULL;
 
-	AddWaitEventToSet(set, WL_SOCKET_READABLE, control_fd, NULL, NULL);
-	AddWaitEventToSet(set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
-	AddWaitEventToSet(set, WL_POSTMASTER_DEATH, PGINVALID_SOCKET, NULL, NULL);
+	PG_TRY();
+	{
+		set = create_session_wait_set(3);
+		AddWaitEventToSet(set, WL_SOCKET_READABLE, control_fd, NULL, NULL);
+		AddWaitEventToSet(set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
+		AddWaitEventToSet(set, WL_POSTMASTER_DEATH, PGINVALID_SOCKET, NULL, NULL);
+	}
+	PG_CATCH();
+	{
+		rethrow_as_fatal(cxt);
+	}
+	PG_END_TRY();
 	return set;
 }
 
@@ -434,16 +503,28 @@ ng_park_wait_set_create(int control_fd)
 int
 ng_park_wait(void *set, long timeout_ms)
 {
-	WaitEvent	ev;
-	int			n = WaitEventSetWait((WaitEventSet *) set, timeout_ms, &ev, 1, PG_WAIT_CLIENT);
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile int rc = 0;
 
-	if (n == 0)
-		return 0;
-	if (ev.events & WL_POSTMASTER_DEATH)
-		return 3;
-	if (ev.events & WL_LATCH_SET)
-		return 2;
-	return 1;
+	PG_TRY();
+	{
+		WaitEvent	ev;
+
+		if (WaitEventSetWait((WaitEventSet *) set, timeout_ms, &ev, 1, PG_WAIT_CLIENT) == 0)
+			rc = 0;
+		else if (ev.events & WL_POSTMASTER_DEATH)
+			rc = 3;
+		else if (ev.events & WL_LATCH_SET)
+			rc = 2;
+		else
+			rc = 1;
+	}
+	PG_CATCH();
+	{
+		rethrow_as_fatal(cxt);
+	}
+	PG_END_TRY();
+	return rc;
 }
 
 /*
@@ -479,14 +560,7 @@ service_interrupts(bool notify)
 	}
 	PG_CATCH();
 	{
-		ErrorData  *e;
-
-		MemoryContextSwitchTo(cxt);
-		e = CopyErrorData();
-		FlushErrorState();
-		ereport(FATAL,
-				(errcode(ERRCODE_INTERNAL_ERROR),
-				 errmsg("nextgres: error in a pooled backend between transactions: %s", e->message)));
+		rethrow_as_fatal(cxt);
 	}
 	PG_END_TRY();
 	RESUME_CANCEL_INTERRUPTS();
@@ -508,18 +582,30 @@ ng_park_service_interrupts(void)
 int
 ng_linger_wait(long timeout_ms)
 {
-	WaitEvent	ev;
-	int			n;
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile int rc = 0;
 
-	ModifyWaitEvent(FeBeWaitSet, FeBeWaitSetSocketPos, WL_SOCKET_READABLE, NULL);
-	n = WaitEventSetWait(FeBeWaitSet, timeout_ms, &ev, 1, WAIT_EVENT_CLIENT_READ);
-	if (n == 0)
-		return 0;
-	if (ev.events & WL_POSTMASTER_DEATH)
-		return 3;
-	if (ev.events & WL_LATCH_SET)
-		return 2;
-	return 1;
+	/* ModifyWaitEvent's lazy ADD of the socket can fail (ENOMEM, ENOSPC). */
+	PG_TRY();
+	{
+		WaitEvent	ev;
+
+		ModifyWaitEvent(FeBeWaitSet, FeBeWaitSetSocketPos, WL_SOCKET_READABLE, NULL);
+		if (WaitEventSetWait(FeBeWaitSet, timeout_ms, &ev, 1, WAIT_EVENT_CLIENT_READ) == 0)
+			rc = 0;
+		else if (ev.events & WL_POSTMASTER_DEATH)
+			rc = 3;
+		else if (ev.events & WL_LATCH_SET)
+			rc = 2;
+		else
+			rc = 1;
+	}
+	PG_CATCH();
+	{
+		rethrow_as_fatal(cxt);
+	}
+	PG_END_TRY();
+	return rc;
 }
 
 /*

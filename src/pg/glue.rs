@@ -129,6 +129,8 @@ extern "C" {
     fn ng_consume_buffered_terminate() -> bool;
     fn ng_febe_attach();
     fn ng_febe_detach();
+    fn ng_port_set_sock(fd: c_int);
+    fn ng_connection_check_stop();
     fn ng_park_wait_set_create(control_fd: c_int) -> *mut c_void;
     fn ng_park_wait(set: *mut c_void, timeout_ms: c_long) -> c_int;
     fn ng_park_service_interrupts();
@@ -218,17 +220,32 @@ pub fn consume_buffered_terminate() -> bool {
     unsafe { ng_consume_buffered_terminate() }
 }
 
-/// Must follow every dup2() of a client's socket onto `MyProcPort->sock`:
-/// the FE/BE wait set watches it from then on (epoll tracks open files, not
-/// fd numbers).
+/// Must follow every change of the socket under `MyProcPort->sock`
+/// (`set_port_sock`, or a dup2() onto it): the FE/BE wait set watches it
+/// from then on (epoll tracks open files, not fd numbers). A failure of the
+/// wait set's system calls is a FATAL (XX000), never an ERROR.
 pub fn febe_attach() {
     unsafe { ng_febe_attach() }
 }
 
-/// Must precede the dup2() that takes the client's socket away from
-/// `MyProcPort->sock`.
+/// Must precede every change of the socket under `MyProcPort->sock`. Stops
+/// the connection-check timer too (`connection_check_stop`).
 pub fn febe_detach() {
     unsafe { ng_febe_detach() }
+}
+
+/// Points `MyProcPort->sock` (and the FE/BE wait set's socket entry) at
+/// `fd`, between `febe_detach` and `febe_attach`. The fd it held stays open:
+/// the caller closes it.
+pub fn set_port_sock(fd: i32) {
+    unsafe { ng_port_set_sock(fd) }
+}
+
+/// Stops `client_connection_check_interval`'s timer until the client's
+/// next statement arms it again: between transactions the backend watches
+/// its client (or has none) itself (glue.c).
+pub fn connection_check_stop() {
+    unsafe { ng_connection_check_stop() }
 }
 
 pub struct ParkWaitSet(*mut c_void);

@@ -1319,3 +1319,44 @@ fn connection_check_timer_does_not_fire_while_parked() {
         },
     );
 }
+
+/// A backend keeping its idle client (`hold_idle_clients`, nobody waits)
+/// treats it as idle, as a direct backend in ReadCommand: the
+/// connection-check timer armed by the client's last statement does not
+/// run on (it woke the lingering backend at every interval to look at a
+/// socket the linger watches anyway). Counted as the backend's voluntary
+/// context switches over one second with a 20 ms interval: about 50 while
+/// the timer runs, none or a few without it.
+#[test]
+fn connection_check_timer_does_not_wake_a_lingering_backend() {
+    run(
+        Cluster::builder()
+            .conf("nextgres.pool_size = 1")
+            .conf("nextgres.hold_idle_clients = on")
+            .conf("client_connection_check_interval = '20ms'"),
+        |pg| {
+            let mut c = pg.connect_tcp(APP, DB, None).expect("client");
+            let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).expect("pid").get(0);
+            let switches = || -> u64 {
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/<pid>/status");
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                    .expect("voluntary_ctxt_switches")
+                    .trim()
+                    .parse()
+                    .expect("a count")
+            };
+            std::thread::sleep(Duration::from_millis(200));
+            let before = switches();
+            std::thread::sleep(Duration::from_secs(1));
+            let woke = switches() - before;
+            assert!(woke < 10, "the lingering backend woke {woke} times in 1 s\n{}", pg.log_tail(20));
+            // Its client is still served there, and the check runs again
+            // during a statement: a client gone mid-query is still noticed
+            // (connection_check_sees_a_pooled_client_vanish_mid_query).
+            let again: i32 = c.query_one("SELECT pg_backend_pid()", &[]).expect("pid").get(0);
+            assert_eq!(again, pid, "{}", pg.log_tail(20));
+        },
+    );
+}
