@@ -204,6 +204,12 @@ pub struct BackendRow {
     /// its ReadyForQuery(I) or the pooler taking it back. Only ever accessed
     /// atomically.
     pub ahead: u64,
+    /// Ticket of an ATTACH sent ahead that the backend had not claimed when
+    /// its RELEASED was read: the pooler *handed* it the client (it claims
+    /// it once parked, `ahead_claim_handed`) and moved the ticket here, so
+    /// `ahead` is free for the next client sent ahead. 0 when none. Only
+    /// ever accessed atomically.
+    pub handed: u64,
 }
 
 fn caps() -> (usize, usize, usize) {
@@ -542,6 +548,41 @@ fn ahead_word(t: &Tables, row: usize) -> Option<&AtomicU64> {
     // SAFETY: the field is a u64 in shared memory that every process reads
     // and writes only through this atomic view.
     Some(unsafe { AtomicU64::from_ptr(&mut r.ahead) })
+}
+
+/// The `BackendRow::handed` word of `row` as an atomic (as `ahead_word`).
+fn handed_word(t: &Tables, row: usize) -> Option<&AtomicU64> {
+    let r = t.backends_raw().get_mut(row)?;
+    // SAFETY: as ahead_word.
+    Some(unsafe { AtomicU64::from_ptr(&mut r.handed) })
+}
+
+/// Pooler, reading RELEASED of the backend of `row` with `ticket` still
+/// unclaimed: hands that client to the backend, parking now. The ticket
+/// moves to `handed` before it leaves `ahead`, so the backend's claim
+/// (`ahead_claim` or `ahead_claim_handed`) finds it in one of them. False
+/// when the backend claimed it meanwhile (it serves it: nothing to hand).
+pub fn ahead_hand(row: usize, ticket: u64) -> bool {
+    let Some(t) = tables() else { return false };
+    let (Some(a), Some(h)) = (ahead_word(&t, row), handed_word(&t, row)) else { return false };
+    h.store(ticket, Ordering::Release);
+    if a.compare_exchange(ticket, 0, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+        return true;
+    }
+    let _ = h.compare_exchange(ticket, 0, Ordering::AcqRel, Ordering::Acquire);
+    false
+}
+
+/// Is `ticket` the client handed to the backend of `row`, still unclaimed?
+pub fn ahead_handed_is(row: usize, ticket: u64) -> bool {
+    tables().and_then(|t| handed_word(&t, row).map(|w| w.load(Ordering::Acquire) == ticket)).unwrap_or(false)
+}
+
+/// The backend's claim of a client handed to it (`ahead_hand`), or the
+/// pooler's when that backend died first: true for the one caller whose
+/// swap of `ticket` to 0 succeeded.
+pub fn ahead_claim_handed(row: usize, ticket: u64) -> bool {
+    tables().and_then(|t| handed_word(&t, row).map(|w| w.compare_exchange(ticket, 0, Ordering::AcqRel, Ordering::Acquire).is_ok())).unwrap_or(false)
 }
 
 /// Takes the client of the ATTACH sent ahead under `ticket` to the backend

@@ -392,10 +392,18 @@ fn next_buffered_attach(p: &mut Parking, parked: bool) -> Option<(Attach, RawFd)
                 p.inbuf.drain(..used);
                 let Some(fd) = p.fds.pop_front() else { fatal("an ATTACH came without its client socket") };
                 match a.ahead {
-                    // Its socket did not fit (EMFILE): left unclaimed, the
-                    // pooler takes the client back when it reads RELEASED.
+                    // Its socket did not fit (EMFILE). Parked, with the
+                    // ticket still there: the pooler may have handed the
+                    // client to this backend already (`ahead::
+                    // backend_ahead_settle`), so it cannot be left unread:
+                    // the FATAL goes to the pooler, which passes it on.
+                    Some(x) if fd == NO_FD && parked && crate::shmem::ahead_handed_is(x.backend_row as usize, x.ticket) => fatal(EMFILE_MSG),
+                    // At a boundary: left unclaimed, the pooler takes the
+                    // client back when it reads RELEASED.
                     Some(_) if fd == NO_FD => {}
                     Some(x) if crate::shmem::ahead_claim(x.backend_row as usize, x.ticket) => return Some((a, fd)),
+                    // Handed to this backend once parked (`shmem::ahead_hand`).
+                    Some(x) if parked && crate::shmem::ahead_claim_handed(x.backend_row as usize, x.ticket) => return Some((a, fd)),
                     Some(_) => {
                         let _ = nix::unistd::close(fd); // taken back: never read it
                     }

@@ -248,19 +248,36 @@ impl Pooler {
     }
 
     /// RELEASED from `bk`: settles what was sent ahead to it. Some(client)
-    /// when the backend claimed it (it serves it now); otherwise the client
-    /// (if any) is taken back to the head of the queue.
+    /// when the backend serves it now: claimed at its boundary, or not yet
+    /// (its ReadyForQuery came before the ATTACH reached it) and then
+    /// *handed*: the ATTACH is in its socket, and the backend, parking now,
+    /// claims it there. Taking it back instead, to send it again (most
+    /// likely to this very backend, now parked), cost a second ATTACH with
+    /// its socket for 46% of a saturated pool's transactions (pgbench -S,
+    /// 100 clients, pool 16; BENCHMARKS.md issue 15 sixth step). None: no
+    /// client was sent ahead, or the one sent is no longer waiting for this
+    /// backend (taken back to the head of the queue if still there).
     pub fn backend_ahead_settle(&mut self, bk: usize) -> Option<usize> {
         let b = self.backend(bk)?;
         b.ahead_blocked = false;
+        b.handed = None;
         let a = b.ahead.take()?;
         let (row, pool) = (b.row, b.pool);
-        if crate::shmem::ahead_claim(row, a.ticket) {
-            // Not claimed (the backend parked or kept its client): waiting
-            // again (a client that left is closed once the janitor watches
-            // it for a hang-up, or by the backend it reaches).
-            self.client_requeue_ahead(a.client);
-            return None;
+        let waiting_here = self
+            .client(a.client)
+            .is_some_and(|c| c.id == a.client_id && matches!(c.phase, Phase::Ahead { backend, .. } if backend == bk));
+        if crate::shmem::ahead_is(row, a.ticket) {
+            if !waiting_here {
+                if crate::shmem::ahead_claim(row, a.ticket) {
+                    self.client_requeue_ahead(a.client);
+                }
+                return None;
+            }
+            if crate::shmem::ahead_hand(row, a.ticket) {
+                if let Some(b) = self.backend(bk) {
+                    b.handed = Some(a.ticket);
+                }
+            }
         }
         if let Some(p) = self.pools.get_mut(pool) {
             p.ahead = p.ahead.saturating_sub(1);

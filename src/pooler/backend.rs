@@ -50,6 +50,13 @@ pub struct Backend {
     /// An ATTACH sent ahead was taken back and still sits unread in its
     /// socket: nothing more is sent ahead until its next RELEASED.
     pub ahead_blocked: bool,
+    /// The ticket of the client it is attached to, when that client's
+    /// ATTACH was sent ahead and not yet claimed as it gave its previous
+    /// client back (`ahead::backend_ahead_settle`): it claims it once
+    /// parked. Should it die first, the ticket is still there and the
+    /// client, never touched, waits again (`backend_gone`). Until its next
+    /// RELEASED.
+    pub handed: Option<u64>,
     /// SIGTERM sent (kill_client, kill_clients): it gets no client any
     /// more; closed when it gives its client back.
     pub terminating: bool,
@@ -123,6 +130,7 @@ impl Pooler {
             attached_at: Instant::now(),
             ahead: None,
             ahead_blocked: false,
+            handed: None,
             terminating: false,
         };
         if own {
@@ -341,6 +349,12 @@ impl Pooler {
             }
             self.client_requeue_ahead(ck);
         }
+        // The client handed to it with the ATTACH sent ahead, if it died
+        // before claiming it: never touched, it waits again (below).
+        let unserved = match self.conns.get(key) {
+            Some(Conn::Backend(b)) => b.handed.is_some_and(|t| crate::shmem::ahead_claim_handed(b.row, t)),
+            _ => false,
+        };
         let Some(Conn::Backend(b)) = self.conns.try_remove(key) else { return };
         conn::remove(&self.epoll, &b.stream);
         self.backend_row_free(b.row);
@@ -372,6 +386,14 @@ impl Pooler {
             }
         }
         match b.phase {
+            // Unless it was terminated for that client (kill_client), or
+            // told the pooler why it could not serve it: then as below.
+            BPhase::Attached { client } if unserved && !b.terminating && login_failure.is_none() => {
+                if let Some(c) = self.client(client) {
+                    c.phase = super::client::Phase::Idle;
+                    self.client_needs_backend(client);
+                }
+            }
             BPhase::Attached { client } => {
                 // The backend wrote its own FATAL (if any) to the client;
                 // one it sent the pooler instead (`fatal`) is passed on.
