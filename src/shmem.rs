@@ -561,7 +561,8 @@ fn handed_word(t: &Tables, row: usize) -> Option<&AtomicU64> {
 /// unclaimed: hands that client to the backend, parking now. The ticket
 /// moves to `handed` before it leaves `ahead`, so the backend's claim
 /// (`ahead_claim` or `ahead_claim_handed`) finds it in one of them. False
-/// when the backend claimed it meanwhile (it serves it: nothing to hand).
+/// when the backend claimed it meanwhile (it serves it: nothing to hand),
+/// or refused it (`ahead_refuse`).
 pub fn ahead_hand(row: usize, ticket: u64) -> bool {
     let Some(t) = tables() else { return false };
     let (Some(a), Some(h)) = (ahead_word(&t, row), handed_word(&t, row)) else { return false };
@@ -591,6 +592,27 @@ pub fn ahead_claim_handed(row: usize, ticket: u64) -> bool {
 /// which must not touch the client's socket.
 pub fn ahead_claim(row: usize, ticket: u64) -> bool {
     tables().and_then(|t| ahead_word(&t, row).map(|w| w.compare_exchange(ticket, 0, Ordering::AcqRel, Ordering::Acquire).is_ok())).unwrap_or(false)
+}
+
+/// Marks a ticket in `BackendRow::ahead` as refused by its backend
+/// (`ahead_refuse`). The pooler's tickets never have this bit.
+pub const AHEAD_REFUSED: u64 = 1 << 63;
+
+/// The backend of `row` could not take the client of `ticket` (its socket
+/// did not come with the ATTACH: EMFILE): marks it refused, so the pooler,
+/// reading its RELEASED, takes the client back instead of handing it over
+/// (`ahead_take_refused`). False when the ticket was no longer offered.
+pub fn ahead_refuse(row: usize, ticket: u64) -> bool {
+    tables()
+        .and_then(|t| ahead_word(&t, row).map(|w| w.compare_exchange(ticket, ticket | AHEAD_REFUSED, Ordering::AcqRel, Ordering::Acquire).is_ok()))
+        .unwrap_or(false)
+}
+
+/// Pooler: clears a ticket its backend refused; true if it was.
+pub fn ahead_take_refused(row: usize, ticket: u64) -> bool {
+    tables()
+        .and_then(|t| ahead_word(&t, row).map(|w| w.compare_exchange(ticket | AHEAD_REFUSED, 0, Ordering::AcqRel, Ordering::Acquire).is_ok()))
+        .unwrap_or(false)
 }
 
 /// Is `ticket` still the one published in backend row `row`? (False: it

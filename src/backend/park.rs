@@ -67,8 +67,11 @@ pub fn transaction_boundary() {
         let mut s = s.borrow_mut();
         let p = s.get_or_insert_with(|| {
             // First boundary: the login's ReadyForQuery went to the pooler,
-            // on the socket that is the control socket from now on.
+            // on the socket that is the control socket from now on. Not
+            // inherited by a program this backend runs (COPY ... PROGRAM):
+            // one that outlived it would keep the pooler from seeing it go.
             let control = glue::port_sock();
+            let _ = nix::fcntl::fcntl(control, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
             // A pool login is no client's session; each client counts instead.
             sess::count_session(-1);
             Parking {
@@ -392,15 +395,18 @@ fn next_buffered_attach(p: &mut Parking, parked: bool) -> Option<(Attach, RawFd)
                 p.inbuf.drain(..used);
                 let Some(fd) = p.fds.pop_front() else { fatal("an ATTACH came without its client socket") };
                 match a.ahead {
-                    // Its socket did not fit (EMFILE). Parked, with the
-                    // ticket still there: the pooler may have handed the
-                    // client to this backend already (`ahead::
-                    // backend_ahead_settle`), so it cannot be left unread:
-                    // the FATAL goes to the pooler, which passes it on.
-                    Some(x) if fd == NO_FD && parked && crate::shmem::ahead_handed_is(x.backend_row as usize, x.ticket) => fatal(EMFILE_MSG),
-                    // At a boundary: left unclaimed, the pooler takes the
-                    // client back when it reads RELEASED.
-                    Some(_) if fd == NO_FD => {}
+                    // Its socket did not fit (EMFILE): refused, the pooler
+                    // takes the client back when it reads RELEASED. Handed
+                    // to this backend already (parked, its RELEASED read:
+                    // `pooler::ahead::backend_ahead_settle`) it cannot be
+                    // refused: this backend ends, and the pooler, finding
+                    // it unclaimed, puts the client back in line.
+                    Some(x) if fd == NO_FD => {
+                        let row = x.backend_row as usize;
+                        if !crate::shmem::ahead_refuse(row, x.ticket) && parked && crate::shmem::ahead_handed_is(row, x.ticket) {
+                            fatal(EMFILE_MSG)
+                        }
+                    }
                     Some(x) if crate::shmem::ahead_claim(x.backend_row as usize, x.ticket) => return Some((a, fd)),
                     // Handed to this backend once parked (`shmem::ahead_hand`).
                     Some(x) if parked && crate::shmem::ahead_claim_handed(x.backend_row as usize, x.ticket) => return Some((a, fd)),

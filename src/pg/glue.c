@@ -438,6 +438,12 @@ ng_febe_attach(void)
 	}
 	PG_CATCH();
 	{
+		/*
+		 * The set may be gone or half built: writing the FATAL to the client
+		 * would wait on it (secure_write).  The log has it; the client sees
+		 * its connection close.
+		 */
+		whereToSendOutput = DestNone;
 		rethrow_as_fatal(cxt);
 	}
 	PG_END_TRY();

@@ -43,6 +43,18 @@ pub const CONTROL_SNDBUF: usize = 4 * MAX_AHEAD_MESSAGE;
 /// still wait in the pooler's queue.
 const MIN_AHEAD_PATIENCE: Duration = Duration::from_millis(1);
 
+/// A client handed to a backend at its RELEASED (`backend_ahead_settle`),
+/// not yet claimed there: what puts it back in line as it was, should that
+/// backend die first (`client_requeue_handed`).
+#[derive(Clone, Copy)]
+pub struct Handed {
+    pub ticket: u64,
+    /// When it started waiting.
+    pub since: Instant,
+    /// Its session was counted before (no FLAG_SESSION_START again).
+    pub session_counted: bool,
+}
+
 /// The client an ATTACH was sent ahead for, as its backend holds it.
 pub struct AheadOf {
     pub client: usize,
@@ -163,7 +175,7 @@ impl Pooler {
     }
 
     fn next_ticket(&mut self) -> u64 {
-        self.next_ticket = self.next_ticket.wrapping_add(1).max(1);
+        self.next_ticket = (self.next_ticket.wrapping_add(1) & !crate::shmem::AHEAD_REFUSED).max(1);
         self.next_ticket
     }
 
@@ -247,6 +259,26 @@ impl Pooler {
         self.client_rearm(ck);
     }
 
+    /// A client handed to a backend that died before it claimed it
+    /// (`backend_gone`): never touched, it is served next, as if it had
+    /// never been sent.
+    pub fn client_requeue_handed(&mut self, ck: usize, h: Handed) {
+        let Some(c) = self.client(ck) else { return };
+        c.session_counted = h.session_counted;
+        c.phase = Phase::Idle;
+        self.client_needs_backend(ck);
+        // Queued (no backend parked): at the head, with its first wait.
+        let Some(c) = self.client(ck) else { return };
+        if let (true, Some(pool)) = (matches!(c.phase, Phase::Waiting { .. }), c.pool) {
+            c.phase = Phase::Waiting { since: h.since };
+            let q = &mut self.pools[pool].waiting;
+            if let Some(i) = q.iter().position(|&k| k == ck) {
+                q.remove(i);
+                q.push_front(ck);
+            }
+        }
+    }
+
     /// RELEASED from `bk`: settles what was sent ahead to it. Some(client)
     /// when the backend serves it now: claimed at its boundary, or not yet
     /// (its ReadyForQuery came before the ATTACH reached it) and then
@@ -263,21 +295,30 @@ impl Pooler {
         b.handed = None;
         let a = b.ahead.take()?;
         let (row, pool) = (b.row, b.pool);
-        let waiting_here = self
-            .client(a.client)
-            .is_some_and(|c| c.id == a.client_id && matches!(c.phase, Phase::Ahead { backend, .. } if backend == bk));
+        let here = self.client(a.client).and_then(|c| match c.phase {
+            Phase::Ahead { backend, since } if backend == bk && c.id == a.client_id => Some((since, c.session_counted)),
+            _ => None,
+        });
         if crate::shmem::ahead_is(row, a.ticket) {
-            if !waiting_here {
-                if crate::shmem::ahead_claim(row, a.ticket) {
-                    self.client_requeue_ahead(a.client);
+            match here {
+                Some((since, session_counted)) if crate::shmem::ahead_hand(row, a.ticket) => {
+                    if let Some(b) = self.backend(bk) {
+                        b.handed = Some(Handed { ticket: a.ticket, since, session_counted });
+                    }
                 }
-                return None;
-            }
-            if crate::shmem::ahead_hand(row, a.ticket) {
-                if let Some(b) = self.backend(bk) {
-                    b.handed = Some(a.ticket);
+                Some(_) => {} // claimed (served) or refused meanwhile: below
+                None => {
+                    if crate::shmem::ahead_claim(row, a.ticket) {
+                        self.client_requeue_ahead(a.client);
+                    }
+                    return None;
                 }
             }
+        }
+        if crate::shmem::ahead_take_refused(row, a.ticket) {
+            // Its socket never reached the backend (EMFILE): waiting again.
+            self.client_requeue_ahead(a.client);
+            return None;
         }
         if let Some(p) = self.pools.get_mut(pool) {
             p.ahead = p.ahead.saturating_sub(1);

@@ -56,7 +56,7 @@ pub struct Backend {
     /// parked. Should it die first, the ticket is still there and the
     /// client, never touched, waits again (`backend_gone`). Until its next
     /// RELEASED.
-    pub handed: Option<u64>,
+    pub handed: Option<super::ahead::Handed>,
     /// SIGTERM sent (kill_client, kill_clients): it gets no client any
     /// more; closed when it gives its client back.
     pub terminating: bool,
@@ -352,8 +352,8 @@ impl Pooler {
         // The client handed to it with the ATTACH sent ahead, if it died
         // before claiming it: never touched, it waits again (below).
         let unserved = match self.conns.get(key) {
-            Some(Conn::Backend(b)) => b.handed.is_some_and(|t| crate::shmem::ahead_claim_handed(b.row, t)),
-            _ => false,
+            Some(Conn::Backend(b)) => b.handed.filter(|h| crate::shmem::ahead_claim_handed(b.row, h.ticket)),
+            _ => None,
         };
         let Some(Conn::Backend(b)) = self.conns.try_remove(key) else { return };
         conn::remove(&self.epoll, &b.stream);
@@ -386,12 +386,12 @@ impl Pooler {
             }
         }
         match b.phase {
-            // Unless it was terminated for that client (kill_client), or
-            // told the pooler why it could not serve it: then as below.
-            BPhase::Attached { client } if unserved && !b.terminating && login_failure.is_none() => {
-                if let Some(c) = self.client(client) {
-                    c.phase = super::client::Phase::Idle;
-                    self.client_needs_backend(client);
+            // Even if it said why (a FATAL while parked: terminated, or
+            // EMFILE), which was not about that client; unless it was
+            // terminated for that client (kill_client): then as below.
+            BPhase::Attached { client } if unserved.is_some() && !b.terminating => {
+                if let Some(h) = unserved {
+                    self.client_requeue_handed(client, h);
                 }
             }
             BPhase::Attached { client } => {
