@@ -226,10 +226,11 @@ ng_consume_buffered_terminate(void)
 }
 
 /*
- * epoll follows file descriptions, not fd numbers: after dup2() puts another
- * socket under MyProcPort->sock, the FE/BE wait set's socket entry still
- * watches the old one, and PostgreSQL has no call to re-point it
- * (ModifyWaitEvent only changes the mask of the existing entry).  Rebuilding
+ * epoll follows file descriptions, not fd numbers: once another socket is
+ * under MyProcPort->sock, the FE/BE wait set's socket entry still watches
+ * the old one, and PostgreSQL has no call to re-point it (ModifyWaitEvent
+ * only changes the mask of the existing entry; ng_port_set_sock rewrites the
+ * entry's fd, which is what ModifyWaitEvent hands epoll_ctl).  Rebuilding
  * the set per attach (epoll_create, three epoll_ctl, close) cost ~9% of a
  * pooled backend's CPU in the prototype, so the set is built once, at the
  * first attach, and then only its socket entry moves: detach deletes it
