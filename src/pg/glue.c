@@ -506,9 +506,15 @@ ng_park_wait_set_create(int control_fd)
 	return set;
 }
 
-/* Returns 1 control socket readable, 2 latch set, 3 postmaster death, 0 timeout. */
-int
-ng_park_wait(void *set, long timeout_ms)
+/*
+ * One wait between transactions (parked, or lingering with an idle client):
+ * 1 socket readable, 2 latch set, 3 postmaster death, 0 timeout.
+ * `arm_client`: first set FeBeWaitSet's client socket to readable (its lazy
+ * ADD, ng_epoll_ctl, can fail: ENOMEM, ENOSPC).  An ERROR ends the backend
+ * as a FATAL (rethrow_as_fatal).
+ */
+static int
+wait_between_transactions(WaitEventSet *set, long timeout_ms, uint32 wait_event, bool arm_client)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	volatile int rc = 0;
@@ -517,7 +523,9 @@ ng_park_wait(void *set, long timeout_ms)
 	{
 		WaitEvent	ev;
 
-		if (WaitEventSetWait((WaitEventSet *) set, timeout_ms, &ev, 1, PG_WAIT_CLIENT) == 0)
+		if (arm_client)
+			ModifyWaitEvent(set, FeBeWaitSetSocketPos, WL_SOCKET_READABLE, NULL);
+		if (WaitEventSetWait(set, timeout_ms, &ev, 1, wait_event) == 0)
 			rc = 0;
 		else if (ev.events & WL_POSTMASTER_DEATH)
 			rc = 3;
@@ -532,6 +540,13 @@ ng_park_wait(void *set, long timeout_ms)
 	}
 	PG_END_TRY();
 	return rc;
+}
+
+/* Parked: 1 control socket readable (see wait_between_transactions). */
+int
+ng_park_wait(void *set, long timeout_ms)
+{
+	return wait_between_transactions((WaitEventSet *) set, timeout_ms, PG_WAIT_CLIENT, false);
 }
 
 /*
@@ -589,30 +604,7 @@ ng_park_service_interrupts(void)
 int
 ng_linger_wait(long timeout_ms)
 {
-	MemoryContext cxt = CurrentMemoryContext;
-	volatile int rc = 0;
-
-	/* ModifyWaitEvent's lazy ADD of the socket can fail (ENOMEM, ENOSPC). */
-	PG_TRY();
-	{
-		WaitEvent	ev;
-
-		ModifyWaitEvent(FeBeWaitSet, FeBeWaitSetSocketPos, WL_SOCKET_READABLE, NULL);
-		if (WaitEventSetWait(FeBeWaitSet, timeout_ms, &ev, 1, WAIT_EVENT_CLIENT_READ) == 0)
-			rc = 0;
-		else if (ev.events & WL_POSTMASTER_DEATH)
-			rc = 3;
-		else if (ev.events & WL_LATCH_SET)
-			rc = 2;
-		else
-			rc = 1;
-	}
-	PG_CATCH();
-	{
-		rethrow_as_fatal(cxt);
-	}
-	PG_END_TRY();
-	return rc;
+	return wait_between_transactions(FeBeWaitSet, timeout_ms, WAIT_EVENT_CLIENT_READ, true);
 }
 
 /*
