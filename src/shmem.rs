@@ -540,21 +540,40 @@ impl Tables {
     }
 }
 
-/// The `BackendRow::ahead` word of `row` as an atomic. The rows live in the
-/// shared segment for the server's life (8-aligned: repr(C) rows, 16-byte
-/// aligned table).
-fn ahead_word(t: &Tables, row: usize) -> Option<&AtomicU64> {
-    let r = t.backends_raw().get_mut(row)?;
-    // SAFETY: the field is a u64 in shared memory that every process reads
-    // and writes only through this atomic view.
-    Some(unsafe { AtomicU64::from_ptr(&mut r.ahead) })
+/// The two ticket words of a `BackendRow` (attach ahead).
+#[derive(Clone, Copy)]
+enum Word {
+    /// `BackendRow::ahead`
+    Ahead,
+    /// `BackendRow::handed`
+    Handed,
 }
 
-/// The `BackendRow::handed` word of `row` as an atomic (as `ahead_word`).
-fn handed_word(t: &Tables, row: usize) -> Option<&AtomicU64> {
+/// Word `w` of backend row `row` as an atomic. The rows live in the shared
+/// segment for the server's life (8-aligned: repr(C) rows, 16-byte aligned
+/// table).
+fn ticket_word(t: &Tables, row: usize, w: Word) -> Option<&AtomicU64> {
     let r = t.backends_raw().get_mut(row)?;
-    // SAFETY: as ahead_word.
-    Some(unsafe { AtomicU64::from_ptr(&mut r.handed) })
+    let field = match w {
+        Word::Ahead => &mut r.ahead,
+        Word::Handed => &mut r.handed,
+    };
+    // SAFETY: the field is a u64 in shared memory that every process reads
+    // and writes only through this atomic view.
+    Some(unsafe { AtomicU64::from_ptr(field) })
+}
+
+/// Swaps word `w` of `row` from `from` to `to`: true for the one caller
+/// whose swap succeeded (false too without shared memory or row).
+fn ticket_swap(row: usize, w: Word, from: u64, to: u64) -> bool {
+    tables()
+        .and_then(|t| ticket_word(&t, row, w).map(|a| a.compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire).is_ok()))
+        .unwrap_or(false)
+}
+
+/// Word `w` of `row` (None without shared memory or row).
+fn ticket_load(row: usize, w: Word) -> Option<u64> {
+    tables().and_then(|t| ticket_word(&t, row, w).map(|a| a.load(Ordering::Acquire)))
 }
 
 /// Pooler, reading RELEASED of the backend of `row` with `ticket` still
@@ -565,25 +584,25 @@ fn handed_word(t: &Tables, row: usize) -> Option<&AtomicU64> {
 /// or refused it (`ahead_refuse`).
 pub fn ahead_hand(row: usize, ticket: u64) -> bool {
     let Some(t) = tables() else { return false };
-    let (Some(a), Some(h)) = (ahead_word(&t, row), handed_word(&t, row)) else { return false };
+    let Some(h) = ticket_word(&t, row, Word::Handed) else { return false };
     h.store(ticket, Ordering::Release);
-    if a.compare_exchange(ticket, 0, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+    if ticket_swap(row, Word::Ahead, ticket, 0) {
         return true;
     }
-    let _ = h.compare_exchange(ticket, 0, Ordering::AcqRel, Ordering::Acquire);
+    ticket_swap(row, Word::Handed, ticket, 0);
     false
 }
 
 /// Is `ticket` the client handed to the backend of `row`, still unclaimed?
 pub fn ahead_handed_is(row: usize, ticket: u64) -> bool {
-    tables().and_then(|t| handed_word(&t, row).map(|w| w.load(Ordering::Acquire) == ticket)).unwrap_or(false)
+    ticket_load(row, Word::Handed) == Some(ticket)
 }
 
 /// The backend's claim of a client handed to it (`ahead_hand`), or the
 /// pooler's when that backend died first: true for the one caller whose
 /// swap of `ticket` to 0 succeeded.
 pub fn ahead_claim_handed(row: usize, ticket: u64) -> bool {
-    tables().and_then(|t| handed_word(&t, row).map(|w| w.compare_exchange(ticket, 0, Ordering::AcqRel, Ordering::Acquire).is_ok())).unwrap_or(false)
+    ticket_swap(row, Word::Handed, ticket, 0)
 }
 
 /// Takes the client of the ATTACH sent ahead under `ticket` to the backend
@@ -591,7 +610,7 @@ pub fn ahead_claim_handed(row: usize, ticket: u64) -> bool {
 /// client back) whose swap of `ticket` to 0 succeeded; false for the other,
 /// which must not touch the client's socket.
 pub fn ahead_claim(row: usize, ticket: u64) -> bool {
-    tables().and_then(|t| ahead_word(&t, row).map(|w| w.compare_exchange(ticket, 0, Ordering::AcqRel, Ordering::Acquire).is_ok())).unwrap_or(false)
+    ticket_swap(row, Word::Ahead, ticket, 0)
 }
 
 /// Marks a ticket in `BackendRow::ahead` as refused by its backend
@@ -603,35 +622,31 @@ pub const AHEAD_REFUSED: u64 = 1 << 63;
 /// reading its RELEASED, takes the client back instead of handing it over
 /// (`ahead_take_refused`). False when the ticket was no longer offered.
 pub fn ahead_refuse(row: usize, ticket: u64) -> bool {
-    tables()
-        .and_then(|t| ahead_word(&t, row).map(|w| w.compare_exchange(ticket, ticket | AHEAD_REFUSED, Ordering::AcqRel, Ordering::Acquire).is_ok()))
-        .unwrap_or(false)
+    ticket_swap(row, Word::Ahead, ticket, ticket | AHEAD_REFUSED)
 }
 
 /// Pooler: clears a ticket its backend refused; true if it was.
 pub fn ahead_take_refused(row: usize, ticket: u64) -> bool {
-    tables()
-        .and_then(|t| ahead_word(&t, row).map(|w| w.compare_exchange(ticket | AHEAD_REFUSED, 0, Ordering::AcqRel, Ordering::Acquire).is_ok()))
-        .unwrap_or(false)
+    ticket_swap(row, Word::Ahead, ticket | AHEAD_REFUSED, 0)
 }
 
 /// Is `ticket` still the one published in backend row `row`? (False: it
 /// was claimed or taken back, for good: tickets never repeat.)
 pub fn ahead_is(row: usize, ticket: u64) -> bool {
-    tables().and_then(|t| ahead_word(&t, row).map(|w| w.load(Ordering::Acquire) == ticket)).unwrap_or(false)
+    ticket_load(row, Word::Ahead) == Some(ticket)
 }
 
 /// A ticket is published in the backend row `row`: an ATTACH was sent ahead
 /// to it (or is about to be) and nobody claimed it yet.
 pub fn ahead_pending(row: usize) -> bool {
-    tables().and_then(|t| ahead_word(&t, row).map(|w| w.load(Ordering::Acquire) != 0)).unwrap_or(false)
+    ticket_load(row, Word::Ahead).is_some_and(|v| v != 0)
 }
 
 impl Tables {
     /// Pooler: publishes `ticket` in the backend's row before the ATTACH
     /// that carries it is sent.
     pub fn ahead_offer(&self, row: usize, ticket: u64) {
-        if let Some(w) = ahead_word(self, row) {
+        if let Some(w) = ticket_word(self, row, Word::Ahead) {
             w.store(ticket, Ordering::Release);
         }
     }
