@@ -650,6 +650,16 @@ impl Tables {
             w.store(ticket, Ordering::Release);
         }
     }
+
+    /// Pooler: publishes the ticket of a plain ATTACH (to a parked backend)
+    /// in the backend's `handed` word before it is sent: the backend claims
+    /// it there (`ahead_claim_handed`) as it reads the ATTACH; a backend
+    /// that dies first leaves it for the pooler to take back.
+    pub fn handed_offer(&self, row: usize, ticket: u64) {
+        if let Some(w) = ticket_word(self, row, Word::Handed) {
+            w.store(ticket, Ordering::Release);
+        }
+    }
 }
 
 /// When a client of the pool in shared row `row` last got a backend after

@@ -345,7 +345,7 @@ fn read_control(p: &mut Parking) -> bool {
     open
 }
 
-const EMFILE_MSG: &str = "could not receive the client socket from the pooler: too many open files in this backend (the descriptor was dropped)";
+const EMFILE_MSG: &str = control::SOCKET_NOT_RECEIVED;
 
 /// One read of the control socket into `inbuf`, a passed socket into `fds`
 /// (`NO_FD` in its place when this backend could not receive it).
@@ -408,7 +408,8 @@ fn next_buffered_attach(p: &mut Parking, parked: bool) -> Option<(Attach, RawFd)
                         }
                     }
                     Some(x) if crate::shmem::ahead_claim(x.backend_row as usize, x.ticket) => return Some((a, fd)),
-                    // Handed to this backend once parked (`shmem::ahead_hand`).
+                    // Handed to this backend once parked (`shmem::ahead_hand`),
+                    // or a plain ATTACH's ticket (`Tables::handed_offer`).
                     Some(x) if parked && crate::shmem::ahead_claim_handed(x.backend_row as usize, x.ticket) => return Some((a, fd)),
                     Some(_) => {
                         let _ = nix::unistd::close(fd); // taken back: never read it
@@ -442,7 +443,10 @@ fn prune_stale_ahead(p: &mut Parking) -> bool {
         match parse_message(&p.inbuf, control::MAX_CONTROL_MESSAGE) {
             Ok(Some((m, used))) if m.tag == control::ATTACH => {
                 let stale = match control::parse_attach(m.body) {
-                    Ok(a) => a.ahead.is_some_and(|x| !crate::shmem::ahead_is(x.backend_row as usize, x.ticket)),
+                    Ok(a) => a.ahead.is_some_and(|x| {
+                        let row = x.backend_row as usize;
+                        !crate::shmem::ahead_is(row, x.ticket) && !crate::shmem::ahead_handed_is(row, x.ticket)
+                    }),
                     Err(_) => false, // the boundary reports it
                 };
                 if !stale {

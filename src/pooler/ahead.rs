@@ -53,6 +53,8 @@ pub struct Handed {
     pub since: Instant,
     /// Its session was counted before (no FLAG_SESSION_START again).
     pub session_counted: bool,
+    /// A plain ATTACH to a parked backend (`handoff`), not one sent ahead.
+    pub plain: bool,
 }
 
 /// The client an ATTACH was sent ahead for, as its backend holds it.
@@ -174,7 +176,7 @@ impl Pooler {
         true
     }
 
-    fn next_ticket(&mut self) -> u64 {
+    pub fn next_ticket(&mut self) -> u64 {
         self.next_ticket = (self.next_ticket.wrapping_add(1) & !crate::shmem::AHEAD_REFUSED).max(1);
         self.next_ticket
     }
@@ -303,7 +305,7 @@ impl Pooler {
             match here {
                 Some((since, session_counted)) if crate::shmem::ahead_hand(row, a.ticket) => {
                     if let Some(b) = self.backend(bk) {
-                        b.handed = Some(Handed { ticket: a.ticket, since, session_counted });
+                        b.handed = Some(Handed { ticket: a.ticket, since, session_counted, plain: false });
                     }
                 }
                 Some(_) => {} // claimed (served) or refused meanwhile: below

@@ -62,6 +62,13 @@ pub struct Backend {
     pub terminating: bool,
 }
 
+/// The backend ended because it could not receive a client's socket
+/// (EMFILE): a plain ATTACH's client is told so (FATAL), not passed to
+/// another backend that may be at the same limit.
+fn socket_not_received(f: &Option<ErrorFields>) -> bool {
+    f.as_ref().is_some_and(|f| f.message.ends_with(control::SOCKET_NOT_RECEIVED))
+}
+
 fn login_error(sqlstate: &str, message: String, hint: Option<&str>) -> ErrorFields {
     ErrorFields { severity: "FATAL".into(), sqlstate: sqlstate.into(), message, detail: None, hint: hint.map(Into::into) }
 }
@@ -389,7 +396,7 @@ impl Pooler {
             // Even if it said why (a FATAL while parked: terminated, or
             // EMFILE), which was not about that client; unless it was
             // terminated for that client (kill_client): then as below.
-            BPhase::Attached { client } if unserved.is_some() && !b.terminating => {
+            BPhase::Attached { client } if unserved.is_some_and(|h| !h.plain || !socket_not_received(&login_failure)) && !b.terminating => {
                 if let Some(h) = unserved {
                     self.client_requeue_handed(client, h);
                 }

@@ -307,10 +307,20 @@ impl Pooler {
     }
 
     fn handoff(&mut self, ck: usize, bk: usize, waited_since: Option<Instant>) {
-        let Some((msg, fd)) = self.attach_message(ck, bk, None, None) else { return };
+        let ticket = self.handoff_ticket(ck, bk, waited_since);
+        let ahead = ticket.map(|(h, row)| control::Ahead { ticket: h.ticket, backend_row: row as u32 });
+        let Some((msg, fd)) = self.attach_message(ck, bk, ahead, None) else { return };
+        if let Some((h, row)) = ticket {
+            self.tables.handed_offer(row, h.ticket);
+        }
         let Some(b) = self.backend(bk) else { return };
         let sent = send_all_with_fd(&b.stream, &msg, fd);
-        if !sent {
+        if sent {
+            b.handed = ticket.map(|(h, _)| h);
+        } else {
+            if let Some((h, row)) = ticket {
+                crate::shmem::ahead_claim_handed(row, h.ticket);
+            }
             // The backend died while parked; put the client back in line.
             self.backend_gone(bk, None);
             if let Some(c) = self.client(ck) {
@@ -319,6 +329,30 @@ impl Pooler {
             return self.client_needs_backend(ck);
         }
         self.attached(ck, bk, waited_since);
+    }
+
+    /// The ticket of a plain ATTACH of `ck` to the parked backend `bk`
+    /// (with the backend's row), for a client whose session no backend
+    /// holds (transaction mode, not pinned): should that backend end before
+    /// it reads the ATTACH (pg_terminate_backend of a backend that looked
+    /// idle), the ticket is still in its row and the client, never touched,
+    /// waits for another backend (`backend_gone`) instead of losing its
+    /// connection. A pinned, session-mode or dedicated-mode client's session
+    /// is that backend's: it ends with it, as a direct one.
+    fn handoff_ticket(&mut self, ck: usize, bk: usize, waited_since: Option<Instant>) -> Option<(super::ahead::Handed, usize)> {
+        let Some(Conn::Client(c)) = self.conns.get(ck) else { return None };
+        if c.pinned.is_some() || c.session_mode || c.dedicated_mode {
+            return None;
+        }
+        let session_counted = c.session_counted;
+        let Some(Conn::Backend(b)) = self.conns.get(bk) else { return None };
+        if b.own || b.dedicated || b.pinned_to.is_some() {
+            return None;
+        }
+        let row = b.row;
+        let since = waited_since.unwrap_or_else(Instant::now);
+        let ticket = self.next_ticket();
+        Some((super::ahead::Handed { ticket, since, session_counted, plain: true }, row))
     }
 
     /// The ATTACH for client `ck` on backend `bk` (sent ahead with `ahead`),
@@ -430,6 +464,7 @@ impl Pooler {
     pub fn backend_released(&mut self, bk: usize, r: Released) {
         let client_id = r.client_id;
         let mut killed_client = None;
+        let mut look_again = false;
         let Some(b) = self.backend(bk) else { return };
         let BPhase::Attached { client: ck } = b.phase else { return };
         b.phase = BPhase::Parked { since: Instant::now() };
@@ -488,6 +523,7 @@ impl Pooler {
                     killed_client = Some(ck);
                 } else {
                     self.client_rearm(ck);
+                    look_again = self.client(ck).is_some_and(|c| c.input_seen);
                 }
             }
         }
@@ -508,6 +544,11 @@ impl Pooler {
         }
         self.pool_send_ahead(pool);
         self.sync_pool(pool);
+        if look_again {
+            // After this backend found its next client or parked: it may
+            // take this one again.
+            self.client_input_seen(ck, client_id);
+        }
         if let Some(ck) = killed_client {
             // Its backend's SIGTERM came after this RELEASED. Told last:
             // telling it may unpin and close this backend (session mode),

@@ -804,3 +804,116 @@ fn kill_clients_while_clients_are_sent_ahead() {
         assert_recovered(pg, pooler);
     });
 }
+
+// ---- 6. a process stopped at a chosen moment -------------------------------------
+
+/// Stops process `pid` (SIGSTOP) until dropped (SIGCONT), so a test can
+/// line events up behind it deterministically.
+struct Stopped(i32);
+
+impl Stopped {
+    #[track_caller]
+    fn new(pid: i32) -> Stopped {
+        // SAFETY: plain kill(2) on a server process of the test's cluster.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "kill -STOP {pid}");
+        let stopped = wait_until(SETTLE, || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| s.rfind(')').map(|i| s[i + 1..].trim_start().starts_with('T')))
+                .unwrap_or(false)
+        });
+        let s = Stopped(pid);
+        assert!(stopped, "process {pid} not stopped within {SETTLE:?}");
+        s
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: as in `new`.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+/// The pooler watches an idle client's socket edge-triggered and leaves it
+/// so while a backend serves the client: an edge that comes while the
+/// client is with its backend is only noted. Here the pooler is stopped
+/// while a client (pool of 1, hold_idle_clients off) runs the rest of its
+/// transaction: the first statement's edge waits in the pooler's epoll
+/// ahead of its backend's RELEASED, and the client sends its next query
+/// before the pooler runs again, so that query never makes an edge of its
+/// own. Resumed, the pooler sees the client's event while it still counts
+/// the client as attached, then RELEASED: it must look at the client then,
+/// or that query waits forever.
+#[test]
+fn next_query_sent_before_the_pooler_reads_released() {
+    let builder = Cluster::builder()
+        .conf("nextgres.pool_size = 1")
+        .conf("nextgres.hold_idle_clients = off")
+        .max_connections(20);
+    run(builder, |pg| {
+        let pooler = running_pooler_pid(pg);
+        let mut c = raw(pg, APP);
+        assert_eq!(c.value("SELECT 1"), "1");
+        wait_parked(pg, 1);
+        c.query("BEGIN").expect("BEGIN");
+        let stop = Stopped::new(pooler);
+        assert_eq!(c.value("SELECT 2"), "2");
+        c.query("COMMIT").expect("COMMIT");
+        c.send_query("SELECT 3");
+        drop(stop);
+        let rows = c.until_ready().expect("SELECT 3 sent while the pooler was stopped");
+        assert_eq!(rows, vec![vec![Some("3".to_string())]]);
+        for i in 0..20 {
+            assert_eq!(c.value(&format!("SELECT {i}")), i.to_string());
+        }
+        assert_pooler_serves(pg, pooler);
+    });
+}
+
+/// A DBA's `pg_terminate_backend` of a backend that looks idle (parked)
+/// just as the pooler hands it a client: the backend ends before it reads
+/// the ATTACH, and the client, whose session no backend holds between
+/// transactions, is served by another backend instead of losing its
+/// connection. The parked backend is stopped so the ATTACH waits unread in
+/// its socket while it is terminated; resumed, it handles the SIGTERM first
+/// (a set latch ends its wait before the socket is looked at).
+#[test]
+fn parked_backend_terminated_before_it_reads_the_attach() {
+    let builder = Cluster::builder()
+        .conf("nextgres.pool_size = 1")
+        .conf("nextgres.hold_idle_clients = off")
+        .max_connections(20);
+    run(builder, |pg| {
+        let pooler = running_pooler_pid(pg);
+        let mut c = raw(pg, APP);
+        c.query("SET application_name = 'kept'").expect("SET");
+        let backend = wait_parked(pg, 1)[0];
+        let stop = Stopped::new(backend);
+        c.send_query("SELECT current_setting('application_name'), 42");
+        let port = c.local_port();
+        let handed = wait_until(SETTLE, || {
+            clients(pg).iter().any(|(p, state, b)| *p == port && state == "active" && *b == Some(backend))
+        });
+        assert!(handed, "the client was not handed to the stopped backend {backend}: {:?}", clients(pg));
+        let ok: bool = pg
+            .admin()
+            .query_one("SELECT pg_terminate_backend($1)", &[&backend])
+            .expect("pg_terminate_backend")
+            .get(0);
+        assert!(ok, "pg_terminate_backend({backend})");
+        drop(stop);
+        assert!(
+            wait_until(SETTLE, || !nextgres_test::procs::process_alive(backend)),
+            "the terminated backend {backend} still runs"
+        );
+        let rows = c
+            .until_ready()
+            .expect("the query handed to a backend terminated before reading it");
+        assert_eq!(rows, vec![vec![Some("kept".to_string()), Some("42".to_string())]]);
+        let now = pooled_pids(pg);
+        assert!(!now.contains(&backend), "backends {now:?}");
+        assert_eq!(c.value("SELECT 7"), "7");
+        assert_pooler_serves(pg, pooler);
+    });
+}
