@@ -345,7 +345,7 @@ fn read_control(p: &mut Parking) -> bool {
     open
 }
 
-const EMFILE_MSG: &str = control::SOCKET_NOT_RECEIVED;
+const EMFILE_MSG: &str = "could not receive the client socket from the pooler: too many open files in this backend (the descriptor was dropped)";
 
 /// One read of the control socket into `inbuf`, a passed socket into `fds`
 /// (`NO_FD` in its place when this backend could not receive it).

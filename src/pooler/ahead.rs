@@ -264,8 +264,11 @@ impl Pooler {
     /// A client handed to a backend that died before it claimed it
     /// (`backend_gone`): never touched, it is served next, as if it had
     /// never been sent.
-    pub fn client_requeue_handed(&mut self, ck: usize, h: Handed) {
+    pub fn client_requeue_handed(&mut self, ck: usize, bk: usize, h: Handed) {
         let Some(c) = self.client(ck) else { return };
+        if !matches!(c.phase, Phase::Attached { backend } if backend == bk) {
+            return;
+        }
         c.session_counted = h.session_counted;
         c.phase = Phase::Idle;
         self.client_needs_backend(ck);

@@ -62,13 +62,6 @@ pub struct Backend {
     pub terminating: bool,
 }
 
-/// The backend ended because it could not receive a client's socket
-/// (EMFILE): a plain ATTACH's client is told so (FATAL), not passed to
-/// another backend that may be at the same limit.
-fn socket_not_received(f: &Option<ErrorFields>) -> bool {
-    f.as_ref().is_some_and(|f| f.message.ends_with(control::SOCKET_NOT_RECEIVED))
-}
-
 fn login_error(sqlstate: &str, message: String, hint: Option<&str>) -> ErrorFields {
     ErrorFields { severity: "FATAL".into(), sqlstate: sqlstate.into(), message, detail: None, hint: hint.map(Into::into) }
 }
@@ -396,9 +389,9 @@ impl Pooler {
             // Even if it said why (a FATAL while parked: terminated, or
             // EMFILE), which was not about that client; unless it was
             // terminated for that client (kill_client): then as below.
-            BPhase::Attached { client } if unserved.is_some_and(|h| !h.plain || !socket_not_received(&login_failure)) && !b.terminating => {
+            BPhase::Attached { client } if unserved.is_some_and(|h| !h.plain || self.plain_requeue(&login_failure)) && !b.terminating => {
                 if let Some(h) = unserved {
-                    self.client_requeue_handed(client, h);
+                    self.client_requeue_handed(client, key, h);
                 }
             }
             BPhase::Attached { client } => {
@@ -429,6 +422,17 @@ impl Pooler {
         }
         self.pool_maybe_grow(pool);
         self.sync_pool(pool);
+    }
+
+    /// May the client of a plain ATTACH that its backend never claimed wait
+    /// for another backend? Only when that backend was terminated (57P01:
+    /// `pg_terminate_backend`, or a FATAL-less exit) while the server is not
+    /// stopping. Any other FATAL may have been caused by the ATTACH itself
+    /// (its socket not received for the open files limit, a message it
+    /// could not parse), which the next backend would meet too: the client
+    /// gets it, as before plain ATTACHes carried a ticket.
+    fn plain_requeue(&self, f: &Option<ErrorFields>) -> bool {
+        !self.stopping && f.as_ref().is_none_or(|f| f.sqlstate == "57P01")
     }
 
     /// A pool login failed. If the pool has no backend at all, the clients

@@ -308,7 +308,9 @@ impl Client {
             // waited a janitor tick (`watch_hangup`): under saturation
             // nearly every transaction waits a few milliseconds, and the
             // registration cost an `epoll_ctl` each. One that hangs up
-            // sooner is seen by the backend it is handed to, as a direct
+            // sooner (a FIN; a reset or an error is reported by the idle
+            // registration, still in place, and closes it in the queue) is
+            // seen by the backend it is handed to, as a direct
             // connection's backend sees it: the query it sent runs (as it
             // would have there), then that backend reads EOF.
             Phase::Waiting { .. } if self.watch_hangup => Some(HANGUP | out),
@@ -476,6 +478,9 @@ impl Pooler {
         }
         c.registered = Some(w);
         c.armed = true;
+        // The kernel checks the socket against the new registration and
+        // reports what is there: looking too would see it twice.
+        c.input_seen = false;
     }
 
     /// An edge-triggered event for a client whose socket a backend has or

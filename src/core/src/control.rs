@@ -83,13 +83,6 @@ pub struct Ahead {
     pub backend_row: u32,
 }
 
-/// The FATAL message (after "nextgres: ") of a backend whose control socket
-/// carried a client socket it could not receive (EMFILE: the kernel
-/// dropped the descriptor). The pooler tells that client, not another
-/// backend: every backend may be at the same limit.
-pub const SOCKET_NOT_RECEIVED: &str =
-    "could not receive the client socket from the pooler: too many open files in this backend (the descriptor was dropped)";
-
 pub const MAX_ADDR: usize = 128;
 
 /// Largest control message (ATTACH, RELEASED) a backend or the pooler
