@@ -835,6 +835,15 @@ impl Drop for Stopped {
     }
 }
 
+/// A pool of one backend that gives its client back at every transaction
+/// boundary (no `hold_idle_clients`).
+fn one_backend_releasing_at_once() -> nextgres_test::Builder {
+    Cluster::builder()
+        .conf("nextgres.pool_size = 1")
+        .conf("nextgres.hold_idle_clients = off")
+        .max_connections(20)
+}
+
 /// The pooler watches an idle client's socket edge-triggered and leaves it
 /// so while a backend serves the client: an edge that comes while the
 /// client is with its backend is only noted. Here the pooler is stopped
@@ -847,11 +856,7 @@ impl Drop for Stopped {
 /// or that query waits forever.
 #[test]
 fn next_query_sent_before_the_pooler_reads_released() {
-    let builder = Cluster::builder()
-        .conf("nextgres.pool_size = 1")
-        .conf("nextgres.hold_idle_clients = off")
-        .max_connections(20);
-    run(builder, |pg| {
+    run(one_backend_releasing_at_once(), |pg| {
         let pooler = running_pooler_pid(pg);
         let mut c = raw(pg, APP);
         assert_eq!(c.value("SELECT 1"), "1");
@@ -880,11 +885,7 @@ fn next_query_sent_before_the_pooler_reads_released() {
 /// (a set latch ends its wait before the socket is looked at).
 #[test]
 fn parked_backend_terminated_before_it_reads_the_attach() {
-    let builder = Cluster::builder()
-        .conf("nextgres.pool_size = 1")
-        .conf("nextgres.hold_idle_clients = off")
-        .max_connections(20);
-    run(builder, |pg| {
+    run(one_backend_releasing_at_once(), |pg| {
         let pooler = running_pooler_pid(pg);
         let mut c = raw(pg, APP);
         c.query("SET application_name = 'kept'").expect("SET");
