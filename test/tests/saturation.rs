@@ -844,16 +844,14 @@ fn one_backend_releasing_at_once() -> nextgres_test::Builder {
         .max_connections(20)
 }
 
-/// The pooler watches an idle client's socket edge-triggered and leaves it
-/// so while a backend serves the client: an edge that comes while the
-/// client is with its backend is only noted. Here the pooler is stopped
-/// while a client (pool of 1, hold_idle_clients off) runs the rest of its
-/// transaction: the first statement's edge waits in the pooler's epoll
-/// ahead of its backend's RELEASED, and the client sends its next query
-/// before the pooler runs again, so that query never makes an edge of its
-/// own. Resumed, the pooler sees the client's event while it still counts
-/// the client as attached, then RELEASED: it must look at the client then,
-/// or that query waits forever.
+/// A client's next query sent before the pooler has read its backend's
+/// RELEASED. Here the pooler is stopped while a client (pool of 1,
+/// hold_idle_clients off) runs the rest of its transaction and sends its
+/// next query: resumed, the pooler finds the client's socket event (if
+/// any) while it still counts the client as attached, then RELEASED, and
+/// must still see that query (the re-arm at RELEASED re-checks the socket;
+/// an edge-triggered registration tried in session 15 had to look itself),
+/// or it waits forever.
 #[test]
 fn next_query_sent_before_the_pooler_reads_released() {
     run(one_backend_releasing_at_once(), |pg| {
