@@ -314,14 +314,11 @@ impl Pooler {
             self.tables.handed_offer(row, h.ticket);
         }
         let Some(b) = self.backend(bk) else { return };
+        b.handed = ticket.map(|(h, _)| h);
         let sent = send_all_with_fd(&b.stream, &msg, fd);
-        if sent {
-            b.handed = ticket.map(|(h, _)| h);
-        } else {
-            if let Some((h, row)) = ticket {
-                crate::shmem::ahead_claim_handed(row, h.ticket);
-            }
-            // The backend died while parked; put the client back in line.
+        if !sent {
+            // The backend died while parked (`backend_gone` takes the
+            // ticket back); put the client back in line.
             self.backend_gone(bk, None);
             if let Some(c) = self.client(ck) {
                 c.phase = Phase::Idle;

@@ -21,18 +21,15 @@ pub fn process_alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks for existence.
     let rc = unsafe { libc::kill(pid, 0) };
     let exists = rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-    exists && !is_zombie(pid)
+    exists && process_state(pid) != Some('Z')
 }
 
-fn is_zombie(pid: i32) -> bool {
+/// The process's state letter (`R`, `S`, `T` stopped, `Z` zombie, ...), or
+/// None when it is gone.
+pub fn process_state(pid: i32) -> Option<char> {
     // /proc/<pid>/stat: "pid (comm) S ..."; comm may hold spaces or parens.
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rfind(')')
-                .map(|i| s[i + 1..].trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s[s.rfind(')')? + 1..].trim_start().chars().next()
 }
 
 /// Running postmaster's pid from `<data>/postmaster.pid`.

@@ -816,12 +816,7 @@ impl Stopped {
     fn new(pid: i32) -> Stopped {
         // SAFETY: plain kill(2) on a server process of the test's cluster.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "kill -STOP {pid}");
-        let stopped = wait_until(SETTLE, || {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| s.rfind(')').map(|i| s[i + 1..].trim_start().starts_with('T')))
-                .unwrap_or(false)
-        });
+        let stopped = wait_until(SETTLE, || nextgres_test::procs::process_state(pid) == Some('T'));
         let s = Stopped(pid);
         assert!(stopped, "process {pid} not stopped within {SETTLE:?}");
         s
