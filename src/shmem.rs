@@ -625,9 +625,11 @@ pub fn ahead_refuse(row: usize, ticket: u64) -> bool {
     ticket_swap(row, Word::Ahead, ticket, ticket | AHEAD_REFUSED)
 }
 
-/// Pooler: clears a ticket its backend refused; true if it was.
+/// Pooler: clears a ticket its backend refused; true if it was. Read
+/// first: at nearly every RELEASED the ticket was claimed, and a load keeps
+/// the row's cache line shared where a failing compare-and-swap takes it.
 pub fn ahead_take_refused(row: usize, ticket: u64) -> bool {
-    ticket_swap(row, Word::Ahead, ticket | AHEAD_REFUSED, 0)
+    ticket_load(row, Word::Ahead) == Some(ticket | AHEAD_REFUSED) && ticket_swap(row, Word::Ahead, ticket | AHEAD_REFUSED, 0)
 }
 
 /// Is `ticket` still the one published in backend row `row`? (False: it

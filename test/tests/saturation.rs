@@ -911,3 +911,60 @@ fn parked_backend_terminated_before_it_reads_the_attach() {
         assert_pooler_serves(pg, pooler);
     });
 }
+
+/// A client sent ahead to a busy backend and *handed* to it at its RELEASED
+/// (the backend had already parked when the ATTACH came, so it claims the
+/// client from its socket), and that backend terminated before it reads the
+/// ATTACH: the client waits for another backend instead of losing its
+/// connection (`backend_gone`, `client_requeue_handed`). Lined up with two
+/// stops: the pooler is stopped while the next client sends its query and
+/// the busy backend's client commits, so the pooler, resumed, sees that
+/// query before the RELEASED and sends the client ahead to a backend it
+/// still counts as busy; that backend is stopped, parked, before the pooler
+/// resumes, and terminated while stopped.
+#[test]
+fn backend_terminated_before_it_claims_a_client_handed_to_it() {
+    run(one_backend_releasing_at_once(), |pg| {
+        let pooler = running_pooler_pid(pg);
+        let mut a = raw(pg, APP);
+        let mut c = raw(pg, APP);
+        c.query("SET application_name = 'kept'").expect("SET");
+        let backend = wait_parked(pg, 1)[0];
+        let before = attaches_ahead(pg);
+        a.query("BEGIN").expect("BEGIN");
+        let pooler_stop = Stopped::new(pooler);
+        c.send_query("SELECT current_setting('application_name'), 42");
+        a.query("COMMIT").expect("COMMIT on the busy backend");
+        // The backend writes RELEASED after the ReadyForQuery just read,
+        // then parks (sleeps) on its control socket.
+        let parked = wait_until(SETTLE, || nextgres_test::procs::process_state(backend) == Some('S'));
+        assert!(parked, "backend {backend} did not park");
+        std::thread::sleep(Duration::from_millis(200));
+        let backend_stop = Stopped::new(backend);
+        drop(pooler_stop);
+        let port = c.local_port();
+        let handed = wait_until(SETTLE, || {
+            clients(pg).iter().any(|(p, state, b)| *p == port && state == "active" && *b == Some(backend))
+        });
+        assert!(handed, "the client was not handed to the stopped backend {backend}: {:?}", clients(pg));
+        assert_attached_ahead(pg, before, "the client handed at RELEASED");
+        let ok: bool = pg
+            .admin()
+            .query_one("SELECT pg_terminate_backend($1)", &[&backend])
+            .expect("pg_terminate_backend")
+            .get(0);
+        assert!(ok, "pg_terminate_backend({backend})");
+        drop(backend_stop);
+        assert!(
+            wait_until(SETTLE, || !nextgres_test::procs::process_alive(backend)),
+            "the terminated backend {backend} still runs"
+        );
+        let rows = c
+            .until_ready()
+            .expect("the query of a client handed to a backend terminated before claiming it");
+        assert_eq!(rows, vec![vec![Some("kept".to_string()), Some("42".to_string())]]);
+        assert_eq!(a.value("SELECT 8"), "8");
+        assert_eq!(c.value("SELECT 7"), "7");
+        assert_pooler_serves(pg, pooler);
+    });
+}

@@ -352,7 +352,14 @@ async fn soak_client(port: u16, id: i32, clients: i32, xacts: i32, tally: &Tally
         .connect(tokio_postgres::NoTls)
         .await
         .map_err(e("connect", -1))?;
-    tokio::spawn(conn);
+    // A request that finds the connection closed says only that: what
+    // ended it (an I/O error, an unexpected message) is the connection
+    // task's, printed here for the failure report.
+    tokio::spawn(async move {
+        if let Err(err) = conn.await {
+            eprintln!("soak client {id}: connection ended: {err:?}");
+        }
+    });
     let marker = format!("c{id}");
     let app = format!("soak-{id}");
     client
