@@ -355,7 +355,7 @@ impl Pooler {
             Some(Conn::Backend(b)) => b.handed.filter(|h| crate::shmem::ahead_claim_handed(b.row, h.ticket)),
             _ => None,
         };
-        let Some(Conn::Backend(b)) = self.conns.try_remove(key) else { return };
+        let Some(Conn::Backend(b)) = self.conn_take(key) else { return };
         conn::remove(&self.epoll, &b.stream);
         self.backend_row_free(b.row);
         let pool = b.pool;

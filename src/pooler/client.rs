@@ -922,7 +922,7 @@ impl Pooler {
             }
         }
         self.client_detach_from_pool(key);
-        let Some(Conn::Client(mut c)) = self.conns.try_remove(key) else { return };
+        let Some(Conn::Client(mut c)) = self.conn_take(key) else { return };
         c.log_disconnection();
         if c.registered.is_some() {
             conn::remove(&self.epoll, &c.stream);
@@ -944,7 +944,7 @@ impl Pooler {
     /// (`dedicated.rs`): drop the pooler's copy without a word or a FIN on
     /// it, and forget the client (its session is the walsender's now).
     pub fn client_forget(&mut self, key: usize) {
-        let Some(Conn::Client(c)) = self.conns.try_remove(key) else { return };
+        let Some(Conn::Client(c)) = self.conn_take(key) else { return };
         if c.registered.is_some() {
             conn::remove(&self.epoll, &c.stream);
         }

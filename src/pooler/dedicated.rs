@@ -168,7 +168,7 @@ impl Pooler {
 
     /// Forgets a walsender login; closing its socket makes its backend exit.
     pub fn dedicated_drop(&mut self, key: usize) {
-        if let Some(Conn::Dedicated(d)) = self.conns.try_remove(key) {
+        if let Some(Conn::Dedicated(d)) = self.conn_take(key) {
             conn::remove(&self.epoll, &d.stream);
         }
     }
@@ -275,7 +275,7 @@ impl Pooler {
     /// The walsender is ready: tell the client what the server told its
     /// login, then hand it the client's socket and forget both.
     fn dedicated_ready(&mut self, key: usize) {
-        let Some(Conn::Dedicated(mut d)) = self.conns.try_remove(key) else { return };
+        let Some(Conn::Dedicated(mut d)) = self.conn_take(key) else { return };
         conn::remove(&self.epoll, &d.stream);
         let ck = d.client;
         let Some(c) = self.client(ck).filter(|c| c.id == d.client_id) else { return };
@@ -303,7 +303,7 @@ impl Pooler {
     /// (A CancelRequest for it goes to the server's socket, which checks
     /// the pid and key itself: `cancel_request`.)
     fn dedicated_hand_over(&mut self, key: usize) {
-        let Some(Conn::Dedicated(d)) = self.conns.try_remove(key) else { return };
+        let Some(Conn::Dedicated(d)) = self.conn_take(key) else { return };
         conn::remove(&self.epoll, &d.stream);
         self.dedicated_pass_socket(d.client, d);
     }

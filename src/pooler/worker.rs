@@ -57,7 +57,17 @@ const KEY_AGENT: usize = usize::MAX - 2;
 /// All pooler state. Modules add behaviour in their own `impl Pooler` blocks.
 pub struct Pooler {
     pub epoll: Epoll,
+    /// The connection table; a slab key is also the epoll token of its
+    /// socket (`conn.rs`).
     pub conns: Slab<Conn>,
+    /// Keys removed from `conns` while the current batch of epoll events is
+    /// dispatched (`conn_take`): a later event of the batch under such a key
+    /// was for the removed connection, not for one that took the key since
+    /// (the slab hands a freed key out again at once), and is dropped.
+    /// Without this, a reset vanished client's EPOLLERR reached the backend
+    /// login started for its key in the same batch, which the pooler then
+    /// took for dead.
+    pub freed_in_batch: Vec<usize>,
     pub pools: Slab<Pool>,
     pub pool_by_name: HashMap<(String, String), usize>,
     /// Client-facing cancel pid -> client conn key.
@@ -148,6 +158,7 @@ impl Pooler {
         let p = Pooler {
             epoll,
             conns,
+            freed_in_batch: Vec::new(),
             pools: Slab::new(),
             pool_by_name: HashMap::new(),
             cancel_keys: HashMap::new(),
@@ -212,6 +223,7 @@ impl Pooler {
                 };
                 timeout = EpollTimeout::ZERO;
                 let mut woken = false;
+                self.freed_in_batch.clear();
                 for ev in &events[..n] {
                     match ev.data() as usize {
                         KEY_WAKE => woken = true,
@@ -246,6 +258,9 @@ impl Pooler {
     }
 
     fn dispatch(&mut self, key: usize, ev: nix::sys::epoll::EpollFlags) {
+        if self.freed_in_batch.contains(&key) {
+            return; // for a connection closed since this batch was read
+        }
         match self.conns.get(key) {
             Some(Conn::Listener(_)) => self.accept(key),
             Some(Conn::Client(_)) => self.client_event(key, ev),
@@ -253,6 +268,17 @@ impl Pooler {
             Some(Conn::Dedicated(_)) => self.dedicated_event(key, ev),
             None => {}
         }
+    }
+
+    /// Removes connection `key` from the table (its socket is closed when
+    /// the entry is dropped, after the caller took it out of the epoll set):
+    /// the rest of the current event batch ignores that key.
+    pub fn conn_take(&mut self, key: usize) -> Option<Conn> {
+        let c = self.conns.try_remove(key);
+        if c.is_some() {
+            self.freed_in_batch.push(key);
+        }
+        c
     }
 
     /// SIGHUP, forwarded by the agent after it reloaded settings,
@@ -293,7 +319,7 @@ impl Pooler {
         let listeners: Vec<usize> =
             self.conns.iter().filter_map(|(k, c)| matches!(c, Conn::Listener(_)).then_some(k)).collect();
         for k in listeners {
-            if let Some(Conn::Listener(l)) = self.conns.try_remove(k) {
+            if let Some(Conn::Listener(l)) = self.conn_take(k) {
                 conn::remove(&self.epoll, &l);
             }
         }
@@ -335,6 +361,7 @@ impl Pooler {
                 Err(_) => 0,
             };
             let mut agent_gone = false;
+            self.freed_in_batch.clear();
             for ev in &events[..n] {
                 match ev.data() as usize {
                     KEY_PM_DEATH => crate::pg::proc_exit(1),
