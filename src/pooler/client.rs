@@ -58,9 +58,16 @@ pub struct Client {
     pub outbuf: Vec<u8>,
     /// In the pooler's epoll set, with these events last armed. Clients are
     /// registered one-shot (`conn::arm`): an event disarms the registration
-    /// until `client_rearm`, and `armed` says whether it is armed now.
+    /// until `client_rearm`, and `armed` says whether it is armed now; an
+    /// idle plaintext client edge-triggered (EPOLLET in here, see
+    /// `client_rearm`), which no event disarms.
     pub registered: Option<EpollFlags>,
     pub armed: bool,
+    /// An edge-triggered event came while a backend had (or was about to
+    /// get) the socket: the client may have sent its next query meanwhile,
+    /// which no later edge announces, so it is looked at once idle again
+    /// (`client_input_seen`). A second such event disarms the registration.
+    pub input_seen: bool,
     /// Waiting (or sent ahead) for a second at a janitor tick (so 1 to 2 s
     /// into the wait): armed for a hang-up (see `interest`); cleared when a
     /// new wait starts.
@@ -167,6 +174,7 @@ impl Client {
             outbuf: Vec::new(),
             registered: None,
             armed: false,
+            input_seen: false,
             watch_hangup: false,
             user: String::new(),
             database: String::new(),
@@ -300,7 +308,9 @@ impl Client {
             // waited a janitor tick (`watch_hangup`): under saturation
             // nearly every transaction waits a few milliseconds, and the
             // registration cost an `epoll_ctl` each. One that hangs up
-            // sooner is seen by the backend it is handed to, as a direct
+            // sooner (a FIN; a reset or an error is reported by the idle
+            // registration, still in place, and closes it in the queue) is
+            // seen by the backend it is handed to, as a direct
             // connection's backend sees it: the query it sent runs (as it
             // would have there), then that backend reads EOF.
             Phase::Waiting { .. } if self.watch_hangup => Some(HANGUP | out),
@@ -434,35 +444,84 @@ impl Pooler {
 
     /// Brings the epoll registration in line with the client's phase.
     ///
-    /// A client stays in the epoll set from accept to close, registered
-    /// one-shot (EPOLLONESHOT): the event that wakes the pooler for an idle
-    /// client's query also disarms it, so handing the socket to a backend
-    /// needs no `epoll_ctl`, and giving it back needs one (re-arm, instead of
-    /// the DEL + ADD pair of a level-triggered registration). While a
-    /// backend serves the client (Attached) nothing is re-armed; a
-    /// registration still armed from Waiting (hang-up only) can deliver one
-    /// event, which `client_event` ignores, so the pooler never reads or
-    /// writes a socket a backend is using.
+    /// A client stays in the epoll set from accept to close. Idle (and not
+    /// read through rustls by the pooler) it is registered edge-triggered:
+    /// the event for its query wakes the pooler, and the registration stays
+    /// as it is while a backend serves the client and after it gives it
+    /// back, so a saturated pool's transaction costs no `epoll_ctl` (the
+    /// one-shot re-arm at each RELEASED was one of four system calls per
+    /// transaction left in the pooler). An edge that comes while a backend
+    /// has the socket is only noted (`input_seen`; the pooler never reads
+    /// or writes a socket a backend is using) and looked at when the client
+    /// is idle again; a second one disarms the registration (a multi-
+    /// statement transaction or a COPY would wake the pooler per packet).
+    /// Every other phase is registered one-shot (EPOLLONESHOT): an event
+    /// disarms it until the next `client_rearm`. Changing the registration
+    /// re-checks the socket, so input that came while it was disarmed
+    /// is reported then.
     pub fn client_rearm(&mut self, key: usize) {
         let epoll = &self.epoll;
         let Some(Conn::Client(c)) = self.conns.get_mut(key) else { return };
-        let Some(w) = c.interest() else { return };
+        let Some(mut w) = c.interest() else { return };
+        let edge = w == conn::READ
+            && matches!(c.phase, Phase::Idle)
+            && c.tls.as_ref().is_none_or(|t| t.parked.is_none() && !t.parking);
+        if edge {
+            w |= EpollFlags::EPOLLET;
+        }
         match c.registered {
+            None if edge => conn::add(epoll, &c.stream, key, w),
             None => conn::arm_add(epoll, &c.stream, key, w),
-            Some(r) if r != w || !c.armed => conn::arm_modify(epoll, &c.stream, key, w),
-            _ => return,
+            Some(r) if r == w && c.armed => return,
+            Some(_) if edge => conn::modify(epoll, &c.stream, key, w),
+            Some(_) => conn::arm_modify(epoll, &c.stream, key, w),
         }
         c.registered = Some(w);
         c.armed = true;
+        // The kernel checks the socket against the new registration and
+        // reports what is there: looking too would see it twice.
+        c.input_seen = false;
+    }
+
+    /// An edge-triggered event for a client whose socket a backend has or
+    /// may have: noted for when it is idle again; the second one disarms
+    /// the registration until then (armed for nothing, a one-shot
+    /// registration still reports a hang-up or an error, once).
+    fn client_edge_while_away(&mut self, key: usize) {
+        let epoll = &self.epoll;
+        let Some(Conn::Client(c)) = self.conns.get_mut(key) else { return };
+        if !c.input_seen {
+            c.input_seen = true;
+            return;
+        }
+        conn::arm_modify(epoll, &c.stream, key, EpollFlags::empty());
+        c.registered = Some(EpollFlags::empty());
+    }
+
+    /// A client given back (RELEASED) after an edge came while its backend
+    /// had it: reads what may be its next query, as its event would have.
+    pub fn client_input_seen(&mut self, key: usize, id: u64) {
+        let Some(c) = self.client(key) else { return };
+        if c.id != id || !c.input_seen || !matches!(c.phase, Phase::Idle) || c.parking() {
+            return;
+        }
+        self.client_idle_input(key);
     }
 
     pub fn client_event(&mut self, key: usize, ev: EpollFlags) {
         let Some(c) = self.client(key) else { return };
-        // The one-shot registration fired and is disarmed now.
-        c.armed = false;
+        if c.registered.is_some_and(|r| r.contains(EpollFlags::EPOLLET)) {
+            if matches!(c.phase, Phase::Waiting { .. } | Phase::Ahead { .. } | Phase::Attached { .. }) {
+                self.client_edge_while_away(key);
+            }
+        } else {
+            // The one-shot registration fired and is disarmed now.
+            c.armed = false;
+        }
+        let Some(c) = self.client(key) else { return };
         if matches!(c.phase, Phase::Attached { .. }) {
-            // Left armed from Waiting: a backend owns the socket now; it is
-            // re-armed when the backend gives it back.
+            // A backend owns the socket now: noted above if edge-triggered,
+            // or a one-shot registration left armed from Waiting fired.
             return;
         }
         if matches!(c.phase, Phase::Ahead { .. }) {
@@ -770,14 +829,19 @@ impl Pooler {
 
     fn client_idle_input(&mut self, key: usize) {
         let Some(c) = self.client(key) else { return };
+        c.input_seen = false;
         if c.tls.as_ref().is_some_and(|t| t.parked.is_some()) {
             return self.client_parked_input(key);
         }
         let mut peek = [0u8; 5];
-        let n = match nix::sys::socket::recv(c.stream.as_raw_fd(), &mut peek, nix::sys::socket::MsgFlags::MSG_PEEK) {
-            Ok(n) => n,
-            Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => return,
-            Err(_) => return self.client_close(key),
+        let n = loop {
+            match nix::sys::socket::recv(c.stream.as_raw_fd(), &mut peek, nix::sys::socket::MsgFlags::MSG_PEEK) {
+                Ok(n) => break n,
+                // Edge-triggered: no later event repeats this one's news.
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::EAGAIN) => return,
+                Err(_) => return self.client_close(key),
+            }
         };
         if n == 0 {
             return self.client_close(key);

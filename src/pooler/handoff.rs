@@ -461,6 +461,7 @@ impl Pooler {
     pub fn backend_released(&mut self, bk: usize, r: Released) {
         let client_id = r.client_id;
         let mut killed_client = None;
+        let mut look_again = false;
         let Some(b) = self.backend(bk) else { return };
         let BPhase::Attached { client: ck } = b.phase else { return };
         b.phase = BPhase::Parked { since: Instant::now() };
@@ -519,6 +520,7 @@ impl Pooler {
                     killed_client = Some(ck);
                 } else {
                     self.client_rearm(ck);
+                    look_again = self.client(ck).is_some_and(|c| c.input_seen);
                 }
             }
         }
@@ -539,6 +541,11 @@ impl Pooler {
         }
         self.pool_send_ahead(pool);
         self.sync_pool(pool);
+        if look_again {
+            // After this backend found its next client or parked: it may
+            // take this one again.
+            self.client_input_seen(ck, client_id);
+        }
         if let Some(ck) = killed_client {
             // Its backend's SIGTERM came after this RELEASED. Told last:
             // telling it may unpin and close this backend (session mode),

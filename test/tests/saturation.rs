@@ -844,9 +844,10 @@ fn one_backend_releasing_at_once() -> nextgres_test::Builder {
 /// hold_idle_clients off) runs the rest of its transaction and sends its
 /// next query: resumed, the pooler finds the client's socket event (if
 /// any) while it still counts the client as attached, then RELEASED, and
-/// must still see that query (the re-arm at RELEASED re-checks the socket;
-/// an edge-triggered registration tried in session 15 had to look itself),
-/// or it waits forever.
+/// must still see that query, or it waits forever: the client's idle
+/// registration is edge-triggered and stays in place while a backend has
+/// the socket, so no later edge announces that query, and the pooler has to
+/// look at the socket itself once the client is idle again.
 #[test]
 fn next_query_sent_before_the_pooler_reads_released() {
     run(one_backend_releasing_at_once(), |pg| {
