@@ -830,6 +830,34 @@ impl Drop for Stopped {
     }
 }
 
+/// The client on local port `port` is active on `backend` (handed to it).
+#[track_caller]
+fn assert_handed_to(pg: &Cluster, port: i32, backend: i32) {
+    let handed = wait_until(SETTLE, || {
+        clients(pg).iter().any(|(p, state, b)| *p == port && state == "active" && *b == Some(backend))
+    });
+    assert!(handed, "the client was not handed to the stopped backend {backend}: {:?}", clients(pg));
+}
+
+/// `pg_terminate_backend` of the stopped backend, which is then resumed: a
+/// set latch ends its wait before it reads its socket. Returns once it
+/// has exited.
+#[track_caller]
+fn terminate_stopped(pg: &Cluster, stopped: Stopped) {
+    let backend = stopped.0;
+    let ok: bool = pg
+        .admin()
+        .query_one("SELECT pg_terminate_backend($1)", &[&backend])
+        .expect("pg_terminate_backend")
+        .get(0);
+    assert!(ok, "pg_terminate_backend({backend})");
+    drop(stopped);
+    assert!(
+        wait_until(SETTLE, || !nextgres_test::procs::process_alive(backend)),
+        "the terminated backend {backend} still runs"
+    );
+}
+
 /// A pool of one backend that gives its client back at every transaction
 /// boundary (no `hold_idle_clients`).
 fn one_backend_releasing_at_once() -> nextgres_test::Builder {
@@ -887,21 +915,8 @@ fn parked_backend_terminated_before_it_reads_the_attach() {
         let stop = Stopped::new(backend);
         c.send_query("SELECT current_setting('application_name'), 42");
         let port = c.local_port();
-        let handed = wait_until(SETTLE, || {
-            clients(pg).iter().any(|(p, state, b)| *p == port && state == "active" && *b == Some(backend))
-        });
-        assert!(handed, "the client was not handed to the stopped backend {backend}: {:?}", clients(pg));
-        let ok: bool = pg
-            .admin()
-            .query_one("SELECT pg_terminate_backend($1)", &[&backend])
-            .expect("pg_terminate_backend")
-            .get(0);
-        assert!(ok, "pg_terminate_backend({backend})");
-        drop(stop);
-        assert!(
-            wait_until(SETTLE, || !nextgres_test::procs::process_alive(backend)),
-            "the terminated backend {backend} still runs"
-        );
+        assert_handed_to(pg, port, backend);
+        terminate_stopped(pg, stop);
         let rows = c
             .until_ready()
             .expect("the query handed to a backend terminated before reading it");
@@ -944,22 +959,9 @@ fn backend_terminated_before_it_claims_a_client_handed_to_it() {
         let backend_stop = Stopped::new(backend);
         drop(pooler_stop);
         let port = c.local_port();
-        let handed = wait_until(SETTLE, || {
-            clients(pg).iter().any(|(p, state, b)| *p == port && state == "active" && *b == Some(backend))
-        });
-        assert!(handed, "the client was not handed to the stopped backend {backend}: {:?}", clients(pg));
+        assert_handed_to(pg, port, backend);
         assert_attached_ahead(pg, before, "the client handed at RELEASED");
-        let ok: bool = pg
-            .admin()
-            .query_one("SELECT pg_terminate_backend($1)", &[&backend])
-            .expect("pg_terminate_backend")
-            .get(0);
-        assert!(ok, "pg_terminate_backend({backend})");
-        drop(backend_stop);
-        assert!(
-            wait_until(SETTLE, || !nextgres_test::procs::process_alive(backend)),
-            "the terminated backend {backend} still runs"
-        );
+        terminate_stopped(pg, backend_stop);
         let rows = c
             .until_ready()
             .expect("the query of a client handed to a backend terminated before claiming it");
