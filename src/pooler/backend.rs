@@ -176,7 +176,9 @@ impl Pooler {
                     return self.backend_gone(key, None);
                 }
             };
-            if !self.backend_message(key, tag, &body) {
+            // Removed even if it says otherwise (a RELEASED that closed it),
+            // and its key maybe taken by a new login already: not ours.
+            if !self.backend_message(key, tag, &body) || self.freed_in_batch.contains(&key) {
                 return;
             }
         }
@@ -405,7 +407,7 @@ impl Pooler {
                 match ours {
                     None => {}
                     Some((false, id)) => log::warn!(
-                        "backend {} ended while counted as serving client {}, but that client's slot holds client {id} elsewhere: left as it is",
+                        "backend {} ended while counted as serving client {}, whose slot holds client {id}, not attached to it: left as it is",
                         b.pid,
                         b.last_client
                     ),

@@ -496,6 +496,7 @@ impl Pooler {
         }
         conn::arm_modify(epoll, &c.stream, key, EpollFlags::empty());
         c.registered = Some(EpollFlags::empty());
+        c.armed = false;
     }
 
     /// A client given back (RELEASED) after an edge came while its backend
@@ -555,6 +556,9 @@ impl Pooler {
                 }
             }
             Phase::Ahead { .. } | Phase::Attached { .. } => {}
+        }
+        if self.freed_in_batch.contains(&key) {
+            return; // closed above; its key may be another connection's now
         }
         self.client_rearm(key);
     }
