@@ -401,24 +401,20 @@ impl Pooler {
                 // another client's by now if some path forgot to update this
                 // backend's phase, and closing that one would end a live
                 // session without a word.
-                let ours = self.client(client).map(|c| {
-                    (c.id == b.last_client && matches!(c.phase, super::client::Phase::Attached { backend } if backend == key), c.id)
-                });
-                match ours {
-                    None => {}
-                    Some((false, id)) => log::warn!(
-                        "backend {} ended while counted as serving client {}, whose slot holds client {id}, not attached to it: left as it is",
-                        b.pid,
-                        b.last_client
-                    ),
-                    Some((true, _)) => {
+                if let Some(c) = self.client(client) {
+                    if c.id != b.last_client || !matches!(c.phase, super::client::Phase::Attached { backend } if backend == key) {
+                        log::warn!(
+                            "backend {} ended while counted as serving client {}, whose slot holds client {}, not attached to it: left as it is",
+                            b.pid,
+                            b.last_client,
+                            c.id
+                        );
+                    } else {
                         // The backend wrote its own FATAL (if any) to the
                         // client; one it sent the pooler instead (`fatal`)
                         // is passed on.
-                        if let Some(c) = self.client(client) {
-                            c.phase = super::client::Phase::Closing;
-                            c.outbuf.clear();
-                        }
+                        c.phase = super::client::Phase::Closing;
+                        c.outbuf.clear();
                         match login_failure {
                             Some(f) => self.client_fatal_fields(client, &f),
                             None => self.client_close(client),
