@@ -232,12 +232,7 @@ fn terminate_parked_and_attached_backends() {
 
         // A parked backend.
         let victim = parked[0];
-        let mut admin = pg.admin();
-        let ok: bool = admin
-            .query_one("SELECT pg_terminate_backend($1)", &[&victim])
-            .expect("pg_terminate_backend")
-            .get(0);
-        assert!(ok);
+        terminate_backend(pg, victim);
         assert!(
             wait_until(SETTLE, || !session_exists(pg, victim)
                 && !pooled_pids(pg).contains(&victim)),
@@ -261,11 +256,7 @@ fn terminate_parked_and_attached_backends() {
         let mut raw = raw(pg, APP);
         raw.query("BEGIN").expect("BEGIN");
         let attached: i32 = raw.value("SELECT pg_backend_pid()").parse().expect("pid");
-        let ok: bool = admin
-            .query_one("SELECT pg_terminate_backend($1)", &[&attached])
-            .expect("pg_terminate_backend")
-            .get(0);
-        assert!(ok);
+        terminate_backend(pg, attached);
         let (severity, code, _) = raw.expect_fatal();
         assert_eq!((severity.as_str(), code.as_str()), ("FATAL", "57P01"));
         assert!(

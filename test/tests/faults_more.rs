@@ -1138,12 +1138,7 @@ fn terminate_pool(pg: &Cluster, role: &str) {
         .collect();
     assert!(!pids.is_empty(), "{role} has no pooled backends");
     for &p in &pids {
-        let ok: bool = pg
-            .admin()
-            .query_one("SELECT pg_terminate_backend($1)", &[&p])
-            .expect("pg_terminate_backend")
-            .get(0);
-        assert!(ok, "pg_terminate_backend({p})");
+        terminate_backend(pg, p);
     }
     assert!(
         wait_until(SETTLE, || pids.iter().all(|&p| !session_exists(pg, p))

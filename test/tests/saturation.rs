@@ -845,12 +845,7 @@ fn assert_handed_to(pg: &Cluster, port: i32, backend: i32) {
 #[track_caller]
 fn terminate_stopped(pg: &Cluster, stopped: Stopped) {
     let backend = stopped.0;
-    let ok: bool = pg
-        .admin()
-        .query_one("SELECT pg_terminate_backend($1)", &[&backend])
-        .expect("pg_terminate_backend")
-        .get(0);
-    assert!(ok, "pg_terminate_backend({backend})");
+    terminate_backend(pg, backend);
     drop(stopped);
     assert!(
         wait_until(SETTLE, || !nextgres_test::procs::process_alive(backend)),

@@ -60,6 +60,18 @@ pub fn admin_i64(pg: &Cluster, sql: &str) -> i64 {
         .get(0)
 }
 
+/// `pg_terminate_backend(pid)` from a direct admin session; asserts that
+/// the server signalled it (true).
+#[track_caller]
+pub fn terminate_backend(pg: &Cluster, pid: i32) {
+    let ok: bool = pg
+        .admin()
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .expect("pg_terminate_backend")
+        .get(0);
+    assert!(ok, "pg_terminate_backend({pid})");
+}
+
 /// `nextgres.status().pooler_pid` (None while no pooler runs).
 pub fn pooler_pid(pg: &Cluster) -> Option<i32> {
     pg.admin()
