@@ -198,12 +198,13 @@ pub struct BackendRow {
     /// session, outside pool_size (nextgres.max_pinned_backends); written by
     /// the pooler.
     pub dedicated: bool,
-    /// Ticket of the ATTACH the pooler sent this backend *ahead* (while it
-    /// serves another client's transaction), 0 when none: whoever swaps it
-    /// to 0 first owns that client (`ahead_claim`), the backend taking it at
-    /// its ReadyForQuery(I) or the pooler taking it back. Only ever accessed
-    /// atomically.
-    pub ahead: u64,
+    /// Tickets of the ATTACHes the pooler sent this backend *ahead* (while
+    /// it serves another client's transaction), one word per queue place
+    /// (`AHEAD_SECOND` in a ticket names the second), 0 when none: whoever
+    /// swaps a ticket to 0 first owns that client (`ahead_claim`), the
+    /// backend taking it at its ReadyForQuery(I) or the pooler taking it
+    /// back. Only ever accessed atomically.
+    pub ahead: [u64; 2],
     /// Ticket of an ATTACH sent ahead that the backend had not claimed when
     /// its RELEASED was read: the pooler *handed* it the client (it claims
     /// it once parked, `ahead_claim_handed`) and moved the ticket here, so
@@ -540,11 +541,11 @@ impl Tables {
     }
 }
 
-/// The two ticket words of a `BackendRow` (attach ahead).
+/// The ticket words of a `BackendRow` (attach ahead).
 #[derive(Clone, Copy)]
 enum Word {
-    /// `BackendRow::ahead`
-    Ahead,
+    /// `BackendRow::ahead`, the place `ticket` names (`AHEAD_SECOND`)
+    Ahead(u64),
     /// `BackendRow::handed`
     Handed,
 }
@@ -555,7 +556,7 @@ enum Word {
 fn ticket_word(t: &Tables, row: usize, w: Word) -> Option<&AtomicU64> {
     let r = t.backends_raw().get_mut(row)?;
     let field = match w {
-        Word::Ahead => &mut r.ahead,
+        Word::Ahead(ticket) => &mut r.ahead[usize::from(ticket & AHEAD_SECOND != 0)],
         Word::Handed => &mut r.handed,
     };
     // SAFETY: the field is a u64 in shared memory that every process reads
@@ -586,7 +587,7 @@ pub fn ahead_hand(row: usize, ticket: u64) -> bool {
     let Some(t) = tables() else { return false };
     let Some(h) = ticket_word(&t, row, Word::Handed) else { return false };
     h.store(ticket, Ordering::Release);
-    if ticket_swap(row, Word::Ahead, ticket, 0) {
+    if ticket_swap(row, Word::Ahead(ticket), ticket, 0) {
         return true;
     }
     ticket_swap(row, Word::Handed, ticket, 0);
@@ -610,7 +611,7 @@ pub fn ahead_claim_handed(row: usize, ticket: u64) -> bool {
 /// client back) whose swap of `ticket` to 0 succeeded; false for the other,
 /// which must not touch the client's socket.
 pub fn ahead_claim(row: usize, ticket: u64) -> bool {
-    ticket_swap(row, Word::Ahead, ticket, 0)
+    ticket_swap(row, Word::Ahead(ticket), ticket, 0)
 }
 
 /// Marks a ticket in `BackendRow::ahead` as refused by its backend
@@ -622,33 +623,40 @@ pub const AHEAD_REFUSED: u64 = 1 << 63;
 /// reading its RELEASED, takes the client back instead of handing it over
 /// (`ahead_take_refused`). False when the ticket was no longer offered.
 pub fn ahead_refuse(row: usize, ticket: u64) -> bool {
-    ticket_swap(row, Word::Ahead, ticket, ticket | AHEAD_REFUSED)
+    ticket_swap(row, Word::Ahead(ticket), ticket, ticket | AHEAD_REFUSED)
 }
 
 /// Pooler: clears a ticket its backend refused; true if it was. Read
 /// first: at nearly every RELEASED the ticket was claimed, and a load keeps
 /// the row's cache line shared where a failing compare-and-swap takes it.
 pub fn ahead_take_refused(row: usize, ticket: u64) -> bool {
-    ticket_load(row, Word::Ahead) == Some(ticket | AHEAD_REFUSED) && ticket_swap(row, Word::Ahead, ticket | AHEAD_REFUSED, 0)
+    ticket_load(row, Word::Ahead(ticket)) == Some(ticket | AHEAD_REFUSED) && ticket_swap(row, Word::Ahead(ticket), ticket | AHEAD_REFUSED, 0)
 }
 
 /// Is `ticket` still the one published in backend row `row`? (False: it
 /// was claimed or taken back, for good: tickets never repeat.)
 pub fn ahead_is(row: usize, ticket: u64) -> bool {
-    ticket_load(row, Word::Ahead) == Some(ticket)
+    ticket_load(row, Word::Ahead(ticket)) == Some(ticket)
 }
 
 /// A ticket is published in the backend row `row`: an ATTACH was sent ahead
 /// to it (or is about to be) and nobody claimed it yet.
 pub fn ahead_pending(row: usize) -> bool {
-    ticket_load(row, Word::Ahead).is_some_and(|v| v != 0)
+    [0, AHEAD_SECOND].iter().any(|&place| ticket_load(row, Word::Ahead(place)).is_some_and(|v| v != 0))
 }
+
+/// In a ticket of an ATTACH sent ahead: it waits second in the backend's
+/// queue, its word is `BackendRow::ahead[1]` (a backend of a saturated pool
+/// then finds a client at its boundary even when the pooler could not read
+/// its previous RELEASED in time to send the next one). The pooler's ticket
+/// counter never sets this bit (nor `AHEAD_REFUSED`).
+pub const AHEAD_SECOND: u64 = 1 << 62;
 
 impl Tables {
     /// Pooler: publishes `ticket` in the backend's row before the ATTACH
     /// that carries it is sent.
     pub fn ahead_offer(&self, row: usize, ticket: u64) {
-        if let Some(w) = ticket_word(self, row, Word::Ahead) {
+        if let Some(w) = ticket_word(self, row, Word::Ahead(ticket)) {
             w.store(ticket, Ordering::Release);
         }
     }

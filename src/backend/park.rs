@@ -476,16 +476,25 @@ fn take_ahead(p: &mut Parking) -> Option<(Attach, RawFd)> {
     }
     // One read, not one more for the EAGAIN: the kernel ends a read after
     // the part of the stream that carried a descriptor, so the ATTACH sent
-    // ahead is what this read ends with. Anything behind it (a release
-    // request, rarely) is read at the next look, or wakes the park.
-    if let Ok(0) = read_some(p, nix::sys::socket::MsgFlags::MSG_DONTWAIT) {
-        return None; // the pooler is gone: the release notices
+    // ahead is what this read ends with. Anything behind it (a second one
+    // sent ahead, a release request) is read at the next look, or wakes
+    // the park; a second read only when the first ATTACH was taken back.
+    for _ in 0..2 {
+        if let Ok(0) = read_some(p, nix::sys::socket::MsgFlags::MSG_DONTWAIT) {
+            return None; // the pooler is gone: the release notices
+        }
+        drain_requests(p);
+        if p.fds.is_empty() {
+            return None; // nothing sent ahead (the common unsaturated case)
+        }
+        if let Some(next) = next_buffered_attach(p, false) {
+            return Some(next);
+        }
+        if p.row.is_some_and(|r| !crate::shmem::ahead_pending(r)) {
+            return None;
+        }
     }
-    drain_requests(p);
-    if p.fds.is_empty() {
-        return None; // nothing sent ahead (the common unsaturated case)
-    }
-    next_buffered_attach(p, false)
+    None
 }
 
 /// Consumes leading RELEASE_REQUEST messages (they may arrive late, after the

@@ -20,6 +20,14 @@
 //! anything by the pooler is first taken back, and if the backend won the
 //! client is simply being served.
 //!
+//! A backend may have two clients sent ahead, queued in its socket in the
+//! order sent, each with its own ticket word (`AHEAD_DEPTH`): on two shared
+//! cores the pooler often reads a RELEASED too late to send the next client
+//! before that backend's next boundary, and with one place half the
+//! backends of a saturated pool slept between clients (BENCHMARKS.md issue
+//! 15, ninth step). The second place is used only while at least twice as
+//! many clients wait as the pool has busy backends.
+//!
 //! A client sent ahead is in `Phase::Ahead`; it counts as waiting in
 //! `nextgres.pools` and for the backends' time slices.
 use super::backend::BPhase;
@@ -35,8 +43,13 @@ use std::time::{Duration, Instant};
 const MAX_AHEAD_MESSAGE: usize = 32 * 1024;
 
 /// SO_SNDBUF of the pooler's end of a control socket, bytes (the kernel
-/// doubles it): two ATTACHes sent ahead, release requests and slack.
+/// doubles it): the ATTACHes sent ahead and one taken back, release
+/// requests and slack.
 pub const CONTROL_SNDBUF: usize = 4 * MAX_AHEAD_MESSAGE;
+
+/// Clients sent ahead to one backend at most (its queue places; each has a
+/// ticket word in its shared row, `shmem::AHEAD_SECOND`).
+pub const AHEAD_DEPTH: usize = 2;
 
 /// A client sent ahead waits at least this long for its backend before it
 /// may be taken back for another backend that became free while clients
@@ -68,7 +81,8 @@ pub struct AheadOf {
 impl Pooler {
     /// While the pool is saturated (as many clients wait as it has busy
     /// backends, and no login under way or possible would serve them), sends
-    /// the oldest waiting clients ahead, one per busy backend. Not for
+    /// the oldest waiting clients ahead, one per busy backend, and a second
+    /// one each while twice as many wait. Not for
     /// session or dedicated mode, a paused or draining pool, a pool over its
     /// size, or one under max_db/user_connections (a backend released there
     /// may have to close for another pool, `backend_yield_to_starved`).
@@ -78,10 +92,16 @@ impl Pooler {
         }
         loop {
             let Some(p) = self.pools.get(pool) else { return };
-            if p.waiting.is_empty() || p.waiting.len() + p.ahead < p.attached.len() {
+            if p.waiting.is_empty() {
                 return;
             }
-            let Some(bk) = self.ahead_candidate(pool) else { return };
+            // Sending one ahead leaves this sum as it is.
+            let waiting = p.waiting.len() + p.ahead;
+            let depth = (1..=AHEAD_DEPTH).rev().find(|&d| waiting >= d * p.attached.len()).unwrap_or(0);
+            if depth == 0 {
+                return;
+            }
+            let Some(bk) = self.ahead_candidate(pool, depth) else { return };
             let Some(ck) = self.pools[pool].waiting.pop_front() else { return };
             let since = match self.client(ck) {
                 Some(c) if c.pinned.is_none() && !c.dedicated_mode => match c.phase {
@@ -112,16 +132,17 @@ impl Pooler {
     }
 
     /// A busy backend of the pool that may take a client at its next
-    /// ReadyForQuery(I): nothing sent ahead to it yet, no session pin, not
-    /// keeping an idle client while nobody waits (it would not look at its
-    /// control socket), not past its lifetime. The longest attached first:
-    /// with short transactions it is the one to finish soonest.
-    fn ahead_candidate(&self, pool: usize) -> Option<usize> {
+    /// ReadyForQuery(I): fewer than `depth` clients sent ahead to it yet, no
+    /// session pin, not keeping an idle client while nobody waits (it would
+    /// not look at its control socket), not past its lifetime. The fewest
+    /// sent ahead first, then the longest attached: with short
+    /// transactions it is the one to finish soonest.
+    fn ahead_candidate(&self, pool: usize, depth: usize) -> Option<usize> {
         let p = self.pools.get(pool)?;
-        let mut best: Option<(Instant, usize)> = None;
+        let mut best: Option<(usize, Instant, usize)> = None;
         for &bk in &p.attached {
             let Some(Conn::Backend(b)) = self.conns.get(bk) else { continue };
-            if b.ahead.is_some()
+            if b.ahead.len() >= depth
                 || b.ahead_blocked
                 || b.terminating
                 || b.pinned_to.is_some()
@@ -135,19 +156,23 @@ impl Pooler {
             {
                 continue;
             }
-            if best.is_none_or(|(at, _)| b.attached_at < at) {
-                best = Some((b.attached_at, bk));
+            if best.is_none_or(|(n, at, _)| (b.ahead.len(), b.attached_at) < (n, at)) {
+                best = Some((b.ahead.len(), b.attached_at, bk));
             }
         }
-        best.map(|(_, bk)| bk)
+        best.map(|(_, _, bk)| bk)
     }
 
     /// Sends `ck`'s ATTACH ahead to `bk`. False when it could not (too
     /// large, or the backend is gone): the client is back at the head of the
     /// queue.
     fn send_ahead(&mut self, ck: usize, bk: usize, since: Instant) -> bool {
-        let ticket = self.next_ticket();
+        let mut ticket = self.next_ticket();
         let Some(Conn::Backend(b)) = self.conns.get(bk) else { return self.unqueue_front(ck) };
+        // The place the client sent ahead before it (if any) does not hold.
+        if b.ahead.first().is_some_and(|a| a.ticket & crate::shmem::AHEAD_SECOND == 0) {
+            ticket |= crate::shmem::AHEAD_SECOND;
+        }
         let row = b.row;
         let ahead = nextgres_core::control::Ahead { ticket, backend_row: row as u32 };
         let Some((msg, fd)) = self.attach_message(ck, bk, Some(ahead), Some(MAX_AHEAD_MESSAGE)) else {
@@ -167,7 +192,7 @@ impl Pooler {
         c.phase = Phase::Ahead { backend: bk, since };
         let pool = c.pool;
         if let Some(b) = self.backend(bk) {
-            b.ahead = Some(AheadOf { client: ck, client_id, ticket, sent: Instant::now() });
+            b.ahead.push(AheadOf { client: ck, client_id, ticket, sent: Instant::now() });
         }
         if let Some(p) = pool.and_then(|p| self.pools.get_mut(p)) {
             p.ahead += 1;
@@ -177,7 +202,7 @@ impl Pooler {
     }
 
     pub fn next_ticket(&mut self) -> u64 {
-        self.next_ticket = (self.next_ticket.wrapping_add(1) & !crate::shmem::AHEAD_REFUSED).max(1);
+        self.next_ticket = (self.next_ticket.wrapping_add(1) & !(crate::shmem::AHEAD_REFUSED | crate::shmem::AHEAD_SECOND)).max(1);
         self.next_ticket
     }
 
@@ -198,13 +223,13 @@ impl Pooler {
         let Some(c) = self.client(ck) else { return true };
         let Phase::Ahead { backend: bk, .. } = c.phase else { return true };
         let Some(b) = self.backend(bk) else { return true };
-        let Some(a) = b.ahead.as_ref().filter(|a| a.client == ck) else { return true };
-        if !crate::shmem::ahead_claim(b.row, a.ticket) {
+        let Some(i) = b.ahead.iter().position(|a| a.client == ck) else { return true };
+        if !crate::shmem::ahead_claim(b.row, b.ahead[i].ticket) {
             return false;
         }
         // Its ATTACH stays unread in the backend's socket until that
         // transaction ends: send it nothing more until then.
-        b.ahead = None;
+        b.ahead.remove(i);
         b.ahead_blocked = true;
         let (row, pid) = (b.row, b.pid);
         // A backend keeping an idle client with no end in sight (pinned, or
@@ -222,13 +247,20 @@ impl Pooler {
     }
 
     /// Takes back whatever was sent ahead to `bk` (it pinned its session,
-    /// or is being closed). Returns the client its backend had claimed, if so.
+    /// or is being closed). Returns the client its backend had claimed, if
+    /// so (at most one: it claims only at a boundary, and its RELEASED
+    /// settles that claim).
     pub fn backend_recall_ahead(&mut self, bk: usize) -> Option<usize> {
-        let ck = self.backend(bk)?.ahead.as_ref()?.client;
-        if self.client_recall(ck) {
-            return None;
+        let sent: Vec<usize> = self.backend(bk)?.ahead.iter().map(|a| a.client).collect();
+        let mut claimed = None;
+        // Last first: each goes back to the head of the queue, so they wait
+        // there in the order they were sent.
+        for ck in sent.into_iter().rev() {
+            if !self.client_recall(ck) {
+                claimed = Some(ck);
+            }
         }
-        Some(ck)
+        claimed
     }
 
     /// Takes back every client sent ahead in `pool` (None: every pool), for
@@ -292,53 +324,79 @@ impl Pooler {
     /// likely to this very backend, now parked), cost a second ATTACH with
     /// its socket for 46% of a saturated pool's transactions (pgbench -S,
     /// 100 clients, pool 16; BENCHMARKS.md issue 15 sixth step). None: no
-    /// client was sent ahead, or the one sent is no longer waiting for this
-    /// backend (taken back to the head of the queue if still there).
+    /// client was sent ahead, or none sent is still waiting for this backend
+    /// (taken back to the head of the queue if still there).
+    ///
+    /// The backend reads its clients sent ahead in the order sent and claims
+    /// the first it can: those before it were refused (EMFILE: waiting
+    /// again), it is the one served, and those after it stay queued for its
+    /// next boundary. Claimed none: the first one still offered is handed.
     pub fn backend_ahead_settle(&mut self, bk: usize) -> Option<usize> {
         let b = self.backend(bk)?;
         b.ahead_blocked = false;
         b.handed = None;
-        let a = b.ahead.take()?;
         let (row, pool) = (b.row, b.pool);
-        let here = self.client(a.client).and_then(|c| match c.phase {
-            Phase::Ahead { backend, since } if backend == bk && c.id == a.client_id => Some((since, c.session_counted)),
-            _ => None,
-        });
-        if crate::shmem::ahead_is(row, a.ticket) {
-            match here {
-                Some((since, session_counted)) if crate::shmem::ahead_hand(row, a.ticket) => {
-                    if let Some(b) = self.backend(bk) {
-                        b.handed = Some(Handed { ticket: a.ticket, since, session_counted, plain: false });
+        loop {
+            let b = self.backend(bk)?;
+            if b.ahead.is_empty() {
+                return None;
+            }
+            let a = b.ahead.remove(0);
+            let here = self.client(a.client).and_then(|c| match c.phase {
+                Phase::Ahead { backend, since } if backend == bk && c.id == a.client_id => Some((since, c.session_counted)),
+                _ => None,
+            });
+            if crate::shmem::ahead_is(row, a.ticket) {
+                match here {
+                    Some((since, session_counted)) if crate::shmem::ahead_hand(row, a.ticket) => {
+                        if let Some(b) = self.backend(bk) {
+                            b.handed = Some(Handed { ticket: a.ticket, since, session_counted, plain: false });
+                        }
                     }
-                }
-                Some(_) => {} // claimed (served) or refused meanwhile: below
-                None => {
-                    if crate::shmem::ahead_claim(row, a.ticket) {
-                        self.client_requeue_ahead(a.client);
+                    Some(_) => {} // claimed (served) or refused meanwhile: below
+                    None => {
+                        // Not waiting for it any more: its socket is closed
+                        // unread there.
+                        if crate::shmem::ahead_claim(row, a.ticket) {
+                            self.ahead_drop(pool, &a);
+                        }
+                        continue;
                     }
-                    return None;
                 }
             }
+            if crate::shmem::ahead_take_refused(row, a.ticket) {
+                // Its socket never reached the backend (EMFILE): waiting again.
+                self.ahead_drop(pool, &a);
+                continue;
+            }
+            if let Some(p) = self.pools.get_mut(pool) {
+                p.ahead = p.ahead.saturating_sub(1);
+                p.attaches_ahead += 1;
+            }
+            return Some(a.client).filter(|&ck| self.client(ck).is_some_and(|c| c.id == a.client_id));
         }
-        if crate::shmem::ahead_take_refused(row, a.ticket) {
-            // Its socket never reached the backend (EMFILE): waiting again.
+    }
+
+    /// A client sent ahead to a backend of `pool`, off that backend's queue
+    /// and not served there: waiting again at the head of the queue (when
+    /// it is still that client; otherwise only the pool's count of clients
+    /// sent ahead forgets it).
+    fn ahead_drop(&mut self, pool: usize, a: &AheadOf) {
+        if self.client(a.client).is_some_and(|c| c.id == a.client_id && matches!(c.phase, Phase::Ahead { .. })) {
             self.client_requeue_ahead(a.client);
-            return None;
-        }
-        if let Some(p) = self.pools.get_mut(pool) {
+        } else if let Some(p) = self.pools.get_mut(pool) {
             p.ahead = p.ahead.saturating_sub(1);
-            p.attaches_ahead += 1;
         }
-        Some(a.client).filter(|&ck| self.client(ck).is_some_and(|c| c.id == a.client_id))
     }
 
     /// What was sent ahead to the busy backends of `pool`.
     fn pool_aheads(&self, pool: usize) -> impl Iterator<Item = &AheadOf> + '_ {
         let attached = self.pools.get(pool).filter(|p| p.ahead > 0).map_or(&[][..], |p| &p.attached[..]);
         attached.iter().filter_map(|&bk| match self.conns.get(bk) {
-            Some(Conn::Backend(b)) => b.ahead.as_ref(),
+            Some(Conn::Backend(b)) => Some(b.ahead.iter()),
             _ => None,
         })
+        .flatten()
     }
 
     /// When the longest-waiting client sent ahead in `pool` started waiting.

@@ -45,8 +45,9 @@ pub struct Backend {
     pub own: bool,
     /// When its current client was attached (`xact_time_ms` runs to RELEASED).
     pub attached_at: Instant,
-    /// The client whose ATTACH was sent ahead to it (`ahead.rs`).
-    pub ahead: Option<super::ahead::AheadOf>,
+    /// The clients whose ATTACHes were sent ahead to it (`ahead.rs`), in
+    /// the order sent (the order it reads them): at most `AHEAD_DEPTH`.
+    pub ahead: Vec<super::ahead::AheadOf>,
     /// An ATTACH sent ahead was taken back and still sits unread in its
     /// socket: nothing more is sent ahead until its next RELEASED.
     pub ahead_blocked: bool,
@@ -102,7 +103,7 @@ impl Pooler {
         let token_opt = crate::backend::TOKEN_OPTION.to_str().unwrap_or_default();
         proto::startup_message(&mut out, &[("user", &role), ("database", &database), (token_opt, &self.token_hex)]);
         let mut stream = stream;
-        // Room for an ATTACH sent ahead plus one taken back, unread by a
+        // Room for the ATTACHes sent ahead plus one taken back, unread by a
         // backend in a transaction, whatever the system default (`ahead.rs`).
         let _ = nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::SndBuf, &super::ahead::CONTROL_SNDBUF);
         // A fresh Unix socket takes a few hundred bytes without blocking.
@@ -128,7 +129,7 @@ impl Pooler {
             dedicated: false,
             own,
             attached_at: Instant::now(),
-            ahead: None,
+            ahead: Vec::with_capacity(super::ahead::AHEAD_DEPTH),
             ahead_blocked: false,
             handed: None,
             terminating: false,
@@ -347,7 +348,7 @@ impl Pooler {
         // was never touched. Settled while the row is still its.
         if let Some(ck) = self.backend_recall_ahead(key) {
             if let Some(b) = self.backend(key) {
-                b.ahead = None;
+                b.ahead.clear();
             }
             self.client_requeue_ahead(ck);
         }

@@ -966,3 +966,80 @@ fn backend_terminated_before_it_claims_a_client_handed_to_it() {
         assert_pooler_serves(pg, pooler);
     });
 }
+
+/// Clients B and C wait, in that order, while client A's transaction holds
+/// the only backend (pool of one): the pooler sends both ahead to that
+/// busy backend, one per queue place. Returns once both are queued and the
+/// pooler, which sends ahead as it queues, has had time to do so.
+#[track_caller]
+fn two_sent_ahead(pg: &Cluster, a: &mut nextgres_test::raw::Raw, b: &mut nextgres_test::raw::Raw, c: &mut nextgres_test::raw::Raw) {
+    a.query("BEGIN").expect("BEGIN");
+    b.send_query("SELECT current_setting('application_name')");
+    c.send_query("SELECT current_setting('application_name')");
+    assert!(wait_until(SETTLE, || waiting(pg) == 2), "B and C are not both waiting: {:?}", clients(pg));
+    std::thread::sleep(Duration::from_millis(200));
+}
+
+/// The second queue place of a busy backend (`pooler::ahead`, AHEAD_DEPTH):
+/// with two clients sent ahead, the backend takes the first at A's commit
+/// and the second at the first one's ReadyForQuery(I), both while the
+/// pooler is stopped, so it has read none of the backend's RELEASEDs: no
+/// trip through the pooler between clients. With a single place the
+/// second client would wait in the pooler's queue until it ran again.
+#[test]
+fn busy_backend_takes_both_clients_sent_ahead_without_the_pooler() {
+    run(one_backend_releasing_at_once(), |pg| {
+        let pooler = running_pooler_pid(pg);
+        let (mut a, mut b, mut c) = (raw(pg, APP), raw(pg, APP), raw(pg, APP));
+        b.query("SET application_name = 'bee'").expect("SET");
+        c.query("SET application_name = 'sea'").expect("SET");
+        wait_parked(pg, 1);
+        let before = attaches_ahead(pg);
+        two_sent_ahead(pg, &mut a, &mut b, &mut c);
+        let stop = Stopped::new(pooler);
+        a.query("COMMIT").expect("COMMIT on the busy backend");
+        let rows = b.until_ready().expect("B, sent ahead first, served while the pooler is stopped");
+        assert_eq!(rows, vec![vec![Some("bee".to_string())]]);
+        let rows = c
+            .until_ready()
+            .expect("C, sent ahead second, served while the pooler is stopped (its backend's second queue place)");
+        assert_eq!(rows, vec![vec![Some("sea".to_string())]]);
+        drop(stop);
+        let both = wait_until(SETTLE, || attaches_ahead(pg) >= before + 2);
+        assert!(both, "attaches_ahead went {before} -> {}: not both taken ahead", attaches_ahead(pg));
+        for (x, name) in [(&mut a, "a"), (&mut b, "bee"), (&mut c, "sea")] {
+            assert_eq!(x.value("SELECT 5"), "5", "{name}");
+        }
+        assert_eq!(b.value("SELECT current_setting('application_name')"), "bee");
+        assert_eq!(c.value("SELECT current_setting('application_name')"), "sea");
+        assert_pooler_serves(pg, pooler);
+    });
+}
+
+/// The backend holding two clients sent ahead is terminated inside client
+/// A's transaction: A gets the termination's FATAL, as from a direct
+/// backend; B and C, never touched there, wait again in the order they came
+/// and a new backend serves both, each with its own session.
+#[test]
+fn backend_terminated_while_holding_two_clients_sent_ahead() {
+    run(one_backend_releasing_at_once(), |pg| {
+        let pooler = running_pooler_pid(pg);
+        let (mut a, mut b, mut c) = (raw(pg, APP), raw(pg, APP), raw(pg, APP));
+        b.query("SET application_name = 'bee'").expect("SET");
+        c.query("SET application_name = 'sea'").expect("SET");
+        let backend = wait_parked(pg, 1)[0];
+        two_sent_ahead(pg, &mut a, &mut b, &mut c);
+        terminate_backend(pg, backend);
+        let (severity, sqlstate, _) = a.expect_fatal();
+        assert_eq!((severity.as_str(), sqlstate.as_str()), ("FATAL", "57P01"), "A's end");
+        let rows = b.until_ready().expect("B, sent ahead to the terminated backend");
+        assert_eq!(rows, vec![vec![Some("bee".to_string())]]);
+        let rows = c.until_ready().expect("C, sent ahead second to the terminated backend");
+        assert_eq!(rows, vec![vec![Some("sea".to_string())]]);
+        let now = pooled_pids(pg);
+        assert!(!now.contains(&backend), "backends {now:?}");
+        assert_eq!(b.value("SELECT 6"), "6");
+        assert_eq!(c.value("SELECT current_setting('application_name')"), "sea");
+        assert_pooler_serves(pg, pooler);
+    });
+}
