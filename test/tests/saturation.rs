@@ -1043,3 +1043,90 @@ fn backend_terminated_while_holding_two_clients_sent_ahead() {
         assert_pooler_serves(pg, pooler);
     });
 }
+
+/// `pid`'s open files limit (RLIMIT_NOFILE, soft) lowered to its lowest free
+/// descriptor number while this lives: the next descriptor it would get
+/// (a client socket passed with SCM_RIGHTS) does not fit, and the kernel
+/// drops it (MSG_CTRUNC). Restored when dropped. Set with util-linux's
+/// `prlimit` run as the server's OS user: root here may lack
+/// CAP_SYS_RESOURCE, which another user's process would need.
+struct FilesLimited {
+    pid: i32,
+    owner: (u32, u32),
+    was: String,
+}
+
+impl FilesLimited {
+    #[track_caller]
+    fn new(pg: &Cluster, pid: i32) -> FilesLimited {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(format!("/proc/{pid}")).expect("the backend's /proc entry");
+        let owner = (meta.uid(), meta.gid());
+        let open: std::collections::HashSet<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("the backend's descriptors")
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        let lowest_free = (0..).find(|n| !open.contains(n)).expect("a free descriptor number");
+        let was = run_prlimit(owner, &["--pid", &pid.to_string(), "--nofile", "--raw", "--noheadings", "--output=SOFT"]);
+        let was = was.trim().to_string();
+        assert!(was.parse::<u64>().is_ok(), "{pid}'s open files limit: {was:?} ({})", pg.data_dir().display());
+        run_prlimit(owner, &["--pid", &pid.to_string(), &format!("--nofile={lowest_free}:")]);
+        FilesLimited { pid, owner, was }
+    }
+}
+
+/// `prlimit ARGS` (util-linux) to run as the OS user `owner` (uid, gid).
+fn prlimit(owner: (u32, u32), args: &[&str]) -> std::process::Command {
+    use std::os::unix::process::CommandExt;
+    let mut c = std::process::Command::new("prlimit");
+    c.args(args).uid(owner.0).gid(owner.1);
+    c
+}
+
+/// Runs `prlimit` (as `prlimit` builds it); its output.
+#[track_caller]
+fn run_prlimit(owner: (u32, u32), args: &[&str]) -> String {
+    let out = prlimit(owner, args).output().expect("running prlimit (util-linux)");
+    assert!(out.status.success(), "prlimit {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl Drop for FilesLimited {
+    fn drop(&mut self) {
+        // Fails harmlessly if the process is gone.
+        let _ = prlimit(self.owner, &["--pid", &self.pid.to_string(), &format!("--nofile={}:", self.was)]).output();
+    }
+}
+
+/// A client sent ahead to a backend at its open files limit: the client's
+/// socket never reaches the backend (the kernel drops it), so the backend
+/// refuses the client in shared memory (`shmem::ahead_refuse`) and gives
+/// its own client back as usual; the pooler, reading that RELEASED, puts
+/// the refused client back in line instead of handing it over, and the same
+/// backend serves it once it parked (giving its client back freed a
+/// descriptor number). Nobody loses a connection, no backend ends, and the
+/// refused client is not counted as taken ahead.
+#[test]
+fn client_sent_ahead_to_a_backend_at_its_open_files_limit() {
+    run(one_backend_releasing_at_once(), |pg| {
+        let pooler = running_pooler_pid(pg);
+        let (mut a, mut c) = (raw(pg, APP), raw(pg, APP));
+        c.query("SET application_name = 'sea'").expect("SET");
+        let backend = wait_parked(pg, 1)[0];
+        a.query("BEGIN").expect("BEGIN");
+        let limited = FilesLimited::new(pg, backend);
+        let before = attaches_ahead(pg);
+        c.send_query("SELECT current_setting('application_name')");
+        assert!(wait_until(SETTLE, || waiting(pg) == 1), "C is not waiting: {:?}", clients(pg));
+        std::thread::sleep(Duration::from_millis(200));
+        a.query("COMMIT").expect("COMMIT on the backend at its open files limit");
+        let rows = c.until_ready().expect("the client whose socket the backend could not receive");
+        assert_eq!(rows, vec![vec![Some("sea".to_string())]]);
+        drop(limited);
+        assert_eq!(pooled_pids(pg), vec![backend], "the backend that refused the client ended");
+        assert_eq!(attaches_ahead(pg), before, "the refused client was counted as taken ahead");
+        assert_eq!(a.value("SELECT 5"), "5");
+        assert_eq!(c.value("SELECT current_setting('application_name')"), "sea");
+        assert_pooler_serves(pg, pooler);
+    });
+}
