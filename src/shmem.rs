@@ -213,6 +213,16 @@ pub struct BackendRow {
     pub handed: u64,
 }
 
+impl BackendRow {
+    /// Clients sent ahead to this backend that it has neither taken nor
+    /// refused, nor the pooler taken back (0-2), from a copy of the row
+    /// (`Tables::snapshot`: a racy read of words others swap, fine for a
+    /// view).
+    pub fn queued(&self) -> i32 {
+        self.ahead.iter().filter(|&&t| t != 0 && t & AHEAD_REFUSED == 0).count() as i32
+    }
+}
+
 fn caps() -> (usize, usize, usize) {
     let pools = crate::settings::MAX_POOLS.get() as usize;
     let clients = crate::settings::MAX_CLIENT_CONN.get() as usize;

@@ -175,6 +175,7 @@ fn backends() -> TableIterator<
         name!(state_since, Option<TimestampWithTimeZone>),
         name!(pinned_by, Option<String>),
         name!(dedicated, bool),
+        name!(clients_queued, i32),
     ),
 > {
     let t = tables();
@@ -200,6 +201,7 @@ fn backends() -> TableIterator<
             ts(b.since),
             pin_name(b.pin),
             b.dedicated,
+            b.queued(),
         )
     }))
 }

@@ -478,8 +478,10 @@ fn take_ahead(p: &mut Parking) -> Option<(Attach, RawFd)> {
     // the part of the stream that carried a descriptor, so the ATTACH sent
     // ahead is what this read ends with. Anything behind it (a second one
     // sent ahead, a release request) is read at the next look, or wakes
-    // the park; a second read only when the first ATTACH was taken back.
-    for _ in 0..2 {
+    // the park; another read only when that ATTACH was taken back and a
+    // ticket is still offered (each read takes one ATTACH; one that brings
+    // none ends the loop).
+    loop {
         if let Ok(0) = read_some(p, nix::sys::socket::MsgFlags::MSG_DONTWAIT) {
             return None; // the pooler is gone: the release notices
         }
@@ -494,7 +496,6 @@ fn take_ahead(p: &mut Parking) -> Option<(Attach, RawFd)> {
             return None;
         }
     }
-    None
 }
 
 /// Consumes leading RELEASE_REQUEST messages (they may arrive late, after the

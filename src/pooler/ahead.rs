@@ -43,8 +43,11 @@ use std::time::{Duration, Instant};
 const MAX_AHEAD_MESSAGE: usize = 32 * 1024;
 
 /// SO_SNDBUF of the pooler's end of a control socket, bytes (the kernel
-/// doubles it): the ATTACHes sent ahead and one taken back, release
-/// requests and slack.
+/// doubles it): what a busy backend may have unread there at worst, the
+/// ATTACHes sent ahead to it, those taken back (a RELEASED ends the block
+/// on sending more while one taken back may still sit behind the client
+/// it claimed) and one plain ATTACH, about four of `MAX_AHEAD_MESSAGE`,
+/// release requests and slack.
 pub const CONTROL_SNDBUF: usize = 4 * MAX_AHEAD_MESSAGE;
 
 /// Clients sent ahead to one backend at most (its queue places; each has a
@@ -247,20 +250,23 @@ impl Pooler {
     }
 
     /// Takes back whatever was sent ahead to `bk` (it pinned its session,
-    /// or is being closed). Returns the client its backend had claimed, if
-    /// so (at most one: it claims only at a boundary, and its RELEASED
-    /// settles that claim).
-    pub fn backend_recall_ahead(&mut self, bk: usize) -> Option<usize> {
-        let sent: Vec<usize> = self.backend(bk)?.ahead.iter().map(|a| a.client).collect();
-        let mut claimed = None;
+    /// it is past a killed client's transaction, it is gone, or a long
+    /// transaction holds it). Returns, in the order sent, the clients it
+    /// could not take back: claimed by the backend (at most one: it claims
+    /// only at a boundary) or refused there (EMFILE); they stay in
+    /// `Backend::ahead` for its RELEASED to settle.
+    pub fn backend_recall_ahead(&mut self, bk: usize) -> Vec<usize> {
+        let Some(b) = self.backend(bk) else { return Vec::new() };
+        let sent: Vec<usize> = b.ahead.iter().map(|a| a.client).collect();
+        let mut kept = Vec::new();
         // Last first: each goes back to the head of the queue, so they wait
         // there in the order they were sent.
         for ck in sent.into_iter().rev() {
             if !self.client_recall(ck) {
-                claimed = Some(ck);
+                kept.insert(0, ck);
             }
         }
-        claimed
+        kept
     }
 
     /// Takes back every client sent ahead in `pool` (None: every pool), for
@@ -336,10 +342,11 @@ impl Pooler {
         b.ahead_blocked = false;
         b.handed = None;
         let (row, pool) = (b.row, b.pool);
-        loop {
-            let b = self.backend(bk)?;
+        let mut dropped = Vec::new();
+        let served = loop {
+            let Some(b) = self.backend(bk) else { break None };
             if b.ahead.is_empty() {
-                return None;
+                break None;
             }
             let a = b.ahead.remove(0);
             let here = self.client(a.client).and_then(|c| match c.phase {
@@ -357,52 +364,60 @@ impl Pooler {
                     None => {
                         // Not waiting for it any more: its socket is closed
                         // unread there.
-                        if crate::shmem::ahead_claim(row, a.ticket) {
-                            self.ahead_drop(pool, &a);
-                        }
+                        crate::shmem::ahead_claim(row, a.ticket);
+                        dropped.push(a);
                         continue;
                     }
                 }
             }
             if crate::shmem::ahead_take_refused(row, a.ticket) {
                 // Its socket never reached the backend (EMFILE): waiting again.
-                self.ahead_drop(pool, &a);
+                dropped.push(a);
                 continue;
             }
             if let Some(p) = self.pools.get_mut(pool) {
                 p.ahead = p.ahead.saturating_sub(1);
                 p.attaches_ahead += 1;
             }
-            return Some(a.client).filter(|&ck| self.client(ck).is_some_and(|c| c.id == a.client_id));
+            break Some(a.client).filter(|&ck| self.client(ck).is_some_and(|c| c.id == a.client_id));
+        };
+        // Last first, so they wait at the head of the queue in the order sent.
+        for a in dropped.iter().rev() {
+            self.ahead_drop(pool, bk, a);
         }
+        served
     }
 
-    /// A client sent ahead to a backend of `pool`, off that backend's queue
-    /// and not served there: waiting again at the head of the queue (when
-    /// it is still that client; otherwise only the pool's count of clients
-    /// sent ahead forgets it).
-    fn ahead_drop(&mut self, pool: usize, a: &AheadOf) {
-        if self.client(a.client).is_some_and(|c| c.id == a.client_id && matches!(c.phase, Phase::Ahead { .. })) {
+    /// A client sent ahead to `bk` (of `pool`), off that backend's queue and
+    /// not served there: waiting again at the head of the queue when it is
+    /// still that client, waiting for `bk`; the pool's count of clients sent
+    /// ahead forgets it either way.
+    fn ahead_drop(&mut self, pool: usize, bk: usize, a: &AheadOf) {
+        let ours = self.client(a.client).is_some_and(|c| c.id == a.client_id && matches!(c.phase, Phase::Ahead { backend, .. } if backend == bk));
+        if ours {
             self.client_requeue_ahead(a.client);
         } else if let Some(p) = self.pools.get_mut(pool) {
             p.ahead = p.ahead.saturating_sub(1);
         }
     }
 
-    /// What was sent ahead to the busy backends of `pool`.
-    fn pool_aheads(&self, pool: usize) -> impl Iterator<Item = &AheadOf> + '_ {
+    /// What was sent ahead to the busy backends of `pool`, each with its
+    /// place in its backend's queue (0: taken at its next boundary).
+    fn pool_aheads(&self, pool: usize) -> impl Iterator<Item = (usize, &AheadOf)> + '_ {
         let attached = self.pools.get(pool).filter(|p| p.ahead > 0).map_or(&[][..], |p| &p.attached[..]);
-        attached.iter().filter_map(|&bk| match self.conns.get(bk) {
-            Some(Conn::Backend(b)) => Some(b.ahead.iter()),
-            _ => None,
-        })
-        .flatten()
+        attached
+            .iter()
+            .filter_map(|&bk| match self.conns.get(bk) {
+                Some(Conn::Backend(b)) => Some(b.ahead.iter().enumerate()),
+                _ => None,
+            })
+            .flatten()
     }
 
     /// When the longest-waiting client sent ahead in `pool` started waiting.
     pub fn pool_oldest_ahead(&self, pool: usize) -> Option<Instant> {
         self.pool_aheads(pool)
-            .filter_map(|a| match self.conns.get(a.client) {
+            .filter_map(|(_, a)| match self.conns.get(a.client) {
                 Some(Conn::Client(c)) => match c.phase {
                     Phase::Ahead { since, .. } => Some(since),
                     _ => None,
@@ -412,12 +427,13 @@ impl Pooler {
             .min()
     }
 
-    /// A backend became free (`free`), or took its client sent ahead: a
-    /// client sent ahead to a backend that has not taken it within its
-    /// patience (a long transaction there) goes back to the head of the
-    /// queue, so this one (or the next sent ahead) serves it; with `free`, so
-    /// does any client sent ahead when the queue is empty. Puts at most one
-    /// back in line per call.
+    /// A backend became free (`free`), or took its client sent ahead:
+    /// clients sent ahead to a backend that has not taken the first of them
+    /// within its patience (a long transaction there) all go back to the
+    /// head of the queue, so this one (or the next sent ahead) serves them;
+    /// with `free` and an empty queue, so does one client sent ahead, the
+    /// one with the most to wait for (last in its backend's queue, then the
+    /// oldest). Acts on one backend per call.
     pub fn pool_recall_stale_ahead(&mut self, pool: usize, free: bool) {
         let Some(p) = self.pools.get(pool) else { return };
         if p.ahead == 0 {
@@ -429,13 +445,26 @@ impl Pooler {
         let avg = Duration::from_micros((p.xact_us / p.xacts.max(1)).max(0) as u64);
         let patience = (avg * 4).max(MIN_AHEAD_PATIENCE);
         let now = Instant::now();
-        let oldest = self
+        let stale = self
             .pool_aheads(pool)
-            .filter(|a| queue_empty || now.duration_since(a.sent) > patience)
-            .min_by_key(|a| a.sent)
-            .map(|a| (a.sent, a.client));
-        if let Some((_, ck)) = oldest {
-            self.client_recall(ck);
+            .filter(|(_, a)| now.duration_since(a.sent) > patience)
+            .min_by_key(|(_, a)| a.sent)
+            .and_then(|(_, a)| match self.conns.get(a.client) {
+                Some(Conn::Client(c)) => c.backend(),
+                _ => None,
+            });
+        if let Some(bk) = stale {
+            self.backend_recall_ahead(bk);
+            return;
+        }
+        if queue_empty {
+            let last = self
+                .pool_aheads(pool)
+                .max_by_key(|(place, a)| (*place, std::cmp::Reverse(a.sent)))
+                .map(|(_, a)| a.client);
+            if let Some(ck) = last {
+                self.client_recall(ck);
+            }
         }
     }
 }

@@ -342,14 +342,17 @@ impl Pooler {
     /// control socket while attached).
     pub fn backend_gone(&mut self, key: usize, login_failure: Option<ErrorFields>) {
         // A client sent ahead waits for another backend. Taken back here, or
-        // claimed by this backend but its RELEASED never read (RELEASED
-        // settles the claim): it died before it attached that client (it
-        // attaches only after RELEASED is written), so the client's socket
-        // was never touched. Settled while the row is still its.
-        if let Some(ck) = self.backend_recall_ahead(key) {
-            if let Some(b) = self.backend(key) {
-                b.ahead.clear();
-            }
+        // claimed (or refused) by this backend but its RELEASED never read
+        // (RELEASED settles the claim): it died before it attached that
+        // client (it attaches only after RELEASED is written), so the
+        // client's socket was never touched. Settled while the row is still
+        // its.
+        let kept = self.backend_recall_ahead(key);
+        if let Some(b) = self.backend(key) {
+            b.ahead.clear();
+        }
+        // Last first, so they wait at the head of the queue in the order sent.
+        for &ck in kept.iter().rev() {
             self.client_requeue_ahead(ck);
         }
         // The client handed to it with the ATTACH sent ahead, if it died

@@ -227,7 +227,7 @@ impl Pooler {
         // transaction (it claims at its ReadyForQuery(I)) and serves that
         // one: no SIGTERM, this client is told when its RELEASED is read.
         let moved_on = matches!(self.client(ck).map(|c| &c.phase), Some(Phase::Attached { .. }))
-            && attached.is_some_and(|bk| self.backend_recall_ahead(bk).is_some());
+            && attached.is_some_and(|bk| !self.backend_recall_ahead(bk).is_empty());
         let pid = attached.filter(|_| !moved_on).and_then(|bk| match self.conns.get(bk) {
             Some(Conn::Backend(b)) if b.pid > 0 => Some(b.pid),
             _ => None,

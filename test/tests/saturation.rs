@@ -967,17 +967,36 @@ fn backend_terminated_before_it_claims_a_client_handed_to_it() {
     });
 }
 
+/// `nextgres.backends.clients_queued` of `backend`: clients sent ahead to it
+/// that it has not taken yet.
+fn queued(pg: &Cluster, backend: i32) -> i64 {
+    admin_i64(pg, &format!("SELECT coalesce(sum(clients_queued), 0)::int8 FROM nextgres.backends WHERE pid = {backend}"))
+}
+
+/// What B and C run once served: their own session's application_name,
+/// and when it ran (µs since the epoch).
+const NAME_AND_TIME: &str = "SELECT current_setting('application_name'), (extract(epoch FROM clock_timestamp()) * 1e6)::int8";
+
 /// Clients B and C wait, in that order, while client A's transaction holds
-/// the only backend (pool of one): the pooler sends both ahead to that
-/// busy backend, one per queue place. Returns once both are queued and the
-/// pooler, which sends ahead as it queues, has had time to do so.
+/// `backend`, the only one (pool of one): the pooler sends both ahead to
+/// that busy backend, one per queue place. Returns once the backend's row
+/// shows both queued.
 #[track_caller]
-fn two_sent_ahead(pg: &Cluster, a: &mut nextgres_test::raw::Raw, b: &mut nextgres_test::raw::Raw, c: &mut nextgres_test::raw::Raw) {
+fn two_sent_ahead(pg: &Cluster, backend: i32, a: &mut nextgres_test::raw::Raw, b: &mut nextgres_test::raw::Raw, c: &mut nextgres_test::raw::Raw) {
     a.query("BEGIN").expect("BEGIN");
-    b.send_query("SELECT current_setting('application_name')");
-    c.send_query("SELECT current_setting('application_name')");
-    assert!(wait_until(SETTLE, || waiting(pg) == 2), "B and C are not both waiting: {:?}", clients(pg));
-    std::thread::sleep(Duration::from_millis(200));
+    b.send_query(NAME_AND_TIME);
+    c.send_query(NAME_AND_TIME);
+    let both = wait_until(SETTLE, || queued(pg, backend) == 2);
+    assert!(both, "B and C are not both sent ahead to {backend}: clients_queued {}, {:?}", queued(pg, backend), clients(pg));
+}
+
+/// B's and C's answers to `NAME_AND_TIME`: each its own name, B first.
+#[track_caller]
+fn assert_served_in_order(b: Vec<Vec<Option<String>>>, c: Vec<Vec<Option<String>>>) {
+    let (b, c) = (&b[0], &c[0]);
+    assert_eq!((b[0].as_deref(), c[0].as_deref()), (Some("bee"), Some("sea")), "B's and C's sessions");
+    let at = |r: &[Option<String>]| r[1].as_deref().and_then(|t| t.parse::<i64>().ok()).expect("a time");
+    assert!(at(b) < at(c), "C, queued second, was served before B: {b:?} {c:?}");
 }
 
 /// The second queue place of a busy backend (`pooler::ahead`, AHEAD_DEPTH):
@@ -993,17 +1012,16 @@ fn busy_backend_takes_both_clients_sent_ahead_without_the_pooler() {
         let (mut a, mut b, mut c) = (raw(pg, APP), raw(pg, APP), raw(pg, APP));
         b.query("SET application_name = 'bee'").expect("SET");
         c.query("SET application_name = 'sea'").expect("SET");
-        wait_parked(pg, 1);
+        let backend = wait_parked(pg, 1)[0];
         let before = attaches_ahead(pg);
-        two_sent_ahead(pg, &mut a, &mut b, &mut c);
+        two_sent_ahead(pg, backend, &mut a, &mut b, &mut c);
         let stop = Stopped::new(pooler);
         a.query("COMMIT").expect("COMMIT on the busy backend");
-        let rows = b.until_ready().expect("B, sent ahead first, served while the pooler is stopped");
-        assert_eq!(rows, vec![vec![Some("bee".to_string())]]);
-        let rows = c
+        let rb = b.until_ready().expect("B, sent ahead first, served while the pooler is stopped");
+        let rc = c
             .until_ready()
             .expect("C, sent ahead second, served while the pooler is stopped (its backend's second queue place)");
-        assert_eq!(rows, vec![vec![Some("sea".to_string())]]);
+        assert_served_in_order(rb, rc);
         drop(stop);
         let both = wait_until(SETTLE, || attaches_ahead(pg) >= before + 2);
         assert!(both, "attaches_ahead went {before} -> {}: not both taken ahead", attaches_ahead(pg));
@@ -1028,14 +1046,13 @@ fn backend_terminated_while_holding_two_clients_sent_ahead() {
         b.query("SET application_name = 'bee'").expect("SET");
         c.query("SET application_name = 'sea'").expect("SET");
         let backend = wait_parked(pg, 1)[0];
-        two_sent_ahead(pg, &mut a, &mut b, &mut c);
+        two_sent_ahead(pg, backend, &mut a, &mut b, &mut c);
         terminate_backend(pg, backend);
         let (severity, sqlstate, _) = a.expect_fatal();
         assert_eq!((severity.as_str(), sqlstate.as_str()), ("FATAL", "57P01"), "A's end");
-        let rows = b.until_ready().expect("B, sent ahead to the terminated backend");
-        assert_eq!(rows, vec![vec![Some("bee".to_string())]]);
-        let rows = c.until_ready().expect("C, sent ahead second to the terminated backend");
-        assert_eq!(rows, vec![vec![Some("sea".to_string())]]);
+        let rb = b.until_ready().expect("B, sent ahead to the terminated backend");
+        let rc = c.until_ready().expect("C, sent ahead second to the terminated backend");
+        assert_served_in_order(rb, rc);
         let now = pooled_pids(pg);
         assert!(!now.contains(&backend), "backends {now:?}");
         assert_eq!(b.value("SELECT 6"), "6");
@@ -1117,8 +1134,8 @@ fn client_sent_ahead_to_a_backend_at_its_open_files_limit() {
         let limited = FilesLimited::new(pg, backend);
         let before = attaches_ahead(pg);
         c.send_query("SELECT current_setting('application_name')");
-        assert!(wait_until(SETTLE, || waiting(pg) == 1), "C is not waiting: {:?}", clients(pg));
-        std::thread::sleep(Duration::from_millis(200));
+        let sent = wait_until(SETTLE, || queued(pg, backend) == 1);
+        assert!(sent, "C was not sent ahead: {:?}", clients(pg));
         a.query("COMMIT").expect("COMMIT on the backend at its open files limit");
         let rows = c.until_ready().expect("the client whose socket the backend could not receive");
         assert_eq!(rows, vec![vec![Some("sea".to_string())]]);
@@ -1127,6 +1144,40 @@ fn client_sent_ahead_to_a_backend_at_its_open_files_limit() {
         assert_eq!(attaches_ahead(pg), before, "the refused client was counted as taken ahead");
         assert_eq!(a.value("SELECT 5"), "5");
         assert_eq!(c.value("SELECT current_setting('application_name')"), "sea");
+        assert_pooler_serves(pg, pooler);
+    });
+}
+
+/// The first of two clients sent ahead to a busy backend resets its
+/// connection while queued there: the pooler takes it back and closes it
+/// (its idle registration reports the reset), the second stays queued. At
+/// its boundary the backend closes the first one's socket unread and still
+/// takes the second, with the pooler stopped (no trip through it): it reads
+/// past a taken-back ATTACH.
+#[test]
+fn second_client_sent_ahead_taken_after_the_first_resets() {
+    run(one_backend_releasing_at_once(), |pg| {
+        let pooler = running_pooler_pid(pg);
+        let (mut a, mut b, mut c) = (raw(pg, APP), raw(pg, APP), raw(pg, APP));
+        b.query("SET application_name = 'bee'").expect("SET");
+        c.query("SET application_name = 'sea'").expect("SET");
+        let backend = wait_parked(pg, 1)[0];
+        two_sent_ahead(pg, backend, &mut a, &mut b, &mut c);
+        let port = b.local_port();
+        reset(b);
+        let gone = wait_until(SETTLE, || clients(pg).iter().all(|(p, _, _)| *p != port));
+        assert!(gone, "B reset its connection and is still a client: {:?}", clients(pg));
+        assert_eq!(queued(pg, backend), 1, "C is no longer queued on {backend}: {:?}", clients(pg));
+        let stop = Stopped::new(pooler);
+        a.query("COMMIT").expect("COMMIT on the busy backend");
+        let rows = c
+            .until_ready()
+            .expect("C, queued behind a taken-back client, served while the pooler is stopped");
+        assert_eq!(rows[0][0].as_deref(), Some("sea"));
+        drop(stop);
+        assert_eq!(a.value("SELECT 5"), "5");
+        assert_eq!(c.value("SELECT current_setting('application_name')"), "sea");
+        assert_eq!(pooled_pids(pg), vec![backend]);
         assert_pooler_serves(pg, pooler);
     });
 }
