@@ -1150,10 +1150,11 @@ fn client_sent_ahead_to_a_backend_at_its_open_files_limit() {
 
 /// The first of two clients sent ahead to a busy backend resets its
 /// connection while queued there: the pooler takes it back and closes it
-/// (its idle registration reports the reset), the second stays queued. At
-/// its boundary the backend closes the first one's socket unread and still
-/// takes the second, with the pooler stopped (no trip through it): it reads
-/// past a taken-back ATTACH.
+/// (its idle registration reports the reset), the second stays queued. The
+/// backend closes the first one's socket unread and still takes the second
+/// (at its boundary, reading on past the taken-back ATTACH, or else once
+/// parked, where its ticket is still offered), with the pooler stopped: no
+/// trip through the pooler, no client lost or served twice.
 #[test]
 fn second_client_sent_ahead_taken_after_the_first_resets() {
     run(one_backend_releasing_at_once(), |pg| {
