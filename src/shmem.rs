@@ -200,11 +200,11 @@ pub struct BackendRow {
     pub dedicated: bool,
     /// Tickets of the ATTACHes the pooler sent this backend *ahead* (while
     /// it serves another client's transaction), one word per queue place
-    /// (`AHEAD_SECOND` in a ticket names the second), 0 when none: whoever
+    /// (a ticket names its place, `ahead_place`), 0 when none: whoever
     /// swaps a ticket to 0 first owns that client (`ahead_claim`), the
     /// backend taking it at its ReadyForQuery(I) or the pooler taking it
     /// back. Only ever accessed atomically.
-    pub ahead: [u64; 2],
+    pub ahead: [u64; AHEAD_DEPTH],
     /// Ticket of an ATTACH sent ahead that the backend had not claimed when
     /// its RELEASED was read: the pooler *handed* it the client (it claims
     /// it once parked, `ahead_claim_handed`) and moved the ticket here, so
@@ -215,7 +215,7 @@ pub struct BackendRow {
 
 impl BackendRow {
     /// Clients sent ahead to this backend that it has neither taken nor
-    /// refused, nor the pooler taken back (0-2), from a copy of the row
+    /// refused, nor the pooler taken back (0 to `AHEAD_DEPTH`), from a copy of the row
     /// (`Tables::snapshot`: a racy read of words others swap, fine for a
     /// view).
     pub fn queued(&self) -> i32 {
@@ -554,7 +554,7 @@ impl Tables {
 /// The ticket words of a `BackendRow` (attach ahead).
 #[derive(Clone, Copy)]
 enum Word {
-    /// `BackendRow::ahead`, the place `ticket` names (`AHEAD_SECOND`)
+    /// `BackendRow::ahead`, the place `ticket` names (`ahead_place`)
     Ahead(u64),
     /// `BackendRow::handed`
     Handed,
@@ -566,7 +566,7 @@ enum Word {
 fn ticket_word(t: &Tables, row: usize, w: Word) -> Option<&AtomicU64> {
     let r = t.backends_raw().get_mut(row)?;
     let field = match w {
-        Word::Ahead(ticket) => &mut r.ahead[usize::from(ticket & AHEAD_SECOND != 0)],
+        Word::Ahead(ticket) => r.ahead.get_mut(ahead_place(ticket))?,
         Word::Handed => &mut r.handed,
     };
     // SAFETY: the field is a u64 in shared memory that every process reads
@@ -652,15 +652,33 @@ pub fn ahead_is(row: usize, ticket: u64) -> bool {
 /// A ticket is published in the backend row `row`: an ATTACH was sent ahead
 /// to it (or is about to be) and nobody claimed it yet.
 pub fn ahead_pending(row: usize) -> bool {
-    [0, AHEAD_SECOND].iter().any(|&place| ticket_load(row, Word::Ahead(place)).is_some_and(|v| v != 0))
+    (0..AHEAD_DEPTH).any(|place| ticket_load(row, Word::Ahead(ahead_ticket(0, place))).is_some_and(|v| v != 0))
 }
 
-/// In a ticket of an ATTACH sent ahead: it waits second in the backend's
-/// queue, its word is `BackendRow::ahead[1]` (a backend of a saturated pool
-/// then finds a client at its boundary even when the pooler could not read
-/// its previous RELEASED in time to send the next one). The pooler's ticket
-/// counter never sets this bit (nor `AHEAD_REFUSED`).
-pub const AHEAD_SECOND: u64 = 1 << 62;
+/// Clients sent ahead to one backend at most: the places of its queue, each
+/// with its ticket word in the backend's row. With more than one, a backend
+/// of a saturated pool finds a client at its boundary even when the pooler
+/// could not read its previous RELEASED in time to send the next one; the
+/// third place still gained 1-6% TPS over two (BENCHMARKS.md issue 15,
+/// ninth step).
+pub const AHEAD_DEPTH: usize = 3;
+
+/// Bits of a ticket that name its place in the backend's queue (its word in
+/// `BackendRow::ahead`); the pooler's ticket counter never sets them (nor
+/// `AHEAD_REFUSED`).
+pub const AHEAD_PLACE_BITS: u64 = 0b11 << AHEAD_PLACE_SHIFT;
+const AHEAD_PLACE_SHIFT: u32 = 61;
+const _: () = assert!(AHEAD_DEPTH <= 4);
+
+/// The place in its backend's queue that `ticket` names.
+pub fn ahead_place(ticket: u64) -> usize {
+    ((ticket & AHEAD_PLACE_BITS) >> AHEAD_PLACE_SHIFT) as usize
+}
+
+/// `counter` (a ticket without place bits) naming `place`.
+pub fn ahead_ticket(counter: u64, place: usize) -> u64 {
+    counter | ((place as u64) << AHEAD_PLACE_SHIFT)
+}
 
 impl Tables {
     /// Pooler: publishes `ticket` in the backend's row before the ATTACH

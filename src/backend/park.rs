@@ -476,7 +476,7 @@ fn take_ahead(p: &mut Parking) -> Option<(Attach, RawFd)> {
     }
     // One read, not one more for the EAGAIN: the kernel ends a read after
     // the part of the stream that carried a descriptor, so the ATTACH sent
-    // ahead is what this read ends with. Anything behind it (a second one
+    // ahead is what this read ends with. Anything behind it (the next one
     // sent ahead, a release request) is read at the next look, or wakes
     // the park; another read only when that ATTACH was taken back and a
     // ticket is still offered (each read takes one ATTACH; one that brings

@@ -20,13 +20,14 @@
 //! anything by the pooler is first taken back, and if the backend won the
 //! client is simply being served.
 //!
-//! A backend may have two clients sent ahead, queued in its socket in the
-//! order sent, each with its own ticket word (`AHEAD_DEPTH`): on two shared
-//! cores the pooler often reads a RELEASED too late to send the next client
-//! before that backend's next boundary, and with one place half the
-//! backends of a saturated pool slept between clients (BENCHMARKS.md issue
-//! 15, ninth step). The second place is used only while at least twice as
-//! many clients wait as the pool has busy backends.
+//! A backend may have up to three clients sent ahead (`shmem::AHEAD_DEPTH`),
+//! queued in its socket in the order sent, each with its own ticket word:
+//! on two shared cores the pooler often reads a RELEASED too late to send
+//! the next client before that backend's next boundary, and with one place
+//! half the backends of a saturated pool slept between clients
+//! (BENCHMARKS.md issue 15, ninth step). Place n is used only while at
+//! least n times as many clients wait as the pool has busy backends, so
+//! the queue stays first come, first served across backends.
 //!
 //! A client sent ahead is in `Phase::Ahead`; it counts as waiting in
 //! `nextgres.pools` and for the backends' time slices.
@@ -46,13 +47,11 @@ const MAX_AHEAD_MESSAGE: usize = 32 * 1024;
 /// doubles it): what a busy backend may have unread there at worst, the
 /// ATTACHes sent ahead to it, those taken back (a RELEASED ends the block
 /// on sending more while one taken back may still sit behind the client
-/// it claimed) and one plain ATTACH, about four of `MAX_AHEAD_MESSAGE`,
+/// it claimed) and one plain ATTACH, about five of `MAX_AHEAD_MESSAGE`,
 /// release requests and slack.
 pub const CONTROL_SNDBUF: usize = 4 * MAX_AHEAD_MESSAGE;
 
-/// Clients sent ahead to one backend at most (its queue places; each has a
-/// ticket word in its shared row, `shmem::AHEAD_SECOND`).
-pub const AHEAD_DEPTH: usize = 2;
+use crate::shmem::AHEAD_DEPTH;
 
 /// A client sent ahead waits at least this long for its backend before it
 /// may be taken back for another backend that became free while clients
@@ -85,7 +84,7 @@ impl Pooler {
     /// While the pool is saturated (as many clients wait as it has busy
     /// backends, and no login under way or possible would serve them), sends
     /// the oldest waiting clients ahead, one per busy backend, and a second
-    /// one each while twice as many wait. Not for
+    /// (third) one each while twice (three times) as many wait. Not for
     /// session or dedicated mode, a paused or draining pool, a pool over its
     /// size, or one under max_db/user_connections (a backend released there
     /// may have to close for another pool, `backend_yield_to_starved`).
@@ -170,12 +169,12 @@ impl Pooler {
     /// large, or the backend is gone): the client is back at the head of the
     /// queue.
     fn send_ahead(&mut self, ck: usize, bk: usize, since: Instant) -> bool {
-        let mut ticket = self.next_ticket();
+        let counter = self.next_ticket();
         let Some(Conn::Backend(b)) = self.conns.get(bk) else { return self.unqueue_front(ck) };
-        // The place the client sent ahead before it (if any) does not hold.
-        if b.ahead.first().is_some_and(|a| a.ticket & crate::shmem::AHEAD_SECOND == 0) {
-            ticket |= crate::shmem::AHEAD_SECOND;
-        }
+        // A place (ticket word) none of the clients queued there holds.
+        let used = |place| b.ahead.iter().any(|a| crate::shmem::ahead_place(a.ticket) == place);
+        let Some(place) = (0..AHEAD_DEPTH).find(|&place| !used(place)) else { return self.unqueue_front(ck) };
+        let ticket = crate::shmem::ahead_ticket(counter, place);
         let row = b.row;
         let ahead = nextgres_core::control::Ahead { ticket, backend_row: row as u32 };
         let Some((msg, fd)) = self.attach_message(ck, bk, Some(ahead), Some(MAX_AHEAD_MESSAGE)) else {
@@ -205,7 +204,7 @@ impl Pooler {
     }
 
     pub fn next_ticket(&mut self) -> u64 {
-        self.next_ticket = (self.next_ticket.wrapping_add(1) & !(crate::shmem::AHEAD_REFUSED | crate::shmem::AHEAD_SECOND)).max(1);
+        self.next_ticket = (self.next_ticket.wrapping_add(1) & !(crate::shmem::AHEAD_REFUSED | crate::shmem::AHEAD_PLACE_BITS)).max(1);
         self.next_ticket
     }
 

@@ -46,7 +46,7 @@ pub struct Backend {
     /// When its current client was attached (`xact_time_ms` runs to RELEASED).
     pub attached_at: Instant,
     /// The clients whose ATTACHes were sent ahead to it (`ahead.rs`), in
-    /// the order sent (the order it reads them): at most `AHEAD_DEPTH`.
+    /// the order sent (the order it reads them): at most `shmem::AHEAD_DEPTH`.
     pub ahead: Vec<super::ahead::AheadOf>,
     /// An ATTACH sent ahead was taken back and still sits unread in its
     /// socket: nothing more is sent ahead until its next RELEASED.
@@ -129,7 +129,7 @@ impl Pooler {
             dedicated: false,
             own,
             attached_at: Instant::now(),
-            ahead: Vec::with_capacity(super::ahead::AHEAD_DEPTH),
+            ahead: Vec::with_capacity(crate::shmem::AHEAD_DEPTH),
             ahead_blocked: false,
             handed: None,
             terminating: false,

@@ -999,37 +999,49 @@ fn assert_served_in_order(b: Vec<Vec<Option<String>>>, c: Vec<Vec<Option<String>
     assert!(at(b) < at(c), "C, queued second, was served before B: {b:?} {c:?}");
 }
 
-/// The second queue place of a busy backend (`pooler::ahead`, AHEAD_DEPTH):
-/// with two clients sent ahead, the backend takes the first at A's commit
-/// and the second at the first one's ReadyForQuery(I), both while the
+/// Every queue place of a busy backend (`pooler::ahead`, AHEAD_DEPTH 3):
+/// with three clients sent ahead, the backend takes the first at A's commit
+/// and each next one at the previous one's ReadyForQuery(I), all while the
 /// pooler is stopped, so it has read none of the backend's RELEASEDs: no
-/// trip through the pooler between clients. With a single place the
-/// second client would wait in the pooler's queue until it ran again.
+/// trip through the pooler between clients. With a single place the second
+/// client would wait in the pooler's queue until it ran again.
 #[test]
-fn busy_backend_takes_both_clients_sent_ahead_without_the_pooler() {
+fn busy_backend_takes_every_client_sent_ahead_without_the_pooler() {
     run(one_backend_releasing_at_once(), |pg| {
         let pooler = running_pooler_pid(pg);
-        let (mut a, mut b, mut c) = (raw(pg, APP), raw(pg, APP), raw(pg, APP));
+        let (mut a, mut b, mut c, mut d) = (raw(pg, APP), raw(pg, APP), raw(pg, APP), raw(pg, APP));
         b.query("SET application_name = 'bee'").expect("SET");
         c.query("SET application_name = 'sea'").expect("SET");
+        d.query("SET application_name = 'dee'").expect("SET");
         let backend = wait_parked(pg, 1)[0];
         let before = attaches_ahead(pg);
         two_sent_ahead(pg, backend, &mut a, &mut b, &mut c);
+        d.send_query(NAME_AND_TIME);
+        let three = wait_until(SETTLE, || queued(pg, backend) == 3);
+        assert!(three, "B, C and D are not all sent ahead to {backend}: clients_queued {}", queued(pg, backend));
         let stop = Stopped::new(pooler);
         a.query("COMMIT").expect("COMMIT on the busy backend");
         let rb = b.until_ready().expect("B, sent ahead first, served while the pooler is stopped");
         let rc = c
             .until_ready()
             .expect("C, sent ahead second, served while the pooler is stopped (its backend's second queue place)");
+        let rd = d
+            .until_ready()
+            .expect("D, sent ahead third, served while the pooler is stopped (its backend's third queue place)");
+        assert_eq!(rd[0][0].as_deref(), Some("dee"));
+        let at = |r: &Vec<Vec<Option<String>>>| r[0][1].as_deref().and_then(|t| t.parse::<i64>().ok()).expect("a time");
+        assert!(at(&rc) < at(&rd), "D, queued third, was served before C: {rc:?} {rd:?}");
         assert_served_in_order(rb, rc);
         drop(stop);
-        let both = wait_until(SETTLE, || attaches_ahead(pg) >= before + 2);
-        assert!(both, "attaches_ahead went {before} -> {}: not both taken ahead", attaches_ahead(pg));
-        for (x, name) in [(&mut a, "a"), (&mut b, "bee"), (&mut c, "sea")] {
+        let all = wait_until(SETTLE, || attaches_ahead(pg) >= before + 3);
+        assert!(all, "attaches_ahead went {before} -> {}: not all three taken ahead", attaches_ahead(pg));
+        for (x, name) in [(&mut a, "a"), (&mut b, "bee"), (&mut c, "sea"), (&mut d, "dee")] {
             assert_eq!(x.value("SELECT 5"), "5", "{name}");
         }
         assert_eq!(b.value("SELECT current_setting('application_name')"), "bee");
         assert_eq!(c.value("SELECT current_setting('application_name')"), "sea");
+        assert_eq!(d.value("SELECT current_setting('application_name')"), "dee");
+        assert_eq!(queued(pg, backend), 0);
         assert_pooler_serves(pg, pooler);
     });
 }
