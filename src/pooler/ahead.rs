@@ -38,17 +38,17 @@ use super::worker::Pooler;
 use std::time::{Duration, Instant};
 
 /// Largest ATTACH sent ahead, bytes: it waits in a busy backend's socket
-/// buffer, which must take it (with one taken-back ATTACH still unread there)
-/// without blocking the pooler. A client with a larger session image (many
+/// buffer, which must take it (with the others queued or taken back still
+/// unread there, `CONTROL_SNDBUF`) without blocking the pooler. A client with a larger session image (many
 /// prepared statements) waits in the pooler as before.
 const MAX_AHEAD_MESSAGE: usize = 32 * 1024;
 
 /// SO_SNDBUF of the pooler's end of a control socket, bytes (the kernel
 /// doubles it): what a busy backend may have unread there at worst, the
-/// ATTACHes sent ahead to it, those taken back (a RELEASED ends the block
-/// on sending more while one taken back may still sit behind the client
-/// it claimed) and one plain ATTACH, about five of `MAX_AHEAD_MESSAGE`,
-/// release requests and slack.
+/// ATTACHes sent ahead to it and those taken back (a RELEASED ends the
+/// block on sending more while those taken back may still sit behind the
+/// client it claimed): six of `MAX_AHEAD_MESSAGE` at most, 192 KiB of the
+/// 256 KiB, and release requests.
 pub const CONTROL_SNDBUF: usize = 4 * MAX_AHEAD_MESSAGE;
 
 use crate::shmem::AHEAD_DEPTH;
@@ -251,9 +251,9 @@ impl Pooler {
     /// Takes back whatever was sent ahead to `bk` (it pinned its session,
     /// it is past a killed client's transaction, it is gone, or a long
     /// transaction holds it). Returns, in the order sent, the clients it
-    /// could not take back: claimed by the backend (at most one: it claims
-    /// only at a boundary) or refused there (EMFILE); they stay in
-    /// `Backend::ahead` for its RELEASED to settle.
+    /// could not take back: claimed by the backend (one per RELEASED of its
+    /// the pooler has not read yet) or refused there (EMFILE); they stay in
+    /// `Backend::ahead` for its RELEASEDs to settle.
     pub fn backend_recall_ahead(&mut self, bk: usize) -> Vec<usize> {
         let Some(b) = self.backend(bk) else { return Vec::new() };
         let sent: Vec<usize> = b.ahead.iter().map(|a| a.client).collect();
@@ -291,11 +291,16 @@ impl Pooler {
         let Some(c) = self.client(ck) else { return };
         let Phase::Ahead { since, .. } = c.phase else { return };
         c.phase = Phase::Waiting { since };
+        let killed = c.killed;
         if let Some(p) = c.pool.and_then(|p| self.pools.get_mut(p)) {
             p.ahead = p.ahead.saturating_sub(1);
             p.waiting.push_front(ck);
         }
         self.client_rearm(ck);
+        if killed {
+            // Killed while its backend still had it (`kill_one_client`).
+            self.client_fatal(ck, "57P01", "terminating connection due to administrator command", None);
+        }
     }
 
     /// A client handed to a backend that died before it claimed it
@@ -308,6 +313,10 @@ impl Pooler {
         }
         c.session_counted = h.session_counted;
         c.phase = Phase::Idle;
+        if c.killed {
+            // Killed while that backend had it: told now, not served.
+            return self.client_fatal(ck, "57P01", "terminating connection due to administrator command", None);
+        }
         self.client_needs_backend(ck);
         // Queued (no backend parked): at the head, with its first wait.
         let Some(c) = self.client(ck) else { return };
@@ -363,7 +372,9 @@ impl Pooler {
                     None => {
                         // Not waiting for it any more: its socket is closed
                         // unread there.
-                        crate::shmem::ahead_claim(row, a.ticket);
+                        if !crate::shmem::ahead_claim(row, a.ticket) {
+                            log::warn!("backend {bk}: took a client sent ahead that no longer waits for it");
+                        }
                         dropped.push(a);
                         continue;
                     }
@@ -444,14 +455,20 @@ impl Pooler {
         let avg = Duration::from_micros((p.xact_us / p.xacts.max(1)).max(0) as u64);
         let patience = (avg * 4).max(MIN_AHEAD_PATIENCE);
         let now = Instant::now();
-        let stale = self
-            .pool_aheads(pool)
-            .filter(|(_, a)| now.duration_since(a.sent) > patience)
-            .min_by_key(|(_, a)| a.sent)
-            .and_then(|(_, a)| match self.conns.get(a.client) {
-                Some(Conn::Client(c)) => c.backend(),
+        // Only the first of a backend's queue tells: it is due at that
+        // backend's next boundary, and has waited since it was sent or the
+        // current transaction there began, whichever came later (the others
+        // queued behind it wait their turn).
+        let attached = self.pools.get(pool).map_or(&[][..], |p| &p.attached[..]);
+        let stale = attached
+            .iter()
+            .filter_map(|&bk| match self.conns.get(bk) {
+                Some(Conn::Backend(b)) => b.ahead.first().map(|a| (a.sent.max(b.attached_at), bk)),
                 _ => None,
-            });
+            })
+            .filter(|&(since, _)| now.duration_since(since) > patience)
+            .min()
+            .map(|(_, bk)| bk);
         if let Some(bk) = stale {
             self.backend_recall_ahead(bk);
             return;

@@ -226,8 +226,15 @@ impl Pooler {
         // way; already claimed, the backend is past this client's
         // transaction (it claims at its ReadyForQuery(I)) and serves that
         // one: no SIGTERM, this client is told when its RELEASED is read.
-        let moved_on = matches!(self.client(ck).map(|c| &c.phase), Some(Phase::Attached { .. }))
-            && attached.is_some_and(|bk| !self.backend_recall_ahead(bk).is_empty());
+        // Still sent ahead after that read: its backend claimed it (serving
+        // it soon) or refused it (EMFILE: it may be serving the next one in
+        // its queue), RELEASED not read yet. A SIGTERM could hit another
+        // client: it is told once settled (`client_requeue_ahead`), or when
+        // its backend gives it back.
+        let still_ahead = matches!(self.client(ck).map(|c| &c.phase), Some(Phase::Ahead { .. }));
+        let moved_on = still_ahead
+            || (matches!(self.client(ck).map(|c| &c.phase), Some(Phase::Attached { .. }))
+                && attached.is_some_and(|bk| !self.backend_recall_ahead(bk).is_empty()));
         let pid = attached.filter(|_| !moved_on).and_then(|bk| match self.conns.get(bk) {
             Some(Conn::Backend(b)) if b.pid > 0 => Some(b.pid),
             _ => None,
