@@ -999,6 +999,19 @@ fn assert_served_in_order(b: Vec<Vec<Option<String>>>, c: Vec<Vec<Option<String>
     assert!(at(b) < at(c), "C, queued second, was served before B: {b:?} {c:?}");
 }
 
+/// Clients A, B (application_name 'bee') and C ('sea') of a pool of one
+/// (`one_backend_releasing_at_once`), its backend parked: (pooler pid,
+/// backend pid, A, B, C).
+#[track_caller]
+fn a_bee_sea(pg: &Cluster) -> (i32, i32, nextgres_test::raw::Raw, nextgres_test::raw::Raw, nextgres_test::raw::Raw) {
+    let pooler = running_pooler_pid(pg);
+    let (a, mut b, mut c) = (raw(pg, APP), raw(pg, APP), raw(pg, APP));
+    b.query("SET application_name = 'bee'").expect("SET");
+    c.query("SET application_name = 'sea'").expect("SET");
+    let backend = wait_parked(pg, 1)[0];
+    (pooler, backend, a, b, c)
+}
+
 /// Every queue place of a busy backend (`pooler::ahead`, AHEAD_DEPTH 3):
 /// with three clients sent ahead, the backend takes the first at A's commit
 /// and each next one at the previous one's ReadyForQuery(I), all while the
@@ -1008,10 +1021,8 @@ fn assert_served_in_order(b: Vec<Vec<Option<String>>>, c: Vec<Vec<Option<String>
 #[test]
 fn busy_backend_takes_every_client_sent_ahead_without_the_pooler() {
     run(one_backend_releasing_at_once(), |pg| {
-        let pooler = running_pooler_pid(pg);
-        let (mut a, mut b, mut c, mut d) = (raw(pg, APP), raw(pg, APP), raw(pg, APP), raw(pg, APP));
-        b.query("SET application_name = 'bee'").expect("SET");
-        c.query("SET application_name = 'sea'").expect("SET");
+        let (pooler, _, mut a, mut b, mut c) = a_bee_sea(pg);
+        let mut d = raw(pg, APP);
         d.query("SET application_name = 'dee'").expect("SET");
         let backend = wait_parked(pg, 1)[0];
         let before = attaches_ahead(pg);
@@ -1053,11 +1064,7 @@ fn busy_backend_takes_every_client_sent_ahead_without_the_pooler() {
 #[test]
 fn backend_terminated_while_holding_two_clients_sent_ahead() {
     run(one_backend_releasing_at_once(), |pg| {
-        let pooler = running_pooler_pid(pg);
-        let (mut a, mut b, mut c) = (raw(pg, APP), raw(pg, APP), raw(pg, APP));
-        b.query("SET application_name = 'bee'").expect("SET");
-        c.query("SET application_name = 'sea'").expect("SET");
-        let backend = wait_parked(pg, 1)[0];
+        let (pooler, backend, mut a, mut b, mut c) = a_bee_sea(pg);
         two_sent_ahead(pg, backend, &mut a, &mut b, &mut c);
         terminate_backend(pg, backend);
         let (severity, sqlstate, _) = a.expect_fatal();
@@ -1170,11 +1177,7 @@ fn client_sent_ahead_to_a_backend_at_its_open_files_limit() {
 #[test]
 fn second_client_sent_ahead_taken_after_the_first_resets() {
     run(one_backend_releasing_at_once(), |pg| {
-        let pooler = running_pooler_pid(pg);
-        let (mut a, mut b, mut c) = (raw(pg, APP), raw(pg, APP), raw(pg, APP));
-        b.query("SET application_name = 'bee'").expect("SET");
-        c.query("SET application_name = 'sea'").expect("SET");
-        let backend = wait_parked(pg, 1)[0];
+        let (pooler, backend, mut a, mut b, mut c) = a_bee_sea(pg);
         two_sent_ahead(pg, backend, &mut a, &mut b, &mut c);
         let port = b.local_port();
         reset(b);
