@@ -1197,3 +1197,36 @@ fn second_client_sent_ahead_taken_after_the_first_resets() {
         assert_pooler_serves(pg, pooler);
     });
 }
+
+/// Two clients sent ahead to a backend at its open files limit: it refuses
+/// both at one boundary (the first socket dropped, it reads on and the
+/// second is dropped too), the pooler puts them back at the head of its
+/// queue in the order they came, and the same backend serves B, then C,
+/// once giving A back freed a descriptor number each time.
+#[test]
+fn two_clients_refused_at_one_boundary_wait_again_in_order() {
+    run(one_backend_releasing_at_once(), |pg| {
+        let (pooler, backend, mut a, mut b, mut c) = a_bee_sea(pg);
+        a.query("BEGIN").expect("BEGIN");
+        let limited = FilesLimited::new(pg, backend);
+        let before = attaches_ahead(pg);
+        b.send_query(NAME_AND_TIME);
+        c.send_query(NAME_AND_TIME);
+        let both = wait_until(SETTLE, || queued(pg, backend) == 2);
+        assert!(both, "B and C are not both sent ahead: clients_queued {}", queued(pg, backend));
+        a.query("COMMIT").expect("COMMIT on the backend at its open files limit");
+        let rb = b.until_ready().expect("B, refused by the backend at its open files limit");
+        let rc = c.until_ready().expect("C, refused after B");
+        drop(limited);
+        assert_served_in_order(rb, rc);
+        assert_eq!(pooled_pids(pg), vec![backend], "the backend that refused the clients ended");
+        // B went to the parked backend with a plain ATTACH; C may have been
+        // sent ahead again while B was served, and taken that time.
+        let ahead = attaches_ahead(pg) - before;
+        assert!(ahead <= 1, "refused clients were counted as taken ahead: {ahead}");
+        assert_eq!(queued(pg, backend), 0, "a refused ticket is still offered");
+        assert_eq!(a.value("SELECT 5"), "5");
+        assert_eq!(b.value("SELECT current_setting('application_name')"), "bee");
+        assert_pooler_serves(pg, pooler);
+    });
+}
