@@ -35,12 +35,14 @@ use super::backend::BPhase;
 use super::client::Phase;
 use super::conn::Conn;
 use super::worker::Pooler;
+use crate::shmem::AHEAD_DEPTH;
 use std::time::{Duration, Instant};
 
 /// Largest ATTACH sent ahead, bytes: it waits in a busy backend's socket
 /// buffer, which must take it (with the others queued or taken back still
-/// unread there, `CONTROL_SNDBUF`) without blocking the pooler. A client with a larger session image (many
-/// prepared statements) waits in the pooler as before.
+/// unread there, `CONTROL_SNDBUF`) without blocking the pooler. A client
+/// with a larger session image (many prepared statements) waits in the
+/// pooler as before.
 const MAX_AHEAD_MESSAGE: usize = 32 * 1024;
 
 /// SO_SNDBUF of the pooler's end of a control socket, bytes (the kernel
@@ -50,8 +52,6 @@ const MAX_AHEAD_MESSAGE: usize = 32 * 1024;
 /// client it claimed): six of `MAX_AHEAD_MESSAGE` at most, 192 KiB of the
 /// 256 KiB, and release requests.
 pub const CONTROL_SNDBUF: usize = 4 * MAX_AHEAD_MESSAGE;
-
-use crate::shmem::AHEAD_DEPTH;
 
 /// A client sent ahead waits at least this long for its backend before it
 /// may be taken back for another backend that became free while clients

@@ -103,7 +103,7 @@ impl Pooler {
         let token_opt = crate::backend::TOKEN_OPTION.to_str().unwrap_or_default();
         proto::startup_message(&mut out, &[("user", &role), ("database", &database), (token_opt, &self.token_hex)]);
         let mut stream = stream;
-        // Room for the ATTACHes sent ahead plus one taken back, unread by a
+        // Room for the ATTACHes sent ahead and those taken back, unread by a
         // backend in a transaction, whatever the system default (`ahead.rs`).
         let _ = nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::SndBuf, &super::ahead::CONTROL_SNDBUF);
         // A fresh Unix socket takes a few hundred bytes without blocking.
