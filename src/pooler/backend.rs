@@ -68,7 +68,9 @@ fn login_error(sqlstate: &str, message: String, hint: Option<&str>) -> ErrorFiel
 }
 
 const HBA_HINT: &str = "nextgres logs pooled backends in through the server's Unix socket as the client's role. \
-Add a pg_hba.conf line such as \"local all all scram-sha-256\" (or trust) above any \"peer\" line for local connections, then reload.";
+Make the first pg_hba.conf \"local\" line that matches the client's database and role use scram-sha-256, md5 or trust \
+(for example \"local all all scram-sha-256\" in place of \"local all all peer\", with a \"local all postgres peer\" line \
+kept above it for local admin access), then reload.";
 
 impl Pooler {
     pub fn backend(&mut self, key: usize) -> Option<&mut Backend> {

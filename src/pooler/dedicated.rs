@@ -64,7 +64,8 @@ pub struct Dedicated {
 
 /// Hint for a refused walsender login through the Unix socket.
 const REPLICATION_HBA_HINT: &str = "nextgres logs a replication client's walsender in through the server's Unix socket as the client's role. \
-Add a pg_hba.conf line such as \"local replication all scram-sha-256\" (or trust) above any \"peer\" line for local connections, then reload.";
+Make the first pg_hba.conf \"local replication\" line that matches the client's role use scram-sha-256, md5 or trust \
+(for example \"local replication all scram-sha-256\" in place of \"local replication all peer\"), then reload.";
 
 /// Hint for a refused server-authentication login through the Unix socket.
 const SERVER_AUTH_HBA_HINT: &str = "For a pg_hba.conf method nextgres does not implement, the server authenticates the client itself, \

@@ -1230,3 +1230,89 @@ fn two_clients_refused_at_one_boundary_wait_again_in_order() {
         assert_pooler_serves(pg, pooler);
     });
 }
+
+/// `pid`'s write(2) calls each held back `delay` by strace's fault injection
+/// while this lives (strace as root, which may trace any process): a pooled
+/// backend's RELEASED is the first write of a read-only transaction's
+/// boundary (query results go out with sendto), so the pooler reads it that
+/// much later. Detached when dropped.
+struct WritesDelayed(std::process::Child);
+
+impl WritesDelayed {
+    #[track_caller]
+    fn new(pid: i32, delay: Duration) -> WritesDelayed {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("strace")
+            .args(["-o", "/dev/null", "-e", "trace=write"])
+            .arg(format!("-einject=write:delay_enter={}", delay.as_micros()))
+            .args(["-p", &pid.to_string()])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("running strace (tools/setup installs it)");
+        // strace says so on stderr once the process is traced.
+        let mut err = std::io::BufReader::new(child.stderr.take().expect("strace's stderr"));
+        let mut line = String::new();
+        let attached = err.read_line(&mut line).is_ok() && line.contains("attached");
+        assert!(attached, "strace -p {pid}: {line:?}");
+        // Drained while it runs, so a later message cannot block it.
+        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        WritesDelayed(child)
+    }
+}
+
+impl Drop for WritesDelayed {
+    fn drop(&mut self) {
+        // SIGTERM: strace detaches from the tracee before it exits.
+        // SAFETY: plain kill(2) of the strace child started above.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+/// `nextgres.kill_client` of a client its backend has just refused (the
+/// backend, at its open files limit, could not receive the socket sent
+/// ahead) while the pooler has not read that backend's RELEASED yet: the
+/// ticket says refused, so the pooler cannot take the client back, and the
+/// backend may already be serving another client, which a SIGTERM would
+/// hit. The client is marked killed and told FATAL 57P01 when the RELEASED
+/// is settled; the backend survives and serves the pool's other clients.
+/// The window between the refusal and the RELEASED (a few system calls) is
+/// held open by delaying the backend's write(2) calls with strace; the
+/// pooler's log line shows the kill found the client in it.
+#[test]
+fn client_killed_between_its_refusal_and_the_release() {
+    run(one_backend_releasing_at_once(), |pg| {
+        let (pooler, backend, mut a, mut b, mut c) = a_bee_sea(pg);
+        a.query("BEGIN").expect("BEGIN");
+        let limited = FilesLimited::new(pg, backend);
+        b.send_query(NAME_AND_TIME);
+        let sent = wait_until(SETTLE, || queued(pg, backend) == 1);
+        assert!(sent, "B was not sent ahead: {:?}", clients(pg));
+        let delayed = WritesDelayed::new(backend, Duration::from_secs(3));
+        let mark = pg.log_mark();
+        a.query("COMMIT").expect("COMMIT on the backend at its open files limit");
+        let refused = wait_until(SETTLE, || queued(pg, backend) == 0);
+        assert!(refused, "B's ticket is still offered: {:?}", clients(pg));
+        let port = b.local_port();
+        let killed: bool = pg
+            .admin()
+            .query_one("SELECT nextgres.kill_client('127.0.0.1', $1)", &[&port])
+            .expect("kill_client")
+            .get(0);
+        assert!(killed, "kill_client found no client on port {port}: {:?}", clients(pg));
+        let (severity, sqlstate, _) = b.expect_fatal();
+        drop(delayed);
+        drop(limited);
+        assert_eq!((severity.as_str(), sqlstate.as_str()), ("FATAL", "57P01"), "B's end");
+        let log = pg.log_since(mark);
+        assert!(
+            log.contains(&format!("killing client 127.0.0.1 port {port}")) && log.contains("told when its backend gives it back"),
+            "the kill did not find B refused and its RELEASED unread (the window was missed):\n{log}"
+        );
+        assert_eq!(pooled_pids(pg), vec![backend], "the backend that refused the killed client ended");
+        assert_eq!(a.value("SELECT 5"), "5");
+        assert_eq!(c.value("SELECT current_setting('application_name')"), "sea");
+        assert!(wait_until(SETTLE, || clients(pg).iter().all(|(p, _, _)| *p != port)), "B is still a client: {:?}", clients(pg));
+        assert_pooler_serves(pg, pooler);
+    });
+}
