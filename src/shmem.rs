@@ -214,10 +214,27 @@ pub struct BackendRow {
 }
 
 impl BackendRow {
+    /// A copy of the row whose ticket words (`ahead`, `handed`, which others
+    /// swap without the table lock) are read atomically, one by one: a view
+    /// may mix moments between them, but never sees a torn or racing plain
+    /// read. The other fields are copied as they are.
+    fn copy_tickets_atomically(&mut self) -> BackendRow {
+        // SAFETY: the words are u64 fields of a row in shared memory that
+        // every process reads and writes only through atomic views
+        // (`ticket_word`); 8-aligned as there.
+        let load = |w: &mut u64| unsafe { AtomicU64::from_ptr(w) }.load(Ordering::Acquire);
+        let mut ahead = [0u64; AHEAD_DEPTH];
+        for (to, from) in ahead.iter_mut().zip(self.ahead.iter_mut()) {
+            *to = load(from);
+        }
+        let handed = load(&mut self.handed);
+        BackendRow { ahead, handed, ..*self }
+    }
+
     /// Clients sent ahead to this backend that it has neither taken nor
     /// refused, nor the pooler taken back (0 to `AHEAD_DEPTH`), from a copy of the row
-    /// (`Tables::snapshot`: a racy read of words others swap, fine for a
-    /// view).
+    /// (`Tables::snapshot`, which reads these words atomically; a view may
+    /// mix moments between them).
     pub fn queued(&self) -> i32 {
         self.ahead.iter().filter(|&&t| t != 0 && t & AHEAD_REFUSED == 0).count() as i32
     }
@@ -323,7 +340,7 @@ impl Tables {
         (
             self.pools_raw().iter().filter(|r| r.in_use).copied().collect(),
             self.clients_raw().iter().filter(|r| r.in_use).copied().collect(),
-            self.backends_raw().iter().filter(|r| r.in_use).copied().collect(),
+            self.backends_raw().iter_mut().filter(|r| r.in_use).map(|r| r.copy_tickets_atomically()).collect(),
         )
     }
     /// Why a backend keeps its client (written by the backend itself).

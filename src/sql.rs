@@ -214,6 +214,7 @@ fn pin_name(pin: u8) -> Option<String> {
         3 => Some("LISTEN".into()),
         4 => Some("session-level lock".into()),
         5 => Some("sequence value".into()),
+        6 => Some("temporary object".into()),
         _ => None,
     }
 }

@@ -143,6 +143,8 @@ unsafe extern "C" fn putmessage(msgtype: c_char, s: *const c_char, len: usize) -
                 crate::pg::session::note_statement_messages()
             }
             b'3' => crate::pg::session::note_statement_messages(),
+            // FunctionCallResponse: the function may have been set_config().
+            b'V' => crate::pg::session::note_function_call(),
             // One per statement a client ran, failed ones included (as
             // PgBouncer's query count).
             b'C' | b'E' => count(|c| c.queries = c.queries.wrapping_add(1)),

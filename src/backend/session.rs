@@ -220,12 +220,11 @@ pub fn switch_to(startup: &[(String, String)], image: SessionImage) {
             let sh = sh.borrow();
             sh.known && sh.settings_clean && settings.is_empty() && sh.startup == startup
         });
-    if same {
-        // Statements this backend already has that the client has too (same
-        // name, text, parameter and result types) are kept, not created
-        // again; any other is dropped, as DISCARD ALL would drop it, so the
-        // backend has no named statement the client does not have.
-        s::switch_light();
+    // Statements this backend already has that the client has too (same
+    // name, text, parameter and result types) are kept, not created again;
+    // any other is dropped, as DISCARD ALL would drop it, so the backend has
+    // no named statement the client does not have.
+    if same && s::switch_light() {
         let drop = SHAPE.with(|sh| {
             let mut sh = sh.borrow_mut();
             let mut keep = StatementList::default();
@@ -391,7 +390,13 @@ fn full_switch(startup: &[(String, String)], settings: &[(String, String)], defa
         s::switch_setting(n, v, true);
     }
     for (n, v) in settings {
-        s::switch_setting(n, v, false);
+        // A role (or session authorization) that cannot be set again here
+        // (revoked from the login, or dropped, since the client set it)
+        // would leave the client running with its login's privileges: its
+        // session ends instead (a direct session keeps the role; README).
+        if !s::switch_setting(n, v, false) && (n == "role" || n == "session_authorization") {
+            fatal(&format!("{n} \"{v}\" of this session could not be restored"));
+        }
     }
     if let Err(e) = s::switch_end() {
         fatal(&e.message());

@@ -18,6 +18,8 @@
 #include "catalog/pg_authid.h"
 #include "catalog/pg_class.h"
 #include "catalog/pg_db_role_setting.h"
+#include "catalog/pg_depend.h"
+#include "catalog/pg_namespace.h"
 #include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
 #include "commands/sequence.h"
@@ -194,9 +196,47 @@ ng_post_parse_analyze(ParseState *pstate, Query *query, JumbleState *jstate)
 
 static List *holdable_cursors = NIL;	/* names, TopMemoryContext */
 static List *listen_channels = NIL;	/* names, TopMemoryContext */
+/*
+ * UNLISTENs (a name, or NULL for all) run in the current transaction: as in
+ * async.c they take effect only when it commits (ng_xact_callback), so one
+ * rolled back leaves the channel listened to, and the client pinned.
+ */
+static List *unlisten_pending = NIL;	/* names, TopMemoryContext */
+static bool unlisten_all_pending = false;
+
+static void
+unlisten_pending_clear(void)
+{
+	list_free_deep(unlisten_pending);
+	unlisten_pending = NIL;
+	unlisten_all_pending = false;
+}
+
+static void
+unlisten_apply(void)
+{
+	ListCell   *lc;
+
+	if (unlisten_all_pending)
+	{
+		list_free_deep(listen_channels);
+		listen_channels = NIL;
+	}
+	foreach(lc, unlisten_pending)
+	{
+		ListCell   *lc2;
+
+		foreach(lc2, listen_channels)
+		{
+			if (strcmp((char *) lfirst(lc2), (char *) lfirst(lc)) == 0)
+				listen_channels = foreach_delete_current(listen_channels, lc2);
+		}
+	}
+	unlisten_pending_clear();
+}
 typedef enum
 {
-	TEMP_NONE, TEMP_PRESENT, TEMP_MAYBE_GONE
+	TEMP_NONE, TEMP_PRESENT, TEMP_OBJECT_PRESENT, TEMP_MAYBE_GONE
 } TempState;
 static TempState temp_state = TEMP_NONE;
 
@@ -205,13 +245,11 @@ note_discard(DiscardMode mode)
 {
 	if (mode == DISCARD_ALL || mode == DISCARD_PLANS)
 		statements_dirty = true;
+	/* Its UNLISTEN * is noted once the statement succeeded (ng_utility). */
 	if (mode == DISCARD_ALL)
-	{
 		settings_dirty = true;
-		list_free_deep(listen_channels);
-		listen_channels = NIL;
-	}
-	if ((mode == DISCARD_ALL || mode == DISCARD_TEMP) && temp_state == TEMP_PRESENT)
+	if ((mode == DISCARD_ALL || mode == DISCARD_TEMP) &&
+		(temp_state == TEMP_PRESENT || temp_state == TEMP_OBJECT_PRESENT))
 		temp_state = TEMP_MAYBE_GONE;
 }
 
@@ -264,22 +302,7 @@ ng_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
 			}
 			break;
 		case T_UnlistenStmt:
-			{
-				const char *ch = ((UnlistenStmt *) n)->conditionname;
-				ListCell   *lc;
-
-				if (ch == NULL)
-				{
-					list_free_deep(listen_channels);
-					listen_channels = NIL;
-					break;
-				}
-				foreach(lc, listen_channels)
-				{
-					if (strcmp((char *) lfirst(lc), ch) == 0)
-						listen_channels = foreach_delete_current(listen_channels, lc);
-				}
-			}
+			/* Noted below once it succeeded; applied at commit. */
 			break;
 		case T_DeclareCursorStmt:
 			if (((DeclareCursorStmt *) n)->options & CURSOR_OPT_HOLD)
@@ -301,6 +324,24 @@ ng_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
 	/* Only once it succeeded (it refuses to run in a transaction block). */
 	if (IsA(n, DiscardStmt) && ((DiscardStmt *) n)->target == DISCARD_ALL && statements_pending)
 		ng_rs_statements_forget();
+	/*
+	 * UNLISTEN (and DISCARD ALL's UNLISTEN *) once it succeeded: it stops
+	 * the channel when the transaction commits, as async.c does.
+	 */
+	if (IsA(n, UnlistenStmt) || (IsA(n, DiscardStmt) && ((DiscardStmt *) n)->target == DISCARD_ALL))
+	{
+		const char *ch = IsA(n, UnlistenStmt) ? ((UnlistenStmt *) n)->conditionname : NULL;
+
+		if (ch == NULL)
+			unlisten_all_pending = true;
+		else
+		{
+			MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+			unlisten_pending = lappend(unlisten_pending, pstrdup(ch));
+			MemoryContextSwitchTo(old);
+		}
+	}
 }
 
 static void
@@ -308,7 +349,11 @@ ng_object_access(ObjectAccessType access, Oid classId, Oid objectId, int subId, 
 {
 	if (prev_object_access)
 		prev_object_access(access, classId, objectId, subId, arg);
-	if (classId != RelationRelationId || subId != 0)
+	/*
+	 * Any class of object: a temporary function, type, operator or the like
+	 * pins as a temporary table does (search_path looks in pg_temp first).
+	 */
+	if (subId != 0)
 		return;
 	/*
 	 * The new pg_class row is not visible yet at OAT_POST_CREATE, so do not
@@ -338,7 +383,9 @@ static void
 ng_executor_start(QueryDesc *queryDesc, int eflags)
 {
 	statement_ran = true;
-	if (queryDesc->sourceText && strcasestr(queryDesc->sourceText, "set_config"))
+	/* Also a name spelled with Unicode escapes (U&"set\005fconfig"). */
+	if (queryDesc->sourceText &&
+		(strcasestr(queryDesc->sourceText, "set_config") || strcasestr(queryDesc->sourceText, "u&")))
 		settings_dirty = true;
 	/* The pg_prepared_statements view lists them all. */
 	if (statements_pending && queryDesc->sourceText &&
@@ -376,6 +423,21 @@ source_mentions_set_config(Oid fn_oid)
 			found = strcasestr(src, "set_config") != NULL;
 			pfree(src);
 		}
+		/*
+		 * A body in SQL-standard syntax (BEGIN ATOMIC, RETURN) is stored
+		 * parsed, its prosrc empty: a call of set_config() in it shows as
+		 * the function's OID in the node tree's text.
+		 */
+		d = SysCacheGetAttr(PROCOID, tup, Anum_pg_proc_prosqlbody, &isnull);
+		if (!found && !isnull)
+		{
+			char	   *body = TextDatumGetCString(d);
+			char		needle[32];
+
+			snprintf(needle, sizeof(needle), ":funcid %u ", (unsigned) F_SET_CONFIG);
+			found = strstr(body, needle) != NULL;
+			pfree(body);
+		}
 		ReleaseSysCache(tup);
 	}
 	return found;
@@ -402,8 +464,26 @@ static void
 ng_xact_callback(XactEvent event, void *arg)
 {
 	/* An aborted CREATE TEMP TABLE leaves no table behind. */
-	if ((event == XACT_EVENT_ABORT) && temp_state == TEMP_PRESENT)
+	if ((event == XACT_EVENT_ABORT) &&
+		(temp_state == TEMP_PRESENT || temp_state == TEMP_OBJECT_PRESENT))
 		temp_state = TEMP_MAYBE_GONE;
+	if (event == XACT_EVENT_COMMIT)
+		unlisten_apply();
+	else if (event == XACT_EVENT_ABORT)
+		unlisten_pending_clear();
+}
+
+/*
+ * An UNLISTEN in a subtransaction that rolled back does not take effect:
+ * which of the noted ones it was is not known here, so all are forgotten
+ * (the client may stay pinned longer than needed: a cost, never a leak).
+ */
+static void
+ng_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
+					SubTransactionId parentSubid, void *arg)
+{
+	if (event == SUBXACT_EVENT_ABORT_SUB)
+		unlisten_pending_clear();
 }
 
 /* Postmaster: install the trackers every backend inherits. */
@@ -423,6 +503,7 @@ ng_install_session_hooks(void)
 	prev_executor_start = ExecutorStart_hook;
 	ExecutorStart_hook = ng_executor_start;
 	RegisterXactCallback(ng_xact_callback, NULL);
+	RegisterSubXactCallback(ng_subxact_callback, NULL);
 }
 
 /* Protocol Parse/Close seen by the output layer. */
@@ -442,6 +523,7 @@ ng_note_statement_messages(void)
 #define NG_PIN_LISTEN			3
 #define NG_PIN_LOCK				4
 #define NG_PIN_SEQUENCE			5
+#define NG_PIN_TEMP_OBJECT		6
 
 /* lastval() as the client last saw it here (see sequence_pin()). */
 static bool seq_seen_valid = false;
@@ -602,6 +684,37 @@ temp_relations_exist(void)
 }
 
 /*
+ * Anything in the session's temporary namespace: every object there but a
+ * TOAST table or a relation's row type records a dependency on its
+ * namespace (heap.c, pg_proc.c, pg_type.c ...), found through
+ * pg_depend's reference index.
+ */
+static bool
+temp_objects_exist(void)
+{
+	Oid			tempns,
+				toastns;
+	bool		found;
+	Relation	rel;
+	ScanKeyData key[2];
+	SysScanDesc scan;
+
+	GetTempNamespaceState(&tempns, &toastns);
+	if (!OidIsValid(tempns))
+		return false;
+	ScanKeyInit(&key[0], Anum_pg_depend_refclassid, BTEqualStrategyNumber,
+				F_OIDEQ, ObjectIdGetDatum(NamespaceRelationId));
+	ScanKeyInit(&key[1], Anum_pg_depend_refobjid, BTEqualStrategyNumber,
+				F_OIDEQ, ObjectIdGetDatum(tempns));
+	rel = table_open(DependRelationId, AccessShareLock);
+	scan = systable_beginscan(rel, DependReferenceIndexId, true, NULL, 2, key);
+	found = HeapTupleIsValid(systable_getnext(scan));
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
+	return found;
+}
+
+/*
  * Called at ReadyForQuery(I), outside any transaction.  Returns the reason
  * the client must stay on this backend, or NG_PIN_NONE.
  */
@@ -634,7 +747,8 @@ ng_pin_reason(void)
 		PG_TRY();
 		{
 			StartTransactionCommand();
-			temp_state = temp_relations_exist() ? TEMP_PRESENT : TEMP_NONE;
+			temp_state = temp_relations_exist() ? TEMP_PRESENT :
+				temp_objects_exist() ? TEMP_OBJECT_PRESENT : TEMP_NONE;
 			CommitTransactionCommand();
 		}
 		PG_CATCH();
@@ -649,6 +763,8 @@ ng_pin_reason(void)
 	}
 	if (temp_state == TEMP_PRESENT)
 		return NG_PIN_TEMP;
+	if (temp_state == TEMP_OBJECT_PRESENT)
+		return NG_PIN_TEMP_OBJECT;
 	if (sequence_pin(ran))
 		return NG_PIN_SEQUENCE;
 	return NG_PIN_NONE;
@@ -670,6 +786,37 @@ put_str(StringInfo out, const char *s)
  * apply under the right identity.  NULL when nothing changed since the last
  * call.  transaction_* settings only live within a transaction.
  */
+/* What the previous release saw of the settings note_untracked() compares. */
+static Oid	seen_role = InvalidOid;
+static Oid	seen_session_user = InvalidOid;
+static char *seen_search_path = NULL;	/* TopMemoryContext */
+
+/*
+ * The identity (SET ROLE, SET SESSION AUTHORIZATION) and search_path, the
+ * settings whose silent loss would run the client's next statements with
+ * other privileges or other objects, are compared with what the previous
+ * release saw: a change the trackers missed (a set_config() that a view, a
+ * column default or a row security policy calls) is then read all the same
+ * and follows the client.  A few comparisons per transaction.
+ */
+static void
+note_untracked(void)
+{
+	Oid			role = GetCurrentRoleId();
+	Oid			su = GetSessionUserId();
+	const char *path = namespace_search_path ? namespace_search_path : "";
+
+	if (role == seen_role && su == seen_session_user &&
+		seen_search_path != NULL && strcmp(path, seen_search_path) == 0)
+		return;
+	settings_dirty = true;
+	seen_role = role;
+	seen_session_user = su;
+	if (seen_search_path)
+		pfree(seen_search_path);
+	seen_search_path = MemoryContextStrdup(TopMemoryContext, path);
+}
+
 char *
 ng_take_session_settings(int *len)
 {
@@ -677,6 +824,7 @@ ng_take_session_settings(int *len)
 	int			n;
 	StringInfoData out;
 
+	note_untracked();
 	if (!settings_dirty)
 		return NULL;
 	settings_dirty = false;
@@ -952,12 +1100,52 @@ ng_free(void *p)
  * startup settings, nothing set, the same prepared statements): skip
  * DISCARD ALL, but forget the sequence values, which currval()/lastval()
  * would otherwise show.
+ *
+ * "Nothing set" is what the trackers saw, and a set_config() they cannot
+ * see (one a view, a column default or a row security policy calls) may
+ * still have set something: the settings are put back as RESET ALL does
+ * (from 16 it looks only at settings not at their defaults; 15 scans them
+ * all), so nothing the previous client set reaches the next one. A role or
+ * session authorization, which RESET ALL leaves, makes it return false: the
+ * caller then makes a full switch (DISCARD ALL), as it does when a reset
+ * fails.
  */
-void
+bool
 ng_switch_light(void)
 {
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile bool ok = true;
+
+	if (OidIsValid(GetCurrentRoleId()) || GetSessionUserId() != GetAuthenticatedUserId())
+		return false;
+	PG_TRY();
+	{
+		ResetAllOptions();
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		FlushErrorState();
+		ok = false;
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+	if (!ok)
+		return false;
 	ResetSequenceCaches();
 	seq_seen_valid = seq_pin_live = false;
+	return true;
+}
+
+/*
+ * A FunctionCall message was answered (the fast-path interface, fastpath.c):
+ * it calls functions, set_config() among them, without the executor or
+ * fmgr_hook (built-ins skip needs_fmgr_hook): the settings are read again.
+ */
+void
+ng_note_function_call(void)
+{
+	settings_dirty = true;
 }
 
 /* Starts the switch: its own transaction, optionally DISCARD ALL first. */
@@ -993,6 +1181,7 @@ ng_switch_begin(bool discard, NgError *err)
 	seq_seen_valid = seq_pin_live = false;
 	list_free_deep(listen_channels);
 	listen_channels = NIL;
+	unlisten_pending_clear();
 	temp_state = TEMP_NONE;
 	list_free_deep(holdable_cursors);
 	holdable_cursors = NIL;
@@ -1002,27 +1191,32 @@ ng_switch_begin(bool discard, NgError *err)
 /*
  * One setting, as the startup packet (source "client") or SET (source
  * "session") would make it.  A bad value warns, as it would for the client.
+ * False when it was not applied (the caller ends the session when that was
+ * its role: see session.rs full_switch).
  */
-void
+bool
 ng_switch_setting(const char *name, const char *value, bool from_startup)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	bool		su = superuser();
+	volatile int applied = 0;
 
 	PG_TRY();
 	{
-		(void) set_config_option(name, value,
-								 from_startup ? (su ? PGC_SU_BACKEND : PGC_BACKEND)
-								 : (su ? PGC_SUSET : PGC_USERSET),
-								 from_startup ? PGC_S_CLIENT : PGC_S_SESSION,
-								 GUC_ACTION_SET, true, WARNING, false);
+		applied = set_config_option(name, value,
+									from_startup ? (su ? PGC_SU_BACKEND : PGC_BACKEND)
+									: (su ? PGC_SUSET : PGC_USERSET),
+									from_startup ? PGC_S_CLIENT : PGC_S_SESSION,
+									GUC_ACTION_SET, true, WARNING, false);
 	}
 	PG_CATCH();
 	{
 		MemoryContextSwitchTo(cxt);
 		FlushErrorState();
+		applied = 0;
 	}
 	PG_END_TRY();
+	return applied != 0;
 }
 
 /* ------------------------------------------------------------------------

@@ -11,7 +11,7 @@ extern "C" {
     fn ng_take_statements(len: *mut c_int) -> *mut c_char;
     fn ng_free(p: *mut c_char);
     fn ng_switch_begin(discard: bool, err: *mut NgError) -> bool;
-    fn ng_switch_setting(name: *const c_char, value: *const c_char, from_startup: bool);
+    fn ng_switch_setting(name: *const c_char, value: *const c_char, from_startup: bool) -> bool;
     fn ng_create_statement(
         name: *const c_char,
         text: *const c_char,
@@ -41,7 +41,8 @@ extern "C" {
     fn ng_defaults_reload();
     fn ng_defaults_apply(level: c_int, name: *const c_char, value: *const c_char);
     fn ng_switch_end(err: *mut NgError) -> bool;
-    fn ng_switch_light();
+    fn ng_switch_light() -> bool;
+    fn ng_note_function_call();
     fn ng_close_unnamed_before_client() -> bool;
 }
 
@@ -57,6 +58,8 @@ pub enum Pin {
     /// Its last transaction called nextval(): currval()/lastval() stay
     /// answerable in its next one.
     Sequence = 5,
+    /// A temporary object other than a table (function, type, operator...).
+    TempObject = 6,
 }
 
 /// Postmaster: utility/object-access/fmgr hooks that note session changes.
@@ -68,6 +71,11 @@ pub fn note_statement_messages() {
     unsafe { ng_note_statement_messages() }
 }
 
+/// A FunctionCallResponse went out: the settings are read again at release.
+pub fn note_function_call() {
+    unsafe { ng_note_function_call() }
+}
+
 pub fn pin_reason() -> Pin {
     match unsafe { ng_pin_reason() } {
         1 => Pin::TempTable,
@@ -75,6 +83,7 @@ pub fn pin_reason() -> Pin {
         3 => Pin::Listen,
         4 => Pin::AdvisoryLock,
         5 => Pin::Sequence,
+        6 => Pin::TempObject,
         _ => Pin::None,
     }
 }
@@ -139,7 +148,10 @@ pub fn switch_begin(discard: bool) -> Result<(), NgError> {
     }
 }
 
-pub fn switch_setting(name: &str, value: &str, from_startup: bool) {
+/// Applies one setting as the startup packet (`from_startup`) or SET would;
+/// a bad value warns, as it would for the client. False when it was not
+/// applied.
+pub fn switch_setting(name: &str, value: &str, from_startup: bool) -> bool {
     let (n, v) = (cstring(name), cstring(value));
     unsafe { ng_switch_setting(n.as_ptr(), v.as_ptr(), from_startup) }
 }
@@ -288,7 +300,9 @@ pub fn count_session(delta: i32) {
 }
 
 /// Between two clients whose sessions would look the same: no DISCARD.
-pub fn switch_light() {
+/// Switch to a client whose session would be the same as the one left here
+/// (session.c `ng_switch_light`): false when a full switch is needed.
+pub fn switch_light() -> bool {
     unsafe { ng_switch_light() }
 }
 

@@ -498,6 +498,51 @@ fn role_set_by_one_client_never_reaches_another() {
     );
 }
 
+/// A role a client set that cannot be set again when it next moves to a
+/// backend (revoked from its login, or dropped, since): the client's session
+/// ends with a FATAL rather than going on with its login's privileges. (A
+/// direct session would keep the role: the documented difference.) Other
+/// clients go on.
+#[test]
+fn role_revoked_or_dropped_ends_the_session_that_set_it() {
+    run(
+        Cluster::builder()
+            .conf("nextgres.pool_size = 1")
+            .conf("nextgres.query_wait_timeout = 20"),
+        SETUP,
+        LIMIT,
+        |pg| {
+            pg.admin().batch_execute("CREATE ROLE gone NOLOGIN; GRANT gone TO app").expect("role gone");
+            let mut a = pg.tcp("app", "postgres").connect().expect("a");
+            let mut b = pg.tcp("app", "postgres").connect().expect("b");
+            a.batch_execute("SET ROLE reader").expect("set role");
+            pg.admin().batch_execute("REVOKE reader FROM app").expect("revoke");
+            b.batch_execute("SET work_mem = '3MB'").expect("b set");
+            match a.simple_query("SELECT current_user") {
+                Ok(m) => panic!("A ran without its revoked role, as {:?}", session_support::first_value(&m)),
+                Err(e) => assert!(
+                    e.as_db_error().is_some_and(|d| *d.severity() == *"FATAL") || e.is_closed(),
+                    "A's end: {e:?}"
+                ),
+            }
+            assert_eq!(one(&mut b, "SELECT current_user"), "app");
+
+            let mut c = pg.tcp("app", "postgres").connect().expect("c");
+            c.batch_execute("SET ROLE gone").expect("set role gone");
+            b.batch_execute("SET work_mem = '4MB'").expect("b set");
+            pg.admin().batch_execute("DROP ROLE gone").expect("drop role");
+            match c.simple_query("SELECT current_user") {
+                Ok(m) => panic!("C ran without its dropped role: {:?}", session_support::first_value(&m)),
+                Err(e) => assert!(
+                    e.as_db_error().is_some_and(|d| *d.severity() == *"FATAL") || e.is_closed(),
+                    "C's end: {e:?}"
+                ),
+            }
+            assert_eq!(one(&mut b, "SELECT current_user"), "app", "B after C's session ended");
+        },
+    );
+}
+
 /// `SELECT set_config('myapp.user_id', '42', false)` alone (no SET in the
 /// same transaction) is a session setting like SET: it follows its client to
 /// the next backend.
@@ -520,6 +565,62 @@ fn set_config_alone_follows_its_client() {
                 "42|sa",
                 "A's set_config() settings after B used the backend"
             );
+        },
+    );
+}
+
+/// Settings changed by a `set_config()` that no statement text shows: a
+/// function in SQL-standard syntax (stored parsed), and views that call it
+/// (as a column default or a row security policy could). With a pool of one
+/// the backend goes from A to B and back after each. B never sees what A
+/// set: not A's search_path, not A's role (its privileges), not A's custom
+/// setting. A keeps its search_path, role and the function's setting, as on
+/// a direct session (a custom setting set through a view is the documented
+/// exception: A loses it, B still never sees it).
+#[test]
+fn settings_set_where_no_statement_shows_them_stay_with_their_client() {
+    run(
+        Cluster::builder()
+            .conf("nextgres.pool_size = 1")
+            .conf("nextgres.query_wait_timeout = 20"),
+        SETUP,
+        LIMIT,
+        |pg| {
+            pg.admin()
+                .batch_execute(
+                    "CREATE FUNCTION public.set_tenant(t text) RETURNS text LANGUAGE sql \
+                       BEGIN ATOMIC SELECT set_config('app.tenant', t, false); END; \
+                     CREATE VIEW public.go_sb AS SELECT set_config('search_path', 'sb', false) AS p; \
+                     CREATE VIEW public.go_reader AS SELECT set_config('role', 'reader', false) AS r; \
+                     CREATE VIEW public.go_custom AS SELECT set_config('app.viewed', 'acme', false) AS v; \
+                     GRANT SELECT ON public.go_sb, public.go_reader, public.go_custom TO app",
+                )
+                .expect("functions and views");
+            let mut a = pg.tcp("app", "postgres").connect().expect("a");
+            let mut b = pg.tcp("app", "postgres").connect().expect("b");
+            assert_eq!(pid_of(&mut a), pid_of(&mut b), "one backend");
+
+            one(&mut a, "SELECT public.set_tenant('acme')");
+            let seen = maybe(&mut b, "SELECT current_setting('app.tenant', true)");
+            assert!(matches!(seen.as_deref(), None | Some("")), "B reads A's app.tenant: {seen:?}");
+            assert_eq!(one(&mut a, "SELECT current_setting('app.tenant')"), "acme", "A's setting from its function");
+
+            one(&mut a, "SELECT p FROM public.go_sb");
+            assert_eq!(one(&mut b, "SELECT v FROM t"), "public", "B runs with A's search_path");
+            assert_eq!(one(&mut a, "SELECT v FROM t"), "sb", "A's search_path set by a view");
+            a.batch_execute("SET search_path TO DEFAULT").expect("reset path");
+
+            one(&mut a, "SELECT r FROM public.go_reader");
+            assert_eq!(one(&mut b, "SELECT current_user"), "app", "B runs as the role A set through a view");
+            assert_eq!(one(&mut a, "SELECT current_user"), "reader", "A's role set by a view");
+            a.batch_execute("RESET ROLE").expect("reset role");
+
+            // With nothing else set, B would get A's session as it is (no
+            // DISCARD ALL): this setting must not come with it.
+            a.batch_execute("RESET app.tenant").expect("reset app.tenant");
+            one(&mut a, "SELECT v FROM public.go_custom");
+            let seen = maybe(&mut b, "SELECT current_setting('app.viewed', true)");
+            assert!(matches!(seen.as_deref(), None | Some("")), "B reads A's app.viewed: {seen:?}");
         },
     );
 }
@@ -700,6 +801,72 @@ fn pinned_by_listen_body(pg: &Cluster, a: &mut Client, b: &mut Client, c: &mut C
     a.batch_execute("UNLISTEN a_chan").expect("unlisten");
     expect_backend(pg, pa, "parked", None);
     no_trace_on(pg, pa, b, c, "SELECT count(*) FROM pg_listening_channels()", "0");
+}
+
+/// An UNLISTEN or DISCARD ALL that does not take effect (rolled back, or
+/// refused inside a transaction block) leaves the client listening, as on a
+/// direct session: it stays pinned and keeps getting its notifications; B,
+/// served by the other backend, never gets them.
+#[test]
+fn pinned_by_listen_after_an_unlisten_rolled_back() {
+    pinned(Transport::Plain, |pg, a, b, c| {
+        a.batch_execute("LISTEN a_chan").expect("listen");
+        let pa = pid_of(a);
+        a.batch_execute("BEGIN; UNLISTEN a_chan; ROLLBACK").expect("unlisten rolled back");
+        a.batch_execute("BEGIN; SAVEPOINT s; UNLISTEN *; ROLLBACK TO SAVEPOINT s; COMMIT")
+            .expect("unlisten in a savepoint rolled back");
+        a.batch_execute("BEGIN").expect("begin");
+        assert_eq!(sqlstate(&a.batch_execute("DISCARD ALL").expect_err("DISCARD ALL in a block")), "25001");
+        a.batch_execute("ROLLBACK").expect("rollback");
+        expect_backend(pg, pa, "attached", Some("LISTEN"));
+        assert_eq!(one(a, "SELECT count(*) FROM pg_listening_channels()"), "1");
+        assert_ne!(pid_of(b), pa);
+        b.batch_execute("NOTIFY a_chan, 'still there'").expect("notify");
+        let got = a
+            .notifications()
+            .timeout_iter(SETTLE)
+            .next()
+            .expect("notification")
+            .expect("A's notification never came");
+        assert_eq!((got.channel(), got.payload()), ("a_chan", "still there"));
+        assert_eq!(b.notifications().iter().count().expect("notifications"), 0, "B never listened");
+        a.batch_execute("BEGIN; UNLISTEN a_chan; COMMIT").expect("unlisten");
+        expect_backend(pg, pa, "parked", None);
+        no_trace_on(pg, pa, b, c, "SELECT count(*) FROM pg_listening_channels()", "0");
+    });
+}
+
+/// A temporary object that is not a table (a function, a type) pins its
+/// client as a temporary table does: on another backend it would be gone,
+/// and the next client on this one would find it first in its search path.
+#[test]
+fn pinned_by_temporary_function_and_type() {
+    pinned(Transport::Plain, |pg, a, b, c| {
+        a.batch_execute("CREATE FUNCTION pg_temp.a_fn() RETURNS text LANGUAGE sql AS $$SELECT 'from A'$$")
+            .expect("temp function");
+        let pa = pid_of(a);
+        expect_backend(pg, pa, "attached", Some("temporary object"));
+        assert_eq!(one(a, "SELECT pg_temp.a_fn()"), "from A");
+        assert_ne!(pid_of(b), pa);
+        let e = b.batch_execute("SELECT pg_temp.a_fn()").expect_err("B calls A's temporary function");
+        // 3F000 without a temporary schema of its own, as directly.
+        assert!(matches!(sqlstate(&e).as_str(), "3F000" | "42883"), "B calls A's temporary function: {e}");
+        a.batch_execute("DROP FUNCTION pg_temp.a_fn(); CREATE TYPE pg_temp.a_mood AS ENUM ('a')")
+            .expect("temp type");
+        expect_backend(pg, pa, "attached", Some("temporary object"));
+        assert_eq!(one(a, "SELECT 'a'::pg_temp.a_mood::text"), "a");
+        a.batch_execute("DROP TYPE pg_temp.a_mood").expect("drop type");
+        expect_backend(pg, pa, "parked", None);
+        no_trace_on(
+            pg,
+            pa,
+            b,
+            c,
+            "SELECT (SELECT count(*) FROM pg_proc WHERE pronamespace = pg_my_temp_schema()) \
+               + (SELECT count(*) FROM pg_type WHERE typnamespace = pg_my_temp_schema())",
+            "0",
+        );
+    });
 }
 
 #[test]
