@@ -22,6 +22,22 @@ use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+/// Bytes written into the pooler's end of a TLS client's socketpair that the
+/// relay has not read yet: the tail of a result a backend wrote through its
+/// copy of that end before giving the client back, still on its way to a
+/// client that reads slowly (SIOCOUTQ of an AF_UNIX stream socket, unix(7)).
+/// A relay is quiet only between its reads; such a client is not idle yet.
+/// An error counts as unread.
+fn unread_by_relay(stream: &TcpStream) -> i32 {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: ioctl(2) with an int out-parameter on a socket this process owns.
+    if unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut n) } != 0 {
+        return 1;
+    }
+    n
+}
+
 impl Pooler {
     /// Janitor tick: asks the relays of TLS clients idle since the last
     /// tick to park.
@@ -40,7 +56,8 @@ impl Pooler {
                 && matches!(c.phase, Phase::Idle)
                 && c.inbuf.is_empty()
                 && c.outbuf.is_empty()
-                && t.info.get().is_some();
+                && t.info.get().is_some()
+                && unread_by_relay(&c.stream) == 0;
             let (mark, due) = nextgres_core::tls::park_due(t.idle_mark, eligible, c.xacts);
             t.idle_mark = mark;
             if due {
