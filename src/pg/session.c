@@ -782,7 +782,7 @@ put_str(StringInfo out, const char *s)
 
 /*
  * Settings the client changed with SET or set_config() (source "session"),
- * as name\0value\0 pairs, session_authorization and role first so the others
+ * as name\0value\0 pairs, session_authorization then role first so the others
  * apply under the right identity.  NULL when nothing changed since the last
  * call.  transaction_* settings only live within a transaction.
  */
@@ -830,16 +830,21 @@ ng_take_session_settings(int *len)
 	settings_dirty = false;
 	initStringInfo(&out);
 	vars = guc_array(&n);
-	for (int pass = 0; pass < 2; pass++)
+	/*
+	 * Pass 0 session_authorization, pass 1 role, pass 2 the others: setting
+	 * the session authorization ends a SET ROLE (miscinit.c
+	 * SetSessionUserId()), so a role set after it must come after it.
+	 */
+	for (int pass = 0; pass < 3; pass++)
 	{
 		for (int i = 0; i < n; i++)
 		{
 			struct config_generic *g = vars[i];
-			bool		identity = strcmp(g->name, "session_authorization") == 0 ||
-				strcmp(g->name, "role") == 0;
+			int			kind = strcmp(g->name, "session_authorization") == 0 ? 0 :
+				strcmp(g->name, "role") == 0 ? 1 : 2;
 			const char *v;
 
-			if (g->source != PGC_S_SESSION || identity != (pass == 0))
+			if (g->source != PGC_S_SESSION || kind != pass)
 				continue;
 			if (strncmp(g->name, "transaction_", 12) == 0)
 				continue;
@@ -1198,7 +1203,15 @@ bool
 ng_switch_setting(const char *name, const char *value, bool from_startup)
 {
 	MemoryContext cxt = CurrentMemoryContext;
-	bool		su = superuser();
+
+	/*
+	 * Every setting here was accepted in this client's session, under its
+	 * login or an identity its login could take: a superuser login's are
+	 * set with superuser context even after the client's own SET ROLE or
+	 * SET SESSION AUTHORIZATION was applied (which come first), as a
+	 * superuser-only setting made before them stays on a direct session.
+	 */
+	bool		su = superuser_arg(GetAuthenticatedUserId());
 	volatile int applied = 0;
 
 	PG_TRY();

@@ -498,6 +498,38 @@ fn role_set_by_one_client_never_reaches_another() {
     );
 }
 
+/// A superuser-only setting, then `SET SESSION AUTHORIZATION` and `SET ROLE`
+/// (a superuser's login acting as another user): moved to the backend again
+/// after another client used it, the client has all three, as on a direct
+/// session (setting the session authorization ends a role, so the order they
+/// are set again in matters, and the setting is set again with the login's
+/// superuser context although the identity comes first).
+#[test]
+fn session_authorization_then_role_follow_their_client() {
+    run(
+        Cluster::builder()
+            .conf("nextgres.pool_size = 1")
+            .conf("nextgres.query_wait_timeout = 20"),
+        SETUP,
+        LIMIT,
+        |pg| {
+            let su = nextgres_test::cluster::SUPERUSER;
+            let mut a = pg.tcp(su, "postgres").connect().expect("a");
+            let mut b = pg.tcp(su, "postgres").connect().expect("b");
+            // A superuser-only setting made before: it stays too.
+            a.batch_execute("SET session_replication_role = replica; SET SESSION AUTHORIZATION app; SET ROLE reader")
+                .expect("identity");
+            b.batch_execute("SET work_mem = '3MB'").expect("b set");
+            assert_eq!(pid_of(&mut a), pid_of(&mut b), "one backend");
+            assert_eq!(
+                one(&mut a, "SELECT current_user || '/' || session_user || '/' || current_setting('session_replication_role')"),
+                "reader/app/replica"
+            );
+            assert_eq!(one(&mut b, "SELECT current_user || '/' || session_user"), format!("{su}/{su}"));
+        },
+    );
+}
+
 /// A role a client set that cannot be set again when it next moves to a
 /// backend (revoked from its login, or dropped, since): the client's session
 /// ends with a FATAL rather than going on with its login's privileges. (A
