@@ -606,9 +606,7 @@ fn set_config_alone_follows_its_client() {
 /// (as a column default or a row security policy could). With a pool of one
 /// the backend goes from A to B and back after each. B never sees what A
 /// set: not A's search_path, not A's role (its privileges), not A's custom
-/// setting. A keeps its search_path, role and the function's setting, as on
-/// a direct session (a custom setting set through a view is the documented
-/// exception: A loses it, B still never sees it).
+/// setting; A keeps each of them, as on a direct session.
 #[test]
 fn settings_set_where_no_statement_shows_them_stay_with_their_client() {
     run(
@@ -653,6 +651,7 @@ fn settings_set_where_no_statement_shows_them_stay_with_their_client() {
             one(&mut a, "SELECT v FROM public.go_custom");
             let seen = maybe(&mut b, "SELECT current_setting('app.viewed', true)");
             assert!(matches!(seen.as_deref(), None | Some("")), "B reads A's app.viewed: {seen:?}");
+            assert_eq!(one(&mut a, "SELECT current_setting('app.viewed')"), "acme", "A's setting set by a view");
         },
     );
 }
