@@ -798,6 +798,36 @@ put_str(StringInfo out, const char *s)
  * apply under the right identity.  NULL when nothing changed since the last
  * call.  transaction_* settings only live within a transaction.
  */
+/*
+ * A session setting's value to set again on the next backend: the shown
+ * value (PG16 keeps a stale role text after DISCARD), or, for a setting the
+ * current role may not see (GUC_SUPERUSER_ONLY, set by a superuser login
+ * before its SET ROLE), the value itself: GetConfigOptionByName() raises
+ * "permission denied" there, which must not unwind through the caller.
+ */
+static const char *
+session_value(const char *name)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	const char *volatile v = NULL;
+	volatile bool denied = false;
+
+	PG_TRY();
+	{
+		v = GetConfigOptionByName(name, NULL, true);
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		FlushErrorState();
+		denied = true;
+	}
+	PG_END_TRY();
+	if (denied)
+		v = GetConfigOption(name, true, false);
+	return v;
+}
+
 /* What the previous release saw of the settings note_untracked() compares. */
 static Oid	seen_role = InvalidOid;
 static Oid	seen_session_user = InvalidOid;
@@ -860,8 +890,7 @@ ng_take_session_settings(int *len)
 				continue;
 			if (strncmp(g->name, "transaction_", 12) == 0)
 				continue;
-			/* The shown value: PG16 keeps a stale role text after DISCARD. */
-			v = GetConfigOptionByName(g->name, NULL, true);
+			v = session_value(g->name);
 			put_str(&out, g->name);
 			put_str(&out, v ? v : "");
 		}

@@ -526,6 +526,17 @@ fn session_authorization_then_role_follow_their_client() {
                 "reader/app/replica"
             );
             assert_eq!(one(&mut b, "SELECT current_user || '/' || session_user"), format!("{su}/{su}"));
+
+            // A setting only superusers may see, set before a SET ROLE to a
+            // role that may not: read at the transaction's end all the same.
+            a.batch_execute("RESET SESSION AUTHORIZATION").expect("reset");
+            a.batch_execute("SET dynamic_library_path = '$libdir:/nonexistent'; SET ROLE app").expect("hidden setting");
+            b.batch_execute("SET work_mem = '4MB'").expect("b set");
+            assert_eq!(pid_of(&mut a), pid_of(&mut b), "one backend");
+            assert_eq!(one(&mut a, "SELECT current_user"), "app");
+            a.batch_execute("RESET ROLE").expect("reset role");
+            assert_eq!(one(&mut a, "SELECT current_setting('dynamic_library_path')"), "$libdir:/nonexistent");
+            assert_eq!(one(&mut b, "SELECT current_setting('dynamic_library_path')"), "$libdir");
         },
     );
 }
