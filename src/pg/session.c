@@ -800,31 +800,35 @@ put_str(StringInfo out, const char *s)
  */
 /*
  * A session setting's value to set again on the next backend: the shown
- * value (PG16 keeps a stale role text after DISCARD), or, for a setting the
- * current role may not see (GUC_SUPERUSER_ONLY, set by a superuser login
- * before its SET ROLE), the value itself: GetConfigOptionByName() raises
- * "permission denied" there, which must not unwind through the caller.
+ * value (PG16 keeps a stale role text after DISCARD), except for a setting
+ * only superusers may see (GUC_SUPERUSER_ONLY, set by a superuser login
+ * before its SET ROLE): GetConfigOptionByName() checks the current role's
+ * privileges there, a catalog lookup that, here outside any transaction,
+ * crashes the backend (no resource owner), or raises "permission denied"
+ * through the caller's Rust frames; its value itself is read instead.
  */
 static const char *
-session_value(const char *name)
+session_value(struct config_generic *g)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	const char *volatile v = NULL;
-	volatile bool denied = false;
+	volatile bool failed = false;
 
+	if (g->flags & GUC_SUPERUSER_ONLY)
+		return GetConfigOption(g->name, true, false);
 	PG_TRY();
 	{
-		v = GetConfigOptionByName(name, NULL, true);
+		v = GetConfigOptionByName(g->name, NULL, true);
 	}
 	PG_CATCH();
 	{
 		MemoryContextSwitchTo(cxt);
 		FlushErrorState();
-		denied = true;
+		failed = true;
 	}
 	PG_END_TRY();
-	if (denied)
-		v = GetConfigOption(name, true, false);
+	if (failed)
+		v = GetConfigOption(g->name, true, false);
 	return v;
 }
 
@@ -890,7 +894,7 @@ ng_take_session_settings(int *len)
 				continue;
 			if (strncmp(g->name, "transaction_", 12) == 0)
 				continue;
-			v = session_value(g->name);
+			v = session_value(g);
 			put_str(&out, g->name);
 			put_str(&out, v ? v : "");
 		}
