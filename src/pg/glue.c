@@ -213,14 +213,34 @@ ng_consume_buffered_terminate(void)
 
 	pq_startmsgread();
 	c = pq_peekbyte();
-	if (c != 'X')
+	/*
+	 * From 17 the buffered amount is known: a Terminate whose length word
+	 * is not all here is left to the server, which waits for the rest as
+	 * for any message (before 17 it is read here, waiting the same way).
+	 */
+	if (c != 'X'
+#if PG_VERSION_NUM >= 170000
+		|| pq_buffer_remaining_data() < 5
+#endif
+		)
 	{
 		pq_endmsgread();
 		return false;
 	}
 	(void) pq_getbyte();
 	initStringInfo(&buf);
-	(void) pq_getmessage(&buf, 4);
+	if (pq_getmessage(&buf, 4) == EOF)
+	{
+		/*
+		 * A Terminate with another length (the COMMERROR is logged), or the
+		 * client went away: pqcomm.c leaves the message read half done, so
+		 * the next client's first message would end with "protocol
+		 * synchronization was lost".  This backend ends instead, as the
+		 * server ends a session after such a message; the pooler closes
+		 * the client.
+		 */
+		proc_exit(0);
+	}
 	pfree(buf.data);
 	return true;
 }

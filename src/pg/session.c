@@ -1236,11 +1236,13 @@ ng_switch_setting(const char *name, const char *value, bool from_startup)
 	 * SET SESSION AUTHORIZATION was applied (which come first), as a
 	 * superuser-only setting made before them stays on a direct session.
 	 */
-	bool		su = superuser_arg(GetAuthenticatedUserId());
 	volatile int applied = 0;
 
 	PG_TRY();
 	{
+		/* A catalog read (a lock wait, an interrupt): inside the catch. */
+		bool		su = superuser_arg(GetAuthenticatedUserId());
+
 		applied = set_config_option(name, value,
 									from_startup ? (su ? PGC_SU_BACKEND : PGC_BACKEND)
 									: (su ? PGC_SUSET : PGC_USERSET),
@@ -1964,6 +1966,38 @@ ng_read_defaults(int *len)
 }
 
 /*
+ * A setting's reset value as text, as GetConfigOptionResetString() gives it
+ * but without its visibility check: for a setting only superusers may see
+ * (a role default of session_preload_libraries for auto_explain, say) that
+ * check looks the current role up in the catalogs, which here, outside any
+ * transaction, crashes the backend (no resource owner).  The caller reads
+ * the defaults of the client's own login, which the server applied for it.
+ */
+static const char *
+reset_string(struct config_generic *g)
+{
+	static char buffer[64];
+
+	switch (g->vartype)
+	{
+		case PGC_BOOL:
+			return ((struct config_bool *) g)->reset_val ? "on" : "off";
+		case PGC_INT:
+			snprintf(buffer, sizeof(buffer), "%d", ((struct config_int *) g)->reset_val);
+			return buffer;
+		case PGC_REAL:
+			snprintf(buffer, sizeof(buffer), "%g", ((struct config_real *) g)->reset_val);
+			return buffer;
+		case PGC_STRING:
+			return ((struct config_string *) g)->reset_val;
+		case PGC_ENUM:
+			return config_enum_lookup_by_value((struct config_enum *) g,
+											   ((struct config_enum *) g)->reset_val);
+	}
+	return NULL;
+}
+
+/*
  * The defaults this backend applied at its own login, in the same format:
  * every setting whose reset value came from one of those levels.
  */
@@ -1984,7 +2018,7 @@ ng_applied_defaults(int *len)
 
 			if (vars[i]->reset_source != default_sources[level])
 				continue;
-			v = GetConfigOptionResetString(vars[i]->name);
+			v = reset_string(vars[i]);
 			appendStringInfoChar(&out, (char) ('0' + level));
 			put_str(&out, vars[i]->name);
 			put_str(&out, v ? v : "");

@@ -1316,3 +1316,29 @@ fn client_killed_between_its_refusal_and_the_release() {
         assert_pooler_serves(pg, pooler);
     });
 }
+
+/// A client ends with Sync and a Terminate whose length word is wrong (8),
+/// in one write, so the Terminate is already buffered when its backend
+/// reaches ReadyForQuery: the backend must not hand its half-read input
+/// state on. The client's connection ends (the server logs "invalid
+/// message length", as directly), and the next client served there runs
+/// its query instead of getting FATAL "protocol synchronization was lost".
+#[test]
+fn bad_terminate_buffered_at_the_boundary_spoils_no_other_client() {
+    run(one_backend_releasing_at_once(), |pg| {
+        use std::io::Write;
+        let pooler = running_pooler_pid(pg);
+        let mut a = raw(pg, APP);
+        let mut b = raw(pg, APP);
+        assert_eq!(a.value("SELECT 1"), "1");
+        assert_eq!(b.value("SELECT 2"), "2");
+        a.s.write_all(&[b'S', 0, 0, 0, 4, b'X', 0, 0, 0, 8]).expect("Sync and a bad Terminate");
+        assert!(a.closed_by_peer(SETTLE), "the client that sent a bad Terminate is still connected");
+        for i in 0..5 {
+            assert_eq!(b.value(&format!("SELECT {i}")), i.to_string(), "the next client's query");
+        }
+        let mut c = raw(pg, APP);
+        assert_eq!(c.value("SELECT 7"), "7");
+        assert_pooler_serves(pg, pooler);
+    });
+}

@@ -541,6 +541,39 @@ fn session_authorization_then_role_follow_their_client() {
     );
 }
 
+/// A role default of a setting only superusers may see (auto_explain's
+/// `ALTER ROLE ... SET session_preload_libraries` is the usual one; here
+/// `dynamic_library_path`), for a pool role that is no superuser: the backend
+/// reads its login's defaults outside any transaction and must not look the
+/// role's privileges up there (it crashed, and the server restarted, at every
+/// switch). Both clients are served, switch after switch, and the default is
+/// in force in their sessions.
+#[test]
+fn superuser_only_role_default_of_a_plain_pool_role() {
+    run(
+        Cluster::builder()
+            .conf("nextgres.pool_size = 1")
+            .conf("nextgres.query_wait_timeout = 20"),
+        SETUP,
+        LIMIT,
+        |pg| {
+            pg.admin()
+                .batch_execute("ALTER ROLE app SET dynamic_library_path = '$libdir:/nonexistent'; GRANT pg_read_all_settings TO reader")
+                .expect("role default");
+            let mut a = pg.tcp("app", "postgres").connect().expect("a");
+            let mut b = pg.tcp("app", "postgres").connect().expect("b");
+            for i in 0..3 {
+                b.batch_execute(&format!("SET work_mem = '{}MB'", 3 + i)).expect("b set");
+                assert_eq!(pid_of(&mut a), pid_of(&mut b), "one backend");
+            }
+            a.batch_execute("SET ROLE reader").expect("a role that may read it");
+            assert_eq!(one(&mut a, "SELECT current_setting('dynamic_library_path')"), "$libdir:/nonexistent");
+            a.batch_execute("RESET ROLE").expect("reset role");
+            assert_eq!(one(&mut b, "SELECT 1"), "1");
+        },
+    );
+}
+
 /// A role a client set that cannot be set again when it next moves to a
 /// backend (revoked from its login, or dropped, since): the client's session
 /// ends with a FATAL rather than going on with its login's privileges. (A
