@@ -158,8 +158,24 @@ unsafe extern "C" fn flush() -> c_int {
     let rc = (original().flush.expect("flush"))();
     if let Some(status) = PENDING_READY.with(|p| p.take()) {
         if rc == 0 && status == b'I' {
-            super::park::transaction_boundary();
+            crate::pg::glue::run_guarded(boundary);
         }
     }
     rc
+}
+
+/// The transaction boundary under two guards, so that a failure in it ends
+/// this backend (FATAL) rather than abort it, which makes the postmaster
+/// restart every backend of the server: a Rust panic (a pgrx call's ERROR
+/// becomes one) is caught here, and a server ERROR raised through it by
+/// the glue's PG_TRY (`glue::run_guarded`). Either would otherwise cross
+/// `flush`, an `extern "C"` function.
+extern "C" fn boundary() {
+    if std::panic::catch_unwind(super::park::transaction_boundary).is_err() {
+        pgrx::ereport!(
+            pgrx::PgLogLevel::FATAL,
+            pgrx::PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            "nextgres: a pooled backend failed between transactions (see the log above)"
+        );
+    }
 }

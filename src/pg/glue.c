@@ -401,6 +401,30 @@ rethrow_as_fatal(MemoryContext cxt)
 }
 
 /*
+ * Runs a pooled backend's transaction-boundary work (Rust: give the client
+ * back, park, attach the next one) under a PG_TRY: an ERROR that escapes a
+ * call it makes into the server ends this backend with a FATAL, instead of
+ * a longjmp into PostgresMain past Rust frames whose state (a borrowed
+ * RefCell) the next ReadyForQuery would trip over, aborting the process and
+ * restarting the whole cluster.
+ */
+void
+ng_run_guarded(void (*fn) (void))
+{
+	MemoryContext cxt = CurrentMemoryContext;
+
+	PG_TRY();
+	{
+		fn();
+	}
+	PG_CATCH();
+	{
+		rethrow_as_fatal(cxt);
+	}
+	PG_END_TRY();
+}
+
+/*
  * Points the server at another socket without a dup2() onto the old number:
  * MyProcPort->sock, and FeBeWaitSet's socket entry, whose fd is what
  * ModifyWaitEvent hands epoll_ctl.  Only while the socket is out of the set

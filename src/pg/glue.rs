@@ -121,6 +121,7 @@ fn cstr_field(f: &[c_char]) -> String {
 }
 
 extern "C" {
+    fn ng_run_guarded(f: extern "C" fn());
     fn ng_mock_scram_iterations() -> c_int;
     fn ng_server_has_direct_tls() -> bool;
     fn ng_server_protocol(newest_minor: *mut c_int, max_cancel_key: *mut c_int);
@@ -534,4 +535,12 @@ pub fn agent_wait(sock: i32, timeout_ms: i64) -> (bool, bool) {
 /// Interior NULs cannot come from the wire (parsers reject them), but never panic.
 pub fn cstring(s: &str) -> CString {
     CString::new(s.replace('\0', "")).unwrap_or_default()
+}
+
+/// Runs `f` under a PG_TRY that turns a server ERROR escaping it into FATAL
+/// (glue.c `ng_run_guarded`): for Rust code run from a server hook, where
+/// the ERROR's longjmp would otherwise skip Rust frames.
+pub fn run_guarded(f: extern "C" fn()) {
+    // SAFETY: the glue calls `f` once, inside PG_TRY/PG_CATCH.
+    unsafe { ng_run_guarded(f) }
 }

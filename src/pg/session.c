@@ -1632,7 +1632,7 @@ ng_patch_executable_got(const char *name, void *fn)
  *
  * Statements without real parse analysis (transaction control, SET, ...:
  * analyze.c stmt_requires_parse_analysis()) are never revalidated, so those
- * are completed here; their analysis reads no catalog.
+ * are completed here; their analysis reads no catalog (but SHOW's, below).
  *
  * On failure (a raw parse that no longer succeeds, say after the client
  * turned standard_conforming_strings off) the statement is not created and
@@ -1647,6 +1647,7 @@ ng_create_statement(const char *name, const char *text, bool from_sql,
 	MemoryContext tmp = AllocSetContextCreate(TopMemoryContext, "nextgres statement",
 											  ALLOCSET_SMALL_SIZES);
 	volatile bool ok = true;
+	volatile bool started = false;
 
 	PG_TRY();
 	{
@@ -1680,10 +1681,30 @@ ng_create_statement(const char *name, const char *text, bool from_sql,
 		psrc = CreateCachedPlan(rs, text, CreateCommandTag(rs->stmt));
 		if (!stmt_requires_parse_analysis(rs))
 		{
-			List	   *qt = pg_analyze_and_rewrite_fixedparams(rs, text, types, nparams, NULL);
+			List	   *qt;
 
+			/*
+			 * SHOW's result column comes from the setting's definition, and
+			 * for a setting only some roles may see, after a privilege
+			 * check that reads the catalogs (guc.c GetConfigOptionByName):
+			 * outside any transaction that has no resource owner and
+			 * crashes, so it gets one of its own.
+			 */
+			if (IsA(rs->stmt, VariableShowStmt) && !IsTransactionOrTransactionBlock())
+			{
+				StartTransactionCommand();
+				started = true;
+				MemoryContextSwitchTo(tmp);
+			}
+			qt = pg_analyze_and_rewrite_fixedparams(rs, text, types, nparams, NULL);
 			CompleteCachedPlan(psrc, qt, NULL, types, nparams, NULL, NULL,
 							   CURSOR_OPT_PARALLEL_OK, true);
+			if (started)
+			{
+				CommitTransactionCommand();
+				started = false;
+				MemoryContextSwitchTo(tmp);
+			}
 		}
 		else
 		{
@@ -1707,6 +1728,8 @@ ng_create_statement(const char *name, const char *text, bool from_sql,
 	PG_CATCH();
 	{
 		ng_capture_error(cxt, err);
+		if (started)
+			AbortCurrentTransaction();
 		ok = false;
 	}
 	PG_END_TRY();

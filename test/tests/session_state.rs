@@ -574,6 +574,37 @@ fn superuser_only_role_default_of_a_plain_pool_role() {
     );
 }
 
+/// A prepared `SHOW` of a setting only some roles may see (here through
+/// `pg_read_all_settings`), used on a backend that never served its client:
+/// the statement is made there between two messages, outside any
+/// transaction, and working out its result column checks the role's
+/// privileges (a catalog read): it must not crash that backend.
+#[test]
+fn prepared_show_of_a_restricted_setting_moves_to_a_fresh_backend() {
+    run(
+        Cluster::builder()
+            .conf("nextgres.pool_size = 2")
+            .conf("nextgres.hold_idle_clients = off")
+            .conf("nextgres.query_wait_timeout = 20"),
+        SETUP,
+        LIMIT,
+        |pg| {
+            pg.admin().batch_execute("GRANT pg_read_all_settings TO app").expect("grant");
+            let mut a = pg.tcp("app", "postgres").connect().expect("a");
+            let mut b = pg.tcp("app", "postgres").connect().expect("b");
+            let show = a.prepare("SHOW dynamic_library_path").expect("prepare SHOW");
+            let pa = pid_of(&mut a);
+            b.batch_execute("BEGIN").expect("b begin");
+            let pb = pid_of(&mut b);
+            let rows = a.query(&show, &[]).expect("the prepared SHOW on the other backend");
+            let v: String = rows[0].get(0);
+            assert_eq!(v, "$libdir");
+            assert!(pid_of(&mut a) != pb, "A ran on B's backend {pb} (A prepared on {pa})");
+            b.batch_execute("COMMIT").expect("b commit");
+        },
+    );
+}
+
 /// A role a client set that cannot be set again when it next moves to a
 /// backend (revoked from its login, or dropped, since): the client's session
 /// ends with a FATAL rather than going on with its login's privileges. (A
