@@ -889,21 +889,27 @@ fn pinned_by_listen_over_tls() {
     pinned(Transport::tls(), pinned_by_listen_body);
 }
 
-fn pinned_by_listen_body(pg: &Cluster, a: &mut Client, b: &mut Client, c: &mut Client) {
-    a.batch_execute("LISTEN a_chan").expect("listen");
-    let pa = pid_of(a);
-    expect_backend(pg, pa, "attached", Some("LISTEN"));
-    assert_ne!(pid_of(b), pa);
-    assert_eq!(one(b, "SELECT count(*) FROM pg_listening_channels()"), "0");
-    b.batch_execute("NOTIFY a_chan, 'hello from b'").expect("notify");
+/// B notifies `a_chan` with `payload`: A, listening, gets it; B, which never
+/// listened, gets nothing.
+fn notify_reaches_only_a(a: &mut Client, b: &mut Client, payload: &str) {
+    b.batch_execute(&format!("NOTIFY a_chan, '{payload}'")).expect("notify");
     let got = a
         .notifications()
         .timeout_iter(SETTLE)
         .next()
         .expect("notification")
         .expect("A's notification never came");
-    assert_eq!((got.channel(), got.payload()), ("a_chan", "hello from b"));
+    assert_eq!((got.channel(), got.payload()), ("a_chan", payload));
     assert_eq!(b.notifications().iter().count().expect("notifications"), 0, "B never listened");
+}
+
+fn pinned_by_listen_body(pg: &Cluster, a: &mut Client, b: &mut Client, c: &mut Client) {
+    a.batch_execute("LISTEN a_chan").expect("listen");
+    let pa = pid_of(a);
+    expect_backend(pg, pa, "attached", Some("LISTEN"));
+    assert_ne!(pid_of(b), pa);
+    assert_eq!(one(b, "SELECT count(*) FROM pg_listening_channels()"), "0");
+    notify_reaches_only_a(a, b, "hello from b");
     a.batch_execute("UNLISTEN a_chan").expect("unlisten");
     expect_backend(pg, pa, "parked", None);
     no_trace_on(pg, pa, b, c, "SELECT count(*) FROM pg_listening_channels()", "0");
@@ -927,15 +933,7 @@ fn pinned_by_listen_after_an_unlisten_rolled_back() {
         expect_backend(pg, pa, "attached", Some("LISTEN"));
         assert_eq!(one(a, "SELECT count(*) FROM pg_listening_channels()"), "1");
         assert_ne!(pid_of(b), pa);
-        b.batch_execute("NOTIFY a_chan, 'still there'").expect("notify");
-        let got = a
-            .notifications()
-            .timeout_iter(SETTLE)
-            .next()
-            .expect("notification")
-            .expect("A's notification never came");
-        assert_eq!((got.channel(), got.payload()), ("a_chan", "still there"));
-        assert_eq!(b.notifications().iter().count().expect("notifications"), 0, "B never listened");
+        notify_reaches_only_a(a, b, "still there");
         a.batch_execute("BEGIN; UNLISTEN a_chan; COMMIT").expect("unlisten");
         expect_backend(pg, pa, "parked", None);
         no_trace_on(pg, pa, b, c, "SELECT count(*) FROM pg_listening_channels()", "0");
