@@ -419,7 +419,7 @@ impl Pooler {
                         // The backend wrote its own FATAL (if any) to the
                         // client; one it sent the pooler instead (`fatal`)
                         // is passed on.
-                        c.phase = super::client::Phase::Closing;
+                        c.phase = super::client::Phase::Closing { since: std::time::Instant::now() };
                         c.outbuf.clear();
                         match login_failure {
                             Some(f) => self.client_fatal_fields(client, &f),

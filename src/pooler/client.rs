@@ -31,8 +31,9 @@ pub enum Phase {
     /// A replication client waiting for its dedicated walsender's login
     /// (`dedicated.rs`), the connection table entry `login`.
     Dedicating { login: usize },
-    /// Sending a final error, then closing.
-    Closing,
+    /// Sending a final error, then closing; closed anyway
+    /// `CLOSING_WITHIN` after `since` (a client that reads nothing).
+    Closing { since: Instant },
 }
 
 pub struct Client {
@@ -315,7 +316,7 @@ impl Client {
             // would have there), then that backend reads EOF.
             Phase::Waiting { .. } if self.watch_hangup => Some(HANGUP | out),
             Phase::Waiting { .. } => (!out.is_empty()).then_some(out),
-            Phase::Closing => Some(HANGUP | EpollFlags::EPOLLOUT),
+            Phase::Closing { .. } => Some(HANGUP | EpollFlags::EPOLLOUT),
             // Sent ahead: the same, and nothing is ever written to it (a
             // backend may own it already).
             Phase::Ahead { .. } if self.watch_hangup => Some(HANGUP),
@@ -542,7 +543,7 @@ impl Pooler {
         }
         let hangup = ev.intersects(EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR | EpollFlags::EPOLLRDHUP);
         match &c.phase {
-            Phase::Closing => {
+            Phase::Closing { .. } => {
                 if !c.out_pending() || hangup {
                     return self.client_close(key);
                 }
@@ -878,7 +879,7 @@ impl Pooler {
         }
         self.client_detach_from_pool(key);
         let Some(c) = self.client(key) else { return };
-        c.phase = Phase::Closing;
+        c.phase = Phase::Closing { since: Instant::now() };
         if done {
             self.client_close(key);
         } else {

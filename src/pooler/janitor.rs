@@ -9,6 +9,12 @@ use std::time::{Duration, Instant};
 
 pub const TICK_MS: i64 = 1000;
 
+/// How long a client that was sent a final error (FATAL) may take to read
+/// it before its connection is closed regardless; as a TLS relay's close
+/// (`tls::CLOSE_WITHIN`). A client that reads nothing must not keep a
+/// connection slot of the pooler (`max_client_conn`) for ever.
+pub const CLOSING_WITHIN: Duration = Duration::from_secs(5);
+
 impl Pooler {
     pub fn janitor(&mut self) {
         let now = Instant::now();
@@ -44,6 +50,9 @@ impl Pooler {
                             expired_auth.push(k);
                         }
                     }
+                    // Its final error not read within the bound: the server's
+                    // process would be gone by now, with the socket.
+                    Phase::Closing { since } if now.duration_since(since) > CLOSING_WITHIN => expired_auth.push(k),
                     _ => {}
                 },
                 Conn::Backend(b) => match b.phase {
@@ -83,7 +92,8 @@ impl Pooler {
         }
         for k in expired_auth {
             // As the server: a client that does not finish authenticating in
-            // authentication_timeout is dropped.
+            // authentication_timeout is dropped (and one that never reads its
+            // final error, CLOSING_WITHIN).
             self.client_close(k);
         }
         // min_pool_size: idle ones beyond it close, the pool keeps that many

@@ -196,7 +196,7 @@ impl Pooler {
             Conn::Client(c)
                 if c.addr.port() as i32 == port
                     && c.addr.ip().to_string() == addr
-                    && !matches!(c.phase, Phase::Closing) =>
+                    && !matches!(c.phase, Phase::Closing { .. }) =>
             {
                 Some((k, c.user.clone(), c.database.clone(), c.pool))
             }

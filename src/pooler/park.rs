@@ -138,7 +138,7 @@ impl Pooler {
         self.client_row_update(row, |r| r.tls_parked = true);
         let Some(c) = self.client(key) else { return };
         match c.phase {
-            Phase::Closing => {
+            Phase::Closing { .. } => {
                 if !c.flush() || !c.out_pending() {
                     return self.client_close(key);
                 }
