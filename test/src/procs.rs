@@ -83,3 +83,43 @@ fn children_of(parent: i32) -> Vec<i32> {
         })
         .collect()
 }
+
+/// A running `strace -p` that changes what some system calls of a server
+/// process do (`-e inject=...`: a delay, an error) until dropped. It is how
+/// a test holds open a window of a few system calls, or makes a socket look
+/// full, without a timing guess. tools/setup installs strace.
+pub struct Strace(std::process::Child);
+
+impl Strace {
+    /// Attaches to `pid` with the given `strace` options (e.g.
+    /// `["-e", "inject=sendto:error=EAGAIN"]`); returns once the process is
+    /// traced. Root may trace the server's processes (tests run as root).
+    #[track_caller]
+    pub fn attach(pid: i32, options: &[&str]) -> Strace {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("strace")
+            .args(["-o", "/dev/null"])
+            .args(options)
+            .args(["-p", &pid.to_string()])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("running strace (tools/setup installs it)");
+        // strace says so on stderr once the process is traced.
+        let mut err = io::BufReader::new(child.stderr.take().expect("strace's stderr"));
+        let mut line = String::new();
+        let attached = err.read_line(&mut line).is_ok() && line.contains("attached");
+        assert!(attached, "strace -p {pid}: {line:?}");
+        // Drained while it runs, so a later message cannot block it.
+        std::thread::spawn(move || io::copy(&mut err, &mut io::sink()));
+        Strace(child)
+    }
+}
+
+impl Drop for Strace {
+    fn drop(&mut self) {
+        // SIGTERM: strace detaches from the tracee before it exits.
+        // SAFETY: plain kill(2) of the strace child started above.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}

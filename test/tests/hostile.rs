@@ -1963,3 +1963,30 @@ fn normal_clients_between_hostile_closes() {
         );
     });
 }
+
+/// A client that never reads its final error. The pooler's write of the
+/// FATAL would block (the client's socket buffers full: here strace makes
+/// every sendto(2) of the pooler answer EAGAIN, as a full socket does), so
+/// the error stays in the pooler's buffer. The connection is still closed
+/// within `CLOSING_WITHIN` (5 s) and a janitor tick, as the server's own
+/// process would be gone by then: a client that reads nothing must not hold
+/// one of the pooler's client slots (`max_client_conn`) for ever.
+#[test]
+fn final_error_never_read_does_not_hold_the_connection() {
+    run(|pg, pooler| {
+        let label = "FATAL never read";
+        let mut p = Peer::connect(pg);
+        assert!(wait_until(SETTLE, || client_count(pg) == 1), "{label}: the connection was not accepted");
+        let full = nextgres_test::procs::Strace::attach(pooler, &["-e", "trace=sendto", "-e", "inject=sendto:error=EAGAIN"]);
+        // Protocol 2.0: refused with FATAL 0A000 at once, before any login.
+        p.send(&startup(2 << 16, &[(b"user", USER.as_bytes()), (b"database", DB.as_bytes())]));
+        let t0 = Instant::now();
+        let (msgs, end) = p.finish(Duration::from_secs(20));
+        let waited = t0.elapsed();
+        drop(full);
+        assert_ne!(end, End::Timeout, "{label}: still open after {waited:?}, its FATAL unsent");
+        assert!(msgs.is_empty(), "{label}: the pooler wrote through the injected EAGAIN? {msgs:?}");
+        assert_no_leftover_clients(pg, label);
+        assert_serves(pg, pooler, label);
+    });
+}

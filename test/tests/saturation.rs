@@ -1231,44 +1231,6 @@ fn two_clients_refused_at_one_boundary_wait_again_in_order() {
     });
 }
 
-/// `pid`'s write(2) calls each held back `delay` by strace's fault injection
-/// while this lives (strace as root, which may trace any process): a pooled
-/// backend's RELEASED is the first write of a read-only transaction's
-/// boundary (query results go out with sendto), so the pooler reads it that
-/// much later. Detached when dropped.
-struct WritesDelayed(std::process::Child);
-
-impl WritesDelayed {
-    #[track_caller]
-    fn new(pid: i32, delay: Duration) -> WritesDelayed {
-        use std::io::BufRead;
-        let mut child = std::process::Command::new("strace")
-            .args(["-o", "/dev/null", "-e", "trace=write"])
-            .arg(format!("-einject=write:delay_enter={}", delay.as_micros()))
-            .args(["-p", &pid.to_string()])
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("running strace (tools/setup installs it)");
-        // strace says so on stderr once the process is traced.
-        let mut err = std::io::BufReader::new(child.stderr.take().expect("strace's stderr"));
-        let mut line = String::new();
-        let attached = err.read_line(&mut line).is_ok() && line.contains("attached");
-        assert!(attached, "strace -p {pid}: {line:?}");
-        // Drained while it runs, so a later message cannot block it.
-        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-        WritesDelayed(child)
-    }
-}
-
-impl Drop for WritesDelayed {
-    fn drop(&mut self) {
-        // SIGTERM: strace detaches from the tracee before it exits.
-        // SAFETY: plain kill(2) of the strace child started above.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
-    }
-}
-
 /// `nextgres.kill_client` of a client its backend has just refused (the
 /// backend, at its open files limit, could not receive the socket sent
 /// ahead) while the pooler has not read that backend's RELEASED yet: the
@@ -1288,7 +1250,10 @@ fn client_killed_between_its_refusal_and_the_release() {
         b.send_query(NAME_AND_TIME);
         let sent = wait_until(SETTLE, || queued(pg, backend) == 1);
         assert!(sent, "B was not sent ahead: {:?}", clients(pg));
-        let delayed = WritesDelayed::new(backend, Duration::from_secs(3));
+        // The backend's write(2) calls each held back 3 s: its RELEASED is the
+        // first write of a read-only transaction's boundary (query results go
+        // out with sendto), so the pooler reads it that much later.
+        let delayed = nextgres_test::procs::Strace::attach(backend, &["-e", "trace=write", "-e", "inject=write:delay_enter=3000000"]);
         let mark = pg.log_mark();
         a.query("COMMIT").expect("COMMIT on the backend at its open files limit");
         let refused = wait_until(SETTLE, || queued(pg, backend) == 0);
