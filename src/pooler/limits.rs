@@ -312,7 +312,7 @@ impl Pooler {
     /// when that backend's process is gone.
     fn pool_caps_room(&mut self, pool: usize) -> bool {
         let Some(p) = self.pools.get(pool) else { return false };
-        let (db, role, waiting) = (p.database.clone(), p.role.clone(), !p.waiting.is_empty() || !p.session_waiting.is_empty());
+        let (db, role, waiting) = (p.database.clone(), p.role.clone(), p.has_waiters());
         let max_db = self.max_db_connections_of(&db);
         if max_db > 0 && self.backends_where(|d, _| d == db) >= max_db {
             if waiting {
@@ -360,7 +360,11 @@ impl Pooler {
 
     /// Closes the longest-parked backend of the other pool, among those
     /// matching `same` that have no client at all or that `pool` deserves a
-    /// backend of, that has the most backends.
+    /// backend of, that has the most backends. Where no such pool has a
+    /// parked one, a backend of a deserving pool that keeps an idle client
+    /// (`hold_idle_clients`) is asked to give it back: its own pool has
+    /// nobody waiting, so it would keep it, and at the release
+    /// `backend_yield_to_starved` closes it for `pool`.
     fn evict_parked(&mut self, pool: usize, same: impl Fn(&str, &str) -> bool) {
         let victim = self
             .pools
@@ -368,11 +372,33 @@ impl Pooler {
             .filter(|(k, p)| *k != pool && same(&p.database, &p.role) && !p.parked.is_empty() && (p.clients == 0 || self.pool_deserves(pool, *k)))
             .max_by_key(|(_, p)| p.shared_backends())
             .map(|(k, _)| k);
-        let Some(v) = victim else { return };
+        let Some(v) = victim else { return self.ask_holder_release(pool, same) };
         if !self.pools[v].parked.is_empty() {
             let bk = self.pools[v].parked.remove(0);
             self.backend_close(bk);
             self.sync_pool(v);
+        }
+    }
+
+    /// Asks one backend keeping an idle client, of the pool matching `same`
+    /// that `pool` deserves a backend of and that has the most, to give its
+    /// client back; nothing while such a request is still open there (the
+    /// janitor's tick asks again, e.g. once a busy backend lingers).
+    fn ask_holder_release(&mut self, pool: usize, same: impl Fn(&str, &str) -> bool) {
+        let holder = self
+            .pools
+            .iter()
+            .filter(|(k, p)| *k != pool && same(&p.database, &p.role) && !p.attached.is_empty() && self.pool_deserves(pool, *k))
+            .max_by_key(|(_, p)| p.shared_backends())
+            .map(|(k, _)| k);
+        let Some(h) = holder else { return };
+        if self.pools[h].release_requested > 0 {
+            return;
+        }
+        for bk in self.pools[h].attached.clone() {
+            if self.backend_request_release(bk, false) {
+                return;
+            }
         }
     }
 
@@ -397,7 +423,7 @@ impl Pooler {
         }
         let starved = self.pools.iter().any(|(k, q)| {
             k != pool
-                && (!q.waiting.is_empty() || !q.session_waiting.is_empty())
+                && q.has_waiters()
                 && self.pool_deserves(k, pool)
                 && ((full_db && q.database == db) || (full_user && q.role == role))
         });
@@ -435,7 +461,7 @@ impl Pooler {
         let mut waiting: Vec<(std::cmp::Reverse<i32>, usize, usize)> = self
             .pools
             .iter()
-            .filter(|(_, p)| !p.waiting.is_empty() || !p.session_waiting.is_empty())
+            .filter(|(_, p)| p.has_waiters())
             .map(|(k, p)| (std::cmp::Reverse(self.pool_priority_of(k)), p.shared_backends(), k))
             .collect();
         waiting.sort_unstable();

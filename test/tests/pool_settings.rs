@@ -1133,3 +1133,84 @@ fn dedicated_login_takes_the_last_slot_as_a_direct_one() {
     assert!(own > 0);
     x.batch_execute("COMMIT").expect("x commits");
 }
+
+fn pool_backends(pg: &Cluster, role: &str, state: &str) -> i64 {
+    pg.admin()
+        .query_one("SELECT count(*) FROM nextgres.backends WHERE role = $1 AND state = $2", &[&role, &state])
+        .expect("nextgres.backends")
+        .get(0)
+}
+
+/// `max_db_connections` 2 shared by roles a and b, `hold_idle_clients` on
+/// (the default): a's two clients each keep a backend while idle, and b's
+/// pool (logged in before, its backend since closed for a) has none. b's
+/// query gets one of a's backends: the pooler asks one that keeps an idle
+/// client to give it back and closes it for b. Before, nothing asked (a
+/// kept backend is neither parked nor at a boundary the pooler sees, and
+/// a's own pool had nobody waiting), so b waited until
+/// `query_wait_timeout` (15 s here) and got 53400.
+#[test]
+fn a_pool_under_a_shared_limit_gets_a_backend_kept_by_another_pools_idle_client() {
+    let pg = Cluster::builder()
+        .conf("nextgres.pool_size = 4")
+        .conf("nextgres.hold_idle_clients = on")
+        .conf("nextgres.query_wait_timeout = 15")
+        .start();
+    exec(
+        &pg,
+        "CREATE EXTENSION nextgres; CREATE ROLE a LOGIN; CREATE ROLE b LOGIN;
+         ALTER DATABASE postgres SET nextgres.max_db_connections = 2",
+    );
+    // b's pool logs in once (its session values are known from then on).
+    {
+        let mut b = pg.tcp("b", "postgres").connect().expect("b");
+        b.simple_query("SELECT 1").expect("b's first query");
+    }
+    let mut a1 = pg.tcp("a", "postgres").connect().expect("a1");
+    let mut a2 = pg.tcp("a", "postgres").connect().expect("a2");
+    a1.batch_execute("BEGIN; SELECT 1").expect("a1 BEGIN");
+    // The second backend: b's parked one is closed for it (b has no client).
+    a2.simple_query("SELECT 1").expect("a2");
+    a1.batch_execute("COMMIT").expect("a1 COMMIT");
+    // Past the 100 ms in which a pool that made a client wait counts as
+    // saturated: from now on a's backends keep their idle clients.
+    std::thread::sleep(Duration::from_millis(300));
+    a1.simple_query("SELECT 1").expect("a1");
+    a2.simple_query("SELECT 1").expect("a2");
+    let kept = wait_until(APPLIED, || pool_backends(&pg, "a", "attached") == 2 && pool_backends(&pg, "b", "parked") == 0);
+    assert!(kept, "a's backends do not both keep their idle client: the test does not test it");
+    let t0 = Instant::now();
+    let mut b = pg.tcp("b", "postgres").connect().expect("b logs in (its pool's values are known)");
+    let r = b.simple_query("SELECT 1");
+    assert!(r.is_ok(), "b after {:?}: {r:?}", t0.elapsed());
+    eprintln!("b served after {:?}", t0.elapsed());
+    // a's clients go on, on the backend left to them.
+    a1.simple_query("SELECT 1").expect("a1 afterwards");
+    a2.simple_query("SELECT 1").expect("a2 afterwards");
+}
+
+/// `max_db_connections` 1: role a's client has left, its backend stays
+/// parked (idle_backend_timeout 600 s). Role b's very first client waits
+/// for its pool's first login, which needs that room: a's unused backend is
+/// closed for it. Before, a client waiting for its pool's first login did
+/// not count as waiting, nothing was closed, and b's login failed with
+/// 53400 at `query_wait_timeout` (15 s here).
+#[test]
+fn a_new_pools_first_login_gets_room_from_an_unused_pool() {
+    let pg = Cluster::builder().conf("nextgres.pool_size = 4").conf("nextgres.query_wait_timeout = 15").start();
+    exec(
+        &pg,
+        "CREATE EXTENSION nextgres; CREATE ROLE a LOGIN; CREATE ROLE b LOGIN;
+         ALTER DATABASE postgres SET nextgres.max_db_connections = 1",
+    );
+    {
+        let mut a = pg.tcp("a", "postgres").connect().expect("a");
+        a.simple_query("SELECT 1").expect("a");
+    }
+    assert!(wait_until(APPLIED, || pool_backends(&pg, "a", "parked") == 1), "a's backend is not parked");
+    let t0 = Instant::now();
+    let b = pg.tcp("b", "postgres").connect();
+    let mut b = b.unwrap_or_else(|e| panic!("b's first login after {:?}: {e:?}", t0.elapsed()));
+    b.simple_query("SELECT 1").expect("b");
+    eprintln!("b logged in and served after {:?}", t0.elapsed());
+}

@@ -180,6 +180,14 @@ impl Pool {
         self.backends.saturating_sub(self.dedicated + self.sessions)
     }
 
+    /// Do clients of this pool wait for a backend: for one to run a
+    /// query on (`waiting`), for their own (`session_waiting`), or for the
+    /// pool's first login to finish theirs (`login_pending`, while the
+    /// pool's session values are unknown)?
+    pub fn has_waiters(&self) -> bool {
+        !self.waiting.is_empty() || !self.session_waiting.is_empty() || (self.params.is_none() && !self.login_pending.is_empty())
+    }
+
     /// Should another backend log in? Only while clients wait that the
     /// backends already starting will not serve, and the pool has room:
     /// fewer shared backends than `pool_size` (dedicated ones do not count).
