@@ -296,6 +296,14 @@ impl Pooler {
         // A lowered nextgres.pool_size applies at once (pools without their
         // own pool_size).
         self.pools_trim();
+        // nextgres.pools shows the new pool_size and pool_mode at once (a
+        // pool without transactions would show the old ones until its next
+        // one), and a raised size logs in for waiting clients now.
+        let pools: Vec<usize> = self.pools.iter().map(|(k, _)| k).collect();
+        for k in pools {
+            self.pool_maybe_grow(k);
+            self.sync_pool(k);
+        }
     }
 
     /// SIGTERM (forwarded by the agent at server shutdown, or kill -TERM of

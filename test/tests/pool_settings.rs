@@ -1214,3 +1214,30 @@ fn a_new_pools_first_login_gets_room_from_an_unused_pool() {
     b.simple_query("SELECT 1").expect("b");
     eprintln!("b logged in and served after {:?}", t0.elapsed());
 }
+
+/// `nextgres.pools` shows a reloaded `pool_size` and `pool_mode` at once,
+/// also for a pool that runs no transaction (before: the old values until
+/// its next transaction).
+#[test]
+fn pools_view_follows_a_reload_without_traffic() {
+    let pg = Cluster::builder().conf("nextgres.pool_size = 8").start();
+    exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE a LOGIN");
+    let mut a = pg.tcp("a", "postgres").connect().expect("a");
+    a.simple_query("SELECT 1").expect("a");
+    let view = || -> (i32, String) {
+        let r = pg
+            .admin()
+            .query_one("SELECT pool_size, pool_mode FROM nextgres.pools WHERE role = 'a'", &[])
+            .expect("nextgres.pools");
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(view(), (8, "transaction".to_string()));
+    // The janitor's once-a-second refresh of pools that ran transactions
+    // has passed.
+    std::thread::sleep(Duration::from_millis(2500));
+    exec(&pg, "ALTER SYSTEM SET nextgres.pool_size = 3; ALTER SYSTEM SET nextgres.pool_mode = 'session'");
+    exec(&pg, "SELECT pg_reload_conf()");
+    let shown = wait_until(APPLIED, || view() == (3, "session".to_string()));
+    assert!(shown, "nextgres.pools after the reload: {:?}", view());
+    drop(a);
+}
