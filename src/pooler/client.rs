@@ -1050,9 +1050,25 @@ impl Pooler {
                 // Constant time, as the server compares keys (timingsafe_bcmp in 18).
                 if c.cancel.as_ref().is_some_and(|(p, k)| *p == pid && nextgres_core::auth::ct::ct_eq(k, secret)) {
                     if let Phase::Attached { backend } = c.phase {
-                        if let Some(b) = self.backend(backend) {
-                            if b.pid > 0 {
-                                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(b.pid), nix::sys::signal::Signal::SIGINT);
+                        let id = c.id;
+                        // As kill_client: read what the backend already
+                        // sent (a RELEASED in flight: the client's
+                        // transaction is over and the backend may serve the
+                        // next client), then take back what was sent ahead
+                        // to it. One it claimed or refused means it is past
+                        // this client's transaction (it claims at its
+                        // ReadyForQuery): the SIGINT would cancel another
+                        // client's query, so the cancel is dropped, as one
+                        // arriving after the query ended is on a direct
+                        // connection. Taken back, nothing can be claimed
+                        // while the signal is on its way.
+                        self.backend_event(backend, EpollFlags::empty());
+                        let still = self.client(ck).is_some_and(|c| c.id == id && matches!(c.phase, Phase::Attached { backend: b } if b == backend));
+                        if still && self.backend_recall_ahead(backend).is_empty() {
+                            if let Some(b) = self.backend(backend) {
+                                if b.pid > 0 {
+                                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(b.pid), nix::sys::signal::Signal::SIGINT);
+                                }
                             }
                         }
                     }

@@ -22,6 +22,9 @@ pub struct Raw {
     /// The socket, for tests that write bytes of their own.
     pub s: TcpStream,
     timeout: Duration,
+    /// BackendKeyData's process id and secret key, once read (for a
+    /// CancelRequest the test sends itself).
+    pub key: Option<(i32, Vec<u8>)>,
 }
 
 impl Raw {
@@ -40,7 +43,7 @@ impl Raw {
         s.set_read_timeout(Some(timeout)).expect("read timeout");
         s.set_nodelay(true).expect("nodelay");
         let pkt = startup_packet(user, db);
-        let mut raw = Raw { s, timeout };
+        let mut raw = Raw { s, timeout, key: None };
         raw.s.write_all(&pkt).expect("raw startup");
         raw.until_ready()
             .unwrap_or_else(|e| panic!("raw login as {user}: {e:?}"));
@@ -71,6 +74,9 @@ impl Raw {
                 }
                 b'D' => rows.push(parse_row(&body)),
                 b'E' => err = Some(parse_error(&body)),
+                b'K' if body.len() >= 8 => {
+                    self.key = Some((i32::from_be_bytes(body[..4].try_into().unwrap()), body[4..].to_vec()))
+                }
                 b'Z' => return err.map_or(Ok(rows), Err),
                 _ => {}
             }

@@ -1307,3 +1307,48 @@ fn bad_terminate_buffered_at_the_boundary_spoils_no_other_client() {
         assert_pooler_serves(pg, pooler);
     });
 }
+
+/// A CancelRequest for client A that the pooler reads only after A's query
+/// ended and A's backend took client B, sent ahead to it, must not cancel
+/// B's query (the pooler still counted A as attached: it had not read the
+/// backend's RELEASED). Lined up deterministically: pool of one, B sent
+/// ahead while A's `pg_sleep` runs, the pooler stopped, A's cancel sent
+/// (its connection accepted before), A's query ends and B's starts on the
+/// backend without the pooler, then the pooler resumes with the cancel
+/// ahead of the RELEASED in its event list. B's query completes (failed
+/// before: 57014 "canceling statement due to user request" for B).
+#[test]
+fn late_cancel_of_a_client_misses_the_next_client_of_its_backend() {
+    run(one_backend_releasing_at_once(), |pg| {
+        let (pooler, backend, mut a, mut b, _c) = a_bee_sea(pg);
+        let (key_pid, key) = a.key.clone().expect("A's BackendKeyData");
+        let mut cancel = std::net::TcpStream::connect(("127.0.0.1", pg.port())).expect("cancel connection");
+        let sleeping = |sql: &str| {
+            admin_i64(
+                pg,
+                &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {backend} AND state = 'active' AND query = '{sql}'"),
+            ) == 1
+        };
+        a.send_query("SELECT pg_sleep(2)");
+        assert!(wait_until(SETTLE, || sleeping("SELECT pg_sleep(2)")), "A's query is not running on {backend}");
+        b.send_query("SELECT pg_sleep(3)");
+        assert!(wait_until(SETTLE, || queued(pg, backend) == 1), "B was not sent ahead: {:?}", clients(pg));
+        {
+            let _stopped = Stopped::new(pooler);
+            let mut pkt = Vec::new();
+            pkt.extend_from_slice(&((12 + key.len()) as i32).to_be_bytes());
+            pkt.extend_from_slice(&80877102i32.to_be_bytes());
+            pkt.extend_from_slice(&key_pid.to_be_bytes());
+            pkt.extend_from_slice(&key);
+            std::io::Write::write_all(&mut cancel, &pkt).expect("CancelRequest");
+            a.until_ready().expect("A's query completes (the cancel is not read yet)");
+            assert!(
+                wait_until(SETTLE, || sleeping("SELECT pg_sleep(3)")),
+                "B's query does not run on {backend} while the pooler is stopped"
+            );
+        }
+        let r = b.until_ready();
+        assert!(r.is_ok(), "B's query: {r:?} (A's late cancel hit it)");
+        a.query("SELECT 1").expect("A goes on");
+    });
+}
