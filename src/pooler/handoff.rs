@@ -532,6 +532,7 @@ impl Pooler {
                     _ => None,
                 };
                 self.attached(next, bk, since);
+                self.kill_claimed(next, bk);
                 // Every backend of a saturated pool may go on like this, so
                 // no backend_available() runs: a client sent ahead to a
                 // backend in a long transaction moves here.
@@ -551,6 +552,29 @@ impl Pooler {
             // telling it may unpin and close this backend (session mode),
             // which must not happen while this function still uses `bk`.
             self.client_fatal(ck, "57P01", "terminating connection due to administrator command", None);
+        }
+    }
+}
+
+impl Pooler {
+    /// A client killed (`nextgres.kill_client`) while its backend had
+    /// claimed it ahead, RELEASED unread, is that backend's now: its
+    /// transaction may be long or its session pinned, so it is not left to
+    /// its next RELEASED. With nothing else sent ahead to the backend (taken
+    /// back here, so nothing can be claimed while the signal is on its
+    /// way), the backend serves this client: SIGTERM, as `kill_one_client`
+    /// does for an attached one. One it claimed after it means it is past
+    /// this client's transaction: told at that RELEASED, as before.
+    fn kill_claimed(&mut self, ck: usize, bk: usize) {
+        if !self.client(ck).is_some_and(|c| c.killed) || !self.backend_recall_ahead(bk).is_empty() {
+            return;
+        }
+        let Some(b) = self.backend(bk) else { return };
+        if b.pid > 0 {
+            b.terminating = true;
+            let pid = b.pid;
+            log::info!("killing a client its backend {pid} had taken ahead: terminating that backend");
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
         }
     }
 }

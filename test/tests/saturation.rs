@@ -1352,3 +1352,49 @@ fn late_cancel_of_a_client_misses_the_next_client_of_its_backend() {
         a.query("SELECT 1").expect("A goes on");
     });
 }
+
+/// `nextgres.kill_client` of a client its backend has claimed ahead while
+/// the pooler has not read that backend's RELEASED (held back 3 s by
+/// strace): the pooler cannot signal the backend then (it may still be at
+/// the previous client's boundary), so the client is marked killed. When
+/// the RELEASED is read the client is the backend's, and here it opens a
+/// transaction and stays in it: the backend is terminated then and the
+/// client gets FATAL 57P01 (failed before: the kill waited for the client's
+/// next RELEASED, which a transaction left open never sends, and the client
+/// went on in its transaction).
+#[test]
+fn client_killed_after_its_backend_claimed_it_ahead() {
+    run(one_backend_releasing_at_once(), |pg| {
+        let (pooler, backend, mut a, mut b, mut c) = a_bee_sea(pg);
+        a.query("BEGIN").expect("BEGIN");
+        b.send_query("BEGIN; SELECT 1");
+        let sent = wait_until(SETTLE, || queued(pg, backend) == 1);
+        assert!(sent, "B was not sent ahead: {:?}", clients(pg));
+        // The backend's RELEASED (its first write(2) at the boundary) reaches
+        // the pooler 3 s late; B's transaction starts after it.
+        let delayed = nextgres_test::procs::Strace::attach(backend, &["-e", "trace=write", "-e", "inject=write:delay_enter=3000000"]);
+        let mark = pg.log_mark();
+        a.query("COMMIT").expect("COMMIT");
+        let claimed = wait_until(SETTLE, || queued(pg, backend) == 0);
+        assert!(claimed, "B's ticket is still offered: {:?}", clients(pg));
+        let port = b.local_port();
+        let killed: bool = pg
+            .admin()
+            .query_one("SELECT nextgres.kill_client('127.0.0.1', $1)", &[&port])
+            .expect("kill_client")
+            .get(0);
+        assert!(killed, "kill_client found no client on port {port}: {:?}", clients(pg));
+        let log = pg.log_since(mark);
+        assert!(
+            log.contains("told when its backend gives it back"),
+            "the kill did not find B claimed and its RELEASED unread (the window was missed):\n{log}"
+        );
+        drop(delayed);
+        let (severity, sqlstate, _) = b.expect_fatal();
+        assert_eq!((severity.as_str(), sqlstate.as_str()), ("FATAL", "57P01"), "B's end");
+        assert_eq!(a.value("SELECT 5"), "5");
+        assert_eq!(c.value("SELECT current_setting('application_name')"), "sea");
+        assert!(wait_until(SETTLE, || clients(pg).iter().all(|(p, _, _)| *p != port)), "B is still a client: {:?}", clients(pg));
+        assert_pooler_serves(pg, pooler);
+    });
+}
