@@ -48,6 +48,11 @@ pub struct Client {
     /// A startup packet (SSLRequest, GSSENCRequest) was read: a first byte
     /// 0x16 (direct TLS) is only looked for before that.
     pub negotiated: bool,
+    /// Before TLS: (SSLRequest done, GSSENCRequest done), as the server's
+    /// ProcessStartupPacket(ssl_done, gss_done): a refused SSLRequest
+    /// allows a GSSENCRequest next and a refused GSSENCRequest an
+    /// SSLRequest, but the same one twice in a row is a protocol error.
+    pub plain_negotiation: (bool, bool),
     pub addr: SocketAddr,
     /// The address it connected to: an index in `Pooler::local_addrs`
     /// (`NO_LOCAL`: not known).
@@ -166,6 +171,7 @@ impl Client {
             stream,
             tls: None,
             negotiated: false,
+            plain_negotiation: (false, false),
             addr,
             local: NO_LOCAL,
             row,
@@ -623,13 +629,24 @@ impl Pooler {
                         Ok(n) if n > 0
                     );
                     let already = c.tls.is_some();
+                    let is_ssl = matches!(req, StartupRequest::SslRequest);
+                    if !already {
+                        // Refused ('N') below unless TLS starts (then the
+                        // TLS state below takes over).
+                        let (ssl_done, gss_done) = c.plain_negotiation;
+                        if (is_ssl && ssl_done) || (!is_ssl && gss_done) {
+                            let code = if is_ssl { proto::SSL_REQUEST_CODE } else { proto::GSSENC_REQUEST_CODE };
+                            let e = proto::unsupported_protocol(code as u32, &server);
+                            return self.client_fatal(key, e.sqlstate, &e.message, e.hint.as_deref());
+                        }
+                        c.plain_negotiation = (is_ssl, !is_ssl);
+                    }
                     if let Some((ssl_done, gss_done)) = c.tls.as_ref().map(|t| t.negotiation) {
                         // Inside TLS, as backend_startup.c ProcessStartupPacket():
                         // SSLRequest is answered 'N' ("no SSL negotiation if we
                         // already have a direct SSL connection"), GSSENCRequest
                         // 'N' (no GSS encryption); each only once: repeated, it
                         // falls through to the protocol version check.
-                        let is_ssl = matches!(req, StartupRequest::SslRequest);
                         if (is_ssl && ssl_done) || (!is_ssl && gss_done) {
                             let code = if is_ssl { proto::SSL_REQUEST_CODE } else { proto::GSSENC_REQUEST_CODE };
                             let e = proto::unsupported_protocol(code as u32, &server);
