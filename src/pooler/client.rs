@@ -157,6 +157,11 @@ pub struct ClientTls {
     /// true) after SSLRequest + 'S', (false, false) after direct TLS; a
     /// request already done gets 0A000 "unsupported frontend protocol".
     pub negotiation: (bool, bool),
+    /// TLS bytes read while parked that brought no plaintext (KeyUpdates,
+    /// empty records): past `tls::PARKED_HOUSEKEEPING` the client gets its
+    /// relay thread back, so such traffic costs its own thread, not the
+    /// pooler's event loop.
+    pub parked_read: usize,
 }
 
 impl Client {
@@ -753,6 +758,7 @@ impl Pooler {
                     park_in: Vec::new(),
                     parked: None,
                     idle_mark: None,
+                    parked_read: 0,
                     negotiation: if is_direct { (false, false) } else { (true, true) },
                 }))
             }

@@ -126,6 +126,7 @@ impl Pooler {
         let (more, closed) = super::tls::parked_plaintext(&mut conn);
         pending.extend_from_slice(&more);
         t.parked = Some(conn);
+        t.parked_read = 0;
         if c.registered.take().is_some() {
             conn::remove(&self.epoll, &c.stream);
         }
@@ -158,10 +159,19 @@ impl Pooler {
         let Some(c) = self.client(key) else { return };
         let Some(conn) = c.tls.as_mut().and_then(|t| t.parked.as_mut()) else { return };
         use super::tls::ParkedInput;
-        match super::tls::parked_read(conn, &mut c.stream) {
+        let (input, n) = super::tls::parked_read(conn, &mut c.stream);
+        match input {
             ParkedInput::Nothing => {
                 if !c.flush() {
-                    self.client_close(key);
+                    return self.client_close(key);
+                }
+                // Housekeeping alone (KeyUpdate and empty records alternated
+                // pass rustls' limits) is decrypted and re-keyed here, on the
+                // pooler's one thread: beyond a bound, on the client's own.
+                let Some(t) = c.tls.as_mut() else { return };
+                t.parked_read += n;
+                if t.parked_read > super::tls::PARKED_HOUSEKEEPING {
+                    self.client_unpark(key, Vec::new());
                 }
             }
             // Terminate while idle: closed here (close_notify), no relay.

@@ -870,7 +870,7 @@ fn relay(start: RelayStart, ctl: &RelayCtl) {
         }
         if pair_ev.contains(PollFlags::POLLIN) && pair_re.intersects(PollFlags::POLLIN | gone) {
             match pair.read(&mut buf) {
-                Ok(0) if ctl.park.load(Ordering::SeqCst) && !tcp_eof && !pair_hup => {
+                Ok(0) if ctl.park.load(Ordering::SeqCst) && !pair_hup => {
                     // The pooler asks to park (it shut its end for writing
                     // after everything it had to send, now all in rustls and
                     // sent: the pair is only read while nothing is unsent).
@@ -892,7 +892,9 @@ fn relay(start: RelayStart, ctl: &RelayCtl) {
                     // A client that sent its last message and close_notify
                     // together: parked all the same, so the pooler passes the
                     // message on (as the server runs a query sent just before
-                    // the close); with nothing before the close_notify, the
+                    // the close), also when the TCP read of this same turn
+                    // already saw the close_notify (the message is in
+                    // `to_pair`); with nothing before the close_notify, the
                     // relay ends as for any close.
                     if tcp_eof && to_pair.is_empty() {
                         pair_hup = true;
@@ -969,23 +971,30 @@ pub enum ParkedInput {
     Bad,
 }
 
-/// Reads one batch of TLS from a parked client's socket.
-pub fn parked_read(conn: &mut ServerConnection, tcp: &mut TcpStream) -> ParkedInput {
-    match conn.read_tls(tcp) {
-        Ok(0) => return ParkedInput::Gone,
-        Ok(_) => {}
-        Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => return ParkedInput::Nothing,
-        Err(_) => return ParkedInput::Gone,
-    }
+/// TLS bytes (4 KiB reads) a parked client may send that bring no
+/// plaintext before it is given a relay thread again: an idle client's
+/// housekeeping (a KeyUpdate now and then) stays far below it.
+pub const PARKED_HOUSEKEEPING: usize = 16 * 1024;
+
+/// Reads one batch of TLS from a parked client's socket; with the number
+/// of TLS bytes read.
+pub fn parked_read(conn: &mut ServerConnection, tcp: &mut TcpStream) -> (ParkedInput, usize) {
+    let n = match conn.read_tls(tcp) {
+        Ok(0) => return (ParkedInput::Gone, 0),
+        Ok(n) => n,
+        Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => return (ParkedInput::Nothing, 0),
+        Err(_) => return (ParkedInput::Gone, 0),
+    };
     if conn.process_new_packets().is_err() {
         let _ = conn.write_tls(tcp);
-        return ParkedInput::Bad;
+        return (ParkedInput::Bad, n);
     }
-    match parked_plaintext(conn) {
+    let input = match parked_plaintext(conn) {
         (p, _) if !p.is_empty() => ParkedInput::Plaintext(p),
         (_, false) => ParkedInput::Nothing,
         (_, true) => ParkedInput::Gone,
-    }
+    };
+    (input, n)
 }
 
 /// The plaintext rustls holds, and whether the client's close_notify (or
