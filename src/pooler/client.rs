@@ -1094,12 +1094,84 @@ impl Pooler {
                                 }
                             }
                         }
+                    } else if matches!(c.phase, Phase::Waiting { .. } | Phase::Ahead { .. }) {
+                        self.cancel_queued(ck);
                     }
                     return;
                 }
             }
         }
         self.forward_cancel(pid, secret);
+    }
+
+    /// A cancelled query that waits for a backend: on a direct connection
+    /// it would be running and fail with 57014, so it is answered so here
+    /// (ErrorResponse, ReadyForQuery 'I': a waiting client is between
+    /// transactions) and its messages, up to the Sync or Query that ends
+    /// them, are read off the socket so no backend runs them. A client
+    /// sent ahead is taken back first; one its backend claimed is that
+    /// backend's (its RELEASED unread, the backend may still be at the
+    /// previous client's boundary): the cancel is dropped, as is one whose
+    /// messages are not all there yet or are no plain query cycle
+    /// (`proto::frame::query_cycle_len`), with a LOG line.
+    fn cancel_queued(&mut self, ck: usize) {
+        if !self.client_recall(ck) {
+            return log::info!("cancel request for a client its backend has just taken: dropped");
+        }
+        let Some(c) = self.client(ck) else { return };
+        if !matches!(c.phase, Phase::Waiting { .. }) {
+            return;
+        }
+        // A dedicated-mode client waiting for its own login: that login
+        // goes on for it; its query runs there (the cancel is dropped).
+        if c.pool.and_then(|p| self.pools.get(p)).is_some_and(|p| p.session_waiting.contains(&ck)) {
+            return log::info!("cancel request for a client waiting for its own backend's login: dropped");
+        }
+        let Some(c) = self.client(ck) else { return };
+        use nix::sys::socket::{recv, MsgFlags};
+        let fd = c.stream.as_raw_fd();
+        let mut buf = vec![0u8; 64 * 1024];
+        let peeked = recv(fd, &mut buf, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT).unwrap_or(0);
+        let Some(len) = nextgres_core::proto::frame::query_cycle_len(&buf[..peeked]) else {
+            return log::info!("cancel request for a waiting client whose query is not all received: dropped");
+        };
+        // Read exactly that cycle (it is all buffered: a non-blocking read
+        // of it returns it whole; a short one ends the client).
+        let mut got = 0;
+        while got < len {
+            match recv(fd, &mut buf[got..len], MsgFlags::MSG_DONTWAIT) {
+                Ok(0) | Err(_) => return self.client_close(ck),
+                Ok(n) => got += n,
+            }
+        }
+        let mut out = Vec::new();
+        proto::error_response(
+            &mut out,
+            &ErrorFields {
+                severity: "ERROR".into(),
+                sqlstate: "57014".into(),
+                message: "canceling statement due to user request".into(),
+                detail: None,
+                hint: None,
+            },
+        );
+        proto::ready_for_query(&mut out, b'I');
+        c.send(&out);
+        // Queries pipelined after it still wait, in their place.
+        let mut one = [0u8; 1];
+        if recv(fd, &mut one, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT).is_ok_and(|n| n > 0) {
+            return self.client_rearm(ck);
+        }
+        let pool = c.pool;
+        c.phase = Phase::Idle;
+        if let Some(p) = pool.and_then(|p| self.pools.get_mut(p)) {
+            p.waiting.retain(|&k| k != ck);
+        }
+        self.client_set_state(ck, ClientState::Idle, 0);
+        self.client_rearm(ck);
+        if let Some(p) = pool {
+            self.sync_pool(p);
+        }
     }
 
     /// Sends a CancelRequest (pid and key as the client sent them, 4 or up

@@ -753,3 +753,65 @@ fn pooler_fatal_ends_with_orderly_close() {
         );
     });
 }
+
+/// A query waiting for a backend (pool of one, held by A's open transaction)
+/// is cancelled by its client's CancelRequest as the same query blocked by
+/// A's lock is on a direct connection: 57014 "canceling statement due to
+/// user request", the client usable afterwards, and the query never runs
+/// (no row once A commits). Simple protocol (`simple_query`) and extended
+/// (`execute` with a parameter: its Parse waits). Before, the pooler
+/// dropped a cancel for a client without a backend, and the INSERT ran once
+/// A committed.
+#[test]
+fn cancel_of_a_query_waiting_for_a_backend_as_direct() {
+    run(Cluster::builder().conf("nextgres.pool_size = 1"), |pg| {
+        let pooler = running_pooler_pid(pg);
+        pg.admin()
+            .batch_execute("CREATE TABLE cancelled (v int); GRANT ALL ON cancelled TO app")
+            .expect("table");
+        let mut outcomes = Vec::new();
+        for extended in [false, true] {
+            for pooled in [false, true] {
+                let connect_to = || if pooled { connect(pg, APP) } else { pg.unix(APP, DB).connect().expect("direct") };
+                let mut b = connect_to();
+                assert_eq!(one(&mut b, "SELECT 'b in'"), "b in");
+                let mut a = connect_to();
+                a.batch_execute("BEGIN; LOCK TABLE cancelled").expect("A's lock");
+                let token = b.cancel_token();
+                let (tx, rx) = std::sync::mpsc::channel();
+                std::thread::spawn(move || {
+                    let r = if extended {
+                        b.execute("INSERT INTO cancelled VALUES ($1)", &[&1i32]).map(|_| ())
+                    } else {
+                        b.simple_query("INSERT INTO cancelled VALUES (1)").map(|_| ())
+                    };
+                    let _ = tx.send((b, r));
+                });
+                let waits = || {
+                    if pooled {
+                        clients(pg).iter().any(|(_, state, _)| state == "waiting")
+                    } else {
+                        admin_i64(pg, "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' AND wait_event_type = 'Lock'") == 1
+                    }
+                };
+                assert!(wait_until(SETTLE, waits), "B does not wait (pooled: {pooled}): {:?}", clients(pg));
+                token.cancel_query(NoTls).expect("sending the cancel");
+                let (mut b, r) = wait_result(&rx, "B's cancelled INSERT");
+                let outcome = match &r {
+                    Err(e) => format!("{:?} {}", sqlstate(e), e.as_db_error().map(|d| d.message()).unwrap_or("")),
+                    Ok(()) => "ran".to_string(),
+                };
+                a.batch_execute("COMMIT").expect("A's COMMIT");
+                assert_eq!(one(&mut b, "SELECT 'b usable'"), "b usable", "pooled: {pooled}, extended: {extended}");
+                let rows = admin_i64(pg, "SELECT count(*) FROM cancelled");
+                eprintln!("extended {extended} pooled {pooled}: {outcome}, {rows} rows");
+                outcomes.push(((extended, pooled), outcome, rows));
+            }
+        }
+        for pair in outcomes.chunks(2) {
+            assert_eq!((&pair[0].1, pair[0].2), (&pair[1].1, pair[1].2), "direct {:?} vs pooled {:?}", pair[0].0, pair[1].0);
+            assert_eq!(pair[0].2, 0, "the cancelled INSERT ran");
+        }
+        assert_pooler_serves(pg, pooler);
+    });
+}

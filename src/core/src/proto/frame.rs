@@ -46,6 +46,28 @@ pub fn parse_message(
     }
 }
 
+/// How many bytes at the front of `buf` make up a client's next query
+/// cycle: messages up to and including the first simple Query (`Q`),
+/// FunctionCall (`F`) or Sync (`S`), the points where the server answers
+/// ReadyForQuery. `None` when they are not all in `buf` yet, or when a
+/// Terminate (`X`), Flush (`H`, the client waits for results without a
+/// Sync), a COPY message or a bad length comes first: such input is not a
+/// plain query cycle. Used to answer a cancelled query that never reached
+/// a backend as the server answers one cancelled at its start (protocol
+/// "Canceling Requests in Progress").
+pub fn query_cycle_len(buf: &[u8]) -> Option<usize> {
+    let mut off = 0;
+    loop {
+        let (m, n) = parse_message(&buf[off..], usize::MAX >> 1).ok()??;
+        off += n;
+        match m.tag {
+            b'Q' | b'F' | b'S' => return Some(off),
+            b'P' | b'B' | b'D' | b'E' | b'C' => {}
+            _ => return None,
+        }
+    }
+}
+
 /// Reads a NUL-terminated UTF-8 string from `body` at `off`.
 /// Returns the string and the offset just past its terminator.
 pub fn read_cstr(body: &[u8], off: usize) -> Result<(&str, usize), ProtoError> {
@@ -153,5 +175,29 @@ mod tests {
             }
             let _ = read_cstr(&b, (x % 20) as usize);
         }
+    }
+
+    #[test]
+    fn query_cycle_len_stops_at_the_first_ready_point() {
+        let msg = |tag: u8, body: &[u8]| {
+            let mut v = vec![tag];
+            v.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+            v.extend_from_slice(body);
+            v
+        };
+        let q = msg(b'Q', b"SELECT 1\0");
+        assert_eq!(query_cycle_len(&q), Some(q.len()));
+        let mut two = q.clone();
+        two.extend_from_slice(&msg(b'Q', b"SELECT 2\0"));
+        assert_eq!(query_cycle_len(&two), Some(q.len()), "only the first cycle");
+        let ext = [msg(b'P', b"\0SELECT 1\0\0\0"), msg(b'B', b"\0\0\0\0\0\0\0\0"), msg(b'E', b"\0\0\0\0\0"), msg(b'S', b"")].concat();
+        assert_eq!(query_cycle_len(&ext), Some(ext.len()));
+        assert_eq!(query_cycle_len(&ext[..ext.len() - 1]), None, "Sync not all there");
+        assert_eq!(query_cycle_len(&ext[..ext.len() - 5]), None, "no Sync yet");
+        let flush = [msg(b'P', b"\0SELECT 1\0\0\0"), msg(b'H', b"")].concat();
+        assert_eq!(query_cycle_len(&flush), None, "Flush: not a plain cycle");
+        assert_eq!(query_cycle_len(&msg(b'X', b"")), None);
+        assert_eq!(query_cycle_len(&[b'Q', 0, 0, 0, 2]), None, "bad length");
+        assert_eq!(query_cycle_len(&[]), None);
     }
 }
