@@ -106,6 +106,14 @@ fuzz_target!(|data: &[u8]| {
     // and not only what framing let through.
     bodies(stream, off);
 
+    // A query cycle (a cancelled waiting query's messages) ends on a whole
+    // message within the stream, at a Query, FunctionCall or Sync, and is
+    // stable under more input after it.
+    if let Some(n) = proto::frame::query_cycle_len(stream) {
+        assert!(n >= 5 && n <= stream.len());
+        assert_eq!(proto::frame::query_cycle_len(&stream[..n]), Some(n));
+    }
+
     let mut rest = stream;
     loop {
         match proto::parse_message(rest, max_len) {
