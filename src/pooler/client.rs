@@ -1067,7 +1067,7 @@ impl Pooler {
     /// goes on as it came to the server's Unix socket, where the postmaster
     /// checks pid and key against its live backends itself (so a pid reused
     /// since is never signalled with a stale key).
-    fn cancel_request(&mut self, pid: i32, secret: &[u8]) {
+    pub fn cancel_request(&mut self, pid: i32, secret: &[u8]) {
         if let Some(&ck) = self.cancel_keys.get(&pid) {
             if let Some(c) = self.client(ck) {
                 // Constant time, as the server compares keys (timingsafe_bcmp in 18).

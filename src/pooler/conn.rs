@@ -13,6 +13,9 @@ pub enum Conn {
     Backend(Box<Backend>),
     /// A replication client's walsender while it logs in (`dedicated.rs`).
     Dedicated(Box<super::dedicated::Dedicated>),
+    /// A connection refused (max_client_conn, shutdown) whose first packet
+    /// is read in case it is a CancelRequest (`refusing.rs`).
+    Refusing(Box<super::refusing::Refusing>),
 }
 
 pub const READ: EpollFlags = EpollFlags::EPOLLIN;

@@ -31,6 +31,7 @@ impl Pooler {
         let mut idle_backends = Vec::new();
         let mut expired_attached = Vec::new();
         let mut watch = Vec::new();
+        let mut refused = Vec::new();
         for (k, conn) in self.conns.iter() {
             match conn {
                 Conn::Client(c) => match c.phase {
@@ -66,7 +67,8 @@ impl Pooler {
                     BPhase::Attached { .. } if !b.release_requested && self.backend_expired(k) => expired_attached.push(k),
                     _ => {}
                 },
-                Conn::Listener(_) | Conn::Dedicated(_) => {}
+                Conn::Refusing(r) if now.duration_since(r.since) > super::refusing::REFUSING_WITHIN => refused.push(k),
+                Conn::Listener(_) | Conn::Dedicated(_) | Conn::Refusing(_) => {}
             }
         }
         for k in watch {
@@ -89,6 +91,9 @@ impl Pooler {
                 &format!("nextgres: no backend became free within nextgres.query_wait_timeout ({t}s)"),
                 Some("Raise nextgres.pool_size or nextgres.query_wait_timeout, or shorten transactions."),
             );
+        }
+        for k in refused {
+            self.refusing_end(k, true);
         }
         for k in expired_auth {
             // As the server: a client that does not finish authenticating in

@@ -3,8 +3,7 @@
 use super::client::Client;
 use super::conn::{self, Conn};
 use super::worker::Pooler;
-use nextgres_core::proto::{self, ErrorFields};
-use std::io::Write;
+use nextgres_core::proto::ErrorFields;
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, FromRawFd};
 
@@ -96,42 +95,32 @@ impl Pooler {
         self.local_addrs.get(local as usize).cloned().unwrap_or_default()
     }
 
-    fn new_client(&mut self, mut stream: TcpStream) {
+    fn new_client(&mut self, stream: TcpStream) {
         let Ok(addr) = stream.peer_addr() else { return };
         let _ = stream.set_nodelay(true);
         let _ = nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::KeepAlive, &true);
         if self.stopping {
-            let mut out = Vec::new();
-            proto::error_response(
-                &mut out,
-                &ErrorFields {
-                    severity: "FATAL".into(),
-                    sqlstate: "57P03".into(),
-                    message: "the database system is shutting down".into(),
-                    detail: None,
-                    hint: None,
-                },
-            );
-            let _ = stream.write(&out);
-            return;
+            let why = ErrorFields {
+                severity: "FATAL".into(),
+                sqlstate: "57P03".into(),
+                message: "the database system is shutting down".into(),
+                detail: None,
+                hint: None,
+            };
+            return self.refuse(stream, why);
         }
         let max = crate::settings::MAX_CLIENT_CONN.get() as usize;
         let row = if self.clients < max { self.client_row_alloc(&addr.ip().to_string(), addr.port() as i32) } else { None };
         let Some(row) = row else {
             // Same words as the server's max_connections refusal.
-            let mut out = Vec::new();
-            proto::error_response(
-                &mut out,
-                &ErrorFields {
-                    severity: "FATAL".into(),
-                    sqlstate: "53300".into(),
-                    message: "sorry, too many clients already".into(),
-                    detail: None,
-                    hint: Some(format!("nextgres.max_client_conn is {max}.")),
-                },
-            );
-            let _ = stream.write(&out);
-            return;
+            let why = ErrorFields {
+                severity: "FATAL".into(),
+                sqlstate: "53300".into(),
+                message: "sorry, too many clients already".into(),
+                detail: None,
+                hint: Some(format!("nextgres.max_client_conn is {max}.")),
+            };
+            return self.refuse(stream, why);
         };
         self.clients += 1;
         let id = self.next_client_id;

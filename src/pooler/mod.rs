@@ -5,6 +5,7 @@
 //! * `agent`: the background worker, the pooler process it forks, and what
 //!   runs in which (catalog requests over a socketpair).
 //! * `listener`: accept, client limit.
+//! * `refusing`: refused connections, read for a CancelRequest first.
 //! * `client`: startup packet, SSLRequest (TLS through `tls`), GSS refusal, cancel, idle clients.
 //! * `auth`: the server's hba decision and the password exchanges.
 //! * `backend`: pool logins through the Unix socket, parked/attached backends.
@@ -34,6 +35,7 @@ mod listener;
 mod ops;
 mod park;
 mod poolconf;
+mod refusing;
 
 mod stats;
 pub(crate) mod tls;

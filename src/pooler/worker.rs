@@ -85,6 +85,8 @@ pub struct Pooler {
     pub tables: shmem::Tables,
     pub rows: super::stats::Rows,
     pub clients: usize,
+    /// Refused connections read for a CancelRequest (`refusing.rs`).
+    pub refusing: usize,
     pub mock_key: [u8; 32],
     /// What the server speaks: newest protocol minor, longest cancel key.
     pub server_proto: nextgres_core::proto::ServerProtocol,
@@ -171,6 +173,7 @@ impl Pooler {
             tables,
             rows,
             clients: 0,
+            refusing: 0,
             mock_key,
             server_proto: glue::server_protocol(),
             tls: match super::tls::load_or_startup() {
@@ -266,6 +269,7 @@ impl Pooler {
             Some(Conn::Client(_)) => self.client_event(key, ev),
             Some(Conn::Backend(_)) => self.backend_event(key, ev),
             Some(Conn::Dedicated(_)) => self.dedicated_event(key, ev),
+            Some(Conn::Refusing(_)) => self.refusing_event(key),
             None => {}
         }
     }

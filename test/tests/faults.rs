@@ -815,3 +815,60 @@ fn cancel_of_a_query_waiting_for_a_backend_as_direct() {
         assert_pooler_serves(pg, pooler);
     });
 }
+
+/// A CancelRequest reaches its query also when the pooler takes no more
+/// connections: with `max_client_conn` 2 both taken (one running
+/// `pg_sleep(20)`), and during a smart shutdown that this very query keeps
+/// waiting. The postmaster carries a cancel out before it checks whether
+/// it can accept a connection; the pooler now reads a refused connection's
+/// first packet before refusing it (failed before: the cancel connection
+/// got FATAL 53300 / 57P03 and the query ran its 20 s). A refused login
+/// still gets the refusal.
+#[test]
+fn cancel_reaches_its_query_when_connections_are_refused() {
+    run(Cluster::builder().conf("nextgres.max_client_conn = 2"), |pg| {
+        let pooler = running_pooler_pid(pg);
+        let sleeping = || {
+            admin_i64(pg, "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' AND state = 'active' AND query = 'SELECT pg_sleep(20)'")
+                == 1
+        };
+        let cancelled = |rx: &std::sync::mpsc::Receiver<(Client, QueryResult)>, what: &str| {
+            let (c, r) = wait_result(rx, what);
+            let e = r.expect_err(&format!("{what}: not cancelled"));
+            assert_eq!(sqlstate(&e), Some("57014"), "{what}: {e:?}");
+            c
+        };
+        // Full: the cancel connection is a third.
+        let a = connect(pg, APP);
+        let mut b = connect(pg, APP);
+        let Err(e) = pg.connect_tcp(APP, DB, None) else { panic!("a third client was served") };
+        assert_eq!(sqlstate(&e), Some("53300"), "{e:?}");
+        let token = a.cancel_token();
+        let rx = spawn_query(a, "SELECT pg_sleep(20)");
+        assert!(wait_until(SETTLE, sleeping), "pg_sleep never started");
+        token.cancel_query(NoTls).expect("sending the cancel");
+        let mut a = cancelled(&rx, "pg_sleep(20) at max_client_conn");
+        assert_eq!(one(&mut a, "SELECT 'a usable'"), "a usable");
+        assert_eq!(one(&mut b, "SELECT 'b usable'"), "b usable");
+        drop(b);
+        // A smart shutdown waits for the client whose query runs.
+        let rx = spawn_query(a, "SELECT pg_sleep(20)");
+        assert!(wait_until(SETTLE, sleeping), "pg_sleep never started");
+        let mark = pg.log_mark();
+        assert!(!pg.stop_timeout(StopMode::Smart, Duration::from_secs(2)), "smart stop finished while a query ran");
+        assert!(
+            wait_until(SETTLE, || pg.log_since(mark).contains("received smart shutdown request")),
+            "no smart shutdown request logged"
+        );
+        let Err(e) = pg.connect_tcp(APP, DB, None) else { panic!("a login during the smart shutdown was served") };
+        assert_eq!(sqlstate(&e), Some("57P03"), "{e:?}");
+        token.cancel_query(NoTls).expect("sending the cancel");
+        let a = cancelled(&rx, "pg_sleep(20) during a smart shutdown");
+        drop(a);
+        assert!(pg.stop_timeout(StopMode::Smart, SETTLE), "smart stop did not finish after the client left");
+        pg.start().expect("start after the smart stop");
+        let new = running_pooler_pid(pg);
+        assert_ne!(new, pooler);
+        assert_pooler_serves(pg, new);
+    });
+}
