@@ -25,7 +25,11 @@ impl Pooler {
         let pool = match self.pool_by_name.get(&name) {
             Some(&p) => p,
             None => {
-                let Some(row) = self.pool_row_alloc(&name.0, &name.1) else {
+                let row = match self.pool_row_alloc(&name.0, &name.1) {
+                    None if self.pool_free_idle() => self.pool_row_alloc(&name.0, &name.1),
+                    row => row,
+                };
+                let Some(row) = row else {
                     return self.client_fatal(
                         key,
                         "53300",

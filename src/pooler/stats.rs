@@ -94,6 +94,40 @@ impl Pooler {
         Some(row)
     }
 
+    /// The pool table is full (`nextgres.max_pools`) and a new (database,
+    /// role) needs a pool: a pool without clients, queues or logins under
+    /// way, whose backends are all parked (a dropped database or role, a
+    /// tenant gone), gives its row up: its parked backends close (a later
+    /// client of it logs in again) and its counters go. The one with the
+    /// fewest backends goes first. False when every pool is in use.
+    pub fn pool_free_idle(&mut self) -> bool {
+        let victim = self
+            .pools
+            .iter()
+            .filter(|(_, p)| {
+                p.clients == 0
+                    && !p.has_waiters()
+                    && p.login_pending.is_empty()
+                    && p.ahead == 0
+                    && p.starting == 0
+                    && p.sessions_starting == 0
+                    && p.attached.is_empty()
+                    && p.backends == p.parked.len()
+            })
+            .min_by_key(|(_, p)| p.backends)
+            .map(|(k, _)| k);
+        let Some(k) = victim else { return false };
+        for bk in self.pools[k].parked.clone() {
+            self.backend_close(bk);
+        }
+        let p = self.pools.remove(k);
+        log::info!("pool for role \"{}\" and database \"{}\" freed for a new pool (nextgres.max_pools is full)", p.role, p.database);
+        self.pool_by_name.remove(&(p.database.clone(), p.role.clone()));
+        self.tables.write(|rows, _, _| rows[p.row].in_use = false);
+        self.rows.free_pools.push(p.row);
+        true
+    }
+
     pub fn client_row_free(&mut self, row: usize) {
         self.tables.write(|_, c, _| c[row].in_use = false);
         self.rows.free_clients.push(row);

@@ -1241,3 +1241,41 @@ fn pools_view_follows_a_reload_without_traffic() {
     assert!(shown, "nextgres.pools after the reload: {:?}", view());
     drop(a);
 }
+
+/// `nextgres.max_pools` 2: with two (database, role) pools in use a third
+/// is refused (53300 "nextgres: too many pools"); once a pool has no client
+/// left (its backend only parked), a new pair takes its place: the idle
+/// pool's backend closes and its row goes to the new pool (before: pools
+/// were never freed, so after dropping a role or database, or with
+/// changing tenants, every new pair was refused until a restart).
+#[test]
+fn a_full_pool_table_gives_an_idle_pools_row_to_a_new_pool() {
+    let pg = Cluster::builder().conf("nextgres.max_pools = 2").start();
+    exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE a LOGIN; CREATE ROLE b LOGIN; CREATE ROLE c LOGIN");
+    let pools = || -> Vec<String> {
+        pg.admin()
+            .query("SELECT role FROM nextgres.pools ORDER BY role", &[])
+            .expect("nextgres.pools")
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    let mut a = pg.tcp("a", "postgres").connect().expect("a");
+    a.simple_query("SELECT 1").expect("a");
+    let mut b = pg.tcp("b", "postgres").connect().expect("b");
+    b.simple_query("SELECT 1").expect("b");
+    let e = pg.tcp("c", "postgres").connect().err().expect("a third pool while both are in use");
+    assert_eq!(err_fields(&e).map(|f| (f.code, f.message)), Some(("53300".into(), "nextgres: too many pools".into())), "{e:?}");
+    drop(a);
+    assert!(
+        wait_until(APPLIED, || pool_backends(&pg, "a", "parked") == 1 && pg.admin().query_one("SELECT clients_idle FROM nextgres.pools WHERE role = 'a'", &[]).map(|r| r.get::<_, i32>(0) == 0).unwrap_or(false)),
+        "a's client is still counted"
+    );
+    let mut c = pg.tcp("c", "postgres").connect().expect("c takes the idle pool's row");
+    c.simple_query("SELECT 1").expect("c");
+    assert_eq!(pools(), vec!["b".to_string(), "c".to_string()]);
+    b.simple_query("SELECT 1").expect("b goes on");
+    // a comes back: now b's and c's pools are in use.
+    let e = pg.tcp("a", "postgres").connect().err().expect("a while b and c are in use");
+    assert_eq!(err_fields(&e).map(|f| f.code), Some("53300".into()), "{e:?}");
+}
