@@ -1157,10 +1157,20 @@ impl Pooler {
         );
         proto::ready_for_query(&mut out, b'I');
         c.send(&out);
-        // Queries pipelined after it still wait, in their place.
+        if c.out_pending() {
+            // Its socket is full (it reads nothing): the answer could not
+            // precede what a backend would write next, so the connection
+            // ends instead of mixing the two.
+            log::info!("cancel request for a waiting client that reads nothing: its connection is closed");
+            return self.client_close(ck);
+        }
+        // Queries pipelined after it still wait, in their place; EOF after
+        // it: the client has gone (a half-close would send no further edge).
         let mut one = [0u8; 1];
-        if recv(fd, &mut one, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT).is_ok_and(|n| n > 0) {
-            return self.client_rearm(ck);
+        match recv(fd, &mut one, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+            Ok(n) if n > 0 => return self.client_rearm(ck),
+            Ok(_) => return self.client_close(ck),
+            Err(_) => {}
         }
         let pool = c.pool;
         c.phase = Phase::Idle;

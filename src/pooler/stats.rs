@@ -117,8 +117,18 @@ impl Pooler {
             .min_by_key(|(_, p)| p.backends)
             .map(|(k, _)| k);
         let Some(k) = victim else { return false };
+        // Draining: no login starts for it while its backends close (its
+        // min_pool_size would log one in again from backend_gone, into a
+        // slot the new pool is about to take).
+        self.pools[k].draining = true;
         for bk in self.pools[k].parked.clone() {
             self.backend_close(bk);
+        }
+        let p = &self.pools[k];
+        if p.backends > 0 || p.starting > 0 || p.sessions_starting > 0 || p.clients > 0 {
+            log::warn!("pool for role \"{}\" and database \"{}\" kept: a backend or client is still counted after closing its parked backends", p.role, p.database);
+            self.pools[k].draining = self.draining.contains(&self.pools[k].database);
+            return false;
         }
         let p = self.pools.remove(k);
         log::info!("pool for role \"{}\" and database \"{}\" freed for a new pool (nextgres.max_pools is full)", p.role, p.database);

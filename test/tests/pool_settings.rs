@@ -1251,7 +1251,13 @@ fn pools_view_follows_a_reload_without_traffic() {
 #[test]
 fn a_full_pool_table_gives_an_idle_pools_row_to_a_new_pool() {
     let pg = Cluster::builder().conf("nextgres.max_pools = 2").start();
-    exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE a LOGIN; CREATE ROLE b LOGIN; CREATE ROLE c LOGIN");
+    // a keeps a backend logged in while idle: its pool must not log one in
+    // again while it gives its row up.
+    exec(
+        &pg,
+        "CREATE EXTENSION nextgres; CREATE ROLE a LOGIN; CREATE ROLE b LOGIN; CREATE ROLE c LOGIN;
+         ALTER ROLE a SET nextgres.min_pool_size = 1",
+    );
     let pools = || -> Vec<String> {
         pg.admin()
             .query("SELECT role FROM nextgres.pools ORDER BY role", &[])
@@ -1272,8 +1278,19 @@ fn a_full_pool_table_gives_an_idle_pools_row_to_a_new_pool() {
         "a's client is still counted"
     );
     let mut c = pg.tcp("c", "postgres").connect().expect("c takes the idle pool's row");
-    c.simple_query("SELECT 1").expect("c");
+    for _ in 0..3 {
+        let who = c.simple_query("SELECT current_user || '@' || current_database()").expect("c");
+        assert_eq!(first_value(&who).as_deref(), Some("c@postgres"), "c served by another role's backend");
+    }
     assert_eq!(pools(), vec!["b".to_string(), "c".to_string()]);
+    // No backend of a comes back (its min_pool_size went with its pool).
+    std::thread::sleep(Duration::from_millis(1500));
+    let a_backends: i64 = pg
+        .admin()
+        .query_one("SELECT count(*) FROM pg_stat_activity WHERE usename = 'a' AND backend_type = 'client backend'", &[])
+        .expect("activity")
+        .get(0);
+    assert_eq!(a_backends, 0, "a backend of the freed pool logged in again");
     b.simple_query("SELECT 1").expect("b goes on");
     // a comes back: now b's and c's pools are in use.
     let e = pg.tcp("a", "postgres").connect().err().expect("a while b and c are in use");
