@@ -623,6 +623,20 @@ service_interrupts(bool notify)
 		CHECK_FOR_INTERRUPTS();
 		if (notify && notifyInterruptPending)
 			ProcessNotifyInterrupt(true);
+
+		/*
+		 * The statistics a transaction left pending (pgstat_report_stat()
+		 * keeps them for up to a second) are flushed when the idle timer
+		 * fires; the server does so only while it reads a command
+		 * (DoingCommandRead), which a parked or lingering backend never
+		 * is, so they would wait for its next client: tuple counts, and
+		 * with them autovacuum's thresholds, lagging on a quiet pool.
+		 */
+		if (IdleStatsUpdateTimeoutPending && !IsTransactionOrTransactionBlock())
+		{
+			IdleStatsUpdateTimeoutPending = false;
+			pgstat_report_stat(true);
+		}
 	}
 	PG_CATCH();
 	{
@@ -661,10 +675,19 @@ ng_linger_service_interrupts(void)
 	service_interrupts(true);
 }
 
+/*
+ * A new client is attached: what was pending for the previous one does not
+ * concern it.  A cancel, and a lost connection: a NOTIFY written to a
+ * lingering client that had just reset its connection sets
+ * ClientConnectionLost, which the server acts on at its next interrupt
+ * check (FATAL "connection to client lost"): that would be the new
+ * client's first read.
+ */
 void
 ng_clear_stale_cancel(void)
 {
 	QueryCancelPending = false;
+	ClientConnectionLost = false;
 }
 
 bool
