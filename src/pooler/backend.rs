@@ -61,6 +61,9 @@ pub struct Backend {
     /// SIGTERM sent (kill_client, kill_clients): it gets no client any
     /// more; closed when it gives its client back.
     pub terminating: bool,
+    /// The FATAL a parked backend wrote on its control socket before its
+    /// EOF (terminated): told to the client it was reserved for.
+    pub last_fatal: Option<Box<ErrorFields>>,
 }
 
 fn login_error(sqlstate: &str, message: String, hint: Option<&str>) -> ErrorFields {
@@ -135,6 +138,7 @@ impl Pooler {
             ahead_blocked: false,
             handed: None,
             terminating: false,
+            last_fatal: None,
         };
         if own {
             // nextgres.clients().dedicated and backends().dedicated say so.
@@ -255,6 +259,9 @@ impl Pooler {
                 // before its EOF.
                 let f = proto::parse_error_fields(body).unwrap_or_default();
                 log::debug!("backend {}: {} {}", b.pid, f.sqlstate, f.message);
+                if matches!(f.severity.as_str(), "FATAL" | "PANIC") {
+                    b.last_fatal = Some(Box::new(f));
+                }
             }
             (_, b'N') | (_, b'v') => {}
             (_, t) => {
@@ -391,6 +398,19 @@ impl Pooler {
         if let Some(ck) = b.pinned_to {
             if let Some(c) = self.client(ck) {
                 c.pinned = None;
+                // Reserved for this client (session or dedicated mode) but
+                // parked between its transactions (hold_idle_clients off):
+                // its session ended with the backend, as a direct client's
+                // ends with its process. It must not carry on, unknowing,
+                // on another backend with its session state lost; it is
+                // told the backend's FATAL when it sent one (terminated:
+                // 57P01), else its connection closes.
+                if matches!(b.phase, BPhase::Parked { .. }) && !matches!(c.phase, super::client::Phase::Attached { .. }) {
+                    match login_failure.as_ref().or(b.last_fatal.as_deref()) {
+                        Some(f) => self.client_fatal_fields(ck, f),
+                        None => self.client_close(ck),
+                    }
+                }
             }
         }
         match b.phase {

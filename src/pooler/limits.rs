@@ -373,8 +373,11 @@ impl Pooler {
             .max_by_key(|(_, p)| p.shared_backends())
             .map(|(k, _)| k);
         let Some(v) = victim else { return self.ask_holder_release(pool, same) };
-        if !self.pools[v].parked.is_empty() {
-            let bk = self.pools[v].parked.remove(0);
+        // Not one reserved for a session-mode client between its
+        // transactions: that client's session would end with it.
+        let free = self.pools[v].parked.iter().position(|&bk| matches!(self.conns.get(bk), Some(Conn::Backend(b)) if b.pinned_to.is_none()));
+        if let Some(i) = free {
+            let bk = self.pools[v].parked.remove(i);
             self.backend_close(bk);
             self.sync_pool(v);
         }

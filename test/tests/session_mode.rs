@@ -168,3 +168,39 @@ fn each_pinning_kind_reuses_backends() {
         assert!(bad.is_empty(), "session mode with pool_size 2:\n{}", bad.join("\n"));
     });
 }
+
+/// A session-mode client whose backend is terminated between its
+/// transactions (`hold_idle_clients` off, so the reserved backend parks in
+/// between) loses its session as a direct client does: its next query gets
+/// FATAL 57P01, the same as on a direct connection terminated alike. Before,
+/// the client silently went on on another backend (a new pid, its
+/// `currval` gone: 55000).
+#[test]
+fn session_client_ends_with_its_terminated_backend_as_direct() {
+    let builder = session_mode().conf("nextgres.hold_idle_clients = off");
+    run(builder, &format!("{SETUP}; CREATE SEQUENCE s; GRANT USAGE ON s TO app"), Duration::from_secs(120), |pg| {
+        let mut outcomes = Vec::new();
+        for pooled in [false, true] {
+            let mut c = if pooled { pg.tcp("app", "postgres").connect() } else { pg.unix("app", "postgres").connect() }
+                .expect("connect");
+            let msgs = c.simple_query("SELECT pg_backend_pid()::text, nextval('s')").expect("first");
+            let pid: i32 = first_value(&msgs).expect("pid").parse().expect("pid");
+            c.simple_query("SELECT 1").expect("second");
+            let mut admin = pg.admin();
+            let t: bool = admin.query_one("SELECT pg_terminate_backend($1)", &[&pid]).expect("terminate").get(0);
+            assert!(t, "pg_terminate_backend({pid})");
+            let gone = nextgres_test::wait_until(Duration::from_secs(30), || {
+                admin.query_one("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", &[&pid]).map(|r| r.get::<_, i64>(0) == 0).unwrap_or(false)
+            });
+            assert!(gone, "backend {pid} still there");
+            let r = c.simple_query("SELECT pg_backend_pid(), currval('s')");
+            let outcome = match r {
+                Ok(m) => format!("served: {:?}", first_value(&m)),
+                Err(e) => format!("{:?}", e.code().map(|s| s.code().to_string())),
+            };
+            eprintln!("pooled {pooled}: {outcome}");
+            outcomes.push(outcome);
+        }
+        assert_eq!(outcomes[0], outcomes[1], "direct vs pooled");
+    });
+}
