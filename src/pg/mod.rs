@@ -47,6 +47,32 @@ pub fn setting(name: &std::ffi::CStr) -> Option<String> {
     Some(unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned())
 }
 
+/// The server's TCP settings for client connections, as it applies them
+/// to each it accepts (libpq/pqcomm.c pq_setkeepalivesidle() and friends
+/// from `tcp_keepalives_idle` / `_interval` / `_count` in seconds and
+/// `tcp_user_timeout` in ms; 0: the kernel's default).
+pub struct TcpSettings {
+    pub keepalives_idle_s: u32,
+    pub keepalives_interval_s: u32,
+    pub keepalives_count: u32,
+    pub user_timeout_ms: u32,
+}
+
+pub fn tcp_settings() -> TcpSettings {
+    // SAFETY: plain int GUC variables of this process (the pooler reloads
+    // its settings on SIGHUP), read on its one thread.
+    let (idle, interval, count, timeout) = unsafe {
+        (
+            pgrx::pg_sys::tcp_keepalives_idle,
+            pgrx::pg_sys::tcp_keepalives_interval,
+            pgrx::pg_sys::tcp_keepalives_count,
+            pgrx::pg_sys::tcp_user_timeout,
+        )
+    };
+    let u = |v: i32| v.max(0) as u32;
+    TcpSettings { keepalives_idle_s: u(idle), keepalives_interval_s: u(interval), keepalives_count: u(count), user_timeout_ms: u(timeout) }
+}
+
 /// The data directory (`DataDir`, miscadmin.h), against which the server
 /// resolves relative paths such as `ssl_cert_file`.
 pub fn data_dir() -> std::path::PathBuf {

@@ -99,6 +99,24 @@ impl Pooler {
         let Ok(addr) = stream.peer_addr() else { return };
         let _ = stream.set_nodelay(true);
         let _ = nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::KeepAlive, &true);
+        // As the postmaster sets them on every TCP connection it accepts:
+        // the backends log in over the Unix socket, where the server skips
+        // them, so `SHOW tcp_keepalives_idle` and the kernel's dead-peer
+        // timing would otherwise be the kernel defaults (2 h).
+        let tcp = crate::pg::tcp_settings();
+        use nix::sys::socket::{setsockopt, sockopt};
+        if tcp.keepalives_idle_s > 0 {
+            let _ = setsockopt(&stream, sockopt::TcpKeepIdle, &tcp.keepalives_idle_s);
+        }
+        if tcp.keepalives_interval_s > 0 {
+            let _ = setsockopt(&stream, sockopt::TcpKeepInterval, &tcp.keepalives_interval_s);
+        }
+        if tcp.keepalives_count > 0 {
+            let _ = setsockopt(&stream, sockopt::TcpKeepCount, &tcp.keepalives_count);
+        }
+        if tcp.user_timeout_ms > 0 {
+            let _ = setsockopt(&stream, sockopt::TcpUserTimeout, &tcp.user_timeout_ms);
+        }
         if self.stopping {
             let why = ErrorFields {
                 severity: "FATAL".into(),

@@ -897,3 +897,28 @@ fn statistics_of_a_parked_backend_are_flushed() {
         drop(a);
     });
 }
+
+/// The server's `tcp_keepalives_*` and `tcp_user_timeout` apply to a pooled
+/// client's TCP connection as to a direct one (the postmaster sets them on
+/// each connection it accepts; the pool's backends log in over the Unix
+/// socket, where the server skips them): `SHOW` through the pooler reads
+/// the socket's values, the same as a server without nextgres shows over
+/// TCP. Before: 7200 / 75 / 9 / 0, the kernel's defaults.
+#[test]
+fn server_tcp_keepalive_settings_reach_pooled_clients() {
+    let conf = |b: nextgres_test::Builder| {
+        b.conf("tcp_keepalives_idle = 61").conf("tcp_keepalives_interval = 7").conf("tcp_keepalives_count = 4").conf("tcp_user_timeout = 9000")
+    };
+    const SHOWN: &str = "SELECT concat_ws(' ', current_setting('tcp_keepalives_idle'), current_setting('tcp_keepalives_interval'),
+                current_setting('tcp_keepalives_count'), current_setting('tcp_user_timeout'))";
+    // The server alone, over TCP: the specification.
+    let plain = conf(Cluster::builder().preload(false)).start();
+    plain.admin().batch_execute("CREATE ROLE app LOGIN").expect("role");
+    let want = one(&mut plain.connect_tcp(APP, DB, None).expect("direct TCP"), SHOWN);
+    drop(plain);
+    assert!(want.starts_with("61 7 4 "), "the plain server shows {want}");
+    run(conf(Cluster::builder()), move |pg| {
+        let mut c = connect(pg, APP);
+        assert_eq!(one(&mut c, SHOWN), want, "through the pooler");
+    });
+}
