@@ -171,6 +171,11 @@ unsafe extern "C" fn flush() -> c_int {
 /// the glue's PG_TRY (`glue::run_guarded`). Either would otherwise cross
 /// `flush`, an `extern "C"` function.
 extern "C" fn boundary() {
+    // Cancels held over the whole boundary (its pin checks read catalogs,
+    // the next client's switch sets settings): one landing there, for the
+    // client just done or the one being attached, must not make an ERROR
+    // of that work (`glue::CancelHeld`).
+    let _held = crate::pg::glue::CancelHeld::new();
     if std::panic::catch_unwind(super::park::transaction_boundary).is_err() {
         pgrx::ereport!(
             pgrx::PgLogLevel::FATAL,

@@ -302,6 +302,32 @@ pub fn clear_stale_cancel() {
     unsafe { ng_clear_stale_cancel() }
 }
 
+/// Holds query cancels while it lives (miscadmin.h HOLD_CANCEL_INTERRUPTS /
+/// RESUME_CANCEL_INTERRUPTS): a cancel that lands at a transaction
+/// boundary must not turn its catalog reads (pin checks), log lines or the
+/// next client's setting changes into an ERROR (the boundary ends the
+/// backend with FATAL on one, leaves a setting unapplied, or pins a client
+/// for nothing). It stays pending, and the server drops it while it reads
+/// the client's next command, as it drops one that comes before a direct
+/// session's query.
+pub struct CancelHeld(());
+
+impl CancelHeld {
+    pub fn new() -> CancelHeld {
+        // SAFETY: a process-local counter of this backend's one thread;
+        // error recovery resets it (PostgresMain), and a FATAL exits.
+        unsafe { pgrx::pg_sys::QueryCancelHoldoffCount += 1 };
+        CancelHeld(())
+    }
+}
+
+impl Drop for CancelHeld {
+    fn drop(&mut self) {
+        // SAFETY: as in `new`; never below zero (paired with it).
+        unsafe { pgrx::pg_sys::QueryCancelHoldoffCount = pgrx::pg_sys::QueryCancelHoldoffCount.saturating_sub(1) };
+    }
+}
+
 pub fn idle_session_timer_suspend() -> bool {
     unsafe { ng_idle_session_timer_suspend() }
 }
