@@ -52,7 +52,12 @@ pub enum StoredSecret {
     Scram(ScramSecret),
     /// md5(password || user), decoded from hex.
     Md5([u8; 16]),
-    /// Plaintext password (legacy; the server never creates these today).
+    /// A value in no format the server recognizes (it has stored no
+    /// plaintext password since version 10): never verifies, as the server's
+    /// plain_crypt_verify() refuses it ("Password of user ... is in
+    /// unrecognized format"). Accepting the stored string as the password
+    /// would let a hash the parsers disagree on (`SCRAM-SHA-256$+4096:...`)
+    /// be used as a password.
     Plain(String),
 }
 
@@ -76,10 +81,14 @@ fn parse_scram(s: &str) -> Option<ScramSecret> {
     let (iter_salt, keys) = rest.split_once('$')?;
     let (iter, salt) = iter_salt.split_once(':')?;
     let (stored, server) = keys.split_once(':')?;
-    if !iter.bytes().all(|b| b.is_ascii_digit()) {
+    // As the server's strtol(): leading white space and a sign allowed,
+    // nothing after the digits.
+    let digits = iter.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
+    let digits = digits.strip_prefix('+').unwrap_or(digits);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let iterations: u32 = iter.parse().ok().filter(|&i| i >= 1)?;
+    let iterations: u32 = digits.parse().ok().filter(|&i| i >= 1)?;
     let salt = b64_decode(salt).filter(|s| !s.is_empty())?;
     Some(ScramSecret {
         iterations,
@@ -146,8 +155,7 @@ pub fn verify_password(secret: &StoredSecret, user: &str, password: &str) -> boo
     match secret {
         StoredSecret::Scram(s) => client_key_from_password(s, password).is_some(),
         StoredSecret::Md5(h) => ct_eq(&md5_password_hash(password, user), h),
-        // Comparing digests hides the stored password's length as well.
-        StoredSecret::Plain(p) => ct_eq(&sha256(p.as_bytes()), &sha256(password.as_bytes())),
+        StoredSecret::Plain(_) => false,
     }
 }
 
@@ -228,13 +236,33 @@ mod tests {
     fn plain_check() {
         let s = parse_stored_secret("hunter2");
         assert_eq!(s, StoredSecret::Plain("hunter2".into()));
-        assert!(verify_password(&s, "u", "hunter2"));
+        // The server refuses a secret in no known format, whatever is sent.
+        assert!(!verify_password(&s, "u", "hunter2"));
         assert!(!verify_password(&s, "u", "hunter"));
         assert!(!verify_password(
             &StoredSecret::Plain(String::new()),
             "u",
             ""
         ));
+    }
+
+    #[test]
+    fn scram_iterations_read_as_the_server_reads_them() {
+        let keys = "WG5d8oPm3OtcPnkdi4Uo7BkeZkBFzpcXkuLmtbsT4qY=:wfPLwcE6nTWhTAmQ7tl2KeoiWGPlZqQxSrmfPwDl2dU=";
+        for iter in ["4096", "+4096", " 4096", "\t+4096"] {
+            let s = parse_stored_secret(&format!("SCRAM-SHA-256${iter}:W22ZaJ0SNY7soEsUEjb6gQ==${keys}"));
+            assert!(matches!(&s, StoredSecret::Scram(sc) if sc.iterations == 4096), "{iter:?}: {s:?}");
+            // RFC 7677's password, and never the stored string itself.
+            assert!(verify_password(&s, "u", "pencil"), "{iter:?}");
+            let stored = format!("SCRAM-SHA-256${iter}:W22ZaJ0SNY7soEsUEjb6gQ==${keys}");
+            assert!(!verify_password(&s, "u", &stored), "{iter:?}");
+        }
+        for iter in ["", "+", "4096 ", "0x10", "-1", "0"] {
+            let stored = format!("SCRAM-SHA-256${iter}:W22ZaJ0SNY7soEsUEjb6gQ==${keys}");
+            let s = parse_stored_secret(&stored);
+            assert!(matches!(s, StoredSecret::Plain(_)), "{iter:?}");
+            assert!(!verify_password(&s, "u", &stored), "{iter:?}: the stored string as the password");
+        }
     }
 
     #[test]
@@ -251,7 +279,6 @@ mod tests {
         for bad in [
             format!("SCRAM-SHA-256$0:c2FsdA==${keys}"),
             format!("SCRAM-SHA-256$-1:c2FsdA==${keys}"),
-            format!("SCRAM-SHA-256$+5:c2FsdA==${keys}"),
             format!("SCRAM-SHA-256$99999999999:c2FsdA==${keys}"),
             format!("SCRAM-SHA-256$x:c2FsdA==${keys}"),
             format!("SCRAM-SHA-256$4096:${keys}"),
