@@ -193,12 +193,14 @@ impl Pooler {
         if self.backend_yield_to_starved(key) {
             return;
         }
+        // Draining first: a paused pool's backend must still leave for a
+        // DROP DATABASE (pausing before maintenance is common).
+        if self.pools[pool].draining {
+            return self.backend_close(key);
+        }
         if self.pool_paused(pool) {
             self.pools[pool].parked.push(key);
             return self.sync_pool(pool);
-        }
-        if self.pools[pool].draining {
-            return self.backend_close(key);
         }
         self.pool_recall_stale_ahead(pool, true);
         while let Some(ck) = self.pools[pool].waiting.pop_front() {

@@ -152,3 +152,49 @@ fn rename_and_template_copy_with_a_live_pool() {
         );
     });
 }
+
+fn pooled_pids_in(pg: &Cluster, db: &str) -> Vec<i32> {
+    pg.admin()
+        .query("SELECT pid FROM nextgres.backends b JOIN pg_stat_activity a USING (pid) WHERE a.datname = $1 ORDER BY pid", &[&db])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// `CREATE DATABASE` without TEMPLATE copies template1, which a pool may be
+/// connected to (a client of template1 through the pooler, gone, its
+/// backend parked): the pool's backends leave, as for an explicit TEMPLATE,
+/// and the copy succeeds as it does with no pool (before: 55006 "source
+/// database "template1" is being accessed by other users" for
+/// idle_backend_timeout). A `DROP DATABASE` / `RENAME` / `CREATE DATABASE
+/// ... TEMPLATE` that the server refuses (a role that does not own the
+/// database, one without CREATEDB) leaves that database's pool alone: the
+/// same backend pids before and after (before: any user could close
+/// another database's pooled backends with a failing command).
+#[test]
+fn template1_copies_and_refused_commands_with_a_live_pool() {
+    run(|pg| {
+        pg.admin().batch_execute("GRANT CONNECT ON DATABASE template1 TO app; CREATE ROLE intruder LOGIN").unwrap();
+        {
+            let mut t = connect(pg, "template1");
+            t.simple_query("SELECT 1").unwrap();
+        }
+        assert!(wait_until(SETTLE, || pooled_in(pg, "template1") == 1), "no pooled backend in template1");
+        pg.admin().batch_execute("CREATE DATABASE copied").expect("CREATE DATABASE from template1 with a pool there");
+        pg.admin().batch_execute("CREATE DATABASE copied2 TEMPLATE DEFAULT").expect("TEMPLATE DEFAULT");
+
+        let _clients = fill_pool(pg, DB);
+        let before = pooled_pids_in(pg, DB);
+        let mut intruder = pg.connect_tcp("intruder", "postgres", None).expect("intruder");
+        for sql in [
+            format!("DROP DATABASE {DB}"),
+            format!("ALTER DATABASE {DB} RENAME TO elsewhere"),
+            format!("CREATE DATABASE stolen TEMPLATE {DB}"),
+        ] {
+            let e = intruder.batch_execute(&sql).expect_err("refused");
+            assert_eq!(e.code().map(|c| c.code()), Some("42501"), "{sql}: {e:?}");
+        }
+        assert_eq!(pooled_pids_in(pg, DB), before, "a refused command closed the pool's backends");
+    });
+}
