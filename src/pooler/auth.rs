@@ -495,8 +495,9 @@ impl Pooler {
                 if let Some(c) = self.client(key) {
                     c.log_login(&session.info);
                 }
+                let identity = (session.info.role_oid, session.info.db_oid);
                 drop(session); // wipes the secret
-                self.client_join_pool(key, cred, limited);
+                self.client_join_pool(key, cred, limited, identity);
             }
         }
     }

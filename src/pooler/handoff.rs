@@ -19,9 +19,23 @@ use std::time::Instant;
 impl Pooler {
     /// After authentication: join the (database, role) pool, then finish the
     /// login once the pool knows its session values.
-    pub fn client_join_pool(&mut self, key: usize, cred: Option<Credential>, limited: bool) {
+    pub fn client_join_pool(&mut self, key: usize, cred: Option<Credential>, limited: bool, identity: (u32, u32)) {
         let Some(c) = self.client(key) else { return };
         let name = (c.database.clone(), c.user.clone());
+        // A pool of the same names whose role or database is another one
+        // now (renamed away, dropped and re-created): its backends are
+        // logged in as that other role or database and must serve no one
+        // who authenticated as this one.
+        // (An oid of 0 is unknown, never a difference.)
+        if let Some(&old) = self.pool_by_name.get(&name) {
+            let had = self.pools[old].identity;
+            let differs = |a: u32, b: u32| a != 0 && b != 0 && a != b;
+            if differs(had.0, identity.0) || differs(had.1, identity.1) {
+                self.pool_retire(old);
+            } else if had == (0, 0) {
+                self.pools[old].identity = identity;
+            }
+        }
         let pool = match self.pool_by_name.get(&name) {
             Some(&p) => p,
             None => {
@@ -39,6 +53,7 @@ impl Pooler {
                 };
                 let mut new = Pool::new(&name.0, &name.1, row);
                 new.draining = self.draining.contains(&name.0);
+                new.identity = identity;
                 let p = self.pools.insert(new);
                 self.pool_by_name.insert(name, p);
                 self.pool_conf_init(p);
@@ -83,6 +98,67 @@ impl Pooler {
             self.pool_maybe_grow(pool);
         }
         self.sync_pool(pool);
+    }
+
+    /// Takes pool `k` out of use for new clients (`Pool::retired`). Its
+    /// backends keep serving the clients it has (they close once the last
+    /// one leaves: `client_detach_from_pool`); without clients its parked
+    /// backends close now.
+    fn pool_retire(&mut self, k: usize) {
+        let Some(p) = self.pools.get_mut(k) else { return };
+        p.retired = true;
+        let name = (p.database.clone(), p.role.clone());
+        log::info!(
+            "pool for role \"{}\" and database \"{}\" retired: that role or database was renamed, dropped or re-created since its backends logged in",
+            name.1,
+            name.0
+        );
+        if self.pool_by_name.get(&name) == Some(&k) {
+            self.pool_by_name.remove(&name);
+        }
+        // Its backends go on serving its remaining clients (as direct
+        // sessions of a renamed role go on); without clients, they close.
+        if self.pools[k].clients > 0 {
+            self.pool_retired_check(k);
+            return self.sync_pool(k);
+        }
+        let free: Vec<usize> = self.pools[k]
+            .parked
+            .iter()
+            .copied()
+            .filter(|&bk| matches!(self.conns.get(bk), Some(Conn::Backend(b)) if b.pinned_to.is_none()))
+            .collect();
+        for bk in free {
+            self.pools[k].parked.retain(|&x| x != bk);
+            self.backend_close(bk);
+        }
+        self.pool_retired_check(k);
+        self.sync_pool(k);
+    }
+
+    /// A retired pool with no backend left cannot serve its waiting
+    /// clients (a login by its names would be the new role's or
+    /// database's): they get a FATAL and may reconnect.
+    pub fn pool_retired_check(&mut self, k: usize) {
+        let Some(p) = self.pools.get(k) else { return };
+        if !p.retired || p.backends > 0 {
+            return;
+        }
+        let waiting: Vec<usize> = p.waiting.iter().chain(p.session_waiting.iter()).chain(p.login_pending.iter()).copied().collect();
+        let role = p.role.clone();
+        for ck in waiting {
+            // Still queued here (telling one may have told the others).
+            let queued = self.pools.get(k).is_some_and(|p| p.waiting.contains(&ck) || p.session_waiting.contains(&ck) || p.login_pending.contains(&ck));
+            if !queued {
+                continue;
+            }
+            self.client_fatal(
+                ck,
+                "57P01",
+                &format!("terminating connection because role or database of this session was renamed or re-created (role \"{role}\")"),
+                Some("Connect again."),
+            );
+        }
     }
 
     /// ParameterStatus (the pool's fresh-session values, overridden by the
@@ -220,6 +296,9 @@ impl Pooler {
     pub fn pool_maybe_grow(&mut self, pool: usize) {
         if self.pool_paused(pool) {
             return;
+        }
+        if self.pools.get(pool).is_some_and(|p| p.retired) {
+            return self.pool_retired_check(pool);
         }
         self.pool_reserve_check(pool);
         let size = self.pool_size_of(pool);

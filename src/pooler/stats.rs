@@ -132,7 +132,10 @@ impl Pooler {
         }
         let p = self.pools.remove(k);
         log::info!("pool for role \"{}\" and database \"{}\" freed for a new pool (nextgres.max_pools is full)", p.role, p.database);
-        self.pool_by_name.remove(&(p.database.clone(), p.role.clone()));
+        let name = (p.database.clone(), p.role.clone());
+        if self.pool_by_name.get(&name) == Some(&k) {
+            self.pool_by_name.remove(&name);
+        }
         self.tables.write(|rows, _, _| rows[p.row].in_use = false);
         self.rows.free_pools.push(p.row);
         true

@@ -1296,3 +1296,37 @@ fn a_full_pool_table_gives_an_idle_pools_row_to_a_new_pool() {
     let e = pg.tcp("a", "postgres").connect().err().expect("a while b and c are in use");
     assert_eq!(err_fields(&e).map(|f| f.code), Some("53300".into()), "{e:?}");
 }
+
+/// A role renamed and a new role created under the old name: a client of
+/// the new role must not be served by the pool's backends, which are logged
+/// in as the renamed one (it would have that role's privileges). The pool
+/// of that name is retired: the new client gets a backend of its own role,
+/// and a client connected before the rename goes on as the renamed role,
+/// as a direct session does. Likewise for a role dropped and re-created.
+/// Before: the new `alice` ran with `session_user` `alice_old`.
+#[test]
+fn a_renamed_roles_backends_never_serve_the_new_role_of_that_name() {
+    let pg = Cluster::builder().conf("nextgres.pool_size = 2").start();
+    exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE alice LOGIN");
+    let who = |c: &mut postgres::Client| first_value(&c.simple_query("SELECT session_user::text").expect("session_user")).unwrap_or_default();
+    let mut before = pg.tcp("alice", "postgres").connect().expect("alice");
+    assert_eq!(who(&mut before), "alice");
+    {
+        let mut other = pg.tcp("alice", "postgres").connect().expect("alice again");
+        assert_eq!(who(&mut other), "alice");
+    }
+    exec(&pg, "ALTER ROLE alice RENAME TO alice_old; CREATE ROLE alice LOGIN");
+    let mut after = pg.tcp("alice", "postgres").connect().expect("the new alice");
+    for _ in 0..3 {
+        assert_eq!(who(&mut after), "alice", "the new role ran on the renamed role's backend");
+        assert_eq!(who(&mut before), "alice_old", "the session from before the rename");
+    }
+    drop(before);
+    drop(after);
+    // Dropped and re-created under the same name.
+    exec(&pg, "DROP ROLE alice; CREATE ROLE alice LOGIN");
+    let mut again = pg.tcp("alice", "postgres").connect().expect("the re-created alice");
+    let oid = first_value(&again.simple_query("SELECT (SELECT oid FROM pg_roles WHERE rolname = session_user)::text").expect("oid")).unwrap_or_default();
+    let want = first_value(&pg.admin().simple_query("SELECT oid::text FROM pg_roles WHERE rolname = 'alice'").expect("oid")).unwrap_or_default();
+    assert_eq!(oid, want, "served by a backend of the dropped role");
+}

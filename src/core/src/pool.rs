@@ -83,6 +83,13 @@ pub struct Pool {
     /// itself) is waiting for this pool's backends to leave: none logs in,
     /// none parks.
     pub draining: bool,
+    /// The (role, database) oids its clients authenticated as; 0 unknown.
+    pub identity: (u32, u32),
+    /// Its role or database was renamed, dropped or re-created since: no
+    /// new client joins it and it logs in no backend (a login by its name
+    /// would be another role's or database's); its backends serve its
+    /// remaining clients until they leave.
+    pub retired: bool,
     pub last_login_error: Option<(ErrorFields, Instant)>,
     /// No pool login before this instant: the server had no connection
     /// slot for the last one (53300), so the pool does not retry in a loop.
@@ -144,6 +151,8 @@ impl Pool {
             params: None,
             close_when_idle: false,
             draining: false,
+            identity: (0, 0),
+            retired: false,
             last_login_error: None,
             login_backoff_until: None,
             slots_episode: false,
@@ -193,7 +202,7 @@ impl Pool {
     /// fewer shared backends than `pool_size` (dedicated ones do not count).
     pub fn wants_backend(&self, pool_size: usize) -> bool {
         let demand = self.waiting.len() + usize::from(self.params.is_none() && !self.login_pending.is_empty());
-        !self.draining && self.shared_backends() < pool_size && demand > self.starting
+        !self.draining && !self.retired && self.shared_backends() < pool_size && demand > self.starting
     }
 
     pub fn record_wait(&mut self, since: Instant) {
