@@ -247,7 +247,22 @@ fn wait_for(t: &shmem::Tables, gen: u64, wait_seconds: i32, mut cond: impl FnMut
     }
 }
 
+/// An empty database or role name names nothing (NULL role: every role):
+/// refused, as an empty name is by the server (`zero-length delimited
+/// identifier`), instead of reaching every pool.
+fn check_names(database: &str, role: Option<&str>) {
+    if database.is_empty() || role == Some("") {
+        pgrx::ereport!(
+            ERROR,
+            pgrx::PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "nextgres: an empty database or role name names no pool",
+            "Name the database; NULL as the role names every role of it."
+        );
+    }
+}
+
 fn op(kind: u8, database: &str, role: Option<&str>) -> u64 {
+    check_names(database, role);
     let t = tables();
     let Some(gen) = t.op_add(kind, database, role.unwrap_or("")) else {
         pgrx::error!("nextgres: too many pauses and reconnects pending ({} slots)", shmem::OP_SLOTS);
@@ -267,12 +282,16 @@ fn pause(database: &str, role: default!(Option<&str>, "NULL"), wait_seconds: def
     let gen = op(shmem::OP_PAUSE, database, role);
     pgrx::log!("nextgres: pause of the {} requested", target(database, role));
     let t = tables();
+    // The caller's own backend, when it is a pooled session of a paused
+    // pool, serves its caller until this returns: not waited for (it
+    // could never finish first).
+    let me = crate::pg::my_pid();
     wait_for(&t, gen, wait_seconds, |t| {
-        let (pools, _, _) = t.snapshot();
-        pools
-            .iter()
-            .filter(|p| shmem::name(&p.database) == database && role.is_none_or(|r| shmem::name(&p.role) == r))
-            .all(|p| p.backends_attached == 0)
+        let (_, _, backends) = t.snapshot();
+        let names = t.pool_names();
+        backends.iter().filter(|b| b.pid != me && b.state == shmem::BackendState::Attached).all(|b| {
+            !names.get(b.pool as usize).is_some_and(|(d, r)| d == database && role.is_none_or(|x| x == r))
+        })
     })
 }
 
@@ -281,6 +300,7 @@ fn pause(database: &str, role: default!(Option<&str>, "NULL"), wait_seconds: def
 /// how many pauses ended. PgBouncer's RESUME.
 #[pg_extern]
 fn resume(database: &str, role: default!(Option<&str>, "NULL")) -> i32 {
+    check_names(database, role);
     let t = tables();
     let (n, gen) = t.ops_resume(database, role);
     t.wake_pooler();
@@ -338,7 +358,9 @@ fn kill_client(client_addr: &str, client_port: i32) -> bool {
 /// WAIT_CLOSE.
 #[pg_extern]
 fn wait_close(database: &str, role: default!(Option<&str>, "NULL"), wait_seconds: default!(i32, 60)) -> bool {
+    check_names(database, role);
     let t = tables();
+    let me = crate::pg::my_pid();
     let mine = |t: &shmem::Tables| -> Vec<i32> {
         let (_, _, backends) = t.snapshot();
         let names = t.pool_names();
@@ -348,6 +370,7 @@ fn wait_close(database: &str, role: default!(Option<&str>, "NULL"), wait_seconds
                 names.get(b.pool as usize).is_some_and(|(d, r)| d == database && role.is_none_or(|x| x == r))
             })
             .map(|b| b.pid)
+            .filter(|&p| p != me) // the caller's own, if pooled there
             .collect()
     };
     let before = mine(&t);

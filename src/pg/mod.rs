@@ -47,6 +47,12 @@ pub fn setting(name: &std::ffi::CStr) -> Option<String> {
     Some(unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned())
 }
 
+/// This process's pid (miscadmin.h `MyProcPid`).
+pub fn my_pid() -> i32 {
+    // SAFETY: a process-local int set at process start, never changed after.
+    unsafe { pgrx::pg_sys::MyProcPid }
+}
+
 /// The server's TCP settings for client connections, as it applies them
 /// to each it accepts (libpq/pqcomm.c pq_setkeepalivesidle() and friends
 /// from `tcp_keepalives_idle` / `_interval` / `_count` in seconds and

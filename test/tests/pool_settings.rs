@@ -1330,3 +1330,33 @@ fn a_renamed_roles_backends_never_serve_the_new_role_of_that_name() {
     let want = first_value(&pg.admin().simple_query("SELECT oid::text FROM pg_roles WHERE rolname = 'alice'").expect("oid")).unwrap_or_default();
     assert_eq!(oid, want, "served by a backend of the dropped role");
 }
+
+/// `nextgres.pause()` called through the pooler on the caller's own
+/// database returns true once the other transactions are done: the caller's
+/// own backend serves the call itself and is not waited for (before: false
+/// after `wait_seconds`, always). An empty database or role name is refused
+/// with 22023 (before: `kill_clients('')` acted on every database).
+#[test]
+fn pause_through_the_pooler_and_empty_names() {
+    let pg = Cluster::builder().conf("nextgres.pool_size = 4").start();
+    exec(&pg, "CREATE EXTENSION nextgres");
+    let mut me = pg.tcp(nextgres_test::SUPERUSER, "postgres").connect().expect("pooled superuser session");
+    let paused = first_value(&me.simple_query("SELECT nextgres.pause('postgres', NULL, 10)::text").expect("pause")).unwrap_or_default();
+    assert_eq!(paused, "true", "pause waited for the caller's own backend");
+    let n: i32 = pg.admin().query_one("SELECT nextgres.resume('postgres')", &[]).expect("resume").get(0);
+    assert_eq!(n, 1);
+    assert_eq!(first_value(&me.simple_query("SELECT 'served'").expect("after resume")).as_deref(), Some("served"));
+    for sql in [
+        "SELECT nextgres.kill_clients('')",
+        "SELECT nextgres.reconnect('')",
+        "SELECT nextgres.pause('', NULL, 0)",
+        "SELECT nextgres.resume('')",
+        "SELECT nextgres.wait_close('', NULL, 0)",
+        "SELECT nextgres.kill_clients('postgres', '')",
+    ] {
+        let e = pg.admin().simple_query(sql).expect_err(sql);
+        assert_eq!(e.code().map(|c| c.code()), Some("22023"), "{sql}: {e:?}");
+    }
+    // The session from before was not killed by any of them.
+    assert_eq!(first_value(&me.simple_query("SELECT 'still here'").expect("still here")).as_deref(), Some("still here"));
+}
