@@ -553,10 +553,20 @@ pub fn own_backend_row() -> Option<usize> {
 /// count, pairs with the pooler's store of that count and fence before it
 /// reads this flag: at least one side sees the other, so a waiting client is
 /// never left behind a lingering backend.
+///
+/// Only while the row is still this backend's: one that outlived its pooler
+/// (a restart; it keeps serving its client) holds the index of a row the
+/// new pooler may have given another backend, whose flag it must not write.
 pub fn set_lingering(row: usize, on: bool) {
     let Some(t) = tables() else { return };
+    let pid = unsafe { pgrx::pg_sys::MyProcPid };
     if let Some(r) = t.backends_raw().get_mut(row) {
-        unsafe { std::ptr::write_volatile(&mut r.lingering, on as u8) };
+        // SAFETY: a field of a shared row that only the pooler writes while
+        // it is in use (set before this backend's login completed).
+        let mine = unsafe { std::ptr::read_volatile(&r.in_use) && std::ptr::read_volatile(&r.pid) == pid };
+        if mine {
+            unsafe { std::ptr::write_volatile(&mut r.lingering, on as u8) };
+        }
     }
     std::sync::atomic::fence(Ordering::SeqCst);
 }
