@@ -261,6 +261,24 @@ fn check_names(database: &str, role: Option<&str>) {
     }
 }
 
+/// As pg_terminate_backend (signalfuncs.c): a role without SUPERUSER,
+/// granted these functions, may not end the sessions of roles with it
+/// (42501). Without a role named, every role's clients would be ended, so
+/// such a caller must name one.
+fn check_may_kill(role: Option<&str>) {
+    if crate::pg::caller_is_superuser() {
+        return;
+    }
+    if role.is_none_or(crate::pg::role_is_superuser) {
+        pgrx::ereport!(
+            ERROR,
+            pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "permission denied to terminate process",
+            "Only roles with the SUPERUSER attribute may terminate processes of roles with the SUPERUSER attribute; without that attribute, name a role of no superuser."
+        );
+    }
+}
+
 fn op(kind: u8, database: &str, role: Option<&str>) -> u64 {
     check_names(database, role);
     let t = tables();
@@ -326,6 +344,8 @@ fn reconnect(database: &str, role: default!(Option<&str>, "NULL")) {
 /// backends. Returns once the pooler has acted. PgBouncer's KILL.
 #[pg_extern]
 fn kill_clients(database: &str, role: default!(Option<&str>, "NULL")) {
+    check_names(database, role);
+    check_may_kill(role);
     let gen = op(shmem::OP_KILL, database, role);
     pgrx::log!("nextgres: kill of the clients of the {} requested", target(database, role));
     wait_for(&tables(), gen, 10, |_| true);
@@ -340,9 +360,10 @@ fn kill_clients(database: &str, role: default!(Option<&str>, "NULL")) {
 fn kill_client(client_addr: &str, client_port: i32) -> bool {
     let t = tables();
     let (_, clients, _) = t.snapshot();
-    if !clients.iter().any(|c| c.port == client_port && shmem::name(&c.addr) == client_addr) {
+    let Some(c) = clients.iter().find(|c| c.port == client_port && shmem::name(&c.addr) == client_addr) else {
         return false;
-    }
+    };
+    check_may_kill(Some(&shmem::name(&c.role)));
     let Some(gen) = t.op_add_port(shmem::OP_KILL_CLIENT, client_addr, "", client_port) else {
         pgrx::error!("nextgres: too many operations pending ({} slots)", shmem::OP_SLOTS);
     };

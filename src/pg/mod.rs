@@ -47,6 +47,25 @@ pub fn setting(name: &std::ffi::CStr) -> Option<String> {
     Some(unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned())
 }
 
+/// Is the current user a superuser (miscadmin.h `superuser()`)? Inside a
+/// transaction (a catalog lookup).
+pub fn caller_is_superuser() -> bool {
+    // SAFETY: called from SQL functions, inside their transaction.
+    unsafe { pgrx::pg_sys::superuser() }
+}
+
+/// Is the role of this name a superuser (`superuser_arg()`)? False for an
+/// unknown name. Inside a transaction.
+pub fn role_is_superuser(name: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(name) else { return false };
+    // SAFETY: catalog lookups inside the calling SQL function's transaction;
+    // missing_ok, so no ERROR for an unknown name.
+    unsafe {
+        let oid = pgrx::pg_sys::get_role_oid(c.as_ptr(), true);
+        oid != pgrx::pg_sys::InvalidOid && pgrx::pg_sys::superuser_arg(oid)
+    }
+}
+
 /// This process's pid (miscadmin.h `MyProcPid`).
 pub fn my_pid() -> i32 {
     // SAFETY: a process-local int set at process start, never changed after.

@@ -1360,3 +1360,42 @@ fn pause_through_the_pooler_and_empty_names() {
     // The session from before was not killed by any of them.
     assert_eq!(first_value(&me.simple_query("SELECT 'still here'").expect("still here")).as_deref(), Some("still here"));
 }
+
+/// A role granted the kill functions (as the README suggests for an
+/// operator) is held to pg_terminate_backend's rule: it may not end a
+/// superuser's clients (42501, the server's message), nor every role's at
+/// once; it may end a plain role's. Before: `kill_clients('postgres')` by
+/// such a role ended the superuser's pooled session too.
+#[test]
+fn granted_kill_functions_spare_superusers_sessions() {
+    let pg = Cluster::builder().start();
+    exec(
+        &pg,
+        "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN; CREATE ROLE ops LOGIN;
+         GRANT USAGE ON SCHEMA nextgres TO ops;
+         GRANT EXECUTE ON FUNCTION nextgres.kill_clients(text, text), nextgres.kill_client(text, integer) TO ops;
+         GRANT pg_monitor TO ops",
+    );
+    let su = nextgres_test::SUPERUSER;
+    let mut boss = pg.tcp(su, "postgres").connect().expect("pooled superuser session");
+    boss.simple_query("SELECT 1").expect("boss");
+    let mut app = pg.tcp("app", "postgres").connect().expect("app");
+    app.simple_query("SELECT 1").expect("app");
+    let mut ops = pg.unix("ops", "postgres").connect().expect("ops");
+    let boss_port: i32 = ops
+        .query_one("SELECT client_port FROM nextgres.clients WHERE role = $1", &[&su])
+        .expect("boss's row")
+        .get(0);
+    for sql in [
+        "SELECT nextgres.kill_clients('postgres')".to_string(),
+        format!("SELECT nextgres.kill_clients('postgres', '{su}')"),
+        format!("SELECT nextgres.kill_client('127.0.0.1', {boss_port})"),
+    ] {
+        let e = ops.simple_query(&sql).expect_err(&sql);
+        let db = e.as_db_error().expect("a server error");
+        assert_eq!((db.code().code(), db.message()), ("42501", "permission denied to terminate process"), "{sql}");
+    }
+    ops.simple_query("SELECT nextgres.kill_clients('postgres', 'app')").expect("a plain role's clients");
+    assert!(app.simple_query("SELECT 1").is_err(), "app's client was not ended");
+    boss.simple_query("SELECT 'still here'").expect("the superuser's session survived");
+}
