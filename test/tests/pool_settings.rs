@@ -1134,6 +1134,23 @@ fn dedicated_login_takes_the_last_slot_as_a_direct_one() {
     x.batch_execute("COMMIT").expect("x commits");
 }
 
+/// Roles a and b, and `max_db_connections` `limit` on database postgres.
+fn roles_a_and_b_under_a_db_limit(pg: &Cluster, limit: i32) {
+    exec(
+        pg,
+        &format!(
+            "CREATE EXTENSION nextgres; CREATE ROLE a LOGIN; CREATE ROLE b LOGIN;
+             ALTER DATABASE postgres SET nextgres.max_db_connections = {limit}"
+        ),
+    );
+}
+
+/// One client of `role` runs one query through the pooler and leaves.
+fn one_query_as(pg: &Cluster, role: &str) {
+    let mut c = pg.tcp(role, "postgres").connect().unwrap_or_else(|e| panic!("{role}: {e:?}"));
+    c.simple_query("SELECT 1").unwrap_or_else(|e| panic!("{role}'s query: {e:?}"));
+}
+
 fn pool_backends(pg: &Cluster, role: &str, state: &str) -> i64 {
     pg.admin()
         .query_one("SELECT count(*) FROM nextgres.backends WHERE role = $1 AND state = $2", &[&role, &state])
@@ -1156,16 +1173,9 @@ fn a_pool_under_a_shared_limit_gets_a_backend_kept_by_another_pools_idle_client(
         .conf("nextgres.hold_idle_clients = on")
         .conf("nextgres.query_wait_timeout = 15")
         .start();
-    exec(
-        &pg,
-        "CREATE EXTENSION nextgres; CREATE ROLE a LOGIN; CREATE ROLE b LOGIN;
-         ALTER DATABASE postgres SET nextgres.max_db_connections = 2",
-    );
+    roles_a_and_b_under_a_db_limit(&pg, 2);
     // b's pool logs in once (its session values are known from then on).
-    {
-        let mut b = pg.tcp("b", "postgres").connect().expect("b");
-        b.simple_query("SELECT 1").expect("b's first query");
-    }
+    one_query_as(&pg, "b");
     let mut a1 = pg.tcp("a", "postgres").connect().expect("a1");
     let mut a2 = pg.tcp("a", "postgres").connect().expect("a2");
     a1.batch_execute("BEGIN; SELECT 1").expect("a1 BEGIN");
@@ -1198,15 +1208,8 @@ fn a_pool_under_a_shared_limit_gets_a_backend_kept_by_another_pools_idle_client(
 #[test]
 fn a_new_pools_first_login_gets_room_from_an_unused_pool() {
     let pg = Cluster::builder().conf("nextgres.pool_size = 4").conf("nextgres.query_wait_timeout = 15").start();
-    exec(
-        &pg,
-        "CREATE EXTENSION nextgres; CREATE ROLE a LOGIN; CREATE ROLE b LOGIN;
-         ALTER DATABASE postgres SET nextgres.max_db_connections = 1",
-    );
-    {
-        let mut a = pg.tcp("a", "postgres").connect().expect("a");
-        a.simple_query("SELECT 1").expect("a");
-    }
+    roles_a_and_b_under_a_db_limit(&pg, 1);
+    one_query_as(&pg, "a");
     assert!(wait_until(APPLIED, || pool_backends(&pg, "a", "parked") == 1), "a's backend is not parked");
     let t0 = Instant::now();
     let b = pg.tcp("b", "postgres").connect();

@@ -1231,6 +1231,26 @@ fn two_clients_refused_at_one_boundary_wait_again_in_order() {
     });
 }
 
+/// `backend`'s write(2) calls each held back 3 s by strace while the result
+/// lives: its RELEASED is the first write of a read-only transaction's
+/// boundary (query results go out with sendto), so the pooler reads it that
+/// much later.
+fn released_late(backend: i32) -> nextgres_test::procs::Strace {
+    nextgres_test::procs::Strace::attach(backend, &["-e", "trace=write", "-e", "inject=write:delay_enter=3000000"])
+}
+
+/// `nextgres.kill_client` of the client on local port `port`, which must
+/// find it.
+#[track_caller]
+fn kill_client_on(pg: &Cluster, port: i32) {
+    let killed: bool = pg
+        .admin()
+        .query_one("SELECT nextgres.kill_client('127.0.0.1', $1)", &[&port])
+        .expect("kill_client")
+        .get(0);
+    assert!(killed, "kill_client found no client on port {port}: {:?}", clients(pg));
+}
+
 /// `nextgres.kill_client` of a client its backend has just refused (the
 /// backend, at its open files limit, could not receive the socket sent
 /// ahead) while the pooler has not read that backend's RELEASED yet: the
@@ -1250,21 +1270,13 @@ fn client_killed_between_its_refusal_and_the_release() {
         b.send_query(NAME_AND_TIME);
         let sent = wait_until(SETTLE, || queued(pg, backend) == 1);
         assert!(sent, "B was not sent ahead: {:?}", clients(pg));
-        // The backend's write(2) calls each held back 3 s: its RELEASED is the
-        // first write of a read-only transaction's boundary (query results go
-        // out with sendto), so the pooler reads it that much later.
-        let delayed = nextgres_test::procs::Strace::attach(backend, &["-e", "trace=write", "-e", "inject=write:delay_enter=3000000"]);
+        let delayed = released_late(backend);
         let mark = pg.log_mark();
         a.query("COMMIT").expect("COMMIT on the backend at its open files limit");
         let refused = wait_until(SETTLE, || queued(pg, backend) == 0);
         assert!(refused, "B's ticket is still offered: {:?}", clients(pg));
         let port = b.local_port();
-        let killed: bool = pg
-            .admin()
-            .query_one("SELECT nextgres.kill_client('127.0.0.1', $1)", &[&port])
-            .expect("kill_client")
-            .get(0);
-        assert!(killed, "kill_client found no client on port {port}: {:?}", clients(pg));
+        kill_client_on(pg, port);
         let (severity, sqlstate, _) = b.expect_fatal();
         drop(delayed);
         drop(limited);
@@ -1370,20 +1382,14 @@ fn client_killed_after_its_backend_claimed_it_ahead() {
         b.send_query("BEGIN; SELECT 1");
         let sent = wait_until(SETTLE, || queued(pg, backend) == 1);
         assert!(sent, "B was not sent ahead: {:?}", clients(pg));
-        // The backend's RELEASED (its first write(2) at the boundary) reaches
-        // the pooler 3 s late; B's transaction starts after it.
-        let delayed = nextgres_test::procs::Strace::attach(backend, &["-e", "trace=write", "-e", "inject=write:delay_enter=3000000"]);
+        // B's transaction starts after the late RELEASED.
+        let delayed = released_late(backend);
         let mark = pg.log_mark();
         a.query("COMMIT").expect("COMMIT");
         let claimed = wait_until(SETTLE, || queued(pg, backend) == 0);
         assert!(claimed, "B's ticket is still offered: {:?}", clients(pg));
         let port = b.local_port();
-        let killed: bool = pg
-            .admin()
-            .query_one("SELECT nextgres.kill_client('127.0.0.1', $1)", &[&port])
-            .expect("kill_client")
-            .get(0);
-        assert!(killed, "kill_client found no client on port {port}: {:?}", clients(pg));
+        kill_client_on(pg, port);
         let log = pg.log_since(mark);
         assert!(
             log.contains("told when its backend gives it back"),
