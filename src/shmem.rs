@@ -348,9 +348,14 @@ impl Tables {
         self.backends_raw().get(row).map(|r| unsafe { std::ptr::read_volatile(&r.pin) }).unwrap_or(0)
     }
 
-    pub fn pool_names(&self) -> Vec<(String, String)> {
+    /// The backends in use and every pool's names by row, under one lock
+    /// (a pool row may be given to another pool in between).
+    pub fn backends_and_pool_names(&self) -> (Vec<BackendRow>, Vec<(String, String)>) {
         let _g = Guard::shared();
-        self.pools_raw().iter().map(|r| (name(&r.database), name(&r.role))).collect()
+        (
+            self.backends_raw().iter_mut().filter(|r| r.in_use).map(|r| r.copy_tickets_atomically()).collect(),
+            self.pools_raw().iter().map(|r| (name(&r.database), name(&r.role))).collect(),
+        )
     }
 }
 
@@ -469,9 +474,17 @@ impl Tables {
     }
 
     /// All client rows by index (for joining backends to their clients).
-    pub fn snapshot_clients_by_row(&self) -> Vec<ClientRow> {
+    /// The backends in use, every pool's names by row and every client row
+    /// by index, copied under one lock: joined across two, a backend's
+    /// client row could be another client's by the second copy (rows are
+    /// reused at once), and `nextgres.backends` would show that client.
+    pub fn snapshot_backends_joined(&self) -> (Vec<BackendRow>, Vec<(String, String)>, Vec<ClientRow>) {
         let _g = Guard::shared();
-        self.clients_raw().to_vec()
+        (
+            self.backends_raw().iter_mut().filter(|r| r.in_use).map(|r| r.copy_tickets_atomically()).collect(),
+            self.pools_raw().iter().map(|r| (name(&r.database), name(&r.role))).collect(),
+            self.clients_raw().to_vec(),
+        )
     }
 }
 

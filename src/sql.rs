@@ -178,10 +178,7 @@ fn backends() -> TableIterator<
         name!(clients_queued, i32),
     ),
 > {
-    let t = tables();
-    let (_, _, backends) = t.snapshot();
-    let names = t.pool_names();
-    let clients = t.snapshot_clients_by_row();
+    let (backends, names, clients) = tables().snapshot_backends_joined();
     TableIterator::new(backends.into_iter().map(move |b| {
         let (db, role) = names.get(b.pool as usize).cloned().unwrap_or_default();
         let client = (b.client_row >= 0).then(|| clients.get(b.client_row as usize).copied()).flatten().filter(|c| c.in_use);
@@ -305,8 +302,7 @@ fn pause(database: &str, role: default!(Option<&str>, "NULL"), wait_seconds: def
     // could never finish first).
     let me = crate::pg::my_pid();
     wait_for(&t, gen, wait_seconds, |t| {
-        let (_, _, backends) = t.snapshot();
-        let names = t.pool_names();
+        let (backends, names) = t.backends_and_pool_names();
         backends.iter().filter(|b| b.pid != me && b.state == shmem::BackendState::Attached).all(|b| {
             !names.get(b.pool as usize).is_some_and(|(d, r)| d == database && role.is_none_or(|x| x == r))
         })
@@ -383,8 +379,7 @@ fn wait_close(database: &str, role: default!(Option<&str>, "NULL"), wait_seconds
     let t = tables();
     let me = crate::pg::my_pid();
     let mine = |t: &shmem::Tables| -> Vec<i32> {
-        let (_, _, backends) = t.snapshot();
-        let names = t.pool_names();
+        let (backends, names) = t.backends_and_pool_names();
         backends
             .iter()
             .filter(|b| {
