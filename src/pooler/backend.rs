@@ -405,7 +405,17 @@ impl Pooler {
                 // on another backend with its session state lost; it is
                 // told the backend's FATAL when it sent one (terminated:
                 // 57P01), else its connection closes.
-                if matches!(b.phase, BPhase::Parked { .. }) && !matches!(c.phase, super::client::Phase::Attached { .. }) {
+                // Also when the pooler had just handed it the client's next
+                // query and it ended before taking it (unserved): the
+                // client must not be put back in line for another backend.
+                let untouched = matches!(b.phase, BPhase::Parked { .. }) && !matches!(c.phase, super::client::Phase::Attached { .. });
+                let handed = unserved.is_some() && matches!(b.phase, BPhase::Attached { client } if client == ck);
+                if untouched || handed {
+                    if handed {
+                        // Never touched by it: no longer on it (a FATAL is
+                        // never written into a socket counted as a backend's).
+                        c.phase = super::client::Phase::Idle;
+                    }
                     match login_failure.as_ref().or(b.last_fatal.as_deref()) {
                         Some(f) => self.client_fatal_fields(ck, f),
                         None => self.client_close(ck),
