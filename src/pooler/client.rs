@@ -634,32 +634,26 @@ impl Pooler {
                         Ok(n) if n > 0
                     );
                     let already = c.tls.is_some();
+                    // backend_startup.c ProcessStartupPacket(ssl_done,
+                    // gss_done): each request only once in a row; repeated,
+                    // it falls through to the protocol version check. Before
+                    // TLS a refused SSLRequest allows a GSSENCRequest next
+                    // and the other way round; inside TLS, SSLRequest is
+                    // answered 'N' ("no SSL negotiation if we already have a
+                    // direct SSL connection") and GSSENCRequest 'N' (no GSS
+                    // encryption), each once.
                     let is_ssl = matches!(req, StartupRequest::SslRequest);
-                    if !already {
-                        // Refused ('N') below unless TLS starts (then the
-                        // TLS state below takes over).
-                        let (ssl_done, gss_done) = c.plain_negotiation;
-                        if (is_ssl && ssl_done) || (!is_ssl && gss_done) {
-                            let code = if is_ssl { proto::SSL_REQUEST_CODE } else { proto::GSSENC_REQUEST_CODE };
-                            let e = proto::unsupported_protocol(code as u32, &server);
-                            return self.client_fatal(key, e.sqlstate, &e.message, e.hint.as_deref());
-                        }
-                        c.plain_negotiation = (is_ssl, !is_ssl);
+                    let (ssl_done, gss_done) = c.tls.as_ref().map_or(c.plain_negotiation, |t| t.negotiation);
+                    if (is_ssl && ssl_done) || (!is_ssl && gss_done) {
+                        let code = if is_ssl { proto::SSL_REQUEST_CODE } else { proto::GSSENC_REQUEST_CODE };
+                        let e = proto::unsupported_protocol(code as u32, &server);
+                        return self.client_fatal(key, e.sqlstate, &e.message, e.hint.as_deref());
                     }
-                    if let Some((ssl_done, gss_done)) = c.tls.as_ref().map(|t| t.negotiation) {
-                        // Inside TLS, as backend_startup.c ProcessStartupPacket():
-                        // SSLRequest is answered 'N' ("no SSL negotiation if we
-                        // already have a direct SSL connection"), GSSENCRequest
-                        // 'N' (no GSS encryption); each only once: repeated, it
-                        // falls through to the protocol version check.
-                        if (is_ssl && ssl_done) || (!is_ssl && gss_done) {
-                            let code = if is_ssl { proto::SSL_REQUEST_CODE } else { proto::GSSENC_REQUEST_CODE };
-                            let e = proto::unsupported_protocol(code as u32, &server);
-                            return self.client_fatal(key, e.sqlstate, &e.message, e.hint.as_deref());
-                        }
-                        if let Some(t) = c.tls.as_mut() {
-                            t.negotiation = (ssl_done || is_ssl, gss_done || !is_ssl);
-                        }
+                    match c.tls.as_mut() {
+                        Some(t) => t.negotiation = (ssl_done || is_ssl, gss_done || !is_ssl),
+                        // Refused ('N') below unless TLS starts, whose own
+                        // state then takes over.
+                        None => c.plain_negotiation = (is_ssl, !is_ssl),
                     }
                     let tls = match (&req, &self.tls) {
                         (StartupRequest::SslRequest, Some(cfg)) if !early && !already => Some(cfg.clone()),
