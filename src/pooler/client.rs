@@ -436,7 +436,7 @@ pub fn no_relay_fields(why: &str) -> ErrorFields {
     f
 }
 
-fn fatal_fields(sqlstate: &str, message: &str, hint: Option<&str>) -> ErrorFields {
+pub(super) fn fatal_fields(sqlstate: &str, message: &str, hint: Option<&str>) -> ErrorFields {
     ErrorFields {
         severity: "FATAL".into(),
         sqlstate: sqlstate.into(),

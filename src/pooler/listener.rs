@@ -1,9 +1,8 @@
 //! Accepting clients on the pooler's listen sockets, and the open-files
 //! limit they are accepted under.
-use super::client::Client;
+use super::client::{fatal_fields, Client};
 use super::conn::{self, Conn};
 use super::worker::Pooler;
-use nextgres_core::proto::ErrorFields;
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, FromRawFd};
 
@@ -118,27 +117,14 @@ impl Pooler {
             let _ = setsockopt(&stream, sockopt::TcpUserTimeout, &tcp.user_timeout_ms);
         }
         if self.stopping {
-            let why = ErrorFields {
-                severity: "FATAL".into(),
-                sqlstate: "57P03".into(),
-                message: "the database system is shutting down".into(),
-                detail: None,
-                hint: None,
-            };
-            return self.refuse(stream, why);
+            return self.refuse(stream, fatal_fields("57P03", "the database system is shutting down", None));
         }
         let max = crate::settings::MAX_CLIENT_CONN.get() as usize;
         let row = if self.clients < max { self.client_row_alloc(&addr.ip().to_string(), addr.port() as i32) } else { None };
         let Some(row) = row else {
             // Same words as the server's max_connections refusal.
-            let why = ErrorFields {
-                severity: "FATAL".into(),
-                sqlstate: "53300".into(),
-                message: "sorry, too many clients already".into(),
-                detail: None,
-                hint: Some(format!("nextgres.max_client_conn is {max}.")),
-            };
-            return self.refuse(stream, why);
+            let hint = format!("nextgres.max_client_conn is {max}.");
+            return self.refuse(stream, fatal_fields("53300", "sorry, too many clients already", Some(&hint)));
         };
         self.clients += 1;
         let id = self.next_client_id;

@@ -39,10 +39,7 @@ impl Pooler {
     /// CancelRequest (at once when too many wait already).
     pub fn refuse(&mut self, mut stream: TcpStream, why: ErrorFields) {
         if self.refusing >= MAX_REFUSING {
-            let mut out = Vec::new();
-            proto::error_response(&mut out, &why);
-            let _ = stream.write(&out);
-            return;
+            return tell(&mut stream, &why);
         }
         self.refusing += 1;
         let entry = self.conns.vacant_entry();
@@ -98,9 +95,14 @@ impl Pooler {
         let Some(Conn::Refusing(mut r)) = self.conn_take(key) else { return };
         self.refusing = self.refusing.saturating_sub(1);
         if tell {
-            let mut out = Vec::new();
-            proto::error_response(&mut out, &r.why);
-            let _ = r.stream.write(&out);
+            self::tell(&mut r.stream, &r.why);
         }
     }
+}
+
+/// Writes the refusal (best effort: the connection closes after it).
+fn tell(stream: &mut TcpStream, why: &ErrorFields) {
+    let mut out = Vec::new();
+    proto::error_response(&mut out, why);
+    let _ = stream.write(&out);
 }
