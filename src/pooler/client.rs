@@ -988,9 +988,7 @@ impl Pooler {
         // Connection limits count clients: a limited pool without clients
         // gives its parked backends' slots back to the server.
         if self.pools.get(pool).is_some_and(|p| p.clients == 0 && (p.close_when_idle || p.retired)) {
-            for b in self.pools[pool].parked.clone() {
-                self.backend_close(b);
-            }
+            self.pool_close_parked(pool);
         }
         self.sync_pool(pool);
     }

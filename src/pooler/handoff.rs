@@ -107,30 +107,18 @@ impl Pooler {
     fn pool_retire(&mut self, k: usize) {
         let Some(p) = self.pools.get_mut(k) else { return };
         p.retired = true;
-        let name = (p.database.clone(), p.role.clone());
         log::info!(
             "pool for role \"{}\" and database \"{}\" retired: that role or database was renamed, dropped or re-created since its backends logged in",
-            name.1,
-            name.0
+            p.role,
+            p.database
         );
-        if self.pool_by_name.get(&name) == Some(&k) {
-            self.pool_by_name.remove(&name);
-        }
+        self.pool_forget_name(k);
         // Its backends go on serving its remaining clients (as direct
-        // sessions of a renamed role go on); without clients, they close.
-        if self.pools[k].clients > 0 {
-            self.pool_retired_check(k);
-            return self.sync_pool(k);
-        }
-        let free: Vec<usize> = self.pools[k]
-            .parked
-            .iter()
-            .copied()
-            .filter(|&bk| matches!(self.conns.get(bk), Some(Conn::Backend(b)) if b.pinned_to.is_none()))
-            .collect();
-        for bk in free {
-            self.pools[k].parked.retain(|&x| x != bk);
-            self.backend_close(bk);
+        // sessions of a renamed role go on); without clients, they close
+        // (none is reserved then: a client's reservation ends when it
+        // leaves its pool).
+        if self.pools[k].clients == 0 {
+            self.pool_close_parked(k);
         }
         self.pool_retired_check(k);
         self.sync_pool(k);

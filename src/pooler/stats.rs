@@ -121,24 +121,38 @@ impl Pooler {
         // min_pool_size would log one in again from backend_gone, into a
         // slot the new pool is about to take).
         self.pools[k].draining = true;
-        for bk in self.pools[k].parked.clone() {
-            self.backend_close(bk);
-        }
+        self.pool_close_parked(k);
         let p = &self.pools[k];
         if p.backends > 0 || p.starting > 0 || p.sessions_starting > 0 || p.clients > 0 {
             log::warn!("pool for role \"{}\" and database \"{}\" kept: a backend or client is still counted after closing its parked backends", p.role, p.database);
             self.pools[k].draining = self.draining.contains(&self.pools[k].database);
             return false;
         }
+        self.pool_forget_name(k);
         let p = self.pools.remove(k);
         log::info!("pool for role \"{}\" and database \"{}\" freed for a new pool (nextgres.max_pools is full)", p.role, p.database);
+        self.tables.write(|rows, _, _| rows[p.row].in_use = false);
+        self.rows.free_pools.push(p.row);
+        true
+    }
+
+    /// New clients of pool `k`'s names no longer find it (a retired or
+    /// freed pool; another pool may have those names already).
+    pub fn pool_forget_name(&mut self, k: usize) {
+        let Some(p) = self.pools.get(k) else { return };
         let name = (p.database.clone(), p.role.clone());
         if self.pool_by_name.get(&name) == Some(&k) {
             self.pool_by_name.remove(&name);
         }
-        self.tables.write(|rows, _, _| rows[p.row].in_use = false);
-        self.rows.free_pools.push(p.row);
-        true
+    }
+
+    /// Closes every parked backend of pool `k` (each leaves `parked` as it
+    /// goes: `backend_gone`).
+    pub fn pool_close_parked(&mut self, k: usize) {
+        let parked = self.pools.get(k).map(|p| p.parked.clone()).unwrap_or_default();
+        for bk in parked {
+            self.backend_close(bk);
+        }
     }
 
     pub fn client_row_free(&mut self, row: usize) {
