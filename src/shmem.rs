@@ -340,9 +340,21 @@ impl Tables {
         (
             self.pools_raw().iter().filter(|r| r.in_use).copied().collect(),
             self.clients_raw().iter().filter(|r| r.in_use).copied().collect(),
-            self.backends_raw().iter_mut().filter(|r| r.in_use).map(|r| r.copy_tickets_atomically()).collect(),
+            self.backends_in_use(),
         )
     }
+
+    /// The backend rows in use (ticket words read atomically); the caller
+    /// holds the lock.
+    fn backends_in_use(&self) -> Vec<BackendRow> {
+        self.backends_raw().iter_mut().filter(|r| r.in_use).map(|r| r.copy_tickets_atomically()).collect()
+    }
+
+    /// Every pool row's (database, role), by row; the caller holds the lock.
+    fn pool_names_by_row(&self) -> Vec<(String, String)> {
+        self.pools_raw().iter().map(|r| (name(&r.database), name(&r.role))).collect()
+    }
+
     /// Why a backend keeps its client (written by the backend itself).
     pub fn backend_pin(&self, row: usize) -> u8 {
         self.backends_raw().get(row).map(|r| unsafe { std::ptr::read_volatile(&r.pin) }).unwrap_or(0)
@@ -352,10 +364,7 @@ impl Tables {
     /// (a pool row may be given to another pool in between).
     pub fn backends_and_pool_names(&self) -> (Vec<BackendRow>, Vec<(String, String)>) {
         let _g = Guard::shared();
-        (
-            self.backends_raw().iter_mut().filter(|r| r.in_use).map(|r| r.copy_tickets_atomically()).collect(),
-            self.pools_raw().iter().map(|r| (name(&r.database), name(&r.role))).collect(),
-        )
+        (self.backends_in_use(), self.pool_names_by_row())
     }
 }
 
@@ -480,11 +489,7 @@ impl Tables {
     /// reused at once), and `nextgres.backends` would show that client.
     pub fn snapshot_backends_joined(&self) -> (Vec<BackendRow>, Vec<(String, String)>, Vec<ClientRow>) {
         let _g = Guard::shared();
-        (
-            self.backends_raw().iter_mut().filter(|r| r.in_use).map(|r| r.copy_tickets_atomically()).collect(),
-            self.pools_raw().iter().map(|r| (name(&r.database), name(&r.role))).collect(),
-            self.clients_raw().to_vec(),
-        )
+        (self.backends_in_use(), self.pool_names_by_row(), self.clients_raw().to_vec())
     }
 }
 
