@@ -14,7 +14,8 @@
 //!   arithmetic in its HINT.
 //! * `nextgres.pool_size` lowered by a reload: surplus parked backends close
 //!   at once, and attached ones give their client back at their next
-//!   transaction boundary and then close instead of parking.
+//!   transaction boundary and then close instead of parking; the same for
+//!   a lowered `max_db_connections` / `max_user_connections` (`caps_trim`).
 use super::backend::BPhase;
 use super::conn::Conn;
 use super::worker::Pooler;
@@ -245,26 +246,100 @@ impl Pooler {
         }
     }
 
-    /// Every pool, after a reload and once per janitor tick.
+    /// Every pool, after a reload, after pg_db_role_setting changed, and
+    /// once per janitor tick; then the shared limits (`caps_trim`).
     pub fn pools_trim(&mut self) {
         let pools: Vec<usize> = self.pools.iter().filter(|(_, p)| p.backends > 0).map(|(k, _)| k).collect();
         for p in pools {
             self.pool_trim(p);
         }
+        self.caps_trim();
     }
 
-    /// A backend about to park: close it instead if its pool is over size.
+    /// A backend about to park: close it instead if its pool is over size,
+    /// or its database or role over a lowered shared limit.
     /// Returns true when it was closed.
     pub fn backend_close_if_surplus(&mut self, key: usize) -> bool {
         let pool = match self.conns.get(key) {
             Some(Conn::Backend(b)) if matches!(b.phase, BPhase::Parked { .. }) => b.pool,
             _ => return false,
         };
-        if self.pool_surplus(pool) == 0 {
+        if self.pool_surplus(pool) == 0 && !self.pool_over_caps(pool) {
             return false;
         }
         self.backend_close(key);
         true
+    }
+}
+
+/// A lowered `max_db_connections` / `max_user_connections`.
+///
+/// The limits bound the backends the pooler keeps, as `pool_size` does per
+/// pool: lowered by `ALTER DATABASE | ROLE ... SET` or a reload (or set
+/// after pools logged in: the settings reader runs a moment after the
+/// commit), the surplus goes as a lowered pool_size's does. Parked backends
+/// close at once, those of pools without clients first, then of the pool
+/// with the most; attached ones close at their next transaction boundary
+/// instead of parking. Only live backends count here: one already closed
+/// still counts against new logins until its process is gone
+/// (`backends_where`), but closing another for it would overshoot.
+impl Pooler {
+    /// Live backends of all pools matching `same` (closing ones not).
+    fn live_backends_where(&self, same: impl Fn(&str, &str) -> bool) -> usize {
+        self.pools.iter().filter(|(_, p)| same(&p.database, &p.role)).map(|(_, p)| p.backends).sum()
+    }
+
+    /// Are `pool`'s database or role over their limit (live backends)?
+    fn pool_over_caps(&self, pool: usize) -> bool {
+        let Some(p) = self.pools.get(pool) else { return false };
+        let (db, role) = (&p.database, &p.role);
+        let max_db = self.max_db_connections_of(db);
+        let max_user = self.max_user_connections_of(role);
+        (max_db > 0 && self.live_backends_where(|d, _| d == db) > max_db)
+            || (max_user > 0 && self.live_backends_where(|_, r| r == role) > max_user)
+    }
+
+    /// Closes parked backends while a database or role is over its limit.
+    pub fn caps_trim(&mut self) {
+        let mut dbs: Vec<String> = self.pools.iter().map(|(_, p)| p.database.clone()).collect();
+        dbs.sort_unstable();
+        dbs.dedup();
+        for db in dbs {
+            let max = self.max_db_connections_of(&db);
+            if max > 0 {
+                self.caps_close_parked(max, |d, _| d == db);
+            }
+        }
+        let mut roles: Vec<String> = self.pools.iter().map(|(_, p)| p.role.clone()).collect();
+        roles.sort_unstable();
+        roles.dedup();
+        for role in roles {
+            let max = self.max_user_connections_of(&role);
+            if max > 0 {
+                self.caps_close_parked(max, |_, r| r == role);
+            }
+        }
+    }
+
+    /// Closes parked backends of the pools matching `same` until they have
+    /// at most `max` live ones, or none is left that may close (a backend
+    /// reserved for a session-mode client between its transactions never:
+    /// that session would end).
+    fn caps_close_parked(&mut self, max: usize, same: impl Fn(&str, &str) -> bool) {
+        while self.live_backends_where(&same) > max {
+            let victim = self
+                .pools
+                .iter()
+                .filter(|(_, p)| same(&p.database, &p.role))
+                .filter_map(|(k, p)| {
+                    let free = p.parked.iter().copied().find(|&bk| matches!(self.conns.get(bk), Some(Conn::Backend(b)) if b.pinned_to.is_none()))?;
+                    Some(((p.clients == 0, p.shared_backends()), k, free))
+                })
+                .max_by_key(|&(order, _, _)| order);
+            let Some((_, pool, bk)) = victim else { return };
+            self.backend_close(bk);
+            self.sync_pool(pool);
+        }
     }
 }
 

@@ -13,8 +13,9 @@
 //!
 //! A change applies to live pools at once: a lowered `pool_size` trims the
 //! pool (parked backends close now, attached ones at their next transaction
-//! boundary, see `limits`), a raised one lets waiting clients' pool logins
-//! start; `pool_mode` applies to clients that enter the pool from then on;
+//! boundary, see `limits`), and so does a lowered `max_db_connections` /
+//! `max_user_connections` for the pools it bounds; a raised one lets waiting
+//! clients' pool logins start; `pool_mode` applies to clients that enter the pool from then on;
 //! the timeouts from the next janitor tick.
 use super::worker::Pooler;
 use crate::settings::{
@@ -363,6 +364,9 @@ impl Pooler {
             self.pool_maybe_grow(k);
             self.sync_pool(k);
         }
+        // max_db_connections / max_user_connections are no pool's own
+        // settings (they bound several pools): lowered, their surplus goes.
+        self.caps_trim();
     }
 }
 
