@@ -478,6 +478,14 @@ pub fn watch_fds() -> (RawFd, RawFd, RawFd) {
     (WAKE.load(Ordering::SeqCst), glue::postmaster_watch_fd(), AGENT.load(Ordering::SeqCst))
 }
 
+/// Wakes the pooler's loop as a signal does (from another thread: a
+/// password check that finished, `password.rs`).
+pub fn wake() {
+    let one: u64 = 1;
+    // SAFETY: write(2) of 8 bytes to our own eventfd.
+    unsafe { libc::write(WAKE.load(Ordering::SeqCst), (&one as *const u64).cast(), 8) };
+}
+
 /// Empties the signal eventfd.
 pub fn drain_wake() {
     let mut v = 0u64;

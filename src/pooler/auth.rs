@@ -9,13 +9,16 @@
 use super::client::Phase;
 use super::worker::Pooler;
 use crate::pg::glue::{self, HbaMethod, NgLoginInfo};
-use nextgres_core::auth::{self, ScramServer, StoredSecret};
+use nextgres_core::auth::{self, PasswordCheck, ScramServer, StoredSecret};
 use nextgres_core::pool::Credential;
 use nextgres_core::proto::{self, ErrorFields};
 use pgrx::pg_sys;
 
 enum State {
     Cleartext,
+    /// The password's check runs on a thread (`password.rs`); the guard
+    /// stops it when this state goes.
+    Checking { id: u64, _cancel: super::password::CancelOnDrop },
     Md5 { salt: [u8; 4] },
     SaslInitial(Box<ScramServer>),
     SaslFinal(Box<ScramServer>),
@@ -32,6 +35,9 @@ pub struct AuthSession {
 pub enum Step {
     /// Send these bytes and wait for the client's next message.
     Continue(Vec<u8>),
+    /// Check this cleartext password on a thread, then go on with
+    /// [`AuthSession::check_finished`].
+    Check(super::password::PasswordJob),
     /// Authenticated; send these bytes (may be empty) first.
     Done(Vec<u8>, Option<Credential>),
     Fail(ErrorFields),
@@ -271,6 +277,38 @@ impl AuthSession {
         }
     }
 
+    /// The answer of a cleartext password's check (`password.rs`).
+    fn password_checked(&self, user: &str, check: Option<PasswordCheck>) -> Step {
+        match (check, self.secret()) {
+            (Some(PasswordCheck::Scram { client_key }), StoredSecret::Scram(s)) => {
+                Step::Done(Vec::new(), Some(Credential::Scram { client_key, server_key: s.server_key }))
+            }
+            (Some(PasswordCheck::Md5), StoredSecret::Md5(h)) => Step::Done(Vec::new(), Some(Credential::Md5(h))),
+            _ => self.password_failed(user),
+        }
+    }
+
+    /// The password's check is queued as `id`, stopped when `cancel` goes.
+    pub fn checking(&mut self, id: u64, cancel: super::password::CancelOnDrop) {
+        self.state = State::Checking { id, _cancel: cancel };
+    }
+
+    /// Check `id` finished: the next step, or None when this session is not
+    /// waiting for it (a connection that took the key of the one that asked).
+    pub fn check_finished(&mut self, user: &str, id: u64, check: Option<PasswordCheck>) -> Option<Step> {
+        if !matches!(self.state, State::Checking { id: mine, .. } if mine == id) {
+            return None;
+        }
+        self.state = State::Cleartext;
+        Some(self.check_answered(user, check))
+    }
+
+    /// The step after a cleartext password's check.
+    pub fn check_answered(&self, user: &str, check: Option<PasswordCheck>) -> Step {
+        let step = self.password_checked(user, check);
+        self.cert_gate(user, step)
+    }
+
     /// Handles one client message during the exchange.
     pub fn on_message(&mut self, user: &str, tag: u8, body: &[u8]) -> Step {
         let step = self.exchange(user, tag, body);
@@ -291,19 +329,22 @@ impl AuthSession {
                     return Step::Fail(fatal("28P01", "empty password returned by client".into()));
                 }
                 let secret = self.secret();
-                let ok = self.info.has_secret && auth::verify_password(&secret, user, &pw);
-                let cred = match (&secret, ok) {
-                    (StoredSecret::Scram(sc), true) => auth::client_key_from_password(sc, &pw)
-                        .map(|ck| Credential::Scram { client_key: ck, server_key: sc.server_key }),
-                    (StoredSecret::Md5(h), true) => Some(Credential::Md5(*h)),
-                    _ => None,
-                };
-                auth::scram::zeroize::wipe_string(pw);
-                if ok {
-                    Step::Done(Vec::new(), cred)
-                } else {
-                    self.password_failed(user)
+                if !self.info.has_secret {
+                    auth::scram::zeroize::wipe_string(pw);
+                    return self.password_failed(user);
                 }
+                if auth::password_check_is_slow(&secret) {
+                    return Step::Check(super::password::PasswordJob { secret, user: user.to_string(), password: pw });
+                }
+                let check = auth::check_password(&secret, user, &pw, &|| false);
+                auth::scram::zeroize::wipe_string(pw);
+                self.password_checked(user, check)
+            }
+            // The client wrote again before its password was answered: as
+            // the server, which would read this after authentication, where
+            // a password message is no valid message.
+            State::Checking { .. } => {
+                Step::Fail(fatal("08P01", format!("invalid frontend message type {}", tag)))
             }
             State::Md5 { salt } => {
                 let resp = match password_packet(body) {
@@ -454,6 +495,21 @@ impl Pooler {
                 }
             }
             Step::Fail(f) => self.client_fatal_fields(key, &f),
+            Step::Check(job) => match self.verifier.submit(key, job) {
+                Ok((id, cancel)) => {
+                    if let Some(Phase::Auth(session)) = self.client(key).map(|c| &mut c.phase) {
+                        session.checking(id, cancel);
+                    }
+                }
+                // No thread: checked on this loop, as before threads.
+                Err(check) => {
+                    let Some(c) = self.client(key) else { return };
+                    let user = c.user.clone();
+                    let Phase::Auth(session) = &c.phase else { return };
+                    let step = session.check_answered(&user, check);
+                    self.client_auth_step(key, step);
+                }
+            },
             Step::Server => {
                 if let Some(c) = self.client(key) {
                     c.phase = Phase::Startup; // drops the lookup (and its secret)
@@ -498,6 +554,18 @@ impl Pooler {
                 let identity = (session.info.role_oid, session.info.db_oid);
                 drop(session); // wipes the secret
                 self.client_join_pool(key, cred, limited, identity);
+            }
+        }
+    }
+
+    /// Password checks finished on their threads: each client goes on.
+    pub fn password_checks_done(&mut self) {
+        for d in self.verifier.finished() {
+            let Some(c) = self.client(d.client) else { continue };
+            let user = c.user.clone();
+            let Phase::Auth(session) = &mut c.phase else { continue };
+            if let Some(step) = session.check_finished(&user, d.id, d.check) {
+                self.client_auth_step(d.client, step);
             }
         }
     }

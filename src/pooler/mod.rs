@@ -8,6 +8,7 @@
 //! * `refusing`: refused connections, read for a CancelRequest first.
 //! * `client`: startup packet, SSLRequest (TLS through `tls`), GSS refusal, cancel, idle clients.
 //! * `auth`: the server's hba decision and the password exchanges.
+//! * `password`: the `password` method's PBKDF2 runs, on threads.
 //! * `backend`: pool logins through the Unix socket, parked/attached backends.
 //! * pools themselves (queues, limits) are pure logic in `nextgres_core::pool`.
 //! * `dedicated`: replication clients, each on a walsender of its own.
@@ -34,6 +35,7 @@ mod limits;
 mod listener;
 mod ops;
 mod park;
+mod password;
 mod poolconf;
 mod refusing;
 

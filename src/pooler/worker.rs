@@ -88,6 +88,8 @@ pub struct Pooler {
     /// Refused connections read for a CancelRequest (`refusing.rs`).
     pub refusing: usize,
     pub mock_key: [u8; 32],
+    /// The `password` method's checks against SCRAM secrets, on threads.
+    pub verifier: super::password::Verifier,
     /// What the server speaks: newest protocol minor, longest cancel key.
     pub server_proto: nextgres_core::proto::ServerProtocol,
     /// Smart shutdown in progress: admit nobody, let pools drain.
@@ -175,6 +177,7 @@ impl Pooler {
             clients: 0,
             refusing: 0,
             mock_key,
+            verifier: super::password::Verifier::new(),
             server_proto: glue::server_protocol(),
             tls: match super::tls::load_or_startup() {
                 (c, None) => c,
@@ -246,6 +249,8 @@ impl Pooler {
                     if super::agent::GOT_SIGHUP.swap(false, Ordering::SeqCst) {
                         self.reload();
                     }
+                    // Or a password check that finished.
+                    self.password_checks_done();
                     self.check_drains();
                 }
                 if n < events.len() {

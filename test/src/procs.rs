@@ -32,6 +32,28 @@ pub fn process_state(pid: i32) -> Option<char> {
     s[s.rfind(')')? + 1..].trim_start().chars().next()
 }
 
+/// CPU time the process has used, all its threads, in clock ticks
+/// (`utime` + `stime` of /proc/<pid>/stat; 100 per second on Linux).
+pub fn process_cpu_ticks(pid: i32) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = s[s.rfind(')')? + 1..].split_whitespace().collect();
+    // After the comm: state is field 3 of stat(5), utime 14 and stime 15.
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// The state letters of the process's threads whose name (`comm`, at most
+/// 15 bytes) starts with `prefix`.
+pub fn thread_states(pid: i32, prefix: &str) -> Vec<char> {
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    dir.flatten()
+        .filter(|t| fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix)))
+        .filter_map(|t| {
+            let s = fs::read_to_string(t.path().join("stat")).ok()?;
+            s[s.rfind(')')? + 1..].trim_start().chars().next()
+        })
+        .collect()
+}
+
 /// Running postmaster's pid from `<data>/postmaster.pid`.
 pub fn postmaster_pid(data: &Path) -> Option<i32> {
     let text = fs::read_to_string(data.join("postmaster.pid")).ok()?;

@@ -36,6 +36,7 @@ const MAX_CLIENTS: usize = 20;
 
 const HBA: &str = "# hostile.rs\n\
                    local all all trust\n\
+                   host all slow 127.0.0.1/32 password\n\
                    host all all 127.0.0.1/32 scram-sha-256\n";
 
 const PROTO_3_0: i32 = 196608;
@@ -724,6 +725,47 @@ fn scram_math_known_answers() {
 }
 
 // ---- tests ------------------------------------------------------------------------
+
+/// A role may set its own password to a SCRAM secret of its choosing, with
+/// up to 2^31 - 1 iterations (hours of its own backend's time to set); under a `password` line the pooler checks a
+/// cleartext password by running them (hours). In the server that login
+/// costs only its own backend, ended at `authentication_timeout`; through
+/// the pooler it must cost nobody else either: while it runs (the pooler's
+/// CPU time climbs), a normal client logs in and runs a query, and once
+/// `authentication_timeout` (2 s) has ended that login the check stops (no
+/// password thread left running). Before, the pooler ran the iterations on
+/// its event loop: nobody else was served, for hours.
+#[test]
+fn a_password_check_with_a_huge_iteration_count_stalls_nobody() {
+    run(|pg, pooler| {
+        let zeros = b64_encode(&[0u8; 32]);
+        let secret = format!("SCRAM-SHA-256$2147483647:{}${zeros}:{zeros}", b64_encode(b"sixteen byte slt"));
+        // Written into pg_authid directly: CREATE ROLE ... PASSWORD runs the
+        // iterations in the backend that sets it (the cost its author pays).
+        pg.admin()
+            .batch_execute(&format!("CREATE ROLE slow LOGIN; UPDATE pg_authid SET rolpassword = '{secret}' WHERE rolname = 'slow'"))
+            .expect("CREATE ROLE slow");
+        let cpu = || nextgres_test::procs::process_cpu_ticks(pooler).expect("pooler's /proc stat");
+        let before = cpu();
+        let info = pg.tcp("slow", DB).password("any password");
+        let slow = std::thread::spawn(move || info.connect().map(drop));
+        // A quarter of a second of PBKDF2 (25 ticks): the check is under way.
+        assert!(
+            wait_until(SETTLE, || cpu() >= before + 25),
+            "the slow login's check never ran ({} ticks)",
+            cpu() - before
+        );
+        assert_serves(pg, pooler, "during a password check of 2^31 - 1 iterations");
+        let r = slow.join().expect("slow login thread");
+        assert!(r.is_err(), "the slow login succeeded: {r:?}");
+        let running = || nextgres_test::procs::thread_states(pooler, "ng password").into_iter().filter(|&s| s == 'R').count();
+        assert!(
+            wait_until(SETTLE, || running() == 0),
+            "a password check still runs after its client was dropped at authentication_timeout"
+        );
+        assert_no_leftover_clients(pg, "after the slow login");
+    });
+}
 
 /// Malformed startup packets: bad lengths, protocol versions, parameters,
 /// options, SSL/GSS requests, cancel requests, garbage.

@@ -18,5 +18,6 @@ pub use scram::client::{ClientCredential, ScramClient};
 pub use scram::server::ScramServer;
 pub use scram::{build_scram_secret, ScramError, SCRAM_SHA_256, SCRAM_SHA_256_PLUS, TLS_SERVER_END_POINT};
 pub use secret::{
-    client_key_from_password, parse_stored_secret, verify_password, ScramSecret, StoredSecret,
+    check_password, client_key_from_password, parse_stored_secret, password_check_is_slow, verify_password,
+    PasswordCheck, ScramSecret, StoredSecret,
 };

@@ -6,7 +6,7 @@
 
 use super::ct::ct_eq;
 use super::md5::md5_password_hash;
-use super::scram::{b64_decode, b64_encode, client_key, salted_password, server_key, sha256};
+use super::scram::{b64_decode, b64_encode, client_key, salted_password, salted_password_cancellable, server_key, sha256};
 use std::fmt;
 
 /// A parsed SCRAM-SHA-256 secret.
@@ -149,14 +149,58 @@ pub fn client_key_from_password(secret: &ScramSecret, password: &str) -> Option<
 /// server refuses empty passwords too. Nor does one containing a NUL (see
 /// [`client_key_from_password`]).
 pub fn verify_password(secret: &StoredSecret, user: &str, password: &str) -> bool {
+    !matches!(check_password(secret, user, password, &|| false), Some(PasswordCheck::Mismatch) | None)
+}
+
+/// What a cleartext password proved against a stored secret.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PasswordCheck {
+    /// Wrong password, or a secret in no format the server recognizes
+    /// (never verifies, as `plain_crypt_verify` in crypt.c).
+    Mismatch,
+    /// It matches an md5 secret.
+    Md5,
+    /// It matches a SCRAM secret, whose ClientKey it yields (so the pool
+    /// can log in with SCRAM on the client's behalf).
+    Scram {
+        /// ClientKey = HMAC(SaltedPassword, "Client Key").
+        client_key: [u8; 32],
+    },
+}
+
+/// [`verify_password`] that also yields the SCRAM ClientKey (one PBKDF2
+/// run, not two) and stops when `cancelled()` says so (None): a SCRAM
+/// secret's iteration count is its owner's choice, so the pooler runs this
+/// on a thread it can stop (see `salted_password_cancellable`).
+pub fn check_password(
+    secret: &StoredSecret,
+    user: &str,
+    password: &str,
+    cancelled: &dyn Fn() -> bool,
+) -> Option<PasswordCheck> {
     if password.is_empty() || password.contains('\0') {
-        return false;
+        return Some(PasswordCheck::Mismatch);
     }
-    match secret {
-        StoredSecret::Scram(s) => client_key_from_password(s, password).is_some(),
-        StoredSecret::Md5(h) => ct_eq(&md5_password_hash(password, user), h),
-        StoredSecret::Plain(_) => false,
-    }
+    Some(match secret {
+        StoredSecret::Scram(s) => {
+            let salted = salted_password_cancellable(password, &s.salt, s.iterations, cancelled)?;
+            let ck = client_key(&salted.0);
+            let ok = ct_eq(&sha256(&ck), &s.stored_key) & ct_eq(&server_key(&salted.0), &s.server_key);
+            if ok {
+                PasswordCheck::Scram { client_key: ck }
+            } else {
+                PasswordCheck::Mismatch
+            }
+        }
+        StoredSecret::Md5(h) if ct_eq(&md5_password_hash(password, user), h) => PasswordCheck::Md5,
+        StoredSecret::Md5(_) | StoredSecret::Plain(_) => PasswordCheck::Mismatch,
+    })
+}
+
+/// Does checking a cleartext password against this secret take long enough
+/// to belong off an event loop (a SCRAM secret's PBKDF2 iterations)?
+pub fn password_check_is_slow(secret: &StoredSecret) -> bool {
+    matches!(secret, StoredSecret::Scram(_))
 }
 
 #[cfg(test)]
@@ -167,6 +211,50 @@ mod tests {
 
     // RFC 7677's user: password "pencil", salt W22ZaJ0SNY7soEsUEjb6gQ==, 4096 iterations.
     const RFC_SECRET: &str = "SCRAM-SHA-256$4096:W22ZaJ0SNY7soEsUEjb6gQ==$WG5d8oPm3OtcPnkdi4Uo7BkeZkBFzpcXkuLmtbsT4qY=:wfPLwcE6nTWhTAmQ7tl2KeoiWGPlZqQxSrmfPwDl2dU=";
+
+    /// The hand-rolled, cancellable PBKDF2 equals the `pbkdf2` crate's for
+    /// iteration counts around the cancellation stride, and SASLprep.
+    #[test]
+    fn cancellable_pbkdf2_equals_the_crate() {
+        for (pw, iters) in [("pencil", 1), ("pencil", 2), ("pencil", 1023), ("pencil", 1024), ("pencil", 1025), ("pen\u{00A0}cil", 4096), ("", 3)] {
+            let a = salted_password(pw, b"salt", iters);
+            let b = salted_password_cancellable(pw, b"salt", iters, &|| false).expect("not cancelled");
+            assert_eq!(a, b, "{pw:?} {iters}");
+        }
+        // 0 iterations are read as 1, as salted_password does.
+        assert_eq!(salted_password("x", b"s", 0), salted_password_cancellable("x", b"s", 0, &|| false).unwrap());
+    }
+
+    /// Cancelled: it stops at the first check, after CANCEL_CHECK_EVERY
+    /// iterations, however many the secret asks for.
+    #[test]
+    fn cancelled_pbkdf2_stops_at_the_first_check() {
+        let asked = std::cell::Cell::new(0);
+        let r = salted_password_cancellable("pw", b"s", u32::MAX, &|| {
+            asked.set(asked.get() + 1);
+            true
+        });
+        assert!(r.is_none());
+        assert_eq!(asked.get(), 1);
+        let mut huge = rfc();
+        huge.iterations = i32::MAX as u32;
+        assert_eq!(check_password(&StoredSecret::Scram(huge), "user", "pencil", &|| true), None);
+    }
+
+    #[test]
+    fn check_password_yields_the_client_key_once() {
+        let s = rfc();
+        let ck = client_key_from_password(&s, "pencil").expect("RFC password");
+        let secret = StoredSecret::Scram(s);
+        assert_eq!(check_password(&secret, "user", "pencil", &|| false), Some(PasswordCheck::Scram { client_key: ck }));
+        assert_eq!(check_password(&secret, "user", "pencil2", &|| false), Some(PasswordCheck::Mismatch));
+        assert_eq!(check_password(&secret, "user", "", &|| false), Some(PasswordCheck::Mismatch));
+        let md5 = StoredSecret::Md5(md5_password_hash("pw", "joe"));
+        assert_eq!(check_password(&md5, "joe", "pw", &|| false), Some(PasswordCheck::Md5));
+        assert_eq!(check_password(&md5, "ann", "pw", &|| false), Some(PasswordCheck::Mismatch));
+        assert_eq!(check_password(&StoredSecret::Plain("pw".into()), "joe", "pw", &|| false), Some(PasswordCheck::Mismatch));
+        assert!(password_check_is_slow(&secret) && !password_check_is_slow(&md5));
+    }
 
     fn rfc() -> ScramSecret {
         match parse_stored_secret(RFC_SECRET) {

@@ -153,6 +153,50 @@ pub(crate) fn salted_password(password: &str, salt: &[u8], iterations: u32) -> K
     out
 }
 
+/// How often [`salted_password_cancellable`] asks whether to stop, in
+/// iterations (about a millisecond of work each time).
+pub const CANCEL_CHECK_EVERY: u32 = 1024;
+
+/// [`salted_password`] that asks `cancelled()` every
+/// [`CANCEL_CHECK_EVERY`] iterations and gives up (None) when it says so.
+///
+/// The `password` method runs the stored secret's iteration count, which
+/// whoever set the password chose (up to 2^31 - 1 in pg_authid): the pooler
+/// runs it on a thread that must stop once its client is gone, as the
+/// server's backend is ended at `authentication_timeout`. PBKDF2 with
+/// HMAC-SHA-256 (RFC 8018 section 5.2) for one 32-byte block, the only one
+/// SCRAM-SHA-256 uses: U1 = HMAC(P, salt || INT(1)), Ui = HMAC(P, Ui-1),
+/// the result their XOR; unit-tested against the `pbkdf2` crate.
+pub(crate) fn salted_password_cancellable(
+    password: &str,
+    salt: &[u8],
+    iterations: u32,
+    cancelled: &dyn Fn() -> bool,
+) -> Option<Key32> {
+    let prepped = prep_password(password);
+    let mac = Hmac::<Sha256>::new_from_slice(prepped.as_bytes()).expect("HMAC takes keys of any length");
+    if let Cow::Owned(s) = prepped {
+        zeroize::wipe_string(s);
+    }
+    let mut first = mac.clone();
+    first.update(salt);
+    first.update(&1u32.to_be_bytes());
+    let mut u = Key32(first.finalize().into_bytes().into());
+    let mut out = u.clone();
+    for i in 1..iterations.max(1) {
+        if i % CANCEL_CHECK_EVERY == 0 && cancelled() {
+            return None;
+        }
+        let mut next = mac.clone();
+        next.update(&u.0);
+        u.0 = next.finalize().into_bytes().into();
+        for (o, x) in out.0.iter_mut().zip(u.0.iter()) {
+            *o ^= x;
+        }
+    }
+    Some(out)
+}
+
 pub(crate) fn client_key(salted: &[u8; 32]) -> [u8; 32] {
     hmac(salted, &[b"Client Key"])
 }
