@@ -247,8 +247,8 @@ fn wait_for(t: &shmem::Tables, gen: u64, wait_seconds: i32, mut cond: impl FnMut
 /// An empty database or role name names nothing (NULL role: every role):
 /// refused, as an empty name is by the server (`zero-length delimited
 /// identifier`), instead of reaching every pool.
-fn check_names(database: &str, role: Option<&str>) {
-    if database.is_empty() || role == Some("") {
+fn check_names(database: Option<&str>, role: Option<&str>) {
+    if database == Some("") || role == Some("") {
         pgrx::ereport!(
             ERROR,
             pgrx::PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -276,8 +276,30 @@ fn check_may_kill(role: Option<&str>) {
     }
 }
 
-fn op(kind: u8, database: &str, role: Option<&str>) -> u64 {
+/// A NULL database (or wait) is refused (22004, as the server refuses a
+/// NULL where it needs a value) instead of failing inside the function
+/// (XX000); the functions are not STRICT because NULL as the role means
+/// every role.
+fn required<T>(value: Option<T>, what: &str) -> T {
+    let Some(v) = value else {
+        pgrx::ereport!(
+            ERROR,
+            pgrx::PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            format!("nextgres: {what} must not be NULL"),
+            "Name the database; NULL as the role names every role of it, and wait_seconds < 0 waits without limit."
+        );
+    };
+    v
+}
+
+/// The named pools' database and role, checked (`required`, `check_names`).
+fn names<'a>(database: Option<&'a str>, role: Option<&'a str>) -> (&'a str, Option<&'a str>) {
     check_names(database, role);
+    (required(database, "the database"), role)
+}
+
+/// Queues operation `kind` for the pooler (names already checked).
+fn op(kind: u8, database: &str, role: Option<&str>) -> u64 {
     let t = tables();
     let Some(gen) = t.op_add(kind, database, role.unwrap_or("")) else {
         pgrx::error!("nextgres: too many pauses and reconnects pending ({} slots)", shmem::OP_SLOTS);
@@ -293,7 +315,9 @@ fn op(kind: u8, database: &str, role: Option<&str>) -> u64 {
 /// client, or a long transaction); the pause stays in force either way until
 /// `nextgres.resume()`. PgBouncer's PAUSE.
 #[pg_extern]
-fn pause(database: &str, role: default!(Option<&str>, "NULL"), wait_seconds: default!(i32, 60)) -> bool {
+fn pause(database: Option<&str>, role: default!(Option<&str>, "NULL"), wait_seconds: default!(Option<i32>, 60)) -> bool {
+    let (database, role) = names(database, role);
+    let wait_seconds = required(wait_seconds, "wait_seconds");
     let gen = op(shmem::OP_PAUSE, database, role);
     pgrx::log!("nextgres: pause of the {} requested", target(database, role));
     let t = tables();
@@ -313,8 +337,8 @@ fn pause(database: &str, role: default!(Option<&str>, "NULL"), wait_seconds: def
 /// every pause of the database): waiting clients are served again. Returns
 /// how many pauses ended. PgBouncer's RESUME.
 #[pg_extern]
-fn resume(database: &str, role: default!(Option<&str>, "NULL")) -> i32 {
-    check_names(database, role);
+fn resume(database: Option<&str>, role: default!(Option<&str>, "NULL")) -> i32 {
+    let (database, role) = names(database, role);
     let t = tables();
     let (n, gen) = t.ops_resume(database, role);
     t.wake_pooler();
@@ -328,7 +352,8 @@ fn resume(database: &str, role: default!(Option<&str>, "NULL")) -> i32 {
 /// SYSTEM, an extension upgrade or a role change. Returns once the pooler
 /// has taken the request. PgBouncer's RECONNECT.
 #[pg_extern]
-fn reconnect(database: &str, role: default!(Option<&str>, "NULL")) {
+fn reconnect(database: Option<&str>, role: default!(Option<&str>, "NULL")) {
+    let (database, role) = names(database, role);
     let gen = op(shmem::OP_RECONNECT, database, role);
     pgrx::log!("nextgres: reconnect of the {} requested", target(database, role));
     wait_for(&tables(), gen, 10, |_| true);
@@ -339,8 +364,8 @@ fn reconnect(database: &str, role: default!(Option<&str>, "NULL")) {
 /// terminated, as by pg_terminate_backend), and closes the pools' parked
 /// backends. Returns once the pooler has acted. PgBouncer's KILL.
 #[pg_extern]
-fn kill_clients(database: &str, role: default!(Option<&str>, "NULL")) {
-    check_names(database, role);
+fn kill_clients(database: Option<&str>, role: default!(Option<&str>, "NULL")) {
+    let (database, role) = names(database, role);
     check_may_kill(role);
     let gen = op(shmem::OP_KILL, database, role);
     pgrx::log!("nextgres: kill of the clients of the {} requested", target(database, role));
@@ -374,8 +399,9 @@ fn kill_client(client_addr: &str, client_port: i32) -> bool {
 /// false if some remains after `wait_seconds` (< 0: no limit). PgBouncer's
 /// WAIT_CLOSE.
 #[pg_extern]
-fn wait_close(database: &str, role: default!(Option<&str>, "NULL"), wait_seconds: default!(i32, 60)) -> bool {
-    check_names(database, role);
+fn wait_close(database: Option<&str>, role: default!(Option<&str>, "NULL"), wait_seconds: default!(Option<i32>, 60)) -> bool {
+    let (database, role) = names(database, role);
+    let wait_seconds = required(wait_seconds, "wait_seconds");
     let t = tables();
     let me = crate::pg::my_pid();
     let mine = |t: &shmem::Tables| -> Vec<i32> {
@@ -402,6 +428,8 @@ fn wait_close(database: &str, role: default!(Option<&str>, "NULL"), wait_seconds
 /// Returns once the pooler has done it. Logged.
 #[pg_extern]
 fn reset_stats(database: default!(Option<&str>, "NULL"), role: default!(Option<&str>, "NULL")) {
+    // NULL: every database ("" to the pooler); an empty name is refused.
+    check_names(database, role);
     let gen = op(shmem::OP_RESET_STATS, database.unwrap_or(""), role);
     pgrx::log!(
         "nextgres: statistics reset of the {} requested",

@@ -1382,7 +1382,8 @@ fn a_renamed_roles_backends_never_serve_the_new_role_of_that_name() {
 /// database returns true once the other transactions are done: the caller's
 /// own backend serves the call itself and is not waited for (before: false
 /// after `wait_seconds`, always). An empty database or role name is refused
-/// with 22023 (before: `kill_clients('')` acted on every database).
+/// with 22023 (before: `kill_clients('')` acted on every database), a NULL
+/// database or wait with 22004; `reset_stats()` resets every pool.
 #[test]
 fn pause_through_the_pooler_and_empty_names() {
     let pg = Cluster::builder().conf("nextgres.pool_size = 4").start();
@@ -1404,6 +1405,29 @@ fn pause_through_the_pooler_and_empty_names() {
         let e = pg.admin().simple_query(sql).expect_err(sql);
         assert_eq!(e.code().map(|c| c.code()), Some("22023"), "{sql}: {e:?}");
     }
+    // A NULL database or wait: 22004 (before: XX000 from inside the
+    // function, "argument is NULL").
+    for sql in [
+        "SELECT nextgres.kill_clients(NULL)",
+        "SELECT nextgres.reconnect(NULL)",
+        "SELECT nextgres.pause(NULL)",
+        "SELECT nextgres.pause('postgres', NULL, NULL)",
+        "SELECT nextgres.resume(NULL)",
+        "SELECT nextgres.wait_close(NULL)",
+        "SELECT nextgres.wait_close('postgres', NULL, NULL)",
+    ] {
+        let e = pg.admin().simple_query(sql).expect_err(sql);
+        assert_eq!(e.code().map(|c| c.code()), Some("22004"), "{sql}: {e:?}");
+    }
+    // reset_stats() without names resets every pool, as documented (it was
+    // refused as an empty name: 22023); an empty name is refused.
+    pg.admin().simple_query("SELECT nextgres.reset_stats()").expect("reset_stats()");
+    pg.admin().simple_query("SELECT nextgres.reset_stats(NULL, 'postgres')").expect("reset_stats(NULL, role)");
+    let e = pg.admin().simple_query("SELECT nextgres.reset_stats('')").expect_err("reset_stats('')");
+    assert_eq!(e.code().map(|c| c.code()), Some("22023"), "reset_stats(''): {e:?}");
+    // kill_client is STRICT: NULL in, NULL out.
+    let r = first_value(&pg.admin().simple_query("SELECT coalesce(nextgres.kill_client(NULL, 1)::text, 'null')").expect("kill_client(NULL)"));
+    assert_eq!(r.as_deref(), Some("null"));
     // The session from before was not killed by any of them.
     assert_eq!(first_value(&me.simple_query("SELECT 'still here'").expect("still here")).as_deref(), Some("still here"));
 }
