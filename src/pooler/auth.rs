@@ -288,6 +288,13 @@ impl AuthSession {
         }
     }
 
+    /// Is the password's check running (`password.rs`)? Meanwhile the
+    /// client is watched only for a hang-up: what it sends next waits, as
+    /// it waits in the socket while the server's backend checks.
+    pub fn is_checking(&self) -> bool {
+        matches!(self.state, State::Checking { .. })
+    }
+
     /// The password's check is queued as `id`, stopped when `cancel` goes.
     pub fn checking(&mut self, id: u64, cancel: super::password::CancelOnDrop) {
         self.state = State::Checking { id, _cancel: cancel };
@@ -471,6 +478,9 @@ impl Pooler {
     pub fn client_auth_input(&mut self, key: usize) {
         loop {
             let Some(c) = self.client(key) else { return };
+            if matches!(&c.phase, Phase::Auth(s) if s.is_checking()) {
+                return;
+            }
             let msg = match c.read_message() {
                 Ok(Some(m)) => m,
                 Ok(None) => return,
@@ -500,6 +510,7 @@ impl Pooler {
                     if let Some(Phase::Auth(session)) = self.client(key).map(|c| &mut c.phase) {
                         session.checking(id, cancel);
                     }
+                    self.client_rearm(key);
                 }
                 // No thread: checked on this loop, as before threads.
                 Err(check) => {
@@ -566,6 +577,8 @@ impl Pooler {
             let Phase::Auth(session) = &mut c.phase else { continue };
             if let Some(step) = session.check_finished(&user, d.id, d.check) {
                 self.client_auth_step(d.client, step);
+                // Watched for input again (or as its next phase says).
+                self.client_rearm(d.client);
             }
         }
     }

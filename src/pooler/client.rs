@@ -314,6 +314,7 @@ impl Client {
         }
         let out = if self.out_pending() { EpollFlags::EPOLLOUT } else { EpollFlags::empty() };
         match self.phase {
+            Phase::Auth(ref s) if s.is_checking() => Some(HANGUP | out),
             Phase::Startup | Phase::Auth(_) | Phase::Idle => Some(READ | out),
             Phase::LoginPending { .. } | Phase::Dedicating { .. } => Some(HANGUP | out),
             // A waiting client is watched for a hang-up only once it has
@@ -560,6 +561,11 @@ impl Pooler {
                 }
             }
             Phase::Startup => self.client_startup(key),
+            Phase::Auth(s) if s.is_checking() => {
+                if hangup {
+                    return self.client_close(key);
+                }
+            }
             Phase::Auth(_) => self.client_auth_input(key),
             Phase::Idle => self.client_idle_input(key),
             Phase::LoginPending { .. } | Phase::Waiting { .. } | Phase::Dedicating { .. } => {

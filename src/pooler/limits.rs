@@ -279,10 +279,13 @@ impl Pooler {
 /// after pools logged in: the settings reader runs a moment after the
 /// commit), the surplus goes as a lowered pool_size's does. Parked backends
 /// close at once, those of pools without clients first, then of the pool
-/// with the most; attached ones close at their next transaction boundary
-/// instead of parking. Only live backends count here: one already closed
-/// still counts against new logins until its process is gone
-/// (`backends_where`), but closing another for it would overshoot.
+/// with the most; as many attached ones as are still surplus (those that
+/// keep an idle client included: `hold_idle_clients`) are asked to give
+/// their client back, and any that reaches a transaction boundary while
+/// its database or role is over the limit closes instead of parking. Only
+/// live backends count here: one already closed still counts against new
+/// logins until its process is gone (`backends_where`), but closing another
+/// for it would overshoot.
 impl Pooler {
     /// Live backends of all pools matching `same` (closing ones not).
     fn live_backends_where(&self, same: impl Fn(&str, &str) -> bool) -> usize {
@@ -299,15 +302,20 @@ impl Pooler {
             || (max_user > 0 && self.live_backends_where(|_, r| r == role) > max_user)
     }
 
-    /// Closes parked backends while a database or role is over its limit.
+    /// Brings every database and role down to its limit.
     pub fn caps_trim(&mut self) {
+        // Nothing to do (every janitor tick) without any limit.
+        let limits = |n: &str| n == "max_db_connections" || n == "max_user_connections";
+        if MAX_DB_CONNECTIONS.get() <= 0 && MAX_USER_CONNECTIONS.get() <= 0 && !self.conf.entries.iter().any(|e| limits(&e.name)) {
+            return;
+        }
         let mut dbs: Vec<String> = self.pools.iter().map(|(_, p)| p.database.clone()).collect();
         dbs.sort_unstable();
         dbs.dedup();
         for db in dbs {
             let max = self.max_db_connections_of(&db);
             if max > 0 {
-                self.caps_close_parked(max, |d, _| d == db);
+                self.caps_shed(max, |d, _| d == db);
             }
         }
         let mut roles: Vec<String> = self.pools.iter().map(|(_, p)| p.role.clone()).collect();
@@ -316,16 +324,17 @@ impl Pooler {
         for role in roles {
             let max = self.max_user_connections_of(&role);
             if max > 0 {
-                self.caps_close_parked(max, |_, r| r == role);
+                self.caps_shed(max, |_, r| r == role);
             }
         }
     }
 
     /// Closes parked backends of the pools matching `same` until they have
-    /// at most `max` live ones, or none is left that may close (a backend
-    /// reserved for a session-mode client between its transactions never:
-    /// that session would end).
-    fn caps_close_parked(&mut self, max: usize, same: impl Fn(&str, &str) -> bool) {
+    /// at most `max` live ones, then asks attached ones for the rest. A
+    /// backend reserved for a session-mode client between its transactions
+    /// never closes (that session would end), nor does a pinned one give
+    /// its client back (`backend_request_release`).
+    fn caps_shed(&mut self, max: usize, same: impl Fn(&str, &str) -> bool) {
         while self.live_backends_where(&same) > max {
             let victim = self
                 .pools
@@ -336,9 +345,27 @@ impl Pooler {
                     Some(((p.clients == 0, p.shared_backends()), k, free))
                 })
                 .max_by_key(|&(order, _, _)| order);
-            let Some((_, pool, bk)) = victim else { return };
+            let Some((_, pool, bk)) = victim else { break };
             self.backend_close(bk);
             self.sync_pool(pool);
+        }
+        let asked: usize = self.pools.iter().filter(|(_, p)| same(&p.database, &p.role)).map(|(_, p)| p.release_requested).sum();
+        let mut surplus = self.live_backends_where(&same).saturating_sub(max).saturating_sub(asked);
+        if surplus == 0 {
+            return;
+        }
+        let mut pools: Vec<(usize, usize)> =
+            self.pools.iter().filter(|(_, p)| same(&p.database, &p.role)).map(|(k, p)| (p.shared_backends(), k)).collect();
+        pools.sort_unstable_by(|a, b| b.cmp(a));
+        for (_, pool) in pools {
+            for bk in self.pools[pool].attached.clone() {
+                if surplus == 0 {
+                    return;
+                }
+                if self.backend_request_release(bk, true) {
+                    surplus -= 1;
+                }
+            }
         }
     }
 }

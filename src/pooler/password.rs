@@ -5,22 +5,25 @@
 //! sets a password chooses them (`ALTER ROLE ... PASSWORD
 //! 'SCRAM-SHA-256$<n>:...'`, up to 2^31 - 1: hours). On the pooler's loop
 //! such a login stalled every client of the server; in the server it costs
-//! only that login's own backend. A few threads run the checks instead, and
-//! each stops when its client is gone (`authentication_timeout`, hang-up:
-//! the session's [`CancelOnDrop`]), as the server's backend is ended then.
-//! The threads run only the pure check (`nextgres_core::auth`): no
-//! PostgreSQL function, no logging (neither is thread-safe).
+//! only that login's own backend. Here each check runs on a thread of its
+//! own, as each runs in a process of its own in the server, up to
+//! [`MAX_THREADS`] at once (then they queue), and stops when its client is
+//! gone (`authentication_timeout`, hang-up: the session's [`CancelOnDrop`]),
+//! as the server's backend is ended then. The threads run only the pure
+//! check (`nextgres_core::auth`): no PostgreSQL function, no logging
+//! (neither is thread-safe), every signal blocked.
 use nextgres_core::auth::{self, PasswordCheck, StoredSecret};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
-/// Threads that run checks (started at the first one): more than one, so a
-/// login with a huge iteration count does not hold up every other.
-const THREADS: usize = 2;
+/// Checks running at once; more wait for one to finish. Clients that hold
+/// one with a huge iteration count hold it until `authentication_timeout`.
+pub const MAX_THREADS: usize = 16;
 
 /// A check to run: the secret, and the password the client sent (wiped
-/// once checked).
+/// when the job goes, run or not).
 pub struct PasswordJob {
     pub secret: StoredSecret,
     pub user: String,
@@ -29,10 +32,14 @@ pub struct PasswordJob {
 
 impl PasswordJob {
     /// Runs the check; None when cancelled first.
-    fn run(mut self, cancelled: &AtomicBool) -> Option<PasswordCheck> {
-        let r = auth::check_password(&self.secret, &self.user, &self.password, &|| cancelled.load(Ordering::Relaxed));
+    fn run(&self, cancelled: &AtomicBool) -> Option<PasswordCheck> {
+        auth::check_password(&self.secret, &self.user, &self.password, &|| cancelled.load(Ordering::Relaxed))
+    }
+}
+
+impl Drop for PasswordJob {
+    fn drop(&mut self) {
         auth::scram::zeroize::wipe_string(std::mem::take(&mut self.password));
-        r
     }
 }
 
@@ -61,8 +68,17 @@ struct Queued {
     cancelled: Arc<AtomicBool>,
 }
 
+/// Jobs not yet taken, and how many threads run (both under one lock, so a
+/// thread that finds the queue empty and ends is never counted as taking a
+/// job queued meanwhile).
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Queued>,
+    running: usize,
+}
+
 pub struct Verifier {
-    jobs: Option<Sender<Queued>>,
+    queue: Arc<Mutex<Queue>>,
     done_tx: Sender<Done>,
     done: Receiver<Done>,
     next_id: u64,
@@ -71,26 +87,33 @@ pub struct Verifier {
 impl Verifier {
     pub fn new() -> Self {
         let (done_tx, done) = channel();
-        Verifier { jobs: None, done_tx, done, next_id: 0 }
+        Verifier { queue: Arc::default(), done_tx, done, next_id: 0 }
     }
 
     /// Queues a check for client `client`. Returns its id (which the
     /// client's state keeps, so an answer for a connection that has since
     /// taken its key is ignored) and the guard that cancels it; or, when no
-    /// thread could be started, the check's result, run here.
+    /// thread runs and none could be started, the check's result, run here.
     pub fn submit(&mut self, client: usize, job: PasswordJob) -> Result<(u64, CancelOnDrop), Option<PasswordCheck>> {
         self.next_id += 1;
         let id = self.next_id;
         let cancelled = Arc::new(AtomicBool::new(false));
-        let Some(tx) = self.threads() else { return Err(job.run(&cancelled)) };
-        let q = Queued { client, id, job, cancelled: cancelled.clone() };
-        match tx.send(q) {
-            Ok(()) => Ok((id, CancelOnDrop(cancelled))),
-            Err(e) => {
-                self.jobs = None;
-                Err(e.0.job.run(&cancelled))
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.jobs.push_back(Queued { client, id, job, cancelled: cancelled.clone() });
+        if q.running < MAX_THREADS {
+            match self.spawn() {
+                Ok(()) => q.running += 1,
+                Err(e) if q.running == 0 => {
+                    log::warn!("nextgres: could not start a password check thread: {e}; this check runs on the pooler's loop");
+                    let mine = q.jobs.pop_back().expect("just queued");
+                    drop(q);
+                    return Err(mine.job.run(&cancelled));
+                }
+                // The running ones take it.
+                Err(_) => {}
             }
         }
+        Ok((id, CancelOnDrop(cancelled)))
     }
 
     /// Checks finished since last asked.
@@ -98,36 +121,42 @@ impl Verifier {
         self.done.try_iter().collect()
     }
 
-    fn threads(&mut self) -> Option<&Sender<Queued>> {
-        if self.jobs.is_none() {
-            let (tx, rx) = channel::<Queued>();
-            let rx = Arc::new(Mutex::new(rx));
-            let mut started = 0;
-            for i in 0..THREADS {
-                let (rx, done) = (rx.clone(), self.done_tx.clone());
-                let t = std::thread::Builder::new().name(format!("ng password {i}")).spawn(move || check_loop(&rx, &done));
-                match t {
-                    Ok(_) => started += 1,
-                    Err(e) => log::warn!("nextgres: could not start a password check thread: {e}; checks run on the pooler's loop"),
-                }
-            }
-            if started == 0 {
-                return None;
-            }
-            self.jobs = Some(tx);
-        }
-        self.jobs.as_ref()
+    /// One more thread (the caller holds the queue's lock; the thread takes
+    /// it only once started).
+    fn spawn(&self) -> std::io::Result<()> {
+        use nix::sys::signal::{SigSet, SigmaskHow};
+        // The server's signal handlers must run on the pooler's own thread:
+        // the new thread inherits a mask that blocks every signal, then the
+        // pooler's mask is put back (as for the TLS relays).
+        let old = SigSet::all().thread_swap_mask(SigmaskHow::SIG_BLOCK)?;
+        let (queue, done) = (self.queue.clone(), self.done_tx.clone());
+        let started = std::thread::Builder::new()
+            .name("ng password".into())
+            .stack_size(256 * 1024)
+            .spawn(move || check_loop(&queue, &done));
+        let _ = old.thread_set_mask();
+        started.map(drop)
     }
 }
 
-fn check_loop(rx: &Mutex<Receiver<Queued>>, done: &Sender<Done>) {
+/// A thread: takes jobs until none is queued, then ends.
+fn check_loop(queue: &Mutex<Queue>, done: &Sender<Done>) {
     loop {
-        let next = match rx.lock() {
-            Ok(r) => r.recv(),
-            Err(_) => return,
+        let q = {
+            let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
+            match q.jobs.pop_front() {
+                Some(j) => j,
+                None => {
+                    q.running -= 1;
+                    return;
+                }
+            }
         };
-        let Ok(q) = next else { return };
-        let check = if q.cancelled.load(Ordering::Relaxed) { None } else { q.job.run(&q.cancelled) };
+        // A panic (none is known) ends this check as a failed one, never
+        // the thread with its count.
+        let run = || if q.cancelled.load(Ordering::Relaxed) { None } else { q.job.run(&q.cancelled) };
+        let check = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or(Some(PasswordCheck::Mismatch));
+        drop(q.job);
         if done.send(Done { client: q.client, id: q.id, check }).is_err() {
             return;
         }

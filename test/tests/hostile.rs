@@ -726,6 +726,52 @@ fn scram_math_known_answers() {
 
 // ---- tests ------------------------------------------------------------------------
 
+/// A client that sends its first query with its password, in one write
+/// (no wait for AuthenticationOk), is answered as the server answers it:
+/// logged in, then the query. Its `password` line makes the pooler check the
+/// password against a SCRAM secret of 100,000 iterations on a thread, and
+/// what the client sent meanwhile waits, as in the socket of a server
+/// backend busy checking (it was read and refused as no password message,
+/// 08P01, while the check ran).
+#[test]
+fn a_query_sent_with_the_password_is_answered_after_the_check() {
+    run(|pg, pooler| {
+        const PW: &str = "pipelined pw";
+        let iterations = 100_000u32;
+        let salt = b"pipelined salt..";
+        let salted = pbkdf2(PW.as_bytes(), salt, iterations);
+        let client_key = hmac(&salted, b"Client Key");
+        let secret = format!(
+            "SCRAM-SHA-256${iterations}:{}${}:{}",
+            b64_encode(salt),
+            b64_encode(&sha256(&client_key)),
+            b64_encode(&hmac(&salted, b"Server Key"))
+        );
+        pg.admin()
+            .batch_execute(&format!("CREATE ROLE slow LOGIN; UPDATE pg_authid SET rolpassword = '{secret}' WHERE rolname = 'slow'"))
+            .expect("CREATE ROLE slow");
+        let mut p = Peer::connect(pg);
+        p.send(&startup(PROTO_3_0, &[(b"user", b"slow"), (b"database", DB.as_bytes())]));
+        p.expect_auth(3, "cleartext password request");
+        let mut both = msg(b'p', format!("{PW}\0").as_bytes());
+        both.extend_from_slice(&msg(b'Q', b"SELECT 'pipelined'\0"));
+        p.send(&both);
+        let mut seen = Vec::new();
+        let mut ready = 0;
+        while ready < 2 {
+            let m = p.next(SETTLE).unwrap_or_else(|e| panic!("after {seen:?}: {e:?}"));
+            assert_ne!(m.0, b'E', "refused: {} after {seen:?}", show(&m));
+            if m.0 == b'Z' {
+                ready += 1;
+            }
+            seen.push(show(&m));
+        }
+        assert!(seen.iter().any(|m| m.contains("pipelined")), "the query's row: {seen:?}");
+        terminate(p);
+        assert_serves(pg, pooler, "after the pipelined login");
+    });
+}
+
 /// A role may set its own password to a SCRAM secret of its choosing, with
 /// up to 2^31 - 1 iterations (hours of its own backend's time to set); under a `password` line the pooler checks a
 /// cleartext password by running them (hours). In the server that login
