@@ -622,6 +622,21 @@ impl Pooler {
     }
 }
 
+/// Signals a pooled backend as the server signals one (a cancel: postmaster
+/// signal_child / 18's SendCancelRequest; a termination:
+/// pg_signal_backend): its whole process group, so that a program it runs
+/// (`COPY ... PROGRAM`, an untrusted language's child) gets it too; its
+/// process alone when it leads no group.
+pub fn signal_backend(pid: i32, sig: nix::sys::signal::Signal) {
+    use nix::unistd::Pid;
+    if pid <= 0 {
+        return;
+    }
+    if nix::sys::signal::kill(Pid::from_raw(-pid), sig).is_err() {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), sig);
+    }
+}
+
 /// The pooler's answer to an authentication request of a login it makes
 /// (a pool login, or a replication client's dedicated walsender login),
 /// written to `out`, with the credential a client proved. Some(error) when

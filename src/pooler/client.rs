@@ -1087,9 +1087,7 @@ impl Pooler {
                         let still = self.client(ck).is_some_and(|c| c.id == id && matches!(c.phase, Phase::Attached { backend: b } if b == backend));
                         if still && self.backend_recall_ahead(backend).is_empty() {
                             if let Some(b) = self.backend(backend) {
-                                if b.pid > 0 {
-                                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(b.pid), nix::sys::signal::Signal::SIGINT);
-                                }
+                                super::backend::signal_backend(b.pid, nix::sys::signal::Signal::SIGINT);
                             }
                         }
                     } else if matches!(c.phase, Phase::Waiting { .. } | Phase::Ahead { .. }) {

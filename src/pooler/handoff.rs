@@ -647,7 +647,7 @@ impl Pooler {
             b.terminating = true;
             let pid = b.pid;
             log::info!("killing a client its backend {pid} had taken ahead: terminating that backend");
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+            super::backend::signal_backend(pid, nix::sys::signal::Signal::SIGTERM);
         }
     }
 }

@@ -179,9 +179,7 @@ impl Pooler {
         for bk in self.pools[pool].attached.clone() {
             let Some(b) = self.backend(bk) else { continue };
             b.terminating = true;
-            if b.pid > 0 {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(b.pid), nix::sys::signal::Signal::SIGTERM);
-            }
+            super::backend::signal_backend(b.pid, nix::sys::signal::Signal::SIGTERM);
         }
         self.sync_pool(pool);
     }
@@ -258,7 +256,7 @@ impl Pooler {
                     b.terminating = true;
                 }
                 log::info!("killing client {addr} port {port} of role \"{role}\" for database \"{db}\": terminating its backend {pid}");
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+                super::backend::signal_backend(pid, nix::sys::signal::Signal::SIGTERM);
             }
             None => {
                 log::info!("killing client {addr} port {port} of role \"{role}\" for database \"{db}\"");

@@ -326,6 +326,45 @@ fn cancel_running_query_and_idle_cancel_is_harmless() {
     });
 }
 
+/// A cancel reaches the program a query runs, as on a direct connection:
+/// `COPY ... FROM PROGRAM 'sleep 600'` fails at once with the same error
+/// directly and through the pooler (38000 "program ... failed", terminated
+/// by signal 2: the server signals the backend's whole process group; the
+/// pooler signalled the backend alone, which stayed blocked reading the
+/// pipe until the program ended).
+#[test]
+fn cancel_reaches_the_program_a_query_runs_as_direct() {
+    run(Cluster::builder(), |pg| {
+        let pooler = running_pooler_pid(pg);
+        pg.admin()
+            .batch_execute("CREATE TABLE from_program (v text); GRANT ALL ON from_program TO app; GRANT pg_execute_server_program TO app")
+            .expect("setup");
+        let mut outcomes = Vec::new();
+        for pooled in [false, true] {
+            let c = if pooled { connect(pg, APP) } else { pg.unix(APP, DB).connect().expect("direct") };
+            let token = c.cancel_token();
+            let rx = spawn_query(c, "COPY from_program FROM PROGRAM 'sleep 600'");
+            let running = || {
+                admin_i64(
+                    pg,
+                    "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' AND state = 'active' AND query LIKE 'COPY from_program%'",
+                ) == 1
+            };
+            assert!(wait_until(SETTLE, running), "pooled {pooled}: the COPY never started");
+            // The program has started too (the backend waits on its pipe).
+            std::thread::sleep(Duration::from_millis(300));
+            token.cancel_query(NoTls).expect("sending the cancel");
+            let (mut c, r) = wait_result(&rx, &format!("pooled {pooled}: the cancelled COPY"));
+            let e = r.expect_err("the COPY was not cancelled");
+            let db = e.as_db_error().unwrap_or_else(|| panic!("pooled {pooled}: {e:?}"));
+            outcomes.push((db.code().code().to_string(), db.message().to_string(), db.detail().map(str::to_string)));
+            assert_eq!(one(&mut c, "SELECT 'usable'"), "usable");
+        }
+        assert_eq!(outcomes[0], outcomes[1], "direct, then pooled");
+        assert_pooler_serves(pg, pooler);
+    });
+}
+
 /// `waiter` sends a query while every backend of its pool is held: the
 /// pooler lists it as `waiting` in nextgres.clients, and it gets FATAL 53400
 /// no sooner than nextgres.query_wait_timeout (read from the server) after
