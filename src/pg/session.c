@@ -1658,6 +1658,25 @@ ng_create_statement(const char *name, const char *text, bool from_sql,
 
 		MemoryContextSwitchTo(tmp);
 		raw = raw_parser(text, RAW_PARSE_DEFAULT);
+		if (raw == NIL && !from_sql)
+		{
+			/*
+			 * Empty text (or only comments): legal at Parse, a statement
+			 * without a parse tree whose portal answers EmptyQueryResponse,
+			 * created as postgres.c exec_parse_message() creates it.
+			 */
+			if (nparams > 0)
+			{
+				types = palloc(sizeof(Oid) * nparams);
+				memcpy(types, params, sizeof(Oid) * nparams);
+			}
+			psrc = CreateCachedPlan(NULL, text, CMDTAG_UNKNOWN);
+			CompleteCachedPlan(psrc, NIL, NULL, types, nparams, NULL, NULL,
+							   CURSOR_OPT_PARALLEL_OK, true);
+			MemoryContextSwitchTo(tmp);
+			StorePreparedStatement(name, psrc, from_sql);
+			goto stored;
+		}
 		if (list_length(raw) != 1)
 			elog(ERROR, "prepared statement text is not one statement");
 		rs = linitial_node(RawStmt, raw);
@@ -1724,6 +1743,8 @@ ng_create_statement(const char *name, const char *text, bool from_sql,
 		}
 		MemoryContextSwitchTo(tmp);
 		StorePreparedStatement(name, psrc, from_sql);
+stored:
+		;
 	}
 	PG_CATCH();
 	{

@@ -784,3 +784,83 @@ fn unnamed_statement_after_another_client_as_readme_states() {
         },
     );
 }
+
+/// A prepared `SET search_path` naming a schema, used again on a backend
+/// that never looked that schema up (pool of two, the first held by
+/// another client's transaction): the statement is re-created there before
+/// the client's transaction starts. Before PostgreSQL 17, completing such a
+/// statement resolves the search_path (plancache.c CompleteCachedPlan), a
+/// catalog read that needs a transaction.
+#[test]
+fn a_prepared_set_search_path_moves_to_a_fresh_backend() {
+    run(
+        Cluster::builder().conf("nextgres.pool_size = 2").conf("nextgres.hold_idle_clients = off"),
+        "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN;
+         CREATE SCHEMA tenant_fresh AUTHORIZATION app; CREATE TABLE tenant_fresh.in_tenant(a int); GRANT ALL ON tenant_fresh.in_tenant TO app",
+        TEST_LIMIT,
+        |pg| {
+            let mut a = pg.connect_tcp("app", "postgres", None).unwrap();
+            let mut b = pg.connect_tcp("app", "postgres", None).unwrap();
+            let pid = |c: &mut Client| -> i32 { c.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0) };
+            let path = a.prepare("SET search_path TO tenant_fresh, public").unwrap();
+            a.execute(&path, &[]).unwrap();
+            let first = pid(&mut a);
+            // b holds a backend in its transaction: a's own, or the other.
+            b.batch_execute("BEGIN").unwrap();
+            let held = pid(&mut b);
+            if held != first {
+                // b took the other one: a's next statement runs on its own
+                // again; hold it too and use a third client for nothing.
+                eprintln!("b took the fresh backend; the scenario needs it free: skipped");
+                return;
+            }
+            let r = a.execute(&path, &[]);
+            assert!(r.is_ok(), "the prepared SET on a fresh backend: {r:?}\n{}", pg.log_tail(20));
+            assert_ne!(pid(&mut a), first, "a stayed on its backend");
+            let n: i64 = a.query_one("SELECT count(*) FROM in_tenant", &[]).unwrap().get(0);
+            assert_eq!(n, 0);
+            b.batch_execute("COMMIT").unwrap();
+            let log = pg.log();
+            assert!(!log.contains("terminated by signal"), "a backend crashed:\n{}", pg.log_tail(30));
+        },
+    );
+}
+
+/// A named statement of empty text (or only a comment), as pgjdbc's
+/// `isValid()` prepares once it is server-prepared: the server keeps it as a
+/// statement without a parse tree, and its portal answers
+/// EmptyQueryResponse. After another client's turn on the pool's only
+/// backend (so it is re-created for the client) it behaves the same; before,
+/// re-creating it failed ("not one statement") and the client got 26000.
+fn empty_statement_scenario(pg: &Cluster, pooled: bool) -> Vec<String> {
+    let mut a = wire(pg, pooled);
+    let mut b = wire(pg, pooled);
+    let mut out = Vec::new();
+    let (empty, comment) = (parse_msg("S_empty", ""), parse_msg("S_comment", "-- nothing"));
+    out.push(exchange(&mut a, "A", &[&empty, &comment, SYNC]));
+    out.push(exchange(&mut b, "B", &[&query_msg("SELECT 1")]));
+    for name in ["S_empty", "S_comment"] {
+        out.push(exchange(&mut a, "A", &[&describe_msg(b'S', name), &bind_msg("", name), &execute_msg("", 0), SYNC]));
+        out.push(exchange(&mut b, "B", &[&query_msg("SELECT 2")]));
+    }
+    out.push(exchange(&mut a, "A", &[&query_msg("SELECT name FROM pg_prepared_statements ORDER BY 1")]));
+    out
+}
+
+#[test]
+fn an_empty_named_statement_moves_with_its_client() {
+    run(
+        Cluster::builder().conf("nextgres.pool_size = 1"),
+        "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN",
+        TEST_LIMIT,
+        |pg| {
+            let direct = empty_statement_scenario(pg, false);
+            let pooled = empty_statement_scenario(pg, true);
+            assert!(direct[2].contains(" | I | "), "directly, an EmptyQueryResponse: {direct:#?}");
+            for (i, (d, p)) in direct.iter().zip(&pooled).enumerate() {
+                assert_eq!(p, d, "step {i} differs (pooled vs direct)\ndirect: {direct:#?}\npooled: {pooled:#?}");
+            }
+            assert_eq!(direct.len(), pooled.len());
+        },
+    );
+}
