@@ -1129,7 +1129,7 @@ impl Pooler {
         let mut buf = vec![0u8; 64 * 1024];
         let peeked = recv(fd, &mut buf, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT).unwrap_or(0);
         let Some(len) = nextgres_core::proto::frame::query_cycle_len(&buf[..peeked]) else {
-            return log::info!("cancel request for a waiting client whose query is not all received: dropped");
+            return log::info!("cancel request for a waiting client whose query is not all received, or is no plain query cycle (a Close, a Flush, COPY data): dropped");
         };
         // Read exactly that cycle (it is all buffered: a non-blocking read
         // of it returns it whole; a short one ends the client).

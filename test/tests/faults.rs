@@ -855,6 +855,60 @@ fn cancel_of_a_query_waiting_for_a_backend_as_direct() {
     });
 }
 
+/// A CancelRequest for a client waiting for a backend with a Close in its
+/// messages (tokio-postgres closes a dropped Statement with `Close; Sync`,
+/// pgjdbc sends `Close; Parse; Bind; Execute; Sync`): the server carries a
+/// Close out whatever the cancel, so the cycle is not answered as cancelled
+/// at its start; it runs once a backend is free, the statement is closed
+/// and its name can be prepared again. Before, the pooler answered 57014
+/// and dropped the Close with the rest: the statement stayed, and the
+/// client's next Parse of the name failed with 42P05.
+#[test]
+fn cancel_of_a_waiting_close_keeps_the_close() {
+    run(Cluster::builder().conf("nextgres.pool_size = 1"), |pg| {
+        use std::io::Write as _;
+        let pooler = running_pooler_pid(pg);
+        let frame = |tag: u8, body: &[u8]| {
+            let mut m = vec![tag];
+            m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+            m.extend_from_slice(body);
+            m
+        };
+        let sync = frame(b'S', b"");
+        let parse = [frame(b'P', b"s9\0SELECT 9\0\0\0"), sync.clone()].concat();
+        let mut c = raw(pg, APP);
+        c.s.write_all(&parse).expect("Parse s9");
+        c.until_ready().expect("s9 prepared");
+        let (key_pid, key) = c.key.clone().expect("BackendKeyData");
+        let mut a = connect(pg, APP);
+        a.batch_execute("BEGIN; SELECT 1").expect("A holds the only backend");
+        c.s.write_all(&[frame(b'C', b"Ss9\0"), sync.clone()].concat()).expect("Close s9");
+        let port = c.local_port();
+        assert!(
+            wait_until(SETTLE, || clients(pg).iter().any(|(p, st, _)| *p == port && st == "waiting")),
+            "the Close does not wait: {:?}",
+            clients(pg)
+        );
+        let mut cancel = TcpStream::connect(("127.0.0.1", pg.port())).expect("cancel connection");
+        let mut pkt = Vec::new();
+        pkt.extend_from_slice(&((12 + key.len()) as i32).to_be_bytes());
+        pkt.extend_from_slice(&80877102i32.to_be_bytes());
+        pkt.extend_from_slice(&key_pid.to_be_bytes());
+        pkt.extend_from_slice(&key);
+        cancel.write_all(&pkt).expect("CancelRequest");
+        // The pooler has read the cancel once it closed that connection.
+        let mut end = [0u8; 1];
+        let _ = std::io::Read::read(&mut cancel, &mut end);
+        a.batch_execute("COMMIT").expect("A commits");
+        let r = c.until_ready();
+        assert!(r.is_ok(), "the Close: {r:?}");
+        c.s.write_all(&parse).expect("Parse s9 again");
+        let r = c.until_ready();
+        assert!(r.is_ok(), "s9 prepared again after its Close: {r:?}");
+        assert_pooler_serves(pg, pooler);
+    });
+}
+
 /// A CancelRequest reaches its query also when the pooler takes no more
 /// connections: with `max_client_conn` 2 both taken (one running
 /// `pg_sleep(20)`), and during a smart shutdown that this very query keeps

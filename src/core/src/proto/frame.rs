@@ -52,9 +52,14 @@ pub fn parse_message(
 /// ReadyForQuery. `None` when they are not all in `buf` yet, or when a
 /// Terminate (`X`), Flush (`H`, the client waits for results without a
 /// Sync), a COPY message or a bad length comes first: such input is not a
-/// plain query cycle. Used to answer a cancelled query that never reached
-/// a backend as the server answers one cancelled at its start (protocol
-/// "Canceling Requests in Progress").
+/// plain query cycle. Also `None` for a cycle with a Close (`C`): the
+/// server carries a Close out whatever the cancel (exec_close_message never
+/// checks for one), so the cycle cannot be answered as cancelled at its
+/// start without losing it (a Parse, Bind or Execute is cancelled there
+/// before it takes effect, as here). Used to
+/// answer a cancelled query that never reached a backend as the server
+/// answers one cancelled at its start (protocol "Canceling Requests in
+/// Progress").
 pub fn query_cycle_len(buf: &[u8]) -> Option<usize> {
     let mut off = 0;
     loop {
@@ -62,7 +67,7 @@ pub fn query_cycle_len(buf: &[u8]) -> Option<usize> {
         off += n;
         match m.tag {
             b'Q' | b'F' | b'S' => return Some(off),
-            b'P' | b'B' | b'D' | b'E' | b'C' => {}
+            b'P' | b'B' | b'D' | b'E' => {}
             _ => return None,
         }
     }
@@ -199,5 +204,13 @@ mod tests {
         assert_eq!(query_cycle_len(&msg(b'X', b"")), None);
         assert_eq!(query_cycle_len(&[b'Q', 0, 0, 0, 2]), None, "bad length");
         assert_eq!(query_cycle_len(&[]), None);
+        // A Close is carried out by the server whatever the cancel: not a
+        // cycle to answer as cancelled (pgjdbc's Close, Parse, ..., Sync).
+        let close = [msg(b'C', b"Ss3\0"), msg(b'S', b"")].concat();
+        assert_eq!(query_cycle_len(&close), None, "Close");
+        let jdbc = [msg(b'C', b"SS_3\0"), msg(b'P', b"S_7\0SELECT 1\0\0\0"), msg(b'B', b"\0S_7\0\0\0\0\0\0\0"), msg(b'E', b"\0\0\0\0\0"), msg(b'S', b"")].concat();
+        assert_eq!(query_cycle_len(&jdbc), None, "Close first");
+        let named = [msg(b'P', b"S_7\0SELECT 1\0\0\0"), msg(b'B', b"\0S_7\0\0\0\0\0\0\0"), msg(b'E', b"\0\0\0\0\0"), msg(b'S', b"")].concat();
+        assert_eq!(query_cycle_len(&named), Some(named.len()), "a named Parse is cancelled before it is stored, as directly");
     }
 }
