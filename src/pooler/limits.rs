@@ -309,18 +309,19 @@ impl Pooler {
         if MAX_DB_CONNECTIONS.get() <= 0 && MAX_USER_CONNECTIONS.get() <= 0 && !self.conf.entries.iter().any(|e| limits(&e.name)) {
             return;
         }
-        let mut dbs: Vec<String> = self.pools.iter().map(|(_, p)| p.database.clone()).collect();
-        dbs.sort_unstable();
-        dbs.dedup();
+        let names = |of: fn(&nextgres_core::pool::Pool) -> &String| -> Vec<String> {
+            let mut v: Vec<String> = self.pools.iter().map(|(_, p)| of(p).clone()).collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        let (dbs, roles) = (names(|p| &p.database), names(|p| &p.role));
         for db in dbs {
             let max = self.max_db_connections_of(&db);
             if max > 0 {
                 self.caps_shed(max, |d, _| d == db);
             }
         }
-        let mut roles: Vec<String> = self.pools.iter().map(|(_, p)| p.role.clone()).collect();
-        roles.sort_unstable();
-        roles.dedup();
         for role in roles {
             let max = self.max_user_connections_of(&role);
             if max > 0 {

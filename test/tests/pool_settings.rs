@@ -1158,6 +1158,28 @@ fn pool_backends(pg: &Cluster, role: &str, state: &str) -> i64 {
         .get(0)
 }
 
+/// Two clients of role a, each on a backend of its own (a1's transaction
+/// open while a2 runs), run until both backends keep their idle clients
+/// (`hold_idle_clients`) and b has `b_parked` parked backends: past the
+/// 100 ms in which a pool that made a client wait counts as saturated, they
+/// are kept, but on a loaded machine a round may fall in such a window, so
+/// the clients run again. The clients, and whether that state was reached.
+fn two_clients_of_a_kept(pg: &Cluster, b_parked: i64) -> (postgres::Client, postgres::Client, bool) {
+    let mut a1 = pg.tcp("a", "postgres").connect().expect("a1");
+    let mut a2 = pg.tcp("a", "postgres").connect().expect("a2");
+    a1.batch_execute("BEGIN; SELECT 1").expect("a1 BEGIN");
+    a2.simple_query("SELECT 1").expect("a2");
+    a1.batch_execute("COMMIT").expect("a1 COMMIT");
+    let kept = wait_until(Duration::from_secs(30), || {
+        std::thread::sleep(Duration::from_millis(300));
+        a1.simple_query("SELECT 1").expect("a1");
+        a2.simple_query("SELECT 1").expect("a2");
+        std::thread::sleep(Duration::from_millis(100));
+        pool_backends(pg, "a", "attached") == 2 && pool_backends(pg, "b", "parked") == b_parked
+    });
+    (a1, a2, kept)
+}
+
 /// `max_db_connections` 2 shared by roles a and b, `hold_idle_clients` on
 /// (the default): a's two clients each keep a backend while idle, and b's
 /// pool (logged in before, its backend since closed for a) has none. b's
@@ -1176,23 +1198,8 @@ fn a_pool_under_a_shared_limit_gets_a_backend_kept_by_another_pools_idle_client(
     roles_a_and_b_under_a_db_limit(&pg, 2);
     // b's pool logs in once (its session values are known from then on).
     one_query_as(&pg, "b");
-    let mut a1 = pg.tcp("a", "postgres").connect().expect("a1");
-    let mut a2 = pg.tcp("a", "postgres").connect().expect("a2");
-    a1.batch_execute("BEGIN; SELECT 1").expect("a1 BEGIN");
     // The second backend: b's parked one is closed for it (b has no client).
-    a2.simple_query("SELECT 1").expect("a2");
-    a1.batch_execute("COMMIT").expect("a1 COMMIT");
-    // Past the 100 ms in which a pool that made a client wait counts as
-    // saturated, a's backends keep their idle clients; on a loaded machine
-    // one round may still fall in such a window, so the two clients run
-    // again until both are kept.
-    let kept = wait_until(Duration::from_secs(30), || {
-        std::thread::sleep(Duration::from_millis(300));
-        a1.simple_query("SELECT 1").expect("a1");
-        a2.simple_query("SELECT 1").expect("a2");
-        std::thread::sleep(Duration::from_millis(100));
-        pool_backends(&pg, "a", "attached") == 2 && pool_backends(&pg, "b", "parked") == 0
-    });
+    let (mut a1, mut a2, kept) = two_clients_of_a_kept(&pg, 0);
     assert!(
         kept,
         "a's backends do not both keep their idle client: the test does not test it ({} attached, b: {} parked)",
@@ -1223,21 +1230,8 @@ fn a_lowered_max_db_connections_closes_the_surplus() {
     let pg = Cluster::builder().conf("nextgres.pool_size = 4").conf("nextgres.hold_idle_clients = on").start();
     exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE a LOGIN; CREATE ROLE b LOGIN");
     one_query_as(&pg, "b");
-    let mut a1 = pg.tcp("a", "postgres").connect().expect("a1");
-    let mut a2 = pg.tcp("a", "postgres").connect().expect("a2");
-    a1.batch_execute("BEGIN; SELECT 1").expect("a1 BEGIN");
-    a2.simple_query("SELECT 1").expect("a2");
-    a1.batch_execute("COMMIT").expect("a1 COMMIT");
     let count = || pg.backend_count(Some("a"), Some("postgres")) + pg.backend_count(Some("b"), Some("postgres"));
-    // Both of a's backends keep their idle clients (as in the test above,
-    // rounds that fall in the 100 ms saturation window are run again).
-    let kept = wait_until(Duration::from_secs(30), || {
-        std::thread::sleep(Duration::from_millis(300));
-        a1.simple_query("SELECT 1").expect("a1");
-        a2.simple_query("SELECT 1").expect("a2");
-        std::thread::sleep(Duration::from_millis(100));
-        pool_backends(&pg, "a", "attached") == 2 && pool_backends(&pg, "b", "parked") == 1
-    });
+    let (mut a1, mut a2, kept) = two_clients_of_a_kept(&pg, 1);
     assert!(kept, "precondition: a's two backends keep their clients, b's is parked ({} backends)", count());
     assert_eq!(count(), 3, "a's two backends and b's");
     exec(&pg, "ALTER DATABASE postgres SET nextgres.max_db_connections = 1");
@@ -1410,30 +1404,26 @@ fn pause_through_the_pooler_and_empty_names() {
     let n: i32 = pg.admin().query_one("SELECT nextgres.resume('postgres')", &[]).expect("resume").get(0);
     assert_eq!(n, 1);
     assert_eq!(first_value(&me.simple_query("SELECT 'served'").expect("after resume")).as_deref(), Some("served"));
-    for sql in [
-        "SELECT nextgres.kill_clients('')",
-        "SELECT nextgres.reconnect('')",
-        "SELECT nextgres.pause('', NULL, 0)",
-        "SELECT nextgres.resume('')",
-        "SELECT nextgres.wait_close('', NULL, 0)",
-        "SELECT nextgres.kill_clients('postgres', '')",
-    ] {
+    // An empty name: 22023. A NULL database or wait: 22004 (before: XX000
+    // from inside the function, "argument is NULL").
+    let refused = [
+        ("22023", "SELECT nextgres.kill_clients('')"),
+        ("22023", "SELECT nextgres.reconnect('')"),
+        ("22023", "SELECT nextgres.pause('', NULL, 0)"),
+        ("22023", "SELECT nextgres.resume('')"),
+        ("22023", "SELECT nextgres.wait_close('', NULL, 0)"),
+        ("22023", "SELECT nextgres.kill_clients('postgres', '')"),
+        ("22004", "SELECT nextgres.kill_clients(NULL)"),
+        ("22004", "SELECT nextgres.reconnect(NULL)"),
+        ("22004", "SELECT nextgres.pause(NULL)"),
+        ("22004", "SELECT nextgres.pause('postgres', NULL, NULL)"),
+        ("22004", "SELECT nextgres.resume(NULL)"),
+        ("22004", "SELECT nextgres.wait_close(NULL)"),
+        ("22004", "SELECT nextgres.wait_close('postgres', NULL, NULL)"),
+    ];
+    for (code, sql) in refused {
         let e = pg.admin().simple_query(sql).expect_err(sql);
-        assert_eq!(e.code().map(|c| c.code()), Some("22023"), "{sql}: {e:?}");
-    }
-    // A NULL database or wait: 22004 (before: XX000 from inside the
-    // function, "argument is NULL").
-    for sql in [
-        "SELECT nextgres.kill_clients(NULL)",
-        "SELECT nextgres.reconnect(NULL)",
-        "SELECT nextgres.pause(NULL)",
-        "SELECT nextgres.pause('postgres', NULL, NULL)",
-        "SELECT nextgres.resume(NULL)",
-        "SELECT nextgres.wait_close(NULL)",
-        "SELECT nextgres.wait_close('postgres', NULL, NULL)",
-    ] {
-        let e = pg.admin().simple_query(sql).expect_err(sql);
-        assert_eq!(e.code().map(|c| c.code()), Some("22004"), "{sql}: {e:?}");
+        assert_eq!(e.code().map(|c| c.code()), Some(code), "{sql}: {e:?}");
     }
     // reset_stats() without names resets every pool, as documented (it was
     // refused as an empty name: 22023); an empty name is refused.
