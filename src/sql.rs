@@ -280,22 +280,22 @@ fn check_may_kill(role: Option<&str>) {
 /// NULL where it needs a value) instead of failing inside the function
 /// (XX000); the functions are not STRICT because NULL as the role means
 /// every role.
-fn required<T>(value: Option<T>, what: &str) -> T {
+fn required<T>(value: Option<T>, what: &str, hint: &str) -> T {
     let Some(v) = value else {
-        pgrx::ereport!(
-            ERROR,
-            pgrx::PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
-            format!("nextgres: {what} must not be NULL"),
-            "Name the database; NULL as the role names every role of it, and wait_seconds < 0 waits without limit."
-        );
+        pgrx::ereport!(ERROR, pgrx::PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, format!("nextgres: {what} must not be NULL"), hint);
     };
     v
+}
+
+/// `wait_seconds`, which must not be NULL (`required`).
+fn wait_seconds(value: Option<i32>) -> i32 {
+    required(value, "wait_seconds", "A wait_seconds below 0 waits without limit.")
 }
 
 /// The named pools' database and role, checked (`required`, `check_names`).
 fn names<'a>(database: Option<&'a str>, role: Option<&'a str>) -> (&'a str, Option<&'a str>) {
     check_names(database, role);
-    (required(database, "the database"), role)
+    (required(database, "the database", "Name the database; NULL as the role names every role of it."), role)
 }
 
 /// Queues operation `kind` for the pooler (names already checked).
@@ -317,7 +317,7 @@ fn op(kind: u8, database: &str, role: Option<&str>) -> u64 {
 #[pg_extern]
 fn pause(database: Option<&str>, role: default!(Option<&str>, "NULL"), wait_seconds: default!(Option<i32>, 60)) -> bool {
     let (database, role) = names(database, role);
-    let wait_seconds = required(wait_seconds, "wait_seconds");
+    let wait_seconds = self::wait_seconds(wait_seconds);
     let gen = op(shmem::OP_PAUSE, database, role);
     pgrx::log!("nextgres: pause of the {} requested", target(database, role));
     let t = tables();
@@ -401,7 +401,7 @@ fn kill_client(client_addr: &str, client_port: i32) -> bool {
 #[pg_extern]
 fn wait_close(database: Option<&str>, role: default!(Option<&str>, "NULL"), wait_seconds: default!(Option<i32>, 60)) -> bool {
     let (database, role) = names(database, role);
-    let wait_seconds = required(wait_seconds, "wait_seconds");
+    let wait_seconds = self::wait_seconds(wait_seconds);
     let t = tables();
     let me = crate::pg::my_pid();
     let mine = |t: &shmem::Tables| -> Vec<i32> {

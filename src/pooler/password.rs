@@ -7,9 +7,11 @@
 //! such a login stalled every client of the server; in the server it costs
 //! only that login's own backend. Here each check runs on a thread of its
 //! own, as each runs in a process of its own in the server, up to
-//! [`MAX_THREADS`] at once (then they queue), and stops when its client is
-//! gone (`authentication_timeout`, hang-up: the session's [`CancelOnDrop`]),
-//! as the server's backend is ended then. The threads run only the pure
+//! [`MAX_THREADS`] at once and [`MAX_PER_ROLE`] for one role (then they
+//! queue: clients that only need a role's name to start checks against its
+//! huge secret hold that role's share, not every role's logins), and stops
+//! when its client is gone (`authentication_timeout`, hang-up: the
+//! session's [`CancelOnDrop`]), as the server's backend is ended then. The threads run only the pure
 //! check (`nextgres_core::auth`): no PostgreSQL function, no logging
 //! (neither is thread-safe), every signal blocked.
 use nextgres_core::auth::{self, PasswordCheck, StoredSecret};
@@ -21,6 +23,9 @@ use std::sync::{Arc, Mutex};
 /// Checks running at once; more wait for one to finish. Clients that hold
 /// one with a huge iteration count hold it until `authentication_timeout`.
 pub const MAX_THREADS: usize = 16;
+
+/// Checks of one role running at once; its others wait for one of them.
+pub const MAX_PER_ROLE: usize = 2;
 
 /// A check to run: the secret, and the password the client sent (wiped
 /// when the job goes, run or not).
@@ -68,13 +73,34 @@ struct Queued {
     cancelled: Arc<AtomicBool>,
 }
 
-/// Jobs not yet taken, and how many threads run (both under one lock, so a
-/// thread that finds the queue empty and ends is never counted as taking a
-/// job queued meanwhile).
+/// Jobs not yet taken, how many threads run, and how many checks of each
+/// role run (all under one lock, so a thread that finds nothing to take and
+/// ends is never counted as taking a job queued meanwhile).
 #[derive(Default)]
 struct Queue {
     jobs: VecDeque<Queued>,
     running: usize,
+    per_role: std::collections::HashMap<String, usize>,
+}
+
+impl Queue {
+    /// The oldest job whose role is below its share, counted as running.
+    fn take(&mut self) -> Option<Queued> {
+        let i = self.jobs.iter().position(|q| self.per_role.get(&q.job.user).copied().unwrap_or(0) < MAX_PER_ROLE)?;
+        let q = self.jobs.remove(i)?;
+        *self.per_role.entry(q.job.user.clone()).or_default() += 1;
+        Some(q)
+    }
+
+    /// A check of `user` ended.
+    fn done(&mut self, user: &str) {
+        if let Some(n) = self.per_role.get_mut(user) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_role.remove(user);
+            }
+        }
+    }
 }
 
 pub struct Verifier {
@@ -99,8 +125,11 @@ impl Verifier {
         let id = self.next_id;
         let cancelled = Arc::new(AtomicBool::new(false));
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        // A role at its share waits for one of its own checks to end (that
+        // thread takes the next).
+        let within_share = q.per_role.get(&job.user).copied().unwrap_or(0) < MAX_PER_ROLE;
         q.jobs.push_back(Queued { client, id, job, cancelled: cancelled.clone() });
-        if q.running < MAX_THREADS {
+        if q.running < MAX_THREADS && within_share {
             match self.spawn() {
                 Ok(()) => q.running += 1,
                 Err(e) if q.running == 0 => {
@@ -139,12 +168,16 @@ impl Verifier {
     }
 }
 
-/// A thread: takes jobs until none is queued, then ends.
+/// A thread: takes jobs until none it may take is queued, then ends.
 fn check_loop(queue: &Mutex<Queue>, done: &Sender<Done>) {
+    let mut finished: Option<String> = None;
     loop {
         let q = {
             let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
-            match q.jobs.pop_front() {
+            if let Some(user) = finished.take() {
+                q.done(&user);
+            }
+            match q.take() {
                 Some(j) => j,
                 None => {
                     q.running -= 1;
@@ -152,6 +185,7 @@ fn check_loop(queue: &Mutex<Queue>, done: &Sender<Done>) {
                 }
             }
         };
+        finished = Some(q.job.user.clone());
         // A panic (none is known) ends this check as a failed one, never
         // the thread with its count.
         let run = || if q.cancelled.load(Ordering::Relaxed) { None } else { q.job.run(&q.cancelled) };

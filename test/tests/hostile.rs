@@ -36,7 +36,7 @@ const MAX_CLIENTS: usize = 20;
 
 const HBA: &str = "# hostile.rs\n\
                    local all all trust\n\
-                   host all slow 127.0.0.1/32 password\n\
+                   host all slow,fast 127.0.0.1/32 password\n\
                    host all all 127.0.0.1/32 scram-sha-256\n";
 
 const PROTO_3_0: i32 = 196608;
@@ -725,6 +725,45 @@ fn scram_math_known_answers() {
 }
 
 // ---- tests ------------------------------------------------------------------------
+
+/// Checks of one role take at most two of the pooler's check threads: 16
+/// clients of a role whose secret has 2^31 - 1 iterations (they need only
+/// its name) leave room for another role's `password` login, which
+/// succeeds while they wait. Before, they held all 16 threads and the other
+/// login waited in line until `authentication_timeout` (2 s) dropped it.
+#[test]
+fn a_role_with_a_huge_iteration_count_takes_only_its_share_of_checks() {
+    run(|pg, pooler| {
+        let zeros = b64_encode(&[0u8; 32]);
+        let secret = format!("SCRAM-SHA-256$2147483647:{}${zeros}:{zeros}", b64_encode(b"sixteen byte slt"));
+        pg.admin()
+            .batch_execute(&format!("CREATE ROLE slow LOGIN; UPDATE pg_authid SET rolpassword = '{secret}' WHERE rolname = 'slow'"))
+            .expect("CREATE ROLE slow");
+        pg.create_role("fast", "fast pw", PasswordEncryption::ScramSha256);
+        let slow: Vec<_> = (0..16)
+            .map(|_| {
+                let info = pg.tcp("slow", DB).password("any password");
+                std::thread::spawn(move || info.connect().map(drop))
+            })
+            .collect();
+        // Every slow login has sent its password (its check runs or waits).
+        let in_auth = || {
+            pg.admin()
+                .query_one("SELECT count(*) FROM nextgres.clients WHERE role = 'slow'", &[])
+                .map(|r| r.get::<_, i64>(0))
+                .unwrap_or(0)
+        };
+        assert!(wait_until(SETTLE, || in_auth() == 16), "the 16 slow logins are not all there: {}", in_auth());
+        std::thread::sleep(Duration::from_millis(300));
+        let mut fast = pg.tcp("fast", DB).password("fast pw").connect().expect("fast's password login beside 16 slow ones");
+        assert_eq!(fast.query_one("SELECT 1", &[]).expect("fast's query").get::<_, i32>(0), 1);
+        drop(fast);
+        for t in slow {
+            assert!(t.join().expect("slow login").is_err());
+        }
+        assert_serves(pg, pooler, "after the slow logins");
+    });
+}
 
 /// A client that sends its first query with its password, in one write
 /// (no wait for AuthenticationOk), is answered as the server answers it:
