@@ -726,6 +726,18 @@ fn scram_math_known_answers() {
 
 // ---- tests ------------------------------------------------------------------------
 
+/// Role `slow`, whose SCRAM secret has 2^31 - 1 iterations (any password is
+/// checked for hours). Written into pg_authid directly: CREATE ROLE ...
+/// PASSWORD runs the iterations in the backend that sets it (the cost its
+/// author pays).
+fn create_slow_role(pg: &Cluster) {
+    let zeros = b64_encode(&[0u8; 32]);
+    let secret = format!("SCRAM-SHA-256$2147483647:{}${zeros}:{zeros}", b64_encode(b"sixteen byte slt"));
+    pg.admin()
+        .batch_execute(&format!("CREATE ROLE slow LOGIN; UPDATE pg_authid SET rolpassword = '{secret}' WHERE rolname = 'slow'"))
+        .expect("CREATE ROLE slow");
+}
+
 /// Checks of one role take at most two of the pooler's check threads: 16
 /// clients of a role whose secret has 2^31 - 1 iterations (they need only
 /// its name) leave room for another role's `password` login, which
@@ -734,11 +746,7 @@ fn scram_math_known_answers() {
 #[test]
 fn a_role_with_a_huge_iteration_count_takes_only_its_share_of_checks() {
     run(|pg, pooler| {
-        let zeros = b64_encode(&[0u8; 32]);
-        let secret = format!("SCRAM-SHA-256$2147483647:{}${zeros}:{zeros}", b64_encode(b"sixteen byte slt"));
-        pg.admin()
-            .batch_execute(&format!("CREATE ROLE slow LOGIN; UPDATE pg_authid SET rolpassword = '{secret}' WHERE rolname = 'slow'"))
-            .expect("CREATE ROLE slow");
+        create_slow_role(pg);
         pg.create_role("fast", "fast pw", PasswordEncryption::ScramSha256);
         let slow: Vec<_> = (0..16)
             .map(|_| {
@@ -823,13 +831,7 @@ fn a_query_sent_with_the_password_is_answered_after_the_check() {
 #[test]
 fn a_password_check_with_a_huge_iteration_count_stalls_nobody() {
     run(|pg, pooler| {
-        let zeros = b64_encode(&[0u8; 32]);
-        let secret = format!("SCRAM-SHA-256$2147483647:{}${zeros}:{zeros}", b64_encode(b"sixteen byte slt"));
-        // Written into pg_authid directly: CREATE ROLE ... PASSWORD runs the
-        // iterations in the backend that sets it (the cost its author pays).
-        pg.admin()
-            .batch_execute(&format!("CREATE ROLE slow LOGIN; UPDATE pg_authid SET rolpassword = '{secret}' WHERE rolname = 'slow'"))
-            .expect("CREATE ROLE slow");
+        create_slow_role(pg);
         let cpu = || nextgres_test::procs::process_cpu_ticks(pooler).expect("pooler's /proc stat");
         let before = cpu();
         let info = pg.tcp("slow", DB).password("any password");
