@@ -1658,6 +1658,11 @@ ng_create_statement(const char *name, const char *text, bool from_sql,
 
 		MemoryContextSwitchTo(tmp);
 		raw = raw_parser(text, RAW_PARSE_DEFAULT);
+		if (nparams > 0)
+		{
+			types = palloc(sizeof(Oid) * nparams);
+			memcpy(types, params, sizeof(Oid) * nparams);
+		}
 		if (raw == NIL && !from_sql)
 		{
 			/*
@@ -1665,17 +1670,10 @@ ng_create_statement(const char *name, const char *text, bool from_sql,
 			 * without a parse tree whose portal answers EmptyQueryResponse,
 			 * created as postgres.c exec_parse_message() creates it.
 			 */
-			if (nparams > 0)
-			{
-				types = palloc(sizeof(Oid) * nparams);
-				memcpy(types, params, sizeof(Oid) * nparams);
-			}
 			psrc = CreateCachedPlan(NULL, text, CMDTAG_UNKNOWN);
 			CompleteCachedPlan(psrc, NIL, NULL, types, nparams, NULL, NULL,
 							   CURSOR_OPT_PARALLEL_OK, true);
-			MemoryContextSwitchTo(tmp);
-			StorePreparedStatement(name, psrc, from_sql);
-			goto stored;
+			goto store;
 		}
 		if (list_length(raw) != 1)
 			elog(ERROR, "prepared statement text is not one statement");
@@ -1691,11 +1689,6 @@ ng_create_statement(const char *name, const char *text, bool from_sql,
 			inner->stmt_location = rs->stmt_location;
 			inner->stmt_len = rs->stmt_len;
 			rs = inner;
-		}
-		if (nparams > 0)
-		{
-			types = palloc(sizeof(Oid) * nparams);
-			memcpy(types, params, sizeof(Oid) * nparams);
 		}
 		psrc = CreateCachedPlan(rs, text, CreateCommandTag(rs->stmt));
 		if (!stmt_requires_parse_analysis(rs))
@@ -1741,10 +1734,9 @@ ng_create_statement(const char *name, const char *text, bool from_sql,
 			psrc->is_complete = true;
 			psrc->is_valid = false;
 		}
+store:
 		MemoryContextSwitchTo(tmp);
 		StorePreparedStatement(name, psrc, from_sql);
-stored:
-		;
 	}
 	PG_CATCH();
 	{

@@ -413,15 +413,12 @@ extern "C" fn on_signal(sig: libc::c_int) {
         libc::SIGHUP => GOT_SIGHUP.store(true, Ordering::SeqCst),
         _ => {}
     }
-    let fd = WAKE.load(Ordering::Relaxed);
-    if fd >= 0 {
-        let one: u64 = 1;
-        // SAFETY: write(2) is async-signal-safe; errno is saved around it.
-        unsafe {
-            let saved = *libc::__errno_location();
-            libc::write(fd, (&one as *const u64).cast(), 8);
-            *libc::__errno_location() = saved;
-        }
+    // SAFETY: errno is the interrupted code's; saved around wake(), whose
+    // write(2) is async-signal-safe.
+    unsafe {
+        let saved = *libc::__errno_location();
+        wake();
+        *libc::__errno_location() = saved;
     }
 }
 
@@ -478,12 +475,16 @@ pub fn watch_fds() -> (RawFd, RawFd, RawFd) {
     (WAKE.load(Ordering::SeqCst), glue::postmaster_watch_fd(), AGENT.load(Ordering::SeqCst))
 }
 
-/// Wakes the pooler's loop as a signal does (from another thread: a
-/// password check that finished, `password.rs`).
+/// Wakes the pooler's loop: from the signal handlers, and from another
+/// thread (a password check that finished, `password.rs`). Nothing before
+/// the eventfd exists.
 pub fn wake() {
-    let one: u64 = 1;
-    // SAFETY: write(2) of 8 bytes to our own eventfd.
-    unsafe { libc::write(WAKE.load(Ordering::SeqCst), (&one as *const u64).cast(), 8) };
+    let fd = WAKE.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) of 8 bytes to our own eventfd (async-signal-safe).
+        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    }
 }
 
 /// Empties the signal eventfd.

@@ -341,10 +341,7 @@ impl Pooler {
                 .pools
                 .iter()
                 .filter(|(_, p)| same(&p.database, &p.role))
-                .filter_map(|(k, p)| {
-                    let free = p.parked.iter().copied().find(|&bk| matches!(self.conns.get(bk), Some(Conn::Backend(b)) if b.pinned_to.is_none()))?;
-                    Some(((p.clients == 0, p.shared_backends()), k, free))
-                })
+                .filter_map(|(k, p)| Some(((p.clients == 0, p.shared_backends()), k, self.free_parked(p)?)))
                 .max_by_key(|&(order, _, _)| order);
             let Some((_, pool, bk)) = victim else { break };
             self.backend_close(bk);
@@ -403,8 +400,14 @@ impl Pooler {
 
     /// Backends of all pools matching `same` (closing ones included).
     fn backends_where(&self, same: impl Fn(&str, &str) -> bool) -> usize {
-        let live: usize = self.pools.iter().filter(|(_, p)| same(&p.database, &p.role)).map(|(_, p)| p.backends).sum();
-        live + self.closing.iter().filter(|c| same(&c.database, &c.role)).count()
+        self.live_backends_where(&same) + self.closing.iter().filter(|c| same(&c.database, &c.role)).count()
+    }
+
+    /// A parked backend of pool `p` that may close: not one reserved for a
+    /// session-mode client between its transactions (that client's session
+    /// would end with it).
+    fn free_parked(&self, p: &nextgres_core::pool::Pool) -> Option<usize> {
+        p.parked.iter().copied().find(|&bk| matches!(self.conns.get(bk), Some(Conn::Backend(b)) if b.pinned_to.is_none()))
     }
 
     /// Room under max_db_connections and max_user_connections for one more
@@ -476,11 +479,8 @@ impl Pooler {
             .max_by_key(|(_, p)| p.shared_backends())
             .map(|(k, _)| k);
         let Some(v) = victim else { return self.ask_holder_release(pool, same) };
-        // Not one reserved for a session-mode client between its
-        // transactions: that client's session would end with it.
-        let free = self.pools[v].parked.iter().position(|&bk| matches!(self.conns.get(bk), Some(Conn::Backend(b)) if b.pinned_to.is_none()));
-        if let Some(i) = free {
-            let bk = self.pools[v].parked.remove(i);
+        if let Some(bk) = self.free_parked(&self.pools[v]) {
+            // It leaves `parked` as it goes (`backend_gone`).
             self.backend_close(bk);
             self.sync_pool(v);
         }

@@ -6,7 +6,7 @@
 
 use super::ct::ct_eq;
 use super::md5::md5_password_hash;
-use super::scram::{b64_decode, b64_encode, client_key, salted_password, salted_password_cancellable, server_key, sha256};
+use super::scram::{b64_decode, b64_encode, client_key, salted_password_cancellable, server_key, sha256};
 use std::fmt;
 
 /// A parsed SCRAM-SHA-256 secret.
@@ -134,14 +134,25 @@ pub fn parse_stored_secret(s: &str) -> StoredSecret {
 /// strings, and HMAC pads short keys with zero bytes, so `"pw\0"` would
 /// otherwise derive the same keys as `"pw"`.
 pub fn client_key_from_password(secret: &ScramSecret, password: &str) -> Option<[u8; 32]> {
+    scram_client_key(secret, password, &|| false).flatten()
+}
+
+/// The SCRAM side of both checks: Some(ClientKey) when `password` derives
+/// the secret's StoredKey and ServerKey, Some(None) when not; None when
+/// `cancelled()` stopped the PBKDF2 first.
+fn scram_client_key(
+    secret: &ScramSecret,
+    password: &str,
+    cancelled: &dyn Fn() -> bool,
+) -> Option<Option<[u8; 32]>> {
     if password.contains('\0') {
-        return None;
+        return Some(None);
     }
-    let salted = salted_password(password, &secret.salt, secret.iterations);
+    let salted = salted_password_cancellable(password, &secret.salt, secret.iterations, cancelled)?;
     let ck = client_key(&salted.0);
     let ok =
         ct_eq(&sha256(&ck), &secret.stored_key) & ct_eq(&server_key(&salted.0), &secret.server_key);
-    ok.then_some(ck)
+    Some(ok.then_some(ck))
 }
 
 /// Checks a cleartext password (the `password` auth method) against a
@@ -182,16 +193,10 @@ pub fn check_password(
         return Some(PasswordCheck::Mismatch);
     }
     Some(match secret {
-        StoredSecret::Scram(s) => {
-            let salted = salted_password_cancellable(password, &s.salt, s.iterations, cancelled)?;
-            let ck = client_key(&salted.0);
-            let ok = ct_eq(&sha256(&ck), &s.stored_key) & ct_eq(&server_key(&salted.0), &s.server_key);
-            if ok {
-                PasswordCheck::Scram { client_key: ck }
-            } else {
-                PasswordCheck::Mismatch
-            }
-        }
+        StoredSecret::Scram(s) => match scram_client_key(s, password, cancelled)? {
+            Some(client_key) => PasswordCheck::Scram { client_key },
+            None => PasswordCheck::Mismatch,
+        },
         StoredSecret::Md5(h) if ct_eq(&md5_password_hash(password, user), h) => PasswordCheck::Md5,
         StoredSecret::Md5(_) | StoredSecret::Plain(_) => PasswordCheck::Mismatch,
     })
@@ -207,7 +212,7 @@ pub fn password_check_is_slow(secret: &StoredSecret) -> bool {
 mod tests {
     use super::*;
     use crate::auth::md5::to_hex;
-    use crate::auth::scram::build_scram_secret;
+    use crate::auth::scram::{build_scram_secret, salted_password};
 
     // RFC 7677's user: password "pencil", salt W22ZaJ0SNY7soEsUEjb6gQ==, 4096 iterations.
     const RFC_SECRET: &str = "SCRAM-SHA-256$4096:W22ZaJ0SNY7soEsUEjb6gQ==$WG5d8oPm3OtcPnkdi4Uo7BkeZkBFzpcXkuLmtbsT4qY=:wfPLwcE6nTWhTAmQ7tl2KeoiWGPlZqQxSrmfPwDl2dU=";
