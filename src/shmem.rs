@@ -5,6 +5,7 @@
 //! Nothing secret is stored here except the per-boot token, which SQL never shows.
 use crate::pg::shmem::{self as raw, Guard};
 use std::ffi::c_void;
+use nextgres_core::ring::Ring;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 pub const NAME_LEN: usize = 64;
@@ -49,6 +50,12 @@ pub struct Header {
     pub ops_ack: AtomicU64,
     /// Pauses in force and reconnects not yet taken by the pooler.
     pub ops: [OpSlot; OP_SLOTS],
+    /// Entries written to any backend's release ring so far (`ring_pushed`):
+    /// one load tells the pooler, at each wake-up, whether to look at the rings.
+    pub ring_pushes: AtomicU64,
+    /// 1 while the pooler sleeps: the first backend that then leaves an
+    /// entry in its ring sets it to 0 and wakes the pooler (RING_MARK).
+    pub pooler_sleeps: AtomicI32,
 }
 
 pub const OP_SLOTS: usize = 64;
@@ -256,7 +263,9 @@ fn layout() -> (usize, usize, usize, usize) {
     let pools_off = align(size_of::<Header>());
     let clients_off = pools_off + align(p * size_of::<PoolRow>());
     let backends_off = clients_off + align(c * size_of::<ClientRow>());
-    let total = backends_off + align(b * size_of::<BackendRow>());
+    // The rings come last, at the first address aligned for a Ring (the
+    // segment's own start is only MAXALIGNed): room for that too.
+    let total = backends_off + b * size_of::<BackendRow>() + align_of::<Ring>() + b * size_of::<Ring>();
     (pools_off, clients_off, backends_off, total)
 }
 
@@ -321,6 +330,43 @@ impl Tables {
     fn backends_raw(&self) -> &mut [BackendRow] {
         let h = self.header();
         self.slice(layout().2, h.backends_cap as usize)
+    }
+
+    /// The release ring of backend row `row` (`nextgres_core::ring`).
+    pub fn ring(&self, row: usize) -> Option<&Ring> {
+        let h = self.header();
+        if row >= h.backends_cap as usize {
+            return None;
+        }
+        let end = self.base as usize + layout().2 + h.backends_cap as usize * size_of::<BackendRow>();
+        let off = end.next_multiple_of(align_of::<Ring>()) - self.base as usize + row * size_of::<Ring>();
+        // SAFETY: inside the segment (`layout` counts a ring per backend
+        // row and the alignment slack), aligned for Ring, zeroed at creation
+        // (an empty ring); every field of a Ring is an atomic or padding, so
+        // shared references from any process are sound.
+        Some(unsafe { &*self.base.add(off).cast::<Ring>() })
+    }
+
+    /// Pooler: entries pushed to any ring so far (`ring_pushed`).
+    pub fn ring_pushes(&self) -> u64 {
+        self.header().ring_pushes.load(Ordering::Acquire)
+    }
+
+    /// Backend: counts an entry it pushed, after publishing it; true when
+    /// the pooler sleeps and this backend is the one to wake it. (Pairs with
+    /// `pooler_sleeps`: each side writes its word, then reads the other's,
+    /// all sequentially consistent, so one of them sees the other.)
+    pub fn ring_pushed(&self) -> bool {
+        self.header().ring_pushes.fetch_add(1, Ordering::SeqCst);
+        self.header().pooler_sleeps.load(Ordering::SeqCst) != 0 && self.header().pooler_sleeps.swap(0, Ordering::SeqCst) != 0
+    }
+
+    /// Pooler: about to sleep (`on`), or awake again. Returns the ring
+    /// entries pushed so far, read after the store: an entry after those
+    /// wakes it.
+    pub fn pooler_sleeps(&self, on: bool) -> u64 {
+        self.header().pooler_sleeps.store(i32::from(on), Ordering::SeqCst);
+        self.header().ring_pushes.load(Ordering::SeqCst)
     }
 
     pub fn capacities(&self) -> (usize, usize, usize) {
@@ -590,6 +636,16 @@ pub fn set_lingering(row: usize, on: bool) {
 }
 
 impl Tables {
+    /// Pooled backend: is backend row `row` (in use) still its own? A
+    /// backend that outlived its pooler holds the index of a row the next
+    /// pooler may have given another backend.
+    pub fn backend_row_is_mine(&self, row: usize) -> bool {
+        let pid = unsafe { pgrx::pg_sys::MyProcPid };
+        // SAFETY: fields of a shared row that only the pooler writes, read
+        // as they are (racy by design, as `set_lingering`).
+        self.backends_raw().get(row).is_some_and(|r| unsafe { std::ptr::read_volatile(&r.in_use) && std::ptr::read_volatile(&r.pid) == pid })
+    }
+
     pub fn backend_lingering(&self, row: usize) -> bool {
         std::sync::atomic::fence(Ordering::SeqCst);
         self.backends_raw().get(row).is_some_and(|r| unsafe { std::ptr::read_volatile(&r.lingering) } != 0)

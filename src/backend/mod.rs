@@ -9,6 +9,7 @@ mod comm;
 mod drain;
 mod login;
 mod park;
+mod ring;
 mod sched;
 mod session;
 

@@ -105,8 +105,9 @@ pub fn transaction_boundary() {
                     // and the pool logs in another for its other clients.
                     // Best effort: a pooler that is gone (restarting) must
                     // not end the client's session here; the release notices.
-                    let mut msg = Vec::with_capacity(6);
-                    control::write_pinned(&mut msg, !was);
+                    let mut pinned_msg = Vec::with_capacity(6);
+                    control::write_pinned(&mut pinned_msg, !was);
+                    let msg = super::ring::marked(p.row, &pinned_msg);
                     let flags = nix::sys::socket::MsgFlags::MSG_DONTWAIT | nix::sys::socket::MsgFlags::MSG_NOSIGNAL;
                     if let Ok(n) = nix::sys::socket::send(p.control, &msg, flags) {
                         if n > 0 && n < msg.len() {
@@ -150,7 +151,15 @@ pub fn transaction_boundary() {
             if next.is_none() || pinned {
                 release_socket(p);
             }
-            write_all(p.control, &released);
+            // Going straight on to the next client, the RELEASED can wait in
+            // shared memory for the pooler's next look (`ring`): no write,
+            // no wake-up. Parking, it goes on the socket: the pooler must
+            // read it to send the next client.
+            let control_fd = p.control;
+            let in_ring = next.is_some() && !pinned && super::ring::release(control_fd, p.row, &released, |m| write_all(control_fd, m));
+            if !in_ring {
+                write_all(p.control, &super::ring::marked(p.row, &released));
+            }
             if pinned {
                 // The client left a pinned session: clean it now, so its
                 // advisory locks or temp tables do not outlive it while parked.

@@ -189,13 +189,17 @@ impl Pooler {
                 return;
             }
         }
+        // Every message read is handled: what its ring holds came after.
+        if !self.backend_ring_take(key, None) {
+            return;
+        }
         if eof {
             self.backend_gone(key, None);
         }
     }
 
     /// Returns false when the backend was removed.
-    fn backend_message(&mut self, key: usize, tag: u8, body: &[u8]) -> bool {
+    pub(super) fn backend_message(&mut self, key: usize, tag: u8, body: &[u8]) -> bool {
         let Some(b) = self.backend(key) else { return false };
         match (&b.phase, tag) {
             (BPhase::Login, b'R') => return self.backend_auth_request(key, body),
@@ -263,6 +267,14 @@ impl Pooler {
                     b.last_fatal = Some(Box::new(f));
                 }
             }
+            (_, control::RING_MARK) => match control::parse_ring_mark(body) {
+                Ok(tail) => return self.backend_ring_take(key, Some(tail)),
+                Err(e) => {
+                    log::warn!("backend {}: {}", b.pid, e.message);
+                    self.backend_gone(key, None);
+                    return false;
+                }
+            },
             (_, b'N') | (_, b'v') => {}
             (_, t) => {
                 log::warn!("backend {}: unexpected message type {} on the control socket", b.pid, t);
@@ -350,6 +362,12 @@ impl Pooler {
     /// (with `login_failure` as its FATAL when the backend sent one on the
     /// control socket while attached).
     pub fn backend_gone(&mut self, key: usize, login_failure: Option<ErrorFields>) {
+        // RELEASEDs it left in its ring came before its end: a client it
+        // claimed after one of them was attached (and maybe served), not
+        // untouched as below; one it leaves after this, it does not serve.
+        if !self.backend_ring_close(key) {
+            return;
+        }
         // A client sent ahead waits for another backend. Taken back here, or
         // claimed (or refused) by this backend but its RELEASED never read
         // (RELEASED settles the claim): it died before it attached that

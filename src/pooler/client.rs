@@ -535,7 +535,10 @@ impl Pooler {
         let Some(c) = self.client(key) else { return };
         if matches!(c.phase, Phase::Attached { .. }) {
             // A backend owns the socket now: noted above if edge-triggered,
-            // or a one-shot registration left armed from Waiting fired.
+            // or a one-shot registration left armed from Waiting fired. (One
+            // that gave it back in its release ring, unread yet, has the
+            // pooler read it before it sleeps: the message is then read as
+            // the RELEASED is handled, `client_input_seen`.)
             return;
         }
         if matches!(c.phase, Phase::Ahead { .. }) {

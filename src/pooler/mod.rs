@@ -38,6 +38,7 @@ mod park;
 mod password;
 mod poolconf;
 mod refusing;
+mod ring;
 
 mod stats;
 pub(crate) mod tls;

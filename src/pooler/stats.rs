@@ -176,6 +176,7 @@ impl Pooler {
             r.client_row = -1;
             r.since = now;
         });
+        self.ring_reset(row);
         Some(row)
     }
 

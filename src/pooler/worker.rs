@@ -68,6 +68,10 @@ pub struct Pooler {
     /// login started for its key in the same batch, which the pooler then
     /// took for dead.
     pub freed_in_batch: Vec<usize>,
+    /// The release rings at the last look (`ring`).
+    pub rings_seen: super::ring::RingsSeen,
+    /// Scratch list of backends whose rings to read (`rings_look`).
+    pub ring_keys: Vec<usize>,
     pub pools: Slab<Pool>,
     pub pool_by_name: HashMap<(String, String), usize>,
     /// Client-facing cancel pid -> client conn key.
@@ -163,6 +167,8 @@ impl Pooler {
             epoll,
             conns,
             freed_in_batch: Vec::new(),
+            rings_seen: Default::default(),
+            ring_keys: Vec::new(),
             pools: Slab::new(),
             pool_by_name: HashMap::new(),
             cancel_keys: HashMap::new(),
@@ -216,7 +222,13 @@ impl Pooler {
     pub fn run(&mut self) -> ! {
         let mut events = vec![EpollEvent::empty(); 256];
         loop {
-            let wait = self.accept_pause.wait_ms(std::time::Instant::now(), super::janitor::TICK_MS);
+            let mut wait = self.accept_pause.wait_ms(std::time::Instant::now(), super::janitor::TICK_MS);
+            // The next ring entry written while the pooler sleeps wakes it
+            // (one written before this store is seen here: no sleep then).
+            let mut sleeps = wait > 0;
+            if sleeps && !self.rings_quiet(self.tables.pooler_sleeps(true)) {
+                wait = 0;
+            }
             let mut timeout = EpollTimeout::from(wait.clamp(0, u16::MAX as i64) as u16);
             loop {
                 let n = match self.epoll.wait(&mut events, timeout) {
@@ -227,9 +239,15 @@ impl Pooler {
                         break;
                     }
                 };
+                if std::mem::take(&mut sleeps) {
+                    self.tables.pooler_sleeps(false);
+                }
                 timeout = EpollTimeout::ZERO;
                 let mut woken = false;
                 self.freed_in_batch.clear();
+                // Before the events: a client's next message may come from a
+                // backend's ring entry (its RELEASED) that must be read first.
+                self.rings_look();
                 for ev in &events[..n] {
                     match ev.data() as usize {
                         KEY_WAKE => woken = true,

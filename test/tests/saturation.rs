@@ -1057,6 +1057,90 @@ fn busy_backend_takes_every_client_sent_ahead_without_the_pooler() {
     });
 }
 
+/// `nextgres.pools.queries` of APP's pool (0 while it has no pool).
+fn pool_queries(pg: &Cluster) -> i64 {
+    admin_i64(pg, "SELECT coalesce(sum(queries), 0)::int8 FROM nextgres.pools WHERE role = 'app'")
+}
+
+/// The bytes of a `write(2)` line of `strace -xx` output (`write(9,
+/// "\x7e\x00...", 38) = 38`).
+fn hex_bytes(line: &str) -> Vec<u8> {
+    let quoted = line.split('"').nth(1).unwrap_or("");
+    quoted.split("\\x").filter(|h| !h.is_empty()).filter_map(|h| u8::from_str_radix(h, 16).ok()).collect()
+}
+
+/// The tags of the control messages in `bytes` (a tag and a length each).
+fn control_tags(bytes: &[u8]) -> Vec<u8> {
+    let mut tags = Vec::new();
+    let mut rest = bytes;
+    while rest.len() >= 5 {
+        tags.push(rest[0]);
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        rest = rest.get(1 + len..).unwrap_or(&[]);
+    }
+    tags
+}
+
+/// A busy backend going from client to client sent ahead leaves each
+/// RELEASED in shared memory (its release ring), not on its control socket:
+/// no write(2) and no wake-up of the pooler per transaction. Traced while
+/// the pooler is stopped and the backend serves A's commit and then B, C
+/// and D, sent ahead: of its RELEASEDs only D's, as it parks, may go on the
+/// socket (failed before: A's, B's and C's did too; and while the wake-up
+/// mark of A's lay unread there, B's and C's did). Resumed, the pooler reads the ring:
+/// every client taken ahead and every query is counted, and each client
+/// goes on with its own session.
+#[test]
+fn clients_taken_ahead_are_released_through_shared_memory() {
+    run(one_backend_releasing_at_once(), |pg| {
+        let (pooler, _, mut a, mut b, mut c) = a_bee_sea(pg);
+        let mut d = raw(pg, APP);
+        d.query("SET application_name = 'dee'").expect("SET");
+        let backend = wait_parked(pg, 1)[0];
+        let (ahead_before, queries_before) = (attaches_ahead(pg), pool_queries(pg));
+        two_sent_ahead(pg, backend, &mut a, &mut b, &mut c);
+        d.send_query(NAME_AND_TIME);
+        let three = wait_until(SETTLE, || queued(pg, backend) == 3);
+        assert!(three, "B, C and D are not all sent ahead to {backend}: clients_queued {}", queued(pg, backend));
+        let trace = std::env::temp_dir().join(format!("nextgres-ring-{backend}.trace"));
+        let path = trace.to_str().expect("a UTF-8 temp path");
+        let traced = nextgres_test::procs::Strace::attach(backend, &["-o", path, "-e", "trace=write", "-xx", "-s", "512"]);
+        let stop = Stopped::new(pooler);
+        a.query("COMMIT").expect("COMMIT on the busy backend");
+        for (x, name) in [(&mut b, "bee"), (&mut c, "sea"), (&mut d, "dee")] {
+            let rows = x.until_ready().expect("served while the pooler is stopped");
+            assert_eq!(rows[0][0].as_deref(), Some(name));
+        }
+        // D's own boundary parks the backend (nothing more was sent ahead):
+        // that RELEASED goes on the socket, if traced yet.
+        drop(traced);
+        let writes = std::fs::read_to_string(&trace).expect("the strace output");
+        let _ = std::fs::remove_file(&trace);
+        // The control messages of each write, by tag: RELEASED is '~'; a
+        // RING_MARK ('@') may wake the pooler or come before a RELEASED.
+        let tags: Vec<u8> = writes.lines().filter(|l| l.starts_with("write(")).flat_map(|l| control_tags(&hex_bytes(l))).collect();
+        let released = tags.iter().filter(|&&t| t == b'~').count();
+        assert!(
+            released == 0 || (released == 1 && tags.last() == Some(&b'~')),
+            "the backend wrote RELEASED on its control socket while it took clients ahead (only the last one, \
+             D's as it parked, may go there): tags {:?}\n{writes}",
+            String::from_utf8_lossy(&tags)
+        );
+        drop(stop);
+        let counted = wait_until(SETTLE, || attaches_ahead(pg) >= ahead_before + 3);
+        assert!(counted, "attaches_ahead went {ahead_before} -> {}: the ring's RELEASEDs were not all read", attaches_ahead(pg));
+        // BEGIN and COMMIT of A, one query each of B, C and D.
+        let all = wait_until(SETTLE, || pool_queries(pg) == queries_before + 5);
+        assert!(all, "queries went {queries_before} -> {}, not +5", pool_queries(pg));
+        assert_eq!(a.value("SELECT 5"), "5");
+        for (x, name) in [(&mut b, "bee"), (&mut c, "sea"), (&mut d, "dee")] {
+            assert_eq!(x.value("SELECT current_setting('application_name')"), name);
+        }
+        assert_eq!(queued(pg, backend), 0);
+        assert_pooler_serves(pg, pooler);
+    });
+}
+
 /// The backend holding two clients sent ahead is terminated inside client
 /// A's transaction: A gets the termination's FATAL, as from a direct
 /// backend; B and C, never touched there, wait again in the order they came
@@ -1231,12 +1315,15 @@ fn two_clients_refused_at_one_boundary_wait_again_in_order() {
     });
 }
 
-/// `backend`'s write(2) calls each held back 3 s by strace while the result
-/// lives: its RELEASED is the first write of a read-only transaction's
-/// boundary (query results go out with sendto), so the pooler reads it that
-/// much later.
+/// `backend`'s write(2) and ioctl(2) calls each held back 3 s by strace
+/// while the result lives: its RELEASED is the first write of a read-only
+/// transaction's boundary (query results go out with sendto), or, left in
+/// its release ring, comes after the boundary's one ioctl, so the pooler
+/// reads it that much later.
 fn released_late(backend: i32) -> nextgres_test::procs::Strace {
-    nextgres_test::procs::Strace::attach(backend, &["-e", "trace=write", "-e", "inject=write:delay_enter=3000000"])
+    // write(2): a RELEASED on the control socket; ioctl(2): the look
+    // (TIOCOUTQ) before one left in the release ring.
+    nextgres_test::procs::Strace::attach(backend, &["-e", "trace=write,ioctl", "-e", "inject=write,ioctl:delay_enter=3000000"])
 }
 
 /// `nextgres.kill_client` of the client on local port `port`, which must

@@ -46,6 +46,11 @@ pub const PINNED: u8 = b'*';
 /// CancelRequests. The pooler answers with an ATTACH (`FLAG_DEDICATED`)
 /// carrying the client's fd.
 pub const SOCKET_REQUEST: u8 = b'&';
+/// backend -> pooler: take the RELEASEDs this backend left in its release
+/// ring (`ring`) up to this tail (u32, the ring's wrapping entry count) before
+/// the messages that follow on this socket. Sent before a socket message
+/// while entries are pending, and alone to wake a pooler that sleeps.
+pub const RING_MARK: u8 = b'@';
 
 /// Discard the previous client's session before this client runs.
 pub const FLAG_NEW_CLIENT: u8 = 1;
@@ -449,6 +454,17 @@ pub fn parse_pinned(body: &[u8]) -> Result<bool, ProtoError> {
     Ok(v != 0)
 }
 
+pub fn write_ring_mark(out: &mut Vec<u8>, tail: u32) {
+    frame(out, RING_MARK, |o| o.extend_from_slice(&tail.to_be_bytes()));
+}
+
+pub fn parse_ring_mark(body: &[u8]) -> Result<u32, ProtoError> {
+    let mut r = Reader { body, off: 0 };
+    let v = r.u32()?;
+    r.end()?;
+    Ok(v)
+}
+
 pub fn write_released(out: &mut Vec<u8>, r: &Released) {
     frame(out, RELEASED, |o| {
         o.extend_from_slice(&r.client_id.to_be_bytes());
@@ -715,6 +731,19 @@ mod tests {
         }
         assert!(parse_pinned(&[]).is_err());
         assert!(parse_pinned(&[1, 0]).is_err());
+    }
+
+    #[test]
+    fn ring_mark_round_trip() {
+        for v in [0, 7, u32::MAX] {
+            let mut out = Vec::new();
+            write_ring_mark(&mut out, v);
+            let (m, used) = parse_message(&out, 1 << 20).unwrap().unwrap();
+            assert_eq!((used, m.tag), (out.len(), RING_MARK));
+            assert_eq!(parse_ring_mark(m.body).unwrap(), v);
+        }
+        assert!(parse_ring_mark(&[0, 0, 1]).is_err());
+        assert!(parse_ring_mark(&[0, 0, 0, 1, 0]).is_err());
     }
 
     #[test]

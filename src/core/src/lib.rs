@@ -5,6 +5,7 @@
 //! * [`auth`]: password secrets, md5 and SCRAM-SHA-256 (server and client).
 //! * [`tls`]: the TLS versions the server's settings allow the pooler.
 //! * [`accept`]: the pause after `accept(2)` fails for lack of descriptors.
+//! * [`ring`]: the release ring a pooled backend leaves RELEASED in.
 //!
 //! Every parser takes untrusted bytes and returns `Result`; nothing here
 //! panics on input.
@@ -19,3 +20,4 @@ pub mod poolconf;
 pub mod tls;
 pub mod cert;
 pub mod accept;
+pub mod ring;

@@ -173,6 +173,13 @@ fuzz_target!(|data: &[u8]| {
                             assert_eq!(control::parse_pinned(framed(&out, control::PINNED)).ok(), Some(v));
                         }
                     }
+                    control::RING_MARK => {
+                        if let Ok(v) = control::parse_ring_mark(m.body) {
+                            let mut out = Vec::new();
+                            control::write_ring_mark(&mut out, v);
+                            assert_eq!(control::parse_ring_mark(framed(&out, control::RING_MARK)).ok(), Some(v));
+                        }
+                    }
                     control::RELEASE_REQUEST => {
                         let mut out = Vec::new();
                         control::write_release_request(&mut out);
