@@ -31,8 +31,18 @@ pub fn release(control_fd: RawFd, row: Option<usize>, released: &[u8], write: im
     } else if !ONLY_MARKS_UNREAD.load(Ordering::Relaxed) {
         return false;
     }
-    let Some(tail) = ring.push(released) else { return false };
-    if ring.closed() {
+    // Tagged with this backend's pid: the pooler drops an entry of another
+    // (one that wrote into a row given to a new backend since).
+    let mut entry = Vec::with_capacity(4 + released.len());
+    entry.extend_from_slice(&unsafe { pgrx::pg_sys::MyProcPid }.to_be_bytes());
+    entry.extend_from_slice(released);
+    let Some(tail) = ring.push(&entry) else { return false };
+    // The pooler gave up on this backend, or gave its row to another (read
+    // after `closed`: a reset that reopened the ring came after the row
+    // stopped being this backend's): it may not read the entry, and has
+    // settled the client taken ahead as never touched. End, as a failed
+    // write of RELEASED does, without touching it.
+    if ring.closed() || !t.backend_row_is_mine(row) {
         crate::pg::proc_exit(0);
     }
     if t.ring_pushed() {

@@ -32,7 +32,16 @@ impl Pooler {
             if !taken {
                 return true;
             }
-            let m = match parse_message(&slot, RING_SLOT) {
+            // An entry is the writer's pid and a RELEASED (`backend::ring`).
+            let (pid, msg) = slot.split_at(4);
+            if i32::from_be_bytes([pid[0], pid[1], pid[2], pid[3]]) != b.pid {
+                // Written by a backend this row served before, after the
+                // pooler gave up on it (it ends without serving the client
+                // it took): not this backend's.
+                log::warn!("backend {}: dropped an entry another process left in its release ring", b.pid);
+                continue;
+            }
+            let m = match parse_message(msg, RING_SLOT) {
                 Ok(Some((m, _))) if m.tag == control::RELEASED => m,
                 _ => {
                     log::warn!("backend {}: malformed entry in its release ring", b.pid);

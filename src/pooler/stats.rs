@@ -7,7 +7,11 @@ use crate::shmem::{self, BackendState, ClientState, Tables};
 pub struct Rows {
     free_pools: Vec<usize>,
     free_clients: Vec<usize>,
-    free_backends: Vec<usize>,
+    /// First in, first out: a backend row is given out again as late as
+    /// possible, so a backend the pooler gave up on while it still ran
+    /// (its release ring closed, `backend_ring_close`) is long gone before
+    /// another uses its row.
+    free_backends: std::collections::VecDeque<usize>,
 }
 
 impl Rows {
@@ -16,7 +20,7 @@ impl Rows {
         Rows {
             free_pools: (0..p).rev().collect(),
             free_clients: (0..c).rev().collect(),
-            free_backends: (0..b).rev().collect(),
+            free_backends: (0..b).collect(),
         }
     }
 
@@ -165,7 +169,7 @@ impl Pooler {
     }
 
     pub fn backend_row_alloc(&mut self, pool_row: usize) -> Option<usize> {
-        let row = self.rows.free_backends.pop()?;
+        let row = self.rows.free_backends.pop_front()?;
         let now = crate::pg::shmem::now();
         self.tables.write(|_, _, b| {
             let r = &mut b[row];
@@ -182,7 +186,7 @@ impl Pooler {
 
     pub fn backend_row_free(&mut self, row: usize) {
         self.tables.write(|_, _, b| b[row].in_use = false);
-        self.rows.free_backends.push(row);
+        self.rows.free_backends.push_back(row);
     }
 
     pub fn backend_row_update(&self, row: usize, f: impl FnOnce(&mut shmem::BackendRow)) {

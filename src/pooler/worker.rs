@@ -227,7 +227,9 @@ impl Pooler {
             // (one written before this store is seen here: no sleep then).
             let mut sleeps = wait > 0;
             if sleeps && !self.rings_quiet(self.tables.pooler_sleeps(true)) {
-                wait = 0;
+                // Entries to read: no sleep, so no flag either.
+                self.tables.pooler_sleeps(false);
+                (wait, sleeps) = (0, false);
             }
             let mut timeout = EpollTimeout::from(wait.clamp(0, u16::MAX as i64) as u16);
             loop {
@@ -236,6 +238,9 @@ impl Pooler {
                     Err(nix::errno::Errno::EINTR) => continue,
                     Err(e) => {
                         log::warn!("epoll_wait: {e}");
+                        if std::mem::take(&mut sleeps) {
+                            self.tables.pooler_sleeps(false);
+                        }
                         break;
                     }
                 };

@@ -35,8 +35,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 /// them, sends more: one spare.
 pub const RING_SLOTS: usize = 4;
 
-/// Largest message a slot holds, bytes (a RELEASED without session image is
-/// 38; a larger one goes on the socket).
+/// Largest entry a slot holds, bytes (the extension's entry, a pid and a
+/// RELEASED without session image, is 42; a larger one goes on the socket).
 pub const RING_SLOT: usize = 128;
 
 const WORDS: usize = RING_SLOT / 8;
