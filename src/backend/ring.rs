@@ -4,6 +4,8 @@
 //! socket. The pooler reads it at its next wake-up; nothing waits for it,
 //! since this backend goes straight on to that next client.
 use nextgres_core::control;
+use nextgres_core::ring::RING_SLOT;
+use std::borrow::Cow;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -32,11 +34,16 @@ pub fn release(control_fd: RawFd, row: Option<usize>, released: &[u8], write: im
         return false;
     }
     // Tagged with this backend's pid: the pooler drops an entry of another
-    // (one that wrote into a row given to a new backend since).
-    let mut entry = Vec::with_capacity(4 + released.len());
-    entry.extend_from_slice(&unsafe { pgrx::pg_sys::MyProcPid }.to_be_bytes());
-    entry.extend_from_slice(released);
-    let Some(tail) = ring.push(&entry) else { return false };
+    // (one that wrote into a row given to a new backend since). Built here,
+    // not allocated: this runs once per transaction of a saturated pool.
+    let len = 4 + released.len();
+    if len > RING_SLOT {
+        return false;
+    }
+    let mut entry = [0u8; RING_SLOT];
+    entry[..4].copy_from_slice(&unsafe { pgrx::pg_sys::MyProcPid }.to_be_bytes());
+    entry[4..len].copy_from_slice(released);
+    let Some(tail) = ring.push(&entry[..len]) else { return false };
     // The pooler gave up on this backend, or gave its row to another (read
     // after `closed`: a reset that reopened the ring came after the row
     // stopped being this backend's): it may not read the entry, and has
@@ -56,15 +63,15 @@ pub fn release(control_fd: RawFd, row: Option<usize>, released: &[u8], write: im
 
 /// `msg` for the control socket, after a RING_MARK when entries this
 /// backend left in its ring are still pending: the pooler takes those first.
-pub fn marked(row: Option<usize>, msg: &[u8]) -> Vec<u8> {
+/// `msg` itself (no copy) when none are.
+pub fn marked(row: Option<usize>, msg: &[u8]) -> Cow<'_, [u8]> {
     ONLY_MARKS_UNREAD.store(false, Ordering::Relaxed);
-    let mut out = Vec::with_capacity(msg.len() + 9);
     let pending = crate::shmem::tables().and_then(|t| row.and_then(|r| t.ring(r)).and_then(|ring| ring.pending()));
-    if let Some(tail) = pending {
-        control::write_ring_mark(&mut out, tail);
-    }
+    let Some(tail) = pending else { return Cow::Borrowed(msg) };
+    let mut out = Vec::with_capacity(msg.len() + 9);
+    control::write_ring_mark(&mut out, tail);
     out.extend_from_slice(msg);
-    out
+    Cow::Owned(out)
 }
 
 /// Has the peer read every byte written on socket `fd`? (`TIOCOUTQ`, alias

@@ -60,7 +60,7 @@ impl Pooler {
     /// sent ahead: only such a backend writes one).
     pub fn rings_look(&mut self) {
         let pushes = self.tables.ring_pushes();
-        if pushes == self.rings_seen.pushes {
+        if self.rings_quiet(pushes) {
             return;
         }
         self.rings_seen.pushes = pushes;

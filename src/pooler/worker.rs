@@ -233,20 +233,20 @@ impl Pooler {
             }
             let mut timeout = EpollTimeout::from(wait.clamp(0, u16::MAX as i64) as u16);
             loop {
-                let n = match self.epoll.wait(&mut events, timeout) {
-                    Ok(n) => n,
-                    Err(nix::errno::Errno::EINTR) => continue,
-                    Err(e) => {
-                        log::warn!("epoll_wait: {e}");
-                        if std::mem::take(&mut sleeps) {
-                            self.tables.pooler_sleeps(false);
-                        }
-                        break;
-                    }
-                };
+                let waited = self.epoll.wait(&mut events, timeout);
+                if waited == Err(nix::errno::Errno::EINTR) {
+                    continue; // asleep again, the flag still up
+                }
                 if std::mem::take(&mut sleeps) {
                     self.tables.pooler_sleeps(false);
                 }
+                let n = match waited {
+                    Ok(n) => n,
+                    Err(e) => {
+                        log::warn!("epoll_wait: {e}");
+                        break;
+                    }
+                };
                 timeout = EpollTimeout::ZERO;
                 let mut woken = false;
                 self.freed_in_batch.clear();
