@@ -990,6 +990,16 @@ fn two_sent_ahead(pg: &Cluster, backend: i32, a: &mut nextgres_test::raw::Raw, b
     assert!(both, "B and C are not both sent ahead to {backend}: clients_queued {}, {:?}", queued(pg, backend), clients(pg));
 }
 
+/// As `two_sent_ahead`, and then D sent ahead too: `backend` has every
+/// queue place taken (AHEAD_DEPTH 3).
+#[track_caller]
+fn three_sent_ahead(pg: &Cluster, backend: i32, [a, b, c, d]: [&mut nextgres_test::raw::Raw; 4]) {
+    two_sent_ahead(pg, backend, a, b, c);
+    d.send_query(NAME_AND_TIME);
+    let three = wait_until(SETTLE, || queued(pg, backend) == 3);
+    assert!(three, "B, C and D are not all sent ahead to {backend}: clients_queued {}", queued(pg, backend));
+}
+
 /// B's and C's answers to `NAME_AND_TIME`: each its own name, B first.
 #[track_caller]
 fn assert_served_in_order(b: Vec<Vec<Option<String>>>, c: Vec<Vec<Option<String>>>) {
@@ -1026,10 +1036,7 @@ fn busy_backend_takes_every_client_sent_ahead_without_the_pooler() {
         d.query("SET application_name = 'dee'").expect("SET");
         let backend = wait_parked(pg, 1)[0];
         let before = attaches_ahead(pg);
-        two_sent_ahead(pg, backend, &mut a, &mut b, &mut c);
-        d.send_query(NAME_AND_TIME);
-        let three = wait_until(SETTLE, || queued(pg, backend) == 3);
-        assert!(three, "B, C and D are not all sent ahead to {backend}: clients_queued {}", queued(pg, backend));
+        three_sent_ahead(pg, backend, [&mut a, &mut b, &mut c, &mut d]);
         let stop = Stopped::new(pooler);
         a.query("COMMIT").expect("COMMIT on the busy backend");
         let rb = b.until_ready().expect("B, sent ahead first, served while the pooler is stopped");
@@ -1098,10 +1105,7 @@ fn clients_taken_ahead_are_released_through_shared_memory() {
         d.query("SET application_name = 'dee'").expect("SET");
         let backend = wait_parked(pg, 1)[0];
         let (ahead_before, queries_before) = (attaches_ahead(pg), pool_queries(pg));
-        two_sent_ahead(pg, backend, &mut a, &mut b, &mut c);
-        d.send_query(NAME_AND_TIME);
-        let three = wait_until(SETTLE, || queued(pg, backend) == 3);
-        assert!(three, "B, C and D are not all sent ahead to {backend}: clients_queued {}", queued(pg, backend));
+        three_sent_ahead(pg, backend, [&mut a, &mut b, &mut c, &mut d]);
         let trace = std::env::temp_dir().join(format!("nextgres-ring-{backend}.trace"));
         let path = trace.to_str().expect("a UTF-8 temp path");
         let traced = nextgres_test::procs::Strace::attach(backend, &["-o", path, "-e", "trace=write", "-xx", "-s", "512"]);
