@@ -5,6 +5,7 @@
 //! Nothing secret is stored here except the per-boot token, which SQL never shows.
 use crate::pg::shmem::{self as raw, Guard};
 use std::ffi::c_void;
+use nextgres_core::attach_slot::AttachSlot;
 use nextgres_core::ring::Ring;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
@@ -56,6 +57,11 @@ pub struct Header {
     /// 1 while the pooler sleeps: the first backend that then leaves an
     /// entry in its ring sets it to 0 and wakes the pooler (RING_MARK).
     pub pooler_sleeps: AtomicI32,
+    /// 1 once a backend could not take a socket with `pidfd_getfd(2)`
+    /// (refused by the kernel's ptrace rules or a seccomp filter): the
+    /// pooler sends clients ahead on the control socket again
+    /// (`attach_slots_usable`).
+    pub attach_slots_off: AtomicI32,
 }
 
 pub const OP_SLOTS: usize = 64;
@@ -264,8 +270,15 @@ fn layout() -> (usize, usize, usize, usize) {
     let clients_off = pools_off + align(p * size_of::<PoolRow>());
     let backends_off = clients_off + align(c * size_of::<ClientRow>());
     // The rings come last, at the first address aligned for a Ring (the
-    // segment's own start is only MAXALIGNed): room for that too.
-    let total = backends_off + b * size_of::<BackendRow>() + align_of::<Ring>() + b * size_of::<Ring>();
+    // segment's own start is only MAXALIGNed): room for that too. Then the
+    // ATTACH slots, AHEAD_DEPTH per backend row (the rings' size keeps
+    // their alignment).
+    const _: () = assert!(size_of::<Ring>() % align_of::<AttachSlot>() == 0 && align_of::<Ring>() >= align_of::<AttachSlot>());
+    let total = backends_off
+        + b * size_of::<BackendRow>()
+        + align_of::<Ring>()
+        + b * size_of::<Ring>()
+        + b * AHEAD_DEPTH * size_of::<AttachSlot>();
     (pools_off, clients_off, backends_off, total)
 }
 
@@ -345,6 +358,34 @@ impl Tables {
         // (an empty ring); every field of a Ring is an atomic or padding, so
         // shared references from any process are sound.
         Some(unsafe { &*self.base.add(off).cast::<Ring>() })
+    }
+
+    /// The ATTACH slot of queue place `place` of backend row `row`
+    /// (`nextgres_core::attach_slot`).
+    pub fn attach_slot(&self, row: usize, place: usize) -> Option<&AttachSlot> {
+        let cap = self.header().backends_cap as usize;
+        if row >= cap || place >= AHEAD_DEPTH {
+            return None;
+        }
+        let rings = self.ring(0)? as *const Ring as usize - self.base as usize;
+        let off = rings + cap * size_of::<Ring>() + (row * AHEAD_DEPTH + place) * size_of::<AttachSlot>();
+        // SAFETY: inside the segment (`layout` counts AHEAD_DEPTH slots per
+        // backend row after the rings), aligned (the rings' end is), zeroed
+        // at creation (no ticket); every field of a slot is an atomic, so
+        // shared references from any process are sound.
+        Some(unsafe { &*self.base.add(off).cast::<AttachSlot>() })
+    }
+
+    /// Pooler: may clients be sent ahead through ATTACH slots? (No once a
+    /// backend found `pidfd_getfd` refused, `attach_slots_refused`.)
+    pub fn attach_slots_usable(&self) -> bool {
+        self.header().attach_slots_off.load(Ordering::Relaxed) == 0
+    }
+
+    /// Backend: `pidfd_getfd` is refused here; true the first time (to log
+    /// it once).
+    pub fn attach_slots_refused(&self) -> bool {
+        self.header().attach_slots_off.swap(1, Ordering::Relaxed) == 0
     }
 
     /// Pooler: entries pushed to any ring so far (`ring_pushed`).
@@ -754,6 +795,16 @@ pub fn ahead_is(row: usize, ticket: u64) -> bool {
 /// to it (or is about to be) and nobody claimed it yet.
 pub fn ahead_pending(row: usize) -> bool {
     (0..AHEAD_DEPTH).any(|place| ticket_load(row, Word::Ahead(ahead_ticket(0, place))).is_some_and(|v| v != 0))
+}
+
+/// The first client still queued in backend row `row`: its live ticket
+/// (neither claimed, taken back nor refused) with the lowest counter, which
+/// the pooler sent first. None when none is.
+pub fn ahead_first(row: usize) -> Option<u64> {
+    (0..AHEAD_DEPTH)
+        .filter_map(|place| ticket_load(row, Word::Ahead(ahead_ticket(0, place))))
+        .filter(|&t| t != 0 && t & AHEAD_REFUSED == 0)
+        .min_by_key(|&t| t & !(AHEAD_REFUSED | AHEAD_PLACE_BITS))
 }
 
 /// Clients sent ahead to one backend at most: the places of its queue, each

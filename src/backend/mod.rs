@@ -11,6 +11,7 @@ mod login;
 mod park;
 mod ring;
 mod sched;
+mod slot;
 mod session;
 
 /// Postmaster: install the hooks every backend inherits.

@@ -267,8 +267,9 @@ fn linger(p: &mut Parking, pinned: bool, sequence: bool) -> bool {
             }
         }
         read_control(p);
-        if prune_stale_ahead(p) {
-            // An ATTACH sent ahead: a client waits for this very backend.
+        // An ATTACH sent ahead (on the socket, or in a slot): a client
+        // waits for this very backend.
+        if prune_stale_ahead(p) || p.row.is_some_and(super::slot::queued_here) {
             p.release_requested = true;
         }
         let mut timeout_ms = -1;
@@ -476,6 +477,14 @@ fn prune_stale_ahead(p: &mut Parking) -> bool {
 fn take_ahead(p: &mut Parking) -> Option<(Attach, RawFd)> {
     if p.row.is_none() {
         p.row = crate::shmem::own_backend_row();
+    }
+    // Sent through a slot (`slot`): taken without reading the socket.
+    if let Some(row) = p.row {
+        match super::slot::take(row) {
+            super::slot::Ahead::Took(a, fd) => return Some((a, fd)),
+            super::slot::Ahead::None if p.fds.is_empty() => return None,
+            _ => {}
+        }
     }
     // The pooler publishes the ticket before it sends the ATTACH: no
     // ticket, no read (an unsaturated pool pays no system call here). One
@@ -755,7 +764,7 @@ fn write_all(fd: RawFd, mut data: &[u8]) {
     }
 }
 
-fn fatal(msg: &str) -> ! {
+pub(super) fn fatal(msg: &str) -> ! {
     pgrx::ereport!(
         pgrx::PgLogLevel::FATAL,
         pgrx::PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,

@@ -78,6 +78,8 @@ pub struct AheadOf {
     pub client_id: u64,
     pub ticket: u64,
     pub sent: Instant,
+    /// Its ATTACH is in the backend row's slot, not on the socket.
+    pub slot: bool,
 }
 
 impl Pooler {
@@ -165,42 +167,78 @@ impl Pooler {
         best.map(|(_, _, bk)| bk)
     }
 
-    /// Sends `ck`'s ATTACH ahead to `bk`. False when it could not (too
-    /// large, or the backend is gone): the client is back at the head of the
-    /// queue.
+    /// Sends `ck`'s ATTACH ahead to `bk`: in the ATTACH slot of its queue
+    /// place when it fits (`attach_slot`), else on its control socket with
+    /// the client's socket. False when it could not (too large, or the
+    /// backend is gone): the client is back at the head of the queue.
+    ///
+    /// A backend's queue goes one way at a time, all slots or all socket:
+    /// it takes its clients in ticket order, and a slot ticket behind one
+    /// whose ATTACH is still on its way through the socket could be taken
+    /// first. A client that would go the other way waits in the pooler's
+    /// queue meanwhile.
     fn send_ahead(&mut self, ck: usize, bk: usize, since: Instant) -> bool {
         let counter = self.next_ticket();
         let Some(Conn::Backend(b)) = self.conns.get(bk) else { return self.unqueue_front(ck) };
         // A place (ticket word) none of the clients queued there holds.
         let used = |place| b.ahead.iter().any(|a| crate::shmem::ahead_place(a.ticket) == place);
         let Some(place) = (0..AHEAD_DEPTH).find(|&place| !used(place)) else { return self.unqueue_front(ck) };
+        let queued_by_slot = b.ahead.first().map(|a| a.slot);
         let ticket = crate::shmem::ahead_ticket(counter, place);
         let row = b.row;
         let ahead = nextgres_core::control::Ahead { ticket, backend_row: row as u32 };
         let Some((msg, fd)) = self.attach_message(ck, bk, Some(ahead), Some(MAX_AHEAD_MESSAGE)) else {
             return self.unqueue_front(ck);
         };
+        let slot = queued_by_slot != Some(false) && self.attach_slot_write(row, place, ticket, &msg, fd);
+        if !slot && queued_by_slot == Some(true) {
+            return self.unqueue_front(ck);
+        }
         self.tables.ahead_offer(row, ticket);
         let Some(b) = self.backend(bk) else { return self.unqueue_front(ck) };
-        if !super::handoff::send_all_with_fd(&b.stream, &msg, fd) {
+        if !slot && !super::handoff::send_all_with_fd(&b.stream, &msg, fd) {
             // Nothing (or part) reached a dying backend: ours again. Its EOF
             // comes through the event loop.
             crate::shmem::ahead_claim(row, ticket);
             b.ahead_blocked = true;
             return self.unqueue_front(ck);
         }
+        // A backend that began to keep an idle client (`backend::park::
+        // linger`) after it was chosen here looks at its tickets when woken:
+        // it announced itself before it looked (store, fence, load on each
+        // side), so either it saw this ticket or this sees its flag.
+        let pid = b.pid;
+        if self.tables.backend_lingering(row) && pid > 0 {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGUSR1);
+        }
         let Some(c) = self.client(ck) else { return false };
         let client_id = c.id;
         c.phase = Phase::Ahead { backend: bk, since };
         let pool = c.pool;
         if let Some(b) = self.backend(bk) {
-            b.ahead.push(AheadOf { client: ck, client_id, ticket, sent: Instant::now() });
+            b.ahead.push(AheadOf { client: ck, client_id, ticket, sent: Instant::now(), slot });
         }
         if let Some(p) = pool.and_then(|p| self.pools.get_mut(p)) {
             p.ahead += 1;
         }
         self.client_rearm(ck);
         true
+    }
+
+    /// Writes an ATTACH sent ahead into the slot of queue place `place` of
+    /// backend row `row`, for `ticket` (not published yet), with the
+    /// pooler's descriptor `fd` of the client's socket and that socket's
+    /// inode: no `sendmsg`, no `SCM_RIGHTS` (`nextgres_core::attach_slot`).
+    /// False when it must go on the socket: too large, slots refused here
+    /// (a backend found `pidfd_getfd` refused), or no inode to name.
+    fn attach_slot_write(&self, row: usize, place: usize, ticket: u64, msg: &[u8], fd: std::os::fd::RawFd) -> bool {
+        if msg.len() > nextgres_core::attach_slot::SLOT_BYTES || !self.tables.attach_slots_usable() {
+            return false;
+        }
+        // Per send, not cached: a TLS client's stream is another socket
+        // after each park of its relay.
+        let Ok(st) = nix::sys::stat::fstat(fd) else { return false };
+        self.tables.attach_slot(row, place).is_some_and(|s| s.write(ticket, msg, fd, st.st_ino))
     }
 
     pub fn next_ticket(&mut self) -> u64 {
@@ -229,10 +267,12 @@ impl Pooler {
         if !crate::shmem::ahead_claim(b.row, b.ahead[i].ticket) {
             return false;
         }
-        // Its ATTACH stays unread in the backend's socket until that
-        // transaction ends: send it nothing more until then.
-        b.ahead.remove(i);
-        b.ahead_blocked = true;
+        // An ATTACH on the socket stays unread there until that
+        // transaction ends: send it nothing more until then. (A slot is
+        // free again: the backend copies one only under a live ticket.)
+        if !b.ahead.remove(i).slot {
+            b.ahead_blocked = true;
+        }
         let (row, pid) = (b.row, b.pid);
         // A backend keeping an idle client with no end in sight (pinned, or
         // announced while nobody waited) is woken to close its copy now
@@ -363,6 +403,15 @@ impl Pooler {
             });
             if crate::shmem::ahead_is(row, a.ticket) {
                 match here {
+                    // Not handed: a parked backend looks only at its socket.
+                    // Taken back, it is at the head of the queue, which this
+                    // backend, free now, serves next with a plain ATTACH.
+                    Some(_) if a.slot => {
+                        if crate::shmem::ahead_claim(row, a.ticket) {
+                            dropped.push(a);
+                            continue;
+                        }
+                    }
                     Some((since, session_counted)) if crate::shmem::ahead_hand(row, a.ticket) => {
                         if let Some(b) = self.backend(bk) {
                             b.handed = Some(Handed { ticket: a.ticket, since, session_counted, plain: false });
@@ -483,4 +532,18 @@ impl Pooler {
             }
         }
     }
+}
+
+/// Pooler start: lets pooled backends take client sockets from this
+/// process with `pidfd_getfd(2)` (ATTACH slots) where the Yama LSM
+/// restricts ptrace to descendants (`kernel.yama.ptrace_scope = 1`, the
+/// default of several distributions): it names the postmaster, whose
+/// descendants (every backend; they share the server's memory anyway) may
+/// then. No effect without Yama, or at its stricter scopes, where backends
+/// find `pidfd_getfd` refused and clients go ahead on the socket.
+pub fn allow_backends_getfd() {
+    let postmaster = unsafe { pgrx::pg_sys::PostmasterPid };
+    // SAFETY: prctl(PR_SET_PTRACER, pid) takes plain integers; it only sets
+    // this process's Yama exception (EINVAL without Yama, ignored).
+    unsafe { libc::prctl(libc::PR_SET_PTRACER, postmaster as libc::c_ulong, 0, 0, 0) };
 }

@@ -125,6 +125,7 @@ impl Pooler {
     pub fn new() -> Pooler {
         let tables = shmem::tables().expect("nextgres shared memory (shared_preload_libraries)");
         super::listener::raise_open_files_limit();
+        super::ahead::allow_backends_getfd();
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).expect("epoll_create");
         let mut conns = Slab::with_capacity(1024);
         for fd in postmaster::listen::listeners() {

@@ -932,14 +932,33 @@ fn parked_backend_terminated_before_it_reads_the_attach() {
 /// the busy backend's client commits, so the pooler, resumed, sees that
 /// query before the RELEASED and sends the client ahead to a backend it
 /// still counts as busy; that backend is stopped, parked, before the pooler
-/// resumes, and terminated while stopped.
+/// resumes, and terminated while stopped. Only an ATTACH sent on the
+/// socket is handed: this client's session holds a prepared statement too
+/// large for an ATTACH slot.
 #[test]
 fn backend_terminated_before_it_claims_a_client_handed_to_it() {
-    run(one_backend_releasing_at_once(), |pg| {
+    sent_ahead_to_a_backend_that_parks_and_is_terminated(true);
+}
+
+/// As `backend_terminated_before_it_claims_a_client_handed_to_it`, with a
+/// client whose ATTACH went ahead in a slot (`nextgres_core::attach_slot`):
+/// a parked backend does not look at its slots, so the pooler, reading the
+/// RELEASED, takes the client back and gives it to that backend, now free,
+/// with a plain ATTACH on its socket; terminated before it reads it, the
+/// client again waits for another backend and loses nothing.
+#[test]
+fn backend_terminated_while_a_client_in_its_slot_is_taken_back_for_it() {
+    sent_ahead_to_a_backend_that_parks_and_is_terminated(false);
+}
+
+fn sent_ahead_to_a_backend_that_parks_and_is_terminated(on_socket: bool) {
+    run(one_backend_releasing_at_once(), move |pg| {
         let pooler = running_pooler_pid(pg);
         let mut a = raw(pg, APP);
         let mut c = raw(pg, APP);
         c.query("SET application_name = 'kept'").expect("SET");
+        let pad = "x".repeat(if on_socket { 2500 } else { 10 });
+        c.query(&format!("PREPARE pad AS SELECT '{pad}'::text")).expect("PREPARE");
         let backend = wait_parked(pg, 1)[0];
         let before = attaches_ahead(pg);
         a.query("BEGIN").expect("BEGIN");
@@ -955,7 +974,11 @@ fn backend_terminated_before_it_claims_a_client_handed_to_it() {
         drop(pooler_stop);
         let port = c.local_port();
         assert_handed_to(pg, port, backend);
-        assert_attached_ahead(pg, before, "the client handed at RELEASED");
+        if on_socket {
+            assert_attached_ahead(pg, before, "the client handed at RELEASED");
+        } else {
+            assert_eq!(attaches_ahead(pg), before, "a client sent ahead in a slot was handed to a parked backend");
+        }
         terminate_stopped(pg, backend_stop);
         let rows = c
             .until_ready()
@@ -963,6 +986,7 @@ fn backend_terminated_before_it_claims_a_client_handed_to_it() {
         assert_eq!(rows, vec![vec![Some("kept".to_string()), Some("42".to_string())]]);
         assert_eq!(a.value("SELECT 8"), "8");
         assert_eq!(c.value("SELECT 7"), "7");
+        assert_eq!(c.value("EXECUTE pad"), pad, "the session moved to another backend");
         assert_pooler_serves(pg, pooler);
     });
 }
@@ -1141,6 +1165,53 @@ fn clients_taken_ahead_are_released_through_shared_memory() {
         // BEGIN and COMMIT of A, one query each of B, C and D.
         let all = wait_until(SETTLE, || pool_queries(pg) == queries_before + 5);
         assert!(all, "queries went {queries_before} -> {}, not +5", pool_queries(pg));
+        assert_eq!(a.value("SELECT 5"), "5");
+        for (x, name) in [(&mut b, "bee"), (&mut c, "sea"), (&mut d, "dee")] {
+            assert_eq!(x.value("SELECT current_setting('application_name')"), name);
+        }
+        assert_eq!(queued(pg, backend), 0);
+        assert_pooler_serves(pg, pooler);
+    });
+}
+
+/// Clients sent ahead reach their backend through shared memory
+/// (`nextgres_core::attach_slot`): the pooler passes no socket on the
+/// control socket (`sendmsg` with `SCM_RIGHTS`) for B, C and D, queued
+/// behind A's transaction (only A's own attach to the parked backend does),
+/// and the backend, with the pooler stopped, takes each one's socket from
+/// the pooler with `pidfd_getfd` and receives none with `recvmsg`; each is
+/// served in order, with its own session.
+#[test]
+fn clients_sent_ahead_reach_their_backend_through_shared_memory() {
+    run(one_backend_releasing_at_once(), |pg| {
+        let (pooler, _, mut a, mut b, mut c) = a_bee_sea(pg);
+        let mut d = raw(pg, APP);
+        d.query("SET application_name = 'dee'").expect("SET");
+        let backend = wait_parked(pg, 1)[0];
+        let ahead_before = attaches_ahead(pg);
+        let trace = |pid: i32| std::env::temp_dir().join(format!("nextgres-slots-{pid}.trace"));
+        let (sends, takes) = (trace(pooler), trace(backend));
+        let traced = nextgres_test::procs::Strace::attach(pooler, &["-o", sends.to_str().expect("UTF-8"), "-e", "trace=sendmsg"]);
+        three_sent_ahead(pg, backend, [&mut a, &mut b, &mut c, &mut d]);
+        drop(traced);
+        let traced = nextgres_test::procs::Strace::attach(backend, &["-o", takes.to_str().expect("UTF-8"), "-e", "trace=pidfd_getfd,recvmsg"]);
+        let stop = Stopped::new(pooler);
+        a.query("COMMIT").expect("COMMIT on the busy backend");
+        for (x, name) in [(&mut b, "bee"), (&mut c, "sea"), (&mut d, "dee")] {
+            let rows = x.until_ready().expect("served while the pooler is stopped");
+            assert_eq!(rows[0][0].as_deref(), Some(name));
+        }
+        drop(traced);
+        let (sends_text, takes_text) = (std::fs::read_to_string(&sends).expect("strace output"), std::fs::read_to_string(&takes).expect("strace output"));
+        let _ = (std::fs::remove_file(&sends), std::fs::remove_file(&takes));
+        let passed = sends_text.lines().filter(|l| l.contains("SCM_RIGHTS")).count();
+        assert!(passed <= 1, "the pooler passed {passed} sockets on control sockets for A, B, C and D (at most A's):\n{sends_text}");
+        let taken = takes_text.lines().filter(|l| l.starts_with("pidfd_getfd(") && !l.contains("= -1")).count();
+        let received = takes_text.lines().filter(|l| l.starts_with("recvmsg(") && l.contains("SCM_RIGHTS")).count();
+        assert_eq!((taken, received), (3, 0), "sockets taken with pidfd_getfd and received with recvmsg:\n{takes_text}");
+        drop(stop);
+        let counted = wait_until(SETTLE, || attaches_ahead(pg) >= ahead_before + 3);
+        assert!(counted, "attaches_ahead went {ahead_before} -> {}", attaches_ahead(pg));
         assert_eq!(a.value("SELECT 5"), "5");
         for (x, name) in [(&mut b, "bee"), (&mut c, "sea"), (&mut d, "dee")] {
             assert_eq!(x.value("SELECT current_setting('application_name')"), name);

@@ -21,3 +21,4 @@ pub mod tls;
 pub mod cert;
 pub mod accept;
 pub mod ring;
+pub mod attach_slot;
