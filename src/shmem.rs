@@ -771,7 +771,8 @@ pub fn ahead_claim(row: usize, ticket: u64) -> bool {
 pub const AHEAD_REFUSED: u64 = 1 << 63;
 
 /// The backend of `row` could not take the client of `ticket` (its socket
-/// did not come with the ATTACH: EMFILE): marks it refused, so the pooler,
+/// did not come with the ATTACH: EMFILE; or, from a slot, `pidfd_getfd`
+/// failed or brought another socket): marks it refused, so the pooler,
 /// reading its RELEASED, takes the client back instead of handing it over
 /// (`ahead_take_refused`). False when the ticket was no longer offered.
 pub fn ahead_refuse(row: usize, ticket: u64) -> bool {
@@ -833,8 +834,8 @@ pub fn ahead_ticket(counter: u64, place: usize) -> u64 {
 }
 
 impl Tables {
-    /// Pooler: publishes `ticket` in the backend's row before the ATTACH
-    /// that carries it is sent.
+    /// Pooler: publishes `ticket` in the backend's row after its ATTACH slot
+    /// is written, or before the ATTACH that carries it is sent on the socket.
     pub fn ahead_offer(&self, row: usize, ticket: u64) {
         if let Some(w) = ticket_word(self, row, Word::Ahead(ticket)) {
             w.store(ticket, Ordering::Release);

@@ -1,8 +1,9 @@
 //! The transaction boundary of a pooled backend: give the client back, park,
 //! and attach the next client when the pooler sends its socket. Under
 //! saturation the next client's ATTACH is already here (sent *ahead* while
-//! this backend served the previous one, `pooler::ahead`): the backend claims
-//! it in shared memory and goes on without parking.
+//! this backend served the previous one, `pooler::ahead`), in a slot of its
+//! shared row (`slot`) or on its control socket: the backend claims it in
+//! shared memory and goes on without parking.
 //!
 //! fd layout: `MyProcPort->sock` is the fd the server talks to its client on.
 //! At login it is the Unix socket to the pooler, which stays open as the
@@ -480,7 +481,7 @@ fn take_ahead(p: &mut Parking) -> Option<(Attach, RawFd)> {
     }
     // Sent through a slot (`slot`): taken without reading the socket.
     if let Some(row) = p.row {
-        match super::slot::take(row) {
+        match super::slot::take(p.control, row) {
             super::slot::Ahead::Took(a, fd) => return Some((a, fd)),
             super::slot::Ahead::None if p.fds.is_empty() => return None,
             _ => {}

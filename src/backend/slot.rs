@@ -22,12 +22,13 @@ pub enum Ahead {
     None,
 }
 
-/// Takes the first client queued in backend row `row` when its ATTACH is
+/// Takes the first client queued in backend row `row` (`control`: this
+/// backend's control socket) when its ATTACH is
 /// in a slot (`Ahead::Took`). One refused (this backend at its open files
 /// limit, or `pidfd_getfd` refused here) is marked so in its ticket word
 /// (`shmem::ahead_refuse`: the pooler puts it back in line when it reads
 /// RELEASED) and the next is tried.
-pub fn take(row: usize) -> Ahead {
+pub fn take(control: RawFd, row: usize) -> Ahead {
     let Some(t) = crate::shmem::tables() else { return Ahead::None };
     // A backend that outlived its pooler (a restart) holds the index of a
     // row the next pooler may have given another backend: never take that
@@ -40,11 +41,18 @@ pub fn take(row: usize) -> Ahead {
     // only guards against a pooler that keeps offering.
     for _ in 0..2 * crate::shmem::AHEAD_DEPTH {
         let Some(ticket) = crate::shmem::ahead_first(row) else { return Ahead::None };
+        // The words are read one by one: a ticket published while this
+        // scan went by its place was missed, though sent before the one
+        // found. Published before it, it shows in a second scan (acquire),
+        // and none sent earlier can appear after that.
+        if crate::shmem::ahead_first(row) != Some(ticket) {
+            continue;
+        }
         let Some(slot) = t.attach_slot(row, crate::shmem::ahead_place(ticket)) else { return Ahead::None };
         if slot.ticket() != ticket {
             return Ahead::OnSocket;
         }
-        if let Some((a, fd)) = take_one(row, ticket, slot, &mut buf) {
+        if let Some((a, fd)) = take_one(control, row, ticket, slot, &mut buf) {
             return Ahead::Took(a, fd);
         }
     }
@@ -60,7 +68,7 @@ pub fn queued_here(row: usize) -> bool {
 /// Copies the slot of `ticket`, duplicates the client's socket and claims
 /// the client; None when it is not this backend's to serve (taken back,
 /// or refused here).
-fn take_one(row: usize, ticket: u64, slot: &AttachSlot, buf: &mut Vec<u8>) -> Option<(Attach, RawFd)> {
+fn take_one(control: RawFd, row: usize, ticket: u64, slot: &AttachSlot, buf: &mut Vec<u8>) -> Option<(Attach, RawFd)> {
     let copy = slot.read(buf);
     if copy.ticket != ticket || !crate::shmem::ahead_is(row, ticket) {
         return None; // taken back while copied: the copy may be another's
@@ -72,7 +80,7 @@ fn take_one(row: usize, ticket: u64, slot: &AttachSlot, buf: &mut Vec<u8>) -> Op
     let Some(attach) = attach.filter(|a| a.ahead.is_some_and(|x| x.ticket == ticket && x.backend_row as usize == row)) else {
         super::park::fatal("malformed ATTACH in shared memory")
     };
-    let fd = match pooler_socket(copy.fd) {
+    let fd = match pooler_socket(control, copy.fd) {
         Ok(fd) => fd,
         Err(e) => {
             refuse(row, ticket, e);
@@ -83,11 +91,12 @@ fn take_one(row: usize, ticket: u64, slot: &AttachSlot, buf: &mut Vec<u8>) -> Op
     // slot; it closes it only once it took the client back, and then the
     // number may name another socket: never serve that one.
     let same = nix::sys::stat::fstat(fd).is_ok_and(|st| st.st_ino == copy.ino);
-    if same && crate::shmem::ahead_claim(row, ticket) {
+    let mine = crate::shmem::tables().is_some_and(|t| t.backend_row_is_mine(row));
+    if same && mine && crate::shmem::ahead_claim(row, ticket) {
         return Some((attach, fd));
     }
     let _ = nix::unistd::close(fd);
-    if !same {
+    if !same && mine {
         crate::shmem::ahead_refuse(row, ticket);
     }
     None
@@ -101,6 +110,11 @@ fn take_one(row: usize, ticket: u64, slot: &AttachSlot, buf: &mut Vec<u8>) -> Op
 /// once).
 fn refuse(row: usize, ticket: u64, e: nix::errno::Errno) {
     use nix::errno::Errno;
+    // Not in a row no longer this backend's (its pooler restarted): that
+    // ticket is another backend's to take.
+    if !crate::shmem::tables().is_some_and(|t| t.backend_row_is_mine(row)) {
+        return;
+    }
     crate::shmem::ahead_refuse(row, ticket);
     if matches!(e, Errno::EMFILE | Errno::ENFILE | Errno::ENOMEM | Errno::EBADF | Errno::ESRCH) {
         return;
@@ -114,8 +128,8 @@ fn refuse(row: usize, ticket: u64, e: nix::errno::Errno) {
 
 /// A duplicate of the pooler's descriptor `fd` in this process
 /// (`pidfd_getfd(2)`, close-on-exec).
-fn pooler_socket(fd: RawFd) -> nix::Result<RawFd> {
-    let pidfd = pooler_pidfd()?;
+fn pooler_socket(control: RawFd, fd: RawFd) -> nix::Result<RawFd> {
+    let pidfd = pooler_pidfd(control)?;
     // SAFETY: pidfd_getfd(pidfd, targetfd, flags) takes three integers and
     // returns a new descriptor or -1 with errno.
     let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) };
@@ -126,31 +140,37 @@ fn pooler_socket(fd: RawFd) -> nix::Result<RawFd> {
 }
 
 thread_local! {
-    /// (pooler pid, pidfd of it), opened at the first slot taken. A
-    /// backend's pooler never changes: one that exits closes the control
-    /// socket, and its backends end.
+    /// (pid, pidfd) of this backend's pooler, opened at the first slot taken.
     static POOLER: std::cell::Cell<Option<(i32, RawFd)>> = const { std::cell::Cell::new(None) };
 }
 
-/// The pidfd of the pooler (`pidfd_open(2)`, close-on-exec).
-fn pooler_pidfd() -> nix::Result<RawFd> {
-    let pid = crate::shmem::tables().map_or(0, |t| t.pooler_pid());
-    if pid <= 0 {
+/// The pidfd of the pooler that logged this backend in: the peer of its
+/// control socket (`SO_PEERCRED`), while it is still the pooler that
+/// serves (`Header::pooler_pid`). A backend that outlived its pooler (a
+/// restart) gets ESRCH: the next pooler's clients are not its to take.
+fn pooler_pidfd(control: RawFd) -> nix::Result<RawFd> {
+    let serving = crate::shmem::tables().map_or(0, |t| t.pooler_pid());
+    let (pid, pidfd) = match POOLER.get() {
+        Some(known) => known,
+        None => {
+            // SAFETY: a borrow of the control socket for one getsockopt.
+            let control = unsafe { std::os::fd::BorrowedFd::borrow_raw(control) };
+            let pid = nix::sys::socket::getsockopt(&control, nix::sys::socket::sockopt::PeerCredentials)?.pid();
+            if pid <= 0 {
+                return Err(nix::errno::Errno::ESRCH);
+            }
+            // SAFETY: pidfd_open(pid, flags) takes two integers and returns
+            // a new descriptor (close-on-exec) or -1 with errno.
+            let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+            if r < 0 {
+                return Err(nix::errno::Errno::last());
+            }
+            POOLER.set(Some((pid, r as RawFd)));
+            (pid, r as RawFd)
+        }
+    };
+    if pid != serving {
         return Err(nix::errno::Errno::ESRCH);
     }
-    if let Some((p, fd)) = POOLER.get() {
-        if p == pid {
-            return Ok(fd);
-        }
-        let _ = nix::unistd::close(fd);
-        POOLER.set(None);
-    }
-    // SAFETY: pidfd_open(pid, flags) takes two integers and returns a new
-    // descriptor (close-on-exec) or -1 with errno.
-    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if r < 0 {
-        return Err(nix::errno::Errno::last());
-    }
-    POOLER.set(Some((pid, r as RawFd)));
-    Ok(r as RawFd)
+    Ok(pidfd)
 }

@@ -6,7 +6,8 @@
 //! the next client's ATTACH. Here, while as many clients wait as the pool has
 //! busy backends, the pooler sends the oldest waiting client's ATTACH and
 //! socket to a backend still inside another client's transaction; at that
-//! transaction's ReadyForQuery(I) the backend finds it on its control socket
+//! transaction's ReadyForQuery(I) the backend finds it (in an ATTACH slot of
+//! its shared row, `nextgres_core::attach_slot`, or on its control socket)
 //! and serves it at once (`backend::park::take_ahead`), as PgBouncer's
 //! backends find the next query already in their socket.
 //!
@@ -21,7 +22,8 @@
 //! client is simply being served.
 //!
 //! A backend may have up to three clients sent ahead (`shmem::AHEAD_DEPTH`),
-//! queued in its socket in the order sent, each with its own ticket word:
+//! queued in the order sent (in their slots, or in its socket), each with
+//! its own ticket word:
 //! on two shared cores the pooler often reads a RELEASED too late to send
 //! the next client before that backend's next boundary, and with one place
 //! half the backends of a saturated pool slept between clients
@@ -190,7 +192,7 @@ impl Pooler {
         let Some((msg, fd)) = self.attach_message(ck, bk, Some(ahead), Some(MAX_AHEAD_MESSAGE)) else {
             return self.unqueue_front(ck);
         };
-        let slot = queued_by_slot != Some(false) && self.attach_slot_write(row, place, ticket, &msg, fd);
+        let slot = queued_by_slot != Some(false) && self.attach_slot_write(ck, row, place, ticket, &msg, fd);
         if !slot && queued_by_slot == Some(true) {
             return self.unqueue_front(ck);
         }
@@ -231,14 +233,24 @@ impl Pooler {
     /// inode: no `sendmsg`, no `SCM_RIGHTS` (`nextgres_core::attach_slot`).
     /// False when it must go on the socket: too large, slots refused here
     /// (a backend found `pidfd_getfd` refused), or no inode to name.
-    fn attach_slot_write(&self, row: usize, place: usize, ticket: u64, msg: &[u8], fd: std::os::fd::RawFd) -> bool {
+    fn attach_slot_write(&mut self, ck: usize, row: usize, place: usize, ticket: u64, msg: &[u8], fd: std::os::fd::RawFd) -> bool {
         if msg.len() > nextgres_core::attach_slot::SLOT_BYTES || !self.tables.attach_slots_usable() {
             return false;
         }
-        // Per send, not cached: a TLS client's stream is another socket
-        // after each park of its relay.
-        let Ok(st) = nix::sys::stat::fstat(fd) else { return false };
-        self.tables.attach_slot(row, place).is_some_and(|s| s.write(ticket, msg, fd, st.st_ino))
+        let Some(c) = self.client(ck) else { return false };
+        let ino = match c.sock_ino {
+            0 => {
+                let Ok(st) = nix::sys::stat::fstat(fd) else { return false };
+                // Kept for a plaintext client only: a TLS client's stream
+                // is another socket after each park of its relay.
+                if c.tls.is_none() {
+                    c.sock_ino = st.st_ino;
+                }
+                st.st_ino
+            }
+            ino => ino,
+        };
+        self.tables.attach_slot(row, place).is_some_and(|s| s.write(ticket, msg, fd, ino))
     }
 
     pub fn next_ticket(&mut self) -> u64 {
@@ -267,12 +279,12 @@ impl Pooler {
         if !crate::shmem::ahead_claim(b.row, b.ahead[i].ticket) {
             return false;
         }
-        // An ATTACH on the socket stays unread there until that
-        // transaction ends: send it nothing more until then. (A slot is
-        // free again: the backend copies one only under a live ticket.)
-        if !b.ahead.remove(i).slot {
-            b.ahead_blocked = true;
-        }
+        // Send it nothing more until that transaction ends: an ATTACH on
+        // the socket stays unread there until then, and a backend whose
+        // clients were taken back for a long transaction would be chosen
+        // again at once (it has the fewest queued).
+        b.ahead.remove(i);
+        b.ahead_blocked = true;
         let (row, pid) = (b.row, b.pid);
         // A backend keeping an idle client with no end in sight (pinned, or
         // announced while nobody waited) is woken to close its copy now
@@ -292,7 +304,8 @@ impl Pooler {
     /// it is past a killed client's transaction, it is gone, or a long
     /// transaction holds it). Returns, in the order sent, the clients it
     /// could not take back: claimed by the backend (one per RELEASED of its
-    /// the pooler has not read yet) or refused there (EMFILE); they stay in
+    /// the pooler has not read yet) or refused there (EMFILE, `pidfd_getfd`
+    /// refused, a socket that was not the one sent); they stay in
     /// `Backend::ahead` for its RELEASEDs to settle.
     pub fn backend_recall_ahead(&mut self, bk: usize) -> Vec<usize> {
         let Some(b) = self.backend(bk) else { return Vec::new() };
@@ -381,10 +394,14 @@ impl Pooler {
     /// client was sent ahead, or none sent is still waiting for this backend
     /// (taken back to the head of the queue if still there).
     ///
-    /// The backend reads its clients sent ahead in the order sent and claims
-    /// the first it can: those before it were refused (EMFILE: waiting
-    /// again), it is the one served, and those after it stay queued for its
-    /// next boundary. Claimed none: the first one still offered is handed.
+    /// The backend takes its clients sent ahead in the order sent (a slot's
+    /// by the lowest ticket, `backend::slot`) and claims the first it can:
+    /// those before it were refused (EMFILE and the like: waiting again), it
+    /// is the one served, and those after it stay queued for its next
+    /// boundary. Claimed none: the first one still offered is handed when it
+    /// came on the socket, taken back when it is in a slot (a parked backend
+    /// does not look at its slots; `backend_released` gives it that client
+    /// with a plain ATTACH, or takes the rest back if it stays parked).
     pub fn backend_ahead_settle(&mut self, bk: usize) -> Option<usize> {
         let b = self.backend(bk)?;
         b.ahead_blocked = false;
@@ -405,11 +422,12 @@ impl Pooler {
                 match here {
                     // Not handed: a parked backend looks only at its socket.
                     // Taken back, it is at the head of the queue, which this
-                    // backend, free now, serves next with a plain ATTACH.
+                    // backend, free now, serves next with a plain ATTACH;
+                    // the others stay in their slots for its next boundary.
                     Some(_) if a.slot => {
                         if crate::shmem::ahead_claim(row, a.ticket) {
                             dropped.push(a);
-                            continue;
+                            break None;
                         }
                     }
                     Some((since, session_counted)) if crate::shmem::ahead_hand(row, a.ticket) => {
@@ -430,7 +448,12 @@ impl Pooler {
                 }
             }
             if crate::shmem::ahead_take_refused(row, a.ticket) {
-                // Its socket never reached the backend (EMFILE): waiting again.
+                // Its socket never reached the backend (EMFILE, or refused
+                // for a slot): waiting again. The inode is looked up again
+                // (a stale one would be refused for ever).
+                if let Some(c) = self.client(a.client) {
+                    c.sock_ino = 0;
+                }
                 dropped.push(a);
                 continue;
             }

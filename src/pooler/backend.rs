@@ -46,10 +46,11 @@ pub struct Backend {
     /// When its current client was attached (`xact_time_ms` runs to RELEASED).
     pub attached_at: Instant,
     /// The clients whose ATTACHes were sent ahead to it (`ahead.rs`), in
-    /// the order sent (the order it reads them): at most `shmem::AHEAD_DEPTH`.
+    /// the order sent (the order it takes them): at most `shmem::AHEAD_DEPTH`.
     pub ahead: Vec<super::ahead::AheadOf>,
-    /// An ATTACH sent ahead was taken back and still sits unread in its
-    /// socket: nothing more is sent ahead until its next RELEASED.
+    /// A client sent ahead was taken back (its ATTACH may still sit unread
+    /// in its socket, and a long transaction may hold it): nothing more is
+    /// sent ahead until its next RELEASED.
     pub ahead_blocked: bool,
     /// The ticket of the client it is attached to, when that client's
     /// ATTACH was sent ahead and not yet claimed as it gave its previous

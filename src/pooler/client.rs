@@ -74,6 +74,11 @@ pub struct Client {
     /// which no later edge announces, so it is looked at once idle again
     /// (`client_input_seen`). A second such event disarms the registration.
     pub input_seen: bool,
+    /// The inode of a plaintext client's socket (0: not known yet), which
+    /// an ATTACH slot names (`ahead::attach_slot_write`): fstat'ed once,
+    /// not per transaction. A TLS client's stream changes as its relay
+    /// parks, so it is not kept for one.
+    pub sock_ino: u64,
     /// Waiting (or sent ahead) for a second at a janitor tick (so 1 to 2 s
     /// into the wait): armed for a hang-up (see `interest`); cleared when a
     /// new wait starts.
@@ -187,6 +192,7 @@ impl Client {
             registered: None,
             armed: false,
             input_seen: false,
+            sock_ino: 0,
             watch_hangup: false,
             user: String::new(),
             database: String::new(),

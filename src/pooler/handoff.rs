@@ -611,7 +611,14 @@ impl Pooler {
                 // backend in a long transaction moves here.
                 self.pool_recall_stale_ahead(pool, false);
             }
-            None => self.backend_available(bk),
+            None => {
+                self.backend_available(bk);
+                // Left parked, it does not look at its slots: clients still
+                // there wait in line again.
+                if matches!(self.backend(bk), Some(b) if matches!(b.phase, BPhase::Parked { .. }) && b.ahead.first().is_some_and(|a| a.slot)) {
+                    self.backend_recall_ahead(bk);
+                }
+            }
         }
         self.pool_send_ahead(pool);
         self.sync_pool(pool);

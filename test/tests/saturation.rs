@@ -971,9 +971,16 @@ fn sent_ahead_to_a_backend_that_parks_and_is_terminated(on_socket: bool) {
         assert!(parked, "backend {backend} did not park");
         std::thread::sleep(Duration::from_millis(200));
         let backend_stop = Stopped::new(backend);
+        // Which way C went ahead: a slot costs the pooler an fstat of its socket.
+        let trace = std::env::temp_dir().join(format!("nextgres-parked-{pooler}.trace"));
+        let traced = nextgres_test::procs::Strace::attach(pooler, &["-o", trace.to_str().expect("UTF-8"), "-e", "trace=newfstatat,fstat"]);
         drop(pooler_stop);
         let port = c.local_port();
         assert_handed_to(pg, port, backend);
+        drop(traced);
+        let stats = std::fs::read_to_string(&trace).expect("strace output");
+        let _ = std::fs::remove_file(&trace);
+        assert_eq!(stats.contains("S_IFSOCK"), !on_socket, "C sent ahead in a slot (the pooler's fstat of its socket):\n{stats}");
         if on_socket {
             assert_attached_ahead(pg, before, "the client handed at RELEASED");
         } else {
