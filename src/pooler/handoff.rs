@@ -617,6 +617,11 @@ impl Pooler {
                 // there wait in line again.
                 if matches!(self.backend(bk), Some(b) if matches!(b.phase, BPhase::Parked { .. }) && b.ahead.first().is_some_and(|a| a.slot)) {
                     self.backend_recall_ahead(bk);
+                    // Nothing of them is in its socket: it may be sent
+                    // clients ahead again as soon as it serves one.
+                    if let Some(b) = self.backend(bk) {
+                        b.ahead_blocked = false;
+                    }
                 }
             }
         }

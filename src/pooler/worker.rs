@@ -204,7 +204,10 @@ impl Pooler {
             closing: Vec::new(),
             ops: Default::default(),
             accept_pause: Default::default(),
-            next_ticket: u64::from_ne_bytes(ticket_seed),
+            // Random, so a restarted pooler's tickets differ from the last
+            // one's, and below 2^48, so the 61-bit counter never wraps: the
+            // backends take the lowest ticket as the first sent.
+            next_ticket: u64::from_ne_bytes(ticket_seed) & ((1 << 48) - 1),
         };
         p.rows.reset_all(&p.tables);
         p.tables.set_pooler(unsafe { pg_sys::MyProcPid }, postmaster::listen::port());
