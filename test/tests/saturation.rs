@@ -1053,6 +1053,31 @@ fn a_bee_sea(pg: &Cluster) -> (i32, i32, nextgres_test::raw::Raw, nextgres_test:
     (pooler, backend, a, b, c)
 }
 
+/// As `a_bee_sea`, with a fourth client D ('dee'): (pooler pid, backend
+/// pid, A, B, C, D), the backend parked.
+#[track_caller]
+fn a_bee_sea_dee(pg: &Cluster) -> (i32, i32, nextgres_test::raw::Raw, nextgres_test::raw::Raw, nextgres_test::raw::Raw, nextgres_test::raw::Raw) {
+    let (pooler, _, a, b, c) = a_bee_sea(pg);
+    let mut d = raw(pg, APP);
+    d.query("SET application_name = 'dee'").expect("SET");
+    let backend = wait_parked(pg, 1)[0];
+    (pooler, backend, a, b, c, d)
+}
+
+/// With the pooler stopped (until the returned guard drops), A commits and
+/// B, C and D, sent ahead to A's backend (`three_sent_ahead`), are each
+/// served there, in their own sessions.
+#[track_caller]
+fn served_ahead_with_the_pooler_stopped(pooler: i32, a: &mut nextgres_test::raw::Raw, bcd: [&mut nextgres_test::raw::Raw; 3]) -> Stopped {
+    let stop = Stopped::new(pooler);
+    a.query("COMMIT").expect("COMMIT on the busy backend");
+    for (x, name) in bcd.into_iter().zip(["bee", "sea", "dee"]) {
+        let rows = x.until_ready().expect("served while the pooler is stopped");
+        assert_eq!(rows[0][0].as_deref(), Some(name));
+    }
+    stop
+}
+
 /// Every queue place of a busy backend (`pooler::ahead`, AHEAD_DEPTH 3):
 /// with three clients sent ahead, the backend takes the first at A's commit
 /// and each next one at the previous one's ReadyForQuery(I), all while the
@@ -1062,10 +1087,7 @@ fn a_bee_sea(pg: &Cluster) -> (i32, i32, nextgres_test::raw::Raw, nextgres_test:
 #[test]
 fn busy_backend_takes_every_client_sent_ahead_without_the_pooler() {
     run(one_backend_releasing_at_once(), |pg| {
-        let (pooler, _, mut a, mut b, mut c) = a_bee_sea(pg);
-        let mut d = raw(pg, APP);
-        d.query("SET application_name = 'dee'").expect("SET");
-        let backend = wait_parked(pg, 1)[0];
+        let (pooler, backend, mut a, mut b, mut c, mut d) = a_bee_sea_dee(pg);
         let before = attaches_ahead(pg);
         three_sent_ahead(pg, backend, [&mut a, &mut b, &mut c, &mut d]);
         let stop = Stopped::new(pooler);
@@ -1131,21 +1153,13 @@ fn control_tags(bytes: &[u8]) -> Vec<u8> {
 #[test]
 fn clients_taken_ahead_are_released_through_shared_memory() {
     run(one_backend_releasing_at_once(), |pg| {
-        let (pooler, _, mut a, mut b, mut c) = a_bee_sea(pg);
-        let mut d = raw(pg, APP);
-        d.query("SET application_name = 'dee'").expect("SET");
-        let backend = wait_parked(pg, 1)[0];
+        let (pooler, backend, mut a, mut b, mut c, mut d) = a_bee_sea_dee(pg);
         let (ahead_before, queries_before) = (attaches_ahead(pg), pool_queries(pg));
         three_sent_ahead(pg, backend, [&mut a, &mut b, &mut c, &mut d]);
         let trace = std::env::temp_dir().join(format!("nextgres-ring-{backend}.trace"));
         let path = trace.to_str().expect("a UTF-8 temp path");
         let traced = nextgres_test::procs::Strace::attach(backend, &["-o", path, "-e", "trace=write", "-xx", "-s", "512"]);
-        let stop = Stopped::new(pooler);
-        a.query("COMMIT").expect("COMMIT on the busy backend");
-        for (x, name) in [(&mut b, "bee"), (&mut c, "sea"), (&mut d, "dee")] {
-            let rows = x.until_ready().expect("served while the pooler is stopped");
-            assert_eq!(rows[0][0].as_deref(), Some(name));
-        }
+        let stop = served_ahead_with_the_pooler_stopped(pooler, &mut a, [&mut b, &mut c, &mut d]);
         // D's own boundary parks the backend (nothing more was sent ahead):
         // that RELEASED goes on the socket, if traced yet.
         drop(traced);
@@ -1191,10 +1205,7 @@ fn clients_taken_ahead_are_released_through_shared_memory() {
 #[test]
 fn clients_sent_ahead_reach_their_backend_through_shared_memory() {
     run(one_backend_releasing_at_once(), |pg| {
-        let (pooler, _, mut a, mut b, mut c) = a_bee_sea(pg);
-        let mut d = raw(pg, APP);
-        d.query("SET application_name = 'dee'").expect("SET");
-        let backend = wait_parked(pg, 1)[0];
+        let (pooler, backend, mut a, mut b, mut c, mut d) = a_bee_sea_dee(pg);
         let ahead_before = attaches_ahead(pg);
         let trace = |pid: i32| std::env::temp_dir().join(format!("nextgres-slots-{pid}.trace"));
         let (sends, takes) = (trace(pooler), trace(backend));
@@ -1202,12 +1213,7 @@ fn clients_sent_ahead_reach_their_backend_through_shared_memory() {
         three_sent_ahead(pg, backend, [&mut a, &mut b, &mut c, &mut d]);
         drop(traced);
         let traced = nextgres_test::procs::Strace::attach(backend, &["-o", takes.to_str().expect("UTF-8"), "-e", "trace=pidfd_getfd,recvmsg"]);
-        let stop = Stopped::new(pooler);
-        a.query("COMMIT").expect("COMMIT on the busy backend");
-        for (x, name) in [(&mut b, "bee"), (&mut c, "sea"), (&mut d, "dee")] {
-            let rows = x.until_ready().expect("served while the pooler is stopped");
-            assert_eq!(rows[0][0].as_deref(), Some(name));
-        }
+        let stop = served_ahead_with_the_pooler_stopped(pooler, &mut a, [&mut b, &mut c, &mut d]);
         drop(traced);
         let (sends_text, takes_text) = (std::fs::read_to_string(&sends).expect("strace output"), std::fs::read_to_string(&takes).expect("strace output"));
         let _ = (std::fs::remove_file(&sends), std::fs::remove_file(&takes));
