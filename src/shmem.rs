@@ -376,6 +376,16 @@ impl Tables {
         Some(unsafe { &*self.base.add(off).cast::<AttachSlot>() })
     }
 
+    /// Pooler, giving backend row `row` to a new backend: its ATTACH slots
+    /// name no ticket.
+    pub fn attach_slots_clear(&self, row: usize) {
+        for place in 0..AHEAD_DEPTH {
+            if let Some(slot) = self.attach_slot(row, place) {
+                slot.clear();
+            }
+        }
+    }
+
     /// Pooler: may clients be sent ahead through ATTACH slots? (No once a
     /// backend found `pidfd_getfd` refused, `attach_slots_refused`.)
     pub fn attach_slots_usable(&self) -> bool {
@@ -795,15 +805,20 @@ pub fn ahead_is(row: usize, ticket: u64) -> bool {
 /// A ticket is published in the backend row `row`: an ATTACH was sent ahead
 /// to it (or is about to be) and nobody claimed it yet.
 pub fn ahead_pending(row: usize) -> bool {
-    (0..AHEAD_DEPTH).any(|place| ticket_load(row, Word::Ahead(ahead_ticket(0, place))).is_some_and(|v| v != 0))
+    ahead_words(row).any(|v| v != 0)
+}
+
+/// The ticket words of backend row `row`, place by place (none without
+/// shared memory or row).
+fn ahead_words(row: usize) -> impl Iterator<Item = u64> {
+    (0..AHEAD_DEPTH).filter_map(move |place| ticket_load(row, Word::Ahead(ahead_ticket(0, place))))
 }
 
 /// The first client still queued in backend row `row`: its live ticket
 /// (neither claimed, taken back nor refused) with the lowest counter, which
 /// the pooler sent first. None when none is.
 pub fn ahead_first(row: usize) -> Option<u64> {
-    (0..AHEAD_DEPTH)
-        .filter_map(|place| ticket_load(row, Word::Ahead(ahead_ticket(0, place))))
+    ahead_words(row)
         .filter(|&t| t != 0 && t & AHEAD_REFUSED == 0)
         .min_by_key(|&t| t & !(AHEAD_REFUSED | AHEAD_PLACE_BITS))
 }

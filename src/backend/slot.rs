@@ -90,15 +90,16 @@ fn take_one(control: RawFd, row: usize, ticket: u64, slot: &AttachSlot, buf: &mu
     // The pooler's descriptor named this client's socket when it wrote the
     // slot; it closes it only once it took the client back, and then the
     // number may name another socket: never serve that one.
-    let same = nix::sys::stat::fstat(fd).is_ok_and(|st| st.st_ino == copy.ino);
+    if !nix::sys::stat::fstat(fd).is_ok_and(|st| st.st_ino == copy.ino) {
+        let _ = nix::unistd::close(fd);
+        refuse(row, ticket, nix::errno::Errno::EBADF); // as if that descriptor were gone
+        return None;
+    }
     let mine = crate::shmem::tables().is_some_and(|t| t.backend_row_is_mine(row));
-    if same && mine && crate::shmem::ahead_claim(row, ticket) {
+    if mine && crate::shmem::ahead_claim(row, ticket) {
         return Some((attach, fd));
     }
     let _ = nix::unistd::close(fd);
-    if !same && mine {
-        crate::shmem::ahead_refuse(row, ticket);
-    }
     None
 }
 

@@ -101,11 +101,5 @@ impl Pooler {
         if let Some(ring) = self.tables.ring(row) {
             ring.reset();
         }
-        // And its ATTACH slots (`ahead::attach_slot_write`).
-        for place in 0..crate::shmem::AHEAD_DEPTH {
-            if let Some(slot) = self.tables.attach_slot(row, place) {
-                slot.clear();
-            }
-        }
     }
 }

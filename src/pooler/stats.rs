@@ -181,6 +181,7 @@ impl Pooler {
             r.since = now;
         });
         self.ring_reset(row);
+        self.tables.attach_slots_clear(row);
         Some(row)
     }
 

@@ -137,6 +137,37 @@ impl Strace {
     }
 }
 
+/// An `strace` of one process written to a temporary file
+/// (`Strace::record`).
+pub struct Recording {
+    strace: Strace,
+    path: std::path::PathBuf,
+}
+
+impl Strace {
+    /// Records the system calls of `pid` that `options` select (e.g.
+    /// `["-e", "trace=sendmsg"]`) until `Recording::output`.
+    #[track_caller]
+    pub fn record(pid: i32, options: &[&str]) -> Recording {
+        let path = std::env::temp_dir().join(format!("nextgres-strace-{pid}-{}.trace", std::process::id()));
+        let file = path.to_str().expect("a UTF-8 temp path");
+        let mut args = vec!["-o", file];
+        args.extend_from_slice(options);
+        Recording { strace: Strace::attach(pid, &args), path }
+    }
+}
+
+impl Recording {
+    /// Stops the trace; what it recorded, one system call per line.
+    #[track_caller]
+    pub fn output(self) -> String {
+        drop(self.strace);
+        let text = std::fs::read_to_string(&self.path).expect("the strace output");
+        let _ = std::fs::remove_file(&self.path);
+        text
+    }
+}
+
 impl Drop for Strace {
     fn drop(&mut self) {
         // SIGTERM: strace detaches from the tracee before it exits.

@@ -972,14 +972,11 @@ fn sent_ahead_to_a_backend_that_parks_and_is_terminated(on_socket: bool) {
         std::thread::sleep(Duration::from_millis(200));
         let backend_stop = Stopped::new(backend);
         // Which way C went ahead: a slot costs the pooler an fstat of its socket.
-        let trace = std::env::temp_dir().join(format!("nextgres-parked-{pooler}.trace"));
-        let traced = nextgres_test::procs::Strace::attach(pooler, &["-o", trace.to_str().expect("UTF-8"), "-e", "trace=newfstatat,fstat"]);
+        let traced = nextgres_test::procs::Strace::record(pooler, &["-e", "trace=newfstatat,fstat"]);
         drop(pooler_stop);
         let port = c.local_port();
         assert_handed_to(pg, port, backend);
-        drop(traced);
-        let stats = std::fs::read_to_string(&trace).expect("strace output");
-        let _ = std::fs::remove_file(&trace);
+        let stats = traced.output();
         assert_eq!(stats.contains("S_IFSOCK"), !on_socket, "C sent ahead in a slot (the pooler's fstat of its socket):\n{stats}");
         if on_socket {
             assert_attached_ahead(pg, before, "the client handed at RELEASED");
@@ -1156,15 +1153,11 @@ fn clients_taken_ahead_are_released_through_shared_memory() {
         let (pooler, backend, mut a, mut b, mut c, mut d) = a_bee_sea_dee(pg);
         let (ahead_before, queries_before) = (attaches_ahead(pg), pool_queries(pg));
         three_sent_ahead(pg, backend, [&mut a, &mut b, &mut c, &mut d]);
-        let trace = std::env::temp_dir().join(format!("nextgres-ring-{backend}.trace"));
-        let path = trace.to_str().expect("a UTF-8 temp path");
-        let traced = nextgres_test::procs::Strace::attach(backend, &["-o", path, "-e", "trace=write", "-xx", "-s", "512"]);
+        let traced = nextgres_test::procs::Strace::record(backend, &["-e", "trace=write", "-xx", "-s", "512"]);
         let stop = served_ahead_with_the_pooler_stopped(pooler, &mut a, [&mut b, &mut c, &mut d]);
         // D's own boundary parks the backend (nothing more was sent ahead):
         // that RELEASED goes on the socket, if traced yet.
-        drop(traced);
-        let writes = std::fs::read_to_string(&trace).expect("the strace output");
-        let _ = std::fs::remove_file(&trace);
+        let writes = traced.output();
         // The control messages of each write, by tag: RELEASED is '~'; a
         // RING_MARK ('@') may wake the pooler or come before a RELEASED.
         // (Not the server log on stderr, fd 2.)
@@ -1207,16 +1200,12 @@ fn clients_sent_ahead_reach_their_backend_through_shared_memory() {
     run(one_backend_releasing_at_once(), |pg| {
         let (pooler, backend, mut a, mut b, mut c, mut d) = a_bee_sea_dee(pg);
         let ahead_before = attaches_ahead(pg);
-        let trace = |pid: i32| std::env::temp_dir().join(format!("nextgres-slots-{pid}.trace"));
-        let (sends, takes) = (trace(pooler), trace(backend));
-        let traced = nextgres_test::procs::Strace::attach(pooler, &["-o", sends.to_str().expect("UTF-8"), "-e", "trace=sendmsg"]);
+        let traced = nextgres_test::procs::Strace::record(pooler, &["-e", "trace=sendmsg"]);
         three_sent_ahead(pg, backend, [&mut a, &mut b, &mut c, &mut d]);
-        drop(traced);
-        let traced = nextgres_test::procs::Strace::attach(backend, &["-o", takes.to_str().expect("UTF-8"), "-e", "trace=pidfd_getfd,recvmsg"]);
+        let sends_text = traced.output();
+        let traced = nextgres_test::procs::Strace::record(backend, &["-e", "trace=pidfd_getfd,recvmsg"]);
         let stop = served_ahead_with_the_pooler_stopped(pooler, &mut a, [&mut b, &mut c, &mut d]);
-        drop(traced);
-        let (sends_text, takes_text) = (std::fs::read_to_string(&sends).expect("strace output"), std::fs::read_to_string(&takes).expect("strace output"));
-        let _ = (std::fs::remove_file(&sends), std::fs::remove_file(&takes));
+        let takes_text = traced.output();
         let passed = sends_text.lines().filter(|l| l.contains("SCM_RIGHTS")).count();
         assert!(passed <= 1, "the pooler passed {passed} sockets on control sockets for A, B, C and D (at most A's):\n{sends_text}");
         let taken = takes_text.lines().filter(|l| l.starts_with("pidfd_getfd(") && !l.contains("= -1")).count();
