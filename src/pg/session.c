@@ -545,11 +545,13 @@ static bool seq_pin_live = false;
 
 
 /*
- * The session has sequence values (currval/lastval): sequence.c keeps them
- * in a hash table named "Sequence values", created by the first nextval()
- * or setval() and destroyed by DISCARD SEQUENCES/ALL; dynahash gives every
- * table its own memory context under TopMemoryContext, identified by the
- * table's name.
+ * Hash tables of the server found by name: dynahash gives every table its
+ * own memory context under TopMemoryContext, identified by the table's name.
+ * The session has sequence values (currval/lastval) when sequence.c's
+ * "Sequence values" exists (created by the first nextval() or setval(),
+ * destroyed by DISCARD SEQUENCES/ALL); it has had a named prepared statement
+ * when prepare.c's "Prepared Queries" exists (created by the first one,
+ * never destroyed: DEALLOCATE ALL and DISCARD ALL empty it).
  *
  * Walking all of TopMemoryContext's children at every boundary cost about
  * 1% of a saturated server's CPU (a cache miss per child; perf, issue 15).
@@ -567,55 +569,68 @@ static bool seq_pin_live = false;
  * the children created in between: no PostgreSQL code we know of moves
  * a direct child of TopMemoryContext.)
  */
-static MemoryContext seq_cxt = NULL;
-static MemoryContext walked_to = NULL;
-static MemoryContextCallback seq_cxt_gone;
-static MemoryContextCallback walked_to_gone;
+typedef struct HashWatch
+{
+	const char *name;
+	MemoryContext found;
+	MemoryContext walked_to;
+	MemoryContextCallback found_gone;
+	MemoryContextCallback walked_to_gone;
+} HashWatch;
+
+static HashWatch sequence_values = {"Sequence values"};
+static HashWatch prepared_queries_table = {"Prepared Queries"};
 
 static void
-forget_seq_cxt(void *arg)
+forget_found(void *arg)
 {
-	seq_cxt = NULL;
+	((HashWatch *) arg)->found = NULL;
 }
 
 static void
 forget_walked_to(void *arg)
 {
-	walked_to = NULL;
+	((HashWatch *) arg)->walked_to = NULL;
 }
 
 static bool
-sequence_values_exist(void)
+hash_table_exists(HashWatch *w)
 {
 	MemoryContext c;
 
-	if (seq_cxt != NULL)
+	if (w->found != NULL)
 		return true;
-	for (c = TopMemoryContext->firstchild; c != NULL && c != walked_to; c = c->nextchild)
+	for (c = TopMemoryContext->firstchild; c != NULL && c != w->walked_to; c = c->nextchild)
 	{
-		if (c->ident && strcmp(c->ident, "Sequence values") == 0)
+		if (c->ident && strcmp(c->ident, w->name) == 0)
 		{
-			seq_cxt = c;
-			seq_cxt_gone.func = forget_seq_cxt;
-			seq_cxt_gone.arg = NULL;
-			MemoryContextRegisterResetCallback(c, &seq_cxt_gone);
+			w->found = c;
+			w->found_gone.func = forget_found;
+			w->found_gone.arg = w;
+			MemoryContextRegisterResetCallback(c, &w->found_gone);
 			return true;
 		}
 	}
-	if (walked_to == NULL)
+	if (w->walked_to == NULL)
 	{
 		c = TopMemoryContext->firstchild;
 		if (c != NULL && c == TopTransactionContext)
 			c = c->nextchild;
 		if (c != NULL)
 		{
-			walked_to = c;
-			walked_to_gone.func = forget_walked_to;
-			walked_to_gone.arg = NULL;
-			MemoryContextRegisterResetCallback(c, &walked_to_gone);
+			w->walked_to = c;
+			w->walked_to_gone.func = forget_walked_to;
+			w->walked_to_gone.arg = w;
+			MemoryContextRegisterResetCallback(c, &w->walked_to_gone);
 		}
 	}
 	return false;
+}
+
+static bool
+sequence_values_exist(void)
+{
+	return hash_table_exists(&sequence_values);
 }
 
 /* lastval() in a transaction of its own; false when it has none. */
@@ -1071,6 +1086,19 @@ ng_take_statements(int *len)
 
 	initStringInfo(&out);
 	appendBinaryStringInfo(&out, "\0\0\0\0", 4);
+	/*
+	 * No named statement was ever prepared here: the list is empty, as
+	 * pg_prepared_statement() would return it, without the transaction
+	 * that calls it.  The ParseComplete of every unnamed Parse (drivers'
+	 * extended protocol: libpq, pgjdbc below prepareThreshold,
+	 * node-postgres, psycopg) makes the statements dirty, so this saves a
+	 * transaction per transaction of such a client.
+	 */
+	if (!hash_table_exists(&prepared_queries_table))
+	{
+		*len = out.len;
+		return out.data;
+	}
 	PG_TRY();
 	{
 		LOCAL_FCINFO(fcinfo, 0);

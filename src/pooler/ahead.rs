@@ -74,6 +74,17 @@ pub struct Handed {
     pub plain: bool,
 }
 
+/// What `send_ahead` did with a client.
+enum Sent {
+    Yes,
+    /// Its ATTACH must go on the socket, and that backend's queue is in
+    /// slots: back at the head of the queue, for another backend.
+    NotThatWay,
+    /// Back at the head of the queue (too large to send ahead, or that
+    /// backend is gone): sending ahead stops here.
+    No,
+}
+
 /// The client an ATTACH was sent ahead for, as its backend holds it.
 pub struct AheadOf {
     pub client: usize,
@@ -96,6 +107,10 @@ impl Pooler {
         if !self.pool_may_send_ahead(pool) {
             return;
         }
+        // The client at the head of the queue must go on the socket (its
+        // ATTACH is too large for a slot): only a backend whose queue is on
+        // the socket, or empty, may take it.
+        let mut socket_only = false;
         loop {
             let Some(p) = self.pools.get(pool) else { return };
             if p.waiting.is_empty() {
@@ -107,7 +122,7 @@ impl Pooler {
             if depth == 0 {
                 return;
             }
-            let Some(bk) = self.ahead_candidate(pool, depth) else { return };
+            let Some(bk) = self.ahead_candidate(pool, depth, socket_only) else { return };
             let Some(ck) = self.pools[pool].waiting.pop_front() else { return };
             let since = match self.client(ck) {
                 Some(c) if c.pinned.is_none() && !c.dedicated_mode => match c.phase {
@@ -116,8 +131,13 @@ impl Pooler {
                 },
                 _ => continue,
             };
-            if !self.send_ahead(ck, bk, since) {
-                return;
+            match self.send_ahead(ck, bk, since) {
+                Sent::Yes => socket_only = false,
+                // Back at the head of the queue: tried again with a backend
+                // whose queue is on the socket or empty (its ATTACH is built
+                // once more, for that backend).
+                Sent::NotThatWay => socket_only = true,
+                Sent::No => return,
             }
         }
     }
@@ -140,15 +160,17 @@ impl Pooler {
     /// A busy backend of the pool that may take a client at its next
     /// ReadyForQuery(I): fewer than `depth` clients sent ahead to it yet, no
     /// session pin, not keeping an idle client while nobody waits (it would
-    /// not look at its control socket), not past its lifetime. The fewest
-    /// sent ahead first, then the longest attached: with short
-    /// transactions it is the one to finish soonest.
-    fn ahead_candidate(&self, pool: usize, depth: usize) -> Option<usize> {
+    /// not look at its control socket), not past its lifetime; with
+    /// `socket_only`, no queue in slots. The fewest sent ahead first, then
+    /// the longest attached: with short transactions it is the one to
+    /// finish soonest.
+    fn ahead_candidate(&self, pool: usize, depth: usize, socket_only: bool) -> Option<usize> {
         let p = self.pools.get(pool)?;
         let mut best: Option<(usize, Instant, usize)> = None;
         for &bk in &p.attached {
             let Some(Conn::Backend(b)) = self.conns.get(bk) else { continue };
             if b.ahead.len() >= depth
+                || (socket_only && b.ahead.first().is_some_and(|a| a.slot))
                 || b.ahead_blocked
                 || b.terminating
                 || b.pinned_to.is_some()
@@ -171,15 +193,15 @@ impl Pooler {
 
     /// Sends `ck`'s ATTACH ahead to `bk`: in the ATTACH slot of its queue
     /// place when it fits (`attach_slot`), else on its control socket with
-    /// the client's socket. False when it could not (too large, or the
-    /// backend is gone): the client is back at the head of the queue.
+    /// the client's socket. Unless `Sent::Yes`, the client is back at the
+    /// head of the queue.
     ///
     /// A backend's queue goes one way at a time, all slots or all socket:
     /// it takes its clients in ticket order, and a slot ticket behind one
     /// whose ATTACH is still on its way through the socket could be taken
-    /// first. A client that would go the other way waits in the pooler's
-    /// queue meanwhile.
-    fn send_ahead(&mut self, ck: usize, bk: usize, since: Instant) -> bool {
+    /// first. A client that would go the other way is `Sent::NotThatWay`
+    /// (another backend may take it).
+    fn send_ahead(&mut self, ck: usize, bk: usize, since: Instant) -> Sent {
         let counter = self.next_ticket();
         let Some(Conn::Backend(b)) = self.conns.get(bk) else { return self.unqueue_front(ck) };
         // A place (ticket word) none of the clients queued there holds.
@@ -194,7 +216,8 @@ impl Pooler {
         };
         let slot = queued_by_slot != Some(false) && self.attach_slot_write(ck, row, place, ticket, &msg, fd);
         if !slot && queued_by_slot == Some(true) {
-            return self.unqueue_front(ck);
+            self.unqueue_front(ck);
+            return Sent::NotThatWay;
         }
         self.tables.ahead_offer(row, ticket);
         let Some(b) = self.backend(bk) else { return self.unqueue_front(ck) };
@@ -213,7 +236,7 @@ impl Pooler {
         if self.tables.backend_lingering(row) && pid > 0 {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGUSR1);
         }
-        let Some(c) = self.client(ck) else { return false };
+        let Some(c) = self.client(ck) else { return Sent::No };
         let client_id = c.id;
         c.phase = Phase::Ahead { backend: bk, since };
         let pool = c.pool;
@@ -224,7 +247,7 @@ impl Pooler {
             p.ahead += 1;
         }
         self.client_rearm(ck);
-        true
+        Sent::Yes
     }
 
     /// Writes an ATTACH sent ahead into the slot of queue place `place` of
@@ -258,12 +281,13 @@ impl Pooler {
         self.next_ticket
     }
 
-    /// Puts a client taken off the queue back at its head; returns false.
-    fn unqueue_front(&mut self, ck: usize) -> bool {
+    /// Puts a client taken off the queue back at its head; returns
+    /// `Sent::No`.
+    fn unqueue_front(&mut self, ck: usize) -> Sent {
         if let Some(pool) = self.client(ck).and_then(|c| c.pool) {
             self.pools[pool].waiting.push_front(ck);
         }
-        false
+        Sent::No
     }
 
     /// Takes a client sent ahead back from its backend, when the backend has

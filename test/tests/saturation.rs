@@ -1573,3 +1573,69 @@ fn client_killed_after_its_backend_claimed_it_ahead() {
         assert_pooler_serves(pg, pooler);
     });
 }
+
+/// A client whose ATTACH is too large for a slot (a session image over
+/// 2 kB) goes ahead on the control socket, and a backend's queue goes one
+/// way at a time. When the backend chosen for it has its queue in slots,
+/// another whose queue is on the socket takes it: here, in a pool of two
+/// busy backends, S1 goes ahead in a slot to P (attached first), L1 on the
+/// socket to Q, then L2, at the head of the queue, is passed over P for Q,
+/// and S2 goes to P (the pooler passes sockets on control sockets for L1
+/// and L2 only). All four are served while the pooler is stopped. (Were L2
+/// kept waiting for P, sending ahead would stop for the whole pool until
+/// P's queue emptied: L2 and S2 would wait for the pooler.)
+#[test]
+fn large_client_passed_over_a_backend_whose_queue_is_in_slots() {
+    let builder = Cluster::builder().conf("nextgres.pool_size = 2").conf("nextgres.hold_idle_clients = off").max_connections(20);
+    run(builder, |pg| {
+        let pooler = running_pooler_pid(pg);
+        let (mut x, mut y) = (raw(pg, APP), raw(pg, APP));
+        let pad = "x".repeat(2500);
+        let mut named = Vec::new();
+        for name in ["s1", "l1", "l2", "s2"] {
+            let mut c = raw(pg, APP);
+            c.query(&format!("SET application_name = '{name}'")).expect("SET");
+            if name.starts_with('l') {
+                c.query(&format!("PREPARE pad AS SELECT '{pad}'::text")).expect("PREPARE");
+            }
+            named.push(c);
+        }
+        x.query("BEGIN").expect("BEGIN");
+        std::thread::sleep(Duration::from_millis(50));
+        y.query("BEGIN").expect("BEGIN");
+        let backend_of = |port: i32| clients(pg).iter().find(|(p, _, _)| *p == port).and_then(|(_, _, b)| *b).expect("a backend");
+        let (p, q) = (backend_of(x.local_port()), backend_of(y.local_port()));
+        assert_ne!(p, q);
+        let before = attaches_ahead(pg);
+        let [s1, l1, l2, s2] = &mut named[..] else { unreachable!() };
+        let traced = nextgres_test::procs::Strace::record(pooler, &["-e", "trace=sendmsg"]);
+        s1.send_query(NAME_AND_TIME);
+        std::thread::sleep(Duration::from_millis(200));
+        l1.send_query(NAME_AND_TIME);
+        let first = wait_until(SETTLE, || queued(pg, p) == 1 && queued(pg, q) == 1);
+        assert!(first, "S1 and L1 not sent ahead one to each backend: {} / {}", queued(pg, p), queued(pg, q));
+        l2.send_query(NAME_AND_TIME);
+        std::thread::sleep(Duration::from_millis(200));
+        s2.send_query(NAME_AND_TIME);
+        let second = wait_until(SETTLE, || queued(pg, p) == 2 && queued(pg, q) == 2);
+        assert!(second, "L2 and S2 not sent ahead (queued at P {}, at Q {}): {:?}", queued(pg, p), queued(pg, q), clients(pg));
+        let sends = traced.output();
+        let passed = sends.lines().filter(|l| l.contains("SCM_RIGHTS")).count();
+        assert_eq!(passed, 2, "sockets passed on control sockets (L1 and L2 only; S1 and S2 in slots):\n{sends}");
+        let stop = Stopped::new(pooler);
+        x.query("COMMIT").expect("COMMIT");
+        y.query("COMMIT").expect("COMMIT");
+        for (c, name) in named.iter_mut().zip(["s1", "l1", "l2", "s2"]) {
+            let rows = c.until_ready().expect("served while the pooler is stopped");
+            assert_eq!(rows[0][0].as_deref(), Some(name));
+        }
+        drop(stop);
+        let counted = wait_until(SETTLE, || attaches_ahead(pg) >= before + 4);
+        assert!(counted, "attaches_ahead went {before} -> {}", attaches_ahead(pg));
+        for c in named.iter_mut().skip(1).take(2) {
+            assert_eq!(c.value("EXECUTE pad"), pad, "the large session moved with its client");
+        }
+        assert_eq!(x.value("SELECT 1"), "1");
+        assert_pooler_serves(pg, pooler);
+    });
+}
