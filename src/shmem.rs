@@ -255,7 +255,9 @@ impl BackendRow {
 
 fn caps() -> (usize, usize, usize) {
     let pools = crate::settings::MAX_POOLS.get() as usize;
-    let clients = crate::settings::MAX_CLIENT_CONN.get() as usize;
+    // Rows beyond max_client_conn for TLS connections refused there, which
+    // are taken through TLS to read a CancelRequest (`pooler::refusing`).
+    let clients = crate::settings::MAX_CLIENT_CONN.get() as usize + crate::pooler::refusing::MAX_REFUSING;
     let backends = unsafe { pgrx::pg_sys::MaxConnections } as usize + 16;
     (pools, clients, backends)
 }

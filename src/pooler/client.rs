@@ -48,6 +48,9 @@ pub struct Client {
     /// A startup packet (SSLRequest, GSSENCRequest) was read: a first byte
     /// 0x16 (direct TLS) is only looked for before that.
     pub negotiated: bool,
+    /// Taken at max_client_conn for its SSLRequest only: a CancelRequest
+    /// is carried out, a startup packet refused (`refusing`).
+    pub over_limit: bool,
     /// Before TLS: (SSLRequest done, GSSENCRequest done), as the server's
     /// ProcessStartupPacket(ssl_done, gss_done): a refused SSLRequest
     /// allows a GSSENCRequest next and a refused GSSENCRequest an
@@ -181,6 +184,7 @@ impl Client {
             stream,
             tls: None,
             negotiated: false,
+            over_limit: false,
             plain_negotiation: (false, false),
             addr,
             local: NO_LOCAL,
@@ -590,7 +594,7 @@ impl Pooler {
         self.client_rearm(key);
     }
 
-    fn client_startup(&mut self, key: usize) {
+    pub fn client_startup(&mut self, key: usize) {
         let server = self.server_proto;
         loop {
             let Some(c) = self.client(key) else { return };
@@ -796,6 +800,13 @@ impl Pooler {
     }
 
     fn client_startup_message(&mut self, key: usize, minor: u16, params: Vec<(String, String)>) {
+        if self.client(key).is_some_and(|c| c.over_limit) {
+            // Refused now, inside TLS, as the server refuses once it has
+            // read the startup packet (`refusing`).
+            let max = crate::settings::MAX_CLIENT_CONN.get();
+            let hint = format!("nextgres.max_client_conn is {max}.");
+            return self.client_fatal(key, "53300", "sorry, too many clients already", Some(&hint));
+        }
         let mut settings = Vec::new();
         let (mut user, mut database) = (String::new(), String::new());
         let mut unrecognized = Vec::new();
@@ -1036,7 +1047,11 @@ impl Pooler {
             self.cancel_keys.remove(&pid);
         }
         self.client_row_free(c.row);
-        self.clients -= 1;
+        if c.over_limit {
+            self.over_limit_clients -= 1;
+        } else {
+            self.clients -= 1;
+        }
     }
 
     /// A replication client's socket went to its walsender
@@ -1051,7 +1066,11 @@ impl Pooler {
             self.cancel_keys.remove(&pid);
         }
         self.client_row_free(c.row);
-        self.clients -= 1;
+        if c.over_limit {
+            self.over_limit_clients -= 1;
+        } else {
+            self.clients -= 1;
+        }
     }
 
     pub fn client_set_state(&self, key: usize, state: ClientState, backend_pid: i32) {

@@ -126,12 +126,26 @@ impl Pooler {
             let hint = format!("nextgres.max_client_conn is {max}.");
             return self.refuse(stream, fatal_fields("53300", "sorry, too many clients already", Some(&hint)));
         };
-        self.clients += 1;
+        self.client_accepted(stream, addr, row, Vec::new(), false);
+    }
+
+    /// A new client on `stream` with shared row `row`, in its startup phase,
+    /// watched for its first packet; `read` holds what was read of it
+    /// already. `over_limit`: taken at max_client_conn for its SSLRequest
+    /// only (`refusing`), counted apart. Returns its key.
+    pub fn client_accepted(&mut self, stream: TcpStream, addr: std::net::SocketAddr, row: usize, read: Vec<u8>, over_limit: bool) -> usize {
+        if over_limit {
+            self.over_limit_clients += 1;
+        } else {
+            self.clients += 1;
+        }
         let id = self.next_client_id;
         self.next_client_id += 1;
         let local = self.local_index(&stream);
         let mut client = Client::new(stream, addr, row, id);
         client.local = local;
+        client.inbuf = read;
+        client.over_limit = over_limit;
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         conn::arm_add(&self.epoll, &client.stream, key, conn::READ);
@@ -140,6 +154,7 @@ impl Pooler {
             c.registered = Some(conn::READ);
             c.armed = true;
         }
+        key
     }
 }
 

@@ -37,7 +37,7 @@ mod ops;
 mod park;
 mod password;
 mod poolconf;
-mod refusing;
+pub mod refusing;
 mod ring;
 
 mod stats;

@@ -7,6 +7,18 @@
 //! waiting, or on any query while the pooler is full, did nothing. Anything
 //! else gets the refusal (FATAL 53300 / 57P03) as soon as its first bytes
 //! show it is no CancelRequest.
+//!
+//! At max_client_conn, a connection whose first packet is an SSLRequest
+//! (libpq 17's cancel connections with `sslmode` other than `disable`
+//! start so) is taken as a client *over the limit*: TLS is negotiated as
+//! for any client, a CancelRequest inside it is carried out, and a startup
+//! packet gets the refusal inside TLS, as the server completes TLS before
+//! it reports that it is full (backend_startup.c ProcessStartupPacket():
+//! SSL negotiation, then the startup packet, then canAcceptConnections()).
+//! At most `MAX_REFUSING` such clients at once (beyond it the refusal is
+//! plaintext, as before); they are not counted against max_client_conn
+//! and take the shared rows kept beyond it. A direct TLS handshake or a
+//! GSSENCRequest first is still refused in plaintext.
 
 use super::conn::{self, Conn};
 use super::worker::Pooler;
@@ -86,7 +98,43 @@ impl Pooler {
                 // A bad CancelRequest: closed without a word, as the server does.
                 _ => self.refusing_end(key, false),
             },
+            // An SSLRequest and nothing after it (bytes sent before the
+            // answer are refused, the CVE-2021-23214 rule), with TLS on.
+            Some(proto::SSL_REQUEST_CODE) if r.buf.len() == 8
+                && !eof
+                && r.why.sqlstate == "53300"
+                && self.tls.is_some()
+                && self.over_limit_clients < MAX_REFUSING =>
+            {
+                self.refusing_over_limit(key)
+            }
             Some(_) => self.refusing_end(key, true),
+        }
+    }
+
+    /// A refused connection that sent an SSLRequest at max_client_conn
+    /// becomes a client over the limit (the module's doc): its SSLRequest
+    /// is answered as any client's. Refused as before when no shared row
+    /// is left.
+    fn refusing_over_limit(&mut self, key: usize) {
+        let Some(Conn::Refusing(r)) = self.conn_take(key) else { return };
+        self.refusing = self.refusing.saturating_sub(1);
+        let Refusing { mut stream, buf, why, .. } = *r;
+        // Registered under its old key until now.
+        conn::remove(&self.epoll, &stream);
+        let Ok(addr) = stream.peer_addr() else { return };
+        let Some(row) = self.client_row_alloc(&addr.ip().to_string(), addr.port() as i32) else {
+            return tell(&mut stream, &why);
+        };
+        let key = self.client_accepted(stream, addr, row, buf, true);
+        let Some(Conn::Client(c)) = self.conns.get_mut(key) else { return };
+        let id = c.id;
+        self.client_startup(key);
+        // As after a client's event (`client_event`): its socket, the relay's
+        // end once TLS started, is watched again. (Its key may be the one
+        // just freed in this batch: the id tells it is still this client.)
+        if self.client(key).is_some_and(|c| c.id == id) {
+            self.client_rearm(key);
         }
     }
 

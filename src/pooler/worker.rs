@@ -91,6 +91,9 @@ pub struct Pooler {
     pub clients: usize,
     /// Refused connections read for a CancelRequest (`refusing.rs`).
     pub refusing: usize,
+    /// Clients taken at max_client_conn for their SSLRequest only
+    /// (`refusing`), not counted in `clients`; at most `MAX_REFUSING`.
+    pub over_limit_clients: usize,
     pub mock_key: [u8; 32],
     /// The `password` method's checks against SCRAM secrets, on threads.
     pub verifier: super::password::Verifier,
@@ -183,6 +186,7 @@ impl Pooler {
             rows,
             clients: 0,
             refusing: 0,
+            over_limit_clients: 0,
             mock_key,
             verifier: super::password::Verifier::new(),
             server_proto: glue::server_protocol(),

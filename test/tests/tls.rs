@@ -960,6 +960,47 @@ fn tls_handshakes_beyond_the_cap_are_refused_as_at_max_client_conn() {
     });
 }
 
+/// At `nextgres.max_client_conn`, a connection that starts with an
+/// SSLRequest is taken through TLS, as the server completes TLS before it
+/// says it is full: a CancelRequest inside TLS (libpq 17's cancel
+/// connections with `sslmode=require`) is carried out, so Ctrl-C works with
+/// the pooler full, and a login gets FATAL 53300 "sorry, too many clients
+/// already" inside TLS instead of a plaintext error in answer to its
+/// SSLRequest. The clients already connected are served throughout.
+#[test]
+fn at_max_client_conn_a_cancel_over_tls_is_carried_out() {
+    with_tls_server(Cluster::builder().conf("nextgres.max_client_conn = 2"), |pg, ca, pooler| {
+        let port = pg.port();
+        let mut victim = TlsRaw::connect(port, &ca, "postgres", "postgres").expect("TLS raw login");
+        let (pid, key) = victim.key.clone().expect("BackendKeyData");
+        let mut other = nextgres_test::raw::Raw::connect(port, "app", "postgres", TEST_LIMIT / 4);
+        assert_eq!(other.value("SELECT 1"), "1");
+        victim.send_query("SELECT pg_sleep(120)");
+        assert!(
+            wait_until(SETTLE, || admin_i64(pg, "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(120)' AND state = 'active'") == 1),
+            "the sleep never started"
+        );
+        let third = TlsRaw::connect(port, &ca, "app", "postgres").map(|_| ()).expect_err("a third client at max_client_conn = 2");
+        assert!(
+            third.starts_with("login: ") && third.contains("53300") && third.contains("sorry, too many clients already"),
+            "a TLS login at max_client_conn is refused inside TLS: {third}"
+        );
+        cancel_over_tls(port, &ca, pid, &key);
+        match victim.until_ready() {
+            Err(RawFail::Db { code, .. }) => assert_eq!(code, "57014", "cancel over TLS at max_client_conn"),
+            other => panic!("cancel over TLS at max_client_conn: {other:?}"),
+        }
+        assert_eq!(victim.value("SELECT 2"), "2");
+        assert_eq!(other.value("SELECT 3"), "3");
+        assert!(
+            wait_until(SETTLE, || admin_i64(pg, "SELECT count(*) FROM nextgres.clients") == 2),
+            "the refused TLS connections left clients behind: {}",
+            admin_i64(pg, "SELECT count(*) FROM nextgres.clients")
+        );
+        assert_eq!(pooler_pid(pg), Some(pooler), "the pooler restarted");
+    });
+}
+
 /// `prlimit --pid PID --nofile=N:N`, run as the server's OS user (root
 /// without CAP_SYS_RESOURCE may not change another user's process).
 fn set_nofile(pg: &Cluster, pid: i32, n: usize) {
