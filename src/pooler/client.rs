@@ -803,9 +803,7 @@ impl Pooler {
         if self.client(key).is_some_and(|c| c.over_limit) {
             // Refused now, inside TLS, as the server refuses once it has
             // read the startup packet (`refusing`).
-            let max = crate::settings::MAX_CLIENT_CONN.get();
-            let hint = format!("nextgres.max_client_conn is {max}.");
-            return self.client_fatal(key, "53300", "sorry, too many clients already", Some(&hint));
+            return self.client_fatal_fields(key, &super::listener::max_client_conn_refusal());
         }
         let mut settings = Vec::new();
         let (mut user, mut database) = (String::new(), String::new());
@@ -1043,15 +1041,7 @@ impl Pooler {
             c.flush();
         }
         linger_close(&mut c.stream);
-        if let Some((pid, _)) = c.cancel {
-            self.cancel_keys.remove(&pid);
-        }
-        self.client_row_free(c.row);
-        if c.over_limit {
-            self.over_limit_clients -= 1;
-        } else {
-            self.clients -= 1;
-        }
+        self.client_gone(&c);
     }
 
     /// A replication client's socket went to its walsender
@@ -1062,6 +1052,12 @@ impl Pooler {
         if c.registered.is_some() {
             conn::remove(&self.epoll, &c.stream);
         }
+        self.client_gone(&c);
+    }
+
+    /// A client taken out of the table (closed or forgotten): its cancel
+    /// key, its shared row and its place in the count it was in go.
+    fn client_gone(&mut self, c: &Client) {
         if let Some((pid, _)) = c.cancel {
             self.cancel_keys.remove(&pid);
         }

@@ -122,9 +122,7 @@ impl Pooler {
         let max = crate::settings::MAX_CLIENT_CONN.get() as usize;
         let row = if self.clients < max { self.client_row_alloc(&addr.ip().to_string(), addr.port() as i32) } else { None };
         let Some(row) = row else {
-            // Same words as the server's max_connections refusal.
-            let hint = format!("nextgres.max_client_conn is {max}.");
-            return self.refuse(stream, fatal_fields("53300", "sorry, too many clients already", Some(&hint)));
+            return self.refuse(stream, max_client_conn_refusal());
         };
         self.client_accepted(stream, addr, row, Vec::new(), false);
     }
@@ -156,6 +154,13 @@ impl Pooler {
         }
         key
     }
+}
+
+/// The refusal at `nextgres.max_client_conn`: the server's words at
+/// max_connections (FATAL 53300), with the setting in the hint.
+pub fn max_client_conn_refusal() -> nextgres_core::proto::ErrorFields {
+    let hint = format!("nextgres.max_client_conn is {}.", crate::settings::MAX_CLIENT_CONN.get());
+    fatal_fields("53300", "sorry, too many clients already", Some(&hint))
 }
 
 /// Pooler start: raises the soft RLIMIT_NOFILE to the hard one and LOGs
