@@ -117,8 +117,7 @@ impl Pooler {
     /// is answered as any client's. Refused as before when no shared row
     /// is left.
     fn refusing_over_limit(&mut self, key: usize) {
-        let Some(Conn::Refusing(r)) = self.conn_take(key) else { return };
-        self.refusing = self.refusing.saturating_sub(1);
+        let Some(r) = self.refusing_take(key) else { return };
         let Refusing { mut stream, buf, why, .. } = *r;
         // Registered under its old key until now.
         conn::remove(&self.epoll, &stream);
@@ -140,11 +139,17 @@ impl Pooler {
 
     /// Closes a refused connection, with its refusal when `tell`.
     pub fn refusing_end(&mut self, key: usize, tell: bool) {
-        let Some(Conn::Refusing(mut r)) = self.conn_take(key) else { return };
-        self.refusing = self.refusing.saturating_sub(1);
+        let Some(mut r) = self.refusing_take(key) else { return };
         if tell {
             self::tell(&mut r.stream, &r.why);
         }
+    }
+
+    /// Takes refused connection `key` out of the table and the count.
+    fn refusing_take(&mut self, key: usize) -> Option<Box<Refusing>> {
+        let Some(Conn::Refusing(r)) = self.conn_take(key) else { return None };
+        self.refusing = self.refusing.saturating_sub(1);
+        Some(r)
     }
 }
 
