@@ -6,6 +6,7 @@
 //! * [`tls`]: the TLS versions the server's settings allow the pooler.
 //! * [`accept`]: the pause after `accept(2)` fails for lack of descriptors.
 //! * [`ring`]: the release ring a pooled backend leaves RELEASED in.
+//! * [`kq`]: who owns a client of a pool's kernel queue.
 //!
 //! Every parser takes untrusted bytes and returns `Result`; nothing here
 //! panics on input.
@@ -22,3 +23,4 @@ pub mod cert;
 pub mod accept;
 pub mod ring;
 pub mod attach_slot;
+pub mod kq;

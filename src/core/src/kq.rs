@@ -1,0 +1,279 @@
+//! The kernel queue: who owns an idle client of a saturated pool.
+//!
+//! Design (BENCHMARKS.md, "Issue 15, thirteenth step"): each pool has an
+//! epoll instance of its own holding its idle clients' sockets, registered
+//! `EPOLLONESHOT`. A backend at ReadyForQuery(I) re-arms the client it
+//! releases there and takes the next ready one (`epoll_wait`, timeout 0);
+//! the kernel hands one readiness to exactly one waiter, so no pooler reads,
+//! writes or wakes anyone per transaction.
+//!
+//! A readiness only says "this socket has bytes". Who may read them is
+//! decided here, in one 64-bit *owner word* per client row in shared memory,
+//! changed only by compare-and-swap:
+//!
+//! * [`Owner::Pooler`]: the pooler's, as every client outside the queue.
+//! * [`Owner::Queued`]: in its pool's epoll set, armed; nobody reads it.
+//! * [`Owner::Taken`]: backend row `row` serves it; `recall` asks that
+//!   backend to give it back to the pooler (not to the queue) at its
+//!   boundary.
+//!
+//! `gen` names one stay of one client in the queue's registration (the
+//! pooler bumps it whenever it registers a client, so a row reused by the
+//! next client, or re-registered, never matches an event or a word of the
+//! previous one). The epoll event's data carries (row, gen)
+//! ([`event_data`]): a backend claims the client by swapping
+//! `Queued{gen}` for `Taken{row, gen}`, and an event whose word no longer
+//! says `Queued{gen}` is stale (taken back by the pooler) and is dropped.
+//!
+//! Pure logic, no PostgreSQL symbols: the word lives in an `AtomicU64` the
+//! caller owns.
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Bits of a client row in [`event_data`] (2^20 rows: far above any
+/// `max_client_conn` the pooler accepts).
+pub const ROW_BITS: u32 = 20;
+/// Bits of a backend row in a `Taken` word.
+pub const BACKEND_BITS: u32 = 16;
+/// Generations wrap at 2^40 (one per registration: centuries at a million
+/// a second).
+pub const GEN_BITS: u32 = 40;
+const GEN_MASK: u64 = (1 << GEN_BITS) - 1;
+
+const STATE_POOLER: u64 = 0;
+const STATE_QUEUED: u64 = 1;
+const STATE_TAKEN: u64 = 2;
+const RECALL: u64 = 1 << 2;
+
+/// Who owns a client (see the module comment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// Outside the queue: the pooler reads it (the all-zero word).
+    Pooler,
+    /// In the queue, armed, registration `gen`.
+    Queued {
+        /// The registration.
+        gen: u64,
+    },
+    /// Served by the backend in shared row `row`.
+    Taken {
+        /// The backend's row.
+        row: u32,
+        /// The registration it was taken under.
+        gen: u64,
+        /// The pooler wants it back at that backend's boundary.
+        recall: bool,
+    },
+}
+
+impl Owner {
+    /// The word for this owner. Layout: bits 0-1 state, bit 2 recall,
+    /// bits 8-23 backend row, bits 24-63 generation.
+    pub fn encode(self) -> u64 {
+        match self {
+            Owner::Pooler => STATE_POOLER,
+            Owner::Queued { gen } => STATE_QUEUED | (gen & GEN_MASK) << 24,
+            Owner::Taken { row, gen, recall } => {
+                STATE_TAKEN
+                    | if recall { RECALL } else { 0 }
+                    | (u64::from(row) & ((1 << BACKEND_BITS) - 1)) << 8
+                    | (gen & GEN_MASK) << 24
+            }
+        }
+    }
+
+    /// The owner a word says; an undefined state (never written) reads as
+    /// the pooler's, the safe side (nobody but the pooler reads the client).
+    pub fn decode(w: u64) -> Owner {
+        let gen = w >> 24;
+        match w & 3 {
+            STATE_QUEUED => Owner::Queued { gen },
+            STATE_TAKEN => Owner::Taken { row: ((w >> 8) & ((1 << BACKEND_BITS) - 1)) as u32, gen, recall: w & RECALL != 0 },
+            _ => Owner::Pooler,
+        }
+    }
+}
+
+/// The epoll event data of client row `row` registered as `gen`.
+pub fn event_data(row: usize, gen: u64) -> u64 {
+    (row as u64 & ((1 << ROW_BITS) - 1)) | (gen & GEN_MASK) << ROW_BITS
+}
+
+/// (row, gen) of an event's data ([`event_data`]).
+pub fn event_parts(data: u64) -> (usize, u64) {
+    ((data & ((1 << ROW_BITS) - 1)) as usize, (data >> ROW_BITS) & GEN_MASK)
+}
+
+/// The next generation after `gen` (never 0, so a zeroed word or event
+/// data never matches a live registration).
+pub fn next_gen(gen: u64) -> u64 {
+    let g = (gen + 1) & GEN_MASK;
+    if g == 0 {
+        1
+    } else {
+        g
+    }
+}
+
+/// Reads a word (sequentially consistent: the pooler's recall and a
+/// backend's hold bit are read in Dekker pairs with it).
+pub fn load(word: &AtomicU64) -> Owner {
+    Owner::decode(word.load(Ordering::SeqCst))
+}
+
+/// Pooler: the client goes into the queue as registration `gen` (stored
+/// before its `EPOLL_CTL_ADD`, so a backend woken by it finds it queued).
+/// Only the pooler writes a word that says `Pooler`.
+pub fn enqueue(word: &AtomicU64, gen: u64) {
+    word.store(Owner::Queued { gen }.encode(), Ordering::SeqCst);
+}
+
+/// Backend in row `row`: claims the client an event named (`gen`). False
+/// when it is no longer queued under that registration (the pooler took it
+/// back, or another backend won: never read it then).
+pub fn take(word: &AtomicU64, row: u32, gen: u64) -> bool {
+    let from = Owner::Queued { gen }.encode();
+    let to = Owner::Taken { row, gen, recall: false }.encode();
+    word.compare_exchange(from, to, Ordering::SeqCst, Ordering::SeqCst).is_ok()
+}
+
+/// Backend in row `row`, at the client's boundary: puts it back in the
+/// queue (the caller re-arms it after this). False when the pooler recalled
+/// it: the word says `Pooler` then, and the backend gives the client back
+/// on its control socket instead of re-arming it.
+pub fn requeue(word: &AtomicU64, row: u32, gen: u64) -> bool {
+    let from = Owner::Taken { row, gen, recall: false }.encode();
+    if word.compare_exchange(from, Owner::Queued { gen }.encode(), Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+        return true;
+    }
+    word.store(Owner::Pooler.encode(), Ordering::SeqCst);
+    false
+}
+
+/// Backend in row `row`: gives the client it serves to the pooler (it
+/// leaves, or its session was pinned); the caller then says so on its
+/// control socket.
+pub fn give_back(word: &AtomicU64) {
+    word.store(Owner::Pooler.encode(), Ordering::SeqCst);
+}
+
+/// What the pooler's take-back found ([`take_back`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TakeBack {
+    /// It was queued: the pooler's now (it removes the registration).
+    Taken,
+    /// Backend row `row` serves it: recalled, it comes back at that
+    /// backend's boundary.
+    Recalled {
+        /// The backend's row.
+        row: u32,
+    },
+    /// It was the pooler's already.
+    Already,
+}
+
+/// Pooler: takes a client out of the queue, or has its backend give it
+/// back at its boundary.
+pub fn take_back(word: &AtomicU64) -> TakeBack {
+    let mut w = word.load(Ordering::SeqCst);
+    loop {
+        let (to, result) = match Owner::decode(w) {
+            Owner::Pooler => return TakeBack::Already,
+            Owner::Queued { .. } => (Owner::Pooler, TakeBack::Taken),
+            Owner::Taken { recall: true, row, .. } => return TakeBack::Recalled { row },
+            Owner::Taken { row, gen, .. } => (Owner::Taken { row, gen, recall: true }, TakeBack::Recalled { row }),
+        };
+        match word.compare_exchange(w, to.encode(), Ordering::SeqCst, Ordering::SeqCst) {
+            Ok(_) => return result,
+            Err(now) => w = now,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_round_trip() {
+        for o in [
+            Owner::Pooler,
+            Owner::Queued { gen: 1 },
+            Owner::Queued { gen: GEN_MASK },
+            Owner::Taken { row: 0, gen: 7, recall: false },
+            Owner::Taken { row: 65535, gen: GEN_MASK, recall: true },
+        ] {
+            assert_eq!(Owner::decode(o.encode()), o);
+        }
+        assert_eq!(Owner::decode(0), Owner::Pooler, "a zeroed row is the pooler's");
+        assert_eq!(Owner::decode(3), Owner::Pooler, "an undefined state is the pooler's");
+    }
+
+    #[test]
+    fn event_data_round_trips_and_generations_skip_zero() {
+        assert_eq!(event_parts(event_data(12345, 678)), (12345, 678));
+        assert_eq!(event_parts(event_data((1 << ROW_BITS) - 1, GEN_MASK)), ((1 << ROW_BITS) - 1, GEN_MASK));
+        assert_eq!(next_gen(GEN_MASK), 1);
+        assert_eq!(next_gen(0), 1);
+        assert_eq!(next_gen(5), 6);
+    }
+
+    #[test]
+    fn one_of_two_backends_takes_a_queued_client() {
+        let w = AtomicU64::new(0);
+        enqueue(&w, 9);
+        assert!(take(&w, 3, 9));
+        assert!(!take(&w, 4, 9), "already taken");
+        assert_eq!(load(&w), Owner::Taken { row: 3, gen: 9, recall: false });
+    }
+
+    #[test]
+    fn a_stale_event_takes_nothing() {
+        let w = AtomicU64::new(0);
+        enqueue(&w, 9);
+        assert!(!take(&w, 3, 8), "an earlier registration's event");
+        assert_eq!(take_back(&w), TakeBack::Taken);
+        assert!(!take(&w, 3, 9), "taken back by the pooler");
+        assert_eq!(load(&w), Owner::Pooler);
+    }
+
+    #[test]
+    fn a_served_client_goes_back_to_the_queue_unless_recalled() {
+        let w = AtomicU64::new(0);
+        enqueue(&w, 2);
+        assert!(take(&w, 1, 2));
+        assert!(requeue(&w, 1, 2));
+        assert_eq!(load(&w), Owner::Queued { gen: 2 });
+        assert!(take(&w, 5, 2));
+        assert_eq!(take_back(&w), TakeBack::Recalled { row: 5 });
+        assert_eq!(take_back(&w), TakeBack::Recalled { row: 5 }, "recalling twice changes nothing");
+        assert!(!requeue(&w, 5, 2), "recalled: back to the pooler");
+        assert_eq!(load(&w), Owner::Pooler);
+        assert_eq!(take_back(&w), TakeBack::Already);
+    }
+
+    #[test]
+    fn threads_never_both_take_one_client() {
+        use std::sync::atomic::AtomicUsize;
+        use std::sync::Arc;
+        for round in 1..200u64 {
+            let w = Arc::new(AtomicU64::new(0));
+            enqueue(&w, round);
+            let wins = Arc::new(AtomicUsize::new(0));
+            let hs: Vec<_> = (0..4u32)
+                .map(|r| {
+                    let (w, wins) = (w.clone(), wins.clone());
+                    std::thread::spawn(move || {
+                        if take(&w, r, round) {
+                            wins.fetch_add(1, Ordering::SeqCst);
+                        }
+                    })
+                })
+                .collect();
+            let pooler = take_back(&w) == TakeBack::Taken;
+            for h in hs {
+                h.join().unwrap();
+            }
+            assert_eq!(wins.load(Ordering::SeqCst) + usize::from(pooler), 1);
+        }
+    }
+}
