@@ -62,6 +62,11 @@ pub static POOL_PRIORITY: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static MAX_PINNED_BACKENDS: GucSetting<i32> = GucSetting::<i32>::new(-1);
 /// Pooled backends of one database, all its pools together (0: no limit).
 pub static MAX_DB_CONNECTIONS: GucSetting<i32> = GucSetting::<i32>::new(0);
+/// Developer option, under construction (BENCHMARKS.md, issue 15): the
+/// idle clients of a saturated pool wait in a kernel queue its backends
+/// take from themselves (`nextgres_core::kq`). Read at server start (it
+/// sizes shared memory).
+pub static KERNEL_QUEUE: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// Pooled backends of one role, all its pools together (0: no limit).
 pub static MAX_USER_CONNECTIONS: GucSetting<i32> = GucSetting::<i32>::new(0);
 
@@ -288,6 +293,14 @@ pub fn define() {
         None,
         None,
     ) };
+    GucRegistry::define_bool_guc(
+        c"nextgres.kernel_queue",
+        c"Developer option: idle clients of saturated pools wait in a kernel queue that the pools' backends take them from.",
+        c"Under construction (BENCHMARKS.md, issue 15): not for production. Takes the pooler off the path of each transaction of a saturated pool.",
+        &KERNEL_QUEUE,
+        GucContext::Postmaster,
+        GucFlags::NO_SHOW_ALL, // and not in the sample file
+    );
     GucRegistry::define_bool_guc(
         c"nextgres.hold_idle_clients",
         c"A backend keeps its idle client between transactions while no other client of its pool waits (nor had to wait in the last 100 ms).",

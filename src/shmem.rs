@@ -7,7 +7,7 @@ use crate::pg::shmem::{self as raw, Guard};
 use std::ffi::c_void;
 use nextgres_core::attach_slot::AttachSlot;
 use nextgres_core::ring::Ring;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
 pub const NAME_LEN: usize = 64;
 pub const ADDR_LEN: usize = 48;
@@ -62,7 +62,57 @@ pub struct Header {
     /// pooler sends clients ahead on the control socket again
     /// (`attach_slots_usable`).
     pub attach_slots_off: AtomicI32,
+    /// `nextgres.kernel_queue` at server start: a kernel queue row per
+    /// client row follows the ATTACH slots.
+    pub kq_rows: bool,
+    /// Where the kernel queue's fixed descriptor numbers start
+    /// (`nextgres_core::kq::fd_base`), set by the pooler at its start; 0:
+    /// no kernel queue.
+    pub kq_fd_base: AtomicI32,
 }
+
+/// A client row's place in the kernel queue (`nextgres_core::kq`).
+#[repr(C, align(128))]
+pub struct KqRow {
+    /// The owner word (`nextgres_core::kq::Owner`).
+    pub owner: AtomicU64,
+    /// The backend row that released the client into the queue last (its
+    /// session holds the client's image: a backend taking the client
+    /// switches sessions unless it is that one), -1 none.
+    pub last_backend: AtomicI32,
+    /// The client's ATTACH, as the next backend to take it reads it: written
+    /// by the pooler when it queues the client, then by each backend that
+    /// releases it (`slot.ticket` is the registration's generation).
+    pub slot: AttachSlot,
+}
+
+/// A pool's kernel queue counters: what its backends did for queued
+/// clients, added by them (the pooler adds them to the pool's row).
+#[repr(C, align(64))]
+#[derive(Default)]
+pub struct KqPool {
+    pub xacts: AtomicU64,
+    pub queries: AtomicU64,
+    pub query_us: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    /// Microseconds backends were attached to queued clients.
+    pub xact_us: AtomicU64,
+}
+
+/// A backend row's kernel queue word.
+#[repr(C, align(64))]
+pub struct KqBackend {
+    /// Cancel hand-shake (`pooler::kq`): 1 while the pooler decides
+    /// whether to signal this backend for a queued client's cancel, 2 once
+    /// it has (the SIGINT is pending), 0 otherwise. The backend takes no
+    /// queued client while it is 1 and clears a 2 before it takes one.
+    pub hold: AtomicU32,
+    /// 1: the pooler asked this lent backend back (`KQ_RECALL`); it checks
+    /// at each boundary (the message only wakes it while it waits).
+    pub recall: AtomicU32,
+}
+
+const _: () = assert!(size_of::<KqRow>() % 64 == 0);
 
 pub const OP_SLOTS: usize = 64;
 pub const OP_FREE: u8 = 0;
@@ -135,6 +185,9 @@ pub struct PoolRow {
     /// Clients a backend took at a transaction boundary from an ATTACH sent
     /// ahead, without parking (`pooler::ahead`).
     pub attaches_ahead: i64,
+    /// Of `xacts`, those of clients a backend took from the pool's kernel
+    /// queue (`pooler::kq`).
+    pub kq_xacts: i64,
     /// `Pool::waited_at`: when a client last got a backend after waiting.
     pub waited_at: i64,
     /// Effective `pool_size` (its own from pg_db_role_setting, else global).
@@ -262,6 +315,11 @@ fn caps() -> (usize, usize, usize) {
     (pools, clients, backends)
 }
 
+/// Kernel queue rows are in the segment (`nextgres.kernel_queue` at start).
+fn kq_rows() -> bool {
+    crate::settings::KERNEL_QUEUE.get()
+}
+
 fn align(n: usize) -> usize {
     (n + 15) & !15
 }
@@ -276,11 +334,13 @@ fn layout() -> (usize, usize, usize, usize) {
     // ATTACH slots, AHEAD_DEPTH per backend row (the rings' size keeps
     // their alignment).
     const _: () = assert!(size_of::<Ring>() % align_of::<AttachSlot>() == 0 && align_of::<Ring>() >= align_of::<AttachSlot>());
+    const _: () = assert!(size_of::<AttachSlot>() % align_of::<KqRow>() == 0 && align_of::<AttachSlot>() >= align_of::<KqRow>());
     let total = backends_off
         + b * size_of::<BackendRow>()
         + align_of::<Ring>()
         + b * size_of::<Ring>()
-        + b * AHEAD_DEPTH * size_of::<AttachSlot>();
+        + b * AHEAD_DEPTH * size_of::<AttachSlot>()
+        + if kq_rows() { c * size_of::<KqRow>() + p * size_of::<KqPool>() + b * size_of::<KqBackend>() } else { 0 };
     (pools_off, clients_off, backends_off, total)
 }
 
@@ -300,6 +360,7 @@ fn init(base: *mut c_void, found: bool) {
         h.pools_cap = p as u32;
         h.clients_cap = c as u32;
         h.backends_cap = b as u32;
+        h.kq_rows = kq_rows();
         // A fresh token per shared-memory lifetime (server start, crash restart).
         if !raw::strong_random(&mut h.token) {
             pgrx::error!("nextgres: could not generate a random token");
@@ -376,6 +437,57 @@ impl Tables {
         // at creation (no ticket); every field of a slot is an atomic, so
         // shared references from any process are sound.
         Some(unsafe { &*self.base.add(off).cast::<AttachSlot>() })
+    }
+
+    /// The kernel queue row of client row `row`; None when the segment has
+    /// none (`nextgres.kernel_queue` was off at server start).
+    pub fn kq_row(&self, row: usize) -> Option<&KqRow> {
+        let h = self.header();
+        if !h.kq_rows || row >= h.clients_cap as usize {
+            return None;
+        }
+        let cap = h.backends_cap as usize;
+        let slots = self.attach_slot(0, 0)? as *const AttachSlot as usize - self.base as usize;
+        let off = slots + cap * AHEAD_DEPTH * size_of::<AttachSlot>() + row * size_of::<KqRow>();
+        // SAFETY: inside the segment (`layout` counts a KqRow per client row
+        // after the ATTACH slots when `kq_rows`), aligned (a slot's size is a
+        // multiple of KqRow's alignment), zeroed at creation (the pooler's
+        // owner word, no slot ticket); every field is an atomic.
+        Some(unsafe { &*self.base.add(off).cast::<KqRow>() })
+    }
+
+    /// The kernel queue counters of pool row `row`.
+    pub fn kq_pool(&self, row: usize) -> Option<&KqPool> {
+        let h = self.header();
+        if !h.kq_rows || row >= h.pools_cap as usize {
+            return None;
+        }
+        let end = self.kq_row(0)? as *const KqRow as usize + h.clients_cap as usize * size_of::<KqRow>();
+        // SAFETY: inside the segment after the KqRows (`layout`), aligned
+        // (a KqRow's size is a multiple of 64), zeroed; all atomics.
+        Some(unsafe { &*((end + row * size_of::<KqPool>()) as *const KqPool) })
+    }
+
+    /// The kernel queue word of backend row `row`.
+    pub fn kq_backend(&self, row: usize) -> Option<&KqBackend> {
+        let h = self.header();
+        if !h.kq_rows || row >= h.backends_cap as usize {
+            return None;
+        }
+        let end = self.kq_pool(0)? as *const KqPool as usize + h.pools_cap as usize * size_of::<KqPool>();
+        // SAFETY: inside the segment after the KqPools (`layout`), aligned
+        // (a KqPool is 64 bytes), zeroed; all atomics.
+        Some(unsafe { &*((end + row * size_of::<KqBackend>()) as *const KqBackend) })
+    }
+
+    /// The kernel queue's fixed descriptor base, 0 when there is no queue.
+    pub fn kq_fd_base(&self) -> i32 {
+        self.header().kq_fd_base.load(Ordering::Acquire)
+    }
+
+    /// Pooler, at its start: the fixed descriptor base (0: none).
+    pub fn set_kq_fd_base(&self, base: i32) {
+        self.header().kq_fd_base.store(base, Ordering::Release);
     }
 
     /// Pooler, giving backend row `row` to a new backend: its ATTACH slots

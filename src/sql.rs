@@ -65,6 +65,7 @@ fn pools() -> TableIterator<
         name!(bytes_sent, i64),
         name!(bytes_received, i64),
         name!(attaches_ahead, i64),
+        name!(kernel_queue_transactions, i64),
     ),
 > {
     let (pools, _, _) = tables().snapshot();
@@ -100,6 +101,7 @@ fn pools() -> TableIterator<
             p.bytes_sent,
             p.bytes_received,
             p.attaches_ahead,
+            p.kq_xacts,
         )
     }))
 }

@@ -7,6 +7,7 @@
 //! it the next client's socket (see `park`).
 mod comm;
 mod drain;
+mod kq;
 mod login;
 mod park;
 mod ring;

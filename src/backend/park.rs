@@ -48,6 +48,19 @@ struct Parking {
     row: Option<usize>,
     /// When the current client was attached (its time slice starts).
     attached_at: std::time::Instant,
+    /// Lent to its pool's kernel queue (`kq`): waits on it while parked,
+    /// takes its next client from it at each boundary.
+    lent: bool,
+    /// A `KQ_LEND` read: the pool row to lend this backend to.
+    lend_pending: Option<usize>,
+    queue: Option<super::kq::Queue>,
+    /// The park wait set with the queue in it.
+    queue_wait: Option<ParkWaitSet>,
+    /// The client taken from the queue that is attached now.
+    served: Option<super::kq::Served>,
+    /// The client attached last (its id): a client taken from the queue
+    /// keeps this backend's session only if it is that one.
+    last_client: u64,
 }
 
 thread_local! {
@@ -88,8 +101,19 @@ pub fn transaction_boundary() {
                 pin: Pin::None,
                 row: None,
                 attached_at: std::time::Instant::now(),
+                lent: false,
+                lend_pending: None,
+                queue: None,
+                queue_wait: None,
+                served: None,
+                last_client: 0,
             }
         });
+        // A client taken from the kernel queue goes back there (or to the
+        // pooler); one whose session is pinned now stays, attached.
+        if p.served.is_some() && kq_boundary(p, leaving) {
+            return;
+        }
         if let Some(client) = p.attached {
             // State that cannot move keeps the client here, attached, as on
             // a direct connection (LISTEN notifications keep arriving), until
@@ -521,10 +545,16 @@ fn take_ahead(p: &mut Parking) -> Option<(Attach, RawFd)> {
 /// backend already gave its client back on its own).
 fn drain_requests(p: &mut Parking) {
     while let Ok(Some((m, used))) = parse_message(&p.inbuf, control::MAX_CONTROL_MESSAGE) {
-        if m.tag != control::RELEASE_REQUEST {
-            break;
+        match m.tag {
+            control::RELEASE_REQUEST => p.release_requested = true,
+            control::KQ_LEND => match control::parse_kq_lend(m.body) {
+                Ok(row) => p.lend_pending = Some(row as usize),
+                Err(e) => fatal(&e.message),
+            },
+            // Only a wake-up: the shared flag says it (`kq::Queue::recalled`).
+            control::KQ_RECALL => {}
+            _ => break,
         }
-        p.release_requested = true;
         p.inbuf.drain(..used);
     }
 }
@@ -609,7 +639,23 @@ fn park(p: &mut Parking) {
     // Wait first: the pooler answers RELEASED, so an ATTACH is never there
     // yet, and the wait set (level-triggered) reports one that raced ahead.
     loop {
-        match p.wait.wait(-1) {
+        if let Some(pool_row) = p.lend_pending.take() {
+            lend(p, pool_row);
+        }
+        if p.lent {
+            let q = p.queue.as_ref().expect("a lent backend has its queue");
+            if q.recalled() {
+                q.unlend(p.control);
+                p.lent = false;
+            } else if let Some((a, s)) = q.take(p.control) {
+                return attach_queued(p, a, s, timer_was_on);
+            }
+        }
+        let wait = match (&p.queue_wait, p.lent) {
+            (Some(w), true) => w,
+            _ => &p.wait,
+        };
+        match wait.wait(-1) {
             ParkEvent::PostmasterDeath => crate::pg::proc_exit(1),
             ParkEvent::Latch => glue::park_service_interrupts(),
             ParkEvent::Control => {
@@ -618,9 +664,106 @@ fn park(p: &mut Parking) {
                     return;
                 }
             }
-            ParkEvent::Timeout => {}
+            ParkEvent::Queue | ParkEvent::Timeout => {}
         }
     }
+}
+
+/// `KQ_LEND`: this backend waits on pool row `pool_row`'s kernel queue from
+/// now on. One that cannot open it says it is parked (`KQ_PARKED`), the
+/// pooler's to hand clients to.
+fn lend(p: &mut Parking, pool_row: usize) {
+    if p.row.is_none() {
+        p.row = crate::shmem::own_backend_row();
+    }
+    if p.queue.is_none() {
+        p.queue = p.row.and_then(|row| super::kq::Queue::open(p.control, row, pool_row));
+    }
+    let Some(q) = p.queue.as_ref() else {
+        let mut msg = Vec::with_capacity(5);
+        control::write_empty(&mut msg, control::KQ_PARKED);
+        return write_all(p.control, &super::ring::marked(p.row, &msg));
+    };
+    if p.queue_wait.is_none() {
+        p.queue_wait = Some(ParkWaitSet::with_queue(p.control, q.fd()));
+    }
+    p.lent = true;
+}
+
+/// The boundary of a client taken from the kernel queue. True when handled
+/// (the client back in the queue or the pooler's, and this backend on to
+/// its next client or parked); false when this backend keeps it as an
+/// attached client (its session is pinned now: `KQ_RETURNED_KEPT`), and
+/// the boundary goes on as for any attached client.
+fn kq_boundary(p: &mut Parking, leaving: bool) -> bool {
+    let (Some(q), Some(mut s)) = (p.queue.as_ref(), p.served.take()) else { return false };
+    if !leaving && pins_session(sess::pin_reason()) {
+        q.keep(p.control, &s);
+        p.lent = false;
+        return false;
+    }
+    let settings = sess::take_session_settings();
+    let statements = session::note_release(settings.as_deref(), sess::take_statements());
+    let defaults = session::take_reported_defaults();
+    glue::febe_detach();
+    show_ssl(None);
+    // The client's socket is closed by the release: nothing may write to it.
+    glue::set_port_sock(p.control);
+    let n = super::comm::take_counters();
+    let image = super::kq::Image { settings, statements, defaults, queries: n.queries, query_us: n.query_us, bytes_sent: n.bytes_sent };
+    let client = p.attached.take();
+    match q.release(p.control, &mut s, image, leaving) {
+        super::kq::Released::Requeued | super::kq::Released::Returned => {}
+        super::kq::Released::TooLarge => {
+            // Kept (the pooler's books say attached): given back the
+            // pooler's way, with its whole image, and parked.
+            p.lent = false;
+            let _ = nix::unistd::close(s.fd);
+            let img = std::mem::take(&mut s.attach.image);
+            let released = Released {
+                client_id: client.unwrap_or(s.attach.client_id),
+                queries: 0,
+                query_us: 0,
+                bytes_sent: 0,
+                settings: Some(img.settings),
+                statements: Some(img.statements),
+                defaults: Some(img.defaults),
+            };
+            let mut msg = Vec::with_capacity(256);
+            control::write_released(&mut msg, &released);
+            write_all(p.control, &super::ring::marked(p.row, &msg));
+            park(p);
+            return true;
+        }
+    }
+    super::sched::follow_setting();
+    let q = p.queue.as_ref().expect("checked above");
+    if q.recalled() {
+        q.unlend(p.control);
+        p.lent = false;
+    } else if let Some((a, s)) = q.take(p.control) {
+        let timer_was_on = glue::idle_session_timer_suspend();
+        glue::report_parked();
+        attach_queued(p, a, s, timer_was_on);
+        return true;
+    }
+    park(p);
+    true
+}
+
+/// Attaches a client taken from the kernel queue.
+fn attach_queued(p: &mut Parking, mut a: Attach, mut s: super::kq::Served, timer_was_on: bool) {
+    // The slot says this backend released the client last; its session is
+    // still the client's only if it served nobody since.
+    if p.last_client != a.client_id {
+        a.flags |= control::FLAG_NEW_CLIENT;
+    }
+    if a.flags & control::FLAG_SESSION_START != 0 {
+        s.attach.image.defaults = session::login_defaults();
+    }
+    let fd = s.fd;
+    p.served = Some(s);
+    attach_client(p, (a, fd), timer_was_on);
 }
 
 /// Reads what the control socket has. Returns a complete ATTACH (with its fd)
@@ -670,6 +813,7 @@ fn attach_client(p: &mut Parking, (mut a, fd): (Attach, RawFd), timer_was_on: bo
         glue::idle_session_timer_resume();
     }
     p.attached = Some(a.client_id);
+    p.last_client = a.client_id;
     p.attached_at = std::time::Instant::now();
     // Count only what this client runs from here on.
     super::comm::take_counters();
@@ -750,7 +894,7 @@ fn recv_control(fd: RawFd, buf: &mut [u8], flags: nix::sys::socket::MsgFlags) ->
     Ok((msg.bytes, got, false))
 }
 
-fn write_all(fd: RawFd, mut data: &[u8]) {
+pub(super) fn write_all(fd: RawFd, mut data: &[u8]) {
     while !data.is_empty() {
         match nix::unistd::write(unsafe { BorrowedFd::borrow_raw(fd) }, data) {
             Ok(n) => data = &data[n..],

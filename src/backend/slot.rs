@@ -129,7 +129,7 @@ fn refuse(row: usize, ticket: u64, e: nix::errno::Errno) {
 
 /// A duplicate of the pooler's descriptor `fd` in this process
 /// (`pidfd_getfd(2)`, close-on-exec).
-fn pooler_socket(control: RawFd, fd: RawFd) -> nix::Result<RawFd> {
+pub(super) fn pooler_socket(control: RawFd, fd: RawFd) -> nix::Result<RawFd> {
     let pidfd = pooler_pidfd(control)?;
     // SAFETY: pidfd_getfd(pidfd, targetfd, flags) takes three integers and
     // returns a new descriptor or -1 with errno.

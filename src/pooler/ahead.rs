@@ -297,6 +297,10 @@ impl Pooler {
     /// pooler must not touch its socket. True for a client not sent ahead.
     pub fn client_recall(&mut self, ck: usize) -> bool {
         let Some(c) = self.client(ck) else { return true };
+        if let Phase::Queued { .. } = c.phase {
+            // Served by a backend: closed when it comes back.
+            return self.kq_take_back(ck, true);
+        }
         let Phase::Ahead { backend: bk, .. } = c.phase else { return true };
         let Some(b) = self.backend(bk) else { return true };
         let Some(i) = b.ahead.iter().position(|a| a.client == ck) else { return true };

@@ -65,6 +65,11 @@ pub struct Backend {
     /// The FATAL a parked backend wrote on its control socket before its
     /// EOF (terminated): told to the client it was reserved for.
     pub last_fatal: Option<Box<ErrorFields>>,
+    /// Lent to its pool's kernel queue (`kq`): parked in the books, but
+    /// the pooler hands it nothing.
+    pub lent: bool,
+    /// Asked back from the queue (`KQ_RECALL`), `KQ_PARKED` not read yet.
+    pub kq_recalled: bool,
 }
 
 fn login_error(sqlstate: &str, message: String, hint: Option<&str>) -> ErrorFields {
@@ -139,6 +144,8 @@ impl Pooler {
             ahead_blocked: false,
             handed: None,
             terminating: false,
+            lent: false,
+            kq_recalled: false,
             last_fatal: None,
         };
         if own {
@@ -268,6 +275,7 @@ impl Pooler {
                     b.last_fatal = Some(Box::new(f));
                 }
             }
+            (BPhase::Parked { .. }, control::KQ_PARKED | control::KQ_RETURNED) => return self.kq_backend_message(key, tag, body),
             (_, control::RING_MARK) => match control::parse_ring_mark(body) {
                 Ok(tail) => return self.backend_ring_take(key, Some(tail)),
                 Err(e) => {
@@ -368,6 +376,13 @@ impl Pooler {
         // untouched as below; one it leaves after this, it does not serve.
         if !self.backend_ring_close(key) {
             return;
+        }
+        // Lent to a kernel queue: the queued clients it served go with it.
+        if let Some(Conn::Backend(b)) = self.conns.get(key) {
+            if b.lent {
+                let row = b.row;
+                self.kq_backend_gone(key, row);
+            }
         }
         // A client sent ahead waits for another backend. Taken back here, or
         // claimed (or refused) by this backend but its RELEASED never read

@@ -28,6 +28,9 @@ pub enum Phase {
     /// socket, and may not if the backend claimed it first.
     Ahead { backend: usize, since: Instant },
     Attached { backend: usize },
+    /// In its pool's kernel queue (`kq`): a backend may serve it (its owner
+    /// word says); the pooler neither reads nor writes it, nor watches it.
+    Queued,
     /// A replication client waiting for its dedicated walsender's login
     /// (`dedicated.rs`), the connection table entry `login`.
     Dedicating { login: usize },
@@ -119,6 +122,8 @@ pub struct Client {
     /// (RELEASED in flight) no longer concerns it, so the client is told
     /// 57P01 when it comes back.
     pub killed: bool,
+    /// Closed when its backend returns it from the kernel queue (`kq`).
+    pub kq_close: bool,
     /// Logged in (its disconnection is logged as the server's would be).
     pub logged_in: bool,
     pub xacts: i64,
@@ -213,6 +218,7 @@ impl Client {
             received_due: false,
             session_counted: false,
             killed: false,
+            kq_close: false,
             logged_in: false,
             xacts: 0,
             started: Instant::now(),
@@ -342,14 +348,14 @@ impl Client {
             // Sent ahead: the same, and nothing is ever written to it (a
             // backend may own it already).
             Phase::Ahead { .. } if self.watch_hangup => Some(HANGUP),
-            Phase::Ahead { .. } | Phase::Attached { .. } => None,
+            Phase::Ahead { .. } | Phase::Attached { .. } | Phase::Queued { .. } => None,
         }
     }
 
     /// A backend serves the client, or may have claimed it (sent ahead):
     /// the pooler neither reads nor writes its socket.
     pub fn with_backend(&self) -> bool {
-        self.backend().is_some()
+        self.backend().is_some() || matches!(self.phase, Phase::Queued { .. })
     }
 
     /// The backend serving the client, or holding its ATTACH sent ahead.
@@ -586,7 +592,7 @@ impl Pooler {
                     return self.client_close(key);
                 }
             }
-            Phase::Ahead { .. } | Phase::Attached { .. } => {}
+            Phase::Ahead { .. } | Phase::Attached { .. } | Phase::Queued { .. } => {}
         }
         if self.freed_in_batch.contains(&key) {
             return; // closed above; its key may be another connection's now
@@ -1116,6 +1122,8 @@ impl Pooler {
                         }
                     } else if matches!(c.phase, Phase::Waiting { .. } | Phase::Ahead { .. }) {
                         self.cancel_queued(ck);
+                    } else if matches!(c.phase, Phase::Queued { .. }) {
+                        self.kq_cancel(ck);
                     }
                     return;
                 }

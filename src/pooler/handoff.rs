@@ -187,6 +187,11 @@ impl Pooler {
     pub fn client_needs_backend(&mut self, key: usize) {
         let Some(c) = self.client(key) else { return };
         let Some(pool) = c.pool else { return };
+        // Into the pool's kernel queue, where a lent backend takes it.
+        if self.kq_enqueue(key) {
+            return;
+        }
+        let Some(c) = self.client(key) else { return };
         let (pinned, last, own) = (c.pinned, c.last_backend, c.dedicated_mode);
         if own && pinned.is_none() {
             // Dedicated mode: a backend logged in for this client alone. The
@@ -227,6 +232,7 @@ impl Pooler {
         self.sync_pool(pool);
         self.pool_request_releases(pool);
         self.pool_send_ahead(pool);
+        self.kq_recall_for_waiting(pool);
     }
 
     /// A backend is parked and unreserved: serve the oldest waiting client.
@@ -275,6 +281,10 @@ impl Pooler {
                     }
                 }
             }
+        }
+        // Nothing to serve: lent to the pool's kernel queue, if it has one.
+        if self.kq_lend(key) {
+            return self.sync_pool(pool);
         }
         self.pools[pool].parked.push(key);
         self.sync_pool(pool);

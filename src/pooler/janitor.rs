@@ -24,6 +24,7 @@ impl Pooler {
         self.last_janitor = Some(now);
         self.watch_smart_shutdown();
         self.check_drains();
+        self.kq_janitor();
         self.count_received_due();
         let auth_limit = secs(unsafe { pgrx::pg_sys::AuthenticationTimeout });
         let mut expired_wait = Vec::new();

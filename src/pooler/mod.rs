@@ -31,6 +31,7 @@ mod dedicated;
 mod drain;
 mod handoff;
 mod janitor;
+mod kq;
 mod limits;
 mod listener;
 mod ops;

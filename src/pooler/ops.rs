@@ -44,6 +44,9 @@ impl Pooler {
         // Pause, kill, reconnect act on waiting clients: none stays sent
         // ahead (those their backend claimed are served, as attached ones).
         self.recall_all_ahead(None);
+        // Nor in a kernel queue: each pool's clients and backends are the
+        // pooler's again (lent again, queued again, where the pool is open).
+        self.kq_take_back_all(None);
         let (pauses, once) = self.tables.ops_take();
         let keys: Vec<usize> = self.pools.iter().map(|(k, _)| k).collect();
         let was: Vec<bool> = keys.iter().map(|&k| self.pool_paused(k)).collect();
@@ -95,6 +98,8 @@ impl Pooler {
                     p.bytes_sent = 0;
                     p.bytes_received = 0;
                     p.attaches_ahead = 0;
+                    let row = p.row;
+                    self.kq_reset_counters(row);
                     self.sync_pool(k);
                     continue;
                 }
@@ -140,6 +145,13 @@ impl Pooler {
     fn pool_kill(&mut self, pool: usize) {
         // An earlier operation of this batch may have sent clients ahead.
         self.recall_all_ahead(Some(pool));
+        // Backends lent to its kernel queue serve clients the pooler cannot
+        // take back: terminated, as attached ones below.
+        for bk in self.kq_take_back_all(Some(pool)) {
+            let Some(b) = self.backend(bk) else { continue };
+            b.terminating = true;
+            super::backend::signal_backend(b.pid, nix::sys::signal::Signal::SIGTERM);
+        }
         let Some(p) = self.pools.get(pool) else { return };
         log::info!(
             "pool of role \"{}\" for database \"{}\": killing its {} clients and {} backends",
@@ -208,6 +220,21 @@ impl Pooler {
         // below (its busy backend serves another client). Claimed: that
         // backend serves it.
         self.client_recall(ck);
+        // Served by a backend lent to a kernel queue: that backend is
+        // terminated (it tells the client), as for an attached one.
+        if let Some(brow) = self.kq_serving_row(ck) {
+            let bk = self.conns.iter().find_map(|(k, c)| matches!(c, Conn::Backend(b) if b.row == brow).then_some(k));
+            if let Some(b) = bk.and_then(|bk| self.backend(bk)) {
+                b.terminating = true;
+                let pid = b.pid;
+                if let Some(c) = self.client(ck) {
+                    c.killed = true;
+                }
+                log::info!("killing client {addr} port {port} of role \"{role}\" for database \"{db}\": terminating its backend {pid}");
+                super::backend::signal_backend(pid, nix::sys::signal::Signal::SIGTERM);
+                return;
+            }
+        }
         let mut attached = self.client(ck).and_then(|c| c.backend());
         if let Some(bk) = attached {
             // Read what its backend already sent: a RELEASED in flight

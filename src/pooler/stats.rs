@@ -55,6 +55,8 @@ impl Pooler {
         let pending = p.login_pending.len();
         let (size, session) = (self.pool_size_of(pool) as i32, self.pool_session_mode(pool));
         let dedicated_mode = self.pool_mode_of(pool) == nextgres_core::poolconf::Mode::Dedicated;
+        // What backends did for clients of its kernel queue.
+        let [kx, kq, kqu, kb, kxu] = self.kq_counters(p.row).unwrap_or_default();
         self.tables.write(|rows, _, _| {
             let r = &mut rows[p.row];
             r.clients_waiting = waiting as i32;
@@ -65,17 +67,18 @@ impl Pooler {
             r.backends_starting = (p.starting + p.sessions_starting) as i32;
             // Pinned clients' and dedicated-mode clients' own backends.
             r.backends_dedicated = (p.dedicated + p.sessions).saturating_sub(p.sessions_starting) as i32;
-            r.xacts = p.xacts;
-            r.queries = p.queries;
-            r.xact_us = p.xact_us;
+            r.xacts = p.xacts.saturating_add(kx);
+            r.queries = p.queries.saturating_add(kq);
+            r.xact_us = p.xact_us.saturating_add(kxu);
             r.waits = p.waits;
             r.waited_at = p.waited_at;
             r.wait_us = p.wait_us;
             r.max_wait_us = p.max_wait_us;
-            r.query_us = p.query_us;
-            r.bytes_sent = p.bytes_sent;
+            r.query_us = p.query_us.saturating_add(kqu);
+            r.bytes_sent = p.bytes_sent.saturating_add(kb);
             r.bytes_received = p.bytes_received;
             r.attaches_ahead = p.attaches_ahead;
+            r.kq_xacts = kx;
             r.pool_size = size;
             r.session_mode = session;
             r.dedicated_mode = dedicated_mode;

@@ -121,6 +121,8 @@ pub struct Pooler {
     /// so a backend of a previous pooler holding an old ticket never matches
     /// a new one in a reused shared row.
     pub next_ticket: u64,
+    /// The kernel queue (`kq`).
+    pub kq: super::kq::KernelQueue,
 }
 
 impl Pooler {
@@ -167,7 +169,7 @@ impl Pooler {
         crate::pg::shmem::strong_random(&mut seed);
         let mut ticket_seed = [0u8; 8];
         crate::pg::shmem::strong_random(&mut ticket_seed);
-        let p = Pooler {
+        let mut p = Pooler {
             epoll,
             conns,
             freed_in_batch: Vec::new(),
@@ -212,7 +214,9 @@ impl Pooler {
             // one's, and below 2^48, so the 61-bit counter never wraps: the
             // backends take the lowest ticket as the first sent.
             next_ticket: u64::from_ne_bytes(ticket_seed) & ((1 << 48) - 1),
+            kq: Default::default(),
         };
+        p.kq_init();
         p.rows.reset_all(&p.tables);
         p.tables.set_pooler(unsafe { pg_sys::MyProcPid }, postmaster::listen::port());
         if postmaster::listen::port() == 0 {

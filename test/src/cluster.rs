@@ -768,6 +768,15 @@ impl Cluster {
             // behaviour, which keeps idle clients while nobody waits, add
             // `.conf("nextgres.hold_idle_clients = on")`.
             text.push_str("nextgres.hold_idle_clients = off\n");
+            // NEXTGRES_TEST_EXTRA_CONF: lines every suite's servers get
+            // (before each test's own), to run a whole suite under a
+            // setting, e.g. `nextgres.kernel_queue = on`.
+            if let Ok(extra) = std::env::var("NEXTGRES_TEST_EXTRA_CONF") {
+                for line in extra.split(';').map(str::trim).filter(|l| !l.is_empty()) {
+                    text.push_str(line);
+                    text.push('\n');
+                }
+            }
         }
         for line in self.conf_lines.lock().expect("conf lock").iter() {
             text.push_str(line);

@@ -26,6 +26,8 @@
 //!     keeping the backend. Sent at ReadyForQuery(I), after the pin was
 //!     written to shared memory, so the pooler can count the backend as the
 //!     client's dedicated session and log in another for the pool.
+//! pooler -> backend  `KQ_LEND`, `KQ_RECALL`; backend -> pooler `KQ_PARKED`,
+//!     `KQ_RETURNED`: the kernel queue (`kq`, see their constants).
 //!
 //! Lists are u32 counts followed by their items; strings are NUL-terminated.
 #![allow(missing_docs)] // field-level docs would only repeat the module docs
@@ -52,6 +54,29 @@ pub const SOCKET_REQUEST: u8 = b'&';
 /// while entries are pending, and alone to wake a pooler that sleeps.
 pub const RING_MARK: u8 = b'@';
 
+/// pooler -> backend (parked): wait on your pool's kernel queue and serve
+/// its clients (`kq`) until recalled. Body: u32 the pool's shared row. The pooler hands such a
+/// *lent* backend nothing else.
+pub const KQ_LEND: u8 = b'+';
+/// pooler -> backend (lent): stop taking clients from the kernel queue;
+/// once you serve none of them, park on this socket and say `KQ_PARKED`.
+/// Empty body.
+pub const KQ_RECALL: u8 = b'-';
+/// backend -> pooler: recalled, this backend is parked and serves no
+/// queued client: the pooler's to hand clients to again. Empty body.
+pub const KQ_PARKED: u8 = b'=';
+/// backend -> pooler: a client taken from the kernel queue is the pooler's
+/// again (its owner word says so): u32 client row, u64 client id, u8
+/// `KQ_RETURNED_*` flags.
+pub const KQ_RETURNED: u8 = b'%';
+/// `KQ_RETURNED`: the client is leaving (Terminate or end of file): close it.
+pub const KQ_RETURNED_LEAVING: u8 = 1;
+/// `KQ_RETURNED`: this backend keeps serving the client as an attached one
+/// (its session is pinned, or its image outgrew the queue's slot): in the
+/// pooler's books the backend is no longer lent but attached to it, and a
+/// RELEASED or PINNED about it follows as for any attached client.
+pub const KQ_RETURNED_KEPT: u8 = 2;
+
 /// Discard the previous client's session before this client runs.
 pub const FLAG_NEW_CLIENT: u8 = 1;
 /// Session mode: the backend is reserved for this client; give it back only
@@ -73,6 +98,10 @@ pub const FLAG_TLS: u8 = 32;
 /// [`Ahead`] follows. Set by `write_attach` from `Attach::ahead`; never
 /// left in parsed `flags`.
 pub const FLAG_AHEAD: u8 = 64;
+
+/// The client came from its pool's kernel queue (`kq`): at its boundary the
+/// backend puts it back there instead of giving it to the pooler.
+pub const FLAG_QUEUED: u8 = 128;
 
 /// An ATTACH sent *ahead*: to a backend inside another client's
 /// transaction, which takes the client at that transaction's
@@ -454,6 +483,43 @@ pub fn parse_pinned(body: &[u8]) -> Result<bool, ProtoError> {
     Ok(v != 0)
 }
 
+/// `KQ_LEND` for the pool in shared row `pool_row`.
+pub fn write_kq_lend(out: &mut Vec<u8>, pool_row: u32) {
+    frame(out, KQ_LEND, |o| o.extend_from_slice(&pool_row.to_be_bytes()));
+}
+
+/// The pool row of a `KQ_LEND` body.
+pub fn parse_kq_lend(body: &[u8]) -> Result<u32, ProtoError> {
+    let mut r = Reader { body, off: 0 };
+    let v = r.u32()?;
+    r.end()?;
+    Ok(v)
+}
+
+/// A message with no body (`KQ_RECALL`, `KQ_PARKED`).
+pub fn write_empty(out: &mut Vec<u8>, tag: u8) {
+    frame(out, tag, |_| {});
+}
+
+/// `KQ_RETURNED` for client row `row`, id `client_id`.
+pub fn write_kq_returned(out: &mut Vec<u8>, row: u32, client_id: u64, flags: u8) {
+    frame(out, KQ_RETURNED, |o| {
+        o.extend_from_slice(&row.to_be_bytes());
+        o.extend_from_slice(&client_id.to_be_bytes());
+        o.push(flags);
+    });
+}
+
+/// (row, client id, flags) of a `KQ_RETURNED` body.
+pub fn parse_kq_returned(body: &[u8]) -> Result<(u32, u64, u8), ProtoError> {
+    let mut r = Reader { body, off: 0 };
+    let row = r.u32()?;
+    let id = r.u64()?;
+    let flags = r.u8()?;
+    r.end()?;
+    Ok((row, id, flags))
+}
+
 pub fn write_ring_mark(out: &mut Vec<u8>, tail: u32) {
     frame(out, RING_MARK, |o| o.extend_from_slice(&tail.to_be_bytes()));
 }
@@ -665,6 +731,23 @@ mod tests {
             Statement { name: "P_0".into(), text: "SELECT $1::int".into(), from_sql: false, param_types: vec![23, 25], result: vec![0, 0, 0, 1, b'a', 0, 0, 0, 0, 23] },
             Statement { name: "q".into(), text: "PREPARE q AS SELECT 1".into(), from_sql: true, param_types: vec![], result: vec![] },
         ]
+    }
+
+    #[test]
+    fn kernel_queue_messages_round_trip() {
+        let mut out = Vec::new();
+        write_kq_returned(&mut out, 77, 1 << 40, KQ_RETURNED_KEPT);
+        write_empty(&mut out, KQ_PARKED);
+        let (m, used) = parse_message(&out, MAX_CONTROL_MESSAGE).unwrap().unwrap();
+        assert_eq!(m.tag, KQ_RETURNED);
+        assert_eq!(parse_kq_returned(m.body).unwrap(), (77, 1 << 40, KQ_RETURNED_KEPT));
+        assert!(parse_kq_returned(&m.body[..m.body.len() - 1]).is_err(), "short");
+        let (m, _) = parse_message(&out[used..], MAX_CONTROL_MESSAGE).unwrap().unwrap();
+        assert_eq!((m.tag, m.body.len()), (KQ_PARKED, 0));
+        let mut out = Vec::new();
+        write_kq_lend(&mut out, 9);
+        let (m, _) = parse_message(&out, MAX_CONTROL_MESSAGE).unwrap().unwrap();
+        assert_eq!((m.tag, parse_kq_lend(m.body).unwrap()), (KQ_LEND, 9));
     }
 
     #[test]

@@ -139,21 +139,33 @@ pub fn take(word: &AtomicU64, row: u32, gen: u64) -> bool {
 /// Backend in row `row`, at the client's boundary: puts it back in the
 /// queue (the caller re-arms it after this). False when the pooler recalled
 /// it: the word says `Pooler` then, and the backend gives the client back
-/// on its control socket instead of re-arming it.
+/// on its control socket instead of re-arming it. (A word that names
+/// neither, the client no longer this backend's, is left alone.)
 pub fn requeue(word: &AtomicU64, row: u32, gen: u64) -> bool {
     let from = Owner::Taken { row, gen, recall: false }.encode();
     if word.compare_exchange(from, Owner::Queued { gen }.encode(), Ordering::SeqCst, Ordering::SeqCst).is_ok() {
         return true;
     }
-    word.store(Owner::Pooler.encode(), Ordering::SeqCst);
+    give_back(word, row, gen);
     false
 }
 
-/// Backend in row `row`: gives the client it serves to the pooler (it
-/// leaves, or its session was pinned); the caller then says so on its
-/// control socket.
-pub fn give_back(word: &AtomicU64) {
-    word.store(Owner::Pooler.encode(), Ordering::SeqCst);
+/// Backend in row `row`: gives the client it serves (registration `gen`)
+/// to the pooler (it leaves, its session was pinned, or it was recalled);
+/// the caller then says so on its control socket. False when the word no
+/// longer says this backend serves it.
+pub fn give_back(word: &AtomicU64, row: u32, gen: u64) -> bool {
+    let mut w = word.load(Ordering::SeqCst);
+    loop {
+        match Owner::decode(w) {
+            Owner::Taken { row: r, gen: g, .. } if r == row && g == gen => {}
+            _ => return false,
+        }
+        match word.compare_exchange(w, Owner::Pooler.encode(), Ordering::SeqCst, Ordering::SeqCst) {
+            Ok(_) => return true,
+            Err(now) => w = now,
+        }
+    }
 }
 
 /// What the pooler's take-back found ([`take_back`]).
@@ -189,9 +201,37 @@ pub fn take_back(word: &AtomicU64) -> TakeBack {
     }
 }
 
+
+/// Where the fixed descriptor numbers start (`Header::kq_fd_base`): client
+/// row `r`'s socket lives at `base + r` in the pooler and in any backend
+/// serving it (epoll keys a registration by descriptor number, so a
+/// backend can re-arm it only under the pooler's number), and pool row
+/// `p`'s epoll instance at `base + clients + p`. The places are the top of
+/// `limit` (`RLIMIT_NOFILE`, both processes raise their soft limit to it),
+/// far above the descriptors either opens itself (the kernel gives the
+/// lowest free number; PostgreSQL keeps a backend's files under
+/// `max_files_per_process`), which must stay below `floor`. None when the
+/// limit leaves no such room: no kernel queue then.
+pub fn fd_base(limit: u64, clients: usize, pools: usize, floor: u64) -> Option<i32> {
+    let need = (clients + pools) as u64;
+    // No limit (RLIM_INFINITY): the kernel still caps descriptors at
+    // fs.nr_open, 2^20 by default.
+    let limit = limit.min(1 << 20);
+    let base = limit.checked_sub(need)?;
+    (base >= floor && base <= i32::MAX as u64).then_some(base as i32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fixed_descriptors_sit_at_the_top_of_the_limit() {
+        assert_eq!(fd_base(20_000, 10_016, 256, 2_024), Some(9_728));
+        assert_eq!(fd_base(1_024, 10_016, 256, 2_024), None, "no room under a small limit");
+        assert_eq!(fd_base(12_000, 10_016, 256, 2_024), None, "the places would reach the backends' own descriptors");
+        assert_eq!(fd_base(u64::MAX, 100, 10, 2_024), Some((1 << 20) - 110));
+    }
 
     #[test]
     fn words_round_trip() {
@@ -249,6 +289,14 @@ mod tests {
         assert!(!requeue(&w, 5, 2), "recalled: back to the pooler");
         assert_eq!(load(&w), Owner::Pooler);
         assert_eq!(take_back(&w), TakeBack::Already);
+        enqueue(&w, 3);
+        assert!(!requeue(&w, 5, 2), "another registration's word is not touched");
+        assert!(!give_back(&w, 5, 2));
+        assert_eq!(load(&w), Owner::Queued { gen: 3 });
+        assert!(take(&w, 6, 3));
+        assert!(!give_back(&w, 5, 3), "another backend's");
+        assert!(give_back(&w, 6, 3));
+        assert_eq!(load(&w), Owner::Pooler);
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub struct Pool {
     /// Clients backends took at a transaction boundary from an ATTACH sent
     /// ahead, without parking: `nextgres.pools.attaches_ahead`.
     pub attaches_ahead: i64,
+    /// Clients in the pool's kernel queue (the pooler's `kq`).
+    pub queued: usize,
     /// When a client last got a backend after waiting for one (a server
     /// TimestampTz, µs; 0: never): backends do not hold idle clients of a
     /// pool saturated that recently (`backend::park::linger`).
@@ -137,6 +139,7 @@ impl Pool {
             waiting: VecDeque::new(),
             ahead: 0,
             attaches_ahead: 0,
+            queued: 0,
             waited_at: 0,
             login_pending: Vec::new(),
             backends: 0,
@@ -201,7 +204,10 @@ impl Pool {
     /// backends already starting will not serve, and the pool has room:
     /// fewer shared backends than `pool_size` (dedicated ones do not count).
     pub fn wants_backend(&self, pool_size: usize) -> bool {
-        let demand = self.waiting.len() + usize::from(self.params.is_none() && !self.login_pending.is_empty());
+        // Clients in the kernel queue want as many backends as there are of
+        // them (the pooler cannot see which of them wait).
+        let queued = self.queued.saturating_sub(self.shared_backends().saturating_sub(self.starting));
+        let demand = self.waiting.len() + queued + usize::from(self.params.is_none() && !self.login_pending.is_empty());
         !self.draining && !self.retired && self.shared_backends() < pool_size && demand > self.starting
     }
 

@@ -1,0 +1,320 @@
+//! A pooled backend's side of the kernel queue (`pooler::kq`,
+//! `nextgres_core::kq`): lent to its pool's queue, it takes a ready client
+//! from it (a swap of the client's owner word decides), serves its
+//! transaction, and at ReadyForQuery(I) writes the client's ATTACH (its
+//! session image as this backend leaves it) to the client's slot and
+//! re-arms it in the queue, then takes the next ready one. No word to the
+//! pooler per transaction; its counters go to the pool's shared
+//! `KqPool`.
+//!
+//! The client's socket is duplicated from the pooler (`pidfd_getfd`) and
+//! held at the pooler's own number for it (`dup3`), so that this backend's
+//! `EPOLL_CTL_MOD` names the pooler's registration; it is closed once the
+//! client is re-armed or given back.
+use nextgres_core::control::{self, Attach};
+use nextgres_core::kq;
+use nextgres_core::proto::frame::parse_message;
+use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags, EpollTimeout};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering;
+
+/// This backend's handle on its pool's queue.
+pub struct Queue {
+    ep: Epoll,
+    base: i32,
+    /// This backend's shared row.
+    row: u32,
+    pool_row: usize,
+}
+
+/// A client taken from the queue, while this backend serves it.
+pub struct Served {
+    pub client_row: usize,
+    pub gen: u64,
+    /// Its ATTACH as taken, its image kept up to date at each boundary.
+    pub attach: Attach,
+    /// Its socket, at `base + client_row`.
+    pub fd: RawFd,
+    pub since: std::time::Instant,
+}
+
+/// What `Queue::release` did with the client.
+pub enum Released {
+    /// Back in the queue.
+    Requeued,
+    /// The pooler's again (recalled, or leaving): `KQ_RETURNED` sent.
+    Returned,
+    /// Its ATTACH outgrew the slot: the caller keeps it as an attached
+    /// client (`KQ_RETURNED_KEPT` is sent) and gives it back the pooler's
+    /// way, with its whole image.
+    TooLarge,
+}
+
+fn ready_flags() -> EpollFlags {
+    EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLONESHOT
+}
+
+fn fd_free(fd: RawFd) -> bool {
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD) == Err(nix::errno::Errno::EBADF)
+}
+
+impl Queue {
+    /// This backend's duplicate of pool row `pool_row`'s queue; None when
+    /// the server has no kernel queue or it cannot be taken (then the
+    /// backend tells the pooler it is parked instead).
+    pub fn open(control: RawFd, row: usize, pool_row: usize) -> Option<Queue> {
+        let t = crate::shmem::tables()?;
+        let base = t.kq_fd_base();
+        if base == 0 || !t.backend_row_is_mine(row) {
+            return None;
+        }
+        let (_, clients, _) = t.capacities();
+        // The client sockets' fixed numbers are above the soft limit this
+        // backend started with, perhaps: raised to the hard one, as the
+        // pooler's (PostgreSQL's own file accounting is unaffected).
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+            if soft < hard {
+                let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+            }
+        }
+        let ep = super::slot::pooler_socket(control, base + (clients + pool_row) as i32).ok()?;
+        // SAFETY: pidfd_getfd just gave this process that descriptor.
+        let ep = Epoll(unsafe { OwnedFd::from_raw_fd(ep) });
+        Some(Queue { ep, base, row: row as u32, pool_row })
+    }
+
+    /// The queue's descriptor (for the park wait set).
+    pub fn fd(&self) -> RawFd {
+        self.ep.0.as_raw_fd()
+    }
+
+    /// The next ready client this backend may serve, taken, its socket at
+    /// its fixed number, its ATTACH flags set for this backend. Clients
+    /// found leaving (end of file, Terminate) are given back on `control`.
+    /// None when none is ready.
+    pub fn take(&self, control: RawFd) -> Option<(Attach, Served)> {
+        self.hold_clear();
+        let t = crate::shmem::tables()?;
+        let mut events = [EpollEvent::empty(); 1];
+        let mut buf = Vec::new();
+        // Each round takes one ready event; stale ones (taken back) are
+        // dropped. Bounded: a storm of leaving clients is met at the next
+        // boundary.
+        for _ in 0..16 {
+            match self.ep.wait(&mut events, EpollTimeout::ZERO) {
+                Ok(1) => {}
+                _ => return None,
+            }
+            let (row, gen) = kq::event_parts(events[0].data());
+            let Some(k) = t.kq_row(row) else { continue };
+            if !kq::take(&k.owner, self.row, gen) {
+                continue;
+            }
+            let copy = k.slot.read(&mut buf);
+            let attach = match parse_message(&buf, control::MAX_CONTROL_MESSAGE) {
+                Ok(Some((m, _))) if m.tag == control::ATTACH && copy.ticket == gen => control::parse_attach(m.body).ok(),
+                _ => None,
+            };
+            let Some(mut attach) = attach else {
+                super::park::fatal("malformed ATTACH in a kernel queue slot")
+            };
+            let number = self.base + row as i32;
+            let fd = match self.socket(control, number) {
+                Some(fd) => fd,
+                None => {
+                    // Not servable here (its number is taken in this
+                    // process, or the socket could not be taken): the
+                    // pooler's again.
+                    self.give_back(control, row, gen, attach.client_id, 0);
+                    continue;
+                }
+            };
+            // A hang-up or a lone Terminate: nothing to serve.
+            let mut peek = [0u8; 5];
+            match nix::sys::socket::recv(fd, &mut peek, nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT) {
+                Ok(n) if n > 0 && !(n == 5 && peek == [b'X', 0, 0, 0, 4]) => {}
+                Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => {
+                    // Ready without bytes (spurious): back in the queue.
+                    if kq::requeue(&k.owner, self.row, gen) {
+                        self.rearm(fd, row, gen);
+                    } else {
+                        self.returned(control, row, attach.client_id, 0);
+                    }
+                    let _ = nix::unistd::close(fd);
+                    continue;
+                }
+                _ => {
+                    let _ = nix::unistd::close(fd);
+                    self.give_back(control, row, gen, attach.client_id, control::KQ_RETURNED_LEAVING);
+                    continue;
+                }
+            }
+            // Same session only if this backend released it last.
+            if k.last_backend.load(Ordering::Relaxed) == self.row as i32 && attach.flags & control::FLAG_SESSION_START == 0 {
+                attach.flags &= !control::FLAG_NEW_CLIENT;
+            } else {
+                attach.flags |= control::FLAG_NEW_CLIENT;
+            }
+            attach.flags &= !control::FLAG_HOLD_IDLE;
+            let served = Served { client_row: row, gen, attach: clone_attach(&attach), fd, since: std::time::Instant::now() };
+            return Some((attach, served));
+        }
+        None
+    }
+
+    /// The client's socket from the pooler, at `number` in this process.
+    fn socket(&self, control: RawFd, number: RawFd) -> Option<RawFd> {
+        if !fd_free(number) {
+            return None;
+        }
+        let got = super::slot::pooler_socket(control, number).ok()?;
+        let placed = nix::unistd::dup3(got, number, nix::fcntl::OFlag::O_CLOEXEC);
+        let _ = nix::unistd::close(got);
+        placed.ok()
+    }
+
+    /// Re-arms client row `row`'s registration (this backend holds its
+    /// socket at the pooler's number). One the pooler removed meanwhile
+    /// (ENOENT) stays removed.
+    fn rearm(&self, fd: RawFd, row: usize, gen: u64) {
+        let mut ev = EpollEvent::new(ready_flags(), kq::event_data(row, gen));
+        // SAFETY: borrowed for one call; `fd` is open in this process.
+        let _ = self.ep.modify(unsafe { BorrowedFd::borrow_raw(fd) }.as_fd(), &mut ev);
+    }
+
+    /// Gives client row `row` back to the pooler (owner word, then
+    /// `KQ_RETURNED`).
+    fn give_back(&self, control: RawFd, row: usize, gen: u64, client_id: u64, flags: u8) {
+        let Some(t) = crate::shmem::tables() else { return };
+        let Some(k) = t.kq_row(row) else { return };
+        if kq::give_back(&k.owner, self.row, gen) {
+            self.returned(control, row, client_id, flags);
+        }
+    }
+
+    fn returned(&self, control: RawFd, row: usize, client_id: u64, flags: u8) {
+        let mut msg = Vec::with_capacity(18);
+        control::write_kq_returned(&mut msg, row as u32, client_id, flags);
+        super::park::write_all(control, &super::ring::marked(Some(self.row as usize), &msg));
+    }
+
+    /// At the served client's ReadyForQuery(I): its image (the parts that
+    /// changed) into its ATTACH, the ATTACH into its slot, the client back
+    /// in the queue (or to the pooler when recalled or `leaving`); its
+    /// socket closed here unless `TooLarge`. The counters go to the pool's.
+    pub fn release(&self, control: RawFd, s: &mut Served, image: Image, leaving: bool) -> Released {
+        let Some(t) = crate::shmem::tables() else { return Released::Returned };
+        let Some(k) = t.kq_row(s.client_row) else { return Released::Returned };
+        if let Some(p) = t.kq_pool(self.pool_row) {
+            p.xacts.fetch_add(1, Ordering::Relaxed);
+            p.queries.fetch_add(image.queries, Ordering::Relaxed);
+            p.query_us.fetch_add(image.query_us, Ordering::Relaxed);
+            p.bytes_sent.fetch_add(image.bytes_sent, Ordering::Relaxed);
+            p.xact_us.fetch_add(s.since.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+        if leaving {
+            self.give_back(control, s.client_row, s.gen, s.attach.client_id, control::KQ_RETURNED_LEAVING);
+            let _ = nix::unistd::close(s.fd);
+            return Released::Returned;
+        }
+        let a = &mut s.attach;
+        if let Some(v) = image.settings {
+            a.image.settings = v;
+        }
+        if let Some(v) = image.statements {
+            a.image.statements = v;
+        }
+        if let Some(v) = image.defaults {
+            a.image.defaults = v;
+        }
+        a.flags = control::FLAG_NEW_CLIENT | control::FLAG_QUEUED;
+        let mut msg = Vec::with_capacity(control::attach_size_hint(a));
+        control::write_attach(&mut msg, a);
+        if !k.slot.write(s.gen, &msg, self.base + s.client_row as i32, 0) {
+            if kq::give_back(&k.owner, self.row, s.gen) {
+                self.returned(control, s.client_row, a.client_id, control::KQ_RETURNED_KEPT);
+                return Released::TooLarge;
+            }
+            let _ = nix::unistd::close(s.fd);
+            return Released::Returned;
+        }
+        k.last_backend.store(self.row as i32, Ordering::Relaxed);
+        let out = if kq::requeue(&k.owner, self.row, s.gen) {
+            self.rearm(s.fd, s.client_row, s.gen);
+            Released::Requeued
+        } else {
+            // Recalled: the word says the pooler's; the slot has the image.
+            self.returned(control, s.client_row, a.client_id, 0);
+            Released::Returned
+        };
+        let _ = nix::unistd::close(s.fd);
+        out
+    }
+
+    /// Keeps a served client as an attached one (its session pinned): the
+    /// pooler's books say so from `KQ_RETURNED_KEPT` on.
+    pub fn keep(&self, control: RawFd, s: &Served) {
+        self.give_back(control, s.client_row, s.gen, s.attach.client_id, control::KQ_RETURNED_KEPT);
+    }
+
+    /// The cancel hand-shake (`shmem::KqBackend::hold`): waits while the
+    /// pooler decides whether to signal this backend; a signal it sent is
+    /// pending now, and is delivered (and then cleared as stale by the
+    /// attach) before any client taken after this runs a query.
+    fn hold_clear(&self) {
+        let Some(t) = crate::shmem::tables() else { return };
+        let Some(h) = t.kq_backend(self.row as usize) else { return };
+        loop {
+            match h.hold.load(Ordering::SeqCst) {
+                0 => return,
+                1 => std::thread::yield_now(),
+                _ => {
+                    let _ = h.hold.compare_exchange(2, 0, Ordering::SeqCst, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+
+    /// Has the pooler asked this backend back (`KqBackend::recall`)?
+    pub fn recalled(&self) -> bool {
+        crate::shmem::tables().is_some_and(|t| t.kq_backend(self.row as usize).is_some_and(|h| h.recall.load(Ordering::SeqCst) != 0))
+    }
+
+    /// Answers a recall: the flag down, then `KQ_PARKED`.
+    pub fn unlend(&self, control: RawFd) {
+        if let Some(t) = crate::shmem::tables() {
+            if let Some(h) = t.kq_backend(self.row as usize) {
+                h.recall.store(0, Ordering::SeqCst);
+            }
+        }
+        let mut msg = Vec::with_capacity(5);
+        control::write_empty(&mut msg, control::KQ_PARKED);
+        super::park::write_all(control, &super::ring::marked(Some(self.row as usize), &msg));
+    }
+}
+
+/// What a boundary hands `Queue::release`: the parts of the session image
+/// that changed (None: unchanged) and the transaction's counters.
+pub struct Image {
+    pub settings: Option<Vec<(String, String)>>,
+    pub statements: Option<control::StatementList>,
+    pub defaults: Option<Vec<(String, String)>>,
+    pub queries: u64,
+    pub query_us: u64,
+    pub bytes_sent: u64,
+}
+
+fn clone_attach(a: &Attach) -> Attach {
+    Attach {
+        client_id: a.client_id,
+        flags: a.flags,
+        pool_row: a.pool_row,
+        addr: a.addr.clone(),
+        local: a.local.clone(),
+        settings: a.settings.clone(),
+        image: a.image.clone(),
+        tls: None,
+        ahead: None,
+    }
+}

@@ -1,0 +1,525 @@
+//! The pooler's side of the kernel queue (`nextgres_core::kq`; developer
+//! option `nextgres.kernel_queue`, under construction).
+//!
+//! Each pool gets an epoll instance of its own, its *queue*, holding the
+//! sockets of its idle clients, registered one-shot. The pooler puts a
+//! client there when the client needs a backend (its query is in the
+//! socket, so the registration is ready at once), with its ATTACH in the
+//! client's shared slot. Parked backends are *lent* to the queue
+//! (`KQ_LEND`): they wait on it, take a ready client, serve its
+//! transaction, put it back (re-arm) at ReadyForQuery(I) and take the next
+//! one, without a word to the pooler. The pooler hands a lent backend
+//! nothing: to serve a client that cannot be queued (TLS, pinned, a pool
+//! paused or draining) it recalls one (`KQ_RECALL`), which parks on its
+//! control socket once it serves no queued client and says `KQ_PARKED`.
+//! So a backend is never both the pooler's and the queue's.
+//!
+//! Descriptor numbers are fixed (`nextgres_core::kq::fd_base`): client row
+//! `r`'s socket is at `base + r` here and in the backend serving it, which
+//! is how that backend can re-arm the pooler's registration.
+//!
+//! What the pooler no longer sees for queued clients: their transactions
+//! (counted by backends in shared memory, `shmem::KqPool`), whether one
+//! waits (so no query_wait_timeout, and backends log in up to
+//! min(pool_size, clients)), and whether one is active (`nextgres.clients`
+//! shows them idle).
+use super::client::Phase;
+use super::conn::{self, Conn};
+use super::worker::Pooler;
+use crate::shmem::ClientState;
+use nextgres_core::control::{self, Attach};
+use nextgres_core::kq::{self, TakeBack};
+use nix::sys::epoll::{EpollEvent, EpollFlags};
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// The pooler's kernel queue state.
+#[derive(Default)]
+pub struct KernelQueue {
+    /// `Header::kq_fd_base`; 0: no kernel queue.
+    pub base: i32,
+    clients_cap: usize,
+    /// Pool key -> its queue.
+    pools: HashMap<usize, PoolQueue>,
+    /// Client key -> client row, for clients in a queue (`Phase::Queued`).
+    queued: HashMap<usize, usize>,
+    gen: u64,
+}
+
+struct PoolQueue {
+    /// The epoll instance, at its fixed number.
+    ep: nix::sys::epoll::Epoll,
+    /// Backends lent to it (keys).
+    lent: Vec<usize>,
+}
+
+fn ready_flags() -> EpollFlags {
+    EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLONESHOT
+}
+
+/// Is descriptor number `fd` free in this process?
+fn fd_free(fd: RawFd) -> bool {
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD) == Err(nix::errno::Errno::EBADF)
+}
+
+impl Pooler {
+    /// Pooler start: the fixed descriptor base when `nextgres.kernel_queue`
+    /// sized shared memory for it and the open files limit has room (LOG
+    /// either way).
+    pub fn kq_init(&mut self) {
+        if !self.tables.header().kq_rows {
+            self.tables.set_kq_fd_base(0);
+            return;
+        }
+        let (pools, clients, _) = self.tables.capacities();
+        let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map(|l| l.0).unwrap_or(0);
+        // SAFETY: a plain int GUC variable of the server, read once.
+        let files = unsafe { pgrx::pg_sys::max_files_per_process }.max(0) as u64;
+        match kq::fd_base(limit, clients, pools, files + 1024) {
+            Some(base) => {
+                log::info!("kernel queue on: client sockets at fixed descriptors from {base}");
+                self.kq.base = base;
+                self.kq.clients_cap = clients;
+                self.tables.set_kq_fd_base(base);
+            }
+            None => {
+                log::warn!(
+                    "nextgres.kernel_queue is on but the open files limit ({limit}) leaves no room above max_files_per_process for {} fixed descriptors: no kernel queue",
+                    clients + pools
+                );
+                self.tables.set_kq_fd_base(0);
+            }
+        }
+    }
+
+    /// May the pool's clients wait in its kernel queue now?
+    fn kq_open(&self, pool: usize) -> bool {
+        let Some(p) = self.pools.get(pool) else { return false };
+        self.kq.base != 0
+            && !self.stopping
+            && p.params.is_some()
+            && !p.draining
+            && !p.retired
+            && !self.pool_paused(pool)
+            && !self.pool_session_mode(pool)
+            && self.pool_mode_of(pool) == nextgres_core::poolconf::Mode::Transaction
+    }
+
+    /// The pool's queue, created at its fixed number on first use.
+    fn kq_pool_queue(&mut self, pool: usize) -> Option<&mut PoolQueue> {
+        if !self.kq.pools.contains_key(&pool) {
+            let row = self.pools.get(pool)?.row;
+            let number = self.kq.base + (self.kq.clients_cap + row) as i32;
+            if !fd_free(number) {
+                return None;
+            }
+            let ep = nix::sys::epoll::Epoll::new(nix::sys::epoll::EpollCreateFlags::EPOLL_CLOEXEC).ok()?;
+            let ep: OwnedFd = ep.0;
+            nix::unistd::dup3(ep.as_raw_fd(), number, nix::fcntl::OFlag::O_CLOEXEC).ok()?;
+            // SAFETY: dup3 just made `number` a descriptor of ours.
+            let ep = nix::sys::epoll::Epoll(unsafe { OwnedFd::from_raw_fd(number) });
+            self.kq.pools.insert(pool, PoolQueue { ep, lent: Vec::new() });
+        }
+        self.kq.pools.get_mut(&pool)
+    }
+
+    /// An idle client needs a backend: into its pool's queue when it can
+    /// go there (true). Not: TLS (its relay is the pooler's), pinned,
+    /// session or dedicated mode, bytes the pooler already read, a pool
+    /// not open (`kq_open`), an ATTACH too large for its slot.
+    pub fn kq_enqueue(&mut self, ck: usize) -> bool {
+        if self.kq.base == 0 {
+            return false;
+        }
+        let Some(Conn::Client(c)) = self.conns.get(ck) else { return false };
+        let Some(pool) = c.pool else { return false };
+        if !matches!(c.phase, Phase::Idle)
+            || c.tls.is_some()
+            || c.pinned.is_some()
+            || c.session_mode
+            || c.dedicated_mode
+            || c.killed
+            || !c.inbuf.is_empty()
+            || c.row >= self.kq.clients_cap
+        {
+            return false;
+        }
+        if !self.kq_open(pool) || self.kq_pool_queue(pool).is_none() {
+            return false;
+        }
+        let Some(Conn::Client(c)) = self.conns.get(ck) else { return false };
+        let row = c.row;
+        let Some(slot_row) = self.tables.kq_row(row) else { return false };
+        // The socket at its fixed number.
+        let number = self.kq.base + row as i32;
+        if c.stream.as_raw_fd() != number {
+            if !fd_free(number) || nix::unistd::dup3(c.stream.as_raw_fd(), number, nix::fcntl::OFlag::O_CLOEXEC).is_err() {
+                return false;
+            }
+            let Some(Conn::Client(c)) = self.conns.get_mut(ck) else { return false };
+            if c.registered.take().is_some() {
+                conn::remove(&self.epoll, &c.stream);
+            }
+            // SAFETY: dup3 just made `number` a descriptor of ours, the
+            // same socket; the old descriptor closes as it is replaced.
+            c.stream = unsafe { std::net::TcpStream::from_raw_fd(number) };
+        }
+        let Some(Conn::Client(c)) = self.conns.get_mut(ck) else { return false };
+        if c.registered.take().is_some() {
+            conn::remove(&self.epoll, &c.stream);
+        }
+        let local_index = c.local;
+        let pool_row = self.pools.get(pool).map(|p| p.row as u32).unwrap_or(0);
+        let local = self.local_addr(local_index);
+        let Some(Conn::Client(c)) = self.conns.get_mut(ck) else { return false };
+        let attach = Attach {
+            client_id: c.id,
+            flags: control::FLAG_NEW_CLIENT
+                | control::FLAG_QUEUED
+                | if c.session_counted { 0 } else { control::FLAG_SESSION_START },
+            pool_row,
+            addr: c.raw_addr(),
+            local,
+            settings: c.settings.clone(),
+            image: c.image.clone(),
+            tls: None,
+            ahead: None,
+        };
+        let mut msg = Vec::with_capacity(control::attach_size_hint(&attach));
+        control::write_attach(&mut msg, &attach);
+        self.kq.gen = kq::next_gen(self.kq.gen);
+        let gen = self.kq.gen;
+        if !slot_row.slot.write(gen, &msg, number, 0) {
+            self.client_rearm(ck);
+            return false;
+        }
+        slot_row.last_backend.store(-1, std::sync::atomic::Ordering::Relaxed);
+        kq::enqueue(&slot_row.owner, gen);
+        let ev = EpollEvent::new(ready_flags(), kq::event_data(row, gen));
+        let Some(q) = self.kq.pools.get(&pool) else { return false };
+        // SAFETY: borrowed for one call; the client's socket is open.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(number) };
+        if q.ep.add(fd, ev).is_err() {
+            slot_row.owner.store(0, std::sync::atomic::Ordering::SeqCst);
+            self.client_rearm(ck);
+            return false;
+        }
+        let Some(c) = self.client(ck) else { return false };
+        c.phase = Phase::Queued;
+        c.session_counted = true;
+        c.watch_hangup = false;
+        self.kq.queued.insert(ck, row);
+        self.client_set_state(ck, ClientState::Idle, 0);
+        if let Some(p) = self.pools.get_mut(pool) {
+            p.queued += 1;
+        }
+        self.pool_maybe_grow(pool);
+        self.sync_pool(pool);
+        true
+    }
+
+    /// Takes a queued client back from the queue (true: the pooler's now,
+    /// `Phase::Idle`, unwatched: the caller watches or closes it). False:
+    /// a backend serves it; recalled, it comes back with its `KQ_RETURNED`
+    /// (`close` then closes it there).
+    pub fn kq_take_back(&mut self, ck: usize, close: bool) -> bool {
+        let Some(c) = self.client(ck) else { return true };
+        let Phase::Queued { .. } = c.phase else { return true };
+        let Some(&row) = self.kq.queued.get(&ck) else { return true };
+        let Some(slot_row) = self.tables.kq_row(row) else { return true };
+        match kq::take_back(&slot_row.owner) {
+            TakeBack::Recalled { .. } => {
+                if close {
+                    if let Some(c) = self.client(ck) {
+                        c.kq_close = true;
+                    }
+                }
+                false
+            }
+            TakeBack::Taken | TakeBack::Already => {
+                self.kq_settle(ck, row);
+                true
+            }
+        }
+    }
+
+    /// A queued client is the pooler's again (taken back, or returned by a
+    /// backend): out of its queue, its session image and count as the
+    /// last backend left them in its slot.
+    fn kq_settle(&mut self, ck: usize, row: usize) {
+        self.kq.queued.remove(&ck);
+        let pool = self.client(ck).and_then(|c| c.pool);
+        let image = self.tables.kq_row(row).and_then(|r| {
+            let mut buf = Vec::new();
+            r.slot.read(&mut buf);
+            match nextgres_core::proto::frame::parse_message(&buf, control::MAX_CONTROL_MESSAGE) {
+                Ok(Some((m, _))) if m.tag == control::ATTACH => control::parse_attach(m.body).ok(),
+                _ => None,
+            }
+        });
+        if let Some(q) = pool.and_then(|p| self.kq.pools.get(&p)) {
+            if let Some(Conn::Client(c)) = self.conns.get(ck) {
+                let _ = q.ep.delete(&c.stream);
+            }
+        }
+        let Some(c) = self.client(ck) else { return };
+        if let Some(a) = image.filter(|a| a.client_id == c.id) {
+            c.image = a.image;
+            c.session_counted = a.flags & control::FLAG_SESSION_START == 0;
+        }
+        c.phase = Phase::Idle;
+        if let Some(p) = pool.and_then(|p| self.pools.get_mut(p)) {
+            p.queued = p.queued.saturating_sub(1);
+        }
+    }
+
+    /// A parked backend with nothing to serve: lent to its pool's queue
+    /// when the pool is open (true).
+    pub fn kq_lend(&mut self, bk: usize) -> bool {
+        let Some(b) = self.backend(bk) else { return false };
+        let pool = b.pool;
+        if b.own || b.pinned_to.is_some() || b.terminating || b.lent || !self.kq_open(pool) {
+            return false;
+        }
+        if self.kq_pool_queue(pool).is_none() {
+            return false;
+        }
+        let pool_row = self.pools.get(pool).map_or(0, |p| p.row as u32);
+        let Some(b) = self.backend(bk) else { return false };
+        let mut msg = Vec::with_capacity(9);
+        control::write_kq_lend(&mut msg, pool_row);
+        use std::io::Write;
+        if b.stream.write_all(&msg).is_err() {
+            return false;
+        }
+        b.lent = true;
+        // Serving queued clients, its session will be theirs: the next
+        // client the pooler hands it is a new one for it.
+        b.last_client = 0;
+        if let Some(q) = self.kq.pools.get_mut(&pool) {
+            q.lent.push(bk);
+        }
+        true
+    }
+
+    /// Asks a lent backend back (`KQ_RECALL`); it answers `KQ_PARKED`.
+    fn kq_recall(&mut self, bk: usize) {
+        let Some(b) = self.backend(bk) else { return };
+        if !b.lent || b.kq_recalled {
+            return;
+        }
+        // The flag first: a backend serving queued clients checks it at
+        // each boundary; the message wakes one waiting on the queue.
+        let row = b.row;
+        if let Some(h) = self.tables.kq_backend(row) {
+            h.recall.store(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        let Some(b) = self.backend(bk) else { return };
+        let mut msg = Vec::with_capacity(5);
+        control::write_empty(&mut msg, control::KQ_RECALL);
+        use std::io::Write;
+        if b.stream.write_all(&msg).is_ok() {
+            b.kq_recalled = true;
+        }
+    }
+
+    /// A client of the pool waits for a backend and none is parked: recall
+    /// a lent one for it (one per waiting client not yet served).
+    pub fn kq_recall_for_waiting(&mut self, pool: usize) {
+        let Some(q) = self.kq.pools.get(&pool) else { return };
+        let waiting = self.pools.get(pool).map_or(0, |p| p.waiting.len() + p.session_waiting.len());
+        let lent = q.lent.clone();
+        let recalled = |p: &Pooler, bk: usize| matches!(p.conns.get(bk), Some(Conn::Backend(b)) if b.kq_recalled);
+        let asked = lent.iter().filter(|&&bk| recalled(self, bk)).count();
+        let free: Vec<usize> = lent.into_iter().filter(|&bk| !recalled(self, bk)).collect();
+        for bk in free.into_iter().take(waiting.saturating_sub(asked)) {
+            self.kq_recall(bk);
+        }
+    }
+
+    /// Every client of the pool (all pools: None) out of its queue and
+    /// every lent backend recalled: an operation (pause, kill, reconnect)
+    /// or a pool no longer open. Clients a backend serves come back at its
+    /// boundary. Returns the lent backends.
+    pub fn kq_take_back_all(&mut self, pool: Option<usize>) -> Vec<usize> {
+        let clients: Vec<usize> = self
+            .kq
+            .queued
+            .keys()
+            .copied()
+            .filter(|&ck| pool.is_none() || matches!(self.conns.get(ck), Some(Conn::Client(c)) if c.pool == pool))
+            .collect();
+        for ck in clients {
+            if self.kq_take_back(ck, false) {
+                self.client_rearm(ck);
+            }
+        }
+        let lent: Vec<usize> = self.kq.pools.iter().filter(|(&p, _)| pool.is_none_or(|x| x == p)).flat_map(|(_, q)| q.lent.clone()).collect();
+        for &bk in &lent {
+            self.kq_recall(bk);
+        }
+        lent
+    }
+
+    /// Janitor: pools whose queue is no longer open give their clients and
+    /// backends back; every queue's counters reach `nextgres.pools`.
+    pub fn kq_janitor(&mut self) {
+        let pools: Vec<usize> = self.kq.pools.keys().copied().collect();
+        for pool in pools {
+            if !self.kq_open(pool) {
+                self.kq_take_back_all(Some(pool));
+            }
+            self.sync_pool(pool);
+        }
+    }
+
+    /// The backend row serving a queued client, if one does (cancel, kill).
+    pub fn kq_serving_row(&self, ck: usize) -> Option<usize> {
+        let row = *self.kq.queued.get(&ck)?;
+        match kq::load(&self.tables.kq_row(row)?.owner) {
+            kq::Owner::Taken { row, .. } => Some(row as usize),
+            _ => None,
+        }
+    }
+
+    /// The key of the backend in shared row `row`.
+    fn kq_backend_at(&self, row: usize) -> Option<usize> {
+        self.conns.iter().find_map(|(k, c)| match c {
+            Conn::Backend(b) if b.row == row => Some(k),
+            _ => None,
+        })
+    }
+
+    /// CancelRequest for a queued client: the backend serving it gets
+    /// SIGINT, by the hand-shake of `shmem::KqBackend::hold` (a backend
+    /// takes no queued client while the pooler decides, and clears a
+    /// signal meant for the previous one before it serves the next). Not
+    /// served: its query is over, or not started (dropped, LOG).
+    pub fn kq_cancel(&mut self, ck: usize) {
+        let Some(&row) = self.kq.queued.get(&ck) else { return };
+        let Some(owner) = self.tables.kq_row(row).map(|r| kq::load(&r.owner)) else { return };
+        let kq::Owner::Taken { row: brow, gen, .. } = owner else {
+            return log::info!("cancel request for a client of a kernel queue that no backend serves: dropped");
+        };
+        let Some(hold) = self.tables.kq_backend(brow as usize) else { return };
+        use std::sync::atomic::Ordering::SeqCst;
+        hold.hold.store(1, SeqCst);
+        let still = self.tables.kq_row(row).map(|r| kq::load(&r.owner));
+        let pid = self.kq_backend_at(brow as usize).and_then(|k| match self.conns.get(k) {
+            Some(Conn::Backend(b)) if b.pid > 0 => Some(b.pid),
+            _ => None,
+        });
+        match (still, pid) {
+            (Some(kq::Owner::Taken { row: r, gen: g, .. }), Some(pid)) if r == brow && g == gen => {
+                super::backend::signal_backend(pid, nix::sys::signal::Signal::SIGINT);
+                hold.hold.store(2, SeqCst);
+            }
+            _ => hold.hold.store(0, SeqCst),
+        }
+    }
+
+    /// A lent backend's message about the queue. False when it was removed.
+    pub fn kq_backend_message(&mut self, bk: usize, tag: u8, body: &[u8]) -> bool {
+        match tag {
+            control::KQ_PARKED => {
+                self.kq_unlend(bk);
+                self.backend_available(bk);
+                true
+            }
+            control::KQ_RETURNED => match control::parse_kq_returned(body) {
+                Ok((row, id, flags)) => {
+                    self.kq_returned(bk, row as usize, id, flags);
+                    true
+                }
+                Err(e) => {
+                    log::warn!("backend: {}", e.message);
+                    self.backend_gone(bk, None);
+                    false
+                }
+            },
+            _ => true,
+        }
+    }
+
+    /// The backend is no longer lent (recalled, or it kept a client).
+    fn kq_unlend(&mut self, bk: usize) {
+        let Some(b) = self.backend(bk) else { return };
+        b.lent = false;
+        b.kq_recalled = false;
+        let pool = b.pool;
+        if let Some(q) = self.kq.pools.get_mut(&pool) {
+            q.lent.retain(|&k| k != bk);
+        }
+    }
+
+    /// `KQ_RETURNED`: client `id` in row `row` is the pooler's again.
+    fn kq_returned(&mut self, bk: usize, row: usize, id: u64, flags: u8) {
+        let ck = self.kq.queued.iter().find_map(|(&k, &r)| (r == row).then_some(k));
+        let Some(ck) = ck.filter(|&k| self.client(k).is_some_and(|c| c.id == id && matches!(c.phase, Phase::Queued { .. }))) else {
+            return; // taken back meanwhile (the pooler's already)
+        };
+        self.kq_settle(ck, row);
+        if flags & control::KQ_RETURNED_KEPT != 0 {
+            // The backend serves it as an attached client from here on.
+            self.kq_unlend(bk);
+            self.attached(ck, bk, None);
+            return;
+        }
+        let Some(c) = self.client(ck) else { return };
+        if c.killed {
+            return self.client_fatal(ck, "57P01", "terminating connection due to administrator command", None);
+        }
+        if flags & control::KQ_RETURNED_LEAVING != 0 || c.kq_close {
+            return self.client_close(ck);
+        }
+        self.client_set_state(ck, ClientState::Idle, 0);
+        self.client_rearm(ck);
+    }
+
+    /// A lent backend is gone: out of its queue's books; the queued clients
+    /// it served lose their connection, as a direct client's does when its
+    /// backend ends (it wrote its own FATAL to them, if any).
+    pub fn kq_backend_gone(&mut self, bk: usize, brow: usize) {
+        self.kq_unlend(bk);
+        let served: Vec<(usize, usize)> = self
+            .kq
+            .queued
+            .iter()
+            .map(|(&k, &r)| (k, r))
+            .filter(|&(_, r)| {
+                self.tables.kq_row(r).is_some_and(|x| matches!(kq::load(&x.owner), kq::Owner::Taken { row, .. } if row as usize == brow))
+            })
+            .collect();
+        for (ck, row) in served {
+            if let Some(x) = self.tables.kq_row(row) {
+                x.owner.store(0, std::sync::atomic::Ordering::SeqCst);
+            }
+            self.kq_settle(ck, row);
+            if let Some(c) = self.client(ck) {
+                c.phase = Phase::Closing { since: std::time::Instant::now() };
+                c.outbuf.clear();
+            }
+            self.client_close(ck);
+        }
+    }
+
+    /// `nextgres.reset_stats()`: the queue counters of pool row `row` to 0.
+    pub fn kq_reset_counters(&self, row: usize) {
+        let Some(k) = self.tables.kq_pool(row) else { return };
+        use std::sync::atomic::Ordering::Relaxed;
+        for a in [&k.xacts, &k.queries, &k.query_us, &k.bytes_sent, &k.xact_us] {
+            a.store(0, Relaxed);
+        }
+    }
+
+    /// Counters of the pool's queue: (xacts, queries, query_us, bytes_sent, xact_us).
+    pub fn kq_counters(&self, pool_row: usize) -> Option<[i64; 5]> {
+        if self.kq.base == 0 {
+            return None;
+        }
+        let k = self.tables.kq_pool(pool_row)?;
+        use std::sync::atomic::Ordering::Relaxed;
+        let v = |a: &std::sync::atomic::AtomicU64| a.load(Relaxed).min(i64::MAX as u64) as i64;
+        Some([v(&k.xacts), v(&k.queries), v(&k.query_us), v(&k.bytes_sent), v(&k.xact_us)])
+    }
+}

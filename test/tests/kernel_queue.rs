@@ -1,0 +1,333 @@
+//! The kernel queue (issue 15; developer option `nextgres.kernel_queue`,
+//! `pooler::kq`): a saturated pool's idle clients wait in an epoll set of
+//! the pool's, and backends lent to it take them from it and put them back
+//! at each ReadyForQuery(I), without the pooler.
+//!
+//! Each test runs a pool of 2 backends that more clients keep saturated,
+//! asserts that `nextgres.pools.kernel_queue_transactions` grew (the path
+//! under test ran) and exact outcomes: every client keeps its own session
+//! (settings, prepared statements, temp table) whichever backend serves it;
+//! a cancel reaches the query it was meant for; clients that vanish or
+//! leave while queued leave nothing behind; pause and kill apply to queued
+//! clients too. With the setting off the `kernel_queue_transactions`
+//! assertions fail: these tests cannot pass on the handoff path.
+//!
+//! ```sh
+//! NEXTGRES_PG=17 cargo test -p nextgres-test --test kernel_queue -- --test-threads=2
+//! ```
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nextgres_test::{wait_until, Cluster};
+use tokio_postgres::types::Type;
+
+mod fault_support;
+use fault_support::*;
+
+fn builder() -> nextgres_test::cluster::Builder {
+    Cluster::builder()
+        .conf("nextgres.kernel_queue = on")
+        .conf("nextgres.pool_size = 2")
+        .max_connections(20)
+}
+
+/// `nextgres.pools.kernel_queue_transactions` of APP's pool.
+fn queue_xacts(pg: &Cluster) -> i64 {
+    admin_i64(
+        pg,
+        "SELECT coalesce(sum(kernel_queue_transactions), 0)::int8 FROM nextgres.pools WHERE role = 'app'",
+    )
+}
+
+#[track_caller]
+fn assert_queue_ran(pg: &Cluster, before: i64, what: &str) {
+    // The pooler copies the counters to nextgres.pools at its next look
+    // (a janitor tick at the latest).
+    let ran = wait_until(Duration::from_secs(5), || queue_xacts(pg) > before);
+    assert!(
+        ran,
+        "{what}: nextgres.pools.kernel_queue_transactions stayed {before}: no client was served through the kernel queue\n{}",
+        pg.log_tail(30)
+    );
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+async fn login(port: u16) -> Result<tokio_postgres::Client, String> {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1").port(port).user(APP).dbname(DB).connect_timeout(SETTLE);
+    let (client, conn) = tokio::time::timeout(SETTLE, cfg.connect(tokio_postgres::NoTls))
+        .await
+        .map_err(|_| format!("login: no answer within {SETTLE:?}"))?
+        .map_err(|e| format!("login: {e:?}"))?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+async fn bounded<T>(what: String, f: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>) -> Result<T, String> {
+    match tokio::time::timeout(SETTLE, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("{what}: {e:?}")),
+        Err(_) => Err(format!("{what}: no answer within {SETTLE:?}")),
+    }
+}
+
+async fn simple_value(c: &tokio_postgres::Client, sql: &str) -> Result<String, String> {
+    let msgs = bounded(sql.to_string(), c.simple_query(sql)).await?;
+    msgs.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .ok_or_else(|| format!("{sql}: no value"))
+}
+
+/// A worker with a session of its own: a setting, a named prepared
+/// statement (SQL PREPARE) and a protocol-level one, checked at each of
+/// `xacts` transactions, each inserting (id, k) into `work`. Returns the
+/// first thing that went wrong.
+async fn session_worker(port: u16, id: i32, xacts: i32, stop: Arc<AtomicBool>) -> Result<i32, String> {
+    let c = login(port).await?;
+    bounded("SET".into(), c.batch_execute(&format!("SET application_name = 'w{id}'; PREPARE p AS SELECT $1::int + {id}"))).await?;
+    let st = bounded("Parse".into(), c.prepare_typed("SELECT $1::int >= 0 AND current_setting('application_name') = 'w' || $2::text", &[Type::INT4, Type::TEXT])).await?;
+    let mut done = 0;
+    for k in 0..xacts {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        match k % 3 {
+            0 => {
+                let got = simple_value(&c, &format!("EXECUTE p({k})")).await?;
+                if got != (k + id).to_string() {
+                    return Err(format!("worker {id}: EXECUTE p({k}) gave {got}, another session's statement"));
+                }
+            }
+            1 => {
+                let name = simple_value(&c, "SHOW application_name").await?;
+                if name != format!("w{id}") {
+                    return Err(format!("worker {id}: application_name is {name}: another session's setting"));
+                }
+            }
+            _ => {
+                let row = bounded("EXECUTE st".into(), c.query_one(&st, &[&k, &id.to_string()])).await?;
+                if !row.get::<_, bool>(0) {
+                    return Err(format!("worker {id}: the protocol-level statement saw another session's setting"));
+                }
+            }
+        }
+        bounded(
+            "INSERT".into(),
+            c.batch_execute(&format!("BEGIN; INSERT INTO work VALUES ({id}, {k}); COMMIT")),
+        )
+        .await?;
+        done += 1;
+    }
+    Ok(done)
+}
+
+fn create_work(pg: &Cluster) {
+    pg.admin()
+        .batch_execute("CREATE TABLE work (client int NOT NULL, k int NOT NULL); GRANT SELECT, INSERT ON work TO app;")
+        .expect("work table");
+}
+
+/// (rows, distinct k) in `work` for each client.
+fn work_rows(pg: &Cluster) -> std::collections::HashMap<i32, (i64, i64)> {
+    pg.admin()
+        .query("SELECT client, count(*), count(DISTINCT k) FROM work GROUP BY client", &[])
+        .expect("reading work")
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect()
+}
+
+#[track_caller]
+fn assert_left_nothing(pg: &Cluster, pooler: i32) {
+    let settled = wait_until(SETTLE, || clients(pg).is_empty() && idle_in_transaction(pg).is_empty());
+    assert!(
+        settled,
+        "left behind: clients {:?}, idle in transaction {:?}\n{}",
+        clients(pg),
+        idle_in_transaction(pg),
+        pg.log_tail(30)
+    );
+    assert_pooler_serves(pg, pooler);
+}
+
+const WORKERS: i32 = 12;
+const XACTS: i32 = 60;
+
+/// 12 clients over 2 backends, each with its own setting and prepared
+/// statements, 60 transactions each: every client sees only its own
+/// session whichever backend took it from the queue, every row is there
+/// once, and the queue served them.
+#[test]
+fn queued_clients_keep_their_sessions() {
+    run(builder(), |pg| {
+        create_work(pg);
+        let pooler = running_pooler_pid(pg);
+        let before = queue_xacts(pg);
+        let rt = runtime();
+        let port = pg.port();
+        let tasks: Vec<_> = (0..WORKERS).map(|id| rt.spawn(session_worker(port, id, XACTS, Arc::default()))).collect();
+        for (id, t) in tasks.into_iter().enumerate() {
+            let r = rt.block_on(t).expect("worker panicked");
+            assert_eq!(r, Ok(XACTS), "worker {id}\n{}", pg.log_tail(30));
+        }
+        drop(rt);
+        let rows = work_rows(pg);
+        for id in 0..WORKERS {
+            assert_eq!(rows.get(&id), Some(&(XACTS as i64, XACTS as i64)), "worker {id}'s rows");
+        }
+        assert_queue_ran(pg, before, "12 clients over 2 backends");
+        assert_left_nothing(pg, pooler);
+    });
+}
+
+/// Background workers keep the pool saturated while one client's
+/// `pg_sleep` runs on a backend that took it from the queue: its cancel
+/// ends that query (57014) and nothing else; the client goes on.
+#[test]
+fn a_cancel_reaches_the_queued_clients_query() {
+    run(builder(), |pg| {
+        create_work(pg);
+        let pooler = running_pooler_pid(pg);
+        let before = queue_xacts(pg);
+        let rt = runtime();
+        let port = pg.port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks: Vec<_> = (0..6).map(|id| rt.spawn(session_worker(port, id, 100_000, stop.clone()))).collect();
+        assert_queue_ran(pg, before, "the background workers");
+        let mut c = connect(pg, APP);
+        assert_eq!(one(&mut c, "SELECT 1"), "1");
+        let token = c.cancel_token();
+        let rx = spawn_query(c, "SELECT pg_sleep(60)");
+        let started = wait_until(SETTLE, || {
+            admin_i64(pg, "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'") == 1
+        });
+        assert!(started, "the sleep never ran\n{}", pg.log_tail(30));
+        token.cancel_query(postgres::NoTls).expect("cancel request");
+        let (mut c, r) = wait_result(&rx, "the cancelled sleep");
+        let e = r.expect_err("pg_sleep(60) was not cancelled");
+        assert_eq!(sqlstate(&e), Some("57014"), "{e:?}");
+        assert_eq!(one(&mut c, "SELECT 2"), "2", "the client goes on after its cancel");
+        stop.store(true, Ordering::SeqCst);
+        for (id, t) in tasks.into_iter().enumerate() {
+            let r = rt.block_on(t).expect("worker panicked");
+            assert!(r.is_ok(), "worker {id}: {r:?} (a cancel reached another client?)");
+        }
+        drop(rt);
+        drop(c);
+        assert_left_nothing(pg, pooler);
+    });
+}
+
+/// While workers keep the pool saturated, raw clients leave while queued:
+/// a query sent then the connection closed (its result unread), or a
+/// Terminate right after a transaction. The workers are undisturbed and
+/// nothing is left behind.
+#[test]
+fn clients_leaving_while_queued_leave_nothing() {
+    run(builder(), |pg| {
+        create_work(pg);
+        let pooler = running_pooler_pid(pg);
+        let before = queue_xacts(pg);
+        let rt = runtime();
+        let port = pg.port();
+        let tasks: Vec<_> = (0..6).map(|id| rt.spawn(session_worker(port, id, 200, Arc::default()))).collect();
+        for round in 0..20 {
+            let mut r = raw(pg, APP);
+            r.query("SELECT 1").unwrap_or_else(|e| panic!("round {round}: {e:?}"));
+            if round % 2 == 0 {
+                r.send_query("SELECT pg_sleep(0.01)");
+                r.vanish(); // FIN with a query unanswered
+            } else {
+                r.send_terminate();
+            }
+        }
+        for (id, t) in tasks.into_iter().enumerate() {
+            let r = rt.block_on(t).expect("worker panicked");
+            assert_eq!(r, Ok(200), "worker {id}\n{}", pg.log_tail(30));
+        }
+        drop(rt);
+        assert_queue_ran(pg, before, "workers and leaving clients");
+        assert_left_nothing(pg, pooler);
+    });
+}
+
+/// A client served from the queue creates a temp table: its session is
+/// pinned, so the backend keeps it (the pooler's dedicated session for it)
+/// and every later transaction sees its table; the other clients go on
+/// through the queue.
+#[test]
+fn a_pinned_session_stays_with_its_backend() {
+    run(builder().conf("nextgres.max_pinned_backends = 2"), |pg| {
+        create_work(pg);
+        let pooler = running_pooler_pid(pg);
+        let before = queue_xacts(pg);
+        let rt = runtime();
+        let port = pg.port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks: Vec<_> = (0..6).map(|id| rt.spawn(session_worker(port, id, 100_000, stop.clone()))).collect();
+        assert_queue_ran(pg, before, "the background workers");
+        let mut c = connect(pg, APP);
+        for _ in 0..5 {
+            assert_eq!(one(&mut c, "SELECT 1"), "1");
+        }
+        c.batch_execute("CREATE TEMP TABLE mine (x int)").expect("temp table");
+        for n in 1..=20 {
+            c.batch_execute("INSERT INTO mine VALUES (1)").unwrap_or_else(|e| panic!("insert {n}: {e:?}\n{}", pg.log_tail(30)));
+            assert_eq!(one(&mut c, "SELECT count(*) FROM mine"), n.to_string());
+        }
+        stop.store(true, Ordering::SeqCst);
+        for (id, t) in tasks.into_iter().enumerate() {
+            let r = rt.block_on(t).expect("worker panicked");
+            assert!(r.is_ok(), "worker {id}: {r:?}");
+        }
+        drop(rt);
+        drop(c);
+        assert_left_nothing(pg, pooler);
+    });
+}
+
+/// `nextgres.pause()` while clients are queued: none runs a transaction
+/// until `resume()`, then all go on; `kill_clients()` ends every client of
+/// the pool, queued or served, with 57P01.
+#[test]
+fn pause_resume_and_kill_reach_queued_clients() {
+    run(builder(), |pg| {
+        create_work(pg);
+        let pooler = running_pooler_pid(pg);
+        let before = queue_xacts(pg);
+        let rt = runtime();
+        let port = pg.port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks: Vec<_> = (0..6).map(|id| rt.spawn(session_worker(port, id, 100_000, stop.clone()))).collect();
+        assert_queue_ran(pg, before, "the workers");
+        pg.admin().batch_execute("SELECT nextgres.pause('postgres')").expect("pause");
+        std::thread::sleep(Duration::from_millis(500));
+        let count = |pg: &Cluster| admin_i64(pg, "SELECT count(*) FROM work");
+        let paused_at = count(pg);
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(count(pg), paused_at, "transactions ran while the pool was paused");
+        pg.admin().batch_execute("SELECT nextgres.resume('postgres')").expect("resume");
+        let resumed = wait_until(SETTLE, || count(pg) > paused_at + 20);
+        assert!(resumed, "the workers did not go on after resume\n{}", pg.log_tail(30));
+        pg.admin().batch_execute("SELECT nextgres.kill_clients('postgres')").expect("kill");
+        for (id, t) in tasks.into_iter().enumerate() {
+            let r = rt.block_on(t).expect("worker panicked");
+            let e = r.expect_err("a worker outlived kill_clients");
+            assert!(e.contains("AdminShutdown") || e.contains("57P01") || e.contains("closed"), "worker {id}: {e}");
+        }
+        drop(rt);
+        assert_left_nothing(pg, pooler);
+    });
+}
