@@ -693,11 +693,12 @@ fn lend(p: &mut Parking, pool_row: usize) {
 /// The boundary of a client taken from the kernel queue. True when handled
 /// (the client back in the queue or the pooler's, and this backend on to
 /// its next client or parked); false when this backend keeps it as an
-/// attached client (its session is pinned now: `KQ_RETURNED_KEPT`), and
-/// the boundary goes on as for any attached client.
+/// attached client (its session is pinned now, or holds sequence values
+/// for `nextgres.sequence_hold`: `KQ_RETURNED_KEPT`), and the boundary goes
+/// on as for any attached client.
 fn kq_boundary(p: &mut Parking, leaving: bool) -> bool {
     let (Some(q), Some(mut s)) = (p.queue.as_ref(), p.served.take()) else { return false };
-    if !leaving && pins_session(sess::pin_reason()) {
+    if !leaving && sess::pin_reason() != Pin::None {
         q.keep(p.control, &s);
         p.lent = false;
         return false;
