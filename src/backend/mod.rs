@@ -4,7 +4,8 @@
 //! A pooled backend is an ordinary backend of the client's role and database
 //! that the pooler logged in through the Unix socket. After each
 //! ReadyForQuery(I) it gives its client back and parks until the pooler hands
-//! it the next client's socket (see `park`).
+//! it the next client's socket (see `park`); lent to its pool's kernel
+//! queue, it takes the next client from there itself (`kq`).
 mod comm;
 mod drain;
 mod kq;

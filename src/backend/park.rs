@@ -61,6 +61,9 @@ struct Parking {
     /// The client attached last (its id): a client taken from the queue
     /// keeps this backend's session only if it is that one.
     last_client: u64,
+    /// The attached client came from the kernel queue and stays here as an
+    /// attached one (`KQ_RETURNED_KEPT`).
+    kept_from_queue: bool,
 }
 
 thread_local! {
@@ -107,6 +110,7 @@ pub fn transaction_boundary() {
                 queue_wait: None,
                 served: None,
                 last_client: 0,
+                kept_from_queue: false,
             }
         });
         // A client taken from the kernel queue goes back there (or to the
@@ -279,7 +283,7 @@ fn linger(p: &mut Parking, pinned: bool, sequence: bool) -> bool {
             // wait as the pool has backends): give it back without reading
             // the control socket, which could only add reasons to (an EAGAIN
             // per transaction of a saturated pool).
-            let (waiting, backends) = crate::shmem::pool_load(p.pool_row);
+            let (waiting, backends) = pool_load(p);
             if waiting > 0 && left(waiting, backends, p.attached_at).is_zero() {
                 return false;
             }
@@ -299,7 +303,7 @@ fn linger(p: &mut Parking, pinned: bool, sequence: bool) -> bool {
         }
         let mut timeout_ms = -1;
         if optional {
-            let (waiting, backends) = crate::shmem::pool_load(p.pool_row);
+            let (waiting, backends) = pool_load(p);
             if !p.release_requested && waiting == 0 && announced.is_none() {
                 // Announce, then look again (the loop's top): the pooler
                 // stores the waiting count before it reads the flag, so one
@@ -337,6 +341,17 @@ fn linger(p: &mut Parking, pinned: bool, sequence: bool) -> bool {
             LingerEvent::Timeout => {}
         }
     }
+}
+
+/// (waiting clients, backends) of the client's pool. A client kept from the
+/// kernel queue (its sequence values) counts one waiting: the pooler cannot
+/// see the clients waiting in the queue, and the queue must not starve.
+fn pool_load(p: &Parking) -> (i32, i32) {
+    let (waiting, backends) = crate::shmem::pool_load(p.pool_row);
+    if p.kept_from_queue {
+        return (waiting.max(1), backends);
+    }
+    (waiting, backends)
 }
 
 /// The shared flag saying this backend keeps an idle client, up while
@@ -701,11 +716,31 @@ fn kq_boundary(p: &mut Parking, leaving: bool) -> bool {
     if !leaving && sess::pin_reason() != Pin::None {
         q.keep(p.control, &s);
         p.lent = false;
+        p.kept_from_queue = true;
         return false;
     }
     let settings = sess::take_session_settings();
     let statements = session::note_release(settings.as_deref(), sess::take_statements());
     let defaults = session::take_reported_defaults();
+    // As `release_prepare`: an image too large for the control channel ends
+    // the session with a FATAL the client receives (its socket is still
+    // `sock`), not a silent close.
+    let image_bytes = [settings.as_ref().unwrap_or(&s.attach.image.settings), defaults.as_ref().unwrap_or(&s.attach.image.defaults)]
+        .iter()
+        .flat_map(|v| v.iter())
+        .map(|(n, v)| n.len() + v.len() + 2)
+        .sum::<usize>()
+        + statements.as_ref().unwrap_or(&s.attach.image.statements).byte_len();
+    if image_bytes + 1024 > control::MAX_CONTROL_MESSAGE {
+        pgrx::ereport!(
+            pgrx::PgLogLevel::FATAL,
+            pgrx::PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!(
+                "nextgres: this session's prepared statements and settings ({image_bytes} bytes) exceed what a pooled client can carry between backends ({} bytes)",
+                control::MAX_CONTROL_MESSAGE
+            )
+        );
+    }
     glue::febe_detach();
     show_ssl(None);
     // The client's socket is closed by the release: nothing may write to it.
@@ -815,6 +850,7 @@ fn attach_client(p: &mut Parking, (mut a, fd): (Attach, RawFd), timer_was_on: bo
     }
     p.attached = Some(a.client_id);
     p.last_client = a.client_id;
+    p.kept_from_queue = false;
     p.attached_at = std::time::Instant::now();
     // Count only what this client runs from here on.
     super::comm::take_counters();

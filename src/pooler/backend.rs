@@ -70,6 +70,8 @@ pub struct Backend {
     pub lent: bool,
     /// Asked back from the queue (`KQ_RECALL`), `KQ_PARKED` not read yet.
     pub kq_recalled: bool,
+    /// Closed once it is back from the queue (`backend_close` of a lent one).
+    pub kq_close: bool,
 }
 
 fn login_error(sqlstate: &str, message: String, hint: Option<&str>) -> ErrorFields {
@@ -146,6 +148,7 @@ impl Pooler {
             terminating: false,
             lent: false,
             kq_recalled: false,
+            kq_close: false,
             last_fatal: None,
         };
         if own {
@@ -566,6 +569,11 @@ impl Pooler {
         if p.shared_backends() > 0 {
             return;
         }
+        // Clients in its kernel queue would wait there for no backend: the
+        // pooler's again, they get the error with their next message
+        // (`recent_failure`, the queue stays closed meanwhile).
+        self.kq_take_back_all(Some(pool));
+        let Some(p) = self.pools.get_mut(pool) else { return };
         let victims: Vec<usize> = p.waiting.drain(..).chain(p.login_pending.drain(..)).collect();
         for ck in victims {
             self.client_fatal_fields(ck, &f);
@@ -649,8 +657,13 @@ impl Pooler {
         true
     }
 
-    /// Closing the control socket makes a parked backend exit.
+    /// Closing the control socket makes a parked backend exit. One lent to
+    /// a kernel queue may be serving a queued client: recalled first, it
+    /// closes once it says it is parked (`kq`).
     pub fn backend_close(&mut self, key: usize) {
+        if self.kq_defer_close(key) {
+            return;
+        }
         self.closing_note(key);
         self.backend_gone(key, None);
     }

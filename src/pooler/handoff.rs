@@ -677,7 +677,7 @@ impl Pooler {
 /// The error of a pool login that failed less than a second ago while the
 /// pool had no backend: clients arriving meanwhile get it at once, so a
 /// misconfigured pg_hba.conf does not become a login storm.
-fn recent_failure(p: &Pool) -> Option<nextgres_core::proto::ErrorFields> {
+pub(super) fn recent_failure(p: &Pool) -> Option<nextgres_core::proto::ErrorFields> {
     p.last_login_error
         .as_ref()
         .filter(|(_, at)| p.shared_backends() == 0 && at.elapsed().as_millis() <= 1000)

@@ -61,7 +61,8 @@ impl Pooler {
                     BPhase::Parked { since } => {
                         let idle_limit = secs(self.idle_backend_timeout_of(b.pool));
                         let idle = idle_limit.is_some_and(|l| now.duration_since(since) > l);
-                        if b.pinned_to.is_none() && (idle || self.backend_expired(k)) {
+                        // Lent to a kernel queue, it is busy, not idle.
+                        if b.pinned_to.is_none() && ((idle && !b.lent) || self.backend_expired(k)) {
                             idle_backends.push(k);
                         }
                     }

@@ -78,6 +78,11 @@ impl Pooler {
         match kq::fd_base(limit, clients, pools, files + 1024) {
             Some(base) => {
                 log::info!("kernel queue on: client sockets at fixed descriptors from {base}");
+                // A random first generation: a backend of an earlier pooler
+                // (restarted) never matches this one's registrations.
+                let mut seed = [0u8; 8];
+                let _ = getrandom::getrandom(&mut seed);
+                self.kq.gen = u64::from_ne_bytes(seed) >> 24;
                 self.kq.base = base;
                 self.kq.clients_cap = clients;
                 self.tables.set_kq_fd_base(base);
@@ -98,6 +103,9 @@ impl Pooler {
         self.kq.base != 0
             && !self.stopping
             && p.params.is_some()
+            // A pool whose logins fail with no backend left: its clients
+            // get the error (`pool_fail_clients`), none waits in the queue.
+            && (p.shared_backends() > 0 || super::handoff::recent_failure(p).is_none())
             && !p.draining
             && !p.retired
             && !self.pool_paused(pool)
@@ -423,6 +431,10 @@ impl Pooler {
         match tag {
             control::KQ_PARKED => {
                 self.kq_unlend(bk);
+                if self.backend(bk).is_some_and(|b| b.kq_close) {
+                    self.backend_close(bk);
+                    return false;
+                }
                 self.backend_available(bk);
                 true
             }
@@ -439,6 +451,18 @@ impl Pooler {
             },
             _ => true,
         }
+    }
+
+    /// `backend_close` of a lent backend: recalled first (it may be serving
+    /// a queued client), closed at its `KQ_PARKED`. True when deferred.
+    pub fn kq_defer_close(&mut self, bk: usize) -> bool {
+        let Some(b) = self.backend(bk) else { return false };
+        if !b.lent {
+            return false;
+        }
+        b.kq_close = true;
+        self.kq_recall(bk);
+        true
     }
 
     /// The backend is no longer lent (recalled, or it kept a client).

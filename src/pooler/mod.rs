@@ -15,6 +15,8 @@
 //! * `handoff`: passing a client's socket to a backend.
 //! * `drain`: closing a database's backends for DROP DATABASE and friends.
 //! * `janitor`: periodic upkeep (timeouts).
+//! * `kq`: the kernel queue (developer option): pools' clients in an epoll
+//!   set that lent backends take them from, without the pooler.
 //! * `limits`: connection slots for pool logins, a lowered pool_size.
 //! * `poolconf`: per-pool settings from `ALTER ROLE / DATABASE ... SET`.
 //! * `ops`: pause, resume and reconnect requested through SQL.
