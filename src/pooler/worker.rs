@@ -368,6 +368,8 @@ impl Pooler {
         // told as a waiting client.
         self.stopping = true;
         self.recall_all_ahead(None);
+        // Clients in a kernel queue that no backend serves are told too.
+        self.kq_take_back_all(None);
         let listeners: Vec<usize> =
             self.conns.iter().filter_map(|(k, c)| matches!(c, Conn::Listener(_)).then_some(k)).collect();
         for k in listeners {
