@@ -383,8 +383,8 @@ impl Pooler {
         // Lent to a kernel queue: the queued clients it served go with it.
         if let Some(Conn::Backend(b)) = self.conns.get(key) {
             if b.lent {
-                let row = b.row;
-                self.kq_backend_gone(key, row);
+                let (row, fatal) = (b.row, login_failure.clone().or_else(|| b.last_fatal.as_deref().cloned()));
+                self.kq_backend_gone(key, row, fatal);
             }
         }
         // A client sent ahead waits for another backend. Taken back here, or

@@ -28,6 +28,7 @@ use super::conn::{self, Conn};
 use super::worker::Pooler;
 use crate::shmem::ClientState;
 use nextgres_core::control::{self, Attach};
+use nextgres_core::proto::ErrorFields;
 use nextgres_core::kq::{self, TakeBack};
 use nix::sys::epoll::{EpollEvent, EpollFlags};
 use std::collections::HashMap;
@@ -502,8 +503,10 @@ impl Pooler {
 
     /// A lent backend is gone: out of its queue's books; the queued clients
     /// it served lose their connection, as a direct client's does when its
-    /// backend ends (it wrote its own FATAL to them, if any).
-    pub fn kq_backend_gone(&mut self, bk: usize, brow: usize) {
+    /// backend ends. It wrote its FATAL to the client it was serving; one it
+    /// wrote on its control socket instead (`fatal`: terminated between two
+    /// clients, having taken the next) goes to that client.
+    pub fn kq_backend_gone(&mut self, bk: usize, brow: usize, fatal: Option<ErrorFields>) {
         self.kq_unlend(bk);
         let served: Vec<(usize, usize)> = self
             .kq
@@ -519,6 +522,10 @@ impl Pooler {
                 x.owner.store(0, std::sync::atomic::Ordering::SeqCst);
             }
             self.kq_settle(ck, row);
+            if let Some(f) = &fatal {
+                self.client_fatal_fields(ck, f);
+                continue;
+            }
             if let Some(c) = self.client(ck) {
                 c.phase = Phase::Closing { since: std::time::Instant::now() };
                 c.outbuf.clear();
