@@ -587,6 +587,22 @@ fn show_ssl(tls: Option<&control::TlsStatus>) {
     }
 }
 
+/// A session image of `image_bytes` too large for the control channel ends
+/// the client's session with a FATAL (54000) it receives (its socket is
+/// still `sock`), rather than a pooler that drops it without a word.
+fn image_fits(image_bytes: usize) {
+    if image_bytes + 1024 > control::MAX_CONTROL_MESSAGE {
+        pgrx::ereport!(
+            pgrx::PgLogLevel::FATAL,
+            pgrx::PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!(
+                "nextgres: this session's prepared statements and settings ({image_bytes} bytes) exceed what a pooled client can carry between backends ({} bytes)",
+                control::MAX_CONTROL_MESSAGE
+            )
+        );
+    }
+}
+
 /// Takes the client's socket out of FeBeWaitSet and returns the RELEASED
 /// to send the pooler; `sock` still holds the client's socket (see
 /// `release_socket`).
@@ -599,16 +615,7 @@ fn release_prepare(client: u64) -> Vec<u8> {
     let defaults = session::take_reported_defaults();
     let image_bytes = statements.as_ref().map_or(0, |l| l.byte_len())
         + [&settings, &defaults].iter().filter_map(|v| v.as_ref()).flatten().map(|(n, v)| n.len() + v.len() + 2).sum::<usize>();
-    if image_bytes + 1024 > control::MAX_CONTROL_MESSAGE {
-        pgrx::ereport!(
-            pgrx::PgLogLevel::FATAL,
-            pgrx::PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
-            format!(
-                "nextgres: this session's prepared statements and settings ({image_bytes} bytes) exceed what a pooled client can carry between backends ({} bytes)",
-                control::MAX_CONTROL_MESSAGE
-            )
-        );
-    }
+    image_fits(image_bytes);
     glue::febe_detach();
     // No client here any more: pg_stat_ssl shows no TLS while parked.
     show_ssl(None);
@@ -731,16 +738,7 @@ fn kq_boundary(p: &mut Parking, leaving: bool) -> bool {
         .map(|(n, v)| n.len() + v.len() + 2)
         .sum::<usize>()
         + statements.as_ref().unwrap_or(&s.attach.image.statements).byte_len();
-    if image_bytes + 1024 > control::MAX_CONTROL_MESSAGE {
-        pgrx::ereport!(
-            pgrx::PgLogLevel::FATAL,
-            pgrx::PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
-            format!(
-                "nextgres: this session's prepared statements and settings ({image_bytes} bytes) exceed what a pooled client can carry between backends ({} bytes)",
-                control::MAX_CONTROL_MESSAGE
-            )
-        );
-    }
+    image_fits(image_bytes);
     glue::febe_detach();
     show_ssl(None);
     // The client's socket is closed by the release: nothing may write to it.

@@ -53,23 +53,38 @@ fn assert_queue_ran(pg: &Cluster, before: i64, what: &str) {
     );
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
+/// `n` session workers of `xacts` transactions each, on their own runtime,
+/// until `stop`.
+struct Workers {
+    rt: tokio::runtime::Runtime,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Result<i32, String>>>,
 }
 
-async fn login(port: u16) -> Result<tokio_postgres::Client, String> {
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.host("127.0.0.1").port(port).user(APP).dbname(DB).connect_timeout(SETTLE);
-    let (client, conn) = tokio::time::timeout(SETTLE, cfg.connect(tokio_postgres::NoTls))
-        .await
-        .map_err(|_| format!("login: no answer within {SETTLE:?}"))?
-        .map_err(|e| format!("login: {e:?}"))?;
-    tokio::spawn(conn);
-    Ok(client)
+impl Workers {
+    fn start(pg: &Cluster, n: i32, xacts: i32) -> Workers {
+        let rt = runtime();
+        let stop = Arc::new(AtomicBool::new(false));
+        let port = pg.port();
+        let tasks = (0..n).map(|id| rt.spawn(session_worker(port, id, xacts, stop.clone()))).collect();
+        Workers { rt, stop, tasks }
+    }
+
+    /// Stops them (after their current transaction) and returns how each
+    /// ended, in id order.
+    fn finish(self) -> Vec<Result<i32, String>> {
+        self.stop.store(true, Ordering::SeqCst);
+        let ends = self.tasks.into_iter().map(|t| self.rt.block_on(t).expect("worker panicked")).collect();
+        drop(self.rt);
+        ends
+    }
+
+    /// Lets them run all their transactions, then as `finish`.
+    fn join(self) -> Vec<Result<i32, String>> {
+        let ends = self.tasks.into_iter().map(|t| self.rt.block_on(t).expect("worker panicked")).collect();
+        drop(self.rt);
+        ends
+    }
 }
 
 async fn bounded<T>(what: String, f: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>) -> Result<T, String> {
@@ -162,6 +177,17 @@ fn assert_left_nothing(pg: &Cluster, pooler: i32) {
     assert_pooler_serves(pg, pooler);
 }
 
+/// Six workers keep APP's pool saturated (until stopped), served through
+/// the queue: (the pooler's pid, the workers).
+fn saturated(pg: &Cluster) -> (i32, Workers) {
+    create_work(pg);
+    let pooler = running_pooler_pid(pg);
+    let before = queue_xacts(pg);
+    let workers = Workers::start(pg, 6, 100_000);
+    assert_queue_ran(pg, before, "six saturating workers");
+    (pooler, workers)
+}
+
 const WORKERS: i32 = 12;
 const XACTS: i32 = 60;
 
@@ -175,14 +201,9 @@ fn queued_clients_keep_their_sessions() {
         create_work(pg);
         let pooler = running_pooler_pid(pg);
         let before = queue_xacts(pg);
-        let rt = runtime();
-        let port = pg.port();
-        let tasks: Vec<_> = (0..WORKERS).map(|id| rt.spawn(session_worker(port, id, XACTS, Arc::default()))).collect();
-        for (id, t) in tasks.into_iter().enumerate() {
-            let r = rt.block_on(t).expect("worker panicked");
+        for (id, r) in Workers::start(pg, WORKERS, XACTS).join().into_iter().enumerate() {
             assert_eq!(r, Ok(XACTS), "worker {id}\n{}", pg.log_tail(30));
         }
-        drop(rt);
         let rows = work_rows(pg);
         for id in 0..WORKERS {
             assert_eq!(rows.get(&id), Some(&(XACTS as i64, XACTS as i64)), "worker {id}'s rows");
@@ -198,14 +219,7 @@ fn queued_clients_keep_their_sessions() {
 #[test]
 fn a_cancel_reaches_the_queued_clients_query() {
     run(builder(), |pg| {
-        create_work(pg);
-        let pooler = running_pooler_pid(pg);
-        let before = queue_xacts(pg);
-        let rt = runtime();
-        let port = pg.port();
-        let stop = Arc::new(AtomicBool::new(false));
-        let tasks: Vec<_> = (0..6).map(|id| rt.spawn(session_worker(port, id, 100_000, stop.clone()))).collect();
-        assert_queue_ran(pg, before, "the background workers");
+        let (pooler, workers) = saturated(pg);
         let mut c = connect(pg, APP);
         assert_eq!(one(&mut c, "SELECT 1"), "1");
         let token = c.cancel_token();
@@ -219,12 +233,9 @@ fn a_cancel_reaches_the_queued_clients_query() {
         let e = r.expect_err("pg_sleep(60) was not cancelled");
         assert_eq!(sqlstate(&e), Some("57014"), "{e:?}");
         assert_eq!(one(&mut c, "SELECT 2"), "2", "the client goes on after its cancel");
-        stop.store(true, Ordering::SeqCst);
-        for (id, t) in tasks.into_iter().enumerate() {
-            let r = rt.block_on(t).expect("worker panicked");
+        for (id, r) in workers.finish().into_iter().enumerate() {
             assert!(r.is_ok(), "worker {id}: {r:?} (a cancel reached another client?)");
         }
-        drop(rt);
         drop(c);
         assert_left_nothing(pg, pooler);
     });
@@ -240,9 +251,7 @@ fn clients_leaving_while_queued_leave_nothing() {
         create_work(pg);
         let pooler = running_pooler_pid(pg);
         let before = queue_xacts(pg);
-        let rt = runtime();
-        let port = pg.port();
-        let tasks: Vec<_> = (0..6).map(|id| rt.spawn(session_worker(port, id, 200, Arc::default()))).collect();
+        let workers = Workers::start(pg, 6, 200);
         for round in 0..20 {
             let mut r = raw(pg, APP);
             r.query("SELECT 1").unwrap_or_else(|e| panic!("round {round}: {e:?}"));
@@ -253,11 +262,9 @@ fn clients_leaving_while_queued_leave_nothing() {
                 r.send_terminate();
             }
         }
-        for (id, t) in tasks.into_iter().enumerate() {
-            let r = rt.block_on(t).expect("worker panicked");
+        for (id, r) in workers.join().into_iter().enumerate() {
             assert_eq!(r, Ok(200), "worker {id}\n{}", pg.log_tail(30));
         }
-        drop(rt);
         assert_queue_ran(pg, before, "workers and leaving clients");
         assert_left_nothing(pg, pooler);
     });
@@ -270,14 +277,7 @@ fn clients_leaving_while_queued_leave_nothing() {
 #[test]
 fn a_pinned_session_stays_with_its_backend() {
     run(builder().conf("nextgres.max_pinned_backends = 2"), |pg| {
-        create_work(pg);
-        let pooler = running_pooler_pid(pg);
-        let before = queue_xacts(pg);
-        let rt = runtime();
-        let port = pg.port();
-        let stop = Arc::new(AtomicBool::new(false));
-        let tasks: Vec<_> = (0..6).map(|id| rt.spawn(session_worker(port, id, 100_000, stop.clone()))).collect();
-        assert_queue_ran(pg, before, "the background workers");
+        let (pooler, workers) = saturated(pg);
         let mut c = connect(pg, APP);
         for _ in 0..5 {
             assert_eq!(one(&mut c, "SELECT 1"), "1");
@@ -287,12 +287,9 @@ fn a_pinned_session_stays_with_its_backend() {
             c.batch_execute("INSERT INTO mine VALUES (1)").unwrap_or_else(|e| panic!("insert {n}: {e:?}\n{}", pg.log_tail(30)));
             assert_eq!(one(&mut c, "SELECT count(*) FROM mine"), n.to_string());
         }
-        stop.store(true, Ordering::SeqCst);
-        for (id, t) in tasks.into_iter().enumerate() {
-            let r = rt.block_on(t).expect("worker panicked");
+        for (id, r) in workers.finish().into_iter().enumerate() {
             assert!(r.is_ok(), "worker {id}: {r:?}");
         }
-        drop(rt);
         drop(c);
         assert_left_nothing(pg, pooler);
     });
@@ -304,14 +301,7 @@ fn a_pinned_session_stays_with_its_backend() {
 #[test]
 fn pause_resume_and_kill_reach_queued_clients() {
     run(builder(), |pg| {
-        create_work(pg);
-        let pooler = running_pooler_pid(pg);
-        let before = queue_xacts(pg);
-        let rt = runtime();
-        let port = pg.port();
-        let stop = Arc::new(AtomicBool::new(false));
-        let tasks: Vec<_> = (0..6).map(|id| rt.spawn(session_worker(port, id, 100_000, stop.clone()))).collect();
-        assert_queue_ran(pg, before, "the workers");
+        let (pooler, workers) = saturated(pg);
         pg.admin().batch_execute("SELECT nextgres.pause('postgres')").expect("pause");
         std::thread::sleep(Duration::from_millis(500));
         let count = |pg: &Cluster| admin_i64(pg, "SELECT count(*) FROM work");
@@ -322,14 +312,12 @@ fn pause_resume_and_kill_reach_queued_clients() {
         let resumed = wait_until(SETTLE, || count(pg) > paused_at + 20);
         assert!(resumed, "the workers did not go on after resume\n{}", pg.log_tail(30));
         pg.admin().batch_execute("SELECT nextgres.kill_clients('postgres')").expect("kill");
-        for (id, t) in tasks.into_iter().enumerate() {
-            let r = rt.block_on(t).expect("worker panicked");
+        for (id, r) in workers.join().into_iter().enumerate() {
             let e = r.expect_err("a worker outlived kill_clients");
             // The FATAL reaches a client between two queries as the end of
             // its connection (tokio-postgres: kind Closed).
             assert!(e.contains("AdminShutdown") || e.contains("57P01") || e.contains("Closed"), "worker {id}: {e}");
         }
-        drop(rt);
         assert_left_nothing(pg, pooler);
     });
 }

@@ -113,30 +113,6 @@ fn assert_recovered(pg: &Cluster, pooler: i32) {
     assert_pooler_serves(pg, pooler);
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
-/// A tokio-postgres client of APP logged in through the pooler.
-async fn login(port: u16) -> Result<tokio_postgres::Client, String> {
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.host("127.0.0.1")
-        .port(port)
-        .user(APP)
-        .dbname(DB)
-        .connect_timeout(SETTLE);
-    let (client, conn) = tokio::time::timeout(SETTLE, cfg.connect(tokio_postgres::NoTls))
-        .await
-        .map_err(|_| format!("login: no answer within {SETTLE:?}"))?
-        .map_err(|e| format!("login: {e:?}"))?;
-    tokio::spawn(conn);
-    Ok(client)
-}
-
 /// How a worker's connection may end when its backend is terminated: the
 /// backend's FATAL 57P01, or the connection closed / reset.
 fn ended_by_termination(e: &tokio_postgres::Error) -> bool {

@@ -300,3 +300,30 @@ pub fn psql_child(pg: &Cluster, user: &str, args: &[&str], stdin: bool, stdout: 
     .stderr(Stdio::null());
     cmd.spawn().expect("starting psql")
 }
+
+// ---- tokio-postgres workers -------------------------------------------------------
+
+/// A two-thread tokio runtime for concurrent tokio-postgres clients.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// A tokio-postgres client of APP logged in through the pooler on `port`.
+pub async fn login(port: u16) -> Result<tokio_postgres::Client, String> {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1")
+        .port(port)
+        .user(APP)
+        .dbname(DB)
+        .connect_timeout(SETTLE);
+    let (client, conn) = tokio::time::timeout(SETTLE, cfg.connect(tokio_postgres::NoTls))
+        .await
+        .map_err(|_| format!("login: no answer within {SETTLE:?}"))?
+        .map_err(|e| format!("login: {e:?}"))?;
+    tokio::spawn(conn);
+    Ok(client)
+}
