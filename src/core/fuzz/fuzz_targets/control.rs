@@ -1,5 +1,5 @@
 //! The pooler <-> backend control channel (`control::parse_attach`,
-//! `control::parse_released`).
+//! `control::parse_released`, and the other messages' parsers).
 //!
 //! The first input byte picks a mode, the rest is its input:
 //! * 0: ATTACH body, 1: RELEASED body, 2: a framed stream dispatched by tag,
@@ -178,6 +178,21 @@ fuzz_target!(|data: &[u8]| {
                             let mut out = Vec::new();
                             control::write_ring_mark(&mut out, v);
                             assert_eq!(control::parse_ring_mark(framed(&out, control::RING_MARK)).ok(), Some(v));
+                        }
+                    }
+                    // The kernel queue's messages.
+                    control::KQ_RETURNED => {
+                        if let Ok((row, id, flags)) = control::parse_kq_returned(m.body) {
+                            let mut out = Vec::new();
+                            control::write_kq_returned(&mut out, row, id, flags);
+                            assert_eq!(control::parse_kq_returned(framed(&out, control::KQ_RETURNED)).ok(), Some((row, id, flags)));
+                        }
+                    }
+                    control::KQ_LEND => {
+                        if let Ok(v) = control::parse_kq_lend(m.body) {
+                            let mut out = Vec::new();
+                            control::write_kq_lend(&mut out, v);
+                            assert_eq!(control::parse_kq_lend(framed(&out, control::KQ_LEND)).ok(), Some(v));
                         }
                     }
                     control::RELEASE_REQUEST => {
