@@ -114,6 +114,16 @@ impl Pooler {
             && self.pool_mode_of(pool) == nextgres_core::poolconf::Mode::Transaction
     }
 
+    /// Pool `pool` is freed (no client or backend left): its queue closes,
+    /// so the next pool in its row makes its own.
+    pub fn kq_pool_freed(&mut self, pool: usize) {
+        self.kq.pools.remove(&pool);
+        // Its counters are not the next pool's.
+        if let Some(row) = self.pools.get(pool).map(|p| p.row) {
+            self.kq_reset_counters(row);
+        }
+    }
+
     /// The pool's queue, created at its fixed number on first use.
     fn kq_pool_queue(&mut self, pool: usize) -> Option<&mut PoolQueue> {
         if !self.kq.pools.contains_key(&pool) {
@@ -484,6 +494,11 @@ impl Pooler {
             return; // taken back meanwhile (the pooler's already)
         };
         self.kq_settle(ck, row);
+        // A backend took it: its session was counted there, whatever the
+        // slot (rewritten only when a backend requeues it) still says.
+        if let Some(c) = self.client(ck) {
+            c.session_counted = true;
+        }
         if flags & control::KQ_RETURNED_KEPT != 0 {
             // The backend serves it as an attached client from here on.
             self.kq_unlend(bk);

@@ -136,6 +136,8 @@ impl Pooler {
             return false;
         }
         self.pool_forget_name(k);
+        // No client or backend left: its kernel queue closes with it.
+        self.kq_pool_freed(k);
         let p = self.pools.remove(k);
         log::info!("pool for role \"{}\" and database \"{}\" freed for a new pool (nextgres.max_pools is full)", p.role, p.database);
         self.tables.write(|rows, _, _| rows[p.row].in_use = false);
