@@ -241,6 +241,9 @@ pub enum BackendState {
     Starting = 0,
     Parked = 1,
     Attached = 2,
+    /// Lent to its pool's kernel queue (`pooler::kq`): serving its clients
+    /// or waiting for one.
+    Lent = 3,
 }
 
 #[repr(C)]

@@ -192,6 +192,7 @@ fn backends() -> TableIterator<
                 BackendState::Starting => "starting",
                 BackendState::Parked => "parked",
                 BackendState::Attached => "attached",
+                BackendState::Lent => "lent",
             }
             .to_string(),
             client.map(|c| shmem::name(&c.addr)),
@@ -329,7 +330,9 @@ fn pause(database: Option<&str>, role: default!(Option<&str>, "NULL"), wait_seco
     let me = crate::pg::my_pid();
     wait_for(&t, gen, wait_seconds, |t| {
         let (backends, names) = t.backends_and_pool_names();
-        backends.iter().filter(|b| b.pid != me && b.state == shmem::BackendState::Attached).all(|b| {
+        // A backend lent to a kernel queue may be in a queued client's
+        // transaction: waited for until it is recalled (`ops_check`).
+        backends.iter().filter(|b| b.pid != me && matches!(b.state, shmem::BackendState::Attached | shmem::BackendState::Lent)).all(|b| {
             !names.get(b.pool as usize).is_some_and(|(d, r)| d == database && role.is_none_or(|x| x == r))
         })
     })

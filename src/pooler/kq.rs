@@ -315,6 +315,12 @@ impl Pooler {
         // Serving queued clients, its session will be theirs: the next
         // client the pooler hands it is a new one for it.
         b.last_client = 0;
+        let row = b.row;
+        let now = crate::pg::shmem::now();
+        self.backend_row_update(row, |r| {
+            r.state = crate::shmem::BackendState::Lent;
+            r.since = now;
+        });
         if let Some(q) = self.kq.pools.get_mut(&pool) {
             q.lent.push(bk);
         }
@@ -476,12 +482,20 @@ impl Pooler {
         true
     }
 
-    /// The backend is no longer lent (recalled, or it kept a client).
+    /// The backend is no longer lent (recalled, or it kept a client): parked
+    /// in its row until the caller says otherwise.
     fn kq_unlend(&mut self, bk: usize) {
         let Some(b) = self.backend(bk) else { return };
-        b.lent = false;
+        let was = std::mem::replace(&mut b.lent, false);
         b.kq_recalled = false;
-        let pool = b.pool;
+        let (pool, row) = (b.pool, b.row);
+        if was {
+            let now = crate::pg::shmem::now();
+            self.backend_row_update(row, |r| {
+                r.state = crate::shmem::BackendState::Parked;
+                r.since = now;
+            });
+        }
         if let Some(q) = self.kq.pools.get_mut(&pool) {
             q.lent.retain(|&k| k != bk);
         }
