@@ -166,6 +166,12 @@ impl Pooler {
         if !self.kq_open(pool) || self.kq_pool_queue(pool).is_none() {
             return false;
         }
+        // Queued only while a backend serves the queue or logs in for it:
+        // otherwise (every backend pinned, the pool at its size) it waits
+        // the pooler's way, where query_wait_timeout and recalls apply.
+        if self.kq.pools.get(&pool).is_none_or(|q| q.lent.is_empty()) && self.pools.get(pool).is_none_or(|p| p.starting == 0) {
+            return false;
+        }
         let Some(Conn::Client(c)) = self.conns.get(ck) else { return false };
         let row = c.row;
         let Some(slot_row) = self.tables.kq_row(row) else { return false };
@@ -391,7 +397,11 @@ impl Pooler {
     pub fn kq_janitor(&mut self) {
         let pools: Vec<usize> = self.kq.pools.keys().copied().collect();
         for pool in pools {
-            if !self.kq_open(pool) {
+            // No backend serves the queue and none logs in for it (all
+            // pinned, say): its clients wait the pooler's way instead.
+            let unserved = self.kq.pools.get(&pool).is_some_and(|q| q.lent.is_empty())
+                && self.pools.get(pool).is_some_and(|p| p.starting == 0 && p.queued > 0);
+            if !self.kq_open(pool) || unserved {
                 self.kq_take_back_all(Some(pool));
             }
             self.sync_pool(pool);

@@ -206,7 +206,9 @@ impl Pool {
     pub fn wants_backend(&self, pool_size: usize) -> bool {
         // Clients in the kernel queue want as many backends as there are of
         // them (the pooler cannot see which of them wait).
-        let queued = self.queued.saturating_sub(self.shared_backends().saturating_sub(self.starting));
+        // Pinned backends in pool_size serve no queue.
+        let serving = self.shared_backends().saturating_sub(self.starting + self.pinned.saturating_sub(self.dedicated));
+        let queued = self.queued.saturating_sub(serving);
         let demand = self.waiting.len() + queued + usize::from(self.params.is_none() && !self.login_pending.is_empty());
         !self.draining && !self.retired && self.shared_backends() < pool_size && demand > self.starting
     }
