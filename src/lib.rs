@@ -11,6 +11,7 @@
 use pgrx::prelude::*;
 
 mod backend;
+mod kq_fd;
 mod pg;
 mod pooler;
 mod postmaster;

@@ -80,6 +80,10 @@ pub struct KqRow {
     /// session holds the client's image: a backend taking the client
     /// switches sessions unless it is that one), -1 none.
     pub last_backend: AtomicI32,
+    /// How many times a backend has taken the client from the queue
+    /// (wrapping; added by the backend at each take): the pooler tells a
+    /// client that waits from one served between two looks by it.
+    pub takes: AtomicU32,
     /// The client's ATTACH, as the next backend to take it reads it: written
     /// by the pooler when it queues the client, then by each backend that
     /// releases it (`slot.ticket` is the registration's generation).
@@ -558,6 +562,31 @@ impl Tables {
         )
     }
 
+    /// The client rows in use with their row numbers, and which of them a
+    /// backend serves from a kernel queue now: client row -> that backend's
+    /// pid (owner word `Taken`; empty without a kernel queue). One lock, so
+    /// no row is another client's by the time it is joined.
+    pub fn snapshot_clients_serving(&self) -> (Vec<(usize, ClientRow)>, std::collections::HashMap<usize, i32>) {
+        let _g = Guard::shared();
+        let clients: Vec<(usize, ClientRow)> = self.clients_raw().iter().enumerate().filter(|(_, r)| r.in_use).map(|(i, r)| (i, *r)).collect();
+        (clients, self.kq_serving_locked())
+    }
+
+    /// Client row -> pid of the backend serving it from a kernel queue; the
+    /// caller holds the lock (a backend row's pid is the pooler's to write).
+    fn kq_serving_locked(&self) -> std::collections::HashMap<usize, i32> {
+        let backends = self.backends_raw();
+        let cap = if self.header().kq_rows { self.header().clients_cap as usize } else { 0 };
+        (0..cap)
+            .filter_map(|r| match nextgres_core::kq::load(&self.kq_row(r)?.owner) {
+                nextgres_core::kq::Owner::Taken { row, .. } => {
+                    backends.get(row as usize).filter(|b| b.in_use).map(|b| (r, b.pid))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The backend rows in use (ticket words read atomically); the caller
     /// holds the lock.
     fn backends_in_use(&self) -> Vec<BackendRow> {
@@ -701,9 +730,24 @@ impl Tables {
     /// by index, copied under one lock: joined across two, a backend's
     /// client row could be another client's by the second copy (rows are
     /// reused at once), and `nextgres.backends` would show that client.
-    pub fn snapshot_backends_joined(&self) -> (Vec<BackendRow>, Vec<(String, String)>, Vec<ClientRow>) {
+    pub fn snapshot_backends_joined(&self) -> (Vec<BackendRow>, Vec<(String, String)>, Vec<ClientRow>, std::collections::HashMap<usize, i32>) {
         let _g = Guard::shared();
-        (self.backends_in_use(), self.pool_names_by_row(), self.clients_raw().to_vec())
+        (self.backends_in_use(), self.pool_names_by_row(), self.clients_raw().to_vec(), self.kq_serving_locked())
+    }
+
+    /// The pool rows in use and, per pool row, how many of its clients a
+    /// backend serves from its kernel queue now.
+    pub fn snapshot_pools_serving(&self) -> (Vec<(i32, PoolRow)>, std::collections::HashMap<i32, i32>) {
+        let _g = Guard::shared();
+        let pools = self.pools_raw().iter().enumerate().filter(|(_, r)| r.in_use).map(|(i, r)| (i as i32, *r)).collect();
+        let clients = self.clients_raw();
+        let mut per_pool = std::collections::HashMap::new();
+        for (r, _) in self.kq_serving_locked() {
+            if let Some(c) = clients.get(r).filter(|c| c.in_use) {
+                *per_pool.entry(c.pool).or_insert(0) += 1;
+            }
+        }
+        (pools, per_pool)
     }
 }
 

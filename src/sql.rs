@@ -68,16 +68,20 @@ fn pools() -> TableIterator<
         name!(kernel_queue_transactions, i64),
     ),
 > {
-    let (pools, _, _) = tables().snapshot();
-    TableIterator::new(pools.into_iter().map(|p| {
+    // A backend lent to a pool's kernel queue counts as parked in the
+    // pooler's row; one serving a queued client now (read live: the pooler
+    // is not told) is attached, and that client active.
+    let (pools, serving) = tables().snapshot_pools_serving();
+    TableIterator::new(pools.into_iter().map(move |(row, p)| {
+        let served = serving.get(&row).copied().unwrap_or(0);
         (
             shmem::name(&p.database),
             shmem::name(&p.role),
-            p.clients_idle,
-            p.clients_active,
+            (p.clients_idle - served).max(0),
+            p.clients_active + served,
             p.clients_waiting,
-            p.backends_parked,
-            p.backends_attached,
+            (p.backends_parked - served).max(0),
+            p.backends_attached + served,
             p.backends_starting,
             p.backends_dedicated,
             p.xacts,
@@ -138,17 +142,23 @@ fn clients() -> TableIterator<
         name!(tls_relay, Option<String>),
     ),
 > {
-    let (_, clients, backends) = tables().snapshot();
-    TableIterator::new(clients.into_iter().map(move |c| {
+    let (_, _, backends) = tables().snapshot();
+    let (clients, serving) = tables().snapshot_clients_serving();
+    TableIterator::new(clients.into_iter().map(move |(row, c)| {
         // Its backend is its dedicated session (pinned, outside pool_size)?
         let dedicated = c.backend_pid != 0 && backends.iter().any(|b| b.pid == c.backend_pid && b.dedicated);
+        // Served from its pool's kernel queue now (the pooler is not told).
+        let (state, backend_pid) = match serving.get(&row) {
+            Some(&pid) => (ClientState::Active, pid),
+            None => (c.state, c.backend_pid),
+        };
         (
             shmem::name(&c.addr),
             c.port,
             shmem::name(&c.database),
             shmem::name(&c.role),
-            client_state(c.state).to_string(),
-            (c.backend_pid != 0).then_some(c.backend_pid),
+            client_state(state).to_string(),
+            (backend_pid != 0).then_some(backend_pid),
             ts(c.connected_at),
             c.xacts,
             c.tls.then(|| shmem::name(&c.tls_version)),
@@ -180,10 +190,16 @@ fn backends() -> TableIterator<
         name!(clients_queued, i32),
     ),
 > {
-    let (backends, names, clients) = tables().snapshot_backends_joined();
+    let (backends, names, clients, serving) = tables().snapshot_backends_joined();
     TableIterator::new(backends.into_iter().map(move |b| {
         let (db, role) = names.get(b.pool as usize).cloned().unwrap_or_default();
-        let client = (b.client_row >= 0).then(|| clients.get(b.client_row as usize).copied()).flatten().filter(|c| c.in_use);
+        // Lent to its pool's kernel queue: attached while it serves a queued
+        // client (read live), parked while it waits for one.
+        let queued_client = (b.state == BackendState::Lent)
+            .then(|| serving.iter().find(|(_, &pid)| pid == b.pid).map(|(&r, _)| r as i32))
+            .flatten();
+        let client_row = queued_client.unwrap_or(b.client_row);
+        let client = (client_row >= 0).then(|| clients.get(client_row as usize).copied()).flatten().filter(|c| c.in_use);
         (
             b.pid,
             db,
@@ -192,7 +208,8 @@ fn backends() -> TableIterator<
                 BackendState::Starting => "starting",
                 BackendState::Parked => "parked",
                 BackendState::Attached => "attached",
-                BackendState::Lent => "lent",
+                BackendState::Lent if queued_client.is_some() => "attached",
+                BackendState::Lent => "parked",
             }
             .to_string(),
             client.map(|c| shmem::name(&c.addr)),

@@ -13,8 +13,9 @@
 //! client is re-armed or given back.
 use nextgres_core::control::{self, Attach};
 use nextgres_core::kq;
+use crate::kq_fd::{fd_free, ready_flags};
 use nextgres_core::proto::frame::parse_message;
-use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::epoll::{Epoll, EpollEvent, EpollTimeout};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 
@@ -48,14 +49,6 @@ pub enum Released {
     /// client (`KQ_RETURNED_KEPT` is sent) and gives it back the pooler's
     /// way, with its whole image.
     TooLarge,
-}
-
-fn ready_flags() -> EpollFlags {
-    EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLONESHOT
-}
-
-fn fd_free(fd: RawFd) -> bool {
-    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD) == Err(nix::errno::Errno::EBADF)
 }
 
 impl Queue {
@@ -111,6 +104,7 @@ impl Queue {
             if !kq::take(&k.owner, self.row, gen) {
                 continue;
             }
+            k.takes.fetch_add(1, Ordering::Relaxed);
             let copy = k.slot.read(&mut buf);
             let attach = match parse_message(&buf, control::MAX_CONTROL_MESSAGE) {
                 Ok(Some((m, _))) if m.tag == control::ATTACH && copy.ticket == gen => control::parse_attach(m.body).ok(),
@@ -121,14 +115,15 @@ impl Queue {
             };
             let number = self.base + row as i32;
             let fd = match self.socket(control, number) {
-                Some(fd) => fd,
-                None => {
-                    // Not servable here (its number is taken in this
-                    // process, or the socket could not be taken): the
-                    // pooler's again.
-                    self.give_back(control, row, gen, attach.client_id, 0);
-                    continue;
-                }
+                Ok(fd) => fd,
+                // This backend cannot hold client sockets (out of
+                // descriptors, or its number is taken here): it ends, as
+                // one that cannot receive an ATTACH's socket does, its
+                // FATAL on the control socket; the client, still this
+                // backend's in its owner word, gets it from the pooler
+                // (`kq_backend_gone`), so it is neither lost nor retried
+                // here for ever.
+                Err(e) => super::park::fatal(&format!("could not receive the client socket from the pooler: {e}")),
             };
             // A hang-up or a lone Terminate: nothing to serve.
             let mut peek = [0u8; 5];
@@ -164,14 +159,14 @@ impl Queue {
     }
 
     /// The client's socket from the pooler, at `number` in this process.
-    fn socket(&self, control: RawFd, number: RawFd) -> Option<RawFd> {
+    fn socket(&self, control: RawFd, number: RawFd) -> Result<RawFd, String> {
         if !fd_free(number) {
-            return None;
+            return Err(format!("descriptor {number} is in use in this backend"));
         }
-        let got = super::slot::pooler_socket(control, number).ok()?;
+        let got = super::slot::pooler_socket(control, number).map_err(|e| e.desc().to_lowercase())?;
         let placed = nix::unistd::dup3(got, number, nix::fcntl::OFlag::O_CLOEXEC);
         let _ = nix::unistd::close(got);
-        placed.ok()
+        placed.map_err(|e| e.desc().to_lowercase())
     }
 
     /// Re-arms client row `row`'s registration (this backend holds its

@@ -1142,7 +1142,7 @@ impl Pooler {
     /// previous client's boundary): the cancel is dropped, as is one whose
     /// messages are not all there yet or are no plain query cycle
     /// (`proto::frame::query_cycle_len`), with a LOG line.
-    fn cancel_queued(&mut self, ck: usize) {
+    pub(super) fn cancel_queued(&mut self, ck: usize) {
         if !self.client_recall(ck) {
             return log::info!("cancel request for a client its backend has just taken: dropped");
         }

@@ -221,8 +221,16 @@ impl Pooler {
         } else if let Some(b) = self.pools[pool].take_parked(last) {
             return self.handoff(key, b, None);
         }
+        self.client_wait(key, pool, Instant::now());
+    }
+
+    /// The client waits for a backend of pool `pool` (since `since`): in
+    /// the pool's waiting list, listed as waiting, under
+    /// query_wait_timeout, served by the next backend available (a lent
+    /// one is recalled for it).
+    pub fn client_wait(&mut self, key: usize, pool: usize, since: Instant) {
         let Some(c) = self.client(key) else { return };
-        c.phase = Phase::Waiting { since: Instant::now() };
+        c.phase = Phase::Waiting { since };
         c.watch_hangup = false;
         self.pools[pool].waiting.push_back(key);
         self.client_set_state(key, ClientState::Waiting, 0);
@@ -680,7 +688,7 @@ impl Pooler {
 pub(super) fn recent_failure(p: &Pool) -> Option<nextgres_core::proto::ErrorFields> {
     p.last_login_error
         .as_ref()
-        .filter(|(_, at)| p.shared_backends() == 0 && at.elapsed().as_millis() <= 1000)
+        .filter(|(_, at)| p.logged_in_shared_backends() == 0 && at.elapsed().as_millis() <= 1000)
         .map(|(f, _)| f.clone())
 }
 

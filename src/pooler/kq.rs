@@ -19,10 +19,11 @@
 //! is how that backend can re-arm the pooler's registration.
 //!
 //! What the pooler no longer sees for queued clients: their transactions
-//! (counted by backends in shared memory, `shmem::KqPool`), whether one
-//! waits (so no query_wait_timeout, and backends log in up to
-//! min(pool_size, clients)), and whether one is active (`nextgres.clients`
-//! shows them idle).
+//! (counted by backends in shared memory, `shmem::KqPool`), and which one
+//! a backend serves (`nextgres.clients` and `nextgres.backends` read the
+//! owner words). Which ones wait it learns by looking at each tick
+//! (`kq_watch_waiting`); one that waits that long goes to the pooler's
+//! waiting list, where query_wait_timeout and cancels apply as always.
 use super::client::Phase;
 use super::conn::{self, Conn};
 use super::worker::Pooler;
@@ -30,9 +31,11 @@ use crate::shmem::ClientState;
 use nextgres_core::control::{self, Attach};
 use nextgres_core::proto::ErrorFields;
 use nextgres_core::kq::{self, TakeBack};
-use nix::sys::epoll::{EpollEvent, EpollFlags};
+use crate::kq_fd::{fd_free, ready_flags};
+use nix::sys::epoll::EpollEvent;
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Instant;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// The pooler's kernel queue state.
 #[derive(Default)]
@@ -44,6 +47,14 @@ pub struct KernelQueue {
     pools: HashMap<usize, PoolQueue>,
     /// Client key -> client row, for clients in a queue (`Phase::Queued`).
     queued: HashMap<usize, usize>,
+    /// Client row -> client key: the reverse of `queued`, for what a
+    /// backend reports by row (`KQ_RETURNED`).
+    by_row: HashMap<usize, usize>,
+    /// Queued clients seen waiting at the last tick (`kq_watch_waiting`):
+    /// client key -> (its row's take count then, when first seen).
+    waiting: HashMap<usize, (u32, Instant)>,
+    /// Pool key -> how many of `waiting` are its clients.
+    waiting_per_pool: HashMap<usize, usize>,
     gen: u64,
 }
 
@@ -52,15 +63,6 @@ struct PoolQueue {
     ep: nix::sys::epoll::Epoll,
     /// Backends lent to it (keys).
     lent: Vec<usize>,
-}
-
-fn ready_flags() -> EpollFlags {
-    EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLONESHOT
-}
-
-/// Is descriptor number `fd` free in this process?
-fn fd_free(fd: RawFd) -> bool {
-    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD) == Err(nix::errno::Errno::EBADF)
 }
 
 impl Pooler {
@@ -106,7 +108,7 @@ impl Pooler {
             && p.params.is_some()
             // A pool whose logins fail with no backend left: its clients
             // get the error (`pool_fail_clients`), none waits in the queue.
-            && (p.shared_backends() > 0 || super::handoff::recent_failure(p).is_none())
+            && (p.logged_in_shared_backends() > 0 || super::handoff::recent_failure(p).is_none())
             && !p.draining
             && !p.retired
             && !self.pool_paused(pool)
@@ -234,6 +236,7 @@ impl Pooler {
         c.session_counted = true;
         c.watch_hangup = false;
         self.kq.queued.insert(ck, row);
+        self.kq.by_row.insert(row, ck);
         self.client_set_state(ck, ClientState::Idle, 0);
         if let Some(p) = self.pools.get_mut(pool) {
             p.queued += 1;
@@ -272,8 +275,15 @@ impl Pooler {
     /// backend): out of its queue, its session image and count as the
     /// last backend left them in its slot.
     fn kq_settle(&mut self, ck: usize, row: usize) {
-        self.kq.queued.remove(&ck);
+        if let Some(row) = self.kq.queued.remove(&ck) {
+            self.kq.by_row.remove(&row);
+        }
         let pool = self.client(ck).and_then(|c| c.pool);
+        if self.kq.waiting.remove(&ck).is_some() {
+            if let Some(n) = pool.and_then(|p| self.kq.waiting_per_pool.get_mut(&p)) {
+                *n = n.saturating_sub(1);
+            }
+        }
         let image = self.tables.kq_row(row).and_then(|r| {
             let mut buf = Vec::new();
             r.slot.read(&mut buf);
@@ -404,8 +414,110 @@ impl Pooler {
             if !self.kq_open(pool) || unserved {
                 self.kq_take_back_all(Some(pool));
             }
+        }
+        self.kq_watch_waiting();
+        for pool in self.kq.pools.keys().copied().collect::<Vec<_>>() {
             self.sync_pool(pool);
         }
+    }
+
+    /// The backends lent to pool `pool`'s queue.
+    pub fn kq_lent(&self, pool: usize) -> Vec<usize> {
+        self.kq.pools.get(&pool).map(|q| q.lent.clone()).unwrap_or_default()
+    }
+
+    /// Backends lent to pool `pool`'s queue.
+    pub fn kq_lent_count(&self, pool: usize) -> usize {
+        self.kq.pools.get(&pool).map_or(0, |q| q.lent.len())
+    }
+
+    /// Clients of pool `pool` seen waiting in its queue at the last tick.
+    pub fn kq_waiting_count(&self, pool: usize) -> usize {
+        self.kq.waiting_per_pool.get(&pool).copied().unwrap_or(0)
+    }
+
+    /// Each tick: which queued clients wait (their query in the socket, no
+    /// backend has taken it). No backend tells the pooler when a queued
+    /// client becomes ready (that is the point), so it looks: one poll(2)
+    /// over the unserved ones' sockets, which does not touch their queue
+    /// registrations. Seen waiting: listed as `waiting` (`nextgres.clients`,
+    /// `clients_waiting`). Seen waiting at two ticks in a row with its
+    /// row's take count unchanged: no backend took it in between (every
+    /// lent backend is held by longer transactions), so it waits the
+    /// pooler's way from then on (`kq_wait`): query_wait_timeout counts
+    /// from when it was first seen, and a recalled backend serves it. A
+    /// client served between two looks is not counted as waiting through.
+    fn kq_watch_waiting(&mut self) {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let now = Instant::now();
+        let looked: Vec<(usize, usize, u32)> = self
+            .kq
+            .queued
+            .iter()
+            .filter_map(|(&ck, &row)| {
+                let k = self.tables.kq_row(row)?;
+                let takes = k.takes.load(std::sync::atomic::Ordering::Relaxed);
+                matches!(kq::load(&k.owner), kq::Owner::Queued { .. }).then_some((ck, row, takes))
+            })
+            .collect();
+        let ready: Vec<bool> = {
+            // SAFETY: each queued client's socket is open at its fixed
+            // number while it is in `queued` (closed only after kq_settle).
+            let mut fds: Vec<PollFd> = looked
+                .iter()
+                .map(|&(_, row, _)| PollFd::new(unsafe { std::os::fd::BorrowedFd::borrow_raw(self.kq.base + row as i32) }, PollFlags::POLLIN))
+                .collect();
+            if !fds.is_empty() && poll(&mut fds, PollTimeout::ZERO).is_err() {
+                return;
+            }
+            fds.iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect()
+        };
+        let before = std::mem::take(&mut self.kq.waiting);
+        let mut stuck = Vec::new();
+        for (&(ck, _, takes), ready) in looked.iter().zip(ready) {
+            if !ready {
+                continue;
+            }
+            match before.get(&ck) {
+                Some(&(t, since)) if t == takes => stuck.push((ck, since)),
+                _ => {
+                    self.kq.waiting.insert(ck, (takes, now));
+                }
+            }
+        }
+        for &ck in before.keys() {
+            if !self.kq.waiting.contains_key(&ck) && self.kq.queued.contains_key(&ck) {
+                self.client_set_state(ck, ClientState::Idle, 0);
+            }
+        }
+        let mut per_pool: HashMap<usize, usize> = HashMap::new();
+        for &ck in self.kq.waiting.keys() {
+            if !before.contains_key(&ck) {
+                self.client_set_state(ck, ClientState::Waiting, 0);
+            }
+            if let Some(Conn::Client(c)) = self.conns.get(ck) {
+                if let Some(p) = c.pool {
+                    *per_pool.entry(p).or_insert(0) += 1;
+                }
+            }
+        }
+        self.kq.waiting_per_pool = per_pool;
+        for (ck, since) in stuck {
+            self.kq_wait(ck, since);
+        }
+    }
+
+    /// A queued client that waits goes to the pooler's waiting list (true),
+    /// unless a backend has just taken it (false: being served).
+    fn kq_wait(&mut self, ck: usize, since: Instant) -> bool {
+        let Some(&row) = self.kq.queued.get(&ck) else { return false };
+        let Some(pool) = self.client(ck).and_then(|c| c.pool) else { return false };
+        if !self.tables.kq_row(row).is_some_and(|k| kq::take_back_waiting(&k.owner)) {
+            return false;
+        }
+        self.kq_settle(ck, row);
+        self.client_wait(ck, pool, since);
+        true
     }
 
     /// The backend row serving a queued client, if one does (cancel, kill).
@@ -432,6 +544,21 @@ impl Pooler {
     /// served: its query is over, or not started (dropped, LOG).
     pub fn kq_cancel(&mut self, ck: usize) {
         let Some(&row) = self.kq.queued.get(&ck) else { return };
+        let Some(owner) = self.tables.kq_row(row).map(|r| kq::load(&r.owner)) else { return };
+        // Its query waits in the queue: cancelled as a client waiting the
+        // pooler's way is (answered 57014, unrun). Idle (nothing sent): the
+        // cancel does nothing, as on a direct connection.
+        if matches!(owner, kq::Owner::Queued { .. }) {
+            let mut one = [0u8; 1];
+            let fd = self.kq.base + row as i32;
+            use nix::sys::socket::{recv, MsgFlags};
+            if !matches!(recv(fd, &mut one, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT), Ok(n) if n > 0) {
+                return log::info!("cancel request for an idle client of a kernel queue: dropped");
+            }
+            if self.kq_wait(ck, Instant::now()) {
+                return self.cancel_queued(ck);
+            }
+        }
         let Some(owner) = self.tables.kq_row(row).map(|r| kq::load(&r.owner)) else { return };
         let kq::Owner::Taken { row: brow, gen, .. } = owner else {
             return log::info!("cancel request for a client of a kernel queue that no backend serves: dropped");
@@ -480,6 +607,25 @@ impl Pooler {
         }
     }
 
+    /// A pool over its size (pool_size lowered): lent backends close
+    /// (recalled first) for up to `surplus` of it, those already closing
+    /// counted. Returns the surplus left for attached backends.
+    pub fn kq_trim(&mut self, pool: usize, surplus: usize) -> usize {
+        let Some(q) = self.kq.pools.get(&pool) else { return surplus };
+        let lent = q.lent.clone();
+        let closing = |p: &Pooler, bk: usize| matches!(p.conns.get(bk), Some(Conn::Backend(b)) if b.kq_close);
+        let mut left = surplus.saturating_sub(lent.iter().filter(|&&bk| closing(self, bk)).count());
+        for bk in lent {
+            if left == 0 {
+                break;
+            }
+            if !closing(self, bk) && self.kq_defer_close(bk) {
+                left -= 1;
+            }
+        }
+        left
+    }
+
     /// `backend_close` of a lent backend: recalled first (it may be serving
     /// a queued client), closed at its `KQ_PARKED`. True when deferred.
     pub fn kq_defer_close(&mut self, bk: usize) -> bool {
@@ -513,7 +659,7 @@ impl Pooler {
 
     /// `KQ_RETURNED`: client `id` in row `row` is the pooler's again.
     fn kq_returned(&mut self, bk: usize, row: usize, id: u64, flags: u8) {
-        let ck = self.kq.queued.iter().find_map(|(&k, &r)| (r == row).then_some(k));
+        let ck = self.kq.by_row.get(&row).copied();
         let Some(ck) = ck.filter(|&k| self.client(k).is_some_and(|c| c.id == id && matches!(c.phase, Phase::Queued { .. }))) else {
             return; // taken back meanwhile (the pooler's already)
         };

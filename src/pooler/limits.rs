@@ -233,7 +233,8 @@ impl Pooler {
             let Some(bk) = self.pools.get_mut(pool).and_then(|p| p.parked.pop()) else { break };
             self.backend_close(bk);
         }
-        let mut surplus = self.pool_surplus(pool);
+        let surplus = self.pool_surplus(pool);
+        let mut surplus = self.kq_trim(pool, surplus);
         let Some(p) = self.pools.get(pool) else { return };
         surplus = surplus.saturating_sub(p.release_requested);
         for bk in p.attached.clone() {

@@ -50,8 +50,13 @@ impl Pooler {
     /// Recomputes a pool's row from the pool's queues.
     pub fn sync_pool(&self, pool: usize) {
         let Some(p) = self.pools.get(pool) else { return };
-        let attached = p.backends.saturating_sub(p.parked.len() + p.starting + p.sessions_starting);
-        let waiting = p.waiting.len() + p.ahead + p.session_waiting.len();
+        // Backends lent to the pool's kernel queue count as parked here;
+        // `nextgres.pools` counts those serving a queued client as attached
+        // (read live from the owner words).
+        let lent = self.kq_lent_count(pool);
+        let parked = p.parked.len() + lent;
+        let attached = p.backends.saturating_sub(parked + p.starting + p.sessions_starting);
+        let waiting = p.waiting.len() + p.ahead + p.session_waiting.len() + self.kq_waiting_count(pool);
         let pending = p.login_pending.len();
         let (size, session) = (self.pool_size_of(pool) as i32, self.pool_session_mode(pool));
         let dedicated_mode = self.pool_mode_of(pool) == nextgres_core::poolconf::Mode::Dedicated;
@@ -62,7 +67,7 @@ impl Pooler {
             r.clients_waiting = waiting as i32;
             r.clients_active = attached as i32;
             r.clients_idle = p.clients.saturating_sub(waiting + attached + pending) as i32;
-            r.backends_parked = p.parked.len() as i32;
+            r.backends_parked = parked as i32;
             r.backends_attached = attached as i32;
             r.backends_starting = (p.starting + p.sessions_starting) as i32;
             // Pinned clients' and dedicated-mode clients' own backends.
@@ -158,7 +163,9 @@ impl Pooler {
     /// Closes every parked backend of pool `k` (each leaves `parked` as it
     /// goes: `backend_gone`).
     pub fn pool_close_parked(&mut self, k: usize) {
-        let parked = self.pools.get(k).map(|p| p.parked.clone()).unwrap_or_default();
+        let mut parked = self.pools.get(k).map(|p| p.parked.clone()).unwrap_or_default();
+        // Lent to its kernel queue: idle too (recalled, then closed).
+        parked.extend(self.kq_lent(k));
         for bk in parked {
             self.backend_close(bk);
         }

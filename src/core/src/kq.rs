@@ -201,6 +201,16 @@ pub fn take_back(word: &AtomicU64) -> TakeBack {
     }
 }
 
+/// Pooler: takes a client out of the queue only if it is there, unserved
+/// (true: the pooler's now). Unlike [`take_back`], a client a backend
+/// serves is left alone, not recalled: for a client that waits in the
+/// queue (query_wait_timeout, a cancel of its waiting query), a backend
+/// that took it meanwhile is serving it, which is what it waited for.
+pub fn take_back_waiting(word: &AtomicU64) -> bool {
+    let w = word.load(Ordering::SeqCst);
+    matches!(Owner::decode(w), Owner::Queued { .. })
+        && word.compare_exchange(w, Owner::Pooler.encode(), Ordering::SeqCst, Ordering::SeqCst).is_ok()
+}
 
 /// Where the fixed descriptor numbers start (`Header::kq_fd_base`): client
 /// row `r`'s socket lives at `base + r` in the pooler and in any backend
@@ -264,6 +274,20 @@ mod tests {
         assert!(take(&w, 3, 9));
         assert!(!take(&w, 4, 9), "already taken");
         assert_eq!(load(&w), Owner::Taken { row: 3, gen: 9, recall: false });
+    }
+
+    #[test]
+    fn a_waiting_client_is_taken_back_only_while_unserved() {
+        let w = AtomicU64::new(0);
+        assert!(!take_back_waiting(&w), "the pooler's already");
+        enqueue(&w, 4);
+        assert!(take(&w, 2, 4));
+        assert!(!take_back_waiting(&w), "served meanwhile");
+        assert_eq!(load(&w), Owner::Taken { row: 2, gen: 4, recall: false }, "and not recalled");
+        assert!(requeue(&w, 2, 4));
+        assert!(take_back_waiting(&w));
+        assert_eq!(load(&w), Owner::Pooler);
+        assert!(!take(&w, 2, 4), "its event is stale now");
     }
 
     #[test]

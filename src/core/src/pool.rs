@@ -192,6 +192,14 @@ impl Pool {
         self.backends.saturating_sub(self.dedicated + self.sessions)
     }
 
+    /// Shared backends logged in (those whose login is under way not
+    /// counted): what a failed login is weighed against. Two logins in
+    /// flight must not each see the other as a live backend, or a login
+    /// that cannot succeed is retried without pause.
+    pub fn logged_in_shared_backends(&self) -> usize {
+        self.shared_backends().saturating_sub(self.starting)
+    }
+
     /// Do clients of this pool wait for a backend: for one to run a
     /// query on (`waiting`), for their own (`session_waiting`), or for the
     /// pool's first login to finish theirs (`login_pending`, while the
