@@ -101,6 +101,9 @@ pub struct KqPool {
     pub bytes_sent: AtomicU64,
     /// Microseconds backends were attached to queued clients.
     pub xact_us: AtomicU64,
+    /// Queued clients whose query was already waiting when a backend came
+    /// to the queue (it took it without waiting itself): the pool's waits.
+    pub waits: AtomicU64,
 }
 
 /// A backend row's kernel queue word.
@@ -114,6 +117,11 @@ pub struct KqBackend {
     /// 1: the pooler asked this lent backend back (`KQ_RECALL`); it checks
     /// at each boundary (the message only wakes it while it waits).
     pub recall: AtomicU32,
+    /// While lent: since when (TimestampTz, µs) this backend has waited on
+    /// the queue with no client to serve, 0 while it serves one; written
+    /// by the backend. The pooler closes one idle past
+    /// `idle_backend_timeout`, as a parked one.
+    pub idle_since: std::sync::atomic::AtomicI64,
 }
 
 const _: () = assert!(size_of::<KqRow>() % 64 == 0);

@@ -105,6 +105,7 @@ impl Queue {
                 continue;
             }
             k.takes.fetch_add(1, Ordering::Relaxed);
+            self.set_idle_since(0);
             let copy = k.slot.read(&mut buf);
             let attach = match parse_message(&buf, control::MAX_CONTROL_MESSAGE) {
                 Ok(Some((m, _))) if m.tag == control::ATTACH && copy.ticket == gen => control::parse_attach(m.body).ok(),
@@ -276,8 +277,35 @@ impl Queue {
         crate::shmem::tables().is_some_and(|t| t.kq_backend(self.row as usize).is_some_and(|h| h.recall.load(Ordering::SeqCst) != 0))
     }
 
+    /// A client taken without this backend waiting for one: its query
+    /// waited for a backend (counted in the pool's `waits`).
+    pub fn count_wait(&self) {
+        let Some(t) = crate::shmem::tables() else { return };
+        if let Some(p) = t.kq_pool(self.pool_row) {
+            p.waits.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// About to wait on the queue with no client: notes since when, once
+    /// (the pooler's idle_backend_timeout for lent backends).
+    pub fn mark_idle(&self) {
+        let Some(t) = crate::shmem::tables() else { return };
+        let Some(h) = t.kq_backend(self.row as usize) else { return };
+        if h.idle_since.load(Ordering::Relaxed) == 0 {
+            h.idle_since.store(crate::pg::shmem::now().max(1), Ordering::Relaxed);
+        }
+    }
+
+    fn set_idle_since(&self, v: i64) {
+        let Some(t) = crate::shmem::tables() else { return };
+        if let Some(h) = t.kq_backend(self.row as usize) {
+            h.idle_since.store(v, Ordering::Relaxed);
+        }
+    }
+
     /// Answers a recall: the flag down, then `KQ_PARKED`.
     pub fn unlend(&self, control: RawFd) {
+        self.set_idle_since(0);
         if let Some(t) = crate::shmem::tables() {
             if let Some(h) = t.kq_backend(self.row as usize) {
                 h.recall.store(0, Ordering::SeqCst);

@@ -660,6 +660,9 @@ fn park(p: &mut Parking) {
     glue::report_parked();
     // Wait first: the pooler answers RELEASED, so an ATTACH is never there
     // yet, and the wait set (level-triggered) reports one that raced ahead.
+    // Whether this backend has waited yet: a queued client it takes before
+    // that was waiting for a backend.
+    let mut waited = false;
     loop {
         if let Some(pool_row) = p.lend_pending.take() {
             lend(p, pool_row);
@@ -670,13 +673,19 @@ fn park(p: &mut Parking) {
                 q.unlend(p.control);
                 p.lent = false;
             } else if let Some((a, s)) = q.take(p.control) {
+                if !waited {
+                    q.count_wait();
+                }
                 return attach_queued(p, a, s, timer_was_on);
+            } else {
+                q.mark_idle();
             }
         }
         let wait = match (&p.queue_wait, p.lent) {
             (Some(w), true) => w,
             _ => &p.wait,
         };
+        waited = true;
         match wait.wait(-1) {
             ParkEvent::PostmasterDeath => crate::pg::proc_exit(1),
             ParkEvent::Latch => glue::park_service_interrupts(),
@@ -776,6 +785,8 @@ fn kq_boundary(p: &mut Parking, leaving: bool) -> bool {
         q.unlend(p.control);
         p.lent = false;
     } else if let Some((a, s)) = q.take(p.control) {
+        // Ready before this backend was free: it waited for one.
+        q.count_wait();
         let timer_was_on = glue::idle_session_timer_suspend();
         glue::report_parked();
         attach_queued(p, a, s, timer_was_on);

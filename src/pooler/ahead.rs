@@ -153,6 +153,11 @@ impl Pooler {
             || self.pool_surplus(pool) > 0
             || self.pool_mode_of(pool) != nextgres_core::poolconf::Mode::Transaction
             || self.pool_paused(pool)
+            // Backends lent to its kernel queue are recalled for waiting
+            // clients instead (`kq_recall_for_waiting`): sent ahead to a
+            // busy one, a client could wait behind a long transaction
+            // while a lent backend idles.
+            || self.kq_lent_count(pool) > 0
             || self.max_db_connections_of(&p.database) > 0
             || self.max_user_connections_of(&p.role) > 0)
     }

@@ -60,9 +60,14 @@ impl Pooler {
                 Conn::Backend(b) => match b.phase {
                     BPhase::Parked { since } => {
                         let idle_limit = secs(self.idle_backend_timeout_of(b.pool));
-                        let idle = idle_limit.is_some_and(|l| now.duration_since(since) > l);
-                        // Lent to a kernel queue, it is busy, not idle.
-                        if b.pinned_to.is_none() && ((idle && !b.lent) || self.backend_expired(k)) {
+                        // Lent to a kernel queue: idle while it waits there
+                        // with no client (it notes since when).
+                        let idle = if b.lent {
+                            !b.kq_close && idle_limit.is_some_and(|l| self.kq_idle_longer(b.row, l))
+                        } else {
+                            idle_limit.is_some_and(|l| now.duration_since(since) > l)
+                        };
+                        if b.pinned_to.is_none() && (idle || self.backend_expired(k)) {
                             idle_backends.push(k);
                         }
                     }
@@ -108,7 +113,8 @@ impl Pooler {
         for k in idle_backends {
             let Some(Conn::Backend(b)) = self.conns.get(k) else { continue };
             let pool = b.pool;
-            let backends = self.pools.get(pool).map_or(0, |p| p.shared_backends());
+            // Lent ones being closed are still counted until they answer.
+            let backends = self.pools.get(pool).map_or(0, |p| p.shared_backends()).saturating_sub(self.kq_closing_count(pool));
             if !self.backend_expired(k) && backends <= self.min_pool_size_of(pool) {
                 continue;
             }

@@ -37,6 +37,13 @@ use std::collections::HashMap;
 use std::time::Instant;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
+/// `Backend::last_client` of a backend lent to a queue: it serves (or
+/// served) the queue's clients, so the next client the pooler hands it is a
+/// new one for it, and it is no fresh backend (`pool_take_fresh_parked`)
+/// nor one that never served (a pool switched to dedicated mode closes it).
+/// No client has this id.
+pub const QUEUE_CLIENTS: u64 = u64::MAX;
+
 /// The pooler's kernel queue state.
 #[derive(Default)]
 pub struct KernelQueue {
@@ -55,6 +62,9 @@ pub struct KernelQueue {
     waiting: HashMap<usize, (u32, Instant)>,
     /// Pool key -> how many of `waiting` are its clients.
     waiting_per_pool: HashMap<usize, usize>,
+    /// Queued client key -> its row's take count at the last tick: one
+    /// taken since ran transactions (its received bytes are counted).
+    takes_seen: HashMap<usize, u32>,
     gen: u64,
 }
 
@@ -330,7 +340,7 @@ impl Pooler {
         b.lent = true;
         // Serving queued clients, its session will be theirs: the next
         // client the pooler hands it is a new one for it.
-        b.last_client = 0;
+        b.last_client = QUEUE_CLIENTS;
         let row = b.row;
         let now = crate::pg::shmem::now();
         self.backend_row_update(row, |r| {
@@ -421,6 +431,56 @@ impl Pooler {
         }
     }
 
+    /// Has lent backend `bk` waited on its queue with no client for longer
+    /// than `limit` (`shmem::KqBackend::idle_since`)?
+    pub fn kq_idle_longer(&self, row: usize, limit: std::time::Duration) -> bool {
+        let Some(h) = self.tables.kq_backend(row) else { return false };
+        let since = h.idle_since.load(std::sync::atomic::Ordering::Relaxed);
+        since != 0 && crate::pg::shmem::now() - since > limit.as_micros() as i64
+    }
+
+    /// Lent backends of pool `pool` closing (recalled, closed at their
+    /// `KQ_PARKED`): still counted in the pool's backends until then.
+    pub fn kq_closing_count(&self, pool: usize) -> usize {
+        self.kq.pools.get(&pool).map_or(0, |q| {
+            q.lent.iter().filter(|&&bk| matches!(self.conns.get(bk), Some(Conn::Backend(b)) if b.kq_close)).count()
+        })
+    }
+
+    /// Closes pool `pool`'s lent backends: at once while the pool has no
+    /// client (so none serves one), else once recalled (`kq_defer_close`).
+    pub fn kq_close_lent(&mut self, pool: usize) {
+        let idle = self.pools.get(pool).is_some_and(|p| p.clients == 0);
+        for bk in self.kq_lent(pool) {
+            if idle {
+                self.kq_unlend(bk);
+            }
+            self.backend_close(bk);
+        }
+    }
+
+    /// A backend lent to pool `pool`'s queue that waits there with no
+    /// client and is not closing yet: one the limits may close.
+    pub fn kq_idle_lent(&self, pool: usize) -> Option<usize> {
+        let q = self.kq.pools.get(&pool)?;
+        q.lent.iter().copied().find(|&bk| match self.conns.get(bk) {
+            Some(Conn::Backend(b)) => {
+                !b.kq_close
+                    && self.tables.kq_backend(b.row).is_some_and(|h| h.idle_since.load(std::sync::atomic::Ordering::Relaxed) != 0)
+            }
+            _ => false,
+        })
+    }
+
+    /// A backend lent to pool `pool`'s queue that is not closing yet, busy
+    /// or not: closed at its next boundary for a pool that deserves it
+    /// under a shared limit (as `backend_yield_to_starved` closes one the
+    /// pooler sees at a boundary).
+    pub fn kq_any_lent(&self, pool: usize) -> Option<usize> {
+        let q = self.kq.pools.get(&pool)?;
+        q.lent.iter().copied().find(|&bk| matches!(self.conns.get(bk), Some(Conn::Backend(b)) if !b.kq_close))
+    }
+
     /// The backends lent to pool `pool`'s queue.
     pub fn kq_lent(&self, pool: usize) -> Vec<usize> {
         self.kq.pools.get(&pool).map(|q| q.lent.clone()).unwrap_or_default()
@@ -472,6 +532,23 @@ impl Pooler {
             }
             fds.iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect()
         };
+        // Clients served since the last tick: their received bytes are
+        // counted as for a client a backend gave back
+        // (`client_received_later`).
+        let mut served = Vec::new();
+        let mut seen = HashMap::with_capacity(self.kq.queued.len());
+        for (&ck, &row) in &self.kq.queued {
+            let Some(k) = self.tables.kq_row(row) else { continue };
+            let takes = k.takes.load(std::sync::atomic::Ordering::Relaxed);
+            if self.kq.takes_seen.get(&ck) != Some(&takes) {
+                served.push(ck);
+            }
+            seen.insert(ck, takes);
+        }
+        self.kq.takes_seen = seen;
+        for ck in served {
+            self.client_received_later(ck);
+        }
         let before = std::mem::take(&mut self.kq.waiting);
         let mut stuck = Vec::new();
         for (&(ck, _, takes), ready) in looked.iter().zip(ready) {
@@ -723,19 +800,19 @@ impl Pooler {
     pub fn kq_reset_counters(&self, row: usize) {
         let Some(k) = self.tables.kq_pool(row) else { return };
         use std::sync::atomic::Ordering::Relaxed;
-        for a in [&k.xacts, &k.queries, &k.query_us, &k.bytes_sent, &k.xact_us] {
+        for a in [&k.xacts, &k.queries, &k.query_us, &k.bytes_sent, &k.xact_us, &k.waits] {
             a.store(0, Relaxed);
         }
     }
 
-    /// Counters of the pool's queue: (xacts, queries, query_us, bytes_sent, xact_us).
-    pub fn kq_counters(&self, pool_row: usize) -> Option<[i64; 5]> {
+    /// Counters of the pool's queue: (xacts, queries, query_us, bytes_sent, xact_us, waits).
+    pub fn kq_counters(&self, pool_row: usize) -> Option<[i64; 6]> {
         if self.kq.base == 0 {
             return None;
         }
         let k = self.tables.kq_pool(pool_row)?;
         use std::sync::atomic::Ordering::Relaxed;
         let v = |a: &std::sync::atomic::AtomicU64| a.load(Relaxed).min(i64::MAX as u64) as i64;
-        Some([v(&k.xacts), v(&k.queries), v(&k.query_us), v(&k.bytes_sent), v(&k.xact_us)])
+        Some([v(&k.xacts), v(&k.queries), v(&k.query_us), v(&k.bytes_sent), v(&k.xact_us), v(&k.waits)])
     }
 }

@@ -147,7 +147,8 @@ impl Pooler {
     /// or a dedicated backend whose client unpinned)?
     pub fn pool_surplus(&self, pool: usize) -> usize {
         let size = self.pool_size_of(pool);
-        self.pools.get(pool).map_or(0, |p| p.shared_backends().saturating_sub(size))
+        // Lent backends closing (recalled first) are surplus already gone.
+        self.pools.get(pool).map_or(0, |p| p.shared_backends().saturating_sub(self.kq_closing_count(pool)).saturating_sub(size))
     }
 
     /// Recounts the pool's dedicated backends: attached ones whose client
@@ -290,7 +291,12 @@ impl Pooler {
 impl Pooler {
     /// Live backends of all pools matching `same` (closing ones not).
     fn live_backends_where(&self, same: impl Fn(&str, &str) -> bool) -> usize {
-        self.pools.iter().filter(|(_, p)| same(&p.database, &p.role)).map(|(_, p)| p.backends).sum()
+        // Lent backends being closed (recalled first) count as closing.
+        self.pools
+            .iter()
+            .filter(|(_, p)| same(&p.database, &p.role))
+            .map(|(k, p)| p.backends.saturating_sub(self.kq_closing_count(k)))
+            .sum()
     }
 
     /// Are `pool`'s database or role over their limit (live backends)?
@@ -342,7 +348,7 @@ impl Pooler {
                 .pools
                 .iter()
                 .filter(|(_, p)| same(&p.database, &p.role))
-                .filter_map(|(k, p)| Some(((p.clients == 0, p.shared_backends()), k, self.free_parked(p)?)))
+                .filter_map(|(k, p)| Some(((p.clients == 0, p.shared_backends()), k, self.free_parked(k, p)?)))
                 .max_by_key(|&(order, _, _)| order);
             let Some((_, pool, bk)) = victim else { break };
             self.backend_close(bk);
@@ -401,14 +407,21 @@ impl Pooler {
 
     /// Backends of all pools matching `same` (closing ones included).
     fn backends_where(&self, same: impl Fn(&str, &str) -> bool) -> usize {
-        self.live_backends_where(&same) + self.closing.iter().filter(|c| same(&c.database, &c.role)).count()
+        let lent_closing: usize = self.pools.iter().filter(|(_, p)| same(&p.database, &p.role)).map(|(k, _)| self.kq_closing_count(k)).sum();
+        self.live_backends_where(&same) + lent_closing + self.closing.iter().filter(|c| same(&c.database, &c.role)).count()
     }
 
     /// A parked backend of pool `p` that may close: not one reserved for a
     /// session-mode client between its transactions (that client's session
     /// would end with it).
-    fn free_parked(&self, p: &nextgres_core::pool::Pool) -> Option<usize> {
-        p.parked.iter().copied().find(|&bk| matches!(self.conns.get(bk), Some(Conn::Backend(b)) if b.pinned_to.is_none()))
+    fn free_parked(&self, k: usize, p: &nextgres_core::pool::Pool) -> Option<usize> {
+        p.parked
+            .iter()
+            .copied()
+            .find(|&bk| matches!(self.conns.get(bk), Some(Conn::Backend(b)) if b.pinned_to.is_none()))
+            // Lent to the pool's kernel queue and waiting there with no
+            // client: as idle (closed once recalled).
+            .or_else(|| self.kq_idle_lent(k))
     }
 
     /// Room under max_db_connections and max_user_connections for one more
@@ -419,7 +432,8 @@ impl Pooler {
     /// when that backend's process is gone.
     fn pool_caps_room(&mut self, pool: usize) -> bool {
         let Some(p) = self.pools.get(pool) else { return false };
-        let (db, role, waiting) = (p.database.clone(), p.role.clone(), p.has_waiters());
+        // Clients seen waiting in its kernel queue count (`kq_watch_waiting`).
+        let (db, role, waiting) = (p.database.clone(), p.role.clone(), p.has_waiters() || self.kq_waiting_count(pool) > 0);
         let max_db = self.max_db_connections_of(&db);
         if max_db > 0 && self.backends_where(|d, _| d == db) >= max_db {
             if waiting {
@@ -458,10 +472,12 @@ impl Pooler {
     /// ones, or for a dedicated-mode pool (whose clients' own backends are
     /// all it has) every backend.
     fn pool_held(&self, k: usize, p: &nextgres_core::pool::Pool) -> usize {
+        // Lent backends closing for another pool are no longer held.
+        let closing = self.kq_closing_count(k);
         if self.pool_mode_of(k) == nextgres_core::poolconf::Mode::Dedicated {
-            p.backends
+            p.backends.saturating_sub(closing)
         } else {
-            p.shared_backends()
+            p.shared_backends().saturating_sub(closing)
         }
     }
 
@@ -476,11 +492,16 @@ impl Pooler {
         let victim = self
             .pools
             .iter()
-            .filter(|(k, p)| *k != pool && same(&p.database, &p.role) && !p.parked.is_empty() && (p.clients == 0 || self.pool_deserves(pool, *k)))
+            .filter(|&(k, p)| {
+                k != pool
+                    && same(&p.database, &p.role)
+                    && (!p.parked.is_empty() || self.kq_any_lent(k).is_some())
+                    && (p.clients == 0 || self.pool_deserves(pool, k))
+            })
             .max_by_key(|(_, p)| p.shared_backends())
             .map(|(k, _)| k);
         let Some(v) = victim else { return self.ask_holder_release(pool, same) };
-        if let Some(bk) = self.free_parked(&self.pools[v]) {
+        if let Some(bk) = self.free_parked(v, &self.pools[v]).or_else(|| self.kq_any_lent(v)) {
             // It leaves `parked` as it goes (`backend_gone`).
             self.backend_close(bk);
             self.sync_pool(v);

@@ -61,7 +61,7 @@ impl Pooler {
         let (size, session) = (self.pool_size_of(pool) as i32, self.pool_session_mode(pool));
         let dedicated_mode = self.pool_mode_of(pool) == nextgres_core::poolconf::Mode::Dedicated;
         // What backends did for clients of its kernel queue.
-        let [kx, kq, kqu, kb, kxu] = self.kq_counters(p.row).unwrap_or_default();
+        let [kx, kq, kqu, kb, kxu, kw] = self.kq_counters(p.row).unwrap_or_default();
         self.tables.write(|rows, _, _| {
             let r = &mut rows[p.row];
             r.clients_waiting = waiting as i32;
@@ -75,7 +75,7 @@ impl Pooler {
             r.xacts = p.xacts.saturating_add(kx);
             r.queries = p.queries.saturating_add(kq);
             r.xact_us = p.xact_us.saturating_add(kxu);
-            r.waits = p.waits;
+            r.waits = p.waits.saturating_add(kw);
             r.waited_at = p.waited_at;
             r.wait_us = p.wait_us;
             r.max_wait_us = p.max_wait_us;
@@ -116,7 +116,7 @@ impl Pooler {
         let victim = self
             .pools
             .iter()
-            .filter(|(_, p)| {
+            .filter(|&(k, p)| {
                 p.clients == 0
                     && !p.has_waiters()
                     && p.login_pending.is_empty()
@@ -124,7 +124,7 @@ impl Pooler {
                     && p.starting == 0
                     && p.sessions_starting == 0
                     && p.attached.is_empty()
-                    && p.backends == p.parked.len()
+                    && p.backends == p.parked.len() + self.kq_lent_count(k)
             })
             .min_by_key(|(_, p)| p.backends)
             .map(|(k, _)| k);
@@ -163,9 +163,11 @@ impl Pooler {
     /// Closes every parked backend of pool `k` (each leaves `parked` as it
     /// goes: `backend_gone`).
     pub fn pool_close_parked(&mut self, k: usize) {
-        let mut parked = self.pools.get(k).map(|p| p.parked.clone()).unwrap_or_default();
-        // Lent to its kernel queue: idle too (recalled, then closed).
-        parked.extend(self.kq_lent(k));
+        let parked = self.pools.get(k).map(|p| p.parked.clone()).unwrap_or_default();
+        // Lent to its kernel queue: idle too (closed at once when the pool
+        // has no client, none of which it could be serving; else recalled
+        // first, closed at its KQ_PARKED).
+        self.kq_close_lent(k);
         for bk in parked {
             self.backend_close(bk);
         }

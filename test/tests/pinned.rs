@@ -265,13 +265,12 @@ fn max_pinned_backends_caps_dedicated_backends() {
     let waiting_q = "SELECT count(*) FROM nextgres.clients WHERE state = 'waiting' AND role = 'app'";
     std::thread::scope(|s| {
         let second = s.spawn(|| second.query_one("SELECT 4", &[]).map(|r| r.get::<_, i32>(0)));
-        assert!(
-            wait_until(SETTLE, || count(&mut admin, waiting_q) == 1),
-            "the second plain client never waited beyond the cap: {} waiting, backends {:?}",
-            count(&mut admin, waiting_q),
-            app_backends(&mut admin)
-        );
+        let waited = wait_until(SETTLE, || count(&mut admin, waiting_q) == 1);
+        let seen = format!("{} waiting, backends {:?}", count(&mut admin, waiting_q), app_backends(&mut admin));
+        // COMMIT before any assertion: the scope joins the second client,
+        // whose query waits for this transaction (a failure must not hang).
         plain.batch_execute("COMMIT").expect("plain COMMIT");
+        assert!(waited, "the second plain client never waited beyond the cap: {seen}");
         assert_eq!(second.join().expect("second plain client").expect("second plain client runs"), 4);
     });
     // No backend was logged in for it: besides the 2 dedicated ones (as

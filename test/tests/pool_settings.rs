@@ -1193,6 +1193,8 @@ fn a_pool_under_a_shared_limit_gets_a_backend_kept_by_another_pools_idle_client(
     let pg = Cluster::builder()
         .conf("nextgres.pool_size = 4")
         .conf("nextgres.hold_idle_clients = on")
+        // Backends that keep idle clients are the handoff path's.
+        .conf("nextgres.kernel_queue = off")
         .conf("nextgres.query_wait_timeout = 15")
         .start();
     roles_a_and_b_under_a_db_limit(&pg, 2);
@@ -1227,7 +1229,8 @@ fn a_pool_under_a_shared_limit_gets_a_backend_kept_by_another_pools_idle_client(
 /// precondition in the test above).
 #[test]
 fn a_lowered_max_db_connections_closes_the_surplus() {
-    let pg = Cluster::builder().conf("nextgres.pool_size = 4").conf("nextgres.hold_idle_clients = on").start();
+    // Backends that keep idle clients are the handoff path's.
+    let pg = Cluster::builder().conf("nextgres.pool_size = 4").conf("nextgres.hold_idle_clients = on").conf("nextgres.kernel_queue = off").start();
     exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE a LOGIN; CREATE ROLE b LOGIN");
     one_query_as(&pg, "b");
     let count = || pg.backend_count(Some("a"), Some("postgres")) + pg.backend_count(Some("b"), Some("postgres"));

@@ -38,6 +38,14 @@ use fault_support::*;
 
 // ---- helpers ------------------------------------------------------------------
 
+/// This suite guards the handoff path's attach ahead: its servers run
+/// without the kernel queue (developer option `nextgres.kernel_queue`,
+/// whose saturated path `kernel_queue.rs` guards), whatever
+/// `NEXTGRES_TEST_EXTRA_CONF` says.
+fn handoff_builder() -> nextgres_test::cluster::Builder {
+    Cluster::builder().conf("nextgres.kernel_queue = off")
+}
+
 /// `nextgres.pools.attaches_ahead` of APP's pool (0 while it has no pool).
 fn attaches_ahead(pg: &Cluster) -> i64 {
     admin_i64(
@@ -277,7 +285,7 @@ const VANISHING: usize = 6;
 /// fresh client is served by the same pooler.
 #[test]
 fn clients_vanishing_while_queued_ahead() {
-    let builder = Cluster::builder()
+    let builder = handoff_builder()
         .conf("nextgres.pool_size = 3")
         .conf("nextgres.client_time_slice = 0")
         .max_connections(20);
@@ -369,7 +377,7 @@ const TERMINATIONS: usize = 6;
 /// recovers.
 #[test]
 fn backends_terminated_while_holding_queued_clients() {
-    let builder = Cluster::builder()
+    let builder = handoff_builder()
         .conf("nextgres.pool_size = 3")
         .max_connections(20);
     run(builder, |pg| {
@@ -517,7 +525,7 @@ const LONG_STEPS: usize = 5;
 /// saw commit.
 #[test]
 fn long_transaction_among_queued_short_ones() {
-    let builder = Cluster::builder()
+    let builder = handoff_builder()
         .conf("nextgres.pool_size = 2")
         .max_connections(20);
     run(builder, |pg| {
@@ -616,7 +624,7 @@ fn long_transaction_among_queued_short_ones() {
 /// exactly once, attaches_ahead grows again, and the pool recovers.
 #[test]
 fn pause_and_resume_while_clients_are_sent_ahead() {
-    let builder = Cluster::builder()
+    let builder = handoff_builder()
         .conf("nextgres.pool_size = 3")
         .max_connections(20);
     run(builder, |pg| {
@@ -710,7 +718,7 @@ fn pause_and_resume_while_clients_are_sent_ahead() {
 /// about a third of the runs, with or without attach ahead.
 #[test]
 fn kill_clients_while_clients_are_sent_ahead() {
-    let builder = Cluster::builder()
+    let builder = handoff_builder()
         .conf("nextgres.pool_size = 3")
         .max_connections(20);
     run(builder, |pg| {
@@ -832,7 +840,7 @@ fn terminate_stopped(pg: &Cluster, stopped: Stopped) {
 /// A pool of one backend that gives its client back at every transaction
 /// boundary (no `hold_idle_clients`).
 fn one_backend_releasing_at_once() -> nextgres_test::Builder {
-    Cluster::builder()
+    handoff_builder()
         .conf("nextgres.pool_size = 1")
         .conf("nextgres.hold_idle_clients = off")
         .max_connections(20)
@@ -1562,7 +1570,7 @@ fn client_killed_after_its_backend_claimed_it_ahead() {
 /// P's queue emptied: L2 and S2 would wait for the pooler.)
 #[test]
 fn large_client_passed_over_a_backend_whose_queue_is_in_slots() {
-    let builder = Cluster::builder().conf("nextgres.pool_size = 2").conf("nextgres.hold_idle_clients = off").max_connections(20);
+    let builder = handoff_builder().conf("nextgres.pool_size = 2").conf("nextgres.hold_idle_clients = off").max_connections(20);
     run(builder, |pg| {
         let pooler = running_pooler_pid(pg);
         let (mut x, mut y) = (raw(pg, APP), raw(pg, APP));
