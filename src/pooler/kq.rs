@@ -685,13 +685,14 @@ impl Pooler {
     }
 
     /// A pool over its size (pool_size lowered): lent backends close
-    /// (recalled first) for up to `surplus` of it, those already closing
-    /// counted. Returns the surplus left for attached backends.
+    /// (recalled first) for up to `surplus` of it (`pool_surplus`, which
+    /// already leaves out those closing). Returns the surplus left for
+    /// attached backends.
     pub fn kq_trim(&mut self, pool: usize, surplus: usize) -> usize {
         let Some(q) = self.kq.pools.get(&pool) else { return surplus };
         let lent = q.lent.clone();
         let closing = |p: &Pooler, bk: usize| matches!(p.conns.get(bk), Some(Conn::Backend(b)) if b.kq_close);
-        let mut left = surplus.saturating_sub(lent.iter().filter(|&&bk| closing(self, bk)).count());
+        let mut left = surplus;
         for bk in lent {
             if left == 0 {
                 break;

@@ -321,3 +321,69 @@ fn pause_resume_and_kill_reach_queued_clients() {
         assert_left_nothing(pg, pooler);
     });
 }
+
+/// What a DBA sees and what bounds a wait, for queued clients (the pooler
+/// is not told when their queries arrive). Pool of 1: a holder served from
+/// the queue inside a transaction shows as `active` on its backend, which
+/// shows as `attached` to it (not some `lent` state); a second client's
+/// query waits in the queue, shows as `waiting` within a tick, and a cancel
+/// answers it 57014 without running it (as for a client waiting the
+/// pooler's way); a third one's fails with FATAL 53400 once
+/// `query_wait_timeout` (2 s) has passed, no sooner. Once the holder
+/// commits, the backend shows as `parked` while it waits on the queue.
+#[test]
+fn queued_clients_are_listed_and_their_waits_bounded() {
+    let b = builder().conf("nextgres.pool_size = 1").conf("nextgres.query_wait_timeout = 2");
+    run(b, |pg| {
+        let pooler = running_pooler_pid(pg);
+        pg.admin().batch_execute("CREATE TABLE queued_cancel (v int); GRANT ALL ON queued_cancel TO app").expect("table");
+        let before = queue_xacts(pg);
+        let mut holder = connect(pg, APP);
+        assert_eq!(one(&mut holder, "SELECT 1"), "1");
+        holder.batch_execute("BEGIN").expect("BEGIN");
+        let backend: i32 = one(&mut holder, "SELECT pg_backend_pid()").parse().expect("pid");
+        assert_queue_ran(pg, before, "the holder's transactions");
+        let shown = || {
+            let listed = clients(pg).into_iter().any(|(_, state, pid)| state == "active" && pid == Some(backend));
+            listed && pooled(pg) == vec![(backend, "attached".to_string())]
+        };
+        assert!(wait_until(SETTLE, shown), "holder not listed as served: clients {:?}, backends {:?}", clients(pg), pooled(pg));
+
+        // A waiting query, cancelled.
+        let waiter = connect(pg, APP);
+        assert!(wait_until(SETTLE, || clients(pg).iter().all(|(_, s, _)| s != "waiting")), "{:?}", clients(pg));
+        let token = waiter.cancel_token();
+        let rx = spawn_query(waiter, "INSERT INTO queued_cancel VALUES (1)");
+        let waits = || clients(pg).iter().filter(|(_, s, _)| s == "waiting").count() == 1;
+        assert!(wait_until(SETTLE, waits), "the queued query never showed as waiting: {:?}", clients(pg));
+        token.cancel_query(postgres::NoTls).expect("cancel request");
+        let (mut waiter, r) = wait_result(&rx, "the cancelled waiting INSERT");
+        let e = r.expect_err("the waiting INSERT was not cancelled");
+        assert_eq!(
+            (sqlstate(&e), e.as_db_error().map(|d| d.message())),
+            (Some("57014"), Some("canceling statement due to user request")),
+            "{e:?}"
+        );
+
+        // A waiting query past query_wait_timeout.
+        let mut late = raw(pg, APP);
+        let port = late.local_port();
+        let t0 = std::time::Instant::now();
+        late.send_query("SELECT 1");
+        let (severity, code, _) = late.expect_fatal();
+        assert_eq!((severity.as_str(), code.as_str()), ("FATAL", "53400"));
+        assert!(t0.elapsed() >= Duration::from_secs(2), "53400 after {:?}, before query_wait_timeout", t0.elapsed());
+        assert!(wait_until(SETTLE, || clients(pg).iter().all(|c| c.0 != port)), "{:?}", clients(pg));
+
+        holder.batch_execute("COMMIT").expect("COMMIT");
+        assert!(
+            wait_until(SETTLE, || pooled(pg) == vec![(backend, "parked".to_string())]),
+            "the idle lent backend is not listed as parked: {:?}",
+            pooled(pg)
+        );
+        assert_eq!(one(&mut waiter, "SELECT 'after'"), "after", "the cancelled client goes on");
+        assert_eq!(admin_i64(pg, "SELECT count(*) FROM queued_cancel"), 0, "the cancelled INSERT ran");
+        drop((holder, waiter));
+        assert_left_nothing(pg, pooler);
+    });
+}
