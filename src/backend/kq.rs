@@ -296,6 +296,12 @@ impl Queue {
         }
     }
 
+    /// Lent (again): not idle since an earlier lending, or an earlier
+    /// backend of this row.
+    pub fn mark_busy(&self) {
+        self.set_idle_since(0);
+    }
+
     fn set_idle_since(&self, v: i64) {
         let Some(t) = crate::shmem::tables() else { return };
         if let Some(h) = t.kq_backend(self.row as usize) {

@@ -718,6 +718,7 @@ fn lend(p: &mut Parking, pool_row: usize) {
     if p.queue_wait.is_none() {
         p.queue_wait = Some(ParkWaitSet::with_queue(p.control, q.fd()));
     }
+    q.mark_busy();
     p.lent = true;
 }
 

@@ -565,9 +565,10 @@ impl Pooler {
     pub fn pool_fail_clients(&mut self, pool: usize, f: ErrorFields) {
         let Some(p) = self.pools.get_mut(pool) else { return };
         p.last_login_error = Some((f.clone(), Instant::now()));
-        // Dedicated backends serve only their pinned clients; another
-        // login under way is no backend yet.
-        if p.logged_in_shared_backends() > 0 {
+        // Dedicated backends serve only their pinned clients. A login
+        // still under way may succeed: the clients wait for it (no new
+        // login starts meanwhile: `recent_failure`).
+        if p.shared_backends() > 0 {
             return;
         }
         // Clients in its kernel queue would wait there for no backend: the

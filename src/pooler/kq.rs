@@ -380,9 +380,13 @@ impl Pooler {
         let Some(q) = self.kq.pools.get(&pool) else { return };
         let waiting = self.pools.get(pool).map_or(0, |p| p.waiting.len() + p.session_waiting.len());
         let lent = q.lent.clone();
-        let recalled = |p: &Pooler, bk: usize| matches!(p.conns.get(bk), Some(Conn::Backend(b)) if b.kq_recalled);
+        // One recalled to close serves nobody.
+        let recalled = |p: &Pooler, bk: usize| matches!(p.conns.get(bk), Some(Conn::Backend(b)) if b.kq_recalled && !b.kq_close);
         let asked = lent.iter().filter(|&&bk| recalled(self, bk)).count();
-        let free: Vec<usize> = lent.into_iter().filter(|&bk| !recalled(self, bk)).collect();
+        let free: Vec<usize> = lent
+            .into_iter()
+            .filter(|&bk| matches!(self.conns.get(bk), Some(Conn::Backend(b)) if !b.kq_recalled && !b.kq_close))
+            .collect();
         for bk in free.into_iter().take(waiting.saturating_sub(asked)) {
             self.kq_recall(bk);
         }
@@ -427,6 +431,9 @@ impl Pooler {
         }
         self.kq_watch_waiting();
         for pool in self.kq.pools.keys().copied().collect::<Vec<_>>() {
+            // Waiting clients whose recalled backend closed instead (a
+            // limit took it) get another.
+            self.kq_recall_for_waiting(pool);
             self.sync_pool(pool);
         }
     }
@@ -447,12 +454,14 @@ impl Pooler {
         })
     }
 
-    /// Closes pool `pool`'s lent backends: at once while the pool has no
-    /// client (so none serves one), else once recalled (`kq_defer_close`).
-    pub fn kq_close_lent(&mut self, pool: usize) {
-        let idle = self.pools.get(pool).is_some_and(|p| p.clients == 0);
+    /// Closes pool `pool`'s lent backends: once recalled
+    /// (`kq_defer_close`), or with `now` at once, which only a pool being
+    /// freed may ask (no client left, and its queue closes with it, so no
+    /// client can be queued for them meanwhile).
+    pub fn kq_close_lent(&mut self, pool: usize, now: bool) {
+        let now = now && self.pools.get(pool).is_some_and(|p| p.clients == 0);
         for bk in self.kq_lent(pool) {
-            if idle {
+            if now {
                 self.kq_unlend(bk);
             }
             self.backend_close(bk);

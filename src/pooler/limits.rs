@@ -489,6 +489,11 @@ impl Pooler {
     /// nobody waiting, so it would keep it, and at the release
     /// `backend_yield_to_starved` closes it for `pool`.
     fn evict_parked(&mut self, pool: usize, same: impl Fn(&str, &str) -> bool) {
+        // A lent backend closing under this limit frees a slot at its next
+        // boundary: closing more meanwhile would overshoot.
+        if self.pools.iter().any(|(k, p)| same(&p.database, &p.role) && self.kq_closing_count(k) > 0) {
+            return;
+        }
         let victim = self
             .pools
             .iter()

@@ -133,6 +133,9 @@ impl Pooler {
         // min_pool_size would log one in again from backend_gone, into a
         // slot the new pool is about to take).
         self.pools[k].draining = true;
+        // Its queue goes with it: lent backends close at once (a new
+        // pool in its row makes a new queue).
+        self.kq_close_lent(k, true);
         self.pool_close_parked(k);
         let p = &self.pools[k];
         if p.backends > 0 || p.starting > 0 || p.sessions_starting > 0 || p.clients > 0 {
@@ -164,10 +167,10 @@ impl Pooler {
     /// goes: `backend_gone`).
     pub fn pool_close_parked(&mut self, k: usize) {
         let parked = self.pools.get(k).map(|p| p.parked.clone()).unwrap_or_default();
-        // Lent to its kernel queue: idle too (closed at once when the pool
-        // has no client, none of which it could be serving; else recalled
-        // first, closed at its KQ_PARKED).
-        self.kq_close_lent(k);
+        // Lent to its kernel queue: idle too (recalled first, closed at its
+        // KQ_PARKED: the pool stays, and a lent backend may take a client
+        // queued meanwhile).
+        self.kq_close_lent(k, false);
         for bk in parked {
             self.backend_close(bk);
         }
