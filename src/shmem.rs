@@ -570,14 +570,18 @@ impl Tables {
         )
     }
 
-    /// The client rows in use with their row numbers, and which of them a
-    /// backend serves from a kernel queue now: client row -> that backend's
-    /// pid (owner word `Taken`; empty without a kernel queue). One lock, so
-    /// no row is another client's by the time it is joined.
-    pub fn snapshot_clients_serving(&self) -> (Vec<(usize, ClientRow)>, std::collections::HashMap<usize, i32>) {
+    /// The client rows in use with their row numbers, which of them a
+    /// backend serves from a kernel queue now (client row -> that backend's
+    /// pid: owner word `Taken`; empty without a kernel queue), and the
+    /// backend rows in use. One lock, so no row is another client's by the
+    /// time it is joined.
+    pub fn snapshot_clients_serving(&self) -> (Vec<(usize, ClientRow)>, std::collections::HashMap<usize, i32>, Vec<BackendRow>) {
         let _g = Guard::shared();
         let clients: Vec<(usize, ClientRow)> = self.clients_raw().iter().enumerate().filter(|(_, r)| r.in_use).map(|(i, r)| (i, *r)).collect();
-        (clients, self.kq_serving_locked())
+        // The backends under the same lock: a client row joined with a later
+        // copy of the backends could show the dedicated flag of the pinned
+        // client its backend served before.
+        (clients, self.kq_serving_locked(), self.backends_in_use())
     }
 
     /// Client row -> pid of the backend serving it from a kernel queue; the

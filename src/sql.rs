@@ -142,8 +142,7 @@ fn clients() -> TableIterator<
         name!(tls_relay, Option<String>),
     ),
 > {
-    let (_, _, backends) = tables().snapshot();
-    let (clients, serving) = tables().snapshot_clients_serving();
+    let (clients, serving, backends) = tables().snapshot_clients_serving();
     TableIterator::new(clients.into_iter().map(move |(row, c)| {
         // Its backend is its dedicated session (pinned, outside pool_size)?
         let dedicated = c.backend_pid != 0 && backends.iter().any(|b| b.pid == c.backend_pid && b.dedicated);
