@@ -105,7 +105,7 @@ impl Queue {
                 continue;
             }
             k.takes.fetch_add(1, Ordering::Relaxed);
-            self.set_idle_since(0);
+            self.mark_busy();
             let copy = k.slot.read(&mut buf);
             let attach = match parse_message(&buf, control::MAX_CONTROL_MESSAGE) {
                 Ok(Some((m, _))) if m.tag == control::ATTACH && copy.ticket == gen => control::parse_attach(m.body).ok(),
@@ -296,22 +296,18 @@ impl Queue {
         }
     }
 
-    /// Lent (again): not idle since an earlier lending, or an earlier
-    /// backend of this row.
+    /// Serving, lent again or no longer lent: not idle (clears a mark left
+    /// by an earlier lending, or an earlier backend of this row).
     pub fn mark_busy(&self) {
-        self.set_idle_since(0);
-    }
-
-    fn set_idle_since(&self, v: i64) {
         let Some(t) = crate::shmem::tables() else { return };
         if let Some(h) = t.kq_backend(self.row as usize) {
-            h.idle_since.store(v, Ordering::Relaxed);
+            h.idle_since.store(0, Ordering::Relaxed);
         }
     }
 
     /// Answers a recall: the flag down, then `KQ_PARKED`.
     pub fn unlend(&self, control: RawFd) {
-        self.set_idle_since(0);
+        self.mark_busy();
         if let Some(t) = crate::shmem::tables() {
             if let Some(h) = t.kq_backend(self.row as usize) {
                 h.recall.store(0, Ordering::SeqCst);

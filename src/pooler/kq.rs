@@ -438,20 +438,23 @@ impl Pooler {
         }
     }
 
-    /// Has lent backend `bk` waited on its queue with no client for longer
-    /// than `limit` (`shmem::KqBackend::idle_since`)?
+    /// Has the lent backend in shared row `row` waited on its queue with no
+    /// client for longer than `limit` (`shmem::KqBackend::idle_since`)?
     pub fn kq_idle_longer(&self, row: usize, limit: std::time::Duration) -> bool {
         let Some(h) = self.tables.kq_backend(row) else { return false };
         let since = h.idle_since.load(std::sync::atomic::Ordering::Relaxed);
         since != 0 && crate::pg::shmem::now() - since > limit.as_micros() as i64
     }
 
-    /// Lent backends of pool `pool` closing (recalled, closed at their
-    /// `KQ_PARKED`): still counted in the pool's backends until then.
+    /// Is lent backend `bk` closing (recalled, closed at its `KQ_PARKED`)?
+    fn kq_closing(&self, bk: usize) -> bool {
+        matches!(self.conns.get(bk), Some(Conn::Backend(b)) if b.kq_close)
+    }
+
+    /// Lent backends of pool `pool` closing: still counted in the pool's
+    /// backends until they answer.
     pub fn kq_closing_count(&self, pool: usize) -> usize {
-        self.kq.pools.get(&pool).map_or(0, |q| {
-            q.lent.iter().filter(|&&bk| matches!(self.conns.get(bk), Some(Conn::Backend(b)) if b.kq_close)).count()
-        })
+        self.kq.pools.get(&pool).map_or(0, |q| q.lent.iter().filter(|&&bk| self.kq_closing(bk)).count())
     }
 
     /// Closes pool `pool`'s lent backends: once recalled
@@ -473,9 +476,8 @@ impl Pooler {
     pub fn kq_idle_lent(&self, pool: usize) -> Option<usize> {
         let q = self.kq.pools.get(&pool)?;
         q.lent.iter().copied().find(|&bk| match self.conns.get(bk) {
-            Some(Conn::Backend(b)) => {
-                !b.kq_close
-                    && self.tables.kq_backend(b.row).is_some_and(|h| h.idle_since.load(std::sync::atomic::Ordering::Relaxed) != 0)
+            Some(Conn::Backend(b)) if !b.kq_close => {
+                self.tables.kq_backend(b.row).is_some_and(|h| h.idle_since.load(std::sync::atomic::Ordering::Relaxed) != 0)
             }
             _ => false,
         })
@@ -487,7 +489,7 @@ impl Pooler {
     /// pooler sees at a boundary).
     pub fn kq_any_lent(&self, pool: usize) -> Option<usize> {
         let q = self.kq.pools.get(&pool)?;
-        q.lent.iter().copied().find(|&bk| matches!(self.conns.get(bk), Some(Conn::Backend(b)) if !b.kq_close))
+        q.lent.iter().copied().find(|&bk| !self.kq_closing(bk))
     }
 
     /// The backends lent to pool `pool`'s queue.
@@ -519,16 +521,28 @@ impl Pooler {
     fn kq_watch_waiting(&mut self) {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         let now = Instant::now();
-        let looked: Vec<(usize, usize, u32)> = self
+        // One read of each queued row: its take count, and whether it is
+        // unserved (in the queue) now.
+        let rows: Vec<(usize, usize, u32, bool)> = self
             .kq
             .queued
             .iter()
             .filter_map(|(&ck, &row)| {
                 let k = self.tables.kq_row(row)?;
                 let takes = k.takes.load(std::sync::atomic::Ordering::Relaxed);
-                matches!(kq::load(&k.owner), kq::Owner::Queued { .. }).then_some((ck, row, takes))
+                Some((ck, row, takes, matches!(kq::load(&k.owner), kq::Owner::Queued { .. })))
             })
             .collect();
+        // Clients served since the last tick: their received bytes are
+        // counted as for a client a backend gave back
+        // (`client_received_later`).
+        let seen: HashMap<usize, u32> = rows.iter().map(|&(ck, _, takes, _)| (ck, takes)).collect();
+        let served: Vec<usize> = seen.iter().filter(|&(ck, t)| self.kq.takes_seen.get(ck) != Some(t)).map(|(&ck, _)| ck).collect();
+        self.kq.takes_seen = seen;
+        for ck in served {
+            self.client_received_later(ck);
+        }
+        let looked: Vec<(usize, usize, u32)> = rows.into_iter().filter(|r| r.3).map(|(ck, row, takes, _)| (ck, row, takes)).collect();
         let ready: Vec<bool> = {
             // SAFETY: each queued client's socket is open at its fixed
             // number while it is in `queued` (closed only after kq_settle).
@@ -541,23 +555,6 @@ impl Pooler {
             }
             fds.iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect()
         };
-        // Clients served since the last tick: their received bytes are
-        // counted as for a client a backend gave back
-        // (`client_received_later`).
-        let mut served = Vec::new();
-        let mut seen = HashMap::with_capacity(self.kq.queued.len());
-        for (&ck, &row) in &self.kq.queued {
-            let Some(k) = self.tables.kq_row(row) else { continue };
-            let takes = k.takes.load(std::sync::atomic::Ordering::Relaxed);
-            if self.kq.takes_seen.get(&ck) != Some(&takes) {
-                served.push(ck);
-            }
-            seen.insert(ck, takes);
-        }
-        self.kq.takes_seen = seen;
-        for ck in served {
-            self.client_received_later(ck);
-        }
         let before = std::mem::take(&mut self.kq.waiting);
         let mut stuck = Vec::new();
         for (&(ck, _, takes), ready) in looked.iter().zip(ready) {
@@ -700,13 +697,12 @@ impl Pooler {
     pub fn kq_trim(&mut self, pool: usize, surplus: usize) -> usize {
         let Some(q) = self.kq.pools.get(&pool) else { return surplus };
         let lent = q.lent.clone();
-        let closing = |p: &Pooler, bk: usize| matches!(p.conns.get(bk), Some(Conn::Backend(b)) if b.kq_close);
         let mut left = surplus;
         for bk in lent {
             if left == 0 {
                 break;
             }
-            if !closing(self, bk) && self.kq_defer_close(bk) {
+            if !self.kq_closing(bk) && self.kq_defer_close(bk) {
                 left -= 1;
             }
         }

@@ -407,8 +407,10 @@ impl Pooler {
 
     /// Backends of all pools matching `same` (closing ones included).
     fn backends_where(&self, same: impl Fn(&str, &str) -> bool) -> usize {
-        let lent_closing: usize = self.pools.iter().filter(|(_, p)| same(&p.database, &p.role)).map(|(k, _)| self.kq_closing_count(k)).sum();
-        self.live_backends_where(&same) + lent_closing + self.closing.iter().filter(|c| same(&c.database, &c.role)).count()
+        // Every backend of the pools (lent ones closing included: they hold
+        // their slot until they answer), then those closed but not gone.
+        let pooled: usize = self.pools.iter().filter(|(_, p)| same(&p.database, &p.role)).map(|(_, p)| p.backends).sum();
+        pooled + self.closing.iter().filter(|c| same(&c.database, &c.role)).count()
     }
 
     /// A parked backend of pool `p` that may close: not one reserved for a
