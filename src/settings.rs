@@ -62,11 +62,11 @@ pub static POOL_PRIORITY: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static MAX_PINNED_BACKENDS: GucSetting<i32> = GucSetting::<i32>::new(-1);
 /// Pooled backends of one database, all its pools together (0: no limit).
 pub static MAX_DB_CONNECTIONS: GucSetting<i32> = GucSetting::<i32>::new(0);
-/// Developer option, under construction (BENCHMARKS.md, issue 15): the
-/// idle clients of a saturated pool wait in a kernel queue its backends
-/// take from themselves (`nextgres_core::kq`). Read at server start (it
-/// sizes shared memory).
-pub static KERNEL_QUEUE: GucSetting<bool> = GucSetting::<bool>::new(false);
+/// The idle clients of a transaction-mode pool wait in a kernel queue its
+/// backends take them from themselves (`nextgres_core::kq`), so the pooler
+/// takes no part in each transaction of a saturated pool (BENCHMARKS.md,
+/// issue 15). Read at server start (it sizes shared memory).
+pub static KERNEL_QUEUE: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Pooled backends of one role, all its pools together (0: no limit).
 pub static MAX_USER_CONNECTIONS: GucSetting<i32> = GucSetting::<i32>::new(0);
 
@@ -295,11 +295,11 @@ pub fn define() {
     ) };
     GucRegistry::define_bool_guc(
         c"nextgres.kernel_queue",
-        c"Developer option: idle clients of saturated pools wait in a kernel queue that the pools' backends take them from.",
-        c"Under construction (BENCHMARKS.md, issue 15): not for production. Takes the pooler off the path of each transaction of a saturated pool.",
+        c"Idle clients of transaction-mode pools wait in a kernel queue that the pools' backends take them from.",
+        c"Takes the pooler off the path of each transaction: a backend takes the next ready client itself at each transaction boundary. Off: every client goes back to the pooler at each transaction boundary and is handed to the next backend. Sizes shared memory (about 2.2 kB per max_client_conn).",
         &KERNEL_QUEUE,
         GucContext::Postmaster,
-        GucFlags::NO_SHOW_ALL, // and not in the sample file
+        GucFlags::default(),
     );
     GucRegistry::define_bool_guc(
         c"nextgres.hold_idle_clients",

@@ -71,7 +71,15 @@ impl Queue {
                 let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
             }
         }
-        let ep = super::slot::pooler_socket(control, base + (clients + pool_row) as i32).ok()?;
+        let ep = match super::slot::pooler_socket(control, base + (clients + pool_row) as i32) {
+            Ok(ep) => ep,
+            Err(e) => {
+                // The pooler lends this backend no more (it serves through
+                // the handoff path).
+                log::info!("could not take the pool's kernel queue from the pooler with pidfd_getfd ({e}): this backend serves clients handed to it only");
+                return None;
+            }
+        };
         // SAFETY: pidfd_getfd just gave this process that descriptor.
         let ep = Epoll(unsafe { OwnedFd::from_raw_fd(ep) });
         Some(Queue { ep, base, row: row as u32, pool_row })

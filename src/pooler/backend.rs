@@ -72,6 +72,9 @@ pub struct Backend {
     pub kq_recalled: bool,
     /// Closed once it is back from the queue (`backend_close` of a lent one).
     pub kq_close: bool,
+    /// It answered a lend with `KQ_PARKED` (it could not open the queue:
+    /// `pidfd_getfd` refused, no descriptor left): not lent again.
+    pub kq_refused: bool,
 }
 
 fn login_error(sqlstate: &str, message: String, hint: Option<&str>) -> ErrorFields {
@@ -149,6 +152,7 @@ impl Pooler {
             lent: false,
             kq_recalled: false,
             kq_close: false,
+            kq_refused: false,
             last_fatal: None,
         };
         if own {

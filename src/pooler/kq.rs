@@ -1,5 +1,5 @@
-//! The pooler's side of the kernel queue (`nextgres_core::kq`; developer
-//! option `nextgres.kernel_queue`, under construction).
+//! The pooler's side of the kernel queue (`nextgres_core::kq`; setting
+//! `nextgres.kernel_queue`, on by default).
 //!
 //! Each pool gets an epoll instance of its own, its *queue*, holding the
 //! sockets of its idle clients, registered one-shot. The pooler puts a
@@ -65,8 +65,17 @@ pub struct KernelQueue {
     /// Queued client key -> its row's take count at the last tick: one
     /// taken since ran transactions (its received bytes are counted).
     takes_seen: HashMap<usize, u32>,
+    /// Pool key -> when one of its clients last could have been queued
+    /// (`kq_enqueue` found it and its pool fit): backends are lent only to
+    /// pools with such clients, so a pool whose clients all use the handoff
+    /// path (TLS) does not recall a lent backend for each transaction.
+    demand: HashMap<usize, Instant>,
     gen: u64,
 }
+
+/// How long a pool keeps lending its free backends after its last client
+/// that could be queued asked for one.
+const DEMAND_FRESH: std::time::Duration = std::time::Duration::from_secs(2);
 
 struct PoolQueue {
     /// The epoll instance, at its fixed number.
@@ -84,11 +93,14 @@ impl Pooler {
             self.tables.set_kq_fd_base(0);
             return;
         }
-        let (pools, clients, _) = self.tables.capacities();
+        let (pools, clients, backends) = self.tables.capacities();
         let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map(|l| l.0).unwrap_or(0);
         // SAFETY: a plain int GUC variable of the server, read once.
         let files = unsafe { pgrx::pg_sys::max_files_per_process }.max(0) as u64;
-        match kq::fd_base(limit, clients, pools, files + 1024) {
+        // Below the places: the pooler's own sockets (each client's until it
+        // is queued, each backend's control socket) and room to spare.
+        let want = files + 1024 + (clients + backends) as u64;
+        match kq::fd_base(limit, clients, pools, files + 1024, want) {
             Some(base) => {
                 log::info!("kernel queue on: client sockets at fixed descriptors from {base}");
                 // A random first generation: a backend of an earlier pooler
@@ -130,6 +142,7 @@ impl Pooler {
     /// so the next pool in its row makes its own.
     pub fn kq_pool_freed(&mut self, pool: usize) {
         self.kq.pools.remove(&pool);
+        self.kq.demand.remove(&pool);
         // Its counters are not the next pool's.
         if let Some(row) = self.pools.get(pool).map(|p| p.row) {
             self.kq_reset_counters(row);
@@ -177,6 +190,17 @@ impl Pooler {
         }
         if !self.kq_open(pool) || self.kq_pool_queue(pool).is_none() {
             return false;
+        }
+        self.kq.demand.insert(pool, Instant::now());
+        // Backends left parked while no client used the queue (all TLS, a
+        // pause) serve it from now on.
+        while let Some(bk) = self.pools.get_mut(pool).and_then(|p| p.parked.pop()) {
+            if !self.kq_lend(bk) {
+                if let Some(p) = self.pools.get_mut(pool) {
+                    p.parked.push(bk);
+                }
+                break;
+            }
         }
         // Queued only while a backend serves the queue or logs in for it:
         // otherwise (every backend pinned, the pool at its size) it waits
@@ -319,11 +343,18 @@ impl Pooler {
     }
 
     /// A parked backend with nothing to serve: lent to its pool's queue
-    /// when the pool is open (true).
+    /// when the pool is open and its clients use the queue (true).
     pub fn kq_lend(&mut self, bk: usize) -> bool {
         let Some(b) = self.backend(bk) else { return false };
         let pool = b.pool;
-        if b.own || b.pinned_to.is_some() || b.terminating || b.lent || !self.kq_open(pool) {
+        if b.own || b.pinned_to.is_some() || b.terminating || b.lent || b.kq_refused || !self.kq_open(pool) {
+            return false;
+        }
+        // Only where clients use the queue (queued ones, or one that could
+        // have been lately): elsewhere each transaction would recall it.
+        if self.pools.get(pool).is_none_or(|p| p.queued == 0)
+            && !self.kq.demand.get(&pool).is_some_and(|t| t.elapsed() < DEMAND_FRESH)
+        {
             return false;
         }
         if self.kq_pool_queue(pool).is_none() {
@@ -667,6 +698,13 @@ impl Pooler {
     pub fn kq_backend_message(&mut self, bk: usize, tag: u8, body: &[u8]) -> bool {
         match tag {
             control::KQ_PARKED => {
+                // Unasked: it could not take the queue (so each lend would
+                // bounce back at once).
+                if let Some(b) = self.backend(bk) {
+                    if b.lent && !b.kq_recalled {
+                        b.kq_refused = true;
+                    }
+                }
                 self.kq_unlend(bk);
                 if self.backend(bk).is_some_and(|b| b.kq_close) {
                     self.backend_close(bk);

@@ -15,7 +15,7 @@
 //! * `handoff`: passing a client's socket to a backend.
 //! * `drain`: closing a database's backends for DROP DATABASE and friends.
 //! * `janitor`: periodic upkeep (timeouts).
-//! * `kq`: the kernel queue (developer option): pools' clients in an epoll
+//! * `kq`: the kernel queue (on by default): pools' clients in an epoll
 //!   set that lent backends take them from, without the pooler.
 //! * `limits`: connection slots for pool logins, a lowered pool_size.
 //! * `poolconf`: per-pool settings from `ALTER ROLE / DATABASE ... SET`.

@@ -24,7 +24,7 @@ fn run(pool_size: u32, body: impl FnOnce(&Cluster) + Send + 'static) {
             .conf(format!("nextgres.pool_size = {pool_size}"))
             .conf("nextgres.hold_idle_clients = on")
             // Holding idle clients is the handoff path's: with the kernel
-            // queue (developer option) a queued client goes back to the
+            // queue (the default) a queued client goes back to the
             // queue at each transaction boundary instead (README).
             .conf("nextgres.kernel_queue = off")
             .start(),

@@ -1,4 +1,4 @@
-//! The kernel queue (issue 15; developer option `nextgres.kernel_queue`,
+//! The kernel queue (issue 15; `nextgres.kernel_queue`, on by default,
 //! `pooler::kq`): a saturated pool's idle clients wait in an epoll set of
 //! the pool's, and backends lent to it take them from it and put them back
 //! at each ReadyForQuery(I), without the pooler.

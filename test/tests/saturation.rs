@@ -39,7 +39,7 @@ use fault_support::*;
 // ---- helpers ------------------------------------------------------------------
 
 /// This suite guards the handoff path's attach ahead: its servers run
-/// without the kernel queue (developer option `nextgres.kernel_queue`,
+/// without the kernel queue (`nextgres.kernel_queue`, on by default,
 /// whose saturated path `kernel_queue.rs` guards), whatever
 /// `NEXTGRES_TEST_EXTRA_CONF` says.
 fn handoff_builder() -> nextgres_test::cluster::Builder {

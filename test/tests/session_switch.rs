@@ -425,7 +425,7 @@ fn client_back_on_an_older_backend_gets_its_newest_state() {
             .conf("nextgres.hold_idle_clients = off")
             // The scenario steers which backend serves whom: the handoff
             // path's pooler gives a client its last backend when parked; in
-            // the kernel queue (developer option) whichever backend wakes
+            // the kernel queue (the default) whichever backend wakes
             // takes a client (its own checks are in kernel_queue.rs).
             .conf("nextgres.kernel_queue = off")
             .start(),

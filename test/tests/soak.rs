@@ -276,7 +276,7 @@ fn soak(hold_idle: bool, churn: bool) {
         .get(0);
     // 200 clients on a pool of 6 saturate it: backends take clients sent
     // ahead at their transaction boundaries (issue 15), or with the kernel
-    // queue (developer option) the next ready client from the queue, so the
+    // queue (the default) the next ready client from the queue, so the
     // exact counts above hold on that saturated path too.
     let kernel_queue = admin.query_one("SHOW nextgres.kernel_queue", &[]).expect("SHOW").get::<_, String>(0) == "on";
     let column = if kernel_queue { "kernel_queue_transactions" } else { "attaches_ahead" };

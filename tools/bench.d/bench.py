@@ -325,9 +325,9 @@ class Bench:
             # The defaults, spelled out so the report shows them.
             "nextgres.hold_idle_clients": "on",
             "nextgres.client_time_slice": os.environ.get("NEXTGRES_BENCH_TIME_SLICE", "'2ms'"),
-            # The kernel queue (developer option, issue 15): off, the
-            # default, unless the run asks for it.
-            "nextgres.kernel_queue": os.environ.get("NEXTGRES_BENCH_KERNEL_QUEUE", "off"),
+            # The kernel queue (issue 15): on, the default, unless the
+            # run asks for the handoff path.
+            "nextgres.kernel_queue": os.environ.get("NEXTGRES_BENCH_KERNEL_QUEUE", "on"),
             "log_line_prefix": "'%m [%p] %a '",  # %a: bench-<target>, so errors can be told apart
         }
         if self.tls:

@@ -216,18 +216,24 @@ pub fn take_back_waiting(word: &AtomicU64) -> bool {
 /// row `r`'s socket lives at `base + r` in the pooler and in any backend
 /// serving it (epoll keys a registration by descriptor number, so a
 /// backend can re-arm it only under the pooler's number), and pool row
-/// `p`'s epoll instance at `base + clients + p`. The places are the top of
-/// `limit` (`RLIMIT_NOFILE`, both processes raise their soft limit to it),
-/// far above the descriptors either opens itself (the kernel gives the
-/// lowest free number; PostgreSQL keeps a backend's files under
-/// `max_files_per_process`), which must stay below `floor`. None when the
-/// limit leaves no such room: no kernel queue then.
-pub fn fd_base(limit: u64, clients: usize, pools: usize, floor: u64) -> Option<i32> {
+/// `p`'s epoll instance at `base + clients + p`. The places lie above the
+/// descriptors either process opens itself (the kernel gives the lowest
+/// free number): at `want` (room for the pooler's own client sockets),
+/// lower only as far as `limit` (`RLIMIT_NOFILE`, both processes raise
+/// their soft limit to it) forces, never under `floor` (PostgreSQL keeps a
+/// backend's files under `max_files_per_process`). Not at the top of a
+/// large limit: a process's descriptor table grows to its highest number,
+/// 8 bytes of kernel memory per number in each backend (8 MB at 2^20).
+/// None when the limit leaves no room above `floor`: no kernel queue then.
+/// A number found taken anyway is never reused (`fd_free` checks; that
+/// client then uses the handoff path).
+pub fn fd_base(limit: u64, clients: usize, pools: usize, floor: u64, want: u64) -> Option<i32> {
     let need = (clients + pools) as u64;
     // No limit (RLIM_INFINITY): the kernel still caps descriptors at
     // fs.nr_open, 2^20 by default.
     let limit = limit.min(1 << 20);
-    let base = limit.checked_sub(need)?;
+    let top = limit.checked_sub(need)?;
+    let base = top.min(want.max(floor));
     (base >= floor && base <= i32::MAX as u64).then_some(base as i32)
 }
 
@@ -237,10 +243,11 @@ mod tests {
 
     #[test]
     fn fixed_descriptors_sit_at_the_top_of_the_limit() {
-        assert_eq!(fd_base(20_000, 10_016, 256, 2_024), Some(9_728));
-        assert_eq!(fd_base(1_024, 10_016, 256, 2_024), None, "no room under a small limit");
-        assert_eq!(fd_base(12_000, 10_016, 256, 2_024), None, "the places would reach the backends' own descriptors");
-        assert_eq!(fd_base(u64::MAX, 100, 10, 2_024), Some((1 << 20) - 110));
+        assert_eq!(fd_base(20_000, 10_016, 256, 2_024, 13_000), Some(9_728), "lowered to fit the limit");
+        assert_eq!(fd_base(1_024, 10_016, 256, 2_024, 13_000), None, "no room under a small limit");
+        assert_eq!(fd_base(12_000, 10_016, 256, 2_024, 13_000), None, "the places would reach the backends' own descriptors");
+        assert_eq!(fd_base(u64::MAX, 100, 10, 2_024, 13_000), Some(13_000), "not at the top of a large limit");
+        assert_eq!(fd_base(1 << 20, 100, 10, 2_024, 0), Some(2_024), "never under the floor");
     }
 
     #[test]
