@@ -659,8 +659,10 @@ class Bench:
         self.record(row)
 
     def terminate_app_backends(self):
+        # The priority workload's pools too (prio_hi, prio_lo): left from an
+        # earlier round, their backends counted as this test's.
         self.psql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                  "WHERE usename = 'app' AND pid <> pg_backend_pid()", db="postgres")
+                  "WHERE usename IN ('app', 'prio_hi', 'prio_lo') AND pid <> pg_backend_pid()", db="postgres")
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.server_procs()["server_backends"] == 0:
