@@ -203,24 +203,59 @@ impl Queue {
         super::park::write_all(control, &super::ring::marked(Some(self.row as usize), &msg));
     }
 
-    /// At the served client's ReadyForQuery(I): its image (the parts that
-    /// changed) into its ATTACH, the ATTACH into its slot, the client back
-    /// in the queue (or to the pooler when recalled or `leaving`); its
-    /// socket closed here unless `TooLarge`. The counters go to the pool's.
+    /// The served client's transaction ended (ReadyForQuery(I)): its
+    /// counters go to the pool's (`KqPool`), its time from `s.since`.
+    pub fn count(&self, s: &mut Served, queries: u64, query_us: u64, bytes_sent: u64) {
+        let Some(t) = crate::shmem::tables() else { return };
+        if let Some(p) = t.kq_pool(self.pool_row) {
+            p.xacts.fetch_add(1, Ordering::Relaxed);
+            p.queries.fetch_add(queries, Ordering::Relaxed);
+            p.query_us.fetch_add(query_us, Ordering::Relaxed);
+            p.bytes_sent.fetch_add(bytes_sent, Ordering::Relaxed);
+            p.xact_us.fetch_add(s.since.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+        s.since = std::time::Instant::now();
+    }
+
+    /// The kept client sent its next query (`park::kq_hold`): its row's take
+    /// count moves as if it were taken, so the pooler counts the bytes it
+    /// received (its look once a second).
+    pub fn held_again(&self, s: &Served) {
+        let Some(t) = crate::shmem::tables() else { return };
+        if let Some(k) = t.kq_row(s.client_row) {
+            k.takes.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Is the served client no longer this backend's to keep (the pooler
+    /// set its recall bit, or the word names another owner)?
+    pub fn client_recalled(&self, s: &Served) -> bool {
+        let Some(t) = crate::shmem::tables() else { return true };
+        let Some(k) = t.kq_row(s.client_row) else { return true };
+        kq::load(&k.owner) != kq::Owner::Taken { row: self.row, gen: s.gen, recall: false }
+    }
+
+    /// At the served client's ReadyForQuery(I) (after `count`): its image
+    /// (the parts that changed) into its ATTACH, the ATTACH into its slot,
+    /// the client back in the queue (or to the pooler when recalled or
+    /// `leaving`); its socket closed here unless `TooLarge`.
     pub fn release(&self, control: RawFd, s: &mut Served, image: Image, leaving: bool) -> Released {
         let Some(t) = crate::shmem::tables() else { return Released::Returned };
         let Some(k) = t.kq_row(s.client_row) else { return Released::Returned };
-        if let Some(p) = t.kq_pool(self.pool_row) {
-            p.xacts.fetch_add(1, Ordering::Relaxed);
-            p.queries.fetch_add(image.queries, Ordering::Relaxed);
-            p.query_us.fetch_add(image.query_us, Ordering::Relaxed);
-            p.bytes_sent.fetch_add(image.bytes_sent, Ordering::Relaxed);
-            p.xact_us.fetch_add(s.since.elapsed().as_micros() as u64, Ordering::Relaxed);
-        }
         if leaving {
             self.give_back(control, s.client_row, s.gen, s.attach.client_id, control::KQ_RETURNED_LEAVING);
             let _ = nix::unistd::close(s.fd);
             return Released::Returned;
+        }
+        // Only while the client is still this backend's: one that served it
+        // under a pooler since restarted (the shared rows cleared, the row
+        // maybe another client's now) must not write that client's slot.
+        match kq::load(&k.owner) {
+            kq::Owner::Taken { row, gen, .. } if row == self.row && gen == s.gen => {}
+            _ => {
+                let _ = nix::unistd::close(s.fd);
+                return Released::Returned;
+            }
         }
         let a = &mut s.attach;
         if let Some(v) = image.settings {
@@ -254,6 +289,19 @@ impl Queue {
         };
         let _ = nix::unistd::close(s.fd);
         out
+    }
+
+    /// Puts a client taken but not served back in the queue (or gives it to
+    /// the pooler when recalled meanwhile); its socket closes here.
+    pub fn put_back(&self, control: RawFd, s: Served) {
+        if let Some(k) = crate::shmem::tables().as_ref().and_then(|t| t.kq_row(s.client_row)) {
+            if kq::requeue(&k.owner, self.row, s.gen) {
+                self.rearm(s.fd, s.client_row, s.gen);
+            } else {
+                self.returned(control, s.client_row, s.attach.client_id, 0);
+            }
+        }
+        let _ = nix::unistd::close(s.fd);
     }
 
     /// Keeps a served client as an attached one (its session pinned): the
@@ -328,14 +376,11 @@ impl Queue {
 }
 
 /// What a boundary hands `Queue::release`: the parts of the session image
-/// that changed (None: unchanged) and the transaction's counters.
+/// that changed (None: unchanged).
 pub struct Image {
     pub settings: Option<Vec<(String, String)>>,
     pub statements: Option<control::StatementList>,
     pub defaults: Option<Vec<(String, String)>>,
-    pub queries: u64,
-    pub query_us: u64,
-    pub bytes_sent: u64,
 }
 
 fn clone_attach(a: &Attach) -> Attach {

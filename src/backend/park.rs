@@ -64,6 +64,9 @@ struct Parking {
     /// The attached client came from the kernel queue and stays here as an
     /// attached one (`KQ_RETURNED_KEPT`).
     kept_from_queue: bool,
+    /// Watches the socket of the queued client this backend keeps idle
+    /// (`kq_hold`); in `queue_wait` as its hold event.
+    hold: Option<HoldWatch>,
 }
 
 thread_local! {
@@ -111,6 +114,7 @@ pub fn transaction_boundary() {
                 served: None,
                 last_client: 0,
                 kept_from_queue: false,
+                hold: None,
             }
         });
         // A client taken from the kernel queue goes back there (or to the
@@ -695,7 +699,7 @@ fn park(p: &mut Parking) {
                     return;
                 }
             }
-            ParkEvent::Queue | ParkEvent::Timeout => {}
+            ParkEvent::Queue | ParkEvent::Hold | ParkEvent::Timeout => {}
         }
     }
 }
@@ -716,7 +720,9 @@ fn lend(p: &mut Parking, pool_row: usize) {
         return write_all(p.control, &super::ring::marked(p.row, &msg));
     };
     if p.queue_wait.is_none() {
-        p.queue_wait = Some(ParkWaitSet::with_queue(p.control, q.fd()));
+        p.hold = HoldWatch::new();
+        let hold_fd = p.hold.as_ref().map_or(-1, |h| h.fd());
+        p.queue_wait = Some(ParkWaitSet::with_queue(p.control, q.fd(), hold_fd));
     }
     q.mark_busy();
     p.lent = true;
@@ -728,14 +734,37 @@ fn lend(p: &mut Parking, pool_row: usize) {
 /// attached client (its session is pinned now, or holds sequence values
 /// for `nextgres.sequence_hold`: `KQ_RETURNED_KEPT`), and the boundary goes
 /// on as for any attached client.
-fn kq_boundary(p: &mut Parking, leaving: bool) -> bool {
-    let (Some(q), Some(mut s)) = (p.queue.as_ref(), p.served.take()) else { return false };
+fn kq_boundary(p: &mut Parking, mut leaving: bool) -> bool {
+    if p.queue.is_none() {
+        return false;
+    }
+    let Some(mut s) = p.served.take() else { return false };
     if !leaving && sess::pin_reason() != Pin::None {
+        hold_forget(p, s.fd);
+        let q = p.queue.as_ref().expect("checked above");
         q.keep(p.control, &s);
         p.lent = false;
         p.kept_from_queue = true;
         return false;
     }
+    let n = super::comm::take_counters();
+    p.queue.as_ref().expect("checked above").count(&mut s, n.queries, n.query_us, n.bytes_sent);
+    // Kept while no other client is ready (hold_idle_clients), or on to
+    // the one that is.
+    let mut next = None;
+    if !leaving {
+        match kq_hold(p, &s) {
+            Hold::Serve => {
+                p.queue.as_ref().expect("checked above").held_again(&s);
+                p.served = Some(s);
+                return true;
+            }
+            Hold::Next(a, t) => next = Some((a, t)),
+            Hold::Release { leaving: l } => leaving = l,
+        }
+    }
+    hold_forget(p, s.fd);
+    let q = p.queue.as_ref().expect("checked above");
     let settings = sess::take_session_settings();
     let statements = session::note_release(settings.as_deref(), sess::take_statements());
     let defaults = session::take_reported_defaults();
@@ -753,14 +782,16 @@ fn kq_boundary(p: &mut Parking, leaving: bool) -> bool {
     show_ssl(None);
     // The client's socket is closed by the release: nothing may write to it.
     glue::set_port_sock(p.control);
-    let n = super::comm::take_counters();
-    let image = super::kq::Image { settings, statements, defaults, queries: n.queries, query_us: n.query_us, bytes_sent: n.bytes_sent };
+    let image = super::kq::Image { settings, statements, defaults };
     let client = p.attached.take();
     match q.release(p.control, &mut s, image, leaving) {
         super::kq::Released::Requeued | super::kq::Released::Returned => {}
         super::kq::Released::TooLarge => {
             // Kept (the pooler's books say attached): given back the
             // pooler's way, with its whole image, and parked.
+            if let Some((_, t)) = next.take() {
+                q.put_back(p.control, t);
+            }
             p.lent = false;
             let _ = nix::unistd::close(s.fd);
             let img = std::mem::take(&mut s.attach.image);
@@ -782,6 +813,14 @@ fn kq_boundary(p: &mut Parking, leaving: bool) -> bool {
     }
     super::sched::follow_setting();
     let q = p.queue.as_ref().expect("checked above");
+    if let Some((a, t)) = next {
+        // Ready before this backend was free: it waited for one.
+        q.count_wait();
+        let timer_was_on = glue::idle_session_timer_suspend();
+        glue::report_parked();
+        attach_queued(p, a, t, timer_was_on);
+        return true;
+    }
     if q.recalled() {
         q.unlend(p.control);
         p.lent = false;
@@ -795,6 +834,157 @@ fn kq_boundary(p: &mut Parking, leaving: bool) -> bool {
     }
     park(p);
     true
+}
+
+/// What `kq_hold` found.
+enum Hold {
+    /// The kept client's next message is here: serve it.
+    Serve,
+    /// Another client was ready and is taken: release the kept one, then
+    /// serve this one.
+    Next(Attach, super::kq::Served),
+    /// Release the client (to the queue, or the pooler when recalled;
+    /// `leaving`: it hung up or sent Terminate).
+    Release { leaving: bool },
+}
+
+/// With `hold_idle_clients`, a client taken from the kernel queue stays with
+/// this backend at ReadyForQuery(I) while no other client of the queue is
+/// ready, as on the handoff path: its next query finds its session here
+/// (prepared statements, settings) with no re-arm, no socket duplicated
+/// from the pooler and no other backend woken. Its owner word still says
+/// this backend serves it (the views show it attached), so the pooler's
+/// recall works as for a client inside a transaction: it sets the recall
+/// bit, then wakes this backend with `KQ_RECALL`. The backend waits on the
+/// client, the queue, its control socket and its latch at once; another
+/// ready client (taken first, so a burst never finds every backend
+/// giving up its client for one query), a recall of this backend or of
+/// the client, or the client leaving ends the keep.
+fn kq_hold(p: &mut Parking, s: &super::kq::Served) -> Hold {
+    let release = Hold::Release { leaving: false };
+    if !crate::settings::HOLD_IDLE_CLIENTS.get() {
+        return release;
+    }
+    {
+        let q = p.queue.as_ref().expect("a served client's queue");
+        if q.recalled() || q.client_recalled(s) {
+            return release;
+        }
+        if let Some((a, t)) = q.take(p.control) {
+            return Hold::Next(a, t);
+        }
+    }
+    let Some(h) = p.hold.as_mut() else { return release };
+    if !h.watch(s.fd) {
+        return release;
+    }
+    // Idle from here, as a direct client in ReadCommand: no connection
+    // check until its next statement (`linger`).
+    glue::connection_check_stop();
+    loop {
+        let event = match &p.queue_wait {
+            Some(w) => w.wait(-1),
+            None => return release,
+        };
+        match event {
+            ParkEvent::PostmasterDeath => crate::pg::proc_exit(1),
+            ParkEvent::Latch => {
+                glue::linger_service_interrupts();
+                continue;
+            }
+            ParkEvent::Control => {
+                if !read_control(p) {
+                    // The pooler is gone: the release path notices.
+                    return release;
+                }
+            }
+            ParkEvent::Hold => {
+                let mut peek = [0u8; 5];
+                match nix::sys::socket::recv(
+                    s.fd,
+                    &mut peek,
+                    nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+                ) {
+                    Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => {}
+                    // End of file, an error or a lone Terminate: it leaves.
+                    Ok(0) | Err(_) => return Hold::Release { leaving: true },
+                    Ok(n) if n == 5 && peek == [b'X', 0, 0, 0, 4] => return Hold::Release { leaving: true },
+                    Ok(_) => {
+                        let q = p.queue.as_ref().expect("a served client's queue");
+                        // The pooler asked for it meanwhile: its message waits.
+                        if q.client_recalled(s) {
+                            return release;
+                        }
+                        return Hold::Serve;
+                    }
+                }
+            }
+            ParkEvent::Queue | ParkEvent::Timeout => {}
+        }
+        let q = p.queue.as_ref().expect("a served client's queue");
+        if q.recalled() || q.client_recalled(s) {
+            return release;
+        }
+        if let Some((a, t)) = q.take(p.control) {
+            return Hold::Next(a, t);
+        }
+    }
+}
+
+/// The kept client's socket leaves the hold watch (before it is closed or
+/// given back: a registration outlives a descriptor while the pooler's
+/// duplicate is open).
+fn hold_forget(p: &mut Parking, fd: RawFd) {
+    if let Some(h) = p.hold.as_mut() {
+        h.forget(fd);
+    }
+}
+
+/// An epoll instance holding the socket of the client a lent backend keeps
+/// idle (`kq_hold`), or nothing; it sits in the backend's queue wait set, so
+/// one wait covers the queue, the control socket, the latch and the client.
+struct HoldWatch {
+    ep: nix::sys::epoll::Epoll,
+    client: Option<RawFd>,
+}
+
+impl HoldWatch {
+    fn new() -> Option<HoldWatch> {
+        let ep = nix::sys::epoll::Epoll::new(nix::sys::epoll::EpollCreateFlags::EPOLL_CLOEXEC).ok()?;
+        Some(HoldWatch { ep, client: None })
+    }
+
+    fn fd(&self) -> RawFd {
+        use std::os::fd::AsRawFd;
+        self.ep.0.as_raw_fd()
+    }
+
+    /// Watches `fd` (the one watched already, or alone). False when it
+    /// cannot (the backend does not keep the client then).
+    fn watch(&mut self, fd: RawFd) -> bool {
+        if self.client == Some(fd) {
+            return true;
+        }
+        if let Some(old) = self.client {
+            self.forget(old);
+        }
+        use nix::sys::epoll::{EpollEvent, EpollFlags};
+        let ev = EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP, fd as u64);
+        // SAFETY: borrowed for one call; `fd` is the served client's open socket.
+        if self.ep.add(unsafe { BorrowedFd::borrow_raw(fd) }, ev).is_err() {
+            return false;
+        }
+        self.client = Some(fd);
+        true
+    }
+
+    fn forget(&mut self, fd: RawFd) {
+        if self.client == Some(fd) {
+            // SAFETY: borrowed for one call; still open (closed after this).
+            let _ = self.ep.delete(unsafe { BorrowedFd::borrow_raw(fd) });
+            self.client = None;
+        }
+    }
 }
 
 /// Attaches a client taken from the kernel queue.

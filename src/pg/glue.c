@@ -530,23 +530,28 @@ ng_febe_detach(void)
 
 /* The user_data of a park wait set's kernel queue event. */
 static char park_queue_marker;
+/* The user_data of a park wait set's hold event (an epoll instance holding
+ * the socket of the queued client the backend keeps idle, or nothing). */
+static char park_hold_marker;
 
 /* A wait set for parking: control socket readable, latch, postmaster death,
  * and a pool's kernel queue when queue_fd >= 0. */
 void *
-ng_park_wait_set_create(int control_fd, int queue_fd)
+ng_park_wait_set_create(int control_fd, int queue_fd, int hold_fd)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	WaitEventSet *volatile set = NULL;
 
 	PG_TRY();
 	{
-		set = create_session_wait_set(queue_fd >= 0 ? 4 : 3);
+		set = create_session_wait_set(3 + (queue_fd >= 0) + (hold_fd >= 0));
 		AddWaitEventToSet(set, WL_SOCKET_READABLE, control_fd, NULL, NULL);
 		/* A pool's kernel queue (an epoll instance: readable while a
 		 * client in it is ready), told apart by its user_data. */
 		if (queue_fd >= 0)
 			AddWaitEventToSet(set, WL_SOCKET_READABLE, queue_fd, NULL, &park_queue_marker);
+		if (hold_fd >= 0)
+			AddWaitEventToSet(set, WL_SOCKET_READABLE, hold_fd, NULL, &park_hold_marker);
 		AddWaitEventToSet(set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
 		AddWaitEventToSet(set, WL_POSTMASTER_DEATH, PGINVALID_SOCKET, NULL, NULL);
 	}
@@ -585,6 +590,8 @@ wait_between_transactions(WaitEventSet *set, long timeout_ms, uint32 wait_event,
 			rc = 2;
 		else if (ev.user_data == &park_queue_marker)
 			rc = 4;
+		else if (ev.user_data == &park_hold_marker)
+			rc = 5;
 		else
 			rc = 1;
 	}

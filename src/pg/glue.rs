@@ -132,7 +132,7 @@ extern "C" {
     fn ng_febe_detach();
     fn ng_port_set_sock(fd: c_int);
     fn ng_connection_check_stop();
-    fn ng_park_wait_set_create(control_fd: c_int, queue_fd: c_int) -> *mut c_void;
+    fn ng_park_wait_set_create(control_fd: c_int, queue_fd: c_int, hold_fd: c_int) -> *mut c_void;
     fn ng_park_wait(set: *mut c_void, timeout_ms: c_long) -> c_int;
     fn ng_park_service_interrupts();
     fn ng_clear_stale_cancel();
@@ -256,18 +256,22 @@ pub enum ParkEvent {
     Control,
     /// The kernel queue (`ParkWaitSet::with_queue`) has a ready client.
     Queue,
+    /// The client kept idle (`ParkWaitSet::with_queue`'s `hold_fd`) is readable.
+    Hold,
     Latch,
     PostmasterDeath,
 }
 
 impl ParkWaitSet {
     pub fn new(control_fd: i32) -> Self {
-        ParkWaitSet(unsafe { ng_park_wait_set_create(control_fd, -1) })
+        ParkWaitSet(unsafe { ng_park_wait_set_create(control_fd, -1, -1) })
     }
     /// Also waits for a ready client in the kernel queue `queue_fd` (an
-    /// epoll instance), reported as `ParkEvent::Queue`.
-    pub fn with_queue(control_fd: i32, queue_fd: i32) -> Self {
-        ParkWaitSet(unsafe { ng_park_wait_set_create(control_fd, queue_fd) })
+    /// epoll instance), reported as `ParkEvent::Queue`, and for `hold_fd`
+    /// (an epoll instance with the socket of a client kept idle, or
+    /// empty; -1: none) to be readable, `ParkEvent::Hold`.
+    pub fn with_queue(control_fd: i32, queue_fd: i32, hold_fd: i32) -> Self {
+        ParkWaitSet(unsafe { ng_park_wait_set_create(control_fd, queue_fd, hold_fd) })
     }
     pub fn wait(&self, timeout_ms: i64) -> ParkEvent {
         match unsafe { ng_park_wait(self.0, timeout_ms as c_long) } {
@@ -275,6 +279,7 @@ impl ParkWaitSet {
             2 => ParkEvent::Latch,
             3 => ParkEvent::PostmasterDeath,
             4 => ParkEvent::Queue,
+            5 => ParkEvent::Hold,
             _ => ParkEvent::Timeout,
         }
     }

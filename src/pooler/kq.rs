@@ -108,6 +108,14 @@ impl Pooler {
                 let mut seed = [0u8; 8];
                 let _ = getrandom::getrandom(&mut seed);
                 self.kq.gen = u64::from_ne_bytes(seed) >> 24;
+                // No client is queued or served yet: a backend that served one
+                // under the previous pooler finds its word no longer its own,
+                // so it never writes a slot this pooler may give another.
+                for row in 0..clients {
+                    if let Some(k) = self.tables.kq_row(row) {
+                        k.owner.store(0, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
                 self.kq.base = base;
                 self.kq.clients_cap = clients;
                 self.tables.set_kq_fd_base(base);
@@ -290,10 +298,22 @@ impl Pooler {
         let Some(&row) = self.kq.queued.get(&ck) else { return true };
         let Some(slot_row) = self.tables.kq_row(row) else { return true };
         match kq::take_back(&slot_row.owner) {
-            TakeBack::Recalled { .. } => {
+            TakeBack::Recalled { row: brow } => {
                 if close {
                     if let Some(c) = self.client(ck) {
                         c.kq_close = true;
+                    }
+                }
+                // A backend keeping the client idle (hold_idle_clients)
+                // waits on its control socket too: woken, it finds the
+                // recall in the word (written before this message). One
+                // inside a transaction reads the message as a no-op.
+                if let Some(bk) = self.kq_backend_at(brow as usize) {
+                    if let Some(b) = self.backend(bk) {
+                        let mut msg = Vec::with_capacity(5);
+                        control::write_empty(&mut msg, control::KQ_RECALL);
+                        use std::io::Write;
+                        let _ = b.stream.write_all(&msg);
                     }
                 }
                 false

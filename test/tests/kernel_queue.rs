@@ -329,8 +329,8 @@ fn pause_resume_and_kill_reach_queued_clients() {
 /// query waits in the queue, shows as `waiting` within a tick, and a cancel
 /// answers it 57014 without running it (as for a client waiting the
 /// pooler's way); a third one's fails with FATAL 53400 once
-/// `query_wait_timeout` (2 s) has passed, no sooner. Once the holder
-/// commits, the backend shows as `parked` while it waits on the queue.
+/// `query_wait_timeout` (2 s) has passed, no sooner. Once its clients have
+/// left, the backend shows as `parked` while it waits on the queue.
 #[test]
 fn queued_clients_are_listed_and_their_waits_bounded() {
     let b = builder().conf("nextgres.pool_size = 1").conf("nextgres.query_wait_timeout = 2");
@@ -376,14 +376,64 @@ fn queued_clients_are_listed_and_their_waits_bounded() {
         assert!(wait_until(SETTLE, || clients(pg).iter().all(|c| c.0 != port)), "{:?}", clients(pg));
 
         holder.batch_execute("COMMIT").expect("COMMIT");
+        assert_eq!(one(&mut waiter, "SELECT 'after'"), "after", "the cancelled client goes on");
+        assert_eq!(admin_i64(pg, "SELECT count(*) FROM queued_cancel"), 0, "the cancelled INSERT ran");
+        // The backend may keep its last client idle (hold_idle_clients):
+        // with both gone it waits on the queue alone.
+        drop((holder, waiter));
         assert!(
             wait_until(SETTLE, || pooled(pg) == vec![(backend, "parked".to_string())]),
             "the idle lent backend is not listed as parked: {:?}",
             pooled(pg)
         );
-        assert_eq!(one(&mut waiter, "SELECT 'after'"), "after", "the cancelled client goes on");
-        assert_eq!(admin_i64(pg, "SELECT count(*) FROM queued_cancel"), 0, "the cancelled INSERT ran");
-        drop((holder, waiter));
+        assert_left_nothing(pg, pooler);
+    });
+}
+
+/// `hold_idle_clients` (on by default) with the queue. Pool of 1: a client
+/// alone keeps the backend that took it from the queue between its
+/// transactions (the same pid, each transaction counted in
+/// `kernel_queue_transactions`, the backend listed `attached` to it while
+/// it is idle); a second client's query is taken from the queue by that
+/// same backend, which gives the kept one back (counted too, so it was not
+/// served by a recall through the pooler); the first client's next query
+/// is taken back the same way; `kill_clients` reaches a kept client.
+#[test]
+fn an_idle_queued_client_keeps_its_backend_until_another_is_ready() {
+    let b = builder().conf("nextgres.pool_size = 1").conf("nextgres.hold_idle_clients = on");
+    run(b, |pg| {
+        let pooler = running_pooler_pid(pg);
+        let mut first = connect(pg, APP);
+        let pid = one(&mut first, "SELECT pg_backend_pid()");
+        first.batch_execute("PREPARE kept AS SELECT 'mine'").expect("PREPARE");
+        // The pooler copies the counters once a tick: these two are in.
+        std::thread::sleep(Duration::from_millis(1500));
+        let before = queue_xacts(pg);
+        for _ in 0..20 {
+            assert_eq!(one(&mut first, "SELECT pg_backend_pid()"), pid, "the lone client changed backends");
+        }
+        let counted = |n: i64| wait_until(Duration::from_secs(5), move || queue_xacts(pg) >= before + n);
+        assert!(counted(20), "the kept client's transactions were not counted: {} -> {}", before, queue_xacts(pg));
+        let backend: i32 = pid.parse().expect("pid");
+        let attached = || pooled(pg) == vec![(backend, "attached".to_string())];
+        assert!(wait_until(SETTLE, attached), "the backend keeping an idle client is not listed attached: {:?}", pooled(pg));
+
+        let mut second = connect(pg, APP);
+        assert_eq!(one(&mut second, "SELECT pg_backend_pid()"), pid, "pool of 1: the second client's backend");
+        assert!(counted(21), "the second client was not served from the queue (a recall?): {} -> {}", before, queue_xacts(pg));
+        assert_eq!(one(&mut first, "EXECUTE kept"), "mine", "the first client's prepared statement");
+        assert_eq!(one(&mut second, "SELECT 'second again'"), "second again");
+        assert!(counted(23), "the clients' turns were not served from the queue: {} -> {}", before, queue_xacts(pg));
+
+        pg.admin().batch_execute("SELECT nextgres.kill_clients('postgres')").expect("kill");
+        for (name, c) in [("first", &mut first), ("second", &mut second)] {
+            let e = c.simple_query("SELECT 1").expect_err(name);
+            assert!(
+                e.is_closed() || sqlstate(&e) == Some("57P01") || e.to_string().contains("closed"),
+                "{name}: {e:?}"
+            );
+        }
+        drop((first, second));
         assert_left_nothing(pg, pooler);
     });
 }
