@@ -734,10 +734,14 @@ fn pool_priority_shares_max_db_connections() {
     std::thread::scope(|s| {
         // l first: it takes all 3; then h, which must win 2 of them (with
         // equal priorities the pools would settle at 2 for l and 1 for h).
+        // l runs longer than h's whole window: it must still have clients
+        // (and so keep its one backend) while the pools settle, however
+        // long it took to reach 3 on a loaded machine.
         let mut runs = Vec::new();
         for role in ["l", "h"] {
             let pg = &pg;
-            runs.push(s.spawn(move || pg.pgbench(&pg.tcp(role, "postgres"), &["-n", "-S", "-c", "4", "-j", "2", "-T", "8"])));
+            let secs = if role == "l" { "16" } else { "8" };
+            runs.push(s.spawn(move || pg.pgbench(&pg.tcp(role, "postgres"), &["-n", "-S", "-c", "4", "-j", "2", "-T", secs])));
             if role == "l" {
                 assert!(wait_until(Duration::from_secs(8), || count("l") == 3), "l never took the 3 backends");
             }
