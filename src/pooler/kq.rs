@@ -309,12 +309,7 @@ impl Pooler {
                 // recall in the word (written before this message). One
                 // inside a transaction reads the message as a no-op.
                 if let Some(bk) = self.kq_backend_at(brow as usize) {
-                    if let Some(b) = self.backend(bk) {
-                        let mut msg = Vec::with_capacity(5);
-                        control::write_empty(&mut msg, control::KQ_RECALL);
-                        use std::io::Write;
-                        let _ = b.stream.write_all(&msg);
-                    }
+                    self.kq_wake(bk);
                 }
                 false
             }
@@ -416,13 +411,21 @@ impl Pooler {
         if let Some(h) = self.tables.kq_backend(row) {
             h.recall.store(1, std::sync::atomic::Ordering::SeqCst);
         }
-        let Some(b) = self.backend(bk) else { return };
+        if self.kq_wake(bk) {
+            if let Some(b) = self.backend(bk) {
+                b.kq_recalled = true;
+            }
+        }
+    }
+
+    /// Writes `KQ_RECALL` to backend `bk`: a wake-up only (what to do is in
+    /// shared memory, written before). False when it could not be written.
+    fn kq_wake(&mut self, bk: usize) -> bool {
+        let Some(b) = self.backend(bk) else { return false };
         let mut msg = Vec::with_capacity(5);
         control::write_empty(&mut msg, control::KQ_RECALL);
         use std::io::Write;
-        if b.stream.write_all(&msg).is_ok() {
-            b.kq_recalled = true;
-        }
+        b.stream.write_all(&msg).is_ok()
     }
 
     /// A client of the pool waits for a backend and none is parked: recall
