@@ -865,14 +865,8 @@ fn kq_hold(p: &mut Parking, s: &super::kq::Served) -> Hold {
     if !crate::settings::HOLD_IDLE_CLIENTS.get() {
         return release;
     }
-    {
-        let q = p.queue.as_ref().expect("a served client's queue");
-        if q.recalled() || q.client_recalled(s) {
-            return release;
-        }
-        if let Some((a, t)) = q.take(p.control) {
-            return Hold::Next(a, t);
-        }
+    if let Some(h) = kq_hold_ends(p, s) {
+        return h;
     }
     let Some(h) = p.hold.as_mut() else { return release };
     if !h.watch(s.fd) {
@@ -921,14 +915,22 @@ fn kq_hold(p: &mut Parking, s: &super::kq::Served) -> Hold {
             }
             ParkEvent::Queue | ParkEvent::Timeout => {}
         }
-        let q = p.queue.as_ref().expect("a served client's queue");
-        if q.recalled() || q.client_recalled(s) {
-            return release;
-        }
-        if let Some((a, t)) = q.take(p.control) {
-            return Hold::Next(a, t);
+        if let Some(h) = kq_hold_ends(p, s) {
+            return h;
         }
     }
+}
+
+/// What ends a keep, checked before its first wait and after each wake-up:
+/// a recall (of this backend or of the kept client) gives the client back;
+/// another client ready in the queue is taken (`Hold::Next`, the kept one
+/// is released after it). None: keep waiting.
+fn kq_hold_ends(p: &Parking, s: &super::kq::Served) -> Option<Hold> {
+    let q = p.queue.as_ref().expect("a served client's queue");
+    if q.recalled() || q.client_recalled(s) {
+        return Some(Hold::Release { leaving: false });
+    }
+    q.take(p.control).map(|(a, t)| Hold::Next(a, t))
 }
 
 /// The kept client's socket leaves the hold watch (before it is closed or

@@ -48,6 +48,10 @@ TARGETS = ["plain", "direct", "pgbouncer", "nextgres"]
 # Workloads that also run against the plain cluster; the others compare the
 # three paths of the nextgres cluster.
 PLAIN_WORKLOADS = {"select", "tpcb"}
+# The rate workload: these targets at RATE_SHARE of the slower one's
+# saturated select-only TPS.
+RATE_TARGETS = ("pgbouncer", "nextgres")
+RATE_SHARE = 0.8
 PASSWORD = "bench"
 POOL_SIZE = 16
 # pool_priority workload: each of two pools gets PRIO_CLIENTS clients, and
@@ -196,6 +200,7 @@ class Bench:
         self.pooler_pid = None
         self.bouncer_pid = None
         self.rows = []
+        self.select_tps = {}  # (round, protocol, clients, target) -> tps, for the rate workload
         self.profiles = []
         self.csv_path = os.path.join(a.out, "bench", "results.csv")
         self.t_start = time.monotonic()
@@ -593,18 +598,29 @@ class Bench:
         if rc != 0 and not errs:
             row["first_error"] = (e.strip().splitlines() or ["exit " + str(rc)])[-1][:200]
         if want_log:
-            lat = []
+            lat, later = [], []
             for fn in glob.glob(os.path.join(rundir, "tx.*")):
                 with open(fn) as f:
                     for line in f:
+                        # client_id transaction_no time ...
                         p = line.split(" ", 3)
                         if len(p) > 2 and p[2].isdigit():
                             lat.append(int(p[2]))
+                            if p[1] != "0":
+                                later.append(int(p[2]))
             lat.sort()
+            later.sort()
             if lat:
                 row["p50_ms"] = round(percentile(lat, 0.50) / 1000, 3)
                 row["p99_ms"] = round(percentile(lat, 0.99) / 1000, 3)
                 row["max_ms"] = round(lat[-1] / 1000, 3)
+            if later:
+                # Without each client's first transaction: with -M prepared
+                # pgbench prepares there with a blocking PQprepare, so every
+                # client's first round trip waits for those of the clients
+                # before it in its thread (a start-up burst of the load
+                # generator's, not a state of the server).
+                row["p99_later_ms"] = round(percentile(later, 0.99) / 1000, 3)
         if sampled:
             row.update(sampled)
         shutil.rmtree(rundir, ignore_errors=True)
@@ -635,6 +651,19 @@ class Bench:
         row = self.pgbench(target, ["-S", "-M", protocol, "-c", str(clients), "-j", str(min(2, clients))],
                            self.a.duration, "select", clients=clients)
         row.update(round=rnd, workload="select", protocol=protocol, clients=clients)
+        self.record(row)
+        self.select_tps[(rnd, protocol, clients, target)] = row.get("tps")
+
+    def w_rate(self, rnd, target, protocol, clients, rate):
+        """Select-only at a fixed offered rate (pgbench -R, transactions/s):
+        PgBouncer and nextgres answer the same schedule, so their latencies
+        compare servers rather than the load generator. A saturated run's p99
+        is the closed loop's: the faster server's answers wait in pgbench's
+        poll-then-walk cycle. pgbench's logged latency counts from each
+        transaction's scheduled start, so a server that falls behind shows."""
+        row = self.pgbench(target, ["-S", "-M", protocol, "-c", str(clients), "-j", str(min(2, clients)),
+                                    "-R", str(rate)], self.a.duration, "rate", clients=clients)
+        row.update(round=rnd, workload="rate", protocol=protocol, clients=clients, rate_tps=rate)
         self.record(row)
 
     def w_tls_select(self, rnd, target, clients):
@@ -935,6 +964,18 @@ class Bench:
                     for c in a.clients:
                         for t in self.targets_for("select", order):
                             self.w_select(rnd, t, protocol, c)
+            if "rate" in a.workloads:
+                # RATE_SHARE of the slower pooler's TPS in this round's
+                # select-only run of the same configuration
+                for protocol in ("simple", "extended", "prepared"):
+                    for c in (c for c in a.clients if c > POOL_SIZE):
+                        got = [self.select_tps.get((rnd, protocol, c, t)) for t in RATE_TARGETS]
+                        if not all(got):
+                            log(f"rate -M {protocol} c={c}: no select-only TPS of both poolers in this round, skipped")
+                            continue
+                        rate = int(RATE_SHARE * min(got))
+                        for t in [t for t in order if t in RATE_TARGETS]:
+                            self.w_rate(rnd, t, protocol, c, rate)
             if "tpcb" in a.workloads:
                 for c in a.tpcb_clients:
                     for t in self.targets_for("tpcb", order):
@@ -1032,7 +1073,7 @@ def parse_args(argv):
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--duration", type=int, help="seconds per pgbench run")
     ap.add_argument("--out", help="where BENCHMARKS.md and bench/ go (default: repo root; --quick: work dir)")
-    ap.add_argument("--workloads", default="idle,select,tpcb,storm,bulk,tls,priority")
+    ap.add_argument("--workloads", default="idle,select,rate,tpcb,storm,bulk,tls,priority")
     ap.add_argument("--clients", help="select-only client counts, comma separated")
     ap.add_argument("--idle", type=int, help="idle clients (default 10,000; --quick 500)")
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,

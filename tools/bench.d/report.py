@@ -129,7 +129,7 @@ class Data:
 
 def summary_rows(d):
     out = []
-    for w in ("select", "tpcb", "idle", "storm", "bulk", "tls_select", "tls_bulk", "tls_idle"):
+    for w in ("select", "rate", "tpcb", "idle", "storm", "bulk", "tls_select", "tls_bulk", "tls_idle"):
         for protocol, clients in d.configs(w):
             for t in TARGETS:
                 rs = d.sel(w, t, protocol, clients)
@@ -140,7 +140,8 @@ def summary_rows(d):
                           "server_cpu_s", "client_cpu_s", "machine_busy_s", "elapsed_s", "idle_clients", "idle_ok",
                           "idle_failed", "idle_conn_per_s", "pooler_rss_per_idle_b", "pooler_anon_per_idle_b",
                           "server_anon_per_idle_b", "server_procs", "server_backends", "server_fixed", "bulk_bytes",
-                          "mb_per_s", "ng_handoffs", "ng_waits", "ng_ahead", "pooler_us_per_conn"):
+                          "mb_per_s", "ng_handoffs", "ng_waits", "ng_ahead", "pooler_us_per_conn", "rate_tps",
+                          "p99_later_ms"):
                     v = d.m(w, t, k, protocol, clients)
                     if v is not None:
                         row[k] = round(v, 4)
@@ -226,6 +227,18 @@ def charts(d, bench_dir):
     return made, ""
 
 
+def equal_rate_note(d, p, c):
+    """The rate workload's p99s for a saturated p99 that missed: the same
+    offered load on both poolers, so the load generator's own closed-loop
+    cycle (see bench.py's w_rate) does not decide the tail."""
+    ng, pb = d.m("rate", "nextgres", "p99_ms", p, c), d.m("rate", "pgbouncer", "p99_ms", p, c)
+    rate = d.m("rate", "nextgres", "rate_tps", p, c)
+    if ng is None or pb is None or rate is None:
+        return ""
+    return (f"at an equal offered rate ({fmt(rate)} tps, `pgbench -R`) p99 {fmt(ng, 2)} vs {fmt(pb, 2)} ms "
+            f"({'below' if ng <= pb else 'above'} PgBouncer's)")
+
+
 def targets(d):
     """(target, measured, verdict, why) rows."""
     out = []
@@ -275,12 +288,15 @@ def targets(d):
                        "transaction mode), so its TPS and p99 count only the transactions before that; "
                        "nextgres ran it without errors")
             elif verdict == "missed":
+                rate_note = equal_rate_note(d, p, c) if ok_tps and not ok_p99 else ""
+                if rate_note:
+                    why = rate_note + "; "
                 if ab_ng:
                     why = ("named prepared statements do not follow clients across backends yet: "
                            f"{ab_ng} nextgres clients aborted (PgBouncer {d.meta.get('pgbouncer', '')[:15]} "
                            f"has no prepared-statement support in transaction mode either: {ab_pb} aborted)")
                 else:
-                    why = cpu_why(p, c, "pgbouncer")
+                    why += cpu_why(p, c, "pgbouncer")
             out.append((f"select-only {c} clients, -M {p}: nextgres ≥ 1.5× PgBouncer TPS and p99 ≤ PgBouncer",
                         measured, verdict, why))
     for p in ("simple", "extended", "prepared"):
@@ -515,6 +531,28 @@ def build(out):
     if errs:
         L.append("First error of the runs that had one:\n")
         L.append(md_table(["target", "error", "runs"], [(t, f"`{e}`", n) for (t, e), n in sorted(errs.items())]) + "\n")
+
+    if d.configs("rate"):
+        L.append("### Latency at an equal rate (select-only, pgbench -R)\n")
+        L.append("A saturated run's latency is the closed loop's: each pgbench thread polls its sockets, then walks its "
+                 "clients in order, so an answer that arrives during a walk waits for the next poll, and the faster a "
+                 "server answers the more its tail is pgbench's. Here PgBouncer and nextgres get the same offered "
+                 "load, 80% of the slower one's TPS in the same round's select-only run (`-R`; latency counted from "
+                 "each transaction's scheduled start, so falling behind shows).\n")
+        L.append("The last columns leave out each client's first transaction: with `-M prepared` pgbench prepares "
+                 "there with a blocking `PQprepare`, so at the start each thread makes one client's round trip at a "
+                 "time and the first transactions of its later clients wait for all of those before them.\n")
+        rows = []
+        rts = [t for t in TARGETS if d.sel("rate", t)]
+        for p, c in d.configs("rate"):
+            rows.append((p, c, fmt(d.m("rate", "nextgres", "rate_tps", p, c)))
+                        + tuple(fmt(d.m("rate", t, "tps", p, c)) + failure_note(d, "rate", t, p, c) for t in rts)
+                        + tuple(f"{fmt(d.m('rate', t, 'p50_ms', p, c), 2)} / {fmt(d.m('rate', t, 'p99_ms', p, c), 2)}"
+                                for t in rts)
+                        + tuple(fmt(d.m("rate", t, "p99_later_ms", p, c), 2) for t in rts))
+        L.append(md_table(["-M", "clients", "offered tps"] + [f"{NAMES[t]} tps" for t in rts]
+                          + [f"{NAMES[t]} p50/p99 ms" for t in rts]
+                          + [f"{NAMES[t]} p99 ms, from each client's 2nd" for t in rts], rows) + "\n")
 
     L.append("### CPU per transaction (select-only)\n")
     L.append("Median CPU microseconds per successful transaction, by process group, and how busy the machine "
