@@ -49,9 +49,11 @@ TARGETS = ["plain", "direct", "pgbouncer", "nextgres"]
 # three paths of the nextgres cluster.
 PLAIN_WORKLOADS = {"select", "tpcb"}
 # The rate workload: these targets at RATE_SHARE of the slower one's
-# saturated select-only TPS.
+# saturated select-only TPS (at 0.8, run-to-run noise on a small machine
+# left PgBouncer behind its schedule by seconds: a comparison of backlogs,
+# not of latencies).
 RATE_TARGETS = ("pgbouncer", "nextgres")
-RATE_SHARE = 0.8
+RATE_SHARE = 0.5
 PASSWORD = "bench"
 POOL_SIZE = 16
 # pool_priority workload: each of two pools gets PRIO_CLIENTS clients, and

@@ -537,7 +537,7 @@ def build(out):
         L.append("A saturated run's latency is the closed loop's: each pgbench thread polls its sockets, then walks its "
                  "clients in order, so an answer that arrives during a walk waits for the next poll, and the faster a "
                  "server answers the more its tail is pgbench's. Here PgBouncer and nextgres get the same offered "
-                 "load, 80% of the slower one's TPS in the same round's select-only run (`-R`; latency counted from "
+                 "load, half the slower one's TPS in the same round's select-only run (`-R`; latency counted from "
                  "each transaction's scheduled start, so falling behind shows).\n")
         L.append("The last columns leave out each client's first transaction: with `-M prepared` pgbench prepares "
                  "there with a blocking `PQprepare`, so at the start each thread makes one client's round trip at a "
