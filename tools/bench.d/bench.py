@@ -608,7 +608,7 @@ class Bench:
                         p = line.split(" ", 3)
                         if len(p) > 2 and p[2].isdigit():
                             lat.append(int(p[2]))
-                            if p[1] != "0":
+                            if p[1] != "1":  # numbered from 1
                                 later.append(int(p[2]))
             lat.sort()
             later.sort()
