@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the real drivers the driver matrix (test/tests/drivers.rs) runs,
 # idempotently: a Python venv with asyncpg, SQLAlchemy 2 and psycopg 3, the
-# npm packages pg (node-postgres) and postgres (postgres.js), and Debian's
+# npm packages pg 8 (node-postgres) and postgres 4 (postgres.js; majors pinned:
+# a new major reached CI unannounced once), and Debian's
 # pgjdbc (libpostgresql-jdbc-java, /usr/share/java/postgresql.jar). Java 17,
 # node/npm and python3-venv come with the machine (tools/setup).
 # Called by tools/test and by the suite itself; a second run only checks.
@@ -21,7 +22,7 @@ fi
 if [ ! -f "$NPM_DIR/node_modules/pg/package.json" ] || [ ! -f "$NPM_DIR/node_modules/postgres/package.json" ]; then
   mkdir -p "$NPM_DIR"
   [ -f "$NPM_DIR/package.json" ] || echo '{"name":"nextgres-drivers","private":true}' > "$NPM_DIR/package.json"
-  npm install --prefix "$NPM_DIR" --no-audit --no-fund --silent pg postgres
+  npm install --prefix "$NPM_DIR" --no-audit --no-fund --silent pg@8 postgres@4
 fi
 if [ ! -f "$JAR" ]; then
   if [ "$(id -u)" = 0 ]; then

@@ -3,10 +3,13 @@
 // node node_wl.mjs NPM_DIR HOST PORT USER DB CONNECTIONS ITERATIONS
 // Prints one JSON object: per-connection results and the errors seen.
 import { createRequire } from 'module';
+import { pathToFileURL } from 'url';
 const [npmDir, host, port, user, db, nStr, kStr] = process.argv.slice(2);
 const require = createRequire(npmDir + '/package.json');
 const pg = require('pg');
-const postgres = require('postgres');
+// postgres.js 3 is CommonJS, 4 an ES module only (Node 20's require() of it
+// gives the namespace, not the function): import() takes either.
+const postgres = (await import(pathToFileURL(require.resolve('postgres')).href)).default;
 const n = Number(nStr), k = Number(kStr);
 const results = {}, errors = [];
 
