@@ -104,6 +104,10 @@ pub struct KqPool {
     /// Queued clients whose query was already waiting when a backend came
     /// to the queue (it took it without waiting itself): the pool's waits.
     pub waits: AtomicU64,
+    /// When a backend last took such a client (TimestampTz, µs; 0: never),
+    /// stored at most once a millisecond: backends keep no idle client
+    /// (`hold_idle_clients`) while it is recent, as on the handoff path.
+    pub waited_at: std::sync::atomic::AtomicI64,
 }
 
 /// A backend row's kernel queue word.
@@ -1047,6 +1051,22 @@ impl Tables {
 pub fn pool_waited_at(row: usize) -> i64 {
     let Some(t) = tables() else { return 0 };
     t.pools_raw().get(row).map(|r| unsafe { std::ptr::read_volatile(&r.waited_at) }).unwrap_or(0)
+}
+
+/// Whether the pool in shared row `row` has more clients (idle, active or
+/// waiting) than backends (attached or parked, lent ones included): only
+/// then can its clients outrun its backends. Racy, as `pool_load`.
+pub fn pool_outnumbered(row: usize) -> bool {
+    let Some(t) = tables() else { return false };
+    t.pools_raw()
+        .get(row)
+        .map(|r| unsafe {
+            std::ptr::read_volatile(&r.clients_idle)
+                + std::ptr::read_volatile(&r.clients_active)
+                + std::ptr::read_volatile(&r.clients_waiting)
+                > std::ptr::read_volatile(&r.backends_attached) + std::ptr::read_volatile(&r.backends_parked)
+        })
+        .unwrap_or(false)
 }
 
 /// Clients waiting for a backend of the pool in shared row `row`, and the

@@ -73,14 +73,20 @@ fn pools() -> TableIterator<
     // is not told) is attached, and that client active.
     let (pools, serving) = tables().snapshot_pools_serving();
     TableIterator::new(pools.into_iter().map(move |(row, p)| {
-        let served = serving.get(&row).copied().unwrap_or(0);
+        // The live read only moves backends (and their clients) from parked
+        // to attached; it never changes the pooler's totals. A backend the
+        // pooler already took back from the queue (counted attached) can
+        // still show a queued client taken for a moment: counted twice
+        // without this bound (a pool of 4 once read as 5 shared backends), as
+        // can a pinned client its lent backend just took.
+        let served = serving.get(&row).copied().unwrap_or(0).min(p.backends_parked).min(p.clients_idle).max(0);
         (
             shmem::name(&p.database),
             shmem::name(&p.role),
-            (p.clients_idle - served).max(0),
+            p.clients_idle - served,
             p.clients_active + served,
             p.clients_waiting,
-            (p.backends_parked - served).max(0),
+            p.backends_parked - served,
             p.backends_attached + served,
             p.backends_starting,
             p.backends_dedicated,

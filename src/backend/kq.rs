@@ -339,7 +339,25 @@ impl Queue {
         let Some(t) = crate::shmem::tables() else { return };
         if let Some(p) = t.kq_pool(self.pool_row) {
             p.waits.fetch_add(1, Ordering::Relaxed);
+            // Every backend of a saturated pool comes here at each
+            // transaction: a store only when the mark is a millisecond old
+            // keeps the line mostly shared.
+            let now = crate::pg::shmem::now();
+            if now - p.waited_at.load(Ordering::Relaxed) >= 1000 {
+                p.waited_at.store(now, Ordering::Relaxed);
+            }
         }
+    }
+
+    /// A client of this queue waited for a backend within `within_us`
+    /// (µs): the pool is saturated, though none may be ready at this
+    /// instant (queries come in bursts).
+    pub fn waited_within(&self, within_us: i64) -> bool {
+        let Some(t) = crate::shmem::tables() else { return false };
+        let Some(p) = t.kq_pool(self.pool_row) else { return false };
+        let at = p.waited_at.load(Ordering::Relaxed);
+        // A clock stepped back makes the difference negative: not recent.
+        at != 0 && (0..within_us).contains(&(crate::pg::shmem::now() - at))
     }
 
     /// About to wait on the queue with no client: notes since when, once

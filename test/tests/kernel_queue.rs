@@ -437,3 +437,47 @@ fn an_idle_queued_client_keeps_its_backend_until_another_is_ready() {
         assert_left_nothing(pg, pooler);
     });
 }
+
+/// A saturated queue keeps no idle client (`hold_idle_clients`, as the
+/// handoff path's `linger`): kept, a client's next query would be served
+/// before clients queued earlier. Pool of 1, two clients: a is kept idle;
+/// b's query is taken from the queue by a's backend, which found it waiting
+/// (b waited for a backend), so after b's statement the backend keeps
+/// neither and waits on the queue (listed parked). Past the 100 ms window a
+/// statement of a's, taken by an idle backend (no wait), leaves a kept
+/// again.
+#[test]
+fn a_queue_that_just_saturated_keeps_no_idle_client() {
+    let b = builder().conf("nextgres.pool_size = 1").conf("nextgres.hold_idle_clients = on");
+    run(b, |pg| {
+        let pooler = running_pooler_pid(pg);
+        let mut a = connect(pg, APP);
+        let backend: i32 = one(&mut a, "SELECT pg_backend_pid()").parse().expect("pid");
+        let is = |state: &'static str| move || pooled(pg) == vec![(backend, state.to_string())];
+        assert!(wait_until(SETTLE, is("attached")), "a alone is not kept: {:?}", pooled(pg));
+        let mut b = connect(pg, APP);
+        let clients = || {
+            admin_i64(
+                pg,
+                "SELECT coalesce(sum(clients_idle + clients_active + clients_waiting), 0)::int8
+                   FROM nextgres.pools WHERE role = 'app'",
+            )
+        };
+        assert!(wait_until(SETTLE, || clients() == 2), "the pool does not count 2 clients: {}", clients());
+        assert_eq!(one(&mut b, "SELECT pg_backend_pid()"), backend.to_string(), "pool of 1: b's backend");
+        assert!(
+            wait_until(Duration::from_secs(5), is("parked")),
+            "b stayed kept right after waiting for the backend: {:?}",
+            pooled(pg)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(one(&mut a, "SELECT 'a again'"), "a again");
+        assert!(
+            wait_until(Duration::from_secs(5), is("attached")),
+            "past the window the idle client is not kept again: {:?}",
+            pooled(pg)
+        );
+        drop((a, b));
+        assert_left_nothing(pg, pooler);
+    });
+}
