@@ -759,7 +759,7 @@ fn kq_boundary(p: &mut Parking, mut leaving: bool) -> bool {
                 p.served = Some(s);
                 return true;
             }
-            Hold::Next(a, t) => next = Some((a, t)),
+            Hold::Next(a, t, waited) => next = Some((a, t, waited)),
             Hold::Release { leaving: l } => leaving = l,
         }
     }
@@ -789,7 +789,7 @@ fn kq_boundary(p: &mut Parking, mut leaving: bool) -> bool {
         super::kq::Released::TooLarge => {
             // Kept (the pooler's books say attached): given back the
             // pooler's way, with its whole image, and parked.
-            if let Some((_, t)) = next.take() {
+            if let Some((_, t, _)) = next.take() {
                 q.put_back(p.control, t);
             }
             p.lent = false;
@@ -813,9 +813,12 @@ fn kq_boundary(p: &mut Parking, mut leaving: bool) -> bool {
     }
     super::sched::follow_setting();
     let q = p.queue.as_ref().expect("checked above");
-    if let Some((a, t)) = next {
-        // Ready before this backend was free: it waited for one.
-        q.count_wait();
+    if let Some((a, t, waited)) = next {
+        // Ready before this backend was free: it waited for one (not so
+        // one that came while this backend kept its client idle).
+        if waited {
+            q.count_wait();
+        }
         let timer_was_on = glue::idle_session_timer_suspend();
         glue::report_parked();
         attach_queued(p, a, t, timer_was_on);
@@ -841,8 +844,9 @@ enum Hold {
     /// The kept client's next message is here: serve it.
     Serve,
     /// Another client was ready and is taken: release the kept one, then
-    /// serve this one.
-    Next(Attach, super::kq::Served),
+    /// serve this one. True: it was ready at the boundary (it waited for a
+    /// backend); false: it came while the kept client idled, taken at once.
+    Next(Attach, super::kq::Served, bool),
     /// Release the client (to the queue, or the pooler when recalled;
     /// `leaving`: it hung up or sent Terminate).
     Release { leaving: bool },
@@ -865,7 +869,7 @@ fn kq_hold(p: &mut Parking, s: &super::kq::Served) -> Hold {
     if !crate::settings::HOLD_IDLE_CLIENTS.get() {
         return release;
     }
-    if let Some(h) = kq_hold_ends(p, s) {
+    if let Some(h) = kq_hold_ends(p, s, true) {
         return h;
     }
     // Saturated moments ago: kept, the client's next query would be served
@@ -929,7 +933,7 @@ fn kq_hold(p: &mut Parking, s: &super::kq::Served) -> Hold {
             }
             ParkEvent::Queue | ParkEvent::Timeout => {}
         }
-        if let Some(h) = kq_hold_ends(p, s) {
+        if let Some(h) = kq_hold_ends(p, s, false) {
             return h;
         }
     }
@@ -939,12 +943,12 @@ fn kq_hold(p: &mut Parking, s: &super::kq::Served) -> Hold {
 /// a recall (of this backend or of the kept client) gives the client back;
 /// another client ready in the queue is taken (`Hold::Next`, the kept one
 /// is released after it). None: keep waiting.
-fn kq_hold_ends(p: &Parking, s: &super::kq::Served) -> Option<Hold> {
+fn kq_hold_ends(p: &Parking, s: &super::kq::Served, at_boundary: bool) -> Option<Hold> {
     let q = p.queue.as_ref().expect("a served client's queue");
     if q.recalled() || q.client_recalled(s) {
         return Some(Hold::Release { leaving: false });
     }
-    q.take(p.control).map(|(a, t)| Hold::Next(a, t))
+    q.take(p.control).map(|(a, t)| Hold::Next(a, t, at_boundary))
 }
 
 /// The kept client's socket leaves the hold watch (before it is closed or

@@ -440,9 +440,9 @@ fn an_idle_queued_client_keeps_its_backend_until_another_is_ready() {
 
 /// A saturated queue keeps no idle client (`hold_idle_clients`, as the
 /// handoff path's `linger`): kept, a client's next query would be served
-/// before clients queued earlier. Pool of 1, two clients: a is kept idle;
-/// b's query is taken from the queue by a's backend, which found it waiting
-/// (b waited for a backend), so after b's statement the backend keeps
+/// before clients queued earlier. Pool of 1, two clients: b's query waits
+/// in the queue behind a's `pg_sleep`, so the backend takes it at a's
+/// boundary (b waited for a backend), and after b's statement it keeps
 /// neither and waits on the queue (listed parked). Past the 100 ms window a
 /// statement of a's, taken by an idle backend (no wait), leaves a kept
 /// again.
@@ -464,7 +464,18 @@ fn a_queue_that_just_saturated_keeps_no_idle_client() {
             )
         };
         assert!(wait_until(SETTLE, || clients() == 2), "the pool does not count 2 clients: {}", clients());
-        assert_eq!(one(&mut b, "SELECT pg_backend_pid()"), backend.to_string(), "pool of 1: b's backend");
+        let (a_back, b_pid) = std::thread::scope(|s| {
+            let sleeper = s.spawn(move || {
+                a.batch_execute("SELECT pg_sleep(0.4)").expect("a's sleep");
+                a
+            });
+            // Sent while a's statement runs: b's query waits in the queue.
+            std::thread::sleep(Duration::from_millis(150));
+            let b_pid = one(&mut b, "SELECT pg_backend_pid()");
+            (sleeper.join().expect("a's thread"), b_pid)
+        });
+        a = a_back;
+        assert_eq!(b_pid, backend.to_string(), "pool of 1: b's backend");
         assert!(
             wait_until(Duration::from_secs(5), is("parked")),
             "b stayed kept right after waiting for the backend: {:?}",
