@@ -34,6 +34,7 @@ import select
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -153,12 +154,15 @@ def run(cmd, timeout, check=True, as_pg=False, env=None, stdin=None, capture=Tru
     return r
 
 
-def wait_bounded(proc, deadline, at=None, sampler=None):
+def wait_bounded(proc, deadline, at=None, sampler=None, every=None):
     """Waits for proc with os.wait4 (for its rusage); at the deadline sends
     SIGTERM, then SIGKILL 5 s later. Calls sampler() once at monotonic time
-    `at` while the process runs. Returns (exit code, rusage, timed_out, sample)."""
+    `at` while the process runs, and every[2]() each every[1] s from
+    monotonic time every[0] on while it runs (results are the callee's to
+    keep). Returns (exit code, rusage, timed_out, sample)."""
     sampled, killed = None, False
     term_at = None
+    next_tick = every[0] if every else None
     while True:
         pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
         if pid:
@@ -167,6 +171,9 @@ def wait_bounded(proc, deadline, at=None, sampler=None):
         now = time.monotonic()
         if sampler and sampled is None and at is not None and now >= at:
             sampled = sampler()
+        if next_tick is not None and now >= next_tick and term_at is None:
+            every[2]()
+            next_tick = now + every[1]
         if now > deadline and term_at is None:
             proc.send_signal(signal.SIGTERM)
             killed, term_at = True, now
@@ -174,6 +181,33 @@ def wait_bounded(proc, deadline, at=None, sampler=None):
             proc.send_signal(signal.SIGKILL)
             term_at = float("inf")
         time.sleep(0.02)
+
+
+def tcp_unread(port):
+    """Where a run's requests wait, from the kernel's TCP tables
+    (/proc/net/tcp, tcp6: established sockets, rx_queue): (sockets whose
+    peer is `port` and that hold bytes their process has not read, i.e.
+    answers waiting for pgbench; sockets of `port` holding unread bytes,
+    i.e. requests the server or pooler has not read yet; client sockets)."""
+    client_unread = server_unread = clients = 0
+    for fn in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(fn) as f:
+                next(f)
+                for line in f:
+                    p = line.split()
+                    if len(p) < 5 or p[3] != "01":  # TCP_ESTABLISHED
+                        continue
+                    local, remote = int(p[1].rsplit(":", 1)[1], 16), int(p[2].rsplit(":", 1)[1], 16)
+                    unread = int(p[4].split(":")[1], 16) > 0
+                    if remote == port:
+                        clients += 1
+                        client_unread += unread
+                    elif local == port:
+                        server_unread += unread
+        except OSError:
+            continue
+    return client_unread, server_unread, clients
 
 
 def percentile(sorted_vals, q):
@@ -571,8 +605,17 @@ class Bench:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                                 env=self.conn_env(target, tls), cwd=rundir)
         t0 = time.monotonic()
+        # Many clients: where their requests wait, twice a second after the
+        # logins (answers unread in pgbench's sockets, or requests unread at
+        # the server's end): a saturated run's latency is wherever most wait.
+        queues = []
+        port = int(self.conn_env(target)["PGPORT"])
+        every = None
+        if tag in ("select", "rate") and clients >= 100:
+            every = (t0 + self.login_allowance(clients) + 0.5, 0.5, lambda: queues.append(tcp_unread(port)))
         rc, ru, timed_out, sampled = wait_bounded(
-            proc, t0 + duration + self.a.grace, at=(t0 + sample_at) if sample_at is not None else None, sampler=sampler)
+            proc, t0 + duration + self.a.grace, at=(t0 + sample_at) if sample_at is not None else None, sampler=sampler,
+            every=every)
         after = self.snapshot(target, settle_to=before["backends"] if tag != "idle" else None)
         out.seek(0)
         err.seek(0)
@@ -581,6 +624,13 @@ class Bench:
         err.close()
         row = {"target": target, "rc": rc, "timed_out": int(timed_out), "T_s": duration}
         self.account(row, before, after, ru)
+        # Samples taken while every client was connected (a late login or the
+        # end of the run shows fewer).
+        full = [q for q in queues if q[2] >= clients]
+        if full:
+            row["pgbench_unread"] = statistics.median(q[0] for q in full)
+            row["server_unread"] = statistics.median(q[1] for q in full)
+            row["unread_samples"] = len(full)
 
         def grab(rx, cast=float):
             m = re.search(rx, o)

@@ -239,6 +239,16 @@ def equal_rate_note(d, p, c):
             f"({'below' if ng <= pb else 'above'} PgBouncer's)")
 
 
+def unread_note(d, p, c):
+    """For a saturated p99 that missed: where the clients' requests waited
+    (bench.py's tcp_unread samples), nextgres against PgBouncer."""
+    ng, pb = d.m("select", "nextgres", "pgbench_unread", p, c), d.m("select", "pgbouncer", "pgbench_unread", p, c)
+    if ng is None or pb is None:
+        return ""
+    return (f"the answers of {100 * ng / c:.0f}% of the clients waited unread in pgbench's sockets "
+            f"(PgBouncer: {100 * pb / c:.0f}%): pgbench, not the pooler, held most requests (see Where the clients wait)")
+
+
 def targets(d):
     """(target, measured, verdict, why) rows."""
     out = []
@@ -291,6 +301,9 @@ def targets(d):
                 rate_note = equal_rate_note(d, p, c) if ok_tps and not ok_p99 else ""
                 if rate_note:
                     why = rate_note + "; "
+                held = unread_note(d, p, c) if ok_tps and not ok_p99 else ""
+                if held:
+                    why += held + "; "
                 if ab_ng:
                     why = ("named prepared statements do not follow clients across backends yet: "
                            f"{ab_ng} nextgres clients aborted (PgBouncer {d.meta.get('pgbouncer', '')[:15]} "
@@ -553,6 +566,27 @@ def build(out):
         L.append(md_table(["-M", "clients", "offered tps"] + [f"{NAMES[t]} tps" for t in rts]
                           + [f"{NAMES[t]} p50/p99 ms" for t in rts]
                           + [f"{NAMES[t]} p99 ms, from each client's 2nd" for t in rts], rows) + "\n")
+
+    waits = [(p, c) for p, c in d.configs("select") if d.m("select", "nextgres", "pgbench_unread", p, c) is not None]
+    if waits:
+        L.append("### Where the clients wait (select-only)\n")
+        L.append("Twice a second during each run with 100 clients or more (after the logins), the kernel's TCP tables "
+                 "(`/proc/net/tcp`) tell how many clients had an answer waiting unread in pgbench's socket, that is "
+                 "waiting for pgbench rather than for the server; the others' requests were at the server or pooler "
+                 "(queued or being served). Median over the samples and rounds. Where pgbench holds most clients, the "
+                 "run's latency is pgbench's: its two threads share the two cores with the pool's backends, and a "
+                 "thread that always has answers to read is preempted like any busy process, so every answer that "
+                 "came in meanwhile waits for its next time slice.\n")
+        rows = []
+        wts = [t for t in TARGETS if d.sel("select", t)]
+        for p, c in waits:
+            rows.append((p, c) + tuple(
+                "–" if d.m("select", t, "pgbench_unread", p, c) is None
+                else f"{100 * d.m('select', t, 'pgbench_unread', p, c) / c:.0f}%" for t in wts)
+                + tuple(f"{fmt(d.m('select', t, 'p50_ms', p, c), 2)} / {fmt(d.m('select', t, 'p99_ms', p, c), 2)}"
+                        for t in wts))
+        L.append(md_table(["-M", "clients"] + [f"{NAMES[t]}: answers unread by pgbench" for t in wts]
+                          + [f"{NAMES[t]} p50/p99 ms" for t in wts], rows) + "\n")
 
     L.append("### CPU per transaction (select-only)\n")
     L.append("Median CPU microseconds per successful transaction, by process group, and how busy the machine "
