@@ -298,12 +298,8 @@ def targets(d):
                        "transaction mode), so its TPS and p99 count only the transactions before that; "
                        "nextgres ran it without errors")
             elif verdict == "missed":
-                rate_note = equal_rate_note(d, p, c) if ok_tps and not ok_p99 else ""
-                if rate_note:
-                    why = rate_note + "; "
-                held = unread_note(d, p, c) if ok_tps and not ok_p99 else ""
-                if held:
-                    why += held + "; "
+                if ok_tps and not ok_p99:
+                    why = "".join(n + "; " for n in (equal_rate_note(d, p, c), unread_note(d, p, c)) if n)
                 if ab_ng:
                     why = ("named prepared statements do not follow clients across backends yet: "
                            f"{ab_ng} nextgres clients aborted (PgBouncer {d.meta.get('pgbouncer', '')[:15]} "
@@ -580,11 +576,10 @@ def build(out):
         rows = []
         wts = [t for t in TARGETS if d.sel("select", t)]
         for p, c in waits:
-            rows.append((p, c) + tuple(
-                "–" if d.m("select", t, "pgbench_unread", p, c) is None
-                else f"{100 * d.m('select', t, 'pgbench_unread', p, c) / c:.0f}%" for t in wts)
-                + tuple(f"{fmt(d.m('select', t, 'p50_ms', p, c), 2)} / {fmt(d.m('select', t, 'p99_ms', p, c), 2)}"
-                        for t in wts))
+            unread = [d.m("select", t, "pgbench_unread", p, c) for t in wts]
+            rows.append((p, c) + tuple("–" if u is None else f"{100 * u / c:.0f}%" for u in unread)
+                        + tuple(f"{fmt(d.m('select', t, 'p50_ms', p, c), 2)} / {fmt(d.m('select', t, 'p99_ms', p, c), 2)}"
+                                for t in wts))
         L.append(md_table(["-M", "clients"] + [f"{NAMES[t]}: answers unread by pgbench" for t in wts]
                           + [f"{NAMES[t]} p50/p99 ms" for t in wts], rows) + "\n")
 
