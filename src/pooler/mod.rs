@@ -44,6 +44,7 @@ pub mod refusing;
 mod ring;
 
 mod stats;
+mod relay;
 pub(crate) mod tls;
 mod worker;
 

@@ -8,16 +8,16 @@
 //!   does (be-secure-openssl.c `be_tls_init()` opens them from the data
 //!   directory, its working directory).
 //! * [`spawn_relay`]: there is no kernel TLS on these machines, so a TLS
-//!   client gets a relay thread of its own. It does the handshake and then
-//!   carries plaintext between the client's TCP socket and one end of a Unix
+//!   client gets a relay (`super::relay`): its handshake on a thread of its
+//!   own, then a place on one of a few relay worker threads, which carry
+//!   plaintext between the client's TCP socket and one end of a Unix
 //!   `socketpair`; the other end takes the client socket's place in the
 //!   pooler (startup, authentication, idle peeks) and is what is handed to a
 //!   pooled backend at each transaction, so backends serve it as they serve
 //!   any socket. The relay lives while the client is active: once it is
 //!   idle in the pooler it is parked ([`RelayCtl`], `super::park`) and the
 //!   pooler reads its few TLS bytes inline until the next message starts a
-//!   relay again; the relay threads never call into PostgreSQL (no logging,
-//!   no palloc).
+//!   relay again; relays never call into PostgreSQL (no logging, no palloc).
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::client::danger::HandshakeSignatureValid;
@@ -28,13 +28,13 @@ use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustls::{RootCertStore, ServerConfig, ServerConnection};
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
-use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, OnceLock};
 use nextgres_core::control::TlsStatus;
+use super::relay::{self, Relay};
 
 /// Relays whose TLS handshake has not finished (capped by
 /// `nextgres.max_tls_handshakes`).
@@ -47,10 +47,10 @@ pub fn handshaking() -> usize {
 
 /// Counts a relay in [`HANDSHAKING`] from before its thread starts until
 /// its handshake is done or it ends.
-struct Handshake;
+pub(super) struct Handshake;
 
 impl Handshake {
-    fn new() -> Handshake {
+    pub(super) fn new() -> Handshake {
         HANDSHAKING.fetch_add(1, Ordering::AcqRel);
         Handshake
     }
@@ -472,11 +472,11 @@ pub fn build(
 
 /// Starts the relay for a client that sent SSLRequest (or direct TLS):
 /// `tcp` is the client's socket, `pair` the relay's end of the socketpair
-/// whose other end the pooler keeps. `answer`: the byte the relay sends
-/// first ('S' to an SSLRequest; None for direct TLS). When no thread can be
-/// started (EAGAIN: thread or memory limits) nothing was sent and `tcp`
-/// comes back with the error, so the client can still be refused in
-/// plaintext.
+/// whose other end the pooler keeps (`super::relay`). `answer`: the byte the
+/// relay sends first ('S' to an SSLRequest; None for direct TLS). When no
+/// thread can be started (EAGAIN: thread or memory limits) nothing was sent
+/// and `tcp` comes back with the error, so the client can still be refused
+/// in plaintext.
 /// `direct`: the first bytes of a direct TLS handshake, already read from
 /// `tcp`; such a client must negotiate ALPN `postgresql` or is closed
 /// after the handshake, as the server closes it (backend_startup.c
@@ -494,63 +494,42 @@ pub fn spawn_relay(
         Ok(c) => c,
         Err(e) => return Err((tcp, std::io::Error::other(e.to_string()))),
     };
-    let start = RelayStart {
-        conn,
-        tcp,
-        pair,
-        info,
-        handshake: Some(Handshake::new()),
-        end_point: loaded.end_point.clone(),
-        ca_loaded: loaded.ca_loaded,
-        direct,
-        answer,
-        initial: Vec::new(),
-    };
-    spawn(start).map_err(|(s, e)| (s.tcp, e))
+    let handshake = Some(Handshake::new());
+    let r = Relay::new(conn, tcp, pair, info, handshake, loaded.end_point.clone(), loaded.ca_loaded, direct, Vec::new());
+    relay::start(r, answer).map_err(|(r, e)| (r.into_tcp(), e))
 }
 
 /// Starts a relay again for a parked client ([`Parked`]) whose plaintext
 /// `initial` (decrypted by the pooler) is to reach the pooler through the
-/// new `pair` first. When no thread can be started the connection comes
-/// back with the error (the pooler then sends its FATAL over TLS itself).
+/// new `pair` first. When it cannot be started the connection comes back
+/// with the error (the pooler then sends its FATAL over TLS itself).
 pub fn resume_relay(
     parked: Parked,
     pair: UnixStream,
     info: TlsInfo,
     initial: Vec<u8>,
 ) -> Result<Arc<RelayCtl>, (Parked, std::io::Error)> {
-    let start = RelayStart {
-        conn: parked.conn,
-        tcp: parked.tcp,
-        pair,
-        info,
-        handshake: None,
-        end_point: None,
-        ca_loaded: false,
-        direct: None,
-        answer: None,
-        initial,
-    };
-    spawn(start).map_err(|(s, e)| (Parked { conn: s.conn, tcp: s.tcp, plaintext: s.initial }, e))
+    let r = Relay::new(parked.conn, parked.tcp, pair, info, None, None, false, None, initial);
+    relay::start(r, None).map_err(|(r, e)| (r.into_parked(), e))
 }
 
-/// Control shared by the pooler and one relay thread: how a relay parks.
+/// Control shared by the pooler and one relay: how a relay parks.
 ///
-/// Parking (issue 12, acceptance 5): an idle TLS client needs no thread and
+/// Parking (issue 12, acceptance 5): an idle TLS client needs no relay and
 /// no socketpair. The pooler sets `park` and then shuts its own end of the
 /// pair for writing; the relay, reading EOF from the pair with `park` set,
 /// puts its connection in `parked` instead of closing, and ends (its pair
 /// end closes: the pooler reads EOF and takes it).
 #[derive(Default)]
 pub struct RelayCtl {
-    park: AtomicBool,
-    /// Set by the relay before it sleeps with nothing unsent either way
+    pub(super) park: AtomicBool,
+    /// Set by the relay before it waits with nothing unsent either way
     /// (no TLS for the client, no plaintext for the pair): only such a
     /// relay is asked to park, so it reads the pooler's EOF at once. One
     /// with unsent TLS (a client that does not read its result) would only
     /// read it once the client reads.
-    quiet: AtomicBool,
-    parked: Mutex<Option<Parked>>,
+    pub(super) quiet: AtomicBool,
+    pub(super) parked: Mutex<Option<Parked>>,
 }
 
 impl RelayCtl {
@@ -571,9 +550,9 @@ impl RelayCtl {
     }
 }
 
-/// A TLS client without a relay thread: the rustls session (handshake
-/// done, all TLS output handed to the socket or still in `conn`) and the
-/// client's TCP socket (non-blocking).
+/// A TLS client without a relay: the rustls session (handshake done, all
+/// TLS output handed to the socket or still in `conn`) and the client's
+/// TCP socket (non-blocking).
 pub struct Parked {
     pub conn: ServerConnection,
     pub tcp: TcpStream,
@@ -581,75 +560,12 @@ pub struct Parked {
     pub plaintext: Vec<u8>,
 }
 
-/// Everything a relay thread starts with.
-struct RelayStart {
-    conn: ServerConnection,
-    tcp: TcpStream,
-    pair: UnixStream,
-    info: TlsInfo,
-    handshake: Option<Handshake>,
-    end_point: Option<Arc<[u8]>>,
-    ca_loaded: bool,
-    direct: Option<Vec<u8>>,
-    answer: Option<u8>,
-    initial: Vec<u8>,
-}
-
-/// Starts a relay thread; when none can be started (EAGAIN: thread or
-/// memory limits) everything comes back with the error, nothing sent.
-fn spawn(start: RelayStart) -> Result<Arc<RelayCtl>, (RelayStart, std::io::Error)> {
-    use nix::sys::signal::{SigSet, SigmaskHow};
-    // The server's signal handlers (SIGHUP, SIGTERM, SIGUSR1, ...) must run
-    // on the pooler's own thread: the relay starts with every signal
-    // blocked (a new thread inherits the mask), then the pooler's mask is
-    // put back.
-    let old = match SigSet::all().thread_swap_mask(SigmaskHow::SIG_BLOCK) {
-        Ok(o) => o,
-        Err(e) => return Err((start, e.into())),
-    };
-    let ctl = Arc::new(RelayCtl::default());
-    // The closure takes its start out of this cell, so that a spawn that
-    // fails (and drops the closure unrun) leaves it to the caller.
-    let cell = Arc::new(Mutex::new(Some(start)));
-    let (thread_cell, thread_ctl) = (cell.clone(), ctl.clone());
-    let started = std::thread::Builder::new()
-        .name("nextgres tls".into())
-        // 1 MiB (address space, touched only as used): a stack overflow
-        // here is a SIGSEGV in the pooler, which the postmaster answers
-        // with crash recovery of the whole cluster.
-        .stack_size(1024 * 1024)
-        .spawn(move || {
-            let Some(s) = thread_cell.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
-            drop(thread_cell);
-            // Never unwind into nothing: a panic here only ends this client.
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                if let Some(b) = s.answer {
-                    // One byte on a fresh socket: only a broken one refuses it.
-                    if (&s.tcp).write(&[b]).ok() != Some(1) {
-                        return;
-                    }
-                }
-                relay(s, &thread_ctl)
-            }));
-        });
-    let _ = old.thread_set_mask();
-    match started {
-        Ok(_) => Ok(ctl),
-        Err(e) => match cell.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            Some(s) => Err((s, e)),
-            // Unreachable: a thread that never ran took nothing.
-            None => Ok(ctl),
-        },
-    }
-}
-
-/// Plaintext waiting for the pooler or backend beyond this: stop reading TLS.
-pub const PAIR_BACKLOG: usize = 256 * 1024;
+pub use super::relay::{CLOSE_WITHIN, PAIR_BACKLOG};
 
 /// The session as `pg_stat_ssl` shows a direct OpenSSL one
 /// (be-secure-openssl.c `be_tls_get_version`, `_cipher`, `_cipher_bits`,
 /// `_peer_subject_name`, `_peer_serial`, `_peer_issuer_name`).
-fn describe(conn: &ServerConnection, peer_cert: Option<&[u8]>) -> TlsStatus {
+pub(super) fn describe(conn: &ServerConnection, peer_cert: Option<&[u8]>) -> TlsStatus {
     let version = match conn.protocol_version() {
         Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
         Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
@@ -673,259 +589,6 @@ fn describe(conn: &ServerConnection, peer_cert: Option<&[u8]>) -> TlsStatus {
         client_dn: cut(&names.client_dn),
         client_serial: names.client_serial,
         issuer_dn: cut(&names.issuer_dn),
-    }
-}
-
-/// Once the pooler or backend side of the pair has closed, the client gets
-/// what is left (the server's FATAL, the last rows) and close_notify within
-/// this, in all: a client that stops reading does not hold the thread.
-pub const CLOSE_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// The relay loop; returns when either side is done. Dropping `tcp` and
-/// `pair` closes them: the pooler (or the backend) sees EOF on its end.
-///
-/// When the pair side closes (a backend exits after its FATAL, the pooler
-/// closes a client) the relay keeps going: it reads what is still in the
-/// pair only while rustls has nothing unsent (rustls holds at most 64 KiB
-/// of unsent TLS, anything beyond is refused), sends it, then close_notify
-/// and FIN, all within [`CLOSE_WITHIN`] of the close.
-fn relay(start: RelayStart, ctl: &RelayCtl) {
-    let RelayStart { mut conn, mut tcp, mut pair, info, handshake, end_point, ca_loaded, direct, initial, .. } = start;
-    let mut handshake = handshake;
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    use std::time::Instant;
-    if tcp.set_nonblocking(true).is_err() || pair.set_nonblocking(true).is_err() {
-        return;
-    }
-    let require_alpn = direct.is_some();
-    if let Some(prefix) = direct {
-        // The start of the ClientHello the pooler read looking for a length.
-        let mut rest = &prefix[..];
-        while !rest.is_empty() {
-            match conn.read_tls(&mut rest) {
-                Ok(0) => return,
-                Ok(_) => {}
-                Err(_) => return,
-            }
-        }
-        if conn.process_new_packets().is_err() {
-            let _ = conn.write_tls(&mut tcp);
-            return;
-        }
-    }
-    let mut to_pair: Vec<u8> = initial;
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut tcp_eof = false;
-    // The pair side hung up (its bytes may still be unread).
-    let mut pair_hup = false;
-    // Nothing more to read from the pair.
-    let mut pair_eof = false;
-    let mut close_notify_sent = false;
-    // Set when the pair side closes: the relay ends by then.
-    let mut deadline: Option<Instant> = None;
-    loop {
-        // TLS records out to the client.
-        while conn.wants_write() {
-            match conn.write_tls(&mut tcp) {
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return,
-            }
-        }
-        if !conn.is_handshaking() && info.get().is_none() {
-            if require_alpn && conn.alpn_protocol() != Some(b"postgresql".as_slice()) {
-                // Direct TLS without ALPN: closed before any plaintext
-                // reaches the pooler (which then sees EOF).
-                return;
-            }
-            // Before any plaintext reaches the pooler.
-            let peer_cert = conn.peer_certificates().and_then(|c| c.first()).map(|c| c.as_ref().to_vec());
-            let status = describe(&conn, peer_cert.as_deref());
-            let _ = info.set(Session { status, end_point: end_point.clone(), peer_cert, ca_loaded });
-            drop(handshake.take()); // no longer counted in HANDSHAKING
-        }
-        if pair_eof {
-            if !conn.wants_write() {
-                if close_notify_sent {
-                    // All of it is in the kernel: FIN after it.
-                    let _ = tcp.shutdown(std::net::Shutdown::Write);
-                    return;
-                }
-                conn.send_close_notify();
-                close_notify_sent = true;
-                continue;
-            }
-        }
-        // Plaintext in to the pooler / backend.
-        while !to_pair.is_empty() && !pair_hup {
-            match pair.write(&to_pair) {
-                Ok(n) => {
-                    to_pair.drain(..n);
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => {
-                    // The pooler closed the client: what it wrote last is
-                    // still read and sent.
-                    pair_hup = true;
-                }
-            }
-        }
-        if pair_hup {
-            to_pair.clear();
-            deadline.get_or_insert_with(|| Instant::now() + CLOSE_WITHIN);
-        }
-        if tcp_eof && to_pair.is_empty() && !pair_hup {
-            // The client is gone: the pooler or backend reads EOF after
-            // the last of its bytes.
-            let _ = pair.shutdown(std::net::Shutdown::Both);
-            return;
-        }
-        if tcp_eof && pair_hup {
-            return;
-        }
-        let timeout = match deadline {
-            Some(d) => match d.checked_duration_since(Instant::now()) {
-                Some(left) => PollTimeout::try_from(left.as_millis().clamp(1, 60_000) as i32).unwrap_or(PollTimeout::ZERO),
-                None => return, // the client did not take it in time
-            },
-            None => PollTimeout::NONE,
-        };
-        let handshaking = conn.is_handshaking();
-        ctl.quiet.store(!handshaking && !conn.wants_write() && to_pair.is_empty() && !pair_hup, Ordering::SeqCst);
-        let mut tcp_ev = PollFlags::empty();
-        if !tcp_eof && !pair_hup && to_pair.len() < PAIR_BACKLOG && conn.wants_read() {
-            tcp_ev |= PollFlags::POLLIN;
-        }
-        if conn.wants_write() {
-            tcp_ev |= PollFlags::POLLOUT;
-        }
-        // Plaintext from the pair only while rustls has sent everything
-        // (so it always has room for what is read).
-        let mut pair_ev = PollFlags::empty();
-        if !pair_eof && (!handshaking || pair_hup) && !conn.wants_write() {
-            pair_ev |= PollFlags::POLLIN;
-        }
-        if !to_pair.is_empty() && !pair_hup {
-            pair_ev |= PollFlags::POLLOUT;
-        }
-        // A hung-up pair reports POLLHUP whatever is asked: polled only
-        // when it is to be read. A client that has sent EOF is polled only
-        // while TLS output is pending, likewise.
-        let poll_pair = !pair_hup || !pair_ev.is_empty();
-        let poll_tcp = (!tcp_eof && !pair_hup) || conn.wants_write();
-        let (tcp_re, pair_re) = {
-            let mut fds = Vec::with_capacity(2);
-            // Index 0 is always the pair; left out of poll when not polled.
-            fds.push(PollFd::new(pair.as_fd(), pair_ev));
-            if poll_tcp {
-                fds.push(PollFd::new(tcp.as_fd(), tcp_ev));
-            }
-            let slice = if poll_pair { &mut fds[..] } else { &mut fds[1..] };
-            match poll(slice, timeout) {
-                Ok(_) => {}
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(_) => return,
-            }
-            let re = |i: usize| fds.get(i).and_then(|f| f.revents()).unwrap_or(PollFlags::empty());
-            (re(1), if poll_pair { re(0) } else { PollFlags::empty() })
-        };
-        let gone = PollFlags::POLLHUP | PollFlags::POLLERR;
-        if tcp_re.intersects(PollFlags::POLLIN | gone) && !tcp_eof {
-            match conn.read_tls(&mut tcp) {
-                Ok(0) => tcp_eof = true,
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => tcp_eof = true,
-            }
-            if let Err(_e) = conn.process_new_packets() {
-                // Bad TLS input: send the alert rustls queued, then close
-                // both sides (the pooler closes the client on EOF).
-                let _ = conn.write_tls(&mut tcp);
-                return;
-            }
-            loop {
-                match conn.reader().read(&mut buf) {
-                    Ok(0) => {
-                        tcp_eof = true; // close_notify
-                        break;
-                    }
-                    Ok(n) => {
-                        if !pair_hup {
-                            to_pair.extend_from_slice(&buf[..n]);
-                        }
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(_) => {
-                        tcp_eof = true;
-                        break;
-                    }
-                }
-            }
-        }
-        if pair_re.intersects(gone) {
-            // Hung up; what it holds is still read (until read says EOF).
-            pair_hup = true;
-        }
-        if pair_ev.contains(PollFlags::POLLIN) && pair_re.intersects(PollFlags::POLLIN | gone) {
-            match pair.read(&mut buf) {
-                Ok(0) if ctl.park.load(Ordering::SeqCst) && !pair_hup => {
-                    // The pooler asks to park (it shut its end for writing
-                    // after everything it had to send, now all in rustls and
-                    // sent: the pair is only read while nothing is unsent).
-                    // Plaintext rustls still holds goes back with the rest.
-                    loop {
-                        match conn.reader().read(&mut buf) {
-                            Ok(0) => {
-                                tcp_eof = true; // close_notify
-                                break;
-                            }
-                            Ok(n) => to_pair.extend_from_slice(&buf[..n]),
-                            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                            Err(_) => {
-                                tcp_eof = true;
-                                break;
-                            }
-                        }
-                    }
-                    // A client that sent its last message and close_notify
-                    // together: parked all the same, so the pooler passes the
-                    // message on (as the server runs a query sent just before
-                    // the close), also when the TCP read of this same turn
-                    // already saw the close_notify (the message is in
-                    // `to_pair`); with nothing before the close_notify, the
-                    // relay ends as for any close.
-                    if tcp_eof && to_pair.is_empty() {
-                        pair_hup = true;
-                        pair_eof = true;
-                    } else {
-                        *ctl.parked.lock().unwrap_or_else(|e| e.into_inner()) =
-                            Some(Parked { conn, tcp, plaintext: to_pair });
-                        // Dropping `pair` tells the pooler (EOF).
-                        return;
-                    }
-                }
-                Ok(0) => {
-                    pair_hup = true;
-                    pair_eof = true;
-                }
-                Ok(n) => {
-                    // rustls had nothing unsent: 16 KiB always fits.
-                    if conn.writer().write_all(&buf[..n]).is_err() {
-                        return;
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => {
-                    pair_hup = true;
-                    pair_eof = true;
-                }
-            }
-        }
-        if pair_hup {
-            deadline.get_or_insert_with(|| Instant::now() + CLOSE_WITHIN);
-        }
     }
 }
 

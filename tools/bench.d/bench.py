@@ -91,7 +91,7 @@ def sched_cpu_s(pid):
     """CPU seconds of all threads of pid, live or exited: the live threads'
     se.sum_exec_runtime (ns resolution), plus what exited threads used (the
     process's utime+stime less its live threads', clock ticks; the pooler's
-    TLS relay threads end with their clients, before the after-run snapshot)."""
+    TLS handshake threads end once their clients are logged in, before the after-run snapshot)."""
     live, live_ticks = 0.0, 0.0
     for t in glob.glob(f"/proc/{pid}/task/*"):
         m = re.search(r"se\.sum_exec_runtime\s*:\s*([\d.]+)", read(t + "/sched"))
@@ -794,8 +794,8 @@ class Bench:
             time.sleep(1.0)
             if tls and target == "nextgres":
                 # nextgres parks a TLS client idle for two janitor ticks (1 s
-                # each): no relay thread, no socketpair. Measured once none
-                # is left on a relay thread (60 s at most), as a pooler
+                # each): no relay, no socketpair. Measured once none is
+                # left on a relay (60 s at most), as a pooler
                 # holding idle TLS clients for long is.
                 wait_until = time.monotonic() + 60
                 while time.monotonic() < wait_until:

@@ -681,7 +681,8 @@ def build(out):
                  "connect with `sslmode=require` (encrypted, certificate not verified). Direct: the server's own "
                  "TLS (OpenSSL); PgBouncer: `client_tls_sslmode = allow` with the same certificate, plain Unix "
                  "socket to the server; nextgres: the pooler terminates TLS (rustls) and relays for the pooled "
-                 "backends on a thread per TLS client (no kernel TLS on this machine).\n")
+                 "backends on its relay workers (threads that each carry many clients' relays; "
+                 "no kernel TLS on this machine).\n")
         rows = []
         for p, c in d.configs("tls_select"):
             for t in TARGETS:
