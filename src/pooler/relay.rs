@@ -177,7 +177,7 @@ impl Relay {
                 match self.conn.write_tls(&mut self.tcp) {
                     Ok(_) => moved = true,
                     Err(e) if would_block(&e) => self.tcp_out = false,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == ErrorKind::Interrupted => moved = true,
                     Err(_) => return Run::Ended,
                 }
             }
@@ -211,7 +211,7 @@ impl Relay {
                         moved = true;
                     }
                     Err(e) if would_block(&e) => self.pair_out = false,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == ErrorKind::Interrupted => moved = true,
                     // The pooler closed the client: what it wrote last is
                     // still read and sent.
                     Err(_) => {
@@ -244,7 +244,7 @@ impl Relay {
                         moved = true;
                     }
                     Err(e) if would_block(&e) => self.tcp_in = false,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == ErrorKind::Interrupted => moved = true,
                     Err(_) => {
                         self.tcp_eof = true;
                         moved = true;
@@ -299,7 +299,7 @@ impl Relay {
                         moved = true;
                     }
                     Err(e) if would_block(&e) => self.pair_in = false,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == ErrorKind::Interrupted => moved = true,
                     Err(_) => {
                         self.pair_hup = true;
                         self.pair_eof = true;
@@ -565,6 +565,22 @@ struct Inbox {
     wake: EventFd,
     /// Relays it carries (for choosing the least loaded).
     load: std::sync::atomic::AtomicUsize,
+    /// Its thread has ended (an epoll error, a panic outside a relay):
+    /// it is given no more relays.
+    dead: std::sync::atomic::AtomicBool,
+}
+
+/// Marks its worker dead when the worker's loop ends, however it ends.
+struct Obituary(Arc<Inbox>);
+
+impl Drop for Obituary {
+    fn drop(&mut self) {
+        // Under the inbox's lock, as `give` checks it: a relay is either
+        // refused or dropped here (closed), never left in a dead inbox.
+        let mut new = self.0.new.lock().unwrap_or_else(|e| e.into_inner());
+        self.0.dead.store(true, Ordering::SeqCst);
+        new.clear();
+    }
 }
 
 /// Relay workers started: as many as the cores this process may use, at
@@ -582,7 +598,7 @@ impl Workers {
             if epoll.add(wake.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE)).is_err() {
                 break;
             }
-            let inbox = Arc::new(Inbox { new: Mutex::new(Vec::new()), wake, load: Default::default() });
+            let inbox = Arc::new(Inbox { new: Mutex::new(Vec::new()), wake, load: Default::default(), dead: Default::default() });
             let mine = inbox.clone();
             if spawn_blocked("nextgres relays", move || worker(epoll, mine)).is_err() {
                 break;
@@ -592,15 +608,22 @@ impl Workers {
         (!all.is_empty()).then_some(Workers { all })
     }
 
-    /// Gives a relay to the least loaded worker.
+    /// Gives a relay to the least loaded worker; back when every worker
+    /// has ended.
     fn give(&self, r: Box<Relay>) -> Result<(), Box<Relay>> {
-        let Some(w) = self.all.iter().min_by_key(|w| w.load.load(Ordering::Relaxed)) else { return Err(r) };
-        w.load.fetch_add(1, Ordering::Relaxed);
+        let live = self.all.iter().filter(|w| !w.dead.load(Ordering::SeqCst));
+        let Some(w) = live.min_by_key(|w| w.load.load(Ordering::Relaxed)) else { return Err(r) };
         // An edge-triggered set reports only what changes after a socket
         // joins it: every socket is tried once first.
         let mut r = r;
         (r.tcp_in, r.tcp_out, r.pair_in, r.pair_out) = (true, true, true, true);
-        w.new.lock().unwrap_or_else(|e| e.into_inner()).push(r);
+        let mut new = w.new.lock().unwrap_or_else(|e| e.into_inner());
+        if w.dead.load(Ordering::SeqCst) {
+            return Err(r);
+        }
+        w.load.fetch_add(1, Ordering::Relaxed);
+        new.push(r);
+        drop(new);
         let _ = w.wake.write(1);
         Ok(())
     }
@@ -612,6 +635,7 @@ const WAKE: u64 = u64::MAX;
 
 /// A relay worker: edge-triggered epoll over every socket of its relays.
 fn worker(epoll: Epoll, inbox: Arc<Inbox>) {
+    let _obituary = Obituary(inbox.clone());
     let mut relays: slab::Slab<Box<Relay>> = slab::Slab::new();
     // Relays whose budget ran out with more to do (no edge will come).
     let mut busy: Vec<usize> = Vec::new();
@@ -677,7 +701,6 @@ fn worker(epoll: Epoll, inbox: Arc<Inbox>) {
         ran.dedup();
         for k in ran {
             let Some(r) = relays.get_mut(k) else { continue };
-            let had_deadline = r.deadline.is_some();
             // A panic (a bug in rustls, say) ends that client only, not
             // every relay of this worker.
             let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| r.run(&mut buf, RUN_BUDGET))).unwrap_or(Run::Ended);
@@ -697,7 +720,9 @@ fn worker(epoll: Epoll, inbox: Arc<Inbox>) {
                     continue;
                 }
             }
-            if !had_deadline && relays.get(k).is_some_and(|r| r.deadline.is_some()) {
+            // Also one that came with its deadline set (its pair closed
+            // before its handshake thread handed it over).
+            if relays.get(k).is_some_and(|r| r.deadline.is_some()) && !closing.contains(&k) {
                 closing.push(k);
             }
         }
