@@ -137,6 +137,17 @@ fn tcp(port: u16) -> TcpStream {
     s
 }
 
+/// Sends an SSLRequest on a new connection and reads everything until the
+/// pooler closes it: a refusal is a plaintext ErrorResponse.
+fn refused_ssl_request(port: u16) -> (Vec<u8>, String) {
+    let mut s = tcp(port);
+    s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).expect("SSLRequest");
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got).into_owned();
+    (got, text)
+}
+
 /// SSLRequest on a fresh socket; returns the server's one-byte answer.
 fn ssl_request(s: &mut TcpStream) -> u8 {
     s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).expect("SSLRequest");
@@ -981,11 +992,7 @@ fn tls_handshakes_beyond_the_cap_are_refused_as_at_max_client_conn() {
             assert_eq!(ssl_request(&mut s), b'S');
             stalled.push(s);
         }
-        let mut third = tcp(port);
-        third.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).expect("SSLRequest");
-        let mut got = Vec::new();
-        let _ = third.read_to_end(&mut got);
-        let text = String::from_utf8_lossy(&got);
+        let (got, text) = refused_ssl_request(port);
         assert!(
             got.first() == Some(&b'E') && text.contains("C53300") && text.contains("sorry, too many clients already"),
             "third TLS handshake: {text:?}"
@@ -1097,11 +1104,7 @@ fn a_pooler_out_of_descriptors_refuses_or_queues_without_spinning() {
             assert!(held_tls.len() <= 2, "more TLS clients than descriptors ({} of {limit} open)", fds());
         }
         // One or two left: the TCP socket is accepted, its socketpair fails.
-        let mut refused = tcp(port);
-        refused.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).expect("SSLRequest");
-        let mut got = Vec::new();
-        let _ = refused.read_to_end(&mut got);
-        let text = String::from_utf8_lossy(&got);
+        let (got, text) = refused_ssl_request(port);
         assert!(
             got.first() == Some(&b'E') && text.contains("SFATAL") && text.contains("C53300") && text.contains("sorry, too many clients already"),
             "TLS client without room for its relay ({} of {limit} open): {text:?}",
@@ -1183,11 +1186,7 @@ fn a_tls_client_without_a_relay_thread_gets_53300_in_plaintext() {
         let port = pg.port();
         let (nproc, hard) = pooler_nproc(pg, pooler);
         nproc(&format!("1:{hard}"));
-        let mut s = tcp(port);
-        s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).expect("SSLRequest");
-        let mut got = Vec::new();
-        let _ = s.read_to_end(&mut got);
-        let text = String::from_utf8_lossy(&got);
+        let (got, text) = refused_ssl_request(port);
         assert!(
             got.first() == Some(&b'E') && text.contains("SFATAL") && text.contains("C53300") && text.contains("could not start a thread for the TLS relay"),
             "TLS client without a relay thread: {text:?}"
@@ -2322,11 +2321,7 @@ fn a_parked_tls_client_is_served_when_no_thread_can_start() {
         assert!(relay_threads(pooler).1 > 0, "no relay worker after a TLS session: {:?}", relay_threads(pooler));
         nproc(&format!("1:{hard}"));
         assert_eq!(t.value("SELECT 2"), "2", "a parked client while no thread can start");
-        let mut s = tcp(port);
-        s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).expect("SSLRequest");
-        let mut got = Vec::new();
-        let _ = s.read_to_end(&mut got);
-        let text = String::from_utf8_lossy(&got);
+        let (got, text) = refused_ssl_request(port);
         assert!(
             got.first() == Some(&b'E') && text.contains("C53300") && text.contains("could not start a thread for the TLS relay"),
             "a new TLS client while no thread can start: {text:?}"
