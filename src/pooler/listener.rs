@@ -167,8 +167,8 @@ pub fn max_client_conn_refusal() -> nextgres_core::proto::ErrorFields {
 /// both. The pooler inherits the soft limit the server was started with
 /// (often 1024), while each plaintext client takes one descriptor and each
 /// TLS client three (its TCP socket and both ends of its relay socketpair)
-/// and a thread while active, one and no thread once parked (idle in the
-/// pooler for 1 to 2 s: `park`); the hard limit is what the DBA set for the service
+/// while active, one once parked (idle in the pooler for 1 to 2 s: `park`),
+/// and the relay workers two each (`relay`); the hard limit is what the DBA set for the service
 /// (systemd `LimitNOFILE`, `ulimit -Hn`). PostgreSQL's own file accounting
 /// (fd.c `max_safe_fds`) was sized at postmaster start from the lower soft
 /// limit, so it stays within the raised one.
@@ -180,7 +180,7 @@ pub fn raise_open_files_limit() {
             let raised = soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok();
             let now = if raised { hard } else { soft };
             log::info!(
-                "pooler open files limit (RLIMIT_NOFILE): {} (hard limit {}{}); a plaintext client takes 1 descriptor, a TLS client 1 while idle (parked) and 3 and a thread while active",
+                "pooler open files limit (RLIMIT_NOFILE): {} (hard limit {}{}); a plaintext client takes 1 descriptor, a TLS client 1 while idle (parked) and 3 while active",
                 fmt(now),
                 fmt(hard),
                 if raised { format!(", raised from {}", fmt(soft)) } else { String::new() }
