@@ -16,7 +16,7 @@
 //! Relay threads and workers never call into PostgreSQL (no logging, no
 //! palloc): they start with every signal blocked and touch only sockets,
 //! rustls and their own memory.
-use super::tls::{describe, Handshake, Parked, RelayCtl, Session, TlsInfo};
+use super::tls::{describe, plaintext_into, Handshake, Parked, RelayCtl, Session, TlsInfo};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use rustls::ServerConnection;
@@ -237,7 +237,7 @@ impl Relay {
                 return Run::Ended; // the client did not take it in time
             }
             // TLS in from the client.
-            if self.tcp_in && !self.tcp_eof && !self.pair_hup && self.to_pair.len() < PAIR_BACKLOG && self.conn.wants_read() {
+            if self.tcp_in && self.reads_tcp() {
                 match self.conn.read_tls(&mut self.tcp) {
                     Ok(n) => {
                         self.tcp_eof |= n == 0;
@@ -257,13 +257,11 @@ impl Relay {
                     return Run::Ended;
                 }
                 let eof = self.tcp_eof;
-                self.drain_plaintext(buf, !self.pair_hup);
+                self.drain_plaintext(buf);
                 moved |= self.tcp_eof != eof;
             }
-            // Plaintext from the pair, only while rustls has sent
-            // everything (so it always has room for what is read).
-            let handshaking = self.conn.is_handshaking();
-            if self.pair_in && !self.pair_eof && (!handshaking || self.pair_hup) && !self.conn.wants_write() {
+            // Plaintext from the pair.
+            if self.pair_in && self.reads_pair() {
                 match self.pair.read(buf) {
                     Ok(0) if self.ctl.park.load(Ordering::SeqCst) && !self.pair_hup => {
                         // The pooler asks to park (it shut its end for
@@ -271,7 +269,7 @@ impl Relay {
                         // in rustls and sent: the pair is only read while
                         // nothing is unsent). Plaintext rustls still holds
                         // goes back with the rest.
-                        self.drain_plaintext(buf, true);
+                        self.drain_plaintext(buf);
                         // A client that sent its last message and
                         // close_notify together: parked all the same, so the
                         // pooler passes the message on (as the server runs a
@@ -308,10 +306,8 @@ impl Relay {
                 }
             }
             if self.pair_hup && self.deadline.is_none() {
+                self.deadline = Some(Instant::now() + CLOSE_WITHIN);
                 moved = true; // what a hang-up ends is checked above
-            }
-            if self.pair_hup {
-                self.deadline.get_or_insert_with(|| Instant::now() + CLOSE_WITHIN);
             }
             if !moved {
                 let quiet = !self.conn.is_handshaking() && !self.conn.wants_write() && self.to_pair.is_empty() && !self.pair_hup;
@@ -323,27 +319,24 @@ impl Relay {
         Run::Busy
     }
 
-    /// Moves the plaintext rustls holds to `to_pair` (dropped unless
-    /// `keep`); a close_notify or broken session ends the client's input.
-    fn drain_plaintext(&mut self, buf: &mut [u8], keep: bool) {
-        loop {
-            match self.conn.reader().read(buf) {
-                Ok(0) => {
-                    self.tcp_eof = true; // close_notify
-                    return;
-                }
-                Ok(n) => {
-                    if keep {
-                        self.to_pair.extend_from_slice(&buf[..n]);
-                    }
-                }
-                Err(e) if would_block(&e) => return,
-                Err(_) => {
-                    self.tcp_eof = true;
-                    return;
-                }
-            }
-        }
+    /// Moves the plaintext rustls holds to `to_pair`; a close_notify or
+    /// broken session ends the client's input.
+    fn drain_plaintext(&mut self, buf: &mut [u8]) {
+        self.tcp_eof |= plaintext_into(&mut self.conn, buf, &mut self.to_pair);
+    }
+
+    /// TLS is read from the client (when the socket has some): not after
+    /// its EOF or the pair's hang-up, nor while the pair is behind. One
+    /// condition for `run` and for the poll of a relay on its own thread.
+    fn reads_tcp(&self) -> bool {
+        !self.tcp_eof && !self.pair_hup && self.to_pair.len() < PAIR_BACKLOG && self.conn.wants_read()
+    }
+
+    /// Plaintext is read from the pair (when it has some): only while
+    /// rustls has sent everything (so it always has room for what is read),
+    /// and not during the handshake unless the pair hung up.
+    fn reads_pair(&self) -> bool {
+        !self.pair_eof && (!self.conn.is_handshaking() || self.pair_hup) && !self.conn.wants_write()
     }
 
     /// Hands the session to the pooler: it is stored in the relay's
@@ -489,16 +482,15 @@ fn on_thread(mut r: Box<Relay>) {
             None => PollTimeout::NONE,
         };
         // Level-triggered: ask for exactly what `run` would do next.
-        let handshaking = r.conn.is_handshaking();
         let mut tcp_ev = PollFlags::empty();
-        if !r.tcp_eof && !r.pair_hup && r.to_pair.len() < PAIR_BACKLOG && r.conn.wants_read() {
+        if r.reads_tcp() {
             tcp_ev |= PollFlags::POLLIN;
         }
         if r.conn.wants_write() {
             tcp_ev |= PollFlags::POLLOUT;
         }
         let mut pair_ev = PollFlags::empty();
-        if !r.pair_eof && (!handshaking || r.pair_hup) && !r.conn.wants_write() {
+        if r.reads_pair() {
             pair_ev |= PollFlags::POLLIN;
         }
         if !r.to_pair.is_empty() && !r.pair_hup {
@@ -672,15 +664,13 @@ fn worker(epoll: Epoll, inbox: Arc<Inbox>) {
                     let k = entry.key() as u64;
                     let ok = r.tcp.set_nonblocking(true).is_ok()
                         && r.pair.set_nonblocking(true).is_ok()
-                        && epoll.add(r.tcp.as_fd(), EpollEvent::new(et, 2 * k)).is_ok();
+                        && epoll.add(r.tcp.as_fd(), EpollEvent::new(et, 2 * k)).is_ok()
+                        && epoll.add(r.pair.as_fd(), EpollEvent::new(et, 2 * k + 1)).is_ok();
                     if !ok {
-                        inbox.load.fetch_sub(1, Ordering::Relaxed);
-                        continue; // dropped: both sockets close
-                    }
-                    if epoll.add(r.pair.as_fd(), EpollEvent::new(et, 2 * k + 1)).is_err() {
+                        // Out of the set if it got in (ENOENT otherwise).
                         let _ = epoll.delete(r.tcp.as_fd());
                         inbox.load.fetch_sub(1, Ordering::Relaxed);
-                        continue;
+                        continue; // dropped: both sockets close
                     }
                     entry.insert(r);
                     ran.push(k as usize);

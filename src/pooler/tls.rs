@@ -665,13 +665,20 @@ pub fn parked_read(conn: &mut ServerConnection, tcp: &mut TcpStream) -> (ParkedI
 /// still the client's and is passed on.
 pub fn parked_plaintext(conn: &mut ServerConnection) -> (Vec<u8>, bool) {
     let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
+    let closed = plaintext_into(conn, &mut [0u8; 4096], &mut out);
+    (out, closed)
+}
+
+/// Appends the plaintext rustls holds to `out` (through `buf`); true when
+/// the client's close_notify (or a broken session) came after it. Shared by
+/// the pooler's parked clients and the relays.
+pub fn plaintext_into(conn: &mut ServerConnection, buf: &mut [u8], out: &mut Vec<u8>) -> bool {
     loop {
-        match conn.reader().read(&mut buf) {
-            Ok(0) => return (out, true),
+        match conn.reader().read(buf) {
+            Ok(0) => return true,
             Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return (out, false),
-            Err(_) => return (out, true),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
         }
     }
 }
