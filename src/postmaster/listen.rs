@@ -178,6 +178,12 @@ pub fn take_port() {
                 pg_sys::GucSource::PGC_S_OVERRIDE,
             );
         }
+        // Reloads compare the file's value with that ''.
+        if let Ok(c) = std::ffi::CString::new(server_addrs.clone()) {
+            if !crate::pg::glue::keep_listen_addresses_on_reload(&c) {
+                log_warning("could not find the setting listen_addresses: each reload will log that it cannot be changed");
+            }
+        }
         pgrx::log!(
             "nextgres: pooler owns TCP port {port} on \"{addrs}\"; the server keeps only its Unix socket (listen_addresses cleared)"
         );

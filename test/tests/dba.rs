@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use fault_support::{admin_i64, run, APP, APP2, DB, SETTLE};
-use nextgres_test::{parse_summary, wait_until, Cluster, ConnInfo};
+use nextgres_test::{parse_summary, wait_until, Cluster, ConnInfo, SUPERUSER};
 use pool_support::SidePort;
 
 /// Self-signed certificate and key in the data directory, owned by the
@@ -312,4 +312,58 @@ fn inet_server_port_matches_direct() {
         let (paddr, pport): (Option<String>, Option<i32>) = (pr.get(0), pr.get(1));
         assert_eq!((paddr.as_deref(), pport), (Some("127.0.0.1/32"), Some(i32::from(sp.pool_port))), "through the pooler");
     }
+}
+
+/// `listen_addresses` while the pooler owns the server's port: the server
+/// runs with it cleared (so it opens no TCP socket of its own). A reload of
+/// an unchanged postgresql.conf must not say that it "cannot be changed
+/// without restarting the server" nor mark it `pending_restart`: it did on
+/// every reload, so monitoring showed a restart pending for ever. A changed
+/// value still gets the server's own message and `pending_restart` (the
+/// pooler binds the new addresses at the next start), and the pooler keeps
+/// serving meanwhile.
+#[test]
+fn reload_leaves_an_unchanged_listen_addresses_alone() {
+    let pg = std::sync::Arc::new(Cluster::builder().start());
+    pg.run_bounded(Duration::from_secs(120), |pg| {
+        let setting = || -> (String, bool) {
+            let r = pg
+                .admin()
+                .query_one("SELECT setting, pending_restart FROM pg_settings WHERE name = 'listen_addresses'", &[])
+                .expect("pg_settings");
+            (r.get(0), r.get(1))
+        };
+        const REFUSED: &str = "parameter \"listen_addresses\" cannot be changed without restarting the server";
+        // Each reload changes one harmless setting: the postmaster logs that
+        // change after it processed listen_addresses (earlier in the file).
+        let reload = |work_mem: &str| -> String {
+            let mark = pg.log_mark();
+            pg.append_conf(format!("work_mem = '{work_mem}'")).expect("conf");
+            pg.reload().expect("reload");
+            let applied = format!("parameter \"work_mem\" changed to \"{work_mem}\"");
+            assert!(
+                wait_until(Duration::from_secs(30), || pg.log_since(mark).contains(&applied)),
+                "the reload was not applied:\n{}",
+                pg.log_since(mark)
+            );
+            pg.log_since(mark)
+        };
+        assert_eq!(setting(), (String::new(), false), "cleared at start, nothing pending");
+
+        let log = reload("5MB");
+        assert!(!log.contains(REFUSED), "an unchanged listen_addresses was refused on reload:\n{log}");
+        assert_eq!(setting(), (String::new(), false), "after a reload of the unchanged file");
+        let r = pg
+            .admin()
+            .query_one("SELECT count(*) FROM pg_file_settings WHERE name = 'listen_addresses' AND error IS NOT NULL", &[])
+            .expect("pg_file_settings");
+        assert_eq!(r.get::<_, i64>(0), 0, "pg_file_settings reports an error for listen_addresses");
+
+        pg.append_conf("listen_addresses = 'localhost'").expect("conf");
+        let log = reload("6MB");
+        assert!(log.contains(REFUSED), "a changed listen_addresses must get the server's message:\n{log}");
+        assert_eq!(setting(), (String::new(), true), "a changed listen_addresses is pending a restart");
+        let mut c = pg.connect_tcp(SUPERUSER, "postgres", None).expect("through the pooler after the reloads");
+        assert_eq!(c.query_one("SELECT 1", &[]).expect("query").get::<_, i32>(0), 1);
+    });
 }

@@ -705,7 +705,7 @@ class Bench:
 
     # ---------------- workloads
     def w_select(self, rnd, target, protocol, clients):
-        row = self.pgbench(target, ["-S", "-M", protocol, "-c", str(clients), "-j", str(min(2, clients))],
+        row = self.pgbench(target, ["-S", "-M", protocol, "-c", str(clients), "-j", str(min(self.a.jobs, clients))],
                            self.a.duration, "select", clients=clients)
         row.update(round=rnd, workload="select", protocol=protocol, clients=clients)
         self.record(row)
@@ -718,26 +718,26 @@ class Bench:
         is the closed loop's: the faster server's answers wait in pgbench's
         poll-then-walk cycle. pgbench's logged latency counts from each
         transaction's scheduled start, so a server that falls behind shows."""
-        row = self.pgbench(target, ["-S", "-M", protocol, "-c", str(clients), "-j", str(min(2, clients)),
+        row = self.pgbench(target, ["-S", "-M", protocol, "-c", str(clients), "-j", str(min(self.a.jobs, clients)),
                                     "-R", str(rate)], self.a.duration, "rate", clients=clients)
         row.update(round=rnd, workload="rate", protocol=protocol, clients=clients, rate_tps=rate)
         self.record(row)
 
     def w_tls_select(self, rnd, target, clients):
-        row = self.pgbench(target, ["-S", "-M", "simple", "-c", str(clients), "-j", str(min(2, clients))],
+        row = self.pgbench(target, ["-S", "-M", "simple", "-c", str(clients), "-j", str(min(self.a.jobs, clients))],
                            self.a.duration, "tls_select", clients=clients, tls=True)
         row.update(round=rnd, workload="tls_select", protocol="simple", clients=clients)
         self.record(row)
 
     def w_tpcb(self, rnd, target, clients):
-        row = self.pgbench(target, ["-M", "simple", "-c", str(clients), "-j", str(min(2, clients))],
+        row = self.pgbench(target, ["-M", "simple", "-c", str(clients), "-j", str(min(self.a.jobs, clients))],
                            self.a.duration, "tpcb", clients=clients)
         row.update(round=rnd, workload="tpcb", protocol="simple", clients=clients)
         self.record(row)
 
     def w_storm(self, rnd, target):
         c = self.a.storm_clients
-        row = self.pgbench(target, ["-C", "-S", "-M", "simple", "-c", str(c), "-j", str(min(2, c))],
+        row = self.pgbench(target, ["-C", "-S", "-M", "simple", "-c", str(c), "-j", str(min(self.a.jobs, c))],
                            self.a.duration, "storm", want_log=False)
         row.update(round=rnd, workload="storm", protocol="simple", clients=c)
         if row.get("tps") and row.get("pooler_cpu_s") is not None and row.get("tx"):
@@ -819,7 +819,7 @@ class Bench:
             if row["idle_ok"]:
                 row["server_anon_per_idle_b"] = round(1024 * (self.server_anon_kb() - before_anon) / row["idle_ok"], 1)
             row["server_procs_before"] = procs_before["server_procs"]
-            res = self.pgbench(target, ["-S", "-M", "simple", "-c", "16", "-j", "2"], self.a.duration, "idle",
+            res = self.pgbench(target, ["-S", "-M", "simple", "-c", "16", "-j", str(self.a.jobs)], self.a.duration, "idle",
                                sample_at=self.a.duration / 2, sampler=self.server_procs, tls=tls)
             for k, v in res.items():
                 if k not in ("first_error",) or v:
@@ -877,7 +877,7 @@ class Bench:
                                  "-D", str(allowance * 1000), "--", "sleep", str(allowance + d + 2)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)
-        row = self.pgbench(target, ["-S", "-M", "simple", "-c", str(c), "-j", str(min(2, c))], d, "profile",
+        row = self.pgbench(target, ["-S", "-M", "simple", "-c", str(c), "-j", str(min(self.a.jobs, c))], d, "profile",
                            want_log=False, clients=c, sample_at=allowance + d / 2 + 1,
                            sampler=lambda: {"_pids": set(children(self.pm_pid)) | {self.pm_pid}})
         server_pids = row.pop("_pids", set())
@@ -997,7 +997,7 @@ class Bench:
 
     def warmup(self):
         for t in self.targets_for("select"):
-            self.pgbench(t, ["-S", "-c", "16", "-j", "2"], 1, "warmup", want_log=False)
+            self.pgbench(t, ["-S", "-c", "16", "-j", str(self.a.jobs)], 1, "warmup", want_log=False)
 
     # ---------------- the plan
     def targets_for(self, workload, order=None):
@@ -1093,7 +1093,8 @@ class Bench:
                 if t.startswith(("postgres", "/opt/nextgres-pg", "/usr/lib/postgresql", "cargo", "rustc")) and f \
                         and int(d) != self.pm_pid and int(f[1]) != self.pm_pid:
                     others.append(t[:80])
-        git = run(["git", "-C", self.repo, "describe", "--always", "--dirty"], timeout=30, check=False).stdout.strip()
+        git = run(["git", "-C", self.repo, "describe", "--always", "--dirty"], timeout=30, check=False).stdout.strip() \
+            or read(os.path.join(self.repo, "GIT")).strip()  # a pack (tools/bench --pack) has no .git
         self.meta = getattr(self, "meta", {})
         self.meta.update({
             "date": time.strftime("%Y-%m-%d %H:%M %Z"),
@@ -1112,6 +1113,7 @@ class Bench:
             "nextgres": f"{report.cargo_version(self.repo)} (git {git}, release build, sha256 {a.so_sha[:12]})",
             "python": platform.python_version(),
             "rounds": a.rounds, "duration_s": a.duration, "clients": a.clients, "tpcb_clients": a.tpcb_clients,
+            "pgbench_jobs": a.jobs,
             "scale": a.scale, "idle": a.idle, "idle_direct": min(a.idle, a.idle_direct),
             "storm_clients": a.storm_clients, "bulk_rows": a.bulk_rows, "pool_size": POOL_SIZE,
             "pg_settings": getattr(self, "pg_settings", {}),
@@ -1143,6 +1145,8 @@ def parse_args(argv):
     ap.add_argument("--so-sha", dest="so_sha", default="")
     ap.add_argument("--so-path", dest="so_path", default="")
     ap.add_argument("--base-port", type=int, default=25432)
+    ap.add_argument("--jobs", type=int, default=2,
+                    help="pgbench threads (-j) per run, at most one per client (default 2: this project's 2-core machine)")
     a = ap.parse_args(argv)
     internal, shown, skip = ("--repo", "--bindir", "--work", "--so-sha", "--so-path"), [], False
     for x in argv:

@@ -484,7 +484,7 @@ def build(out):
              "secret copied from `pg_authid` (no plaintext password anywhere); nextgres reads `pg_authid` itself. "
              "`sslmode=disable` for every client.")
     L.append("- Runs are interleaved: each configuration runs against the three targets in turn, the order rotated "
-             "every round. pgbench always runs with `-j 2` (or `-j 1` for one client).")
+             f"every round. pgbench always runs with `-j {m.get('pgbench_jobs', 2)}` (at most one thread per client).")
     L.append(f"- pgbench scale {m.get('scale')}; workloads: select-only (`-S`) with `-M simple/extended/prepared` at "
              f"{', '.join(str(c) for c in m.get('clients', []))} clients; tpcb-like at "
              f"{', '.join(str(c) for c in m.get('tpcb_clients', []))} clients; {fmt(m.get('idle'))} idle clients "
@@ -610,12 +610,15 @@ def build(out):
                          "" if h is None else f"{fmt(h)} / {fmt(w)} / {fmt(a) if a is not None else '–'}"))
     L.append(md_table(["-M", "clients", "target", "server µs/tx", "pooler µs/tx", "pooler ceiling tx/s",
                        "pgbench µs/tx", "machine µs/tx", "pooler CPU", "machine busy", "other load",
-                       "nextgres handoffs / waits / ahead"], rows) + "\n")
+                       "nextgres transactions / waits / ahead"], rows) + "\n")
     L.append("*pooler ceiling* = 10^6 / pooler µs per transaction: the transactions per second at which the "
              "pooler's single thread would fill one core, whatever the number of cores (what a 64-core server would "
              "hit). *pooler CPU* is the share of one core the pooler process used; *other load* is the machine's CPU "
              "not accounted to the server, the pooler or pgbench (other work on the machine, kernel threads); "
-             "on a quiet machine it is a few %, more means that row was disturbed.\n")
+             "on a quiet machine it is a few %, more means that row was disturbed. The last column is from "
+             "`nextgres.pools` over the run: the pool's transactions (every one, handed off or not: the csv's "
+             "`ng_handoffs` is this count), those whose client waited for a backend (`waits`), and attaches "
+             "ahead.\n")
 
     L.append("## tpcb-like (pgbench default script, -M simple)\n")
     rows = []
