@@ -1190,6 +1190,8 @@ typedef struct NgLoginInfo
 	bool		hba_clientname_dn;	/* clientname=DN (else CN) */
 	char		hba_usermap[256];	/* map=, empty without one */
 	bool		hba_usermap_too_long;	/* map= did not fit: refuse */
+	/* auth.c auth_failed()'s DETAIL naming the matched line, in its words */
+	char		hba_match_detail[1536];
 } NgLoginInfo;
 
 static int
@@ -1274,6 +1276,16 @@ ng_login_lookup(const char *database, const char *user,
 		strlcpy(out->hba_method_name, hba_authname(port->hba->auth_method),
 				sizeof(out->hba_method_name));
 		strlcpy(out->hba_file, hba_line_file(port->hba), sizeof(out->hba_file));
+#if PG_VERSION_NUM >= 160000
+		snprintf(out->hba_match_detail, sizeof(out->hba_match_detail),
+				 "Connection matched file \"%s\" line %d: \"%s\"",
+				 hba_line_file(port->hba), port->hba->linenumber,
+				 port->hba->rawline ? port->hba->rawline : "");
+#else
+		snprintf(out->hba_match_detail, sizeof(out->hba_match_detail),
+				 "Connection matched pg_hba.conf line %d: \"%s\"",
+				 port->hba->linenumber, port->hba->rawline ? port->hba->rawline : "");
+#endif
 
 		tup = SearchSysCache1(AUTHNAME, PointerGetDatum(user));
 		if (HeapTupleIsValid(tup))

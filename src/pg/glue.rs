@@ -72,6 +72,8 @@ pub struct NgLoginInfo {
     /// map= longer than hba_usermap holds: a certificate login is refused
     /// rather than matched under a truncated map name.
     pub hba_usermap_too_long: bool,
+    /// auth.c auth_failed()'s DETAIL naming the matched line.
+    pub hba_match_detail: [c_char; 1536],
 }
 
 impl NgLoginInfo {
@@ -93,6 +95,11 @@ impl NgLoginInfo {
     /// The hba file the matching line is in.
     pub fn hba_file(&self) -> String {
         cstr_field(&self.hba_file)
+    }
+    /// The server log's DETAIL for an authentication failure on the
+    /// matched line (auth.c auth_failed(): `Connection matched ...`).
+    pub fn hba_match_detail(&self) -> String {
+        cstr_field(&self.hba_match_detail)
     }
     /// The stored secret; the buffer is wiped on drop.
     pub fn secret(&self) -> Option<String> {

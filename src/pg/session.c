@@ -2231,20 +2231,42 @@ ng_connection_logging(void)
 	return f;
 }
 
+static emit_log_hook_type ng_prev_emit_log_hook = NULL;
+static bool ng_emit_hooked = false;
+static bool ng_promote_to_fatal = false;
+
+/* Shows the record being raised by log_as_client(promote) as FATAL. */
+static void
+ng_promote_emit_log_hook(ErrorData *edata)
+{
+	if (ng_promote_to_fatal && edata->elevel == LOG)
+		edata->elevel = FATAL;
+	if (ng_prev_emit_log_hook)
+		ng_prev_emit_log_hook(edata);
+}
+
 /*
- * One LOG line about a pooled client, written by the pooler with
+ * One LOG record about a pooled client, written by the pooler with
  * log_line_prefix escapes describing the client (%r %h %u %d %a read
  * MyProcPort and application_name, elog.c log_status_format()): the
- * Port-less pooler lends itself one for the line.
+ * Port-less pooler lends itself one for the record. `promote`: shown as
+ * FATAL (see ng_log_client_fatal).
  */
-void
-ng_log_client_line(const char *msg, const char *host, const char *port,
-				   const char *user, const char *db, const char *appname)
+static void
+log_as_client(bool promote, int code, const char *msg, const char *detail,
+			  const char *hint, const char *host, const char *port,
+			  const char *user, const char *db, const char *appname)
 {
 	Port		fake;
 	Port	   *saved = MyProcPort;
 	char	   *saved_app = application_name;
 
+	if (promote && !ng_emit_hooked)
+	{
+		ng_prev_emit_log_hook = emit_log_hook;
+		emit_log_hook = ng_promote_emit_log_hook;
+		ng_emit_hooked = true;
+	}
 	memset(&fake, 0, sizeof(fake));
 	fake.remote_host = (char *) host;
 	fake.remote_port = (char *) port;
@@ -2253,14 +2275,48 @@ ng_log_client_line(const char *msg, const char *host, const char *port,
 	fake.application_name = (char *) appname;
 	MyProcPort = &fake;
 	application_name = (char *) (appname ? appname : "");
+	ng_promote_to_fatal = promote;
 	PG_TRY();
 	{
-		ereport(LOG, (errmsg_internal("%s", msg), errhidestmt(true)));
+		ereport(LOG, (code ? errcode(code) : 0, errmsg_internal("%s", msg),
+					  detail ? errdetail_log("%s", detail) : 0,
+					  hint ? errhint("%s", hint) : 0,
+					  errhidestmt(true)));
 	}
 	PG_FINALLY();
 	{
+		ng_promote_to_fatal = false;
 		MyProcPort = saved;
 		application_name = saved_app;
 	}
 	PG_END_TRY();
+}
+
+/* A connection LOG line about a pooled client (log_connections' lines). */
+void
+ng_log_client_line(const char *msg, const char *host, const char *port,
+				   const char *user, const char *db, const char *appname)
+{
+	log_as_client(false, 0, msg, NULL, NULL, host, port, user, db, appname);
+}
+
+/*
+ * A login the pooler refuses, in the server log as the server logs its own:
+ * severity FATAL, the client's %r %h %u %d %a, the SQLSTATE, message, DETAIL
+ * (detail: what only the log shows, as errdetail_log) and HINT. The pooler
+ * must not exit, so the record is raised at LOG and an emit_log_hook, active
+ * only for it, shows it as FATAL (errfinish() decides what to do after the
+ * report from the level it read before, so LOG's "carry on" stands). Not
+ * written where log_min_messages hides LOG (fatal, panic), unlike a FATAL.
+ */
+void
+ng_log_client_fatal(const char *sqlstate, const char *msg, const char *detail,
+					const char *hint, const char *host, const char *port,
+					const char *user, const char *db, const char *appname)
+{
+	int			code = ERRCODE_INTERNAL_ERROR;
+
+	if (sqlstate && strlen(sqlstate) == 5)
+		code = MAKE_SQLSTATE(sqlstate[0], sqlstate[1], sqlstate[2], sqlstate[3], sqlstate[4]);
+	log_as_client(true, code, msg, detail, hint, host, port, user, db, appname);
 }

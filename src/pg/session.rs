@@ -35,6 +35,18 @@ extern "C" {
         db: *const c_char,
         appname: *const c_char,
     );
+    #[allow(clippy::too_many_arguments)]
+    fn ng_log_client_fatal(
+        sqlstate: *const c_char,
+        msg: *const c_char,
+        detail: *const c_char,
+        hint: *const c_char,
+        host: *const c_char,
+        port: *const c_char,
+        user: *const c_char,
+        db: *const c_char,
+        appname: *const c_char,
+    );
     fn ng_read_defaults(len: *mut c_int) -> *mut c_char;
     fn ng_applied_defaults(len: *mut c_int) -> *mut c_char;
     fn ng_defaults_clear(name: *const c_char);
@@ -283,6 +295,30 @@ pub fn log_client_line(msg: &str, host: &str, port: &str, user: Option<&str>, db
     let (u, d, a) = (user.map(cstring), db.map(cstring), appname.map(cstring));
     let ptr = |c: &Option<std::ffi::CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
     unsafe { ng_log_client_line(m.as_ptr(), h.as_ptr(), p.as_ptr(), ptr(&u), ptr(&d), ptr(&a)) }
+}
+
+/// A login the pooler refused, in the server log as the server logs its
+/// own refusals (session.c `ng_log_client_fatal`): FATAL, the client's
+/// log_line_prefix escapes, `detail` as the log's DETAIL.
+#[allow(clippy::too_many_arguments)]
+pub fn log_client_fatal(
+    sqlstate: &str,
+    msg: &str,
+    detail: Option<&str>,
+    hint: Option<&str>,
+    host: &str,
+    port: &str,
+    user: Option<&str>,
+    db: Option<&str>,
+    appname: Option<&str>,
+) {
+    let (c, m, h, p) = (cstring(sqlstate), cstring(msg), cstring(host), cstring(port));
+    let (dt, hi) = (detail.map(cstring), hint.map(cstring));
+    let (u, d, a) = (user.map(cstring), db.map(cstring), appname.map(cstring));
+    let ptr = |c: &Option<std::ffi::CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    unsafe {
+        ng_log_client_fatal(c.as_ptr(), m.as_ptr(), ptr(&dt), ptr(&hi), h.as_ptr(), p.as_ptr(), ptr(&u), ptr(&d), ptr(&a))
+    }
 }
 
 /// The server's hba_file setting (the path its connection lines show).

@@ -41,9 +41,21 @@ pub enum Step {
     /// Authenticated; send these bytes (may be empty) first.
     Done(Vec<u8>, Option<Credential>),
     Fail(ErrorFields),
+    /// The method failed (auth.c auth_failed()): the client gets the
+    /// fields, the server log also this DETAIL (why, and the matched line).
+    Refused(ErrorFields, String),
     /// A method the pooler does not implement, for a plaintext TCP client:
     /// the server authenticates it itself (`dedicated.rs`).
     Server,
+}
+
+/// How a password was checked, for the log's DETAIL when it fails.
+#[derive(Clone, Copy)]
+enum Verify {
+    /// Compared with the stored secret (cleartext, or an md5 challenge).
+    Compare,
+    /// A SCRAM exchange.
+    Scram,
 }
 
 fn fatal(sqlstate: &str, message: String) -> ErrorFields {
@@ -64,14 +76,35 @@ impl AuthSession {
         }
     }
 
-    fn password_failed(&self, user: &str) -> Step {
-        let detail = self.info.secret_detail();
-        log::info!(
-            "password authentication failed for user \"{user}\"{}; connection matched pg_hba.conf line {}",
-            if detail.is_empty() { String::new() } else { format!(" ({detail})") },
-            self.info.hba_line
-        );
-        Step::Fail(fatal("28P01", format!("password authentication failed for user \"{user}\"")))
+    /// A password that did not prove the role's secret, as the server
+    /// words it: the client gets 28P01; the log's DETAIL says why as the
+    /// server's does (crypt.c get_role_password(), plain_crypt_verify(),
+    /// md5_crypt_verify(); auth-scram.c scram_init()) and names the line.
+    fn password_failed(&self, user: &str, how: Verify) -> Step {
+        let why = if !self.info.has_secret {
+            self.info.secret_detail()
+        } else {
+            match how {
+                Verify::Compare => format!("Password does not match for user \"{user}\"."),
+                Verify::Scram if !matches!(self.secret(), StoredSecret::Scram(_)) => {
+                    format!("User \"{user}\" does not have a valid SCRAM secret.")
+                }
+                Verify::Scram => String::new(),
+            }
+        };
+        let f = fatal("28P01", format!("password authentication failed for user \"{user}\""));
+        Step::Refused(f, self.failure_detail(&why))
+    }
+
+    /// auth.c auth_failed()'s log DETAIL: `why` (may be empty), then the
+    /// matched pg_hba.conf line.
+    fn failure_detail(&self, why: &str) -> String {
+        let line = self.info.hba_match_detail();
+        if why.is_empty() {
+            line
+        } else {
+            format!("{why}\n{line}")
+        }
     }
 
     /// Trust-authenticated clients still give the pool an md5 credential when
@@ -133,24 +166,18 @@ impl AuthSession {
             }
         }
         let step = match s.info.method() {
-            HbaMethod::ImplicitReject if walsender => {
-                log::info!("no pg_hba.conf entry for replication connection from host \"{host}\", user \"{user}\"");
-                Step::Fail(fatal(
-                    "28000",
-                    format!("no pg_hba.conf entry for replication connection from host \"{host}\", user \"{user}\", {encryption}"),
-                ))
-            }
+            HbaMethod::ImplicitReject if walsender => Step::Fail(fatal(
+                "28000",
+                format!("no pg_hba.conf entry for replication connection from host \"{host}\", user \"{user}\", {encryption}"),
+            )),
             HbaMethod::Reject if walsender => Step::Fail(fatal(
                 "28000",
                 format!("pg_hba.conf rejects replication connection for host \"{host}\", user \"{user}\", {encryption}"),
             )),
-            HbaMethod::ImplicitReject => {
-                log::info!("no pg_hba.conf entry for host \"{host}\", user \"{user}\", database \"{database}\"");
-                Step::Fail(fatal(
-                    "28000",
-                    format!("no pg_hba.conf entry for host \"{host}\", user \"{user}\", database \"{database}\", {encryption}"),
-                ))
-            }
+            HbaMethod::ImplicitReject => Step::Fail(fatal(
+                "28000",
+                format!("no pg_hba.conf entry for host \"{host}\", user \"{user}\", database \"{database}\", {encryption}"),
+            )),
             HbaMethod::Reject => Step::Fail(fatal(
                 "28000",
                 format!("pg_hba.conf rejects connection for host \"{host}\", user \"{user}\", database \"{database}\", {encryption}"),
@@ -219,8 +246,7 @@ impl AuthSession {
             HbaMethod::Trust => fatal("28000", format!("\"trust\" authentication failed for user \"{user}\"")),
             _ => fatal("28P01", format!("password authentication failed for user \"{user}\"")),
         };
-        log::info!("{}; connection matched pg_hba.conf line {}", failed.message, self.info.hba_line);
-        Step::Fail(failed)
+        Step::Refused(failed, self.failure_detail(""))
     }
 
     /// auth.c CheckCertAuth(): the certificate's CN (or DN with
@@ -284,7 +310,7 @@ impl AuthSession {
                 Step::Done(Vec::new(), Some(Credential::Scram { client_key, server_key: s.server_key }))
             }
             (Some(PasswordCheck::Md5), StoredSecret::Md5(h)) => Step::Done(Vec::new(), Some(Credential::Md5(h))),
-            _ => self.password_failed(user),
+            _ => self.password_failed(user, Verify::Compare),
         }
     }
 
@@ -338,7 +364,7 @@ impl AuthSession {
                 let secret = self.secret();
                 if !self.info.has_secret {
                     auth::scram::zeroize::wipe_string(pw);
-                    return self.password_failed(user);
+                    return self.password_failed(user, Verify::Compare);
                 }
                 if auth::password_check_is_slow(&secret) {
                     return Step::Check(super::password::PasswordJob { secret, user: user.to_string(), password: pw });
@@ -362,7 +388,7 @@ impl AuthSession {
                     StoredSecret::Md5(h) if self.info.has_secret && auth::verify_md5_response(&h, salt, &resp) => {
                         Step::Done(Vec::new(), Some(Credential::Md5(h)))
                     }
-                    _ => self.password_failed(user),
+                    _ => self.password_failed(user, Verify::Compare),
                 }
             }
             State::SaslInitial(mut server) => {
@@ -387,13 +413,13 @@ impl AuthSession {
                 Ok((fin, client_key)) => {
                     let server_key = match self.secret() {
                         StoredSecret::Scram(s) => s.server_key,
-                        _ => return self.password_failed(user),
+                        _ => return self.password_failed(user, Verify::Scram),
                     };
                     let mut out = Vec::new();
                     proto::auth_sasl_final(&mut out, &fin);
                     Step::Done(out, Some(Credential::Scram { client_key, server_key }))
                 }
-                Err(auth::ScramError::BadProof) => self.password_failed(user),
+                Err(auth::ScramError::BadProof) => self.password_failed(user, Verify::Scram),
                 Err(e) => Step::Fail(scram_error(&e)),
             },
         }
@@ -504,7 +530,8 @@ impl Pooler {
                     c.send(&out);
                 }
             }
-            Step::Fail(f) => self.client_fatal_fields(key, &f),
+            Step::Fail(f) => self.client_login_refused(key, &f, None),
+            Step::Refused(f, detail) => self.client_login_refused(key, &f, Some(&detail)),
             Step::Check(job) => match self.verifier.submit(key, job) {
                 Ok((id, cancel)) => {
                     if let Some(Phase::Auth(session)) = self.client(key).map(|c| &mut c.phase) {
@@ -546,7 +573,7 @@ impl Pooler {
                     return self.dedicated_start(key, cred, false);
                 }
                 if let Err(f) = self.login_checks(&session.info, &user, &database) {
-                    return self.client_fatal_fields(key, &f);
+                    return self.client_login_refused(key, &f, None);
                 }
                 // As the server: startup settings are checked after the login
                 // checks, and a bad one ends the connection.
@@ -555,7 +582,7 @@ impl Pooler {
                         continue;
                     }
                     if let Err(e) = super::agent::validate_setting(name, value, session.info.role_super) {
-                        return self.client_fatal_fields(key, &e.to_fatal());
+                        return self.client_login_refused(key, &e.to_fatal(), None);
                     }
                 }
                 let limited = session.info.role_connlimit >= 0 || session.info.db_connlimit >= 0;
@@ -567,6 +594,16 @@ impl Pooler {
                 self.client_join_pool(key, cred, limited, identity);
             }
         }
+    }
+
+    /// A login refused: in the server log as the server logs its own
+    /// (FATAL, the client's prefix escapes; `log_detail` replaces the
+    /// client's DETAIL there, as errdetail_log), then to the client.
+    fn client_login_refused(&mut self, key: usize, f: &ErrorFields, log_detail: Option<&str>) {
+        if let Some(c) = self.client(key) {
+            c.log_refusal(f, log_detail);
+        }
+        self.client_fatal_fields(key, f)
     }
 
     /// Password checks finished on their threads: each client goes on.

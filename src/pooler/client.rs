@@ -236,6 +236,25 @@ impl Client {
         }
     }
 
+    /// A login refused (`Pooler::client_login_refused`), as the server's
+    /// FATAL line with this client's log_line_prefix escapes.
+    pub fn log_refusal(&self, f: &ErrorFields, log_detail: Option<&str>) {
+        let (host, port) = (self.addr.ip().to_string(), self.addr.port().to_string());
+        // The server refuses before it applies the startup packet's
+        // application_name: %a shows as not known yet.
+        crate::pg::session::log_client_fatal(
+            &f.sqlstate,
+            &f.message,
+            log_detail.or(f.detail.as_deref()),
+            f.hint.as_deref(),
+            &host,
+            &port,
+            Some(self.user.as_str()),
+            Some(self.database.as_str()),
+            None,
+        );
+    }
+
     /// The server's "connection authenticated" and "connection authorized"
     /// lines (postinit.c PerformAuthentication(), auth.c set_authn_id()).
     pub fn log_login(&mut self, info: &crate::pg::glue::NgLoginInfo) {

@@ -212,7 +212,20 @@ fn differential(sp: &SidePort, cases: &[Case]) -> (Vec<String>, BTreeSet<(String
             c.user, c.db, c.host, c.password
         );
 
-        let (rd, rp) = (rust_outcome(&direct, None), rust_outcome(&pooled, None));
+        // The server log is compared too: a DBA (and fail2ban) reads the
+        // same FATAL, DETAIL and HINT whether the server or the pooler
+        // refused the login.
+        let mark = sp.pg.log_mark();
+        let rd = rust_outcome(&direct, None);
+        let logged_direct = refusal_log(&sp.pg.log_since(mark));
+        let mark = sp.pg.log_mark();
+        let rp = rust_outcome(&pooled, None);
+        let logged_pooled = refusal_log(&sp.pg.log_since(mark));
+        if logged_direct != logged_pooled {
+            problems.push(format!(
+                "{label}: server log\n   direct: {logged_direct:?}\n   pooled: {logged_pooled:?}"
+            ));
+        }
         if !expected_matches(&rd, c.expect) {
             problems.push(format!(
                 "{label}: direct server gave {rd:?}, test expects {}",
@@ -245,6 +258,44 @@ fn differential(sp: &SidePort, cases: &[Case]) -> (Vec<String>, BTreeSet<(String
         }
     }
     (problems, pooled_ok)
+}
+
+/// The FATAL lines in `log` with their DETAIL and HINT (continuation lines
+/// joined), without the log_line_prefix: what the server logs for a
+/// refused login, to compare a direct refusal with a pooled one.
+fn refusal_log(log: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut in_fatal = false;
+    let mut continuing = false;
+    for line in log.lines() {
+        if let Some(rest) = line.strip_prefix('\t') {
+            if continuing {
+                if let Some(last) = out.last_mut() {
+                    last.push('\n');
+                    last.push_str(rest);
+                }
+            }
+            continue;
+        }
+        continuing = false;
+        let Some((sev, text)) = ["FATAL", "DETAIL", "HINT", "LOG", "WARNING", "ERROR", "STATEMENT", "CONTEXT"]
+            .iter()
+            .find_map(|sev| line.split_once(&format!(" {sev}:  ")).map(|(_, t)| (*sev, t)))
+        else {
+            continue;
+        };
+        match sev {
+            "FATAL" => in_fatal = true,
+            "DETAIL" | "HINT" if in_fatal => {}
+            _ => {
+                in_fatal = false;
+                continue;
+            }
+        }
+        out.push(format!("{sev}: {text}"));
+        continuing = true;
+    }
+    out
 }
 
 /// Acceptance point 1: every auth method succeeds and every refusal carries
