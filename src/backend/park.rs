@@ -893,6 +893,11 @@ fn kq_hold(p: &mut Parking, s: &super::kq::Served) -> Hold {
     // Idle from here, as a direct client in ReadCommand: no connection
     // check until its next statement (`linger`).
     glue::connection_check_stop();
+    // Its next query is often here already (the client answered at once):
+    // served without a wait, as a direct backend reads before it waits.
+    if let Some(h) = kept_client_input(p, s) {
+        return h;
+    }
     loop {
         let event = match &p.queue_wait {
             Some(w) => w.wait(-1),
@@ -911,30 +916,40 @@ fn kq_hold(p: &mut Parking, s: &super::kq::Served) -> Hold {
                 }
             }
             ParkEvent::Hold => {
-                let mut peek = [0u8; 5];
-                match nix::sys::socket::recv(
-                    s.fd,
-                    &mut peek,
-                    nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
-                ) {
-                    Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => {}
-                    // End of file, an error or a lone Terminate: it leaves.
-                    Ok(0) | Err(_) => return Hold::Release { leaving: true },
-                    Ok(n) if n == 5 && peek == [b'X', 0, 0, 0, 4] => return Hold::Release { leaving: true },
-                    Ok(_) => {
-                        let q = p.queue.as_ref().expect("a served client's queue");
-                        // The pooler asked for it meanwhile: its message waits.
-                        if q.client_recalled(s) {
-                            return release;
-                        }
-                        return Hold::Serve;
-                    }
+                if let Some(h) = kept_client_input(p, s) {
+                    return h;
                 }
             }
             ParkEvent::Queue | ParkEvent::Timeout => {}
         }
         if let Some(h) = kq_hold_ends(p, s, false) {
             return h;
+        }
+    }
+}
+
+/// What the kept client sent, if anything (a look, nothing read): its next
+/// message (serve it, unless the pooler recalled it meanwhile: then the
+/// message waits for whoever gets it), a hang-up or a lone Terminate (it
+/// leaves), or None: nothing yet.
+fn kept_client_input(p: &Parking, s: &super::kq::Served) -> Option<Hold> {
+    let mut peek = [0u8; 5];
+    match nix::sys::socket::recv(
+        s.fd,
+        &mut peek,
+        nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+    ) {
+        Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => None,
+        // End of file, an error or a lone Terminate: it leaves.
+        Ok(0) | Err(_) => Some(Hold::Release { leaving: true }),
+        Ok(n) if n == 5 && peek == [b'X', 0, 0, 0, 4] => Some(Hold::Release { leaving: true }),
+        Ok(_) => {
+            let q = p.queue.as_ref().expect("a served client's queue");
+            if q.client_recalled(s) {
+                Some(Hold::Release { leaving: false })
+            } else {
+                Some(Hold::Serve)
+            }
         }
     }
 }

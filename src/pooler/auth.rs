@@ -85,6 +85,9 @@ impl AuthSession {
             self.info.secret_detail()
         } else {
             match how {
+                Verify::Compare if matches!(self.secret(), StoredSecret::Plain(_)) => {
+                    format!("Password of user \"{user}\" is in unrecognized format.")
+                }
                 Verify::Compare => format!("Password does not match for user \"{user}\"."),
                 Verify::Scram if !matches!(self.secret(), StoredSecret::Scram(_)) => {
                     format!("User \"{user}\" does not have a valid SCRAM secret.")
@@ -384,6 +387,10 @@ impl AuthSession {
                     Ok(p) => p,
                     Err(f) => return Step::Fail(f),
                 };
+                // As for any password message (auth.c recv_password_packet()).
+                if resp.is_empty() {
+                    return Step::Fail(fatal("28P01", "empty password returned by client".into()));
+                }
                 match self.secret() {
                     StoredSecret::Md5(h) if self.info.has_secret && auth::verify_md5_response(&h, salt, &resp) => {
                         Step::Done(Vec::new(), Some(Credential::Md5(h)))

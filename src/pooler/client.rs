@@ -250,7 +250,9 @@ impl Client {
             &host,
             &port,
             Some(self.user.as_str()),
-            Some(self.database.as_str()),
+            // A physical replication connection has no database (the server
+            // clears it: %d shows "[unknown]").
+            (self.replication != proto::Replication::Physical).then_some(self.database.as_str()),
             None,
         );
     }

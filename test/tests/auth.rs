@@ -395,6 +395,36 @@ fn empty_cleartext_password_matches_direct_server() {
     );
 }
 
+/// An empty PasswordMessage answering an md5 challenge (no libpq sends one;
+/// a raw client can) gets `empty password returned by client`, as any empty
+/// password message does at the server (auth.c recv_password_packet()),
+/// with the same server log, through the pooler as directly.
+#[test]
+fn empty_md5_response_matches_direct_server() {
+    use std::io::Write;
+    let sp = auth_cluster();
+    let answer = |port: u16| -> (String, Vec<String>) {
+        let mark = sp.pg.log_mark();
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20))).expect("read timeout");
+        let (msgs, _) = pool_support::raw_startup(&mut s, &[("user", "md5_u"), ("database", "postgres")]);
+        let md5 = msgs.iter().any(|m| m.tag == b'R' && m.body.get(..4) == Some(&5i32.to_be_bytes()));
+        assert!(md5, "no md5 challenge on port {port}");
+        s.write_all(&[b'p', 0, 0, 0, 5, 0]).expect("empty password message");
+        let got = match pool_support::read_msg(&mut s) {
+            Some(m) if m.tag == b'E' => {
+                format!("{} {}", m.field(b'C').unwrap_or_default(), m.field(b'M').unwrap_or_default())
+            }
+            Some(m) => format!("message {}", m.tag as char),
+            None => "nothing".into(),
+        };
+        (got, refusal_log(&sp.pg.log_since(mark)))
+    };
+    let direct = answer(sp.pg.port());
+    assert_eq!(direct.0, "28P01 empty password returned by client", "the direct server's answer");
+    assert_eq!(answer(sp.pool_port), direct, "through the pooler");
+}
+
 /// pg_hba.conf matching as the server does it: hostssl and
 /// hostgssenc lines never match a plaintext connection, hostnossl and
 /// hostnogssenc do, other addresses do not, and the sameuser, samerole and
@@ -1214,14 +1244,14 @@ fn scram_key_passthrough_takeover_mode() {
         pg.create_role(r, PW, PasswordEncryption::ScramSha256);
     }
     pg.create_role("md5_u", PW, PasswordEncryption::Md5);
-    let status_port: i32 = pg
-        .admin()
-        .query_one("SELECT port FROM nextgres.status()", &[])
-        .expect("nextgres.status()")
-        .get(0);
+    // Published by the pooler once it runs (maybe after the start returned).
+    let status_port = || -> Option<i32> {
+        pg.admin().query_one("SELECT port FROM nextgres.status()", &[]).expect("nextgres.status()").get(0)
+    };
+    wait_until(Duration::from_secs(30), || status_port().is_some());
     assert_eq!(
-        status_port,
-        i32::from(pg.port()),
+        status_port(),
+        Some(i32::from(pg.port())),
         "the pooler owns the standard port"
     );
     // Local SCRAM really is enforced for the pool's roles.
