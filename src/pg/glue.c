@@ -51,7 +51,6 @@
 #include "utils/acl.h"
 #include "utils/backend_status.h"
 #include "utils/guc.h"
-#include "utils/guc_tables.h"
 #include "utils/memutils.h"
 #include "utils/ps_status.h"
 #include "utils/relcache.h"
@@ -1497,72 +1496,4 @@ int
 ng_postmaster_watch_fd(void)
 {
 	return postmaster_alive_fds[POSTMASTER_FD_WATCH];
-}
-
-/*
- * listen_addresses while the pooler owns the server's port.
- *
- * _PG_init clears listen_addresses (PGC_S_OVERRIDE) so that the postmaster
- * opens no TCP socket of its own. On each reload every process compares the
- * file's value with that running '' (guc.c set_config_option, a
- * PGC_POSTMASTER setting re-read with PGC_SIGHUP): they differ, so the
- * postmaster logged "cannot be changed without restarting the server" and
- * pg_settings showed listen_addresses pending_restart, for ever. A check
- * hook on the setting turns the file's value, when it is the one the pooler
- * bound at start, into the running '' (in place: check hooks may rewrite
- * *newval), so the comparison finds no change; a different value still
- * gets the server's message and pending_restart, as it should, since the
- * pooler binds the new addresses only at the next start. Core has no check
- * hook of its own for listen_addresses (any found is called first).
- */
-static char *ng_listen_configured = NULL;
-static GucStringCheckHook ng_listen_prev_check = NULL;
-
-static bool
-ng_listen_addresses_check(char **newval, void **extra, GucSource source)
-{
-	if (ng_listen_prev_check && !ng_listen_prev_check(newval, extra, source))
-		return false;
-	if (*newval != NULL && ng_listen_configured != NULL &&
-		strcmp(*newval, ng_listen_configured) == 0)
-		(*newval)[0] = '\0';
-	return true;
-}
-
-/* Postmaster, _PG_init, after listen_addresses was cleared: false when the
- * setting cannot be found (then reloads keep logging as before). */
-bool
-ng_keep_listen_addresses_on_reload(const char *configured)
-{
-	struct config_generic *gen = NULL;
-	struct config_string *conf;
-
-#if PG_VERSION_NUM >= 160000
-	gen = find_option("listen_addresses", false, true, LOG);
-#else
-	{
-		struct config_generic **vars = get_guc_variables();
-		int			n = GetNumConfigOptions();
-
-		for (int i = 0; i < n; i++)
-			if (strcmp(vars[i]->name, "listen_addresses") == 0)
-			{
-				gen = vars[i];
-				break;
-			}
-	}
-#endif
-	if (gen == NULL || gen->vartype != PGC_STRING)
-		return false;
-	conf = (struct config_string *) gen;
-	/* malloc: lives as long as the process, as GUC values did before 16 */
-	ng_listen_configured = strdup(configured);
-	if (ng_listen_configured == NULL)
-		return false;
-	if (conf->check_hook != ng_listen_addresses_check)
-	{
-		ng_listen_prev_check = conf->check_hook;
-		conf->check_hook = ng_listen_addresses_check;
-	}
-	return true;
 }

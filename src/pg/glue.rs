@@ -131,7 +131,6 @@ extern "C" {
     fn ng_run_guarded(f: extern "C" fn());
     fn ng_mock_scram_iterations() -> c_int;
     fn ng_server_has_direct_tls() -> bool;
-    fn ng_keep_listen_addresses_on_reload(configured: *const c_char) -> bool;
     fn ng_server_protocol(newest_minor: *mut c_int, max_cancel_key: *mut c_int);
     fn ng_port_sock() -> c_int;
     fn ng_recv_buffer_empty() -> bool;
@@ -197,15 +196,6 @@ pub fn server_protocol() -> nextgres_core::proto::ServerProtocol {
     let (mut minor, mut key) = (0, 4);
     unsafe { ng_server_protocol(&mut minor, &mut key) };
     nextgres_core::proto::ServerProtocol { newest_minor: minor as u16, max_cancel_key: key as usize }
-}
-
-/// Postmaster, `_PG_init`, once `listen_addresses` is cleared: a reload
-/// whose file still says `configured` (the addresses the pooler bound)
-/// keeps the running '' without the server's "cannot be changed without
-/// restarting the server" and `pending_restart` (guc.c; see glue.c). False
-/// when the setting cannot be found.
-pub fn keep_listen_addresses_on_reload(configured: &std::ffi::CStr) -> bool {
-    unsafe { ng_keep_listen_addresses_on_reload(configured.as_ptr()) }
 }
 
 /// The server built for takes direct TLS and answers ALPN `postgresql`

@@ -47,6 +47,7 @@ extern "C" {
         db: *const c_char,
         appname: *const c_char,
     );
+    fn ng_keep_listen_addresses_on_reload(configured: *const c_char) -> bool;
     fn ng_read_defaults(len: *mut c_int) -> *mut c_char;
     fn ng_applied_defaults(len: *mut c_int) -> *mut c_char;
     fn ng_defaults_clear(name: *const c_char);
@@ -319,6 +320,15 @@ pub fn log_client_fatal(
     unsafe {
         ng_log_client_fatal(c.as_ptr(), m.as_ptr(), ptr(&dt), ptr(&hi), h.as_ptr(), p.as_ptr(), ptr(&u), ptr(&d), ptr(&a))
     }
+}
+
+/// Postmaster, `_PG_init`, once `listen_addresses` is cleared: a reload
+/// whose file still says `configured` (the addresses the pooler bound)
+/// keeps the running '' without the server's "cannot be changed without
+/// restarting the server" and `pending_restart` (guc.c; see session.c). False
+/// when the setting cannot be found.
+pub fn keep_listen_addresses_on_reload(configured: &std::ffi::CStr) -> bool {
+    unsafe { ng_keep_listen_addresses_on_reload(configured.as_ptr()) }
 }
 
 /// The server's hba_file setting (the path its connection lines show).

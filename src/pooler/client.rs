@@ -231,15 +231,20 @@ impl Client {
     pub fn log_receipt(&self) {
         use crate::pg::session::{log_client_line, ConnectionLogging};
         if ConnectionLogging::now().receipt() {
-            let (host, port) = (self.addr.ip().to_string(), self.addr.port().to_string());
+            let (host, port) = self.host_port();
             log_client_line(&format!("connection received: host={host} port={port}"), &host, &port, None, None, None);
         }
+    }
+
+    /// The client's address as the server's log lines name it (`%h`, `%r`'s port).
+    fn host_port(&self) -> (String, String) {
+        (self.addr.ip().to_string(), self.addr.port().to_string())
     }
 
     /// A login refused (`Pooler::client_login_refused`), as the server's
     /// FATAL line with this client's log_line_prefix escapes.
     pub fn log_refusal(&self, f: &ErrorFields, log_detail: Option<&str>) {
-        let (host, port) = (self.addr.ip().to_string(), self.addr.port().to_string());
+        let (host, port) = self.host_port();
         // The server refuses before it applies the startup packet's
         // application_name: %a shows as not known yet.
         crate::pg::session::log_client_fatal(
@@ -264,7 +269,7 @@ impl Client {
         use crate::pg::session::{hba_file, log_client_line, ConnectionLogging};
         self.logged_in = true;
         let logging = ConnectionLogging::now();
-        let (host, port) = (self.addr.ip().to_string(), self.addr.port().to_string());
+        let (host, port) = self.host_port();
         let (user, db) = (Some(self.user.as_str()), Some(self.database.as_str()));
         // Only password methods set an authenticated identity.
         let identified = matches!(info.method(), HbaMethod::Password | HbaMethod::Md5 | HbaMethod::Scram);
@@ -295,7 +300,7 @@ impl Client {
         }
         let t = self.started.elapsed();
         let (ms, s) = (t.subsec_millis(), t.as_secs());
-        let (host, port) = (self.addr.ip().to_string(), self.addr.port().to_string());
+        let (host, port) = self.host_port();
         let msg = format!(
             "disconnection: session time: {}:{:02}:{:02}.{:03} user={} database={} host={} port={}",
             s / 3600,

@@ -180,7 +180,7 @@ pub fn take_port() {
         }
         // Reloads compare the file's value with that ''.
         if let Ok(c) = std::ffi::CString::new(server_addrs.clone()) {
-            if !crate::pg::glue::keep_listen_addresses_on_reload(&c) {
+            if !crate::pg::session::keep_listen_addresses_on_reload(&c) {
                 log_warning("could not find the setting listen_addresses: each reload will log that it cannot be changed");
             }
         }

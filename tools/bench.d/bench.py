@@ -703,9 +703,13 @@ class Bench:
                         f" {row.get('first_error', '')[:100]}")
         log(" ".join(bits))
 
+    def jobs(self, clients):
+        """pgbench's -j for a run of `clients`: --jobs threads, at most one per client."""
+        return ["-j", str(min(self.a.jobs, clients))]
+
     # ---------------- workloads
     def w_select(self, rnd, target, protocol, clients):
-        row = self.pgbench(target, ["-S", "-M", protocol, "-c", str(clients), "-j", str(min(self.a.jobs, clients))],
+        row = self.pgbench(target, ["-S", "-M", protocol, "-c", str(clients), *self.jobs(clients)],
                            self.a.duration, "select", clients=clients)
         row.update(round=rnd, workload="select", protocol=protocol, clients=clients)
         self.record(row)
@@ -718,26 +722,26 @@ class Bench:
         is the closed loop's: the faster server's answers wait in pgbench's
         poll-then-walk cycle. pgbench's logged latency counts from each
         transaction's scheduled start, so a server that falls behind shows."""
-        row = self.pgbench(target, ["-S", "-M", protocol, "-c", str(clients), "-j", str(min(self.a.jobs, clients)),
+        row = self.pgbench(target, ["-S", "-M", protocol, "-c", str(clients), *self.jobs(clients),
                                     "-R", str(rate)], self.a.duration, "rate", clients=clients)
         row.update(round=rnd, workload="rate", protocol=protocol, clients=clients, rate_tps=rate)
         self.record(row)
 
     def w_tls_select(self, rnd, target, clients):
-        row = self.pgbench(target, ["-S", "-M", "simple", "-c", str(clients), "-j", str(min(self.a.jobs, clients))],
+        row = self.pgbench(target, ["-S", "-M", "simple", "-c", str(clients), *self.jobs(clients)],
                            self.a.duration, "tls_select", clients=clients, tls=True)
         row.update(round=rnd, workload="tls_select", protocol="simple", clients=clients)
         self.record(row)
 
     def w_tpcb(self, rnd, target, clients):
-        row = self.pgbench(target, ["-M", "simple", "-c", str(clients), "-j", str(min(self.a.jobs, clients))],
+        row = self.pgbench(target, ["-M", "simple", "-c", str(clients), *self.jobs(clients)],
                            self.a.duration, "tpcb", clients=clients)
         row.update(round=rnd, workload="tpcb", protocol="simple", clients=clients)
         self.record(row)
 
     def w_storm(self, rnd, target):
         c = self.a.storm_clients
-        row = self.pgbench(target, ["-C", "-S", "-M", "simple", "-c", str(c), "-j", str(min(self.a.jobs, c))],
+        row = self.pgbench(target, ["-C", "-S", "-M", "simple", "-c", str(c), *self.jobs(c)],
                            self.a.duration, "storm", want_log=False)
         row.update(round=rnd, workload="storm", protocol="simple", clients=c)
         if row.get("tps") and row.get("pooler_cpu_s") is not None and row.get("tx"):
@@ -819,7 +823,7 @@ class Bench:
             if row["idle_ok"]:
                 row["server_anon_per_idle_b"] = round(1024 * (self.server_anon_kb() - before_anon) / row["idle_ok"], 1)
             row["server_procs_before"] = procs_before["server_procs"]
-            res = self.pgbench(target, ["-S", "-M", "simple", "-c", "16", "-j", str(self.a.jobs)], self.a.duration, "idle",
+            res = self.pgbench(target, ["-S", "-M", "simple", "-c", "16", *self.jobs(16)], self.a.duration, "idle",
                                sample_at=self.a.duration / 2, sampler=self.server_procs, tls=tls)
             for k, v in res.items():
                 if k not in ("first_error",) or v:
@@ -877,7 +881,7 @@ class Bench:
                                  "-D", str(allowance * 1000), "--", "sleep", str(allowance + d + 2)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)
-        row = self.pgbench(target, ["-S", "-M", "simple", "-c", str(c), "-j", str(min(self.a.jobs, c))], d, "profile",
+        row = self.pgbench(target, ["-S", "-M", "simple", "-c", str(c), *self.jobs(c)], d, "profile",
                            want_log=False, clients=c, sample_at=allowance + d / 2 + 1,
                            sampler=lambda: {"_pids": set(children(self.pm_pid)) | {self.pm_pid}})
         server_pids = row.pop("_pids", set())
@@ -997,7 +1001,7 @@ class Bench:
 
     def warmup(self):
         for t in self.targets_for("select"):
-            self.pgbench(t, ["-S", "-c", "16", "-j", str(self.a.jobs)], 1, "warmup", want_log=False)
+            self.pgbench(t, ["-S", "-c", "16", *self.jobs(16)], 1, "warmup", want_log=False)
 
     # ---------------- the plan
     def targets_for(self, workload, order=None):
