@@ -11,29 +11,51 @@
 //! answering the Close of the unnamed statement that session.c puts ahead of
 //! a new client's bytes is dropped. Ordinary backends pay one branch per call.
 use crate::pg::comm::{PQcommMethods, PqCommMethods};
-use std::cell::Cell;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU16, AtomicU64};
 use std::ffi::{c_char, c_int};
 
 static mut ORIGINAL: Option<PQcommMethods> = None;
 static mut WRAPPED: Option<PQcommMethods> = None;
 
-thread_local! {
-    /// Drop the next AuthenticationOk (`swallow_auth_ok`).
-    static SWALLOW_AUTH_OK: Cell<bool> = const { Cell::new(false) };
-    /// The server read the Close of the unnamed statement that session.c
-    /// put ahead of a new client's bytes: drop its CloseComplete.
-    static SWALLOW_CLOSE_COMPLETE: Cell<bool> = const { Cell::new(false) };
-    /// A ParseComplete went out since the last `take_parsed`: the backend
-    /// may hold an unnamed prepared statement.
-    static PARSED: Cell<bool> = const { Cell::new(false) };
-    /// Status byte of a ReadyForQuery queued since the last flush.
-    static PENDING_READY: Cell<Option<u8>> = const { Cell::new(None) };
-    /// What was counted since `take_counters`.
-    static COUNTERS: Cell<Counters> = const { Cell::new(Counters { queries: 0, query_us: 0, bytes_sent: 0 }) };
-    /// Start of the request cycle under way (TimestampTz, µs), if any.
-    static CYCLE_START: Cell<Option<i64>> = const { Cell::new(None) };
-    /// The last ReadyForQuery or attach (TimestampTz, µs): no cycle starts before.
-    static CYCLE_FLOOR: Cell<i64> = const { Cell::new(0) };
+// The wrappers' state. Plain statics, not thread-locals: a backend calls
+// its output layer from its one thread, and a thread-local costs a
+// `__tls_get_addr` call per access in a shared library (several per
+// message; 0.3% of a pooled backend's CPU, perf, issue 15). Relaxed loads
+// and stores compile to plain moves; no read-modify-write is needed.
+
+/// Drop the next AuthenticationOk (`swallow_auth_ok`).
+static SWALLOW_AUTH_OK: AtomicBool = AtomicBool::new(false);
+/// The server read the Close of the unnamed statement that session.c
+/// put ahead of a new client's bytes: drop its CloseComplete.
+static SWALLOW_CLOSE_COMPLETE: AtomicBool = AtomicBool::new(false);
+/// A ParseComplete went out since the last `take_parsed`: the backend
+/// may hold an unnamed prepared statement.
+static PARSED: AtomicBool = AtomicBool::new(false);
+/// Status byte of a ReadyForQuery queued since the last flush (`NO_READY`: none).
+static PENDING_READY: AtomicU16 = AtomicU16::new(NO_READY);
+const NO_READY: u16 = u16::MAX;
+/// What was counted since `take_counters`.
+static QUERIES: AtomicU64 = AtomicU64::new(0);
+static QUERY_US: AtomicU64 = AtomicU64::new(0);
+static BYTES_SENT: AtomicU64 = AtomicU64::new(0);
+/// Start of the request cycle under way (TimestampTz, µs; `NO_CYCLE`: none).
+static CYCLE_START: AtomicI64 = AtomicI64::new(NO_CYCLE);
+const NO_CYCLE: i64 = i64::MIN;
+/// The last ReadyForQuery or attach (TimestampTz, µs): no cycle starts before.
+static CYCLE_FLOOR: AtomicI64 = AtomicI64::new(0);
+
+/// Adds `n` to a counter of this process (load and store: one writer).
+fn add(counter: &AtomicU64, n: u64) {
+    counter.store(counter.load(Relaxed).wrapping_add(n), Relaxed);
+}
+
+/// A counter's value, set back to 0 (load and store, not a locked `xchg`:
+/// one writer).
+fn take(counter: &AtomicU64) -> u64 {
+    let v = counter.load(Relaxed);
+    counter.store(0, Relaxed);
+    v
 }
 
 /// What the backend did for its client (`RELEASED`).
@@ -50,17 +72,9 @@ pub struct Counters {
 /// What was counted since the last call; the counters start again at 0 and
 /// no query time is counted from before now (a new client was attached).
 pub fn take_counters() -> Counters {
-    CYCLE_START.with(|c| c.set(None));
-    CYCLE_FLOOR.with(|f| f.set(crate::pg::shmem::now()));
-    COUNTERS.with(|c| c.replace(Counters::default()))
-}
-
-fn count(f: impl FnOnce(&mut Counters)) {
-    COUNTERS.with(|c| {
-        let mut v = c.get();
-        f(&mut v);
-        c.set(v);
-    });
+    CYCLE_START.store(NO_CYCLE, Relaxed);
+    CYCLE_FLOOR.store(crate::pg::shmem::now(), Relaxed);
+    Counters { queries: take(&QUERIES), query_us: take(&QUERY_US), bytes_sent: take(&BYTES_SENT) }
 }
 
 fn original() -> &'static PQcommMethods {
@@ -80,7 +94,9 @@ pub fn install() {
 /// Did a ParseComplete go out since the last call? (Parse "" is the only
 /// way to create the unnamed statement; a named Parse counts too.)
 pub fn take_parsed() -> bool {
-    PARSED.with(|p| p.replace(false))
+    let parsed = PARSED.load(Relaxed);
+    PARSED.store(false, Relaxed);
+    parsed
 }
 
 /// session.c handed the server the whole injected Close('S', ""): its
@@ -90,7 +106,7 @@ pub fn take_parsed() -> bool {
 /// dropped, so a client's own CloseComplete is never lost.
 #[no_mangle]
 pub extern "C" fn ng_rs_injected_close_read() {
-    SWALLOW_CLOSE_COMPLETE.with(|f| f.set(true));
+    SWALLOW_CLOSE_COMPLETE.store(true, Relaxed);
 }
 
 /// A server-authenticated client (`login::server_auth_client`) already has
@@ -98,48 +114,50 @@ pub extern "C" fn ng_rs_injected_close_read() {
 /// the pooler's outer login queues (auth.c ClientAuthentication() after its
 /// hook), is dropped.
 pub fn swallow_auth_ok() {
-    SWALLOW_AUTH_OK.with(|f| f.set(true));
+    SWALLOW_AUTH_OK.store(true, Relaxed);
 }
 
 unsafe extern "C" fn putmessage(msgtype: c_char, s: *const c_char, len: usize) -> c_int {
-    if msgtype as u8 == b'R' && len == 4 && SWALLOW_AUTH_OK.with(|f| f.get()) && std::slice::from_raw_parts(s.cast::<u8>(), 4) == [0; 4] {
-        SWALLOW_AUTH_OK.with(|f| f.set(false));
+    if msgtype as u8 == b'R' && len == 4 && SWALLOW_AUTH_OK.load(Relaxed) && std::slice::from_raw_parts(s.cast::<u8>(), 4) == [0; 4] {
+        SWALLOW_AUTH_OK.store(false, Relaxed);
         return 0;
     }
-    if SWALLOW_CLOSE_COMPLETE.with(|f| f.get()) && !matches!(msgtype as u8, b'A' | b'N' | b'S') {
-        SWALLOW_CLOSE_COMPLETE.with(|f| f.set(false));
+    if SWALLOW_CLOSE_COMPLETE.load(Relaxed) && !matches!(msgtype as u8, b'A' | b'N' | b'S') {
+        SWALLOW_CLOSE_COMPLETE.store(false, Relaxed);
         if msgtype as u8 == b'3' && len == 0 {
             return 0;
         }
     }
     if super::is_pooled() {
         let header = if msgtype == 0 { 4 } else { 5 };
-        count(|c| c.bytes_sent = c.bytes_sent.wrapping_add((len + header) as u64));
+        add(&BYTES_SENT, (len + header) as u64);
         // Asynchronous messages (a notification, a parameter or notice
         // while idle) start no request cycle.
-        if !matches!(msgtype as u8, b'A' | b'N' | b'S') && CYCLE_START.with(|c| c.get()).is_none() {
+        if !matches!(msgtype as u8, b'A' | b'N' | b'S') && CYCLE_START.load(Relaxed) == NO_CYCLE {
             // The server sets the statement timestamp for Query, Parse,
             // Bind, Describe, Execute and FunctionCall, not for Close or
             // Sync (PostgresMain, tcop/postgres.c): one from before the
             // floor belongs to an earlier cycle, so this cycle began with a
             // Close or Sync, answered at once: it starts now.
-            let floor = CYCLE_FLOOR.with(|f| f.get());
+            let floor = CYCLE_FLOOR.load(Relaxed);
             let stmt = crate::pg::shmem::statement_start();
             let start = if stmt > floor { stmt } else { crate::pg::shmem::now() };
-            CYCLE_START.with(|c| c.set(Some(start)));
+            CYCLE_START.store(start, Relaxed);
         }
         match msgtype as u8 {
             b'Z' if len == 1 => {
-                PENDING_READY.with(|p| p.set(Some(*s as u8)));
+                PENDING_READY.store(*s as u8 as u16, Relaxed);
                 let now = crate::pg::shmem::now();
-                if let Some(start) = CYCLE_START.with(|c| c.take()) {
-                    count(|c| c.query_us = c.query_us.wrapping_add(now.saturating_sub(start).max(0) as u64));
+                let start = CYCLE_START.load(Relaxed);
+                CYCLE_START.store(NO_CYCLE, Relaxed);
+                if start != NO_CYCLE {
+                    add(&QUERY_US, now.saturating_sub(start).max(0) as u64);
                 }
-                CYCLE_FLOOR.with(|f| f.set(now));
+                CYCLE_FLOOR.store(now, Relaxed);
             }
             // ParseComplete / CloseComplete: named statements may have changed.
             b'1' => {
-                PARSED.with(|p| p.set(true));
+                PARSED.store(true, Relaxed);
                 crate::pg::session::note_statement_messages()
             }
             b'3' => crate::pg::session::note_statement_messages(),
@@ -147,7 +165,7 @@ unsafe extern "C" fn putmessage(msgtype: c_char, s: *const c_char, len: usize) -
             b'V' => crate::pg::session::note_function_call(),
             // One per statement a client ran, failed ones included (as
             // PgBouncer's query count).
-            b'C' | b'E' => count(|c| c.queries = c.queries.wrapping_add(1)),
+            b'C' | b'E' => add(&QUERIES, 1),
             _ => {}
         }
     }
@@ -156,8 +174,10 @@ unsafe extern "C" fn putmessage(msgtype: c_char, s: *const c_char, len: usize) -
 
 unsafe extern "C" fn flush() -> c_int {
     let rc = (original().flush.expect("flush"))();
-    if let Some(status) = PENDING_READY.with(|p| p.take()) {
-        if rc == 0 && status == b'I' {
+    let status = PENDING_READY.load(Relaxed);
+    PENDING_READY.store(NO_READY, Relaxed);
+    if status != NO_READY {
+        if rc == 0 && status == b'I' as u16 {
             crate::pg::glue::run_guarded(boundary);
         }
     }

@@ -5,6 +5,7 @@
 use crate::pg::comm::ClientAuthentication_hook;
 use crate::pg::glue;
 use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::ffi::{c_int, c_void, CStr};
 
 pub const TOKEN_OPTION: &CStr = c"nextgres.pool_token";
@@ -13,8 +14,11 @@ pub const TOKEN_OPTION: &CStr = c"nextgres.pool_token";
 /// authenticates it on its own socket (`server_auth`).
 pub const SERVER_AUTH_OPTION: &CStr = c"nextgres.server_auth";
 
+/// This backend is a pool login (asked on every message the backend
+/// sends: a plain static, not a thread-local, see comm.rs).
+static POOLED: AtomicBool = AtomicBool::new(false);
+
 thread_local! {
-    static POOLED: Cell<bool> = const { Cell::new(false) };
     /// Inside the server's second `ClientAuthentication()` (`server_auth`).
     static IN_SERVER_AUTH: Cell<bool> = const { Cell::new(false) };
 }
@@ -22,13 +26,18 @@ thread_local! {
 static mut PREV_HOOK: Option<unsafe extern "C" fn(*mut c_void, c_int)> = None;
 
 pub fn is_pooled() -> bool {
-    POOLED.with(|p| p.get())
+    POOLED.load(Relaxed)
+}
+
+fn set_pooled(on: bool) {
+    POOLED.store(on, Relaxed);
+    crate::pg::session::set_pooled_backend(on);
 }
 
 /// A replication client's walsender got its client for good: from now on
 /// it is an ordinary backend (every nextgres hook dormant again).
 pub fn unpool() {
-    POOLED.with(|p| p.set(false));
+    set_pooled(false);
 }
 
 pub fn install() {
@@ -72,7 +81,7 @@ unsafe extern "C-unwind" fn client_authentication_guarded(port: *mut c_void, sta
     if server_auth {
         return server_auth_client();
     }
-    POOLED.with(|p| p.set(true));
+    set_pooled(true);
     crate::pg::logger::init();
 }
 

@@ -898,6 +898,9 @@ fn kq_hold(p: &mut Parking, s: &super::kq::Served) -> Hold {
     if let Some(h) = kept_client_input(p, s) {
         return h;
     }
+    if let Some(q) = p.queue.as_ref() {
+        q.flush_counts(); // idle from here: the views see all it served
+    }
     loop {
         let event = match &p.queue_wait {
             Some(w) => w.wait(-1),

@@ -6,7 +6,7 @@
  * Same rules as glue.c: compiled against the target server's headers, thin,
  * and no ereport(ERROR) escapes into Rust (PG_TRY everywhere it can throw).
  */
-#define _GNU_SOURCE				/* strcasestr */
+#define _GNU_SOURCE				/* dl_iterate_phdr */
 #include "postgres.h"
 
 #include "access/genam.h"
@@ -138,6 +138,41 @@ static bool statements_dirty = false;
 static bool statement_ran = false;
 /* The client has statements this backend has not created yet (see below). */
 static bool statements_pending = false;
+/*
+ * This backend is a pool login (backend/login.rs).  The set_config trackers
+ * below run only there: another backend (a direct client's) plans and runs
+ * exactly as on a server without nextgres.
+ */
+static bool pooled_backend = false;
+
+void		ng_set_pooled_backend(bool on);
+
+void
+ng_set_pooled_backend(bool on)
+{
+	pooled_backend = on;
+}
+
+/*
+ * Whether `text` contains `needle` (ASCII, lower case, with an underscore),
+ * ignoring case.  Only where the text has an underscore can the word start
+ * (strchr() finds them fast); strcasestr()'s two-way setup per call cost
+ * more than the search for a statement's text (0.5% of a pooled backend's
+ * CPU; perf, issue 15).
+ */
+static bool
+mentions(const char *text, const char *needle)
+{
+	size_t		n = strlen(needle);
+	size_t		k = strchr(needle, '_') - needle;
+
+	for (const char *u = strchr(text, '_'); u != NULL; u = strchr(u + 1, '_'))
+	{
+		if ((size_t) (u - text) >= k && pg_strncasecmp(u - k, needle, n) == 0)
+			return true;
+	}
+	return false;
+}
 
 /* Implemented in backend/session.rs: create the client's statement `name`
  * here now if it is one not created yet; all of them; forget them all. */
@@ -397,11 +432,11 @@ static void
 ng_executor_start(QueryDesc *queryDesc, int eflags)
 {
 	statement_ran = true;
-	if (queryDesc->sourceText && strcasestr(queryDesc->sourceText, "set_config"))
+	if (pooled_backend && queryDesc->sourceText && mentions(queryDesc->sourceText, "set_config"))
 		settings_dirty = true;
 	/* The pg_prepared_statements view lists them all. */
 	if (statements_pending && queryDesc->sourceText &&
-		strcasestr(queryDesc->sourceText, "pg_prepared_statement"))
+		mentions(queryDesc->sourceText, "pg_prepared_statement"))
 		ng_rs_statements_wanted_all();
 	if (prev_executor_start)
 		prev_executor_start(queryDesc, eflags);
@@ -432,7 +467,7 @@ source_mentions_set_config(Oid fn_oid)
 		{
 			char	   *src = TextDatumGetCString(d);
 
-			found = strcasestr(src, "set_config") != NULL;
+			found = mentions(src, "set_config");
 			pfree(src);
 		}
 		/*
@@ -458,7 +493,7 @@ source_mentions_set_config(Oid fn_oid)
 static bool
 ng_needs_fmgr(Oid fn_oid)
 {
-	if (fn_oid == F_SET_CONFIG || source_mentions_set_config(fn_oid))
+	if (pooled_backend && (fn_oid == F_SET_CONFIG || source_mentions_set_config(fn_oid)))
 		return true;
 	return prev_needs_fmgr ? prev_needs_fmgr(fn_oid) : false;
 }
@@ -2250,11 +2285,12 @@ ng_promote_emit_log_hook(ErrorData *edata)
  * log_line_prefix escapes describing the client (%r %h %u %d %a read
  * MyProcPort and application_name, elog.c log_status_format()): the
  * Port-less pooler lends itself one for the record. `promote`: shown as
- * FATAL (see ng_log_client_fatal).
+ * FATAL (see ng_log_client).
  */
 static void
 log_as_client(bool promote, int code, const char *msg, const char *detail,
 			  const char *hint, const char *host, const char *port,
+			  const void *laddr, int laddr_len,
 			  const char *user, const char *db, const char *appname)
 {
 	Port		fake;
@@ -2270,6 +2306,12 @@ log_as_client(bool promote, int code, const char *msg, const char *detail,
 	memset(&fake, 0, sizeof(fake));
 	fake.remote_host = (char *) host;
 	fake.remote_port = (char *) port;
+	/* %L (18): the address the client connected to, as pqcomm.c's laddr */
+	if (laddr_len > 0 && laddr_len <= (int) sizeof(fake.laddr.addr))
+	{
+		memcpy(&fake.laddr.addr, laddr, laddr_len);
+		fake.laddr.salen = laddr_len;
+	}
 	fake.user_name = (char *) user;
 	fake.database_name = (char *) db;
 	fake.application_name = (char *) appname;
@@ -2292,16 +2334,11 @@ log_as_client(bool promote, int code, const char *msg, const char *detail,
 	PG_END_TRY();
 }
 
-/* A connection LOG line about a pooled client (log_connections' lines). */
-void
-ng_log_client_line(const char *msg, const char *host, const char *port,
-				   const char *user, const char *db, const char *appname)
-{
-	log_as_client(false, 0, msg, NULL, NULL, host, port, user, db, appname);
-}
 
 /*
- * A login the pooler refuses, in the server log as the server logs its own:
+ * A line about a pooled client: with sqlstate NULL, a connection LOG line
+ * (log_connections' lines); otherwise a login the pooler refuses, in the
+ * server log as the server logs its own:
  * severity FATAL, the client's %r %h %u %d %a, the SQLSTATE, message, DETAIL
  * (detail: what only the log shows, as errdetail_log) and HINT. The pooler
  * must not exit, so the record is raised at LOG and an emit_log_hook, active
@@ -2310,15 +2347,23 @@ ng_log_client_line(const char *msg, const char *host, const char *port,
  * written where log_min_messages hides LOG (fatal, panic), unlike a FATAL.
  */
 void
-ng_log_client_fatal(const char *sqlstate, const char *msg, const char *detail,
-					const char *hint, const char *host, const char *port,
-					const char *user, const char *db, const char *appname)
+ng_log_client(const char *sqlstate, const char *msg, const char *detail,
+			  const char *hint, const char *host, const char *port,
+			  const void *laddr, int laddr_len,
+			  const char *user, const char *db, const char *appname)
 {
 	int			code = ERRCODE_INTERNAL_ERROR;
 
-	if (sqlstate && strlen(sqlstate) == 5)
+	if (sqlstate == NULL)
+	{
+		log_as_client(false, 0, msg, NULL, NULL, host, port, laddr, laddr_len,
+					  user, db, appname);
+		return;
+	}
+	if (strlen(sqlstate) == 5)
 		code = MAKE_SQLSTATE(sqlstate[0], sqlstate[1], sqlstate[2], sqlstate[3], sqlstate[4]);
-	log_as_client(true, code, msg, detail, hint, host, port, user, db, appname);
+	log_as_client(true, code, msg, detail, hint, host, port, laddr, laddr_len,
+				  user, db, appname);
 }
 
 /*

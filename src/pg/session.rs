@@ -27,27 +27,22 @@ extern "C" {
     fn ng_set_statements_pending(pending: bool);
     fn ng_count_session(delta: c_int);
     fn ng_connection_logging() -> c_int;
-    fn ng_log_client_line(
-        msg: *const c_char,
-        host: *const c_char,
-        port: *const c_char,
-        user: *const c_char,
-        db: *const c_char,
-        appname: *const c_char,
-    );
     #[allow(clippy::too_many_arguments)]
-    fn ng_log_client_fatal(
+    fn ng_log_client(
         sqlstate: *const c_char,
         msg: *const c_char,
         detail: *const c_char,
         hint: *const c_char,
         host: *const c_char,
         port: *const c_char,
+        laddr: *const u8,
+        laddr_len: c_int,
         user: *const c_char,
         db: *const c_char,
         appname: *const c_char,
     );
     fn ng_keep_listen_addresses_on_reload(configured: *const c_char) -> bool;
+    fn ng_set_pooled_backend(on: bool);
     fn ng_read_defaults(len: *mut c_int) -> *mut c_char;
     fn ng_applied_defaults(len: *mut c_int) -> *mut c_char;
     fn ng_defaults_clear(name: *const c_char);
@@ -288,37 +283,76 @@ impl ConnectionLogging {
     }
 }
 
-/// A connection log line about a pooled client, with log_line_prefix's
-/// client escapes (%r %h %u %d %a) describing it; None prints as the
-/// server does for a value not known yet.
-pub fn log_client_line(msg: &str, host: &str, port: &str, user: Option<&str>, db: Option<&str>, appname: Option<&str>) {
-    let (m, h, p) = (cstring(msg), cstring(host), cstring(port));
-    let (u, d, a) = (user.map(cstring), db.map(cstring), appname.map(cstring));
-    let ptr = |c: &Option<std::ffi::CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
-    unsafe { ng_log_client_line(m.as_ptr(), h.as_ptr(), p.as_ptr(), ptr(&u), ptr(&d), ptr(&a)) }
+/// The client a log line is about, as log_line_prefix's client escapes
+/// show it (elog.c log_status_format()): `host` and `port` for %h and %r,
+/// `local` (a raw sockaddr, empty when not known) for %L (18), `user`,
+/// `db` and `appname` for %u %d %a; None prints as the server does for a
+/// value not known yet.
+pub struct LogClient<'a> {
+    pub host: &'a str,
+    pub port: &'a str,
+    pub local: &'a [u8],
+    pub user: Option<&'a str>,
+    pub db: Option<&'a str>,
+    pub appname: Option<&'a str>,
+}
+
+/// `LogClient` as C strings, alive for one call.
+struct LogClientC {
+    host: std::ffi::CString,
+    port: std::ffi::CString,
+    user: Option<std::ffi::CString>,
+    db: Option<std::ffi::CString>,
+    appname: Option<std::ffi::CString>,
+}
+
+impl LogClient<'_> {
+    fn c(&self) -> LogClientC {
+        LogClientC {
+            host: cstring(self.host),
+            port: cstring(self.port),
+            user: self.user.map(cstring),
+            db: self.db.map(cstring),
+            appname: self.appname.map(cstring),
+        }
+    }
+}
+
+fn opt_ptr(c: &Option<std::ffi::CString>) -> *const c_char {
+    c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr())
+}
+
+/// A connection log line about a pooled client (session.c
+/// `ng_log_client`), with log_line_prefix's client escapes describing it.
+pub fn log_client_line(msg: &str, who: &LogClient) {
+    log_client(None, msg, None, None, who)
 }
 
 /// A login the pooler refused, in the server log as the server logs its
-/// own refusals (session.c `ng_log_client_fatal`): FATAL, the client's
+/// own refusals (session.c `ng_log_client`): FATAL, the client's
 /// log_line_prefix escapes, `detail` as the log's DETAIL.
-#[allow(clippy::too_many_arguments)]
-pub fn log_client_fatal(
-    sqlstate: &str,
-    msg: &str,
-    detail: Option<&str>,
-    hint: Option<&str>,
-    host: &str,
-    port: &str,
-    user: Option<&str>,
-    db: Option<&str>,
-    appname: Option<&str>,
-) {
-    let (c, m, h, p) = (cstring(sqlstate), cstring(msg), cstring(host), cstring(port));
+pub fn log_client_fatal(sqlstate: &str, msg: &str, detail: Option<&str>, hint: Option<&str>, who: &LogClient) {
+    log_client(Some(sqlstate), msg, detail, hint, who)
+}
+
+fn log_client(sqlstate: Option<&str>, msg: &str, detail: Option<&str>, hint: Option<&str>, who: &LogClient) {
+    let (c, m) = (sqlstate.map(cstring), cstring(msg));
     let (dt, hi) = (detail.map(cstring), hint.map(cstring));
-    let (u, d, a) = (user.map(cstring), db.map(cstring), appname.map(cstring));
-    let ptr = |c: &Option<std::ffi::CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    let w = who.c();
     unsafe {
-        ng_log_client_fatal(c.as_ptr(), m.as_ptr(), ptr(&dt), ptr(&hi), h.as_ptr(), p.as_ptr(), ptr(&u), ptr(&d), ptr(&a))
+        ng_log_client(
+            opt_ptr(&c),
+            m.as_ptr(),
+            opt_ptr(&dt),
+            opt_ptr(&hi),
+            w.host.as_ptr(),
+            w.port.as_ptr(),
+            who.local.as_ptr(),
+            who.local.len() as c_int,
+            opt_ptr(&w.user),
+            opt_ptr(&w.db),
+            opt_ptr(&w.appname),
+        )
     }
 }
 
@@ -359,4 +393,11 @@ pub fn switch_end() -> Result<(), NgError> {
     } else {
         Err(err)
     }
+}
+
+/// This backend is a pool login (`backend::login`): session.c's trackers
+/// that only a pooled session needs (settings changed through set_config())
+/// stay out of every other backend's way.
+pub fn set_pooled_backend(on: bool) {
+    unsafe { ng_set_pooled_backend(on) }
 }

@@ -471,8 +471,9 @@ fn scram_error(e: &auth::ScramError) -> ErrorFields {
 
 impl Pooler {
     pub fn client_begin_auth(&mut self, key: usize) {
+        let local = self.client_local(key);
         let Some(c) = self.client(key) else { return };
-        c.log_receipt();
+        c.log_receipt(&local);
         let raw = c.raw_addr();
         let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
         unsafe { std::ptr::copy_nonoverlapping(raw.as_ptr(), (&mut storage as *mut libc::sockaddr_storage).cast(), raw.len()) };
@@ -562,6 +563,7 @@ impl Pooler {
                 self.dedicated_start(key, None, true);
             }
             Step::Done(out, cred) => {
+                let local = self.client_local(key);
                 let Some(c) = self.client(key) else { return };
                 let Phase::Auth(session) = std::mem::replace(&mut c.phase, Phase::Startup) else { return };
                 let mut bytes = out;
@@ -575,7 +577,7 @@ impl Pooler {
                     // the server's own answers for everything after
                     // authentication (role, database, REPLICATION
                     // attribute, max_wal_senders, settings).
-                    c.log_login(&session.info);
+                    c.log_login(&local, &session.info);
                     drop(session); // wipes the secret
                     return self.dedicated_start(key, cred, false);
                 }
@@ -594,7 +596,7 @@ impl Pooler {
                 }
                 let limited = session.info.role_connlimit >= 0 || session.info.db_connlimit >= 0;
                 if let Some(c) = self.client(key) {
-                    c.log_login(&session.info);
+                    c.log_login(&local, &session.info);
                 }
                 let identity = (session.info.role_oid, session.info.db_oid);
                 drop(session); // wipes the secret
@@ -606,9 +608,10 @@ impl Pooler {
     /// A login refused: in the server log as the server logs its own
     /// (FATAL, the client's prefix escapes; `log_detail` replaces the
     /// client's DETAIL there, as errdetail_log), then to the client.
-    fn client_login_refused(&mut self, key: usize, f: &ErrorFields, log_detail: Option<&str>) {
+    pub(super) fn client_login_refused(&mut self, key: usize, f: &ErrorFields, log_detail: Option<&str>) {
+        let local = self.client_local(key);
         if let Some(c) = self.client(key) {
-            c.log_refusal(f, log_detail);
+            c.log_refusal(&local, f, log_detail);
         }
         self.client_fatal_fields(key, f)
     }

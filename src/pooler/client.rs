@@ -4,6 +4,7 @@
 use super::auth::AuthSession;
 use super::conn::{self, Conn, HANGUP, READ};
 use super::worker::Pooler;
+use crate::pg::session::LogClient;
 use crate::shmem::ClientState;
 use nextgres_core::proto::{self, ErrorFields, ProtoError, StartupRequest};
 use nix::sys::epoll::EpollFlags;
@@ -228,11 +229,13 @@ impl Client {
     }
 
     /// The server's "connection received" line (postmaster's BackendInitialize()).
-    pub fn log_receipt(&self) {
+    /// `local`: the raw address it connected to (`Pooler::client_local`).
+    pub fn log_receipt(&self, local: &[u8]) {
         use crate::pg::session::{log_client_line, ConnectionLogging};
         if ConnectionLogging::now().receipt() {
             let (host, port) = self.host_port();
-            log_client_line(&format!("connection received: host={host} port={port}"), &host, &port, None, None, None);
+            let who = LogClient { host: &host, port: &port, local, user: None, db: None, appname: None };
+            log_client_line(&format!("connection received: host={host} port={port}"), &who);
         }
     }
 
@@ -243,34 +246,39 @@ impl Client {
 
     /// A login refused (`Pooler::client_login_refused`), as the server's
     /// FATAL line with this client's log_line_prefix escapes.
-    pub fn log_refusal(&self, f: &ErrorFields, log_detail: Option<&str>) {
+    pub fn log_refusal(&self, local: &[u8], f: &ErrorFields, log_detail: Option<&str>) {
         let (host, port) = self.host_port();
-        // The server refuses before it applies the startup packet's
-        // application_name: %a shows as not known yet.
-        crate::pg::session::log_client_fatal(
-            &f.sqlstate,
-            &f.message,
-            log_detail.or(f.detail.as_deref()),
-            f.hint.as_deref(),
-            &host,
-            &port,
-            Some(self.user.as_str()),
+        let who = LogClient {
+            host: &host,
+            port: &port,
+            local,
+            user: Some(self.user.as_str()),
             // A physical replication connection has no database (the server
             // clears it: %d shows "[unknown]").
-            (self.replication != proto::Replication::Physical).then_some(self.database.as_str()),
-            None,
-        );
+            db: (self.replication != proto::Replication::Physical).then_some(self.database.as_str()),
+            // The server refuses before it applies the startup packet's
+            // application_name: %a shows as not known yet.
+            appname: None,
+        };
+        crate::pg::session::log_client_fatal(&f.sqlstate, &f.message, log_detail.or(f.detail.as_deref()), f.hint.as_deref(), &who);
     }
 
     /// The server's "connection authenticated" and "connection authorized"
     /// lines (postinit.c PerformAuthentication(), auth.c set_authn_id()).
-    pub fn log_login(&mut self, info: &crate::pg::glue::NgLoginInfo) {
+    pub fn log_login(&mut self, local: &[u8], info: &crate::pg::glue::NgLoginInfo) {
         use crate::pg::glue::HbaMethod;
         use crate::pg::session::{hba_file, log_client_line, ConnectionLogging};
         self.logged_in = true;
         let logging = ConnectionLogging::now();
         let (host, port) = self.host_port();
-        let (user, db) = (Some(self.user.as_str()), Some(self.database.as_str()));
+        let who = LogClient {
+            host: &host,
+            port: &port,
+            local,
+            user: Some(self.user.as_str()),
+            db: Some(self.database.as_str()),
+            appname: None,
+        };
         // Only password methods set an authenticated identity.
         let identified = matches!(info.method(), HbaMethod::Password | HbaMethod::Md5 | HbaMethod::Scram);
         if logging.authentication() && identified {
@@ -281,19 +289,19 @@ impl Client {
                 hba_file(),
                 info.hba_line
             );
-            log_client_line(&msg, &host, &port, user, db, None);
+            log_client_line(&msg, &who);
         }
         if logging.authorization() {
             let mut msg = format!("connection authorized: user={} database={}", self.user, self.database);
             if let Some((_, app)) = self.settings.iter().find(|(n, _)| n.eq_ignore_ascii_case("application_name")) {
                 msg.push_str(&format!(" application_name={app}"));
             }
-            log_client_line(&msg, &host, &port, user, db, None);
+            log_client_line(&msg, &who);
         }
     }
 
     /// The server's "disconnection" line (postgres.c log_disconnections()).
-    fn log_disconnection(&self) {
+    fn log_disconnection(&self, local: &[u8]) {
         use crate::pg::session::{log_client_line, ConnectionLogging};
         if !self.logged_in || !ConnectionLogging::now().disconnection() {
             return;
@@ -320,7 +328,15 @@ impl Client {
             .chain(self.settings.iter())
             .find(|(n, _)| n.eq_ignore_ascii_case("application_name"))
             .map(|(_, v)| v.as_str());
-        log_client_line(&msg, &host, &port, Some(&self.user), Some(&self.database), app);
+        let who = LogClient {
+            host: &host,
+            port: &port,
+            local,
+            user: Some(&self.user),
+            db: Some(&self.database),
+            appname: app,
+        };
+        log_client_line(&msg, &who);
     }
 
     /// The raw sockaddr of the client, sent to backends with its socket.
@@ -494,6 +510,15 @@ impl Pooler {
         match self.conns.get_mut(key) {
             Some(Conn::Client(c)) => Some(c),
             _ => None,
+        }
+    }
+
+    /// The raw address client `key` connected to (pqcomm.c's `port->laddr`;
+    /// empty when not known), which its ATTACH and its log lines' %L carry.
+    pub fn client_local(&self, key: usize) -> Vec<u8> {
+        match self.conns.get(key) {
+            Some(Conn::Client(c)) => self.local_addr(c.local),
+            _ => Vec::new(),
         }
     }
 
@@ -698,7 +723,7 @@ impl Pooler {
                     if (is_ssl && ssl_done) || (!is_ssl && gss_done) {
                         let code = if is_ssl { proto::SSL_REQUEST_CODE } else { proto::GSSENC_REQUEST_CODE };
                         let e = proto::unsupported_protocol(code as u32, &server);
-                        return self.client_fatal(key, e.sqlstate, &e.message, e.hint.as_deref());
+                        return self.client_startup_refused(key, &fatal_fields(e.sqlstate, &e.message, e.hint.as_deref()));
                     }
                     match c.tls.as_mut() {
                         Some(t) => t.negotiation = (ssl_done || is_ssl, gss_done || !is_ssl),
@@ -715,7 +740,7 @@ impl Pooler {
                         if super::tls::handshaking() >= max {
                             // A relay thread each: refused as at max_client_conn.
                             let hint = format!("nextgres.max_tls_handshakes is {max}.");
-                            return self.client_fatal(key, "53300", "sorry, too many clients already", Some(&hint));
+                            return self.client_startup_refused(key, &fatal_fields("53300", "sorry, too many clients already", Some(&hint)));
                         }
                         return self.client_start_tls(key, cfg, None);
                     }
@@ -733,7 +758,7 @@ impl Pooler {
                         f.detail = Some(
                             "This could be either a client-software bug or evidence of an attempted man-in-the-middle attack.".into(),
                         );
-                        return self.client_fatal_fields(key, &f);
+                        return self.client_startup_refused(key, &f);
                     }
                     continue;
                 }
@@ -751,7 +776,7 @@ impl Pooler {
                     log::info!("invalid length of cancel request packet from {}", self.client(key).map(|c| c.addr.to_string()).unwrap_or_default());
                     return self.client_close(key);
                 }
-                Err(e) => return self.client_fatal(key, e.sqlstate, &e.message, e.hint.as_deref()),
+                Err(e) => return self.client_startup_refused(key, &fatal_fields(e.sqlstate, &e.message, e.hint.as_deref())),
             }
         }
     }
@@ -851,14 +876,14 @@ impl Pooler {
                 // As the server: each one sets only the flags it names.
                 "replication" => match replication.fold(&v) {
                     Ok(r) => replication = r,
-                    Err(e) => return self.client_fatal(key, e.sqlstate, &e.message, e.hint.as_deref()),
+                    Err(e) => return self.client_startup_refused(key, &fatal_fields(e.sqlstate, &e.message, e.hint.as_deref())),
                 },
                 "options" => match proto::parse_options(&v) {
                     Ok(opts) => {
                         from_options.extend(opts.iter().cloned());
                         settings.extend(opts);
                     }
-                    Err(e) => return self.client_fatal(key, e.sqlstate, &e.message, e.hint.as_deref()),
+                    Err(e) => return self.client_startup_refused(key, &fatal_fields(e.sqlstate, &e.message, e.hint.as_deref())),
                 },
                 k if k.starts_with("_pq_.") => unrecognized.push(k.to_string()),
                 _ => {
@@ -872,7 +897,7 @@ impl Pooler {
             top.push(("options".to_string(), proto::format_options(&from_options)));
         }
         if user.is_empty() {
-            return self.client_fatal(key, "28000", "no PostgreSQL user name specified in startup packet", None);
+            return self.client_startup_refused(key, &fatal_fields("28000", "no PostgreSQL user name specified in startup packet", None));
         }
         if database.is_empty() {
             database = user.clone();
@@ -931,6 +956,13 @@ impl Pooler {
     }
 
     /// Sends a FATAL error and closes once it is written.
+    /// A startup packet (or SSLRequest) refused where the server's
+    /// ProcessStartupPacket() raises FATAL: logged as the server logs it
+    /// (`client_login_refused`), then sent to the client.
+    fn client_startup_refused(&mut self, key: usize, f: &ErrorFields) {
+        self.client_login_refused(key, f, None)
+    }
+
     pub fn client_fatal(&mut self, key: usize, sqlstate: &str, message: &str, hint: Option<&str>) {
         self.client_fatal_fields(key, &fatal_fields(sqlstate, message, hint));
     }
@@ -1062,8 +1094,9 @@ impl Pooler {
             }
         }
         self.client_detach_from_pool(key);
+        let local = self.client_local(key);
         let Some(Conn::Client(mut c)) = self.conn_take(key) else { return };
-        c.log_disconnection();
+        c.log_disconnection(&local);
         if c.registered.is_some() {
             conn::remove(&self.epoll, &c.stream);
         }

@@ -312,10 +312,7 @@ impl Pooler {
     /// Passes the client's socket to its dedicated backend `d` (already out
     /// of the connection table) and forgets the client.
     fn dedicated_pass_socket(&mut self, ck: usize, d: Box<Dedicated>) {
-        let local = match self.conns.get(ck) {
-            Some(Conn::Client(c)) => self.local_addr(c.local),
-            _ => Vec::new(),
-        };
+        let local = self.client_local(ck);
         let Some(c) = self.client(ck).filter(|c| c.id == d.client_id) else { return };
         c.phase = Phase::Startup;
         // The backend writes to this socket as soon as it has it: what we

@@ -874,3 +874,41 @@ impl Cluster {
         drop(guard);
     }
 }
+
+/// The FATAL lines in `log` with their DETAIL and HINT (continuation lines
+/// joined), without the log_line_prefix: what the server logs for a
+/// refused login, to compare a direct refusal with a pooled one.
+pub fn refusal_log(log: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut in_fatal = false;
+    let mut continuing = false;
+    for line in log.lines() {
+        if let Some(rest) = line.strip_prefix('\t') {
+            if continuing {
+                if let Some(last) = out.last_mut() {
+                    last.push('\n');
+                    last.push_str(rest);
+                }
+            }
+            continue;
+        }
+        continuing = false;
+        let Some((sev, text)) = ["FATAL", "DETAIL", "HINT", "LOG", "WARNING", "ERROR", "STATEMENT", "CONTEXT"]
+            .iter()
+            .find_map(|sev| line.split_once(&format!(" {sev}:  ")).map(|(_, t)| (*sev, t)))
+        else {
+            continue;
+        };
+        match sev {
+            "FATAL" => in_fatal = true,
+            "DETAIL" | "HINT" if in_fatal => {}
+            _ => {
+                in_fatal = false;
+                continue;
+            }
+        }
+        out.push(format!("{sev}: {text}"));
+        continuing = true;
+    }
+    out
+}

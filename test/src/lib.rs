@@ -39,7 +39,7 @@ pub mod sql;
 pub mod tls;
 pub mod util;
 
-pub use cluster::{Builder, Cluster, StopMode, StopOnFailure, SUPERUSER};
+pub use cluster::{refusal_log, Builder, Cluster, StopMode, StopOnFailure, SUPERUSER};
 pub use cmd::CmdOutput;
 pub use conn::ConnInfo;
 pub use env::{pg_major, PgInstall};

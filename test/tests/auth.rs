@@ -17,7 +17,7 @@ mod pool_support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use nextgres_test::{wait_until, Cluster, PasswordEncryption};
+use nextgres_test::{refusal_log, wait_until, Cluster, PasswordEncryption};
 use pool_support::{exec, psql_outcome, rust_outcome, Outcome, SidePort};
 
 const PW: &str = "s3cret pw";
@@ -258,44 +258,6 @@ fn differential(sp: &SidePort, cases: &[Case]) -> (Vec<String>, BTreeSet<(String
         }
     }
     (problems, pooled_ok)
-}
-
-/// The FATAL lines in `log` with their DETAIL and HINT (continuation lines
-/// joined), without the log_line_prefix: what the server logs for a
-/// refused login, to compare a direct refusal with a pooled one.
-fn refusal_log(log: &str) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    let mut in_fatal = false;
-    let mut continuing = false;
-    for line in log.lines() {
-        if let Some(rest) = line.strip_prefix('\t') {
-            if continuing {
-                if let Some(last) = out.last_mut() {
-                    last.push('\n');
-                    last.push_str(rest);
-                }
-            }
-            continue;
-        }
-        continuing = false;
-        let Some((sev, text)) = ["FATAL", "DETAIL", "HINT", "LOG", "WARNING", "ERROR", "STATEMENT", "CONTEXT"]
-            .iter()
-            .find_map(|sev| line.split_once(&format!(" {sev}:  ")).map(|(_, t)| (*sev, t)))
-        else {
-            continue;
-        };
-        match sev {
-            "FATAL" => in_fatal = true,
-            "DETAIL" | "HINT" if in_fatal => {}
-            _ => {
-                in_fatal = false;
-                continue;
-            }
-        }
-        out.push(format!("{sev}: {text}"));
-        continuing = true;
-    }
-    out
 }
 
 /// Acceptance point 1: every auth method succeeds and every refusal carries

@@ -21,7 +21,7 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nextgres_test::{wait_until, with_timeout, Cluster, PasswordEncryption, StopOnFailure};
+use nextgres_test::{refusal_log, wait_until, with_timeout, Cluster, PasswordEncryption, StopOnFailure};
 
 /// Role with a SCRAM secret; TCP logins need its password.
 const USER: &str = "hostile";
@@ -1740,7 +1740,8 @@ fn startup_transcript(pg: &Cluster, bytes: &[u8], then_close_write: bool) -> Str
 
 /// Malformed startup packets answered as PostgreSQL itself answers them (a
 /// plain server on the same data: same SQLSTATE, or the same silent close),
-/// apart from the four deliberate divergences listed in `KNOWN`, where the
+/// and logged as it logs them (the same FATAL lines, with DETAIL and HINT),
+/// apart from the deliberate divergences listed in `KNOWN`, where the
 /// pooler's own answer is asserted exactly.
 #[test]
 fn hostile_startup_matches_plain_server() {
@@ -1855,9 +1856,15 @@ fn hostile_startup_matches_plain_server() {
         let mut diffs = Vec::new();
         let mut known_seen = 0;
         for (label, bytes, close) in &cases {
+            let (plain_mark, mark) = (plain.log_mark(), pg.log_mark());
             let want = startup_transcript(&plain, bytes, *close);
             let got = startup_transcript(pg, bytes, *close);
             eprintln!("[{label}] server: {want:<24} pooler: {got}");
+            // Both write a refusal to the log before the client reads it.
+            let (want_log, got_log) = (refusal_log(&plain.log_since(plain_mark)), refusal_log(&pg.log_since(mark)));
+            if want_log != got_log && !KNOWN.iter().any(|(l, _)| l == label) {
+                diffs.push(format!("{label}: server logged {want_log:?}, pooler {got_log:?}"));
+            }
             assert!(!got.contains("hang"), "{label}: the pooler hung: {got}");
             match KNOWN.iter().find(|(l, _)| l == label) {
                 Some((_, pooler)) => {

@@ -438,14 +438,15 @@ fn role_defaults_of_two_clients_taking_turns() {
 
 /// log_connections / log_disconnections: a pooled client's lines match a
 /// direct client's (plain server over TCP) field by field, log_line_prefix's
-/// client escapes included; only port numbers, the hba file's directory and
-/// the session time differ.
+/// client escapes included (%L, the address the client connected to, from
+/// 18 on; 15-17 print nothing for it); only port numbers, the hba file's
+/// directory and the session time differ.
 #[test]
 fn connection_log_lines_as_for_a_direct_session() {
     let conf = [
         "log_connections = on",
         "log_disconnections = on",
-        "log_line_prefix = 'prefix:%u|%d|%h|%a| '",
+        "log_line_prefix = 'prefix:%u|%d|%h|%a|%L| '",
         "password_encryption = 'scram-sha-256'",
     ];
     let mut direct = Cluster::builder().preload(false).listen_addresses("127.0.0.1").auth_host("scram-sha-256");
