@@ -48,8 +48,12 @@ struct Pending {
 
 /// A batch goes to the pool's counters after this many transactions ...
 const FLUSH_XACTS: u64 = 64;
-/// ... or this long after its first one, and before every wait (`flush_counts`),
-/// so the views lag a busy backend by at most this and an idle one not at all.
+/// ... or this long after its first one, and before every wait of the
+/// backend (`flush_counts`: keeping an idle client, with none, at
+/// ReadyForQuery inside a transaction, pinned). So the views miss at most
+/// one batch of a backend busy back to back, or of one running a long
+/// statement right after its batch began, until its next transaction ends;
+/// none of an idle one.
 const FLUSH_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A client taken from the queue, while this backend serves it.
@@ -352,8 +356,11 @@ impl Queue {
     }
 
     /// Keeps a served client as an attached one (its session pinned): the
-    /// pooler's books say so from `KQ_RETURNED_KEPT` on.
+    /// pooler's books say so from `KQ_RETURNED_KEPT` on. The counted
+    /// transactions go to the pool's now: a pinned client may keep this
+    /// backend off the queue for its whole session.
     pub fn keep(&self, control: RawFd, s: &Served) {
+        self.flush_counts();
         self.give_back(control, s.client_row, s.gen, s.attach.client_id, control::KQ_RETURNED_KEPT);
     }
 

@@ -74,6 +74,19 @@ thread_local! {
 }
 
 /// Called from the flush wrapper after ReadyForQuery(I) reached the client.
+/// A lent backend's batched queue counters (`kq::Queue::count`) go to the
+/// pool's now: at ReadyForQuery inside a transaction, where the backend may
+/// wait for its client for as long as the client likes.
+pub fn flush_queue_counts() {
+    STATE.with(|s| {
+        if let Ok(s) = s.try_borrow() {
+            if let Some(q) = s.as_ref().and_then(|p| p.queue.as_ref()) {
+                q.flush_counts();
+            }
+        }
+    });
+}
+
 pub fn transaction_boundary() {
     // Pipelined input already read from this client stays with this backend:
     // it belongs to the client's next message and must not be split. A
