@@ -73,7 +73,6 @@ thread_local! {
     static STATE: RefCell<Option<Parking>> = const { RefCell::new(None) };
 }
 
-/// Called from the flush wrapper after ReadyForQuery(I) reached the client.
 /// A lent backend's batched queue counters (`kq::Queue::count`) go to the
 /// pool's now: at ReadyForQuery inside a transaction, where the backend may
 /// wait for its client for as long as the client likes.
@@ -87,6 +86,7 @@ pub fn flush_queue_counts() {
     });
 }
 
+/// Called from the flush wrapper after ReadyForQuery(I) reached the client.
 pub fn transaction_boundary() {
     // Pipelined input already read from this client stays with this backend:
     // it belongs to the client's next message and must not be split. A
@@ -805,6 +805,7 @@ fn kq_boundary(p: &mut Parking, mut leaving: bool) -> bool {
             if let Some((_, t, _)) = next.take() {
                 q.put_back(p.control, t);
             }
+            q.flush_counts(); // parked from here, not lent
             p.lent = false;
             let _ = nix::unistd::close(s.fd);
             let img = std::mem::take(&mut s.attach.image);

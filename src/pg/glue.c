@@ -765,6 +765,10 @@ ng_set_client_addr(const struct sockaddr_storage *addr, socklen_t salen,
 		memcpy(&MyProcPort->laddr.addr, &local_buf, local_len);
 		MyProcPort->laddr.salen = local_len;
 	}
+#if PG_VERSION_NUM >= 180000
+	/* %L caches its text on first use (elog.c): this client's, from laddr */
+	MyProcPort->local_host[0] = '\0';
+#endif
 
 	host[0] = serv[0] = '\0';
 	pg_getnameinfo_all(&MyProcPort->raddr.addr, salen, host, sizeof(host),

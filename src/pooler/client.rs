@@ -694,6 +694,8 @@ impl Pooler {
             }
             let packet_head: [u8; 8] = c.inbuf[..8].try_into().unwrap_or_default();
             let parsed = proto::parse_startup_for(&c.inbuf, &server);
+            // A refused packet's log line names what the server would have read of it.
+            let names_read = parsed.is_err().then(|| proto::startup_names_read(&c.inbuf));
             c.inbuf = Vec::new();
             c.negotiated = true;
             match parsed {
@@ -776,7 +778,11 @@ impl Pooler {
                     log::info!("invalid length of cancel request packet from {}", self.client(key).map(|c| c.addr.to_string()).unwrap_or_default());
                     return self.client_close(key);
                 }
-                Err(e) => return self.client_startup_refused(key, &fatal_fields(e.sqlstate, &e.message, e.hint.as_deref())),
+                Err(e) => {
+                    let (user, database) = names_read.unwrap_or_default();
+                    let f = fatal_fields(e.sqlstate, &e.message, e.hint.as_deref());
+                    return self.client_startup_refused_as(key, &user, &database, &f);
+                }
             }
         }
     }
@@ -876,14 +882,20 @@ impl Pooler {
                 // As the server: each one sets only the flags it names.
                 "replication" => match replication.fold(&v) {
                     Ok(r) => replication = r,
-                    Err(e) => return self.client_startup_refused(key, &fatal_fields(e.sqlstate, &e.message, e.hint.as_deref())),
+                    Err(e) => {
+                        let f = fatal_fields(e.sqlstate, &e.message, e.hint.as_deref());
+                        return self.client_startup_refused_as(key, &user, &database, &f);
+                    }
                 },
                 "options" => match proto::parse_options(&v) {
                     Ok(opts) => {
                         from_options.extend(opts.iter().cloned());
                         settings.extend(opts);
                     }
-                    Err(e) => return self.client_startup_refused(key, &fatal_fields(e.sqlstate, &e.message, e.hint.as_deref())),
+                    Err(e) => {
+                        let f = fatal_fields(e.sqlstate, &e.message, e.hint.as_deref());
+                        return self.client_startup_refused_as(key, &user, &database, &f);
+                    }
                 },
                 k if k.starts_with("_pq_.") => unrecognized.push(k.to_string()),
                 _ => {
@@ -897,7 +909,8 @@ impl Pooler {
             top.push(("options".to_string(), proto::format_options(&from_options)));
         }
         if user.is_empty() {
-            return self.client_startup_refused(key, &fatal_fields("28000", "no PostgreSQL user name specified in startup packet", None));
+            let f = fatal_fields("28000", "no PostgreSQL user name specified in startup packet", None);
+            return self.client_startup_refused_as(key, &user, &database, &f);
         }
         if database.is_empty() {
             database = user.clone();
@@ -961,6 +974,18 @@ impl Pooler {
     /// (`client_login_refused`), then sent to the client.
     fn client_startup_refused(&mut self, key: usize, f: &ErrorFields) {
         self.client_login_refused(key, f, None)
+    }
+
+    /// `client_startup_refused` with the user and database read so far,
+    /// which the server's log line shows in %u and %d (ProcessStartupPacket
+    /// sets them as it reads the packet's parameters, before it checks the
+    /// rest). A packet refused before its parameters are read shows neither.
+    fn client_startup_refused_as(&mut self, key: usize, user: &str, database: &str, f: &ErrorFields) {
+        if let Some(c) = self.client(key) {
+            c.user = user.to_string();
+            c.database = database.to_string();
+        }
+        self.client_startup_refused(key, f)
     }
 
     pub fn client_fatal(&mut self, key: usize, sqlstate: &str, message: &str, hint: Option<&str>) {

@@ -876,7 +876,8 @@ impl Cluster {
 }
 
 /// The FATAL lines in `log` with their DETAIL and HINT (continuation lines
-/// joined), without the log_line_prefix: what the server logs for a
+/// joined), of the log_line_prefix only the client's `%u@%d` (the last
+/// field of the test clusters' prefix): what the server logs for a
 /// refused login, to compare a direct refusal with a pooled one.
 pub fn refusal_log(log: &str) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
@@ -893,9 +894,9 @@ pub fn refusal_log(log: &str) -> Vec<String> {
             continue;
         }
         continuing = false;
-        let Some((sev, text)) = ["FATAL", "DETAIL", "HINT", "LOG", "WARNING", "ERROR", "STATEMENT", "CONTEXT"]
+        let Some((sev, prefix, text)) = ["FATAL", "DETAIL", "HINT", "LOG", "WARNING", "ERROR", "STATEMENT", "CONTEXT"]
             .iter()
-            .find_map(|sev| line.split_once(&format!(" {sev}:  ")).map(|(_, t)| (*sev, t)))
+            .find_map(|sev| line.split_once(&format!(" {sev}:  ")).map(|(p, t)| (*sev, p, t)))
         else {
             continue;
         };
@@ -907,7 +908,13 @@ pub fn refusal_log(log: &str) -> Vec<String> {
                 continue;
             }
         }
-        out.push(format!("{sev}: {text}"));
+        if sev == "FATAL" {
+            // The prefix's last field: the test clusters' `%u@%d`.
+            let who = prefix.rsplit(' ').next().unwrap_or_default();
+            out.push(format!("{sev} ({who}): {text}"));
+        } else {
+            out.push(format!("{sev}: {text}"));
+        }
         continuing = true;
     }
     out

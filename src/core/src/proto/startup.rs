@@ -244,6 +244,50 @@ fn parse_startup_message(
     })
 }
 
+/// The user and database names a StartupMessage's parameters gave before
+/// anything in it was refused ("" where none): what the server has in
+/// `port->user_name` and `port->database_name`, so in a refusal's log line
+/// (%u, %d), when ProcessStartupPacket (backend_startup.c; postmaster.c
+/// before 18) raises its FATAL for the packet's layout or a missing user.
+/// It reads the parameters as the server does, each up to a NUL (or the
+/// packet's end), until an empty name or a name with no room for a value,
+/// and a version other than 3 reads none (refused first). Not UTF-8: lossy.
+pub fn startup_names_read(packet: &[u8]) -> (String, String) {
+    let (mut user, mut database) = (String::new(), String::new());
+    let Some(len) = be_i32(packet, 0).and_then(|l| usize::try_from(l).ok()) else {
+        return (user, database);
+    };
+    let Some(body) = packet.get(4..len.min(packet.len())) else {
+        return (user, database);
+    };
+    if be_i32(body, 0).is_none_or(|code| (code as u32) >> 16 != 3) {
+        return (user, database);
+    }
+    let cstr = |at: usize| {
+        let rest = &body[at..];
+        &rest[..rest.iter().position(|&b| b == 0).unwrap_or(rest.len())]
+    };
+    let mut off = 4;
+    while off < body.len() {
+        let name = cstr(off);
+        if name.is_empty() {
+            break;
+        }
+        let value_at = off + name.len() + 1;
+        if value_at >= body.len() {
+            break;
+        }
+        let value = cstr(value_at);
+        match name {
+            b"user" => user = String::from_utf8_lossy(value).into_owned(),
+            b"database" => database = String::from_utf8_lossy(value).into_owned(),
+            _ => {}
+        }
+        off = value_at + value.len() + 1;
+    }
+    (user, database)
+}
+
 /// NUL-terminated byte string at `off` and the offset after it.
 fn cstr_bytes(body: &[u8], off: usize) -> Option<(&[u8], usize)> {
     let rest = body.get(off..)?;
@@ -468,6 +512,20 @@ mod tests {
         v.extend_from_slice(&code.to_be_bytes());
         v.extend_from_slice(payload);
         v
+    }
+
+    #[test]
+    fn names_read_before_a_refusal_as_the_server_reads_them() {
+        let names = |payload: &[u8]| startup_names_read(&packet(PROTOCOL_3_0, payload));
+        let own = |u: &str, d: &str| (u.to_string(), d.to_string());
+        assert_eq!(names(b"database\0postgres\0\0"), own("", "postgres"));
+        assert_eq!(names(b"user\0hostile\0"), own("hostile", ""), "no final terminator");
+        assert_eq!(names(b"user\0hostile"), own("hostile", ""), "unterminated value");
+        assert_eq!(names(b"user\0hostile\0\0junk"), own("hostile", ""), "data after the terminator");
+        assert_eq!(names(b"user\0a\0user\0b\0database\0"), own("b", ""), "a name with no room for a value");
+        assert_eq!(names(b"\0user\0x\0\0"), own("", ""), "an empty name ends them");
+        assert_eq!(startup_names_read(&packet(4 << 16, b"user\0x\0\0")), own("", ""), "another version");
+        assert_eq!(startup_names_read(&[0, 0]), own("", ""));
     }
 
     fn startup(pairs: &[(&str, &str)]) -> Vec<u8> {
