@@ -179,10 +179,6 @@ unsafe extern "C" fn flush() -> c_int {
     if status != NO_READY {
         if rc == 0 && status == b'I' as u16 {
             crate::pg::glue::run_guarded(boundary);
-        } else {
-            // Inside a transaction the server waits for the client in its
-            // own code: the queue's batched counters go out first.
-            super::park::flush_queue_counts();
         }
     }
     rc

@@ -26,35 +26,7 @@ pub struct Queue {
     /// This backend's shared row.
     row: u32,
     pool_row: usize,
-    /// Transactions counted here and not yet added to the pool's `KqPool`.
-    pending: std::cell::Cell<Pending>,
 }
-
-/// Counters a backend adds to its pool's `KqPool` in batches
-/// (`Queue::count`): every backend of the pool adding to one cache line at
-/// each transaction made that line travel between cores once per
-/// transaction (the first of its five additions was a quarter of the
-/// boundary's own time in perf on 2 cores, issue 15).
-#[derive(Clone, Copy, Default)]
-struct Pending {
-    xacts: u64,
-    queries: u64,
-    query_us: u64,
-    bytes_sent: u64,
-    xact_us: u64,
-    /// When the oldest of them was counted.
-    since: Option<std::time::Instant>,
-}
-
-/// A batch goes to the pool's counters after this many transactions ...
-const FLUSH_XACTS: u64 = 64;
-/// ... or this long after its first one, and before every wait of the
-/// backend (`flush_counts`: keeping an idle client, with none, at
-/// ReadyForQuery inside a transaction, pinned). So the views miss at most
-/// one batch of a backend busy back to back, or of one running a long
-/// statement right after its batch began, until its next transaction ends;
-/// none of an idle one.
-const FLUSH_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A client taken from the queue, while this backend serves it.
 pub struct Served {
@@ -110,7 +82,7 @@ impl Queue {
         };
         // SAFETY: pidfd_getfd just gave this process that descriptor.
         let ep = Epoll(unsafe { OwnedFd::from_raw_fd(ep) });
-        Some(Queue { ep, base, row: row as u32, pool_row, pending: Default::default() })
+        Some(Queue { ep, base, row: row as u32, pool_row })
     }
 
     /// The queue's descriptor (for the park wait set).
@@ -232,40 +204,20 @@ impl Queue {
     }
 
     /// The served client's transaction ended (ReadyForQuery(I)): its
-    /// counters go to the pool's (`KqPool`), its time from `s.since`, in
-    /// batches (`Pending`).
+    /// counters go to the pool's (`KqPool`), its time from `s.since`.
+    /// At once, not in batches: the pooler publishes them when a client
+    /// leaves, and `nextgres.pools` must then count its last transactions
+    /// (a batched version missed them: BENCHMARKS.md, session 34).
     pub fn count(&self, s: &mut Served, queries: u64, query_us: u64, bytes_sent: u64) {
-        let now = std::time::Instant::now();
-        let mut c = self.pending.get();
-        c.xacts += 1;
-        c.queries = c.queries.wrapping_add(queries);
-        c.query_us = c.query_us.wrapping_add(query_us);
-        c.bytes_sent = c.bytes_sent.wrapping_add(bytes_sent);
-        c.xact_us = c.xact_us.wrapping_add(now.saturating_duration_since(s.since).as_micros() as u64);
-        let since = *c.since.get_or_insert(now);
-        self.pending.set(c);
-        s.since = now;
-        if c.xacts >= FLUSH_XACTS || now.saturating_duration_since(since) >= FLUSH_AFTER {
-            self.flush_counts();
-        }
-    }
-
-    /// Adds the counted transactions to the pool's counters; called by
-    /// `count` and before this backend waits (keeping an idle client, or
-    /// with none), so an idle pool's counters are complete.
-    pub fn flush_counts(&self) {
-        let c = self.pending.take();
-        if c.xacts == 0 {
-            return;
-        }
         let Some(t) = crate::shmem::tables() else { return };
         if let Some(p) = t.kq_pool(self.pool_row) {
-            p.xacts.fetch_add(c.xacts, Ordering::Relaxed);
-            p.queries.fetch_add(c.queries, Ordering::Relaxed);
-            p.query_us.fetch_add(c.query_us, Ordering::Relaxed);
-            p.bytes_sent.fetch_add(c.bytes_sent, Ordering::Relaxed);
-            p.xact_us.fetch_add(c.xact_us, Ordering::Relaxed);
+            p.xacts.fetch_add(1, Ordering::Relaxed);
+            p.queries.fetch_add(queries, Ordering::Relaxed);
+            p.query_us.fetch_add(query_us, Ordering::Relaxed);
+            p.bytes_sent.fetch_add(bytes_sent, Ordering::Relaxed);
+            p.xact_us.fetch_add(s.since.elapsed().as_micros() as u64, Ordering::Relaxed);
         }
+        s.since = std::time::Instant::now();
     }
 
     /// The kept client sent its next query (`park::kq_hold`): its row's take
@@ -356,11 +308,8 @@ impl Queue {
     }
 
     /// Keeps a served client as an attached one (its session pinned): the
-    /// pooler's books say so from `KQ_RETURNED_KEPT` on. The counted
-    /// transactions go to the pool's now: a pinned client may keep this
-    /// backend off the queue for its whole session.
+    /// pooler's books say so from `KQ_RETURNED_KEPT` on.
     pub fn keep(&self, control: RawFd, s: &Served) {
-        self.flush_counts();
         self.give_back(control, s.client_row, s.gen, s.attach.client_id, control::KQ_RETURNED_KEPT);
     }
 
@@ -414,11 +363,9 @@ impl Queue {
         at != 0 && (0..within_us).contains(&(crate::pg::shmem::now() - at))
     }
 
-    /// About to wait on the queue with no client: the counters go to the
-    /// pool's, and since when it idles is noted, once (the pooler's
-    /// idle_backend_timeout for lent backends).
+    /// About to wait on the queue with no client: notes since when, once
+    /// (the pooler's idle_backend_timeout for lent backends).
     pub fn mark_idle(&self) {
-        self.flush_counts();
         let Some(t) = crate::shmem::tables() else { return };
         let Some(h) = t.kq_backend(self.row as usize) else { return };
         if h.idle_since.load(Ordering::Relaxed) == 0 {
@@ -437,7 +384,6 @@ impl Queue {
 
     /// Answers a recall: the flag down, then `KQ_PARKED`.
     pub fn unlend(&self, control: RawFd) {
-        self.flush_counts();
         self.mark_busy();
         if let Some(t) = crate::shmem::tables() {
             if let Some(h) = t.kq_backend(self.row as usize) {

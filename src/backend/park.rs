@@ -73,19 +73,6 @@ thread_local! {
     static STATE: RefCell<Option<Parking>> = const { RefCell::new(None) };
 }
 
-/// A lent backend's batched queue counters (`kq::Queue::count`) go to the
-/// pool's now: at ReadyForQuery inside a transaction, where the backend may
-/// wait for its client for as long as the client likes.
-pub fn flush_queue_counts() {
-    STATE.with(|s| {
-        if let Ok(s) = s.try_borrow() {
-            if let Some(q) = s.as_ref().and_then(|p| p.queue.as_ref()) {
-                q.flush_counts();
-            }
-        }
-    });
-}
-
 /// Called from the flush wrapper after ReadyForQuery(I) reached the client.
 pub fn transaction_boundary() {
     // Pipelined input already read from this client stays with this backend:
@@ -805,7 +792,6 @@ fn kq_boundary(p: &mut Parking, mut leaving: bool) -> bool {
             if let Some((_, t, _)) = next.take() {
                 q.put_back(p.control, t);
             }
-            q.flush_counts(); // parked from here, not lent
             p.lent = false;
             let _ = nix::unistd::close(s.fd);
             let img = std::mem::take(&mut s.attach.image);
@@ -911,9 +897,6 @@ fn kq_hold(p: &mut Parking, s: &super::kq::Served) -> Hold {
     // served without a wait, as a direct backend reads before it waits.
     if let Some(h) = kept_client_input(p, s) {
         return h;
-    }
-    if let Some(q) = p.queue.as_ref() {
-        q.flush_counts(); // idle from here: the views see all it served
     }
     loop {
         let event = match &p.queue_wait {
