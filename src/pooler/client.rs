@@ -495,6 +495,11 @@ pub fn no_relay_fields(why: &str) -> ErrorFields {
     f
 }
 
+/// A startup-stage protocol error as the FATAL the server sends for it.
+fn proto_fatal(e: &ProtoError) -> ErrorFields {
+    fatal_fields(e.sqlstate, &e.message, e.hint.as_deref())
+}
+
 pub(super) fn fatal_fields(sqlstate: &str, message: &str, hint: Option<&str>) -> ErrorFields {
     ErrorFields {
         severity: "FATAL".into(),
@@ -725,7 +730,7 @@ impl Pooler {
                     if (is_ssl && ssl_done) || (!is_ssl && gss_done) {
                         let code = if is_ssl { proto::SSL_REQUEST_CODE } else { proto::GSSENC_REQUEST_CODE };
                         let e = proto::unsupported_protocol(code as u32, &server);
-                        return self.client_startup_refused(key, &fatal_fields(e.sqlstate, &e.message, e.hint.as_deref()));
+                        return self.client_startup_refused(key, &proto_fatal(&e));
                     }
                     match c.tls.as_mut() {
                         Some(t) => t.negotiation = (ssl_done || is_ssl, gss_done || !is_ssl),
@@ -780,7 +785,7 @@ impl Pooler {
                 }
                 Err(e) => {
                     let (user, database) = names_read.unwrap_or_default();
-                    let f = fatal_fields(e.sqlstate, &e.message, e.hint.as_deref());
+                    let f = proto_fatal(&e);
                     return self.client_startup_refused_as(key, &user, &database, &f);
                 }
             }
@@ -883,7 +888,7 @@ impl Pooler {
                 "replication" => match replication.fold(&v) {
                     Ok(r) => replication = r,
                     Err(e) => {
-                        let f = fatal_fields(e.sqlstate, &e.message, e.hint.as_deref());
+                        let f = proto_fatal(&e);
                         return self.client_startup_refused_as(key, &user, &database, &f);
                     }
                 },
@@ -893,7 +898,7 @@ impl Pooler {
                         settings.extend(opts);
                     }
                     Err(e) => {
-                        let f = fatal_fields(e.sqlstate, &e.message, e.hint.as_deref());
+                        let f = proto_fatal(&e);
                         return self.client_startup_refused_as(key, &user, &database, &f);
                     }
                 },

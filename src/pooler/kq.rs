@@ -237,9 +237,8 @@ impl Pooler {
         if c.registered.take().is_some() {
             conn::remove(&self.epoll, &c.stream);
         }
-        let local_index = c.local;
         let pool_row = self.pools.get(pool).map(|p| p.row as u32).unwrap_or(0);
-        let local = self.local_addr(local_index);
+        let local = self.client_local(ck);
         let Some(Conn::Client(c)) = self.conns.get_mut(ck) else { return false };
         let attach = Attach {
             client_id: c.id,
