@@ -93,8 +93,9 @@ impl Queue {
     /// The next ready client this backend may serve, taken, its socket at
     /// its fixed number, its ATTACH flags set for this backend. Clients
     /// found leaving (end of file, Terminate) are given back on `control`.
-    /// None when none is ready.
-    pub fn take(&self, control: RawFd) -> Option<(Attach, Served)> {
+    /// None when none is ready. `check`: how what the client sent is
+    /// looked at (`Check`).
+    pub fn take(&self, control: RawFd, check: Check) -> Option<(Attach, Served)> {
         self.hold_clear();
         let t = crate::shmem::tables()?;
         let mut events = [EpollEvent::empty(); 1];
@@ -135,10 +136,13 @@ impl Queue {
                 Err(e) => super::park::fatal(&format!("could not receive the client socket from the pooler: {e}")),
             };
             // A hang-up or a lone Terminate: nothing to serve.
-            let mut peek = [0u8; 5];
-            match nix::sys::socket::recv(fd, &mut peek, nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT) {
-                Ok(n) if n > 0 && !(n == 5 && peek == [b'X', 0, 0, 0, 4]) => {}
-                Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => {
+            let input = match check {
+                Check::Later => Input::Message,
+                Check::ReadAhead => client_input(fd),
+            };
+            match input {
+                Input::Message => {}
+                Input::Nothing => {
                     // Ready without bytes (spurious): back in the queue.
                     if kq::requeue(&k.owner, self.row, gen) {
                         self.rearm(fd, row, gen);
@@ -148,7 +152,7 @@ impl Queue {
                     let _ = nix::unistd::close(fd);
                     continue;
                 }
-                _ => {
+                Input::Leaving => {
                     let _ = nix::unistd::close(fd);
                     self.give_back(control, row, gen, attach.client_id, control::KQ_RETURNED_LEAVING);
                     continue;
@@ -165,6 +169,25 @@ impl Queue {
             return Some((attach, served));
         }
         None
+    }
+
+    /// A client taken with `Check::Later`, now that no client is attached:
+    /// its first bytes read for the server (`Check::ReadAhead`). Some: serve
+    /// it. None: it had sent nothing after all (back in the queue) or it
+    /// left (given back).
+    pub fn checked(&self, control: RawFd, s: Served) -> Option<Served> {
+        match client_input(s.fd) {
+            Input::Message => Some(s),
+            Input::Nothing => {
+                self.put_back(control, s);
+                None
+            }
+            Input::Leaving => {
+                let _ = nix::unistd::close(s.fd);
+                self.give_back(control, s.client_row, s.gen, s.attach.client_id, control::KQ_RETURNED_LEAVING);
+                None
+            }
+        }
     }
 
     /// The client's socket from the pooler, at `number` in this process.
@@ -190,6 +213,7 @@ impl Queue {
     /// Gives client row `row` back to the pooler (owner word, then
     /// `KQ_RETURNED`).
     fn give_back(&self, control: RawFd, row: usize, gen: u64, client_id: u64, flags: u8) {
+        crate::pg::session::read_ahead_forget(self.base + row as i32);
         let Some(t) = crate::shmem::tables() else { return };
         let Some(k) = t.kq_row(row) else { return };
         if kq::give_back(&k.owner, self.row, gen) {
@@ -243,6 +267,7 @@ impl Queue {
     /// the client back in the queue (or to the pooler when recalled or
     /// `leaving`); its socket closed here unless `TooLarge`.
     pub fn release(&self, control: RawFd, s: &mut Served, image: Image, leaving: bool) -> Released {
+        crate::pg::session::read_ahead_forget(s.fd);
         let Some(t) = crate::shmem::tables() else { return Released::Returned };
         let Some(k) = t.kq_row(s.client_row) else { return Released::Returned };
         if leaving {
@@ -297,6 +322,7 @@ impl Queue {
     /// Puts a client taken but not served back in the queue (or gives it to
     /// the pooler when recalled meanwhile); its socket closes here.
     pub fn put_back(&self, control: RawFd, s: Served) {
+        crate::pg::session::read_ahead_forget(s.fd);
         if let Some(k) = crate::shmem::tables().as_ref().and_then(|t| t.kq_row(s.client_row)) {
             if kq::requeue(&k.owner, self.row, s.gen) {
                 self.rearm(s.fd, s.client_row, s.gen);
@@ -415,5 +441,57 @@ fn clone_attach(a: &Attach) -> Attach {
         image: a.image.clone(),
         tls: None,
         ahead: None,
+    }
+}
+
+/// How `Queue::take` looks at what a taken client sent before it returns
+/// it (a hang-up or a lone Terminate is given back, a spurious readiness
+/// put back).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// Its bytes read for the server (no client attached, and this one will
+    /// be).
+    ReadAhead,
+    /// Not yet: a client is attached still (`Queue::checked` once it has
+    /// gone).
+    Later,
+}
+
+/// What a client taken from the queue (or kept) has sent.
+pub enum Input {
+    /// A message (or its first bytes): serve it.
+    Message,
+    /// Nothing yet.
+    Nothing,
+    /// End of file, a socket error or a lone Terminate: it leaves.
+    Leaving,
+}
+
+/// A lone Terminate (protocol message formats).
+pub const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
+
+/// What the client on `fd` has sent: its bytes are read for the server
+/// (`sess::read_ahead`: one system call where a look and the server's own
+/// read were two), so it must then be served or forgotten; where recv() is
+/// not redirected, a MSG_PEEK look. A Terminate read ahead is dropped.
+pub fn client_input(fd: RawFd) -> Input {
+    use crate::pg::session::{self as sess, ReadAhead};
+    match sess::read_ahead(fd) {
+        ReadAhead::Nothing => Input::Nothing,
+        ReadAhead::Closed => Input::Leaving,
+        ReadAhead::Read { len, head } if len >= 5 && head == TERMINATE => {
+            sess::read_ahead_clear();
+            Input::Leaving
+        }
+        ReadAhead::Read { .. } => Input::Message,
+        ReadAhead::Unavailable => {
+            let mut peek = [0u8; 5];
+            match nix::sys::socket::recv(fd, &mut peek, nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT) {
+                Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => Input::Nothing,
+                Ok(0) | Err(_) => Input::Leaving,
+                Ok(n) if n == 5 && peek == TERMINATE => Input::Leaving,
+                Ok(_) => Input::Message,
+            }
+        }
     }
 }

@@ -193,10 +193,15 @@ ng_port_sock(void)
 	return MyProcPort ? MyProcPort->sock : -1;
 }
 
+extern bool ng_read_ahead_pending(void);
+extern void ng_read_ahead_detach(void);
+
+/* Nothing of the client's unread: neither in the server's buffer nor read
+ * ahead (session.c) for it. */
 bool
 ng_recv_buffer_empty(void)
 {
-	return !recv_buffer_has_data();
+	return !recv_buffer_has_data() && !ng_read_ahead_pending();
 }
 
 /*
@@ -519,6 +524,8 @@ void
 ng_febe_detach(void)
 {
 	ng_connection_check_stop();
+	/* A client's bytes never reach the next client's session. */
+	ng_read_ahead_detach();
 	febe_socket_pending = false;	/* never waited on: nothing to delete */
 	if (febe_epoll_fd < 0 || !febe_socket_in_set)
 		return;
@@ -533,6 +540,11 @@ static char park_queue_marker;
 /* The user_data of a park wait set's hold event (an epoll instance holding
  * the socket of the queued client the backend keeps idle, or nothing). */
 static char park_hold_marker;
+
+/* The park wait set with a kernel queue (a backend builds one) and the
+ * position of the queue's event in it (ng_park_watch_queue). */
+static WaitEventSet *park_queue_set = NULL;
+static int	park_queue_pos = -1;
 
 /* A wait set for parking: control socket readable, latch, postmaster death,
  * and a pool's kernel queue when queue_fd >= 0. */
@@ -549,7 +561,10 @@ ng_park_wait_set_create(int control_fd, int queue_fd, int hold_fd)
 		/* A pool's kernel queue (an epoll instance: readable while a
 		 * client in it is ready), told apart by its user_data. */
 		if (queue_fd >= 0)
-			AddWaitEventToSet(set, WL_SOCKET_READABLE, queue_fd, NULL, &park_queue_marker);
+		{
+			park_queue_pos = AddWaitEventToSet(set, WL_SOCKET_READABLE, queue_fd, NULL, &park_queue_marker);
+			park_queue_set = set;
+		}
 		if (hold_fd >= 0)
 			AddWaitEventToSet(set, WL_SOCKET_READABLE, hold_fd, NULL, &park_hold_marker);
 		AddWaitEventToSet(set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
@@ -561,6 +576,34 @@ ng_park_wait_set_create(int control_fd, int queue_fd, int hold_fd)
 	}
 	PG_END_TRY();
 	return set;
+}
+
+/*
+ * Whether waits on `set` (the one with a kernel queue) report the queue's
+ * ready clients: a backend keeping its idle client in a pool with no more
+ * clients than backends leaves them to the free backends (park.rs
+ * kq_hold).  "Not watched" is a wait for the queue's epoll instance to be
+ * writable, which it never is (epoll(7): only readable): ModifyWaitEvent
+ * wants a socket event to wait for something.  No system call when the
+ * mask is already that one.
+ */
+void
+ng_park_watch_queue(void *set, bool on)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+
+	if (set != park_queue_set || park_queue_pos < 0)
+		return;
+	PG_TRY();
+	{
+		ModifyWaitEvent((WaitEventSet *) set, park_queue_pos,
+						on ? WL_SOCKET_READABLE : WL_SOCKET_WRITEABLE, NULL);
+	}
+	PG_CATCH();
+	{
+		rethrow_as_fatal(cxt);
+	}
+	PG_END_TRY();
 }
 
 /*

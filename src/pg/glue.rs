@@ -141,6 +141,7 @@ extern "C" {
     fn ng_connection_check_stop();
     fn ng_park_wait_set_create(control_fd: c_int, queue_fd: c_int, hold_fd: c_int) -> *mut c_void;
     fn ng_park_wait(set: *mut c_void, timeout_ms: c_long) -> c_int;
+    fn ng_park_watch_queue(set: *mut c_void, on: bool);
     fn ng_park_service_interrupts();
     fn ng_clear_stale_cancel();
     fn ng_linger_wait(timeout_ms: c_long) -> c_int;
@@ -279,6 +280,12 @@ impl ParkWaitSet {
     /// empty; -1: none) to be readable, `ParkEvent::Hold`.
     pub fn with_queue(control_fd: i32, queue_fd: i32, hold_fd: i32) -> Self {
         ParkWaitSet(unsafe { ng_park_wait_set_create(control_fd, queue_fd, hold_fd) })
+    }
+    /// Whether `wait` reports the kernel queue's ready clients (a set
+    /// made `with_queue`; they are reported from the start). No system
+    /// call when unchanged.
+    pub fn watch_queue(&self, on: bool) {
+        unsafe { ng_park_watch_queue(self.0, on) }
     }
     pub fn wait(&self, timeout_ms: i64) -> ParkEvent {
         match unsafe { ng_park_wait(self.0, timeout_ms as c_long) } {

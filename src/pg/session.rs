@@ -52,6 +52,9 @@ extern "C" {
     fn ng_switch_light() -> bool;
     fn ng_note_function_call();
     fn ng_close_unnamed_before_client() -> bool;
+    fn ng_read_ahead(fd: c_int, bytes: *mut *const u8) -> isize;
+    fn ng_read_ahead_clear();
+    fn ng_read_ahead_forget(fd: c_int);
 }
 
 /// Why a client must stay on its backend.
@@ -211,6 +214,56 @@ pub fn lazy_statements_init() -> bool {
 /// where recv() cannot be redirected: then nothing is queued.
 pub fn close_unnamed_before_client() -> bool {
     unsafe { ng_close_unnamed_before_client() }
+}
+
+/// What `read_ahead` found on the client's socket.
+pub enum ReadAhead {
+    /// Nothing yet (EAGAIN, EINTR).
+    Nothing,
+    /// End of file or a socket error: the client is gone.
+    Closed,
+    /// `len` bytes read, the first (up to 5) in `head`: the server's next
+    /// recv() on the client socket gets them first (session.c).
+    Read { len: usize, head: [u8; 5] },
+    /// recv() is not redirected in this backend: nothing was read (look
+    /// with MSG_PEEK instead).
+    Unavailable,
+}
+
+/// Reads, without waiting, what the client on `fd` has sent, for the server
+/// to read next once `fd` is its client socket (`MyProcPort->sock`): one
+/// system call where a MSG_PEEK look and the server's own read were two.
+/// Only when nothing read ahead is pending (else `Unavailable`). What is
+/// read must be served, or dropped (`read_ahead_forget`) with the client.
+pub fn read_ahead(fd: c_int) -> ReadAhead {
+    let mut p: *const u8 = std::ptr::null();
+    let n = unsafe { ng_read_ahead(fd, &mut p) };
+    match n {
+        -2 => ReadAhead::Unavailable,
+        0 => ReadAhead::Closed,
+        n if n > 0 => {
+            let mut head = [0u8; 5];
+            let k = (n as usize).min(5);
+            // SAFETY: session.c's static buffer holds the `n` bytes just read.
+            head[..k].copy_from_slice(unsafe { std::slice::from_raw_parts(p, k) });
+            ReadAhead::Read { len: n as usize, head }
+        }
+        _ => match nix::errno::Errno::last() {
+            nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR => ReadAhead::Nothing,
+            _ => ReadAhead::Closed,
+        },
+    }
+}
+
+/// Drops what was read ahead (the client left).
+pub fn read_ahead_clear() {
+    unsafe { ng_read_ahead_clear() }
+}
+
+/// The client on `fd` leaves this backend: what was read ahead from it,
+/// if anything, is dropped (never handed to another client on that number).
+pub fn read_ahead_forget(fd: c_int) {
+    unsafe { ng_read_ahead_forget(fd) }
 }
 
 /// Tells the hooks whether the client has statements not created here yet.

@@ -427,6 +427,23 @@ impl Pooler {
         b.stream.write_all(&msg).is_ok()
     }
 
+    /// The pool's clients came to outnumber its backends (its shared row
+    /// says so now): lent backends keeping an idle client, which leave the
+    /// queue to free backends while there are enough (`backend::park`,
+    /// `kq_hold`), are woken to watch it again. `KQ_RECALL` without the
+    /// recall flag: a wake-up only.
+    pub fn kq_outnumbered_wake(&self, pool: usize) {
+        let Some(q) = self.kq.pools.get(&pool) else { return };
+        let mut msg = Vec::with_capacity(5);
+        control::write_empty(&mut msg, control::KQ_RECALL);
+        for &bk in &q.lent {
+            if let Some(Conn::Backend(b)) = self.conns.get(bk) {
+                use std::io::Write;
+                let _ = (&b.stream).write_all(&msg);
+            }
+        }
+    }
+
     /// A client of the pool waits for a backend and none is parked: recall
     /// a lent one for it (one per waiting client not yet served).
     pub fn kq_recall_for_waiting(&mut self, pool: usize) {

@@ -62,8 +62,13 @@ impl Pooler {
         let dedicated_mode = self.pool_mode_of(pool) == nextgres_core::poolconf::Mode::Dedicated;
         // What backends did for clients of its kernel queue.
         let [kx, kq, kqu, kb, kxu, kw] = self.kq_counters(p.row).unwrap_or_default();
+        // As `shmem::pool_outnumbered` reads the row (backends keeping an
+        // idle client watch the queue only while it says so).
+        let outnumbered = |r: &shmem::PoolRow| r.clients_idle + r.clients_active + r.clients_waiting > r.backends_attached + r.backends_parked;
+        let mut came_to_outnumber = false;
         self.tables.write(|rows, _, _| {
             let r = &mut rows[p.row];
+            let was = outnumbered(r);
             r.clients_waiting = waiting as i32;
             r.clients_active = attached as i32;
             r.clients_idle = p.clients.saturating_sub(waiting + attached + pending) as i32;
@@ -87,7 +92,11 @@ impl Pooler {
             r.pool_size = size;
             r.session_mode = session;
             r.dedicated_mode = dedicated_mode;
+            came_to_outnumber = !was && outnumbered(r);
         });
+        if came_to_outnumber {
+            self.kq_outnumbered_wake(pool);
+        }
     }
 
     pub fn client_row_alloc(&mut self, addr: &str, port: i32) -> Option<usize> {

@@ -438,6 +438,55 @@ fn an_idle_queued_client_keeps_its_backend_until_another_is_ready() {
     });
 }
 
+/// While a pool's clients do not outnumber its backends, a backend keeping
+/// an idle client leaves clients of the queue to the free backends: taking
+/// one would send its own client to the queue, to be taken in turn by
+/// another backend keeping one, and so on (clients going round the
+/// backends, a session switch each time, for as long as the load lasts).
+/// Pool of 2, both logged in (`min_pool_size`): a is kept by one backend;
+/// b comes, and its queries go to the other backend, while a stays where
+/// it is; ten times, b leaving and coming again. Before, both backends were
+/// woken for b's first query and either could take it: a moved with a
+/// chance of about one in two each time.
+#[test]
+fn a_kept_client_stays_while_backends_are_enough() {
+    let b = builder()
+        .conf("nextgres.pool_size = 2")
+        .conf("nextgres.min_pool_size = 2")
+        .conf("nextgres.hold_idle_clients = on");
+    run(b, |pg| {
+        let pooler = running_pooler_pid(pg);
+        let two = || pooled(pg).len() == 2;
+        let mut a = connect(pg, APP);
+        assert!(wait_until(SETTLE, two), "the pool did not log in 2 backends: {:?}", pooled(pg));
+        let kept = one(&mut a, "SELECT pg_backend_pid()");
+        let backend: i32 = kept.parse().expect("pid");
+        let a_attached = || pooled(pg).contains(&(backend, "attached".to_string()));
+        assert!(wait_until(SETTLE, a_attached), "a is not kept: {:?}", pooled(pg));
+        let before = queue_xacts(pg);
+        for round in 0..10 {
+            let mut b = connect(pg, APP);
+            for _ in 0..3 {
+                let b_pid = one(&mut b, "SELECT pg_backend_pid()");
+                assert_ne!(b_pid, kept, "round {round}: b was served by the backend keeping a");
+                assert_eq!(one(&mut a, "SELECT pg_backend_pid()"), kept, "round {round}: a left its backend for b's sake");
+            }
+            drop(b);
+            let alone = || {
+                admin_i64(
+                    pg,
+                    "SELECT coalesce(sum(clients_idle + clients_active + clients_waiting), 0)::int8
+                       FROM nextgres.pools WHERE role = 'app'",
+                ) == 1
+            };
+            assert!(wait_until(SETTLE, alone), "round {round}: b is still counted");
+        }
+        assert_queue_ran(pg, before, "a and b");
+        drop(a);
+        assert_left_nothing(pg, pooler);
+    });
+}
+
 /// A saturated queue keeps no idle client (`hold_idle_clients`, as the
 /// handoff path's `linger`): kept, a client's next query would be served
 /// before clients queued earlier. Pool of 1, two clients: b's query waits
