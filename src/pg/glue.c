@@ -187,6 +187,14 @@ ng_capture_error(MemoryContext cxt, NgError *err)
  * Pooled backends: the client socket, the FE/BE wait set, client address.
  * ------------------------------------------------------------------------ */
 
+/* The role this login authenticated as, and its database (oids). */
+void
+ng_login_identity(uint32 *role, uint32 *db)
+{
+	*role = GetAuthenticatedUserId();
+	*db = MyDatabaseId;
+}
+
 int
 ng_port_sock(void)
 {
