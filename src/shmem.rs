@@ -212,12 +212,6 @@ pub struct PoolRow {
     pub session_mode: bool,
     /// Effective `pool_mode` is dedicated (no pooling).
     pub dedicated_mode: bool,
-    /// The role and database (oids) the pool's clients authenticated as
-    /// (`Pool::identity`; 0: not known yet): a pool login by those names
-    /// that finds other oids (renamed, dropped and re-created meanwhile)
-    /// must serve none of them (`backend::park`).
-    pub role_oid: u32,
-    pub db_oid: u32,
 }
 
 #[repr(u8)]
@@ -839,17 +833,6 @@ impl Tables {
 
 /// A pooled backend's own row in the backends table (the pooler fills in
 /// the pid during the login, so early lookups may find nothing).
-/// Pooled backend: the identity (role oid, database oid) of the pool its
-/// row is for, as the pooler last wrote it ((0, 0): unknown).
-pub fn own_pool_identity() -> Option<(u32, u32)> {
-    let row = own_backend_row()?;
-    let t = tables()?;
-    let _g = Guard::shared();
-    let pool = t.backends_raw().get(row)?.pool;
-    let r = t.pools_raw().get(usize::try_from(pool).ok()?)?;
-    Some((r.role_oid, r.db_oid))
-}
-
 pub fn own_backend_row() -> Option<usize> {
     let t = tables()?;
     let pid = unsafe { pgrx::pg_sys::MyProcPid };

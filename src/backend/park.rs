@@ -86,7 +86,6 @@ pub fn transaction_boundary() {
     STATE.with(|s| {
         let mut s = s.borrow_mut();
         let p = s.get_or_insert_with(|| {
-            login_identity_check();
             // First boundary: the login's ReadyForQuery went to the pooler,
             // on the socket that is the control socket from now on. Not
             // inherited by a program this backend runs (COPY ... PROGRAM):
@@ -209,20 +208,6 @@ pub fn transaction_boundary() {
         }
         park(p);
     });
-}
-
-/// A pool login is by names: a role (or database) renamed, or dropped and
-/// re-created, between the pool's first client and this login makes it
-/// another role's session, which must serve none of the pool's clients
-/// (they authenticated as the other). It ends, before it serves anyone; the
-/// pooler counts a backend gone (the pool is retired by then: a client of
-/// the new role got a pool of its own).
-fn login_identity_check() {
-    let Some((role, db)) = crate::shmem::own_pool_identity() else { return };
-    let (my_role, my_db) = glue::login_identity();
-    if (role != 0 && role != my_role) || (db != 0 && db != my_db) {
-        fatal("this pool login found another role or database than the pool's clients authenticated as (renamed, or dropped and re-created): it serves none of them");
-    }
 }
 
 /// Does this pin keep the client for its whole session? (Sequence values
@@ -352,7 +337,7 @@ fn linger(p: &mut Parking, pinned: bool, sequence: bool) -> bool {
                     Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => continue,
                     // EOF, error or Terminate: the pooler closes the client.
                     Ok(0) | Err(_) => false,
-                    Ok(n) => !(n == 5 && peek == [b'X', 0, 0, 0, 4]),
+                    Ok(n) => !(n == 5 && peek == super::kq::TERMINATE),
                 };
             }
             LingerEvent::Latch => glue::linger_service_interrupts(),

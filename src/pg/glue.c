@@ -47,6 +47,7 @@
 #include "storage/latch.h"
 #include "storage/lwlock.h"
 #include "storage/proc.h"
+#include "storage/procarray.h"
 #include "tcop/tcopprot.h"
 #include "utils/acl.h"
 #include "utils/backend_status.h"
@@ -187,12 +188,22 @@ ng_capture_error(MemoryContext cxt, NgError *err)
  * Pooled backends: the client socket, the FE/BE wait set, client address.
  * ------------------------------------------------------------------------ */
 
-/* The role this login authenticated as, and its database (oids). */
-void
-ng_login_identity(uint32 *role, uint32 *db)
+/*
+ * The role and database a live backend logged in as (PGPROC roleId and
+ * databaseId, each stored once during its InitPostgres, before its first
+ * ReadyForQuery): the pooler checks a pool login by the pid of its
+ * BackendKeyData. false when no backend has that pid.
+ */
+bool
+ng_backend_identity(int pid, uint32 *role, uint32 *db)
 {
-	*role = GetAuthenticatedUserId();
-	*db = MyDatabaseId;
+	PGPROC	   *proc = BackendPidGetProc(pid);
+
+	if (proc == NULL)
+		return false;
+	*role = proc->roleId;
+	*db = proc->databaseId;
+	return true;
 }
 
 int

@@ -133,7 +133,7 @@ extern "C" {
     fn ng_server_has_direct_tls() -> bool;
     fn ng_server_protocol(newest_minor: *mut c_int, max_cancel_key: *mut c_int);
     fn ng_port_sock() -> c_int;
-    fn ng_login_identity(role: *mut u32, db: *mut u32);
+    fn ng_backend_identity(pid: c_int, role: *mut u32, db: *mut u32) -> bool;
     fn ng_recv_buffer_empty() -> bool;
     fn ng_consume_buffered_terminate() -> bool;
     fn ng_febe_attach();
@@ -220,14 +220,18 @@ pub fn port_sock() -> i32 {
     unsafe { ng_port_sock() }
 }
 
-/// True when libpq's receive buffer holds no unread (pipelined) input.
-/// The role this backend's login authenticated as and its database (oids).
-pub fn login_identity() -> (u32, u32) {
+/// Pooler: the role and database (oids) the live backend with this pid
+/// logged in as, from its PGPROC (`roleId`, `databaseId`: set during
+/// InitPostgres, before its first ReadyForQuery; miscinit.c
+/// `InitializeSessionUserId`, postinit.c). None when no backend has that
+/// pid (it ended).
+pub fn backend_identity(pid: i32) -> Option<(u32, u32)> {
     let (mut role, mut db) = (0u32, 0u32);
-    unsafe { ng_login_identity(&mut role, &mut db) };
-    (role, db)
+    // SAFETY: plain out-parameters; the C side takes ProcArrayLock itself.
+    unsafe { ng_backend_identity(pid, &mut role, &mut db) }.then_some((role, db))
 }
 
+/// True when libpq's receive buffer holds no unread (pipelined) input.
 pub fn recv_buffer_empty() -> bool {
     unsafe { ng_recv_buffer_empty() }
 }

@@ -327,6 +327,9 @@ impl Pooler {
     }
 
     fn backend_logged_in(&mut self, key: usize) {
+        if !self.backend_login_is_the_pools(key) {
+            return;
+        }
         let Some(b) = self.backend(key) else { return };
         let (pool, row, params, own) = (b.pool, b.row, std::mem::take(&mut b.params), b.own);
         b.phase = BPhase::Parked { since: Instant::now() };
@@ -350,6 +353,55 @@ impl Pooler {
             self.backend_serve_own(key);
         } else {
             self.backend_available(key);
+        }
+    }
+
+    /// A pool login is by names: a role (or database) renamed, or dropped
+    /// and re-created, between the pool's first client and this login's
+    /// name lookup makes it a session of another role, which must serve
+    /// none of the pool's clients (they authenticated as the other, and it
+    /// has that role's privileges). Checked here, at its ReadyForQuery and
+    /// before it is handed anything, against the role and database its
+    /// PGPROC names. A login that differs ends (its control socket closed),
+    /// and so does the pool (retired: each later login by its names would
+    /// differ too); its clients wait for its remaining backends, or are
+    /// told when it has none. False when the backend is gone.
+    fn backend_login_is_the_pools(&mut self, key: usize) -> bool {
+        let Some(b) = self.backend(key) else { return false };
+        let (pool, pid, own) = (b.pool, b.pid, b.own);
+        let Some(want) = self.pools.get(pool).map(|p| p.identity) else { return true };
+        // Unknown (0) on either side is never a difference.
+        let differs = |a: u32, b: u32| a != 0 && b != 0 && a != b;
+        match crate::pg::glue::backend_identity(pid) {
+            Some(got) if differs(want.0, got.0) || differs(want.1, got.1) => {
+                log::warn!(
+                    "pool login (pid {pid}) for role \"{}\" and database \"{}\" found another role or database of those names (oids {}/{} instead of {}/{}): renamed, or dropped and re-created, meanwhile; it serves no client",
+                    self.pools[pool].role,
+                    self.pools[pool].database,
+                    got.0,
+                    got.1,
+                    want.0,
+                    want.1
+                );
+                // A dedicated session's login: the client it was for is told,
+                // as a direct session of the renamed role would be.
+                let told = own.then(|| ErrorFields {
+                    severity: "FATAL".into(),
+                    sqlstate: "57P01".into(),
+                    message: format!(
+                        "terminating connection because role or database of this session was renamed or re-created (role \"{}\")",
+                        self.pools[pool].role
+                    ),
+                    detail: None,
+                    hint: Some("Connect again.".into()),
+                });
+                if !self.pools[pool].retired {
+                    self.pool_retire(pool);
+                }
+                self.backend_gone(key, told);
+                false
+            }
+            _ => true,
         }
     }
 

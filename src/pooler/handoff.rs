@@ -104,7 +104,7 @@ impl Pooler {
     /// backends keep serving the clients it has (they close once the last
     /// one leaves: `client_detach_from_pool`); without clients its parked
     /// backends close now.
-    fn pool_retire(&mut self, k: usize) {
+    pub fn pool_retire(&mut self, k: usize) {
         let Some(p) = self.pools.get_mut(k) else { return };
         p.retired = true;
         log::info!(

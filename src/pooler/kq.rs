@@ -419,12 +419,12 @@ impl Pooler {
 
     /// Writes `KQ_RECALL` to backend `bk`: a wake-up only (what to do is in
     /// shared memory, written before). False when it could not be written.
-    fn kq_wake(&mut self, bk: usize) -> bool {
-        let Some(b) = self.backend(bk) else { return false };
+    fn kq_wake(&self, bk: usize) -> bool {
+        let Some(Conn::Backend(b)) = self.conns.get(bk) else { return false };
         let mut msg = Vec::with_capacity(5);
         control::write_empty(&mut msg, control::KQ_RECALL);
         use std::io::Write;
-        b.stream.write_all(&msg).is_ok()
+        (&b.stream).write_all(&msg).is_ok()
     }
 
     /// The pool's clients came to outnumber its backends (its shared row
@@ -434,13 +434,8 @@ impl Pooler {
     /// recall flag: a wake-up only.
     pub fn kq_outnumbered_wake(&self, pool: usize) {
         let Some(q) = self.kq.pools.get(&pool) else { return };
-        let mut msg = Vec::with_capacity(5);
-        control::write_empty(&mut msg, control::KQ_RECALL);
         for &bk in &q.lent {
-            if let Some(Conn::Backend(b)) = self.conns.get(bk) {
-                use std::io::Write;
-                let _ = (&b.stream).write_all(&msg);
-            }
+            self.kq_wake(bk);
         }
     }
 

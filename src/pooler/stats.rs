@@ -92,7 +92,6 @@ impl Pooler {
             r.pool_size = size;
             r.session_mode = session;
             r.dedicated_mode = dedicated_mode;
-            (r.role_oid, r.db_oid) = p.identity;
             came_to_outnumber = !was && outnumbered(r);
         });
         if came_to_outnumber {

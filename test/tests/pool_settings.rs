@@ -1395,6 +1395,124 @@ fn a_renamed_roles_backends_never_serve_the_new_role_of_that_name() {
     assert_eq!(oid, want, "served by a backend of the dropped role");
 }
 
+/// The name the pooler logs when a pool login landed on another role or
+/// database of the pool's names.
+const LANDED_ELSEWHERE: &str = "found another role or database of those names";
+
+/// A role renamed while one of its pool's logins is under way: a pool
+/// login is by names, so one that the server authenticates after the rename
+/// is a session of the new role of that name. `pre_auth_delay` (3 s) holds
+/// the login that `start` makes the pool begin (for a client of the old
+/// role) before the server looks the name up; `alice` is renamed to
+/// `alice_old` and a new `alice` created meanwhile. Returns `start`'s
+/// thread and the server log's mark once that login is past its delay,
+/// having checked the pool logged in no more by that name and left no
+/// session of the new role behind.
+fn rename_alice_while_a_pool_login_waits<T: Send + 'static>(
+    pg: &Cluster,
+    admin: &mut postgres::Client,
+    start: impl FnOnce() -> T + Send + 'static,
+) -> (std::thread::JoinHandle<T>, usize) {
+    admin.batch_execute("ALTER SYSTEM SET pre_auth_delay = 3").expect("pre_auth_delay");
+    admin.batch_execute("SELECT pg_reload_conf()").expect("reload");
+    std::thread::sleep(Duration::from_millis(500));
+    let mark = pg.log_mark();
+    let started = Instant::now();
+    let client = std::thread::spawn(start);
+    // The login is in its delay now: it has not looked the name up yet.
+    std::thread::sleep(Duration::from_millis(1000));
+    admin.batch_execute("ALTER ROLE alice RENAME TO alice_old; CREATE ROLE alice LOGIN").expect("rename");
+    admin.batch_execute("ALTER SYSTEM RESET pre_auth_delay").expect("pre_auth_delay");
+    admin.batch_execute("SELECT pg_reload_conf()").expect("reload");
+    // Past the delay (the login began within moments of `started`), and
+    // time for a login storm to show.
+    std::thread::sleep(Duration::from_secs(5).saturating_sub(started.elapsed()) + Duration::from_millis(1500));
+    let landings = pg.log_since(mark).matches(LANDED_ELSEWHERE).count();
+    assert!(landings <= 1, "the pool kept logging in by the renamed role's name; log:\n{}", pg.log_since(mark));
+    let new_alice: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity a JOIN pg_roles r ON r.oid = a.usesysid WHERE r.rolname = 'alice' AND a.backend_type = 'client backend'",
+            &[],
+        )
+        .expect("activity")
+        .get(0);
+    assert_eq!(new_alice, 0, "a session of the new alice outlived its login: {:?}", pg.activity());
+    (client, mark)
+}
+
+/// The pooler met the held login on the new role (checked last, so that a
+/// build without the check fails on what its clients saw).
+fn assert_landed_elsewhere_once(pg: &Cluster, mark: usize) {
+    let landings = pg.log_since(mark).matches(LANDED_ELSEWHERE).count();
+    assert_eq!(landings, 1, "the held login did not land on the new role; log:\n{}", pg.log_since(mark));
+}
+
+/// The rename above while one of the pool's logins is under way. The
+/// login that lands on the new `alice` must serve no client of the pool:
+/// the waiting client goes on the pool's first backend once it is free (as
+/// the old role, like a direct session from before the rename), and the
+/// pool logs in no more backends by the name (before: the login served the
+/// waiting client when it landed on it, else the client's connection
+/// closed without a word).
+#[test]
+fn a_pool_login_that_lands_on_the_new_role_of_that_name_serves_no_one() {
+    let pg = Cluster::builder().conf("nextgres.pool_size = 4").conf("log_connections = on").start();
+    exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE alice LOGIN");
+    let who = |c: &mut postgres::Client| first_value(&c.simple_query("SELECT session_user::text").expect("session_user")).unwrap_or_default();
+    // One admin session for the whole test: new server logins are slow
+    // while pre_auth_delay is set.
+    let mut admin = pg.admin();
+    let mut first = pg.tcp("alice", "postgres").connect().expect("alice");
+    assert_eq!(who(&mut first), "alice");
+    // The first client holds the pool's only backend in a transaction, so
+    // the second one's query makes the pool log in another.
+    first.batch_execute("BEGIN; SELECT 1").expect("begin");
+    let second = pg.tcp("alice", "postgres");
+    let (waiting, mark) = rename_alice_while_a_pool_login_waits(&pg, &mut admin, move || {
+        let mut second = second.connect().expect("alice again");
+        let r = second.simple_query("SELECT session_user::text").map(|m| first_value(&m).unwrap_or_default());
+        (r, second)
+    });
+    // The first client commits: the waiting one gets the pool's first
+    // backend, as the old role.
+    first.batch_execute("COMMIT").expect("commit");
+    let (r, mut second) = waiting.join().expect("waiting client");
+    assert_eq!(r.expect("the waiting client's query"), "alice_old", "served by the new role's session");
+    assert_eq!(who(&mut second), "alice_old");
+    assert_eq!(who(&mut first), "alice_old");
+    // A client of the new role gets a pool of its own.
+    let mut new = pg.tcp("alice", "postgres").connect().expect("the new alice");
+    assert_eq!(who(&mut new), "alice");
+    assert_landed_elsewhere_once(&pg, mark);
+}
+
+/// The same in `pool_mode = dedicated`, where each client's backend logs
+/// in for it at its first statement: the client whose login landed on the
+/// new `alice` is not served by it; it gets the FATAL that the clients of
+/// a retired pool with no backend left get (57P01, "renamed or
+/// re-created"), then an orderly close. Read off the wire: the `postgres`
+/// crate reported that FATAL as a closed connection in 5 of 6 runs here.
+#[test]
+fn a_dedicated_login_that_lands_on_the_new_role_of_that_name_is_refused() {
+    let pg = Cluster::builder().conf("nextgres.pool_mode = dedicated").conf("log_connections = on").start();
+    exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE alice LOGIN");
+    let mut admin = pg.admin();
+    let mut first = pg.tcp("alice", "postgres").connect().expect("alice");
+    first.batch_execute("SELECT 1").expect("first");
+    let port = pg.port();
+    let (second, mark) = rename_alice_while_a_pool_login_waits(&pg, &mut admin, move || {
+        let mut second = nextgres_test::raw::Raw::connect(port, "alice", "postgres", Duration::from_secs(20));
+        second.send_query("SELECT session_user::text");
+        second.expect_fatal()
+    });
+    let (severity, code, ended) = second.join().expect("the new role's session served the old role's client");
+    assert_eq!((severity.as_str(), code.as_str()), ("FATAL", "57P01"));
+    assert_eq!(ended, std::io::ErrorKind::UnexpectedEof, "not an orderly close");
+    let session: String = first_value(&first.simple_query("SELECT session_user::text").expect("first goes on")).unwrap_or_default();
+    assert_eq!(session, "alice_old");
+    assert_landed_elsewhere_once(&pg, mark);
+}
+
 /// `nextgres.pause()` called through the pooler on the caller's own
 /// database returns true once the other transactions are done: the caller's
 /// own backend serves the call itself and is not waited for (before: false
