@@ -192,18 +192,28 @@ ng_capture_error(MemoryContext cxt, NgError *err)
  * The role and database a live backend logged in as (PGPROC roleId and
  * databaseId, each stored once during its InitPostgres, before its first
  * ReadyForQuery): the pooler checks a pool login by the pid of its
- * BackendKeyData. false when no backend has that pid.
+ * BackendKeyData, through the agent (ProcArrayLock needs a PGPROC). Read
+ * under the lock, so the PGPROC is that pid's. false when no backend has
+ * that pid.
  */
 bool
 ng_backend_identity(int pid, uint32 *role, uint32 *db)
 {
-	PGPROC	   *proc = BackendPidGetProc(pid);
+	PGPROC	   *proc;
+	bool		found = false;
 
-	if (proc == NULL)
+	if (pid <= 0)
 		return false;
-	*role = proc->roleId;
-	*db = proc->databaseId;
-	return true;
+	LWLockAcquire(ProcArrayLock, LW_SHARED);
+	proc = BackendPidGetProcWithLock(pid);
+	if (proc != NULL)
+	{
+		*role = proc->roleId;
+		*db = proc->databaseId;
+		found = true;
+	}
+	LWLockRelease(ProcArrayLock);
+	return found;
 }
 
 int

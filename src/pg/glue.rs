@@ -220,11 +220,11 @@ pub fn port_sock() -> i32 {
     unsafe { ng_port_sock() }
 }
 
-/// Pooler: the role and database (oids) the live backend with this pid
-/// logged in as, from its PGPROC (`roleId`, `databaseId`: set during
-/// InitPostgres, before its first ReadyForQuery; miscinit.c
-/// `InitializeSessionUserId`, postinit.c). None when no backend has that
-/// pid (it ended).
+/// The role and database (oids) the live backend with this pid logged in
+/// as, from its PGPROC (`roleId`, `databaseId`: set during InitPostgres,
+/// before its first ReadyForQuery; miscinit.c `InitializeSessionUserId`,
+/// postinit.c). None when no backend has that pid (it ended). Takes
+/// ProcArrayLock: the agent only (`pooler::agent::backend_identity`).
 pub fn backend_identity(pid: i32) -> Option<(u32, u32)> {
     let (mut role, mut db) = (0u32, 0u32);
     // SAFETY: plain out-parameters; the C side takes ProcArrayLock itself.

@@ -21,7 +21,8 @@
 //!   (ProcStructLock), starting the pg_db_role_setting reader
 //!   (RegisterDynamicBackgroundWorker, BackgroundWorkerLock), interrupts
 //!   and barriers (CHECK_FOR_INTERRUPTS), pg_hba.conf and pg_ident.conf
-//!   (the lines `login_lookup` and `check_usermap` use).
+//!   (the lines `login_lookup` and `check_usermap` use),
+//!   `glue::backend_identity` (ProcArrayLock).
 //! * pooler process (process-local): GUC values and ProcessConfigFile,
 //!   `GetMockAuthenticationNonce`, `pg_strong_random`,
 //!   `GetCurrentTimestamp`, elog to the server log, the TLS files, its own
@@ -52,6 +53,7 @@ const REQ_VALIDATE_SETTING: u8 = 3;
 const REQ_UNRESERVED_FREE: u8 = 4;
 const REQ_READER_START: u8 = 5;
 const REQ_READER_RUNNING: u8 = 6;
+const REQ_BACKEND_IDENTITY: u8 = 7;
 
 // ---- the agent ----------------------------------------------------------------
 
@@ -318,6 +320,18 @@ fn answer(req: &[u8], reader: &mut Option<DynamicBackgroundWorker>) -> Vec<u8> {
                     v.extend_from_slice(why.as_bytes());
                     v
                 }
+            }
+        }
+        REQ_BACKEND_IDENTITY => {
+            let Some(pid) = r.u32() else { return vec![2] };
+            match glue::backend_identity(pid as i32) {
+                Some((role, db)) => {
+                    let mut v = vec![0, 1];
+                    v.extend_from_slice(&role.to_ne_bytes());
+                    v.extend_from_slice(&db.to_ne_bytes());
+                    v
+                }
+                None => vec![0, 0],
             }
         }
         REQ_READER_RUNNING => {
@@ -632,6 +646,32 @@ pub fn reader_start() -> Result<(), String> {
     match rep.first() {
         Some(0) => Ok(()),
         _ => Err(String::from_utf8_lossy(rep.get(1..).unwrap_or(&[])).into_owned()),
+    }
+}
+
+/// What the agent found for a backend's pid (`backend_identity`).
+pub enum Identity {
+    /// The role and database (oids) its PGPROC names.
+    Of(u32, u32),
+    /// No live backend has that pid.
+    Gone,
+    /// The agent did not answer.
+    Unknown,
+}
+
+/// `glue::backend_identity`, run by the agent (ProcArrayLock: the pooler
+/// process has no PGPROC, so it never takes an LWLock).
+pub fn backend_identity(pid: i32) -> Identity {
+    let mut req = vec![REQ_BACKEND_IDENTITY];
+    req.extend_from_slice(&(pid as u32).to_ne_bytes());
+    match call(&req).as_slice() {
+        [0, 1, rest @ ..] if rest.len() == 8 => {
+            let role = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]);
+            let db = u32::from_ne_bytes([rest[4], rest[5], rest[6], rest[7]]);
+            Identity::Of(role, db)
+        }
+        [0, 0] => Identity::Gone,
+        _ => Identity::Unknown,
     }
 }
 

@@ -224,7 +224,7 @@ impl Pooler {
                 }
             }
             (BPhase::Login, b'K') => {
-                if let Ok((pid, _)) = proto::parse_backend_key_data(body) {
+                if let Ok(pid) = proto::backend_key_data_pid(body) {
                     b.pid = pid;
                     let row = b.row;
                     self.backend_row_update(row, |r| r.pid = pid);
@@ -362,47 +362,43 @@ impl Pooler {
     /// none of the pool's clients (they authenticated as the other, and it
     /// has that role's privileges). Checked here, at its ReadyForQuery and
     /// before it is handed anything, against the role and database its
-    /// PGPROC names. A login that differs ends (its control socket closed),
+    /// PGPROC names (read by the agent: ProcArrayLock). A login whose pid
+    /// has no live backend (no BackendKeyData, or it ended) ends too. A login that differs ends (its control socket closed),
     /// and so does the pool (retired: each later login by its names would
     /// differ too); its clients wait for its remaining backends, or are
     /// told when it has none. False when the backend is gone.
     fn backend_login_is_the_pools(&mut self, key: usize) -> bool {
+        use super::agent::Identity;
         let Some(b) = self.backend(key) else { return false };
         let (pool, pid, own) = (b.pool, b.pid, b.own);
         let Some(want) = self.pools.get(pool).map(|p| p.identity) else { return true };
+        let got = if pid > 0 { super::agent::backend_identity(pid) } else { Identity::Gone };
         // Unknown (0) on either side is never a difference.
         let differs = |a: u32, b: u32| a != 0 && b != 0 && a != b;
-        match crate::pg::glue::backend_identity(pid) {
-            Some(got) if differs(want.0, got.0) || differs(want.1, got.1) => {
-                log::warn!(
-                    "pool login (pid {pid}) for role \"{}\" and database \"{}\" found another role or database of those names (oids {}/{} instead of {}/{}): renamed, or dropped and re-created, meanwhile; it serves no client",
-                    self.pools[pool].role,
-                    self.pools[pool].database,
-                    got.0,
-                    got.1,
-                    want.0,
-                    want.1
-                );
-                // A dedicated session's login: the client it was for is told,
-                // as a direct session of the renamed role would be.
-                let told = own.then(|| ErrorFields {
-                    severity: "FATAL".into(),
-                    sqlstate: "57P01".into(),
-                    message: format!(
-                        "terminating connection because role or database of this session was renamed or re-created (role \"{}\")",
-                        self.pools[pool].role
-                    ),
-                    detail: None,
-                    hint: Some("Connect again.".into()),
-                });
-                if !self.pools[pool].retired {
-                    self.pool_retire(pool);
-                }
-                self.backend_gone(key, told);
-                false
-            }
-            _ => true,
+        let why = match got {
+            Identity::Of(role, db) if differs(want.0, role) || differs(want.1, db) => format!(
+                "found another role or database of those names (oids {role}/{db} instead of {}/{}): renamed, or dropped and re-created, meanwhile",
+                want.0, want.1
+            ),
+            // No BackendKeyData, or it ended since: not handed anyone.
+            Identity::Gone => "ended before it could be checked (no live backend has its BackendKeyData pid)".to_string(),
+            // The agent did not answer (it is ending, and the pooler with
+            // it): nothing to check with.
+            Identity::Of(..) | Identity::Unknown => return true,
+        };
+        log::warn!(
+            "pool login (pid {pid}) for role \"{}\" and database \"{}\" {why}; it serves no client",
+            self.pools[pool].role,
+            self.pools[pool].database
+        );
+        let renamed = matches!(got, Identity::Of(..));
+        // A dedicated session's login: the client it was for is told.
+        let told = (own && renamed).then(|| super::handoff::renamed_fatal(&self.pools[pool].role));
+        if renamed && !self.pools[pool].retired {
+            self.pool_retire(pool);
         }
+        self.backend_gone(key, told);
+        false
     }
 
     /// A backend logged in for a dedicated-mode client: it serves the oldest

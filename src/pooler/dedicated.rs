@@ -57,6 +57,11 @@ pub struct Dedicated {
     replay: Vec<u8>,
     /// The login's `session_authorization` ParameterStatus.
     session_user: Option<String>,
+    /// The oid of the role the client authenticated as (0: the server
+    /// authenticates it), and the login's pid (its BackendKeyData): a
+    /// login by the role's name after a rename is another role's session.
+    role_oid: u32,
+    pid: i32,
     inbuf: Vec<u8>,
     /// The server authenticates the client itself (no credential).
     server_auth: bool,
@@ -85,7 +90,7 @@ fn login_error(message: String) -> ErrorFields {
 impl Pooler {
     /// The client authenticated: start its walsender's login. With
     /// `server_auth`, the client has not authenticated: the server will.
-    pub fn dedicated_start(&mut self, key: usize, cred: Option<Credential>, server_auth: bool) {
+    pub fn dedicated_start(&mut self, key: usize, cred: Option<Credential>, server_auth: bool, role_oid: u32) {
         let Some(c) = self.client(key) else { return };
         let repl = match c.replication {
             Replication::Physical => Some("true"),
@@ -147,6 +152,8 @@ impl Pooler {
             scram: None,
             replay: Vec::new(),
             session_user: None,
+            role_oid,
+            pid: 0,
             inbuf: Vec::new(),
             server_auth,
         };
@@ -240,6 +247,11 @@ impl Pooler {
                             d.session_user = Some(v.to_string());
                         }
                     }
+                    if tag == b'K' {
+                        if let Ok(pid) = proto::backend_key_data_pid(&body) {
+                            d.pid = pid;
+                        }
+                    }
                     d.replay.push(tag);
                     d.replay.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
                     d.replay.extend_from_slice(&body);
@@ -293,6 +305,27 @@ impl Pooler {
             c.phase = Phase::Startup;
             return self.client_fatal_fields(ck, &f);
         }
+        // By names, so after a rename (a new role of the old name) it may
+        // be another role's: its PGPROC says which (read by the agent).
+        use super::agent::Identity;
+        if d.role_oid != 0 {
+            let why = match super::agent::backend_identity(d.pid) {
+                Identity::Of(role, _) if role != d.role_oid => Some(format!(
+                    "found another role or database of those names (role oid {role} instead of {}): renamed, or dropped and re-created, meanwhile",
+                    d.role_oid
+                )),
+                Identity::Gone => Some("ended before it could be checked (no live backend has its BackendKeyData pid)".to_string()),
+                Identity::Of(..) | Identity::Unknown => None,
+            };
+            if let Some(why) = why {
+                log::warn!("walsender login (pid {}) for client {} as role \"{}\" {why}; both closed", d.pid, c.addr, d.user);
+                let f = super::handoff::renamed_fatal(&d.user);
+                drop(d); // its walsender exits with our end closed
+                c.phase = Phase::Startup;
+                return self.client_fatal_fields(ck, &f);
+            }
+        }
+        let Some(c) = self.client(ck) else { return };
         let mut out = std::mem::take(&mut d.replay);
         proto::ready_for_query(&mut out, b'I');
         c.send(&out);

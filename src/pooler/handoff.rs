@@ -11,7 +11,7 @@ use super::worker::Pooler;
 use crate::shmem::{BackendState, ClientState};
 use nextgres_core::control::{self, Attach, Released};
 use nextgres_core::pool::{Credential, Pool};
-use nextgres_core::proto;
+use nextgres_core::proto::{self, ErrorFields};
 use sendfd::SendWithFd;
 use std::os::fd::AsRawFd;
 use std::time::Instant;
@@ -126,26 +126,31 @@ impl Pooler {
 
     /// A retired pool with no backend left cannot serve its waiting
     /// clients (a login by its names would be the new role's or
-    /// database's): they get a FATAL and may reconnect.
+    /// database's): they get a FATAL and may reconnect. Nor can a retired
+    /// dedicated-mode pool serve a client waiting for a login of its own
+    /// beyond those under way (its backends serve their own clients only).
     pub fn pool_retired_check(&mut self, k: usize) {
         let Some(p) = self.pools.get(k) else { return };
-        if !p.retired || p.backends > 0 {
+        if !p.retired {
             return;
         }
-        let waiting: Vec<usize> = p.waiting.iter().chain(p.session_waiting.iter()).chain(p.login_pending.iter()).copied().collect();
-        let role = p.role.clone();
+        let waiting: Vec<usize> = if p.backends == 0 {
+            p.waiting.iter().chain(p.session_waiting.iter()).chain(p.login_pending.iter()).copied().collect()
+        } else if self.pool_mode_of(k) == nextgres_core::poolconf::Mode::Dedicated {
+            // The oldest are the ones the logins under way serve.
+            p.session_waiting.iter().skip(p.sessions_starting).copied().collect()
+        } else {
+            return;
+        };
+        let Some(p) = self.pools.get(k) else { return };
+        let f = renamed_fatal(&p.role);
         for ck in waiting {
             // Still queued here (telling one may have told the others).
             let queued = self.pools.get(k).is_some_and(|p| p.waiting.contains(&ck) || p.session_waiting.contains(&ck) || p.login_pending.contains(&ck));
             if !queued {
                 continue;
             }
-            self.client_fatal(
-                ck,
-                "57P01",
-                &format!("terminating connection because role or database of this session was renamed or re-created (role \"{role}\")"),
-                Some("Connect again."),
-            );
+            self.client_fatal_fields(ck, &f);
         }
     }
 
@@ -719,4 +724,17 @@ pub fn send_all_with_fd(stream: &std::os::unix::net::UnixStream, msg: &[u8], fd:
         }
     }
     true
+}
+
+/// The FATAL (57P01) for a client whose role or database was renamed or
+/// re-created under it before a backend of its own could be logged in: a
+/// login by its names would be another role's or database's session.
+pub fn renamed_fatal(role: &str) -> ErrorFields {
+    ErrorFields {
+        severity: "FATAL".into(),
+        sqlstate: "57P01".into(),
+        message: format!("terminating connection because role or database of this session was renamed or re-created (role \"{role}\")"),
+        detail: None,
+        hint: Some("Connect again.".into()),
+    }
 }

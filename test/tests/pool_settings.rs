@@ -1399,45 +1399,60 @@ fn a_renamed_roles_backends_never_serve_the_new_role_of_that_name() {
 /// database of the pool's names.
 const LANDED_ELSEWHERE: &str = "found another role or database of those names";
 
+fn admin_query(admin: &mut postgres::Client, sql: &str) -> Vec<postgres::SimpleQueryMessage> {
+    admin.simple_query(sql).expect(sql)
+}
+
 /// A role renamed while one of its pool's logins is under way: a pool
 /// login is by names, so one that the server authenticates after the rename
 /// is a session of the new role of that name. `pre_auth_delay` (3 s) holds
-/// the login that `start` makes the pool begin (for a client of the old
-/// role) before the server looks the name up; `alice` is renamed to
-/// `alice_old` and a new `alice` created meanwhile. Returns `start`'s
-/// thread and the server log's mark once that login is past its delay,
-/// having checked the pool logged in no more by that name and left no
-/// session of the new role behind.
+/// the login that `start` makes the pooler begin (for a client of the old
+/// role) before the server looks the name up; once `under_way` (given the
+/// admin session and the server log since `start`) says it began, `alice`
+/// is renamed to `alice_old` and a new `alice` (LOGIN REPLICATION)
+/// created. Returns `start`'s thread and the server log's mark once that
+/// login is past its delay, having checked the pooler logged in no more by
+/// that name and left no session of the new role behind.
 fn rename_alice_while_a_pool_login_waits<T: Send + 'static>(
     pg: &Cluster,
     admin: &mut postgres::Client,
     start: impl FnOnce() -> T + Send + 'static,
+    mut under_way: impl FnMut(&mut postgres::Client, &str) -> bool,
 ) -> (std::thread::JoinHandle<T>, usize) {
     admin.batch_execute("ALTER SYSTEM SET pre_auth_delay = 3").expect("pre_auth_delay");
     admin.batch_execute("SELECT pg_reload_conf()").expect("reload");
-    std::thread::sleep(Duration::from_millis(500));
+    // The admin session reads the file after the postmaster, whose new
+    // children inherit the delay.
+    let mut delay = || first_value(&admin_query(admin, "SELECT current_setting('pre_auth_delay')")).unwrap_or_default();
+    assert!(wait_until(Duration::from_secs(10), || delay() == "3s"), "pre_auth_delay not applied");
     let mark = pg.log_mark();
     let started = Instant::now();
     let client = std::thread::spawn(start);
-    // The login is in its delay now: it has not looked the name up yet.
-    std::thread::sleep(Duration::from_millis(1000));
-    admin.batch_execute("ALTER ROLE alice RENAME TO alice_old; CREATE ROLE alice LOGIN").expect("rename");
+    // The login is under way, in its delay: it has not looked the name up
+    // yet.
+    assert!(wait_until(Duration::from_secs(2), || under_way(admin, &pg.log_since(mark))), "no login started for the client");
+    admin.batch_execute("ALTER ROLE alice RENAME TO alice_old; CREATE ROLE alice LOGIN REPLICATION").expect("rename");
     admin.batch_execute("ALTER SYSTEM RESET pre_auth_delay").expect("pre_auth_delay");
     admin.batch_execute("SELECT pg_reload_conf()").expect("reload");
-    // Past the delay (the login began within moments of `started`), and
-    // time for a login storm to show.
+    // Past the delay (the login began before the rename), and time for a
+    // login storm to show.
     std::thread::sleep(Duration::from_secs(5).saturating_sub(started.elapsed()) + Duration::from_millis(1500));
     let landings = pg.log_since(mark).matches(LANDED_ELSEWHERE).count();
     assert!(landings <= 1, "the pool kept logging in by the renamed role's name; log:\n{}", pg.log_since(mark));
     let new_alice: i64 = admin
         .query_one(
-            "SELECT count(*) FROM pg_stat_activity a JOIN pg_roles r ON r.oid = a.usesysid WHERE r.rolname = 'alice' AND a.backend_type = 'client backend'",
+            "SELECT count(*) FROM pg_stat_activity a JOIN pg_roles r ON r.oid = a.usesysid WHERE r.rolname = 'alice' AND a.backend_type IN ('client backend', 'walsender')",
             &[],
         )
         .expect("activity")
         .get(0);
     assert_eq!(new_alice, 0, "a session of the new alice outlived its login: {:?}", pg.activity());
     (client, mark)
+}
+
+/// `under_way` for a pool login: the pool of `alice` counts one starting.
+fn pool_login_started(admin: &mut postgres::Client, _log: &str) -> bool {
+    first_value(&admin_query(admin, "SELECT coalesce(sum(backends_starting), 0)::text FROM nextgres.pools WHERE role = 'alice'")).as_deref() == Some("1")
 }
 
 /// The pooler met the held login on the new role (checked last, so that a
@@ -1467,12 +1482,11 @@ fn a_pool_login_that_lands_on_the_new_role_of_that_name_serves_no_one() {
     // The first client holds the pool's only backend in a transaction, so
     // the second one's query makes the pool log in another.
     first.batch_execute("BEGIN; SELECT 1").expect("begin");
-    let second = pg.tcp("alice", "postgres");
+    let mut second = pg.tcp("alice", "postgres").connect().expect("alice again");
     let (waiting, mark) = rename_alice_while_a_pool_login_waits(&pg, &mut admin, move || {
-        let mut second = second.connect().expect("alice again");
         let r = second.simple_query("SELECT session_user::text").map(|m| first_value(&m).unwrap_or_default());
         (r, second)
-    });
+    }, pool_login_started);
     // The first client commits: the waiting one gets the pool's first
     // backend, as the old role.
     first.batch_execute("COMMIT").expect("commit");
@@ -1490,26 +1504,69 @@ fn a_pool_login_that_lands_on_the_new_role_of_that_name_serves_no_one() {
 /// in for it at its first statement: the client whose login landed on the
 /// new `alice` is not served by it; it gets the FATAL that the clients of
 /// a retired pool with no backend left get (57P01, "renamed or
-/// re-created"), then an orderly close. Read off the wire: the `postgres`
-/// crate reported that FATAL as a closed connection in 5 of 6 runs here.
+/// re-created"), then an orderly close. So does a third client, waiting
+/// behind `max_pinned_backends` for a login the retired pool will never
+/// start (before: it waited for `query_wait_timeout`). Read off the wire:
+/// the `postgres` crate reported such a FATAL as a closed connection in 5
+/// of 6 runs here.
 #[test]
 fn a_dedicated_login_that_lands_on_the_new_role_of_that_name_is_refused() {
-    let pg = Cluster::builder().conf("nextgres.pool_mode = dedicated").conf("log_connections = on").start();
+    let pg = Cluster::builder()
+        .conf("nextgres.pool_mode = dedicated")
+        .conf("nextgres.max_pinned_backends = 2")
+        .conf("nextgres.query_wait_timeout = 60")
+        .conf("log_connections = on")
+        .start();
     exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE alice LOGIN");
     let mut admin = pg.admin();
     let mut first = pg.tcp("alice", "postgres").connect().expect("alice");
     first.batch_execute("SELECT 1").expect("first");
-    let port = pg.port();
-    let (second, mark) = rename_alice_while_a_pool_login_waits(&pg, &mut admin, move || {
-        let mut second = nextgres_test::raw::Raw::connect(port, "alice", "postgres", Duration::from_secs(20));
+    let raw = || nextgres_test::raw::Raw::connect(pg.port(), "alice", "postgres", Duration::from_secs(20));
+    let (mut second, mut third) = (raw(), raw());
+    let (clients, mark) = rename_alice_while_a_pool_login_waits(&pg, &mut admin, move || {
         second.send_query("SELECT session_user::text");
-        second.expect_fatal()
-    });
-    let (severity, code, ended) = second.join().expect("the new role's session served the old role's client");
-    assert_eq!((severity.as_str(), code.as_str()), ("FATAL", "57P01"));
-    assert_eq!(ended, std::io::ErrorKind::UnexpectedEof, "not an orderly close");
+        // Behind the second one's login, at the pool's cap of 2.
+        std::thread::sleep(Duration::from_millis(300));
+        third.send_query("SELECT session_user::text");
+        (second.expect_fatal(), third.expect_fatal())
+    }, pool_login_started);
+    let (second, third) = clients.join().expect("a client of the old role was served, or never told");
+    for (severity, code, ended) in [second, third] {
+        assert_eq!((severity.as_str(), code.as_str()), ("FATAL", "57P01"));
+        assert_eq!(ended, std::io::ErrorKind::UnexpectedEof, "not an orderly close");
+    }
     let session: String = first_value(&first.simple_query("SELECT session_user::text").expect("first goes on")).unwrap_or_default();
     assert_eq!(session, "alice_old");
+    assert_landed_elsewhere_once(&pg, mark);
+}
+
+/// The same for a replication client (physical, `replication=true`),
+/// whose walsender the pooler logs in by the role's name too: one that
+/// lands on the new `alice` (LOGIN REPLICATION) serves the client of the
+/// old role no WAL; the client gets FATAL 57P01 and an orderly close
+/// (before: it was ready, a walsender of the new role).
+#[test]
+fn a_walsender_login_that_lands_on_the_new_role_of_that_name_is_refused() {
+    let pg = Cluster::builder().conf("log_connections = on").start();
+    exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE alice LOGIN REPLICATION");
+    let mut admin = pg.admin();
+    let port = pg.port();
+    let (client, mark) = rename_alice_while_a_pool_login_waits(
+        &pg,
+        &mut admin,
+        move || {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+            pool_support::raw_startup(&mut s, &[("user", "alice"), ("database", "postgres"), ("replication", "true")])
+        },
+        // The pooler authenticated the client: its walsender login began.
+        |_, log| log.contains("connection authorized: user=alice"),
+    );
+    let (msgs, closed) = client.join().expect("replication client");
+    let last = msgs.last().expect("an answer");
+    assert_eq!(last.tag, b'E', "the client got a walsender of the new role: {:?}", msgs.iter().map(|m| m.tag as char).collect::<String>());
+    assert_eq!((last.field(b'S').as_deref(), last.field(b'C').as_deref()), (Some("FATAL"), Some("57P01")));
+    assert!(closed, "not closed after the FATAL");
     assert_landed_elsewhere_once(&pg, mark);
 }
 

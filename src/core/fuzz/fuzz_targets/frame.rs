@@ -67,6 +67,13 @@ fn bodies(body: &[u8], off: usize) {
         assert_eq!(single(&out, b'K'), body);
     }
 
+    if let Ok(pid) = proto::backend_key_data_pid(body) {
+        // Protocol 3.0 or 3.2: the same pid and key rebuild the body.
+        let mut out = Vec::new();
+        proto::backend_key_data_bytes(&mut out, pid, &body[4..]);
+        assert_eq!(single(&out, b'K'), body);
+    }
+
     if let Ok((mech, data)) = proto::parse_sasl_initial_response(body) {
         let mut out = Vec::new();
         proto::sasl_initial_response(&mut out, mech, data);

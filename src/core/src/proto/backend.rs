@@ -103,6 +103,19 @@ pub fn parse_sasl_initial_response(body: &[u8]) -> Result<(&str, &[u8]), ProtoEr
     Ok((mechanism, data))
 }
 
+/// The pid of a BackendKeyData body of protocol 3.0 (a 4-byte key) or 3.2
+/// (a key of up to 256 bytes; protocol.sgml, "BackendKeyData"), as a login
+/// in the client's protocol version sends it.
+///
+/// # Errors
+/// A body shorter than 8 or longer than 260 bytes.
+pub fn backend_key_data_pid(body: &[u8]) -> Result<i32, ProtoError> {
+    if !(8..=4 + 256).contains(&body.len()) {
+        return Err(format_error());
+    }
+    be_i32(body, 0).ok_or_else(format_error)
+}
+
 /// Parses a protocol 3.0 BackendKeyData body into (pid, key).
 pub fn parse_backend_key_data(body: &[u8]) -> Result<(i32, i32), ProtoError> {
     if body.len() != 8 {
@@ -245,6 +258,14 @@ mod tests {
         );
         assert!(parse_backend_key_data(&[0; 7]).is_err());
         assert!(parse_backend_key_data(&[0; 9]).is_err());
+        // Protocol 3.2: a 32-byte key (PostgreSQL 18's), up to 256.
+        let mut b = vec![0, 0, 0x30, 0x39];
+        b.extend_from_slice(&[7; 32]);
+        assert_eq!(backend_key_data_pid(&b).unwrap(), 12345);
+        assert_eq!(backend_key_data_pid(&[0, 0, 0, 1, 9, 9, 9, 9]).unwrap(), 1);
+        assert!(backend_key_data_pid(&[0; 7]).is_err());
+        assert!(backend_key_data_pid(&[0; 261]).is_err());
+        assert!(backend_key_data_pid(&[0; 260]).is_ok());
         assert_eq!(parse_parameter_status(b"a\0b\0").unwrap(), ("a", "b"));
         assert!(parse_parameter_status(b"a\0b").is_err());
         assert!(parse_parameter_status(b"a\0b\0c").is_err());

@@ -11,7 +11,7 @@ pub mod frame;
 pub mod startup;
 
 pub use backend::{
-    parse_auth_request, parse_backend_key_data, parse_negotiate_protocol_version,
+    parse_auth_request, backend_key_data_pid, parse_backend_key_data, parse_negotiate_protocol_version,
     parse_parameter_status, parse_ready_for_query, parse_sasl_initial_response, AuthRequest,
 };
 pub use build::*;
