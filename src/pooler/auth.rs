@@ -560,7 +560,7 @@ impl Pooler {
                 if let Some(c) = self.client(key) {
                     c.phase = Phase::Startup; // drops the lookup (and its secret)
                 }
-                self.dedicated_start(key, None, true, 0);
+                self.dedicated_start(key, None, true, (0, 0));
             }
             Step::Done(out, cred) => {
                 let local = self.client_local(key);
@@ -578,9 +578,9 @@ impl Pooler {
                     // authentication (role, database, REPLICATION
                     // attribute, max_wal_senders, settings).
                     c.log_login(&local, &session.info);
-                    let role_oid = session.info.role_oid;
+                    let identity = (session.info.role_oid, session.info.db_oid);
                     drop(session); // wipes the secret
-                    return self.dedicated_start(key, cred, false, role_oid);
+                    return self.dedicated_start(key, cred, false, identity);
                 }
                 if let Err(f) = self.login_checks(&session.info, &user, &database) {
                     return self.client_login_refused(key, &f, None);

@@ -362,39 +362,55 @@ impl Pooler {
     /// none of the pool's clients (they authenticated as the other, and it
     /// has that role's privileges). Checked here, at its ReadyForQuery and
     /// before it is handed anything, against the role and database its
-    /// PGPROC names (read by the agent: ProcArrayLock). A login whose pid
-    /// has no live backend (no BackendKeyData, or it ended) ends too. A login that differs ends (its control socket closed),
-    /// and so does the pool (retired: each later login by its names would
-    /// differ too); its clients wait for its remaining backends, or are
-    /// told when it has none. False when the backend is gone.
+    /// PGPROC names (read by the agent: ProcArrayLock). A login that
+    /// differs ends (its control socket closed), and so does the pool
+    /// (retired: each later login by its names would differ too); its
+    /// clients wait for its remaining backends, or are told when it has
+    /// none. A login without a BackendKeyData pid fails as a login (nothing
+    /// to check it by). False when the backend is gone.
     fn backend_login_is_the_pools(&mut self, key: usize) -> bool {
         use super::agent::Identity;
         let Some(b) = self.backend(key) else { return false };
         let (pool, pid, own) = (b.pool, b.pid, b.own);
         let Some(want) = self.pools.get(pool).map(|p| p.identity) else { return true };
-        let got = if pid > 0 { super::agent::backend_identity(pid) } else { Identity::Gone };
+        if pid <= 0 {
+            let f = ErrorFields {
+                severity: "FATAL".into(),
+                sqlstate: "08P01".into(),
+                message: "nextgres: the pool login sent no BackendKeyData the pooler could read".into(),
+                detail: None,
+                hint: None,
+            };
+            self.backend_gone(key, Some(f));
+            return false;
+        }
+        let (role, db) = match super::agent::backend_identity(pid) {
+            Identity::Of(role, db) => (role, db),
+            // It ended since its ReadyForQuery, before it was handed anyone.
+            Identity::Gone => {
+                self.backend_gone(key, None);
+                return false;
+            }
+            Identity::Unknown => {
+                log::warn!("pool login (pid {pid}): the agent's answer about its role was malformed; not checked");
+                return true;
+            }
+        };
         // Unknown (0) on either side is never a difference.
         let differs = |a: u32, b: u32| a != 0 && b != 0 && a != b;
-        let why = match got {
-            Identity::Of(role, db) if differs(want.0, role) || differs(want.1, db) => format!(
-                "found another role or database of those names (oids {role}/{db} instead of {}/{}): renamed, or dropped and re-created, meanwhile",
-                want.0, want.1
-            ),
-            // No BackendKeyData, or it ended since: not handed anyone.
-            Identity::Gone => "ended before it could be checked (no live backend has its BackendKeyData pid)".to_string(),
-            // The agent did not answer (it is ending, and the pooler with
-            // it): nothing to check with.
-            Identity::Of(..) | Identity::Unknown => return true,
-        };
+        if !differs(want.0, role) && !differs(want.1, db) {
+            return true;
+        }
         log::warn!(
-            "pool login (pid {pid}) for role \"{}\" and database \"{}\" {why}; it serves no client",
+            "pool login (pid {pid}) for role \"{}\" and database \"{}\" found another role or database of those names (oids {role}/{db} instead of {}/{}): renamed, or dropped and re-created, meanwhile; it serves no client",
             self.pools[pool].role,
-            self.pools[pool].database
+            self.pools[pool].database,
+            want.0,
+            want.1
         );
-        let renamed = matches!(got, Identity::Of(..));
         // A dedicated session's login: the client it was for is told.
-        let told = (own && renamed).then(|| super::handoff::renamed_fatal(&self.pools[pool].role));
-        if renamed && !self.pools[pool].retired {
+        let told = own.then(|| super::handoff::renamed_fatal(&self.pools[pool].role));
+        if !self.pools[pool].retired {
             self.pool_retire(pool);
         }
         self.backend_gone(key, told);

@@ -57,10 +57,11 @@ pub struct Dedicated {
     replay: Vec<u8>,
     /// The login's `session_authorization` ParameterStatus.
     session_user: Option<String>,
-    /// The oid of the role the client authenticated as (0: the server
-    /// authenticates it), and the login's pid (its BackendKeyData): a
-    /// login by the role's name after a rename is another role's session.
-    role_oid: u32,
+    /// The oids of the role and database the client authenticated as (0:
+    /// the server authenticates it; no database for a physical one), and
+    /// the login's pid (its BackendKeyData): a login by their names after
+    /// a rename is another role's or database's session.
+    identity: (u32, u32),
     pid: i32,
     inbuf: Vec<u8>,
     /// The server authenticates the client itself (no credential).
@@ -90,7 +91,7 @@ fn login_error(message: String) -> ErrorFields {
 impl Pooler {
     /// The client authenticated: start its walsender's login. With
     /// `server_auth`, the client has not authenticated: the server will.
-    pub fn dedicated_start(&mut self, key: usize, cred: Option<Credential>, server_auth: bool, role_oid: u32) {
+    pub fn dedicated_start(&mut self, key: usize, cred: Option<Credential>, server_auth: bool, identity: (u32, u32)) {
         let Some(c) = self.client(key) else { return };
         let repl = match c.replication {
             Replication::Physical => Some("true"),
@@ -152,7 +153,7 @@ impl Pooler {
             scram: None,
             replay: Vec::new(),
             session_user: None,
-            role_oid,
+            identity,
             pid: 0,
             inbuf: Vec::new(),
             server_auth,
@@ -308,24 +309,30 @@ impl Pooler {
         // By names, so after a rename (a new role of the old name) it may
         // be another role's: its PGPROC says which (read by the agent).
         use super::agent::Identity;
-        if d.role_oid != 0 {
-            let why = match super::agent::backend_identity(d.pid) {
-                Identity::Of(role, _) if role != d.role_oid => Some(format!(
-                    "found another role or database of those names (role oid {role} instead of {}): renamed, or dropped and re-created, meanwhile",
-                    d.role_oid
-                )),
-                Identity::Gone => Some("ended before it could be checked (no live backend has its BackendKeyData pid)".to_string()),
-                Identity::Of(..) | Identity::Unknown => None,
+        if d.identity != (0, 0) {
+            let differs = |a: u32, b: u32| a != 0 && b != 0 && a != b;
+            let refusal = match super::agent::backend_identity(d.pid) {
+                Identity::Of(role, db) if differs(d.identity.0, role) || differs(d.identity.1, db) => {
+                    log::warn!(
+                        "walsender login (pid {}) for client {} as role \"{}\" found another role or database of those names (oids {role}/{db} instead of {}/{}): renamed, or dropped and re-created, meanwhile; both closed",
+                        d.pid, c.addr, d.user, d.identity.0, d.identity.1
+                    );
+                    Some(super::handoff::renamed_fatal(&d.user))
+                }
+                // No pid, or it ended since its ReadyForQuery.
+                Identity::Gone => Some(login_error("nextgres: walsender login: the server closed the connection".into())),
+                Identity::Unknown => {
+                    log::warn!("walsender login (pid {}): the agent's answer about its role was malformed; not checked", d.pid);
+                    None
+                }
+                Identity::Of(..) => None,
             };
-            if let Some(why) = why {
-                log::warn!("walsender login (pid {}) for client {} as role \"{}\" {why}; both closed", d.pid, c.addr, d.user);
-                let f = super::handoff::renamed_fatal(&d.user);
+            if let Some(f) = refusal {
                 drop(d); // its walsender exits with our end closed
                 c.phase = Phase::Startup;
                 return self.client_fatal_fields(ck, &f);
             }
         }
-        let Some(c) = self.client(ck) else { return };
         let mut out = std::mem::take(&mut d.replay);
         proto::ready_for_query(&mut out, b'I');
         c.send(&out);

@@ -127,7 +127,7 @@ impl Pooler {
     /// A retired pool with no backend left cannot serve its waiting
     /// clients (a login by its names would be the new role's or
     /// database's): they get a FATAL and may reconnect. Nor can a retired
-    /// dedicated-mode pool serve a client waiting for a login of its own
+    /// pool serve a dedicated-mode client waiting for a login of its own
     /// beyond those under way (its backends serve their own clients only).
     pub fn pool_retired_check(&mut self, k: usize) {
         let Some(p) = self.pools.get(k) else { return };
@@ -136,9 +136,18 @@ impl Pooler {
         }
         let waiting: Vec<usize> = if p.backends == 0 {
             p.waiting.iter().chain(p.session_waiting.iter()).chain(p.login_pending.iter()).copied().collect()
-        } else if self.pool_mode_of(k) == nextgres_core::poolconf::Mode::Dedicated {
-            // The oldest are the ones the logins under way serve.
-            p.session_waiting.iter().skip(p.sessions_starting).copied().collect()
+        } else if !p.session_waiting.is_empty() {
+            // Dedicated-mode clients (whatever the pool's mode is now): only
+            // its own logins serve them, oldest first, and a retired pool
+            // starts none. Those under way, and own backends that logged
+            // in while it was paused (parked until resume), serve the
+            // oldest.
+            let idle_own = self
+                .conns
+                .iter()
+                .filter(|(_, c)| matches!(c, Conn::Backend(b) if b.pool == k && b.own && b.pinned_to.is_none() && matches!(b.phase, BPhase::Parked { .. })))
+                .count();
+            p.session_waiting.iter().skip(p.sessions_starting + idle_own).copied().collect()
         } else {
             return;
         };

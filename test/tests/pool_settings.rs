@@ -1399,14 +1399,18 @@ fn a_renamed_roles_backends_never_serve_the_new_role_of_that_name() {
 /// database of the pool's names.
 const LANDED_ELSEWHERE: &str = "found another role or database of those names";
 
+/// `pre_auth_delay` while a login is held, in seconds: room on a loaded
+/// machine for the login to start and the rename to commit within it.
+const HELD_S: u64 = 6;
+
 fn admin_query(admin: &mut postgres::Client, sql: &str) -> Vec<postgres::SimpleQueryMessage> {
     admin.simple_query(sql).expect(sql)
 }
 
 /// A role renamed while one of its pool's logins is under way: a pool
 /// login is by names, so one that the server authenticates after the rename
-/// is a session of the new role of that name. `pre_auth_delay` (3 s) holds
-/// the login that `start` makes the pooler begin (for a client of the old
+/// is a session of the new role of that name. `pre_auth_delay` holds
+/// (`HELD_S`) the login that `start` makes the pooler begin (for a client of the old
 /// role) before the server looks the name up; once `under_way` (given the
 /// admin session and the server log since `start`) says it began, `alice`
 /// is renamed to `alice_old` and a new `alice` (LOGIN REPLICATION)
@@ -1419,34 +1423,38 @@ fn rename_alice_while_a_pool_login_waits<T: Send + 'static>(
     start: impl FnOnce() -> T + Send + 'static,
     mut under_way: impl FnMut(&mut postgres::Client, &str) -> bool,
 ) -> (std::thread::JoinHandle<T>, usize) {
-    admin.batch_execute("ALTER SYSTEM SET pre_auth_delay = 3").expect("pre_auth_delay");
+    admin.batch_execute(&format!("ALTER SYSTEM SET pre_auth_delay = {HELD_S}")).expect("pre_auth_delay");
     admin.batch_execute("SELECT pg_reload_conf()").expect("reload");
     // The admin session reads the file after the postmaster, whose new
     // children inherit the delay.
     let mut delay = || first_value(&admin_query(admin, "SELECT current_setting('pre_auth_delay')")).unwrap_or_default();
-    assert!(wait_until(Duration::from_secs(10), || delay() == "3s"), "pre_auth_delay not applied");
+    assert!(wait_until(Duration::from_secs(10), || delay() == format!("{HELD_S}s")), "pre_auth_delay not applied");
     let mark = pg.log_mark();
     let started = Instant::now();
     let client = std::thread::spawn(start);
     // The login is under way, in its delay: it has not looked the name up
     // yet.
-    assert!(wait_until(Duration::from_secs(2), || under_way(admin, &pg.log_since(mark))), "no login started for the client");
+    assert!(wait_until(Duration::from_secs(HELD_S - 1), || under_way(admin, &pg.log_since(mark))), "no login started for the client");
     admin.batch_execute("ALTER ROLE alice RENAME TO alice_old; CREATE ROLE alice LOGIN REPLICATION").expect("rename");
     admin.batch_execute("ALTER SYSTEM RESET pre_auth_delay").expect("pre_auth_delay");
     admin.batch_execute("SELECT pg_reload_conf()").expect("reload");
-    // Past the delay (the login began before the rename), and time for a
-    // login storm to show.
-    std::thread::sleep(Duration::from_secs(5).saturating_sub(started.elapsed()) + Duration::from_millis(1500));
+    // Past the delay (the login began before the rename), until the
+    // pooler meets it (not at all on a build without the check), and time
+    // for a login storm to show.
+    std::thread::sleep(Duration::from_secs(HELD_S + 1).saturating_sub(started.elapsed()));
+    wait_until(Duration::from_secs(15), || pg.log_since(mark).contains(LANDED_ELSEWHERE));
+    std::thread::sleep(Duration::from_millis(1500));
     let landings = pg.log_since(mark).matches(LANDED_ELSEWHERE).count();
     assert!(landings <= 1, "the pool kept logging in by the renamed role's name; log:\n{}", pg.log_since(mark));
-    let new_alice: i64 = admin
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity a JOIN pg_roles r ON r.oid = a.usesysid WHERE r.rolname = 'alice' AND a.backend_type IN ('client backend', 'walsender')",
-            &[],
-        )
-        .expect("activity")
-        .get(0);
-    assert_eq!(new_alice, 0, "a session of the new alice outlived its login: {:?}", pg.activity());
+    let new_alice = |admin: &mut postgres::Client| {
+        first_value(&admin_query(
+            admin,
+            "SELECT count(*)::text FROM pg_stat_activity a JOIN pg_roles r ON r.oid = a.usesysid WHERE r.rolname = 'alice' AND a.backend_type IN ('client backend', 'walsender')",
+        ))
+        .as_deref()
+            == Some("0")
+    };
+    assert!(wait_until(Duration::from_secs(15), || new_alice(admin)), "a session of the new alice outlived its login: {:?}", pg.activity());
     (client, mark)
 }
 
@@ -1521,12 +1529,14 @@ fn a_dedicated_login_that_lands_on_the_new_role_of_that_name_is_refused() {
     let mut admin = pg.admin();
     let mut first = pg.tcp("alice", "postgres").connect().expect("alice");
     first.batch_execute("SELECT 1").expect("first");
-    let raw = || nextgres_test::raw::Raw::connect(pg.port(), "alice", "postgres", Duration::from_secs(20));
+    let raw = || nextgres_test::raw::Raw::connect(pg.port(), "alice", "postgres", Duration::from_secs(30));
     let (mut second, mut third) = (raw(), raw());
+    // Opened before pre_auth_delay holds new sessions.
+    let mut watch = pg.admin();
     let (clients, mark) = rename_alice_while_a_pool_login_waits(&pg, &mut admin, move || {
         second.send_query("SELECT session_user::text");
         // Behind the second one's login, at the pool's cap of 2.
-        std::thread::sleep(Duration::from_millis(300));
+        assert!(wait_until(Duration::from_secs(HELD_S - 1), || pool_login_started(&mut watch, "")), "no login for the second client");
         third.send_query("SELECT session_user::text");
         (second.expect_fatal(), third.expect_fatal())
     }, pool_login_started);
