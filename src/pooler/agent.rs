@@ -665,10 +665,12 @@ pub fn backend_identity(pid: i32) -> Identity {
     let mut req = vec![REQ_BACKEND_IDENTITY];
     req.extend_from_slice(&(pid as u32).to_ne_bytes());
     match call(&req).as_slice() {
-        [0, 1, rest @ ..] if rest.len() == 8 => {
-            let role = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]);
-            let db = u32::from_ne_bytes([rest[4], rest[5], rest[6], rest[7]]);
-            Identity::Of(role, db)
+        [0, 1, rest @ ..] => {
+            let mut r = Reader(rest);
+            match (r.u32(), r.u32()) {
+                (Some(role), Some(db)) if r.0.is_empty() => Identity::Of(role, db),
+                _ => Identity::Unknown,
+            }
         }
         [0, 0] => Identity::Gone,
         _ => Identity::Unknown,

@@ -374,13 +374,7 @@ impl Pooler {
         let (pool, pid, own) = (b.pool, b.pid, b.own);
         let Some(want) = self.pools.get(pool).map(|p| p.identity) else { return true };
         if pid <= 0 {
-            let f = ErrorFields {
-                severity: "FATAL".into(),
-                sqlstate: "08P01".into(),
-                message: "nextgres: the pool login sent no BackendKeyData the pooler could read".into(),
-                detail: None,
-                hint: None,
-            };
+            let f = login_error("08P01", "nextgres: the pool login sent no BackendKeyData the pooler could read".into(), None);
             self.backend_gone(key, Some(f));
             return false;
         }
@@ -396,9 +390,7 @@ impl Pooler {
                 return true;
             }
         };
-        // Unknown (0) on either side is never a difference.
-        let differs = |a: u32, b: u32| a != 0 && b != 0 && a != b;
-        if !differs(want.0, role) && !differs(want.1, db) {
+        if !nextgres_core::pool::identities_differ(want, (role, db)) {
             return true;
         }
         log::warn!(

@@ -310,9 +310,8 @@ impl Pooler {
         // be another role's: its PGPROC says which (read by the agent).
         use super::agent::Identity;
         if d.identity != (0, 0) {
-            let differs = |a: u32, b: u32| a != 0 && b != 0 && a != b;
             let refusal = match super::agent::backend_identity(d.pid) {
-                Identity::Of(role, db) if differs(d.identity.0, role) || differs(d.identity.1, db) => {
+                Identity::Of(role, db) if nextgres_core::pool::identities_differ(d.identity, (role, db)) => {
                     log::warn!(
                         "walsender login (pid {}) for client {} as role \"{}\" found another role or database of those names (oids {role}/{db} instead of {}/{}): renamed, or dropped and re-created, meanwhile; both closed",
                         d.pid, c.addr, d.user, d.identity.0, d.identity.1

@@ -29,8 +29,7 @@ impl Pooler {
         // (An oid of 0 is unknown, never a difference.)
         if let Some(&old) = self.pool_by_name.get(&name) {
             let had = self.pools[old].identity;
-            let differs = |a: u32, b: u32| a != 0 && b != 0 && a != b;
-            if differs(had.0, identity.0) || differs(had.1, identity.1) {
+            if nextgres_core::pool::identities_differ(had, identity) {
                 self.pool_retire(old);
             } else if had == (0, 0) {
                 self.pools[old].identity = identity;
@@ -739,11 +738,9 @@ pub fn send_all_with_fd(stream: &std::os::unix::net::UnixStream, msg: &[u8], fd:
 /// re-created under it before a backend of its own could be logged in: a
 /// login by its names would be another role's or database's session.
 pub fn renamed_fatal(role: &str) -> ErrorFields {
-    ErrorFields {
-        severity: "FATAL".into(),
-        sqlstate: "57P01".into(),
-        message: format!("terminating connection because role or database of this session was renamed or re-created (role \"{role}\")"),
-        detail: None,
-        hint: Some("Connect again.".into()),
-    }
+    super::client::fatal_fields(
+        "57P01",
+        &format!("terminating connection because role or database of this session was renamed or re-created (role \"{role}\")"),
+        Some("Connect again."),
+    )
 }

@@ -247,8 +247,27 @@ pub fn fair_slice(slice: std::time::Duration, waiting: i32, backends: i32) -> st
     std::time::Duration::ZERO
 }
 
+/// Do two (role oid, database oid) identities name different roles or
+/// databases? An oid of 0 is unknown, never a difference (a physical
+/// walsender has no database; a pool's identity may not be known yet).
+pub fn identities_differ(a: (u32, u32), b: (u32, u32)) -> bool {
+    let differs = |x: u32, y: u32| x != 0 && y != 0 && x != y;
+    differs(a.0, b.0) || differs(a.1, b.1)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn identities_differ_only_on_known_oids() {
+        use super::identities_differ;
+        assert!(!identities_differ((10, 5), (10, 5)));
+        assert!(identities_differ((10, 5), (11, 5)));
+        assert!(identities_differ((10, 5), (10, 6)));
+        assert!(!identities_differ((0, 0), (11, 6)));
+        assert!(!identities_differ((10, 0), (10, 6)));
+        assert!(identities_differ((10, 0), (11, 0)));
+    }
+
     use super::*;
 
     #[test]
