@@ -30,6 +30,23 @@ pub struct Header {
     pub pools_cap: u32,
     pub clients_cap: u32,
     pub backends_cap: u32,
+    /// 1 once a backend could not take a socket with `pidfd_getfd(2)`
+    /// (refused by the kernel's ptrace rules or a seccomp filter): the
+    /// pooler sends clients ahead on the control socket again
+    /// (`attach_slots_usable`).
+    pub attach_slots_off: AtomicI32,
+    /// `nextgres.kernel_queue` at server start: a kernel queue row per
+    /// client row follows the ATTACH slots.
+    pub kq_rows: bool,
+    /// Where the kernel queue's fixed descriptor numbers start
+    /// (`nextgres_core::kq::fd_base`), set by the pooler at its start; 0:
+    /// no kernel queue.
+    pub kq_fd_base: AtomicI32,
+    // Read-mostly above, by every backend at each transaction (`kq_row`
+    // checks `kq_rows` and the caps): kept away from `ring_pushes` and
+    // `pooler_sleeps`, written at every handoff-path release and every
+    // pooler sleep, whose cache line would otherwise travel to each core
+    // that reads them (`conf` and `ops` lie between).
     /// Databases a backend is about to drop (or rename, or copy as a
     /// template): the pooler closes their pools' backends. Written by that
     /// backend under the lock, cleared by it when the command ends.
@@ -57,18 +74,6 @@ pub struct Header {
     /// 1 while the pooler sleeps: the first backend that then leaves an
     /// entry in its ring sets it to 0 and wakes the pooler (RING_MARK).
     pub pooler_sleeps: AtomicI32,
-    /// 1 once a backend could not take a socket with `pidfd_getfd(2)`
-    /// (refused by the kernel's ptrace rules or a seccomp filter): the
-    /// pooler sends clients ahead on the control socket again
-    /// (`attach_slots_usable`).
-    pub attach_slots_off: AtomicI32,
-    /// `nextgres.kernel_queue` at server start: a kernel queue row per
-    /// client row follows the ATTACH slots.
-    pub kq_rows: bool,
-    /// Where the kernel queue's fixed descriptor numbers start
-    /// (`nextgres_core::kq::fd_base`), set by the pooler at its start; 0:
-    /// no kernel queue.
-    pub kq_fd_base: AtomicI32,
 }
 
 /// A client row's place in the kernel queue (`nextgres_core::kq`).
@@ -90,11 +95,16 @@ pub struct KqRow {
     pub slot: AttachSlot,
 }
 
-/// A pool's kernel queue counters: what its backends did for queued
-/// clients, added by them (the pooler adds them to the pool's row).
+/// What backends did for a pool's queued clients (`nextgres.pools` adds
+/// them to the pooler's own counts). Each backend adds to its own row's
+/// (`KqBackend::counters`): one writer per cache line, where one shared
+/// line written at every transaction travelled between all the pool's
+/// cores (BENCHMARKS.md, session 34). The pooler sums a pool's backends'
+/// rows and, as a backend goes, moves its counts into the pool's
+/// `KqPool::gone`.
 #[repr(C, align(64))]
 #[derive(Default)]
-pub struct KqPool {
+pub struct KqCounters {
     pub xacts: AtomicU64,
     pub queries: AtomicU64,
     pub query_us: AtomicU64,
@@ -104,9 +114,26 @@ pub struct KqPool {
     /// Queued clients whose query was already waiting when a backend came
     /// to the queue (it took it without waiting itself): the pool's waits.
     pub waits: AtomicU64,
-    /// When a backend last took such a client (TimestampTz, µs; 0: never),
-    /// stored at most once a millisecond: backends keep no idle client
-    /// (`hold_idle_clients`) while it is recent, as on the handoff path.
+}
+
+impl KqCounters {
+    /// (xacts, queries, query_us, bytes_sent, xact_us, waits), in that order.
+    pub fn all(&self) -> [&AtomicU64; 6] {
+        [&self.xacts, &self.queries, &self.query_us, &self.bytes_sent, &self.xact_us, &self.waits]
+    }
+}
+
+/// A pool's kernel queue words.
+#[repr(C, align(64))]
+#[derive(Default)]
+pub struct KqPool {
+    /// The counts of its backends that are gone (written by the pooler).
+    pub gone: KqCounters,
+    /// When a backend last took a client whose query waited (TimestampTz,
+    /// µs; 0: never), stored at most once a millisecond: backends keep no
+    /// idle client (`hold_idle_clients`) while it is recent, as on the
+    /// handoff path. Read at every boundary, so on a line of its own that
+    /// stays shared.
     pub waited_at: std::sync::atomic::AtomicI64,
 }
 
@@ -126,9 +153,13 @@ pub struct KqBackend {
     /// by the backend. The pooler closes one idle past
     /// `idle_backend_timeout`, as a parked one.
     pub idle_since: std::sync::atomic::AtomicI64,
+    /// What this backend did for its pool's queued clients; written by it
+    /// alone, read by the pooler (`KqCounters`).
+    pub counters: KqCounters,
 }
 
 const _: () = assert!(size_of::<KqRow>() % 64 == 0);
+const _: () = assert!(size_of::<KqPool>() % 64 == 0 && size_of::<KqBackend>() % 64 == 0);
 
 pub const OP_SLOTS: usize = 64;
 pub const OP_FREE: u8 = 0;
@@ -475,7 +506,7 @@ impl Tables {
         Some(unsafe { &*self.base.add(off).cast::<KqRow>() })
     }
 
-    /// The kernel queue counters of pool row `row`.
+    /// The kernel queue words of pool row `row`.
     pub fn kq_pool(&self, row: usize) -> Option<&KqPool> {
         let h = self.header();
         if !h.kq_rows || row >= h.pools_cap as usize {
@@ -495,7 +526,7 @@ impl Tables {
         }
         let end = self.kq_pool(0)? as *const KqPool as usize + h.pools_cap as usize * size_of::<KqPool>();
         // SAFETY: inside the segment after the KqPools (`layout`), aligned
-        // (a KqPool is 64 bytes), zeroed; all atomics.
+        // (a KqPool's size is a multiple of 64), zeroed; all atomics.
         Some(unsafe { &*((end + row * size_of::<KqBackend>()) as *const KqBackend) })
     }
 

@@ -4,8 +4,8 @@
 //! transaction, and at ReadyForQuery(I) writes the client's ATTACH (its
 //! session image as this backend leaves it) to the client's slot and
 //! re-arms it in the queue, then takes the next ready one. No word to the
-//! pooler per transaction; its counters go to the pool's shared
-//! `KqPool`.
+//! pooler per transaction; it counts them in its own shared row
+//! (`shmem::KqCounters`).
 //!
 //! The client's socket is duplicated from the pooler (`pidfd_getfd`) and
 //! held at the pooler's own number for it (`dup3`), so that this backend's
@@ -227,19 +227,23 @@ impl Queue {
         super::park::write_all(control, &super::ring::marked(Some(self.row as usize), &msg));
     }
 
-    /// The served client's transaction ended (ReadyForQuery(I)): its
-    /// counters go to the pool's (`KqPool`), its time from `s.since`.
+    /// The served client's transaction ended (ReadyForQuery(I)): counted in
+    /// this backend's row (`KqBackend::counters`), its time from `s.since`.
     /// At once, not in batches: the pooler publishes them when a client
     /// leaves, and `nextgres.pools` must then count its last transactions
     /// (a batched version missed them: BENCHMARKS.md, session 34).
     pub fn count(&self, s: &mut Served, queries: u64, query_us: u64, bytes_sent: u64) {
         let Some(t) = crate::shmem::tables() else { return };
-        if let Some(p) = t.kq_pool(self.pool_row) {
-            p.xacts.fetch_add(1, Ordering::Relaxed);
-            p.queries.fetch_add(queries, Ordering::Relaxed);
-            p.query_us.fetch_add(query_us, Ordering::Relaxed);
-            p.bytes_sent.fetch_add(bytes_sent, Ordering::Relaxed);
-            p.xact_us.fetch_add(s.since.elapsed().as_micros() as u64, Ordering::Relaxed);
+        if let Some(h) = t.kq_backend(self.row as usize) {
+            // Its own row's line, which no other backend writes, so it
+            // stays in this core's cache. Atomic adds all the same: the
+            // pooler zeroes it (reset_stats) or moves it to the pool's.
+            let c = &h.counters;
+            c.xacts.fetch_add(1, Ordering::Relaxed);
+            c.queries.fetch_add(queries, Ordering::Relaxed);
+            c.query_us.fetch_add(query_us, Ordering::Relaxed);
+            c.bytes_sent.fetch_add(bytes_sent, Ordering::Relaxed);
+            c.xact_us.fetch_add(s.since.elapsed().as_micros() as u64, Ordering::Relaxed);
         }
         s.since = std::time::Instant::now();
     }
@@ -366,8 +370,10 @@ impl Queue {
     /// waited for a backend (counted in the pool's `waits`).
     pub fn count_wait(&self) {
         let Some(t) = crate::shmem::tables() else { return };
+        if let Some(h) = t.kq_backend(self.row as usize) {
+            h.counters.waits.fetch_add(1, Ordering::Relaxed);
+        }
         if let Some(p) = t.kq_pool(self.pool_row) {
-            p.waits.fetch_add(1, Ordering::Relaxed);
             // Every backend of a saturated pool comes here at each
             // transaction: a store only when the mark is a millisecond old
             // keeps the line mostly shared.

@@ -402,7 +402,11 @@ fn read_control(p: &mut Parking) -> bool {
 const EMFILE_MSG: &str = "could not receive the client socket from the pooler: too many open files in this backend (the descriptor was dropped)";
 
 /// One read of the control socket into `inbuf`, a passed socket into `fds`
-/// (`NO_FD` in its place when this backend could not receive it).
+/// (`NO_FD` in its place when this backend could not receive it). Never
+/// inlined: its buffer would sit in the frame of `transaction_boundary`,
+/// whose stack probes then touch pages no other code uses at every
+/// transaction (a cache miss each on a busy machine; perf, session 37).
+#[inline(never)]
 fn read_some(p: &mut Parking, flags: nix::sys::socket::MsgFlags) -> nix::Result<usize> {
     let mut buf = [0u8; READ_CHUNK];
     let (n, fd, truncated) = recv_control(p.control, &mut buf, flags)?;

@@ -193,24 +193,29 @@ ng_capture_error(MemoryContext cxt, NgError *err)
  * databaseId, each stored once during its InitPostgres, before its first
  * ReadyForQuery): the pooler checks a pool login by the pid of its
  * BackendKeyData, through the agent (ProcArrayLock needs a PGPROC). Read
- * under the lock, so the PGPROC is that pid's. false when no backend has
- * that pid.
+ * under the lock, so the PGPROC is that pid's. 1: found; 0: no backend has
+ * that pid; -1: refused, this process has no PGPROC (the pooler). An LWLock
+ * wait without a PGPROC is a PANIC (lwlock.c), and it waits only under
+ * contention: refusing every time makes a wrong caller fail in every test
+ * instead of once in production.
  */
-bool
+int
 ng_backend_identity(int pid, uint32 *role, uint32 *db)
 {
 	PGPROC	   *proc;
-	bool		found = false;
+	int			found = 0;
 
+	if (MyProc == NULL)
+		return -1;
 	if (pid <= 0)
-		return false;
+		return 0;
 	LWLockAcquire(ProcArrayLock, LW_SHARED);
 	proc = BackendPidGetProcWithLock(pid);
 	if (proc != NULL)
 	{
 		*role = proc->roleId;
 		*db = proc->databaseId;
-		found = true;
+		found = 1;
 	}
 	LWLockRelease(ProcArrayLock);
 	return found;

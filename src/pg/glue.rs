@@ -133,7 +133,7 @@ extern "C" {
     fn ng_server_has_direct_tls() -> bool;
     fn ng_server_protocol(newest_minor: *mut c_int, max_cancel_key: *mut c_int);
     fn ng_port_sock() -> c_int;
-    fn ng_backend_identity(pid: c_int, role: *mut u32, db: *mut u32) -> bool;
+    fn ng_backend_identity(pid: c_int, role: *mut u32, db: *mut u32) -> c_int;
     fn ng_recv_buffer_empty() -> bool;
     fn ng_consume_buffered_terminate() -> bool;
     fn ng_febe_attach();
@@ -223,13 +223,23 @@ pub fn port_sock() -> i32 {
 /// The role and database (oids) the live backend with this pid logged in
 /// as, from its PGPROC (`roleId`, `databaseId`: set during InitPostgres,
 /// before its first ReadyForQuery; miscinit.c `InitializeSessionUserId`,
-/// postinit.c). None when no backend has that pid (it ended). Takes
+/// postinit.c). `Ok(None)` when no backend has that pid (it ended). Takes
 /// ProcArrayLock: the agent only (`pooler::agent::backend_identity`).
-pub fn backend_identity(pid: i32) -> Option<(u32, u32)> {
+/// `Err(NoPgproc)` in a process without a PGPROC (the pooler), always,
+/// not only when the lock is contended (a wait there is a PANIC).
+pub fn backend_identity(pid: i32) -> Result<Option<(u32, u32)>, NoPgproc> {
     let (mut role, mut db) = (0u32, 0u32);
     // SAFETY: plain out-parameters; the C side takes ProcArrayLock itself.
-    unsafe { ng_backend_identity(pid, &mut role, &mut db) }.then_some((role, db))
+    match unsafe { ng_backend_identity(pid, &mut role, &mut db) } {
+        1 => Ok(Some((role, db))),
+        0 => Ok(None),
+        _ => Err(NoPgproc),
+    }
 }
+
+/// A shared-memory lock was asked for in a process with no PGPROC.
+#[derive(Debug)]
+pub struct NoPgproc;
 
 /// True when libpq's receive buffer holds no unread (pipelined) input.
 pub fn recv_buffer_empty() -> bool {

@@ -150,12 +150,17 @@ pub fn take_statements() -> Taken {
     }
 }
 
-pub fn switch_begin(discard: bool) -> Result<(), NgError> {
+// The session-switch calls below return their error boxed and are never
+// inlined: an NgError is 1.5 KB, and inlined into the transaction boundary
+// each one enlarged its stack frame (probed page by page at every
+// transaction; perf, session 37).
+#[inline(never)]
+pub fn switch_begin(discard: bool) -> Result<(), Box<NgError>> {
     let mut err = NgError::new();
     if unsafe { ng_switch_begin(discard, &mut err) } {
         Ok(())
     } else {
-        Err(err)
+        Err(Box::new(err))
     }
 }
 
@@ -169,7 +174,8 @@ pub fn switch_setting(name: &str, value: &str, from_startup: bool) -> bool {
 
 /// Creates one of the client's statements on this backend, unanalyzed: the
 /// server revalidates it at its first use (see ng_create_statement).
-pub fn create_statement(st: &Statement) -> Result<(), NgError> {
+#[inline(never)]
+pub fn create_statement(st: &Statement) -> Result<(), Box<NgError>> {
     let (n, t) = (cbytes(&st.name), cbytes(&st.text));
     let mut err = NgError::new();
     let ok = unsafe {
@@ -187,19 +193,20 @@ pub fn create_statement(st: &Statement) -> Result<(), NgError> {
     if ok {
         Ok(())
     } else {
-        Err(err)
+        Err(Box::new(err))
     }
 }
 
 /// Drops this backend's named prepared statement `name` (as DEALLOCATE,
 /// or DISCARD ALL for that one statement); none by that name is no error.
-pub fn drop_statement(name: &[u8]) -> Result<(), NgError> {
+#[inline(never)]
+pub fn drop_statement(name: &[u8]) -> Result<(), Box<NgError>> {
     let n = cbytes(name);
     let mut err = NgError::new();
     if unsafe { ng_drop_statement(n.as_ptr(), &mut err) } {
         Ok(())
     } else {
-        Err(err)
+        Err(Box::new(err))
     }
 }
 
@@ -439,12 +446,13 @@ pub fn switch_light() -> bool {
     unsafe { ng_switch_light() }
 }
 
-pub fn switch_end() -> Result<(), NgError> {
+#[inline(never)]
+pub fn switch_end() -> Result<(), Box<NgError>> {
     let mut err = NgError::new();
     if unsafe { ng_switch_end(&mut err) } {
         Ok(())
     } else {
-        Err(err)
+        Err(Box::new(err))
     }
 }
 

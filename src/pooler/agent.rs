@@ -325,13 +325,17 @@ fn answer(req: &[u8], reader: &mut Option<DynamicBackgroundWorker>) -> Vec<u8> {
         REQ_BACKEND_IDENTITY => {
             let Some(pid) = r.u32() else { return vec![2] };
             match glue::backend_identity(pid as i32) {
-                Some((role, db)) => {
+                Ok(Some((role, db))) => {
                     let mut v = vec![0, 1];
                     v.extend_from_slice(&role.to_ne_bytes());
                     v.extend_from_slice(&db.to_ne_bytes());
                     v
                 }
-                None => vec![0, 0],
+                Ok(None) => vec![0, 0],
+                Err(glue::NoPgproc) => {
+                    log::error!("nextgres: backend identity asked in a process with no PGPROC (a bug); refused");
+                    vec![2]
+                }
             }
         }
         REQ_READER_RUNNING => {
@@ -655,7 +659,7 @@ pub enum Identity {
     Of(u32, u32),
     /// No live backend has that pid.
     Gone,
-    /// The agent did not answer.
+    /// The agent could not tell (a malformed or refused answer: a bug).
     Unknown,
 }
 

@@ -366,8 +366,9 @@ impl Pooler {
     /// differs ends (its control socket closed), and so does the pool
     /// (retired: each later login by its names would differ too); its
     /// clients wait for its remaining backends, or are told when it has
-    /// none. A login without a BackendKeyData pid fails as a login (nothing
-    /// to check it by). False when the backend is gone.
+    /// none. A login without a BackendKeyData pid, or whose PGPROC the agent
+    /// could not read, fails as a login (nothing to check it by). False when
+    /// the backend is gone.
     fn backend_login_is_the_pools(&mut self, key: usize) -> bool {
         use super::agent::Identity;
         let Some(b) = self.backend(key) else { return false };
@@ -385,9 +386,11 @@ impl Pooler {
                 self.backend_gone(key, None);
                 return false;
             }
+            // Unchecked is unsafe to hand anyone: it fails as a login.
             Identity::Unknown => {
-                log::warn!("pool login (pid {pid}): the agent's answer about its role was malformed; not checked");
-                return true;
+                let f = login_error("XX000", format!("nextgres: the pool login's role (pid {pid}) could not be checked"), None);
+                self.backend_gone(key, Some(f));
+                return false;
             }
         };
         if !nextgres_core::pool::identities_differ(want, (role, db)) {
@@ -469,6 +472,7 @@ impl Pooler {
         };
         let Some(Conn::Backend(b)) = self.conn_take(key) else { return };
         conn::remove(&self.epoll, &b.stream);
+        self.kq_backend_counted(b.pool, b.row);
         self.backend_row_free(b.row);
         let pool = b.pool;
         if let Some(p) = self.pools.get_mut(pool) {

@@ -320,10 +320,8 @@ impl Pooler {
                 }
                 // No pid, or it ended since its ReadyForQuery.
                 Identity::Gone => Some(login_error("nextgres: walsender login: the server closed the connection".into())),
-                Identity::Unknown => {
-                    log::warn!("walsender login (pid {}): the agent's answer about its role was malformed; not checked", d.pid);
-                    None
-                }
+                // Unchecked is unsafe to hand the client.
+                Identity::Unknown => Some(login_error(format!("nextgres: walsender login: its role (pid {}) could not be checked", d.pid))),
                 Identity::Of(..) => None,
             };
             if let Some(f) = refusal {

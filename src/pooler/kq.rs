@@ -82,6 +82,9 @@ struct PoolQueue {
     ep: nix::sys::epoll::Epoll,
     /// Backends lent to it (keys).
     lent: Vec<usize>,
+    /// Shared rows of the backends ever lent to it and not gone: their
+    /// counters are the pool's (`shmem::KqCounters`).
+    counted: Vec<usize>,
 }
 
 impl Pooler {
@@ -149,12 +152,10 @@ impl Pooler {
     /// Pool `pool` is freed (no client or backend left): its queue closes,
     /// so the next pool in its row makes its own.
     pub fn kq_pool_freed(&mut self, pool: usize) {
-        self.kq.pools.remove(&pool);
         self.kq.demand.remove(&pool);
         // Its counters are not the next pool's.
-        if let Some(row) = self.pools.get(pool).map(|p| p.row) {
-            self.kq_reset_counters(row);
-        }
+        self.kq_reset_counters(pool);
+        self.kq.pools.remove(&pool);
     }
 
     /// The pool's queue, created at its fixed number on first use.
@@ -170,7 +171,7 @@ impl Pooler {
             nix::unistd::dup3(ep.as_raw_fd(), number, nix::fcntl::OFlag::O_CLOEXEC).ok()?;
             // SAFETY: dup3 just made `number` a descriptor of ours.
             let ep = nix::sys::epoll::Epoll(unsafe { OwnedFd::from_raw_fd(number) });
-            self.kq.pools.insert(pool, PoolQueue { ep, lent: Vec::new() });
+            self.kq.pools.insert(pool, PoolQueue { ep, lent: Vec::new(), counted: Vec::new() });
         }
         self.kq.pools.get_mut(&pool)
     }
@@ -394,8 +395,32 @@ impl Pooler {
         });
         if let Some(q) = self.kq.pools.get_mut(&pool) {
             q.lent.push(bk);
+            if !q.counted.contains(&row) {
+                // Whatever a row's last backend left there is not this one's
+                // (moved out as it went; a count written after that, or by
+                // a pooler before a restart, is dropped).
+                if let Some(h) = self.tables.kq_backend(row) {
+                    h.counters.all().iter().for_each(|a| a.store(0, std::sync::atomic::Ordering::Relaxed));
+                }
+                q.counted.push(row);
+            }
         }
         true
+    }
+
+    /// Backend `bk` (shared row `brow`) is gone: what it counted for its
+    /// pool's queue moves to the pool's `KqPool::gone`, so the next backend
+    /// in its row starts from 0 and the pool's totals stay.
+    pub fn kq_backend_counted(&mut self, pool: usize, brow: usize) {
+        let Some(q) = self.kq.pools.get_mut(&pool) else { return };
+        let Some(i) = q.counted.iter().position(|&r| r == brow) else { return };
+        q.counted.swap_remove(i);
+        let Some(prow) = self.pools.get(pool).map(|p| p.row) else { return };
+        let (Some(h), Some(k)) = (self.tables.kq_backend(brow), self.tables.kq_pool(prow)) else { return };
+        use std::sync::atomic::Ordering::Relaxed;
+        for (from, to) in h.counters.all().into_iter().zip(k.gone.all()) {
+            to.fetch_add(from.swap(0, Relaxed), Relaxed);
+        }
     }
 
     /// Asks a lent backend back (`KQ_RECALL`); it answers `KQ_PARKED`.
@@ -874,23 +899,41 @@ impl Pooler {
         }
     }
 
-    /// `nextgres.reset_stats()`: the queue counters of pool row `row` to 0.
-    pub fn kq_reset_counters(&self, row: usize) {
-        let Some(k) = self.tables.kq_pool(row) else { return };
+    /// `nextgres.reset_stats()`, or the pool freed: its queue counters
+    /// (its backends' and its gone ones') to 0.
+    pub fn kq_reset_counters(&self, pool: usize) {
         use std::sync::atomic::Ordering::Relaxed;
-        for a in [&k.xacts, &k.queries, &k.query_us, &k.bytes_sent, &k.xact_us, &k.waits] {
-            a.store(0, Relaxed);
+        let Some(prow) = self.pools.get(pool).map(|p| p.row) else { return };
+        if let Some(k) = self.tables.kq_pool(prow) {
+            k.gone.all().iter().for_each(|a| a.store(0, Relaxed));
+        }
+        for &brow in self.kq.pools.get(&pool).map_or(&[][..], |q| &q.counted[..]) {
+            if let Some(h) = self.tables.kq_backend(brow) {
+                h.counters.all().iter().for_each(|a| a.store(0, Relaxed));
+            }
         }
     }
 
-    /// Counters of the pool's queue: (xacts, queries, query_us, bytes_sent, xact_us, waits).
-    pub fn kq_counters(&self, pool_row: usize) -> Option<[i64; 6]> {
+    /// Counters of the pool's queue, its backends' summed with its gone
+    /// ones': (xacts, queries, query_us, bytes_sent, xact_us, waits).
+    pub fn kq_counters(&self, pool: usize) -> Option<[i64; 6]> {
         if self.kq.base == 0 {
             return None;
         }
-        let k = self.tables.kq_pool(pool_row)?;
         use std::sync::atomic::Ordering::Relaxed;
-        let v = |a: &std::sync::atomic::AtomicU64| a.load(Relaxed).min(i64::MAX as u64) as i64;
-        Some([v(&k.xacts), v(&k.queries), v(&k.query_us), v(&k.bytes_sent), v(&k.xact_us), v(&k.waits)])
+        let prow = self.pools.get(pool)?.row;
+        let mut sum = [0u64; 6];
+        let mut add = |c: &crate::shmem::KqCounters| {
+            for (s, a) in sum.iter_mut().zip(c.all()) {
+                *s = s.wrapping_add(a.load(Relaxed));
+            }
+        };
+        add(&self.tables.kq_pool(prow)?.gone);
+        for &brow in self.kq.pools.get(&pool).map_or(&[][..], |q| &q.counted[..]) {
+            if let Some(h) = self.tables.kq_backend(brow) {
+                add(&h.counters);
+            }
+        }
+        Some(sum.map(|v| v.min(i64::MAX as u64) as i64))
     }
 }

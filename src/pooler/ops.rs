@@ -98,8 +98,7 @@ impl Pooler {
                     p.bytes_sent = 0;
                     p.bytes_received = 0;
                     p.attaches_ahead = 0;
-                    let row = p.row;
-                    self.kq_reset_counters(row);
+                    self.kq_reset_counters(k);
                     self.sync_pool(k);
                     continue;
                 }

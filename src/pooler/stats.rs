@@ -61,7 +61,7 @@ impl Pooler {
         let (size, session) = (self.pool_size_of(pool) as i32, self.pool_session_mode(pool));
         let dedicated_mode = self.pool_mode_of(pool) == nextgres_core::poolconf::Mode::Dedicated;
         // What backends did for clients of its kernel queue.
-        let [kx, kq, kqu, kb, kxu, kw] = self.kq_counters(p.row).unwrap_or_default();
+        let [kx, kq, kqu, kb, kxu, kw] = self.kq_counters(pool).unwrap_or_default();
         // As `shmem::pool_outnumbered` reads the row (backends keeping an
         // idle client watch the queue only while it says so).
         let outnumbered = |r: &shmem::PoolRow| r.clients_idle + r.clients_active + r.clients_waiting > r.backends_attached + r.backends_parked;

@@ -553,6 +553,28 @@ fn stats_agree_with_pgbench_and_reset() {
     assert_eq!(q, xacts, "-S: one statement per transaction\n{out}");
     let own = q - sum.processed as i64;
     assert!((0..=2).contains(&own), "queries {q} vs pgbench's processed {} (+ at most 2 of its own):\n{out}", sum.processed);
+    let kq = pg
+        .admin()
+        .query_one("SELECT kernel_queue_transactions FROM nextgres.pools WHERE role = 'app'", &[])
+        .expect("pools")
+        .get::<_, i64>(0);
+    assert!(kq > 0, "no transaction went through the kernel queue: the check below would not cover its counts");
+
+    // Backends count their queued clients' transactions in their own rows:
+    // a backend that ends leaves its counts to the pool. An idle client
+    // keeps the pool while all its backends are terminated.
+    let _holder = pg.tcp("app", "postgres").connect().expect("holder");
+    let before = stats().0;
+    pg.admin()
+        .simple_query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'app'")
+        .expect("terminate");
+    let gone = wait_until(Duration::from_secs(10), || {
+        pg.admin()
+            .query_one("SELECT backends_parked + backends_attached + backends_starting FROM nextgres.pools WHERE role = 'app'", &[])
+            .is_ok_and(|r| r.get::<_, i32>(0) == 0)
+    });
+    assert!(gone, "the pool's backends did not end");
+    assert_eq!(stats().0, before, "transactions counted by backends that ended were lost");
 }
 
 /// `nextgres.kill_client(client_addr, client_port)` (as `nextgres.clients`

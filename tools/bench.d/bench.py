@@ -376,6 +376,10 @@ class Bench:
         }
         if self.tls:
             self.pg_settings.update(ssl="on", ssl_cert_file=f"'{self.tls[0]}'", ssl_key_file=f"'{self.tls[1]}'")
+        # --set: the run's own settings last, so they win (and the report's
+        # settings block shows them).
+        for name, value in a.settings:
+            self.pg_settings[name] = value
         with open(os.path.join(self.data, "postgresql.conf"), "a") as f:
             f.write("\n# tools/bench\n")
             for k, v in self.pg_settings.items():
@@ -1149,6 +1153,10 @@ def parse_args(argv):
     ap.add_argument("--so-sha", dest="so_sha", default="")
     ap.add_argument("--so-path", dest="so_path", default="")
     ap.add_argument("--base-port", type=int, default=25432)
+    ap.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE",
+                    help="a server setting for the run, repeatable (e.g. nextgres.backend_batch_scheduling=off: "
+                         "an A/B of a nextgres setting on a lent machine needs no rebuild); nextgres.* settings "
+                         "stay off the cluster without nextgres")
     ap.add_argument("--jobs", type=int, default=2,
                     help="pgbench threads (-j) per run, at most one per client (default 2: this project's 2-core machine)")
     a = ap.parse_args(argv)
@@ -1161,6 +1169,12 @@ def parse_args(argv):
         elif not x.startswith(internal):
             shown.append(x)
     a.argv = shown
+    try:
+        a.settings = [tuple(x.split("=", 1)) for x in a.settings]
+        if any(not n.strip() for n, _ in a.settings):
+            raise ValueError
+    except ValueError:
+        ap.error("--set takes NAME=VALUE")
     q = a.quick
     a.rounds = a.rounds or (1 if q else 3)
     a.duration = a.duration or (1 if q else 6)
