@@ -574,6 +574,7 @@ impl Pooler {
             BPhase::Parked { .. } => {}
         }
         self.pool_maybe_grow(pool);
+        self.kq_unserved_take_back(pool);
         self.sync_pool(pool);
     }
 

@@ -119,6 +119,7 @@ impl Pooler {
                 continue;
             }
             self.backend_close(k);
+            self.kq_unserved_take_back(pool);
         }
         // Attached past their lifetime give their client back at their next
         // transaction boundary and close there (backend_available).

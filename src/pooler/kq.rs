@@ -282,6 +282,8 @@ impl Pooler {
         self.client_set_state(ck, ClientState::Idle, 0);
         if let Some(p) = self.pools.get_mut(pool) {
             p.queued += 1;
+            // Its query is in the socket: demand until the next look.
+            p.queued_fresh += 1;
         }
         self.pool_maybe_grow(pool);
         self.sync_pool(pool);
@@ -354,6 +356,7 @@ impl Pooler {
         c.phase = Phase::Idle;
         if let Some(p) = pool.and_then(|p| self.pools.get_mut(p)) {
             p.queued = p.queued.saturating_sub(1);
+            p.queued_fresh = p.queued_fresh.min(p.queued);
         }
     }
 
@@ -377,6 +380,22 @@ impl Pooler {
         }
         let pool_row = self.pools.get(pool).map_or(0, |p| p.row as u32);
         let Some(b) = self.backend(bk) else { return false };
+        let row = b.row;
+        // Its counter row is the pool's before the backend can count in it
+        // (it may take a client the moment KQ_LEND arrives). Whatever the
+        // row's last backend left there is not this one's (moved out as it
+        // went; a count written after that, or under a pooler before a
+        // restart, is dropped). Listed even if the lend fails below: its
+        // counts stay the pool's until it ends.
+        if let Some(q) = self.kq.pools.get_mut(&pool) {
+            if !q.counted.contains(&row) {
+                if let Some(h) = self.tables.kq_backend(row) {
+                    h.counters.all().iter().for_each(|a| a.store(0, std::sync::atomic::Ordering::Relaxed));
+                }
+                q.counted.push(row);
+            }
+        }
+        let Some(b) = self.backend(bk) else { return false };
         let mut msg = Vec::with_capacity(9);
         control::write_kq_lend(&mut msg, pool_row);
         use std::io::Write;
@@ -387,7 +406,6 @@ impl Pooler {
         // Serving queued clients, its session will be theirs: the next
         // client the pooler hands it is a new one for it.
         b.last_client = QUEUE_CLIENTS;
-        let row = b.row;
         let now = crate::pg::shmem::now();
         self.backend_row_update(row, |r| {
             r.state = crate::shmem::BackendState::Lent;
@@ -395,15 +413,6 @@ impl Pooler {
         });
         if let Some(q) = self.kq.pools.get_mut(&pool) {
             q.lent.push(bk);
-            if !q.counted.contains(&row) {
-                // Whatever a row's last backend left there is not this one's
-                // (moved out as it went; a count written after that, or by
-                // a pooler before a restart, is dropped).
-                if let Some(h) = self.tables.kq_backend(row) {
-                    h.counters.all().iter().for_each(|a| a.store(0, std::sync::atomic::Ordering::Relaxed));
-                }
-                q.counted.push(row);
-            }
         }
         true
     }
@@ -412,14 +421,16 @@ impl Pooler {
     /// pool's queue moves to the pool's `KqPool::gone`, so the next backend
     /// in its row starts from 0 and the pool's totals stay.
     pub fn kq_backend_counted(&mut self, pool: usize, brow: usize) {
-        let Some(q) = self.kq.pools.get_mut(&pool) else { return };
-        let Some(i) = q.counted.iter().position(|&r| r == brow) else { return };
-        q.counted.swap_remove(i);
-        let Some(prow) = self.pools.get(pool).map(|p| p.row) else { return };
-        let (Some(h), Some(k)) = (self.tables.kq_backend(brow), self.tables.kq_pool(prow)) else { return };
-        use std::sync::atomic::Ordering::Relaxed;
-        for (from, to) in h.counters.all().into_iter().zip(k.gone.all()) {
-            to.fetch_add(from.swap(0, Relaxed), Relaxed);
+        let Some(i) = self.kq.pools.get(&pool).and_then(|q| q.counted.iter().position(|&r| r == brow)) else { return };
+        let prow = self.pools.get(pool).map(|p| p.row);
+        if let (Some(h), Some(k)) = (self.tables.kq_backend(brow), prow.and_then(|r| self.tables.kq_pool(r))) {
+            use std::sync::atomic::Ordering::Relaxed;
+            for (from, to) in h.counters.all().into_iter().zip(k.gone.all()) {
+                to.fetch_add(from.swap(0, Relaxed), Relaxed);
+            }
+        }
+        if let Some(q) = self.kq.pools.get_mut(&pool) {
+            q.counted.swap_remove(i);
         }
     }
 
@@ -504,6 +515,19 @@ impl Pooler {
             self.kq_recall(bk);
         }
         lent
+    }
+
+    /// A queue left with no backend to serve it (the last one closing or
+    /// gone) and none logging in for it: its clients are the pooler's to
+    /// watch from now on, so the next query of any of them logs a backend
+    /// in. Idle queued clients ask for no backend (`Pool::queue_busy`);
+    /// `kq_janitor` would find the queue unserved at its next look, a
+    /// second later.
+    pub fn kq_unserved_take_back(&mut self, pool: usize) {
+        let unserved = self.kq_any_lent(pool).is_none() && self.pools.get(pool).is_some_and(|p| p.starting == 0 && p.queued > 0);
+        if unserved {
+            self.kq_take_back_all(Some(pool));
+        }
     }
 
     /// Janitor: pools whose queue is no longer open give their clients and
@@ -647,6 +671,9 @@ impl Pooler {
         };
         let before = std::mem::take(&mut self.kq.waiting);
         let mut stuck = Vec::new();
+        // Pools with a queued client whose query no backend has taken
+        // (those stuck go to the waiting list, counted there).
+        let mut ready_per_pool: HashMap<usize, usize> = HashMap::new();
         for (&(ck, _, takes), ready) in looked.iter().zip(ready) {
             if !ready {
                 continue;
@@ -655,8 +682,21 @@ impl Pooler {
                 Some(&(t, since)) if t == takes => stuck.push((ck, since)),
                 _ => {
                     self.kq.waiting.insert(ck, (takes, now));
+                    if let Some(p) = self.client(ck).and_then(|c| c.pool) {
+                        *ready_per_pool.entry(p).or_insert(0) += 1;
+                    }
                 }
             }
+        }
+        // Whether the pools' queued clients ask for backends until the next
+        // look (`Pool::queue_busy`): a query untaken now, or one a backend
+        // found waiting within the last second (`KqPool::waited_at`).
+        let now_us = crate::pg::shmem::now();
+        for (k, p) in self.pools.iter_mut() {
+            let waited_at = self.tables.kq_pool(p.row).map_or(0, |w| w.waited_at.load(std::sync::atomic::Ordering::Relaxed));
+            let waited = waited_at != 0 && (0..1_000_000).contains(&(now_us - waited_at));
+            p.queue_busy = ready_per_pool.contains_key(&k) || waited;
+            p.queued_fresh = 0;
         }
         for &ck in before.keys() {
             if !self.kq.waiting.contains_key(&ck) && self.kq.queued.contains_key(&ck) {

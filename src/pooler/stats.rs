@@ -44,6 +44,13 @@ impl Pooler {
             shmem::set_name(&mut r.database, database);
             shmem::set_name(&mut r.role, role);
         });
+        // Its kernel queue words too: a pooler before a restart may have
+        // left its pool's there (freed pools clear them, `kq_pool_freed`).
+        if let Some(k) = self.tables.kq_pool(row) {
+            use std::sync::atomic::Ordering::Relaxed;
+            k.gone.all().iter().for_each(|a| a.store(0, Relaxed));
+            k.waited_at.store(0, Relaxed);
+        }
         Some(row)
     }
 

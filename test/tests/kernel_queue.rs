@@ -541,3 +541,36 @@ fn a_queue_that_just_saturated_keeps_no_idle_client() {
         assert_left_nothing(pg, pooler);
     });
 }
+
+/// Clients that ran a transaction and stay connected, idle, sit in the
+/// queue, where no backend serves them: they ask for none. So the pool's
+/// backends close after `idle_backend_timeout` (1 s here) and none logs in
+/// again until a client sends a query, which is then served. Before, every
+/// idle client counted as demand: each backend closed for idleness was
+/// replaced by a new login at once, for as long as the clients stayed (a
+/// login per pool per `idle_backend_timeout`, and the pool never shrank).
+#[test]
+fn idle_queued_clients_let_the_pool_close_its_backends() {
+    // No backend keeps an idle client (that one would never be idle).
+    let b = builder().conf("nextgres.idle_backend_timeout = 1").conf("nextgres.hold_idle_clients = off");
+    run(b, |pg| {
+        let before = queue_xacts(pg);
+        let mut clients: Vec<_> = (0..4).map(|_| connect(pg, APP)).collect();
+        for c in &mut clients {
+            assert_eq!(one(c, "SELECT 'first'"), "first");
+        }
+        assert_queue_ran(pg, before, "the clients' first queries");
+        let count = || pg.backend_count(Some(APP), Some(DB));
+        assert!(wait_until(SETTLE, || count() == 0), "the idle pool kept {} backends\n{}", count(), pg.log_tail(30));
+        // Three idle timeouts with no login: none comes back.
+        let until = std::time::Instant::now() + Duration::from_secs(3);
+        while std::time::Instant::now() < until {
+            assert_eq!(count(), 0, "a backend logged in for clients that sent nothing\n{}", pg.log_tail(30));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for (i, c) in clients.iter_mut().enumerate() {
+            assert_eq!(one(c, &format!("SELECT 'again {i}'")), format!("again {i}"));
+        }
+        assert!(count() >= 1, "the queries were served by no backend of the pool");
+    });
+}

@@ -564,7 +564,13 @@ fn stats_agree_with_pgbench_and_reset() {
     // a backend that ends leaves its counts to the pool. An idle client
     // keeps the pool while all its backends are terminated.
     let _holder = pg.tcp("app", "postgres").connect().expect("holder");
-    let before = stats().0;
+    let kq_xacts = || {
+        pg.admin()
+            .query_one("SELECT kernel_queue_transactions FROM nextgres.pools WHERE role = 'app'", &[])
+            .expect("pools")
+            .get::<_, i64>(0)
+    };
+    let (before, kq_before) = (stats().0, kq_xacts());
     pg.admin()
         .simple_query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'app'")
         .expect("terminate");
@@ -575,6 +581,7 @@ fn stats_agree_with_pgbench_and_reset() {
     });
     assert!(gone, "the pool's backends did not end");
     assert_eq!(stats().0, before, "transactions counted by backends that ended were lost");
+    assert_eq!(kq_xacts(), kq_before, "kernel queue transactions of backends that ended were lost");
 }
 
 /// `nextgres.kill_client(client_addr, client_port)` (as `nextgres.clients`

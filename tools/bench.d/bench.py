@@ -429,7 +429,7 @@ class Bench:
         run([self.pg("initdb"), "-D", self.plain_data, "-U", "postgres", "--auth-local=trust",
              "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8"], timeout=120, as_pg=True)
         self.plain_settings = {k: v for k, v in self.pg_settings.items()
-                               if k != "shared_preload_libraries" and not k.startswith("nextgres.")}
+                               if k != "shared_preload_libraries" and not k.lower().startswith("nextgres.")}
         self.plain_settings["port"] = str(self.plain_port)
         with open(os.path.join(self.plain_data, "postgresql.conf"), "a") as f:
             f.write("\n# tools/bench: the baseline without nextgres\n")
@@ -1156,7 +1156,8 @@ def parse_args(argv):
     ap.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE",
                     help="a server setting for the run, repeatable (e.g. nextgres.backend_batch_scheduling=off: "
                          "an A/B of a nextgres setting on a lent machine needs no rebuild); nextgres.* settings "
-                         "stay off the cluster without nextgres")
+                         "stay off the cluster without nextgres (matched case-insensitively); quote a string "
+                         "value as postgresql.conf wants it, e.g. \"nextgres.client_time_slice='1ms'\"")
     ap.add_argument("--jobs", type=int, default=2,
                     help="pgbench threads (-j) per run, at most one per client (default 2: this project's 2-core machine)")
     a = ap.parse_args(argv)
@@ -1171,7 +1172,7 @@ def parse_args(argv):
     a.argv = shown
     try:
         a.settings = [tuple(x.split("=", 1)) for x in a.settings]
-        if any(not n.strip() for n, _ in a.settings):
+        if any(not n.strip() or not v.strip() for n, v in a.settings):
             raise ValueError
     except ValueError:
         ap.error("--set takes NAME=VALUE")

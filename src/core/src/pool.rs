@@ -49,6 +49,17 @@ pub struct Pool {
     pub attaches_ahead: i64,
     /// Clients in the pool's kernel queue (the pooler's `kq`).
     pub queued: usize,
+    /// Of those, the ones queued since the pooler's last look (it queues a
+    /// client when its query arrives).
+    pub queued_fresh: usize,
+    /// At that look (once a second), the queue was busy: a backend took a
+    /// client whose query was already waiting within the last second, or
+    /// a query sat untaken (`pooler::kq`). Then every queued client may
+    /// want a backend; otherwise only the fresh ones do. Clients a backend
+    /// put back at ReadyForQuery(I) sit idle in an idle queue and ask for
+    /// no backend, so an idle pool's backends close after
+    /// `idle_backend_timeout` and stay closed.
+    pub queue_busy: bool,
     /// When a client last got a backend after waiting for one (a server
     /// TimestampTz, µs; 0: never): backends do not hold idle clients of a
     /// pool saturated that recently (`backend::park::linger`).
@@ -140,6 +151,8 @@ impl Pool {
             ahead: 0,
             attaches_ahead: 0,
             queued: 0,
+            queued_fresh: 0,
+            queue_busy: false,
             waited_at: 0,
             login_pending: Vec::new(),
             backends: 0,
@@ -212,11 +225,13 @@ impl Pool {
     /// backends already starting will not serve, and the pool has room:
     /// fewer shared backends than `pool_size` (dedicated ones do not count).
     pub fn wants_backend(&self, pool_size: usize) -> bool {
-        // Clients in the kernel queue want as many backends as there are of
-        // them (the pooler cannot see which of them wait).
-        // Pinned backends in pool_size serve no queue.
+        // Clients in a busy kernel queue want as many backends as there
+        // are of them (the pooler cannot see which of them wait), in an
+        // idle one only those that just sent a query; pinned backends in
+        // pool_size serve no queue.
         let serving = self.shared_backends().saturating_sub(self.starting + self.pinned.saturating_sub(self.dedicated));
-        let queued = self.queued.saturating_sub(serving);
+        let asking = if self.queue_busy { self.queued } else { self.queued_fresh.min(self.queued) };
+        let queued = asking.saturating_sub(serving);
         let demand = self.waiting.len() + queued + usize::from(self.params.is_none() && !self.login_pending.is_empty());
         !self.draining && !self.retired && self.shared_backends() < pool_size && demand > self.starting
     }
@@ -312,6 +327,40 @@ mod tests {
         p.sessions = 2;
         assert_eq!(p.shared_backends(), 2);
         assert!(p.wants_backend(4));
+    }
+
+    #[test]
+    fn idle_queued_clients_want_no_backend() {
+        let mut p = Pool::new("db", "r", 0);
+        p.params = Some(vec![]);
+        // 10 clients idle in the kernel queue, no backend left.
+        p.queued = 10;
+        assert!(!p.wants_backend(4));
+        // Three of them sent a query: three logins, not ten.
+        p.queued_fresh = 3;
+        assert!(p.wants_backend(4));
+        p.starting = 3;
+        p.backends = 3;
+        assert!(!p.wants_backend(4));
+        // Logged in, the three serve them.
+        p.starting = 0;
+        assert!(!p.wants_backend(4));
+        // The next look finds the queue busy: the ten may all want one.
+        p.queued_fresh = 0;
+        p.queue_busy = true;
+        assert!(p.wants_backend(4));
+        p.backends = 4;
+        assert!(!p.wants_backend(4));
+        // A lone backend serving the first query of a lone client: enough.
+        let mut p = Pool::new("db", "r", 0);
+        p.params = Some(vec![]);
+        p.backends = 1;
+        p.queued = 1;
+        p.queued_fresh = 1;
+        assert!(!p.wants_backend(4));
+        // Never more than are queued.
+        p.queued_fresh = 5;
+        assert!(!p.wants_backend(4));
     }
 
     #[test]
