@@ -45,7 +45,7 @@ impl Pooler {
             shmem::set_name(&mut r.role, role);
         });
         // Its kernel queue words too: a pooler before a restart may have
-        // left its pool's there (freed pools clear them, `kq_pool_freed`).
+        // left its pool's there (`kq_pool_freed` clears only the counters).
         if let Some(k) = self.tables.kq_pool(row) {
             use std::sync::atomic::Ordering::Relaxed;
             k.gone.all().iter().for_each(|a| a.store(0, Relaxed));
