@@ -121,6 +121,22 @@ impl KqCounters {
     pub fn all(&self) -> [&AtomicU64; 6] {
         [&self.xacts, &self.queries, &self.query_us, &self.bytes_sent, &self.xact_us, &self.waits]
     }
+
+    /// Every counter to 0 (a row given to a new backend, `reset_stats`).
+    pub fn clear(&self) {
+        self.all().iter().for_each(|a| a.store(0, Ordering::Relaxed));
+    }
+}
+
+/// How long (µs) after a backend last found a queued client waiting
+/// (`KqPool::waited_at`) the pooler still counts the pool's queue as busy
+/// (`Pool::queue_busy`): every queued client may then want a backend.
+pub const KQ_BUSY_WITHIN_US: i64 = 1_000_000;
+
+/// Was `waited_at` (`KqPool::waited_at`) within `KQ_BUSY_WITHIN_US` of `now`
+/// (both TimestampTz, µs)? A clock stepped back makes it not recent.
+pub fn kq_waited_recently(waited_at: i64, now: i64) -> bool {
+    waited_at != 0 && (0..KQ_BUSY_WITHIN_US).contains(&(now - waited_at))
 }
 
 /// A pool's kernel queue words.
@@ -730,10 +746,7 @@ impl Tables {
 
     /// Wakes the pooler (SIGUSR1: its handler wakes its epoll, `pooler::agent`).
     pub fn wake_pooler(&self) {
-        let pid = self.pooler_pid();
-        if pid > 0 {
-            unsafe { libc::kill(pid, libc::SIGUSR1) };
-        }
+        wake_pooler(self)
     }
 
     /// Settings reader: replaces the pg_db_role_setting copy (truncated to
@@ -1096,6 +1109,23 @@ pub fn pool_outnumbered(row: usize) -> bool {
                 + std::ptr::read_volatile(&r.clients_active)
                 + std::ptr::read_volatile(&r.clients_waiting)
                 > std::ptr::read_volatile(&r.backends_attached) + std::ptr::read_volatile(&r.backends_parked)
+        })
+        .unwrap_or(false)
+}
+
+/// Whether the pool in shared row `row` has fewer shared backends
+/// (attached, parked or lent, starting; dedicated ones left out) than its
+/// `pool_size`: only then is a pooler that could grow it worth waking.
+/// Racy, as `pool_load`; `pool_maybe_grow` decides.
+pub fn pool_has_room(row: usize) -> bool {
+    let Some(t) = tables() else { return false };
+    t.pools_raw()
+        .get(row)
+        .map(|r| unsafe {
+            std::ptr::read_volatile(&r.backends_attached) + std::ptr::read_volatile(&r.backends_parked)
+                + std::ptr::read_volatile(&r.backends_starting)
+                - std::ptr::read_volatile(&r.backends_dedicated)
+                < std::ptr::read_volatile(&r.pool_size)
         })
         .unwrap_or(false)
 }

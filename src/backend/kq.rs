@@ -378,8 +378,18 @@ impl Queue {
             // transaction: a store only when the mark is a millisecond old
             // keeps the line mostly shared.
             let now = crate::pg::shmem::now();
-            if now - p.waited_at.load(Ordering::Relaxed) >= 1000 {
+            let last = p.waited_at.load(Ordering::Relaxed);
+            if now - last >= 1000 {
                 p.waited_at.store(now, Ordering::Relaxed);
+                // The first wait after a quiet spell: the pooler counts this
+                // queue as idle until its next look, up to a second away,
+                // and grows the pool for its clients only once it knows
+                // (`pooler::kq::kq_waited_wake`). At most one signal per
+                // quiet spell (a few where backends race), none while the
+                // pool is at its size.
+                if !crate::shmem::kq_waited_recently(last, now) && crate::shmem::pool_has_room(self.pool_row) {
+                    t.wake_pooler();
+                }
             }
         }
     }

@@ -211,10 +211,12 @@ impl Pooler {
                 break;
             }
         }
-        // Queued only while a backend serves the queue or logs in for it:
-        // otherwise (every backend pinned, the pool at its size) it waits
-        // the pooler's way, where query_wait_timeout and recalls apply.
-        if self.kq.pools.get(&pool).is_none_or(|q| q.lent.is_empty()) && self.pools.get(pool).is_none_or(|p| p.starting == 0) {
+        // Queued only while a backend serves the queue (one closing serves
+        // nobody new) or logs in for it: otherwise (every backend pinned or
+        // closing, the pool at its size) it waits the pooler's way, where
+        // query_wait_timeout and recalls apply, and a backend gone makes
+        // room for it.
+        if self.kq_any_lent(pool).is_none() && self.pools.get(pool).is_none_or(|p| p.starting == 0) {
             return false;
         }
         let Some(Conn::Client(c)) = self.conns.get(ck) else { return false };
@@ -390,7 +392,7 @@ impl Pooler {
         if let Some(q) = self.kq.pools.get_mut(&pool) {
             if !q.counted.contains(&row) {
                 if let Some(h) = self.tables.kq_backend(row) {
-                    h.counters.all().iter().for_each(|a| a.store(0, std::sync::atomic::Ordering::Relaxed));
+                    h.counters.clear();
                 }
                 q.counted.push(row);
             }
@@ -524,9 +526,40 @@ impl Pooler {
     /// `kq_janitor` would find the queue unserved at its next look, a
     /// second later.
     pub fn kq_unserved_take_back(&mut self, pool: usize) {
-        let unserved = self.kq_any_lent(pool).is_none() && self.pools.get(pool).is_some_and(|p| p.starting == 0 && p.queued > 0);
-        if unserved {
+        if self.kq_unserved(pool) {
             self.kq_take_back_all(Some(pool));
+        }
+    }
+
+    /// Pool `pool` has queued clients, no lent backend that is not closing
+    /// (a closing one serves nobody after its current client) and none
+    /// logging in (all pinned, say, or the last one just closed for
+    /// idleness).
+    fn kq_unserved(&self, pool: usize) -> bool {
+        self.kq_any_lent(pool).is_none() && self.pools.get(pool).is_some_and(|p| p.starting == 0 && p.queued > 0)
+    }
+
+    /// Woken (SIGUSR1): a backend that found a queued client waiting after
+    /// a quiet spell wakes the pooler when the pool has room to grow
+    /// (`backend::kq::Queue::count_wait`). A queue idle at the last look
+    /// asks only for its freshly queued clients (`Pool::queue_busy`), so
+    /// without this the pool would grow for a burst of its queued clients
+    /// at the next look only, up to a second later.
+    pub fn kq_waited_wake(&mut self) {
+        if self.kq.base == 0 {
+            return;
+        }
+        let now_us = crate::pg::shmem::now();
+        let pools: Vec<usize> = self.kq.pools.keys().copied().collect();
+        for pool in pools {
+            let Some(p) = self.pools.get_mut(pool) else { continue };
+            let waited_at = self.tables.kq_pool(p.row).map_or(0, |w| w.waited_at.load(std::sync::atomic::Ordering::Relaxed));
+            if p.queue_busy || !crate::shmem::kq_waited_recently(waited_at, now_us) {
+                continue;
+            }
+            p.queue_busy = true;
+            self.pool_maybe_grow(pool);
+            self.sync_pool(pool);
         }
     }
 
@@ -535,11 +568,9 @@ impl Pooler {
     pub fn kq_janitor(&mut self) {
         let pools: Vec<usize> = self.kq.pools.keys().copied().collect();
         for pool in pools {
-            // No backend serves the queue and none logs in for it (all
-            // pinned, say): its clients wait the pooler's way instead.
-            let unserved = self.kq.pools.get(&pool).is_some_and(|q| q.lent.is_empty())
-                && self.pools.get(pool).is_some_and(|p| p.starting == 0 && p.queued > 0);
-            if !self.kq_open(pool) || unserved {
+            // No backend serves the queue and none logs in for it: its
+            // clients wait the pooler's way instead.
+            if !self.kq_open(pool) || self.kq_unserved(pool) {
                 self.kq_take_back_all(Some(pool));
             }
         }
@@ -673,7 +704,7 @@ impl Pooler {
         let mut stuck = Vec::new();
         // Pools with a queued client whose query no backend has taken
         // (those stuck go to the waiting list, counted there).
-        let mut ready_per_pool: HashMap<usize, usize> = HashMap::new();
+        let mut ready_pools: std::collections::HashSet<usize> = Default::default();
         for (&(ck, _, takes), ready) in looked.iter().zip(ready) {
             if !ready {
                 continue;
@@ -683,7 +714,7 @@ impl Pooler {
                 _ => {
                     self.kq.waiting.insert(ck, (takes, now));
                     if let Some(p) = self.client(ck).and_then(|c| c.pool) {
-                        *ready_per_pool.entry(p).or_insert(0) += 1;
+                        ready_pools.insert(p);
                     }
                 }
             }
@@ -694,8 +725,7 @@ impl Pooler {
         let now_us = crate::pg::shmem::now();
         for (k, p) in self.pools.iter_mut() {
             let waited_at = self.tables.kq_pool(p.row).map_or(0, |w| w.waited_at.load(std::sync::atomic::Ordering::Relaxed));
-            let waited = waited_at != 0 && (0..1_000_000).contains(&(now_us - waited_at));
-            p.queue_busy = ready_per_pool.contains_key(&k) || waited;
+            p.queue_busy = ready_pools.contains(&k) || crate::shmem::kq_waited_recently(waited_at, now_us);
             p.queued_fresh = 0;
         }
         for &ck in before.keys() {
@@ -942,14 +972,13 @@ impl Pooler {
     /// `nextgres.reset_stats()`, or the pool freed: its queue counters
     /// (its backends' and its gone ones') to 0.
     pub fn kq_reset_counters(&self, pool: usize) {
-        use std::sync::atomic::Ordering::Relaxed;
         let Some(prow) = self.pools.get(pool).map(|p| p.row) else { return };
         if let Some(k) = self.tables.kq_pool(prow) {
-            k.gone.all().iter().for_each(|a| a.store(0, Relaxed));
+            k.gone.clear();
         }
         for &brow in self.kq.pools.get(&pool).map_or(&[][..], |q| &q.counted[..]) {
             if let Some(h) = self.tables.kq_backend(brow) {
-                h.counters.all().iter().for_each(|a| a.store(0, Relaxed));
+                h.counters.clear();
             }
         }
     }

@@ -47,9 +47,8 @@ impl Pooler {
         // Its kernel queue words too: a pooler before a restart may have
         // left its pool's there (`kq_pool_freed` clears only the counters).
         if let Some(k) = self.tables.kq_pool(row) {
-            use std::sync::atomic::Ordering::Relaxed;
-            k.gone.all().iter().for_each(|a| a.store(0, Relaxed));
-            k.waited_at.store(0, Relaxed);
+            k.gone.clear();
+            k.waited_at.store(0, std::sync::atomic::Ordering::Relaxed);
         }
         Some(row)
     }

@@ -284,9 +284,11 @@ impl Pooler {
                     if super::agent::GOT_SIGHUP.swap(false, Ordering::SeqCst) {
                         self.reload();
                     }
-                    // Or a password check that finished.
+                    // Or a password check that finished, a drain, or a
+                    // kernel queue that turned busy.
                     self.password_checks_done();
                     self.check_drains();
+                    self.kq_waited_wake();
                 }
                 if n < events.len() {
                     break;
