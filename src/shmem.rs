@@ -1116,7 +1116,9 @@ pub fn pool_outnumbered(row: usize) -> bool {
 /// Whether the pool in shared row `row` has fewer shared backends
 /// (attached, parked or lent, starting; dedicated ones left out) than its
 /// `pool_size`: only then is a pooler that could grow it worth waking.
-/// Racy, as `pool_load`; `pool_maybe_grow` decides.
+/// Racy, as `pool_load`; `pool_maybe_grow` decides (and a dedicated-mode
+/// pool's sessions still logging in count here, where they do not there:
+/// such a pool has no kernel queue, so never asks).
 pub fn pool_has_room(row: usize) -> bool {
     let Some(t) = tables() else { return false };
     t.pools_raw()

@@ -695,7 +695,15 @@ impl Pooler {
                 .iter()
                 .map(|&(_, row, _)| PollFd::new(unsafe { std::os::fd::BorrowedFd::borrow_raw(self.kq.base + row as i32) }, PollFlags::POLLIN))
                 .collect();
-            if !fds.is_empty() && poll(&mut fds, PollTimeout::ZERO).is_err() {
+            // A signal (a backend's wake-up) can interrupt even a poll that
+            // does not wait: look again rather than skip this tick.
+            let polled = loop {
+                match poll(&mut fds, PollTimeout::ZERO) {
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    r => break r,
+                }
+            };
+            if !fds.is_empty() && polled.is_err() {
                 return;
             }
             fds.iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect()

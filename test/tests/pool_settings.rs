@@ -771,7 +771,7 @@ fn pool_priority_shares_max_db_connections() {
             let pg = &pg;
             // h's window outlasts the settling: on a loaded 2-core machine
             // it took 3-7 s (an 8 s window failed now and then).
-            let secs = if role == "l" { "24" } else { "14" };
+            let secs = if role == "l" { "28" } else { "16" };
             runs.push(s.spawn(move || pg.pgbench(&pg.tcp(role, "postgres"), &["-n", "-S", "-c", "4", "-j", "2", "-T", secs])));
             if role == "l" {
                 assert!(wait_until(Duration::from_secs(8), || count("l") == 3), "l never took the 3 backends");
