@@ -279,8 +279,14 @@ fn tls_clients_on_the_standard_port_keep_the_handoff() {
         let ca = ssl_on(pg);
         let log = pg.log_since(mark);
         assert!(log.contains("the pooler serves TLS on port"), "no startup line about TLS:\n{log}");
-        let row = pg.admin().query_one("SELECT port, mode FROM nextgres.status()", &[]).expect("status");
-        let (port, mode): (Option<i32>, String) = (row.get(0), row.get(1));
+        // The pooler publishes its port once it runs, which can be after
+        // the restart returned (a loaded machine), as in dba.rs.
+        let status = || -> (Option<i32>, String) {
+            let row = pg.admin().query_one("SELECT port, mode FROM nextgres.status()", &[]).expect("status");
+            (row.get(0), row.get(1))
+        };
+        wait_until(Duration::from_secs(30), || status().0.is_some());
+        let (port, mode) = status();
         assert_eq!((port, mode.as_str()), (Some(i32::from(pg.port())), "takeover"));
 
         let conn = pg.tcp("postgres", "postgres");
