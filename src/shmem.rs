@@ -133,10 +133,25 @@ impl KqCounters {
 /// (`Pool::queue_busy`): every queued client may then want a backend.
 pub const KQ_BUSY_WITHIN_US: i64 = 1_000_000;
 
-/// Was `waited_at` (`KqPool::waited_at`) within `KQ_BUSY_WITHIN_US` of `now`
-/// (both TimestampTz, µs)? A clock stepped back makes it not recent.
+/// Was a wait mark (`KqPool::waited_at`, `PoolRow::waited_at`; 0: never)
+/// within `within_us` of `now` (both TimestampTz, µs)? A clock stepped back
+/// makes it not recent.
+pub fn waited_within(waited_at: i64, now: i64, within_us: i64) -> bool {
+    waited_at != 0 && (0..within_us).contains(&(now - waited_at))
+}
+
+/// Does a pool's kernel queue count as busy by its wait mark
+/// (`KqPool::waited_at` within `KQ_BUSY_WITHIN_US` of `now`)?
 pub fn kq_waited_recently(waited_at: i64, now: i64) -> bool {
-    waited_at != 0 && (0..KQ_BUSY_WITHIN_US).contains(&(now - waited_at))
+    waited_within(waited_at, now, KQ_BUSY_WITHIN_US)
+}
+
+impl Tables {
+    /// Pooler: `kq_waited_recently` for the kernel queue of the pool in
+    /// shared row `prow` (false without kernel queue rows).
+    pub fn kq_waited_recently(&self, prow: usize, now: i64) -> bool {
+        kq_waited_recently(self.kq_pool(prow).map_or(0, |w| w.waited_at.load(Ordering::Relaxed)), now)
+    }
 }
 
 /// A pool's kernel queue words.

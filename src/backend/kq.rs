@@ -400,9 +400,7 @@ impl Queue {
     pub fn waited_within(&self, within_us: i64) -> bool {
         let Some(t) = crate::shmem::tables() else { return false };
         let Some(p) = t.kq_pool(self.pool_row) else { return false };
-        let at = p.waited_at.load(Ordering::Relaxed);
-        // A clock stepped back makes the difference negative: not recent.
-        at != 0 && (0..within_us).contains(&(crate::pg::shmem::now() - at))
+        crate::shmem::waited_within(p.waited_at.load(Ordering::Relaxed), crate::pg::shmem::now(), within_us)
     }
 
     /// About to wait on the queue with no client: notes since when, once

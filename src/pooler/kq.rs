@@ -553,8 +553,7 @@ impl Pooler {
         let pools: Vec<usize> = self.kq.pools.keys().copied().collect();
         for pool in pools {
             let Some(p) = self.pools.get_mut(pool) else { continue };
-            let waited_at = self.tables.kq_pool(p.row).map_or(0, |w| w.waited_at.load(std::sync::atomic::Ordering::Relaxed));
-            if p.queue_busy || !crate::shmem::kq_waited_recently(waited_at, now_us) {
+            if p.queue_busy || !self.tables.kq_waited_recently(p.row, now_us) {
                 continue;
             }
             p.queue_busy = true;
@@ -697,14 +696,12 @@ impl Pooler {
                 .collect();
             // A signal (a backend's wake-up) can interrupt even a poll that
             // does not wait: look again rather than skip this tick.
-            let polled = loop {
+            while !fds.is_empty() {
                 match poll(&mut fds, PollTimeout::ZERO) {
                     Err(nix::errno::Errno::EINTR) => continue,
-                    r => break r,
+                    Err(_) => return,
+                    Ok(_) => break,
                 }
-            };
-            if !fds.is_empty() && polled.is_err() {
-                return;
             }
             fds.iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect()
         };
@@ -732,8 +729,7 @@ impl Pooler {
         // found waiting within the last second (`KqPool::waited_at`).
         let now_us = crate::pg::shmem::now();
         for (k, p) in self.pools.iter_mut() {
-            let waited_at = self.tables.kq_pool(p.row).map_or(0, |w| w.waited_at.load(std::sync::atomic::Ordering::Relaxed));
-            p.queue_busy = ready_pools.contains(&k) || crate::shmem::kq_waited_recently(waited_at, now_us);
+            p.queue_busy = ready_pools.contains(&k) || self.tables.kq_waited_recently(p.row, now_us);
             p.queued_fresh = 0;
         }
         for &ck in before.keys() {
