@@ -1112,20 +1112,46 @@ pub fn pool_waited_at(row: usize) -> i64 {
     t.pools_raw().get(row).map(|r| unsafe { std::ptr::read_volatile(&r.waited_at) }).unwrap_or(0)
 }
 
+/// A racy copy of the counts in shared pool row `row` that pooled backends
+/// read between transactions (`None` without shared memory or past the
+/// table). Each field is one volatile read of a value the pooler keeps
+/// up to date; no lock, so the sums below may mix moments. Fine for hints:
+/// the pooler decides, and asks for releases explicitly.
+#[derive(Clone, Copy)]
+struct RowCounts {
+    clients: i32,
+    waiting: i32,
+    /// Attached and parked (lent ones count as attached), dedicated included.
+    backends: i32,
+    dedicated: i32,
+    starting: i32,
+    pool_size: i32,
+}
+
+fn row_counts(row: usize) -> Option<RowCounts> {
+    let t = tables()?;
+    let pools = t.pools_raw();
+    let r = pools.get(row)?;
+    // SAFETY: plain i32 fields of a row in shared memory, which lives as
+    // long as the process; volatile so each is read once, as it is now.
+    unsafe {
+        let v = |f: &i32| std::ptr::read_volatile(f);
+        Some(RowCounts {
+            clients: v(&r.clients_idle) + v(&r.clients_active) + v(&r.clients_waiting),
+            waiting: v(&r.clients_waiting),
+            backends: v(&r.backends_attached) + v(&r.backends_parked),
+            dedicated: v(&r.backends_dedicated),
+            starting: v(&r.backends_starting),
+            pool_size: v(&r.pool_size),
+        })
+    }
+}
+
 /// Whether the pool in shared row `row` has more clients (idle, active or
 /// waiting) than backends (attached or parked, lent ones included): only
 /// then can its clients outrun its backends. Racy, as `pool_load`.
 pub fn pool_outnumbered(row: usize) -> bool {
-    let Some(t) = tables() else { return false };
-    t.pools_raw()
-        .get(row)
-        .map(|r| unsafe {
-            std::ptr::read_volatile(&r.clients_idle)
-                + std::ptr::read_volatile(&r.clients_active)
-                + std::ptr::read_volatile(&r.clients_waiting)
-                > std::ptr::read_volatile(&r.backends_attached) + std::ptr::read_volatile(&r.backends_parked)
-        })
-        .unwrap_or(false)
+    row_counts(row).is_some_and(|c| c.clients > c.backends)
 }
 
 /// Whether the pool in shared row `row` has fewer shared backends
@@ -1135,16 +1161,7 @@ pub fn pool_outnumbered(row: usize) -> bool {
 /// pool's sessions still logging in count here, where they do not there:
 /// such a pool has no kernel queue, so never asks).
 pub fn pool_has_room(row: usize) -> bool {
-    let Some(t) = tables() else { return false };
-    t.pools_raw()
-        .get(row)
-        .map(|r| unsafe {
-            std::ptr::read_volatile(&r.backends_attached) + std::ptr::read_volatile(&r.backends_parked)
-                + std::ptr::read_volatile(&r.backends_starting)
-                - std::ptr::read_volatile(&r.backends_dedicated)
-                < std::ptr::read_volatile(&r.pool_size)
-        })
-        .unwrap_or(false)
+    row_counts(row).is_some_and(|c| c.backends + c.starting - c.dedicated < c.pool_size)
 }
 
 /// Clients waiting for a backend of the pool in shared row `row`, and the
@@ -1153,16 +1170,5 @@ pub fn pool_has_room(row: usize) -> bool {
 /// ReadyForQuery to decide whether and how long to keep its client. A racy
 /// read is fine: the pooler also asks for releases explicitly.
 pub fn pool_load(row: usize) -> (i32, i32) {
-    let Some(t) = tables() else { return (0, 0) };
-    let pools = t.pools_raw();
-    pools
-        .get(row)
-        .map(|r| unsafe {
-            (
-                std::ptr::read_volatile(&r.clients_waiting),
-                std::ptr::read_volatile(&r.backends_attached) + std::ptr::read_volatile(&r.backends_parked)
-                    - std::ptr::read_volatile(&r.backends_dedicated),
-            )
-        })
-        .unwrap_or((0, 0))
+    row_counts(row).map_or((0, 0), |c| (c.waiting, c.backends - c.dedicated))
 }

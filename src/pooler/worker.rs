@@ -219,6 +219,8 @@ impl Pooler {
         p.kq_init();
         p.rows.reset_all(&p.tables);
         p.tables.set_pooler(unsafe { pg_sys::MyProcPid }, postmaster::listen::port());
+        // "pooler ready", after set_pooler: the test harness's
+        // Cluster::start waits for it (nextgres.status() then shows the port).
         if postmaster::listen::port() == 0 {
             log::info!("pooler ready without a TCP listener ({}; see the WARNING at startup)", postmaster::listen::mode().name());
         } else {

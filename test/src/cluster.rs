@@ -334,8 +334,10 @@ impl Cluster {
         unreachable!("the last attempt returns")
     }
 
-    /// `pg_ctl start -w` on the current port and configuration.
+    /// `pg_ctl start -w` on the current port and configuration; with
+    /// nextgres preloaded, also waits for the pooler to serve.
     pub fn start(&self) -> Result<(), Error> {
+        let mark = self.log_mark();
         let secs = self.settings.start_timeout.as_secs().max(1);
         let out = self.pg_ctl(
             &[
@@ -354,8 +356,14 @@ impl Cluster {
                 self.log_tail(60)
             )));
         }
-        // pg_ctl -w waits for the postmaster only; with the pooler, the TCP
-        // port belongs to a background worker that may bind it a bit later.
+        // pg_ctl -w waits for the postmaster only. The pooler is a
+        // background worker that starts later, and in takeover mode the
+        // port accepts before it runs (the postmaster binds it for the
+        // pooler in _PG_init and connections wait in the backlog), so an
+        // accepting port does not mean that nextgres.status() shows it yet.
+        if let Some(e) = self.wait_for_pooler(mark) {
+            return Err(e);
+        }
         let tcp_expected =
             self.settings.preload || !self.settings.listen_addresses.trim().is_empty();
         if tcp_expected && !self.wait_for_tcp(self.settings.start_timeout) {
@@ -366,6 +374,28 @@ impl Cluster {
             )));
         }
         Ok(())
+    }
+
+    /// If this start loaded nextgres, waits for the pooler's "pooler
+    /// ready" line, logged once it has published its pid and port in
+    /// shared memory. Loaded means a "nextgres: " line before pg_ctl
+    /// returned: `_PG_init` always logs where the pooler listens, or why
+    /// nowhere (the builder's `preload` is not enough: a test may drop the
+    /// library from the configuration). Some error if the pooler is not
+    /// ready within the start timeout, so a reworded line fails loudly.
+    fn wait_for_pooler(&self, mark: usize) -> Option<Error> {
+        const LOADED: &str = "nextgres: ";
+        const READY: &str = "nextgres: pooler ready";
+        if !self.log_since(mark).contains(LOADED) {
+            return None;
+        }
+        let ready = crate::util::wait_until(self.settings.start_timeout, || self.log_since(mark).contains(READY));
+        (!ready).then(|| {
+            Error::new(format!(
+                "server started but its pooler did not log \"{READY}\"\n--- server log (tail) ---\n{}",
+                self.log_tail(60)
+            ))
+        })
     }
 
     /// Waits until 127.0.0.1:port accepts a TCP connection (no protocol

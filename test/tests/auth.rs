@@ -1206,13 +1206,10 @@ fn scram_key_passthrough_takeover_mode() {
         pg.create_role(r, PW, PasswordEncryption::ScramSha256);
     }
     pg.create_role("md5_u", PW, PasswordEncryption::Md5);
-    // Published by the pooler once it runs (maybe after the start returned).
-    let status_port = || -> Option<i32> {
-        pg.admin().query_one("SELECT port FROM nextgres.status()", &[]).expect("nextgres.status()").get(0)
-    };
-    wait_until(Duration::from_secs(30), || status_port().is_some());
+    let status_port: Option<i32> =
+        pg.admin().query_one("SELECT port FROM nextgres.status()", &[]).expect("nextgres.status()").get(0);
     assert_eq!(
-        status_port(),
+        status_port,
         Some(i32::from(pg.port())),
         "the pooler owns the standard port"
     );

@@ -101,14 +101,8 @@ fn ssl_on_keeps_the_servers_tls_listener() {
         pg.restart().expect("restart with ssl_takeover");
         let log = pg.log_since(mark);
         assert!(log.contains("nextgres.ssl_takeover = on: the pooler owns port"), "no WARNING about the takeover:\n{log}");
-        // The pooler publishes its port once it runs, which can be after
-        // the restart returned (a loaded machine).
-        let status = || -> (Option<i32>, String) {
-            let row = pg.admin().query_one("SELECT port, mode FROM nextgres.status()", &[]).expect("status");
-            (row.get(0), row.get(1))
-        };
-        wait_until(Duration::from_secs(30), || status().0.is_some());
-        let (port, mode) = status();
+        let row = pg.admin().query_one("SELECT port, mode FROM nextgres.status()", &[]).expect("status");
+        let (port, mode): (Option<i32>, String) = (row.get(0), row.get(1));
         assert_eq!((port, mode.as_str()), (Some(i32::from(pg.port())), "takeover"));
         let out = psql_with(pg, &direct, "sslmode=require", "SELECT 1");
         assert!(!out.success(), "sslmode=require succeeded through a pooler without TLS:\n{out}");

@@ -59,10 +59,7 @@ fn run(body: impl FnOnce(&Cluster, i32) + Send + 'static) {
         .batch_execute("CREATE EXTENSION nextgres")
         .unwrap_or_else(|e| panic!("create extension: {e:?}\n{}", pg.log_tail(40)));
     pg.create_role(USER, PASSWORD, PasswordEncryption::ScramSha256);
-    let pooler = {
-        wait_until(Duration::from_secs(30), || pooler_pid(&pg).is_some());
-        pooler_pid(&pg).expect("pooler running")
-    };
+    let pooler = pooler_pid(&pg).expect("pooler running");
     assert_serves(&pg, pooler, "before any hostile input");
     let guard = StopOnFailure(pg.clone());
     let pg2 = pg.clone();

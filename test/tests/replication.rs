@@ -125,10 +125,7 @@ fn standby_streams_through_pooler_port() {
     assert_eq!(rows, 400);
 
     // SIGTERM: a new pooler takes over; the walsender never noticed.
-    let old = {
-        wait_until(Duration::from_secs(60), || pooler_pid(&primary).is_some());
-        pooler_pid(&primary).expect("pooler")
-    };
+    let old = pooler_pid(&primary).expect("pooler");
     assert_eq!(unsafe { libc::kill(old, libc::SIGTERM) }, 0);
     assert!(
         wait_until(Duration::from_secs(60), || pooler_pid(&primary).is_some_and(|p| p != old)),
@@ -175,10 +172,7 @@ fn standby_streams_through_pooler_port() {
     let ded_pid: i32 = ded.query_one("SELECT pg_backend_pid()", &[]).expect("pid").get(0);
 
     // kill -9: no crash restart; walsender and dedicated session live on.
-    let old = {
-        wait_until(Duration::from_secs(60), || pooler_pid(&primary).is_some());
-        pooler_pid(&primary).expect("pooler")
-    };
+    let old = pooler_pid(&primary).expect("pooler");
     assert_eq!(unsafe { libc::kill(old, libc::SIGKILL) }, 0);
     let mut new = None;
     let ok = wait_until(Duration::from_secs(60), || {
@@ -273,10 +267,7 @@ fn logical_replication_through_pooler_port() {
     // subscription's walsender (same pid) streaming.
     let ws = "SELECT pid FROM pg_stat_replication WHERE application_name = 's'";
     let ws_pid = scalar(&publisher, ws);
-    let old = {
-        wait_until(Duration::from_secs(60), || pooler_pid(&publisher).is_some());
-        pooler_pid(&publisher).expect("pooler")
-    };
+    let old = pooler_pid(&publisher).expect("pooler");
     // SAFETY: plain kill(2) on the pooler's pid from nextgres.status().
     assert_eq!(unsafe { libc::kill(old, libc::SIGKILL) }, 0);
     assert!(

@@ -28,7 +28,7 @@ use nextgres_test::{wait_until, Cluster, CmdOutput, ConnInfo};
 // ---- certificates -----------------------------------------------------------
 
 /// Starts a cluster from `b` (skipped without OpenSSL), turns `ssl` on with a
-/// certificate from a test CA (`ssl_on`), waits for the restarted pooler and
+/// certificate from a test CA (`ssl_on`; the restart waits for the pooler) and
 /// runs `body` with the CA file and the pooler's pid, bounded by TEST_LIMIT.
 fn with_tls_server(b: nextgres_test::Builder, body: impl FnOnce(&Cluster, PathBuf, i32) + Send + 'static) {
     let pg = Arc::new(b.start());
@@ -38,8 +38,6 @@ fn with_tls_server(b: nextgres_test::Builder, body: impl FnOnce(&Cluster, PathBu
     setup(&pg);
     pg.run_bounded(TEST_LIMIT, |pg| {
         let ca = ssl_on(pg);
-        // The pooler starts shortly after the restart returns.
-        assert!(wait_until(SETTLE, || pooler_pid(pg).is_some()), "no pooler after the restart");
         let pooler = running_pooler_pid(pg);
         body(pg, ca, pooler);
     });
@@ -279,14 +277,8 @@ fn tls_clients_on_the_standard_port_keep_the_handoff() {
         let ca = ssl_on(pg);
         let log = pg.log_since(mark);
         assert!(log.contains("the pooler serves TLS on port"), "no startup line about TLS:\n{log}");
-        // The pooler publishes its port once it runs, which can be after
-        // the restart returned (a loaded machine), as in dba.rs.
-        let status = || -> (Option<i32>, String) {
-            let row = pg.admin().query_one("SELECT port, mode FROM nextgres.status()", &[]).expect("status");
-            (row.get(0), row.get(1))
-        };
-        wait_until(Duration::from_secs(30), || status().0.is_some());
-        let (port, mode) = status();
+        let row = pg.admin().query_one("SELECT port, mode FROM nextgres.status()", &[]).expect("status");
+        let (port, mode): (Option<i32>, String) = (row.get(0), row.get(1));
         assert_eq!((port, mode.as_str()), (Some(i32::from(pg.port())), "takeover"));
 
         let conn = pg.tcp("postgres", "postgres");
@@ -1237,7 +1229,6 @@ fn the_startup_fallback_refuses_client_certificates() {
 hostssl all all 127.0.0.1/32 trust
 ").expect("hba");
         pg.restart().expect("restart with ssl_ca_file");
-        assert!(wait_until(SETTLE, || pooler_pid(pg).is_some()), "no pooler after the restart");
         let first = running_pooler_pid(pg);
         let cert = client_cert(pg, "one", "postgres");
         let conn = pg.tcp("postgres", "postgres");
