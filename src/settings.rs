@@ -69,6 +69,11 @@ pub static MAX_DB_CONNECTIONS: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static KERNEL_QUEUE: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Pooled backends of one role, all its pools together (0: no limit).
 pub static MAX_USER_CONNECTIONS: GucSetting<i32> = GucSetting::<i32>::new(0);
+/// Developer option (in the spirit of PostgreSQL's `post_auth_delay`): ms a
+/// backend lent to a kernel queue waits between giving a client back in
+/// shared memory and telling the pooler (`KQ_RETURNED`), so that tests can
+/// act in that window. 0 (the default) in any real deployment.
+pub static DEBUG_RETURN_DELAY: GucSetting<i32> = GucSetting::<i32>::new(0);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, pgrx::PostgresGucEnum)]
 pub enum PoolMode {
@@ -300,6 +305,16 @@ pub fn define() {
         &KERNEL_QUEUE,
         GucContext::Postmaster,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"nextgres.debug_return_delay",
+        c"Developer option: delay between a kernel-queue backend giving a client back and telling the pooler.",
+        c"For tests of that window only; 0 in any real deployment.",
+        &DEBUG_RETURN_DELAY,
+        0,
+        10_000,
+        GucContext::Sighup,
+        GucFlags::NO_SHOW_ALL | GucFlags::UNIT_MS,
     );
     GucRegistry::define_bool_guc(
         c"nextgres.hold_idle_clients",

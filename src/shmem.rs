@@ -133,9 +133,22 @@ impl KqCounters {
 /// (`Pool::queue_busy`): every queued client may then want a backend.
 pub const KQ_BUSY_WITHIN_US: i64 = 1_000_000;
 
+/// Microseconds of `CLOCK_MONOTONIC`: one clock for every process of the
+/// machine that the wall clock's steps do not move (a server TimestampTz
+/// does follow them: a mark left in the future by a step back would stop
+/// the marks below from being renewed or counting as recent for as long
+/// as the step). For the marks processes compare: `KqPool::waited_at`,
+/// `PoolRow::waited_at`, `KqBackend::idle_since`. Never 0 (0: no mark).
+pub fn mono_now() -> i64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime(2) writes the timespec it is given; the
+    // monotonic clock exists on every Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as i64 * 1_000_000 + ts.tv_nsec as i64 / 1_000).max(1)
+}
+
 /// Was a wait mark (`KqPool::waited_at`, `PoolRow::waited_at`; 0: never)
-/// within `within_us` of `now` (both TimestampTz, µs)? A clock stepped back
-/// makes it not recent.
+/// within `within_us` of `now` (both [`mono_now`], µs)?
 pub fn waited_within(waited_at: i64, now: i64, within_us: i64) -> bool {
     waited_at != 0 && (0..within_us).contains(&(now - waited_at))
 }
@@ -160,7 +173,7 @@ impl Tables {
 pub struct KqPool {
     /// The counts of its backends that are gone (written by the pooler).
     pub gone: KqCounters,
-    /// When a backend last took a client whose query waited (TimestampTz,
+    /// When a backend last took a client whose query waited (`mono_now`,
     /// µs; 0: never), stored at most once a millisecond: backends keep no
     /// idle client (`hold_idle_clients`) while it is recent, as on the
     /// handoff path. Read at every boundary, so on a line of its own that
@@ -179,7 +192,7 @@ pub struct KqBackend {
     /// 1: the pooler asked this lent backend back (`KQ_RECALL`); it checks
     /// at each boundary (the message only wakes it while it waits).
     pub recall: AtomicU32,
-    /// While lent: since when (TimestampTz, µs) this backend has waited on
+    /// While lent: since when (`mono_now`, µs) this backend has waited on
     /// the queue with no client to serve, 0 while it serves one; written
     /// by the backend. The pooler closes one idle past
     /// `idle_backend_timeout`, as a parked one.
@@ -266,7 +279,8 @@ pub struct PoolRow {
     /// Of `xacts`, those of clients a backend took from the pool's kernel
     /// queue (`pooler::kq`).
     pub kq_xacts: i64,
-    /// `Pool::waited_at`: when a client last got a backend after waiting.
+    /// `Pool::waited_at`: when a client last got a backend after waiting
+    /// (`mono_now`, µs).
     pub waited_at: i64,
     /// Effective `pool_size` (its own from pg_db_role_setting, else global).
     pub pool_size: i32,

@@ -204,10 +204,29 @@ impl Queue {
     /// Re-arms client row `row`'s registration (this backend holds its
     /// socket at the pooler's number). One the pooler removed meanwhile
     /// (ENOENT) stays removed.
+    ///
+    /// The word says `Queued{gen}` before the re-arm, so between the two
+    /// the pooler may take the client back and queue it again under a new
+    /// registration; this re-arm would then give that registration this
+    /// one's stale event data, which every backend drops, leaving the
+    /// client unserved until the pooler's look. So the word is read again
+    /// after: queued under another registration, it is re-armed with that
+    /// one's (the pooler's own `EPOLL_CTL_ADD` had the same).
     fn rearm(&self, fd: RawFd, row: usize, gen: u64) {
-        let mut ev = EpollEvent::new(ready_flags(), kq::event_data(row, gen));
-        // SAFETY: borrowed for one call; `fd` is open in this process.
-        let _ = self.ep.modify(unsafe { BorrowedFd::borrow_raw(fd) }.as_fd(), &mut ev);
+        let t = crate::shmem::tables();
+        let word = t.as_ref().and_then(|t| t.kq_row(row)).map(|k| &k.owner);
+        let mut gen = gen;
+        for _ in 0..4 {
+            let mut ev = EpollEvent::new(ready_flags(), kq::event_data(row, gen));
+            // SAFETY: borrowed for one call; `fd` is open in this process.
+            if self.ep.modify(unsafe { BorrowedFd::borrow_raw(fd) }.as_fd(), &mut ev).is_err() {
+                return;
+            }
+            match word.map(kq::load) {
+                Some(kq::Owner::Queued { gen: now }) if now != gen => gen = now,
+                _ => return,
+            }
+        }
     }
 
     /// Gives client row `row` back to the pooler (owner word, then
@@ -222,6 +241,12 @@ impl Queue {
     }
 
     fn returned(&self, control: RawFd, row: usize, client_id: u64, flags: u8) {
+        // The developer option widens the window in which the word says
+        // `Returned` and the pooler has no message yet (tests only).
+        let delay = crate::settings::DEBUG_RETURN_DELAY.get();
+        if delay > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(delay as u64));
+        }
         let mut msg = Vec::with_capacity(18);
         control::write_kq_returned(&mut msg, row as u32, client_id, flags);
         super::park::write_all(control, &super::ring::marked(Some(self.row as usize), &msg));
@@ -377,7 +402,7 @@ impl Queue {
             // Every backend of a saturated pool comes here at each
             // transaction: a store only when the mark is a millisecond old
             // keeps the line mostly shared.
-            let now = crate::pg::shmem::now();
+            let now = crate::shmem::mono_now();
             let last = p.waited_at.load(Ordering::Relaxed);
             if now - last >= 1000 {
                 p.waited_at.store(now, Ordering::Relaxed);
@@ -400,7 +425,7 @@ impl Queue {
     pub fn waited_within(&self, within_us: i64) -> bool {
         let Some(t) = crate::shmem::tables() else { return false };
         let Some(p) = t.kq_pool(self.pool_row) else { return false };
-        crate::shmem::waited_within(p.waited_at.load(Ordering::Relaxed), crate::pg::shmem::now(), within_us)
+        crate::shmem::waited_within(p.waited_at.load(Ordering::Relaxed), crate::shmem::mono_now(), within_us)
     }
 
     /// About to wait on the queue with no client: notes since when, once
@@ -409,7 +434,7 @@ impl Queue {
         let Some(t) = crate::shmem::tables() else { return };
         let Some(h) = t.kq_backend(self.row as usize) else { return };
         if h.idle_since.load(Ordering::Relaxed) == 0 {
-            h.idle_since.store(crate::pg::shmem::now().max(1), Ordering::Relaxed);
+            h.idle_since.store(crate::shmem::mono_now(), Ordering::Relaxed);
         }
     }
 

@@ -264,7 +264,7 @@ fn linger(p: &mut Parking, pinned: bool, sequence: bool) -> bool {
         }
     }
     let waited_at = crate::shmem::pool_waited_at(p.pool_row);
-    if optional && !sequence && crate::shmem::waited_within(waited_at, crate::pg::shmem::now(), SATURATED_WITHIN_US) {
+    if optional && !sequence && crate::shmem::waited_within(waited_at, crate::shmem::mono_now(), SATURATED_WITHIN_US) {
         // A client of the pool had to wait moments ago: the pool is
         // saturated, though none may wait at this instant (clients' queries
         // come in bursts). Kept, the client would make the next one to come

@@ -282,7 +282,10 @@ impl Pooler {
                     b.last_fatal = Some(Box::new(f));
                 }
             }
-            (BPhase::Parked { .. }, control::KQ_PARKED | control::KQ_RETURNED) => return self.kq_backend_message(key, tag, body),
+            // KQ_RETURNED in any phase: a backend that kept one client
+            // (attached from that message on) may give back the next one
+            // it had taken right after (`Released::TooLarge`).
+            (BPhase::Parked { .. }, control::KQ_PARKED) | (_, control::KQ_RETURNED) => return self.kq_backend_message(key, tag, body),
             (_, control::RING_MARK) => match control::parse_ring_mark(body) {
                 Ok(tail) => return self.backend_ring_take(key, Some(tail)),
                 Err(e) => {
@@ -443,9 +446,11 @@ impl Pooler {
         if !self.backend_ring_close(key) {
             return;
         }
-        // Lent to a kernel queue: the queued clients it served go with it.
+        // Lent to a kernel queue: the queued clients it served go with it
+        // (also one it gave back after it stopped being lent, its message
+        // unread: `kq_backend_gone` finds them by their owner words).
         if let Some(Conn::Backend(b)) = self.conns.get(key) {
-            if b.lent {
+            if b.lent || self.kq.base != 0 {
                 let (row, fatal) = (b.row, login_failure.clone().or_else(|| b.last_fatal.as_deref().cloned()));
                 self.kq_backend_gone(key, row, fatal);
             }

@@ -551,7 +551,7 @@ impl Pooler {
         });
         if let (Some(since), Some(p)) = (waited_since, pool) {
             self.pools[p].record_wait(since);
-            self.pools[p].waited_at = now;
+            self.pools[p].waited_at = crate::shmem::mono_now();
         }
         if let Some(p) = pool {
             self.pools[p].attached.push(bk);

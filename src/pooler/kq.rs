@@ -116,7 +116,7 @@ impl Pooler {
                 // so it never writes a slot this pooler may give another.
                 for row in 0..clients {
                     if let Some(k) = self.tables.kq_row(row) {
-                        k.owner.store(0, std::sync::atomic::Ordering::SeqCst);
+                        kq::settle(&k.owner);
                     }
                 }
                 self.kq.base = base;
@@ -271,7 +271,7 @@ impl Pooler {
         // SAFETY: borrowed for one call; the client's socket is open.
         let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(number) };
         if q.ep.add(fd, ev).is_err() {
-            slot_row.owner.store(0, std::sync::atomic::Ordering::SeqCst);
+            kq::settle(&slot_row.owner);
             self.client_rearm(ck);
             return false;
         }
@@ -294,8 +294,9 @@ impl Pooler {
 
     /// Takes a queued client back from the queue (true: the pooler's now,
     /// `Phase::Idle`, unwatched: the caller watches or closes it). False:
-    /// a backend serves it; recalled, it comes back with its `KQ_RETURNED`
-    /// (`close` then closes it there).
+    /// a backend serves it, or gave it back and its `KQ_RETURNED` is still
+    /// unread; the client comes back with that message (`close` then
+    /// closes it there), unless the backend keeps it as an attached one.
     pub fn kq_take_back(&mut self, ck: usize, close: bool) -> bool {
         let Some(c) = self.client(ck) else { return true };
         let Phase::Queued { .. } = c.phase else { return true };
@@ -314,6 +315,16 @@ impl Pooler {
                 // inside a transaction reads the message as a no-op.
                 if let Some(bk) = self.kq_backend_at(brow as usize) {
                     self.kq_wake(bk);
+                }
+                false
+            }
+            TakeBack::Returning { .. } => {
+                // Its backend may go on serving it (a pinned session, said
+                // by that message): the pooler must not read it before.
+                if close {
+                    if let Some(c) = self.client(ck) {
+                        c.kq_close = true;
+                    }
                 }
                 false
             }
@@ -396,6 +407,11 @@ impl Pooler {
                 }
                 q.counted.push(row);
             }
+        }
+        // A recall flag left from its last lending (it kept a client
+        // instead of answering) would send it straight back.
+        if let Some(h) = self.tables.kq_backend(row) {
+            h.recall.store(0, std::sync::atomic::Ordering::SeqCst);
         }
         let Some(b) = self.backend(bk) else { return false };
         let mut msg = Vec::with_capacity(9);
@@ -549,7 +565,7 @@ impl Pooler {
         if self.kq.base == 0 {
             return;
         }
-        let now_us = crate::pg::shmem::now();
+        let now_us = crate::shmem::mono_now();
         let pools: Vec<usize> = self.kq.pools.keys().copied().collect();
         for pool in pools {
             let Some(p) = self.pools.get_mut(pool) else { continue };
@@ -587,7 +603,7 @@ impl Pooler {
     pub fn kq_idle_longer(&self, row: usize, limit: std::time::Duration) -> bool {
         let Some(h) = self.tables.kq_backend(row) else { return false };
         let since = h.idle_since.load(std::sync::atomic::Ordering::Relaxed);
-        since != 0 && crate::pg::shmem::now() - since > limit.as_micros() as i64
+        since != 0 && crate::shmem::mono_now() - since > limit.as_micros() as i64
     }
 
     /// Is lent backend `bk` closing (recalled, closed at its `KQ_PARKED`)?
@@ -727,7 +743,7 @@ impl Pooler {
         // Whether the pools' queued clients ask for backends until the next
         // look (`Pool::queue_busy`): a query untaken now, or one a backend
         // found waiting within the last second (`KqPool::waited_at`).
-        let now_us = crate::pg::shmem::now();
+        let now_us = crate::shmem::mono_now();
         for (k, p) in self.pools.iter_mut() {
             p.queue_busy = ready_pools.contains(&k) || self.tables.kq_waited_recently(p.row, now_us);
             p.queued_fresh = 0;
@@ -774,6 +790,14 @@ impl Pooler {
             kq::Owner::Taken { row, .. } => Some(row as usize),
             _ => None,
         }
+    }
+
+    /// Has a backend given this queued client back, its `KQ_RETURNED`
+    /// still unread (`kq::Owner::Returned`)? Then only that message says
+    /// whether the backend still serves it.
+    pub fn kq_returning(&self, ck: usize) -> bool {
+        let Some(&row) = self.kq.queued.get(&ck) else { return false };
+        self.tables.kq_row(row).is_some_and(|k| matches!(kq::load(&k.owner), kq::Owner::Returned { .. }))
     }
 
     /// The key of the backend in shared row `row`.
@@ -915,8 +939,11 @@ impl Pooler {
     fn kq_returned(&mut self, bk: usize, row: usize, id: u64, flags: u8) {
         let ck = self.kq.by_row.get(&row).copied();
         let Some(ck) = ck.filter(|&k| self.client(k).is_some_and(|c| c.id == id && matches!(c.phase, Phase::Queued { .. }))) else {
-            return; // taken back meanwhile (the pooler's already)
+            return; // not queued any more (closed with its backend's end, or a pooler restarted since)
         };
+        if let Some(k) = self.tables.kq_row(row) {
+            kq::settle(&k.owner);
+        }
         self.kq_settle(ck, row);
         // A backend took it: its session was counted there, whatever the
         // slot (rewritten only when a backend requeues it) still says.
@@ -924,9 +951,22 @@ impl Pooler {
             c.session_counted = true;
         }
         if flags & control::KQ_RETURNED_KEPT != 0 {
-            // The backend serves it as an attached client from here on.
+            // The backend serves it as an attached client from here on,
+            // handled as one (a close asked meanwhile waits for its
+            // session to end, as an attached client's does).
             self.kq_unlend(bk);
+            if let Some(c) = self.client(ck) {
+                c.kq_close = false;
+            }
             self.attached(ck, bk, None);
+            if self.client(ck).is_some_and(|c| c.killed) {
+                // Killed while this message was on its way: as an
+                // attached client is, by terminating its backend.
+                if let Some(b) = self.backend(bk) {
+                    b.terminating = true;
+                    super::backend::signal_backend(b.pid, nix::sys::signal::Signal::SIGTERM);
+                }
+            }
             return;
         }
         let Some(c) = self.client(ck) else { return };
@@ -944,7 +984,9 @@ impl Pooler {
     /// it served lose their connection, as a direct client's does when its
     /// backend ends. It wrote its FATAL to the client it was serving; one it
     /// wrote on its control socket instead (`fatal`: terminated between two
-    /// clients, having taken the next) goes to that client.
+    /// clients, having taken the next) goes to that client. A client it
+    /// gave back whose `KQ_RETURNED` was never read (lost with the
+    /// backend's connection) is closed too: it may have been kept.
     pub fn kq_backend_gone(&mut self, bk: usize, brow: usize, fatal: Option<ErrorFields>) {
         self.kq_unlend(bk);
         let served: Vec<(usize, usize)> = self
@@ -953,12 +995,14 @@ impl Pooler {
             .iter()
             .map(|(&k, &r)| (k, r))
             .filter(|&(_, r)| {
-                self.tables.kq_row(r).is_some_and(|x| matches!(kq::load(&x.owner), kq::Owner::Taken { row, .. } if row as usize == brow))
+                self.tables.kq_row(r).is_some_and(|x| {
+                    matches!(kq::load(&x.owner), kq::Owner::Taken { row, .. } | kq::Owner::Returned { row, .. } if row as usize == brow)
+                })
             })
             .collect();
         for (ck, row) in served {
             if let Some(x) = self.tables.kq_row(row) {
-                x.owner.store(0, std::sync::atomic::Ordering::SeqCst);
+                kq::settle(&x.owner);
             }
             self.kq_settle(ck, row);
             if let Some(f) = &fatal {

@@ -215,10 +215,23 @@ impl Pooler {
             log::info!("kill of client {addr} port {port}: no such client");
             return;
         };
+        // Killed whichever way it is told: marked first, so a client that
+        // its kernel-queue backend gives back between the checks below is
+        // told when that backend's message is read (`kq_returned`).
+        if let Some(c) = self.client(ck) {
+            c.killed = true;
+        }
         // Sent ahead and not claimed: waiting again, told by the pooler
         // below (its busy backend serves another client). Claimed: that
         // backend serves it.
         self.client_recall(ck);
+        // Given back by a backend lent to a kernel queue, its message on
+        // the way: told when that is read (`kq_returned`; a backend that
+        // keeps the client is terminated then).
+        if self.kq_returning(ck) {
+            log::info!("killing client {addr} port {port} of role \"{role}\" for database \"{db}\": told when its backend gives it back");
+            return;
+        }
         // Served by a backend lent to a kernel queue: that backend is
         // terminated (it tells the client), as for an attached one.
         if let Some(brow) = self.kq_serving_row(ck) {

@@ -295,6 +295,102 @@ fn a_pinned_session_stays_with_its_backend() {
     });
 }
 
+/// A backend that keeps its client (a temp table pins the session) first
+/// marks it given back in shared memory, then tells the pooler, and goes on
+/// serving it. An operation in that window takes every queued client back
+/// (here `reset_stats()`, the mildest): it must leave this one to its
+/// backend until the message is read. Before, the pooler made it its own
+/// at once and read its next statement too, which then ran on another
+/// backend without the table (42P01). `nextgres.debug_return_delay`, a
+/// developer option, holds the window open for a second.
+#[test]
+fn a_client_its_backend_keeps_is_not_taken_back_before_it_says_so() {
+    let b = builder().conf("nextgres.max_pinned_backends = 2").conf("nextgres.debug_return_delay = 1000");
+    run(b, |pg| {
+        let (pooler, workers) = saturated(pg);
+        let mut c = connect(pg, APP);
+        for _ in 0..5 {
+            assert_eq!(one(&mut c, "SELECT 1"), "1");
+        }
+        c.batch_execute("CREATE TEMP TABLE mine (x int)").expect("temp table");
+        let t = std::time::Instant::now();
+        pg.admin().batch_execute("SELECT nextgres.reset_stats()").expect("reset_stats");
+        // Only meaningful inside the window (the operation applied before
+        // the backend's message): else this run proves nothing.
+        assert!(t.elapsed() < Duration::from_millis(800), "reset_stats took {:?}: past the window", t.elapsed());
+        for n in 1..=5 {
+            c.batch_execute("INSERT INTO mine VALUES (1)")
+                .unwrap_or_else(|e| panic!("insert {n} after the take-back: {e:?}\n{}", pg.log_tail(30)));
+            assert_eq!(one(&mut c, "SELECT count(*) FROM mine"), n.to_string());
+        }
+        for (id, r) in workers.finish().into_iter().enumerate() {
+            assert!(r.is_ok(), "worker {id}: {r:?}");
+        }
+        drop(c);
+        assert_left_nothing(pg, pooler);
+    });
+}
+
+/// `kill_client()` of a client in that same window (given back, its
+/// backend's message unread): the backend keeps the client, so the kill
+/// terminates that backend once the message says so, as for any attached
+/// client; the client gets 57P01, the workers go on. Before, the kill was
+/// lost: it found no backend serving the client, asked the pooler to
+/// close it when given back, and the message then said "kept".
+#[test]
+fn a_kill_in_that_window_reaches_the_kept_client() {
+    let b = builder().conf("nextgres.max_pinned_backends = 2").conf("nextgres.debug_return_delay = 1000");
+    run(b, |pg| {
+        let (pooler, workers) = saturated(pg);
+        let ports = || -> Vec<(String, i32)> {
+            pg.admin()
+                .query("SELECT client_addr, client_port FROM nextgres.clients WHERE role = 'app'", &[])
+                .expect("clients")
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect()
+        };
+        let before = ports();
+        let mut c = connect(pg, APP);
+        let mine: Vec<_> = ports().into_iter().filter(|p| !before.contains(p)).collect();
+        assert_eq!(mine.len(), 1, "the new client in nextgres.clients: {mine:?}");
+        for _ in 0..5 {
+            assert_eq!(one(&mut c, "SELECT 1"), "1");
+        }
+        c.batch_execute("CREATE TEMP TABLE mine (x int)").expect("temp table");
+        let t = std::time::Instant::now();
+        let found: bool = pg
+            .admin()
+            .query_one("SELECT nextgres.kill_client($1, $2)", &[&mine[0].0, &mine[0].1])
+            .expect("kill_client")
+            .get(0);
+        assert!(found, "kill_client did not find the client");
+        assert!(t.elapsed() < Duration::from_millis(800), "kill_client took {:?}: past the window", t.elapsed());
+        // The backend may answer a query already in the socket before the
+        // SIGTERM lands (as after pg_terminate_backend on a direct
+        // session); the session must end soon after, not go on.
+        let mut end = None;
+        let ended = wait_until(SETTLE, || match c.simple_query("SELECT 1") {
+            Ok(_) => false,
+            Err(e) => {
+                end = Some(e);
+                true
+            }
+        });
+        assert!(ended, "the killed client went on for {SETTLE:?}\n{}", pg.log_tail(30));
+        let e = end.expect("set with ended");
+        assert!(
+            sqlstate(&e) == Some("57P01") || e.is_closed() || e.to_string().contains("closed"),
+            "the killed client: {e:?}"
+        );
+        for (id, r) in workers.finish().into_iter().enumerate() {
+            assert!(r.is_ok(), "worker {id}: {r:?}");
+        }
+        drop(c);
+        assert_left_nothing(pg, pooler);
+    });
+}
+
 /// `nextgres.pause()` while clients are queued: none runs a transaction
 /// until `resume()`, then all go on; `kill_clients()` ends every client of
 /// the pool, queued or served, with 57P01.

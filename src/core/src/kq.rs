@@ -16,6 +16,11 @@
 //! * [`Owner::Taken`]: backend row `row` serves it; `recall` asks that
 //!   backend to give it back to the pooler (not to the queue) at its
 //!   boundary.
+//! * [`Owner::Returned`]: backend row `row` gave it back; its message saying
+//!   so (`KQ_RETURNED`, which also says whether that backend keeps serving
+//!   it as an attached client) is on the way on that backend's control
+//!   socket. The pooler does not read the client until it has read that
+//!   message (or the backend is gone), then makes the word `Pooler`.
 //!
 //! `gen` names one stay of one client in the queue's registration (the
 //! pooler bumps it whenever it registers a client, so a row reused by the
@@ -42,6 +47,7 @@ const GEN_MASK: u64 = (1 << GEN_BITS) - 1;
 const STATE_POOLER: u64 = 0;
 const STATE_QUEUED: u64 = 1;
 const STATE_TAKEN: u64 = 2;
+const STATE_RETURNED: u64 = 3;
 const RECALL: u64 = 1 << 2;
 
 /// Who owns a client (see the module comment).
@@ -63,6 +69,14 @@ pub enum Owner {
         /// The pooler wants it back at that backend's boundary.
         recall: bool,
     },
+    /// Given back by the backend in shared row `row`, its `KQ_RETURNED`
+    /// not read by the pooler yet: nobody reads the client meanwhile.
+    Returned {
+        /// The backend's row.
+        row: u32,
+        /// The registration it was taken under.
+        gen: u64,
+    },
 }
 
 impl Owner {
@@ -78,16 +92,21 @@ impl Owner {
                     | (u64::from(row) & ((1 << BACKEND_BITS) - 1)) << 8
                     | (gen & GEN_MASK) << 24
             }
+            Owner::Returned { row, gen } => {
+                STATE_RETURNED | (u64::from(row) & ((1 << BACKEND_BITS) - 1)) << 8 | (gen & GEN_MASK) << 24
+            }
         }
     }
 
-    /// The owner a word says; an undefined state (never written) reads as
-    /// the pooler's, the safe side (nobody but the pooler reads the client).
+    /// The owner a word says (all four states are defined; a zeroed word
+    /// is the pooler's).
     pub fn decode(w: u64) -> Owner {
         let gen = w >> 24;
+        let row = ((w >> 8) & ((1 << BACKEND_BITS) - 1)) as u32;
         match w & 3 {
             STATE_QUEUED => Owner::Queued { gen },
-            STATE_TAKEN => Owner::Taken { row: ((w >> 8) & ((1 << BACKEND_BITS) - 1)) as u32, gen, recall: w & RECALL != 0 },
+            STATE_TAKEN => Owner::Taken { row, gen, recall: w & RECALL != 0 },
+            STATE_RETURNED => Owner::Returned { row, gen },
             _ => Owner::Pooler,
         }
     }
@@ -127,6 +146,12 @@ pub fn enqueue(word: &AtomicU64, gen: u64) {
     word.store(Owner::Queued { gen }.encode(), Ordering::SeqCst);
 }
 
+/// Pooler: the client is its own (a backend's `KQ_RETURNED` read, the
+/// backend gone, or a registration that failed).
+pub fn settle(word: &AtomicU64) {
+    word.store(Owner::Pooler.encode(), Ordering::SeqCst);
+}
+
 /// Backend in row `row`: claims the client an event named (`gen`). False
 /// when it is no longer queued under that registration (the pooler took it
 /// back, or another backend won: never read it then).
@@ -138,7 +163,7 @@ pub fn take(word: &AtomicU64, row: u32, gen: u64) -> bool {
 
 /// Backend in row `row`, at the client's boundary: puts it back in the
 /// queue (the caller re-arms it after this). False when the pooler recalled
-/// it: the word says `Pooler` then, and the backend gives the client back
+/// it: the word says `Returned` then, and the backend gives the client back
 /// on its control socket instead of re-arming it. (A word that names
 /// neither, the client no longer this backend's, is left alone.)
 pub fn requeue(word: &AtomicU64, row: u32, gen: u64) -> bool {
@@ -152,8 +177,9 @@ pub fn requeue(word: &AtomicU64, row: u32, gen: u64) -> bool {
 
 /// Backend in row `row`: gives the client it serves (registration `gen`)
 /// to the pooler (it leaves, its session was pinned, or it was recalled);
-/// the caller then says so on its control socket. False when the word no
-/// longer says this backend serves it.
+/// the caller then says so on its control socket (`Returned` until the
+/// pooler has read that). False when the word no longer says this backend
+/// serves it.
 pub fn give_back(word: &AtomicU64, row: u32, gen: u64) -> bool {
     let mut w = word.load(Ordering::SeqCst);
     loop {
@@ -161,7 +187,7 @@ pub fn give_back(word: &AtomicU64, row: u32, gen: u64) -> bool {
             Owner::Taken { row: r, gen: g, .. } if r == row && g == gen => {}
             _ => return false,
         }
-        match word.compare_exchange(w, Owner::Pooler.encode(), Ordering::SeqCst, Ordering::SeqCst) {
+        match word.compare_exchange(w, Owner::Returned { row, gen }.encode(), Ordering::SeqCst, Ordering::SeqCst) {
             Ok(_) => return true,
             Err(now) => w = now,
         }
@@ -179,6 +205,12 @@ pub enum TakeBack {
         /// The backend's row.
         row: u32,
     },
+    /// Backend row `row` gave it back; its `KQ_RETURNED` is still to be
+    /// read (and may say that backend keeps it as an attached client).
+    Returning {
+        /// The backend's row.
+        row: u32,
+    },
     /// It was the pooler's already.
     Already,
 }
@@ -190,6 +222,7 @@ pub fn take_back(word: &AtomicU64) -> TakeBack {
     loop {
         let (to, result) = match Owner::decode(w) {
             Owner::Pooler => return TakeBack::Already,
+            Owner::Returned { row, .. } => return TakeBack::Returning { row },
             Owner::Queued { .. } => (Owner::Pooler, TakeBack::Taken),
             Owner::Taken { recall: true, row, .. } => return TakeBack::Recalled { row },
             Owner::Taken { row, gen, .. } => (Owner::Taken { row, gen, recall: true }, TakeBack::Recalled { row }),
@@ -258,11 +291,12 @@ mod tests {
             Owner::Queued { gen: GEN_MASK },
             Owner::Taken { row: 0, gen: 7, recall: false },
             Owner::Taken { row: 65535, gen: GEN_MASK, recall: true },
+            Owner::Returned { row: 0, gen: 1 },
+            Owner::Returned { row: 65535, gen: GEN_MASK },
         ] {
             assert_eq!(Owner::decode(o.encode()), o);
         }
         assert_eq!(Owner::decode(0), Owner::Pooler, "a zeroed row is the pooler's");
-        assert_eq!(Owner::decode(3), Owner::Pooler, "an undefined state is the pooler's");
     }
 
     #[test]
@@ -318,7 +352,10 @@ mod tests {
         assert_eq!(take_back(&w), TakeBack::Recalled { row: 5 });
         assert_eq!(take_back(&w), TakeBack::Recalled { row: 5 }, "recalling twice changes nothing");
         assert!(!requeue(&w, 5, 2), "recalled: back to the pooler");
-        assert_eq!(load(&w), Owner::Pooler);
+        assert_eq!(load(&w), Owner::Returned { row: 5, gen: 2 });
+        assert_eq!(take_back(&w), TakeBack::Returning { row: 5 }, "its message is on the way");
+        assert!(!take(&w, 5, 2) && !requeue(&w, 5, 2) && !give_back(&w, 5, 2), "no backend's any more");
+        settle(&w);
         assert_eq!(take_back(&w), TakeBack::Already);
         enqueue(&w, 3);
         assert!(!requeue(&w, 5, 2), "another registration's word is not touched");
@@ -327,6 +364,24 @@ mod tests {
         assert!(take(&w, 6, 3));
         assert!(!give_back(&w, 5, 3), "another backend's");
         assert!(give_back(&w, 6, 3));
+        assert_eq!(load(&w), Owner::Returned { row: 6, gen: 3 });
+    }
+
+    /// A backend that keeps its client (session pinned) gives it back and
+    /// goes on serving it: until the pooler reads that backend's message,
+    /// a take-back must not make the client the pooler's, or two processes
+    /// would read its socket.
+    #[test]
+    fn a_client_given_back_is_nobodys_until_its_message_is_read() {
+        let w = AtomicU64::new(0);
+        enqueue(&w, 7);
+        assert!(take(&w, 4, 7));
+        assert!(give_back(&w, 4, 7));
+        assert_eq!(take_back(&w), TakeBack::Returning { row: 4 });
+        assert_eq!(take_back(&w), TakeBack::Returning { row: 4 }, "unchanged by asking");
+        assert!(!take_back_waiting(&w));
+        assert_eq!(load(&w), Owner::Returned { row: 4, gen: 7 });
+        settle(&w);
         assert_eq!(load(&w), Owner::Pooler);
     }
 

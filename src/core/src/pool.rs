@@ -60,9 +60,10 @@ pub struct Pool {
     /// no backend, so an idle pool's backends close after
     /// `idle_backend_timeout` and stay closed.
     pub queue_busy: bool,
-    /// When a client last got a backend after waiting for one (a server
-    /// TimestampTz, µs; 0: never): backends do not hold idle clients of a
-    /// pool saturated that recently (`backend::park::linger`).
+    /// When a client last got a backend after waiting for one (monotonic
+    /// µs, the same clock in every process; 0: never): backends do not
+    /// hold idle clients of a pool saturated that recently
+    /// (`backend::park::linger`).
     pub waited_at: i64,
     /// Clients authenticated before the pool knew its session values.
     pub login_pending: Vec<usize>,
