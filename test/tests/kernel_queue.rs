@@ -270,6 +270,61 @@ fn clients_leaving_while_queued_leave_nothing() {
     });
 }
 
+/// Six workers saturate the pool (`saturated`) and one more client runs
+/// five transactions, so it waits in the queue between them, then pins its
+/// session with a temp table `mine`: (pooler pid, workers, that client, its
+/// address and port as `nextgres.clients` shows them).
+fn pinned_queued_client(pg: &Cluster) -> (i32, Workers, postgres::Client, (String, i32)) {
+    let (pooler, workers) = saturated(pg);
+    // All six listed first (one may still be logging in), so the one new
+    // row below is this client's.
+    let listed = wait_until(SETTLE, || client_ports(pg, APP).len() == 6);
+    assert!(listed, "the six workers in nextgres.clients: {:?}", client_ports(pg, APP));
+    let before = client_ports(pg, APP);
+    let mut c = connect(pg, APP);
+    let new: Vec<_> = client_ports(pg, APP).into_iter().filter(|p| !before.contains(p)).collect();
+    assert_eq!(new.len(), 1, "the new client in nextgres.clients: {new:?}");
+    for _ in 0..5 {
+        assert_eq!(one(&mut c, "SELECT 1"), "1");
+    }
+    c.batch_execute("CREATE TEMP TABLE mine (x int)").expect("temp table");
+    (pooler, workers, c, new[0].clone())
+}
+
+/// `n` rows into the client's temp table `mine`, each counted after it went
+/// in: the client's statements all reach the backend that holds its table.
+#[track_caller]
+fn fill_mine(pg: &Cluster, c: &mut postgres::Client, n: i32, what: &str) {
+    for i in 1..=n {
+        c.batch_execute("INSERT INTO mine VALUES (1)").unwrap_or_else(|e| panic!("{what}: insert {i}: {e:?}\n{}", pg.log_tail(30)));
+        assert_eq!(one(c, "SELECT count(*) FROM mine"), i.to_string(), "{what}");
+    }
+}
+
+/// The workers all finished cleanly, and once `c` left nothing is left.
+#[track_caller]
+fn finish_clean(pg: &Cluster, pooler: i32, workers: Workers, c: postgres::Client) {
+    for (id, r) in workers.finish().into_iter().enumerate() {
+        assert!(r.is_ok(), "worker {id}: {r:?}");
+    }
+    drop(c);
+    assert_left_nothing(pg, pooler);
+}
+
+/// Builder for the tests of the window in which a backend has given a
+/// client back in shared memory but not yet told the pooler: the developer
+/// option `nextgres.debug_return_delay` holds it open for a second.
+fn return_window_builder() -> nextgres_test::cluster::Builder {
+    builder().conf("nextgres.max_pinned_backends = 2").conf("nextgres.debug_return_delay = 1000")
+}
+
+/// Fails unless `t` is well inside that second: an operation applied
+/// after the backend's message proves nothing.
+#[track_caller]
+fn assert_in_window(t: std::time::Instant, what: &str) {
+    assert!(t.elapsed() < Duration::from_millis(800), "{what} took {:?}: past the window", t.elapsed());
+}
+
 /// A client served from the queue creates a temp table: its session is
 /// pinned, so the backend keeps it (the pooler's dedicated session for it)
 /// and every later transaction sees its table; the other clients go on
@@ -277,21 +332,9 @@ fn clients_leaving_while_queued_leave_nothing() {
 #[test]
 fn a_pinned_session_stays_with_its_backend() {
     run(builder().conf("nextgres.max_pinned_backends = 2"), |pg| {
-        let (pooler, workers) = saturated(pg);
-        let mut c = connect(pg, APP);
-        for _ in 0..5 {
-            assert_eq!(one(&mut c, "SELECT 1"), "1");
-        }
-        c.batch_execute("CREATE TEMP TABLE mine (x int)").expect("temp table");
-        for n in 1..=20 {
-            c.batch_execute("INSERT INTO mine VALUES (1)").unwrap_or_else(|e| panic!("insert {n}: {e:?}\n{}", pg.log_tail(30)));
-            assert_eq!(one(&mut c, "SELECT count(*) FROM mine"), n.to_string());
-        }
-        for (id, r) in workers.finish().into_iter().enumerate() {
-            assert!(r.is_ok(), "worker {id}: {r:?}");
-        }
-        drop(c);
-        assert_left_nothing(pg, pooler);
+        let (pooler, workers, mut c, _) = pinned_queued_client(pg);
+        fill_mine(pg, &mut c, 20, "pinned");
+        finish_clean(pg, pooler, workers, c);
     });
 }
 
@@ -301,33 +344,16 @@ fn a_pinned_session_stays_with_its_backend() {
 /// (here `reset_stats()`, the mildest): it must leave this one to its
 /// backend until the message is read. Before, the pooler made it its own
 /// at once and read its next statement too, which then ran on another
-/// backend without the table (42P01). `nextgres.debug_return_delay`, a
-/// developer option, holds the window open for a second.
+/// backend without the table (42P01).
 #[test]
 fn a_client_its_backend_keeps_is_not_taken_back_before_it_says_so() {
-    let b = builder().conf("nextgres.max_pinned_backends = 2").conf("nextgres.debug_return_delay = 1000");
-    run(b, |pg| {
-        let (pooler, workers) = saturated(pg);
-        let mut c = connect(pg, APP);
-        for _ in 0..5 {
-            assert_eq!(one(&mut c, "SELECT 1"), "1");
-        }
-        c.batch_execute("CREATE TEMP TABLE mine (x int)").expect("temp table");
+    run(return_window_builder(), |pg| {
+        let (pooler, workers, mut c, _) = pinned_queued_client(pg);
         let t = std::time::Instant::now();
         pg.admin().batch_execute("SELECT nextgres.reset_stats()").expect("reset_stats");
-        // Only meaningful inside the window (the operation applied before
-        // the backend's message): else this run proves nothing.
-        assert!(t.elapsed() < Duration::from_millis(800), "reset_stats took {:?}: past the window", t.elapsed());
-        for n in 1..=5 {
-            c.batch_execute("INSERT INTO mine VALUES (1)")
-                .unwrap_or_else(|e| panic!("insert {n} after the take-back: {e:?}\n{}", pg.log_tail(30)));
-            assert_eq!(one(&mut c, "SELECT count(*) FROM mine"), n.to_string());
-        }
-        for (id, r) in workers.finish().into_iter().enumerate() {
-            assert!(r.is_ok(), "worker {id}: {r:?}");
-        }
-        drop(c);
-        assert_left_nothing(pg, pooler);
+        assert_in_window(t, "reset_stats");
+        fill_mine(pg, &mut c, 5, "after the take-back");
+        finish_clean(pg, pooler, workers, c);
     });
 }
 
@@ -339,33 +365,16 @@ fn a_client_its_backend_keeps_is_not_taken_back_before_it_says_so() {
 /// close it when given back, and the message then said "kept".
 #[test]
 fn a_kill_in_that_window_reaches_the_kept_client() {
-    let b = builder().conf("nextgres.max_pinned_backends = 2").conf("nextgres.debug_return_delay = 1000");
-    run(b, |pg| {
-        let (pooler, workers) = saturated(pg);
-        let ports = || -> Vec<(String, i32)> {
-            pg.admin()
-                .query("SELECT client_addr, client_port FROM nextgres.clients WHERE role = 'app'", &[])
-                .expect("clients")
-                .iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect()
-        };
-        let before = ports();
-        let mut c = connect(pg, APP);
-        let mine: Vec<_> = ports().into_iter().filter(|p| !before.contains(p)).collect();
-        assert_eq!(mine.len(), 1, "the new client in nextgres.clients: {mine:?}");
-        for _ in 0..5 {
-            assert_eq!(one(&mut c, "SELECT 1"), "1");
-        }
-        c.batch_execute("CREATE TEMP TABLE mine (x int)").expect("temp table");
+    run(return_window_builder(), |pg| {
+        let (pooler, workers, mut c, (addr, port)) = pinned_queued_client(pg);
         let t = std::time::Instant::now();
         let found: bool = pg
             .admin()
-            .query_one("SELECT nextgres.kill_client($1, $2)", &[&mine[0].0, &mine[0].1])
+            .query_one("SELECT nextgres.kill_client($1, $2)", &[&addr, &port])
             .expect("kill_client")
             .get(0);
         assert!(found, "kill_client did not find the client");
-        assert!(t.elapsed() < Duration::from_millis(800), "kill_client took {:?}: past the window", t.elapsed());
+        assert_in_window(t, "kill_client");
         // The backend may answer a query already in the socket before the
         // SIGTERM lands (as after pg_terminate_backend on a direct
         // session); the session must end soon after, not go on.
@@ -383,11 +392,7 @@ fn a_kill_in_that_window_reaches_the_kept_client() {
             sqlstate(&e) == Some("57P01") || e.is_closed() || e.to_string().contains("closed"),
             "the killed client: {e:?}"
         );
-        for (id, r) in workers.finish().into_iter().enumerate() {
-            assert!(r.is_ok(), "worker {id}: {r:?}");
-        }
-        drop(c);
-        assert_left_nothing(pg, pooler);
+        finish_clean(pg, pooler, workers, c);
     });
 }
 

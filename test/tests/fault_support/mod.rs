@@ -116,6 +116,16 @@ pub fn terminate_agent(pg: &Cluster) {
     assert!(ok, "pg_terminate_backend of the agent");
 }
 
+/// `nextgres.clients` of role `role`: (client_addr, client_port) each.
+pub fn client_ports(pg: &Cluster, role: &str) -> Vec<(String, i32)> {
+    pg.admin()
+        .query("SELECT client_addr, client_port FROM nextgres.clients WHERE role = $1", &[&role])
+        .expect("nextgres.clients")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
 /// `nextgres.backends`: (pid, state), by pid.
 pub fn pooled(pg: &Cluster) -> Vec<(i32, String)> {
     pg.admin()
