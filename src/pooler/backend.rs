@@ -87,6 +87,18 @@ Make the first pg_hba.conf \"local\" line that matches the client's database and
 kept above it for local admin access), then reload.";
 
 impl Pooler {
+    /// Terminates backend `key` as pg_terminate_backend does (SIGTERM to
+    /// its process group, `signal_backend`): it tells its client, ends the
+    /// transaction, and its end is expected (`terminating`). Its pid, or
+    /// None for a backend no longer in the table.
+    pub fn backend_terminate(&mut self, key: usize) -> Option<i32> {
+        let b = self.backend(key)?;
+        b.terminating = true;
+        let pid = b.pid;
+        signal_backend(pid, nix::sys::signal::Signal::SIGTERM);
+        Some(pid)
+    }
+
     pub fn backend(&mut self, key: usize) -> Option<&mut Backend> {
         match self.conns.get_mut(key) {
             Some(Conn::Backend(b)) => Some(b),

@@ -685,12 +685,10 @@ impl Pooler {
         if !self.client(ck).is_some_and(|c| c.killed) || !self.backend_recall_ahead(bk).is_empty() {
             return;
         }
-        let Some(b) = self.backend(bk) else { return };
-        if b.pid > 0 {
-            b.terminating = true;
-            let pid = b.pid;
-            log::info!("killing a client its backend {pid} had taken ahead: terminating that backend");
-            super::backend::signal_backend(pid, nix::sys::signal::Signal::SIGTERM);
+        if self.backend(bk).is_some_and(|b| b.pid > 0) {
+            if let Some(pid) = self.backend_terminate(bk) {
+                log::info!("killing a client its backend {pid} had taken ahead: terminating that backend");
+            }
         }
     }
 }

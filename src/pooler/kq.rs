@@ -962,10 +962,7 @@ impl Pooler {
             if self.client(ck).is_some_and(|c| c.killed) {
                 // Killed while this message was on its way: as an
                 // attached client is, by terminating its backend.
-                if let Some(b) = self.backend(bk) {
-                    b.terminating = true;
-                    super::backend::signal_backend(b.pid, nix::sys::signal::Signal::SIGTERM);
-                }
+                self.backend_terminate(bk);
             }
             return;
         }

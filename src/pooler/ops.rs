@@ -147,9 +147,7 @@ impl Pooler {
         // Backends lent to its kernel queue serve clients the pooler cannot
         // take back: terminated, as attached ones below.
         for bk in self.kq_take_back_all(Some(pool)) {
-            let Some(b) = self.backend(bk) else { continue };
-            b.terminating = true;
-            super::backend::signal_backend(b.pid, nix::sys::signal::Signal::SIGTERM);
+            self.backend_terminate(bk);
         }
         let Some(p) = self.pools.get(pool) else { return };
         log::info!(
@@ -188,9 +186,7 @@ impl Pooler {
         // The backends still serving clients once the others were told (a
         // told client's pinned idle backend was freed and parked above).
         for bk in self.pools[pool].attached.clone() {
-            let Some(b) = self.backend(bk) else { continue };
-            b.terminating = true;
-            super::backend::signal_backend(b.pid, nix::sys::signal::Signal::SIGTERM);
+            self.backend_terminate(bk);
         }
         self.sync_pool(pool);
     }
@@ -236,14 +232,8 @@ impl Pooler {
         // terminated (it tells the client), as for an attached one.
         if let Some(brow) = self.kq_serving_row(ck) {
             let bk = self.conns.iter().find_map(|(k, c)| matches!(c, Conn::Backend(b) if b.row == brow).then_some(k));
-            if let Some(b) = bk.and_then(|bk| self.backend(bk)) {
-                b.terminating = true;
-                let pid = b.pid;
-                if let Some(c) = self.client(ck) {
-                    c.killed = true;
-                }
+            if let Some(pid) = bk.and_then(|bk| self.backend_terminate(bk)) {
                 log::info!("killing client {addr} port {port} of role \"{role}\" for database \"{db}\": terminating its backend {pid}");
-                super::backend::signal_backend(pid, nix::sys::signal::Signal::SIGTERM);
                 return;
             }
         }
