@@ -70,7 +70,8 @@ pub struct Backend {
     pub lent: bool,
     /// Asked back from the queue (`KQ_RECALL`), `KQ_PARKED` not read yet.
     pub kq_recalled: bool,
-    /// Closed once it is back from the queue (`backend_close` of a lent one).
+    /// Closed once it answers its recall with `KQ_PARKED` (`backend_close`
+    /// of a lent one); dropped when it keeps a client instead (`kq_unlend`).
     pub kq_close: bool,
     /// It answered a lend with `KQ_PARKED` (it could not open the queue:
     /// `pidfd_getfd` refused, no descriptor left): not lent again.

@@ -862,8 +862,9 @@ impl Pooler {
                         b.kq_refused = true;
                     }
                 }
+                let close = self.kq_closing(bk);
                 self.kq_unlend(bk);
-                if self.backend(bk).is_some_and(|b| b.kq_close) {
+                if close {
                     self.backend_close(bk);
                     return false;
                 }
@@ -917,11 +918,19 @@ impl Pooler {
     }
 
     /// The backend is no longer lent (recalled, or it kept a client): parked
-    /// in its row until the caller says otherwise.
+    /// in its row until the caller says otherwise. A close asked while it
+    /// was lent (`kq_defer_close`) is dropped with the lending: the caller
+    /// answering the recall closes it, and one that kept a client is judged
+    /// again when that client leaves it (`backend_available`: surplus,
+    /// expiry, a starved pool, a drain). Kept, the mark would outlive the
+    /// lending: lent again, the backend would count as closing for good,
+    /// so no client would be queued for it and none recalled from it (the
+    /// pool's clients waited out query_wait_timeout).
     fn kq_unlend(&mut self, bk: usize) {
         let Some(b) = self.backend(bk) else { return };
         let was = std::mem::replace(&mut b.lent, false);
         b.kq_recalled = false;
+        b.kq_close = false;
         let (pool, row) = (b.pool, b.row);
         if was {
             let now = crate::pg::shmem::now();

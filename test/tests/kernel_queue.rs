@@ -675,3 +675,72 @@ fn idle_queued_clients_let_the_pool_close_its_backends() {
         assert!(count() >= 1, "the queries were served by no backend of the pool");
     });
 }
+
+/// A lent backend asked to close (`pool_size` lowered while it serves a
+/// transaction) whose client pins its session at that transaction's end
+/// keeps the client, and the close is dropped with its lending: once the
+/// client unpins, with the pool's size back, it serves the queue as any
+/// lent backend. Before, the close mark outlived the lending: lent again,
+/// the backend counted as closing for good, so no client was queued for it
+/// and none recalled from it, and the pool's next query waited out
+/// `query_wait_timeout` (53400; seen in the drivers suite, node-postgres,
+/// whose temp tables pin sessions while backends come and go).
+///
+/// Two clients, one per backend, each create a temp table inside a
+/// transaction; `pool_size` goes to 1 and back to 2 (the lowering marks
+/// one of the two backends, the first lent); both commit (pinned: kept).
+/// Each client in turn then drops its table while the other keeps its pin,
+/// so its own backend is the pool's only shared one: its next statements
+/// must run there, through the queue, and no third backend logs in.
+#[test]
+fn a_backend_kept_by_its_client_is_not_left_closing() {
+    let b = builder()
+        .conf("nextgres.hold_idle_clients = off")
+        .conf("nextgres.max_pinned_backends = 0")
+        .conf("nextgres.query_wait_timeout = 5");
+    run(b, |pg| {
+        let pooler = running_pooler_pid(pg);
+        let size = |sql: &str, n: i32| {
+            pg.admin().batch_execute(sql).unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+            let q = "SELECT coalesce(max(pool_size), 0)::int8 FROM nextgres.pools WHERE role = 'app'";
+            let shown = wait_until(SETTLE, || admin_i64(pg, q) == n as i64);
+            assert!(shown, "{sql}: nextgres.pools shows pool_size {}", admin_i64(pg, q));
+        };
+        let pid = |c: &mut postgres::Client| one(c, "SELECT pg_backend_pid()").parse::<i32>().expect("a pid");
+        let mut a = connect(pg, APP);
+        let mut c = connect(pg, APP);
+        // Past their first statements both are queued clients.
+        for _ in 0..3 {
+            one(&mut a, "SELECT 1");
+            one(&mut c, "SELECT 1");
+        }
+        a.batch_execute("BEGIN; CREATE TEMP TABLE ta (x int)").expect("a's transaction");
+        c.batch_execute("BEGIN; CREATE TEMP TABLE tc (x int)").expect("c's transaction");
+        size("ALTER ROLE app IN DATABASE postgres SET nextgres.pool_size = 1", 1);
+        size("ALTER ROLE app IN DATABASE postgres RESET nextgres.pool_size", 2);
+        a.batch_execute("COMMIT").expect("a's commit");
+        c.batch_execute("COMMIT").expect("c's commit");
+        let (pa, pc) = (pid(&mut a), pid(&mut c));
+        assert_ne!(pa, pc, "the two pinned clients share a backend");
+        // Each unpins in turn, the other one pinned meanwhile.
+        let turn = |who: &str, x: &mut postgres::Client, mine: i32, table: &str| {
+            let before = queue_xacts(pg);
+            x.batch_execute(&format!("DROP TABLE {table}")).expect("drop");
+            for i in 0..5 {
+                let got = x.simple_query("SELECT pg_backend_pid()").unwrap_or_else(|e| {
+                    panic!("{who}'s statement {i} after it unpinned: {e:?} (sqlstate {:?})\n{}", sqlstate(&e), pg.log_tail(30))
+                });
+                assert_eq!(first_value(&got), Some(mine.to_string()), "{who}'s statement {i} ran on another backend than the pool's only shared one");
+            }
+            assert_queue_ran(pg, before, &format!("{who}'s statements after it unpinned"));
+            let n = pg.backend_count(Some(APP), Some(DB));
+            assert!(n <= 2, "{n} backends in a pool of 2\n{}", pg.log_tail(30));
+        };
+        turn("a", &mut a, pa, "ta");
+        a.batch_execute("CREATE TEMP TABLE ta2 (x int)").expect("a pins again");
+        assert_eq!(pid(&mut a), pa, "a pinned again on its backend");
+        turn("c", &mut c, pc, "tc");
+        drop((a, c));
+        assert_left_nothing(pg, pooler);
+    });
+}
