@@ -409,9 +409,13 @@ impl Pooler {
             }
         }
         // A recall flag left from its last lending (it kept a client
-        // instead of answering) would send it straight back.
+        // instead of answering) would send it straight back; an idle mark
+        // left by the row's last backend (gone while it waited on a queue)
+        // would have the janitor close this one as idle before it reads
+        // KQ_LEND.
         if let Some(h) = self.tables.kq_backend(row) {
             h.recall.store(0, std::sync::atomic::Ordering::SeqCst);
+            h.idle_since.store(0, std::sync::atomic::Ordering::Relaxed);
         }
         let Some(b) = self.backend(bk) else { return false };
         let mut msg = Vec::with_capacity(9);
@@ -464,10 +468,16 @@ impl Pooler {
         if let Some(h) = self.tables.kq_backend(row) {
             h.recall.store(1, std::sync::atomic::Ordering::SeqCst);
         }
-        if self.kq_wake(bk) {
-            if let Some(b) = self.backend(bk) {
-                b.kq_recalled = true;
-            }
+        // Asked once the flag is up, whether or not the wake-up could be
+        // written: the backend answers at its boundary either way, and a
+        // control socket too full to take it has unread messages that wake
+        // it anyway. Counted as not asked, it would answer an "unasked"
+        // KQ_PARKED (never lent again), and meanwhile be chosen for every
+        // waiting client while others stayed lent (a gone backend's
+        // socket fails too: `backend_gone` follows).
+        let _ = self.kq_wake(bk);
+        if let Some(b) = self.backend(bk) {
+            b.kq_recalled = true;
         }
     }
 
@@ -972,6 +982,17 @@ impl Pooler {
                 // Killed while this message was on its way: as an
                 // attached client is, by terminating its backend.
                 self.backend_terminate(bk);
+            }
+            // The queue lost a backend, as when one is gone: it may have
+            // been the last to serve it (its clients then wait the
+            // pooler's way), or the one recalled for a waiting client
+            // (another is recalled, or logged in), not left to the
+            // janitor's next look.
+            if let Some(pool) = self.backend(bk).map(|b| b.pool) {
+                self.pool_maybe_grow(pool);
+                self.kq_unserved_take_back(pool);
+                self.kq_recall_for_waiting(pool);
+                self.sync_pool(pool);
             }
             return;
         }

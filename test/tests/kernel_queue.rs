@@ -744,3 +744,56 @@ fn a_backend_kept_by_its_client_is_not_left_closing() {
         assert_left_nothing(pg, pooler);
     });
 }
+
+/// `kill_client()` of a client a lent backend serves inside a transaction,
+/// while the next client's query waits in the queue: the SIGTERM must end
+/// the killed client's session, never the next one's. The pooler's kill(2)
+/// is held back 2 s by strace, and meanwhile the killed client commits, so
+/// its backend is past it when the signal comes. It must not have taken
+/// the waiting client meanwhile: every operation first asks the lent
+/// backends back (`kq_take_back_all`), so at that commit the backend gives
+/// its client back and leaves the queue, and the signal ends it between
+/// clients. The waiting client's query (a 3 s sleep) then runs on the
+/// backend logged in next, and completes. (With that recall removed from
+/// `ops_check`, this test fails: the backend took the waiting client and
+/// the SIGTERM ended its session, 57P01.)
+#[test]
+fn a_kill_never_reaches_the_next_client_of_its_backend() {
+    // No backend keeps an idle client: both go through the queue.
+    run(builder().conf("nextgres.pool_size = 1").conf("nextgres.hold_idle_clients = off"), |pg| {
+        let pooler = running_pooler_pid(pg);
+        let before = client_ports(pg, APP);
+        let mut x = connect(pg, APP);
+        let at = client_ports(pg, APP).into_iter().find(|p| !before.contains(p)).expect("x in nextgres.clients");
+        let mut y = connect(pg, APP);
+        // Past their first statements both are queued clients.
+        for _ in 0..3 {
+            one(&mut x, "SELECT 1");
+            one(&mut y, "SELECT 1");
+        }
+        let served = queue_xacts(pg);
+        x.batch_execute("BEGIN").expect("x begins");
+        let next = spawn_query(y, "SELECT pg_sleep(3)::text || 'y'");
+        std::thread::sleep(Duration::from_millis(300));
+        let held = nextgres_test::procs::Strace::attach(pooler, &["-e", "trace=kill", "-e", "inject=kill:delay_enter=2000000"]);
+        let (addr, port) = at;
+        let mut admin = pg.admin();
+        let kill = std::thread::spawn(move || {
+            admin.query_one("SELECT nextgres.kill_client($1, $2)", &[&addr, &port]).map(|r| r.get::<_, bool>(0))
+        });
+        // Inside the held-back kill(2): the client's transaction ends.
+        std::thread::sleep(Duration::from_millis(600));
+        x.batch_execute("COMMIT").expect("the killed client's commit, inside the held-back kill");
+        let found = kill.join().expect("kill thread").expect("kill_client");
+        drop(held);
+        assert!(found, "kill_client did not find the client");
+        let (_, r) = wait_result(&next, "the next client's query");
+        let rows = r.unwrap_or_else(|e| panic!("the next client's query: {e:?} (sqlstate {:?})\n{}", sqlstate(&e), pg.log_tail(30)));
+        assert_eq!(first_value(&rows).as_deref(), Some("y"), "the next client's query");
+        let e = x.simple_query("SELECT 1").expect_err("the killed client went on");
+        assert!(sqlstate(&e) == Some("57P01") || e.is_closed() || e.to_string().contains("closed"), "the killed client: {e:?}");
+        assert_queue_ran(pg, served, "the two clients");
+        drop(x);
+        assert_left_nothing(pg, pooler);
+    });
+}
