@@ -748,12 +748,12 @@ fn a_backend_kept_by_its_client_is_not_left_closing() {
 /// `kill_client()` of a client a lent backend serves inside a transaction,
 /// while the next client's query waits in the queue: the SIGTERM must end
 /// the killed client's session, never the next one's. The pooler's kill(2)
-/// is held back 2 s by strace, and meanwhile the killed client commits, so
+/// is held back 3 s by strace, and meanwhile the killed client commits, so
 /// its backend is past it when the signal comes. It must not have taken
 /// the waiting client meanwhile: every operation first asks the lent
 /// backends back (`kq_take_back_all`), so at that commit the backend gives
 /// its client back and leaves the queue, and the signal ends it between
-/// clients. The waiting client's query (a 3 s sleep) then runs on the
+/// clients. The waiting client's query (a 4 s sleep) then runs on the
 /// backend logged in next, and completes. (With that recall removed from
 /// `ops_check`, this test fails: the backend took the waiting client and
 /// the SIGTERM ended its session, 57P01.)
@@ -773,9 +773,9 @@ fn a_kill_never_reaches_the_next_client_of_its_backend() {
         }
         let served = queue_xacts(pg);
         x.batch_execute("BEGIN").expect("x begins");
-        let next = spawn_query(y, "SELECT pg_sleep(3)::text || 'y'");
+        let next = spawn_query(y, "SELECT pg_sleep(4)::text || 'y'");
         std::thread::sleep(Duration::from_millis(300));
-        let held = nextgres_test::procs::Strace::attach(pooler, &["-e", "trace=kill", "-e", "inject=kill:delay_enter=2000000"]);
+        let held = nextgres_test::procs::Strace::attach(pooler, &["-e", "trace=kill", "-e", "inject=kill:delay_enter=3000000"]);
         let (addr, port) = at;
         let mut admin = pg.admin();
         let kill = std::thread::spawn(move || {
