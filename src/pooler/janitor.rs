@@ -86,6 +86,27 @@ impl Pooler {
                 self.client_rearm(k);
             }
         }
+        // Logged once per pool and tick, with what its backends were doing:
+        // the clients' FATAL reaches no server log otherwise, and a pool
+        // whose backends all look busy is the first thing to see.
+        let mut timed_out: Vec<(Option<usize>, usize)> = Vec::new();
+        for &k in &expired_wait {
+            let pool = match self.conns.get(k) {
+                Some(Conn::Client(c)) => c.pool,
+                _ => None,
+            };
+            match timed_out.iter_mut().find(|(p, _)| *p == pool) {
+                Some((_, n)) => *n += 1,
+                None => timed_out.push((pool, 1)),
+            }
+        }
+        for (pool, n) in timed_out {
+            let t = self.query_wait_timeout_of(pool);
+            match pool {
+                Some(pool) => log::info!("{}", self.wait_timeout_note(pool, n, t)),
+                None => log::info!("nextgres: {} waited out nextgres.query_wait_timeout ({t}s)", clients_word(n)),
+            }
+        }
         for k in expired_wait {
             let pool = match self.conns.get(k) {
                 Some(Conn::Client(c)) => c.pool,
@@ -174,6 +195,52 @@ fn postmaster_stopping() -> bool {
         .ok()
         .and_then(|s| s.lines().nth(7).map(|l| l.trim() == "stopping"))
         .unwrap_or(false)
+}
+
+impl Pooler {
+    /// The log line for `n` clients of `pool` that waited out
+    /// query_wait_timeout (`t` s), with its backends by state: enough to
+    /// tell a pool too small for its load from one whose backends serve
+    /// nobody.
+    fn wait_timeout_note(&self, pool: usize, n: usize, t: i32) -> String {
+        let (mut starting, mut attached, mut pinned, mut parked, mut lent, mut closing, mut recalled) = (0, 0, 0, 0, 0, 0, 0);
+        for (_, c) in self.conns.iter() {
+            let Conn::Backend(b) = c else { continue };
+            if b.pool != pool {
+                continue;
+            }
+            match b.phase {
+                BPhase::Login => starting += 1,
+                BPhase::Attached { .. } => {
+                    attached += 1;
+                    if self.tables.backend_pin(b.row) != 0 {
+                        pinned += 1;
+                    }
+                }
+                BPhase::Parked { .. } if b.lent => {
+                    lent += 1;
+                    closing += usize::from(b.kq_close);
+                    recalled += usize::from(b.kq_recalled);
+                }
+                BPhase::Parked { .. } => parked += 1,
+            }
+        }
+        let who = clients_word(n);
+        let Some(p) = self.pools.get(pool) else { return format!("nextgres: {who} waited out nextgres.query_wait_timeout ({t}s)") };
+        format!(
+            "nextgres: {who} of role \"{}\" for database \"{}\" waited out nextgres.query_wait_timeout ({t}s): pool_size {}; \
+             backends {starting} starting, {attached} attached ({pinned} pinned), {parked} parked, \
+             {lent} lent to the kernel queue ({closing} closing, {recalled} recalled)",
+            p.role,
+            p.database,
+            self.pool_size_of(pool)
+        )
+    }
+}
+
+/// "1 client", "3 clients".
+fn clients_word(n: usize) -> String {
+    if n == 1 { "1 client".to_string() } else { format!("{n} clients") }
 }
 
 fn secs(s: i32) -> Option<Duration> {

@@ -474,6 +474,10 @@ fn queued_clients_are_listed_and_their_waits_bounded() {
         let (severity, code, _) = late.expect_fatal();
         assert_eq!((severity.as_str(), code.as_str()), ("FATAL", "53400"));
         assert!(t0.elapsed() >= Duration::from_secs(2), "53400 after {:?}, before query_wait_timeout", t0.elapsed());
+        // The server log says so, with what the pool's backend was doing
+        // (the one backend attached to the holder, whose transaction is open).
+        let note = "nextgres: 1 client of role \"app\" for database \"postgres\" waited out nextgres.query_wait_timeout (2s): pool_size 1; backends 0 starting, ";
+        assert!(wait_until(SETTLE, || pg.log().contains(note)), "no log line {note:?}\n{}", pg.log_tail(20));
         assert!(wait_until(SETTLE, || clients(pg).iter().all(|c| c.0 != port)), "{:?}", clients(pg));
 
         holder.batch_execute("COMMIT").expect("COMMIT");
