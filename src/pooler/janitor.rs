@@ -39,7 +39,7 @@ impl Pooler {
                     Phase::Waiting { since } | Phase::LoginPending { since } | Phase::Ahead { since, .. } => {
                         let wait_limit = secs(self.query_wait_timeout_of(c.pool));
                         if wait_limit.is_some_and(|l| now.duration_since(since) > l) {
-                            expired_wait.push(k);
+                            expired_wait.push((k, c.pool));
                         } else if !matches!(c.phase, Phase::LoginPending { .. })
                             && !c.watch_hangup
                             && now.duration_since(since) >= Duration::from_millis(TICK_MS as u64)
@@ -90,28 +90,16 @@ impl Pooler {
         // the clients' FATAL reaches no server log otherwise, and a pool
         // whose backends all look busy is the first thing to see.
         let mut timed_out: Vec<(Option<usize>, usize)> = Vec::new();
-        for &k in &expired_wait {
-            let pool = match self.conns.get(k) {
-                Some(Conn::Client(c)) => c.pool,
-                _ => None,
-            };
+        for &(_, pool) in &expired_wait {
             match timed_out.iter_mut().find(|(p, _)| *p == pool) {
                 Some((_, n)) => *n += 1,
                 None => timed_out.push((pool, 1)),
             }
         }
         for (pool, n) in timed_out {
-            let t = self.query_wait_timeout_of(pool);
-            match pool {
-                Some(pool) => log::info!("{}", self.wait_timeout_note(pool, n, t)),
-                None => log::info!("nextgres: {} waited out nextgres.query_wait_timeout ({t}s)", clients_word(n)),
-            }
+            log::info!("{}", self.wait_timeout_note(pool, n));
         }
-        for k in expired_wait {
-            let pool = match self.conns.get(k) {
-                Some(Conn::Client(c)) => c.pool,
-                _ => None,
-            };
+        for (k, pool) in expired_wait {
             let t = self.query_wait_timeout_of(pool);
             self.client_fatal(
                 k,
@@ -158,6 +146,48 @@ impl Pooler {
             self.pool_maybe_grow(p);
         }
     }
+
+    /// The log line for `n` clients of `pool` (none: not yet assigned one)
+    /// that waited out query_wait_timeout, with the pool's backends by
+    /// state: enough to tell a pool too small for its load from one whose
+    /// backends serve nobody.
+    fn wait_timeout_note(&self, pool: Option<usize>, n: usize) -> String {
+        let t = self.query_wait_timeout_of(pool);
+        let who = clients_word(n);
+        let Some((pool, p)) = pool.and_then(|k| Some((k, self.pools.get(k)?))) else {
+            return format!("nextgres: {who} waited out nextgres.query_wait_timeout ({t}s)");
+        };
+        let (mut starting, mut attached, mut pinned, mut parked, mut lent, mut closing, mut recalled) = (0, 0, 0, 0, 0, 0, 0);
+        for (_, c) in self.conns.iter() {
+            let Conn::Backend(b) = c else { continue };
+            if b.pool != pool {
+                continue;
+            }
+            match b.phase {
+                BPhase::Login => starting += 1,
+                BPhase::Attached { .. } => {
+                    attached += 1;
+                    if self.tables.backend_pin(b.row) != 0 {
+                        pinned += 1;
+                    }
+                }
+                BPhase::Parked { .. } if b.lent => {
+                    lent += 1;
+                    closing += usize::from(b.kq_close);
+                    recalled += usize::from(b.kq_recalled);
+                }
+                BPhase::Parked { .. } => parked += 1,
+            }
+        }
+        format!(
+            "nextgres: {who} of role \"{}\" for database \"{}\" waited out nextgres.query_wait_timeout ({t}s): pool_size {}; \
+             backends {starting} starting, {attached} attached ({pinned} pinned), {parked} parked, \
+             {lent} lent to the kernel queue ({closing} closing, {recalled} recalled)",
+            p.role,
+            p.database,
+            self.pool_size_of(pool)
+        )
+    }
 }
 
 impl Pooler {
@@ -195,47 +225,6 @@ fn postmaster_stopping() -> bool {
         .ok()
         .and_then(|s| s.lines().nth(7).map(|l| l.trim() == "stopping"))
         .unwrap_or(false)
-}
-
-impl Pooler {
-    /// The log line for `n` clients of `pool` that waited out
-    /// query_wait_timeout (`t` s), with its backends by state: enough to
-    /// tell a pool too small for its load from one whose backends serve
-    /// nobody.
-    fn wait_timeout_note(&self, pool: usize, n: usize, t: i32) -> String {
-        let (mut starting, mut attached, mut pinned, mut parked, mut lent, mut closing, mut recalled) = (0, 0, 0, 0, 0, 0, 0);
-        for (_, c) in self.conns.iter() {
-            let Conn::Backend(b) = c else { continue };
-            if b.pool != pool {
-                continue;
-            }
-            match b.phase {
-                BPhase::Login => starting += 1,
-                BPhase::Attached { .. } => {
-                    attached += 1;
-                    if self.tables.backend_pin(b.row) != 0 {
-                        pinned += 1;
-                    }
-                }
-                BPhase::Parked { .. } if b.lent => {
-                    lent += 1;
-                    closing += usize::from(b.kq_close);
-                    recalled += usize::from(b.kq_recalled);
-                }
-                BPhase::Parked { .. } => parked += 1,
-            }
-        }
-        let who = clients_word(n);
-        let Some(p) = self.pools.get(pool) else { return format!("nextgres: {who} waited out nextgres.query_wait_timeout ({t}s)") };
-        format!(
-            "nextgres: {who} of role \"{}\" for database \"{}\" waited out nextgres.query_wait_timeout ({t}s): pool_size {}; \
-             backends {starting} starting, {attached} attached ({pinned} pinned), {parked} parked, \
-             {lent} lent to the kernel queue ({closing} closing, {recalled} recalled)",
-            p.role,
-            p.database,
-            self.pool_size_of(pool)
-        )
-    }
 }
 
 /// "1 client", "3 clients".

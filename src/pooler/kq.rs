@@ -963,13 +963,18 @@ impl Pooler {
         if let Some(k) = self.tables.kq_row(row) {
             kq::settle(&k.owner);
         }
+        // Its session count as its slot says: a backend that served it
+        // and requeued it rewrote the slot, one that gave it back unserved
+        // (no bytes after all, a put-back after a recall, a hang-up) left
+        // the pooler's ATTACH there, so a first session is counted where
+        // it is first served.
         self.kq_settle(ck, row);
-        // A backend took it: its session was counted there, whatever the
-        // slot (rewritten only when a backend requeues it) still says.
-        if let Some(c) = self.client(ck) {
-            c.session_counted = true;
-        }
         if flags & control::KQ_RETURNED_KEPT != 0 {
+            // Served and kept: counted there, though the slot (rewritten
+            // only at a requeue) still says otherwise.
+            if let Some(c) = self.client(ck) {
+                c.session_counted = true;
+            }
             // The backend serves it as an attached client from here on,
             // handled as one (a close asked meanwhile waits for its
             // session to end, as an attached client's does).
