@@ -23,7 +23,7 @@ pgrx::pg_module_magic!();
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
-    if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+    if !pg::server::preloading() {
         // Loaded by CREATE EXTENSION or a SQL call without preloading: the SQL
         // functions then report (ERROR 55000 with a hint) that nextgres is
         // not loaded. No settings: defining PGC_POSTMASTER ones after

@@ -352,5 +352,5 @@ pub fn define() {
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );
-    unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"nextgres".as_ptr()) };
+    crate::pg::server::reserve_setting_prefix(c"nextgres");
 }

@@ -406,7 +406,7 @@ fn caps() -> (usize, usize, usize) {
     // Rows beyond max_client_conn for TLS connections refused there, which
     // are taken through TLS to read a CancelRequest (`pooler::refusing`).
     let clients = crate::settings::MAX_CLIENT_CONN.get() as usize + crate::pooler::refusing::MAX_REFUSING;
-    let backends = unsafe { pgrx::pg_sys::MaxConnections } as usize + 16;
+    let backends = crate::pg::server::max_connections().max(0) as usize + 16;
     (pools, clients, backends)
 }
 
@@ -844,7 +844,7 @@ impl Tables {
 /// backend writes only this field of its own row, found by pid.
 pub fn report_pin(pin: u8) {
     let Some(t) = tables() else { return };
-    let pid = unsafe { pgrx::pg_sys::MyProcPid };
+    let pid = crate::pg::server::my_pid();
     let _g = Guard::exclusive();
     if let Some(r) = t.backends_raw().iter_mut().find(|r| r.in_use && r.pid == pid) {
         r.pin = pin;
@@ -857,7 +857,7 @@ pub fn report_pin(pin: u8) {
 /// command then runs as it would without nextgres.
 pub fn drain_begin(database: &str) -> Option<usize> {
     let t = tables()?;
-    let pid = unsafe { pgrx::pg_sys::MyProcPid };
+    let pid = crate::pg::server::my_pid();
     let slot = {
         let _g = Guard::exclusive();
         let h = unsafe { &mut *t.base.cast::<Header>() };
@@ -908,7 +908,7 @@ impl Tables {
 /// the pid during the login, so early lookups may find nothing).
 pub fn own_backend_row() -> Option<usize> {
     let t = tables()?;
-    let pid = unsafe { pgrx::pg_sys::MyProcPid };
+    let pid = crate::pg::server::my_pid();
     let _g = Guard::shared();
     t.backends_raw().iter().position(|r| r.in_use && r.pid == pid)
 }
@@ -924,7 +924,7 @@ pub fn own_backend_row() -> Option<usize> {
 /// new pooler may have given another backend, whose flag it must not write.
 pub fn set_lingering(row: usize, on: bool) {
     let Some(t) = tables() else { return };
-    let pid = unsafe { pgrx::pg_sys::MyProcPid };
+    let pid = crate::pg::server::my_pid();
     if let Some(r) = t.backends_raw().get_mut(row) {
         // SAFETY: a field of a shared row that only the pooler writes while
         // it is in use (set before this backend's login completed).
@@ -941,7 +941,7 @@ impl Tables {
     /// backend that outlived its pooler holds the index of a row the next
     /// pooler may have given another backend.
     pub fn backend_row_is_mine(&self, row: usize) -> bool {
-        let pid = unsafe { pgrx::pg_sys::MyProcPid };
+        let pid = crate::pg::server::my_pid();
         // SAFETY: fields of a shared row that only the pooler writes, read
         // as they are (racy by design, as `set_lingering`).
         self.backends_raw().get(row).is_some_and(|r| unsafe { std::ptr::read_volatile(&r.in_use) && std::ptr::read_volatile(&r.pid) == pid })

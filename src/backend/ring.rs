@@ -41,7 +41,7 @@ pub fn release(control_fd: RawFd, row: Option<usize>, released: &[u8], write: im
         return false;
     }
     let mut entry = [0u8; RING_SLOT];
-    entry[..4].copy_from_slice(&unsafe { pgrx::pg_sys::MyProcPid }.to_be_bytes());
+    entry[..4].copy_from_slice(&crate::pg::server::my_pid().to_be_bytes());
     entry[4..len].copy_from_slice(released);
     let Some(tail) = ring.push(&entry[..len]) else { return false };
     // The pooler gave up on this backend, or gave its row to another (read

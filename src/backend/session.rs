@@ -427,7 +427,5 @@ fn fatal(msg: &str) -> ! {
 }
 
 fn current_value(name: &str) -> Option<String> {
-    let c = glue::cstring(name);
-    let p = unsafe { pgrx::pg_sys::GetConfigOption(c.as_ptr(), true, false) };
-    (!p.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned())
+    crate::pg::setting(&glue::cstring(name))
 }

@@ -8,6 +8,7 @@ pub mod glue;
 pub mod logger;
 pub mod loginmem;
 pub mod poolconf;
+pub mod server;
 pub mod session;
 pub mod shmem;
 pub mod slots;

@@ -143,8 +143,7 @@ fn agent_interrupts(pooler: Option<i32>) -> bool {
 /// postmaster reloads them (the lines `login_lookup` and `check_usermap`
 /// use); the pooler process reloads its own settings after.
 fn reload() {
-    // SAFETY: the postmaster's own reload path, in the agent's main loop.
-    unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+    crate::pg::server::reload_config_file();
     match glue::load_hba() {
         Ok(()) => log::info!("reloaded pg_hba.conf and settings"),
         Err(e) => log::warn!("pg_hba.conf not reloaded, keeping the previous rules: {}", e.message()),
@@ -360,7 +359,7 @@ fn start_reader() -> Result<DynamicBackgroundWorker, String> {
         .enable_spi_access()
         .set_start_time(BgWorkerStartTime::ConsistentState)
         .set_argument(Some(pg_sys::Datum::from(u32::from(db))))
-        .set_notify_pid(unsafe { pg_sys::MyProcPid })
+        .set_notify_pid(crate::pg::server::my_pid())
         .load_dynamic()
         .map_err(|e| format!("{e:?} (max_worker_processes)"))
 }

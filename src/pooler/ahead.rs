@@ -598,7 +598,7 @@ impl Pooler {
 /// then. No effect without Yama, or at its stricter scopes, where backends
 /// find `pidfd_getfd` refused and clients go ahead on the socket.
 pub fn allow_backends_getfd() {
-    let postmaster = unsafe { pgrx::pg_sys::PostmasterPid };
+    let postmaster = crate::pg::server::postmaster_pid();
     // SAFETY: prctl(PR_SET_PTRACER, pid) takes plain integers; it only sets
     // this process's Yama exception (EINVAL without Yama, ignored).
     unsafe { libc::prctl(libc::PR_SET_PTRACER, postmaster as libc::c_ulong, 0, 0, 0) };

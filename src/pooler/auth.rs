@@ -12,7 +12,6 @@ use crate::pg::glue::{self, HbaMethod, NgLoginInfo};
 use nextgres_core::auth::{self, PasswordCheck, ScramServer, StoredSecret};
 use nextgres_core::pool::Credential;
 use nextgres_core::proto::{self, ErrorFields};
-use pgrx::pg_sys;
 
 enum State {
     Cleartext,
@@ -201,7 +200,7 @@ impl AuthSession {
                 let md5 = if s.info.has_secret {
                     matches!(s.secret(), StoredSecret::Md5(_))
                 } else {
-                    (unsafe { pg_sys::Password_encryption }) as u32 == pg_sys::PasswordType::PASSWORD_TYPE_MD5
+                    crate::pg::server::password_encryption_is_md5()
                 };
                 if !md5 {
                     s.start_scram(user, mock_key)
@@ -449,8 +448,7 @@ fn needs_validation(name: &str) -> bool {
     if !name.contains('.') || name.to_ascii_lowercase().starts_with("nextgres.") {
         return true;
     }
-    let c = glue::cstring(name);
-    !unsafe { pgrx::pg_sys::GetConfigOption(c.as_ptr(), true, false) }.is_null()
+    crate::pg::setting(&glue::cstring(name)).is_some()
 }
 
 /// A PasswordMessage is exactly one NUL-terminated string, as the server

@@ -26,7 +26,7 @@ impl Pooler {
         self.check_drains();
         self.kq_janitor();
         self.count_received_due();
-        let auth_limit = secs(unsafe { pgrx::pg_sys::AuthenticationTimeout });
+        let auth_limit = secs(crate::pg::server::authentication_timeout_s());
         let mut expired_wait = Vec::new();
         let mut expired_auth = Vec::new();
         let mut idle_backends = Vec::new();

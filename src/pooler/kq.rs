@@ -98,8 +98,7 @@ impl Pooler {
         }
         let (pools, clients, backends) = self.tables.capacities();
         let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map(|l| l.0).unwrap_or(0);
-        // SAFETY: a plain int GUC variable of the server, read once.
-        let files = unsafe { pgrx::pg_sys::max_files_per_process }.max(0) as u64;
+        let files = crate::pg::server::max_files_per_process().max(0) as u64;
         // Below the places: the pooler's own sockets (each client's until it
         // is queued, each backend's control socket) and room to spare.
         let want = files + 1024 + (clients + backends) as u64;

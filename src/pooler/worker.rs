@@ -157,12 +157,7 @@ impl Pooler {
             let fd = unsafe { BorrowedFd::borrow_raw(fd) };
             conn::add(&epoll, &fd, key, conn::READ);
         }
-        let mut mock_key = [0u8; 32];
-        let nonce = unsafe { pg_sys::GetMockAuthenticationNonce() };
-        if !nonce.is_null() {
-            let n = unsafe { std::slice::from_raw_parts(nonce.cast::<u8>(), 32) };
-            mock_key.copy_from_slice(n);
-        }
+        let mock_key = crate::pg::server::mock_authentication_nonce();
         let token_hex = crate::backend::token_hex(&tables.header().token);
         let rows = super::stats::Rows::new(&tables);
         let mut seed = [0u8; 4];
@@ -218,7 +213,7 @@ impl Pooler {
         };
         p.kq_init();
         p.rows.reset_all(&p.tables);
-        p.tables.set_pooler(unsafe { pg_sys::MyProcPid }, postmaster::listen::port());
+        p.tables.set_pooler(crate::pg::server::my_pid(), postmaster::listen::port());
         // "pooler ready", after set_pooler: the test harness's
         // Cluster::start waits for it (nextgres.status() then shows the port).
         if postmaster::listen::port() == 0 {
@@ -332,9 +327,7 @@ impl Pooler {
     /// SIGHUP, forwarded by the agent after it reloaded settings,
     /// pg_hba.conf and pg_ident.conf (`agent::reload`).
     fn reload(&mut self) {
-        // SAFETY: the postmaster's own reload path; GUC state is
-        // process-local.
-        unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        crate::pg::server::reload_config_file();
         // As the postmaster reloads its SSL context: new clients get the new
         // settings, a configuration that does not load keeps the old one.
         match super::tls::load() {
@@ -445,12 +438,7 @@ impl Pooler {
 
 /// The server's own Unix socket: first of unix_socket_directories, same port.
 fn server_socket_path() -> PathBuf {
-    let dirs = unsafe { pg_sys::Unix_socket_directories };
-    let dirs = if dirs.is_null() {
-        "/tmp".to_string()
-    } else {
-        unsafe { std::ffi::CStr::from_ptr(dirs) }.to_string_lossy().into_owned()
-    };
+    let dirs = crate::pg::server::unix_socket_directories().unwrap_or_else(|| "/tmp".to_string());
     let dir = dirs.split(',').map(str::trim).find(|d| !d.is_empty() && !d.starts_with('@')).unwrap_or("/tmp");
-    PathBuf::from(dir).join(format!(".s.PGSQL.{}", unsafe { pg_sys::PostPortNumber }))
+    PathBuf::from(dir).join(format!(".s.PGSQL.{}", crate::pg::server::port()))
 }

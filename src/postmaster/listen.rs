@@ -9,8 +9,6 @@
 //! wait in the backlog.
 use crate::settings;
 use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
-use pgrx::pg_sys;
-use std::ffi::CStr;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::os::fd::{IntoRawFd, RawFd};
 
@@ -68,14 +66,6 @@ pub fn close_inherited() {
     }
 }
 
-fn guc_str(p: *const std::ffi::c_char) -> String {
-    if p.is_null() {
-        String::new()
-    } else {
-        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
-    }
-}
-
 /// Resolves a listen_addresses-style list into socket addresses.
 fn resolve(list: &str, port: u16) -> Vec<SocketAddr> {
     let mut out = Vec::new();
@@ -123,15 +113,14 @@ fn bind_one(addr: SocketAddr) -> nix::Result<RawFd> {
 /// Postmaster, `_PG_init`: bind the pooler's sockets (taking over the
 /// server's TCP port unless `nextgres.port` names another one).
 pub fn take_port() {
-    let server_port = unsafe { pg_sys::PostPortNumber };
-    let server_addrs = guc_str(unsafe { pg_sys::ListenAddresses });
+    let server_port = crate::pg::server::port();
+    let server_addrs = crate::pg::server::listen_addresses();
     let own = settings::LISTEN_ADDRESSES.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
     let nport = settings::PORT.get();
     let takeover = nport == 0 || nport == server_port;
     let port = if takeover { server_port } else { nport };
     let addrs = if own.trim().is_empty() { server_addrs.clone() } else { own };
-    // SAFETY: a plain bool GUC variable of the postmaster (postmaster.h).
-    let ssl = unsafe { pg_sys::EnableSSL };
+    let ssl = crate::pg::server::ssl_enabled();
     // With ssl = on the pooler serves TLS itself (rustls, the server's
     // certificate and key). Loaded here to decide and kept: the pooler
     // loads its own copy at start and on reload, and falls back to this
@@ -170,14 +159,7 @@ pub fn take_port() {
         pgrx::error!("nextgres: could not listen on any of \"{addrs}\" port {port}");
     }
     if takeover {
-        unsafe {
-            pg_sys::SetConfigOption(
-                c"listen_addresses".as_ptr(),
-                c"".as_ptr(),
-                pg_sys::GucContext::PGC_POSTMASTER,
-                pg_sys::GucSource::PGC_S_OVERRIDE,
-            );
-        }
+        crate::pg::server::override_postmaster_setting(c"listen_addresses", c"");
         // Reloads compare the file's value with that ''.
         if let Ok(c) = std::ffi::CString::new(server_addrs.clone()) {
             if !crate::pg::session::keep_listen_addresses_on_reload(&c) {
