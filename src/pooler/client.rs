@@ -1,12 +1,13 @@
-//! Client connections: the startup phase (SSLRequest, GSSENCRequest,
-//! CancelRequest, StartupMessage), then idle clients whose next message is
-//! left unread in the socket for the backend that will serve it.
+//! Client connections: their buffers, phases and shared rows, their events,
+//! errors and ends. The startup phase is `startup`'s, a CancelRequest
+//! `cancel`'s; an idle client's next message is left unread in the socket
+//! for the backend that will serve it.
 use super::auth::AuthSession;
 use super::conn::{self, Conn, HANGUP, READ};
 use super::worker::Pooler;
 use crate::pg::session::LogClient;
 use crate::shmem::ClientState;
-use nextgres_core::proto::{self, ErrorFields, ProtoError, StartupRequest};
+use nextgres_core::proto::{self, ErrorFields, ProtoError};
 use nix::sys::epoll::EpollFlags;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -411,7 +412,7 @@ impl Client {
     /// Reads until `inbuf` holds `want` bytes, never more: bytes past the
     /// current message belong to whoever handles the next one.
     /// Ok(true) = complete, Ok(false) = need more, Err = EOF or error.
-    fn fill(&mut self, want: usize) -> std::io::Result<bool> {
+    pub(super) fn fill(&mut self, want: usize) -> std::io::Result<bool> {
         while self.inbuf.len() < want {
             let mut buf = vec![0u8; want - self.inbuf.len()];
             match self.stream.read(&mut buf) {
@@ -496,7 +497,7 @@ pub fn no_relay_fields(why: &str) -> ErrorFields {
 }
 
 /// A startup-stage protocol error as the FATAL the server sends for it.
-fn proto_fatal(e: &ProtoError) -> ErrorFields {
+pub(super) fn proto_fatal(e: &ProtoError) -> ErrorFields {
     fatal_fields(e.sqlstate, &e.message, e.hint.as_deref())
 }
 
@@ -656,298 +657,6 @@ impl Pooler {
         self.client_rearm(key);
     }
 
-    pub fn client_startup(&mut self, key: usize) {
-        let server = self.server_proto;
-        loop {
-            let Some(c) = self.client(key) else { return };
-            // Exact reads: the length first, then the rest of the packet.
-            match c.fill(4) {
-                Ok(true) => {}
-                Ok(false) => return,
-                Err(_) => return self.client_close(key),
-            }
-            if c.inbuf[0] == 0x16 && !c.negotiated && c.tls.is_none() && crate::pg::glue::server_has_direct_tls() {
-                // Direct TLS (PostgreSQL 17+ clients, sslnegotiation=direct):
-                // a TLS handshake record where a length would be; the server
-                // starts the handshake with no SSLRequest (backend_startup.c
-                // ProcessSSLStartup()), or closes without a reply when it
-                // has no TLS. Before 17 it is an invalid length (below).
-                let prefix = std::mem::take(&mut c.inbuf);
-                let addr = c.addr;
-                let Some(cfg) = self.tls.clone() else {
-                    log::info!("direct SSL connection rejected from {addr}: SSL is not enabled");
-                    return self.client_close(key);
-                };
-                let max = crate::settings::MAX_TLS_HANDSHAKES.get().max(1) as usize;
-                if super::tls::handshaking() >= max {
-                    // No protocol is spoken yet: close, as for an overload.
-                    log::info!("direct SSL connection rejected: nextgres.max_tls_handshakes ({max}) handshakes in progress");
-                    return self.client_close(key);
-                }
-                return self.client_start_tls(key, cfg, Some(prefix));
-            }
-            let len = i32::from_be_bytes([c.inbuf[0], c.inbuf[1], c.inbuf[2], c.inbuf[3]]);
-            if !(8..=(proto::startup::MAX_STARTUP_PACKET as i32 + 4)).contains(&len) {
-                // The server logs and closes without a reply for bad lengths.
-                log::info!("invalid length of startup packet from {}", c.addr);
-                return self.client_close(key);
-            }
-            match c.fill(len as usize) {
-                Ok(true) => {}
-                Ok(false) => return,
-                Err(_) => return self.client_close(key),
-            }
-            let packet_head: [u8; 8] = c.inbuf[..8].try_into().unwrap_or_default();
-            let parsed = proto::parse_startup_for(&c.inbuf, &server);
-            // A refused packet's log line names what the server would have read of it.
-            let names_read = parsed.is_err().then(|| proto::startup_names_read(&c.inbuf));
-            c.inbuf = Vec::new();
-            c.negotiated = true;
-            match parsed {
-                Ok(Some((req @ (StartupRequest::SslRequest | StartupRequest::GssEncRequest), _))) => {
-                    // Bytes sent before our answer cannot be trusted (the
-                    // server's CVE-2021-23214 rule): refuse them after 'N'.
-                    let mut one = [0u8; 1];
-                    let early = matches!(
-                        nix::sys::socket::recv(
-                            c.stream.as_raw_fd(),
-                            &mut one,
-                            nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT
-                        ),
-                        Ok(n) if n > 0
-                    );
-                    let already = c.tls.is_some();
-                    // backend_startup.c ProcessStartupPacket(ssl_done,
-                    // gss_done): each request only once in a row; repeated,
-                    // it falls through to the protocol version check. Before
-                    // TLS a refused SSLRequest allows a GSSENCRequest next
-                    // and the other way round; inside TLS, SSLRequest is
-                    // answered 'N' ("no SSL negotiation if we already have a
-                    // direct SSL connection") and GSSENCRequest 'N' (no GSS
-                    // encryption), each once.
-                    let is_ssl = matches!(req, StartupRequest::SslRequest);
-                    let (ssl_done, gss_done) = c.tls.as_ref().map_or(c.plain_negotiation, |t| t.negotiation);
-                    if (is_ssl && ssl_done) || (!is_ssl && gss_done) {
-                        let code = if is_ssl { proto::SSL_REQUEST_CODE } else { proto::GSSENC_REQUEST_CODE };
-                        let e = proto::unsupported_protocol(code as u32, &server);
-                        return self.client_startup_refused(key, &proto_fatal(&e));
-                    }
-                    match c.tls.as_mut() {
-                        Some(t) => t.negotiation = (ssl_done || is_ssl, gss_done || !is_ssl),
-                        // Refused ('N') below unless TLS starts, whose own
-                        // state then takes over.
-                        None => c.plain_negotiation = (is_ssl, !is_ssl),
-                    }
-                    let tls = match (&req, &self.tls) {
-                        (StartupRequest::SslRequest, Some(cfg)) if !early && !already => Some(cfg.clone()),
-                        _ => None,
-                    };
-                    if let Some(cfg) = tls {
-                        let max = crate::settings::MAX_TLS_HANDSHAKES.get().max(1) as usize;
-                        if super::tls::handshaking() >= max {
-                            // A relay thread each: refused as at max_client_conn.
-                            let hint = format!("nextgres.max_tls_handshakes is {max}.");
-                            return self.client_startup_refused(key, &fatal_fields("53300", "sorry, too many clients already", Some(&hint)));
-                        }
-                        return self.client_start_tls(key, cfg, None);
-                    }
-                    let Some(c) = self.client(key) else { return };
-                    // No GSS encryption (and no TLS with ssl = off): 'N' lets
-                    // sslmode=prefer and gssencmode=prefer clients go on unencrypted.
-                    c.send(b"N");
-                    if early {
-                        // backend_startup.c ProcessStartupPacket(), both requests.
-                        let what = match req {
-                            StartupRequest::SslRequest => "SSL request",
-                            _ => "GSSAPI encryption request",
-                        };
-                        let mut f = fatal_fields("08P01", &format!("received unencrypted data after {what}"), None);
-                        f.detail = Some(
-                            "This could be either a client-software bug or evidence of an attempted man-in-the-middle attack.".into(),
-                        );
-                        return self.client_startup_refused(key, &f);
-                    }
-                    continue;
-                }
-                Ok(Some((StartupRequest::Cancel { pid, key: secret }, _))) => {
-                    self.cancel_request(pid, &secret);
-                    return self.client_close(key);
-                }
-                Ok(Some((StartupRequest::Startup { minor, params, .. }, _))) => {
-                    return self.client_startup_message(key, minor, params);
-                }
-                Ok(None) => return,
-                Err(_) if is_cancel_request(&packet_head) => {
-                    // A CancelRequest of the wrong size: the server logs it
-                    // (COMMERROR) and closes without a reply.
-                    log::info!("invalid length of cancel request packet from {}", self.client(key).map(|c| c.addr.to_string()).unwrap_or_default());
-                    return self.client_close(key);
-                }
-                Err(e) => {
-                    let (user, database) = names_read.unwrap_or_default();
-                    let f = proto_fatal(&e);
-                    return self.client_startup_refused_as(key, &user, &database, &f);
-                }
-            }
-        }
-    }
-
-    /// SSLRequest with TLS loaded: answer 'S', move the TCP socket to a relay
-    /// thread and carry on with the pooler's end of a socketpair in its place.
-    /// `direct`: the bytes of a direct TLS handshake already read (no 'S';
-    /// the relay requires ALPN `postgresql`).
-    ///
-    /// The socketpair and the thread come before the 'S' (the relay thread
-    /// sends it): a client the pooler has no descriptors (EMFILE) or thread
-    /// for is still answered in plaintext, FATAL 53300, as the postmaster
-    /// answers an SSLRequest when it cannot fork (postmaster.c
-    /// report_fork_failure_to_client()); libpq reports an error response to
-    /// its SSLRequest. A direct TLS client has sent its ClientHello and
-    /// expects no plaintext: it is closed.
-    fn client_start_tls(&mut self, key: usize, cfg: std::sync::Arc<super::tls::Loaded>, direct: Option<Vec<u8>>) {
-        let Some(Conn::Client(c)) = self.conns.get_mut(key) else { return };
-        if direct.is_none() && !c.outbuf.is_empty() {
-            // An earlier answer ('N' to a GSSENCRequest) is still unsent: only
-            // a broken socket keeps a byte or two.
-            return self.client_close(key);
-        }
-        let (mine, relay_end) = match std::os::unix::net::UnixStream::pair() {
-            Ok(p) => p,
-            Err(e) => return self.client_tls_refused(key, direct.is_some(), &format!("could not create a socket pair for the TLS relay: {e}")),
-        };
-        if mine.set_nonblocking(true).is_err() {
-            return self.client_close(key);
-        }
-        // The TCP socket leaves the pooler's epoll set: from now on only the
-        // relay thread touches it.
-        let was_registered = c.registered.take().is_some();
-        if was_registered {
-            conn::remove(&self.epoll, &c.stream);
-        }
-        c.armed = false;
-        let tcp = std::mem::replace(&mut c.stream, TcpStream::from(std::os::fd::OwnedFd::from(mine)));
-        let info = super::tls::TlsInfo::default();
-        let answer = direct.is_none().then_some(b'S');
-        let is_direct = direct.is_some();
-        match super::tls::spawn_relay(&cfg, tcp, relay_end, info.clone(), direct, answer) {
-            Ok(ctl) => {
-                c.tls = Some(Box::new(ClientTls {
-                    info,
-                    relay: Some(ctl),
-                    parking: false,
-                    park_asked: None,
-                    park_in: Vec::new(),
-                    parked: None,
-                    idle_mark: None,
-                    parked_read: 0,
-                    negotiation: if is_direct { (false, false) } else { (true, true) },
-                }))
-            }
-            Err((tcp, e)) => {
-                // The TCP socket is back (the pair's ends are closed): the
-                // client has had no 'S' and can still read a plaintext error.
-                c.stream = tcp;
-                return self.client_tls_refused(key, is_direct, &format!("could not start a thread for the TLS relay: {e}"));
-            }
-        }
-        // The ClientHello and everything after it arrive through the pair.
-        self.client_startup(key)
-    }
-
-    /// A TLS client the pooler cannot take (no descriptors, no thread):
-    /// FATAL 53300 in plaintext in answer to its SSLRequest, as the server's
-    /// "sorry, too many clients already"; a direct TLS client is closed.
-    /// LOGged (`why`), as the postmaster logs a failed fork.
-    fn client_tls_refused(&mut self, key: usize, direct: bool, why: &str) {
-        let addr = self.client(key).map(|c| c.addr.to_string()).unwrap_or_default();
-        log::info!("TLS connection from {addr} refused: {why}");
-        if direct {
-            return self.client_close(key);
-        }
-        self.client_fatal_fields(key, &no_relay_fields(why))
-    }
-
-    fn client_startup_message(&mut self, key: usize, minor: u16, params: Vec<(String, String)>) {
-        if self.client(key).is_some_and(|c| c.over_limit) {
-            // Refused now, inside TLS, as the server refuses once it has
-            // read the startup packet (`refusing`).
-            return self.client_fatal_fields(key, &super::listener::max_client_conn_refusal());
-        }
-        let mut settings = Vec::new();
-        let (mut user, mut database) = (String::new(), String::new());
-        let mut unrecognized = Vec::new();
-        let mut replication = proto::ReplicationFlags::default();
-        // Top-level settings and those from `options`, apart: a walsender's
-        // login carries them the way the client sent them.
-        let (mut top, mut from_options) = (Vec::new(), Vec::new());
-        for (k, v) in params {
-            match k.as_str() {
-                "user" => user = v,
-                "database" => database = v,
-                // As the server: each one sets only the flags it names.
-                "replication" => match replication.fold(&v) {
-                    Ok(r) => replication = r,
-                    Err(e) => {
-                        let f = proto_fatal(&e);
-                        return self.client_startup_refused_as(key, &user, &database, &f);
-                    }
-                },
-                "options" => match proto::parse_options(&v) {
-                    Ok(opts) => {
-                        from_options.extend(opts.iter().cloned());
-                        settings.extend(opts);
-                    }
-                    Err(e) => {
-                        let f = proto_fatal(&e);
-                        return self.client_startup_refused_as(key, &user, &database, &f);
-                    }
-                },
-                k if k.starts_with("_pq_.") => unrecognized.push(k.to_string()),
-                _ => {
-                    top.push((k.clone(), v.clone()));
-                    settings.push((k, v));
-                }
-            }
-        }
-        let replication = replication.kind();
-        if !from_options.is_empty() {
-            top.push(("options".to_string(), proto::format_options(&from_options)));
-        }
-        if user.is_empty() {
-            let f = fatal_fields("28000", "no PostgreSQL user name specified in startup packet", None);
-            return self.client_startup_refused_as(key, &user, &database, &f);
-        }
-        if database.is_empty() {
-            database = user.clone();
-        }
-        // As the server: names are cut to NAMEDATALEN - 1 bytes before lookup.
-        truncate_name(&mut user);
-        truncate_name(&mut database);
-        let server = self.server_proto;
-        let Some(c) = self.client(key) else { return };
-        if server.needs_negotiation(minor, unrecognized.len()) {
-            let mut out = Vec::new();
-            let names: Vec<&str> = unrecognized.iter().map(String::as_str).collect();
-            proto::negotiate_protocol_version(&mut out, server.negotiate_version(minor), &names);
-            c.send(&out);
-        }
-        c.proto_minor = server.session_minor(minor);
-        c.user = user;
-        c.database = database;
-        c.settings = settings;
-        c.replication = replication;
-        // Kept until the client joins a pool: a dedicated login (walsender,
-        // server authentication) sends them on as the client sent them.
-        c.walsender_params = top;
-        let row = c.row;
-        let (u, d) = (c.user.clone(), c.database.clone());
-        self.client_row_update(row, |r| {
-            crate::shmem::set_name(&mut r.role, &u);
-            crate::shmem::set_name(&mut r.database, &d);
-        });
-        self.client_begin_auth(key);
-    }
-
     fn client_idle_input(&mut self, key: usize) {
         let Some(c) = self.client(key) else { return };
         c.input_seen = false;
@@ -971,26 +680,6 @@ impl Pooler {
             return self.client_close(key); // Terminate while idle: no backend needed
         }
         self.client_needs_backend(key);
-    }
-
-    /// Sends a FATAL error and closes once it is written.
-    /// A startup packet (or SSLRequest) refused where the server's
-    /// ProcessStartupPacket() raises FATAL: logged as the server logs it
-    /// (`client_login_refused`), then sent to the client.
-    fn client_startup_refused(&mut self, key: usize, f: &ErrorFields) {
-        self.client_login_refused(key, f, None)
-    }
-
-    /// `client_startup_refused` with the user and database read so far,
-    /// which the server's log line shows in %u and %d (ProcessStartupPacket
-    /// sets them as it reads the packet's parameters, before it checks the
-    /// rest). A packet refused before its parameters are read shows neither.
-    fn client_startup_refused_as(&mut self, key: usize, user: &str, database: &str, f: &ErrorFields) {
-        if let Some(c) = self.client(key) {
-            c.user = user.to_string();
-            c.database = database.to_string();
-        }
-        self.client_startup_refused(key, f)
     }
 
     pub fn client_fatal(&mut self, key: usize, sqlstate: &str, message: &str, hint: Option<&str>) {
@@ -1176,166 +865,6 @@ impl Pooler {
             });
         }
     }
-
-    /// CancelRequest: a pooled client's key (the pooler's own pid and key)
-    /// cancels the query of the backend it is attached to right now (SIGINT,
-    /// as the postmaster sends). Any other key may be a replication client's
-    /// walsender (it got the walsender's own BackendKeyData): the request
-    /// goes on as it came to the server's Unix socket, where the postmaster
-    /// checks pid and key against its live backends itself (so a pid reused
-    /// since is never signalled with a stale key).
-    pub fn cancel_request(&mut self, pid: i32, secret: &[u8]) {
-        if let Some(&ck) = self.cancel_keys.get(&pid) {
-            if let Some(c) = self.client(ck) {
-                // Constant time, as the server compares keys (timingsafe_bcmp in 18).
-                if c.cancel.as_ref().is_some_and(|(p, k)| *p == pid && nextgres_core::auth::ct::ct_eq(k, secret)) {
-                    if let Phase::Attached { backend } = c.phase {
-                        let id = c.id;
-                        // As kill_client: read what the backend already
-                        // sent (a RELEASED in flight: the client's
-                        // transaction is over and the backend may serve the
-                        // next client), then take back what was sent ahead
-                        // to it. One it claimed or refused means it is past
-                        // this client's transaction (it claims at its
-                        // ReadyForQuery): the SIGINT would cancel another
-                        // client's query, so the cancel is dropped, as one
-                        // arriving after the query ended is on a direct
-                        // connection. Taken back, nothing can be claimed
-                        // while the signal is on its way.
-                        self.backend_event(backend, EpollFlags::empty());
-                        let still = self.client(ck).is_some_and(|c| c.id == id && matches!(c.phase, Phase::Attached { backend: b } if b == backend));
-                        if still && self.backend_recall_ahead(backend).is_empty() {
-                            if let Some(b) = self.backend(backend) {
-                                super::backend::signal_backend(b.pid, nix::sys::signal::Signal::SIGINT);
-                            }
-                        }
-                    } else if matches!(c.phase, Phase::Waiting { .. } | Phase::Ahead { .. }) {
-                        self.cancel_queued(ck);
-                    } else if matches!(c.phase, Phase::Queued { .. }) {
-                        self.kq_cancel(ck);
-                    }
-                    return;
-                }
-            }
-        }
-        self.forward_cancel(pid, secret);
-    }
-
-    /// A cancelled query that waits for a backend: on a direct connection
-    /// it would be running and fail with 57014, so it is answered so here
-    /// (ErrorResponse, ReadyForQuery 'I': a waiting client is between
-    /// transactions) and its messages, up to the Sync or Query that ends
-    /// them, are read off the socket so no backend runs them. A client
-    /// sent ahead is taken back first; one its backend claimed is that
-    /// backend's (its RELEASED unread, the backend may still be at the
-    /// previous client's boundary): the cancel is dropped, as is one whose
-    /// messages are not all there yet or are no plain query cycle
-    /// (`proto::frame::query_cycle_len`), with a LOG line.
-    pub(super) fn cancel_queued(&mut self, ck: usize) {
-        if !self.client_recall(ck) {
-            return log::info!("cancel request for a client its backend has just taken: dropped");
-        }
-        let Some(c) = self.client(ck) else { return };
-        if !matches!(c.phase, Phase::Waiting { .. }) {
-            return;
-        }
-        // A dedicated-mode client waiting for its own login: that login
-        // goes on for it; its query runs there (the cancel is dropped).
-        if c.pool.and_then(|p| self.pools.get(p)).is_some_and(|p| p.session_waiting.contains(&ck)) {
-            return log::info!("cancel request for a client waiting for its own backend's login: dropped");
-        }
-        let Some(c) = self.client(ck) else { return };
-        use nix::sys::socket::{recv, MsgFlags};
-        let fd = c.stream.as_raw_fd();
-        let mut buf = vec![0u8; 64 * 1024];
-        let peeked = recv(fd, &mut buf, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT).unwrap_or(0);
-        let Some(len) = nextgres_core::proto::frame::query_cycle_len(&buf[..peeked]) else {
-            return log::info!("cancel request for a waiting client whose query is not all received, or is no plain query cycle (a Close, a Flush, COPY data): dropped");
-        };
-        // Read exactly that cycle (it is all buffered: a non-blocking read
-        // of it returns it whole; a short one ends the client).
-        let mut got = 0;
-        while got < len {
-            match recv(fd, &mut buf[got..len], MsgFlags::MSG_DONTWAIT) {
-                Ok(0) | Err(_) => return self.client_close(ck),
-                Ok(n) => got += n,
-            }
-        }
-        let mut out = Vec::new();
-        proto::error_response(
-            &mut out,
-            &ErrorFields {
-                severity: "ERROR".into(),
-                sqlstate: "57014".into(),
-                message: "canceling statement due to user request".into(),
-                detail: None,
-                hint: None,
-            },
-        );
-        proto::ready_for_query(&mut out, b'I');
-        c.send(&out);
-        if c.out_pending() {
-            // Its socket is full (it reads nothing): the answer could not
-            // precede what a backend would write next, so the connection
-            // ends instead of mixing the two.
-            log::info!("cancel request for a waiting client that reads nothing: its connection is closed");
-            return self.client_close(ck);
-        }
-        // Queries pipelined after it still wait, in their place; EOF after
-        // it: the client has gone (a half-close would send no further edge).
-        let mut one = [0u8; 1];
-        match recv(fd, &mut one, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
-            Ok(n) if n > 0 => return self.client_rearm(ck),
-            Ok(_) => return self.client_close(ck),
-            Err(_) => {}
-        }
-        let pool = c.pool;
-        c.phase = Phase::Idle;
-        if let Some(p) = pool.and_then(|p| self.pools.get_mut(p)) {
-            p.waiting.retain(|&k| k != ck);
-        }
-        self.client_set_state(ck, ClientState::Idle, 0);
-        self.client_rearm(ck);
-        if let Some(p) = pool {
-            self.sync_pool(p);
-        }
-    }
-
-    /// Sends a CancelRequest (pid and key as the client sent them, 4 or up
-    /// to 256 bytes of key) to the server's Unix socket; the postmaster
-    /// answers nothing and closes. Never blocks the event loop: a
-    /// non-blocking socket; a full listen queue or socket buffer drops the
-    /// request (as a lost cancel packet would be), with a LOG line.
-    fn forward_cancel(&self, pid: i32, secret: &[u8]) {
-        use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
-        let mut pkt = Vec::with_capacity(12 + secret.len());
-        pkt.extend_from_slice(&((12 + secret.len()) as i32).to_be_bytes());
-        pkt.extend_from_slice(&proto::CANCEL_REQUEST_CODE.to_be_bytes());
-        pkt.extend_from_slice(&pid.to_be_bytes());
-        pkt.extend_from_slice(secret);
-        let sent = (|| -> nix::Result<usize> {
-            let fd = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)?;
-            connect(fd.as_raw_fd(), &UnixAddr::new(&self.server_socket)?)?;
-            nix::unistd::write(&fd, &pkt)
-        })();
-        if !matches!(sent, Ok(n) if n == pkt.len()) {
-            log::info!("could not pass a cancel request to {}: {sent:?}", self.server_socket.display());
-        }
-    }
-
-    /// Hands out a cancel pid unique among connected clients and a random
-    /// key of `key_len` bytes (4, or the server's long key for protocol 3.2).
-    pub fn new_cancel_key(&mut self, key: usize, key_len: usize) -> (i32, Vec<u8>) {
-        let mut pid = self.next_cancel_pid;
-        while self.cancel_keys.contains_key(&pid) {
-            pid = if pid >= i32::MAX - 1 { 1 } else { pid + 1 };
-        }
-        self.next_cancel_pid = if pid >= i32::MAX - 1 { 1 } else { pid + 1 };
-        let mut k = vec![0u8; key_len];
-        crate::pg::shmem::strong_random(&mut k);
-        self.cancel_keys.insert(pid, key);
-        (pid, k)
-    }
 }
 
 /// Closing a socket with unread input makes the kernel send a reset, which
@@ -1350,23 +879,5 @@ fn linger_close(stream: &mut TcpStream) {
             Ok(n) if n > 0 => continue,
             _ => break,
         }
-    }
-}
-
-/// Whether a startup-phase packet (its first 8 bytes) is a CancelRequest.
-fn is_cancel_request(head: &[u8; 8]) -> bool {
-    i32::from_be_bytes([head[4], head[5], head[6], head[7]]) == proto::CANCEL_REQUEST_CODE
-}
-
-/// Cuts a role or database name to 63 bytes (NAMEDATALEN - 1), at a
-/// character boundary since names here are UTF-8.
-fn truncate_name(name: &mut String) {
-    const MAX: usize = 63;
-    if name.len() > MAX {
-        let mut end = MAX;
-        while !name.is_char_boundary(end) {
-            end -= 1;
-        }
-        name.truncate(end);
     }
 }

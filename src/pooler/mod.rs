@@ -6,7 +6,10 @@
 //!   runs in which (catalog requests over a socketpair).
 //! * `listener`: accept, client limit.
 //! * `refusing`: refused connections, read for a CancelRequest first.
-//! * `client`: startup packet, SSLRequest (TLS through `tls`), GSS refusal, cancel, idle clients.
+//! * `client`: client connections, their buffers, state and ends; idle clients.
+//! * `startup`: startup packet, SSLRequest (TLS through `tls`), GSS refusal.
+//! * `cancel`: CancelRequests, routed to the client's backend, answered for
+//!   a waiting query, or passed on to the server.
 //! * `auth`: the server's hba decision and the password exchanges.
 //! * `password`: the `password` method's PBKDF2 runs, on threads.
 //! * `backend`: pool logins through the Unix socket, parked/attached backends.
@@ -27,7 +30,9 @@ mod agent;
 mod ahead;
 mod auth;
 mod backend;
+mod cancel;
 mod client;
+mod startup;
 pub(crate) mod conn;
 mod dedicated;
 mod drain;
@@ -41,10 +46,9 @@ mod park;
 mod password;
 mod poolconf;
 pub mod refusing;
-mod ring;
-
-mod stats;
 mod relay;
+mod ring;
+mod stats;
 pub(crate) mod tls;
 mod worker;
 

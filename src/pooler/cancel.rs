@@ -1,0 +1,174 @@
+//! CancelRequest (protocol section 53.2.7, "Canceling Requests in
+//! Progress"): each pooled client has a cancel key of the pooler's, routed
+//! to the backend serving the client at that moment, answered by the
+//! pooler for a query still waiting for a backend, or passed on to the
+//! server for a key the pooler did not issue (a replication client's
+//! walsender).
+use super::client::Phase;
+use super::worker::Pooler;
+use crate::shmem::ClientState;
+use nextgres_core::proto::{self, ErrorFields};
+use nix::sys::epoll::EpollFlags;
+use std::os::fd::AsRawFd;
+
+impl Pooler {
+    /// CancelRequest: a pooled client's key (the pooler's own pid and key)
+    /// cancels the query of the backend it is attached to right now (SIGINT,
+    /// as the postmaster sends). Any other key may be a replication client's
+    /// walsender (it got the walsender's own BackendKeyData): the request
+    /// goes on as it came to the server's Unix socket, where the postmaster
+    /// checks pid and key against its live backends itself (so a pid reused
+    /// since is never signalled with a stale key).
+    pub fn cancel_request(&mut self, pid: i32, secret: &[u8]) {
+        if let Some(&ck) = self.cancel_keys.get(&pid) {
+            if let Some(c) = self.client(ck) {
+                // Constant time, as the server compares keys (timingsafe_bcmp in 18).
+                if c.cancel.as_ref().is_some_and(|(p, k)| *p == pid && nextgres_core::auth::ct::ct_eq(k, secret)) {
+                    if let Phase::Attached { backend } = c.phase {
+                        let id = c.id;
+                        // As kill_client: read what the backend already
+                        // sent (a RELEASED in flight: the client's
+                        // transaction is over and the backend may serve the
+                        // next client), then take back what was sent ahead
+                        // to it. One it claimed or refused means it is past
+                        // this client's transaction (it claims at its
+                        // ReadyForQuery): the SIGINT would cancel another
+                        // client's query, so the cancel is dropped, as one
+                        // arriving after the query ended is on a direct
+                        // connection. Taken back, nothing can be claimed
+                        // while the signal is on its way.
+                        self.backend_event(backend, EpollFlags::empty());
+                        let still = self.client(ck).is_some_and(|c| c.id == id && matches!(c.phase, Phase::Attached { backend: b } if b == backend));
+                        if still && self.backend_recall_ahead(backend).is_empty() {
+                            if let Some(b) = self.backend(backend) {
+                                super::backend::signal_backend(b.pid, nix::sys::signal::Signal::SIGINT);
+                            }
+                        }
+                    } else if matches!(c.phase, Phase::Waiting { .. } | Phase::Ahead { .. }) {
+                        self.cancel_queued(ck);
+                    } else if matches!(c.phase, Phase::Queued { .. }) {
+                        self.kq_cancel(ck);
+                    }
+                    return;
+                }
+            }
+        }
+        self.forward_cancel(pid, secret);
+    }
+
+    /// A cancelled query that waits for a backend: on a direct connection
+    /// it would be running and fail with 57014, so it is answered so here
+    /// (ErrorResponse, ReadyForQuery 'I': a waiting client is between
+    /// transactions) and its messages, up to the Sync or Query that ends
+    /// them, are read off the socket so no backend runs them. A client
+    /// sent ahead is taken back first; one its backend claimed is that
+    /// backend's (its RELEASED unread, the backend may still be at the
+    /// previous client's boundary): the cancel is dropped, as is one whose
+    /// messages are not all there yet or are no plain query cycle
+    /// (`proto::frame::query_cycle_len`), with a LOG line.
+    pub(super) fn cancel_queued(&mut self, ck: usize) {
+        if !self.client_recall(ck) {
+            return log::info!("cancel request for a client its backend has just taken: dropped");
+        }
+        let Some(c) = self.client(ck) else { return };
+        if !matches!(c.phase, Phase::Waiting { .. }) {
+            return;
+        }
+        // A dedicated-mode client waiting for its own login: that login
+        // goes on for it; its query runs there (the cancel is dropped).
+        if c.pool.and_then(|p| self.pools.get(p)).is_some_and(|p| p.session_waiting.contains(&ck)) {
+            return log::info!("cancel request for a client waiting for its own backend's login: dropped");
+        }
+        let Some(c) = self.client(ck) else { return };
+        use nix::sys::socket::{recv, MsgFlags};
+        let fd = c.stream.as_raw_fd();
+        let mut buf = vec![0u8; 64 * 1024];
+        let peeked = recv(fd, &mut buf, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT).unwrap_or(0);
+        let Some(len) = nextgres_core::proto::frame::query_cycle_len(&buf[..peeked]) else {
+            return log::info!("cancel request for a waiting client whose query is not all received, or is no plain query cycle (a Close, a Flush, COPY data): dropped");
+        };
+        // Read exactly that cycle (it is all buffered: a non-blocking read
+        // of it returns it whole; a short one ends the client).
+        let mut got = 0;
+        while got < len {
+            match recv(fd, &mut buf[got..len], MsgFlags::MSG_DONTWAIT) {
+                Ok(0) | Err(_) => return self.client_close(ck),
+                Ok(n) => got += n,
+            }
+        }
+        let mut out = Vec::new();
+        proto::error_response(
+            &mut out,
+            &ErrorFields {
+                severity: "ERROR".into(),
+                sqlstate: "57014".into(),
+                message: "canceling statement due to user request".into(),
+                detail: None,
+                hint: None,
+            },
+        );
+        proto::ready_for_query(&mut out, b'I');
+        c.send(&out);
+        if c.out_pending() {
+            // Its socket is full (it reads nothing): the answer could not
+            // precede what a backend would write next, so the connection
+            // ends instead of mixing the two.
+            log::info!("cancel request for a waiting client that reads nothing: its connection is closed");
+            return self.client_close(ck);
+        }
+        // Queries pipelined after it still wait, in their place; EOF after
+        // it: the client has gone (a half-close would send no further edge).
+        let mut one = [0u8; 1];
+        match recv(fd, &mut one, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+            Ok(n) if n > 0 => return self.client_rearm(ck),
+            Ok(_) => return self.client_close(ck),
+            Err(_) => {}
+        }
+        let pool = c.pool;
+        c.phase = Phase::Idle;
+        if let Some(p) = pool.and_then(|p| self.pools.get_mut(p)) {
+            p.waiting.retain(|&k| k != ck);
+        }
+        self.client_set_state(ck, ClientState::Idle, 0);
+        self.client_rearm(ck);
+        if let Some(p) = pool {
+            self.sync_pool(p);
+        }
+    }
+
+    /// Sends a CancelRequest (pid and key as the client sent them, 4 or up
+    /// to 256 bytes of key) to the server's Unix socket; the postmaster
+    /// answers nothing and closes. Never blocks the event loop: a
+    /// non-blocking socket; a full listen queue or socket buffer drops the
+    /// request (as a lost cancel packet would be), with a LOG line.
+    fn forward_cancel(&self, pid: i32, secret: &[u8]) {
+        use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+        let mut pkt = Vec::with_capacity(12 + secret.len());
+        pkt.extend_from_slice(&((12 + secret.len()) as i32).to_be_bytes());
+        pkt.extend_from_slice(&proto::CANCEL_REQUEST_CODE.to_be_bytes());
+        pkt.extend_from_slice(&pid.to_be_bytes());
+        pkt.extend_from_slice(secret);
+        let sent = (|| -> nix::Result<usize> {
+            let fd = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)?;
+            connect(fd.as_raw_fd(), &UnixAddr::new(&self.server_socket)?)?;
+            nix::unistd::write(&fd, &pkt)
+        })();
+        if !matches!(sent, Ok(n) if n == pkt.len()) {
+            log::info!("could not pass a cancel request to {}: {sent:?}", self.server_socket.display());
+        }
+    }
+
+    /// Hands out a cancel pid unique among connected clients and a random
+    /// key of `key_len` bytes (4, or the server's long key for protocol 3.2).
+    pub fn new_cancel_key(&mut self, key: usize, key_len: usize) -> (i32, Vec<u8>) {
+        let mut pid = self.next_cancel_pid;
+        while self.cancel_keys.contains_key(&pid) {
+            pid = if pid >= i32::MAX - 1 { 1 } else { pid + 1 };
+        }
+        self.next_cancel_pid = if pid >= i32::MAX - 1 { 1 } else { pid + 1 };
+        let mut k = vec![0u8; key_len];
+        crate::pg::shmem::strong_random(&mut k);
+        self.cancel_keys.insert(pid, key);
+        (pid, k)
+    }
+}
