@@ -42,10 +42,18 @@ pub fn setting(name: &std::ffi::CStr) -> Option<String> {
     // SAFETY: returns a pointer into the GUC's own storage (or a static
     // buffer) valid until the next GUC call; copied at once.
     let p = unsafe { pgrx::pg_sys::GetConfigOption(name.as_ptr(), true, false) };
-    if p.is_null() {
-        return None;
-    }
-    Some(unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned())
+    // SAFETY: NULL or the NUL-terminated value, copied before the next GUC call.
+    unsafe { owned_c_string(p) }
+}
+
+/// A copy of a C string of the server's (None for NULL), invalid UTF-8
+/// replaced.
+///
+/// # Safety
+/// `p` is NULL or points to a NUL-terminated string that stays valid for
+/// the call.
+pub unsafe fn owned_c_string(p: *const std::ffi::c_char) -> Option<String> {
+    (!p.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned())
 }
 
 /// Is the current user a superuser (miscadmin.h `superuser()`)? Inside a
@@ -104,8 +112,5 @@ pub fn tcp_settings() -> TcpSettings {
 pub fn data_dir() -> std::path::PathBuf {
     // SAFETY: a global char * set by the postmaster before libraries load.
     let p = unsafe { pgrx::pg_sys::DataDir };
-    if p.is_null() {
-        return std::path::PathBuf::from(".");
-    }
-    std::path::PathBuf::from(unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned())
+    std::path::PathBuf::from(unsafe { owned_c_string(p) }.unwrap_or_else(|| ".".to_string()))
 }

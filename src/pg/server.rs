@@ -1,5 +1,5 @@
-//! The server's process globals and settings that nextgres reads, each read
-//! once through a safe function here, so no other module touches `pg_sys`
+//! The server's process globals and settings that nextgres reads, each
+//! through a safe function here, so no other module touches `pg_sys`
 //! variables. All are plain C variables of the calling process (globals.c,
 //! guc_tables.c, postmaster.c), set before any nextgres code runs or by the
 //! process's own configuration reload: reading them cannot race.
@@ -52,14 +52,13 @@ pub fn port() -> i32 {
 /// `listen_addresses` as the server read it ('' when unset).
 pub fn listen_addresses() -> String {
     // SAFETY: a string GUC variable (NULL or NUL-terminated), copied at once.
-    string(unsafe { pg_sys::ListenAddresses })
+    unsafe { super::owned_c_string(pg_sys::ListenAddresses) }.unwrap_or_default()
 }
 
 /// `unix_socket_directories` (None when unset).
 pub fn unix_socket_directories() -> Option<String> {
     // SAFETY: a string GUC variable (NULL or NUL-terminated), copied at once.
-    let p = unsafe { pg_sys::Unix_socket_directories };
-    (!p.is_null()).then(|| string(p))
+    unsafe { super::owned_c_string(pg_sys::Unix_socket_directories) }
 }
 
 /// `ssl` (postmaster.c `EnableSSL`).
@@ -114,12 +113,4 @@ pub fn override_postmaster_setting(name: &CStr, value: &CStr) {
 pub fn reserve_setting_prefix(prefix: &CStr) {
     // SAFETY: the string outlives the call, which copies it.
     unsafe { pg_sys::MarkGUCPrefixReserved(prefix.as_ptr()) };
-}
-
-fn string(p: *const std::ffi::c_char) -> String {
-    if p.is_null() {
-        return String::new();
-    }
-    // SAFETY: callers pass NULL or a NUL-terminated string they own.
-    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
 }

@@ -427,11 +427,7 @@ pub fn keep_listen_addresses_on_reload(configured: &std::ffi::CStr) -> bool {
 
 /// The server's hba_file setting (the path its connection lines show).
 pub fn hba_file() -> String {
-    let p = unsafe { pgrx::pg_sys::GetConfigOption(c"hba_file".as_ptr(), true, false) };
-    if p.is_null() {
-        return String::new();
-    }
-    unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    super::setting(c"hba_file").unwrap_or_default()
 }
 
 /// pg_stat_database.sessions: +1 for a client session, -1 for a pool login.
