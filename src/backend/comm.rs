@@ -12,7 +12,7 @@
 //! a new client's bytes is dropped. Ordinary backends pay one branch per call.
 use crate::pg::comm::{PQcommMethods, PqCommMethods};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU16, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU16, AtomicU64};
 use std::ffi::{c_char, c_int};
 
 static mut ORIGINAL: Option<PQcommMethods> = None;
@@ -44,6 +44,10 @@ static CYCLE_START: AtomicI64 = AtomicI64::new(NO_CYCLE);
 const NO_CYCLE: i64 = i64::MIN;
 /// The last ReadyForQuery or attach (TimestampTz, µs): no cycle starts before.
 static CYCLE_FLOOR: AtomicI64 = AtomicI64::new(0);
+/// The process id of the attached client's cancel key (0: none of the
+/// pooler's), and this backend's own (`MyProcPid`, 0 until read).
+static KEY_PID: AtomicI32 = AtomicI32::new(0);
+static MY_PID: AtomicI32 = AtomicI32::new(0);
 
 /// Adds `n` to a counter of this process (load and store: one writer).
 fn add(counter: &AtomicU64, n: u64) {
@@ -89,6 +93,35 @@ pub fn install() {
         WRAPPED = Some(PQcommMethods { putmessage: Some(putmessage), flush: Some(flush), ..orig });
         PqCommMethods = (*std::ptr::addr_of!(WRAPPED)).as_ref().expect("just set");
     }
+}
+
+/// The attached client's cancel-key process id (`Attach::key_pid`).
+pub fn set_key_pid(pid: i32) {
+    KEY_PID.store(pid, Relaxed);
+    if MY_PID.load(Relaxed) == 0 {
+        MY_PID.store(crate::pg::server::my_pid(), Relaxed);
+    }
+}
+
+/// A NotificationResponse (protocol 55.7: Int32 process id, channel,
+/// payload) of this backend's own NOTIFY carries the client's cancel-key
+/// pid rather than the backend's: libpq and the drivers tell a session's
+/// own notifications by comparing that field with the BackendKeyData pid
+/// (`PQbackendPID`), which for a pooled client is the pooler's (README,
+/// cancel key). Other sessions' notifications keep their backend's pid.
+fn own_notification(s: *const c_char, len: usize) -> Option<Vec<u8>> {
+    let key = KEY_PID.load(Relaxed);
+    if key == 0 || len < 4 {
+        return None;
+    }
+    // SAFETY: the server hands `len` readable bytes at `s`.
+    let body = unsafe { std::slice::from_raw_parts(s.cast::<u8>(), len) };
+    if i32::from_be_bytes([body[0], body[1], body[2], body[3]]) != MY_PID.load(Relaxed) {
+        return None;
+    }
+    let mut copy = body.to_vec();
+    copy[..4].copy_from_slice(&key.to_be_bytes());
+    Some(copy)
 }
 
 /// Did a ParseComplete go out since the last call? (Parse "" is the only
@@ -166,6 +199,11 @@ unsafe extern "C" fn putmessage(msgtype: c_char, s: *const c_char, len: usize) -
             // One per statement a client ran, failed ones included (as
             // PgBouncer's query count).
             b'C' | b'E' => add(&QUERIES, 1),
+            b'A' => {
+                if let Some(m) = own_notification(s, len) {
+                    return (original().putmessage.expect("putmessage"))(msgtype, m.as_ptr().cast(), m.len());
+                }
+            }
             _ => {}
         }
     }

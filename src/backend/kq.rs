@@ -474,6 +474,7 @@ fn clone_attach(a: &Attach) -> Attach {
         client_id: a.client_id,
         flags: a.flags,
         pool_row: a.pool_row,
+        key_pid: a.key_pid,
         addr: a.addr.clone(),
         local: a.local.clone(),
         settings: a.settings.clone(),

@@ -83,9 +83,10 @@ thread_local! {
 pub fn transaction_boundary() {
     // Pipelined input already read from this client stays with this backend:
     // it belongs to the client's next message and must not be split. A
-    // buffered Terminate alone means the client is leaving.
+    // buffered Terminate means the client is leaving (what it sent after
+    // the Terminate is dropped: the server never runs it).
     let buffered = !glue::recv_buffer_empty();
-    let leaving = buffered && glue::consume_buffered_terminate() && glue::recv_buffer_empty();
+    let leaving = buffered && glue::consume_buffered_terminate();
     if buffered && !leaving {
         return;
     }
@@ -175,6 +176,13 @@ pub fn transaction_boundary() {
                 crate::shmem::report_pin(0);
             }
             let released = release_prepare(client);
+            if leaving {
+                // The client sent Terminate: the session ends here, as the
+                // server ends it there. Its socket is shut down, so the
+                // client sees the end at once and the pooler, which gets
+                // it back with RELEASED, finds it hung up and closes it.
+                let _ = nix::sys::socket::shutdown(glue::port_sock(), nix::sys::socket::Shutdown::Both);
+            }
             // A saturated pool's backend may go from client to client
             // without parking: a changed setting applies here too.
             super::sched::follow_setting();
@@ -739,6 +747,7 @@ fn attach_client(p: &mut Parking, (mut a, fd): (Attach, RawFd), timer_was_on: bo
     glue::set_port_sock(fd);
     close_client(p, old);
     glue::febe_attach();
+    super::comm::set_key_pid(a.key_pid);
     // pg_stat_ssl: this client's TLS session, which the pooler terminates;
     // none for a plaintext client.
     show_ssl(a.tls.as_ref());

@@ -242,7 +242,9 @@ ng_recv_buffer_empty(void)
  * A client that ends with Sync+Terminate in one packet leaves the Terminate
  * buffered at ReadyForQuery.  It is leaving: consume the message so the
  * backend can release the socket (the pooler sees the EOF) instead of
- * exiting on it.  Returns true if a Terminate was consumed.
+ * exiting on it.  Whatever the client sent after the Terminate is dropped
+ * unread, as the server, which exits at a Terminate, never runs it.
+ * Returns true if a Terminate was consumed.
  */
 bool
 ng_consume_buffered_terminate(void)
@@ -281,6 +283,11 @@ ng_consume_buffered_terminate(void)
 		proc_exit(0);
 	}
 	pfree(buf.data);
+	pq_startmsgread();
+	while (recv_buffer_has_data())
+		(void) pq_getbyte();
+	pq_endmsgread();
+	ng_read_ahead_detach();
 	return true;
 }
 

@@ -842,10 +842,29 @@ put_str(StringInfo out, const char *s)
 }
 
 /*
+ * Settings whose "session" source is no session state, so they never move:
+ * the transaction characteristics (SET applies them to the transaction under
+ * way; SET SESSION CHARACTERISTICS sets the default_transaction_* ones), and
+ * seed (SET seed calls setseed(); SHOW seed reads "unavailable", which no SET
+ * accepts, and RESET ALL leaves its source, so a client's SET seed would
+ * otherwise be replayed as a bad value for every later client of the
+ * backend).  Named one by one: a prefix such as "transaction_" would also
+ * catch 17's transaction_timeout and custom settings (transaction_ctx.x).
+ */
+static bool
+not_session_state(const char *name)
+{
+	return strcmp(name, "transaction_isolation") == 0 ||
+		strcmp(name, "transaction_read_only") == 0 ||
+		strcmp(name, "transaction_deferrable") == 0 ||
+		strcmp(name, "seed") == 0;
+}
+
+/*
  * Settings the client changed with SET or set_config() (source "session"),
  * as name\0value\0 pairs, session_authorization then role first so the others
  * apply under the right identity.  NULL when nothing changed since the last
- * call.  transaction_* settings only live within a transaction.
+ * call.  See not_session_state() for the ones left out.
  */
 /*
  * A session setting's value to set again on the next backend: the shown
@@ -941,7 +960,7 @@ ng_take_session_settings(int *len)
 
 			if (g->source != PGC_S_SESSION || kind != pass)
 				continue;
-			if (strncmp(g->name, "transaction_", 12) == 0)
+			if (not_session_state(g->name))
 				continue;
 			v = session_value(g);
 			put_str(&out, g->name);
@@ -1063,6 +1082,87 @@ result_desc(const char *p, int len)
 	return d;
 }
 
+/*
+ * raw_parser() on a statement's text as the server lexed it when the client
+ * prepared it (backslash_escapes: standard_conforming_strings was off, so a
+ * backslash in a plain '...' literal escapes), and without the lexer's
+ * WARNINGs and NOTICEs (escape_string_warning, an identifier truncated):
+ * the client had those at its PREPARE, and a direct session never shows
+ * them again.  Both settings are plain variables the lexer reads
+ * (scan.l scanner_init, elog.c errstart), put back whatever happens.
+ */
+static List *
+quiet_raw_parse(const char *text, bool backslash_escapes)
+{
+	bool		save_scs = standard_conforming_strings;
+	int			save_client = client_min_messages;
+	int			save_log = log_min_messages;
+	List	   *volatile raw = NIL;
+
+	standard_conforming_strings = !backslash_escapes;
+	client_min_messages = ERROR;
+	log_min_messages = ERROR;
+	PG_TRY();
+	{
+		raw = raw_parser(text, RAW_PARSE_DEFAULT);
+	}
+	PG_FINALLY();
+	{
+		standard_conforming_strings = save_scs;
+		client_min_messages = save_client;
+		log_min_messages = save_log;
+	}
+	PG_END_TRY();
+	return raw;
+}
+
+/*
+ * Was this statement's text lexed with standard_conforming_strings off?
+ * Only a backslash can make the two lexings differ; then the text is lexed
+ * both ways and compared with the parse tree the server kept (equal()
+ * ignores token locations).  Anything unclear (a lexing that fails, neither
+ * equal): the current setting, as before.
+ */
+static bool
+lexed_with_backslash_escapes(CachedPlanSource *src, const char *text, bool from_sql)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile bool escapes = !standard_conforming_strings;
+
+	if (strchr(text, '\\') == NULL || src->raw_parse_tree == NULL)
+		return false;
+	PG_TRY();
+	{
+		for (int off = 0; off < 2; off++)
+		{
+			List	   *raw = quiet_raw_parse(text, off == 1);
+			Node	   *stmt;
+
+			if (list_length(raw) != 1)
+				continue;
+			stmt = linitial_node(RawStmt, raw)->stmt;
+			if (from_sql)
+			{
+				if (!IsA(stmt, PrepareStmt))
+					continue;
+				stmt = ((PrepareStmt *) stmt)->query;
+			}
+			if (equal(stmt, src->raw_parse_tree->stmt))
+			{
+				escapes = (off == 1);
+				break;
+			}
+		}
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		FlushErrorState();
+	}
+	PG_END_TRY();
+	return escapes;
+}
+
 static void
 put_statement(StringInfo out, PreparedStatement *ps)
 {
@@ -1070,7 +1170,10 @@ put_statement(StringInfo out, PreparedStatement *ps)
 	const char *text = src->query_string;
 	uint32		np = pg_hton32((uint32) src->num_params);
 
+	int			text_at;
+
 	put_str(out, ps->stmt_name);
+	text_at = out->len;
 	if (ps->from_sql && src->raw_parse_tree)
 	{
 		/* Only the PREPARE command itself, not its neighbours in the string. */
@@ -1087,7 +1190,9 @@ put_statement(StringInfo out, PreparedStatement *ps)
 	}
 	else
 		put_str(out, text);
-	appendStringInfoChar(out, ps->from_sql ? 1 : 0);
+	/* Flags (control.rs Statement): 1 from_sql, 2 backslash_escapes. */
+	appendStringInfoChar(out, (ps->from_sql ? 1 : 0) |
+						 (lexed_with_backslash_escapes(src, out->data + text_at, ps->from_sql) ? 2 : 0));
 	appendBinaryStringInfo(out, (char *) &np, 4);
 	for (int i = 0; i < src->num_params; i++)
 	{
@@ -1786,12 +1891,19 @@ ng_patch_executable_got(const char *name, void *fn)
  * analyze.c stmt_requires_parse_analysis()) are never revalidated, so those
  * are completed here; their analysis reads no catalog (but SHOW's, below).
  *
- * On failure (a raw parse that no longer succeeds, say after the client
- * turned standard_conforming_strings off) the statement is not created and
- * the error is returned.
+ * The text is lexed as it was at the client's Parse/PREPARE
+ * (standard_conforming_strings then: `backslash_escapes`), quietly: its
+ * literals mean what they meant there, and the lexer's notices, which the
+ * client had then, are not sent again.  The analysis at first use runs under
+ * the client's settings of that moment (DateStyle, TimeZone, ...), as the
+ * server's own revalidation does after an invalidation.
+ *
+ * On failure (a raw parse that no longer succeeds) the statement is not
+ * created and the error is returned.
  */
 bool
 ng_create_statement(const char *name, const char *text, bool from_sql,
+					bool backslash_escapes,
 					int nparams, const Oid *params, const char *result, int rlen,
 					NgError *err)
 {
@@ -1809,7 +1921,7 @@ ng_create_statement(const char *name, const char *text, bool from_sql,
 		Oid		   *types = NULL;
 
 		MemoryContextSwitchTo(tmp);
-		raw = raw_parser(text, RAW_PARSE_DEFAULT);
+		raw = quiet_raw_parse(text, backslash_escapes);
 		if (nparams > 0)
 		{
 			types = palloc(sizeof(Oid) * nparams);

@@ -361,6 +361,7 @@ impl Pooler {
             client_id: c.id,
             flags: control::FLAG_DEDICATED,
             pool_row: 0,
+            key_pid: 0,
             addr: c.raw_addr(),
             local,
             settings: Vec::new(),

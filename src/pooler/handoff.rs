@@ -480,6 +480,7 @@ impl Pooler {
         let session_mode = c.session_mode;
         let session_start = !c.session_counted;
         let pool_row = c.pool.and_then(|p| self.pools.get(p)).map(|p| p.row as u32).unwrap_or(0);
+        let key_pid = c.cancel.as_ref().map_or(0, |(pid, _)| *pid);
         let addr = c.raw_addr();
         let local = self.local_addr(c.local);
         // A backend that served this client last still holds its session.
@@ -498,6 +499,7 @@ impl Pooler {
                 | if crate::settings::HOLD_IDLE_CLIENTS.get() { control::FLAG_HOLD_IDLE } else { 0 }
                 | if session_start { control::FLAG_SESSION_START } else { 0 },
             pool_row,
+            key_pid,
             addr,
             local,
             settings,

@@ -230,7 +230,6 @@ impl Pooler {
             // read the startup packet (`refusing`).
             return self.client_fatal_fields(key, &super::listener::max_client_conn_refusal());
         }
-        let mut settings = Vec::new();
         let (mut user, mut database) = (String::new(), String::new());
         let mut unrecognized = Vec::new();
         let mut replication = proto::ReplicationFlags::default();
@@ -250,23 +249,22 @@ impl Pooler {
                     }
                 },
                 "options" => match proto::parse_options(&v) {
-                    Ok(opts) => {
-                        from_options.extend(opts.iter().cloned());
-                        settings.extend(opts);
-                    }
+                    Ok(opts) => from_options.extend(opts),
                     Err(e) => {
                         let f = proto_fatal(&e);
                         return self.client_startup_refused_as(key, &user, &database, &f);
                     }
                 },
                 k if k.starts_with("_pq_.") => unrecognized.push(k.to_string()),
-                _ => {
-                    top.push((k.clone(), v.clone()));
-                    settings.push((k, v));
-                }
+                _ => top.push((k, v)),
             }
         }
         let replication = replication.kind();
+        // As the server (postinit.c: the `options` switches first, then the
+        // packet's other settings): a top-level setting wins over the same
+        // one in `options`, wherever each stands in the packet.
+        let mut settings = from_options.clone();
+        settings.extend(top.iter().cloned());
         if !from_options.is_empty() {
             top.push(("options".to_string(), proto::format_options(&from_options)));
         }

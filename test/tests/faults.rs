@@ -107,6 +107,78 @@ fn idle_client_disconnect_and_terminate_keep_backends() {
     });
 }
 
+/// A client that sends its last statement and Terminate in one write (and,
+/// hostile, more statements after the Terminate) gets its answer and then
+/// the end of the connection, as from the server, which exits at a
+/// Terminate: nothing after the Terminate runs, and the connection closes
+/// at once. Both ways a transaction ends in the pooler: a kept client
+/// taken from the kernel queue, and the pooler's handoff (the first
+/// transaction of a pool with no backend yet, and every transaction with
+/// the kernel queue off); simple and extended protocol.
+#[test]
+fn statements_after_terminate_never_run_and_the_connection_closes() {
+    for queue in ["on", "off"] {
+        run(
+            Cluster::builder().conf("nextgres.pool_size = 2").conf(format!("nextgres.kernel_queue = {queue}")),
+            move |pg| {
+                let q = |sql: &str| {
+                    let mut m = vec![b'Q'];
+                    m.extend_from_slice(&(sql.len() as u32 + 5).to_be_bytes());
+                    m.extend_from_slice(sql.as_bytes());
+                    m.push(0);
+                    m
+                };
+                let terminate = [b'X', 0, 0, 0, 4];
+                let extended_sync = {
+                    // Parse "" / Bind "" / Execute "" / Sync of SELECT 2.
+                    let mut m = Vec::new();
+                    let sql = b"SELECT 2\0";
+                    m.push(b'P');
+                    m.extend_from_slice(&(4 + 1 + sql.len() as u32 + 2).to_be_bytes());
+                    m.push(0);
+                    m.extend_from_slice(sql);
+                    m.extend_from_slice(&[0, 0]);
+                    m.extend_from_slice(&[b'B', 0, 0, 0, 12, 0, 0, 0, 0, 0, 0, 0, 0]);
+                    m.extend_from_slice(&[b'E', 0, 0, 0, 9, 0, 0, 0, 0, 0]);
+                    m.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+                    m
+                };
+                for (round, cold) in [(1, true), (2, false), (3, true), (4, false)] {
+                    if cold {
+                        // No backend: this transaction goes through the pooler.
+                        admin_i64(pg, "SELECT count(pg_terminate_backend(pid)) FROM nextgres.backends");
+                        assert!(
+                            wait_until(SETTLE, || admin_i64(pg, "SELECT count(*) FROM nextgres.backends") == 0),
+                            "the pool's backends did not go"
+                        );
+                    }
+                    let mut c = raw(pg, APP);
+                    if !cold {
+                        c.value("SELECT 0");
+                    }
+                    let mut bytes = if round <= 2 { q("SELECT 1") } else { extended_sync.clone() };
+                    bytes.extend_from_slice(&terminate);
+                    bytes.extend_from_slice(&q(&format!("INSERT INTO t VALUES ({}, 0)", 100 + round)));
+                    c.s.write_all(&bytes).expect("write");
+                    c.until_ready().unwrap_or_else(|e| panic!("round {round}, queue {queue}: {e:?}"));
+                    assert!(
+                        c.closed_by_peer(SETTLE),
+                        "round {round}, queue {queue}: the connection stayed open after Terminate"
+                    );
+                    assert_eq!(
+                        admin_i64(pg, &format!("SELECT count(*) FROM t WHERE id = {}", 100 + round)),
+                        0,
+                        "round {round}, queue {queue}: a statement sent after Terminate ran"
+                    );
+                }
+                assert!(wait_until(SETTLE, || clients(pg).is_empty()), "{:?}", clients(pg));
+                // The pool still serves.
+                assert_eq!(raw(pg, APP).value("SELECT 7"), "7");
+            },
+        );
+    }
+}
+
 /// A psql killed with SIGKILL inside a transaction that holds a row lock,
 /// then a raw client that closes its socket mid-transaction: each time the
 /// backend rolls back and exits, the lock is released (a blocked UPDATE goes

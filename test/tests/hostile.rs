@@ -1041,6 +1041,26 @@ fn hostile_startup_packets() {
         }
         check("huge options");
 
+        // 10b. a top-level setting wins over the same one in options, in
+        // either order in the packet (postinit.c applies options first)
+        for options_first in [true, false] {
+            let label = format!("options and a top-level setting, options first: {options_first}");
+            let opts: (&[u8], &[u8]) = (b"options", b"-c application_name=from-options");
+            let top: (&[u8], &[u8]) = (b"application_name", b"top-level");
+            let mut params: Vec<(&[u8], &[u8])> = vec![(b"user", USER.as_bytes()), (b"database", DB.as_bytes())];
+            if options_first {
+                params.extend([opts, top]);
+            } else {
+                params.extend([top, opts]);
+            }
+            let mut p = Peer::connect(pg);
+            p.send(&startup(PROTO_3_0, &params));
+            expect_login(&mut p, &label);
+            assert_eq!(raw_value(&mut p, "SHOW application_name", &label).as_deref(), Some("top-level"), "{label}");
+            terminate(p);
+        }
+        check("options and a top-level setting");
+
         // 11. options with bad switches (refused before or after authentication)
         for opts in [
             "-Z foo",

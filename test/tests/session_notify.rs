@@ -170,3 +170,40 @@ fn bystander_hears_nothing(pg: &Cluster, bystander: &mut Client, sender: &mut Cl
     assert_eq!(drain(bystander, Duration::from_millis(300)), Vec::<String>::new(), "bystander after {chan}");
     expect_backend(pg, pid, "parked", None);
 }
+
+/// A notification's process id (NotificationResponse) is what the client
+/// compares with its BackendKeyData pid (`PQbackendPID()`, psycopg's
+/// `info.backend_pid`, pgjdbc's `getBackendPID()`) to tell its own NOTIFYs
+/// from other sessions': a pooled client's own carry its key's pid (the
+/// pooler's), another client's do not.
+#[test]
+fn own_notifications_carry_the_clients_key_pid() {
+    run(Cluster::builder().conf("nextgres.pool_size = 1"), SETUP, Duration::from_secs(300), |pg| {
+        let mut me = raw(pg, "app", "postgres");
+        let (key_pid, _) = me.key.clone().expect("BackendKeyData");
+        let mut other = raw(pg, "sender", "postgres");
+        let (other_pid, _) = other.key.clone().expect("BackendKeyData");
+        assert_ne!(key_pid, other_pid);
+        let notification_pids = |c: &mut nextgres_test::raw::Raw, sql: &str| -> Vec<i32> {
+            c.send_query(sql);
+            let mut pids = Vec::new();
+            loop {
+                let (tag, body) = c.read_msg().expect("reading");
+                match tag {
+                    b'A' => pids.push(i32::from_be_bytes(body[..4].try_into().unwrap())),
+                    b'E' => panic!("{sql}: {:?}", nextgres_test::raw::parse_error(&body)),
+                    b'Z' => return pids,
+                    _ => {}
+                }
+            }
+        };
+        assert_eq!(notification_pids(&mut me, "LISTEN ch; NOTIFY ch, 'mine'"), vec![key_pid], "its own NOTIFY");
+        assert!(notification_pids(&mut other, "NOTIFY ch, 'theirs'").is_empty());
+        // The other client's notification arrives while `me` is idle, or
+        // with its next answer.
+        let pids = notification_pids(&mut me, "SELECT 1");
+        assert_eq!(pids.len(), 1, "{pids:?}");
+        assert_ne!(pids[0], key_pid, "another client's NOTIFY with this client's pid");
+        assert_ne!(pids[0], 0);
+    });
+}

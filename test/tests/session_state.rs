@@ -760,6 +760,60 @@ fn custom_setting_of_another_client_is_never_seen() {
     );
 }
 
+/// A setting whose name merely starts with `transaction_` (17's
+/// `transaction_timeout`, a custom `transaction_ctx.user_id`) is session
+/// state like any other: when it is the only thing a client SET, it still
+/// follows that client and never reaches the next client of the backend
+/// (it once was left out of the session image, so the backend counted as
+/// clean and the next client inherited it). `SET seed` (whose SHOW value,
+/// "unavailable", no SET accepts) must not make later clients of the
+/// backend get a WARNING. One backend (pool_size = 1), so every turn
+/// switches it between the clients.
+#[test]
+fn settings_named_transaction_something_and_seed_stay_with_their_client() {
+    run(
+        Cluster::builder()
+            .conf("nextgres.pool_size = 1")
+            .conf("nextgres.query_wait_timeout = 20"),
+        SETUP,
+        LIMIT,
+        |pg| {
+            let unset = "SELECT coalesce(nullif(current_setting('transaction_ctx.user_id', true), ''), '<unset>')";
+            let mut settings = vec![("transaction_ctx.user_id", "'alice'", "alice", unset)];
+            if pg.pg_major() >= 17 {
+                settings.push(("transaction_timeout", "'300s'", "5min", "SHOW transaction_timeout"));
+            }
+            for (name, value, shown, look) in settings {
+                let mut a = pg.tcp("app", "postgres").connect().expect("a");
+                let mut b = pg.tcp("app", "postgres").connect().expect("b");
+                let before = one(&mut b, look);
+                a.batch_execute(&format!("SET {name} = {value}")).expect("SET");
+                assert_eq!(pid_of(&mut a), pid_of(&mut b), "one backend");
+                assert_eq!(one(&mut b, look), before, "client B never set {name} but sees A's value");
+                let mine = one(&mut a, &format!("SELECT current_setting('{name}')"));
+                assert_eq!(mine, shown, "client A's own {name} after B's turn");
+                drop(a);
+                // A new client after A left: the backend's session is not A's.
+                let mut c = pg.tcp("app", "postgres").connect().expect("c");
+                assert_eq!(one(&mut c, look), before, "a new client sees the {name} of a client that left");
+            }
+            let mark = pg.log_mark();
+            let mut a = pg.tcp("app", "postgres").connect().expect("a");
+            let mut b = pg.tcp("app", "postgres").connect().expect("b");
+            a.batch_execute("SET seed = 0.5").expect("SET seed");
+            for _ in 0..3 {
+                one(&mut b, "SELECT 1");
+                one(&mut a, "SELECT 1");
+            }
+            let log = pg.log_since(mark);
+            assert!(
+                !log.contains("parameter \"seed\""),
+                "a client's SET seed was replayed on a later switch:\n{log}"
+            );
+        },
+    );
+}
+
 /// Pinned state, kind by kind, with a pool of two: while A holds state that
 /// cannot move, its backend stays attached to it between transactions
 /// (nextgres.backends says why), A uses the state as on a direct session, B

@@ -876,3 +876,55 @@ fn an_empty_named_statement_moves_with_its_client() {
         },
     );
 }
+
+/// A statement prepared under one `standard_conforming_strings` and used
+/// after the client changed it and moved to another backend (pool of one,
+/// another client's turn in between): its literals keep the meaning they
+/// had at PREPARE/Parse, as the server keeps a statement's raw parse tree,
+/// and the lexer's notices (escape_string_warning, an identifier cut to 63
+/// bytes) come at the client's own PREPARE/Parse only, not again when the
+/// statement is created on the new backend. ParameterStatus messages are
+/// left out of the comparison: a switched backend reports the values it
+/// applied (README).
+fn literal_scenario(pg: &Cluster, pooled: bool) -> Vec<String> {
+    let mut a = wire(pg, pooled);
+    let mut b = wire(pg, pooled);
+    let long = "x".repeat(70);
+    let steps: Vec<(bool, Vec<Vec<u8>>)> = vec![
+        (true, vec![query_msg(&format!("PREPARE lit AS SELECT 'a\\b' AS \"{long}\""))]),
+        (true, vec![query_msg("SET standard_conforming_strings = off")]),
+        (false, vec![query_msg("SELECT 1")]),
+        (true, vec![query_msg("EXECUTE lit")]),
+        (true, vec![parse_msg("S_lit", "SELECT 'c\\d' AS v"), SYNC.to_vec()]),
+        (true, vec![query_msg("SET standard_conforming_strings = on")]),
+        (false, vec![query_msg("SELECT 2")]),
+        (true, vec![bind_msg("", "S_lit"), execute_msg("", 0), SYNC.to_vec()]),
+        (true, vec![query_msg("EXECUTE lit")]),
+    ];
+    steps
+        .iter()
+        .map(|(is_a, msgs)| {
+            let refs: Vec<&[u8]> = msgs.iter().map(Vec::as_slice).collect();
+            let line = if *is_a { exchange(&mut a, "A", &refs) } else { exchange(&mut b, "B", &refs) };
+            line.split(" | ").filter(|m| !m.starts_with("S ")).collect::<Vec<_>>().join(" | ")
+        })
+        .collect()
+}
+
+#[test]
+fn literals_keep_the_meaning_they_had_when_prepared() {
+    run(
+        Cluster::builder().conf("nextgres.pool_size = 1"),
+        "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN",
+        TEST_LIMIT,
+        |pg| {
+            let direct = literal_scenario(pg, false);
+            let pooled = literal_scenario(pg, true);
+            assert!(direct[3].contains(r#"D [Some("a\\b")]"#), "directly, the literal as prepared: {direct:#?}");
+            for (i, (d, p)) in direct.iter().zip(&pooled).enumerate() {
+                assert_eq!(p, d, "step {i} differs (pooled vs direct)\ndirect: {direct:#?}\npooled: {pooled:#?}");
+            }
+            assert_eq!(direct.len(), pooled.len());
+        },
+    );
+}

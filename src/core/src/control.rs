@@ -144,6 +144,12 @@ pub struct Statement {
     pub text: Vec<u8>,
     /// Created by SQL PREPARE (else by a protocol Parse message).
     pub from_sql: bool,
+    /// The text was lexed with `standard_conforming_strings = off`, so a
+    /// backslash in a plain '...' literal is an escape: a backend creating
+    /// the statement again lexes it so, whatever the client's setting is
+    /// now (the server keeps a statement's raw parse tree, so its literals
+    /// never change meaning after PREPARE).
+    pub backslash_escapes: bool,
     /// Parameter types as the server fixed them at the client's Parse or
     /// PREPARE (inferred ones included).
     pub param_types: Vec<u32>,
@@ -176,6 +182,7 @@ pub struct RawStatement<'a> {
     pub name: &'a [u8],
     pub text: &'a [u8],
     pub from_sql: bool,
+    pub backslash_escapes: bool,
     /// Parameter type OIDs, 4 bytes each, big-endian.
     params: &'a [u8],
     pub result: &'a [u8],
@@ -190,6 +197,7 @@ impl<'a> RawStatement<'a> {
             name: self.name.to_vec(),
             text: self.text.to_vec(),
             from_sql: self.from_sql,
+            backslash_escapes: self.backslash_escapes,
             param_types: self.param_types().collect(),
             result: self.result.to_vec(),
         }
@@ -327,6 +335,12 @@ pub struct Attach {
     pub flags: u8,
     /// Row of the client's pool in the shared pools table (for its waiting count).
     pub pool_row: u32,
+    /// The process id of the client's cancel key (the BackendKeyData the
+    /// pooler sent it), which the backend puts in its own notifications'
+    /// NotificationResponse, as the client's libpq/driver compares them with
+    /// it to recognise its own; 0: the client has the backend's own key
+    /// (a dedicated session).
+    pub key_pid: i32,
     pub addr: Vec<u8>,
     /// The local address of the client's TCP connection (what it connected
     /// to), raw as `addr`: the backend's `port->laddr` (pqcomm.c fills it
@@ -392,7 +406,8 @@ fn put_bytes(o: &mut Vec<u8>, s: &[u8]) {
 fn put_statement(o: &mut Vec<u8>, st: &Statement) {
     put_bytes(o, &st.name);
     put_bytes(o, &st.text);
-    o.push(u8::from(st.from_sql));
+    // Flags: 1 from_sql, 2 backslash_escapes.
+    o.push(u8::from(st.from_sql) | u8::from(st.backslash_escapes) << 1);
     o.extend_from_slice(&(st.param_types.len() as u32).to_be_bytes());
     for t in &st.param_types {
         o.extend_from_slice(&t.to_be_bytes());
@@ -409,7 +424,7 @@ fn put_statements(o: &mut Vec<u8>, stmts: &StatementList) {
 /// Bytes an ATTACH for `a` takes (to size its buffer once).
 pub fn attach_size_hint(a: &Attach) -> usize {
     let pairs = |p: &[(String, String)]| 4 + p.iter().map(|(n, v)| n.len() + v.len() + 2).sum::<usize>();
-    34 + a.addr.len()
+    38 + a.addr.len()
         + a.local.len()
         + pairs(&a.settings)
         + pairs(&a.image.settings)
@@ -431,6 +446,7 @@ pub fn write_attach(out: &mut Vec<u8>, a: &Attach) {
                 | if a.ahead.is_some() { FLAG_AHEAD } else { 0 },
         );
         o.extend_from_slice(&a.pool_row.to_be_bytes());
+        o.extend_from_slice(&a.key_pid.to_be_bytes());
         for addr in [&a.addr, &a.local] {
             let addr = &addr[..addr.len().min(MAX_ADDR)];
             o.extend_from_slice(&(addr.len() as u16).to_be_bytes());
@@ -616,18 +632,19 @@ impl<'a> Reader<'a> {
         let start = self.off;
         let name = self.cbytes()?;
         let text = self.cbytes()?;
-        // 0 or 1 as written: equal statements must have equal bytes (the
-        // light switch compares entries as bytes).
-        let from_sql = match self.u8()? {
-            0 => false,
-            1 => true,
-            _ => return Err(bad("invalid statement flag")),
-        };
+        // Flags as written (1 from_sql, 2 backslash_escapes), no other bit:
+        // equal statements must have equal bytes (the light switch compares
+        // entries as bytes).
+        let flags = self.u8()?;
+        if flags > 3 {
+            return Err(bad("invalid statement flag"));
+        }
+        let (from_sql, backslash_escapes) = (flags & 1 != 0, flags & 2 != 0);
         let np = self.count(4)?;
         let params = self.take(np * 4)?;
         let rl = self.count(1)?;
         let result = self.take(rl)?;
-        Ok(RawStatement { raw: &self.body[start..self.off], name, text, from_sql, params, result })
+        Ok(RawStatement { raw: &self.body[start..self.off], name, text, from_sql, backslash_escapes, params, result })
     }
     /// A statement list: validated entry by entry, then copied as bytes.
     fn statements(&mut self) -> Result<StatementList, ProtoError> {
@@ -661,6 +678,7 @@ pub fn parse_attach(body: &[u8]) -> Result<Attach, ProtoError> {
     let client_id = r.u64()?;
     let flags = r.u8()?;
     let pool_row = r.u32()?;
+    let key_pid = r.u32()? as i32;
     let addr = r.addr()?;
     let local = r.addr()?;
     let settings = r.pairs()?;
@@ -687,7 +705,7 @@ pub fn parse_attach(body: &[u8]) -> Result<Attach, ProtoError> {
         None
     };
     r.end()?;
-    Ok(Attach { client_id, flags: flags & !(FLAG_TLS | FLAG_AHEAD), pool_row, addr, local, settings, image, tls, ahead })
+    Ok(Attach { client_id, flags: flags & !(FLAG_TLS | FLAG_AHEAD), pool_row, key_pid, addr, local, settings, image, tls, ahead })
 }
 
 pub fn parse_released(body: &[u8]) -> Result<Released, ProtoError> {
@@ -728,8 +746,8 @@ mod tests {
 
     fn statements() -> Vec<Statement> {
         vec![
-            Statement { name: "P_0".into(), text: "SELECT $1::int".into(), from_sql: false, param_types: vec![23, 25], result: vec![0, 0, 0, 1, b'a', 0, 0, 0, 0, 23] },
-            Statement { name: "q".into(), text: "PREPARE q AS SELECT 1".into(), from_sql: true, param_types: vec![], result: vec![] },
+            Statement { name: "P_0".into(), text: "SELECT $1::int".into(), from_sql: false, backslash_escapes: false, param_types: vec![23, 25], result: vec![0, 0, 0, 1, b'a', 0, 0, 0, 0, 23] },
+            Statement { name: "q".into(), text: "PREPARE q AS SELECT 1".into(), from_sql: true, backslash_escapes: true, param_types: vec![], result: vec![] },
         ]
     }
 
@@ -788,7 +806,7 @@ mod tests {
     #[test]
     fn statement_bytes_are_opaque() {
         // LATIN1 'é' (0xE9) and a SQL_ASCII byte: not UTF-8, kept as is.
-        let st = Statement { name: b"s\xe9".to_vec(), text: b"SELECT '\xe9\xff'".to_vec(), from_sql: true, param_types: vec![], result: vec![] };
+        let st = Statement { name: b"s\xe9".to_vec(), text: b"SELECT '\xe9\xff'".to_vec(), from_sql: true, backslash_escapes: false, param_types: vec![], result: vec![] };
         let list = StatementList::from(vec![st.clone()]);
         let mut out = Vec::new();
         put_statements(&mut out, &list);
@@ -797,9 +815,11 @@ mod tests {
         let (off, name) = back.names().next().unwrap();
         assert_eq!(name, b"s\xe9");
         assert!(back.name_is(off, b"s\xe9"));
-        // from_sql is 0 or 1, nothing else (one list, one spelling).
+        // The flags are bits 1 and 2, nothing else (one list, one spelling).
         let flag = out.len() - 4 - 4 - 1;
-        out[flag] = 2;
+        out[flag] = 3;
+        assert!(parse_statement_list(&out).unwrap().iter().next().unwrap().backslash_escapes);
+        out[flag] = 4;
         assert!(parse_statement_list(&out).is_err());
     }
 
@@ -845,6 +865,7 @@ mod tests {
             client_id: 42,
             flags: FLAG_NEW_CLIENT,
             pool_row: 3,
+            key_pid: 123_456_789,
             addr: vec![2, 0, 1, 2, 127, 0, 0, 1],
             local: vec![2, 0, 0x15, 0x38, 127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0],
             settings: vec![("application_name".into(), "app".into()), ("TimeZone".into(), "UTC".into())],
@@ -921,9 +942,9 @@ mod tests {
         let mut out = Vec::new();
         write_attach(
             &mut out,
-            &Attach { client_id: 1, flags: 0, pool_row: 0, addr: vec![1; 16], local: vec![2; 16], settings: vec![("a".into(), "b".into())], image: image(), tls: Some(tls()), ahead: None },
+            &Attach { client_id: 1, flags: 0, pool_row: 0, key_pid: -5, addr: vec![1; 16], local: vec![2; 16], settings: vec![("a".into(), "b".into())], image: image(), tls: Some(tls()), ahead: None },
         );
-        assert!(attach_size_hint(&Attach { client_id: 1, flags: 0, pool_row: 0, addr: vec![1; 16], local: vec![2; 16], settings: vec![("a".into(), "b".into())], image: image(), tls: Some(tls()), ahead: None }) >= out.len());
+        assert!(attach_size_hint(&Attach { client_id: 1, flags: 0, pool_row: 0, key_pid: -5, addr: vec![1; 16], local: vec![2; 16], settings: vec![("a".into(), "b".into())], image: image(), tls: Some(tls()), ahead: None }) >= out.len());
         let body = &out[5..];
         for cut in 0..body.len() {
             assert!(parse_attach(&body[..cut]).is_err(), "cut at {cut}");

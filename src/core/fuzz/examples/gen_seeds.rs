@@ -132,8 +132,8 @@ fn control() {
     let image = SessionImage {
         settings: vec![("search_path".into(), "a, b".into()), ("myapp.user".into(), "42".into())],
         statements: vec![
-            Statement { name: "P_0".into(), text: "SELECT $1::int".into(), from_sql: false, param_types: vec![23], result: vec![] },
-            Statement { name: "q".into(), text: "PREPARE q AS SELECT 1".into(), from_sql: true, param_types: vec![], result: vec![] },
+            Statement { name: "P_0".into(), text: "SELECT $1::int".into(), from_sql: false, backslash_escapes: false, param_types: vec![23], result: vec![] },
+            Statement { name: "q".into(), text: "PREPARE q AS SELECT 1".into(), from_sql: true, backslash_escapes: false, param_types: vec![], result: vec![] },
         ]
         .into(),
         defaults: vec![],
@@ -142,6 +142,7 @@ fn control() {
         client_id: 42,
         flags: control::FLAG_NEW_CLIENT,
         pool_row: 3,
+        key_pid: 123_456_789,
         addr: vec![2, 0, 1, 2, 127, 0, 0, 1],
         local: vec![2, 0, 0x15, 0x38, 127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0],
         settings: vec![("application_name".into(), "app".into()), ("TimeZone".into(), "UTC".into())],

@@ -99,6 +99,7 @@ fn statements(u: &mut Unstructured) -> arbitrary::Result<Vec<Statement>> {
                 name: Vec::<u8>::arbitrary(u)?.into_iter().filter(|&b| b != 0).collect(),
                 text: Vec::<u8>::arbitrary(u)?.into_iter().filter(|&b| b != 0).collect(),
                 from_sql: bool::arbitrary(u)?,
+                backslash_escapes: bool::arbitrary(u)?,
                 param_types: Vec::<u32>::arbitrary(u)?,
                 result: Vec::<u8>::arbitrary(u)?,
             })
@@ -116,6 +117,7 @@ fn generated(data: &[u8]) -> arbitrary::Result<()> {
             // never kept in `flags`.
             flags: u8::arbitrary(&mut u)? & !(control::FLAG_TLS | control::FLAG_AHEAD),
             pool_row: u32::arbitrary(&mut u)?,
+            key_pid: i32::arbitrary(&mut u)?,
             addr: u.bytes(alen)?.to_vec(),
             local: {
                 let n = u.int_in_range(0..=MAX_ADDR)?;
