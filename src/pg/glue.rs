@@ -186,7 +186,7 @@ extern "C" {
         err: *mut NgError,
     ) -> bool;
     fn ng_pooler_check_interrupts();
-    fn ng_validate_setting(name: *const c_char, value: *const c_char, superuser: bool, err: *mut NgError) -> bool;
+    fn ng_validate_setting(name: *const c_char, value: *const c_char, superuser: bool, role: u32, err: *mut NgError) -> bool;
     fn ng_pooler_catalog_heap_scans();
     fn ng_pooler_child_init();
     fn ng_postmaster_watch_fd() -> c_int;
@@ -563,11 +563,12 @@ pub fn pooler_catalog_heap_scans() {
     unsafe { ng_pooler_catalog_heap_scans() }
 }
 
-/// A startup setting checked as the server checks it at connection start.
-pub fn validate_setting(name: &str, value: &str, superuser: bool) -> Result<(), NgError> {
+/// A startup setting checked as the server checks it at connection start,
+/// for a client logged in as role `role` (oid).
+pub fn validate_setting(name: &str, value: &str, superuser: bool, role: u32) -> Result<(), NgError> {
     let (n, v) = (cstring(name), cstring(value));
     let mut err = NgError::new();
-    if unsafe { ng_validate_setting(n.as_ptr(), v.as_ptr(), superuser, &mut err) } {
+    if unsafe { ng_validate_setting(n.as_ptr(), v.as_ptr(), superuser, role, &mut err) } {
         Ok(())
     } else {
         Err(err)

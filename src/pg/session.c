@@ -2096,13 +2096,55 @@ lookup_guc(const char *name)
 }
 
 /*
+ * The permission checks of the identity settings given at startup, for the
+ * client's login role `login`: the server makes them against the session's
+ * own user (variable.c check_role; check_session_authorization from 16,
+ * miscinit.c SetSessionAuthorization before), which in the pooler's agent
+ * is not the client.  A role that does not exist is left to the setting's
+ * own check, which reports it as the server does.
+ */
+static void
+check_identity_setting(const char *name, const char *value, Oid login, bool superuser)
+{
+	Oid			target;
+
+	if (pg_strcasecmp(name, "role") == 0)
+	{
+		if (strcmp(value, "none") == 0 || !OidIsValid(target = get_role_oid(value, true)))
+			return;
+#if PG_VERSION_NUM >= 160000
+		if (!member_can_set_role(login, target))
+#else
+		if (!is_member_of_role(login, target))
+#endif
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("permission denied to set role \"%s\"", value)));
+	}
+	else if (pg_strcasecmp(name, "session_authorization") == 0)
+	{
+		if (superuser || !OidIsValid(target = get_role_oid(value, true)) || target == login)
+			return;
+#if PG_VERSION_NUM >= 160000
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied to set session authorization \"%s\"", value)));
+#else
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied to set session authorization")));
+#endif
+	}
+}
+
+/*
  * Checks a startup setting as the server applies it at connection start
  * (context backend or superuser-backend, source client) without applying it,
  * so the client gets the same SQLSTATE, message, detail and hint as a direct
- * connection's FATAL.
+ * connection's FATAL.  `role`: the client's login role (oid).
  */
 bool
-ng_validate_setting(const char *name, const char *value, bool superuser, NgError *err)
+ng_validate_setting(const char *name, const char *value, bool superuser, Oid role, NgError *err)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	volatile bool ok = true;
@@ -2125,6 +2167,7 @@ ng_validate_setting(const char *name, const char *value, bool superuser, NgError
 			ereport(ERROR,
 					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 					 errmsg("permission denied to set parameter \"%s\"", name)));
+		check_identity_setting(name, value, role, superuser);
 		(void) set_config_option(name, value, ctx, PGC_S_CLIENT, GUC_ACTION_SET,
 								 false, ERROR, false);
 		CommitTransactionCommand();

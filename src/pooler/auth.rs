@@ -589,7 +589,7 @@ impl Pooler {
                     if !needs_validation(name) {
                         continue;
                     }
-                    if let Err(e) = super::agent::validate_setting(name, value, session.info.role_super) {
+                    if let Err(e) = super::agent::validate_setting(name, value, session.info.role_super, session.info.role_oid) {
                         return self.client_login_refused(key, &e.to_fatal(), None);
                     }
                 }

@@ -1077,12 +1077,13 @@ fn parked_backend_does_not_use_up_role_limit() {
 /// wrong password, unknown role or `reject` line with `-c nosuch=1` must
 /// answer 28P01/28000, and a right 42704 must come after AuthenticationOk,
 /// which psql shows as libpq's retry); the `nextgres.` prefix's 42602 with
-/// its reason in DETAIL, as the server puts it.
+/// its reason in DETAIL, as the server puts it; `role` / `session_authorization`
+/// of a role the login may not take (42501).
 #[test]
 fn startup_options_match_direct_server() {
     let sp = auth_cluster();
     let pw = Some(PW);
-    let cases: [(&str, &str, Option<&str>, &str); 12] = [
+    let cases: [(&str, &str, Option<&str>, &str); 16] = [
         (
             "scram_u",
             "postgres",
@@ -1105,6 +1106,13 @@ fn startup_options_match_direct_server() {
         ("rejected", "postgres", pw, "-c nextgres.pool_token=00"),
         ("ghost", "trustdb", None, "-c nosuch_param=1"),
         ("scram_u", "nosuchdb", pw, "-c work_mem=bogus"),
+        // The identity settings' permission checks are the login role's
+        // (the pooler's agent, whose own user is not the client, once let
+        // these in with a WARNING at the first query).
+        ("scram_u", "trustdb", None, "-c role=nologin_u"),
+        ("scram_u", "trustdb", None, "-c session_authorization=nologin_u"),
+        ("scram_u", "trustdb", None, "-c role=scram_u -c session_authorization=scram_u"),
+        ("scram_u", "trustdb", None, "-c role=no_such_role"),
     ];
     let mut problems = Vec::new();
     for (user, db, password, opts) in cases {
