@@ -186,7 +186,15 @@ extern "C" {
         err: *mut NgError,
     ) -> bool;
     fn ng_pooler_check_interrupts();
-    fn ng_validate_setting(name: *const c_char, value: *const c_char, superuser: bool, role: u32, err: *mut NgError) -> bool;
+    fn ng_validate_setting(
+        name: *const c_char,
+        value: *const c_char,
+        superuser: bool,
+        role: u32,
+        shown: *mut c_char,
+        shown_len: c_int,
+        err: *mut NgError,
+    ) -> bool;
     fn ng_pooler_catalog_heap_scans();
     fn ng_pooler_child_init();
     fn ng_postmaster_watch_fd() -> c_int;
@@ -564,12 +572,16 @@ pub fn pooler_catalog_heap_scans() {
 }
 
 /// A startup setting checked as the server checks it at connection start,
-/// for a client logged in as role `role` (oid).
-pub fn validate_setting(name: &str, value: &str, superuser: bool, role: u32) -> Result<(), NgError> {
+/// for a client logged in as role `role` (oid). Ok(Some(value)): the value
+/// the server reports for a GUC_REPORT setting (its ParameterStatus), in
+/// the server's spelling (`ISO, DMY` for `iso,dmy`).
+pub fn validate_setting(name: &str, value: &str, superuser: bool, role: u32) -> Result<Option<String>, NgError> {
     let (n, v) = (cstring(name), cstring(value));
     let mut err = NgError::new();
-    if unsafe { ng_validate_setting(n.as_ptr(), v.as_ptr(), superuser, role, &mut err) } {
-        Ok(())
+    let mut shown = vec![0u8; 1024];
+    if unsafe { ng_validate_setting(n.as_ptr(), v.as_ptr(), superuser, role, shown.as_mut_ptr().cast(), shown.len() as c_int, &mut err) } {
+        let len = shown.iter().position(|&b| b == 0).unwrap_or(0);
+        Ok((len > 0).then(|| String::from_utf8_lossy(&shown[..len]).into_owned()))
     } else {
         Err(err)
     }

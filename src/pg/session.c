@@ -2098,10 +2098,9 @@ lookup_guc(const char *name)
 /*
  * The permission checks of the identity settings given at startup, for the
  * client's login role `login`: the server makes them against the session's
- * own user (variable.c check_role; check_session_authorization from 16,
- * miscinit.c SetSessionAuthorization before), which in the pooler's agent
- * is not the client.  A role that does not exist is left to the setting's
- * own check, which reports it as the server does.
+ * own user (variable.c check_role, check_session_authorization), which in
+ * the pooler's agent is not the client.  A role that does not exist is left
+ * to the setting's own check, which reports it as the server does.
  */
 static void
 check_identity_setting(const char *name, const char *value, Oid login, bool superuser)
@@ -2125,15 +2124,9 @@ check_identity_setting(const char *name, const char *value, Oid login, bool supe
 	{
 		if (superuser || !OidIsValid(target = get_role_oid(value, true)) || target == login)
 			return;
-#if PG_VERSION_NUM >= 160000
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("permission denied to set session authorization \"%s\"", value)));
-#else
-		ereport(ERROR,
-				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("permission denied to set session authorization")));
-#endif
 	}
 }
 
@@ -2142,12 +2135,23 @@ check_identity_setting(const char *name, const char *value, Oid login, bool supe
  * (context backend or superuser-backend, source client) without applying it,
  * so the client gets the same SQLSTATE, message, detail and hint as a direct
  * connection's FATAL.  `role`: the client's login role (oid).
+ *
+ * A setting the server reports (GUC_REPORT: DateStyle, TimeZone,
+ * client_encoding, ...) is also applied, inside the check's transaction,
+ * which is then rolled back (guc.c AtEOXact_GUC puts the value back), to
+ * read the value the server shows for it ("ISO, DMY" for iso,dmy): copied
+ * to `shown` (`shown_len` bytes with the NUL; empty when it does not fit or
+ * for the identity settings, which are not applied here).
  */
 bool
-ng_validate_setting(const char *name, const char *value, bool superuser, Oid role, NgError *err)
+ng_validate_setting(const char *name, const char *value, bool superuser, Oid role,
+					char *shown, int shown_len, NgError *err)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	volatile bool ok = true;
+
+	if (shown_len > 0)
+		shown[0] = '\0';
 
 	PG_TRY();
 	{
@@ -2170,7 +2174,21 @@ ng_validate_setting(const char *name, const char *value, bool superuser, Oid rol
 		check_identity_setting(name, value, role, superuser);
 		(void) set_config_option(name, value, ctx, PGC_S_CLIENT, GUC_ACTION_SET,
 								 false, ERROR, false);
-		CommitTransactionCommand();
+		if (g && (g->flags & GUC_REPORT) && shown_len > 0 &&
+			pg_strcasecmp(g->name, "role") != 0 &&
+			pg_strcasecmp(g->name, "session_authorization") != 0 &&
+			set_config_option(name, value, ctx, PGC_S_CLIENT, GUC_ACTION_SET,
+							  true, ERROR, false) > 0)
+		{
+			/* As ReportGUCOption() shows it (the show hook: TimeZone). */
+			const char *v = GetConfigOptionByName(g->name, NULL, false);
+
+			if (v && (int) strlen(v) < shown_len)
+				strlcpy(shown, v, shown_len);
+			AbortCurrentTransaction();
+		}
+		else
+			CommitTransactionCommand();
 	}
 	PG_CATCH();
 	{

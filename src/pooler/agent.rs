@@ -299,7 +299,11 @@ fn answer(req: &[u8], reader: &mut Option<DynamicBackgroundWorker>) -> Vec<u8> {
         REQ_VALIDATE_SETTING => {
             let (Some(name), Some(value), Some(su), Some(role)) = (r.str(), r.str(), r.u8(), r.u32()) else { return vec![2] };
             match crate::pg::loginmem::scoped(|| glue::validate_setting(&name, &value, su != 0, role)) {
-                Ok(()) => vec![0],
+                Ok(shown) => {
+                    let mut out = vec![0];
+                    out.extend_from_slice(shown.as_deref().unwrap_or("").as_bytes());
+                    out
+                }
                 Err(e) => err_pod(&e),
             }
         }
@@ -624,7 +628,7 @@ pub fn check_usermap(usermap: &str, pg_user: &str, system_user: &[u8]) -> Result
 }
 
 /// `glue::validate_setting`, run by the agent (a transaction).
-pub fn validate_setting(name: &str, value: &str, superuser: bool, role: u32) -> Result<(), NgError> {
+pub fn validate_setting(name: &str, value: &str, superuser: bool, role: u32) -> Result<Option<String>, NgError> {
     let mut req = vec![REQ_VALIDATE_SETTING];
     put_bytes(&mut req, name.as_bytes());
     put_bytes(&mut req, value.as_bytes());
@@ -632,7 +636,7 @@ pub fn validate_setting(name: &str, value: &str, superuser: bool, role: u32) -> 
     req.extend_from_slice(&role.to_ne_bytes());
     let rep = call(&req);
     match rep.as_slice() {
-        [0] => Ok(()),
+        [0, shown @ ..] => Ok((!shown.is_empty()).then(|| String::from_utf8_lossy(shown).into_owned())),
         _ => Err(reply_err(rep.get(1..).unwrap_or(&[]))),
     }
 }

@@ -585,12 +585,21 @@ impl Pooler {
                 }
                 // As the server: startup settings are checked after the login
                 // checks, and a bad one ends the connection.
-                for (name, value) in &settings {
+                for (i, (name, value)) in settings.iter().enumerate() {
                     if !needs_validation(name) {
                         continue;
                     }
-                    if let Err(e) = super::agent::validate_setting(name, value, session.info.role_super, session.info.role_oid) {
-                        return self.client_login_refused(key, &e.to_fatal(), None);
+                    match super::agent::validate_setting(name, value, session.info.role_super, session.info.role_oid) {
+                        Err(e) => return self.client_login_refused(key, &e.to_fatal(), None),
+                        // The server's spelling of a reported setting, for
+                        // the login's ParameterStatus (and the backends
+                        // that apply it).
+                        Ok(Some(shown)) if shown != *value => {
+                            if let Some(s) = self.client(key).and_then(|c| c.settings.get_mut(i)) {
+                                s.1 = shown;
+                            }
+                        }
+                        Ok(_) => {}
                     }
                 }
                 let limited = session.info.role_connlimit >= 0 || session.info.db_connlimit >= 0;

@@ -743,3 +743,41 @@ fn check_status(msgs: &[Msg], app: &str, tz: &str, enc: &str) {
         assert_eq!(value, want, "client {app} was told {name} = {value}");
     }
 }
+
+/// The login's ParameterStatus messages carry the values as the server
+/// shows them, not as the client spelled them (`DateStyle=iso,dmy` is
+/// reported `ISO, DMY`, `client_encoding=latin1` `LATIN1`): the same
+/// startup packet directly (Unix socket, trust) and through the pooler
+/// gets the same set of values before its first ReadyForQuery.
+#[test]
+fn login_parameter_status_as_the_server_spells_it() {
+    let pg = Cluster::builder().start();
+    exec(&pg, "CREATE ROLE app LOGIN");
+    let params = [
+        ("user", "app"),
+        ("database", "postgres"),
+        ("DateStyle", "iso,dmy"),
+        ("client_encoding", "latin1"),
+        ("IntervalStyle", "SQL_STANDARD"),
+        ("TimeZone", "utc"),
+    ];
+    let status = |msgs: &[Msg]| -> std::collections::BTreeMap<String, String> {
+        msgs.iter()
+            .filter(|m| m.tag == b'S')
+            .map(|m| {
+                let mut parts = m.body.split(|&b| b == 0).map(|p| String::from_utf8_lossy(p).into_owned());
+                (parts.next().unwrap_or_default(), parts.next().unwrap_or_default())
+            })
+            .collect()
+    };
+    let path = pg.socket_dir().join(format!(".s.PGSQL.{}", pg.port()));
+    let mut direct = std::os::unix::net::UnixStream::connect(&path).expect("unix connect");
+    direct.set_read_timeout(Some(Duration::from_secs(20))).expect("read timeout");
+    let (d, _) = raw_startup(&mut direct, &params);
+    let (p, _) = raw_startup(&mut tcp_stream(pg.port()), &params);
+    let (d, p) = (status(&d), status(&p));
+    assert_eq!(d.get("DateStyle").map(String::as_str), Some("ISO, DMY"), "directly: {d:?}");
+    for name in ["DateStyle", "client_encoding", "IntervalStyle", "TimeZone"] {
+        assert_eq!(p.get(name), d.get(name), "{name}: pooled {p:?}\ndirect {d:?}");
+    }
+}
