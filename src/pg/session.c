@@ -2102,6 +2102,18 @@ lookup_guc(const char *name)
  * the pooler's agent is not the client.  A role that does not exist is left
  * to the setting's own check, which reports it as the server does.
  */
+/*
+ * A startup session_authorization the login may not take is refused by the
+ * server from the minor releases that moved its permission check into
+ * check_session_authorization() (the fix of CVE-2024-10978: 17.1, 16.5,
+ * 15.9); before them it is accepted at startup (16.2 does).  Decided by the
+ * headers the extension is built with, which are the server's own release.
+ */
+#define SESSION_AUTHORIZATION_CHECKED_AT_STARTUP \
+	(PG_VERSION_NUM >= 170001 || \
+	 (PG_VERSION_NUM >= 160005 && PG_VERSION_NUM < 170000) || \
+	 (PG_VERSION_NUM >= 150009 && PG_VERSION_NUM < 160000))
+
 static void
 check_identity_setting(const char *name, const char *value, Oid login, bool superuser)
 {
@@ -2120,7 +2132,7 @@ check_identity_setting(const char *name, const char *value, Oid login, bool supe
 					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 					 errmsg("permission denied to set role \"%s\"", value)));
 	}
-	else if (pg_strcasecmp(name, "session_authorization") == 0)
+	else if (pg_strcasecmp(name, "session_authorization") == 0 && SESSION_AUTHORIZATION_CHECKED_AT_STARTUP)
 	{
 		if (superuser || !OidIsValid(target = get_role_oid(value, true)) || target == login)
 			return;

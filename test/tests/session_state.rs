@@ -42,6 +42,11 @@ use session_support::{
 
 const LIMIT: Duration = Duration::from_secs(300);
 
+/// One pooled backend, so every turn of another client switches it.
+fn one_backend() -> nextgres_test::Builder {
+    Cluster::builder().conf("nextgres.pool_size = 1").conf("nextgres.query_wait_timeout = 20")
+}
+
 const SETUP: &str = "
     CREATE EXTENSION nextgres;
     CREATE ROLE app LOGIN;
@@ -476,9 +481,7 @@ fn matrix(pg: &Cluster, transport: Transport) {
 #[test]
 fn role_set_by_one_client_never_reaches_another() {
     run(
-        Cluster::builder()
-            .conf("nextgres.pool_size = 1")
-            .conf("nextgres.query_wait_timeout = 20"),
+        one_backend(),
         SETUP,
         LIMIT,
         |pg| {
@@ -507,9 +510,7 @@ fn role_set_by_one_client_never_reaches_another() {
 #[test]
 fn session_authorization_then_role_follow_their_client() {
     run(
-        Cluster::builder()
-            .conf("nextgres.pool_size = 1")
-            .conf("nextgres.query_wait_timeout = 20"),
+        one_backend(),
         SETUP,
         LIMIT,
         |pg| {
@@ -551,9 +552,7 @@ fn session_authorization_then_role_follow_their_client() {
 #[test]
 fn superuser_only_role_default_of_a_plain_pool_role() {
     run(
-        Cluster::builder()
-            .conf("nextgres.pool_size = 1")
-            .conf("nextgres.query_wait_timeout = 20"),
+        one_backend(),
         SETUP,
         LIMIT,
         |pg| {
@@ -613,9 +612,7 @@ fn prepared_show_of_a_restricted_setting_moves_to_a_fresh_backend() {
 #[test]
 fn role_revoked_or_dropped_ends_the_session_that_set_it() {
     run(
-        Cluster::builder()
-            .conf("nextgres.pool_size = 1")
-            .conf("nextgres.query_wait_timeout = 20"),
+        one_backend(),
         SETUP,
         LIMIT,
         |pg| {
@@ -656,9 +653,7 @@ fn role_revoked_or_dropped_ends_the_session_that_set_it() {
 #[test]
 fn set_config_alone_follows_its_client() {
     run(
-        Cluster::builder()
-            .conf("nextgres.pool_size = 1")
-            .conf("nextgres.query_wait_timeout = 20"),
+        one_backend(),
         SETUP,
         LIMIT,
         |pg| {
@@ -685,9 +680,7 @@ fn set_config_alone_follows_its_client() {
 #[test]
 fn settings_set_where_no_statement_shows_them_stay_with_their_client() {
     run(
-        Cluster::builder()
-            .conf("nextgres.pool_size = 1")
-            .conf("nextgres.query_wait_timeout = 20"),
+        one_backend(),
         SETUP,
         LIMIT,
         |pg| {
@@ -737,9 +730,7 @@ fn settings_set_where_no_statement_shows_them_stay_with_their_client() {
 #[test]
 fn custom_setting_of_another_client_is_never_seen() {
     run(
-        Cluster::builder()
-            .conf("nextgres.pool_size = 1")
-            .conf("nextgres.query_wait_timeout = 20"),
+        one_backend(),
         SETUP,
         LIMIT,
         |pg| {
@@ -772,9 +763,7 @@ fn custom_setting_of_another_client_is_never_seen() {
 #[test]
 fn settings_named_transaction_something_and_seed_stay_with_their_client() {
     run(
-        Cluster::builder()
-            .conf("nextgres.pool_size = 1")
-            .conf("nextgres.query_wait_timeout = 20"),
+        one_backend(),
         SETUP,
         LIMIT,
         |pg| {
@@ -1120,9 +1109,7 @@ fn pinned_client_leaves_nothing_behind_body(pg: &Cluster, a: &mut Client, b: &mu
 #[test]
 fn redefined_prepared_statement_follows_its_client() {
     run(
-        Cluster::builder()
-            .conf("nextgres.pool_size = 1")
-            .conf("nextgres.query_wait_timeout = 20"),
+        one_backend(),
         SETUP,
         LIMIT,
         |pg| {
@@ -1150,9 +1137,7 @@ fn redefined_prepared_statement_follows_its_client() {
 #[test]
 fn closed_statements_stay_closed() {
     run(
-        Cluster::builder()
-            .conf("nextgres.pool_size = 1")
-            .conf("nextgres.query_wait_timeout = 20"),
+        one_backend(),
         SETUP,
         LIMIT,
         |pg| {
@@ -1189,9 +1174,7 @@ fn closed_statements_stay_closed() {
 #[test]
 fn state_changed_while_pinned_follows_after_unpin() {
     run(
-        Cluster::builder()
-            .conf("nextgres.pool_size = 1")
-            .conf("nextgres.query_wait_timeout = 20"),
+        one_backend(),
         SETUP,
         LIMIT,
         |pg| {
@@ -1247,9 +1230,7 @@ fn no_trace_on(pg: &Cluster, pa: i32, b: &mut Client, c: &mut Client, probe: &st
 #[test]
 fn killed_clients_leave_nothing_behind() {
     run(
-        Cluster::builder()
-            .conf("nextgres.pool_size = 1")
-            .conf("nextgres.query_wait_timeout = 20"),
+        one_backend(),
         SETUP,
         LIMIT,
         |pg| {

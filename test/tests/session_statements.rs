@@ -228,10 +228,7 @@ fn differential(scenario: fn(&Cluster, bool) -> Vec<String>) {
         move |pg| {
             let direct = scenario(pg, false);
             let pooled = scenario(pg, true);
-            for (i, (d, p)) in direct.iter().zip(&pooled).enumerate() {
-                assert_eq!(p, d, "step {i} differs (pooled vs direct)\ndirect: {direct:#?}\npooled: {pooled:#?}");
-            }
-            assert_eq!(direct.len(), pooled.len());
+            assert_same_transcript(&direct, &pooled);
         },
     );
 }
@@ -652,6 +649,15 @@ fn close_msg(kind: u8, name: &str) -> Vec<u8> {
 
 const SYNC: &[u8] = b"S\0\0\0\x04";
 
+/// The pooled transcript is the direct one, step by step.
+#[track_caller]
+fn assert_same_transcript(direct: &[String], pooled: &[String]) {
+    for (i, (d, p)) in direct.iter().zip(pooled).enumerate() {
+        assert_eq!(p, d, "step {i} differs (pooled vs direct)\ndirect: {direct:#?}\npooled: {pooled:#?}");
+    }
+    assert_eq!(direct.len(), pooled.len());
+}
+
 /// Every message up to ReadyForQuery, as text: tag, then what identifies it
 /// (error SQLSTATE and message, row values, command tag, column names,
 /// transaction status).
@@ -755,10 +761,7 @@ fn unnamed_statement_and_portal_stay_with_their_client() {
             assert!(direct[12].contains("E ERROR 34000"), "{direct:#?}");
             assert_eq!(direct[17], "B: 3 | Z I", "{direct:#?}");
             assert_eq!(direct[20], "B: 3 | Z I", "{direct:#?}");
-            for (i, (d, p)) in direct.iter().zip(&pooled).enumerate() {
-                assert_eq!(p, d, "step {i} differs (pooled vs direct)\ndirect: {direct:#?}\npooled: {pooled:#?}");
-            }
-            assert_eq!(direct.len(), pooled.len());
+            assert_same_transcript(&direct, &pooled);
         },
     );
 }
@@ -869,10 +872,7 @@ fn an_empty_named_statement_moves_with_its_client() {
             let direct = empty_statement_scenario(pg, false);
             let pooled = empty_statement_scenario(pg, true);
             assert!(direct[2].contains(" | I | "), "directly, an EmptyQueryResponse: {direct:#?}");
-            for (i, (d, p)) in direct.iter().zip(&pooled).enumerate() {
-                assert_eq!(p, d, "step {i} differs (pooled vs direct)\ndirect: {direct:#?}\npooled: {pooled:#?}");
-            }
-            assert_eq!(direct.len(), pooled.len());
+            assert_same_transcript(&direct, &pooled);
         },
     );
 }
@@ -921,10 +921,7 @@ fn literals_keep_the_meaning_they_had_when_prepared() {
             let direct = literal_scenario(pg, false);
             let pooled = literal_scenario(pg, true);
             assert!(direct[3].contains(r#"D [Some("a\\b")]"#), "directly, the literal as prepared: {direct:#?}");
-            for (i, (d, p)) in direct.iter().zip(&pooled).enumerate() {
-                assert_eq!(p, d, "step {i} differs (pooled vs direct)\ndirect: {direct:#?}\npooled: {pooled:#?}");
-            }
-            assert_eq!(direct.len(), pooled.len());
+            assert_same_transcript(&direct, &pooled);
         },
     );
 }
