@@ -45,9 +45,8 @@ const NO_CYCLE: i64 = i64::MIN;
 /// The last ReadyForQuery or attach (TimestampTz, µs): no cycle starts before.
 static CYCLE_FLOOR: AtomicI64 = AtomicI64::new(0);
 /// The process id of the attached client's cancel key (0: none of the
-/// pooler's), and this backend's own (`MyProcPid`, 0 until read).
+/// pooler's).
 static KEY_PID: AtomicI32 = AtomicI32::new(0);
-static MY_PID: AtomicI32 = AtomicI32::new(0);
 
 /// Adds `n` to a counter of this process (load and store: one writer).
 fn add(counter: &AtomicU64, n: u64) {
@@ -98,9 +97,6 @@ pub fn install() {
 /// The attached client's cancel-key process id (`Attach::key_pid`).
 pub fn set_key_pid(pid: i32) {
     KEY_PID.store(pid, Relaxed);
-    if MY_PID.load(Relaxed) == 0 {
-        MY_PID.store(crate::pg::server::my_pid(), Relaxed);
-    }
 }
 
 /// A NotificationResponse (protocol 55.7: Int32 process id, channel,
@@ -116,7 +112,7 @@ fn own_notification(s: *const c_char, len: usize) -> Option<Vec<u8>> {
     }
     // SAFETY: the server hands `len` readable bytes at `s`.
     let body = unsafe { std::slice::from_raw_parts(s.cast::<u8>(), len) };
-    if i32::from_be_bytes([body[0], body[1], body[2], body[3]]) != MY_PID.load(Relaxed) {
+    if i32::from_be_bytes([body[0], body[1], body[2], body[3]]) != crate::pg::server::my_pid() {
         return None;
     }
     let mut copy = body.to_vec();

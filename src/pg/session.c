@@ -1169,7 +1169,6 @@ put_statement(StringInfo out, PreparedStatement *ps)
 	CachedPlanSource *src = ps->plansource;
 	const char *text = src->query_string;
 	uint32		np = pg_hton32((uint32) src->num_params);
-
 	int			text_at;
 
 	put_str(out, ps->stmt_name);
@@ -2096,13 +2095,6 @@ lookup_guc(const char *name)
 }
 
 /*
- * The permission checks of the identity settings given at startup, for the
- * client's login role `login`: the server makes them against the session's
- * own user (variable.c check_role, check_session_authorization), which in
- * the pooler's agent is not the client.  A role that does not exist is left
- * to the setting's own check, which reports it as the server does.
- */
-/*
  * A startup session_authorization the login may not take is refused by the
  * server from the minor releases that moved its permission check into
  * check_session_authorization() (the fix of CVE-2024-10978: 17.1, 16.5,
@@ -2114,6 +2106,13 @@ lookup_guc(const char *name)
 	 (PG_VERSION_NUM >= 160005 && PG_VERSION_NUM < 170000) || \
 	 (PG_VERSION_NUM >= 150009 && PG_VERSION_NUM < 160000))
 
+/*
+ * The permission checks of the identity settings given at startup, for the
+ * client's login role `login`: the server makes them against the session's
+ * own user (variable.c check_role, check_session_authorization), which in
+ * the pooler's agent is not the client.  A role that does not exist is left
+ * to the setting's own check, which reports it as the server does.
+ */
 static void
 check_identity_setting(const char *name, const char *value, Oid login, bool superuser)
 {
@@ -2169,6 +2168,7 @@ ng_validate_setting(const char *name, const char *value, bool superuser, Oid rol
 	{
 		struct config_generic *g;
 		GucContext	ctx = superuser ? PGC_SU_BACKEND : PGC_BACKEND;
+		bool		report;
 
 		StartTransactionCommand();
 		g = lookup_guc(name);
@@ -2184,13 +2184,12 @@ ng_validate_setting(const char *name, const char *value, bool superuser, Oid rol
 					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 					 errmsg("permission denied to set parameter \"%s\"", name)));
 		check_identity_setting(name, value, role, superuser);
-		(void) set_config_option(name, value, ctx, PGC_S_CLIENT, GUC_ACTION_SET,
-								 false, ERROR, false);
-		if (g && (g->flags & GUC_REPORT) && shown_len > 0 &&
+		report = g && (g->flags & GUC_REPORT) && shown_len > 0 &&
 			pg_strcasecmp(g->name, "role") != 0 &&
-			pg_strcasecmp(g->name, "session_authorization") != 0 &&
-			set_config_option(name, value, ctx, PGC_S_CLIENT, GUC_ACTION_SET,
-							  true, ERROR, false) > 0)
+			pg_strcasecmp(g->name, "session_authorization") != 0;
+		/* Applied (then rolled back) only to read a reported value. */
+		if (set_config_option(name, value, ctx, PGC_S_CLIENT, GUC_ACTION_SET,
+							  report, ERROR, false) > 0 && report)
 		{
 			/* As ReportGUCOption() shows it (the show hook: TimeZone). */
 			const char *v = GetConfigOptionByName(g->name, NULL, false);

@@ -186,6 +186,12 @@ impl Client {
         self.tls.as_ref().and_then(|t| t.info.get()).map(|s| s.status.clone())
     }
 
+    /// The process id of the cancel key handed out (`Attach::key_pid`; 0
+    /// before the login's BackendKeyData).
+    pub fn key_pid(&self) -> i32 {
+        self.cancel.as_ref().map_or(0, |(pid, _)| *pid)
+    }
+
     pub fn new(stream: TcpStream, addr: SocketAddr, row: usize, id: u64) -> Client {
         Client {
             stream,

@@ -480,7 +480,7 @@ impl Pooler {
         let session_mode = c.session_mode;
         let session_start = !c.session_counted;
         let pool_row = c.pool.and_then(|p| self.pools.get(p)).map(|p| p.row as u32).unwrap_or(0);
-        let key_pid = c.cancel.as_ref().map_or(0, |(pid, _)| *pid);
+        let key_pid = c.key_pid();
         let addr = c.raw_addr();
         let local = self.local_addr(c.local);
         // A backend that served this client last still holds its session.

@@ -253,7 +253,7 @@ impl Pooler {
                 | control::FLAG_QUEUED
                 | if c.session_counted { 0 } else { control::FLAG_SESSION_START },
             pool_row,
-            key_pid: c.cancel.as_ref().map_or(0, |(pid, _)| *pid),
+            key_pid: c.key_pid(),
             addr: c.raw_addr(),
             local,
             settings: c.settings.clone(),
