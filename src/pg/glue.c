@@ -1067,10 +1067,10 @@ ng_server_authenticate(void)
 /*
  * hba.c remembers the postmaster's parsed_hba_context and
  * parsed_ident_context (both ALLOCSET_SMALL_SIZES) and deletes them on the
- * next load_hba()/load_ident() (the pooler calls load_hba() at start and on
- * reload, load_ident() on reload only, and only when the fork handler kept
- * parsed_ident_context alive: ng_keep_parsed_ident_in_child()).  In a
- * background worker those contexts died
+ * next load_hba()/load_ident() (the agent calls both on reload, only when
+ * the fork handler kept the contexts alive, ng_keep_parsed_auth_files_in_child();
+ * load_hba() at start too where it did not).  In a background worker the
+ * handler did not run in, those contexts died
  * with PostmasterContext at worker start and their headers sit on the
  * small-context freelist (mcxt/aset.c keeps up to MAX_FREE_CONTEXTS = 100),
  * so the next small context created reuses one: on PostgreSQL 18 the pgstat
@@ -1130,9 +1130,10 @@ ng_load_conf(bool (*load) (void), const char *failed, NgError *err)
 }
 
 /*
- * The postmaster's parsed hba is gone in a background worker (its context is
- * deleted at worker start), so keep our own PostmasterContext and reload into
- * it; load_hba() allocates there.
+ * The server's load_hba() in the agent, on SIGHUP (and at start where the
+ * fork handler did not keep the postmaster's lines).  PostmasterContext is
+ * gone in a background worker (deleted at worker start), so keep our own
+ * and reload into it; load_hba() allocates there.
  */
 bool
 ng_load_hba(NgError *err)
@@ -1173,11 +1174,11 @@ ng_load_hba(NgError *err)
  * forked some other way refuses map= instead of reading freed lines.
  */
 #if PG_VERSION_NUM >= 190000
-#error "recheck hba.c's ident parser context (ng_keep_parsed_ident_in_child)"
+#error "recheck hba.c's hba and ident parser contexts (ng_keep_parsed_auth_files_in_child)"
 #endif
 
 /*
- * Set in a postmaster child by ng_keep_parsed_ident_in_child(): hba.c's
+ * Set in a postmaster child by ng_keep_parsed_auth_files_in_child(): hba.c's
  * parsed_ident_lines/parsed_ident_context are valid in this process, either
  * because their context was moved under TopMemoryContext, or because the
  * postmaster had none yet (forked before its first load_ident(), or that
@@ -1188,25 +1189,41 @@ ng_load_hba(NgError *err)
  */
 static bool ng_ident_is_kept = false;
 
+/*
+ * The same for pg_hba.conf: hba.c's parsed_hba_lines/parsed_hba_context
+ * ("hba parser context", a child of PostmasterContext in load_hba(), 15..18)
+ * are the rules the postmaster has loaded, moved under TopMemoryContext by
+ * the same handler.  The agent authenticates with exactly those until its
+ * first SIGHUP, as a backend forked at that moment would; it must not read
+ * pg_hba.conf from disk at start, where an edit not yet reloaded (or the
+ * postmaster's crash restart, which keeps its parsed rules) would make the
+ * pooler port follow rules the server does not.  The cost is the one above,
+ * for every child: its copy of the parsed pg_hba.conf stays instead of going
+ * with PostmasterContext.
+ */
+static bool ng_hba_is_kept = false;
+
 static void
-ng_keep_parsed_ident_in_child(void)
+ng_keep_parsed_auth_files_in_child(void)
 {
 	MemoryContext c;
+	MemoryContext next;
 
 	/* Only in a child of the postmaster (MyProcPid is still the parent's). */
 	if (!IsPostmasterEnvironment || IsUnderPostmaster ||
 		MyProcPid != PostmasterPid || PostmasterContext == NULL)
 		return;
-	for (c = PostmasterContext->firstchild; c != NULL; c = c->nextchild)
+	for (c = PostmasterContext->firstchild; c != NULL; c = next)
 	{
-		if (strcmp(c->name, "ident parser context") == 0)
-		{
+		/* Reparenting unlinks c from this list: take the next one first. */
+		next = c->nextchild;
+		if (strcmp(c->name, "ident parser context") == 0 ||
+			strcmp(c->name, "hba parser context") == 0)
 			MemoryContextSetParent(c, TopMemoryContext);
-			break;
-		}
 	}
 	/* Moved, or nothing to keep (hba.c's statics are empty then). */
 	ng_ident_is_kept = true;
+	ng_hba_is_kept = true;
 }
 
 /*
@@ -1219,11 +1236,21 @@ ng_ident_kept(void)
 	return ng_ident_is_kept;
 }
 
+/*
+ * Agent: are hba.c's pg_hba.conf lines the postmaster's, valid in this
+ * process (see ng_hba_is_kept)?  False: load_hba() must fill them.
+ */
+bool
+ng_hba_kept(void)
+{
+	return ng_hba_is_kept;
+}
+
 /* Postmaster, _PG_init: install the fork handler above.  False on failure. */
 bool
-ng_install_ident_keeper(void)
+ng_install_auth_file_keeper(void)
 {
-	return pthread_atfork(NULL, NULL, ng_keep_parsed_ident_in_child) == 0;
+	return pthread_atfork(NULL, NULL, ng_keep_parsed_auth_files_in_child) == 0;
 }
 
 /*

@@ -172,8 +172,9 @@ extern "C" {
     fn ng_pooler_guard_stale_hba_contexts();
     fn ng_load_hba(err: *mut NgError) -> bool;
     fn ng_load_ident(err: *mut NgError) -> bool;
-    fn ng_install_ident_keeper() -> bool;
+    fn ng_install_auth_file_keeper() -> bool;
     fn ng_ident_kept() -> bool;
+    fn ng_hba_kept() -> bool;
     fn ng_check_usermap(usermap: *const c_char, pg_user: *const c_char, system_user: *const c_char, err: *mut NgError) -> c_int;
     fn ng_login_lookup(
         database: *const c_char,
@@ -504,12 +505,12 @@ pub fn load_ident() -> Result<(), NgError> {
     }
 }
 
-/// Postmaster only (`_PG_init`): keep the postmaster's parsed pg_ident.conf
-/// alive in its children, so the pooler starts with valid lines (glue.c,
-/// ng_keep_parsed_ident_in_child). False if the fork handler could not be
-/// installed.
-pub fn install_ident_keeper() -> bool {
-    unsafe { ng_install_ident_keeper() }
+/// Postmaster only (`_PG_init`): keep the postmaster's parsed pg_hba.conf
+/// and pg_ident.conf alive in its children, so the pooler starts with the
+/// server's loaded lines (glue.c, ng_keep_parsed_auth_files_in_child).
+/// False if the fork handler could not be installed.
+pub fn install_auth_file_keeper() -> bool {
+    unsafe { ng_install_auth_file_keeper() }
 }
 
 /// Pooler: did the fork handler run in this process, so hba.c's
@@ -518,6 +519,14 @@ pub fn install_ident_keeper() -> bool {
 /// be called otherwise: they would read (on 15: free) freed memory.
 pub fn ident_kept() -> bool {
     unsafe { ng_ident_kept() }
+}
+
+/// Agent: did the fork handler keep the postmaster's parsed pg_hba.conf in
+/// this process (glue.c, ng_hba_is_kept)? Then those are the rules until
+/// the next SIGHUP, and the agent must not load the file at start (an edit
+/// the server has not reloaded would apply on the pooler port only).
+pub fn hba_kept() -> bool {
+    unsafe { ng_hba_kept() }
 }
 
 /// The server's `check_usermap()` (hba.c) with the pg_ident.conf the

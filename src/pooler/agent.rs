@@ -61,8 +61,12 @@ const REQ_BACKEND_IDENTITY: u8 = 7;
 /// when it ends. Returns never (SIGTERM: proc_exit after the pooler).
 pub fn agent_main() -> ! {
     let tables = shmem::tables().expect("nextgres shared memory (shared_preload_libraries)");
-    if let Err(e) = glue::load_hba() {
-        log::warn!("could not load pg_hba.conf: {}", e.message());
+    // The postmaster's loaded rules, not the file on disk: an edit it has
+    // not reloaded (or kept through a crash restart) must not apply here.
+    if !glue::hba_kept() {
+        if let Err(e) = glue::load_hba() {
+            log::warn!("could not load pg_hba.conf: {}", e.message());
+        }
     }
     let mut reader: Option<DynamicBackgroundWorker> = None;
     crate::pg::on_proc_exit(agent_exit);

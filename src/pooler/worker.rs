@@ -19,10 +19,11 @@ use std::time::Duration;
 /// or it was terminated); its listen sockets stay open in the postmaster
 /// meanwhile.
 pub fn register() {
-    // The pooler reads pg_ident.conf as the postmaster parsed it (glue.c,
-    // ng_keep_parsed_ident_in_child); without the fork handler those lines
-    // would be freed memory in the pooler. pthread_atfork fails on ENOMEM only.
-    if !glue::install_ident_keeper() {
+    // The pooler reads pg_hba.conf and pg_ident.conf as the postmaster
+    // parsed them (glue.c, ng_keep_parsed_auth_files_in_child); without the
+    // fork handler those lines would be freed memory in the pooler.
+    // pthread_atfork fails on ENOMEM only.
+    if !glue::install_auth_file_keeper() {
         pgrx::error!("nextgres: could not install its fork handler (pthread_atfork)");
     }
     BackgroundWorkerBuilder::new("nextgres agent")

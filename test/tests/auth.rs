@@ -387,6 +387,70 @@ fn empty_md5_response_matches_direct_server() {
     assert_eq!(answer(sp.pool_port), direct, "through the pooler");
 }
 
+/// The pooler authenticates by the pg_hba.conf rules the server has
+/// loaded, not by the file on disk: an edit not yet reloaded stays without
+/// effect on the pooler port too when the agent restarts (here terminated;
+/// a crash restart of the postmaster forks it the same way), and takes
+/// effect on both ports at the reload. The agent used to read the file at
+/// its start, so a staged `trust` line let a wrong password in on the
+/// pooler port only.
+#[test]
+fn a_restarted_agent_keeps_the_loaded_hba_rules() {
+    let sp = auth_cluster();
+    let wrong = [case("scram_u", "postgres", Some("wrong"), "28P01")];
+    let check = |when: &str| {
+        let (problems, _) = differential(&sp, &wrong);
+        assert!(problems.is_empty(), "{when}:\n{}", problems.join("\n"));
+    };
+    check("before the edit");
+    let staged = format!("local all all trust\nhost all all 127.0.0.1/32 trust\n{HBA}");
+    sp.pg.set_hba(&staged).expect("writing pg_hba.conf");
+    let pooler = |pg: &Cluster| -> Option<i32> {
+        pg.admin()
+            .query_one("SELECT pooler_pid FROM nextgres.status()", &[])
+            .expect("nextgres.status()")
+            .get(0)
+    };
+    let before = pooler(&sp.pg).expect("a running pooler");
+    let ok: bool = sp
+        .pg
+        .admin()
+        .query_one(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'nextgres agent'",
+            &[],
+        )
+        .expect("terminate the agent")
+        .get(0);
+    assert!(ok, "pg_terminate_backend of the agent");
+    assert!(
+        wait_until(Duration::from_secs(30), || pooler(&sp.pg).is_some_and(|p| p != before)),
+        "no new pooler after the agent was terminated\n{}",
+        sp.pg.log_tail(30)
+    );
+    check("after the agent restarted, pg_hba.conf edited but not reloaded");
+    // The reload applies the edit on both ports: the wrong password gets in.
+    let admitted = [case("scram_u", "postgres", Some("wrong"), "ok")];
+    let reloaded: bool = sp
+        .pg
+        .admin()
+        .query_one("SELECT pg_reload_conf()", &[])
+        .expect("pg_reload_conf")
+        .get(0);
+    assert!(reloaded, "pg_reload_conf() returned false");
+    let both_trust = || {
+        let ok = |ci: nextgres_test::ConnInfo| matches!(rust_outcome(&ci, None), Outcome::Ok(_));
+        ok(sp.direct("scram_u", "postgres").maybe_password(Some("wrong")))
+            && ok(sp.pooled("scram_u", "postgres").maybe_password(Some("wrong")))
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), both_trust),
+        "the reloaded pg_hba.conf never took effect on both ports\n{}",
+        sp.pg.log_tail(30)
+    );
+    let (problems, _) = differential(&sp, &admitted);
+    assert!(problems.is_empty(), "after the reload:\n{}", problems.join("\n"));
+}
+
 /// pg_hba.conf matching as the server does it: hostssl and
 /// hostgssenc lines never match a plaintext connection, hostnossl and
 /// hostnogssenc do, other addresses do not, and the sameuser, samerole and
