@@ -172,8 +172,14 @@ fn raw_auth_outcome(host: &str, port: u16, user: &str, db: &str) -> String {
 /// (the 2026-08 minor releases use `scram_iterations` there; 15 and older
 /// minors the fixed 4096).
 fn scram_first_reply(s: &mut std::net::TcpStream) -> String {
+    scram_first_answer(s, b"n,,n=,r=nextgresdifferentialnonce")
+}
+
+/// Sends `first` as the SCRAM client-first-message and describes the
+/// answer: the server-first-message without its nonce, or the error's
+/// SQLSTATE (plus message and detail where `E` shows them).
+fn scram_first_answer(s: &mut std::net::TcpStream, first: &[u8]) -> String {
     use std::io::Write;
-    let first = b"n,,n=,r=nextgresdifferentialnonce";
     let mut body = b"SCRAM-SHA-256\0".to_vec();
     body.extend_from_slice(&(first.len() as i32).to_be_bytes());
     body.extend_from_slice(first);
@@ -189,10 +195,58 @@ fn scram_first_reply(s: &mut std::net::TcpStream) -> String {
             let kept: Vec<&str> = text.split(',').filter(|a| !a.starts_with("r=")).collect();
             format!("SCRAM[{}]", kept.join(","))
         }
-        Some(m) if m.tag == b'E' => format!("SCRAM E{}", m.field(b'C').unwrap_or_default()),
+        Some(m) if m.tag == b'E' && first.starts_with(b"n,,n=,r=nextgres") => {
+            format!("SCRAM E{}", m.field(b'C').unwrap_or_default())
+        }
+        Some(m) if m.tag == b'E' => format!(
+            "SCRAM E{} {:?} {:?}",
+            m.field(b'C').unwrap_or_default(),
+            m.field(b'M').unwrap_or_default(),
+            m.field(b'D')
+        ),
         Some(m) => format!("SCRAM {}", m.tag as char),
         None => "SCRAM nothing".into(),
     }
+}
+
+/// Malformed and unsupported SCRAM client-first-messages get the server's
+/// refusal word for word (SQLSTATE 0A000 for an authorization identity or
+/// a mandatory extension, sanitize_char()'s quoting in the details, a
+/// message of its own for a non-printable nonce), and an empty client
+/// nonce is accepted as the server accepts it.
+#[test]
+fn malformed_scram_first_messages_match_direct_server() {
+    let sp = auth_cluster();
+    let firsts: [&[u8]; 9] = [
+        b"n,a=scram_u,n=,r=abc",
+        b"n,,m=ext,n=,r=abc",
+        b"n,,n=,r=a\x01c",
+        b"n,,n=,r=",
+        b"x,,n=,r=abc",
+        b"n,n=,r=abc",
+        b"n;,n=,r=abc",
+        b"n,,r=abc",
+        b"n,,n=,r=abc,1=x",
+    ];
+    let answer = |port: u16, first: &[u8]| -> String {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20))).expect("read timeout");
+        let (msgs, _) = pool_support::raw_startup(&mut s, &[("user", "scram_u"), ("database", "postgres")]);
+        let sasl = msgs.iter().any(|m| m.tag == b'R' && m.body.get(..4) == Some(&10i32.to_be_bytes()));
+        assert!(sasl, "no SASL request on port {port}");
+        scram_first_answer(&mut s, first)
+    };
+    let mut problems = Vec::new();
+    for first in firsts {
+        let (d, p) = (answer(sp.pg.port(), first), answer(sp.pool_port, first));
+        if d != p {
+            problems.push(format!("{}\n   direct: {d}\n   pooled: {p}", first.escape_ascii()));
+        }
+    }
+    // The expectations the comparison rests on, from the direct server.
+    assert!(answer(sp.pg.port(), firsts[0]).starts_with("SCRAM E0A000"), "authzid, direct");
+    assert!(answer(sp.pg.port(), firsts[3]).starts_with("SCRAM[s="), "empty nonce, direct");
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
 /// Tries every case directly and through the pooler with rust-postgres,

@@ -11,11 +11,14 @@ pub(super) struct Cursor<'a> {
     pos: usize,
 }
 
-fn show(c: Option<u8>) -> String {
+/// A byte as auth-scram.c's sanitize_char() prints it in an error detail:
+/// a visible ASCII character quoted (`'n'`), anything else as `0x0a`; the
+/// end of the message is the C string's NUL, `0x00`.
+pub(super) fn sanitize_char(c: Option<u8>) -> String {
     match c {
-        Some(c) if c.is_ascii_graphic() => (c as char).to_string(),
-        Some(c) => format!("\\x{c:02x}"),
-        None => "end of string".to_string(),
+        Some(c) if (0x21..=0x7e).contains(&c) => format!("'{}'", c as char),
+        Some(c) => format!("0x{c:02x}"),
+        None => "0x00".to_string(),
     }
 }
 
@@ -60,7 +63,7 @@ impl<'a> Cursor<'a> {
             return Err(ScramError::malformed(format!(
                 "Expected attribute \"{}\" but found \"{}\".",
                 attr as char,
-                show(self.peek())
+                sanitize_char(self.peek())
             )));
         }
         self.pos += 1;
@@ -79,13 +82,15 @@ impl<'a> Cursor<'a> {
             )),
             c => Err(ScramError::malformed(format!(
                 "Attribute expected, but found invalid character \"{}\".",
-                show(c)
+                sanitize_char(c)
             ))),
         }
     }
 }
 
 /// RFC 5802 `printable`: %x21-2B / %x2D-7E (visible ASCII except comma).
+/// True for an empty string, as auth-scram.c's is_scram_printable(): the
+/// server accepts an empty client nonce.
 pub(super) fn is_printable(s: &[u8]) -> bool {
     s.iter().all(|&c| (0x21..=0x7e).contains(&c) && c != b',')
 }

@@ -50,6 +50,12 @@ pub enum ScramError {
     NonceMismatch,
     /// Channel-binding flag or data not acceptable; the string is the message.
     ChannelBinding(String),
+    /// A protocol violation the server reports with a message of its own
+    /// and no detail (08P01, e.g. `non-printable characters in SCRAM nonce`).
+    Protocol(String),
+    /// Something the server does not support (0A000, e.g. an authorization
+    /// identity); the string is the message.
+    Unsupported(String),
     /// Refused with SQLSTATE 28000 (invalid authorization specification),
     /// as the server refuses a downgrade (`SCRAM channel binding
     /// negotiation error`) or wrong binding data (`SCRAM channel binding
@@ -72,6 +78,7 @@ impl ScramError {
         match self {
             ScramError::BadProof => "28P01",
             ScramError::Refused { .. } => "28000",
+            ScramError::Unsupported(_) => "0A000",
             _ => "08P01",
         }
     }
@@ -83,7 +90,7 @@ impl ScramError {
             ScramError::Malformed(_) => "malformed SCRAM message".to_string(),
             ScramError::BadProof => "password authentication failed".to_string(),
             ScramError::NonceMismatch => "invalid SCRAM response".to_string(),
-            ScramError::ChannelBinding(m) => m.clone(),
+            ScramError::ChannelBinding(m) | ScramError::Protocol(m) | ScramError::Unsupported(m) => m.clone(),
             ScramError::Refused { message, .. } => message.clone(),
         }
     }

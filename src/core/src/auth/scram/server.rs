@@ -4,7 +4,7 @@
 //! (`ClientProof XOR ClientSignature`), which lets the pooler later log in
 //! to the real server as that client without ever knowing the password.
 
-use super::attr::{check_whole, is_printable, Cursor};
+use super::attr::{check_whole, is_printable, sanitize_char, Cursor};
 use super::zeroize::{wipe, Key32};
 use super::{
     b64_decode, b64_encode, hmac, sha256, xor32, ScramError, DEFAULT_ITERATIONS, DEFAULT_SALT_LEN,
@@ -243,9 +243,10 @@ impl ScramServer {
                 }
                 self.cbind_flag = data[0];
                 if data.get(1) != Some(&b',') {
-                    return Err(ScramError::malformed(
-                        "Comma expected after the channel-binding flag.",
-                    ));
+                    return Err(ScramError::malformed(format!(
+                        "Comma expected, but found character \"{}\".",
+                        sanitize_char(data.get(1).copied())
+                    )));
                 }
                 2
             }
@@ -269,36 +270,38 @@ impl ScramServer {
             c => {
                 return Err(ScramError::malformed(format!(
                     "Unexpected channel-binding flag \"{}\".",
-                    c.escape_ascii()
+                    sanitize_char(Some(c))
                 )))
             }
         };
         match data.get(authzid_at) {
             Some(b'a') => {
-                return Err(ScramError::malformed(
-                    "client uses authorization identity, but it is not supported",
+                return Err(ScramError::Unsupported(
+                    "client uses authorization identity, but it is not supported".into(),
                 ))
             }
             Some(b',') => {}
-            _ => {
-                return Err(ScramError::malformed(
-                    "Comma expected after the authorization identity.",
-                ))
+            c => {
+                return Err(ScramError::malformed(format!(
+                    "Unexpected attribute \"{}\" in client-first-message.",
+                    sanitize_char(c.copied())
+                )))
             }
         }
         let bare_start = authzid_at + 1;
         let mut c = Cursor::new(data, bare_start);
         if c.peek() == Some(b'm') {
-            return Err(ScramError::malformed(
-                "client requires an unsupported SCRAM extension",
+            return Err(ScramError::Unsupported(
+                "client requires an unsupported SCRAM extension".into(),
             ));
         }
         // The user name is ignored: the startup packet's user is the one that counts.
         c.expect(b'n')?;
+        // An empty nonce passes, as at the server (is_scram_printable()).
         let nonce = c.expect(b'r')?;
-        if nonce.is_empty() || !is_printable(nonce) {
-            return Err(ScramError::malformed(
-                "non-printable characters in SCRAM nonce",
+        if !is_printable(nonce) {
+            return Err(ScramError::Protocol(
+                "non-printable characters in SCRAM nonce".into(),
             ));
         }
         while !c.at_end() {
@@ -478,29 +481,38 @@ mod tests {
         assert_eq!(e.message(), "malformed SCRAM message");
     }
 
+    /// Each refusal as auth-scram.c read_client_first_message() words it:
+    /// SQLSTATE, message, detail (sanitize_char() quoting).
     #[test]
     fn malformed_client_first() {
-        for bad in [
-            &b""[..],
-            b"n",
-            b"n,",
-            b"n,,",
-            b"x,,n=,r=abc",
-            b"n;,n=,r=abc",
-            b"n,a=admin,n=,r=abc",
-            b"n,x,n=,r=abc",
-            b"n,,m=ext,n=,r=abc",
-            b"n,,r=abc",
-            b"n,,n=,r=",
-            b"n,,n=,r=a b",
-            b"n,,n=,r=abc\0",
-            b"n,,n=,r=abc,1=x",
-            b"n,,n=,x=abc",
+        let m = "malformed SCRAM message";
+        for (bad, code, message, detail) in [
+            (&b""[..], "08P01", m, Some("The message is empty.")),
+            (b"n", "08P01", m, Some("Comma expected, but found character \"0x00\".")),
+            (b"n;,n=,r=abc", "08P01", m, Some("Comma expected, but found character \"';'\".")),
+            (b"n,", "08P01", m, Some("Unexpected attribute \"0x00\" in client-first-message.")),
+            (b"n,n=,r=abc", "08P01", m, Some("Unexpected attribute \"'n'\" in client-first-message.")),
+            (b"n,x,n=,r=abc", "08P01", m, Some("Unexpected attribute \"'x'\" in client-first-message.")),
+            (b"n,,", "08P01", m, Some("Expected attribute \"n\" but found \"0x00\".")),
+            (b"n,,r=abc", "08P01", m, Some("Expected attribute \"n\" but found \"'r'\".")),
+            (b"x,,n=,r=abc", "08P01", m, Some("Unexpected channel-binding flag \"'x'\".")),
+            (b"\x01,,n=,r=abc", "08P01", m, Some("Unexpected channel-binding flag \"0x01\".")),
+            (b"n,a=admin,n=,r=abc", "0A000", "client uses authorization identity, but it is not supported", None),
+            (b"n,,m=ext,n=,r=abc", "0A000", "client requires an unsupported SCRAM extension", None),
+            (b"n,,n=,r=a b", "08P01", "non-printable characters in SCRAM nonce", None),
+            (b"n,,n=,r=a\x01", "08P01", "non-printable characters in SCRAM nonce", None),
+            (b"n,,n=,r=abc\0", "08P01", m, Some("Message length does not match input length.")),
+            (b"n,,n=,r=abc,1=x", "08P01", m, Some("Attribute expected, but found invalid character \"'1'\".")),
+            (b"n,,n=,x=abc", "08P01", m, Some("Expected attribute \"r\" but found \"'x'\".")),
         ] {
             let mut s = ScramServer::new(rfc_secret(), &[1; 18]);
             let e = s.client_first(bad).unwrap_err();
-            assert_eq!(e.sqlstate(), "08P01", "{}", bad.escape_ascii());
+            let got = (e.sqlstate(), e.message(), e.detail());
+            assert_eq!(got, (code, message.to_string(), detail.map(String::from)), "{}", bad.escape_ascii());
         }
+        // An empty client nonce is printable to the server: the exchange goes on.
+        let mut s = ScramServer::new(rfc_secret(), &[1; 18]);
+        assert!(s.client_first(b"n,,n=,r=").is_ok());
     }
 
     #[test]
