@@ -365,14 +365,16 @@ impl AuthSession {
                 }
                 let secret = self.secret();
                 if !self.info.has_secret {
-                    auth::scram::zeroize::wipe_string(pw);
+                    let mut pw = pw;
+                    auth::scram::zeroize::wipe(&mut pw);
                     return self.password_failed(user, Verify::Compare);
                 }
                 if auth::password_check_is_slow(&secret) {
                     return Step::Check(super::password::PasswordJob { secret, user: user.to_string(), password: pw });
                 }
+                let mut pw = pw;
                 let check = auth::check_password(&secret, user, &pw, &|| false);
-                auth::scram::zeroize::wipe_string(pw);
+                auth::scram::zeroize::wipe(&mut pw);
                 self.password_checked(user, check)
             }
             // The client wrote again before its password was answered: as
@@ -452,12 +454,14 @@ fn needs_validation(name: &str) -> bool {
 }
 
 /// A PasswordMessage is exactly one NUL-terminated string, as the server
-/// insists: bytes after the NUL are a protocol violation, not ignored.
-fn password_packet(body: &[u8]) -> Result<String, ErrorFields> {
-    match proto::read_cstr(body, 0) {
-        Ok((p, next)) if next == body.len() => Ok(p.to_string()),
-        Ok(_) => Err(fatal("08P01", "invalid password packet size".into())),
-        Err(e) => Err(e.to_fields("FATAL")),
+/// insists: bytes after the NUL are a protocol violation, not ignored. The
+/// string is bytes in whatever encoding the client sent (auth.c
+/// recv_password_packet() checks no encoding): a Latin-1 password works.
+fn password_packet(body: &[u8]) -> Result<Vec<u8>, ErrorFields> {
+    match body.iter().position(|&b| b == 0) {
+        Some(end) if end + 1 == body.len() => Ok(body[..end].to_vec()),
+        Some(_) => Err(fatal("08P01", "invalid password packet size".into())),
+        None => Err(fatal("08P01", "invalid string in message".into())),
     }
 }
 

@@ -32,7 +32,8 @@ pub const MAX_PER_ROLE: usize = 2;
 pub struct PasswordJob {
     pub secret: StoredSecret,
     pub user: String,
-    pub password: String,
+    /// The client's bytes, in whatever encoding it sent them.
+    pub password: Vec<u8>,
 }
 
 impl PasswordJob {
@@ -44,7 +45,7 @@ impl PasswordJob {
 
 impl Drop for PasswordJob {
     fn drop(&mut self) {
-        auth::scram::zeroize::wipe_string(std::mem::take(&mut self.password));
+        auth::scram::zeroize::wipe(&mut self.password);
     }
 }
 

@@ -441,6 +441,50 @@ fn empty_md5_response_matches_direct_server() {
     assert_eq!(answer(sp.pool_port), direct, "through the pooler");
 }
 
+/// A cleartext password is the client's bytes in whatever encoding: a
+/// Latin-1 `café` (set from a LATIN1 client, so its md5 secret hashes byte
+/// 0xE9) logs in through the pooler as directly, and a wrong password that
+/// is not UTF-8 gets the server's 28P01, not a protocol error.
+#[test]
+fn passwords_that_are_not_utf8_match_direct_server() {
+    use std::io::Write;
+    let sp = auth_cluster();
+    let secret: String = sp
+        .pg
+        .admin()
+        .query_one("SELECT 'md5' || md5('\\x636166e9'::bytea || convert_to('pw_md5', 'UTF8'))", &[])
+        .expect("md5 secret of Latin-1 café")
+        .get(0);
+    exec(&sp.pg, &format!("ALTER ROLE pw_md5 PASSWORD '{secret}'"));
+    let answer = |port: u16, password: &[u8]| -> String {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20))).expect("read timeout");
+        let (msgs, _) = pool_support::raw_startup(&mut s, &[("user", "pw_md5"), ("database", "postgres")]);
+        let cleartext = msgs.iter().any(|m| m.tag == b'R' && m.body.get(..4) == Some(&3i32.to_be_bytes()));
+        assert!(cleartext, "no cleartext password request on port {port}");
+        let mut msg = vec![b'p'];
+        msg.extend_from_slice(&((password.len() + 5) as i32).to_be_bytes());
+        msg.extend_from_slice(password);
+        msg.push(0);
+        s.write_all(&msg).expect("password message");
+        match pool_support::read_msg(&mut s) {
+            Some(m) if m.tag == b'R' => format!("R{:?}", m.body.get(..4)),
+            Some(m) if m.tag == b'E' => format!(
+                "E{} {}",
+                m.field(b'C').unwrap_or_default(),
+                m.field(b'M').unwrap_or_default()
+            ),
+            Some(m) => format!("message {}", m.tag as char),
+            None => "nothing".into(),
+        }
+    };
+    for (password, expect) in [(&b"caf\xe9"[..], "R"), (b"\xff\xfe", "E28P01")] {
+        let direct = answer(sp.pg.port(), password);
+        assert!(direct.starts_with(expect), "direct server, {}: {direct}", password.escape_ascii());
+        assert_eq!(answer(sp.pool_port, password), direct, "through the pooler, {}", password.escape_ascii());
+    }
+}
+
 /// The pooler authenticates by the pg_hba.conf rules the server has
 /// loaded, not by the file on disk: an edit not yet reloaded stays without
 /// effect on the pooler port too when the agent restarts (here terminated;

@@ -228,7 +228,7 @@ fuzz_target!(|data: &[u8]| {
             let plain = StoredSecret::Plain("pencil".into());
             assert!(!verify_password(&plain, &user, &password), "{password:?}");
             let salt = [user.len() as u8, 1, 2, 3];
-            let _ = auth::verify_md5_response(&hash, salt, &password);
+            let _ = auth::verify_md5_response(&hash, salt, password.as_bytes());
             let mut m = ScramServer::new_mock(&user, &[7; 18]);
             if m.client_first(password.as_bytes()).is_ok() {
                 assert!(m.client_final(CLIENT_FIRST).is_err());

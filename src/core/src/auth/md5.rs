@@ -19,9 +19,11 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// The stored md5 hash of a role: `md5(password || user)`.
-pub fn md5_password_hash(password: &str, user: &str) -> [u8; 16] {
+/// The password is bytes: the server hashes what the client sent, in
+/// whatever encoding (auth.c, crypt.c plain_crypt_verify()).
+pub fn md5_password_hash(password: impl AsRef<[u8]>, user: &str) -> [u8; 16] {
     let mut h = Md5::new();
-    h.update(password.as_bytes());
+    h.update(password.as_ref());
     h.update(user.as_bytes());
     h.finalize().into()
 }
@@ -41,9 +43,9 @@ pub fn md5_client_response_from_password(password: &str, user: &str, salt: [u8; 
 }
 
 /// Checks a client's md5 response in constant time.
-pub fn verify_md5_response(hash: &[u8; 16], salt: [u8; 4], response: &str) -> bool {
+pub fn verify_md5_response(hash: &[u8; 16], salt: [u8; 4], response: &[u8]) -> bool {
     let expected = md5_client_response_from_hash(hash, salt);
-    ct_eq(expected.as_bytes(), response.as_bytes())
+    ct_eq(expected.as_bytes(), response)
 }
 
 /// Hex encoding shared with the secret parser's tests.
@@ -95,12 +97,12 @@ mod tests {
         let hash = md5_password_hash("secret", "postgres");
         let salt = [1, 2, 3, 4];
         let good = md5_client_response_from_hash(&hash, salt);
-        assert!(verify_md5_response(&hash, salt, &good));
-        assert!(!verify_md5_response(&hash, [4, 3, 2, 1], &good));
-        assert!(!verify_md5_response(&hash, salt, &good.to_uppercase()));
-        assert!(!verify_md5_response(&hash, salt, ""));
-        assert!(!verify_md5_response(&hash, salt, &good[..34]));
+        assert!(verify_md5_response(&hash, salt, good.as_bytes()));
+        assert!(!verify_md5_response(&hash, [4, 3, 2, 1], good.as_bytes()));
+        assert!(!verify_md5_response(&hash, salt, good.to_uppercase().as_bytes()));
+        assert!(!verify_md5_response(&hash, salt, b""));
+        assert!(!verify_md5_response(&hash, salt, &good.as_bytes()[..34]));
         let other = md5_password_hash("secret", "alice");
-        assert!(!verify_md5_response(&other, salt, &good));
+        assert!(!verify_md5_response(&other, salt, good.as_bytes()));
     }
 }

@@ -134,7 +134,7 @@ pub fn parse_stored_secret(s: &str) -> StoredSecret {
 /// strings, and HMAC pads short keys with zero bytes, so `"pw\0"` would
 /// otherwise derive the same keys as `"pw"`.
 pub fn client_key_from_password(secret: &ScramSecret, password: &str) -> Option<[u8; 32]> {
-    scram_client_key(secret, password, &|| false).flatten()
+    scram_client_key(secret, password.as_bytes(), &|| false).flatten()
 }
 
 /// The SCRAM side of both checks: Some(ClientKey) when `password` derives
@@ -142,10 +142,10 @@ pub fn client_key_from_password(secret: &ScramSecret, password: &str) -> Option<
 /// `cancelled()` stopped the PBKDF2 first.
 fn scram_client_key(
     secret: &ScramSecret,
-    password: &str,
+    password: &[u8],
     cancelled: &dyn Fn() -> bool,
 ) -> Option<Option<[u8; 32]>> {
-    if password.contains('\0') {
+    if password.contains(&0) {
         return Some(None);
     }
     let salted = salted_password_cancellable(password, &secret.salt, secret.iterations, cancelled)?;
@@ -160,7 +160,7 @@ fn scram_client_key(
 /// server refuses empty passwords too. Nor does one containing a NUL (see
 /// [`client_key_from_password`]).
 pub fn verify_password(secret: &StoredSecret, user: &str, password: &str) -> bool {
-    !matches!(check_password(secret, user, password, &|| false), Some(PasswordCheck::Mismatch) | None)
+    !matches!(check_password(secret, user, password.as_bytes(), &|| false), Some(PasswordCheck::Mismatch) | None)
 }
 
 /// What a cleartext password proved against a stored secret.
@@ -182,14 +182,16 @@ pub enum PasswordCheck {
 /// [`verify_password`] that also yields the SCRAM ClientKey (one PBKDF2
 /// run, not two) and stops when `cancelled()` says so (None): a SCRAM
 /// secret's iteration count is its owner's choice, so the pooler runs this
-/// on a thread it can stop (see `salted_password_cancellable`).
+/// on a thread it can stop (see `salted_password_cancellable`). The
+/// password is the client's bytes as sent, in any encoding: the server
+/// compares those (SASLprep only where they are UTF-8).
 pub fn check_password(
     secret: &StoredSecret,
     user: &str,
-    password: &str,
+    password: &[u8],
     cancelled: &dyn Fn() -> bool,
 ) -> Option<PasswordCheck> {
-    if password.is_empty() || password.contains('\0') {
+    if password.is_empty() || password.contains(&0) {
         return Some(PasswordCheck::Mismatch);
     }
     Some(match secret {
@@ -223,11 +225,11 @@ mod tests {
     fn cancellable_pbkdf2_equals_the_crate() {
         for (pw, iters) in [("pencil", 1), ("pencil", 2), ("pencil", 1023), ("pencil", 1024), ("pencil", 1025), ("pen\u{00A0}cil", 4096), ("", 3)] {
             let a = salted_password(pw, b"salt", iters);
-            let b = salted_password_cancellable(pw, b"salt", iters, &|| false).expect("not cancelled");
+            let b = salted_password_cancellable(pw.as_bytes(), b"salt", iters, &|| false).expect("not cancelled");
             assert_eq!(a, b, "{pw:?} {iters}");
         }
         // 0 iterations are read as 1, as salted_password does.
-        assert_eq!(salted_password("x", b"s", 0), salted_password_cancellable("x", b"s", 0, &|| false).unwrap());
+        assert_eq!(salted_password("x", b"s", 0), salted_password_cancellable(b"x", b"s", 0, &|| false).unwrap());
     }
 
     /// Cancelled: it stops at the first check, after CANCEL_CHECK_EVERY
@@ -235,7 +237,7 @@ mod tests {
     #[test]
     fn cancelled_pbkdf2_stops_at_the_first_check() {
         let asked = std::cell::Cell::new(0);
-        let r = salted_password_cancellable("pw", b"s", u32::MAX, &|| {
+        let r = salted_password_cancellable(b"pw", b"s", u32::MAX, &|| {
             asked.set(asked.get() + 1);
             true
         });
@@ -243,7 +245,7 @@ mod tests {
         assert_eq!(asked.get(), 1);
         let mut huge = rfc();
         huge.iterations = i32::MAX as u32;
-        assert_eq!(check_password(&StoredSecret::Scram(huge), "user", "pencil", &|| true), None);
+        assert_eq!(check_password(&StoredSecret::Scram(huge), "user", b"pencil", &|| true), None);
     }
 
     #[test]
@@ -251,14 +253,35 @@ mod tests {
         let s = rfc();
         let ck = client_key_from_password(&s, "pencil").expect("RFC password");
         let secret = StoredSecret::Scram(s);
-        assert_eq!(check_password(&secret, "user", "pencil", &|| false), Some(PasswordCheck::Scram { client_key: ck }));
-        assert_eq!(check_password(&secret, "user", "pencil2", &|| false), Some(PasswordCheck::Mismatch));
-        assert_eq!(check_password(&secret, "user", "", &|| false), Some(PasswordCheck::Mismatch));
+        assert_eq!(check_password(&secret, "user", b"pencil", &|| false), Some(PasswordCheck::Scram { client_key: ck }));
+        assert_eq!(check_password(&secret, "user", b"pencil2", &|| false), Some(PasswordCheck::Mismatch));
+        assert_eq!(check_password(&secret, "user", b"", &|| false), Some(PasswordCheck::Mismatch));
         let md5 = StoredSecret::Md5(md5_password_hash("pw", "joe"));
-        assert_eq!(check_password(&md5, "joe", "pw", &|| false), Some(PasswordCheck::Md5));
-        assert_eq!(check_password(&md5, "ann", "pw", &|| false), Some(PasswordCheck::Mismatch));
-        assert_eq!(check_password(&StoredSecret::Plain("pw".into()), "joe", "pw", &|| false), Some(PasswordCheck::Mismatch));
+        assert_eq!(check_password(&md5, "joe", b"pw", &|| false), Some(PasswordCheck::Md5));
+        assert_eq!(check_password(&md5, "ann", b"pw", &|| false), Some(PasswordCheck::Mismatch));
+        assert_eq!(check_password(&StoredSecret::Plain("pw".into()), "joe", b"pw", &|| false), Some(PasswordCheck::Mismatch));
         assert!(password_check_is_slow(&secret) && !password_check_is_slow(&md5));
+    }
+
+    /// A password that is not UTF-8 (Latin-1 `café`, set from a LATIN1
+    /// database, sent by a LATIN1 client) is checked as the bytes it is,
+    /// against md5 and SCRAM secrets alike, as crypt.c does.
+    #[test]
+    fn non_utf8_passwords_are_bytes() {
+        let pw = b"caf\xe9";
+        let md5 = StoredSecret::Md5(md5_password_hash(pw, "u"));
+        assert_eq!(check_password(&md5, "u", pw, &|| false), Some(PasswordCheck::Md5));
+        assert_eq!(check_password(&md5, "u", "café".as_bytes(), &|| false), Some(PasswordCheck::Mismatch));
+        let mut salted = [0u8; 32];
+        pbkdf2::pbkdf2_hmac::<sha2::Sha256>(pw, b"salt", 4096, &mut salted);
+        let scram = StoredSecret::Scram(ScramSecret {
+            iterations: 4096,
+            salt: b"salt".to_vec(),
+            stored_key: sha256(&client_key(&salted)),
+            server_key: server_key(&salted),
+        });
+        assert!(matches!(check_password(&scram, "u", pw, &|| false), Some(PasswordCheck::Scram { .. })));
+        assert_eq!(check_password(&scram, "u", "café".as_bytes(), &|| false), Some(PasswordCheck::Mismatch));
     }
 
     fn rfc() -> ScramSecret {

@@ -143,19 +143,27 @@ pub(crate) fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
 }
 
 /// SASLprep as the server and libpq apply it: if the password cannot be
-/// prepared (prohibited or unassigned characters) the raw bytes are used,
-/// so such passwords keep working instead of being locked out.
-pub(crate) fn prep_password(password: &str) -> Cow<'_, str> {
-    stringprep::saslprep(password).unwrap_or(Cow::Borrowed(password))
+/// prepared (prohibited or unassigned characters, or bytes that are not
+/// UTF-8: pg_saslprep()'s SASLPREP_INVALID_UTF8, a password set or sent in
+/// another encoding) the raw bytes are used, so such passwords keep working
+/// instead of being locked out.
+pub(crate) fn prep_password(password: &[u8]) -> Cow<'_, [u8]> {
+    let Ok(text) = std::str::from_utf8(password) else {
+        return Cow::Borrowed(password);
+    };
+    match stringprep::saslprep(text) {
+        Ok(Cow::Owned(s)) => Cow::Owned(s.into_bytes()),
+        _ => Cow::Borrowed(password),
+    }
 }
 
 /// SaltedPassword = Hi(SASLprep(password), salt, i).
 pub(crate) fn salted_password(password: &str, salt: &[u8], iterations: u32) -> Key32 {
-    let prepped = prep_password(password);
+    let prepped = prep_password(password.as_bytes());
     let mut out = Key32::default();
-    pbkdf2::pbkdf2_hmac::<Sha256>(prepped.as_bytes(), salt, iterations.max(1), &mut out.0);
-    if let Cow::Owned(s) = prepped {
-        zeroize::wipe_string(s);
+    pbkdf2::pbkdf2_hmac::<Sha256>(&prepped, salt, iterations.max(1), &mut out.0);
+    if let Cow::Owned(mut b) = prepped {
+        zeroize::wipe(&mut b);
     }
     out
 }
@@ -175,15 +183,15 @@ pub const CANCEL_CHECK_EVERY: u32 = 1024;
 /// SCRAM-SHA-256 uses: U1 = HMAC(P, salt || INT(1)), Ui = HMAC(P, Ui-1),
 /// the result their XOR; unit-tested against the `pbkdf2` crate.
 pub(crate) fn salted_password_cancellable(
-    password: &str,
+    password: &[u8],
     salt: &[u8],
     iterations: u32,
     cancelled: &dyn Fn() -> bool,
 ) -> Option<Key32> {
     let prepped = prep_password(password);
-    let mac = Hmac::<Sha256>::new_from_slice(prepped.as_bytes()).expect("HMAC takes keys of any length");
-    if let Cow::Owned(s) = prepped {
-        zeroize::wipe_string(s);
+    let mac = Hmac::<Sha256>::new_from_slice(&prepped).expect("HMAC takes keys of any length");
+    if let Cow::Owned(mut b) = prepped {
+        zeroize::wipe(&mut b);
     }
     let mut first = mac.clone();
     first.update(salt);
@@ -294,9 +302,12 @@ mod tests {
 
     #[test]
     fn prep() {
-        assert_eq!(prep_password("abc"), "abc");
-        assert_eq!(prep_password("a\u{a0}b"), "a b");
-        assert_eq!(prep_password("a\u{7}b"), "a\u{7}b");
-        assert_eq!(prep_password("\u{ad}x"), "x"); // soft hyphen maps to nothing
+        let prep = |p: &str| prep_password(p.as_bytes()).into_owned();
+        assert_eq!(prep("abc"), b"abc");
+        assert_eq!(prep("a\u{a0}b"), b"a b");
+        assert_eq!(prep("a\u{7}b"), "a\u{7}b".as_bytes());
+        assert_eq!(prep("\u{ad}x"), b"x"); // soft hyphen maps to nothing
+        // Not UTF-8 (a Latin-1 password): the bytes as sent.
+        assert_eq!(prep_password(b"caf\xe9").into_owned(), b"caf\xe9");
     }
 }
