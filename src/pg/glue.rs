@@ -196,6 +196,17 @@ extern "C" {
         shown_len: c_int,
         err: *mut NgError,
     ) -> bool;
+    fn ng_login_params(
+        role: u32,
+        names: *const c_char,
+        n: c_int,
+        settings: *const c_char,
+        nsettings: c_int,
+        out: *mut c_char,
+        out_len: c_int,
+        used: *mut c_int,
+        err: *mut NgError,
+    ) -> bool;
     fn ng_pooler_catalog_heap_scans();
     fn ng_pooler_child_init();
     fn ng_postmaster_watch_fd() -> c_int;
@@ -594,6 +605,52 @@ pub fn validate_setting(name: &str, value: &str, superuser: bool, role: u32) -> 
     } else {
         Err(err)
     }
+}
+
+/// The values a fresh login of role `role` (oid) would report now for the
+/// setting `names` (its ParameterStatus), one per name, in order: this
+/// process's postgresql.conf values under the pg_db_role_setting items
+/// `settings` that apply to the login, (level 1..4, name, value) lowest
+/// first; the role's superuser flag and name (session.c ng_login_params: a
+/// transaction, rolled back).
+pub fn login_params(role: u32, names: &[&str], settings: &[(u8, &str, &str)]) -> Result<Vec<String>, NgError> {
+    let mut list = Vec::new();
+    for n in names {
+        list.extend_from_slice(n.as_bytes());
+        list.push(0);
+    }
+    let mut items = Vec::new();
+    for (level, name, value) in settings {
+        items.push(b'0' + level.min(&4));
+        items.extend_from_slice(name.as_bytes());
+        items.push(0);
+        items.extend_from_slice(value.as_bytes());
+        items.push(0);
+    }
+    let mut out = vec![0u8; 16 * 1024];
+    let (mut used, mut err) = (0 as c_int, NgError::new());
+    // SAFETY: `list` holds names.len() NUL-terminated names, `items`
+    // settings.len() items as ng_login_params reads them; `out` is
+    // out.len() writable bytes, of which `used` are filled.
+    let ok = unsafe {
+        ng_login_params(
+            role,
+            list.as_ptr().cast(),
+            names.len() as c_int,
+            items.as_ptr().cast(),
+            settings.len() as c_int,
+            out.as_mut_ptr().cast(),
+            out.len() as c_int,
+            &mut used,
+            &mut err,
+        )
+    };
+    if !ok {
+        return Err(err);
+    }
+    let mut values: Vec<String> = out[..used as usize].split(|&b| b == 0).map(|v| String::from_utf8_lossy(v).into_owned()).collect();
+    values.truncate(names.len());
+    Ok(values)
 }
 
 pub fn pooler_check_interrupts() {

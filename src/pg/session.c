@@ -2187,9 +2187,20 @@ ng_validate_setting(const char *name, const char *value, bool superuser, Oid rol
 		report = g && (g->flags & GUC_REPORT) && shown_len > 0 &&
 			pg_strcasecmp(g->name, "role") != 0 &&
 			pg_strcasecmp(g->name, "session_authorization") != 0;
-		/* Applied (then rolled back) only to read a reported value. */
+		/*
+		 * Checked as a startup setting (source client), changing nothing:
+		 * a value set with a source up to PGC_S_OVERRIDE also becomes the
+		 * reset value and the prior value of every GUC stack entry (guc.c
+		 * set_config_option's makeDefault), which no rollback undoes, so
+		 * it would stay this process's value for ever after (-1: valid, not
+		 * applied).  A reported setting is then applied as a session's SET
+		 * would be, which the rollback does undo, only to read the value
+		 * the server shows.
+		 */
 		if (set_config_option(name, value, ctx, PGC_S_CLIENT, GUC_ACTION_SET,
-							  report, ERROR, false) > 0 && report)
+							  false, ERROR, false) != 0 && report &&
+			set_config_option(name, value, ctx, PGC_S_SESSION, GUC_ACTION_SET,
+							  true, ERROR, false) > 0)
 		{
 			/* As ReportGUCOption() shows it (the show hook: TimeZone). */
 			const char *v = GetConfigOptionByName(g->name, NULL, false);
@@ -2203,6 +2214,102 @@ ng_validate_setting(const char *name, const char *value, bool superuser, Oid rol
 	}
 	PG_CATCH();
 	{
+		ng_capture_error(cxt, err);
+		AbortCurrentTransaction();
+		ok = false;
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+	return ok;
+}
+
+/*
+ * The values a fresh login of role `role` would report now in its
+ * ParameterStatus messages, for the `n` setting names in `names` (each
+ * NUL-terminated, one after the other), written to `out` the same way
+ * (`*used` bytes).  The pooler answers a client's login with these: a
+ * pool's first backend logged in before an ALTER ROLE/DATABASE ... SET, a
+ * reloaded postgresql.conf, a promotion or an ALTER ROLE ... NOSUPERUSER
+ * reports values a login now would not get.
+ *
+ * `settings`: the `nsettings` pg_db_role_setting items that apply to the
+ * login (the pooler's copy: the agent belongs to no database and cannot
+ * open that catalog), lowest level first, each a level byte ('1' all, '2'
+ * database, '3' role, '4' database and role), the name, NUL, the value,
+ * NUL.  Applied over this process's postgresql.conf values, each level over
+ * the one before, which gives what postinit.c process_settings() gives a
+ * login (it goes highest first and lets none override a higher one), with
+ * context superuser as ProcessGUCArray; as a session's SET (source
+ * session), inside a transaction that is then rolled back
+ * (AbortTransaction runs AtEOXact_GUC: the agent's own values come back; a
+ * source up to PGC_S_OVERRIDE would change them for good, see
+ * ng_validate_setting).  Warnings for bad
+ * stored values, which the login's backend logs, are not logged twice.
+ * is_superuser and session_authorization are the role's, as the login's
+ * SetSessionAuthorization() sets them; in_hot_standby's show hook reads
+ * the server's state now.  A name no setting has gets an empty value.
+ */
+bool
+ng_login_params(Oid role, const char *names, int n, const char *settings, int nsettings,
+				char *out, int out_len, int *used, NgError *err)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	int			save_log = log_min_messages;
+	int			save_client = client_min_messages;
+	volatile bool ok = true;
+
+	*used = 0;
+	PG_TRY();
+	{
+		const char *item = settings;
+		const char *name = names;
+		int			pos = 0;
+
+		StartTransactionCommand();
+		log_min_messages = ERROR;
+		client_min_messages = ERROR;
+		for (int i = 0; i < nsettings; i++)
+		{
+			int			level = item[0] - '0';
+			const char *setting = item + 1;
+			const char *value = setting + strlen(setting) + 1;
+
+			if (level >= 1 && level <= 4)
+				(void) set_config_option(setting, value, PGC_SUSET, PGC_S_SESSION,
+										 GUC_ACTION_SET, true, WARNING, false);
+			item = value + strlen(value) + 1;
+		}
+		log_min_messages = save_log;
+		client_min_messages = save_client;
+		for (int i = 0; i < n; i++)
+		{
+			const char *v;
+			int			len;
+
+			if (pg_strcasecmp(name, "is_superuser") == 0)
+				v = superuser_arg(role) ? "on" : "off";
+			else if (pg_strcasecmp(name, "session_authorization") == 0)
+				v = GetUserNameFromId(role, true);
+			else
+				v = GetConfigOptionByName(name, NULL, true);
+			if (v == NULL)
+				v = "";
+			len = strlen(v) + 1;
+			if (pos + len > out_len)
+				ereport(ERROR,
+						(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+						 errmsg("login parameter values exceed %d bytes", out_len)));
+			memcpy(out + pos, v, len);
+			pos += len;
+			name += strlen(name) + 1;
+		}
+		*used = pos;
+		AbortCurrentTransaction();
+	}
+	PG_CATCH();
+	{
+		log_min_messages = save_log;
+		client_min_messages = save_client;
 		ng_capture_error(cxt, err);
 		AbortCurrentTransaction();
 		ok = false;

@@ -22,7 +22,8 @@
 //!   (RegisterDynamicBackgroundWorker, BackgroundWorkerLock), interrupts
 //!   and barriers (CHECK_FOR_INTERRUPTS), pg_hba.conf and pg_ident.conf
 //!   (the lines `login_lookup` and `check_usermap` use),
-//!   `glue::backend_identity` (ProcArrayLock).
+//!   `glue::backend_identity` (ProcArrayLock), `glue::login_params` (a
+//!   transaction).
 //! * pooler process (process-local): GUC values and ProcessConfigFile,
 //!   `GetMockAuthenticationNonce`, `pg_strong_random`,
 //!   `GetCurrentTimestamp`, elog to the server log, the TLS files, its own
@@ -54,6 +55,7 @@ const REQ_UNRESERVED_FREE: u8 = 4;
 const REQ_READER_START: u8 = 5;
 const REQ_READER_RUNNING: u8 = 6;
 const REQ_BACKEND_IDENTITY: u8 = 7;
+const REQ_LOGIN_PARAMS: u8 = 8;
 
 // ---- the agent ----------------------------------------------------------------
 
@@ -343,6 +345,32 @@ fn answer(req: &[u8], reader: &mut Option<DynamicBackgroundWorker>) -> Vec<u8> {
                     log::error!("nextgres: backend identity asked in a process with no PGPROC (a bug); refused");
                     vec![2]
                 }
+            }
+        }
+        REQ_LOGIN_PARAMS => {
+            let (Some(role), Some(n)) = (r.u32(), r.u32()) else { return vec![2] };
+            let mut names = Vec::new();
+            for _ in 0..n {
+                let Some(name) = r.str() else { return vec![2] };
+                names.push(name);
+            }
+            let Some(m) = r.u32() else { return vec![2] };
+            let mut settings = Vec::new();
+            for _ in 0..m {
+                let (Some(level), Some(name), Some(value)) = (r.u8(), r.str(), r.str()) else { return vec![2] };
+                settings.push((level, name, value));
+            }
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            let settings: Vec<(u8, &str, &str)> = settings.iter().map(|(l, n, v)| (*l, n.as_str(), v.as_str())).collect();
+            match crate::pg::loginmem::scoped(|| glue::login_params(role, &names, &settings)) {
+                Ok(values) => {
+                    let mut out = vec![0];
+                    for v in values {
+                        put_bytes(&mut out, v.as_bytes());
+                    }
+                    out
+                }
+                Err(e) => err_pod(&e),
             }
         }
         REQ_READER_RUNNING => {
@@ -641,6 +669,32 @@ pub fn validate_setting(name: &str, value: &str, superuser: bool, role: u32) -> 
     let rep = call(&req);
     match rep.as_slice() {
         [0, shown @ ..] => Ok((!shown.is_empty()).then(|| String::from_utf8_lossy(shown).into_owned())),
+        _ => Err(reply_err(rep.get(1..).unwrap_or(&[]))),
+    }
+}
+
+/// `glue::login_params`, run by the agent (a transaction): one value per
+/// name, in order.
+pub fn login_params(role: u32, names: &[&str], settings: &[(u8, &str, &str)]) -> Result<Vec<String>, NgError> {
+    let mut req = vec![REQ_LOGIN_PARAMS];
+    req.extend_from_slice(&role.to_ne_bytes());
+    req.extend_from_slice(&(names.len() as u32).to_ne_bytes());
+    for n in names {
+        put_bytes(&mut req, n.as_bytes());
+    }
+    req.extend_from_slice(&(settings.len() as u32).to_ne_bytes());
+    for (level, name, value) in settings {
+        req.push(*level);
+        put_bytes(&mut req, name.as_bytes());
+        put_bytes(&mut req, value.as_bytes());
+    }
+    let rep = call(&req);
+    match rep.split_first() {
+        Some((0, rest)) => {
+            let mut r = Reader(rest);
+            let values: Option<Vec<String>> = names.iter().map(|_| r.str()).collect();
+            values.filter(|_| r.0.is_empty()).ok_or_else(|| reply_err(&[]))
+        }
         _ => Err(reply_err(rep.get(1..).unwrap_or(&[]))),
     }
 }

@@ -169,7 +169,7 @@ impl Pooler {
         let Some(pool) = c.pool else { return };
         let minor = c.proto_minor;
         let key_len = self.server_proto.cancel_key_len(minor);
-        let params = self.pools[pool].params.clone().unwrap_or_default();
+        let params = self.login_params_now(pool);
         let (pid, secret) = self.new_cancel_key(key, key_len);
         let Some(c) = self.client(key) else { return };
         let mut out = Vec::new();
@@ -186,6 +186,54 @@ impl Pooler {
         c.send(&out);
         self.client_set_state(key, ClientState::Idle, 0);
         self.client_rearm(key);
+    }
+
+    /// The ParameterStatus values of a login to pool `pool` now: the names
+    /// (and order) its first backend's login reported, with the values a
+    /// login would get at this moment (`agent::login_params`, with the
+    /// pg_db_role_setting items of the settings reader's last copy). The pool's
+    /// backends logged in earlier, and since then an ALTER ROLE/DATABASE ...
+    /// SET (`client_encoding`, `TimeZone`, `standard_conforming_strings`),
+    /// a reloaded postgresql.conf, an ALTER ROLE ... NOSUPERUSER or a
+    /// promotion (`in_hot_standby`) may have changed what a login reports;
+    /// a client told a stale client_encoding sends its text in the wrong
+    /// one. server_version, server_encoding and integer_datetimes are the
+    /// database's and the build's, fixed. The agent not answering (a bug,
+    /// LOGged) leaves the backend's values.
+    fn login_params_now(&self, pool: usize) -> Vec<(String, String)> {
+        const FIXED: [&str; 3] = ["server_version", "server_encoding", "integer_datetimes"];
+        let p = &self.pools[pool];
+        let mut params = p.params.clone().unwrap_or_default();
+        let role = p.identity.0;
+        if role == 0 || params.is_empty() {
+            return params;
+        }
+        // Lowest level first, as the agent applies them.
+        let settings: Vec<(u8, &str, &str)> = nextgres_core::poolconf::applicable(&self.conf.reported, &p.database, &p.role)
+            .into_iter()
+            .rev()
+            .map(|(level, e)| (level, e.name.as_str(), e.value.as_str()))
+            .collect();
+        // client_encoding's default is the database's encoding (a dynamic
+        // default the agent, in no database, does not have): the backend's
+        // unless a role or database setting names it.
+        let asked: Vec<usize> = (0..params.len())
+            .filter(|&i| {
+                let name = params[i].0.as_str();
+                !FIXED.iter().any(|f| name.eq_ignore_ascii_case(f))
+                    && (!name.eq_ignore_ascii_case("client_encoding") || settings.iter().any(|s| s.1.eq_ignore_ascii_case(name)))
+            })
+            .collect();
+        let names: Vec<&str> = asked.iter().map(|&i| params[i].0.as_str()).collect();
+        match super::agent::login_params(role, &names, &settings) {
+            Ok(values) => {
+                for (i, v) in asked.into_iter().zip(values) {
+                    params[i].1 = v;
+                }
+            }
+            Err(e) => log::warn!("login parameters of role \"{}\" in database \"{}\" not read: {}", p.role, p.database, e.message()),
+        }
+        params
     }
 
     /// The pool's first backend reported its session values.

@@ -5,7 +5,8 @@
 //! The pooler belongs to no database and cannot open that catalog (see
 //! `poolconf.c`), so a short-lived background worker, the settings reader,
 //! connects to a database that accepts connections ("postgres" first), copies
-//! the `nextgres.*` items into shared memory and exits. It runs when the
+//! the `nextgres.*` items (and those of the settings a login reports, for
+//! its ParameterStatus) into shared memory and exits. It runs when the
 //! pooler starts and after each commit of ALTER ROLE / DATABASE ... SET |
 //! RESET (or a role or database rename or drop): the committing backend bumps
 //! a counter and wakes the pooler (`nextgres_pool_conf_changed`), and the
@@ -41,6 +42,9 @@ const READER_POLL: Duration = Duration::from_millis(10);
 pub struct ConfState {
     /// `nextgres.*` items of pg_db_role_setting as last read.
     pub entries: Vec<Entry>,
+    /// Its items of settings a login reports (`poolconf::REPORTED`), for
+    /// the ParameterStatus of logins (`handoff::login_params_now`).
+    pub reported: Vec<Entry>,
     /// `Header::conf_changes` the last reader was started for.
     seen_changes: u64,
     /// `Header::conf_gen` of `entries` (0: none read yet).
@@ -94,11 +98,11 @@ pub extern "C-unwind" fn nextgres_conf_reader_main(arg: pg_sys::Datum) {
                    LEFT JOIN pg_catalog.pg_database d ON d.oid = s.setdatabase
                    LEFT JOIN pg_catalog.pg_authid r ON r.oid = s.setrole,
                         unnest(s.setconfig) AS c
-                  WHERE lower(c) LIKE 'nextgres.%'
+                  WHERE (lower(c) LIKE 'nextgres.%' OR lower(split_part(c, '=', 1)) = ANY ($1))
                     AND (s.setdatabase = 0 OR d.oid IS NOT NULL)
                     AND (s.setrole = 0 OR r.oid IS NOT NULL)",
                 None,
-                &[],
+                &[nextgres_core::poolconf::REPORTED.to_vec().into()],
             )?;
             for row in rows {
                 for i in 1..=3 {
@@ -121,16 +125,21 @@ pub extern "C-unwind" fn nextgres_conf_reader_main(arg: pg_sys::Datum) {
     }
 }
 
-/// Splits the shared copy into entries.
-fn parse_conf(data: &[u8]) -> Vec<Entry> {
+/// Splits the shared copy into the nextgres.* entries and the items of
+/// settings a login reports (`poolconf::REPORTED`, whole).
+fn parse_conf(data: &[u8]) -> (Vec<Entry>, Vec<Entry>) {
     let fields: Vec<String> = data.split(|&b| b == 0).map(|f| String::from_utf8_lossy(f).into_owned()).collect();
-    fields
-        .chunks_exact(3)
-        .filter_map(|c| {
-            let opt = |s: &String| (!s.is_empty()).then(|| s.clone());
-            Entry::from_item(opt(&c[0]).as_deref(), opt(&c[1]).as_deref(), &c[2])
-        })
-        .collect()
+    let (mut ours, mut reported) = (Vec::new(), Vec::new());
+    for c in fields.chunks_exact(3) {
+        let opt = |s: &String| (!s.is_empty()).then(|| s.clone());
+        let (d, r) = (opt(&c[0]), opt(&c[1]));
+        if let Some(e) = Entry::from_item(d.as_deref(), r.as_deref(), &c[2]) {
+            ours.push(e);
+        } else if let Some(e) = Entry::reported_item(d.as_deref(), r.as_deref(), &c[2]) {
+            reported.push(e);
+        }
+    }
+    (ours, reported)
 }
 
 impl Pooler {
@@ -341,7 +350,8 @@ impl Pooler {
     fn pool_conf_apply(&mut self) {
         let (gen, data) = self.tables.conf_read();
         self.conf.applied_gen = gen;
-        let entries = parse_conf(&data);
+        let (entries, reported) = parse_conf(&data);
+        self.conf.reported = reported;
         if entries == self.conf.entries {
             return;
         }

@@ -744,6 +744,73 @@ fn check_status(msgs: &[Msg], app: &str, tz: &str, enc: &str) {
     }
 }
 
+/// The ParameterStatus of a login is what a login gets now, not what the
+/// pool's first backend got at its own login: role and database defaults
+/// set after the pool logged in its backends (client_encoding, TimeZone,
+/// standard_conforming_strings, DateStyle), a reloaded postgresql.conf
+/// (IntervalStyle) and a role that lost SUPERUSER are reported through the
+/// pooler as directly, and another client's startup settings do not show.
+/// A client told a stale client_encoding sends its text in the wrong
+/// encoding.
+#[test]
+fn login_parameter_status_follows_later_changes() {
+    let pg = Cluster::builder().conf("nextgres.pool_size = 2").start();
+    exec(&pg, "CREATE ROLE app LOGIN");
+    exec(&pg, "CREATE ROLE boss LOGIN SUPERUSER");
+    let status = |msgs: &[Msg]| -> std::collections::BTreeMap<String, String> {
+        msgs.iter()
+            .filter(|m| m.tag == b'S')
+            .map(|m| {
+                let mut parts = m.body.split(|&b| b == 0).map(|p| String::from_utf8_lossy(p).into_owned());
+                (parts.next().unwrap_or_default(), parts.next().unwrap_or_default())
+            })
+            .collect()
+    };
+    let login = |direct: bool, user: &str| {
+        let params = [("user", user), ("database", "postgres")];
+        let (msgs, _) = if direct {
+            let path = pg.socket_dir().join(format!(".s.PGSQL.{}", pg.port()));
+            let mut s = UnixStream::connect(&path).expect("unix connect");
+            s.set_read_timeout(Some(Duration::from_secs(20))).expect("read timeout");
+            raw_startup(&mut s, &params)
+        } else {
+            raw_startup(&mut tcp_stream(pg.port()), &params)
+        };
+        status(&msgs)
+    };
+    // Both pools have backends, logged in with the defaults of now.
+    for user in ["app", "boss"] {
+        let mut c = pg.tcp(user, "postgres").connect().expect("pooled client");
+        c.simple_query("SELECT 1").expect("first query");
+        assert_eq!(login(false, user), login(true, user), "{user} before the changes");
+    }
+    exec(&pg, "ALTER ROLE app SET client_encoding = 'LATIN1'");
+    exec(&pg, "ALTER ROLE app SET TimeZone = 'Asia/Tokyo'");
+    exec(&pg, "ALTER ROLE app SET standard_conforming_strings = off");
+    exec(&pg, "ALTER DATABASE postgres SET DateStyle = 'SQL, DMY'");
+    exec(&pg, "ALTER ROLE boss NOSUPERUSER");
+    exec(&pg, "ALTER SYSTEM SET IntervalStyle = 'postgres_verbose'");
+    exec(&pg, "SELECT pg_reload_conf()");
+    // Another client's startup settings are its own: checking them must
+    // leave nothing behind for the next login's report.
+    let german = [("user", "boss"), ("database", "postgres"), ("DateStyle", "German"), ("TimeZone", "Europe/Berlin")];
+    let (msgs, _) = raw_startup(&mut tcp_stream(pg.port()), &german);
+    assert_eq!(status(&msgs).get("DateStyle").map(String::as_str), Some("German, DMY"));
+    let direct = login(true, "app");
+    assert_eq!(direct.get("client_encoding").map(String::as_str), Some("LATIN1"), "direct: {direct:?}");
+    assert_eq!(login(true, "boss").get("is_superuser").map(String::as_str), Some("off"));
+    // The reload reaches the server and the pooler's agent a moment apart.
+    let mut last = (Default::default(), Default::default());
+    let same = nextgres_test::wait_until(Duration::from_secs(20), || {
+        let (d, p) = (login(true, "app"), login(false, "app"));
+        let ok = d == p && d.get("IntervalStyle").map(String::as_str) == Some("postgres_verbose");
+        last = (d, p);
+        ok
+    });
+    assert!(same, "app after the changes:\n direct {:?}\n pooled {:?}", last.0, last.1);
+    assert_eq!(login(false, "boss"), login(true, "boss"), "boss after NOSUPERUSER");
+}
+
 /// The login's ParameterStatus messages carry the values as the server
 /// shows them, not as the client spelled them (`DateStyle=iso,dmy` is
 /// reported `ISO, DMY`, `client_encoding=latin1` `LATIN1`): the same

@@ -24,6 +24,36 @@ pub struct Entry {
     pub value: String,
 }
 
+/// Settings the server reports in ParameterStatus (GUC_REPORT, guc_tables.c
+/// of 15..18) that `ALTER ROLE / DATABASE ... SET` can give a login, lower
+/// case: a login's report is computed from these items as they are now,
+/// not from the pool's first backend's login. The others a login reports
+/// are fixed (server_version, server_encoding, integer_datetimes) or not
+/// settings a role or database can carry (is_superuser,
+/// session_authorization, in_hot_standby).
+pub const REPORTED: [&str; 9] = [
+    "application_name",
+    "client_encoding",
+    "datestyle",
+    "default_transaction_read_only",
+    "intervalstyle",
+    "scram_iterations",
+    "search_path",
+    "standard_conforming_strings",
+    "timezone",
+];
+
+/// The items of `entries` that apply to a login of `role` to `database`,
+/// with their level (4: that database and role, 3: the role, 2: the
+/// database, 1: every database and role), highest first, as postinit.c
+/// process_settings() applies them (the server lets none override a value
+/// set at a higher level).
+pub fn applicable<'a>(entries: &'a [Entry], database: &str, role: &str) -> Vec<(u8, &'a Entry)> {
+    let mut out: Vec<(u8, &Entry)> = entries.iter().filter_map(|e| Some((e.rank(database, role)?, e))).collect();
+    out.sort_by(|a, b| b.0.cmp(&a.0));
+    out
+}
+
 /// `nextgres.pool_mode` values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -75,6 +105,19 @@ impl Entry {
             database: database.map(str::to_string),
             role: role.map(str::to_string),
             name: name.to_string(),
+            value: value.to_string(),
+        })
+    }
+
+    /// An item of a setting a login reports ([`REPORTED`]), kept whole
+    /// (lower-case name, value as stored); None for any other item.
+    pub fn reported_item(database: Option<&str>, role: Option<&str>, item: &str) -> Option<Entry> {
+        let (name, value) = item.split_once('=')?;
+        let name = name.trim().to_ascii_lowercase();
+        REPORTED.contains(&name.as_str()).then(|| Entry {
+            database: database.map(str::to_string),
+            role: role.map(str::to_string),
+            name,
             value: value.to_string(),
         })
     }
@@ -190,6 +233,29 @@ fn unquote(v: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
+    /// Reported items are kept whole, others not; a login gets those of its
+    /// database and role, highest level first.
+    #[test]
+    fn reported_items_apply_by_level() {
+        assert!(Entry::reported_item(None, Some("app"), "nextgres.pool_size=1").is_none());
+        assert!(Entry::reported_item(None, Some("app"), "work_mem=1MB").is_none());
+        let items = [
+            Entry::reported_item(None, None, "TimeZone=UTC").unwrap(),
+            Entry::reported_item(Some("db"), None, "DateStyle=SQL, DMY").unwrap(),
+            Entry::reported_item(None, Some("app"), "client_encoding=LATIN1").unwrap(),
+            Entry::reported_item(Some("db"), Some("app"), "TimeZone=Asia/Tokyo").unwrap(),
+            Entry::reported_item(Some("other"), Some("app"), "TimeZone=Europe/Paris").unwrap(),
+        ];
+        assert_eq!(items[1].name, "datestyle");
+        assert_eq!(items[1].value, "SQL, DMY");
+        let got: Vec<(u8, &str, &str)> =
+            super::applicable(&items, "db", "app").into_iter().map(|(l, e)| (l, e.name.as_str(), e.value.as_str())).collect();
+        assert_eq!(
+            got,
+            [(4, "timezone", "Asia/Tokyo"), (3, "client_encoding", "LATIN1"), (2, "datestyle", "SQL, DMY"), (1, "timezone", "UTC")]
+        );
+    }
+
     use super::*;
 
     fn e(db: Option<&str>, role: Option<&str>, item: &str) -> Entry {
