@@ -62,8 +62,12 @@ pub struct Header {
     /// Bumped by the settings reader each time it rewrote `conf`.
     pub conf_gen: AtomicU64,
     /// Bytes of `conf` in use: `database\0role\0item\0` per nextgres.*
-    /// item of pg_db_role_setting, empty database or role for "all".
+    /// item of pg_db_role_setting (then per item of a setting a login
+    /// reports), empty database or role for "all".
     pub conf_len: u32,
+    /// The reader's items did not all fit in `conf` (the last ones are
+    /// missing).
+    pub conf_truncated: bool,
     pub conf: [u8; CONF_LEN],
     /// Bumped by the operation functions (`nextgres.pause()` ...) after they
     /// changed `ops`; the pooler then reads them.
@@ -230,8 +234,10 @@ pub struct OpSlot {
     pub port: i32,
 }
 
-/// Room for the nextgres.* items of pg_db_role_setting (about 100 bytes each).
-pub const CONF_LEN: usize = 32 * 1024;
+/// Room for the nextgres.* items of pg_db_role_setting and those of the
+/// settings a login reports (about 50-100 bytes each: a few thousand roles
+/// with their own TimeZone or search_path).
+pub const CONF_LEN: usize = 256 * 1024;
 
 pub const DRAIN_SLOTS: usize = 8;
 
@@ -805,17 +811,18 @@ impl Tables {
             let _g = Guard::exclusive();
             h.conf[..n].copy_from_slice(&data[..n]);
             h.conf_len = n as u32;
+            h.conf_truncated = n < data.len();
             h.conf_gen.fetch_add(1, Ordering::SeqCst);
         }
         n == data.len()
     }
 
-    /// Pooler: the copy and its generation.
-    pub fn conf_read(&self) -> (u64, Vec<u8>) {
+    /// Pooler: the copy, its generation, and whether it is whole.
+    pub fn conf_read(&self) -> (u64, Vec<u8>, bool) {
         let h = self.header();
         let _g = Guard::shared();
         let gen = h.conf_gen.load(Ordering::SeqCst);
-        (gen, h.conf[..(h.conf_len as usize).min(CONF_LEN)].to_vec())
+        (gen, h.conf[..(h.conf_len as usize).min(CONF_LEN)].to_vec(), !h.conf_truncated)
     }
 
     /// All client rows by index (for joining backends to their clients).

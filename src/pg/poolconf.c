@@ -51,8 +51,9 @@ ng_poolconf_xact(XactEvent event, void *arg)
 		conf_touched = false;
 		nextgres_pool_conf_changed();
 	}
-	else if (event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_ABORT)
-		conf_touched = false;
+	else if (event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_ABORT ||
+			 event == XACT_EVENT_PREPARE)
+		conf_touched = false;	/* prepared: its COMMIT PREPARED notifies */
 }
 
 static bool
@@ -65,6 +66,9 @@ touches_pool_conf(Node *stmt)
 		case T_DropRoleStmt:
 		case T_DropdbStmt:
 			return true;
+		case T_TransactionStmt:
+			/* It may commit a prepared ALTER ROLE / DATABASE ... SET. */
+			return ((TransactionStmt *) stmt)->kind == TRANS_STMT_COMMIT_PREPARED;
 		case T_RenameStmt:
 			{
 				ObjectType	t = ((RenameStmt *) stmt)->renameType;

@@ -24,6 +24,14 @@ pub fn max_connections() -> i32 {
     unsafe { pg_sys::MaxConnections }
 }
 
+/// Is the server a standby still in recovery (xlog.c RecoveryInProgress():
+/// a read of shared memory, once false always false)?
+pub fn recovery_in_progress() -> bool {
+    // SAFETY: reads XLogCtl's recovery state, set up in shared memory
+    // before any nextgres process starts; no lock, no allocation.
+    unsafe { pg_sys::RecoveryInProgress() }
+}
+
 /// `authentication_timeout`, in seconds (0 or less: none).
 pub fn authentication_timeout_s() -> i32 {
     // SAFETY: a plain int GUC variable.

@@ -216,11 +216,15 @@ impl Pooler {
             .collect();
         // client_encoding's default is the database's encoding (a dynamic
         // default the agent, in no database, does not have): the backend's
-        // unless a role or database setting names it.
+        // unless a role or database setting names it. Settings a role or
+        // database can set keep the backend's values too when the settings
+        // copy was cut short (some items missing).
         let asked: Vec<usize> = (0..params.len())
             .filter(|&i| {
                 let name = params[i].0.as_str();
+                let settable = nextgres_core::poolconf::REPORTED.iter().any(|r| name.eq_ignore_ascii_case(r));
                 !FIXED.iter().any(|f| name.eq_ignore_ascii_case(f))
+                    && (!settable || self.conf.reported_whole)
                     && (!name.eq_ignore_ascii_case("client_encoding") || settings.iter().any(|s| s.1.eq_ignore_ascii_case(name)))
             })
             .collect();

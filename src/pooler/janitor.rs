@@ -23,6 +23,7 @@ impl Pooler {
         }
         self.last_janitor = Some(now);
         self.watch_smart_shutdown();
+        self.conf_standby_check();
         self.check_drains();
         self.kq_janitor();
         self.count_received_due();

@@ -10,7 +10,9 @@
 //! pooler starts and after each commit of ALTER ROLE / DATABASE ... SET |
 //! RESET (or a role or database rename or drop): the committing backend bumps
 //! a counter and wakes the pooler (`nextgres_pool_conf_changed`), and the
-//! reader's exit wakes it again (bgw_notify_pid). Nothing is polled.
+//! reader's exit wakes it again (bgw_notify_pid). A reload reads it again
+//! too, and so does a standby every 10 s: its changes come by WAL replay,
+//! which announces nothing. A COMMIT PREPARED notifies as a COMMIT does.
 //!
 //! A change applies to live pools at once: a lowered `pool_size` trims the
 //! pool (parked backends close now, attached ones at their next transaction
@@ -36,6 +38,10 @@ const READER_PATIENCE: Duration = Duration::from_secs(10);
 const READER_RETRY: Duration = Duration::from_secs(1);
 /// How often a pending reader's end is asked of the agent.
 const READER_POLL: Duration = Duration::from_millis(10);
+/// How often a standby reads pg_db_role_setting again (the primary's ALTER
+/// ROLE / DATABASE ... SET reaches it by WAL replay, which announces
+/// nothing).
+const STANDBY_REREAD: Duration = Duration::from_secs(10);
 
 /// The pooler's side of the settings reader.
 #[derive(Default)]
@@ -45,6 +51,10 @@ pub struct ConfState {
     /// Its items of settings a login reports (`poolconf::REPORTED`), for
     /// the ParameterStatus of logins (`handoff::login_params_now`).
     pub reported: Vec<Entry>,
+    /// The copy held every item (the nextgres.* ones come first, so only
+    /// reported settings' items are ever cut off). When not, a login
+    /// reports the pool's backend's values for those settings.
+    pub reported_whole: bool,
     /// `Header::conf_changes` the last reader was started for.
     seen_changes: u64,
     /// `Header::conf_gen` of `entries` (0: none read yet).
@@ -58,6 +68,8 @@ pub struct ConfState {
     reader_polled: Option<Instant>,
     not_before: Option<Instant>,
     failing: bool,
+    /// When a re-read was last asked for without a change notice.
+    last_reread: Option<Instant>,
 }
 
 impl ConfState {
@@ -100,7 +112,8 @@ pub extern "C-unwind" fn nextgres_conf_reader_main(arg: pg_sys::Datum) {
                         unnest(s.setconfig) AS c
                   WHERE (lower(c) LIKE 'nextgres.%' OR lower(split_part(c, '=', 1)) = ANY ($1))
                     AND (s.setdatabase = 0 OR d.oid IS NOT NULL)
-                    AND (s.setrole = 0 OR r.oid IS NOT NULL)",
+                    AND (s.setrole = 0 OR r.oid IS NOT NULL)
+                  ORDER BY lower(c) NOT LIKE 'nextgres.%'",
                 None,
                 &[nextgres_core::poolconf::REPORTED.to_vec().into()],
             )?;
@@ -118,7 +131,7 @@ pub extern "C-unwind" fn nextgres_conf_reader_main(arg: pg_sys::Datum) {
         Ok(data) => {
             let Some(t) = crate::shmem::tables() else { return };
             if !t.conf_write(&data) {
-                log::warn!("nextgres: pg_db_role_setting has more nextgres.* items than fit ({} bytes); the rest are ignored", crate::shmem::CONF_LEN);
+                log::warn!("nextgres: pg_db_role_setting has more nextgres.* items and items of reported settings than fit ({} bytes); the rest are ignored, and logins report the values of their pool's backends", crate::shmem::CONF_LEN);
             }
         }
         Err(e) => log::warn!("nextgres: could not read pg_db_role_setting: {e}"),
@@ -324,6 +337,22 @@ impl Pooler {
         }
     }
 
+    /// Has pg_db_role_setting read again: at a reload, and every
+    /// [`STANDBY_REREAD`] while the server is a standby, where changes come
+    /// from WAL replay and no commit here announces them.
+    pub fn conf_reread(&mut self) {
+        self.conf.wanted = true;
+        self.conf.last_reread = Some(Instant::now());
+    }
+
+    /// Janitor: a standby's periodic re-read (see [`Pooler::conf_reread`]).
+    pub fn conf_standby_check(&mut self) {
+        if self.conf.last_reread.is_some_and(|t| t.elapsed() < STANDBY_REREAD) || !crate::pg::server::recovery_in_progress() {
+            return;
+        }
+        self.conf_reread();
+    }
+
     /// The agent starts the reader (a dynamic background worker, which only
     /// a process with a PGPROC may register).
     fn pool_conf_start_reader(&mut self, changes: u64) {
@@ -348,10 +377,11 @@ impl Pooler {
 
     /// Applies the shared copy to every pool whose settings changed.
     fn pool_conf_apply(&mut self) {
-        let (gen, data) = self.tables.conf_read();
+        let (gen, data, whole) = self.tables.conf_read();
         self.conf.applied_gen = gen;
         let (entries, reported) = parse_conf(&data);
         self.conf.reported = reported;
+        self.conf.reported_whole = whole;
         if entries == self.conf.entries {
             return;
         }

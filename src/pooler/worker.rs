@@ -335,6 +335,10 @@ impl Pooler {
             Ok(c) => self.tls = c,
             Err(e) => log::warn!("SSL configuration was not reloaded, keeping the previous one: {e}"),
         }
+        // pg_db_role_setting is read again: what no commit of this server
+        // announced (a standby's replayed ALTER ROLE / DATABASE ... SET) is
+        // applied at a reload at the latest.
+        self.conf_reread();
         // A lowered nextgres.pool_size applies at once (pools without their
         // own pool_size).
         self.pools_trim();

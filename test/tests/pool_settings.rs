@@ -201,6 +201,36 @@ fn alter_database_pool_mode_and_reset() {
     }
 }
 
+/// An ALTER ROLE ... SET in a prepared transaction applies at its COMMIT
+/// PREPARED, run by another session, as at a COMMIT; and a reload reads
+/// the settings again whatever announced them (a standby's come by WAL
+/// replay, which announces nothing).
+#[test]
+fn settings_committed_by_commit_prepared_apply() {
+    let pg = Cluster::builder().conf("max_prepared_transactions = 2").start();
+    exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN");
+    pg.tcp("app", "postgres").connect().expect("first").simple_query("SELECT 1").expect("query");
+    let size = || {
+        pg.admin()
+            .query_one("SELECT pool_size FROM nextgres.pools WHERE role = 'app'", &[])
+            .map(|r| r.get::<_, i32>(0))
+            .expect("pools")
+    };
+    assert_eq!(size(), 8);
+    let mut a = pg.admin();
+    a.batch_execute("BEGIN; ALTER ROLE app SET nextgres.pool_size = 3; PREPARE TRANSACTION 'ng'").expect("prepare");
+    // Not committed yet: nothing changes.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(size(), 8, "applied before its COMMIT PREPARED");
+    pg.admin().batch_execute("COMMIT PREPARED 'ng'").expect("commit prepared");
+    assert!(wait_until(APPLIED, || size() == 3), "not applied at COMMIT PREPARED: {}", size());
+    // The preparing session's next unrelated commit announces nothing
+    // (harmless either way), and a reload re-reads.
+    a.batch_execute("SELECT 1").expect("a");
+    exec(&pg, "SELECT pg_reload_conf()");
+    assert!(wait_until(APPLIED, || size() == 3));
+}
+
 /// Differential: SET nextgres.pool_size in a session fails the same way
 /// directly and through nextgres (55P02 for a superuser, 42501 for others),
 /// and ALTER ROLE ... SET validates the value as the server does.
