@@ -21,6 +21,9 @@ enum State {
     Md5 { salt: [u8; 4] },
     SaslInitial(Box<ScramServer>),
     SaslFinal(Box<ScramServer>),
+    /// Refused; the refusal waits out auth_delay (`auth_delay.rs`), and
+    /// the client's input is not read meanwhile.
+    Delayed,
 }
 
 pub struct AuthSession {
@@ -320,7 +323,12 @@ impl AuthSession {
     /// client is watched only for a hang-up: what it sends next waits, as
     /// it waits in the socket while the server's backend checks.
     pub fn is_checking(&self) -> bool {
-        matches!(self.state, State::Checking { .. })
+        matches!(self.state, State::Checking { .. } | State::Delayed)
+    }
+
+    /// Refused, the refusal held back for auth_delay: nothing more is read.
+    pub fn delayed(&mut self) {
+        self.state = State::Delayed;
     }
 
     /// The password's check is queued as `id`, stopped when `cancel` goes.
@@ -380,7 +388,7 @@ impl AuthSession {
             // The client wrote again before its password was answered: as
             // the server, which would read this after authentication, where
             // a password message is no valid message.
-            State::Checking { .. } => {
+            State::Checking { .. } | State::Delayed => {
                 Step::Fail(fatal("08P01", format!("invalid frontend message type {}", tag)))
             }
             State::Md5 { salt } => {
@@ -541,7 +549,7 @@ impl Pooler {
                 }
             }
             Step::Fail(f) => self.client_login_refused(key, &f, None),
-            Step::Refused(f, detail) => self.client_login_refused(key, &f, Some(&detail)),
+            Step::Refused(f, detail) => self.client_auth_failed(key, f, detail),
             Step::Check(job) => match self.verifier.submit(key, job) {
                 Ok((id, cancel)) => {
                     if let Some(Phase::Auth(session)) = self.client(key).map(|c| &mut c.phase) {

@@ -29,6 +29,7 @@
 mod agent;
 mod ahead;
 mod auth;
+mod auth_delay;
 mod backend;
 mod cancel;
 mod client;

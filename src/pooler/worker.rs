@@ -98,6 +98,8 @@ pub struct Pooler {
     pub mock_key: [u8; 32],
     /// The `password` method's checks against SCRAM secrets, on threads.
     pub verifier: super::password::Verifier,
+    /// Failed authentications whose refusal waits out auth_delay.
+    pub auth_delayed: Vec<super::auth_delay::Delayed>,
     /// What the server speaks: newest protocol minor, longest cancel key.
     pub server_proto: nextgres_core::proto::ServerProtocol,
     /// Smart shutdown in progress: admit nobody, let pools drain.
@@ -187,6 +189,7 @@ impl Pooler {
             over_limit_clients: 0,
             mock_key,
             verifier: super::password::Verifier::new(),
+            auth_delayed: Vec::new(),
             server_proto: glue::server_protocol(),
             tls: match super::tls::load_or_startup() {
                 (c, None) => c,
@@ -232,7 +235,11 @@ impl Pooler {
     pub fn run(&mut self) -> ! {
         let mut events = vec![EpollEvent::empty(); 256];
         loop {
-            let mut wait = self.accept_pause.wait_ms(std::time::Instant::now(), super::janitor::TICK_MS);
+            let now = std::time::Instant::now();
+            let mut wait = self.accept_pause.wait_ms(now, super::janitor::TICK_MS);
+            if let Some(ms) = self.auth_delay_wait_ms(now) {
+                wait = wait.min(ms);
+            }
             // The next ring entry written while the pooler sleeps wakes it
             // (one written before this store is seen here: no sleep then).
             let mut sleeps = wait > 0;
@@ -296,6 +303,7 @@ impl Pooler {
             self.pool_conf_check();
             self.closing_check();
             self.ops_check();
+            self.auth_delays_due();
             self.janitor();
         }
     }

@@ -485,6 +485,62 @@ fn passwords_that_are_not_utf8_match_direct_server() {
     }
 }
 
+/// auth_delay in shared_preload_libraries: a failed password exchange is
+/// answered after `auth_delay.milliseconds` through the pooler as directly
+/// (the module acts in ClientAuthentication_hook, which the pooler's own
+/// authentication does not run), while other clients are served meanwhile
+/// and a right password is not delayed. Skipped where the server has no
+/// auth_delay module (the PyPI build of 16).
+#[test]
+fn auth_delay_slows_failed_logins_on_the_pooler_port() {
+    let probe = Cluster::builder().preload(false).start();
+    let have = probe.install().pkglibdir().expect("pkglibdir").join("auth_delay.so").exists();
+    drop(probe);
+    if !have {
+        eprintln!("auth_delay_slows_failed_logins_on_the_pooler_port: no auth_delay module in this server, skipped");
+        return;
+    }
+    let sp = SidePort::start(
+        Cluster::builder()
+            .hba(HBA)
+            .conf("nextgres.pool_size = 2")
+            .conf("shared_preload_libraries = 'nextgres,auth_delay'")
+            .conf("auth_delay.milliseconds = 1500"),
+    );
+    sp.pg.create_role("scram_u", PW, PasswordEncryption::ScramSha256);
+    let timed = |ci: nextgres_test::ConnInfo| {
+        let t = std::time::Instant::now();
+        let o = rust_outcome(&ci, None);
+        (o, t.elapsed())
+    };
+    let wrong = |port_of: &dyn Fn() -> nextgres_test::ConnInfo| timed(port_of().maybe_password(Some("wrong")));
+    let (d, dt) = wrong(&|| sp.direct("scram_u", "postgres"));
+    assert!(matches!(&d, Outcome::Db(f) if f.code == "28P01"), "direct: {d:?}");
+    assert!(dt >= Duration::from_millis(1400), "the direct server did not delay: {dt:?}");
+    // Two failing at once, and a good login beside them: each failure waits
+    // its own delay, the good one none.
+    std::thread::scope(|s| {
+        let failing: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    let r = wrong(&|| sp.pooled("scram_u", "postgres"));
+                    (r, std::time::Instant::now())
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        let (ok, _) = timed(sp.pooled("scram_u", "postgres").maybe_password(Some(PW)));
+        let ok_done = std::time::Instant::now();
+        assert!(matches!(ok, Outcome::Ok(_)), "good password through the pooler: {ok:?}");
+        for f in failing {
+            let ((p, pt), done) = f.join().expect("failing login");
+            assert_eq!(p, d, "through the pooler");
+            assert!(pt >= Duration::from_millis(1400), "the pooler did not delay: {pt:?}");
+            assert!(ok_done < done, "the good login waited for a failing one's delay");
+        }
+    });
+}
+
 /// The pooler authenticates by the pg_hba.conf rules the server has
 /// loaded, not by the file on disk: an edit not yet reloaded stays without
 /// effect on the pooler port too when the agent restarts (here terminated;
