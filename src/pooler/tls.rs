@@ -390,6 +390,20 @@ pub fn build(
     if certs.is_empty() {
         return Err(format!("could not load server certificate file \"{}\": no certificate in it", cert_file.display()));
     }
+    // A lone certificate goes out with the issuers the server's OpenSSL
+    // adds from ssl_ca_file (its automatic chain), so a client that trusts
+    // only the root verifies the pooler as it verifies the server.
+    let mut certs = certs;
+    if certs.len() == 1 {
+        if let Some(ca) = ca_file {
+            if let Ok(cas) = CertificateDer::pem_file_iter(ca).and_then(|it| it.collect::<Result<Vec<_>, _>>()) {
+                let refs: Vec<&[u8]> = cas.iter().map(|c| c.as_ref()).collect();
+                for i in nextgres_core::cert::auto_chain(&certs[0], &refs) {
+                    certs.push(cas[i].clone());
+                }
+            }
+        }
+    }
     let end_point = nextgres_core::cert::server_end_point(&certs[0]).ok().map(Arc::from);
     let key = PrivateKeyDer::from_pem_file(key_file)
         .map_err(|e| format!("could not load private key file \"{}\": {e}", key_file.display()))?;

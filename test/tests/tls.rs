@@ -92,6 +92,10 @@ fn revoke(pg: &Cluster, ca_name: &str, crt: &str, crl: &str) {
 // ---- clients ----------------------------------------------------------------
 
 /// psql with several `-c` (each its own transaction) and extra libpq keywords.
+fn exec_admin(pg: &Cluster, sql: &str) {
+    pg.admin().batch_execute(sql).expect(sql);
+}
+
 fn psql_cs(pg: &Cluster, conn: &ConnInfo, extra: &str, cs: &[&str]) -> CmdOutput {
     let conninfo = format!("{} {extra}", conn.conninfo());
     let mut args = vec!["-A", "-t", "-d", &conninfo];
@@ -254,6 +258,43 @@ fn closed(s: &mut TcpStream) -> bool {
 }
 
 // ---- tests ------------------------------------------------------------------
+
+/// A server certificate issued by an intermediate CA, alone in
+/// ssl_cert_file, with the intermediate and the root in ssl_ca_file: the
+/// server's OpenSSL sends the issuers it finds there (its automatic
+/// chain), so a client that trusts only the root verifies the server; it
+/// verifies the pooler the same way (`verify-ca` and `verify-full`).
+#[test]
+fn a_lone_server_certificate_goes_out_with_its_issuers() {
+    let pg = Cluster::builder().conf("nextgres.pool_size = 1").start();
+    if skip(&pg) {
+        return;
+    }
+    let dir = pg.dir().to_path_buf();
+    let run = |args: &[&str]| openssl(args, &dir);
+    run(&["req", "-x509", "-new", "-nodes", "-newkey", "rsa:2048", "-days", "2", "-subj", "/CN=chain root", "-keyout", "root.key", "-out", "root.crt"]);
+    std::fs::write(dir.join("ca.cnf"), "basicConstraints=critical,CA:TRUE\nkeyUsage=keyCertSign,cRLSign\n").expect("ca.cnf");
+    run(&["req", "-new", "-nodes", "-newkey", "rsa:2048", "-subj", "/CN=chain intermediate", "-keyout", "int.key", "-out", "int.csr"]);
+    run(&["x509", "-req", "-in", "int.csr", "-CA", "root.crt", "-CAkey", "root.key", "-set_serial", "10", "-days", "2", "-extfile", "ca.cnf", "-out", "int.crt"]);
+    std::fs::write(dir.join("leaf.cnf"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n").expect("leaf.cnf");
+    run(&["req", "-new", "-nodes", "-newkey", "rsa:2048", "-subj", "/CN=localhost", "-keyout", "leaf.key", "-out", "leaf.csr"]);
+    run(&["x509", "-req", "-in", "leaf.csr", "-CA", "int.crt", "-CAkey", "int.key", "-set_serial", "11", "-days", "2", "-extfile", "leaf.cnf", "-out", "leaf.crt"]);
+    let both = [std::fs::read(dir.join("int.crt")).expect("int"), std::fs::read(dir.join("root.crt")).expect("root")].concat();
+    std::fs::write(dir.join("chain-ca.crt"), both).expect("chain-ca.crt");
+    install_cert(&pg, &dir.join("leaf.crt"), &dir.join("leaf.key"), "server.crt");
+    install_cert(&pg, &dir.join("chain-ca.crt"), &dir.join("leaf.key"), "ca.crt");
+    for line in ["ssl = on", "ssl_cert_file = 'server.crt'", "ssl_key_file = 'server.key'", "ssl_ca_file = 'ca.crt'"] {
+        pg.append_conf(line).expect("conf");
+    }
+    pg.restart().expect("restart with ssl = on");
+    exec_admin(&pg, "CREATE EXTENSION IF NOT EXISTS nextgres");
+    let conn = pg.tcp("postgres", "postgres");
+    let root = format!("sslrootcert={}", dir.join("root.crt").display());
+    for mode in ["verify-ca", "verify-full"] {
+        let out = psql_cs(&pg, &conn, &format!("sslmode={mode} {root}"), &["SELECT 1"]);
+        assert!(out.success(), "sslmode={mode} through the pooler, trusting only the root:\n{out}");
+    }
+}
 
 /// Acceptance 1 and 3 (in part) and 4: `sslmode=require`, `verify-ca` and
 /// `verify-full` connect on the standard port through the pooler; the

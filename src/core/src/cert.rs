@@ -65,15 +65,43 @@ pub fn server_end_point(der: &[u8]) -> Result<Vec<u8>, String> {
 /// OpenSSL's `ssl_client` purpose check on a client's end certificate
 /// (v3_purp.c check_purpose_ssl_client(), the purpose the server's TLS
 /// library verifies with): a keyUsage extension, when present, must allow
-/// digitalSignature or keyAgreement. Err when the certificate cannot be
-/// parsed or its keyUsage is malformed.
+/// digitalSignature or keyAgreement, and a Netscape certificate type
+/// (nsCertType), when present, must allow SSL client use (ns_reject()). Err
+/// when the certificate cannot be parsed or its keyUsage is malformed.
 pub fn client_key_usage_ok(der: &[u8]) -> Result<bool, String> {
     let cert = parse(der)?;
+    let ns_client = cert.extensions().iter().all(|e| match e.parsed_extension() {
+        ParsedExtension::NSCertType(t) => t.ssl_client(),
+        _ => true,
+    });
     match cert.key_usage() {
-        Ok(None) => Ok(true),
-        Ok(Some(ku)) => Ok(ku.value.digital_signature() || ku.value.key_agreement()),
+        Ok(None) => Ok(ns_client),
+        Ok(Some(ku)) => Ok((ku.value.digital_signature() || ku.value.key_agreement()) && ns_client),
         Err(e) => Err(format!("could not read the keyUsage of the certificate: {e}")),
     }
+}
+
+/// The certificates OpenSSL's automatic chain adds after a lone server
+/// certificate (ssl_cert_file with no chain certificates in it): the
+/// issuers it finds in the verify store, which the server loads from
+/// ssl_ca_file (ssl_lib.c ssl_add_cert_chain() without
+/// SSL_MODE_NO_AUTO_CHAIN), up to and including a self-signed root, matched
+/// by name as X509_verify_cert() builds the chain. Indices into `cas`, in
+/// chain order; empty when the leaf is self-signed, names no issuer there,
+/// or cannot be parsed.
+pub fn auto_chain(leaf: &[u8], cas: &[&[u8]]) -> Vec<usize> {
+    let parsed: Vec<Option<X509Certificate<'_>>> = cas.iter().map(|c| parse(c).ok()).collect();
+    let Ok(mut last) = parse(leaf) else { return Vec::new() };
+    let mut out: Vec<usize> = Vec::new();
+    while last.issuer().as_raw() != last.subject().as_raw() {
+        let next = parsed.iter().enumerate().find(|(i, c)| {
+            !out.contains(i) && c.as_ref().is_some_and(|c| c.subject().as_raw() == last.issuer().as_raw())
+        });
+        let Some((i, Some(c))) = next else { break };
+        out.push(i);
+        last = c.clone();
+    }
+    out
 }
 
 /// Why an `ssl_ca_file` certificate cannot anchor a chain as OpenSSL
@@ -408,6 +436,34 @@ mod tests {
     const RSA256: &[u8] = include_bytes!("../testdata/rsa-sha256.der");
     const RSA1: &[u8] = include_bytes!("../testdata/rsa-sha1.der");
     const PSS512: &[u8] = include_bytes!("../testdata/rsa-pss-sha512.der");
+    // A root, an intermediate it signed, and leaves the intermediate signed
+    // (plain; nsCertType=server; nsCertType=client,server), openssl CLI.
+    const ROOT: &[u8] = include_bytes!("../testdata/chain-root.der");
+    const INT: &[u8] = include_bytes!("../testdata/chain-int.der");
+    const LEAF: &[u8] = include_bytes!("../testdata/chain-leaf.der");
+    const NS_SERVER: &[u8] = include_bytes!("../testdata/chain-nsserver.der");
+    const NS_CLIENT: &[u8] = include_bytes!("../testdata/chain-nsclient.der");
+
+    /// The automatic chain: the intermediate, then the root, whatever their
+    /// order in the CA file; nothing for a root alone or unknown issuers.
+    #[test]
+    fn auto_chain_follows_issuers_to_the_root() {
+        assert_eq!(auto_chain(LEAF, &[ROOT, INT]), vec![1, 0]);
+        assert_eq!(auto_chain(LEAF, &[INT, ROOT]), vec![0, 1]);
+        assert_eq!(auto_chain(LEAF, &[INT]), vec![0]);
+        assert_eq!(auto_chain(LEAF, &[ROOT]), Vec::<usize>::new());
+        assert_eq!(auto_chain(ROOT, &[ROOT, INT]), Vec::<usize>::new());
+        assert_eq!(auto_chain(b"junk", &[ROOT]), Vec::<usize>::new());
+    }
+
+    /// nsCertType without the SSL client bit fails OpenSSL's ssl_client
+    /// purpose; with it, or without the extension, it passes.
+    #[test]
+    fn ns_cert_type_must_allow_ssl_client() {
+        assert_eq!(client_key_usage_ok(LEAF), Ok(true));
+        assert_eq!(client_key_usage_ok(NS_CLIENT), Ok(true));
+        assert_eq!(client_key_usage_ok(NS_SERVER), Ok(false));
+    }
 
     #[test]
     fn end_point_hash_follows_the_signature() {
