@@ -907,6 +907,46 @@ ng_ssl_field(char *dst, const char *src)
 #endif
 
 /*
+ * Agent, at a reload with ssl on: does the server's own TLS library take the
+ * ssl_* files and settings as they are now?  Runs the server's be_tls_init()
+ * (be-secure-openssl.c) as the postmaster runs it at a reload (isServerStart
+ * false: OpenSSL's checks of the certificate, e.g. "ca md too weak" at its
+ * security level, the key file's ownership and mode, ssl_passphrase_command
+ * only where it supports reload, protocol and cipher settings), quietly: its
+ * LOG lines are the postmaster's to write.  The postmaster keeps its previous
+ * context when this fails ("SSL configuration was not reloaded"), and the
+ * pooler keeps its own then.  The context this builds stays in the agent,
+ * unused (the next call frees it).  True on a server built without SSL
+ * support (nothing to check).
+ */
+bool
+ng_server_tls_config_loads(void)
+{
+#ifdef USE_SSL
+	MemoryContext cxt = CurrentMemoryContext;
+	int			save_log = log_min_messages;
+	volatile bool ok = false;
+
+	log_min_messages = PANIC;
+	PG_TRY();
+	{
+		ok = be_tls_init(false) == 0;
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		FlushErrorState();
+		ok = false;
+	}
+	PG_END_TRY();
+	log_min_messages = save_log;
+	return ok;
+#else
+	return true;
+#endif
+}
+
+/*
  * pg_stat_ssl for a client whose TLS the pooler terminates (the backend sees
  * a socketpair): fills this backend's own PgBackendStatus SSL fields with the
  * pooler's values, as pgstat_bestart() (backend_status.c) does for a direct

@@ -175,6 +175,7 @@ extern "C" {
     fn ng_install_auth_file_keeper() -> bool;
     fn ng_ident_kept() -> bool;
     fn ng_hba_kept() -> bool;
+    fn ng_server_tls_config_loads() -> bool;
     fn ng_check_usermap(usermap: *const c_char, pg_user: *const c_char, system_user: *const c_char, err: *mut NgError) -> c_int;
     fn ng_login_lookup(
         database: *const c_char,
@@ -538,6 +539,16 @@ pub fn ident_kept() -> bool {
 /// the server has not reloaded would apply on the pooler port only).
 pub fn hba_kept() -> bool {
     unsafe { ng_hba_kept() }
+}
+
+/// Agent: would the server's TLS library load the ssl_* settings and files
+/// as they are now (its `be_tls_init()` at a reload, quietly)? The
+/// postmaster keeps its previous TLS context when not, and so does the
+/// pooler. True on a server without SSL support.
+pub fn server_tls_config_loads() -> bool {
+    // SAFETY: called in the agent, outside any transaction; errors are
+    // caught in C.
+    unsafe { ng_server_tls_config_loads() }
 }
 
 /// The server's `check_usermap()` (hba.c) with the pg_ident.conf the

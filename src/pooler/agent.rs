@@ -56,6 +56,7 @@ const REQ_READER_START: u8 = 5;
 const REQ_READER_RUNNING: u8 = 6;
 const REQ_BACKEND_IDENTITY: u8 = 7;
 const REQ_LOGIN_PARAMS: u8 = 8;
+const REQ_TLS_LOADS: u8 = 9;
 
 // ---- the agent ----------------------------------------------------------------
 
@@ -373,6 +374,7 @@ fn answer(req: &[u8], reader: &mut Option<DynamicBackgroundWorker>) -> Vec<u8> {
                 Err(e) => err_pod(&e),
             }
         }
+        REQ_TLS_LOADS => vec![0, glue::server_tls_config_loads() as u8],
         REQ_READER_RUNNING => {
             let running = reader
                 .as_ref()
@@ -697,6 +699,13 @@ pub fn login_params(role: u32, names: &[&str], settings: &[(u8, &str, &str)]) ->
         }
         _ => Err(reply_err(rep.get(1..).unwrap_or(&[]))),
     }
+}
+
+/// `glue::server_tls_config_loads`, run by the agent (the server's TLS
+/// library is linked into every process, but the agent is the one whose
+/// errors may be raised and caught).
+pub fn server_tls_config_loads() -> bool {
+    matches!(call(&[REQ_TLS_LOADS]).as_slice(), [0, 1])
 }
 
 /// `slots::unreserved_free`, run by the agent (ProcStructLock, a spinlock).

@@ -97,6 +97,8 @@ pub extern "C" fn nextgres_pool_conf_changed() {
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn nextgres_conf_reader_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGTERM);
+    // Its warnings (a copy cut short) go to the server log.
+    crate::pg::logger::init();
     let db = pg_sys::Oid::from(arg.value() as u32);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), None);
     let data = BackgroundWorker::transaction(|| {

@@ -259,6 +259,42 @@ fn closed(s: &mut TcpStream) -> bool {
 
 // ---- tests ------------------------------------------------------------------
 
+/// A reload to TLS files the server's OpenSSL refuses (here a key file
+/// others can read, which be_tls_init() refuses) leaves the server on its
+/// previous certificate ("SSL configuration was not reloaded"), and the
+/// pooler too: a client that trusts the first CA still verifies the pooler.
+/// The pooler used to load the new files (rustls has no such checks), so
+/// the two ports served different certificates.
+#[test]
+fn a_reload_the_server_refuses_keeps_the_pooler_on_the_old_certificate() {
+    let pg = Cluster::builder().conf("nextgres.pool_size = 1").start();
+    if skip(&pg) {
+        return;
+    }
+    let ca_one = ssl_on(&pg);
+    let conn = pg.tcp("postgres", "postgres");
+    let verify = format!("sslmode=verify-full sslrootcert={}", ca_one.display());
+    let out = psql_cs(&pg, &conn, &verify, &["SELECT 1"]);
+    assert!(out.success(), "before the reload:\n{out}");
+    let ca_two = make_certs(&pg, "two", "server2.crt");
+    let key = pg.data_dir().join("server2.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let mark = pg.log_mark();
+    exec_admin(&pg, "ALTER SYSTEM SET ssl_cert_file = 'server2.crt'");
+    exec_admin(&pg, "ALTER SYSTEM SET ssl_key_file = 'server2.key'");
+    exec_admin(&pg, "SELECT pg_reload_conf()");
+    let refused = |log: &str| log.matches("SSL configuration was not reloaded").count() >= 2;
+    assert!(
+        wait_until(Duration::from_secs(20), || refused(&pg.log_since(mark))),
+        "the server and the pooler did not both keep their SSL configuration:\n{}",
+        pg.log_since(mark)
+    );
+    let out = psql_cs(&pg, &conn, &verify, &["SELECT 1"]);
+    assert!(out.success(), "the pooler left the certificate the server kept:\n{out}");
+    let two = format!("sslmode=verify-full sslrootcert={}", ca_two.display());
+    assert!(!psql_cs(&pg, &conn, &two, &["SELECT 1"]).success(), "the pooler serves the refused certificate");
+}
+
 /// A server certificate issued by an intermediate CA, alone in
 /// ssl_cert_file, with the intermediate and the root in ssl_ca_file: the
 /// server's OpenSSL sends the issuers it finds there (its automatic
