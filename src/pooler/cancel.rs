@@ -11,6 +11,10 @@ use nextgres_core::proto::{self, ErrorFields};
 use nix::sys::epoll::EpollFlags;
 use std::os::fd::AsRawFd;
 
+/// The most a cancelled waiting client's queued bytes are read to find its
+/// query cycle (the largest control message a client's state may take).
+const MAX_CANCEL_PEEK: usize = 64 << 20;
+
 impl Pooler {
     /// CancelRequest: a pooled client's key (the pooler's own pid and key)
     /// cancels the query of the backend it is attached to right now (SIGINT,
@@ -64,8 +68,8 @@ impl Pooler {
     /// sent ahead is taken back first; one its backend claimed is that
     /// backend's (its RELEASED unread, the backend may still be at the
     /// previous client's boundary): the cancel is dropped, as is one whose
-    /// messages are not all there yet or are no plain query cycle
-    /// (`proto::frame::query_cycle_len`), with a LOG line.
+    /// messages are not all there yet (or exceed MAX_CANCEL_PEEK) or are no
+    /// plain query cycle (`proto::frame::query_cycle_len`), with a LOG line.
     pub(super) fn cancel_queued(&mut self, ck: usize) {
         if !self.client_recall(ck) {
             return log::info!("cancel request for a client its backend has just taken: dropped");
@@ -82,7 +86,15 @@ impl Pooler {
         let Some(c) = self.client(ck) else { return };
         use nix::sys::socket::{recv, MsgFlags};
         let fd = c.stream.as_raw_fd();
-        let mut buf = vec![0u8; 64 * 1024];
+        // As much as the socket holds (a query or a Bind parameter of
+        // megabytes is all there once sent), at least 64 KiB, at most
+        // MAX_CANCEL_PEEK.
+        let mut queued: libc::c_int = 0;
+        // SAFETY: FIONREAD writes the receive queue's byte count to an int.
+        if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut queued) } != 0 {
+            queued = 0;
+        }
+        let mut buf = vec![0u8; (queued.max(0) as usize).clamp(64 * 1024, MAX_CANCEL_PEEK)];
         let peeked = recv(fd, &mut buf, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT).unwrap_or(0);
         let Some(len) = nextgres_core::proto::frame::query_cycle_len(&buf[..peeked]) else {
             return log::info!("cancel request for a waiting client whose query is not all received, or is no plain query cycle (a Close, a Flush, COPY data): dropped");

@@ -870,7 +870,8 @@ fn pooler_fatal_ends_with_orderly_close() {
 /// A's lock is on a direct connection: 57014 "canceling statement due to
 /// user request", the client usable afterwards, and the query never runs
 /// (no row once A commits). Simple protocol (`simple_query`) and extended
-/// (`execute` with a parameter: its Parse waits). Before, the pooler
+/// (`execute` with a parameter: its Parse waits; and with a 300 kB one).
+/// Before, the pooler
 /// dropped a cancel for a client without a backend, and the INSERT ran once
 /// A committed.
 #[test]
@@ -881,7 +882,9 @@ fn cancel_of_a_query_waiting_for_a_backend_as_direct() {
             .batch_execute("CREATE TABLE cancelled (v int); GRANT ALL ON cancelled TO app")
             .expect("table");
         let mut outcomes = Vec::new();
-        for extended in [false, true] {
+        // Extended with a 300 kB parameter too: more than the pooler's
+        // first 64 kB look at the socket (it was dropped then, and ran).
+        for (extended, big) in [(false, false), (true, false), (true, true)] {
             for pooled in [false, true] {
                 let connect_to = || if pooled { connect(pg, APP) } else { pg.unix(APP, DB).connect().expect("direct") };
                 let mut b = connect_to();
@@ -891,7 +894,9 @@ fn cancel_of_a_query_waiting_for_a_backend_as_direct() {
                 let token = b.cancel_token();
                 let (tx, rx) = std::sync::mpsc::channel();
                 std::thread::spawn(move || {
-                    let r = if extended {
+                    let r = if big {
+                        b.execute("INSERT INTO cancelled SELECT length($1::text)", &[&"x".repeat(300_000)]).map(|_| ())
+                    } else if extended {
                         b.execute("INSERT INTO cancelled VALUES ($1)", &[&1i32]).map(|_| ())
                     } else {
                         b.simple_query("INSERT INTO cancelled VALUES (1)").map(|_| ())
@@ -913,10 +918,10 @@ fn cancel_of_a_query_waiting_for_a_backend_as_direct() {
                     Ok(()) => "ran".to_string(),
                 };
                 a.batch_execute("COMMIT").expect("A's COMMIT");
-                assert_eq!(one(&mut b, "SELECT 'b usable'"), "b usable", "pooled: {pooled}, extended: {extended}");
+                assert_eq!(one(&mut b, "SELECT 'b usable'"), "b usable", "pooled: {pooled}, extended: {extended}, big: {big}");
                 let rows = admin_i64(pg, "SELECT count(*) FROM cancelled");
-                eprintln!("extended {extended} pooled {pooled}: {outcome}, {rows} rows");
-                outcomes.push(((extended, pooled), outcome, rows));
+                eprintln!("extended {extended} big {big} pooled {pooled}: {outcome}, {rows} rows");
+                outcomes.push(((extended, big, pooled), outcome, rows));
             }
         }
         for pair in outcomes.chunks(2) {

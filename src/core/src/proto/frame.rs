@@ -49,10 +49,12 @@ pub fn parse_message(
 /// How many bytes at the front of `buf` make up a client's next query
 /// cycle: messages up to and including the first simple Query (`Q`),
 /// FunctionCall (`F`) or Sync (`S`), the points where the server answers
-/// ReadyForQuery. `None` when they are not all in `buf` yet, or when a
-/// Terminate (`X`), Flush (`H`, the client waits for results without a
-/// Sync), a COPY message or a bad length comes first: such input is not a
-/// plain query cycle. Also `None` for a cycle with a Close (`C`): the
+/// ReadyForQuery. `None` when they are not all in `buf` yet (a Flush, `H`,
+/// with no Sync after it: the client waits for results first), or when a
+/// Terminate (`X`), a COPY message or a bad length comes first: such input
+/// is not a plain query cycle. A Flush before the Sync is part of the
+/// cycle (the server, skipping to the Sync after the cancel's error,
+/// skips it too). Also `None` for a cycle with a Close (`C`): the
 /// server carries a Close out whatever the cancel (exec_close_message never
 /// checks for one), so the cycle cannot be answered as cancelled at its
 /// start without losing it (a Parse, Bind or Execute is cancelled there
@@ -67,7 +69,7 @@ pub fn query_cycle_len(buf: &[u8]) -> Option<usize> {
         off += n;
         match m.tag {
             b'Q' | b'F' | b'S' => return Some(off),
-            b'P' | b'B' | b'D' | b'E' => {}
+            b'P' | b'B' | b'D' | b'E' | b'H' => {}
             _ => return None,
         }
     }
@@ -200,7 +202,9 @@ mod tests {
         assert_eq!(query_cycle_len(&ext[..ext.len() - 1]), None, "Sync not all there");
         assert_eq!(query_cycle_len(&ext[..ext.len() - 5]), None, "no Sync yet");
         let flush = [msg(b'P', b"\0SELECT 1\0\0\0"), msg(b'H', b"")].concat();
-        assert_eq!(query_cycle_len(&flush), None, "Flush: not a plain cycle");
+        assert_eq!(query_cycle_len(&flush), None, "Flush, no Sync yet");
+        let flushed = [flush.clone(), msg(b'S', b"")].concat();
+        assert_eq!(query_cycle_len(&flushed), Some(flushed.len()), "a Flush before the Sync");
         assert_eq!(query_cycle_len(&msg(b'X', b"")), None);
         assert_eq!(query_cycle_len(&[b'Q', 0, 0, 0, 2]), None, "bad length");
         assert_eq!(query_cycle_len(&[]), None);
