@@ -70,6 +70,12 @@ pub fn unix_socket_directories() -> Option<String> {
 }
 
 /// `ssl` (postmaster.c `EnableSSL`).
+/// `hot_standby` (a PGC_POSTMASTER setting).
+pub fn hot_standby() -> bool {
+    // SAFETY: a plain bool GUC variable.
+    unsafe { pg_sys::EnableHotStandby }
+}
+
 pub fn ssl_enabled() -> bool {
     // SAFETY: a plain bool GUC variable.
     unsafe { pg_sys::EnableSSL }

@@ -31,6 +31,12 @@ pub enum Mode {
     /// and `nextgres.ssl_takeover` is off: the pooler listens nowhere and the
     /// server keeps its own (TLS-capable) TCP listeners.
     SslKeptByServer,
+    /// The server starts in recovery (standby.signal or recovery.signal)
+    /// with `hot_standby = off`: no background worker, so no pooler, runs
+    /// until it is promoted, and a port the pooler held would take
+    /// connections nobody answers. The server keeps its own TCP listeners
+    /// (its 57P03 for each client) until a restart after the promotion.
+    NoHotStandby,
 }
 
 impl Mode {
@@ -40,6 +46,7 @@ impl Mode {
             Mode::Takeover => "takeover",
             Mode::SidePort => "side port",
             Mode::SslKeptByServer => "off: ssl = on",
+            Mode::NoHotStandby => "off: recovery without hot_standby",
         }
     }
 }
@@ -120,6 +127,22 @@ pub fn take_port() {
     let takeover = nport == 0 || nport == server_port;
     let port = if takeover { server_port } else { nport };
     let addrs = if own.trim().is_empty() { server_addrs.clone() } else { own };
+    // A server that starts in recovery without hot standby starts no
+    // background worker before its promotion: no agent, no pooler. A port
+    // held for it would leave clients hanging (the server answers 57P03).
+    let in_recovery = ["standby.signal", "recovery.signal"].iter().any(|f| std::path::Path::new(f).exists());
+    if in_recovery && !crate::pg::server::hot_standby() {
+        warn_with_hint(
+            format!("nextgres: the server starts in recovery with hot_standby = off: the pooler does not listen on port {port}; the server keeps its own TCP listeners on \"{server_addrs}\" and no TCP connection is pooled"),
+            "The pooler runs once the server accepts connections; after a promotion, restart the server to let the pooler take the port.",
+        );
+        unsafe {
+            LISTENERS = Vec::new();
+            PORT = 0;
+            MODE = Mode::NoHotStandby;
+        }
+        return;
+    }
     let ssl = crate::pg::server::ssl_enabled();
     // With ssl = on the pooler serves TLS itself (rustls, the server's
     // certificate and key). Loaded here to decide and kept: the pooler
