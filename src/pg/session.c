@@ -2142,6 +2142,94 @@ check_identity_setting(const char *name, const char *value, Oid login, bool supe
 }
 
 /*
+ * Runs fn(arg) in a transaction that is then rolled back whatever fn did
+ * (AbortTransaction runs AtEOXact_GUC: settings fn applied come undone), the
+ * server's ERROR, if fn raised one, captured into err (false then).  The
+ * agent's checks of settings.
+ */
+static bool
+ng_rolled_back(void (*fn) (void *), void *arg, NgError *err)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile bool ok = true;
+
+	PG_TRY();
+	{
+		StartTransactionCommand();
+		fn(arg);
+	}
+	PG_CATCH();
+	{
+		ng_capture_error(cxt, err);
+		ok = false;
+	}
+	PG_END_TRY();
+	AbortCurrentTransaction();
+	MemoryContextSwitchTo(cxt);
+	return ok;
+}
+
+typedef struct NgValidate
+{
+	const char *name;
+	const char *value;
+	bool		superuser;
+	Oid			role;
+	char	   *shown;
+	int			shown_len;
+} NgValidate;
+
+static void
+ng_validate_in_xact(void *arg)
+{
+	NgValidate *a = (NgValidate *) arg;
+	const char *name = a->name;
+	const char *value = a->value;
+	struct config_generic *g;
+	GucContext	ctx = a->superuser ? PGC_SU_BACKEND : PGC_BACKEND;
+	bool		report;
+
+	g = lookup_guc(name);
+
+	/*
+	 * Superuser-only settings: the server would consult GRANT SET ON
+	 * PARAMETER (pg_parameter_acl), which a process attached to no database
+	 * cannot read (opening it is FATAL).  Refuse as the server does for roles
+	 * without the grant; a granted role can still SET it in its session,
+	 * where its backend checks the grant.
+	 */
+	if (g && !a->superuser && (g->context == PGC_SUSET || g->context == PGC_SU_BACKEND))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied to set parameter \"%s\"", name)));
+	check_identity_setting(name, value, a->role, a->superuser);
+	report = g && (g->flags & GUC_REPORT) && a->shown_len > 0 &&
+		pg_strcasecmp(g->name, "role") != 0 &&
+		pg_strcasecmp(g->name, "session_authorization") != 0;
+
+	/*
+	 * Checked as a startup setting (source client), changing nothing: a value
+	 * set with a source up to PGC_S_OVERRIDE also becomes the reset value and
+	 * the prior value of every GUC stack entry (guc.c set_config_option's
+	 * makeDefault), which no rollback undoes, so it would stay this process's
+	 * value for ever after (-1: valid, not applied).  A reported setting is
+	 * then applied as a session's SET would be, which the rollback does undo,
+	 * only to read the value the server shows.
+	 */
+	if (set_config_option(name, value, ctx, PGC_S_CLIENT, GUC_ACTION_SET,
+						  false, ERROR, false) != 0 && report &&
+		set_config_option(name, value, ctx, PGC_S_SESSION, GUC_ACTION_SET,
+						  true, ERROR, false) > 0)
+	{
+		/* As ReportGUCOption() shows it (the show hook: TimeZone). */
+		const char *v = GetConfigOptionByName(g->name, NULL, false);
+
+		if (v && (int) strlen(v) < a->shown_len)
+			strlcpy(a->shown, v, a->shown_len);
+	}
+}
+
+/*
  * Checks a startup setting as the server applies it at connection start
  * (context backend or superuser-backend, source client) without applying it,
  * so the client gets the same SQLSTATE, message, detail and hint as a direct
@@ -2158,69 +2246,11 @@ bool
 ng_validate_setting(const char *name, const char *value, bool superuser, Oid role,
 					char *shown, int shown_len, NgError *err)
 {
-	MemoryContext cxt = CurrentMemoryContext;
-	volatile bool ok = true;
+	NgValidate	a = {name, value, superuser, role, shown, shown_len};
 
 	if (shown_len > 0)
 		shown[0] = '\0';
-
-	PG_TRY();
-	{
-		struct config_generic *g;
-		GucContext	ctx = superuser ? PGC_SU_BACKEND : PGC_BACKEND;
-		bool		report;
-
-		StartTransactionCommand();
-		g = lookup_guc(name);
-		/*
-		 * Superuser-only settings: the server would consult GRANT SET ON
-		 * PARAMETER (pg_parameter_acl), which a process attached to no
-		 * database cannot read (opening it is FATAL).  Refuse as the server
-		 * does for roles without the grant; a granted role can still SET it
-		 * in its session, where its backend checks the grant.
-		 */
-		if (g && !superuser && (g->context == PGC_SUSET || g->context == PGC_SU_BACKEND))
-			ereport(ERROR,
-					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-					 errmsg("permission denied to set parameter \"%s\"", name)));
-		check_identity_setting(name, value, role, superuser);
-		report = g && (g->flags & GUC_REPORT) && shown_len > 0 &&
-			pg_strcasecmp(g->name, "role") != 0 &&
-			pg_strcasecmp(g->name, "session_authorization") != 0;
-		/*
-		 * Checked as a startup setting (source client), changing nothing:
-		 * a value set with a source up to PGC_S_OVERRIDE also becomes the
-		 * reset value and the prior value of every GUC stack entry (guc.c
-		 * set_config_option's makeDefault), which no rollback undoes, so
-		 * it would stay this process's value for ever after (-1: valid, not
-		 * applied).  A reported setting is then applied as a session's SET
-		 * would be, which the rollback does undo, only to read the value
-		 * the server shows.
-		 */
-		if (set_config_option(name, value, ctx, PGC_S_CLIENT, GUC_ACTION_SET,
-							  false, ERROR, false) != 0 && report &&
-			set_config_option(name, value, ctx, PGC_S_SESSION, GUC_ACTION_SET,
-							  true, ERROR, false) > 0)
-		{
-			/* As ReportGUCOption() shows it (the show hook: TimeZone). */
-			const char *v = GetConfigOptionByName(g->name, NULL, false);
-
-			if (v && (int) strlen(v) < shown_len)
-				strlcpy(shown, v, shown_len);
-			AbortCurrentTransaction();
-		}
-		else
-			CommitTransactionCommand();
-	}
-	PG_CATCH();
-	{
-		ng_capture_error(cxt, err);
-		AbortCurrentTransaction();
-		ok = false;
-	}
-	PG_END_TRY();
-	MemoryContextSwitchTo(cxt);
-	return ok;
+	return ng_rolled_back(ng_validate_in_xact, &a, err);
 }
 
 /*
@@ -2249,25 +2279,29 @@ ng_validate_setting(const char *name, const char *value, bool superuser, Oid rol
  * SetSessionAuthorization() sets them; in_hot_standby's show hook reads
  * the server's state now.  A name no setting has gets an empty value.
  */
-bool
-ng_login_params(Oid role, const char *names, int n, const char *settings, int nsettings,
-				char *out, int out_len, int *used, NgError *err)
+typedef struct NgLoginParams
 {
-	MemoryContext cxt = CurrentMemoryContext;
+	Oid			role;
+	const char *names;
+	int			n;
+	const char *settings;
+	int			nsettings;
+	char	   *out;
+	int			out_len;
+	int		   *used;
+} NgLoginParams;
+
+/* The role and database settings, quietly (see ng_login_params). */
+static void
+ng_apply_login_settings(const char *item, int nsettings)
+{
 	int			save_log = log_min_messages;
 	int			save_client = client_min_messages;
-	volatile bool ok = true;
 
-	*used = 0;
+	log_min_messages = ERROR;
+	client_min_messages = ERROR;
 	PG_TRY();
 	{
-		const char *item = settings;
-		const char *name = names;
-		int			pos = 0;
-
-		StartTransactionCommand();
-		log_min_messages = ERROR;
-		client_min_messages = ERROR;
 		for (int i = 0; i < nsettings; i++)
 		{
 			int			level = item[0] - '0';
@@ -2279,44 +2313,56 @@ ng_login_params(Oid role, const char *names, int n, const char *settings, int ns
 										 GUC_ACTION_SET, true, WARNING, false);
 			item = value + strlen(value) + 1;
 		}
-		log_min_messages = save_log;
-		client_min_messages = save_client;
-		for (int i = 0; i < n; i++)
-		{
-			const char *v;
-			int			len;
-
-			if (pg_strcasecmp(name, "is_superuser") == 0)
-				v = superuser_arg(role) ? "on" : "off";
-			else if (pg_strcasecmp(name, "session_authorization") == 0)
-				v = GetUserNameFromId(role, true);
-			else
-				v = GetConfigOptionByName(name, NULL, true);
-			if (v == NULL)
-				v = "";
-			len = strlen(v) + 1;
-			if (pos + len > out_len)
-				ereport(ERROR,
-						(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
-						 errmsg("login parameter values exceed %d bytes", out_len)));
-			memcpy(out + pos, v, len);
-			pos += len;
-			name += strlen(name) + 1;
-		}
-		*used = pos;
-		AbortCurrentTransaction();
 	}
-	PG_CATCH();
+	PG_FINALLY();
 	{
 		log_min_messages = save_log;
 		client_min_messages = save_client;
-		ng_capture_error(cxt, err);
-		AbortCurrentTransaction();
-		ok = false;
 	}
 	PG_END_TRY();
-	MemoryContextSwitchTo(cxt);
-	return ok;
+}
+
+static void
+ng_login_params_in_xact(void *arg)
+{
+	NgLoginParams *a = (NgLoginParams *) arg;
+	const char *name = a->names;
+	int			pos = 0;
+
+	ng_apply_login_settings(a->settings, a->nsettings);
+	for (int i = 0; i < a->n; i++)
+	{
+		const char *v;
+		int			len;
+
+		if (pg_strcasecmp(name, "is_superuser") == 0)
+			v = superuser_arg(a->role) ? "on" : "off";
+		else if (pg_strcasecmp(name, "session_authorization") == 0)
+			v = GetUserNameFromId(a->role, true);
+		else
+			v = GetConfigOptionByName(name, NULL, true);
+		if (v == NULL)
+			v = "";
+		len = strlen(v) + 1;
+		if (pos + len > a->out_len)
+			ereport(ERROR,
+					(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+					 errmsg("login parameter values exceed %d bytes", a->out_len)));
+		memcpy(a->out + pos, v, len);
+		pos += len;
+		name += strlen(name) + 1;
+	}
+	*a->used = pos;
+}
+
+bool
+ng_login_params(Oid role, const char *names, int n, const char *settings, int nsettings,
+				char *out, int out_len, int *used, NgError *err)
+{
+	NgLoginParams a = {role, names, n, settings, nsettings, out, out_len, used};
+
+	*used = 0;
+	return ng_rolled_back(ng_login_params_in_xact, &a, err);
 }
 
 /* ------------------------------------------------------------------------

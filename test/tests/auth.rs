@@ -12,6 +12,7 @@
 //! NEXTGRES_PG=16 cargo test -p nextgres-test --test auth -- --test-threads=2
 //! ```
 
+mod fault_support;
 mod pool_support;
 
 use std::collections::BTreeSet;
@@ -559,48 +560,17 @@ fn a_restarted_agent_keeps_the_loaded_hba_rules() {
     check("before the edit");
     let staged = format!("local all all trust\nhost all all 127.0.0.1/32 trust\n{HBA}");
     sp.pg.set_hba(&staged).expect("writing pg_hba.conf");
-    let pooler = |pg: &Cluster| -> Option<i32> {
-        pg.admin()
-            .query_one("SELECT pooler_pid FROM nextgres.status()", &[])
-            .expect("nextgres.status()")
-            .get(0)
-    };
-    let before = pooler(&sp.pg).expect("a running pooler");
-    let ok: bool = sp
-        .pg
-        .admin()
-        .query_one(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'nextgres agent'",
-            &[],
-        )
-        .expect("terminate the agent")
-        .get(0);
-    assert!(ok, "pg_terminate_backend of the agent");
+    let before = fault_support::running_pooler_pid(&sp.pg);
+    fault_support::terminate_agent(&sp.pg);
     assert!(
-        wait_until(Duration::from_secs(30), || pooler(&sp.pg).is_some_and(|p| p != before)),
+        wait_until(Duration::from_secs(30), || fault_support::pooler_pid(&sp.pg).is_some_and(|p| p != before)),
         "no new pooler after the agent was terminated\n{}",
         sp.pg.log_tail(30)
     );
     check("after the agent restarted, pg_hba.conf edited but not reloaded");
     // The reload applies the edit on both ports: the wrong password gets in.
+    switch_hba(&sp, &staged, "scram_u");
     let admitted = [case("scram_u", "postgres", Some("wrong"), "ok")];
-    let reloaded: bool = sp
-        .pg
-        .admin()
-        .query_one("SELECT pg_reload_conf()", &[])
-        .expect("pg_reload_conf")
-        .get(0);
-    assert!(reloaded, "pg_reload_conf() returned false");
-    let both_trust = || {
-        let ok = |ci: nextgres_test::ConnInfo| matches!(rust_outcome(&ci, None), Outcome::Ok(_));
-        ok(sp.direct("scram_u", "postgres").maybe_password(Some("wrong")))
-            && ok(sp.pooled("scram_u", "postgres").maybe_password(Some("wrong")))
-    };
-    assert!(
-        wait_until(Duration::from_secs(20), both_trust),
-        "the reloaded pg_hba.conf never took effect on both ports\n{}",
-        sp.pg.log_tail(30)
-    );
     let (problems, _) = differential(&sp, &admitted);
     assert!(problems.is_empty(), "after the reload:\n{}", problems.join("\n"));
 }

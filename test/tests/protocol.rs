@@ -366,6 +366,17 @@ fn unix_stream(pg: &Cluster) -> UnixStream {
     s
 }
 
+/// The ParameterStatus messages among `msgs`, by name.
+fn parameter_status(msgs: &[Msg]) -> std::collections::BTreeMap<String, String> {
+    msgs.iter()
+        .filter(|m| m.tag == b'S')
+        .map(|m| {
+            let mut parts = m.body.split(|&b| b == 0).map(|p| String::from_utf8_lossy(p).into_owned());
+            (parts.next().unwrap_or_default(), parts.next().unwrap_or_default())
+        })
+        .collect()
+}
+
 fn tcp_stream(port: u16) -> std::net::TcpStream {
     let s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("tcp connect");
     s.set_read_timeout(Some(Duration::from_secs(20)))
@@ -757,15 +768,6 @@ fn login_parameter_status_follows_later_changes() {
     let pg = Cluster::builder().conf("nextgres.pool_size = 2").start();
     exec(&pg, "CREATE ROLE app LOGIN");
     exec(&pg, "CREATE ROLE boss LOGIN SUPERUSER");
-    let status = |msgs: &[Msg]| -> std::collections::BTreeMap<String, String> {
-        msgs.iter()
-            .filter(|m| m.tag == b'S')
-            .map(|m| {
-                let mut parts = m.body.split(|&b| b == 0).map(|p| String::from_utf8_lossy(p).into_owned());
-                (parts.next().unwrap_or_default(), parts.next().unwrap_or_default())
-            })
-            .collect()
-    };
     let login = |direct: bool, user: &str| {
         let params = [("user", user), ("database", "postgres")];
         let (msgs, _) = if direct {
@@ -776,7 +778,7 @@ fn login_parameter_status_follows_later_changes() {
         } else {
             raw_startup(&mut tcp_stream(pg.port()), &params)
         };
-        status(&msgs)
+        parameter_status(&msgs)
     };
     // Both pools have backends, logged in with the defaults of now.
     for user in ["app", "boss"] {
@@ -795,7 +797,7 @@ fn login_parameter_status_follows_later_changes() {
     // leave nothing behind for the next login's report.
     let german = [("user", "boss"), ("database", "postgres"), ("DateStyle", "German"), ("TimeZone", "Europe/Berlin")];
     let (msgs, _) = raw_startup(&mut tcp_stream(pg.port()), &german);
-    assert_eq!(status(&msgs).get("DateStyle").map(String::as_str), Some("German, DMY"));
+    assert_eq!(parameter_status(&msgs).get("DateStyle").map(String::as_str), Some("German, DMY"));
     let direct = login(true, "app");
     assert_eq!(direct.get("client_encoding").map(String::as_str), Some("LATIN1"), "direct: {direct:?}");
     assert_eq!(login(true, "boss").get("is_superuser").map(String::as_str), Some("off"));
@@ -828,21 +830,12 @@ fn login_parameter_status_as_the_server_spells_it() {
         ("IntervalStyle", "SQL_STANDARD"),
         ("TimeZone", "utc"),
     ];
-    let status = |msgs: &[Msg]| -> std::collections::BTreeMap<String, String> {
-        msgs.iter()
-            .filter(|m| m.tag == b'S')
-            .map(|m| {
-                let mut parts = m.body.split(|&b| b == 0).map(|p| String::from_utf8_lossy(p).into_owned());
-                (parts.next().unwrap_or_default(), parts.next().unwrap_or_default())
-            })
-            .collect()
-    };
     let path = pg.socket_dir().join(format!(".s.PGSQL.{}", pg.port()));
     let mut direct = std::os::unix::net::UnixStream::connect(&path).expect("unix connect");
     direct.set_read_timeout(Some(Duration::from_secs(20))).expect("read timeout");
     let (d, _) = raw_startup(&mut direct, &params);
     let (p, _) = raw_startup(&mut tcp_stream(pg.port()), &params);
-    let (d, p) = (status(&d), status(&p));
+    let (d, p) = (parameter_status(&d), parameter_status(&p));
     assert_eq!(d.get("DateStyle").map(String::as_str), Some("ISO, DMY"), "directly: {d:?}");
     for name in ["DateStyle", "client_encoding", "IntervalStyle", "TimeZone"] {
         assert_eq!(p.get(name), d.get(name), "{name}: pooled {p:?}\ndirect {d:?}");
