@@ -20,6 +20,9 @@ enum State {
     Checking { id: u64, _cancel: super::password::CancelOnDrop },
     Md5 { salt: [u8; 4] },
     SaslInitial(Box<ScramServer>),
+    /// The mechanism is chosen but the SASLInitialResponse carried no
+    /// data (length -1): the client-first-message comes in a SASLResponse.
+    SaslFirst(Box<ScramServer>),
     SaslFinal(Box<ScramServer>),
     /// Refused; the refusal waits out auth_delay (`auth_delay.rs`), and
     /// the client's input is not read meanwhile.
@@ -358,9 +361,26 @@ impl AuthSession {
         self.cert_gate(user, step)
     }
 
+    /// The client-first-message: the server-first-message goes out.
+    fn sasl_first(&mut self, mut server: Box<ScramServer>, data: &[u8]) -> Step {
+        match server.client_first(data) {
+            Ok(first) => {
+                let mut out = Vec::new();
+                proto::auth_sasl_continue(&mut out, &first);
+                self.state = State::SaslFinal(server);
+                Step::Continue(out)
+            }
+            Err(e) => Step::Fail(scram_error(&e)),
+        }
+    }
+
     fn exchange(&mut self, user: &str, tag: u8, body: &[u8]) -> Step {
         if tag != b'p' {
-            return Step::Fail(fatal("08P01", format!("expected password response, got message type {tag}")));
+            // auth-sasl.c CheckSASLAuth() words it for SASL, auth.c
+            // recv_password_packet() for a password.
+            let sasl = matches!(self.state, State::SaslInitial(_) | State::SaslFirst(_) | State::SaslFinal(_));
+            let what = if sasl { "SASL" } else { "password" };
+            return Step::Fail(fatal("08P01", format!("expected {what} response, got message type {tag}")));
         }
         match std::mem::replace(&mut self.state, State::Cleartext) {
             State::Cleartext => {
@@ -415,16 +435,17 @@ impl AuthSession {
                 if let Err(e) = server.select_mechanism(mech) {
                     return Step::Fail(scram_error(&e));
                 }
-                match server.client_first(data) {
-                    Ok(first) => {
-                        let mut out = Vec::new();
-                        proto::auth_sasl_continue(&mut out, &first);
-                        self.state = State::SaslFinal(server);
-                        Step::Continue(out)
-                    }
-                    Err(e) => Step::Fail(scram_error(&e)),
-                }
+                let Some(data) = data else {
+                    // No initial response: an empty challenge, as the
+                    // server's scram_exchange() answers NULL input.
+                    let mut out = Vec::new();
+                    proto::auth_sasl_continue(&mut out, b"");
+                    self.state = State::SaslFirst(server);
+                    return Step::Continue(out);
+                };
+                self.sasl_first(server, data)
             }
+            State::SaslFirst(server) => self.sasl_first(server, body),
             State::SaslFinal(mut server) => match server.client_final(body) {
                 Ok((fin, client_key)) => {
                     let server_key = match self.secret() {

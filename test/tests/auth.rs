@@ -442,6 +442,66 @@ fn empty_md5_response_matches_direct_server() {
     assert_eq!(answer(sp.pool_port), direct, "through the pooler");
 }
 
+/// SASL framing as the server reads it (auth-sasl.c CheckSASLAuth()): a
+/// SASLInitialResponse without an initial response (length -1, RFC 4422)
+/// gets an empty challenge and the client-first-message then comes in a
+/// SASLResponse; a length below -1 or past the end, and a message other
+/// than a SASL response, get the server's words.
+#[test]
+fn sasl_framing_matches_direct_server() {
+    use std::io::Write;
+    let sp = auth_cluster();
+    let frame = |tag: u8, body: &[u8]| -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    };
+    let initial = |len: i32, data: &[u8]| -> Vec<u8> {
+        let mut b = b"SCRAM-SHA-256\0".to_vec();
+        b.extend_from_slice(&len.to_be_bytes());
+        b.extend_from_slice(data);
+        frame(b'p', &b)
+    };
+    let describe = |m: Option<pool_support::Msg>| -> String {
+        match m {
+            Some(m) if m.tag == b'R' => {
+                let text = String::from_utf8_lossy(&m.body[4..]).into_owned();
+                let kept: Vec<&str> = text.split(',').filter(|a| !a.starts_with("r=")).collect();
+                format!("R{:?} [{}]", m.body.get(..4), kept.join(","))
+            }
+            Some(m) if m.tag == b'E' => format!("E{} {}", m.field(b'C').unwrap_or_default(), m.field(b'M').unwrap_or_default()),
+            Some(m) => format!("message {}", m.tag as char),
+            None => "nothing".into(),
+        }
+    };
+    let run = |port: u16, sends: &[Vec<u8>]| -> Vec<String> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20))).expect("read timeout");
+        let (msgs, _) = pool_support::raw_startup(&mut s, &[("user", "scram_u"), ("database", "postgres")]);
+        assert!(msgs.iter().any(|m| m.tag == b'R'), "no authentication request on port {port}");
+        sends
+            .iter()
+            .map(|m| {
+                s.write_all(m).expect("send");
+                describe(pool_support::read_msg(&mut s))
+            })
+            .collect()
+    };
+    let cases: [Vec<Vec<u8>>; 4] = [
+        vec![initial(-1, b""), frame(b'p', b"n,,n=,r=nextgresframingnonce")],
+        vec![initial(-2, b"")],
+        vec![initial(100, b"n,,n=,r=abc")],
+        vec![frame(b'Q', b"SELECT 1\0")],
+    ];
+    for sends in &cases {
+        let direct = run(sp.pg.port(), sends);
+        assert_eq!(run(sp.pool_port, sends), direct, "through the pooler");
+    }
+    let direct = run(sp.pg.port(), &cases[0]);
+    assert!(direct[1].starts_with("R") && direct[1].contains("s="), "no server-first after an empty challenge: {direct:?}");
+}
+
 /// A cleartext password is the client's bytes in whatever encoding: a
 /// Latin-1 `café` (set from a LATIN1 client, so its md5 secret hashes byte
 /// 0xE9) logs in through the pooler as directly, and a wrong password that

@@ -1280,7 +1280,8 @@ fn hostile_authentication() {
             b"garbage",
             b"n,,",
             b"p=tls-server-end-point,,n=,r=abc",
-            b"n,,n=,r=",
+            // (An empty nonce is no refusal: the server accepts it.)
+            b"n,,n=,r=\x01",
             b"n,,m=ext,n=,r=abc",
             b"n,,n=,r=abc\xff\xfe",
             b"n,,n=,r=a,b",
@@ -1308,13 +1309,17 @@ fn hostile_authentication() {
             terminate(p);
         }
         {
-            // data length -1, and a data length that disagrees with the message
+            // data length -1 (no initial response: an empty challenge, as
+            // the server answers, then a garbage SASLResponse), and a data
+            // length that disagrees with the message
             let label = "client-first with length -1";
             let mut p = Peer::connect(pg);
             p.send(&user_db());
             p.expect_auth(10, label);
             p.send(&sasl_initial("SCRAM-SHA-256", None));
-            expect_fatal(&mut p, label, None);
+            p.expect_auth(11, label);
+            p.send(&msg(b'p', b"garbage"));
+            expect_fatal(&mut p, label, Some("08P01"));
             for claimed in [1000i32, -5, 3] {
                 let label = format!("client-first data length {claimed} for 16 bytes");
                 let mut p = Peer::connect(pg);

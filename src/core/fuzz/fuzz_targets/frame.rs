@@ -74,11 +74,11 @@ fn bodies(body: &[u8], off: usize) {
         assert_eq!(single(&out, b'K'), body);
     }
 
-    if let Ok((mech, data)) = proto::parse_sasl_initial_response(body) {
+    if let Ok((mech, Some(data))) = proto::parse_sasl_initial_response(body) {
         let mut out = Vec::new();
         proto::sasl_initial_response(&mut out, mech, data);
         let again = single(&out, b'p');
-        assert_eq!(proto::parse_sasl_initial_response(again), Ok((mech, data)));
+        assert_eq!(proto::parse_sasl_initial_response(again), Ok((mech, Some(data))));
     }
 
     if let Ok(status) = proto::parse_ready_for_query(body) {

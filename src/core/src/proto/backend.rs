@@ -85,22 +85,30 @@ pub fn parse_auth_request(body: &[u8]) -> Result<AuthRequest<'_>, ProtoError> {
     })
 }
 
-/// Parses a SASLInitialResponse body: mechanism name, i32 length (-1 for
-/// none) and that many bytes of client-first-message.
-pub fn parse_sasl_initial_response(body: &[u8]) -> Result<(&str, &[u8]), ProtoError> {
+/// Parses a SASLInitialResponse body: mechanism name, i32 length and that
+/// many bytes of client-first-message; None for length -1 (no initial
+/// response, RFC 4422: the server answers an empty challenge and reads the
+/// client-first-message from the next SASLResponse).
+///
+/// # Errors
+/// As auth-sasl.c CheckSASLAuth() reads it (08P01): `invalid string in
+/// message` for an unterminated name, `insufficient data left in message`
+/// for a missing length or one below -1 or past the end
+/// (pq_getmsgint/pq_getmsgbytes), `invalid message format` for bytes after
+/// the data (pq_getmsgend).
+pub fn parse_sasl_initial_response(body: &[u8]) -> Result<(&str, Option<&[u8]>), ProtoError> {
+    let short = || ProtoError::violation("insufficient data left in message");
     let (mechanism, off) = read_cstr(body, 0)?;
-    let len = be_i32(body, off).ok_or_else(format_error)?;
+    let len = be_i32(body, off).ok_or_else(short)?;
     let off = off + 4;
     if len == -1 {
         expect_end(body, off)?;
-        return Ok((mechanism, &[]));
+        return Ok((mechanism, None));
     }
-    let len = usize::try_from(len).map_err(|_| format_error())?;
-    let data = body
-        .get(off..off.saturating_add(len))
-        .ok_or_else(format_error)?;
+    let len = usize::try_from(len).map_err(|_| short())?;
+    let data = body.get(off..off.saturating_add(len)).ok_or_else(short)?;
     expect_end(body, off + len)?;
-    Ok((mechanism, data))
+    Ok((mechanism, Some(data)))
 }
 
 /// The pid of a BackendKeyData body of protocol 3.0 (a 4-byte key) or 3.2
@@ -229,12 +237,12 @@ mod tests {
         b.extend_from_slice(b"abc");
         assert_eq!(
             parse_sasl_initial_response(&b).unwrap(),
-            ("SCRAM-SHA-256", &b"abc"[..])
+            ("SCRAM-SHA-256", Some(&b"abc"[..]))
         );
 
         let mut none = b"M\0".to_vec();
         none.extend_from_slice(&(-1i32).to_be_bytes());
-        assert_eq!(parse_sasl_initial_response(&none).unwrap(), ("M", &b""[..]));
+        assert_eq!(parse_sasl_initial_response(&none).unwrap(), ("M", None));
 
         let mut extra = b.clone();
         extra.push(b'x');
@@ -246,6 +254,11 @@ mod tests {
         let mut huge = b"M\0".to_vec();
         huge.extend_from_slice(&i32::MAX.to_be_bytes());
         assert!(parse_sasl_initial_response(&huge).is_err());
+        let text = |b: &[u8]| parse_sasl_initial_response(b).unwrap_err().message;
+        assert_eq!(text(&neg), "insufficient data left in message");
+        assert_eq!(text(&huge), "insufficient data left in message");
+        assert_eq!(text(b"M\0\0\0"), "insufficient data left in message");
+        assert_eq!(text(&extra), "invalid message format");
         assert!(parse_sasl_initial_response(b"M\0\0\0").is_err());
         assert!(parse_sasl_initial_response(b"M").is_err());
     }

@@ -358,7 +358,7 @@ mod tests {
         assert_eq!(tag, b'p');
         assert_eq!(
             parse_sasl_initial_response(&body).unwrap(),
-            ("SCRAM-SHA-256", &b"n,,n=,r=x"[..])
+            ("SCRAM-SHA-256", Some(&b"n,,n=,r=x"[..]))
         );
 
         let mut b = Vec::new();
