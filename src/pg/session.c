@@ -2302,16 +2302,19 @@ ng_apply_login_settings(const char *item, int nsettings)
 	client_min_messages = ERROR;
 	PG_TRY();
 	{
+		/* A local of this block: `item` itself stays as setjmp saw it. */
+		const char *p = item;
+
 		for (int i = 0; i < nsettings; i++)
 		{
-			int			level = item[0] - '0';
-			const char *setting = item + 1;
+			int			level = p[0] - '0';
+			const char *setting = p + 1;
 			const char *value = setting + strlen(setting) + 1;
 
 			if (level >= 1 && level <= 4)
 				(void) set_config_option(setting, value, PGC_SUSET, PGC_S_SESSION,
 										 GUC_ACTION_SET, true, WARNING, false);
-			item = value + strlen(value) + 1;
+			p = value + strlen(value) + 1;
 		}
 	}
 	PG_FINALLY();
