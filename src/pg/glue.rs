@@ -621,18 +621,18 @@ pub fn validate_setting(name: &str, value: &str, superuser: bool, role: u32) -> 
 /// The values a fresh login of role `role` (oid) would report now for the
 /// setting `names` (its ParameterStatus), one per name, in order: this
 /// process's postgresql.conf values under the pg_db_role_setting items
-/// `settings` that apply to the login, (level 1..4, name, value) lowest
-/// first; the role's superuser flag and name (session.c ng_login_params: a
-/// transaction, rolled back).
-pub fn login_params(role: u32, names: &[&str], settings: &[(u8, &str, &str)]) -> Result<Vec<String>, NgError> {
+/// `settings` that apply to the login, (name, value) from the lowest level
+/// (every database and role) to the highest (that database and role), each
+/// applied over the ones before; the role's superuser flag and name
+/// (session.c ng_login_params: a transaction, rolled back).
+pub fn login_params(role: u32, names: &[&str], settings: &[(&str, &str)]) -> Result<Vec<String>, NgError> {
     let mut list = Vec::new();
     for n in names {
         list.extend_from_slice(n.as_bytes());
         list.push(0);
     }
     let mut items = Vec::new();
-    for (level, name, value) in settings {
-        items.push(b'0' + level.min(&4));
+    for (name, value) in settings {
         items.extend_from_slice(name.as_bytes());
         items.push(0);
         items.extend_from_slice(value.as_bytes());

@@ -69,13 +69,13 @@ pub fn unix_socket_directories() -> Option<String> {
     unsafe { super::owned_c_string(pg_sys::Unix_socket_directories) }
 }
 
-/// `ssl` (postmaster.c `EnableSSL`).
 /// `hot_standby` (a PGC_POSTMASTER setting).
 pub fn hot_standby() -> bool {
     // SAFETY: a plain bool GUC variable.
     unsafe { pg_sys::EnableHotStandby }
 }
 
+/// `ssl` (postmaster.c `EnableSSL`).
 pub fn ssl_enabled() -> bool {
     // SAFETY: a plain bool GUC variable.
     unsafe { pg_sys::EnableSSL }

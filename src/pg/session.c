@@ -2253,32 +2253,6 @@ ng_validate_setting(const char *name, const char *value, bool superuser, Oid rol
 	return ng_rolled_back(ng_validate_in_xact, &a, err);
 }
 
-/*
- * The values a fresh login of role `role` would report now in its
- * ParameterStatus messages, for the `n` setting names in `names` (each
- * NUL-terminated, one after the other), written to `out` the same way
- * (`*used` bytes).  The pooler answers a client's login with these: a
- * pool's first backend logged in before an ALTER ROLE/DATABASE ... SET, a
- * reloaded postgresql.conf, a promotion or an ALTER ROLE ... NOSUPERUSER
- * reports values a login now would not get.
- *
- * `settings`: the `nsettings` pg_db_role_setting items that apply to the
- * login (the pooler's copy: the agent belongs to no database and cannot
- * open that catalog), lowest level first, each a level byte ('1' all, '2'
- * database, '3' role, '4' database and role), the name, NUL, the value,
- * NUL.  Applied over this process's postgresql.conf values, each level over
- * the one before, which gives what postinit.c process_settings() gives a
- * login (it goes highest first and lets none override a higher one), with
- * context superuser as ProcessGUCArray; as a session's SET (source
- * session), inside a transaction that is then rolled back
- * (AbortTransaction runs AtEOXact_GUC: the agent's own values come back; a
- * source up to PGC_S_OVERRIDE would change them for good, see
- * ng_validate_setting).  Warnings for bad
- * stored values, which the login's backend logs, are not logged twice.
- * is_superuser and session_authorization are the role's, as the login's
- * SetSessionAuthorization() sets them; in_hot_standby's show hook reads
- * the server's state now.  A name no setting has gets an empty value.
- */
 typedef struct NgLoginParams
 {
 	Oid			role;
@@ -2307,13 +2281,11 @@ ng_apply_login_settings(const char *item, int nsettings)
 
 		for (int i = 0; i < nsettings; i++)
 		{
-			int			level = p[0] - '0';
-			const char *setting = p + 1;
+			const char *setting = p;
 			const char *value = setting + strlen(setting) + 1;
 
-			if (level >= 1 && level <= 4)
-				(void) set_config_option(setting, value, PGC_SUSET, PGC_S_SESSION,
-										 GUC_ACTION_SET, true, WARNING, false);
+			(void) set_config_option(setting, value, PGC_SUSET, PGC_S_SESSION,
+									 GUC_ACTION_SET, true, WARNING, false);
 			p = value + strlen(value) + 1;
 		}
 	}
@@ -2358,6 +2330,32 @@ ng_login_params_in_xact(void *arg)
 	*a->used = pos;
 }
 
+/*
+ * The values a fresh login of role `role` would report now in its
+ * ParameterStatus messages, for the `n` setting names in `names` (each
+ * NUL-terminated, one after the other), written to `out` the same way
+ * (`*used` bytes).  The pooler answers a client's login with these: a
+ * pool's first backend logged in before an ALTER ROLE/DATABASE ... SET, a
+ * reloaded postgresql.conf, a promotion or an ALTER ROLE ... NOSUPERUSER
+ * reports values a login now would not get.
+ *
+ * `settings`: the `nsettings` pg_db_role_setting items that apply to the
+ * login (the pooler's copy: the agent belongs to no database and cannot
+ * open that catalog), each the name, NUL, the value, NUL, from the lowest
+ * level (all databases and roles) to the highest (that database and role).
+ * Applied over this process's postgresql.conf values, each over the ones
+ * before, which gives what postinit.c process_settings() gives a login (it
+ * goes highest first and lets none override a higher one), with context
+ * superuser as ProcessGUCArray; as a session's SET (source session), inside
+ * a transaction that is then rolled back (AbortTransaction runs
+ * AtEOXact_GUC: the agent's own values come back; a source up to
+ * PGC_S_OVERRIDE would change them for good, see ng_validate_setting).
+ * Warnings for bad stored values, which the login's backend logs, are not
+ * logged twice.
+ * is_superuser and session_authorization are the role's, as the login's
+ * SetSessionAuthorization() sets them; in_hot_standby's show hook reads
+ * the server's state now.  A name no setting has gets an empty value.
+ */
 bool
 ng_login_params(Oid role, const char *names, int n, const char *settings, int nsettings,
 				char *out, int out_len, int *used, NgError *err)

@@ -358,11 +358,11 @@ fn answer(req: &[u8], reader: &mut Option<DynamicBackgroundWorker>) -> Vec<u8> {
             let Some(m) = r.u32() else { return vec![2] };
             let mut settings = Vec::new();
             for _ in 0..m {
-                let (Some(level), Some(name), Some(value)) = (r.u8(), r.str(), r.str()) else { return vec![2] };
-                settings.push((level, name, value));
+                let (Some(name), Some(value)) = (r.str(), r.str()) else { return vec![2] };
+                settings.push((name, value));
             }
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
-            let settings: Vec<(u8, &str, &str)> = settings.iter().map(|(l, n, v)| (*l, n.as_str(), v.as_str())).collect();
+            let settings: Vec<(&str, &str)> = settings.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
             match crate::pg::loginmem::scoped(|| glue::login_params(role, &names, &settings)) {
                 Ok(values) => {
                     let mut out = vec![0];
@@ -677,7 +677,7 @@ pub fn validate_setting(name: &str, value: &str, superuser: bool, role: u32) -> 
 
 /// `glue::login_params`, run by the agent (a transaction): one value per
 /// name, in order.
-pub fn login_params(role: u32, names: &[&str], settings: &[(u8, &str, &str)]) -> Result<Vec<String>, NgError> {
+pub fn login_params(role: u32, names: &[&str], settings: &[(&str, &str)]) -> Result<Vec<String>, NgError> {
     let mut req = vec![REQ_LOGIN_PARAMS];
     req.extend_from_slice(&role.to_ne_bytes());
     req.extend_from_slice(&(names.len() as u32).to_ne_bytes());
@@ -685,8 +685,7 @@ pub fn login_params(role: u32, names: &[&str], settings: &[(u8, &str, &str)]) ->
         put_bytes(&mut req, n.as_bytes());
     }
     req.extend_from_slice(&(settings.len() as u32).to_ne_bytes());
-    for (level, name, value) in settings {
-        req.push(*level);
+    for (name, value) in settings {
         put_bytes(&mut req, name.as_bytes());
         put_bytes(&mut req, value.as_bytes());
     }

@@ -384,7 +384,7 @@ impl AuthSession {
         }
         match std::mem::replace(&mut self.state, State::Cleartext) {
             State::Cleartext => {
-                let pw = match password_packet(body) {
+                let mut pw = match password_packet(body) {
                     Ok(p) => p,
                     Err(f) => return Step::Fail(f),
                 };
@@ -393,14 +393,12 @@ impl AuthSession {
                 }
                 let secret = self.secret();
                 if !self.info.has_secret {
-                    let mut pw = pw;
                     auth::scram::zeroize::wipe(&mut pw);
                     return self.password_failed(user, Verify::Compare);
                 }
                 if auth::password_check_is_slow(&secret) {
                     return Step::Check(super::password::PasswordJob { secret, user: user.to_string(), password: pw });
                 }
-                let mut pw = pw;
                 let check = auth::check_password(&secret, user, &pw, &|| false);
                 auth::scram::zeroize::wipe(&mut pw);
                 self.password_checked(user, check)

@@ -208,11 +208,11 @@ impl Pooler {
         if role == 0 || params.is_empty() {
             return params;
         }
-        // Lowest level first, as the agent applies them.
-        let settings: Vec<(u8, &str, &str)> = nextgres_core::poolconf::applicable(&self.conf.reported, &p.database, &p.role)
+        // Lowest level first: the agent applies each over the one before.
+        let settings: Vec<(&str, &str)> = nextgres_core::poolconf::applicable(&self.conf.reported, &p.database, &p.role)
             .into_iter()
             .rev()
-            .map(|(level, e)| (level, e.name.as_str(), e.value.as_str()))
+            .map(|(_, e)| (e.name.as_str(), e.value.as_str()))
             .collect();
         // client_encoding's default is the database's encoding (a dynamic
         // default the agent, in no database, does not have): the backend's
@@ -225,7 +225,7 @@ impl Pooler {
                 let settable = nextgres_core::poolconf::REPORTED.iter().any(|r| name.eq_ignore_ascii_case(r));
                 !FIXED.iter().any(|f| name.eq_ignore_ascii_case(f))
                     && (!settable || self.conf.reported_whole)
-                    && (!name.eq_ignore_ascii_case("client_encoding") || settings.iter().any(|s| s.1.eq_ignore_ascii_case(name)))
+                    && (!name.eq_ignore_ascii_case("client_encoding") || settings.iter().any(|s| s.0.eq_ignore_ascii_case(name)))
             })
             .collect();
         let names: Vec<&str> = asked.iter().map(|&i| params[i].0.as_str()).collect();

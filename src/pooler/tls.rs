@@ -393,31 +393,32 @@ pub fn build(
     // A lone certificate goes out with the issuers the server's OpenSSL
     // adds from ssl_ca_file (its automatic chain), so a client that trusts
     // only the root verifies the pooler as it verifies the server.
+    // ssl_ca_file is read once, for that chain and for the client
+    // verifier below (where a file that does not load is the error).
+    let cas: Option<Result<Vec<CertificateDer<'static>>, String>> = ca_file.map(|ca| {
+        CertificateDer::pem_file_iter(ca)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("could not load root certificate file \"{}\": {e}", ca.display()))
+    });
     let mut certs = certs;
-    if certs.len() == 1 {
-        if let Some(ca) = ca_file {
-            if let Ok(cas) = CertificateDer::pem_file_iter(ca).and_then(|it| it.collect::<Result<Vec<_>, _>>()) {
-                let refs: Vec<&[u8]> = cas.iter().map(|c| c.as_ref()).collect();
-                for i in nextgres_core::cert::auto_chain(&certs[0], &refs) {
-                    certs.push(cas[i].clone());
-                }
-            }
+    if let (1, Some(Ok(cas))) = (certs.len(), &cas) {
+        let refs: Vec<&[u8]> = cas.iter().map(|c| c.as_ref()).collect();
+        for i in nextgres_core::cert::auto_chain(&certs[0], &refs) {
+            certs.push(cas[i].clone());
         }
     }
     let end_point = nextgres_core::cert::server_end_point(&certs[0]).ok().map(Arc::from);
     let key = PrivateKeyDer::from_pem_file(key_file)
         .map_err(|e| format!("could not load private key file \"{}\": {e}", key_file.display()))?;
     let versions = protocol_versions(min, max)?;
-    let verifier: Option<(Arc<dyn ClientCertVerifier>, Arc<dyn ClientCertVerifier>)> = match ca_file {
+    let verifier: Option<(Arc<dyn ClientCertVerifier>, Arc<dyn ClientCertVerifier>)> = match (ca_file, cas) {
         // As the server with ssl_ca_file: ask for a client certificate,
         // verify one if sent, accept a client without one.
-        Some(ca) => {
+        (Some(ca), Some(cas)) => {
             let mut all = RootCertStore::empty();
             let mut roots = RootCertStore::empty();
             let mut extra = Vec::new();
-            let cas = CertificateDer::pem_file_iter(ca)
-                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| format!("could not load root certificate file \"{}\": {e}", ca.display()))?;
+            let cas = cas?;
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
             for c in cas {
                 all.add(c.clone()).map_err(|e| format!("could not load root certificate file \"{}\": {e}", ca.display()))?;
@@ -451,7 +452,7 @@ pub fn build(
                 refuse_all,
             ))
         }
-        None => None,
+        _ => None,
     };
     let finish = |verifier: Option<Arc<dyn ClientCertVerifier>>| -> Result<ServerConfig, String> {
         let builder = ServerConfig::builder_with_provider(provider.clone())

@@ -343,9 +343,8 @@ impl Pooler {
         // (a SHA-1 signature at its security level) or a key file others
         // can read leaves the server on its previous context, and the
         // pooler too, so both ports serve the same certificate.
-        let ssl_on = crate::pg::setting(c"ssl").is_some_and(|v| v == "on");
         match super::tls::load() {
-            Ok(_) if ssl_on && !super::agent::server_tls_config_loads() => {
+            Ok(_) if crate::pg::server::ssl_enabled() && !super::agent::server_tls_config_loads() => {
                 log::warn!("SSL configuration was not reloaded, keeping the previous one: the server's TLS library did not load it (its log says why)")
             }
             Ok(c) => self.tls = c,

@@ -181,13 +181,7 @@ fn scram_first_reply(s: &mut std::net::TcpStream) -> String {
 /// SQLSTATE (plus message and detail where `E` shows them).
 fn scram_first_answer(s: &mut std::net::TcpStream, first: &[u8]) -> String {
     use std::io::Write;
-    let mut body = b"SCRAM-SHA-256\0".to_vec();
-    body.extend_from_slice(&(first.len() as i32).to_be_bytes());
-    body.extend_from_slice(first);
-    let mut msg = vec![b'p'];
-    msg.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-    msg.extend_from_slice(&body);
-    if s.write_all(&msg).is_err() {
+    if s.write_all(&sasl_initial(first.len() as i32, first)).is_err() {
         return "SCRAM: write failed".into();
     }
     match pool_support::read_msg(s) {
@@ -210,6 +204,24 @@ fn scram_first_answer(s: &mut std::net::TcpStream, first: &[u8]) -> String {
     }
 }
 
+/// A SCRAM-SHA-256 SASLInitialResponse whose length word says `len` (-1:
+/// no initial response) followed by `data`.
+fn sasl_initial(len: i32, data: &[u8]) -> Vec<u8> {
+    pool_support::message(b'p', &[&b"SCRAM-SHA-256\0"[..], &len.to_be_bytes(), data].concat())
+}
+
+/// A raw client of `user` in database postgres on `port`, up to the
+/// server's first authentication request, which must be `code` (3
+/// cleartext, 5 md5, 10 SASL).
+fn raw_auth_request(port: u16, user: &str, code: i32) -> std::net::TcpStream {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).expect("read timeout");
+    let (msgs, _) = pool_support::raw_startup(&mut s, &[("user", user), ("database", "postgres")]);
+    let asked = msgs.iter().any(|m| m.tag == b'R' && m.body.get(..4) == Some(&code.to_be_bytes()));
+    assert!(asked, "no authentication request {code} for {user} on port {port}");
+    s
+}
+
 /// Malformed and unsupported SCRAM client-first-messages get the server's
 /// refusal word for word (SQLSTATE 0A000 for an authorization identity or
 /// a mandatory extension, sanitize_char()'s quoting in the details, a
@@ -229,14 +241,7 @@ fn malformed_scram_first_messages_match_direct_server() {
         b"n,,r=abc",
         b"n,,n=,r=abc,1=x",
     ];
-    let answer = |port: u16, first: &[u8]| -> String {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(20))).expect("read timeout");
-        let (msgs, _) = pool_support::raw_startup(&mut s, &[("user", "scram_u"), ("database", "postgres")]);
-        let sasl = msgs.iter().any(|m| m.tag == b'R' && m.body.get(..4) == Some(&10i32.to_be_bytes()));
-        assert!(sasl, "no SASL request on port {port}");
-        scram_first_answer(&mut s, first)
-    };
+    let answer = |port: u16, first: &[u8]| -> String { scram_first_answer(&mut raw_auth_request(port, "scram_u", 10), first) };
     let mut problems = Vec::new();
     for first in firsts {
         let (d, p) = (answer(sp.pg.port(), first), answer(sp.pool_port, first));
@@ -422,12 +427,8 @@ fn empty_md5_response_matches_direct_server() {
     let sp = auth_cluster();
     let answer = |port: u16| -> (String, Vec<String>) {
         let mark = sp.pg.log_mark();
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(20))).expect("read timeout");
-        let (msgs, _) = pool_support::raw_startup(&mut s, &[("user", "md5_u"), ("database", "postgres")]);
-        let md5 = msgs.iter().any(|m| m.tag == b'R' && m.body.get(..4) == Some(&5i32.to_be_bytes()));
-        assert!(md5, "no md5 challenge on port {port}");
-        s.write_all(&[b'p', 0, 0, 0, 5, 0]).expect("empty password message");
+        let mut s = raw_auth_request(port, "md5_u", 5);
+        s.write_all(&pool_support::message(b'p', b"\0")).expect("empty password message");
         let got = match pool_support::read_msg(&mut s) {
             Some(m) if m.tag == b'E' => {
                 format!("{} {}", m.field(b'C').unwrap_or_default(), m.field(b'M').unwrap_or_default())
@@ -451,18 +452,6 @@ fn empty_md5_response_matches_direct_server() {
 fn sasl_framing_matches_direct_server() {
     use std::io::Write;
     let sp = auth_cluster();
-    let frame = |tag: u8, body: &[u8]| -> Vec<u8> {
-        let mut m = vec![tag];
-        m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-        m.extend_from_slice(body);
-        m
-    };
-    let initial = |len: i32, data: &[u8]| -> Vec<u8> {
-        let mut b = b"SCRAM-SHA-256\0".to_vec();
-        b.extend_from_slice(&len.to_be_bytes());
-        b.extend_from_slice(data);
-        frame(b'p', &b)
-    };
     let describe = |m: Option<pool_support::Msg>| -> String {
         match m {
             Some(m) if m.tag == b'R' => {
@@ -476,10 +465,7 @@ fn sasl_framing_matches_direct_server() {
         }
     };
     let run = |port: u16, sends: &[Vec<u8>]| -> Vec<String> {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(20))).expect("read timeout");
-        let (msgs, _) = pool_support::raw_startup(&mut s, &[("user", "scram_u"), ("database", "postgres")]);
-        assert!(msgs.iter().any(|m| m.tag == b'R'), "no authentication request on port {port}");
+        let mut s = raw_auth_request(port, "scram_u", 10);
         sends
             .iter()
             .map(|m| {
@@ -488,11 +474,12 @@ fn sasl_framing_matches_direct_server() {
             })
             .collect()
     };
+    let frame = pool_support::message;
     let cases: [Vec<Vec<u8>>; 4] = [
-        vec![initial(-1, b""), frame(b'p', b"n,,n=,r=nextgresframingnonce")],
-        vec![initial(-2, b"")],
-        vec![initial(100, b"n,,n=,r=abc")],
-        vec![frame(b'Q', b"SELECT 1\0")],
+        vec![sasl_initial(-1, b""), frame(b'p', b"n,,n=,r=nextgresframingnonce")],
+        vec![sasl_initial(-2, b"")],
+        vec![sasl_initial(100, b"n,,n=,r=abc")],
+        vec![pool_support::query_msg("SELECT 1")],
     ];
     for sends in &cases {
         let direct = run(sp.pg.port(), sends);
@@ -518,16 +505,8 @@ fn passwords_that_are_not_utf8_match_direct_server() {
         .get(0);
     exec(&sp.pg, &format!("ALTER ROLE pw_md5 PASSWORD '{secret}'"));
     let answer = |port: u16, password: &[u8]| -> String {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(20))).expect("read timeout");
-        let (msgs, _) = pool_support::raw_startup(&mut s, &[("user", "pw_md5"), ("database", "postgres")]);
-        let cleartext = msgs.iter().any(|m| m.tag == b'R' && m.body.get(..4) == Some(&3i32.to_be_bytes()));
-        assert!(cleartext, "no cleartext password request on port {port}");
-        let mut msg = vec![b'p'];
-        msg.extend_from_slice(&((password.len() + 5) as i32).to_be_bytes());
-        msg.extend_from_slice(password);
-        msg.push(0);
-        s.write_all(&msg).expect("password message");
+        let mut s = raw_auth_request(port, "pw_md5", 3);
+        s.write_all(&pool_support::message(b'p', &[password, b"\0"].concat())).expect("password message");
         match pool_support::read_msg(&mut s) {
             Some(m) if m.tag == b'R' => format!("R{:?}", m.body.get(..4)),
             Some(m) if m.tag == b'E' => format!(

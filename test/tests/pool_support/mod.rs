@@ -252,13 +252,17 @@ pub fn read_msg<S: Read>(s: &mut S) -> Option<Msg> {
     Some(Msg { tag: head[0], body })
 }
 
+/// A frontend message: tag, length word, body.
+pub fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
 /// A simple Query message.
 pub fn query_msg(sql: &str) -> Vec<u8> {
-    let mut out = vec![b'Q'];
-    out.extend_from_slice(&((sql.len() + 5) as i32).to_be_bytes());
-    out.extend_from_slice(sql.as_bytes());
-    out.push(0);
-    out
+    message(b'Q', &[sql.as_bytes(), b"\0"].concat())
 }
 
 /// The Linux scheduling policy of a process (`/proc/<pid>/stat` field 41:
