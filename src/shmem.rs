@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
 mod ahead;
 pub use ahead::*;
+mod cancel;
+pub use cancel::*;
 
 pub const NAME_LEN: usize = 64;
 pub const ADDR_LEN: usize = 48;
@@ -382,11 +384,16 @@ pub struct BackendRow {
     /// `ahead` is free for the next client sent ahead. 0 when none. Only
     /// ever accessed atomically.
     pub handed: u64,
+    /// The id of a client whose CancelRequest came while this backend
+    /// served or had claimed it, until the backend's first statement for
+    /// that client takes it (`shmem::cancel`); 0 when none. Only ever
+    /// accessed atomically.
+    pub cancel: u64,
 }
 
 impl BackendRow {
     /// A copy of the row whose ticket words (`ahead`, `handed`, which others
-    /// swap without the table lock) are read atomically, one by one: a view
+    /// swap without the table lock) and cancel word are read atomically, one by one: a view
     /// may mix moments between them, but never sees a torn or racing plain
     /// read. The other fields are copied as they are.
     fn copy_tickets_atomically(&mut self) -> BackendRow {
@@ -399,7 +406,8 @@ impl BackendRow {
             *to = load(from);
         }
         let handed = load(&mut self.handed);
-        BackendRow { ahead, handed, ..*self }
+        let cancel = load(&mut self.cancel);
+        BackendRow { ahead, handed, cancel, ..*self }
     }
 
     /// Clients sent ahead to this backend that it has neither taken nor

@@ -6,6 +6,7 @@
 //! ReadyForQuery(I) it gives its client back and parks until the pooler hands
 //! it the next client's socket (see `park`); lent to its pool's kernel
 //! queue, it takes the next client from there itself (`kq`).
+mod cancel;
 mod comm;
 mod drain;
 mod kq;

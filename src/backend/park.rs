@@ -81,6 +81,8 @@ thread_local! {
 
 /// Called from the flush wrapper after ReadyForQuery(I) reached the client.
 pub fn transaction_boundary() {
+    // A cancel is due at most at the first statement after an attach.
+    super::cancel::disarm();
     // Pipelined input already read from this client stays with this backend:
     // it belongs to the client's next message and must not be split. A
     // buffered Terminate means the client is leaving (what it sent after
@@ -207,6 +209,9 @@ pub fn transaction_boundary() {
             if !in_ring {
                 write_all(p.control, &super::ring::marked(p.row, &released));
             }
+            // Published: a cancel for the client that comes from now on
+            // finds it released (the pooler looks again after posting).
+            super::cancel::released(p.row, client);
             if pinned {
                 // The client left a pinned session: clean it now, so its
                 // advisory locks or temp tables do not outlive it while parked.
@@ -782,6 +787,10 @@ fn attach_client(p: &mut Parking, (mut a, fd): (Attach, RawFd), timer_was_on: bo
     p.hold_idle = a.flags & control::FLAG_HOLD_IDLE != 0;
     p.pool_row = a.pool_row as usize;
     p.release_requested = false;
+    if p.row.is_none() {
+        p.row = crate::shmem::own_backend_row();
+    }
+    super::cancel::arm(p.row, a.client_id);
 }
 
 /// A replication client's own walsender (pooler `dedicated.rs`): the

@@ -147,6 +147,42 @@ static bool pooled_backend = false;
 
 void		ng_set_pooled_backend(bool on);
 
+/*
+ * A cancel may be due at the client's first statement after its attach
+ * (backend/cancel.rs): one that came while the backend switched to the
+ * client or read its query is dropped by the server (postgres.c drops a
+ * cancel that lands while it reads a command), so the statement that
+ * starts first takes it.  Not while nextgres itself creates a statement
+ * the client named (ng_create_statement catches errors).
+ */
+static bool cancel_armed = false;
+static int	creating_statement = 0;
+
+extern bool ng_rs_cancel_due(void);
+void		ng_set_cancel_armed(bool on);
+
+void
+ng_set_cancel_armed(bool on)
+{
+	cancel_armed = on;
+}
+
+static inline void
+cancel_check(void)
+{
+	if (cancel_armed && creating_statement == 0)
+	{
+		cancel_armed = false;
+		if (ng_rs_cancel_due())
+		{
+			/* As StatementCancelHandler (postgres.c), now that no command is read. */
+			QueryCancelPending = true;
+			InterruptPending = true;
+			CHECK_FOR_INTERRUPTS();
+		}
+	}
+}
+
 void
 ng_set_pooled_backend(bool on)
 {
@@ -211,6 +247,7 @@ want_executed(Node *query)
 static void
 ng_post_parse_analyze(ParseState *pstate, Query *query, JumbleState *jstate)
 {
+	cancel_check();
 	if (prev_post_parse_analyze)
 		prev_post_parse_analyze(pstate, query, jstate);
 	if (statements_pending && query->commandType == CMD_UTILITY && query->utilityStmt)
@@ -295,6 +332,7 @@ ng_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
 {
 	Node	   *n = pstmt->utilityStmt;
 
+	cancel_check();
 	statement_ran = true;
 	switch (nodeTag(n))
 	{
@@ -432,6 +470,7 @@ static ExecutorStart_hook_type prev_executor_start = NULL;
 static void
 ng_executor_start(QueryDesc *queryDesc, int eflags)
 {
+	cancel_check();
 	statement_ran = true;
 	/* The pg_prepared_statements view lists them all. */
 	if (statements_pending && queryDesc->sourceText &&
@@ -1912,6 +1951,7 @@ ng_create_statement(const char *name, const char *text, bool from_sql,
 	volatile bool ok = true;
 	volatile bool started = false;
 
+	creating_statement++;
 	PG_TRY();
 	{
 		List	   *raw;
@@ -2009,6 +2049,7 @@ store:
 		ok = false;
 	}
 	PG_END_TRY();
+	creating_statement--;
 	MemoryContextSwitchTo(cxt);
 	/* A stored statement's context now hangs off CacheMemoryContext. */
 	MemoryContextDelete(tmp);

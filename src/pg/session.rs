@@ -44,6 +44,7 @@ extern "C" {
     );
     fn ng_keep_listen_addresses_on_reload(configured: *const c_char) -> bool;
     fn ng_set_pooled_backend(on: bool);
+    fn ng_set_cancel_armed(on: bool);
     fn ng_read_defaults(len: *mut c_int) -> *mut c_char;
     fn ng_applied_defaults(len: *mut c_int) -> *mut c_char;
     fn ng_defaults_clear(name: *const c_char);
@@ -459,4 +460,10 @@ pub fn switch_end() -> Result<(), Box<NgError>> {
 /// stay out of every other backend's way.
 pub fn set_pooled_backend(on: bool) {
     unsafe { ng_set_pooled_backend(on) }
+}
+
+/// The statement hooks look for a cancel due at the client's first
+/// statement after its attach (`backend::cancel`) while this is on.
+pub fn set_cancel_armed(on: bool) {
+    unsafe { ng_set_cancel_armed(on) }
 }

@@ -18,7 +18,8 @@ const MAX_CANCEL_PEEK: usize = 64 << 20;
 impl Pooler {
     /// CancelRequest: a pooled client's key (the pooler's own pid and key)
     /// cancels the query of the backend it is attached to right now (SIGINT,
-    /// as the postmaster sends). Any other key may be a replication client's
+    /// as the postmaster sends, and the client's id in that backend's row
+    /// for a query it has not started yet: `shmem::cancel`). Any other key may be a replication client's
     /// walsender (it got the walsender's own BackendKeyData): the request
     /// goes on as it came to the server's Unix socket, where the postmaster
     /// checks pid and key against its live backends itself (so a pid reused
@@ -30,6 +31,14 @@ impl Pooler {
                 if c.cancel.as_ref().is_some_and(|(p, k)| *p == pid && nextgres_core::auth::ct::ct_eq(k, secret)) {
                     if let Phase::Attached { backend } = c.phase {
                         let id = c.id;
+                        // Posted first (`shmem::cancel`): a backend that has
+                        // not started the client's query yet (switching to
+                        // it, reading it) would drop the signal; it takes
+                        // the cancel at the query's first statement.
+                        let row = self.backend(backend).map(|b| b.row);
+                        if let Some(row) = row {
+                            crate::shmem::cancel_post(row, id);
+                        }
                         // As kill_client: read what the backend already
                         // sent (a RELEASED in flight: the client's
                         // transaction is over and the backend may serve the
@@ -47,8 +56,14 @@ impl Pooler {
                             if let Some(b) = self.backend(backend) {
                                 super::backend::signal_backend(b.pid, nix::sys::signal::Signal::SIGINT);
                             }
+                        } else if let Some(row) = row {
+                            // Past the client's transaction: the cancel is void.
+                            crate::shmem::cancel_withdraw(row, id);
                         }
-                    } else if matches!(c.phase, Phase::Waiting { .. } | Phase::Ahead { .. }) {
+                    } else if matches!(c.phase, Phase::Waiting { .. } | Phase::Ahead { .. } | Phase::Idle) {
+                        // Idle: the pooler's, with a query it has not read
+                        // yet (just given back by a queue's backend, say),
+                        // or truly idle (then the cancel does nothing).
                         self.cancel_queued(ck);
                     } else if matches!(c.phase, Phase::Queued { .. }) {
                         self.kq_cancel(ck);
@@ -67,15 +82,30 @@ impl Pooler {
     /// them, are read off the socket so no backend runs them. A client
     /// sent ahead is taken back first; one its backend claimed is that
     /// backend's (its RELEASED unread, the backend may still be at the
-    /// previous client's boundary): the cancel is dropped, as is one whose
+    /// previous client's boundary): the cancel goes to it
+    /// (`cancel_claimed`). The cancel is dropped for one whose
     /// messages are not all there yet (or exceed MAX_CANCEL_PEEK) or are no
     /// plain query cycle (`proto::frame::query_cycle_len`), with a LOG line.
     pub(super) fn cancel_queued(&mut self, ck: usize) {
+        let ahead_of = self.client(ck).and_then(|c| match c.phase {
+            Phase::Ahead { backend, .. } => Some(backend),
+            _ => None,
+        });
         if !self.client_recall(ck) {
-            return log::info!("cancel request for a client its backend has just taken: dropped");
+            return match ahead_of {
+                Some(bk) => self.cancel_claimed(ck, bk),
+                None => log::info!("cancel request for a client its backend has just taken: dropped"),
+            };
         }
         let Some(c) = self.client(ck) else { return };
-        if !matches!(c.phase, Phase::Waiting { .. }) {
+        let idle = matches!(c.phase, Phase::Idle);
+        if !idle && !matches!(c.phase, Phase::Waiting { .. }) {
+            return;
+        }
+        // An idle client's bytes are looked at only while the pooler has
+        // read none of them and they are the client's own (a parked TLS
+        // client's socket carries TLS records).
+        if idle && (!c.inbuf.is_empty() || c.tls.is_some()) {
             return;
         }
         // A dedicated-mode client waiting for its own login: that login
@@ -96,6 +126,9 @@ impl Pooler {
         }
         let mut buf = vec![0u8; (queued.max(0) as usize).clamp(64 * 1024, MAX_CANCEL_PEEK)];
         let peeked = recv(fd, &mut buf, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT).unwrap_or(0);
+        if idle && peeked == 0 {
+            return; // between queries: nothing to cancel, as directly
+        }
         let Some(len) = nextgres_core::proto::frame::query_cycle_len(&buf[..peeked]) else {
             return log::info!("cancel request for a waiting client whose query is not all received, or is no plain query cycle (a Close, a Flush, COPY data): dropped");
         };
@@ -145,6 +178,26 @@ impl Pooler {
         self.client_rearm(ck);
         if let Some(p) = pool {
             self.sync_pool(p);
+        }
+    }
+
+    /// A cancelled client sent ahead that backend `bk` has claimed: it is at
+    /// the previous client's boundary, or on this client's query already.
+    /// The cancel is posted for the client's first statement there
+    /// (`shmem::cancel`) and signalled, unless reading the backend's
+    /// messages shows the client's transaction over (then it is void, as a
+    /// cancel after the query ended is on a direct connection).
+    fn cancel_claimed(&mut self, ck: usize, bk: usize) {
+        let Some(id) = self.client(ck).map(|c| c.id) else { return };
+        let Some(row) = self.backend(bk).map(|b| b.row) else { return };
+        crate::shmem::cancel_post(row, id);
+        self.backend_event(bk, EpollFlags::empty());
+        let still = self.client(ck).is_some_and(|c| {
+            c.id == id && matches!(c.phase, Phase::Ahead { backend: b, .. } | Phase::Attached { backend: b } if b == bk)
+        });
+        match self.backend(bk).map(|b| b.pid) {
+            Some(pid) if still && pid > 0 => super::backend::signal_backend(pid, nix::sys::signal::Signal::SIGINT),
+            _ => crate::shmem::cancel_withdraw(row, id),
         }
     }
 

@@ -637,9 +637,16 @@ impl Pooler {
         let kq::Owner::Taken { row: brow, gen, .. } = owner else {
             return log::info!("cancel request for a client of a kernel queue that no backend serves: dropped");
         };
+        let Some(id) = self.client(ck).map(|c| c.id) else { return };
         let Some(hold) = self.tables.kq_backend(brow as usize) else { return };
         use std::sync::atomic::Ordering::SeqCst;
         hold.hold.store(1, SeqCst);
+        // Posted before the look (`shmem::cancel`): the backend that took
+        // the client may not have started its query (the attach clears
+        // the signal as stale, the server drops one that lands while it
+        // reads): it takes the cancel at the query's first statement. One
+        // that gives the client back after the look withdraws it itself.
+        crate::shmem::cancel_post(brow as usize, id);
         let still = self.tables.kq_row(row).map(|r| kq::load(&r.owner));
         let pid = self.kq_backend_at(brow as usize).and_then(|k| match self.conns.get(k) {
             Some(Conn::Backend(b)) if b.pid > 0 => Some(b.pid),
@@ -650,7 +657,10 @@ impl Pooler {
                 super::backend::signal_backend(pid, nix::sys::signal::Signal::SIGINT);
                 hold.hold.store(2, SeqCst);
             }
-            _ => hold.hold.store(0, SeqCst),
+            _ => {
+                crate::shmem::cancel_withdraw(brow as usize, id);
+                hold.hold.store(0, SeqCst);
+            }
         }
     }
 

@@ -86,7 +86,10 @@ pub(super) fn kq_boundary(p: &mut Parking, mut leaving: bool) -> bool {
     glue::set_port_sock(p.control);
     let image = crate::backend::kq::Image { settings, statements, defaults };
     let client = p.attached.take();
-    match q.release(p.control, &mut s, image, leaving) {
+    let released = q.release(p.control, &mut s, image, leaving);
+    // Given back: a cancel for the client from now on finds it so.
+    crate::backend::cancel::released(p.row, client.unwrap_or(s.attach.client_id));
+    match released {
         crate::backend::kq::Released::Requeued | crate::backend::kq::Released::Returned => {}
         crate::backend::kq::Released::TooLarge => {
             // Kept (the pooler's books say attached): given back the
@@ -109,6 +112,7 @@ pub(super) fn kq_boundary(p: &mut Parking, mut leaving: bool) -> bool {
             let mut msg = Vec::with_capacity(256);
             control::write_released(&mut msg, &released);
             write_all(p.control, &crate::backend::ring::marked(p.row, &msg));
+            crate::backend::cancel::released(p.row, released.client_id);
             park(p);
             return true;
         }
