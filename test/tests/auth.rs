@@ -1510,8 +1510,9 @@ fn scram_key_passthrough_takeover_mode() {
 /// backend past `idle_backend_timeout` and `backend_lifetime` (1 s and 2 s
 /// here) and logs why once. Once a client logs in with the new password
 /// the pool's key is the new one and that backend turns over as usual.
-/// Same for `NOLOGIN`: the connected client goes on, a new login is refused
-/// (28000) as directly, and the kept backend closes when its client leaves.
+/// Same for `NOLOGIN`: the connected client goes on (also past
+/// `nextgres.reconnect()`), a new login is refused (28000) as directly, and
+/// the kept backend closes when its client leaves.
 #[test]
 fn a_password_change_keeps_connected_pooled_clients() {
     let pg = Cluster::builder()
@@ -1599,6 +1600,11 @@ fn a_password_change_keeps_connected_pooled_clients() {
     let pooled = rust_outcome(&pg.tcp("rot2", "postgres").password("old"), None);
     assert!(matches!(&pooled, Outcome::Db(f) if f.code == "28000"), "NOLOGIN, pooled: {pooled:?}");
     assert_eq!(who(&mut c, "the connected client after a refused login"), "rot2");
+    // nextgres.reconnect() replaces backends; not the kept one either.
+    exec(&pg, "SELECT nextgres.reconnect('postgres', 'rot2')");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(who(&mut c, "the connected client after nextgres.reconnect()"), "rot2");
+    assert_eq!(pid(&mut c), kept, "the pool kept its backend");
     drop(c);
     assert!(
         wait_until(Duration::from_secs(15), || pg.backend_count(Some("rot2"), None) == 0),
