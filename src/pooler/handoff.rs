@@ -376,11 +376,15 @@ impl Pooler {
             return self.pool_retired_check(pool);
         }
         self.pool_reserve_check(pool);
+        // Keeping its last backend because a login would fail (`keep`): no
+        // shared login (its clients share what it has), so none is recalled
+        // from a backend it was sent ahead to either.
+        let futile = self.pool_login_futile(pool);
         let size = self.pool_size_of(pool);
         // The pool may log in more backends (pool_size raised, reserve
         // engaged, a backend gone): clients sent ahead to busy backends
         // wait in its queue again, where a new backend serves them.
-        if self.pools.get(pool).is_some_and(|p| p.ahead > 0 && p.shared_backends() < size) {
+        if !futile && self.pools.get(pool).is_some_and(|p| p.ahead > 0 && p.shared_backends() < size) {
             self.recall_all_ahead(Some(pool));
         }
         if self.pools.get(pool).is_some_and(|p| !p.wants_backend(size)) {
@@ -394,9 +398,7 @@ impl Pooler {
             p.shared_backends() < min && p.params.is_some() && !p.draining && !p.close_when_idle
         };
         self.pool_grow_own(pool);
-        // Keeping its last backend because a login would fail: no login
-        // (its clients share what it has).
-        if self.pool_login_futile(pool) {
+        if futile {
             return;
         }
         let stopping = self.stopping;
