@@ -87,6 +87,10 @@ Make the first pg_hba.conf \"local\" line that matches the client's database and
 (for example \"local all all scram-sha-256\" in place of \"local all all peer\", with a \"local all postgres peer\" line \
 kept above it for local admin access), then reload.";
 
+/// A pool login refused with 28P01 after the pool had logged in before.
+const PASSWORD_CHANGED_HINT: &str = "nextgres logs pooled backends in with the credential of the role's client that logged in last; \
+the role's password changed or expired since. Pool logins succeed again once a client logs in with the current password.";
+
 impl Pooler {
     /// Terminates backend `key` as pg_terminate_backend does (SIGTERM to
     /// its process group, `signal_backend`): it tells its client, ends the
@@ -615,6 +619,12 @@ impl Pooler {
         // for what ALTER ROLE or DROP ROLE changed (the server's own words
         // say that already).
         let role_state = f.message.ends_with("is not permitted to log in") || f.message.ends_with("does not exist");
+        // A pool that logged in before and now fails the password check:
+        // the role's password changed (or expired) since, not pg_hba.conf.
+        let logged_in_before = self.pools.get(pool).is_some_and(|p| p.params.is_some());
+        if f.sqlstate == "28P01" && f.hint.is_none() && logged_in_before {
+            f.hint = Some(PASSWORD_CHANGED_HINT.into());
+        }
         if matches!(f.sqlstate.as_str(), "28000" | "28P01") && f.hint.is_none() && !role_state {
             f.hint = Some(HBA_HINT.into());
         }

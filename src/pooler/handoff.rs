@@ -67,8 +67,10 @@ impl Pooler {
                 // A client that proved another secret (ALTER ROLE ... PASSWORD):
                 // a pool login that failed with the previous key says nothing
                 // about this one, so do not answer it with that failure.
+                // Nor does a check that a login would fail (`keep`).
                 if p.credential.as_ref().is_none_or(|old| !same_secret(old, &new)) {
                     p.last_login_error = None;
+                    p.login_check = None;
                 }
                 p.credential = Some(new);
             }
@@ -330,7 +332,9 @@ impl Pooler {
         }
         // Past its lifetime, at a transaction boundary: replaced as needed
         // (backend_gone lets the pool log in another for waiting clients).
-        if self.backend_expired(key) {
+        // Not the last one of a pool with clients while a new pool login
+        // would fail (`keep`).
+        if self.backend_expired(key) && !self.backend_kept(key) {
             return self.backend_close(key);
         }
         if self.backend_yield_to_starved(key) {
@@ -372,11 +376,15 @@ impl Pooler {
             return self.pool_retired_check(pool);
         }
         self.pool_reserve_check(pool);
+        // Keeping its last backend because a login would fail (`keep`): no
+        // shared login (its clients share what it has), so none is recalled
+        // from a backend it was sent ahead to either.
+        let futile = self.pool_login_futile(pool);
         let size = self.pool_size_of(pool);
         // The pool may log in more backends (pool_size raised, reserve
         // engaged, a backend gone): clients sent ahead to busy backends
         // wait in its queue again, where a new backend serves them.
-        if self.pools.get(pool).is_some_and(|p| p.ahead > 0 && p.shared_backends() < size) {
+        if !futile && self.pools.get(pool).is_some_and(|p| p.ahead > 0 && p.shared_backends() < size) {
             self.recall_all_ahead(Some(pool));
         }
         if self.pools.get(pool).is_some_and(|p| !p.wants_backend(size)) {
@@ -390,6 +398,9 @@ impl Pooler {
             p.shared_backends() < min && p.params.is_some() && !p.draining && !p.close_when_idle
         };
         self.pool_grow_own(pool);
+        if futile {
+            return;
+        }
         let stopping = self.stopping;
         while self
             .pools

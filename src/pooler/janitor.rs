@@ -128,12 +128,21 @@ impl Pooler {
             if !self.backend_expired(k) && backends <= self.min_pool_size_of(pool) {
                 continue;
             }
+            // The last one of a pool with clients, when a new pool login
+            // would fail (the role's password changed): those clients go
+            // on as directly.
+            if self.backend_kept(k) {
+                continue;
+            }
             self.backend_close(k);
             self.kq_unserved_take_back(pool);
         }
         // Attached past their lifetime give their client back at their next
         // transaction boundary and close there (backend_available).
         for k in expired_attached {
+            if self.backend_kept(k) {
+                continue;
+            }
             self.backend_request_release(k, true);
         }
         // Idle TLS clients give up their relay threads.

@@ -18,6 +18,8 @@
 //! * `handoff`: passing a client's socket to a backend.
 //! * `drain`: closing a database's backends for DROP DATABASE and friends.
 //! * `janitor`: periodic upkeep (timeouts).
+//! * `keep`: a pool keeps its last backend while a new pool login would
+//!   fail (a password changed since its clients logged in).
 //! * `kq`: the kernel queue (on by default): pools' clients in an epoll
 //!   set that lent backends take them from, without the pooler.
 //! * `limits`: connection slots for pool logins, a lowered pool_size.
@@ -39,6 +41,7 @@ mod dedicated;
 mod drain;
 mod handoff;
 mod janitor;
+mod keep;
 mod kq;
 mod limits;
 mod listener;

@@ -111,6 +111,12 @@ impl Pooler {
                 );
                 let parked = std::mem::take(&mut p.parked);
                 for bk in parked {
+                    // Not the last one of a pool with clients while a new
+                    // pool login would fail (`keep`): it goes when that ends.
+                    if self.backend_kept(bk) {
+                        self.pools[k].parked.push(bk);
+                        continue;
+                    }
                     self.backend_close(bk);
                 }
                 self.pool_release_all(k);

@@ -1502,3 +1502,113 @@ fn scram_key_passthrough_takeover_mode() {
     let log = pg.log_since(mark);
     assert!(!log.contains("pool login"), "a pool login failed:\n{log}");
 }
+
+/// Credential rotation with pooled clients connected (`keep`): pool logins
+/// use the SCRAM key of the client that logged in last, so after `ALTER
+/// ROLE ... PASSWORD` a new one fails (28P01). A client connected before
+/// the change goes on, as a direct session does: its pool keeps its last
+/// backend past `idle_backend_timeout` and `backend_lifetime` (1 s and 2 s
+/// here) and logs why once. Once a client logs in with the new password
+/// the pool's key is the new one and that backend turns over as usual.
+/// Same for `NOLOGIN`: the connected client goes on (also past
+/// `nextgres.reconnect()`), a new login is refused (28000) as directly, and
+/// the kept backend closes when its client leaves.
+#[test]
+fn a_password_change_keeps_connected_pooled_clients() {
+    let pg = Cluster::builder()
+        .hba(
+            "local all postgres trust\n\
+             local all rot,rot2 scram-sha-256\n\
+             local all all trust\n\
+             host all all 127.0.0.1/32 scram-sha-256\n",
+        )
+        .start();
+    exec(&pg, "CREATE EXTENSION nextgres");
+    for r in ["rot", "rot2"] {
+        pg.create_role(r, "old", PasswordEncryption::ScramSha256);
+        exec(
+            &pg,
+            &format!(
+                "ALTER ROLE {r} SET nextgres.idle_backend_timeout = 1;
+                 ALTER ROLE {r} SET nextgres.backend_lifetime = 2"
+            ),
+        );
+    }
+    let who = |c: &mut postgres::Client, what: &str| -> String {
+        let m = c
+            .simple_query("SELECT current_user")
+            .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+        pool_support::first_value(&m).expect("a row")
+    };
+    let pid = |c: &mut postgres::Client| -> i32 {
+        pool_support::first_value(&c.simple_query("SELECT pg_backend_pid()").expect("pid"))
+            .expect("pid row")
+            .parse()
+            .expect("pid number")
+    };
+
+    // Password rotation.
+    let mark = pg.log_mark();
+    let mut a = pg.tcp("rot", "postgres").password("old").connect().expect("rot with the old password");
+    let first = pid(&mut a);
+    exec(&pg, "ALTER ROLE rot PASSWORD 'new'");
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        who(&mut a, "the client connected before ALTER ROLE ... PASSWORD, past backend_lifetime"),
+        "rot"
+    );
+    assert_eq!(pid(&mut a), first, "the pool kept its backend");
+    assert!(
+        wait_until(Duration::from_secs(5), || pg
+            .log_since(mark)
+            .contains("pool for role \"rot\" and database \"postgres\" keeps its last backend")),
+        "no log line about the kept backend:\n{}",
+        pg.log_since(mark)
+    );
+    let old = rust_outcome(&pg.tcp("rot", "postgres").password("old"), None);
+    assert!(matches!(&old, Outcome::Db(f) if f.code == "28P01"), "old password: {old:?}");
+    // A client with the new password: the pool's key is the new one, the
+    // kept backend turns over and both clients go on.
+    let mut b = pg.tcp("rot", "postgres").password("new").connect().expect("rot with the new password");
+    assert_eq!(who(&mut b, "the client with the new password"), "rot");
+    assert!(
+        wait_until(Duration::from_secs(15), || !pg.backend_pids(Some("rot"), None).contains(&first)),
+        "the kept backend {first} did not turn over: {:?}",
+        pg.activity()
+    );
+    assert_eq!(who(&mut a, "the old client after the turnover"), "rot");
+    assert_ne!(pid(&mut a), first);
+    drop((a, b));
+    let log = pg.log_since(mark);
+    assert!(
+        !log.contains("pool login for role \"rot\""),
+        "a pool login of rot failed:\n{log}"
+    );
+
+    // NOLOGIN.
+    let mut c = pg.tcp("rot2", "postgres").password("old").connect().expect("rot2");
+    let kept = pid(&mut c);
+    exec(&pg, "ALTER ROLE rot2 NOLOGIN");
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(who(&mut c, "the client connected before ALTER ROLE ... NOLOGIN"), "rot2");
+    assert_eq!(pid(&mut c), kept, "the pool kept its backend");
+    let direct = match pg.connect_unix("rot2", "postgres", Some("old")) {
+        Ok(_) => panic!("a direct login of a NOLOGIN role succeeded"),
+        Err(e) => e.as_db_error().map(|d| d.code().code().to_string()),
+    };
+    assert_eq!(direct.as_deref(), Some("28000"));
+    let pooled = rust_outcome(&pg.tcp("rot2", "postgres").password("old"), None);
+    assert!(matches!(&pooled, Outcome::Db(f) if f.code == "28000"), "NOLOGIN, pooled: {pooled:?}");
+    assert_eq!(who(&mut c, "the connected client after a refused login"), "rot2");
+    // nextgres.reconnect() replaces backends; not the kept one either.
+    exec(&pg, "SELECT nextgres.reconnect('postgres', 'rot2')");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(who(&mut c, "the connected client after nextgres.reconnect()"), "rot2");
+    assert_eq!(pid(&mut c), kept, "the pool kept its backend");
+    drop(c);
+    assert!(
+        wait_until(Duration::from_secs(15), || pg.backend_count(Some("rot2"), None) == 0),
+        "the kept backend stayed after its client left: {:?}",
+        pg.activity()
+    );
+}

@@ -105,6 +105,15 @@ pub struct Pool {
     /// remaining clients until they leave.
     pub retired: bool,
     pub last_login_error: Option<(ErrorFields, Instant)>,
+    /// Why a pool login would fail now (its credential no longer the
+    /// role's secret, NOLOGIN, an expired password), and when that was
+    /// checked (the agent's answer, reused for a few seconds; dropped when
+    /// the pool's credential changes). While it holds and the pool has
+    /// clients, the pool keeps its last backend (the pooler's `keep`).
+    pub login_check: Option<(Instant, String)>,
+    /// The pool keeps its last backend for that reason (logged once per
+    /// episode).
+    pub keeping_last: bool,
     /// No pool login before this instant: the server had no connection
     /// slot for the last one (53300), so the pool does not retry in a loop.
     pub login_backoff_until: Option<Instant>,
@@ -171,6 +180,8 @@ impl Pool {
             identity: (0, 0),
             retired: false,
             last_login_error: None,
+            login_check: None,
+            keeping_last: false,
             login_backoff_until: None,
             slots_episode: false,
             xacts: 0,
