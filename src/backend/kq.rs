@@ -149,6 +149,7 @@ impl Queue {
                     } else {
                         self.returned(control, row, attach.client_id, 0);
                     }
+                    self.cancel_void(attach.client_id);
                     let _ = nix::unistd::close(fd);
                     continue;
                 }
@@ -237,6 +238,16 @@ impl Queue {
         let Some(k) = t.kq_row(row) else { return };
         if kq::give_back(&k.owner, self.row, gen) {
             self.returned(control, row, client_id, flags);
+        }
+        self.cancel_void(client_id);
+    }
+
+    /// A client taken and given up again (after the owner word says so): a
+    /// cancel the pooler posted for it here meanwhile is void
+    /// (`shmem::cancel`); it is no longer this backend's to run.
+    fn cancel_void(&self, client_id: u64) {
+        if crate::shmem::tables().is_some_and(|t| t.backend_row_is_mine(self.row as usize)) {
+            crate::shmem::cancel_withdraw(self.row as usize, client_id);
         }
     }
 
@@ -359,6 +370,7 @@ impl Queue {
                 self.returned(control, s.client_row, s.attach.client_id, 0);
             }
         }
+        self.cancel_void(s.attach.client_id);
         let _ = nix::unistd::close(s.fd);
     }
 

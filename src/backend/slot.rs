@@ -83,7 +83,7 @@ fn take_one(control: RawFd, row: usize, ticket: u64, slot: &AttachSlot, buf: &mu
     let fd = match pooler_socket(control, copy.fd) {
         Ok(fd) => fd,
         Err(e) => {
-            refuse(row, ticket, e);
+            refuse(row, ticket, attach.client_id, e);
             return None;
         }
     };
@@ -92,7 +92,7 @@ fn take_one(control: RawFd, row: usize, ticket: u64, slot: &AttachSlot, buf: &mu
     // number may name another socket: never serve that one.
     if !nix::sys::stat::fstat(fd).is_ok_and(|st| st.st_ino == copy.ino) {
         let _ = nix::unistd::close(fd);
-        refuse(row, ticket, nix::errno::Errno::EBADF); // as if that descriptor were gone
+        refuse(row, ticket, attach.client_id, nix::errno::Errno::EBADF); // as if that descriptor were gone
         return None;
     }
     let mine = crate::shmem::tables().is_some_and(|t| t.backend_row_is_mine(row));
@@ -109,7 +109,7 @@ fn take_one(control: RawFd, row: usize, ticket: u64, slot: &AttachSlot, buf: &mu
 /// pooler took the client back and closed it) or the pooler gone,
 /// `pidfd_getfd` does not work here: the pooler stops using slots (LOG
 /// once).
-fn refuse(row: usize, ticket: u64, e: nix::errno::Errno) {
+fn refuse(row: usize, ticket: u64, client_id: u64, e: nix::errno::Errno) {
     use nix::errno::Errno;
     // Not in a row no longer this backend's (its pooler restarted): that
     // ticket is another backend's to take.
@@ -117,6 +117,9 @@ fn refuse(row: usize, ticket: u64, e: nix::errno::Errno) {
         return;
     }
     crate::shmem::ahead_refuse(row, ticket);
+    // Never served here: a cancel posted for it here is void (the pooler,
+    // after posting, also looks for the refusal).
+    crate::shmem::cancel_withdraw(row, client_id);
     if matches!(e, Errno::EMFILE | Errno::ENFILE | Errno::ENOMEM | Errno::EBADF | Errno::ESRCH) {
         return;
     }

@@ -189,14 +189,25 @@ impl Pooler {
     /// cancel after the query ended is on a direct connection).
     fn cancel_claimed(&mut self, ck: usize, bk: usize) {
         let Some(id) = self.client(ck).map(|c| c.id) else { return };
-        let Some(row) = self.backend(bk).map(|b| b.row) else { return };
+        let Some((row, ticket)) = self.backend(bk).and_then(|b| b.ahead.iter().find(|a| a.client == ck).map(|a| (b.row, a.ticket))) else {
+            return;
+        };
         crate::shmem::cancel_post(row, id);
+        // Refused there (it could not take the socket): it goes back in
+        // line and never runs on that backend.
+        let refused = crate::shmem::ahead_refused(row, ticket);
         self.backend_event(bk, EpollFlags::empty());
-        let still = self.client(ck).is_some_and(|c| {
-            c.id == id && matches!(c.phase, Phase::Ahead { backend: b, .. } | Phase::Attached { backend: b } if b == bk)
-        });
+        let still = !refused
+            && self.client(ck).is_some_and(|c| {
+                c.id == id && matches!(c.phase, Phase::Ahead { backend: b, .. } | Phase::Attached { backend: b } if b == bk)
+            });
+        // As for an attached client: whatever else was sent ahead is taken
+        // back, so the backend cannot be on to another client's query by the
+        // time the signal lands; one it claimed after this one means it is
+        // past this client's transaction.
+        let past = still && self.backend_recall_ahead(bk).iter().any(|&k| k != ck);
         match self.backend(bk).map(|b| b.pid) {
-            Some(pid) if still && pid > 0 => super::backend::signal_backend(pid, nix::sys::signal::Signal::SIGINT),
+            Some(pid) if still && !past && pid > 0 => super::backend::signal_backend(pid, nix::sys::signal::Signal::SIGINT),
             _ => crate::shmem::cancel_withdraw(row, id),
         }
     }

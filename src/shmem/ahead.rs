@@ -91,6 +91,11 @@ pub fn ahead_refuse(row: usize, ticket: u64) -> bool {
     ticket_swap(row, Word::Ahead(ticket), ticket, ticket | AHEAD_REFUSED)
 }
 
+/// Pooler: has the backend of `row` refused the client of `ticket`?
+pub fn ahead_refused(row: usize, ticket: u64) -> bool {
+    ticket_load(row, Word::Ahead(ticket)) == Some(ticket | AHEAD_REFUSED)
+}
+
 /// Pooler: clears a ticket its backend refused; true if it was. Read
 /// first: at nearly every RELEASED the ticket was claimed, and a load keeps
 /// the row's cache line shared where a failing compare-and-swap takes it.

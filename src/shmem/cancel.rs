@@ -36,20 +36,26 @@ pub fn cancel_post(row: usize, client: u64) {
             w.store(client, Ordering::SeqCst);
         }
     }
+    // Before the pooler looks again (ticket words, owner words, messages):
+    // a release or refusal it does not see then withdraws after this.
+    std::sync::atomic::fence(Ordering::SeqCst);
 }
 
 /// Either side: the cancel for `client` on `row`, if still there, is void
-/// (the client's transaction there is over).
+/// (the client's transaction there is over, or it was never served there).
 pub fn cancel_withdraw(row: usize, client: u64) {
-    if let Some(t) = tables() {
-        if let Some(w) = cancel_word(&t, row) {
-            let _ = w.compare_exchange(client, 0, Ordering::SeqCst, Ordering::SeqCst);
-        }
-    }
+    cancel_take(row, client);
 }
 
 /// Backend, at its client's first statement after the attach: takes a
-/// cancel posted for `client`. True when there was one.
+/// cancel posted for `client`. True when there was one. A load first: the
+/// word is almost always 0, and a load keeps the row's cache line shared
+/// (the pooler swaps its ticket words).
 pub fn cancel_take(row: usize, client: u64) -> bool {
-    tables().is_some_and(|t| cancel_word(&t, row).is_some_and(|w| w.compare_exchange(client, 0, Ordering::SeqCst, Ordering::SeqCst).is_ok()))
+    tables().is_some_and(|t| {
+        cancel_word(&t, row).is_some_and(|w| {
+            std::sync::atomic::fence(Ordering::SeqCst);
+            w.load(Ordering::SeqCst) == client && w.compare_exchange(client, 0, Ordering::SeqCst, Ordering::SeqCst).is_ok()
+        })
+    })
 }
