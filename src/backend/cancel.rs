@@ -30,7 +30,8 @@ pub fn disarm() {
 }
 
 /// After the release of `client` was published (RELEASED written, or the
-/// queue's owner word given back): a cancel posted for it is void.
+/// queue's owner word given back), or a client taken from the queue was
+/// given up unserved: a cancel posted for it here is void.
 pub fn released(row: Option<usize>, client: u64) {
     if let Some(row) = row.filter(|&r| row_is_mine(r)) {
         crate::shmem::cancel_withdraw(row, client);

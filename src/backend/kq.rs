@@ -246,9 +246,7 @@ impl Queue {
     /// cancel the pooler posted for it here meanwhile is void
     /// (`shmem::cancel`); it is no longer this backend's to run.
     fn cancel_void(&self, client_id: u64) {
-        if crate::shmem::tables().is_some_and(|t| t.backend_row_is_mine(self.row as usize)) {
-            crate::shmem::cancel_withdraw(self.row as usize, client_id);
-        }
+        super::cancel::released(Some(self.row as usize), client_id);
     }
 
     fn returned(&self, control: RawFd, row: usize, client_id: u64, flags: u8) {

@@ -44,6 +44,9 @@ pub fn cancel_post(row: usize, client: u64) {
 /// Either side: the cancel for `client` on `row`, if still there, is void
 /// (the client's transaction there is over, or it was never served there).
 pub fn cancel_withdraw(row: usize, client: u64) {
+    // After a publication that may be no atomic (RELEASED written to the
+    // control socket): the other side's post and look pair with this.
+    std::sync::atomic::fence(Ordering::SeqCst);
     cancel_take(row, client);
 }
 
@@ -53,9 +56,6 @@ pub fn cancel_withdraw(row: usize, client: u64) {
 /// (the pooler swaps its ticket words).
 pub fn cancel_take(row: usize, client: u64) -> bool {
     tables().is_some_and(|t| {
-        cancel_word(&t, row).is_some_and(|w| {
-            std::sync::atomic::fence(Ordering::SeqCst);
-            w.load(Ordering::SeqCst) == client && w.compare_exchange(client, 0, Ordering::SeqCst, Ordering::SeqCst).is_ok()
-        })
+        cancel_word(&t, row).is_some_and(|w| w.load(Ordering::SeqCst) == client && w.compare_exchange(client, 0, Ordering::SeqCst, Ordering::SeqCst).is_ok())
     })
 }

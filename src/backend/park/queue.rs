@@ -86,10 +86,10 @@ pub(super) fn kq_boundary(p: &mut Parking, mut leaving: bool) -> bool {
     glue::set_port_sock(p.control);
     let image = crate::backend::kq::Image { settings, statements, defaults };
     let client = p.attached.take();
-    let released = q.release(p.control, &mut s, image, leaving);
+    let outcome = q.release(p.control, &mut s, image, leaving);
     // Given back: a cancel for the client from now on finds it so.
     crate::backend::cancel::released(p.row, client.unwrap_or(s.attach.client_id));
-    match released {
+    match outcome {
         crate::backend::kq::Released::Requeued | crate::backend::kq::Released::Returned => {}
         crate::backend::kq::Released::TooLarge => {
             // Kept (the pooler's books say attached): given back the
