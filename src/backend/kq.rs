@@ -489,6 +489,7 @@ fn clone_attach(a: &Attach) -> Attach {
         local: a.local.clone(),
         settings: a.settings.clone(),
         image: a.image.clone(),
+        authn: a.authn.clone(),
         tls: None,
         ahead: None,
     }

@@ -770,6 +770,7 @@ fn attach_client(p: &mut Parking, (mut a, fd): (Attach, RawFd), timer_was_on: bo
         a.image.defaults = session::login_defaults();
     }
     if a.flags & control::FLAG_NEW_CLIENT != 0 {
+        glue::set_client_identity(a.authn.as_ref());
         session::switch_to(&a.settings, std::mem::take(&mut a.image));
     } else {
         session::attached_again();
@@ -803,6 +804,8 @@ fn attach_client(p: &mut Parking, (mut a, fd): (Attach, RawFd), timer_was_on: bo
 /// are not tracked. It exits when its client leaves, as a direct one.
 fn attach_dedicated(p: &mut Parking, a: &Attach, timer_was_on: bool) {
     glue::set_client_addr(&a.addr, &a.local);
+    // Its own login was over the Unix socket: SYSTEM_USER is the client's.
+    glue::set_client_identity(a.authn.as_ref());
     // Undo the first park's "a pool login is no client's session" (a no-op
     // for a physical walsender, which has no database).
     sess::count_session(1);

@@ -12,6 +12,7 @@
 #include "postgres.h"
 
 #include <fcntl.h>
+#include <link.h>
 #include <pthread.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
@@ -881,6 +882,179 @@ ng_set_client_addr(const struct sockaddr_storage *addr, socklen_t salen,
 	}
 }
 
+/* ------------------------------------------------------------------------
+ * SYSTEM_USER of a pooled session (16+).
+ *
+ * The server fixes it once, at the backend's own login: InitPostgres() calls
+ * InitializeSystemUser() (miscinit.c), which stores "method:authn_id" in a
+ * file-static pointer that GetSystemUser() returns and nothing resets.  A
+ * pooled backend's login is the pool's (the Unix-socket line), so without
+ * help every client would see that one (NULL over trust).  The pointer is
+ * found through GetSystemUser()'s own code, which is `return SystemUser;`:
+ * on x86-64 one RIP-relative load, optionally after endbr64 and a frame
+ * pointer prologue.  The address found must lie in a writable segment of the
+ * executable, and GetSystemUser() must return a sentinel stored there before
+ * it is used; anywhere else (another instruction set, another compiler's
+ * code) SYSTEM_USER stays the pool login's, as README says.
+ * ------------------------------------------------------------------------ */
+#if PG_VERSION_NUM >= 160000
+
+typedef struct WritableRange
+{
+	uintptr_t	addr;
+	bool		found;
+} WritableRange;
+
+/* Is r->addr (a pointer's worth) inside a writable PT_LOAD of the executable? */
+static int
+in_writable_segment(struct dl_phdr_info *info, size_t size, void *data)
+{
+	WritableRange *r = (WritableRange *) data;
+
+	(void) size;
+	for (int i = 0; i < info->dlpi_phnum; i++)
+	{
+		const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+		uintptr_t	lo = info->dlpi_addr + ph->p_vaddr;
+
+		if (ph->p_type == PT_LOAD && (ph->p_flags & PF_W) &&
+			r->addr >= lo && r->addr + sizeof(void *) <= lo + ph->p_memsz)
+			r->found = true;
+	}
+	return 1;					/* the first object is the executable */
+}
+
+static const char **
+system_user_slot(void)
+{
+	static int	state = 0;		/* 0 not looked for, 1 found, -1 not found */
+	static const char **slot = NULL;
+
+	if (state != 0)
+		return slot;
+	state = -1;
+#if defined(__x86_64__)
+	{
+		const unsigned char *f = (const unsigned char *) &GetSystemUser;
+		static const unsigned char endbr64[] = {0xf3, 0x0f, 0x1e, 0xfa};
+		static const unsigned char prologue[] = {0x55, 0x48, 0x89, 0xe5};	/* push %rbp; mov %rsp,%rbp */
+		bool		framed = false;
+		int32		disp;
+		uintptr_t	addr;
+		WritableRange range;
+		static const char sentinel[] = "nextgres";
+		const char *saved;
+
+		if (memcmp(f, endbr64, sizeof(endbr64)) == 0)
+			f += sizeof(endbr64);
+		if (memcmp(f, prologue, sizeof(prologue)) == 0)
+		{
+			f += sizeof(prologue);
+			framed = true;
+		}
+		/* mov disp32(%rip),%rax, then ret (or pop %rbp; ret) */
+		if (f[0] != 0x48 || f[1] != 0x8b || f[2] != 0x05)
+			return NULL;
+		if (framed ? (f[7] != 0x5d || f[8] != 0xc3) : f[7] != 0xc3)
+			return NULL;
+		memcpy(&disp, f + 3, sizeof(disp));
+		addr = (uintptr_t) (f + 7) + (intptr_t) disp;
+		range.addr = addr;
+		range.found = false;
+		dl_iterate_phdr(in_writable_segment, &range);
+		if (!range.found)
+			return NULL;
+		saved = *(const char **) addr;
+		*(const char **) addr = sentinel;
+		if (GetSystemUser() == sentinel)
+			slot = (const char **) addr;
+		*(const char **) addr = saved;
+		if (slot)
+			state = 1;
+	}
+#endif
+	return slot;
+}
+
+/* The UserAuth of an NG_AUTH_* code the pooler sends (glue.c's own numbering). */
+static UserAuth
+ng_user_auth(int method)
+{
+	switch (method)
+	{
+		case 3:
+			return uaPassword;
+		case 4:
+			return uaMD5;
+		case 5:
+			return uaSCRAM;
+		case 7:
+			return uaCert;
+		default:
+			return uaReject;
+	}
+}
+#endif
+
+#if PG_VERSION_NUM >= 160000
+/*
+ * Points SYSTEM_USER at "method:id" (NULL: none), as InitializeSystemUser()
+ * builds it.  False when its pointer was not found.
+ */
+static bool
+set_system_user(UserAuth ua, const char *authn_id)
+{
+	static char *ours = NULL;	/* the string we set last */
+	const char **slot = system_user_slot();
+	char	   *s = NULL;
+
+	if (slot == NULL)
+		return false;
+	if (authn_id)
+	{
+		const char *name = hba_authname(ua);
+		size_t		len = strlen(name) + 1 + strlen(authn_id) + 1;
+
+		s = MemoryContextAlloc(TopMemoryContext, len);
+		snprintf(s, len, "%s:%s", name, authn_id);
+	}
+	*slot = s;
+	if (ours)
+		pfree(ours);
+	ours = s;
+	return true;
+}
+#endif
+
+/*
+ * Makes this backend's authenticated identity the attached client's, as the
+ * server's login would have set it (auth.c set_authn_id(), miscinit.c
+ * InitializeSystemUser()): MyClientConnectionInfo, which parallel workers
+ * copy and turn into their SYSTEM_USER, and the leader's own SYSTEM_USER.
+ * `authn_id` NULL: no identity (trust).  Only an allocation failure in
+ * TopMemoryContext could raise, as anywhere in a backend.  Returns false
+ * where SYSTEM_USER could not be set (15 has none; its pointer not found).
+ */
+bool
+ng_set_client_identity(int method, const char *authn_id)
+{
+#if PG_VERSION_NUM >= 160000
+	UserAuth	ua = ng_user_auth(method);
+
+	if (ua == uaReject)
+		authn_id = NULL;
+	if (MyClientConnectionInfo.authn_id)
+		pfree((void *) MyClientConnectionInfo.authn_id);
+	MyClientConnectionInfo.authn_id = authn_id ? MemoryContextStrdup(TopMemoryContext, authn_id) : NULL;
+	MyClientConnectionInfo.auth_method = authn_id ? ua : 0;
+	return set_system_user(ua, authn_id);
+#else
+	(void) method;
+	(void) authn_id;
+	return false;
+#endif
+}
+
 /*
  * Copies a string the pooler sent (UTF-8) into a PgBackendSSLStatus field as
  * pgstat_bestart() fills it through be_tls_get_peer_subject_name() and
@@ -1086,6 +1260,10 @@ ng_server_authenticate(void)
 		pfree((void *) MyProcPort->authn_id);
 	MyProcPort->authn_id = NULL;
 #endif
+	/*
+	 * This runs inside the login's own ClientAuthentication(): InitPostgres()
+	 * makes SYSTEM_USER from the identity set here afterwards.
+	 */
 	ClientAuthentication(MyProcPort);
 	return true;
 }

@@ -156,6 +156,7 @@ extern "C" {
         local_len: libc::socklen_t,
     );
     fn ng_report_parked();
+    fn ng_set_client_identity(method: c_int, authn_id: *const c_char) -> bool;
     fn ng_set_ssl_status(
         on: bool,
         bits: c_int,
@@ -426,6 +427,22 @@ pub fn set_client_addr(addr: &[u8], local: &[u8]) {
     let (here, here_len) = if local.len() <= std::mem::size_of::<libc::sockaddr_storage>() { storage(local) } else { storage(&[]) };
     // SAFETY: both point at initialized sockaddr_storage of the given lengths.
     unsafe { ng_set_client_addr(&remote, len, &here, here_len) }
+}
+
+/// `SYSTEM_USER` and the identity parallel workers inherit (16+): the
+/// attached client's as the pooler authenticated it (glue.c
+/// `ng_set_client_identity`); None: no identity (trust), so SYSTEM_USER is
+/// NULL. False where it stays the pool login's (15 has no SYSTEM_USER; a
+/// server whose code glue.c cannot read).
+pub fn set_client_identity(authn: Option<&nextgres_core::control::Authn>) -> bool {
+    match authn {
+        // An id from a parsed ATTACH has no NUL inside.
+        Some(a) => match std::ffi::CString::new(a.id.clone()) {
+            Ok(id) => unsafe { ng_set_client_identity(c_int::from(a.method), id.as_ptr()) },
+            Err(_) => unsafe { ng_set_client_identity(0, std::ptr::null()) },
+        },
+        None => unsafe { ng_set_client_identity(0, std::ptr::null()) },
+    }
 }
 
 /// `pg_stat_ssl` for this backend (glue.c `ng_set_ssl_status`): the

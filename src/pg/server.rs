@@ -105,10 +105,14 @@ pub fn mock_authentication_nonce() -> [u8; 32] {
 
 /// Re-reads postgresql.conf as a SIGHUP does (guc-file.l
 /// `ProcessConfigFile(PGC_SIGHUP)`); a value that does not parse is logged
-/// and the old one kept, as in the server.
+/// and the old one kept, as in the server. `log_connections` and
+/// `log_disconnections` follow the files too, as in a new backend (the
+/// pooler writes those lines for its clients).
 pub fn reload_config_file() {
     // SAFETY: the postmaster's own reload path; GUC state is process-local.
     unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+    // The connection log settings a reload leaves alone in this process.
+    super::session::reload_connection_logging();
 }
 
 /// Sets a PGC_POSTMASTER setting in this process, overriding the file

@@ -2734,6 +2734,64 @@ ng_connection_logging(void)
 	return f;
 }
 
+/*
+ * log_connections and log_disconnections are PGC_SU_BACKEND: a reload
+ * (ProcessConfigFile(PGC_SIGHUP)) changes them in the postmaster, whence new
+ * backends inherit them, and in no process already under the postmaster
+ * (guc.c set_config_option(): "ignore it in existing backends").  The
+ * pooler writes those lines for the clients it logs in, as a new backend
+ * would, so after each reload it takes the files' values as the postmaster
+ * does (guc-file.l ProcessConfigFileInternal()): postgresql.conf with its
+ * includes, then postgresql.auto.conf, the last entry winning; a value from
+ * a higher source (the server's command line) stays; one no longer in the
+ * files goes back to the built-in default; nothing changes when a file does
+ * not parse (the postmaster then applies nothing either), nor for a value
+ * the setting's own check refuses (the postmaster logged why).  Called in
+ * the agent and in the pooler after their ProcessConfigFile().
+ */
+void
+ng_reload_connection_logging(void)
+{
+	static const char *const names[] = {"log_connections", "log_disconnections"};
+#if PG_VERSION_NUM >= 180000
+	static const char *const boot[] = {"", "off"};
+#else
+	static const char *const boot[] = {"off", "off"};
+#endif
+	MemoryContext cxt = CurrentMemoryContext;
+	MemoryContext tmp = AllocSetContextCreate(CurrentMemoryContext, "nextgres reload", ALLOCSET_SMALL_SIZES);
+
+	MemoryContextSwitchTo(tmp);
+	PG_TRY();
+	{
+		ConfigVariable *head = NULL;
+		ConfigVariable *tail = NULL;
+		bool		ok;
+
+		ok = ParseConfigFile(ConfigFileName, true, NULL, 0, 0, DEBUG2, &head, &tail);
+		if (ok && DataDir)
+			ok = ParseConfigFile(PG_AUTOCONF_FILENAME, false, NULL, 0, 0, DEBUG2, &head, &tail);
+		for (int i = 0; ok && i < lengthof(names); i++)
+		{
+			const char *value = boot[i];
+
+			for (ConfigVariable *v = head; v; v = v->next)
+				if (pg_strcasecmp(v->name, names[i]) == 0)
+					value = v->value;
+			(void) set_config_option(names[i], value, PGC_POSTMASTER, PGC_S_FILE,
+									 GUC_ACTION_SET, true, DEBUG2, false);
+		}
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		FlushErrorState();
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+	MemoryContextDelete(tmp);
+}
+
 static emit_log_hook_type ng_prev_emit_log_hook = NULL;
 static bool ng_emit_hooked = false;
 static bool ng_promote_to_fatal = false;

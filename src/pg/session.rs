@@ -28,6 +28,7 @@ extern "C" {
     fn ng_set_statements_pending(pending: bool);
     fn ng_count_session(delta: c_int);
     fn ng_connection_logging() -> c_int;
+    fn ng_reload_connection_logging();
     #[allow(clippy::too_many_arguments)]
     fn ng_log_client(
         sqlstate: *const c_char,
@@ -321,6 +322,15 @@ pub fn defaults_reload() {
 pub fn defaults_apply(level: i32, name: &str, value: &str) {
     let (n, v) = (cstring(name), cstring(value));
     unsafe { ng_defaults_apply(level, n.as_ptr(), v.as_ptr()) }
+}
+
+/// After a reload: log_connections and log_disconnections as the
+/// configuration files now set them, as new backends get them (session.c
+/// `ng_reload_connection_logging`: a reload changes them in no process
+/// under the postmaster, this one included).
+pub fn reload_connection_logging() {
+    // SAFETY: process-local GUC state; the C side catches every ERROR.
+    unsafe { ng_reload_connection_logging() }
 }
 
 /// Which connection log lines the server writes (log_connections stages,

@@ -74,6 +74,26 @@ fn random<const N: usize>() -> [u8; N] {
 }
 
 impl AuthSession {
+    /// The identity the server would record for this login (auth.c
+    /// `set_authn_id()`): the role name for the password methods, the
+    /// certificate's subject DN (RFC 2253, as be-secure-openssl.c prints
+    /// `peer_dn`) for `cert`, even on a `clientname=CN` line; none for
+    /// `trust`, nor for a DN nextgres cannot print as OpenSSL does.
+    pub fn authn(&self, user: &str) -> Option<nextgres_core::control::Authn> {
+        use nextgres_core::control::{Authn, AUTHN_CERT, AUTHN_MD5, AUTHN_PASSWORD, AUTHN_SCRAM};
+        let (method, id) = match self.info.method() {
+            HbaMethod::Password => (AUTHN_PASSWORD, user.as_bytes().to_vec()),
+            HbaMethod::Md5 => (AUTHN_MD5, user.as_bytes().to_vec()),
+            HbaMethod::Scram => (AUTHN_SCRAM, user.as_bytes().to_vec()),
+            HbaMethod::Cert => {
+                let der = self.tls.as_ref()?.peer_cert.as_ref()?;
+                (AUTHN_CERT, nextgres_core::cert::subject_names(der).ok()?.dn?.into_bytes())
+            }
+            _ => return None,
+        };
+        Some(Authn { method, id })
+    }
+
     fn secret(&self) -> StoredSecret {
         match self.info.secret() {
             Some(s) => auth::parse_stored_secret(&s),
@@ -606,7 +626,7 @@ impl Pooler {
                     // the server's own answers for everything after
                     // authentication (role, database, REPLICATION
                     // attribute, max_wal_senders, settings).
-                    c.log_login(&local, &session.info);
+                    c.log_login(&local, &session.info, session.authn(&user));
                     let identity = (session.info.role_oid, session.info.db_oid);
                     drop(session); // wipes the secret
                     return self.dedicated_start(key, cred, false, identity);
@@ -634,8 +654,9 @@ impl Pooler {
                     }
                 }
                 let limited = session.info.role_connlimit >= 0 || session.info.db_connlimit >= 0;
+                let authn = session.authn(&user);
                 if let Some(c) = self.client(key) {
-                    c.log_login(&local, &session.info);
+                    c.log_login(&local, &session.info, authn);
                 }
                 let identity = (session.info.role_oid, session.info.db_oid);
                 drop(session); // wipes the secret

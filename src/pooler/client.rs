@@ -128,6 +128,12 @@ pub struct Client {
     pub kq_close: bool,
     /// Logged in (its disconnection is logged as the server's would be).
     pub logged_in: bool,
+    /// The method of its authenticated identity (`control::AUTHN_*`; 0:
+    /// none, e.g. trust), whose id is `user`, or for `cert` `authn_dn`
+    /// (kept apart so that a password login, most clients, stores no
+    /// second copy of its role name).
+    pub authn_method: u8,
+    pub authn_dn: Option<Box<[u8]>>,
     pub xacts: i64,
     pub started: Instant,
     /// The `replication` startup parameter as the server reads it: a
@@ -228,6 +234,8 @@ impl Client {
             killed: false,
             kq_close: false,
             logged_in: false,
+            authn_method: 0,
+            authn_dn: None,
             xacts: 0,
             started: Instant::now(),
             replication: proto::Replication::None,
@@ -270,10 +278,21 @@ impl Client {
         crate::pg::session::log_client_fatal(&f.sqlstate, &f.message, log_detail.or(f.detail.as_deref()), f.hint.as_deref(), &who);
     }
 
+    /// The identity its backends show (`SYSTEM_USER`): see `log_login`.
+    pub fn authn(&self) -> Option<nextgres_core::control::Authn> {
+        let id = match self.authn_method {
+            0 => return None,
+            nextgres_core::control::AUTHN_CERT => self.authn_dn.as_deref()?.to_vec(),
+            _ => self.user.as_bytes().to_vec(),
+        };
+        Some(nextgres_core::control::Authn { method: self.authn_method, id })
+    }
+
     /// The server's "connection authenticated" and "connection authorized"
-    /// lines (postinit.c PerformAuthentication(), auth.c set_authn_id()).
-    pub fn log_login(&mut self, local: &[u8], info: &crate::pg::glue::NgLoginInfo) {
-        use crate::pg::glue::HbaMethod;
+    /// lines (postinit.c PerformAuthentication(), auth.c set_authn_id());
+    /// `authn` is the identity the login established (`AuthSession::authn`),
+    /// kept for the client's backends.
+    pub fn log_login(&mut self, local: &[u8], info: &crate::pg::glue::NgLoginInfo, authn: Option<nextgres_core::control::Authn>) {
         use crate::pg::session::{hba_file, log_client_line, ConnectionLogging};
         self.logged_in = true;
         let logging = ConnectionLogging::now();
@@ -286,17 +305,22 @@ impl Client {
             db: Some(self.database.as_str()),
             appname: None,
         };
-        // Only password methods set an authenticated identity.
-        let identified = matches!(info.method(), HbaMethod::Password | HbaMethod::Md5 | HbaMethod::Scram);
-        if logging.authentication() && identified {
-            let msg = format!(
-                "connection authenticated: identity=\"{}\" method={} ({}:{})",
-                self.user,
-                info.method_name(),
-                hba_file(),
-                info.hba_line
-            );
-            log_client_line(&msg, &who);
+        // Only methods that authenticate someone set an identity.
+        if let Some(a) = &authn {
+            if logging.authentication() {
+                let msg = format!(
+                    "connection authenticated: identity=\"{}\" method={} ({}:{})",
+                    String::from_utf8_lossy(&a.id),
+                    info.method_name(),
+                    hba_file(),
+                    info.hba_line
+                );
+                log_client_line(&msg, &who);
+            }
+            self.authn_method = a.method;
+            if a.method == nextgres_core::control::AUTHN_CERT {
+                self.authn_dn = Some(a.id.clone().into_boxed_slice());
+            }
         }
         if logging.authorization() {
             let mut msg = format!("connection authorized: user={} database={}", self.user, self.database);

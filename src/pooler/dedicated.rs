@@ -366,6 +366,7 @@ impl Pooler {
             local,
             settings: Vec::new(),
             image: Default::default(),
+            authn: c.authn(),
             tls: c.tls_status(),
             ahead: None,
         };

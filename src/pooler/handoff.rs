@@ -551,8 +551,8 @@ impl Pooler {
         // startup settings are written from the client's own, taken and
         // put back, not from a copy (an allocation per setting, per
         // transaction of a saturated pool).
-        let (image, settings) = match self.client(ck) {
-            Some(c) if new_client => (std::mem::take(&mut c.image), std::mem::take(&mut c.settings)),
+        let (image, settings, authn) = match self.client(ck) {
+            Some(c) if new_client => (std::mem::take(&mut c.image), std::mem::take(&mut c.settings), c.authn()),
             _ => Default::default(),
         };
         let attach = Attach {
@@ -567,6 +567,7 @@ impl Pooler {
             local,
             settings,
             image,
+            authn,
             tls,
             ahead,
         };

@@ -258,6 +258,7 @@ impl Pooler {
             local,
             settings: c.settings.clone(),
             image: c.image.clone(),
+            authn: c.authn(),
             tls: None,
             ahead: None,
         };

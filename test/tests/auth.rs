@@ -1612,3 +1612,96 @@ fn a_password_change_keeps_connected_pooled_clients() {
         pg.activity()
     );
 }
+
+/// SYSTEM_USER (16+) of a pooled session is what a direct login over the
+/// same pg_hba.conf line gives: `scram-sha-256:role`, `md5:role` (an md5
+/// line, here with a SCRAM secret: the method is the line's),
+/// `password:role`, and NULL over trust. Per client: two clients of one
+/// pool (pool_size 1, so one backend) take turns, one authenticated with
+/// scram-sha-256 from 127.0.0.1 and one by trust from 127.0.0.2, and each
+/// sees its own (before: both saw the pool login's, NULL over its `local`
+/// trust line). On 15, which has no SYSTEM_USER, both doors give the same
+/// error.
+#[test]
+fn system_user_is_the_clients_identity() {
+    let hba = "local all all trust\n\
+               host all all 127.0.0.2/32 trust\n\
+               host all md5_u 127.0.0.1/32 md5\n\
+               host all pw_u 127.0.0.1/32 password\n\
+               host all all 127.0.0.1/32 scram-sha-256\n";
+    let sp = SidePort::start(Cluster::builder().hba(hba).conf("nextgres.pool_size = 1"));
+    let pg = &sp.pg;
+    exec(pg, "CREATE EXTENSION nextgres");
+    for r in ["app_u", "md5_u", "pw_u"] {
+        pg.create_role(r, PW, PasswordEncryption::ScramSha256);
+    }
+    let sql = "SELECT coalesce(system_user, 'NULL')";
+    let value = |c: &mut postgres::Client| match c.simple_query(sql) {
+        Ok(m) => pool_support::first_value(&m).unwrap_or_default(),
+        Err(e) => format!("ERROR {:?}", e.code().map(|c| c.code())),
+    };
+    let raw_value = |r: &mut nextgres_test::raw::Raw| match r.query(sql) {
+        Ok(rows) => rows.first().and_then(|r| r.first().cloned().flatten()).unwrap_or_default(),
+        Err(nextgres_test::raw::RawFail::Db { code, .. }) => format!("ERROR {:?}", Some(code)),
+        Err(e) => panic!("{sql}: {e:?}"),
+    };
+    let login = |ci: nextgres_test::ConnInfo| {
+        let what = ci.conninfo();
+        ci.maybe_password(Some(PW)).connect().unwrap_or_else(|e| panic!("{what}: {e:?}"))
+    };
+    // The trust client: a raw login from 127.0.0.2.
+    let trusted = |port: u16| nextgres_test::raw::Raw::login(tcp_from([127, 0, 0, 2], port), "app_u", "postgres", Duration::from_secs(30));
+    let mut seen = Vec::new();
+    for user in ["app_u", "md5_u", "pw_u"] {
+        let direct = value(&mut login(sp.direct(user, "postgres")));
+        let pooled = value(&mut login(sp.pooled(user, "postgres")));
+        assert_eq!(pooled, direct, "{user}: through the pooler vs the server");
+        seen.push(pooled);
+    }
+    let direct = raw_value(&mut trusted(pg.port()));
+    let pooled = raw_value(&mut trusted(sp.pool_port));
+    assert_eq!(pooled, direct, "trust from 127.0.0.2: through the pooler vs the server");
+    seen.push(pooled);
+    if pg.pg_major() >= 16 {
+        assert_eq!(seen, ["scram-sha-256:app_u", "md5:md5_u", "password:pw_u", "NULL"]);
+    } else {
+        assert!(seen.iter().all(|s| s.starts_with("ERROR")), "{seen:?}");
+    }
+    // Two clients of one pool on its one backend, taking turns.
+    let mut scram = login(sp.pooled("app_u", "postgres"));
+    let mut trust = trusted(sp.pool_port);
+    for turn in 0..3 {
+        assert_eq!(value(&mut scram), seen[0], "turn {turn}, the scram-sha-256 client");
+        assert_eq!(raw_value(&mut trust), seen[3], "turn {turn}, the trust client");
+    }
+    let backends: i64 = pg
+        .admin()
+        .query_one("SELECT count(*) FROM nextgres.backends WHERE role = 'app_u'", &[])
+        .expect("nextgres.backends")
+        .get(0);
+    assert_eq!(backends, 1, "the two clients did not share one backend");
+}
+
+/// A TCP connection to 127.0.0.1:`port` from the local address `src`
+/// (another loopback address, which pg_hba.conf can tell apart).
+fn tcp_from(src: [u8; 4], port: u16) -> std::net::TcpStream {
+    use std::os::fd::FromRawFd;
+    let addr = |ip: [u8; 4], port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(ip) },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a descriptor this function owns until
+    // TcpStream takes it; the addresses outlive the calls.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let stream = std::net::TcpStream::from_raw_fd(fd);
+        let (here, there) = (addr(src, 0), addr([127, 0, 0, 1], port));
+        assert_eq!(libc::bind(fd, (&raw const here).cast(), len), 0, "bind: {}", std::io::Error::last_os_error());
+        assert_eq!(libc::connect(fd, (&raw const there).cast(), len), 0, "connect: {}", std::io::Error::last_os_error());
+        stream
+    }
+}

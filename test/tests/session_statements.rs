@@ -494,6 +494,50 @@ fn connection_log_lines_as_for_a_direct_session() {
     eprintln!("{}", p.join("\n"));
 }
 
+/// log_connections / log_disconnections changed by a reload (ALTER SYSTEM,
+/// pg_reload_conf()) apply to pooled clients from their next login, as to
+/// a new direct session: turned on, a pooled client's login and
+/// disconnection are logged; turned off again (RESET), they are not. Before,
+/// the pooler kept the value it started with (the settings are
+/// PGC_SU_BACKEND, which a reload changes only in the postmaster).
+#[test]
+fn connection_log_lines_follow_a_reload() {
+    let pg = Cluster::builder().conf("log_line_prefix = 'prefix:%h| '").start();
+    exec(&pg, "CREATE ROLE app LOGIN");
+    // The lines a pooled client's session wrote (the pool login's own come
+    // from the Unix socket, [local]).
+    let session = |pg: &Cluster| -> Vec<String> {
+        let mark = pg.log_mark();
+        {
+            let mut c = pg.connect_tcp("app", "postgres", None).unwrap();
+            c.simple_query("SELECT 1").unwrap();
+        }
+        // The disconnection line is written after the client is gone.
+        std::thread::sleep(Duration::from_millis(300));
+        pg.log_since(mark)
+            .lines()
+            .filter(|l| l.contains("prefix:127.0.0.1|") && l.contains("connection"))
+            .filter_map(|l| l.split_once("LOG:  ").map(|(_, m)| m.split_whitespace().take(2).collect::<Vec<_>>().join(" ")))
+            .collect()
+    };
+    assert_eq!(session(&pg), Vec::<String>::new(), "logged with log_connections off");
+    let set = |sql: &str| exec(&pg, &format!("{sql}; SELECT pg_reload_conf()"));
+    set("ALTER SYSTEM SET log_connections = on; ALTER SYSTEM SET log_disconnections = on");
+    let mut seen = Vec::new();
+    let on = wait_until(session_support::SETTLE, || {
+        seen = session(&pg);
+        seen.iter().any(|l| l.starts_with("connection authorized")) && seen.iter().any(|l| l.starts_with("disconnection"))
+    });
+    assert!(on, "no login or disconnection line after the reload turned them on: {seen:?}");
+    assert!(seen.iter().any(|l| l.starts_with("connection received")), "{seen:?}");
+    set("ALTER SYSTEM RESET log_connections; ALTER SYSTEM RESET log_disconnections");
+    let off = wait_until(session_support::SETTLE, || {
+        seen = session(&pg);
+        seen.is_empty()
+    });
+    assert!(off, "still logged after the reload turned them off: {seen:?}");
+}
+
 /// Replaces what follows each `key` while `keep` matches with `#`.
 fn regex_lite_replace(s: &str, key: &str, keep: impl Fn(char) -> bool) -> String {
     let mut out = String::new();

@@ -1512,6 +1512,24 @@ fn client_certificates_decide_as_the_server() {
             assert!(seen.iter().any(|s| s == want), "{want} not seen:\n{}", seen.join("\n"));
         }
         assert!(seen.iter().any(|s| s.starts_with("vca / certuser from another CA: failed") && s.contains("unknown ca")), "{seen:?}");
+        // SYSTEM_USER (16+) as the server records the login: cert gives the
+        // certificate's DN (also where its CN, or a map, decides), a
+        // password method under clientcert=verify-full the role, trust none.
+        if pooled.pg_major() >= 16 {
+            let who = |pg: &Cluster, role: &str, cert: &str| {
+                let conn = pg.tcp(role, "postgres").maybe_password(Some("secret"));
+                let out = psql_cs(pg, &conn, &format!("sslmode=require {cert}"), &["SELECT coalesce(system_user, 'none')"]);
+                assert!(out.success(), "{role}: {out}");
+                out.stdout.trim().to_string()
+            };
+            let mut ids = Vec::new();
+            for (role, i) in [("certuser", 1), ("mapuser", 2), ("dnuser", 2), ("vfull", 3), ("vca", 2), ("pwfull", 4)] {
+                let (d, p) = (who(&direct, role, &certs[1][i].1), who(pooled, role, &certs[0][i].1));
+                assert_eq!(p, d, "SYSTEM_USER of {role} with certificate {}: through the pooler vs the server", certs[0][i].0);
+                ids.push(p);
+            }
+            assert_eq!(ids, ["cert:CN=certuser", "cert:CN=alice", "cert:CN=alice", "none", "none", "scram-sha-256:pwfull"]);
+        }
         // ssl_crl_file + reload: a revoked client certificate fails the
         // handshake, another from the same CA still works, on both.
         for pg in [pooled, &direct] {

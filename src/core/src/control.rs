@@ -329,6 +329,28 @@ pub struct TlsStatus {
     pub issuer_dn: String,
 }
 
+/// A client's authenticated identity as the server records it at login
+/// (auth.c `set_authn_id()`, `ClientConnectionInfo`): what `SYSTEM_USER`
+/// shows as `method:id` (16+). Only methods that authenticate someone set
+/// one: `trust` and `reject` do not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authn {
+    /// The matched pg_hba.conf line's method, as the glue numbers the
+    /// server's `UserAuth` (`AUTHN_PASSWORD` .. `AUTHN_CERT`); never 0.
+    pub method: u8,
+    /// The role name the client logged in as (password methods), or its
+    /// certificate's subject DN in RFC 2253 form (cert). No NUL byte (a
+    /// longer one is cut there, as the server's C string would be).
+    pub id: Vec<u8>,
+}
+
+/// `Authn::method` values (glue.c `NG_AUTH_*`, the server's `uaPassword`,
+/// `uaMD5`, `uaSCRAM`, `uaCert`).
+pub const AUTHN_PASSWORD: u8 = 3;
+pub const AUTHN_MD5: u8 = 4;
+pub const AUTHN_SCRAM: u8 = 5;
+pub const AUTHN_CERT: u8 = 7;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attach {
     pub client_id: u64,
@@ -353,6 +375,9 @@ pub struct Attach {
     /// Startup-packet settings (source "client").
     pub settings: Vec<(String, String)>,
     pub image: SessionImage,
+    /// The client's authenticated identity (applied with a new client's
+    /// session); None: none (trust), or the same client again.
+    pub authn: Option<Authn>,
     /// The client's TLS session; None for a plaintext client.
     pub tls: Option<TlsStatus>,
     /// Sent ahead (see [`Ahead`]); None for a parked backend's ATTACH.
@@ -431,6 +456,8 @@ pub fn attach_size_hint(a: &Attach) -> usize {
         + 4
         + a.image.statements.byte_len()
         + pairs(&a.image.defaults)
+        + 1
+        + a.authn.as_ref().map_or(0, |x| x.id.len() + 1)
         + a.tls.as_ref().map_or(0, |t| {
             9 + t.version.len() + t.cipher.len() + t.client_dn.len() + t.client_serial.len() + t.issuer_dn.len()
         })
@@ -456,6 +483,14 @@ pub fn write_attach(out: &mut Vec<u8>, a: &Attach) {
         put_pairs(o, &a.image.settings);
         put_statements(o, &a.image.statements);
         put_pairs(o, &a.image.defaults);
+        match a.authn.as_ref().filter(|x| x.method != 0) {
+            Some(x) => {
+                o.push(x.method);
+                let id = x.id.split(|&b| b == 0).next().unwrap_or_default();
+                put_bytes(o, id);
+            }
+            None => o.push(0),
+        }
         if let Some(t) = &a.tls {
             o.extend_from_slice(&t.bits.to_be_bytes());
             for s in [&t.version, &t.cipher, &t.client_dn, &t.client_serial, &t.issuer_dn] {
@@ -683,6 +718,10 @@ pub fn parse_attach(body: &[u8]) -> Result<Attach, ProtoError> {
     let local = r.addr()?;
     let settings = r.pairs()?;
     let image = SessionImage { settings: r.pairs()?, statements: r.statements()?, defaults: r.pairs()? };
+    let authn = match r.u8()? {
+        0 => None,
+        method => Some(Authn { method, id: r.cbytes()?.to_vec() }),
+    };
     let tls = if flags & FLAG_TLS != 0 {
         Some(TlsStatus {
             bits: r.u32()? as i32,
@@ -705,7 +744,7 @@ pub fn parse_attach(body: &[u8]) -> Result<Attach, ProtoError> {
         None
     };
     r.end()?;
-    Ok(Attach { client_id, flags: flags & !(FLAG_TLS | FLAG_AHEAD), pool_row, key_pid, addr, local, settings, image, tls, ahead })
+    Ok(Attach { client_id, flags: flags & !(FLAG_TLS | FLAG_AHEAD), pool_row, key_pid, addr, local, settings, image, authn, tls, ahead })
 }
 
 pub fn parse_released(body: &[u8]) -> Result<Released, ProtoError> {
@@ -870,6 +909,7 @@ mod tests {
             local: vec![2, 0, 0x15, 0x38, 127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0],
             settings: vec![("application_name".into(), "app".into()), ("TimeZone".into(), "UTC".into())],
             image: image(),
+            authn: None,
             tls: None,
             ahead: None,
         };
@@ -892,6 +932,20 @@ mod tests {
         write_attach(&mut out, &Attach { flags: FLAG_TLS, ..a.clone() });
         let (m, _) = parse_message(&out, 1 << 20).unwrap().unwrap();
         assert_eq!(parse_attach(m.body).unwrap(), Attach { flags: 0, ..a.clone() });
+        // An identity comes back; one with a NUL is cut there, and method 0
+        // is none.
+        for (authn, back) in [
+            (Authn { method: AUTHN_SCRAM, id: b"app".to_vec() }, Some(Authn { method: AUTHN_SCRAM, id: b"app".to_vec() })),
+            (Authn { method: AUTHN_CERT, id: b"CN=a\0b".to_vec() }, Some(Authn { method: AUTHN_CERT, id: b"CN=a".to_vec() })),
+            (Authn { method: 0, id: b"x".to_vec() }, None),
+        ] {
+            let x = Attach { authn: Some(authn), ..a.clone() };
+            let mut out = Vec::new();
+            write_attach(&mut out, &x);
+            assert!(attach_size_hint(&x) >= out.len());
+            let (m, _) = parse_message(&out, 1 << 20).unwrap().unwrap();
+            assert_eq!(parse_attach(m.body).unwrap(), Attach { authn: back, ..a.clone() });
+        }
         // Sent ahead, with and without TLS: the ticket and row come back,
         // FLAG_AHEAD never stays in the parsed flags.
         for tls in [None, Some(tls())] {
@@ -942,9 +996,9 @@ mod tests {
         let mut out = Vec::new();
         write_attach(
             &mut out,
-            &Attach { client_id: 1, flags: 0, pool_row: 0, key_pid: -5, addr: vec![1; 16], local: vec![2; 16], settings: vec![("a".into(), "b".into())], image: image(), tls: Some(tls()), ahead: None },
+            &Attach { client_id: 1, flags: 0, pool_row: 0, key_pid: -5, addr: vec![1; 16], local: vec![2; 16], settings: vec![("a".into(), "b".into())], image: image(), authn: Some(Authn { method: AUTHN_CERT, id: b"CN=alice".to_vec() }), tls: Some(tls()), ahead: None },
         );
-        assert!(attach_size_hint(&Attach { client_id: 1, flags: 0, pool_row: 0, key_pid: -5, addr: vec![1; 16], local: vec![2; 16], settings: vec![("a".into(), "b".into())], image: image(), tls: Some(tls()), ahead: None }) >= out.len());
+        assert!(attach_size_hint(&Attach { client_id: 1, flags: 0, pool_row: 0, key_pid: -5, addr: vec![1; 16], local: vec![2; 16], settings: vec![("a".into(), "b".into())], image: image(), authn: Some(Authn { method: AUTHN_CERT, id: b"CN=alice".to_vec() }), tls: Some(tls()), ahead: None }) >= out.len());
         let body = &out[5..];
         for cut in 0..body.len() {
             assert!(parse_attach(&body[..cut]).is_err(), "cut at {cut}");

@@ -147,6 +147,7 @@ fn control() {
         local: vec![2, 0, 0x15, 0x38, 127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0],
         settings: vec![("application_name".into(), "app".into()), ("TimeZone".into(), "UTC".into())],
         image: image.clone(),
+        authn: Some(control::Authn { method: control::AUTHN_SCRAM, id: b"app".to_vec() }),
         tls: None,
         ahead: None,
     };

@@ -125,6 +125,15 @@ fn generated(data: &[u8]) -> arbitrary::Result<()> {
             },
             settings: pairs(&mut u)?,
             image: SessionImage { settings: pairs(&mut u)?, statements: statements(&mut u)?.into(), defaults: pairs(&mut u)? },
+            // Method 0 is written as none, and an id is cut at a NUL: only
+            // what comes back unchanged.
+            authn: if bool::arbitrary(&mut u)? {
+                let method = u.int_in_range(1..=u8::MAX)?;
+                let n = u.int_in_range(0..=64)?;
+                Some(control::Authn { method, id: u.bytes(n)?.iter().copied().filter(|&b| b != 0).collect() })
+            } else {
+                None
+            },
             tls: if bool::arbitrary(&mut u)? {
                 Some(TlsStatus {
                     bits: i32::arbitrary(&mut u)?,
