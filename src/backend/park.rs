@@ -775,6 +775,11 @@ fn attach_client(p: &mut Parking, (mut a, fd): (Attach, RawFd), timer_was_on: bo
     } else {
         session::attached_again();
     }
+    if a.flags & control::FLAG_SESSION_START != 0 {
+        // In the client's session, before its first query: what a trigger
+        // sets (set_config) is the client's, carried at its release.
+        glue::fire_login_triggers();
+    }
     if timer_was_on {
         glue::idle_session_timer_resume();
     }

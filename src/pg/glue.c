@@ -28,6 +28,7 @@
 #include "commands/async.h"
 #include "commands/dbcommands.h"
 #include "commands/discard.h"
+#include "commands/event_trigger.h"
 #include "common/ip.h"
 #include "common/scram-common.h"
 #include "libpq/auth.h"
@@ -445,6 +446,61 @@ rethrow_as_fatal(MemoryContext cxt)
 	ereport(FATAL,
 			(errcode(ERRCODE_INTERNAL_ERROR),
 			 errmsg("nextgres: error in a pooled backend between transactions: %s", e->message)));
+}
+
+/*
+ * Login event triggers (17+) for a client's session starting on this pooled
+ * backend, as PostgresMain() fires them after a direct login
+ * (event_trigger.c EventTriggerOnLogin()), in the client's session: its
+ * role, settings, application_name, address and SYSTEM_USER are in place.
+ * The database's flag is read again first: InitPostgres() read it when the
+ * backend logged in, maybe before the first trigger was created.  A trigger's
+ * ERROR ends the session as it ends a direct login, where no error handler is
+ * set up yet: FATAL, with the trigger's own code and words, to the client;
+ * this backend exits with it (the pool logs in another).  A `login` trigger
+ * also fires for each pool login, a backend's own (its session is no client's:
+ * `application_name` empty, over the Unix socket).
+ */
+void
+ng_fire_login_triggers(void)
+{
+#if PG_VERSION_NUM >= 170000
+	MemoryContext cxt = CurrentMemoryContext;
+
+	if (!OidIsValid(MyDatabaseId))
+		return;
+	PG_TRY();
+	{
+		HeapTuple	tup;
+		bool		has = false;
+
+		StartTransactionCommand();
+		tup = SearchSysCache1(DATABASEOID, ObjectIdGetDatum(MyDatabaseId));
+		if (HeapTupleIsValid(tup))
+		{
+			has = ((Form_pg_database) GETSTRUCT(tup))->dathasloginevt;
+			ReleaseSysCache(tup);
+		}
+		CommitTransactionCommand();
+		MyDatabaseHasLoginEventTriggers = has;
+		EventTriggerOnLogin();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *e;
+
+		MemoryContextSwitchTo(cxt);
+		e = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		if (e->elevel < FATAL)
+			e->elevel = FATAL;
+		ThrowErrorData(e);
+		/* not reached: FATAL exits */
+		proc_exit(1);
+	}
+	PG_END_TRY();
+#endif
 }
 
 /*

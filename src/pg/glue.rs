@@ -157,6 +157,7 @@ extern "C" {
     );
     fn ng_report_parked();
     fn ng_set_client_identity(method: c_int, authn_id: *const c_char) -> bool;
+    fn ng_fire_login_triggers();
     fn ng_set_ssl_status(
         on: bool,
         bits: c_int,
@@ -443,6 +444,16 @@ pub fn set_client_identity(authn: Option<&nextgres_core::control::Authn>) -> boo
         },
         None => unsafe { ng_set_client_identity(0, std::ptr::null()) },
     }
+}
+
+/// The database's `login` event triggers (17+) for a client whose session
+/// starts on this backend, as after a direct login (glue.c
+/// `ng_fire_login_triggers`). A trigger's ERROR is the client's FATAL, and
+/// this backend exits with it (does not return).
+pub fn fire_login_triggers() {
+    // SAFETY: between transactions, in the client's session; every ERROR is
+    // caught on the C side (it rethrows as FATAL, which exits).
+    unsafe { ng_fire_login_triggers() }
 }
 
 /// `pg_stat_ssl` for this backend (glue.c `ng_set_ssl_status`): the

@@ -40,9 +40,17 @@ impl Raw {
     /// made at a chosen moment, e.g. while no pooler runs).
     #[track_caller]
     pub fn login(s: TcpStream, user: &str, db: &str, timeout: Duration) -> Raw {
+        Raw::login_with(s, &[("user", user), ("database", db)], timeout)
+    }
+
+    /// Logs in (trust) with these startup parameters (`user`, `database`,
+    /// `application_name`, ...).
+    #[track_caller]
+    pub fn login_with(s: TcpStream, params: &[(&str, &str)], timeout: Duration) -> Raw {
+        let user = params.iter().find(|(k, _)| *k == "user").map_or("", |(_, v)| *v);
         s.set_read_timeout(Some(timeout)).expect("read timeout");
         s.set_nodelay(true).expect("nodelay");
-        let pkt = startup_packet(user, db);
+        let pkt = startup_packet_with(params);
         let mut raw = Raw { s, timeout, key: None };
         raw.s.write_all(&pkt).expect("raw startup");
         raw.until_ready()
@@ -180,8 +188,13 @@ pub fn read_message(r: &mut impl Read) -> io::Result<(u8, Vec<u8>)> {
 
 /// A protocol 3.0 StartupMessage for `user` and `db` (protocol 53.2.2).
 pub fn startup_packet(user: &str, db: &str) -> Vec<u8> {
+    startup_packet_with(&[("user", user), ("database", db)])
+}
+
+/// A protocol 3.0 StartupMessage with these parameters, in order.
+pub fn startup_packet_with(params: &[(&str, &str)]) -> Vec<u8> {
     let mut body = 196608i32.to_be_bytes().to_vec();
-    for (k, v) in [("user", user), ("database", db)] {
+    for &(k, v) in params {
         body.extend_from_slice(k.as_bytes());
         body.push(0);
         body.extend_from_slice(v.as_bytes());

@@ -1705,3 +1705,80 @@ fn tcp_from(src: [u8; 4], port: u16) -> std::net::TcpStream {
         stream
     }
 }
+
+/// Login event triggers (17+) fire for each pooled client's session, as for
+/// a direct login, in the client's session (its role, application_name and
+/// address), also on a backend that logged in before the trigger existed;
+/// what the trigger sets (`set_config`) stays in the client's session. A
+/// trigger that raises ends the session with its error as FATAL: a direct
+/// login fails with it; a pooled client, whose login the pooler completed,
+/// gets it at its first query, and the pool goes on serving others. Before,
+/// triggers fired only when the pool logged a backend in, so audits missed
+/// clients and a refusing trigger refused nobody whose pool had a backend.
+#[test]
+fn login_event_triggers_fire_for_each_pooled_session() {
+    if nextgres_test::pg_major() < 17 {
+        eprintln!("login event triggers need PostgreSQL 17");
+        return;
+    }
+    let sp = SidePort::start(Cluster::builder().conf("nextgres.pool_size = 1"));
+    let pg = &sp.pg;
+    exec(pg, "CREATE EXTENSION nextgres");
+    pg.create_role("app_u", PW, PasswordEncryption::ScramSha256);
+    let connect = |ci: nextgres_test::ConnInfo| ci.maybe_password(Some(PW)).connect();
+    // The pool's backend logs in before the trigger exists.
+    let mut early = connect(sp.pooled("app_u", "postgres")).expect("pooled login");
+    early.simple_query("SELECT 1").expect("first query");
+    drop(early);
+    // One statement at a time (`exec` splits at every `;`).
+    let mut admin = pg.admin();
+    for sql in [
+        "CREATE TABLE logins(who text, app text, addr inet)",
+        "GRANT INSERT ON logins TO public",
+        "CREATE FUNCTION on_login() RETURNS event_trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF current_setting('application_name') = 'forbidden' THEN
+             RAISE EXCEPTION 'no logins from forbidden' USING ERRCODE = '28000', HINT = 'Use another name.';
+           END IF;
+           INSERT INTO public.logins VALUES (session_user, current_setting('application_name'), inet_client_addr());
+           PERFORM set_config('app.login_seen', 'yes', false);
+         END $$",
+        "CREATE EVENT TRIGGER on_login ON login EXECUTE FUNCTION on_login()",
+    ] {
+        admin.batch_execute(sql).unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
+    let seen = |app: &str| -> i64 {
+        pg.admin()
+            .query_one("SELECT count(*) FROM logins WHERE who = 'app_u' AND app = $1 AND addr = '127.0.0.1'", &[&app])
+            .expect("logins")
+            .get(0)
+    };
+    for (door, ci) in [("direct", sp.direct("app_u", "postgres")), ("pooled", sp.pooled("app_u", "postgres"))] {
+        let mut c = connect(ci.application_name(door)).unwrap_or_else(|e| panic!("{door}: {e:?}"));
+        let set = pool_support::first_value(&c.simple_query("SELECT current_setting('app.login_seen', true)").expect("query"));
+        assert_eq!(set.as_deref(), Some("yes"), "{door}: the trigger's set_config");
+        // Still there in the next transaction (a pooled one may run on another backend).
+        let again = pool_support::first_value(&c.simple_query("SELECT current_setting('app.login_seen', true)").expect("query"));
+        assert_eq!(again.as_deref(), Some("yes"), "{door}: the trigger's set_config, second transaction");
+        assert_eq!(seen(door), 1, "{door}: one audit row for the login");
+    }
+    // A refusing trigger: the same FATAL either way. Read raw: through
+    // the pooler it may come right after the login (when the pool had an
+    // idle backend for the client at once), before any query, which some
+    // drivers (rust-postgres) report as a closed connection.
+    let Err(direct) = connect(sp.direct("app_u", "postgres").application_name("forbidden")) else { panic!("the direct login succeeded") };
+    let direct = direct.as_db_error().map(|d| (d.severity().to_string(), d.code().code().to_string()));
+    assert_eq!(direct, Some(("FATAL".to_string(), "28000".to_string())), "the direct refusal");
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", sp.pool_port)).expect("connect");
+    let params = [("user", "app_u"), ("database", "postgres"), ("application_name", "forbidden")];
+    let mut c = nextgres_test::raw::Raw::login_with(tcp, &params, Duration::from_secs(30));
+    c.send_query("SELECT 1");
+    let (severity, code, ended) = c.expect_fatal();
+    assert_eq!(Some((severity, code)), direct, "the refusal through the pooler vs the server");
+    assert_eq!(ended, std::io::ErrorKind::UnexpectedEof, "not an orderly close");
+    // The pool serves the next client.
+    let mut next = connect(sp.pooled("app_u", "postgres").application_name("pooled")).expect("next pooled login");
+    assert_eq!(pool_support::first_value(&next.simple_query("SELECT 'served'").expect("next client")).as_deref(), Some("served"));
+    assert_eq!(seen("pooled"), 2, "the next client's login");
+    assert_eq!(seen("forbidden"), 0, "a refused login's row was committed");
+}
