@@ -466,6 +466,7 @@ ng_fire_login_triggers(void)
 {
 #if PG_VERSION_NUM >= 170000
 	MemoryContext cxt = CurrentMemoryContext;
+	uint32		held = QueryCancelHoldoffCount;
 
 	if (!OidIsValid(MyDatabaseId))
 		return;
@@ -483,12 +484,21 @@ ng_fire_login_triggers(void)
 		}
 		CommitTransactionCommand();
 		MyDatabaseHasLoginEventTriggers = has;
+
+		/*
+		 * The boundary holds off cancels (CancelHeld): let lock_timeout and
+		 * a cancel reach the triggers, as at a direct login (where they end
+		 * it as FATAL too).
+		 */
+		QueryCancelHoldoffCount = 0;
 		EventTriggerOnLogin();
+		QueryCancelHoldoffCount = held;
 	}
 	PG_CATCH();
 	{
 		ErrorData  *e;
 
+		QueryCancelHoldoffCount = held;
 		MemoryContextSwitchTo(cxt);
 		e = CopyErrorData();
 		FlushErrorState();
@@ -500,6 +510,7 @@ ng_fire_login_triggers(void)
 		proc_exit(1);
 	}
 	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
 #endif
 }
 

@@ -2745,7 +2745,8 @@ ng_connection_logging(void)
  * includes, then postgresql.auto.conf, the last entry winning; a value from
  * a higher source (the server's command line) stays; one no longer in the
  * files goes back to the built-in default; nothing changes when a file does
- * not parse (the postmaster then applies nothing either), nor for a value
+ * not parse or names an unknown setting (the postmaster then applies
+ * nothing either), nor for a value
  * the setting's own check refuses (the postmaster logged why).  Called in
  * the agent and in the pooler after their ProcessConfigFile().
  */
@@ -2771,6 +2772,15 @@ ng_reload_connection_logging(void)
 		ok = ParseConfigFile(ConfigFileName, true, NULL, 0, 0, DEBUG2, &head, &tail);
 		if (ok && DataDir)
 			ok = ParseConfigFile(PG_AUTOCONF_FILENAME, false, NULL, 0, 0, DEBUG2, &head, &tail);
+
+		/*
+		 * An unrecognized parameter (no placeholder prefix) makes the
+		 * server apply nothing from the files.
+		 */
+		for (ConfigVariable *v = head; ok && v; v = v->next)
+			if (strchr(v->name, GUC_QUALIFIER_SEPARATOR) == NULL &&
+				GetConfigOption(v->name, true, false) == NULL)
+				ok = false;
 		for (int i = 0; ok && i < lengthof(names); i++)
 		{
 			const char *value = boot[i];

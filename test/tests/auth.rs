@@ -1735,10 +1735,15 @@ fn login_event_triggers_fire_for_each_pooled_session() {
     for sql in [
         "CREATE TABLE logins(who text, app text, addr inet)",
         "GRANT INSERT ON logins TO public",
+        "CREATE TABLE gate()",
+        "GRANT SELECT ON gate TO public",
         "CREATE FUNCTION on_login() RETURNS event_trigger LANGUAGE plpgsql AS $$
          BEGIN
            IF current_setting('application_name') = 'forbidden' THEN
              RAISE EXCEPTION 'no logins from forbidden' USING ERRCODE = '28000', HINT = 'Use another name.';
+           END IF;
+           IF current_setting('application_name') = 'locker' THEN
+             LOCK TABLE public.gate IN ACCESS SHARE MODE;
            END IF;
            INSERT INTO public.logins VALUES (session_user, current_setting('application_name'), inet_client_addr());
            PERFORM set_config('app.login_seen', 'yes', false);
@@ -1762,6 +1767,23 @@ fn login_event_triggers_fire_for_each_pooled_session() {
         assert_eq!(again.as_deref(), Some("yes"), "{door}: the trigger's set_config, second transaction");
         assert_eq!(seen(door), 1, "{door}: one audit row for the login");
     }
+    // lock_timeout reaches a trigger that waits for a lock, as at a direct
+    // login: FATAL 55P03 either way (the boundary's hold on cancels once
+    // kept the pooled one waiting for the lock).
+    let mut holder = pg.admin();
+    holder.batch_execute("BEGIN; LOCK TABLE gate IN ACCESS EXCLUSIVE MODE").expect("lock");
+    let mut cfg = sp.direct("app_u", "postgres").application_name("locker").maybe_password(Some(PW)).config();
+    cfg.options("-c lock_timeout=300");
+    let Err(direct) = cfg.connect(postgres::NoTls) else { panic!("the direct login got past the lock") };
+    let direct = direct.as_db_error().map(|d| (d.severity().to_string(), d.code().code().to_string()));
+    assert_eq!(direct, Some(("FATAL".to_string(), "55P03".to_string())), "the direct login's lock timeout");
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", sp.pool_port)).expect("connect");
+    let params = [("user", "app_u"), ("database", "postgres"), ("application_name", "locker"), ("options", "-c lock_timeout=300")];
+    let mut c = nextgres_test::raw::Raw::login_with(tcp, &params, Duration::from_secs(30));
+    c.send_query("SELECT 1");
+    let (severity, code, _) = c.expect_fatal();
+    assert_eq!(Some((severity, code)), direct, "the lock timeout through the pooler vs the server");
+    holder.batch_execute("ROLLBACK").expect("unlock");
     // A refusing trigger: the same FATAL either way. Read raw: through
     // the pooler it may come right after the login (when the pool had an
     // idle backend for the client at once), before any query, which some

@@ -536,6 +536,18 @@ fn connection_log_lines_follow_a_reload() {
         seen.is_empty()
     });
     assert!(off, "still logged after the reload turned them off: {seen:?}");
+    // A file naming an unknown setting: the server applies nothing of it,
+    // nor does the pooler.
+    let mark = pg.log_mark();
+    pg.append_conf("log_connections = on\nno_such_setting = 1").expect("conf");
+    pg.reload().expect("reload");
+    assert!(
+        wait_until(session_support::SETTLE, || pg.log_since(mark).contains("no changes were applied")),
+        "the server did not refuse the file"
+    );
+    // The pooler's reload follows the agent's (a forwarded SIGHUP).
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(session(&pg), Vec::<String>::new(), "logged after a reload the server refused");
 }
 
 /// Replaces what follows each `key` while `keep` matches with `#`.
