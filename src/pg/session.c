@@ -2746,9 +2746,9 @@ ng_connection_logging(void)
  * a higher source (the server's command line) stays; one no longer in the
  * files goes back to the built-in default; nothing changes when a file does
  * not parse or names an unknown setting (the postmaster then applies
- * nothing either), nor for a value
- * the setting's own check refuses (the postmaster logged why).  Called in
- * the agent and in the pooler after their ProcessConfigFile().
+ * nothing either), nor for a value the setting's own check refuses (the
+ * postmaster logged why).  Called in the agent and in the pooler after their
+ * ProcessConfigFile().
  */
 void
 ng_reload_connection_logging(void)
