@@ -955,6 +955,12 @@ pub fn set_lingering(row: usize, on: bool) {
     std::sync::atomic::fence(Ordering::SeqCst);
 }
 
+/// Pooled backend: is backend row `row` still its own (`Tables::backend_row_is_mine`)?
+/// False without the shared tables.
+pub fn backend_row_is_mine(row: usize) -> bool {
+    tables().is_some_and(|t| t.backend_row_is_mine(row))
+}
+
 impl Tables {
     /// Pooled backend: is backend row `row` (in use) still its own? A
     /// backend that outlived its pooler holds the index of a row the next

@@ -31,23 +31,19 @@ pub fn disarm() {
 
 /// After the release of `client` was published (RELEASED written, or the
 /// queue's owner word given back), or a client taken from the queue was
-/// given up unserved: a cancel posted for it here is void.
+/// given up unserved: a cancel posted for it here is void. Never in a row
+/// that is no longer this backend's (one that outlived its pooler holds the
+/// index of a row the next pooler may have given another backend, whose
+/// clients' ids may repeat this one's), here or in `ng_rs_cancel_due`.
 pub fn released(row: Option<usize>, client: u64) {
-    if let Some(row) = row.filter(|&r| row_is_mine(r)) {
+    if let Some(row) = row.filter(|&r| crate::shmem::backend_row_is_mine(r)) {
         crate::shmem::cancel_withdraw(row, client);
     }
-}
-
-/// A backend that outlived its pooler holds the index of a row the next
-/// pooler may have given another backend (whose clients' ids may repeat
-/// this one's): never take or withdraw a cancel there.
-fn row_is_mine(row: usize) -> bool {
-    crate::shmem::tables().is_some_and(|t| t.backend_row_is_mine(row))
 }
 
 /// session.c, at the first statement hook after an attach (the C flag is
 /// cleared there): is a cancel for this client due?
 #[no_mangle]
 pub extern "C" fn ng_rs_cancel_due() -> bool {
-    ARMED.with(|a| a.take()).is_some_and(|(row, client)| row_is_mine(row) && crate::shmem::cancel_take(row, client))
+    ARMED.with(|a| a.take()).is_some_and(|(row, client)| crate::shmem::backend_row_is_mine(row) && crate::shmem::cancel_take(row, client))
 }

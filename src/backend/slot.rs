@@ -62,7 +62,7 @@ pub fn take(control: RawFd, row: usize) -> Ahead {
 /// A client sent ahead waits for this backend (its row, `row`, still its
 /// own): on the socket or in a slot, neither taken back nor refused yet.
 pub fn queued_here(row: usize) -> bool {
-    crate::shmem::tables().is_some_and(|t| t.backend_row_is_mine(row)) && crate::shmem::ahead_first(row).is_some()
+    crate::shmem::backend_row_is_mine(row) && crate::shmem::ahead_first(row).is_some()
 }
 
 /// Copies the slot of `ticket`, duplicates the client's socket and claims
@@ -95,7 +95,7 @@ fn take_one(control: RawFd, row: usize, ticket: u64, slot: &AttachSlot, buf: &mu
         refuse(row, ticket, attach.client_id, nix::errno::Errno::EBADF); // as if that descriptor were gone
         return None;
     }
-    let mine = crate::shmem::tables().is_some_and(|t| t.backend_row_is_mine(row));
+    let mine = crate::shmem::backend_row_is_mine(row);
     if mine && crate::shmem::ahead_claim(row, ticket) {
         return Some((attach, fd));
     }
@@ -113,7 +113,7 @@ fn refuse(row: usize, ticket: u64, client_id: u64, e: nix::errno::Errno) {
     use nix::errno::Errno;
     // Not in a row no longer this backend's (its pooler restarted): that
     // ticket is another backend's to take.
-    if !crate::shmem::tables().is_some_and(|t| t.backend_row_is_mine(row)) {
+    if !crate::shmem::backend_row_is_mine(row) {
         return;
     }
     crate::shmem::ahead_refuse(row, ticket);

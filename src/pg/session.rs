@@ -333,6 +333,12 @@ pub fn reload_connection_logging() {
     unsafe { ng_reload_connection_logging() }
 }
 
+/// Does `log_connections` (its `authentication` stage) log a successful
+/// login that set no identity (trust) as `connection authenticated:
+/// user="..." method=...`? From 17 on (auth.c ClientAuthentication()); 15
+/// and 16 log only logins with an identity.
+pub const LOGS_LOGIN_WITHOUT_IDENTITY: bool = cfg!(any(feature = "pg17", feature = "pg18"));
+
 /// Which connection log lines the server writes (log_connections stages,
 /// log_disconnections).
 #[derive(Clone, Copy)]

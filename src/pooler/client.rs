@@ -305,18 +305,20 @@ impl Client {
             db: Some(self.database.as_str()),
             appname: None,
         };
-        // Only methods that authenticate someone set an identity.
-        if let Some(a) = &authn {
-            if logging.authentication() {
-                let msg = format!(
-                    "connection authenticated: identity=\"{}\" method={} ({}:{})",
-                    String::from_utf8_lossy(&a.id),
-                    info.method_name(),
-                    hba_file(),
-                    info.hba_line
-                );
+        // Methods that authenticate someone name the identity; from 17 a
+        // login without one (trust) is logged too, with its user name.
+        if logging.authentication() {
+            let what = match &authn {
+                Some(a) => Some(format!("identity=\"{}\"", String::from_utf8_lossy(&a.id))),
+                None if crate::pg::session::LOGS_LOGIN_WITHOUT_IDENTITY => Some(format!("user=\"{}\"", self.user)),
+                None => None,
+            };
+            if let Some(what) = what {
+                let msg = format!("connection authenticated: {what} method={} ({}:{})", info.method_name(), hba_file(), info.hba_line);
                 log_client_line(&msg, &who);
             }
+        }
+        if let Some(a) = &authn {
             self.authn_method = a.method;
             if a.method == nextgres_core::control::AUTHN_CERT {
                 self.authn_dn = Some(a.id.clone().into_boxed_slice());
