@@ -949,6 +949,21 @@ ng_set_client_addr(const struct sockaddr_storage *addr, socklen_t salen,
 	}
 }
 
+/*
+ * Auth methods as the pooler numbers them (HbaMethod in glue.rs,
+ * control::AUTHN_* in the core crate), mapped from and to the server's
+ * UserAuth by map_auth_method() and ng_user_auth().
+ */
+#define NG_AUTH_ERROR			(-1)
+#define NG_AUTH_IMPLICIT_REJECT	0
+#define NG_AUTH_REJECT			1
+#define NG_AUTH_TRUST			2
+#define NG_AUTH_PASSWORD		3
+#define NG_AUTH_MD5				4
+#define NG_AUTH_SCRAM			5
+#define NG_AUTH_OTHER			6
+#define NG_AUTH_CERT			7
+
 /* ------------------------------------------------------------------------
  * SYSTEM_USER of a pooled session (16+).
  *
@@ -1043,19 +1058,19 @@ system_user_slot(void)
 	return slot;
 }
 
-/* The UserAuth of an NG_AUTH_* code the pooler sends (glue.c's own numbering). */
+/* The UserAuth of an NG_AUTH_* code the pooler sends (one with an identity). */
 static UserAuth
 ng_user_auth(int method)
 {
 	switch (method)
 	{
-		case 3:
+		case NG_AUTH_PASSWORD:
 			return uaPassword;
-		case 4:
+		case NG_AUTH_MD5:
 			return uaMD5;
-		case 5:
+		case NG_AUTH_SCRAM:
 			return uaSCRAM;
-		case 7:
+		case NG_AUTH_CERT:
 			return uaCert;
 		default:
 			return uaReject;
@@ -1098,26 +1113,46 @@ set_system_user(UserAuth ua, const char *authn_id)
  * server's login would have set it (auth.c set_authn_id(), miscinit.c
  * InitializeSystemUser()): MyClientConnectionInfo, which parallel workers
  * copy and turn into their SYSTEM_USER, and the leader's own SYSTEM_USER.
- * `authn_id` NULL: no identity (trust).  Only an allocation failure in
- * TopMemoryContext could raise, as anywhere in a backend.  Returns false
- * where SYSTEM_USER could not be set (15 has none; its pointer not found).
+ * `id` is `len` bytes (no NUL among them); NULL: no identity (trust).  Only
+ * an allocation failure in TopMemoryContext could raise, as anywhere in a
+ * backend.  Returns false where SYSTEM_USER could not be set (15 has none;
+ * its pointer not found).
  */
 bool
-ng_set_client_identity(int method, const char *authn_id)
+ng_set_client_identity(int method, const char *id, int len)
 {
 #if PG_VERSION_NUM >= 160000
 	UserAuth	ua = ng_user_auth(method);
+	const char *cur = MyClientConnectionInfo.authn_id;
+	char	   *authn_id = NULL;
 
-	if (ua == uaReject)
-		authn_id = NULL;
-	if (MyClientConnectionInfo.authn_id)
-		pfree((void *) MyClientConnectionInfo.authn_id);
-	MyClientConnectionInfo.authn_id = authn_id ? MemoryContextStrdup(TopMemoryContext, authn_id) : NULL;
+	if (ua == uaReject || id == NULL || len < 0)
+		len = -1;
+
+	/*
+	 * The same identity as the backend's now (most switches: a pool's
+	 * clients share a role and a method): nothing to do.  Both variables are
+	 * always set together (here, or by the server's login), so one decides.
+	 */
+	if (len < 0 ? cur == NULL :
+		(cur != NULL && MyClientConnectionInfo.auth_method == ua &&
+		 strlen(cur) == (size_t) len && memcmp(cur, id, len) == 0))
+		return system_user_slot() != NULL;
+	if (len >= 0)
+	{
+		authn_id = MemoryContextAlloc(TopMemoryContext, len + 1);
+		memcpy(authn_id, id, len);
+		authn_id[len] = '\0';
+	}
+	if (cur)
+		pfree((void *) cur);
+	MyClientConnectionInfo.authn_id = authn_id;
 	MyClientConnectionInfo.auth_method = authn_id ? ua : 0;
 	return set_system_user(ua, authn_id);
 #else
 	(void) method;
-	(void) authn_id;
+	(void) id;
+	(void) len;
 	return false;
 #endif
 }
@@ -1338,16 +1373,6 @@ ng_server_authenticate(void)
 /* ------------------------------------------------------------------------
  * Pooler: the server's own pg_hba.conf and pg_authid.
  * ------------------------------------------------------------------------ */
-
-#define NG_AUTH_ERROR			(-1)
-#define NG_AUTH_IMPLICIT_REJECT	0
-#define NG_AUTH_REJECT			1
-#define NG_AUTH_TRUST			2
-#define NG_AUTH_PASSWORD		3
-#define NG_AUTH_MD5				4
-#define NG_AUTH_SCRAM			5
-#define NG_AUTH_OTHER			6
-#define NG_AUTH_CERT			7
 
 /*
  * hba.c remembers the postmaster's parsed_hba_context and

@@ -156,7 +156,7 @@ extern "C" {
         local_len: libc::socklen_t,
     );
     fn ng_report_parked();
-    fn ng_set_client_identity(method: c_int, authn_id: *const c_char) -> bool;
+    fn ng_set_client_identity(method: c_int, id: *const c_char, len: c_int) -> bool;
     fn ng_fire_login_triggers();
     fn ng_set_ssl_status(
         on: bool,
@@ -436,13 +436,12 @@ pub fn set_client_addr(addr: &[u8], local: &[u8]) {
 /// NULL. False where it stays the pool login's (15 has no SYSTEM_USER; a
 /// server whose code glue.c cannot read).
 pub fn set_client_identity(authn: Option<&nextgres_core::control::Authn>) -> bool {
-    match authn {
-        // An id from a parsed ATTACH has no NUL inside.
-        Some(a) => match std::ffi::CString::new(a.id.clone()) {
-            Ok(id) => unsafe { ng_set_client_identity(c_int::from(a.method), id.as_ptr()) },
-            Err(_) => unsafe { ng_set_client_identity(0, std::ptr::null()) },
-        },
-        None => unsafe { ng_set_client_identity(0, std::ptr::null()) },
+    // An id from a parsed ATTACH has no NUL inside; one too long for a C
+    // int is no identity.
+    match authn.and_then(|a| Some((a, c_int::try_from(a.id.len()).ok()?))) {
+        // SAFETY: `len` bytes at `id`, read (copied) during the call.
+        Some((a, len)) => unsafe { ng_set_client_identity(c_int::from(a.method), a.id.as_ptr().cast(), len) },
+        None => unsafe { ng_set_client_identity(0, std::ptr::null(), -1) },
     }
 }
 
