@@ -283,6 +283,9 @@ struct ClientVerifier {
     roots: Option<Arc<RootCertStore>>,
     /// Non-self-signed CA file certificates, offered as intermediates.
     extra: Vec<CertificateDer<'static>>,
+    /// The anchors' DER, for end certificates webpki refuses
+    /// ([`nextgres_core::client_chain`]).
+    anchors: Vec<CertificateDer<'static>>,
     provider: Arc<rustls::crypto::CryptoProvider>,
     revocation: Option<Revocation>,
     /// The directory listing the cached verifier was built from.
@@ -290,6 +293,51 @@ struct ClientVerifier {
 }
 
 impl ClientVerifier {
+    /// The chain of an end certificate webpki refuses (v1, CA:TRUE), as
+    /// [`nextgres_core::client_chain::verify`] checks it, with the CRLs
+    /// the rustls verifier would use (ssl_crl_dir read now).
+    fn verify_legacy(
+        &self,
+        end: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        use nextgres_core::client_chain::ChainError as C;
+        use rustls::CertificateError as E;
+        if self.roots.is_none() {
+            return Err(rustls::Error::InvalidCertificate(E::UnknownIssuer));
+        }
+        let crls: Option<Vec<CertificateRevocationListDer<'static>>> = match &self.revocation {
+            Some(r) => {
+                let mut crls = r.file_crls.clone();
+                let dir = load_crls(None, r.dir.as_deref())
+                    .map_err(|_| rustls::Error::InvalidCertificate(E::UnknownRevocationStatus))?;
+                crls.extend(dir);
+                Some(crls)
+            }
+            None => None,
+        };
+        let crl_refs: Option<Vec<&[u8]>> = crls.as_ref().map(|v| v.iter().map(|c| c.as_ref()).collect());
+        let inter: Vec<&[u8]> = intermediates.iter().map(|c| c.as_ref()).collect();
+        let anchors: Vec<&[u8]> = self.anchors.iter().map(|c| c.as_ref()).collect();
+        let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+        let algs = self.provider.signature_verification_algorithms.all;
+        nextgres_core::client_chain::verify(end, &inter, &anchors, crl_refs.as_deref(), now, algs).map_err(|e| {
+            rustls::Error::InvalidCertificate(match e {
+                C::BadEncoding => E::BadEncoding,
+                C::UnknownIssuer => E::UnknownIssuer,
+                C::BadSignature => E::BadSignature,
+                C::Expired => E::Expired,
+                C::NotValidYet => E::NotValidYet,
+                C::InvalidPurpose => E::InvalidPurpose,
+                C::Revoked => E::Revoked,
+                C::UnknownRevocationStatus => E::UnknownRevocationStatus,
+                C::ExpiredRevocationList => E::ExpiredRevocationList,
+            })
+        })?;
+        Ok(ClientCertVerified::assertion())
+    }
+
     fn current(&self) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
         let Some(roots) = &self.roots else {
             return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer));
@@ -341,7 +389,11 @@ impl ClientCertVerifier for ClientVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         let mut chain: Vec<CertificateDer<'_>> = intermediates.to_vec();
         chain.extend(self.extra.iter().cloned());
-        let verified = self.current().and_then(|v| v.verify_client_cert(end_entity, &chain, now));
+        let verified = if nextgres_core::client_chain::webpki_refuses(end_entity) {
+            self.verify_legacy(end_entity, &chain, now)
+        } else {
+            self.current().and_then(|v| v.verify_client_cert(end_entity, &chain, now))
+        };
         // OpenSSL reports a chain it cannot build (unknown_ca) before the
         // purpose (unsupported_certificate), and that before the rest.
         if let Err(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)) = verified {
@@ -359,7 +411,20 @@ impl ClientCertVerifier for ClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.base.verify_tls12_signature(message, cert, dss)
+        match self.base.verify_tls12_signature(message, cert, dss) {
+            // A v1 certificate webpki cannot read: its key, by the scheme's
+            // algorithms (any that fits the key, as rustls tries them).
+            Err(e) if nextgres_core::client_chain::webpki_refuses(cert) => {
+                let algs = &self.provider.signature_verification_algorithms;
+                let candidates = algs.mapping.iter().find(|(s, _)| *s == dss.scheme).map(|(_, a)| *a).ok_or(e)?;
+                if nextgres_core::client_chain::key_signed(cert, message, dss.signature(), candidates) {
+                    Ok(HandshakeSignatureValid::assertion())
+                } else {
+                    Err(rustls::Error::InvalidCertificate(rustls::CertificateError::BadSignature))
+                }
+            }
+            other => other,
+        }
     }
     fn verify_tls13_signature(
         &self,
@@ -367,7 +432,18 @@ impl ClientCertVerifier for ClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.base.verify_tls13_signature(message, cert, dss)
+        match self.base.verify_tls13_signature(message, cert, dss) {
+            Err(e) if nextgres_core::client_chain::webpki_refuses(cert) => {
+                let spki = nextgres_core::client_chain::subject_public_key_info(cert).ok_or(e)?;
+                rustls::crypto::verify_tls13_signature_with_raw_key(
+                    message,
+                    &rustls_pki_types::SubjectPublicKeyInfoDer::from(spki),
+                    dss,
+                    &self.provider.signature_verification_algorithms,
+                )
+            }
+            other => other,
+        }
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.base.supported_verify_schemes()
@@ -418,12 +494,16 @@ pub fn build(
             let mut all = RootCertStore::empty();
             let mut roots = RootCertStore::empty();
             let mut extra = Vec::new();
+            let mut anchors = Vec::new();
             let cas = cas?;
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
             for c in cas {
                 all.add(c.clone()).map_err(|e| format!("could not load root certificate file \"{}\": {e}", ca.display()))?;
                 match nextgres_core::cert::anchor_problem(&c, now) {
-                    None => roots.add(c).map_err(|e| format!("could not load root certificate file \"{}\": {e}", ca.display()))?,
+                    None => {
+                        roots.add(c.clone()).map_err(|e| format!("could not load root certificate file \"{}\": {e}", ca.display()))?;
+                        anchors.push(c);
+                    }
                     Some(why) => {
                         let subject = nextgres_core::cert::subject_names(&c).ok().and_then(|n| n.dn).unwrap_or_default();
                         log::warn!("certificate \"{subject}\" in \"{}\" is not used as a trust anchor: {why}", ca.display());
@@ -443,12 +523,13 @@ pub fn build(
                 base: base.clone(),
                 roots: None,
                 extra: Vec::new(),
+                anchors: Vec::new(),
                 provider: provider.clone(),
                 revocation: None,
                 cache: std::sync::Mutex::new(None),
             });
             Some((
-                Arc::new(ClientVerifier { base, roots, extra, provider: provider.clone(), revocation, cache: std::sync::Mutex::new(None) }),
+                Arc::new(ClientVerifier { base, roots, extra, anchors, provider: provider.clone(), revocation, cache: std::sync::Mutex::new(None) }),
                 refuse_all,
             ))
         }

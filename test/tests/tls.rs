@@ -57,22 +57,41 @@ fn client_cert_subj(pg: &Cluster, ca_name: &str, base: &str, subj: &str) -> Stri
 
 /// [`client_cert_subj`] with more extension lines `ext` (openssl syntax).
 fn client_cert_ext(pg: &Cluster, ca_name: &str, base: &str, subj: &str, ext: &str) -> String {
+    client_cert_made(pg, ca_name, base, subj, Some(&format!("basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n{ext}")))
+}
+
+/// An X.509 v1 client certificate (no extensions: `openssl x509 -req`
+/// without `-extfile`, the PostgreSQL documentation's recipe), else as
+/// [`client_cert_subj`].
+fn client_cert_v1(pg: &Cluster, ca_name: &str, base: &str, subj: &str) -> String {
+    let out = client_cert_made(pg, ca_name, base, subj, None);
+    let crt = pg.dir().join(format!("client-{ca_name}-{base}.crt"));
+    let text = Command::new("openssl").args(["x509", "-noout", "-text", "-in"]).arg(&crt).output().expect("openssl x509");
+    assert!(String::from_utf8_lossy(&text.stdout).contains("Version: 1 (0x0)"), "openssl made no v1 certificate");
+    out
+}
+
+/// A client certificate with exactly the extensions `extfile` (none: v1).
+fn client_cert_made(pg: &Cluster, ca_name: &str, base: &str, subj: &str, extfile: Option<&str>) -> String {
     let dir = pg.dir().to_path_buf();
-    std::fs::write(dir.join("client-ext.cnf"), format!("basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n{ext}")).expect("ext");
     let base = format!("client-{ca_name}-{base}");
     let (key, csr, crt) = (format!("{base}.key"), format!("{base}.csr"), format!("{base}.crt"));
     openssl(&["req", "-new", "-nodes", "-utf8", "-newkey", "rsa:2048", "-subj", subj, "-keyout", &key, "-out", &csr], &dir);
-    openssl(
-        &["x509", "-req", "-in", &csr, "-CA", &format!("{ca_name}-ca.crt"), "-CAkey", &format!("{ca_name}-ca.key"), "-CAcreateserial", "-days", "2", "-extfile", "client-ext.cnf", "-out", &crt],
-        &dir,
-    );
+    let (ca, ca_key) = (format!("{ca_name}-ca.crt"), format!("{ca_name}-ca.key"));
+    let mut args = vec!["x509", "-req", "-in", &csr, "-CA", &ca, "-CAkey", &ca_key, "-CAcreateserial", "-days", "2", "-out", &crt];
+    let ext_name = format!("{base}-ext.cnf");
+    if let Some(ext) = extfile {
+        std::fs::write(dir.join(&ext_name), ext).expect("ext");
+        args.extend(["-extfile", &ext_name]);
+    }
+    openssl(&args, &dir);
     std::fs::set_permissions(dir.join(&key), std::fs::Permissions::from_mode(0o600)).expect("chmod");
     format!("sslcert={} sslkey={}", dir.join(crt).display(), dir.join(key).display())
 }
 
-/// Revokes `crt` (made by `client_cert` in the test directory) with the CA
+/// Revokes `crts` (made by `client_cert` in the test directory) with the CA
 /// `ca_name` and writes that CA's CRL into the data directory as `crl`.
-fn revoke(pg: &Cluster, ca_name: &str, crt: &str, crl: &str) {
+fn revoke(pg: &Cluster, ca_name: &str, crts: &[&str], crl: &str) {
     let dir = pg.dir().to_path_buf();
     std::fs::write(dir.join(format!("{ca_name}-index.txt")), "").expect("index");
     std::fs::write(dir.join(format!("{ca_name}-crlnumber")), "1000\n").expect("crlnumber");
@@ -83,7 +102,9 @@ fn revoke(pg: &Cluster, ca_name: &str, crt: &str, crl: &str) {
     )
     .expect("ca config");
     let (key, cert) = (format!("{ca_name}-ca.key"), format!("{ca_name}-ca.crt"));
-    openssl(&["ca", "-config", &cnf, "-revoke", crt, "-keyfile", &key, "-cert", &cert], &dir);
+    for crt in crts {
+        openssl(&["ca", "-config", &cnf, "-revoke", crt, "-keyfile", &key, "-cert", &cert], &dir);
+    }
     let out = format!("{ca_name}.crl");
     openssl(&["ca", "-config", &cnf, "-gencrl", "-keyfile", &key, "-cert", &cert, "-out", &out], &dir);
     std::fs::copy(dir.join(out), pg.data_dir().join(crl)).expect("copy CRL");
@@ -1533,7 +1554,7 @@ fn client_certificates_decide_as_the_server() {
         // ssl_crl_file + reload: a revoked client certificate fails the
         // handshake, another from the same CA still works, on both.
         for pg in [pooled, &direct] {
-            revoke(pg, "one", "client-one-vfull.crt", "root.crl");
+            revoke(pg, "one", &["client-one-vfull.crt"], "root.crl");
             pg.append_conf("ssl_crl_file = 'root.crl'").expect("conf");
             pg.reload().expect("reload");
         }
@@ -1745,6 +1766,8 @@ fn certificate_names_and_crl_dirs_decide_as_the_server() {
             let mine = vec![
                 ("non-ASCII DN".to_string(), client_cert_subj(pg, "one", "dn", "/O=Ü, Inc/CN=José \\+1")),
                 ("non-ASCII CN".to_string(), client_cert_subj(pg, "one", "cn", "/CN=José")),
+                ("v1".to_string(), client_cert_v1(pg, "one", "v1", "/CN=vca")),
+                ("v1 revoked".to_string(), client_cert_v1(pg, "one", "v1revoked", "/CN=vca")),
             ];
             certs.push(mine);
             for r in roles {
@@ -1797,7 +1820,7 @@ fn certificate_names_and_crl_dirs_decide_as_the_server() {
         // A CRL revoking the DN certificate written into the directory, no
         // reload: revoked at once, the CN certificate passes again.
         for pg in [pooled, &direct] {
-            revoke(pg, "one", "client-one-dn.crt", "one.crl");
+            revoke(pg, "one", &["client-one-dn.crt", "client-one-v1revoked.crt"], "one.crl");
             let out = Command::new("openssl").args(["crl", "-hash", "-noout", "-in"]).arg(pg.data_dir().join("one.crl")).output().expect("openssl crl");
             let hash = String::from_utf8_lossy(&out.stdout).trim().to_string();
             std::fs::rename(pg.data_dir().join("one.crl"), pg.data_dir().join("crls").join(format!("{hash}.r0"))).expect("CRL into the dir");
@@ -1805,6 +1828,8 @@ fn certificate_names_and_crl_dirs_decide_as_the_server() {
         let seen = compare("a CRL added to ssl_crl_dir");
         assert!(seen.iter().any(|s| s == "vca / non-ASCII CN: ok vca"), "{seen:?}");
         assert!(seen.iter().any(|s| s.starts_with("vca / non-ASCII DN: failed") && s.contains("revoked")), "{seen:?}");
+        assert!(seen.iter().any(|s| s == "vca / v1: ok vca"), "{seen:?}");
+        assert!(seen.iter().any(|s| s.starts_with("vca / v1 revoked: failed") && s.contains("revoked")), "{seen:?}");
     });
 }
 
@@ -1830,6 +1855,7 @@ fn trust_anchors_and_key_usage_as_the_server() {
         let mut certs: Vec<Vec<(String, String)>> = Vec::new();
         for pg in [pooled, &direct] {
             make_certs(pg, "one", "server.crt");
+            make_certs(pg, "two", "unused.crt");
             let dir = pg.dir().to_path_buf();
             // An intermediate CA "mid" signed by "one".
             std::fs::write(dir.join("mid-ext.cnf"), "basicConstraints=critical,CA:TRUE\nkeyUsage=keyCertSign,cRLSign\n").expect("ext");
@@ -1842,6 +1868,12 @@ fn trust_anchors_and_key_usage_as_the_server() {
                 ("plain".to_string(), client_cert(pg, "one", "vca")),
                 ("keyUsage keyEncipherment".to_string(), client_cert_ext(pg, "one", "ku", "/CN=vca", "keyUsage=critical,keyEncipherment\n")),
                 ("issued by mid".to_string(), client_cert_subj(pg, "mid", "viamid", "/CN=vca")),
+                ("v1".to_string(), client_cert_v1(pg, "one", "v1", "/CN=vca")),
+                ("v1 issued by mid".to_string(), client_cert_v1(pg, "mid", "v1viamid", "/CN=vca")),
+                ("CA:TRUE".to_string(), client_cert_made(pg, "one", "catrue", "/CN=vca", Some("basicConstraints=critical,CA:TRUE\n"))),
+                ("CA:TRUE, serverAuth only".to_string(), client_cert_made(pg, "one", "catrueeku", "/CN=vca", Some("basicConstraints=critical,CA:TRUE\nextendedKeyUsage=serverAuth\n"))),
+                ("v1 from another CA".to_string(), client_cert_v1(pg, "two", "v1two", "/CN=vca")),
+                ("v1 over TLS 1.2".to_string(), format!("{} ssl_max_protocol_version=TLSv1.2", client_cert_v1(pg, "one", "v1tls12", "/CN=vca"))),
             ]);
             pg.admin().batch_execute("CREATE ROLE vca LOGIN").expect("role");
             std::fs::copy(dir.join("one-ca.crt"), pg.data_dir().join("root.crt")).expect("copy CA");
@@ -1879,6 +1911,16 @@ fn trust_anchors_and_key_usage_as_the_server() {
             eprintln!("{}", seen.join("\n"));
             let want_ku = format!("{ca} / keyUsage keyEncipherment: failed");
             assert!(seen.iter().any(|s| s.starts_with(&want_ku)), "{seen:?}");
+            // v1 and CA:TRUE end certificates (webpki refuses both; the
+            // pooler checks their chains itself).
+            if ca != "mid.crt" {
+                for want in ["v1: ok vca", "CA:TRUE: ok vca", "v1 over TLS 1.2: ok vca"] {
+                    assert!(seen.contains(&format!("{ca} / {want}")), "{want} {seen:?}");
+                }
+            }
+            assert_eq!(seen.iter().any(|s| s == &format!("{ca} / v1 issued by mid: ok vca")), ca == "both.crt", "{seen:?}");
+            assert!(seen.iter().any(|s| s.starts_with(&format!("{ca} / CA:TRUE, serverAuth only: failed"))), "{seen:?}");
+            assert!(seen.iter().any(|s| s.starts_with(&format!("{ca} / v1 from another CA: failed"))), "{seen:?}");
         }
     });
 }
