@@ -219,14 +219,17 @@ pub fn verify(
                     && outer_signature_alg(d)
                         .is_some_and(|alg| signed_by(crl.tbs_cert_list.as_ref(), alg, &crl.signature_value.data, issuer, algs))
             };
-            let Some((_, crl)) = parsed.iter().find(crl_ok) else {
+            // Every CRL of the issuer counts: one that lists the
+            // certificate revokes it, and at least one must be current.
+            let of_issuer: Vec<&CertificateRevocationList<'_>> = parsed.iter().filter(crl_ok).map(|(_, c)| c).collect();
+            if of_issuer.is_empty() {
                 return Err(ChainError::UnknownRevocationStatus);
-            };
-            if crl.next_update().is_some_and(|t| now > t.timestamp()) {
-                return Err(ChainError::ExpiredRevocationList);
             }
-            if crl.iter_revoked_certificates().any(|r| r.raw_serial() == c.raw_serial()) {
+            if of_issuer.iter().any(|crl| crl.iter_revoked_certificates().any(|r| r.raw_serial() == c.raw_serial())) {
                 return Err(ChainError::Revoked);
+            }
+            if of_issuer.iter().all(|crl| crl.next_update().is_some_and(|t| now > t.timestamp())) {
+                return Err(ChainError::ExpiredRevocationList);
             }
         }
     }
@@ -326,6 +329,10 @@ mod tests {
         // The root's CRL does not vouch for the impostor's certificate.
         assert_eq!(check(V1FORGED, &[], &[FAKE], Some(&[CRL])), Err(ChainError::UnknownRevocationStatus));
         assert_eq!(check(V1, &[], &[ROOT], Some(&[STALE_CRL])), Err(ChainError::ExpiredRevocationList));
+        // The stale CRL (made after the revocation) and the current one:
+        // current is enough, and either listing revokes.
+        assert_eq!(check(V1, &[], &[ROOT], Some(&[STALE_CRL, CRL])), Ok(()));
+        assert_eq!(check(V1REVOKED, &[], &[ROOT], Some(&[STALE_CRL])), Err(ChainError::Revoked));
         assert_eq!(check(V1, &[], &[ROOT], Some(&[b"junk".as_slice()])), Err(ChainError::BadEncoding));
     }
 
