@@ -17,8 +17,8 @@
 //! certificates (basicConstraints CA:TRUE, keyCertSign when keyUsage is
 //! present, pathLenConstraint kept), an end certificate's
 //! extendedKeyUsage, when present, allowing clientAuth, and with CRLs (the
-//! server's `X509_V_FLAG_CRL_CHECK_ALL`) one valid CRL of each issuer below
-//! the anchor, by which no certificate of the chain is revoked. Anchors
+//! server's `X509_V_FLAG_CRL_CHECK_ALL`) for each certificate below the
+//! anchor its issuer's CRLs: at least one current, none listing it. Anchors
 //! are trusted as they are (their own signature unchecked, as OpenSSL
 //! without X509_V_FLAG_CHECK_SS_SIGNATURE). keyUsage and nsCertType of the
 //! end certificate are [`crate::cert::client_key_usage_ok`]'s, checked by
