@@ -286,6 +286,15 @@ struct ClientVerifier {
     /// The anchors' DER, for end certificates webpki refuses
     /// ([`nextgres_core::client_chain`]).
     anchors: Vec<CertificateDer<'static>>,
+    /// Self-signed CA file certificates that are no CA: each trusts
+    /// itself only, as in OpenSSL (webpki would trust what its key signs).
+    trusted_leaves: Vec<CertificateDer<'static>>,
+    /// Some anchor has a pathLenConstraint, which webpki does not apply to
+    /// anchors: a chain webpki accepts is checked again here.
+    path_limited: bool,
+    /// The CRLs for [`ClientVerifier::verify_legacy`] and the ssl_crl_dir
+    /// listing they were read at.
+    legacy_crls: std::sync::Mutex<Option<(CrlListing, Arc<Vec<CertificateRevocationListDer<'static>>>)>>,
     provider: Arc<rustls::crypto::CryptoProvider>,
     revocation: Option<Revocation>,
     /// The directory listing the cached verifier was built from.
@@ -293,33 +302,26 @@ struct ClientVerifier {
 }
 
 impl ClientVerifier {
-    /// The chain of an end certificate webpki refuses (v1, CA:TRUE), as
-    /// [`nextgres_core::client_chain::verify`] checks it, with the CRLs
-    /// the rustls verifier would use (ssl_crl_dir read now).
+    /// The chain of `end` as [`nextgres_core::client_chain::verify`]
+    /// checks it (v1 end certificates, which webpki refuses; a trusted
+    /// self-signed one, with `anchors` itself; a chain webpki accepted below
+    /// a path-limited anchor), with the CRLs the rustls verifier would use.
     fn verify_legacy(
         &self,
         end: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
+        anchors: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         use nextgres_core::client_chain::ChainError as C;
         use rustls::CertificateError as E;
-        if self.roots.is_none() {
-            return Err(rustls::Error::InvalidCertificate(E::UnknownIssuer));
-        }
-        let crls: Option<Vec<CertificateRevocationListDer<'static>>> = match &self.revocation {
-            Some(r) => {
-                let mut crls = r.file_crls.clone();
-                let dir = load_crls(None, r.dir.as_deref())
-                    .map_err(|_| rustls::Error::InvalidCertificate(E::UnknownRevocationStatus))?;
-                crls.extend(dir);
-                Some(crls)
-            }
+        let crls = match &self.revocation {
+            Some(r) => Some(self.crls_now(r).map_err(|_| rustls::Error::InvalidCertificate(E::UnknownRevocationStatus))?),
             None => None,
         };
         let crl_refs: Option<Vec<&[u8]>> = crls.as_ref().map(|v| v.iter().map(|c| c.as_ref()).collect());
         let inter: Vec<&[u8]> = intermediates.iter().map(|c| c.as_ref()).collect();
-        let anchors: Vec<&[u8]> = self.anchors.iter().map(|c| c.as_ref()).collect();
+        let anchors: Vec<&[u8]> = anchors.iter().map(|c| c.as_ref()).collect();
         let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
         let algs = self.provider.signature_verification_algorithms.all;
         nextgres_core::client_chain::verify(end, &inter, &anchors, crl_refs.as_deref(), now, algs).map_err(|e| {
@@ -330,12 +332,33 @@ impl ClientVerifier {
                 C::Expired => E::Expired,
                 C::NotValidYet => E::NotValidYet,
                 C::InvalidPurpose => E::InvalidPurpose,
+                C::UnhandledCriticalExtension => E::UnhandledCriticalExtension,
                 C::Revoked => E::Revoked,
                 C::UnknownRevocationStatus => E::UnknownRevocationStatus,
                 C::ExpiredRevocationList => E::ExpiredRevocationList,
             })
         })?;
         Ok(ClientCertVerified::assertion())
+    }
+
+    /// ssl_crl_file's CRLs and ssl_crl_dir's as they are now, read again
+    /// only when the directory listing changed.
+    fn crls_now(&self, r: &Revocation) -> Result<Arc<Vec<CertificateRevocationListDer<'static>>>, String> {
+        let listing = match r.dir.as_ref() {
+            Some(d) => crl_dir_files(std::fs::read_dir(d).map_err(|e| e.to_string())?),
+            None => Vec::new(),
+        };
+        let mut cache = self.legacy_crls.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((l, v)) = cache.as_ref() {
+            if *l == listing {
+                return Ok(v.clone());
+            }
+        }
+        let mut crls = r.file_crls.clone();
+        crls.extend(load_crls(None, r.dir.as_deref())?);
+        let v = Arc::new(crls);
+        *cache = Some((listing, v.clone()));
+        Ok(v)
     }
 
     fn current(&self) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
@@ -389,10 +412,18 @@ impl ClientCertVerifier for ClientVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         let mut chain: Vec<CertificateDer<'_>> = intermediates.to_vec();
         chain.extend(self.extra.iter().cloned());
-        let verified = if nextgres_core::client_chain::webpki_refuses(end_entity) {
-            self.verify_legacy(end_entity, &chain, now)
+        let verified = if let Some(me) = self.trusted_leaves.iter().find(|c| c.as_ref() == end_entity.as_ref()) {
+            self.verify_legacy(end_entity, &[], std::slice::from_ref(me), now)
+        } else if self.roots.is_none() {
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer))
+        } else if nextgres_core::client_chain::webpki_refuses(end_entity) {
+            self.verify_legacy(end_entity, &chain, &self.anchors, now)
         } else {
-            self.current().and_then(|v| v.verify_client_cert(end_entity, &chain, now))
+            let v = self.current().and_then(|v| v.verify_client_cert(end_entity, &chain, now));
+            match v {
+                Ok(_) if self.path_limited => self.verify_legacy(end_entity, &chain, &self.anchors, now),
+                other => other,
+            }
         };
         // OpenSSL reports a chain it cannot build (unknown_ca) before the
         // purpose (unsupported_certificate), and that before the rest.
@@ -495,15 +526,21 @@ pub fn build(
             let mut roots = RootCertStore::empty();
             let mut extra = Vec::new();
             let mut anchors = Vec::new();
+            let mut trusted_leaves = Vec::new();
+            let mut path_limited = false;
             let cas = cas?;
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
             for c in cas {
                 all.add(c.clone()).map_err(|e| format!("could not load root certificate file \"{}\": {e}", ca.display()))?;
                 match nextgres_core::cert::anchor_problem(&c, now) {
-                    None => {
-                        roots.add(c.clone()).map_err(|e| format!("could not load root certificate file \"{}\": {e}", ca.display()))?;
-                        anchors.push(c);
-                    }
+                    None => match nextgres_core::client_chain::anchor_use(&c) {
+                        Some(u) if u.issues => {
+                            roots.add(c.clone()).map_err(|e| format!("could not load root certificate file \"{}\": {e}", ca.display()))?;
+                            path_limited |= u.path_limited;
+                            anchors.push(c);
+                        }
+                        _ => trusted_leaves.push(c),
+                    },
                     Some(why) => {
                         let subject = nextgres_core::cert::subject_names(&c).ok().and_then(|n| n.dn).unwrap_or_default();
                         log::warn!("certificate \"{subject}\" in \"{}\" is not used as a trust anchor: {why}", ca.display());
@@ -524,12 +561,26 @@ pub fn build(
                 roots: None,
                 extra: Vec::new(),
                 anchors: Vec::new(),
+                trusted_leaves: Vec::new(),
+                path_limited: false,
+                legacy_crls: std::sync::Mutex::new(None),
                 provider: provider.clone(),
                 revocation: None,
                 cache: std::sync::Mutex::new(None),
             });
             Some((
-                Arc::new(ClientVerifier { base, roots, extra, anchors, provider: provider.clone(), revocation, cache: std::sync::Mutex::new(None) }),
+                Arc::new(ClientVerifier {
+                    base,
+                    roots,
+                    extra,
+                    anchors,
+                    trusted_leaves,
+                    path_limited,
+                    legacy_crls: std::sync::Mutex::new(None),
+                    provider: provider.clone(),
+                    revocation,
+                    cache: std::sync::Mutex::new(None),
+                }),
                 refuse_all,
             ))
         }

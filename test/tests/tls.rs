@@ -1864,22 +1864,33 @@ fn trust_anchors_and_key_usage_as_the_server() {
                 &["x509", "-req", "-in", "mid-ca.csr", "-CA", "one-ca.crt", "-CAkey", "one-ca.key", "-CAcreateserial", "-days", "2", "-extfile", "mid-ext.cnf", "-out", "mid-ca.crt"],
                 &dir,
             );
+            // "alice": a self-signed client certificate (no CA) the CA
+            // file trusts by itself, and certificates her key signed.
+            openssl(
+                &["req", "-x509", "-new", "-nodes", "-newkey", "rsa:2048", "-days", "2", "-subj", "/CN=vca", "-keyout", "alice-ca.key", "-out", "alice-ca.crt",
+                  "-addext", "basicConstraints=critical,CA:FALSE", "-addext", "keyUsage=digitalSignature", "-addext", "extendedKeyUsage=clientAuth"],
+                &dir,
+            );
+            std::fs::set_permissions(dir.join("alice-ca.key"), std::fs::Permissions::from_mode(0o600)).expect("chmod");
             certs.push(vec![
                 ("plain".to_string(), client_cert(pg, "one", "vca")),
                 ("keyUsage keyEncipherment".to_string(), client_cert_ext(pg, "one", "ku", "/CN=vca", "keyUsage=critical,keyEncipherment\n")),
                 ("issued by mid".to_string(), client_cert_subj(pg, "mid", "viamid", "/CN=vca")),
                 ("v1".to_string(), client_cert_v1(pg, "one", "v1", "/CN=vca")),
                 ("v1 issued by mid".to_string(), client_cert_v1(pg, "mid", "v1viamid", "/CN=vca")),
-                ("CA:TRUE".to_string(), client_cert_made(pg, "one", "catrue", "/CN=vca", Some("basicConstraints=critical,CA:TRUE\n"))),
-                ("CA:TRUE, serverAuth only".to_string(), client_cert_made(pg, "one", "catrueeku", "/CN=vca", Some("basicConstraints=critical,CA:TRUE\nextendedKeyUsage=serverAuth\n"))),
                 ("v1 from another CA".to_string(), client_cert_v1(pg, "two", "v1two", "/CN=vca")),
                 ("v1 over TLS 1.2".to_string(), format!("{} ssl_max_protocol_version=TLSv1.2", client_cert_v1(pg, "one", "v1tls12", "/CN=vca"))),
+                ("alice, self-signed".to_string(), format!("sslcert={} sslkey={}", dir.join("alice-ca.crt").display(), dir.join("alice-ca.key").display())),
+                ("v3 signed by alice's key".to_string(), client_cert_subj(pg, "alice", "byalice", "/CN=vca")),
+                ("v1 signed by alice's key".to_string(), client_cert_v1(pg, "alice", "v1byalice", "/CN=vca")),
             ]);
             pg.admin().batch_execute("CREATE ROLE vca LOGIN").expect("role");
             std::fs::copy(dir.join("one-ca.crt"), pg.data_dir().join("root.crt")).expect("copy CA");
             std::fs::copy(dir.join("mid-ca.crt"), pg.data_dir().join("mid.crt")).expect("copy CA");
             let both = [std::fs::read(dir.join("one-ca.crt")).unwrap(), std::fs::read(dir.join("mid-ca.crt")).unwrap()].concat();
             std::fs::write(pg.data_dir().join("both.crt"), both).expect("both");
+            let alice = [std::fs::read(dir.join("one-ca.crt")).unwrap(), std::fs::read(dir.join("alice-ca.crt")).unwrap()].concat();
+            std::fs::write(pg.data_dir().join("alice.crt"), alice).expect("alice");
             pg.append_conf("ssl = on").expect("conf");
             pg.append_conf("ssl_ca_file = 'root.crt'").expect("conf");
             pg.set_hba(hba).expect("hba");
@@ -1889,7 +1900,7 @@ fn trust_anchors_and_key_usage_as_the_server() {
         let outcome = |pg: &Cluster, extra: &str| {
             login_outcome(pg, &pg.tcp("vca", "postgres"), &format!("sslmode=require {extra}"))
         };
-        for ca in ["root.crt", "mid.crt", "both.crt"] {
+        for ca in ["root.crt", "mid.crt", "both.crt", "alice.crt"] {
             if ca != "root.crt" {
                 for pg in [pooled, &direct] {
                     pg.append_conf(&format!("ssl_ca_file = '{ca}'")).expect("conf");
@@ -1897,9 +1908,10 @@ fn trust_anchors_and_key_usage_as_the_server() {
                 }
                 // Both apply the reload before the next connection; wait on
                 // the intermediate's client, whose outcome the CA file decides.
-                let want_ok = ca == "both.crt";
-                assert!(wait_until(SETTLE, || outcome(pooled, &certs[0][2].1).starts_with("ok") == want_ok), "pooler reload to {ca}");
-                assert!(wait_until(SETTLE, || outcome(&direct, &certs[1][2].1).starts_with("ok") == want_ok), "server reload to {ca}");
+                // (alice's own certificate for the last one).
+                let (probe, want_ok) = if ca == "alice.crt" { (7, true) } else { (2, ca == "both.crt") };
+                assert!(wait_until(SETTLE, || outcome(pooled, &certs[0][probe].1).starts_with("ok") == want_ok), "pooler reload to {ca}");
+                assert!(wait_until(SETTLE, || outcome(&direct, &certs[1][probe].1).starts_with("ok") == want_ok), "server reload to {ca}");
             }
             let mut seen = Vec::new();
             for (i, (label, _)) in certs[0].iter().enumerate() {
@@ -1911,16 +1923,21 @@ fn trust_anchors_and_key_usage_as_the_server() {
             eprintln!("{}", seen.join("\n"));
             let want_ku = format!("{ca} / keyUsage keyEncipherment: failed");
             assert!(seen.iter().any(|s| s.starts_with(&want_ku)), "{seen:?}");
-            // v1 and CA:TRUE end certificates (webpki refuses both; the
-            // pooler checks their chains itself).
+            // v1 end certificates (webpki refuses them; the pooler checks
+            // their chains itself).
             if ca != "mid.crt" {
-                for want in ["v1: ok vca", "CA:TRUE: ok vca", "v1 over TLS 1.2: ok vca"] {
+                for want in ["v1: ok vca", "v1 over TLS 1.2: ok vca"] {
                     assert!(seen.contains(&format!("{ca} / {want}")), "{want} {seen:?}");
                 }
             }
             assert_eq!(seen.iter().any(|s| s == &format!("{ca} / v1 issued by mid: ok vca")), ca == "both.crt", "{seen:?}");
-            assert!(seen.iter().any(|s| s.starts_with(&format!("{ca} / CA:TRUE, serverAuth only: failed"))), "{seen:?}");
             assert!(seen.iter().any(|s| s.starts_with(&format!("{ca} / v1 from another CA: failed"))), "{seen:?}");
+            // A trusted certificate that is no CA vouches for itself only
+            // (webpki alone trusted whatever its key signed).
+            assert_eq!(seen.contains(&format!("{ca} / alice, self-signed: ok vca")), ca == "alice.crt", "{seen:?}");
+            for forged in ["v3 signed by alice's key", "v1 signed by alice's key"] {
+                assert!(seen.iter().any(|s| s.starts_with(&format!("{ca} / {forged}: failed"))), "{seen:?}");
+            }
         }
     });
 }
