@@ -117,7 +117,7 @@ impl Pooler {
             let _ = setsockopt(&stream, sockopt::TcpUserTimeout, &tcp.user_timeout_ms);
         }
         if self.stopping {
-            return self.refuse(stream, fatal_fields("57P03", "the database system is shutting down", None));
+            return self.refuse(stream, shutting_down_refusal());
         }
         let max = crate::settings::MAX_CLIENT_CONN.get() as usize;
         let row = if self.clients < max { self.client_row_alloc(&addr.ip().to_string(), addr.port() as i32) } else { None };
@@ -158,6 +158,12 @@ impl Pooler {
 
 /// The refusal at `nextgres.max_client_conn`: the server's words at
 /// max_connections (FATAL 53300), with the setting in the hint.
+/// The refusal of a new client while the server shuts down (the
+/// postmaster's CAC_SHUTDOWN).
+pub fn shutting_down_refusal() -> nextgres_core::proto::ErrorFields {
+    fatal_fields("57P03", "the database system is shutting down", None)
+}
+
 pub fn max_client_conn_refusal() -> nextgres_core::proto::ErrorFields {
     let hint = format!("nextgres.max_client_conn is {}.", crate::settings::MAX_CLIENT_CONN.get());
     fatal_fields("53300", "sorry, too many clients already", Some(&hint))

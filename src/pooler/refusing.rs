@@ -4,21 +4,25 @@
 //! out before it reports that it cannot accept connections (backend_startup.c:
 //! ProcessStartupPacket() runs before the canAcceptConnections() result is
 //! acted on). Without this, Ctrl-C on a query that keeps a smart shutdown
-//! waiting, or on any query while the pooler is full, did nothing. Anything
-//! else gets the refusal (FATAL 53300 / 57P03) as soon as its first bytes
-//! show it is no CancelRequest.
+//! waiting, or on any query while the pooler is full, did nothing.
 //!
-//! At max_client_conn, a connection whose first packet is an SSLRequest
-//! (libpq 17's cancel connections with `sslmode` other than `disable`
-//! start so) is taken as a client *over the limit*: TLS is negotiated as
-//! for any client, a CancelRequest inside it is carried out, and a startup
-//! packet gets the refusal inside TLS, as the server completes TLS before
-//! it reports that it is full (backend_startup.c ProcessStartupPacket():
-//! SSL negotiation, then the startup packet, then canAcceptConnections()).
-//! At most `MAX_REFUSING` such clients at once (beyond it the refusal is
-//! plaintext, as before); they are not counted against max_client_conn
-//! and take the shared rows kept beyond it. A direct TLS handshake or a
-//! GSSENCRequest first is still refused in plaintext.
+//! A connection whose first packet is an SSLRequest or a GSSENCRequest
+//! (libpq's first packet with the default `sslmode=prefer`, and libpq 17's
+//! cancel connections) is taken as a client *over the limit*: its request
+//! is answered as any client's ('S' and TLS, or 'N'), a CancelRequest
+//! after it is carried out, and its startup packet gets the refusal (inside
+//! TLS where it asked for TLS), as the server negotiates before it reports
+//! that it is full or shutting down (backend_startup.c
+//! ProcessStartupPacket(): SSL/GSS negotiation, then the startup packet,
+//! then canAcceptConnections()). Answered with the refusal instead, libpq
+//! says only "server sent an error response during SSL exchange" and
+//! `pg_isready` "no response" where the server's gives "rejecting
+//! connections". At most `MAX_REFUSING` such clients at once (beyond it
+//! the refusal is plaintext, as before); they are not counted against
+//! max_client_conn and take the shared rows kept beyond it. A direct TLS
+//! handshake first is still refused in plaintext. Anything else gets the
+//! refusal (FATAL 53300 / 57P03) as soon as its first bytes show it is no
+//! CancelRequest.
 
 use super::conn::{self, Conn};
 use super::worker::Pooler;
@@ -98,12 +102,10 @@ impl Pooler {
                 // A bad CancelRequest: closed without a word, as the server does.
                 _ => self.refusing_end(key, false),
             },
-            // An SSLRequest and nothing after it (bytes sent before the
-            // answer are refused, the CVE-2021-23214 rule), with TLS on.
-            Some(proto::SSL_REQUEST_CODE) if r.buf.len() == 8
+            // An SSLRequest or GSSENCRequest and nothing after it (bytes
+            // sent before the answer are refused, the CVE-2021-23214 rule).
+            Some(proto::SSL_REQUEST_CODE | proto::GSSENC_REQUEST_CODE) if r.buf.len() == 8
                 && !eof
-                && r.why.sqlstate == "53300"
-                && self.tls.is_some()
                 && self.over_limit_clients < MAX_REFUSING =>
             {
                 self.refusing_over_limit(key)
@@ -112,10 +114,10 @@ impl Pooler {
         }
     }
 
-    /// A refused connection that sent an SSLRequest at max_client_conn
-    /// becomes a client over the limit (the module's doc): its SSLRequest
-    /// is answered as any client's. Refused as before when no shared row
-    /// is left.
+    /// A refused connection that sent an SSLRequest or GSSENCRequest
+    /// becomes a client over the limit (the module's doc): its request is
+    /// answered as any client's. Refused as before when no shared row is
+    /// left.
     fn refusing_over_limit(&mut self, key: usize) {
         let Some(r) = self.refusing_take(key) else { return };
         let Refusing { mut stream, buf, why, .. } = *r;

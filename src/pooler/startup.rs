@@ -226,9 +226,14 @@ impl Pooler {
 
     pub(super) fn client_startup_message(&mut self, key: usize, minor: u16, params: Vec<(String, String)>) {
         if self.client(key).is_some_and(|c| c.over_limit) {
-            // Refused now, inside TLS, as the server refuses once it has
-            // read the startup packet (`refusing`).
-            return self.client_fatal_fields(key, &super::listener::max_client_conn_refusal());
+            // Refused now (inside TLS when it asked for TLS), as the server
+            // refuses once it has read the startup packet (`refusing`).
+            let why = if self.stopping {
+                super::listener::shutting_down_refusal()
+            } else {
+                super::listener::max_client_conn_refusal()
+            };
+            return self.client_fatal_fields(key, &why);
         }
         let (mut user, mut database) = (String::new(), String::new());
         let mut unrecognized = Vec::new();

@@ -645,6 +645,15 @@ impl Cluster {
         out.stdout.trim().to_string()
     }
 
+    /// `pg_isready -d CONNINFO`, 30 s limit: its exit code (0 accepting,
+    /// 1 rejecting, 2 no response, 3 no attempt; None when killed).
+    pub fn pg_isready(&self, conn: &ConnInfo) -> Option<i32> {
+        let mut c = self.client_cmd("pg_isready", conn);
+        c.args(["-d", &conn.conninfo()]);
+        let out = cmd::run(c, Duration::from_secs(30)).expect("starting pg_isready");
+        out.status.and_then(|s| s.code())
+    }
+
     /// `pgbench -h -p -U ARGS... DBNAME`, 300 s limit.
     pub fn pgbench(&self, conn: &ConnInfo, args: &[&str]) -> CmdOutput {
         self.pgbench_timeout(conn, args, Duration::from_secs(300))

@@ -1055,7 +1055,12 @@ fn cancel_of_a_waiting_close_keeps_the_close() {
 /// it can accept a connection; the pooler now reads a refused connection's
 /// first packet before refusing it (failed before: the cancel connection
 /// got FATAL 53300 / 57P03 and the query ran its 20 s). A refused login
-/// still gets the refusal.
+/// still gets the refusal, also after an SSLRequest (libpq's
+/// `sslmode=prefer`), which is answered 'N' first as the server answers it:
+/// psql shows the refusal, and `pg_isready` tells "accepting" (53300) and
+/// "rejecting" (57P03) as against the server (before: an ErrorResponse to
+/// the SSLRequest, "server sent an error response during SSL exchange",
+/// and "no response").
 #[test]
 fn cancel_reaches_its_query_when_connections_are_refused() {
     run(Cluster::builder().conf("nextgres.max_client_conn = 2"), |pg| {
@@ -1075,6 +1080,13 @@ fn cancel_reaches_its_query_when_connections_are_refused() {
         let mut b = connect(pg, APP);
         let Err(e) = pg.connect_tcp(APP, DB, None) else { panic!("a third client was served") };
         assert_eq!(sqlstate(&e), Some("53300"), "{e:?}");
+        let prefer = |want: &str| {
+            let conn = pg.tcp(APP, DB);
+            let out = pg.psql(&conn, &["-d", &format!("{} sslmode=prefer", conn.conninfo()), "-c", "SELECT 1"]);
+            assert!(!out.success() && out.stderr.contains(want), "sslmode=prefer: {}", out.stderr);
+        };
+        prefer("FATAL:  sorry, too many clients already");
+        assert_eq!(pg.pg_isready(&pg.tcp(APP, DB)), Some(0), "pg_isready at max_client_conn");
         let token = a.cancel_token();
         let rx = spawn_query(a, "SELECT pg_sleep(20)");
         assert!(wait_until(SETTLE, sleeping), "pg_sleep never started");
@@ -1094,6 +1106,8 @@ fn cancel_reaches_its_query_when_connections_are_refused() {
         );
         let Err(e) = pg.connect_tcp(APP, DB, None) else { panic!("a login during the smart shutdown was served") };
         assert_eq!(sqlstate(&e), Some("57P03"), "{e:?}");
+        prefer("FATAL:  the database system is shutting down");
+        assert_eq!(pg.pg_isready(&pg.tcp(APP, DB)), Some(1), "pg_isready during a smart shutdown");
         token.cancel_query(NoTls).expect("sending the cancel");
         let a = cancelled(&rx, "pg_sleep(20) during a smart shutdown");
         drop(a);
