@@ -17,11 +17,9 @@
 //! client has too (same name, text, parameter and result types: typically
 //! none, or the same application's), the session already is what the next client
 //! would get, so only the sequence caches are dropped (currval/lastval).
-use crate::pg::glue;
 use crate::pg::session as s;
 use nextgres_core::control::{RawStatement, SessionImage, Statement, StatementList};
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 
 /// What this backend's session holds beyond its login, as far as switching
 /// is concerned.
@@ -125,8 +123,10 @@ thread_local! {
     static DEFAULTS: RefCell<Option<Vec<(String, String)>>> = const { RefCell::new(None) };
     /// A new client's login defaults, for the pooler at the next release.
     static REPORT_DEFAULTS: RefCell<Option<Vec<(String, String)>>> = const { RefCell::new(None) };
-    /// Setting name (lower case) -> (name, value this backend logged in with).
-    static BASELINE: RefCell<HashMap<String, (String, String)>> = RefCell::new(HashMap::new());
+    /// Settings the client served last set from its startup packet (source
+    /// "client"): the next full switch puts those its client does not send
+    /// back to what they are without them.
+    static STARTUP_SET: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
 }
 
 fn lazy() -> bool {
@@ -164,12 +164,15 @@ fn same_defaults(a: &[(String, String)], b: &[(String, String)]) -> bool {
 }
 
 /// Gives this backend the client's role and database defaults (right after
-/// DISCARD ALL): every setting either list names goes back to
-/// postgresql.conf's value, then the client's apply level by level with the
-/// server's sources, so precedence and RESET are as at the client's login.
-fn apply_defaults(defaults: &[(String, String)]) {
+/// DISCARD ALL): every setting either list names, and every startup setting
+/// of the previous client in `stale` (DISCARD ALL keeps those: their source
+/// "client" made them their own reset values), goes back to
+/// postgresql.conf's value, then the client's defaults apply level by level
+/// with the server's sources, so precedence and RESET are as at the
+/// client's login.
+fn apply_defaults(defaults: &[(String, String)], stale: &[String]) {
     let current = current_defaults();
-    if same_defaults(&current, defaults) {
+    if stale.is_empty() && same_defaults(&current, defaults) {
         return;
     }
     let split = |(n, v): &(String, String)| -> Option<(i32, String, String)> {
@@ -177,14 +180,9 @@ fn apply_defaults(defaults: &[(String, String)]) {
         Some((level, n[1..].to_string(), v.clone()))
     };
     let mut names: Vec<String> = current.iter().chain(defaults).filter_map(split).map(|(_, n, _)| n).collect();
+    names.extend(stale.iter().cloned());
     names.sort_by_key(|n| n.to_ascii_lowercase());
     names.dedup_by_key(|n| n.to_ascii_lowercase());
-    BASELINE.with(|b| {
-        let mut b = b.borrow_mut();
-        for n in &names {
-            b.remove(&n.to_ascii_lowercase());
-        }
-    });
     for n in &names {
         s::defaults_clear(n);
     }
@@ -370,25 +368,18 @@ fn full_switch(startup: &[(String, String)], settings: &[(String, String)], defa
     if let Err(e) = s::switch_begin(true) {
         fatal(&e.message());
     }
-    apply_defaults(defaults);
-    let restore = BASELINE.with(|b| {
-        let mut b = b.borrow_mut();
-        for (name, _) in startup {
-            let key = name.to_ascii_lowercase();
-            if !b.contains_key(&key) {
-                if let Some(v) = current_value(name) {
-                    b.insert(key, (name.clone(), v));
-                }
-            }
-        }
-        b.iter()
-            .filter(|(k, _)| !startup.iter().any(|(n, _)| n.eq_ignore_ascii_case(k)))
-            .map(|(_, (n, v))| (n.clone(), v.clone()))
-            .collect::<Vec<_>>()
+    // The previous client's startup settings this one does not send: a
+    // custom one among them would otherwise keep its value for every later
+    // client (RLS keyed on a tenant setting), and a restored value would
+    // keep source "client", deaf to a reload.
+    let stale: Vec<String> = STARTUP_SET.with(|set| {
+        set.take().into_iter().filter(|n| !startup.iter().any(|(s, _)| s.eq_ignore_ascii_case(n))).collect()
     });
-    for (n, v) in restore.iter().chain(startup) {
+    apply_defaults(defaults, &stale);
+    for (n, v) in startup {
         s::switch_setting(n, v, true);
     }
+    STARTUP_SET.with(|set| *set.borrow_mut() = startup.iter().map(|(n, _)| n.to_ascii_lowercase()).collect());
     for (n, v) in settings {
         // A role (or session authorization) that cannot be set again here
         // (revoked from the login, or dropped, since the client set it)
@@ -426,6 +417,3 @@ fn fatal(msg: &str) -> ! {
     unreachable!()
 }
 
-fn current_value(name: &str) -> Option<String> {
-    crate::pg::setting(&glue::cstring(name))
-}

@@ -751,6 +751,62 @@ fn custom_setting_of_another_client_is_never_seen() {
     );
 }
 
+/// Settings a client sent in its startup packet (`options=-c ...`) leave
+/// with it: the next client of the backend, which sent none, never reads
+/// a custom one's value (the "tenant id in a custom setting" pattern of
+/// row-level security), and a server setting is back at postgresql.conf's
+/// value with its source, so a reload still reaches it, before and after
+/// the first client left. Before, a custom startup setting stayed with its
+/// value for every later client of the backend, and a server one came back
+/// with source "client", deaf to reloads (hunt4-session C1, F1).
+#[test]
+fn startup_settings_of_another_client_are_never_seen() {
+    run(
+        one_backend(),
+        SETUP,
+        LIMIT,
+        |pg| {
+            let mut cfg = pg.tcp("app", "postgres").config();
+            cfg.options("-c app.tenant=42 -c lock_timeout=5s");
+            let mut a = cfg.connect(postgres::NoTls).expect("a");
+            let mut b = pg.tcp("app", "postgres").connect().expect("b");
+            let look = |c: &mut Client| {
+                let tenant = maybe(c, "SELECT current_setting('app.tenant', true)");
+                let lock = one(c, "SELECT setting || ' ' || source FROM pg_settings WHERE name = 'lock_timeout'");
+                (tenant, lock)
+            };
+            let b_sees = |b: &mut Client, want_lock: &str, when: &str| {
+                let (tenant, lock) = look(b);
+                // A direct session reads NULL; a placeholder a session created
+                // reads '' after DISCARD ALL (README); never A's value.
+                assert!(matches!(tenant.as_deref(), None | Some("")), "{when}: B reads app.tenant {tenant:?}");
+                assert_eq!(lock, want_lock, "{when}: B's lock_timeout and its source");
+            };
+            for turn in 0..3 {
+                assert_eq!(look(&mut a), (Some("42".to_string()), "5000 client".to_string()), "A, turn {turn}");
+                assert_eq!(pid_of(&mut a), pid_of(&mut b), "one backend");
+                b_sees(&mut b, "0 default", &format!("turn {turn}"));
+            }
+            drop(a);
+            let mut b2 = pg.tcp("app", "postgres").connect().expect("b2");
+            b_sees(&mut b2, "0 default", "a new client after A left");
+            let mut admin = pg.admin();
+            admin.batch_execute("ALTER SYSTEM SET lock_timeout = '7s'").expect("alter system");
+            admin.batch_execute("SELECT pg_reload_conf()").expect("reload");
+            assert!(
+                wait_until(SETTLE, || look(&mut b).1 == "7000 configuration file"),
+                "the reload did not reach B: {:?}",
+                look(&mut b)
+            );
+            let mut a = cfg.connect(postgres::NoTls).expect("a again");
+            assert_eq!(look(&mut a), (Some("42".to_string()), "5000 client".to_string()), "A after the reload");
+            b_sees(&mut b2, "7000 configuration file", "after the reload");
+            admin.batch_execute("ALTER SYSTEM RESET lock_timeout").expect("alter system reset");
+            admin.batch_execute("SELECT pg_reload_conf()").expect("reload");
+        },
+    );
+}
+
 /// A setting whose name merely starts with `transaction_` (17's
 /// `transaction_timeout`, a custom `transaction_ctx.user_id`) is session
 /// state like any other: when it is the only thing a client SET, it still
