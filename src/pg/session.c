@@ -1383,6 +1383,38 @@ ng_note_function_call(void)
 	settings_dirty = true;
 }
 
+static void guc_source_to_default(struct config_generic *g);
+
+#if PG_VERSION_NUM >= 160000 && PG_VERSION_NUM < 170000
+/*
+ * 16 only: DISCARD ALL's SET SESSION AUTHORIZATION DEFAULT makes the current
+ * role inactive (miscinit.c SetSessionUserId()) but leaves the role
+ * setting's text and source as they were, and RESET ALL skips role
+ * (GUC_NO_RESET_ALL).  The next client's role default (ALTER ROLE ... SET
+ * role), equal to what the setting already says, or its startup role, of a
+ * lower source than a previous client's SET ROLE, then never runs
+ * assign_role(): the client would act as its login.  Puts role back to its
+ * reset value with its reset source, as a fresh login has it (17 and later
+ * reset it in SET SESSION AUTHORIZATION itself).
+ */
+static void
+role_as_at_login(void)
+{
+	struct config_generic *g = find_option("role", false, true, ERROR);
+	struct config_string *r = (struct config_string *) g;
+	char	   *reset;
+	GucSource	src;
+
+	if (g == NULL)
+		return;
+	reset = pstrdup(r->reset_val ? r->reset_val : "none");
+	src = g->reset_source;
+	guc_source_to_default(g);
+	(void) set_config_option("role", reset, PGC_SUSET, src, GUC_ACTION_SET, true, WARNING, false);
+	pfree(reset);
+}
+#endif
+
 /* Starts the switch: its own transaction, optionally DISCARD ALL first. */
 bool
 ng_switch_begin(bool discard, NgError *err)
@@ -1401,6 +1433,9 @@ ng_switch_begin(bool discard, NgError *err)
 			stmt.type = T_DiscardStmt;
 			stmt.target = DISCARD_ALL;
 			DiscardCommand(&stmt, true);
+#if PG_VERSION_NUM >= 160000 && PG_VERSION_NUM < 170000
+			role_as_at_login();
+#endif
 		}
 	}
 	PG_CATCH();

@@ -807,6 +807,50 @@ fn startup_settings_of_another_client_are_never_seen() {
     );
 }
 
+/// A role from the login role's default (`ALTER ROLE ... SET role`) or from
+/// the startup packet (`options=-c role=...`) is in force for each client
+/// as at a direct login, whatever another client of the backend did with
+/// SET ROLE in between. On 16, DISCARD ALL left the role setting's text
+/// and source behind while the role went inactive: such clients ran as
+/// their login, with its privileges (hunt4-session F0).
+#[test]
+fn role_from_a_default_or_the_startup_packet_is_in_force() {
+    run(
+        one_backend(),
+        SETUP,
+        LIMIT,
+        |pg| {
+            let who = |c: &mut Client| one(c, "SELECT current_user || ' ' || current_setting('role')");
+            pg.admin().batch_execute("ALTER ROLE app SET role = 'reader'").expect("role default");
+            let mut a = pg.tcp("app", "postgres").connect().expect("a");
+            let mut b = pg.tcp("app", "postgres").connect().expect("b");
+            assert_eq!(who(&mut a), "reader reader", "a role default, first client");
+            assert_eq!(pid_of(&mut a), pid_of(&mut b), "one backend");
+            assert_eq!(who(&mut b), "reader reader", "a role default, second client");
+            b.batch_execute("SET ROLE NONE").expect("set role none");
+            for turn in 0..2 {
+                assert_eq!(who(&mut a), "reader reader", "a role default after another client's SET ROLE, turn {turn}");
+                assert_eq!(who(&mut b), "app none", "SET ROLE NONE, turn {turn}");
+            }
+            pg.admin().batch_execute("ALTER ROLE app RESET role").expect("reset role default");
+            let mut cfg = pg.tcp("app", "postgres").config();
+            cfg.options("-c role=reader");
+            let mut c = cfg.connect(postgres::NoTls).expect("c");
+            let mut d = pg.tcp("app", "postgres").connect().expect("d");
+            for turn in 0..2 {
+                assert_eq!(who(&mut c), "reader reader", "a startup role, turn {turn}");
+                assert_eq!(who(&mut b), "app none", "SET ROLE NONE again, turn {turn}");
+                assert_eq!(who(&mut d), "app none", "no role, turn {turn}");
+                assert_eq!(who(&mut a), "reader reader", "the old role default, turn {turn}");
+            }
+            b.batch_execute("SET ROLE reader").expect("set role");
+            assert_eq!(who(&mut d), "app none", "no role after another's SET ROLE");
+            assert_eq!(who(&mut c), "reader reader", "a startup role after another's SET ROLE");
+            assert_eq!(who(&mut b), "reader reader", "SET ROLE reader");
+        },
+    );
+}
+
 /// A setting whose name merely starts with `transaction_` (17's
 /// `transaction_timeout`, a custom `transaction_ctx.user_id`) is session
 /// state like any other: when it is the only thing a client SET, it still
