@@ -921,6 +921,14 @@ session_value(struct config_generic *g)
 	const char *volatile v = NULL;
 	volatile bool failed = false;
 
+	/*
+	 * A real in full precision, in its base unit (a number without a unit
+	 * is read in that unit): the shown form (%g) keeps 6 digits, and the
+	 * client's session would run with the rounded value on its next backend
+	 * (as guc.c serializes reals for parallel workers).
+	 */
+	if (g->vartype == PGC_REAL)
+		return psprintf("%.17g", *((struct config_real *) g)->variable);
 	if (g->flags & GUC_SUPERUSER_ONLY)
 		return GetConfigOption(g->name, true, false);
 	PG_TRY();

@@ -851,6 +851,29 @@ fn role_from_a_default_or_the_startup_packet_is_in_force() {
     );
 }
 
+/// A real setting follows its client in full precision: `SHOW` prints 6
+/// digits, and the client's session once ran with that rounded value on its
+/// next backend, so plans and costs changed (hunt4-session F4).
+#[test]
+fn real_settings_follow_their_client_in_full_precision() {
+    run(
+        one_backend(),
+        SETUP,
+        LIMIT,
+        |pg| {
+            let mut a = pg.tcp("app", "postgres").connect().expect("a");
+            let mut b = pg.tcp("app", "postgres").connect().expect("b");
+            a.batch_execute("SET cpu_tuple_cost = 0.01234567").expect("set");
+            let plan = |c: &mut Client| one(c, "EXPLAIN SELECT * FROM generate_series(1, 100000000)");
+            let before = plan(&mut a);
+            assert!(before.contains("..1234567.00 "), "{before}");
+            assert_eq!(pid_of(&mut a), pid_of(&mut b), "one backend");
+            b.batch_execute("SET cpu_tuple_cost = 0.5").expect("b's own");
+            assert_eq!(plan(&mut a), before, "A's plan after a switch");
+        },
+    );
+}
+
 /// A setting whose name merely starts with `transaction_` (17's
 /// `transaction_timeout`, a custom `transaction_ctx.user_id`) is session
 /// state like any other: when it is the only thing a client SET, it still
