@@ -644,8 +644,11 @@ impl Pooler {
                         Err(e) => return self.client_login_refused(key, &e.to_fatal(), None),
                         // The server's spelling of a reported setting, for
                         // the login's ParameterStatus (and the backends
-                        // that apply it).
-                        Ok(Some(shown)) if shown != *value => {
+                        // that apply it). Not DateStyle's: each of its
+                        // values merges into the one before (German, then
+                        // SQL: "SQL, DMY"), which a spelling made alone
+                        // would undo ("SQL, MDY").
+                        Ok(Some(shown)) if shown != *value && !name.eq_ignore_ascii_case("DateStyle") => {
                             if let Some(s) = self.client(key).and_then(|c| c.settings.get_mut(i)) {
                                 s.1 = shown;
                             }

@@ -170,14 +170,20 @@ impl Pooler {
         let Some(c) = self.client(key) else { return };
         let Some(pool) = c.pool else { return };
         let minor = c.proto_minor;
+        let own_settings = c.settings.clone();
         let key_len = self.server_proto.cancel_key_len(minor);
-        let params = self.login_params_now(pool);
+        let (params, normalized) = self.login_params_now(pool, &own_settings);
         let (pid, secret) = self.new_cancel_key(key, key_len);
         let Some(c) = self.client(key) else { return };
         let mut out = Vec::new();
-        for (name, value) in &params {
+        for (i, (name, value)) in params.iter().enumerate() {
+            // The agent's values have the client's settings applied (as the
+            // server reports them: DateStyle merged in order, application_name
+            // cut and cleaned, a time zone's own spelling); else the client's
+            // last value as it sent it.
             let own = c.settings.iter().rev().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v);
-            proto::parameter_status(&mut out, name, own.unwrap_or(value));
+            let value = if normalized[i] { value } else { own.unwrap_or(value) };
+            proto::parameter_status(&mut out, name, value);
         }
         proto::backend_key_data_bytes(&mut out, pid, &secret);
         proto::ready_for_query(&mut out, b'I');
@@ -202,20 +208,35 @@ impl Pooler {
     /// one. server_version, server_encoding and integer_datetimes are the
     /// database's and the build's, fixed. The agent not answering (a bug,
     /// LOGged) leaves the backend's values.
-    fn login_params_now(&self, pool: usize) -> Vec<(String, String)> {
+    ///
+    /// `own`: the client's startup settings, in the order the server applies
+    /// them, applied last (so their values come back as the server reports
+    /// them). With each value: whether the agent computed it with those
+    /// (client_encoding never: a client told another encoding than its
+    /// backend's would misread every byte, so it gets its own as sent; role
+    /// and session_authorization are not applied there).
+    fn login_params_now(&self, pool: usize, own: &[(String, String)]) -> (Vec<(String, String)>, Vec<bool>) {
         const FIXED: [&str; 3] = ["server_version", "server_encoding", "integer_datetimes"];
         let p = &self.pools[pool];
         let mut params = p.params.clone().unwrap_or_default();
         let role = p.identity.0;
+        let mut normalized = vec![false; params.len()];
         if role == 0 || params.is_empty() {
-            return params;
+            return (params, normalized);
         }
         // Lowest level first: the agent applies each over the one before.
-        let settings: Vec<(&str, &str)> = nextgres_core::poolconf::applicable(&self.conf.reported, &p.database, &p.role)
+        let mut settings: Vec<(&str, &str)> = nextgres_core::poolconf::applicable(&self.conf.reported, &p.database, &p.role)
             .into_iter()
             .rev()
             .map(|(_, e)| (e.name.as_str(), e.value.as_str()))
             .collect();
+        let own: Vec<(&str, &str)> =
+            own.iter()
+                .filter(|(n, _)| !["client_encoding", "role", "session_authorization"].iter().any(|x| n.eq_ignore_ascii_case(x)))
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .collect();
+        let pool_level = settings.len();
+        settings.extend(own.iter().copied());
         // client_encoding's default is the database's encoding (a dynamic
         // default the agent, in no database, does not have): the backend's
         // unless a role or database setting names it. Settings a role or
@@ -225,9 +246,11 @@ impl Pooler {
             .filter(|&i| {
                 let name = params[i].0.as_str();
                 let settable = nextgres_core::poolconf::REPORTED.iter().any(|r| name.eq_ignore_ascii_case(r));
+                let by_client = own.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
                 !FIXED.iter().any(|f| name.eq_ignore_ascii_case(f))
-                    && (!settable || self.conf.reported_whole)
-                    && (!name.eq_ignore_ascii_case("client_encoding") || settings.iter().any(|s| s.0.eq_ignore_ascii_case(name)))
+                    && (by_client || !settable || self.conf.reported_whole)
+                    && (!name.eq_ignore_ascii_case("client_encoding")
+                        || settings[..pool_level].iter().any(|s| s.0.eq_ignore_ascii_case(name)))
             })
             .collect();
         let names: Vec<&str> = asked.iter().map(|&i| params[i].0.as_str()).collect();
@@ -235,11 +258,15 @@ impl Pooler {
             Ok(values) => {
                 for (i, v) in asked.into_iter().zip(values) {
                     params[i].1 = v;
+                    normalized[i] = !params[i].0.eq_ignore_ascii_case("client_encoding");
                 }
+                (params, normalized)
             }
-            Err(e) => log::warn!("login parameters of role \"{}\" in database \"{}\" not read: {}", p.role, p.database, e.message()),
+            Err(e) => {
+                log::warn!("login parameters of role \"{}\" in database \"{}\" not read: {}", p.role, p.database, e.message());
+                (params, normalized)
+            }
         }
-        params
     }
 
     /// The pool's first backend reported its session values.

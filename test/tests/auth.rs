@@ -1371,6 +1371,82 @@ fn startup_options_match_direct_server() {
     );
 }
 
+/// The login's ParameterStatus values and the session's own values for
+/// settings the client sent in its startup packet are the server's: DateStyle
+/// given in `options` and as a parameter merges in the server's order
+/// (`options` first), an 80-byte or non-ASCII application_name is cut and
+/// cleaned, a time zone gets its own spelling. Before, the pooler reported
+/// the client's last value as sent (`SQL` for `SQL, DMY`, all 80 bytes,
+/// `héllo`), and the session ran with DateStyle's month-first order
+/// (hunt4-session F8, F10).
+#[test]
+fn startup_settings_report_as_the_server_reports_them() {
+    use nextgres_test::raw::{read_message, startup_packet_with};
+    use std::io::Write;
+    let sp = auth_cluster();
+    let long = "x".repeat(80);
+    let cases: Vec<Vec<(&str, &str)>> = vec![
+        vec![("options", "-c DateStyle=German"), ("DateStyle", "SQL")],
+        vec![("DateStyle", "SQL"), ("options", "-c datestyle=German")],
+        vec![("application_name", long.as_str())],
+        vec![("application_name", "h\u{e9}llo")],
+        vec![("TimeZone", "asia/tokyo"), ("IntervalStyle", "SQL_STANDARD")],
+    ];
+    // ParameterStatus of the login, then the session's own values.
+    let login = |port: u16, extra: &[(&str, &str)]| -> (Vec<(String, String)>, String) {
+        let mut params = vec![("user", "scram_u"), ("database", "trustdb")];
+        params.extend_from_slice(extra);
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        s.write_all(&startup_packet_with(&params)).expect("startup");
+        let mut status = Vec::new();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).to_string();
+        loop {
+            let (tag, body) = read_message(&mut s).expect("login message");
+            match tag {
+                b'S' => {
+                    let mut it = body.split(|b| *b == 0);
+                    let (n, v) = (text(it.next().unwrap_or_default()), text(it.next().unwrap_or_default()));
+                    if ["DateStyle", "application_name", "TimeZone", "IntervalStyle"].contains(&n.as_str()) {
+                        status.push((n, v));
+                    }
+                }
+                b'Z' => break,
+                b'E' => panic!("login refused: {}", text(&body)),
+                _ => {}
+            }
+        }
+        status.sort();
+        let q = "SELECT current_setting('DateStyle') || '|' || current_setting('application_name') || '|' || \
+                 current_setting('TimeZone') || '|' || to_char('01/02/2024'::date, 'YYYY-MM-DD')\0";
+        let mut msg = vec![b'Q'];
+        msg.extend_from_slice(&((q.len() + 4) as i32).to_be_bytes());
+        msg.extend_from_slice(q.as_bytes());
+        s.write_all(&msg).expect("query");
+        let mut value = String::new();
+        loop {
+            let (tag, body) = read_message(&mut s).expect("query message");
+            match tag {
+                b'D' => value = nextgres_test::raw::parse_row(&body).into_iter().next().flatten().unwrap_or_default(),
+                b'Z' => break,
+                b'E' => panic!("query failed: {}", text(&body)),
+                _ => {}
+            }
+        }
+        (status, value)
+    };
+    let mut problems = Vec::new();
+    for extra in &cases {
+        let d = login(sp.pg.port(), extra);
+        let p = login(sp.pool_port, extra);
+        if d != p {
+            problems.push(format!("{extra:?}\n   direct: {d:?}\n   pooled: {p:?}"));
+        }
+    }
+    assert!(problems.is_empty(), "{} mismatches:\n{}", problems.len(), problems.join("\n"));
+}
+
 /// One client's startup settings never show up in another client's session,
 /// not even as warnings: here a client asks for settings the server would
 /// refuse, then a plain client of the same role runs on the same (only)
