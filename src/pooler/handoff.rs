@@ -213,10 +213,12 @@ impl Pooler {
     /// them, applied last (so their values come back as the server reports
     /// them). With each value: whether the agent computed it with those
     /// (client_encoding never: a client told another encoding than its
-    /// backend's would misread every byte, so it gets its own as sent; role
-    /// and session_authorization are not applied there).
+    /// backend's would misread every byte, so it gets its own as sent; nor
+    /// role and session_authorization, reported as before).
     fn login_params_now(&self, pool: usize, own: &[(String, String)]) -> (Vec<(String, String)>, Vec<bool>) {
         const FIXED: [&str; 3] = ["server_version", "server_encoding", "integer_datetimes"];
+        // Reported as the client sent them (see above).
+        const NOT_APPLIED: [&str; 3] = ["client_encoding", "role", "session_authorization"];
         let p = &self.pools[pool];
         let mut params = p.params.clone().unwrap_or_default();
         let role = p.identity.0;
@@ -232,7 +234,7 @@ impl Pooler {
             .collect();
         let own: Vec<(&str, &str)> =
             own.iter()
-                .filter(|(n, _)| !["client_encoding", "role", "session_authorization"].iter().any(|x| n.eq_ignore_ascii_case(x)))
+                .filter(|(n, _)| !NOT_APPLIED.iter().any(|x| n.eq_ignore_ascii_case(x)))
                 .map(|(n, v)| (n.as_str(), v.as_str()))
                 .collect();
         let pool_level = settings.len();
@@ -258,7 +260,7 @@ impl Pooler {
             Ok(values) => {
                 for (i, v) in asked.into_iter().zip(values) {
                     params[i].1 = v;
-                    normalized[i] = !params[i].0.eq_ignore_ascii_case("client_encoding");
+                    normalized[i] = !NOT_APPLIED.iter().any(|x| params[i].0.eq_ignore_ascii_case(x));
                 }
                 (params, normalized)
             }
