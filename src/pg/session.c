@@ -2395,7 +2395,16 @@ ng_login_params_in_xact(void *arg)
 		int			len;
 
 		if (pg_strcasecmp(name, "is_superuser") == 0)
-			v = superuser_arg(a->role) ? "on" : "off";
+		{
+			/*
+			 * A role setting (a role default, the client's startup role)
+			 * applied above makes is_superuser that role's, as assign_role()
+			 * sets it at a login.
+			 */
+			Oid			current = GetCurrentRoleId();
+
+			v = superuser_arg(OidIsValid(current) ? current : a->role) ? "on" : "off";
+		}
 		else if (pg_strcasecmp(name, "session_authorization") == 0)
 			v = GetUserNameFromId(a->role, true);
 		else
@@ -2436,7 +2445,8 @@ ng_login_params_in_xact(void *arg)
  * PGC_S_OVERRIDE would change them for good, see ng_validate_setting).
  * Warnings for bad stored values, which the login's backend logs, are not
  * logged twice.
- * is_superuser and session_authorization are the role's, as the login's
+ * is_superuser is the role's (that of a role setting among `settings`, as
+ * assign_role() makes it), session_authorization the login role's, as the login's
  * SetSessionAuthorization() sets them; in_hot_standby's show hook reads
  * the server's state now.  A name no setting has gets an empty value.
  */

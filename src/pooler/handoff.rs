@@ -214,11 +214,12 @@ impl Pooler {
     /// them). With each value: whether the agent computed it with those
     /// (client_encoding never: a client told another encoding than its
     /// backend's would misread every byte, so it gets its own as sent; nor
-    /// role and session_authorization, reported as before).
+    /// session_authorization, reported as before).
     fn login_params_now(&self, pool: usize, own: &[(String, String)]) -> (Vec<(String, String)>, Vec<bool>) {
         const FIXED: [&str; 3] = ["server_version", "server_encoding", "integer_datetimes"];
-        // Reported as the client sent them (see above).
-        const NOT_APPLIED: [&str; 3] = ["client_encoding", "role", "session_authorization"];
+        // Reported as the client sent them (see above); a startup role is
+        // applied (is_superuser follows it) but has no ParameterStatus.
+        const NOT_APPLIED: [&str; 2] = ["client_encoding", "session_authorization"];
         let p = &self.pools[pool];
         let mut params = p.params.clone().unwrap_or_default();
         let role = p.identity.0;

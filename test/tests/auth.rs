@@ -1378,23 +1378,27 @@ fn startup_options_match_direct_server() {
 /// cleaned, a time zone gets its own spelling. Before, the pooler reported
 /// the client's last value as sent (`SQL` for `SQL, DMY`, all 80 bytes,
 /// `héllo`), and the session ran with DateStyle's month-first order
-/// (hunt4-session F8, F10).
+/// (hunt4-session F8, F10); and `is_superuser` of a superuser login with
+/// a startup role is that role's (was the login's, F7).
 #[test]
 fn startup_settings_report_as_the_server_reports_them() {
     use nextgres_test::raw::{read_message, startup_packet_with};
     use std::io::Write;
     let sp = auth_cluster();
     let long = "x".repeat(80);
-    let cases: Vec<Vec<(&str, &str)>> = vec![
-        vec![("options", "-c DateStyle=German"), ("DateStyle", "SQL")],
-        vec![("DateStyle", "SQL"), ("options", "-c datestyle=German")],
-        vec![("application_name", long.as_str())],
-        vec![("application_name", "h\u{e9}llo")],
-        vec![("TimeZone", "asia/tokyo"), ("IntervalStyle", "SQL_STANDARD")],
+    let cases: Vec<(&str, Vec<(&str, &str)>)> = vec![
+        ("scram_u", vec![("options", "-c DateStyle=German"), ("DateStyle", "SQL")]),
+        ("scram_u", vec![("DateStyle", "SQL"), ("options", "-c datestyle=German")]),
+        ("scram_u", vec![("application_name", long.as_str())]),
+        ("scram_u", vec![("application_name", "h\u{e9}llo")]),
+        ("scram_u", vec![("TimeZone", "asia/tokyo"), ("IntervalStyle", "SQL_STANDARD")]),
+        // A superuser login that drops its privileges with a startup role.
+        ("postgres", vec![("options", "-c role=scram_u")]),
+        ("postgres", vec![]),
     ];
     // ParameterStatus of the login, then the session's own values.
-    let login = |port: u16, extra: &[(&str, &str)]| -> (Vec<(String, String)>, String) {
-        let mut params = vec![("user", "scram_u"), ("database", "trustdb")];
+    let login = |port: u16, user: &str, extra: &[(&str, &str)]| -> (Vec<(String, String)>, String) {
+        let mut params = vec![("user", user), ("database", "trustdb")];
         params.extend_from_slice(extra);
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect");
@@ -1408,7 +1412,7 @@ fn startup_settings_report_as_the_server_reports_them() {
                 b'S' => {
                     let mut it = body.split(|b| *b == 0);
                     let (n, v) = (text(it.next().unwrap_or_default()), text(it.next().unwrap_or_default()));
-                    if ["DateStyle", "application_name", "TimeZone", "IntervalStyle"].contains(&n.as_str()) {
+                    if ["DateStyle", "application_name", "TimeZone", "IntervalStyle", "is_superuser"].contains(&n.as_str()) {
                         status.push((n, v));
                     }
                 }
@@ -1419,7 +1423,8 @@ fn startup_settings_report_as_the_server_reports_them() {
         }
         status.sort();
         let q = "SELECT current_setting('DateStyle') || '|' || current_setting('application_name') || '|' || \
-                 current_setting('TimeZone') || '|' || to_char('01/02/2024'::date, 'YYYY-MM-DD')\0";
+                 current_setting('TimeZone') || '|' || to_char('01/02/2024'::date, 'YYYY-MM-DD') || '|' || \
+                 current_user || '|' || current_setting('is_superuser')\0";
         let mut msg = vec![b'Q'];
         msg.extend_from_slice(&((q.len() + 4) as i32).to_be_bytes());
         msg.extend_from_slice(q.as_bytes());
@@ -1437,11 +1442,11 @@ fn startup_settings_report_as_the_server_reports_them() {
         (status, value)
     };
     let mut problems = Vec::new();
-    for extra in &cases {
-        let d = login(sp.pg.port(), extra);
-        let p = login(sp.pool_port, extra);
+    for (user, extra) in &cases {
+        let d = login(sp.pg.port(), user, extra);
+        let p = login(sp.pool_port, user, extra);
         if d != p {
-            problems.push(format!("{extra:?}\n   direct: {d:?}\n   pooled: {p:?}"));
+            problems.push(format!("{user} {extra:?}\n   direct: {d:?}\n   pooled: {p:?}"));
         }
     }
     assert!(problems.is_empty(), "{} mismatches:\n{}", problems.len(), problems.join("\n"));
