@@ -172,17 +172,11 @@ impl Pooler {
         let minor = c.proto_minor;
         let own_settings = c.settings.clone();
         let key_len = self.server_proto.cancel_key_len(minor);
-        let (params, normalized) = self.login_params_now(pool, &own_settings);
+        let params = self.login_params_now(pool, &own_settings);
         let (pid, secret) = self.new_cancel_key(key, key_len);
         let Some(c) = self.client(key) else { return };
         let mut out = Vec::new();
-        for (i, (name, value)) in params.iter().enumerate() {
-            // The agent's values have the client's settings applied (as the
-            // server reports them: DateStyle merged in order, application_name
-            // cut and cleaned, a time zone's own spelling); else the client's
-            // last value as it sent it.
-            let own = c.settings.iter().rev().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v);
-            let value = if normalized[i] { value } else { own.unwrap_or(value) };
+        for (name, value) in &params {
             proto::parameter_status(&mut out, name, value);
         }
         proto::backend_key_data_bytes(&mut out, pid, &secret);
@@ -210,12 +204,14 @@ impl Pooler {
     /// LOGged) leaves the backend's values.
     ///
     /// `own`: the client's startup settings, in the order the server applies
-    /// them, applied last (so their values come back as the server reports
-    /// them). With each value: whether the agent computed it with those
-    /// (client_encoding never: a client told another encoding than its
-    /// backend's would misread every byte, so it gets its own as sent; nor
-    /// session_authorization, reported as before).
-    fn login_params_now(&self, pool: usize, own: &[(String, String)]) -> (Vec<(String, String)>, Vec<bool>) {
+    /// them, applied last, so their values come back as the server reports
+    /// them (DateStyle merged in order, application_name cut and cleaned, a
+    /// time zone's own spelling). A value the agent did not compute with
+    /// them is the client's last one as it sent it: client_encoding always
+    /// (a client told another encoding than its backend's would misread
+    /// every byte), session_authorization, and every one when the agent
+    /// does not answer.
+    fn login_params_now(&self, pool: usize, own: &[(String, String)]) -> Vec<(String, String)> {
         const FIXED: [&str; 3] = ["server_version", "server_encoding", "integer_datetimes"];
         // Reported as the client sent them (see above); a startup role is
         // applied (is_superuser follows it) but has no ParameterStatus.
@@ -223,9 +219,18 @@ impl Pooler {
         let p = &self.pools[pool];
         let mut params = p.params.clone().unwrap_or_default();
         let role = p.identity.0;
+        // Whether a value was computed with the client's settings.
         let mut normalized = vec![false; params.len()];
+        let as_sent = |mut params: Vec<(String, String)>, normalized: &[bool]| {
+            for ((name, value), done) in params.iter_mut().zip(normalized) {
+                if let Some((_, v)) = own.iter().rev().find(|(n, _)| !done && n.eq_ignore_ascii_case(name)) {
+                    *value = v.clone();
+                }
+            }
+            params
+        };
         if role == 0 || params.is_empty() {
-            return (params, normalized);
+            return as_sent(params, &normalized);
         }
         // Lowest level first: the agent applies each over the one before.
         let mut settings: Vec<(&str, &str)> = nextgres_core::poolconf::applicable(&self.conf.reported, &p.database, &p.role)
@@ -233,13 +238,13 @@ impl Pooler {
             .rev()
             .map(|(_, e)| (e.name.as_str(), e.value.as_str()))
             .collect();
-        let own: Vec<(&str, &str)> =
+        let applied: Vec<(&str, &str)> =
             own.iter()
                 .filter(|(n, _)| !NOT_APPLIED.iter().any(|x| n.eq_ignore_ascii_case(x)))
                 .map(|(n, v)| (n.as_str(), v.as_str()))
                 .collect();
         let pool_level = settings.len();
-        settings.extend(own.iter().copied());
+        settings.extend(applied.iter().copied());
         // client_encoding's default is the database's encoding (a dynamic
         // default the agent, in no database, does not have): the backend's
         // unless a role or database setting names it. Settings a role or
@@ -249,7 +254,7 @@ impl Pooler {
             .filter(|&i| {
                 let name = params[i].0.as_str();
                 let settable = nextgres_core::poolconf::REPORTED.iter().any(|r| name.eq_ignore_ascii_case(r));
-                let by_client = own.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
+                let by_client = applied.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
                 !FIXED.iter().any(|f| name.eq_ignore_ascii_case(f))
                     && (by_client || !settable || self.conf.reported_whole)
                     && (!name.eq_ignore_ascii_case("client_encoding")
@@ -263,13 +268,10 @@ impl Pooler {
                     params[i].1 = v;
                     normalized[i] = !NOT_APPLIED.iter().any(|x| params[i].0.eq_ignore_ascii_case(x));
                 }
-                (params, normalized)
             }
-            Err(e) => {
-                log::warn!("login parameters of role \"{}\" in database \"{}\" not read: {}", p.role, p.database, e.message());
-                (params, normalized)
-            }
+            Err(e) => log::warn!("login parameters of role \"{}\" in database \"{}\" not read: {}", p.role, p.database, e.message()),
         }
+        as_sent(params, &normalized)
     }
 
     /// The pool's first backend reported its session values.

@@ -292,9 +292,9 @@ struct ClientVerifier {
     /// Some anchor has a pathLenConstraint, which webpki does not apply to
     /// anchors: a chain webpki accepts is checked again here.
     path_limited: bool,
-    /// The CRLs for [`ClientVerifier::verify_legacy`] and the ssl_crl_dir
-    /// listing they were read at.
-    legacy_crls: std::sync::Mutex<Option<(CrlListing, Arc<Vec<CertificateRevocationListDer<'static>>>)>>,
+    /// The CRLs both verifiers use and the ssl_crl_dir listing they were
+    /// read at ([`ClientVerifier::crls_now`]).
+    crls: std::sync::Mutex<Option<(CrlListing, Arc<Vec<CertificateRevocationListDer<'static>>>)>>,
     provider: Arc<rustls::crypto::CryptoProvider>,
     revocation: Option<Revocation>,
     /// The directory listing the cached verifier was built from.
@@ -316,7 +316,7 @@ impl ClientVerifier {
         use nextgres_core::client_chain::ChainError as C;
         use rustls::CertificateError as E;
         let crls = match &self.revocation {
-            Some(r) => Some(self.crls_now(r).map_err(|_| rustls::Error::InvalidCertificate(E::UnknownRevocationStatus))?),
+            Some(r) => Some(self.crls_now(r).map_err(|_| rustls::Error::InvalidCertificate(E::UnknownRevocationStatus))?.1),
             None => None,
         };
         let crl_refs: Option<Vec<&[u8]>> = crls.as_ref().map(|v| v.iter().map(|c| c.as_ref()).collect());
@@ -342,23 +342,24 @@ impl ClientVerifier {
     }
 
     /// ssl_crl_file's CRLs and ssl_crl_dir's as they are now, read again
-    /// only when the directory listing changed.
-    fn crls_now(&self, r: &Revocation) -> Result<Arc<Vec<CertificateRevocationListDer<'static>>>, String> {
+    /// only when the directory listing changed, with that listing (both
+    /// verifiers' CRLs come from here).
+    fn crls_now(&self, r: &Revocation) -> Result<(CrlListing, Arc<Vec<CertificateRevocationListDer<'static>>>), String> {
         let listing = match r.dir.as_ref() {
             Some(d) => crl_dir_files(std::fs::read_dir(d).map_err(|e| e.to_string())?),
             None => Vec::new(),
         };
-        let mut cache = self.legacy_crls.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = self.crls.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((l, v)) = cache.as_ref() {
             if *l == listing {
-                return Ok(v.clone());
+                return Ok((listing, v.clone()));
             }
         }
         let mut crls = r.file_crls.clone();
         crls.extend(load_crls(None, r.dir.as_deref())?);
         let v = Arc::new(crls);
-        *cache = Some((listing, v.clone()));
-        Ok(v)
+        *cache = Some((listing.clone(), v.clone()));
+        Ok((listing, v))
     }
 
     fn current(&self) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
@@ -368,9 +369,12 @@ impl ClientVerifier {
         // A directory or CRL file that cannot be read leaves the status
         // unknown, as OpenSSL's lookup that finds no CRL (unknown_ca alert).
         let unknown = || rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownRevocationStatus);
-        let listing = match self.revocation.as_ref().and_then(|r| r.dir.as_ref()) {
-            Some(d) => crl_dir_files(std::fs::read_dir(d).map_err(|_| unknown())?),
-            None => Vec::new(),
+        let (listing, crls) = match &self.revocation {
+            Some(r) => {
+                let (listing, crls) = self.crls_now(r).map_err(|_| unknown())?;
+                (listing, Some(crls))
+            }
+            None => (Vec::new(), None),
         };
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((l, v)) = cache.as_ref() {
@@ -379,14 +383,12 @@ impl ClientVerifier {
             }
         }
         let mut builder = WebPkiClientVerifier::builder_with_provider(roots.clone(), self.provider.clone()).allow_unauthenticated();
-        if let Some(r) = &self.revocation {
-            let mut crls = r.file_crls.clone();
-            crls.extend(load_crls(None, r.dir.as_deref()).map_err(|_| unknown())?);
+        if let Some(crls) = crls {
             if crls.is_empty() {
                 // No CRL for any issuer: OpenSSL fails every chain.
                 return Err(unknown());
             }
-            builder = builder.with_crls(crls).enforce_revocation_expiration();
+            builder = builder.with_crls(crls.iter().cloned()).enforce_revocation_expiration();
         }
         let v = builder.build().map_err(|_| unknown())?;
         *cache = Some((listing, v.clone()));
@@ -563,7 +565,7 @@ pub fn build(
                 anchors: Vec::new(),
                 trusted_leaves: Vec::new(),
                 path_limited: false,
-                legacy_crls: std::sync::Mutex::new(None),
+                crls: std::sync::Mutex::new(None),
                 provider: provider.clone(),
                 revocation: None,
                 cache: std::sync::Mutex::new(None),
@@ -576,7 +578,7 @@ pub fn build(
                     anchors,
                     trusted_leaves,
                     path_limited,
-                    legacy_crls: std::sync::Mutex::new(None),
+                    crls: std::sync::Mutex::new(None),
                     provider: provider.clone(),
                     revocation,
                     cache: std::sync::Mutex::new(None),
