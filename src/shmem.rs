@@ -972,6 +972,27 @@ impl Tables {
         self.backends_raw().get(row).is_some_and(|r| unsafe { std::ptr::read_volatile(&r.in_use) && std::ptr::read_volatile(&r.pid) == pid })
     }
 
+    /// Agent, once its pooler has ended and `set_pooler(0)` says so: wakes
+    /// (SIGUSR1, their latch) the backends keeping an idle client only
+    /// because nobody waits (`lingering`). They wait on that client and
+    /// their latch, not on the control socket, and once woken see the
+    /// pooler gone and end the client's session with 57P01
+    /// (`backend::park::pooler_gone`) rather than when it next speaks. One
+    /// announcing after this look sees the cleared pid itself (store, fence,
+    /// load on each side, as `set_lingering`).
+    pub fn wake_lingering(&self) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        for r in self.backends_raw().iter() {
+            // SAFETY: fields of a shared row read as they are (racy by
+            // design, as `set_lingering`); a stale pid gets a spare SIGUSR1.
+            let (in_use, pid, lingering) =
+                unsafe { (std::ptr::read_volatile(&r.in_use), std::ptr::read_volatile(&r.pid), std::ptr::read_volatile(&r.lingering)) };
+            if in_use && pid > 0 && lingering != 0 {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGUSR1);
+            }
+        }
+    }
+
     pub fn backend_lingering(&self, row: usize) -> bool {
         std::sync::atomic::fence(Ordering::SeqCst);
         self.backends_raw().get(row).is_some_and(|r| unsafe { std::ptr::read_volatile(&r.lingering) } != 0)

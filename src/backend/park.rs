@@ -73,6 +73,9 @@ struct Parking {
     /// Watches the socket of the queued client this backend keeps idle
     /// (`kq_hold`); in `queue_wait` as its hold event.
     hold: Option<HoldWatch>,
+    /// The pid of the pooler that logged this backend in (the peer of its
+    /// control socket), 0 when unknown: `pooler_left`.
+    pooler: i32,
 }
 
 thread_local! {
@@ -124,6 +127,7 @@ pub fn transaction_boundary() {
                 last_client: 0,
                 kept_from_queue: false,
                 hold: None,
+                pooler: peer_pid(control),
             }
         });
         // A client taken from the kernel queue goes back there (or to the
@@ -163,6 +167,9 @@ pub fn transaction_boundary() {
             // a backend of a saturated pool for ever after an INSERT.
             let sequence = pin == Pin::Sequence;
             let pinned = pin != Pin::None && !sequence;
+            if !leaving && !pinned && !p.reserved && pooler_left(p) {
+                pooler_gone();
+            }
             if !leaving && (pinned || sequence || p.hold_idle) && linger(p, pinned, sequence) {
                 return; // the client's next message is here: serve it
             }
@@ -316,7 +323,10 @@ fn linger(p: &mut Parking, pinned: bool, sequence: bool) -> bool {
                 announced = p.row.map(Lingering::announce);
             }
         }
-        read_control(p);
+        let open = read_control(p);
+        if optional && (!open || pooler_left(p)) {
+            pooler_gone();
+        }
         // An ATTACH sent ahead (on the socket, or in a slot): a client
         // waits for this very backend.
         if prune_stale_ahead(p) || p.row.is_some_and(super::slot::queued_here) {
@@ -362,6 +372,40 @@ fn linger(p: &mut Parking, pinned: bool, sequence: bool) -> bool {
             LingerEvent::Timeout => {}
         }
     }
+}
+
+/// The pid of the process at the other end of the control socket (the
+/// pooler that logged this backend in: `SO_PEERCRED` keeps the connecting
+/// process), 0 when the kernel does not say.
+fn peer_pid(control: RawFd) -> i32 {
+    // SAFETY: a borrow of the control socket for one getsockopt.
+    let control = unsafe { BorrowedFd::borrow_raw(control) };
+    nix::sys::socket::getsockopt(&control, nix::sys::socket::sockopt::PeerCredentials).map_or(0, |c| c.pid().max(0))
+}
+
+/// Has the pooler that logged this backend in ended (a restart: SIGTERM or
+/// kill -9 of the pooler, `pg_terminate_backend` of the agent)? One load of
+/// the shared header, no system call: the agent clears the pid there as
+/// soon as its pooler has ended, however it ended (`pooler::agent`), and a
+/// new pooler puts its own.
+fn pooler_left(p: &Parking) -> bool {
+    p.pooler > 0 && crate::shmem::tables().is_some_and(|t| t.pooler_pid() != p.pooler)
+}
+
+/// A transaction-mode client at its boundary whose pooler is gone: no
+/// pooler can take it back (a new one knows nothing of it), so its session
+/// ends with the FATAL 57P01 the pooler sent its idle clients as it stopped
+/// (`pooler::worker` shutdown), where before it saw its connection close
+/// without a word. The client's socket is still `sock`: the error reaches
+/// it. Pinned and session-mode clients keep their backend to the end of
+/// their session instead, as dedicated sessions and walsenders do.
+fn pooler_gone() -> ! {
+    pgrx::ereport!(
+        pgrx::PgLogLevel::FATAL,
+        pgrx::PgSqlErrorCode::ERRCODE_ADMIN_SHUTDOWN,
+        "terminating connection due to administrator command"
+    );
+    unreachable!()
 }
 
 /// (waiting clients, backends) of the client's pool. A client kept from the

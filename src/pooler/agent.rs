@@ -78,8 +78,10 @@ pub fn agent_main() -> ! {
         POOLER_CHILD.store(pid, std::sync::atomic::Ordering::SeqCst);
         let ended = serve(&sock, pid, &mut reader);
         // Before the pid is reaped (and could be reused): backends stop
-        // signalling it and accept no pool login from it.
+        // signalling it and accept no pool login from it. Then those keeping
+        // an idle client of it look (`Tables::wake_lingering`).
         tables.set_pooler(0, postmaster::listen::port());
+        tables.wake_lingering();
         // The socket stays open until the pooler has exited: a pooler told
         // to stop (SIGTERM) must not see the agent gone first, or it would
         // exit without its FATAL to idle clients.
@@ -118,6 +120,7 @@ extern "C-unwind" fn agent_exit(_code: i32, _arg: pg_sys::Datum) {
     if pid > 0 {
         if let Some(tables) = shmem::tables() {
             tables.set_pooler(0, postmaster::listen::port());
+            tables.wake_lingering();
         }
         // SAFETY: kill(2) of our own unreaped child (its pid cannot be reused).
         unsafe { libc::kill(pid, libc::SIGKILL) };

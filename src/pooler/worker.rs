@@ -373,6 +373,9 @@ impl Pooler {
     /// to a plaintext client finish on their own (they hold its socket); the
     /// postmaster stops them in a shutdown.
     ///
+    /// Backends keeping an idle client (hold_idle_clients) are asked for it
+    /// back within that second, and the client is told as an idle one.
+    ///
     /// A TLS client's bytes pass through a relay thread of this process, so
     /// a TLS client still attached when the process exits loses its
     /// connection without close_notify. For up to 1 s the pooler therefore
@@ -385,8 +388,10 @@ impl Pooler {
         // told as a waiting client.
         self.stopping = true;
         self.recall_all_ahead(None);
-        // Clients in a kernel queue that no backend serves are told too.
-        self.kq_take_back_all(None);
+        // Clients in a kernel queue that no backend serves are told too;
+        // the lent backends are recalled, and give back within the second
+        // below the clients they serve or keep idle, told then.
+        let recalled = self.kq_take_back_all(None);
         let listeners: Vec<usize> =
             self.conns.iter().filter_map(|(k, c)| matches!(c, Conn::Listener(_)).then_some(k)).collect();
         for k in listeners {
@@ -394,6 +399,17 @@ impl Pooler {
                 conn::remove(&self.epoll, &l);
             }
         }
+        // Clients their backends keep idle while nobody waits (the handoff
+        // path's hold_idle_clients) are asked back, to be told as the idle
+        // ones: a TLS client's relay ends with this process. A plaintext
+        // one not back in time hears it from its backend once this process
+        // has gone (`backend::park::pooler_gone`).
+        let attached: Vec<usize> = self
+            .conns
+            .iter()
+            .filter_map(|(k, c)| matches!(c, Conn::Backend(b) if matches!(b.phase, super::backend::BPhase::Attached { .. })).then_some(k))
+            .collect();
+        let asked: Vec<usize> = attached.into_iter().filter(|&bk| self.backend_request_release(bk, false)).collect();
         let mut closed_relays = Vec::new();
         let deadline = std::time::Instant::now() + Duration::from_secs(1);
         let mut events = vec![EpollEvent::empty(); 64];
@@ -424,7 +440,11 @@ impl Pooler {
             let tls_attached = self.conns.iter().any(|(_, c)| {
                 matches!(c, Conn::Client(c) if c.tls.is_some() && c.with_backend())
             });
-            if !tls_attached || std::time::Instant::now() >= deadline {
+            let asked_back = asked.iter().any(|&bk| {
+                matches!(self.conns.get(bk), Some(Conn::Backend(b)) if b.release_requested && matches!(b.phase, super::backend::BPhase::Attached { .. }))
+            });
+            let recalled_back = recalled.iter().any(|&bk| matches!(self.conns.get(bk), Some(Conn::Backend(b)) if b.lent));
+            if (!tls_attached && !asked_back && !recalled_back) || std::time::Instant::now() >= deadline {
                 break;
             }
             let n = match self.epoll.wait(&mut events, EpollTimeout::from(10u16)) {

@@ -677,8 +677,68 @@ fn smart_stop_waits_for_clients_not_for_parked_backends() {
     });
 }
 
+/// A client its backend keeps idle between transactions (hold_idle_clients)
+/// is told FATAL 57P01 when its pooler goes, as the clients idle in the
+/// pooler are: a pooler stopping (SIGTERM) asks for it back and tells it; a
+/// pooler killed (SIGKILL) cannot, and the backend tells it, woken by the
+/// agent (handoff path) or by the control socket's end (kernel queue).
+/// Before, on the handoff path, the backend went on keeping it, served its
+/// next query and then closed the connection without a word (hunt4-dba F4),
+/// and on the kernel queue a killed pooler's kept client was closed so.
+#[test]
+fn a_client_kept_idle_by_its_backend_is_told_when_the_pooler_goes() {
+    for (kq, signal) in [
+        ("off", libc::SIGTERM),
+        ("off", libc::SIGKILL),
+        ("on", libc::SIGTERM),
+        ("on", libc::SIGKILL),
+    ] {
+        let case = format!("kernel_queue = {kq}, signal {signal}");
+        eprintln!("{case}");
+        run(
+            Cluster::builder()
+                .conf("nextgres.pool_size = 2")
+                .conf("nextgres.hold_idle_clients = on")
+                .conf(format!("nextgres.kernel_queue = {kq}")),
+            move |pg| {
+                let old = running_pooler_pid(pg);
+                let mut kept = raw(pg, APP);
+                kept.value("SELECT 1");
+                let port = kept.local_port();
+                // Kept: still attached to its backend while idle.
+                let mut listed = Vec::new();
+                assert!(
+                    wait_until(SETTLE, || {
+                        listed = clients(pg);
+                        listed.iter().any(|c| c.0 == port && c.2.is_some())
+                    }),
+                    "{case}: the idle client is not kept by a backend: {listed:?}"
+                );
+                // SAFETY: plain kill(2) on the pooler's pid from nextgres.status().
+                assert_eq!(unsafe { libc::kill(old, signal) }, 0, "kill {old}");
+                let (severity, code, _) = kept.expect_fatal();
+                assert_eq!(
+                    (severity.as_str(), code.as_str()),
+                    ("FATAL", "57P01"),
+                    "{case}: the kept client"
+                );
+                let mut new = None;
+                assert!(
+                    wait_until(SETTLE, || {
+                        new = pooler_pid(pg).filter(|&p| p != old);
+                        new.is_some()
+                    }),
+                    "{case}: no new pooler"
+                );
+                assert_pooler_serves(pg, new.expect("new pooler"));
+            },
+        );
+    }
+}
+
 /// SIGTERM to the pooler worker: it tells idle clients 57P01 and exits; its
-/// parked backends exit with it; a client inside a transaction finishes it.
+/// parked backends exit with it; a client inside a transaction finishes it,
+/// then is told 57P01 by its backend.
 /// The postmaster starts a new pooler (new pid), and connection attempts made
 /// while no pooler runs are not refused: they wait in the listen backlog,
 /// which the postmaster keeps, and are served by the new pooler.
@@ -762,6 +822,14 @@ fn pooler_sigterm_restarts_without_refusing_connections() {
             panic!("COMMIT of a transaction begun under the old pooler: {e:?}")
         });
         assert_eq!(row_value(pg), 1);
+        // Then it is told as the idle one was (before, its connection
+        // closed without a word: no pooler could take it back).
+        let (severity, code, _) = in_xact.expect_fatal();
+        assert_eq!(
+            (severity.as_str(), code.as_str()),
+            ("FATAL", "57P01"),
+            "client whose transaction ended after the pooler did"
+        );
         // Nothing of the old pooler lingers.
         assert!(
             wait_until(SETTLE, || old_backends

@@ -49,6 +49,11 @@ pub(super) fn kq_boundary(p: &mut Parking, mut leaving: bool) -> bool {
         p.kept_from_queue = true;
         return false;
     }
+    // Requeued, the client would be closed unseen with the queue its
+    // pooler left behind: told instead, as the pooler's idle clients.
+    if !leaving && pooler_left(p) {
+        pooler_gone();
+    }
     let n = crate::backend::comm::take_counters();
     p.queue.as_ref().expect("checked above").count(&mut s, n.queries, n.query_us, n.bytes_sent);
     // Kept while no other client is ready (hold_idle_clients), or on to
@@ -220,8 +225,8 @@ fn kq_hold(p: &mut Parking, s: &crate::backend::kq::Served) -> Hold {
             }
             ParkEvent::Control => {
                 if !read_control(p) {
-                    // The pooler is gone: the release path notices.
-                    return release;
+                    // The pooler is gone: the kept client is still `sock`.
+                    pooler_gone();
                 }
             }
             ParkEvent::Hold => {
