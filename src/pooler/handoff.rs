@@ -209,12 +209,14 @@ impl Pooler {
     /// time zone's own spelling). A value the agent did not compute with
     /// them is the client's last one as it sent it: client_encoding always
     /// (a client told another encoding than its backend's would misread
-    /// every byte), session_authorization, and every one when the agent
-    /// does not answer.
+    /// every byte), and every one when the agent does not answer. Never
+    /// session_authorization: the server checks a startup value but keeps
+    /// the login role's name (InitializeSessionUserId sets it from a source
+    /// that outranks the client's), and so does the pooler.
     fn login_params_now(&self, pool: usize, own: &[(String, String)]) -> Vec<(String, String)> {
         const FIXED: [&str; 3] = ["server_version", "server_encoding", "integer_datetimes"];
-        // Reported as the client sent them (see above); a startup role is
-        // applied (is_superuser follows it) but has no ParameterStatus.
+        // Not applied by the agent (see above); a startup role is applied
+        // (is_superuser follows it) but has no ParameterStatus.
         const NOT_APPLIED: [&str; 2] = ["client_encoding", "session_authorization"];
         let p = &self.pools[pool];
         let mut params = p.params.clone().unwrap_or_default();
@@ -223,6 +225,9 @@ impl Pooler {
         let mut normalized = vec![false; params.len()];
         let as_sent = |mut params: Vec<(String, String)>, normalized: &[bool]| {
             for ((name, value), done) in params.iter_mut().zip(normalized) {
+                if name.eq_ignore_ascii_case("session_authorization") {
+                    continue;
+                }
                 if let Some((_, v)) = own.iter().rev().find(|(n, _)| !done && n.eq_ignore_ascii_case(name)) {
                     *value = v.clone();
                 }

@@ -1379,7 +1379,9 @@ fn startup_options_match_direct_server() {
 /// the client's last value as sent (`SQL` for `SQL, DMY`, all 80 bytes,
 /// `héllo`), and the session ran with DateStyle's month-first order
 /// (hunt4-session F8, F10); and `is_superuser` of a superuser login with
-/// a startup role is that role's (was the login's, F7).
+/// a startup role is that role's (was the login's, F7); a startup
+/// session_authorization, which the server checks and then ignores, is
+/// reported as the login role (was the value sent, F9).
 #[test]
 fn startup_settings_report_as_the_server_reports_them() {
     use nextgres_test::raw::{read_message, startup_packet_with};
@@ -1395,6 +1397,10 @@ fn startup_settings_report_as_the_server_reports_them() {
         // A superuser login that drops its privileges with a startup role.
         ("postgres", vec![("options", "-c role=scram_u")]),
         ("postgres", vec![]),
+        // Checked, then ignored: the login role's name is reported (F9).
+        ("postgres", vec![("options", "-c session_authorization=scram_u")]),
+        ("postgres", vec![("session_authorization", "scram_u")]),
+        ("scram_u", vec![("session_authorization", "scram_u")]),
     ];
     // ParameterStatus of the login, then the session's own values.
     let login = |port: u16, user: &str, extra: &[(&str, &str)]| -> (Vec<(String, String)>, String) {
@@ -1412,7 +1418,7 @@ fn startup_settings_report_as_the_server_reports_them() {
                 b'S' => {
                     let mut it = body.split(|b| *b == 0);
                     let (n, v) = (text(it.next().unwrap_or_default()), text(it.next().unwrap_or_default()));
-                    if ["DateStyle", "application_name", "TimeZone", "IntervalStyle", "is_superuser"].contains(&n.as_str()) {
+                    if ["DateStyle", "application_name", "TimeZone", "IntervalStyle", "is_superuser", "session_authorization"].contains(&n.as_str()) {
                         status.push((n, v));
                     }
                 }
@@ -1424,7 +1430,7 @@ fn startup_settings_report_as_the_server_reports_them() {
         status.sort();
         let q = "SELECT current_setting('DateStyle') || '|' || current_setting('application_name') || '|' || \
                  current_setting('TimeZone') || '|' || to_char('01/02/2024'::date, 'YYYY-MM-DD') || '|' || \
-                 current_user || '|' || current_setting('is_superuser')\0";
+                 current_user || '|' || current_setting('is_superuser') || '|' || session_user\0";
         let mut msg = vec![b'Q'];
         msg.extend_from_slice(&((q.len() + 4) as i32).to_be_bytes());
         msg.extend_from_slice(q.as_bytes());
