@@ -167,10 +167,13 @@ pub fn transaction_boundary() {
             // a backend of a saturated pool for ever after an INSERT.
             let sequence = pin == Pin::Sequence;
             let pinned = pin != Pin::None && !sequence;
-            if !leaving && !pinned && !p.reserved && pooler_left(p) {
+            // A pooler gone: a session-mode client keeps its backend to its
+            // end, as a pinned one; any other is told (`pooler_gone`).
+            let orphaned = !leaving && pooler_left(p);
+            if orphaned && !pinned && !p.reserved {
                 pooler_gone();
             }
-            if !leaving && (pinned || sequence || p.hold_idle) && linger(p, pinned, sequence) {
+            if !leaving && (pinned || orphaned || sequence || p.hold_idle) && linger(p, pinned || orphaned, sequence) {
                 return; // the client's next message is here: serve it
             }
             p.attached = None;

@@ -736,6 +736,50 @@ fn a_client_kept_idle_by_its_backend_is_told_when_the_pooler_goes() {
     }
 }
 
+/// A session-mode client inside a transaction when its pooler goes keeps
+/// its backend, its session and its connection to its end, as a pinned
+/// client does, though no pooler takes it back at its boundaries (with
+/// hold_idle_clients off its backend gives it back after each
+/// transaction); a transaction-mode client in the same place is told 57P01
+/// (above). Before, the session-mode one was closed without a word after
+/// its transaction.
+#[test]
+fn a_session_mode_client_keeps_its_backend_when_the_pooler_goes() {
+    run(
+        Cluster::builder()
+            .conf("nextgres.pool_size = 2")
+            .conf("nextgres.pool_mode = session")
+            .conf("nextgres.hold_idle_clients = off"),
+        |pg| {
+            let old = running_pooler_pid(pg);
+            let mut c = raw(pg, APP);
+            c.query("SET application_name = 'kept'").expect("SET");
+            let pid = c.value("SELECT pg_backend_pid()");
+            c.query("BEGIN; UPDATE t SET v = v + 1 WHERE id = 1").expect("open transaction");
+            // SAFETY: plain kill(2) on the pooler's pid from nextgres.status().
+            assert_eq!(unsafe { libc::kill(old, libc::SIGTERM) }, 0, "kill -TERM {old}");
+            let mut new = None;
+            assert!(
+                wait_until(SETTLE, || {
+                    new = pooler_pid(pg).filter(|&p| p != old);
+                    new.is_some()
+                }),
+                "no new pooler"
+            );
+            c.query("COMMIT").expect("COMMIT after the pooler went");
+            assert_eq!(row_value(pg), 1);
+            for _ in 0..3 {
+                assert_eq!(
+                    c.value("SELECT pg_backend_pid() || ' ' || current_setting('application_name')"),
+                    format!("{pid} kept"),
+                    "the session-mode client after its pooler went"
+                );
+            }
+            assert_pooler_serves(pg, new.expect("new pooler"));
+        },
+    );
+}
+
 /// SIGTERM to the pooler worker: it tells idle clients 57P01 and exits; its
 /// parked backends exit with it; a client inside a transaction finishes it,
 /// then is told 57P01 by its backend.
