@@ -1839,7 +1839,8 @@ fn certificate_names_and_crl_dirs_decide_as_the_server() {
 /// keyAgreement is refused; a CA file holding only an intermediate CA
 /// anchors nothing (OpenSSL needs a self-signed root), while the same
 /// intermediate next to its root completes a chain the client sent
-/// without it.
+/// without it; end certificates with CA:TRUE (issued by a CA, or
+/// self-signed and in the CA file) are accepted as the server accepts them.
 #[test]
 fn trust_anchors_and_key_usage_as_the_server() {
     let pooled = Arc::new(Cluster::builder().label("pooled").start());
@@ -1872,6 +1873,17 @@ fn trust_anchors_and_key_usage_as_the_server() {
                 &dir,
             );
             std::fs::set_permissions(dir.join("alice-ca.key"), std::fs::Permissions::from_mode(0o600)).expect("chmod");
+            // "bob": a self-signed client certificate with CA:TRUE, as
+            // `openssl req -x509` makes it with Debian's default config
+            // (its own name: verify-ca checks no name, and two anchors of
+            // one name are told apart by OpenSSL's key identifiers, which
+            // webpki does not read: another alert for the same refusal).
+            openssl(
+                &["req", "-x509", "-new", "-nodes", "-newkey", "rsa:2048", "-days", "2", "-subj", "/CN=bob", "-keyout", "bob-ca.key", "-out", "bob-ca.crt",
+                  "-addext", "basicConstraints=critical,CA:TRUE"],
+                &dir,
+            );
+            std::fs::set_permissions(dir.join("bob-ca.key"), std::fs::Permissions::from_mode(0o600)).expect("chmod");
             certs.push(vec![
                 ("plain".to_string(), client_cert(pg, "one", "vca")),
                 ("keyUsage keyEncipherment".to_string(), client_cert_ext(pg, "one", "ku", "/CN=vca", "keyUsage=critical,keyEncipherment\n")),
@@ -1883,13 +1895,21 @@ fn trust_anchors_and_key_usage_as_the_server() {
                 ("alice, self-signed".to_string(), format!("sslcert={} sslkey={}", dir.join("alice-ca.crt").display(), dir.join("alice-ca.key").display())),
                 ("v3 signed by alice's key".to_string(), client_cert_subj(pg, "alice", "byalice", "/CN=vca")),
                 ("v1 signed by alice's key".to_string(), client_cert_v1(pg, "alice", "v1byalice", "/CN=vca")),
+                ("CA:TRUE".to_string(), client_cert_made(pg, "one", "catrue", "/CN=vca", Some("basicConstraints=critical,CA:TRUE\n"))),
+                ("bob, self-signed CA:TRUE".to_string(), format!("sslcert={} sslkey={}", dir.join("bob-ca.crt").display(), dir.join("bob-ca.key").display())),
+                ("v3 signed by bob's key".to_string(), client_cert_subj(pg, "bob", "bybob", "/CN=vca")),
             ]);
             pg.admin().batch_execute("CREATE ROLE vca LOGIN").expect("role");
             std::fs::copy(dir.join("one-ca.crt"), pg.data_dir().join("root.crt")).expect("copy CA");
             std::fs::copy(dir.join("mid-ca.crt"), pg.data_dir().join("mid.crt")).expect("copy CA");
             let both = [std::fs::read(dir.join("one-ca.crt")).unwrap(), std::fs::read(dir.join("mid-ca.crt")).unwrap()].concat();
             std::fs::write(pg.data_dir().join("both.crt"), both).expect("both");
-            let alice = [std::fs::read(dir.join("one-ca.crt")).unwrap(), std::fs::read(dir.join("alice-ca.crt")).unwrap()].concat();
+            let alice = [
+                std::fs::read(dir.join("one-ca.crt")).unwrap(),
+                std::fs::read(dir.join("alice-ca.crt")).unwrap(),
+                std::fs::read(dir.join("bob-ca.crt")).unwrap(),
+            ]
+            .concat();
             std::fs::write(pg.data_dir().join("alice.crt"), alice).expect("alice");
             pg.append_conf("ssl = on").expect("conf");
             pg.append_conf("ssl_ca_file = 'root.crt'").expect("conf");
@@ -1937,6 +1957,14 @@ fn trust_anchors_and_key_usage_as_the_server() {
             assert_eq!(seen.contains(&format!("{ca} / alice, self-signed: ok vca")), ca == "alice.crt", "{seen:?}");
             for forged in ["v3 signed by alice's key", "v1 signed by alice's key"] {
                 assert!(seen.iter().any(|s| s.starts_with(&format!("{ca} / {forged}: failed"))), "{seen:?}");
+            }
+            // CA:TRUE end certificates, which OpenSSL takes as client
+            // certificates (webpki refuses them: the pooler checks their
+            // chains itself); bob, a self-signed CA, vouches for what his
+            // key signed too.
+            assert_eq!(seen.contains(&format!("{ca} / CA:TRUE: ok vca")), ca != "mid.crt", "{seen:?}");
+            for bobs in ["bob, self-signed CA:TRUE", "v3 signed by bob's key"] {
+                assert_eq!(seen.contains(&format!("{ca} / {bobs}: ok vca")), ca == "alice.crt", "{seen:?}");
             }
         }
     });

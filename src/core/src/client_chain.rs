@@ -4,6 +4,11 @@
 //! They are what `openssl x509 -req -CA ...` without `-extfile` makes up to
 //! OpenSSL 3.1, the PostgreSQL documentation's own recipe (ssl-tcp
 //! "Creating Certificates"), so many deployed client certificates are v1.
+//! And end certificates with basicConstraints **CA:TRUE** (webpki:
+//! CaUsedAsEndEntity), which OpenSSL takes as client certificates: what
+//! `openssl req -x509` makes with Debian's default configuration (its
+//! `v3_ca` extensions), a self-signed client certificate the server's CA
+//! file trusts by itself.
 //!
 //! For these, [`verify`] builds and checks the chain as x509_vfy.c does,
 //! with the signature algorithms rustls accepts elsewhere (passed in, so
@@ -90,11 +95,15 @@ fn parse_exact(der: &[u8]) -> Option<X509Certificate<'_>> {
     }
 }
 
-/// Whether webpki refuses `end` for its version (v1 or v2), so the caller
-/// verifies its chain with [`verify`]. False when it does not parse
+/// Whether webpki refuses `end` as an end certificate for what it is
+/// (version 1 or 2, or a CA: basicConstraints CA:TRUE), so the caller
+/// verifies its chain with [`verify`], which refuses nameConstraints
+/// anywhere in it (webpki would check them). False when it does not parse
 /// exactly (webpki reports that).
 pub fn webpki_refuses(end: &[u8]) -> bool {
-    parse_exact(end).is_some_and(|c| c.version() != X509Version::V3)
+    parse_exact(end).is_some_and(|c| {
+        c.version() != X509Version::V3 || matches!(c.basic_constraints(), Ok(Some(bc)) if bc.value.ca)
+    })
 }
 
 /// The contents (no outer tag and length) of the AlgorithmIdentifier that
@@ -481,13 +490,14 @@ mod tests {
 
     #[test]
     fn which_end_certificates_take_this_path() {
-        for c in [V1, V1INT, V1EXPIRED] {
+        // v1, and CA:TRUE (webpki: CaUsedAsEndEntity) as end certificates.
+        for c in [V1, V1INT, V1EXPIRED, review::OK, CATRUE, CATRUE_EKU, ROOT, INT, FAKE] {
             assert!(webpki_refuses(c));
         }
-        // v3 (CA:TRUE ones too) and junk are webpki's to verify or refuse;
-        // so is a v1 certificate with a byte after it.
+        // Other v3 ones and junk are webpki's to verify or refuse; so is a
+        // v1 certificate with a byte after it.
         let trailing = [V1, b"\0"].concat();
-        for c in [ROOT, INT, FAKE, CATRUE, b"junk".as_slice(), &trailing] {
+        for c in [review::SELF, b"junk".as_slice(), &trailing] {
             assert!(!webpki_refuses(c));
         }
         assert_eq!(check(&trailing, &[], &[ROOT], None), Err(ChainError::BadEncoding));
@@ -525,6 +535,10 @@ mod tests {
         assert_eq!(check(V1EXPIRED, &[], &[ROOT], None), Err(ChainError::Expired));
         assert_eq!(verify(V1, &[], &[ROOT], None, 0, algs()), Err(ChainError::NotValidYet));
         assert_eq!(check(CATRUE_EKU, &[], &[ROOT], None), Err(ChainError::InvalidPurpose));
+        // A self-signed CA certificate the CA file holds, as the client's
+        // own: OpenSSL's chain of one; another anchor does not vouch for it.
+        assert_eq!(check(ROOT, &[], &[ROOT], None), Ok(()));
+        assert_eq!(check(FAKE, &[], &[ROOT], None), Err(ChainError::BadSignature));
     }
 
     #[test]
