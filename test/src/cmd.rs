@@ -151,11 +151,17 @@ fn describe(cmd: &Command) -> String {
 }
 
 /// Removes every `PG*` variable a developer's shell may carry (PGHOST,
-/// PGPORT, PGDATA...) so they cannot redirect a test.
+/// PGPORT, PGDATA...) so they cannot redirect a test, and points libpq's
+/// (and asyncpg's) password file at a path that does not exist: a
+/// `~/.pgpass` of the user running the tests would otherwise supply a
+/// password to the logins a test makes without one and expects refused
+/// (seen: a `*:*:*:*:pw` line turned a refused replication login into a
+/// success on the direct server).
 pub fn scrub_pg_env(cmd: &mut Command) {
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("PG") {
             cmd.env_remove(&k);
         }
     }
+    cmd.env("PGPASSFILE", "/nonexistent/nextgres-test/pgpass");
 }

@@ -866,11 +866,7 @@ struct PsqlSession {
 impl PsqlSession {
     fn start(pg: &Cluster, user: &str, password: &str) -> PsqlSession {
         let mut cmd = Command::new(pg.install().client_bin("psql"));
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("PG") {
-                cmd.env_remove(&k);
-            }
-        }
+        nextgres_test::cmd::scrub_pg_env(&mut cmd);
         cmd.env("PGPASSWORD", password)
             .args([
                 "-X",

@@ -287,11 +287,7 @@ pub fn raw(pg: &Cluster, user: &str) -> Raw {
 /// scrubbed), for tests that kill a real client with SIGKILL.
 pub fn psql_child(pg: &Cluster, user: &str, args: &[&str], stdin: bool, stdout: bool) -> Child {
     let mut cmd = Command::new(pg.install().client_bin("psql"));
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("PG") {
-            cmd.env_remove(&k);
-        }
-    }
+    nextgres_test::cmd::scrub_pg_env(&mut cmd);
     cmd.args([
         "-X",
         "-q",
