@@ -104,18 +104,28 @@ pub extern "C-unwind" fn nextgres_conf_reader_main(arg: pg_sys::Datum) {
     let data = BackgroundWorker::transaction(|| {
         Spi::connect(|client| {
             let mut out = Vec::new();
+            // This runs as the bootstrap superuser in a database whose
+            // schemas other roles may create objects in: with "$user" and
+            // public on the search path, a role's public.unnest(text[]) or
+            // public.=(oid, integer) (an exact match, preferred to the
+            // catalog's polymorphic or cast-needing one) would run here as
+            // superuser, which any role could trigger with ALTER ROLE itself
+            // SET. Only pg_catalog is searched (for this transaction), and
+            // every function and operator is named with its schema.
+            client.select("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true)", None, &[])?;
             // Items of dropped roles or databases (rows not yet cleaned up)
             // apply to nobody.
             let rows = client.select(
-                "SELECT coalesce(d.datname::text, ''), coalesce(r.rolname::text, ''), c
+                "SELECT coalesce(d.datname::pg_catalog.text, ''), coalesce(r.rolname::pg_catalog.text, ''), c
                    FROM pg_catalog.pg_db_role_setting s
-                   LEFT JOIN pg_catalog.pg_database d ON d.oid = s.setdatabase
-                   LEFT JOIN pg_catalog.pg_authid r ON r.oid = s.setrole,
-                        unnest(s.setconfig) AS c
-                  WHERE (lower(c) LIKE 'nextgres.%' OR lower(split_part(c, '=', 1)) = ANY ($1))
-                    AND (s.setdatabase = 0 OR d.oid IS NOT NULL)
-                    AND (s.setrole = 0 OR r.oid IS NOT NULL)
-                  ORDER BY lower(c) NOT LIKE 'nextgres.%'",
+                   LEFT JOIN pg_catalog.pg_database d ON d.oid OPERATOR(pg_catalog.=) s.setdatabase
+                   LEFT JOIN pg_catalog.pg_authid r ON r.oid OPERATOR(pg_catalog.=) s.setrole,
+                        pg_catalog.unnest(s.setconfig) AS c
+                  WHERE (pg_catalog.lower(c) OPERATOR(pg_catalog.~~) 'nextgres.%'
+                         OR pg_catalog.lower(pg_catalog.split_part(c, '=', 1)) OPERATOR(pg_catalog.=) ANY ($1))
+                    AND (s.setdatabase OPERATOR(pg_catalog.=) 0::pg_catalog.oid OR d.oid IS NOT NULL)
+                    AND (s.setrole OPERATOR(pg_catalog.=) 0::pg_catalog.oid OR r.oid IS NOT NULL)
+                  ORDER BY pg_catalog.lower(c) OPERATOR(pg_catalog.!~~) 'nextgres.%'",
                 None,
                 &[nextgres_core::poolconf::REPORTED.to_vec().into()],
             )?;

@@ -201,6 +201,51 @@ fn alter_database_pool_mode_and_reset() {
     }
 }
 
+/// The settings reader (which copies pg_db_role_setting for the pooler)
+/// runs as the bootstrap superuser in database `postgres`: a role that may
+/// create objects there (here `public` writable by all, the default before
+/// 15 that pg_upgrade keeps) must not get its own `unnest(text[])` or
+/// `=(oid, integer)` run by it, though each is a closer match than the
+/// catalog's for an unqualified call. Before, `ALTER ROLE itself SET`, which
+/// any role may run and which wakes the reader, made such a role superuser
+/// (hunt5-B 1). The reader still reads: the role's pool_size applies.
+#[test]
+fn the_settings_reader_runs_no_object_of_another_role() {
+    let pg = Cluster::builder().start();
+    exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE mallory LOGIN; GRANT CREATE ON SCHEMA public TO PUBLIC");
+    let mut m = pg.tcp("mallory", "postgres").connect().expect("mallory through the pooler");
+    m.batch_execute(
+        "CREATE FUNCTION public.unnest(text[]) RETURNS SETOF text LANGUAGE plpgsql AS $$
+         BEGIN
+           IF current_setting('is_superuser') = 'on' THEN EXECUTE 'ALTER ROLE mallory SUPERUSER'; END IF;
+           RETURN QUERY SELECT x FROM pg_catalog.unnest($1) AS x;
+         END $$;
+         CREATE FUNCTION public.oid_int_eq(oid, integer) RETURNS boolean LANGUAGE plpgsql AS $$
+         BEGIN
+           IF current_setting('is_superuser') = 'on' THEN EXECUTE 'ALTER ROLE mallory SUPERUSER'; END IF;
+           RETURN $1 OPERATOR(pg_catalog.=) $2::oid;
+         END $$;
+         CREATE OPERATOR public.= (LEFTARG = oid, RIGHTARG = integer, FUNCTION = public.oid_int_eq);
+         ALTER ROLE mallory SET work_mem = '5MB';",
+    )
+    .expect("mallory's objects and setting");
+    // A superuser's change wakes the reader too, and shows when it has read.
+    exec(&pg, "ALTER ROLE mallory SET nextgres.pool_size = 3");
+    let size = || {
+        pg.admin()
+            .query_opt("SELECT pool_size FROM nextgres.pools WHERE role = 'mallory'", &[])
+            .expect("pools")
+            .map(|r| r.get::<_, i32>(0))
+    };
+    assert!(wait_until(APPLIED, || size() == Some(3)), "mallory's pool_size not read: {:?}", size());
+    let superuser: bool = pg
+        .admin()
+        .query_one("SELECT rolsuper FROM pg_roles WHERE rolname = 'mallory'", &[])
+        .expect("rolsuper")
+        .get(0);
+    assert!(!superuser, "the settings reader ran mallory's function as superuser");
+}
+
 /// An ALTER ROLE ... SET in a prepared transaction applies at its COMMIT
 /// PREPARED, run by another session, as at a COMMIT; and a reload reads
 /// the settings again whatever announced them (a standby's come by WAL
