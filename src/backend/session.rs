@@ -31,6 +31,10 @@ struct Shape {
     startup: Vec<(String, String)>,
     /// No SET/set_config value of a client is in effect.
     settings_clean: bool,
+    /// A setting changed since the last switch (a SET, SET LOCAL or
+    /// set_config, even one undone since): the statements created meanwhile
+    /// may have been analyzed under it, so none is kept for another client.
+    touched: bool,
     /// The named prepared statements this backend has created.
     statements: StatementList,
 }
@@ -97,6 +101,20 @@ impl Pending {
         self.offsets[i] = TAKEN;
         self.left -= 1;
         Some(st)
+    }
+    /// A statement taken whose creation failed (inside an aborted
+    /// transaction, say): pending again, so its next use tries again and the
+    /// client's image keeps it, where it was lost for good (26000 at every
+    /// later use; hunt5-A F2).
+    fn put_back(&mut self, st: &Statement) {
+        let off = self.list.byte_len() as u32;
+        self.list.push(st);
+        let i = self.offsets.len() as u32;
+        self.offsets.push(off);
+        let key = (name_hash(&st.name), i);
+        let at = self.index.partition_point(|&x| x < key);
+        self.index.insert(at, key);
+        self.left += 1;
     }
     fn take(&mut self, name: &[u8]) -> Option<Statement> {
         let i = self.find(name)?;
@@ -211,6 +229,7 @@ pub fn switch_to(startup: &[(String, String)], image: SessionImage) {
             );
         }
     }
+    s::switch_reseed();
     let mut pending = Pending::default();
     pending.set(statements);
     let same = same_defaults(&current_defaults(), &defaults)
@@ -221,15 +240,23 @@ pub fn switch_to(startup: &[(String, String)], image: SessionImage) {
     // Statements this backend already has that the client has too (same
     // name, text, parameter and result types) are kept, not created again;
     // any other is dropped, as DISCARD ALL would drop it, so the backend has
-    // no named statement the client does not have.
+    // no named statement the client does not have. Never kept: an SQL-level
+    // PREPARE sent with other statements (its plan source holds the whole
+    // query string the previous client sent it in, literals and all, which
+    // pg_prepared_statements shows), and any after a setting changed since
+    // the last switch (a
+    // literal's value, a name's resolution may depend on it: another
+    // client would get results computed under the previous one's setting).
     if same && s::switch_light() {
         let drop = SHAPE.with(|sh| {
             let mut sh = sh.borrow_mut();
+            let keep_any = !sh.touched;
+            sh.touched = false;
             let mut keep = StatementList::default();
             let mut drop = Vec::new();
             for have in sh.statements.iter() {
                 match pending.find(have.name) {
-                    Some(i) if pending.get(i).is_some_and(|st| st.raw == have.raw) => {
+                    Some(i) if keep_any && (!have.from_sql || have.whole_query) && pending.get(i).is_some_and(|st| st.raw == have.raw) => {
                         pending.offsets[i] = TAKEN;
                         pending.left -= 1;
                         keep.push_raw(&have);
@@ -254,6 +281,7 @@ pub fn switch_to(startup: &[(String, String)], image: SessionImage) {
             sh.known = true;
             sh.startup = startup.to_vec();
             sh.settings_clean = settings.is_empty();
+            sh.touched = false;
             sh.statements = StatementList::default();
         });
     }
@@ -263,6 +291,7 @@ pub fn switch_to(startup: &[(String, String)], image: SessionImage) {
     } else {
         statements_wanted_all();
     }
+    s::switch_reported();
 }
 
 /// The client this backend served last is attached again (no switch): its
@@ -275,11 +304,15 @@ pub fn attached_again() {
 fn create(st: Statement) {
     match s::create_statement(&st) {
         Ok(()) => SHAPE.with(|sh| sh.borrow_mut().statements.push(&st)),
-        Err(e) => log::info!(
-            "prepared statement \"{}\" could not be re-created: {}",
-            String::from_utf8_lossy(&st.name),
-            e.message()
-        ),
+        Err(e) => {
+            log::info!(
+                "prepared statement \"{}\" could not be re-created: {}",
+                String::from_utf8_lossy(&st.name),
+                e.message()
+            );
+            PENDING.with(|p| p.borrow_mut().put_back(&st));
+            s::set_statements_pending(true);
+        }
     }
 }
 
@@ -314,7 +347,8 @@ fn statements_wanted_all() {
     for st in PENDING.with(|p| p.borrow_mut().take_all()) {
         create(st);
     }
-    s::set_statements_pending(false);
+    // Those that could not be created are pending again (`create`).
+    s::set_statements_pending(PENDING.with(|p| p.borrow().left > 0));
 }
 
 /// session.c: DEALLOCATE ALL or DISCARD ALL ran: the client has none left.
@@ -338,6 +372,9 @@ pub fn note_release(settings: Option<&[(String, String)]>, created: s::Taken) ->
         let mut sh = sh.borrow_mut();
         if let Some(v) = settings {
             sh.settings_clean = v.is_empty();
+            // Read because something changed a setting (session.c
+            // `settings_dirty`), even if nothing of it is left in force.
+            sh.touched = true;
         }
         let created = match created {
             s::Taken::Unchanged => return None,
@@ -402,6 +439,7 @@ pub fn discard() {
     SHAPE.with(|sh| {
         let mut sh = sh.borrow_mut();
         sh.settings_clean = true;
+        sh.touched = false;
         sh.statements = StatementList::default();
     });
     ng_rs_statements_forget();

@@ -23,6 +23,7 @@
 #include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
 #include "commands/sequence.h"
+#include "common/pg_prng.h"
 #include "commands/discard.h"
 #include "commands/prepare.h"
 #include "executor/executor.h"
@@ -49,6 +50,7 @@
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
+#include "utils/fmgrprotos.h"
 #include "utils/guc.h"
 #include "utils/guc_tables.h"
 #include "utils/lsyscache.h"
@@ -1217,6 +1219,7 @@ put_statement(StringInfo out, PreparedStatement *ps)
 	const char *text = src->query_string;
 	uint32		np = pg_hton32((uint32) src->num_params);
 	int			text_at;
+	bool		whole = false;
 
 	put_str(out, ps->stmt_name);
 	text_at = out->len;
@@ -1231,14 +1234,21 @@ put_statement(StringInfo out, PreparedStatement *ps)
 			loc = 0;
 		if (len <= 0 || loc + len > total)
 			len = total - loc;
+		/* The plan source's string is this text alone: nothing of another
+		 * statement (or another client's, if kept for one) is in it. */
+		whole = loc == 0 && len == total;
 		appendBinaryStringInfo(out, text + loc, len);
 		appendStringInfoChar(out, '\0');
 	}
 	else
 		put_str(out, text);
-	/* Flags (control.rs Statement): 1 from_sql, 2 backslash_escapes. */
+	/*
+	 * Flags (control.rs Statement): 1 from_sql, 2 backslash_escapes, 4 an
+	 * SQL-level statement's text is its whole query string.
+	 */
 	appendStringInfoChar(out, (ps->from_sql ? 1 : 0) |
-						 (lexed_with_backslash_escapes(src, out->data + text_at, ps->from_sql) ? 2 : 0));
+						 (lexed_with_backslash_escapes(src, out->data + text_at, ps->from_sql) ? 2 : 0) |
+						 (whole ? 4 : 0));
 	appendBinaryStringInfo(out, (char *) &np, 4);
 	for (int i = 0; i < src->num_params; i++)
 	{
@@ -1381,6 +1391,95 @@ ng_switch_light(void)
 }
 
 /*
+ * A switch to another client begins: random() and friends get a fresh seed
+ * (from this backend's global generator, itself strongly seeded at its
+ * start), as a direct session starts with its own.  Without it, a client's
+ * setseed() (or SET seed) decided the "random" values of every client the
+ * backend served after it.  Before the client's own settings are applied: a
+ * SET seed of its own is set again after this.
+ */
+void
+ng_switch_reseed(void)
+{
+	(void) DirectFunctionCall1(setseed, Float8GetDatum(pg_prng_double(&pg_global_prng_state) * 2.0 - 1.0));
+}
+
+/* The settings a client is told of (GUC_REPORT), found at the first switch
+ * (guc.c never frees a setting's record; one an extension defines later
+ * with GUC_REPORT, which no known extension does, is not in the list). */
+static bool reported_known = false;
+static struct config_generic **reported_vars = NULL;
+static int	reported_n = 0;
+
+/*
+ * A switch to another client ends: guc.c's record of what "the client" was
+ * told of each reported setting (last_reported, to which
+ * ReportChangedGUCOptions() compares a changed value before it sends
+ * ParameterStatus) is still what the previous client was told.  The values
+ * now in force are what this client was told (its login's ParameterStatus,
+ * then each change reported to it, re-applied from its session image), so
+ * they become last_reported: a value the client SETs later is reported
+ * unless the client was told it already, as on a direct connection.  Before,
+ * a SET to the value the previous client had been told went unreported: a
+ * client that set standard_conforming_strings = off kept being told on, and
+ * libpq escaped its strings for on (an SQL injection).  The changes the
+ * switch made are still flagged and are looked at (and found unchanged) at
+ * the next ReadyForQuery, as guc.c expects of a flagged setting.
+ */
+void
+ng_switch_reported(void)
+{
+	if (!reported_known)
+	{
+		int			n;
+		struct config_generic **vars = guc_array(&n);
+		struct config_generic **list = malloc(sizeof(*list) * Max(n, 1));
+
+		if (list == NULL)
+		{
+#if PG_VERSION_NUM >= 160000
+			pfree(vars);
+#endif
+			return;
+		}
+		reported_vars = list;
+		reported_n = 0;
+		for (int i = 0; i < n; i++)
+			if ((vars[i]->flags & GUC_REPORT) && !(vars[i]->flags & GUC_SUPERUSER_ONLY))
+				reported_vars[reported_n++] = vars[i];
+#if PG_VERSION_NUM >= 160000
+		pfree(vars);
+#endif
+		reported_known = true;
+	}
+	for (int i = 0; i < reported_n; i++)
+	{
+		struct config_generic *g = reported_vars[i];
+		char	   *v;
+
+#if PG_VERSION_NUM >= 160000
+		v = ShowGUCOption(g, false);
+#else
+		/* 15's _ShowOption() is static; no reported setting has units. */
+		v = GetConfigOptionByName(g->name, NULL, true);
+#endif
+		if (v == NULL)
+			continue;
+		if (g->last_reported == NULL || strcmp(v, g->last_reported) != 0)
+		{
+#if PG_VERSION_NUM >= 160000
+			guc_free(g->last_reported);
+			g->last_reported = guc_strdup(LOG, v);
+#else
+			free(g->last_reported);
+			g->last_reported = strdup(v);
+#endif
+		}
+		pfree(v);
+	}
+}
+
+/*
  * A FunctionCall message was answered (the fast-path interface, fastpath.c):
  * it calls functions, set_config() among them, without the executor or
  * fmgr_hook (built-ins skip needs_fmgr_hook): the settings are read again.
@@ -1392,6 +1491,7 @@ ng_note_function_call(void)
 }
 
 static void guc_source_to_default(struct config_generic *g);
+static void note_start_values(void);
 
 #if PG_VERSION_NUM >= 160000 && PG_VERSION_NUM < 170000
 /*
@@ -1432,6 +1532,7 @@ ng_switch_begin(bool discard, NgError *err)
 
 	PG_TRY();
 	{
+		note_start_values();
 		StartTransactionCommand();
 		if (discard)
 		{
@@ -2652,6 +2753,63 @@ ng_applied_defaults(int *len)
 }
 
 /*
+ * The backend-start settings (PGC_BACKEND, PGC_SU_BACKEND: ignore_system_indexes,
+ * post_auth_delay, log_connections, jit_debugging_support, ...) as this
+ * backend's own login left them, read before its first client's startup
+ * settings were applied: a client may send one in its startup packet, and
+ * neither RESET nor DISCARD ALL can put it back (its reset value becomes the
+ * client's), nor a reload (guc.c ignores those settings' new values in a
+ * running backend), so ng_defaults_clear() restores them from here.
+ */
+typedef struct StartValue
+{
+	struct config_generic *g;
+	char	   *value;
+	GucSource	source;
+} StartValue;
+
+static StartValue *start_values = NULL;
+static int	n_start_values = -1;
+
+static void
+note_start_values(void)
+{
+	int			n;
+	struct config_generic **vars;
+
+	if (n_start_values >= 0)
+		return;
+	vars = guc_array(&n);
+	start_values = MemoryContextAlloc(TopMemoryContext, sizeof(StartValue) * Max(n, 1));
+	n_start_values = 0;
+	for (int i = 0; i < n; i++)
+	{
+		struct config_generic *g = vars[i];
+		const char *v;
+
+		if (g->context != PGC_BACKEND && g->context != PGC_SU_BACKEND)
+			continue;
+		v = GetConfigOption(g->name, true, false);
+		start_values[n_start_values].g = g;
+		start_values[n_start_values].value = MemoryContextStrdup(TopMemoryContext, v ? v : "");
+		start_values[n_start_values].source = g->source;
+		n_start_values++;
+	}
+#if PG_VERSION_NUM >= 160000
+	pfree(vars);
+#endif
+}
+
+static StartValue *
+start_value_of(struct config_generic *g)
+{
+	for (int i = 0; i < n_start_values; i++)
+		if (start_values[i].g == g)
+			return &start_values[i];
+	return NULL;
+}
+
+/*
  * Lowers a setting's source to PGC_S_DEFAULT as guc.c's set_guc_source()
  * does.  From 16 every setting whose source is not PGC_S_DEFAULT is on
  * guc.c's guc_nondef_list (the list RESET ALL / DISCARD ALL walks): the
@@ -2693,8 +2851,22 @@ ng_defaults_clear(const char *name)
 		g->reset_source = PGC_S_DEFAULT;
 	PG_TRY();
 	{
-		(void) set_config_option(g->name, NULL, PGC_SUSET, PGC_S_DEFAULT,
-								 GUC_ACTION_SET, true, WARNING, false);
+		StartValue *sv = start_value_of(g);
+
+		if (sv != NULL)
+		{
+			/*
+			 * A backend-start setting: its login value and source, in the
+			 * context a connection's start sets it in (the only one guc.c
+			 * accepts for it; a superuser's SUSET would be refused).
+			 */
+			(void) set_config_option(g->name, sv->source == PGC_S_DEFAULT ? NULL : sv->value,
+									 PGC_SU_BACKEND, sv->source,
+									 GUC_ACTION_SET, true, WARNING, false);
+		}
+		else
+			(void) set_config_option(g->name, NULL, PGC_SUSET, PGC_S_DEFAULT,
+									 GUC_ACTION_SET, true, WARNING, false);
 	}
 	PG_CATCH();
 	{

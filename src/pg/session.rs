@@ -53,6 +53,8 @@ extern "C" {
     fn ng_defaults_apply(level: c_int, name: *const c_char, value: *const c_char);
     fn ng_switch_end(err: *mut NgError) -> bool;
     fn ng_switch_light() -> bool;
+    fn ng_switch_reseed();
+    fn ng_switch_reported();
     fn ng_note_function_call();
     fn ng_close_unnamed_before_client() -> bool;
     fn ng_read_ahead(fd: c_int, bytes: *mut *const u8) -> isize;
@@ -459,6 +461,19 @@ pub fn count_session(delta: i32) {
 /// (session.c `ng_switch_light`): false when a full switch is needed.
 pub fn switch_light() -> bool {
     unsafe { ng_switch_light() }
+}
+
+/// A switch to another client begins: a fresh seed for random() (session.c
+/// `ng_switch_reseed`), so no client's setseed() decides another's values.
+pub fn switch_reseed() {
+    unsafe { ng_switch_reseed() }
+}
+
+/// A switch to another client ends: what guc.c records as reported to the
+/// client becomes the values in force, which are what this client was told
+/// (session.c `ng_switch_reported`), so its own later SETs are reported.
+pub fn switch_reported() {
+    unsafe { ng_switch_reported() }
 }
 
 #[inline(never)]

@@ -1414,3 +1414,194 @@ fn killed_clients_leave_nothing_behind() {
         },
     );
 }
+
+// ---- raw protocol: named statements, ParameterStatus ------------------------
+
+/// One use of statement `name` over the extended protocol: Parse (when `sql`
+/// is given), Bind, Execute, Sync. The first column of each row.
+fn raw_named(r: &mut nextgres_test::raw::Raw, name: &str, sql: Option<&str>) -> Vec<String> {
+    use std::io::Write;
+    let msg = |tag: u8, body: &[u8]| {
+        let mut m = vec![tag];
+        m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    };
+    let mut out = Vec::new();
+    if let Some(sql) = sql {
+        out.extend(msg(b'P', &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat()));
+    }
+    out.extend(msg(b'B', &[b"\0", name.as_bytes(), b"\0\0\0\0\0\0\0"].concat()));
+    out.extend(msg(b'E', b"\0\0\0\0\0"));
+    out.extend(msg(b'S', b""));
+    r.s.write_all(&out).expect("extended protocol messages");
+    let rows = r.until_ready().unwrap_or_else(|e| panic!("statement {name}: {e:?}"));
+    rows.into_iter().map(|row| row.into_iter().next().flatten().unwrap_or_default()).collect()
+}
+
+/// Runs `sql` (simple protocol); the ParameterStatus messages that came
+/// with its answer, as (name, value).
+fn raw_reports(r: &mut nextgres_test::raw::Raw, sql: &str) -> Vec<(String, String)> {
+    r.send_query(sql);
+    let mut got = Vec::new();
+    loop {
+        let (tag, body) = r.read_msg().unwrap_or_else(|e| panic!("{sql}: {e}"));
+        match tag {
+            b'S' => {
+                let mut it = body.split(|b| *b == 0).map(|f| String::from_utf8_lossy(f).into_owned());
+                got.push((it.next().unwrap_or_default(), it.next().unwrap_or_default()));
+            }
+            b'E' => panic!("{sql}: {:?}", nextgres_test::raw::parse_error(&body)),
+            b'Z' => return got,
+            _ => {}
+        }
+    }
+}
+
+/// A client is told (ParameterStatus) every reported setting it changes,
+/// whatever the backend told the client it served before: B's SET
+/// standard_conforming_strings = off, on the backend that had told A off,
+/// reaches B as on a direct connection, and so does B's RESET. Before, the
+/// backend compared B's new value with what it had told A, sent nothing, and
+/// libpq went on escaping B's strings for `on` (a backslash then ends the
+/// literal: SQL injection; hunt5-C 2). Also a client's setseed() decides
+/// nothing of another client's random() (hunt5-A F8): with one backend, B's
+/// values after A's setseed(0.5) are not the ones setseed(0.5) gives.
+#[test]
+fn parameter_status_and_random_seeds_are_each_clients_own() {
+    run(one_backend(), SETUP, LIMIT, |pg| {
+        use nextgres_test::raw::Raw;
+        let raw = || Raw::connect(pg.port(), "app", "postgres", SETTLE);
+        let mut a = raw();
+        let mut b = raw();
+        let scs = |got: &[(String, String)]| {
+            got.iter().filter(|(n, _)| n == "standard_conforming_strings").map(|(_, v)| v.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(scs(&raw_reports(&mut a, "SET standard_conforming_strings = off")), ["off"], "A's own SET");
+        assert_eq!(scs(&raw_reports(&mut b, "SET standard_conforming_strings = off")), ["off"], "B's SET after A's turn");
+        assert_eq!(a.value("SELECT pg_backend_pid()"), b.value("SELECT pg_backend_pid()"), "one backend");
+        assert_eq!(scs(&raw_reports(&mut a, "RESET standard_conforming_strings")), ["on"], "A's RESET");
+        assert_eq!(scs(&raw_reports(&mut b, "RESET standard_conforming_strings")), ["on"], "B's RESET after A's");
+        // No report where the client was told the value already (a direct
+        // connection sends none either), after another client's turns.
+        raw_reports(&mut a, "SET DateStyle = 'SQL, DMY'");
+        let quiet = raw_reports(&mut b, "SELECT 1");
+        assert!(quiet.iter().all(|(n, _)| n != "DateStyle"), "B was told A's DateStyle: {quiet:?}");
+
+        // setseed(0.5)'s sequence, on a direct connection.
+        let mut admin = pg.admin();
+        admin.batch_execute("SELECT setseed(0.5)").expect("setseed");
+        let seeded: Vec<String> = (0..3)
+            .map(|_| admin.query_one("SELECT (random() * 1e9)::int8::text", &[]).expect("random").get::<_, String>(0))
+            .collect();
+        raw_reports(&mut a, "SELECT setseed(0.5)");
+        let of_b: Vec<String> = (0..3).map(|_| b.value("SELECT (random() * 1e9)::int8::text")).collect();
+        assert_ne!(of_b, seeded, "B's random() follows A's setseed(0.5)");
+    });
+}
+
+/// A backend keeps a statement it has for the next client that has the same
+/// one (same name, text, types) only where the statement cannot differ: not
+/// one prepared after a setting changed, even one set back since (A's
+/// statement, analyzed under A's TimeZone, gave B another instant; hunt5-A
+/// F0b), and never an SQL-level PREPARE, whose plan source holds the whole
+/// query string the previous client sent with it (B read A's literal
+/// through pg_prepared_statements; hunt5-A F0).
+#[test]
+fn a_statement_kept_for_the_next_client_is_never_another_clients() {
+    run(one_backend(), SETUP, LIMIT, |pg| {
+        use nextgres_test::raw::Raw;
+        let raw = || Raw::connect(pg.port(), "app", "postgres", SETTLE);
+        let mut a = raw();
+        let mut b = raw();
+        let q = "SELECT extract(epoch FROM '2024-01-01 00:00'::timestamptz)::text";
+        let mine = raw_named(&mut b, "S_1", Some(q));
+        a.query("SET TimeZone = 'Asia/Tokyo'").expect("SET");
+        let tokyo = raw_named(&mut a, "S_1", Some(q));
+        assert_ne!(tokyo, mine, "the literal's instant depends on TimeZone");
+        a.query("RESET TimeZone").expect("RESET");
+        assert_eq!(a.value("SELECT pg_backend_pid()"), b.value("SELECT pg_backend_pid()"), "one backend");
+        for _ in 0..2 {
+            assert_eq!(raw_named(&mut b, "S_1", None), mine, "B's statement after A's turn");
+            raw_named(&mut a, "S_1", None);
+        }
+
+        let look = "SELECT statement FROM pg_prepared_statements WHERE name = 'ins'";
+        b.query("PREPARE ins(text) AS SELECT $1; EXECUTE ins('B-data')").expect("B's PREPARE");
+        a.query("PREPARE ins(text) AS SELECT $1; EXECUTE ins('A-secret')").expect("A's PREPARE");
+        let seen = b.value(look);
+        assert!(!seen.contains("A-secret"), "B sees A's query string: {seen}");
+        assert_eq!(b.query("EXECUTE ins('again')").expect("B's EXECUTE")[0][0].as_deref(), Some("again"));
+    });
+}
+
+/// A setting only a connection's start may set (PGC_BACKEND:
+/// ignore_system_indexes, post_auth_delay), sent in one client's startup
+/// packet, is that client's alone: the next client of its backend runs with
+/// the backend's own value (here postgresql.conf's post_auth_delay), which
+/// RESET ALL keeps. Before, the backend kept the first client's values for
+/// every later client, RESET ALL and DISCARD ALL included: one client could
+/// make all of its pool's catalog lookups sequential scans (hunt5-B 4).
+#[test]
+fn backend_start_settings_of_one_client_are_never_anothers() {
+    run(one_backend().conf("post_auth_delay = 0"), SETUP, LIMIT, |pg| {
+        use nextgres_test::raw::Raw;
+        let look = "SELECT current_setting('ignore_system_indexes') || ' ' || current_setting('post_auth_delay')";
+        let connect = |options: Option<&str>| {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], pg.port()));
+            let s = std::net::TcpStream::connect_timeout(&addr, SETTLE).expect("connect");
+            let mut params = vec![("user", "app"), ("database", "postgres")];
+            if let Some(o) = options {
+                params.push(("options", o));
+            }
+            Raw::login_with(s, &params, SETTLE)
+        };
+        let mut x = connect(Some("-c ignore_system_indexes=on -c post_auth_delay=1"));
+        let mut y = connect(None);
+        assert_eq!(x.value(look), "on 1s", "X's own startup settings");
+        for _ in 0..2 {
+            assert_eq!(y.value(look), "off 0", "Y after X's turn on the one backend");
+            y.query("RESET ALL").expect("RESET ALL");
+            assert_eq!(y.value(look), "off 0", "Y after RESET ALL");
+            assert_eq!(x.value(look), "on 1s", "X again");
+        }
+        assert_eq!(x.value("SELECT pg_backend_pid()"), y.value("SELECT pg_backend_pid()"), "one backend");
+        drop(x);
+        let mut z = connect(None);
+        assert_eq!(z.value(look), "off 0", "a client after X left");
+    });
+}
+
+/// A statement the client still has that its new backend cannot create at
+/// its first use (here a prepared SHOW first used inside a failed
+/// transaction, whose analysis reads the catalogs) stays the client's: used
+/// again after the ROLLBACK it answers, as directly. Before, the failed
+/// creation dropped it from the client's session for good: 26000 at every
+/// later use (hunt5-A F2).
+#[test]
+fn a_statement_that_could_not_be_created_yet_is_not_lost() {
+    run(one_backend(), SETUP, LIMIT, |pg| {
+        use nextgres_test::raw::Raw;
+        let raw = || Raw::connect(pg.port(), "app", "postgres", SETTLE);
+        let mut a = raw();
+        let mut b = raw();
+        let want: String = pg.admin().query_one("SHOW work_mem", &[]).expect("SHOW").get(0);
+        assert_eq!(raw_named(&mut b, "s_show", Some("SHOW work_mem")), [want.clone()]);
+        a.value("SELECT 1");
+        assert!(b.query("BEGIN; SELECT 1/0").is_err(), "division by zero");
+        {
+            use std::io::Write;
+            // Bind/Execute/Sync of s_show inside the failed transaction: an
+            // error either way (25P02 directly).
+            let msg = |tag: u8, body: &[u8]| [&[tag][..], &((body.len() + 4) as i32).to_be_bytes(), body].concat();
+            let out = [msg(b'B', b"\0s_show\0\0\0\0\0\0\0"), msg(b'E', b"\0\0\0\0\0"), msg(b'S', b"")].concat();
+            b.s.write_all(&out).expect("bind in a failed transaction");
+            assert!(b.until_ready().is_err(), "s_show inside a failed transaction");
+        }
+        b.query("ROLLBACK").expect("ROLLBACK");
+        for _ in 0..2 {
+            assert_eq!(raw_named(&mut b, "s_show", None), [want.clone()], "s_show after the ROLLBACK");
+            a.value("SELECT 1");
+        }
+    });
+}

@@ -183,6 +183,11 @@ pub struct RawStatement<'a> {
     pub text: &'a [u8],
     pub from_sql: bool,
     pub backslash_escapes: bool,
+    /// An SQL-level PREPARE whose text is the whole query string the client
+    /// sent it in (flag 4, set by the backend that wrote the entry): only
+    /// such a statement's plan source holds nothing but its own text, so
+    /// only it may be kept for another client (the light switch).
+    pub whole_query: bool,
     /// Parameter type OIDs, 4 bytes each, big-endian.
     params: &'a [u8],
     pub result: &'a [u8],
@@ -667,19 +672,19 @@ impl<'a> Reader<'a> {
         let start = self.off;
         let name = self.cbytes()?;
         let text = self.cbytes()?;
-        // Flags as written (1 from_sql, 2 backslash_escapes), no other bit:
-        // equal statements must have equal bytes (the light switch compares
-        // entries as bytes).
+        // Flags as written (1 from_sql, 2 backslash_escapes, 4 whole_query
+        // with from_sql), no other bit: equal statements must have equal
+        // bytes (the light switch compares entries as bytes).
         let flags = self.u8()?;
-        if flags > 3 {
+        if flags > 7 || (flags & 4 != 0 && flags & 1 == 0) {
             return Err(bad("invalid statement flag"));
         }
-        let (from_sql, backslash_escapes) = (flags & 1 != 0, flags & 2 != 0);
+        let (from_sql, backslash_escapes, whole_query) = (flags & 1 != 0, flags & 2 != 0, flags & 4 != 0);
         let np = self.count(4)?;
         let params = self.take(np * 4)?;
         let rl = self.count(1)?;
         let result = self.take(rl)?;
-        Ok(RawStatement { raw: &self.body[start..self.off], name, text, from_sql, backslash_escapes, params, result })
+        Ok(RawStatement { raw: &self.body[start..self.off], name, text, from_sql, backslash_escapes, whole_query, params, result })
     }
     /// A statement list: validated entry by entry, then copied as bytes.
     fn statements(&mut self) -> Result<StatementList, ProtoError> {
@@ -854,12 +859,19 @@ mod tests {
         let (off, name) = back.names().next().unwrap();
         assert_eq!(name, b"s\xe9");
         assert!(back.name_is(off, b"s\xe9"));
-        // The flags are bits 1 and 2, nothing else (one list, one spelling).
+        // The flags are bits 1, 2 and 4 (whole_query, only with from_sql),
+        // nothing else (one list, one spelling).
         let flag = out.len() - 4 - 4 - 1;
         out[flag] = 3;
         assert!(parse_statement_list(&out).unwrap().iter().next().unwrap().backslash_escapes);
-        out[flag] = 4;
-        assert!(parse_statement_list(&out).is_err());
+        out[flag] = 5;
+        let whole = parse_statement_list(&out).unwrap();
+        let st = whole.iter().next().unwrap();
+        assert!(st.from_sql && st.whole_query && !st.backslash_escapes);
+        for bad in [4, 8] {
+            out[flag] = bad;
+            assert!(parse_statement_list(&out).is_err(), "flags {bad}");
+        }
     }
 
     #[test]
