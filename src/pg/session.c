@@ -335,7 +335,14 @@ ng_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
 	Node	   *n = pstmt->utilityStmt;
 
 	cancel_check();
-	statement_ran = true;
+	/*
+	 * DEALLOCATE, CLOSE and PREPARE run nothing that reads sequence values:
+	 * they do not use up a client's sequence pin (sequence_pin()), as PHP
+	 * PDO's DEALLOCATE of a statement object destroyed between an INSERT and
+	 * its lastInsertId() would (55000 "lastval is not yet defined").
+	 */
+	if (!IsA(n, DeallocateStmt) && !IsA(n, ClosePortalStmt) && !IsA(n, PrepareStmt))
+		statement_ran = true;
 	switch (nodeTag(n))
 	{
 		case T_VariableSetStmt:

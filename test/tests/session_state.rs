@@ -1605,3 +1605,34 @@ fn a_statement_that_could_not_be_created_yet_is_not_lost() {
         }
     });
 }
+
+/// A client whose transaction called nextval() keeps its backend for its
+/// next transaction that runs a statement (lastval() and currval() answer
+/// there); a DEALLOCATE in between runs nothing and does not use that up:
+/// PHP PDO deallocates a statement object destroyed between its INSERT and
+/// lastInsertId(). Before, the DEALLOCATE used it up, the waiting client got
+/// the backend, and the lastval() failed with 55000 (hunt5-C 3).
+#[test]
+fn a_deallocate_between_nextval_and_lastval_keeps_the_sequence_values() {
+    run(one_backend().conf("nextgres.sequence_hold = 20000"), SETUP, LIMIT, |pg| {
+        use nextgres_test::raw::Raw;
+        pg.admin()
+            .batch_execute("CREATE TABLE seq_t (id serial PRIMARY KEY, v text); GRANT ALL ON seq_t, seq_t_id_seq TO app")
+            .expect("table");
+        let raw = || Raw::connect(pg.port(), "app", "postgres", SETTLE);
+        let mut a = raw();
+        let mut b = raw();
+        b.query("PREPARE ins AS INSERT INTO seq_t (v) VALUES ('b')").expect("PREPARE");
+        b.query("EXECUTE ins").expect("INSERT");
+        // A waits for the one backend, which B keeps for its sequence value.
+        a.send_query("SELECT 'a'");
+        assert!(
+            wait_until(SETTLE, || admin_i64(pg, "SELECT count(*) FROM nextgres.clients WHERE state = 'waiting'") == 1),
+            "A never waited"
+        );
+        b.query("DEALLOCATE ins").expect("DEALLOCATE");
+        let id: i32 = pg.admin().query_one("SELECT max(id) FROM seq_t", &[]).expect("max").get(0);
+        assert_eq!(b.value("SELECT lastval()"), id.to_string(), "lastval() after a DEALLOCATE");
+        assert_eq!(a.until_ready().expect("A's query")[0][0].as_deref(), Some("a"));
+    });
+}
