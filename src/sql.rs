@@ -237,6 +237,7 @@ fn pin_name(pin: u8) -> Option<String> {
         4 => Some("session-level lock".into()),
         5 => Some("sequence value".into()),
         6 => Some("temporary object".into()),
+        7 => Some("statement not bound yet".into()),
         _ => None,
     }
 }

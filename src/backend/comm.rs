@@ -32,6 +32,8 @@ static SWALLOW_CLOSE_COMPLETE: AtomicBool = AtomicBool::new(false);
 /// A ParseComplete went out since the last `take_parsed`: the backend
 /// may hold an unnamed prepared statement.
 static PARSED: AtomicBool = AtomicBool::new(false);
+/// A ParseComplete went out with no BindComplete after it (`take_unbound`).
+static UNBOUND: AtomicBool = AtomicBool::new(false);
 /// Status byte of a ReadyForQuery queued since the last flush (`NO_READY`: none).
 static PENDING_READY: AtomicU16 = AtomicU16::new(NO_READY);
 const NO_READY: u16 = u16::MAX;
@@ -122,6 +124,14 @@ fn own_notification(s: *const c_char, len: usize) -> Option<Vec<u8>> {
 
 /// Did a ParseComplete go out since the last call? (Parse "" is the only
 /// way to create the unnamed statement; a named Parse counts too.)
+/// At a transaction boundary: whether the cycle that ended prepared a
+/// statement (ParseComplete) and bound none after it, so the client's next
+/// cycle may bind a statement only this backend has (the unnamed one, which
+/// never moves). Cleared: it keeps the client one transaction at most.
+pub fn take_unbound() -> bool {
+    UNBOUND.swap(false, Relaxed)
+}
+
 pub fn take_parsed() -> bool {
     let parsed = PARSED.load(Relaxed);
     PARSED.store(false, Relaxed);
@@ -187,8 +197,10 @@ unsafe extern "C" fn putmessage(msgtype: c_char, s: *const c_char, len: usize) -
             // ParseComplete / CloseComplete: named statements may have changed.
             b'1' => {
                 PARSED.store(true, Relaxed);
+                UNBOUND.store(true, Relaxed);
                 crate::pg::session::note_statement_messages()
             }
+            b'2' => UNBOUND.store(false, Relaxed),
             b'3' => crate::pg::session::note_statement_messages(),
             // FunctionCallResponse: the function may have been set_config().
             b'V' => crate::pg::session::note_function_call(),

@@ -132,7 +132,10 @@ pub fn transaction_boundary() {
         });
         // A client taken from the kernel queue goes back there (or to the
         // pooler); one whose session is pinned now stays, attached.
-        if p.served.is_some() && kq_boundary(p, leaving) {
+        // Taken once per boundary (the queue's and the attached path both
+        // read it).
+        let unbound = super::comm::take_unbound();
+        if p.served.is_some() && kq_boundary(p, leaving, unbound) {
             return;
         }
         if let Some(client) = p.attached {
@@ -140,7 +143,7 @@ pub fn transaction_boundary() {
             // a direct connection (LISTEN notifications keep arriving), until
             // it leaves: then the pooler closes it and the next client's
             // DISCARD ALL removes what it left, so no backend is lost.
-            let pin = sess::pin_reason();
+            let pin = pin_now(unbound);
             if pin != p.pin {
                 let was = pins_session(p.pin);
                 p.pin = pin;
@@ -165,7 +168,7 @@ pub fn transaction_boundary() {
             // Sequence values keep the client only for a while when others
             // wait (nextgres.sequence_hold): an idle client must not hold
             // a backend of a saturated pool for ever after an INSERT.
-            let sequence = pin == Pin::Sequence;
+            let sequence = Pin::is_short(pin as u8);
             let pinned = pin != Pin::None && !sequence;
             // A pooler gone: a session-mode client keeps its backend to its
             // end, as a pinned one; any other is told (`pooler_gone`).
@@ -240,9 +243,19 @@ pub fn transaction_boundary() {
 }
 
 /// Does this pin keep the client for its whole session? (Sequence values
-/// keep it only for nextgres.sequence_hold.)
+/// and a statement not bound yet keep it only for its next transaction.)
 fn pins_session(pin: Pin) -> bool {
-    pin != Pin::None && pin != Pin::Sequence
+    pin != Pin::None && !Pin::is_short(pin as u8)
+}
+
+/// Why the client must stay on this backend now: the session's own state
+/// (session.c), else a statement its last cycle prepared and did not bind
+/// (`unbound`: `comm::take_unbound` at this boundary).
+pub(super) fn pin_now(unbound: bool) -> Pin {
+    match sess::pin_reason() {
+        Pin::None if unbound => Pin::Unbound,
+        pin => pin,
+    }
 }
 
 /// A pool in which a client got a backend after waiting for one within

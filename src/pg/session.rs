@@ -76,6 +76,19 @@ pub enum Pin {
     Sequence = 5,
     /// A temporary object other than a table (function, type, operator...).
     TempObject = 6,
+    /// Its last request cycle prepared a statement it did not bind (a
+    /// driver that runs Parse/Describe/Sync, then Bind/Execute/Sync of the
+    /// unnamed statement: sqlx `persistent(false)`, Go lib/pq, `PQprepare`
+    /// with ""): its next cycle runs here, where that statement is.
+    Unbound = 7,
+}
+
+impl Pin {
+    /// A pin for the client's next transaction only (nextgres.sequence_hold
+    /// while others wait), not for its session: no dedicated backend.
+    pub fn is_short(pin: u8) -> bool {
+        pin == Pin::Sequence as u8 || pin == Pin::Unbound as u8
+    }
 }
 
 /// Postmaster: utility/object-access/fmgr hooks that note session changes.

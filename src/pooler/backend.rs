@@ -732,7 +732,7 @@ impl Pooler {
         // A client kept for its sequence values (Pin::Sequence) yields to
         // waiters after nextgres.sequence_hold, so it is asked like any other.
         let pin = self.tables.backend_pin(row);
-        let pinned = pin != crate::pg::session::Pin::None as u8 && pin != crate::pg::session::Pin::Sequence as u8;
+        let pinned = pin != crate::pg::session::Pin::None as u8 && !crate::pg::session::Pin::is_short(pin);
         let lingering = self.tables.backend_lingering(row);
         let Some(b) = self.backend(bk) else { return false };
         if b.release_requested || b.pinned_to.is_some() || pinned || !(lingering || force) {

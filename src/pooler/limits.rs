@@ -154,7 +154,8 @@ impl Pooler {
     /// Recounts the pool's dedicated backends: attached ones whose client
     /// pinned its session (the pin the backend last wrote to its shared row:
     /// LISTEN, session advisory lock, temp table, WITH HOLD cursor; not a
-    /// sequence value, which keeps a client only for sequence_hold), up to
+    /// sequence value or a statement not bound yet, which keep a client only
+    /// for its next transaction), up to
     /// `max_pinned_backends`, those already dedicated first. Session-mode
     /// reservations are not dedicated: there pool_size bounds sessions.
     /// Beyond the cap a pinned backend stays one of the pool's pool_size
@@ -171,7 +172,7 @@ impl Pooler {
             let pin = self.tables.backend_pin(b.row);
             // A dedicated-mode client's own backend is counted in
             // `sessions` already (also once its client left, unpinned).
-            if b.pinned_to.is_none() && !b.own && pin != Pin::None as u8 && pin != Pin::Sequence as u8 {
+            if b.pinned_to.is_none() && !b.own && pin != Pin::None as u8 && !Pin::is_short(pin) {
                 pinned.push((!b.dedicated, bk));
             }
         }

@@ -1636,3 +1636,44 @@ fn a_deallocate_between_nextval_and_lastval_keeps_the_sequence_values() {
         assert_eq!(a.until_ready().expect("A's query")[0][0].as_deref(), Some("a"));
     });
 }
+
+/// A driver that prepares the unnamed statement in one request cycle
+/// (Parse, Describe, Sync) and binds it in the next (sqlx `persistent(false)`,
+/// Go lib/pq, pgx with no statement cache, `PQprepare(conn, "", ...)`) finds
+/// it there although another client waits for the one backend: the client
+/// keeps its backend for that next transaction (`nextgres.sequence_hold`
+/// while others wait), as for a sequence value. Before, the waiting client
+/// got the backend and the Bind failed with 26000 under any load (hunt5-C 1).
+#[test]
+fn the_unnamed_statement_is_there_for_the_next_request_cycle() {
+    run(one_backend().conf("nextgres.sequence_hold = 20000"), SETUP, LIMIT, |pg| {
+        use nextgres_test::raw::Raw;
+        use std::io::Write;
+        let raw = || Raw::connect(pg.port(), "app", "postgres", SETTLE);
+        let mut a = raw();
+        let mut b = raw();
+        let msg = |tag: u8, body: &[u8]| [&[tag][..], &((body.len() + 4) as i32).to_be_bytes(), body].concat();
+        for round in 0..2 {
+            let parse = [
+                msg(b'P', b"\0SELECT $1::int + 1\0\0\0"),
+                msg(b'D', b"S\0"),
+                msg(b'S', b""),
+            ]
+            .concat();
+            b.s.write_all(&parse).expect("Parse, Describe, Sync");
+            b.until_ready().expect("prepared");
+            // A waits for the one backend meanwhile (shown within a look
+            // or two of the pooler's; not waited for past SETTLE: without
+            // B's hold, A gets the backend at once, and B's Bind shows it).
+            a.send_query("SELECT 'a'");
+            wait_until(SETTLE, || admin_i64(pg, "SELECT count(*) FROM nextgres.clients WHERE state = 'waiting'") == 1);
+            // Bind "" with one text parameter '41', Execute, Sync.
+            let bind = [&b"\0\0\0\0\0\x01\0\0\0\x0241"[..], b"\0\0"].concat();
+            let run = [msg(b'B', &bind), msg(b'E', b"\0\0\0\0\0"), msg(b'S', b"")].concat();
+            b.s.write_all(&run).expect("Bind, Execute, Sync");
+            let rows = b.until_ready().unwrap_or_else(|e| panic!("round {round}: the unnamed statement: {e:?}"));
+            assert_eq!(rows[0][0].as_deref(), Some("42"), "round {round}");
+            assert_eq!(a.until_ready().expect("A's query")[0][0].as_deref(), Some("a"));
+        }
+    });
+}

@@ -36,12 +36,12 @@ pub(super) fn lend(p: &mut Parking, pool_row: usize) {
 /// attached client (its session is pinned now, or holds sequence values
 /// for `nextgres.sequence_hold`: `KQ_RETURNED_KEPT`), and the boundary goes
 /// on as for any attached client.
-pub(super) fn kq_boundary(p: &mut Parking, mut leaving: bool) -> bool {
+pub(super) fn kq_boundary(p: &mut Parking, mut leaving: bool, unbound: bool) -> bool {
     if p.queue.is_none() {
         return false;
     }
     let Some(mut s) = p.served.take() else { return false };
-    if !leaving && sess::pin_reason() != Pin::None {
+    if !leaving && pin_now(unbound) != Pin::None {
         hold_forget(p, s.fd);
         let q = p.queue.as_ref().expect("checked above");
         q.keep(p.control, &s);
