@@ -327,7 +327,7 @@ impl Client {
         if logging.authorization() {
             let mut msg = format!("connection authorized: user={} database={}", self.user, self.database);
             if let Some((_, app)) = self.settings.iter().find(|(n, _)| n.eq_ignore_ascii_case("application_name")) {
-                msg.push_str(&format!(" application_name={app}"));
+                msg.push_str(&format!(" application_name={}", crate::pg::session::clean_ascii(app)));
             }
             log_client_line(&msg, &who);
         }

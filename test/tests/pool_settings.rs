@@ -1774,3 +1774,25 @@ fn granted_kill_functions_spare_superusers_sessions() {
     assert!(app.simple_query("SELECT 1").is_err(), "app's client was not ended");
     boss.simple_query("SELECT 'still here'").expect("the superuser's session survived");
 }
+
+/// log_connections: the pooler writes a client's application_name into its
+/// "connection authorized" line as the server writes it (bytes outside
+/// printable ASCII as `\xNN` from 16 on, `?` in 15), so a newline or a
+/// terminal escape sent as application_name cannot forge or hide log lines.
+/// Before, the bytes went into the log as sent (hunt5-B 8).
+#[test]
+fn application_name_is_logged_cleaned_as_by_the_server() {
+    let pg = Cluster::builder().conf("log_connections = on").start();
+    exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN");
+    let mark = pg.log_mark();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", pg.port())).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    let (msgs, _) = pool_support::raw_startup(&mut s, &[("user", "app"), ("database", "postgres"), ("application_name", "x\nFORGED \u{1b}[31m")]);
+    assert_eq!(msgs.last().map(|m| m.tag), Some(b'Z'), "login");
+    let authorized = "connection authorized: user=app database=postgres application_name=";
+    assert!(wait_until(APPLIED, || pg.log_since(mark).contains(authorized)), "no connection authorized line");
+    let log = pg.log_since(mark);
+    let want = if pg.pg_major() >= 16 { "x\\x0aFORGED \\x1b[31m" } else { "x?FORGED ?[31m" };
+    assert!(log.contains(&format!("{authorized}{want}\n")), "{log}");
+    assert!(!log.contains("\nFORGED") && !log.contains('\u{1b}'), "{log}");
+}
