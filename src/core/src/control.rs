@@ -150,6 +150,9 @@ pub struct Statement {
     /// now (the server keeps a statement's raw parse tree, so its literals
     /// never change meaning after PREPARE).
     pub backslash_escapes: bool,
+    /// SQL-level only: its text is the whole query string the client sent
+    /// the PREPARE in (see [`RawStatement::whole_query`]).
+    pub whole_query: bool,
     /// Parameter types as the server fixed them at the client's Parse or
     /// PREPARE (inferred ones included).
     pub param_types: Vec<u32>,
@@ -203,6 +206,7 @@ impl<'a> RawStatement<'a> {
             text: self.text.to_vec(),
             from_sql: self.from_sql,
             backslash_escapes: self.backslash_escapes,
+            whole_query: self.whole_query,
             param_types: self.param_types().collect(),
             result: self.result.to_vec(),
         }
@@ -436,8 +440,8 @@ fn put_bytes(o: &mut Vec<u8>, s: &[u8]) {
 fn put_statement(o: &mut Vec<u8>, st: &Statement) {
     put_bytes(o, &st.name);
     put_bytes(o, &st.text);
-    // Flags: 1 from_sql, 2 backslash_escapes.
-    o.push(u8::from(st.from_sql) | u8::from(st.backslash_escapes) << 1);
+    // Flags: 1 from_sql, 2 backslash_escapes, 4 whole_query (SQL-level only).
+    o.push(u8::from(st.from_sql) | u8::from(st.backslash_escapes) << 1 | u8::from(st.from_sql && st.whole_query) << 2);
     o.extend_from_slice(&(st.param_types.len() as u32).to_be_bytes());
     for t in &st.param_types {
         o.extend_from_slice(&t.to_be_bytes());
@@ -790,8 +794,8 @@ mod tests {
 
     fn statements() -> Vec<Statement> {
         vec![
-            Statement { name: "P_0".into(), text: "SELECT $1::int".into(), from_sql: false, backslash_escapes: false, param_types: vec![23, 25], result: vec![0, 0, 0, 1, b'a', 0, 0, 0, 0, 23] },
-            Statement { name: "q".into(), text: "PREPARE q AS SELECT 1".into(), from_sql: true, backslash_escapes: true, param_types: vec![], result: vec![] },
+            Statement { name: "P_0".into(), text: "SELECT $1::int".into(), from_sql: false, backslash_escapes: false, whole_query: false, param_types: vec![23, 25], result: vec![0, 0, 0, 1, b'a', 0, 0, 0, 0, 23] },
+            Statement { name: "q".into(), text: "PREPARE q AS SELECT 1".into(), from_sql: true, backslash_escapes: true, whole_query: true, param_types: vec![], result: vec![] },
         ]
     }
 
@@ -850,7 +854,7 @@ mod tests {
     #[test]
     fn statement_bytes_are_opaque() {
         // LATIN1 'é' (0xE9) and a SQL_ASCII byte: not UTF-8, kept as is.
-        let st = Statement { name: b"s\xe9".to_vec(), text: b"SELECT '\xe9\xff'".to_vec(), from_sql: true, backslash_escapes: false, param_types: vec![], result: vec![] };
+        let st = Statement { name: b"s\xe9".to_vec(), text: b"SELECT '\xe9\xff'".to_vec(), from_sql: true, backslash_escapes: false, whole_query: false, param_types: vec![], result: vec![] };
         let list = StatementList::from(vec![st.clone()]);
         let mut out = Vec::new();
         put_statements(&mut out, &list);

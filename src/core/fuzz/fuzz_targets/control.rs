@@ -94,12 +94,15 @@ fn statements(u: &mut Unstructured) -> arbitrary::Result<Vec<Statement>> {
     let n = u.int_in_range(0..=6)?;
     (0..n)
         .map(|_| {
+            let from_sql = bool::arbitrary(u)?;
             Ok(Statement {
                 // Names and texts are bytes in the database encoding.
                 name: Vec::<u8>::arbitrary(u)?.into_iter().filter(|&b| b != 0).collect(),
                 text: Vec::<u8>::arbitrary(u)?.into_iter().filter(|&b| b != 0).collect(),
-                from_sql: bool::arbitrary(u)?,
+                from_sql,
                 backslash_escapes: bool::arbitrary(u)?,
+                // Written only with from_sql (flag 4).
+                whole_query: from_sql && bool::arbitrary(u)?,
                 param_types: Vec::<u32>::arbitrary(u)?,
                 result: Vec::<u8>::arbitrary(u)?,
             })
