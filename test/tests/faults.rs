@@ -722,15 +722,7 @@ fn a_client_kept_idle_by_its_backend_is_told_when_the_pooler_goes() {
                     ("FATAL", "57P01"),
                     "{case}: the kept client"
                 );
-                let mut new = None;
-                assert!(
-                    wait_until(SETTLE, || {
-                        new = pooler_pid(pg).filter(|&p| p != old);
-                        new.is_some()
-                    }),
-                    "{case}: no new pooler"
-                );
-                assert_pooler_serves(pg, new.expect("new pooler"));
+                assert_pooler_serves(pg, new_pooler(pg, old, &case));
             },
         );
     }
@@ -758,14 +750,7 @@ fn a_session_mode_client_keeps_its_backend_when_the_pooler_goes() {
             c.query("BEGIN; UPDATE t SET v = v + 1 WHERE id = 1").expect("open transaction");
             // SAFETY: plain kill(2) on the pooler's pid from nextgres.status().
             assert_eq!(unsafe { libc::kill(old, libc::SIGTERM) }, 0, "kill -TERM {old}");
-            let mut new = None;
-            assert!(
-                wait_until(SETTLE, || {
-                    new = pooler_pid(pg).filter(|&p| p != old);
-                    new.is_some()
-                }),
-                "no new pooler"
-            );
+            let new = new_pooler(pg, old, "session mode");
             c.query("COMMIT").expect("COMMIT after the pooler went");
             assert_eq!(row_value(pg), 1);
             for _ in 0..3 {
@@ -775,7 +760,7 @@ fn a_session_mode_client_keeps_its_backend_when_the_pooler_goes() {
                     "the session-mode client after its pooler went"
                 );
             }
-            assert_pooler_serves(pg, new.expect("new pooler"));
+            assert_pooler_serves(pg, new);
         },
     );
 }
@@ -842,15 +827,7 @@ fn pooler_sigterm_restarts_without_refusing_connections() {
             eprintln!("note: the new pooler was already up when the connects were made");
         }
 
-        let mut new = None;
-        assert!(
-            wait_until(SETTLE, || {
-                new = pooler_pid(pg).filter(|&p| p != old);
-                new.is_some()
-            }),
-            "no new pooler after SIGTERM"
-        );
-        let new = new.expect("new pooler");
+        let new = new_pooler(pg, old, "after SIGTERM");
         // The idle client was told.
         let (severity, code, _) = idle.expect_fatal();
         assert_eq!(
@@ -918,15 +895,7 @@ fn pooler_sigterm_restarts_without_refusing_connections() {
             let mut c = Raw::login(tcp, APP, DB, SETTLE);
             assert_eq!(c.value("SELECT 'backlog'"), "backlog");
             drop(c);
-            let mut next = None;
-            assert!(
-                wait_until(SETTLE, || {
-                    next = pooler_pid(pg).filter(|&p| p != current);
-                    next.is_some()
-                }),
-                "no new pooler after SIGTERM round {round}"
-            );
-            current = next.expect("new pooler");
+            current = new_pooler(pg, current, &format!("after SIGTERM round {round}"));
         }
         assert!(window_seen, "no connection was ever made while no pooler ran");
 

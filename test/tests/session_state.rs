@@ -1417,6 +1417,12 @@ fn killed_clients_leave_nothing_behind() {
 
 // ---- raw protocol: named statements, ParameterStatus ------------------------
 
+/// Two raw protocol clients of role app (trust), A and B.
+fn raw_pair(pg: &Cluster) -> (nextgres_test::raw::Raw, nextgres_test::raw::Raw) {
+    let raw = || nextgres_test::raw::Raw::connect(pg.port(), "app", "postgres", SETTLE);
+    (raw(), raw())
+}
+
 /// One use of statement `name` over the extended protocol: Parse (when `sql`
 /// is given), Bind, Execute, Sync. The first column of each row.
 fn raw_named(r: &mut nextgres_test::raw::Raw, name: &str, sql: Option<&str>) -> Vec<String> {
@@ -1470,10 +1476,7 @@ fn raw_reports(r: &mut nextgres_test::raw::Raw, sql: &str) -> Vec<(String, Strin
 #[test]
 fn parameter_status_and_random_seeds_are_each_clients_own() {
     run(one_backend(), SETUP, LIMIT, |pg| {
-        use nextgres_test::raw::Raw;
-        let raw = || Raw::connect(pg.port(), "app", "postgres", SETTLE);
-        let mut a = raw();
-        let mut b = raw();
+        let (mut a, mut b) = raw_pair(pg);
         let scs = |got: &[(String, String)]| {
             got.iter().filter(|(n, _)| n == "standard_conforming_strings").map(|(_, v)| v.clone()).collect::<Vec<_>>()
         };
@@ -1510,10 +1513,7 @@ fn parameter_status_and_random_seeds_are_each_clients_own() {
 #[test]
 fn a_statement_kept_for_the_next_client_is_never_another_clients() {
     run(one_backend(), SETUP, LIMIT, |pg| {
-        use nextgres_test::raw::Raw;
-        let raw = || Raw::connect(pg.port(), "app", "postgres", SETTLE);
-        let mut a = raw();
-        let mut b = raw();
+        let (mut a, mut b) = raw_pair(pg);
         let q = "SELECT extract(epoch FROM '2024-01-01 00:00'::timestamptz)::text";
         let mine = raw_named(&mut b, "S_1", Some(q));
         a.query("SET TimeZone = 'Asia/Tokyo'").expect("SET");
@@ -1581,10 +1581,7 @@ fn backend_start_settings_of_one_client_are_never_anothers() {
 #[test]
 fn a_statement_that_could_not_be_created_yet_is_not_lost() {
     run(one_backend(), SETUP, LIMIT, |pg| {
-        use nextgres_test::raw::Raw;
-        let raw = || Raw::connect(pg.port(), "app", "postgres", SETTLE);
-        let mut a = raw();
-        let mut b = raw();
+        let (mut a, mut b) = raw_pair(pg);
         let want: String = pg.admin().query_one("SHOW work_mem", &[]).expect("SHOW").get(0);
         assert_eq!(raw_named(&mut b, "s_show", Some("SHOW work_mem")), [want.clone()]);
         a.value("SELECT 1");
@@ -1615,13 +1612,10 @@ fn a_statement_that_could_not_be_created_yet_is_not_lost() {
 #[test]
 fn a_deallocate_between_nextval_and_lastval_keeps_the_sequence_values() {
     run(one_backend().conf("nextgres.sequence_hold = 20000"), SETUP, LIMIT, |pg| {
-        use nextgres_test::raw::Raw;
         pg.admin()
             .batch_execute("CREATE TABLE seq_t (id serial PRIMARY KEY, v text); GRANT ALL ON seq_t, seq_t_id_seq TO app")
             .expect("table");
-        let raw = || Raw::connect(pg.port(), "app", "postgres", SETTLE);
-        let mut a = raw();
-        let mut b = raw();
+        let (mut a, mut b) = raw_pair(pg);
         b.query("PREPARE ins AS INSERT INTO seq_t (v) VALUES ('b')").expect("PREPARE");
         b.query("EXECUTE ins").expect("INSERT");
         // A waits for the one backend, which B keeps for its sequence value.
@@ -1647,11 +1641,8 @@ fn a_deallocate_between_nextval_and_lastval_keeps_the_sequence_values() {
 #[test]
 fn the_unnamed_statement_is_there_for_the_next_request_cycle() {
     run(one_backend().conf("nextgres.sequence_hold = 20000"), SETUP, LIMIT, |pg| {
-        use nextgres_test::raw::Raw;
         use std::io::Write;
-        let raw = || Raw::connect(pg.port(), "app", "postgres", SETTLE);
-        let mut a = raw();
-        let mut b = raw();
+        let (mut a, mut b) = raw_pair(pg);
         let msg = |tag: u8, body: &[u8]| [&[tag][..], &((body.len() + 4) as i32).to_be_bytes(), body].concat();
         for round in 0..2 {
             let parse = [

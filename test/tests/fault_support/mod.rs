@@ -80,6 +80,22 @@ pub fn pooler_pid(pg: &Cluster) -> Option<i32> {
         .get(0)
 }
 
+/// The pooler that replaced `old` (the agent starts one about a second
+/// after the old one ended); panics after SETTLE, naming `what`.
+#[track_caller]
+#[allow(dead_code)] // each test binary uses its own part
+pub fn new_pooler(pg: &Cluster, old: i32, what: &str) -> i32 {
+    let mut new = None;
+    assert!(
+        wait_until(SETTLE, || {
+            new = pooler_pid(pg).filter(|&p| p != old);
+            new.is_some()
+        }),
+        "{what}: no new pooler"
+    );
+    new.expect("new pooler")
+}
+
 /// The running pooler's pid, waiting for one up to [`SETTLE`]: right after
 /// the server starts (or the agent restarts) the agent may not have forked
 /// it yet, and the listen socket already accepts meanwhile.
