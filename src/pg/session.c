@@ -1402,8 +1402,8 @@ ng_switch_light(void)
  * (from this backend's global generator, itself strongly seeded at its
  * start), as a direct session starts with its own.  Without it, a client's
  * setseed() (or SET seed) decided the "random" values of every client the
- * backend served after it.  Before the client's own settings are applied: a
- * SET seed of its own is set again after this.
+ * backend served after it.  (A client's own seed does not follow it to
+ * another backend either: seed is no session state, not_session_state().)
  */
 void
 ng_switch_reseed(void)
