@@ -122,8 +122,6 @@ fn own_notification(s: *const c_char, len: usize) -> Option<Vec<u8>> {
     Some(copy)
 }
 
-/// Did a ParseComplete go out since the last call? (Parse "" is the only
-/// way to create the unnamed statement; a named Parse counts too.)
 /// At a transaction boundary: whether the cycle that ended prepared a
 /// statement (ParseComplete) and bound none after it, so the client's next
 /// cycle may bind a statement only this backend has (the unnamed one, which
@@ -132,6 +130,8 @@ pub fn take_unbound() -> bool {
     UNBOUND.swap(false, Relaxed)
 }
 
+/// Did a ParseComplete go out since the last call? (Parse "" is the only
+/// way to create the unnamed statement; a named Parse counts too.)
 pub fn take_parsed() -> bool {
     let parsed = PARSED.load(Relaxed);
     PARSED.store(false, Relaxed);

@@ -127,7 +127,7 @@ pub fn transaction_boundary() {
                 last_client: 0,
                 kept_from_queue: false,
                 hold: None,
-                pooler: peer_pid(control),
+                pooler: control_peer_pid(control).map_or(0, |pid| pid.max(0)),
             }
         });
         // A client taken from the kernel queue goes back there (or to the
@@ -390,13 +390,13 @@ fn linger(p: &mut Parking, pinned: bool, sequence: bool) -> bool {
     }
 }
 
-/// The pid of the process at the other end of the control socket (the
-/// pooler that logged this backend in: `SO_PEERCRED` keeps the connecting
-/// process), 0 when the kernel does not say.
-fn peer_pid(control: RawFd) -> i32 {
+/// The pid of the process at the other end of the control socket: the
+/// pooler that logged this backend in (`SO_PEERCRED` keeps the connecting
+/// process), whether or not it still serves. Also `slot`'s, for its pidfd.
+pub(super) fn control_peer_pid(control: RawFd) -> nix::Result<i32> {
     // SAFETY: a borrow of the control socket for one getsockopt.
     let control = unsafe { BorrowedFd::borrow_raw(control) };
-    nix::sys::socket::getsockopt(&control, nix::sys::socket::sockopt::PeerCredentials).map_or(0, |c| c.pid().max(0))
+    Ok(nix::sys::socket::getsockopt(&control, nix::sys::socket::sockopt::PeerCredentials)?.pid())
 }
 
 /// Has the pooler that logged this backend in ended (a restart: SIGTERM or

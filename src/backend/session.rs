@@ -244,9 +244,9 @@ pub fn switch_to(startup: &[(String, String)], image: SessionImage) {
     // PREPARE sent with other statements (its plan source holds the whole
     // query string the previous client sent it in, literals and all, which
     // pg_prepared_statements shows), and any after a setting changed since
-    // the last switch (a
-    // literal's value, a name's resolution may depend on it: another
-    // client would get results computed under the previous one's setting).
+    // the last switch (a literal's value, a name's resolution may depend on
+    // it: another client would get results computed under the previous
+    // one's setting).
     if same && s::switch_light() {
         let drop = SHAPE.with(|sh| {
             let mut sh = sh.borrow_mut();

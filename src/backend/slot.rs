@@ -157,9 +157,7 @@ fn pooler_pidfd(control: RawFd) -> nix::Result<RawFd> {
     let (pid, pidfd) = match POOLER.get() {
         Some(known) => known,
         None => {
-            // SAFETY: a borrow of the control socket for one getsockopt.
-            let control = unsafe { std::os::fd::BorrowedFd::borrow_raw(control) };
-            let pid = nix::sys::socket::getsockopt(&control, nix::sys::socket::sockopt::PeerCredentials)?.pid();
+            let pid = super::park::control_peer_pid(control)?;
             if pid <= 0 {
                 return Err(nix::errno::Errno::ESRCH);
             }
