@@ -89,14 +89,19 @@ impl Pooler {
         if let Some(f) = failed {
             return self.client_fatal_fields(key, &f);
         }
+        // Told its ParameterStatus once the pool's values are known and
+        // the settings copy has caught up with committed changes.
+        let unread = known && self.conf_unread();
         let Some(c) = self.client(key) else { return };
-        if known {
+        if known && !unread {
             self.client_login_complete(key);
         } else {
             c.phase = Phase::LoginPending { since: Instant::now() };
             self.pools[pool].login_pending.push(key);
             self.client_rearm(key);
-            self.pool_maybe_grow(pool);
+            if !known {
+                self.pool_maybe_grow(pool);
+            }
         }
         self.sync_pool(pool);
     }
@@ -254,14 +259,16 @@ impl Pooler {
         // default the agent, in no database, does not have): the backend's
         // unless a role or database setting names it. Settings a role or
         // database can set keep the backend's values too when the settings
-        // copy was cut short (some items missing).
+        // copy lacks items that may apply (cut short, or this login's
+        // levels marked as not all copied).
+        let whole = self.conf.reported_whole && !self.conf.reported_cut.iter().any(|c| c.applies(&p.database, &p.role));
         let asked: Vec<usize> = (0..params.len())
             .filter(|&i| {
                 let name = params[i].0.as_str();
                 let settable = nextgres_core::poolconf::REPORTED.iter().any(|r| name.eq_ignore_ascii_case(r));
                 let by_client = applied.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
                 !FIXED.iter().any(|f| name.eq_ignore_ascii_case(f))
-                    && (by_client || !settable || self.conf.reported_whole)
+                    && (by_client || !settable || whole)
                     && (!name.eq_ignore_ascii_case("client_encoding")
                         || settings[..pool_level].iter().any(|s| s.0.eq_ignore_ascii_case(name)))
             })
@@ -279,8 +286,13 @@ impl Pooler {
         as_sent(params, &normalized)
     }
 
-    /// The pool's first backend reported its session values.
+    /// The pool's first backend reported its session values, or the
+    /// settings reader a committed change started has copied it
+    /// (`conf_unread`). Logins wait for both.
     pub fn pool_params_known(&mut self, pool: usize) {
+        if self.pools.get(pool).is_none_or(|p| p.params.is_none()) || self.conf_unread() {
+            return;
+        }
         let pending = std::mem::take(&mut self.pools[pool].login_pending);
         for k in pending {
             self.client_login_complete(k);

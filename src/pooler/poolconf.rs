@@ -25,7 +25,7 @@ use crate::settings::{
     PoolMode, BACKEND_LIFETIME, IDLE_BACKEND_TIMEOUT, MIN_POOL_SIZE, POOL_MODE, POOL_SIZE, QUERY_WAIT_TIMEOUT, RESERVE_POOL_SIZE,
     RESERVE_POOL_TIMEOUT,
 };
-use nextgres_core::poolconf::{self, Entry, Mode, PoolConf};
+use nextgres_core::poolconf::{self, Cut, Entry, Mode, PoolConf};
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 use std::sync::atomic::Ordering;
@@ -51,12 +51,20 @@ pub struct ConfState {
     /// Its items of settings a login reports (`poolconf::REPORTED`), for
     /// the ParameterStatus of logins (`handoff::login_params_now`).
     pub reported: Vec<Entry>,
-    /// The copy held every item (the nextgres.* ones come first, so only
-    /// reported settings' items are ever cut off). When not, a login
-    /// reports the pool's backend's values for those settings.
+    /// The copy held every item, or marked the levels it lacks items of
+    /// (`reported_cut`). When not (not even the nextgres.* items and the
+    /// marks fit), every login reports its pool's backend's values for the
+    /// settings a role or database can set.
     pub reported_whole: bool,
+    /// Levels (database, role) whose reported items the copy lacks: a login
+    /// one applies to reports its pool's backend's values for them, as when
+    /// the copy is not whole.
+    pub reported_cut: Vec<Cut>,
     /// `Header::conf_changes` the last reader was started for.
     seen_changes: u64,
+    /// The running reader was started for a committed change (not a
+    /// reload's or a standby's re-read, nor a retry).
+    change_reader: bool,
     /// `Header::conf_gen` of `entries` (0: none read yet).
     applied_gen: u64,
     /// A read is due (pooler start, or a change since the last reader began).
@@ -68,6 +76,9 @@ pub struct ConfState {
     reader_polled: Option<Instant>,
     not_before: Option<Instant>,
     failing: bool,
+    /// A login waited for a reader (`conf_unread`): pools' pending logins
+    /// are completed once it is done.
+    logins_held: bool,
     /// When a re-read was last asked for without a change notice.
     last_reread: Option<Instant>,
 }
@@ -103,7 +114,6 @@ pub extern "C-unwind" fn nextgres_conf_reader_main(arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), None);
     let data = BackgroundWorker::transaction(|| {
         Spi::connect(|client| {
-            let mut out = Vec::new();
             // This runs as the bootstrap superuser in a database whose
             // schemas other roles may create objects in: with "$user" and
             // public on the search path, a role's public.unnest(text[]) or
@@ -129,42 +139,45 @@ pub extern "C-unwind" fn nextgres_conf_reader_main(arg: pg_sys::Datum) {
                 None,
                 &[nextgres_core::poolconf::REPORTED.to_vec().into()],
             )?;
+            let mut out = Vec::new();
             for row in rows {
-                for i in 1..=3 {
-                    let v: Option<String> = row.get(i)?;
-                    out.extend_from_slice(v.unwrap_or_default().as_bytes());
-                    out.push(0);
-                }
+                let f = |i| row.get::<String>(i).map(Option::unwrap_or_default);
+                out.push((f(1)?, f(2)?, f(3)?));
             }
-            Ok::<_, pgrx::spi::Error>(out)
+            Ok::<_, pgrx::spi::Error>(nextgres_core::poolconf::copy_bytes(&out, crate::shmem::CONF_LEN))
         })
     });
     match data {
         Ok(data) => {
             let Some(t) = crate::shmem::tables() else { return };
             if !t.conf_write(&data) {
-                log::warn!("nextgres: pg_db_role_setting has more nextgres.* items and items of reported settings than fit ({} bytes); the rest are ignored, and logins report the values of their pool's backends", crate::shmem::CONF_LEN);
+                log::warn!("nextgres: pg_db_role_setting has more nextgres.* items than fit ({} bytes); the rest are ignored, and logins report the values of their pool's backends", crate::shmem::CONF_LEN);
             }
+            // Logins may be waiting for this copy (`conf_unread`).
+            t.wake_pooler();
         }
         Err(e) => log::warn!("nextgres: could not read pg_db_role_setting: {e}"),
     }
 }
 
-/// Splits the shared copy into the nextgres.* entries and the items of
-/// settings a login reports (`poolconf::REPORTED`, whole).
-fn parse_conf(data: &[u8]) -> (Vec<Entry>, Vec<Entry>) {
+/// Splits the shared copy into the nextgres.* entries, the items of
+/// settings a login reports (`poolconf::REPORTED`, whole), and the levels
+/// whose reported items did not fit (`poolconf::copy_bytes`).
+fn parse_conf(data: &[u8]) -> (Vec<Entry>, Vec<Entry>, Vec<Cut>) {
     let fields: Vec<String> = data.split(|&b| b == 0).map(|f| String::from_utf8_lossy(f).into_owned()).collect();
-    let (mut ours, mut reported) = (Vec::new(), Vec::new());
+    let (mut ours, mut reported, mut cut) = (Vec::new(), Vec::new(), Vec::new());
     for c in fields.chunks_exact(3) {
         let opt = |s: &String| (!s.is_empty()).then(|| s.clone());
         let (d, r) = (opt(&c[0]), opt(&c[1]));
-        if let Some(e) = Entry::from_item(d.as_deref(), r.as_deref(), &c[2]) {
+        if c[2].is_empty() {
+            cut.push(Cut { database: d, role: r });
+        } else if let Some(e) = Entry::from_item(d.as_deref(), r.as_deref(), &c[2]) {
             ours.push(e);
         } else if let Some(e) = Entry::reported_item(d.as_deref(), r.as_deref(), &c[2]) {
             reported.push(e);
         }
     }
-    (ours, reported)
+    (ours, reported, cut)
 }
 
 impl Pooler {
@@ -347,6 +360,30 @@ impl Pooler {
         if self.conf.wanted && self.conf.reader.is_none() && self.conf.not_before.is_none_or(|t| Instant::now() >= t) {
             self.pool_conf_start_reader(changes);
         }
+        if self.conf.logins_held && !self.conf_unread() {
+            self.conf.logins_held = false;
+            let keys: Vec<usize> = self.pools.iter().filter(|(_, p)| !p.login_pending.is_empty()).map(|(k, _)| k).collect();
+            for k in keys {
+                self.pool_params_known(k);
+            }
+        }
+    }
+
+    /// A committed ALTER ROLE / DATABASE ... SET (or RESET, rename, drop)
+    /// is not yet in the copy: a login now would be told the values from
+    /// before it, where a direct login made after the commit gets the new
+    /// ones (a `standard_conforming_strings` told `on` while the session
+    /// has `off` misleads a client's escaping). Such logins wait in
+    /// `login_pending` for the reader (tens of milliseconds; at most
+    /// `READER_PATIENCE`), unless readers fail to start (then they report
+    /// from the copy as it is, rather than wait for ever). One atomic load
+    /// when nothing changed.
+    pub fn conf_unread(&mut self) -> bool {
+        let pending = !self.conf.failing
+            && (self.tables.header().conf_changes.load(Ordering::SeqCst) != self.conf.seen_changes
+                || (self.conf.reader.is_some() && self.conf.change_reader));
+        self.conf.logins_held |= pending;
+        pending
     }
 
     /// Has pg_db_role_setting read again: at a reload, and every
@@ -370,6 +407,7 @@ impl Pooler {
     fn pool_conf_start_reader(&mut self, changes: u64) {
         match super::agent::reader_start() {
             Ok(()) => {
+                self.conf.change_reader = changes != self.conf.seen_changes;
                 self.conf.seen_changes = changes;
                 self.conf.wanted = false;
                 self.conf.failing = false;
@@ -391,9 +429,20 @@ impl Pooler {
     fn pool_conf_apply(&mut self) {
         let (gen, data, whole) = self.tables.conf_read();
         self.conf.applied_gen = gen;
-        let (entries, reported) = parse_conf(&data);
+        let (entries, reported, cut) = parse_conf(&data);
         self.conf.reported = reported;
         self.conf.reported_whole = whole;
+        if cut != self.conf.reported_cut {
+            for c in &cut {
+                log::warn!(
+                    "nextgres: the items of settings a login reports that pg_db_role_setting holds for {} in {} do not all fit the pooler's copy ({} bytes); logins they apply to report the values of their pool's backends",
+                    c.role.as_deref().map_or("every role".to_string(), |r| format!("role \"{r}\"")),
+                    c.database.as_deref().map_or("every database".to_string(), |d| format!("database \"{d}\"")),
+                    crate::shmem::CONF_LEN
+                );
+            }
+        }
+        self.conf.reported_cut = cut;
         if entries == self.conf.entries {
             return;
         }

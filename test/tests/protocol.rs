@@ -813,6 +813,82 @@ fn login_parameter_status_follows_later_changes() {
     assert_eq!(login(false, "boss"), login(true, "boss"), "boss after NOSUPERUSER");
 }
 
+/// Any role may give itself a setting larger than the pooler's copy of
+/// pg_db_role_setting holds (`ALTER ROLE alice SET search_path` of 260 kB).
+/// That leaves only alice's logins without values computed from the copy:
+/// bob's login still reports his role's standard_conforming_strings = off
+/// and DateStyle as directly. Before, every role's login then reported its
+/// pool's backend's values, older than bob's ALTER ROLE: told `on` while
+/// the session runs with `off`, a client escaping on its side
+/// (PQescapeStringConn) lets a backslash end a literal.
+#[test]
+fn one_roles_outsized_setting_leaves_other_logins_reports_right() {
+    let pg = Cluster::builder().conf("nextgres.pool_size = 2").start();
+    exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE bob LOGIN; CREATE ROLE alice LOGIN; CREATE ROLE carol LOGIN");
+    let login = |direct: bool, user: &str| {
+        let params = [("user", user), ("database", "postgres")];
+        let (msgs, _) = if direct {
+            let path = pg.socket_dir().join(format!(".s.PGSQL.{}", pg.port()));
+            let mut s = UnixStream::connect(&path).expect("unix connect");
+            s.set_read_timeout(Some(Duration::from_secs(20))).expect("read timeout");
+            raw_startup(&mut s, &params)
+        } else {
+            raw_startup(&mut tcp_stream(pg.port()), &params)
+        };
+        parameter_status(&msgs)
+    };
+    // bob's and carol's pools log in their backends with the defaults of now.
+    for user in ["bob", "carol"] {
+        let mut c = pg.tcp(user, "postgres").connect().expect("pooled client");
+        c.simple_query("SELECT 1").expect("first query");
+    }
+    exec(&pg, "ALTER ROLE bob SET standard_conforming_strings = off; ALTER ROLE bob SET DateStyle = 'SQL, DMY'");
+    let path: Vec<String> = (0..40000).map(|i| format!("s{i:06}")).collect();
+    let mut alice = pg.tcp("alice", "postgres").connect().expect("alice");
+    alice
+        .simple_query(&format!("ALTER ROLE alice SET search_path = '{}'", path.join(",")))
+        .expect("alice's own setting");
+    // Settings readers run one after another: once carol's pool size shows,
+    // the copy with alice's setting is the pooler's.
+    exec(&pg, "ALTER ROLE carol SET nextgres.pool_size = 3");
+    let read = nextgres_test::wait_until(Duration::from_secs(20), || {
+        pg.admin()
+            .query_opt("SELECT 1 FROM nextgres.pools WHERE role = 'carol' AND pool_size = 3", &[])
+            .expect("nextgres.pools")
+            .is_some()
+    });
+    assert!(read, "carol's pool_size never applied");
+    let (direct, pooled) = (login(true, "bob"), login(false, "bob"));
+    assert_eq!(direct.get("standard_conforming_strings").map(String::as_str), Some("off"), "{direct:?}");
+    for name in ["standard_conforming_strings", "DateStyle"] {
+        assert_eq!(pooled.get(name), direct.get(name), "bob's {name}: pooled {pooled:?}\ndirect {direct:?}");
+    }
+    // alice herself still logs in and works.
+    let mut again = pg.tcp("alice", "postgres").connect().expect("alice again");
+    let n = again.simple_query("SELECT 1").expect("alice's query").len();
+    assert!(n > 0);
+}
+
+/// A login right after a committed `ALTER ROLE ... SET` is told the new
+/// value, as a direct one is: the pooler's copy of pg_db_role_setting is
+/// read again after each change (tens of milliseconds), and logins wait
+/// for it. Before, a login in that window was told the old value while its
+/// session ran with the new one.
+#[test]
+fn a_login_right_after_alter_role_set_reports_the_new_value() {
+    let pg = Cluster::builder().start();
+    exec(&pg, "CREATE ROLE bob LOGIN");
+    let mut c = pg.tcp("bob", "postgres").connect().expect("pooled client");
+    c.simple_query("SELECT 1").expect("first query");
+    let mut admin = pg.admin();
+    for (i, style) in ["SQL, DMY", "ISO, MDY", "German, DMY", "Postgres, MDY"].iter().cycle().take(12).enumerate() {
+        admin.batch_execute(&format!("ALTER ROLE bob SET DateStyle = '{style}'")).expect("alter role");
+        let (msgs, _) = raw_startup(&mut tcp_stream(pg.port()), &[("user", "bob"), ("database", "postgres")]);
+        let told = parameter_status(&msgs);
+        assert_eq!(told.get("DateStyle").map(String::as_str), Some(*style), "login {i}: {told:?}");
+    }
+}
+
 /// The login's ParameterStatus messages carry the values as the server
 /// shows them, not as the client spelled them (`DateStyle=iso,dmy` is
 /// reported `ISO, DMY`, `client_encoding=latin1` `LATIN1`): the same

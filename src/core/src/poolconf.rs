@@ -190,6 +190,78 @@ fn resolve_limit(entries: &[Entry], name: &str, applies: impl Fn(&Entry) -> bool
         .filter(|v| *v >= 0)
 }
 
+/// The pooler's shared copy of the reader's rows (database or "", role or
+/// "", `name=value` item; the nextgres.* items first), as NUL-ended fields,
+/// at most `limit` bytes when it can be. Reported items are taken shortest
+/// first, and each (database, role) whose items did not all fit gets a
+/// marker row with an empty item ([`Cut`]): one role's outsized value
+/// (`ALTER ROLE itself SET search_path = '<260 kB>'`, which any role may
+/// run) then leaves only that role's logins without computed values, never
+/// another's. Where even the nextgres.* items and the markers do not fit,
+/// all rows, for the copy's writer to cut short (then no login's values
+/// are known whole).
+pub fn copy_bytes(rows: &[(String, String, String)], limit: usize) -> Vec<u8> {
+    let size = |r: &(String, String, String)| r.0.len() + r.1.len() + r.2.len() + 3;
+    let put = |out: &mut Vec<u8>, r: &(String, String, String)| {
+        for f in [&r.0, &r.1, &r.2] {
+            out.extend_from_slice(f.as_bytes());
+            out.push(0);
+        }
+    };
+    let mut out = Vec::new();
+    if rows.iter().map(size).sum::<usize>() <= limit {
+        rows.iter().for_each(|r| put(&mut out, r));
+        return out;
+    }
+    let is_ours = |r: &(String, String, String)| r.2.to_ascii_lowercase().starts_with("nextgres.");
+    let (ours, mut reported): (Vec<_>, Vec<_>) = rows.iter().partition(|r| is_ours(r));
+    let mut pairs: Vec<(&str, &str)> = reported.iter().map(|r| (r.0.as_str(), r.1.as_str())).collect();
+    pairs.sort_unstable();
+    pairs.dedup();
+    // Room for a marker of every pair, whichever turn out cut.
+    let reserve: usize = pairs.iter().map(|(d, r)| d.len() + r.len() + 3).sum();
+    let mut used = ours.iter().map(|r| size(r)).sum::<usize>() + reserve;
+    if used > limit {
+        rows.iter().for_each(|r| put(&mut out, r));
+        return out;
+    }
+    ours.iter().for_each(|r| put(&mut out, r));
+    reported.sort_by_key(|r| size(r));
+    let mut cut: Vec<(&str, &str)> = Vec::new();
+    for r in reported {
+        if used + size(r) <= limit {
+            used += size(r);
+            put(&mut out, r);
+        } else {
+            cut.push((&r.0, &r.1));
+        }
+    }
+    cut.sort_unstable();
+    cut.dedup();
+    for (d, r) in cut {
+        put(&mut out, &(d.to_string(), r.to_string(), String::new()));
+    }
+    out
+}
+
+/// A (database, role) level of pg_db_role_setting whose reported items the
+/// copy lacks ([`copy_bytes`]'s marker): a login it applies to reports its
+/// backend's values for the settings a role or database can set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cut {
+    /// None: every database.
+    pub database: Option<String>,
+    /// None: every role.
+    pub role: Option<String>,
+}
+
+impl Cut {
+    /// Whether the level applies to a login of `role` to `database`.
+    pub fn applies(&self, database: &str, role: &str) -> bool {
+        self.database.as_deref().is_none_or(|d| d == database) && self.role.as_deref().is_none_or(|r| r == role)
+    }
+}
+
 /// A plain integer (optionally quoted, surrounding blanks allowed).
 pub fn parse_int(v: &str) -> Option<i32> {
     unquote(v).parse().ok()
@@ -233,6 +305,54 @@ fn unquote(v: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
+    fn row(d: &str, r: &str, c: &str) -> (String, String, String) {
+        (d.to_string(), r.to_string(), c.to_string())
+    }
+
+    fn fields(b: &[u8]) -> Vec<String> {
+        let mut f: Vec<String> = b.split(|&c| c == 0).map(|s| String::from_utf8_lossy(s).into_owned()).collect();
+        assert_eq!(f.pop().as_deref(), Some(""), "ends with a NUL");
+        f
+    }
+
+    /// A copy that fits is every row in order; one that does not drops the
+    /// longest reported items first and marks only their (database, role).
+    #[test]
+    fn one_roles_outsized_item_cuts_only_that_role() {
+        let rows = vec![
+            row("", "app", "nextgres.pool_size=4"),
+            row("", "bob", "standard_conforming_strings=off"),
+            row("", "alice", &format!("search_path={}", "x".repeat(300))),
+            row("db", "", "DateStyle=SQL, DMY"),
+            row("", "alice", "DateStyle=German"),
+        ];
+        let all: usize = rows.iter().map(|r| r.0.len() + r.1.len() + r.2.len() + 3).sum();
+        assert_eq!(fields(&copy_bytes(&rows, all)).len(), 15, "all fit");
+        let got = fields(&copy_bytes(&rows, 200));
+        let items: Vec<&[String]> = got.chunks(3).collect();
+        assert_eq!(items[0], ["", "app", "nextgres.pool_size=4"], "nextgres.* first");
+        assert!(items.iter().any(|i| i[2] == "standard_conforming_strings=off"));
+        assert!(items.iter().any(|i| i[2] == "DateStyle=SQL, DMY"));
+        assert!(items.iter().any(|i| i[2] == "DateStyle=German"), "alice's short item kept");
+        assert!(!items.iter().any(|i| i[2].starts_with("search_path")));
+        let cut: Vec<&[String]> = items.iter().copied().filter(|i| i[2].is_empty()).collect();
+        assert_eq!(cut, vec![&["".to_string(), "alice".to_string(), String::new()][..]]);
+        assert!(got.iter().map(|f| f.len() + 1).sum::<usize>() <= 200);
+        // Not even the nextgres.* items and markers fit: every row, for the
+        // writer to cut (the whole copy then counts as incomplete).
+        assert_eq!(fields(&copy_bytes(&rows, 30)).len(), 15);
+    }
+
+    #[test]
+    fn a_cut_level_applies_as_its_items_would() {
+        let c = |d: Option<&str>, r: Option<&str>| Cut { database: d.map(str::to_string), role: r.map(str::to_string) };
+        assert!(c(None, Some("alice")).applies("db", "alice"));
+        assert!(!c(None, Some("alice")).applies("db", "bob"));
+        assert!(c(Some("db"), None).applies("db", "bob"));
+        assert!(!c(Some("db"), Some("alice")).applies("other", "alice"));
+        assert!(c(None, None).applies("x", "y"));
+    }
+
     /// Reported items are kept whole, others not; a login gets those of its
     /// database and role, highest level first.
     #[test]
