@@ -947,6 +947,8 @@ ng_set_client_addr(const struct sockaddr_storage *addr, socklen_t salen,
 		be->st_clienthostname[0] = '\0';
 		PGSTAT_END_WRITE_ACTIVITY(be);
 	}
+	/* Cleared while parked (ng_report_parked); a switch sets it again too. */
+	pgstat_report_appname(application_name ? application_name : "");
 }
 
 /*
@@ -1262,8 +1264,24 @@ ng_set_ssl_status(bool on, int bits, const char *version, const char *cipher,
 void
 ng_report_parked(void)
 {
+	volatile PgBackendStatus *be = MyBEEntry;
+
 	pgstat_report_activity(STATE_IDLE, "<nextgres: parked>");
 	set_ps_display("parked");
+	/*
+	 * The departed client's application_name (which every role may read in
+	 * pg_stat_activity) and address are not shown on after it: a direct
+	 * session's row goes with it.  ng_set_client_addr() shows the next
+	 * client's, whose application_name may be the one still in force.
+	 */
+	pgstat_report_appname("");
+	if (be)
+	{
+		PGSTAT_BEGIN_WRITE_ACTIVITY(be);
+		memset((void *) &be->st_clientaddr, 0, sizeof(SockAddr));
+		be->st_clienthostname[0] = '\0';
+		PGSTAT_END_WRITE_ACTIVITY(be);
+	}
 }
 
 /*

@@ -987,6 +987,13 @@ note_untracked(void)
 	seen_search_path = MemoryContextStrdup(TopMemoryContext, path);
 }
 
+/*
+ * Ahead of a superuser-only setting's name in the settings image:
+ * MARK scontext/srole MARK name.  A byte no GUC name can hold (guc.c
+ * valid_custom_variable_name), so no real name is ever read as one.
+ */
+#define SET_BY_MARK '\x01'
+
 char *
 ng_take_session_settings(int *len)
 {
@@ -1019,6 +1026,18 @@ ng_take_session_settings(int *len)
 			if (not_session_state(g->name))
 				continue;
 			v = session_value(g);
+			if (g->context == PGC_SUSET)
+			{
+				/*
+				 * A superuser-only setting: who set it, and with what
+				 * rights, goes with it (see ng_switch_setting).
+				 */
+				char		origin[64];
+
+				snprintf(origin, sizeof(origin), "%c%d/%u%c", SET_BY_MARK,
+						 (int) g->scontext, (unsigned) g->srole, SET_BY_MARK);
+				appendStringInfoString(&out, origin);
+			}
 			put_str(&out, g->name);
 			put_str(&out, v ? v : "");
 		}
@@ -1584,6 +1603,28 @@ bool
 ng_switch_setting(const char *name, const char *value, bool from_startup)
 {
 	MemoryContext cxt = CurrentMemoryContext;
+	int			by_context = -1;
+	unsigned	by_role = 0;
+
+	/*
+	 * A superuser-only setting carries the context and role that set it in
+	 * the client's session (ng_take_session_settings): a superuser's
+	 * SECURITY DEFINER function (a PG 17 login event trigger's
+	 * set_config('log_statement', 'all', false)), or a role granted SET ON
+	 * PARAMETER before a SET ROLE.  It is set again as it was set there
+	 * (set_config_option_ext, guc.c), which a direct session keeps for its
+	 * whole life; set with the client's rights of now, it was refused and
+	 * lost at the next switch.  The marks come from a backend's own
+	 * capture, never from a client's bytes.
+	 */
+	if (!from_startup && name[0] == SET_BY_MARK)
+	{
+		const char *end = strchr(name + 1, SET_BY_MARK);
+
+		if (end == NULL || sscanf(name + 1, "%d/%u", &by_context, &by_role) != 2)
+			return false;
+		name = end + 1;
+	}
 
 	/*
 	 * Every setting here was accepted in this client's session, under its
@@ -1599,11 +1640,16 @@ ng_switch_setting(const char *name, const char *value, bool from_startup)
 		/* A catalog read (a lock wait, an interrupt): inside the catch. */
 		bool		su = superuser_arg(GetAuthenticatedUserId());
 
-		applied = set_config_option(name, value,
-									from_startup ? (su ? PGC_SU_BACKEND : PGC_BACKEND)
-									: (su ? PGC_SUSET : PGC_USERSET),
-									from_startup ? PGC_S_CLIENT : PGC_S_SESSION,
-									GUC_ACTION_SET, true, WARNING, false);
+		if (by_context >= 0)
+			applied = set_config_option_ext(name, value, (GucContext) by_context,
+											PGC_S_SESSION, (Oid) by_role,
+											GUC_ACTION_SET, true, WARNING, false);
+		else
+			applied = set_config_option(name, value,
+										from_startup ? (su ? PGC_SU_BACKEND : PGC_BACKEND)
+										: (su ? PGC_SUSET : PGC_USERSET),
+										from_startup ? PGC_S_CLIENT : PGC_S_SESSION,
+										GUC_ACTION_SET, true, WARNING, false);
 	}
 	PG_CATCH();
 	{

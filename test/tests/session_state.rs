@@ -647,6 +647,95 @@ fn role_revoked_or_dropped_ends_the_session_that_set_it() {
     );
 }
 
+/// Superuser-only settings a plain role's session holds by right: set by a
+/// superuser's SECURITY DEFINER function (as a PG 17 login event trigger
+/// switches on `log_statement = all` for auditing), or by the client under
+/// a role granted `SET ON PARAMETER` before it reset that role. A direct
+/// session keeps them for its life; through a pool of one backend that
+/// another client uses between A's transactions, A keeps them too, each
+/// set again as it was set (before: set again with A's own rights, refused,
+/// and lost at the first switch). B never sees them.
+#[test]
+fn superuser_only_settings_a_session_got_by_right_stay_with_it() {
+    run(
+        one_backend(),
+        SETUP,
+        LIMIT,
+        |pg| {
+            pg.admin()
+                .batch_execute(
+                    "CREATE FUNCTION public.sd_set(n text, v text) RETURNS text LANGUAGE sql SECURITY DEFINER
+                         AS $$ SELECT pg_catalog.set_config(n, v, false) $$;
+                     GRANT EXECUTE ON FUNCTION public.sd_set(text, text) TO PUBLIC;
+                     CREATE ROLE granted NOLOGIN;
+                     GRANT SET ON PARAMETER log_min_duration_statement TO granted;
+                     CREATE ROLE plain LOGIN NOINHERIT;
+                     GRANT granted TO plain;",
+                )
+                .expect("setup");
+            let probe = "SELECT concat_ws('|', current_setting('session_replication_role'), current_setting('log_statement'), \
+                         current_setting('log_min_duration_statement'), current_user)";
+            let steps = |a: &mut Client, b: &mut Client, pooled: bool| -> Vec<String> {
+                one(a, "SELECT public.sd_set('session_replication_role', 'replica')");
+                one(a, "SELECT public.sd_set('log_statement', 'all')");
+                a.batch_execute("SET ROLE granted; SET log_min_duration_statement = 12345; RESET ROLE").expect("granted set");
+                let mut seen = vec![one(a, probe)];
+                for i in 0..3 {
+                    b.batch_execute(&format!("SET work_mem = '{}MB'", 3 + i)).expect("b set");
+                    if pooled {
+                        assert_eq!(pid_of(a), pid_of(b), "one backend");
+                    }
+                    seen.push(one(a, probe));
+                    seen.push(format!("B: {}", one(b, probe)));
+                }
+                seen
+            };
+            let direct = {
+                let mut a = pg.unix("plain", "postgres").connect().expect("direct a");
+                let mut b = pg.unix("plain", "postgres").connect().expect("direct b");
+                steps(&mut a, &mut b, false)
+            };
+            assert_eq!(direct[0], "replica|all|12345ms|plain", "direct: {direct:?}");
+            let mut a = pg.tcp("plain", "postgres").connect().expect("a");
+            let mut b = pg.tcp("plain", "postgres").connect().expect("b");
+            let pooled = steps(&mut a, &mut b, true);
+            assert_eq!(pooled, direct, "pooled differs from direct");
+        },
+    );
+}
+
+/// A client's application_name (which every role may read in
+/// pg_stat_activity) and address are not shown on the backend it leaves:
+/// a direct session's row goes with it. A client that comes back to the
+/// backend it left (no switch) is shown with its own again.
+#[test]
+fn a_parked_backend_shows_no_departed_client() {
+    run(
+        Cluster::builder()
+            .conf("nextgres.pool_size = 1")
+            .conf("nextgres.hold_idle_clients = off")
+            .conf("nextgres.kernel_queue = off"),
+        SETUP,
+        LIMIT,
+        |pg| {
+            let mut a = pg.tcp("app", "postgres").application_name("alice-token").connect().expect("a");
+            let mine = "SELECT concat_ws('|', application_name, client_addr) FROM pg_stat_activity WHERE pid = pg_backend_pid()";
+            for _ in 0..3 {
+                assert_eq!(one(&mut a, mine), "alice-token|127.0.0.1", "the client's own row");
+            }
+            drop(a);
+            let shown = || -> i64 {
+                pg.admin()
+                    .query_one("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'alice-token' OR client_addr IS NOT NULL", &[])
+                    .expect("pg_stat_activity")
+                    .get(0)
+            };
+            let gone = nextgres_test::wait_until(Duration::from_secs(10), || shown() == 0);
+            assert!(gone, "a departed client still shown: {} rows", shown());
+        },
+    );
+}
+
 /// `SELECT set_config('myapp.user_id', '42', false)` alone (no SET in the
 /// same transaction) is a session setting like SET: it follows its client to
 /// the next backend.
