@@ -13,6 +13,7 @@
 #include "access/stratnum.h"
 #include "access/table.h"
 #include "access/xact.h"
+#include "utils/snapmgr.h"
 #include "catalog/namespace.h"
 #include "catalog/objectaccess.h"
 #include "catalog/pg_authid.h"
@@ -1709,6 +1710,40 @@ captured_name(int off)
 	return scan_cap + off;
 }
 
+/*
+ * A name as the client sent it, in the database encoding, as the server
+ * reads it (pq_getmsgstring converts; the image keys names that way).  A
+ * name that does not convert stays as sent: the server then refuses the
+ * message itself.  Converted with the client encoding's cached conversion
+ * (no catalog access).  Points into a static buffer.
+ */
+static const char *
+client_name(const char *name)
+{
+	static char converted[NAMEDATALEN];
+	MemoryContext cxt = CurrentMemoryContext;
+	const char *volatile result = name;
+
+	if (name == NULL || name[0] == '\0' || pg_get_client_encoding() == GetDatabaseEncoding())
+		return name;
+	PG_TRY();
+	{
+		char	   *c = pg_client_to_server(name, strlen(name));
+
+		strlcpy(converted, c, sizeof(converted));
+		if (c != name)
+			pfree(c);
+		result = converted;
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		FlushErrorState();
+	}
+	PG_END_TRY();
+	return result;
+}
+
 /* A whole message was received: create the statement it names. */
 static void
 scan_message_done(void)
@@ -1749,7 +1784,7 @@ scan_message_done(void)
 	if (cut)
 		ng_rs_statements_wanted_all();
 	else
-		want_statement(name);
+		want_statement(client_name(name));
 }
 
 static void
@@ -2211,6 +2246,17 @@ ng_create_statement(const char *name, const char *text, bool from_sql,
 			qt = pg_analyze_and_rewrite_fixedparams(rs, text, types, nparams, NULL);
 			CompleteCachedPlan(psrc, qt, NULL, types, nparams, NULL, NULL,
 							   CURSOR_OPT_PARALLEL_OK, true);
+			/*
+			 * The result the client was told at its Parse/PREPARE, which
+			 * such a statement keeps for its life (it is never revalidated):
+			 * computed now, EXECUTE of an SQL statement not created here yet,
+			 * or FETCH from a cursor that does not exist here, would say no
+			 * rows.
+			 */
+			MemoryContextSwitchTo(psrc->context);
+			if (psrc->resultDesc)
+				FreeTupleDesc(psrc->resultDesc);
+			psrc->resultDesc = result_desc(result, rlen);
 			if (started)
 			{
 				CommitTransactionCommand();
@@ -2441,6 +2487,36 @@ ng_validate_in_xact(void *arg)
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("permission denied to set parameter \"%s\"", name)));
 	check_identity_setting(name, value, a->role, a->superuser);
+
+	/*
+	 * Libraries a session loads at its start: a pooled backend serves one
+	 * client after another and a library cannot be unloaded, so one
+	 * client's cannot be loaded for it (and must not stay for the next).
+	 * Refused rather than accepted and never loaded, which the client could
+	 * not tell (the server would load it, or refuse a missing one).
+	 */
+	if (g && (pg_strcasecmp(g->name, "local_preload_libraries") == 0 ||
+			  pg_strcasecmp(g->name, "session_preload_libraries") == 0) &&
+		strspn(value, " \t\n\r\f\v") != strlen(value))
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("nextgres: a pooled session cannot load libraries at its start (\"%s\")", g->name),
+				 errhint("Load them for all sessions of the role or database (ALTER ROLE ... SET %s), or connect to the server's own socket.",
+						 g->name)));
+
+	/*
+	 * As in the server's InitPostgres() up to 17, which applies startup
+	 * settings in its first transaction, read committed and with a snapshot
+	 * taken: so transaction_isolation (but read committed) and
+	 * transaction_deferrable are refused with its 25001 "... must be called
+	 * before any query" (variable.c check hooks test FirstSnapshotSet).
+	 * Both are undone by the rollback.  18's InitPostgres() takes no
+	 * snapshot there, and accepts them.
+	 */
+#if PG_VERSION_NUM < 180000
+	XactIsoLevel = XACT_READ_COMMITTED;
+	(void) GetTransactionSnapshot();
+#endif
 	report = g && (g->flags & GUC_REPORT) && a->shown_len > 0 &&
 		pg_strcasecmp(g->name, "role") != 0 &&
 		pg_strcasecmp(g->name, "session_authorization") != 0;

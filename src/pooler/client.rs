@@ -105,6 +105,10 @@ pub struct Client {
     /// at the server's newest): decides the cancel key's length.
     pub proto_minor: u16,
     pub last_backend: Option<usize>,
+    /// It waits only while an idle backend lent to the pool's kernel queue
+    /// is recalled for it (a TLS client, which the queue cannot serve, in
+    /// a pool with room): no sign of a saturated pool (`attached`).
+    pub waits_for_recall: bool,
     /// Session mode: the backend reserved for this client.
     pub pinned: Option<usize>,
     pub session_mode: bool,
@@ -225,6 +229,7 @@ impl Client {
             cancel: None,
             proto_minor: 0,
             last_backend: None,
+            waits_for_recall: false,
             pinned: None,
             session_mode: false,
             dedicated_mode: false,

@@ -345,7 +345,9 @@ impl Pooler {
     /// query_wait_timeout, served by the next backend available (a lent
     /// one is recalled for it).
     pub fn client_wait(&mut self, key: usize, pool: usize, since: Instant) {
+        let spare = self.kq_idle_lent(pool).is_some();
         let Some(c) = self.client(key) else { return };
+        c.waits_for_recall = spare;
         c.phase = Phase::Waiting { since };
         c.watch_hangup = false;
         self.pools[pool].waiting.push_back(key);
@@ -652,6 +654,11 @@ impl Pooler {
         let Some(c) = self.client(ck) else { return };
         c.phase = Phase::Attached { backend: bk };
         c.last_backend = Some(bk);
+        // A wait for the recall of an idle lent backend says nothing of
+        // load: marked as one, the backends of a pool with room would stop
+        // keeping idle clients (`park::linger`), and a TLS client would go
+        // back to the pooler, and to another backend, every transaction.
+        let saturated = !std::mem::take(&mut c.waits_for_recall);
         c.session_counted = true;
         if session_mode {
             c.pinned = Some(bk);
@@ -666,7 +673,9 @@ impl Pooler {
         });
         if let (Some(since), Some(p)) = (waited_since, pool) {
             self.pools[p].record_wait(since);
-            self.pools[p].waited_at = crate::shmem::mono_now();
+            if saturated {
+                self.pools[p].waited_at = crate::shmem::mono_now();
+            }
         }
         if let Some(p) = pool {
             self.pools[p].attached.push(bk);

@@ -1310,7 +1310,7 @@ fn parked_backend_does_not_use_up_role_limit() {
 fn startup_options_match_direct_server() {
     let sp = auth_cluster();
     let pw = Some(PW);
-    let cases: [(&str, &str, Option<&str>, &str); 16] = [
+    let cases: [(&str, &str, Option<&str>, &str); 20] = [
         (
             "scram_u",
             "postgres",
@@ -1340,6 +1340,14 @@ fn startup_options_match_direct_server() {
         ("scram_u", "trustdb", None, "-c session_authorization=nologin_u"),
         ("scram_u", "trustdb", None, "-c role=scram_u -c session_authorization=scram_u"),
         ("scram_u", "trustdb", None, "-c role=no_such_role"),
+        // Refused by the server's check hooks up to 17, which run in its
+        // startup transaction with a snapshot taken (25001; read committed
+        // is the level that transaction has), accepted by 18's. Accepted
+        // by the pooler on every version before (hunt5 B7).
+        ("scram_u", "trustdb", None, "-c transaction_isolation=serializable"),
+        ("scram_u", "trustdb", None, "-c transaction_isolation=read\\ committed"),
+        ("scram_u", "trustdb", None, "-c transaction_deferrable=on"),
+        ("scram_u", "trustdb", None, "-c transaction_read_only=on"),
     ];
     let mut problems = Vec::new();
     for (user, db, password, opts) in cases {
@@ -1362,6 +1370,22 @@ fn startup_options_match_direct_server() {
         if pd != pp {
             problems.push(format!("{label}: psql\n   direct: {pd}\n   pooled: {pp}"));
         }
+    }
+    // A library to load at the session's start: the server loads it (or
+    // refuses one it cannot find); a pooled backend cannot load one for one
+    // client, so the pooler refuses it, rather than accept it and load
+    // nothing (hunt5 B7). An empty list is a login as any other.
+    for lib in ["nonexistent_lib", "plpgsql"] {
+        let opts = format!("-c local_preload_libraries={lib}");
+        match rust_outcome(&sp.pooled("scram_u", "trustdb"), Some(&opts)) {
+            Outcome::Db(e) if e.code == "0A000" && e.message.contains("cannot load libraries") => {}
+            other => problems.push(format!("{opts}: pooled {other:?}")),
+        }
+    }
+    let empty = "-c local_preload_libraries=";
+    let (rd, rp) = (rust_outcome(&sp.direct("scram_u", "trustdb"), Some(empty)), rust_outcome(&sp.pooled("scram_u", "trustdb"), Some(empty)));
+    if rd != rp {
+        problems.push(format!("{empty}: direct {rd:?}, pooled {rp:?}"));
     }
     assert!(
         problems.is_empty(),

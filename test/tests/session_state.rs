@@ -1515,6 +1515,11 @@ fn raw_pair(pg: &Cluster) -> (nextgres_test::raw::Raw, nextgres_test::raw::Raw) 
 /// One use of statement `name` over the extended protocol: Parse (when `sql`
 /// is given), Bind, Execute, Sync. The first column of each row.
 fn raw_named(r: &mut nextgres_test::raw::Raw, name: &str, sql: Option<&str>) -> Vec<String> {
+    raw_named_bytes(r, name.as_bytes(), sql)
+}
+
+/// [`raw_named`] with a name of bytes in the client's encoding.
+fn raw_named_bytes(r: &mut nextgres_test::raw::Raw, name: &[u8], sql: Option<&str>) -> Vec<String> {
     use std::io::Write;
     let msg = |tag: u8, body: &[u8]| {
         let mut m = vec![tag];
@@ -1524,14 +1529,34 @@ fn raw_named(r: &mut nextgres_test::raw::Raw, name: &str, sql: Option<&str>) -> 
     };
     let mut out = Vec::new();
     if let Some(sql) = sql {
-        out.extend(msg(b'P', &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat()));
+        out.extend(msg(b'P', &[name, b"\0", sql.as_bytes(), b"\0\0\0"].concat()));
     }
-    out.extend(msg(b'B', &[b"\0", name.as_bytes(), b"\0\0\0\0\0\0\0"].concat()));
+    out.extend(msg(b'B', &[b"\0", name, b"\0\0\0\0\0\0\0"].concat()));
     out.extend(msg(b'E', b"\0\0\0\0\0"));
     out.extend(msg(b'S', b""));
     r.s.write_all(&out).expect("extended protocol messages");
-    let rows = r.until_ready().unwrap_or_else(|e| panic!("statement {name}: {e:?}"));
+    let rows = r.until_ready().unwrap_or_else(|e| panic!("statement {}: {e:?}", String::from_utf8_lossy(name)));
     rows.into_iter().map(|row| row.into_iter().next().flatten().unwrap_or_default()).collect()
+}
+
+/// A statement named in bytes that are not ASCII, by a client whose
+/// client_encoding (LATIN1) is not the database's (UTF8): the server reads
+/// the name in the database encoding, and so does the pooled backend that
+/// creates the statement for the client after a switch. Before, the name
+/// was looked up as sent, not found, and the client got 26000.
+#[test]
+fn a_statement_named_in_the_clients_encoding_follows_it() {
+    run(one_backend(), SETUP, LIMIT, |pg| {
+        let (mut a, mut b) = raw_pair(pg);
+        a.query("SET client_encoding = 'LATIN1'").expect("latin1");
+        let name = b"caf\xe9";
+        assert_eq!(raw_named_bytes(&mut a, name, Some("SELECT 'one'")), vec!["one"]);
+        for i in 0..3 {
+            b.query(&format!("SET work_mem = '{}MB'", 3 + i)).expect("B uses the backend");
+            assert_eq!(raw_named_bytes(&mut a, name, None), vec!["one"], "use {i} after a switch");
+        }
+        assert_eq!(a.value("SELECT count(*) FROM pg_prepared_statements WHERE octet_length(name) = 5"), "1");
+    });
 }
 
 /// Runs `sql` (simple protocol); the ParameterStatus messages that came
@@ -1658,6 +1683,47 @@ fn backend_start_settings_of_one_client_are_never_anothers() {
         drop(x);
         let mut z = connect(None);
         assert_eq!(z.value(look), "off 0", "a client after X left");
+    });
+}
+
+/// Protocol statements `EXECUTE sq(1)` of an SQL-level statement `sq`,
+/// all created at once on a new backend (a query naming
+/// pg_prepared_statements), keep the result columns the client was told
+/// at its Parse, as directly: such a statement is never revalidated.
+/// Before, one created ahead of `sq` (the table's hash order) got no result
+/// columns (`result_types` NULL, Describe answered NoData), and carried
+/// that on (hunt5-A F1).
+#[test]
+fn statements_created_at_once_keep_their_result_columns() {
+    run(one_backend(), SETUP, LIMIT, |pg| {
+        let steps = |a: &mut Client, b: &mut Client| -> Vec<String> {
+            a.batch_execute("PREPARE sq(int) AS SELECT $1::text AS t, 5 AS five").expect("SQL PREPARE");
+            let st: Vec<Statement> = (0..8).map(|_| a.prepare("EXECUTE sq(1)").expect("protocol EXECUTE statement")).collect();
+            b.batch_execute("SET work_mem = '3MB'").expect("B uses the backend");
+            let mut seen: Vec<String> = a
+                .query("SELECT (name = 'sq')::text || ' ' || coalesce(result_types::text, 'NULL') FROM pg_prepared_statements ORDER BY 1", &[])
+                .expect("pg_prepared_statements")
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            for s in &st {
+                let again = a.prepare("EXECUTE sq(2)").expect("described again");
+                seen.push(format!("{} columns, again {}", s.columns().len(), again.columns().len()));
+                let rows = a.query(s, &[]).expect("execute");
+                seen.push(format!("{:?}", rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>()));
+            }
+            seen
+        };
+        let direct = {
+            let mut a = pg.unix("app", "postgres").connect().expect("direct a");
+            let mut b = pg.unix("app", "postgres").connect().expect("direct b");
+            steps(&mut a, &mut b)
+        };
+        assert!(direct.iter().all(|l| !l.contains("NULL")), "direct: {direct:?}");
+        let mut a = pg.tcp("app", "postgres").connect().expect("a");
+        let mut b = pg.tcp("app", "postgres").connect().expect("b");
+        let pooled = steps(&mut a, &mut b);
+        assert_eq!(pooled, direct);
     });
 }
 

@@ -353,6 +353,48 @@ fn a_lone_server_certificate_goes_out_with_its_issuers() {
     }
 }
 
+/// A TLS client (served on the handoff path) in a pool whose plaintext
+/// clients use the kernel queue, with backends to spare: its transactions
+/// mostly stay on one backend, as when it is alone, while a plaintext
+/// client runs queries beside it. Before, its wait for the recall of an
+/// idle lent backend marked the pool saturated (so its backend never kept
+/// it idle), lent backends were recalled in list order, and the TLS client
+/// moved at every transaction (a session switch each time, and an unnamed
+/// statement parsed in one request cycle and bound in the next was lost:
+/// hunt5 C6).
+#[test]
+fn a_tls_client_keeps_its_backend_beside_kernel_queue_clients() {
+    with_tls_server(Cluster::builder().conf("nextgres.pool_size = 3"), |pg, ca, _| {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let plain = {
+            let (stop, ci) = (stop.clone(), pg.tcp("postgres", "postgres"));
+            std::thread::spawn(move || {
+                let mut c = ci.connect().expect("plaintext client");
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    c.simple_query("SELECT pg_sleep(0.002)").expect("plaintext query");
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        let mut cfg = pg.tcp("postgres", "postgres").config();
+        cfg.ssl_mode(postgres::config::SslMode::Require);
+        let mut t = cfg.connect(nextgres_test::tls::RustlsConnector::new(&ca)).expect("TLS client");
+        let mut pids = Vec::new();
+        for _ in 0..20 {
+            let row = t.query_one("SELECT pg_backend_pid()", &[]).expect("TLS query");
+            pids.push(row.get::<_, i32>(0));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        plain.join().expect("plaintext client thread");
+        // Before: a move at every transaction. Now it keeps its backend but
+        // when the kernel queue shows a client waiting past the client's
+        // time slice (the queue's sampling; a few times in 20).
+        let moves = pids.windows(2).filter(|w| w[0] != w[1]).count();
+        assert!(moves * 2 < pids.len(), "the TLS client moved {moves} times: {pids:?}");
+    });
+}
+
 /// Acceptance 1 and 3 (in part) and 4: `sslmode=require`, `verify-ca` and
 /// `verify-full` connect on the standard port through the pooler; the
 /// backend pid changes between a TLS client's transactions and one backend
@@ -2297,11 +2339,16 @@ fn pg_stat_ssl_of_pooled_tls_clients_as_the_server() {
         assert_eq!(long_dn.len(), 63, "{seen:?}");
 
         // The TLS client left: its backend (pool_size 1) shows no TLS, parked
-        // and for the next, plaintext, client.
-        let admin_ssl = format!("SELECT ssl::text FROM pg_stat_ssl WHERE pid = {tls_pid}");
+        // and for the next, plaintext, client. Parked, it shows no client
+        // address either, so pg_stat_ssl (rows with a client port) has no
+        // row for it, as for a direct session that ended.
+        let admin_ssl = format!(
+            "SELECT a.ssl::text || ' ' || (SELECT count(*) FROM pg_stat_ssl s WHERE s.pid = a.pid) FROM pg_stat_get_activity({tls_pid}) a"
+        );
         assert!(
-            wait_until(SETTLE, || pooled.psql_query(&pooled.unix("postgres", "postgres"), &admin_ssl) == "false"),
-            "the parked backend still shows ssl = true"
+            wait_until(SETTLE, || pooled.psql_query(&pooled.unix("postgres", "postgres"), &admin_ssl) == "false 0"),
+            "the parked backend still shows ssl = true or a pg_stat_ssl row: {}",
+            pooled.psql_query(&pooled.unix("postgres", "postgres"), &admin_ssl)
         );
         let conn = pooled.tcp("postgres", "postgres");
         let plain = psql_cs(

@@ -144,10 +144,29 @@ impl Pooler {
         // One recalled to close serves nobody.
         let recalled = |p: &Pooler, bk: usize| matches!(p.conns.get(bk), Some(Conn::Backend(b)) if b.kq_recalled && !b.kq_close);
         let asked = lent.iter().filter(|&&bk| recalled(self, bk)).count();
-        let free: Vec<usize> = lent
+        let mut free: Vec<usize> = lent
             .into_iter()
             .filter(|&bk| matches!(self.conns.get(bk), Some(Conn::Backend(b)) if !b.kq_recalled && !b.kq_close))
             .collect();
+        // An idle backend a waiting client left first (a TLS client, served
+        // on the handoff path, then comes back to its session with no
+        // switch, as to a parked one: it moved at every transaction, its
+        // unnamed statement lost), then other idle ones (a busy one serves
+        // the waiter only after its own client's transaction).
+        let last: Vec<usize> = self.pools.get(pool).map_or(Vec::new(), |p| {
+            p.waiting.iter().filter_map(|&ck| match self.conns.get(ck) {
+                Some(Conn::Client(c)) => c.last_backend,
+                _ => None,
+            }).collect()
+        });
+        let idle = |bk: usize| match self.conns.get(bk) {
+            Some(Conn::Backend(b)) => self.tables.kq_backend(b.row).is_some_and(|h| h.idle_since.load(std::sync::atomic::Ordering::Relaxed) != 0),
+            _ => false,
+        };
+        free.sort_by_key(|&bk| {
+            let idle = idle(bk);
+            (!(idle && last.contains(&bk)), !idle)
+        });
         for bk in free.into_iter().take(waiting.saturating_sub(asked)) {
             self.kq_recall(bk);
         }
