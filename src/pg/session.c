@@ -444,6 +444,14 @@ ng_object_access(ObjectAccessType access, Oid classId, Oid objectId, int subId, 
 	{
 		if (objectId == F_SET_CONFIG)
 			settings_dirty = true;
+		/*
+		 * The function behind pg_prepared_statements, wherever the query
+		 * calls it from (a view over it, an inlined SQL function), whose
+		 * text ng_executor_start() does not see: every statement of the
+		 * client exists before it lists them.
+		 */
+		else if (objectId == F_PG_PREPARED_STATEMENT && statements_pending)
+			ng_rs_statements_wanted_all();
 		return;
 	}
 	/*

@@ -1686,6 +1686,43 @@ fn backend_start_settings_of_one_client_are_never_anothers() {
     });
 }
 
+/// pg_prepared_statements read through a view or an inlined SQL function
+/// lists every statement of the client after a switch, as directly. Before,
+/// only a query whose own text named pg_prepared_statements made the
+/// statements not created on the new backend yet show (hunt5-A F4).
+#[test]
+fn prepared_statements_read_through_a_view_after_a_switch() {
+    run(one_backend(), SETUP, LIMIT, |pg| {
+        pg.admin()
+            .batch_execute(
+                "CREATE VIEW public.my_ps AS SELECT name FROM pg_prepared_statements;
+                 CREATE FUNCTION public.my_ps_f() RETURNS SETOF text LANGUAGE sql STABLE
+                     AS 'SELECT name::text FROM pg_prepared_statements';
+                 GRANT SELECT ON public.my_ps TO PUBLIC;",
+            )
+            .expect("view and function");
+        let steps = |a: &mut Client, b: &mut Client| -> Vec<String> {
+            a.batch_execute("PREPARE a1 AS SELECT 1; PREPARE a2 AS SELECT 2").expect("prepare");
+            let mut seen = Vec::new();
+            for probe in ["SELECT string_agg(name, ',' ORDER BY name) FROM public.my_ps", "SELECT string_agg(n, ',' ORDER BY n) FROM public.my_ps_f() n"] {
+                b.batch_execute("SET work_mem = '3MB'").expect("B uses the backend");
+                seen.push(one(a, probe));
+            }
+            a.batch_execute("DEALLOCATE ALL").expect("deallocate");
+            seen
+        };
+        let direct = {
+            let mut a = pg.unix("app", "postgres").connect().expect("direct a");
+            let mut b = pg.unix("app", "postgres").connect().expect("direct b");
+            steps(&mut a, &mut b)
+        };
+        assert_eq!(direct, vec!["a1,a2", "a1,a2"], "direct");
+        let mut a = pg.tcp("app", "postgres").connect().expect("a");
+        let mut b = pg.tcp("app", "postgres").connect().expect("b");
+        assert_eq!(steps(&mut a, &mut b), direct, "pooled");
+    });
+}
+
 /// Protocol statements `EXECUTE sq(1)` of an SQL-level statement `sq`,
 /// all created at once on a new backend (a query naming
 /// pg_prepared_statements), keep the result columns the client was told
