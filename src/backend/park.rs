@@ -831,7 +831,7 @@ fn attach_client(p: &mut Parking, (mut a, fd): (Attach, RawFd), timer_was_on: bo
     }
     if a.flags & control::FLAG_NEW_CLIENT != 0 {
         glue::set_client_identity(a.authn.as_ref());
-        session::switch_to(&a.settings, std::mem::take(&mut a.image));
+        session::switch_to(&a.settings, std::mem::take(&mut a.image), a.flags & control::FLAG_SESSION_START != 0);
     } else {
         session::attached_again();
     }

@@ -142,10 +142,15 @@ thread_local! {
     /// A new client's login defaults, for the pooler at the next release.
     static REPORT_DEFAULTS: RefCell<Option<Vec<(String, String)>>> = const { RefCell::new(None) };
     /// Settings the client served last set from its startup packet (source
-    /// "client"): the next full switch puts those its client does not send
+    /// "client"; lower-case name, value): the next full switch puts those its
+    /// client does not send (or sends another value of, for [`MERGING`])
     /// back to what they are without them.
-    static STARTUP_SET: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+    static STARTUP_SET: RefCell<Vec<(String, String)>> = const { RefCell::new(Vec::new()) };
 }
+
+/// Settings whose new value is merged with the one in force (guc.c
+/// check_datestyle keeps the style or the field order a value leaves out).
+const MERGING: [&str; 1] = ["datestyle"];
 
 fn lazy() -> bool {
     LAZY.with(|l| {
@@ -211,7 +216,9 @@ fn apply_defaults(defaults: &[(String, String)], stale: &[String]) {
     DEFAULTS.with(|d| *d.borrow_mut() = Some(defaults.to_vec()));
 }
 
-pub fn switch_to(startup: &[(String, String)], image: SessionImage) {
+/// `session_start`: the client's first attach; a startup setting this
+/// backend refuses then ends its session, as the server refuses the login.
+pub fn switch_to(startup: &[(String, String)], image: SessionImage, session_start: bool) {
     let SessionImage { settings, statements, defaults } = image;
     // The unnamed statement is not a named one and DISCARD ALL keeps it: a
     // previous client's (only one that sent Parse can have left one) is
@@ -275,7 +282,7 @@ pub fn switch_to(startup: &[(String, String)], image: SessionImage) {
             }
         }
     } else {
-        full_switch(startup, &settings, &defaults);
+        full_switch(startup, &settings, &defaults, session_start);
         SHAPE.with(|sh| {
             let mut sh = sh.borrow_mut();
             sh.known = true;
@@ -401,7 +408,7 @@ pub fn note_release(settings: Option<&[(String, String)]>, created: s::Taken) ->
 }
 
 /// DISCARD ALL, then the client's role and database defaults and settings.
-fn full_switch(startup: &[(String, String)], settings: &[(String, String)], defaults: &[(String, String)]) {
+fn full_switch(startup: &[(String, String)], settings: &[(String, String)], defaults: &[(String, String)], session_start: bool) {
     if let Err(e) = s::switch_begin(true) {
         fatal(&e.message());
     }
@@ -409,20 +416,39 @@ fn full_switch(startup: &[(String, String)], settings: &[(String, String)], defa
     // custom one among them would otherwise keep its value for every later
     // client (RLS keyed on a tenant setting), and a restored value would
     // keep source "client", deaf to a reload.
+    // So is one that both send with other values, where a value merges
+    // with the one in force (DateStyle: the previous client's `SQL, DMY`
+    // would leave DMY under this one's `ISO`, where its login gets the
+    // default order).
     let stale: Vec<String> = STARTUP_SET.with(|set| {
-        set.take().into_iter().filter(|n| !startup.iter().any(|(s, _)| s.eq_ignore_ascii_case(n))).collect()
+        set.take()
+            .into_iter()
+            .filter(|(n, v)| match startup.iter().find(|(s, _)| s.eq_ignore_ascii_case(n)) {
+                None => true,
+                Some((_, now)) => MERGING.contains(&n.as_str()) && now != v,
+            })
+            .map(|(n, _)| n)
+            .collect()
     });
     apply_defaults(defaults, &stale);
     for (n, v) in startup {
-        s::switch_setting(n, v, true);
+        // What the pooler's agent (in no database) could not check, e.g. a
+        // default_text_search_config or default_tablespace that does not
+        // exist, is refused here at the client's first query with the
+        // server's FATAL (22023), where the server refuses the login; a
+        // direct login would not have it otherwise. Not temp_buffers,
+        // refused only because this backend used temporary tables for
+        // another client (a WARNING in the server log, as later).
+        let refuse = session_start && !n.eq_ignore_ascii_case("temp_buffers");
+        s::switch_setting(n, v, true, refuse);
     }
-    STARTUP_SET.with(|set| *set.borrow_mut() = startup.iter().map(|(n, _)| n.to_ascii_lowercase()).collect());
+    STARTUP_SET.with(|set| *set.borrow_mut() = startup.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.clone())).collect());
     for (n, v) in settings {
         // A role (or session authorization) that cannot be set again here
         // (revoked from the login, or dropped, since the client set it)
         // would leave the client running with its login's privileges: its
         // session ends instead (a direct session keeps the role; README).
-        if !s::switch_setting(n, v, false) && (n == "role" || n == "session_authorization") {
+        if !s::switch_setting(n, v, false, false) && (n == "role" || n == "session_authorization") {
             fatal(&format!("{n} \"{v}\" of this session could not be restored"));
         }
     }

@@ -1603,13 +1603,40 @@ ng_switch_begin(bool discard, NgError *err)
 }
 
 /*
+ * Ends the session with the ERROR being handled, as a FATAL with all its
+ * fields (a login the server would have refused).  What the client sent
+ * meanwhile (its first query, not read yet) is read and dropped first: a
+ * socket closed with input unread sends a reset, which can reach the client
+ * ahead of the FATAL, so that it would see only a lost connection.
+ */
+static void
+refuse_session(MemoryContext cxt)
+{
+	ErrorData  *edata;
+	char		buf[8192];
+
+	MemoryContextSwitchTo(cxt);
+	edata = CopyErrorData();
+	FlushErrorState();
+	for (int i = 0; i < 1024; i++)
+	{
+		if (recv(MyProcPort->sock, buf, sizeof(buf), MSG_DONTWAIT) <= 0)
+			break;
+	}
+	edata->elevel = FATAL;
+	ThrowErrorData(edata);
+	pg_unreachable();
+}
+
+/*
  * One setting, as the startup packet (source "client") or SET (source
- * "session") would make it.  A bad value warns, as it would for the client.
+ * "session") would make it.  A bad value warns, as it would for the client,
+ * or with `refuse` ends the session with the server's own FATAL.
  * False when it was not applied (the caller ends the session when that was
  * its role: see session.rs full_switch).
  */
 bool
-ng_switch_setting(const char *name, const char *value, bool from_startup)
+ng_switch_setting(const char *name, const char *value, bool from_startup, bool refuse)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	int			by_context = -1;
@@ -1658,10 +1685,12 @@ ng_switch_setting(const char *name, const char *value, bool from_startup)
 										from_startup ? (su ? PGC_SU_BACKEND : PGC_BACKEND)
 										: (su ? PGC_SUSET : PGC_USERSET),
 										from_startup ? PGC_S_CLIENT : PGC_S_SESSION,
-										GUC_ACTION_SET, true, WARNING, false);
+										GUC_ACTION_SET, true, refuse ? ERROR : WARNING, false);
 	}
 	PG_CATCH();
 	{
+		if (refuse)
+			refuse_session(cxt);
 		MemoryContextSwitchTo(cxt);
 		FlushErrorState();
 		applied = 0;

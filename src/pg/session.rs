@@ -11,7 +11,7 @@ extern "C" {
     fn ng_take_statements(len: *mut c_int) -> *mut c_char;
     fn ng_free(p: *mut c_char);
     fn ng_switch_begin(discard: bool, err: *mut NgError) -> bool;
-    fn ng_switch_setting(name: *const c_char, value: *const c_char, from_startup: bool) -> bool;
+    fn ng_switch_setting(name: *const c_char, value: *const c_char, from_startup: bool, refuse: bool) -> bool;
     fn ng_create_statement(
         name: *const c_char,
         text: *const c_char,
@@ -183,11 +183,13 @@ pub fn switch_begin(discard: bool) -> Result<(), Box<NgError>> {
 }
 
 /// Applies one setting as the startup packet (`from_startup`) or SET would;
-/// a bad value warns, as it would for the client. False when it was not
-/// applied.
-pub fn switch_setting(name: &str, value: &str, from_startup: bool) -> bool {
+/// a bad value warns, as it would for the client, or with `refuse` ends the
+/// session with the server's FATAL (a startup setting at the client's first
+/// attach, which the server would have refused at its login). False when it
+/// was not applied.
+pub fn switch_setting(name: &str, value: &str, from_startup: bool, refuse: bool) -> bool {
     let (n, v) = (cstring(name), cstring(value));
-    unsafe { ng_switch_setting(n.as_ptr(), v.as_ptr(), from_startup) }
+    unsafe { ng_switch_setting(n.as_ptr(), v.as_ptr(), from_startup, refuse) }
 }
 
 /// Creates one of the client's statements on this backend, unanalyzed: the

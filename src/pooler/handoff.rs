@@ -89,19 +89,14 @@ impl Pooler {
         if let Some(f) = failed {
             return self.client_fatal_fields(key, &f);
         }
-        // Told its ParameterStatus once the pool's values are known and
-        // the settings copy has caught up with committed changes.
-        let unread = known && self.conf_unread();
         let Some(c) = self.client(key) else { return };
-        if known && !unread {
-            self.client_login_complete(key);
+        if known {
+            self.client_login_when_current(key);
         } else {
             c.phase = Phase::LoginPending { since: Instant::now() };
             self.pools[pool].login_pending.push(key);
             self.client_rearm(key);
-            if !known {
-                self.pool_maybe_grow(pool);
-            }
+            self.pool_maybe_grow(pool);
         }
         self.sync_pool(pool);
     }
@@ -171,7 +166,7 @@ impl Pooler {
 
     /// ParameterStatus (the pool's fresh-session values, overridden by the
     /// client's own startup settings), BackendKeyData, ReadyForQuery.
-    fn client_login_complete(&mut self, key: usize) {
+    pub fn client_login_complete(&mut self, key: usize) {
         let Some(c) = self.client(key) else { return };
         let Some(pool) = c.pool else { return };
         let minor = c.proto_minor;
@@ -286,17 +281,24 @@ impl Pooler {
         as_sent(params, &normalized)
     }
 
-    /// The pool's first backend reported its session values, or the
-    /// settings reader a committed change started has copied it
-    /// (`conf_unread`). Logins wait for both.
+    /// The pool's first backend reported its session values.
     pub fn pool_params_known(&mut self, pool: usize) {
-        if self.pools.get(pool).is_none_or(|p| p.params.is_none()) || self.conf_unread() {
-            return;
-        }
         let pending = std::mem::take(&mut self.pools[pool].login_pending);
         for k in pending {
-            self.client_login_complete(k);
+            self.client_login_when_current(k);
         }
+    }
+
+    /// Completes a login whose pool's values are known, once the settings
+    /// copy has read what was committed before it (`conf_hold`; meanwhile
+    /// it stays LoginPending, outside the pool's `login_pending`).
+    fn client_login_when_current(&mut self, key: usize) {
+        if !self.conf_hold(key) {
+            return self.client_login_complete(key);
+        }
+        let Some(c) = self.client(key) else { return };
+        c.phase = Phase::LoginPending { since: Instant::now() };
+        self.client_rearm(key);
     }
 
     /// An idle client sent something: give it a backend or queue it.

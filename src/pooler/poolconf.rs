@@ -34,6 +34,9 @@ use std::time::{Duration, Instant};
 /// A reader that has not reported within this long is given up on (and a
 /// new one started): e.g. its database was dropped under it.
 const READER_PATIENCE: Duration = Duration::from_secs(10);
+/// The longest a login waits for the settings copy to catch up with a
+/// committed change (`conf_hold`).
+const HOLD_AT_MOST: Duration = Duration::from_secs(2);
 /// Pause before another reader after one that failed.
 const READER_RETRY: Duration = Duration::from_secs(1);
 /// How often a pending reader's end is asked of the agent.
@@ -62,9 +65,11 @@ pub struct ConfState {
     pub reported_cut: Vec<Cut>,
     /// `Header::conf_changes` the last reader was started for.
     seen_changes: u64,
-    /// The running reader was started for a committed change (not a
-    /// reload's or a standby's re-read, nor a retry).
-    change_reader: bool,
+    /// `Header::conf_changes` when the running reader started.
+    reader_changes: u64,
+    /// `Header::conf_changes` the copy in use has read (its reader started
+    /// after them).
+    covered: u64,
     /// `Header::conf_gen` of `entries` (0: none read yet).
     applied_gen: u64,
     /// A read is due (pooler start, or a change since the last reader began).
@@ -76,9 +81,10 @@ pub struct ConfState {
     reader_polled: Option<Instant>,
     not_before: Option<Instant>,
     failing: bool,
-    /// A login waited for a reader (`conf_unread`): pools' pending logins
-    /// are completed once it is done.
-    logins_held: bool,
+    /// Logins waiting for a copy that has read the changes committed before
+    /// they arrived (`conf_hold`): client key, client id, that change count,
+    /// since when.
+    held: Vec<(usize, u64, u64, Instant)>,
     /// When a re-read was last asked for without a change notice.
     last_reread: Option<Instant>,
 }
@@ -153,7 +159,7 @@ pub extern "C-unwind" fn nextgres_conf_reader_main(arg: pg_sys::Datum) {
             if !t.conf_write(&data) {
                 log::warn!("nextgres: pg_db_role_setting has more nextgres.* items than fit ({} bytes); the rest are ignored, and logins report the values of their pool's backends", crate::shmem::CONF_LEN);
             }
-            // Logins may be waiting for this copy (`conf_unread`).
+            // Logins may be waiting for this copy (`conf_hold`).
             t.wake_pooler();
         }
         Err(e) => log::warn!("nextgres: could not read pg_db_role_setting: {e}"),
@@ -349,6 +355,9 @@ impl Pooler {
                 });
             if done || started.elapsed() > READER_PATIENCE {
                 let read = self.conf.applied_gen != *gen0;
+                if read {
+                    self.conf.covered = self.conf.covered.max(self.conf.reader_changes);
+                }
                 if !read {
                     // Failed (its log line says why): try again, not in a loop.
                     self.conf.wanted = true;
@@ -360,30 +369,39 @@ impl Pooler {
         if self.conf.wanted && self.conf.reader.is_none() && self.conf.not_before.is_none_or(|t| Instant::now() >= t) {
             self.pool_conf_start_reader(changes);
         }
-        if self.conf.logins_held && !self.conf_unread() {
-            self.conf.logins_held = false;
-            let keys: Vec<usize> = self.pools.iter().filter(|(_, p)| !p.login_pending.is_empty()).map(|(k, _)| k).collect();
-            for k in keys {
-                self.pool_params_known(k);
+        if !self.conf.held.is_empty() {
+            let (covered, failing) = (self.conf.covered, self.conf.failing);
+            let (due, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.conf.held)
+                .into_iter()
+                .partition(|&(_, _, target, since)| covered >= target || failing || since.elapsed() >= HOLD_AT_MOST);
+            self.conf.held = wait;
+            for (key, id, _, _) in due {
+                if self.client(key).is_some_and(|c| c.id == id && matches!(c.phase, super::client::Phase::LoginPending { .. })) {
+                    self.client_login_complete(key);
+                }
             }
         }
     }
 
     /// A committed ALTER ROLE / DATABASE ... SET (or RESET, rename, drop)
-    /// is not yet in the copy: a login now would be told the values from
-    /// before it, where a direct login made after the commit gets the new
-    /// ones (a `standard_conforming_strings` told `on` while the session
-    /// has `off` misleads a client's escaping). Such logins wait in
-    /// `login_pending` for the reader (tens of milliseconds; at most
-    /// `READER_PATIENCE`), unless readers fail to start (then they report
-    /// from the copy as it is, rather than wait for ever). One atomic load
-    /// when nothing changed.
-    pub fn conf_unread(&mut self) -> bool {
-        let pending = !self.conf.failing
-            && (self.tables.header().conf_changes.load(Ordering::SeqCst) != self.conf.seen_changes
-                || (self.conf.reader.is_some() && self.conf.change_reader));
-        self.conf.logins_held |= pending;
-        pending
+    /// not yet in the copy: a login now would be told the values from before
+    /// it, where a direct login made after the commit gets the new ones (a
+    /// `standard_conforming_strings` told `on` while the session has `off`
+    /// misleads a client's escaping). Such a login (its pool's values
+    /// known) waits for a copy read after the changes counted so far, and
+    /// no later ones: a role that commits ALTER ROLE itself SET in a loop
+    /// delays each login by a reader's run or two (tens of milliseconds),
+    /// not for as long as it goes on. At most [`HOLD_AT_MOST`], and not
+    /// while readers fail to start. False (told now) when the copy is
+    /// current: one atomic load.
+    pub fn conf_hold(&mut self, key: usize) -> bool {
+        let changes = self.tables.header().conf_changes.load(Ordering::SeqCst);
+        if changes == self.conf.covered || self.conf.failing {
+            return false;
+        }
+        let Some(id) = self.client(key).map(|c| c.id) else { return false };
+        self.conf.held.push((key, id, changes, Instant::now()));
+        true
     }
 
     /// Has pg_db_role_setting read again: at a reload, and every
@@ -407,7 +425,7 @@ impl Pooler {
     fn pool_conf_start_reader(&mut self, changes: u64) {
         match super::agent::reader_start() {
             Ok(()) => {
-                self.conf.change_reader = changes != self.conf.seen_changes;
+                self.conf.reader_changes = changes;
                 self.conf.seen_changes = changes;
                 self.conf.wanted = false;
                 self.conf.failing = false;
