@@ -148,6 +148,16 @@ thread_local! {
     static STARTUP_SET: RefCell<Vec<(String, String)>> = const { RefCell::new(Vec::new()) };
 }
 
+/// A startup setting of the login's own transaction (transaction_isolation,
+/// transaction_read_only, transaction_deferrable: every later transaction
+/// starts from the default_transaction_* ones), which the pooler's login
+/// has not: a direct session keeps nothing of it, so it is not applied.
+/// Applied, it stayed for the next client, whose switch could not reset it
+/// ("parameter ... cannot be reset", a WARNING sent to that client).
+fn login_transaction_only(name: &str) -> bool {
+    ["transaction_isolation", "transaction_read_only", "transaction_deferrable"].iter().any(|t| name.eq_ignore_ascii_case(t))
+}
+
 /// Settings whose new value is merged with the one in force (guc.c
 /// check_datestyle keeps the style or the field order a value leaves out).
 const MERGING: [&str; 1] = ["datestyle"];
@@ -431,7 +441,7 @@ fn full_switch(startup: &[(String, String)], settings: &[(String, String)], defa
             .collect()
     });
     apply_defaults(defaults, &stale);
-    for (n, v) in startup {
+    for (n, v) in startup.iter().filter(|(n, _)| !login_transaction_only(n)) {
         // What the pooler's agent (in no database) could not check, e.g. a
         // default_text_search_config or default_tablespace that does not
         // exist, is refused here at the client's first query with the
@@ -442,7 +452,9 @@ fn full_switch(startup: &[(String, String)], settings: &[(String, String)], defa
         let refuse = session_start && !n.eq_ignore_ascii_case("temp_buffers");
         s::switch_setting(n, v, true, refuse);
     }
-    STARTUP_SET.with(|set| *set.borrow_mut() = startup.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.clone())).collect());
+    STARTUP_SET.with(|set| {
+        *set.borrow_mut() = startup.iter().filter(|(n, _)| !login_transaction_only(n)).map(|(n, v)| (n.to_ascii_lowercase(), v.clone())).collect()
+    });
     for (n, v) in settings {
         // A role (or session authorization) that cannot be set again here
         // (revoked from the login, or dropped, since the client set it)
