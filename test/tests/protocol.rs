@@ -768,18 +768,7 @@ fn login_parameter_status_follows_later_changes() {
     let pg = Cluster::builder().conf("nextgres.pool_size = 2").start();
     exec(&pg, "CREATE ROLE app LOGIN");
     exec(&pg, "CREATE ROLE boss LOGIN SUPERUSER");
-    let login = |direct: bool, user: &str| {
-        let params = [("user", user), ("database", "postgres")];
-        let (msgs, _) = if direct {
-            let path = pg.socket_dir().join(format!(".s.PGSQL.{}", pg.port()));
-            let mut s = UnixStream::connect(&path).expect("unix connect");
-            s.set_read_timeout(Some(Duration::from_secs(20))).expect("read timeout");
-            raw_startup(&mut s, &params)
-        } else {
-            raw_startup(&mut tcp_stream(pg.port()), &params)
-        };
-        parameter_status(&msgs)
-    };
+    let login = |direct: bool, user: &str| login_report(&pg, direct, user);
     // Both pools have backends, logged in with the defaults of now.
     for user in ["app", "boss"] {
         let mut c = pg.tcp(user, "postgres").connect().expect("pooled client");
@@ -813,6 +802,21 @@ fn login_parameter_status_follows_later_changes() {
     assert_eq!(login(false, "boss"), login(true, "boss"), "boss after NOSUPERUSER");
 }
 
+/// The ParameterStatus values of a login of `user` to database postgres,
+/// directly (the server's socket) or through the pooler.
+fn login_report(pg: &Cluster, direct: bool, user: &str) -> std::collections::BTreeMap<String, String> {
+    let params = [("user", user), ("database", "postgres")];
+    let (msgs, _) = if direct {
+        let path = pg.socket_dir().join(format!(".s.PGSQL.{}", pg.port()));
+        let mut s = UnixStream::connect(&path).expect("unix connect");
+        s.set_read_timeout(Some(Duration::from_secs(20))).expect("read timeout");
+        raw_startup(&mut s, &params)
+    } else {
+        raw_startup(&mut tcp_stream(pg.port()), &params)
+    };
+    parameter_status(&msgs)
+}
+
 /// Any role may give itself a setting larger than the pooler's copy of
 /// pg_db_role_setting holds (`ALTER ROLE alice SET search_path` of 260 kB).
 /// That leaves only alice's logins without values computed from the copy:
@@ -825,18 +829,7 @@ fn login_parameter_status_follows_later_changes() {
 fn one_roles_outsized_setting_leaves_other_logins_reports_right() {
     let pg = Cluster::builder().conf("nextgres.pool_size = 2").start();
     exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE bob LOGIN; CREATE ROLE alice LOGIN; CREATE ROLE carol LOGIN");
-    let login = |direct: bool, user: &str| {
-        let params = [("user", user), ("database", "postgres")];
-        let (msgs, _) = if direct {
-            let path = pg.socket_dir().join(format!(".s.PGSQL.{}", pg.port()));
-            let mut s = UnixStream::connect(&path).expect("unix connect");
-            s.set_read_timeout(Some(Duration::from_secs(20))).expect("read timeout");
-            raw_startup(&mut s, &params)
-        } else {
-            raw_startup(&mut tcp_stream(pg.port()), &params)
-        };
-        parameter_status(&msgs)
-    };
+    let login = |direct: bool, user: &str| login_report(&pg, direct, user);
     // bob's and carol's pools log in their backends with the defaults of now.
     for user in ["bob", "carol"] {
         let mut c = pg.tcp(user, "postgres").connect().expect("pooled client");

@@ -47,6 +47,18 @@ fn one_backend() -> nextgres_test::Builder {
     Cluster::builder().conf("nextgres.pool_size = 1").conf("nextgres.query_wait_timeout = 20")
 }
 
+/// `steps(a, b, pooled)` played by two clients of role `user`: directly
+/// (the server's socket), then through the pooler. (direct, pooled).
+fn direct_then_pooled<T>(pg: &Cluster, user: &str, steps: impl Fn(&mut Client, &mut Client, bool) -> T) -> (T, T) {
+    let play = |ci: &dyn Fn() -> ConnInfo, pooled: bool| {
+        let mut a = ci().connect().expect("client a");
+        let mut b = ci().connect().expect("client b");
+        steps(&mut a, &mut b, pooled)
+    };
+    let direct = play(&|| pg.unix(user, "postgres"), false);
+    (direct, play(&|| pg.tcp(user, "postgres"), true))
+}
+
 const SETUP: &str = "
     CREATE EXTENSION nextgres;
     CREATE ROLE app LOGIN;
@@ -657,51 +669,39 @@ fn role_revoked_or_dropped_ends_the_session_that_set_it() {
 /// and lost at the first switch). B never sees them.
 #[test]
 fn superuser_only_settings_a_session_got_by_right_stay_with_it() {
-    run(
-        one_backend(),
-        SETUP,
-        LIMIT,
-        |pg| {
-            pg.admin()
-                .batch_execute(
-                    "CREATE FUNCTION public.sd_set(n text, v text) RETURNS text LANGUAGE sql SECURITY DEFINER
-                         AS $$ SELECT pg_catalog.set_config(n, v, false) $$;
-                     GRANT EXECUTE ON FUNCTION public.sd_set(text, text) TO PUBLIC;
-                     CREATE ROLE granted NOLOGIN;
-                     GRANT SET ON PARAMETER log_min_duration_statement TO granted;
-                     CREATE ROLE plain LOGIN NOINHERIT;
-                     GRANT granted TO plain;",
-                )
-                .expect("setup");
-            let probe = "SELECT concat_ws('|', current_setting('session_replication_role'), current_setting('log_statement'), \
-                         current_setting('log_min_duration_statement'), current_user)";
-            let steps = |a: &mut Client, b: &mut Client, pooled: bool| -> Vec<String> {
-                one(a, "SELECT public.sd_set('session_replication_role', 'replica')");
-                one(a, "SELECT public.sd_set('log_statement', 'all')");
-                a.batch_execute("SET ROLE granted; SET log_min_duration_statement = 12345; RESET ROLE").expect("granted set");
-                let mut seen = vec![one(a, probe)];
-                for i in 0..3 {
-                    b.batch_execute(&format!("SET work_mem = '{}MB'", 3 + i)).expect("b set");
-                    if pooled {
-                        assert_eq!(pid_of(a), pid_of(b), "one backend");
-                    }
-                    seen.push(one(a, probe));
-                    seen.push(format!("B: {}", one(b, probe)));
+    run(one_backend(), SETUP, LIMIT, |pg| {
+        pg.admin()
+            .batch_execute(
+                "CREATE FUNCTION public.sd_set(n text, v text) RETURNS text LANGUAGE sql SECURITY DEFINER
+                     AS $$ SELECT pg_catalog.set_config(n, v, false) $$;
+                 GRANT EXECUTE ON FUNCTION public.sd_set(text, text) TO PUBLIC;
+                 CREATE ROLE granted NOLOGIN;
+                 GRANT SET ON PARAMETER log_min_duration_statement TO granted;
+                 CREATE ROLE plain LOGIN NOINHERIT;
+                 GRANT granted TO plain;",
+            )
+            .expect("setup");
+        let probe = "SELECT concat_ws('|', current_setting('session_replication_role'), current_setting('log_statement'), \
+                     current_setting('log_min_duration_statement'), current_user)";
+        let steps = |a: &mut Client, b: &mut Client, pooled: bool| -> Vec<String> {
+            one(a, "SELECT public.sd_set('session_replication_role', 'replica')");
+            one(a, "SELECT public.sd_set('log_statement', 'all')");
+            a.batch_execute("SET ROLE granted; SET log_min_duration_statement = 12345; RESET ROLE").expect("granted set");
+            let mut seen = vec![one(a, probe)];
+            for i in 0..3 {
+                b.batch_execute(&format!("SET work_mem = '{}MB'", 3 + i)).expect("b set");
+                if pooled {
+                    assert_eq!(pid_of(a), pid_of(b), "one backend");
                 }
-                seen
-            };
-            let direct = {
-                let mut a = pg.unix("plain", "postgres").connect().expect("direct a");
-                let mut b = pg.unix("plain", "postgres").connect().expect("direct b");
-                steps(&mut a, &mut b, false)
-            };
-            assert_eq!(direct[0], "replica|all|12345ms|plain", "direct: {direct:?}");
-            let mut a = pg.tcp("plain", "postgres").connect().expect("a");
-            let mut b = pg.tcp("plain", "postgres").connect().expect("b");
-            let pooled = steps(&mut a, &mut b, true);
-            assert_eq!(pooled, direct, "pooled differs from direct");
-        },
-    );
+                seen.push(one(a, probe));
+                seen.push(format!("B: {}", one(b, probe)));
+            }
+            seen
+        };
+        let (direct, pooled) = direct_then_pooled(pg, "plain", steps);
+        assert_eq!(direct[0], "replica|all|12345ms|plain", "direct: {direct:?}");
+        assert_eq!(pooled, direct, "pooled differs from direct");
+    });
 }
 
 /// A client's application_name (which every role may read in
@@ -1740,15 +1740,9 @@ fn prepared_statements_read_through_a_view_after_a_switch() {
             a.batch_execute("DEALLOCATE ALL").expect("deallocate");
             seen
         };
-        let direct = {
-            let mut a = pg.unix("app", "postgres").connect().expect("direct a");
-            let mut b = pg.unix("app", "postgres").connect().expect("direct b");
-            steps(&mut a, &mut b)
-        };
+        let (direct, pooled) = direct_then_pooled(pg, "app", |a, b, _| steps(a, b));
         assert_eq!(direct, vec!["a1,a2", "a1,a2"], "direct");
-        let mut a = pg.tcp("app", "postgres").connect().expect("a");
-        let mut b = pg.tcp("app", "postgres").connect().expect("b");
-        assert_eq!(steps(&mut a, &mut b), direct, "pooled");
+        assert_eq!(pooled, direct, "pooled");
     });
 }
 
@@ -1781,15 +1775,8 @@ fn statements_created_at_once_keep_their_result_columns() {
             }
             seen
         };
-        let direct = {
-            let mut a = pg.unix("app", "postgres").connect().expect("direct a");
-            let mut b = pg.unix("app", "postgres").connect().expect("direct b");
-            steps(&mut a, &mut b)
-        };
+        let (direct, pooled) = direct_then_pooled(pg, "app", |a, b, _| steps(a, b));
         assert!(direct.iter().all(|l| !l.contains("NULL")), "direct: {direct:?}");
-        let mut a = pg.tcp("app", "postgres").connect().expect("a");
-        let mut b = pg.tcp("app", "postgres").connect().expect("b");
-        let pooled = steps(&mut a, &mut b);
         assert_eq!(pooled, direct);
     });
 }
