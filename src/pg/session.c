@@ -13,7 +13,6 @@
 #include "access/stratnum.h"
 #include "access/table.h"
 #include "access/xact.h"
-#include "utils/snapmgr.h"
 #include "catalog/namespace.h"
 #include "catalog/objectaccess.h"
 #include "catalog/pg_authid.h"
@@ -60,6 +59,7 @@
 #include "utils/plancache.h"
 #include "utils/portal.h"
 #include "utils/rel.h"
+#include "utils/snapmgr.h"
 #include "utils/syscache.h"
 #include "utils/tuplestore.h"
 
@@ -1605,9 +1605,9 @@ ng_switch_begin(bool discard, NgError *err)
 /*
  * Ends the session with the ERROR being handled, as a FATAL with all its
  * fields (a login the server would have refused).  What the client sent
- * meanwhile (its first query, not read yet) is read and dropped first: a
- * socket closed with input unread sends a reset, which can reach the client
- * ahead of the FATAL, so that it would see only a lost connection.
+ * meanwhile (its first query, not read yet) is read and dropped first, so
+ * that the socket does not close with input unread (which sends a reset
+ * rather than an orderly end after the FATAL).
  */
 static void
 refuse_session(MemoryContext cxt)
