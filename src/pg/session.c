@@ -1635,10 +1635,12 @@ refuse_session(MemoryContext cxt)
  * False when it was not applied (the caller ends the session when that was
  * its role: see session.rs full_switch).
  */
+static bool switch_setting(const char *name, const char *value, bool from_startup,
+							bool refuse, int by_context, Oid by_role);
+
 bool
 ng_switch_setting(const char *name, const char *value, bool from_startup, bool refuse)
 {
-	MemoryContext cxt = CurrentMemoryContext;
 	int			by_context = -1;
 	unsigned	by_role = 0;
 
@@ -1659,8 +1661,17 @@ ng_switch_setting(const char *name, const char *value, bool from_startup, bool r
 
 		if (end == NULL || sscanf(name + 1, "%d/%u", &by_context, &by_role) != 2)
 			return false;
-		name = end + 1;
+		return switch_setting(end + 1, value, false, false, by_context, (Oid) by_role);
 	}
+	return switch_setting(name, value, from_startup, refuse, -1, InvalidOid);
+}
+
+/* ng_switch_setting() once the name is plain; by_context -1: no mark. */
+static bool
+switch_setting(const char *name, const char *value, bool from_startup,
+			   bool refuse, int by_context, Oid by_role)
+{
+	MemoryContext cxt = CurrentMemoryContext;
 
 	/*
 	 * Every setting here was accepted in this client's session, under its
@@ -1678,7 +1689,7 @@ ng_switch_setting(const char *name, const char *value, bool from_startup, bool r
 
 		if (by_context >= 0)
 			applied = set_config_option_ext(name, value, (GucContext) by_context,
-											PGC_S_SESSION, (Oid) by_role,
+											PGC_S_SESSION, by_role,
 											GUC_ACTION_SET, true, WARNING, false);
 		else
 			applied = set_config_option(name, value,
