@@ -441,7 +441,8 @@ fn full_switch(startup: &[(String, String)], settings: &[(String, String)], defa
             .collect()
     });
     apply_defaults(defaults, &stale);
-    for (n, v) in startup.iter().filter(|(n, _)| !login_transaction_only(n)) {
+    let startup: Vec<&(String, String)> = startup.iter().filter(|(n, _)| !login_transaction_only(n)).collect();
+    for (n, v) in startup.iter().copied() {
         // What the pooler's agent (in no database) could not check, e.g. a
         // default_text_search_config or default_tablespace that does not
         // exist, is refused here at the client's first query with the
@@ -452,9 +453,7 @@ fn full_switch(startup: &[(String, String)], settings: &[(String, String)], defa
         let refuse = session_start && !n.eq_ignore_ascii_case("temp_buffers");
         s::switch_setting(n, v, true, refuse);
     }
-    STARTUP_SET.with(|set| {
-        *set.borrow_mut() = startup.iter().filter(|(n, _)| !login_transaction_only(n)).map(|(n, v)| (n.to_ascii_lowercase(), v.clone())).collect()
-    });
+    STARTUP_SET.with(|set| *set.borrow_mut() = startup.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.clone())).collect());
     for (n, v) in settings {
         // A role (or session authorization) that cannot be set again here
         // (revoked from the login, or dropped, since the client set it)

@@ -2559,11 +2559,16 @@ ng_validate_in_xact(void *arg)
 	 * transaction_deferrable are refused with its 25001 "... must be called
 	 * before any query" (variable.c check hooks test FirstSnapshotSet).
 	 * Both are undone by the rollback.  18's InitPostgres() takes no
-	 * snapshot there, and accepts them.
+	 * snapshot there, and accepts them.  Only for the transaction_*
+	 * settings, whose check hooks are the ones that look: a snapshot (a
+	 * scan of the proc array) per setting of every login is not free.
 	 */
 #if PG_VERSION_NUM < 180000
-	XactIsoLevel = XACT_READ_COMMITTED;
-	(void) GetTransactionSnapshot();
+	if (g && pg_strncasecmp(g->name, "transaction_", 12) == 0)
+	{
+		XactIsoLevel = XACT_READ_COMMITTED;
+		(void) GetTransactionSnapshot();
+	}
 #endif
 	report = g && (g->flags & GUC_REPORT) && a->shown_len > 0 &&
 		pg_strcasecmp(g->name, "role") != 0 &&

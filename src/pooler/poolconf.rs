@@ -65,8 +65,6 @@ pub struct ConfState {
     pub reported_cut: Vec<Cut>,
     /// `Header::conf_changes` the last reader was started for.
     seen_changes: u64,
-    /// `Header::conf_changes` when the running reader started.
-    reader_changes: u64,
     /// `Header::conf_changes` the copy in use has read (its reader started
     /// after them).
     covered: u64,
@@ -356,7 +354,7 @@ impl Pooler {
             if done || started.elapsed() > READER_PATIENCE {
                 let read = self.conf.applied_gen != *gen0;
                 if read {
-                    self.conf.covered = self.conf.covered.max(self.conf.reader_changes);
+                    self.conf.covered = self.conf.covered.max(self.conf.seen_changes);
                 }
                 if !read {
                     // Failed (its log line says why): try again, not in a loop.
@@ -425,7 +423,6 @@ impl Pooler {
     fn pool_conf_start_reader(&mut self, changes: u64) {
         match super::agent::reader_start() {
             Ok(()) => {
-                self.conf.reader_changes = changes;
                 self.conf.seen_changes = changes;
                 self.conf.wanted = false;
                 self.conf.failing = false;

@@ -159,12 +159,8 @@ impl Pooler {
                 _ => None,
             }).collect()
         });
-        let idle = |bk: usize| match self.conns.get(bk) {
-            Some(Conn::Backend(b)) => self.tables.kq_backend(b.row).is_some_and(|h| h.idle_since.load(std::sync::atomic::Ordering::Relaxed) != 0),
-            _ => false,
-        };
         free.sort_by_key(|&bk| {
-            let idle = idle(bk);
+            let idle = self.kq_waits_idle(bk);
             (!(idle && last.contains(&bk)), !idle)
         });
         for bk in free.into_iter().take(waiting.saturating_sub(asked)) {
@@ -209,12 +205,16 @@ impl Pooler {
     /// client and is not closing yet: one the limits may close.
     pub fn kq_idle_lent(&self, pool: usize) -> Option<usize> {
         let q = self.kq.pools.get(&pool)?;
-        q.lent.iter().copied().find(|&bk| match self.conns.get(bk) {
-            Some(Conn::Backend(b)) if !b.kq_close => {
-                self.tables.kq_backend(b.row).is_some_and(|h| h.idle_since.load(std::sync::atomic::Ordering::Relaxed) != 0)
-            }
+        q.lent.iter().copied().find(|&bk| !self.kq_closing(bk) && self.kq_waits_idle(bk))
+    }
+
+    /// Does lent backend `bk` wait on its queue with no client
+    /// (`shmem::KqBackend::idle_since` set)?
+    fn kq_waits_idle(&self, bk: usize) -> bool {
+        match self.conns.get(bk) {
+            Some(Conn::Backend(b)) => self.tables.kq_backend(b.row).is_some_and(|h| h.idle_since.load(std::sync::atomic::Ordering::Relaxed) != 0),
             _ => false,
-        })
+        }
     }
 
     /// A backend lent to pool `pool`'s queue that is not closing yet, busy
