@@ -186,6 +186,7 @@ unsafe extern "C" fn putmessage(msgtype: c_char, s: *const c_char, len: usize) -
         match msgtype as u8 {
             b'Z' if len == 1 => {
                 PENDING_READY.store(*s as u8 as u16, Relaxed);
+                crate::pg::session::note_ready();
                 let now = crate::pg::shmem::now();
                 let start = CYCLE_START.load(Relaxed);
                 CYCLE_START.store(NO_CYCLE, Relaxed);
@@ -198,6 +199,7 @@ unsafe extern "C" fn putmessage(msgtype: c_char, s: *const c_char, len: usize) -
             b'1' => {
                 PARSED.store(true, Relaxed);
                 UNBOUND.store(true, Relaxed);
+                crate::pg::session::note_parse_complete();
                 crate::pg::session::note_statement_messages()
             }
             b'2' => UNBOUND.store(false, Relaxed),

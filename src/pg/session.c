@@ -36,6 +36,7 @@
 #include "nodes/parsenodes.h"
 #include "parser/analyze.h"
 #include "parser/parse_node.h"
+#include "parser/parse_param.h"
 #include "parser/parser.h"
 #include "port/pg_bswap.h"
 #include "postmaster/postmaster.h"
@@ -161,6 +162,11 @@ void		ng_set_pooled_backend(bool on);
 static bool cancel_armed = false;
 static int	creating_statement = 0;
 
+/* Parse analysis under a statement's own settings (see analysis_gucs). */
+static int	analysis_nest = 0;
+static void analysis_done(void);
+static struct NgAnalysis *analysis_of(CachedPlanSource *src);
+
 extern bool ng_rs_cancel_due(void);
 void		ng_set_cancel_armed(bool on);
 
@@ -253,6 +259,7 @@ ng_post_parse_analyze(ParseState *pstate, Query *query, JumbleState *jstate)
 	cancel_check();
 	if (prev_post_parse_analyze)
 		prev_post_parse_analyze(pstate, query, jstate);
+	analysis_done();
 	if (statements_pending && query->commandType == CMD_UTILITY && query->utilityStmt)
 	{
 		Node	   *n = query->utilityStmt;
@@ -404,6 +411,17 @@ ng_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
 		prev_utility(pstmt, queryString, readOnlyTree, context, params, queryEnv, dest, qc);
 	else
 		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context, params, queryEnv, dest, qc);
+	/*
+	 * A PREPARE analyzed its statement under the settings in force now: noted
+	 * at once, before a later SET in the same transaction changes them.
+	 */
+	if (IsA(n, PrepareStmt))
+	{
+		PreparedStatement *ps = FetchPreparedStatement(((PrepareStmt *) n)->name, false);
+
+		if (ps)
+			(void) analysis_of(ps->plansource);
+	}
 	/* Only once it succeeded (it refuses to run in a transaction block). */
 	if (IsA(n, DiscardStmt) && ((DiscardStmt *) n)->target == DISCARD_ALL && statements_pending)
 		ng_rs_statements_forget();
@@ -574,6 +592,9 @@ ng_xact_callback(XactEvent event, void *arg)
 		unlisten_apply();
 	else if (event == XACT_EVENT_ABORT)
 		unlisten_pending_clear();
+	/* A failed analysis: the abort undid its settings. */
+	if (event == XACT_EVENT_ABORT)
+		analysis_nest = 0;
 }
 
 /*
@@ -586,7 +607,10 @@ ng_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 					SubTransactionId parentSubid, void *arg)
 {
 	if (event == SUBXACT_EVENT_ABORT_SUB)
+	{
 		unlisten_pending_clear();
+		analysis_nest = 0;
+	}
 }
 
 /* Postmaster: install the trackers every backend inherits. */
@@ -1247,6 +1271,203 @@ lexed_with_backslash_escapes(CachedPlanSource *src, const char *text, bool from_
 	return escapes;
 }
 
+/* ------------------------------------------------------------------------
+ * The settings a statement's parse analysis ran under.
+ *
+ * Parse analysis builds some settings into the query it makes: a literal's
+ * type input reads DateStyle, IntervalStyle, TimeZone,
+ * timezone_abbreviations, lc_monetary, array_nulls and xmloption, and
+ * transform_null_equals rewrites `= NULL`.  A direct session keeps the query
+ * its Parse or PREPARE made until an invalidation makes the server analyze
+ * it again, under the settings of that moment.  A statement created again
+ * on another backend is analyzed there at its first use, so each statement
+ * carries the settings its last analysis ran under, those that differ from
+ * the session's reset values (the client's login values, alike on every
+ * backend that serves it), and its first analysis there runs under them.
+ *
+ * The plan cache analyzes a statement again through the statement's
+ * parserSetup hook when it has one (plancache.c RevalidateCachedQuery());
+ * nextgres sets it on the statements it creates, and on the client's own
+ * right after their PREPARE (utility hook) or Parse (its ParseComplete),
+ * noting the settings then.  The hook gives the parser the statement's fixed parameter
+ * types, as the plan cache does without one, then applies the carried
+ * settings (the first analysis of a created statement) or notes the ones in
+ * force (any later analysis).  Applied ones are undone right after the
+ * analysis (post_parse_analyze_hook), or by the abort when it fails.
+ * ------------------------------------------------------------------------ */
+
+static const char *const analysis_gucs[] = {
+	"DateStyle", "IntervalStyle", "TimeZone", "timezone_abbreviations",
+	"lc_monetary", "array_nulls", "xmloption", "transform_null_equals"
+};
+
+/* A statement's analysis settings: its plan source's parserSetupArg. */
+typedef struct NgAnalysis
+{
+	CachedPlanSource *src;
+	bool		pending;		/* apply them at the next analysis */
+	int			count;			/* name\0value\0 pairs in `settings` */
+	char	   *settings;		/* in src->context, NULL when none */
+	int			len;
+} NgAnalysis;
+
+/* g's value as set_config_option() takes it; *at_reset: is it the reset value? */
+static const char *
+guc_value(struct config_generic *g, bool *at_reset)
+{
+	*at_reset = true;
+	switch (g->vartype)
+	{
+		case PGC_BOOL:
+			{
+				struct config_bool *c = (struct config_bool *) g;
+
+				*at_reset = *c->variable == c->reset_val;
+				return *c->variable ? "on" : "off";
+			}
+		case PGC_ENUM:
+			{
+				struct config_enum *c = (struct config_enum *) g;
+
+				*at_reset = *c->variable == c->reset_val;
+				return config_enum_lookup_by_value(c, *c->variable);
+			}
+		case PGC_STRING:
+			{
+				struct config_string *c = (struct config_string *) g;
+				const char *v = *c->variable ? *c->variable : "";
+
+				*at_reset = strcmp(v, c->reset_val ? c->reset_val : "") == 0;
+				return v;
+			}
+		default:
+			return NULL;		/* no such setting in analysis_gucs */
+	}
+}
+
+/* Notes the analysis settings in force now as the statement's. */
+static void
+analysis_note(NgAnalysis *a)
+{
+	StringInfoData buf;
+	MemoryContext old = MemoryContextSwitchTo(a->src->context);
+
+	initStringInfo(&buf);
+	a->count = 0;
+	for (int i = 0; i < lengthof(analysis_gucs); i++)
+	{
+		struct config_generic *g = lookup_guc(analysis_gucs[i]);
+		bool		at_reset;
+		const char *v = g ? guc_value(g, &at_reset) : NULL;
+
+		if (v == NULL || at_reset)
+			continue;
+		appendBinaryStringInfo(&buf, analysis_gucs[i], strlen(analysis_gucs[i]) + 1);
+		appendBinaryStringInfo(&buf, v, strlen(v) + 1);
+		a->count++;
+	}
+	if (a->settings)
+		pfree(a->settings);
+	a->settings = NULL;
+	a->len = 0;
+	if (a->count > 0)
+	{
+		a->settings = buf.data;
+		a->len = buf.len;
+	}
+	else
+		pfree(buf.data);
+	MemoryContextSwitchTo(old);
+}
+
+/* Sets the statement's analysis settings, and the others back to their reset values, for one analysis. */
+static void
+analysis_apply(NgAnalysis *a)
+{
+	for (int i = 0; i < lengthof(analysis_gucs); i++)
+	{
+		struct config_generic *g = lookup_guc(analysis_gucs[i]);
+		const char *want = NULL;	/* NULL: the reset value */
+		const char *p = a->settings;
+		const char *now;
+		bool		at_reset;
+
+		if (g == NULL || (now = guc_value(g, &at_reset)) == NULL)
+			continue;
+		for (int k = 0; k < a->count; k++)
+		{
+			const char *v = p + strlen(p) + 1;
+
+			if (strcmp(p, analysis_gucs[i]) == 0)
+				want = v;
+			p = v + strlen(v) + 1;
+		}
+		if (want == NULL ? at_reset : strcmp(now, want) == 0)
+			continue;
+		if (analysis_nest == 0)
+			analysis_nest = NewGUCNestLevel();
+		/* As a function's SET clause, undone at the nest level's end. */
+		(void) set_config_option(analysis_gucs[i], want, PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_SAVE, true, DEBUG1, false);
+	}
+}
+
+/* The plan cache's call before it analyzes a statement again. */
+static void
+ng_parser_setup(struct ParseState *pstate, void *arg)
+{
+	NgAnalysis *a = (NgAnalysis *) arg;
+
+	if (a->src->num_params > 0)
+		setup_parse_fixed_parameters(pstate, a->src->param_types, a->src->num_params);
+	if (a->pending)
+	{
+		a->pending = false;
+		analysis_apply(a);
+	}
+	else
+		analysis_note(a);
+}
+
+/* After an analysis: undo the settings applied for it. */
+static void
+analysis_done(void)
+{
+	int			nest = analysis_nest;
+
+	if (nest > 0)
+	{
+		analysis_nest = 0;
+		AtEOXact_GUC(true, nest);
+	}
+}
+
+/*
+ * The statement's analysis settings, its parserSetup hook set on first
+ * sight with the settings in force: right after its PREPARE or Parse, the
+ * ones it was analyzed under.  A Parse the ring of ng_note_parse_complete()
+ * missed is first seen when the client's statements are read at its
+ * release, and gets the settings of that moment.  NULL for a statement that
+ * is not analyzed (utility statements, empty text).
+ */
+static struct NgAnalysis *
+analysis_of(CachedPlanSource *src)
+{
+	NgAnalysis *a;
+
+	if (src->parserSetup == ng_parser_setup)
+		return (NgAnalysis *) src->parserSetupArg;
+	if (src->parserSetup != NULL || src->raw_parse_tree == NULL ||
+		!stmt_requires_parse_analysis(src->raw_parse_tree))
+		return NULL;
+	a = MemoryContextAllocZero(src->context, sizeof(NgAnalysis));
+	a->src = src;
+	analysis_note(a);
+	src->parserSetup = ng_parser_setup;
+	src->parserSetupArg = a;
+	return a;
+}
+
 static void
 put_statement(StringInfo out, PreparedStatement *ps)
 {
@@ -1255,6 +1476,8 @@ put_statement(StringInfo out, PreparedStatement *ps)
 	uint32		np = pg_hton32((uint32) src->num_params);
 	int			text_at;
 	bool		whole = false;
+	NgAnalysis *a = analysis_of(src);
+	bool		analysis = a != NULL && a->count > 0;
 
 	put_str(out, ps->stmt_name);
 	text_at = out->len;
@@ -1279,11 +1502,12 @@ put_statement(StringInfo out, PreparedStatement *ps)
 		put_str(out, text);
 	/*
 	 * Flags (control.rs Statement): 1 from_sql, 2 backslash_escapes, 4 an
-	 * SQL-level statement's text is its whole query string.
+	 * SQL-level statement's text is its whole query string, 8 analysis
+	 * settings follow the result columns.
 	 */
 	appendStringInfoChar(out, (ps->from_sql ? 1 : 0) |
 						 (lexed_with_backslash_escapes(src, out->data + text_at, ps->from_sql) ? 2 : 0) |
-						 (whole ? 4 : 0));
+						 (whole ? 4 : 0) | (analysis ? 8 : 0));
 	appendBinaryStringInfo(out, (char *) &np, 4);
 	for (int i = 0; i < src->num_params; i++)
 	{
@@ -1292,6 +1516,13 @@ put_statement(StringInfo out, PreparedStatement *ps)
 		appendBinaryStringInfo(out, (char *) &t, 4);
 	}
 	put_result_desc(out, src->resultDesc);
+	if (analysis)
+	{
+		uint32		n = pg_hton32((uint32) a->count);
+
+		appendBinaryStringInfo(out, (char *) &n, 4);
+		appendBinaryStringInfo(out, a->settings, a->len);
+	}
 }
 
 /*
@@ -1739,6 +1970,56 @@ static bool scan_capturing = false;
 static int	scan_cap_len = 0;
 static char scan_cap[SCAN_CAPTURE];
 
+/*
+ * Parse messages received and not answered yet, in order, with a mark for
+ * each message that ends a cycle with ReadyForQuery (Sync, Query,
+ * FunctionCall): the server answers a cycle's Parse messages in order until
+ * one fails and skips the rest up to that mark, so at each ParseComplete the
+ * first one left is the statement just made (ng_note_parse_complete), and
+ * each ReadyForQuery drops what is left of its cycle (ng_note_ready).  Names
+ * are in the database encoding; an unnamed or unreadable one is "".  Full
+ * or out of step: nothing more is noted until the next attach.
+ */
+#define PARSE_RING 256
+typedef struct ParseSeen
+{
+	bool		cycle_end;
+	char		name[NAMEDATALEN];
+} ParseSeen;
+static ParseSeen parse_ring[PARSE_RING];
+static int	parse_first = 0;
+static int	parse_count = 0;
+static bool parse_lost = false;
+
+static void
+parse_push(const char *name, bool cycle_end)
+{
+	ParseSeen  *e;
+
+	if (parse_lost)
+		return;
+	if (parse_count == PARSE_RING)
+	{
+		parse_lost = true;
+		parse_count = 0;
+		return;
+	}
+	e = &parse_ring[(parse_first + parse_count) % PARSE_RING];
+	e->cycle_end = cycle_end;
+	strlcpy(e->name, name ? name : "", sizeof(e->name));
+	parse_count++;
+}
+
+static ParseSeen *
+parse_pop(void)
+{
+	ParseSeen  *e = &parse_ring[parse_first];
+
+	parse_first = (parse_first + 1) % PARSE_RING;
+	parse_count--;
+	return e;
+}
+
 /* The client was just attached: its next byte starts a message. */
 static void
 scan_reset(void)
@@ -1747,6 +2028,51 @@ scan_reset(void)
 	scan_body_left = 0;
 	scan_capturing = false;
 	scan_cap_len = 0;
+	parse_first = parse_count = 0;
+	parse_lost = false;
+}
+
+/* backend/session.rs attached_again(): a client is attached. */
+void		ng_scan_attach(void);
+void
+ng_scan_attach(void)
+{
+	scan_reset();
+}
+
+/*
+ * ParseComplete: the statement its Parse made was analyzed under the
+ * settings in force now (exec_parse_message() changes none): they are
+ * noted as its own before a later SET changes them.
+ */
+void		ng_note_parse_complete(void);
+void
+ng_note_parse_complete(void)
+{
+	ParseSeen  *e;
+	PreparedStatement *ps;
+
+	if (parse_lost || parse_count == 0 || parse_ring[parse_first].cycle_end)
+	{
+		parse_lost = true;
+		return;
+	}
+	e = parse_pop();
+	if (e->name[0] && hash_table_exists(&prepared_queries_table) &&
+		(ps = FetchPreparedStatement(e->name, false)) != NULL)
+		(void) analysis_of(ps->plansource);
+}
+
+/* ReadyForQuery: the cycle's Parse messages not answered were skipped. */
+void		ng_note_ready(void);
+void
+ng_note_ready(void)
+{
+	while (parse_count > 0)
+	{
+		if (parse_pop()->cycle_end)
+			break;
+	}
 }
 
 /* The name at `off` in the captured body, or NULL when it was cut off. */
@@ -1802,6 +2128,14 @@ scan_message_done(void)
 	if (!scan_capturing)
 		return;
 	scan_capturing = false;
+	if (scan_hdr[0] == 'P')
+	{
+		const char *n = captured_name(0);
+
+		parse_push(n ? client_name(n) : NULL, false);
+		if (!statements_pending)
+			return;
+	}
 	switch (scan_hdr[0])
 	{
 		case 'P':				/* Parse: statement name first */
@@ -1838,7 +2172,7 @@ scan_message_done(void)
 static void
 scan_bytes(const unsigned char *p, size_t len)
 {
-	while (len > 0 && statements_pending)
+	while (len > 0)
 	{
 		if (scan_hdr_have < 5)
 		{
@@ -1856,7 +2190,11 @@ scan_bytes(const unsigned char *p, size_t len)
 				l = pg_ntoh32(l);
 				scan_body_left = l >= 4 ? l - 4 : 0;
 				scan_cap_len = 0;
-				scan_capturing = strchr("PBDC", scan_hdr[0]) != NULL && scan_hdr[0] != '\0';
+				/* Parse always (the ring above), the others while statements are pending. */
+				scan_capturing = scan_hdr[0] == 'P' ||
+					(statements_pending && strchr("BDC", scan_hdr[0]) != NULL && scan_hdr[0] != '\0');
+				if (scan_hdr[0] == 'S' || scan_hdr[0] == 'Q' || scan_hdr[0] == 'F')
+					parse_push(NULL, true);
 				if (scan_body_left == 0)
 				{
 					scan_message_done();
@@ -2062,8 +2400,7 @@ ng_recv(int fd, void *buf, size_t len, int flags)
 	else
 		n = real_recv(fd, buf, len, flags);
 
-	if (n > 0 && statements_pending && !(flags & MSG_PEEK) &&
-		MyProcPort && fd == MyProcPort->sock)
+	if (n > 0 && !(flags & MSG_PEEK) && MyProcPort && fd == MyProcPort->sock)
 		scan_bytes((const unsigned char *) buf, (size_t) n);
 	return n;
 }
@@ -2213,8 +2550,10 @@ ng_patch_executable_got(const char *name, void *fn)
  * (standard_conforming_strings then: `backslash_escapes`), quietly: its
  * literals mean what they meant there, and the lexer's notices, which the
  * client had then, are not sent again.  The analysis at first use runs under
- * the client's settings of that moment (DateStyle, TimeZone, ...), as the
- * server's own revalidation does after an invalidation.
+ * the settings the client's last analysis of it ran under (`analysis`:
+ * `nanalysis` name\0value\0 pairs, see analysis_gucs), so its literals get
+ * the values they got then; any later one under the settings of its moment,
+ * as the server's own revalidation does after an invalidation.
  *
  * On failure (a raw parse that no longer succeeds) the statement is not
  * created and the error is returned.
@@ -2223,7 +2562,7 @@ bool
 ng_create_statement(const char *name, const char *text, bool from_sql,
 					bool backslash_escapes,
 					int nparams, const Oid *params, const char *result, int rlen,
-					NgError *err)
+					const char *analysis, int nanalysis, NgError *err)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	MemoryContext tmp = AllocSetContextCreate(TopMemoryContext, "nextgres statement",
@@ -2327,6 +2666,25 @@ ng_create_statement(const char *name, const char *text, bool from_sql,
 			psrc->resultDesc = result_desc(result, rlen);
 			psrc->is_complete = true;
 			psrc->is_valid = false;
+			/* Its first analysis runs under the settings the client's did. */
+			{
+				NgAnalysis *a = palloc0(sizeof(NgAnalysis));
+				const char *p = analysis;
+
+				a->src = psrc;
+				a->pending = true;
+				for (int k = 0; k < nanalysis * 2; k++)
+					p += strlen(p) + 1;
+				a->count = nanalysis;
+				a->len = (int) (p - analysis);
+				if (a->len > 0)
+				{
+					a->settings = palloc(a->len);
+					memcpy(a->settings, analysis, a->len);
+				}
+				psrc->parserSetup = ng_parser_setup;
+				psrc->parserSetupArg = a;
+			}
 		}
 store:
 		MemoryContextSwitchTo(tmp);
@@ -2378,9 +2736,8 @@ ng_drop_statement(const char *name, NgError *err)
 void
 ng_set_statements_pending(bool pending)
 {
+	/* The scan keeps its place: it restarts only at an attach. */
 	statements_pending = pending;
-	if (pending)
-		scan_reset();
 }
 
 bool

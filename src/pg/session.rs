@@ -6,6 +6,9 @@ use std::ffi::{c_char, c_int};
 extern "C" {
     fn ng_install_session_hooks();
     fn ng_note_statement_messages();
+    fn ng_note_parse_complete();
+    fn ng_note_ready();
+    fn ng_scan_attach();
     fn ng_pin_reason() -> c_int;
     fn ng_take_session_settings(len: *mut c_int) -> *mut c_char;
     fn ng_take_statements(len: *mut c_int) -> *mut c_char;
@@ -21,6 +24,8 @@ extern "C" {
         params: *const u32,
         result: *const c_char,
         rlen: c_int,
+        analysis: *const c_char,
+        nanalysis: c_int,
         err: *mut NgError,
     ) -> bool;
     fn ng_lazy_statements_init() -> bool;
@@ -98,6 +103,24 @@ pub fn install_hooks() {
 
 pub fn note_statement_messages() {
     unsafe { ng_note_statement_messages() }
+}
+
+/// A ParseComplete went out: the statement just made notes the settings
+/// its analysis ran under (session.c `analysis_gucs`).
+pub fn note_parse_complete() {
+    unsafe { ng_note_parse_complete() }
+}
+
+/// A ReadyForQuery went out: the cycle's unanswered Parse messages were
+/// skipped.
+pub fn note_ready() {
+    unsafe { ng_note_ready() }
+}
+
+/// A client is attached: the bytes watched on its socket start with a
+/// message.
+pub fn scan_attach() {
+    unsafe { ng_scan_attach() }
 }
 
 /// A FunctionCallResponse went out: the settings are read again at release.
@@ -193,10 +216,19 @@ pub fn switch_setting(name: &str, value: &str, from_startup: bool, refuse: bool)
 }
 
 /// Creates one of the client's statements on this backend, unanalyzed: the
-/// server revalidates it at its first use (see ng_create_statement).
+/// server revalidates it at its first use, under the settings its last
+/// analysis ran under (see ng_create_statement).
 #[inline(never)]
 pub fn create_statement(st: &Statement) -> Result<(), Box<NgError>> {
     let (n, t) = (cbytes(&st.name), cbytes(&st.text));
+    // name\0value\0 pairs, as the image carries them.
+    let mut analysis = Vec::new();
+    for (name, value) in &st.analysis {
+        analysis.extend_from_slice(name);
+        analysis.push(0);
+        analysis.extend_from_slice(value);
+        analysis.push(0);
+    }
     let mut err = NgError::new();
     let ok = unsafe {
         ng_create_statement(
@@ -208,6 +240,8 @@ pub fn create_statement(st: &Statement) -> Result<(), Box<NgError>> {
             st.param_types.as_ptr(),
             st.result.as_ptr().cast(),
             st.result.len() as c_int,
+            analysis.as_ptr().cast(),
+            st.analysis.len() as c_int,
             &mut err,
         )
     };

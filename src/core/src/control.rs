@@ -161,6 +161,13 @@ pub struct Statement {
     /// creates the statement again compares against it, so a changed result
     /// fails with 0A000 as it would on a direct connection.
     pub result: Vec<u8>,
+    /// The settings its last parse analysis ran under where they differ
+    /// from the session's reset values (name, value as bytes; only the
+    /// settings a literal's type input or the analysis itself reads:
+    /// backend/session.c `analysis_gucs`). A backend creating it again
+    /// analyzes it under them, as a direct session keeps the constants its
+    /// PREPARE or Parse made (flag 8; empty: none differed).
+    pub analysis: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 /// A list of named prepared statements kept in its wire layout (one entry
@@ -194,6 +201,9 @@ pub struct RawStatement<'a> {
     /// Parameter type OIDs, 4 bytes each, big-endian.
     params: &'a [u8],
     pub result: &'a [u8],
+    /// Number of analysis settings and their name\0value\0 pairs.
+    pub analysis_count: u32,
+    pub analysis: &'a [u8],
 }
 
 impl<'a> RawStatement<'a> {
@@ -209,7 +219,13 @@ impl<'a> RawStatement<'a> {
             whole_query: self.whole_query,
             param_types: self.param_types().collect(),
             result: self.result.to_vec(),
+            analysis: self.analysis_settings().map(|(n, v)| (n.to_vec(), v.to_vec())).collect(),
         }
+    }
+    /// The analysis settings as (name, value) pairs.
+    pub fn analysis_settings(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
+        let mut parts = self.analysis.split(|&b| b == 0);
+        (0..self.analysis_count).map_while(move |_| Some((parts.next()?, parts.next()?)))
     }
 }
 
@@ -281,9 +297,17 @@ fn entry_bounds(b: &[u8], off: usize) -> Option<(usize, usize)> {
     let u32_at = |at: usize| b.get(at..at + 4).map(|x| u32::from_be_bytes([x[0], x[1], x[2], x[3]]) as usize);
     let name_end = nul(off)?;
     let text_end = nul(name_end + 1)?;
-    let mut p = text_end + 2; // NUL, from_sql
+    let flags = *b.get(text_end + 1)?;
+    let mut p = text_end + 2; // NUL, flags
     p = p.checked_add(4)?.checked_add(u32_at(p)?.checked_mul(4)?)?;
     p = p.checked_add(4)?.checked_add(u32_at(p)?)?;
+    if flags & 8 != 0 {
+        let n = u32_at(p)?;
+        p += 4;
+        for _ in 0..n * 2 {
+            p = nul(p)? + 1;
+        }
+    }
     (p <= b.len()).then_some((name_end, p))
 }
 
@@ -440,14 +464,23 @@ fn put_bytes(o: &mut Vec<u8>, s: &[u8]) {
 fn put_statement(o: &mut Vec<u8>, st: &Statement) {
     put_bytes(o, &st.name);
     put_bytes(o, &st.text);
-    // Flags: 1 from_sql, 2 backslash_escapes, 4 whole_query (SQL-level only).
-    o.push(u8::from(st.from_sql) | u8::from(st.backslash_escapes) << 1 | u8::from(st.from_sql && st.whole_query) << 2);
+    // Flags: 1 from_sql, 2 backslash_escapes, 4 whole_query (SQL-level
+    // only), 8 analysis settings follow the result.
+    let analysis = !st.analysis.is_empty();
+    o.push(u8::from(st.from_sql) | u8::from(st.backslash_escapes) << 1 | u8::from(st.from_sql && st.whole_query) << 2 | u8::from(analysis) << 3);
     o.extend_from_slice(&(st.param_types.len() as u32).to_be_bytes());
     for t in &st.param_types {
         o.extend_from_slice(&t.to_be_bytes());
     }
     o.extend_from_slice(&(st.result.len() as u32).to_be_bytes());
     o.extend_from_slice(&st.result);
+    if analysis {
+        o.extend_from_slice(&(st.analysis.len() as u32).to_be_bytes());
+        for (n, v) in &st.analysis {
+            put_bytes(o, n);
+            put_bytes(o, v);
+        }
+    }
 }
 
 fn put_statements(o: &mut Vec<u8>, stmts: &StatementList) {
@@ -677,10 +710,11 @@ impl<'a> Reader<'a> {
         let name = self.cbytes()?;
         let text = self.cbytes()?;
         // Flags as written (1 from_sql, 2 backslash_escapes, 4 whole_query
-        // with from_sql), no other bit: equal statements must have equal
-        // bytes (the light switch compares entries as bytes).
+        // with from_sql, 8 analysis settings, at least one), no other bit:
+        // equal statements must have equal bytes (the light switch compares
+        // entries as bytes).
         let flags = self.u8()?;
-        if flags > 7 || (flags & 4 != 0 && flags & 1 == 0) {
+        if flags > 15 || (flags & 4 != 0 && flags & 1 == 0) {
             return Err(bad("invalid statement flag"));
         }
         let (from_sql, backslash_escapes, whole_query) = (flags & 1 != 0, flags & 2 != 0, flags & 4 != 0);
@@ -688,7 +722,19 @@ impl<'a> Reader<'a> {
         let params = self.take(np * 4)?;
         let rl = self.count(1)?;
         let result = self.take(rl)?;
-        Ok(RawStatement { raw: &self.body[start..self.off], name, text, from_sql, backslash_escapes, whole_query, params, result })
+        let (mut analysis_count, mut analysis) = (0, &self.body[self.off..self.off]);
+        if flags & 8 != 0 {
+            let n = self.count(2)?;
+            if n == 0 {
+                return Err(bad("invalid statement flag"));
+            }
+            let at = self.off;
+            for _ in 0..n * 2 {
+                self.cbytes()?;
+            }
+            (analysis_count, analysis) = (n as u32, &self.body[at..self.off]);
+        }
+        Ok(RawStatement { raw: &self.body[start..self.off], name, text, from_sql, backslash_escapes, whole_query, params, result, analysis_count, analysis })
     }
     /// A statement list: validated entry by entry, then copied as bytes.
     fn statements(&mut self) -> Result<StatementList, ProtoError> {
@@ -794,8 +840,18 @@ mod tests {
 
     fn statements() -> Vec<Statement> {
         vec![
-            Statement { name: "P_0".into(), text: "SELECT $1::int".into(), from_sql: false, backslash_escapes: false, whole_query: false, param_types: vec![23, 25], result: vec![0, 0, 0, 1, b'a', 0, 0, 0, 0, 23] },
-            Statement { name: "q".into(), text: "PREPARE q AS SELECT 1".into(), from_sql: true, backslash_escapes: true, whole_query: true, param_types: vec![], result: vec![] },
+            Statement { name: "P_0".into(), text: "SELECT $1::int".into(), from_sql: false, backslash_escapes: false, whole_query: false, param_types: vec![23, 25], result: vec![0, 0, 0, 1, b'a', 0, 0, 0, 0, 23], analysis: vec![] },
+            Statement { name: "q".into(), text: "PREPARE q AS SELECT 1".into(), from_sql: true, backslash_escapes: true, whole_query: true, param_types: vec![], result: vec![], analysis: vec![] },
+            Statement {
+                name: "d".into(),
+                text: "SELECT '01/02/2020'::date".into(),
+                from_sql: false,
+                backslash_escapes: false,
+                whole_query: false,
+                param_types: vec![],
+                result: vec![],
+                analysis: vec![(b"DateStyle".to_vec(), b"ISO, DMY".to_vec()), (b"TimeZone".to_vec(), b"UTC".to_vec())],
+            },
         ]
     }
 
@@ -823,9 +879,9 @@ mod tests {
         let list = parse_statement_list(&out).unwrap();
         assert_eq!(list, image().statements);
         assert_eq!(list.to_statements(), statements());
-        assert_eq!(list.len(), 2);
+        assert_eq!(list.len(), 3);
         let names: Vec<&[u8]> = list.iter().map(|r| r.name).collect();
-        assert_eq!(names, [&b"P_0"[..], b"q"]);
+        assert_eq!(names, [&b"P_0"[..], b"q", b"d"]);
         for (off, r) in list.iter_offsets() {
             assert_eq!(list.at(off), Some(r));
             assert!(list.name_is(off, r.name));
@@ -854,7 +910,7 @@ mod tests {
     #[test]
     fn statement_bytes_are_opaque() {
         // LATIN1 'é' (0xE9) and a SQL_ASCII byte: not UTF-8, kept as is.
-        let st = Statement { name: b"s\xe9".to_vec(), text: b"SELECT '\xe9\xff'".to_vec(), from_sql: true, backslash_escapes: false, whole_query: false, param_types: vec![], result: vec![] };
+        let st = Statement { name: b"s\xe9".to_vec(), text: b"SELECT '\xe9\xff'".to_vec(), from_sql: true, backslash_escapes: false, whole_query: false, param_types: vec![], result: vec![], analysis: vec![] };
         let list = StatementList::from(vec![st.clone()]);
         let mut out = Vec::new();
         put_statements(&mut out, &list);
@@ -872,7 +928,8 @@ mod tests {
         let whole = parse_statement_list(&out).unwrap();
         let st = whole.iter().next().unwrap();
         assert!(st.from_sql && st.whole_query && !st.backslash_escapes);
-        for bad in [4, 8] {
+        // 8 (analysis settings) needs at least one after the result.
+        for bad in [4, 8, 9, 16] {
             out[flag] = bad;
             assert!(parse_statement_list(&out).is_err(), "flags {bad}");
         }
