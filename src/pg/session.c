@@ -1968,6 +1968,7 @@ static unsigned char scan_hdr[5];
 static uint32 scan_body_left = 0;
 static bool scan_capturing = false;
 static int	scan_cap_len = 0;
+static int	scan_cap_max = SCAN_CAPTURE;
 static char scan_cap[SCAN_CAPTURE];
 
 /*
@@ -2193,6 +2194,8 @@ scan_bytes(const unsigned char *p, size_t len)
 				/* Parse always (the ring above), the others while statements are pending. */
 				scan_capturing = scan_hdr[0] == 'P' ||
 					(statements_pending && strchr("BDC", scan_hdr[0]) != NULL && scan_hdr[0] != '\0');
+				/* For the ring alone, a Parse's name is all it needs (not its query). */
+				scan_cap_max = statements_pending ? SCAN_CAPTURE : 4 * NAMEDATALEN;
 				if (scan_hdr[0] == 'S' || scan_hdr[0] == 'Q' || scan_hdr[0] == 'F')
 					parse_push(NULL, true);
 				if (scan_body_left == 0)
@@ -2206,9 +2209,9 @@ scan_bytes(const unsigned char *p, size_t len)
 		{
 			size_t		n = Min(len, (size_t) scan_body_left);
 
-			if (scan_capturing && scan_cap_len < SCAN_CAPTURE)
+			if (scan_capturing && scan_cap_len < scan_cap_max)
 			{
-				size_t		c = Min(n, (size_t) (SCAN_CAPTURE - scan_cap_len));
+				size_t		c = Min(n, (size_t) (scan_cap_max - scan_cap_len));
 
 				memcpy(scan_cap + scan_cap_len, p, c);
 				scan_cap_len += c;
