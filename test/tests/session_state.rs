@@ -1749,7 +1749,8 @@ fn prepared_statements_read_through_a_view_after_a_switch() {
 /// A prepared statement's literals keep the values its PREPARE or Parse gave
 /// them, whatever the client sets later, as directly: a statement created
 /// again on another backend is analyzed there under the settings its last
-/// analysis ran under (DateStyle, TimeZone, transform_null_equals here),
+/// analysis ran under (DateStyle, TimeZone, transform_null_equals and
+/// IntervalStyle here),
 /// and the client's own settings are back right after. With a pool of one,
 /// every turn of A after B's creates A's statements again, so the second
 /// round also moves statements that were created and used on the backend.
@@ -1760,19 +1761,19 @@ fn prepared_statements_read_through_a_view_after_a_switch() {
 fn a_moved_statement_keeps_the_literal_values_of_its_prepare() {
     run(one_backend(), SETUP, LIMIT, |pg| {
         const Q: &str = "SELECT '2020-01-01 00:00'::timestamptz::text || ' ' || '01/02/2020'::date::text || ' ' \
-            || coalesce((NULL::int = NULL)::text, 'null')";
+            || coalesce((NULL::int = NULL)::text, 'null') || ' ' || extract(epoch FROM '-1 2:00:00'::interval)::text";
         let steps = |a: &mut Client, b: &mut Client| -> Vec<String> {
             let mut seen = Vec::new();
             // Prepared at the login's settings, used after a SET.
             a.batch_execute(&format!("PREPARE at_login AS {Q}")).expect("PREPARE at_login");
-            a.batch_execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO, DMY'; SET transform_null_equals = on").expect("SET");
+            a.batch_execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO, DMY'; SET transform_null_equals = on; SET IntervalStyle = sql_standard").expect("SET");
             a.batch_execute(&format!("PREPARE sq AS {Q}")).expect("PREPARE sq");
             // A Parse the server refuses leaves the next one's settings right.
             assert!(a.prepare("SELEC 1").is_err(), "syntax error");
             let st = a.prepare(Q).expect("Parse");
             // A SET in the PREPARE's own query string comes after its analysis.
             a.batch_execute(&format!("PREPARE same_string AS {Q}; SET DateStyle = 'ISO, YMD'")).expect("PREPARE, SET");
-            a.batch_execute("SET TimeZone = 'America/New_York'; SET DateStyle = 'ISO, MDY'; RESET transform_null_equals").expect("SET again");
+            a.batch_execute("SET TimeZone = 'America/New_York'; SET DateStyle = 'ISO, MDY'; RESET transform_null_equals; RESET IntervalStyle").expect("SET again");
             for round in 0..2 {
                 b.batch_execute("SELECT 1").expect("B uses the backend");
                 for name in ["at_login", "sq", "same_string"] {
@@ -1786,7 +1787,7 @@ fn a_moved_statement_keeps_the_literal_values_of_its_prepare() {
         };
         let (direct, pooled) = direct_then_pooled(pg, "app", |a, b, _| steps(a, b));
         // The server keeps the PREPARE's constants (the test's premise).
-        assert!(direct.iter().any(|l| l == "0 sq: 2019-12-31 19:00:00-05 2020-02-01 true"), "direct: {direct:?}");
+        assert!(direct.iter().any(|l| l == "0 sq: 2019-12-31 19:00:00-05 2020-02-01 true -93600.000000"), "direct: {direct:?}");
         assert_eq!(pooled, direct);
     });
 }
