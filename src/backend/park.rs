@@ -89,8 +89,10 @@ pub fn transaction_boundary() {
     // Pipelined input already read from this client stays with this backend:
     // it belongs to the client's next message and must not be split. A
     // buffered Terminate means the client is leaving (what it sent after
-    // the Terminate is dropped: the server never runs it).
-    let buffered = !glue::recv_buffer_empty();
+    // the Terminate is dropped: the server never runs it). Flush messages
+    // after the Sync (psycopg 3's pipeline mode) ask for nothing left to
+    // send: read, they keep no idle client here.
+    let buffered = !glue::recv_buffer_empty() && !(sess::consume_buffered_flushes() && glue::recv_buffer_empty());
     let leaving = buffered && glue::consume_buffered_terminate();
     if buffered && !leaving {
         return;

@@ -303,6 +303,7 @@ pub fn switch_to(startup: &[(String, String)], image: SessionImage, session_star
         });
     }
     PENDING.with(|p| *p.borrow_mut() = pending);
+    s::analysis_new_client();
     if lazy() {
         attached_again();
     } else {
@@ -409,7 +410,16 @@ pub fn note_release(settings: Option<&[(String, String)]>, created: s::Taken) ->
             let names: std::collections::HashSet<&[u8]> = created.iter().map(|c| c.name).collect();
             PENDING.with(|p| {
                 for st in p.borrow().remaining().filter(|st| !names.contains(st.name)) {
-                    all.push_raw(&st);
+                    // Hit by an invalidation here: analyzed under the
+                    // settings of its first use, as the server would.
+                    if s::analysis_hit(st.analysis, st.analysis_count) {
+                        let mut owned = st.to_statement();
+                        owned.analysis.clear();
+                        owned.invalidated = true;
+                        all.push(&owned);
+                    } else {
+                        all.push_raw(&st);
+                    }
                 }
             });
         }

@@ -30,7 +30,9 @@
 #include "executor/execdesc.h"
 #include "fmgr.h"
 #include "funcapi.h"
+#include "lib/ilist.h"
 #include "lib/stringinfo.h"
+#include "libpq/libpq.h"
 #include "libpq/libpq-be.h"
 #include "miscadmin.h"
 #include "nodes/parsenodes.h"
@@ -54,6 +56,7 @@
 #include "utils/fmgrprotos.h"
 #include "utils/guc.h"
 #include "utils/guc_tables.h"
+#include "utils/inval.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/pgstat_internal.h"
@@ -415,7 +418,7 @@ ng_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
 	 * A PREPARE analyzed its statement under the settings in force now: noted
 	 * at once, before a later SET in the same transaction changes them.
 	 */
-	if (IsA(n, PrepareStmt))
+	if (IsA(n, PrepareStmt) && pooled_backend)
 	{
 		PreparedStatement *ps = FetchPreparedStatement(((PrepareStmt *) n)->name, false);
 
@@ -1309,7 +1312,327 @@ typedef struct NgAnalysis
 	int			count;			/* name\0value\0 pairs in `settings` */
 	char	   *settings;		/* in src->context, NULL when none */
 	int			len;
+	bool		invalid_written;	/* the last image had it invalidated */
+	/* What its analysis depended on there, while `pending` (deps_of()). */
+	int			nrels;
+	Oid		   *rels;
+	int			nitems;
+	uint32	   *items;			/* cache id, hash value, ... */
+	dlist_node	node;			/* in `analyses` */
+	MemoryContextCallback gone; /* unlinks it when the statement goes */
 } NgAnalysis;
+
+/*
+ * A statement's dependencies travel with its settings, as two pairs whose
+ * names no setting has: DEPS_RELATIONS ("oid,oid,...": its plan source's
+ * relationOids) and DEPS_ITEMS ("cacheid:hash,...": its invalItems), so that
+ * one created here and not analyzed yet loses its settings on the
+ * invalidations that would have hit it on the backend it was analyzed on,
+ * as plancache.c PlanCacheRelCallback()/PlanCacheObjectCallback() decide.
+ */
+#define DEPS_RELATIONS "\x01relations"
+#define DEPS_ITEMS "\x01items"
+
+/*
+ * Every statement with analysis settings here, and whether an invalidation
+ * (or a first analysis, which may fail) came since the list was last
+ * compared with what the image says (analysis_changed()).
+ *
+ * A direct session analyzes a statement again, under the settings of that
+ * moment, once an invalidation hit it.  So a statement invalidated since
+ * its analysis here goes into the image as such (flag 16: no settings), and
+ * one created here whose first analysis has not run yet (`pending`) loses
+ * its settings when an invalidation comes that would have hit it where it
+ * was analyzed: one of its dependencies (DEPS_*), or what makes the plan
+ * cache reset every statement (plancache.c PlanCacheSysCallback(): a
+ * schema, operator, operator family, foreign server or wrapper changed).
+ */
+static dlist_head analyses = DLIST_STATIC_INIT(analyses);
+static bool analysis_check = false;
+static bool analysis_callbacks = false;
+
+/*
+ * The invalidations this backend has seen since the client's statements
+ * came (its switch here, ng_analysis_new_client()):
+ * a statement of the client's still to be analyzed here (created or not)
+ * that one of them would have hit on a direct connection is analyzed under
+ * the settings of its moment (analysis_lost()).  Past INVAL_LOG relations
+ * or items, any relation or item of those kinds counts as hit.
+ */
+#define INVAL_LOG 64
+static bool inval_reset_all = false;	/* every statement */
+static bool inval_any_relation = false;
+static int	inval_nrels = 0;
+static Oid	inval_rels[INVAL_LOG];
+static bool inval_any_item = false;
+static int	inval_nitems = 0;
+static uint32 inval_items[2 * INVAL_LOG];
+/* Invalidations logged, and how many of them the last image had seen. */
+static uint64 inval_logged = 0;
+static uint64 inval_imaged = 0;
+
+static void
+inval_log_reset(void)
+{
+	inval_reset_all = inval_any_relation = inval_any_item = false;
+	inval_nrels = inval_nitems = 0;
+}
+
+static void
+analysis_relcache_inval(Datum arg, Oid relid)
+{
+	analysis_check = true;
+	inval_logged++;
+	if (relid == InvalidOid || inval_nrels == INVAL_LOG)
+		inval_any_relation = true;
+	else
+		inval_rels[inval_nrels++] = relid;
+}
+
+static void
+analysis_syscache_inval(Datum arg, int cacheid, uint32 hashvalue)
+{
+	analysis_check = true;
+	inval_logged++;
+	if (DatumGetBool(arg))
+		inval_reset_all = true;
+	else if (inval_nitems == INVAL_LOG)
+		inval_any_item = true;
+	else
+	{
+		inval_items[2 * inval_nitems] = (uint32) cacheid;
+		inval_items[2 * inval_nitems + 1] = hashvalue;
+		inval_nitems++;
+	}
+}
+
+/*
+ * Would an invalidation seen since the client's statements came have hit
+ * the statement where it was analyzed (plancache.c PlanCacheRelCallback(),
+ * PlanCacheObjectCallback(), PlanCacheSysCallback())?
+ */
+static bool
+analysis_lost(NgAnalysis *a)
+{
+	if (inval_reset_all || (inval_any_relation && a->nrels > 0) || (inval_any_item && a->nitems > 0))
+		return true;
+	for (int i = 0; i < a->nrels; i++)
+		for (int k = 0; k < inval_nrels; k++)
+			if (a->rels[i] == inval_rels[k])
+				return true;
+	for (int i = 0; i < a->nitems; i++)
+		for (int k = 0; k < inval_nitems; k++)
+			if (a->items[2 * i] == inval_items[2 * k] &&
+				(inval_items[2 * k + 1] == 0 || a->items[2 * i + 1] == inval_items[2 * k + 1]))
+				return true;
+	return false;
+}
+
+static void deps_read(NgAnalysis *a, const char *name, const char *value);
+
+/* Any invalidation since the client's statements came. */
+static bool
+inval_seen(void)
+{
+	return inval_reset_all || inval_any_relation || inval_any_item || inval_nrels > 0 || inval_nitems > 0;
+}
+
+/*
+ * backend/session.rs note_release(): would an invalidation seen since the
+ * attach have hit the statement whose analysis pairs (`count` of them,
+ * name\0value\0) these are, one the client has not used here?
+ */
+bool		ng_analysis_hit(const char *pairs, int count);
+bool
+ng_analysis_hit(const char *pairs, int count)
+{
+	NgAnalysis	a;
+	const char *p = pairs;
+	bool		hit;
+
+	if (!inval_seen())
+		return false;
+	memset(&a, 0, sizeof(a));
+	for (int k = 0; k < count; k++)
+	{
+		const char *v = p + strlen(p) + 1;
+
+		if (p[0] == '\x01')
+			deps_read(&a, p, v);
+		p = v + strlen(v) + 1;
+	}
+	hit = analysis_lost(&a);
+	if (a.rels)
+		pfree(a.rels);
+	if (a.items)
+		pfree(a.items);
+	return hit;
+}
+
+/* Once per backend, before its first client's statements. */
+static void
+analysis_callbacks_register(void)
+{
+	/* The ones that reset every statement (arg true), then those that do not. */
+	static const int reset_all[] = {NAMESPACEOID, OPEROID, AMOPOPID, FOREIGNSERVEROID, FOREIGNDATAWRAPPEROID};
+
+	if (analysis_callbacks)
+		return;
+	for (int i = 0; i < lengthof(reset_all); i++)
+		CacheRegisterSyscacheCallback(reset_all[i], analysis_syscache_inval, BoolGetDatum(true));
+	CacheRegisterSyscacheCallback(PROCOID, analysis_syscache_inval, BoolGetDatum(false));
+	CacheRegisterSyscacheCallback(TYPEOID, analysis_syscache_inval, BoolGetDatum(false));
+	CacheRegisterRelcacheCallback(analysis_relcache_inval, (Datum) 0);
+	analysis_callbacks = true;
+}
+
+/*
+ * The statement's dependencies as DEPS_* pairs appended to `out`; the
+ * number of pairs.  Those of its analysis here, or, not analyzed yet, the
+ * ones it came with.
+ */
+static int
+deps_of(NgAnalysis *a, StringInfo out)
+{
+	int			pairs = 0;
+
+	if (a->pending)
+	{
+		if (a->nrels > 0)
+		{
+			appendBinaryStringInfo(out, DEPS_RELATIONS, sizeof(DEPS_RELATIONS));
+			for (int i = 0; i < a->nrels; i++)
+				appendStringInfo(out, "%s%u", i ? "," : "", a->rels[i]);
+			appendStringInfoChar(out, '\0');
+			pairs++;
+		}
+		if (a->nitems > 0)
+		{
+			appendBinaryStringInfo(out, DEPS_ITEMS, sizeof(DEPS_ITEMS));
+			for (int i = 0; i < a->nitems; i++)
+				appendStringInfo(out, "%s%u:%u", i ? "," : "", a->items[2 * i], a->items[2 * i + 1]);
+			appendStringInfoChar(out, '\0');
+			pairs++;
+		}
+		return pairs;
+	}
+	if (a->src->relationOids != NIL)
+	{
+		ListCell   *lc;
+		bool		first = true;
+
+		appendBinaryStringInfo(out, DEPS_RELATIONS, sizeof(DEPS_RELATIONS));
+		foreach(lc, a->src->relationOids)
+		{
+			appendStringInfo(out, "%s%u", first ? "" : ",", lfirst_oid(lc));
+			first = false;
+		}
+		appendStringInfoChar(out, '\0');
+		pairs++;
+	}
+	if (a->src->invalItems != NIL)
+	{
+		ListCell   *lc;
+		bool		first = true;
+
+		appendBinaryStringInfo(out, DEPS_ITEMS, sizeof(DEPS_ITEMS));
+		foreach(lc, a->src->invalItems)
+		{
+			PlanInvalItem *item = (PlanInvalItem *) lfirst(lc);
+
+			appendStringInfo(out, "%s%d:%u", first ? "" : ",", item->cacheId, item->hashValue);
+			first = false;
+		}
+		appendStringInfoChar(out, '\0');
+		pairs++;
+	}
+	return pairs;
+}
+
+/* A DEPS_* value read back into `a` (in the current memory context). */
+static void
+deps_read(NgAnalysis *a, const char *name, const char *value)
+{
+	bool		rels = strcmp(name, DEPS_RELATIONS) == 0;
+	int			n = 1;
+	uint32	   *v;
+	int			k = 0;
+	const char *p = value;
+
+	for (const char *c = value; *c; c++)
+		n += (*c == ',');
+	v = palloc(sizeof(uint32) * n * (rels ? 1 : 2));
+	while (*p && k < n)
+	{
+		char	   *end;
+		unsigned long x = strtoul(p, &end, 10);
+
+		if (rels)
+			v[k] = (uint32) x;
+		else
+		{
+			v[2 * k] = (uint32) x;
+			v[2 * k + 1] = (uint32) strtoul(*end == ':' ? end + 1 : end, &end, 10);
+		}
+		k++;
+		p = *end == ',' ? end + 1 : end;
+		if (end == p && *p != '\0')
+			break;
+	}
+	if (rels)
+	{
+		a->rels = (Oid *) v;
+		a->nrels = k;
+	}
+	else
+	{
+		a->items = v;
+		a->nitems = k;
+	}
+}
+
+static void
+analysis_forget(void *arg)
+{
+	dlist_delete(&((NgAnalysis *) arg)->node);
+}
+
+/* Lists `a` (allocated in its statement's context, which unlists it). */
+static void
+analysis_track(NgAnalysis *a)
+{
+	analysis_callbacks_register();
+	dlist_push_tail(&analyses, &a->node);
+	a->gone.func = analysis_forget;
+	a->gone.arg = a;
+	MemoryContextRegisterResetCallback(a->src->context, &a->gone);
+}
+
+/* Whether the image would now say of a statement what it did not: invalidated. */
+static bool
+analysis_invalid(NgAnalysis *a)
+{
+	return !a->src->is_valid && (!a->pending || analysis_lost(a));
+}
+
+/* Something the image says of the statements changed since the last image. */
+static bool
+analysis_changed(void)
+{
+	dlist_iter	it;
+
+	if (!analysis_check)
+		return false;
+	analysis_check = false;
+	dlist_foreach(it, &analyses)
+	{
+		NgAnalysis *a = dlist_container(NgAnalysis, node, it.cur);
+
+		if (analysis_invalid(a) != a->invalid_written)
+			return true;
+	}
+	return false;
+}
 
 /* g's value as set_config_option() takes it; *at_reset: is it the reset value? */
 static const char *
@@ -1380,6 +1703,13 @@ analysis_note(NgAnalysis *a)
 	MemoryContextSwitchTo(old);
 }
 
+/* Whether `a` notes the same settings as the len bytes at `settings`. */
+static bool
+analysis_same(NgAnalysis *a, const char *settings, int len)
+{
+	return a->len == len && (len == 0 || memcmp(a->settings, settings, len) == 0);
+}
+
 /* Sets the statement's analysis settings, and the others back to their reset values, for one analysis. */
 static void
 analysis_apply(NgAnalysis *a)
@@ -1420,13 +1750,26 @@ ng_parser_setup(struct ParseState *pstate, void *arg)
 
 	if (a->src->num_params > 0)
 		setup_parse_fixed_parameters(pstate, a->src->param_types, a->src->num_params);
-	if (a->pending)
+	/* It may fail, and leave the statement invalidated: compared at release. */
+	analysis_check = true;
+	if (a->pending && !analysis_lost(a))
 	{
 		a->pending = false;
 		analysis_apply(a);
 	}
 	else
+	{
+		a->pending = false;
+		char	   *was = a->settings ? pnstrdup(a->settings, a->len) : NULL;
+		int			was_len = a->len;
+
 		analysis_note(a);
+		/* Settings that differ from the image's: read again at release. */
+		if (!analysis_same(a, was, was_len))
+			statements_dirty = true;
+		if (was)
+			pfree(was);
+	}
 }
 
 /* After an analysis: undo the settings applied for it. */
@@ -1463,6 +1806,7 @@ analysis_of(CachedPlanSource *src)
 	a = MemoryContextAllocZero(src->context, sizeof(NgAnalysis));
 	a->src = src;
 	analysis_note(a);
+	analysis_track(a);
 	src->parserSetup = ng_parser_setup;
 	src->parserSetupArg = a;
 	return a;
@@ -1477,7 +1821,15 @@ put_statement(StringInfo out, PreparedStatement *ps)
 	int			text_at;
 	bool		whole = false;
 	NgAnalysis *a = analysis_of(src);
-	bool		analysis = a != NULL && a->count > 0;
+	bool		invalid = a != NULL && analysis_invalid(a);
+	StringInfoData deps;
+	int			ndeps = 0;
+	bool		analysis;
+
+	initStringInfo(&deps);
+	if (a != NULL && !invalid)
+		ndeps = deps_of(a, &deps);
+	analysis = a != NULL && !invalid && a->count + ndeps > 0;
 
 	put_str(out, ps->stmt_name);
 	text_at = out->len;
@@ -1503,11 +1855,14 @@ put_statement(StringInfo out, PreparedStatement *ps)
 	/*
 	 * Flags (control.rs Statement): 1 from_sql, 2 backslash_escapes, 4 an
 	 * SQL-level statement's text is its whole query string, 8 analysis
-	 * settings follow the result columns.
+	 * settings follow the result columns, 16 invalidated since its analysis
+	 * (the next one runs under the settings of its moment).
 	 */
+	if (a)
+		a->invalid_written = invalid;
 	appendStringInfoChar(out, (ps->from_sql ? 1 : 0) |
 						 (lexed_with_backslash_escapes(src, out->data + text_at, ps->from_sql) ? 2 : 0) |
-						 (whole ? 4 : 0) | (analysis ? 8 : 0));
+						 (whole ? 4 : 0) | (analysis ? 8 : 0) | (invalid ? 16 : 0));
 	appendBinaryStringInfo(out, (char *) &np, 4);
 	for (int i = 0; i < src->num_params; i++)
 	{
@@ -1518,11 +1873,14 @@ put_statement(StringInfo out, PreparedStatement *ps)
 	put_result_desc(out, src->resultDesc);
 	if (analysis)
 	{
-		uint32		n = pg_hton32((uint32) a->count);
+		uint32		n = pg_hton32((uint32) (a->count + ndeps));
 
 		appendBinaryStringInfo(out, (char *) &n, 4);
-		appendBinaryStringInfo(out, a->settings, a->len);
+		if (a->len > 0)
+			appendBinaryStringInfo(out, a->settings, a->len);
+		appendBinaryStringInfo(out, deps.data, deps.len);
 	}
+	pfree(deps.data);
 }
 
 /*
@@ -1541,6 +1899,13 @@ ng_take_statements(int *len)
 	StringInfoData out;
 	volatile bool ok = true;
 
+	/*
+	 * A statement the client has not used here may have been invalidated
+	 * since the last image (note_release() asks ng_analysis_hit()).
+	 */
+	if (analysis_changed() || (statements_pending && inval_logged != inval_imaged))
+		statements_dirty = true;
+	inval_imaged = inval_logged;
 	if (!statements_dirty)
 		return NULL;
 	statements_dirty = false;
@@ -1992,6 +2357,18 @@ static int	parse_first = 0;
 static int	parse_count = 0;
 static bool parse_lost = false;
 
+/*
+ * COPY FROM STDIN: the server ignores Sync (and Flush) while it reads copy
+ * data (copyfromparse.c CopyGetData()), so a Sync sent after the Execute
+ * that starts it (libpq's extended protocol does) gets no ReadyForQuery.
+ */
+static int	scan_syncs_since_execute = 0;
+static bool scan_in_copy = false;
+/* Whole Flush messages received since the last Sync/Query/FunctionCall, and
+ * whether anything else came after it (ng_consume_buffered_flushes). */
+static int	scan_trailing_flushes = 0;
+static bool scan_other_after_end = false;
+
 static void
 parse_push(const char *name, bool cycle_end)
 {
@@ -2009,6 +2386,17 @@ parse_push(const char *name, bool cycle_end)
 	e->cycle_end = cycle_end;
 	strlcpy(e->name, name ? name : "", sizeof(e->name));
 	parse_count++;
+}
+
+/* A Sync the server ignores (COPY): its mark, the last one, goes. */
+static void
+parse_unpush_cycle_end(void)
+{
+	if (parse_count > 0 &&
+		parse_ring[(parse_first + parse_count - 1) % PARSE_RING].cycle_end)
+		parse_count--;
+	else
+		parse_lost = true;
 }
 
 static ParseSeen *
@@ -2031,6 +2419,56 @@ scan_reset(void)
 	scan_cap_len = 0;
 	parse_first = parse_count = 0;
 	parse_lost = false;
+	scan_syncs_since_execute = 0;
+	scan_in_copy = false;
+	scan_trailing_flushes = 0;
+	scan_other_after_end = false;
+}
+
+/* A message header was received: what the ring and the boundary need of it. */
+static void
+scan_header(char tag, uint32 len)
+{
+	switch (tag)
+	{
+		case 'd':				/* CopyData, CopyDone, CopyFail */
+		case 'c':
+		case 'f':
+			if (!scan_in_copy)
+			{
+				while (scan_syncs_since_execute > 0)
+				{
+					parse_unpush_cycle_end();
+					scan_syncs_since_execute--;
+				}
+			}
+			scan_in_copy = tag == 'd';
+			break;
+		case 'S':
+			if (!scan_in_copy)
+			{
+				parse_push(NULL, true);
+				scan_syncs_since_execute++;
+			}
+			break;
+		case 'Q':
+		case 'F':
+			parse_push(NULL, true);
+			scan_syncs_since_execute = 0;
+			break;
+		case 'E':
+			scan_syncs_since_execute = 0;
+			break;
+	}
+	if (tag == 'S' || tag == 'Q' || tag == 'F')
+	{
+		scan_trailing_flushes = 0;
+		scan_other_after_end = false;
+	}
+	else if (tag == 'H' && len == 4 && !scan_other_after_end)
+		scan_trailing_flushes++;
+	else
+		scan_other_after_end = true;
 }
 
 /* backend/session.rs attached_again(): a client is attached. */
@@ -2039,6 +2477,20 @@ void
 ng_scan_attach(void)
 {
 	scan_reset();
+	analysis_callbacks_register();
+}
+
+/*
+ * backend/session.rs switch_to(): another client's statements arrive; the
+ * invalidations that matter to them are those from now on (the same client
+ * attached again keeps its log: its statements not used here yet are the
+ * ones it had).
+ */
+void		ng_analysis_new_client(void);
+void
+ng_analysis_new_client(void)
+{
+	inval_log_reset();
 }
 
 /*
@@ -2062,6 +2514,36 @@ ng_note_parse_complete(void)
 	if (e->name[0] && hash_table_exists(&prepared_queries_table) &&
 		(ps = FetchPreparedStatement(e->name, false)) != NULL)
 		(void) analysis_of(ps->plansource);
+}
+
+/*
+ * At ReadyForQuery(I) with input buffered: when all of it is whole Flush
+ * messages sent after the Sync this ReadyForQuery answers (psycopg 3's
+ * pipeline mode ends with Sync, Flush), they are read here.  They ask for
+ * output the boundary has sent already; left buffered, they would keep an
+ * idle client on its backend (pipelined input stays with its backend), and
+ * the pool's other clients waiting.  True when they were read.
+ */
+bool		ng_consume_buffered_flushes(void);
+bool		ng_read_ahead_pending(void);
+bool
+ng_consume_buffered_flushes(void)
+{
+	int			n = scan_trailing_flushes * 5;
+
+	if (n == 0 || scan_other_after_end || parse_lost || parse_count != 0 ||
+		scan_hdr_have != 0 || scan_in_copy || ng_read_ahead_pending())
+		return false;
+#if PG_VERSION_NUM >= 170000
+	if (pq_buffer_remaining_data() != (ssize_t) n)
+		return false;
+#endif
+	pq_startmsgread();
+	for (int i = 0; i < n; i++)
+		(void) pq_getbyte();
+	pq_endmsgread();
+	scan_trailing_flushes = 0;
+	return true;
 }
 
 /* ReadyForQuery: the cycle's Parse messages not answered were skipped. */
@@ -2132,7 +2614,16 @@ scan_message_done(void)
 	if (scan_hdr[0] == 'P')
 	{
 		const char *n = captured_name(0);
+		char		cut_name[NAMEDATALEN];
 
+		/* Longer than captured: the server keys it by its first bytes. */
+		if (n == NULL && scan_cap_len >= NAMEDATALEN - 1 &&
+			pg_get_client_encoding() == GetDatabaseEncoding())
+		{
+			memcpy(cut_name, scan_cap, NAMEDATALEN - 1);
+			cut_name[NAMEDATALEN - 1] = '\0';
+			n = cut_name;
+		}
 		parse_push(n ? client_name(n) : NULL, false);
 		if (!statements_pending)
 			return;
@@ -2196,8 +2687,7 @@ scan_bytes(const unsigned char *p, size_t len)
 					(statements_pending && strchr("BDC", scan_hdr[0]) != NULL && scan_hdr[0] != '\0');
 				/* For the ring alone, a Parse's name is all it needs (not its query). */
 				scan_cap_max = statements_pending ? SCAN_CAPTURE : 4 * NAMEDATALEN;
-				if (scan_hdr[0] == 'S' || scan_hdr[0] == 'Q' || scan_hdr[0] == 'F')
-					parse_push(NULL, true);
+				scan_header(scan_hdr[0], l);
 				if (scan_body_left == 0)
 				{
 					scan_message_done();
@@ -2565,7 +3055,7 @@ bool
 ng_create_statement(const char *name, const char *text, bool from_sql,
 					bool backslash_escapes,
 					int nparams, const Oid *params, const char *result, int rlen,
-					const char *analysis, int nanalysis, NgError *err)
+					const char *analysis, int nanalysis, bool invalidated, NgError *err)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	MemoryContext tmp = AllocSetContextCreate(TopMemoryContext, "nextgres statement",
@@ -2673,20 +3163,35 @@ ng_create_statement(const char *name, const char *text, bool from_sql,
 			{
 				NgAnalysis *a = palloc0(sizeof(NgAnalysis));
 				const char *p = analysis;
+				StringInfoData set;
 
 				a->src = psrc;
-				a->pending = true;
-				for (int k = 0; k < nanalysis * 2; k++)
-					p += strlen(p) + 1;
-				a->count = nanalysis;
-				a->len = (int) (p - analysis);
-				if (a->len > 0)
+				/* Invalidated there: analyzed under the settings of its moment. */
+				a->pending = !invalidated;
+				a->invalid_written = invalidated;
+				initStringInfo(&set);
+				for (int k = 0; k < nanalysis; k++)
 				{
-					a->settings = palloc(a->len);
-					memcpy(a->settings, analysis, a->len);
+					const char *v = p + strlen(p) + 1;
+
+					if (p[0] == '\x01')
+						deps_read(a, p, v);
+					else
+					{
+						appendBinaryStringInfo(&set, p, strlen(p) + 1);
+						appendBinaryStringInfo(&set, v, strlen(v) + 1);
+						a->count++;
+					}
+					p = v + strlen(v) + 1;
 				}
+				a->len = set.len;
+				if (a->len > 0)
+					a->settings = set.data;
+				else
+					pfree(set.data);
 				psrc->parserSetup = ng_parser_setup;
 				psrc->parserSetupArg = a;
+				analysis_track(a);
 			}
 		}
 store:

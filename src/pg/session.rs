@@ -9,6 +9,9 @@ extern "C" {
     fn ng_note_parse_complete();
     fn ng_note_ready();
     fn ng_scan_attach();
+    fn ng_consume_buffered_flushes() -> bool;
+    fn ng_analysis_hit(pairs: *const c_char, count: c_int) -> bool;
+    fn ng_analysis_new_client();
     fn ng_pin_reason() -> c_int;
     fn ng_take_session_settings(len: *mut c_int) -> *mut c_char;
     fn ng_take_statements(len: *mut c_int) -> *mut c_char;
@@ -26,6 +29,7 @@ extern "C" {
         rlen: c_int,
         analysis: *const c_char,
         nanalysis: c_int,
+        invalidated: bool,
         err: *mut NgError,
     ) -> bool;
     fn ng_lazy_statements_init() -> bool;
@@ -115,6 +119,26 @@ pub fn note_parse_complete() {
 /// skipped.
 pub fn note_ready() {
     unsafe { ng_note_ready() }
+}
+
+/// Another client's statements arrive (its switch here): invalidations
+/// matter to them from now on.
+pub fn analysis_new_client() {
+    unsafe { ng_analysis_new_client() }
+}
+
+/// Whether an invalidation this backend saw since the client's switch would
+/// have hit a statement with these analysis pairs (`RawStatement::analysis`)
+/// where it was analyzed: it then goes on invalidated.
+pub fn analysis_hit(pairs: &[u8], count: u32) -> bool {
+    count > 0 && unsafe { ng_analysis_hit(pairs.as_ptr().cast(), count as c_int) }
+}
+
+/// At ReadyForQuery(I): reads the buffered input when it is only Flush
+/// messages sent after the Sync it answers (they ask for output already
+/// sent); true when it did.
+pub fn consume_buffered_flushes() -> bool {
+    unsafe { ng_consume_buffered_flushes() }
 }
 
 /// A client is attached: the bytes watched on its socket start with a
@@ -242,6 +266,7 @@ pub fn create_statement(st: &Statement) -> Result<(), Box<NgError>> {
             st.result.len() as c_int,
             analysis.as_ptr().cast(),
             st.analysis.len() as c_int,
+            st.invalidated,
             &mut err,
         )
     };

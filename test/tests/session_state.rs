@@ -1792,6 +1792,123 @@ fn a_moved_statement_keeps_the_literal_values_of_its_prepare() {
     });
 }
 
+/// A statement invalidated since its analysis is analyzed again, directly,
+/// under the settings of that moment: after a move too. Here `k` gains a
+/// column before the move, or a schema is created after the move and before
+/// the statement's first use (the server then resets every cached
+/// statement). Before, the statement kept its PREPARE's DateStyle (hunt7 F1).
+#[test]
+fn a_statement_invalidated_before_its_first_use_after_a_move_follows_the_settings_of_then() {
+    run(one_backend(), SETUP, LIMIT, |pg| {
+        const Q: &str = "SELECT '01/02/2020'::date::text || ' ' || count(*)::text FROM sa.inv";
+        session_support::exec(pg, "CREATE TABLE sa.inv (id int); INSERT INTO sa.inv VALUES (1); ALTER TABLE sa.inv OWNER TO app; GRANT CREATE ON DATABASE postgres TO app");
+        let steps = |a: &mut Client, b: &mut Client| -> Vec<String> {
+            let mut seen = Vec::new();
+            a.batch_execute("SET DateStyle = 'ISO, DMY'").expect("SET");
+            a.batch_execute(&format!("PREPARE before_move AS {Q}; PREPARE after_move AS {Q}; PREPARE kept AS {Q}")).expect("PREPARE");
+            let st = a.prepare(Q).expect("Parse");
+            a.batch_execute("SET DateStyle = 'ISO, MDY'").expect("SET again");
+            // Invalidates them all before the move (as the client's own DDL).
+            a.batch_execute("ALTER TABLE sa.inv ADD COLUMN note text").expect("ALTER");
+            b.batch_execute("SELECT 1").expect("B uses the backend");
+            seen.push(format!("before_move: {}", one(a, "EXECUTE before_move")));
+            seen.push(format!("parsed: {}", a.query_one(&st, &[]).expect("protocol").get::<_, String>(0)));
+            // Analyzed again (under MDY) and moved again: the settings of that analysis.
+            b.batch_execute("SELECT 1").expect("B uses the backend");
+            seen.push(format!("before_move again: {}", one(a, "EXECUTE before_move")));
+            a.batch_execute("SET DateStyle = 'ISO, DMY'").expect("SET back");
+            b.batch_execute("SELECT 1").expect("B uses the backend");
+            seen.push(format!("before_move under DMY: {}", one(a, "EXECUTE before_move")));
+            a.batch_execute("SET DateStyle = 'ISO, YMD'; PREPARE fresh AS SELECT '01/02/03'::date::text; SET DateStyle = 'ISO, MDY'").expect("PREPARE fresh");
+            b.batch_execute("SELECT 1").expect("B uses the backend");
+            // After the move, before its first use: every cached statement reset.
+            a.batch_execute("CREATE SCHEMA resets_plans").expect("CREATE SCHEMA");
+            seen.push(format!("after a schema: {}", one(a, "EXECUTE fresh")));
+            a.batch_execute("DROP SCHEMA resets_plans; ALTER TABLE sa.inv DROP COLUMN note; DEALLOCATE ALL").expect("undo");
+            seen
+        };
+        let (direct, pooled) = direct_then_pooled(pg, "app", |a, b, _| steps(a, b));
+        assert_eq!(direct[0], "before_move: 2020-01-02 1", "direct: {direct:?}");
+        assert_eq!(pooled, direct);
+    });
+}
+
+/// libpq's COPY FROM STDIN over the extended protocol sends a Sync the
+/// server ignores (it reads copy data then) and one more after CopyDone:
+/// a Parse after it still keeps its own settings when it moves. Before,
+/// the ignored Sync put the watch on Parse messages out of step until the
+/// next attach, and the statement took the settings of its release
+/// (hunt7 F3).
+#[test]
+fn a_parse_after_an_extended_protocol_copy_keeps_its_settings() {
+    run(one_backend(), SETUP, LIMIT, |pg| {
+        use std::io::Write;
+        let (mut a, mut b) = raw_pair(pg);
+        let msg = |tag: u8, body: &[u8]| [&[tag][..], &((body.len() + 4) as i32).to_be_bytes(), body].concat();
+        a.query("SET DateStyle = 'ISO, DMY'").expect("DMY");
+        // All in one write, as one client's pipeline: the COPY (libpq's
+        // messages, a Sync before the data), then a Parse, then a SET before
+        // the backend can let the client go.
+        let mut q = b"SET DateStyle = 'ISO, MDY'".to_vec();
+        q.push(0);
+        a.s.write_all(
+            &[
+                msg(b'P', b"\0COPY k FROM STDIN\0\0\0"),
+                msg(b'B', b"\0\0\0\0\0\0\0\0"),
+                msg(b'E', b"\0\0\0\0\0"),
+                msg(b'S', b""),
+                msg(b'd', b"1001\n"),
+                msg(b'c', b""),
+                msg(b'S', b""),
+                msg(b'P', b"after_copy\0SELECT '01/02/2020'::date::text\0\0\0"),
+                msg(b'B', b"\0after_copy\0\0\0\0\0\0\0"),
+                msg(b'E', b"\0\0\0\0\0"),
+                msg(b'S', b""),
+                msg(b'Q', &q),
+            ]
+            .concat(),
+        )
+        .expect("COPY, Parse, SET");
+        a.until_ready().expect("COPY done");
+        assert_eq!(a.until_ready().expect("parsed"), [[Some("2020-02-01".to_string())]]);
+        a.until_ready().expect("SET");
+        b.value("SELECT 'b uses the backend'");
+        // Directly, the statement keeps its Parse's constant.
+        assert_eq!(raw_named(&mut a, "after_copy", None), ["2020-02-01"]);
+        a.query("DELETE FROM k WHERE id = 1001").expect("clean up");
+    });
+}
+
+/// psycopg 3's pipeline mode ends with Sync then Flush: the Flush arrives
+/// after the ReadyForQuery, buffered on the backend. It asks for nothing
+/// left to send, so the idle client leaves its backend as any other, and
+/// the pool's other client is served. Before, the buffered Flush kept the
+/// idle client on the pool's one backend: the other client waited until
+/// `query_wait_timeout` (53400; hunt7 F8).
+#[test]
+fn a_flush_after_the_sync_keeps_no_idle_client_on_its_backend() {
+    run(one_backend(), SETUP, LIMIT, |pg| {
+        use std::io::Write;
+        let (mut a, mut b) = raw_pair(pg);
+        let msg = |tag: u8, body: &[u8]| [&[tag][..], &((body.len() + 4) as i32).to_be_bytes(), body].concat();
+        let pipeline = [
+            msg(b'P', b"\0SELECT 41 + 1\0\0\0"),
+            msg(b'B', b"\0\0\0\0\0\0\0\0"),
+            msg(b'E', b"\0\0\0\0\0"),
+            msg(b'S', b""),
+            msg(b'H', b""),
+        ]
+        .concat();
+        for round in 0..3 {
+            a.s.write_all(&pipeline).expect("pipeline");
+            assert_eq!(a.until_ready().expect("pipeline answered"), [[Some("42".to_string())]], "round {round}");
+            // A idles; B needs the pool's one backend.
+            assert_eq!(b.value("SELECT 'b served'"), "b served", "round {round}");
+        }
+        assert_eq!(a.value("SELECT 'a again'"), "a again");
+    });
+}
+
 /// Protocol statements `EXECUTE sq(1)` of an SQL-level statement `sq`,
 /// all created at once on a new backend (a query naming
 /// pg_prepared_statements), keep the result columns the client was told

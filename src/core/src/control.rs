@@ -168,6 +168,10 @@ pub struct Statement {
     /// analyzes it under them, as a direct session keeps the constants its
     /// PREPARE or Parse made (flag 8; empty: none differed).
     pub analysis: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Invalidated since its last analysis (flag 16, never with analysis
+    /// settings): as the server would, its next analysis runs under the
+    /// settings of that moment.
+    pub invalidated: bool,
 }
 
 /// A list of named prepared statements kept in its wire layout (one entry
@@ -204,6 +208,7 @@ pub struct RawStatement<'a> {
     /// Number of analysis settings and their name\0value\0 pairs.
     pub analysis_count: u32,
     pub analysis: &'a [u8],
+    pub invalidated: bool,
 }
 
 impl<'a> RawStatement<'a> {
@@ -220,6 +225,7 @@ impl<'a> RawStatement<'a> {
             param_types: self.param_types().collect(),
             result: self.result.to_vec(),
             analysis: self.analysis_settings().map(|(n, v)| (n.to_vec(), v.to_vec())).collect(),
+            invalidated: self.invalidated,
         }
     }
     /// The analysis settings as (name, value) pairs.
@@ -465,9 +471,16 @@ fn put_statement(o: &mut Vec<u8>, st: &Statement) {
     put_bytes(o, &st.name);
     put_bytes(o, &st.text);
     // Flags: 1 from_sql, 2 backslash_escapes, 4 whole_query (SQL-level
-    // only), 8 analysis settings follow the result.
-    let analysis = !st.analysis.is_empty();
-    o.push(u8::from(st.from_sql) | u8::from(st.backslash_escapes) << 1 | u8::from(st.from_sql && st.whole_query) << 2 | u8::from(analysis) << 3);
+    // only), 8 analysis settings follow the result, 16 invalidated (then no
+    // settings).
+    let analysis = !st.analysis.is_empty() && !st.invalidated;
+    o.push(
+        u8::from(st.from_sql)
+            | u8::from(st.backslash_escapes) << 1
+            | u8::from(st.from_sql && st.whole_query) << 2
+            | u8::from(analysis) << 3
+            | u8::from(st.invalidated) << 4,
+    );
     o.extend_from_slice(&(st.param_types.len() as u32).to_be_bytes());
     for t in &st.param_types {
         o.extend_from_slice(&t.to_be_bytes());
@@ -710,11 +723,11 @@ impl<'a> Reader<'a> {
         let name = self.cbytes()?;
         let text = self.cbytes()?;
         // Flags as written (1 from_sql, 2 backslash_escapes, 4 whole_query
-        // with from_sql, 8 analysis settings, at least one), no other bit:
-        // equal statements must have equal bytes (the light switch compares
-        // entries as bytes).
+        // with from_sql, 8 analysis settings, at least one, 16 invalidated,
+        // never with 8), no other bit: equal statements must have equal
+        // bytes (the light switch compares entries as bytes).
         let flags = self.u8()?;
-        if flags > 15 || (flags & 4 != 0 && flags & 1 == 0) {
+        if flags > 31 || (flags & 4 != 0 && flags & 1 == 0) || flags & 24 == 24 {
             return Err(bad("invalid statement flag"));
         }
         let (from_sql, backslash_escapes, whole_query) = (flags & 1 != 0, flags & 2 != 0, flags & 4 != 0);
@@ -734,7 +747,8 @@ impl<'a> Reader<'a> {
             }
             (analysis_count, analysis) = (n as u32, &self.body[at..self.off]);
         }
-        Ok(RawStatement { raw: &self.body[start..self.off], name, text, from_sql, backslash_escapes, whole_query, params, result, analysis_count, analysis })
+        let invalidated = flags & 16 != 0;
+        Ok(RawStatement { raw: &self.body[start..self.off], name, text, from_sql, backslash_escapes, whole_query, params, result, analysis_count, analysis, invalidated })
     }
     /// A statement list: validated entry by entry, then copied as bytes.
     fn statements(&mut self) -> Result<StatementList, ProtoError> {
@@ -840,8 +854,8 @@ mod tests {
 
     fn statements() -> Vec<Statement> {
         vec![
-            Statement { name: "P_0".into(), text: "SELECT $1::int".into(), from_sql: false, backslash_escapes: false, whole_query: false, param_types: vec![23, 25], result: vec![0, 0, 0, 1, b'a', 0, 0, 0, 0, 23], analysis: vec![] },
-            Statement { name: "q".into(), text: "PREPARE q AS SELECT 1".into(), from_sql: true, backslash_escapes: true, whole_query: true, param_types: vec![], result: vec![], analysis: vec![] },
+            Statement { name: "P_0".into(), text: "SELECT $1::int".into(), from_sql: false, backslash_escapes: false, whole_query: false, param_types: vec![23, 25], result: vec![0, 0, 0, 1, b'a', 0, 0, 0, 0, 23], analysis: vec![], invalidated: false },
+            Statement { name: "q".into(), text: "PREPARE q AS SELECT 1".into(), from_sql: true, backslash_escapes: true, whole_query: true, param_types: vec![], result: vec![], analysis: vec![], invalidated: false },
             Statement {
                 name: "d".into(),
                 text: "SELECT '01/02/2020'::date".into(),
@@ -851,6 +865,18 @@ mod tests {
                 param_types: vec![],
                 result: vec![],
                 analysis: vec![(b"DateStyle".to_vec(), b"ISO, DMY".to_vec()), (b"TimeZone".to_vec(), b"UTC".to_vec())],
+                invalidated: false,
+            },
+            Statement {
+                name: "i".into(),
+                text: "SELECT '01/02/2020'::date".into(),
+                from_sql: false,
+                backslash_escapes: false,
+                whole_query: false,
+                param_types: vec![],
+                result: vec![],
+                analysis: vec![],
+                invalidated: true,
             },
         ]
     }
@@ -879,9 +905,9 @@ mod tests {
         let list = parse_statement_list(&out).unwrap();
         assert_eq!(list, image().statements);
         assert_eq!(list.to_statements(), statements());
-        assert_eq!(list.len(), 3);
+        assert_eq!(list.len(), 4);
         let names: Vec<&[u8]> = list.iter().map(|r| r.name).collect();
-        assert_eq!(names, [&b"P_0"[..], b"q", b"d"]);
+        assert_eq!(names, [&b"P_0"[..], b"q", b"d", b"i"]);
         for (off, r) in list.iter_offsets() {
             assert_eq!(list.at(off), Some(r));
             assert!(list.name_is(off, r.name));
@@ -910,7 +936,7 @@ mod tests {
     #[test]
     fn statement_bytes_are_opaque() {
         // LATIN1 'é' (0xE9) and a SQL_ASCII byte: not UTF-8, kept as is.
-        let st = Statement { name: b"s\xe9".to_vec(), text: b"SELECT '\xe9\xff'".to_vec(), from_sql: true, backslash_escapes: false, whole_query: false, param_types: vec![], result: vec![], analysis: vec![] };
+        let st = Statement { name: b"s\xe9".to_vec(), text: b"SELECT '\xe9\xff'".to_vec(), from_sql: true, backslash_escapes: false, whole_query: false, param_types: vec![], result: vec![], analysis: vec![], invalidated: false };
         let list = StatementList::from(vec![st.clone()]);
         let mut out = Vec::new();
         put_statements(&mut out, &list);
@@ -929,7 +955,10 @@ mod tests {
         let st = whole.iter().next().unwrap();
         assert!(st.from_sql && st.whole_query && !st.backslash_escapes);
         // 8 (analysis settings) needs at least one after the result.
-        for bad in [4, 8, 9, 16] {
+        // 16 (invalidated) stands alone; 8 and 16 never together.
+        out[flag] = 17;
+        assert!(parse_statement_list(&out).unwrap().iter().next().unwrap().invalidated);
+        for bad in [4, 8, 9, 24, 25, 32] {
             out[flag] = bad;
             assert!(parse_statement_list(&out).is_err(), "flags {bad}");
         }

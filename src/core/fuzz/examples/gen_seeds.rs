@@ -132,8 +132,8 @@ fn control() {
     let image = SessionImage {
         settings: vec![("search_path".into(), "a, b".into()), ("myapp.user".into(), "42".into())],
         statements: vec![
-            Statement { name: "P_0".into(), text: "SELECT $1::int".into(), from_sql: false, backslash_escapes: false, whole_query: false, param_types: vec![23], result: vec![], analysis: vec![(b"TimeZone".to_vec(), b"UTC".to_vec())] },
-            Statement { name: "q".into(), text: "PREPARE q AS SELECT 1".into(), from_sql: true, backslash_escapes: false, whole_query: true, param_types: vec![], result: vec![], analysis: vec![] },
+            Statement { name: "P_0".into(), text: "SELECT $1::int".into(), from_sql: false, backslash_escapes: false, whole_query: false, param_types: vec![23], result: vec![], analysis: vec![(b"TimeZone".to_vec(), b"UTC".to_vec())], invalidated: false },
+            Statement { name: "q".into(), text: "PREPARE q AS SELECT 1".into(), from_sql: true, backslash_escapes: false, whole_query: true, param_types: vec![], result: vec![], analysis: vec![], invalidated: true },
         ]
         .into(),
         defaults: vec![],

@@ -95,6 +95,7 @@ fn statements(u: &mut Unstructured) -> arbitrary::Result<Vec<Statement>> {
     (0..n)
         .map(|_| {
             let from_sql = bool::arbitrary(u)?;
+            let invalidated = bool::arbitrary(u)?;
             Ok(Statement {
                 // Names and texts are bytes in the database encoding.
                 name: Vec::<u8>::arbitrary(u)?.into_iter().filter(|&b| b != 0).collect(),
@@ -105,12 +106,14 @@ fn statements(u: &mut Unstructured) -> arbitrary::Result<Vec<Statement>> {
                 whole_query: from_sql && bool::arbitrary(u)?,
                 param_types: Vec::<u32>::arbitrary(u)?,
                 result: Vec::<u8>::arbitrary(u)?,
-                analysis: (0..u.int_in_range(0..=3)?)
+                // Written only without flag 16 (invalidated).
+                analysis: (0..if invalidated { 0 } else { u.int_in_range(0..=3)? })
                     .map(|_| {
                         let nul_free = |u: &mut Unstructured| -> arbitrary::Result<Vec<u8>> { Ok(Vec::<u8>::arbitrary(u)?.into_iter().filter(|&b| b != 0).collect()) };
                         Ok((nul_free(u)?, nul_free(u)?))
                     })
                     .collect::<arbitrary::Result<_>>()?,
+                invalidated,
             })
         })
         .collect()
