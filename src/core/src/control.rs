@@ -853,31 +853,22 @@ mod tests {
     }
 
     fn statements() -> Vec<Statement> {
+        let dated = Statement {
+            name: "d".into(),
+            text: "SELECT '01/02/2020'::date".into(),
+            from_sql: false,
+            backslash_escapes: false,
+            whole_query: false,
+            param_types: vec![],
+            result: vec![],
+            analysis: vec![(b"DateStyle".to_vec(), b"ISO, DMY".to_vec()), (b"TimeZone".to_vec(), b"UTC".to_vec())],
+            invalidated: false,
+        };
         vec![
             Statement { name: "P_0".into(), text: "SELECT $1::int".into(), from_sql: false, backslash_escapes: false, whole_query: false, param_types: vec![23, 25], result: vec![0, 0, 0, 1, b'a', 0, 0, 0, 0, 23], analysis: vec![], invalidated: false },
             Statement { name: "q".into(), text: "PREPARE q AS SELECT 1".into(), from_sql: true, backslash_escapes: true, whole_query: true, param_types: vec![], result: vec![], analysis: vec![], invalidated: false },
-            Statement {
-                name: "d".into(),
-                text: "SELECT '01/02/2020'::date".into(),
-                from_sql: false,
-                backslash_escapes: false,
-                whole_query: false,
-                param_types: vec![],
-                result: vec![],
-                analysis: vec![(b"DateStyle".to_vec(), b"ISO, DMY".to_vec()), (b"TimeZone".to_vec(), b"UTC".to_vec())],
-                invalidated: false,
-            },
-            Statement {
-                name: "i".into(),
-                text: "SELECT '01/02/2020'::date".into(),
-                from_sql: false,
-                backslash_escapes: false,
-                whole_query: false,
-                param_types: vec![],
-                result: vec![],
-                analysis: vec![],
-                invalidated: true,
-            },
+            dated.clone(),
+            Statement { name: "i".into(), analysis: vec![], invalidated: true, ..dated },
         ]
     }
 
