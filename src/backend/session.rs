@@ -412,7 +412,7 @@ pub fn note_release(settings: Option<&[(String, String)]>, created: s::Taken) ->
                 for st in p.borrow().remaining().filter(|st| !names.contains(st.name)) {
                     // Hit by an invalidation here: analyzed under the
                     // settings of its first use, as the server would.
-                    if s::analysis_hit(st.analysis, st.analysis_count) {
+                    if !st.invalidated && s::analysis_hit(st.analysis, st.analysis_count) {
                         let mut owned = st.to_statement();
                         owned.analysis.clear();
                         owned.invalidated = true;

@@ -1292,11 +1292,12 @@ lexed_with_backslash_escapes(CachedPlanSource *src, const char *text, bool from_
  * parserSetup hook when it has one (plancache.c RevalidateCachedQuery());
  * nextgres sets it on the statements it creates, and on the client's own
  * right after their PREPARE (utility hook) or Parse (its ParseComplete),
- * noting the settings then.  The hook gives the parser the statement's fixed parameter
- * types, as the plan cache does without one, then applies the carried
- * settings (the first analysis of a created statement) or notes the ones in
- * force (any later analysis).  Applied ones are undone right after the
- * analysis (post_parse_analyze_hook), or by the abort when it fails.
+ * noting the settings then.  The hook gives the parser the statement's
+ * fixed parameter types, as the plan cache does without one, then applies
+ * the carried settings (the first analysis of a created statement) or notes
+ * the ones in force (any later analysis).  Applied ones are undone right
+ * after the analysis (post_parse_analyze_hook), or by the abort when it
+ * fails.
  * ------------------------------------------------------------------------ */
 
 static const char *const analysis_gucs[] = {
@@ -1353,11 +1354,11 @@ static bool analysis_callbacks = false;
 
 /*
  * The invalidations this backend has seen since the client's statements
- * came (its switch here, ng_analysis_new_client()):
- * a statement of the client's still to be analyzed here (created or not)
- * that one of them would have hit on a direct connection is analyzed under
- * the settings of its moment (analysis_lost()).  Past INVAL_LOG relations
- * or items, any relation or item of those kinds counts as hit.
+ * came (its switch here, ng_analysis_new_client()): a statement of the
+ * client's still to be analyzed here (created or not) that one of them
+ * would have hit on a direct connection is analyzed under the settings of
+ * its moment (analysis_lost()).  Past INVAL_LOG distinct relations or
+ * items, any relation or item counts as hit.
  */
 #define INVAL_LOG 64
 static bool inval_reset_all = false;	/* every statement */
@@ -1383,6 +1384,9 @@ analysis_relcache_inval(Datum arg, Oid relid)
 {
 	analysis_check = true;
 	inval_logged++;
+	for (int k = 0; k < inval_nrels; k++)
+		if (inval_rels[k] == relid)
+			return;
 	if (relid == InvalidOid || inval_nrels == INVAL_LOG)
 		inval_any_relation = true;
 	else
@@ -1394,6 +1398,9 @@ analysis_syscache_inval(Datum arg, int cacheid, uint32 hashvalue)
 {
 	analysis_check = true;
 	inval_logged++;
+	for (int k = 0; k < inval_nitems; k++)
+		if (inval_items[2 * k] == (uint32) cacheid && inval_items[2 * k + 1] == hashvalue)
+			return;
 	if (DatumGetBool(arg))
 		inval_reset_all = true;
 	else if (inval_nitems == INVAL_LOG)
@@ -1439,7 +1446,7 @@ inval_seen(void)
 
 /*
  * backend/session.rs note_release(): would an invalidation seen since the
- * attach have hit the statement whose analysis pairs (`count` of them,
+ * client's statements came have hit the statement whose analysis pairs (`count` of them,
  * name\0value\0) these are, one the client has not used here?
  */
 bool		ng_analysis_hit(const char *pairs, int count);
@@ -1558,6 +1565,9 @@ deps_read(NgAnalysis *a, const char *name, const char *value)
 	uint32	   *v;
 	int			k = 0;
 	const char *p = value;
+
+	if (!rels && strcmp(name, DEPS_ITEMS) != 0)
+		return;
 
 	for (const char *c = value; *c; c++)
 		n += (*c == ',');

@@ -131,7 +131,7 @@ pub fn analysis_new_client() {
 /// have hit a statement with these analysis pairs (`RawStatement::analysis`)
 /// where it was analyzed: it then goes on invalidated.
 pub fn analysis_hit(pairs: &[u8], count: u32) -> bool {
-    count > 0 && unsafe { ng_analysis_hit(pairs.as_ptr().cast(), count as c_int) }
+    unsafe { ng_analysis_hit(pairs.as_ptr().cast(), count as c_int) }
 }
 
 /// At ReadyForQuery(I): reads the buffered input when it is only Flush

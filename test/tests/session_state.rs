@@ -1820,10 +1820,14 @@ fn a_statement_invalidated_before_its_first_use_after_a_move_follows_the_setting
             b.batch_execute("SELECT 1").expect("B uses the backend");
             seen.push(format!("before_move under DMY: {}", one(a, "EXECUTE before_move")));
             a.batch_execute("SET DateStyle = 'ISO, YMD'; PREPARE fresh AS SELECT '01/02/03'::date::text; SET DateStyle = 'ISO, MDY'").expect("PREPARE fresh");
+            // At the login's settings (it carries none), used after a SET.
+            a.batch_execute("PREPARE plain AS SELECT '01/02/03'::date::text").expect("PREPARE plain");
             b.batch_execute("SELECT 1").expect("B uses the backend");
             // After the move, before its first use: every cached statement reset.
             a.batch_execute("CREATE SCHEMA resets_plans").expect("CREATE SCHEMA");
             seen.push(format!("after a schema: {}", one(a, "EXECUTE fresh")));
+            a.batch_execute("SET DateStyle = 'ISO, YMD'").expect("YMD");
+            seen.push(format!("plain after a schema: {}", one(a, "EXECUTE plain")));
             a.batch_execute("DROP SCHEMA resets_plans; ALTER TABLE sa.inv DROP COLUMN note; DEALLOCATE ALL").expect("undo");
             seen
         };
