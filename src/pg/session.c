@@ -1720,7 +1720,10 @@ analysis_same(NgAnalysis *a, const char *settings, int len)
 	return a->len == len && (len == 0 || memcmp(a->settings, settings, len) == 0);
 }
 
-/* Sets the statement's analysis settings, and the others back to their reset values, for one analysis. */
+/*
+ * Sets the statement's analysis settings, and the others of analysis_gucs
+ * back to their reset values, for one analysis.
+ */
 static void
 analysis_apply(NgAnalysis *a)
 {
@@ -1769,10 +1772,12 @@ ng_parser_setup(struct ParseState *pstate, void *arg)
 	}
 	else
 	{
-		a->pending = false;
-		char	   *was = a->settings ? pnstrdup(a->settings, a->len) : NULL;
 		int			was_len = a->len;
+		char	   *was = was_len > 0 ? palloc(was_len) : NULL;
 
+		if (was)
+			memcpy(was, a->settings, was_len);
+		a->pending = false;
 		analysis_note(a);
 		/* Settings that differ from the image's: read again at release. */
 		if (!analysis_same(a, was, was_len))
