@@ -228,6 +228,10 @@ unsafe extern "C" fn flush() -> c_int {
         if rc == 0 && status == b'I' as u16 {
             crate::pg::glue::run_guarded(boundary);
         }
+    } else if rc == 0 && super::is_pooled() && crate::pg::session::only_flushes_since_attach() {
+        // A Flush that woke an idle client (sent after its ReadyForQuery):
+        // no ReadyForQuery follows, so this is its boundary.
+        crate::pg::glue::run_guarded(boundary);
     }
     rc
 }

@@ -1302,8 +1302,16 @@ lexed_with_backslash_escapes(CachedPlanSource *src, const char *text, bool from_
 
 static const char *const analysis_gucs[] = {
 	"DateStyle", "IntervalStyle", "TimeZone", "timezone_abbreviations",
-	"lc_monetary", "array_nulls", "xmloption", "transform_null_equals"
+	"lc_monetary", "array_nulls", "xmloption", "transform_null_equals",
+	/*
+	 * Noted, never applied: the plan cache analyzes a statement again when
+	 * the search_path differs from its analysis's (RevalidateCachedQuery()),
+	 * so a statement whose path changed is analyzed under the settings of
+	 * its moment (analysis_path_changed()).
+	 */
+	"search_path"
 };
+#define ANALYSIS_PATH (lengthof(analysis_gucs) - 1)
 
 /* A statement's analysis settings: its plan source's parserSetupArg. */
 typedef struct NgAnalysis
@@ -1724,28 +1732,52 @@ analysis_same(NgAnalysis *a, const char *settings, int len)
  * Sets the statement's analysis settings, and the others of analysis_gucs
  * back to their reset values, for one analysis.
  */
+/* The value `a` notes for analysis_gucs[i], NULL for the reset value. */
+static const char *
+analysis_want(NgAnalysis *a, int i)
+{
+	const char *p = a->settings;
+
+	for (int k = 0; k < a->count; k++)
+	{
+		const char *v = p + strlen(p) + 1;
+
+		if (strcmp(p, analysis_gucs[i]) == 0)
+			return v;
+		p = v + strlen(v) + 1;
+	}
+	return NULL;
+}
+
+/* Whether analysis_gucs[i] now has the value `a` notes. */
+static bool
+analysis_holds(NgAnalysis *a, int i, struct config_generic *g)
+{
+	const char *want = analysis_want(a, i);
+	bool		at_reset;
+	const char *now = guc_value(g, &at_reset);
+
+	return now == NULL || (want == NULL ? at_reset : strcmp(now, want) == 0);
+}
+
+/* The search_path differs from the one of the statement's analysis. */
+static bool
+analysis_path_changed(NgAnalysis *a)
+{
+	struct config_generic *g = lookup_guc(analysis_gucs[ANALYSIS_PATH]);
+
+	return g != NULL && !analysis_holds(a, ANALYSIS_PATH, g);
+}
+
 static void
 analysis_apply(NgAnalysis *a)
 {
-	for (int i = 0; i < lengthof(analysis_gucs); i++)
+	for (int i = 0; i < ANALYSIS_PATH; i++)
 	{
 		struct config_generic *g = lookup_guc(analysis_gucs[i]);
-		const char *want = NULL;	/* NULL: the reset value */
-		const char *p = a->settings;
-		const char *now;
-		bool		at_reset;
+		const char *want = analysis_want(a, i);
 
-		if (g == NULL || (now = guc_value(g, &at_reset)) == NULL)
-			continue;
-		for (int k = 0; k < a->count; k++)
-		{
-			const char *v = p + strlen(p) + 1;
-
-			if (strcmp(p, analysis_gucs[i]) == 0)
-				want = v;
-			p = v + strlen(v) + 1;
-		}
-		if (want == NULL ? at_reset : strcmp(now, want) == 0)
+		if (g == NULL || analysis_holds(a, i, g))
 			continue;
 		if (analysis_nest == 0)
 			analysis_nest = NewGUCNestLevel();
@@ -1765,7 +1797,7 @@ ng_parser_setup(struct ParseState *pstate, void *arg)
 		setup_parse_fixed_parameters(pstate, a->src->param_types, a->src->num_params);
 	/* It may fail, and leave the statement invalidated: compared at release. */
 	analysis_check = true;
-	if (a->pending && !analysis_lost(a))
+	if (a->pending && !analysis_lost(a) && !analysis_path_changed(a))
 	{
 		a->pending = false;
 		analysis_apply(a);
@@ -2383,6 +2415,9 @@ static bool scan_in_copy = false;
  * whether anything else came after it (ng_consume_buffered_flushes). */
 static int	scan_trailing_flushes = 0;
 static bool scan_other_after_end = false;
+/* Since the attach: messages received, and whether all were whole Flushes. */
+static int	scan_since_attach = 0;
+static bool scan_only_flushes = true;
 
 static void
 parse_push(const char *name, bool cycle_end)
@@ -2438,12 +2473,17 @@ scan_reset(void)
 	scan_in_copy = false;
 	scan_trailing_flushes = 0;
 	scan_other_after_end = false;
+	scan_since_attach = 0;
+	scan_only_flushes = true;
 }
 
 /* A message header was received: what the ring and the boundary need of it. */
 static void
 scan_header(char tag, uint32 len)
 {
+	scan_since_attach++;
+	if (tag != 'H' || len != 4)
+		scan_only_flushes = false;
 	switch (tag)
 	{
 		case 'd':				/* CopyData, CopyDone, CopyFail */
@@ -2559,6 +2599,23 @@ ng_consume_buffered_flushes(void)
 	pq_endmsgread();
 	scan_trailing_flushes = 0;
 	return true;
+}
+
+/*
+ * The server flushed its output while the client attached here has sent
+ * nothing but whole Flush messages (one that came after the ReadyForQuery
+ * that let it go, as psycopg 3's pipeline mode can send it): the client is
+ * as idle as it was, and nothing will answer it, so it is let go again
+ * (comm.rs flush()).  Not inside a transaction, nor with anything
+ * unanswered or unread.
+ */
+bool		ng_only_flushes_since_attach(void);
+bool
+ng_only_flushes_since_attach(void)
+{
+	return scan_since_attach > 0 && scan_only_flushes && scan_hdr_have == 0 &&
+		parse_count == 0 && !parse_lost && !scan_in_copy &&
+		!IsTransactionOrTransactionBlock();
 }
 
 /* ReadyForQuery: the cycle's Parse messages not answered were skipped. */

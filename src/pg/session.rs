@@ -10,6 +10,7 @@ extern "C" {
     fn ng_note_ready();
     fn ng_scan_attach();
     fn ng_consume_buffered_flushes() -> bool;
+    fn ng_only_flushes_since_attach() -> bool;
     fn ng_analysis_hit(pairs: *const c_char, count: c_int) -> bool;
     fn ng_analysis_new_client();
     fn ng_pin_reason() -> c_int;
@@ -139,6 +140,12 @@ pub fn analysis_hit(pairs: &[u8], count: u32) -> bool {
 /// sent); true when it did.
 pub fn consume_buffered_flushes() -> bool {
     unsafe { ng_consume_buffered_flushes() }
+}
+
+/// Whether the attached client has sent only whole Flush messages since its
+/// attach, outside any transaction: idle still, and unanswered.
+pub fn only_flushes_since_attach() -> bool {
+    unsafe { ng_only_flushes_since_attach() }
 }
 
 /// A client is attached: the bytes watched on its socket start with a

@@ -1837,6 +1837,51 @@ fn a_statement_invalidated_before_its_first_use_after_a_move_follows_the_setting
     });
 }
 
+/// A statement whose search_path changed since its analysis is analyzed
+/// again, directly, under the settings of that moment (the plan cache
+/// compares the path): after a move too. Before, it kept its PREPARE's
+/// DateStyle (hunt8 G2).
+#[test]
+fn a_statement_whose_search_path_changed_follows_the_settings_of_then() {
+    run(one_backend(), SETUP, LIMIT, |pg| {
+        const Q: &str = "SELECT '01/02/2020'::date::text || ' ' || (SELECT min(v) FROM t)";
+        let steps = |a: &mut Client, b: &mut Client| -> Vec<String> {
+            a.batch_execute(&format!("SET DateStyle = 'ISO, DMY'; PREPARE sp AS {Q}")).expect("PREPARE");
+            let st = a.prepare(Q).expect("Parse");
+            a.batch_execute("SET DateStyle = 'ISO, MDY'; SET search_path = sa, public").expect("SET");
+            b.batch_execute("SELECT 1").expect("B uses the backend");
+            let sql = one(a, "EXECUTE sp");
+            let parsed: String = a.query_one(&st, &[]).expect("protocol").get(0);
+            a.batch_execute("DEALLOCATE ALL").expect("DEALLOCATE");
+            vec![sql, parsed]
+        };
+        let (direct, pooled) = direct_then_pooled(pg, "app", |a, b, _| steps(a, b));
+        assert_eq!(direct[0], "2020-01-02 sa", "direct: {direct:?}");
+        assert_eq!(pooled, direct);
+    });
+}
+
+/// psycopg 3 can send its pipeline's Flush in a write of its own after the
+/// Sync: arriving after the ReadyForQuery let the client go, it wakes the
+/// idle client, and nothing answers a Flush. The client is let go again,
+/// and the pool's other client is served. Before, it kept the pool's one
+/// backend until its next message (53400 for the other; hunt8 G3).
+#[test]
+fn a_lone_flush_after_the_ready_for_query_keeps_no_backend() {
+    run(one_backend(), SETUP, LIMIT, |pg| {
+        use std::io::Write;
+        let (mut a, mut b) = raw_pair(pg);
+        for round in 0..3 {
+            assert_eq!(a.value("SELECT 'a'"), "a", "round {round}");
+            std::thread::sleep(Duration::from_millis(300));
+            a.s.write_all(b"H\0\0\0\x04").expect("Flush");
+            std::thread::sleep(Duration::from_millis(300));
+            assert_eq!(b.value("SELECT 'b served'"), "b served", "round {round}");
+        }
+        assert_eq!(a.value("SELECT 'a again'"), "a again");
+    });
+}
+
 /// libpq's COPY FROM STDIN over the extended protocol sends a Sync the
 /// server ignores (it reads copy data then) and one more after CopyDone:
 /// a Parse after it still keeps its own settings when it moves. Before,
