@@ -1443,7 +1443,7 @@ analysis_lost(NgAnalysis *a)
 	return false;
 }
 
-static void deps_read(NgAnalysis *a, const char *name, const char *value);
+static void analysis_read(NgAnalysis *a, const char *pairs, int count);
 
 /* Any invalidation since the client's statements came. */
 static bool
@@ -1462,21 +1462,15 @@ bool
 ng_analysis_hit(const char *pairs, int count)
 {
 	NgAnalysis	a;
-	const char *p = pairs;
 	bool		hit;
 
 	if (!inval_seen())
 		return false;
 	memset(&a, 0, sizeof(a));
-	for (int k = 0; k < count; k++)
-	{
-		const char *v = p + strlen(p) + 1;
-
-		if (p[0] == '\x01')
-			deps_read(&a, p, v);
-		p = v + strlen(v) + 1;
-	}
+	analysis_read(&a, pairs, count);
 	hit = analysis_lost(&a);
+	if (a.settings)
+		pfree(a.settings);
 	if (a.rels)
 		pfree(a.rels);
 	if (a.items)
@@ -1509,57 +1503,52 @@ analysis_callbacks_register(void)
 static int
 deps_of(NgAnalysis *a, StringInfo out)
 {
+	int			nrels = a->nrels;
+	const Oid  *rels = a->rels;
+	int			nitems = a->nitems;
+	const uint32 *items = a->items;
 	int			pairs = 0;
 
-	if (a->pending)
-	{
-		if (a->nrels > 0)
-		{
-			appendBinaryStringInfo(out, DEPS_RELATIONS, sizeof(DEPS_RELATIONS));
-			for (int i = 0; i < a->nrels; i++)
-				appendStringInfo(out, "%s%u", i ? "," : "", a->rels[i]);
-			appendStringInfoChar(out, '\0');
-			pairs++;
-		}
-		if (a->nitems > 0)
-		{
-			appendBinaryStringInfo(out, DEPS_ITEMS, sizeof(DEPS_ITEMS));
-			for (int i = 0; i < a->nitems; i++)
-				appendStringInfo(out, "%s%u:%u", i ? "," : "", a->items[2 * i], a->items[2 * i + 1]);
-			appendStringInfoChar(out, '\0');
-			pairs++;
-		}
-		return pairs;
-	}
-	if (a->src->relationOids != NIL)
+	if (!a->pending)
 	{
 		ListCell   *lc;
-		bool		first = true;
+		Oid		   *r = palloc(sizeof(Oid) * (list_length(a->src->relationOids) + 1));
+		uint32	   *it = palloc(sizeof(uint32) * 2 * (list_length(a->src->invalItems) + 1));
 
-		appendBinaryStringInfo(out, DEPS_RELATIONS, sizeof(DEPS_RELATIONS));
+		nrels = nitems = 0;
 		foreach(lc, a->src->relationOids)
-		{
-			appendStringInfo(out, "%s%u", first ? "" : ",", lfirst_oid(lc));
-			first = false;
-		}
-		appendStringInfoChar(out, '\0');
-		pairs++;
-	}
-	if (a->src->invalItems != NIL)
-	{
-		ListCell   *lc;
-		bool		first = true;
-
-		appendBinaryStringInfo(out, DEPS_ITEMS, sizeof(DEPS_ITEMS));
+			r[nrels++] = lfirst_oid(lc);
 		foreach(lc, a->src->invalItems)
 		{
 			PlanInvalItem *item = (PlanInvalItem *) lfirst(lc);
 
-			appendStringInfo(out, "%s%d:%u", first ? "" : ",", item->cacheId, item->hashValue);
-			first = false;
+			it[2 * nitems] = (uint32) item->cacheId;
+			it[2 * nitems + 1] = item->hashValue;
+			nitems++;
 		}
+		rels = r;
+		items = it;
+	}
+	if (nrels > 0)
+	{
+		appendBinaryStringInfo(out, DEPS_RELATIONS, sizeof(DEPS_RELATIONS));
+		for (int i = 0; i < nrels; i++)
+			appendStringInfo(out, "%s%u", i ? "," : "", rels[i]);
 		appendStringInfoChar(out, '\0');
 		pairs++;
+	}
+	if (nitems > 0)
+	{
+		appendBinaryStringInfo(out, DEPS_ITEMS, sizeof(DEPS_ITEMS));
+		for (int i = 0; i < nitems; i++)
+			appendStringInfo(out, "%s%u:%u", i ? "," : "", items[2 * i], items[2 * i + 1]);
+		appendStringInfoChar(out, '\0');
+		pairs++;
+	}
+	if (!a->pending)
+	{
+		pfree((void *) rels);
+		pfree((void *) items);
 	}
 	return pairs;
 }
@@ -1607,6 +1596,38 @@ deps_read(NgAnalysis *a, const char *name, const char *value)
 		a->items = v;
 		a->nitems = k;
 	}
+}
+
+/*
+ * An image's analysis pairs (`count` name\0value\0 pairs) read into `a`:
+ * the settings, and the DEPS_* dependencies (in the current memory context).
+ */
+static void
+analysis_read(NgAnalysis *a, const char *pairs, int count)
+{
+	const char *p = pairs;
+	StringInfoData set;
+
+	initStringInfo(&set);
+	for (int k = 0; k < count; k++)
+	{
+		const char *v = p + strlen(p) + 1;
+
+		if (p[0] == '\x01')
+			deps_read(a, p, v);
+		else
+		{
+			appendBinaryStringInfo(&set, p, strlen(p) + 1);
+			appendBinaryStringInfo(&set, v, strlen(v) + 1);
+			a->count++;
+		}
+		p = v + strlen(v) + 1;
+	}
+	a->len = set.len;
+	if (a->len > 0)
+		a->settings = set.data;
+	else
+		pfree(set.data);
 }
 
 static void
@@ -1749,11 +1770,10 @@ analysis_want(NgAnalysis *a, int i)
 	return NULL;
 }
 
-/* Whether analysis_gucs[i] now has the value `a` notes. */
+/* Whether setting g now has the value `want` (NULL: its reset value). */
 static bool
-analysis_holds(NgAnalysis *a, int i, struct config_generic *g)
+analysis_holds(struct config_generic *g, const char *want)
 {
-	const char *want = analysis_want(a, i);
 	bool		at_reset;
 	const char *now = guc_value(g, &at_reset);
 
@@ -1766,7 +1786,7 @@ analysis_path_changed(NgAnalysis *a)
 {
 	struct config_generic *g = lookup_guc(analysis_gucs[ANALYSIS_PATH]);
 
-	return g != NULL && !analysis_holds(a, ANALYSIS_PATH, g);
+	return g != NULL && !analysis_holds(g, analysis_want(a, ANALYSIS_PATH));
 }
 
 static void
@@ -1777,7 +1797,7 @@ analysis_apply(NgAnalysis *a)
 		struct config_generic *g = lookup_guc(analysis_gucs[i]);
 		const char *want = analysis_want(a, i);
 
-		if (g == NULL || analysis_holds(a, i, g))
+		if (g == NULL || analysis_holds(g, want))
 			continue;
 		if (analysis_nest == 0)
 			analysis_nest = NewGUCNestLevel();
@@ -3234,33 +3254,12 @@ ng_create_statement(const char *name, const char *text, bool from_sql,
 			/* Its first analysis runs under the settings the client's did. */
 			{
 				NgAnalysis *a = palloc0(sizeof(NgAnalysis));
-				const char *p = analysis;
-				StringInfoData set;
 
 				a->src = psrc;
 				/* Invalidated there: analyzed under the settings of its moment. */
 				a->pending = !invalidated;
 				a->invalid_written = invalidated;
-				initStringInfo(&set);
-				for (int k = 0; k < nanalysis; k++)
-				{
-					const char *v = p + strlen(p) + 1;
-
-					if (p[0] == '\x01')
-						deps_read(a, p, v);
-					else
-					{
-						appendBinaryStringInfo(&set, p, strlen(p) + 1);
-						appendBinaryStringInfo(&set, v, strlen(v) + 1);
-						a->count++;
-					}
-					p = v + strlen(v) + 1;
-				}
-				a->len = set.len;
-				if (a->len > 0)
-					a->settings = set.data;
-				else
-					pfree(set.data);
+				analysis_read(a, analysis, nanalysis);
 				psrc->parserSetup = ng_parser_setup;
 				psrc->parserSetupArg = a;
 				analysis_track(a);
