@@ -99,6 +99,11 @@ pub struct KqRow {
     /// (wrapping; added by the backend at each take): the pooler tells a
     /// client that waits from one served between two looks by it.
     pub takes: AtomicU32,
+    /// Transactions backends served for the client through the queue, a
+    /// kept client's included (added by the backend at each; zeroed by the
+    /// pooler when the row goes to a new client): `nextgres.clients` adds
+    /// them to the pooler's count, which sees none of them.
+    pub xacts: AtomicU64,
     /// The client's ATTACH, as the next backend to take it reads it: written
     /// by the pooler when it queues the client, then by each backend that
     /// releases it (`slot.ticket` is the registration's generation).
@@ -207,6 +212,10 @@ pub struct KqBackend {
     /// by the backend. The pooler closes one idle past
     /// `idle_backend_timeout`, as a parked one.
     pub idle_since: std::sync::atomic::AtomicI64,
+    /// Transactions of queued clients this backend served (added by it at
+    /// each; zeroed by the pooler with its row): `nextgres.backends` adds
+    /// them to the pooler's count. Unlike `counters`, never reset or moved.
+    pub xacts: AtomicU64,
     /// What this backend did for its pool's queued clients; written by it
     /// alone, read by the pooler (`KqCounters`).
     pub counters: KqCounters,
@@ -216,6 +225,10 @@ const _: () = assert!(size_of::<KqRow>() % 64 == 0);
 const _: () = assert!(size_of::<KqPool>() % 64 == 0 && size_of::<KqBackend>() % 64 == 0);
 
 pub const OP_SLOTS: usize = 64;
+/// Pauses stay in their slot until resumed: they may hold at most this
+/// many, so the one-shot operations (reconnect, kill, reset_stats) always
+/// find one.
+pub const OP_PAUSES_MAX: usize = OP_SLOTS - 16;
 pub const OP_FREE: u8 = 0;
 pub const OP_PAUSE: u8 = 1;
 pub const OP_RECONNECT: u8 = 2;
@@ -675,7 +688,19 @@ impl Tables {
     /// time it is joined.
     pub fn snapshot_clients_serving(&self) -> (Vec<(usize, ClientRow)>, std::collections::HashMap<usize, i32>, Vec<BackendRow>) {
         let _g = Guard::shared();
-        let clients: Vec<(usize, ClientRow)> = self.clients_raw().iter().enumerate().filter(|(_, r)| r.in_use).map(|(i, r)| (i, *r)).collect();
+        // `xacts` with the transactions backends served it from a kernel
+        // queue, which the pooler does not see.
+        let clients: Vec<(usize, ClientRow)> = self
+            .clients_raw()
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.in_use)
+            .map(|(i, r)| {
+                let mut c = *r;
+                c.xacts += self.kq_row(i).map_or(0, |k| k.xacts.load(Ordering::Relaxed) as i64);
+                (i, c)
+            })
+            .collect();
         // The backends under the same lock: a client row joined with a later
         // copy of the backends could show the dedicated flag of the pinned
         // client its backend served before.
@@ -697,10 +722,20 @@ impl Tables {
             .collect()
     }
 
-    /// The backend rows in use (ticket words read atomically); the caller
-    /// holds the lock.
+    /// The backend rows in use (ticket words read atomically; `xacts` with
+    /// the queued clients' transactions each served, `KqBackend::xacts`);
+    /// the caller holds the lock.
     fn backends_in_use(&self) -> Vec<BackendRow> {
-        self.backends_raw().iter_mut().filter(|r| r.in_use).map(|r| r.copy_tickets_atomically()).collect()
+        self.backends_raw()
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, r)| r.in_use)
+            .map(|(i, r)| {
+                let mut b = r.copy_tickets_atomically();
+                b.xacts += self.kq_backend(i).map_or(0, |h| h.xacts.load(Ordering::Relaxed) as i64);
+                b
+            })
+            .collect()
     }
 
     /// Every pool row's (database, role), by row; the caller holds the lock.
@@ -748,6 +783,9 @@ impl Tables {
         let _g = Guard::exclusive();
         let same = |o: &OpSlot| o.kind == kind && name(&o.database) == database && name(&o.role) == role;
         if !(kind == OP_PAUSE && h.ops.iter().any(same)) {
+            if kind == OP_PAUSE && h.ops.iter().filter(|o| o.kind == OP_PAUSE).count() >= OP_PAUSES_MAX {
+                return None;
+            }
             let slot = h.ops.iter_mut().find(|o| o.kind == OP_FREE)?;
             slot.kind = kind;
             set_name(&mut slot.database, database);

@@ -182,7 +182,7 @@ fn clients() -> TableIterator<
 fn backends() -> TableIterator<
     'static,
     (
-        name!(pid, i32),
+        name!(pid, Option<i32>),
         name!(database, String),
         name!(role, String),
         name!(state, String),
@@ -206,7 +206,9 @@ fn backends() -> TableIterator<
         let client_row = queued_client.unwrap_or(b.client_row);
         let client = (client_row >= 0).then(|| clients.get(client_row as usize).copied()).flatten().filter(|c| c.in_use);
         (
-            b.pid,
+            // NULL while its login has not forked yet (pg_stat_activity
+            // joins on it).
+            (b.pid > 0).then_some(b.pid),
             db,
             role,
             match b.state {
@@ -252,15 +254,19 @@ fn target(database: &str, role: Option<&str>) -> String {
 
 /// Waits until the pooler has acted on operation generation `gen`
 /// (`cond` true) or `wait_seconds` pass (< 0: no limit). Returns whether
-/// `cond` held.
+/// `cond` held. The pooler's acknowledgement is awaited past the deadline
+/// (up to `ACK_WITHIN` more): `cond` says nothing before it, and a
+/// `pause(..., 0)` with nothing running answered false before (hunt9c 10).
 fn wait_for(t: &shmem::Tables, gen: u64, wait_seconds: i32, mut cond: impl FnMut(&shmem::Tables) -> bool) -> bool {
+    const ACK_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait_seconds.max(0) as u64);
     loop {
         let acked = t.header().ops_ack.load(std::sync::atomic::Ordering::SeqCst) >= gen;
         if acked && cond(t) {
             return true;
         }
-        if wait_seconds >= 0 && std::time::Instant::now() >= deadline {
+        let now = std::time::Instant::now();
+        if wait_seconds >= 0 && now >= deadline && (acked || now >= deadline + ACK_WITHIN) {
             return false;
         }
         if t.pooler_pid() == 0 {
@@ -284,10 +290,12 @@ fn check_names(database: Option<&str>, role: Option<&str>) {
     }
 }
 
-/// As pg_terminate_backend (signalfuncs.c): a role without SUPERUSER,
-/// granted these functions, may not end the sessions of roles with it
-/// (42501). Without a role named, every role's clients would be ended, so
-/// such a caller must name one.
+/// As pg_terminate_backend (signalfuncs.c pg_signal_backend()): a role
+/// without SUPERUSER, granted these functions, may not end the sessions of
+/// roles with it, and may end another role's only with that role's
+/// privileges or those of `pg_signal_backend` (42501, the server's message
+/// and detail from 16). Without a role named, every role's clients would be
+/// ended, so such a caller must name one.
 fn check_may_kill(role: Option<&str>) {
     if crate::pg::caller_is_superuser() {
         return;
@@ -298,6 +306,14 @@ fn check_may_kill(role: Option<&str>) {
             pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             "permission denied to terminate process",
             "Only roles with the SUPERUSER attribute may terminate processes of roles with the SUPERUSER attribute; without that attribute, name a role of no superuser."
+        );
+    }
+    if role.is_some_and(|r| !crate::pg::caller_may_signal_role(r)) {
+        pgrx::ereport!(
+            ERROR,
+            pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "permission denied to terminate process",
+            "Only roles with privileges of the role whose process is being terminated or with privileges of the \"pg_signal_backend\" role may terminate this process."
         );
     }
 }
@@ -327,11 +343,28 @@ fn names<'a>(database: Option<&'a str>, role: Option<&'a str>) -> (&'a str, Opti
 /// Queues operation `kind` for the pooler (names already checked).
 fn op(kind: u8, database: &str, role: Option<&str>) -> u64 {
     let t = tables();
-    let Some(gen) = t.op_add(kind, database, role.unwrap_or("")) else {
-        pgrx::error!("nextgres: too many pauses and reconnects pending ({} slots)", shmem::OP_SLOTS);
-    };
+    let Some(gen) = t.op_add(kind, database, role.unwrap_or("")) else { op_slots_full(kind) };
     t.wake_pooler();
     gen
+}
+
+/// No slot for operation `kind` (54000): pauses in force, or one-shot
+/// operations the pooler has not taken yet.
+fn op_slots_full(kind: u8) -> ! {
+    if kind == shmem::OP_PAUSE {
+        pgrx::ereport!(
+            ERROR,
+            pgrx::PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!("nextgres: too many pauses in force (at most {})", shmem::OP_PAUSES_MAX),
+            "nextgres.resume() ends pauses; one pause of a database (role NULL) covers every role of it."
+        );
+    }
+    pgrx::ereport!(
+        ERROR,
+        pgrx::PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+        format!("nextgres: too many operations pending ({} slots)", shmem::OP_SLOTS),
+        "The pooler takes them within a second; try again. If it does not run, nextgres.status() says why."
+    );
 }
 
 /// Pauses the pools of `database` (or one role's): no transaction starts
@@ -344,6 +377,15 @@ fn op(kind: u8, database: &str, role: Option<&str>) -> u64 {
 fn pause(database: Option<&str>, role: default!(Option<&str>, "NULL"), wait_seconds: default!(Option<i32>, 60)) -> bool {
     let (database, role) = names(database, role);
     let wait_seconds = self::wait_seconds(wait_seconds);
+    // A pause stays until resumed, whatever it names: a misspelt name
+    // would pause nothing now, and a database or role created later by
+    // that name (PgBouncer's PAUSE refuses an unknown database too).
+    if !crate::pg::database_exists(database) {
+        pgrx::ereport!(ERROR, pgrx::PgSqlErrorCode::ERRCODE_INVALID_CATALOG_NAME, format!("database \"{database}\" does not exist"));
+    }
+    if let Some(r) = role.filter(|r| !crate::pg::role_exists(r)) {
+        pgrx::ereport!(ERROR, pgrx::PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("role \"{r}\" does not exist"));
+    }
     let gen = op(shmem::OP_PAUSE, database, role);
     pgrx::log!("nextgres: pause of the {} requested", target(database, role));
     let t = tables();
@@ -413,9 +455,7 @@ fn kill_client(client_addr: &str, client_port: i32) -> bool {
         return false;
     };
     check_may_kill(Some(&shmem::name(&c.role)));
-    let Some(gen) = t.op_add_port(shmem::OP_KILL_CLIENT, client_addr, "", client_port) else {
-        pgrx::error!("nextgres: too many operations pending ({} slots)", shmem::OP_SLOTS);
-    };
+    let Some(gen) = t.op_add_port(shmem::OP_KILL_CLIENT, client_addr, "", client_port) else { op_slots_full(shmem::OP_KILL_CLIENT) };
     t.wake_pooler();
     pgrx::log!("nextgres: kill of client {client_addr} port {client_port} requested");
     wait_for(&t, gen, 10, |_| true)
@@ -461,7 +501,11 @@ fn reset_stats(database: default!(Option<&str>, "NULL"), role: default!(Option<&
     let gen = op(shmem::OP_RESET_STATS, database.unwrap_or(""), role);
     pgrx::log!(
         "nextgres: statistics reset of the {} requested",
-        database.map_or_else(|| "pools of every database".to_string(), |d| target(d, role))
+        match (database, role) {
+            (Some(d), _) => target(d, role),
+            (None, Some(r)) => format!("pools of role \"{r}\" for every database"),
+            (None, None) => "pools of every database".to_string(),
+        }
     );
     wait_for(&tables(), gen, 10, |_| true);
 }

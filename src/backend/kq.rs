@@ -278,6 +278,12 @@ impl Queue {
             c.query_us.fetch_add(query_us, Ordering::Relaxed);
             c.bytes_sent.fetch_add(bytes_sent, Ordering::Relaxed);
             c.xact_us.fetch_add(s.since.elapsed().as_micros() as u64, Ordering::Relaxed);
+            h.xacts.fetch_add(1, Ordering::Relaxed);
+        }
+        // The client's own count: its row's owner word is on that line,
+        // which this backend reads at each boundary anyway.
+        if let Some(k) = t.kq_row(s.client_row) {
+            k.xacts.fetch_add(1, Ordering::Relaxed);
         }
         s.since = std::time::Instant::now();
     }

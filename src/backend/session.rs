@@ -399,7 +399,7 @@ pub fn note_release(settings: Option<&[(String, String)]>, created: s::Taken) ->
             s::Taken::Unchanged => return None,
             s::Taken::List(l) => l,
             s::Taken::Unknown => {
-                log::warn!("nextgres: could not read this backend's prepared statements; the next client gets DISCARD ALL");
+                log::warn!("could not read this backend's prepared statements; the next client gets DISCARD ALL");
                 sh.known = false;
                 sh.statements = StatementList::default();
                 StatementList::default()

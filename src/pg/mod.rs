@@ -75,6 +75,41 @@ pub fn role_is_superuser(name: &str) -> bool {
     }
 }
 
+/// Is there a database of this name (`get_database_oid(name, true)`)?
+/// Inside a transaction.
+pub fn database_exists(name: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(name) else { return false };
+    // SAFETY: a catalog lookup inside the calling SQL function's
+    // transaction; missing_ok, so no ERROR for an unknown name.
+    unsafe { pgrx::pg_sys::get_database_oid(c.as_ptr(), true) != pgrx::pg_sys::InvalidOid }
+}
+
+/// Is there a role of this name (`get_role_oid(name, true)`)? Inside a
+/// transaction.
+pub fn role_exists(name: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(name) else { return false };
+    // SAFETY: as `database_exists`.
+    unsafe { pgrx::pg_sys::get_role_oid(c.as_ptr(), true) != pgrx::pg_sys::InvalidOid }
+}
+
+/// May the calling role signal the sessions of the role named `name`, by
+/// pg_terminate_backend's rule for a role without SUPERUSER (signalfuncs.c
+/// pg_signal_backend()): it has the privileges of that role, or of
+/// `pg_signal_backend` (acl.c has_privs_of_role()). False for an unknown
+/// name. Inside a transaction; the superuser rules are the caller's.
+pub fn caller_may_signal_role(name: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(name) else { return false };
+    // SAFETY: catalog lookups inside the calling SQL function's transaction;
+    // missing_ok, so no ERROR for an unknown name.
+    unsafe {
+        let me = pgrx::pg_sys::GetUserId();
+        let oid = pgrx::pg_sys::get_role_oid(c.as_ptr(), true);
+        oid != pgrx::pg_sys::InvalidOid
+            && (pgrx::pg_sys::has_privs_of_role(me, oid)
+                || pgrx::pg_sys::has_privs_of_role(me, pgrx::pg_sys::Oid::from(pgrx::pg_sys::ROLE_PG_SIGNAL_BACKEND)))
+    }
+}
+
 /// This process's pid (miscadmin.h `MyProcPid`).
 pub fn my_pid() -> i32 {
     // SAFETY: a process-local int set at process start, never changed after.

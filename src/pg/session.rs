@@ -423,21 +423,10 @@ pub fn reload_connection_logging() {
 pub const LOGS_LOGIN_WITHOUT_IDENTITY: bool = cfg!(any(feature = "pg17", feature = "pg18"));
 
 /// A client's startup string as the server keeps it for its log lines
-/// (postmaster's startup-packet reading, `pg_clean_ascii`): every byte
-/// outside printable ASCII as `\xNN` from 16 on, as `?` in 15, so a
-/// client's newlines and terminal escapes cannot forge or hide log lines.
+/// (`pg_clean_ascii`): every byte outside printable ASCII as `\xNN` from
+/// 16 on, as `?` in 15 (`nextgres_core::proto::clean_ascii`).
 pub fn clean_ascii(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for &b in s.as_bytes() {
-        if (32..=126).contains(&b) {
-            out.push(b as char);
-        } else if cfg!(feature = "pg15") {
-            out.push('?');
-        } else {
-            out.push_str(&format!("\\x{b:02x}"));
-        }
-    }
-    out
+    nextgres_core::proto::clean_ascii(s.as_bytes(), !cfg!(feature = "pg15"))
 }
 
 /// Which connection log lines the server writes (log_connections stages,

@@ -346,7 +346,7 @@ fn answer(req: &[u8], reader: &mut Option<DynamicBackgroundWorker>) -> Vec<u8> {
                 }
                 Ok(None) => vec![0, 0],
                 Err(glue::NoPgproc) => {
-                    log::error!("nextgres: backend identity asked in a process with no PGPROC (a bug); refused");
+                    log::error!("backend identity asked in a process with no PGPROC (a bug); refused");
                     vec![2]
                 }
             }

@@ -364,6 +364,9 @@ impl Pooler {
                 p.starting = p.starting.saturating_sub(1);
             }
             p.last_login_error = None;
+            if !own {
+                p.login_failures_clear();
+            }
             if p.params.is_none() {
                 p.params = Some(params);
             }
@@ -638,11 +641,25 @@ impl Pooler {
                 p.login_backoff_until = Some(Instant::now() + super::limits::SLOT_BACKOFF);
             }
         }
+        // Its clients share the backends it has meanwhile; without a pause
+        // the next login would start as this one's process exits.
+        let retry = self
+            .pools
+            .get_mut(pool)
+            .filter(|p| p.logged_in_shared_backends() > 0 && f.sqlstate != "53300")
+            .map(|p| p.login_failed_while_shared(Instant::now()));
         let Some(p) = self.pools.get(pool) else { return };
-        let msg = format!(
+        let mut msg = format!(
             "nextgres: pool login for role \"{}\" to database \"{}\" failed: {} {}",
             p.role, p.database, f.sqlstate, f.message
         );
+        if let Some(d) = retry {
+            msg.push_str(&format!(
+                "; its clients share the {} backend(s) it has, and it tries again in {:.1} s",
+                p.logged_in_shared_backends(),
+                d.as_secs_f64()
+            ));
+        }
         // The hint (the pg_hba.conf fix) goes to the server log too.
         let mut report = pgrx::pg_sys::panic::ErrorReport::new(pgrx::PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE, msg, "nextgres");
         if let Some(h) = &f.hint {
@@ -779,6 +796,11 @@ pub fn signal_backend(pid: i32, sig: nix::sys::signal::Signal) {
     }
 }
 
+/// The fix for a role with an MD5-stored password under a scram-sha-256
+/// `local` line (see `answer_auth_request`).
+const MD5_SECRET_HINT: &str = "Put a \"local all ROLE md5\" line for such roles before the scram-sha-256 one in pg_hba.conf (md5 lines also accept SCRAM secrets), \
+or set the role's password again with password_encryption = scram-sha-256.";
+
 /// The pooler's answer to an authentication request of a login it makes
 /// (a pool login, or a replication client's dedicated walsender login),
 /// written to `out`, with the credential a client proved. Some(error) when
@@ -817,6 +839,14 @@ pub fn answer_auth_request(
             Some(Ok(())) => None,
             _ => Some(login_error("28000", "nextgres: the server's SCRAM signature did not verify".into(), None)),
         },
+        // A client proved an md5 secret (an md5 line), and the local line
+        // asks for SCRAM, which never accepts an md5 secret (the server's
+        // CheckPWChallengeAuth() refuses such a login too).
+        (AuthRequest::Sasl { .. }, Some(Credential::Md5(_))) => Some(login_error(
+            "28000",
+            "nextgres: the pool login was asked for a SCRAM password, but the role's password is stored as an MD5 hash, which scram-sha-256 never accepts".into(),
+            Some(MD5_SECRET_HINT),
+        )),
         (AuthRequest::Md5 { .. }, _) => Some(refused("an md5 password")),
         (AuthRequest::Sasl { .. }, _) => Some(refused("a SCRAM password (no client of this role has authenticated with a password since the pooler started)")),
         (AuthRequest::Cleartext, _) => Some(refused("a cleartext password")),

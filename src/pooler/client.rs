@@ -12,7 +12,7 @@ use nix::sys::epoll::EpollFlags;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Largest message accepted during authentication (the server's limit).
 pub const MAX_AUTH_MESSAGE: usize = 65535;
@@ -856,13 +856,45 @@ impl Pooler {
         if c.registered.is_some() {
             conn::remove(&self.epoll, &c.stream);
         }
+        let told = matches!(c.phase, Phase::Closing { .. });
         if let Some(conn) = c.tls.as_mut().and_then(|t| t.parked.as_mut()) {
             super::tls::parked_close(conn, &mut c.stream, &mut c.outbuf);
+            linger_close(&mut c.stream);
         } else {
             c.flush();
+            if told && c.tls.is_none() && !c.out_pending() {
+                // Its final error is on the wire: the end of the connection
+                // follows it after a moment, as a backend's exit follows its
+                // FATAL, rather than in the same read. A client that reads
+                // the end with the error may report only the end (the Rust
+                // `postgres` crate says "connection closed").
+                let stream = c.stream.try_clone();
+                if let Ok(s) = stream {
+                    self.close_later.push_back((s, Instant::now() + FINAL_ERROR_LINGER));
+                } else {
+                    linger_close(&mut c.stream);
+                }
+            } else {
+                linger_close(&mut c.stream);
+            }
         }
-        linger_close(&mut c.stream);
         self.client_gone(&c);
+    }
+
+    /// Closes the sockets of `close_later` whose time has come.
+    pub fn close_later_due(&mut self) {
+        let now = Instant::now();
+        while self.close_later.front().is_some_and(|(_, due)| *due <= now) {
+            if let Some((mut s, _)) = self.close_later.pop_front() {
+                linger_close(&mut s);
+            }
+        }
+    }
+
+    /// Milliseconds until the first of `close_later` is due (the loop's
+    /// wait), if any.
+    pub fn close_later_wait_ms(&self, now: Instant) -> Option<i64> {
+        self.close_later.front().map(|(_, due)| due.saturating_duration_since(now).as_millis() as i64 + 1)
     }
 
     /// A replication client's socket went to its walsender
@@ -903,6 +935,10 @@ impl Pooler {
         }
     }
 }
+
+/// How long a client's connection stays open after its final error was
+/// sent (`Pooler::close_later`).
+pub const FINAL_ERROR_LINGER: Duration = Duration::from_millis(100);
 
 /// Closing a socket with unread input makes the kernel send a reset, which
 /// can overtake a FATAL we just wrote (the client then sees "connection

@@ -227,7 +227,9 @@ impl Pooler {
                     let cred = d.cred.clone();
                     let no_secret = cred.is_none();
                     if let Some(mut f) = answer_auth_request(req, cred, &mut d.scram, &mut out) {
-                        f.hint = None; // the walsender hint replaces the pool login's
+                        // The walsender hint replaces the pool login's,
+                        // but for an MD5-stored password (the fix is the same).
+                        let hint = f.hint.take().filter(|_| f.message.contains("stored as an MD5 hash"));
                         if no_secret {
                             // The client proved nothing (trust): the pooler
                             // has no secret to give this login.
@@ -235,6 +237,7 @@ impl Pooler {
                             f.hint = Some(NO_SECRET_HINT.into());
                         } else {
                             f.message = f.message.replace("the pool login", "the walsender login");
+                            f.hint = hint;
                         }
                         return self.dedicated_failed(key, f);
                     }

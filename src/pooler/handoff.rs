@@ -71,6 +71,7 @@ impl Pooler {
                 if p.credential.as_ref().is_none_or(|old| !same_secret(old, &new)) {
                     p.last_login_error = None;
                     p.login_check = None;
+                    p.login_failures_clear();
                 }
                 p.credential = Some(new);
             }

@@ -40,7 +40,7 @@ impl Pooler {
                     Phase::Waiting { since } | Phase::LoginPending { since } | Phase::Ahead { since, .. } => {
                         let wait_limit = secs(self.query_wait_timeout_of(c.pool));
                         if wait_limit.is_some_and(|l| now.duration_since(since) > l) {
-                            expired_wait.push((k, c.pool));
+                            expired_wait.push((k, c.pool, since));
                         } else if !matches!(c.phase, Phase::LoginPending { .. })
                             && !c.watch_hangup
                             && now.duration_since(since) >= Duration::from_millis(TICK_MS as u64)
@@ -91,7 +91,7 @@ impl Pooler {
         // the clients' FATAL reaches no server log otherwise, and a pool
         // whose backends all look busy is the first thing to see.
         let mut timed_out: Vec<(Option<usize>, usize)> = Vec::new();
-        for &(_, pool) in &expired_wait {
+        for &(_, pool, _) in &expired_wait {
             match timed_out.iter_mut().find(|(p, _)| *p == pool) {
                 Some((_, n)) => *n += 1,
                 None => timed_out.push((pool, 1)),
@@ -100,14 +100,20 @@ impl Pooler {
         for (pool, n) in timed_out {
             log::info!("{}", self.wait_timeout_note(pool, n));
         }
-        for (k, pool) in expired_wait {
+        for (k, pool, since) in expired_wait {
             let t = self.query_wait_timeout_of(pool);
-            self.client_fatal(
-                k,
-                "53400",
-                &format!("nextgres: no backend became free within nextgres.query_wait_timeout ({t}s)"),
-                Some("Raise nextgres.pool_size or nextgres.query_wait_timeout, or shorten transactions."),
-            );
+            // A wait that failed is a wait too (`waits`, `wait_time_ms`,
+            // `max_wait_ms`): a pool failing its clients must not look idle.
+            let paused = pool.is_some_and(|p| self.pool_paused(p));
+            if let Some(p) = pool.and_then(|p| self.pools.get_mut(p)) {
+                p.record_wait(since);
+            }
+            let hint = if paused {
+                "The pool is paused (nextgres.pause()); nextgres.resume() ends the pause."
+            } else {
+                "Raise nextgres.pool_size or nextgres.query_wait_timeout, or shorten transactions."
+            };
+            self.client_fatal(k, "53400", &format!("nextgres: no backend became free within nextgres.query_wait_timeout ({t}s)"), Some(hint));
         }
         for k in refused {
             self.refusing_end(k, true);
@@ -165,7 +171,7 @@ impl Pooler {
         let t = self.query_wait_timeout_of(pool);
         let who = clients_word(n);
         let Some((pool, p)) = pool.and_then(|k| Some((k, self.pools.get(k)?))) else {
-            return format!("nextgres: {who} waited out nextgres.query_wait_timeout ({t}s)");
+            return format!("{who} waited out nextgres.query_wait_timeout ({t}s)");
         };
         let (mut starting, mut attached, mut pinned, mut parked, mut lent, mut closing, mut recalled) = (0, 0, 0, 0, 0, 0, 0);
         for (_, c) in self.conns.iter() {
@@ -190,7 +196,7 @@ impl Pooler {
             }
         }
         format!(
-            "nextgres: {who} of role \"{}\" for database \"{}\" waited out nextgres.query_wait_timeout ({t}s): pool_size {}; \
+            "{who} of role \"{}\" for database \"{}\" waited out nextgres.query_wait_timeout ({t}s): pool_size {}; \
              backends {starting} starting, {attached} attached ({pinned} pinned), {parked} parked, \
              {lent} lent to the kernel queue ({closing} closing, {recalled} recalled)",
             p.role,

@@ -3,8 +3,9 @@
 //!
 //! Pool logins go through the server's Unix socket with the credential of
 //! the client that logged in last (`Pool::credential`). After `ALTER ROLE
-//! ... PASSWORD` (or NOLOGIN, or a VALID UNTIL that passed) a login with it
-//! fails, while a direct session that exists goes on. So before the pooler
+//! ... PASSWORD` (or NOLOGIN, or a VALID UNTIL that passed, or `ALTER
+//! DATABASE ... ALLOW_CONNECTIONS false`, or a revoked CONNECT privilege)
+//! a login with it fails, while a direct session that exists goes on. So before the pooler
 //! closes a pool's last logged-in shared backend (idle past
 //! idle_backend_timeout, past backend_lifetime, `nextgres.reconnect()`)
 //! while the pool has clients, it asks the agent whether a pool login would
@@ -113,6 +114,14 @@ fn login_refusal(info: &NgLoginInfo, cred: Option<&Credential>) -> Option<String
     }
     if !info.role_canlogin {
         return Some("the role is not permitted to log in".into());
+    }
+    // ALTER DATABASE ... ALLOW_CONNECTIONS false, REVOKE CONNECT: the
+    // server's way to drain a database lets its sessions finish.
+    if !info.db_allowconn {
+        return Some("the database does not accept connections (ALLOW_CONNECTIONS false)".into());
+    }
+    if !info.db_can_connect {
+        return Some("the role has no CONNECT privilege on the database".into());
     }
     match info.method() {
         HbaMethod::Reject | HbaMethod::ImplicitReject => Some("pg_hba.conf rejects it".into()),

@@ -134,7 +134,7 @@ impl Verifier {
             match self.spawn() {
                 Ok(()) => q.running += 1,
                 Err(e) if q.running == 0 => {
-                    log::warn!("nextgres: could not start a password check thread: {e}; this check runs on the pooler's loop");
+                    log::warn!("could not start a password check thread: {e}; this check runs on the pooler's loop");
                     let mine = q.jobs.pop_back().expect("just queued");
                     drop(q);
                     return Err(mine.job.run(&cancelled));

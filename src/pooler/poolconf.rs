@@ -155,12 +155,12 @@ pub extern "C-unwind" fn nextgres_conf_reader_main(arg: pg_sys::Datum) {
         Ok(data) => {
             let Some(t) = crate::shmem::tables() else { return };
             if !t.conf_write(&data) {
-                log::warn!("nextgres: pg_db_role_setting has more nextgres.* items than fit ({} bytes); the rest are ignored, and logins report the values of their pool's backends", crate::shmem::CONF_LEN);
+                log::warn!("pg_db_role_setting has more nextgres.* items than fit ({} bytes); the rest are ignored, and logins report the values of their pool's backends", crate::shmem::CONF_LEN);
             }
             // Logins may be waiting for this copy (`conf_hold`).
             t.wake_pooler();
         }
-        Err(e) => log::warn!("nextgres: could not read pg_db_role_setting: {e}"),
+        Err(e) => log::warn!("could not read pg_db_role_setting: {e}"),
     }
 }
 
@@ -434,7 +434,7 @@ impl Pooler {
 
     fn pool_conf_reader_failed(&mut self, why: &str) {
         if !self.conf.failing {
-            log::warn!("nextgres: could not start the reader of pg_db_role_setting: {why}; pools keep the settings read last");
+            log::warn!("could not start the reader of pg_db_role_setting: {why}; pools keep the settings read last");
         }
         self.conf.failing = true;
         self.conf.not_before = Some(Instant::now() + READER_RETRY);
@@ -450,7 +450,7 @@ impl Pooler {
         if cut != self.conf.reported_cut {
             for c in &cut {
                 log::warn!(
-                    "nextgres: the items of settings a login reports that pg_db_role_setting holds for {} in {} do not all fit the pooler's copy ({} bytes); logins they apply to report the values of their pool's backends",
+                    "the items of settings a login reports that pg_db_role_setting holds for {} in {} do not all fit the pooler's copy ({} bytes); logins they apply to report the values of their pool's backends",
                     c.role.as_deref().map_or("every role".to_string(), |r| format!("role \"{r}\"")),
                     c.database.as_deref().map_or("every database".to_string(), |d| format!("database \"{d}\"")),
                     crate::shmem::CONF_LEN

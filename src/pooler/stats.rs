@@ -62,8 +62,8 @@ impl Pooler {
         let lent = self.kq_lent_count(pool);
         let parked = p.parked.len() + lent;
         let attached = p.backends.saturating_sub(parked + p.starting + p.sessions_starting);
-        let waiting = p.waiting.len() + p.ahead + p.session_waiting.len() + self.kq_waiting_count(pool);
-        let pending = p.login_pending.len();
+        // Clients waiting for the pool's first login wait for a backend too.
+        let waiting = p.waiting.len() + p.ahead + p.session_waiting.len() + self.kq_waiting_count(pool) + p.login_pending.len();
         let (size, session) = (self.pool_size_of(pool) as i32, self.pool_session_mode(pool));
         let dedicated_mode = self.pool_mode_of(pool) == nextgres_core::poolconf::Mode::Dedicated;
         // What backends did for clients of its kernel queue.
@@ -77,7 +77,7 @@ impl Pooler {
             let was = outnumbered(r);
             r.clients_waiting = waiting as i32;
             r.clients_active = attached as i32;
-            r.clients_idle = p.clients.saturating_sub(waiting + attached + pending) as i32;
+            r.clients_idle = p.clients.saturating_sub(waiting + attached) as i32;
             r.backends_parked = parked as i32;
             r.backends_attached = attached as i32;
             r.backends_starting = (p.starting + p.sessions_starting) as i32;
@@ -118,6 +118,9 @@ impl Pooler {
             r.state = ClientState::Login;
             r.connected_at = now;
         });
+        if let Some(k) = self.tables.kq_row(row) {
+            k.xacts.store(0, std::sync::atomic::Ordering::Relaxed);
+        }
         Some(row)
     }
 
@@ -214,6 +217,9 @@ impl Pooler {
         });
         self.ring_reset(row);
         self.tables.attach_slots_clear(row);
+        if let Some(h) = self.tables.kq_backend(row) {
+            h.xacts.store(0, std::sync::atomic::Ordering::Relaxed);
+        }
         Some(row)
     }
 

@@ -100,6 +100,9 @@ pub struct Pooler {
     pub verifier: super::password::Verifier,
     /// Failed authentications whose refusal waits out auth_delay.
     pub auth_delayed: Vec<super::auth_delay::Delayed>,
+    /// Sockets of clients told a final error, closed when due
+    /// (`client::FINAL_ERROR_LINGER`), oldest first.
+    pub close_later: std::collections::VecDeque<(std::net::TcpStream, std::time::Instant)>,
     /// What the server speaks: newest protocol minor, longest cancel key.
     pub server_proto: nextgres_core::proto::ServerProtocol,
     /// Smart shutdown in progress: admit nobody, let pools drain.
@@ -190,6 +193,7 @@ impl Pooler {
             mock_key,
             verifier: super::password::Verifier::new(),
             auth_delayed: Vec::new(),
+            close_later: std::collections::VecDeque::new(),
             server_proto: glue::server_protocol(),
             tls: match super::tls::load_or_startup() {
                 (c, None) => c,
@@ -238,6 +242,9 @@ impl Pooler {
             let now = std::time::Instant::now();
             let mut wait = self.accept_pause.wait_ms(now, super::janitor::TICK_MS);
             if let Some(ms) = self.auth_delay_wait_ms(now) {
+                wait = wait.min(ms);
+            }
+            if let Some(ms) = self.close_later_wait_ms(now) {
                 wait = wait.min(ms);
             }
             // The next ring entry written while the pooler sleeps wakes it
@@ -304,6 +311,7 @@ impl Pooler {
             self.closing_check();
             self.ops_check();
             self.auth_delays_due();
+            self.close_later_due();
             self.janitor();
         }
     }

@@ -1930,3 +1930,31 @@ fn login_event_triggers_fire_for_each_pooled_session() {
     assert_eq!(seen("pooled"), 2, "the next client's login");
     assert_eq!(seen("forbidden"), 0, "a refused login's row was committed");
 }
+
+/// A role whose password is stored as an MD5 hash, logging in over a `host
+/// ... md5` line, under the README's `local all all scram-sha-256` line:
+/// the server never accepts an MD5 secret over a SCRAM line, so the pool
+/// login fails, and the client is told that (and the fix), not that no
+/// client of the role authenticated with a password, with a hint naming the
+/// line that is already there (hunt9b 2). Directly over the socket the same
+/// login fails too: the server's rule.
+#[test]
+fn an_md5_stored_password_under_a_scram_local_line_is_named() {
+    const PW: &str = "pw";
+    let pg = Cluster::builder()
+        .hba(
+            "local all postgres trust\n\
+             local all all scram-sha-256\n\
+             host all md5_u 127.0.0.1/32 md5\n\
+             host all all 127.0.0.1/32 scram-sha-256\n",
+        )
+        .start();
+    exec(&pg, "CREATE EXTENSION nextgres");
+    pg.create_role("md5_u", PW, PasswordEncryption::Md5);
+    assert!(pg.connect_unix("md5_u", "postgres", Some(PW)).is_err(), "the server takes an md5 secret over a scram line");
+    let outcome = rust_outcome(&pg.tcp("md5_u", "postgres").password(PW), None);
+    let Outcome::Db(f) = &outcome else { panic!("pooled: {outcome:?}") };
+    assert_eq!(f.code, "28000", "{f:?}");
+    assert!(f.message.contains("stored as an MD5 hash"), "{f:?}");
+    assert!(f.hint.as_deref().is_some_and(|h| h.contains("local all ROLE md5")), "{f:?}");
+}

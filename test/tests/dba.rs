@@ -367,3 +367,58 @@ fn reload_leaves_an_unchanged_listen_addresses_alone() {
         assert_eq!(c.query_one("SELECT 1", &[]).expect("query").get::<_, i32>(0), 1);
     });
 }
+
+/// A database drained the server's way (`ALTER DATABASE ... ALLOW_CONNECTIONS
+/// false`, `REVOKE CONNECT`) while clients are connected: pooled ones go on
+/// as direct sessions do, also past `nextgres.reconnect()` (their pool keeps
+/// its last backend), and new logins get the server's error on both doors.
+/// A pool whose next login the server refuses while its clients share a busy
+/// backend does not retry in a loop: one client waits 4 s for the other's
+/// transaction while the pool tries a few logins, not hundreds. Before: some
+/// 1,400 refused pool logins in 3 s, and `nextgres.reconnect()` ended the
+/// pooled clients with the refusal (hunt9a 1, 2).
+#[test]
+fn a_drained_database_keeps_its_clients_without_a_login_storm() {
+    run(Cluster::builder().conf("nextgres.pool_size = 2"), |pg| {
+        pg.admin().batch_execute("CREATE DATABASE shop").expect("CREATE DATABASE");
+        let refusals = |mark| pg.log_since(mark).matches("pool login for role \"app\" to database \"shop\" failed").count();
+        for (drain, undo, code) in [
+            ("ALTER DATABASE shop ALLOW_CONNECTIONS false", "ALTER DATABASE shop ALLOW_CONNECTIONS true", "55000"),
+            ("REVOKE CONNECT ON DATABASE shop FROM PUBLIC", "GRANT CONNECT ON DATABASE shop TO PUBLIC", "42501"),
+        ] {
+            // The pool starts with no backend: a's transaction takes its one.
+            pg.admin().batch_execute("SELECT nextgres.reconnect('shop', 'app')").expect("reconnect");
+            assert!(wait_until(SETTLE, || pg.backend_count(Some(APP), Some("shop")) == 0), "{:?}", pg.activity());
+            let mut a = pg.connect_tcp(APP, "shop", None).expect("a");
+            a.batch_execute("BEGIN; SELECT 1").expect("a's transaction: the pool's one backend");
+            let mut b = pg.connect_tcp(APP, "shop", None).expect("b (no query yet)");
+            let mut direct = pg.connect_unix(APP, "shop", None).expect("direct");
+            let mark = pg.log_mark();
+            pg.admin().batch_execute(drain).expect(drain);
+            // b needs a backend: a's is busy, and the pool's login is refused.
+            let waiter = std::thread::spawn(move || {
+                let r = b.simple_query("SELECT 'b served'").map(|m| pool_support::first_value(&m));
+                (b, r)
+            });
+            std::thread::sleep(Duration::from_secs(4));
+            let storm = refusals(mark);
+            assert!((1..=8).contains(&storm), "{drain}: {storm} refused pool logins in 4 s\n{}", pg.log_since(mark));
+            a.batch_execute("COMMIT").expect("a commits");
+            let (mut b, r) = waiter.join().expect("b's thread");
+            assert_eq!(r.expect("b after a's commit").as_deref(), Some("b served"), "{drain}");
+            // Backends replaced: not the pool's last one, which a login
+            // could not replace.
+            pg.admin().batch_execute("SELECT nextgres.reconnect('shop', 'app')").expect("reconnect");
+            std::thread::sleep(Duration::from_secs(2));
+            for (who, c) in [("a", &mut a), ("b", &mut b), ("direct", &mut direct)] {
+                c.batch_execute("SELECT 1").unwrap_or_else(|e| panic!("{drain}: {who} after reconnect: {e:?}"));
+            }
+            for (door, r) in [("pooled", pg.connect_tcp(APP, "shop", None)), ("direct", pg.connect_unix(APP, "shop", None))] {
+                let e = r.err().unwrap_or_else(|| panic!("{drain}: a new {door} login succeeded"));
+                assert_eq!(e.code().map(|c| c.code()), Some(code), "{drain}: {door}: {e:?}");
+            }
+            pg.admin().batch_execute(undo).expect(undo);
+            drop((a, b, direct));
+        }
+    });
+}

@@ -1739,14 +1739,16 @@ fn pause_through_the_pooler_and_empty_names() {
 /// A role granted the kill functions (as the README suggests for an
 /// operator) is held to pg_terminate_backend's rule: it may not end a
 /// superuser's clients (42501, the server's message), nor every role's at
-/// once; it may end a plain role's. Before: `kill_clients('postgres')` by
-/// such a role ended the superuser's pooled session too.
+/// once, even with `pg_signal_backend`; it may end another role's only with
+/// that role's privileges or `pg_signal_backend`'s. Before:
+/// `kill_clients('postgres')` by such a role ended the superuser's pooled
+/// session too, and it could end any plain role's clients (hunt9a 5).
 #[test]
-fn granted_kill_functions_spare_superusers_sessions() {
+fn granted_kill_functions_follow_pg_terminate_backends_rule() {
     let pg = Cluster::builder().start();
     exec(
         &pg,
-        "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN; CREATE ROLE ops LOGIN;
+        "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN; CREATE ROLE app2 LOGIN; CREATE ROLE ops LOGIN;
          GRANT USAGE ON SCHEMA nextgres TO ops;
          GRANT EXECUTE ON FUNCTION nextgres.kill_clients(text, text), nextgres.kill_client(text, integer) TO ops;
          GRANT pg_monitor TO ops",
@@ -1756,22 +1758,44 @@ fn granted_kill_functions_spare_superusers_sessions() {
     boss.simple_query("SELECT 1").expect("boss");
     let mut app = pg.tcp("app", "postgres").connect().expect("app");
     app.simple_query("SELECT 1").expect("app");
+    let mut app2 = pg.tcp("app2", "postgres").connect().expect("app2");
+    app2.simple_query("SELECT 1").expect("app2");
     let mut ops = pg.unix("ops", "postgres").connect().expect("ops");
-    let boss_port: i32 = ops
-        .query_one("SELECT client_port FROM nextgres.clients WHERE role = $1", &[&su])
-        .expect("boss's row")
-        .get(0);
-    for sql in [
+    let port_of = |ops: &mut postgres::Client, role: &str| -> i32 {
+        ops.query_one("SELECT client_port FROM nextgres.clients WHERE role = $1", &[&role]).expect("client row").get(0)
+    };
+    let (boss_port, app2_port) = (port_of(&mut ops, su), port_of(&mut ops, "app2"));
+    let refused = |ops: &mut postgres::Client, sql: &str, detail: &str| {
+        let e = ops.simple_query(sql).expect_err(sql);
+        let db = e.as_db_error().expect("a server error");
+        assert_eq!((db.code().code(), db.message()), ("42501", "permission denied to terminate process"), "{sql}");
+        assert!(db.detail().is_some_and(|d| d.contains(detail)), "{sql}: {db:?}");
+    };
+    let superuser_only = [
         "SELECT nextgres.kill_clients('postgres')".to_string(),
         format!("SELECT nextgres.kill_clients('postgres', '{su}')"),
         format!("SELECT nextgres.kill_client('127.0.0.1', {boss_port})"),
-    ] {
-        let e = ops.simple_query(&sql).expect_err(&sql);
-        let db = e.as_db_error().expect("a server error");
-        assert_eq!((db.code().code(), db.message()), ("42501", "permission denied to terminate process"), "{sql}");
+    ];
+    for sql in &superuser_only {
+        refused(&mut ops, sql, "SUPERUSER attribute");
     }
-    ops.simple_query("SELECT nextgres.kill_clients('postgres', 'app')").expect("a plain role's clients");
+    // Neither a member of app / app2 nor of pg_signal_backend.
+    refused(&mut ops, "SELECT nextgres.kill_clients('postgres', 'app')", "pg_signal_backend");
+    refused(&mut ops, &format!("SELECT nextgres.kill_client('127.0.0.1', {app2_port})"), "pg_signal_backend");
+    app.simple_query("SELECT 'app still here'").expect("app survived the refusals");
+    // With app's privileges: its clients.
+    exec(&pg, "GRANT app TO ops");
+    ops.simple_query("SELECT nextgres.kill_clients('postgres', 'app')").expect("a role it has the privileges of");
     assert!(app.simple_query("SELECT 1").is_err(), "app's client was not ended");
+    app2.simple_query("SELECT 'app2 still here'").expect("app2 untouched");
+    // With pg_signal_backend: any plain role's, never a superuser's.
+    exec(&pg, "GRANT pg_signal_backend TO ops");
+    for sql in &superuser_only {
+        refused(&mut ops, sql, "SUPERUSER attribute");
+    }
+    let killed = ops.query_one(&format!("SELECT nextgres.kill_client('127.0.0.1', {app2_port})"), &[]).expect("pg_signal_backend");
+    assert!(killed.get::<_, bool>(0), "app2's client not found");
+    assert!(app2.simple_query("SELECT 1").is_err(), "app2's client was not ended");
     boss.simple_query("SELECT 'still here'").expect("the superuser's session survived");
 }
 
@@ -1795,4 +1819,106 @@ fn application_name_is_logged_cleaned_as_by_the_server() {
     let want = if pg.pg_major() >= 16 { "x\\x0aFORGED \\x1b[31m" } else { "x?FORGED ?[31m" };
     assert!(log.contains(&format!("{authorized}{want}\n")), "{log}");
     assert!(!log.contains("\nFORGED") && !log.contains('\u{1b}'), "{log}");
+}
+
+/// What the operation functions and views tell a DBA (hunt9c 2-10): `pause`
+/// refuses a database or role that does not exist (a pause of a misspelt
+/// name paused nothing and waited for a later one of that name), answers
+/// true at once with 0 s when nothing runs (it answered false before the
+/// pooler had seen it), and holds at most 48 slots, so `reconnect` still
+/// finds one (all 64 went to pauses, then every function failed with
+/// XX000); a client that waits out `query_wait_timeout` in a paused pool is
+/// told it is paused and counts as a wait (it counted as none); a client's
+/// and a backend's `transactions` count those served through the kernel
+/// queue (they stayed near 0).
+#[test]
+fn operations_and_views_tell_what_happened() {
+    let pg = Cluster::builder().conf("nextgres.query_wait_timeout = 2").start();
+    exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN");
+    let mut admin = pg.admin();
+    admin.batch_execute("DO $$ BEGIN FOR i IN 1..49 LOOP EXECUTE format('CREATE ROLE t%s', i); END LOOP; END $$").expect("roles");
+    for (sql, code) in [("SELECT nextgres.pause('nosuchdb')", "3D000"), ("SELECT nextgres.pause('postgres', 'nosuchrole')", "42704")] {
+        let e = admin.simple_query(sql).expect_err(sql);
+        assert_eq!(e.code().map(|c| c.code()), Some(code), "{sql}: {e:?}");
+    }
+    // Transactions through the kernel queue, counted per client and backend.
+    let mut app = pg.tcp("app", "postgres").connect().expect("app");
+    for _ in 0..5 {
+        app.batch_execute("SELECT 1").expect("app");
+    }
+    let (client_xacts, backend_xacts): (i64, i64) = {
+        let c: i64 = admin.query_one("SELECT sum(transactions)::bigint FROM nextgres.clients WHERE role = 'app'", &[]).expect("clients").get(0);
+        let b: i64 = admin.query_one("SELECT sum(transactions)::bigint FROM nextgres.backends WHERE role = 'app'", &[]).expect("backends").get(0);
+        (c, b)
+    };
+    assert!(client_xacts >= 5 && backend_xacts >= 5, "client {client_xacts}, backends {backend_xacts}");
+    // Nothing of t1's runs (it has no pool): a 0 s pause answers true.
+    for _ in 0..5 {
+        let paused: bool = admin.query_one("SELECT nextgres.pause('postgres', 't1', 0)", &[]).expect("pause").get(0);
+        assert!(paused, "pause with nothing running");
+        admin.batch_execute("SELECT nextgres.resume('postgres', 't1')").expect("resume");
+    }
+    admin.batch_execute("SELECT nextgres.reset_stats('postgres', 'app')").expect("reset_stats");
+    admin.batch_execute("SELECT nextgres.pause('postgres', 'app', 0)").expect("pause");
+    let e = app.batch_execute("SELECT 'while paused'").expect_err("a paused pool's client waits out query_wait_timeout");
+    let db = e.as_db_error().unwrap_or_else(|| panic!("not a server error: {e:?}"));
+    assert_eq!(db.code().code(), "53400", "{db:?}");
+    assert!(db.hint().is_some_and(|h| h.contains("paused")), "{db:?}");
+    let (waits, max_wait): (i64, f64) = {
+        let r = admin.query_one("SELECT waits, max_wait_ms::float8 FROM nextgres.pools WHERE role = 'app'", &[]).expect("pools");
+        (r.get(0), r.get(1))
+    };
+    assert!(waits >= 1 && max_wait >= 1500.0, "waits {waits}, max_wait_ms {max_wait}");
+    // 48 pauses in force at most; the one-shot operations still run.
+    admin.batch_execute("SELECT nextgres.pause('postgres', 't' || i, 0) FROM generate_series(1, 47) i").expect("47 more pauses");
+    let e = admin.simple_query("SELECT nextgres.pause('postgres', 't48', 0)").expect_err("the 49th pause");
+    assert_eq!(e.code().map(|c| c.code()), Some("54000"), "{e:?}");
+    admin.batch_execute("SELECT nextgres.pause('postgres', 't1', 0)").expect("a pause already in force");
+    admin.batch_execute("SELECT nextgres.reconnect('postgres'); SELECT nextgres.reset_stats()").expect("one-shot operations");
+    let ended: i32 = admin.query_one("SELECT nextgres.resume('postgres')", &[]).expect("resume").get(0);
+    assert_eq!(ended, 48);
+    let mut again = pg.tcp("app", "postgres").connect().expect("app again");
+    again.batch_execute("SELECT 'resumed'").expect("served after resume");
+}
+
+/// An application_name that is not UTF-8 (the name of a program in a
+/// LATIN1 locale) logs in and reads as the server cleans it, as on a
+/// direct connection (`B\xfccher` from 16 on, `B?cher` in 15). Before: FATAL
+/// 08P01 "invalid startup packet: parameter is not valid UTF-8" (hunt9b 1).
+#[test]
+fn a_non_utf8_application_name_logs_in_as_directly() {
+    use std::io::Write;
+    let pg = Cluster::builder().start();
+    exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN");
+    let mut body = 196608i32.to_be_bytes().to_vec();
+    body.extend_from_slice(b"user\0app\0database\0postgres\0application_name\0B\xfccher\0\0");
+    let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    packet.extend(body);
+    fn app_name<S: std::io::Read + Write>(s: &mut S, packet: &[u8]) -> Result<String, String> {
+        s.write_all(packet).expect("startup");
+        loop {
+            let m = pool_support::read_msg(s).ok_or("connection closed")?;
+            match m.tag {
+                b'Z' => break,
+                b'E' => return Err(String::from_utf8_lossy(&m.body).into_owned()),
+                _ => {}
+            }
+        }
+        s.write_all(&pool_support::query_msg("SHOW application_name")).expect("query");
+        loop {
+            let m = pool_support::read_msg(s).ok_or("connection closed")?;
+            if m.tag == b'D' {
+                return Ok(String::from_utf8_lossy(&m.body[6..]).into_owned());
+            }
+        }
+    }
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", pg.port())).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    let path = pg.socket_dir().join(format!(".s.PGSQL.{}", pg.port()));
+    let mut unix = std::os::unix::net::UnixStream::connect(path).expect("connect to the Unix socket");
+    unix.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    let (direct, pooled) = (app_name(&mut unix, &packet), app_name(&mut tcp, &packet));
+    let want = if pg.pg_major() >= 16 { "B\\xfccher" } else { "B?cher" };
+    assert_eq!(direct.as_deref(), Ok(want), "direct");
+    assert_eq!(pooled, direct, "pooled");
 }

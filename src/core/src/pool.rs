@@ -4,7 +4,14 @@
 #![allow(missing_docs)] // field-level docs would only repeat the module docs
 use crate::proto::ErrorFields;
 use std::collections::VecDeque;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// The pause after a pool login refused while the pool has backends to
+/// share (`Pool::login_failed_while_shared`); it doubles with each refusal
+/// in a row, up to `LOGIN_RETRY_MAX` (PgBouncer's `server_login_retry` is
+/// 5 s flat).
+pub const LOGIN_RETRY_FIRST: Duration = Duration::from_millis(500);
+pub const LOGIN_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// What the pooler logs pooled backends in with. Kept in pooler memory only.
 #[derive(Clone)]
@@ -115,8 +122,13 @@ pub struct Pool {
     /// episode).
     pub keeping_last: bool,
     /// No pool login before this instant: the server had no connection
-    /// slot for the last one (53300), so the pool does not retry in a loop.
+    /// slot for the last one (53300), or refused it while the pool has
+    /// backends to share (`login_failed_while_shared`), so the pool does
+    /// not retry in a loop.
     pub login_backoff_until: Option<Instant>,
+    /// Pool logins refused in a row while the pool had backends to share
+    /// (reset by one that succeeds, or a client with another secret).
+    pub login_failures: u32,
     /// The pool is short of connection slots since this episode began (its
     /// log line is written once per episode).
     pub slots_episode: bool,
@@ -183,6 +195,7 @@ impl Pool {
             login_check: None,
             keeping_last: false,
             login_backoff_until: None,
+            login_failures: 0,
             slots_episode: false,
             xacts: 0,
             queries: 0,
@@ -223,6 +236,29 @@ impl Pool {
     /// that cannot succeed is retried without pause.
     pub fn logged_in_shared_backends(&self) -> usize {
         self.shared_backends().saturating_sub(self.starting)
+    }
+
+    /// A pool login failed while the pool still has logged-in shared
+    /// backends, which its clients share meanwhile: no login before a
+    /// pause that doubles with each failure in a row (`LOGIN_RETRY_FIRST`
+    /// up to `LOGIN_RETRY_MAX`), so a login the server keeps refusing
+    /// (NOLOGIN, ALLOW_CONNECTIONS false, REVOKE CONNECT, a smart
+    /// shutdown's 57P03) costs a fork and its log lines every few seconds,
+    /// not hundreds a second. Returns the pause.
+    pub fn login_failed_while_shared(&mut self, now: Instant) -> Duration {
+        self.login_failures = self.login_failures.saturating_add(1);
+        let pause = LOGIN_RETRY_FIRST.saturating_mul(1 << (self.login_failures - 1).min(8)).min(LOGIN_RETRY_MAX);
+        let until = now + pause;
+        self.login_backoff_until = Some(self.login_backoff_until.map_or(until, |t| t.max(until)));
+        pause
+    }
+
+    /// The pool's logins may succeed again (one did, or a client proved
+    /// another secret): the next one is not held back by earlier failures.
+    pub fn login_failures_clear(&mut self) {
+        if std::mem::take(&mut self.login_failures) > 0 {
+            self.login_backoff_until = None;
+        }
     }
 
     /// Do clients of this pool wait for a backend: for one to run a
@@ -308,6 +344,27 @@ mod tests {
     }
 
     #[test]
+    fn refused_logins_back_off_until_one_succeeds() {
+        let mut p = Pool::new("db", "r", 0);
+        let now = Instant::now();
+        let pauses: Vec<u64> = (0..7).map(|_| p.login_failed_while_shared(now).as_millis() as u64).collect();
+        assert_eq!(pauses, [500, 1000, 2000, 4000, 5000, 5000, 5000]);
+        assert_eq!(p.login_backoff_until, Some(now + LOGIN_RETRY_MAX));
+        // A slot shortage's longer pause is not shortened.
+        p.login_backoff_until = Some(now + Duration::from_secs(60));
+        p.login_failed_while_shared(now);
+        assert_eq!(p.login_backoff_until, Some(now + Duration::from_secs(60)));
+        p.login_failures_clear();
+        assert_eq!((p.login_failures, p.login_backoff_until), (0, None));
+        assert_eq!(p.login_failed_while_shared(now), LOGIN_RETRY_FIRST);
+        // Nothing to clear: another cause's pause stays.
+        let mut q = Pool::new("db", "r", 0);
+        q.login_backoff_until = Some(now);
+        q.login_failures_clear();
+        assert_eq!(q.login_backoff_until, Some(now));
+    }
+
+    #[test]
     fn a_draining_pool_never_grows() {
         let mut p = Pool::new("db", "r", 0);
         p.waiting.push_back(1);
@@ -377,7 +434,6 @@ mod tests {
 
     #[test]
     fn fair_slice_only_while_the_queue_is_shorter_than_the_pool() {
-        use std::time::Duration;
         let ms = Duration::from_millis;
         assert_eq!(fair_slice(ms(2), 1, 16), ms(2));
         assert_eq!(fair_slice(ms(2), 15, 16), ms(2));

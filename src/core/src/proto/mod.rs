@@ -18,7 +18,7 @@ pub use build::*;
 pub use error::{parse_error_fields, ErrorFields, ProtoError};
 pub use frame::{parse_message, read_cstr, Message};
 pub use startup::{
-    format_options, parse_bool, parse_options, parse_replication, parse_startup, parse_startup_for, startup_names_read,
+    clean_ascii, format_options, parse_bool, parse_options, parse_replication, parse_startup, parse_startup_for, startup_names_read,
     unsupported_protocol,
     Replication, ReplicationFlags, ServerProtocol, StartupRequest,
     CANCEL_KEY_3_0, CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, MAX_STARTUP_PACKET, PROTOCOL_3_0,

@@ -33,13 +33,16 @@ pub struct ServerProtocol {
     pub newest_minor: u16,
     /// Longest cancel key the server issues and accepts, in bytes.
     pub max_cancel_key: usize,
+    /// `pg_clean_ascii()` (common/string.c) writes a byte outside printable
+    /// ASCII as `\xNN` (16+) rather than `?` (15): see [`clean_ascii`].
+    pub clean_escapes: bool,
 }
 
 impl ServerProtocol {
-    /// PostgreSQL 15 to 17.
-    pub const V3_0: ServerProtocol = ServerProtocol { newest_minor: 0, max_cancel_key: CANCEL_KEY_3_0 };
+    /// PostgreSQL 16 and 17 (15: `clean_escapes` false).
+    pub const V3_0: ServerProtocol = ServerProtocol { newest_minor: 0, max_cancel_key: CANCEL_KEY_3_0, clean_escapes: true };
     /// PostgreSQL 18.
-    pub const V3_2: ServerProtocol = ServerProtocol { newest_minor: 2, max_cancel_key: 32 };
+    pub const V3_2: ServerProtocol = ServerProtocol { newest_minor: 2, max_cancel_key: 32, clean_escapes: true };
 
     /// The minor version a session runs with, as the server sets
     /// `FrontendProtocol` (backend_startup.c): the client's request, capped
@@ -219,7 +222,14 @@ fn parse_startup_message(
         let (value, next) = cstr_bytes(body, next).ok_or_else(bad_layout)?;
         off = next;
         let name = utf8(name)?;
-        let value = utf8(value)?;
+        // The server takes the values as bytes. application_name (the one
+        // a client's locale decides, e.g. a LATIN1 program name) ends up as
+        // the server cleans it (guc check hook and log lines alike), so a
+        // value that is not UTF-8 is taken cleaned; others are refused.
+        let value = match utf8(value) {
+            Err(_) if name == "application_name" => clean_ascii(value, server.clean_escapes),
+            v => v?,
+        };
         // A repeated name: the last value wins, except `replication`, which
         // the server folds occurrence by occurrence (each kept, in order;
         // see [`ReplicationFlags`]).
@@ -286,6 +296,24 @@ pub fn startup_names_read(packet: &[u8]) -> (String, String) {
         off = value_at + value.len() + 1;
     }
     (user, database)
+}
+
+/// A client's string as the server keeps it for `application_name` and its
+/// log lines (`pg_clean_ascii()`, common/string.c): every byte outside
+/// printable ASCII as `\xNN` (`escapes`, 16+) or as `?` (15), so newlines
+/// and terminal escapes cannot forge or hide log lines.
+pub fn clean_ascii(bytes: &[u8], escapes: bool) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for &b in bytes {
+        if (32..=126).contains(&b) {
+            out.push(b as char);
+        } else if escapes {
+            out.push_str(&format!("\\x{b:02x}"));
+        } else {
+            out.push('?');
+        }
+    }
+    out
 }
 
 /// NUL-terminated byte string at `off` and the offset after it.
@@ -681,11 +709,20 @@ mod tests {
 
     #[test]
     fn non_utf8() {
-        for payload in [&b"user\0\xff\0\0"[..], b"\xc3\0a\0user\0a\0\0"] {
+        for payload in [&b"user\0\xff\0\0"[..], b"\xc3\0a\0user\0a\0\0", b"user\0a\0options\0-c x=\xfc\0\0"] {
             let e = parse_startup(&packet(PROTOCOL_3_0, payload)).unwrap_err();
             assert_eq!(e.sqlstate, "08P01");
             assert!(e.message.starts_with("invalid startup packet"));
         }
+        // application_name, as the server cleans it (a LATIN1 program name).
+        let payload = b"user\0a\0application_name\0B\xfccher\n\0\0";
+        for (server, want) in [(ServerProtocol::V3_0, "B\\xfccher\\x0a"), (ServerProtocol { clean_escapes: false, ..ServerProtocol::V3_0 }, "B?cher?")] {
+            let p = packet(PROTOCOL_3_0, payload);
+            let Some((StartupRequest::Startup { params, .. }, _)) = parse_startup_for(&p, &server).unwrap() else { panic!("not a startup") };
+            assert_eq!(params[1], ("application_name".to_string(), want.to_string()));
+        }
+        // Valid UTF-8 is kept as sent (cleaned where it is applied).
+        assert_eq!(clean_ascii("héllo\t".as_bytes(), true), "h\\xc3\\xa9llo\\x09");
     }
 
     #[test]
