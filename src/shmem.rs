@@ -225,6 +225,14 @@ const _: () = assert!(size_of::<KqRow>() % 64 == 0);
 const _: () = assert!(size_of::<KqPool>() % 64 == 0 && size_of::<KqBackend>() % 64 == 0);
 
 pub const OP_SLOTS: usize = 64;
+/// Why `Tables::op_add` found no slot: `OP_PAUSES_MAX` pauses are in force,
+/// or every slot holds a pause or an operation the pooler has not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpFull {
+    Pauses,
+    Slots,
+}
+
 /// Pauses stay in their slot until resumed: they may hold at most this
 /// many, so the one-shot operations (reconnect, kill, reset_stats) always
 /// find one.
@@ -313,6 +321,10 @@ pub struct PoolRow {
     pub session_mode: bool,
     /// Effective `pool_mode` is dedicated (no pooling).
     pub dedicated_mode: bool,
+    /// The role (pg_authid oid) its clients authenticated as, 0 unknown:
+    /// the kill functions' privilege check goes by it, not by the name,
+    /// which a rename may have given another role since.
+    pub role_oid: u32,
 }
 
 #[repr(u8)]
@@ -743,6 +755,23 @@ impl Tables {
         self.pools_raw().iter().map(|r| (name(&r.database), name(&r.role))).collect()
     }
 
+    /// The role oid of the pools in use named (`database`, `role`), by name
+    /// and oid (0 unknown); with `row`, only the pool of that shared row.
+    pub fn pool_roles(&self, database: Option<&str>, role: Option<&str>, row: Option<usize>) -> Vec<(String, u32)> {
+        let _g = Guard::shared();
+        self.pools_raw()
+            .iter()
+            .enumerate()
+            .filter(|&(i, r)| {
+                r.in_use
+                    && row.is_none_or(|x| x == i)
+                    && database.is_none_or(|d| name(&r.database) == d)
+                    && role.is_none_or(|n| name(&r.role) == n)
+            })
+            .map(|(_, r)| (name(&r.role), r.role_oid))
+            .collect()
+    }
+
     /// Why a backend keeps its client (written by the backend itself).
     pub fn backend_pin(&self, row: usize) -> u8 {
         self.backends_raw().get(row).map(|r| unsafe { std::ptr::read_volatile(&r.pin) }).unwrap_or(0)
@@ -771,28 +800,28 @@ pub fn name(field: &[u8]) -> String {
 
 impl Tables {
     /// SQL functions: records an operation (a pause already in force is not
-    /// added twice). Returns the `ops_gen` to wait for (`ops_ack`), None
-    /// when every slot is in use.
-    pub fn op_add(&self, kind: u8, database: &str, role: &str) -> Option<u64> {
+    /// added twice). Returns the `ops_gen` to wait for (`ops_ack`), or which
+    /// limit left no slot.
+    pub fn op_add(&self, kind: u8, database: &str, role: &str) -> Result<u64, OpFull> {
         self.op_add_port(kind, database, role, 0)
     }
 
     /// `op_add` with a port (OP_KILL_CLIENT).
-    pub fn op_add_port(&self, kind: u8, database: &str, role: &str, port: i32) -> Option<u64> {
+    pub fn op_add_port(&self, kind: u8, database: &str, role: &str, port: i32) -> Result<u64, OpFull> {
         let h = unsafe { &mut *self.base.cast::<Header>() };
         let _g = Guard::exclusive();
         let same = |o: &OpSlot| o.kind == kind && name(&o.database) == database && name(&o.role) == role;
         if !(kind == OP_PAUSE && h.ops.iter().any(same)) {
             if kind == OP_PAUSE && h.ops.iter().filter(|o| o.kind == OP_PAUSE).count() >= OP_PAUSES_MAX {
-                return None;
+                return Err(OpFull::Pauses);
             }
-            let slot = h.ops.iter_mut().find(|o| o.kind == OP_FREE)?;
+            let slot = h.ops.iter_mut().find(|o| o.kind == OP_FREE).ok_or(OpFull::Slots)?;
             slot.kind = kind;
             set_name(&mut slot.database, database);
             set_name(&mut slot.role, role);
             slot.port = port;
         }
-        Some(h.ops_gen.fetch_add(1, Ordering::SeqCst) + 1)
+        Ok(h.ops_gen.fetch_add(1, Ordering::SeqCst) + 1)
     }
 
     /// SQL functions: ends the pauses of `database` (of `role` only, or all

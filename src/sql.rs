@@ -294,27 +294,29 @@ fn check_names(database: Option<&str>, role: Option<&str>) {
 /// without SUPERUSER, granted these functions, may not end the sessions of
 /// roles with it, and may end another role's only with that role's
 /// privileges or those of `pg_signal_backend` (42501, the server's message
-/// and detail from 16). Without a role named, every role's clients would be
-/// ended, so such a caller must name one.
-fn check_may_kill(role: Option<&str>) {
+/// and detail from 16). `targets`: the roles whose clients would end, by
+/// name and by the oid their clients authenticated as where the pooler
+/// knows it (a rename may have given the name to another role since);
+/// `every_role`: no role named, so every role's, which only a superuser may.
+fn check_may_kill(targets: &[(String, u32)], every_role: bool) {
     if crate::pg::caller_is_superuser() {
         return;
     }
-    if role.is_none_or(crate::pg::role_is_superuser) {
-        pgrx::ereport!(
-            ERROR,
-            pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            "permission denied to terminate process",
-            "Only roles with the SUPERUSER attribute may terminate processes of roles with the SUPERUSER attribute; without that attribute, name a role of no superuser."
-        );
+    let refuse = |detail: &str| -> ! {
+        pgrx::ereport!(ERROR, pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE, "permission denied to terminate process", detail);
+    };
+    const SUPERUSER_DETAIL: &str = "Only roles with the SUPERUSER attribute may terminate processes of roles with the SUPERUSER attribute; without that attribute, name a role of no superuser.";
+    if every_role {
+        refuse(SUPERUSER_DETAIL);
     }
-    if role.is_some_and(|r| !crate::pg::caller_may_signal_role(r)) {
-        pgrx::ereport!(
-            ERROR,
-            pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            "permission denied to terminate process",
-            "Only roles with privileges of the role whose process is being terminated or with privileges of the \"pg_signal_backend\" role may terminate this process."
-        );
+    for (name, oid) in targets {
+        let Some(oid) = Some(*oid).filter(|&o| o != 0).or_else(|| crate::pg::role_oid(name)) else { continue };
+        if crate::pg::role_oid_is_superuser(oid) {
+            refuse(SUPERUSER_DETAIL);
+        }
+        if !crate::pg::caller_may_signal_role(oid) {
+            refuse("Only roles with privileges of the role whose process is being terminated or with privileges of the \"pg_signal_backend\" role may terminate this process.");
+        }
     }
 }
 
@@ -343,15 +345,15 @@ fn names<'a>(database: Option<&'a str>, role: Option<&'a str>) -> (&'a str, Opti
 /// Queues operation `kind` for the pooler (names already checked).
 fn op(kind: u8, database: &str, role: Option<&str>) -> u64 {
     let t = tables();
-    let Some(gen) = t.op_add(kind, database, role.unwrap_or("")) else { op_slots_full(kind) };
+    let gen = t.op_add(kind, database, role.unwrap_or("")).unwrap_or_else(|full| op_slots_full(full));
     t.wake_pooler();
     gen
 }
 
-/// No slot for operation `kind` (54000): pauses in force, or one-shot
-/// operations the pooler has not taken yet.
-fn op_slots_full(kind: u8) -> ! {
-    if kind == shmem::OP_PAUSE {
+/// No slot for an operation (54000): `OP_PAUSES_MAX` pauses in force, or
+/// every slot holds a pause or an operation the pooler has not taken yet.
+fn op_slots_full(full: shmem::OpFull) -> ! {
+    if full == shmem::OpFull::Pauses {
         pgrx::ereport!(
             ERROR,
             pgrx::PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
@@ -363,7 +365,7 @@ fn op_slots_full(kind: u8) -> ! {
         ERROR,
         pgrx::PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
         format!("nextgres: too many operations pending ({} slots)", shmem::OP_SLOTS),
-        "The pooler takes them within a second; try again. If it does not run, nextgres.status() says why."
+        "The pooler takes operations within a second, and pauses hold their slot until nextgres.resume(); try again. If the pooler does not run, nextgres.status() says why."
     );
 }
 
@@ -436,7 +438,10 @@ fn reconnect(database: Option<&str>, role: default!(Option<&str>, "NULL")) {
 #[pg_extern]
 fn kill_clients(database: Option<&str>, role: default!(Option<&str>, "NULL")) {
     let (database, role) = names(database, role);
-    check_may_kill(role);
+    // The named role, and the roles its pools' clients authenticated as.
+    let mut targets = tables().pool_roles(Some(database), role, None);
+    targets.extend(role.map(|r| (r.to_string(), 0)));
+    check_may_kill(&targets, role.is_none());
     let gen = op(shmem::OP_KILL, database, role);
     pgrx::log!("nextgres: kill of the clients of the {} requested", target(database, role));
     wait_for(&tables(), gen, 10, |_| true);
@@ -454,8 +459,11 @@ fn kill_client(client_addr: &str, client_port: i32) -> bool {
     let Some(c) = clients.iter().find(|c| c.port == client_port && shmem::name(&c.addr) == client_addr) else {
         return false;
     };
-    check_may_kill(Some(&shmem::name(&c.role)));
-    let Some(gen) = t.op_add_port(shmem::OP_KILL_CLIENT, client_addr, "", client_port) else { op_slots_full(shmem::OP_KILL_CLIENT) };
+    // Its pool's role by oid (none yet while it logs in: by name only).
+    let mut targets = usize::try_from(c.pool).map_or_else(|_| Vec::new(), |row| t.pool_roles(None, None, Some(row)));
+    targets.push((shmem::name(&c.role), 0));
+    check_may_kill(&targets, false);
+    let gen = t.op_add_port(shmem::OP_KILL_CLIENT, client_addr, "", client_port).unwrap_or_else(|full| op_slots_full(full));
     t.wake_pooler();
     pgrx::log!("nextgres: kill of client {client_addr} port {client_port} requested");
     wait_for(&t, gen, 10, |_| true)
@@ -480,7 +488,9 @@ fn wait_close(database: Option<&str>, role: default!(Option<&str>, "NULL"), wait
                 names.get(b.pool as usize).is_some_and(|(d, r)| d == database && role.is_none_or(|x| x == r))
             })
             .map(|b| b.pid)
-            .filter(|&p| p != me) // the caller's own, if pooled there
+            // The caller's own, if pooled there; and logins not forked yet
+            // (pid 0: every one would look like the same survivor).
+            .filter(|&p| p != me && p > 0)
             .collect()
     };
     let before = mine(&t);

@@ -63,18 +63,6 @@ pub fn caller_is_superuser() -> bool {
     unsafe { pgrx::pg_sys::superuser() }
 }
 
-/// Is the role of this name a superuser (`superuser_arg()`)? False for an
-/// unknown name. Inside a transaction.
-pub fn role_is_superuser(name: &str) -> bool {
-    let Ok(c) = std::ffi::CString::new(name) else { return false };
-    // SAFETY: catalog lookups inside the calling SQL function's transaction;
-    // missing_ok, so no ERROR for an unknown name.
-    unsafe {
-        let oid = pgrx::pg_sys::get_role_oid(c.as_ptr(), true);
-        oid != pgrx::pg_sys::InvalidOid && pgrx::pg_sys::superuser_arg(oid)
-    }
-}
-
 /// Is there a database of this name (`get_database_oid(name, true)`)?
 /// Inside a transaction.
 pub fn database_exists(name: &str) -> bool {
@@ -87,26 +75,37 @@ pub fn database_exists(name: &str) -> bool {
 /// Is there a role of this name (`get_role_oid(name, true)`)? Inside a
 /// transaction.
 pub fn role_exists(name: &str) -> bool {
-    let Ok(c) = std::ffi::CString::new(name) else { return false };
-    // SAFETY: as `database_exists`.
-    unsafe { pgrx::pg_sys::get_role_oid(c.as_ptr(), true) != pgrx::pg_sys::InvalidOid }
+    role_oid(name).is_some()
 }
 
-/// May the calling role signal the sessions of the role named `name`, by
+/// The oid of the role of this name (`get_role_oid(name, true)`), None
+/// for an unknown name. Inside a transaction.
+pub fn role_oid(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a catalog lookup inside the calling SQL function's
+    // transaction; missing_ok, so no ERROR for an unknown name.
+    let oid = unsafe { pgrx::pg_sys::get_role_oid(c.as_ptr(), true) };
+    (oid != pgrx::pg_sys::InvalidOid).then(|| oid.to_u32())
+}
+
+/// Is role `oid` a superuser (`superuser_arg()`)? Inside a transaction.
+pub fn role_oid_is_superuser(oid: u32) -> bool {
+    // SAFETY: a syscache lookup inside the calling SQL function's
+    // transaction; an unknown oid is no superuser.
+    unsafe { pgrx::pg_sys::superuser_arg(pgrx::pg_sys::Oid::from(oid)) }
+}
+
+/// May the calling role signal the sessions of role `oid`, by
 /// pg_terminate_backend's rule for a role without SUPERUSER (signalfuncs.c
 /// pg_signal_backend()): it has the privileges of that role, or of
-/// `pg_signal_backend` (acl.c has_privs_of_role()). False for an unknown
-/// name. Inside a transaction; the superuser rules are the caller's.
-pub fn caller_may_signal_role(name: &str) -> bool {
-    let Ok(c) = std::ffi::CString::new(name) else { return false };
-    // SAFETY: catalog lookups inside the calling SQL function's transaction;
-    // missing_ok, so no ERROR for an unknown name.
+/// `pg_signal_backend` (acl.c has_privs_of_role()). Inside a transaction;
+/// the superuser rules are the caller's.
+pub fn caller_may_signal_role(oid: u32) -> bool {
+    // SAFETY: catalog lookups inside the calling SQL function's transaction.
     unsafe {
         let me = pgrx::pg_sys::GetUserId();
-        let oid = pgrx::pg_sys::get_role_oid(c.as_ptr(), true);
-        oid != pgrx::pg_sys::InvalidOid
-            && (pgrx::pg_sys::has_privs_of_role(me, oid)
-                || pgrx::pg_sys::has_privs_of_role(me, pgrx::pg_sys::Oid::from(pgrx::pg_sys::ROLE_PG_SIGNAL_BACKEND)))
+        pgrx::pg_sys::has_privs_of_role(me, pgrx::pg_sys::Oid::from(oid))
+            || pgrx::pg_sys::has_privs_of_role(me, pgrx::pg_sys::Oid::from(pgrx::pg_sys::ROLE_PG_SIGNAL_BACKEND))
     }
 }
 

@@ -631,23 +631,24 @@ impl Pooler {
         if matches!(f.sqlstate.as_str(), "28000" | "28P01") && f.hint.is_none() && !role_state {
             f.hint = Some(HBA_HINT.into());
         }
-        if f.sqlstate == "53300" {
-            if super::limits::is_slot_shortage(&f) {
-                // No connection slot: back off, one log line per episode.
-                return self.pool_out_of_slots(pool, Some(f));
-            }
-            // A role or database CONNECTION LIMIT: no retry loop either.
-            if let Some(p) = self.pools.get_mut(pool) {
-                p.login_backoff_until = Some(Instant::now() + super::limits::SLOT_BACKOFF);
-            }
+        if super::limits::is_slot_shortage(&f) {
+            // No connection slot: back off, one log line per episode.
+            return self.pool_out_of_slots(pool, Some(f));
         }
         // Its clients share the backends it has meanwhile; without a pause
         // the next login would start as this one's process exits.
         let retry = self
             .pools
             .get_mut(pool)
-            .filter(|p| p.logged_in_shared_backends() > 0 && f.sqlstate != "53300")
+            .filter(|p| p.logged_in_shared_backends() > 0)
             .map(|p| p.login_failed_while_shared(Instant::now()));
+        if retry.is_none() && f.sqlstate == "53300" {
+            // A role or database CONNECTION LIMIT with no backend: no
+            // retry loop either (its waiting clients get the refusal).
+            if let Some(p) = self.pools.get_mut(pool) {
+                p.login_backoff_until = Some(Instant::now() + super::limits::SLOT_BACKOFF);
+            }
+        }
         let Some(p) = self.pools.get(pool) else { return };
         let mut msg = format!(
             "nextgres: pool login for role \"{}\" to database \"{}\" failed: {} {}",
@@ -798,7 +799,8 @@ pub fn signal_backend(pid: i32, sig: nix::sys::signal::Signal) {
 
 /// The fix for a role with an MD5-stored password under a scram-sha-256
 /// `local` line (see `answer_auth_request`).
-const MD5_SECRET_HINT: &str = "Put a \"local all ROLE md5\" line for such roles before the scram-sha-256 one in pg_hba.conf (md5 lines also accept SCRAM secrets), \
+const MD5_SECRET_HINT: &str = "Put \"local all ROLE md5\" (and \"local replication ROLE md5\" for its physical replication connections) \
+before the scram-sha-256 lines in pg_hba.conf (md5 lines also accept SCRAM secrets), \
 or set the role's password again with password_encryption = scram-sha-256.";
 
 /// The pooler's answer to an authentication request of a login it makes
@@ -839,12 +841,13 @@ pub fn answer_auth_request(
             Some(Ok(())) => None,
             _ => Some(login_error("28000", "nextgres: the server's SCRAM signature did not verify".into(), None)),
         },
-        // A client proved an md5 secret (an md5 line), and the local line
-        // asks for SCRAM, which never accepts an md5 secret (the server's
-        // CheckPWChallengeAuth() refuses such a login too).
+        // The role's clients proved an md5 secret (an md5 line over a
+        // password stored as MD5), and the local line asks for SCRAM, which
+        // never accepts one: the server's CheckPWChallengeAuth() refuses
+        // such a login too (28P01, after a mock exchange).
         (AuthRequest::Sasl { .. }, Some(Credential::Md5(_))) => Some(login_error(
-            "28000",
-            "nextgres: the pool login was asked for a SCRAM password, but the role's password is stored as an MD5 hash, which scram-sha-256 never accepts".into(),
+            "28P01",
+            "nextgres: the pool login was asked for a SCRAM password, but the role's clients proved a password stored as an MD5 hash, which scram-sha-256 never accepts".into(),
             Some(MD5_SECRET_HINT),
         )),
         (AuthRequest::Md5 { .. }, _) => Some(refused("an md5 password")),

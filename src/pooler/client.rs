@@ -862,7 +862,7 @@ impl Pooler {
             linger_close(&mut c.stream);
         } else {
             c.flush();
-            if told && c.tls.is_none() && !c.out_pending() {
+            if told && c.tls.is_none() && !c.out_pending() && self.close_later.len() < CLOSE_LATER_MAX {
                 // Its final error is on the wire: the end of the connection
                 // follows it after a moment, as a backend's exit follows its
                 // FATAL, rather than in the same read. A client that reads
@@ -888,6 +888,14 @@ impl Pooler {
             if let Some((mut s, _)) = self.close_later.pop_front() {
                 linger_close(&mut s);
             }
+        }
+    }
+
+    /// Closes every socket of `close_later` now (the pooler is exiting: the
+    /// kernel would close them with their unread input, a reset).
+    pub fn close_later_all(&mut self) {
+        while let Some((mut s, _)) = self.close_later.pop_front() {
+            linger_close(&mut s);
         }
     }
 
@@ -939,6 +947,9 @@ impl Pooler {
 /// How long a client's connection stays open after its final error was
 /// sent (`Pooler::close_later`).
 pub const FINAL_ERROR_LINGER: Duration = Duration::from_millis(100);
+/// At most this many sockets wait in `close_later` (their descriptors are
+/// outside `max_client_conn`'s count): beyond it one closes at once.
+const CLOSE_LATER_MAX: usize = 256;
 
 /// Closing a socket with unread input makes the kernel send a reset, which
 /// can overtake a FATAL we just wrote (the client then sees "connection

@@ -456,11 +456,14 @@ impl Pooler {
             return;
         }
         let stopping = self.stopping;
-        while self
-            .pools
-            .get(pool)
-            .is_some_and(|p| (p.wants_backend(size) || (!stopping && warm(p))) && recent_failure(p).is_none())
-        {
+        // A smart shutdown refuses every login (57P03): a pool with
+        // backends lets its clients share them rather than try; one with
+        // none tries, so its clients get that refusal.
+        while self.pools.get(pool).is_some_and(|p| {
+            (p.wants_backend(size) || (!stopping && warm(p)))
+                && recent_failure(p).is_none()
+                && !(stopping && p.logged_in_shared_backends() > 0)
+        }) {
             if !self.pool_login_room(pool) {
                 break;
             }

@@ -40,7 +40,10 @@ impl Pooler {
                     Phase::Waiting { since } | Phase::LoginPending { since } | Phase::Ahead { since, .. } => {
                         let wait_limit = secs(self.query_wait_timeout_of(c.pool));
                         if wait_limit.is_some_and(|l| now.duration_since(since) > l) {
-                            expired_wait.push((k, c.pool, since));
+                            // Waits for a backend (`waits`); not a login's
+                            // wait for the pool's first backend or settings.
+                            let for_backend = matches!(c.phase, Phase::Waiting { .. } | Phase::Ahead { .. });
+                            expired_wait.push((k, c.pool, since, for_backend));
                         } else if !matches!(c.phase, Phase::LoginPending { .. })
                             && !c.watch_hangup
                             && now.duration_since(since) >= Duration::from_millis(TICK_MS as u64)
@@ -91,7 +94,7 @@ impl Pooler {
         // the clients' FATAL reaches no server log otherwise, and a pool
         // whose backends all look busy is the first thing to see.
         let mut timed_out: Vec<(Option<usize>, usize)> = Vec::new();
-        for &(_, pool, _) in &expired_wait {
+        for &(_, pool, _, _) in &expired_wait {
             match timed_out.iter_mut().find(|(p, _)| *p == pool) {
                 Some((_, n)) => *n += 1,
                 None => timed_out.push((pool, 1)),
@@ -100,20 +103,28 @@ impl Pooler {
         for (pool, n) in timed_out {
             log::info!("{}", self.wait_timeout_note(pool, n));
         }
-        for (k, pool, since) in expired_wait {
+        for (k, pool, since, for_backend) in expired_wait {
             let t = self.query_wait_timeout_of(pool);
-            // A wait that failed is a wait too (`waits`, `wait_time_ms`,
-            // `max_wait_ms`): a pool failing its clients must not look idle.
             let paused = pool.is_some_and(|p| self.pool_paused(p));
-            if let Some(p) = pool.and_then(|p| self.pools.get_mut(p)) {
-                p.record_wait(since);
-            }
             let hint = if paused {
                 "The pool is paused (nextgres.pause()); nextgres.resume() ends the pause."
             } else {
                 "Raise nextgres.pool_size or nextgres.query_wait_timeout, or shorten transactions."
             };
             self.client_fatal(k, "53400", &format!("nextgres: no backend became free within nextgres.query_wait_timeout ({t}s)"), Some(hint));
+            // A wait that failed is a wait too (`waits`, `wait_time_ms`,
+            // `max_wait_ms`): a pool failing its clients must not look
+            // idle. Only once told: a client its backend claimed meanwhile
+            // is served, and counted as served.
+            let told = self.client(k).is_none_or(|c| matches!(c.phase, Phase::Closing { .. }));
+            if for_backend && told {
+                if let Some(p) = pool.and_then(|p| self.pools.get_mut(p)) {
+                    p.record_wait(since);
+                }
+                if let Some(p) = pool {
+                    self.sync_pool(p);
+                }
+            }
         }
         for k in refused {
             self.refusing_end(k, true);

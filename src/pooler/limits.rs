@@ -43,7 +43,8 @@ impl Pooler {
     /// the server has no slot for it (which starts or continues an episode).
     pub fn pool_login_room(&mut self, pool: usize) -> bool {
         let Some(p) = self.pools.get(pool) else { return false };
-        if p.login_backoff_until.is_some_and(|t| Instant::now() < t) {
+        let now = Instant::now();
+        if p.login_backoff_until.is_some_and(|t| now < t) || !p.login_retry_due(now) {
             return false;
         }
         if !self.pool_caps_room(pool) {

@@ -96,6 +96,7 @@ impl Pooler {
             r.attaches_ahead = p.attaches_ahead;
             r.kq_xacts = kx;
             r.pool_size = size;
+            r.role_oid = p.identity.0;
             r.session_mode = session;
             r.dedicated_mode = dedicated_mode;
             came_to_outnumber = !was && outnumbered(r);
@@ -108,6 +109,10 @@ impl Pooler {
     pub fn client_row_alloc(&mut self, addr: &str, port: i32) -> Option<usize> {
         let row = self.rows.free_clients.pop()?;
         let now = crate::pg::shmem::now();
+        // Before the row reads as in use: no view adds the last client's.
+        if let Some(k) = self.tables.kq_row(row) {
+            k.xacts.store(0, std::sync::atomic::Ordering::Relaxed);
+        }
         self.tables.write(|_, c, _| {
             let r = &mut c[row];
             *r = unsafe { std::mem::zeroed() };
@@ -118,9 +123,6 @@ impl Pooler {
             r.state = ClientState::Login;
             r.connected_at = now;
         });
-        if let Some(k) = self.tables.kq_row(row) {
-            k.xacts.store(0, std::sync::atomic::Ordering::Relaxed);
-        }
         Some(row)
     }
 
@@ -206,6 +208,10 @@ impl Pooler {
     pub fn backend_row_alloc(&mut self, pool_row: usize) -> Option<usize> {
         let row = self.rows.free_backends.pop_front()?;
         let now = crate::pg::shmem::now();
+        // Before the row reads as in use: no view adds the last backend's.
+        if let Some(h) = self.tables.kq_backend(row) {
+            h.xacts.store(0, std::sync::atomic::Ordering::Relaxed);
+        }
         self.tables.write(|_, _, b| {
             let r = &mut b[row];
             *r = unsafe { std::mem::zeroed() };
@@ -217,9 +223,6 @@ impl Pooler {
         });
         self.ring_reset(row);
         self.tables.attach_slots_clear(row);
-        if let Some(h) = self.tables.kq_backend(row) {
-            h.xacts.store(0, std::sync::atomic::Ordering::Relaxed);
-        }
         Some(row)
     }
 

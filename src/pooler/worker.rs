@@ -282,7 +282,10 @@ impl Pooler {
                         KEY_WAKE => woken = true,
                         // The postmaster died, or the agent (its socket
                         // closed: PR_SET_PDEATHSIG kills us anyway).
-                        KEY_PM_DEATH => crate::pg::proc_exit(1),
+                        KEY_PM_DEATH => {
+                            self.close_later_all();
+                            crate::pg::proc_exit(1)
+                        }
                         KEY_AGENT => super::agent::agent_gone(),
                         key => self.dispatch(key, ev.events()),
                     }
@@ -368,8 +371,13 @@ impl Pooler {
         // nextgres.pools shows the new pool_size and pool_mode at once (a
         // pool without transactions would show the old ones until its next
         // one), and a raised size logs in for waiting clients now.
+        // A refused pool login may succeed now (pg_hba.conf fixed): no
+        // pool waits out its back-off for it.
         let pools: Vec<usize> = self.pools.iter().map(|(k, _)| k).collect();
         for k in pools {
+            if let Some(p) = self.pools.get_mut(k) {
+                p.login_failures_clear();
+            }
             self.pool_maybe_grow(k);
             self.sync_pool(k);
         }
@@ -477,6 +485,7 @@ impl Pooler {
         while closed_relays.iter().any(|i| std::sync::Arc::strong_count(i) > 1) && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
+        self.close_later_all();
         self.tables.set_pooler(0, postmaster::listen::port());
         log::info!("pooler shutting down");
         // The agent starts a new one unless it is stopping itself.

@@ -1954,7 +1954,7 @@ fn an_md5_stored_password_under_a_scram_local_line_is_named() {
     assert!(pg.connect_unix("md5_u", "postgres", Some(PW)).is_err(), "the server takes an md5 secret over a scram line");
     let outcome = rust_outcome(&pg.tcp("md5_u", "postgres").password(PW), None);
     let Outcome::Db(f) = &outcome else { panic!("pooled: {outcome:?}") };
-    assert_eq!(f.code, "28000", "{f:?}");
+    assert_eq!(f.code, "28P01", "{f:?}");
     assert!(f.message.contains("stored as an MD5 hash"), "{f:?}");
     assert!(f.hint.as_deref().is_some_and(|h| h.contains("local all ROLE md5")), "{f:?}");
 }

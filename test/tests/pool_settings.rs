@@ -1797,6 +1797,17 @@ fn granted_kill_functions_follow_pg_terminate_backends_rule() {
     assert!(killed.get::<_, bool>(0), "app2's client not found");
     assert!(app2.simple_query("SELECT 1").is_err(), "app2's client was not ended");
     boss.simple_query("SELECT 'still here'").expect("the superuser's session survived");
+    // The check goes by the role the clients authenticated as, not by its
+    // name: a superuser renamed under its client, its name given to a role
+    // ops has the privileges of, is still a superuser's client (hunt10 N1).
+    exec(&pg, "CREATE ROLE chief LOGIN SUPERUSER");
+    let mut chief = pg.tcp("chief", "postgres").connect().expect("chief");
+    chief.simple_query("SELECT 1").expect("chief");
+    let chief_port = port_of(&mut ops, "chief");
+    exec(&pg, "ALTER ROLE chief RENAME TO chief_old; CREATE ROLE chief; GRANT chief TO ops");
+    refused(&mut ops, &format!("SELECT nextgres.kill_client('127.0.0.1', {chief_port})"), "SUPERUSER attribute");
+    refused(&mut ops, "SELECT nextgres.kill_clients('postgres', 'chief')", "SUPERUSER attribute");
+    chief.simple_query("SELECT 'still here'").expect("the renamed superuser's session survived");
 }
 
 /// log_connections: the pooler writes a client's application_name into its

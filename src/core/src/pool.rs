@@ -122,10 +122,13 @@ pub struct Pool {
     /// episode).
     pub keeping_last: bool,
     /// No pool login before this instant: the server had no connection
-    /// slot for the last one (53300), or refused it while the pool has
-    /// backends to share (`login_failed_while_shared`), so the pool does
-    /// not retry in a loop.
+    /// slot for the last one (53300), so the pool does not retry in a loop.
     pub login_backoff_until: Option<Instant>,
+    /// No pool login before this instant while the pool has logged-in
+    /// backends to share: the server refused the last one
+    /// (`login_failed_while_shared`). A pool left without backends tries
+    /// at once (its waiting clients then get the refusal).
+    pub login_retry_at: Option<Instant>,
     /// Pool logins refused in a row while the pool had backends to share
     /// (reset by one that succeeds, or a client with another secret).
     pub login_failures: u32,
@@ -195,6 +198,7 @@ impl Pool {
             login_check: None,
             keeping_last: false,
             login_backoff_until: None,
+            login_retry_at: None,
             login_failures: 0,
             slots_episode: false,
             xacts: 0,
@@ -248,17 +252,21 @@ impl Pool {
     pub fn login_failed_while_shared(&mut self, now: Instant) -> Duration {
         self.login_failures = self.login_failures.saturating_add(1);
         let pause = LOGIN_RETRY_FIRST.saturating_mul(1 << (self.login_failures - 1).min(8)).min(LOGIN_RETRY_MAX);
-        let until = now + pause;
-        self.login_backoff_until = Some(self.login_backoff_until.map_or(until, |t| t.max(until)));
+        self.login_retry_at = Some(now + pause);
         pause
+    }
+
+    /// May a pool login start at `now` as far as refused ones go? Not
+    /// before `login_retry_at` while the pool has backends to share.
+    pub fn login_retry_due(&self, now: Instant) -> bool {
+        self.logged_in_shared_backends() == 0 || self.login_retry_at.is_none_or(|t| now >= t)
     }
 
     /// The pool's logins may succeed again (one did, or a client proved
     /// another secret): the next one is not held back by earlier failures.
     pub fn login_failures_clear(&mut self) {
-        if std::mem::take(&mut self.login_failures) > 0 {
-            self.login_backoff_until = None;
-        }
+        self.login_failures = 0;
+        self.login_retry_at = None;
     }
 
     /// Do clients of this pool wait for a backend: for one to run a
@@ -349,19 +357,21 @@ mod tests {
         let now = Instant::now();
         let pauses: Vec<u64> = (0..7).map(|_| p.login_failed_while_shared(now).as_millis() as u64).collect();
         assert_eq!(pauses, [500, 1000, 2000, 4000, 5000, 5000, 5000]);
-        assert_eq!(p.login_backoff_until, Some(now + LOGIN_RETRY_MAX));
-        // A slot shortage's longer pause is not shortened.
-        p.login_backoff_until = Some(now + Duration::from_secs(60));
-        p.login_failed_while_shared(now);
-        assert_eq!(p.login_backoff_until, Some(now + Duration::from_secs(60)));
+        assert_eq!(p.login_retry_at, Some(now + LOGIN_RETRY_MAX));
+        // Held back only while there are backends to share.
+        assert!(p.login_retry_due(now));
+        p.backends = 1;
+        assert!(!p.login_retry_due(now));
+        assert!(p.login_retry_due(now + LOGIN_RETRY_MAX));
+        p.starting = 1; // a login under way is no backend to share
+        assert!(p.login_retry_due(now));
+        p.starting = 0;
+        // Another cause's pause is not this one's to clear.
+        p.login_backoff_until = Some(now);
         p.login_failures_clear();
-        assert_eq!((p.login_failures, p.login_backoff_until), (0, None));
+        assert_eq!((p.login_failures, p.login_retry_at, p.login_backoff_until), (0, None, Some(now)));
+        assert!(p.login_retry_due(now));
         assert_eq!(p.login_failed_while_shared(now), LOGIN_RETRY_FIRST);
-        // Nothing to clear: another cause's pause stays.
-        let mut q = Pool::new("db", "r", 0);
-        q.login_backoff_until = Some(now);
-        q.login_failures_clear();
-        assert_eq!(q.login_backoff_until, Some(now));
     }
 
     #[test]

@@ -227,7 +227,7 @@ fn parse_startup_message(
         // the server cleans it (guc check hook and log lines alike), so a
         // value that is not UTF-8 is taken cleaned; others are refused.
         let value = match utf8(value) {
-            Err(_) if name == "application_name" => clean_ascii(value, server.clean_escapes),
+            Err(_) if name.eq_ignore_ascii_case("application_name") => clean_ascii(value, server.clean_escapes),
             v => v?,
         };
         // A repeated name: the last value wins, except `replication`, which
