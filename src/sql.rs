@@ -182,7 +182,7 @@ fn clients() -> TableIterator<
 fn backends() -> TableIterator<
     'static,
     (
-        name!(pid, Option<i32>),
+        name!(pid, i32),
         name!(database, String),
         name!(role, String),
         name!(state, String),
@@ -206,9 +206,10 @@ fn backends() -> TableIterator<
         let client_row = queued_client.unwrap_or(b.client_row);
         let client = (client_row >= 0).then(|| clients.get(client_row as usize).copied()).flatten().filter(|c| c.in_use);
         (
-            // NULL while its login has not forked yet (pg_stat_activity
-            // joins on it).
-            (b.pid > 0).then_some(b.pid),
+            // 0 while its login has not forked yet (joins with
+            // pg_stat_activity on pid leave it out; NULL would break
+            // clients that read the column as a plain integer).
+            b.pid,
             db,
             role,
             match b.state {
