@@ -234,8 +234,8 @@ pub enum OpFull {
 }
 
 /// Pauses stay in their slot until resumed: they may hold at most this
-/// many, so the one-shot operations (reconnect, kill, reset_stats) always
-/// find one.
+/// many, so the one-shot operations (reconnect, kill, reset_stats) keep 16
+/// slots, which the pooler empties within a second.
 pub const OP_PAUSES_MAX: usize = OP_SLOTS - 16;
 pub const OP_FREE: u8 = 0;
 pub const OP_PAUSE: u8 = 1;

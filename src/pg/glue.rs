@@ -220,7 +220,7 @@ extern "C" {
 pub fn server_protocol() -> nextgres_core::proto::ServerProtocol {
     let (mut minor, mut key) = (0, 4);
     unsafe { ng_server_protocol(&mut minor, &mut key) };
-    nextgres_core::proto::ServerProtocol { newest_minor: minor as u16, max_cancel_key: key as usize, clean_escapes: !cfg!(feature = "pg15") }
+    nextgres_core::proto::ServerProtocol { newest_minor: minor as u16, max_cancel_key: key as usize, clean_escapes: super::session::CLEAN_ESCAPES }
 }
 
 /// The server built for takes direct TLS and answers ALPN `postgresql`

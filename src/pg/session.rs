@@ -422,11 +422,15 @@ pub fn reload_connection_logging() {
 /// and 16 log only logins with an identity.
 pub const LOGS_LOGIN_WITHOUT_IDENTITY: bool = cfg!(any(feature = "pg17", feature = "pg18"));
 
+/// Does `pg_clean_ascii` write a byte outside printable ASCII as `\xNN`
+/// (16 on) rather than `?` (15)?
+pub const CLEAN_ESCAPES: bool = !cfg!(feature = "pg15");
+
 /// A client's startup string as the server keeps it for its log lines
-/// (`pg_clean_ascii`): every byte outside printable ASCII as `\xNN` from
-/// 16 on, as `?` in 15 (`nextgres_core::proto::clean_ascii`).
+/// (`pg_clean_ascii`, see `CLEAN_ESCAPES` and
+/// `nextgres_core::proto::clean_ascii`).
 pub fn clean_ascii(s: &str) -> String {
-    nextgres_core::proto::clean_ascii(s.as_bytes(), !cfg!(feature = "pg15"))
+    nextgres_core::proto::clean_ascii(s.as_bytes(), CLEAN_ESCAPES)
 }
 
 /// Which connection log lines the server writes (log_connections stages,

@@ -862,20 +862,15 @@ impl Pooler {
             linger_close(&mut c.stream);
         } else {
             c.flush();
-            if told && c.tls.is_none() && !c.out_pending() && self.close_later.len() < CLOSE_LATER_MAX {
-                // Its final error is on the wire: the end of the connection
-                // follows it after a moment, as a backend's exit follows its
-                // FATAL, rather than in the same read. A client that reads
-                // the end with the error may report only the end (the Rust
-                // `postgres` crate says "connection closed").
-                let stream = c.stream.try_clone();
-                if let Ok(s) = stream {
-                    self.close_later.push_back((s, Instant::now() + FINAL_ERROR_LINGER));
-                } else {
-                    linger_close(&mut c.stream);
-                }
-            } else {
-                linger_close(&mut c.stream);
+            // Its final error on the wire: the end of the connection follows
+            // it after a moment, as a backend's exit follows its FATAL,
+            // rather than in the same read. A client that reads the end with
+            // the error may report only the end (the Rust `postgres` crate
+            // says "connection closed").
+            let later = told && c.tls.is_none() && !c.out_pending() && self.close_later.len() < CLOSE_LATER_MAX;
+            match later.then(|| c.stream.try_clone().ok()).flatten() {
+                Some(s) => self.close_later.push_back((s, Instant::now() + FINAL_ERROR_LINGER)),
+                None => linger_close(&mut c.stream),
             }
         }
         self.client_gone(&c);

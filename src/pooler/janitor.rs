@@ -117,13 +117,11 @@ impl Pooler {
             // idle. Only once told: a client its backend claimed meanwhile
             // is served, and counted as served.
             let told = self.client(k).is_none_or(|c| matches!(c.phase, Phase::Closing { .. }));
-            if for_backend && told {
-                if let Some(p) = pool.and_then(|p| self.pools.get_mut(p)) {
+            if let Some(pk) = pool.filter(|_| for_backend && told) {
+                if let Some(p) = self.pools.get_mut(pk) {
                     p.record_wait(since);
                 }
-                if let Some(p) = pool {
-                    self.sync_pool(p);
-                }
+                self.sync_pool(pk);
             }
         }
         for k in refused {
