@@ -3,11 +3,12 @@
 CREATE VIEW nextgres.pools AS SELECT * FROM nextgres.pools_fn();
 CREATE VIEW nextgres.clients AS SELECT * FROM nextgres.clients_fn();
 CREATE VIEW nextgres.backends AS SELECT * FROM nextgres.backends_fn();
+CREATE VIEW nextgres.pauses AS SELECT * FROM nextgres.pauses_fn();
 
-REVOKE ALL ON FUNCTION nextgres.pools_fn(), nextgres.clients_fn(), nextgres.backends_fn(), nextgres.status() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION nextgres.pools_fn(), nextgres.clients_fn(), nextgres.backends_fn(), nextgres.status() TO pg_monitor;
-REVOKE ALL ON nextgres.pools, nextgres.clients, nextgres.backends FROM PUBLIC;
-GRANT SELECT ON nextgres.pools, nextgres.clients, nextgres.backends TO pg_monitor;
+REVOKE ALL ON FUNCTION nextgres.pools_fn(), nextgres.clients_fn(), nextgres.backends_fn(), nextgres.pauses_fn(), nextgres.status() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION nextgres.pools_fn(), nextgres.clients_fn(), nextgres.backends_fn(), nextgres.pauses_fn(), nextgres.status() TO pg_monitor;
+REVOKE ALL ON nextgres.pools, nextgres.clients, nextgres.backends, nextgres.pauses FROM PUBLIC;
+GRANT SELECT ON nextgres.pools, nextgres.clients, nextgres.backends, nextgres.pauses TO pg_monitor;
 GRANT USAGE ON SCHEMA nextgres TO pg_monitor;
 
 -- Operations: superusers only unless granted (see README, Operations).

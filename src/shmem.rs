@@ -839,6 +839,14 @@ impl Tables {
         (n, h.ops_gen.fetch_add(1, Ordering::SeqCst) + 1)
     }
 
+    /// Views: the pauses in force, (database, role), "" as the role for a
+    /// whole database's; nothing is taken.
+    pub fn pauses(&self) -> Vec<(String, String)> {
+        let h = self.header();
+        let _g = Guard::shared();
+        h.ops.iter().filter(|o| o.kind == OP_PAUSE).map(|o| (name(&o.database), name(&o.role))).collect()
+    }
+
     /// Pooler: the pauses in force, and the one-shot operations (kind,
     /// database, role, port), taken (removed).
     pub fn ops_take(&self) -> (Vec<(String, String)>, Vec<(u8, String, String, i32)>) {

@@ -66,13 +66,19 @@ fn pools() -> TableIterator<
         name!(bytes_received, i64),
         name!(attaches_ahead, i64),
         name!(kernel_queue_transactions, i64),
+        name!(paused, bool),
     ),
 > {
     // A backend lent to a pool's kernel queue counts as parked in the
     // pooler's row; one serving a queued client now (read live: the pooler
     // is not told) is attached, and that client active.
-    let (pools, serving) = tables().snapshot_pools_serving();
+    let t = tables();
+    let (pools, serving) = t.snapshot_pools_serving();
+    let pauses = t.pauses();
     TableIterator::new(pools.into_iter().map(move |(row, p)| {
+        let (database, role) = (shmem::name(&p.database), shmem::name(&p.role));
+        // As the pooler matches them (pooler::ops): "" pauses every role.
+        let paused = pauses.iter().any(|(d, r)| *d == database && (r.is_empty() || *r == role));
         // The live read only moves backends (and their clients) from parked
         // to attached; it never changes the pooler's totals. A backend the
         // pooler already took back from the queue (counted attached) can
@@ -81,8 +87,8 @@ fn pools() -> TableIterator<
         // can a pinned client its lent backend just took.
         let served = serving.get(&row).copied().unwrap_or(0).min(p.backends_parked).min(p.clients_idle).max(0);
         (
-            shmem::name(&p.database),
-            shmem::name(&p.role),
+            database,
+            role,
             p.clients_idle - served,
             p.clients_active + served,
             p.clients_waiting,
@@ -112,8 +118,18 @@ fn pools() -> TableIterator<
             p.bytes_received,
             p.attaches_ahead,
             p.kq_xacts,
+            paused,
         )
     }))
+}
+
+/// One row per pause in force (`pause()` until its `resume()`), whether or
+/// not the database has pools yet; role NULL for a whole database's.
+#[pg_extern(name = "pauses_fn")]
+fn pauses() -> TableIterator<'static, (name!(database, String), name!(role, Option<String>))> {
+    let mut rows = tables().pauses();
+    rows.sort();
+    TableIterator::new(rows.into_iter().map(|(d, r)| (d, (!r.is_empty()).then_some(r))))
 }
 
 fn client_state(s: ClientState) -> &'static str {

@@ -1099,16 +1099,18 @@ fn pooled_session_identity() {
         .expect("admin on trustdb")
         .batch_execute("CREATE EXTENSION nextgres")
         .expect("CREATE EXTENSION in trustdb");
-    let denied = c
-        .simple_query("SELECT * FROM nextgres.pools")
-        .expect_err("plain role read nextgres.pools");
-    assert_eq!(denied.code().map(|c| c.code()), Some("42501"), "{denied:?}");
+    for v in ["nextgres.pools", "nextgres.pauses"] {
+        let denied = c
+            .simple_query(&format!("SELECT * FROM {v}"))
+            .expect_err("plain role read a nextgres view");
+        assert_eq!(denied.code().map(|c| c.code()), Some("42501"), "{v}: {denied:?}");
+    }
     exec(&sp.pg, "CREATE ROLE mon LOGIN IN ROLE pg_monitor");
     let mut mon = sp
         .pooled("mon", "trustdb")
         .connect()
         .expect("pg_monitor member");
-    for v in ["nextgres.pools", "nextgres.clients", "nextgres.backends"] {
+    for v in ["nextgres.pools", "nextgres.clients", "nextgres.backends", "nextgres.pauses"] {
         mon.simple_query(&format!("SELECT * FROM {v}"))
             .unwrap_or_else(|e| panic!("pg_monitor reading {v}: {e:?}"));
     }

@@ -1892,6 +1892,41 @@ fn operations_and_views_tell_what_happened() {
     again.batch_execute("SELECT 'resumed'").expect("served after resume");
 }
 
+/// A DBA sees which pools are paused and which pauses are in force, those
+/// of a database without pools yet included (before: nothing listed them,
+/// hunt9c 14), and a resume clears both.
+#[test]
+fn pauses_are_listed_and_their_pools_marked() {
+    let pg = Cluster::builder().start();
+    exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE app LOGIN; CREATE ROLE other LOGIN; CREATE DATABASE quiet");
+    let mut admin = pg.admin();
+    for role in ["app", "other"] {
+        pg.tcp(role, "postgres").connect().expect(role).batch_execute("SELECT 1").expect(role);
+    }
+    let paused = |admin: &mut postgres::Client| -> Vec<(String, bool)> {
+        admin
+            .query("SELECT role, paused FROM nextgres.pools WHERE database = 'postgres' ORDER BY role", &[])
+            .expect("pools")
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    };
+    let pauses = |admin: &mut postgres::Client| -> Vec<(String, Option<String>)> {
+        admin.query("SELECT * FROM nextgres.pauses", &[]).expect("pauses").iter().map(|r| (r.get(0), r.get(1))).collect()
+    };
+    assert_eq!(paused(&mut admin), [("app".into(), false), ("other".into(), false)]);
+    assert_eq!(pauses(&mut admin), []);
+    admin.batch_execute("SELECT nextgres.pause('postgres', 'app', 5); SELECT nextgres.pause('quiet', NULL, 5)").expect("pause");
+    assert_eq!(paused(&mut admin), [("app".into(), true), ("other".into(), false)]);
+    assert_eq!(pauses(&mut admin), [("postgres".into(), Some("app".into())), ("quiet".into(), None)]);
+    admin.batch_execute("SELECT nextgres.pause('postgres', NULL, 5)").expect("pause the database");
+    assert_eq!(paused(&mut admin), [("app".into(), true), ("other".into(), true)]);
+    let ended: i32 = admin.query_one("SELECT nextgres.resume('postgres') + nextgres.resume('quiet')", &[]).expect("resume").get(0);
+    assert_eq!(ended, 3);
+    assert_eq!(paused(&mut admin), [("app".into(), false), ("other".into(), false)]);
+    assert_eq!(pauses(&mut admin), []);
+}
+
 /// An application_name that is not UTF-8 (the name of a program in a
 /// LATIN1 locale) logs in and reads as the server cleans it, as on a
 /// direct connection (`B\xfccher` from 16 on, `B?cher` in 15). Before: FATAL
