@@ -1870,6 +1870,23 @@ ng_pooler_catalog_heap_scans(void)
 	criticalSharedRelcachesBuilt = false;
 }
 
+/*
+ * InitPostgres() returns before initialize_acl() (postinit.c) in a worker
+ * attached to no database, so acl.c's role-membership cache, which decides
+ * hba `+group` and `samerole` lines, pg_ident `+group` entries and a CONNECT
+ * privilege held through a group, never had its invalidation callbacks: after
+ * REVOKE grp FROM r the agent still admitted r (hunt11c 1).  Registers them,
+ * as a backend has them; once, right after the connection, in a transaction
+ * (it hashes a pg_database key, which may open that catalog's cache).
+ */
+void
+ng_agent_acl_init(void)
+{
+	StartTransactionCommand();
+	initialize_acl();
+	CommitTransactionCommand();
+}
+
 /* ------------------------------------------------------------------------
  * The pooler process (pooler/agent.rs): forked by the agent (the nextgres
  * background worker), not by the postmaster, so that a pooler killed with

@@ -211,6 +211,7 @@ extern "C" {
         err: *mut NgError,
     ) -> bool;
     fn ng_pooler_catalog_heap_scans();
+    fn ng_agent_acl_init();
     fn ng_pooler_child_init();
     fn ng_postmaster_watch_fd() -> c_int;
 }
@@ -627,6 +628,13 @@ pub fn login_lookup(
 /// See glue.c: catalog lookups in a process attached to no database.
 pub fn pooler_catalog_heap_scans() {
     unsafe { ng_pooler_catalog_heap_scans() }
+}
+
+/// The role-membership cache's invalidation callbacks (acl.c
+/// initialize_acl(), which a worker attached to no database skips), so hba
+/// group lines follow GRANT and REVOKE. Once, after the connection.
+pub fn agent_acl_init() {
+    unsafe { ng_agent_acl_init() }
 }
 
 /// A startup setting checked as the server checks it at connection start,

@@ -283,8 +283,9 @@ impl Pooler {
 /// after pools logged in: the settings reader runs a moment after the
 /// commit), the surplus goes as a lowered pool_size's does. Parked backends
 /// close at once, those of pools without clients first, then of the pool
-/// with the most; as many attached ones as are still surplus (those that
-/// keep an idle client included: `hold_idle_clients`) are asked to give
+/// with the most; as many lent to a kernel queue (recalled, closed at their
+/// return) and attached ones as are still surplus (those that keep an idle
+/// client included: `hold_idle_clients`) are asked to give
 /// their client back, and any that reaches a transaction boundary while
 /// its database or role is over the limit closes instead of parking. Only
 /// live backends count here: one already closed still counts against new
@@ -340,7 +341,8 @@ impl Pooler {
     }
 
     /// Closes parked backends of the pools matching `same` until they have
-    /// at most `max` live ones, then asks attached ones for the rest. A
+    /// at most `max` live ones, then recalls lent ones and asks attached
+    /// ones for the rest. A
     /// backend reserved for a session-mode client between its transactions
     /// never closes (that session would end), nor does a pinned one give
     /// its client back (`backend_request_release`).
@@ -364,6 +366,13 @@ impl Pooler {
         let mut pools: Vec<(usize, usize)> =
             self.pools.iter().filter(|(_, p)| same(&p.database, &p.role)).map(|(k, p)| (p.shared_backends(), k)).collect();
         pools.sort_unstable_by(|a, b| b.cmp(a));
+        // Backends lent to a kernel queue and serving (or keeping) its
+        // clients are recalled and close at their return, as for a lowered
+        // pool_size (`pool_trim`); without this a busy queue kept them over
+        // the limit for as long as it had clients (hunt11c 2).
+        for &(_, pool) in &pools {
+            surplus = self.kq_trim(pool, surplus);
+        }
         for (_, pool) in pools {
             for bk in self.pools[pool].attached.clone() {
                 if surplus == 0 {

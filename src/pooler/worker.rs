@@ -45,6 +45,7 @@ pub extern "C-unwind" fn nextgres_pooler_main(_arg: pg_sys::Datum) {
     // pooler belongs to no database.
     BackgroundWorker::connect_worker_to_spi(None, None);
     glue::pooler_catalog_heap_scans();
+    glue::agent_acl_init();
     crate::pg::logger::init();
     super::agent::agent_main()
 }

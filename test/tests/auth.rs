@@ -617,11 +617,14 @@ fn a_restarted_agent_keeps_the_loaded_hba_rules() {
 /// pg_hba.conf matching as the server does it: hostssl and
 /// hostgssenc lines never match a plaintext connection, hostnossl and
 /// hostnogssenc do, other addresses do not, and the sameuser, samerole and
-/// +group keywords follow role membership.
+/// +group keywords follow role membership, as does a CONNECT privilege held
+/// through a group, also after a GRANT or REVOKE of the membership (the
+/// pooler's membership cache once kept a revoked member in, hunt11c 1).
 #[test]
 fn hba_keywords_match_direct_server() {
     let hba = "\
 local all all trust
+host closed all 127.0.0.1/32 trust
 hostssl all all 127.0.0.1/32 trust
 hostgssenc all all 127.0.0.1/32 trust
 host all all 127.0.0.2/32 trust
@@ -638,9 +641,10 @@ host samerole all 127.0.0.1/32 password
         sp.pg.create_role(r, PW, PasswordEncryption::ScramSha256);
     }
     exec(&sp.pg, "GRANT staff TO s1; GRANT teamdb TO t1");
-    for db in ["u1", "teamdb"] {
+    for db in ["u1", "teamdb", "closed"] {
         sp.pg.create_database(db, "postgres");
     }
+    exec(&sp.pg, "REVOKE CONNECT ON DATABASE closed FROM PUBLIC; GRANT CONNECT ON DATABASE closed TO staff");
     let pw = Some(PW);
     let cases = [
         case("u1", "u1", pw, "ok"),
@@ -652,8 +656,28 @@ host samerole all 127.0.0.1/32 password
         case("t1", "teamdb", Some("wrong"), "28P01"),
         case("t1", "postgres", pw, "28000"),
         case("u1", "teamdb", pw, "28000"),
+        case("s1", "closed", pw, "ok"),
+        case("u1", "closed", pw, "42501"),
     ];
-    let (mut problems, pooled_ok) = differential(&sp, &cases);
+    let (mut problems, mut pooled_ok) = differential(&sp, &cases);
+    // The memberships change: each role's last pooled login was just
+    // decided with the old ones (s1's and t1's above), so a cache that
+    // missed the change would decide these alike.
+    for (user, db) in [("s1", "closed"), ("s1", "postgres"), ("t1", "teamdb")] {
+        let ci = sp.pooled(user, db).maybe_password(pw);
+        assert!(matches!(rust_outcome(&ci, None), Outcome::Ok(_)), "{user}@{db} before the change");
+    }
+    exec(&sp.pg, "REVOKE staff FROM s1; REVOKE teamdb FROM t1; GRANT staff TO u1");
+    let changed = [
+        case("s1", "postgres", pw, "28000"),
+        case("s1", "closed", pw, "42501"),
+        case("t1", "teamdb", pw, "28000"),
+        case("u1", "postgres", pw, "ok"),
+        case("u1", "closed", pw, "ok"),
+    ];
+    let (more, ok_after) = differential(&sp, &changed);
+    problems.extend(more.into_iter().map(|p| format!("after REVOKE/GRANT: {p}")));
+    pooled_ok.extend(ok_after);
     let pools: BTreeSet<(String, String)> = sp
         .pg
         .admin()

@@ -1366,6 +1366,55 @@ fn a_lowered_max_db_connections_closes_the_surplus() {
     assert_eq!(count(), 1);
 }
 
+/// The same under the kernel queue (the default): a's two backends, lent to
+/// its queue and serving four busy clients, come down to a lowered
+/// `max_db_connections` (one is recalled and closes) while the clients go
+/// on. Before, both stayed for as long as the clients did (hunt11c 2).
+#[test]
+fn a_lowered_max_db_connections_closes_lent_backends() {
+    let pg = Cluster::builder().conf("nextgres.pool_size = 2").start();
+    exec(&pg, "CREATE EXTENSION nextgres; CREATE ROLE a LOGIN");
+    let count = || pg.backend_count(Some("a"), Some("postgres"));
+    let stop = AtomicBool::new(false);
+    let served = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
+                let mut c = pg.tcp("a", "postgres").connect().expect("a");
+                let (stop, served) = (&stop, &served);
+                s.spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        c.batch_execute("SELECT pg_sleep(0.005)")?;
+                        served.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok::<(), postgres::Error>(())
+                })
+            })
+            .collect();
+        let queued = || {
+            first_value(&pg.admin().simple_query("SELECT kernel_queue_transactions FROM nextgres.pools WHERE role = 'a'").expect("pools"))
+                .and_then(|v| v.parse::<i64>().ok())
+                .unwrap_or(0)
+        };
+        let grown = wait_until(Duration::from_secs(15), || count() == 2 && queued() > 0);
+        let queued = queued();
+        let trimmed = grown && queued > 0 && {
+            exec(&pg, "ALTER DATABASE postgres SET nextgres.max_db_connections = 1");
+            wait_until(Duration::from_secs(15), || count() == 1)
+        };
+        std::thread::sleep(Duration::from_millis(500));
+        let after = count();
+        stop.store(true, Ordering::Relaxed);
+        for w in workers {
+            w.join().expect("client thread").expect("a client kept working");
+        }
+        assert!(grown && queued > 0, "precondition: 2 backends serving the queue ({} backends, {queued} queued transactions)", count());
+        assert!(trimmed, "not brought down to the lowered limit: {} backends", count());
+        assert_eq!(after, 1, "closed below the limit, or grew past it");
+    });
+    assert!(served.load(Ordering::Relaxed) > 0);
+}
+
 /// `max_db_connections` 1: role a's client has left, its backend stays
 /// parked (idle_backend_timeout 600 s). Role b's very first client waits
 /// for its pool's first login, which needs that room: a's unused backend is
