@@ -49,6 +49,9 @@ static CYCLE_FLOOR: AtomicI64 = AtomicI64::new(0);
 /// The process id of the attached client's cancel key (0: none of the
 /// pooler's).
 static KEY_PID: AtomicI32 = AtomicI32::new(0);
+/// session.c gave the server a Flush of its own for an idle client
+/// (`ng_rs_injected_flush`): the flush that answers it is the boundary.
+static INJECTED_FLUSH: AtomicBool = AtomicBool::new(false);
 
 /// Adds `n` to a counter of this process (load and store: one writer).
 fn add(counter: &AtomicU64, n: u64) {
@@ -148,6 +151,22 @@ pub extern "C" fn ng_rs_injected_close_read() {
     SWALLOW_CLOSE_COMPLETE.store(true, Relaxed);
 }
 
+/// Has the server answered nothing since the pooled client's last
+/// ReadyForQuery went out (or its attach)? Asynchronous messages (a
+/// notification, a notice, a parameter status) are no answer.
+#[no_mangle]
+pub extern "C" fn ng_rs_unanswered() -> bool {
+    super::is_pooled() && CYCLE_START.load(Relaxed) == NO_CYCLE && PENDING_READY.load(Relaxed) == NO_READY
+}
+
+/// session.c handed the server a Flush of its own in place of a recv()
+/// that would wait: the client, idle at its last ReadyForQuery(I), sent only
+/// what the server ignores, all read (`idle_input_read`).
+#[no_mangle]
+pub extern "C" fn ng_rs_injected_flush() {
+    INJECTED_FLUSH.store(true, Relaxed);
+}
+
 /// A server-authenticated client (`login::server_auth_client`) already has
 /// the AuthenticationOk of its own authentication queued; the next one, which
 /// the pooler's outer login queues (auth.c ClientAuthentication() after its
@@ -224,13 +243,19 @@ unsafe extern "C" fn flush() -> c_int {
     let rc = (original().flush.expect("flush"))();
     let status = PENDING_READY.load(Relaxed);
     PENDING_READY.store(NO_READY, Relaxed);
+    let injected = INJECTED_FLUSH.load(Relaxed);
+    if injected {
+        INJECTED_FLUSH.store(false, Relaxed);
+    }
     if status != NO_READY {
         if rc == 0 && status == b'I' as u16 {
             crate::pg::glue::run_guarded(boundary);
         }
-    } else if rc == 0 && super::is_pooled() && crate::pg::session::only_flushes_since_attach() {
-        // A Flush that woke an idle client (sent after its ReadyForQuery):
-        // no ReadyForQuery follows, so this is its boundary.
+    } else if rc == 0 && super::is_pooled() && (injected || crate::pg::session::only_flushes_since_attach()) {
+        // A Flush that woke an idle client (sent after its ReadyForQuery),
+        // or session.c's own once the server read what an idle client sent
+        // and ignored (what is left of a failed COPY): no ReadyForQuery
+        // follows, so this is its boundary.
         crate::pg::glue::run_guarded(boundary);
     }
     rc

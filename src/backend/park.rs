@@ -95,6 +95,9 @@ pub fn transaction_boundary() {
     let buffered = !glue::recv_buffer_empty() && !(sess::consume_buffered_flushes() && glue::recv_buffer_empty());
     let leaving = buffered && glue::consume_buffered_terminate();
     if buffered && !leaving {
+        // Let go once the server has read it, should it answer nothing
+        // (what is left of a failed COPY: session.c idle_input_read).
+        sess::note_idle_input();
         return;
     }
     STATE.with(|s| {

@@ -2436,8 +2436,16 @@ static bool scan_in_copy = false;
 static int	scan_trailing_flushes = 0;
 static bool scan_other_after_end = false;
 /* Since the attach: messages received, and whether all were whole Flushes. */
-static int	scan_since_attach = 0;
+static uint64 scan_since_attach = 0;
 static bool scan_only_flushes = true;
+/*
+ * Messages received by the last ReadyForQuery, and whether the boundary
+ * then left the client here for input already buffered (ng_note_idle_input):
+ * what idle_input_read() needs to tell input the server read since the
+ * client was last idle.
+ */
+static uint64 scan_at_ready = 0;
+static bool idle_input = false;
 
 static void
 parse_push(const char *name, bool cycle_end)
@@ -2495,6 +2503,8 @@ scan_reset(void)
 	scan_other_after_end = false;
 	scan_since_attach = 0;
 	scan_only_flushes = true;
+	scan_at_ready = 0;
+	idle_input = false;
 }
 
 /* A message header was received: what the ring and the boundary need of it. */
@@ -2638,11 +2648,24 @@ ng_only_flushes_since_attach(void)
 		!IsTransactionOrTransactionBlock();
 }
 
+/*
+ * backend/park.rs transaction_boundary(): at ReadyForQuery(I) the client had
+ * sent more, which keeps it here until the server has read it.
+ */
+void		ng_note_idle_input(void);
+void
+ng_note_idle_input(void)
+{
+	idle_input = true;
+}
+
 /* ReadyForQuery: the cycle's Parse messages not answered were skipped. */
 void		ng_note_ready(void);
 void
 ng_note_ready(void)
 {
+	scan_at_ready = scan_since_attach;
+	idle_input = false;
 	while (parse_count > 0)
 	{
 		if (parse_pop()->cycle_end)
@@ -2965,6 +2988,49 @@ ng_read_ahead_detach(void)
 		ng_read_ahead_clear();
 }
 
+/*
+ * Is the pooled client that was idle at its last ReadyForQuery(I) (or its
+ * attach) idle again, now that the server has read all it sent and waits for
+ * more?  It sent something since (or had it buffered then), the server
+ * answered none of it, and no message is half read: that is only messages
+ * the server ignores or answers with nothing, CopyData, CopyDone and CopyFail
+ * left from a COPY FROM STDIN that failed (postgres.c accepts and ignores
+ * them outside COPY; psql, psycopg and asyncpg send the rest of the data and
+ * its end after the error), or a Flush.  Nothing then gives the server a
+ * flush after a ReadyForQuery, so without this the idle client kept its
+ * backend until its next message, and the pool's other clients waited
+ * (hunt11b 1).  Nothing started since could be a COPY: its CopyInResponse
+ * is an answer (comm.rs).
+ */
+extern bool ng_rs_unanswered(void);
+extern void ng_rs_injected_flush(void);
+
+static bool
+idle_input_read(void)
+{
+	return (idle_input || scan_since_attach > scan_at_ready) &&
+		scan_hdr_have == 0 && scan_body_left == 0 && parse_count == 0 &&
+		!parse_lost && !IsTransactionOrTransactionBlock() && ng_rs_unanswered();
+}
+
+/*
+ * In place of a recv() that would wait, when idle_input_read(): a Flush of
+ * our own, which the server reads as the client's and answers with a flush
+ * (nothing to send), where comm.rs finds the client's boundary.  Once per
+ * input read: what came before it no longer counts.
+ */
+static ssize_t
+give_idle_flush(void *buf)
+{
+	static const unsigned char flush_msg[5] = {'H', 0, 0, 0, 4};
+
+	memcpy(buf, flush_msg, sizeof(flush_msg));
+	scan_at_ready = scan_since_attach;
+	idle_input = false;
+	ng_rs_injected_flush();
+	return (ssize_t) sizeof(flush_msg);
+}
+
 /* Installed in place of the executable's recv(). */
 static ssize_t
 ng_recv(int fd, void *buf, size_t len, int flags)
@@ -2983,7 +3049,13 @@ ng_recv(int fd, void *buf, size_t len, int flags)
 		read_ahead_pos += n;
 	}
 	else
+	{
 		n = real_recv(fd, buf, len, flags);
+		if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && len >= 5 &&
+			!(flags & MSG_PEEK) && MyProcPort && fd == MyProcPort->sock &&
+			idle_input_read())
+			return give_idle_flush(buf);
+	}
 
 	if (n > 0 && !(flags & MSG_PEEK) && MyProcPort && fd == MyProcPort->sock)
 		scan_bytes((const unsigned char *) buf, (size_t) n);

@@ -11,6 +11,7 @@ extern "C" {
     fn ng_scan_attach();
     fn ng_consume_buffered_flushes() -> bool;
     fn ng_only_flushes_since_attach() -> bool;
+    fn ng_note_idle_input();
     fn ng_analysis_hit(pairs: *const c_char, count: c_int) -> bool;
     fn ng_analysis_new_client();
     fn ng_pin_reason() -> c_int;
@@ -140,6 +141,13 @@ pub fn analysis_hit(pairs: &[u8], count: u32) -> bool {
 /// sent); true when it did.
 pub fn consume_buffered_flushes() -> bool {
     unsafe { ng_consume_buffered_flushes() }
+}
+
+/// The boundary leaves the idle client here for input it had already sent:
+/// once the server has read it all, answering nothing, the client is let go
+/// (session.c idle_input_read).
+pub fn note_idle_input() {
+    unsafe { ng_note_idle_input() }
 }
 
 /// Whether the attached client has sent only whole Flush messages since its

@@ -1882,6 +1882,53 @@ fn a_lone_flush_after_the_ready_for_query_keeps_no_backend() {
     });
 }
 
+/// A COPY FROM STDIN that fails on a bad row: the server ignores the rest of
+/// the client's CopyData and its CopyDone or CopyFail (sent with the bad row,
+/// or after the ReadyForQuery) and answers nothing, so no ReadyForQuery
+/// marks the client's boundary. The client is let go once they are read,
+/// the pool's other client is served, and the client goes on. Before, the
+/// idle client kept the pool's one backend until its next message (53400
+/// for the other; psql's `\copy` of a file with a bad line, psycopg 3,
+/// asyncpg; hunt11b 1).
+#[test]
+fn a_failed_copy_from_stdin_keeps_no_backend() {
+    failed_copy_keeps_no_backend(one_backend());
+}
+
+/// The same without the kernel queue: the pooler hands the client out.
+#[test]
+fn a_failed_copy_from_stdin_keeps_no_backend_without_the_kernel_queue() {
+    failed_copy_keeps_no_backend(one_backend().conf("nextgres.kernel_queue = off"));
+}
+
+fn failed_copy_keeps_no_backend(builder: nextgres_test::Builder) {
+    run(builder, SETUP, LIMIT, |pg| {
+        use std::io::Write;
+        let (mut a, mut b) = raw_pair(pg);
+        let msg = |tag: u8, body: &[u8]| [&[tag][..], &((body.len() + 4) as i32).to_be_bytes(), body].concat();
+        let mut copy = b"COPY k FROM STDIN".to_vec();
+        copy.push(0);
+        for round in 0..3 {
+            // The rest of the data and its end in the same write as the bad row.
+            a.s.write_all(&[msg(b'Q', &copy), msg(b'd', b"2001\n"), msg(b'd', b"bad\n"), msg(b'd', b"2003\n"), msg(b'c', b"")].concat())
+                .expect("COPY");
+            let e = a.until_ready().expect_err("a bad row");
+            assert!(matches!(&e, nextgres_test::raw::RawFail::Db { code, .. } if code == "22P02"), "round {round}: {e:?}");
+            std::thread::sleep(Duration::from_millis(300));
+            assert_eq!(b.value("SELECT 'b served'"), "b served", "round {round}, after the failed COPY");
+            // A CopyFail that comes after the ReadyForQuery.
+            a.s.write_all(&[msg(b'Q', &copy), msg(b'd', b"bad\n")].concat()).expect("COPY");
+            a.until_ready().expect_err("a bad row");
+            std::thread::sleep(Duration::from_millis(300));
+            a.s.write_all(&msg(b'f', b"given up\0")).expect("CopyFail");
+            std::thread::sleep(Duration::from_millis(300));
+            assert_eq!(b.value("SELECT 'b served again'"), "b served again", "round {round}, after a late CopyFail");
+        }
+        assert_eq!(a.value("SELECT count(*) FROM k WHERE id > 2000"), "0");
+        assert_eq!(a.value("SELECT 'a again'"), "a again");
+    });
+}
+
 /// libpq's COPY FROM STDIN over the extended protocol sends a Sync the
 /// server ignores (it reads copy data then) and one more after CopyDone:
 /// a Parse after it still keeps its own settings when it moves. Before,
