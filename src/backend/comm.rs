@@ -1,7 +1,8 @@
 //! Wrappers around the server's FE/BE output methods. `putmessage` notes a
 //! ReadyForQuery and its status; `flush` forwards and, after a flushed
-//! ReadyForQuery(I), reaches the transaction boundary where the backend may
-//! give its client back; CommandComplete and ErrorResponse are counted as the
+//! ReadyForQuery(I) (or a Flush that followed it with nothing answered,
+//! session.c's own included), reaches the transaction boundary where the
+//! backend may give its client back; CommandComplete and ErrorResponse are counted as the
 //! client's statements (`nextgres.pools.queries`), every message's bytes as
 //! sent to it (`bytes_sent`), and each request cycle's time as query time
 //! (`query_time_ms`: from the start of processing the first message the
@@ -52,6 +53,10 @@ static KEY_PID: AtomicI32 = AtomicI32::new(0);
 /// session.c gave the server a Flush of its own for an idle client
 /// (`ng_rs_injected_flush`): the flush that answers it is the boundary.
 static INJECTED_FLUSH: AtomicBool = AtomicBool::new(false);
+/// The boundary under way follows input the server read without answering
+/// (a Flush, what is left of a failed COPY): nothing ran since the last one
+/// (`boundary_after_ignored_input`).
+static IGNORED_INPUT: AtomicBool = AtomicBool::new(false);
 
 /// Adds `n` to a counter of this process (load and store: one writer).
 fn add(counter: &AtomicU64, n: u64) {
@@ -243,22 +248,34 @@ unsafe extern "C" fn flush() -> c_int {
     let rc = (original().flush.expect("flush"))();
     let status = PENDING_READY.load(Relaxed);
     PENDING_READY.store(NO_READY, Relaxed);
-    let injected = INJECTED_FLUSH.load(Relaxed);
-    if injected {
-        INJECTED_FLUSH.store(false, Relaxed);
-    }
     if status != NO_READY {
         if rc == 0 && status == b'I' as u16 {
             crate::pg::glue::run_guarded(boundary);
         }
-    } else if rc == 0 && super::is_pooled() && (injected || crate::pg::session::only_flushes_since_attach()) {
+    } else if rc == 0 && super::is_pooled() && !crate::pg::session::reading_message() {
         // A Flush that woke an idle client (sent after its ReadyForQuery),
         // or session.c's own once the server read what an idle client sent
         // and ignored (what is left of a failed COPY): no ReadyForQuery
-        // follows, so this is its boundary.
-        crate::pg::glue::run_guarded(boundary);
+        // follows, so this is its boundary. Not a flush made while the
+        // server reads a message (an interrupt's, a FATAL's): the injected
+        // Flush is still to come.
+        let injected = INJECTED_FLUSH.load(Relaxed);
+        if injected {
+            INJECTED_FLUSH.store(false, Relaxed);
+        }
+        if injected || crate::pg::session::only_flushes_since_attach() {
+            IGNORED_INPUT.store(true, Relaxed);
+            crate::pg::glue::run_guarded(boundary);
+            IGNORED_INPUT.store(false, Relaxed);
+        }
     }
     rc
+}
+
+/// Does the boundary under way follow only input the server ignored or
+/// answered with nothing, since the last one (no transaction ran)?
+pub fn boundary_after_ignored_input() -> bool {
+    IGNORED_INPUT.load(Relaxed)
 }
 
 /// The transaction boundary under two guards, so that a failure in it ends

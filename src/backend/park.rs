@@ -82,7 +82,9 @@ thread_local! {
     static STATE: RefCell<Option<Parking>> = const { RefCell::new(None) };
 }
 
-/// Called from the flush wrapper after ReadyForQuery(I) reached the client.
+/// Called from the flush wrapper after ReadyForQuery(I) reached the client,
+/// or after a Flush that followed it with nothing answered since
+/// (`comm::boundary_after_ignored_input`).
 pub fn transaction_boundary() {
     // A cancel is due at most at the first statement after an attach.
     super::cancel::disarm();
@@ -139,7 +141,10 @@ pub fn transaction_boundary() {
         // pooler); one whose session is pinned now stays, attached.
         // Taken once per boundary (the queue's and the attached path both
         // read it).
-        let unbound = super::comm::take_unbound();
+        // A boundary after input the server ignored (a Flush, the rest of
+        // a failed COPY) ran nothing: a statement the last cycle left
+        // unbound still keeps the client (its Bind may follow).
+        let unbound = super::comm::take_unbound() || (super::comm::boundary_after_ignored_input() && p.pin == Pin::Unbound);
         if p.served.is_some() && kq_boundary(p, leaving, unbound) {
             return;
         }

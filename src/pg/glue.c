@@ -1882,9 +1882,27 @@ ng_pooler_catalog_heap_scans(void)
 void
 ng_agent_acl_init(void)
 {
-	StartTransactionCommand();
-	initialize_acl();
-	CommitTransactionCommand();
+	MemoryContext cxt = CurrentMemoryContext;
+
+	PG_TRY();
+	{
+		StartTransactionCommand();
+		initialize_acl();
+		CommitTransactionCommand();
+	}
+	PG_CATCH();
+	{
+		/* Out of memory at most: the agent ends (and restarts) rather than
+		 * unwind through Rust frames. */
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		edata->elevel = FATAL;
+		ThrowErrorData(edata);
+	}
+	PG_END_TRY();
 }
 
 /* ------------------------------------------------------------------------

@@ -3000,7 +3000,9 @@ ng_read_ahead_detach(void)
  * flush after a ReadyForQuery, so without this the idle client kept its
  * backend until its next message, and the pool's other clients waited
  * (hunt11b 1).  Nothing started since could be a COPY: its CopyInResponse
- * is an answer (comm.rs).
+ * is an answer (comm.rs).  Not while a CopyData is the client's last
+ * message: the rest of a large COPY would be let go and attached again at
+ * each read that drained the socket; its CopyDone or CopyFail lets it go.
  */
 extern bool ng_rs_unanswered(void);
 extern void ng_rs_injected_flush(void);
@@ -3009,8 +3011,21 @@ static bool
 idle_input_read(void)
 {
 	return (idle_input || scan_since_attach > scan_at_ready) &&
-		scan_hdr_have == 0 && scan_body_left == 0 && parse_count == 0 &&
-		!parse_lost && !IsTransactionOrTransactionBlock() && ng_rs_unanswered();
+		scan_hdr_have == 0 && scan_body_left == 0 && !scan_in_copy &&
+		parse_count == 0 && !parse_lost && !IsTransactionOrTransactionBlock() &&
+		ng_rs_unanswered();
+}
+
+/*
+ * Is the server inside a message read (pqcomm.c pq_startmsgread() ..
+ * pq_endmsgread())?  A flush there (an interrupt's, a FATAL's) does not
+ * answer the client's Flush: comm.rs waits for the one that does.
+ */
+bool		ng_reading_message(void);
+bool
+ng_reading_message(void)
+{
+	return pq_is_reading_msg();
 }
 
 /*

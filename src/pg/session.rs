@@ -12,6 +12,7 @@ extern "C" {
     fn ng_consume_buffered_flushes() -> bool;
     fn ng_only_flushes_since_attach() -> bool;
     fn ng_note_idle_input();
+    fn ng_reading_message() -> bool;
     fn ng_analysis_hit(pairs: *const c_char, count: c_int) -> bool;
     fn ng_analysis_new_client();
     fn ng_pin_reason() -> c_int;
@@ -141,6 +142,11 @@ pub fn analysis_hit(pairs: &[u8], count: u32) -> bool {
 /// sent); true when it did.
 pub fn consume_buffered_flushes() -> bool {
     unsafe { ng_consume_buffered_flushes() }
+}
+
+/// Is the server inside a message read (pqcomm.c `pq_is_reading_msg`)?
+pub fn reading_message() -> bool {
+    unsafe { ng_reading_message() }
 }
 
 /// The boundary leaves the idle client here for input it had already sent:

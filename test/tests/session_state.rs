@@ -1929,6 +1929,41 @@ fn failed_copy_keeps_no_backend(builder: nextgres_test::Builder) {
     });
 }
 
+/// A cycle that prepared the unnamed statement and bound none (Parse "",
+/// Describe, Sync) keeps the client on its backend for its next
+/// transaction, also when a lone Flush follows its ReadyForQuery: the
+/// boundary that Flush makes ran nothing, and the pin holds there as it
+/// did at the ReadyForQuery (while nobody waits; README). Found by review
+/// of the failed-COPY change, whose first form let the client go there
+/// (its Bind then failed with 26000 once another client used the backend).
+#[test]
+fn a_flush_after_an_unbound_parse_keeps_the_client_for_its_bind() {
+    // The handoff path: with the kernel queue a Bind that comes this late
+    // after its cycle fails with or without the Flush (found here, left:
+    // the closing note of session 51).
+    let builder = one_backend().conf("nextgres.hold_idle_clients = off").conf("nextgres.kernel_queue = off");
+    run(builder, SETUP, LIMIT, |pg| {
+        use std::io::Write;
+        let (mut a, mut b) = raw_pair(pg);
+        let msg = |tag: u8, body: &[u8]| [&[tag][..], &((body.len() + 4) as i32).to_be_bytes(), body].concat();
+        let state = |port: i32| -> String {
+            pg.admin().query_one("SELECT state FROM nextgres.clients WHERE client_port = $1", &[&port]).expect("clients").get(0)
+        };
+        for round in 0..2 {
+            a.s.write_all(&[msg(b'P', b"\0SELECT 42\0\0\0"), msg(b'D', b"S\0"), msg(b'S', b"")].concat()).expect("P/D/S");
+            a.until_ready().expect("prepared");
+            std::thread::sleep(Duration::from_millis(200));
+            a.s.write_all(&msg(b'H', b"")).expect("Flush");
+            std::thread::sleep(Duration::from_millis(300));
+            assert_eq!(state(a.local_port()), "active", "round {round}: kept on its backend for the Bind that follows");
+            a.s.write_all(&[msg(b'B', b"\0\0\0\0\0\0\0\0"), msg(b'E', b"\0\0\0\0\0"), msg(b'S', b"")].concat()).expect("B/E/S");
+            let rows = a.until_ready().expect("Bind of the unnamed statement");
+            assert_eq!(rows.first().and_then(|row| row[0].clone()).as_deref(), Some("42"), "round {round}");
+            assert_eq!(b.value("SELECT 'b'"), "b", "round {round}");
+        }
+    });
+}
+
 /// libpq's COPY FROM STDIN over the extended protocol sends a Sync the
 /// server ignores (it reads copy data then) and one more after CopyDone:
 /// a Parse after it still keeps its own settings when it moves. Before,

@@ -271,7 +271,8 @@ impl Pooler {
         }
     }
 
-    /// A pool over its size (pool_size lowered): lent backends close
+    /// A pool over its size (pool_size lowered), or its database or role
+    /// over a lowered shared limit (`caps_shed`): lent backends close
     /// (recalled first) for up to `surplus` of it (`pool_surplus`, which
     /// already leaves out those closing). Returns the surplus left for
     /// attached backends.
