@@ -388,7 +388,7 @@ impl Queue {
     /// pooler decides whether to signal this backend; a signal it sent is
     /// pending now, and is delivered (and then cleared as stale by the
     /// attach) before any client taken after this runs a query.
-    fn hold_clear(&self) {
+    pub fn hold_clear(&self) {
         let Some(t) = crate::shmem::tables() else { return };
         let Some(h) = t.kq_backend(self.row as usize) else { return };
         loop {

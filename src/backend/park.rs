@@ -816,6 +816,14 @@ fn next_attach(p: &mut Parking) -> Option<(Attach, RawFd)> {
 }
 
 fn attach_client(p: &mut Parking, (mut a, fd): (Attach, RawFd), timer_was_on: bool) {
+    // A backend lent to a kernel queue before (recalled while it served a
+    // queued client, now attaching one the pooler sends): a cancel the
+    // pooler is deciding for that queued client is settled first, as at a
+    // take from the queue, so its signal lands before the stale-cancel
+    // clearing below, never in this client's query (hunt11a 1).
+    if let Some(q) = p.queue.as_ref() {
+        q.hold_clear();
+    }
     // Taking a client sent ahead, `sock` is still the previous client's
     // socket, given back already (out of FeBeWaitSet since release_prepare).
     let old = glue::port_sock();
