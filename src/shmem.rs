@@ -225,6 +225,13 @@ const _: () = assert!(size_of::<KqRow>() % 64 == 0);
 const _: () = assert!(size_of::<KqPool>() % 64 == 0 && size_of::<KqBackend>() % 64 == 0);
 
 pub const OP_SLOTS: usize = 64;
+/// Does one of `pauses` ((database, role), "" as the role for every role
+/// of the database) hold the pool of `database` and `role`? The pooler's
+/// rule (`pooler::ops`) and the views' (`nextgres.pools.paused`).
+pub fn pause_covers(pauses: &[(String, String)], database: &str, role: &str) -> bool {
+    pauses.iter().any(|(d, r)| d == database && (r.is_empty() || r == role))
+}
+
 /// Why `Tables::op_add` found no slot: `OP_PAUSES_MAX` pauses are in force,
 /// or every slot holds a pause or an operation the pooler has not taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -840,7 +847,7 @@ impl Tables {
     }
 
     /// Views: the pauses in force, (database, role), "" as the role for a
-    /// whole database's; nothing is taken.
+    /// whole database's; nothing is taken (`pause_covers` matches them).
     pub fn pauses(&self) -> Vec<(String, String)> {
         let h = self.header();
         let _g = Guard::shared();

@@ -77,8 +77,7 @@ fn pools() -> TableIterator<
     let pauses = t.pauses();
     TableIterator::new(pools.into_iter().map(move |(row, p)| {
         let (database, role) = (shmem::name(&p.database), shmem::name(&p.role));
-        // As the pooler matches them (pooler::ops): "" pauses every role.
-        let paused = pauses.iter().any(|(d, r)| *d == database && (r.is_empty() || *r == role));
+        let paused = shmem::pause_covers(&pauses, &database, &role);
         // The live read only moves backends (and their clients) from parked
         // to attached; it never changes the pooler's totals. A backend the
         // pooler already took back from the queue (counted attached) can

@@ -35,6 +35,9 @@ static SWALLOW_CLOSE_COMPLETE: AtomicBool = AtomicBool::new(false);
 static PARSED: AtomicBool = AtomicBool::new(false);
 /// A ParseComplete went out with no BindComplete after it (`take_unbound`).
 static UNBOUND: AtomicBool = AtomicBool::new(false);
+/// What the last boundary's `take_unbound` said, since the client's attach:
+/// a boundary after ignored input ran nothing and says it again.
+static LAST_UNBOUND: AtomicBool = AtomicBool::new(false);
 /// Status byte of a ReadyForQuery queued since the last flush (`NO_READY`: none).
 static PENDING_READY: AtomicU16 = AtomicU16::new(NO_READY);
 const NO_READY: u16 = u16::MAX;
@@ -55,7 +58,7 @@ static KEY_PID: AtomicI32 = AtomicI32::new(0);
 static INJECTED_FLUSH: AtomicBool = AtomicBool::new(false);
 /// The boundary under way follows input the server read without answering
 /// (a Flush, what is left of a failed COPY): nothing ran since the last one
-/// (`boundary_after_ignored_input`).
+/// (`take_unbound`).
 static IGNORED_INPUT: AtomicBool = AtomicBool::new(false);
 
 /// Adds `n` to a counter of this process (load and store: one writer).
@@ -68,6 +71,15 @@ fn add(counter: &AtomicU64, n: u64) {
 fn take(counter: &AtomicU64) -> u64 {
     let v = counter.load(Relaxed);
     counter.store(0, Relaxed);
+    v
+}
+
+/// A flag's value, cleared (as `take`).
+fn take_flag(flag: &AtomicBool) -> bool {
+    let v = flag.load(Relaxed);
+    if v {
+        flag.store(false, Relaxed);
+    }
     v
 }
 
@@ -133,17 +145,28 @@ fn own_notification(s: *const c_char, len: usize) -> Option<Vec<u8>> {
 /// At a transaction boundary: whether the cycle that ended prepared a
 /// statement (ParseComplete) and bound none after it, so the client's next
 /// cycle may bind a statement only this backend has (the unnamed one, which
-/// never moves). Cleared: it keeps the client one transaction at most.
+/// never moves). Cleared: it keeps the client one transaction at most. A
+/// boundary after input the server ignored (a Flush, the rest of a failed
+/// COPY) ran nothing: it gets what the last one got, so the Bind may still
+/// follow.
 pub fn take_unbound() -> bool {
-    UNBOUND.swap(false, Relaxed)
+    if IGNORED_INPUT.load(Relaxed) {
+        return LAST_UNBOUND.load(Relaxed);
+    }
+    let unbound = UNBOUND.swap(false, Relaxed);
+    LAST_UNBOUND.store(unbound, Relaxed);
+    unbound
+}
+
+/// A client is attached: no boundary of its own has been seen yet.
+pub fn attached() {
+    LAST_UNBOUND.store(false, Relaxed);
 }
 
 /// Did a ParseComplete go out since the last call? (Parse "" is the only
 /// way to create the unnamed statement; a named Parse counts too.)
 pub fn take_parsed() -> bool {
-    let parsed = PARSED.load(Relaxed);
-    PARSED.store(false, Relaxed);
-    parsed
+    take_flag(&PARSED)
 }
 
 /// session.c handed the server the whole injected Close('S', ""): its
@@ -259,11 +282,7 @@ unsafe extern "C" fn flush() -> c_int {
         // follows, so this is its boundary. Not a flush made while the
         // server reads a message (an interrupt's, a FATAL's): the injected
         // Flush is still to come.
-        let injected = INJECTED_FLUSH.load(Relaxed);
-        if injected {
-            INJECTED_FLUSH.store(false, Relaxed);
-        }
-        if injected || crate::pg::session::only_flushes_since_attach() {
+        if take_flag(&INJECTED_FLUSH) || crate::pg::session::only_flushes_since_attach() {
             IGNORED_INPUT.store(true, Relaxed);
             crate::pg::glue::run_guarded(boundary);
             IGNORED_INPUT.store(false, Relaxed);
@@ -272,11 +291,6 @@ unsafe extern "C" fn flush() -> c_int {
     rc
 }
 
-/// Does the boundary under way follow only input the server ignored or
-/// answered with nothing, since the last one (no transaction ran)?
-pub fn boundary_after_ignored_input() -> bool {
-    IGNORED_INPUT.load(Relaxed)
-}
 
 /// The transaction boundary under two guards, so that a failure in it ends
 /// this backend (FATAL) rather than abort it, which makes the postmaster

@@ -83,8 +83,8 @@ thread_local! {
 }
 
 /// Called from the flush wrapper after ReadyForQuery(I) reached the client,
-/// or after a Flush that followed it with nothing answered since
-/// (`comm::boundary_after_ignored_input`).
+/// or after a Flush that followed it with nothing answered since (input the
+/// server ignored, `comm::take_unbound`).
 pub fn transaction_boundary() {
     // A cancel is due at most at the first statement after an attach.
     super::cancel::disarm();
@@ -141,10 +141,7 @@ pub fn transaction_boundary() {
         // pooler); one whose session is pinned now stays, attached.
         // Taken once per boundary (the queue's and the attached path both
         // read it).
-        // A boundary after input the server ignored (a Flush, the rest of
-        // a failed COPY) ran nothing: a statement the last cycle left
-        // unbound still keeps the client (its Bind may follow).
-        let unbound = super::comm::take_unbound() || (super::comm::boundary_after_ignored_input() && p.pin == Pin::Unbound);
+        let unbound = super::comm::take_unbound();
         if p.served.is_some() && kq_boundary(p, leaving, unbound) {
             return;
         }

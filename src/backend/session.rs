@@ -315,6 +315,7 @@ pub fn switch_to(startup: &[(String, String)], image: SessionImage, session_star
 /// The client this backend served last is attached again (no switch): its
 /// statements not created yet are still watched for.
 pub fn attached_again() {
+    super::comm::attached();
     s::scan_attach();
     s::set_statements_pending(PENDING.with(|p| p.borrow().left > 0));
 }

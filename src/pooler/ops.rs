@@ -31,7 +31,7 @@ impl Pooler {
     /// Is the pool paused by nextgres.pause()?
     pub fn pool_paused(&self, pool: usize) -> bool {
         let Some(p) = self.pools.get(pool) else { return false };
-        self.ops.pauses.iter().any(|(d, r)| *d == p.database && (r.is_empty() || *r == p.role))
+        crate::shmem::pause_covers(&self.ops.pauses, &p.database, &p.role)
     }
 
     /// Each loop turn: act on new operations (one atomic load otherwise).
