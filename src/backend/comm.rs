@@ -203,6 +203,16 @@ pub fn swallow_auth_ok() {
     SWALLOW_AUTH_OK.store(true, Relaxed);
 }
 
+/// ParameterStatus messages are owed to the attached client at its next
+/// ReadyForQuery (`session::switch_to`).
+static REPORTS_OWED: AtomicBool = AtomicBool::new(false);
+
+/// The switch found values the client runs under but was not told: they
+/// are reported before its next ReadyForQuery (session.c `ng_report_owed`).
+pub fn owe_reports() {
+    REPORTS_OWED.store(true, Relaxed);
+}
+
 unsafe extern "C" fn putmessage(msgtype: c_char, s: *const c_char, len: usize) -> c_int {
     if msgtype as u8 == b'R' && len == 4 && SWALLOW_AUTH_OK.load(Relaxed) && std::slice::from_raw_parts(s.cast::<u8>(), 4) == [0; 4] {
         SWALLOW_AUTH_OK.store(false, Relaxed);
@@ -232,6 +242,12 @@ unsafe extern "C" fn putmessage(msgtype: c_char, s: *const c_char, len: usize) -
         }
         match msgtype as u8 {
             b'Z' if len == 1 => {
+                // Where a direct backend reports a changed setting: after
+                // guc.c's own reports (ReportChangedGUCOptions), before
+                // the ReadyForQuery. Each goes through this hook again.
+                if REPORTS_OWED.swap(false, Relaxed) {
+                    crate::pg::session::report_owed();
+                }
                 PENDING_READY.store(*s as u8 as u16, Relaxed);
                 crate::pg::session::note_ready();
                 let now = crate::pg::shmem::now();
@@ -251,6 +267,7 @@ unsafe extern "C" fn putmessage(msgtype: c_char, s: *const c_char, len: usize) -
             }
             b'2' => UNBOUND.store(false, Relaxed),
             b'3' => crate::pg::session::note_statement_messages(),
+            b'S' => super::session::note_told(std::slice::from_raw_parts(s.cast::<u8>(), len)),
             // FunctionCallResponse: the function may have been set_config().
             b'V' => crate::pg::session::note_function_call(),
             // One per statement a client ran, failed ones included (as

@@ -339,6 +339,9 @@ impl Queue {
         if let Some(v) = image.defaults {
             a.image.defaults = v;
         }
+        if let Some(v) = image.told {
+            a.image.told = v;
+        }
         a.flags = control::FLAG_NEW_CLIENT | control::FLAG_QUEUED;
         let mut msg = Vec::with_capacity(control::attach_size_hint(a));
         control::write_attach(&mut msg, a);
@@ -483,6 +486,7 @@ pub struct Image {
     pub settings: Option<Vec<(String, String)>>,
     pub statements: Option<control::StatementList>,
     pub defaults: Option<Vec<(String, String)>>,
+    pub told: Option<control::Told>,
 }
 
 fn clone_attach(a: &Attach) -> Attach {

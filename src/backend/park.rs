@@ -705,6 +705,7 @@ fn release_prepare(client: u64) -> Vec<u8> {
     let settings = sess::take_session_settings();
     let statements = session::note_release(settings.as_deref(), sess::take_statements());
     let defaults = session::take_reported_defaults();
+    let told = session::take_told();
     let image_bytes = statements.as_ref().map_or(0, |l| l.byte_len())
         + [&settings, &defaults].iter().filter_map(|v| v.as_ref()).flatten().map(|(n, v)| n.len() + v.len() + 2).sum::<usize>();
     image_fits(image_bytes);
@@ -720,6 +721,7 @@ fn release_prepare(client: u64) -> Vec<u8> {
         settings,
         statements,
         defaults,
+        told,
     };
     let mut msg = Vec::with_capacity(64);
     control::write_released(&mut msg, &released);
@@ -848,6 +850,7 @@ fn attach_client(p: &mut Parking, (mut a, fd): (Attach, RawFd), timer_was_on: bo
         glue::set_client_identity(a.authn.as_ref());
         session::switch_to(&a.settings, std::mem::take(&mut a.image), a.flags & control::FLAG_SESSION_START != 0);
     } else {
+        session::told_attached(a.image.told);
         session::attached_again();
     }
     if a.flags & control::FLAG_SESSION_START != 0 {

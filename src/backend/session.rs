@@ -19,6 +19,7 @@
 //! would get, so only the sequence caches are dropped (currval/lastval).
 use crate::pg::session as s;
 use nextgres_core::control::{RawStatement, SessionImage, Statement, StatementList};
+use nextgres_core::told::Told;
 use std::cell::{Cell, RefCell};
 
 /// What this backend's session holds beyond its login, as far as switching
@@ -131,6 +132,12 @@ impl Pending {
 }
 
 thread_local! {
+    /// What the attached client was told of the reported settings: its
+    /// image's, then each ParameterStatus sent to it here (`note_told`).
+    static TOLD: Cell<Told> = Cell::new(Told::default());
+    /// What the pooler has of it (the ATTACH's, or the last RELEASED's).
+    static TOLD_SENT: Cell<Told> = Cell::new(Told::default());
+
     static SHAPE: RefCell<Shape> = RefCell::new(Shape::default());
     static PENDING: RefCell<Pending> = RefCell::new(Pending::default());
     /// Statements can be created when first used (session.c could install
@@ -177,6 +184,33 @@ pub fn login_defaults() -> Vec<(String, String)> {
     let d = s::read_defaults().unwrap_or_else(current_defaults);
     REPORT_DEFAULTS.with(|r| *r.borrow_mut() = Some(d.clone()));
     d
+}
+
+/// A client is attached whose image says it was told `told`.
+pub fn told_attached(told: Told) {
+    TOLD.set(told);
+    TOLD_SENT.set(told);
+}
+
+/// A ParameterStatus (its body: name, value, each NUL-terminated, the value
+/// as the client receives it) is being sent to the attached client.
+pub fn note_told(body: &[u8]) {
+    let mut parts = body.split(|&b| b == 0);
+    if let (Some(name), Some(value)) = (parts.next(), parts.next()) {
+        let mut t = TOLD.get();
+        t.note(&String::from_utf8_lossy(name), value);
+        TOLD.set(t);
+    }
+}
+
+/// What the client was told, for the pooler at a release, when it changed
+/// since the attach or the last release.
+pub fn take_told() -> Option<Told> {
+    let t = TOLD.get();
+    (t != TOLD_SENT.get()).then(|| {
+        TOLD_SENT.set(t);
+        t
+    })
 }
 
 /// A new client's login defaults, once.
@@ -229,7 +263,8 @@ fn apply_defaults(defaults: &[(String, String)], stale: &[String]) {
 /// `session_start`: the client's first attach; a startup setting this
 /// backend refuses then ends its session, as the server refuses the login.
 pub fn switch_to(startup: &[(String, String)], image: SessionImage, session_start: bool) {
-    let SessionImage { settings, statements, defaults } = image;
+    let SessionImage { settings, statements, defaults, told } = image;
+    told_attached(told);
     // The unnamed statement is not a named one and DISCARD ALL keeps it: a
     // previous client's (only one that sent Parse can have left one) is
     // dropped by the server itself before it reads this client's first
@@ -309,7 +344,9 @@ pub fn switch_to(startup: &[(String, String)], image: SessionImage, session_star
     } else {
         statements_wanted_all();
     }
-    s::switch_reported();
+    if s::switch_reported(&TOLD.get()) {
+        super::comm::owe_reports();
+    }
 }
 
 /// The client this backend served last is attached again (no switch): its

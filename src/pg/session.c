@@ -34,6 +34,8 @@
 #include "lib/stringinfo.h"
 #include "libpq/libpq.h"
 #include "libpq/libpq-be.h"
+#include "libpq/pqformat.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "nodes/parsenodes.h"
 #include "parser/analyze.h"
@@ -2104,43 +2106,79 @@ ng_switch_reseed(void)
 
 /* The settings a client is told of (GUC_REPORT), found at the first switch
  * (guc.c never frees a setting's record; one an extension defines later
- * with GUC_REPORT, which no known extension does, is not in the list). */
+ * with GUC_REPORT, which no known extension does, is not in the list), and
+ * which of them the client is owed a ParameterStatus of. */
 static bool reported_known = false;
 static struct config_generic **reported_vars = NULL;
+static bool *reported_owed = NULL;
 static int	reported_n = 0;
+
+/* The value of a reported setting as ParameterStatus shows it (palloc'd). */
+static char *
+reported_value(struct config_generic *g)
+{
+#if PG_VERSION_NUM >= 160000
+	return ShowGUCOption(g, false);
+#else
+	/* 15's _ShowOption() is static; no reported setting has units. */
+	return GetConfigOptionByName(g->name, NULL, true);
+#endif
+}
+
+static void
+set_last_reported(struct config_generic *g, const char *v)
+{
+#if PG_VERSION_NUM >= 160000
+	guc_free(g->last_reported);
+	g->last_reported = v ? guc_strdup(LOG, v) : NULL;
+#else
+	free(g->last_reported);
+	g->last_reported = v ? strdup(v) : NULL;
+#endif
+}
 
 /*
  * A switch to another client ends: guc.c's record of what "the client" was
  * told of each reported setting (last_reported, to which
  * ReportChangedGUCOptions() compares a changed value before it sends
- * ParameterStatus) is still what the previous client was told.  The values
- * now in force are what this client was told (its login's ParameterStatus,
- * then each change reported to it, re-applied from its session image), so
- * they become last_reported: a value the client SETs later is reported
- * unless the client was told it already, as on a direct connection.  Before,
- * a SET to the value the previous client had been told went unreported: a
- * client that set standard_conforming_strings = off kept being told on, and
- * libpq escaped its strings for on (an SQL injection).  The changes the
- * switch made are still flagged and are looked at (and found unchanged) at
- * the next ReadyForQuery, as guc.c expects of a flagged setting.
+ * ParameterStatus) is still what the previous client was told.  `told`
+ * says whether this client was told a setting's value now in force (its
+ * login's ParameterStatus and each one a backend sent it since, carried in
+ * its session image); those become last_reported, so a value the client
+ * SETs later is reported unless it was told it already, as on a direct
+ * connection.  Before, a SET to the value the previous client had been told
+ * went unreported: a client that set standard_conforming_strings = off kept
+ * being told on, and libpq escaped its strings for on (an SQL injection).
+ * A value the client was not told (a reload or a role default changed it
+ * under the client, and another client of this backend heard of it) is
+ * owed: ng_report_owed() sends it before the next ReadyForQuery, where a
+ * direct backend would report it.  The changes the switch made are still
+ * flagged and are looked at at the next ReadyForQuery, as guc.c expects of a
+ * flagged setting.  Returns whether any ParameterStatus is owed.
  */
-void
-ng_switch_reported(void)
+bool
+ng_switch_reported(bool (*told) (void *arg, const char *name, const char *value), void *arg)
 {
+	bool		owed = false;
+
 	if (!reported_known)
 	{
 		int			n;
 		struct config_generic **vars = guc_array(&n);
 		struct config_generic **list = malloc(sizeof(*list) * Max(n, 1));
+		bool	   *flags = malloc(sizeof(bool) * Max(n, 1));
 
-		if (list == NULL)
+		if (list == NULL || flags == NULL)
 		{
+			free(list);
+			free(flags);
 #if PG_VERSION_NUM >= 160000
 			pfree(vars);
 #endif
-			return;
+			return false;
 		}
 		reported_vars = list;
+		reported_owed = flags;
 		reported_n = 0;
 		for (int i = 0; i < n; i++)
 			if ((vars[i]->flags & GUC_REPORT) && !(vars[i]->flags & GUC_SUPERUSER_ONLY))
@@ -2153,26 +2191,58 @@ ng_switch_reported(void)
 	for (int i = 0; i < reported_n; i++)
 	{
 		struct config_generic *g = reported_vars[i];
-		char	   *v;
+		char	   *v = reported_value(g);
+		char	   *cv;
+		bool		is_told;
 
-#if PG_VERSION_NUM >= 160000
-		v = ShowGUCOption(g, false);
-#else
-		/* 15's _ShowOption() is static; no reported setting has units. */
-		v = GetConfigOptionByName(g->name, NULL, true);
-#endif
+		reported_owed[i] = false;
 		if (v == NULL)
 			continue;
-		if (g->last_reported == NULL || strcmp(v, g->last_reported) != 0)
+		/* As the client has it: converted as pq_sendstring() converts. */
+		cv = pg_server_to_client(v, strlen(v));
+		is_told = told(arg, g->name, cv);
+		if (cv != v)
+			pfree(cv);
+		if (!is_told)
 		{
-#if PG_VERSION_NUM >= 160000
-			guc_free(g->last_reported);
-			g->last_reported = guc_strdup(LOG, v);
-#else
-			free(g->last_reported);
-			g->last_reported = strdup(v);
-#endif
+			/* guc.c sends a flagged one itself (NULL differs from any value). */
+			set_last_reported(g, NULL);
+			reported_owed[i] = owed = true;
 		}
+		else if (g->last_reported == NULL || strcmp(v, g->last_reported) != 0)
+			set_last_reported(g, v);
+		pfree(v);
+	}
+	return owed;
+}
+
+/*
+ * The client's ReadyForQuery is being sent (after ReportChangedGUCOptions()):
+ * each setting owed since the switch that guc.c did not report itself gets
+ * its ParameterStatus now, as guc.c's ReportGUCOption() builds it.
+ */
+void
+ng_report_owed(void)
+{
+	for (int i = 0; i < reported_n; i++)
+	{
+		struct config_generic *g = reported_vars[i];
+		StringInfoData msg;
+		char	   *v;
+
+		if (!reported_owed[i])
+			continue;
+		reported_owed[i] = false;
+		if (g->last_reported != NULL)
+			continue;
+		v = reported_value(g);
+		if (v == NULL)
+			continue;
+		pq_beginmessage(&msg, 'S');
+		pq_sendstring(&msg, g->name);
+		pq_sendstring(&msg, v);
+		pq_endmessage(&msg);
+		set_last_reported(g, v);
 		pfree(v);
 	}
 }

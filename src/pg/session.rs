@@ -1,7 +1,7 @@
 //! Rust side of `session.c`: the client's session image and pins.
 use super::glue::{cstring, NgError};
 use nextgres_core::control::{Statement, StatementList};
-use std::ffi::{c_char, c_int};
+use std::ffi::{c_char, c_int, c_void, CStr};
 
 extern "C" {
     fn ng_install_session_hooks();
@@ -66,7 +66,8 @@ extern "C" {
     fn ng_switch_end(err: *mut NgError) -> bool;
     fn ng_switch_light() -> bool;
     fn ng_switch_reseed();
-    fn ng_switch_reported();
+    fn ng_switch_reported(told: unsafe extern "C" fn(*mut c_void, *const c_char, *const c_char) -> bool, arg: *mut c_void) -> bool;
+    fn ng_report_owed();
     fn ng_note_function_call();
     fn ng_close_unnamed_before_client() -> bool;
     fn ng_read_ahead(fd: c_int, bytes: *mut *const u8) -> isize;
@@ -576,10 +577,26 @@ pub fn switch_reseed() {
 }
 
 /// A switch to another client ends: what guc.c records as reported to the
-/// client becomes the values in force, which are what this client was told
-/// (session.c `ng_switch_reported`), so its own later SETs are reported.
-pub fn switch_reported() {
-    unsafe { ng_switch_reported() }
+/// client (`last_reported`) becomes each value in force that `told` says
+/// this client was told (session.c `ng_switch_reported`), so its own later
+/// SETs are reported as on a direct connection; any other is owed to it.
+/// Returns whether a ParameterStatus is owed ([`report_owed`]).
+pub fn switch_reported(told: &nextgres_core::told::Told) -> bool {
+    unsafe extern "C" fn has(arg: *mut c_void, name: *const c_char, value: *const c_char) -> bool {
+        // SAFETY: `arg` is the `told` below, alive for the call; session.c
+        // passes a setting's name and its shown value, both NUL-terminated.
+        let told = unsafe { &*(arg as *const nextgres_core::told::Told) };
+        let (name, value) = unsafe { (CStr::from_ptr(name), CStr::from_ptr(value)) };
+        told.has(&name.to_string_lossy(), value.to_bytes())
+    }
+    unsafe { ng_switch_reported(has, told as *const _ as *mut c_void) }
+}
+
+/// Sends, before the ReadyForQuery being sent, the ParameterStatus of each
+/// setting owed since the switch that guc.c has not reported itself
+/// (session.c `ng_report_owed`).
+pub fn report_owed() {
+    unsafe { ng_report_owed() }
 }
 
 #[inline(never)]

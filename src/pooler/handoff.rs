@@ -183,6 +183,7 @@ impl Pooler {
         proto::backend_key_data_bytes(&mut out, pid, &secret);
         proto::ready_for_query(&mut out, b'I');
         c.cancel = Some((pid, secret));
+        c.image.told = nextgres_core::told::Told::from_pairs(&params);
         c.phase = Phase::Idle;
         // What it sent to log in is not counted in bytes_received.
         c.tcp_received = super::conn::tcp_bytes_received(&c.stream);
@@ -745,6 +746,9 @@ impl Pooler {
                 }
                 if let Some(defaults) = r.defaults {
                     c.image.defaults = defaults;
+                }
+                if let Some(told) = r.told {
+                    c.image.told = told;
                 }
                 c.xacts += 1;
                 c.phase = Phase::Idle;

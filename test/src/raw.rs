@@ -25,6 +25,9 @@ pub struct Raw {
     /// BackendKeyData's process id and secret key, once read (for a
     /// CancelRequest the test sends itself).
     pub key: Option<(i32, Vec<u8>)>,
+    /// What the server told this client of its settings (ParameterStatus
+    /// messages read by `until_ready`, the login's included), by name.
+    pub params: std::collections::HashMap<String, String>,
 }
 
 impl Raw {
@@ -51,7 +54,7 @@ impl Raw {
         s.set_read_timeout(Some(timeout)).expect("read timeout");
         s.set_nodelay(true).expect("nodelay");
         let pkt = startup_packet_with(params);
-        let mut raw = Raw { s, timeout, key: None };
+        let mut raw = Raw { s, timeout, key: None, params: Default::default() };
         raw.s.write_all(&pkt).expect("raw startup");
         raw.until_ready()
             .unwrap_or_else(|e| panic!("raw login as {user}: {e:?}"));
@@ -81,6 +84,12 @@ impl Raw {
                     panic!("raw client: only trust authentication is supported")
                 }
                 b'D' => rows.push(parse_row(&body)),
+                b'S' => {
+                    let mut f = body.split(|&b| b == 0).map(|f| String::from_utf8_lossy(f).into_owned());
+                    if let (Some(name), Some(value)) = (f.next(), f.next()) {
+                        self.params.insert(name, value);
+                    }
+                }
                 b'E' => err = Some(parse_error(&body)),
                 b'K' if body.len() >= 8 => {
                     self.key = Some((i32::from_be_bytes(body[..4].try_into().unwrap()), body[4..].to_vec()))

@@ -1646,6 +1646,83 @@ fn parameter_status_and_random_seeds_are_each_clients_own() {
     });
 }
 
+/// What each client was told (ParameterStatus) of DateStyle, IntervalStyle
+/// and TimeZone is what its session runs under, whichever clients the one
+/// backend served in between, as on a direct connection, where a changed
+/// value is reported at the client's next query: after a reload changed
+/// them (every client is told, not only the first the backend served
+/// afterwards; hunt11b 2), and after an `ALTER ROLE ... SET` between a
+/// client's login and its first query, whose session takes the new default
+/// (hunt11b 3). Before, the other clients kept the old values, and psycopg
+/// read `04/03/2024` as 3 April under `SQL, DMY`. No report is sent twice.
+#[test]
+fn every_client_is_told_what_its_session_runs() {
+    told_what_it_runs(one_backend());
+}
+
+/// [`every_client_is_told_what_its_session_runs`] through the pooler's
+/// hand-over alone (the kernel queue keeps the image in its slot instead).
+#[test]
+fn every_client_is_told_what_its_session_runs_without_the_kernel_queue() {
+    told_what_it_runs(one_backend().conf("nextgres.kernel_queue = off"));
+}
+
+fn told_what_it_runs(builder: nextgres_test::Builder) {
+    run(builder, SETUP, LIMIT, |pg| {
+        use nextgres_test::raw::Raw;
+        const NAMES: [&str; 3] = ["DateStyle", "IntervalStyle", "TimeZone"];
+        let look = "SELECT current_setting('DateStyle'), current_setting('IntervalStyle'), current_setting('TimeZone')";
+        // The values the session runs under, checked against what the
+        // client was told by the end of the same query's answer.
+        let told_right = |r: &mut Raw, who: &str| -> Vec<Option<String>> {
+            let now = r.query(look).unwrap_or_else(|e| panic!("{who}: {e:?}")).remove(0);
+            let told: Vec<Option<String>> = NAMES.iter().map(|n| r.params.get(*n).cloned()).collect();
+            assert_eq!(told, now, "{who}: told (left) and running (right) differ");
+            now
+        };
+        // Until the one backend has read the reload (its SIGHUP is handled
+        // at its next command), through client `r`.
+        let until_running = |r: &mut Raw, date_style: &str| {
+            let t0 = std::time::Instant::now();
+            while r.value("SELECT current_setting('DateStyle')") != date_style {
+                assert!(t0.elapsed() < SETTLE, "the reload never reached the backend");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        };
+        let (mut a, mut b) = raw_pair(pg);
+        told_right(&mut b, "B before");
+        told_right(&mut a, "A before");
+        let mut admin = pg.admin();
+        // Each its own statement: ALTER SYSTEM refuses a transaction block.
+        for sql in ["ALTER SYSTEM SET DateStyle = 'SQL, DMY'", "ALTER SYSTEM SET IntervalStyle = 'sql_standard'", "SELECT pg_reload_conf()"] {
+            admin.batch_execute(sql).expect(sql);
+        }
+        until_running(&mut a, "SQL, DMY");
+        assert_eq!(told_right(&mut a, "A after the reload")[..2], [Some("SQL, DMY".into()), Some("sql_standard".into())]);
+        told_right(&mut b, "B after the reload, A told first");
+        assert_eq!(a.value("SELECT pg_backend_pid()"), b.value("SELECT pg_backend_pid()"), "one backend");
+        for sql in ["ALTER SYSTEM RESET ALL", "SELECT pg_reload_conf()"] {
+            admin.batch_execute(sql).expect(sql);
+        }
+        until_running(&mut b, "ISO, MDY");
+        told_right(&mut b, "B after the second reload");
+        told_right(&mut a, "A after the second reload, B told first");
+
+        // Logged in, then the role's default changes before any query.
+        let mut c = Raw::connect(pg.port(), "app", "postgres", SETTLE);
+        admin.batch_execute("ALTER ROLE app SET TimeZone = 'Asia/Tokyo'").expect("ALTER ROLE");
+        let now = told_right(&mut c, "C's first query");
+        told_right(&mut a, "A after C");
+        admin.batch_execute("ALTER ROLE app RESET TimeZone").expect("ALTER ROLE RESET");
+        told_right(&mut c, "C again");
+        // Told once: nothing is reported again to a client that has it.
+        for (r, who) in [(&mut a, "A"), (&mut b, "B"), (&mut c, "C")] {
+            let again = raw_reports(r, "SELECT 1");
+            assert!(again.is_empty(), "{who} was told again: {again:?} (C runs {now:?})");
+        }
+    });
+}
+
 /// A backend keeps a statement it has for the next client that has the same
 /// one (same name, text, types) only where the statement cannot differ: not
 /// one prepared after a setting changed, even one set back since (A's

@@ -75,6 +75,7 @@ pub(super) fn kq_boundary(p: &mut Parking, mut leaving: bool, unbound: bool) -> 
     let settings = sess::take_session_settings();
     let statements = session::note_release(settings.as_deref(), sess::take_statements());
     let defaults = session::take_reported_defaults();
+    let told = session::take_told();
     // As `release_prepare`: an image too large for the control channel ends
     // the session with a FATAL the client receives (its socket is still
     // `sock`), not a silent close.
@@ -89,7 +90,7 @@ pub(super) fn kq_boundary(p: &mut Parking, mut leaving: bool, unbound: bool) -> 
     show_ssl(None);
     // The client's socket is closed by the release: nothing may write to it.
     glue::set_port_sock(p.control);
-    let image = crate::backend::kq::Image { settings, statements, defaults };
+    let image = crate::backend::kq::Image { settings, statements, defaults, told };
     let client = p.attached.take();
     let outcome = q.release(p.control, &mut s, image, leaving);
     // Given back: a cancel for the client from now on finds it so.
@@ -113,6 +114,7 @@ pub(super) fn kq_boundary(p: &mut Parking, mut leaving: bool, unbound: bool) -> 
                 settings: Some(img.settings),
                 statements: Some(img.statements),
                 defaults: Some(img.defaults),
+                told: Some(img.told),
             };
             let mut msg = Vec::with_capacity(256);
             control::write_released(&mut msg, &released);

@@ -33,6 +33,7 @@
 #![allow(missing_docs)] // field-level docs would only repeat the module docs
 use crate::proto::error::ProtoError;
 use crate::proto::frame::read_cstr;
+pub use crate::told::Told;
 
 pub const ATTACH: u8 = b'!';
 pub const RELEASED: u8 = b'~';
@@ -132,6 +133,8 @@ pub const IMAGE_SETTINGS: u8 = 1;
 pub const IMAGE_STATEMENTS: u8 = 2;
 /// RELEASED carries the role and database defaults of the client's login.
 pub const IMAGE_DEFAULTS: u8 = 4;
+/// RELEASED carries what the client was told of the reported settings.
+pub const IMAGE_TOLD: u8 = 8;
 
 /// A named prepared statement, as needed to create it again elsewhere.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -344,6 +347,9 @@ pub struct SessionImage {
     /// precedence first: each name is prefixed with its level, `0` ALTER
     /// ROLE ALL, `1` database, `2` role, `3` role in database.
     pub defaults: Vec<(String, String)>,
+    /// What the client was told of the reported settings (its login's
+    /// ParameterStatus, then each one a backend sent it).
+    pub told: Told,
 }
 
 /// A pooled TLS client's session as the backend shows it in `pg_stat_ssl`
@@ -438,6 +444,7 @@ pub struct Released {
     pub settings: Option<Vec<(String, String)>>,
     pub statements: Option<StatementList>,
     pub defaults: Option<Vec<(String, String)>>,
+    pub told: Option<Told>,
 }
 
 fn frame(out: &mut Vec<u8>, tag: u8, body: impl FnOnce(&mut Vec<u8>)) {
@@ -511,6 +518,7 @@ pub fn attach_size_hint(a: &Attach) -> usize {
         + 4
         + a.image.statements.byte_len()
         + pairs(&a.image.defaults)
+        + crate::told::WIRE_LEN
         + 1
         + a.authn.as_ref().map_or(0, |x| x.id.len() + 1)
         + a.tls.as_ref().map_or(0, |t| {
@@ -538,6 +546,7 @@ pub fn write_attach(out: &mut Vec<u8>, a: &Attach) {
         put_pairs(o, &a.image.settings);
         put_statements(o, &a.image.statements);
         put_pairs(o, &a.image.defaults);
+        a.image.told.write(o);
         match a.authn.as_ref().filter(|x| x.method != 0) {
             Some(x) => {
                 o.push(x.method);
@@ -642,7 +651,8 @@ pub fn write_released(out: &mut Vec<u8>, r: &Released) {
         o.extend_from_slice(&r.client_id.to_be_bytes());
         let flags = if r.settings.is_some() { IMAGE_SETTINGS } else { 0 }
             | if r.statements.is_some() { IMAGE_STATEMENTS } else { 0 }
-            | if r.defaults.is_some() { IMAGE_DEFAULTS } else { 0 };
+            | if r.defaults.is_some() { IMAGE_DEFAULTS } else { 0 }
+            | if r.told.is_some() { IMAGE_TOLD } else { 0 };
         o.push(flags);
         o.extend_from_slice(&r.queries.to_be_bytes());
         o.extend_from_slice(&r.query_us.to_be_bytes());
@@ -655,6 +665,9 @@ pub fn write_released(out: &mut Vec<u8>, r: &Released) {
         }
         if let Some(s) = &r.defaults {
             put_pairs(o, s);
+        }
+        if let Some(t) = &r.told {
+            t.write(o);
         }
     });
 }
@@ -759,6 +772,10 @@ impl<'a> Reader<'a> {
         }
         Ok(StatementList { count: n as u32, bytes: self.body[start..self.off].to_vec() })
     }
+    /// What a client was told of the reported settings ([`Told`]).
+    fn told(&mut self) -> Result<Told, ProtoError> {
+        Ok(Told::read(self.take(crate::told::WIRE_LEN)?).expect("length taken"))
+    }
     /// A socket address: u16 length (at most `MAX_ADDR`), then its bytes.
     fn addr(&mut self) -> Result<Vec<u8>, ProtoError> {
         let n = self.u16()? as usize;
@@ -786,7 +803,7 @@ pub fn parse_attach(body: &[u8]) -> Result<Attach, ProtoError> {
     let addr = r.addr()?;
     let local = r.addr()?;
     let settings = r.pairs()?;
-    let image = SessionImage { settings: r.pairs()?, statements: r.statements()?, defaults: r.pairs()? };
+    let image = SessionImage { settings: r.pairs()?, statements: r.statements()?, defaults: r.pairs()?, told: r.told()? };
     let authn = match r.u8()? {
         0 => None,
         method => Some(Authn { method, id: r.cbytes()?.to_vec() }),
@@ -826,8 +843,12 @@ pub fn parse_released(body: &[u8]) -> Result<Released, ProtoError> {
     let settings = if flags & IMAGE_SETTINGS != 0 { Some(r.pairs()?) } else { None };
     let statements = if flags & IMAGE_STATEMENTS != 0 { Some(r.statements()?) } else { None };
     let defaults = if flags & IMAGE_DEFAULTS != 0 { Some(r.pairs()?) } else { None };
+    let told = if flags & IMAGE_TOLD != 0 { Some(r.told()?) } else { None };
+    if flags & !(IMAGE_SETTINGS | IMAGE_STATEMENTS | IMAGE_DEFAULTS | IMAGE_TOLD) != 0 {
+        return Err(bad("unknown image flag"));
+    }
     r.end()?;
-    Ok(Released { client_id, queries, query_us, bytes_sent, settings, statements, defaults })
+    Ok(Released { client_id, queries, query_us, bytes_sent, settings, statements, defaults, told })
 }
 
 /// A statement list alone, as inside ATTACH and RELEASED (the server side's
@@ -849,6 +870,7 @@ mod tests {
             settings: vec![("search_path".into(), "a, b".into()), ("myapp.user".into(), "42".into())],
             statements: statements().into(),
             defaults: vec![("2timezone".into(), "UTC+3".into())],
+            told: Told::from_pairs(&[("DateStyle", "ISO, MDY"), ("TimeZone", "UTC")]),
         }
     }
 
@@ -1072,9 +1094,9 @@ mod tests {
     #[test]
     fn released_round_trip() {
         for r in [
-            Released { client_id: u64::MAX - 1, queries: u64::MAX - 2, query_us: u64::MAX, bytes_sent: 1 << 40, settings: None, statements: None, defaults: None },
-            Released { client_id: 7, queries: 3, query_us: 250, bytes_sent: 17, settings: Some(image().settings), statements: None, defaults: None },
-            Released { client_id: 7, queries: 3, query_us: 250, bytes_sent: 17, settings: Some(vec![]), statements: Some(image().statements), defaults: Some(image().defaults) },
+            Released { client_id: u64::MAX - 1, queries: u64::MAX - 2, query_us: u64::MAX, bytes_sent: 1 << 40, settings: None, statements: None, defaults: None, told: None },
+            Released { client_id: 7, queries: 3, query_us: 250, bytes_sent: 17, settings: Some(image().settings), statements: None, defaults: None, told: None },
+            Released { client_id: 7, queries: 3, query_us: 250, bytes_sent: 17, settings: Some(vec![]), statements: Some(image().statements), defaults: Some(image().defaults), told: Some(image().told) },
         ] {
             let mut out = Vec::new();
             write_released(&mut out, &r);
@@ -1097,7 +1119,7 @@ mod tests {
             assert!(parse_attach(&body[..cut]).is_err(), "cut at {cut}");
         }
         let mut rel = Vec::new();
-        write_released(&mut rel, &Released { client_id: 1, queries: 0, query_us: 0, bytes_sent: 0, settings: Some(image().settings), statements: Some(image().statements), defaults: None });
+        write_released(&mut rel, &Released { client_id: 1, queries: 0, query_us: 0, bytes_sent: 0, settings: Some(image().settings), statements: Some(image().statements), defaults: None, told: None });
         let body = &rel[5..];
         for cut in 0..body.len() {
             assert!(parse_released(&body[..cut]).is_err(), "cut at {cut}");

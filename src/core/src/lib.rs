@@ -9,6 +9,7 @@
 //! * [`accept`]: the pause after `accept(2)` fails for lack of descriptors.
 //! * [`ring`]: the release ring a pooled backend leaves RELEASED in.
 //! * [`kq`]: who owns a client of a pool's kernel queue.
+//! * [`told`]: what a pooled client was told of the reported settings.
 //!
 //! Every parser takes untrusted bytes and returns `Result`; nothing here
 //! panics on input.
@@ -27,3 +28,4 @@ pub mod accept;
 pub mod ring;
 pub mod attach_slot;
 pub mod kq;
+pub mod told;

@@ -137,6 +137,7 @@ fn control() {
         ]
         .into(),
         defaults: vec![],
+        told: control::Told::from_pairs(&[("DateStyle", "ISO, MDY"), ("application_name", "app")]),
     };
     let a = Attach {
         client_id: 42,
@@ -168,13 +169,13 @@ fn control() {
     let mut att_tls = Vec::new();
     control::write_attach(&mut att_tls, &t);
     write("control", "0_attach_tls", &cat(&[&[0], &att_tls[5..]]));
-    let r = Released { client_id: 7, queries: 1, query_us: 1500, bytes_sent: 120, settings: Some(image.settings.clone()), statements: Some(image.statements.clone()), defaults: None };
+    let r = Released { client_id: 7, queries: 1, query_us: 1500, bytes_sent: 120, settings: Some(image.settings.clone()), statements: Some(image.statements.clone()), defaults: None, told: Some(image.told) };
     let mut rel = Vec::new();
     control::write_released(&mut rel, &r);
     write("control", "1_released", &cat(&[&[1], &rel[5..]]));
     let mut stream = att.clone();
     control::write_release_request(&mut stream);
-    control::write_released(&mut stream, &Released { client_id: 8, queries: 0, query_us: 0, bytes_sent: 0, settings: None, statements: None, defaults: None });
+    control::write_released(&mut stream, &Released { client_id: 8, queries: 0, query_us: 0, bytes_sent: 0, settings: None, statements: None, defaults: None, told: None });
     stream.extend_from_slice(&rel);
     proto::error_response(&mut stream, &ErrorFields { severity: "FATAL".into(), ..Default::default() });
     write("control", "2_stream", &cat(&[&[2], &stream]));

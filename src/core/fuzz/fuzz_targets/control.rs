@@ -90,6 +90,14 @@ fn pairs(u: &mut Unstructured) -> arbitrary::Result<Vec<(String, String)>> {
     (0..n).map(|_| Ok((text(u)?, text(u)?))).collect()
 }
 
+fn told(u: &mut Unstructured) -> arbitrary::Result<control::Told> {
+    let mut t = control::Told::default();
+    for h in t.0.iter_mut() {
+        *h = u32::arbitrary(u)?;
+    }
+    Ok(t)
+}
+
 fn statements(u: &mut Unstructured) -> arbitrary::Result<Vec<Statement>> {
     let n = u.int_in_range(0..=6)?;
     (0..n)
@@ -136,7 +144,7 @@ fn generated(data: &[u8]) -> arbitrary::Result<()> {
                 u.bytes(n)?.to_vec()
             },
             settings: pairs(&mut u)?,
-            image: SessionImage { settings: pairs(&mut u)?, statements: statements(&mut u)?.into(), defaults: pairs(&mut u)? },
+            image: SessionImage { settings: pairs(&mut u)?, statements: statements(&mut u)?.into(), defaults: pairs(&mut u)?, told: told(&mut u)? },
             // Method 0 is written as none, and an id is cut at a NUL: only
             // what comes back unchanged.
             authn: if bool::arbitrary(&mut u)? {
@@ -170,8 +178,9 @@ fn generated(data: &[u8]) -> arbitrary::Result<()> {
         let settings = if bool::arbitrary(&mut u)? { Some(pairs(&mut u)?) } else { None };
         let statements = if bool::arbitrary(&mut u)? { Some(statements(&mut u)?.into()) } else { None };
         let defaults = if bool::arbitrary(&mut u)? { Some(pairs(&mut u)?) } else { None };
+        let told = if bool::arbitrary(&mut u)? { Some(told(&mut u)?) } else { None };
         let (queries, query_us, bytes_sent) = (u64::arbitrary(&mut u)?, u64::arbitrary(&mut u)?, u64::arbitrary(&mut u)?);
-        released_round_trip(&Released { client_id, queries, query_us, bytes_sent, settings, statements, defaults });
+        released_round_trip(&Released { client_id, queries, query_us, bytes_sent, settings, statements, defaults, told });
     }
     Ok(())
 }
