@@ -90,6 +90,15 @@ impl Queue {
         self.ep.0.as_raw_fd()
     }
 
+    /// Is a client of the queue ready and untaken now? A look (`poll(2)`
+    /// on the epoll descriptor) that takes nothing: its one-shot events
+    /// stay for the backend that takes them.
+    pub fn ready_now(&self) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let mut fds = [PollFd::new(self.ep.0.as_fd(), PollFlags::POLLIN)];
+        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+    }
+
     /// The next ready client this backend may serve, taken, its socket at
     /// its fixed number, its ATTACH flags set for this backend. Clients
     /// found leaving (end of file, Terminate) are given back on `control`.

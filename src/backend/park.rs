@@ -373,6 +373,8 @@ fn linger(p: &mut Parking, pinned: bool, sequence: bool) -> bool {
                     return false;
                 }
                 timeout_ms = left.as_micros().div_ceil(1000) as i64;
+            } else if p.kept_from_queue && p.queue.is_some() {
+                timeout_ms = KEPT_QUEUE_LOOK_MS;
             }
         }
         match glue::linger_wait(timeout_ms) {
@@ -431,16 +433,28 @@ fn pooler_gone() -> ! {
     unreachable!()
 }
 
-/// (waiting clients, backends) of the client's pool. A client kept from the
-/// kernel queue (its sequence values) counts one waiting: the pooler cannot
-/// see the clients waiting in the queue, and the queue must not starve.
+/// (waiting clients, backends) of the client's pool. The pooler counts
+/// only the clients it holds: for a client kept from the kernel queue (its
+/// sequence values, an unbound statement), a client ready in the queue and
+/// not taken by another backend counts one waiting, so the queue does not
+/// starve (`linger` looks every `KEPT_QUEUE_LOOK_MS`). Before, one always
+/// counted, and such a client kept its backend only for `sequence_hold`
+/// with nobody waiting (its unnamed statement or currval() gone after 50
+/// ms). Not "a client waited moments ago" (`SATURATED_WITHIN_US`): the one
+/// this backend served just before counts so, though the queue is empty.
 fn pool_load(p: &Parking) -> (i32, i32) {
     let (waiting, backends) = crate::shmem::pool_load(p.pool_row);
-    if p.kept_from_queue {
-        return (waiting.max(1), backends);
+    if waiting == 0 && p.kept_from_queue && p.queue.as_ref().is_some_and(|q| q.ready_now()) {
+        return (1, backends);
     }
     (waiting, backends)
 }
+
+/// How often (ms) a backend that keeps a client from the kernel queue with
+/// nobody waiting looks at the queue: a client getting ready there wakes no
+/// one (the pooler sees it at its next look, within a second), and such a
+/// client is rare (sequence values, an unbound statement).
+const KEPT_QUEUE_LOOK_MS: i64 = 50;
 
 /// The shared flag saying this backend keeps an idle client, up while
 /// lingering and down on every way out.
@@ -850,7 +864,9 @@ fn attach_client(p: &mut Parking, (mut a, fd): (Attach, RawFd), timer_was_on: bo
         glue::set_client_identity(a.authn.as_ref());
         session::switch_to(&a.settings, std::mem::take(&mut a.image), a.flags & control::FLAG_SESSION_START != 0);
     } else {
-        session::told_attached(a.image.told);
+        // Its image is not sent (the pooler's ATTACH) or is the one this
+        // backend wrote (a kernel queue slot): what it was told is still
+        // `session`'s.
         session::attached_again();
     }
     if a.flags & control::FLAG_SESSION_START != 0 {

@@ -1661,10 +1661,12 @@ fn every_client_is_told_what_its_session_runs() {
 }
 
 /// [`every_client_is_told_what_its_session_runs`] through the pooler's
-/// hand-over alone (the kernel queue keeps the image in its slot instead).
+/// hand-over alone (the kernel queue keeps the image in its slot instead),
+/// each transaction handed over: a client handed back to the backend that
+/// served it last gets no image, and keeps what it was told there.
 #[test]
 fn every_client_is_told_what_its_session_runs_without_the_kernel_queue() {
-    told_what_it_runs(one_backend().conf("nextgres.kernel_queue = off"));
+    told_what_it_runs(one_backend().conf("nextgres.kernel_queue = off").conf("nextgres.hold_idle_clients = off"));
 }
 
 fn told_what_it_runs(builder: nextgres_test::Builder) {
@@ -1692,21 +1694,24 @@ fn told_what_it_runs(builder: nextgres_test::Builder) {
         let (mut a, mut b) = raw_pair(pg);
         told_right(&mut b, "B before");
         told_right(&mut a, "A before");
+        // A again on the backend it left (no switch), told of its own SET.
+        raw_reports(&mut a, "SET application_name = 'a'");
+        told_right(&mut a, "A again");
         let mut admin = pg.admin();
         // Each its own statement: ALTER SYSTEM refuses a transaction block.
         for sql in ["ALTER SYSTEM SET DateStyle = 'SQL, DMY'", "ALTER SYSTEM SET IntervalStyle = 'sql_standard'", "SELECT pg_reload_conf()"] {
             admin.batch_execute(sql).expect(sql);
         }
-        until_running(&mut a, "SQL, DMY");
-        assert_eq!(told_right(&mut a, "A after the reload")[..2], [Some("SQL, DMY".into()), Some("sql_standard".into())]);
-        told_right(&mut b, "B after the reload, A told first");
+        until_running(&mut b, "SQL, DMY");
+        assert_eq!(told_right(&mut b, "B after the reload")[..2], [Some("SQL, DMY".into()), Some("sql_standard".into())]);
+        told_right(&mut a, "A after the reload, B told first");
         assert_eq!(a.value("SELECT pg_backend_pid()"), b.value("SELECT pg_backend_pid()"), "one backend");
         for sql in ["ALTER SYSTEM RESET ALL", "SELECT pg_reload_conf()"] {
             admin.batch_execute(sql).expect(sql);
         }
-        until_running(&mut b, "ISO, MDY");
-        told_right(&mut b, "B after the second reload");
-        told_right(&mut a, "A after the second reload, B told first");
+        until_running(&mut a, "ISO, MDY");
+        told_right(&mut a, "A after the second reload");
+        told_right(&mut b, "B after the second reload, A told first");
 
         // Logged in, then the role's default changes before any query.
         let mut c = Raw::connect(pg.port(), "app", "postgres", SETTLE);
@@ -2015,10 +2020,21 @@ fn failed_copy_keeps_no_backend(builder: nextgres_test::Builder) {
 /// (its Bind then failed with 26000 once another client used the backend).
 #[test]
 fn a_flush_after_an_unbound_parse_keeps_the_client_for_its_bind() {
-    // The handoff path: with the kernel queue a Bind that comes this late
-    // after its cycle fails with or without the Flush (found here, left:
-    // the closing note of session 51).
-    let builder = one_backend().conf("nextgres.hold_idle_clients = off").conf("nextgres.kernel_queue = off");
+    unbound_parse_keeps_the_client(one_backend().conf("nextgres.hold_idle_clients = off").conf("nextgres.kernel_queue = off"));
+}
+
+/// [`a_flush_after_an_unbound_parse_keeps_the_client_for_its_bind`] through
+/// the kernel queue, where a backend keeps such a client outside the queue:
+/// with nobody waiting it keeps it past `sequence_hold`. Before, the client
+/// went back to the queue after that hold (50 ms) whether anyone waited or
+/// not, and its Bind failed with 26000; the other client, which queues
+/// while the first is kept, is still served.
+#[test]
+fn a_flush_after_an_unbound_parse_keeps_the_client_for_its_bind_through_the_kernel_queue() {
+    unbound_parse_keeps_the_client(one_backend().conf("nextgres.hold_idle_clients = off"));
+}
+
+fn unbound_parse_keeps_the_client(builder: nextgres_test::Builder) {
     run(builder, SETUP, LIMIT, |pg| {
         use std::io::Write;
         let (mut a, mut b) = raw_pair(pg);
@@ -2038,6 +2054,14 @@ fn a_flush_after_an_unbound_parse_keeps_the_client_for_its_bind() {
             assert_eq!(rows.first().and_then(|row| row[0].clone()).as_deref(), Some("42"), "round {round}");
             assert_eq!(b.value("SELECT 'b'"), "b", "round {round}");
         }
+        // Kept with its statement unbound, A gives the backend up for B,
+        // who waits for it (after `sequence_hold`).
+        a.s.write_all(&[msg(b'P', b"\0SELECT 42\0\0\0"), msg(b'D', b"S\0"), msg(b'S', b"")].concat()).expect("P/D/S");
+        a.until_ready().expect("prepared");
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(state(a.local_port()), "active", "kept on its backend");
+        assert_eq!(b.value("SELECT 'b while a was kept'"), "b while a was kept");
+        assert_eq!(a.value("SELECT 'a after b'"), "a after b");
     });
 }
 
