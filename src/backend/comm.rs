@@ -258,16 +258,17 @@ unsafe extern "C" fn putmessage(msgtype: c_char, s: *const c_char, len: usize) -
                 }
                 CYCLE_FLOOR.store(now, Relaxed);
             }
-            // ParseComplete / CloseComplete: named statements may have changed.
+            // ParseComplete / CloseComplete: named statements may have
+            // changed (a ParseComplete: unless the Parse was of the
+            // unnamed one, which session.c knows from the Parse's name).
             b'1' => {
                 PARSED.store(true, Relaxed);
                 UNBOUND.store(true, Relaxed);
                 crate::pg::session::note_parse_complete();
-                crate::pg::session::note_statement_messages()
             }
             b'2' => UNBOUND.store(false, Relaxed),
             b'3' => crate::pg::session::note_statement_messages(),
-            b'S' => super::session::note_told(std::slice::from_raw_parts(s.cast::<u8>(), len)),
+            b'S' => super::session::note_told(),
             // FunctionCallResponse: the function may have been set_config().
             b'V' => crate::pg::session::note_function_call(),
             // One per statement a client ran, failed ones included (as

@@ -133,8 +133,11 @@ impl Pending {
 
 thread_local! {
     /// What the attached client was told of the reported settings: its
-    /// image's, then each ParameterStatus sent to it here (`note_told`).
+    /// image's, then what guc.c records as reported once a ParameterStatus
+    /// went out (`note_told`, `take_told`).
     static TOLD: Cell<Told> = Cell::new(Told::default());
+    /// A ParameterStatus went out since `TOLD` was last brought up to date.
+    static TOLD_DIRTY: Cell<bool> = const { Cell::new(false) };
     /// What the pooler has of it (the ATTACH's, or the last RELEASED's).
     static TOLD_SENT: Cell<Told> = Cell::new(Told::default());
 
@@ -190,22 +193,24 @@ pub fn login_defaults() -> Vec<(String, String)> {
 pub fn told_attached(told: Told) {
     TOLD.set(told);
     TOLD_SENT.set(told);
+    TOLD_DIRTY.set(false);
 }
 
-/// A ParameterStatus (its body: name, value, each NUL-terminated, the value
-/// as the client receives it) is being sent to the attached client.
-pub fn note_told(body: &[u8]) {
-    let mut parts = body.split(|&b| b == 0);
-    if let (Some(name), Some(value)) = (parts.next(), parts.next()) {
-        let mut t = TOLD.get();
-        t.note(&String::from_utf8_lossy(name), value);
-        TOLD.set(t);
-    }
+/// A ParameterStatus is being sent to the attached client. Its value is in
+/// the client's encoding, which may change; what it was told is read at the
+/// release from guc.c, in the server encoding (`take_told`).
+pub fn note_told() {
+    TOLD_DIRTY.set(true);
 }
 
 /// What the client was told, for the pooler at a release, when it changed
 /// since the attach or the last release.
 pub fn take_told() -> Option<Told> {
+    if TOLD_DIRTY.replace(false) {
+        let mut t = TOLD.get();
+        s::reported_into(&mut t);
+        TOLD.set(t);
+    }
     let t = TOLD.get();
     (t != TOLD_SENT.get()).then(|| {
         TOLD_SENT.set(t);
@@ -265,6 +270,9 @@ fn apply_defaults(defaults: &[(String, String)], stale: &[String]) {
 pub fn switch_to(startup: &[(String, String)], image: SessionImage, session_start: bool) {
     let SessionImage { settings, statements, defaults, told } = image;
     told_attached(told);
+    // A reload signalled while parked, first: the values in force are the
+    // ones a client that logged in after it was told (see switch_reported).
+    s::reload_if_pending();
     // The unnamed statement is not a named one and DISCARD ALL keeps it: a
     // previous client's (only one that sent Parse can have left one) is
     // dropped by the server itself before it reads this client's first

@@ -43,6 +43,7 @@
 #include "parser/parse_param.h"
 #include "parser/parser.h"
 #include "port/pg_bswap.h"
+#include "postmaster/interrupt.h"
 #include "postmaster/postmaster.h"
 #include "storage/lock.h"
 #include "storage/proc.h"
@@ -1958,8 +1959,8 @@ put_statement(StringInfo out, PreparedStatement *ps)
  * and texts are bytes in the database encoding).  NULL with *len 0 when they
  * cannot have changed, NULL with *len -1 when they could not be read.  The only iterator over the server's
  * prepared-statement table is pg_prepared_statement(), called directly.
- * Any Parse/Close/PREPARE/DEALLOCATE marks them for a rescan (unnamed Parse
- * included: the protocol does not say which was which).
+ * A Parse of a named statement, any Close, PREPARE or DEALLOCATE marks them
+ * for a rescan (ng_note_parse_complete: a Parse of the unnamed one does not).
  */
 char *
 ng_take_statements(int *len)
@@ -1984,10 +1985,10 @@ ng_take_statements(int *len)
 	/*
 	 * No named statement was ever prepared here: the list is empty, as
 	 * pg_prepared_statement() would return it, without the transaction
-	 * that calls it.  The ParseComplete of every unnamed Parse (drivers'
-	 * extended protocol: libpq, pgjdbc below prepareThreshold,
-	 * node-postgres, psycopg) makes the statements dirty, so this saves a
-	 * transaction per transaction of such a client.
+	 * that calls it.  A Parse whose name was not read (the client's
+	 * recv() not watched) makes the statements dirty at each
+	 * ParseComplete, so this saves a transaction per transaction of such
+	 * a client.
 	 */
 	if (!hash_table_exists(&prepared_queries_table))
 	{
@@ -2137,30 +2138,10 @@ set_last_reported(struct config_generic *g, const char *v)
 #endif
 }
 
-/*
- * A switch to another client ends: guc.c's record of what "the client" was
- * told of each reported setting (last_reported, to which
- * ReportChangedGUCOptions() compares a changed value before it sends
- * ParameterStatus) is still what the previous client was told.  `told`
- * says whether this client was told a setting's value now in force (its
- * login's ParameterStatus and each one a backend sent it since, carried in
- * its session image); those become last_reported, so a value the client
- * SETs later is reported unless it was told it already, as on a direct
- * connection.  Before, a SET to the value the previous client had been told
- * went unreported: a client that set standard_conforming_strings = off kept
- * being told on, and libpq escaped its strings for on (an SQL injection).
- * A value the client was not told (a reload or a role default changed it
- * under the client, and another client of this backend heard of it) is
- * owed: ng_report_owed() sends it before the next ReadyForQuery, where a
- * direct backend would report it.  The changes the switch made are still
- * flagged and are looked at at the next ReadyForQuery, as guc.c expects of a
- * flagged setting.  Returns whether any ParameterStatus is owed.
- */
-bool
-ng_switch_reported(bool (*told) (void *arg, const char *name, const char *value), void *arg)
+/* The reported settings' list, built once; false if it could not be. */
+static bool
+reported_init(void)
 {
-	bool		owed = false;
-
 	if (!reported_known)
 	{
 		int			n;
@@ -2188,22 +2169,50 @@ ng_switch_reported(bool (*told) (void *arg, const char *name, const char *value)
 #endif
 		reported_known = true;
 	}
+	return true;
+}
+
+/*
+ * A switch to another client ends: guc.c's record of what "the client" was
+ * told of each reported setting (last_reported, to which
+ * ReportChangedGUCOptions() compares a changed value before it sends
+ * ParameterStatus) is still what the previous client was told.  `told`
+ * says whether this client was told a setting's value now in force (in the
+ * server encoding, as last_reported keeps it; its
+ * login's ParameterStatus and each one a backend sent it since, carried in
+ * its session image); those become last_reported, so a value the client
+ * SETs later is reported unless it was told it already, as on a direct
+ * connection.  Before, a SET to the value the previous client had been told
+ * went unreported: a client that set standard_conforming_strings = off kept
+ * being told on, and libpq escaped its strings for on (an SQL injection).
+ * A value the client was not told (a reload or a role default changed it
+ * under the client, and another client of this backend heard of it) is
+ * owed: ng_report_owed() sends it before the next ReadyForQuery, where a
+ * direct backend would report it.  The changes the switch made are still
+ * flagged and are looked at at the next ReadyForQuery, as guc.c expects of a
+ * flagged setting.  Returns whether any ParameterStatus is owed.
+ */
+bool
+ng_switch_reported(bool (*told) (void *arg, const char *name, const char *value), void *arg)
+{
+	bool		owed = false;
+
+	if (!reported_init())
+		return false;
 	for (int i = 0; i < reported_n; i++)
 	{
 		struct config_generic *g = reported_vars[i];
 		char	   *v = reported_value(g);
-		char	   *cv;
-		bool		is_told;
 
 		reported_owed[i] = false;
 		if (v == NULL)
 			continue;
-		/* As the client has it: converted as pq_sendstring() converts. */
-		cv = pg_server_to_client(v, strlen(v));
-		is_told = told(arg, g->name, cv);
-		if (cv != v)
-			pfree(cv);
-		if (!is_told)
+		/*
+		 * Compared in the server encoding, as last_reported keeps it: the
+		 * client's encoding may change, and converting could fail (a value
+		 * the client would only fail to receive at its next report).
+		 */
+		if (!told(arg, g->name, v))
 		{
 			/* guc.c sends a flagged one itself (NULL differs from any value). */
 			set_last_reported(g, NULL);
@@ -2244,6 +2253,38 @@ ng_report_owed(void)
 		pq_endmessage(&msg);
 		set_last_reported(g, v);
 		pfree(v);
+	}
+}
+
+/*
+ * Each reported setting's name and what the client was last told of it
+ * (last_reported, in the server encoding; NULL while owed): what the
+ * client's image carries after ParameterStatus went out.
+ */
+void
+ng_reported_each(void (*each) (void *arg, const char *name, const char *last), void *arg)
+{
+	if (!reported_init())
+		return;
+	for (int i = 0; i < reported_n; i++)
+		each(arg, reported_vars[i]->name, reported_vars[i]->last_reported);
+}
+
+/*
+ * A reload signalled while the backend was parked is read before a switch
+ * (PostgresMain() reads it only after the command the switch is part of):
+ * the values in force are then the ones the pooler told a client that
+ * logged in after it, and the switch's comparison with what the client was
+ * told finds no difference the reload would then report a second time.
+ */
+void		ng_defaults_reload(void);
+void
+ng_reload_if_pending(void)
+{
+	if (ConfigReloadPending)
+	{
+		ConfigReloadPending = false;
+		ng_defaults_reload();
 	}
 }
 
@@ -2487,6 +2528,8 @@ static char scan_cap[SCAN_CAPTURE];
 typedef struct ParseSeen
 {
 	bool		cycle_end;
+	/* The name was read ("" then is the unnamed statement). */
+	bool		known;
 	char		name[NAMEDATALEN];
 } ParseSeen;
 static ParseSeen parse_ring[PARSE_RING];
@@ -2532,6 +2575,7 @@ parse_push(const char *name, bool cycle_end)
 	}
 	e = &parse_ring[(parse_first + parse_count) % PARSE_RING];
 	e->cycle_end = cycle_end;
+	e->known = name != NULL;
 	strlcpy(e->name, name ? name : "", sizeof(e->name));
 	parse_count++;
 }
@@ -2651,7 +2695,13 @@ ng_analysis_new_client(void)
 /*
  * ParseComplete: the statement its Parse made was analyzed under the
  * settings in force now (exec_parse_message() changes none): they are
- * noted as its own before a later SET changes them.
+ * noted as its own before a later SET changes them.  A named one (or one
+ * whose name was not read) changed the client's named statements, which
+ * are read again at the release (ng_take_statements); the unnamed one,
+ * which most drivers parse with every use, changed none of them.  Before,
+ * every ParseComplete made the release read, parse and send the whole
+ * list, for a client holding hundreds of statements (pgjdbc, psycopg with
+ * its unnamed queries besides) a copy of all of them per transaction.
  */
 void		ng_note_parse_complete(void);
 void
@@ -2663,9 +2713,12 @@ ng_note_parse_complete(void)
 	if (parse_lost || parse_count == 0 || parse_ring[parse_first].cycle_end)
 	{
 		parse_lost = true;
+		statements_dirty = true;
 		return;
 	}
 	e = parse_pop();
+	if (!e->known || e->name[0])
+		statements_dirty = true;
 	if (e->name[0] && hash_table_exists(&prepared_queries_table) &&
 		(ps = FetchPreparedStatement(e->name, false)) != NULL)
 		(void) analysis_of(ps->plansource);

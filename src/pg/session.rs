@@ -68,6 +68,8 @@ extern "C" {
     fn ng_switch_reseed();
     fn ng_switch_reported(told: unsafe extern "C" fn(*mut c_void, *const c_char, *const c_char) -> bool, arg: *mut c_void) -> bool;
     fn ng_report_owed();
+    fn ng_reported_each(each: unsafe extern "C" fn(*mut c_void, *const c_char, *const c_char), arg: *mut c_void);
+    fn ng_reload_if_pending();
     fn ng_note_function_call();
     fn ng_close_unnamed_before_client() -> bool;
     fn ng_read_ahead(fd: c_int, bytes: *mut *const u8) -> isize;
@@ -114,7 +116,8 @@ pub fn note_statement_messages() {
 }
 
 /// A ParseComplete went out: the statement just made notes the settings
-/// its analysis ran under (session.c `analysis_gucs`).
+/// its analysis ran under (session.c `analysis_gucs`), and unless it is
+/// the unnamed one the named statements are read again at the release.
 pub fn note_parse_complete() {
     unsafe { ng_note_parse_complete() }
 }
@@ -590,6 +593,29 @@ pub fn switch_reported(told: &nextgres_core::told::Told) -> bool {
         told.has(&name.to_string_lossy(), value.to_bytes())
     }
     unsafe { ng_switch_reported(has, told as *const _ as *mut c_void) }
+}
+
+/// What the client was last told of each reported setting (guc.c's
+/// `last_reported`, in the server encoding), noted into `told`; one owed
+/// and not sent yet keeps what `told` has (session.c `ng_reported_each`).
+pub fn reported_into(told: &mut nextgres_core::told::Told) {
+    unsafe extern "C" fn each(arg: *mut c_void, name: *const c_char, last: *const c_char) {
+        if last.is_null() {
+            return;
+        }
+        // SAFETY: `arg` is the `told` below, borrowed for the call; the
+        // name and value are NUL-terminated strings of guc.c's.
+        let told = unsafe { &mut *(arg as *mut nextgres_core::told::Told) };
+        let (name, last) = unsafe { (CStr::from_ptr(name), CStr::from_ptr(last)) };
+        told.note(&name.to_string_lossy(), last.to_bytes());
+    }
+    unsafe { ng_reported_each(each, told as *mut _ as *mut c_void) }
+}
+
+/// Reads postgresql.conf now if a reload was signalled (session.c
+/// `ng_reload_if_pending`), before a switch.
+pub fn reload_if_pending() {
+    unsafe { ng_reload_if_pending() }
 }
 
 /// Sends, before the ReadyForQuery being sent, the ParameterStatus of each

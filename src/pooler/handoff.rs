@@ -183,7 +183,7 @@ impl Pooler {
         proto::backend_key_data_bytes(&mut out, pid, &secret);
         proto::ready_for_query(&mut out, b'I');
         c.cancel = Some((pid, secret));
-        c.image.told = nextgres_core::told::Told::from_pairs(&params);
+        c.image.told = told_at_login(&params);
         c.phase = Phase::Idle;
         // What it sent to log in is not counted in bytes_received.
         c.tcp_received = super::conn::tcp_bytes_received(&c.stream);
@@ -875,4 +875,30 @@ pub fn renamed_fatal(role: &str) -> ErrorFields {
         &format!("terminating connection because role or database of this session was renamed or re-created (role \"{role}\")"),
         Some("Connect again."),
     )
+}
+
+/// What a login's ParameterStatus `params` told the client
+/// (`nextgres_core::told`). They are sent in the database encoding, as the
+/// pooler has them (it has no encoding conversions); a client whose
+/// `client_encoding` is another one (neither SQL_ASCII) got a non-ASCII
+/// value (a role name in `session_authorization`, a `search_path`) in a form
+/// the server would not send it, so that value counts as not told: the
+/// first backend the client runs on reports it, converted, before its first
+/// ReadyForQuery.
+fn told_at_login(params: &[(String, String)]) -> nextgres_core::told::Told {
+    let mut told = nextgres_core::told::Told::from_pairs(params);
+    let value = |name: &str| params.iter().rev().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str());
+    // Spelled as the server reports them (UTF8, LATIN1, SQL_ASCII);
+    // loosened as encnames.c compares names, in case.
+    let key = |name: &str| {
+        let k: String = name.chars().filter(char::is_ascii_alphanumeric).map(|c| c.to_ascii_lowercase()).collect();
+        if k == "unicode" { "utf8".to_string() } else { k }
+    };
+    let (client, server) = (key(value("client_encoding").unwrap_or("")), key(value("server_encoding").unwrap_or("")));
+    if client != server && client != "sqlascii" && server != "sqlascii" {
+        for (name, _) in params.iter().filter(|(_, v)| !v.is_ascii()) {
+            told.mark_untold(name);
+        }
+    }
+    told
 }

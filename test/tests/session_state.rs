@@ -1713,6 +1713,29 @@ fn told_what_it_runs(builder: nextgres_test::Builder) {
         told_right(&mut a, "A after the second reload");
         told_right(&mut b, "B after the second reload, A told first");
 
+        // A reload while the backend runs nothing, then a client logging in
+        // after the pooler read it: told the new DateStyle at its login, and
+        // not again at its first query (the backend reads the reload before
+        // the switch, not after it; the client before it had the same role
+        // defaults, whose switch would have read it anyway).
+        for sql in ["ALTER SYSTEM SET DateStyle = 'German'", "SELECT pg_reload_conf()"] {
+            admin.batch_execute(sql).expect(sql);
+        }
+        let t0 = std::time::Instant::now();
+        let mut d = loop {
+            let d = Raw::connect(pg.port(), "app", "postgres", SETTLE);
+            if d.params.get("DateStyle").map(String::as_str) == Some("German, DMY") {
+                break d;
+            }
+            assert!(t0.elapsed() < SETTLE, "logins never told the reloaded DateStyle");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let first = raw_reports(&mut d, "SELECT 1");
+        assert!(first.is_empty(), "D was told again at its first query: {first:?}");
+        told_right(&mut d, "D");
+        told_right(&mut a, "A after D");
+        told_right(&mut b, "B after D");
+
         // Logged in, then the role's default changes before any query.
         let mut c = Raw::connect(pg.port(), "app", "postgres", SETTLE);
         admin.batch_execute("ALTER ROLE app SET TimeZone = 'Asia/Tokyo'").expect("ALTER ROLE");
@@ -1721,10 +1744,45 @@ fn told_what_it_runs(builder: nextgres_test::Builder) {
         admin.batch_execute("ALTER ROLE app RESET TimeZone").expect("ALTER ROLE RESET");
         told_right(&mut c, "C again");
         // Told once: nothing is reported again to a client that has it.
-        for (r, who) in [(&mut a, "A"), (&mut b, "B"), (&mut c, "C")] {
+        for (r, who) in [(&mut a, "A"), (&mut b, "B"), (&mut c, "C"), (&mut d, "D")] {
             let again = raw_reports(r, "SELECT 1");
             assert!(again.is_empty(), "{who} was told again: {again:?} (C runs {now:?})");
         }
+    });
+}
+
+/// A client whose client_encoding is not the database's is told a
+/// non-ASCII reported value (its role name, `session_authorization`) in its
+/// own encoding: by its first query (the pooler's login sends the database
+/// encoding's bytes; directly the login converts them), and never again
+/// once it has it, whatever encoding it sets later. Before, what it was told
+/// was kept as the bytes it received, and a client that then set another
+/// client_encoding was told its role name again after each switch (hunt12
+/// review 3).
+#[test]
+fn a_client_of_another_encoding_is_told_its_values_once() {
+    run(one_backend(), SETUP, LIMIT, |pg| {
+        use nextgres_test::raw::Raw;
+        pg.admin().batch_execute("CREATE ROLE \"j\u{fc}rgen\" LOGIN").expect("role");
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], pg.port()));
+        let login = |encoding: &str| {
+            let s = std::net::TcpStream::connect_timeout(&addr, SETTLE).expect("connect");
+            Raw::login_with(s, &[("user", "j\u{fc}rgen"), ("database", "postgres"), ("client_encoding", encoding)], SETTLE)
+        };
+        // Both of the role's pool, whose one backend they share.
+        let (mut l, mut b) = (login("LATIN1"), login("UTF8"));
+        b.query("SELECT 1").expect("B");
+        l.query("SELECT 1").expect("L's first query");
+        // LATIN1's byte for ü is not UTF-8: read back lossily.
+        assert_eq!(l.params.get("session_authorization").map(String::as_str), Some("j\u{fffd}rgen"), "told in LATIN1");
+        l.query("SET client_encoding = 'UTF8'").expect("SET");
+        for round in 0..2 {
+            b.query("SELECT 1").expect("B");
+            let again = raw_reports(&mut l, "SELECT 1");
+            assert!(again.is_empty(), "round {round}: L was told again: {again:?}");
+        }
+        assert_eq!(l.value("SELECT pg_backend_pid()"), b.value("SELECT pg_backend_pid()"), "one backend");
+        assert_eq!(l.value("SELECT current_user"), "j\u{fc}rgen");
     });
 }
 

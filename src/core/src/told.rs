@@ -10,7 +10,9 @@
 //! what this client was told, so the backend it moves to reports what it
 //! runs under and this client has not heard (hunt11b 2 and 3).
 //!
-//! Values are kept as 32-bit hashes, 0 meaning "not known" (taken as told,
+//! Values are kept as 32-bit hashes of their bytes in the server encoding
+//! (as guc.c's `last_reported` and the pooler's login values have them; a
+//! client's own encoding may change), 0 meaning "not known" (taken as told,
 //! so a name the pooler's login did not report is never reported twice).
 
 /// Reported settings (GUC_REPORT in guc_tables.c of 15..18) whose value can
@@ -38,20 +40,33 @@ pub struct Told(pub [u32; TRACKED.len()]);
 /// Bytes a [`Told`] takes on the control channel.
 pub const WIRE_LEN: usize = 4 * TRACKED.len();
 
+/// The hash of "told something no value matches": owed at the next switch.
+const UNTOLD: u32 = u32::MAX;
+
 impl Told {
     /// The [`TRACKED`] index of a setting name (any case), None if untracked.
     pub fn index(name: &str) -> Option<usize> {
         TRACKED.iter().position(|t| t.eq_ignore_ascii_case(name))
     }
 
-    /// FNV-1a of a reported value's bytes, never 0 (0 is "not known").
+    /// FNV-1a of a reported value's bytes, never 0 (0 is "not known") nor
+    /// `UNTOLD`.
     pub fn hash(value: &[u8]) -> u32 {
         let mut h: u32 = 0x811c_9dc5;
         for &b in value {
             h ^= u32::from(b);
             h = h.wrapping_mul(0x0100_0193);
         }
-        h.max(1)
+        h.clamp(1, UNTOLD - 1)
+    }
+
+    /// The client was told `name` in a form no value in force matches (a
+    /// login's value sent unconverted to a client of another encoding): the
+    /// backend it first runs on reports the value as the server would.
+    pub fn mark_untold(&mut self, name: &str) {
+        if let Some(i) = Told::index(name) {
+            self.0[i] = UNTOLD;
+        }
     }
 
     /// What a client was told by the ParameterStatus pairs of its login.
@@ -140,5 +155,16 @@ mod tests {
         b.push(0);
         assert_eq!(Told::read(&b), None);
         assert!(Told::hash(b"") != 0);
+    }
+
+    #[test]
+    fn an_untold_value_matches_nothing() {
+        let mut t = Told::from_pairs(&[("session_authorization", "j\u{fc}rgen")]);
+        assert!(t.has("session_authorization", "j\u{fc}rgen".as_bytes()));
+        t.mark_untold("session_authorization");
+        assert!(!t.has("session_authorization", "j\u{fc}rgen".as_bytes()));
+        assert!(!t.has("session_authorization", b""));
+        t.note("session_authorization", "j\u{fc}rgen".as_bytes());
+        assert!(t.has("session_authorization", "j\u{fc}rgen".as_bytes()));
     }
 }
