@@ -273,7 +273,11 @@ unsafe extern "C" fn putmessage(msgtype: c_char, s: *const c_char, len: usize) -
             b'V' => crate::pg::session::note_function_call(),
             // One per statement a client ran, failed ones included (as
             // PgBouncer's query count).
-            b'C' | b'E' => add(&QUERIES, 1),
+            b'C' => add(&QUERIES, 1),
+            b'E' => {
+                add(&QUERIES, 1);
+                crate::pg::session::note_error();
+            }
             b'A' => {
                 if let Some(m) = own_notification(s, len) {
                     return (original().putmessage.expect("putmessage"))(msgtype, m.as_ptr().cast(), m.len());

@@ -70,6 +70,9 @@ struct Parking {
     /// The attached client came from the kernel queue and stays here as an
     /// attached one (`KQ_RETURNED_KEPT`).
     kept_from_queue: bool,
+    /// While it keeps such a client: since when the queue has looked ready
+    /// at each look (`pool_load`).
+    queue_ready_at: Option<std::time::Instant>,
     /// Watches the socket of the queued client this backend keeps idle
     /// (`kq_hold`); in `queue_wait` as its hold event.
     hold: Option<HoldWatch>,
@@ -133,6 +136,7 @@ pub fn transaction_boundary() {
                 served: None,
                 last_client: 0,
                 kept_from_queue: false,
+                queue_ready_at: None,
                 hold: None,
                 pooler: control_peer_pid(control).map_or(0, |pid| pid.max(0)),
             }
@@ -187,7 +191,7 @@ pub fn transaction_boundary() {
                 return; // the client's next message is here: serve it
             }
             p.attached = None;
-            if pinned {
+            if p.pin != Pin::None {
                 // The shared row stops saying pinned before RELEASED: the
                 // pooler may hand this backend to the next client as soon as
                 // it reads RELEASED, and must not count that client's
@@ -322,6 +326,8 @@ fn linger(p: &mut Parking, pinned: bool, sequence: bool) -> bool {
         return false;
     }
     let mut announced: Option<Lingering> = None;
+    let mut queue_look = KEPT_QUEUE_LOOK_MS;
+    p.queue_ready_at = None;
     let slice = std::time::Duration::from_millis(crate::settings::CLIENT_TIME_SLICE.get().max(0) as u64);
     let left = |waiting, backends, attached_at: std::time::Instant| {
         nextgres_core::pool::fair_slice(slice, waiting, backends)
@@ -374,7 +380,13 @@ fn linger(p: &mut Parking, pinned: bool, sequence: bool) -> bool {
                 }
                 timeout_ms = left.as_micros().div_ceil(1000) as i64;
             } else if p.kept_from_queue && p.queue.is_some() {
-                timeout_ms = KEPT_QUEUE_LOOK_MS;
+                timeout_ms = if p.queue_ready_at.is_some() {
+                    QUEUE_READY_CONFIRM.as_millis() as i64
+                } else {
+                    let look = queue_look;
+                    queue_look = (queue_look * 2).min(KEPT_QUEUE_LOOK_MAX_MS);
+                    look
+                };
             }
         }
         match glue::linger_wait(timeout_ms) {
@@ -435,26 +447,44 @@ fn pooler_gone() -> ! {
 
 /// (waiting clients, backends) of the client's pool. The pooler counts
 /// only the clients it holds: for a client kept from the kernel queue (its
-/// sequence values, an unbound statement), a client ready in the queue and
-/// not taken by another backend counts one waiting, so the queue does not
-/// starve (`linger` looks every `KEPT_QUEUE_LOOK_MS`). Before, one always
-/// counted, and such a client kept its backend only for `sequence_hold`
-/// with nobody waiting (its unnamed statement or currval() gone after 50
-/// ms). Not "a client waited moments ago" (`SATURATED_WITHIN_US`): the one
-/// this backend served just before counts so, though the queue is empty.
-fn pool_load(p: &Parking) -> (i32, i32) {
+/// sequence values, an unbound statement), a client ready in the queue at
+/// two looks `QUEUE_READY_CONFIRM` apart counts one waiting, so the queue
+/// does not starve (`linger` looks every `KEPT_QUEUE_LOOK_MS` and then).
+/// Before, one always counted, and such a client kept its backend only for
+/// `sequence_hold` with nobody waiting (its unnamed statement or currval()
+/// gone after 50 ms). Not one look: a lent backend waiting idle takes a
+/// ready client within microseconds, and a look in between gave the kept
+/// client up for nothing (hunt12a F2). Not "a client waited moments ago"
+/// (`SATURATED_WITHIN_US`): the one this backend served just before counts
+/// so, though the queue is empty.
+fn pool_load(p: &mut Parking) -> (i32, i32) {
     let (waiting, backends) = crate::shmem::pool_load(p.pool_row);
-    if waiting == 0 && p.kept_from_queue && p.queue.as_ref().is_some_and(|q| q.ready_now()) {
-        return (1, backends);
+    if waiting == 0 && p.kept_from_queue {
+        if p.queue.as_ref().is_some_and(|q| q.ready_now()) {
+            match p.queue_ready_at {
+                Some(at) if at.elapsed() >= QUEUE_READY_CONFIRM => return (1, backends),
+                Some(_) => {}
+                None => p.queue_ready_at = Some(std::time::Instant::now()),
+            }
+        } else {
+            p.queue_ready_at = None;
+        }
     }
     (waiting, backends)
 }
 
 /// How often (ms) a backend that keeps a client from the kernel queue with
-/// nobody waiting looks at the queue: a client getting ready there wakes no
-/// one (the pooler sees it at its next look, within a second), and such a
-/// client is rare (sequence values, an unbound statement).
+/// nobody waiting looks at the queue, at first: a client getting ready there
+/// wakes no one (the pooler sees it at its next look, within a second), and
+/// such a client is rare (sequence values, an unbound statement). Doubled
+/// at each look up to `KEPT_QUEUE_LOOK_MAX_MS`, so a client that stays idle
+/// costs its backend a few wake-ups a second (hunt12a F3).
 const KEPT_QUEUE_LOOK_MS: i64 = 50;
+const KEPT_QUEUE_LOOK_MAX_MS: i64 = 400;
+
+/// How long a client must stay ready in the kernel queue to count as
+/// waiting for a backend that keeps a client (`pool_load`).
+const QUEUE_READY_CONFIRM: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// The shared flag saying this backend keeps an idle client, up while
 /// lingering and down on every way out.
@@ -880,6 +910,7 @@ fn attach_client(p: &mut Parking, (mut a, fd): (Attach, RawFd), timer_was_on: bo
     p.attached = Some(a.client_id);
     p.last_client = a.client_id;
     p.kept_from_queue = false;
+    p.queue_ready_at = None;
     p.attached_at = std::time::Instant::now();
     // Count only what this client runs from here on.
     super::comm::take_counters();

@@ -2528,6 +2528,12 @@ static char scan_cap[SCAN_CAPTURE];
 typedef struct ParseSeen
 {
 	bool		cycle_end;
+	/*
+	 * A cycle end the server may skip: a Query or FunctionCall sent after
+	 * extended-protocol messages with no Sync between, which the server
+	 * ignores when one of those failed (it reads on to the next Sync).
+	 */
+	bool		skippable;
 	/* The name was read ("" then is the unnamed statement). */
 	bool		known;
 	char		name[NAMEDATALEN];
@@ -2544,6 +2550,10 @@ static bool parse_lost = false;
  */
 static int	scan_syncs_since_execute = 0;
 static bool scan_in_copy = false;
+/* Extended-protocol messages received since the last Sync/Query/FunctionCall. */
+static bool scan_extended_since_end = false;
+/* An ErrorResponse went out since the last ReadyForQuery. */
+static bool cycle_error = false;
 /* Whole Flush messages received since the last Sync/Query/FunctionCall, and
  * whether anything else came after it (ng_consume_buffered_flushes). */
 static int	scan_trailing_flushes = 0;
@@ -2561,7 +2571,7 @@ static uint64 scan_at_ready = 0;
 static bool idle_input = false;
 
 static void
-parse_push(const char *name, bool cycle_end)
+parse_push(const char *name, bool cycle_end, bool skippable)
 {
 	ParseSeen  *e;
 
@@ -2575,6 +2585,7 @@ parse_push(const char *name, bool cycle_end)
 	}
 	e = &parse_ring[(parse_first + parse_count) % PARSE_RING];
 	e->cycle_end = cycle_end;
+	e->skippable = skippable;
 	e->known = name != NULL;
 	strlcpy(e->name, name ? name : "", sizeof(e->name));
 	parse_count++;
@@ -2613,6 +2624,8 @@ scan_reset(void)
 	parse_lost = false;
 	scan_syncs_since_execute = 0;
 	scan_in_copy = false;
+	scan_extended_since_end = false;
+	cycle_error = false;
 	scan_trailing_flushes = 0;
 	scan_other_after_end = false;
 	scan_since_attach = 0;
@@ -2646,13 +2659,13 @@ scan_header(char tag, uint32 len)
 		case 'S':
 			if (!scan_in_copy)
 			{
-				parse_push(NULL, true);
+				parse_push(NULL, true, false);
 				scan_syncs_since_execute++;
 			}
 			break;
 		case 'Q':
 		case 'F':
-			parse_push(NULL, true);
+			parse_push(NULL, true, scan_extended_since_end);
 			scan_syncs_since_execute = 0;
 			break;
 		case 'E':
@@ -2663,7 +2676,10 @@ scan_header(char tag, uint32 len)
 	{
 		scan_trailing_flushes = 0;
 		scan_other_after_end = false;
+		scan_extended_since_end = false;
 	}
+	else if (!scan_in_copy && (tag == 'P' || tag == 'B' || tag == 'E' || tag == 'D' || tag == 'C'))
+		scan_extended_since_end = true;
 	else if (tag == 'H' && len == 4 && !scan_other_after_end)
 		scan_trailing_flushes++;
 	else
@@ -2782,13 +2798,50 @@ ng_note_idle_input(void)
 	idle_input = true;
 }
 
-/* ReadyForQuery: the cycle's Parse messages not answered were skipped. */
+/* An ErrorResponse went out. */
+void		ng_note_error(void);
+void
+ng_note_error(void)
+{
+	cycle_error = true;
+}
+
+/*
+ * ReadyForQuery: the cycle's Parse messages not answered were skipped.
+ * After an error, the cycle's first end may be a Query the server skipped
+ * (it read on to a Sync after a failed extended-protocol message), so this
+ * ReadyForQuery may answer a later mark: the ring is out of step, and is
+ * dropped until the next attach (every ParseComplete then counts as a named
+ * statement's, and a statement's settings are those at the release).
+ * Before, the next named Parse's ParseComplete met the skipped cycle's
+ * unnamed one, and the statement was left out of the client's image (its
+ * Bind failed with 26000 once it moved; hunt12a F1).
+ */
 void		ng_note_ready(void);
 void
 ng_note_ready(void)
 {
 	scan_at_ready = scan_since_attach;
 	idle_input = false;
+	if (cycle_error)
+	{
+		cycle_error = false;
+		for (int i = 0; i < parse_count; i++)
+		{
+			ParseSeen  *e = &parse_ring[(parse_first + i) % PARSE_RING];
+
+			if (e->cycle_end)
+			{
+				if (e->skippable)
+				{
+					parse_lost = true;
+					parse_count = 0;
+					return;
+				}
+				break;
+			}
+		}
+	}
 	while (parse_count > 0)
 	{
 		if (parse_pop()->cycle_end)
@@ -2862,7 +2915,7 @@ scan_message_done(void)
 			cut_name[NAMEDATALEN - 1] = '\0';
 			n = cut_name;
 		}
-		parse_push(n ? client_name(n) : NULL, false);
+		parse_push(n ? client_name(n) : NULL, false, false);
 		if (!statements_pending)
 			return;
 	}

@@ -7,6 +7,7 @@ extern "C" {
     fn ng_install_session_hooks();
     fn ng_note_statement_messages();
     fn ng_note_parse_complete();
+    fn ng_note_error();
     fn ng_note_ready();
     fn ng_scan_attach();
     fn ng_consume_buffered_flushes() -> bool;
@@ -113,6 +114,12 @@ pub fn install_hooks() {
 
 pub fn note_statement_messages() {
     unsafe { ng_note_statement_messages() }
+}
+
+/// An ErrorResponse went out (session.c `ng_note_error`: the cycle's end
+/// may be a later one than the watch on Parse messages expects).
+pub fn note_error() {
+    unsafe { ng_note_error() }
 }
 
 /// A ParseComplete went out: the statement just made notes the settings

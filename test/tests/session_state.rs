@@ -2123,6 +2123,85 @@ fn unbound_parse_keeps_the_client(builder: nextgres_test::Builder) {
     });
 }
 
+/// A named statement prepared in a pipeline after a failed one and a
+/// Query the server skipped (it reads on to the next Sync after an
+/// extended-protocol error, and that Query's unnamed Parse with it) moves
+/// with its client. Before, the backend's watch on Parse names stayed a
+/// cycle behind, took the named statement's ParseComplete for the skipped
+/// unnamed one, and left it out of the client's image: its Bind failed
+/// with 26000 once the client moved (hunt12a F1).
+#[test]
+fn a_statement_after_a_skipped_query_moves_with_its_client() {
+    run(one_backend(), SETUP, LIMIT, |pg| {
+        use std::io::Write;
+        let (mut a, mut b) = raw_pair(pg);
+        let msg = |tag: u8, body: &[u8]| [&[tag][..], &((body.len() + 4) as i32).to_be_bytes(), body].concat();
+        a.s.write_all(
+            &[
+                msg(b'P', b"bad\0selec x\0\0\0"),
+                msg(b'Q', b"SELECT 1\0"),
+                msg(b'P', b"\0SELECT 5\0\0\0"),
+                msg(b'S', b""),
+                msg(b'P', b"stmt_a\0SELECT 13\0\0\0"),
+                msg(b'S', b""),
+            ]
+            .concat(),
+        )
+        .expect("pipeline");
+        let e = a.until_ready().expect_err("the bad Parse");
+        assert!(matches!(&e, nextgres_test::raw::RawFail::Db { code, .. } if code == "42601"), "{e:?}");
+        a.until_ready().expect("stmt_a prepared");
+        let before = a.value("SELECT pg_backend_pid()");
+        assert_eq!(b.value("SELECT 'b'"), "b");
+        // A new backend, which has only what the client's image says.
+        let mut admin = pg.admin();
+        admin.batch_execute("SELECT nextgres.reconnect('postgres', 'app')").expect("nextgres.reconnect");
+        let gone: bool = admin
+            .query_one("SELECT nextgres.wait_close('postgres', 'app', $1)", &[&(SETTLE.as_secs() as i32)])
+            .expect("nextgres.wait_close")
+            .get(0);
+        assert!(gone, "the pool's backend was not replaced within {SETTLE:?}");
+        assert_eq!(raw_named(&mut a, "stmt_a", None), vec!["13"], "stmt_a on a new backend");
+        assert_ne!(a.value("SELECT pg_backend_pid()"), before, "a new backend");
+    });
+}
+
+/// `nextgres.backends.pinned_by` names what keeps a client on its backend
+/// only while it does: a client that leaves holding sequence values (or an
+/// unbound statement) leaves its backend parked with no reason shown, and
+/// the next client it serves is not shown as kept for that reason. Before,
+/// the backend went on showing `sequence value` (hunt12a F4).
+#[test]
+fn a_short_pin_is_not_shown_after_its_client_left() {
+    run(one_backend(), SETUP, LIMIT, |pg| {
+        let mut admin = pg.admin();
+        admin.batch_execute("CREATE SEQUENCE shown_seq; GRANT USAGE ON shown_seq TO app").expect("sequence");
+        let shown = |admin: &mut Client| -> Vec<Option<String>> {
+            admin
+                .query("SELECT pinned_by FROM nextgres.backends WHERE role = 'app'", &[])
+                .expect("backends")
+                .iter()
+                .map(|r| r.get(0))
+                .collect()
+        };
+        let (mut a, _b) = raw_pair(pg);
+        a.value("SELECT nextval('shown_seq')::text");
+        // Shown from the boundary, which follows the ReadyForQuery's flush.
+        let kept = wait_until(SETTLE, || shown(&mut admin) == [Some("sequence value".to_string())]);
+        assert!(kept, "not shown as kept for its sequence value: {:?}", shown(&mut admin));
+        a.send_terminate();
+        let parked = wait_until(SETTLE, || {
+            admin
+                .query_one("SELECT count(*) FROM nextgres.backends WHERE role = 'app' AND state = 'parked'", &[])
+                .expect("backends")
+                .get::<_, i64>(0)
+                == 1
+        });
+        assert!(parked, "the backend did not park");
+        assert_eq!(shown(&mut admin), [None], "parked, nothing keeps it");
+    });
+}
+
 /// libpq's COPY FROM STDIN over the extended protocol sends a Sync the
 /// server ignores (it reads copy data then) and one more after CopyDone:
 /// a Parse after it still keeps its own settings when it moves. Before,
