@@ -192,7 +192,8 @@ pub fn transaction_boundary() {
             }
             p.attached = None;
             if p.pin != Pin::None {
-                // The shared row stops saying pinned before RELEASED: the
+                // The shared row stops saying pinned (or kept, for a short
+                // pin: sequence values, an unbound statement) before RELEASED: the
                 // pooler may hand this backend to the next client as soon as
                 // it reads RELEASED, and must not count that client's
                 // session as pinned (dedicated) from a stale row. The

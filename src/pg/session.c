@@ -35,7 +35,6 @@
 #include "libpq/libpq.h"
 #include "libpq/libpq-be.h"
 #include "libpq/pqformat.h"
-#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "nodes/parsenodes.h"
 #include "parser/analyze.h"
@@ -2147,7 +2146,7 @@ reported_init(void)
 		int			n;
 		struct config_generic **vars = guc_array(&n);
 		struct config_generic **list = malloc(sizeof(*list) * Max(n, 1));
-		bool	   *flags = malloc(sizeof(bool) * Max(n, 1));
+		bool	   *flags = calloc(Max(n, 1), sizeof(bool));
 
 		if (list == NULL || flags == NULL)
 		{
@@ -2177,10 +2176,10 @@ reported_init(void)
  * told of each reported setting (last_reported, to which
  * ReportChangedGUCOptions() compares a changed value before it sends
  * ParameterStatus) is still what the previous client was told.  `told`
- * says whether this client was told a setting's value now in force (in the
- * server encoding, as last_reported keeps it; its
- * login's ParameterStatus and each one a backend sent it since, carried in
- * its session image); those become last_reported, so a value the client
+ * says whether this client was told a setting's value now in force (by its
+ * login's ParameterStatus or one a backend sent it since, carried in its
+ * session image; compared in the server encoding, as last_reported keeps
+ * it); those become last_reported, so a value the client
  * SETs later is reported unless it was told it already, as on a direct
  * connection.  Before, a SET to the value the previous client had been told
  * went unreported: a client that set standard_conforming_strings = off kept
