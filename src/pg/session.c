@@ -41,6 +41,7 @@
 #include "parser/parse_node.h"
 #include "parser/parse_param.h"
 #include "parser/parser.h"
+#include "parser/scansup.h"
 #include "port/pg_bswap.h"
 #include "postmaster/interrupt.h"
 #include "postmaster/postmaster.h"
@@ -2454,6 +2455,21 @@ switch_setting(const char *name, const char *value, bool from_startup,
 	 * superuser-only setting made before them stays on a direct session.
 	 */
 	volatile int applied = 0;
+
+	/*
+	 * A name setting (application_name) longer than a name is cut as the
+	 * server cut it when the client set it, which said so once (NOTICE
+	 * 42622); cut here first, so a switch does not say it again at each of
+	 * the client's statements (hunt12b 1).
+	 */
+	if (value != NULL && strlen(value) >= NAMEDATALEN &&
+		(GetConfigOptionFlags(name, true) & GUC_IS_NAME))
+	{
+		char	   *cut = pstrdup(value);
+
+		truncate_identifier(cut, strlen(cut), false);
+		value = cut;
+	}
 
 	PG_TRY();
 	{

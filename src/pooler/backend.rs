@@ -236,8 +236,15 @@ impl Pooler {
         match (&b.phase, tag) {
             (BPhase::Login, b'R') => return self.backend_auth_request(key, body),
             (BPhase::Login, b'S') => {
+                // Once per name, the login's own value: a login event
+                // trigger's set_config() (17+) reports a setting again
+                // before the login's ReadyForQuery, and a pool login's
+                // list with it named that setting twice to every client
+                // (hunt12b 2); a client's trigger fires at its first query.
                 if let Ok((n, v)) = proto::parse_parameter_status(body) {
-                    b.params.push((n.to_string(), v.to_string()));
+                    if !b.params.iter().any(|(have, _)| have == n) {
+                        b.params.push((n.to_string(), v.to_string()));
+                    }
                 }
             }
             (BPhase::Login, b'K') => {

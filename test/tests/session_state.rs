@@ -2202,6 +2202,93 @@ fn a_short_pin_is_not_shown_after_its_client_left() {
     });
 }
 
+/// A client whose `application_name` is longer than a name (63 bytes)
+/// runs under the cut value and gets no NOTICE at its statements, whichever
+/// clients its backend served in between, as on a direct connection (which
+/// says it once, at the login). Before, each switch to it set the whole
+/// value again and the server sent NOTICE 42622 ("will be truncated") with
+/// nearly every statement (hunt12b 1).
+#[test]
+fn a_long_application_name_gives_no_notice_at_each_switch() {
+    run(one_backend(), SETUP, LIMIT, |pg| {
+        use nextgres_test::raw::Raw;
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], pg.port()));
+        let login = |name: &str| {
+            let s = std::net::TcpStream::connect_timeout(&addr, SETTLE).expect("connect");
+            Raw::login_with(s, &[("user", "app"), ("database", "postgres"), ("application_name", name)], SETTLE)
+        };
+        let (long_a, long_b) = ("a".repeat(70), "b".repeat(70));
+        let (mut a, mut b) = (login(&long_a), login(&long_b));
+        let notices = |r: &mut Raw, sql: &str| -> usize {
+            r.send_query(sql);
+            let mut n = 0;
+            loop {
+                match r.read_msg().unwrap_or_else(|e| panic!("{sql}: {e}")) {
+                    (b'N', _) => n += 1,
+                    (b'E', body) => panic!("{sql}: {:?}", nextgres_test::raw::parse_error(&body)),
+                    (b'Z', _) => return n,
+                    _ => {}
+                }
+            }
+        };
+        for round in 0..3 {
+            assert_eq!(notices(&mut a, "SELECT 1"), 0, "round {round}: A");
+            assert_eq!(notices(&mut b, "SELECT 1"), 0, "round {round}: B");
+        }
+        assert_eq!(a.value("SELECT current_setting('application_name')"), "a".repeat(63));
+        assert_eq!(b.value("SELECT current_setting('application_name')"), "b".repeat(63));
+        assert_eq!(a.value("SELECT pg_backend_pid()"), b.value("SELECT pg_backend_pid()"), "one backend");
+    });
+}
+
+/// A login event trigger (17+) that sets a reported setting adds no second
+/// value of it to a pooled login's ParameterStatus: each name comes once,
+/// and the trigger's value is reported at the client's first query, where
+/// its trigger fires (README). Before, the pool's first backend's login
+/// listed the trigger's report too, and every client of the pool was told
+/// TimeZone twice, both times the login's value (hunt12b 2).
+#[test]
+fn a_login_trigger_names_no_setting_twice_at_a_login() {
+    if nextgres_test::pg_major() < 17 {
+        eprintln!("login event triggers need PostgreSQL 17");
+        return;
+    }
+    run(one_backend(), SETUP, LIMIT, |pg| {
+        use std::io::Write;
+        let mut admin = pg.admin();
+        for sql in [
+            "CREATE FUNCTION tz_login() RETURNS event_trigger LANGUAGE plpgsql AS $$
+             BEGIN PERFORM set_config('TimeZone', 'Asia/Kolkata', false); END $$",
+            "CREATE EVENT TRIGGER tz_login ON login EXECUTE FUNCTION tz_login()",
+        ] {
+            admin.batch_execute(sql).unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+        }
+        // The pool's first backend logs in now, with the trigger.
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], pg.port()));
+        for who in ["first", "second"] {
+            let mut s = std::net::TcpStream::connect_timeout(&addr, SETTLE).expect("connect");
+            s.set_read_timeout(Some(SETTLE)).expect("timeout");
+            s.write_all(&nextgres_test::raw::startup_packet("app", "postgres")).expect("startup");
+            let mut names = Vec::new();
+            loop {
+                let (tag, body) = nextgres_test::raw::read_message(&mut s).expect("login");
+                match tag {
+                    b'S' => names.push(String::from_utf8_lossy(body.split(|&b| b == 0).next().unwrap_or_default()).into_owned()),
+                    b'E' => panic!("{who}: {:?}", nextgres_test::raw::parse_error(&body)),
+                    b'Z' => break,
+                    _ => {}
+                }
+            }
+            let mut seen = BTreeSet::new();
+            let twice: Vec<&String> = names.iter().filter(|n| !seen.insert(n.as_str())).collect();
+            assert!(twice.is_empty(), "{who} login: named twice: {twice:?}");
+        }
+        let mut c = nextgres_test::raw::Raw::connect(pg.port(), "app", "postgres", SETTLE);
+        assert_eq!(c.value("SELECT current_setting('TimeZone')"), "Asia/Kolkata", "the trigger ran");
+        assert_eq!(c.params.get("TimeZone").map(String::as_str), Some("Asia/Kolkata"), "told at the first query");
+    });
+}
+
 /// libpq's COPY FROM STDIN over the extended protocol sends a Sync the
 /// server ignores (it reads copy data then) and one more after CopyDone:
 /// a Parse after it still keeps its own settings when it moves. Before,
