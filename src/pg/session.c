@@ -2411,6 +2411,7 @@ refuse_session(MemoryContext cxt)
  */
 static bool switch_setting(const char *name, const char *value, bool from_startup,
 							bool refuse, int by_context, Oid by_role);
+static const char *name_cut(const char *name, const char *value);
 
 bool
 ng_switch_setting(const char *name, const char *value, bool from_startup, bool refuse)
@@ -2435,9 +2436,28 @@ ng_switch_setting(const char *name, const char *value, bool from_startup, bool r
 
 		if (end == NULL || sscanf(name + 1, "%d/%u", &by_context, &by_role) != 2)
 			return false;
-		return switch_setting(end + 1, value, false, false, by_context, (Oid) by_role);
+		return switch_setting(end + 1, name_cut(end + 1, value), false, false, by_context, (Oid) by_role);
 	}
-	return switch_setting(name, value, from_startup, refuse, -1, InvalidOid);
+	return switch_setting(name, name_cut(name, value), from_startup, refuse, -1, InvalidOid);
+}
+
+/*
+ * A name setting (application_name) longer than a name, cut as the server
+ * cut it when the client set it, which said so once (NOTICE 42622): cut
+ * before it is set again, so a switch does not say it again at each of the
+ * client's statements (hunt12b 1).
+ */
+static const char *
+name_cut(const char *name, const char *value)
+{
+	char	   *cut;
+
+	if (value == NULL || strlen(value) < NAMEDATALEN ||
+		!(GetConfigOptionFlags(name, true) & GUC_IS_NAME))
+		return value;
+	cut = pstrdup(value);
+	truncate_identifier(cut, strlen(cut), false);
+	return cut;
 }
 
 /* ng_switch_setting() once the name is plain; by_context -1: no mark. */
@@ -2455,21 +2475,6 @@ switch_setting(const char *name, const char *value, bool from_startup,
 	 * superuser-only setting made before them stays on a direct session.
 	 */
 	volatile int applied = 0;
-
-	/*
-	 * A name setting (application_name) longer than a name is cut as the
-	 * server cut it when the client set it, which said so once (NOTICE
-	 * 42622); cut here first, so a switch does not say it again at each of
-	 * the client's statements (hunt12b 1).
-	 */
-	if (value != NULL && strlen(value) >= NAMEDATALEN &&
-		(GetConfigOptionFlags(name, true) & GUC_IS_NAME))
-	{
-		char	   *cut = pstrdup(value);
-
-		truncate_identifier(cut, strlen(cut), false);
-		value = cut;
-	}
 
 	PG_TRY();
 	{
