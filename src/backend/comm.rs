@@ -245,7 +245,7 @@ unsafe extern "C" fn putmessage(msgtype: c_char, s: *const c_char, len: usize) -
                 // Where a direct backend reports a changed setting: after
                 // guc.c's own reports (ReportChangedGUCOptions), before
                 // the ReadyForQuery. Each goes through this hook again.
-                if REPORTS_OWED.swap(false, Relaxed) {
+                if take_flag(&REPORTS_OWED) {
                     crate::pg::session::report_owed();
                 }
                 PENDING_READY.store(*s as u8 as u16, Relaxed);
@@ -312,7 +312,6 @@ unsafe extern "C" fn flush() -> c_int {
     }
     rc
 }
-
 
 /// The transaction boundary under two guards, so that a failure in it ends
 /// this backend (FATAL) rather than abort it, which makes the postmaster

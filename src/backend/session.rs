@@ -190,7 +190,7 @@ pub fn login_defaults() -> Vec<(String, String)> {
 }
 
 /// A client is attached whose image says it was told `told`.
-pub fn told_attached(told: Told) {
+fn told_attached(told: Told) {
     TOLD.set(told);
     TOLD_SENT.set(told);
     TOLD_DIRTY.set(false);

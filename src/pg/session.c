@@ -2843,30 +2843,21 @@ ng_note_ready(void)
 {
 	scan_at_ready = scan_since_attach;
 	idle_input = false;
-	if (cycle_error)
-	{
-		cycle_error = false;
-		for (int i = 0; i < parse_count; i++)
-		{
-			ParseSeen  *e = &parse_ring[(parse_first + i) % PARSE_RING];
-
-			if (e->cycle_end)
-			{
-				if (e->skippable)
-				{
-					parse_lost = true;
-					parse_count = 0;
-					return;
-				}
-				break;
-			}
-		}
-	}
 	while (parse_count > 0)
 	{
-		if (parse_pop()->cycle_end)
+		ParseSeen  *e = parse_pop();
+
+		if (e->cycle_end)
+		{
+			if (cycle_error && e->skippable)
+			{
+				parse_lost = true;
+				parse_count = 0;
+			}
 			break;
+		}
 	}
+	cycle_error = false;
 }
 
 /* The name at `off` in the captured body, or NULL when it was cut off. */

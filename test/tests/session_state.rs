@@ -1541,6 +1541,11 @@ fn raw_pair(pg: &Cluster) -> (nextgres_test::raw::Raw, nextgres_test::raw::Raw) 
     (raw(), raw())
 }
 
+/// A protocol message as a client sends it: type byte, length, body.
+fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+    [&[tag][..], &((body.len() + 4) as i32).to_be_bytes(), body].concat()
+}
+
 /// One use of statement `name` over the extended protocol: Parse (when `sql`
 /// is given), Bind, Execute, Sync. The first column of each row.
 fn raw_named(r: &mut nextgres_test::raw::Raw, name: &str, sql: Option<&str>) -> Vec<String> {
@@ -1550,12 +1555,6 @@ fn raw_named(r: &mut nextgres_test::raw::Raw, name: &str, sql: Option<&str>) -> 
 /// [`raw_named`] with a name of bytes in the client's encoding.
 fn raw_named_bytes(r: &mut nextgres_test::raw::Raw, name: &[u8], sql: Option<&str>) -> Vec<String> {
     use std::io::Write;
-    let msg = |tag: u8, body: &[u8]| {
-        let mut m = vec![tag];
-        m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-        m.extend_from_slice(body);
-        m
-    };
     let mut out = Vec::new();
     if let Some(sql) = sql {
         out.extend(msg(b'P', &[name, b"\0", sql.as_bytes(), b"\0\0\0"].concat()));
@@ -2045,7 +2044,6 @@ fn failed_copy_keeps_no_backend(builder: nextgres_test::Builder) {
     run(builder, SETUP, LIMIT, |pg| {
         use std::io::Write;
         let (mut a, mut b) = raw_pair(pg);
-        let msg = |tag: u8, body: &[u8]| [&[tag][..], &((body.len() + 4) as i32).to_be_bytes(), body].concat();
         let mut copy = b"COPY k FROM STDIN".to_vec();
         copy.push(0);
         for round in 0..3 {
@@ -2096,7 +2094,6 @@ fn unbound_parse_keeps_the_client(builder: nextgres_test::Builder) {
     run(builder, SETUP, LIMIT, |pg| {
         use std::io::Write;
         let (mut a, mut b) = raw_pair(pg);
-        let msg = |tag: u8, body: &[u8]| [&[tag][..], &((body.len() + 4) as i32).to_be_bytes(), body].concat();
         let state = |port: i32| -> String {
             pg.admin().query_one("SELECT state FROM nextgres.clients WHERE client_port = $1", &[&port]).expect("clients").get(0)
         };
@@ -2135,7 +2132,6 @@ fn a_statement_after_a_skipped_query_moves_with_its_client() {
     run(one_backend(), SETUP, LIMIT, |pg| {
         use std::io::Write;
         let (mut a, mut b) = raw_pair(pg);
-        let msg = |tag: u8, body: &[u8]| [&[tag][..], &((body.len() + 4) as i32).to_be_bytes(), body].concat();
         a.s.write_all(
             &[
                 msg(b'P', b"bad\0selec x\0\0\0"),
@@ -2300,7 +2296,6 @@ fn a_parse_after_an_extended_protocol_copy_keeps_its_settings() {
     run(one_backend(), SETUP, LIMIT, |pg| {
         use std::io::Write;
         let (mut a, mut b) = raw_pair(pg);
-        let msg = |tag: u8, body: &[u8]| [&[tag][..], &((body.len() + 4) as i32).to_be_bytes(), body].concat();
         a.query("SET DateStyle = 'ISO, DMY'").expect("DMY");
         // All in one write, as one client's pipeline: the COPY (libpq's
         // messages, a Sync before the data), then a Parse, then a SET before
@@ -2346,7 +2341,6 @@ fn a_flush_after_the_sync_keeps_no_idle_client_on_its_backend() {
     run(one_backend(), SETUP, LIMIT, |pg| {
         use std::io::Write;
         let (mut a, mut b) = raw_pair(pg);
-        let msg = |tag: u8, body: &[u8]| [&[tag][..], &((body.len() + 4) as i32).to_be_bytes(), body].concat();
         let pipeline = [
             msg(b'P', b"\0SELECT 41 + 1\0\0\0"),
             msg(b'B', b"\0\0\0\0\0\0\0\0"),
@@ -2418,8 +2412,7 @@ fn a_statement_that_could_not_be_created_yet_is_not_lost() {
             use std::io::Write;
             // Bind/Execute/Sync of s_show inside the failed transaction: an
             // error either way (25P02 directly).
-            let msg = |tag: u8, body: &[u8]| [&[tag][..], &((body.len() + 4) as i32).to_be_bytes(), body].concat();
-            let out = [msg(b'B', b"\0s_show\0\0\0\0\0\0\0"), msg(b'E', b"\0\0\0\0\0"), msg(b'S', b"")].concat();
+                let out = [msg(b'B', b"\0s_show\0\0\0\0\0\0\0"), msg(b'E', b"\0\0\0\0\0"), msg(b'S', b"")].concat();
             b.s.write_all(&out).expect("bind in a failed transaction");
             assert!(b.until_ready().is_err(), "s_show inside a failed transaction");
         }
@@ -2471,7 +2464,6 @@ fn the_unnamed_statement_is_there_for_the_next_request_cycle() {
     run(one_backend().conf("nextgres.sequence_hold = 20000"), SETUP, LIMIT, |pg| {
         use std::io::Write;
         let (mut a, mut b) = raw_pair(pg);
-        let msg = |tag: u8, body: &[u8]| [&[tag][..], &((body.len() + 4) as i32).to_be_bytes(), body].concat();
         for round in 0..2 {
             let parse = [
                 msg(b'P', b"\0SELECT $1::int + 1\0\0\0"),
